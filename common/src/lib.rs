@@ -1,0 +1,23 @@
+//! Agora's shared library, used by every binary of the suite.
+//!
+//! # Layout
+//! - [`proto`]: the wire types: requests, replies, error codes, names and endpoints.
+//! - [`codec`]: ZeroMQ frames to and from [`proto`] values, and the ROUTER envelope.
+//! - [`time`]: microsecond UTC timestamps (RFC 3339) and the `since` filter parser.
+//! - [`id`]: message ids (UUID v7).
+//! - [`store`]: the durable group log and membership in SQLite.
+//! - [`client`]: the request/reply client (zguide "Lazy Pirate") and typed clients for the
+//!   registry and group nodes.
+//! - [`shutdown`]: a cooperative shutdown flag that servers poll.
+//!
+//! `docs/PROTOCOL.md` is the normative description of everything on the wire; this crate
+//! implements it.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod codec;
+pub mod id;
+pub mod proto;
+pub mod shutdown;
+pub mod store;
+pub mod time;

@@ -1,0 +1,817 @@
+//! The wire types of protocol `AGORA/1`: requests, replies, error codes and validated names.
+//!
+//! `docs/PROTOCOL.md` is normative; this module mirrors it. Every request is a JSON object
+//! with an `action` member naming one of [`Action`]; every reply is a JSON object with
+//! `"ok": true` and the action's fields, or `"ok": false` with an [`ErrorCode`] and a message.
+//! Unknown members are ignored, so that later minor versions can add optional fields.
+//!
+//! In this module "message" means a chat message of a group log ([`Message`]); the multipart
+//! ZeroMQ unit is handled by [`crate::codec`].
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::id::MessageId;
+use crate::time::Timestamp;
+
+/// The protocol signature frame that opens every request and reply: protocol name and major
+/// version (as the zguide's Majordomo `MDPC01`). A peer speaking another major version gets
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL: &[u8] = b"AGORA/1";
+
+/// Longest group name, in characters (Unicode scalar values).
+pub const MAX_GROUP_NAME_CHARS: usize = 64;
+/// Longest user name, in bytes (the name is ASCII).
+pub const MAX_USER_NAME_BYTES: usize = 32;
+/// Longest endpoint string, in bytes.
+pub const MAX_ENDPOINT_BYTES: usize = 256;
+/// Default size limit of one message body, in bytes of its JSON text (1 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Room for the rest of a request beside the body, in bytes (64 KiB). A server's frame limit
+/// (`ZMQ_MAXMSGSIZE`) is its body limit plus this.
+pub const REQUEST_OVERHEAD_BYTES: usize = 64 << 10;
+/// Messages in one history page when the request gives no `limit`.
+pub const DEFAULT_PAGE_LIMIT: u32 = 100;
+/// The largest `limit` (and `latest`) a history request may ask for.
+pub const MAX_PAGE_LIMIT: u32 = 1000;
+/// A history page stops growing once its bodies pass this many bytes (4 MiB); it always holds
+/// at least one message, so a page is at most this plus one maximal body.
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
+
+/// Every action a server understands, with its wire name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Action {
+    /// Registry: register a group, or refresh it (the heartbeat).
+    Register,
+    /// Registry: remove a group.
+    Unregister,
+    /// Registry: list live groups.
+    List,
+    /// Registry: find one group by name.
+    Lookup,
+    /// Group node: name, last seq and member count.
+    Info,
+    /// Group node: become a member.
+    Join,
+    /// Group node: stop being a member.
+    Leave,
+    /// Group node: list members.
+    Members,
+    /// Group node: append a message to the log.
+    Send,
+    /// Group node: read the log.
+    GetMessages,
+}
+
+impl Action {
+    /// Every action, in documentation order.
+    pub const ALL: [Action; 10] = [
+        Action::Register,
+        Action::Unregister,
+        Action::List,
+        Action::Lookup,
+        Action::Info,
+        Action::Join,
+        Action::Leave,
+        Action::Members,
+        Action::Send,
+        Action::GetMessages,
+    ];
+
+    /// The wire name (`"get_messages"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Register => "register",
+            Action::Unregister => "unregister",
+            Action::List => "list",
+            Action::Lookup => "lookup",
+            Action::Info => "info",
+            Action::Join => "join",
+            Action::Leave => "leave",
+            Action::Members => "members",
+            Action::Send => "send",
+            Action::GetMessages => "get_messages",
+        }
+    }
+
+    /// The action with this wire name, if any.
+    pub fn from_wire(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Stable error codes, sent as snake_case strings in `"error"`. Documented in
+/// `docs/PROTOCOL.md`; never renamed within a major version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frames after the envelope are not `[signature, body]`.
+    BadFrames,
+    /// The signature frame names another protocol or major version.
+    UnsupportedVersion,
+    /// The body frame is not JSON (or not UTF-8).
+    InvalidJson,
+    /// The body is JSON but not an object, or a field is missing or invalid.
+    InvalidField,
+    /// The `action` names no action this server handles.
+    UnknownAction,
+    /// A body or request is over the size limit.
+    TooLarge,
+    /// The request needs membership and the user is not a member.
+    NotMember,
+    /// No such group here (registry), or the request's `group` is not this node's.
+    UnknownGroup,
+    /// The group name is held by another live endpoint.
+    NameTaken,
+    /// A looked-up item (a message id) does not exist.
+    NotFound,
+    /// A client-chosen message id is already used by a different message.
+    IdConflict,
+    /// The server failed (storage); the request may be retried.
+    Internal,
+    /// A code this client does not know (from a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The wire name (`"not_member"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrames => "bad_frames",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::UnknownAction => "unknown_action",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::UnknownGroup => "unknown_group",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::IdConflict => "id_conflict",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error reply: `{"ok": false, "error": CODE, "message": TEXT}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct WireError {
+    /// The stable code.
+    #[serde(rename = "error")]
+    pub code: ErrorCode,
+    /// Human-readable detail; not stable.
+    pub message: String,
+}
+
+impl WireError {
+    /// An error with this code and detail.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a name or endpoint was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Empty, or only white space.
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    /// Over the length limit.
+    #[error("{what} is longer than {max}")]
+    TooLong {
+        /// `"group name"`, `"user name"` or `"endpoint"`.
+        what: &'static str,
+        /// The limit, in the unit of that name's rule.
+        max: usize,
+    },
+    /// Has a character the rule forbids.
+    #[error("{what} {value:?} has a forbidden character")]
+    BadChar {
+        /// `"group name"` or `"user name"`.
+        what: &'static str,
+        /// The rejected value.
+        value: String,
+    },
+    /// Not `tcp://HOST:PORT`.
+    #[error("endpoint {0:?} is not tcp://HOST:PORT with a port from 1 to 65535")]
+    BadEndpoint(String),
+}
+
+/// A group name: 1 to 64 characters, no control characters, no leading or trailing white
+/// space. Spaces inside are allowed (`Cool Group`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GroupName(String);
+
+impl GroupName {
+    /// Validates a group name.
+    ///
+    /// # Errors
+    /// [`NameError::Empty`], [`NameError::TooLong`] (over [`MAX_GROUP_NAME_CHARS`]) or
+    /// [`NameError::BadChar`] (a control character, or white space at either end).
+    pub fn new(name: impl Into<String>) -> Result<GroupName, NameError> {
+        let name = name.into();
+        if name.trim().is_empty() {
+            return Err(NameError::Empty("group name"));
+        }
+        if name.chars().count() > MAX_GROUP_NAME_CHARS {
+            return Err(NameError::TooLong {
+                what: "group name",
+                max: MAX_GROUP_NAME_CHARS,
+            });
+        }
+        if name.chars().any(char::is_control) || name.trim() != name {
+            return Err(NameError::BadChar {
+                what: "group name",
+                value: name,
+            });
+        }
+        Ok(GroupName(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A user name: 1 to 32 bytes of ASCII letters, digits, `_`, `-` and `.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserName(String);
+
+impl UserName {
+    /// Validates a user name.
+    ///
+    /// # Errors
+    /// [`NameError::Empty`], [`NameError::TooLong`] (over [`MAX_USER_NAME_BYTES`]) or
+    /// [`NameError::BadChar`].
+    pub fn new(name: impl Into<String>) -> Result<UserName, NameError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(NameError::Empty("user name"));
+        }
+        if name.len() > MAX_USER_NAME_BYTES {
+            return Err(NameError::TooLong {
+                what: "user name",
+                max: MAX_USER_NAME_BYTES,
+            });
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(NameError::BadChar {
+                what: "user name",
+                value: name,
+            });
+        }
+        Ok(UserName(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A connectable ZeroMQ TCP endpoint, `tcp://HOST:PORT`: HOST a name, an IPv4 address or a
+/// bracketed IPv6 address, PORT from 1 to 65535 (no wildcards).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Endpoint(String);
+
+impl Endpoint {
+    /// Validates an endpoint.
+    ///
+    /// # Errors
+    /// [`NameError::TooLong`] over [`MAX_ENDPOINT_BYTES`], [`NameError::BadEndpoint`]
+    /// otherwise.
+    pub fn new(endpoint: impl Into<String>) -> Result<Endpoint, NameError> {
+        let endpoint = endpoint.into();
+        if endpoint.len() > MAX_ENDPOINT_BYTES {
+            return Err(NameError::TooLong {
+                what: "endpoint",
+                max: MAX_ENDPOINT_BYTES,
+            });
+        }
+        let bad = || NameError::BadEndpoint(endpoint.clone());
+        let rest = endpoint.strip_prefix("tcp://").ok_or_else(bad)?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            v6.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        };
+        if port == 0 || !host_ok || host == "*" {
+            return Err(bad());
+        }
+        Ok(Endpoint(endpoint))
+    }
+
+    /// Turns `IP:PORT` or `HOST:PORT` (as the seed's command lines take) or a full
+    /// `tcp://…` string into an endpoint.
+    ///
+    /// # Errors
+    /// As [`Endpoint::new`].
+    pub fn from_host_port(s: &str) -> Result<Endpoint, NameError> {
+        if s.starts_with("tcp://") {
+            Endpoint::new(s)
+        } else {
+            Endpoint::new(format!("tcp://{s}"))
+        }
+    }
+
+    /// The endpoint string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! string_newtype {
+    ($($t:ident),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, NameError> {
+                $t::new(s)
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                $t::new(s)
+            }
+        }
+    )*};
+}
+string_newtype!(GroupName, UserName, Endpoint);
+
+// ----- requests -----
+
+/// `register`: add a group to the registry, or refresh it. Group nodes repeat it every
+/// heartbeat interval; it is idempotent for the same name and endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The group's name.
+    pub name: GroupName,
+    /// Where members reach the group node.
+    pub endpoint: Endpoint,
+    /// The node's current member count (default 0).
+    #[serde(default)]
+    pub members: u64,
+}
+
+/// `unregister`: remove a group; only its registered endpoint may do so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnregisterRequest {
+    /// The group's name.
+    pub name: GroupName,
+    /// The endpoint it was registered with.
+    pub endpoint: Endpoint,
+}
+
+/// `list`: every live group. No fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRequest {}
+
+/// `lookup`: one live group by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LookupRequest {
+    /// The group's name.
+    pub name: GroupName,
+}
+
+/// `info`: the node's group name, last seq and member count. Anyone may ask.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InfoRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+}
+
+/// `join` and `leave`: change the caller's membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller.
+    pub user: UserName,
+}
+
+/// `members`: the member list. Anyone may ask.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+}
+
+/// `send`: append a message to the group log (members only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The sender; must be a member.
+    pub user: UserName,
+    /// Any JSON value: string, bool, number, object, list or null. At most the node's
+    /// `--max-message-bytes` (default 1 MiB) of JSON text.
+    pub body: Box<RawValue>,
+    /// A client-chosen id. A retry with the same id, sender and body gets the first ack
+    /// again and is stored once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+}
+
+/// `get_messages`: read the log (members only). At most one selector of `after_seq`,
+/// `since`, `id` and `latest`; none means the whole log from seq 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetMessagesRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller; must be a member.
+    pub user: UserName,
+    /// Messages with seq greater than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
+    /// Messages stored at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    /// The one message with this id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+    /// The newest N messages (1 to [`MAX_PAGE_LIMIT`]), in seq order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<u32>,
+    /// Page size, 1 to [`MAX_PAGE_LIMIT`]; default [`DEFAULT_PAGE_LIMIT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// Which part of the log a `get_messages` reads: its selector, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// Seq greater than this (0 for the whole log).
+    AfterSeq(u64),
+    /// Stored at or after this time.
+    Since(Timestamp),
+    /// The message with this id.
+    ById(MessageId),
+    /// The newest N.
+    Latest(u32),
+}
+
+impl GetMessagesRequest {
+    /// The validated selector and page limit.
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidField`] when more than one selector is given, or `latest` or
+    /// `limit` is 0 or above [`MAX_PAGE_LIMIT`].
+    pub fn query(&self) -> Result<(HistoryQuery, u32), WireError> {
+        let given = [
+            self.after_seq.is_some(),
+            self.since.is_some(),
+            self.id.is_some(),
+            self.latest.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(WireError::new(
+                ErrorCode::InvalidField,
+                "give at most one of after_seq, since, id and latest",
+            ));
+        }
+        let check = |name: &str, v: u32| {
+            if v == 0 || v > MAX_PAGE_LIMIT {
+                Err(WireError::new(
+                    ErrorCode::InvalidField,
+                    format!("{name} must be from 1 to {MAX_PAGE_LIMIT}, got {v}"),
+                ))
+            } else {
+                Ok(v)
+            }
+        };
+        let limit = check("limit", self.limit.unwrap_or(DEFAULT_PAGE_LIMIT))?;
+        let query = if let Some(s) = self.after_seq {
+            HistoryQuery::AfterSeq(s)
+        } else if let Some(t) = self.since {
+            HistoryQuery::Since(t)
+        } else if let Some(id) = self.id {
+            HistoryQuery::ById(id)
+        } else if let Some(n) = self.latest {
+            HistoryQuery::Latest(check("latest", n)?)
+        } else {
+            HistoryQuery::AfterSeq(0)
+        };
+        Ok((query, limit))
+    }
+}
+
+/// A request of any action, as a client sends it and a server decodes it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Request {
+    /// See [`RegisterRequest`].
+    Register(RegisterRequest),
+    /// See [`UnregisterRequest`].
+    Unregister(UnregisterRequest),
+    /// See [`ListRequest`].
+    List(ListRequest),
+    /// See [`LookupRequest`].
+    Lookup(LookupRequest),
+    /// See [`InfoRequest`].
+    Info(InfoRequest),
+    /// See [`MembershipRequest`].
+    Join(MembershipRequest),
+    /// See [`MembershipRequest`].
+    Leave(MembershipRequest),
+    /// See [`MembersRequest`].
+    Members(MembersRequest),
+    /// See [`SendRequest`].
+    Send(SendRequest),
+    /// See [`GetMessagesRequest`].
+    GetMessages(GetMessagesRequest),
+}
+
+impl Request {
+    /// The request's action.
+    pub fn action(&self) -> Action {
+        match self {
+            Request::Register(_) => Action::Register,
+            Request::Unregister(_) => Action::Unregister,
+            Request::List(_) => Action::List,
+            Request::Lookup(_) => Action::Lookup,
+            Request::Info(_) => Action::Info,
+            Request::Join(_) => Action::Join,
+            Request::Leave(_) => Action::Leave,
+            Request::Members(_) => Action::Members,
+            Request::Send(_) => Action::Send,
+            Request::GetMessages(_) => Action::GetMessages,
+        }
+    }
+}
+
+// ----- replies -----
+
+/// A registry entry, as `list` and `lookup` return it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEntry {
+    /// The group's name.
+    pub name: GroupName,
+    /// Where members reach the group node.
+    pub endpoint: Endpoint,
+    /// Member count at the last heartbeat.
+    pub members: u64,
+    /// When this entry was first registered (since the registry started).
+    pub registered_at: Timestamp,
+    /// When the node last refreshed it.
+    pub last_heartbeat: Timestamp,
+}
+
+/// Reply to `register`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterReply {
+    /// The entry as stored.
+    pub group: GroupEntry,
+    /// How often the registry expects a refresh, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// How long an entry lives without a refresh, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// Reply to `unregister`, `list` (with groups) and any reply without fields of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// Reply to `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    /// Live groups, sorted by name.
+    pub groups: Vec<GroupEntry>,
+}
+
+/// Reply to `lookup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LookupReply {
+    /// The entry.
+    pub group: GroupEntry,
+}
+
+/// Reply to `info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InfoReply {
+    /// The node's group.
+    pub group: GroupName,
+    /// The seq of the newest message, 0 if none was ever sent.
+    pub last_seq: u64,
+    /// How many members the group has.
+    pub members: u64,
+}
+
+/// Reply to `join` and `leave`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipReply {
+    /// The node's group.
+    pub group: GroupName,
+    /// The caller.
+    pub user: UserName,
+    /// Whether membership changed (false for a repeated join or leave).
+    pub changed: bool,
+    /// The seq of the newest message at that moment.
+    pub last_seq: u64,
+}
+
+/// One member in a `members` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The member.
+    pub user: UserName,
+    /// When they joined.
+    pub joined_at: Timestamp,
+}
+
+/// Reply to `members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersReply {
+    /// The node's group.
+    pub group: GroupName,
+    /// Members sorted by name.
+    pub members: Vec<Member>,
+}
+
+/// Reply to `send`: the ack, sent only after the message is committed to disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendAck {
+    /// The message's seq in the group: 1, 2, 3, … without gaps.
+    pub seq: u64,
+    /// The message's id (the client's, if it chose one).
+    pub id: MessageId,
+    /// When the node stored it; strictly increasing with seq.
+    pub time: Timestamp,
+    /// True when this is a retry of an already stored message.
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// A stored chat message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    /// Position in the group log.
+    pub seq: u64,
+    /// Unique id.
+    pub id: MessageId,
+    /// When the node stored it.
+    pub time: Timestamp,
+    /// Who sent it.
+    pub sender: UserName,
+    /// The JSON body, as sent.
+    pub body: Box<RawValue>,
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq
+            && self.id == other.id
+            && self.time == other.time
+            && self.sender == other.sender
+            && self.body.get() == other.body.get()
+    }
+}
+
+/// Reply to `get_messages`: one page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessagesPage {
+    /// The node's group.
+    pub group: GroupName,
+    /// Messages in seq order.
+    pub messages: Vec<Message>,
+    /// True when more messages match after the last one here: ask again with `after_seq` set
+    /// to the last seq received.
+    pub more: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_names_allow_inner_spaces_only() {
+        assert!(GroupName::new("Cool Group").is_ok());
+        assert!(GroupName::new("日本語 ok").is_ok());
+        assert_eq!(GroupName::new("  "), Err(NameError::Empty("group name")));
+        assert!(matches!(
+            GroupName::new(" lead"),
+            Err(NameError::BadChar { .. })
+        ));
+        assert!(matches!(
+            GroupName::new("a\nb"),
+            Err(NameError::BadChar { .. })
+        ));
+        assert!(matches!(
+            GroupName::new("x".repeat(65)),
+            Err(NameError::TooLong { max: 64, .. })
+        ));
+    }
+
+    #[test]
+    fn user_names_are_restricted_ascii() {
+        assert!(UserName::new("alice_1.b-c").is_ok());
+        assert!(matches!(
+            UserName::new("al ice"),
+            Err(NameError::BadChar { .. })
+        ));
+        assert!(matches!(
+            UserName::new("x".repeat(33)),
+            Err(NameError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn endpoints_need_tcp_host_and_real_port() {
+        assert!(Endpoint::new("tcp://127.0.0.1:5555").is_ok());
+        assert!(Endpoint::new("tcp://[::1]:5555").is_ok());
+        assert!(Endpoint::new("tcp://node-1.example:80").is_ok());
+        for bad in [
+            "127.0.0.1:5555",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:*",
+            "tcp://*:5555",
+            "tcp://:5555",
+            "ipc:///tmp/x",
+            "tcp://a b:1",
+        ] {
+            assert!(Endpoint::new(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Endpoint::from_host_port("10.0.0.1:5560")
+                .expect("valid")
+                .as_str(),
+            "tcp://10.0.0.1:5560"
+        );
+    }
+
+    #[test]
+    fn history_query_rejects_two_selectors_and_bad_limits() {
+        let user = UserName::new("a").expect("valid");
+        let mut r = GetMessagesRequest {
+            group: None,
+            user,
+            after_seq: Some(1),
+            since: None,
+            id: None,
+            latest: Some(3),
+            limit: None,
+        };
+        assert_eq!(r.query().map_err(|e| e.code), Err(ErrorCode::InvalidField));
+        r.after_seq = None;
+        assert_eq!(r.query(), Ok((HistoryQuery::Latest(3), DEFAULT_PAGE_LIMIT)));
+        r.limit = Some(0);
+        assert_eq!(r.query().map_err(|e| e.code), Err(ErrorCode::InvalidField));
+    }
+
+    #[test]
+    fn unknown_error_codes_decode_as_unknown() {
+        let e: WireError =
+            serde_json::from_str(r#"{"error":"brand_new","message":"x"}"#).expect("decode");
+        assert_eq!(e.code, ErrorCode::Unknown);
+    }
+}

@@ -1,0 +1,698 @@
+//! The durable group log and membership.
+//!
+//! [`GroupStore`] is what a group node needs from storage; [`SqliteStore`] implements it in
+//! one SQLite file in WAL mode with `synchronous=FULL`, so a committed transaction survives a
+//! process kill and a power loss.
+//!
+//! Writes happen inside a batch: [`GroupStore::begin`], any number of operations, then
+//! [`GroupStore::commit`]. The node puts every request it has in hand into one batch and
+//! sends the acks after the commit: group commit, one fsync for many messages, without
+//! acking anything that is not on disk.
+//!
+//! # Schema (version 1, in `PRAGMA user_version`)
+//! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
+//!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
+//! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body)`: the log;
+//!   `body` is the JSON text as sent; `id` the 16 UUID bytes; index on `time_us`.
+//! - `members(user TEXT PRIMARY KEY, joined_at_us)`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::value::RawValue;
+
+use crate::id::MessageId;
+use crate::proto::{GroupName, HistoryQuery, Member, Message, SendAck, UserName};
+use crate::time::{MonotonicClock, Timestamp};
+
+const SCHEMA_VERSION: i64 = 1;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite failed (I/O, disk full, corruption, locked).
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A client-chosen id is already stored for a different sender or body.
+    #[error("message id {0} is already used by a different message")]
+    IdConflict(MessageId),
+    /// The database belongs to another group.
+    #[error("data belongs to group {found:?}, not {expected:?}")]
+    WrongGroup {
+        /// The group this node serves.
+        expected: String,
+        /// The group named in the database.
+        found: String,
+    },
+    /// The file's schema is newer than this build understands.
+    #[error("schema version {0} is newer than this build's {SCHEMA_VERSION}")]
+    SchemaTooNew(i64),
+    /// A stored row does not decode (hand-edited or damaged file).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// A message to append.
+#[derive(Debug, Clone, Copy)]
+pub struct NewMessage<'a> {
+    /// The sender, already checked to be a member.
+    pub sender: &'a UserName,
+    /// The JSON body text.
+    pub body: &'a RawValue,
+    /// The client's id, for an idempotent retry; `None` makes a UUID v7.
+    pub id: Option<MessageId>,
+    /// The wall-clock time of arrival; the stored time is this or later (monotonic).
+    pub now: Timestamp,
+}
+
+/// What to delete from the log; `None` fields keep everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep only the newest N messages.
+    pub max_messages: Option<u64>,
+    /// Delete messages older than this.
+    pub max_age: Option<Duration>,
+}
+
+/// One page of history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// In seq order.
+    pub messages: Vec<Message>,
+    /// More messages match after the last one.
+    pub more: bool,
+}
+
+/// What a group node needs from storage.
+pub trait GroupStore {
+    /// Starts a write batch.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] if the transaction cannot start.
+    fn begin(&mut self) -> Result<(), StoreError>;
+    /// Commits the batch durably. On error the batch is rolled back and cached state reloaded.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]: nothing of the batch is stored.
+    fn commit(&mut self) -> Result<(), StoreError>;
+    /// Whether `user` is a member.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn is_member(&self, user: &UserName) -> Result<bool, StoreError>;
+    /// Adds a member; returns false if already one.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn add_member(&mut self, user: &UserName, at: Timestamp) -> Result<bool, StoreError>;
+    /// Removes a member; returns false if not one.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn remove_member(&mut self, user: &UserName) -> Result<bool, StoreError>;
+    /// All members, sorted by name.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    fn members(&self) -> Result<Vec<Member>, StoreError>;
+    /// How many members there are.
+    fn member_count(&self) -> u64;
+    /// Appends a message, or returns the earlier ack if its client id is already stored with
+    /// the same sender and body (`duplicate: true`).
+    ///
+    /// # Errors
+    /// [`StoreError::IdConflict`] when the id is stored with another sender or body;
+    /// [`StoreError::Sqlite`].
+    fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError>;
+    /// A page of history for `query`: at most `limit` messages, and no more once bodies pass
+    /// `max_bytes` (at least one message is returned when any matches).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError>;
+    /// The seq of the newest message ever appended (0 if none).
+    fn last_seq(&self) -> u64;
+    /// Deletes what the policy says to delete; returns how many messages were deleted.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError>;
+}
+
+/// [`GroupStore`] in one SQLite file.
+pub struct SqliteStore {
+    conn: Connection,
+    last_seq: u64,
+    clock: MonotonicClock,
+    member_count: u64,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("last_seq", &self.last_seq)
+            .field("member_count", &self.member_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens or creates the store of `group` at `path` (WAL, `synchronous=FULL`).
+    ///
+    /// # Errors
+    /// [`StoreError::WrongGroup`] if the file belongs to another group,
+    /// [`StoreError::SchemaTooNew`], [`StoreError::Sqlite`].
+    pub fn open(path: &Path, group: &GroupName) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(mode, "SQLite did not switch to WAL mode");
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL;")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew(version));
+        }
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS messages (
+                 seq INTEGER PRIMARY KEY,
+                 id BLOB NOT NULL UNIQUE,
+                 time_us INTEGER NOT NULL,
+                 sender TEXT NOT NULL,
+                 body TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS messages_time ON messages(time_us);
+             CREATE TABLE IF NOT EXISTS members (
+                 user TEXT PRIMARY KEY,
+                 joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+        let found: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match found {
+            Some(found) if found != group.as_str() => {
+                return Err(StoreError::WrongGroup {
+                    expected: group.to_string(),
+                    found,
+                })
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('group', ?1)",
+                    [group.as_str()],
+                )?;
+            }
+        }
+        let mut store = SqliteStore {
+            conn,
+            last_seq: 0,
+            clock: MonotonicClock::after(Timestamp::EPOCH),
+            member_count: 0,
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// Reads the cached high-water marks and counts back from the file.
+    fn reload(&mut self) -> Result<(), StoreError> {
+        let meta = |key: &str| -> Result<i64, StoreError> {
+            Ok(self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()?
+                .unwrap_or(0))
+        };
+        let (max_seq, max_time): (Option<i64>, Option<i64>) =
+            self.conn
+                .query_row("SELECT MAX(seq), MAX(time_us) FROM messages", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        let last_seq = meta("last_seq")?.max(max_seq.unwrap_or(0));
+        let last_time = meta("last_time_us")?.max(max_time.unwrap_or(0));
+        let members: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM members", [], |r| r.get(0))?;
+        self.last_seq = u64::try_from(last_seq).unwrap_or(0);
+        self.clock = MonotonicClock::after(Timestamp::from_micros(last_time));
+        self.member_count = u64::try_from(members).unwrap_or(0);
+        Ok(())
+    }
+
+    fn row_to_message(row: &rusqlite::Row<'_>) -> Result<Message, StoreError> {
+        let seq: i64 = row.get(0)?;
+        let id: Vec<u8> = row.get(1)?;
+        let time_us: i64 = row.get(2)?;
+        let sender: String = row.get(3)?;
+        let body: String = row.get(4)?;
+        let id: [u8; 16] = id
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("seq {seq}: id is not 16 bytes")))?;
+        Ok(Message {
+            seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("seq {seq}")))?,
+            id: MessageId::from_bytes(id),
+            time: Timestamp::from_micros(time_us),
+            sender: UserName::new(sender)
+                .map_err(|e| StoreError::Corrupt(format!("seq {seq}: {e}")))?,
+            body: RawValue::from_string(body)
+                .map_err(|e| StoreError::Corrupt(format!("seq {seq}: body: {e}")))?,
+        })
+    }
+
+    fn select_page(
+        &self,
+        sql: &str,
+        param: i64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![param, i64::from(limit) + 1])?;
+        let mut messages = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        while let Some(row) = rows.next()? {
+            if messages.len() as u64 >= u64::from(limit)
+                || (bytes >= max_bytes && !messages.is_empty())
+            {
+                more = true;
+                break;
+            }
+            let m = Self::row_to_message(row)?;
+            bytes += m.body.get().len();
+            messages.push(m);
+        }
+        Ok(Page { messages, more })
+    }
+}
+
+const SELECT: &str = "SELECT seq, id, time_us, sender, body FROM messages";
+
+impl GroupStore for SqliteStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        let result = (|| -> Result<(), StoreError> {
+            let mut stmt = self.conn.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?;
+            stmt.execute(params!["last_seq", self.last_seq as i64])?;
+            stmt.execute(params!["last_time_us", self.clock.last().as_micros()])?;
+            drop(stmt);
+            self.conn.execute_batch("COMMIT")?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Leave the connection usable and the caches true to what is on disk.
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.reload()?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn is_member(&self, user: &UserName) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM members WHERE user = ?1")?;
+        Ok(stmt.exists([user.as_str()])?)
+    }
+
+    fn add_member(&mut self, user: &UserName, at: Timestamp) -> Result<bool, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO members (user, joined_at_us) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?;
+        let added = stmt.execute(params![user.as_str(), at.as_micros()])? == 1;
+        if added {
+            self.member_count += 1;
+        }
+        Ok(added)
+    }
+
+    fn remove_member(&mut self, user: &UserName) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM members WHERE user = ?1")?;
+        let removed = stmt.execute([user.as_str()])? == 1;
+        if removed {
+            self.member_count = self.member_count.saturating_sub(1);
+        }
+        Ok(removed)
+    }
+
+    fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user, joined_at_us FROM members ORDER BY user")?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let user: String = row.get(0)?;
+            out.push(Member {
+                user: UserName::new(user).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                joined_at: Timestamp::from_micros(row.get(1)?),
+            });
+        }
+        Ok(out)
+    }
+
+    fn member_count(&self) -> u64 {
+        self.member_count
+    }
+
+    fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
+        if let Some(id) = msg.id {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT seq, time_us, sender, body FROM messages WHERE id = ?1")?;
+            let found = stmt
+                .query_row([id.as_bytes().as_slice()], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .optional()?;
+            if let Some((seq, time_us, sender, body)) = found {
+                if sender != msg.sender.as_str() || body != msg.body.get() {
+                    return Err(StoreError::IdConflict(id));
+                }
+                return Ok(SendAck {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    id,
+                    time: Timestamp::from_micros(time_us),
+                    duplicate: true,
+                });
+            }
+        }
+        let id = msg.id.unwrap_or_else(MessageId::new_v7);
+        let seq = self.last_seq + 1;
+        let mut clock = self.clock;
+        let time = clock.tick(msg.now);
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO messages (seq, id, time_us, sender, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        stmt.execute(params![
+            seq as i64,
+            id.as_bytes().as_slice(),
+            time.as_micros(),
+            msg.sender.as_str(),
+            msg.body.get()
+        ])?;
+        self.last_seq = seq;
+        self.clock = clock;
+        Ok(SendAck {
+            seq,
+            id,
+            time,
+            duplicate: false,
+        })
+    }
+
+    fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        match query {
+            HistoryQuery::AfterSeq(after) => self.select_page(
+                &format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+                i64::try_from(after).unwrap_or(i64::MAX),
+                limit,
+                max_bytes,
+            ),
+            HistoryQuery::Since(t) => {
+                // Time is monotonic in seq, so "since T" is "after the seq before T".
+                let mut stmt = self
+                    .conn
+                    .prepare_cached("SELECT MIN(seq) FROM messages WHERE time_us >= ?1")?;
+                let first: Option<i64> = stmt.query_row([t.as_micros()], |r| r.get(0))?;
+                match first {
+                    Some(first) => self.select_page(
+                        &format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+                        first - 1,
+                        limit,
+                        max_bytes,
+                    ),
+                    None => Ok(Page {
+                        messages: Vec::new(),
+                        more: false,
+                    }),
+                }
+            }
+            HistoryQuery::ById(id) => {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(&format!("{SELECT} WHERE id = ?1"))?;
+                let mut rows = stmt.query([id.as_bytes().as_slice()])?;
+                let mut messages = Vec::new();
+                if let Some(row) = rows.next()? {
+                    messages.push(Self::row_to_message(row)?);
+                }
+                Ok(Page {
+                    messages,
+                    more: false,
+                })
+            }
+            HistoryQuery::Latest(n) => {
+                // `limit` does not apply: `latest` is its own bound. `more` is true only when
+                // the byte cap cut the page, and then the omitted messages are the older ones.
+                let _ = limit;
+                let mut page = self.select_page(
+                    &format!(
+                        "SELECT * FROM ({SELECT} ORDER BY seq DESC LIMIT ?1) ORDER BY seq DESC LIMIT ?2"
+                    ),
+                    i64::from(n),
+                    n,
+                    max_bytes,
+                )?;
+                page.messages.reverse();
+                Ok(page)
+            }
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        if let Some(max) = policy.max_messages {
+            let keep_from = self.last_seq.saturating_sub(max);
+            let mut stmt = self
+                .conn
+                .prepare_cached("DELETE FROM messages WHERE seq <= ?1")?;
+            deleted += stmt.execute([i64::try_from(keep_from).unwrap_or(i64::MAX)])? as u64;
+        }
+        if let Some(age) = policy.max_age {
+            let cutoff = now.saturating_sub(age);
+            let mut stmt = self
+                .conn
+                .prepare_cached("DELETE FROM messages WHERE time_us < ?1")?;
+            deleted += stmt.execute([cutoff.as_micros()])? as u64;
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::MAX_PAGE_BYTES;
+
+    fn group() -> GroupName {
+        GroupName::new("Cool Group").expect("name")
+    }
+
+    fn user(n: &str) -> UserName {
+        UserName::new(n).expect("name")
+    }
+
+    fn body(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).expect("json")
+    }
+
+    fn append(store: &mut SqliteStore, text: &str, now: i64) -> SendAck {
+        let alice = user("alice");
+        let b = body(text);
+        store.begin().expect("begin");
+        let ack = store
+            .append(NewMessage {
+                sender: &alice,
+                body: &b,
+                id: None,
+                now: Timestamp::from_micros(now),
+            })
+            .expect("append");
+        store.commit().expect("commit");
+        ack
+    }
+
+    #[test]
+    fn seq_is_gap_free_and_survives_reopen_and_retention() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("g.sqlite3");
+        {
+            let mut s = SqliteStore::open(&path, &group()).expect("open");
+            for i in 1..=5 {
+                assert_eq!(append(&mut s, &format!("{i}"), 1000).seq, i);
+            }
+            s.begin().expect("begin");
+            let deleted = s
+                .apply_retention(
+                    Retention {
+                        max_messages: Some(2),
+                        max_age: None,
+                    },
+                    Timestamp::from_micros(0),
+                )
+                .expect("retention");
+            s.commit().expect("commit");
+            assert_eq!(deleted, 3);
+        }
+        let mut s = SqliteStore::open(&path, &group()).expect("reopen");
+        assert_eq!(s.last_seq(), 5);
+        let ack = append(&mut s, "6", 0);
+        assert_eq!(ack.seq, 6);
+        // The clock stepped back to 0; time still increases.
+        assert!(ack.time.as_micros() > 1000);
+        let page = s
+            .page(HistoryQuery::AfterSeq(0), 100, MAX_PAGE_BYTES)
+            .expect("page");
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn retried_client_id_is_stored_once_and_conflicts_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = SqliteStore::open(&dir.path().join("g"), &group()).expect("open");
+        let (alice, bob) = (user("alice"), user("bob"));
+        let id = MessageId::new_v7();
+        let b = body(r#"{"k":1}"#);
+        let msg = |sender, b| NewMessage {
+            sender,
+            body: b,
+            id: Some(id),
+            now: Timestamp::now(),
+        };
+        s.begin().expect("begin");
+        let first = s.append(msg(&alice, &b)).expect("first");
+        let again = s.append(msg(&alice, &b)).expect("retry");
+        assert_eq!(
+            (again.seq, again.id, again.time),
+            (first.seq, first.id, first.time)
+        );
+        assert!(again.duplicate && !first.duplicate);
+        assert!(matches!(
+            s.append(msg(&bob, &b)),
+            Err(StoreError::IdConflict(i)) if i == id
+        ));
+        let other = body("2");
+        assert!(matches!(
+            s.append(msg(&alice, &other)),
+            Err(StoreError::IdConflict(_))
+        ));
+        s.commit().expect("commit");
+        assert_eq!(s.last_seq(), 1);
+    }
+
+    #[test]
+    fn pages_by_seq_time_id_and_latest() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = SqliteStore::open(&dir.path().join("g"), &group()).expect("open");
+        let acks: Vec<SendAck> = (1..=10).map(|i| append(&mut s, "1", i * 100)).collect();
+        let seqs = |p: Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+
+        let p = s
+            .page(HistoryQuery::AfterSeq(0), 4, MAX_PAGE_BYTES)
+            .expect("p");
+        assert!(p.more);
+        assert_eq!(seqs(p), vec![1, 2, 3, 4]);
+        let p = s
+            .page(HistoryQuery::AfterSeq(8), 4, MAX_PAGE_BYTES)
+            .expect("p");
+        assert!(!p.more);
+        assert_eq!(seqs(p), vec![9, 10]);
+
+        let p = s
+            .page(
+                HistoryQuery::Since(Timestamp::from_micros(750)),
+                100,
+                MAX_PAGE_BYTES,
+            )
+            .expect("p");
+        assert_eq!(seqs(p), vec![8, 9, 10]);
+        let p = s
+            .page(
+                HistoryQuery::Since(Timestamp::from_micros(5000)),
+                100,
+                MAX_PAGE_BYTES,
+            )
+            .expect("p");
+        assert_eq!(seqs(p), Vec::<u64>::new());
+
+        let p = s
+            .page(HistoryQuery::ById(acks[4].id), 100, MAX_PAGE_BYTES)
+            .expect("p");
+        assert_eq!(seqs(p), vec![5]);
+        let p = s
+            .page(HistoryQuery::ById(MessageId::new_v7()), 100, MAX_PAGE_BYTES)
+            .expect("p");
+        assert!(p.messages.is_empty());
+
+        let p = s
+            .page(HistoryQuery::Latest(3), 100, MAX_PAGE_BYTES)
+            .expect("p");
+        assert_eq!(seqs(p), vec![8, 9, 10]);
+
+        // The byte cap ends a page early but always returns one message.
+        let p = s.page(HistoryQuery::AfterSeq(0), 100, 1).expect("p");
+        assert!(p.more);
+        assert_eq!(seqs(p), vec![1]);
+    }
+
+    #[test]
+    fn membership_is_counted_and_idempotent() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("g");
+        let mut s = SqliteStore::open(&path, &group()).expect("open");
+        s.begin().expect("begin");
+        assert!(s.add_member(&user("bob"), Timestamp::now()).expect("add"));
+        assert!(!s.add_member(&user("bob"), Timestamp::now()).expect("add"));
+        assert!(s.add_member(&user("alice"), Timestamp::now()).expect("add"));
+        assert!(s.remove_member(&user("bob")).expect("rm"));
+        assert!(!s.remove_member(&user("bob")).expect("rm"));
+        s.commit().expect("commit");
+        drop(s);
+        let s = SqliteStore::open(&path, &group()).expect("reopen");
+        assert_eq!(s.member_count(), 1);
+        assert!(s.is_member(&user("alice")).expect("q"));
+        assert_eq!(s.members().expect("list")[0].user, user("alice"));
+    }
+
+    #[test]
+    fn a_file_of_another_group_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("g");
+        drop(SqliteStore::open(&path, &group()).expect("open"));
+        let other = GroupName::new("other").expect("name");
+        assert!(matches!(
+            SqliteStore::open(&path, &other),
+            Err(StoreError::WrongGroup { .. })
+        ));
+    }
+}
