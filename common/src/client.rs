@@ -1,1 +1,385 @@
-//! Client.
+//! Clients for the registry and group nodes.
+//!
+//! [`ReqClient`] is the zguide's "Lazy Pirate" (chapter 4): a REQ socket that waits a bounded
+//! time for each reply, and on a timeout closes the socket, opens a new one and tries again,
+//! because a REQ that missed its reply cannot send again. Every Agora request is safe to
+//! repeat (registration and membership are idempotent, and [`GroupClient::send`] always
+//! sends a client-chosen message id), so retrying cannot duplicate anything.
+//!
+//! [`RegistryClient`] and [`GroupClient`] wrap it with one typed method per action.
+
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+use crate::codec::{decode_reply, encode_request, CodecError, Frames};
+use crate::id::MessageId;
+use crate::proto::{
+    Empty, Endpoint, GetMessagesRequest, GroupEntry, GroupName, HistoryQuery, InfoReply,
+    InfoRequest, ListReply, ListRequest, LookupReply, LookupRequest, MembersReply, MembersRequest,
+    MembershipReply, MembershipRequest, MessagesPage, RegisterReply, RegisterRequest, Request,
+    SendAck, SendRequest, UnregisterRequest, UserName, WireError, REQUEST_OVERHEAD_BYTES,
+};
+
+/// Largest reply a client accepts, in bytes (64 MiB): far above the largest page a server
+/// sends, and a bound on what a broken or hostile server can make a client buffer.
+pub const MAX_REPLY_BYTES: i64 = 64 << 20;
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No reply within the timeout, after every attempt.
+    #[error("no reply from {endpoint} within {waited:?}")]
+    Timeout {
+        /// Where the request went.
+        endpoint: String,
+        /// The total time waited.
+        waited: Duration,
+    },
+    /// The server answered with an error.
+    #[error(transparent)]
+    Server(#[from] WireError),
+    /// The reply was not a well-formed reply of the expected type.
+    #[error("bad reply: {0}")]
+    BadReply(#[from] CodecError),
+    /// libzmq failed (bad endpoint syntax, context terminated).
+    #[error("zmq: {0}")]
+    Zmq(#[from] zmq::Error),
+}
+
+/// How a client waits and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// The total time one call may take, over all attempts (default 5 s).
+    pub timeout: Duration,
+    /// How many attempts share that time (default 3, at least 1).
+    pub attempts: u32,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(5),
+            attempts: 3,
+        }
+    }
+}
+
+/// A Lazy Pirate request/reply client for one endpoint.
+pub struct ReqClient {
+    ctx: zmq::Context,
+    endpoint: String,
+    options: ClientOptions,
+    socket: Option<zmq::Socket>,
+}
+
+impl std::fmt::Debug for ReqClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReqClient")
+            .field("endpoint", &self.endpoint)
+            .field("options", &self.options)
+            .field("connected", &self.socket.is_some())
+            .finish()
+    }
+}
+
+impl ReqClient {
+    /// A client for `endpoint` (any ZeroMQ endpoint string). Connects lazily.
+    pub fn new(ctx: &zmq::Context, endpoint: impl Into<String>, options: ClientOptions) -> Self {
+        ReqClient {
+            ctx: ctx.clone(),
+            endpoint: endpoint.into(),
+            options,
+            socket: None,
+        }
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn socket(&mut self) -> Result<&zmq::Socket, ClientError> {
+        if self.socket.is_none() {
+            let s = self.ctx.socket(zmq::REQ)?;
+            s.set_linger(0)?;
+            s.set_maxmsgsize(MAX_REPLY_BYTES)?;
+            s.connect(&self.endpoint)?;
+            self.socket = Some(s);
+        }
+        match &self.socket {
+            Some(s) => Ok(s),
+            None => unreachable!("socket was just set"),
+        }
+    }
+
+    /// Sends `frames` and returns the reply's frames.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when no attempt got a reply; [`ClientError::Zmq`].
+    pub fn request_frames(&mut self, frames: &Frames) -> Result<Frames, ClientError> {
+        let attempts = self.options.attempts.max(1);
+        let per_attempt = self.options.timeout / attempts;
+        let started = Instant::now();
+        for attempt in 1..=attempts {
+            let socket = self.socket()?;
+            socket.send_multipart(frames.iter(), 0)?;
+            let timeout_ms = i64::try_from(per_attempt.as_millis()).unwrap_or(i64::MAX);
+            if socket.poll(zmq::POLLIN, timeout_ms)? > 0 {
+                return Ok(socket.recv_multipart(0)?);
+            }
+            tracing::debug!(endpoint = %self.endpoint, attempt, "no reply, reconnecting");
+            // Lazy Pirate: a REQ that lost its reply is stuck; close it and start afresh.
+            self.socket = None;
+        }
+        Err(ClientError::Timeout {
+            endpoint: self.endpoint.clone(),
+            waited: started.elapsed(),
+        })
+    }
+
+    /// Sends a request and decodes the reply as `T`.
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] for an error reply, [`ClientError::BadReply`] for an
+    /// undecodable one, and those of [`ReqClient::request_frames`].
+    pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ClientError> {
+        let reply = self.request_frames(&encode_request(request))?;
+        Ok(decode_reply::<T>(&reply)??)
+    }
+}
+
+/// A typed client for the registry.
+#[derive(Debug)]
+pub struct RegistryClient {
+    req: ReqClient,
+}
+
+impl RegistryClient {
+    /// A client for the registry at `endpoint`.
+    pub fn new(ctx: &zmq::Context, endpoint: &str, options: ClientOptions) -> Self {
+        RegistryClient {
+            req: ReqClient::new(ctx, endpoint, options),
+        }
+    }
+
+    /// The registry's endpoint.
+    pub fn endpoint(&self) -> &str {
+        self.req.endpoint()
+    }
+
+    /// Registers or refreshes a group (the heartbeat).
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] with `name_taken` when another live endpoint holds the name;
+    /// see [`ReqClient::call`].
+    pub fn register(
+        &mut self,
+        name: &GroupName,
+        endpoint: &Endpoint,
+        members: u64,
+    ) -> Result<RegisterReply, ClientError> {
+        self.req.call(&Request::Register(RegisterRequest {
+            name: name.clone(),
+            endpoint: endpoint.clone(),
+            members,
+        }))
+    }
+
+    /// Removes a group registered from `endpoint`.
+    ///
+    /// # Errors
+    /// `unknown_group` if not registered, `name_taken` if held by another endpoint; see
+    /// [`ReqClient::call`].
+    pub fn unregister(&mut self, name: &GroupName, endpoint: &Endpoint) -> Result<(), ClientError> {
+        self.req
+            .call::<Empty>(&Request::Unregister(UnregisterRequest {
+                name: name.clone(),
+                endpoint: endpoint.clone(),
+            }))
+            .map(|_| ())
+    }
+
+    /// Every live group, sorted by name.
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn list(&mut self) -> Result<Vec<GroupEntry>, ClientError> {
+        Ok(self
+            .req
+            .call::<ListReply>(&Request::List(ListRequest {}))?
+            .groups)
+    }
+
+    /// One live group by name.
+    ///
+    /// # Errors
+    /// `unknown_group`; see [`ReqClient::call`].
+    pub fn lookup(&mut self, name: &GroupName) -> Result<GroupEntry, ClientError> {
+        Ok(self
+            .req
+            .call::<LookupReply>(&Request::Lookup(LookupRequest { name: name.clone() }))?
+            .group)
+    }
+}
+
+/// A typed client for one group node, acting as one user.
+#[derive(Debug)]
+pub struct GroupClient {
+    req: ReqClient,
+    user: UserName,
+    group: Option<GroupName>,
+}
+
+impl GroupClient {
+    /// A client for the node at `endpoint`, as `user`. With `group` set, every request names
+    /// it and a node serving another group answers `unknown_group`.
+    pub fn new(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        user: UserName,
+        group: Option<GroupName>,
+        options: ClientOptions,
+    ) -> Self {
+        GroupClient {
+            req: ReqClient::new(ctx, endpoint, options),
+            user,
+            group,
+        }
+    }
+
+    /// The node's endpoint.
+    pub fn endpoint(&self) -> &str {
+        self.req.endpoint()
+    }
+
+    /// The node's group name, last seq and member count.
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn info(&mut self) -> Result<InfoReply, ClientError> {
+        self.req.call(&Request::Info(InfoRequest {
+            group: self.group.clone(),
+        }))
+    }
+
+    fn membership(&self) -> MembershipRequest {
+        MembershipRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    /// Joins the group (idempotent).
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn join(&mut self) -> Result<MembershipReply, ClientError> {
+        let r = Request::Join(self.membership());
+        self.req.call(&r)
+    }
+
+    /// Leaves the group (idempotent).
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn leave(&mut self) -> Result<MembershipReply, ClientError> {
+        let r = Request::Leave(self.membership());
+        self.req.call(&r)
+    }
+
+    /// The member list.
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn members(&mut self) -> Result<MembersReply, ClientError> {
+        self.req.call(&Request::Members(MembersRequest {
+            group: self.group.clone(),
+        }))
+    }
+
+    /// Sends a message with a fresh client-chosen id, so that the client's own retries are
+    /// stored once. Returns once the node has committed it.
+    ///
+    /// # Errors
+    /// `not_member`, `too_large`; see [`ReqClient::call`].
+    pub fn send(&mut self, body: Box<RawValue>) -> Result<SendAck, ClientError> {
+        self.send_with_id(body, MessageId::new_v7())
+    }
+
+    /// Sends a message with the given id; repeating a call with the same id and body is safe.
+    ///
+    /// # Errors
+    /// `not_member`, `too_large`, `id_conflict`; see [`ReqClient::call`].
+    pub fn send_with_id(
+        &mut self,
+        body: Box<RawValue>,
+        id: MessageId,
+    ) -> Result<SendAck, ClientError> {
+        self.req.call(&Request::Send(SendRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+            body,
+            id: Some(id),
+        }))
+    }
+
+    /// One page of history.
+    ///
+    /// # Errors
+    /// `not_member`, `not_found` (by id), `invalid_field`; see [`ReqClient::call`].
+    pub fn get_messages(
+        &mut self,
+        query: HistoryQuery,
+        limit: Option<u32>,
+    ) -> Result<MessagesPage, ClientError> {
+        let mut req = GetMessagesRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+            after_seq: None,
+            since: None,
+            id: None,
+            latest: None,
+            limit,
+        };
+        match query {
+            HistoryQuery::AfterSeq(s) => req.after_seq = Some(s),
+            HistoryQuery::Since(t) => req.since = Some(t),
+            HistoryQuery::ById(id) => req.id = Some(id),
+            HistoryQuery::Latest(n) => req.latest = Some(n),
+        }
+        self.req.call(&Request::GetMessages(req))
+    }
+
+    /// Every message matching `query`, following `more` page by page (each page is one
+    /// request, at most `page_limit` messages). `visit` sees each page's messages in seq
+    /// order; return `false` from it to stop early.
+    ///
+    /// # Errors
+    /// As [`GroupClient::get_messages`].
+    pub fn for_each_page(
+        &mut self,
+        mut query: HistoryQuery,
+        page_limit: Option<u32>,
+        mut visit: impl FnMut(&MessagesPage) -> bool,
+    ) -> Result<(), ClientError> {
+        loop {
+            let page = self.get_messages(query, page_limit)?;
+            if !visit(&page) || !page.more {
+                return Ok(());
+            }
+            match page.messages.last() {
+                Some(last) => query = HistoryQuery::AfterSeq(last.seq),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The frame-size limit (`ZMQ_MAXMSGSIZE`, bytes) a server should set for a body limit of
+/// `max_body_bytes`: room for the rest of the request beside the body.
+pub fn max_request_bytes(max_body_bytes: usize) -> i64 {
+    i64::try_from(max_body_bytes.saturating_add(REQUEST_OVERHEAD_BYTES)).unwrap_or(i64::MAX)
+}

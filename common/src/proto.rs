@@ -138,6 +138,8 @@ pub enum ErrorCode {
     NotFound,
     /// A client-chosen message id is already used by a different message.
     IdConflict,
+    /// A configured bound is full (groups in the registry, members in a group).
+    LimitReached,
     /// The server failed (storage); the request may be retried.
     Internal,
     /// A code this client does not know (from a newer server).
@@ -160,6 +162,7 @@ impl ErrorCode {
             ErrorCode::NameTaken => "name_taken",
             ErrorCode::NotFound => "not_found",
             ErrorCode::IdConflict => "id_conflict",
+            ErrorCode::LimitReached => "limit_reached",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

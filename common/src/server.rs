@@ -1,0 +1,136 @@
+//! ROUTER plumbing shared by the registry and group nodes.
+//!
+//! The request path, one step per function: [`bind_router`] makes the socket;
+//! [`recv_batch`] takes every message waiting (up to a bound) without blocking;
+//! [`Incoming::from_frames`] splits the envelope once and decodes the request; a handler
+//! returns a `Result<T, WireError>` that [`reply_frames`] encodes; [`send_reply`] puts the
+//! envelope back and sends without blocking.
+
+use serde::Serialize;
+
+use crate::codec::{decode_request, encode_error, encode_ok, split_envelope, CodecError, Frames};
+use crate::proto::{Request, WireError};
+
+/// Socket bounds for a server's ROUTER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterOptions {
+    /// `ZMQ_MAXMSGSIZE`, in bytes: a peer sending a larger message is disconnected by libzmq.
+    pub max_request_bytes: i64,
+    /// `ZMQ_SNDHWM` and `ZMQ_RCVHWM`, in messages (default 1000 each).
+    pub hwm: i32,
+}
+
+/// Binds a ROUTER at `endpoint` (`tcp://IP:PORT`; port 0 or `*` picks a free port) with
+/// linger 0, `ROUTER_MANDATORY` (a reply to a vanished peer fails visibly instead of being
+/// dropped silently) and the given bounds. Returns the socket and the endpoint it really
+/// bound.
+///
+/// # Errors
+/// libzmq's, for example `EADDRINUSE` or `EINVAL` for a malformed endpoint.
+pub fn bind_router(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    options: RouterOptions,
+) -> Result<(zmq::Socket, String), zmq::Error> {
+    let socket = ctx.socket(zmq::ROUTER)?;
+    socket.set_linger(0)?;
+    socket.set_router_mandatory(true)?;
+    socket.set_maxmsgsize(options.max_request_bytes)?;
+    socket.set_sndhwm(options.hwm)?;
+    socket.set_rcvhwm(options.hwm)?;
+    let endpoint = match endpoint.strip_suffix(":0") {
+        Some(host) => format!("{host}:*"),
+        None => endpoint.to_owned(),
+    };
+    socket.bind(&endpoint)?;
+    let bound = socket
+        .get_last_endpoint()?
+        .unwrap_or_else(|raw| String::from_utf8_lossy(&raw).into_owned());
+    Ok((socket, bound))
+}
+
+/// Waits up to `timeout_ms` for a message. A signal interrupting the wait (`EINTR`) counts
+/// as "nothing yet", so that the caller looks at its shutdown flag.
+///
+/// # Errors
+/// libzmq's, other than `EINTR`.
+pub fn poll_ready(socket: &zmq::Socket, timeout_ms: i64) -> Result<bool, zmq::Error> {
+    match socket.poll(zmq::POLLIN, timeout_ms) {
+        Ok(n) => Ok(n > 0),
+        Err(zmq::Error::EINTR) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Receives every message already waiting, up to `max`, into `out`, without blocking.
+///
+/// # Errors
+/// libzmq's, other than `EAGAIN` (which ends the batch).
+pub fn recv_batch(
+    socket: &zmq::Socket,
+    max: usize,
+    out: &mut Vec<Frames>,
+) -> Result<(), zmq::Error> {
+    while out.len() < max {
+        match socket.recv_multipart(zmq::DONTWAIT) {
+            Ok(frames) => out.push(frames),
+            Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A received request: the envelope to reply behind, and the decoded request or why it
+/// could not be decoded.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Identity frames and the empty delimiter.
+    pub envelope: Frames,
+    /// The request, or the decode error to answer with.
+    pub request: Result<Request, CodecError>,
+}
+
+impl Incoming {
+    /// Splits and decodes one ROUTER message.
+    ///
+    /// # Errors
+    /// [`CodecError::NoDelimiter`]: there is no envelope, so nothing can be answered; the
+    /// caller logs it and drops the message.
+    pub fn from_frames(frames: Frames) -> Result<Incoming, CodecError> {
+        let (envelope, body) = split_envelope(frames)?;
+        Ok(Incoming {
+            envelope,
+            request: decode_request(&body),
+        })
+    }
+}
+
+/// Encodes a handler's result as reply frames.
+pub fn reply_frames<T: Serialize>(result: Result<T, WireError>) -> Frames {
+    match result {
+        Ok(body) => encode_ok(&body),
+        Err(e) => encode_error(&e),
+    }
+}
+
+/// Sends `reply` behind `envelope` without blocking. A peer that vanished
+/// (`EHOSTUNREACH`) or whose queue is full (`EAGAIN`) loses this reply; that is logged at
+/// debug and warn level, and the server goes on.
+///
+/// # Errors
+/// Other libzmq errors (context terminated).
+pub fn send_reply(socket: &zmq::Socket, envelope: Frames, reply: Frames) -> Result<(), zmq::Error> {
+    match socket.send_multipart(envelope.into_iter().chain(reply), zmq::DONTWAIT) {
+        Ok(()) => Ok(()),
+        Err(zmq::Error::EHOSTUNREACH) => {
+            tracing::debug!("reply dropped: peer disconnected");
+            Ok(())
+        }
+        Err(zmq::Error::EAGAIN) => {
+            tracing::warn!("reply dropped: peer's queue is full (HWM)");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}

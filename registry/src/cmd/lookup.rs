@@ -1,0 +1,16 @@
+//! `lookup`: one live group by name.
+
+use agora_common::proto::{LookupReply, LookupRequest, WireError};
+use agora_common::time::Timestamp;
+
+use crate::directory::Directory;
+
+/// The live entry named `r.name`.
+///
+/// # Errors
+/// `unknown_group`.
+pub fn apply(dir: &Directory, r: LookupRequest, now: Timestamp) -> Result<LookupReply, WireError> {
+    Ok(LookupReply {
+        group: dir.lookup(&r.name, now)?,
+    })
+}

@@ -1,0 +1,189 @@
+//! The Agora registry: the central directory of groups.
+//!
+//! Group nodes `register` their name and endpoint and repeat it every heartbeat interval;
+//! entries not refreshed within the TTL expire. Clients `list` groups and `lookup` one by
+//! name. The wire protocol is `docs/PROTOCOL.md`.
+//!
+//! # Layout
+//! - [`Registry`]: binds the ROUTER ([`Registry::bind`]) and runs the request loop
+//!   ([`Registry::run`]) until shutdown.
+//! - [`directory`]: the live groups, with TTL.
+//! - `cmd/`: one handler per action.
+
+use std::time::{Duration, Instant};
+
+use agora_common::proto::{ErrorCode, Request, WireError};
+use agora_common::server::{
+    bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming, RouterOptions,
+};
+use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
+use agora_common::time::Timestamp;
+
+mod cmd;
+pub mod directory;
+
+use directory::Directory;
+
+/// Default bind endpoint.
+pub const DEFAULT_BIND: &str = "tcp://0.0.0.0:5555";
+/// Registry requests are small; larger frames disconnect the peer (64 KiB).
+pub const MAX_REQUEST_BYTES: i64 = 64 << 10;
+
+/// Registry settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to bind the ROUTER (`tcp://IP:PORT`, port 0 for any); default
+    /// [`DEFAULT_BIND`].
+    pub bind: String,
+    /// How often group nodes are expected to refresh (default 2 s).
+    pub heartbeat: Duration,
+    /// How many missed intervals expire an entry (default 3, so the TTL is 6 s).
+    pub ttl_intervals: u32,
+    /// The most groups held at once (default 10,000).
+    pub max_groups: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: DEFAULT_BIND.to_owned(),
+            heartbeat: Duration::from_secs(2),
+            ttl_intervals: 3,
+            max_groups: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// The time an entry lives without a refresh.
+    pub fn ttl(&self) -> Duration {
+        self.heartbeat * self.ttl_intervals.max(1)
+    }
+}
+
+/// Registry failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The ROUTER could not be bound.
+    #[error("cannot bind {endpoint}: {source}")]
+    Bind {
+        /// The endpoint asked for.
+        endpoint: String,
+        /// libzmq's error.
+        source: zmq::Error,
+    },
+    /// libzmq failed while serving.
+    #[error("zmq: {0}")]
+    Zmq(#[from] zmq::Error),
+}
+
+/// A bound registry, ready to [`run`](Registry::run).
+pub struct Registry {
+    config: Config,
+    socket: zmq::Socket,
+    endpoint: String,
+    directory: Directory,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Binds the registry's ROUTER.
+    ///
+    /// # Errors
+    /// [`RegistryError::Bind`].
+    pub fn bind(ctx: &zmq::Context, config: Config) -> Result<Registry, RegistryError> {
+        let options = RouterOptions {
+            max_request_bytes: MAX_REQUEST_BYTES,
+            hwm: 1000,
+        };
+        let (socket, endpoint) =
+            bind_router(ctx, &config.bind, options).map_err(|source| RegistryError::Bind {
+                endpoint: config.bind.clone(),
+                source,
+            })?;
+        let directory = Directory::new(config.ttl(), config.max_groups);
+        Ok(Registry {
+            config,
+            socket,
+            endpoint,
+            directory,
+        })
+    }
+
+    /// The endpoint really bound (with the chosen port when bound to port 0).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Serves requests until `shutdown` is triggered.
+    ///
+    /// # Errors
+    /// [`RegistryError::Zmq`] when the socket fails; a peer's bad request is answered and
+    /// never ends the loop.
+    pub fn run(mut self, shutdown: &Shutdown) -> Result<(), RegistryError> {
+        tracing::info!(endpoint = %self.endpoint, ttl = ?self.config.ttl(), "registry serving");
+        let mut batch = Vec::new();
+        let mut next_sweep = Instant::now();
+        let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
+        while !shutdown.is_triggered() {
+            if poll_ready(&self.socket, poll_ms)? {
+                recv_batch(&self.socket, 256, &mut batch)?;
+                for frames in batch.drain(..) {
+                    self.serve_one(frames)?;
+                }
+            }
+            if Instant::now() >= next_sweep {
+                for name in self.directory.expire(Timestamp::now()) {
+                    tracing::info!(group = %name, "group expired: no heartbeat within TTL");
+                }
+                next_sweep = Instant::now() + self.config.heartbeat / 2;
+            }
+        }
+        tracing::info!("registry stopped");
+        Ok(())
+    }
+
+    fn serve_one(&mut self, frames: agora_common::codec::Frames) -> Result<(), RegistryError> {
+        let incoming = match Incoming::from_frames(frames) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropped unanswerable message");
+                return Ok(());
+            }
+        };
+        let reply = match incoming.request {
+            Ok(request) => self.dispatch(request, Timestamp::now()),
+            Err(e) => {
+                tracing::warn!(error = %e, "rejected request");
+                reply_frames::<()>(Err(e.to_wire()))
+            }
+        };
+        send_reply(&self.socket, incoming.envelope, reply)?;
+        Ok(())
+    }
+
+    fn dispatch(&mut self, request: Request, now: Timestamp) -> agora_common::codec::Frames {
+        let dir = &mut self.directory;
+        match request {
+            Request::Register(r) => reply_frames(cmd::register::apply(dir, &self.config, r, now)),
+            Request::Unregister(r) => reply_frames(cmd::unregister::apply(dir, r)),
+            Request::List(_) => reply_frames(Ok(cmd::list::apply(dir, now))),
+            Request::Lookup(r) => reply_frames(cmd::lookup::apply(dir, r, now)),
+            other => reply_frames::<()>(Err(WireError::new(
+                ErrorCode::UnknownAction,
+                format!(
+                    "{} is a group-node action, not a registry action",
+                    other.action()
+                ),
+            ))),
+        }
+    }
+}

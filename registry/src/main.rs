@@ -1,0 +1,73 @@
+//! `registry`: the Agora group directory.
+//!
+//! Exit codes: 0 after a clean shutdown (SIGINT or SIGTERM), 1 when binding or serving
+//! fails, 2 for invalid arguments.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_common::shutdown::Shutdown;
+use agora_registry::{Config, Registry, DEFAULT_BIND};
+use anyhow::Context;
+use clap::Parser;
+
+/// The Agora registry: group nodes register and heartbeat here; clients list and look up
+/// groups. Prints `listening ENDPOINT` on stdout once bound; logs go to stderr (RUST_LOG).
+#[derive(Debug, Parser)]
+#[command(name = "registry", version, about)]
+struct Args {
+    /// ZeroMQ endpoint to bind; port 0 picks a free port.
+    #[arg(long, env = "AGORA_REGISTRY_BIND", default_value = DEFAULT_BIND)]
+    bind: String,
+    /// Heartbeat interval expected from group nodes (for example 2s, 500ms).
+    #[arg(long, env = "AGORA_HEARTBEAT", default_value = "2s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// Missed heartbeats after which a group expires.
+    #[arg(long, env = "AGORA_TTL_INTERVALS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    ttl_intervals: u32,
+    /// Most groups held at once.
+    #[arg(long, env = "AGORA_MAX_GROUPS", default_value_t = 10_000)]
+    max_groups: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("registry: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, shutdown.flag())
+            .context("installing signal handler")?;
+    }
+    let config = Config {
+        bind: args.bind,
+        heartbeat: args.heartbeat,
+        ttl_intervals: args.ttl_intervals,
+        max_groups: args.max_groups,
+    };
+    let ctx = zmq::Context::new();
+    let registry = Registry::bind(&ctx, config)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening {}", registry.endpoint())?;
+    out.flush()?;
+    drop(out);
+    registry.run(&shutdown)?;
+    Ok(())
+}
