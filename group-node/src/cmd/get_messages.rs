@@ -1,0 +1,36 @@
+//! `get_messages`: read the log (members only), one bounded page at a time.
+
+use agora_common::proto::{
+    ErrorCode, GetMessagesRequest, HistoryQuery, MessagesPage, WireError, MAX_PAGE_BYTES,
+};
+use agora_common::store::GroupStore;
+
+use super::{store_error, Ctx};
+use crate::identity::caller;
+
+/// # Errors
+/// `unknown_group`, `not_member`, `invalid_field` (two selectors, bad limit), `not_found`
+/// (no message with that id), `internal`.
+pub fn apply<S: GroupStore>(
+    ctx: &mut Ctx<'_, S>,
+    r: GetMessagesRequest,
+) -> Result<MessagesPage, WireError> {
+    ctx.check_group(r.group.as_ref())?;
+    ctx.require_member(&caller(&r.user))?;
+    let (query, limit) = r.query()?;
+    let page = ctx
+        .store
+        .page(query, limit, MAX_PAGE_BYTES)
+        .map_err(store_error)?;
+    if let (HistoryQuery::ById(id), true) = (query, page.messages.is_empty()) {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("no message with id {id} in \"{}\"", ctx.config.name),
+        ));
+    }
+    Ok(MessagesPage {
+        group: ctx.config.name.clone(),
+        messages: page.messages,
+        more: page.more,
+    })
+}

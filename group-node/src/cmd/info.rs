@@ -1,0 +1,17 @@
+//! `info`: the group's name, last seq and member count. Open to anyone.
+
+use agora_common::proto::{InfoReply, InfoRequest, WireError};
+use agora_common::store::GroupStore;
+
+use super::Ctx;
+
+/// # Errors
+/// `unknown_group`.
+pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: InfoRequest) -> Result<InfoReply, WireError> {
+    ctx.check_group(r.group.as_ref())?;
+    Ok(InfoReply {
+        group: ctx.config.name.clone(),
+        last_seq: ctx.store.last_seq(),
+        members: ctx.store.member_count(),
+    })
+}

@@ -1,0 +1,35 @@
+//! `send`: append a message to the log (members only). The ack is sent after the batch
+//! holding the append commits.
+
+use agora_common::proto::{ErrorCode, SendAck, SendRequest, WireError};
+use agora_common::store::{GroupStore, NewMessage};
+
+use super::{store_error, Ctx};
+use crate::identity::caller;
+
+/// # Errors
+/// `unknown_group`, `not_member`, `too_large` (body over `max_message_bytes`),
+/// `id_conflict`, `internal`.
+pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: SendRequest) -> Result<SendAck, WireError> {
+    ctx.check_group(r.group.as_ref())?;
+    let caller = caller(&r.user);
+    ctx.require_member(&caller)?;
+    let len = r.body.get().len();
+    if len > ctx.config.max_message_bytes {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "body is {len} bytes; the limit is {} bytes",
+                ctx.config.max_message_bytes
+            ),
+        ));
+    }
+    ctx.store
+        .append(NewMessage {
+            sender: &caller.user,
+            body: &r.body,
+            id: r.id,
+            now: ctx.now,
+        })
+        .map_err(store_error)
+}

@@ -1,0 +1,109 @@
+//! Registration with the registry: register on start, repeat every heartbeat interval
+//! (the registry's liveness signal), unregister on a clean stop.
+//!
+//! Runs on its own thread with its own REQ socket, so a registry that is down or slow never
+//! delays members' requests. When the registry comes back (or restarts empty), the next
+//! heartbeat registers the group again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientError, ClientOptions, RegistryClient};
+use agora_common::proto::{Endpoint, ErrorCode, GroupName};
+use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
+
+/// A running heartbeat thread; stops (and unregisters) when dropped.
+#[derive(Debug)]
+pub struct Heartbeat {
+    stop: Shutdown,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Starts heartbeating `name` at `endpoint` to the registry at `registry` every
+    /// `interval`, reporting the member count read from `members`.
+    pub fn start(
+        ctx: &zmq::Context,
+        registry: String,
+        name: GroupName,
+        endpoint: Endpoint,
+        interval: Duration,
+        members: Arc<AtomicU64>,
+    ) -> std::io::Result<Heartbeat> {
+        let stop = Shutdown::new();
+        let ctx = ctx.clone();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || beat(&ctx, &registry, &name, &endpoint, interval, &members, &flag))?;
+        Ok(Heartbeat {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn beat(
+    ctx: &zmq::Context,
+    registry: &str,
+    name: &GroupName,
+    endpoint: &Endpoint,
+    interval: Duration,
+    members: &AtomicU64,
+    stop: &Shutdown,
+) {
+    let options = ClientOptions {
+        timeout: interval.max(Duration::from_millis(100)),
+        attempts: 1,
+    };
+    let mut client = RegistryClient::new(ctx, registry, options);
+    let mut registered = false;
+    while !stop.is_triggered() {
+        let next = Instant::now() + interval;
+        match client.register(name, endpoint, members.load(Ordering::Relaxed)) {
+            Ok(_) if !registered => {
+                tracing::info!(%registry, group = %name, %endpoint, "registered");
+                registered = true;
+            }
+            Ok(_) => {}
+            Err(ClientError::Server(e)) if e.code == ErrorCode::NameTaken => {
+                tracing::warn!(%registry, error = %e, "registration refused; retrying");
+                registered = false;
+            }
+            Err(e) => {
+                if registered {
+                    tracing::warn!(%registry, error = %e, "registry unreachable; still serving");
+                }
+                registered = false;
+            }
+        }
+        while !stop.is_triggered() && Instant::now() < next {
+            std::thread::sleep(SHUTDOWN_POLL.min(next.saturating_duration_since(Instant::now())));
+        }
+    }
+    if registered {
+        let mut quick = RegistryClient::new(
+            ctx,
+            registry,
+            ClientOptions {
+                timeout: Duration::from_secs(1),
+                attempts: 1,
+            },
+        );
+        match quick.unregister(name, endpoint) {
+            Ok(()) => tracing::info!(group = %name, "unregistered"),
+            Err(e) => tracing::warn!(error = %e, "could not unregister"),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `group-node NAME IP:PORT`: serve one Agora group.
+//!
+//! Exit codes: 0 after a clean shutdown (SIGINT or SIGTERM), 1 when opening the store,
+//! binding or serving fails, 2 for invalid arguments.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_common::proto::{Endpoint, GroupName, DEFAULT_MAX_MESSAGE_BYTES};
+use agora_common::shutdown::Shutdown;
+use agora_common::store::Retention;
+use agora_group_node::{default_data_dir, Config, Node};
+use anyhow::Context;
+use clap::Parser;
+
+/// An Agora group node: membership, a durable sequenced message log and history for one
+/// group. Prints `listening ENDPOINT` on stdout once bound; logs go to stderr (RUST_LOG).
+#[derive(Debug, Parser)]
+#[command(name = "group-node", version, about)]
+struct Args {
+    /// The group's name; may contain spaces ("Cool Group").
+    name: GroupName,
+    /// Address to bind, IP:PORT (port 0 picks a free port), for example 127.0.0.1:5560.
+    addr: String,
+    /// The registry's endpoint.
+    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
+    registry: String,
+    /// Serve without registering anywhere.
+    #[arg(long, conflicts_with = "registry")]
+    no_registry: bool,
+    /// Endpoint to register for members, when it differs from the bound one (NAT, wildcard).
+    #[arg(long, env = "AGORA_ADVERTISE")]
+    advertise: Option<Endpoint>,
+    /// Directory for the group's SQLite store [default: ~/.local/share/agora/groups/NAME].
+    #[arg(long, env = "AGORA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest message body, in bytes of JSON text.
+    #[arg(long, env = "AGORA_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Keep only the newest N messages [default: keep all].
+    #[arg(long, env = "AGORA_MAX_MESSAGES", value_parser = clap::value_parser!(u64).range(1..))]
+    max_messages: Option<u64>,
+    /// Delete messages older than this, for example 30d or 12h [default: keep all].
+    #[arg(long, env = "AGORA_MAX_AGE", value_parser = humantime::parse_duration)]
+    max_age: Option<Duration>,
+    /// Registry heartbeat interval.
+    #[arg(long, env = "AGORA_HEARTBEAT", default_value = "2s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// Most members of the group.
+    #[arg(long, env = "AGORA_MAX_MEMBERS", default_value_t = 100_000)]
+    max_members: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("group-node: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, shutdown.flag())
+            .context("installing signal handler")?;
+    }
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => default_data_dir(&args.name)
+            .context("no home directory to derive a data directory from; pass --data-dir")?,
+    };
+    let bind = if args.addr.starts_with("tcp://") {
+        args.addr.clone()
+    } else {
+        format!("tcp://{}", args.addr)
+    };
+    let mut config = Config::new(args.name, bind, data_dir);
+    config.advertise = args.advertise;
+    config.registry = (!args.no_registry).then_some(args.registry);
+    config.max_message_bytes = args.max_message_bytes;
+    config.retention = Retention {
+        max_messages: args.max_messages,
+        max_age: args.max_age,
+    };
+    config.heartbeat = args.heartbeat;
+    config.max_members = args.max_members;
+    let ctx = zmq::Context::new();
+    let node = Node::bind(&ctx, config)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening {}", node.endpoint())?;
+    out.flush()?;
+    drop(out);
+    node.run(&shutdown)?;
+    Ok(())
+}
