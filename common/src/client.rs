@@ -136,7 +136,7 @@ impl ReqClient {
         }
         Err(ClientError::Timeout {
             endpoint: self.endpoint.clone(),
-            waited: started.elapsed(),
+            waited: started.elapsed().max(self.options.timeout),
         })
     }
 

@@ -648,6 +648,8 @@ pub struct InfoReply {
     pub last_seq: u64,
     /// How many members the group has.
     pub members: u64,
+    /// The node's body size limit, in bytes of JSON text.
+    pub max_message_bytes: u64,
 }
 
 /// Reply to `join` and `leave`.

@@ -13,5 +13,6 @@ pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: InfoRequest) -> Result<Info
         group: ctx.config.name.clone(),
         last_seq: ctx.store.last_seq(),
         members: ctx.store.member_count(),
+        max_message_bytes: u64::try_from(ctx.config.max_message_bytes).unwrap_or(u64::MAX),
     })
 }

@@ -1,0 +1,204 @@
+//! `user-cli`: the Agora chat client.
+//!
+//! Without a subcommand it reads commands: from a prompt on a terminal, or line by line
+//! from stdin otherwise (a scripted session). Subcommands run one command and exit.
+//!
+//! Exit codes: 0 success; 1 a server refused a command (unknown group, not a member, message
+//! too large, …); 2 usage error; 3 a node or the registry was unreachable within the
+//! timeout; 4 any other failure. A session exits with the code of its first failed command.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_common::client::ClientOptions;
+use agora_common::proto::UserName;
+use clap::{Parser, Subcommand};
+
+mod app;
+mod render;
+mod repl;
+
+use app::{App, CliError, HistoryArgs};
+use render::Format;
+
+/// The Agora chat client. Run without a command for the interactive prompt (or a script on
+/// stdin); `help` at the prompt lists its commands.
+#[derive(Debug, Parser)]
+#[command(name = "user-cli", version, about)]
+struct Args {
+    /// The registry's endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "AGORA_REGISTRY",
+        default_value = "tcp://127.0.0.1:5555"
+    )]
+    registry: String,
+    /// Your user name [default: $USER].
+    #[arg(long, global = true, env = "AGORA_USER")]
+    user: Option<UserName>,
+    /// Print results as JSON lines.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for a server, per command.
+    #[arg(long, global = true, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the groups in the registry.
+    Groups,
+    /// Join a group (a name, or IP:PORT).
+    Join {
+        /// The group.
+        group: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: String,
+    },
+    /// List a group's members.
+    Members {
+        /// The group.
+        group: String,
+    },
+    /// Send a message.
+    Send {
+        /// The group.
+        group: String,
+        /// The text (words are joined by spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+        /// Send TEXT as a JSON value (number, bool, object, list) instead of a string.
+        #[arg(long)]
+        json_body: bool,
+    },
+    /// Show a group's messages (all of them unless a filter is given).
+    Messages {
+        /// The group.
+        group: String,
+        /// Only messages since this time: RFC 3339, or HH:MM:SS for today in local time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only messages after this seq.
+        #[arg(long)]
+        after_seq: Option<u64>,
+        /// Only the message with this id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Only the newest N messages (1 to 1000).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        latest: Option<u32>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    ExitCode::from(run(args))
+}
+
+fn run(args: Args) -> u8 {
+    let user = match args.user.map(Ok).unwrap_or_else(|| {
+        let name =
+            std::env::var("USER").map_err(|_| "no --user given and $USER is not set".to_owned())?;
+        UserName::new(name)
+            .map_err(|e| format!("$USER is not a valid user name ({e}); pass --user"))
+    }) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("user-cli: {e}");
+            return 2;
+        }
+    };
+    let options = ClientOptions {
+        timeout: args.timeout,
+        ..ClientOptions::default()
+    };
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
+    let mut app = App::new(&args.registry, user, options, format);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = match args.command {
+        None => return session(&mut app, &mut out),
+        Some(Command::Groups) => app.groups(&mut out),
+        Some(Command::Join { group }) => app.join(&group, &mut out),
+        Some(Command::Leave { group }) => app.leave(&group, &mut out),
+        Some(Command::Members { group }) => app.members(&group, &mut out),
+        Some(Command::Send {
+            group,
+            text,
+            json_body,
+        }) => {
+            let text = text.join(" ");
+            let body = if json_body {
+                text
+            } else {
+                repl::json_string(&text)
+            };
+            app.send(&group, body, &mut out)
+        }
+        Some(Command::Messages {
+            group,
+            since,
+            after_seq,
+            id,
+            latest,
+        }) => app.messages(
+            &group,
+            &HistoryArgs {
+                since,
+                after_seq,
+                id,
+                latest,
+            },
+            &mut out,
+        ),
+    };
+    let _ = out.flush();
+    match result {
+        Ok(()) => 0,
+        Err(e) => report(&e),
+    }
+}
+
+fn report(e: &CliError) -> u8 {
+    eprintln!("user-cli: {e}");
+    e.exit_code()
+}
+
+fn session(app: &mut App, out: &mut dyn Write) -> u8 {
+    let mut err = std::io::stderr();
+    if std::io::stdin().is_terminal() {
+        let history =
+            directories::ProjectDirs::from("", "", "agora").map(|d| d.data_dir().join("history"));
+        let mut prompt = match repl::Interactive::new(history) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("user-cli: terminal: {e}");
+                return 4;
+            }
+        };
+        let _ = writeln!(out, "Agora chat. Type help for commands, exit to leave.");
+        repl::run_session(app, &mut prompt, out, &mut err)
+    } else {
+        let mut script = repl::Script(std::io::stdin().lock());
+        repl::run_session(app, &mut script, out, &mut err)
+    }
+}

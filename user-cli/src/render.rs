@@ -1,0 +1,59 @@
+//! Output: human lines by default, one JSON object per line with `--json`.
+
+use agora_common::proto::{GroupEntry, Member, Message};
+use agora_common::time::Timestamp;
+use chrono::Local;
+use serde::Serialize;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Lines for people.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A timestamp in the local zone, `YYYY-MM-DD HH:MM:SS`.
+pub fn local_time(t: Timestamp) -> String {
+    t.to_datetime()
+        .with_timezone(&Local)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
+/// A body for people: a JSON string as its text, anything else as compact JSON.
+pub fn body_text(body: &serde_json::value::RawValue) -> String {
+    match serde_json::from_str::<serde_json::Value>(body.get()) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => body.get().to_owned(),
+    }
+}
+
+/// One message: `[2026-11-22 10:00:00] Cool Group #3 alice: hello`; the lines of a
+/// multi-line text after the first are indented by four spaces.
+pub fn message_line(group: &str, m: &Message) -> String {
+    format!(
+        "[{}] {group} #{} {}: {}",
+        local_time(m.time),
+        m.seq,
+        m.sender,
+        body_text(&m.body).replace('\n', "\n    ")
+    )
+}
+
+/// One group of a listing: `Cool Group<TAB>tcp://…<TAB>3 members`.
+pub fn group_line(g: &GroupEntry) -> String {
+    format!("{}\t{}\t{} members", g.name, g.endpoint, g.members)
+}
+
+/// One member: `alice<TAB>joined 2026-11-22 10:00:00`.
+pub fn member_line(m: &Member) -> String {
+    format!("{}\tjoined {}", m.user, local_time(m.joined_at))
+}
+
+/// A value as one JSON line.
+pub fn json_line<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
