@@ -1,0 +1,272 @@
+//! Harness for process-level tests: start the real binaries on ephemeral loopback
+//! endpoints, read the endpoint each prints, and kill and reap them on drop.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which
+//! `scripts/test.sh` does); they are looked up beside the test executable's `deps/` folder.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a server may take to print its endpoint line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one user-cli run may take before the test fails.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The path of a workspace binary (`registry`, `group-node`, `user-cli`).
+///
+/// # Panics
+/// If it is not built.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/PROFILE/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running server process; killed (SIGKILL) and reaped on drop.
+pub struct Server {
+    child: Child,
+    /// The endpoint it printed (`tcp://127.0.0.1:PORT`).
+    pub endpoint: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `bin` with `args`, with stderr logged to `log`, and waits for its
+    /// `listening ENDPOINT` line.
+    ///
+    /// # Panics
+    /// If it does not start or print the line within [`START_TIMEOUT`].
+    pub fn start(bin_name: &str, args: &[&str], log: &Path) -> Server {
+        let stderr = std::fs::File::create(log).expect("log file");
+        let mut child = Command::new(bin(bin_name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{bin_name} printed no endpoint; log:\n{}", read(log));
+            }
+        };
+        let Some(endpoint) = line.trim().strip_prefix("listening ") else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!(
+                "{bin_name} did not start ({status:?}), printed {line:?}; log:\n{}",
+                read(log)
+            );
+        };
+        Server {
+            endpoint: endpoint.to_owned(),
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// `HOST:PORT` of the endpoint, as the seed's commands take it.
+    pub fn host_port(&self) -> &str {
+        self.endpoint.trim_start_matches("tcp://")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    ///
+    /// # Panics
+    /// If it does not exit within 10 s.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as `kill -9`, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A finished user-cli run.
+#[derive(Debug)]
+pub struct CliRun {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+/// Runs `user-cli` with `args`, feeding `stdin`, with `env` set.
+///
+/// # Panics
+/// If it runs past [`CLI_TIMEOUT`].
+pub fn cli(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> CliRun {
+    let mut child = Command::new(bin("user-cli"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("AGORA_REGISTRY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn user-cli");
+    let mut input = child.stdin.take().expect("stdin");
+    let stdin = stdin.to_owned();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + CLI_TIMEOUT;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("user-cli {args:?} ran past {CLI_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = writer.join();
+    CliRun {
+        code: status.code(),
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// A federation for a test: a temp dir, a registry, and helpers to start group nodes.
+pub struct Federation {
+    /// Holds logs and data dirs; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// The registry.
+    pub registry: Server,
+}
+
+impl Federation {
+    /// Starts a registry on an ephemeral loopback port with the given heartbeat.
+    pub fn start(heartbeat: &str) -> Federation {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Server::start(
+            "registry",
+            &["--bind", "tcp://127.0.0.1:0", "--heartbeat", heartbeat],
+            &dir.path().join("registry.log"),
+        );
+        Federation { dir, registry }
+    }
+
+    /// Kills the registry (SIGKILL) and starts a new one on the same endpoint.
+    pub fn restart_registry(&mut self, heartbeat: &str) {
+        self.registry.kill9();
+        let endpoint = self.registry.endpoint.clone();
+        self.registry = Server::start(
+            "registry",
+            &["--bind", &endpoint, "--heartbeat", heartbeat],
+            &self.dir.path().join("registry-2.log"),
+        );
+    }
+
+    /// Starts a group node named `name` at `addr` (`127.0.0.1:0` for a fresh port), its data
+    /// in `DIR/data-<tag>`.
+    pub fn node(&self, name: &str, addr: &str, tag: &str, extra: &[&str]) -> Server {
+        let data = self.dir.path().join(format!("data-{tag}"));
+        let data = data.to_str().expect("utf-8 path").to_owned();
+        let mut args = vec![
+            name,
+            addr,
+            "--registry",
+            &self.registry.endpoint,
+            "--data-dir",
+            &data,
+            "--heartbeat",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        Server::start(
+            "group-node",
+            &args,
+            &self.dir.path().join(format!("node-{tag}.log")),
+        )
+    }
+
+    /// Runs user-cli against this federation's registry as `user`.
+    pub fn cli(&self, user: &str, args: &[&str], stdin: &str) -> CliRun {
+        let mut all = vec!["--registry", self.registry.endpoint.as_str(), "--user", user];
+        all.extend_from_slice(args);
+        cli(&all, stdin, &[("TZ", "UTC")])
+    }
+}
