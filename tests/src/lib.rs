@@ -265,7 +265,12 @@ impl Federation {
 
     /// Runs user-cli against this federation's registry as `user`.
     pub fn cli(&self, user: &str, args: &[&str], stdin: &str) -> CliRun {
-        let mut all = vec!["--registry", self.registry.endpoint.as_str(), "--user", user];
+        let mut all = vec![
+            "--registry",
+            self.registry.endpoint.as_str(),
+            "--user",
+            user,
+        ];
         all.extend_from_slice(args);
         cli(&all, stdin, &[("TZ", "UTC")])
     }

@@ -68,12 +68,31 @@ fn two_users_chat_in_two_groups_one_named_with_a_space() {
             .contains("Cool Group #1 alice: hello from alice\n    second line"),
         "{run:?}"
     );
-    assert!(run.stdout.contains("Cool Group #2 bob: hi alice"), "{run:?}");
+    assert!(
+        run.stdout.contains("Cool Group #2 bob: hi alice"),
+        "{run:?}"
+    );
 
     // One-shot JSON: alice sees both messages in seq order, typed bodies intact.
-    ok(fed.cli("alice", &["send", "Cool Group", "--json-body", r#"{"t":21.5,"ok":true}"#], ""));
-    let msgs = json_lines(&ok(fed.cli("alice", &["--json", "messages", "Cool Group"], "")));
-    let seqs: Vec<u64> = msgs.iter().map(|m| m["seq"].as_u64().unwrap_or(0)).collect();
+    ok(fed.cli(
+        "alice",
+        &[
+            "send",
+            "Cool Group",
+            "--json-body",
+            r#"{"t":21.5,"ok":true}"#,
+        ],
+        "",
+    ));
+    let msgs = json_lines(&ok(fed.cli(
+        "alice",
+        &["--json", "messages", "Cool Group"],
+        "",
+    )));
+    let seqs: Vec<u64> = msgs
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap_or(0))
+        .collect();
     assert_eq!(seqs, vec![1, 2, 3]);
     assert_eq!(msgs[0]["body"], "hello from alice\nsecond line");
     assert_eq!(msgs[2]["body"]["t"], 21.5);
@@ -101,16 +120,24 @@ fn history_by_time_seq_id_and_latest() {
     assert!(wait_for(Duration::from_secs(10), || {
         fed.cli("alice", &["join", "Cool Group"], "").code == Some(0)
     }));
-    let first = json_lines(&ok(fed.cli("alice", &["--json", "send", "Cool Group", "early"], "")));
-    let t1 = Timestamp::parse_rfc3339(first[0]["time"].as_str().unwrap_or_default())
-        .expect("ack time");
+    let first = json_lines(&ok(fed.cli(
+        "alice",
+        &["--json", "send", "Cool Group", "early"],
+        "",
+    )));
+    let t1 =
+        Timestamp::parse_rfc3339(first[0]["time"].as_str().unwrap_or_default()).expect("ack time");
     // HH:MM:SS has whole seconds: wait (by polling the clock) until the next second starts.
     assert!(wait_for(Duration::from_secs(3), || {
         Timestamp::now().as_micros() / 1_000_000 > t1.as_micros() / 1_000_000
     }));
-    let second = json_lines(&ok(fed.cli("alice", &["--json", "send", "Cool Group", "late"], "")));
-    let t2 = Timestamp::parse_rfc3339(second[0]["time"].as_str().unwrap_or_default())
-        .expect("ack time");
+    let second = json_lines(&ok(fed.cli(
+        "alice",
+        &["--json", "send", "Cool Group", "late"],
+        "",
+    )));
+    let t2 =
+        Timestamp::parse_rfc3339(second[0]["time"].as_str().unwrap_or_default()).expect("ack time");
     ok(fed.cli("alice", &["send", "Cool Group", "latest"], ""));
 
     // The seed's form: get_messages GROUP HH:MM:SS, today in local time (TZ=UTC here).
@@ -133,7 +160,10 @@ fn history_by_time_seq_id_and_latest() {
             .map(|m| m["body"].as_str().unwrap_or_default().to_owned())
             .collect()
     };
-    assert_eq!(bodies(&["--since", &t2.to_string()]), vec!["late", "latest"]);
+    assert_eq!(
+        bodies(&["--since", &t2.to_string()]),
+        vec!["late", "latest"]
+    );
     assert_eq!(bodies(&["--after-seq", "2"]), vec!["latest"]);
     let id = first[0]["id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(bodies(&["--id", &id]), vec!["early"]);
@@ -141,12 +171,21 @@ fn history_by_time_seq_id_and_latest() {
 
     let missing = fed.cli(
         "alice",
-        &["messages", "Cool Group", "--id", &MessageId::new_v7().to_string()],
+        &[
+            "messages",
+            "Cool Group",
+            "--id",
+            &MessageId::new_v7().to_string(),
+        ],
         "",
     );
     assert_eq!(missing.code, Some(1), "{missing:?}");
     assert!(missing.stderr.contains("not_found"), "{missing:?}");
-    let bad_time = fed.cli("alice", &["messages", "Cool Group", "--since", "noonish"], "");
+    let bad_time = fed.cli(
+        "alice",
+        &["messages", "Cool Group", "--since", "noonish"],
+        "",
+    );
     assert_eq!(bad_time.code, Some(2), "{bad_time:?}");
     assert!(bad_time.stderr.contains("invalid time"), "{bad_time:?}");
 }
@@ -174,9 +213,7 @@ fn a_non_member_is_refused_and_errors_name_the_group() {
     let unknown = fed.cli("alice", &["join", "No Such Group"], "");
     assert_eq!(unknown.code, Some(1), "{unknown:?}");
     assert!(
-        unknown
-            .stderr
-            .contains("No Such Group: unknown group"),
+        unknown.stderr.contains("No Such Group: unknown group"),
         "{unknown:?}"
     );
 
@@ -190,12 +227,20 @@ fn a_non_member_is_refused_and_errors_name_the_group() {
     assert!(run.stdout.contains("alice: members only"), "{run:?}");
 
     // An unreachable node: a clear line, exit code 3, no hang.
-    let dead = fed.cli("alice", &["--timeout", "300ms", "messages", "127.0.0.1:1"], "");
+    let dead = fed.cli(
+        "alice",
+        &["--timeout", "300ms", "messages", "127.0.0.1:1"],
+        "",
+    );
     assert_eq!(dead.code, Some(3), "{dead:?}");
     assert!(dead.stderr.contains("unreachable"), "{dead:?}");
 
     // Nothing the refused requests did reached the log.
-    let all = json_lines(&ok(fed.cli("alice", &["--json", "messages", "Cool Group"], "")));
+    let all = json_lines(&ok(fed.cli(
+        "alice",
+        &["--json", "messages", "Cool Group"],
+        "",
+    )));
     assert_eq!(all.len(), 1);
 }
 
@@ -241,7 +286,10 @@ fn a_registry_restart_recovers_the_group_list_within_a_heartbeat() {
         "groups did not come back; registry log:\n{}",
         fed.registry.log()
     );
-    eprintln!("group list recovered {:?} after the registry restart", started.elapsed());
+    eprintln!(
+        "group list recovered {:?} after the registry restart",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -259,8 +307,12 @@ fn kill_9_during_a_stream_of_acked_sends_loses_no_acked_message() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut senders = Vec::new();
     for s in 0..4 {
-        let (ctx, endpoint, acked, stop) =
-            (ctx.clone(), endpoint.clone(), Arc::clone(&acked), Arc::clone(&stop));
+        let (ctx, endpoint, acked, stop) = (
+            ctx.clone(),
+            endpoint.clone(),
+            Arc::clone(&acked),
+            Arc::clone(&stop),
+        );
         senders.push(std::thread::spawn(move || {
             let user = UserName::new(format!("sender{s}")).expect("name");
             let mut client = GroupClient::new(&ctx, &endpoint, user, None, options);
@@ -314,7 +366,11 @@ fn kill_9_during_a_stream_of_acked_sends_loses_no_acked_message() {
         .iter()
         .filter(|(id, seq)| stored.get(id) != Some(seq))
         .collect();
-    assert!(lost.is_empty(), "{} acked messages lost: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acked messages lost: {lost:?}",
+        lost.len()
+    );
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, expected, "seq is gap-free after the crash");
     eprintln!(

@@ -1,0 +1,296 @@
+//! In-process tests: a real [`Node`] on an ephemeral loopback port, driven over ZeroMQ.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use agora_common::client::{ClientError, ClientOptions, GroupClient};
+use agora_common::codec::Frames;
+use agora_common::id::MessageId;
+use agora_common::proto::{ErrorCode, GroupName, HistoryQuery, UserName, PROTOCOL};
+use agora_common::shutdown::Shutdown;
+use agora_group_node::{Config, Node};
+use serde_json::value::RawValue;
+
+struct Running {
+    endpoint: String,
+    shutdown: Shutdown,
+    thread: Option<JoinHandle<()>>,
+    ctx: zmq::Context,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(t) = self.thread.take() {
+            t.join().expect("node thread");
+        }
+    }
+}
+
+fn start(max_message_bytes: usize) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(
+        GroupName::new("Cool Group").expect("name"),
+        "tcp://127.0.0.1:0",
+        dir.path().to_owned(),
+    );
+    config.max_message_bytes = max_message_bytes;
+    let ctx = zmq::Context::new();
+    let node = Node::bind(&ctx, config).expect("bind");
+    let endpoint = node.endpoint().to_string();
+    let shutdown = Shutdown::new();
+    let flag = shutdown.clone();
+    let thread = std::thread::spawn(move || node.run(&flag).expect("run"));
+    Running {
+        endpoint,
+        shutdown,
+        thread: Some(thread),
+        ctx,
+        _dir: dir,
+    }
+}
+
+fn client(n: &Running, user: &str) -> GroupClient {
+    GroupClient::new(
+        &n.ctx,
+        &n.endpoint,
+        UserName::new(user).expect("name"),
+        None,
+        ClientOptions::default(),
+    )
+}
+
+fn body(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned()).expect("json")
+}
+
+/// Sends raw frames on a fresh REQ and returns the reply's JSON.
+fn raw(n: &Running, frames: Frames) -> serde_json::Value {
+    let s = n.ctx.socket(zmq::REQ).expect("socket");
+    s.set_linger(0).expect("linger");
+    s.set_rcvtimeo(5000).expect("rcvtimeo");
+    s.connect(&n.endpoint).expect("connect");
+    s.send_multipart(frames, 0).expect("send");
+    let reply = s.recv_multipart(0).expect("reply within 5 s");
+    assert_eq!(reply[0], PROTOCOL);
+    serde_json::from_slice(&reply[1]).expect("reply is JSON")
+}
+
+fn code_of(reply: &serde_json::Value) -> &str {
+    assert_eq!(reply["ok"], false, "{reply}");
+    reply["error"].as_str().unwrap_or_default()
+}
+
+fn server_code(e: ClientError) -> ErrorCode {
+    match e {
+        ClientError::Server(w) => w.code,
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
+#[test]
+fn garbage_gets_specific_errors_and_harms_nothing() {
+    let n = start(1000);
+    let mut alice = client(&n, "alice");
+    alice.join().expect("join");
+    let first = alice.send(body(r#""before the garbage""#)).expect("send");
+
+    let sig = PROTOCOL.to_vec();
+    let j = |s: &str| s.as_bytes().to_vec();
+    assert_eq!(code_of(&raw(&n, vec![sig.clone()])), "bad_frames");
+    assert_eq!(
+        code_of(&raw(&n, vec![sig.clone(), j("{}"), j("x")])),
+        "bad_frames"
+    );
+    assert_eq!(
+        code_of(&raw(&n, vec![j("AGORA/2"), j("{}")])),
+        "unsupported_version"
+    );
+    assert_eq!(
+        code_of(&raw(&n, vec![sig.clone(), j("{\"action\":")])),
+        "invalid_json"
+    );
+    assert_eq!(
+        code_of(&raw(&n, vec![sig.clone(), vec![0xff, 0x00]])),
+        "invalid_json"
+    );
+    assert_eq!(
+        code_of(&raw(&n, vec![sig.clone(), j("42")])),
+        "invalid_field"
+    );
+    assert_eq!(
+        code_of(&raw(&n, vec![sig.clone(), j(r#"{"action":"fly"}"#)])),
+        "unknown_action"
+    );
+    assert_eq!(
+        code_of(&raw(&n, vec![sig.clone(), j(r#"{"action":"list"}"#)])),
+        "unknown_action"
+    );
+    let missing = raw(
+        &n,
+        vec![sig.clone(), j(r#"{"action":"send","user":"alice"}"#)],
+    );
+    assert_eq!(code_of(&missing), "invalid_field");
+    assert!(missing["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("body"));
+    let bad_user = raw(
+        &n,
+        vec![sig.clone(), j(r#"{"action":"join","user":"a b"}"#)],
+    );
+    assert_eq!(code_of(&bad_user), "invalid_field");
+    let other_group = raw(
+        &n,
+        vec![
+            sig.clone(),
+            j(r#"{"action":"join","user":"x","group":"Other"}"#),
+        ],
+    );
+    assert_eq!(code_of(&other_group), "unknown_group");
+    let two_selectors = raw(
+        &n,
+        vec![
+            sig.clone(),
+            j(r#"{"action":"get_messages","user":"alice","latest":1,"after_seq":0}"#),
+        ],
+    );
+    assert_eq!(code_of(&two_selectors), "invalid_field");
+
+    // A peer without a REQ envelope cannot be answered; it is dropped, nothing else.
+    let dealer = n.ctx.socket(zmq::DEALER).expect("dealer");
+    dealer.set_linger(0).expect("linger");
+    dealer.connect(&n.endpoint).expect("connect");
+    dealer
+        .send_multipart([sig.clone(), j("{}")], 0)
+        .expect("send");
+
+    // Oversized: over the body limit gets too_large; far over the frame limit is cut off by
+    // libzmq without harming anyone else.
+    let big = format!("\"{}\"", "x".repeat(2000));
+    assert_eq!(
+        server_code(alice.send(body(&big)).expect_err("too large")),
+        ErrorCode::TooLarge
+    );
+    let huge = format!("\"{}\"", "x".repeat(200_000));
+    let mut hog = GroupClient::new(
+        &n.ctx,
+        &n.endpoint,
+        UserName::new("alice").expect("name"),
+        None,
+        ClientOptions {
+            timeout: Duration::from_millis(300),
+            attempts: 1,
+        },
+    );
+    assert!(matches!(
+        hog.send(body(&huge)),
+        Err(ClientError::Timeout { .. })
+    ));
+
+    // Non-members can neither write nor read.
+    let mut mallory = client(&n, "mallory");
+    assert_eq!(
+        server_code(mallory.send(body("1")).expect_err("refused")),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        server_code(
+            mallory
+                .get_messages(HistoryQuery::AfterSeq(0), None)
+                .expect_err("refused")
+        ),
+        ErrorCode::NotMember
+    );
+
+    // Still serving, and the log holds exactly the one good message.
+    let after = alice.send(body(r#""after the garbage""#)).expect("send");
+    assert_eq!(after.seq, first.seq + 1);
+    let page = alice
+        .get_messages(HistoryQuery::AfterSeq(0), None)
+        .expect("history");
+    let texts: Vec<&str> = page.messages.iter().map(|m| m.body.get()).collect();
+    assert_eq!(
+        texts,
+        vec![r#""before the garbage""#, r#""after the garbage""#]
+    );
+}
+
+#[test]
+fn a_retried_send_is_stored_once_and_a_reused_id_conflicts() {
+    let n = start(1 << 20);
+    let mut alice = client(&n, "alice");
+    alice.join().expect("join");
+    let id = MessageId::new_v7();
+    let first = alice.send_with_id(body(r#"{"n":1}"#), id).expect("send");
+    let retry = alice.send_with_id(body(r#"{"n":1}"#), id).expect("retry");
+    assert_eq!(
+        (retry.seq, retry.id, retry.time),
+        (first.seq, first.id, first.time)
+    );
+    assert!(retry.duplicate);
+    assert_eq!(
+        server_code(
+            alice
+                .send_with_id(body(r#"{"n":2}"#), id)
+                .expect_err("conflict")
+        ),
+        ErrorCode::IdConflict
+    );
+    let info = alice.info().expect("info");
+    assert_eq!(info.last_seq, 1);
+}
+
+#[test]
+fn history_is_paginated_in_seq_order() {
+    let n = start(1 << 20);
+    let mut alice = client(&n, "alice");
+    alice.join().expect("join");
+    for i in 1..=250 {
+        alice.send(body(&i.to_string())).expect("send");
+    }
+    let mut pages = 0;
+    let mut seqs = Vec::new();
+    alice
+        .for_each_page(HistoryQuery::AfterSeq(0), None, |page| {
+            pages += 1;
+            assert!(page.messages.len() <= 100);
+            seqs.extend(page.messages.iter().map(|m| m.seq));
+            true
+        })
+        .expect("history");
+    assert_eq!(pages, 3);
+    assert_eq!(seqs, (1..=250).collect::<Vec<u64>>());
+    let latest = alice
+        .get_messages(HistoryQuery::Latest(5), None)
+        .expect("latest");
+    let seqs: Vec<u64> = latest.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![246, 247, 248, 249, 250]);
+    assert!(!latest.more);
+}
+
+#[test]
+fn membership_changes_are_idempotent_and_listed() {
+    let n = start(1 << 20);
+    let mut alice = client(&n, "alice");
+    let mut bob = client(&n, "bob");
+    assert!(alice.join().expect("join").changed);
+    assert!(!alice.join().expect("join again").changed);
+    assert!(bob.join().expect("join").changed);
+    let users: Vec<String> = alice
+        .members()
+        .expect("members")
+        .members
+        .iter()
+        .map(|m| m.user.to_string())
+        .collect();
+    assert_eq!(users, vec!["alice", "bob"]);
+    assert!(bob.leave().expect("leave").changed);
+    assert!(!bob.leave().expect("leave again").changed);
+    assert_eq!(alice.info().expect("info").members, 1);
+    assert_eq!(
+        server_code(bob.send(body("1")).expect_err("left")),
+        ErrorCode::NotMember
+    );
+}

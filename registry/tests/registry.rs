@@ -1,0 +1,116 @@
+//! In-process tests: a real [`Registry`] on an ephemeral loopback port.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientError, ClientOptions, RegistryClient};
+use agora_common::proto::{Endpoint, ErrorCode, GroupName};
+use agora_common::shutdown::Shutdown;
+use agora_registry::{Config, Registry};
+
+struct Running {
+    endpoint: String,
+    shutdown: Shutdown,
+    thread: Option<JoinHandle<()>>,
+    ctx: zmq::Context,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(t) = self.thread.take() {
+            t.join().expect("registry thread");
+        }
+    }
+}
+
+fn start(heartbeat: Duration) -> Running {
+    let ctx = zmq::Context::new();
+    let config = Config {
+        bind: "tcp://127.0.0.1:0".into(),
+        heartbeat,
+        ..Config::default()
+    };
+    let registry = Registry::bind(&ctx, config).expect("bind");
+    let endpoint = registry.endpoint().to_owned();
+    let shutdown = Shutdown::new();
+    let flag = shutdown.clone();
+    let thread = std::thread::spawn(move || registry.run(&flag).expect("run"));
+    Running {
+        endpoint,
+        shutdown,
+        thread: Some(thread),
+        ctx,
+    }
+}
+
+fn code(e: ClientError) -> ErrorCode {
+    match e {
+        ClientError::Server(w) => w.code,
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
+#[test]
+fn register_lookup_refuse_takeover_and_expire() {
+    let r = start(Duration::from_millis(100));
+    let mut c = RegistryClient::new(&r.ctx, &r.endpoint, ClientOptions::default());
+    let name = GroupName::new("Cool Group").expect("name");
+    let a = Endpoint::new("tcp://127.0.0.1:7001").expect("endpoint");
+    let b = Endpoint::new("tcp://127.0.0.1:7002").expect("endpoint");
+
+    let reply = c.register(&name, &a, 2).expect("register");
+    assert_eq!(reply.ttl_ms, 300);
+    assert_eq!(c.lookup(&name).expect("lookup").endpoint, a);
+    assert_eq!(
+        code(c.register(&name, &b, 0).expect_err("taken")),
+        ErrorCode::NameTaken
+    );
+    assert_eq!(
+        code(c.unregister(&name, &b).expect_err("not holder")),
+        ErrorCode::NameTaken
+    );
+
+    // No heartbeat: gone after the TTL (3 × 100 ms).
+    let started = Instant::now();
+    while c.lookup(&name).is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "entry never expired"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.list().expect("list").is_empty());
+    assert_eq!(
+        code(c.lookup(&name).expect_err("expired")),
+        ErrorCode::UnknownGroup
+    );
+
+    // Now the name is free for another endpoint; its holder can unregister it.
+    c.register(&name, &b, 0).expect("register b");
+    c.unregister(&name, &b).expect("unregister");
+    assert_eq!(
+        code(c.lookup(&name).expect_err("gone")),
+        ErrorCode::UnknownGroup
+    );
+}
+
+#[test]
+fn group_node_actions_are_refused_by_the_registry() {
+    let r = start(Duration::from_secs(2));
+    let s = r.ctx.socket(zmq::REQ).expect("socket");
+    s.set_linger(0).expect("linger");
+    s.set_rcvtimeo(5000).expect("rcvtimeo");
+    s.connect(&r.endpoint).expect("connect");
+    s.send_multipart(
+        [
+            b"AGORA/1".to_vec(),
+            br#"{"action":"join","user":"a"}"#.to_vec(),
+        ],
+        0,
+    )
+    .expect("send");
+    let reply = s.recv_multipart(0).expect("reply");
+    let v: serde_json::Value = serde_json::from_slice(&reply[1]).expect("json");
+    assert_eq!(v["error"], "unknown_action");
+}
