@@ -1,0 +1,247 @@
+//! `agora-bench`: measures a real `group-node` process (started from beside this binary).
+//!
+//! - one client's sequential acked sends per second (each waits for its ack);
+//! - acked sends per second with a window of requests in flight on one DEALER (group commit);
+//! - history replay of the newest `--replay` messages, in pages of 1000;
+//! - the node's resident memory (VmRSS) as the log grows to `--messages`, and after a full
+//!   replay: history lives on disk, so it must stay flat.
+//!
+//! Build first: `cargo build --release --bins`, then `cargo run --release -p agora-bench`.
+//! Prints a table; asserts nothing about timings.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientOptions, GroupClient};
+use agora_common::codec::{decode_reply, encode_request};
+use agora_common::id::MessageId;
+use agora_common::proto::{HistoryQuery, Request, SendAck, SendRequest, UserName};
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::value::RawValue;
+
+/// Benchmarks a real group node on loopback.
+#[derive(Debug, Parser)]
+#[command(name = "agora-bench", about)]
+struct Args {
+    /// Sequential acked sends to time.
+    #[arg(long, default_value_t = 5_000)]
+    sequential: u64,
+    /// Total messages stored before the memory reading (the log grows to this).
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Messages replayed from history.
+    #[arg(long, default_value_t = 100_000)]
+    replay: u64,
+    /// Requests in flight for the windowed send.
+    #[arg(long, default_value_t = 100)]
+    window: usize,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 128)]
+    body_bytes: usize,
+}
+
+struct NodeProc {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeProc {
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc status")
+    }
+}
+
+fn start_node() -> anyhow::Result<NodeProc> {
+    let exe = std::env::current_exe()?;
+    let bin: PathBuf = exe.with_file_name("group-node");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --release --bins` first",
+            bin.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(&bin)
+        .args(["bench", "127.0.0.1:0", "--no-registry", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let endpoint = line
+        .trim()
+        .strip_prefix("listening ")
+        .context("group-node printed no endpoint")?
+        .to_owned();
+    Ok(NodeProc {
+        child,
+        endpoint,
+        _dir: dir,
+    })
+}
+
+fn body(n: u64, bytes: usize) -> Box<RawValue> {
+    let text = format!("{n:0>width$}", width = bytes.saturating_sub(2));
+    RawValue::from_string(format!("\"{text}\"")).unwrap_or_else(|_| unreachable!("digits are JSON"))
+}
+
+/// Sends `count` messages with `window` in flight on one DEALER; returns the time taken.
+fn windowed_sends(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    user: &UserName,
+    count: u64,
+    window: usize,
+    bytes: usize,
+) -> anyhow::Result<Duration> {
+    let s = ctx.socket(zmq::DEALER)?;
+    s.set_linger(0)?;
+    s.set_rcvtimeo(30_000)?;
+    s.set_sndhwm(0)?;
+    s.connect(endpoint)?;
+    let started = Instant::now();
+    let (mut sent, mut acked) = (0u64, 0u64);
+    while acked < count {
+        while sent < count && sent - acked < window as u64 {
+            let req = Request::Send(SendRequest {
+                group: None,
+                user: user.clone(),
+                body: body(sent, bytes),
+                id: Some(MessageId::new_v7()),
+            });
+            let frames = encode_request(&req);
+            s.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)?;
+            sent += 1;
+        }
+        let reply = s.recv_multipart(0).context("no ack within 30 s")?;
+        let ack = decode_reply::<SendAck>(reply.get(1..).unwrap_or_default())?;
+        if let Err(e) = ack {
+            bail!("send refused: {e}");
+        }
+        acked += 1;
+    }
+    Ok(started.elapsed())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let ctx = zmq::Context::new();
+    let node = start_node()?;
+    let user = UserName::new("bench")?;
+    let options = ClientOptions {
+        timeout: Duration::from_secs(30),
+        attempts: 1,
+    };
+    let mut client = GroupClient::new(&ctx, &node.endpoint, user.clone(), None, options);
+    client.join()?;
+    let rss_empty = node.rss_kib()?;
+    println!("{:<52} {:>14}", "measure", "result");
+
+    let started = Instant::now();
+    for n in 0..args.sequential {
+        client.send(body(n, args.body_bytes))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{:<52} {:>10.0} /s",
+        format!(
+            "sequential acked sends, 1 client ({} msgs)",
+            args.sequential
+        ),
+        args.sequential as f64 / secs
+    );
+
+    let windowed = args.replay.max(10_000).min(args.messages);
+    let took = windowed_sends(
+        &ctx,
+        &node.endpoint,
+        &user,
+        windowed,
+        args.window,
+        args.body_bytes,
+    )?;
+    println!(
+        "{:<52} {:>10.0} /s",
+        format!("acked sends, {} in flight ({} msgs)", args.window, windowed),
+        windowed as f64 / took.as_secs_f64()
+    );
+    let mut stored = args.sequential + windowed;
+    let rss_100k = node.rss_kib()?;
+
+    let started = Instant::now();
+    let mut replayed = 0u64;
+    let from = stored.saturating_sub(args.replay);
+    client.for_each_page(HistoryQuery::AfterSeq(from), Some(1000), |page| {
+        replayed += page.messages.len() as u64;
+        true
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{:<52} {:>10.0} /s",
+        format!("history replay, pages of 1000 ({replayed} msgs)"),
+        replayed as f64 / secs
+    );
+
+    if stored < args.messages {
+        let rest = args.messages - stored;
+        let took = windowed_sends(
+            &ctx,
+            &node.endpoint,
+            &user,
+            rest,
+            args.window,
+            args.body_bytes,
+        )?;
+        println!(
+            "{:<52} {:>10.0} /s",
+            format!("acked sends, {} in flight ({} msgs)", args.window, rest),
+            rest as f64 / took.as_secs_f64()
+        );
+        stored = args.messages;
+    }
+    let rss_full = node.rss_kib()?;
+    let mut all = 0u64;
+    client.for_each_page(HistoryQuery::AfterSeq(0), Some(1000), |page| {
+        all += page.messages.len() as u64;
+        true
+    })?;
+    let rss_after_replay = node.rss_kib()?;
+    println!("{:<52} {:>10} KiB", "group-node RSS, empty log", rss_empty);
+    println!(
+        "{:<52} {:>10} KiB",
+        format!("group-node RSS, {} msgs", args.sequential + windowed),
+        rss_100k
+    );
+    println!(
+        "{:<52} {:>10} KiB",
+        format!("group-node RSS, {stored} msgs"),
+        rss_full
+    );
+    println!(
+        "{:<52} {:>10} KiB",
+        format!("group-node RSS, after replaying all {all}"),
+        rss_after_replay
+    );
+    if all != stored {
+        bail!("replayed {all} messages, stored {stored}");
+    }
+    Ok(())
+}

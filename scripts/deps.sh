@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs what building and testing Agora needs, only where it is missing:
+#   - libzmq3-dev and pkg-config (Debian/Ubuntu, through apt-get; sudo when not root);
+#   - a Rust toolchain (through rustup) when cargo is absent;
+#   - with --python: python3 with pyzmq, for the interop test.
+# Usage: scripts/deps.sh [--python]
+set -euo pipefail
+
+want_python=0
+[ "${1:-}" = "--python" ] && want_python=1
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "deps: apt-get not found; install these by hand: $*" >&2
+        exit 1
+    fi
+    if [ "$apt_updated" -eq 0 ]; then
+        as_root apt-get update -qq
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+missing=()
+dpkg -s libzmq3-dev >/dev/null 2>&1 || missing+=(libzmq3-dev)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v curl >/dev/null 2>&1 || command -v cargo >/dev/null 2>&1 || missing+=(curl ca-certificates)
+if [ "$want_python" -eq 1 ]; then
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "deps: installing ${missing[*]}" >&2
+    apt_install "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "deps: installing Rust with rustup" >&2
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+fi
+
+if [ "$want_python" -eq 1 ] && ! python3 -c 'import zmq' >/dev/null 2>&1; then
+    echo "deps: installing pyzmq" >&2
+    python3 -m pip install --quiet pyzmq 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages pyzmq \
+        || apt_install python3-zmq
+fi

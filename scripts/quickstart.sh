@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds Agora, starts a local federation (a registry and two groups, "Cool Group" and
+# "news"), and opens the interactive chat. Leaving the chat (exit, or Ctrl-D) stops the
+# federation; messages stay in ~/.local/share/agora/groups/.
+#
+# Usage: scripts/quickstart.sh [--user NAME]
+# Ports: AGORA_PORT (default 5555) for the registry, and the next ones for the groups.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --bins --locked
+
+bin=target/release
+port=${AGORA_PORT:-5555}
+registry="tcp://127.0.0.1:$port"
+logs=$(mktemp -d "${TMPDIR:-/tmp}/agora-quickstart.XXXXXX")
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+"$bin/registry" --bind "$registry" >"$logs/registry.out" 2>"$logs/registry.log" &
+pids+=($!)
+"$bin/group-node" "Cool Group" "127.0.0.1:$((port + 5))" --registry "$registry" \
+    >"$logs/cool.out" 2>"$logs/cool.log" &
+pids+=($!)
+"$bin/group-node" "news" "127.0.0.1:$((port + 6))" --registry "$registry" \
+    >"$logs/news.out" 2>"$logs/news.log" &
+pids+=($!)
+
+# Wait until both groups are listed (or a server died).
+for _ in $(seq 1 100); do
+    groups=$("$bin/user-cli" --registry "$registry" --timeout 1s groups 2>/dev/null || true)
+    if grep -q "Cool Group" <<<"$groups" && grep -q "news" <<<"$groups"; then
+        break
+    fi
+    for pid in "${pids[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "quickstart: a server failed to start; logs in $logs:" >&2
+            tail -n 5 "$logs"/*.log >&2
+            exit 1
+        fi
+    done
+    sleep 0.1
+done
+
+echo "Local federation: registry $registry; groups \"Cool Group\" and \"news\"; logs in $logs"
+echo "Try: join_group \"Cool Group\", send_message \"Cool Group\", get_messages \"Cool Group\""
+"$bin/user-cli" --registry "$registry" "$@"

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""A minimal Agora client in Python, written from docs/PROTOCOL.md alone.
+
+Usage: agora_client.py REGISTRY_ENDPOINT GROUP_NAME
+
+Looks the group up in the registry, joins it, sends typed bodies (with a client-chosen id,
+retried to check idempotency), reads the history back page by page and by time, and checks
+the documented errors. Prints "interop ok" and exits 0 when every check holds.
+"""
+import json
+import sys
+import uuid
+
+import zmq
+
+SIGNATURE = b"AGORA/1"
+TIMEOUT_MS = 5000
+
+
+class Failure(Exception):
+    pass
+
+
+def call(ctx, endpoint, request):
+    """One request on a fresh REQ socket (so a timeout never wedges the next call)."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([SIGNATURE, json.dumps(request).encode()])
+        if not sock.poll(TIMEOUT_MS):
+            raise Failure(f"no reply from {endpoint} to {request['action']}")
+        frames = sock.recv_multipart()
+    finally:
+        sock.close()
+    if len(frames) != 2 or frames[0] != SIGNATURE:
+        raise Failure(f"bad reply frames {frames!r}")
+    return json.loads(frames[1])
+
+
+def ok(reply):
+    if reply.get("ok") is not True:
+        raise Failure(f"expected success, got {reply}")
+    return reply
+
+
+def err(reply, code):
+    if reply.get("ok") is not False or reply.get("error") != code:
+        raise Failure(f"expected error {code}, got {reply}")
+
+
+def check(cond, what):
+    if not cond:
+        raise Failure(what)
+
+
+def main():
+    registry, group = sys.argv[1], sys.argv[2]
+    ctx = zmq.Context()
+    entry = ok(call(ctx, registry, {"action": "lookup", "name": group}))["group"]
+    node = entry["endpoint"]
+    names = [g["name"] for g in ok(call(ctx, registry, {"action": "list"}))["groups"]]
+    check(group in names, f"{group} not in list {names}")
+
+    user = "py_client"
+    err(call(ctx, node, {"action": "send", "user": user, "body": "x"}), "not_member")
+    joined = ok(call(ctx, node, {"action": "join", "user": user, "group": group}))
+    check(joined["group"] == group and joined["changed"] is True, f"join: {joined}")
+
+    bodies = ["hello from python", {"temp": 21.5, "tags": ["a", "b"]}, True, 42, 2.5, [1, None]]
+    acks = []
+    for body in bodies:
+        msg_id = str(uuid.uuid4())
+        ack = ok(call(ctx, node, {"action": "send", "user": user, "body": body, "id": msg_id}))
+        check(ack["id"] == msg_id and ack["duplicate"] is False, f"ack: {ack}")
+        again = ok(call(ctx, node, {"action": "send", "user": user, "body": body, "id": msg_id}))
+        check(again["seq"] == ack["seq"] and again["duplicate"] is True, f"retry: {again}")
+        acks.append(ack)
+    seqs = [a["seq"] for a in acks]
+    check(seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"seqs not consecutive: {seqs}")
+
+    got = []
+    after = 0
+    while True:
+        page = ok(call(ctx, node, {"action": "get_messages", "user": user,
+                                   "after_seq": after, "limit": 2}))
+        got += page["messages"]
+        if not page["more"]:
+            break
+        after = page["messages"][-1]["seq"]
+    mine = [m for m in got if m["sender"] == user]
+    check([m["body"] for m in mine] == bodies, f"bodies differ: {mine}")
+
+    since = ok(call(ctx, node, {"action": "get_messages", "user": user,
+                                "since": acks[2]["time"]}))["messages"]
+    check([m["seq"] for m in since] == seqs[2:], f"since: {since}")
+    by_id = ok(call(ctx, node, {"action": "get_messages", "user": user,
+                                "id": acks[1]["id"]}))["messages"]
+    check(by_id[0]["body"] == bodies[1], f"by id: {by_id}")
+
+    err(call(ctx, node, {"action": "get_messages", "user": user, "latest": 0}), "invalid_field")
+    err(call(ctx, node, {"action": "teleport"}), "unknown_action")
+    err(call(ctx, node, {"action": "join", "user": user, "group": "not this one"}), "unknown_group")
+    ok(call(ctx, node, {"action": "leave", "user": user}))
+    err(call(ctx, node, {"action": "get_messages", "user": user}), "not_member")
+    print("interop ok")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Failure as e:
+        print(f"interop FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
