@@ -577,6 +577,32 @@ mod tests {
     }
 
     #[test]
+    fn max_age_deletes_old_messages_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut s = SqliteStore::open(&dir.path().join("g"), &group()).expect("open");
+        for t in [1_000_000, 2_000_000, 9_000_000] {
+            append(&mut s, "1", t);
+        }
+        s.begin().expect("begin");
+        let policy = Retention {
+            max_messages: None,
+            max_age: Some(Duration::from_secs(5)),
+        };
+        let deleted = s
+            .apply_retention(policy, Timestamp::from_micros(10_000_000))
+            .expect("retention");
+        s.commit().expect("commit");
+        assert_eq!(deleted, 2);
+        let page = s
+            .page(HistoryQuery::AfterSeq(0), 10, MAX_PAGE_BYTES)
+            .expect("page");
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![3]
+        );
+    }
+
+    #[test]
     fn retried_client_id_is_stored_once_and_conflicts_are_refused() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut s = SqliteStore::open(&dir.path().join("g"), &group()).expect("open");

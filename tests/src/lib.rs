@@ -229,7 +229,12 @@ impl Federation {
         Federation { dir, registry }
     }
 
-    /// Kills the registry (SIGKILL) and starts a new one on the same endpoint.
+    /// Kills the registry (SIGKILL); [`Federation::restart_registry`] brings it back.
+    pub fn kill_registry(&mut self) {
+        self.registry.kill9();
+    }
+
+    /// Kills the registry if it runs, and starts a new one on the same endpoint.
     pub fn restart_registry(&mut self, heartbeat: &str) {
         self.registry.kill9();
         let endpoint = self.registry.endpoint.clone();

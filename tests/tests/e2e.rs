@@ -278,6 +278,15 @@ fn a_registry_restart_recovers_the_group_list_within_a_heartbeat() {
     };
     assert!(wait_for(Duration::from_secs(10), || listed(&fed)));
 
+    // With the registry down, members who know the node's address go on chatting.
+    fed.kill_registry();
+    let addr = _a.host_port().to_owned();
+    ok(fed.cli("alice", &["join", &addr], ""));
+    ok(fed.cli("bob", &["join", &addr], ""));
+    ok(fed.cli("alice", &["send", &addr, "registry is down"], ""));
+    let run = ok(fed.cli("bob", &["messages", &addr], ""));
+    assert!(run.stdout.contains("alice: registry is down"), "{run:?}");
+
     fed.restart_registry("200ms");
     let started = std::time::Instant::now();
     // Nodes heartbeat every 200 ms; allow generous slack for a loaded CI machine.
