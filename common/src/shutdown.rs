@@ -35,4 +35,16 @@ impl Shutdown {
     pub fn flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.0)
     }
+
+    /// A flag that SIGINT and SIGTERM set (through `signal-hook`), for a server's `main`.
+    ///
+    /// # Errors
+    /// The handlers could not be installed.
+    pub fn on_signals() -> std::io::Result<Shutdown> {
+        let shutdown = Shutdown::new();
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, shutdown.flag())?;
+        }
+        Ok(shutdown)
+    }
 }

@@ -51,11 +51,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new();
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, shutdown.flag())
-            .context("installing signal handler")?;
-    }
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let config = Config {
         bind: args.bind,
         heartbeat: args.heartbeat,
