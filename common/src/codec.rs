@@ -153,6 +153,8 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::Members => Request::Members(parse::<MembersRequest>(body)?),
         Action::Send => Request::Send(parse::<SendRequest>(body)?),
         Action::GetMessages => Request::GetMessages(parse::<GetMessagesRequest>(body)?),
+        Action::Subscribe => Request::Subscribe(parse::<MembershipRequest>(body)?),
+        Action::Unsubscribe => Request::Unsubscribe(parse::<MembershipRequest>(body)?),
     })
 }
 
@@ -181,7 +183,9 @@ pub fn encode_request(request: &Request) -> Frames {
         Request::List(r) => tagged(action, r),
         Request::Lookup(r) => tagged(action, r),
         Request::Info(r) => tagged(action, r),
-        Request::Join(r) | Request::Leave(r) => tagged(action, r),
+        Request::Join(r) | Request::Leave(r) | Request::Subscribe(r) | Request::Unsubscribe(r) => {
+            tagged(action, r)
+        }
         Request::Members(r) => tagged(action, r),
         Request::Send(r) => tagged(action, r),
         Request::GetMessages(r) => tagged(action, r),
@@ -286,6 +290,8 @@ mod tests {
             r#"{"action":"members"}"#,
             r#"{"action":"send","user":"a","body":"hi"}"#,
             r#"{"action":"get_messages","user":"a","latest":5}"#,
+            r#"{"action":"subscribe","user":"a"}"#,
+            r#"{"action":"unsubscribe","user":"a","group":"g"}"#,
         ];
         for (body, action) in bodies.iter().zip(Action::ALL) {
             let req = decode_request(&frames(body)).expect(body);

@@ -65,11 +65,15 @@ pub enum Action {
     Send,
     /// Group node: read the log.
     GetMessages,
+    /// Group node: start or renew the live stream to this connection.
+    Subscribe,
+    /// Group node: stop the live stream to this connection.
+    Unsubscribe,
 }
 
 impl Action {
     /// Every action, in documentation order.
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 12] = [
         Action::Register,
         Action::Unregister,
         Action::List,
@@ -80,6 +84,8 @@ impl Action {
         Action::Members,
         Action::Send,
         Action::GetMessages,
+        Action::Subscribe,
+        Action::Unsubscribe,
     ];
 
     /// The wire name (`"get_messages"`).
@@ -95,6 +101,8 @@ impl Action {
             Action::Members => "members",
             Action::Send => "send",
             Action::GetMessages => "get_messages",
+            Action::Subscribe => "subscribe",
+            Action::Unsubscribe => "unsubscribe",
         }
     }
 
@@ -573,6 +581,10 @@ pub enum Request {
     Send(SendRequest),
     /// See [`GetMessagesRequest`].
     GetMessages(GetMessagesRequest),
+    /// See [`MembershipRequest`]: the caller subscribes the connection it sends on.
+    Subscribe(MembershipRequest),
+    /// See [`MembershipRequest`].
+    Unsubscribe(MembershipRequest),
 }
 
 impl Request {
@@ -589,6 +601,8 @@ impl Request {
             Request::Members(_) => Action::Members,
             Request::Send(_) => Action::Send,
             Request::GetMessages(_) => Action::GetMessages,
+            Request::Subscribe(_) => Action::Subscribe,
+            Request::Unsubscribe(_) => Action::Unsubscribe,
         }
     }
 }
@@ -697,7 +711,39 @@ pub struct SendAck {
     pub duplicate: bool,
 }
 
-/// A stored chat message.
+/// What a log entry records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EntryKind {
+    /// A chat message sent with `send`.
+    #[default]
+    Message,
+    /// `sender` joined the group; the body is `null`.
+    Join,
+    /// `sender` left the group; the body is `null`.
+    Leave,
+}
+
+impl EntryKind {
+    /// The wire and storage name (`"join"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Message => "message",
+            EntryKind::Join => "join",
+            EntryKind::Leave => "leave",
+        }
+    }
+
+    /// The kind with this name, if any.
+    pub fn from_name(name: &str) -> Option<EntryKind> {
+        [EntryKind::Message, EntryKind::Join, EntryKind::Leave]
+            .into_iter()
+            .find(|k| k.as_str() == name)
+    }
+}
+
+/// An entry of a group log: a chat message, or a system event (join, leave).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Message {
     /// Position in the group log.
@@ -706,9 +752,12 @@ pub struct Message {
     pub id: MessageId,
     /// When the node stored it.
     pub time: Timestamp,
-    /// Who sent it.
+    /// Who sent it (for events: who joined or left).
     pub sender: UserName,
-    /// The JSON body, as sent.
+    /// What the entry records (default `message` when absent).
+    #[serde(default)]
+    pub kind: EntryKind,
+    /// The JSON body, as sent; `null` for events.
     pub body: Box<RawValue>,
 }
 
@@ -718,8 +767,41 @@ impl PartialEq for Message {
             && self.id == other.id
             && self.time == other.time
             && self.sender == other.sender
+            && self.kind == other.kind
             && self.body.get() == other.body.get()
     }
+}
+
+/// Reply to `subscribe`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeReply {
+    /// The node's group.
+    pub group: GroupName,
+    /// The newest seq when the subscription was made or renewed: everything after it will be
+    /// pushed; anything up to it that the client has not seen, it reads with `get_messages`.
+    pub last_seq: u64,
+    /// The subscription ends unless renewed within this many milliseconds.
+    pub lease_ms: u64,
+}
+
+/// Reply to `unsubscribe`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsubscribeReply {
+    /// The node's group.
+    pub group: GroupName,
+    /// Whether this connection was subscribed.
+    pub changed: bool,
+}
+
+/// A pushed event of the live stream: `{"event": "entry", "group": G, "entry": {…}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushEvent {
+    /// Always `"entry"` in this version; clients ignore events of other names.
+    pub event: String,
+    /// The group.
+    pub group: GroupName,
+    /// The log entry, as `get_messages` returns it.
+    pub entry: Message,
 }
 
 /// Reply to `get_messages`: one page.

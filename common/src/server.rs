@@ -18,6 +18,9 @@ pub struct RouterOptions {
     pub max_request_bytes: i64,
     /// `ZMQ_SNDHWM` and `ZMQ_RCVHWM`, in messages (default 1000 each).
     pub hwm: i32,
+    /// ZMTP heartbeat interval (`ZMQ_HEARTBEAT_IVL`, RFC 37); a peer silent for three
+    /// intervals (`ZMQ_HEARTBEAT_TIMEOUT`) is disconnected. `None` disables heartbeats.
+    pub heartbeat: Option<std::time::Duration>,
 }
 
 /// Binds a ROUTER at `endpoint` (`tcp://IP:PORT`; port 0 or `*` picks a free port) with
@@ -38,6 +41,11 @@ pub fn bind_router(
     socket.set_maxmsgsize(options.max_request_bytes)?;
     socket.set_sndhwm(options.hwm)?;
     socket.set_rcvhwm(options.hwm)?;
+    if let Some(ivl) = options.heartbeat {
+        let ms = i32::try_from(ivl.as_millis()).unwrap_or(i32::MAX).max(1);
+        socket.set_heartbeat_ivl(ms)?;
+        socket.set_heartbeat_timeout(ms.saturating_mul(3))?;
+    }
     let endpoint = match endpoint.strip_suffix(":0") {
         Some(host) => format!("{host}:*"),
         None => endpoint.to_owned(),

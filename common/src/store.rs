@@ -9,11 +9,12 @@
 //! sends the acks after the commit: group commit, one fsync for many messages, without
 //! acking anything that is not on disk.
 //!
-//! # Schema (version 1, in `PRAGMA user_version`)
+//! # Schema (version 2, in `PRAGMA user_version`)
 //! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
 //!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
-//! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body)`: the log;
-//!   `body` is the JSON text as sent; `id` the 16 UUID bytes; index on `time_us`.
+//! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body, kind)`: the
+//!   log; `body` is the JSON text as sent; `id` the 16 UUID bytes; `kind` `message`, `join`
+//!   or `leave` (added in version 2); index on `time_us`.
 //! - `members(user TEXT PRIMARY KEY, joined_at_us)`.
 
 use std::path::Path;
@@ -23,10 +24,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::value::RawValue;
 
 use crate::id::MessageId;
-use crate::proto::{GroupName, HistoryQuery, Member, Message, SendAck, UserName};
+use crate::proto::{EntryKind, GroupName, HistoryQuery, Member, Message, SendAck, UserName};
 use crate::time::{MonotonicClock, Timestamp};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +55,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// A message to append.
+/// An entry to append.
 #[derive(Debug, Clone, Copy)]
 pub struct NewMessage<'a> {
-    /// The sender, already checked to be a member.
+    /// The sender, already checked to be a member (for events: who joined or left).
     pub sender: &'a UserName,
+    /// A chat message or an event.
+    pub kind: EntryKind,
     /// The JSON body text.
     pub body: &'a RawValue,
     /// The client's id, for an idempotent retry; `None` makes a UUID v7.
@@ -184,14 +187,21 @@ impl SqliteStore {
                  id BLOB NOT NULL UNIQUE,
                  time_us INTEGER NOT NULL,
                  sender TEXT NOT NULL,
-                 body TEXT NOT NULL);
+                 body TEXT NOT NULL,
+                 kind TEXT NOT NULL DEFAULT 'message');
              CREATE INDEX IF NOT EXISTS messages_time ON messages(time_us);
              CREATE TABLE IF NOT EXISTS members (
                  user TEXT PRIMARY KEY,
                  joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
-             PRAGMA user_version = 1;
              COMMIT;",
         )?;
+        if version == 1 {
+            // Version 1 had no event entries: every row is a chat message.
+            conn.execute_batch(
+                "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'message';",
+            )?;
+        }
+        conn.execute_batch("PRAGMA user_version = 2;")?;
         let found: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
                 r.get(0)
@@ -255,6 +265,9 @@ impl SqliteStore {
         let time_us: i64 = row.get(2)?;
         let sender: String = row.get(3)?;
         let body: String = row.get(4)?;
+        let kind: String = row.get(5)?;
+        let kind = EntryKind::from_name(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("seq {seq}: kind {kind:?}")))?;
         let id: [u8; 16] = id
             .try_into()
             .map_err(|_| StoreError::Corrupt(format!("seq {seq}: id is not 16 bytes")))?;
@@ -264,6 +277,7 @@ impl SqliteStore {
             time: Timestamp::from_micros(time_us),
             sender: UserName::new(sender)
                 .map_err(|e| StoreError::Corrupt(format!("seq {seq}: {e}")))?,
+            kind,
             body: RawValue::from_string(body)
                 .map_err(|e| StoreError::Corrupt(format!("seq {seq}: body: {e}")))?,
         })
@@ -296,7 +310,7 @@ impl SqliteStore {
     }
 }
 
-const SELECT: &str = "SELECT seq, id, time_us, sender, body FROM messages";
+const SELECT: &str = "SELECT seq, id, time_us, sender, body, kind FROM messages";
 
 impl GroupStore for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
@@ -406,14 +420,16 @@ impl GroupStore for SqliteStore {
         let mut clock = self.clock;
         let time = clock.tick(msg.now);
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO messages (seq, id, time_us, sender, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO messages (seq, id, time_us, sender, body, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         stmt.execute(params![
             seq as i64,
             id.as_bytes().as_slice(),
             time.as_micros(),
             msg.sender.as_str(),
-            msg.body.get()
+            msg.body.get(),
+            msg.kind.as_str()
         ])?;
         self.last_seq = seq;
         self.clock = clock;
@@ -532,6 +548,7 @@ mod tests {
         let ack = store
             .append(NewMessage {
                 sender: &alice,
+                kind: EntryKind::Message,
                 body: &b,
                 id: None,
                 now: Timestamp::from_micros(now),
@@ -611,6 +628,7 @@ mod tests {
         let b = body(r#"{"k":1}"#);
         let msg = |sender, b| NewMessage {
             sender,
+            kind: EntryKind::Message,
             body: b,
             id: Some(id),
             now: Timestamp::now(),
@@ -708,6 +726,35 @@ mod tests {
         assert_eq!(s.member_count(), 1);
         assert!(s.is_member(&user("alice")).expect("q"));
         assert_eq!(s.members().expect("list")[0].user, user("alice"));
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated_and_keeps_its_messages() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("g");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                r#"CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+                 INSERT INTO meta VALUES ('group', 'Cool Group');
+                 CREATE TABLE messages (seq INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE,
+                     time_us INTEGER NOT NULL, sender TEXT NOT NULL, body TEXT NOT NULL);
+                 CREATE TABLE members (user TEXT PRIMARY KEY, joined_at_us INTEGER NOT NULL)
+                     WITHOUT ROWID;
+                 INSERT INTO messages VALUES (1, x'0123456789abcdef0123456789abcdef', 5, 'bob', '"hi"');
+                 PRAGMA user_version = 1;"#,
+            )
+            .expect("v1 schema");
+        }
+        let s = SqliteStore::open(&path, &group()).expect("migrate");
+        let page = s
+            .page(HistoryQuery::AfterSeq(0), 10, MAX_PAGE_BYTES)
+            .expect("page");
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.messages[0].kind, EntryKind::Message);
+        assert_eq!(page.messages[0].body.get(), "\"hi\"");
+        drop(s);
+        SqliteStore::open(&path, &group()).expect("reopen at version 2");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! # Layout
 //! - [`Node`]: bind ([`Node::bind`]) and serve ([`Node::run`]).
 //! - `cmd/`: one handler per action; [`identity`]: who the caller is.
+//! - [`subscribers`]: the live stream: leases and the push after each commit.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,9 @@ use agora_common::time::Timestamp;
 mod cmd;
 pub mod heartbeat;
 pub mod identity;
+pub mod subscribers;
+
+use subscribers::Subscribers;
 
 /// Most requests handled in one batch (one transaction, one fsync).
 pub const MAX_BATCH: usize = 512;
@@ -59,6 +63,14 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Most members (default 100,000).
     pub max_members: u64,
+    /// How long a subscription lives without renewal (default 5 s).
+    pub lease: Duration,
+    /// Most subscriptions (default 10,000).
+    pub max_subscribers: usize,
+    /// Messages queued per peer before pushes to it are dropped (`ZMQ_SNDHWM`, default 1000).
+    pub sndhwm: i32,
+    /// Test-only fault injection: drop every Nth push (default 0, never).
+    pub fault_drop_push_every: u64,
 }
 
 impl Config {
@@ -74,6 +86,10 @@ impl Config {
             retention: Retention::default(),
             heartbeat: Duration::from_secs(2),
             max_members: 100_000,
+            lease: Duration::from_secs(5),
+            max_subscribers: 10_000,
+            sndhwm: 1000,
+            fault_drop_push_every: 0,
         }
     }
 }
@@ -119,6 +135,7 @@ pub struct Node {
     socket: zmq::Socket,
     endpoint: Endpoint,
     store: SqliteStore,
+    subscribers: Subscribers,
 }
 
 impl std::fmt::Debug for Node {
@@ -155,7 +172,8 @@ impl Node {
         let store = SqliteStore::open(&config.data_dir.join("group.sqlite3"), &config.name)?;
         let options = RouterOptions {
             max_request_bytes: max_request_bytes(config.max_message_bytes),
-            hwm: 1000,
+            hwm: config.sndhwm,
+            heartbeat: Some(Duration::from_secs(1)),
         };
         let (socket, bound) =
             bind_router(ctx, &config.bind, options).map_err(|source| NodeError::Bind {
@@ -166,12 +184,18 @@ impl Node {
             Some(e) => e.clone(),
             None => advertisable(&bound)?,
         };
+        let subscribers = Subscribers::new(
+            config.lease,
+            config.max_subscribers,
+            config.fault_drop_push_every,
+        );
         Ok(Node {
             ctx: ctx.clone(),
             config,
             socket,
             endpoint,
             store,
+            subscribers,
         })
     }
 
@@ -206,11 +230,19 @@ impl Node {
         let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut next_age_sweep = Instant::now();
+        let mut next_lease_sweep = Instant::now();
         while !shutdown.is_triggered() {
             if poll_ready(&self.socket, poll_ms)? {
                 recv_batch(&self.socket, MAX_BATCH, &mut batch)?;
                 self.serve_batch(&mut batch)?;
                 members.store(self.store.member_count(), Ordering::Relaxed);
+            }
+            if Instant::now() >= next_lease_sweep {
+                let expired = self.subscribers.expire(Instant::now());
+                if expired > 0 {
+                    tracing::debug!(expired, "subscriptions expired");
+                }
+                next_lease_sweep = Instant::now() + Duration::from_millis(500);
             }
             if self.config.retention.max_age.is_some() && Instant::now() >= next_age_sweep {
                 self.sweep_retention();
@@ -238,6 +270,8 @@ impl Node {
     /// Handles a batch in one transaction; replies only after the commit.
     fn serve_batch(&mut self, batch: &mut Vec<Frames>) -> Result<(), NodeError> {
         let now = Timestamp::now();
+        let instant = Instant::now();
+        let mut appended = Vec::new();
         let mut replies: Vec<(Frames, Frames)> = Vec::with_capacity(batch.len());
         if let Err(e) = self.store.begin() {
             tracing::error!(error = %e, "cannot start a transaction");
@@ -258,7 +292,9 @@ impl Node {
                 }
             };
             let reply = match incoming.request {
-                Ok(request) => self.dispatch(request, now),
+                Ok(request) => {
+                    self.dispatch(request, &incoming.envelope, now, instant, &mut appended)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "rejected request");
                     reply_frames::<()>(Err(e.to_wire()))
@@ -286,8 +322,21 @@ impl Node {
             for (_, reply) in &mut replies {
                 *reply = reply_frames::<()>(Err(internal.clone()));
             }
+            appended.clear();
         }
-        self.send_all(replies)
+        self.send_all(replies)?;
+        let stats = self
+            .subscribers
+            .push(&self.socket, &self.config.name, &appended)?;
+        if stats.dropped > 0 || stats.gone > 0 {
+            tracing::debug!(
+                sent = stats.sent,
+                dropped = stats.dropped,
+                gone = stats.gone,
+                "push round"
+            );
+        }
+        Ok(())
     }
 
     fn send_all(&self, replies: Vec<(Frames, Frames)>) -> Result<(), NodeError> {
@@ -297,11 +346,22 @@ impl Node {
         Ok(())
     }
 
-    fn dispatch(&mut self, request: Request, now: Timestamp) -> Frames {
+    fn dispatch(
+        &mut self,
+        request: Request,
+        envelope: &Frames,
+        now: Timestamp,
+        instant: Instant,
+        appended: &mut Vec<agora_common::proto::Message>,
+    ) -> Frames {
         let mut ctx = cmd::Ctx {
             store: &mut self.store,
             config: &self.config,
             now,
+            instant,
+            envelope,
+            subscribers: &mut self.subscribers,
+            appended,
         };
         match request {
             Request::Info(r) => reply_frames(cmd::info::apply(&mut ctx, r)),
@@ -310,6 +370,8 @@ impl Node {
             Request::Members(r) => reply_frames(cmd::members::apply(&mut ctx, r)),
             Request::Send(r) => reply_frames(cmd::send::apply(&mut ctx, r)),
             Request::GetMessages(r) => reply_frames(cmd::get_messages::apply(&mut ctx, r)),
+            Request::Subscribe(r) => reply_frames(cmd::subscribe::apply(&mut ctx, r)),
+            Request::Unsubscribe(r) => reply_frames(cmd::unsubscribe::apply(&mut ctx, r)),
             other => reply_frames::<()>(Err(WireError::new(
                 ErrorCode::UnknownAction,
                 format!(

@@ -51,6 +51,19 @@ struct Args {
     /// Most members of the group.
     #[arg(long, env = "AGORA_MAX_MEMBERS", default_value_t = 100_000)]
     max_members: u64,
+    /// How long a live subscription lives without renewal.
+    #[arg(long, env = "AGORA_LEASE", default_value = "5s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Most live subscriptions.
+    #[arg(long, env = "AGORA_MAX_SUBSCRIBERS", default_value_t = 10_000)]
+    max_subscribers: usize,
+    /// Messages queued per peer (ZMQ_SNDHWM) before pushes to it are dropped; a subscriber
+    /// that misses pushes catches up from the log.
+    #[arg(long, env = "AGORA_SNDHWM", default_value_t = 1000)]
+    sndhwm: i32,
+    /// Test only: drop every Nth push on purpose, to exercise subscribers' backfill.
+    #[arg(long, hide = true, default_value_t = 0)]
+    fault_drop_push_every: u64,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +107,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     config.heartbeat = args.heartbeat;
     config.max_members = args.max_members;
+    config.lease = args.lease;
+    config.max_subscribers = args.max_subscribers;
+    config.sndhwm = args.sndhwm;
+    config.fault_drop_push_every = args.fault_drop_push_every;
     let ctx = zmq::Context::new();
     let node = Node::bind(&ctx, config)?;
     let mut out = std::io::stdout().lock();

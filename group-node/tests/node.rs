@@ -6,7 +6,7 @@ use std::time::Duration;
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
 use agora_common::codec::Frames;
 use agora_common::id::MessageId;
-use agora_common::proto::{ErrorCode, GroupName, HistoryQuery, UserName, PROTOCOL};
+use agora_common::proto::{EntryKind, ErrorCode, GroupName, HistoryQuery, UserName, PROTOCOL};
 use agora_common::shutdown::Shutdown;
 use agora_group_node::{Config, Node};
 use serde_json::value::RawValue;
@@ -210,10 +210,18 @@ fn garbage_gets_specific_errors_and_harms_nothing() {
     let page = alice
         .get_messages(HistoryQuery::AfterSeq(0), None)
         .expect("history");
-    let texts: Vec<&str> = page.messages.iter().map(|m| m.body.get()).collect();
+    let texts: Vec<(EntryKind, &str)> = page
+        .messages
+        .iter()
+        .map(|m| (m.kind, m.body.get()))
+        .collect();
     assert_eq!(
         texts,
-        vec![r#""before the garbage""#, r#""after the garbage""#]
+        vec![
+            (EntryKind::Join, "null"),
+            (EntryKind::Message, r#""before the garbage""#),
+            (EntryKind::Message, r#""after the garbage""#)
+        ]
     );
 }
 
@@ -238,8 +246,9 @@ fn a_retried_send_is_stored_once_and_a_reused_id_conflicts() {
         ),
         ErrorCode::IdConflict
     );
+    // seq 1 is alice's join event; her message is seq 2, stored once.
     let info = alice.info().expect("info");
-    assert_eq!(info.last_seq, 1);
+    assert_eq!(info.last_seq, 2);
 }
 
 #[test]
@@ -260,13 +269,14 @@ fn history_is_paginated_in_seq_order() {
             true
         })
         .expect("history");
+    // 251 entries: the join event, then 250 messages.
     assert_eq!(pages, 3);
-    assert_eq!(seqs, (1..=250).collect::<Vec<u64>>());
+    assert_eq!(seqs, (1..=251).collect::<Vec<u64>>());
     let latest = alice
         .get_messages(HistoryQuery::Latest(5), None)
         .expect("latest");
     let seqs: Vec<u64> = latest.messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, vec![246, 247, 248, 249, 250]);
+    assert_eq!(seqs, vec![247, 248, 249, 250, 251]);
     assert!(!latest.more);
 }
 

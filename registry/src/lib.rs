@@ -103,6 +103,7 @@ impl Registry {
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
             hwm: 1000,
+            heartbeat: Some(Duration::from_secs(1)),
         };
         let (socket, endpoint) =
             bind_router(ctx, &config.bind, options).map_err(|source| RegistryError::Bind {

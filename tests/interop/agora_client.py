@@ -88,8 +88,10 @@ def main():
         if not page["more"]:
             break
         after = page["messages"][-1]["seq"]
-    mine = [m for m in got if m["sender"] == user]
+    mine = [m for m in got if m["sender"] == user and m["kind"] == "message"]
     check([m["body"] for m in mine] == bodies, f"bodies differ: {mine}")
+    events = [m for m in got if m["sender"] == user and m["kind"] == "join"]
+    check(len(events) == 1 and events[0]["body"] is None, f"join event: {events}")
 
     since = ok(call(ctx, node, {"action": "get_messages", "user": user,
                                 "since": acks[2]["time"]}))["messages"]
@@ -97,6 +99,23 @@ def main():
     by_id = ok(call(ctx, node, {"action": "get_messages", "user": user,
                                 "id": acks[1]["id"]}))["messages"]
     check(by_id[0]["body"] == bodies[1], f"by id: {by_id}")
+
+    # Live stream: subscribe on a DEALER, then a send is pushed to it.
+    sub = ctx.socket(zmq.DEALER)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(node)
+    sub.send_multipart([b"", SIGNATURE, json.dumps({"action": "subscribe", "user": user}).encode()])
+    check(sub.poll(TIMEOUT_MS), "no reply to subscribe")
+    empty, sig, body = sub.recv_multipart()
+    reply = ok(json.loads(body))
+    check(empty == b"" and sig == SIGNATURE and reply["last_seq"] == seqs[-1], f"subscribe: {reply}")
+    pushed = ok(call(ctx, node, {"action": "send", "user": user, "body": "live"}))
+    check(sub.poll(TIMEOUT_MS), "no push")
+    empty, sig, body = sub.recv_multipart()
+    event = json.loads(body)
+    check(event["event"] == "entry" and event["entry"]["seq"] == pushed["seq"]
+          and event["entry"]["body"] == "live", f"push: {event}")
+    sub.close()
 
     err(call(ctx, node, {"action": "get_messages", "user": user, "latest": 0}), "invalid_field")
     err(call(ctx, node, {"action": "teleport"}), "unknown_action")

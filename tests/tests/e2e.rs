@@ -19,6 +19,14 @@ fn json_lines(run: &CliRun) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Only the chat messages of a `--json messages` listing (no join/leave events).
+fn chat(entries: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    entries
+        .into_iter()
+        .filter(|m| m["kind"] == "message")
+        .collect()
+}
+
 fn ok(run: CliRun) -> CliRun {
     assert_eq!(run.code, Some(0), "user-cli failed: {run:?}");
     run
@@ -54,8 +62,8 @@ fn two_users_chat_in_two_groups_one_named_with_a_space() {
     let run = ok(fed.cli("alice", &[], &script));
     assert!(run.stdout.contains("joined Cool Group"), "{run:?}");
     assert!(run.stdout.contains("joined news"), "{run:?}");
-    assert!(run.stdout.contains("sent to Cool Group: seq 1"), "{run:?}");
-    assert!(run.stdout.contains("sent to news: seq 1"), "{run:?}");
+    assert!(run.stdout.contains("sent to Cool Group: seq 2"), "{run:?}");
+    assert!(run.stdout.contains("sent to news: seq 2"), "{run:?}");
 
     // Bob joins Cool Group only, replies, and reads the whole conversation.
     let run = ok(fed.cli(
@@ -65,11 +73,12 @@ fn two_users_chat_in_two_groups_one_named_with_a_space() {
     ));
     assert!(
         run.stdout
-            .contains("Cool Group #1 alice: hello from alice\n    second line"),
+            .contains("Cool Group #2 alice: hello from alice\n    second line"),
         "{run:?}"
     );
     assert!(
-        run.stdout.contains("Cool Group #2 bob: hi alice"),
+        run.stdout.contains("Cool Group #3 * bob joined\n")
+            && run.stdout.contains("Cool Group #4 bob: hi alice"),
         "{run:?}"
     );
 
@@ -93,13 +102,23 @@ fn two_users_chat_in_two_groups_one_named_with_a_space() {
         .iter()
         .map(|m| m["seq"].as_u64().unwrap_or(0))
         .collect();
-    assert_eq!(seqs, vec![1, 2, 3]);
-    assert_eq!(msgs[0]["body"], "hello from alice\nsecond line");
-    assert_eq!(msgs[2]["body"]["t"], 21.5);
-    assert_eq!(msgs[2]["body"]["ok"], true);
+    let kinds: Vec<&str> = msgs
+        .iter()
+        .map(|m| m["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(kinds, vec!["join", "message", "join", "message", "message"]);
+    assert_eq!(msgs[0]["sender"], "alice");
+    assert_eq!(msgs[1]["body"], "hello from alice\nsecond line");
+    assert_eq!(msgs[4]["body"]["t"], 21.5);
+    assert_eq!(msgs[4]["body"]["ok"], true);
 
     // The other group kept its own log, and "never sent" after exit was never sent.
-    let msgs = json_lines(&ok(fed.cli("alice", &["--json", "messages", "news"], "")));
+    let msgs = chat(json_lines(&ok(fed.cli(
+        "alice",
+        &["--json", "messages", "news"],
+        "",
+    ))));
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0]["body"], "breaking story");
 
@@ -148,8 +167,8 @@ fn history_by_time_seq_id_and_latest() {
         &format!("get_messages \"Cool Group\" {hhmmss}\n"),
     ));
     assert!(!run.stdout.contains("early"), "{run:?}");
-    assert!(run.stdout.contains("#2 alice: late"), "{run:?}");
-    assert!(run.stdout.contains("#3 alice: latest"), "{run:?}");
+    assert!(run.stdout.contains("#3 alice: late"), "{run:?}");
+    assert!(run.stdout.contains("#4 alice: latest"), "{run:?}");
 
     // RFC 3339 since, after a seq, by id, latest N.
     let bodies = |args: &[&str]| -> Vec<String> {
@@ -164,7 +183,7 @@ fn history_by_time_seq_id_and_latest() {
         bodies(&["--since", &t2.to_string()]),
         vec!["late", "latest"]
     );
-    assert_eq!(bodies(&["--after-seq", "2"]), vec!["latest"]);
+    assert_eq!(bodies(&["--after-seq", "3"]), vec!["latest"]);
     let id = first[0]["id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(bodies(&["--id", &id]), vec!["early"]);
     assert_eq!(bodies(&["--latest", "2"]), vec!["late", "latest"]);
@@ -236,11 +255,11 @@ fn a_non_member_is_refused_and_errors_name_the_group() {
     assert!(dead.stderr.contains("unreachable"), "{dead:?}");
 
     // Nothing the refused requests did reached the log.
-    let all = json_lines(&ok(fed.cli(
+    let all = chat(json_lines(&ok(fed.cli(
         "alice",
         &["--json", "messages", "Cool Group"],
         "",
-    )));
+    ))));
     assert_eq!(all.len(), 1);
 }
 
@@ -259,11 +278,15 @@ fn a_node_restart_keeps_history_and_seq() {
 
     let _node = fed.node("Cool Group", &addr, "cool", &[]);
     let run = ok(fed.cli("alice", &["send", &addr, "four"], ""));
-    assert!(run.stdout.contains("seq 4"), "{run:?}");
-    let bodies: Vec<String> = json_lines(&ok(fed.cli("alice", &["--json", "messages", &addr], "")))
-        .iter()
-        .map(|m| m["body"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    assert!(run.stdout.contains("seq 5"), "{run:?}");
+    let bodies: Vec<String> = chat(json_lines(&ok(fed.cli(
+        "alice",
+        &["--json", "messages", &addr],
+        "",
+    ))))
+    .iter()
+    .map(|m| m["body"].as_str().unwrap_or_default().to_owned())
+    .collect();
     assert_eq!(bodies, vec!["one", "two", "three", "four"]);
 }
 

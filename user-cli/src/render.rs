@@ -1,6 +1,6 @@
 //! Output: human lines by default, one JSON object per line with `--json`.
 
-use agora_common::proto::{GroupEntry, Member, Message};
+use agora_common::proto::{EntryKind, GroupEntry, Member, Message};
 use agora_common::time::Timestamp;
 use chrono::Local;
 use serde::Serialize;
@@ -31,16 +31,21 @@ pub fn body_text(body: &serde_json::value::RawValue) -> String {
     }
 }
 
-/// One message: `[2026-11-22 10:00:00] Cool Group #3 alice: hello`; the lines of a
-/// multi-line text after the first are indented by four spaces.
+/// One log entry: `[2026-11-22 10:00:00] Cool Group #3 alice: hello`, or for events
+/// `[…] Cool Group #4 * bob joined`. The lines of a multi-line text after the first are
+/// indented by four spaces.
 pub fn message_line(group: &str, m: &Message) -> String {
-    format!(
-        "[{}] {group} #{} {}: {}",
-        local_time(m.time),
-        m.seq,
-        m.sender,
-        body_text(&m.body).replace('\n', "\n    ")
-    )
+    let time = local_time(m.time);
+    match m.kind {
+        EntryKind::Join => format!("[{time}] {group} #{} * {} joined", m.seq, m.sender),
+        EntryKind::Leave => format!("[{time}] {group} #{} * {} left", m.seq, m.sender),
+        _ => format!(
+            "[{time}] {group} #{} {}: {}",
+            m.seq,
+            m.sender,
+            body_text(&m.body).replace('\n', "\n    ")
+        ),
+    }
 }
 
 /// One group of a listing: `Cool Group<TAB>tcp://…<TAB>3 members`.

@@ -1,6 +1,6 @@
 //! `join`: become a member (idempotent).
 
-use agora_common::proto::{ErrorCode, MembershipReply, MembershipRequest, WireError};
+use agora_common::proto::{EntryKind, ErrorCode, MembershipReply, MembershipRequest, WireError};
 use agora_common::store::GroupStore;
 
 use super::{store_error, Ctx};
@@ -28,6 +28,9 @@ pub fn apply<S: GroupStore>(
         .store
         .add_member(&caller.user, ctx.now)
         .map_err(store_error)?;
+    if changed {
+        ctx.append_event(&caller.user, EntryKind::Join)?;
+    }
     Ok(MembershipReply {
         group: ctx.config.name.clone(),
         user: caller.user,

@@ -2,11 +2,17 @@
 //! returns the reply body or a [`WireError`]; none touches the socket. Writes go into the
 //! store's open batch and are acked by the caller after the batch commits.
 
-use agora_common::proto::{ErrorCode, GroupName, WireError};
-use agora_common::store::{GroupStore, StoreError};
+use std::time::Instant;
+
+use agora_common::codec::Frames;
+use agora_common::id::MessageId;
+use agora_common::proto::{EntryKind, ErrorCode, GroupName, Message, SendAck, UserName, WireError};
+use agora_common::store::{GroupStore, NewMessage, StoreError};
 use agora_common::time::Timestamp;
+use serde_json::value::RawValue;
 
 use crate::identity::Caller;
+use crate::subscribers::Subscribers;
 use crate::Config;
 
 pub mod get_messages;
@@ -15,6 +21,8 @@ pub mod join;
 pub mod leave;
 pub mod members;
 pub mod send;
+pub mod subscribe;
+pub mod unsubscribe;
 
 /// What a handler may use.
 pub struct Ctx<'a, S: GroupStore> {
@@ -24,6 +32,14 @@ pub struct Ctx<'a, S: GroupStore> {
     pub config: &'a Config,
     /// The wall-clock time of this batch.
     pub now: Timestamp,
+    /// The monotonic time of this batch, for leases.
+    pub instant: Instant,
+    /// The caller's envelope: identifies its connection for `subscribe`.
+    pub envelope: &'a Frames,
+    /// The live subscribers.
+    pub subscribers: &'a mut Subscribers,
+    /// Entries appended in this batch, pushed to subscribers once it commits.
+    pub appended: &'a mut Vec<Message>,
 }
 
 impl<S: GroupStore> Ctx<'_, S> {
@@ -57,6 +73,53 @@ impl<S: GroupStore> Ctx<'_, S> {
                 ),
             ))
         }
+    }
+}
+
+impl<S: GroupStore> Ctx<'_, S> {
+    /// Appends an entry and queues it for the push after the commit (unless it is a
+    /// retried duplicate, which was pushed the first time).
+    ///
+    /// # Errors
+    /// `id_conflict`, `internal`.
+    pub fn append(
+        &mut self,
+        sender: &UserName,
+        kind: EntryKind,
+        body: &RawValue,
+        id: Option<MessageId>,
+    ) -> Result<SendAck, WireError> {
+        let ack = self
+            .store
+            .append(NewMessage {
+                sender,
+                kind,
+                body,
+                id,
+                now: self.now,
+            })
+            .map_err(store_error)?;
+        if !ack.duplicate {
+            self.appended.push(Message {
+                seq: ack.seq,
+                id: ack.id,
+                time: ack.time,
+                sender: sender.clone(),
+                kind,
+                body: body.to_owned(),
+            });
+        }
+        Ok(ack)
+    }
+
+    /// Appends a `join` or `leave` event for `user`.
+    ///
+    /// # Errors
+    /// `internal`.
+    pub fn append_event(&mut self, user: &UserName, kind: EntryKind) -> Result<(), WireError> {
+        let null = RawValue::from_string("null".to_owned())
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("event body: {e}")))?;
+        self.append(user, kind, &null, None).map(|_| ())
     }
 }
 

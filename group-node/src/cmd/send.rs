@@ -1,10 +1,10 @@
 //! `send`: append a message to the log (members only). The ack is sent after the batch
 //! holding the append commits.
 
-use agora_common::proto::{ErrorCode, SendAck, SendRequest, WireError};
-use agora_common::store::{GroupStore, NewMessage};
+use agora_common::proto::{EntryKind, ErrorCode, SendAck, SendRequest, WireError};
+use agora_common::store::GroupStore;
 
-use super::{store_error, Ctx};
+use super::Ctx;
 use crate::identity::caller;
 
 /// # Errors
@@ -24,12 +24,5 @@ pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: SendRequest) -> Result<Send
             ),
         ));
     }
-    ctx.store
-        .append(NewMessage {
-            sender: &caller.user,
-            body: &r.body,
-            id: r.id,
-            now: ctx.now,
-        })
-        .map_err(store_error)
+    ctx.append(&caller.user, EntryKind::Message, &r.body, r.id)
 }
