@@ -9,6 +9,7 @@
 //! - [`client`]: the request/reply client (zguide "Lazy Pirate") and typed clients for the
 //!   registry and group nodes.
 //! - [`server`]: ROUTER plumbing shared by the servers: bind, batch receive, reply.
+//! - [`live`]: the live stream client (zguide "Clone"): subscribe, dedupe by seq, backfill.
 //! - [`shutdown`]: a cooperative shutdown flag that servers poll.
 //!
 //! `docs/PROTOCOL.md` is the normative description of everything on the wire; this crate
@@ -18,6 +19,7 @@
 pub mod client;
 pub mod codec;
 pub mod id;
+pub mod live;
 pub mod proto;
 pub mod server;
 pub mod shutdown;

@@ -1,0 +1,473 @@
+//! The live stream, client side: the zguide's "Clone" pattern (chapter 5) on Agora's log.
+//!
+//! A [`Feed`] runs one thread that owns a DEALER socket per subscribed group node. It sends
+//! `subscribe` on each and renews it every [`FeedOptions::renew`]; the node pushes every new
+//! log entry to that connection. The feed remembers the last seq it delivered per group and
+//! hands entries to the consumer in seq order, each exactly once:
+//!
+//! - an entry at or below the last seq is a duplicate and is skipped;
+//! - an entry past the next expected seq reveals a gap (a push dropped at the node's HWM, a
+//!   reconnect after a node restart): the feed first reads the missing entries from the log
+//!   with `get_messages after_seq`, then goes on;
+//! - every renewal reply carries the node's `last_seq`, so a gap is found even when no push
+//!   arrives (an idle group after a restart, a client that was offline).
+//!
+//! Backfill uses a separate Lazy Pirate REQ client, so a dead node delays only its own group.
+//! The consumer receives [`FeedEvent`]s through a bounded channel: a slow consumer slows the
+//! feed, the node drops pushes to it at its HWM, and the feed backfills later.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::client::{ClientError, ClientOptions, GroupClient};
+use crate::codec::{encode_request, Frames};
+use crate::proto::{
+    ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, PushEvent, Request,
+    SubscribeReply, UserName, WireError, PROTOCOL,
+};
+use crate::shutdown::SHUTDOWN_POLL;
+
+/// How soon a subscribe that found no connection is tried again.
+const RETRY_UNCONNECTED: Duration = Duration::from_millis(50);
+
+/// How a feed subscribes and catches up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedOptions {
+    /// How often each subscription is renewed; also the longest an idle group goes before a
+    /// gap is noticed (default 1 s; the node's lease is 5 s).
+    pub renew: Duration,
+    /// The backfill client's timeout and attempts.
+    pub client: ClientOptions,
+    /// Capacity of the event channel, in events (default 1024).
+    pub channel: usize,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        FeedOptions {
+            renew: Duration::from_secs(1),
+            client: ClientOptions::default(),
+            channel: 1024,
+        }
+    }
+}
+
+/// A group to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// How the user named it (for messages): a name or an address.
+    pub label: String,
+    /// The node's endpoint.
+    pub endpoint: String,
+    /// The group's name, if known; then the node must serve it (`unknown_group` otherwise).
+    pub group: Option<GroupName>,
+    /// Deliver entries after this seq; `None` starts at the node's last seq when subscribed.
+    pub after_seq: Option<u64>,
+}
+
+/// What a feed reports.
+#[derive(Debug)]
+pub enum FeedEvent {
+    /// A log entry, in seq order, exactly once per group.
+    Entry {
+        /// The spec's label.
+        label: String,
+        /// The group.
+        group: GroupName,
+        /// The entry.
+        entry: Message,
+        /// False when it came from backfill rather than a push.
+        live: bool,
+    },
+    /// A subscription was made (first time, or again after the node lost it).
+    Subscribed {
+        /// The spec's label.
+        label: String,
+        /// The group.
+        group: GroupName,
+        /// The node's last seq at that moment.
+        last_seq: u64,
+    },
+    /// Something failed. With `fatal` the group is dropped from the feed (not a member,
+    /// unknown group); otherwise the feed keeps trying.
+    Error {
+        /// The spec's label.
+        label: String,
+        /// What went wrong.
+        error: ClientError,
+        /// Whether the feed gave up on this group.
+        fatal: bool,
+    },
+}
+
+enum Control {
+    Add(GroupSpec),
+    Remove(String),
+    Stop,
+}
+
+/// A running live stream; stops when dropped.
+#[derive(Debug)]
+pub struct Feed {
+    control: SyncSender<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Feed {
+    /// Starts an empty feed acting as `user`; events arrive on the returned receiver.
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub fn start(
+        ctx: &zmq::Context,
+        user: UserName,
+        options: FeedOptions,
+    ) -> std::io::Result<(Feed, Receiver<FeedEvent>)> {
+        let (events, rx) = mpsc::sync_channel(options.channel.max(1));
+        let (control, control_rx) = mpsc::sync_channel(64);
+        let mut worker = Worker {
+            ctx: ctx.clone(),
+            user,
+            options,
+            groups: HashMap::new(),
+            events,
+        };
+        let thread = std::thread::Builder::new()
+            .name("agora-feed".into())
+            .spawn(move || worker.run(&control_rx))?;
+        Ok((
+            Feed {
+                control,
+                thread: Some(thread),
+            },
+            rx,
+        ))
+    }
+
+    /// Follows a group (replacing any earlier spec for the same endpoint).
+    pub fn add(&self, spec: GroupSpec) {
+        let _ = self.control.send(Control::Add(spec));
+    }
+
+    /// Stops following the group at `endpoint`, and unsubscribes.
+    pub fn remove(&self, endpoint: &str) {
+        let _ = self.control.send(Control::Remove(endpoint.to_owned()));
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        let _ = self.control.send(Control::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct GroupFeed {
+    spec: GroupSpec,
+    socket: zmq::Socket,
+    backfill: GroupClient,
+    group: Option<GroupName>,
+    last_seq: Option<u64>,
+    next_renew: Instant,
+    subscribed: bool,
+}
+
+struct Worker {
+    ctx: zmq::Context,
+    user: UserName,
+    options: FeedOptions,
+    groups: HashMap<String, GroupFeed>,
+    events: SyncSender<FeedEvent>,
+}
+
+/// The consumer hung up.
+struct Closed;
+
+impl Worker {
+    fn run(&mut self, control: &Receiver<Control>) {
+        loop {
+            loop {
+                match control.try_recv() {
+                    Ok(Control::Add(spec)) => {
+                        if let Err(e) = self.add(spec.clone()) {
+                            if self
+                                .emit(FeedEvent::Error {
+                                    label: spec.label,
+                                    error: ClientError::Zmq(e),
+                                    fatal: true,
+                                })
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Control::Remove(endpoint)) => {
+                        if let Some(g) = self.groups.remove(&endpoint) {
+                            self.unsubscribe(&g);
+                        }
+                    }
+                    Ok(Control::Stop) | Err(TryRecvError::Disconnected) => {
+                        for g in self.groups.values() {
+                            self.unsubscribe(g);
+                        }
+                        return;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if self.step().is_err() {
+                return;
+            }
+        }
+    }
+
+    fn add(&mut self, spec: GroupSpec) -> Result<(), zmq::Error> {
+        let socket = self.ctx.socket(zmq::DEALER)?;
+        socket.set_linger(0)?;
+        // Renewals are not queued for a connection that is not up.
+        socket.set_immediate(true)?;
+        socket.set_sndhwm(16)?;
+        socket.set_rcvhwm(10_000)?;
+        socket.set_heartbeat_ivl(1000)?;
+        socket.set_heartbeat_timeout(3000)?;
+        socket.set_maxmsgsize(crate::client::MAX_REPLY_BYTES)?;
+        socket.connect(&spec.endpoint)?;
+        let backfill = GroupClient::new(
+            &self.ctx,
+            &spec.endpoint,
+            self.user.clone(),
+            spec.group.clone(),
+            self.options.client,
+        );
+        let g = GroupFeed {
+            group: spec.group.clone(),
+            last_seq: spec.after_seq,
+            socket,
+            backfill,
+            next_renew: Instant::now(),
+            subscribed: false,
+            spec,
+        };
+        if let Some(old) = self.groups.insert(g.spec.endpoint.clone(), g) {
+            self.unsubscribe(&old);
+        }
+        Ok(())
+    }
+
+    fn membership(&self, g: &GroupFeed) -> MembershipRequest {
+        MembershipRequest {
+            group: g.group.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    fn unsubscribe(&self, g: &GroupFeed) {
+        let frames = encode_request(&Request::Unsubscribe(self.membership(g)));
+        let _ = g.socket.set_linger(200);
+        let _ = send_dealer(&g.socket, &frames);
+    }
+
+    fn emit(&self, event: FeedEvent) -> Result<(), Closed> {
+        self.events.send(event).map_err(|_| Closed)
+    }
+
+    /// One round: renew what is due, wait for traffic, handle it.
+    fn step(&mut self) -> Result<(), Closed> {
+        let now = Instant::now();
+        let mut wait = SHUTDOWN_POLL;
+        let due: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.next_renew <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some(g) = self.groups.get(&key) else {
+                continue;
+            };
+            let frames = encode_request(&Request::Subscribe(self.membership(g)));
+            // EAGAIN: the connection is not up (yet); try again shortly.
+            let next = match send_dealer(&g.socket, &frames) {
+                Ok(()) => self.options.renew,
+                Err(_) => RETRY_UNCONNECTED.min(self.options.renew),
+            };
+            if let Some(g) = self.groups.get_mut(&key) {
+                g.next_renew = now + next;
+            }
+        }
+        for g in self.groups.values() {
+            wait = wait.min(g.next_renew.saturating_duration_since(now));
+        }
+        let keys: Vec<String> = self.groups.keys().cloned().collect();
+        let ready: Vec<bool> = {
+            let mut items: Vec<zmq::PollItem<'_>> = keys
+                .iter()
+                .filter_map(|k| self.groups.get(k))
+                .map(|g| g.socket.as_poll_item(zmq::POLLIN))
+                .collect();
+            if items.is_empty() {
+                std::thread::sleep(wait);
+                return Ok(());
+            }
+            let ms = i64::try_from(wait.as_millis()).unwrap_or(100);
+            match zmq::poll(&mut items, ms) {
+                Ok(_) => items.iter().map(zmq::PollItem::is_readable).collect(),
+                Err(_) => return Ok(()),
+            }
+        };
+        for (key, readable) in keys.iter().zip(ready) {
+            if !readable {
+                continue;
+            }
+            while let Some(g) = self.groups.get(key) {
+                match g.socket.recv_multipart(zmq::DONTWAIT) {
+                    Ok(frames) => self.handle(key, &frames)?,
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, key: &str, frames: &Frames) -> Result<(), Closed> {
+        let [empty, sig, body] = frames.as_slice() else {
+            return Ok(());
+        };
+        if !empty.is_empty() || sig.as_slice() != PROTOCOL {
+            return Ok(());
+        }
+        if let Ok(event) = serde_json::from_slice::<PushEvent>(body) {
+            if event.event == "entry" {
+                return self.deliver(key, event.group, event.entry, true);
+            }
+            return Ok(());
+        }
+        #[derive(serde::Deserialize)]
+        struct Head {
+            ok: bool,
+            last_seq: Option<u64>,
+        }
+        let Ok(head) = serde_json::from_slice::<Head>(body) else {
+            return Ok(());
+        };
+        if !head.ok {
+            let error = serde_json::from_slice::<WireError>(body)
+                .unwrap_or_else(|e| WireError::new(ErrorCode::Unknown, e.to_string()));
+            let fatal = matches!(error.code, ErrorCode::NotMember | ErrorCode::UnknownGroup);
+            let label = if fatal {
+                self.groups.remove(key).map(|g| g.spec.label)
+            } else {
+                self.groups.get(key).map(|g| g.spec.label.clone())
+            };
+            let Some(label) = label else {
+                return Ok(());
+            };
+            return self.emit(FeedEvent::Error {
+                label,
+                error: ClientError::Server(error),
+                fatal,
+            });
+        }
+        if head.last_seq.is_none() {
+            return Ok(()); // the reply to an unsubscribe
+        }
+        let Ok(reply) = serde_json::from_slice::<SubscribeReply>(body) else {
+            return Ok(());
+        };
+        let Some(g) = self.groups.get_mut(key) else {
+            return Ok(());
+        };
+        g.group = Some(reply.group.clone());
+        let first = !g.subscribed;
+        g.subscribed = true;
+        let last = *g.last_seq.get_or_insert(reply.last_seq);
+        let label = g.spec.label.clone();
+        if first {
+            self.emit(FeedEvent::Subscribed {
+                label,
+                group: reply.group,
+                last_seq: reply.last_seq,
+            })?;
+        }
+        if reply.last_seq > last {
+            self.backfill(key)?;
+        }
+        Ok(())
+    }
+
+    /// Hands `entry` to the consumer unless it is a duplicate; a live entry past the next
+    /// expected seq triggers a backfill first. A backfilled entry past a gap (its
+    /// predecessors were deleted by retention) is delivered as it is.
+    fn deliver(
+        &mut self,
+        key: &str,
+        group: GroupName,
+        entry: Message,
+        live: bool,
+    ) -> Result<(), Closed> {
+        let Some(g) = self.groups.get_mut(key) else {
+            return Ok(());
+        };
+        let last = *g.last_seq.get_or_insert(entry.seq.saturating_sub(1));
+        if entry.seq <= last {
+            return Ok(());
+        }
+        if entry.seq > last + 1 && live {
+            self.backfill(key)?;
+            return self.deliver(key, group, entry, false);
+        }
+        g.last_seq = Some(entry.seq);
+        let label = g.spec.label.clone();
+        self.emit(FeedEvent::Entry {
+            label,
+            group,
+            entry,
+            live,
+        })
+    }
+
+    /// Reads every entry after the last delivered one from the log, a page at a time.
+    fn backfill(&mut self, key: &str) -> Result<(), Closed> {
+        loop {
+            let Some(g) = self.groups.get_mut(key) else {
+                return Ok(());
+            };
+            let after = g.last_seq.unwrap_or(0);
+            match g
+                .backfill
+                .get_messages(HistoryQuery::AfterSeq(after), Some(1000))
+            {
+                Ok(page) => {
+                    let more = page.more && !page.messages.is_empty();
+                    for entry in page.messages {
+                        self.deliver(key, page.group.clone(), entry, false)?;
+                    }
+                    if !more {
+                        return Ok(());
+                    }
+                }
+                Err(error) => {
+                    let label = g.spec.label.clone();
+                    return self.emit(FeedEvent::Error {
+                        label,
+                        error,
+                        fatal: false,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Sends a request on a DEALER: the empty delimiter a REQ would add, then the frames.
+fn send_dealer(socket: &zmq::Socket, frames: &Frames) -> Result<(), zmq::Error> {
+    socket.send_multipart(
+        std::iter::once(&[][..]).chain(frames.iter().map(Vec::as_slice)),
+        zmq::DONTWAIT,
+    )
+}

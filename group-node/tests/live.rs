@@ -1,0 +1,206 @@
+//! In-process tests of the live stream: a real [`Node`] and the `common::live` feed.
+
+use std::sync::mpsc::Receiver;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientOptions, GroupClient};
+use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
+use agora_common::proto::{EntryKind, GroupName, UserName};
+use agora_common::shutdown::Shutdown;
+use agora_group_node::{Config, Node};
+use serde_json::value::RawValue;
+
+struct Running {
+    endpoint: String,
+    shutdown: Shutdown,
+    thread: Option<JoinHandle<()>>,
+    ctx: zmq::Context,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(t) = self.thread.take() {
+            t.join().expect("node thread");
+        }
+    }
+}
+
+fn start(tune: impl FnOnce(&mut Config)) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(
+        GroupName::new("live").expect("name"),
+        "tcp://127.0.0.1:0",
+        dir.path().to_owned(),
+    );
+    tune(&mut config);
+    let ctx = zmq::Context::new();
+    let node = Node::bind(&ctx, config).expect("bind");
+    let endpoint = node.endpoint().to_string();
+    let shutdown = Shutdown::new();
+    let flag = shutdown.clone();
+    let thread = std::thread::spawn(move || node.run(&flag).expect("run"));
+    Running {
+        endpoint,
+        shutdown,
+        thread: Some(thread),
+        ctx,
+        _dir: dir,
+    }
+}
+
+fn user(n: &str) -> UserName {
+    UserName::new(n).expect("name")
+}
+
+fn client(n: &Running, name: &str) -> GroupClient {
+    GroupClient::new(
+        &n.ctx,
+        &n.endpoint,
+        user(name),
+        None,
+        ClientOptions::default(),
+    )
+}
+
+fn feed(n: &Running, name: &str, after_seq: Option<u64>) -> (Feed, Receiver<FeedEvent>) {
+    let options = FeedOptions {
+        renew: Duration::from_millis(200),
+        ..FeedOptions::default()
+    };
+    let (feed, rx) = Feed::start(&n.ctx, user(name), options).expect("feed");
+    feed.add(GroupSpec {
+        label: "live".into(),
+        endpoint: n.endpoint.clone(),
+        group: None,
+        after_seq,
+    });
+    (feed, rx)
+}
+
+/// Collects entry seqs until `last` is seen or 20 s pass; fails on a fatal error.
+fn seqs_until(rx: &Receiver<FeedEvent>, last: u64) -> (Vec<u64>, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut seqs, mut live) = (Vec::new(), 0);
+    while seqs.last() != Some(&last) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(FeedEvent::Entry { entry, live: l, .. }) => {
+                seqs.push(entry.seq);
+                live += u64::from(l);
+            }
+            Ok(FeedEvent::Error {
+                error, fatal: true, ..
+            }) => panic!("feed gave up: {error}"),
+            Ok(_) => {}
+            Err(_) => panic!("timed out at {:?}, waiting for seq {last}", seqs.last()),
+        }
+    }
+    (seqs, live)
+}
+
+#[test]
+fn dropped_pushes_are_backfilled_and_every_seq_arrives_once_in_order() {
+    let n = start(|c| c.fault_drop_push_every = 25);
+    let mut alice = client(&n, "alice");
+    alice.join().expect("join");
+    let (_feed, rx) = feed(&n, "alice", Some(0));
+    let mut last = 0;
+    for i in 0..300 {
+        last = alice
+            .send(RawValue::from_string(i.to_string()).expect("json"))
+            .expect("send")
+            .seq;
+    }
+    let (seqs, live) = seqs_until(&rx, last);
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+    eprintln!("{live} of {last} entries came live, the rest from backfill");
+}
+
+fn wait_subscribed(rx: &Receiver<FeedEvent>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(FeedEvent::Subscribed { .. }) => return,
+            Ok(_) => {}
+            Err(_) => panic!("never subscribed"),
+        }
+    }
+}
+
+#[test]
+fn without_drops_every_entry_after_subscribing_arrives_live() {
+    let n = start(|_| {});
+    let mut alice = client(&n, "alice");
+    let joined = alice.join().expect("join");
+    let (_feed, rx) = feed(&n, "alice", None);
+    wait_subscribed(&rx);
+    let mut last = 0;
+    for i in 0..100 {
+        last = alice
+            .send(RawValue::from_string(i.to_string()).expect("json"))
+            .expect("send")
+            .seq;
+    }
+    let (seqs, live) = seqs_until(&rx, last);
+    assert_eq!(seqs, (joined.last_seq + 1..=last).collect::<Vec<_>>());
+    assert_eq!(live, 100);
+}
+
+#[test]
+fn joins_and_leaves_are_pushed_and_a_leaver_gets_nothing_more() {
+    let n = start(|_| {});
+    let (mut alice, mut bob) = (client(&n, "alice"), client(&n, "bob"));
+    alice.join().expect("join");
+    bob.join().expect("join");
+    let (_bob_feed, bob_rx) = feed(&n, "bob", None);
+    // Wait until bob's subscription is live.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match bob_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(FeedEvent::Subscribed { .. }) => break,
+            Ok(_) => {}
+            Err(_) => panic!("bob never subscribed"),
+        }
+    }
+    let mut carol = client(&n, "carol");
+    carol.join().expect("join");
+    let ack = alice
+        .send(RawValue::from_string("\"hi\"".into()).expect("json"))
+        .expect("send");
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        match bob_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(FeedEvent::Entry { entry, .. }) => {
+                kinds.push((entry.kind, entry.sender.to_string()))
+            }
+            Ok(_) => {}
+            Err(_) => panic!("bob missed entries: {kinds:?}"),
+        }
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            (EntryKind::Join, "carol".into()),
+            (EntryKind::Message, "alice".into())
+        ]
+    );
+    bob.leave().expect("leave");
+    alice
+        .send(RawValue::from_string("\"after bob left\"".into()).expect("json"))
+        .expect("send");
+    // Bob's renewal is refused (not a member) and nothing after his leave reaches him.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match bob_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(FeedEvent::Entry { entry, .. }) => {
+                assert!(entry.seq <= ack.seq + 1, "bob got {entry:?} after leaving")
+            }
+            Ok(FeedEvent::Error { fatal: true, .. }) => break,
+            Ok(_) => {}
+            Err(_) => panic!("bob's feed was never refused"),
+        }
+    }
+}
