@@ -165,8 +165,9 @@ pub struct CliRun {
 pub fn cli(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> CliRun {
     let mut child = Command::new(bin("user-cli"))
         .args(args)
-        .envs(env.iter().copied())
         .env_remove("AGORA_REGISTRY")
+        .env_remove("AGORA_STATE_DIR")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -268,6 +269,11 @@ impl Federation {
         )
     }
 
+    /// The state directory user-cli runs of this federation use.
+    pub fn state_dir(&self) -> String {
+        self.dir.path().join("state").to_string_lossy().into_owned()
+    }
+
     /// Runs user-cli against this federation's registry as `user`.
     pub fn cli(&self, user: &str, args: &[&str], stdin: &str) -> CliRun {
         let mut all = vec![
@@ -277,6 +283,141 @@ impl Federation {
             user,
         ];
         all.extend_from_slice(args);
-        cli(&all, stdin, &[("TZ", "UTC")])
+        let state = self.state_dir();
+        cli(&all, stdin, &[("TZ", "UTC"), ("AGORA_STATE_DIR", &state)])
     }
+
+    /// Starts `user-cli ARGS` (for example `watch`) as `user` in the background.
+    pub fn spawn_cli(&self, user: &str, args: &[&str]) -> Streaming {
+        let mut all = vec![
+            "--registry",
+            self.registry.endpoint.as_str(),
+            "--user",
+            user,
+        ];
+        all.extend_from_slice(args);
+        Streaming::start(
+            &all,
+            &[("TZ", "UTC"), ("AGORA_STATE_DIR", &self.state_dir())],
+        )
+    }
+}
+
+/// A user-cli that keeps running (`watch`): its output lines arrive on channels; it is
+/// interrupted with SIGINT, and killed and reaped on drop.
+pub struct Streaming {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    /// Every stdout line received so far.
+    pub lines: Vec<String>,
+    /// Every stderr line received so far.
+    pub errors: Vec<String>,
+}
+
+impl Streaming {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Streaming {
+        let mut child = Command::new(bin("user-cli"))
+            .args(args)
+            .env_remove("AGORA_REGISTRY")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn user-cli");
+        let stdout = lines_of(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = lines_of(Box::new(child.stderr.take().expect("stderr")));
+        Streaming {
+            child,
+            stdout,
+            stderr,
+            lines: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        self.lines.extend(self.stdout.try_iter());
+        self.errors.extend(self.stderr.try_iter());
+    }
+
+    /// Waits until some stderr line contains `text`; returns whether one did in time.
+    pub fn wait_stderr(&mut self, text: &str, timeout: Duration) -> bool {
+        wait_for(timeout, || {
+            self.drain();
+            self.errors.iter().any(|l| l.contains(text))
+        })
+    }
+
+    /// Waits until `done` holds for the stdout lines so far; returns whether it did in time.
+    pub fn wait_lines(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[String]) -> bool,
+    ) -> bool {
+        wait_for(timeout, || {
+            self.drain();
+            done(&self.lines)
+        })
+    }
+
+    /// Sends SIGINT and waits (up to 10 s) for the exit code.
+    ///
+    /// # Panics
+    /// If it does not exit.
+    pub fn interrupt(&mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let code = self.wait_exit(Duration::from_secs(10));
+        code.expect("user-cli ignored SIGINT")
+    }
+
+    /// Waits (up to `timeout`) for it to exit by itself; `Some(exit code)` if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let mut code = None;
+        wait_for(timeout, || match self.child.try_wait() {
+            Ok(Some(status)) => {
+                code = Some(status.code());
+                true
+            }
+            _ => false,
+        });
+        // The pipes close at exit; collect what is left.
+        if code.is_some() {
+            wait_for(Duration::from_secs(2), || {
+                self.drain();
+                match self.stdout.try_recv() {
+                    Ok(line) => {
+                        self.lines.push(line);
+                        false
+                    }
+                    Err(e) => e == mpsc::TryRecvError::Disconnected,
+                }
+            });
+        }
+        self.drain();
+        code
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads lines from `r` on a thread into a channel.
+fn lines_of(r: Box<dyn Read + Send>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

@@ -3,15 +3,20 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_common::proto::{
-    Endpoint, ErrorCode, GroupName, HistoryQuery, UserName, REQUEST_OVERHEAD_BYTES,
+    Endpoint, EntryKind, ErrorCode, GroupName, HistoryQuery, UserName, REQUEST_OVERHEAD_BYTES,
 };
+use agora_common::shutdown::Shutdown;
 use agora_common::time::parse_since_local;
 use serde_json::value::RawValue;
 
 use crate::render::{self, Format};
+use crate::state::{GroupState, StateFile};
 
 /// A command's failure: one line for stderr, and the process exit code.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +133,8 @@ pub struct HistoryArgs {
     pub latest: Option<u32>,
 }
 
-/// The client's state: the registry client and one group client per node.
+/// The client: the registry client, one group client per node, the saved state, and in
+/// interactive mode the live feed.
 pub struct App {
     ctx: zmq::Context,
     registry: RegistryClient,
@@ -137,11 +143,26 @@ pub struct App {
     /// How output is rendered.
     pub format: Format,
     nodes: HashMap<Endpoint, GroupClient>,
+    state: Arc<Mutex<StateFile>>,
+    feed: Option<Feed>,
+}
+
+/// Prints one line for the user from the live stream (above the prompt).
+pub type Printer = Box<dyn FnMut(String) + Send>;
+
+fn lock(state: &Mutex<StateFile>) -> MutexGuard<'_, StateFile> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl App {
-    /// A client acting as `user`.
-    pub fn new(registry: &str, user: UserName, options: ClientOptions, format: Format) -> App {
+    /// A client acting as `user`, with its state loaded from `state`.
+    pub fn new(
+        registry: &str,
+        user: UserName,
+        options: ClientOptions,
+        format: Format,
+        state: StateFile,
+    ) -> App {
         let ctx = zmq::Context::new();
         App {
             registry: RegistryClient::new(&ctx, registry, options),
@@ -150,6 +171,50 @@ impl App {
             options,
             format,
             nodes: HashMap::new(),
+            state: Arc::new(Mutex::new(state)),
+            feed: None,
+        }
+    }
+
+    fn save_state(&self) {
+        if let Err(e) = lock(&self.state).save() {
+            tracing::warn!(error = %e, "could not save the client state");
+        }
+    }
+
+    /// Where `target` is: an address as given, or a name looked up in the registry. When the
+    /// registry does not answer, a group joined from this client is found at its saved
+    /// endpoint, so known groups stay reachable while the registry is down.
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for a bad target; `unknown_group`; the registry's failure.
+    pub fn resolve(&mut self, target: &str) -> Result<(Endpoint, Option<GroupName>), CliError> {
+        match Target::parse(target)? {
+            Target::Address(e) => Ok((e, None)),
+            Target::Name(name) => match self.registry.lookup(&name) {
+                Ok(entry) => Ok((entry.endpoint, Some(name))),
+                Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownGroup => {
+                    Err(CliError::Remote {
+                        target: target.to_owned(),
+                        source: ClientError::Server(w),
+                    })
+                }
+                Err(e) => {
+                    let saved = lock(&self.state)
+                        .state
+                        .groups
+                        .get(name.as_str())
+                        .and_then(|g| Endpoint::new(g.endpoint.clone()).ok());
+                    match saved {
+                        Some(endpoint) => {
+                            tracing::warn!(error = %e, group = %name,
+                                "registry unreachable; using the saved endpoint");
+                            Ok((endpoint, Some(name)))
+                        }
+                        None => Err(self.registry_error(e)),
+                    }
+                }
+            },
         }
     }
 
@@ -162,19 +227,7 @@ impl App {
 
     /// The node client for `target` and the label used in messages.
     fn node(&mut self, target: &str) -> Result<(&mut GroupClient, String), CliError> {
-        let (endpoint, name) = match Target::parse(target)? {
-            Target::Address(e) => (e, None),
-            Target::Name(name) => match self.registry.lookup(&name) {
-                Ok(entry) => (entry.endpoint, Some(name)),
-                Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownGroup => {
-                    return Err(CliError::Remote {
-                        target: target.to_owned(),
-                        source: ClientError::Server(w),
-                    })
-                }
-                Err(e) => return Err(self.registry_error(e)),
-            },
-        };
+        let (endpoint, name) = self.resolve(target)?;
         let (ctx, user, options) = (&self.ctx, &self.user, self.options);
         let client = self.nodes.entry(endpoint.clone()).or_insert_with(|| {
             GroupClient::new(ctx, endpoint.as_str(), user.clone(), name, options)
@@ -208,6 +261,24 @@ impl App {
         let format = self.format;
         let (node, label) = self.node(target)?;
         let r = node.join().map_err(|source| remote(&label, source))?;
+        let endpoint = node.endpoint().to_owned();
+        let last_seen = {
+            let mut state = lock(&self.state);
+            let g = state
+                .state
+                .groups
+                .entry(r.group.to_string())
+                .or_insert(GroupState {
+                    endpoint: endpoint.clone(),
+                    last_seen: r.last_seq,
+                    subscribed: true,
+                });
+            g.endpoint = endpoint.clone();
+            g.subscribed = true;
+            g.last_seen
+        };
+        self.save_state();
+        self.follow(&label, &endpoint, &r.group, last_seen);
         match format {
             Format::Json => writeln!(out, "{}", render::json_line(&r))?,
             Format::Human if r.changed => {
@@ -226,6 +297,12 @@ impl App {
         let format = self.format;
         let (node, label) = self.node(target)?;
         let r = node.leave().map_err(|source| remote(&label, source))?;
+        let endpoint = node.endpoint().to_owned();
+        lock(&self.state).state.groups.remove(r.group.as_str());
+        self.save_state();
+        if let Some(feed) = &self.feed {
+            feed.remove(&endpoint);
+        }
         match format {
             Format::Json => writeln!(out, "{}", render::json_line(&r))?,
             Format::Human if r.changed => writeln!(out, "left {}", r.group)?,
@@ -330,6 +407,293 @@ impl App {
             writeln!(out, "no messages")?;
         }
         Ok(())
+    }
+}
+
+impl App {
+    /// Adds a group to the live feed, if one runs (interactive mode).
+    fn follow(&self, label: &str, endpoint: &str, group: &GroupName, after_seq: u64) {
+        if let Some(feed) = &self.feed {
+            feed.add(GroupSpec {
+                label: label.to_owned(),
+                endpoint: endpoint.to_owned(),
+                group: Some(group.clone()),
+                after_seq: Some(after_seq),
+            });
+        }
+    }
+
+    /// The saved state of the group `target` names, after asking its node for its name.
+    fn joined(&mut self, target: &str) -> Result<(GroupName, GroupState, String), CliError> {
+        let (node, label) = self.node(target)?;
+        let info = node.info().map_err(|source| remote(&label, source))?;
+        let saved = lock(&self.state)
+            .state
+            .groups
+            .get(info.group.as_str())
+            .cloned();
+        match saved {
+            Some(g) => Ok((info.group, g, label)),
+            None => Err(CliError::Usage(format!(
+                "{label}: not joined from this client; join it first"
+            ))),
+        }
+    }
+
+    /// `subscribe`: follow a joined group live (the default after `join`).
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] if the group was not joined from this client; node failures.
+    pub fn subscribe(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
+        let (group, saved, label) = self.joined(target)?;
+        if let Some(g) = lock(&self.state).state.groups.get_mut(group.as_str()) {
+            g.subscribed = true;
+        }
+        self.save_state();
+        self.follow(&label, &saved.endpoint, &group, saved.last_seen);
+        writeln!(out, "subscribed to {group}")?;
+        Ok(())
+    }
+
+    /// `unsubscribe`: stop following a group live, without leaving it.
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] if the group was not joined from this client; node failures.
+    pub fn unsubscribe(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
+        let (group, saved, _) = self.joined(target)?;
+        if let Some(g) = lock(&self.state).state.groups.get_mut(group.as_str()) {
+            g.subscribed = false;
+        }
+        self.save_state();
+        if let Some(feed) = &self.feed {
+            feed.remove(&saved.endpoint);
+        }
+        writeln!(out, "unsubscribed from {group}")?;
+        Ok(())
+    }
+
+    /// `check`: for every group joined from this client, the number of entries not yet
+    /// shown and the entries themselves; then they count as seen.
+    ///
+    /// # Errors
+    /// The first group's failure (the others are still checked).
+    pub fn check(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+        let groups: Vec<(String, GroupState)> = lock(&self.state)
+            .state
+            .groups
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if groups.is_empty() && self.format == Format::Human {
+            writeln!(out, "no groups joined yet")?;
+        }
+        let mut first_error = None;
+        for (name, saved) in groups {
+            if let Err(e) = self.check_one(&name, &saved, out) {
+                if first_error.is_none() {
+                    first_error = Some(e);
+                } else {
+                    eprintln!("user-cli: {e}");
+                }
+            }
+        }
+        self.save_state();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn check_one(
+        &mut self,
+        name: &str,
+        saved: &GroupState,
+        out: &mut dyn Write,
+    ) -> Result<(), CliError> {
+        let group = GroupName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
+        let endpoint = match self.registry.lookup(&group) {
+            Ok(entry) => entry.endpoint.to_string(),
+            Err(_) => saved.endpoint.clone(),
+        };
+        let mut node = GroupClient::new(
+            &self.ctx,
+            &endpoint,
+            self.user.clone(),
+            Some(group.clone()),
+            self.options,
+        );
+        let mut entries = Vec::new();
+        node.for_each_page(HistoryQuery::AfterSeq(saved.last_seen), None, |page| {
+            entries.extend(page.messages.iter().cloned());
+            entries.len() < 10_000
+        })
+        .map_err(|source| remote(name, source))?;
+        match self.format {
+            Format::Human => writeln!(out, "{name}: {} unread", entries.len())?,
+            Format::Json => writeln!(
+                out,
+                "{}",
+                render::json_line(&serde_json::json!({"group": name, "unread": entries.len()}))
+            )?,
+        }
+        for m in &entries {
+            match self.format {
+                Format::Human => writeln!(out, "{}", render::message_line(name, m))?,
+                Format::Json => writeln!(
+                    out,
+                    "{}",
+                    render::json_line(&render::GroupEntry::new(&group, m))
+                )?,
+            }
+        }
+        let mut state = lock(&self.state);
+        if let Some(last) = entries.last() {
+            state.seen(name, last.seq);
+        }
+        if let Some(g) = state.state.groups.get_mut(name) {
+            g.endpoint = endpoint;
+        }
+        Ok(())
+    }
+
+    /// Starts the live feed for every subscribed group (interactive mode); entries are
+    /// printed through `printer` (the user's own messages are not: their ack was) and
+    /// counted as seen.
+    ///
+    /// # Errors
+    /// The feed thread could not start.
+    pub fn start_live(&mut self, mut printer: Printer) -> std::io::Result<()> {
+        let (feed, rx) = Feed::start(&self.ctx, self.user.clone(), feed_options(self.options))?;
+        let state = Arc::clone(&self.state);
+        let me = self.user.clone();
+        let format = self.format;
+        std::thread::Builder::new()
+            .name("live-printer".into())
+            .spawn(move || {
+                let mut last_save = Instant::now();
+                for event in rx {
+                    match event {
+                        FeedEvent::Entry { group, entry, .. } => {
+                            let mine = entry.sender == me && entry.kind == EntryKind::Message;
+                            let mut s = lock(&state);
+                            s.seen(group.as_str(), entry.seq);
+                            if last_save.elapsed() > Duration::from_millis(500) {
+                                let _ = s.save();
+                                last_save = Instant::now();
+                            }
+                            drop(s);
+                            if !mine {
+                                printer(match format {
+                                    Format::Human => render::message_line(group.as_str(), &entry),
+                                    Format::Json => {
+                                        render::json_line(&render::GroupEntry::new(&group, &entry))
+                                    }
+                                });
+                            }
+                        }
+                        FeedEvent::Error {
+                            label,
+                            error,
+                            fatal,
+                        } => {
+                            if fatal {
+                                printer(format!("user-cli: {label}: {}", cause(&error)));
+                            } else {
+                                tracing::debug!(%label, %error, "live stream trouble");
+                            }
+                        }
+                        FeedEvent::Subscribed { .. } => {}
+                    }
+                }
+                let _ = lock(&state).save();
+            })?;
+        let subscribed: Vec<(String, GroupState)> = lock(&self.state)
+            .state
+            .groups
+            .iter()
+            .filter(|(_, g)| g.subscribed)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, g) in subscribed {
+            let endpoint = GroupName::new(name.clone())
+                .ok()
+                .and_then(|n| self.registry.lookup(&n).ok())
+                .map_or(g.endpoint.clone(), |e| e.endpoint.to_string());
+            feed.add(GroupSpec {
+                label: name.clone(),
+                endpoint,
+                group: GroupName::new(name).ok(),
+                after_seq: Some(g.last_seen),
+            });
+        }
+        self.feed = Some(feed);
+        Ok(())
+    }
+
+    /// `watch GROUP...`: prints every new entry of the groups until `stop` is set, or every
+    /// group refused the subscription. Starts after `after_seq` (default: from now).
+    ///
+    /// # Errors
+    /// Resolution failures; the last refusal when every group refused.
+    pub fn watch(
+        &mut self,
+        targets: &[String],
+        after_seq: Option<u64>,
+        out: &mut dyn Write,
+        stop: &Shutdown,
+    ) -> Result<(), CliError> {
+        let (feed, rx) = Feed::start(&self.ctx, self.user.clone(), feed_options(self.options))?;
+        for target in targets {
+            let (endpoint, group) = self.resolve(target)?;
+            feed.add(GroupSpec {
+                label: target.clone(),
+                endpoint: endpoint.to_string(),
+                group,
+                after_seq,
+            });
+        }
+        let mut active = targets.len();
+        while !stop.is_triggered() {
+            let event = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(e) => e,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            match event {
+                FeedEvent::Entry { group, entry, .. } => {
+                    let line = match self.format {
+                        Format::Human => render::message_line(group.as_str(), &entry),
+                        Format::Json => render::json_line(&render::GroupEntry::new(&group, &entry)),
+                    };
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
+                }
+                FeedEvent::Subscribed {
+                    label, last_seq, ..
+                } => {
+                    eprintln!("watching {label} from seq {last_seq}");
+                }
+                FeedEvent::Error {
+                    label,
+                    error,
+                    fatal,
+                } => {
+                    eprintln!("user-cli: {label}: {}", cause(&error));
+                    if fatal {
+                        active -= 1;
+                        if active == 0 {
+                            return Err(remote(&label, error));
+                        }
+                    }
+                }
+            }
+        }
+        drop(feed);
+        Ok(())
+    }
+}
+
+fn feed_options(client: ClientOptions) -> FeedOptions {
+    FeedOptions {
+        client,
+        ..FeedOptions::default()
     }
 }
 

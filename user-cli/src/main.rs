@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use agora_common::client::ClientOptions;
 use agora_common::proto::UserName;
+use agora_common::shutdown::Shutdown;
 use clap::{Parser, Subcommand};
 
 mod app;
 mod render;
 mod repl;
+mod state;
 
 use app::{App, CliError, HistoryArgs};
 use render::Format;
@@ -44,6 +46,10 @@ struct Args {
     /// How long to wait for a server, per command.
     #[arg(long, global = true, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Where the client keeps joined groups and what was last seen
+    /// [default: ~/.local/state/agora].
+    #[arg(long, global = true, env = "AGORA_STATE_DIR")]
+    state_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -77,6 +83,28 @@ enum Command {
         /// Send TEXT as a JSON value (number, bool, object, list) instead of a string.
         #[arg(long)]
         json_body: bool,
+    },
+    /// Follow a joined group live (joining subscribes by default).
+    Subscribe {
+        /// The group.
+        group: String,
+    },
+    /// Stop following a group live, without leaving it.
+    Unsubscribe {
+        /// The group.
+        group: String,
+    },
+    /// Show unread counts and what arrived in your groups since you last looked.
+    Check,
+    /// Stream new messages of groups to stdout, one line each (JSON with --json), until
+    /// interrupted (SIGINT or SIGTERM).
+    Watch {
+        /// The groups.
+        #[arg(required = true, num_args = 1..)]
+        groups: Vec<String>,
+        /// Start after this seq instead of from now (0 replays the whole log first).
+        #[arg(long)]
+        after_seq: Option<u64>,
     },
     /// Show a group's messages (all of them unless a filter is given).
     Messages {
@@ -132,7 +160,8 @@ fn run(args: Args) -> u8 {
     } else {
         Format::Human
     };
-    let mut app = App::new(&args.registry, user, options, format);
+    let state = state::StateFile::open(args.state_dir.clone(), &user);
+    let mut app = App::new(&args.registry, user, options, format, state);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match args.command {
@@ -141,6 +170,13 @@ fn run(args: Args) -> u8 {
         Some(Command::Join { group }) => app.join(&group, &mut out),
         Some(Command::Leave { group }) => app.leave(&group, &mut out),
         Some(Command::Members { group }) => app.members(&group, &mut out),
+        Some(Command::Subscribe { group }) => app.subscribe(&group, &mut out),
+        Some(Command::Unsubscribe { group }) => app.unsubscribe(&group, &mut out),
+        Some(Command::Check) => app.check(&mut out),
+        Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
+            Ok(stop) => app.watch(&groups, after_seq, &mut out, &stop),
+            Err(e) => Err(CliError::Io(e)),
+        },
         Some(Command::Send {
             group,
             text,
@@ -196,6 +232,20 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
             }
         };
         let _ = writeln!(out, "Agora chat. Type help for commands, exit to leave.");
+        // What arrived while away (seed 003's !check), then the live stream.
+        if let Err(e) = app.check(out) {
+            let _ = writeln!(err, "user-cli: {e}");
+        }
+        match prompt.printer() {
+            Ok(printer) => {
+                if let Err(e) = app.start_live(printer) {
+                    let _ = writeln!(err, "user-cli: live stream: {e}");
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(err, "user-cli: no live stream on this terminal: {e}");
+            }
+        }
         repl::run_session(app, &mut prompt, out, &mut err)
     } else {
         let mut script = repl::Script(std::io::stdin().lock());

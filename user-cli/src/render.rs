@@ -1,6 +1,6 @@
 //! Output: human lines by default, one JSON object per line with `--json`.
 
-use agora_common::proto::{EntryKind, GroupEntry, Member, Message};
+use agora_common::proto::{EntryKind, Member, Message};
 use agora_common::time::Timestamp;
 use chrono::Local;
 use serde::Serialize;
@@ -49,13 +49,29 @@ pub fn message_line(group: &str, m: &Message) -> String {
 }
 
 /// One group of a listing: `Cool Group<TAB>tcp://…<TAB>3 members`.
-pub fn group_line(g: &GroupEntry) -> String {
+pub fn group_line(g: &agora_common::proto::GroupEntry) -> String {
     format!("{}\t{}\t{} members", g.name, g.endpoint, g.members)
 }
 
 /// One member: `alice<TAB>joined 2026-11-22 10:00:00`.
 pub fn member_line(m: &Member) -> String {
     format!("{}\tjoined {}", m.user, local_time(m.joined_at))
+}
+
+/// A log entry with its group, as `watch --json` and `check --json` print it:
+/// `{"group": G, "seq": …, "id": …, "time": …, "sender": …, "kind": …, "body": …}`.
+#[derive(Debug, Serialize)]
+pub struct GroupEntry<'a> {
+    group: &'a agora_common::proto::GroupName,
+    #[serde(flatten)]
+    entry: &'a Message,
+}
+
+impl<'a> GroupEntry<'a> {
+    /// `entry` of `group`.
+    pub fn new(group: &'a agora_common::proto::GroupName, entry: &'a Message) -> Self {
+        GroupEntry { group, entry }
+    }
 }
 
 /// A value as one JSON line.

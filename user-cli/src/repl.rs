@@ -40,6 +40,16 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "send the text lines that follow, up to a line END",
     ),
     ("send", "GROUP TEXT...", "send one line of text"),
+    (
+        "subscribe | unsubscribe",
+        "GROUP",
+        "follow a joined group live, or stop (joining subscribes)",
+    ),
+    (
+        "check",
+        "",
+        "show what arrived in your groups since you last looked",
+    ),
     ("help", "", "show this list"),
     ("exit | quit", "", "leave the program"),
 ];
@@ -56,6 +66,9 @@ const WORDS: &[&str] = &[
     "messages",
     "send_message",
     "send",
+    "subscribe",
+    "unsubscribe",
+    "check",
     "help",
     "exit",
     "quit",
@@ -138,6 +151,21 @@ impl Interactive {
             let _ = editor.load_history(path);
         }
         Ok(Interactive { editor, history })
+    }
+}
+
+impl Interactive {
+    /// A printer that writes lines above the prompt without garbling what is being typed
+    /// (rustyline's `ExternalPrinter`).
+    ///
+    /// # Errors
+    /// The terminal does not support it.
+    pub fn printer(&mut self) -> rustyline::Result<crate::app::Printer> {
+        use rustyline::ExternalPrinter as _;
+        let mut p = self.editor.create_external_printer()?;
+        Ok(Box::new(move |line: String| {
+            let _ = p.print(format!("{line}\n"));
+        }))
     }
 }
 
@@ -255,6 +283,9 @@ fn run_line(
         "join_group" | "join" => app.join(one_arg(cmd, args)?, out)?,
         "leave_group" | "leave" => app.leave(one_arg(cmd, args)?, out)?,
         "members" => app.members(one_arg(cmd, args)?, out)?,
+        "subscribe" => app.subscribe(one_arg(cmd, args)?, out)?,
+        "unsubscribe" => app.unsubscribe(one_arg(cmd, args)?, out)?,
+        "check" => app.check(out)?,
         "get_messages" | "messages" => {
             let (target, since) = match args {
                 [target] => (target, None),

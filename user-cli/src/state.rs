@@ -1,0 +1,124 @@
+//! The client's own state, kept per user in the state directory
+//! (`$XDG_STATE_HOME/agora/USER.json`, usually `~/.local/state/agora/`): the groups joined
+//! from this client, each with its node's last known endpoint, the last seq shown, and
+//! whether to follow it live. It is what lets a restarted client report unread counts and
+//! resume each stream where it stopped, and reach known groups while the registry is down.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use agora_common::proto::UserName;
+use serde::{Deserialize, Serialize};
+
+/// One joined group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// The node's endpoint when last seen.
+    pub endpoint: String,
+    /// The last seq shown to the user.
+    pub last_seen: u64,
+    /// Whether to follow the group live.
+    pub subscribed: bool,
+}
+
+/// Everything kept, by group name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Joined groups.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupState>,
+}
+
+/// The state and the file it lives in.
+#[derive(Debug)]
+pub struct StateFile {
+    path: Option<PathBuf>,
+    /// The state.
+    pub state: State,
+}
+
+impl StateFile {
+    /// Loads `DIR/USER.json` (`dir` defaults to the user's state directory). A missing file
+    /// is an empty state; an unreadable one is set aside as `USER.json.bad` with a warning.
+    pub fn open(dir: Option<PathBuf>, user: &UserName) -> StateFile {
+        let dir = dir.or_else(|| {
+            directories::ProjectDirs::from("", "", "agora")
+                .map(|d| d.state_dir().unwrap_or_else(|| d.data_dir()).to_owned())
+        });
+        let path = dir.map(|d| d.join(format!("{user}.json")));
+        let state = path.as_deref().map(load).unwrap_or_default();
+        StateFile { path, state }
+    }
+
+    /// Writes the state atomically (a temporary file renamed over the old one).
+    ///
+    /// # Errors
+    /// The directory or file cannot be written.
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(&self.state).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Records that `seq` of `group` was shown; returns whether it was new.
+    pub fn seen(&mut self, group: &str, seq: u64) -> bool {
+        match self.state.groups.get_mut(group) {
+            Some(g) if seq > g.last_seen => {
+                g.last_seen = seq;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn load(path: &Path) -> State {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            let bad = path.with_extension("json.bad");
+            tracing::warn!(path = %path.display(), error = %e, "unreadable state set aside");
+            let _ = std::fs::rename(path, bad);
+            State::default()
+        }),
+        Err(_) => State::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_garbage_is_set_aside() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let user = UserName::new("alice").expect("name");
+        let mut f = StateFile::open(Some(dir.path().to_owned()), &user);
+        f.state.groups.insert(
+            "Cool Group".into(),
+            GroupState {
+                endpoint: "tcp://127.0.0.1:1".into(),
+                last_seen: 3,
+                subscribed: true,
+            },
+        );
+        assert!(f.seen("Cool Group", 5));
+        assert!(!f.seen("Cool Group", 4));
+        f.save().expect("save");
+        let again = StateFile::open(Some(dir.path().to_owned()), &user);
+        assert_eq!(again.state, f.state);
+
+        std::fs::write(dir.path().join("alice.json"), b"{not json").expect("write");
+        let fresh = StateFile::open(Some(dir.path().to_owned()), &user);
+        assert!(fresh.state.groups.is_empty());
+        assert!(dir.path().join("alice.json.bad").exists());
+    }
+}
