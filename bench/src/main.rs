@@ -22,6 +22,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::value::RawValue;
 
+mod live;
+
 /// Benchmarks a real group node on loopback.
 #[derive(Debug, Parser)]
 #[command(name = "agora-bench", about)]
@@ -41,11 +43,23 @@ struct Args {
     /// Body size in bytes.
     #[arg(long, default_value_t = 128)]
     body_bytes: usize,
+    /// Sequential sends per live latency run.
+    #[arg(long, default_value_t = 1_000)]
+    latency_messages: u64,
+    /// Messages per fan-out run.
+    #[arg(long, default_value_t = 20_000)]
+    fanout_messages: u64,
+    /// Skip the storage benchmarks (acked sends, replay, memory).
+    #[arg(long)]
+    live_only: bool,
+    /// Skip the live-stream benchmarks.
+    #[arg(long)]
+    no_live: bool,
 }
 
-struct NodeProc {
+pub(crate) struct NodeProc {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
     _dir: tempfile::TempDir,
 }
 
@@ -67,7 +81,9 @@ impl NodeProc {
     }
 }
 
-fn start_node() -> anyhow::Result<NodeProc> {
+/// Starts the release `group-node` beside this binary on a free loopback port, with `extra`
+/// arguments, in a temporary data directory.
+pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
     let exe = std::env::current_exe()?;
     let bin: PathBuf = exe.with_file_name("group-node");
     if !bin.exists() {
@@ -80,6 +96,7 @@ fn start_node() -> anyhow::Result<NodeProc> {
     let mut child = Command::new(&bin)
         .args(["bench", "127.0.0.1:0", "--no-registry", "--data-dir"])
         .arg(dir.path())
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -98,13 +115,13 @@ fn start_node() -> anyhow::Result<NodeProc> {
     })
 }
 
-fn body(n: u64, bytes: usize) -> Box<RawValue> {
+pub(crate) fn body(n: u64, bytes: usize) -> Box<RawValue> {
     let text = format!("{n:0>width$}", width = bytes.saturating_sub(2));
     RawValue::from_string(format!("\"{text}\"")).unwrap_or_else(|_| unreachable!("digits are JSON"))
 }
 
 /// Sends `count` messages with `window` in flight on one DEALER; returns the time taken.
-fn windowed_sends(
+pub(crate) fn windowed_sends(
     ctx: &zmq::Context,
     endpoint: &str,
     user: &UserName,
@@ -143,8 +160,30 @@ fn windowed_sends(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    println!("{:<52} {:>14}", "measure", "result");
+    if !args.live_only {
+        storage(&args)?;
+    }
+    if !args.no_live {
+        for subs in [1, 10, 100] {
+            live::latency(subs, args.latency_messages, args.body_bytes)?;
+        }
+        live::fanout(10, args.fanout_messages, args.window, args.body_bytes, &[])?;
+        // Every 10th push dropped on purpose: backfill must recover all of them.
+        live::fanout(
+            10,
+            args.fanout_messages,
+            args.window,
+            args.body_bytes,
+            &["--fault-drop-push-every", "10"],
+        )?;
+    }
+    Ok(())
+}
+
+fn storage(args: &Args) -> anyhow::Result<()> {
     let ctx = zmq::Context::new();
-    let node = start_node()?;
+    let node = start_node(&[])?;
     let user = UserName::new("bench")?;
     let options = ClientOptions {
         timeout: Duration::from_secs(30),
@@ -153,7 +192,6 @@ fn main() -> anyhow::Result<()> {
     let mut client = GroupClient::new(&ctx, &node.endpoint, user.clone(), None, options);
     client.join()?;
     let rss_empty = node.rss_kib()?;
-    println!("{:<52} {:>14}", "measure", "result");
 
     let started = Instant::now();
     for n in 0..args.sequential {

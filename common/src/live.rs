@@ -32,6 +32,10 @@ use crate::shutdown::SHUTDOWN_POLL;
 /// How soon a subscribe that found no connection is tried again.
 const RETRY_UNCONNECTED: Duration = Duration::from_millis(50);
 
+/// How long a gap revealed by a `subscribe` reply may wait for pushes already on their way
+/// (the node sends a batch's replies before its pushes) before the feed backfills it.
+const PUSH_GRACE: Duration = Duration::from_millis(100);
+
 /// How a feed subscribes and catches up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeedOptions {
@@ -174,6 +178,8 @@ struct GroupFeed {
     last_seq: Option<u64>,
     next_renew: Instant,
     subscribed: bool,
+    /// The node's last seq from a reply, and when to backfill if it is still ahead of us.
+    behind: Option<(u64, Instant)>,
 }
 
 struct Worker {
@@ -251,6 +257,7 @@ impl Worker {
             backfill,
             next_renew: Instant::now(),
             subscribed: false,
+            behind: None,
             spec,
         };
         if let Some(old) = self.groups.insert(g.spec.endpoint.clone(), g) {
@@ -300,8 +307,26 @@ impl Worker {
                 g.next_renew = now + next;
             }
         }
+        let lagging: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.behind.is_some_and(|(_, at)| at <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in lagging {
+            let Some(g) = self.groups.get_mut(&key) else {
+                continue;
+            };
+            let target = g.behind.take().map_or(0, |(seq, _)| seq);
+            if g.last_seq.unwrap_or(0) < target {
+                self.backfill(&key)?;
+            }
+        }
         for g in self.groups.values() {
             wait = wait.min(g.next_renew.saturating_duration_since(now));
+            if let Some((_, at)) = g.behind {
+                wait = wait.min(at.saturating_duration_since(now));
+            }
         }
         let keys: Vec<String> = self.groups.keys().cloned().collect();
         let ready: Vec<bool> = {
@@ -386,6 +411,14 @@ impl Worker {
         let first = !g.subscribed;
         g.subscribed = true;
         let last = *g.last_seq.get_or_insert(reply.last_seq);
+        if reply.last_seq > last {
+            // Entries up to last_seq may still be on their way as pushes: give them a moment.
+            let at = Instant::now() + PUSH_GRACE;
+            g.behind = Some(match g.behind {
+                Some((seq, t)) => (seq.max(reply.last_seq), t.min(at)),
+                None => (reply.last_seq, at),
+            });
+        }
         let label = g.spec.label.clone();
         if first {
             self.emit(FeedEvent::Subscribed {
@@ -393,9 +426,6 @@ impl Worker {
                 group: reply.group,
                 last_seq: reply.last_seq,
             })?;
-        }
-        if reply.last_seq > last {
-            self.backfill(key)?;
         }
         Ok(())
     }

@@ -1,0 +1,212 @@
+//! Live-stream benchmarks: send→deliver latency and fan-out throughput, through the real
+//! node and the `common::live` feed (the same code user-cli runs).
+
+use std::sync::mpsc::Receiver;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientOptions, GroupClient};
+use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
+use agora_common::proto::{EntryKind, UserName};
+use anyhow::{bail, Context};
+
+use crate::{body, start_node, windowed_sends};
+
+/// What one subscriber saw: (seq, when, came live).
+type Seen = Vec<(u64, Instant, bool)>;
+
+struct Subscriber {
+    _feed: Feed,
+    thread: JoinHandle<Seen>,
+}
+
+fn subscribe(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    count: usize,
+    until_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<Vec<Subscriber>> {
+    let mut subs = Vec::new();
+    let mut ready = Vec::new();
+    for i in 0..count {
+        let user = UserName::new(format!("sub{i}"))?;
+        GroupClient::new(ctx, endpoint, user.clone(), None, ClientOptions::default()).join()?;
+        let (feed, rx) = Feed::start(ctx, user, FeedOptions::default())?;
+        feed.add(GroupSpec {
+            label: "bench".into(),
+            endpoint: endpoint.to_owned(),
+            group: None,
+            after_seq: None,
+        });
+        let (tx_ready, rx_ready) = std::sync::mpsc::channel();
+        ready.push(rx_ready);
+        let until = std::sync::Arc::clone(&until_seq);
+        let thread = std::thread::spawn(move || collect(&rx, &tx_ready, &until));
+        subs.push(Subscriber {
+            _feed: feed,
+            thread,
+        });
+    }
+    for r in ready {
+        r.recv_timeout(Duration::from_secs(30))
+            .context("a subscriber never subscribed")?;
+    }
+    Ok(subs)
+}
+
+fn collect(
+    rx: &Receiver<FeedEvent>,
+    ready: &std::sync::mpsc::Sender<()>,
+    until: &std::sync::atomic::AtomicU64,
+) -> Seen {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(FeedEvent::Subscribed { .. }) => {
+                let _ = ready.send(());
+            }
+            Ok(FeedEvent::Entry { entry, live, .. }) => {
+                if entry.kind == EntryKind::Message {
+                    seen.push((entry.seq, Instant::now(), live));
+                }
+                let target = until.load(std::sync::atomic::Ordering::SeqCst);
+                if target > 0 && entry.seq >= target {
+                    return seen;
+                }
+            }
+            Ok(FeedEvent::Error { .. }) => {}
+            Err(_) => return seen,
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Latency from the start of a `send` to each subscriber's delivery, `messages` sequential
+/// sends, with `subscribers` subscribers. Prints p50 and p99.
+pub fn latency(subscribers: usize, messages: u64, bytes: usize) -> anyhow::Result<()> {
+    let ctx = zmq::Context::new();
+    let node = start_node(&[])?;
+    let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let subs = subscribe(
+        &ctx,
+        &node.endpoint,
+        subscribers,
+        std::sync::Arc::clone(&until),
+    )?;
+    let user = UserName::new("sender")?;
+    let mut sender = GroupClient::new(&ctx, &node.endpoint, user, None, ClientOptions::default());
+    sender.join()?;
+    let mut sent_at = std::collections::HashMap::new();
+    let mut last = 0;
+    for n in 0..messages {
+        let t = Instant::now();
+        let ack = sender.send(body(n, bytes))?;
+        sent_at.insert(ack.seq, t);
+        last = ack.seq;
+    }
+    until.store(last, std::sync::atomic::Ordering::SeqCst);
+    let mut samples = Vec::new();
+    let mut backfilled = 0u64;
+    for s in subs {
+        let seen = s
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("subscriber panicked"))?;
+        if seen.len() as u64 != messages {
+            bail!("a subscriber got {} of {messages} messages", seen.len());
+        }
+        for (seq, at, live) in seen {
+            backfilled += u64::from(!live);
+            if let Some(t) = sent_at.get(&seq) {
+                samples.push(at.saturating_duration_since(*t));
+            }
+        }
+    }
+    samples.sort();
+    println!(
+        "{:<52} {:>7.0} µs / {:>6.0} µs",
+        format!("send→deliver p50 / p99, {subscribers} subscriber(s)"),
+        percentile(&samples, 0.50).as_secs_f64() * 1e6,
+        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+    );
+    if backfilled > 0 {
+        println!(
+            "{:<52} {:>10}",
+            "  (entries that came by backfill)", backfilled
+        );
+    }
+    Ok(())
+}
+
+/// Fan-out: `messages` sent with `window` in flight, to `subscribers` subscribers. Prints
+/// delivered messages per second (all subscribers together), how many entries missed their
+/// push and came by backfill, and how many were lost after backfill (must be 0).
+pub fn fanout(
+    subscribers: usize,
+    messages: u64,
+    window: usize,
+    bytes: usize,
+    node_args: &[&str],
+) -> anyhow::Result<()> {
+    let ctx = zmq::Context::new();
+    let node = start_node(node_args)?;
+    let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let subs = subscribe(
+        &ctx,
+        &node.endpoint,
+        subscribers,
+        std::sync::Arc::clone(&until),
+    )?;
+    let user = UserName::new("sender")?;
+    let mut sender = GroupClient::new(
+        &ctx,
+        &node.endpoint,
+        user.clone(),
+        None,
+        ClientOptions::default(),
+    );
+    let joined = sender.join()?;
+    let started = Instant::now();
+    windowed_sends(&ctx, &node.endpoint, &user, messages, window, bytes)?;
+    // Entries: the subscribers' joins came before; the sender's join, then the messages.
+    until.store(
+        joined.last_seq + messages,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let (mut delivered, mut backfilled, mut lost) = (0u64, 0u64, 0u64);
+    let mut done = started;
+    for s in subs {
+        let seen = s
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("subscriber panicked"))?;
+        delivered += seen.len() as u64;
+        backfilled += seen.iter().filter(|(_, _, live)| !live).count() as u64;
+        lost += messages.saturating_sub(seen.len() as u64);
+        if let Some((_, at, _)) = seen.last() {
+            done = done.max(*at);
+        }
+    }
+    let secs = done.saturating_duration_since(started).as_secs_f64();
+    println!(
+        "{:<52} {:>10.0} /s",
+        format!(
+            "fan-out delivered, {subscribers} subs, {window} in flight {}",
+            node_args.join(" ")
+        ),
+        delivered as f64 / secs
+    );
+    println!(
+        "{:<52} {:>10}",
+        "  missed their push (came by backfill)", backfilled
+    );
+    println!("{:<52} {:>10}", "  lost after backfill", lost);
+    Ok(())
+}
