@@ -12,7 +12,9 @@
 //! - every renewal reply carries the node's `last_seq`, so a gap is found even when no push
 //!   arrives (an idle group after a restart, a client that was offline).
 //!
-//! Backfill uses a separate Lazy Pirate REQ client, so a dead node delays only its own group.
+//! Backfill uses a separate Lazy Pirate REQ client on the feed thread: a node that dies in
+//! the middle of a backfill holds the other groups' entries back for up to the client
+//! timeout (nothing is lost; they are delivered after).
 //! The consumer receives [`FeedEvent`]s through a bounded channel: a slow consumer slows the
 //! feed, the node drops pushes to it at its HWM, and the feed backfills later.
 
@@ -431,7 +433,8 @@ impl Worker {
     }
 
     /// Hands `entry` to the consumer unless it is a duplicate; a live entry past the next
-    /// expected seq triggers a backfill first. A backfilled entry past a gap (its
+    /// expected seq triggers a backfill first, and is dropped (to be read back in order
+    /// later) if the backfill cannot close the gap. A backfilled entry past a gap (its
     /// predecessors were deleted by retention) is delivered as it is.
     fn deliver(
         &mut self,
@@ -449,6 +452,17 @@ impl Worker {
         }
         if entry.seq > last + 1 && live {
             self.backfill(key)?;
+            let Some(g) = self.groups.get_mut(key) else {
+                return Ok(());
+            };
+            let last = g.last_seq.unwrap_or(0);
+            if entry.seq > last + 1 {
+                // The backfill could not close the gap (node unreachable). Showing this
+                // entry now would skip the missing ones for good: drop it, and read it
+                // from the log in order once the node answers again.
+                g.behind = Some((entry.seq, Instant::now() + PUSH_GRACE));
+                return Ok(());
+            }
             return self.deliver(key, group, entry, false);
         }
         g.last_seq = Some(entry.seq);
