@@ -158,6 +158,14 @@ pub(crate) fn windowed_sends(
     Ok(started.elapsed())
 }
 
+/// The chat messages of a page (not the join/leave events).
+fn chat_messages(page: &agora_common::proto::MessagesPage) -> u64 {
+    page.messages
+        .iter()
+        .filter(|m| m.kind == agora_common::proto::EntryKind::Message)
+        .count() as u64
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!("{:<52} {:>14}", "measure", "result");
@@ -228,7 +236,7 @@ fn storage(args: &Args) -> anyhow::Result<()> {
     let mut replayed = 0u64;
     let from = stored.saturating_sub(args.replay);
     client.for_each_page(HistoryQuery::AfterSeq(from), Some(1000), |page| {
-        replayed += page.messages.len() as u64;
+        replayed += chat_messages(page);
         true
     })?;
     let secs = started.elapsed().as_secs_f64();
@@ -258,7 +266,7 @@ fn storage(args: &Args) -> anyhow::Result<()> {
     let rss_full = node.rss_kib()?;
     let mut all = 0u64;
     client.for_each_page(HistoryQuery::AfterSeq(0), Some(1000), |page| {
-        all += page.messages.len() as u64;
+        all += chat_messages(page);
         true
     })?;
     let rss_after_replay = node.rss_kib()?;
