@@ -1,68 +1,18 @@
 //! In-process tests of the live stream: a real [`Node`] and the `common::live` feed.
 
 use std::sync::mpsc::Receiver;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientOptions, GroupClient};
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
-use agora_common::proto::{EntryKind, GroupName, UserName};
-use agora_common::shutdown::Shutdown;
-use agora_group_node::{Config, Node};
+use agora_common::proto::{EntryKind, UserName};
 use serde_json::value::RawValue;
 
-struct Running {
-    endpoint: String,
-    shutdown: Shutdown,
-    thread: Option<JoinHandle<()>>,
-    ctx: zmq::Context,
-    _dir: tempfile::TempDir,
-}
+mod support;
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        if let Some(t) = self.thread.take() {
-            t.join().expect("node thread");
-        }
-    }
-}
-
-fn start(tune: impl FnOnce(&mut Config)) -> Running {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::new(
-        GroupName::new("live").expect("name"),
-        "tcp://127.0.0.1:0",
-        dir.path().to_owned(),
-    );
-    tune(&mut config);
-    let ctx = zmq::Context::new();
-    let node = Node::bind(&ctx, config).expect("bind");
-    let endpoint = node.endpoint().to_string();
-    let shutdown = Shutdown::new();
-    let flag = shutdown.clone();
-    let thread = std::thread::spawn(move || node.run(&flag).expect("run"));
-    Running {
-        endpoint,
-        shutdown,
-        thread: Some(thread),
-        ctx,
-        _dir: dir,
-    }
-}
+use support::{client, start, Running};
 
 fn user(n: &str) -> UserName {
     UserName::new(n).expect("name")
-}
-
-fn client(n: &Running, name: &str) -> GroupClient {
-    GroupClient::new(
-        &n.ctx,
-        &n.endpoint,
-        user(name),
-        None,
-        ClientOptions::default(),
-    )
 }
 
 fn feed(n: &Running, name: &str, after_seq: Option<u64>) -> (Feed, Receiver<FeedEvent>) {
@@ -103,7 +53,7 @@ fn seqs_until(rx: &Receiver<FeedEvent>, last: u64) -> (Vec<u64>, u64) {
 
 #[test]
 fn dropped_pushes_are_backfilled_and_every_seq_arrives_once_in_order() {
-    let n = start(|c| c.fault_drop_push_every = 25);
+    let n = start("live", |c| c.fault_drop_push_every = 25);
     let mut alice = client(&n, "alice");
     alice.join().expect("join");
     let (_feed, rx) = feed(&n, "alice", Some(0));
@@ -132,7 +82,7 @@ fn wait_subscribed(rx: &Receiver<FeedEvent>) {
 
 #[test]
 fn without_drops_every_entry_after_subscribing_arrives_live() {
-    let n = start(|_| {});
+    let n = start("live", |_| {});
     let mut alice = client(&n, "alice");
     let joined = alice.join().expect("join");
     let (_feed, rx) = feed(&n, "alice", None);
@@ -151,7 +101,7 @@ fn without_drops_every_entry_after_subscribing_arrives_live() {
 
 #[test]
 fn joins_and_leaves_are_pushed_and_a_leaver_gets_nothing_more() {
-    let n = start(|_| {});
+    let n = start("live", |_| {});
     let (mut alice, mut bob) = (client(&n, "alice"), client(&n, "bob"));
     alice.join().expect("join");
     bob.join().expect("join");

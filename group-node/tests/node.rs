@@ -1,65 +1,16 @@
 //! In-process tests: a real [`Node`] on an ephemeral loopback port, driven over ZeroMQ.
 
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
 use agora_common::codec::Frames;
 use agora_common::id::MessageId;
-use agora_common::proto::{EntryKind, ErrorCode, GroupName, HistoryQuery, UserName, PROTOCOL};
-use agora_common::shutdown::Shutdown;
-use agora_group_node::{Config, Node};
+use agora_common::proto::{EntryKind, ErrorCode, HistoryQuery, UserName, PROTOCOL};
 use serde_json::value::RawValue;
 
-struct Running {
-    endpoint: String,
-    shutdown: Shutdown,
-    thread: Option<JoinHandle<()>>,
-    ctx: zmq::Context,
-    _dir: tempfile::TempDir,
-}
+mod support;
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        if let Some(t) = self.thread.take() {
-            t.join().expect("node thread");
-        }
-    }
-}
-
-fn start(max_message_bytes: usize) -> Running {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::new(
-        GroupName::new("Cool Group").expect("name"),
-        "tcp://127.0.0.1:0",
-        dir.path().to_owned(),
-    );
-    config.max_message_bytes = max_message_bytes;
-    let ctx = zmq::Context::new();
-    let node = Node::bind(&ctx, config).expect("bind");
-    let endpoint = node.endpoint().to_string();
-    let shutdown = Shutdown::new();
-    let flag = shutdown.clone();
-    let thread = std::thread::spawn(move || node.run(&flag).expect("run"));
-    Running {
-        endpoint,
-        shutdown,
-        thread: Some(thread),
-        ctx,
-        _dir: dir,
-    }
-}
-
-fn client(n: &Running, user: &str) -> GroupClient {
-    GroupClient::new(
-        &n.ctx,
-        &n.endpoint,
-        UserName::new(user).expect("name"),
-        None,
-        ClientOptions::default(),
-    )
-}
+use support::{client, start, Running};
 
 fn body(json: &str) -> Box<RawValue> {
     RawValue::from_string(json.to_owned()).expect("json")
@@ -91,7 +42,7 @@ fn server_code(e: ClientError) -> ErrorCode {
 
 #[test]
 fn garbage_gets_specific_errors_and_harms_nothing() {
-    let n = start(1000);
+    let n = start("Cool Group", |c| c.max_message_bytes = 1000);
     let mut alice = client(&n, "alice");
     alice.join().expect("join");
     let first = alice.send(body(r#""before the garbage""#)).expect("send");
@@ -227,7 +178,7 @@ fn garbage_gets_specific_errors_and_harms_nothing() {
 
 #[test]
 fn a_retried_send_is_stored_once_and_a_reused_id_conflicts() {
-    let n = start(1 << 20);
+    let n = start("Cool Group", |_| {});
     let mut alice = client(&n, "alice");
     alice.join().expect("join");
     let id = MessageId::new_v7();
@@ -253,7 +204,7 @@ fn a_retried_send_is_stored_once_and_a_reused_id_conflicts() {
 
 #[test]
 fn history_is_paginated_in_seq_order() {
-    let n = start(1 << 20);
+    let n = start("Cool Group", |_| {});
     let mut alice = client(&n, "alice");
     alice.join().expect("join");
     for i in 1..=250 {
@@ -282,7 +233,7 @@ fn history_is_paginated_in_seq_order() {
 
 #[test]
 fn membership_changes_are_idempotent_and_listed() {
-    let n = start(1 << 20);
+    let n = start("Cool Group", |_| {});
     let mut alice = client(&n, "alice");
     let mut bob = client(&n, "bob");
     assert!(alice.join().expect("join").changed);

@@ -1,0 +1,64 @@
+//! Shared harness for the in-process node tests: a real [`Node`] on an ephemeral loopback
+//! port in a temporary data directory, stopped and joined on drop.
+
+use std::thread::JoinHandle;
+
+use agora_common::client::{ClientOptions, GroupClient};
+use agora_common::proto::{GroupName, UserName};
+use agora_common::shutdown::Shutdown;
+use agora_group_node::{Config, Node};
+
+/// A node serving on its own thread.
+pub struct Running {
+    /// The endpoint it bound.
+    pub endpoint: String,
+    /// The context tests create their sockets in.
+    pub ctx: zmq::Context,
+    shutdown: Shutdown,
+    thread: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(t) = self.thread.take() {
+            t.join().expect("node thread");
+        }
+    }
+}
+
+/// Starts a node for group `name`, its config adjusted by `tune`.
+pub fn start(name: &str, tune: impl FnOnce(&mut Config)) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(
+        GroupName::new(name).expect("name"),
+        "tcp://127.0.0.1:0",
+        dir.path().to_owned(),
+    );
+    tune(&mut config);
+    let ctx = zmq::Context::new();
+    let node = Node::bind(&ctx, config).expect("bind");
+    let endpoint = node.endpoint().to_string();
+    let shutdown = Shutdown::new();
+    let flag = shutdown.clone();
+    let thread = std::thread::spawn(move || node.run(&flag).expect("run"));
+    Running {
+        endpoint,
+        ctx,
+        shutdown,
+        thread: Some(thread),
+        _dir: dir,
+    }
+}
+
+/// A client of the node acting as `user`.
+pub fn client(n: &Running, user: &str) -> GroupClient {
+    GroupClient::new(
+        &n.ctx,
+        &n.endpoint,
+        UserName::new(user).expect("name"),
+        None,
+        ClientOptions::default(),
+    )
+}
