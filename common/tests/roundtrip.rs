@@ -1,0 +1,248 @@
+//! Property: for every request and reply type, encoding then decoding gives back the value
+//! (and encoding it again gives the same bytes).
+
+use agora_common::codec::{decode_reply, decode_request, encode_error, encode_ok, encode_request};
+use agora_common::id::MessageId;
+use agora_common::proto::*;
+use agora_common::time::Timestamp;
+use proptest::prelude::*;
+use serde_json::value::RawValue;
+
+fn group() -> impl Strategy<Value = GroupName> {
+    prop_oneof![
+        "[A-Za-z0-9][A-Za-z0-9 _.-]{0,30}[A-Za-z0-9]",
+        "[A-Za-z]",
+        "\\PC{1,20}",
+    ]
+    .prop_filter_map("valid group name", |s| GroupName::new(s).ok())
+}
+
+fn user() -> impl Strategy<Value = UserName> {
+    "[A-Za-z0-9_.-]{1,32}".prop_map(|s| UserName::new(s).expect("valid by construction"))
+}
+
+fn endpoint() -> impl Strategy<Value = Endpoint> {
+    (
+        prop_oneof![
+            "[a-z][a-z0-9-]{0,20}".boxed(),
+            (any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>())
+                .prop_map(|(a, b, c, d)| format!("{a}.{b}.{c}.{d}"))
+                .boxed(),
+            Just("[::1]".to_owned()).boxed(),
+        ],
+        1u16..,
+    )
+        .prop_map(|(host, port)| Endpoint::new(format!("tcp://{host}:{port}")).expect("valid"))
+}
+
+fn time() -> impl Strategy<Value = Timestamp> {
+    // Year 1 to 9999, what RFC 3339 can write.
+    (-62_135_596_800_000_000i64..=253_402_300_799_999_999).prop_map(Timestamp::from_micros)
+}
+
+fn id() -> impl Strategy<Value = MessageId> {
+    any::<[u8; 16]>().prop_map(MessageId::from_bytes)
+}
+
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
+        "\\PC{0,20}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+            prop::collection::btree_map("\\PC{0,8}", inner, 0..6)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn body() -> impl Strategy<Value = Box<RawValue>> {
+    json().prop_map(|v| RawValue::from_string(v.to_string()).expect("serde_json writes JSON"))
+}
+
+fn kind() -> impl Strategy<Value = EntryKind> {
+    prop_oneof![
+        Just(EntryKind::Message),
+        Just(EntryKind::Join),
+        Just(EntryKind::Leave)
+    ]
+}
+
+fn membership() -> impl Strategy<Value = MembershipRequest> {
+    (prop::option::of(group()), user()).prop_map(|(group, user)| MembershipRequest { group, user })
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (group(), endpoint(), any::<u64>()).prop_map(|(name, endpoint, members)| {
+            Request::Register(RegisterRequest {
+                name,
+                endpoint,
+                members,
+            })
+        }),
+        (group(), endpoint())
+            .prop_map(|(name, endpoint)| Request::Unregister(UnregisterRequest { name, endpoint })),
+        Just(Request::List(ListRequest {})),
+        group().prop_map(|name| Request::Lookup(LookupRequest { name })),
+        prop::option::of(group()).prop_map(|group| Request::Info(InfoRequest { group })),
+        membership().prop_map(Request::Join),
+        membership().prop_map(Request::Leave),
+        membership().prop_map(Request::Subscribe),
+        membership().prop_map(Request::Unsubscribe),
+        prop::option::of(group()).prop_map(|group| Request::Members(MembersRequest { group })),
+        (
+            prop::option::of(group()),
+            user(),
+            body(),
+            prop::option::of(id())
+        )
+            .prop_map(|(group, user, body, id)| Request::Send(SendRequest {
+                group,
+                user,
+                body,
+                id
+            })),
+        (
+            prop::option::of(group()),
+            user(),
+            prop::option::of(any::<u64>()),
+            prop::option::of(time()),
+            prop::option::of(id()),
+            prop::option::of(any::<u32>()),
+            prop::option::of(any::<u32>()),
+        )
+            .prop_map(|(group, user, after_seq, since, id, latest, limit)| {
+                Request::GetMessages(GetMessagesRequest {
+                    group,
+                    user,
+                    after_seq,
+                    since,
+                    id,
+                    latest,
+                    limit,
+                })
+            }),
+    ]
+}
+
+fn entry() -> impl Strategy<Value = Message> {
+    (any::<u64>(), id(), time(), user(), kind(), body()).prop_map(
+        |(seq, id, time, sender, kind, body)| Message {
+            seq,
+            id,
+            time,
+            sender,
+            kind,
+            body,
+        },
+    )
+}
+
+fn group_entry() -> impl Strategy<Value = GroupEntry> {
+    (group(), endpoint(), any::<u64>(), time(), time()).prop_map(
+        |(name, endpoint, members, registered_at, last_heartbeat)| GroupEntry {
+            name,
+            endpoint,
+            members,
+            registered_at,
+            last_heartbeat,
+        },
+    )
+}
+
+fn round_trip<T>(value: &T) -> T
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    decode_reply::<T>(&encode_ok(value))
+        .expect("well-formed frames")
+        .expect("an ok reply")
+}
+
+proptest! {
+    #[test]
+    fn every_request_round_trips(req in request()) {
+        let wire = encode_request(&req);
+        let back = decode_request(&wire).expect("decodes");
+        prop_assert_eq!(back.action(), req.action());
+        prop_assert_eq!(encode_request(&back), wire);
+    }
+
+    #[test]
+    fn entry_replies_round_trip(
+        g in group(),
+        entries in prop::collection::vec(entry(), 0..5),
+        more in any::<bool>(),
+    ) {
+        let page = MessagesPage { group: g.clone(), messages: entries.clone(), more };
+        prop_assert_eq!(round_trip(&page), page);
+        for e in entries {
+            let event = PushEvent { event: "entry".into(), group: g.clone(), entry: e };
+            prop_assert_eq!(round_trip(&event), event);
+        }
+    }
+
+    #[test]
+    fn registry_replies_round_trip(
+        entries in prop::collection::vec(group_entry(), 0..5),
+        heartbeat_ms in any::<u64>(),
+        ttl_ms in any::<u64>(),
+    ) {
+        let list = ListReply { groups: entries.clone() };
+        prop_assert_eq!(round_trip(&list), list);
+        for group in entries {
+            let lookup = LookupReply { group: group.clone() };
+            prop_assert_eq!(round_trip(&lookup), lookup);
+            let reg = RegisterReply { group, heartbeat_ms, ttl_ms };
+            prop_assert_eq!(round_trip(&reg), reg);
+        }
+    }
+
+    #[test]
+    fn node_replies_round_trip(
+        g in group(),
+        u in user(),
+        n in any::<u64>(),
+        changed in any::<bool>(),
+        t in time(),
+        i in id(),
+        members in prop::collection::vec((user(), time()), 0..5),
+    ) {
+        let info = InfoReply { group: g.clone(), last_seq: n, members: n / 2, max_message_bytes: n };
+        prop_assert_eq!(round_trip(&info), info);
+        let m = MembershipReply { group: g.clone(), user: u, changed, last_seq: n };
+        prop_assert_eq!(round_trip(&m), m);
+        let list = MembersReply {
+            group: g.clone(),
+            members: members.into_iter().map(|(user, joined_at)| Member { user, joined_at }).collect(),
+        };
+        prop_assert_eq!(round_trip(&list), list);
+        let ack = SendAck { seq: n, id: i, time: t, duplicate: changed };
+        prop_assert_eq!(round_trip(&ack), ack);
+        let sub = SubscribeReply { group: g.clone(), last_seq: n, lease_ms: n };
+        prop_assert_eq!(round_trip(&sub), sub);
+        let unsub = UnsubscribeReply { group: g, changed };
+        prop_assert_eq!(round_trip(&unsub), unsub);
+    }
+
+    #[test]
+    fn error_replies_round_trip(code in prop::sample::select(vec![
+        ErrorCode::BadFrames, ErrorCode::UnsupportedVersion, ErrorCode::InvalidJson,
+        ErrorCode::InvalidField, ErrorCode::UnknownAction, ErrorCode::TooLarge,
+        ErrorCode::NotMember, ErrorCode::UnknownGroup, ErrorCode::NameTaken,
+        ErrorCode::NotFound, ErrorCode::IdConflict, ErrorCode::LimitReached,
+        ErrorCode::Internal,
+    ]), message in "\\PC{0,40}") {
+        let e = WireError::new(code, message);
+        let back = decode_reply::<Empty>(&encode_error(&e)).expect("frames");
+        prop_assert_eq!(back, Err(e));
+    }
+}
