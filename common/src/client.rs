@@ -67,11 +67,21 @@ impl Default for ClientOptions {
     }
 }
 
+/// A client's CURVE settings (RFC 26): its own key pair and the server's public key.
+#[derive(Debug, Clone)]
+pub struct ClientCurve {
+    /// The client's key pair; the server knows the client by its public key.
+    pub keypair: crate::keys::Keypair,
+    /// The server's public key. With a wrong one, the handshake fails and no reply comes.
+    pub server_key: crate::keys::PublicKey,
+}
+
 /// A Lazy Pirate request/reply client for one endpoint.
 pub struct ReqClient {
     ctx: zmq::Context,
     endpoint: String,
     options: ClientOptions,
+    curve: Option<ClientCurve>,
     socket: Option<zmq::Socket>,
 }
 
@@ -92,8 +102,16 @@ impl ReqClient {
             ctx: ctx.clone(),
             endpoint: endpoint.into(),
             options,
+            curve: None,
             socket: None,
         }
+    }
+
+    /// Talks CURVE to the server from now on (the next socket this client opens).
+    pub fn with_curve(mut self, curve: ClientCurve) -> Self {
+        self.curve = Some(curve);
+        self.socket = None;
+        self
     }
 
     /// The endpoint this client talks to.
@@ -106,6 +124,11 @@ impl ReqClient {
             let s = self.ctx.socket(zmq::REQ)?;
             s.set_linger(0)?;
             s.set_maxmsgsize(MAX_REPLY_BYTES)?;
+            if let Some(curve) = &self.curve {
+                s.set_curve_serverkey(curve.server_key.as_bytes())?;
+                s.set_curve_publickey(curve.keypair.public.as_bytes())?;
+                s.set_curve_secretkey(curve.keypair.secret_bytes())?;
+            }
             s.connect(&self.endpoint)?;
             self.socket = Some(s);
         }

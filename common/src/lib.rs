@@ -11,6 +11,7 @@
 //!   registry and group nodes.
 //! - [`server`]: ROUTER plumbing shared by the servers: bind, batch receive, reply.
 //! - [`live`]: the live stream client (zguide "Clone"): subscribe, dedupe by seq, backfill.
+//! - [`zap`]: the ZAP handler (RFC 27) that names CURVE clients by their keys.
 //! - [`shutdown`]: a cooperative shutdown flag that servers poll.
 //!
 //! `docs/PROTOCOL.md` is the normative description of everything on the wire; this crate
@@ -27,3 +28,4 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod time;
+pub mod zap;

@@ -9,10 +9,11 @@
 use serde::Serialize;
 
 use crate::codec::{decode_request, encode_error, encode_ok, split_envelope, CodecError, Frames};
+use crate::keys::{Keypair, PublicKey};
 use crate::proto::{Request, WireError};
 
-/// Socket bounds for a server's ROUTER.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Socket bounds and security for a server's ROUTER.
+#[derive(Debug, Clone)]
 pub struct RouterOptions {
     /// `ZMQ_MAXMSGSIZE`, in bytes: a peer sending a larger message is disconnected by libzmq.
     pub max_request_bytes: i64,
@@ -21,6 +22,10 @@ pub struct RouterOptions {
     /// ZMTP heartbeat interval (`ZMQ_HEARTBEAT_IVL`, RFC 37); a peer silent for three
     /// intervals (`ZMQ_HEARTBEAT_TIMEOUT`) is disconnected. `None` disables heartbeats.
     pub heartbeat: Option<std::time::Duration>,
+    /// The server's CURVE key pair: with it, the socket is a CURVE server (RFC 26) in ZAP
+    /// domain [`crate::zap::DOMAIN`], and a [`crate::zap::Authenticator`] must run in the
+    /// same context. `None` leaves the socket unencrypted (NULL mechanism).
+    pub curve: Option<Keypair>,
 }
 
 /// Binds a ROUTER at `endpoint` (`tcp://IP:PORT`; port 0 or `*` picks a free port) with
@@ -41,6 +46,11 @@ pub fn bind_router(
     socket.set_maxmsgsize(options.max_request_bytes)?;
     socket.set_sndhwm(options.hwm)?;
     socket.set_rcvhwm(options.hwm)?;
+    if let Some(keys) = &options.curve {
+        socket.set_curve_server(true)?;
+        socket.set_curve_secretkey(keys.secret_bytes())?;
+        socket.set_zap_domain(crate::zap::DOMAIN)?;
+    }
     if let Some(ivl) = options.heartbeat {
         let ms = i32::try_from(ivl.as_millis()).unwrap_or(i32::MAX).max(1);
         socket.set_heartbeat_ivl(ms)?;
@@ -70,6 +80,15 @@ pub fn poll_ready(socket: &zmq::Socket, timeout_ms: i64) -> Result<bool, zmq::Er
     }
 }
 
+/// A message as received: its frames, and the sender's key as ZAP authenticated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// All frames, envelope included.
+    pub frames: Frames,
+    /// The CURVE public key of the connection (`User-Id`), or `None` without CURVE.
+    pub peer: Option<PublicKey>,
+}
+
 /// Receives every message already waiting, up to `max`, into `out`, without blocking.
 ///
 /// # Errors
@@ -77,24 +96,44 @@ pub fn poll_ready(socket: &zmq::Socket, timeout_ms: i64) -> Result<bool, zmq::Er
 pub fn recv_batch(
     socket: &zmq::Socket,
     max: usize,
-    out: &mut Vec<Frames>,
+    out: &mut Vec<Received>,
 ) -> Result<(), zmq::Error> {
     while out.len() < max {
-        match socket.recv_multipart(zmq::DONTWAIT) {
-            Ok(frames) => out.push(frames),
+        let first = match socket.recv_msg(zmq::DONTWAIT) {
+            Ok(m) => m,
             Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => break,
             Err(e) => return Err(e),
+        };
+        let mut more = first.get_more();
+        let mut frames = vec![first.to_vec()];
+        let mut peer = None;
+        while more {
+            // The rest of a multipart message is already here: ZeroMQ delivers it whole.
+            let mut part = socket.recv_msg(0)?;
+            more = part.get_more();
+            // The routing id frame is made by the ROUTER itself and carries no metadata;
+            // the frames that came over the wire carry the connection's User-Id.
+            if peer.is_none() {
+                peer = part
+                    .gets("User-Id")
+                    .filter(|id| !id.is_empty())
+                    .and_then(|id| id.parse().ok());
+            }
+            frames.push(part.to_vec());
         }
+        out.push(Received { frames, peer });
     }
     Ok(())
 }
 
-/// A received request: the envelope to reply behind, and the decoded request or why it
-/// could not be decoded.
+/// A received request: the envelope to reply behind, the authenticated sender, and the
+/// decoded request or why it could not be decoded.
 #[derive(Debug)]
 pub struct Incoming {
     /// Identity frames and the empty delimiter.
     pub envelope: Frames,
+    /// The sender's CURVE key, as ZAP authenticated it.
+    pub peer: Option<PublicKey>,
     /// The request, or the decode error to answer with.
     pub request: Result<Request, CodecError>,
 }
@@ -105,10 +144,11 @@ impl Incoming {
     /// # Errors
     /// [`CodecError::NoDelimiter`]: there is no envelope, so nothing can be answered; the
     /// caller logs it and drops the message.
-    pub fn from_frames(frames: Frames) -> Result<Incoming, CodecError> {
-        let (envelope, body) = split_envelope(frames)?;
+    pub fn from_received(received: Received) -> Result<Incoming, CodecError> {
+        let (envelope, body) = split_envelope(received.frames)?;
         Ok(Incoming {
             envelope,
+            peer: received.peer,
             request: decode_request(&body),
         })
     }

@@ -174,6 +174,7 @@ impl Node {
             max_request_bytes: max_request_bytes(config.max_message_bytes),
             hwm: config.sndhwm,
             heartbeat: Some(Duration::from_secs(1)),
+            curve: None,
         };
         let (socket, bound) =
             bind_router(ctx, &config.bind, options).map_err(|source| NodeError::Bind {
@@ -268,7 +269,10 @@ impl Node {
     }
 
     /// Handles a batch in one transaction; replies only after the commit.
-    fn serve_batch(&mut self, batch: &mut Vec<Frames>) -> Result<(), NodeError> {
+    fn serve_batch(
+        &mut self,
+        batch: &mut Vec<agora_common::server::Received>,
+    ) -> Result<(), NodeError> {
         let now = Timestamp::now();
         let instant = Instant::now();
         let mut appended = Vec::new();
@@ -277,14 +281,14 @@ impl Node {
             tracing::error!(error = %e, "cannot start a transaction");
             let internal = WireError::new(ErrorCode::Internal, "storage failure; retry later");
             for frames in batch.drain(..) {
-                if let Ok(incoming) = Incoming::from_frames(frames) {
+                if let Ok(incoming) = Incoming::from_received(frames) {
                     replies.push((incoming.envelope, reply_frames::<()>(Err(internal.clone()))));
                 }
             }
             return self.send_all(replies);
         }
         for frames in batch.drain(..) {
-            let incoming = match Incoming::from_frames(frames) {
+            let incoming = match Incoming::from_received(frames) {
                 Ok(i) => i,
                 Err(e) => {
                     tracing::warn!(error = %e, "dropped unanswerable message");

@@ -104,6 +104,7 @@ impl Registry {
             max_request_bytes: MAX_REQUEST_BYTES,
             hwm: 1000,
             heartbeat: Some(Duration::from_secs(1)),
+            curve: None,
         };
         let (socket, endpoint) =
             bind_router(ctx, &config.bind, options).map_err(|source| RegistryError::Bind {
@@ -152,8 +153,8 @@ impl Registry {
         Ok(())
     }
 
-    fn serve_one(&mut self, frames: agora_common::codec::Frames) -> Result<(), RegistryError> {
-        let incoming = match Incoming::from_frames(frames) {
+    fn serve_one(&mut self, frames: agora_common::server::Received) -> Result<(), RegistryError> {
+        let incoming = match Incoming::from_received(frames) {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "dropped unanswerable message");
