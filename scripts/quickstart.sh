@@ -24,6 +24,18 @@ trap cleanup EXIT INT TERM
 
 "$bin/registry" --bind "$registry" >"$logs/registry.out" 2>"$logs/registry.log" &
 pids+=($!)
+# The registry prints `listening ENDPOINT public-key KEY`; everyone else needs that key.
+for _ in $(seq 1 100); do
+    [ -s "$logs/registry.out" ] && break
+    sleep 0.1
+done
+AGORA_REGISTRY_KEY=$(awk '$3 == "public-key" {print $4}' "$logs/registry.out")
+if [ -z "$AGORA_REGISTRY_KEY" ]; then
+    echo "quickstart: the registry did not start; its log ($logs/registry.log):" >&2
+    tail -n 5 "$logs/registry.log" >&2
+    exit 1
+fi
+export AGORA_REGISTRY_KEY
 "$bin/group-node" "Cool Group" "127.0.0.1:$((port + 5))" --registry "$registry" \
     >"$logs/cool.out" 2>"$logs/cool.log" &
 pids+=($!)
@@ -47,6 +59,7 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 
-echo "Local federation: registry $registry; groups \"Cool Group\" and \"news\"; logs in $logs"
+echo "Local federation: registry $registry (key $AGORA_REGISTRY_KEY);"
+echo "groups \"Cool Group\" and \"news\"; logs in $logs"
 echo "Try: join_group \"Cool Group\", send_message \"Cool Group\", get_messages \"Cool Group\""
 "$bin/user-cli" --registry "$registry" "$@"

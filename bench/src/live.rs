@@ -5,12 +5,12 @@ use std::sync::mpsc::Receiver;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientOptions, GroupClient};
+use agora_common::client::ClientOptions;
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_common::proto::{EntryKind, UserName};
 use anyhow::{bail, Context};
 
-use crate::{body, start_node, windowed_sends};
+use crate::{body, start_node, windowed_sends, NodeProc};
 
 /// What one subscriber saw: (seq, when, came live).
 type Seen = Vec<(u64, Instant, bool)>;
@@ -22,7 +22,7 @@ struct Subscriber {
 
 fn subscribe(
     ctx: &zmq::Context,
-    endpoint: &str,
+    node: &NodeProc,
     count: usize,
     until_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> anyhow::Result<Vec<Subscriber>> {
@@ -30,13 +30,15 @@ fn subscribe(
     let mut ready = Vec::new();
     for i in 0..count {
         let user = UserName::new(format!("sub{i}"))?;
-        GroupClient::new(ctx, endpoint, user.clone(), None, ClientOptions::default()).join()?;
-        let (feed, rx) = Feed::start(ctx, user, FeedOptions::default())?;
+        node.client(ctx, &user, ClientOptions::default())?.join()?;
+        let curve = node.curve()?;
+        let (feed, rx) = Feed::start(ctx, user, Some(curve.keypair), FeedOptions::default())?;
         feed.add(GroupSpec {
             label: "bench".into(),
-            endpoint: endpoint.to_owned(),
+            endpoint: node.endpoint.clone(),
             group: None,
             after_seq: None,
+            server_key: Some(curve.server_key),
         });
         let (tx_ready, rx_ready) = std::sync::mpsc::channel();
         ready.push(rx_ready);
@@ -94,14 +96,9 @@ pub fn latency(subscribers: usize, messages: u64, bytes: usize) -> anyhow::Resul
     let ctx = zmq::Context::new();
     let node = start_node(&[])?;
     let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let subs = subscribe(
-        &ctx,
-        &node.endpoint,
-        subscribers,
-        std::sync::Arc::clone(&until),
-    )?;
+    let subs = subscribe(&ctx, &node, subscribers, std::sync::Arc::clone(&until))?;
     let user = UserName::new("sender")?;
-    let mut sender = GroupClient::new(&ctx, &node.endpoint, user, None, ClientOptions::default());
+    let mut sender = node.client(&ctx, &user, ClientOptions::default())?;
     sender.join()?;
     let mut sent_at = std::collections::HashMap::new();
     let mut last = 0;
@@ -158,23 +155,12 @@ pub fn fanout(
     let ctx = zmq::Context::new();
     let node = start_node(node_args)?;
     let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let subs = subscribe(
-        &ctx,
-        &node.endpoint,
-        subscribers,
-        std::sync::Arc::clone(&until),
-    )?;
+    let subs = subscribe(&ctx, &node, subscribers, std::sync::Arc::clone(&until))?;
     let user = UserName::new("sender")?;
-    let mut sender = GroupClient::new(
-        &ctx,
-        &node.endpoint,
-        user.clone(),
-        None,
-        ClientOptions::default(),
-    );
+    let mut sender = node.client(&ctx, &user, ClientOptions::default())?;
     let joined = sender.join()?;
     let started = Instant::now();
-    windowed_sends(&ctx, &node.endpoint, &user, messages, window, bytes)?;
+    windowed_sends(&ctx, &node, &user, messages, window, bytes)?;
     // Entries: the subscribers' joins came before; the sender's join, then the messages.
     until.store(
         joined.last_seq + messages,

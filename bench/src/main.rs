@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientOptions, GroupClient};
+use agora_common::client::{ClientCurve, ClientOptions, GroupClient};
 use agora_common::codec::{decode_reply, encode_request};
 use agora_common::id::MessageId;
 use agora_common::proto::{HistoryQuery, Request, SendAck, SendRequest, UserName};
@@ -60,6 +60,8 @@ struct Args {
 pub(crate) struct NodeProc {
     child: Child,
     pub(crate) endpoint: String,
+    /// The node's CURVE public key, as it printed it.
+    key: agora_common::keys::PublicKey,
     _dir: tempfile::TempDir,
 }
 
@@ -71,6 +73,27 @@ impl Drop for NodeProc {
 }
 
 impl NodeProc {
+    /// CURVE settings for a new client of this node (a fresh key pair each time).
+    pub(crate) fn curve(&self) -> anyhow::Result<ClientCurve> {
+        Ok(ClientCurve {
+            keypair: agora_common::keys::Keypair::generate()?,
+            server_key: self.key,
+        })
+    }
+
+    /// A request client of this node acting as `user`, over CURVE.
+    pub(crate) fn client(
+        &self,
+        ctx: &zmq::Context,
+        user: &UserName,
+        options: ClientOptions,
+    ) -> anyhow::Result<GroupClient> {
+        Ok(
+            GroupClient::new(ctx, &self.endpoint, user.clone(), None, options)
+                .with_curve(self.curve()?),
+        )
+    }
+
     fn rss_kib(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         status
@@ -103,14 +126,14 @@ pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
         .spawn()?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let endpoint = line
-        .trim()
-        .strip_prefix("listening ")
-        .context("group-node printed no endpoint")?
-        .to_owned();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [_, endpoint, _, key] = words.as_slice() else {
+        bail!("group-node printed {line:?}, not `listening ENDPOINT public-key KEY`");
+    };
     Ok(NodeProc {
         child,
-        endpoint,
+        endpoint: (*endpoint).to_owned(),
+        key: key.parse()?,
         _dir: dir,
     })
 }
@@ -123,7 +146,7 @@ pub(crate) fn body(n: u64, bytes: usize) -> Box<RawValue> {
 /// Sends `count` messages with `window` in flight on one DEALER; returns the time taken.
 pub(crate) fn windowed_sends(
     ctx: &zmq::Context,
-    endpoint: &str,
+    node: &NodeProc,
     user: &UserName,
     count: u64,
     window: usize,
@@ -133,7 +156,11 @@ pub(crate) fn windowed_sends(
     s.set_linger(0)?;
     s.set_rcvtimeo(30_000)?;
     s.set_sndhwm(0)?;
-    s.connect(endpoint)?;
+    let curve = node.curve()?;
+    s.set_curve_serverkey(curve.server_key.as_bytes())?;
+    s.set_curve_publickey(curve.keypair.public.as_bytes())?;
+    s.set_curve_secretkey(curve.keypair.secret_bytes())?;
+    s.connect(&node.endpoint)?;
     let started = Instant::now();
     let (mut sent, mut acked) = (0u64, 0u64);
     while acked < count {
@@ -197,7 +224,7 @@ fn storage(args: &Args) -> anyhow::Result<()> {
         timeout: Duration::from_secs(30),
         attempts: 1,
     };
-    let mut client = GroupClient::new(&ctx, &node.endpoint, user.clone(), None, options);
+    let mut client = node.client(&ctx, &user, options)?;
     client.join()?;
     let rss_empty = node.rss_kib()?;
 
@@ -216,14 +243,7 @@ fn storage(args: &Args) -> anyhow::Result<()> {
     );
 
     let windowed = args.replay.max(10_000).min(args.messages);
-    let took = windowed_sends(
-        &ctx,
-        &node.endpoint,
-        &user,
-        windowed,
-        args.window,
-        args.body_bytes,
-    )?;
+    let took = windowed_sends(&ctx, &node, &user, windowed, args.window, args.body_bytes)?;
     println!(
         "{:<52} {:>10.0} /s",
         format!("acked sends, {} in flight ({} msgs)", args.window, windowed),
@@ -248,14 +268,7 @@ fn storage(args: &Args) -> anyhow::Result<()> {
 
     if stored < args.messages {
         let rest = args.messages - stored;
-        let took = windowed_sends(
-            &ctx,
-            &node.endpoint,
-            &user,
-            rest,
-            args.window,
-            args.body_bytes,
-        )?;
+        let took = windowed_sends(&ctx, &node, &user, rest, args.window, args.body_bytes)?;
         println!(
             "{:<52} {:>10.0} /s",
             format!("acked sends, {} in flight ({} msgs)", args.window, rest),

@@ -193,7 +193,14 @@ impl RegistryClient {
         self.req.endpoint()
     }
 
-    /// Registers or refreshes a group (the heartbeat).
+    /// Talks CURVE to the registry (see [`ReqClient::with_curve`]).
+    pub fn with_curve(self, curve: ClientCurve) -> Self {
+        RegistryClient {
+            req: self.req.with_curve(curve),
+        }
+    }
+
+    /// Registers or refreshes a group (the heartbeat), with the node's public key.
     ///
     /// # Errors
     /// [`ClientError::Server`] with `name_taken` when another live endpoint holds the name;
@@ -203,11 +210,13 @@ impl RegistryClient {
         name: &GroupName,
         endpoint: &Endpoint,
         members: u64,
+        public_key: Option<crate::keys::PublicKey>,
     ) -> Result<RegisterReply, ClientError> {
         self.req.call(&Request::Register(RegisterRequest {
             name: name.clone(),
             endpoint: endpoint.clone(),
             members,
+            public_key,
         }))
     }
 
@@ -276,6 +285,14 @@ impl GroupClient {
     /// The node's endpoint.
     pub fn endpoint(&self) -> &str {
         self.req.endpoint()
+    }
+
+    /// Talks CURVE to the node (see [`ReqClient::with_curve`]).
+    pub fn with_curve(self, curve: ClientCurve) -> Self {
+        GroupClient {
+            req: self.req.with_curve(curve),
+            ..self
+        }
     }
 
     /// The node's group name, last seq and member count.

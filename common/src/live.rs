@@ -71,6 +71,8 @@ pub struct GroupSpec {
     pub group: Option<GroupName>,
     /// Deliver entries after this seq; `None` starts at the node's last seq when subscribed.
     pub after_seq: Option<u64>,
+    /// The node's CURVE public key; needed when the feed has a key pair.
+    pub server_key: Option<crate::keys::PublicKey>,
 }
 
 /// What a feed reports.
@@ -122,13 +124,15 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Starts an empty feed acting as `user`; events arrive on the returned receiver.
+    /// Starts an empty feed acting as `user`, talking CURVE with `keypair` if given (then
+    /// every [`GroupSpec`] needs its `server_key`); events arrive on the returned receiver.
     ///
     /// # Errors
     /// The thread could not be started.
     pub fn start(
         ctx: &zmq::Context,
         user: UserName,
+        keypair: Option<crate::keys::Keypair>,
         options: FeedOptions,
     ) -> std::io::Result<(Feed, Receiver<FeedEvent>)> {
         let (events, rx) = mpsc::sync_channel(options.channel.max(1));
@@ -136,6 +140,7 @@ impl Feed {
         let mut worker = Worker {
             ctx: ctx.clone(),
             user,
+            keypair,
             options,
             groups: HashMap::new(),
             events,
@@ -187,6 +192,7 @@ struct GroupFeed {
 struct Worker {
     ctx: zmq::Context,
     user: UserName,
+    keypair: Option<crate::keys::Keypair>,
     options: FeedOptions,
     groups: HashMap<String, GroupFeed>,
     events: SyncSender<FeedEvent>,
@@ -201,11 +207,11 @@ impl Worker {
             loop {
                 match control.try_recv() {
                     Ok(Control::Add(spec)) => {
-                        if let Err(e) = self.add(spec.clone()) {
+                        if let Err(error) = self.add(spec.clone()) {
                             if self
                                 .emit(FeedEvent::Error {
                                     label: spec.label,
-                                    error: ClientError::Zmq(e),
+                                    error,
                                     fatal: true,
                                 })
                                 .is_err()
@@ -234,7 +240,20 @@ impl Worker {
         }
     }
 
-    fn add(&mut self, spec: GroupSpec) -> Result<(), zmq::Error> {
+    fn add(&mut self, spec: GroupSpec) -> Result<(), ClientError> {
+        let curve = match (&self.keypair, spec.server_key) {
+            (Some(keypair), Some(server_key)) => Some(crate::client::ClientCurve {
+                keypair: keypair.clone(),
+                server_key,
+            }),
+            (Some(_), None) => {
+                return Err(ClientError::Server(WireError::new(
+                    ErrorCode::Unknown,
+                    format!("no CURVE key known for {}", spec.endpoint),
+                )))
+            }
+            (None, _) => None,
+        };
         let socket = self.ctx.socket(zmq::DEALER)?;
         socket.set_linger(0)?;
         // Renewals are not queued for a connection that is not up.
@@ -244,14 +263,22 @@ impl Worker {
         socket.set_heartbeat_ivl(1000)?;
         socket.set_heartbeat_timeout(3000)?;
         socket.set_maxmsgsize(crate::client::MAX_REPLY_BYTES)?;
+        if let Some(curve) = &curve {
+            socket.set_curve_serverkey(curve.server_key.as_bytes())?;
+            socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
+            socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
+        }
         socket.connect(&spec.endpoint)?;
-        let backfill = GroupClient::new(
+        let mut backfill = GroupClient::new(
             &self.ctx,
             &spec.endpoint,
             self.user.clone(),
             spec.group.clone(),
             self.options.client,
         );
+        if let Some(curve) = curve {
+            backfill = backfill.with_curve(curve);
+        }
         let g = GroupFeed {
             group: spec.group.clone(),
             last_seq: spec.after_seq,

@@ -367,6 +367,24 @@ impl Endpoint {
     }
 }
 
+/// Whether a `tcp://HOST:PORT` endpoint (bind or connect form) names a loopback address:
+/// `localhost`, `127.0.0.0/8` or `[::1]`. `--insecure` is allowed only when every endpoint
+/// is loopback.
+pub fn is_loopback(endpoint: &str) -> bool {
+    let Some((host, _port)) = endpoint
+        .strip_prefix("tcp://")
+        .unwrap_or(endpoint)
+        .rsplit_once(':')
+    else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 macro_rules! string_newtype {
     ($($t:ident),*) => {$(
         impl TryFrom<String> for $t {
@@ -408,6 +426,10 @@ pub struct RegisterRequest {
     /// The node's current member count (default 0).
     #[serde(default)]
     pub members: u64,
+    /// The node's CURVE public key, for clients to connect with; absent for an
+    /// `--insecure` node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<crate::keys::PublicKey>,
 }
 
 /// `unregister`: remove a group; only its registered endpoint may do so.
@@ -622,6 +644,9 @@ pub struct GroupEntry {
     pub registered_at: Timestamp,
     /// When the node last refreshed it.
     pub last_heartbeat: Timestamp,
+    /// The node's CURVE public key; absent for an `--insecure` node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<crate::keys::PublicKey>,
 }
 
 /// Reply to `register`.
@@ -874,6 +899,28 @@ mod tests {
                 .as_str(),
             "tcp://10.0.0.1:5560"
         );
+    }
+
+    #[test]
+    fn only_loopback_endpoints_count_as_loopback() {
+        for yes in [
+            "tcp://127.0.0.1:5555",
+            "tcp://127.8.9.1:0",
+            "tcp://[::1]:1",
+            "tcp://localhost:5",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "tcp://0.0.0.0:5555",
+            "tcp://10.0.0.1:1",
+            "tcp://*:1",
+            "tcp://[::]:1",
+            "tcp://example.com:1",
+            "junk",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ fn endpoint() -> impl Strategy<Value = Endpoint> {
         .prop_map(|(host, port)| Endpoint::new(format!("tcp://{host}:{port}")).expect("valid"))
 }
 
+fn key() -> impl Strategy<Value = Option<agora_common::keys::PublicKey>> {
+    prop::option::of(any::<[u8; 32]>().prop_map(agora_common::keys::PublicKey::from_bytes))
+}
+
 fn time() -> impl Strategy<Value = Timestamp> {
     // Year 1 to 9999, what RFC 3339 can write.
     (-62_135_596_800_000_000i64..=253_402_300_799_999_999).prop_map(Timestamp::from_micros)
@@ -81,13 +85,16 @@ fn membership() -> impl Strategy<Value = MembershipRequest> {
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (group(), endpoint(), any::<u64>()).prop_map(|(name, endpoint, members)| {
-            Request::Register(RegisterRequest {
-                name,
-                endpoint,
-                members,
-            })
-        }),
+        (group(), endpoint(), any::<u64>(), key()).prop_map(
+            |(name, endpoint, members, public_key)| {
+                Request::Register(RegisterRequest {
+                    name,
+                    endpoint,
+                    members,
+                    public_key,
+                })
+            }
+        ),
         (group(), endpoint())
             .prop_map(|(name, endpoint)| Request::Unregister(UnregisterRequest { name, endpoint })),
         Just(Request::List(ListRequest {})),
@@ -147,13 +154,14 @@ fn entry() -> impl Strategy<Value = Message> {
 }
 
 fn group_entry() -> impl Strategy<Value = GroupEntry> {
-    (group(), endpoint(), any::<u64>(), time(), time()).prop_map(
-        |(name, endpoint, members, registered_at, last_heartbeat)| GroupEntry {
+    (group(), endpoint(), any::<u64>(), time(), time(), key()).prop_map(
+        |(name, endpoint, members, registered_at, last_heartbeat, public_key)| GroupEntry {
             name,
             endpoint,
             members,
             registered_at,
             last_heartbeat,
+            public_key,
         },
     )
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientError, ClientOptions, RegistryClient};
+use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient};
 use agora_common::proto::{Endpoint, ErrorCode, GroupName};
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 
@@ -23,10 +23,12 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     /// Starts heartbeating `name` at `endpoint` to the registry at `registry` every
-    /// `interval`, reporting the member count read from `members`.
+    /// `interval` (over CURVE with `curve`), reporting the member count read from `members`
+    /// and the node's public key.
     pub fn start(
         ctx: &zmq::Context,
         registry: String,
+        curve: Option<ClientCurve>,
         name: GroupName,
         endpoint: Endpoint,
         interval: Duration,
@@ -37,7 +39,11 @@ impl Heartbeat {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("heartbeat".into())
-            .spawn(move || beat(&ctx, &registry, &name, &endpoint, interval, &members, &flag))?;
+            .spawn(move || {
+                beat(
+                    &ctx, &registry, curve, &name, &endpoint, interval, &members, &flag,
+                )
+            })?;
         Ok(Heartbeat {
             stop,
             thread: Some(thread),
@@ -54,9 +60,11 @@ impl Drop for Heartbeat {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn beat(
     ctx: &zmq::Context,
     registry: &str,
+    curve: Option<ClientCurve>,
     name: &GroupName,
     endpoint: &Endpoint,
     interval: Duration,
@@ -67,11 +75,19 @@ fn beat(
         timeout: interval.max(Duration::from_millis(100)),
         attempts: 1,
     };
-    let mut client = RegistryClient::new(ctx, registry, options);
+    let public_key = curve.as_ref().map(|c| c.keypair.public);
+    let connect = |options| {
+        let client = RegistryClient::new(ctx, registry, options);
+        match &curve {
+            Some(c) => client.with_curve(c.clone()),
+            None => client,
+        }
+    };
+    let mut client = connect(options);
     let mut registered = false;
     while !stop.is_triggered() {
         let next = Instant::now() + interval;
-        match client.register(name, endpoint, members.load(Ordering::Relaxed)) {
+        match client.register(name, endpoint, members.load(Ordering::Relaxed), public_key) {
             Ok(_) if !registered => {
                 tracing::info!(%registry, group = %name, %endpoint, "registered");
                 registered = true;
@@ -93,14 +109,10 @@ fn beat(
         }
     }
     if registered {
-        let mut quick = RegistryClient::new(
-            ctx,
-            registry,
-            ClientOptions {
-                timeout: Duration::from_secs(1),
-                attempts: 1,
-            },
-        );
+        let mut quick = connect(ClientOptions {
+            timeout: Duration::from_secs(1),
+            attempts: 1,
+        });
         match quick.unregister(name, endpoint) {
             Ok(()) => tracing::info!(group = %name, "unregistered"),
             Err(e) => tracing::warn!(error = %e, "could not unregister"),

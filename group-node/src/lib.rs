@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_common::client::max_request_bytes;
+use agora_common::client::{max_request_bytes, ClientCurve};
 use agora_common::codec::Frames;
+use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_common::proto::{
     Endpoint, ErrorCode, GroupName, Request, WireError, DEFAULT_MAX_MESSAGE_BYTES,
 };
@@ -30,6 +31,7 @@ use agora_common::server::{
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 use agora_common::store::{GroupStore, Retention, SqliteStore, StoreError};
 use agora_common::time::Timestamp;
+use agora_common::zap::{Authenticator, ZapPolicy};
 
 mod cmd;
 pub mod heartbeat;
@@ -71,6 +73,11 @@ pub struct Config {
     pub sndhwm: i32,
     /// Test-only fault injection: drop every Nth push (default 0, never).
     pub fault_drop_push_every: u64,
+    /// Serve without CURVE. Refused unless every endpoint (bind, advertised, registry) is
+    /// loopback.
+    pub insecure: bool,
+    /// The registry's CURVE public key; required with a registry unless `insecure`.
+    pub registry_key: Option<PublicKey>,
 }
 
 impl Config {
@@ -90,6 +97,8 @@ impl Config {
             max_subscribers: 10_000,
             sndhwm: 1000,
             fault_drop_push_every: 0,
+            insecure: false,
+            registry_key: None,
         }
     }
 }
@@ -126,6 +135,15 @@ pub enum NodeError {
     /// The heartbeat thread could not start.
     #[error("heartbeat thread: {0}")]
     Thread(std::io::Error),
+    /// The key pair could not be loaded or made, or this libzmq has no CURVE.
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
+    /// `--insecure` with an endpoint that is not loopback.
+    #[error("--insecure is allowed only on loopback endpoints, not {0}")]
+    InsecureNotLoopback(String),
+    /// A registry is configured but not its key.
+    #[error("the registry's public key is needed: pass --registry-key (the registry prints it at start)")]
+    NoRegistryKey,
 }
 
 /// A bound group node, ready to [`run`](Node::run).
@@ -136,6 +154,8 @@ pub struct Node {
     endpoint: Endpoint,
     store: SqliteStore,
     subscribers: Subscribers,
+    keys: Option<Keypair>,
+    _zap: Option<Authenticator>,
 }
 
 impl std::fmt::Debug for Node {
@@ -170,11 +190,34 @@ impl Node {
             source,
         })?;
         let store = SqliteStore::open(&config.data_dir.join("group.sqlite3"), &config.name)?;
+        let (keys, zap) = if config.insecure {
+            let endpoints = [Some(config.bind.as_str()), config.registry.as_deref()];
+            let advertised = config.advertise.as_ref().map(Endpoint::as_str);
+            for e in endpoints.into_iter().chain([advertised]).flatten() {
+                if !agora_common::proto::is_loopback(e) {
+                    return Err(NodeError::InsecureNotLoopback(e.to_owned()));
+                }
+            }
+            tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
+            (None, None)
+        } else {
+            if config.registry.is_some() && config.registry_key.is_none() {
+                return Err(NodeError::NoRegistryKey);
+            }
+            let (keys, created) = Keypair::load_or_generate(&config.data_dir.join("node.key"))?;
+            if created {
+                tracing::info!(public_key = %keys.public, "made a new node key pair");
+            }
+            (
+                Some(keys),
+                Some(Authenticator::start(ctx, ZapPolicy::default())?),
+            )
+        };
         let options = RouterOptions {
             max_request_bytes: max_request_bytes(config.max_message_bytes),
             hwm: config.sndhwm,
             heartbeat: Some(Duration::from_secs(1)),
-            curve: None,
+            curve: keys.clone(),
         };
         let (socket, bound) =
             bind_router(ctx, &config.bind, options).map_err(|source| NodeError::Bind {
@@ -197,7 +240,15 @@ impl Node {
             endpoint,
             store,
             subscribers,
+            keys,
+            _zap: zap,
         })
+    }
+
+    /// The node's CURVE public key (`None` with `--insecure`): members connect with it, and
+    /// it is published in the registry listing.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.keys.as_ref().map(|k| k.public)
     }
 
     /// The endpoint members connect to (and that is registered).
@@ -217,6 +268,13 @@ impl Node {
                 heartbeat::Heartbeat::start(
                     &self.ctx,
                     registry.clone(),
+                    self.keys
+                        .clone()
+                        .zip(self.config.registry_key)
+                        .map(|(keypair, server_key)| ClientCurve {
+                            keypair,
+                            server_key,
+                        }),
                     self.config.name.clone(),
                     self.endpoint.clone(),
                     self.config.heartbeat,

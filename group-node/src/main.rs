@@ -64,6 +64,13 @@ struct Args {
     /// Test only: drop every Nth push on purpose, to exercise subscribers' backfill.
     #[arg(long, hide = true, default_value_t = 0)]
     fault_drop_push_every: u64,
+    /// The registry's CURVE public key (40 Z85 characters; the registry prints it at start).
+    #[arg(long, env = "AGORA_REGISTRY_KEY")]
+    registry_key: Option<agora_common::keys::PublicKey>,
+    /// Run without CURVE encryption and authentication: local experiments only; refused
+    /// unless every endpoint is loopback.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn main() -> ExitCode {
@@ -111,10 +118,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.max_subscribers = args.max_subscribers;
     config.sndhwm = args.sndhwm;
     config.fault_drop_push_every = args.fault_drop_push_every;
+    config.registry_key = args.registry_key;
+    config.insecure = args.insecure;
     let ctx = zmq::Context::new();
     let node = Node::bind(&ctx, config)?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "listening {}", node.endpoint())?;
+    match node.public_key() {
+        Some(key) => writeln!(out, "listening {} public-key {key}", node.endpoint())?,
+        None => writeln!(out, "listening {}", node.endpoint())?,
+    }
     out.flush()?;
     drop(out);
     node.run(&shutdown)?;

@@ -20,12 +20,13 @@ fn feed(n: &Running, name: &str, after_seq: Option<u64>) -> (Feed, Receiver<Feed
         renew: Duration::from_millis(200),
         ..FeedOptions::default()
     };
-    let (feed, rx) = Feed::start(&n.ctx, user(name), options).expect("feed");
+    let (feed, rx) = Feed::start(&n.ctx, user(name), None, options).expect("feed");
     feed.add(GroupSpec {
         label: "live".into(),
         endpoint: n.endpoint.clone(),
         group: None,
         after_seq,
+        server_key: None,
     });
     (feed, rx)
 }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use agora_common::keys::PublicKey;
 use agora_common::proto::{Endpoint, ErrorCode, GroupEntry, GroupName, WireError};
 use agora_common::time::Timestamp;
 
@@ -61,12 +62,14 @@ impl Directory {
         name: GroupName,
         endpoint: Endpoint,
         members: u64,
+        public_key: Option<PublicKey>,
         now: Timestamp,
     ) -> Result<GroupEntry, WireError> {
         if let Some(held) = self.entries.get_mut(&name) {
             if held.endpoint == endpoint {
                 held.last_heartbeat = now;
                 held.members = members;
+                held.public_key = public_key;
                 return Ok(held.clone());
             }
         }
@@ -98,6 +101,7 @@ impl Directory {
             members,
             registered_at: now,
             last_heartbeat: now,
+            public_key,
         };
         self.entries.insert(name, entry.clone());
         Ok(entry)
@@ -167,22 +171,22 @@ mod tests {
     #[test]
     fn refresh_keeps_registered_at_and_takeover_is_refused() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("Cool Group"), ep(1), 0, t(10))
+        d.register(name("Cool Group"), ep(1), 0, None, t(10))
             .expect("first");
         let e = d
-            .register(name("Cool Group"), ep(1), 3, t(12))
+            .register(name("Cool Group"), ep(1), 3, None, t(12))
             .expect("refresh");
         assert_eq!(
             (e.registered_at, e.last_heartbeat, e.members),
             (t(10), t(12), 3)
         );
         let err = d
-            .register(name("Cool Group"), ep(2), 0, t(13))
+            .register(name("Cool Group"), ep(2), 0, None, t(13))
             .expect_err("taken");
         assert_eq!(err.code, ErrorCode::NameTaken);
         // Once the holder's TTL passes, the name is free again.
         let e = d
-            .register(name("Cool Group"), ep(2), 0, t(18))
+            .register(name("Cool Group"), ep(2), 0, None, t(18))
             .expect("after ttl");
         assert_eq!(e.endpoint, ep(2));
     }
@@ -190,8 +194,8 @@ mod tests {
     #[test]
     fn entries_expire_after_ttl() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("a"), ep(1), 0, t(0)).expect("a");
-        d.register(name("b"), ep(2), 0, t(4)).expect("b");
+        d.register(name("a"), ep(1), 0, None, t(0)).expect("a");
+        d.register(name("b"), ep(2), 0, None, t(4)).expect("b");
         assert_eq!(d.list(t(5)).len(), 2);
         assert_eq!(d.list(t(6)).len(), 1);
         assert_eq!(
@@ -204,7 +208,7 @@ mod tests {
     #[test]
     fn unregister_needs_the_holding_endpoint() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("a"), ep(1), 0, t(0)).expect("a");
+        d.register(name("a"), ep(1), 0, None, t(0)).expect("a");
         assert_eq!(
             d.unregister(&name("a"), &ep(2)).map_err(|e| e.code),
             Err(ErrorCode::NameTaken)
@@ -220,8 +224,8 @@ mod tests {
     #[test]
     fn a_new_name_at_the_same_endpoint_replaces_the_old_one() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("old"), ep(1), 0, t(0)).expect("old");
-        d.register(name("new"), ep(1), 0, t(1)).expect("new");
+        d.register(name("old"), ep(1), 0, None, t(0)).expect("old");
+        d.register(name("new"), ep(1), 0, None, t(1)).expect("new");
         let names: Vec<_> = d.list(t(1)).into_iter().map(|e| e.name).collect();
         assert_eq!(names, vec![name("new")]);
     }
@@ -229,10 +233,12 @@ mod tests {
     #[test]
     fn the_directory_is_bounded() {
         let mut d = Directory::new(Duration::from_secs(6), 1);
-        d.register(name("a"), ep(1), 0, t(0)).expect("a");
-        let err = d.register(name("b"), ep(2), 0, t(1)).expect_err("full");
+        d.register(name("a"), ep(1), 0, None, t(0)).expect("a");
+        let err = d
+            .register(name("b"), ep(2), 0, None, t(1))
+            .expect_err("full");
         assert_eq!(err.code, ErrorCode::LimitReached);
-        d.register(name("b"), ep(2), 0, t(7))
+        d.register(name("b"), ep(2), 0, None, t(7))
             .expect("a expired, room again");
     }
 }

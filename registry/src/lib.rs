@@ -10,7 +10,11 @@
 //! - [`directory`]: the live groups, with TTL.
 //! - `cmd/`: one handler per action.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use agora_common::keys::{KeyError, Keypair, PublicKey};
+use agora_common::zap::{Authenticator, ZapPolicy};
 
 use agora_common::proto::{ErrorCode, Request, WireError};
 use agora_common::server::{
@@ -41,6 +45,11 @@ pub struct Config {
     pub ttl_intervals: u32,
     /// The most groups held at once (default 10,000).
     pub max_groups: usize,
+    /// Where the registry's key pair lives (`registry.key`, `registry.key_secret`, made on
+    /// first start); default `~/.local/share/agora/registry`.
+    pub data_dir: PathBuf,
+    /// Serve without CURVE. Refused unless the bind endpoint is loopback.
+    pub insecure: bool,
 }
 
 impl Default for Config {
@@ -50,6 +59,10 @@ impl Default for Config {
             heartbeat: Duration::from_secs(2),
             ttl_intervals: 3,
             max_groups: 10_000,
+            data_dir: directories::ProjectDirs::from("", "", "agora")
+                .map(|d| d.data_dir().join("registry"))
+                .unwrap_or_else(|| PathBuf::from("agora-registry")),
+            insecure: false,
         }
     }
 }
@@ -76,6 +89,12 @@ pub enum RegistryError {
     /// libzmq failed while serving.
     #[error("zmq: {0}")]
     Zmq(#[from] zmq::Error),
+    /// The key pair could not be loaded or made, or this libzmq has no CURVE.
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
+    /// `--insecure` with an endpoint that is not loopback.
+    #[error("--insecure is allowed only on loopback endpoints, not {0}")]
+    InsecureNotLoopback(String),
 }
 
 /// A bound registry, ready to [`run`](Registry::run).
@@ -84,6 +103,8 @@ pub struct Registry {
     socket: zmq::Socket,
     endpoint: String,
     directory: Directory,
+    public_key: Option<PublicKey>,
+    _zap: Option<Authenticator>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -100,11 +121,26 @@ impl Registry {
     /// # Errors
     /// [`RegistryError::Bind`].
     pub fn bind(ctx: &zmq::Context, config: Config) -> Result<Registry, RegistryError> {
+        let (curve, zap) = if config.insecure {
+            if !agora_common::proto::is_loopback(&config.bind) {
+                return Err(RegistryError::InsecureNotLoopback(config.bind.clone()));
+            }
+            tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
+            (None, None)
+        } else {
+            let (keys, created) = Keypair::load_or_generate(&config.data_dir.join("registry.key"))?;
+            if created {
+                tracing::info!(public_key = %keys.public, "made a new registry key pair");
+            }
+            let zap = Authenticator::start(ctx, ZapPolicy::default())?;
+            (Some(keys), Some(zap))
+        };
+        let public_key = curve.as_ref().map(|k: &Keypair| k.public);
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
             hwm: 1000,
             heartbeat: Some(Duration::from_secs(1)),
-            curve: None,
+            curve,
         };
         let (socket, endpoint) =
             bind_router(ctx, &config.bind, options).map_err(|source| RegistryError::Bind {
@@ -117,7 +153,15 @@ impl Registry {
             socket,
             endpoint,
             directory,
+            public_key,
+            _zap: zap,
         })
+    }
+
+    /// The registry's CURVE public key (`None` with `--insecure`): clients and group nodes
+    /// need it to connect.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.public_key
     }
 
     /// The endpoint really bound (with the chosen port when bound to port 0).

@@ -29,6 +29,13 @@ struct Args {
     /// Most groups held at once.
     #[arg(long, env = "AGORA_MAX_GROUPS", default_value_t = 10_000)]
     max_groups: usize,
+    /// Directory of the registry's key pair [default: ~/.local/share/agora/registry].
+    #[arg(long, env = "AGORA_REGISTRY_DATA_DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// Run without CURVE encryption and authentication: local experiments only; refused
+    /// unless the bind endpoint is loopback.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn main() -> ExitCode {
@@ -52,16 +59,22 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    let defaults = Config::default();
     let config = Config {
         bind: args.bind,
         heartbeat: args.heartbeat,
         ttl_intervals: args.ttl_intervals,
         max_groups: args.max_groups,
+        data_dir: args.data_dir.unwrap_or(defaults.data_dir),
+        insecure: args.insecure,
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "listening {}", registry.endpoint())?;
+    match registry.public_key() {
+        Some(key) => writeln!(out, "listening {} public-key {key}", registry.endpoint())?,
+        None => writeln!(out, "listening {}", registry.endpoint())?,
+    }
     out.flush()?;
     drop(out);
     registry.run(&shutdown)?;

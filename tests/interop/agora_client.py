@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """A minimal Agora client in Python, written from docs/PROTOCOL.md alone.
 
-Usage: agora_client.py REGISTRY_ENDPOINT GROUP_NAME
+Usage: agora_client.py REGISTRY_ENDPOINT REGISTRY_PUBLIC_KEY GROUP_NAME
+
+Every connection is CURVE (RFC 26): the client makes its own key pair, knows the registry's
+public key from the command line, and takes the node's from the registry's lookup reply.
 
 Looks the group up in the registry, joins it, sends typed bodies (with a client-chosen id,
 retried to check idempotency), reads the history back page by page and by time, and checks
@@ -21,11 +24,24 @@ class Failure(Exception):
     pass
 
 
+MY_PUBLIC, MY_SECRET = zmq.curve_keypair()
+SERVER_KEYS = {}  # endpoint -> the server's Z85 public key
+
+
+def curve_socket(ctx, kind, endpoint):
+    """A socket of `kind` connected to `endpoint` over CURVE."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_publickey = MY_PUBLIC
+    sock.curve_secretkey = MY_SECRET
+    sock.curve_serverkey = SERVER_KEYS[endpoint].encode()
+    sock.connect(endpoint)
+    return sock
+
+
 def call(ctx, endpoint, request):
     """One request on a fresh REQ socket (so a timeout never wedges the next call)."""
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = curve_socket(ctx, zmq.REQ, endpoint)
     try:
         sock.send_multipart([SIGNATURE, json.dumps(request).encode()])
         if not sock.poll(TIMEOUT_MS):
@@ -55,10 +71,12 @@ def check(cond, what):
 
 
 def main():
-    registry, group = sys.argv[1], sys.argv[2]
+    registry, registry_key, group = sys.argv[1], sys.argv[2], sys.argv[3]
+    SERVER_KEYS[registry] = registry_key
     ctx = zmq.Context()
     entry = ok(call(ctx, registry, {"action": "lookup", "name": group}))["group"]
     node = entry["endpoint"]
+    SERVER_KEYS[node] = entry["public_key"]
     names = [g["name"] for g in ok(call(ctx, registry, {"action": "list"}))["groups"]]
     check(group in names, f"{group} not in list {names}")
 
@@ -101,9 +119,7 @@ def main():
     check(by_id[0]["body"] == bodies[1], f"by id: {by_id}")
 
     # Live stream: subscribe on a DEALER, then a send is pushed to it.
-    sub = ctx.socket(zmq.DEALER)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.connect(node)
+    sub = curve_socket(ctx, zmq.DEALER, node)
     sub.send_multipart([b"", SIGNATURE, json.dumps({"action": "subscribe", "user": user}).encode()])
     check(sub.poll(TIMEOUT_MS), "no reply to subscribe")
     empty, sig, body = sub.recv_multipart()

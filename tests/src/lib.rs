@@ -53,6 +53,8 @@ pub struct Server {
     child: Child,
     /// The endpoint it printed (`tcp://127.0.0.1:PORT`).
     pub endpoint: String,
+    /// The CURVE public key it printed (Z85), if it runs with CURVE.
+    pub key: Option<String>,
     log: PathBuf,
 }
 
@@ -87,7 +89,8 @@ impl Server {
                 panic!("{bin_name} printed no endpoint; log:\n{}", read(log));
             }
         };
-        let Some(endpoint) = line.trim().strip_prefix("listening ") else {
+        let mut words = line.split_whitespace();
+        let (Some("listening"), Some(endpoint)) = (words.next(), words.next()) else {
             let _ = child.kill();
             let status = child.wait();
             panic!(
@@ -95,8 +98,13 @@ impl Server {
                 read(log)
             );
         };
+        let key = match (words.next(), words.next()) {
+            (Some("public-key"), Some(key)) => Some(key.to_owned()),
+            _ => None,
+        };
         Server {
             endpoint: endpoint.to_owned(),
+            key,
             child,
             log: log.to_owned(),
         }
@@ -222,9 +230,17 @@ impl Federation {
     /// Starts a registry on an ephemeral loopback port with the given heartbeat.
     pub fn start(heartbeat: &str) -> Federation {
         let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("registry-data");
         let registry = Server::start(
             "registry",
-            &["--bind", "tcp://127.0.0.1:0", "--heartbeat", heartbeat],
+            &[
+                "--bind",
+                "tcp://127.0.0.1:0",
+                "--heartbeat",
+                heartbeat,
+                "--data-dir",
+                data.to_str().expect("utf-8 path"),
+            ],
             &dir.path().join("registry.log"),
         );
         Federation { dir, registry }
@@ -235,15 +251,70 @@ impl Federation {
         self.registry.kill9();
     }
 
-    /// Kills the registry if it runs, and starts a new one on the same endpoint.
+    /// Kills the registry if it runs, and starts a new one on the same endpoint (and with
+    /// the same key pair).
     pub fn restart_registry(&mut self, heartbeat: &str) {
         self.registry.kill9();
         let endpoint = self.registry.endpoint.clone();
+        let data = self.path("registry-data");
         self.registry = Server::start(
             "registry",
-            &["--bind", &endpoint, "--heartbeat", heartbeat],
+            &[
+                "--bind",
+                &endpoint,
+                "--heartbeat",
+                heartbeat,
+                "--data-dir",
+                &data,
+            ],
             &self.dir.path().join("registry-2.log"),
         );
+    }
+
+    /// A path inside the federation's temporary directory.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
+    }
+
+    /// The registry's public key.
+    pub fn registry_key(&self) -> String {
+        self.registry
+            .key
+            .clone()
+            .expect("the registry runs with CURVE")
+    }
+
+    /// The environment user-cli runs of this federation get.
+    fn cli_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TZ", "UTC".to_owned()),
+            ("AGORA_STATE_DIR", self.state_dir()),
+            ("AGORA_KEY_DIR", self.key_dir()),
+            ("AGORA_REGISTRY_KEY", self.registry_key()),
+        ]
+    }
+
+    /// Where user key pairs live (shared by user-cli runs and library clients of a test).
+    pub fn key_dir(&self) -> String {
+        self.path("keys")
+    }
+
+    /// CURVE settings for a library client acting as `user` (its key pair made on first
+    /// use, as user-cli does) towards `server`.
+    pub fn curve(&self, user: &str, server: &Server) -> agora_common::client::ClientCurve {
+        let path = Path::new(&self.key_dir()).join(format!("{user}.key"));
+        let (keypair, _) =
+            agora_common::keys::Keypair::load_or_generate(&path).expect("user key pair");
+        let server_key = server
+            .key
+            .as_deref()
+            .expect("the server runs with CURVE")
+            .parse()
+            .expect("a valid key");
+        agora_common::client::ClientCurve {
+            keypair,
+            server_key,
+        }
     }
 
     /// Starts a group node named `name` at `addr` (`127.0.0.1:0` for a fresh port), its data
@@ -251,11 +322,14 @@ impl Federation {
     pub fn node(&self, name: &str, addr: &str, tag: &str, extra: &[&str]) -> Server {
         let data = self.dir.path().join(format!("data-{tag}"));
         let data = data.to_str().expect("utf-8 path").to_owned();
+        let registry_key = self.registry_key();
         let mut args = vec![
             name,
             addr,
             "--registry",
             &self.registry.endpoint,
+            "--registry-key",
+            &registry_key,
             "--data-dir",
             &data,
             "--heartbeat",
@@ -283,8 +357,9 @@ impl Federation {
             user,
         ];
         all.extend_from_slice(args);
-        let state = self.state_dir();
-        cli(&all, stdin, &[("TZ", "UTC"), ("AGORA_STATE_DIR", &state)])
+        let env = self.cli_env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        cli(&all, stdin, &env)
     }
 
     /// Starts `user-cli ARGS` (for example `watch`) as `user` in the background.
@@ -296,10 +371,9 @@ impl Federation {
             user,
         ];
         all.extend_from_slice(args);
-        Streaming::start(
-            &all,
-            &[("TZ", "UTC"), ("AGORA_STATE_DIR", &self.state_dir())],
-        )
+        let env = self.cli_env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Streaming::start(&all, &env)
     }
 }
 

@@ -25,7 +25,12 @@ fn a_pyzmq_client_joins_sends_and_reads_history() {
     }));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/agora_client.py");
     let out = Command::new("python3")
-        .args([script, &fed.registry.endpoint, "Cool Group"])
+        .args([
+            script,
+            &fed.registry.endpoint,
+            &fed.registry_key(),
+            "Cool Group",
+        ])
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -139,6 +139,7 @@ fn kill_9_of_the_node_mid_stream_then_restart_every_seq_shown_once() {
     let last_seq = Arc::new(AtomicU64::new(0));
     let sender = {
         let (acked, last_seq, endpoint) = (Arc::clone(&acked), Arc::clone(&last_seq), endpoint);
+        let curve = fed.curve("alice", &node);
         std::thread::spawn(move || {
             let ctx = zmq::Context::new();
             let options = ClientOptions {
@@ -151,7 +152,8 @@ fn kill_9_of_the_node_mid_stream_then_restart_every_seq_shown_once() {
                 UserName::new("alice").expect("name"),
                 None,
                 options,
-            );
+            )
+            .with_curve(curve);
             for i in 0..300 {
                 let seq = send_until_acked(&mut c, &format!("m{i}"));
                 last_seq.fetch_max(seq, Ordering::SeqCst);
@@ -193,7 +195,8 @@ fn forced_drops_on_the_push_path_still_show_every_message_once() {
         UserName::new("alice").expect("name"),
         None,
         ClientOptions::default(),
-    );
+    )
+    .with_curve(fed.curve("alice", &node));
     let first = send_until_acked(&mut c, "m0");
     let mut last = first;
     for i in 1..200 {
@@ -220,14 +223,17 @@ fn fifty_concurrent_subscribers_get_every_message_in_order() {
             None,
             ClientOptions::default(),
         )
+        .with_curve(fed.curve(name, &node))
     };
     let mut feeds = Vec::new();
     for i in 0..50 {
         let name = format!("sub{i}");
         client(&name).join().expect("join");
+        let curve = fed.curve(&name, &node);
         let (feed, rx) = Feed::start(
             &ctx,
             UserName::new(name).expect("name"),
+            Some(curve.keypair),
             FeedOptions::default(),
         )
         .expect("feed");
@@ -236,6 +242,7 @@ fn fifty_concurrent_subscribers_get_every_message_in_order() {
             endpoint: node.endpoint.clone(),
             group: None,
             after_seq: None,
+            server_key: Some(curve.server_key),
         });
         feeds.push((feed, rx));
     }

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::keys::{Keypair, PublicKey};
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_common::proto::{
     Endpoint, EntryKind, ErrorCode, GroupName, HistoryQuery, UserName, REQUEST_OVERHEAD_BYTES,
@@ -145,6 +146,21 @@ pub struct App {
     nodes: HashMap<Endpoint, GroupClient>,
     state: Arc<Mutex<StateFile>>,
     feed: Option<Feed>,
+    /// The user's CURVE key pair; `None` with `--insecure`.
+    keypair: Option<Keypair>,
+    /// Node public keys by endpoint, as resolved.
+    node_keys: HashMap<String, PublicKey>,
+}
+
+/// Where a group is, and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The node's endpoint.
+    pub endpoint: Endpoint,
+    /// The group's name, when known.
+    pub name: Option<GroupName>,
+    /// The node's CURVE public key (`None` only with `--insecure`).
+    pub key: Option<PublicKey>,
 }
 
 /// Prints one line for the user from the live stream (above the prompt).
@@ -155,17 +171,25 @@ fn lock(state: &Mutex<StateFile>) -> MutexGuard<'_, StateFile> {
 }
 
 impl App {
-    /// A client acting as `user`, with its state loaded from `state`.
+    /// A client acting as `user`, with its state loaded from `state`. With `curve` (the
+    /// user's key pair and the registry's public key) every connection is CURVE; without,
+    /// nothing is encrypted (`--insecure`).
     pub fn new(
         registry: &str,
         user: UserName,
         options: ClientOptions,
         format: Format,
         state: StateFile,
+        curve: Option<ClientCurve>,
     ) -> App {
         let ctx = zmq::Context::new();
+        let mut registry = RegistryClient::new(&ctx, registry, options);
+        let keypair = curve.as_ref().map(|c| c.keypair.clone());
+        if let Some(curve) = curve {
+            registry = registry.with_curve(curve);
+        }
         App {
-            registry: RegistryClient::new(&ctx, registry, options),
+            registry,
             ctx,
             user,
             options,
@@ -173,6 +197,26 @@ impl App {
             nodes: HashMap::new(),
             state: Arc::new(Mutex::new(state)),
             feed: None,
+            keypair,
+            node_keys: HashMap::new(),
+        }
+    }
+
+    /// The CURVE settings for a node with public key `key`.
+    fn node_curve(
+        &self,
+        label: &str,
+        key: Option<PublicKey>,
+    ) -> Result<Option<ClientCurve>, CliError> {
+        match (&self.keypair, key) {
+            (None, _) => Ok(None),
+            (Some(keypair), Some(server_key)) => Ok(Some(ClientCurve {
+                keypair: keypair.clone(),
+                server_key,
+            })),
+            (Some(_), None) => Err(CliError::Usage(format!(
+                "{label}: no public key known for this node; reach the group by name through the registry"
+            ))),
         }
     }
 
@@ -188,11 +232,53 @@ impl App {
     ///
     /// # Errors
     /// [`CliError::Usage`] for a bad target; `unknown_group`; the registry's failure.
-    pub fn resolve(&mut self, target: &str) -> Result<(Endpoint, Option<GroupName>), CliError> {
+    pub fn resolve(&mut self, target: &str) -> Result<Resolved, CliError> {
+        let resolved = self.locate(target)?;
+        if self.keypair.is_none() && !agora_common::proto::is_loopback(resolved.endpoint.as_str()) {
+            return Err(CliError::Usage(format!(
+                "{target}: --insecure is allowed only on loopback endpoints, not {}",
+                resolved.endpoint
+            )));
+        }
+        Ok(resolved)
+    }
+
+    /// A node's key: saved from a group joined earlier (no registry round trip), else from
+    /// the registry's listing.
+    fn key_of(&mut self, endpoint: &Endpoint) -> Option<PublicKey> {
+        self.keypair.as_ref()?;
+        let saved = lock(&self.state)
+            .state
+            .groups
+            .values()
+            .find(|g| g.endpoint == endpoint.as_str())
+            .and_then(|g| g.public_key);
+        saved.or_else(|| {
+            self.registry.list().ok().and_then(|groups| {
+                groups
+                    .into_iter()
+                    .find(|g| g.endpoint == *endpoint)
+                    .and_then(|g| g.public_key)
+            })
+        })
+    }
+
+    fn locate(&mut self, target: &str) -> Result<Resolved, CliError> {
         match Target::parse(target)? {
-            Target::Address(e) => Ok((e, None)),
+            Target::Address(endpoint) => {
+                let key = self.key_of(&endpoint);
+                Ok(Resolved {
+                    endpoint,
+                    name: None,
+                    key,
+                })
+            }
             Target::Name(name) => match self.registry.lookup(&name) {
-                Ok(entry) => Ok((entry.endpoint, Some(name))),
+                Ok(entry) => Ok(Resolved {
+                    endpoint: entry.endpoint,
+                    name: Some(name),
+                    key: entry.public_key,
+                }),
                 Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownGroup => {
                     Err(CliError::Remote {
                         target: target.to_owned(),
@@ -204,12 +290,20 @@ impl App {
                         .state
                         .groups
                         .get(name.as_str())
-                        .and_then(|g| Endpoint::new(g.endpoint.clone()).ok());
+                        .and_then(|g| {
+                            Endpoint::new(g.endpoint.clone())
+                                .ok()
+                                .map(|endpoint| (endpoint, g.public_key))
+                        });
                     match saved {
-                        Some(endpoint) => {
+                        Some((endpoint, key)) => {
                             tracing::warn!(error = %e, group = %name,
                                 "registry unreachable; using the saved endpoint");
-                            Ok((endpoint, Some(name)))
+                            Ok(Resolved {
+                                endpoint,
+                                name: Some(name),
+                                key,
+                            })
                         }
                         None => Err(self.registry_error(e)),
                     }
@@ -227,10 +321,18 @@ impl App {
 
     /// The node client for `target` and the label used in messages.
     fn node(&mut self, target: &str) -> Result<(&mut GroupClient, String), CliError> {
-        let (endpoint, name) = self.resolve(target)?;
+        let r = self.resolve(target)?;
+        let curve = self.node_curve(target, r.key)?;
+        if let Some(key) = r.key {
+            self.node_keys.insert(r.endpoint.to_string(), key);
+        }
         let (ctx, user, options) = (&self.ctx, &self.user, self.options);
-        let client = self.nodes.entry(endpoint.clone()).or_insert_with(|| {
-            GroupClient::new(ctx, endpoint.as_str(), user.clone(), name, options)
+        let client = self.nodes.entry(r.endpoint.clone()).or_insert_with(|| {
+            let c = GroupClient::new(ctx, r.endpoint.as_str(), user.clone(), r.name, options);
+            match curve {
+                Some(curve) => c.with_curve(curve),
+                None => c,
+            }
         });
         Ok((client, target.to_owned()))
     }
@@ -262,6 +364,7 @@ impl App {
         let (node, label) = self.node(target)?;
         let r = node.join().map_err(|source| remote(&label, source))?;
         let endpoint = node.endpoint().to_owned();
+        let key = self.node_keys.get(&endpoint).copied();
         let last_seen = {
             let mut state = lock(&self.state);
             let g = state
@@ -272,13 +375,15 @@ impl App {
                     endpoint: endpoint.clone(),
                     last_seen: r.last_seq,
                     subscribed: true,
+                    public_key: key,
                 });
             g.endpoint = endpoint.clone();
+            g.public_key = key;
             g.subscribed = true;
             g.last_seen
         };
         self.save_state();
-        self.follow(&label, &endpoint, &r.group, last_seen);
+        self.follow(&label, &endpoint, &r.group, last_seen, key);
         match format {
             Format::Json => writeln!(out, "{}", render::json_line(&r))?,
             Format::Human if r.changed => {
@@ -412,13 +517,21 @@ impl App {
 
 impl App {
     /// Adds a group to the live feed, if one runs (interactive mode).
-    fn follow(&self, label: &str, endpoint: &str, group: &GroupName, after_seq: u64) {
+    fn follow(
+        &self,
+        label: &str,
+        endpoint: &str,
+        group: &GroupName,
+        after_seq: u64,
+        server_key: Option<PublicKey>,
+    ) {
         if let Some(feed) = &self.feed {
             feed.add(GroupSpec {
                 label: label.to_owned(),
                 endpoint: endpoint.to_owned(),
                 group: Some(group.clone()),
                 after_seq: Some(after_seq),
+                server_key,
             });
         }
     }
@@ -450,7 +563,13 @@ impl App {
             g.subscribed = true;
         }
         self.save_state();
-        self.follow(&label, &saved.endpoint, &group, saved.last_seen);
+        self.follow(
+            &label,
+            &saved.endpoint,
+            &group,
+            saved.last_seen,
+            saved.public_key,
+        );
         writeln!(out, "subscribed to {group}")?;
         Ok(())
     }
@@ -508,9 +627,9 @@ impl App {
         out: &mut dyn Write,
     ) -> Result<(), CliError> {
         let group = GroupName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
-        let endpoint = match self.registry.lookup(&group) {
-            Ok(entry) => entry.endpoint.to_string(),
-            Err(_) => saved.endpoint.clone(),
+        let (endpoint, key) = match self.registry.lookup(&group) {
+            Ok(entry) => (entry.endpoint.to_string(), entry.public_key),
+            Err(_) => (saved.endpoint.clone(), saved.public_key),
         };
         let mut node = GroupClient::new(
             &self.ctx,
@@ -519,6 +638,9 @@ impl App {
             Some(group.clone()),
             self.options,
         );
+        if let Some(curve) = self.node_curve(name, key)? {
+            node = node.with_curve(curve);
+        }
         let mut entries = Vec::new();
         node.for_each_page(HistoryQuery::AfterSeq(saved.last_seen), None, |page| {
             entries.extend(page.messages.iter().cloned());
@@ -560,7 +682,12 @@ impl App {
     /// # Errors
     /// The feed thread could not start.
     pub fn start_live(&mut self, mut printer: Printer) -> std::io::Result<()> {
-        let (feed, rx) = Feed::start(&self.ctx, self.user.clone(), feed_options(self.options))?;
+        let (feed, rx) = Feed::start(
+            &self.ctx,
+            self.user.clone(),
+            self.keypair.clone(),
+            feed_options(self.options),
+        )?;
         let state = Arc::clone(&self.state);
         let me = self.user.clone();
         let format = self.format;
@@ -612,15 +739,18 @@ impl App {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (name, g) in subscribed {
-            let endpoint = GroupName::new(name.clone())
+            let (endpoint, server_key) = GroupName::new(name.clone())
                 .ok()
                 .and_then(|n| self.registry.lookup(&n).ok())
-                .map_or(g.endpoint.clone(), |e| e.endpoint.to_string());
+                .map_or((g.endpoint.clone(), g.public_key), |e| {
+                    (e.endpoint.to_string(), e.public_key)
+                });
             feed.add(GroupSpec {
                 label: name.clone(),
                 endpoint,
                 group: GroupName::new(name).ok(),
                 after_seq: Some(g.last_seen),
+                server_key,
             });
         }
         self.feed = Some(feed);
@@ -639,14 +769,21 @@ impl App {
         out: &mut dyn Write,
         stop: &Shutdown,
     ) -> Result<(), CliError> {
-        let (feed, rx) = Feed::start(&self.ctx, self.user.clone(), feed_options(self.options))?;
+        let (feed, rx) = Feed::start(
+            &self.ctx,
+            self.user.clone(),
+            self.keypair.clone(),
+            feed_options(self.options),
+        )?;
         for target in targets {
-            let (endpoint, group) = self.resolve(target)?;
+            let r = self.resolve(target)?;
+            self.node_curve(target, r.key)?;
             feed.add(GroupSpec {
                 label: target.clone(),
-                endpoint: endpoint.to_string(),
-                group,
+                endpoint: r.endpoint.to_string(),
+                group: r.name,
                 after_seq,
+                server_key: r.key,
             });
         }
         let mut active = targets.len();

@@ -50,6 +50,17 @@ struct Args {
     /// [default: ~/.local/state/agora].
     #[arg(long, global = true, env = "AGORA_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
+    /// The registry's CURVE public key (40 Z85 characters; the registry prints it at start).
+    #[arg(long, global = true, env = "AGORA_REGISTRY_KEY")]
+    registry_key: Option<agora_common::keys::PublicKey>,
+    /// Where your key pair lives (USER.key and USER.key_secret, made on first use)
+    /// [default: ~/.config/agora].
+    #[arg(long, global = true, env = "AGORA_KEY_DIR")]
+    key_dir: Option<std::path::PathBuf>,
+    /// Talk without CURVE encryption and authentication: local experiments only; refused
+    /// unless the registry and nodes are on loopback.
+    #[arg(long, global = true)]
+    insecure: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -139,7 +150,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> u8 {
-    let user = match args.user.map(Ok).unwrap_or_else(|| {
+    let user = match args.user.clone().map(Ok).unwrap_or_else(|| {
         let name =
             std::env::var("USER").map_err(|_| "no --user given and $USER is not set".to_owned())?;
         UserName::new(name)
@@ -160,8 +171,15 @@ fn run(args: Args) -> u8 {
     } else {
         Format::Human
     };
+    let curve = match curve(&args, &user) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("user-cli: {e}");
+            return 2;
+        }
+    };
     let state = state::StateFile::open(args.state_dir.clone(), &user);
-    let mut app = App::new(&args.registry, user, options, format, state);
+    let mut app = App::new(&args.registry, user, options, format, state, curve);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match args.command {
@@ -212,6 +230,48 @@ fn run(args: Args) -> u8 {
         Ok(()) => 0,
         Err(e) => report(&e),
     }
+}
+
+/// The CURVE settings: the user's key pair (made on first use) and the registry's key.
+fn curve(
+    args: &Args,
+    user: &UserName,
+) -> Result<Option<agora_common::client::ClientCurve>, String> {
+    if args.insecure {
+        if !agora_common::proto::is_loopback(&args.registry) {
+            return Err(format!(
+                "--insecure is allowed only on loopback endpoints, not {}",
+                args.registry
+            ));
+        }
+        eprintln!("user-cli: warning: talking WITHOUT encryption or authentication (--insecure)");
+        return Ok(None);
+    }
+    let server_key = args.registry_key.ok_or_else(|| {
+        "the registry's public key is needed: pass --registry-key or set AGORA_REGISTRY_KEY \
+         (the registry prints it at start)"
+            .to_owned()
+    })?;
+    let dir = match &args.key_dir {
+        Some(d) => d.clone(),
+        None => directories::ProjectDirs::from("", "", "agora")
+            .map(|d| d.config_dir().to_owned())
+            .ok_or("no home directory for the key pair; pass --key-dir")?,
+    };
+    let (keypair, created) =
+        agora_common::keys::Keypair::load_or_generate(&dir.join(format!("{user}.key")))
+            .map_err(|e| e.to_string())?;
+    if created {
+        eprintln!(
+            "user-cli: made your key pair in {} (public key {})",
+            dir.display(),
+            keypair.public
+        );
+    }
+    Ok(Some(agora_common::client::ClientCurve {
+        keypair,
+        server_key,
+    }))
 }
 
 fn report(e: &CliError) -> u8 {

@@ -20,6 +20,9 @@ pub struct GroupState {
     pub last_seen: u64,
     /// Whether to follow the group live.
     pub subscribed: bool,
+    /// The node's CURVE public key when last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<agora_common::keys::PublicKey>,
 }
 
 /// Everything kept, by group name.
@@ -108,6 +111,7 @@ mod tests {
                 endpoint: "tcp://127.0.0.1:1".into(),
                 last_seen: 3,
                 subscribed: true,
+                public_key: None,
             },
         );
         assert!(f.seen("Cool Group", 5));

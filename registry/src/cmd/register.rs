@@ -16,7 +16,7 @@ pub fn apply(
     r: RegisterRequest,
     now: Timestamp,
 ) -> Result<RegisterReply, WireError> {
-    let group = dir.register(r.name, r.endpoint, r.members, now)?;
+    let group = dir.register(r.name, r.endpoint, r.members, r.public_key, now)?;
     Ok(RegisterReply {
         group,
         heartbeat_ms: u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),
