@@ -85,6 +85,7 @@ fn beat(
     };
     let mut client = connect(options);
     let mut registered = false;
+    let mut warned = false;
     while !stop.is_triggered() {
         let next = Instant::now() + interval;
         match client.register(name, endpoint, members.load(Ordering::Relaxed), public_key) {
@@ -100,6 +101,10 @@ fn beat(
             Err(e) => {
                 if registered {
                     tracing::warn!(%registry, error = %e, "registry unreachable; still serving");
+                } else if !warned {
+                    tracing::warn!(%registry, error = %e,
+                        "cannot register: registry down, or --registry-key is not its key; retrying");
+                    warned = true;
                 }
                 registered = false;
             }

@@ -201,6 +201,7 @@ impl Node {
             tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
             (None, None)
         } else {
+            agora_common::keys::require_curve()?;
             if config.registry.is_some() && config.registry_key.is_none() {
                 return Err(NodeError::NoRegistryKey);
             }

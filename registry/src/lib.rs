@@ -128,6 +128,7 @@ impl Registry {
             tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
             (None, None)
         } else {
+            agora_common::keys::require_curve()?;
             let (keys, created) = Keypair::load_or_generate(&config.data_dir.join("registry.key"))?;
             if created {
                 tracing::info!(public_key = %keys.public, "made a new registry key pair");

@@ -51,7 +51,7 @@ pub enum CliError {
 fn cause(e: &ClientError) -> String {
     match e {
         ClientError::Timeout { endpoint, waited } => format!(
-            "unreachable: no reply from {endpoint} within {}",
+            "unreachable: no reply from {endpoint} within {} (server down, or its public key is not the one given)",
             humantime::format_duration(std::time::Duration::from_millis(
                 u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)
             ))

@@ -1,0 +1,185 @@
+//! Security end to end: CURVE keys, wrong keys, and `--insecure` only on loopback.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use agora_tests::{bin, cli, wait_for, Federation};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn servers_keep_a_private_secret_key_and_print_the_public_one() {
+    let fed = Federation::start("200ms");
+    let secret = std::path::Path::new(&fed.path("registry-data")).join("registry.key_secret");
+    let mode = std::fs::metadata(&secret)
+        .expect("secret file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let public = agora_common::keys::load_public(
+        &std::path::Path::new(&fed.path("registry-data")).join("registry.key"),
+    )
+    .expect("public certificate");
+    assert_eq!(public.to_string(), fed.registry_key());
+}
+
+#[test]
+fn a_client_without_the_registry_key_is_told_what_to_do() {
+    let fed = Federation::start("200ms");
+    let dir = fed.path("keys");
+    let run = cli(
+        &[
+            "--registry",
+            &fed.registry.endpoint,
+            "--user",
+            "alice",
+            "groups",
+        ],
+        "",
+        &[("AGORA_KEY_DIR", &dir)],
+    );
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("--registry-key"), "{run:?}");
+}
+
+#[test]
+fn a_client_with_a_wrong_registry_key_gets_no_answer_and_a_clear_error() {
+    let fed = Federation::start("200ms");
+    let wrong = agora_common::keys::Keypair::generate()
+        .expect("keys")
+        .public
+        .to_string();
+    let dir = fed.path("keys");
+    let run = cli(
+        &[
+            "--registry",
+            &fed.registry.endpoint,
+            "--user",
+            "alice",
+            "--timeout",
+            "600ms",
+            "groups",
+        ],
+        "",
+        &[("AGORA_KEY_DIR", &dir), ("AGORA_REGISTRY_KEY", &wrong)],
+    );
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert!(run.stderr.contains("unreachable"), "{run:?}");
+    assert!(run.stderr.contains("public key"), "{run:?}");
+}
+
+#[test]
+fn a_node_with_a_wrong_registry_key_says_why_it_cannot_register() {
+    let fed = Federation::start("200ms");
+    let wrong = agora_common::keys::Keypair::generate()
+        .expect("keys")
+        .public
+        .to_string();
+    let data = fed.path("data-cool");
+    let node = agora_tests::Server::start(
+        "group-node",
+        &[
+            "Cool Group",
+            "127.0.0.1:0",
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &wrong,
+            "--data-dir",
+            &data,
+            "--heartbeat",
+            "200ms",
+        ],
+        std::path::Path::new(&fed.path("node.log")),
+    );
+    assert!(
+        wait_for(WAIT, || node.log().contains("cannot register")),
+        "{}",
+        node.log()
+    );
+    let groups = fed.cli("alice", &["groups"], "");
+    assert!(!groups.stdout.contains("Cool Group"), "{groups:?}");
+}
+
+#[test]
+fn insecure_mode_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().to_str().expect("utf-8");
+    let registry = Command::new(bin("registry"))
+        .args([
+            "--insecure",
+            "--bind",
+            "tcp://0.0.0.0:0",
+            "--data-dir",
+            data,
+        ])
+        .output()
+        .expect("run registry");
+    assert_eq!(registry.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&registry.stderr).contains("loopback"));
+
+    let node = Command::new(bin("group-node"))
+        .args([
+            "g",
+            "0.0.0.0:0",
+            "--insecure",
+            "--no-registry",
+            "--data-dir",
+            data,
+        ])
+        .output()
+        .expect("run group-node");
+    assert_eq!(node.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&node.stderr).contains("loopback"));
+
+    let run = cli(
+        &[
+            "--insecure",
+            "--registry",
+            "tcp://10.0.0.1:5555",
+            "--user",
+            "a",
+            "groups",
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("loopback"), "{run:?}");
+}
+
+#[test]
+fn insecure_mode_works_on_loopback_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = dir.path().join("registry.log");
+    let registry = agora_tests::Server::start(
+        "registry",
+        &[
+            "--insecure",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().expect("utf-8"),
+        ],
+        &log,
+    );
+    assert!(registry.key.is_none());
+    assert!(wait_for(WAIT, || registry
+        .log()
+        .contains("WITHOUT encryption")));
+    let run = cli(
+        &[
+            "--insecure",
+            "--registry",
+            &registry.endpoint,
+            "--user",
+            "a",
+            "groups",
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("WITHOUT encryption"), "{run:?}");
+}
