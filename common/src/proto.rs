@@ -711,6 +711,9 @@ pub struct Member {
     pub user: UserName,
     /// When they joined.
     pub joined_at: Timestamp,
+    /// Their CURVE public key; absent on an `--insecure` node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::keys::PublicKey>,
 }
 
 /// Reply to `members`.
@@ -784,6 +787,9 @@ pub struct Message {
     pub kind: EntryKind,
     /// The JSON body, as sent; `null` for events.
     pub body: Box<RawValue>,
+    /// The sender's authenticated CURVE public key; absent from an `--insecure` node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_key: Option<crate::keys::PublicKey>,
 }
 
 impl PartialEq for Message {
@@ -794,6 +800,7 @@ impl PartialEq for Message {
             && self.sender == other.sender
             && self.kind == other.kind
             && self.body.get() == other.body.get()
+            && self.sender_key == other.sender_key
     }
 }
 

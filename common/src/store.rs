@@ -9,13 +9,16 @@
 //! sends the acks after the commit: group commit, one fsync for many messages, without
 //! acking anything that is not on disk.
 //!
-//! # Schema (version 2, in `PRAGMA user_version`)
+//! # Schema (version 3, in `PRAGMA user_version`)
 //! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
 //!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
-//! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body, kind)`: the
-//!   log; `body` is the JSON text as sent; `id` the 16 UUID bytes; `kind` `message`, `join`
-//!   or `leave` (added in version 2); index on `time_us`.
-//! - `members(user TEXT PRIMARY KEY, joined_at_us)`.
+//! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body, kind,
+//!   sender_key)`: the log; `body` is the JSON text as sent; `id` the 16 UUID bytes; `kind`
+//!   `message`, `join` or `leave` (version 2); `sender_key` the sender's Z85 CURVE key, NULL
+//!   without CURVE (version 3); index on `time_us`.
+//! - `members(principal TEXT PRIMARY KEY, user TEXT UNIQUE, joined_at_us)`: who is a member
+//!   ([`Principal`]), and the user name bound to them in this group (version 3; before, the
+//!   user name was the identity).
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,10 +27,39 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::value::RawValue;
 
 use crate::id::MessageId;
+use crate::keys::PublicKey;
 use crate::proto::{EntryKind, GroupName, HistoryQuery, Member, Message, SendAck, UserName};
 use crate::time::{MonotonicClock, Timestamp};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+
+/// Who a member is, as stored: `key:<Z85 public key>` for a CURVE-authenticated peer, or
+/// `name:<user>` for a peer on an `--insecure` connection (where the claimed name is all
+/// there is).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Principal(String);
+
+impl Principal {
+    /// The principal of a CURVE key.
+    pub fn key(key: &PublicKey) -> Principal {
+        Principal(format!("key:{key}"))
+    }
+
+    /// The principal of an unauthenticated user name.
+    pub fn name(user: &UserName) -> Principal {
+        Principal(format!("name:{user}"))
+    }
+
+    /// The stored form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The CURVE key, for a `key:` principal.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.0.strip_prefix("key:").and_then(|k| k.parse().ok())
+    }
+}
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +79,9 @@ pub enum StoreError {
         /// The group named in the database.
         found: String,
     },
+    /// The user name is bound to another member of this group.
+    #[error("user name {0} belongs to another member")]
+    LabelTaken(UserName),
     /// The file's schema is newer than this build understands.
     #[error("schema version {0} is newer than this build's {SCHEMA_VERSION}")]
     SchemaTooNew(i64),
@@ -62,6 +97,8 @@ pub struct NewMessage<'a> {
     pub sender: &'a UserName,
     /// A chat message or an event.
     pub kind: EntryKind,
+    /// The sender's authenticated CURVE key, if any.
+    pub sender_key: Option<PublicKey>,
     /// The JSON body text.
     pub body: &'a RawValue,
     /// The client's id, for an idempotent retry; `None` makes a UUID v7.
@@ -100,21 +137,27 @@ pub trait GroupStore {
     /// # Errors
     /// [`StoreError::Sqlite`]: nothing of the batch is stored.
     fn commit(&mut self) -> Result<(), StoreError>;
-    /// Whether `user` is a member.
+    /// The user name bound to `who`, if `who` is a member.
     ///
     /// # Errors
-    /// [`StoreError::Sqlite`].
-    fn is_member(&self, user: &UserName) -> Result<bool, StoreError>;
-    /// Adds a member; returns false if already one.
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError>;
+    /// Adds `who` as a member named `user`; returns the bound name and whether `who` was
+    /// added (false: already a member, keeping the name it joined with).
     ///
     /// # Errors
-    /// [`StoreError::Sqlite`].
-    fn add_member(&mut self, user: &UserName, at: Timestamp) -> Result<bool, StoreError>;
-    /// Removes a member; returns false if not one.
+    /// [`StoreError::LabelTaken`] when another member has that name; [`StoreError::Sqlite`].
+    fn add_member(
+        &mut self,
+        who: &Principal,
+        user: &UserName,
+        at: Timestamp,
+    ) -> Result<(UserName, bool), StoreError>;
+    /// Removes a member; returns the name they had, or `None` if they were not one.
     ///
     /// # Errors
-    /// [`StoreError::Sqlite`].
-    fn remove_member(&mut self, user: &UserName) -> Result<bool, StoreError>;
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError>;
     /// All members, sorted by name.
     ///
     /// # Errors
@@ -188,10 +231,12 @@ impl SqliteStore {
                  time_us INTEGER NOT NULL,
                  sender TEXT NOT NULL,
                  body TEXT NOT NULL,
-                 kind TEXT NOT NULL DEFAULT 'message');
+                 kind TEXT NOT NULL DEFAULT 'message',
+                 sender_key TEXT);
              CREATE INDEX IF NOT EXISTS messages_time ON messages(time_us);
              CREATE TABLE IF NOT EXISTS members (
-                 user TEXT PRIMARY KEY,
+                 principal TEXT PRIMARY KEY,
+                 user TEXT NOT NULL UNIQUE,
                  joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
              COMMIT;",
         )?;
@@ -201,7 +246,22 @@ impl SqliteStore {
                 "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'message';",
             )?;
         }
-        conn.execute_batch("PRAGMA user_version = 2;")?;
+        if version == 1 || version == 2 {
+            // Before version 3 members were known by name alone, and had no keys.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE messages ADD COLUMN sender_key TEXT;
+                 CREATE TABLE members_v3 (
+                     principal TEXT PRIMARY KEY,
+                     user TEXT NOT NULL UNIQUE,
+                     joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO members_v3 SELECT 'name:' || user, user, joined_at_us FROM members;
+                 DROP TABLE members;
+                 ALTER TABLE members_v3 RENAME TO members;
+                 COMMIT;",
+            )?;
+        }
+        conn.execute_batch("PRAGMA user_version = 3;")?;
         let found: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
                 r.get(0)
@@ -268,6 +328,11 @@ impl SqliteStore {
         let kind: String = row.get(5)?;
         let kind = EntryKind::from_name(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("seq {seq}: kind {kind:?}")))?;
+        let sender_key: Option<String> = row.get(6)?;
+        let sender_key = sender_key
+            .map(|k| k.parse::<PublicKey>())
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("seq {seq}: sender_key: {e}")))?;
         let id: [u8; 16] = id
             .try_into()
             .map_err(|_| StoreError::Corrupt(format!("seq {seq}: id is not 16 bytes")))?;
@@ -280,6 +345,7 @@ impl SqliteStore {
             kind,
             body: RawValue::from_string(body)
                 .map_err(|e| StoreError::Corrupt(format!("seq {seq}: body: {e}")))?,
+            sender_key,
         })
     }
 
@@ -310,7 +376,7 @@ impl SqliteStore {
     }
 }
 
-const SELECT: &str = "SELECT seq, id, time_us, sender, body, kind FROM messages";
+const SELECT: &str = "SELECT seq, id, time_us, sender, body, kind, sender_key FROM messages";
 
 impl GroupStore for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
@@ -339,46 +405,63 @@ impl GroupStore for SqliteStore {
         Ok(())
     }
 
-    fn is_member(&self, user: &UserName) -> Result<bool, StoreError> {
+    fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
         let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user FROM members WHERE principal = ?1")?;
+        let user: Option<String> = stmt.query_row([who.as_str()], |r| r.get(0)).optional()?;
+        user.map(|u| UserName::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    fn add_member(
+        &mut self,
+        who: &Principal,
+        user: &UserName,
+        at: Timestamp,
+    ) -> Result<(UserName, bool), StoreError> {
+        if let Some(bound) = self.member(who)? {
+            return Ok((bound, false));
+        }
+        let mut taken = self
             .conn
             .prepare_cached("SELECT 1 FROM members WHERE user = ?1")?;
-        Ok(stmt.exists([user.as_str()])?)
-    }
-
-    fn add_member(&mut self, user: &UserName, at: Timestamp) -> Result<bool, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO members (user, joined_at_us) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?;
-        let added = stmt.execute(params![user.as_str(), at.as_micros()])? == 1;
-        if added {
-            self.member_count += 1;
+        if taken.exists([user.as_str()])? {
+            return Err(StoreError::LabelTaken(user.clone()));
         }
-        Ok(added)
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO members (principal, user, joined_at_us) VALUES (?1, ?2, ?3)",
+        )?;
+        stmt.execute(params![who.as_str(), user.as_str(), at.as_micros()])?;
+        self.member_count += 1;
+        Ok((user.clone(), true))
     }
 
-    fn remove_member(&mut self, user: &UserName) -> Result<bool, StoreError> {
+    fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        let Some(bound) = self.member(who)? else {
+            return Ok(None);
+        };
         let mut stmt = self
             .conn
-            .prepare_cached("DELETE FROM members WHERE user = ?1")?;
-        let removed = stmt.execute([user.as_str()])? == 1;
-        if removed {
-            self.member_count = self.member_count.saturating_sub(1);
-        }
-        Ok(removed)
+            .prepare_cached("DELETE FROM members WHERE principal = ?1")?;
+        stmt.execute([who.as_str()])?;
+        self.member_count = self.member_count.saturating_sub(1);
+        Ok(Some(bound))
     }
 
     fn members(&self) -> Result<Vec<Member>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT user, joined_at_us FROM members ORDER BY user")?;
+            .prepare_cached("SELECT user, joined_at_us, principal FROM members ORDER BY user")?;
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let user: String = row.get(0)?;
+            let principal: String = row.get(2)?;
             out.push(Member {
                 user: UserName::new(user).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 joined_at: Timestamp::from_micros(row.get(1)?),
+                key: Principal(principal).public_key(),
             });
         }
         Ok(out)
@@ -420,8 +503,8 @@ impl GroupStore for SqliteStore {
         let mut clock = self.clock;
         let time = clock.tick(msg.now);
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO messages (seq, id, time_us, sender, body, kind)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO messages (seq, id, time_us, sender, body, kind, sender_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         stmt.execute(params![
             seq as i64,
@@ -429,7 +512,8 @@ impl GroupStore for SqliteStore {
             time.as_micros(),
             msg.sender.as_str(),
             msg.body.get(),
-            msg.kind.as_str()
+            msg.kind.as_str(),
+            msg.sender_key.map(|k| k.to_string())
         ])?;
         self.last_seq = seq;
         self.clock = clock;
@@ -549,6 +633,7 @@ mod tests {
             .append(NewMessage {
                 sender: &alice,
                 kind: EntryKind::Message,
+                sender_key: None,
                 body: &b,
                 id: None,
                 now: Timestamp::from_micros(now),
@@ -629,6 +714,7 @@ mod tests {
         let msg = |sender, b| NewMessage {
             sender,
             kind: EntryKind::Message,
+            sender_key: None,
             body: b,
             id: Some(id),
             now: Timestamp::now(),
@@ -710,22 +796,47 @@ mod tests {
     }
 
     #[test]
-    fn membership_is_counted_and_idempotent() {
+    fn membership_is_by_principal_with_one_name_each() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("g");
         let mut s = SqliteStore::open(&path, &group()).expect("open");
+        let bob_key = crate::keys::Keypair::generate().expect("keys").public;
+        let bob = Principal::key(&bob_key);
+        let mallory = Principal::key(&crate::keys::Keypair::generate().expect("keys").public);
+        let alice = Principal::name(&user("alice"));
+        let now = Timestamp::now();
         s.begin().expect("begin");
-        assert!(s.add_member(&user("bob"), Timestamp::now()).expect("add"));
-        assert!(!s.add_member(&user("bob"), Timestamp::now()).expect("add"));
-        assert!(s.add_member(&user("alice"), Timestamp::now()).expect("add"));
-        assert!(s.remove_member(&user("bob")).expect("rm"));
-        assert!(!s.remove_member(&user("bob")).expect("rm"));
+        assert_eq!(
+            s.add_member(&bob, &user("bob"), now).expect("add"),
+            (user("bob"), true)
+        );
+        // A repeated join keeps the name the member joined with.
+        assert_eq!(
+            s.add_member(&bob, &user("robert"), now).expect("add"),
+            (user("bob"), false)
+        );
+        // Another key cannot take bob's name.
+        assert!(matches!(
+            s.add_member(&mallory, &user("bob"), now),
+            Err(StoreError::LabelTaken(n)) if n == user("bob")
+        ));
+        assert_eq!(
+            s.add_member(&alice, &user("alice"), now).expect("add"),
+            (user("alice"), true)
+        );
+        assert_eq!(s.remove_member(&alice).expect("rm"), Some(user("alice")));
+        assert_eq!(s.remove_member(&alice).expect("rm"), None);
         s.commit().expect("commit");
         drop(s);
         let s = SqliteStore::open(&path, &group()).expect("reopen");
         assert_eq!(s.member_count(), 1);
-        assert!(s.is_member(&user("alice")).expect("q"));
-        assert_eq!(s.members().expect("list")[0].user, user("alice"));
+        assert_eq!(s.member(&bob).expect("q"), Some(user("bob")));
+        assert_eq!(s.member(&mallory).expect("q"), None);
+        let members = s.members().expect("list");
+        assert_eq!(
+            (members[0].user.clone(), members[0].key),
+            (user("bob"), Some(bob_key))
+        );
     }
 
     #[test]
@@ -742,6 +853,7 @@ mod tests {
                  CREATE TABLE members (user TEXT PRIMARY KEY, joined_at_us INTEGER NOT NULL)
                      WITHOUT ROWID;
                  INSERT INTO messages VALUES (1, x'0123456789abcdef0123456789abcdef', 5, 'bob', '"hi"');
+                 INSERT INTO members VALUES ('bob', 5);
                  PRAGMA user_version = 1;"#,
             )
             .expect("v1 schema");
@@ -753,8 +865,14 @@ mod tests {
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.messages[0].kind, EntryKind::Message);
         assert_eq!(page.messages[0].body.get(), "\"hi\"");
+        assert_eq!(page.messages[0].sender_key, None);
+        assert_eq!(
+            s.member(&Principal::name(&user("bob"))).expect("q"),
+            Some(user("bob"))
+        );
+        assert_eq!(s.member_count(), 1);
         drop(s);
-        SqliteStore::open(&path, &group()).expect("reopen at version 2");
+        SqliteStore::open(&path, &group()).expect("reopen at version 3");
     }
 
     #[test]

@@ -141,14 +141,15 @@ fn request() -> impl Strategy<Value = Request> {
 }
 
 fn entry() -> impl Strategy<Value = Message> {
-    (any::<u64>(), id(), time(), user(), kind(), body()).prop_map(
-        |(seq, id, time, sender, kind, body)| Message {
+    (any::<u64>(), id(), time(), user(), kind(), body(), key()).prop_map(
+        |(seq, id, time, sender, kind, body, sender_key)| Message {
             seq,
             id,
             time,
             sender,
             kind,
             body,
+            sender_key,
         },
     )
 }
@@ -222,7 +223,7 @@ proptest! {
         changed in any::<bool>(),
         t in time(),
         i in id(),
-        members in prop::collection::vec((user(), time()), 0..5),
+        members in prop::collection::vec((user(), time(), key()), 0..5),
     ) {
         let info = InfoReply { group: g.clone(), last_seq: n, members: n / 2, max_message_bytes: n };
         prop_assert_eq!(round_trip(&info), info);
@@ -230,7 +231,10 @@ proptest! {
         prop_assert_eq!(round_trip(&m), m);
         let list = MembersReply {
             group: g.clone(),
-            members: members.into_iter().map(|(user, joined_at)| Member { user, joined_at }).collect(),
+            members: members
+                .into_iter()
+                .map(|(user, joined_at, key)| Member { user, joined_at, key })
+                .collect(),
         };
         prop_assert_eq!(round_trip(&list), list);
         let ack = SendAck { seq: n, id: i, time: t, duplicate: changed };

@@ -355,9 +355,14 @@ impl Node {
                 }
             };
             let reply = match incoming.request {
-                Ok(request) => {
-                    self.dispatch(request, &incoming.envelope, now, instant, &mut appended)
-                }
+                Ok(request) => self.dispatch(
+                    request,
+                    &incoming.envelope,
+                    incoming.peer,
+                    now,
+                    instant,
+                    &mut appended,
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, "rejected request");
                     reply_frames::<()>(Err(e.to_wire()))
@@ -413,6 +418,7 @@ impl Node {
         &mut self,
         request: Request,
         envelope: &Frames,
+        peer: Option<PublicKey>,
         now: Timestamp,
         instant: Instant,
         appended: &mut Vec<agora_common::proto::Message>,
@@ -425,6 +431,7 @@ impl Node {
             envelope,
             subscribers: &mut self.subscribers,
             appended,
+            peer,
         };
         match request {
             Request::Info(r) => reply_frames(cmd::info::apply(&mut ctx, r)),

@@ -12,13 +12,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use agora_common::codec::Frames;
-use agora_common::proto::{
-    ErrorCode, GroupName, Message, PushEvent, UserName, WireError, PROTOCOL,
-};
+use agora_common::proto::{ErrorCode, GroupName, Message, PushEvent, WireError, PROTOCOL};
+use agora_common::store::Principal;
 
 #[derive(Debug)]
 struct Subscription {
-    user: UserName,
+    member: Principal,
     expires: Instant,
 }
 
@@ -72,19 +71,19 @@ impl Subscribers {
         self.subs.is_empty()
     }
 
-    /// Subscribes (or renews) the connection `envelope` for `user`; returns true if new.
+    /// Subscribes (or renews) the connection `envelope` for `member`; returns true if new.
     ///
     /// # Errors
     /// `limit_reached` when the node has its maximum of subscriptions.
     pub fn subscribe(
         &mut self,
         envelope: &Frames,
-        user: &UserName,
+        member: &Principal,
         now: Instant,
     ) -> Result<bool, WireError> {
         let expires = now + self.lease;
         if let Some(sub) = self.subs.get_mut(envelope) {
-            sub.user = user.clone();
+            sub.member = member.clone();
             sub.expires = expires;
             return Ok(false);
         }
@@ -97,7 +96,7 @@ impl Subscribers {
         self.subs.insert(
             envelope.clone(),
             Subscription {
-                user: user.clone(),
+                member: member.clone(),
                 expires,
             },
         );
@@ -109,10 +108,10 @@ impl Subscribers {
         self.subs.remove(envelope).is_some()
     }
 
-    /// Ends every subscription of `user` (who left the group).
-    pub fn remove_user(&mut self, user: &UserName) -> usize {
+    /// Ends every subscription of `member` (who left the group).
+    pub fn remove_member(&mut self, member: &Principal) -> usize {
         let before = self.subs.len();
-        self.subs.retain(|_, s| s.user != *user);
+        self.subs.retain(|_, s| s.member != *member);
         before - self.subs.len()
     }
 
@@ -183,7 +182,7 @@ mod tests {
     #[test]
     fn leases_renew_expire_and_are_bounded() {
         let mut s = Subscribers::new(Duration::from_secs(5), 2, 0);
-        let alice = UserName::new("alice").expect("name");
+        let alice = Principal::name(&agora_common::proto::UserName::new("alice").expect("name"));
         let t0 = Instant::now();
         assert_eq!(s.subscribe(&env(b"a"), &alice, t0), Ok(true));
         assert_eq!(s.subscribe(&env(b"b"), &alice, t0), Ok(true));
@@ -195,7 +194,7 @@ mod tests {
         );
         assert_eq!(s.expire(t0 + Duration::from_secs(6)), 1);
         assert_eq!(s.len(), 1);
-        assert_eq!(s.remove_user(&alice), 1);
+        assert_eq!(s.remove_member(&alice), 1);
         assert!(s.is_empty());
     }
 }

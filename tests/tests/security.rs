@@ -183,3 +183,60 @@ fn insecure_mode_works_on_loopback_with_a_warning() {
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(run.stderr.contains("WITHOUT encryption"), "{run:?}");
 }
+
+#[test]
+fn a_forged_sender_is_ignored_and_the_stored_sender_is_the_authenticated_key() {
+    use agora_common::client::{ClientError, ClientOptions, GroupClient};
+    use agora_common::proto::{ErrorCode, UserName};
+    use serde_json::value::RawValue;
+
+    let fed = Federation::start("200ms");
+    let node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    assert!(wait_for(WAIT, || {
+        fed.cli("alice", &["join", "Cool Group"], "").code == Some(0)
+    }));
+    assert_eq!(
+        fed.cli("mallory", &["join", "Cool Group"], "").code,
+        Some(0)
+    );
+
+    // Mallory's own key, but every request claims to be alice.
+    let ctx = zmq::Context::new();
+    let mallory = fed.curve("mallory", &node);
+    let mallory_key = mallory.keypair.public.to_string();
+    let mut forger = GroupClient::new(
+        &ctx,
+        &node.endpoint,
+        UserName::new("alice").expect("name"),
+        None,
+        ClientOptions::default(),
+    )
+    .with_curve(mallory);
+    let body = RawValue::from_string("\"I am alice\"".into()).expect("json");
+    let ack = forger.send(body).expect("stored as mallory's");
+
+    let run = fed.cli("alice", &["--json", "messages", "Cool Group"], "");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let entry: serde_json::Value = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .find(|e| e["seq"] == ack.seq)
+        .expect("the forged message is in the log");
+    assert_eq!(entry["sender"], "mallory");
+    assert_eq!(entry["sender_key"], mallory_key.as_str());
+
+    // Another key cannot take a name a member holds.
+    let mut eve = GroupClient::new(
+        &ctx,
+        &node.endpoint,
+        UserName::new("alice").expect("name"),
+        None,
+        ClientOptions::default(),
+    )
+    .with_curve(fed.curve("eve", &node));
+    match eve.join() {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::NameTaken),
+        other => panic!("expected name_taken, got {other:?}"),
+    }
+}

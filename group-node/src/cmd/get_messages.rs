@@ -6,7 +6,6 @@ use agora_common::proto::{
 use agora_common::store::GroupStore;
 
 use super::{store_error, Ctx};
-use crate::identity::caller;
 
 /// # Errors
 /// `unknown_group`, `not_member`, `invalid_field` (two selectors, bad limit), `not_found`
@@ -16,7 +15,7 @@ pub fn apply<S: GroupStore>(
     r: GetMessagesRequest,
 ) -> Result<MessagesPage, WireError> {
     ctx.check_group(r.group.as_ref())?;
-    ctx.require_member(&caller(&r.user))?;
+    ctx.require_member(&ctx.caller(&r.user))?;
     let (query, limit) = r.query()?;
     let page = ctx
         .store

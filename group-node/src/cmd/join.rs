@@ -4,7 +4,6 @@ use agora_common::proto::{EntryKind, ErrorCode, MembershipReply, MembershipReque
 use agora_common::store::GroupStore;
 
 use super::{store_error, Ctx};
-use crate::identity::caller;
 
 /// # Errors
 /// `unknown_group`, `limit_reached` (the group has `max_members`), `internal`.
@@ -13,8 +12,12 @@ pub fn apply<S: GroupStore>(
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {
     ctx.check_group(r.group.as_ref())?;
-    let caller = caller(&r.user);
-    let already = ctx.store.is_member(&caller.user).map_err(store_error)?;
+    let caller = ctx.caller(&r.user);
+    let already = ctx
+        .store
+        .member(&caller.principal)
+        .map_err(store_error)?
+        .is_some();
     if !already && ctx.store.member_count() >= ctx.config.max_members {
         return Err(WireError::new(
             ErrorCode::LimitReached,
@@ -24,16 +27,16 @@ pub fn apply<S: GroupStore>(
             ),
         ));
     }
-    let changed = ctx
+    let (user, changed) = ctx
         .store
-        .add_member(&caller.user, ctx.now)
+        .add_member(&caller.principal, &caller.claimed, ctx.now)
         .map_err(store_error)?;
     if changed {
-        ctx.append_event(&caller.user, EntryKind::Join)?;
+        ctx.append_event(&user, EntryKind::Join)?;
     }
     Ok(MembershipReply {
         group: ctx.config.name.clone(),
-        user: caller.user,
+        user,
         changed,
         last_seq: ctx.store.last_seq(),
     })

@@ -4,7 +4,6 @@ use agora_common::proto::{EntryKind, MembershipReply, MembershipRequest, WireErr
 use agora_common::store::GroupStore;
 
 use super::{store_error, Ctx};
-use crate::identity::caller;
 
 /// # Errors
 /// `unknown_group`, `internal`.
@@ -13,16 +12,19 @@ pub fn apply<S: GroupStore>(
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {
     ctx.check_group(r.group.as_ref())?;
-    let caller = caller(&r.user);
-    let changed = ctx.store.remove_member(&caller.user).map_err(store_error)?;
-    if changed {
-        ctx.subscribers.remove_user(&caller.user);
-        ctx.append_event(&caller.user, EntryKind::Leave)?;
+    let caller = ctx.caller(&r.user);
+    let removed = ctx
+        .store
+        .remove_member(&caller.principal)
+        .map_err(store_error)?;
+    if let Some(user) = &removed {
+        ctx.subscribers.remove_member(&caller.principal);
+        ctx.append_event(user, EntryKind::Leave)?;
     }
     Ok(MembershipReply {
         group: ctx.config.name.clone(),
-        user: caller.user,
-        changed,
+        changed: removed.is_some(),
+        user: removed.unwrap_or(caller.claimed),
         last_seq: ctx.store.last_seq(),
     })
 }

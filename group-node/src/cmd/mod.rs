@@ -40,6 +40,8 @@ pub struct Ctx<'a, S: GroupStore> {
     pub subscribers: &'a mut Subscribers,
     /// Entries appended in this batch, pushed to subscribers once it commits.
     pub appended: &'a mut Vec<Message>,
+    /// The caller's authenticated CURVE key (`None` on an `--insecure` node).
+    pub peer: Option<agora_common::keys::PublicKey>,
 }
 
 impl<S: GroupStore> Ctx<'_, S> {
@@ -57,21 +59,25 @@ impl<S: GroupStore> Ctx<'_, S> {
         }
     }
 
-    /// Checks that `caller` is a member.
+    /// The caller of a request claiming to be `claimed` (see [`crate::identity`]).
+    pub fn caller(&self, claimed: &UserName) -> Caller {
+        crate::identity::caller(claimed, self.peer)
+    }
+
+    /// Checks that `caller` is a member; returns the name bound to them in this group.
     ///
     /// # Errors
     /// `not_member`; `internal` if the store fails.
-    pub fn require_member(&self, caller: &Caller) -> Result<(), WireError> {
-        if self.store.is_member(&caller.user).map_err(store_error)? {
-            Ok(())
-        } else {
-            Err(WireError::new(
+    pub fn require_member(&self, caller: &Caller) -> Result<UserName, WireError> {
+        match self.store.member(&caller.principal).map_err(store_error)? {
+            Some(name) => Ok(name),
+            None => Err(WireError::new(
                 ErrorCode::NotMember,
                 format!(
                     "{} is not a member of \"{}\"",
-                    caller.user, self.config.name
+                    caller.claimed, self.config.name
                 ),
-            ))
+            )),
         }
     }
 }
@@ -94,6 +100,7 @@ impl<S: GroupStore> Ctx<'_, S> {
             .append(NewMessage {
                 sender,
                 kind,
+                sender_key: self.peer,
                 body,
                 id,
                 now: self.now,
@@ -107,6 +114,7 @@ impl<S: GroupStore> Ctx<'_, S> {
                 sender: sender.clone(),
                 kind,
                 body: body.to_owned(),
+                sender_key: self.peer,
             });
         }
         Ok(ack)
@@ -130,6 +138,10 @@ pub fn store_error(e: StoreError) -> WireError {
         StoreError::IdConflict(id) => WireError::new(
             ErrorCode::IdConflict,
             format!("message id {id} is already used by a different message"),
+        ),
+        StoreError::LabelTaken(name) => WireError::new(
+            ErrorCode::NameTaken,
+            format!("the user name {name} belongs to another member of this group"),
         ),
         other => {
             tracing::error!(error = %other, "store failed");

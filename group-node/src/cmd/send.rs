@@ -5,15 +5,14 @@ use agora_common::proto::{EntryKind, ErrorCode, SendAck, SendRequest, WireError}
 use agora_common::store::GroupStore;
 
 use super::Ctx;
-use crate::identity::caller;
 
 /// # Errors
 /// `unknown_group`, `not_member`, `too_large` (body over `max_message_bytes`),
 /// `id_conflict`, `internal`.
 pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: SendRequest) -> Result<SendAck, WireError> {
     ctx.check_group(r.group.as_ref())?;
-    let caller = caller(&r.user);
-    ctx.require_member(&caller)?;
+    // The sender is the member the authenticated caller is, whatever `user` claims.
+    let sender = ctx.require_member(&ctx.caller(&r.user))?;
     let len = r.body.get().len();
     if len > ctx.config.max_message_bytes {
         return Err(WireError::new(
@@ -24,5 +23,5 @@ pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: SendRequest) -> Result<Send
             ),
         ));
     }
-    ctx.append(&caller.user, EntryKind::Message, &r.body, r.id)
+    ctx.append(&sender, EntryKind::Message, &r.body, r.id)
 }

@@ -4,7 +4,6 @@ use agora_common::proto::{MembershipRequest, SubscribeReply, WireError};
 use agora_common::store::GroupStore;
 
 use super::Ctx;
-use crate::identity::caller;
 
 /// # Errors
 /// `unknown_group`, `not_member`, `limit_reached` (the node's subscription bound).
@@ -13,10 +12,10 @@ pub fn apply<S: GroupStore>(
     r: MembershipRequest,
 ) -> Result<SubscribeReply, WireError> {
     ctx.check_group(r.group.as_ref())?;
-    let caller = caller(&r.user);
+    let caller = ctx.caller(&r.user);
     ctx.require_member(&caller)?;
     ctx.subscribers
-        .subscribe(ctx.envelope, &caller.user, ctx.instant)?;
+        .subscribe(ctx.envelope, &caller.principal, ctx.instant)?;
     Ok(SubscribeReply {
         group: ctx.config.name.clone(),
         last_seq: ctx.store.last_seq(),
