@@ -52,8 +52,9 @@ impl Directory {
 
     /// Registers `name` at `endpoint`, or refreshes it.
     ///
-    /// A name held by another live endpoint is refused; a dead holder is replaced. An entry
-    /// of another name at the same endpoint is dropped: one endpoint is one node.
+    /// A name held by another live endpoint is refused, unless `owner_verified` (the caller
+    /// is the name's owner, moving it); a dead holder is replaced. An entry of another name at
+    /// the same endpoint is dropped: one endpoint is one node.
     ///
     /// # Errors
     /// `name_taken`, or `limit_reached` when the directory is full.
@@ -63,6 +64,7 @@ impl Directory {
         endpoint: Endpoint,
         members: u64,
         public_key: Option<PublicKey>,
+        owner_verified: bool,
         now: Timestamp,
     ) -> Result<GroupEntry, WireError> {
         if let Some(held) = self.entries.get_mut(&name) {
@@ -74,7 +76,7 @@ impl Directory {
             }
         }
         if let Some(held) = self.entries.get(&name) {
-            if self.is_live(held, now) {
+            if self.is_live(held, now) && !owner_verified {
                 return Err(WireError::new(
                     ErrorCode::NameTaken,
                     format!("group \"{name}\" is held by {}", held.endpoint),
@@ -171,22 +173,22 @@ mod tests {
     #[test]
     fn refresh_keeps_registered_at_and_takeover_is_refused() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("Cool Group"), ep(1), 0, None, t(10))
+        d.register(name("Cool Group"), ep(1), 0, None, false, t(10))
             .expect("first");
         let e = d
-            .register(name("Cool Group"), ep(1), 3, None, t(12))
+            .register(name("Cool Group"), ep(1), 3, None, false, t(12))
             .expect("refresh");
         assert_eq!(
             (e.registered_at, e.last_heartbeat, e.members),
             (t(10), t(12), 3)
         );
         let err = d
-            .register(name("Cool Group"), ep(2), 0, None, t(13))
+            .register(name("Cool Group"), ep(2), 0, None, false, t(13))
             .expect_err("taken");
         assert_eq!(err.code, ErrorCode::NameTaken);
         // Once the holder's TTL passes, the name is free again.
         let e = d
-            .register(name("Cool Group"), ep(2), 0, None, t(18))
+            .register(name("Cool Group"), ep(2), 0, None, false, t(18))
             .expect("after ttl");
         assert_eq!(e.endpoint, ep(2));
     }
@@ -194,8 +196,10 @@ mod tests {
     #[test]
     fn entries_expire_after_ttl() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("a"), ep(1), 0, None, t(0)).expect("a");
-        d.register(name("b"), ep(2), 0, None, t(4)).expect("b");
+        d.register(name("a"), ep(1), 0, None, false, t(0))
+            .expect("a");
+        d.register(name("b"), ep(2), 0, None, false, t(4))
+            .expect("b");
         assert_eq!(d.list(t(5)).len(), 2);
         assert_eq!(d.list(t(6)).len(), 1);
         assert_eq!(
@@ -208,7 +212,8 @@ mod tests {
     #[test]
     fn unregister_needs_the_holding_endpoint() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("a"), ep(1), 0, None, t(0)).expect("a");
+        d.register(name("a"), ep(1), 0, None, false, t(0))
+            .expect("a");
         assert_eq!(
             d.unregister(&name("a"), &ep(2)).map_err(|e| e.code),
             Err(ErrorCode::NameTaken)
@@ -224,8 +229,10 @@ mod tests {
     #[test]
     fn a_new_name_at_the_same_endpoint_replaces_the_old_one() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
-        d.register(name("old"), ep(1), 0, None, t(0)).expect("old");
-        d.register(name("new"), ep(1), 0, None, t(1)).expect("new");
+        d.register(name("old"), ep(1), 0, None, false, t(0))
+            .expect("old");
+        d.register(name("new"), ep(1), 0, None, false, t(1))
+            .expect("new");
         let names: Vec<_> = d.list(t(1)).into_iter().map(|e| e.name).collect();
         assert_eq!(names, vec![name("new")]);
     }
@@ -233,12 +240,13 @@ mod tests {
     #[test]
     fn the_directory_is_bounded() {
         let mut d = Directory::new(Duration::from_secs(6), 1);
-        d.register(name("a"), ep(1), 0, None, t(0)).expect("a");
+        d.register(name("a"), ep(1), 0, None, false, t(0))
+            .expect("a");
         let err = d
-            .register(name("b"), ep(2), 0, None, t(1))
+            .register(name("b"), ep(2), 0, None, false, t(1))
             .expect_err("full");
         assert_eq!(err.code, ErrorCode::LimitReached);
-        d.register(name("b"), ep(2), 0, None, t(7))
+        d.register(name("b"), ep(2), 0, None, false, t(7))
             .expect("a expired, room again");
     }
 }

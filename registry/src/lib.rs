@@ -25,6 +25,7 @@ use agora_common::time::Timestamp;
 
 mod cmd;
 pub mod directory;
+pub mod owners;
 
 use directory::Directory;
 
@@ -95,6 +96,9 @@ pub enum RegistryError {
     /// `--insecure` with an endpoint that is not loopback.
     #[error("--insecure is allowed only on loopback endpoints, not {0}")]
     InsecureNotLoopback(String),
+    /// The name-ownership store could not be opened.
+    #[error("owners: {0}")]
+    Owners(#[from] owners::OwnersError),
 }
 
 /// A bound registry, ready to [`run`](Registry::run).
@@ -104,6 +108,7 @@ pub struct Registry {
     endpoint: String,
     directory: Directory,
     public_key: Option<PublicKey>,
+    owners: Option<owners::Owners>,
     _zap: Option<Authenticator>,
 }
 
@@ -137,6 +142,10 @@ impl Registry {
             (Some(keys), Some(zap))
         };
         let public_key = curve.as_ref().map(|k: &Keypair| k.public);
+        let owners = match &curve {
+            Some(_) => Some(owners::Owners::open(&config.data_dir)?),
+            None => None,
+        };
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
             hwm: 1000,
@@ -155,6 +164,7 @@ impl Registry {
             endpoint,
             directory,
             public_key,
+            owners,
             _zap: zap,
         })
     }
@@ -207,7 +217,7 @@ impl Registry {
             }
         };
         let reply = match incoming.request {
-            Ok(request) => self.dispatch(request, Timestamp::now()),
+            Ok(request) => self.dispatch(request, incoming.peer, Timestamp::now()),
             Err(e) => {
                 tracing::warn!(error = %e, "rejected request");
                 reply_frames::<()>(Err(e.to_wire()))
@@ -217,11 +227,24 @@ impl Registry {
         Ok(())
     }
 
-    fn dispatch(&mut self, request: Request, now: Timestamp) -> agora_common::codec::Frames {
+    fn dispatch(
+        &mut self,
+        request: Request,
+        peer: Option<PublicKey>,
+        now: Timestamp,
+    ) -> agora_common::codec::Frames {
         let dir = &mut self.directory;
+        let owners = self.owners.as_ref();
         match request {
-            Request::Register(r) => reply_frames(cmd::register::apply(dir, &self.config, r, now)),
-            Request::Unregister(r) => reply_frames(cmd::unregister::apply(dir, r)),
+            Request::Register(r) => reply_frames(cmd::register::apply(
+                dir,
+                owners,
+                &self.config,
+                r,
+                peer,
+                now,
+            )),
+            Request::Unregister(r) => reply_frames(cmd::unregister::apply(dir, owners, r, peer)),
             Request::List(_) => reply_frames(Ok(cmd::list::apply(dir, now))),
             Request::Lookup(r) => reply_frames(cmd::lookup::apply(dir, r, now)),
             other => reply_frames::<()>(Err(WireError::new(

@@ -36,6 +36,18 @@ struct Args {
     /// unless the bind endpoint is loopback.
     #[arg(long)]
     insecure: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Free a group name from the key that owns it, so another node's key can register it.
+    /// Works while the registry runs (same --data-dir).
+    Release {
+        /// The group name.
+        name: agora_common::proto::GroupName,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +72,15 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let defaults = Config::default();
+    if let Some(Command::Release { name }) = &args.command {
+        let dir = args.data_dir.clone().unwrap_or(defaults.data_dir);
+        let owners = agora_registry::owners::Owners::open(&dir)?;
+        if owners.release(name)? {
+            println!("released \"{name}\"");
+            return Ok(());
+        }
+        anyhow::bail!("\"{name}\" is not bound to any key in {}", dir.display());
+    }
     let config = Config {
         bind: args.bind,
         heartbeat: args.heartbeat,

@@ -240,3 +240,54 @@ fn a_forged_sender_is_ignored_and_the_stored_sender_is_the_authenticated_key() {
         other => panic!("expected name_taken, got {other:?}"),
     }
 }
+
+#[test]
+fn a_group_name_belongs_to_its_key_until_the_operator_releases_it() {
+    let fed = Federation::start("200ms");
+    let endpoint_of = |fed: &Federation| -> Option<String> {
+        let run = fed.cli("alice", &["--json", "groups"], "");
+        run.stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|g| g["name"] == "Cool Group")
+            .and_then(|g| g["endpoint"].as_str().map(str::to_owned))
+    };
+    let mut owner = fed.node("Cool Group", "127.0.0.1:0", "owner", &[]);
+    assert!(wait_for(WAIT, || endpoint_of(&fed).as_deref()
+        == Some(owner.endpoint.as_str())));
+
+    // The owner's key may move the name to a new endpoint at once (a restart on a new port),
+    // although the old entry has not expired.
+    owner.kill9();
+    let owner = fed.node("Cool Group", "127.0.0.1:0", "owner", &[]);
+    assert!(wait_for(WAIT, || endpoint_of(&fed).as_deref()
+        == Some(owner.endpoint.as_str())));
+
+    // Another key is refused while the owner is live...
+    let intruder = fed.node("Cool Group", "127.0.0.1:0", "intruder", &[]);
+    assert!(wait_for(WAIT, || intruder
+        .log()
+        .contains("registration refused")));
+    assert_eq!(endpoint_of(&fed).as_deref(), Some(owner.endpoint.as_str()));
+    // ...and after the owner is gone and its entry expired.
+    drop(owner);
+    assert!(wait_for(WAIT, || endpoint_of(&fed).is_none()));
+    let refusals = |n: &agora_tests::Server| n.log().matches("registration refused").count();
+    let before = refusals(&intruder);
+    assert!(wait_for(WAIT, || refusals(&intruder) >= before + 2));
+    assert_eq!(endpoint_of(&fed), None);
+
+    // The operator frees the name; the intruder's next heartbeat takes it.
+    let release = Command::new(bin("registry"))
+        .args([
+            "--data-dir",
+            &fed.path("registry-data"),
+            "release",
+            "Cool Group",
+        ])
+        .output()
+        .expect("run registry release");
+    assert!(release.status.success(), "{release:?}");
+    assert!(wait_for(WAIT, || endpoint_of(&fed).as_deref()
+        == Some(intruder.endpoint.as_str())));
+}
