@@ -291,3 +291,50 @@ fn a_group_name_belongs_to_its_key_until_the_operator_releases_it() {
     assert!(wait_for(WAIT, || endpoint_of(&fed).as_deref()
         == Some(intruder.endpoint.as_str())));
 }
+
+#[test]
+fn a_user_key_pair_is_made_once_and_can_be_exported_and_imported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let keys = dir.path().join("keys");
+    let keys = keys.to_str().expect("utf-8");
+    let show = |user: &str| cli(&["--user", user, "keys"], "", &[("AGORA_KEY_DIR", keys)]);
+    let first = show("alice");
+    assert_eq!(first.code, Some(0), "{first:?}");
+    assert!(first.stdout.contains("(just made)"), "{first:?}");
+    let alice_key = first
+        .stdout
+        .split('\t')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let again = show("alice");
+    assert!(again.stdout.starts_with(&alice_key) && !again.stdout.contains("just made"));
+    let mode = std::fs::metadata(dir.path().join("keys/alice.key_secret"))
+        .expect("secret")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let export = dir.path().join("backup/alice.key");
+    let export = export.to_str().expect("utf-8");
+    let run = cli(
+        &["--user", "alice", "keys", "export", export],
+        "",
+        &[("AGORA_KEY_DIR", keys)],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    // bob has his own pair; importing over it needs --force.
+    show("bob");
+    let import = |force: bool| {
+        let mut args = vec!["--user", "bob", "keys", "import", export];
+        if force {
+            args.push("--force");
+        }
+        cli(&args, "", &[("AGORA_KEY_DIR", keys)])
+    };
+    let refused = import(false);
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("--force"), "{refused:?}");
+    assert_eq!(import(true).code, Some(0));
+    assert!(show("bob").stdout.starts_with(&alice_key));
+}

@@ -117,6 +117,11 @@ enum Command {
         #[arg(long)]
         after_seq: Option<u64>,
     },
+    /// Show your public key (making your key pair if needed), or export or import it.
+    Keys {
+        #[command(subcommand)]
+        action: Option<KeysAction>,
+    },
     /// Show a group's messages (all of them unless a filter is given).
     Messages {
         /// The group.
@@ -133,6 +138,23 @@ enum Command {
         /// Only the newest N messages (1 to 1000).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
         latest: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Write your key pair as PATH (public certificate) and PATH_secret (mode 0600).
+    Export {
+        /// Where to write.
+        path: std::path::PathBuf,
+    },
+    /// Use the key pair in PATH_secret (a CZMQ certificate, as `export` writes) from now on.
+    Import {
+        /// The public certificate's path; the secret one is PATH_secret.
+        path: std::path::PathBuf,
+        /// Replace an existing key pair (servers will then know you as someone else).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -171,6 +193,15 @@ fn run(args: Args) -> u8 {
     } else {
         Format::Human
     };
+    if let Some(Command::Keys { action }) = &args.command {
+        return match keys(&args, &user, action.as_ref()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("user-cli: {e}");
+                1
+            }
+        };
+    }
     let curve = match curve(&args, &user) {
         Ok(c) => c,
         Err(e) => {
@@ -191,6 +222,8 @@ fn run(args: Args) -> u8 {
         Some(Command::Subscribe { group }) => app.subscribe(&group, &mut out),
         Some(Command::Unsubscribe { group }) => app.unsubscribe(&group, &mut out),
         Some(Command::Check) => app.check(&mut out),
+        // Handled above, before any connection is set up.
+        Some(Command::Keys { .. }) => Ok(()),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
             Ok(stop) => app.watch(&groups, after_seq, &mut out, &stop),
             Err(e) => Err(CliError::Io(e)),
@@ -232,6 +265,47 @@ fn run(args: Args) -> u8 {
     }
 }
 
+/// Where `user`'s key pair lives: `KEY_DIR/USER.key` (and `_secret`).
+fn key_path(args: &Args, user: &UserName) -> Result<std::path::PathBuf, String> {
+    let dir = match &args.key_dir {
+        Some(d) => d.clone(),
+        None => directories::ProjectDirs::from("", "", "agora")
+            .map(|d| d.config_dir().to_owned())
+            .ok_or("no home directory for the key pair; pass --key-dir")?,
+    };
+    Ok(dir.join(format!("{user}.key")))
+}
+
+/// `keys`: show, export or import the user's key pair.
+fn keys(args: &Args, user: &UserName, action: Option<&KeysAction>) -> Result<(), String> {
+    use agora_common::keys::Keypair;
+    let path = key_path(args, user)?;
+    match action {
+        None => {
+            let (pair, created) = Keypair::load_or_generate(&path).map_err(|e| e.to_string())?;
+            let note = if created { " (just made)" } else { "" };
+            println!("{}	{}{note}", pair.public, path.display());
+        }
+        Some(KeysAction::Export { path: to }) => {
+            let pair = Keypair::load(&path).map_err(|e| e.to_string())?;
+            pair.save(to).map_err(|e| e.to_string())?;
+            println!("exported {} to {}", pair.public, to.display());
+        }
+        Some(KeysAction::Import { path: from, force }) => {
+            let pair = Keypair::load(from).map_err(|e| e.to_string())?;
+            if agora_common::keys::secret_path(&path).exists() && !force {
+                return Err(format!(
+                    "{} already holds a key pair; pass --force to replace it",
+                    path.display()
+                ));
+            }
+            pair.save(&path).map_err(|e| e.to_string())?;
+            println!("imported {} as {user}'s key pair", pair.public);
+        }
+    }
+    Ok(())
+}
+
 /// The CURVE settings: the user's key pair (made on first use) and the registry's key.
 fn curve(
     args: &Args,
@@ -252,15 +326,10 @@ fn curve(
          (the registry prints it at start)"
             .to_owned()
     })?;
-    let dir = match &args.key_dir {
-        Some(d) => d.clone(),
-        None => directories::ProjectDirs::from("", "", "agora")
-            .map(|d| d.config_dir().to_owned())
-            .ok_or("no home directory for the key pair; pass --key-dir")?,
-    };
+    let path = key_path(args, user)?;
     let (keypair, created) =
-        agora_common::keys::Keypair::load_or_generate(&dir.join(format!("{user}.key")))
-            .map_err(|e| e.to_string())?;
+        agora_common::keys::Keypair::load_or_generate(&path).map_err(|e| e.to_string())?;
+    let dir = path.parent().unwrap_or(&path).to_owned();
     if created {
         eprintln!(
             "user-cli: made your key pair in {} (public key {})",
