@@ -105,7 +105,8 @@ impl NodeProc {
 }
 
 /// Starts the release `group-node` beside this binary on a free loopback port, with `extra`
-/// arguments, in a temporary data directory.
+/// arguments, in a temporary data directory. The per-peer rate limit is off: the bench
+/// measures throughput, and one bench client sends far more than a person would.
 pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
     let exe = std::env::current_exe()?;
     let bin: PathBuf = exe.with_file_name("group-node");
@@ -117,7 +118,14 @@ pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
     }
     let dir = tempfile::tempdir()?;
     let mut child = Command::new(&bin)
-        .args(["bench", "127.0.0.1:0", "--no-registry", "--data-dir"])
+        .args([
+            "bench",
+            "127.0.0.1:0",
+            "--no-registry",
+            "--rate-limit",
+            "0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .args(extra)
         .env("RUST_LOG", "warn")

@@ -9,6 +9,7 @@
 //! - [`store`]: the durable group log and membership in SQLite.
 //! - [`client`]: the request/reply client (zguide "Lazy Pirate") and typed clients for the
 //!   registry and group nodes.
+//! - [`ratelimit`]: per-peer token buckets.
 //! - [`server`]: ROUTER plumbing shared by the servers: bind, batch receive, reply.
 //! - [`live`]: the live stream client (zguide "Clone"): subscribe, dedupe by seq, backfill.
 //! - [`zap`]: the ZAP handler (RFC 27) that names CURVE clients by their keys.
@@ -24,6 +25,7 @@ pub mod id;
 pub mod keys;
 pub mod live;
 pub mod proto;
+pub mod ratelimit;
 pub mod server;
 pub mod shutdown;
 pub mod store;

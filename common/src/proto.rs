@@ -148,6 +148,8 @@ pub enum ErrorCode {
     IdConflict,
     /// A configured bound is full (groups in the registry, members in a group).
     LimitReached,
+    /// The peer sent more requests than its rate limit allows; retry later.
+    RateLimited,
     /// The server failed (storage); the request may be retried.
     Internal,
     /// A code this client does not know (from a newer server).
@@ -171,6 +173,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::IdConflict => "id_conflict",
             ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

@@ -138,6 +138,36 @@ pub struct Incoming {
     pub request: Result<Request, CodecError>,
 }
 
+/// Who sent a request, for per-peer limits: its CURVE key, or (without CURVE) its
+/// connection's routing id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// An authenticated key.
+    Key(PublicKey),
+    /// A connection's routing id frame.
+    Connection(Vec<u8>),
+}
+
+/// Applies `limiter` to `incoming`: `Some(reply)` (a `rate_limited` error) when its peer is
+/// over the limit, `None` to go on.
+pub fn rate_limit(
+    limiter: &mut crate::ratelimit::Limiter<Peer>,
+    incoming: &Incoming,
+    now: std::time::Instant,
+) -> Option<Frames> {
+    let peer = match incoming.peer {
+        Some(key) => Peer::Key(key),
+        None => Peer::Connection(incoming.envelope.first().cloned().unwrap_or_default()),
+    };
+    match limiter.check(&peer, now) {
+        Ok(()) => None,
+        Err(wait) => Some(reply_frames::<()>(Err(WireError::new(
+            crate::proto::ErrorCode::RateLimited,
+            format!("too many requests; retry in {} ms", wait.as_millis().max(1)),
+        )))),
+    }
+}
+
 impl Incoming {
     /// Splits and decodes one ROUTER message.
     ///

@@ -25,8 +25,10 @@ use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_common::proto::{
     Endpoint, ErrorCode, GroupName, Request, WireError, DEFAULT_MAX_MESSAGE_BYTES,
 };
+use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
-    bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming, RouterOptions,
+    bind_router, poll_ready, rate_limit, recv_batch, reply_frames, send_reply, Incoming, Peer,
+    RouterOptions,
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 use agora_common::store::{GroupStore, Retention, SqliteStore, StoreError};
@@ -78,6 +80,8 @@ pub struct Config {
     pub insecure: bool,
     /// The registry's CURVE public key; required with a registry unless `insecure`.
     pub registry_key: Option<PublicKey>,
+    /// Requests per second per peer (default 2,000, bursts of 4,000; rate 0 disables).
+    pub rate_limit: RateLimit,
 }
 
 impl Config {
@@ -99,6 +103,7 @@ impl Config {
             fault_drop_push_every: 0,
             insecure: false,
             registry_key: None,
+            rate_limit: RateLimit::default(),
         }
     }
 }
@@ -155,6 +160,7 @@ pub struct Node {
     store: SqliteStore,
     subscribers: Subscribers,
     keys: Option<Keypair>,
+    limiter: Limiter<Peer>,
     _zap: Option<Authenticator>,
 }
 
@@ -234,6 +240,7 @@ impl Node {
             config.max_subscribers,
             config.fault_drop_push_every,
         );
+        let limiter = Limiter::new(config.rate_limit);
         Ok(Node {
             ctx: ctx.clone(),
             config,
@@ -242,6 +249,7 @@ impl Node {
             store,
             subscribers,
             keys,
+            limiter,
             _zap: zap,
         })
     }
@@ -354,7 +362,9 @@ impl Node {
                     continue;
                 }
             };
+            let limited = rate_limit(&mut self.limiter, &incoming, instant);
             let reply = match incoming.request {
+                _ if limited.is_some() => limited.unwrap_or_default(),
                 Ok(request) => self.dispatch(
                     request,
                     &incoming.envelope,

@@ -71,6 +71,12 @@ struct Args {
     /// unless every endpoint is loopback.
     #[arg(long)]
     insecure: bool,
+    /// Requests per second allowed per peer (0: no limit); over it, `rate_limited`.
+    #[arg(long, env = "AGORA_RATE_LIMIT", default_value_t = 2_000.0)]
+    rate_limit: f64,
+    /// Requests a peer may send at once after being idle.
+    #[arg(long, env = "AGORA_RATE_BURST", default_value_t = 4_000.0)]
+    rate_burst: f64,
 }
 
 fn main() -> ExitCode {
@@ -120,6 +126,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.fault_drop_push_every = args.fault_drop_push_every;
     config.registry_key = args.registry_key;
     config.insecure = args.insecure;
+    config.rate_limit = agora_common::ratelimit::RateLimit {
+        rate: args.rate_limit,
+        burst: args.rate_burst,
+        ..Default::default()
+    };
     let ctx = zmq::Context::new();
     let node = Node::bind(&ctx, config)?;
     let mut out = std::io::stdout().lock();

@@ -17,6 +17,7 @@ use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_common::zap::{Authenticator, ZapPolicy};
 
 use agora_common::proto::{ErrorCode, Request, WireError};
+use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
     bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming, RouterOptions,
 };
@@ -51,6 +52,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Serve without CURVE. Refused unless the bind endpoint is loopback.
     pub insecure: bool,
+    /// Requests per second per peer (default 2,000, bursts of 4,000; rate 0 disables).
+    pub rate_limit: RateLimit,
 }
 
 impl Default for Config {
@@ -64,6 +67,7 @@ impl Default for Config {
                 .map(|d| d.data_dir().join("registry"))
                 .unwrap_or_else(|| PathBuf::from("agora-registry")),
             insecure: false,
+            rate_limit: RateLimit::default(),
         }
     }
 }
@@ -109,6 +113,7 @@ pub struct Registry {
     directory: Directory,
     public_key: Option<PublicKey>,
     owners: Option<owners::Owners>,
+    limiter: Limiter<agora_common::server::Peer>,
     _zap: Option<Authenticator>,
 }
 
@@ -158,6 +163,7 @@ impl Registry {
                 source,
             })?;
         let directory = Directory::new(config.ttl(), config.max_groups);
+        let limiter = Limiter::new(config.rate_limit);
         Ok(Registry {
             config,
             socket,
@@ -165,6 +171,7 @@ impl Registry {
             directory,
             public_key,
             owners,
+            limiter,
             _zap: zap,
         })
     }
@@ -216,7 +223,10 @@ impl Registry {
                 return Ok(());
             }
         };
+        let limited =
+            agora_common::server::rate_limit(&mut self.limiter, &incoming, Instant::now());
         let reply = match incoming.request {
+            _ if limited.is_some() => limited.unwrap_or_default(),
             Ok(request) => self.dispatch(request, incoming.peer, Timestamp::now()),
             Err(e) => {
                 tracing::warn!(error = %e, "rejected request");

@@ -36,6 +36,12 @@ struct Args {
     /// unless the bind endpoint is loopback.
     #[arg(long)]
     insecure: bool,
+    /// Requests per second allowed per peer (0: no limit); over it, `rate_limited`.
+    #[arg(long, env = "AGORA_RATE_LIMIT", default_value_t = 2_000.0)]
+    rate_limit: f64,
+    /// Requests a peer may send at once after being idle.
+    #[arg(long, env = "AGORA_RATE_BURST", default_value_t = 4_000.0)]
+    rate_burst: f64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -88,6 +94,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_groups: args.max_groups,
         data_dir: args.data_dir.unwrap_or(defaults.data_dir),
         insecure: args.insecure,
+        rate_limit: agora_common::ratelimit::RateLimit {
+            rate: args.rate_limit,
+            burst: args.rate_burst,
+            ..Default::default()
+        },
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;

@@ -338,3 +338,47 @@ fn a_user_key_pair_is_made_once_and_can_be_exported_and_imported() {
     assert_eq!(import(true).code, Some(0));
     assert!(show("bob").stdout.starts_with(&alice_key));
 }
+
+#[test]
+fn a_peer_over_its_rate_limit_is_refused_with_a_specific_code_and_recovers() {
+    use agora_common::client::{ClientError, ClientOptions, GroupClient};
+    use agora_common::proto::{ErrorCode, UserName};
+
+    let fed = Federation::start("200ms");
+    let node = fed.node(
+        "Cool Group",
+        "127.0.0.1:0",
+        "cool",
+        &["--rate-limit", "5", "--rate-burst", "5"],
+    );
+    let ctx = zmq::Context::new();
+    let client = |user: &str| {
+        GroupClient::new(
+            &ctx,
+            &node.endpoint,
+            UserName::new(user).expect("name"),
+            None,
+            ClientOptions::default(),
+        )
+        .with_curve(fed.curve(user, &node))
+    };
+    let mut greedy = client("greedy");
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        match greedy.info() {
+            Ok(_) => codes.push("ok"),
+            Err(ClientError::Server(e)) if e.code == ErrorCode::RateLimited => {
+                codes.push("rate_limited")
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert!(
+        codes.iter().filter(|c| **c == "ok").count() >= 5,
+        "{codes:?}"
+    );
+    assert!(codes.contains(&"rate_limited"), "{codes:?}");
+    // Another peer is not affected, and the greedy one recovers as its bucket refills.
+    assert!(client("polite").info().is_ok());
+    assert!(wait_for(WAIT, || greedy.info().is_ok()));
+}
