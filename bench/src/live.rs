@@ -31,14 +31,15 @@ fn subscribe(
     for i in 0..count {
         let user = UserName::new(format!("sub{i}"))?;
         node.client(ctx, &user, ClientOptions::default())?.join()?;
-        let curve = node.curve()?;
-        let (feed, rx) = Feed::start(ctx, user, Some(curve.keypair), FeedOptions::default())?;
+        let curve = node.curve(&user)?;
+        let server_key = curve.as_ref().map(|c| c.server_key);
+        let (feed, rx) = Feed::start(ctx, user, curve.map(|c| c.keypair), FeedOptions::default())?;
         feed.add(GroupSpec {
             label: "bench".into(),
             endpoint: node.endpoint.clone(),
             group: None,
             after_seq: None,
-            server_key: Some(curve.server_key),
+            server_key,
         });
         let (tx_ready, rx_ready) = std::sync::mpsc::channel();
         ready.push(rx_ready);
@@ -92,9 +93,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Latency from the start of a `send` to each subscriber's delivery, `messages` sequential
 /// sends, with `subscribers` subscribers. Prints p50 and p99.
-pub fn latency(subscribers: usize, messages: u64, bytes: usize) -> anyhow::Result<()> {
+pub fn latency(
+    subscribers: usize,
+    messages: u64,
+    bytes: usize,
+    node_args: &[&str],
+) -> anyhow::Result<()> {
     let ctx = zmq::Context::new();
-    let node = start_node(&[])?;
+    let node = start_node(node_args)?;
     let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let subs = subscribe(&ctx, &node, subscribers, std::sync::Arc::clone(&until))?;
     let user = UserName::new("sender")?;

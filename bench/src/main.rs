@@ -55,13 +55,18 @@ struct Args {
     /// Skip the live-stream benchmarks.
     #[arg(long)]
     no_live: bool,
+    /// Run the node without CURVE (to measure what encryption costs).
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub(crate) struct NodeProc {
     child: Child,
     pub(crate) endpoint: String,
-    /// The node's CURVE public key, as it printed it.
-    key: agora_common::keys::PublicKey,
+    /// The node's CURVE public key, as it printed it (`None` for an `--insecure` node).
+    key: Option<agora_common::keys::PublicKey>,
+    /// One key pair per bench user: the node knows a member by key.
+    users: std::cell::RefCell<std::collections::HashMap<UserName, agora_common::keys::Keypair>>,
     _dir: tempfile::TempDir,
 }
 
@@ -73,12 +78,24 @@ impl Drop for NodeProc {
 }
 
 impl NodeProc {
-    /// CURVE settings for a new client of this node (a fresh key pair each time).
-    pub(crate) fn curve(&self) -> anyhow::Result<ClientCurve> {
-        Ok(ClientCurve {
-            keypair: agora_common::keys::Keypair::generate()?,
-            server_key: self.key,
-        })
+    /// CURVE settings for `user`'s connections to this node (one key pair per user).
+    pub(crate) fn curve(&self, user: &UserName) -> anyhow::Result<Option<ClientCurve>> {
+        let Some(server_key) = self.key else {
+            return Ok(None);
+        };
+        let mut users = self.users.borrow_mut();
+        let keypair = match users.get(user) {
+            Some(k) => k.clone(),
+            None => {
+                let k = agora_common::keys::Keypair::generate()?;
+                users.insert(user.clone(), k.clone());
+                k
+            }
+        };
+        Ok(Some(ClientCurve {
+            keypair,
+            server_key,
+        }))
     }
 
     /// A request client of this node acting as `user`, over CURVE.
@@ -88,10 +105,11 @@ impl NodeProc {
         user: &UserName,
         options: ClientOptions,
     ) -> anyhow::Result<GroupClient> {
-        Ok(
-            GroupClient::new(ctx, &self.endpoint, user.clone(), None, options)
-                .with_curve(self.curve()?),
-        )
+        let client = GroupClient::new(ctx, &self.endpoint, user.clone(), None, options);
+        Ok(match self.curve(user)? {
+            Some(curve) => client.with_curve(curve),
+            None => client,
+        })
     }
 
     fn rss_kib(&self) -> anyhow::Result<u64> {
@@ -135,13 +153,16 @@ pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
     let words: Vec<&str> = line.split_whitespace().collect();
-    let [_, endpoint, _, key] = words.as_slice() else {
-        bail!("group-node printed {line:?}, not `listening ENDPOINT public-key KEY`");
+    let (endpoint, key) = match words.as_slice() {
+        [_, endpoint, _, key] => (*endpoint, Some(key.parse()?)),
+        [_, endpoint] => (*endpoint, None),
+        _ => bail!("group-node printed {line:?}, not `listening ENDPOINT [public-key KEY]`"),
     };
     Ok(NodeProc {
         child,
-        endpoint: (*endpoint).to_owned(),
-        key: key.parse()?,
+        endpoint: endpoint.to_owned(),
+        key,
+        users: Default::default(),
         _dir: dir,
     })
 }
@@ -164,10 +185,11 @@ pub(crate) fn windowed_sends(
     s.set_linger(0)?;
     s.set_rcvtimeo(30_000)?;
     s.set_sndhwm(0)?;
-    let curve = node.curve()?;
-    s.set_curve_serverkey(curve.server_key.as_bytes())?;
-    s.set_curve_publickey(curve.keypair.public.as_bytes())?;
-    s.set_curve_secretkey(curve.keypair.secret_bytes())?;
+    if let Some(curve) = node.curve(user)? {
+        s.set_curve_serverkey(curve.server_key.as_bytes())?;
+        s.set_curve_publickey(curve.keypair.public.as_bytes())?;
+        s.set_curve_secretkey(curve.keypair.secret_bytes())?;
+    }
     s.connect(&node.endpoint)?;
     let started = Instant::now();
     let (mut sent, mut acked) = (0u64, 0u64);
@@ -204,29 +226,30 @@ fn chat_messages(page: &agora_common::proto::MessagesPage) -> u64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!("{:<52} {:>14}", "measure", "result");
+    let base: &[&str] = if args.insecure { &["--insecure"] } else { &[] };
     if !args.live_only {
-        storage(&args)?;
+        storage(&args, base)?;
     }
     if !args.no_live {
         for subs in [1, 10, 100] {
-            live::latency(subs, args.latency_messages, args.body_bytes)?;
+            live::latency(subs, args.latency_messages, args.body_bytes, base)?;
         }
-        live::fanout(10, args.fanout_messages, args.window, args.body_bytes, &[])?;
+        live::fanout(10, args.fanout_messages, args.window, args.body_bytes, base)?;
         // Every 10th push dropped on purpose: backfill must recover all of them.
         live::fanout(
             10,
             args.fanout_messages,
             args.window,
             args.body_bytes,
-            &["--fault-drop-push-every", "10"],
+            &[base, &["--fault-drop-push-every", "10"]].concat(),
         )?;
     }
     Ok(())
 }
 
-fn storage(args: &Args) -> anyhow::Result<()> {
+fn storage(args: &Args, node_args: &[&str]) -> anyhow::Result<()> {
     let ctx = zmq::Context::new();
-    let node = start_node(&[])?;
+    let node = start_node(node_args)?;
     let user = UserName::new("bench")?;
     let options = ClientOptions {
         timeout: Duration::from_secs(30),

@@ -1,6 +1,7 @@
 //! CURVE keys (RFC 26/CurveZMQ) and their files.
 //!
-//! Keys are made by libzmq (`zmq_curve_keypair`) and written as Z85 (RFC 32/Z85) in CZMQ's
+//! Keys are made by libzmq (`zmq_curve_keypair`) and written as Z85 (RFC 32/Z85, through the
+//! `z85` crate) in CZMQ's
 //! certificate format (`zcert_save`): a public certificate `NAME` and a secret certificate
 //! `NAME_secret`, both in ZPL (RFC 4/ZPL). The secret file is created with mode 0600, and a
 //! secret file that others can read is refused, as SSH refuses a loose private key.
@@ -102,9 +103,10 @@ fn z85_key(s: &str) -> Result<[u8; 32], KeyError> {
     if s.len() != 40 {
         return Err(KeyError::BadKey(s.chars().take(48).collect()));
     }
-    // libzmq decodes characters outside the Z85 alphabet without complaint; a key is valid
-    // only if encoding its bytes gives the text back.
-    zmq::z85_decode(s)
+    // Not `zmq::z85_decode`: it leaks its input (`CString::into_raw`) on every call, and
+    // libzmq accepts characters outside the alphabet. A key is valid only if encoding its
+    // bytes gives the text back (no padding extension, no overflowing groups).
+    z85::decode(s)
         .ok()
         .and_then(|v| <[u8; 32]>::try_from(v).ok())
         .filter(|bytes| z85(bytes) == s)
@@ -112,8 +114,8 @@ fn z85_key(s: &str) -> Result<[u8; 32], KeyError> {
 }
 
 fn z85(bytes: &[u8; 32]) -> String {
-    // 32 bytes is a multiple of 4, so encoding cannot fail.
-    zmq::z85_encode(bytes).unwrap_or_default()
+    // 32 bytes is a multiple of 4: plain Z85, no padding extension.
+    z85::encode(bytes)
 }
 
 impl FromStr for PublicKey {
