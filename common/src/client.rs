@@ -366,6 +366,67 @@ impl GroupClient {
         }))
     }
 
+    /// A policy action on a key: `invite`, `ban` or `unban` (owner and admins).
+    ///
+    /// # Errors
+    /// `forbidden`; see [`ReqClient::call`].
+    pub fn key_policy(
+        &mut self,
+        action: crate::proto::Action,
+        key: crate::keys::PublicKey,
+    ) -> Result<crate::proto::PolicyReply, ClientError> {
+        use crate::proto::{Action, KeyTargetRequest};
+        let r = KeyTargetRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+            key,
+        };
+        let request = match action {
+            Action::Invite => Request::Invite(r),
+            Action::Ban => Request::Ban(r),
+            _ => Request::Unban(r),
+        };
+        self.req.call(&request)
+    }
+
+    /// A policy action on a member by name: `kick` (owner and admins) or `promote` (owner).
+    ///
+    /// # Errors
+    /// `forbidden`, `not_found`; see [`ReqClient::call`].
+    pub fn member_policy(
+        &mut self,
+        action: crate::proto::Action,
+        member: UserName,
+    ) -> Result<crate::proto::PolicyReply, ClientError> {
+        use crate::proto::{Action, MemberTargetRequest};
+        let r = MemberTargetRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+            member,
+        };
+        let request = match action {
+            Action::Promote => Request::Promote(r),
+            _ => Request::Kick(r),
+        };
+        self.req.call(&request)
+    }
+
+    /// Makes the group open or private (owner and admins).
+    ///
+    /// # Errors
+    /// `forbidden`; see [`ReqClient::call`].
+    pub fn set_mode(
+        &mut self,
+        mode: crate::proto::GroupMode,
+    ) -> Result<crate::proto::PolicyReply, ClientError> {
+        self.req
+            .call(&Request::SetMode(crate::proto::SetModeRequest {
+                group: self.group.clone(),
+                user: self.user.clone(),
+                mode,
+            }))
+    }
+
     /// One page of history.
     ///
     /// # Errors

@@ -17,9 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{
-    Action, ErrorCode, GetMessagesRequest, InfoRequest, ListRequest, LookupRequest, MembersRequest,
-    MembershipRequest, RegisterRequest, Request, SendRequest, UnregisterRequest, WireError,
-    PROTOCOL,
+    Action, ErrorCode, GetMessagesRequest, InfoRequest, KeyTargetRequest, ListRequest,
+    LookupRequest, MemberTargetRequest, MembersRequest, MembershipRequest, RegisterRequest,
+    Request, SendRequest, SetModeRequest, UnregisterRequest, WireError, PROTOCOL,
 };
 
 /// A ZeroMQ multipart message: a list of frames.
@@ -155,6 +155,12 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::GetMessages => Request::GetMessages(parse::<GetMessagesRequest>(body)?),
         Action::Subscribe => Request::Subscribe(parse::<MembershipRequest>(body)?),
         Action::Unsubscribe => Request::Unsubscribe(parse::<MembershipRequest>(body)?),
+        Action::Invite => Request::Invite(parse::<KeyTargetRequest>(body)?),
+        Action::Kick => Request::Kick(parse::<MemberTargetRequest>(body)?),
+        Action::Ban => Request::Ban(parse::<KeyTargetRequest>(body)?),
+        Action::Unban => Request::Unban(parse::<KeyTargetRequest>(body)?),
+        Action::Promote => Request::Promote(parse::<MemberTargetRequest>(body)?),
+        Action::SetMode => Request::SetMode(parse::<SetModeRequest>(body)?),
     })
 }
 
@@ -188,6 +194,9 @@ pub fn encode_request(request: &Request) -> Frames {
         }
         Request::Members(r) => tagged(action, r),
         Request::Send(r) => tagged(action, r),
+        Request::Invite(r) | Request::Ban(r) | Request::Unban(r) => tagged(action, r),
+        Request::Kick(r) | Request::Promote(r) => tagged(action, r),
+        Request::SetMode(r) => tagged(action, r),
         Request::GetMessages(r) => tagged(action, r),
     };
     vec![PROTOCOL.to_vec(), body]
@@ -292,6 +301,12 @@ mod tests {
             r#"{"action":"get_messages","user":"a","latest":5}"#,
             r#"{"action":"subscribe","user":"a"}"#,
             r#"{"action":"unsubscribe","user":"a","group":"g"}"#,
+            r#"{"action":"invite","user":"a","key":"rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}"#,
+            r#"{"action":"kick","user":"a","member":"b"}"#,
+            r#"{"action":"ban","user":"a","key":"rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}"#,
+            r#"{"action":"unban","user":"a","key":"rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}"#,
+            r#"{"action":"promote","user":"a","member":"b"}"#,
+            r#"{"action":"set_mode","user":"a","mode":"private"}"#,
         ];
         for (body, action) in bodies.iter().zip(Action::ALL) {
             let req = decode_request(&frames(body)).expect(body);

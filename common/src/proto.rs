@@ -59,7 +59,7 @@ pub enum Action {
     Join,
     /// Group node: stop being a member.
     Leave,
-    /// Group node: list members.
+    /// Group node: list members (members only in a private group).
     Members,
     /// Group node: append a message to the log.
     Send,
@@ -69,11 +69,23 @@ pub enum Action {
     Subscribe,
     /// Group node: stop the live stream to this connection.
     Unsubscribe,
+    /// Group node (owner, admins): let a key join a private group.
+    Invite,
+    /// Group node (owner, admins): remove a member.
+    Kick,
+    /// Group node (owner, admins): remove a key and keep it out.
+    Ban,
+    /// Group node (owner, admins): lift a ban.
+    Unban,
+    /// Group node (owner): make a member an admin.
+    Promote,
+    /// Group node (owner, admins): make the group open or private.
+    SetMode,
 }
 
 impl Action {
     /// Every action, in documentation order.
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 18] = [
         Action::Register,
         Action::Unregister,
         Action::List,
@@ -86,6 +98,12 @@ impl Action {
         Action::GetMessages,
         Action::Subscribe,
         Action::Unsubscribe,
+        Action::Invite,
+        Action::Kick,
+        Action::Ban,
+        Action::Unban,
+        Action::Promote,
+        Action::SetMode,
     ];
 
     /// The wire name (`"get_messages"`).
@@ -103,6 +121,12 @@ impl Action {
             Action::GetMessages => "get_messages",
             Action::Subscribe => "subscribe",
             Action::Unsubscribe => "unsubscribe",
+            Action::Invite => "invite",
+            Action::Kick => "kick",
+            Action::Ban => "ban",
+            Action::Unban => "unban",
+            Action::Promote => "promote",
+            Action::SetMode => "set_mode",
         }
     }
 
@@ -150,6 +174,12 @@ pub enum ErrorCode {
     LimitReached,
     /// The peer sent more requests than its rate limit allows; retry later.
     RateLimited,
+    /// The caller's role does not allow this (policy actions need the owner or an admin).
+    Forbidden,
+    /// The caller's key is banned from the group.
+    Banned,
+    /// The group is private and the caller's key was not invited.
+    NotInvited,
     /// The server failed (storage); the request may be retried.
     Internal,
     /// A code this client does not know (from a newer server).
@@ -174,6 +204,9 @@ impl ErrorCode {
             ErrorCode::IdConflict => "id_conflict",
             ErrorCode::LimitReached => "limit_reached",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Banned => "banned",
+            ErrorCode::NotInvited => "not_invited",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -524,6 +557,75 @@ pub struct GetMessagesRequest {
     pub limit: Option<u32>,
 }
 
+/// `invite`, `ban`, `unban`: a policy action on a key (members are keys; a key need not
+/// have joined yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyTargetRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller's name (a label; the caller is its key).
+    pub user: UserName,
+    /// The key acted on.
+    pub key: crate::keys::PublicKey,
+}
+
+/// `kick`, `promote`: a policy action on a member, by the name they joined with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberTargetRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller's name (a label; the caller is its key).
+    pub user: UserName,
+    /// The member acted on.
+    pub member: UserName,
+}
+
+/// Whether anyone may join, or only invited keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupMode {
+    /// Anyone not banned may join.
+    #[default]
+    Open,
+    /// Only invited keys (and the owner and admins) may join; non-members see nothing.
+    Private,
+}
+
+impl GroupMode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupMode::Open => "open",
+            GroupMode::Private => "private",
+        }
+    }
+}
+
+/// `set_mode`: make the group open or private.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetModeRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller's name (a label; the caller is its key).
+    pub user: UserName,
+    /// The new mode.
+    pub mode: GroupMode,
+}
+
+/// Reply to a policy action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReply {
+    /// The node's group.
+    pub group: GroupName,
+    /// Whether anything changed (false for a repeated invite, an unban of a key not banned…).
+    pub changed: bool,
+    /// The seq of the newest entry (the policy event, when something changed).
+    pub last_seq: u64,
+}
+
 /// Which part of the log a `get_messages` reads: its selector, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HistoryQuery {
@@ -610,6 +712,18 @@ pub enum Request {
     Subscribe(MembershipRequest),
     /// See [`MembershipRequest`].
     Unsubscribe(MembershipRequest),
+    /// See [`KeyTargetRequest`].
+    Invite(KeyTargetRequest),
+    /// See [`MemberTargetRequest`].
+    Kick(MemberTargetRequest),
+    /// See [`KeyTargetRequest`].
+    Ban(KeyTargetRequest),
+    /// See [`KeyTargetRequest`].
+    Unban(KeyTargetRequest),
+    /// See [`MemberTargetRequest`].
+    Promote(MemberTargetRequest),
+    /// See [`SetModeRequest`].
+    SetMode(SetModeRequest),
 }
 
 impl Request {
@@ -628,6 +742,12 @@ impl Request {
             Request::GetMessages(_) => Action::GetMessages,
             Request::Subscribe(_) => Action::Subscribe,
             Request::Unsubscribe(_) => Action::Unsubscribe,
+            Request::Invite(_) => Action::Invite,
+            Request::Kick(_) => Action::Kick,
+            Request::Ban(_) => Action::Ban,
+            Request::Unban(_) => Action::Unban,
+            Request::Promote(_) => Action::Promote,
+            Request::SetMode(_) => Action::SetMode,
         }
     }
 }
@@ -692,6 +812,9 @@ pub struct InfoReply {
     pub members: u64,
     /// The node's body size limit, in bytes of JSON text.
     pub max_message_bytes: u64,
+    /// Open or private (default open when absent).
+    #[serde(default)]
+    pub mode: GroupMode,
 }
 
 /// Reply to `join` and `leave`.
@@ -754,6 +877,10 @@ pub enum EntryKind {
     Join,
     /// `sender` left the group; the body is `null`.
     Leave,
+    /// `sender` changed the group's policy; the body says how:
+    /// `{"action": "invite"|"kick"|"ban"|"unban"|"promote"|"set_mode", "target": NAME-OR-KEY,
+    /// "mode": "open"|"private"}` (`target` or `mode` as the action has).
+    Policy,
 }
 
 impl EntryKind {
@@ -763,14 +890,20 @@ impl EntryKind {
             EntryKind::Message => "message",
             EntryKind::Join => "join",
             EntryKind::Leave => "leave",
+            EntryKind::Policy => "policy",
         }
     }
 
     /// The kind with this name, if any.
     pub fn from_name(name: &str) -> Option<EntryKind> {
-        [EntryKind::Message, EntryKind::Join, EntryKind::Leave]
-            .into_iter()
-            .find(|k| k.as_str() == name)
+        [
+            EntryKind::Message,
+            EntryKind::Join,
+            EntryKind::Leave,
+            EntryKind::Policy,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
     }
 }
 

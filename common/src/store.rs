@@ -9,7 +9,7 @@
 //! sends the acks after the commit: group commit, one fsync for many messages, without
 //! acking anything that is not on disk.
 //!
-//! # Schema (version 3, in `PRAGMA user_version`)
+//! # Schema (version 4, in `PRAGMA user_version`)
 //! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
 //!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
 //! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body, kind,
@@ -19,6 +19,8 @@
 //! - `members(principal TEXT PRIMARY KEY, user TEXT UNIQUE, joined_at_us)`: who is a member
 //!   ([`Principal`]), and the user name bound to them in this group (version 3; before, the
 //!   user name was the identity).
+//! - `grants(principal, kind, at_us)`, primary key `(principal, kind)`: `admin`, `invite` and
+//!   `ban` rights and restrictions (version 4). The group's mode is `meta.mode`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -28,10 +30,33 @@ use serde_json::value::RawValue;
 
 use crate::id::MessageId;
 use crate::keys::PublicKey;
-use crate::proto::{EntryKind, GroupName, HistoryQuery, Member, Message, SendAck, UserName};
+use crate::proto::{
+    EntryKind, GroupMode, GroupName, HistoryQuery, Member, Message, SendAck, UserName,
+};
 use crate::time::{MonotonicClock, Timestamp};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
+
+/// A right or restriction a principal holds in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Grant {
+    /// May invite, kick, ban, unban and set the mode.
+    Admin,
+    /// May join the group while it is private.
+    Invite,
+    /// May not join, nor stay a member.
+    Ban,
+}
+
+impl Grant {
+    fn as_str(self) -> &'static str {
+        match self {
+            Grant::Admin => "admin",
+            Grant::Invite => "invite",
+            Grant::Ban => "ban",
+        }
+    }
+}
 
 /// Who a member is, as stored: `key:<Z85 public key>` for a CURVE-authenticated peer, or
 /// `name:<user>` for a peer on an `--insecure` connection (where the claimed name is all
@@ -158,6 +183,36 @@ pub trait GroupStore {
     /// # Errors
     /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
     fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError>;
+    /// The member who joined with the name `user`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError>;
+    /// Gives `who` the grant; returns false if it already had it.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn grant(&mut self, who: &Principal, grant: Grant, at: Timestamp) -> Result<bool, StoreError>;
+    /// Takes the grant from `who`; returns false if it did not have it.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn revoke(&mut self, who: &Principal, grant: Grant) -> Result<bool, StoreError>;
+    /// Whether `who` has the grant.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError>;
+    /// Open or private (default open).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn mode(&self) -> Result<GroupMode, StoreError>;
+    /// Sets the mode; returns false if it already was that.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn set_mode(&mut self, mode: GroupMode) -> Result<bool, StoreError>;
     /// All members, sorted by name.
     ///
     /// # Errors
@@ -238,6 +293,11 @@ impl SqliteStore {
                  principal TEXT PRIMARY KEY,
                  user TEXT NOT NULL UNIQUE,
                  joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS grants (
+                 principal TEXT NOT NULL,
+                 kind TEXT NOT NULL,
+                 at_us INTEGER NOT NULL,
+                 PRIMARY KEY (principal, kind)) WITHOUT ROWID;
              COMMIT;",
         )?;
         if version == 1 {
@@ -261,7 +321,7 @@ impl SqliteStore {
                  COMMIT;",
             )?;
         }
-        conn.execute_batch("PRAGMA user_version = 3;")?;
+        conn.execute_batch("PRAGMA user_version = 4;")?;
         let found: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
                 r.get(0)
@@ -447,6 +507,60 @@ impl GroupStore for SqliteStore {
         stmt.execute([who.as_str()])?;
         self.member_count = self.member_count.saturating_sub(1);
         Ok(Some(bound))
+    }
+
+    fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT principal FROM members WHERE user = ?1")?;
+        Ok(stmt
+            .query_row([user.as_str()], |r| r.get::<_, String>(0))
+            .optional()?
+            .map(Principal))
+    }
+
+    fn grant(&mut self, who: &Principal, grant: Grant, at: Timestamp) -> Result<bool, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO grants (principal, kind, at_us) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )?;
+        Ok(stmt.execute(params![who.as_str(), grant.as_str(), at.as_micros()])? == 1)
+    }
+
+    fn revoke(&mut self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM grants WHERE principal = ?1 AND kind = ?2")?;
+        Ok(stmt.execute(params![who.as_str(), grant.as_str()])? == 1)
+    }
+
+    fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM grants WHERE principal = ?1 AND kind = ?2")?;
+        Ok(stmt.exists(params![who.as_str(), grant.as_str()])?)
+    }
+
+    fn mode(&self) -> Result<GroupMode, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE key = 'mode'")?;
+        let mode: Option<String> = stmt.query_row([], |r| r.get(0)).optional()?;
+        Ok(match mode.as_deref() {
+            Some("private") => GroupMode::Private,
+            _ => GroupMode::Open,
+        })
+    }
+
+    fn set_mode(&mut self, mode: GroupMode) -> Result<bool, StoreError> {
+        if self.mode()? == mode {
+            return Ok(false);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO meta (key, value) VALUES ('mode', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )?;
+        stmt.execute([mode.as_str()])?;
+        Ok(true)
     }
 
     fn members(&self) -> Result<Vec<Member>, StoreError> {
@@ -872,7 +986,33 @@ mod tests {
         );
         assert_eq!(s.member_count(), 1);
         drop(s);
-        SqliteStore::open(&path, &group()).expect("reopen at version 3");
+        SqliteStore::open(&path, &group()).expect("reopen at version 4");
+    }
+
+    #[test]
+    fn grants_and_mode_persist() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("g");
+        let bob = Principal::name(&user("bob"));
+        {
+            let mut s = SqliteStore::open(&path, &group()).expect("open");
+            s.begin().expect("begin");
+            assert_eq!(s.mode().expect("mode"), GroupMode::Open);
+            assert!(s.set_mode(GroupMode::Private).expect("set"));
+            assert!(!s.set_mode(GroupMode::Private).expect("set again"));
+            assert!(s.grant(&bob, Grant::Ban, Timestamp::now()).expect("grant"));
+            assert!(!s.grant(&bob, Grant::Ban, Timestamp::now()).expect("again"));
+            assert!(s
+                .grant(&bob, Grant::Invite, Timestamp::now())
+                .expect("grant"));
+            assert!(s.revoke(&bob, Grant::Invite).expect("revoke"));
+            s.commit().expect("commit");
+        }
+        let s = SqliteStore::open(&path, &group()).expect("reopen");
+        assert_eq!(s.mode().expect("mode"), GroupMode::Private);
+        assert!(s.has(&bob, Grant::Ban).expect("has"));
+        assert!(!s.has(&bob, Grant::Invite).expect("has"));
+        assert!(!s.has(&bob, Grant::Admin).expect("has"));
     }
 
     #[test]

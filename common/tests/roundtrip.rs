@@ -75,12 +75,33 @@ fn kind() -> impl Strategy<Value = EntryKind> {
     prop_oneof![
         Just(EntryKind::Message),
         Just(EntryKind::Join),
-        Just(EntryKind::Leave)
+        Just(EntryKind::Leave),
+        Just(EntryKind::Policy)
     ]
 }
 
 fn membership() -> impl Strategy<Value = MembershipRequest> {
     (prop::option::of(group()), user()).prop_map(|(group, user)| MembershipRequest { group, user })
+}
+
+fn key_target() -> impl Strategy<Value = KeyTargetRequest> {
+    (prop::option::of(group()), user(), any::<[u8; 32]>()).prop_map(|(group, user, key)| {
+        KeyTargetRequest {
+            group,
+            user,
+            key: agora_common::keys::PublicKey::from_bytes(key),
+        }
+    })
+}
+
+fn member_target() -> impl Strategy<Value = MemberTargetRequest> {
+    (prop::option::of(group()), user(), user()).prop_map(|(group, user, member)| {
+        MemberTargetRequest {
+            group,
+            user,
+            member,
+        }
+    })
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -104,6 +125,22 @@ fn request() -> impl Strategy<Value = Request> {
         membership().prop_map(Request::Leave),
         membership().prop_map(Request::Subscribe),
         membership().prop_map(Request::Unsubscribe),
+        key_target().prop_map(Request::Invite),
+        key_target().prop_map(Request::Ban),
+        key_target().prop_map(Request::Unban),
+        member_target().prop_map(Request::Kick),
+        member_target().prop_map(Request::Promote),
+        (prop::option::of(group()), user(), any::<bool>()).prop_map(|(group, user, private)| {
+            Request::SetMode(SetModeRequest {
+                group,
+                user,
+                mode: if private {
+                    GroupMode::Private
+                } else {
+                    GroupMode::Open
+                },
+            })
+        }),
         prop::option::of(group()).prop_map(|group| Request::Members(MembersRequest { group })),
         (
             prop::option::of(group()),
@@ -225,7 +262,16 @@ proptest! {
         i in id(),
         members in prop::collection::vec((user(), time(), key()), 0..5),
     ) {
-        let info = InfoReply { group: g.clone(), last_seq: n, members: n / 2, max_message_bytes: n };
+        let mode = if changed { GroupMode::Private } else { GroupMode::Open };
+        let info = InfoReply {
+            group: g.clone(),
+            last_seq: n,
+            members: n / 2,
+            max_message_bytes: n,
+            mode,
+        };
+        let policy = PolicyReply { group: g.clone(), changed, last_seq: n };
+        prop_assert_eq!(round_trip(&policy), policy);
         prop_assert_eq!(round_trip(&info), info);
         let m = MembershipReply { group: g.clone(), user: u, changed, last_seq: n };
         prop_assert_eq!(round_trip(&m), m);

@@ -82,6 +82,10 @@ pub struct Config {
     pub registry_key: Option<PublicKey>,
     /// Requests per second per peer (default 2,000, bursts of 4,000; rate 0 disables).
     pub rate_limit: RateLimit,
+    /// The group owner's key; default the node's own key (the operator).
+    pub owner: Option<PublicKey>,
+    /// Make the group private at start (it stays so until `set_mode`).
+    pub private: bool,
 }
 
 impl Config {
@@ -104,6 +108,8 @@ impl Config {
             insecure: false,
             registry_key: None,
             rate_limit: RateLimit::default(),
+            owner: None,
+            private: false,
         }
     }
 }
@@ -160,6 +166,7 @@ pub struct Node {
     store: SqliteStore,
     subscribers: Subscribers,
     keys: Option<Keypair>,
+    owner: Option<PublicKey>,
     limiter: Limiter<Peer>,
     _zap: Option<Authenticator>,
 }
@@ -241,6 +248,16 @@ impl Node {
             config.fault_drop_push_every,
         );
         let limiter = Limiter::new(config.rate_limit);
+        let owner = match &keys {
+            Some(k) => Some(config.owner.unwrap_or(k.public)),
+            None => None,
+        };
+        let mut store = store;
+        if config.private {
+            store.begin()?;
+            store.set_mode(agora_common::proto::GroupMode::Private)?;
+            store.commit()?;
+        }
         Ok(Node {
             ctx: ctx.clone(),
             config,
@@ -249,6 +266,7 @@ impl Node {
             store,
             subscribers,
             keys,
+            owner,
             limiter,
             _zap: zap,
         })
@@ -442,6 +460,7 @@ impl Node {
             subscribers: &mut self.subscribers,
             appended,
             peer,
+            owner: self.owner,
         };
         match request {
             Request::Info(r) => reply_frames(cmd::info::apply(&mut ctx, r)),
@@ -452,6 +471,12 @@ impl Node {
             Request::GetMessages(r) => reply_frames(cmd::get_messages::apply(&mut ctx, r)),
             Request::Subscribe(r) => reply_frames(cmd::subscribe::apply(&mut ctx, r)),
             Request::Unsubscribe(r) => reply_frames(cmd::unsubscribe::apply(&mut ctx, r)),
+            Request::Invite(r) => reply_frames(cmd::policy::invite(&mut ctx, r)),
+            Request::Kick(r) => reply_frames(cmd::policy::kick(&mut ctx, r)),
+            Request::Ban(r) => reply_frames(cmd::policy::ban(&mut ctx, r)),
+            Request::Unban(r) => reply_frames(cmd::policy::unban(&mut ctx, r)),
+            Request::Promote(r) => reply_frames(cmd::policy::promote(&mut ctx, r)),
+            Request::SetMode(r) => reply_frames(cmd::policy::set_mode(&mut ctx, r)),
             other => reply_frames::<()>(Err(WireError::new(
                 ErrorCode::UnknownAction,
                 format!(

@@ -65,12 +65,19 @@ struct Args {
     #[arg(long, hide = true, default_value_t = 0)]
     fault_drop_push_every: u64,
     /// The registry's CURVE public key (40 Z85 characters; the registry prints it at start).
-    #[arg(long, env = "AGORA_REGISTRY_KEY")]
+    #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
     registry_key: Option<agora_common::keys::PublicKey>,
     /// Run without CURVE encryption and authentication: local experiments only; refused
     /// unless every endpoint is loopback.
     #[arg(long)]
     insecure: bool,
+    /// The group owner's CURVE public key (a user's key; `user-cli keys` shows it)
+    /// [default: the node's own key].
+    #[arg(long, env = "AGORA_OWNER", allow_hyphen_values = true)]
+    owner: Option<agora_common::keys::PublicKey>,
+    /// Make the group private: only invited keys may join, and non-members see nothing.
+    #[arg(long)]
+    private: bool,
     /// Requests per second allowed per peer (0: no limit); over it, `rate_limited`.
     #[arg(long, env = "AGORA_RATE_LIMIT", default_value_t = 2_000.0)]
     rate_limit: f64,
@@ -126,6 +133,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.fault_drop_push_every = args.fault_drop_push_every;
     config.registry_key = args.registry_key;
     config.insecure = args.insecure;
+    config.owner = args.owner;
+    config.private = args.private;
     config.rate_limit = agora_common::ratelimit::RateLimit {
         rate: args.rate_limit,
         burst: args.rate_burst,
@@ -142,4 +151,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     drop(out);
     node.run(&shutdown)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_argument_definitions_are_consistent() {
+        super::Args::command().debug_assert();
+    }
 }

@@ -112,3 +112,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     registry.run(&shutdown)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_argument_definitions_are_consistent() {
+        super::Args::command().debug_assert();
+    }
+}

@@ -299,6 +299,14 @@ impl Federation {
         self.path("keys")
     }
 
+    /// `user`'s public key (its key pair made on first use, as user-cli does), in Z85.
+    pub fn user_key(&self, user: &str) -> String {
+        let path = Path::new(&self.key_dir()).join(format!("{user}.key"));
+        let (keypair, _) =
+            agora_common::keys::Keypair::load_or_generate(&path).expect("user key pair");
+        keypair.public.to_string()
+    }
+
     /// CURVE settings for a library client acting as `user` (its key pair made on first
     /// use, as user-cli does) towards `server`.
     pub fn curve(&self, user: &str, server: &Server) -> agora_common::client::ClientCurve {

@@ -827,6 +827,56 @@ impl App {
     }
 }
 
+/// A policy change a user can ask for.
+#[derive(Debug, Clone)]
+pub enum PolicyChange {
+    /// `invite GROUP KEY`.
+    Invite(PublicKey),
+    /// `ban GROUP KEY`.
+    Ban(PublicKey),
+    /// `unban GROUP KEY`.
+    Unban(PublicKey),
+    /// `kick GROUP USER`.
+    Kick(UserName),
+    /// `promote GROUP USER`.
+    Promote(UserName),
+    /// `set_mode GROUP open|private`.
+    SetMode(agora_common::proto::GroupMode),
+}
+
+impl App {
+    /// `invite`, `ban`, `unban`, `kick`, `promote`, `set_mode`.
+    ///
+    /// # Errors
+    /// `forbidden` and the like from the node; resolution failures.
+    pub fn policy(
+        &mut self,
+        target: &str,
+        change: PolicyChange,
+        out: &mut dyn Write,
+    ) -> Result<(), CliError> {
+        use agora_common::proto::Action;
+        let format = self.format;
+        let (node, label) = self.node(target)?;
+        let what = format!("{change:?}");
+        let r = match change {
+            PolicyChange::Invite(k) => node.key_policy(Action::Invite, k),
+            PolicyChange::Ban(k) => node.key_policy(Action::Ban, k),
+            PolicyChange::Unban(k) => node.key_policy(Action::Unban, k),
+            PolicyChange::Kick(u) => node.member_policy(Action::Kick, u),
+            PolicyChange::Promote(u) => node.member_policy(Action::Promote, u),
+            PolicyChange::SetMode(m) => node.set_mode(m),
+        }
+        .map_err(|source| remote(&label, source))?;
+        match format {
+            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
+            Format::Human if r.changed => writeln!(out, "{label}: done ({what})")?,
+            Format::Human => writeln!(out, "{label}: nothing to change ({what})")?,
+        }
+        Ok(())
+    }
+}
+
 fn feed_options(client: ClientOptions) -> FeedOptions {
     FeedOptions {
         client,

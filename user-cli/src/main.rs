@@ -51,7 +51,12 @@ struct Args {
     #[arg(long, global = true, env = "AGORA_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
     /// The registry's CURVE public key (40 Z85 characters; the registry prints it at start).
-    #[arg(long, global = true, env = "AGORA_REGISTRY_KEY")]
+    #[arg(
+        long,
+        global = true,
+        env = "AGORA_REGISTRY_KEY",
+        allow_hyphen_values = true
+    )]
     registry_key: Option<agora_common::keys::PublicKey>,
     /// Where your key pair lives (USER.key and USER.key_secret, made on first use)
     /// [default: ~/.config/agora].
@@ -116,6 +121,52 @@ enum Command {
         /// Start after this seq instead of from now (0 replays the whole log first).
         #[arg(long)]
         after_seq: Option<u64>,
+    },
+    /// Owner/admins: let a key join a private group.
+    Invite {
+        /// The group.
+        group: String,
+        /// The key (40 Z85 characters; `user-cli keys` shows one's own).
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
+    /// Owner/admins: remove a key from the group and keep it out.
+    Ban {
+        /// The group.
+        group: String,
+        /// The key.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
+    /// Owner/admins: lift a ban.
+    Unban {
+        /// The group.
+        group: String,
+        /// The key.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
+    /// Owner/admins: remove a member (by the name they joined with).
+    Kick {
+        /// The group.
+        group: String,
+        /// The member's name.
+        member: String,
+    },
+    /// Owner: make a member an admin.
+    Promote {
+        /// The group.
+        group: String,
+        /// The member's name.
+        member: String,
+    },
+    /// Owner/admins: make the group open or private.
+    #[command(name = "set_mode", alias = "set-mode")]
+    SetMode {
+        /// The group.
+        group: String,
+        /// `open` or `private`.
+        mode: String,
     },
     /// Show your public key (making your key pair if needed), or export or import it.
     Keys {
@@ -222,6 +273,18 @@ fn run(args: Args) -> u8 {
         Some(Command::Subscribe { group }) => app.subscribe(&group, &mut out),
         Some(Command::Unsubscribe { group }) => app.unsubscribe(&group, &mut out),
         Some(Command::Check) => app.check(&mut out),
+        Some(Command::Invite { group, key }) => policy(&mut app, "invite", &group, &key, &mut out),
+        Some(Command::Ban { group, key }) => policy(&mut app, "ban", &group, &key, &mut out),
+        Some(Command::Unban { group, key }) => policy(&mut app, "unban", &group, &key, &mut out),
+        Some(Command::Kick { group, member }) => {
+            policy(&mut app, "kick", &group, &member, &mut out)
+        }
+        Some(Command::Promote { group, member }) => {
+            policy(&mut app, "promote", &group, &member, &mut out)
+        }
+        Some(Command::SetMode { group, mode }) => {
+            policy(&mut app, "set_mode", &group, &mode, &mut out)
+        }
         // Handled above, before any connection is set up.
         Some(Command::Keys { .. }) => Ok(()),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
@@ -343,6 +406,17 @@ fn curve(
     }))
 }
 
+fn policy(
+    app: &mut App,
+    cmd: &str,
+    group: &str,
+    arg: &str,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let change = repl::policy_change(cmd, arg)?;
+    app.policy(group, change, out)
+}
+
 fn report(e: &CliError) -> u8 {
     eprintln!("user-cli: {e}");
     e.exit_code()
@@ -379,5 +453,58 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
     } else {
         let mut script = repl::Script(std::io::stdin().lock());
         repl::run_session(app, &mut script, out, &mut err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_argument_definitions_are_consistent() {
+        super::Args::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod key_args {
+    use clap::Parser;
+
+    /// Z85 keys may start with '-' (about one in 85 does): a regression test for such keys
+    /// being read as flags.
+    #[test]
+    fn keys_that_start_with_a_hyphen_are_values() {
+        // Keys starting with '-', at least one with a digit next ("-0…" looks like a
+        // negative number to a parser).
+        let mut keys: Vec<String> = Vec::new();
+        for _ in 0..200_000 {
+            let k = agora_common::keys::Keypair::generate()
+                .expect("keys")
+                .public
+                .to_string();
+            let digit_next = k.chars().nth(1).is_some_and(|c| c.is_ascii_digit());
+            if k.starts_with('-') && (keys.len() < 20 || digit_next) {
+                keys.push(k);
+                if keys.len() > 20 && digit_next {
+                    break;
+                }
+            }
+        }
+        assert!(keys.len() > 20, "found {} hyphenated keys", keys.len());
+        for key in keys {
+            let args = super::Args::try_parse_from([
+                "user-cli",
+                "--registry-key",
+                &key,
+                "invite",
+                "g",
+                &key,
+            ])
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+            assert_eq!(args.registry_key.map(|k| k.to_string()), Some(key.clone()));
+            assert!(
+                matches!(&args.command, Some(super::Command::Invite { key: k, .. }) if *k == key)
+            );
+        }
     }
 }

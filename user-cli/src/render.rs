@@ -39,6 +39,18 @@ pub fn message_line(group: &str, m: &Message) -> String {
     match m.kind {
         EntryKind::Join => format!("[{time}] {group} #{} * {} joined", m.seq, m.sender),
         EntryKind::Leave => format!("[{time}] {group} #{} * {} left", m.seq, m.sender),
+        EntryKind::Policy => {
+            let v: serde_json::Value =
+                serde_json::from_str(m.body.get()).unwrap_or(serde_json::Value::Null);
+            let what = v["action"].as_str().unwrap_or("changed policy");
+            let target = v["target"]
+                .as_str()
+                .or_else(|| v["mode"].as_str())
+                .unwrap_or("");
+            format!("[{time}] {group} #{} * {} {what} {target}", m.seq, m.sender)
+                .trim_end()
+                .to_owned()
+        }
         _ => format!(
             "[{time}] {group} #{} {}: {}",
             m.seq,

@@ -50,6 +50,21 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "",
         "show what arrived in your groups since you last looked",
     ),
+    (
+        "invite | ban | unban",
+        "GROUP KEY",
+        "owner/admins: let a key into a private group, or keep it out",
+    ),
+    (
+        "kick | promote",
+        "GROUP USER",
+        "owner/admins: remove a member; owner: make an admin",
+    ),
+    (
+        "set_mode",
+        "GROUP open|private",
+        "owner/admins: who may join",
+    ),
     ("help", "", "show this list"),
     ("exit | quit", "", "leave the program"),
 ];
@@ -69,6 +84,12 @@ const WORDS: &[&str] = &[
     "subscribe",
     "unsubscribe",
     "check",
+    "invite",
+    "ban",
+    "unban",
+    "kick",
+    "promote",
+    "set_mode",
     "help",
     "exit",
     "quit",
@@ -286,6 +307,14 @@ fn run_line(
         "subscribe" => app.subscribe(one_arg(cmd, args)?, out)?,
         "unsubscribe" => app.unsubscribe(one_arg(cmd, args)?, out)?,
         "check" => app.check(out)?,
+        "invite" | "ban" | "unban" | "kick" | "promote" | "set_mode" => {
+            let [target, arg] = args else {
+                return Err(CliError::Usage(format!(
+                    "{cmd} takes GROUP and one argument"
+                )));
+            };
+            app.policy(target, policy_change(cmd, arg)?, out)?;
+        }
         "get_messages" | "messages" => {
             let (target, since) = match args {
                 [target] => (target, None),
@@ -331,6 +360,36 @@ fn run_line(
         }
     }
     Ok(Step::Continue)
+}
+
+/// The policy change `cmd ARG` asks for.
+///
+/// # Errors
+/// [`CliError::Usage`] for a bad key, name or mode.
+pub fn policy_change(cmd: &str, arg: &str) -> Result<crate::app::PolicyChange, CliError> {
+    use crate::app::PolicyChange;
+    use agora_common::proto::{GroupMode, UserName};
+    let key = || {
+        arg.parse()
+            .map_err(|e: agora_common::keys::KeyError| CliError::Usage(e.to_string()))
+    };
+    let user = || UserName::new(arg).map_err(|e| CliError::Usage(e.to_string()));
+    Ok(match cmd {
+        "invite" => PolicyChange::Invite(key()?),
+        "ban" => PolicyChange::Ban(key()?),
+        "unban" => PolicyChange::Unban(key()?),
+        "kick" => PolicyChange::Kick(user()?),
+        "promote" => PolicyChange::Promote(user()?),
+        _ => PolicyChange::SetMode(match arg {
+            "open" => GroupMode::Open,
+            "private" => GroupMode::Private,
+            other => {
+                return Err(CliError::Usage(format!(
+                    "mode must be open or private, not {other:?}"
+                )))
+            }
+        }),
+    })
 }
 
 /// A text as a JSON string body.

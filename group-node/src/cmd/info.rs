@@ -14,5 +14,6 @@ pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: InfoRequest) -> Result<Info
         last_seq: ctx.store.last_seq(),
         members: ctx.store.member_count(),
         max_message_bytes: u64::try_from(ctx.config.max_message_bytes).unwrap_or(u64::MAX),
+        mode: ctx.store.mode().map_err(super::store_error)?,
     })
 }

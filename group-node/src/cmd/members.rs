@@ -1,18 +1,37 @@
-//! `members`: the member list. Open to anyone for now; private groups (security issue)
-//! will restrict it.
+//! `members`: the member list. Open to anyone in an open group; in a private group only
+//! members see it.
 
-use agora_common::proto::{MembersReply, MembersRequest, WireError};
-use agora_common::store::GroupStore;
+use agora_common::proto::{ErrorCode, GroupMode, MembersReply, MembersRequest, WireError};
+use agora_common::store::{GroupStore, Principal};
 
 use super::{store_error, Ctx};
 
 /// # Errors
-/// `unknown_group`, `internal`.
+/// `unknown_group`, `not_member` (a private group, asked by a non-member), `internal`.
 pub fn apply<S: GroupStore>(
     ctx: &mut Ctx<'_, S>,
     r: MembersRequest,
 ) -> Result<MembersReply, WireError> {
     ctx.check_group(r.group.as_ref())?;
+    if ctx.store.mode().map_err(store_error)? == GroupMode::Private {
+        let member = match ctx.peer {
+            Some(key) => ctx
+                .store
+                .member(&Principal::key(&key))
+                .map_err(store_error)?
+                .is_some(),
+            None => false,
+        };
+        if !member {
+            return Err(WireError::new(
+                ErrorCode::NotMember,
+                format!(
+                    "\"{}\" is private: only members see its members",
+                    ctx.config.name
+                ),
+            ));
+        }
+    }
     Ok(MembersReply {
         group: ctx.config.name.clone(),
         members: ctx.store.members().map_err(store_error)?,

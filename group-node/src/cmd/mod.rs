@@ -20,6 +20,7 @@ pub mod info;
 pub mod join;
 pub mod leave;
 pub mod members;
+pub mod policy;
 pub mod send;
 pub mod subscribe;
 pub mod unsubscribe;
@@ -42,6 +43,8 @@ pub struct Ctx<'a, S: GroupStore> {
     pub appended: &'a mut Vec<Message>,
     /// The caller's authenticated CURVE key (`None` on an `--insecure` node).
     pub peer: Option<agora_common::keys::PublicKey>,
+    /// The group owner's key (`None` on an `--insecure` node).
+    pub owner: Option<agora_common::keys::PublicKey>,
 }
 
 impl<S: GroupStore> Ctx<'_, S> {
