@@ -161,6 +161,7 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::Unban => Request::Unban(parse::<KeyTargetRequest>(body)?),
         Action::Promote => Request::Promote(parse::<MemberTargetRequest>(body)?),
         Action::SetMode => Request::SetMode(parse::<SetModeRequest>(body)?),
+        Action::ServerKey => Request::ServerKey(parse::<crate::proto::ServerKeyRequest>(body)?),
     })
 }
 
@@ -197,6 +198,7 @@ pub fn encode_request(request: &Request) -> Frames {
         Request::Invite(r) | Request::Ban(r) | Request::Unban(r) => tagged(action, r),
         Request::Kick(r) | Request::Promote(r) => tagged(action, r),
         Request::SetMode(r) => tagged(action, r),
+        Request::ServerKey(r) => tagged(action, r),
         Request::GetMessages(r) => tagged(action, r),
     };
     vec![PROTOCOL.to_vec(), body]
@@ -307,6 +309,7 @@ mod tests {
             r#"{"action":"unban","user":"a","key":"rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}"#,
             r#"{"action":"promote","user":"a","member":"b"}"#,
             r#"{"action":"set_mode","user":"a","mode":"private"}"#,
+            r#"{"action":"server_key"}"#,
         ];
         for (body, action) in bodies.iter().zip(Action::ALL) {
             let req = decode_request(&frames(body)).expect(body);

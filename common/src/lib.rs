@@ -12,6 +12,7 @@
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`server`]: ROUTER plumbing shared by the servers: bind, batch receive, reply.
 //! - [`live`]: the live stream client (zguide "Clone"): subscribe, dedupe by seq, backfill.
+//! - [`trust`]: pinning the registry key on first use, and the key endpoint that serves it.
 //! - [`zap`]: the ZAP handler (RFC 27) that names CURVE clients by their keys.
 //! - [`shutdown`]: a cooperative shutdown flag that servers poll.
 //!
@@ -30,4 +31,5 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod time;
+pub mod trust;
 pub mod zap;

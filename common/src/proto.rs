@@ -81,11 +81,13 @@ pub enum Action {
     Promote,
     /// Group node (owner, admins): make the group open or private.
     SetMode,
+    /// Key endpoint (plaintext): the server's CURVE public key, for pinning on first use.
+    ServerKey,
 }
 
 impl Action {
     /// Every action, in documentation order.
-    pub const ALL: [Action; 18] = [
+    pub const ALL: [Action; 19] = [
         Action::Register,
         Action::Unregister,
         Action::List,
@@ -104,6 +106,7 @@ impl Action {
         Action::Unban,
         Action::Promote,
         Action::SetMode,
+        Action::ServerKey,
     ];
 
     /// The wire name (`"get_messages"`).
@@ -127,6 +130,7 @@ impl Action {
             Action::Unban => "unban",
             Action::Promote => "promote",
             Action::SetMode => "set_mode",
+            Action::ServerKey => "server_key",
         }
     }
 
@@ -615,6 +619,17 @@ pub struct SetModeRequest {
     pub mode: GroupMode,
 }
 
+/// `server_key`: asked on a server's plaintext key endpoint. No fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerKeyRequest {}
+
+/// Reply to `server_key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerKeyReply {
+    /// The server's CURVE public key.
+    pub public_key: crate::keys::PublicKey,
+}
+
 /// Reply to a policy action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyReply {
@@ -724,6 +739,8 @@ pub enum Request {
     Promote(MemberTargetRequest),
     /// See [`SetModeRequest`].
     SetMode(SetModeRequest),
+    /// See [`ServerKeyRequest`].
+    ServerKey(ServerKeyRequest),
 }
 
 impl Request {
@@ -748,6 +765,7 @@ impl Request {
             Request::Unban(_) => Action::Unban,
             Request::Promote(_) => Action::Promote,
             Request::SetMode(_) => Action::SetMode,
+            Request::ServerKey(_) => Action::ServerKey,
         }
     }
 }

@@ -64,6 +64,11 @@ struct Args {
     /// Test only: drop every Nth push on purpose, to exercise subscribers' backfill.
     #[arg(long, hide = true, default_value_t = 0)]
     fault_drop_push_every: u64,
+    /// The registry's plaintext key endpoint, asked when no --registry-key is given (the key
+    /// is then pinned in the data directory on first use) [default: the registry's host, the
+    /// next port].
+    #[arg(long, env = "AGORA_REGISTRY_KEY_ENDPOINT")]
+    registry_key_endpoint: Option<String>,
     /// The registry's CURVE public key (40 Z85 characters; the registry prints it at start).
     #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
     registry_key: Option<agora_common::keys::PublicKey>,
@@ -119,7 +124,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut config = Config::new(args.name, bind, data_dir);
     config.advertise = args.advertise;
-    config.registry = (!args.no_registry).then_some(args.registry);
+    config.registry = (!args.no_registry).then(|| args.registry.clone());
     config.max_message_bytes = args.max_message_bytes;
     config.retention = Retention {
         max_messages: args.max_messages,
@@ -132,6 +137,26 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.sndhwm = args.sndhwm;
     config.fault_drop_push_every = args.fault_drop_push_every;
     config.registry_key = args.registry_key;
+    if let (false, false, None) = (args.insecure, args.no_registry, args.registry_key) {
+        let key_endpoint = args
+            .registry_key_endpoint
+            .clone()
+            .or_else(|| agora_common::trust::default_key_endpoint(&args.registry))
+            .unwrap_or_default();
+        let (key, trust) = agora_common::trust::registry_key(
+            &zmq::Context::new(),
+            &config.data_dir.join("known_servers.json"),
+            &args.registry,
+            &key_endpoint,
+            None,
+            Duration::from_secs(2),
+        )?;
+        if trust == agora_common::trust::Trust::FirstUse {
+            tracing::warn!(%key, registry = %args.registry,
+                "pinned the registry key on first use; compare it with the key the registry printed");
+        }
+        config.registry_key = Some(key);
+    }
     config.insecure = args.insecure;
     config.owner = args.owner;
     config.private = args.private;

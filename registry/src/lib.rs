@@ -54,6 +54,9 @@ pub struct Config {
     pub insecure: bool,
     /// Requests per second per peer (default 2,000, bursts of 4,000; rate 0 disables).
     pub rate_limit: RateLimit,
+    /// Where the plaintext key endpoint binds (see `agora_common::trust`); default: the bind
+    /// endpoint's host and the next port (port 0 stays 0). None with `insecure`.
+    pub key_bind: Option<String>,
 }
 
 impl Default for Config {
@@ -68,6 +71,7 @@ impl Default for Config {
                 .unwrap_or_else(|| PathBuf::from("agora-registry")),
             insecure: false,
             rate_limit: RateLimit::default(),
+            key_bind: None,
         }
     }
 }
@@ -113,6 +117,7 @@ pub struct Registry {
     directory: Directory,
     public_key: Option<PublicKey>,
     owners: Option<owners::Owners>,
+    key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
     _zap: Option<Authenticator>,
 }
@@ -164,6 +169,26 @@ impl Registry {
             })?;
         let directory = Directory::new(config.ttl(), config.max_groups);
         let limiter = Limiter::new(config.rate_limit);
+        let key_service = match public_key {
+            Some(key) => {
+                let bind = config.key_bind.clone().unwrap_or_else(|| {
+                    match config.bind.strip_suffix(":0") {
+                        Some(_) => config.bind.clone(),
+                        None => agora_common::trust::default_key_endpoint(&config.bind)
+                            .unwrap_or_else(|| config.bind.clone()),
+                    }
+                });
+                Some(
+                    agora_common::trust::KeyService::start(ctx, &bind, key).map_err(|source| {
+                        RegistryError::Bind {
+                            endpoint: bind.clone(),
+                            source,
+                        }
+                    })?,
+                )
+            }
+            None => None,
+        };
         Ok(Registry {
             config,
             socket,
@@ -171,9 +196,15 @@ impl Registry {
             directory,
             public_key,
             owners,
+            key_service,
             limiter,
             _zap: zap,
         })
+    }
+
+    /// Where the plaintext key endpoint listens (`None` with `--insecure`).
+    pub fn key_endpoint(&self) -> Option<&str> {
+        self.key_service.as_ref().map(|k| k.endpoint())
     }
 
     /// The registry's CURVE public key (`None` with `--insecure`): clients and group nodes

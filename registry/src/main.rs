@@ -36,6 +36,10 @@ struct Args {
     /// unless the bind endpoint is loopback.
     #[arg(long)]
     insecure: bool,
+    /// Where the plaintext key endpoint (which tells clients the public key for pinning on
+    /// first use) binds [default: the same host, the next port].
+    #[arg(long, env = "AGORA_REGISTRY_KEY_BIND")]
+    key_bind: Option<String>,
     /// Requests per second allowed per peer (0: no limit); over it, `rate_limited`.
     #[arg(long, env = "AGORA_RATE_LIMIT", default_value_t = 2_000.0)]
     rate_limit: f64,
@@ -99,13 +103,18 @@ fn run(args: Args) -> anyhow::Result<()> {
             burst: args.rate_burst,
             ..Default::default()
         },
+        key_bind: args.key_bind,
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;
     let mut out = std::io::stdout().lock();
-    match registry.public_key() {
-        Some(key) => writeln!(out, "listening {} public-key {key}", registry.endpoint())?,
-        None => writeln!(out, "listening {}", registry.endpoint())?,
+    match (registry.public_key(), registry.key_endpoint()) {
+        (Some(key), Some(key_endpoint)) => writeln!(
+            out,
+            "listening {} public-key {key} key-endpoint {key_endpoint}",
+            registry.endpoint()
+        )?,
+        _ => writeln!(out, "listening {}", registry.endpoint())?,
     }
     out.flush()?;
     drop(out);

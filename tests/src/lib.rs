@@ -55,6 +55,8 @@ pub struct Server {
     pub endpoint: String,
     /// The CURVE public key it printed (Z85), if it runs with CURVE.
     pub key: Option<String>,
+    /// The plaintext key endpoint it printed (the registry's).
+    pub key_endpoint: Option<String>,
     log: PathBuf,
 }
 
@@ -102,9 +104,14 @@ impl Server {
             (Some("public-key"), Some(key)) => Some(key.to_owned()),
             _ => None,
         };
+        let key_endpoint = match (words.next(), words.next()) {
+            (Some("key-endpoint"), Some(e)) => Some(e.to_owned()),
+            _ => None,
+        };
         Server {
             endpoint: endpoint.to_owned(),
             key,
+            key_endpoint,
             child,
             log: log.to_owned(),
         }
@@ -268,6 +275,29 @@ impl Federation {
                 &data,
             ],
             &self.dir.path().join("registry-2.log"),
+        );
+    }
+
+    /// Kills the registry and starts one with a NEW key pair on the same endpoint and key
+    /// endpoint (a reinstalled registry, or an impostor).
+    pub fn replace_registry(&mut self, heartbeat: &str) {
+        self.registry.kill9();
+        let endpoint = self.registry.endpoint.clone();
+        let key_endpoint = self.registry.key_endpoint.clone().expect("a key endpoint");
+        let data = self.path("registry-data-new");
+        self.registry = Server::start(
+            "registry",
+            &[
+                "--bind",
+                &endpoint,
+                "--key-bind",
+                &key_endpoint,
+                "--heartbeat",
+                heartbeat,
+                "--data-dir",
+                &data,
+            ],
+            &self.dir.path().join("registry-new.log"),
         );
     }
 

@@ -28,6 +28,9 @@ fn servers_keep_a_private_secret_key_and_print_the_public_one() {
 fn a_client_without_the_registry_key_is_told_what_to_do() {
     let fed = Federation::start("200ms");
     let dir = fed.path("keys");
+    let state = fed.path("state");
+    // No key, and no answer where the key would be asked for (the CURVE endpoint itself
+    // never answers a plaintext request).
     let run = cli(
         &[
             "--registry",
@@ -37,7 +40,11 @@ fn a_client_without_the_registry_key_is_told_what_to_do() {
             "groups",
         ],
         "",
-        &[("AGORA_KEY_DIR", &dir)],
+        &[
+            ("AGORA_KEY_DIR", &dir),
+            ("AGORA_STATE_DIR", &state),
+            ("AGORA_REGISTRY_KEY_ENDPOINT", &fed.registry.endpoint),
+        ],
     );
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("--registry-key"), "{run:?}");
@@ -381,4 +388,78 @@ fn a_peer_over_its_rate_limit_is_refused_with_a_specific_code_and_recovers() {
     // Another peer is not affected, and the greedy one recovers as its bucket refills.
     assert!(client("polite").info().is_ok());
     assert!(wait_for(WAIT, || greedy.info().is_ok()));
+}
+
+#[test]
+fn the_registry_key_is_pinned_on_first_use_and_a_changed_key_is_refused() {
+    let mut fed = Federation::start("200ms");
+    let key_endpoint = fed.registry.key_endpoint.clone().expect("key endpoint");
+    let state = fed.path("tofu-state");
+    let keys = fed.path("keys");
+    // No registry key given: only where to ask for it.
+    let run_cli = |fed: &Federation, args: &[&str]| {
+        let mut all = vec![
+            "--registry",
+            fed.registry.endpoint.as_str(),
+            "--user",
+            "alice",
+        ];
+        all.extend_from_slice(args);
+        cli(
+            &all,
+            "",
+            &[
+                ("AGORA_KEY_DIR", &keys),
+                ("AGORA_STATE_DIR", &state),
+                ("AGORA_REGISTRY_KEY_ENDPOINT", &key_endpoint),
+            ],
+        )
+    };
+    let first = run_cli(&fed, &["groups"]);
+    assert_eq!(first.code, Some(0), "{first:?}");
+    assert!(
+        first.stderr.contains("pinned the registry key"),
+        "{first:?}"
+    );
+    assert!(first.stderr.contains(&fed.registry_key()), "{first:?}");
+    let second = run_cli(&fed, &["groups"]);
+    assert_eq!(second.code, Some(0), "{second:?}");
+    assert!(!second.stderr.contains("pinned"), "{second:?}");
+
+    // A node pins it too, and registers.
+    let data = fed.path("node-tofu");
+    let node = agora_tests::Server::start(
+        "group-node",
+        &[
+            "Pinned",
+            "127.0.0.1:0",
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key-endpoint",
+            &key_endpoint,
+            "--data-dir",
+            &data,
+            "--heartbeat",
+            "200ms",
+        ],
+        std::path::Path::new(&fed.path("node-tofu.log")),
+    );
+    assert!(wait_for(WAIT, || run_cli(&fed, &["groups"])
+        .stdout
+        .contains("Pinned")));
+    drop(node);
+
+    // The registry comes back with another key: refused loudly, until the pin is forgotten.
+    fed.replace_registry("200ms");
+    let changed = run_cli(&fed, &["groups"]);
+    assert_eq!(changed.code, Some(2), "{changed:?}");
+    assert!(changed.stderr.contains("KEY HAS CHANGED"), "{changed:?}");
+    let forget = run_cli(&fed, &["forget-registry"]);
+    assert_eq!(forget.code, Some(0), "{forget:?}");
+    let again = run_cli(&fed, &["groups"]);
+    assert_eq!(again.code, Some(0), "{again:?}");
+    assert!(
+        again.stderr.contains("pinned the registry key"),
+        "{again:?}"
+    );
 }

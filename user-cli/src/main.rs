@@ -58,6 +58,10 @@ struct Args {
         allow_hyphen_values = true
     )]
     registry_key: Option<agora_common::keys::PublicKey>,
+    /// The registry's plaintext key endpoint, asked when no key is given (the key is then
+    /// pinned on first use) [default: the registry's host, the next port].
+    #[arg(long, global = true, env = "AGORA_REGISTRY_KEY_ENDPOINT")]
+    registry_key_endpoint: Option<String>,
     /// Where your key pair lives (USER.key and USER.key_secret, made on first use)
     /// [default: ~/.config/agora].
     #[arg(long, global = true, env = "AGORA_KEY_DIR")]
@@ -168,6 +172,8 @@ enum Command {
         /// `open` or `private`.
         mode: String,
     },
+    /// Forget the registry key pinned for --registry (after its operator changed it).
+    ForgetRegistry,
     /// Show your public key (making your key pair if needed), or export or import it.
     Keys {
         #[command(subcommand)]
@@ -244,6 +250,25 @@ fn run(args: Args) -> u8 {
     } else {
         Format::Human
     };
+    if let Some(Command::ForgetRegistry) = &args.command {
+        let result = known_servers(&args).and_then(|path| {
+            agora_common::trust::forget(&path, &args.registry).map_err(|e| e.to_string())
+        });
+        return match result {
+            Ok(true) => {
+                println!("forgot the key pinned for {}", args.registry);
+                0
+            }
+            Ok(false) => {
+                println!("no key was pinned for {}", args.registry);
+                0
+            }
+            Err(e) => {
+                eprintln!("user-cli: {e}");
+                1
+            }
+        };
+    }
     if let Some(Command::Keys { action }) = &args.command {
         return match keys(&args, &user, action.as_ref()) {
             Ok(()) => 0,
@@ -286,7 +311,7 @@ fn run(args: Args) -> u8 {
             policy(&mut app, "set_mode", &group, &mode, &mut out)
         }
         // Handled above, before any connection is set up.
-        Some(Command::Keys { .. }) => Ok(()),
+        Some(Command::Keys { .. } | Command::ForgetRegistry) => Ok(()),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
             Ok(stop) => app.watch(&groups, after_seq, &mut out, &stop),
             Err(e) => Err(CliError::Io(e)),
@@ -326,6 +351,17 @@ fn run(args: Args) -> u8 {
         Ok(()) => 0,
         Err(e) => report(&e),
     }
+}
+
+/// The file of pinned registry keys: `STATE_DIR/known_servers.json`.
+fn known_servers(args: &Args) -> Result<std::path::PathBuf, String> {
+    let dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => directories::ProjectDirs::from("", "", "agora")
+            .map(|d| d.state_dir().unwrap_or_else(|| d.data_dir()).to_owned())
+            .ok_or("no home directory for the known servers; pass --state-dir")?,
+    };
+    Ok(dir.join("known_servers.json"))
 }
 
 /// Where `user`'s key pair lives: `KEY_DIR/USER.key` (and `_secret`).
@@ -384,11 +420,28 @@ fn curve(
         eprintln!("user-cli: warning: talking WITHOUT encryption or authentication (--insecure)");
         return Ok(None);
     }
-    let server_key = args.registry_key.ok_or_else(|| {
-        "the registry's public key is needed: pass --registry-key or set AGORA_REGISTRY_KEY \
-         (the registry prints it at start)"
-            .to_owned()
-    })?;
+    let key_endpoint = args
+        .registry_key_endpoint
+        .clone()
+        .or_else(|| agora_common::trust::default_key_endpoint(&args.registry))
+        .unwrap_or_default();
+    let ctx = zmq::Context::new();
+    let (server_key, trust) = agora_common::trust::registry_key(
+        &ctx,
+        &known_servers(args)?,
+        &args.registry,
+        &key_endpoint,
+        args.registry_key,
+        args.timeout.min(Duration::from_secs(1)),
+    )
+    .map_err(|e| e.to_string())?;
+    if trust == agora_common::trust::Trust::FirstUse {
+        eprintln!(
+            "user-cli: warning: pinned the registry key {server_key} for {} on first use; \
+             compare it with the key the registry printed",
+            args.registry
+        );
+    }
     let path = key_path(args, user)?;
     let (keypair, created) =
         agora_common::keys::Keypair::load_or_generate(&path).map_err(|e| e.to_string())?;

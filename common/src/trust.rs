@@ -1,0 +1,306 @@
+//! Trust on first use for the registry's key (as SSH's `known_hosts`).
+//!
+//! CURVE needs the server's public key before the handshake. The registry therefore also
+//! answers on a plaintext **key endpoint** ([`KeyService`]): one action, `server_key`,
+//! answered with its public key. A client that was not given the key asks there once, pins
+//! the answer in a known-servers file, and from then on uses the pin. On every later start it
+//! asks again: a different answer means the key changed (a reinstalled registry, or someone in
+//! the middle), and the client refuses loudly until the pin is removed.
+//!
+//! # Format
+//! The known-servers file is JSON: `{"tcp://host:5555": "Z85 public key", …}`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::client::{ClientError, ClientOptions, ReqClient};
+use crate::keys::PublicKey;
+use crate::proto::{Request, ServerKeyReply, ServerKeyRequest};
+use crate::server::{bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming};
+use crate::shutdown::{Shutdown, SHUTDOWN_POLL};
+
+/// Trust failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    /// The pinned key and the key the server now presents differ.
+    #[error(
+        "THE REGISTRY'S KEY HAS CHANGED for {endpoint}: pinned {pinned}, now presented {presented}. \
+         Someone may be in the middle. If the change is expected, remove the pin: \
+         user-cli forget-registry"
+    )]
+    Changed {
+        /// The registry endpoint.
+        endpoint: String,
+        /// The key pinned before.
+        pinned: PublicKey,
+        /// The key the key endpoint presents now.
+        presented: PublicKey,
+    },
+    /// No key given, none pinned, and the key endpoint did not answer.
+    #[error("no key for the registry at {endpoint}: pass --registry-key, or reach its key endpoint {key_endpoint} once ({source})")]
+    Unknown {
+        /// The registry endpoint.
+        endpoint: String,
+        /// Where the key was asked for.
+        key_endpoint: String,
+        /// Why that failed.
+        source: ClientError,
+    },
+    /// The known-servers file could not be read or written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O or JSON error.
+        source: std::io::Error,
+    },
+}
+
+/// How the registry key was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// Given on the command line or in the environment.
+    Given,
+    /// Pinned earlier (and the key endpoint agrees, or did not answer).
+    Pinned,
+    /// Fetched from the key endpoint just now, and pinned.
+    FirstUse,
+}
+
+/// The default key endpoint of a registry endpoint: the same host, the next port.
+pub fn default_key_endpoint(endpoint: &str) -> Option<String> {
+    let (host, port) = endpoint.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    Some(format!("{host}:{}", port.checked_add(1)?))
+}
+
+fn read_known(path: &Path) -> Result<BTreeMap<String, PublicKey>, TrustError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| TrustError::File {
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(source) => Err(TrustError::File {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn write_known(path: &Path, known: &BTreeMap<String, PublicKey>) -> Result<(), TrustError> {
+    let io = |source| TrustError::File {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let json = serde_json::to_vec_pretty(known).map_err(|e| io(std::io::Error::other(e)))?;
+    std::fs::write(&tmp, json).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Asks a key endpoint for the server's key (plaintext, one attempt).
+///
+/// # Errors
+/// [`ClientError`]: no answer within `timeout`, or a bad answer.
+pub fn fetch_key(
+    ctx: &zmq::Context,
+    key_endpoint: &str,
+    timeout: Duration,
+) -> Result<PublicKey, ClientError> {
+    let options = ClientOptions {
+        timeout,
+        attempts: 1,
+    };
+    let mut client = ReqClient::new(ctx, key_endpoint, options);
+    Ok(client
+        .call::<ServerKeyReply>(&Request::ServerKey(ServerKeyRequest {}))?
+        .public_key)
+}
+
+/// The registry's key: `given` if any; else the one pinned for `endpoint` in `known`
+/// (checked against the key endpoint when it answers); else fetched and pinned.
+///
+/// # Errors
+/// [`TrustError::Changed`] when the key endpoint presents another key than the pin;
+/// [`TrustError::Unknown`] when there is nothing to go on; [`TrustError::File`].
+pub fn registry_key(
+    ctx: &zmq::Context,
+    known: &Path,
+    endpoint: &str,
+    key_endpoint: &str,
+    given: Option<PublicKey>,
+    timeout: Duration,
+) -> Result<(PublicKey, Trust), TrustError> {
+    if let Some(key) = given {
+        return Ok((key, Trust::Given));
+    }
+    let mut pins = read_known(known)?;
+    let presented = fetch_key(ctx, key_endpoint, timeout);
+    match (pins.get(endpoint).copied(), presented) {
+        (Some(pinned), Ok(presented)) if presented != pinned => Err(TrustError::Changed {
+            endpoint: endpoint.to_owned(),
+            pinned,
+            presented,
+        }),
+        (Some(pinned), _) => Ok((pinned, Trust::Pinned)),
+        (None, Ok(presented)) => {
+            pins.insert(endpoint.to_owned(), presented);
+            write_known(known, &pins)?;
+            Ok((presented, Trust::FirstUse))
+        }
+        (None, Err(source)) => Err(TrustError::Unknown {
+            endpoint: endpoint.to_owned(),
+            key_endpoint: key_endpoint.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Removes the pin for `endpoint`; returns whether there was one.
+///
+/// # Errors
+/// [`TrustError::File`].
+pub fn forget(known: &Path, endpoint: &str) -> Result<bool, TrustError> {
+    let mut pins = read_known(known)?;
+    let had = pins.remove(endpoint).is_some();
+    if had {
+        write_known(known, &pins)?;
+    }
+    Ok(had)
+}
+
+/// A server's plaintext key endpoint, on its own thread; stops when dropped.
+#[derive(Debug)]
+pub struct KeyService {
+    endpoint: String,
+    stop: Shutdown,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KeyService {
+    /// Binds `bind` (NULL mechanism; port 0 for any) and answers `server_key` with `key`.
+    /// Every other request gets `unknown_action`.
+    ///
+    /// # Errors
+    /// libzmq's (`EADDRINUSE`…).
+    pub fn start(ctx: &zmq::Context, bind: &str, key: PublicKey) -> Result<KeyService, zmq::Error> {
+        let options = crate::server::RouterOptions {
+            max_request_bytes: 4096,
+            hwm: 100,
+            heartbeat: None,
+            curve: None,
+        };
+        let (socket, endpoint) = bind_router(ctx, bind, options)?;
+        let stop = Shutdown::new();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("key-endpoint".into())
+            .spawn(move || serve(&socket, key, &flag))
+            .map_err(|_| zmq::Error::EMFILE)?;
+        Ok(KeyService {
+            endpoint,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The endpoint really bound.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+impl Drop for KeyService {
+    fn drop(&mut self) {
+        self.stop.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(socket: &zmq::Socket, key: PublicKey, stop: &Shutdown) {
+    let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
+    let mut batch = Vec::new();
+    while !stop.is_triggered() {
+        if !poll_ready(socket, poll_ms).unwrap_or(false) {
+            continue;
+        }
+        if recv_batch(socket, 64, &mut batch).is_err() {
+            return;
+        }
+        for received in batch.drain(..) {
+            let Ok(incoming) = Incoming::from_received(received) else {
+                continue;
+            };
+            let reply = match incoming.request {
+                Ok(Request::ServerKey(_)) => reply_frames(Ok(ServerKeyReply { public_key: key })),
+                Ok(other) => reply_frames::<()>(Err(crate::proto::WireError::new(
+                    crate::proto::ErrorCode::UnknownAction,
+                    format!(
+                        "the key endpoint only answers server_key, not {}",
+                        other.action()
+                    ),
+                ))),
+                Err(e) => reply_frames::<()>(Err(e.to_wire())),
+            };
+            if send_reply(socket, incoming.envelope, reply).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_use_pins_then_a_changed_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let known = dir.path().join("known_servers.json");
+        let ctx = zmq::Context::new();
+        let first = crate::keys::Keypair::generate().expect("keys").public;
+        let service = KeyService::start(&ctx, "tcp://127.0.0.1:0", first).expect("bind");
+        let wait = Duration::from_secs(5);
+        let reg = "tcp://127.0.0.1:5555";
+        let (key, how) =
+            registry_key(&ctx, &known, reg, service.endpoint(), None, wait).expect("first use");
+        assert_eq!((key, how), (first, Trust::FirstUse));
+        let (key, how) =
+            registry_key(&ctx, &known, reg, service.endpoint(), None, wait).expect("pinned");
+        assert_eq!((key, how), (first, Trust::Pinned));
+        drop(service);
+
+        let second = crate::keys::Keypair::generate().expect("keys").public;
+        let service = KeyService::start(&ctx, "tcp://127.0.0.1:0", second).expect("bind");
+        let changed = registry_key(&ctx, &known, reg, service.endpoint(), None, wait);
+        assert!(
+            matches!(changed, Err(TrustError::Changed { pinned, presented, .. }) if pinned == first && presented == second)
+        );
+        // A given key wins; forgetting the pin allows a new first use.
+        let (key, how) =
+            registry_key(&ctx, &known, reg, service.endpoint(), Some(second), wait).expect("given");
+        assert_eq!((key, how), (second, Trust::Given));
+        assert!(forget(&known, reg).expect("forget"));
+        let (key, how) =
+            registry_key(&ctx, &known, reg, service.endpoint(), None, wait).expect("again");
+        assert_eq!((key, how), (second, Trust::FirstUse));
+    }
+
+    #[test]
+    fn the_default_key_endpoint_is_the_next_port() {
+        assert_eq!(
+            default_key_endpoint("tcp://10.0.0.1:5555").as_deref(),
+            Some("tcp://10.0.0.1:5556")
+        );
+        assert_eq!(default_key_endpoint("tcp://h:65535"), None);
+    }
+}
