@@ -71,6 +71,8 @@ pub struct Config {
     pub lease: Duration,
     /// Most subscriptions (default 10,000).
     pub max_subscribers: usize,
+    /// Most live connections (subscriptions) per member (default 16).
+    pub max_subscriptions_per_member: usize,
     /// Messages queued per peer before pushes to it are dropped (`ZMQ_SNDHWM`, default 1000).
     pub sndhwm: i32,
     /// Test-only fault injection: drop every Nth push (default 0, never).
@@ -103,6 +105,7 @@ impl Config {
             max_members: 100_000,
             lease: Duration::from_secs(5),
             max_subscribers: 10_000,
+            max_subscriptions_per_member: 16,
             sndhwm: 1000,
             fault_drop_push_every: 0,
             insecure: false,
@@ -245,6 +248,7 @@ impl Node {
         let subscribers = Subscribers::new(
             config.lease,
             config.max_subscribers,
+            config.max_subscriptions_per_member,
             config.fault_drop_push_every,
         );
         let limiter = Limiter::new(config.rate_limit);

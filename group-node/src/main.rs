@@ -57,6 +57,9 @@ struct Args {
     /// Most live subscriptions.
     #[arg(long, env = "AGORA_MAX_SUBSCRIBERS", default_value_t = 10_000)]
     max_subscribers: usize,
+    /// Most live connections (subscriptions) one member may hold.
+    #[arg(long, env = "AGORA_MAX_SUBSCRIPTIONS_PER_MEMBER", default_value_t = 16)]
+    max_subscriptions_per_member: usize,
     /// Messages queued per peer (ZMQ_SNDHWM) before pushes to it are dropped; a subscriber
     /// that misses pushes catches up from the log.
     #[arg(long, env = "AGORA_SNDHWM", default_value_t = 1000)]
@@ -134,6 +137,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.max_members = args.max_members;
     config.lease = args.lease;
     config.max_subscribers = args.max_subscribers;
+    config.max_subscriptions_per_member = args.max_subscriptions_per_member;
     config.sndhwm = args.sndhwm;
     config.fault_drop_push_every = args.fault_drop_push_every;
     config.registry_key = args.registry_key;

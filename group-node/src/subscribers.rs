@@ -38,19 +38,22 @@ pub struct Subscribers {
     subs: HashMap<Frames, Subscription>,
     lease: Duration,
     max: usize,
+    max_per_member: usize,
     /// Test-only fault injection: drop every Nth push (0 = never).
     drop_every: u64,
     pushes: u64,
 }
 
 impl Subscribers {
-    /// No subscribers yet; leases last `lease`; at most `max` subscriptions; with
-    /// `drop_every` > 0, every `drop_every`-th push is dropped on purpose (tests only).
-    pub fn new(lease: Duration, max: usize, drop_every: u64) -> Subscribers {
+    /// No subscribers yet; leases last `lease`; at most `max` subscriptions, and
+    /// `max_per_member` live connections per member; with `drop_every` > 0, every
+    /// `drop_every`-th push is dropped on purpose (tests only).
+    pub fn new(lease: Duration, max: usize, max_per_member: usize, drop_every: u64) -> Subscribers {
         Subscribers {
             subs: HashMap::new(),
             lease,
             max,
+            max_per_member,
             drop_every,
             pushes: 0,
         }
@@ -91,6 +94,16 @@ impl Subscribers {
             return Err(WireError::new(
                 ErrorCode::LimitReached,
                 format!("the node has its maximum of {} subscriptions", self.max),
+            ));
+        }
+        let mine = self.subs.values().filter(|s| s.member == *member).count();
+        if mine >= self.max_per_member {
+            return Err(WireError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "this member has its maximum of {} live connections",
+                    self.max_per_member
+                ),
             ));
         }
         self.subs.insert(
@@ -181,7 +194,7 @@ mod tests {
 
     #[test]
     fn leases_renew_expire_and_are_bounded() {
-        let mut s = Subscribers::new(Duration::from_secs(5), 2, 0);
+        let mut s = Subscribers::new(Duration::from_secs(5), 2, 2, 0);
         let alice = Principal::name(&agora_common::proto::UserName::new("alice").expect("name"));
         let t0 = Instant::now();
         assert_eq!(s.subscribe(&env(b"a"), &alice, t0), Ok(true));
@@ -196,5 +209,21 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s.remove_member(&alice), 1);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn connections_per_member_are_bounded() {
+        let mut s = Subscribers::new(Duration::from_secs(5), 100, 2, 0);
+        let name = |n: &str| Principal::name(&agora_common::proto::UserName::new(n).expect("name"));
+        let t0 = Instant::now();
+        assert_eq!(s.subscribe(&env(b"a1"), &name("alice"), t0), Ok(true));
+        assert_eq!(s.subscribe(&env(b"a2"), &name("alice"), t0), Ok(true));
+        let third = s
+            .subscribe(&env(b"a3"), &name("alice"), t0)
+            .expect_err("bounded");
+        assert_eq!(third.code, ErrorCode::LimitReached);
+        // Renewing an existing one, and other members, are fine.
+        assert_eq!(s.subscribe(&env(b"a1"), &name("alice"), t0), Ok(false));
+        assert_eq!(s.subscribe(&env(b"b1"), &name("bob"), t0), Ok(true));
     }
 }
