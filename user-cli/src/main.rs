@@ -420,6 +420,7 @@ fn curve(
         eprintln!("user-cli: warning: talking WITHOUT encryption or authentication (--insecure)");
         return Ok(None);
     }
+    agora_common::keys::require_curve().map_err(|e| e.to_string())?;
     let key_endpoint = args
         .registry_key_endpoint
         .clone()
