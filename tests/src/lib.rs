@@ -162,6 +162,19 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// A `user-cli` command with `args`, the caller's `AGORA_*` settings removed and `env` set.
+fn user_cli(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(bin("user-cli"));
+    command.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AGORA_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
 /// A finished user-cli run.
 #[derive(Debug)]
 pub struct CliRun {
@@ -178,11 +191,7 @@ pub struct CliRun {
 /// # Panics
 /// If it runs past [`CLI_TIMEOUT`].
 pub fn cli(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> CliRun {
-    let mut child = Command::new(bin("user-cli"))
-        .args(args)
-        .env_remove("AGORA_REGISTRY")
-        .env_remove("AGORA_STATE_DIR")
-        .envs(env.iter().copied())
+    let mut child = user_cli(args, env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -386,32 +395,30 @@ impl Federation {
         self.dir.path().join("state").to_string_lossy().into_owned()
     }
 
+    /// The arguments and environment of a user-cli run as `user` against this federation.
+    fn cli_setup(&self, user: &str, args: &[&str]) -> (Vec<String>, Vec<(&'static str, String)>) {
+        let mut all: Vec<String> = ["--registry", &self.registry.endpoint, "--user", user]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        (all, self.cli_env())
+    }
+
     /// Runs user-cli against this federation's registry as `user`.
     pub fn cli(&self, user: &str, args: &[&str], stdin: &str) -> CliRun {
-        let mut all = vec![
-            "--registry",
-            self.registry.endpoint.as_str(),
-            "--user",
-            user,
-        ];
-        all.extend_from_slice(args);
-        let env = self.cli_env();
+        let (args, env) = self.cli_setup(user, args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        cli(&all, stdin, &env)
+        cli(&args, stdin, &env)
     }
 
     /// Starts `user-cli ARGS` (for example `watch`) as `user` in the background.
     pub fn spawn_cli(&self, user: &str, args: &[&str]) -> Streaming {
-        let mut all = vec![
-            "--registry",
-            self.registry.endpoint.as_str(),
-            "--user",
-            user,
-        ];
-        all.extend_from_slice(args);
-        let env = self.cli_env();
+        let (args, env) = self.cli_setup(user, args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Streaming::start(&all, &env)
+        Streaming::start(&args, &env)
     }
 }
 
@@ -429,10 +436,7 @@ pub struct Streaming {
 
 impl Streaming {
     fn start(args: &[&str], env: &[(&str, &str)]) -> Streaming {
-        let mut child = Command::new(bin("user-cli"))
-            .args(args)
-            .env_remove("AGORA_REGISTRY")
-            .envs(env.iter().copied())
+        let mut child = user_cli(args, env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
