@@ -245,6 +245,59 @@ impl RegistryClient {
             .groups)
     }
 
+    /// Binds the user name `name` to this client's key (an account).
+    ///
+    /// # Errors
+    /// `name_taken`, `forbidden` (no CURVE); see [`ReqClient::call`].
+    pub fn user_register(
+        &mut self,
+        name: &UserName,
+    ) -> Result<crate::proto::UserReply, ClientError> {
+        self.req
+            .call(&Request::UserRegister(crate::proto::UserNameRequest {
+                name: name.clone(),
+            }))
+    }
+
+    /// Removes this client's account `name`; `confirm` must be true.
+    ///
+    /// # Errors
+    /// `invalid_field` (not confirmed), `unknown_user`, `forbidden`; see [`ReqClient::call`].
+    pub fn user_unregister(
+        &mut self,
+        name: &UserName,
+        confirm: bool,
+    ) -> Result<crate::proto::UserReply, ClientError> {
+        self.req.call(&Request::UserUnregister(
+            crate::proto::UserUnregisterRequest {
+                name: name.clone(),
+                confirm,
+            },
+        ))
+    }
+
+    /// Every user account.
+    ///
+    /// # Errors
+    /// `forbidden` (no CURVE); see [`ReqClient::call`].
+    pub fn users(&mut self) -> Result<Vec<crate::proto::UserEntry>, ClientError> {
+        Ok(self
+            .req
+            .call::<crate::proto::UsersReply>(&Request::Users(ListRequest {}))?
+            .users)
+    }
+
+    /// One user account.
+    ///
+    /// # Errors
+    /// `unknown_user`; see [`ReqClient::call`].
+    pub fn whois(&mut self, name: &UserName) -> Result<crate::proto::UserReply, ClientError> {
+        self.req
+            .call(&Request::Whois(crate::proto::UserNameRequest {
+                name: name.clone(),
+            }))
+    }
+
     /// One live group by name.
     ///
     /// # Errors

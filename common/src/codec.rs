@@ -162,6 +162,14 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::Promote => Request::Promote(parse::<MemberTargetRequest>(body)?),
         Action::SetMode => Request::SetMode(parse::<SetModeRequest>(body)?),
         Action::ServerKey => Request::ServerKey(parse::<crate::proto::ServerKeyRequest>(body)?),
+        Action::UserRegister => {
+            Request::UserRegister(parse::<crate::proto::UserNameRequest>(body)?)
+        }
+        Action::UserUnregister => {
+            Request::UserUnregister(parse::<crate::proto::UserUnregisterRequest>(body)?)
+        }
+        Action::Users => Request::Users(parse::<ListRequest>(body)?),
+        Action::Whois => Request::Whois(parse::<crate::proto::UserNameRequest>(body)?),
     })
 }
 
@@ -199,6 +207,9 @@ pub fn encode_request(request: &Request) -> Frames {
         Request::Kick(r) | Request::Promote(r) => tagged(action, r),
         Request::SetMode(r) => tagged(action, r),
         Request::ServerKey(r) => tagged(action, r),
+        Request::UserRegister(r) | Request::Whois(r) => tagged(action, r),
+        Request::UserUnregister(r) => tagged(action, r),
+        Request::Users(r) => tagged(action, r),
         Request::GetMessages(r) => tagged(action, r),
     };
     vec![PROTOCOL.to_vec(), body]
@@ -310,6 +321,10 @@ mod tests {
             r#"{"action":"promote","user":"a","member":"b"}"#,
             r#"{"action":"set_mode","user":"a","mode":"private"}"#,
             r#"{"action":"server_key"}"#,
+            r#"{"action":"user_register","name":"alice"}"#,
+            r#"{"action":"user_unregister","name":"alice","confirm":true}"#,
+            r#"{"action":"users"}"#,
+            r#"{"action":"whois","name":"alice"}"#,
         ];
         for (body, action) in bodies.iter().zip(Action::ALL) {
             let req = decode_request(&frames(body)).expect(body);

@@ -83,11 +83,19 @@ pub enum Action {
     SetMode,
     /// Key endpoint (plaintext): the server's CURVE public key, for pinning on first use.
     ServerKey,
+    /// Registry: bind a user name to the caller's key (an account).
+    UserRegister,
+    /// Registry: remove the caller's account (with explicit confirmation).
+    UserUnregister,
+    /// Registry: list user accounts.
+    Users,
+    /// Registry: one user account.
+    Whois,
 }
 
 impl Action {
     /// Every action, in documentation order.
-    pub const ALL: [Action; 19] = [
+    pub const ALL: [Action; 23] = [
         Action::Register,
         Action::Unregister,
         Action::List,
@@ -107,6 +115,10 @@ impl Action {
         Action::Promote,
         Action::SetMode,
         Action::ServerKey,
+        Action::UserRegister,
+        Action::UserUnregister,
+        Action::Users,
+        Action::Whois,
     ];
 
     /// The wire name (`"get_messages"`).
@@ -131,6 +143,10 @@ impl Action {
             Action::Promote => "promote",
             Action::SetMode => "set_mode",
             Action::ServerKey => "server_key",
+            Action::UserRegister => "user_register",
+            Action::UserUnregister => "user_unregister",
+            Action::Users => "users",
+            Action::Whois => "whois",
         }
     }
 
@@ -184,6 +200,8 @@ pub enum ErrorCode {
     Banned,
     /// The group is private and the caller's key was not invited.
     NotInvited,
+    /// No user account of that name.
+    UnknownUser,
     /// The server failed (storage); the request may be retried.
     Internal,
     /// A code this client does not know (from a newer server).
@@ -211,6 +229,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Banned => "banned",
             ErrorCode::NotInvited => "not_invited",
+            ErrorCode::UnknownUser => "unknown_user",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -630,6 +649,50 @@ pub struct ServerKeyReply {
     pub public_key: crate::keys::PublicKey,
 }
 
+/// `user_register` and `whois`: a user name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNameRequest {
+    /// The account's name.
+    pub name: UserName,
+}
+
+/// `user_unregister`: remove an account; `confirm` must be `true`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserUnregisterRequest {
+    /// The account's name.
+    pub name: UserName,
+    /// The explicit confirmation: without `true`, nothing is removed (`invalid_field`).
+    #[serde(default)]
+    pub confirm: bool,
+}
+
+/// A user account: a name bound to a CURVE key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserEntry {
+    /// The user name.
+    pub name: UserName,
+    /// The key that owns it.
+    pub key: crate::keys::PublicKey,
+    /// When it was registered.
+    pub registered_at: Timestamp,
+}
+
+/// Reply to `user_register`, `user_unregister` and `whois`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserReply {
+    /// The account.
+    pub user: UserEntry,
+    /// Whether this call changed anything (false for a repeated registration, and `whois`).
+    pub changed: bool,
+}
+
+/// Reply to `users`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsersReply {
+    /// Every account, sorted by name.
+    pub users: Vec<UserEntry>,
+}
+
 /// Reply to a policy action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyReply {
@@ -741,6 +804,14 @@ pub enum Request {
     SetMode(SetModeRequest),
     /// See [`ServerKeyRequest`].
     ServerKey(ServerKeyRequest),
+    /// See [`UserNameRequest`].
+    UserRegister(UserNameRequest),
+    /// See [`UserUnregisterRequest`].
+    UserUnregister(UserUnregisterRequest),
+    /// See [`ListRequest`].
+    Users(ListRequest),
+    /// See [`UserNameRequest`].
+    Whois(UserNameRequest),
 }
 
 impl Request {
@@ -766,6 +837,10 @@ impl Request {
             Request::Promote(_) => Action::Promote,
             Request::SetMode(_) => Action::SetMode,
             Request::ServerKey(_) => Action::ServerKey,
+            Request::UserRegister(_) => Action::UserRegister,
+            Request::UserUnregister(_) => Action::UserUnregister,
+            Request::Users(_) => Action::Users,
+            Request::Whois(_) => Action::Whois,
         }
     }
 }

@@ -27,6 +27,7 @@ use agora_common::time::Timestamp;
 mod cmd;
 pub mod directory;
 pub mod owners;
+pub mod users;
 
 use directory::Directory;
 
@@ -117,6 +118,7 @@ pub struct Registry {
     directory: Directory,
     public_key: Option<PublicKey>,
     owners: Option<owners::Owners>,
+    users: Option<users::Users>,
     key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
     _zap: Option<Authenticator>,
@@ -152,9 +154,12 @@ impl Registry {
             (Some(keys), Some(zap))
         };
         let public_key = curve.as_ref().map(|k: &Keypair| k.public);
-        let owners = match &curve {
-            Some(_) => Some(owners::Owners::open(&config.data_dir)?),
-            None => None,
+        let (owners, users) = match &curve {
+            Some(_) => (
+                Some(owners::Owners::open(&config.data_dir)?),
+                Some(users::Users::open(&config.data_dir)?),
+            ),
+            None => (None, None),
         };
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
@@ -196,6 +201,7 @@ impl Registry {
             directory,
             public_key,
             owners,
+            users,
             key_service,
             limiter,
             _zap: zap,
@@ -286,6 +292,14 @@ impl Registry {
                 now,
             )),
             Request::Unregister(r) => reply_frames(cmd::unregister::apply(dir, owners, r, peer)),
+            Request::UserRegister(r) => {
+                reply_frames(cmd::users::register(self.users.as_ref(), peer, r, now))
+            }
+            Request::UserUnregister(r) => {
+                reply_frames(cmd::users::unregister(self.users.as_ref(), peer, r))
+            }
+            Request::Users(_) => reply_frames(cmd::users::list(self.users.as_ref(), peer)),
+            Request::Whois(r) => reply_frames(cmd::users::whois(self.users.as_ref(), peer, r)),
             Request::List(_) => reply_frames(Ok(cmd::list::apply(dir, now))),
             Request::Lookup(r) => reply_frames(cmd::lookup::apply(dir, r, now)),
             other => reply_frames::<()>(Err(WireError::new(

@@ -1,6 +1,6 @@
 //! Who owns each group name: the CURVE key that first registered it.
 //!
-//! Bindings are durable (SQLite in the registry's data directory, `owners.sqlite3`, WAL,
+//! Bindings are durable (SQLite in the registry's data directory, `registry.sqlite3`, WAL,
 //! `synchronous=FULL`), unlike the directory itself: a name stays bound to its key across
 //! registry restarts and after its node stops heartbeating. Only an operator releases a
 //! name (`registry release NAME`), which works while the registry runs.
@@ -41,14 +41,14 @@ pub struct Owners {
 }
 
 impl Owners {
-    /// Opens or creates the bindings in `dir/owners.sqlite3`.
+    /// Opens or creates the bindings in `dir/registry.sqlite3`.
     ///
     /// # Errors
     /// [`OwnersError::Sqlite`].
     pub fn open(dir: &Path) -> Result<Owners, OwnersError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let conn = Connection::open(dir.join("owners.sqlite3"))?;
+        let conn = Connection::open(dir.join("registry.sqlite3"))?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         conn.execute_batch(

@@ -827,6 +827,92 @@ impl App {
     }
 }
 
+impl App {
+    /// `register NAME` (seed 004's `REGISTER`): binds NAME to your key.
+    ///
+    /// # Errors
+    /// `name_taken` and the like from the registry.
+    pub fn user_register(&mut self, name: &str, out: &mut dyn Write) -> Result<(), CliError> {
+        let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = self
+            .registry
+            .user_register(&name)
+            .map_err(|e| self.registry_error(e))?;
+        match self.format {
+            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
+            Format::Human if r.changed => writeln!(out, "registered {}", r.user.name)?,
+            Format::Human => writeln!(out, "{} is already yours", r.user.name)?,
+        }
+        Ok(())
+    }
+
+    /// `unregister NAME` (seed 004's `UNREGISTER`), once confirmed.
+    ///
+    /// # Errors
+    /// `unknown_user`, `forbidden` and the like from the registry.
+    pub fn user_unregister(
+        &mut self,
+        name: &str,
+        confirmed: bool,
+        out: &mut dyn Write,
+    ) -> Result<(), CliError> {
+        let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = self
+            .registry
+            .user_unregister(&name, confirmed)
+            .map_err(|e| self.registry_error(e))?;
+        match self.format {
+            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
+            Format::Human => writeln!(out, "unregistered {}", r.user.name)?,
+        }
+        Ok(())
+    }
+
+    /// `users`: every account.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    pub fn users(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+        let users = self.registry.users().map_err(|e| self.registry_error(e))?;
+        for u in &users {
+            match self.format {
+                Format::Json => writeln!(out, "{}", render::json_line(u))?,
+                Format::Human => writeln!(out, "{}\t{}", u.name, u.key)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `whois NAME`.
+    ///
+    /// # Errors
+    /// `unknown_user`; the registry's failure.
+    pub fn whois(&mut self, name: &str, out: &mut dyn Write) -> Result<(), CliError> {
+        let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = match self.registry.whois(&name) {
+            Ok(r) => r,
+            Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownUser => {
+                return Err(CliError::Remote {
+                    target: name.to_string(),
+                    source: ClientError::Server(w),
+                })
+            }
+            Err(e) => return Err(self.registry_error(e)),
+        };
+        match self.format {
+            Format::Json => writeln!(out, "{}", render::json_line(&r.user))?,
+            Format::Human => writeln!(
+                out,
+                "{}\tkey {}\tregistered {}",
+                r.user.name,
+                r.user.key,
+                render::local_time(r.user.registered_at)
+            )?,
+        }
+        Ok(())
+    }
+}
+
 /// A policy change a user can ask for.
 #[derive(Debug, Clone)]
 pub enum PolicyChange {

@@ -174,6 +174,26 @@ enum Command {
     },
     /// Forget the registry key pinned for --registry (after its operator changed it).
     ForgetRegistry,
+    /// Make NAME your account: a user name bound to your key.
+    Register {
+        /// The user name.
+        name: String,
+    },
+    /// Remove your account NAME (needs --yes).
+    Unregister {
+        /// The user name.
+        name: String,
+        /// Confirm: removing an account cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List accounts.
+    Users,
+    /// Show one account.
+    Whois {
+        /// The user name.
+        name: String,
+    },
     /// Show your public key (making your key pair if needed), or export or import it.
     Keys {
         #[command(subcommand)]
@@ -298,6 +318,18 @@ fn run(args: Args) -> u8 {
         Some(Command::Subscribe { group }) => app.subscribe(&group, &mut out),
         Some(Command::Unsubscribe { group }) => app.unsubscribe(&group, &mut out),
         Some(Command::Check) => app.check(&mut out),
+        Some(Command::Register { name }) => app.user_register(&name, &mut out),
+        Some(Command::Unregister { name, yes }) => {
+            if yes {
+                app.user_unregister(&name, true, &mut out)
+            } else {
+                Err(CliError::Usage(format!(
+                    "unregister {name}: pass --yes to confirm; removing an account cannot be undone"
+                )))
+            }
+        }
+        Some(Command::Users) => app.users(&mut out),
+        Some(Command::Whois { name }) => app.whois(&name, &mut out),
         Some(Command::Invite { group, key }) => policy(&mut app, "invite", &group, &key, &mut out),
         Some(Command::Ban { group, key }) => policy(&mut app, "ban", &group, &key, &mut out),
         Some(Command::Unban { group, key }) => policy(&mut app, "unban", &group, &key, &mut out),

@@ -65,6 +65,18 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "GROUP open|private",
         "owner/admins: who may join",
     ),
+    (
+        "register | REGISTER",
+        "NAME",
+        "make NAME your account (bound to your key)",
+    ),
+    (
+        "unregister | UNREGISTER",
+        "NAME",
+        "remove your account (asks to confirm)",
+    ),
+    ("users", "", "list accounts"),
+    ("whois", "NAME", "show one account"),
     ("help", "", "show this list"),
     ("exit | quit", "", "leave the program"),
 ];
@@ -90,6 +102,10 @@ const WORDS: &[&str] = &[
     "kick",
     "promote",
     "set_mode",
+    "register",
+    "unregister",
+    "users",
+    "whois",
     "help",
     "exit",
     "quit",
@@ -297,7 +313,8 @@ fn run_line(
     let Some((cmd, args)) = words.split_first() else {
         return Ok(Step::Continue);
     };
-    match cmd.as_str() {
+    // Seed 004's words are upper case (REGISTER, UNREGISTER): words match in any case.
+    match cmd.to_ascii_lowercase().as_str() {
         "help" => write_help(out)?,
         "exit" | "quit" => return Ok(Step::Exit),
         "get_group_list" | "groups" => app.groups(out)?,
@@ -307,6 +324,21 @@ fn run_line(
         "subscribe" => app.subscribe(one_arg(cmd, args)?, out)?,
         "unsubscribe" => app.unsubscribe(one_arg(cmd, args)?, out)?,
         "check" => app.check(out)?,
+        "register" => app.user_register(one_arg(cmd, args)?, out)?,
+        "unregister" => {
+            let name = one_arg(cmd, args)?.to_owned();
+            let answer = source.read_line(&format!(
+                "remove the account {name}? This cannot be undone. Type yes: "
+            ))?;
+            if answer.as_deref().map(str::trim) != Some("yes") {
+                return Err(CliError::Usage(format!(
+                    "unregister {name}: not confirmed; nothing removed"
+                )));
+            }
+            app.user_unregister(&name, true, out)?;
+        }
+        "users" => app.users(out)?,
+        "whois" => app.whois(one_arg(cmd, args)?, out)?,
         "invite" | "ban" | "unban" | "kick" | "promote" | "set_mode" => {
             let [target, arg] = args else {
                 return Err(CliError::Usage(format!(

@@ -5,3 +5,4 @@ pub mod list;
 pub mod lookup;
 pub mod register;
 pub mod unregister;
+pub mod users;

@@ -1,0 +1,127 @@
+//! User accounts: a user name bound to the CURVE key that registered it, durably.
+//!
+//! Stored beside the group-name owners in `registry.sqlite3` (WAL, `synchronous=FULL`):
+//! `users(name TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, registered_at_us INTEGER)`, the
+//! key in Z85. A key holds at most one account.
+
+use std::path::Path;
+use std::time::Duration;
+
+use agora_common::keys::PublicKey;
+use agora_common::proto::{UserEntry, UserName};
+use agora_common::time::Timestamp;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::owners::OwnersError;
+
+/// The account store.
+#[derive(Debug)]
+pub struct Users {
+    conn: Connection,
+}
+
+impl Users {
+    /// Opens or creates the accounts in `dir/registry.sqlite3`.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn open(dir: &Path) -> Result<Users, OwnersError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let conn = Connection::open(dir.join("registry.sqlite3"))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS users (
+                 name TEXT PRIMARY KEY,
+                 key TEXT NOT NULL UNIQUE,
+                 registered_at_us INTEGER NOT NULL) WITHOUT ROWID;",
+        )?;
+        Ok(Users { conn })
+    }
+
+    fn row(name: String, key: String, at: i64) -> Result<UserEntry, OwnersError> {
+        let corrupt = || OwnersError::Corrupt {
+            name: name.clone(),
+            key: key.clone(),
+        };
+        Ok(UserEntry {
+            name: UserName::new(name.clone()).map_err(|_| corrupt())?,
+            key: key.parse().map_err(|_| corrupt())?,
+            registered_at: Timestamp::from_micros(at),
+        })
+    }
+
+    /// The account named `name`.
+    ///
+    /// # Errors
+    /// [`OwnersError`].
+    pub fn by_name(&self, name: &UserName) -> Result<Option<UserEntry>, OwnersError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, key, registered_at_us FROM users WHERE name = ?1")?;
+        let row = stmt
+            .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        row.map(|(n, k, a)| Self::row(n, k, a)).transpose()
+    }
+
+    /// The account `key` holds.
+    ///
+    /// # Errors
+    /// [`OwnersError`].
+    pub fn by_key(&self, key: &PublicKey) -> Result<Option<UserEntry>, OwnersError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, key, registered_at_us FROM users WHERE key = ?1")?;
+        let row = stmt
+            .query_row([key.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        row.map(|(n, k, a)| Self::row(n, k, a)).transpose()
+    }
+
+    /// Creates the account (committed before this returns).
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`], also when the name or key is taken.
+    pub fn insert(&self, entry: &UserEntry) -> Result<(), OwnersError> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO users (name, key, registered_at_us) VALUES (?1, ?2, ?3)",
+        )?;
+        stmt.execute(params![
+            entry.name.as_str(),
+            entry.key.to_string(),
+            entry.registered_at.as_micros()
+        ])?;
+        Ok(())
+    }
+
+    /// Removes the account; returns whether it existed.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn remove(&self, name: &UserName) -> Result<bool, OwnersError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM users WHERE name = ?1", [name.as_str()])?
+            == 1)
+    }
+
+    /// Every account, sorted by name.
+    ///
+    /// # Errors
+    /// [`OwnersError`].
+    pub fn all(&self) -> Result<Vec<UserEntry>, OwnersError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, key, registered_at_us FROM users ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (n, k, a) = row?;
+            out.push(Self::row(n, k, a)?);
+        }
+        Ok(out)
+    }
+}
