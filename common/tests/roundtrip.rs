@@ -125,6 +125,13 @@ fn request() -> impl Strategy<Value = Request> {
         membership().prop_map(Request::Leave),
         membership().prop_map(Request::Subscribe),
         membership().prop_map(Request::Unsubscribe),
+        user().prop_map(|name| Request::UserRegister(UserNameRequest { name })),
+        user().prop_map(|name| Request::Whois(UserNameRequest { name })),
+        (user(), any::<bool>()).prop_map(|(name, confirm)| {
+            Request::UserUnregister(UserUnregisterRequest { name, confirm })
+        }),
+        Just(Request::Users(ListRequest {})),
+        Just(Request::ServerKey(ServerKeyRequest {})),
         key_target().prop_map(Request::Invite),
         key_target().prop_map(Request::Ban),
         key_target().prop_map(Request::Unban),
@@ -292,12 +299,36 @@ proptest! {
     }
 
     #[test]
+    fn account_replies_round_trip(
+        users in prop::collection::vec((user(), any::<[u8; 32]>(), time()), 0..5),
+        changed in any::<bool>(),
+    ) {
+        let entries: Vec<UserEntry> = users
+            .into_iter()
+            .map(|(name, key, registered_at)| UserEntry {
+                name,
+                key: agora_common::keys::PublicKey::from_bytes(key),
+                registered_at,
+            })
+            .collect();
+        let list = UsersReply { users: entries.clone() };
+        prop_assert_eq!(round_trip(&list), list);
+        for user in entries {
+            let key = ServerKeyReply { public_key: user.key };
+            prop_assert_eq!(round_trip(&key), key);
+            let one = UserReply { user, changed };
+            prop_assert_eq!(round_trip(&one), one);
+        }
+    }
+
+    #[test]
     fn error_replies_round_trip(code in prop::sample::select(vec![
         ErrorCode::BadFrames, ErrorCode::UnsupportedVersion, ErrorCode::InvalidJson,
         ErrorCode::InvalidField, ErrorCode::UnknownAction, ErrorCode::TooLarge,
         ErrorCode::NotMember, ErrorCode::UnknownGroup, ErrorCode::NameTaken,
         ErrorCode::NotFound, ErrorCode::IdConflict, ErrorCode::LimitReached,
-        ErrorCode::Internal,
+        ErrorCode::RateLimited, ErrorCode::Forbidden, ErrorCode::Banned,
+        ErrorCode::NotInvited, ErrorCode::UnknownUser, ErrorCode::Internal,
     ]), message in "\\PC{0,40}") {
         let e = WireError::new(code, message);
         let back = decode_reply::<Empty>(&encode_error(&e)).expect("frames");
