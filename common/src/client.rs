@@ -276,6 +276,29 @@ impl RegistryClient {
         ))
     }
 
+    /// Starts or renews this client's session (`status` online or away): the presence
+    /// heartbeat, to repeat within the returned TTL.
+    ///
+    /// # Errors
+    /// `unknown_user` (no account for this key), `forbidden`; see [`ReqClient::call`].
+    pub fn connect(
+        &mut self,
+        status: crate::proto::Presence,
+    ) -> Result<crate::proto::ConnectReply, ClientError> {
+        self.req
+            .call(&Request::Connect(crate::proto::ConnectRequest {
+                status: Some(status),
+            }))
+    }
+
+    /// Ends this client's session.
+    ///
+    /// # Errors
+    /// `unknown_user`, `forbidden`; see [`ReqClient::call`].
+    pub fn disconnect(&mut self) -> Result<crate::proto::UserReply, ClientError> {
+        self.req.call(&Request::Disconnect(ListRequest {}))
+    }
+
     /// Every user account.
     ///
     /// # Errors

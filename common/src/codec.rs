@@ -170,6 +170,8 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         }
         Action::Users => Request::Users(parse::<ListRequest>(body)?),
         Action::Whois => Request::Whois(parse::<crate::proto::UserNameRequest>(body)?),
+        Action::Connect => Request::Connect(parse::<crate::proto::ConnectRequest>(body)?),
+        Action::Disconnect => Request::Disconnect(parse::<ListRequest>(body)?),
     })
 }
 
@@ -209,7 +211,8 @@ pub fn encode_request(request: &Request) -> Frames {
         Request::ServerKey(r) => tagged(action, r),
         Request::UserRegister(r) | Request::Whois(r) => tagged(action, r),
         Request::UserUnregister(r) => tagged(action, r),
-        Request::Users(r) => tagged(action, r),
+        Request::Users(r) | Request::Disconnect(r) => tagged(action, r),
+        Request::Connect(r) => tagged(action, r),
         Request::GetMessages(r) => tagged(action, r),
     };
     vec![PROTOCOL.to_vec(), body]
@@ -325,6 +328,8 @@ mod tests {
             r#"{"action":"user_unregister","name":"alice","confirm":true}"#,
             r#"{"action":"users"}"#,
             r#"{"action":"whois","name":"alice"}"#,
+            r#"{"action":"connect","status":"away"}"#,
+            r#"{"action":"disconnect"}"#,
         ];
         for (body, action) in bodies.iter().zip(Action::ALL) {
             let req = decode_request(&frames(body)).expect(body);

@@ -91,11 +91,15 @@ pub enum Action {
     Users,
     /// Registry: one user account.
     Whois,
+    /// Registry: start or renew the caller's session (also the presence heartbeat).
+    Connect,
+    /// Registry: end the caller's session.
+    Disconnect,
 }
 
 impl Action {
     /// Every action, in documentation order.
-    pub const ALL: [Action; 23] = [
+    pub const ALL: [Action; 25] = [
         Action::Register,
         Action::Unregister,
         Action::List,
@@ -119,6 +123,8 @@ impl Action {
         Action::UserUnregister,
         Action::Users,
         Action::Whois,
+        Action::Connect,
+        Action::Disconnect,
     ];
 
     /// The wire name (`"get_messages"`).
@@ -147,6 +153,8 @@ impl Action {
             Action::UserUnregister => "user_unregister",
             Action::Users => "users",
             Action::Whois => "whois",
+            Action::Connect => "connect",
+            Action::Disconnect => "disconnect",
         }
     }
 
@@ -666,6 +674,37 @@ pub struct UserUnregisterRequest {
     pub confirm: bool,
 }
 
+/// Whether a user is around.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    /// A live session.
+    Online,
+    /// A live session, marked away.
+    Away,
+    /// No live session.
+    #[default]
+    Offline,
+}
+
+/// `connect`: start or renew the caller's session; repeat it within the TTL to stay
+/// present.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// `online` (default) or `away`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Presence>,
+}
+
+/// Reply to `connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectReply {
+    /// The caller's account, with its presence.
+    pub user: UserEntry,
+    /// The session ends unless renewed within this many milliseconds.
+    pub ttl_ms: u64,
+}
+
 /// A user account: a name bound to a CURVE key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserEntry {
@@ -675,6 +714,12 @@ pub struct UserEntry {
     pub key: crate::keys::PublicKey,
     /// When it was registered.
     pub registered_at: Timestamp,
+    /// Whether the user is around (default `offline`).
+    #[serde(default)]
+    pub presence: Presence,
+    /// When a session of the user was last live, if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Timestamp>,
 }
 
 /// Reply to `user_register`, `user_unregister` and `whois`.
@@ -812,6 +857,10 @@ pub enum Request {
     Users(ListRequest),
     /// See [`UserNameRequest`].
     Whois(UserNameRequest),
+    /// See [`ConnectRequest`].
+    Connect(ConnectRequest),
+    /// See [`ListRequest`].
+    Disconnect(ListRequest),
 }
 
 impl Request {
@@ -841,6 +890,8 @@ impl Request {
             Request::UserUnregister(_) => Action::UserUnregister,
             Request::Users(_) => Action::Users,
             Request::Whois(_) => Action::Whois,
+            Request::Connect(_) => Action::Connect,
+            Request::Disconnect(_) => Action::Disconnect,
         }
     }
 }

@@ -309,6 +309,8 @@ proptest! {
                 name,
                 key: agora_common::keys::PublicKey::from_bytes(key),
                 registered_at,
+                presence: if changed { Presence::Away } else { Presence::Offline },
+                last_seen: changed.then_some(registered_at),
             })
             .collect();
         let list = UsersReply { users: entries.clone() };

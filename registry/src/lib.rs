@@ -27,6 +27,7 @@ use agora_common::time::Timestamp;
 mod cmd;
 pub mod directory;
 pub mod owners;
+pub mod presence;
 pub mod users;
 
 use directory::Directory;
@@ -55,6 +56,8 @@ pub struct Config {
     pub insecure: bool,
     /// Requests per second per peer (default 2,000, bursts of 4,000; rate 0 disables).
     pub rate_limit: RateLimit,
+    /// How long a user session lives without a `connect` renewal (default 30 s).
+    pub presence_ttl: Duration,
     /// Where the plaintext key endpoint binds (see `agora_common::trust`); default: the bind
     /// endpoint's host and the next port (port 0 stays 0). None with `insecure`.
     pub key_bind: Option<String>,
@@ -73,6 +76,7 @@ impl Default for Config {
             insecure: false,
             rate_limit: RateLimit::default(),
             key_bind: None,
+            presence_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -119,6 +123,7 @@ pub struct Registry {
     public_key: Option<PublicKey>,
     owners: Option<owners::Owners>,
     users: Option<users::Users>,
+    sessions: presence::Sessions,
     key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
     _zap: Option<Authenticator>,
@@ -174,6 +179,7 @@ impl Registry {
             })?;
         let directory = Directory::new(config.ttl(), config.max_groups);
         let limiter = Limiter::new(config.rate_limit);
+        let sessions = presence::Sessions::new(config.presence_ttl);
         let key_service = match public_key {
             Some(key) => {
                 let bind = config.key_bind.clone().unwrap_or_else(|| {
@@ -202,6 +208,7 @@ impl Registry {
             public_key,
             owners,
             users,
+            sessions,
             key_service,
             limiter,
             _zap: zap,
@@ -242,6 +249,7 @@ impl Registry {
                 }
             }
             if Instant::now() >= next_sweep {
+                self.sessions.expire(Instant::now());
                 for name in self.directory.expire(Timestamp::now()) {
                     tracing::info!(group = %name, "group expired: no heartbeat within TTL");
                 }
@@ -295,13 +303,36 @@ impl Registry {
             Request::UserRegister(r) => {
                 reply_frames(cmd::users::register(self.users.as_ref(), peer, r, now))
             }
-            Request::UserUnregister(r) => {
-                reply_frames(cmd::users::unregister(self.users.as_ref(), peer, r))
+            Request::UserUnregister(r) => reply_frames(cmd::users::unregister(
+                self.users.as_ref(),
+                &mut self.sessions,
+                peer,
+                r,
+            )),
+            Request::Users(_) => {
+                reply_frames(cmd::users::list(self.users.as_ref(), &self.sessions, peer))
             }
-            Request::Users(_) => reply_frames(cmd::users::list(self.users.as_ref(), peer)),
-            Request::Whois(r) => reply_frames(cmd::users::whois(self.users.as_ref(), peer, r)),
+            Request::Whois(r) => reply_frames(cmd::users::whois(
+                self.users.as_ref(),
+                &self.sessions,
+                peer,
+                r,
+            )),
+            Request::Connect(r) => reply_frames(cmd::users::connect(
+                self.users.as_ref(),
+                &mut self.sessions,
+                peer,
+                r,
+                now,
+            )),
             Request::List(_) => reply_frames(Ok(cmd::list::apply(dir, now))),
             Request::Lookup(r) => reply_frames(cmd::lookup::apply(dir, r, now)),
+            Request::Disconnect(_) => reply_frames(cmd::users::disconnect(
+                self.users.as_ref(),
+                &mut self.sessions,
+                peer,
+                now,
+            )),
             other => reply_frames::<()>(Err(WireError::new(
                 ErrorCode::UnknownAction,
                 format!(

@@ -36,6 +36,9 @@ struct Args {
     /// unless the bind endpoint is loopback.
     #[arg(long)]
     insecure: bool,
+    /// How long a user's session lives without a renewal (presence TTL).
+    #[arg(long, env = "AGORA_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    presence_ttl: Duration,
     /// Where the plaintext key endpoint (which tells clients the public key for pinning on
     /// first use) binds [default: the same host, the next port].
     #[arg(long, env = "AGORA_REGISTRY_KEY_BIND")]
@@ -104,6 +107,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
         key_bind: args.key_bind,
+        presence_ttl: args.presence_ttl,
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;

@@ -1,8 +1,8 @@
 //! User accounts: a user name bound to the CURVE key that registered it, durably.
 //!
 //! Stored beside the group-name owners in `registry.sqlite3` (WAL, `synchronous=FULL`):
-//! `users(name TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, registered_at_us INTEGER)`, the
-//! key in Z85. A key holds at most one account.
+//! `users(name TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, registered_at_us INTEGER,
+//! last_seen_us INTEGER)`, the key in Z85. A key holds at most one account.
 
 use std::path::Path;
 use std::time::Duration;
@@ -36,12 +36,24 @@ impl Users {
              CREATE TABLE IF NOT EXISTS users (
                  name TEXT PRIMARY KEY,
                  key TEXT NOT NULL UNIQUE,
-                 registered_at_us INTEGER NOT NULL) WITHOUT ROWID;",
+                 registered_at_us INTEGER NOT NULL,
+                 last_seen_us INTEGER) WITHOUT ROWID;",
         )?;
+        let has_last_seen: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('users') WHERE name = 'last_seen_us'")?
+            .exists([])?;
+        if !has_last_seen {
+            conn.execute_batch("ALTER TABLE users ADD COLUMN last_seen_us INTEGER;")?;
+        }
         Ok(Users { conn })
     }
 
-    fn row(name: String, key: String, at: i64) -> Result<UserEntry, OwnersError> {
+    fn row(
+        name: String,
+        key: String,
+        at: i64,
+        seen: Option<i64>,
+    ) -> Result<UserEntry, OwnersError> {
         let corrupt = || OwnersError::Corrupt {
             name: name.clone(),
             key: key.clone(),
@@ -50,7 +62,21 @@ impl Users {
             name: UserName::new(name.clone()).map_err(|_| corrupt())?,
             key: key.parse().map_err(|_| corrupt())?,
             registered_at: Timestamp::from_micros(at),
+            presence: agora_common::proto::Presence::Offline,
+            last_seen: seen.map(Timestamp::from_micros),
         })
+    }
+
+    /// Records that `key`'s session was live at `at`.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn seen(&self, key: &PublicKey, at: Timestamp) -> Result<(), OwnersError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE users SET last_seen_us = ?2 WHERE key = ?1")?;
+        stmt.execute(params![key.to_string(), at.as_micros()])?;
+        Ok(())
     }
 
     /// The account named `name`.
@@ -58,13 +84,15 @@ impl Users {
     /// # Errors
     /// [`OwnersError`].
     pub fn by_name(&self, name: &UserName) -> Result<Option<UserEntry>, OwnersError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, key, registered_at_us FROM users WHERE name = ?1")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, key, registered_at_us, last_seen_us FROM users WHERE name = ?1",
+        )?;
         let row = stmt
-            .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row([name.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()?;
-        row.map(|(n, k, a)| Self::row(n, k, a)).transpose()
+        row.map(|(n, k, a, l)| Self::row(n, k, a, l)).transpose()
     }
 
     /// The account `key` holds.
@@ -72,13 +100,15 @@ impl Users {
     /// # Errors
     /// [`OwnersError`].
     pub fn by_key(&self, key: &PublicKey) -> Result<Option<UserEntry>, OwnersError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, key, registered_at_us FROM users WHERE key = ?1")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, key, registered_at_us, last_seen_us FROM users WHERE key = ?1",
+        )?;
         let row = stmt
-            .query_row([key.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row([key.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()?;
-        row.map(|(n, k, a)| Self::row(n, k, a)).transpose()
+        row.map(|(n, k, a, l)| Self::row(n, k, a, l)).transpose()
     }
 
     /// Creates the account (committed before this returns).
@@ -113,14 +143,14 @@ impl Users {
     /// # Errors
     /// [`OwnersError`].
     pub fn all(&self) -> Result<Vec<UserEntry>, OwnersError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, key, registered_at_us FROM users ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, key, registered_at_us, last_seen_us FROM users ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
         let mut out = Vec::new();
         for row in rows {
-            let (n, k, a) = row?;
-            out.push(Self::row(n, k, a)?);
+            let (n, k, a, l) = row?;
+            out.push(Self::row(n, k, a, l)?);
         }
         Ok(out)
     }

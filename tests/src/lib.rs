@@ -245,20 +245,23 @@ pub struct Federation {
 impl Federation {
     /// Starts a registry on an ephemeral loopback port with the given heartbeat.
     pub fn start(heartbeat: &str) -> Federation {
+        Federation::start_with(heartbeat, &[])
+    }
+
+    /// As [`Federation::start`], with `extra` registry arguments.
+    pub fn start_with(heartbeat: &str, extra: &[&str]) -> Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("registry-data");
-        let registry = Server::start(
-            "registry",
-            &[
-                "--bind",
-                "tcp://127.0.0.1:0",
-                "--heartbeat",
-                heartbeat,
-                "--data-dir",
-                data.to_str().expect("utf-8 path"),
-            ],
-            &dir.path().join("registry.log"),
-        );
+        let mut args = vec![
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--heartbeat",
+            heartbeat,
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        let registry = Server::start("registry", &args, &dir.path().join("registry.log"));
         Federation { dir, registry }
     }
 

@@ -70,3 +70,51 @@ fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
     let after = ok(fed.cli("carol", &["whois", "alice"], ""));
     assert!(after.stdout.contains(&fed.user_key("bob")), "{after:?}");
 }
+
+#[test]
+fn presence_follows_connect_disconnect_and_expires_after_a_killed_client() {
+    use std::time::Duration;
+    let fed = Federation::start_with("200ms", &["--presence-ttl", "1s"]);
+    let presence_of = |fed: &Federation, name: &str| -> String {
+        let run = fed.cli("observer", &["--json", "whois", name], "");
+        serde_json::from_str::<serde_json::Value>(run.stdout.trim())
+            .ok()
+            .and_then(|u| u["presence"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    ok(fed.cli("alice", &["register", "alice"], ""));
+    assert_eq!(presence_of(&fed, "alice"), "offline");
+    // Seed 004's words, in a script.
+    let run = ok(fed.cli("alice", &[], "CONNECT alice\n"));
+    assert!(run.stdout.contains("alice is online"), "{run:?}");
+    assert_eq!(presence_of(&fed, "alice"), "online");
+    ok(fed.cli("alice", &["connect", "--away"], ""));
+    assert_eq!(presence_of(&fed, "alice"), "away");
+    ok(fed.cli("alice", &[], "DISCONNECT alice\n"));
+    assert_eq!(presence_of(&fed, "alice"), "offline");
+    let listed = ok(fed.cli("observer", &["users"], ""));
+    assert!(
+        listed.stdout.contains("alice\toffline, last seen"),
+        "{listed:?}"
+    );
+
+    // A long-running client keeps alice present; killed, she goes offline within the TTL.
+    let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    assert!(agora_tests::wait_for(Duration::from_secs(20), || {
+        fed.cli("alice", &["join", "Cool Group"], "").code == Some(0)
+    }));
+    let mut watch = fed.spawn_cli("alice", &["watch", "Cool Group"]);
+    assert!(watch.wait_stderr("watching", Duration::from_secs(20)));
+    // Online, and still online past one TTL: the client renews its session.
+    assert!(agora_tests::wait_for(
+        Duration::from_secs(10),
+        || presence_of(&fed, "alice") == "online"
+    ));
+    std::thread::sleep(Duration::from_millis(1500)); // one TTL: only renewals keep her online
+    assert_eq!(presence_of(&fed, "alice"), "online");
+    drop(watch); // SIGKILL: no disconnect is sent
+    assert!(agora_tests::wait_for(
+        Duration::from_secs(10),
+        || presence_of(&fed, "alice") == "offline"
+    ));
+}

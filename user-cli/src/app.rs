@@ -150,6 +150,25 @@ pub struct App {
     keypair: Option<Keypair>,
     /// Node public keys by endpoint, as resolved.
     node_keys: HashMap<String, PublicKey>,
+    /// How to reach the registry from another thread (the presence heartbeat).
+    registry_endpoint: String,
+    registry_curve: Option<ClientCurve>,
+}
+
+/// Keeps the user's presence alive on a thread (a `connect` every third of the TTL) and
+/// disconnects when dropped.
+pub struct PresenceGuard {
+    stop: Shutdown,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        self.stop.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Where a group is, and how to talk to it.
@@ -183,12 +202,16 @@ impl App {
         curve: Option<ClientCurve>,
     ) -> App {
         let ctx = zmq::Context::new();
+        let registry_endpoint = registry.to_owned();
         let mut registry = RegistryClient::new(&ctx, registry, options);
         let keypair = curve.as_ref().map(|c| c.keypair.clone());
+        let registry_curve = curve.clone();
         if let Some(curve) = curve {
             registry = registry.with_curve(curve);
         }
         App {
+            registry_endpoint,
+            registry_curve,
             registry,
             ctx,
             user,
@@ -868,6 +891,87 @@ impl App {
         Ok(())
     }
 
+    /// `connect` (seed 004's `CONNECT`) and `away`: marks you online or away until the
+    /// session's TTL passes.
+    ///
+    /// # Errors
+    /// `unknown_user` (register first) and the like from the registry.
+    pub fn connect(
+        &mut self,
+        status: agora_common::proto::Presence,
+        out: &mut dyn Write,
+    ) -> Result<(), CliError> {
+        let r = self
+            .registry
+            .connect(status)
+            .map_err(|e| self.registry_error(e))?;
+        match self.format {
+            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
+            Format::Human => writeln!(
+                out,
+                "{} is {}",
+                r.user.name,
+                render::presence(r.user.presence)
+            )?,
+        }
+        Ok(())
+    }
+
+    /// `disconnect` (seed 004's `DISCONNECT`): marks you offline.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    pub fn disconnect(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+        let r = self
+            .registry
+            .disconnect()
+            .map_err(|e| self.registry_error(e))?;
+        match self.format {
+            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
+            Format::Human => writeln!(out, "{} is offline", r.user.name)?,
+        }
+        Ok(())
+    }
+
+    /// Keeps your presence alive while the returned guard lives (for long-running modes:
+    /// the prompt, `watch`), if your key has an account; `None` otherwise.
+    pub fn keep_present(&mut self) -> Option<PresenceGuard> {
+        let curve = self.registry_curve.clone()?;
+        let first = self
+            .registry
+            .connect(agora_common::proto::Presence::Online)
+            .ok()?;
+        let every = Duration::from_millis(first.ttl_ms / 3).max(Duration::from_millis(100));
+        let stop = Shutdown::new();
+        let flag = stop.clone();
+        let (ctx, endpoint, options) = (
+            self.ctx.clone(),
+            self.registry_endpoint.clone(),
+            self.options,
+        );
+        let thread = std::thread::Builder::new()
+            .name("presence".into())
+            .spawn(move || {
+                let mut registry = RegistryClient::new(&ctx, &endpoint, options).with_curve(curve);
+                let mut next = Instant::now() + every;
+                while !flag.is_triggered() {
+                    if Instant::now() >= next {
+                        if let Err(e) = registry.connect(agora_common::proto::Presence::Online) {
+                            tracing::debug!(error = %e, "presence heartbeat failed");
+                        }
+                        next = Instant::now() + every;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = registry.disconnect();
+            })
+            .ok()?;
+        Some(PresenceGuard {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
     /// `users`: every account.
     ///
     /// # Errors
@@ -877,7 +981,7 @@ impl App {
         for u in &users {
             match self.format {
                 Format::Json => writeln!(out, "{}", render::json_line(u))?,
-                Format::Human => writeln!(out, "{}\t{}", u.name, u.key)?,
+                Format::Human => writeln!(out, "{}", render::user_line(u))?,
             }
         }
         Ok(())
@@ -904,7 +1008,7 @@ impl App {
             Format::Human => writeln!(
                 out,
                 "{}\tkey {}\tregistered {}",
-                r.user.name,
+                render::user_line(&r.user),
                 r.user.key,
                 render::local_time(r.user.registered_at)
             )?,

@@ -187,8 +187,16 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// List accounts.
+    /// List accounts, with presence.
     Users,
+    /// Go online (or away with --away) until the session's TTL passes.
+    Connect {
+        /// Mark yourself away instead of online.
+        #[arg(long)]
+        away: bool,
+    },
+    /// Go offline.
+    Disconnect,
     /// Show one account.
     Whois {
         /// The user name.
@@ -329,6 +337,15 @@ fn run(args: Args) -> u8 {
             }
         }
         Some(Command::Users) => app.users(&mut out),
+        Some(Command::Connect { away }) => app.connect(
+            if away {
+                agora_common::proto::Presence::Away
+            } else {
+                agora_common::proto::Presence::Online
+            },
+            &mut out,
+        ),
+        Some(Command::Disconnect) => app.disconnect(&mut out),
         Some(Command::Whois { name }) => app.whois(&name, &mut out),
         Some(Command::Invite { group, key }) => policy(&mut app, "invite", &group, &key, &mut out),
         Some(Command::Ban { group, key }) => policy(&mut app, "ban", &group, &key, &mut out),
@@ -345,7 +362,10 @@ fn run(args: Args) -> u8 {
         // Handled above, before any connection is set up.
         Some(Command::Keys { .. } | Command::ForgetRegistry) => Ok(()),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
-            Ok(stop) => app.watch(&groups, after_seq, &mut out, &stop),
+            Ok(stop) => {
+                let _present = app.keep_present();
+                app.watch(&groups, after_seq, &mut out, &stop)
+            }
             Err(e) => Err(CliError::Io(e)),
         },
         Some(Command::Send {
@@ -525,6 +545,7 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
         if let Err(e) = app.check(out) {
             let _ = writeln!(err, "user-cli: {e}");
         }
+        let _present = app.keep_present();
         match prompt.printer() {
             Ok(printer) => {
                 if let Err(e) = app.start_live(printer) {

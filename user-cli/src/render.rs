@@ -70,6 +70,25 @@ pub fn member_line(m: &Member) -> String {
     format!("{}\tjoined {}", m.user, local_time(m.joined_at))
 }
 
+/// A presence for people: `online`, `away`, `offline`.
+pub fn presence(p: agora_common::proto::Presence) -> &'static str {
+    match p {
+        agora_common::proto::Presence::Online => "online",
+        agora_common::proto::Presence::Away => "away",
+        agora_common::proto::Presence::Offline => "offline",
+    }
+}
+
+/// One account: `alice<TAB>online`, or `bob<TAB>offline, last seen 2026-11-22 10:00:00`.
+pub fn user_line(u: &agora_common::proto::UserEntry) -> String {
+    match (u.presence, u.last_seen) {
+        (agora_common::proto::Presence::Offline, Some(seen)) => {
+            format!("{}\toffline, last seen {}", u.name, local_time(seen))
+        }
+        (p, _) => format!("{}\t{}", u.name, presence(p)),
+    }
+}
+
 /// A log entry with its group, as `watch --json` and `check --json` print it:
 /// `{"group": G, "seq": …, "id": …, "time": …, "sender": …, "kind": …, "body": …}`.
 #[derive(Debug, Serialize)]

@@ -75,7 +75,12 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "NAME",
         "remove your account (asks to confirm)",
     ),
-    ("users", "", "list accounts"),
+    ("users", "", "list accounts, with presence"),
+    (
+        "connect | CONNECT, away, disconnect | DISCONNECT",
+        "",
+        "go online, away or offline (the prompt keeps you online)",
+    ),
     ("whois", "NAME", "show one account"),
     ("help", "", "show this list"),
     ("exit | quit", "", "leave the program"),
@@ -106,6 +111,9 @@ const WORDS: &[&str] = &[
     "unregister",
     "users",
     "whois",
+    "connect",
+    "away",
+    "disconnect",
     "help",
     "exit",
     "quit",
@@ -338,6 +346,10 @@ fn run_line(
             app.user_unregister(&name, true, out)?;
         }
         "users" => app.users(out)?,
+        // Seed 004 writes `CONNECT name`: the name is yours, known from your key.
+        "connect" => app.connect(agora_common::proto::Presence::Online, out)?,
+        "away" => app.connect(agora_common::proto::Presence::Away, out)?,
+        "disconnect" => app.disconnect(out)?,
         "whois" => app.whois(one_arg(cmd, args)?, out)?,
         "invite" | "ban" | "unban" | "kick" | "promote" | "set_mode" => {
             let [target, arg] = args else {

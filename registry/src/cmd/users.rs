@@ -1,16 +1,27 @@
-//! User accounts: `user_register`, `user_unregister`, `users`, `whois`.
+//! User accounts and presence: `user_register`, `user_unregister`, `users`, `whois`,
+//! `connect`, `disconnect`.
 //!
 //! An account binds a user name to the caller's authenticated key, so it needs CURVE: on an
 //! `--insecure` registry these actions are `forbidden`.
 
+use std::time::Instant;
+
 use agora_common::keys::PublicKey;
 use agora_common::proto::{
-    ErrorCode, UserEntry, UserNameRequest, UserReply, UserUnregisterRequest, UsersReply, WireError,
+    ConnectReply, ConnectRequest, ErrorCode, Presence, UserEntry, UserNameRequest, UserReply,
+    UserUnregisterRequest, UsersReply, WireError,
 };
 use agora_common::time::Timestamp;
 
 use crate::owners::OwnersError;
+use crate::presence::Sessions;
 use crate::users::Users;
+
+/// `entry` with its presence filled in.
+fn present(mut entry: UserEntry, sessions: &Sessions, now: Instant) -> UserEntry {
+    entry.presence = sessions.presence(&entry.key, now);
+    entry
+}
 
 fn need(users: Option<&Users>, peer: Option<PublicKey>) -> Result<(&Users, PublicKey), WireError> {
     match (users, peer) {
@@ -65,6 +76,8 @@ pub fn register(
         name: r.name,
         key,
         registered_at: now,
+        presence: Presence::Offline,
+        last_seen: None,
     };
     users.insert(&user).map_err(internal)?;
     tracing::info!(user = %user.name, key = %user.key, "user registered");
@@ -81,6 +94,7 @@ pub fn register(
 /// or no CURVE), `internal`.
 pub fn unregister(
     users: Option<&Users>,
+    sessions: &mut Sessions,
     peer: Option<PublicKey>,
     r: UserUnregisterRequest,
 ) -> Result<UserReply, WireError> {
@@ -102,6 +116,7 @@ pub fn unregister(
         ));
     }
     users.remove(&r.name).map_err(internal)?;
+    sessions.end(&key);
     tracing::info!(user = %r.name, "user unregistered");
     Ok(UserReply {
         user: held,
@@ -113,10 +128,20 @@ pub fn unregister(
 ///
 /// # Errors
 /// `forbidden` (no CURVE), `internal`.
-pub fn list(users: Option<&Users>, peer: Option<PublicKey>) -> Result<UsersReply, WireError> {
+pub fn list(
+    users: Option<&Users>,
+    sessions: &Sessions,
+    peer: Option<PublicKey>,
+) -> Result<UsersReply, WireError> {
     let (users, _) = need(users, peer)?;
+    let now = Instant::now();
     Ok(UsersReply {
-        users: users.all().map_err(internal)?,
+        users: users
+            .all()
+            .map_err(internal)?
+            .into_iter()
+            .map(|u| present(u, sessions, now))
+            .collect(),
     })
 }
 
@@ -126,6 +151,7 @@ pub fn list(users: Option<&Users>, peer: Option<PublicKey>) -> Result<UsersReply
 /// `unknown_user`, `forbidden` (no CURVE), `internal`.
 pub fn whois(
     users: Option<&Users>,
+    sessions: &Sessions,
     peer: Option<PublicKey>,
     r: UserNameRequest,
 ) -> Result<UserReply, WireError> {
@@ -135,7 +161,73 @@ pub fn whois(
         .map_err(internal)?
         .ok_or_else(|| unknown(&r.name))?;
     Ok(UserReply {
-        user,
+        user: present(user, sessions, Instant::now()),
         changed: false,
+    })
+}
+
+/// `connect`: starts or renews the caller's session (`online` unless `r.status` says
+/// `away`), and records it as seen now.
+///
+/// # Errors
+/// `unknown_user` (the caller's key has no account), `invalid_field` (status `offline`),
+/// `forbidden` (no CURVE), `internal`.
+pub fn connect(
+    users: Option<&Users>,
+    sessions: &mut Sessions,
+    peer: Option<PublicKey>,
+    r: ConnectRequest,
+    now: Timestamp,
+) -> Result<ConnectReply, WireError> {
+    let (users, key) = need(users, peer)?;
+    let status = r.status.unwrap_or(Presence::Online);
+    if status == Presence::Offline {
+        return Err(WireError::new(
+            ErrorCode::InvalidField,
+            "status must be online or away; disconnect to go offline",
+        ));
+    }
+    let user = users.by_key(&key).map_err(internal)?.ok_or_else(|| {
+        WireError::new(
+            ErrorCode::UnknownUser,
+            "this key has no account: register one first",
+        )
+    })?;
+    sessions.renew(key, status, Instant::now());
+    users.seen(&key, now).map_err(internal)?;
+    Ok(ConnectReply {
+        user: UserEntry {
+            presence: status,
+            last_seen: Some(now),
+            ..user
+        },
+        ttl_ms: u64::try_from(sessions.ttl().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// `disconnect`: ends the caller's session.
+///
+/// # Errors
+/// `unknown_user`, `forbidden` (no CURVE), `internal`.
+pub fn disconnect(
+    users: Option<&Users>,
+    sessions: &mut Sessions,
+    peer: Option<PublicKey>,
+    now: Timestamp,
+) -> Result<UserReply, WireError> {
+    let (users, key) = need(users, peer)?;
+    let user = users
+        .by_key(&key)
+        .map_err(internal)?
+        .ok_or_else(|| WireError::new(ErrorCode::UnknownUser, "this key has no account"))?;
+    sessions.end(&key);
+    users.seen(&key, now).map_err(internal)?;
+    Ok(UserReply {
+        user: UserEntry {
+            presence: Presence::Offline,
+            last_seen: Some(now),
+            ..user
+        },
+        changed: true,
     })
 }
