@@ -299,6 +299,60 @@ impl RegistryClient {
         self.req.call(&Request::Disconnect(ListRequest {}))
     }
 
+    /// Sends a direct message to `to` (a retry with the same `id` is stored once).
+    ///
+    /// # Errors
+    /// `unknown_user`, `limit_reached` (mailbox full; both dead-lettered), `too_large`; see
+    /// [`ReqClient::call`].
+    pub fn send_dm(
+        &mut self,
+        to: &UserName,
+        body: Box<serde_json::value::RawValue>,
+        id: MessageId,
+    ) -> Result<crate::proto::DmAck, ClientError> {
+        self.req.call(&Request::SendDm(crate::proto::SendDmRequest {
+            to: to.clone(),
+            body,
+            id: Some(id),
+        }))
+    }
+
+    /// This client's mailbox after number `after_n`.
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn mailbox(
+        &mut self,
+        after_n: u64,
+        limit: Option<u32>,
+    ) -> Result<crate::proto::MailboxReply, ClientError> {
+        self.req
+            .call(&Request::Mailbox(crate::proto::MailboxRequest {
+                after_n,
+                limit,
+            }))
+    }
+
+    /// Removes this client's messages up to `up_to` (once shown).
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn ack_dm(&mut self, up_to: u64) -> Result<crate::proto::AckDmReply, ClientError> {
+        self.req
+            .call(&Request::AckDm(crate::proto::AckDmRequest { up_to }))
+    }
+
+    /// This client's dead letters.
+    ///
+    /// # Errors
+    /// See [`ReqClient::call`].
+    pub fn dead_letters(&mut self) -> Result<Vec<crate::proto::DeadLetter>, ClientError> {
+        Ok(self
+            .req
+            .call::<crate::proto::DeadLettersReply>(&Request::DeadLetters(ListRequest {}))?
+            .letters)
+    }
+
     /// Every user account.
     ///
     /// # Errors

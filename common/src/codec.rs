@@ -172,6 +172,10 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::Whois => Request::Whois(parse::<crate::proto::UserNameRequest>(body)?),
         Action::Connect => Request::Connect(parse::<crate::proto::ConnectRequest>(body)?),
         Action::Disconnect => Request::Disconnect(parse::<ListRequest>(body)?),
+        Action::SendDm => Request::SendDm(parse::<crate::proto::SendDmRequest>(body)?),
+        Action::Mailbox => Request::Mailbox(parse::<crate::proto::MailboxRequest>(body)?),
+        Action::AckDm => Request::AckDm(parse::<crate::proto::AckDmRequest>(body)?),
+        Action::DeadLetters => Request::DeadLetters(parse::<ListRequest>(body)?),
     })
 }
 
@@ -211,7 +215,10 @@ pub fn encode_request(request: &Request) -> Frames {
         Request::ServerKey(r) => tagged(action, r),
         Request::UserRegister(r) | Request::Whois(r) => tagged(action, r),
         Request::UserUnregister(r) => tagged(action, r),
-        Request::Users(r) | Request::Disconnect(r) => tagged(action, r),
+        Request::Users(r) | Request::Disconnect(r) | Request::DeadLetters(r) => tagged(action, r),
+        Request::SendDm(r) => tagged(action, r),
+        Request::Mailbox(r) => tagged(action, r),
+        Request::AckDm(r) => tagged(action, r),
         Request::Connect(r) => tagged(action, r),
         Request::GetMessages(r) => tagged(action, r),
     };
@@ -330,6 +337,10 @@ mod tests {
             r#"{"action":"whois","name":"alice"}"#,
             r#"{"action":"connect","status":"away"}"#,
             r#"{"action":"disconnect"}"#,
+            r#"{"action":"send_dm","to":"bob","body":"hi"}"#,
+            r#"{"action":"mailbox","after_n":2}"#,
+            r#"{"action":"ack_dm","up_to":3}"#,
+            r#"{"action":"dead_letters"}"#,
         ];
         for (body, action) in bodies.iter().zip(Action::ALL) {
             let req = decode_request(&frames(body)).expect(body);

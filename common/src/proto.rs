@@ -95,11 +95,19 @@ pub enum Action {
     Connect,
     /// Registry: end the caller's session.
     Disconnect,
+    /// Registry: send a direct message to a user's mailbox.
+    SendDm,
+    /// Registry: read the caller's mailbox.
+    Mailbox,
+    /// Registry: remove shown messages from the caller's mailbox.
+    AckDm,
+    /// Registry: the caller's undeliverable messages, with reasons.
+    DeadLetters,
 }
 
 impl Action {
     /// Every action, in documentation order.
-    pub const ALL: [Action; 25] = [
+    pub const ALL: [Action; 29] = [
         Action::Register,
         Action::Unregister,
         Action::List,
@@ -125,6 +133,10 @@ impl Action {
         Action::Whois,
         Action::Connect,
         Action::Disconnect,
+        Action::SendDm,
+        Action::Mailbox,
+        Action::AckDm,
+        Action::DeadLetters,
     ];
 
     /// The wire name (`"get_messages"`).
@@ -155,6 +167,10 @@ impl Action {
             Action::Whois => "whois",
             Action::Connect => "connect",
             Action::Disconnect => "disconnect",
+            Action::SendDm => "send_dm",
+            Action::Mailbox => "mailbox",
+            Action::AckDm => "ack_dm",
+            Action::DeadLetters => "dead_letters",
         }
     }
 
@@ -705,6 +721,120 @@ pub struct ConnectReply {
     pub ttl_ms: u64,
 }
 
+/// `send_dm`: a direct message to the user named `to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendDmRequest {
+    /// The recipient.
+    pub to: UserName,
+    /// Any JSON value, at most the registry's DM size limit (32 KiB of JSON text).
+    pub body: Box<RawValue>,
+    /// A client-chosen id: a retry with the same id is stored once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+}
+
+/// Reply to `send_dm`: the message is committed in the recipient's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmAck {
+    /// Its number in the recipient's mailbox: 1, 2, 3, … per recipient.
+    pub n: u64,
+    /// Its id.
+    pub id: MessageId,
+    /// When the registry stored it.
+    pub time: Timestamp,
+    /// The recipient's presence when it was stored (`offline`: "stored for offline user").
+    pub recipient: Presence,
+    /// True when this is a retry of an already stored message.
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// `mailbox`: the caller's messages after number `after_n` (default 0: all not yet acked).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxRequest {
+    /// Messages numbered after this.
+    #[serde(default)]
+    pub after_n: u64,
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// A direct message in a mailbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dm {
+    /// Its number in the mailbox.
+    pub n: u64,
+    /// Its id.
+    pub id: MessageId,
+    /// When it was stored.
+    pub time: Timestamp,
+    /// The sender's account name.
+    pub from: UserName,
+    /// The sender's key.
+    pub from_key: crate::keys::PublicKey,
+    /// The JSON body, as sent.
+    pub body: Box<RawValue>,
+}
+
+impl PartialEq for Dm {
+    fn eq(&self, other: &Self) -> bool {
+        (self.n, self.id, self.time, &self.from, self.from_key)
+            == (other.n, other.id, other.time, &other.from, other.from_key)
+            && self.body.get() == other.body.get()
+    }
+}
+
+/// Reply to `mailbox`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MailboxReply {
+    /// Messages in number order.
+    pub messages: Vec<Dm>,
+    /// More messages follow the last one.
+    pub more: bool,
+}
+
+/// `ack_dm`: the caller has shown every message up to number `up_to`; they are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckDmRequest {
+    /// The last number shown.
+    pub up_to: u64,
+}
+
+/// Reply to `ack_dm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckDmReply {
+    /// How many messages were removed.
+    pub removed: u64,
+}
+
+/// A message that could not be delivered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// When it was refused.
+    pub time: Timestamp,
+    /// The recipient named.
+    pub to: String,
+    /// Why: `unknown_user` or `mailbox_full`.
+    pub reason: String,
+    /// The body, as sent.
+    pub body: Box<RawValue>,
+}
+
+impl PartialEq for DeadLetter {
+    fn eq(&self, other: &Self) -> bool {
+        (self.time, &self.to, &self.reason) == (other.time, &other.to, &other.reason)
+            && self.body.get() == other.body.get()
+    }
+}
+
+/// Reply to `dead_letters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLettersReply {
+    /// The caller's dead letters, oldest first.
+    pub letters: Vec<DeadLetter>,
+}
+
 /// A user account: a name bound to a CURVE key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserEntry {
@@ -861,6 +991,14 @@ pub enum Request {
     Connect(ConnectRequest),
     /// See [`ListRequest`].
     Disconnect(ListRequest),
+    /// See [`SendDmRequest`].
+    SendDm(SendDmRequest),
+    /// See [`MailboxRequest`].
+    Mailbox(MailboxRequest),
+    /// See [`AckDmRequest`].
+    AckDm(AckDmRequest),
+    /// See [`ListRequest`].
+    DeadLetters(ListRequest),
 }
 
 impl Request {
@@ -892,6 +1030,10 @@ impl Request {
             Request::Whois(_) => Action::Whois,
             Request::Connect(_) => Action::Connect,
             Request::Disconnect(_) => Action::Disconnect,
+            Request::SendDm(_) => Action::SendDm,
+            Request::Mailbox(_) => Action::Mailbox,
+            Request::AckDm(_) => Action::AckDm,
+            Request::DeadLetters(_) => Action::DeadLetters,
         }
     }
 }

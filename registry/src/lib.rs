@@ -26,6 +26,7 @@ use agora_common::time::Timestamp;
 
 mod cmd;
 pub mod directory;
+pub mod mailbox;
 pub mod owners;
 pub mod presence;
 pub mod users;
@@ -58,6 +59,8 @@ pub struct Config {
     pub rate_limit: RateLimit,
     /// How long a user session lives without a `connect` renewal (default 30 s).
     pub presence_ttl: Duration,
+    /// Most direct messages waiting in one mailbox (default 1,000).
+    pub max_mailbox: u64,
     /// Where the plaintext key endpoint binds (see `agora_common::trust`); default: the bind
     /// endpoint's host and the next port (port 0 stays 0). None with `insecure`.
     pub key_bind: Option<String>,
@@ -77,6 +80,7 @@ impl Default for Config {
             rate_limit: RateLimit::default(),
             key_bind: None,
             presence_ttl: Duration::from_secs(30),
+            max_mailbox: 1000,
         }
     }
 }
@@ -123,6 +127,7 @@ pub struct Registry {
     public_key: Option<PublicKey>,
     owners: Option<owners::Owners>,
     users: Option<users::Users>,
+    mailboxes: Option<mailbox::Mailboxes>,
     sessions: presence::Sessions,
     key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
@@ -159,12 +164,13 @@ impl Registry {
             (Some(keys), Some(zap))
         };
         let public_key = curve.as_ref().map(|k: &Keypair| k.public);
-        let (owners, users) = match &curve {
+        let (owners, users, mailboxes) = match &curve {
             Some(_) => (
                 Some(owners::Owners::open(&config.data_dir)?),
                 Some(users::Users::open(&config.data_dir)?),
+                Some(mailbox::Mailboxes::open(&config.data_dir)?),
             ),
-            None => (None, None),
+            None => (None, None, None),
         };
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
@@ -208,6 +214,7 @@ impl Registry {
             public_key,
             owners,
             users,
+            mailboxes,
             sessions,
             key_service,
             limiter,
@@ -305,9 +312,36 @@ impl Registry {
             }
             Request::UserUnregister(r) => reply_frames(cmd::users::unregister(
                 self.users.as_ref(),
+                self.mailboxes.as_ref(),
                 &mut self.sessions,
                 peer,
                 r,
+            )),
+            Request::SendDm(r) => reply_frames(cmd::dm::send(
+                self.users.as_ref(),
+                self.mailboxes.as_mut(),
+                &self.sessions,
+                peer,
+                r,
+                now,
+                self.config.max_mailbox,
+            )),
+            Request::Mailbox(r) => reply_frames(cmd::dm::mailbox(
+                self.users.as_ref(),
+                self.mailboxes.as_mut(),
+                peer,
+                r,
+            )),
+            Request::AckDm(r) => reply_frames(cmd::dm::ack(
+                self.users.as_ref(),
+                self.mailboxes.as_mut(),
+                peer,
+                r,
+            )),
+            Request::DeadLetters(_) => reply_frames(cmd::dm::dead_letters(
+                self.users.as_ref(),
+                self.mailboxes.as_mut(),
+                peer,
             )),
             Request::Users(_) => {
                 reply_frames(cmd::users::list(self.users.as_ref(), &self.sessions, peer))

@@ -36,6 +36,9 @@ struct Args {
     /// unless the bind endpoint is loopback.
     #[arg(long)]
     insecure: bool,
+    /// Most direct messages waiting in one mailbox; more are dead-lettered.
+    #[arg(long, env = "AGORA_MAX_MAILBOX", default_value_t = 1000)]
+    max_mailbox: u64,
     /// How long a user's session lives without a renewal (presence TTL).
     #[arg(long, env = "AGORA_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     presence_ttl: Duration,
@@ -108,6 +111,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         key_bind: args.key_bind,
         presence_ttl: args.presence_ttl,
+        max_mailbox: args.max_mailbox,
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;

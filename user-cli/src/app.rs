@@ -629,6 +629,20 @@ impl App {
         if groups.is_empty() && self.format == Format::Human {
             writeln!(out, "no groups joined yet")?;
         }
+        // Direct messages, when this key has an account (seed 003's !check).
+        if self.keypair.is_some() {
+            match self.show_mailbox(out) {
+                Ok(n) if self.format == Format::Human => {
+                    writeln!(out, "direct messages: {n} new")?;
+                }
+                Ok(_) => {}
+                Err(CliError::Remote {
+                    source: ClientError::Server(w),
+                    ..
+                }) if w.code == ErrorCode::UnknownUser => {}
+                Err(e) => tracing::debug!(error = %e, "no mailbox"),
+            }
+        }
         let mut first_error = None;
         for (name, saved) in groups {
             if let Err(e) = self.check_one(&name, &saved, out) {
@@ -970,6 +984,98 @@ impl App {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// `send_dm NAME TEXT` (also `NAME: text` at the prompt, and seed 004's `SEND u text`).
+    ///
+    /// # Errors
+    /// `unknown_user` / `limit_reached` (the message went to your dead letters) and the like.
+    pub fn send_dm(&mut self, to: &str, body: String, out: &mut dyn Write) -> Result<(), CliError> {
+        let to = UserName::new(to).map_err(|e| CliError::Usage(e.to_string()))?;
+        let body = RawValue::from_string(body)
+            .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
+        let ack = match self
+            .registry
+            .send_dm(&to, body, agora_common::id::MessageId::new_v7())
+        {
+            Ok(a) => a,
+            Err(ClientError::Server(w)) => {
+                return Err(CliError::Remote {
+                    target: to.to_string(),
+                    source: ClientError::Server(w),
+                })
+            }
+            Err(e) => return Err(self.registry_error(e)),
+        };
+        match self.format {
+            Format::Json => writeln!(out, "{}", render::json_line(&ack))?,
+            Format::Human if ack.recipient == agora_common::proto::Presence::Offline => {
+                writeln!(out, "{to} is offline; message saved (#{})", ack.n)?
+            }
+            Format::Human => writeln!(out, "sent to {to} (#{})", ack.n)?,
+        }
+        Ok(())
+    }
+
+    /// The direct messages waiting for you: shown, then acked (removed) up to the last one
+    /// shown, so a crash before display loses nothing. Returns how many were shown.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    fn show_mailbox(&mut self, out: &mut dyn Write) -> Result<u64, CliError> {
+        let mut after = 0;
+        let mut shown = 0;
+        loop {
+            let page = self
+                .registry
+                .mailbox(after, Some(1000))
+                .map_err(|e| self.registry_error(e))?;
+            for dm in &page.messages {
+                match self.format {
+                    Format::Json => writeln!(out, "{}", render::json_line(dm))?,
+                    Format::Human => writeln!(out, "{}", render::dm_line(dm))?,
+                }
+                after = dm.n;
+                shown += 1;
+            }
+            out.flush()?;
+            if after > 0 {
+                self.registry
+                    .ack_dm(after)
+                    .map_err(|e| self.registry_error(e))?;
+            }
+            if !page.more {
+                return Ok(shown);
+            }
+        }
+    }
+
+    /// `dead_letters`: your messages that could not be delivered, with the reasons.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    pub fn dead_letters(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+        let letters = self
+            .registry
+            .dead_letters()
+            .map_err(|e| self.registry_error(e))?;
+        for l in &letters {
+            match self.format {
+                Format::Json => writeln!(out, "{}", render::json_line(l))?,
+                Format::Human => writeln!(
+                    out,
+                    "[{}] to {}: {} ({})",
+                    render::local_time(l.time),
+                    l.to,
+                    render::body_text(&l.body),
+                    l.reason
+                )?,
+            }
+        }
+        if letters.is_empty() && self.format == Format::Human {
+            writeln!(out, "no dead letters")?;
+        }
+        Ok(())
     }
 
     /// `users`: every account.

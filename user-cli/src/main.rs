@@ -189,6 +189,18 @@ enum Command {
     },
     /// List accounts, with presence.
     Users,
+    /// Send a direct message; it waits in the user's mailbox until they read it.
+    #[command(name = "send_dm", alias = "send-dm")]
+    SendDm {
+        /// The recipient's user name.
+        to: String,
+        /// The text (words are joined by spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Your messages that could not be delivered, with the reasons.
+    #[command(name = "dead_letters", alias = "dead-letters")]
+    DeadLetters,
     /// Go online (or away with --away) until the session's TTL passes.
     Connect {
         /// Mark yourself away instead of online.
@@ -337,6 +349,10 @@ fn run(args: Args) -> u8 {
             }
         }
         Some(Command::Users) => app.users(&mut out),
+        Some(Command::SendDm { to, text }) => {
+            app.send_dm(&to, repl::json_string(&text.join(" ")), &mut out)
+        }
+        Some(Command::DeadLetters) => app.dead_letters(&mut out),
         Some(Command::Connect { away }) => app.connect(
             if away {
                 agora_common::proto::Presence::Away

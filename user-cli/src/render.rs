@@ -70,6 +70,18 @@ pub fn member_line(m: &Member) -> String {
     format!("{}\tjoined {}", m.user, local_time(m.joined_at))
 }
 
+/// A direct message, as seeds 003 and 004 showed them:
+/// `MESSAGE 3 FROM alice [Stored] [2026-11-22 10:00:00]: hello`.
+pub fn dm_line(dm: &agora_common::proto::Dm) -> String {
+    format!(
+        "MESSAGE {} FROM {} [Stored] [{}]: {}",
+        dm.n,
+        dm.from,
+        local_time(dm.time),
+        body_text(&dm.body).replace('\n', "\n    ")
+    )
+}
+
 /// A presence for people: `online`, `away`, `offline`.
 pub fn presence(p: agora_common::proto::Presence) -> &'static str {
     match p {

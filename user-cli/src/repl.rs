@@ -77,6 +77,16 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ),
     ("users", "", "list accounts, with presence"),
     (
+        "send_dm, SEND, NAME:",
+        "NAME TEXT...",
+        "send a direct message (also `NAME: text`)",
+    ),
+    (
+        "dead_letters",
+        "",
+        "your messages that could not be delivered",
+    ),
+    (
         "connect | CONNECT, away, disconnect | DISCONNECT",
         "",
         "go online, away or offline (the prompt keeps you online)",
@@ -111,6 +121,8 @@ const WORDS: &[&str] = &[
     "unregister",
     "users",
     "whois",
+    "send_dm",
+    "dead_letters",
     "connect",
     "away",
     "disconnect",
@@ -316,12 +328,31 @@ fn run_line(
     if trimmed.is_empty() || trimmed.starts_with('#') {
         return Ok(Step::Continue);
     }
+    // Seed 003's shorthand for a direct message: `NAME: text`.
+    if let Some((name, text)) = trimmed.split_once(": ") {
+        if agora_common::proto::UserName::new(name).is_ok() {
+            app.send_dm(name, json_string(text.trim()), out)?;
+            return Ok(Step::Continue);
+        }
+    }
     let words = shlex::split(trimmed)
         .ok_or_else(|| CliError::Usage(format!("unbalanced quotes in {trimmed:?}")))?;
     let Some((cmd, args)) = words.split_first() else {
         return Ok(Step::Continue);
     };
-    // Seed 004's words are upper case (REGISTER, UNREGISTER): words match in any case.
+    // Seed 004's `SEND user message` is a direct message; lower-case `send` is the group one.
+    if cmd == "SEND" {
+        return match args {
+            [to, text @ ..] if !text.is_empty() => {
+                app.send_dm(to, json_string(&text.join(" ")), out)?;
+                Ok(Step::Continue)
+            }
+            _ => Err(CliError::Usage(
+                "SEND takes a user name and a message".into(),
+            )),
+        };
+    }
+    // Seed 004's other words are upper case (REGISTER, UNREGISTER): words match in any case.
     match cmd.to_ascii_lowercase().as_str() {
         "help" => write_help(out)?,
         "exit" | "quit" => return Ok(Step::Exit),
@@ -346,6 +377,13 @@ fn run_line(
             app.user_unregister(&name, true, out)?;
         }
         "users" => app.users(out)?,
+        "send_dm" => match args {
+            [to, text @ ..] if !text.is_empty() => {
+                app.send_dm(to, json_string(&text.join(" ")), out)?;
+            }
+            _ => return Err(CliError::Usage("send_dm takes NAME and TEXT".into())),
+        },
+        "dead_letters" => app.dead_letters(out)?,
         // Seed 004 writes `CONNECT name`: the name is yours, known from your key.
         "connect" => app.connect(agora_common::proto::Presence::Online, out)?,
         "away" => app.connect(agora_common::proto::Presence::Away, out)?,

@@ -1,6 +1,7 @@
 //! One handler per registry action. Each takes the decoded request and returns the reply
 //! body or a [`WireError`](agora_common::proto::WireError); none touches the socket.
 
+pub mod dm;
 pub mod list;
 pub mod lookup;
 pub mod register;

@@ -87,13 +87,15 @@ pub fn register(
     })
 }
 
-/// `user_unregister`: removes the caller's own account, when `confirm` is true.
+/// `user_unregister`: removes the caller's own account and its mailbox, when `confirm` is
+/// true.
 ///
 /// # Errors
 /// `invalid_field` (no confirmation), `unknown_user`, `forbidden` (another key's account,
 /// or no CURVE), `internal`.
 pub fn unregister(
     users: Option<&Users>,
+    mailboxes: Option<&crate::mailbox::Mailboxes>,
     sessions: &mut Sessions,
     peer: Option<PublicKey>,
     r: UserUnregisterRequest,
@@ -114,6 +116,9 @@ pub fn unregister(
             ErrorCode::Forbidden,
             format!("the account {} belongs to another key", r.name),
         ));
+    }
+    if let Some(mailboxes) = mailboxes {
+        mailboxes.purge(&key).map_err(internal)?;
     }
     users.remove(&r.name).map_err(internal)?;
     sessions.end(&key);

@@ -1,0 +1,318 @@
+//! Direct-message mailboxes and dead letters, durable in `registry.sqlite3` (WAL,
+//! `synchronous=FULL`; each change commits before its reply).
+//!
+//! # Schema
+//! - `mailbox(recipient, n, id UNIQUE, sender, sender_key, time_us, body)`, primary key
+//!   `(recipient, n)`: the recipient is its key (Z85), so a name re-registered by another key
+//!   never sees old mail; `n` counts 1, 2, 3, … per recipient (`mailbox_next` keeps the
+//!   counter, so acked numbers are never reused).
+//! - `dead_letters(sender_key, n, time_us, recipient, reason, body)`: undeliverable messages
+//!   per sender, with the reason.
+
+use std::path::Path;
+use std::time::Duration;
+
+use agora_common::id::MessageId;
+use agora_common::keys::PublicKey;
+use agora_common::proto::{DeadLetter, Dm, UserName};
+use agora_common::time::{MonotonicClock, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::value::RawValue;
+
+use crate::owners::OwnersError;
+
+/// Why a message could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum MailboxError {
+    /// The recipient's mailbox holds its maximum.
+    #[error("mailbox full")]
+    Full,
+    /// The id is already used by another message.
+    #[error("id {0} is already used by another message")]
+    IdConflict(MessageId),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] OwnersError),
+}
+
+impl From<rusqlite::Error> for MailboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        MailboxError::Store(OwnersError::Sqlite(e))
+    }
+}
+
+/// Mailboxes and dead letters.
+#[derive(Debug)]
+pub struct Mailboxes {
+    conn: Connection,
+    clock: MonotonicClock,
+}
+
+/// A stored message's number, id, time, and whether it was a retry.
+pub type Stored = (u64, MessageId, Timestamp, bool);
+
+impl Mailboxes {
+    /// Opens or creates the tables in `dir/registry.sqlite3`.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn open(dir: &Path) -> Result<Mailboxes, OwnersError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let conn = Connection::open(dir.join("registry.sqlite3"))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS mailbox (
+                 recipient TEXT NOT NULL,
+                 n INTEGER NOT NULL,
+                 id BLOB NOT NULL UNIQUE,
+                 sender TEXT NOT NULL,
+                 sender_key TEXT NOT NULL,
+                 time_us INTEGER NOT NULL,
+                 body TEXT NOT NULL,
+                 PRIMARY KEY (recipient, n)) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS mailbox_next (
+                 recipient TEXT PRIMARY KEY,
+                 next_n INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS dead_letters (
+                 sender_key TEXT NOT NULL,
+                 n INTEGER NOT NULL,
+                 time_us INTEGER NOT NULL,
+                 recipient TEXT NOT NULL,
+                 reason TEXT NOT NULL,
+                 body TEXT NOT NULL,
+                 PRIMARY KEY (sender_key, n)) WITHOUT ROWID;",
+        )?;
+        let last: Option<i64> =
+            conn.query_row("SELECT MAX(time_us) FROM mailbox", [], |r| r.get(0))?;
+        Ok(Mailboxes {
+            conn,
+            clock: MonotonicClock::after(Timestamp::from_micros(last.unwrap_or(0))),
+        })
+    }
+
+    /// Stores a message for `recipient` (at most `max` waiting); a retry with the same id,
+    /// sender and body returns the first result.
+    ///
+    /// # Errors
+    /// [`MailboxError::Full`], [`MailboxError::IdConflict`], [`MailboxError::Store`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn store(
+        &mut self,
+        recipient: &PublicKey,
+        sender: &UserName,
+        sender_key: &PublicKey,
+        id: Option<MessageId>,
+        body: &RawValue,
+        now: Timestamp,
+        max: u64,
+    ) -> Result<Stored, MailboxError> {
+        let to = recipient.to_string();
+        if let Some(id) = id {
+            let found: Option<(i64, i64, String, String, String)> = self
+                .conn
+                .query_row(
+                    "SELECT n, time_us, recipient, sender_key, body FROM mailbox WHERE id = ?1",
+                    [id.as_bytes().as_slice()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?;
+            if let Some((n, t, r, k, b)) = found {
+                if r == to && k == sender_key.to_string() && b == body.get() {
+                    return Ok((
+                        u64::try_from(n).unwrap_or(0),
+                        id,
+                        Timestamp::from_micros(t),
+                        true,
+                    ));
+                }
+                return Err(MailboxError::IdConflict(id));
+            }
+        }
+        let tx = self.conn.transaction()?;
+        let waiting: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM mailbox WHERE recipient = ?1",
+            [&to],
+            |r| r.get(0),
+        )?;
+        if u64::try_from(waiting).unwrap_or(u64::MAX) >= max {
+            return Err(MailboxError::Full);
+        }
+        let next: i64 = tx
+            .query_row(
+                "SELECT next_n FROM mailbox_next WHERE recipient = ?1",
+                [&to],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(1);
+        let id = id.unwrap_or_else(MessageId::new_v7);
+        let mut clock = self.clock;
+        let time = clock.tick(now);
+        tx.execute(
+            "INSERT INTO mailbox (recipient, n, id, sender, sender_key, time_us, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                to,
+                next,
+                id.as_bytes().as_slice(),
+                sender.as_str(),
+                sender_key.to_string(),
+                time.as_micros(),
+                body.get()
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO mailbox_next (recipient, next_n) VALUES (?1, ?2)
+             ON CONFLICT (recipient) DO UPDATE SET next_n = excluded.next_n",
+            params![to, next + 1],
+        )?;
+        tx.commit()?;
+        self.clock = clock;
+        Ok((u64::try_from(next).unwrap_or(0), id, time, false))
+    }
+
+    /// `recipient`'s messages numbered after `after`, at most `limit`, and whether more
+    /// follow.
+    ///
+    /// # Errors
+    /// [`OwnersError`].
+    pub fn fetch(
+        &self,
+        recipient: &PublicKey,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<Dm>, bool), OwnersError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT n, id, time_us, sender, sender_key, body FROM mailbox
+             WHERE recipient = ?1 AND n > ?2 ORDER BY n LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                recipient.to_string(),
+                i64::try_from(after).unwrap_or(i64::MAX),
+                i64::from(limit) + 1
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            },
+        )?;
+        let mut out = Vec::new();
+        let mut more = false;
+        for row in rows {
+            let (n, id, t, from, key, body) = row?;
+            if out.len() >= limit as usize {
+                more = true;
+                break;
+            }
+            let corrupt = || OwnersError::Corrupt {
+                name: from.clone(),
+                key: key.clone(),
+            };
+            out.push(Dm {
+                n: u64::try_from(n).map_err(|_| corrupt())?,
+                id: MessageId::from_bytes(id.as_slice().try_into().map_err(|_| corrupt())?),
+                time: Timestamp::from_micros(t),
+                from: UserName::new(from.clone()).map_err(|_| corrupt())?,
+                from_key: key.parse().map_err(|_| corrupt())?,
+                body: RawValue::from_string(body).map_err(|_| corrupt())?,
+            });
+        }
+        Ok((out, more))
+    }
+
+    /// Removes `recipient`'s messages numbered up to `up_to`; returns how many.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn ack(&self, recipient: &PublicKey, up_to: u64) -> Result<u64, OwnersError> {
+        Ok(self.conn.execute(
+            "DELETE FROM mailbox WHERE recipient = ?1 AND n <= ?2",
+            params![
+                recipient.to_string(),
+                i64::try_from(up_to).unwrap_or(i64::MAX)
+            ],
+        )? as u64)
+    }
+
+    /// Removes `recipient`'s whole mailbox (its account is gone).
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn purge(&self, recipient: &PublicKey) -> Result<(), OwnersError> {
+        let to = recipient.to_string();
+        self.conn
+            .execute("DELETE FROM mailbox WHERE recipient = ?1", [&to])?;
+        self.conn
+            .execute("DELETE FROM mailbox_next WHERE recipient = ?1", [&to])?;
+        Ok(())
+    }
+
+    /// Records a message from `sender_key` to `to` that could not be delivered.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn dead(
+        &self,
+        sender_key: &PublicKey,
+        to: &str,
+        reason: &str,
+        body: &RawValue,
+        now: Timestamp,
+    ) -> Result<(), OwnersError> {
+        let key = sender_key.to_string();
+        let next: i64 = self.conn.query_row(
+            "SELECT COALESCE(MAX(n), 0) + 1 FROM dead_letters WHERE sender_key = ?1",
+            [&key],
+            |r| r.get(0),
+        )?;
+        self.conn.execute(
+            "INSERT INTO dead_letters (sender_key, n, time_us, recipient, reason, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![key, next, now.as_micros(), to, reason, body.get()],
+        )?;
+        Ok(())
+    }
+
+    /// `sender_key`'s dead letters, oldest first.
+    ///
+    /// # Errors
+    /// [`OwnersError`].
+    pub fn dead_letters(&self, sender_key: &PublicKey) -> Result<Vec<DeadLetter>, OwnersError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT time_us, recipient, reason, body FROM dead_letters
+             WHERE sender_key = ?1 ORDER BY n",
+        )?;
+        let rows = stmt.query_map([sender_key.to_string()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (t, to, reason, body) = row?;
+            out.push(DeadLetter {
+                time: Timestamp::from_micros(t),
+                body: RawValue::from_string(body).map_err(|_| OwnersError::Corrupt {
+                    name: to.clone(),
+                    key: reason.clone(),
+                })?,
+                to,
+                reason,
+            });
+        }
+        Ok(out)
+    }
+}

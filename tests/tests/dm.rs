@@ -1,0 +1,92 @@
+//! Direct messages end to end: durable mailboxes, numbered delivery, dead letters.
+
+use agora_tests::{CliRun, Federation};
+
+fn ok(run: CliRun) -> CliRun {
+    assert_eq!(run.code, Some(0), "user-cli failed: {run:?}");
+    run
+}
+
+#[test]
+fn offline_messages_survive_a_registry_restart_and_arrive_once_in_order() {
+    let mut fed = Federation::start("200ms");
+    ok(fed.cli("alice", &["register", "alice"], ""));
+    ok(fed.cli("bob", &["register", "bob"], ""));
+
+    // Three ways to send: the subcommand, seed 004's SEND, seed 003's `name: text`.
+    let first = ok(fed.cli("alice", &["send_dm", "bob", "one"], ""));
+    assert!(
+        first.stdout.contains("bob is offline; message saved (#1)"),
+        "{first:?}"
+    );
+    ok(fed.cli("alice", &[], "SEND bob two\n"));
+    ok(fed.cli("alice", &[], "bob: three\n"));
+
+    // No acked message is lost when the registry dies.
+    fed.restart_registry("200ms");
+
+    let run = ok(fed.cli("bob", &["check"], ""));
+    let lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("MESSAGE"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{run:?}");
+    for (i, (line, text)) in lines.iter().zip(["one", "two", "three"]).enumerate() {
+        assert!(
+            line.starts_with(&format!("MESSAGE {} FROM alice [Stored]", i + 1)),
+            "{line}"
+        );
+        assert!(line.ends_with(&format!(": {text}")), "{line}");
+    }
+    assert!(run.stdout.contains("direct messages: 3 new"), "{run:?}");
+    // Shown once: the next check has nothing.
+    let again = ok(fed.cli("bob", &["check"], ""));
+    assert!(again.stdout.contains("direct messages: 0 new"), "{again:?}");
+    assert!(!again.stdout.contains("MESSAGE"), "{again:?}");
+
+    // The sender is the authenticated account, with its key; numbering goes on.
+    ok(fed.cli("bob", &["connect"], ""));
+    let online = ok(fed.cli("alice", &["send_dm", "bob", "are you there?"], ""));
+    assert!(online.stdout.contains("sent to bob (#4)"), "{online:?}");
+    let json = ok(fed.cli("bob", &["--json", "check"], ""));
+    let dm: serde_json::Value = json
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["n"] == 4)
+        .expect("message 4");
+    assert_eq!(dm["from"], "alice");
+    assert_eq!(dm["from_key"], fed.user_key("alice").as_str());
+}
+
+#[test]
+fn undeliverable_messages_go_to_dead_letters_and_unregister_removes_the_mailbox() {
+    let fed = Federation::start_with("200ms", &["--max-mailbox", "2"]);
+    ok(fed.cli("alice", &["register", "alice"], ""));
+    ok(fed.cli("bob", &["register", "bob"], ""));
+
+    let unknown = fed.cli("alice", &["send_dm", "carol", "hello?"], "");
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert!(unknown.stderr.contains("dead letters"), "{unknown:?}");
+    ok(fed.cli("alice", &["send_dm", "bob", "1"], ""));
+    ok(fed.cli("alice", &["send_dm", "bob", "2"], ""));
+    let full = fed.cli("alice", &["send_dm", "bob", "3"], "");
+    assert_eq!(full.code, Some(1), "{full:?}");
+    assert!(full.stderr.contains("mailbox is full"), "{full:?}");
+
+    let dead = ok(fed.cli("alice", &["dead_letters"], ""));
+    let lines: Vec<&str> = dead.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{dead:?}");
+    assert!(
+        lines[0].ends_with("to carol: hello? (unknown_user)"),
+        "{dead:?}"
+    );
+    assert!(lines[1].ends_with("to bob: 3 (mailbox_full)"), "{dead:?}");
+
+    // Unregistering removes the mailbox with the account.
+    ok(fed.cli("bob", &["unregister", "bob", "--yes"], ""));
+    ok(fed.cli("bob", &["register", "bob"], ""));
+    let run = ok(fed.cli("bob", &["check"], ""));
+    assert!(run.stdout.contains("direct messages: 0 new"), "{run:?}");
+}
