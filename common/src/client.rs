@@ -288,6 +288,7 @@ impl RegistryClient {
         self.req
             .call(&Request::Connect(crate::proto::ConnectRequest {
                 status: Some(status),
+                push: false,
             }))
     }
 

@@ -710,6 +710,19 @@ pub struct ConnectRequest {
     /// `online` (default) or `away`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Presence>,
+    /// Push new direct messages to this connection (a DEALER) while the session lives, as
+    /// `{"event": "dm", "dm": DM}` (default false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub push: bool,
+}
+
+/// A pushed direct message: `{"event": "dm", "dm": {…}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DmEvent {
+    /// Always `"dm"`.
+    pub event: String,
+    /// The message, as `mailbox` returns it.
+    pub dm: Dm,
 }
 
 /// Reply to `connect`.

@@ -129,6 +129,10 @@ pub struct Registry {
     users: Option<users::Users>,
     mailboxes: Option<mailbox::Mailboxes>,
     sessions: presence::Sessions,
+    /// Live connections that asked for DM pushes, by key, until their session's TTL.
+    dm_subs: std::collections::HashMap<PublicKey, (agora_common::codec::Frames, Instant)>,
+    /// DMs stored by the request being served, to push once it is answered.
+    pending_push: Vec<(PublicKey, agora_common::proto::Dm)>,
     key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
     _zap: Option<Authenticator>,
@@ -216,6 +220,8 @@ impl Registry {
             users,
             mailboxes,
             sessions,
+            dm_subs: std::collections::HashMap::new(),
+            pending_push: Vec::new(),
             key_service,
             limiter,
             _zap: zap,
@@ -257,6 +263,8 @@ impl Registry {
             }
             if Instant::now() >= next_sweep {
                 self.sessions.expire(Instant::now());
+                let now = Instant::now();
+                self.dm_subs.retain(|_, (_, until)| *until > now);
                 for name in self.directory.expire(Timestamp::now()) {
                     tracing::info!(group = %name, "group expired: no heartbeat within TTL");
                 }
@@ -277,6 +285,17 @@ impl Registry {
         };
         let limited =
             agora_common::server::rate_limit(&mut self.limiter, &incoming, Instant::now());
+        // A `connect` with `push` makes this connection the one DMs are pushed to.
+        match (&incoming.request, incoming.peer) {
+            (Ok(Request::Connect(c)), Some(key)) if c.push && limited.is_none() => {
+                let until = Instant::now() + self.sessions.ttl();
+                self.dm_subs.insert(key, (incoming.envelope.clone(), until));
+            }
+            (Ok(Request::Disconnect(_)), Some(key)) => {
+                self.dm_subs.remove(&key);
+            }
+            _ => {}
+        }
         let reply = match incoming.request {
             _ if limited.is_some() => limited.unwrap_or_default(),
             Ok(request) => self.dispatch(request, incoming.peer, Timestamp::now()),
@@ -286,6 +305,34 @@ impl Registry {
             }
         };
         send_reply(&self.socket, incoming.envelope, reply)?;
+        self.push_dms()?;
+        Ok(())
+    }
+
+    /// Pushes the DMs just stored to their recipients' live connections. A push that cannot
+    /// be sent is no loss: the message waits in the mailbox until it is read and acked.
+    fn push_dms(&mut self) -> Result<(), RegistryError> {
+        for (recipient, dm) in std::mem::take(&mut self.pending_push) {
+            let Some((envelope, _)) = self.dm_subs.get(&recipient) else {
+                continue;
+            };
+            let event = agora_common::proto::DmEvent {
+                event: "dm".into(),
+                dm,
+            };
+            let body = serde_json::to_vec(&event).unwrap_or_default();
+            let frames = envelope
+                .iter()
+                .map(Vec::as_slice)
+                .chain([agora_common::proto::PROTOCOL, body.as_slice()]);
+            match self.socket.send_multipart(frames, zmq::DONTWAIT) {
+                Ok(()) | Err(zmq::Error::EAGAIN) => {}
+                Err(zmq::Error::EHOSTUNREACH) => {
+                    self.dm_subs.remove(&recipient);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 
@@ -317,15 +364,21 @@ impl Registry {
                 peer,
                 r,
             )),
-            Request::SendDm(r) => reply_frames(cmd::dm::send(
-                self.users.as_ref(),
-                self.mailboxes.as_mut(),
-                &self.sessions,
-                peer,
-                r,
-                now,
-                self.config.max_mailbox,
-            )),
+            Request::SendDm(r) => {
+                let result = cmd::dm::send(
+                    self.users.as_ref(),
+                    self.mailboxes.as_mut(),
+                    &self.sessions,
+                    peer,
+                    r,
+                    now,
+                    self.config.max_mailbox,
+                );
+                reply_frames(result.map(|(ack, push)| {
+                    self.pending_push.extend(push);
+                    ack
+                }))
+            }
             Request::Mailbox(r) => reply_frames(cmd::dm::mailbox(
                 self.users.as_ref(),
                 self.mailboxes.as_mut(),

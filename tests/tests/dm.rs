@@ -90,3 +90,40 @@ fn undeliverable_messages_go_to_dead_letters_and_unregister_removes_the_mailbox(
     let run = ok(fed.cli("bob", &["check"], ""));
     assert!(run.stdout.contains("direct messages: 0 new"), "{run:?}");
 }
+
+#[test]
+fn an_online_user_gets_direct_messages_live_and_they_count_as_read() {
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(20);
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    ok(fed.cli("alice", &["register", "alice"], ""));
+    ok(fed.cli("bob", &["register", "bob"], ""));
+    assert!(agora_tests::wait_for(WAIT, || {
+        fed.cli("bob", &["join", "Cool Group"], "").code == Some(0)
+    }));
+    // bob's long-running client keeps him online and takes pushed messages.
+    let mut watch = fed.spawn_cli("bob", &["watch", "Cool Group"]);
+    assert!(watch.wait_stderr("watching", WAIT));
+    assert!(agora_tests::wait_for(WAIT, || {
+        fed.cli("alice", &["whois", "bob"], "")
+            .stdout
+            .contains("bob\tonline")
+    }));
+
+    let sent = ok(fed.cli("alice", &["send_dm", "bob", "live hello"], ""));
+    assert!(sent.stdout.contains("sent to bob (#1)"), "{sent:?}");
+    assert!(
+        watch.wait_lines(WAIT, |lines| lines.iter().any(|l| l
+            .starts_with("MESSAGE 1 FROM alice [")
+            && l.ends_with(": live hello"))),
+        "{:?}",
+        watch.lines
+    );
+    // Shown live, so acked: nothing waits in the mailbox.
+    assert!(agora_tests::wait_for(WAIT, || {
+        fed.cli("bob", &["check"], "")
+            .stdout
+            .contains("direct messages: 0 new")
+    }));
+}

@@ -327,8 +327,8 @@ fn run(args: Args) -> u8 {
     };
     let state = state::StateFile::open(args.state_dir.clone(), &user);
     let mut app = App::new(&args.registry, user, options, format, state, curve);
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    // Not a held lock: `watch` prints pushed direct messages from another thread.
+    let mut out = std::io::stdout();
     let result = match args.command {
         None => return session(&mut app, &mut out),
         Some(Command::Groups) => app.groups(&mut out),
@@ -379,7 +379,12 @@ fn run(args: Args) -> u8 {
         Some(Command::Keys { .. } | Command::ForgetRegistry) => Ok(()),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
             Ok(stop) => {
-                let _present = app.keep_present();
+                // Direct messages pushed while watching are printed to stdout too.
+                let _present = app.keep_present(Some(Box::new(|line: String| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                })));
                 app.watch(&groups, after_seq, &mut out, &stop)
             }
             Err(e) => Err(CliError::Io(e)),
@@ -561,15 +566,28 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
         if let Err(e) = app.check(out) {
             let _ = writeln!(err, "user-cli: {e}");
         }
-        let _present = app.keep_present();
+        let mut _present = None;
         match prompt.printer() {
             Ok(printer) => {
-                if let Err(e) = app.start_live(printer) {
+                // One printer above the prompt, shared by group messages and DMs.
+                let shared = std::sync::Arc::new(std::sync::Mutex::new(printer));
+                let share = || -> app::Printer {
+                    let shared = std::sync::Arc::clone(&shared);
+                    Box::new(move |line: String| {
+                        let mut print = shared
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        (*print)(line);
+                    })
+                };
+                if let Err(e) = app.start_live(share()) {
                     let _ = writeln!(err, "user-cli: live stream: {e}");
                 }
+                _present = app.keep_present(Some(share()));
             }
             Err(e) => {
                 let _ = writeln!(err, "user-cli: no live stream on this terminal: {e}");
+                _present = app.keep_present(None);
             }
         }
         repl::run_session(app, &mut prompt, out, &mut err)

@@ -71,12 +71,14 @@ pub fn member_line(m: &Member) -> String {
 }
 
 /// A direct message, as seeds 003 and 004 showed them:
-/// `MESSAGE 3 FROM alice [Stored] [2026-11-22 10:00:00]: hello`.
-pub fn dm_line(dm: &agora_common::proto::Dm) -> String {
+/// `MESSAGE 3 FROM alice [Stored] [2026-11-22 10:00:00]: hello`, with `[Stored]` only for
+/// one that waited in the mailbox (not for one pushed live).
+pub fn dm_line(dm: &agora_common::proto::Dm, stored: bool) -> String {
     format!(
-        "MESSAGE {} FROM {} [Stored] [{}]: {}",
+        "MESSAGE {} FROM {}{} [{}]: {}",
         dm.n,
         dm.from,
+        if stored { " [Stored]" } else { "" },
         local_time(dm.time),
         body_text(&dm.body).replace('\n', "\n    ")
     )

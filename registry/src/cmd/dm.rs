@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use agora_common::keys::PublicKey;
 use agora_common::proto::{
-    AckDmReply, AckDmRequest, DeadLettersReply, DmAck, ErrorCode, MailboxReply, MailboxRequest,
+    AckDmReply, AckDmRequest, DeadLettersReply, Dm, DmAck, ErrorCode, MailboxReply, MailboxRequest,
     SendDmRequest, WireError, MAX_PAGE_LIMIT,
 };
 use agora_common::time::Timestamp;
@@ -46,6 +46,8 @@ fn internal(e: OwnersError) -> WireError {
 /// `unknown_user` (no such recipient: dead-lettered; or the caller has no account),
 /// `limit_reached` (the mailbox is full: dead-lettered), `too_large`, `id_conflict`,
 /// `forbidden` (no CURVE), `internal`.
+/// On success, also the recipient's key and the stored message, to push to the recipient's
+/// live connection (`None` for a retried duplicate, which was pushed the first time).
 pub fn send(
     users: Option<&Users>,
     mailboxes: Option<&mut Mailboxes>,
@@ -54,7 +56,7 @@ pub fn send(
     r: SendDmRequest,
     now: Timestamp,
     max: u64,
-) -> Result<DmAck, WireError> {
+) -> Result<(DmAck, Option<(PublicKey, Dm)>), WireError> {
     let (users, mailboxes, key) = need(users, mailboxes, peer)?;
     let sender = users.by_key(&key).map_err(internal)?.ok_or_else(|| {
         WireError::new(
@@ -82,13 +84,31 @@ pub fn send(
         ));
     };
     match mailboxes.store(&recipient.key, &sender.name, &key, r.id, &r.body, now, max) {
-        Ok((n, id, time, duplicate)) => Ok(DmAck {
-            n,
-            id,
-            time,
-            recipient: sessions.presence(&recipient.key, Instant::now()),
-            duplicate,
-        }),
+        Ok((n, id, time, duplicate)) => {
+            let push = (!duplicate).then(|| {
+                (
+                    recipient.key,
+                    Dm {
+                        n,
+                        id,
+                        time,
+                        from: sender.name.clone(),
+                        from_key: key,
+                        body: r.body.clone(),
+                    },
+                )
+            });
+            Ok((
+                DmAck {
+                    n,
+                    id,
+                    time,
+                    recipient: sessions.presence(&recipient.key, Instant::now()),
+                    duplicate,
+                },
+                push,
+            ))
+        }
         Err(MailboxError::Full) => {
             mailboxes
                 .dead(&key, r.to.as_str(), "mailbox_full", &r.body, now)
