@@ -5,6 +5,7 @@
 //! - [`codec`]: ZeroMQ frames to and from [`proto`] values, and the ROUTER envelope.
 //! - [`time`]: microsecond UTC timestamps (RFC 3339) and the `since` filter parser.
 //! - [`id`]: message ids (UUID v7).
+//! - [`inbox`]: presence heartbeat and pushed direct messages, for clients and bots.
 //! - [`keys`]: CURVE key pairs and their certificate files.
 //! - [`store`]: the durable group log and membership in SQLite.
 //! - [`client`]: the request/reply client (zguide "Lazy Pirate") and typed clients for the
@@ -23,6 +24,7 @@
 pub mod client;
 pub mod codec;
 pub mod id;
+pub mod inbox;
 pub mod keys;
 pub mod live;
 pub mod proto;

@@ -960,20 +960,30 @@ impl App {
             .connect(agora_common::proto::Presence::Online)
             .ok()?;
         let every = Duration::from_millis(first.ttl_ms / 3).max(Duration::from_millis(100));
+        let (inbox, dms) =
+            agora_common::inbox::Inbox::start(&self.ctx, &self.registry_endpoint, curve, every)
+                .ok()?;
         let stop = Shutdown::new();
         let flag = stop.clone();
-        let (ctx, endpoint, format) = (
-            self.ctx.clone(),
-            self.registry_endpoint.clone(),
-            self.format,
-        );
+        let format = self.format;
+        let mut printer = printer;
         let thread = std::thread::Builder::new()
             .name("presence".into())
             .spawn(move || {
-                if let Err(e) =
-                    presence_loop(&ctx, &endpoint, &curve, every, printer, format, &flag)
-                {
-                    tracing::warn!(error = %e, "presence stopped");
+                while !flag.is_triggered() {
+                    let Ok(dm) = dms.recv_timeout(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    // Acked only once shown: without a printer, pushed messages stay in the
+                    // mailbox for the next `check`.
+                    let Some(print) = printer.as_mut() else {
+                        continue;
+                    };
+                    print(match format {
+                        Format::Human => render::dm_line(&dm, false),
+                        Format::Json => render::json_line(&dm),
+                    });
+                    inbox.ack(dm.n);
                 }
             })
             .ok()?;
@@ -1168,68 +1178,6 @@ impl App {
         }
         Ok(())
     }
-}
-
-/// The presence heartbeat on a DEALER (see [`App::keep_present`]).
-fn presence_loop(
-    ctx: &zmq::Context,
-    endpoint: &str,
-    curve: &ClientCurve,
-    every: Duration,
-    mut printer: Option<Printer>,
-    format: Format,
-    stop: &Shutdown,
-) -> Result<(), zmq::Error> {
-    use agora_common::codec::encode_request;
-    use agora_common::proto::{
-        AckDmRequest, ConnectRequest, DmEvent, ListRequest, Presence, Request,
-    };
-    let socket = ctx.socket(zmq::DEALER)?;
-    socket.set_linger(200)?;
-    socket.set_curve_serverkey(curve.server_key.as_bytes())?;
-    socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
-    socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
-    socket.connect(endpoint)?;
-    let send = |request: &Request| {
-        let frames = encode_request(request);
-        // A DEALER adds the empty delimiter a REQ would; EAGAIN (not connected yet) is
-        // harmless: the next heartbeat goes out soon.
-        let _ = socket.send_multipart(std::iter::once(Vec::new()).chain(frames), zmq::DONTWAIT);
-    };
-    let mut next = Instant::now();
-    let mut last_shown = 0u64;
-    while !stop.is_triggered() {
-        if Instant::now() >= next {
-            send(&Request::Connect(ConnectRequest {
-                status: Some(Presence::Online),
-                push: true,
-            }));
-            next = Instant::now() + every;
-        }
-        if socket.poll(zmq::POLLIN, 50).unwrap_or(0) == 0 {
-            continue;
-        }
-        while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
-            let Some(body) = frames.last() else { continue };
-            let Ok(event) = serde_json::from_slice::<DmEvent>(body) else {
-                continue; // a reply to a heartbeat or an ack
-            };
-            let Some(print) = printer.as_mut() else {
-                continue;
-            };
-            if event.event != "dm" || event.dm.n <= last_shown {
-                continue;
-            }
-            print(match format {
-                Format::Human => render::dm_line(&event.dm, false),
-                Format::Json => render::json_line(&event.dm),
-            });
-            last_shown = event.dm.n;
-            send(&Request::AckDm(AckDmRequest { up_to: last_shown }));
-        }
-    }
-    send(&Request::Disconnect(ListRequest {}));
-    Ok(())
 }
 
 fn feed_options(client: ClientOptions) -> FeedOptions {
