@@ -1,0 +1,220 @@
+//! `thermometer`: an Agora service bot, written only against `agora-common` (seed 003's
+//! thermometer service).
+//!
+//! It holds an account (`--user`, default `thermometer1`), stays online, publishes a
+//! simulated temperature reading to `--group` every `--every`, and answers direct messages:
+//! - `subscribe` / `unsubscribe`: readings also come to you by direct message, or stop;
+//! - `range`: the range of values it produces;
+//! - `reboot`: restarts its series.
+//!
+//! Anything else gets the list of commands. Prints `listening USER` once ready. Exits 0 on
+//! SIGINT/SIGTERM, 1 on failure.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::id::MessageId;
+use agora_common::inbox::Inbox;
+use agora_common::keys::{Keypair, PublicKey};
+use agora_common::proto::{ErrorCode, GroupName, UserName};
+use agora_common::shutdown::Shutdown;
+use anyhow::Context;
+use clap::Parser;
+use serde_json::value::RawValue;
+
+/// The readings' range, in °C.
+const LOW: f64 = 15.0;
+const HIGH: f64 = 30.0;
+
+/// An Agora thermometer bot.
+#[derive(Debug, Parser)]
+#[command(name = "thermometer", about)]
+struct Args {
+    /// The registry's endpoint.
+    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
+    registry: String,
+    /// The registry's public key.
+    #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
+    registry_key: PublicKey,
+    /// The bot's account name.
+    #[arg(long, default_value = "thermometer1")]
+    user: UserName,
+    /// Where its key pair lives (USER.key, made on first start).
+    #[arg(long, env = "AGORA_KEY_DIR")]
+    key_dir: Option<std::path::PathBuf>,
+    /// A group to publish readings to (joined on start).
+    #[arg(long)]
+    group: Option<GroupName>,
+    /// How often to take a reading.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    every: Duration,
+}
+
+/// A simulated series: a slow wave plus a little noise from a linear congruential
+/// generator (simulation only, nothing secret), always within [`LOW`, `HIGH`].
+struct Series {
+    step: u64,
+    noise: u64,
+}
+
+impl Series {
+    fn new() -> Series {
+        Series { step: 0, noise: 1 }
+    }
+
+    fn next(&mut self) -> f64 {
+        self.step += 1;
+        self.noise = self
+            .noise
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let wave = (self.step as f64 / 10.0).sin();
+        let jitter = ((self.noise >> 33) % 100) as f64 / 100.0 - 0.5;
+        let mid = (LOW + HIGH) / 2.0;
+        let t = mid + wave * (HIGH - mid - 1.0) + jitter;
+        (t.clamp(LOW, HIGH) * 10.0).round() / 10.0
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("thermometer: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn text(s: &str) -> Box<RawValue> {
+    RawValue::from_string(serde_json::Value::String(s.to_owned()).to_string())
+        .unwrap_or_else(|_| unreachable!("a JSON string is JSON"))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let stop = Shutdown::on_signals()?;
+    let dir = match args.key_dir {
+        Some(d) => d,
+        None => directories::ProjectDirs::from("", "", "agora")
+            .map(|d| d.config_dir().to_owned())
+            .context("no home directory; pass --key-dir")?,
+    };
+    let (keypair, _) = Keypair::load_or_generate(&dir.join(format!("{}.key", args.user)))?;
+    let curve = ClientCurve {
+        keypair,
+        server_key: args.registry_key,
+    };
+    let ctx = zmq::Context::new();
+    let options = ClientOptions::default();
+    let mut registry = RegistryClient::new(&ctx, &args.registry, options).with_curve(curve.clone());
+    registry.user_register(&args.user)?;
+    let ttl = registry
+        .connect(agora_common::proto::Presence::Online)?
+        .ttl_ms;
+    let mut group = match &args.group {
+        Some(name) => {
+            let entry = registry.lookup(name)?;
+            let server_key = entry.public_key.context("the group's node has no key")?;
+            let mut node = GroupClient::new(
+                &ctx,
+                entry.endpoint.as_str(),
+                args.user.clone(),
+                Some(name.clone()),
+                options,
+            )
+            .with_curve(ClientCurve {
+                keypair: curve.keypair.clone(),
+                server_key,
+            });
+            node.join()?;
+            Some(node)
+        }
+        None => None,
+    };
+    let (inbox, dms) = Inbox::start(
+        &ctx,
+        &args.registry,
+        curve,
+        Duration::from_millis(ttl / 3).max(Duration::from_millis(100)),
+    )?;
+    println!("listening {}", args.user);
+    std::io::stdout().flush()?;
+
+    let mut series = Series::new();
+    let mut subscribers: BTreeSet<UserName> = BTreeSet::new();
+    let mut next = Instant::now();
+    while !stop.is_triggered() {
+        if Instant::now() >= next {
+            let t = series.next();
+            if let Some(node) = group.as_mut() {
+                let body = serde_json::json!({"temperature": t, "unit": "C"}).to_string();
+                if let Err(e) = node.send(RawValue::from_string(body)?) {
+                    tracing::warn!(error = %e, "could not publish a reading");
+                }
+            }
+            for user in &subscribers {
+                let reading = text(&format!("temperature {t:.1} C"));
+                if let Err(e) = registry.send_dm(user, reading, MessageId::new_v7()) {
+                    tracing::warn!(error = %e, %user, "could not send a reading");
+                }
+            }
+            next = Instant::now() + args.every;
+        }
+        let Ok(dm) = dms.recv_timeout(Duration::from_millis(50)) else {
+            continue;
+        };
+        let command = match serde_json::from_str::<serde_json::Value>(dm.body.get()) {
+            Ok(serde_json::Value::String(s)) => s.trim().to_ascii_lowercase(),
+            _ => String::new(),
+        };
+        let answer = match command.as_str() {
+            "subscribe" => {
+                subscribers.insert(dm.from.clone());
+                "subscribed: readings will come by direct message".to_owned()
+            }
+            "unsubscribe" => {
+                subscribers.remove(&dm.from);
+                "unsubscribed".to_owned()
+            }
+            "range" => format!("range {LOW:.1}..{HIGH:.1} C"),
+            "reboot" => {
+                series = Series::new();
+                "rebooted".to_owned()
+            }
+            _ => "commands: subscribe, unsubscribe, range, reboot".to_owned(),
+        };
+        match registry.send_dm(&dm.from, text(&answer), MessageId::new_v7()) {
+            Ok(_) => {}
+            Err(ClientError::Server(e)) if e.code == ErrorCode::UnknownUser => {}
+            Err(e) => tracing::warn!(error = %e, "could not answer"),
+        }
+        inbox.ack(dm.n);
+    }
+    drop(inbox);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_stay_in_range_and_reboot_restarts_the_series() {
+        let mut s = Series::new();
+        let first: Vec<f64> = (0..200).map(|_| s.next()).collect();
+        assert!(first.iter().all(|t| (LOW..=HIGH).contains(t)), "{first:?}");
+        let mut again = Series::new();
+        assert_eq!(again.next(), first[0]);
+    }
+}
