@@ -61,6 +61,9 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// Most direct messages waiting in one mailbox (default 1,000).
     pub max_mailbox: u64,
+    /// How long a direct message waits unread before it expires to the sender's dead
+    /// letters (default 7 days).
+    pub dm_ttl: Duration,
     /// Where the plaintext key endpoint binds (see `agora_common::trust`); default: the bind
     /// endpoint's host and the next port (port 0 stays 0). None with `insecure`.
     pub key_bind: Option<String>,
@@ -81,6 +84,7 @@ impl Default for Config {
             key_bind: None,
             presence_ttl: Duration::from_secs(30),
             max_mailbox: 1000,
+            dm_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -263,6 +267,16 @@ impl Registry {
             }
             if Instant::now() >= next_sweep {
                 self.sessions.expire(Instant::now());
+                if let Some(mailboxes) = self.mailboxes.as_mut() {
+                    let now = Timestamp::now();
+                    match mailboxes.expire(now.saturating_sub(self.config.dm_ttl), now) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(expired = n, "direct messages expired to dead letters")
+                        }
+                        Err(e) => tracing::error!(error = %e, "expiring direct messages failed"),
+                    }
+                }
                 let now = Instant::now();
                 self.dm_subs.retain(|_, (_, until)| *until > now);
                 for name in self.directory.expire(Timestamp::now()) {

@@ -5,7 +5,7 @@
 //! - `mailbox(recipient, n, id UNIQUE, sender, sender_key, time_us, body)`, primary key
 //!   `(recipient, n)`: the recipient is its key (Z85), so a name re-registered by another key
 //!   never sees old mail; `n` counts 1, 2, 3, … per recipient (`mailbox_next` keeps the
-//!   counter, so acked numbers are never reused).
+//!   counter, so acked numbers are never reused); index on `time_us` for expiry.
 //! - `dead_letters(sender_key, n, time_us, recipient, reason, body)`: undeliverable messages
 //!   per sender, with the reason.
 
@@ -73,6 +73,7 @@ impl Mailboxes {
                  time_us INTEGER NOT NULL,
                  body TEXT NOT NULL,
                  PRIMARY KEY (recipient, n)) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS mailbox_time ON mailbox(time_us);
              CREATE TABLE IF NOT EXISTS mailbox_next (
                  recipient TEXT PRIMARY KEY,
                  next_n INTEGER NOT NULL) WITHOUT ROWID;
@@ -255,6 +256,40 @@ impl Mailboxes {
         self.conn
             .execute("DELETE FROM mailbox_next WHERE recipient = ?1", [&to])?;
         Ok(())
+    }
+
+    /// Moves every message stored before `cutoff` to its sender's dead letters (reason
+    /// `expired`), in one transaction; returns how many.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn expire(&mut self, cutoff: Timestamp, now: Timestamp) -> Result<u64, OwnersError> {
+        let tx = self.conn.transaction()?;
+        let expired: Vec<(String, String, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT m.sender_key, COALESCE(u.name, m.recipient), m.body
+                 FROM mailbox m LEFT JOIN users u ON u.key = m.recipient
+                 WHERE m.time_us < ?1 ORDER BY m.time_us",
+            )?;
+            let rows = stmt.query_map([cutoff.as_micros()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (sender, to, body) in &expired {
+            tx.execute(
+                "INSERT INTO dead_letters (sender_key, n, time_us, recipient, reason, body)
+                 VALUES (?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM dead_letters WHERE sender_key = ?1),
+                         ?2, ?3, 'expired', ?4)",
+                params![sender, now.as_micros(), to, body],
+            )?;
+        }
+        tx.execute(
+            "DELETE FROM mailbox WHERE time_us < ?1",
+            [cutoff.as_micros()],
+        )?;
+        tx.commit()?;
+        Ok(expired.len() as u64)
     }
 
     /// Records a message from `sender_key` to `to` that could not be delivered.

@@ -127,3 +127,19 @@ fn an_online_user_gets_direct_messages_live_and_they_count_as_read() {
             .contains("direct messages: 0 new")
     }));
 }
+
+#[test]
+fn an_unread_message_expires_to_the_senders_dead_letters() {
+    use std::time::Duration;
+    let fed = Federation::start_with("200ms", &["--dm-ttl", "300ms"]);
+    ok(fed.cli("alice", &["register", "alice"], ""));
+    ok(fed.cli("bob", &["register", "bob"], ""));
+    ok(fed.cli("alice", &["send_dm", "bob", "read me soon"], ""));
+    assert!(agora_tests::wait_for(Duration::from_secs(20), || {
+        fed.cli("alice", &["dead_letters"], "")
+            .stdout
+            .contains("to bob: read me soon (expired)")
+    }));
+    let run = ok(fed.cli("bob", &["check"], ""));
+    assert!(run.stdout.contains("direct messages: 0 new"), "{run:?}");
+}
