@@ -22,6 +22,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::value::RawValue;
 
+mod dm;
 mod live;
 
 /// Benchmarks a real group node on loopback.
@@ -58,6 +59,12 @@ struct Args {
     /// Run the node without CURVE (to measure what encryption costs).
     #[arg(long)]
     insecure: bool,
+    /// Stored direct messages a reconnecting user receives.
+    #[arg(long, default_value_t = 10_000)]
+    stored_dms: u64,
+    /// Skip the direct-message benchmarks.
+    #[arg(long)]
+    no_dm: bool,
 }
 
 pub(crate) struct NodeProc {
@@ -229,6 +236,10 @@ fn main() -> anyhow::Result<()> {
     let base: &[&str] = if args.insecure { &["--insecure"] } else { &[] };
     if !args.live_only {
         storage(&args, base)?;
+    }
+    if !args.no_dm && !args.insecure {
+        dm::stored(args.stored_dms, args.body_bytes)?;
+        dm::latency(args.latency_messages, args.body_bytes)?;
     }
     if !args.no_live {
         for subs in [1, 10, 100] {

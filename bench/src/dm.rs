@@ -1,0 +1,168 @@
+//! Direct-message benchmarks against a real `registry` process: a reconnecting user
+//! fetching stored messages, and send→deliver latency to an online user (pushed through
+//! `common::inbox`, the code user-cli and bots run).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientCurve, ClientOptions, RegistryClient};
+use agora_common::id::MessageId;
+use agora_common::inbox::Inbox;
+use agora_common::keys::{Keypair, PublicKey};
+use agora_common::proto::UserName;
+use anyhow::{bail, Context};
+
+use crate::body;
+
+struct RegistryProc {
+    child: Child,
+    endpoint: String,
+    key: PublicKey,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RegistryProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry() -> anyhow::Result<RegistryProc> {
+    let bin = std::env::current_exe()?.with_file_name("registry");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --release --bins` first",
+            bin.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(&bin)
+        .args(["--bind", "tcp://127.0.0.1:0", "--rate-limit", "0"])
+        .args(["--max-mailbox", "100000", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [_, endpoint, _, key, ..] = words.as_slice() else {
+        bail!("registry printed {line:?}");
+    };
+    Ok(RegistryProc {
+        endpoint: (*endpoint).to_owned(),
+        key: key.parse()?,
+        child,
+        _dir: dir,
+    })
+}
+
+fn user(
+    ctx: &zmq::Context,
+    reg: &RegistryProc,
+    name: &str,
+) -> anyhow::Result<(RegistryClient, ClientCurve)> {
+    let curve = ClientCurve {
+        keypair: Keypair::generate()?,
+        server_key: reg.key,
+    };
+    let options = ClientOptions {
+        timeout: Duration::from_secs(30),
+        attempts: 1,
+    };
+    let mut client = RegistryClient::new(ctx, &reg.endpoint, options).with_curve(curve.clone());
+    client.user_register(&UserName::new(name)?)?;
+    Ok((client, curve))
+}
+
+/// `stored` DMs sent to an offline user, then fetched and acked as a reconnecting client
+/// does (pages of 1000). Prints the send rate and the time to receive them all.
+pub fn stored(count: u64, bytes: usize) -> anyhow::Result<()> {
+    let ctx = zmq::Context::new();
+    let reg = start_registry()?;
+    let (mut alice, _) = user(&ctx, &reg, "alice")?;
+    let (mut bob, _) = user(&ctx, &reg, "bob")?;
+    let to = UserName::new("bob")?;
+    let started = Instant::now();
+    for n in 0..count {
+        alice.send_dm(&to, body(n, bytes), MessageId::new_v7())?;
+    }
+    let sent = started.elapsed();
+    let started = Instant::now();
+    let (mut after, mut got) = (0, 0u64);
+    loop {
+        let page = bob.mailbox(after, Some(1000))?;
+        got += page.messages.len() as u64;
+        if let Some(last) = page.messages.last() {
+            after = last.n;
+            bob.ack_dm(after)?;
+        }
+        if !page.more {
+            break;
+        }
+    }
+    let received = started.elapsed();
+    if got != count {
+        bail!("received {got} of {count} stored messages");
+    }
+    println!(
+        "{:<52} {:>10.0} /s",
+        format!("DM sends to an offline user, acked ({count} msgs)"),
+        count as f64 / sent.as_secs_f64()
+    );
+    println!(
+        "{:<52} {:>10.0} ms",
+        format!("reconnecting user receives {count} stored DMs"),
+        received.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Send→deliver latency of `count` sequential DMs to an online user (pushed).
+pub fn latency(count: u64, bytes: usize) -> anyhow::Result<()> {
+    let ctx = zmq::Context::new();
+    let reg = start_registry()?;
+    let (mut alice, _) = user(&ctx, &reg, "alice")?;
+    let (_, bob_curve) = user(&ctx, &reg, "bob")?;
+    let (inbox, dms) = Inbox::start(&ctx, &reg.endpoint, bob_curve, Duration::from_secs(5))?;
+    // Online once the first heartbeat went through.
+    let started = Instant::now();
+    loop {
+        let presence = alice.whois(&UserName::new("bob")?)?.user.presence;
+        if presence != agora_common::proto::Presence::Offline {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("bob never came online");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let to = UserName::new("bob")?;
+    let mut samples = Vec::with_capacity(count as usize);
+    for n in 0..count {
+        let t = Instant::now();
+        let ack = alice.send_dm(&to, body(n, bytes), MessageId::new_v7())?;
+        loop {
+            let dm = dms
+                .recv_timeout(Duration::from_secs(10))
+                .context("a DM was not pushed within 10 s")?;
+            if dm.n == ack.n {
+                samples.push(t.elapsed());
+                inbox.ack(dm.n);
+                break;
+            }
+        }
+    }
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "{:<52} {:>7.0} µs / {:>6.0} µs",
+        "DM send→deliver p50 / p99, online user",
+        pct(0.5).as_secs_f64() * 1e6,
+        pct(0.99).as_secs_f64() * 1e6
+    );
+    Ok(())
+}
