@@ -10,7 +10,6 @@
 //!   per sender, with the reason.
 
 use std::path::Path;
-use std::time::Duration;
 
 use agora_common::id::MessageId;
 use agora_common::keys::PublicKey;
@@ -19,7 +18,7 @@ use agora_common::time::{MonotonicClock, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::value::RawValue;
 
-use crate::owners::OwnersError;
+use crate::owners::{open_db, OwnersError};
 
 /// Why a message could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +56,9 @@ impl Mailboxes {
     /// # Errors
     /// [`OwnersError::Sqlite`].
     pub fn open(dir: &Path) -> Result<Mailboxes, OwnersError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let conn = Connection::open(dir.join("registry.sqlite3"))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        let conn = open_db(dir)?;
         conn.execute_batch(
-            "PRAGMA synchronous=FULL;
-             CREATE TABLE IF NOT EXISTS mailbox (
+            "CREATE TABLE IF NOT EXISTS mailbox (
                  recipient TEXT NOT NULL,
                  n INTEGER NOT NULL,
                  id BLOB NOT NULL UNIQUE,

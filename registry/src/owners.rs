@@ -34,6 +34,22 @@ pub enum OwnersError {
     },
 }
 
+/// Opens (creating it and its directory if needed) the registry's durable store,
+/// `dir/registry.sqlite3`, in WAL mode with `synchronous=FULL`. Owners, accounts and
+/// mailboxes each keep a connection to it.
+///
+/// # Errors
+/// [`OwnersError::Sqlite`] (also for a directory that cannot be created).
+pub fn open_db(dir: &Path) -> Result<Connection, OwnersError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let conn = Connection::open(dir.join("registry.sqlite3"))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    conn.execute_batch("PRAGMA synchronous=FULL;")?;
+    Ok(conn)
+}
+
 /// Name → owner key bindings.
 #[derive(Debug)]
 pub struct Owners {
@@ -46,14 +62,9 @@ impl Owners {
     /// # Errors
     /// [`OwnersError::Sqlite`].
     pub fn open(dir: &Path) -> Result<Owners, OwnersError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let conn = Connection::open(dir.join("registry.sqlite3"))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        let conn = open_db(dir)?;
         conn.execute_batch(
-            "PRAGMA synchronous=FULL;
-             CREATE TABLE IF NOT EXISTS owners (
+            "CREATE TABLE IF NOT EXISTS owners (
                  name TEXT PRIMARY KEY,
                  key TEXT NOT NULL,
                  bound_at_us INTEGER NOT NULL) WITHOUT ROWID;

@@ -5,14 +5,13 @@
 //! last_seen_us INTEGER)`, the key in Z85. A key holds at most one account.
 
 use std::path::Path;
-use std::time::Duration;
 
 use agora_common::keys::PublicKey;
 use agora_common::proto::{UserEntry, UserName};
 use agora_common::time::Timestamp;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::owners::OwnersError;
+use crate::owners::{open_db, OwnersError};
 
 /// The account store.
 #[derive(Debug)]
@@ -26,14 +25,9 @@ impl Users {
     /// # Errors
     /// [`OwnersError::Sqlite`].
     pub fn open(dir: &Path) -> Result<Users, OwnersError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let conn = Connection::open(dir.join("registry.sqlite3"))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        let conn = open_db(dir)?;
         conn.execute_batch(
-            "PRAGMA synchronous=FULL;
-             CREATE TABLE IF NOT EXISTS users (
+            "CREATE TABLE IF NOT EXISTS users (
                  name TEXT PRIMARY KEY,
                  key TEXT NOT NULL UNIQUE,
                  registered_at_us INTEGER NOT NULL,
