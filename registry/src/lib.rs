@@ -61,6 +61,8 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// Most direct messages waiting in one mailbox (default 1,000).
     pub max_mailbox: u64,
+    /// Most user accounts (default 100,000).
+    pub max_users: u64,
     /// How long a direct message waits unread before it expires to the sender's dead
     /// letters (default 7 days).
     pub dm_ttl: Duration,
@@ -84,6 +86,7 @@ impl Default for Config {
             key_bind: None,
             presence_ttl: Duration::from_secs(30),
             max_mailbox: 1000,
+            max_users: 100_000,
             dm_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -301,7 +304,14 @@ impl Registry {
             agora_common::server::rate_limit(&mut self.limiter, &incoming, Instant::now());
         // A `connect` with `push` makes this connection the one DMs are pushed to.
         match (&incoming.request, incoming.peer) {
-            (Ok(Request::Connect(c)), Some(key)) if c.push && limited.is_none() => {
+            (Ok(Request::Connect(c)), Some(key))
+                if c.push
+                    && limited.is_none()
+                    && self
+                        .users
+                        .as_ref()
+                        .is_some_and(|u| u.by_key(&key).ok().flatten().is_some()) =>
+            {
                 let until = Instant::now() + self.sessions.ttl();
                 self.dm_subs.insert(key, (incoming.envelope.clone(), until));
             }
@@ -368,9 +378,13 @@ impl Registry {
                 now,
             )),
             Request::Unregister(r) => reply_frames(cmd::unregister::apply(dir, owners, r, peer)),
-            Request::UserRegister(r) => {
-                reply_frames(cmd::users::register(self.users.as_ref(), peer, r, now))
-            }
+            Request::UserRegister(r) => reply_frames(cmd::users::register(
+                self.users.as_ref(),
+                peer,
+                r,
+                now,
+                self.config.max_users,
+            )),
             Request::UserUnregister(r) => reply_frames(cmd::users::unregister(
                 self.users.as_ref(),
                 self.mailboxes.as_ref(),

@@ -47,6 +47,9 @@ pub struct Mailboxes {
     clock: MonotonicClock,
 }
 
+/// Dead letters kept per sender: the newest 1,000.
+pub const MAX_DEAD_LETTERS: i64 = 1000;
+
 /// A stored message's number, id, time, and whether it was a retry.
 pub type Stored = (u64, MessageId, Timestamp, bool);
 
@@ -309,6 +312,11 @@ impl Mailboxes {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![key, next, now.as_micros(), to, reason, body.get()],
         )?;
+        // Bounded: a sender keeps its newest MAX_DEAD_LETTERS.
+        self.conn.execute(
+            "DELETE FROM dead_letters WHERE sender_key = ?1 AND n <= ?2",
+            params![key, next - MAX_DEAD_LETTERS],
+        )?;
         Ok(())
     }
 
@@ -343,5 +351,69 @@ impl Mailboxes {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> PublicKey {
+        PublicKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn dead_letters_are_bounded_per_sender_keeping_the_newest() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let m = Mailboxes::open(dir.path()).expect("open");
+        let body = RawValue::from_string("\"x\"".into()).expect("json");
+        for i in 0..(MAX_DEAD_LETTERS + 5) {
+            m.dead(
+                &key(1),
+                &format!("u{i}"),
+                "unknown_user",
+                &body,
+                Timestamp::from_micros(i),
+            )
+            .expect("dead");
+        }
+        m.dead(
+            &key(2),
+            "other",
+            "unknown_user",
+            &body,
+            Timestamp::from_micros(0),
+        )
+        .expect("dead");
+        let letters = m.dead_letters(&key(1)).expect("list");
+        assert_eq!(letters.len() as i64, MAX_DEAD_LETTERS);
+        assert_eq!(letters[0].to, "u5");
+        assert_eq!(m.dead_letters(&key(2)).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn messages_are_numbered_per_recipient_and_acks_never_reuse_numbers() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut m = Mailboxes::open(dir.path()).expect("open");
+        let body = RawValue::from_string("1".into()).expect("json");
+        let alice = UserName::new("alice").expect("name");
+        let now = Timestamp::now();
+        let store = |m: &mut Mailboxes, to: u8| {
+            m.store(&key(to), &alice, &key(9), None, &body, now, 10)
+                .expect("store")
+                .0
+        };
+        assert_eq!(
+            (store(&mut m, 1), store(&mut m, 1), store(&mut m, 2)),
+            (1, 2, 1)
+        );
+        assert_eq!(m.ack(&key(1), 2).expect("ack"), 2);
+        assert_eq!(store(&mut m, 1), 3);
+        let (waiting, more) = m.fetch(&key(1), 0, 10).expect("fetch");
+        assert_eq!((waiting.len(), more), (1, false));
+        assert!(matches!(
+            m.store(&key(3), &alice, &key(9), None, &body, now, 0),
+            Err(MailboxError::Full)
+        ));
     }
 }

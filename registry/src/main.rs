@@ -39,6 +39,9 @@ struct Args {
     /// How long a direct message waits unread before it expires to the sender's dead letters.
     #[arg(long, env = "AGORA_DM_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     dm_ttl: Duration,
+    /// Most user accounts.
+    #[arg(long, env = "AGORA_MAX_USERS", default_value_t = 100_000)]
+    max_users: u64,
     /// Most direct messages waiting in one mailbox; more are dead-lettered.
     #[arg(long, env = "AGORA_MAX_MAILBOX", default_value_t = 1000)]
     max_mailbox: u64,
@@ -115,6 +118,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         key_bind: args.key_bind,
         presence_ttl: args.presence_ttl,
         max_mailbox: args.max_mailbox,
+        max_users: args.max_users,
         dm_ttl: args.dm_ttl,
     };
     let ctx = zmq::Context::new();

@@ -132,6 +132,17 @@ impl Users {
             == 1)
     }
 
+    /// How many accounts there are.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn count(&self) -> Result<u64, OwnersError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Every account, sorted by name.
     ///
     /// # Errors

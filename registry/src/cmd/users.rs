@@ -46,12 +46,14 @@ fn unknown(name: &agora_common::proto::UserName) -> WireError {
 ///
 /// # Errors
 /// `name_taken` (the name is another key's, or the caller's key already holds another
-/// account), `forbidden` (no CURVE), `internal`.
+/// account), `limit_reached` (`max_users` accounts exist), `forbidden` (no CURVE),
+/// `internal`.
 pub fn register(
     users: Option<&Users>,
     peer: Option<PublicKey>,
     r: UserNameRequest,
     now: Timestamp,
+    max_users: u64,
 ) -> Result<UserReply, WireError> {
     let (users, key) = need(users, peer)?;
     if let Some(held) = users.by_name(&r.name).map_err(internal)? {
@@ -70,6 +72,12 @@ pub fn register(
         return Err(WireError::new(
             ErrorCode::NameTaken,
             format!("this key already holds the account {}", mine.name),
+        ));
+    }
+    if users.count().map_err(internal)? >= max_users {
+        return Err(WireError::new(
+            ErrorCode::LimitReached,
+            format!("the registry holds its maximum of {max_users} accounts"),
         ));
     }
     let user = UserEntry {
