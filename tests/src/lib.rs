@@ -275,12 +275,16 @@ impl Federation {
     pub fn restart_registry(&mut self, heartbeat: &str) {
         self.registry.kill9();
         let endpoint = self.registry.endpoint.clone();
+        // The key endpoint too: its default (the next port) may belong to another test.
+        let key_endpoint = self.registry.key_endpoint.clone().expect("a key endpoint");
         let data = self.path("registry-data");
         self.registry = Server::start(
             "registry",
             &[
                 "--bind",
                 &endpoint,
+                "--key-bind",
+                &key_endpoint,
                 "--heartbeat",
                 heartbeat,
                 "--data-dir",
