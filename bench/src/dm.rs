@@ -2,8 +2,7 @@
 //! fetching stored messages, and send→deliver latency to an online user (pushed through
 //! `common::inbox`, the code user-cli and bots run).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientOptions, RegistryClient};
@@ -30,27 +29,19 @@ impl Drop for RegistryProc {
 }
 
 fn start_registry() -> anyhow::Result<RegistryProc> {
-    let bin = std::env::current_exe()?.with_file_name("registry");
-    if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build --release --bins` first",
-            bin.display()
-        );
-    }
-    let dir = tempfile::tempdir()?;
-    let mut child = Command::new(&bin)
-        .args(["--bind", "tcp://127.0.0.1:0", "--rate-limit", "0"])
-        .args(["--max-mailbox", "100000", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let words: Vec<&str> = line.split_whitespace().collect();
+    let (child, words, dir) = crate::spawn_server(
+        "registry",
+        &[
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--rate-limit",
+            "0",
+            "--max-mailbox",
+            "100000",
+        ],
+    )?;
     let [_, endpoint, _, key, ..] = words.as_slice() else {
-        bail!("registry printed {line:?}");
+        bail!("registry printed {words:?}");
     };
     Ok(RegistryProc {
         endpoint: (*endpoint).to_owned(),

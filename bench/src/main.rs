@@ -129,12 +129,13 @@ impl NodeProc {
     }
 }
 
-/// Starts the release `group-node` beside this binary on a free loopback port, with `extra`
-/// arguments, in a temporary data directory. The per-peer rate limit is off: the bench
-/// measures throughput, and one bench client sends far more than a person would.
-pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
-    let exe = std::env::current_exe()?;
-    let bin: PathBuf = exe.with_file_name("group-node");
+/// Starts the release binary `name` beside this one with `args` and a temporary data
+/// directory (`--data-dir`), and returns it with the words of its `listening …` line.
+pub(crate) fn spawn_server(
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<(Child, Vec<String>, tempfile::TempDir)> {
+    let bin: PathBuf = std::env::current_exe()?.with_file_name(name);
     if !bin.exists() {
         bail!(
             "{} not found: run `cargo build --release --bins` first",
@@ -143,27 +144,31 @@ pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
     }
     let dir = tempfile::tempdir()?;
     let mut child = Command::new(&bin)
-        .args([
-            "bench",
-            "127.0.0.1:0",
-            "--no-registry",
-            "--rate-limit",
-            "0",
-            "--data-dir",
-        ])
+        .args(args)
+        .arg("--data-dir")
         .arg(dir.path())
-        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let words: Vec<&str> = line.split_whitespace().collect();
+    let words = line.split_whitespace().map(str::to_owned).collect();
+    Ok((child, words, dir))
+}
+
+/// Starts the release `group-node` beside this binary on a free loopback port, with `extra`
+/// arguments, in a temporary data directory. The per-peer rate limit is off: the bench
+/// measures throughput, and one bench client sends far more than a person would.
+pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
+    let mut args = vec!["bench", "127.0.0.1:0", "--no-registry", "--rate-limit", "0"];
+    args.extend_from_slice(extra);
+    let (child, words, dir) = spawn_server("group-node", &args)?;
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
     let (endpoint, key) = match words.as_slice() {
         [_, endpoint, _, key] => (*endpoint, Some(key.parse()?)),
         [_, endpoint] => (*endpoint, None),
-        _ => bail!("group-node printed {line:?}, not `listening ENDPOINT [public-key KEY]`"),
+        _ => bail!("group-node printed {words:?}, not `listening ENDPOINT [public-key KEY]`"),
     };
     Ok(NodeProc {
         child,

@@ -273,34 +273,22 @@ impl Federation {
     /// Kills the registry if it runs, and starts a new one on the same endpoint (and with
     /// the same key pair).
     pub fn restart_registry(&mut self, heartbeat: &str) {
-        self.registry.kill9();
-        let endpoint = self.registry.endpoint.clone();
-        // The key endpoint too: its default (the next port) may belong to another test.
-        let key_endpoint = self.registry.key_endpoint.clone().expect("a key endpoint");
-        let data = self.path("registry-data");
-        self.registry = Server::start(
-            "registry",
-            &[
-                "--bind",
-                &endpoint,
-                "--key-bind",
-                &key_endpoint,
-                "--heartbeat",
-                heartbeat,
-                "--data-dir",
-                &data,
-            ],
-            &self.dir.path().join("registry-2.log"),
-        );
+        self.start_registry_on("registry-data", "registry-2.log", heartbeat);
     }
 
     /// Kills the registry and starts one with a NEW key pair on the same endpoint and key
     /// endpoint (a reinstalled registry, or an impostor).
     pub fn replace_registry(&mut self, heartbeat: &str) {
+        self.start_registry_on("registry-data-new", "registry-new.log", heartbeat);
+    }
+
+    /// Kills the registry and starts one on the same endpoint and key endpoint (whose
+    /// default, the next port, may belong to another test), with data in `DIR/data`.
+    fn start_registry_on(&mut self, data: &str, log: &str, heartbeat: &str) {
         self.registry.kill9();
         let endpoint = self.registry.endpoint.clone();
         let key_endpoint = self.registry.key_endpoint.clone().expect("a key endpoint");
-        let data = self.path("registry-data-new");
+        let data = self.path(data);
         self.registry = Server::start(
             "registry",
             &[
@@ -313,8 +301,24 @@ impl Federation {
                 "--data-dir",
                 &data,
             ],
-            &self.dir.path().join("registry-new.log"),
+            &self.dir.path().join(log),
         );
+    }
+
+    /// Joins `group` as `user` as soon as the group is listed (nodes register within a
+    /// heartbeat of starting).
+    ///
+    /// # Panics
+    /// If the join does not succeed within 20 s.
+    pub fn join_when_listed(&self, user: &str, group: &str) {
+        let mut last = None;
+        let joined = wait_for(Duration::from_secs(20), || {
+            let run = self.cli(user, &["join", group], "");
+            let ok = run.code == Some(0);
+            last = Some(run);
+            ok
+        });
+        assert!(joined, "{user} could not join {group}: {last:?}");
     }
 
     /// A path inside the federation's temporary directory.

@@ -100,9 +100,7 @@ fn presence_follows_connect_disconnect_and_expires_after_a_killed_client() {
 
     // A long-running client keeps alice present; killed, she goes offline within the TTL.
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(agora_tests::wait_for(Duration::from_secs(20), || {
-        fed.cli("alice", &["join", "Cool Group"], "").code == Some(0)
-    }));
+    fed.join_when_listed("alice", "Cool Group");
     let mut watch = fed.spawn_cli("alice", &["watch", "Cool Group"]);
     assert!(watch.wait_stderr("watching", Duration::from_secs(20)));
     // Online, and still online past one TTL: the client renews its session.

@@ -99,9 +99,7 @@ fn an_online_user_gets_direct_messages_live_and_they_count_as_read() {
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
     ok(fed.cli("alice", &["register", "alice"], ""));
     ok(fed.cli("bob", &["register", "bob"], ""));
-    assert!(agora_tests::wait_for(WAIT, || {
-        fed.cli("bob", &["join", "Cool Group"], "").code == Some(0)
-    }));
+    fed.join_when_listed("bob", "Cool Group");
     // bob's long-running client keeps him online and takes pushed messages.
     let mut watch = fed.spawn_cli("bob", &["watch", "Cool Group"]);
     assert!(watch.wait_stderr("watching", WAIT));

@@ -136,9 +136,7 @@ fn two_users_chat_in_two_groups_one_named_with_a_space() {
 fn history_by_time_seq_id_and_latest() {
     let fed = Federation::start("200ms");
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(wait_for(Duration::from_secs(10), || {
-        fed.cli("alice", &["join", "Cool Group"], "").code == Some(0)
-    }));
+    fed.join_when_listed("alice", "Cool Group");
     let first = json_lines(&ok(fed.cli(
         "alice",
         &["--json", "send", "Cool Group", "early"],
@@ -213,9 +211,7 @@ fn history_by_time_seq_id_and_latest() {
 fn a_non_member_is_refused_and_errors_name_the_group() {
     let fed = Federation::start("200ms");
     let node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(wait_for(Duration::from_secs(10), || {
-        fed.cli("alice", &["join", "Cool Group"], "").code == Some(0)
-    }));
+    fed.join_when_listed("alice", "Cool Group");
     ok(fed.cli("alice", &["send", "Cool Group", "members only"], ""));
 
     let read = fed.cli("mallory", &["messages", "Cool Group"], "");

@@ -66,10 +66,7 @@ fn watch(fed: &Federation, user: &str, group: &str, from_zero: bool) -> Streamin
 fn three_members_see_each_others_messages_live() {
     let fed = Federation::start("200ms");
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(wait_for(WAIT, || fed
-        .cli("alice", &["join", "Cool Group"], "")
-        .code
-        == Some(0)));
+    fed.join_when_listed("alice", "Cool Group");
     let users = ["alice", "bob", "carol"];
     for u in &users[1..] {
         ok(fed.cli(u, &["join", "Cool Group"], ""));
@@ -108,10 +105,7 @@ fn three_members_see_each_others_messages_live() {
 fn a_non_members_watch_receives_nothing() {
     let fed = Federation::start("200ms");
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(wait_for(WAIT, || fed
-        .cli("alice", &["join", "Cool Group"], "")
-        .code
-        == Some(0)));
+    fed.join_when_listed("alice", "Cool Group");
     let mut w = fed.spawn_cli("mallory", &["--json", "watch", "Cool Group"]);
     ok(fed.cli("alice", &["send", "Cool Group", "secret"], ""));
     let code = w
@@ -284,10 +278,7 @@ fn fifty_concurrent_subscribers_get_every_message_in_order() {
 fn with_the_registry_stopped_two_members_keep_chatting_by_name() {
     let mut fed = Federation::start("200ms");
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(wait_for(WAIT, || fed
-        .cli("alice", &["join", "Cool Group"], "")
-        .code
-        == Some(0)));
+    fed.join_when_listed("alice", "Cool Group");
     ok(fed.cli("bob", &["join", "Cool Group"], ""));
     let mut w = watch(&fed, "alice", "Cool Group", false);
     fed.kill_registry();
@@ -318,10 +309,7 @@ fn with_the_registry_stopped_two_members_keep_chatting_by_name() {
 fn a_client_that_was_offline_catches_up_with_an_unread_count() {
     let fed = Federation::start("200ms");
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(wait_for(WAIT, || fed
-        .cli("alice", &["join", "Cool Group"], "")
-        .code
-        == Some(0)));
+    fed.join_when_listed("alice", "Cool Group");
     ok(fed.cli("bob", &["join", "Cool Group"], ""));
     for text in ["one", "two", "three"] {
         ok(fed.cli("bob", &["send", "Cool Group", text], ""));

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use agora_tests::{wait_for, CliRun, Federation};
+use agora_tests::{CliRun, Federation};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -33,10 +33,7 @@ fn a_private_group_takes_only_invited_keys_and_shows_outsiders_nothing() {
         &["--private", "--owner", &alice],
     );
     // The owner joins without an invitation.
-    assert!(wait_for(WAIT, || fed
-        .cli("alice", &["join", "Secret"], "")
-        .code
-        == Some(0)));
+    fed.join_when_listed("alice", "Secret");
     ok(fed.cli("alice", &["send", "Secret", "for members only"], ""));
 
     refused(fed.cli("bob", &["join", "Secret"], ""), "not_invited");
@@ -66,10 +63,7 @@ fn kicks_bans_and_admins() {
     let fed = Federation::start("200ms");
     let alice = fed.user_key("alice");
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &["--owner", &alice]);
-    assert!(wait_for(WAIT, || fed
-        .cli("alice", &["join", "Cool Group"], "")
-        .code
-        == Some(0)));
+    fed.join_when_listed("alice", "Cool Group");
     for u in ["bob", "carol", "mallory"] {
         ok(fed.cli(u, &["join", "Cool Group"], ""));
     }

@@ -199,9 +199,7 @@ fn a_forged_sender_is_ignored_and_the_stored_sender_is_the_authenticated_key() {
 
     let fed = Federation::start("200ms");
     let node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
-    assert!(wait_for(WAIT, || {
-        fed.cli("alice", &["join", "Cool Group"], "").code == Some(0)
-    }));
+    fed.join_when_listed("alice", "Cool Group");
     assert_eq!(
         fed.cli("mallory", &["join", "Cool Group"], "").code,
         Some(0)
