@@ -2,12 +2,21 @@
 # Installs what building and testing Agora needs, only where it is missing:
 #   - libzmq3-dev and pkg-config (Debian/Ubuntu, through apt-get; sudo when not root);
 #   - a Rust toolchain (through rustup) when cargo is absent;
-#   - with --python: python3 with pyzmq, for the interop test.
-# Usage: scripts/deps.sh [--python]
+#   - with --python: python3 with pyzmq, for the interop test;
+#   - with --bench: nats-server and redis-server, the benchmarks' peers (Debian packages;
+#     the bench starts its own servers, so the packages' system services are left alone).
+# Usage: scripts/deps.sh [--python] [--bench]
 set -euo pipefail
 
 want_python=0
-[ "${1:-}" = "--python" ] && want_python=1
+want_bench=0
+for arg in "$@"; do
+    case "$arg" in
+        --python) want_python=1 ;;
+        --bench) want_bench=1 ;;
+        *) echo "deps: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -34,6 +43,11 @@ command -v curl >/dev/null 2>&1 || command -v cargo >/dev/null 2>&1 || missing+=
 if [ "$want_python" -eq 1 ]; then
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+fi
+if [ "$want_bench" -eq 1 ]; then
+    command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+    command -v redis-server >/dev/null 2>&1 || [ -x /usr/sbin/redis-server ] || missing+=(redis-server)
+    command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "deps: installing ${missing[*]}" >&2

@@ -14,7 +14,8 @@ use anyhow::{bail, Context};
 
 use crate::body;
 
-struct RegistryProc {
+/// A running `registry` process (killed on drop).
+pub(crate) struct RegistryProc {
     child: Child,
     endpoint: String,
     key: PublicKey,
@@ -28,18 +29,46 @@ impl Drop for RegistryProc {
     }
 }
 
-fn start_registry() -> anyhow::Result<RegistryProc> {
-    let (child, words, dir) = crate::spawn_server(
-        "registry",
-        &[
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--rate-limit",
-            "0",
-            "--max-mailbox",
-            "100000",
-        ],
-    )?;
+impl RegistryProc {
+    /// A client with a fresh key pair, and its public key.
+    pub(crate) fn client(
+        &self,
+        ctx: &zmq::Context,
+    ) -> anyhow::Result<(RegistryClient, PublicKey)> {
+        let curve = ClientCurve {
+            keypair: Keypair::generate()?,
+            server_key: self.key,
+        };
+        let public = curve.keypair.public;
+        let options = ClientOptions {
+            timeout: Duration::from_secs(30),
+            attempts: 1,
+        };
+        Ok((
+            RegistryClient::new(ctx, &self.endpoint, options).with_curve(curve),
+            public,
+        ))
+    }
+
+    /// The registry's resident memory, KiB.
+    pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
+        crate::servers::rss_kib(self.child.id())
+    }
+}
+
+/// Starts the release `registry` beside this binary on a free loopback port, over CURVE,
+/// with no rate limit, room for 100,000 DMs per mailbox, and `extra` arguments.
+pub(crate) fn start_registry(extra: &[&str]) -> anyhow::Result<RegistryProc> {
+    let mut args = vec![
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--rate-limit",
+        "0",
+        "--max-mailbox",
+        "100000",
+    ];
+    args.extend_from_slice(extra);
+    let (child, words, dir) = crate::spawn_server("registry", &args)?;
     let [_, endpoint, _, key, ..] = words.as_slice() else {
         bail!("registry printed {words:?}");
     };
@@ -73,7 +102,7 @@ fn user(
 /// does (pages of 1000). Prints the send rate and the time to receive them all.
 pub fn stored(count: u64, bytes: usize) -> anyhow::Result<()> {
     let ctx = zmq::Context::new();
-    let reg = start_registry()?;
+    let reg = start_registry(&[])?;
     let (mut alice, _) = user(&ctx, &reg, "alice")?;
     let (mut bob, _) = user(&ctx, &reg, "bob")?;
     let to = UserName::new("bob")?;
@@ -115,7 +144,7 @@ pub fn stored(count: u64, bytes: usize) -> anyhow::Result<()> {
 /// Send→deliver latency of `count` sequential DMs to an online user (pushed).
 pub fn latency(count: u64, bytes: usize) -> anyhow::Result<()> {
     let ctx = zmq::Context::new();
-    let reg = start_registry()?;
+    let reg = start_registry(&[])?;
     let (mut alice, _) = user(&ctx, &reg, "alice")?;
     let (_, bob_curve) = user(&ctx, &reg, "bob")?;
     let (inbox, dms) = Inbox::start(&ctx, &reg.endpoint, bob_curve, Duration::from_secs(5))?;

@@ -10,6 +10,7 @@ use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_common::proto::{EntryKind, UserName};
 use anyhow::{bail, Context};
 
+use crate::workload::{Fanout, Latency};
 use crate::{body, start_node, windowed_sends, NodeProc};
 
 /// What one subscriber saw: (seq, when, came live).
@@ -83,22 +84,17 @@ fn collect(
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Latency from the start of a `send` to each subscriber's delivery, `messages` sequential
-/// sends, with `subscribers` subscribers. Prints p50 and p99.
+/// sends (each waits for its ack), with `subscribers` subscribers.
+///
+/// # Errors
+/// When a subscriber misses a message (after backfill) or a send fails.
 pub fn latency(
     subscribers: usize,
     messages: u64,
     bytes: usize,
     node_args: &[&str],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Latency> {
     let ctx = zmq::Context::new();
     let node = start_node(node_args)?;
     let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -116,7 +112,6 @@ pub fn latency(
     }
     until.store(last, std::sync::atomic::Ordering::SeqCst);
     let mut samples = Vec::new();
-    let mut backfilled = 0u64;
     for s in subs {
         let seen = s
             .thread
@@ -125,39 +120,29 @@ pub fn latency(
         if seen.len() as u64 != messages {
             bail!("a subscriber got {} of {messages} messages", seen.len());
         }
-        for (seq, at, live) in seen {
-            backfilled += u64::from(!live);
+        for (seq, at, _) in seen {
             if let Some(t) = sent_at.get(&seq) {
                 samples.push(at.saturating_duration_since(*t));
             }
         }
     }
-    samples.sort();
-    println!(
-        "{:<52} {:>7.0} µs / {:>6.0} µs",
-        format!("send→deliver p50 / p99, {subscribers} subscriber(s)"),
-        percentile(&samples, 0.50).as_secs_f64() * 1e6,
-        percentile(&samples, 0.99).as_secs_f64() * 1e6,
-    );
-    if backfilled > 0 {
-        println!(
-            "{:<52} {:>10}",
-            "  (entries that came by backfill)", backfilled
-        );
-    }
-    Ok(())
+    Ok(Latency::of(samples))
 }
 
-/// Fan-out: `messages` sent with `window` in flight, to `subscribers` subscribers. Prints
-/// delivered messages per second (all subscribers together), how many entries missed their
-/// push and came by backfill, and how many were lost after backfill (must be 0).
+/// Fan-out: `messages` sent with `window` in flight, to `subscribers` subscribers:
+/// deliveries per second (all subscribers together) and deliveries lost after backfill.
+/// Entries that missed their push and came by backfill count as delivered, at the time
+/// they arrived.
+///
+/// # Errors
+/// When a send fails or a subscriber never subscribes.
 pub fn fanout(
     subscribers: usize,
     messages: u64,
     window: usize,
     bytes: usize,
     node_args: &[&str],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Fanout> {
     let ctx = zmq::Context::new();
     let node = start_node(node_args)?;
     let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -172,7 +157,7 @@ pub fn fanout(
         joined.last_seq + messages,
         std::sync::atomic::Ordering::SeqCst,
     );
-    let (mut delivered, mut backfilled, mut lost) = (0u64, 0u64, 0u64);
+    let (mut delivered, mut lost) = (0u64, 0u64);
     let mut done = started;
     for s in subs {
         let seen = s
@@ -180,25 +165,14 @@ pub fn fanout(
             .join()
             .map_err(|_| anyhow::anyhow!("subscriber panicked"))?;
         delivered += seen.len() as u64;
-        backfilled += seen.iter().filter(|(_, _, live)| !live).count() as u64;
         lost += messages.saturating_sub(seen.len() as u64);
         if let Some((_, at, _)) = seen.last() {
             done = done.max(*at);
         }
     }
     let secs = done.saturating_duration_since(started).as_secs_f64();
-    println!(
-        "{:<52} {:>10.0} /s",
-        format!(
-            "fan-out delivered, {subscribers} subs, {window} in flight {}",
-            node_args.join(" ")
-        ),
-        delivered as f64 / secs
-    );
-    println!(
-        "{:<52} {:>10}",
-        "  missed their push (came by backfill)", backfilled
-    );
-    println!("{:<52} {:>10}", "  lost after backfill", lost);
-    Ok(())
+    Ok(Fanout {
+        delivered_per_s: delivered as f64 / secs,
+        lost,
+    })
 }

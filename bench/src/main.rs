@@ -1,72 +1,528 @@
-//! `agora-bench`: measures a real `group-node` process (started from beside this binary).
+//! `agora-bench`: Agora side by side with NATS (JetStream on a file store) and Redis
+//! (streams with AOF), with raw libzmq as the transport floor, on one machine in one run.
 //!
-//! - one client's sequential acked sends per second (each waits for its ack);
-//! - acked sends per second with a window of requests in flight on one DEALER (group commit);
-//! - history replay of the newest `--replay` messages, in pages of 1000;
-//! - the node's resident memory (VmRSS) as the log grows to `--messages`, and after a full
-//!   replay: history lives on disk, so it must stay flat.
+//! It starts every server itself on ephemeral loopback ports (the Agora binaries from
+//! beside this one, `nats-server` and `redis-server` from `PATH`), pins servers and
+//! clients to separate CPUs with `taskset` where it can, runs each workload `--repeat`
+//! times, and prints one Markdown table of medians with the ratio Agora/peer. The
+//! workloads and what each side's durability setting means are in docs/PERFORMANCE.md.
 //!
-//! Build first: `cargo build --release --bins`, then `cargo run --release -p agora-bench`.
-//! Prints a table; asserts nothing about timings.
+//! Run: `scripts/bench.sh` (installs the peer servers, builds release, runs this).
+//! `--quick` is CI's smoke run: small sizes, and it fails on a wrong count or an Agora
+//! loss, never on a timing.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientOptions, GroupClient};
 use agora_common::codec::{decode_reply, encode_request};
 use agora_common::id::MessageId;
-use agora_common::proto::{HistoryQuery, Request, SendAck, SendRequest, UserName};
+use agora_common::proto::{Request, SendAck, SendRequest, UserName};
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::value::RawValue;
 
-mod dm;
-mod live;
+use table::{median, Better, Row};
+use workload::{Fanout, Latency, Sizes};
 
-/// Benchmarks a real group node on loopback.
+mod agora;
+mod dm;
+mod floor;
+mod live;
+mod peers;
+mod servers;
+mod table;
+mod workload;
+
+/// Benchmarks Agora against NATS, Redis and raw libzmq on loopback.
 #[derive(Debug, Parser)]
 #[command(name = "agora-bench", about)]
 struct Args {
-    /// Sequential acked sends to time.
-    #[arg(long, default_value_t = 5_000)]
-    sequential: u64,
-    /// Total messages stored before the memory reading (the log grows to this).
-    #[arg(long, default_value_t = 1_000_000)]
-    messages: u64,
-    /// Messages replayed from history.
-    #[arg(long, default_value_t = 100_000)]
-    replay: u64,
-    /// Requests in flight for the windowed send.
-    #[arg(long, default_value_t = 100)]
-    window: usize,
+    /// CI's smoke run: every workload at small sizes, once; fails on a wrong count or an
+    /// Agora loss, never on timings.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per workload; the table shows medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
     /// Body size in bytes.
-    #[arg(long, default_value_t = 128)]
-    body_bytes: usize,
-    /// Sequential sends per live latency run.
-    #[arg(long, default_value_t = 1_000)]
-    latency_messages: u64,
-    /// Messages per fan-out run.
-    #[arg(long, default_value_t = 20_000)]
-    fanout_messages: u64,
-    /// Skip the storage benchmarks (acked sends, replay, memory).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(8..))]
+    body_bytes: u64,
+    /// Run Agora over CURVE (its default). Without it Agora runs `--insecure`, as the
+    /// peers run without TLS.
     #[arg(long)]
-    live_only: bool,
-    /// Skip the live-stream benchmarks.
+    curve: bool,
+    /// Only these workloads (1–7; repeatable). Default: all.
+    #[arg(long = "workload", value_parser = clap::value_parser!(u8).range(1..=7))]
+    workloads: Vec<u8>,
+    /// Agora only: skip the peers (no nats-server or redis-server needed).
     #[arg(long)]
-    no_live: bool,
-    /// Run the node without CURVE (to measure what encryption costs).
+    no_peers: bool,
+    /// Also the direct-message measures (Agora only; over CURVE).
     #[arg(long)]
-    insecure: bool,
-    /// Stored direct messages a reconnecting user receives.
-    #[arg(long, default_value_t = 10_000)]
-    stored_dms: u64,
-    /// Skip the direct-message benchmarks.
-    #[arg(long)]
-    no_dm: bool,
+    dm: bool,
+    /// Internal: be the libzmq REP echo server of the transport floor.
+    #[arg(long, hide = true)]
+    serve_rep: bool,
 }
 
+const NATS_JS: &str = "NATS JetStream, file store";
+const REDIS_EVERYSEC: &str = "Redis stream, AOF everysec";
+const REDIS_ALWAYS: &str = "Redis stream, AOF always";
+const NATS_CORE: &str = "NATS core pub/sub (not stored)";
+const REDIS_PUBSUB: &str = "Redis pub/sub (not stored)";
+const ZMQ_PUBSUB: &str = "libzmq PUB/SUB (floor)";
+
+/// The run: sizes, Agora's node arguments, the rows so far, and what failed.
+struct Bench {
+    sizes: Sizes,
+    node_args: Vec<&'static str>,
+    peers: bool,
+    rows: Vec<Row>,
+    failures: Vec<String>,
+}
+
+impl Bench {
+    /// Runs `f` `sizes.repeat` times; a failure is recorded (with `what`) and ends the
+    /// repeats.
+    fn runs<T>(&mut self, what: &str, mut f: impl FnMut() -> anyhow::Result<T>) -> Vec<T> {
+        let mut out = Vec::new();
+        for _ in 0..self.sizes.repeat {
+            match f() {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    eprintln!("agora-bench: {what}: {e:#}");
+                    self.failures.push(format!("{what}: {e:#}"));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// As [`Bench::runs`] for a peer; nothing when the peers are off.
+    fn peer_runs<T>(&mut self, what: &str, f: impl FnMut() -> anyhow::Result<T>) -> Vec<T> {
+        if self.peers {
+            self.runs(what, f)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn row(
+        &mut self,
+        workload: impl Into<String>,
+        unit: &'static str,
+        better: Better,
+        agora: Option<f64>,
+        peers: Vec<(&'static str, Option<f64>)>,
+    ) {
+        self.rows.push(Row {
+            workload: workload.into(),
+            unit,
+            better,
+            agora,
+            peers: if self.peers { peers } else { Vec::new() },
+        });
+    }
+
+    fn latency_rows(
+        &mut self,
+        workload: &str,
+        agora: &[Latency],
+        peers: Vec<(&'static str, Vec<Latency>)>,
+    ) {
+        let p50 = |v: &[Latency]| median(v.iter().map(|l| l.p50_us).collect());
+        let p99 = |v: &[Latency]| median(v.iter().map(|l| l.p99_us).collect());
+        self.row(
+            format!("{workload}, p50"),
+            "µs",
+            Better::Lower,
+            p50(agora),
+            peers.iter().map(|(p, v)| (*p, p50(v))).collect(),
+        );
+        self.row(
+            format!("{workload}, p99"),
+            "µs",
+            Better::Lower,
+            p99(agora),
+            peers.iter().map(|(p, v)| (*p, p99(v))).collect(),
+        );
+    }
+}
+
+fn med(values: &[f64]) -> Option<f64> {
+    median(values.to_vec())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.serve_rep {
+        return floor::serve_rep();
+    }
+    let missing = servers::missing_packages();
+    if !missing.is_empty() && !args.no_peers {
+        eprintln!(
+            "agora-bench: missing Debian packages: {}. Install them (scripts/bench.sh does), \
+             or run with --no-peers.",
+            missing.join(" ")
+        );
+        std::process::exit(2);
+    }
+    let pinning = servers::pin_self();
+    let bytes = args.body_bytes as usize;
+    let sizes = if args.quick {
+        Sizes::quick(bytes)
+    } else {
+        Sizes::full(bytes, args.repeat as usize)
+    };
+    let mut bench = Bench {
+        sizes,
+        node_args: if args.curve {
+            Vec::new()
+        } else {
+            vec!["--insecure"]
+        },
+        peers: !args.no_peers,
+        rows: Vec::new(),
+        failures: Vec::new(),
+    };
+    let all = args.workloads.is_empty();
+    let wants = |w: u8| all || args.workloads.contains(&w);
+    let mut losses = Vec::new();
+    if wants(1) {
+        request_reply(&mut bench);
+    }
+    if wants(2) {
+        append(&mut bench);
+    }
+    if wants(3) {
+        concurrent(&mut bench);
+    }
+    if wants(4) {
+        losses = fanout(&mut bench);
+    }
+    if wants(5) {
+        history(&mut bench);
+    }
+    if wants(6) {
+        retention(&mut bench);
+    }
+    if wants(7) {
+        memory(&mut bench);
+    }
+    if args.dm {
+        dm::stored(bench.sizes.lookups, bytes)?;
+        dm::latency(bench.sizes.fanout_latency, bytes)?;
+    }
+
+    println!("{}", heading(&args, &bench, &pinning));
+    for line in table::markdown(&bench.rows) {
+        println!("{line}");
+    }
+    if !bench.failures.is_empty() {
+        println!("\nFailed runs (their cells show —):");
+        for f in &bench.failures {
+            println!("- {f}");
+        }
+    }
+    let agora_lost: u64 = losses.iter().sum();
+    if agora_lost > 0 {
+        bail!("Agora lost {agora_lost} deliveries after backfill");
+    }
+    if args.quick && !bench.failures.is_empty() {
+        bail!("{} runs failed", bench.failures.len());
+    }
+    Ok(())
+}
+
+fn heading(args: &Args, bench: &Bench, pinning: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = servers::machine_cpus();
+    let version = |program: &str, flag: &str| {
+        std::process::Command::new(program)
+            .arg(flag)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "not found".into())
+    };
+    let (major, minor, patch) = zmq::version();
+    format!(
+        "agora-bench{}: {} cores ({cpu}); {pinning}; medians of {} run(s); bodies {} B.\n\
+         Agora {} over {}; {}; {}; libzmq {major}.{minor}.{patch}.\n",
+        if args.quick { " --quick" } else { "" },
+        cores,
+        bench.sizes.repeat,
+        bench.sizes.bytes,
+        env!("CARGO_PKG_VERSION"),
+        if args.curve { "CURVE" } else { "plain TCP (--insecure)" },
+        version("nats-server", "--version"),
+        version("redis-server", "--version"),
+    )
+}
+
+/// Workload 1: request/reply latency.
+fn request_reply(b: &mut Bench) {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    let agora = b.runs("agora request/reply", || agora::request_reply(&node, &sizes));
+    let nats = b.peer_runs("nats request/reply", || peers::nats_request_reply(&sizes));
+    let redis = b.peer_runs("redis request/reply", || peers::redis_request_reply(&sizes));
+    let zmq = b.peer_runs("zmq request/reply", || floor::request_reply(&sizes));
+    b.latency_rows(
+        &format!("1. request/reply, {} sequential `latest 1`", sizes.requests),
+        &agora,
+        vec![
+            ("NATS JetStream direct get (last msg)", nats),
+            ("Redis XREVRANGE COUNT 1", redis),
+            ("libzmq REQ/REP echo (floor)", zmq),
+        ],
+    );
+}
+
+/// Workload 2: acked appends at 1 and 100 in flight.
+fn append(b: &mut Bench) {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    for (window, count) in [(1, sizes.append_one), (100, sizes.append_window)] {
+        let bytes = sizes.bytes;
+        let agora = b.runs("agora append", || agora::append(&node, window, count, bytes));
+        let nats = b.peer_runs("nats append", || peers::nats_append(window, count, bytes));
+        let everysec = b.peer_runs("redis everysec append", || {
+            peers::redis_append("everysec", window, count, bytes)
+        });
+        let always = b.peer_runs("redis always append", || {
+            peers::redis_append("always", window, count, bytes)
+        });
+        let disk = if window == 1 {
+            b.runs("fdatasync floor", || floor::fsync_rate(count, bytes))
+        } else {
+            Vec::new()
+        };
+        b.row(
+            format!("2. acked append, {window} in flight ({count} msgs)"),
+            "msgs/s",
+            Better::Higher,
+            med(&agora),
+            vec![
+                (NATS_JS, med(&nats)),
+                (REDIS_EVERYSEC, med(&everysec)),
+                (REDIS_ALWAYS, med(&always)),
+                ("append + fdatasync of a file (disk floor)", med(&disk)),
+            ],
+        );
+    }
+}
+
+/// Workload 3: fsync per write under concurrent clients.
+fn concurrent(b: &mut Bench) {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    let (clients, per, bytes) = (sizes.clients, sizes.per_client, sizes.bytes);
+    let agora = b.runs("agora concurrent", || {
+        agora::concurrent_clients(&node, clients, per, bytes)
+    });
+    let always = b.peer_runs("redis always concurrent", || {
+        peers::redis_concurrent_clients("always", clients, per, bytes)
+    });
+    b.row(
+        format!("3. fsync per write, {clients} clients × {per} appends"),
+        "msgs/s",
+        Better::Higher,
+        med(&agora),
+        vec![(REDIS_ALWAYS, med(&always))],
+    );
+}
+
+/// Workload 4: fan-out throughput, loss and latency. Returns Agora's losses.
+fn fanout(b: &mut Bench) -> Vec<u64> {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    let mut agora_losses = Vec::new();
+    for subs in [1, 10, 100] {
+        for bytes in [sizes.bytes, sizes.large_bytes] {
+            let n = sizes.fanout_messages(subs, bytes);
+            let label = format!(
+                "4. fan-out to {subs} sub(s), {}, {n} msgs",
+                if bytes >= 1024 {
+                    format!("{} KiB", bytes / 1024)
+                } else {
+                    format!("{bytes} B")
+                }
+            );
+            let agora = b.runs("agora fan-out", || agora::fanout(&node, subs, n, bytes));
+            let nats = b.peer_runs("nats fan-out", || peers::nats_fanout(subs, n, bytes));
+            let redis = b.peer_runs("redis fan-out", || peers::redis_fanout(subs, n, bytes));
+            let zmq = b.peer_runs("zmq fan-out", || floor::fanout(subs, n, bytes));
+            agora_losses.extend(agora.iter().map(|f| f.lost));
+            let rate = |v: &[Fanout]| median(v.iter().map(|f| f.delivered_per_s).collect());
+            let lost = |v: &[Fanout]| median(v.iter().map(|f| f.lost as f64).collect());
+            b.row(
+                format!("{label}: delivered"),
+                "deliveries/s",
+                Better::Higher,
+                rate(&agora),
+                vec![
+                    (NATS_CORE, rate(&nats)),
+                    (REDIS_PUBSUB, rate(&redis)),
+                    (ZMQ_PUBSUB, rate(&zmq)),
+                ],
+            );
+            b.row(
+                format!(
+                    "{label}: lost (of {}; Agora after backfill)",
+                    n * subs as u64
+                ),
+                "deliveries",
+                Better::Lower,
+                lost(&agora),
+                vec![
+                    (NATS_CORE, lost(&nats)),
+                    (REDIS_PUBSUB, lost(&redis)),
+                    (ZMQ_PUBSUB, lost(&zmq)),
+                ],
+            );
+            let m = sizes.latency_messages(bytes);
+            let agora = b.runs("agora fan-out latency", || {
+                agora::fanout_latency(&node, subs, m, bytes)
+            });
+            let nats = b.peer_runs("nats fan-out latency", || {
+                peers::nats_fanout_latency(subs, m, bytes)
+            });
+            let redis = b.peer_runs("redis fan-out latency", || {
+                peers::redis_fanout_latency(subs, m, bytes)
+            });
+            let zmq = b.peer_runs("zmq fan-out latency", || {
+                floor::fanout_latency(subs, m, bytes)
+            });
+            b.latency_rows(
+                &format!("{label}: send→deliver"),
+                &agora,
+                vec![(NATS_CORE, nats), (REDIS_PUBSUB, redis), (ZMQ_PUBSUB, zmq)],
+            );
+        }
+    }
+    agora_losses
+}
+
+/// Workload 5: history on a log of `sizes.history` messages.
+fn history(b: &mut Bench) {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    let agora = b.runs("agora history", || agora::history(&node, &sizes));
+    let nats = b.peer_runs("nats history", || peers::nats_history(&sizes));
+    let redis = b.peer_runs("redis history", || peers::redis_history(&sizes));
+    let n = sizes.history;
+    type Pick = fn(&workload::History) -> f64;
+    let rows: [(String, &'static str, Pick); 4] = [
+        (
+            format!("5. history of {n}: replay by time (newest half), pages of 1000"),
+            "msgs/s",
+            |h| h.by_time,
+        ),
+        (
+            format!("5. history of {n}: {} lookups by id", sizes.lookups),
+            "lookups/s",
+            |h| h.by_id,
+        ),
+        (
+            format!("5. history of {n}: newest 1000, repeated"),
+            "msgs/s",
+            |h| h.latest,
+        ),
+        (
+            format!("5. history of {n}: all, pages of 1000"),
+            "msgs/s",
+            |h| h.all,
+        ),
+    ];
+    for (label, unit, pick) in rows {
+        let m = |v: &[workload::History]| median(v.iter().map(pick).collect());
+        b.row(
+            label,
+            unit,
+            Better::Higher,
+            m(&agora),
+            vec![
+                ("NATS JetStream consumer / direct get", m(&nats)),
+                ("Redis XRANGE / XREVRANGE", m(&redis)),
+            ],
+        );
+    }
+}
+
+/// Workload 6: appends into a capped log.
+fn retention(b: &mut Bench) {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    let agora = b.runs("agora retention", || agora::retention(&node, &sizes));
+    let nats = b.peer_runs("nats retention", || peers::nats_retention(&sizes));
+    let redis = b.peer_runs("redis retention", || peers::redis_retention(&sizes));
+    b.row(
+        format!(
+            "6. appends into a log capped at {}, 100 in flight ({} msgs)",
+            sizes.retention_cap, sizes.retention_sends
+        ),
+        "msgs/s",
+        Better::Higher,
+        med(&agora),
+        vec![
+            ("NATS JetStream max_msgs", med(&nats)),
+            ("Redis XADD MAXLEN = (everysec)", med(&redis)),
+        ],
+    );
+}
+
+/// Workload 7: server memory, read once (not repeated).
+fn memory(b: &mut Bench) {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    let saved = b.sizes.repeat;
+    b.sizes.repeat = 1;
+    let points = sizes.memory_points.clone();
+    let agora = b.runs("agora memory", || {
+        agora::node_memory(&node, &points, sizes.bytes)
+    });
+    let nats = b.peer_runs("nats memory", || peers::nats_memory(&points, sizes.bytes));
+    let redis = b.peer_runs("redis memory", || peers::redis_memory(&points, sizes.bytes));
+    let at = |v: &[Vec<u64>], i: usize| v.first().and_then(|r| r.get(i)).map(|k| *k as f64);
+    let mut labels = vec!["empty".to_owned()];
+    labels.extend(points.iter().map(|p| format!("{p} msgs")));
+    for (i, label) in labels.iter().enumerate() {
+        b.row(
+            format!("7. server RSS, {label}"),
+            "KiB",
+            Better::Lower,
+            at(&agora, i),
+            vec![
+                ("nats-server (JetStream file)", at(&nats, i)),
+                ("redis-server (stream)", at(&redis, i)),
+            ],
+        );
+    }
+    b.row(
+        format!("7. group-node RSS after replaying all {}", points.last().copied().unwrap_or(0)),
+        "KiB",
+        Better::Lower,
+        at(&agora, labels.len()),
+        Vec::new(),
+    );
+    let groups = sizes.registry_groups;
+    let reg = b.runs("registry memory", || agora::registry_memory(groups));
+    b.row(
+        format!("7. registry RSS with {groups} groups"),
+        "KiB",
+        Better::Lower,
+        reg.first().map(|k| *k as f64),
+        Vec::new(),
+    );
+    b.sizes.repeat = saved;
+}
+
+/// A running `group-node` process (killed on drop).
 pub(crate) struct NodeProc {
     child: Child,
     pub(crate) endpoint: String,
@@ -119,18 +575,15 @@ impl NodeProc {
         })
     }
 
-    fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc status")
+    /// The node's resident memory, KiB.
+    pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
+        servers::rss_kib(self.child.id())
     }
 }
 
-/// Starts the release binary `name` beside this one with `args` and a temporary data
-/// directory (`--data-dir`), and returns it with the words of its `listening …` line.
+/// Starts the binary `name` beside this one (on the servers' CPU) with `args` and a
+/// temporary data directory (`--data-dir`), and returns it with the words of its
+/// `listening …` line.
 pub(crate) fn spawn_server(
     name: &str,
     args: &[&str],
@@ -143,7 +596,7 @@ pub(crate) fn spawn_server(
         );
     }
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(&bin)
+    let mut child = servers::server_command(&bin)
         .args(args)
         .arg("--data-dir")
         .arg(dir.path())
@@ -152,7 +605,16 @@ pub(crate) fn spawn_server(
         .stderr(Stdio::inherit())
         .spawn()?;
     let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let read = child
+        .stdout
+        .take()
+        .context("stdout")
+        .and_then(|out| Ok(BufReader::new(out).read_line(&mut line)?));
+    if read.is_err() || line.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{name} exited before printing its endpoint");
+    }
     let words = line.split_whitespace().map(str::to_owned).collect();
     Ok((child, words, dir))
 }
@@ -227,127 +689,3 @@ pub(crate) fn windowed_sends(
     Ok(started.elapsed())
 }
 
-/// The chat messages of a page (not the join/leave events).
-fn chat_messages(page: &agora_common::proto::MessagesPage) -> u64 {
-    page.messages
-        .iter()
-        .filter(|m| m.kind == agora_common::proto::EntryKind::Message)
-        .count() as u64
-}
-
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    println!("{:<52} {:>14}", "measure", "result");
-    let base: &[&str] = if args.insecure { &["--insecure"] } else { &[] };
-    if !args.live_only {
-        storage(&args, base)?;
-    }
-    if !args.no_dm && !args.insecure {
-        dm::stored(args.stored_dms, args.body_bytes)?;
-        dm::latency(args.latency_messages, args.body_bytes)?;
-    }
-    if !args.no_live {
-        for subs in [1, 10, 100] {
-            live::latency(subs, args.latency_messages, args.body_bytes, base)?;
-        }
-        live::fanout(10, args.fanout_messages, args.window, args.body_bytes, base)?;
-        // Every 10th push dropped on purpose: backfill must recover all of them.
-        live::fanout(
-            10,
-            args.fanout_messages,
-            args.window,
-            args.body_bytes,
-            &[base, &["--fault-drop-push-every", "10"]].concat(),
-        )?;
-    }
-    Ok(())
-}
-
-fn storage(args: &Args, node_args: &[&str]) -> anyhow::Result<()> {
-    let ctx = zmq::Context::new();
-    let node = start_node(node_args)?;
-    let user = UserName::new("bench")?;
-    let options = ClientOptions {
-        timeout: Duration::from_secs(30),
-        attempts: 1,
-    };
-    let mut client = node.client(&ctx, &user, options)?;
-    client.join()?;
-    let rss_empty = node.rss_kib()?;
-
-    let started = Instant::now();
-    for n in 0..args.sequential {
-        client.send(body(n, args.body_bytes))?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{:<52} {:>10.0} /s",
-        format!(
-            "sequential acked sends, 1 client ({} msgs)",
-            args.sequential
-        ),
-        args.sequential as f64 / secs
-    );
-
-    let windowed = args.replay.max(10_000).min(args.messages);
-    let took = windowed_sends(&ctx, &node, &user, windowed, args.window, args.body_bytes)?;
-    println!(
-        "{:<52} {:>10.0} /s",
-        format!("acked sends, {} in flight ({} msgs)", args.window, windowed),
-        windowed as f64 / took.as_secs_f64()
-    );
-    let mut stored = args.sequential + windowed;
-    let rss_100k = node.rss_kib()?;
-
-    let started = Instant::now();
-    let mut replayed = 0u64;
-    let from = stored.saturating_sub(args.replay);
-    client.for_each_page(HistoryQuery::AfterSeq(from), Some(1000), |page| {
-        replayed += chat_messages(page);
-        true
-    })?;
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{:<52} {:>10.0} /s",
-        format!("history replay, pages of 1000 ({replayed} msgs)"),
-        replayed as f64 / secs
-    );
-
-    if stored < args.messages {
-        let rest = args.messages - stored;
-        let took = windowed_sends(&ctx, &node, &user, rest, args.window, args.body_bytes)?;
-        println!(
-            "{:<52} {:>10.0} /s",
-            format!("acked sends, {} in flight ({} msgs)", args.window, rest),
-            rest as f64 / took.as_secs_f64()
-        );
-        stored = args.messages;
-    }
-    let rss_full = node.rss_kib()?;
-    let mut all = 0u64;
-    client.for_each_page(HistoryQuery::AfterSeq(0), Some(1000), |page| {
-        all += chat_messages(page);
-        true
-    })?;
-    let rss_after_replay = node.rss_kib()?;
-    println!("{:<52} {:>10} KiB", "group-node RSS, empty log", rss_empty);
-    println!(
-        "{:<52} {:>10} KiB",
-        format!("group-node RSS, {} msgs", args.sequential + windowed),
-        rss_100k
-    );
-    println!(
-        "{:<52} {:>10} KiB",
-        format!("group-node RSS, {stored} msgs"),
-        rss_full
-    );
-    println!(
-        "{:<52} {:>10} KiB",
-        format!("group-node RSS, after replaying all {all}"),
-        rss_after_replay
-    );
-    if all != stored {
-        bail!("replayed {all} messages, stored {stored}");
-    }
-    Ok(())
-}

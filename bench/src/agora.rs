@@ -1,0 +1,267 @@
+//! The workloads against the real Agora servers (`group-node`, `registry`), through the
+//! client code user-cli runs (`common::client`, `common::live`).
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use agora_common::client::ClientOptions;
+use agora_common::id::MessageId;
+use agora_common::proto::{EntryKind, HistoryQuery, UserName};
+use agora_common::time::Timestamp;
+use anyhow::{bail, Context};
+
+use crate::workload::{Fanout, History, Latency, Sizes};
+use crate::{body, start_node, windowed_sends};
+
+fn options() -> ClientOptions {
+    ClientOptions {
+        timeout: Duration::from_secs(30),
+        attempts: 1,
+    }
+}
+
+/// Workload 1: sequential `get_messages latest 1` on a one-message log.
+pub fn request_reply(node_args: &[&str], sizes: &Sizes) -> anyhow::Result<Latency> {
+    let ctx = zmq::Context::new();
+    let node = start_node(node_args)?;
+    let user = UserName::new("bench")?;
+    let mut client = node.client(&ctx, &user, options())?;
+    client.join()?;
+    client.send(body(0, sizes.bytes))?;
+    let mut samples = Vec::with_capacity(sizes.requests as usize);
+    for _ in 0..sizes.requests {
+        let t = Instant::now();
+        let page = client.get_messages(HistoryQuery::Latest(1), None)?;
+        samples.push(t.elapsed());
+        if page.messages.len() != 1 {
+            bail!("latest 1 gave {} messages", page.messages.len());
+        }
+    }
+    Ok(Latency::of(samples))
+}
+
+/// Workload 2: `count` acked appends with `window` in flight (1: one client waiting for
+/// each ack), each acked after its commit (fsync). Messages per second.
+pub fn append(node_args: &[&str], window: usize, count: u64, bytes: usize) -> anyhow::Result<f64> {
+    let ctx = zmq::Context::new();
+    let node = start_node(node_args)?;
+    let user = UserName::new("bench")?;
+    let mut client = node.client(&ctx, &user, options())?;
+    client.join()?;
+    let took = if window == 1 {
+        let t = Instant::now();
+        for n in 0..count {
+            client.send(body(n, bytes))?;
+        }
+        t.elapsed()
+    } else {
+        windowed_sends(&ctx, &node, &user, count, window, bytes)?
+    };
+    Ok(count as f64 / took.as_secs_f64())
+}
+
+/// Workload 3: `clients` clients, each on its own connection and thread, each sending
+/// `per_client` messages one at a time (each waits for its ack after fsync). Total
+/// messages per second.
+pub fn concurrent_clients(
+    node_args: &[&str],
+    clients: usize,
+    per_client: u64,
+    bytes: usize,
+) -> anyhow::Result<f64> {
+    let ctx = zmq::Context::new();
+    let node = start_node(node_args)?;
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let mut threads = Vec::new();
+    for i in 0..clients {
+        let user = UserName::new(format!("c{i}"))?;
+        let mut client = node.client(&ctx, &user, options())?;
+        client.join()?;
+        let barrier = Arc::clone(&barrier);
+        threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            barrier.wait();
+            for n in 0..per_client {
+                client.send(body(n, bytes))?;
+            }
+            Ok(())
+        }));
+    }
+    barrier.wait();
+    let t = Instant::now();
+    for th in threads {
+        th.join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    Ok((clients as u64 * per_client) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Workload 4, throughput: see [`crate::live::fanout`].
+pub fn fanout(
+    node_args: &[&str],
+    subscribers: usize,
+    messages: u64,
+    bytes: usize,
+) -> anyhow::Result<Fanout> {
+    crate::live::fanout(subscribers, messages, 100, bytes, node_args)
+}
+
+/// Workload 4, latency: see [`crate::live::latency`].
+pub fn fanout_latency(
+    node_args: &[&str],
+    subscribers: usize,
+    messages: u64,
+    bytes: usize,
+) -> anyhow::Result<Latency> {
+    crate::live::latency(subscribers, messages, bytes, node_args)
+}
+
+/// Workload 5 on a log of `sizes.history` messages: replay from the time of the middle
+/// message, lookups by id, the newest page of 1000, and the whole log, in pages of 1000.
+pub fn history(node_args: &[&str], sizes: &Sizes) -> anyhow::Result<History> {
+    let ctx = zmq::Context::new();
+    let node = start_node(node_args)?;
+    let user = UserName::new("bench")?;
+    let mut client = node.client(&ctx, &user, options())?;
+    client.join()?;
+    windowed_sends(&ctx, &node, &user, sizes.history, 100, sizes.bytes)?;
+    // An untimed pass collects the ids and times (every peer gets the same warm-up).
+    let mut index: Vec<(MessageId, Timestamp)> = Vec::with_capacity(sizes.history as usize);
+    client.for_each_page(HistoryQuery::AfterSeq(0), Some(1000), |page| {
+        index.extend(
+            page.messages
+                .iter()
+                .filter(|m| m.kind == EntryKind::Message)
+                .map(|m| (m.id, m.time)),
+        );
+        true
+    })?;
+    if index.len() as u64 != sizes.history {
+        bail!("stored {} of {} messages", index.len(), sizes.history);
+    }
+    let half = index.len() / 2;
+    let mut replay = |query: HistoryQuery, expect: u64| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let mut got = 0u64;
+        client.for_each_page(query, Some(1000), |page| {
+            got += page
+                .messages
+                .iter()
+                .filter(|m| m.kind == EntryKind::Message)
+                .count() as u64;
+            true
+        })?;
+        let secs = t.elapsed().as_secs_f64();
+        if got != expect {
+            bail!("replay {query:?} gave {got} messages, expected {expect}");
+        }
+        Ok(got as f64 / secs)
+    };
+    let by_time = replay(HistoryQuery::Since(index[half].1), (index.len() - half) as u64)?;
+    let all = replay(HistoryQuery::AfterSeq(0), index.len() as u64)?;
+
+    let mut rng = fastrand::Rng::with_seed(7);
+    let t = Instant::now();
+    for _ in 0..sizes.lookups {
+        let (id, _) = index[rng.usize(..index.len())];
+        let page = client.get_messages(HistoryQuery::ById(id), None)?;
+        if page.messages.first().map(|m| m.id) != Some(id) {
+            bail!("lookup by id {id} missed");
+        }
+    }
+    let by_id = sizes.lookups as f64 / t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    for _ in 0..sizes.latest_pages {
+        let page = client.get_messages(HistoryQuery::Latest(1000), Some(1000))?;
+        if page.messages.len() != 1000.min(index.len() + 1) {
+            bail!("latest 1000 gave {}", page.messages.len());
+        }
+    }
+    let latest = (sizes.latest_pages * 1000) as f64 / t.elapsed().as_secs_f64();
+    Ok(History {
+        by_time,
+        by_id,
+        latest,
+        all,
+    })
+}
+
+/// Workload 6: `sizes.retention_sends` appends, 100 in flight, into a group capped at
+/// `sizes.retention_cap` entries (`--max-messages`); returns messages per second after
+/// checking the log holds exactly the cap.
+pub fn retention(node_args: &[&str], sizes: &Sizes) -> anyhow::Result<f64> {
+    let ctx = zmq::Context::new();
+    let cap = sizes.retention_cap.to_string();
+    let node = start_node(&[node_args, &["--max-messages", &cap]].concat())?;
+    let user = UserName::new("bench")?;
+    let mut client = node.client(&ctx, &user, options())?;
+    client.join()?;
+    let took = windowed_sends(
+        &ctx,
+        &node,
+        &user,
+        sizes.retention_sends,
+        100,
+        sizes.bytes,
+    )?;
+    let mut kept = 0u64;
+    client.for_each_page(HistoryQuery::AfterSeq(0), Some(1000), |page| {
+        kept += page.messages.len() as u64;
+        true
+    })?;
+    if kept != sizes.retention_cap {
+        bail!(
+            "the capped log holds {kept} entries, not {}",
+            sizes.retention_cap
+        );
+    }
+    Ok(sizes.retention_sends as f64 / took.as_secs_f64())
+}
+
+/// Workload 7: group-node RSS (KiB) with an empty log, after `points` messages each
+/// (cumulative counts, ascending), and after replaying the whole log.
+pub fn node_memory(node_args: &[&str], points: &[u64], bytes: usize) -> anyhow::Result<Vec<u64>> {
+    let ctx = zmq::Context::new();
+    let node = start_node(node_args)?;
+    let user = UserName::new("bench")?;
+    let mut client = node.client(&ctx, &user, options())?;
+    client.join()?;
+    let mut rss = vec![node.rss_kib()?];
+    let mut stored = 0;
+    for &point in points {
+        windowed_sends(&ctx, &node, &user, point - stored, 100, bytes)?;
+        stored = point;
+        rss.push(node.rss_kib()?);
+    }
+    let mut replayed = 0u64;
+    client.for_each_page(HistoryQuery::AfterSeq(0), Some(1000), |page| {
+        replayed += page.messages.len() as u64;
+        true
+    })?;
+    if replayed < stored {
+        bail!("replayed {replayed} entries of {stored}");
+    }
+    rss.push(node.rss_kib()?);
+    Ok(rss)
+}
+
+/// Workload 7: registry RSS (KiB) with `groups` groups registered (and heartbeating).
+pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
+    let ctx = zmq::Context::new();
+    let max = (groups + 100).to_string();
+    let reg = crate::dm::start_registry(&["--max-groups", &max, "--heartbeat", "10m"])?;
+    let (mut client, key) = reg.client(&ctx)?;
+    for g in 0..groups {
+        let name = agora_common::proto::GroupName::new(format!("group-{g}"))?;
+        let endpoint = format!("tcp://127.0.0.1:{}", 10_000 + g % 50_000)
+            .parse()
+            .context("endpoint")?;
+        client.register(&name, &endpoint, 0, Some(key))?;
+    }
+    let listed = client.list()?.len() as u64;
+    if listed != groups {
+        bail!("the registry lists {listed} of {groups} groups");
+    }
+    reg.rss_kib()
+}
+
