@@ -600,7 +600,7 @@ pub(crate) fn spawn_server(
         .args(args)
         .arg("--data-dir")
         .arg(dir.path())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;

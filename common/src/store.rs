@@ -248,6 +248,10 @@ pub struct SqliteStore {
     last_seq: u64,
     clock: MonotonicClock,
     member_count: u64,
+    /// Retention deleted rows in this transaction: the high-water marks must be written to
+    /// `meta`, since `MAX(seq)` and `MAX(time_us)` may no longer give them. Otherwise the
+    /// commit writes no `meta` page (one page less to sync per commit).
+    meta_dirty: bool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -260,7 +264,11 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens or creates the store of `group` at `path` (WAL, `synchronous=FULL`).
+    /// Opens or creates the store of `group` at `path` (WAL, `synchronous=FULL`), in
+    /// SQLite's exclusive locking mode: this connection holds the file's lock until it
+    /// closes, so each transaction skips the per-transaction file locking and the WAL index
+    /// lives in heap memory. One process per store: a second opener waits the busy timeout
+    /// (5 s) and then fails with `database is locked`.
     ///
     /// # Errors
     /// [`StoreError::WrongGroup`] if the file belongs to another group,
@@ -268,6 +276,8 @@ impl SqliteStore {
     pub fn open(path: &Path, group: &GroupName) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // Before the first WAL access, so that SQLite never maps the shared-memory index.
+        conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(mode, "SQLite did not switch to WAL mode");
@@ -347,6 +357,7 @@ impl SqliteStore {
             last_seq: 0,
             clock: MonotonicClock::after(Timestamp::EPOCH),
             member_count: 0,
+            meta_dirty: false,
         };
         store.reload()?;
         Ok(store)
@@ -440,25 +451,28 @@ const SELECT: &str = "SELECT seq, id, time_us, sender, body, kind, sender_key FR
 
 impl GroupStore for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
         let result = (|| -> Result<(), StoreError> {
-            let mut stmt = self.conn.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?;
-            stmt.execute(params!["last_seq", self.last_seq as i64])?;
-            stmt.execute(params!["last_time_us", self.clock.last().as_micros()])?;
-            drop(stmt);
-            self.conn.execute_batch("COMMIT")?;
+            if self.meta_dirty {
+                let mut stmt = self.conn.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )?;
+                stmt.execute(params!["last_seq", self.last_seq as i64])?;
+                stmt.execute(params!["last_time_us", self.clock.last().as_micros()])?;
+            }
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
+            self.meta_dirty = false;
             Ok(())
         })();
         if let Err(e) = result {
             // Leave the connection usable and the caches true to what is on disk.
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.meta_dirty = false;
             self.reload()?;
             return Err(e);
         }
@@ -586,41 +600,17 @@ impl GroupStore for SqliteStore {
     }
 
     fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
-        if let Some(id) = msg.id {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT seq, time_us, sender, body FROM messages WHERE id = ?1")?;
-            let found = stmt
-                .query_row([id.as_bytes().as_slice()], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                })
-                .optional()?;
-            if let Some((seq, time_us, sender, body)) = found {
-                if sender != msg.sender.as_str() || body != msg.body.get() {
-                    return Err(StoreError::IdConflict(id));
-                }
-                return Ok(SendAck {
-                    seq: u64::try_from(seq).unwrap_or(0),
-                    id,
-                    time: Timestamp::from_micros(time_us),
-                    duplicate: true,
-                });
-            }
-        }
         let id = msg.id.unwrap_or_else(MessageId::new_v7);
         let seq = self.last_seq + 1;
         let mut clock = self.clock;
         let time = clock.tick(msg.now);
+        // One statement in the common case: the id's UNIQUE index finds a retry while
+        // inserting, instead of a lookup before every insert.
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO messages (seq, id, time_us, sender, body, kind, sender_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
         )?;
-        stmt.execute(params![
+        let inserted = stmt.execute(params![
             seq as i64,
             id.as_bytes().as_slice(),
             time.as_micros(),
@@ -629,13 +619,36 @@ impl GroupStore for SqliteStore {
             msg.kind.as_str(),
             msg.sender_key.map(|k| k.to_string())
         ])?;
-        self.last_seq = seq;
-        self.clock = clock;
+        if inserted == 1 {
+            self.last_seq = seq;
+            self.clock = clock;
+            return Ok(SendAck {
+                seq,
+                id,
+                time,
+                duplicate: false,
+            });
+        }
+        // A retry of a stored message: the same sender and body get the stored ack.
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, time_us, sender, body FROM messages WHERE id = ?1")?;
+        let (seq, time_us, sender, body) = stmt.query_row([id.as_bytes().as_slice()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        if sender != msg.sender.as_str() || body != msg.body.get() {
+            return Err(StoreError::IdConflict(id));
+        }
         Ok(SendAck {
-            seq,
+            seq: u64::try_from(seq).unwrap_or(0),
             id,
-            time,
-            duplicate: false,
+            time: Timestamp::from_micros(time_us),
+            duplicate: true,
         })
     }
 
@@ -684,10 +697,9 @@ impl GroupStore for SqliteStore {
                 // `limit` does not apply: `latest` is its own bound. `more` is true only when
                 // the byte cap cut the page, and then the omitted messages are the older ones.
                 let _ = limit;
+                // Newest first straight off the primary key (no temporary table), cut at n.
                 let mut page = self.select_page(
-                    &format!(
-                        "SELECT * FROM ({SELECT} ORDER BY seq DESC LIMIT ?1) ORDER BY seq DESC LIMIT ?2"
-                    ),
+                    &format!("{SELECT} ORDER BY seq DESC LIMIT min(?1, ?2)"),
                     i64::from(n),
                     n,
                     max_bytes,
@@ -717,6 +729,9 @@ impl GroupStore for SqliteStore {
                 .conn
                 .prepare_cached("DELETE FROM messages WHERE time_us < ?1")?;
             deleted += stmt.execute([cutoff.as_micros()])? as u64;
+        }
+        if deleted > 0 {
+            self.meta_dirty = true;
         }
         Ok(deleted)
     }
