@@ -124,6 +124,9 @@ impl ReqClient {
             let s = self.ctx.socket(zmq::REQ)?;
             s.set_linger(0)?;
             s.set_maxmsgsize(MAX_REPLY_BYTES)?;
+            // Each attempt waits in the receive itself (one call, no separate poll).
+            let per_attempt = self.options.timeout / self.options.attempts.max(1);
+            s.set_rcvtimeo(i32::try_from(per_attempt.as_millis()).unwrap_or(i32::MAX))?;
             if let Some(curve) = &self.curve {
                 s.set_curve_serverkey(curve.server_key.as_bytes())?;
                 s.set_curve_publickey(curve.keypair.public.as_bytes())?;
@@ -144,14 +147,14 @@ impl ReqClient {
     /// [`ClientError::Timeout`] when no attempt got a reply; [`ClientError::Zmq`].
     pub fn request_frames(&mut self, frames: &Frames) -> Result<Frames, ClientError> {
         let attempts = self.options.attempts.max(1);
-        let per_attempt = self.options.timeout / attempts;
         let started = Instant::now();
         for attempt in 1..=attempts {
             let socket = self.socket()?;
             socket.send_multipart(frames.iter(), 0)?;
-            let timeout_ms = i64::try_from(per_attempt.as_millis()).unwrap_or(i64::MAX);
-            if socket.poll(zmq::POLLIN, timeout_ms)? > 0 {
-                return Ok(socket.recv_multipart(0)?);
+            match socket.recv_multipart(0) {
+                Ok(reply) => return Ok(reply),
+                Err(zmq::Error::EAGAIN) => {}
+                Err(e) => return Err(e.into()),
             }
             tracing::debug!(endpoint = %self.endpoint, attempt, "no reply, reconnecting");
             // Lazy Pirate: a REQ that lost its reply is stuck; close it and start afresh.

@@ -1,7 +1,7 @@
 //! ROUTER plumbing shared by the registry and group nodes.
 //!
 //! The request path, one step per function: [`bind_router`] makes the socket;
-//! [`recv_batch`] takes every message waiting (up to a bound) without blocking;
+//! [`recv_batch_wait`] waits for a message and takes every one waiting (up to a bound);
 //! [`Incoming::from_frames`] splits the envelope once and decodes the request; a handler
 //! returns a `Result<T, WireError>` that [`reply_frames`] encodes; [`send_reply`] puts the
 //! envelope back and sends without blocking.
@@ -99,31 +99,65 @@ pub fn recv_batch(
     out: &mut Vec<Received>,
 ) -> Result<(), zmq::Error> {
     while out.len() < max {
-        let first = match socket.recv_msg(zmq::DONTWAIT) {
-            Ok(m) => m,
-            Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => break,
-            Err(e) => return Err(e),
-        };
-        let mut more = first.get_more();
-        let mut frames = vec![first.to_vec()];
-        let mut peer = None;
-        while more {
-            // The rest of a multipart message is already here: ZeroMQ delivers it whole.
-            let mut part = socket.recv_msg(0)?;
-            more = part.get_more();
-            // The routing id frame is made by the ROUTER itself and carries no metadata;
-            // the frames that came over the wire carry the connection's User-Id.
-            if peer.is_none() {
-                peer = part
-                    .gets("User-Id")
-                    .filter(|id| !id.is_empty())
-                    .and_then(|id| id.parse().ok());
-            }
-            frames.push(part.to_vec());
+        match recv_one(socket, zmq::DONTWAIT)? {
+            Some(r) => out.push(r),
+            None => break,
         }
-        out.push(Received { frames, peer });
     }
     Ok(())
+}
+
+/// Waits up to `timeout_ms` for a message, in the receive itself (it sets `ZMQ_RCVTIMEO`;
+/// no separate poll, one call fewer per request than [`poll_ready`] then [`recv_batch`]),
+/// then takes every message already waiting, up to `max` in all, into `out`. Nothing
+/// arriving in time, or a signal interrupting the wait (`EINTR`), leaves `out` as it was,
+/// so that the caller looks at its shutdown flag.
+///
+/// # Errors
+/// libzmq's, other than `EAGAIN` and `EINTR`.
+pub fn recv_batch_wait(
+    socket: &zmq::Socket,
+    max: usize,
+    out: &mut Vec<Received>,
+    timeout_ms: i32,
+) -> Result<(), zmq::Error> {
+    socket.set_rcvtimeo(timeout_ms)?;
+    if out.len() >= max {
+        return Ok(());
+    }
+    match recv_one(socket, 0)? {
+        Some(r) => out.push(r),
+        None => return Ok(()),
+    }
+    recv_batch(socket, max, out)
+}
+
+/// One whole message, or `None` on `EAGAIN` (nothing within the timeout, or nothing
+/// waiting with `DONTWAIT`) or `EINTR`.
+fn recv_one(socket: &zmq::Socket, flags: i32) -> Result<Option<Received>, zmq::Error> {
+    let first = match socket.recv_msg(flags) {
+        Ok(m) => m,
+        Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut more = first.get_more();
+    let mut frames = vec![first.to_vec()];
+    let mut peer = None;
+    while more {
+        // The rest of a multipart message is already here: ZeroMQ delivers it whole.
+        let mut part = socket.recv_msg(0)?;
+        more = part.get_more();
+        // The routing id frame is made by the ROUTER itself and carries no metadata;
+        // the frames that came over the wire carry the connection's User-Id.
+        if peer.is_none() {
+            peer = part
+                .gets("User-Id")
+                .filter(|id| !id.is_empty())
+                .and_then(|id| id.parse().ok());
+        }
+        frames.push(part.to_vec());
+    }
+    Ok(Some(Received { frames, peer }))
 }
 
 /// A received request: the envelope to reply behind, the authenticated sender, and the

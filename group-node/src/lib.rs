@@ -27,7 +27,7 @@ use agora_common::proto::{
 };
 use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
-    bind_router, poll_ready, rate_limit, recv_batch, reply_frames, send_reply, Incoming, Peer,
+    bind_router, rate_limit, recv_batch_wait, reply_frames, send_reply, Incoming, Peer,
     RouterOptions,
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
@@ -317,13 +317,13 @@ impl Node {
         };
         tracing::info!(group = %self.config.name, endpoint = %self.endpoint,
             last_seq = self.store.last_seq(), "group node serving");
-        let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
+        let poll_ms = i32::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut next_age_sweep = Instant::now();
         let mut next_lease_sweep = Instant::now();
         while !shutdown.is_triggered() {
-            if poll_ready(&self.socket, poll_ms)? {
-                recv_batch(&self.socket, MAX_BATCH, &mut batch)?;
+            recv_batch_wait(&self.socket, MAX_BATCH, &mut batch, poll_ms)?;
+            if !batch.is_empty() {
                 self.serve_batch(&mut batch)?;
                 members.store(self.store.member_count(), Ordering::Relaxed);
             }

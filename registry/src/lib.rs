@@ -19,7 +19,7 @@ use agora_common::zap::{Authenticator, ZapPolicy};
 use agora_common::proto::{ErrorCode, Request, WireError};
 use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
-    bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming, RouterOptions,
+    bind_router, recv_batch_wait, reply_frames, send_reply, Incoming, RouterOptions,
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 use agora_common::time::Timestamp;
@@ -260,13 +260,11 @@ impl Registry {
         tracing::info!(endpoint = %self.endpoint, ttl = ?self.config.ttl(), "registry serving");
         let mut batch = Vec::new();
         let mut next_sweep = Instant::now();
-        let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
+        let poll_ms = i32::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
         while !shutdown.is_triggered() {
-            if poll_ready(&self.socket, poll_ms)? {
-                recv_batch(&self.socket, 256, &mut batch)?;
-                for frames in batch.drain(..) {
-                    self.serve_one(frames)?;
-                }
+            recv_batch_wait(&self.socket, 256, &mut batch, poll_ms)?;
+            for frames in batch.drain(..) {
+                self.serve_one(frames)?;
             }
             if Instant::now() >= next_sweep {
                 self.sessions.expire(Instant::now());
