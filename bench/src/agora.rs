@@ -156,7 +156,10 @@ pub fn history(node_args: &[&str], sizes: &Sizes) -> anyhow::Result<History> {
         }
         Ok(got as f64 / secs)
     };
-    let by_time = replay(HistoryQuery::Since(index[half].1), (index.len() - half) as u64)?;
+    let by_time = replay(
+        HistoryQuery::Since(index[half].1),
+        (index.len() - half) as u64,
+    )?;
     let all = replay(HistoryQuery::AfterSeq(0), index.len() as u64)?;
 
     let mut rng = fastrand::Rng::with_seed(7);
@@ -196,14 +199,7 @@ pub fn retention(node_args: &[&str], sizes: &Sizes) -> anyhow::Result<f64> {
     let user = UserName::new("bench")?;
     let mut client = node.client(&ctx, &user, options())?;
     client.join()?;
-    let took = windowed_sends(
-        &ctx,
-        &node,
-        &user,
-        sizes.retention_sends,
-        100,
-        sizes.bytes,
-    )?;
+    let took = windowed_sends(&ctx, &node, &user, sizes.retention_sends, 100, sizes.bytes)?;
     let mut kept = 0u64;
     client.for_each_page(HistoryQuery::AfterSeq(0), Some(1000), |page| {
         kept += page.messages.len() as u64;
@@ -264,4 +260,3 @@ pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
     }
     reg.rss_kib()
 }
-

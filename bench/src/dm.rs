@@ -31,10 +31,7 @@ impl Drop for RegistryProc {
 
 impl RegistryProc {
     /// A client with a fresh key pair, and its public key.
-    pub(crate) fn client(
-        &self,
-        ctx: &zmq::Context,
-    ) -> anyhow::Result<(RegistryClient, PublicKey)> {
+    pub(crate) fn client(&self, ctx: &zmq::Context) -> anyhow::Result<(RegistryClient, PublicKey)> {
         let curve = ClientCurve {
             keypair: Keypair::generate()?,
             server_key: self.key,

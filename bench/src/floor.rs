@@ -125,7 +125,11 @@ fn subscribers(
 fn publisher_with(
     ctx: &zmq::Context,
     count: usize,
-) -> anyhow::Result<(zmq::Socket, mpsc::Receiver<Seen>, Vec<std::thread::JoinHandle<()>>)> {
+) -> anyhow::Result<(
+    zmq::Socket,
+    mpsc::Receiver<Seen>,
+    Vec<std::thread::JoinHandle<()>>,
+)> {
     let publisher = ctx.socket(zmq::PUB)?;
     publisher.set_linger(0)?;
     publisher.bind("tcp://127.0.0.1:0")?;
@@ -138,7 +142,10 @@ fn publisher_with(
     let mut ready = std::collections::HashSet::new();
     while ready.len() < count {
         if Instant::now() > deadline {
-            bail!("{} of {count} subscribers connected within 10 s", ready.len());
+            bail!(
+                "{} of {count} subscribers connected within 10 s",
+                ready.len()
+            );
         }
         publisher.send(&probe[..], 0)?;
         while let Ok((i, _, _)) = rx.recv_timeout(Duration::from_millis(10)) {

@@ -58,14 +58,18 @@ fn subscribe(
     Ok(subs)
 }
 
+/// Collects a subscriber's entries until it has seen seq `until` (set by the sender once
+/// it knows the last seq; 0 until then), or nothing came for 30 s.
 fn collect(
     rx: &Receiver<FeedEvent>,
     ready: &std::sync::mpsc::Sender<()>,
     until: &std::sync::atomic::AtomicU64,
 ) -> Seen {
     let mut seen = Vec::new();
+    let (mut newest, mut last_progress) = (0u64, Instant::now());
     loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
+        // Short waits, so that a subscriber that already has everything notices `until`.
+        match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(FeedEvent::Subscribed { .. }) => {
                 let _ = ready.send(());
             }
@@ -73,13 +77,20 @@ fn collect(
                 if entry.kind == EntryKind::Message {
                     seen.push((entry.seq, Instant::now(), live));
                 }
-                let target = until.load(std::sync::atomic::Ordering::SeqCst);
-                if target > 0 && entry.seq >= target {
+                newest = newest.max(entry.seq);
+                last_progress = Instant::now();
+            }
+            Ok(FeedEvent::Error { .. }) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if last_progress.elapsed() > Duration::from_secs(30) {
                     return seen;
                 }
             }
-            Ok(FeedEvent::Error { .. }) => {}
-            Err(_) => return seen,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return seen,
+        }
+        let target = until.load(std::sync::atomic::Ordering::SeqCst);
+        if target > 0 && newest >= target {
+            return seen;
         }
     }
 }

@@ -90,7 +90,13 @@ impl Bench {
     fn runs<T>(&mut self, what: &str, mut f: impl FnMut() -> anyhow::Result<T>) -> Vec<T> {
         let mut out = Vec::new();
         for _ in 0..self.sizes.repeat {
-            match f() {
+            let started = Instant::now();
+            let result = f();
+            eprintln!(
+                "agora-bench: {what}: {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            match result {
                 Ok(v) => out.push(v),
                 Err(e) => {
                     eprintln!("agora-bench: {what}: {e:#}");
@@ -265,7 +271,11 @@ fn heading(args: &Args, bench: &Bench, pinning: &str) -> String {
         bench.sizes.repeat,
         bench.sizes.bytes,
         env!("CARGO_PKG_VERSION"),
-        if args.curve { "CURVE" } else { "plain TCP (--insecure)" },
+        if args.curve {
+            "CURVE"
+        } else {
+            "plain TCP (--insecure)"
+        },
         version("nats-server", "--version"),
         version("redis-server", "--version"),
     )
@@ -274,7 +284,9 @@ fn heading(args: &Args, bench: &Bench, pinning: &str) -> String {
 /// Workload 1: request/reply latency.
 fn request_reply(b: &mut Bench) {
     let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
-    let agora = b.runs("agora request/reply", || agora::request_reply(&node, &sizes));
+    let agora = b.runs("agora request/reply", || {
+        agora::request_reply(&node, &sizes)
+    });
     let nats = b.peer_runs("nats request/reply", || peers::nats_request_reply(&sizes));
     let redis = b.peer_runs("redis request/reply", || peers::redis_request_reply(&sizes));
     let zmq = b.peer_runs("zmq request/reply", || floor::request_reply(&sizes));
@@ -294,7 +306,9 @@ fn append(b: &mut Bench) {
     let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
     for (window, count) in [(1, sizes.append_one), (100, sizes.append_window)] {
         let bytes = sizes.bytes;
-        let agora = b.runs("agora append", || agora::append(&node, window, count, bytes));
+        let agora = b.runs("agora append", || {
+            agora::append(&node, window, count, bytes)
+        });
         let nats = b.peer_runs("nats append", || peers::nats_append(window, count, bytes));
         let everysec = b.peer_runs("redis everysec append", || {
             peers::redis_append("everysec", window, count, bytes)
@@ -504,7 +518,10 @@ fn memory(b: &mut Bench) {
         );
     }
     b.row(
-        format!("7. group-node RSS after replaying all {}", points.last().copied().unwrap_or(0)),
+        format!(
+            "7. group-node RSS after replaying all {}",
+            points.last().copied().unwrap_or(0)
+        ),
         "KiB",
         Better::Lower,
         at(&agora, labels.len()),
@@ -688,4 +705,3 @@ pub(crate) fn windowed_sends(
     }
     Ok(started.elapsed())
 }
-

@@ -268,7 +268,10 @@ pub fn nats_retention(sizes: &Sizes) -> anyhow::Result<f64> {
         let took = nats_publish(&js, sizes.retention_sends, 100, sizes.bytes).await?;
         let kept = stream.info().await?.state.messages;
         if kept != sizes.retention_cap {
-            bail!("the capped stream holds {kept}, not {}", sizes.retention_cap);
+            bail!(
+                "the capped stream holds {kept}, not {}",
+                sizes.retention_cap
+            );
         }
         Ok(sizes.retention_sends as f64 / took.as_secs_f64())
     })
@@ -558,7 +561,10 @@ pub fn redis_retention(sizes: &Sizes) -> anyhow::Result<f64> {
     })?;
     let kept: u64 = client.get_connection()?.xlen(STREAM)?;
     if kept != sizes.retention_cap {
-        bail!("the capped stream holds {kept}, not {}", sizes.retention_cap);
+        bail!(
+            "the capped stream holds {kept}, not {}",
+            sizes.retention_cap
+        );
     }
     Ok(sizes.retention_sends as f64 / took.as_secs_f64())
 }

@@ -14,11 +14,14 @@ use anyhow::{bail, Context};
 
 /// The Debian packages whose programs the bench needs and cannot find on `PATH`.
 pub fn missing_packages() -> Vec<&'static str> {
-    [("nats-server", "nats-server"), ("redis-server", "redis-server")]
-        .into_iter()
-        .filter(|(program, _)| which(program).is_none())
-        .map(|(_, package)| package)
-        .collect()
+    [
+        ("nats-server", "nats-server"),
+        ("redis-server", "redis-server"),
+    ]
+    .into_iter()
+    .filter(|(program, _)| which(program).is_none())
+    .map(|(_, package)| package)
+    .collect()
 }
 
 fn which(program: &str) -> Option<std::path::PathBuf> {
