@@ -316,22 +316,21 @@ fn append(b: &mut Bench) {
         let always = b.peer_runs("redis always append", || {
             peers::redis_append("always", window, count, bytes)
         });
-        let disk = if window == 1 {
-            b.runs("fdatasync floor", || floor::fsync_rate(count, bytes))
-        } else {
-            Vec::new()
-        };
+        let mut peers = vec![
+            (NATS_JS, med(&nats)),
+            (REDIS_EVERYSEC, med(&everysec)),
+            (REDIS_ALWAYS, med(&always)),
+        ];
+        if window == 1 {
+            let disk = b.runs("fdatasync floor", || floor::fsync_rate(count, bytes));
+            peers.push(("append + fdatasync of a file (disk floor)", med(&disk)));
+        }
         b.row(
             format!("2. acked append, {window} in flight ({count} msgs)"),
             "msgs/s",
             Better::Higher,
             med(&agora),
-            vec![
-                (NATS_JS, med(&nats)),
-                (REDIS_EVERYSEC, med(&everysec)),
-                (REDIS_ALWAYS, med(&always)),
-                ("append + fdatasync of a file (disk floor)", med(&disk)),
-            ],
+            peers,
         );
     }
 }
