@@ -1,7 +1,6 @@
 //! The workloads against the real Agora servers (`group-node`, `registry`), through the
 //! client code user-cli runs (`common::client`, `common::live`).
 
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use agora_common::client::ClientOptions;
@@ -71,28 +70,21 @@ pub fn concurrent_clients(
 ) -> anyhow::Result<f64> {
     let ctx = zmq::Context::new();
     let node = start_node(node_args)?;
-    let barrier = Arc::new(Barrier::new(clients + 1));
-    let mut threads = Vec::new();
-    for i in 0..clients {
-        let user = UserName::new(format!("c{i}"))?;
-        let mut client = node.client(&ctx, &user, options())?;
-        client.join()?;
-        let barrier = Arc::clone(&barrier);
-        threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            barrier.wait();
-            for n in 0..per_client {
-                client.send(body(n, bytes))?;
-            }
-            Ok(())
-        }));
-    }
-    barrier.wait();
-    let t = Instant::now();
-    for th in threads {
-        th.join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    }
-    Ok((clients as u64 * per_client) as f64 / t.elapsed().as_secs_f64())
+    let connections = (0..clients)
+        .map(|i| {
+            let user = UserName::new(format!("c{i}"))?;
+            let mut client = node.client(&ctx, &user, options())?;
+            client.join()?;
+            Ok((client, per_client, bytes))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let took = crate::workload::concurrently(connections, |(mut client, per_client, bytes)| {
+        for n in 0..per_client {
+            client.send(body(n, bytes))?;
+        }
+        Ok(())
+    })?;
+    Ok((clients as u64 * per_client) as f64 / took.as_secs_f64())
 }
 
 /// Workload 4, throughput: see [`crate::live::fanout`].

@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -297,6 +296,17 @@ pub fn nats_memory(points: &[u64], bytes: usize) -> anyhow::Result<Vec<u64>> {
 // ---------------------------------------------------------------------------------------
 // Redis
 
+/// `XADD bench [MAXLEN = maxlen] * b BODY`, the body holding `n`.
+fn xadd(n: u64, bytes: usize, maxlen: Option<u64>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(STREAM);
+    if let Some(m) = maxlen {
+        cmd.arg("MAXLEN").arg("=").arg(m);
+    }
+    cmd.arg("*").arg("b").arg(payload(n, bytes));
+    cmd
+}
+
 fn redis_client(server: &Server) -> anyhow::Result<redis::Client> {
     Ok(redis::Client::open(format!("redis://{}/", server.addr))?)
 }
@@ -305,12 +315,7 @@ fn redis_client(server: &Server) -> anyhow::Result<redis::Client> {
 pub fn redis_request_reply(sizes: &Sizes) -> anyhow::Result<Latency> {
     let server = start_redis("everysec")?;
     let mut c = redis_client(&server)?.get_connection()?;
-    let _: String = redis::cmd("XADD")
-        .arg(STREAM)
-        .arg("*")
-        .arg("b")
-        .arg(payload(0, sizes.bytes))
-        .query(&mut c)?;
+    let _: String = xadd(0, sizes.bytes, None).query(&mut c)?;
     let mut samples = Vec::with_capacity(sizes.requests as usize);
     for _ in 0..sizes.requests {
         let t = Instant::now();
@@ -336,15 +341,7 @@ async fn redis_xadd_window(
     futures::stream::iter(0..count)
         .map(|n| {
             let mut c = conn.clone();
-            async move {
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(STREAM);
-                if let Some(m) = maxlen {
-                    cmd.arg("MAXLEN").arg("=").arg(m);
-                }
-                cmd.arg("*").arg("b").arg(payload(n, bytes));
-                cmd.query_async::<String>(&mut c).await
-            }
+            async move { xadd(n, bytes, maxlen).query_async::<String>(&mut c).await }
         })
         .buffer_unordered(window)
         .try_for_each(|_| async { Ok(()) })
@@ -366,12 +363,7 @@ pub fn redis_append(
         let mut c = client.get_connection()?;
         let t = Instant::now();
         for n in 0..count {
-            let _: String = redis::cmd("XADD")
-                .arg(STREAM)
-                .arg("*")
-                .arg("b")
-                .arg(payload(n, bytes))
-                .query(&mut c)?;
+            let _: String = xadd(n, bytes, None).query(&mut c)?;
         }
         return Ok(count as f64 / t.elapsed().as_secs_f64());
     }
@@ -392,31 +384,16 @@ pub fn redis_concurrent_clients(
 ) -> anyhow::Result<f64> {
     let server = start_redis(appendfsync)?;
     let client = redis_client(&server)?;
-    let barrier = Arc::new(std::sync::Barrier::new(clients + 1));
-    let mut threads = Vec::new();
-    for _ in 0..clients {
-        let mut c = client.get_connection()?;
-        let barrier = Arc::clone(&barrier);
-        threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            barrier.wait();
-            for n in 0..per_client {
-                let _: String = redis::cmd("XADD")
-                    .arg(STREAM)
-                    .arg("*")
-                    .arg("b")
-                    .arg(payload(n, bytes))
-                    .query(&mut c)?;
-            }
-            Ok(())
-        }));
-    }
-    barrier.wait();
-    let t = Instant::now();
-    for th in threads {
-        th.join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    }
-    Ok((clients as u64 * per_client) as f64 / t.elapsed().as_secs_f64())
+    let connections = (0..clients)
+        .map(|_| Ok((client.get_connection()?, per_client, bytes)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let took = crate::workload::concurrently(connections, |(mut c, per_client, bytes)| {
+        for n in 0..per_client {
+            let _: String = xadd(n, bytes, None).query(&mut c)?;
+        }
+        Ok(())
+    })?;
+    Ok((clients as u64 * per_client) as f64 / took.as_secs_f64())
 }
 
 async fn redis_fanout_setup(

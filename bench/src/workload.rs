@@ -1,6 +1,7 @@
 //! What the workloads measure and how big they are; shared by Agora and every peer.
 
-use std::time::Duration;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
 
 /// Workload sizes. [`Sizes::full`] is what docs/PERFORMANCE.md reports; [`Sizes::quick`]
 /// is CI's smoke run, which checks counts and loss, never timings.
@@ -153,4 +154,34 @@ pub struct History {
     pub latest: f64,
     /// The whole log from the start, pages of 1000.
     pub all: f64,
+}
+
+/// Workload 3's driver: one thread per connection in `clients`, all released at once, each
+/// running `work` on its own connection. Returns the time from the release until the last
+/// finished.
+///
+/// # Errors
+/// The first client's error, or a panicked client thread.
+pub fn concurrently<C: Send + 'static>(
+    clients: Vec<C>,
+    work: fn(C) -> anyhow::Result<()>,
+) -> anyhow::Result<Duration> {
+    let barrier = Arc::new(Barrier::new(clients.len() + 1));
+    let threads: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                work(client)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    Ok(started.elapsed())
 }
