@@ -17,23 +17,28 @@ pub struct Sizes {
     pub append_one: u64,
     /// Workload 2: appends at 100 in flight.
     pub append_window: u64,
-    /// Workload 3: concurrent clients, and appends per client.
+    /// Workload 3: concurrent clients (50).
     pub clients: usize,
+    /// Workload 3: appends per client, one at a time.
     pub per_client: u64,
     /// Workload 4: messages per throughput run at `bytes` with 1 or 10 subscribers
     /// (divided by 10 for 100 subscribers, and by 16 for the large body).
     pub fanout: u64,
     /// Workload 4: sequential messages per latency run (divided by 5 for the large body).
     pub fanout_latency: u64,
-    /// Workload 5: messages in the log, lookups by id, newest pages of 1000.
+    /// Workload 5: messages in the log (100k).
     pub history: u64,
+    /// Workload 5: single-message lookups by id, one at a time.
     pub lookups: u64,
+    /// Workload 5: how many times the newest 1000 are read.
     pub latest_pages: u64,
-    /// Workload 6: the cap and the appends sent into it.
+    /// Workload 6: the cap, in messages.
     pub retention_cap: u64,
+    /// Workload 6: appends sent into the capped log, 100 in flight.
     pub retention_sends: u64,
-    /// Workload 7: the stored-message counts where node RSS is read, and registry groups.
+    /// Workload 7: the stored-message counts (cumulative, ascending) where RSS is read.
     pub memory_points: Vec<u64>,
+    /// Workload 7: groups registered before the registry's RSS is read (10k).
     pub registry_groups: u64,
     /// Runs per workload; the table shows the median.
     pub repeat: usize,
@@ -108,10 +113,12 @@ impl Sizes {
     }
 }
 
-/// Latency percentiles of one run, µs.
+/// Latency percentiles of one run.
 #[derive(Debug, Clone, Copy)]
 pub struct Latency {
+    /// Median, µs.
     pub p50_us: f64,
+    /// 99th percentile, µs.
     pub p99_us: f64,
 }
 
