@@ -241,3 +241,33 @@ pub fn fsync_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
     }
     Ok(count as f64 / t.elapsed().as_secs_f64())
 }
+
+/// The storage floor of an acked durable append: `count` appends through Agora's own store
+/// (`common::store::SqliteStore`: WAL, `synchronous=FULL`), one transaction each, in this
+/// process and with no network. Appends per second: what a group node could ack at one in
+/// flight if messaging cost nothing.
+///
+/// # Errors
+/// When the store cannot be opened or written.
+pub fn store_commit_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
+    use agora_common::store::{GroupStore, NewMessage, SqliteStore};
+    let dir = tempfile::tempdir()?;
+    let group = agora_common::proto::GroupName::new("floor")?;
+    let sender = agora_common::proto::UserName::new("floor")?;
+    let mut store = SqliteStore::open(&dir.path().join("floor.sqlite3"), &group)?;
+    let t = Instant::now();
+    for n in 0..count {
+        let body = crate::body(n, bytes);
+        store.begin()?;
+        store.append(NewMessage {
+            sender: &sender,
+            kind: agora_common::proto::EntryKind::Message,
+            sender_key: None,
+            body: &body,
+            id: Some(agora_common::id::MessageId::new_v7()),
+            now: agora_common::time::Timestamp::now(),
+        })?;
+        store.commit()?;
+    }
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}

@@ -324,6 +324,11 @@ fn append(b: &mut Bench) {
         if window == 1 {
             let disk = b.runs("fdatasync floor", || floor::fsync_rate(count, bytes));
             peers.push(("append + fdatasync of a file (disk floor)", med(&disk)));
+            let store = b.runs("store floor", || floor::store_commit_rate(count, bytes));
+            peers.push((
+                "Agora's store alone, in-process (storage floor)",
+                med(&store),
+            ));
         }
         b.row(
             format!("2. acked append, {window} in flight ({count} msgs)"),
