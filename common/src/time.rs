@@ -70,6 +70,16 @@ impl Timestamp {
     /// [`TimeError::Invalid`] if it is not RFC 3339, [`TimeError::OutOfRange`] if it does not
     /// fit in microseconds since the epoch.
     pub fn parse_rfc3339(s: &str) -> Result<Timestamp, TimeError> {
+        // The common case on the wire, UTC with `Z` after 1970, through humantime's parser
+        // (about a third of chrono's time per call; a page carries 1000 of these); any other
+        // offset, or an error, through chrono's.
+        if let Some(micros) = humantime::parse_rfc3339(s)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_micros()).ok())
+        {
+            return Ok(Timestamp(micros));
+        }
         let dt = DateTime::parse_from_rfc3339(s).map_err(|_| TimeError::Invalid(s.to_owned()))?;
         Ok(Timestamp(dt.timestamp_micros()))
     }
@@ -81,7 +91,15 @@ impl Timestamp {
 }
 
 impl fmt::Display for Timestamp {
+    /// RFC 3339 in UTC with microseconds: `2026-11-22T07:00:00.123456Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // humantime writes the same format without an intermediate String, for 1970 through
+        // 9999; chrono covers the rest.
+        const YEAR_10000_MICROS: i64 = 253_402_300_800_000_000;
+        if (0..YEAR_10000_MICROS).contains(&self.0) {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(self.0.unsigned_abs());
+            return write!(f, "{}", humantime::format_rfc3339_micros(t));
+        }
         f.write_str(
             &self
                 .to_datetime()
@@ -172,6 +190,20 @@ impl MonotonicClock {
 mod tests {
     use super::*;
     use chrono::FixedOffset;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The fast paths (humantime) print and read exactly what chrono does.
+        #[test]
+        fn fast_paths_agree_with_chrono(micros in -62_135_596_800_000_000i64..253_402_300_799_999_999) {
+            let t = Timestamp::from_micros(micros);
+            let chrono_text = t.to_datetime().to_rfc3339_opts(SecondsFormat::Micros, true);
+            prop_assert_eq!(t.to_string(), chrono_text.clone());
+            prop_assert_eq!(Timestamp::parse_rfc3339(&chrono_text), Ok(t));
+            let offset = t.to_datetime().with_timezone(&FixedOffset::east_opt(7200).expect("offset"));
+            prop_assert_eq!(Timestamp::parse_rfc3339(&offset.to_rfc3339()), Ok(t));
+        }
+    }
 
     #[test]
     fn display_has_six_fraction_digits_and_z() {
