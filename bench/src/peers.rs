@@ -265,15 +265,20 @@ pub fn nats_retention(sizes: &Sizes) -> anyhow::Result<f64> {
         let js = async_nats::jetstream::new(nats_connect(&server).await?);
         let mut stream = nats_stream(&js, Some(sizes.retention_cap)).await?;
         let took = nats_publish(&js, sizes.retention_sends, 100, sizes.bytes).await?;
-        let kept = stream.info().await?.state.messages;
-        if kept != sizes.retention_cap {
-            bail!(
-                "the capped stream holds {kept}, not {}",
-                sizes.retention_cap
-            );
-        }
-        Ok(sizes.retention_sends as f64 / took.as_secs_f64())
+        retention_rate(stream.info().await?.state.messages, took, sizes)
     })
+}
+
+/// Appends per second of a retention run, after checking the capped stream holds exactly
+/// the cap.
+fn retention_rate(kept: u64, took: Duration, sizes: &Sizes) -> anyhow::Result<f64> {
+    if kept != sizes.retention_cap {
+        bail!(
+            "the capped stream holds {kept}, not {}",
+            sizes.retention_cap
+        );
+    }
+    Ok(sizes.retention_sends as f64 / took.as_secs_f64())
 }
 
 /// Workload 7 against JetStream: nats-server RSS (KiB) empty and after each point.
@@ -537,13 +542,7 @@ pub fn redis_retention(sizes: &Sizes) -> anyhow::Result<f64> {
         .await
     })?;
     let kept: u64 = client.get_connection()?.xlen(STREAM)?;
-    if kept != sizes.retention_cap {
-        bail!(
-            "the capped stream holds {kept}, not {}",
-            sizes.retention_cap
-        );
-    }
-    Ok(sizes.retention_sends as f64 / took.as_secs_f64())
+    retention_rate(kept, took, sizes)
 }
 
 /// Workload 7 against Redis: redis-server RSS (KiB) empty and after each point.
