@@ -238,7 +238,8 @@ pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
     let ctx = zmq::Context::new();
     let max = (groups + 100).to_string();
     let reg = crate::dm::start_registry(&["--max-groups", &max, "--heartbeat", "10m"])?;
-    let (mut client, key) = reg.client(&ctx)?;
+    let (mut client, curve) = reg.client(&ctx)?;
+    let key = curve.keypair.public;
     for g in 0..groups {
         let name = agora_common::proto::GroupName::new(format!("group-{g}"))?;
         let endpoint = format!("tcp://127.0.0.1:{}", 10_000 + g % 50_000)

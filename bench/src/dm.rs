@@ -30,21 +30,22 @@ impl Drop for RegistryProc {
 }
 
 impl RegistryProc {
-    /// A client with a fresh key pair, and its public key.
-    pub(crate) fn client(&self, ctx: &zmq::Context) -> anyhow::Result<(RegistryClient, PublicKey)> {
+    /// A client with a fresh key pair, and its CURVE settings (the key pair and the
+    /// registry's key).
+    pub(crate) fn client(
+        &self,
+        ctx: &zmq::Context,
+    ) -> anyhow::Result<(RegistryClient, ClientCurve)> {
         let curve = ClientCurve {
             keypair: Keypair::generate()?,
             server_key: self.key,
         };
-        let public = curve.keypair.public;
         let options = ClientOptions {
             timeout: Duration::from_secs(30),
             attempts: 1,
         };
-        Ok((
-            RegistryClient::new(ctx, &self.endpoint, options).with_curve(curve),
-            public,
-        ))
+        let client = RegistryClient::new(ctx, &self.endpoint, options).with_curve(curve.clone());
+        Ok((client, curve))
     }
 
     /// The registry's resident memory, KiB.
@@ -82,15 +83,7 @@ fn user(
     reg: &RegistryProc,
     name: &str,
 ) -> anyhow::Result<(RegistryClient, ClientCurve)> {
-    let curve = ClientCurve {
-        keypair: Keypair::generate()?,
-        server_key: reg.key,
-    };
-    let options = ClientOptions {
-        timeout: Duration::from_secs(30),
-        attempts: 1,
-    };
-    let mut client = RegistryClient::new(ctx, &reg.endpoint, options).with_curve(curve.clone());
+    let (mut client, curve) = reg.client(ctx)?;
     client.user_register(&UserName::new(name)?)?;
     Ok((client, curve))
 }

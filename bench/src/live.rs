@@ -95,6 +95,55 @@ fn collect(
     }
 }
 
+/// One live run: a node, `subscribers` subscribed feeds, and a joined sender. Fields drop
+/// in order: the feeds stop before the node, and the context goes last.
+struct Stage {
+    subs: Vec<Subscriber>,
+    /// The seq every subscriber waits for (0 until the sender knows it).
+    until: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sender: agora_common::client::GroupClient,
+    user: UserName,
+    /// The log's last seq after the sender joined.
+    joined_seq: u64,
+    node: NodeProc,
+    ctx: zmq::Context,
+}
+
+impl Stage {
+    fn start(subscribers: usize, node_args: &[&str]) -> anyhow::Result<Stage> {
+        let ctx = zmq::Context::new();
+        let node = start_node(node_args)?;
+        let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let subs = subscribe(&ctx, &node, subscribers, std::sync::Arc::clone(&until))?;
+        let user = UserName::new("sender")?;
+        let mut sender = node.client(&ctx, &user, ClientOptions::default())?;
+        let joined_seq = sender.join()?.last_seq;
+        Ok(Stage {
+            subs,
+            until,
+            sender,
+            user,
+            joined_seq,
+            node,
+            ctx,
+        })
+    }
+
+    /// Tells the subscribers the last seq and collects what each saw.
+    fn finish(self, last_seq: u64) -> anyhow::Result<Vec<Seen>> {
+        self.until
+            .store(last_seq, std::sync::atomic::Ordering::SeqCst);
+        self.subs
+            .into_iter()
+            .map(|s| {
+                s.thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("subscriber panicked"))
+            })
+            .collect()
+    }
+}
+
 /// Latency from the start of a `send` to each subscriber's delivery, `messages` sequential
 /// sends (each waits for its ack), with `subscribers` subscribers.
 ///
@@ -106,28 +155,17 @@ pub fn latency(
     bytes: usize,
     node_args: &[&str],
 ) -> anyhow::Result<Latency> {
-    let ctx = zmq::Context::new();
-    let node = start_node(node_args)?;
-    let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let subs = subscribe(&ctx, &node, subscribers, std::sync::Arc::clone(&until))?;
-    let user = UserName::new("sender")?;
-    let mut sender = node.client(&ctx, &user, ClientOptions::default())?;
-    sender.join()?;
+    let mut stage = Stage::start(subscribers, node_args)?;
     let mut sent_at = std::collections::HashMap::new();
     let mut last = 0;
     for n in 0..messages {
         let t = Instant::now();
-        let ack = sender.send(body(n, bytes))?;
+        let ack = stage.sender.send(body(n, bytes))?;
         sent_at.insert(ack.seq, t);
         last = ack.seq;
     }
-    until.store(last, std::sync::atomic::Ordering::SeqCst);
     let mut samples = Vec::new();
-    for s in subs {
-        let seen = s
-            .thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("subscriber panicked"))?;
+    for seen in stage.finish(last)? {
         if seen.len() as u64 != messages {
             bail!("a subscriber got {} of {messages} messages", seen.len());
         }
@@ -154,27 +192,21 @@ pub fn fanout(
     bytes: usize,
     node_args: &[&str],
 ) -> anyhow::Result<Fanout> {
-    let ctx = zmq::Context::new();
-    let node = start_node(node_args)?;
-    let until = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let subs = subscribe(&ctx, &node, subscribers, std::sync::Arc::clone(&until))?;
-    let user = UserName::new("sender")?;
-    let mut sender = node.client(&ctx, &user, ClientOptions::default())?;
-    let joined = sender.join()?;
+    let stage = Stage::start(subscribers, node_args)?;
     let started = Instant::now();
-    windowed_sends(&ctx, &node, &user, messages, window, bytes)?;
+    windowed_sends(
+        &stage.ctx,
+        &stage.node,
+        &stage.user,
+        messages,
+        window,
+        bytes,
+    )?;
     // Entries: the subscribers' joins came before; the sender's join, then the messages.
-    until.store(
-        joined.last_seq + messages,
-        std::sync::atomic::Ordering::SeqCst,
-    );
+    let last_seq = stage.joined_seq + messages;
     let (mut delivered, mut lost) = (0u64, 0u64);
     let mut done = started;
-    for s in subs {
-        let seen = s
-            .thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("subscriber panicked"))?;
+    for seen in stage.finish(last_seq)? {
         delivered += seen.len() as u64;
         lost += messages.saturating_sub(seen.len() as u64);
         if let Some((_, at, _)) = seen.last() {
