@@ -1,13 +1,28 @@
 //! The durable group log and membership.
 //!
 //! [`GroupStore`] is what a group node needs from storage; [`SqliteStore`] implements it in
-//! one SQLite file in WAL mode with `synchronous=FULL`, so a committed transaction survives a
-//! process kill and a power loss.
+//! one SQLite file in WAL mode. Two [`Durability`] settings:
+//! - [`Durability::Commit`] (`synchronous=FULL`): a commit returns once the WAL is fsynced, so
+//!   a committed transaction survives a process kill and a power loss.
+//! - [`Durability::Deferred`] (`synchronous=NORMAL`): a commit writes the WAL to the page
+//!   cache and returns; the caller makes it durable with [`WalSync::sync`] (an `fdatasync` of
+//!   the WAL file) on another thread, and acks only after that. Checkpoints run on their own
+//!   connection and thread ([`Checkpointer`]), never inside a commit. This is what the group
+//!   node runs: while one batch syncs, the next is applied.
 //!
 //! Writes happen inside a batch: [`GroupStore::begin`], any number of operations, then
 //! [`GroupStore::commit`]. The node puts every request it has in hand into one batch and
-//! sends the acks after the commit: group commit, one fsync for many messages, without
-//! acking anything that is not on disk.
+//! sends the acks after the commit (and the sync): group commit, one fsync for many messages,
+//! without acking anything that is not on disk.
+//!
+//! # Failure inside a batch
+//! When a write fails with an I/O error or a full disk, SQLite may roll back the whole
+//! transaction by itself. The store notices (the connection is back in autocommit mode),
+//! marks the batch aborted, and refuses every later write of the batch with
+//! [`StoreError::Aborted`] instead of letting it run (and commit) on its own; reads go on.
+//! [`GroupStore::commit`] then fails, and the cached seq and clock are reloaded from the file,
+//! so the next batch numbers on from what is stored: no seq gap, and nothing answered as
+//! failed is stored.
 //!
 //! # Schema (version 4, in `PRAGMA user_version`)
 //! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
@@ -113,6 +128,23 @@ pub enum StoreError {
     /// A stored row does not decode (hand-edited or damaged file).
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// An earlier write of this batch failed and SQLite rolled the batch back; nothing more
+    /// is written until the next [`GroupStore::begin`].
+    #[error("the batch was rolled back after an earlier failure")]
+    Aborted,
+}
+
+/// When a commit is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`, exclusive locking: [`GroupStore::commit`] returns after the WAL is
+    /// fsynced. SQLite checkpoints inside the commit that crosses 1000 WAL pages. The default.
+    #[default]
+    Commit,
+    /// `synchronous=NORMAL`, automatic checkpoints off, shared locking: a commit returns once
+    /// the WAL is written (not synced). The caller must [`WalSync::sync`] before acking, and
+    /// run a [`Checkpointer`] so that the WAL is copied back and reused.
+    Deferred,
 }
 
 /// An entry to append.
@@ -227,6 +259,18 @@ pub trait GroupStore {
     /// [`StoreError::IdConflict`] when the id is stored with another sender or body;
     /// [`StoreError::Sqlite`].
     fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError>;
+    /// The stored ack of message `id` if it is in the log with this sender and body
+    /// (`duplicate: true`), `None` if `id` is not stored.
+    ///
+    /// # Errors
+    /// [`StoreError::IdConflict`] when it is stored with another sender or body;
+    /// [`StoreError::Sqlite`].
+    fn stored_ack(
+        &self,
+        id: MessageId,
+        sender: &UserName,
+        body: &RawValue,
+    ) -> Result<Option<SendAck>, StoreError>;
     /// A page of history for `query`: at most `limit` messages, and no more once bodies pass
     /// `max_bytes` (at least one message is returned when any matches).
     ///
@@ -252,6 +296,10 @@ pub struct SqliteStore {
     /// `meta`, since `MAX(seq)` and `MAX(time_us)` may no longer give them. Otherwise the
     /// commit writes no `meta` page (one page less to sync per commit).
     meta_dirty: bool,
+    /// SQLite rolled this batch back after a failed write (see the module docs).
+    aborted: bool,
+    path: std::path::PathBuf,
+    durability: Durability,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -274,15 +322,36 @@ impl SqliteStore {
     /// [`StoreError::WrongGroup`] if the file belongs to another group,
     /// [`StoreError::SchemaTooNew`], [`StoreError::Sqlite`].
     pub fn open(path: &Path, group: &GroupName) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, group, Durability::Commit)
+    }
+
+    /// Opens or creates the store of `group` at `path` with the given durability. With
+    /// [`Durability::Deferred`] the file is opened in shared locking mode (so that a
+    /// [`Checkpointer`] can open it too); one writer per store is still the rule.
+    ///
+    /// # Errors
+    /// As [`SqliteStore::open`].
+    pub fn open_with(
+        path: &Path,
+        group: &GroupName,
+        durability: Durability,
+    ) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        // Before the first WAL access, so that SQLite never maps the shared-memory index.
-        conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")?;
+        if durability == Durability::Commit {
+            // Before the first WAL access, so that SQLite never maps the shared-memory index.
+            conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")?;
+        }
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(mode, "SQLite did not switch to WAL mode");
         }
-        conn.execute_batch("PRAGMA synchronous=FULL;")?;
+        match durability {
+            Durability::Commit => conn.execute_batch("PRAGMA synchronous=FULL;")?,
+            Durability::Deferred => {
+                conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;")?
+            }
+        }
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew(version));
@@ -358,9 +427,56 @@ impl SqliteStore {
             clock: MonotonicClock::after(Timestamp::EPOCH),
             member_count: 0,
             meta_dirty: false,
+            aborted: false,
+            path: path.to_owned(),
+            durability,
         };
         store.reload()?;
         Ok(store)
+    }
+
+    /// How commits of this store become durable.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// A handle that makes this store's committed transactions durable from another thread
+    /// (for [`Durability::Deferred`]).
+    pub fn wal_sync(&self) -> WalSync {
+        WalSync {
+            wal: wal_path(&self.path),
+        }
+    }
+
+    /// A second connection to this store's file, for checkpoints on another thread.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] if the file cannot be opened.
+    pub fn checkpointer(&self) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;")?;
+        Ok(Checkpointer {
+            conn,
+            wal: wal_path(&self.path),
+        })
+    }
+
+    /// Runs `write` unless the batch is already aborted; if it fails and SQLite has rolled
+    /// the transaction back (autocommit is on again), marks the batch aborted.
+    fn write<T>(
+        &mut self,
+        write: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.aborted {
+            return Err(StoreError::Aborted);
+        }
+        let result = write(self);
+        if result.is_err() && self.conn.is_autocommit() {
+            tracing::error!("SQLite rolled the batch back; its later writes are refused");
+            self.aborted = true;
+        }
+        result
     }
 
     /// Reads the cached high-water marks and counts back from the file.
@@ -447,16 +563,109 @@ impl SqliteStore {
     }
 }
 
+/// The WAL file of the database at `db`: `db` with `-wal` appended (SQLite's naming).
+fn wal_path(db: &Path) -> std::path::PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-wal");
+    std::path::PathBuf::from(s)
+}
+
+/// Makes the committed transactions of a [`Durability::Deferred`] store durable: everything
+/// committed before [`WalSync::sync`] is called is on disk when it returns. Send it to the
+/// thread that syncs; it holds only the WAL's path.
+#[derive(Debug, Clone)]
+pub struct WalSync {
+    wal: std::path::PathBuf,
+}
+
+impl WalSync {
+    /// `fdatasync`s the WAL file. Linux flushes a file's dirty pages whichever descriptor
+    /// asks, so a descriptor of our own covers the frames SQLite wrote through its own. The
+    /// file is opened anew each time, so that a WAL SQLite replaced is never missed.
+    ///
+    /// # Errors
+    /// The I/O error. The page cache's state after a failed sync is unknown (it may have
+    /// dropped the dirty pages), so a caller must not ack what it was syncing, nor trust
+    /// later syncs of the same data: the node stops (fail-stop, as PostgreSQL does).
+    pub fn sync(&self) -> std::io::Result<()> {
+        match std::fs::File::open(&self.wal) {
+            Ok(f) => f.sync_data(),
+            // No WAL yet: nothing was committed through one.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A second connection that checkpoints a [`Durability::Deferred`] store (copies WAL pages
+/// back into the database file, so that the WAL can be reused), on a thread of its own and
+/// never inside a commit. SQLite allows one checkpointer beside the writer in WAL mode.
+pub struct Checkpointer {
+    conn: Connection,
+    wal: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer")
+            .field("wal", &self.wal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one checkpoint did, in WAL frames (pages), from `PRAGMA wal_checkpoint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointStats {
+    /// Frames in the WAL.
+    pub wal_frames: i64,
+    /// Frames copied back into the database so far.
+    pub checkpointed: i64,
+}
+
+impl Checkpointer {
+    /// The WAL file's size in bytes (0 if it does not exist).
+    pub fn wal_bytes(&self) -> u64 {
+        std::fs::metadata(&self.wal).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Runs a `PASSIVE` checkpoint: copies what it can without waiting for the writer
+    /// (SQLite syncs the WAL before and the database after). With `restart`, a `RESTART`
+    /// checkpoint instead, which waits (up to the 5 s busy timeout) until the writer's next
+    /// transaction can start the WAL over: for when the WAL has grown past a bound because
+    /// passive checkpoints never caught up under load.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn checkpoint(&mut self, restart: bool) -> Result<CheckpointStats, StoreError> {
+        let sql = if restart {
+            "PRAGMA wal_checkpoint(RESTART)"
+        } else {
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        };
+        let (wal_frames, checkpointed) = self
+            .conn
+            .query_row(sql, [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        Ok(CheckpointStats {
+            wal_frames,
+            checkpointed,
+        })
+    }
+}
+
 const SELECT: &str = "SELECT seq, id, time_us, sender, body, kind, sender_key FROM messages";
 
 impl GroupStore for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
+        self.aborted = false;
         self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
         let result = (|| -> Result<(), StoreError> {
+            if self.aborted {
+                return Err(StoreError::Aborted);
+            }
             if self.meta_dirty {
                 let mut stmt = self.conn.prepare_cached(
                     "INSERT INTO meta (key, value) VALUES (?1, ?2)
@@ -471,8 +680,11 @@ impl GroupStore for SqliteStore {
         })();
         if let Err(e) = result {
             // Leave the connection usable and the caches true to what is on disk.
-            let _ = self.conn.execute_batch("ROLLBACK");
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
             self.meta_dirty = false;
+            self.aborted = false;
             self.reload()?;
             return Err(e);
         }
@@ -494,33 +706,37 @@ impl GroupStore for SqliteStore {
         user: &UserName,
         at: Timestamp,
     ) -> Result<(UserName, bool), StoreError> {
-        if let Some(bound) = self.member(who)? {
-            return Ok((bound, false));
-        }
-        let mut taken = self
-            .conn
-            .prepare_cached("SELECT 1 FROM members WHERE user = ?1")?;
-        if taken.exists([user.as_str()])? {
-            return Err(StoreError::LabelTaken(user.clone()));
-        }
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO members (principal, user, joined_at_us) VALUES (?1, ?2, ?3)",
-        )?;
-        stmt.execute(params![who.as_str(), user.as_str(), at.as_micros()])?;
-        self.member_count += 1;
-        Ok((user.clone(), true))
+        self.write(|s| {
+            if let Some(bound) = s.member(who)? {
+                return Ok((bound, false));
+            }
+            let mut taken = s
+                .conn
+                .prepare_cached("SELECT 1 FROM members WHERE user = ?1")?;
+            if taken.exists([user.as_str()])? {
+                return Err(StoreError::LabelTaken(user.clone()));
+            }
+            let mut stmt = s.conn.prepare_cached(
+                "INSERT INTO members (principal, user, joined_at_us) VALUES (?1, ?2, ?3)",
+            )?;
+            stmt.execute(params![who.as_str(), user.as_str(), at.as_micros()])?;
+            s.member_count += 1;
+            Ok((user.clone(), true))
+        })
     }
 
     fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError> {
-        let Some(bound) = self.member(who)? else {
-            return Ok(None);
-        };
-        let mut stmt = self
-            .conn
-            .prepare_cached("DELETE FROM members WHERE principal = ?1")?;
-        stmt.execute([who.as_str()])?;
-        self.member_count = self.member_count.saturating_sub(1);
-        Ok(Some(bound))
+        self.write(|s| {
+            let Some(bound) = s.member(who)? else {
+                return Ok(None);
+            };
+            let mut stmt = s
+                .conn
+                .prepare_cached("DELETE FROM members WHERE principal = ?1")?;
+            stmt.execute([who.as_str()])?;
+            s.member_count = s.member_count.saturating_sub(1);
+            Ok(Some(bound))
+        })
     }
 
     fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError> {
@@ -534,17 +750,21 @@ impl GroupStore for SqliteStore {
     }
 
     fn grant(&mut self, who: &Principal, grant: Grant, at: Timestamp) -> Result<bool, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO grants (principal, kind, at_us) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-        )?;
-        Ok(stmt.execute(params![who.as_str(), grant.as_str(), at.as_micros()])? == 1)
+        self.write(|s| {
+            let mut stmt = s.conn.prepare_cached(
+                "INSERT INTO grants (principal, kind, at_us) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )?;
+            Ok(stmt.execute(params![who.as_str(), grant.as_str(), at.as_micros()])? == 1)
+        })
     }
 
     fn revoke(&mut self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("DELETE FROM grants WHERE principal = ?1 AND kind = ?2")?;
-        Ok(stmt.execute(params![who.as_str(), grant.as_str()])? == 1)
+        self.write(|s| {
+            let mut stmt = s
+                .conn
+                .prepare_cached("DELETE FROM grants WHERE principal = ?1 AND kind = ?2")?;
+            Ok(stmt.execute(params![who.as_str(), grant.as_str()])? == 1)
+        })
     }
 
     fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
@@ -566,15 +786,17 @@ impl GroupStore for SqliteStore {
     }
 
     fn set_mode(&mut self, mode: GroupMode) -> Result<bool, StoreError> {
-        if self.mode()? == mode {
-            return Ok(false);
-        }
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO meta (key, value) VALUES ('mode', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )?;
-        stmt.execute([mode.as_str()])?;
-        Ok(true)
+        self.write(|s| {
+            if s.mode()? == mode {
+                return Ok(false);
+            }
+            let mut stmt = s.conn.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('mode', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?;
+            stmt.execute([mode.as_str()])?;
+            Ok(true)
+        })
     }
 
     fn members(&self) -> Result<Vec<Member>, StoreError> {
@@ -600,56 +822,73 @@ impl GroupStore for SqliteStore {
     }
 
     fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
-        let id = msg.id.unwrap_or_else(MessageId::new_v7);
-        let seq = self.last_seq + 1;
-        let mut clock = self.clock;
-        let time = clock.tick(msg.now);
-        // One statement in the common case: the id's UNIQUE index finds a retry while
-        // inserting, instead of a lookup before every insert.
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO messages (seq, id, time_us, sender, body, kind, sender_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
-        )?;
-        let inserted = stmt.execute(params![
-            seq as i64,
-            id.as_bytes().as_slice(),
-            time.as_micros(),
-            msg.sender.as_str(),
-            msg.body.get(),
-            msg.kind.as_str(),
-            msg.sender_key.map(|k| k.to_string())
-        ])?;
-        if inserted == 1 {
-            self.last_seq = seq;
-            self.clock = clock;
-            return Ok(SendAck {
-                seq,
-                id,
-                time,
-                duplicate: false,
-            });
-        }
-        // A retry of a stored message: the same sender and body get the stored ack.
+        self.write(|s| {
+            let id = msg.id.unwrap_or_else(MessageId::new_v7);
+            let seq = s.last_seq + 1;
+            let mut clock = s.clock;
+            let time = clock.tick(msg.now);
+            // One statement in the common case: the id's UNIQUE index finds a retry while
+            // inserting, instead of a lookup before every insert.
+            let mut stmt = s.conn.prepare_cached(
+                "INSERT INTO messages (seq, id, time_us, sender, body, kind, sender_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+            )?;
+            let inserted = stmt.execute(params![
+                seq as i64,
+                id.as_bytes().as_slice(),
+                time.as_micros(),
+                msg.sender.as_str(),
+                msg.body.get(),
+                msg.kind.as_str(),
+                msg.sender_key.map(|k| k.to_string())
+            ])?;
+            if inserted == 1 {
+                s.last_seq = seq;
+                s.clock = clock;
+                return Ok(SendAck {
+                    seq,
+                    id,
+                    time,
+                    duplicate: false,
+                });
+            }
+            // A retry of a stored message: the same sender and body get the stored ack.
+            s.stored_ack(id, msg.sender, msg.body)?
+                .ok_or_else(|| StoreError::Corrupt(format!("id {id} conflicts but is not found")))
+        })
+    }
+
+    fn stored_ack(
+        &self,
+        id: MessageId,
+        sender: &UserName,
+        body: &RawValue,
+    ) -> Result<Option<SendAck>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT seq, time_us, sender, body FROM messages WHERE id = ?1")?;
-        let (seq, time_us, sender, body) = stmt.query_row([id.as_bytes().as_slice()], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })?;
-        if sender != msg.sender.as_str() || body != msg.body.get() {
+        let found = stmt
+            .query_row([id.as_bytes().as_slice()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?;
+        let Some((seq, time_us, stored_sender, stored_body)) = found else {
+            return Ok(None);
+        };
+        if stored_sender != sender.as_str() || stored_body != body.get() {
             return Err(StoreError::IdConflict(id));
         }
-        Ok(SendAck {
+        Ok(Some(SendAck {
             seq: u64::try_from(seq).unwrap_or(0),
             id,
             time: Timestamp::from_micros(time_us),
             duplicate: true,
-        })
+        }))
     }
 
     fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
@@ -715,25 +954,27 @@ impl GroupStore for SqliteStore {
     }
 
     fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
-        let mut deleted = 0;
-        if let Some(max) = policy.max_messages {
-            let keep_from = self.last_seq.saturating_sub(max);
-            let mut stmt = self
-                .conn
-                .prepare_cached("DELETE FROM messages WHERE seq <= ?1")?;
-            deleted += stmt.execute([i64::try_from(keep_from).unwrap_or(i64::MAX)])? as u64;
-        }
-        if let Some(age) = policy.max_age {
-            let cutoff = now.saturating_sub(age);
-            let mut stmt = self
-                .conn
-                .prepare_cached("DELETE FROM messages WHERE time_us < ?1")?;
-            deleted += stmt.execute([cutoff.as_micros()])? as u64;
-        }
-        if deleted > 0 {
-            self.meta_dirty = true;
-        }
-        Ok(deleted)
+        self.write(|s| {
+            let mut deleted = 0;
+            if let Some(max) = policy.max_messages {
+                let keep_from = s.last_seq.saturating_sub(max);
+                let mut stmt = s
+                    .conn
+                    .prepare_cached("DELETE FROM messages WHERE seq <= ?1")?;
+                deleted += stmt.execute([i64::try_from(keep_from).unwrap_or(i64::MAX)])? as u64;
+            }
+            if let Some(age) = policy.max_age {
+                let cutoff = now.saturating_sub(age);
+                let mut stmt = s
+                    .conn
+                    .prepare_cached("DELETE FROM messages WHERE time_us < ?1")?;
+                deleted += stmt.execute([cutoff.as_micros()])? as u64;
+            }
+            if deleted > 0 {
+                s.meta_dirty = true;
+            }
+            Ok(deleted)
+        })
     }
 }
 

@@ -4,17 +4,33 @@
 //! (`send`) and history (`get_messages`), as `docs/PROTOCOL.md` specifies. The node registers
 //! with the registry and heartbeats on its own thread ([`heartbeat`]).
 //!
-//! # Group commit
+//! # Group commit, pipelined
 //! The socket thread takes every request waiting (up to [`MAX_BATCH`]), handles them all in
-//! one store transaction, commits once, and only then sends the replies. Under load one fsync
-//! covers many sends; no ack leaves before its message is on disk.
+//! one store transaction and commits it to the WAL without syncing. The [`durable::Syncer`]
+//! then `fdatasync`s the WAL on its own thread while the socket thread receives and applies
+//! the next batch (at most [`MAX_PIPELINE`] batches wait for their sync). A batch's replies
+//! and pushes are released only once a sync covering it is done, in batch order; replies to
+//! reads wait too, since they may show entries of an unsynced batch. Under load one fsync
+//! covers many sends; no ack leaves before its message is on disk. Checkpoints run on their
+//! own thread ([`durable::CheckpointThread`]).
+//!
+//! # Failures
+//! - A batch whose commit fails (disk full, I/O error) is rolled back whole: its writes are
+//!   answered `internal` and are not in the log; a retried `send` whose id was stored by an
+//!   earlier batch still gets its `duplicate` ack; its reads are answered again from what is
+//!   stored. The next batch numbers on from the last stored seq: no gap. Writes succeed again
+//!   as soon as space returns.
+//! - A failed `fdatasync` stops the node with [`NodeError::Sync`], acking nothing that it
+//!   covered: after a failed sync the page cache cannot be trusted (PostgreSQL's rule). Those
+//!   sends got no reply; a retry with the same id after a restart is stored once.
 //!
 //! # Layout
 //! - [`Node`]: bind ([`Node::bind`]) and serve ([`Node::run`]).
 //! - `cmd/`: one handler per action; [`identity`]: who the caller is.
 //! - [`subscribers`]: the live stream: leases and the push after each commit.
 
-use std::path::PathBuf;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,19 +39,21 @@ use agora_common::client::{max_request_bytes, ClientCurve};
 use agora_common::codec::Frames;
 use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_common::proto::{
-    Endpoint, ErrorCode, GroupName, Request, WireError, DEFAULT_MAX_MESSAGE_BYTES,
+    Endpoint, ErrorCode, GroupName, HistoryQuery, Message, Request, SendAck, WireError,
+    DEFAULT_MAX_MESSAGE_BYTES,
 };
 use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
-    bind_router, rate_limit, recv_batch_wait, reply_frames, send_reply, Incoming, Peer,
+    bind_router, rate_limit, recv_batch, reply_frames, send_reply, Incoming, Peer, Received,
     RouterOptions,
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
-use agora_common::store::{GroupStore, Retention, SqliteStore, StoreError};
+use agora_common::store::{Durability, GroupStore, Retention, SqliteStore, StoreError};
 use agora_common::time::Timestamp;
 use agora_common::zap::{Authenticator, ZapPolicy};
 
 mod cmd;
+pub mod durable;
 pub mod heartbeat;
 pub mod identity;
 pub mod subscribers;
@@ -44,6 +62,13 @@ use subscribers::Subscribers;
 
 /// Most requests handled in one batch (one transaction, one fsync).
 pub const MAX_BATCH: usize = 512;
+
+/// Most committed batches waiting for their sync; the loop reads no new request while this
+/// many wait (default 4).
+pub const MAX_PIPELINE: usize = 4;
+
+/// Commits between checkpoint nudges (a passive checkpoint also runs every second).
+const CHECKPOINT_EVERY: u64 = 256;
 
 /// Group node settings.
 #[derive(Debug, Clone)]
@@ -77,6 +102,12 @@ pub struct Config {
     pub sndhwm: i32,
     /// Test-only fault injection: drop every Nth push (default 0, never).
     pub fault_drop_push_every: u64,
+    /// Push budget per subscription: bytes of event JSON pushed and not acked (default
+    /// 4 MiB, [`agora_common::proto::DEFAULT_PUSH_BUDGET_BYTES`]); see [`subscribers`].
+    pub push_budget_bytes: usize,
+    /// Push budget of the node, over all subscriptions (default 64 MiB,
+    /// [`agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES`]).
+    pub push_budget_total_bytes: usize,
     /// Serve without CURVE. Refused unless every endpoint (bind, advertised, registry) is
     /// loopback.
     pub insecure: bool,
@@ -108,6 +139,8 @@ impl Config {
             max_subscriptions_per_member: 16,
             sndhwm: 1000,
             fault_drop_push_every: 0,
+            push_budget_bytes: agora_common::proto::DEFAULT_PUSH_BUDGET_BYTES,
+            push_budget_total_bytes: agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES,
             insecure: false,
             registry_key: None,
             rate_limit: RateLimit::default(),
@@ -146,9 +179,12 @@ pub enum NodeError {
     /// libzmq failed while serving.
     #[error("zmq: {0}")]
     Zmq(#[from] zmq::Error),
-    /// The heartbeat thread could not start.
-    #[error("heartbeat thread: {0}")]
+    /// The heartbeat, sync or checkpoint thread could not start.
+    #[error("thread: {0}")]
     Thread(std::io::Error),
+    /// An `fdatasync` of the WAL failed: the node stops without acking what it covered.
+    #[error(transparent)]
+    Sync(#[from] durable::SyncFailed),
     /// The key pair could not be loaded or made, or this libzmq has no CURVE.
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
@@ -201,11 +237,12 @@ impl Node {
     /// [`NodeError::DataDir`], [`NodeError::Store`] (including a data dir of another
     /// group), [`NodeError::Bind`], [`NodeError::Advertise`].
     pub fn bind(ctx: &zmq::Context, config: Config) -> Result<Node, NodeError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        let db = config.data_dir.join("group.sqlite3");
+        private_files(&config.data_dir, &db).map_err(|source| NodeError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store = SqliteStore::open(&config.data_dir.join("group.sqlite3"), &config.name)?;
+        let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
         let (keys, zap) = if config.insecure {
             let endpoints = [Some(config.bind.as_str()), config.registry.as_deref()];
             let advertised = config.advertise.as_ref().map(Endpoint::as_str);
@@ -250,7 +287,8 @@ impl Node {
             config.max_subscribers,
             config.max_subscriptions_per_member,
             config.fault_drop_push_every,
-        );
+        )
+        .with_push_budget(config.push_budget_bytes, config.push_budget_total_bytes);
         let limiter = Limiter::new(config.rate_limit);
         let owner = match &keys {
             Some(k) => Some(config.owner.unwrap_or(k.public)),
@@ -315,17 +353,47 @@ impl Node {
             ),
             None => None,
         };
+        let syncer =
+            durable::Syncer::start(&self.ctx, self.store.wal_sync()).map_err(NodeError::Thread)?;
+        let checkpoints = durable::CheckpointThread::start(self.store.checkpointer()?)
+            .map_err(NodeError::Thread)?;
         tracing::info!(group = %self.config.name, endpoint = %self.endpoint,
             last_seq = self.store.last_seq(), "group node serving");
-        let poll_ms = i32::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
+        let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut pipeline = Pipeline::default();
         let mut next_age_sweep = Instant::now();
         let mut next_lease_sweep = Instant::now();
         while !shutdown.is_triggered() {
-            recv_batch_wait(&self.socket, MAX_BATCH, &mut batch, poll_ms)?;
-            if !batch.is_empty() {
-                self.serve_batch(&mut batch)?;
-                members.store(self.store.member_count(), Ordering::Relaxed);
+            let accepting = pipeline.waiting.len() < MAX_PIPELINE;
+            let (requests, synced) = {
+                let mut items = [
+                    self.socket.as_poll_item(if accepting {
+                        zmq::POLLIN
+                    } else {
+                        zmq::PollEvents::empty()
+                    }),
+                    syncer.poll_item(),
+                ];
+                match zmq::poll(&mut items, poll_ms) {
+                    Ok(_) => {}
+                    Err(zmq::Error::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                (items[0].is_readable(), items[1].is_readable())
+            };
+            if synced {
+                if let Some(upto) = syncer.recv(0)? {
+                    self.release(&mut pipeline, upto)?;
+                }
+            }
+            if requests {
+                recv_batch(&self.socket, MAX_BATCH, &mut batch)?;
+                if !batch.is_empty() {
+                    let done = self.serve_batch(&mut batch);
+                    members.store(self.store.member_count(), Ordering::Relaxed);
+                    self.queue(&mut pipeline, done, &syncer, &checkpoints)?;
+                }
             }
             if Instant::now() >= next_lease_sweep {
                 let expired = self.subscribers.expire(Instant::now());
@@ -335,15 +403,87 @@ impl Node {
                 next_lease_sweep = Instant::now() + Duration::from_millis(500);
             }
             if self.config.retention.max_age.is_some() && Instant::now() >= next_age_sweep {
-                self.sweep_retention();
+                if self.sweep_retention() {
+                    pipeline.requested += 1;
+                    syncer.request(pipeline.requested)?;
+                }
                 next_age_sweep = Instant::now() + Duration::from_secs(1);
             }
         }
+        // Drain: every batch already committed gets its sync, then its replies and pushes.
+        while let Some(last) = pipeline.waiting.back().map(|w| w.batch) {
+            match syncer.recv(1000)? {
+                Some(upto) => self.release(&mut pipeline, upto)?,
+                None => tracing::warn!(waiting_for = last, "still waiting for the WAL sync"),
+            }
+        }
+        drop(checkpoints);
         tracing::info!(group = %self.config.name, "group node stopping");
         Ok(())
     }
 
-    fn sweep_retention(&mut self) {
+    /// Queues a served batch behind the batches still syncing, asking for its own sync if it
+    /// wrote; a batch that wrote nothing with nothing ahead of it is released at once.
+    fn queue(
+        &mut self,
+        pipeline: &mut Pipeline,
+        done: Served,
+        syncer: &durable::Syncer,
+        checkpoints: &durable::CheckpointThread,
+    ) -> Result<(), NodeError> {
+        if done.wrote {
+            pipeline.requested += 1;
+            syncer.request(pipeline.requested)?;
+            if pipeline.requested % CHECKPOINT_EVERY == 0 {
+                checkpoints.nudge();
+            }
+        } else if pipeline.waiting.is_empty() {
+            return self.send_out(done.replies, &done.appended);
+        }
+        pipeline.waiting.push_back(Waiting {
+            batch: pipeline.requested,
+            replies: done.replies,
+            appended: done.appended,
+        });
+        Ok(())
+    }
+
+    /// Releases, in order, every waiting batch that the sync up to `upto` covers.
+    fn release(&mut self, pipeline: &mut Pipeline, upto: u64) -> Result<(), NodeError> {
+        while pipeline.waiting.front().is_some_and(|w| w.batch <= upto) {
+            if let Some(w) = pipeline.waiting.pop_front() {
+                self.send_out(w.replies, &w.appended)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a durable batch's replies, then pushes its entries to the subscribers.
+    fn send_out(
+        &mut self,
+        replies: Vec<(Frames, Frames)>,
+        appended: &[Message],
+    ) -> Result<(), NodeError> {
+        for (envelope, reply) in replies {
+            send_reply(&self.socket, envelope, reply)?;
+        }
+        let stats = self
+            .subscribers
+            .push(&self.socket, &self.config.name, appended)?;
+        if stats.dropped > 0 || stats.gone > 0 {
+            tracing::debug!(
+                sent = stats.sent,
+                dropped = stats.dropped,
+                gone = stats.gone,
+                "push round"
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies the age retention in a batch of its own; returns whether it committed a
+    /// deletion (which then needs a sync like any write).
+    fn sweep_retention(&mut self) -> bool {
         let policy = self.config.retention;
         let result = self.store.begin().and_then(|()| {
             let n = self.store.apply_retention(policy, Timestamp::now())?;
@@ -351,30 +491,29 @@ impl Node {
             Ok(n)
         });
         match result {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(deleted = n, "retention"),
-            Err(e) => tracing::error!(error = %e, "retention failed"),
+            Ok(0) => false,
+            Ok(n) => {
+                tracing::debug!(deleted = n, "retention");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention failed");
+                false
+            }
         }
     }
 
-    /// Handles a batch in one transaction; replies only after the commit.
-    fn serve_batch(
-        &mut self,
-        batch: &mut Vec<agora_common::server::Received>,
-    ) -> Result<(), NodeError> {
+    /// Handles a batch in one transaction and commits it (to the WAL, not yet synced).
+    /// Returns the replies to send once it is durable. A failed commit rolls the whole batch
+    /// back and answers it as the module docs say.
+    fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
         let now = Timestamp::now();
         let instant = Instant::now();
         let mut appended = Vec::new();
-        let mut replies: Vec<(Frames, Frames)> = Vec::with_capacity(batch.len());
-        if let Err(e) = self.store.begin() {
+        let mut handled: Vec<Handled> = Vec::with_capacity(batch.len());
+        let began = self.store.begin();
+        if let Err(e) = &began {
             tracing::error!(error = %e, "cannot start a transaction");
-            let internal = WireError::new(ErrorCode::Internal, "storage failure; retry later");
-            for frames in batch.drain(..) {
-                if let Ok(incoming) = Incoming::from_received(frames) {
-                    replies.push((incoming.envelope, reply_frames::<()>(Err(internal.clone()))));
-                }
-            }
-            return self.send_all(replies);
         }
         for frames in batch.drain(..) {
             let incoming = match Incoming::from_received(frames) {
@@ -385,22 +524,38 @@ impl Node {
                 }
             };
             let limited = rate_limit(&mut self.limiter, &incoming, instant);
-            let reply = match incoming.request {
-                _ if limited.is_some() => limited.unwrap_or_default(),
-                Ok(request) => self.dispatch(
-                    request,
-                    &incoming.envelope,
-                    incoming.peer,
-                    now,
-                    instant,
-                    &mut appended,
-                ),
+            let (reply, redo) = match incoming.request {
+                _ if limited.is_some() => (limited.unwrap_or_default(), Redo::Keep),
+                Ok(request) if began.is_err() && writes(&request) => (internal(), Redo::Keep),
+                Ok(request) => {
+                    let redo = Redo::of(&request, incoming.peer);
+                    let (reply, ok) = self.dispatch(
+                        request,
+                        &incoming.envelope,
+                        incoming.peer,
+                        now,
+                        instant,
+                        &mut appended,
+                    );
+                    (reply, if ok { redo } else { redo.unless_failed() })
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "rejected request");
-                    reply_frames::<()>(Err(e.to_wire()))
+                    (reply_frames::<()>(Err(e.to_wire())), Redo::Keep)
                 }
             };
-            replies.push((incoming.envelope, reply));
+            handled.push(Handled {
+                envelope: incoming.envelope,
+                reply,
+                redo,
+            });
+        }
+        if began.is_err() {
+            return Served {
+                wrote: false,
+                replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
+                appended: Vec::new(),
+            };
         }
         let retention = self.config.retention;
         let committed = (|| {
@@ -415,37 +570,64 @@ impl Node {
             }
             self.store.commit()
         })();
-        if let Err(e) = committed {
-            // Nothing of this batch is stored: no reply may claim otherwise.
-            tracing::error!(error = %e, "commit failed; batch rolled back");
-            let internal = WireError::new(ErrorCode::Internal, "storage failure; retry later");
-            for (_, reply) in &mut replies {
-                *reply = reply_frames::<()>(Err(internal.clone()));
+        match committed {
+            Ok(()) => Served {
+                wrote: true,
+                replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
+                appended,
+            },
+            Err(e) => {
+                // Nothing of this batch is stored: no reply may claim otherwise.
+                tracing::error!(error = %e, "commit failed; batch rolled back");
+                let replies = handled
+                    .into_iter()
+                    .map(|h| {
+                        let reply = self.answer_after_rollback(h.redo, h.reply, &h.envelope);
+                        (h.envelope, reply)
+                    })
+                    .collect();
+                Served {
+                    wrote: false,
+                    replies,
+                    appended: Vec::new(),
+                }
             }
-            appended.clear();
         }
-        self.send_all(replies)?;
-        let stats = self
-            .subscribers
-            .push(&self.socket, &self.config.name, &appended)?;
-        if stats.dropped > 0 || stats.gone > 0 {
-            tracing::debug!(
-                sent = stats.sent,
-                dropped = stats.dropped,
-                gone = stats.gone,
-                "push round"
-            );
-        }
-        Ok(())
     }
 
-    fn send_all(&self, replies: Vec<(Frames, Frames)>) -> Result<(), NodeError> {
-        for (envelope, reply) in replies {
-            send_reply(&self.socket, envelope, reply)?;
+    /// The reply to a request of a batch that was rolled back (see [`Redo`]).
+    fn answer_after_rollback(&mut self, redo: Redo, reply: Frames, envelope: &Frames) -> Frames {
+        match redo {
+            Redo::Keep => reply,
+            Redo::Internal => internal(),
+            Redo::Send(id) => match self.store.page(HistoryQuery::ById(id), 1, usize::MAX) {
+                Ok(page) => match page.messages.first() {
+                    Some(m) => reply_frames(Ok(SendAck {
+                        seq: m.seq,
+                        id,
+                        time: m.time,
+                        duplicate: true,
+                    })),
+                    None => internal(),
+                },
+                Err(_) => internal(),
+            },
+            Redo::Read(request, peer) => {
+                let mut unused = Vec::new();
+                self.dispatch(
+                    *request,
+                    envelope,
+                    peer,
+                    Timestamp::now(),
+                    Instant::now(),
+                    &mut unused,
+                )
+                .0
+            }
         }
-        Ok(())
     }
 
+    /// Runs the handler of `request`; returns its reply and whether it succeeded.
     fn dispatch(
         &mut self,
         request: Request,
@@ -453,8 +635,8 @@ impl Node {
         peer: Option<PublicKey>,
         now: Timestamp,
         instant: Instant,
-        appended: &mut Vec<agora_common::proto::Message>,
-    ) -> Frames {
+        appended: &mut Vec<Message>,
+    ) -> (Frames, bool) {
         let mut ctx = cmd::Ctx {
             store: &mut self.store,
             config: &self.config,
@@ -467,21 +649,21 @@ impl Node {
             owner: self.owner,
         };
         match request {
-            Request::Info(r) => reply_frames(cmd::info::apply(&mut ctx, r)),
-            Request::Join(r) => reply_frames(cmd::join::apply(&mut ctx, r)),
-            Request::Leave(r) => reply_frames(cmd::leave::apply(&mut ctx, r)),
-            Request::Members(r) => reply_frames(cmd::members::apply(&mut ctx, r)),
-            Request::Send(r) => reply_frames(cmd::send::apply(&mut ctx, r)),
-            Request::GetMessages(r) => reply_frames(cmd::get_messages::apply(&mut ctx, r)),
-            Request::Subscribe(r) => reply_frames(cmd::subscribe::apply(&mut ctx, r)),
-            Request::Unsubscribe(r) => reply_frames(cmd::unsubscribe::apply(&mut ctx, r)),
-            Request::Invite(r) => reply_frames(cmd::policy::invite(&mut ctx, r)),
-            Request::Kick(r) => reply_frames(cmd::policy::kick(&mut ctx, r)),
-            Request::Ban(r) => reply_frames(cmd::policy::ban(&mut ctx, r)),
-            Request::Unban(r) => reply_frames(cmd::policy::unban(&mut ctx, r)),
-            Request::Promote(r) => reply_frames(cmd::policy::promote(&mut ctx, r)),
-            Request::SetMode(r) => reply_frames(cmd::policy::set_mode(&mut ctx, r)),
-            other => reply_frames::<()>(Err(WireError::new(
+            Request::Info(r) => reply(cmd::info::apply(&mut ctx, r)),
+            Request::Join(r) => reply(cmd::join::apply(&mut ctx, r)),
+            Request::Leave(r) => reply(cmd::leave::apply(&mut ctx, r)),
+            Request::Members(r) => reply(cmd::members::apply(&mut ctx, r)),
+            Request::Send(r) => reply(cmd::send::apply(&mut ctx, r)),
+            Request::GetMessages(r) => reply(cmd::get_messages::apply(&mut ctx, r)),
+            Request::Subscribe(r) => reply(cmd::subscribe::apply(&mut ctx, r)),
+            Request::Unsubscribe(r) => reply(cmd::unsubscribe::apply(&mut ctx, r)),
+            Request::Invite(r) => reply(cmd::policy::invite(&mut ctx, r)),
+            Request::Kick(r) => reply(cmd::policy::kick(&mut ctx, r)),
+            Request::Ban(r) => reply(cmd::policy::ban(&mut ctx, r)),
+            Request::Unban(r) => reply(cmd::policy::unban(&mut ctx, r)),
+            Request::Promote(r) => reply(cmd::policy::promote(&mut ctx, r)),
+            Request::SetMode(r) => reply(cmd::policy::set_mode(&mut ctx, r)),
+            other => reply::<()>(Err(WireError::new(
                 ErrorCode::UnknownAction,
                 format!(
                     "{} is a registry action, not a group-node action",
@@ -490,6 +672,134 @@ impl Node {
             ))),
         }
     }
+}
+
+/// Encodes a handler's result; true when it is `ok`.
+fn reply<T: serde::Serialize>(result: Result<T, WireError>) -> (Frames, bool) {
+    let ok = result.is_ok();
+    (reply_frames(result), ok)
+}
+
+/// The `internal` reply of a write that is not stored.
+fn internal() -> Frames {
+    reply_frames::<()>(Err(WireError::new(
+        ErrorCode::Internal,
+        "storage failure; nothing was stored; retry later",
+    )))
+}
+
+/// Batches committed and waiting for their sync, oldest first.
+#[derive(Default)]
+struct Pipeline {
+    /// The number of the last batch whose sync was asked for.
+    requested: u64,
+    waiting: VecDeque<Waiting>,
+}
+
+/// A batch whose replies wait for the sync of batch `batch`.
+struct Waiting {
+    batch: u64,
+    replies: Vec<(Frames, Frames)>,
+    appended: Vec<Message>,
+}
+
+/// A served batch: replies (envelope, reply frames) and the entries to push.
+struct Served {
+    /// It committed a transaction that needs a sync.
+    wrote: bool,
+    replies: Vec<(Frames, Frames)>,
+    appended: Vec<Message>,
+}
+
+/// A request of the batch being served, with its reply so far.
+struct Handled {
+    envelope: Frames,
+    reply: Frames,
+    redo: Redo,
+}
+
+/// How to answer a request if its batch is rolled back.
+enum Redo {
+    /// The reply stands: it was an error, and nothing of it was stored.
+    Keep,
+    /// A write that succeeded: now `internal`.
+    Internal,
+    /// A `send` with a client id that succeeded: the `duplicate` ack if an earlier batch
+    /// stored that id, else `internal`.
+    Send(agora_common::id::MessageId),
+    /// A read: handled again, from what is stored.
+    Read(Box<Request>, Option<PublicKey>),
+}
+
+impl Redo {
+    /// What to do with `request` if it succeeds and its batch is then rolled back.
+    fn of(request: &Request, peer: Option<PublicKey>) -> Redo {
+        match request {
+            Request::Send(r) => r.id.map_or(Redo::Internal, Redo::Send),
+            r if writes(r) => Redo::Internal,
+            r => Redo::Read(Box::new(r.clone()), peer),
+        }
+    }
+
+    /// For a request whose handler failed: its error stands, unless it is a read.
+    fn unless_failed(self) -> Redo {
+        match self {
+            Redo::Read(..) => self,
+            _ => Redo::Keep,
+        }
+    }
+}
+
+/// Whether a group-node request writes to the store (reads: `info`, `members`,
+/// `get_messages`, `subscribe`, `unsubscribe`).
+fn writes(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Info(_)
+            | Request::Members(_)
+            | Request::GetMessages(_)
+            | Request::Subscribe(_)
+            | Request::Unsubscribe(_)
+    )
+}
+
+/// Makes the data directory private: creates it (and its parents) with mode 0700, or
+/// tightens an existing one to 0700, and creates the database file with mode 0600 (SQLite
+/// gives its `-wal` and `-shm` files the database file's mode), tightening existing store
+/// files to 0600. Each change to an existing path is logged.
+fn private_files(dir: &Path, db: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tighten = |path: &Path, mode: u32| -> std::io::Result<()> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let old = meta.permissions().mode() & 0o777;
+        if old & !mode != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            tracing::warn!(path = %path.display(), old = format!("{old:o}"),
+                new = format!("{mode:o}"), "tightened permissions of the group's data");
+        }
+        Ok(())
+    };
+    tighten(dir, 0o700)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(db)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = db.as_os_str().to_owned();
+        path.push(suffix);
+        tighten(Path::new(&path), 0o600)?;
+    }
+    Ok(())
 }
 
 /// The default data directory of `group`: the user's data directory
