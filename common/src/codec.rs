@@ -153,7 +153,7 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::Members => Request::Members(parse::<MembersRequest>(body)?),
         Action::Send => Request::Send(parse::<SendRequest>(body)?),
         Action::GetMessages => Request::GetMessages(parse::<GetMessagesRequest>(body)?),
-        Action::Subscribe => Request::Subscribe(parse::<MembershipRequest>(body)?),
+        Action::Subscribe => Request::Subscribe(parse::<crate::proto::SubscribeRequest>(body)?),
         Action::Unsubscribe => Request::Unsubscribe(parse::<MembershipRequest>(body)?),
         Action::Invite => Request::Invite(parse::<KeyTargetRequest>(body)?),
         Action::Kick => Request::Kick(parse::<MemberTargetRequest>(body)?),
@@ -204,9 +204,8 @@ pub fn encode_request(request: &Request) -> Frames {
         Request::List(r) => tagged(action, r),
         Request::Lookup(r) => tagged(action, r),
         Request::Info(r) => tagged(action, r),
-        Request::Join(r) | Request::Leave(r) | Request::Subscribe(r) | Request::Unsubscribe(r) => {
-            tagged(action, r)
-        }
+        Request::Join(r) | Request::Leave(r) | Request::Unsubscribe(r) => tagged(action, r),
+        Request::Subscribe(r) => tagged(action, r),
         Request::Members(r) => tagged(action, r),
         Request::Send(r) => tagged(action, r),
         Request::Invite(r) | Request::Ban(r) | Request::Unban(r) => tagged(action, r),
@@ -409,6 +408,30 @@ mod tests {
         ));
         assert_eq!(too_big.to_wire().code, ErrorCode::InvalidField);
         let _ = MAX_PAGE_LIMIT;
+    }
+
+    #[test]
+    fn subscribe_takes_batch_and_ack_and_rejects_bad_ones() {
+        let Ok(Request::Subscribe(r)) = decode_request(&frames(
+            r#"{"action":"subscribe","user":"a","batch":true,"acked_seq":41}"#,
+        )) else {
+            panic!("a subscribe");
+        };
+        assert_eq!((r.batch, r.acked_seq), (true, Some(41)));
+        // The AGORA/1.0 form still decodes: no batches, no ack.
+        let Ok(Request::Subscribe(r)) =
+            decode_request(&frames(r#"{"action":"subscribe","user":"a"}"#))
+        else {
+            panic!("a subscribe");
+        };
+        assert_eq!((r.batch, r.acked_seq), (false, None));
+        for bad in [
+            r#"{"action":"subscribe","user":"a","acked_seq":-1}"#,
+            r#"{"action":"subscribe","user":"a","acked_seq":"7"}"#,
+            r#"{"action":"subscribe","user":"a","batch":"yes"}"#,
+        ] {
+            assert_eq!(err(bad).to_wire().code, ErrorCode::InvalidField, "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,14 @@
 //! - every renewal reply carries the node's `last_seq`, so a gap is found even when no push
 //!   arrives (an idle group after a restart, a client that was offline).
 //!
+//! The feed subscribes with `batch` (the node pushes several entries per message,
+//! `{"event": "entries"}`; single `entry` events are still understood) and acks: each
+//! renewal carries `acked_seq`, the last seq handed to the consumer, and once the pushes
+//! received since the last ack pass half the node's push budget (`budget_bytes` in the
+//! `subscribe` reply) the feed renews at once (credit-based flow control, zguide chapter 7).
+//! A consumer that stops taking events stops the acks, so the node stops pushing to it; the
+//! feed reads the rest from the log when the consumer comes back.
+//!
 //! Backfill uses a separate Lazy Pirate REQ client on the feed thread: a node that dies in
 //! the middle of a backfill holds the other groups' entries back for up to the client
 //! timeout (nothing is lost; they are delivered after).
@@ -26,8 +34,8 @@ use std::time::{Duration, Instant};
 use crate::client::{ClientError, ClientOptions, GroupClient};
 use crate::codec::{encode_request, Frames};
 use crate::proto::{
-    ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, PushEvent, Request,
-    SubscribeReply, UserName, WireError, PROTOCOL,
+    ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, PushBatch, PushEvent, Request,
+    SubscribeReply, SubscribeRequest, UserName, WireError, PROTOCOL,
 };
 use crate::shutdown::SHUTDOWN_POLL;
 
@@ -187,6 +195,10 @@ struct GroupFeed {
     subscribed: bool,
     /// The node's last seq from a reply, and when to backfill if it is still ahead of us.
     behind: Option<(u64, Instant)>,
+    /// The node's push budget for this subscription, in bytes (0: unknown, ack on renewal).
+    budget: usize,
+    /// Bytes of pushes received since the last ack.
+    unacked: usize,
 }
 
 struct Worker {
@@ -287,6 +299,8 @@ impl Worker {
             next_renew: Instant::now(),
             subscribed: false,
             behind: None,
+            budget: 0,
+            unacked: 0,
             spec,
         };
         if let Some(old) = self.groups.insert(g.spec.endpoint.clone(), g) {
@@ -299,6 +313,32 @@ impl Worker {
         MembershipRequest {
             group: g.group.clone(),
             user: self.user.clone(),
+        }
+    }
+
+    /// The `subscribe` that renews `g`'s subscription and acks what was handed on.
+    fn subscribe_request(&self, g: &GroupFeed) -> Request {
+        Request::Subscribe(SubscribeRequest {
+            group: g.group.clone(),
+            user: self.user.clone(),
+            batch: true,
+            acked_seq: g.last_seq,
+        })
+    }
+
+    /// Renews (and acks) now; on `EAGAIN` (no connection yet) tries again shortly.
+    fn renew(&mut self, key: &str, now: Instant) {
+        let Some(g) = self.groups.get(key) else {
+            return;
+        };
+        let frames = encode_request(&self.subscribe_request(g));
+        let next = match send_dealer(&g.socket, &frames) {
+            Ok(()) => self.options.renew,
+            Err(_) => RETRY_UNCONNECTED.min(self.options.renew),
+        };
+        if let Some(g) = self.groups.get_mut(key) {
+            g.next_renew = now + next;
+            g.unacked = 0;
         }
     }
 
@@ -323,18 +363,7 @@ impl Worker {
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
-            let Some(g) = self.groups.get(&key) else {
-                continue;
-            };
-            let frames = encode_request(&Request::Subscribe(self.membership(g)));
-            // EAGAIN: the connection is not up (yet); try again shortly.
-            let next = match send_dealer(&g.socket, &frames) {
-                Ok(()) => self.options.renew,
-                Err(_) => RETRY_UNCONNECTED.min(self.options.renew),
-            };
-            if let Some(g) = self.groups.get_mut(&key) {
-                g.next_renew = now + next;
-            }
+            self.renew(&key, now);
         }
         let lagging: Vec<String> = self
             .groups
@@ -395,21 +424,47 @@ impl Worker {
         if !empty.is_empty() || sig.as_slice() != PROTOCOL {
             return Ok(());
         }
-        if let Ok(event) = serde_json::from_slice::<PushEvent>(body) {
-            if event.event == "entry" {
-                return self.deliver(key, event.group, event.entry, true);
+        // Pushes as nodes encode them are recognised by their start, and parsed once.
+        if body.starts_with(br#"{"event":"entries","#) {
+            if let Ok(batch) = serde_json::from_slice::<PushBatch>(body) {
+                for entry in batch.entries {
+                    self.deliver(key, batch.group.clone(), entry, true)?;
+                }
             }
-            return Ok(());
+            return self.pushed(key, body.len());
+        }
+        if body.starts_with(br#"{"event":"entry","#) {
+            if let Ok(event) = serde_json::from_slice::<PushEvent>(body) {
+                self.deliver(key, event.group, event.entry, true)?;
+            }
+            return self.pushed(key, body.len());
         }
         #[derive(serde::Deserialize)]
         struct Head {
-            ok: bool,
+            ok: Option<bool>,
+            event: Option<String>,
             last_seq: Option<u64>,
         }
         let Ok(head) = serde_json::from_slice::<Head>(body) else {
             return Ok(());
         };
-        if !head.ok {
+        let head_ok = match (head.ok, head.event.as_deref()) {
+            (Some(ok), _) => ok,
+            (None, Some("entry" | "entries")) => {
+                // A push from an encoder that orders members differently.
+                return self.handle_push(key, body);
+            }
+            (None, Some("unsubscribed")) => {
+                // The node ended the subscription (lease, eviction): subscribe again now.
+                if let Some(g) = self.groups.get_mut(key) {
+                    g.subscribed = false;
+                    g.next_renew = Instant::now();
+                }
+                return Ok(());
+            }
+            (None, _) => return Ok(()), // an event this client does not know
+        };
+        if !head_ok {
             let error = serde_json::from_slice::<WireError>(body)
                 .unwrap_or_else(|e| WireError::new(ErrorCode::Unknown, e.to_string()));
             let fatal = matches!(error.code, ErrorCode::NotMember | ErrorCode::UnknownGroup);
@@ -437,6 +492,7 @@ impl Worker {
             return Ok(());
         };
         g.group = Some(reply.group.clone());
+        g.budget = usize::try_from(reply.budget_bytes).unwrap_or(usize::MAX);
         let first = !g.subscribed;
         g.subscribed = true;
         let last = *g.last_seq.get_or_insert(reply.last_seq);
@@ -455,6 +511,34 @@ impl Worker {
                 group: reply.group,
                 last_seq: reply.last_seq,
             })?;
+        }
+        Ok(())
+    }
+
+    /// Decodes a push whatever the order of its members.
+    fn handle_push(&mut self, key: &str, body: &[u8]) -> Result<(), Closed> {
+        if let Ok(batch) = serde_json::from_slice::<PushBatch>(body) {
+            if batch.event == "entries" {
+                for entry in batch.entries {
+                    self.deliver(key, batch.group.clone(), entry, true)?;
+                }
+            }
+        } else if let Ok(event) = serde_json::from_slice::<PushEvent>(body) {
+            if event.event == "entry" {
+                self.deliver(key, event.group, event.entry, true)?;
+            }
+        }
+        self.pushed(key, body.len())
+    }
+
+    /// Counts a push of `bytes` handed on; acks at once past half the node's budget.
+    fn pushed(&mut self, key: &str, bytes: usize) -> Result<(), Closed> {
+        let Some(g) = self.groups.get_mut(key) else {
+            return Ok(());
+        };
+        g.unacked += bytes;
+        if g.budget > 0 && g.unacked >= g.budget / 2 {
+            self.renew(key, Instant::now());
         }
         Ok(())
     }

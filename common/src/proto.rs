@@ -39,6 +39,15 @@ pub const MAX_PAGE_LIMIT: u32 = 1000;
 /// A history page stops growing once its bodies pass this many bytes (4 MiB); it always holds
 /// at least one message, so a page is at most this plus one maximal body.
 pub const MAX_PAGE_BYTES: usize = 4 << 20;
+/// A batched push (`{"event": "entries"}`, [`PushBatch`]) stops growing once its JSON passes
+/// this many bytes (1 MiB); it always holds at least one entry, so a push message is at most
+/// this plus one maximal entry.
+pub const MAX_PUSH_BATCH_BYTES: usize = 1 << 20;
+/// A node's default push budget per subscription, in bytes of pushed event JSON not yet
+/// acked by the subscriber (4 MiB). See [`SubscribeRequest::acked_seq`].
+pub const DEFAULT_PUSH_BUDGET_BYTES: usize = 4 << 20;
+/// A node's default push budget for all its subscriptions together, in bytes (64 MiB).
+pub const DEFAULT_PUSH_BUDGET_TOTAL_BYTES: usize = 64 << 20;
 
 /// Every action a server understands, with its wire name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -553,6 +562,41 @@ pub struct MembershipRequest {
     pub user: UserName,
 }
 
+/// `subscribe`: start or renew the live stream to the calling connection, and ack what it
+/// received (credit-based flow control, zguide chapter 7). Without `batch` and `acked_seq`
+/// it is the `AGORA/1.0` request, which a [`MembershipRequest`] also encodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeRequest {
+    /// If present, must be this node's group (else `unknown_group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller.
+    pub user: UserName,
+    /// The client accepts batched pushes, `{"event": "entries"}` ([`PushBatch`]); without it
+    /// (default false) each entry is pushed alone as `{"event": "entry"}` ([`PushEvent`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
+    /// The ack: the seq of the newest entry this connection has received and handed on
+    /// (from pushes or backfill). Every push carrying only entries up to it no longer counts
+    /// against the subscription's push budget ([`SubscribeReply::budget_bytes`]). A value
+    /// past the node's last seq counts as the last seq. Absent (older clients): each renewal
+    /// acks what was pushed before the previous renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_seq: Option<u64>,
+}
+
+impl SubscribeRequest {
+    /// A plain subscribe (no batches, no ack), as `AGORA/1.0` clients send it.
+    pub fn plain(group: Option<GroupName>, user: UserName) -> SubscribeRequest {
+        SubscribeRequest {
+            group,
+            user,
+            batch: false,
+            acked_seq: None,
+        }
+    }
+}
+
 /// `members`: the member list. Anyone may ask.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembersRequest {
@@ -974,8 +1018,8 @@ pub enum Request {
     Send(SendRequest),
     /// See [`GetMessagesRequest`].
     GetMessages(GetMessagesRequest),
-    /// See [`MembershipRequest`]: the caller subscribes the connection it sends on.
-    Subscribe(MembershipRequest),
+    /// See [`SubscribeRequest`]: the caller subscribes the connection it sends on.
+    Subscribe(SubscribeRequest),
     /// See [`MembershipRequest`].
     Unsubscribe(MembershipRequest),
     /// See [`KeyTargetRequest`].
@@ -1249,6 +1293,12 @@ pub struct SubscribeReply {
     pub last_seq: u64,
     /// The subscription ends unless renewed within this many milliseconds.
     pub lease_ms: u64,
+    /// The subscription's push budget, in bytes of event JSON: the node stops pushing to
+    /// this connection while this many bytes are pushed and not acked
+    /// ([`SubscribeRequest::acked_seq`]). A client SHOULD ack after receiving about half of
+    /// it. 0 (absent, from an older node): the node has no budget; ack on renewal only.
+    #[serde(default)]
+    pub budget_bytes: u64,
 }
 
 /// Reply to `unsubscribe`.
@@ -1260,15 +1310,48 @@ pub struct UnsubscribeReply {
     pub changed: bool,
 }
 
-/// A pushed event of the live stream: `{"event": "entry", "group": G, "entry": {…}}`.
+/// A pushed event of the live stream: `{"event": "entry", "group": G, "entry": {…}}`, one
+/// entry per push message. Sent to subscriptions made without `batch`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PushEvent {
-    /// Always `"entry"` in this version; clients ignore events of other names.
+    /// Always `"entry"`; clients ignore events of names they do not know.
     pub event: String,
     /// The group.
     pub group: GroupName,
     /// The log entry, as `get_messages` returns it.
     pub entry: Message,
+}
+
+/// A batched push of the live stream, sent to subscriptions made with `batch`.
+///
+/// # Format
+/// `{"event": "entries", "group": G, "entries": [ENTRY, …]}`: consecutive entries of one
+/// commit, in seq order, each as `get_messages` returns it. A batch stops growing once its
+/// JSON passes [`MAX_PUSH_BATCH_BYTES`] and holds at least one entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushBatch {
+    /// Always `"entries"`.
+    pub event: String,
+    /// The group.
+    pub group: GroupName,
+    /// The log entries, in seq order.
+    pub entries: Vec<Message>,
+}
+
+/// A push telling a connection that its subscription ended without its asking.
+///
+/// # Format
+/// `{"event": "unsubscribed", "group": G, "reason": R}`, `R` one of `expired` (the lease ran
+/// out), `evicted` (the node was full and gave the slot to a principal holding fewer, §6.7).
+/// The client may subscribe again; nothing is lost, as the log keeps every entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsubscribedEvent {
+    /// Always `"unsubscribed"`.
+    pub event: String,
+    /// The group.
+    pub group: GroupName,
+    /// `expired` or `evicted`; clients accept others.
+    pub reason: String,
 }
 
 /// Reply to `get_messages`: one page.

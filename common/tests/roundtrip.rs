@@ -123,7 +123,20 @@ fn request() -> impl Strategy<Value = Request> {
         prop::option::of(group()).prop_map(|group| Request::Info(InfoRequest { group })),
         membership().prop_map(Request::Join),
         membership().prop_map(Request::Leave),
-        membership().prop_map(Request::Subscribe),
+        (
+            prop::option::of(group()),
+            user(),
+            any::<bool>(),
+            prop::option::of(any::<u64>())
+        )
+            .prop_map(|(group, user, batch, acked_seq)| {
+                Request::Subscribe(SubscribeRequest {
+                    group,
+                    user,
+                    batch,
+                    acked_seq,
+                })
+            }),
         membership().prop_map(Request::Unsubscribe),
         user().prop_map(|name| Request::UserRegister(UserNameRequest { name })),
         user().prop_map(|name| Request::Whois(UserNameRequest { name })),
@@ -237,6 +250,8 @@ proptest! {
     ) {
         let page = MessagesPage { group: g.clone(), messages: entries.clone(), more };
         prop_assert_eq!(round_trip(&page), page);
+        let batch = PushBatch { event: "entries".into(), group: g.clone(), entries: entries.clone() };
+        prop_assert_eq!(round_trip(&batch), batch);
         for e in entries {
             let event = PushEvent { event: "entry".into(), group: g.clone(), entry: e };
             prop_assert_eq!(round_trip(&event), event);
@@ -292,7 +307,7 @@ proptest! {
         prop_assert_eq!(round_trip(&list), list);
         let ack = SendAck { seq: n, id: i, time: t, duplicate: changed };
         prop_assert_eq!(round_trip(&ack), ack);
-        let sub = SubscribeReply { group: g.clone(), last_seq: n, lease_ms: n };
+        let sub = SubscribeReply { group: g.clone(), last_seq: n, lease_ms: n, budget_bytes: n };
         prop_assert_eq!(round_trip(&sub), sub);
         let unsub = UnsubscribeReply { group: g, changed };
         prop_assert_eq!(round_trip(&unsub), unsub);

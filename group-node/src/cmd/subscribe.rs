@@ -1,24 +1,34 @@
-//! `subscribe`: start or renew the live stream to the calling connection (members only).
+//! `subscribe`: start or renew the live stream to the calling connection (members only), and
+//! take its ack (`acked_seq`), which frees its push budget.
 
-use agora_common::proto::{MembershipRequest, SubscribeReply, WireError};
+use agora_common::proto::{SubscribeReply, SubscribeRequest, WireError};
 use agora_common::store::GroupStore;
 
 use super::Ctx;
+use crate::subscribers::SubscribeOptions;
 
 /// # Errors
-/// `unknown_group`, `not_member`, `limit_reached` (the node's subscription bound).
+/// `unknown_group`, `not_member`, `limit_reached` (the member's connection bound, or a full
+/// node where nobody holds more subscriptions than the caller would).
 pub fn apply<S: GroupStore>(
     ctx: &mut Ctx<'_, S>,
-    r: MembershipRequest,
+    r: SubscribeRequest,
 ) -> Result<SubscribeReply, WireError> {
     ctx.check_group(r.group.as_ref())?;
     let caller = ctx.caller(&r.user);
     ctx.require_member(&caller)?;
+    let last_seq = ctx.store.last_seq();
+    let options = SubscribeOptions {
+        batch: r.batch,
+        // An ack past the log acks everything pushed (nothing past it was).
+        acked_seq: r.acked_seq.map(|s| s.min(last_seq)),
+    };
     ctx.subscribers
-        .subscribe(ctx.envelope, &caller.principal, ctx.instant)?;
+        .subscribe_with(ctx.envelope, &caller.principal, ctx.instant, options)?;
     Ok(SubscribeReply {
         group: ctx.config.name.clone(),
-        last_seq: ctx.store.last_seq(),
+        last_seq,
         lease_ms: u64::try_from(ctx.subscribers.lease().as_millis()).unwrap_or(u64::MAX),
+        budget_bytes: u64::try_from(ctx.subscribers.budget()).unwrap_or(u64::MAX),
     })
 }
