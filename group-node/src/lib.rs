@@ -511,24 +511,39 @@ impl Node {
         let instant = Instant::now();
         let mut appended = Vec::new();
         let mut handled: Vec<Handled> = Vec::with_capacity(batch.len());
-        let began = self.store.begin();
+        let incoming: Vec<Incoming> = batch
+            .drain(..)
+            .filter_map(|frames| match Incoming::from_received(frames) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropped unanswerable message");
+                    None
+                }
+            })
+            .collect();
+        // A batch of reads alone opens no transaction and needs no sync.
+        let any_write = incoming
+            .iter()
+            .any(|i| matches!(&i.request, Ok(r) if writes(r)));
+        let began = if any_write {
+            self.store.begin()
+        } else {
+            Ok(())
+        };
         if let Err(e) = &began {
             tracing::error!(error = %e, "cannot start a transaction");
         }
-        for frames in batch.drain(..) {
-            let incoming = match Incoming::from_received(frames) {
-                Ok(i) => i,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dropped unanswerable message");
-                    continue;
-                }
-            };
+        for incoming in incoming {
             let limited = rate_limit(&mut self.limiter, &incoming, instant);
             let (reply, redo) = match incoming.request {
                 _ if limited.is_some() => (limited.unwrap_or_default(), Redo::Keep),
                 Ok(request) if began.is_err() && writes(&request) => (internal(), Redo::Keep),
                 Ok(request) => {
-                    let redo = Redo::of(&request, incoming.peer);
+                    let redo = if any_write {
+                        Redo::of(&request, incoming.peer)
+                    } else {
+                        Redo::Keep
+                    };
                     let (reply, ok) = self.dispatch(
                         request,
                         &incoming.envelope,
@@ -550,7 +565,7 @@ impl Node {
                 redo,
             });
         }
-        if began.is_err() {
+        if !any_write || began.is_err() {
             return Served {
                 wrote: false,
                 replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),

@@ -255,3 +255,35 @@ fn membership_changes_are_idempotent_and_listed() {
         ErrorCode::NotMember
     );
 }
+
+#[test]
+fn a_loose_data_directory_and_store_are_made_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    };
+    let parent = tempfile::tempdir().expect("tempdir");
+    let fresh = parent.path().join("fresh");
+    let loose = parent.path().join("loose");
+    std::fs::create_dir(&loose).expect("mkdir");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let ctx = zmq::Context::new();
+    let group = agora_common::proto::GroupName::new("Private Files").expect("name");
+    let bind = |dir: &std::path::Path| {
+        let mut config =
+            agora_group_node::Config::new(group.clone(), "tcp://127.0.0.1:0", dir.to_owned());
+        config.insecure = true;
+        drop(agora_group_node::Node::bind(&ctx, config).expect("bind"));
+    };
+    bind(&fresh);
+    bind(&loose);
+    for dir in [&fresh, &loose] {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        assert_eq!(mode(&dir.join("group.sqlite3")), 0o600, "{}", dir.display());
+    }
+    // A store file left readable by others is tightened on the next start.
+    let db = loose.join("group.sqlite3");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    bind(&loose);
+    assert_eq!(mode(&db), 0o600);
+}
