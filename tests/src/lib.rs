@@ -117,6 +117,11 @@ impl Server {
         }
     }
 
+    /// The process id (to read `/proc/PID/status`, for example).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `HOST:PORT` of the endpoint, as the seed's commands take it.
     pub fn host_port(&self) -> &str {
         self.endpoint.trim_start_matches("tcp://")
