@@ -133,6 +133,24 @@ def main():
           and event["entry"]["body"] == "live", f"push: {event}")
     sub.close()
 
+    # Batched pushes and acks: subscribe with "batch" and "acked_seq" (§6.7).
+    sub = curve_socket(ctx, zmq.DEALER, node)
+    sub.send_multipart([b"", SIGNATURE, json.dumps(
+        {"action": "subscribe", "user": user, "batch": True, "acked_seq": pushed["seq"]}).encode()])
+    check(sub.poll(TIMEOUT_MS), "no reply to a batched subscribe")
+    reply = ok(json.loads(sub.recv_multipart()[2]))
+    check(reply["budget_bytes"] > 0, f"batched subscribe: {reply}")
+    pushed = ok(call(ctx, node, {"action": "send", "user": user, "body": "batched"}))
+    check(sub.poll(TIMEOUT_MS), "no batched push")
+    event = json.loads(sub.recv_multipart()[2])
+    check(event["event"] == "entries" and [e["seq"] for e in event["entries"]] == [pushed["seq"]]
+          and event["entries"][0]["body"] == "batched", f"batched push: {event}")
+    sub.send_multipart([b"", SIGNATURE, json.dumps(
+        {"action": "subscribe", "user": user, "batch": True, "acked_seq": "x"}).encode()])
+    check(sub.poll(TIMEOUT_MS), "no reply to a bad ack")
+    err(json.loads(sub.recv_multipart()[2]), "invalid_field")
+    sub.close()
+
     err(call(ctx, node, {"action": "get_messages", "user": user, "latest": 0}), "invalid_field")
     err(call(ctx, node, {"action": "teleport"}), "unknown_action")
     err(call(ctx, node, {"action": "join", "user": user, "group": "not this one"}), "unknown_group")
