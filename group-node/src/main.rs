@@ -64,6 +64,13 @@ struct Args {
     /// that misses pushes catches up from the log.
     #[arg(long, env = "AGORA_SNDHWM", default_value_t = 1000)]
     sndhwm: i32,
+    /// Push budget per live subscription, in bytes of pushed event JSON the subscriber has
+    /// not acked yet; over it, pushes to it wait and it catches up from the log.
+    #[arg(long, env = "AGORA_PUSH_BUDGET", default_value_t = agora_common::proto::DEFAULT_PUSH_BUDGET_BYTES)]
+    push_budget: usize,
+    /// Push budget of the whole node, in bytes pushed and not acked over all subscriptions.
+    #[arg(long, env = "AGORA_PUSH_BUDGET_TOTAL", default_value_t = agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES)]
+    push_budget_total: usize,
     /// Test only: drop every Nth push on purpose, to exercise subscribers' backfill.
     #[arg(long, hide = true, default_value_t = 0)]
     fault_drop_push_every: u64,
@@ -140,6 +147,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.max_subscriptions_per_member = args.max_subscriptions_per_member;
     config.sndhwm = args.sndhwm;
     config.fault_drop_push_every = args.fault_drop_push_every;
+    config.push_budget_bytes = args.push_budget;
+    config.push_budget_total_bytes = args.push_budget_total;
     config.registry_key = args.registry_key;
     if let (false, false, None) = (args.insecure, args.no_registry, args.registry_key) {
         let key_endpoint = args
