@@ -16,7 +16,10 @@
 //! `{"event": "entries"}`; single `entry` events are still understood) and acks: each
 //! renewal carries `acked_seq`, the last seq handed to the consumer, and once the pushes
 //! received since the last ack pass half the node's push budget (`budget_bytes` in the
-//! `subscribe` reply) the feed renews at once (credit-based flow control, zguide chapter 7).
+//! `subscribe` reply) or [`ACK_EVERY_BYTES`], whichever is less, the feed renews at once
+//! (credit-based flow control, zguide chapter 7). The smaller bound matters when many
+//! subscribers share the node's total budget: each then holds little of it, and waiting for
+//! half of its own budget would stall it until the next timed renewal.
 //! A consumer that stops taking events stops the acks, so the node stops pushing to it; the
 //! feed reads the rest from the log when the consumer comes back.
 //!
@@ -27,6 +30,10 @@
 //! feed, the node drops pushes to it at its HWM, and the feed backfills later.
 
 use std::collections::HashMap;
+
+/// The feed acks (renews with `acked_seq`) at least every this many pushed bytes (256 KiB),
+/// even when the node's budget for it is larger.
+pub const ACK_EVERY_BYTES: usize = 256 << 10;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -531,13 +538,14 @@ impl Worker {
         self.pushed(key, body.len())
     }
 
-    /// Counts a push of `bytes` handed on; acks at once past half the node's budget.
+    /// Counts a push of `bytes` handed on; acks at once past half the node's budget or
+    /// [`ACK_EVERY_BYTES`].
     fn pushed(&mut self, key: &str, bytes: usize) -> Result<(), Closed> {
         let Some(g) = self.groups.get_mut(key) else {
             return Ok(());
         };
         g.unacked += bytes;
-        if g.budget > 0 && g.unacked >= g.budget / 2 {
+        if g.budget > 0 && g.unacked >= (g.budget / 2).min(ACK_EVERY_BYTES) {
             self.renew(key, Instant::now());
         }
         Ok(())
