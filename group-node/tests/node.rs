@@ -259,9 +259,8 @@ fn membership_changes_are_idempotent_and_listed() {
 #[test]
 fn a_loose_data_directory_and_store_are_made_private() {
     use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &std::path::Path| {
-        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
-    };
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
     let parent = tempfile::tempdir().expect("tempdir");
     let fresh = parent.path().join("fresh");
     let loose = parent.path().join("loose");
