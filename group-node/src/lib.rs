@@ -361,11 +361,7 @@ impl Node {
             last_seq = self.store.last_seq(), "group node serving");
         let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        let mut pipeline = Pipeline {
-            wal: self.store.wal_sync(),
-            requested: 0,
-            waiting: VecDeque::new(),
-        };
+        let mut pipeline = Pipeline::default();
         let mut next_age_sweep = Instant::now();
         let mut next_lease_sweep = Instant::now();
         while !shutdown.is_triggered() {
@@ -435,16 +431,6 @@ impl Node {
         syncer: &durable::Syncer,
         checkpoints: &durable::CheckpointThread,
     ) -> Result<(), NodeError> {
-        if done.wrote && pipeline.waiting.is_empty() && !self.request_waiting() {
-            // Nothing else to do meanwhile: sync here and spare two thread hops (what one
-            // client waiting for each ack sees). A request arriving now waits at most this
-            // sync, as it would for its own batch's.
-            if let Err(e) = pipeline.wal.sync() {
-                tracing::error!(error = %e, "fdatasync of the WAL failed");
-                return Err(durable::SyncFailed.into());
-            }
-            return self.send_out(done.replies, &done.appended);
-        }
         if done.wrote {
             pipeline.requested += 1;
             syncer.request(pipeline.requested)?;
@@ -460,14 +446,6 @@ impl Node {
             appended: done.appended,
         });
         Ok(())
-    }
-
-    /// Whether a request is already waiting on the ROUTER (`ZMQ_EVENTS`, no system call).
-    fn request_waiting(&self) -> bool {
-        self.socket
-            .get_events()
-            .map(|e| e.contains(zmq::POLLIN))
-            .unwrap_or(true)
     }
 
     /// Releases, in order, every waiting batch that the sync up to `upto` covers.
@@ -726,9 +704,8 @@ fn internal() -> Frames {
 }
 
 /// Batches committed and waiting for their sync, oldest first.
+#[derive(Default)]
 struct Pipeline {
-    /// The store's WAL, for a sync on the loop thread when nothing else waits.
-    wal: agora_common::store::WalSync,
     /// The number of the last batch whose sync was asked for.
     requested: u64,
     waiting: VecDeque<Waiting>,
