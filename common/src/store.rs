@@ -24,13 +24,16 @@
 //! so the next batch numbers on from what is stored: no seq gap, and nothing answered as
 //! failed is stored.
 //!
-//! # Schema (version 4, in `PRAGMA user_version`)
+//! # Schema (version 5, in `PRAGMA user_version`)
 //! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
 //!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
 //! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body, kind,
 //!   sender_key)`: the log; `body` is the JSON text as sent; `id` the 16 UUID bytes; `kind`
 //!   `message`, `join` or `leave` (version 2); `sender_key` the sender's Z85 CURVE key, NULL
-//!   without CURVE (version 3); index on `time_us`.
+//!   without CURVE (version 3). No index on `time_us` (dropped in version 5): time is
+//!   strictly increasing with seq, so the first seq at or after a time is found by a binary
+//!   search over the primary key ([`SqliteStore::first_seq_at`]), and each append updates
+//!   two B-trees, not three (one WAL page less to write and sync per commit).
 //! - `members(principal TEXT PRIMARY KEY, user TEXT UNIQUE, joined_at_us)`: who is a member
 //!   ([`Principal`]), and the user name bound to them in this group (version 3; before, the
 //!   user name was the identity).
@@ -50,7 +53,7 @@ use crate::proto::{
 };
 use crate::time::{MonotonicClock, Timestamp};
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// A right or restriction a principal holds in a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -367,7 +370,6 @@ impl SqliteStore {
                  body TEXT NOT NULL,
                  kind TEXT NOT NULL DEFAULT 'message',
                  sender_key TEXT);
-             CREATE INDEX IF NOT EXISTS messages_time ON messages(time_us);
              CREATE TABLE IF NOT EXISTS members (
                  principal TEXT PRIMARY KEY,
                  user TEXT NOT NULL UNIQUE,
@@ -400,7 +402,7 @@ impl SqliteStore {
                  COMMIT;",
             )?;
         }
-        conn.execute_batch("PRAGMA user_version = 4;")?;
+        conn.execute_batch("DROP INDEX IF EXISTS messages_time; PRAGMA user_version = 5;")?;
         let found: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
                 r.get(0)
@@ -504,6 +506,41 @@ impl SqliteStore {
         self.clock = MonotonicClock::after(Timestamp::from_micros(last_time));
         self.member_count = u64::try_from(members).unwrap_or(0);
         Ok(())
+    }
+
+    /// The first stored seq whose time is at or after `time_us`, `None` if every stored
+    /// entry is older. A binary search over the primary key (time is strictly increasing
+    /// with seq, PROTOCOL.md §5): about log2(entries) point reads, no index on time.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn first_seq_at(&self, time_us: i64) -> Result<Option<i64>, StoreError> {
+        // The entry at the first seq >= `seq`, as (seq, time_us).
+        let mut at = self.conn.prepare_cached(
+            "SELECT seq, time_us FROM messages WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+        )?;
+        let mut entry = |seq: i64| -> Result<Option<(i64, i64)>, StoreError> {
+            Ok(at
+                .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?)
+        };
+        let Some((first, first_time)) = entry(i64::MIN)? else {
+            return Ok(None);
+        };
+        if first_time >= time_us {
+            return Ok(Some(first));
+        }
+        // Invariant: the entry at `lo` is older than `time_us`; the answer is above `lo`
+        // and at most `hi` (past the last seq: none).
+        let (mut lo, mut hi) = (first, i64::try_from(self.last_seq).unwrap_or(i64::MAX) + 1);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match entry(mid)? {
+                Some((seq, t)) if t < time_us => lo = seq,
+                _ => hi = mid,
+            }
+        }
+        Ok(entry(hi)?.map(|(seq, _)| seq))
     }
 
     fn row_to_message(row: &rusqlite::Row<'_>) -> Result<Message, StoreError> {
@@ -901,11 +938,7 @@ impl GroupStore for SqliteStore {
             ),
             HistoryQuery::Since(t) => {
                 // Time is monotonic in seq, so "since T" is "after the seq before T".
-                let mut stmt = self
-                    .conn
-                    .prepare_cached("SELECT MIN(seq) FROM messages WHERE time_us >= ?1")?;
-                let first: Option<i64> = stmt.query_row([t.as_micros()], |r| r.get(0))?;
-                match first {
+                match self.first_seq_at(t.as_micros())? {
                     Some(first) => self.select_page(
                         &format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
                         first - 1,
@@ -965,10 +998,12 @@ impl GroupStore for SqliteStore {
             }
             if let Some(age) = policy.max_age {
                 let cutoff = now.saturating_sub(age);
+                // Everything before the first entry at or after the cutoff (all of it if none).
+                let keep_from = s.first_seq_at(cutoff.as_micros())?.unwrap_or(i64::MAX);
                 let mut stmt = s
                     .conn
-                    .prepare_cached("DELETE FROM messages WHERE time_us < ?1")?;
-                deleted += stmt.execute([cutoff.as_micros()])? as u64;
+                    .prepare_cached("DELETE FROM messages WHERE seq < ?1")?;
+                deleted += stmt.execute([keep_from])? as u64;
             }
             if deleted > 0 {
                 s.meta_dirty = true;
