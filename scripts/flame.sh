@@ -31,7 +31,7 @@ wait 2>/dev/null || true
 for data in "$work"/perf.*.data; do
     [ -s "$data" ] && perf script -i "$data" 2>/dev/null
 done | inferno-collapse-perf >"$work/folded"
-inferno-flamegraph --title "group-node, bench workload $workload" <"$work/folded" >"$out"
+inferno-flamegraph --minwidth 0.2 --title "group-node, bench workload $workload" <"$work/folded" >"$out"
 # FOLDED=path keeps the folded stacks (one line per stack: frames;…;frame count).
 [ -z "${FOLDED:-}" ] || cp "$work/folded" "$FOLDED"
 cat "$work/bench.md" | grep '^| [0-9]' || true

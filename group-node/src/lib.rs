@@ -191,6 +191,9 @@ pub enum NodeError {
     /// `--insecure` with an endpoint that is not loopback.
     #[error("--insecure is allowed only on loopback endpoints, not {0}")]
     InsecureNotLoopback(String),
+    /// Another process serves from this data directory (it holds `node.lock`).
+    #[error("{0} is in use by another group-node (one node per data directory)")]
+    Locked(PathBuf),
     /// A registry is configured but not its key.
     #[error("the registry's public key is needed: pass --registry-key (the registry prints it at start)")]
     NoRegistryKey,
@@ -208,6 +211,8 @@ pub struct Node {
     owner: Option<PublicKey>,
     limiter: Limiter<Peer>,
     _zap: Option<Authenticator>,
+    /// The data directory's lock, held while the node lives.
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Node {
@@ -242,6 +247,7 @@ impl Node {
             path: config.data_dir.clone(),
             source,
         })?;
+        let lock = lock_data_dir(&config.data_dir)?;
         let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
         let (keys, zap) = if config.insecure {
             let endpoints = [Some(config.bind.as_str()), config.registry.as_deref()];
@@ -311,6 +317,7 @@ impl Node {
             owner,
             limiter,
             _zap: zap,
+            _lock: lock,
         })
     }
 
@@ -776,6 +783,33 @@ fn writes(request: &Request) -> bool {
             | Request::Subscribe(_)
             | Request::Unsubscribe(_)
     )
+}
+
+/// Takes the data directory's lock: an exclusive `flock` on `node.lock` (mode 0600), held
+/// until the returned file is dropped (or the process dies), so that two nodes never write
+/// one store.
+///
+/// # Errors
+/// [`NodeError::Locked`] when another process holds it; [`NodeError::DataDir`] on I/O.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("node.lock");
+    let io = |source| NodeError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::Locked(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 /// Makes the data directory private: creates it (and its parents) with mode 0700, or

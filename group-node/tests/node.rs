@@ -286,3 +286,26 @@ fn a_loose_data_directory_and_store_are_made_private() {
     bind(&loose);
     assert_eq!(mode(&db), 0o600);
 }
+
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctx = zmq::Context::new();
+    let config = || {
+        let mut c = agora_group_node::Config::new(
+            agora_common::proto::GroupName::new("One Writer").expect("name"),
+            "tcp://127.0.0.1:0",
+            dir.path().to_owned(),
+        );
+        c.insecure = true;
+        c
+    };
+    let first = agora_group_node::Node::bind(&ctx, config()).expect("first node");
+    let second = agora_group_node::Node::bind(&ctx, config());
+    assert!(
+        matches!(second, Err(agora_group_node::NodeError::Locked(_))),
+        "{second:?}"
+    );
+    drop(first);
+    agora_group_node::Node::bind(&ctx, config()).expect("the lock is free again");
+}
