@@ -447,6 +447,7 @@ impl SqliteStore {
     pub fn wal_sync(&self) -> WalSync {
         WalSync {
             wal: wal_path(&self.path),
+            file: std::sync::OnceLock::new(),
         }
     }
 
@@ -610,23 +611,28 @@ fn wal_path(db: &Path) -> std::path::PathBuf {
 /// Makes the committed transactions of a [`Durability::Deferred`] store durable: everything
 /// committed before [`WalSync::sync`] is called is on disk when it returns. Send it to the
 /// thread that syncs; it holds only the WAL's path.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WalSync {
     wal: std::path::PathBuf,
+    file: std::sync::OnceLock<std::fs::File>,
 }
 
 impl WalSync {
     /// `fdatasync`s the WAL file. Linux flushes a file's dirty pages whichever descriptor
     /// asks, so a descriptor of our own covers the frames SQLite wrote through its own. The
-    /// file is opened anew each time, so that a WAL SQLite replaced is never missed.
+    /// descriptor is opened at the first sync and kept: SQLite replaces or deletes the WAL
+    /// only when the last connection closes, and the store's writer outlives every sync.
     ///
     /// # Errors
     /// The I/O error. The page cache's state after a failed sync is unknown (it may have
     /// dropped the dirty pages), so a caller must not ack what it was syncing, nor trust
     /// later syncs of the same data: the node stops (fail-stop, as PostgreSQL does).
     pub fn sync(&self) -> std::io::Result<()> {
+        if let Some(f) = self.file.get() {
+            return f.sync_data();
+        }
         match std::fs::File::open(&self.wal) {
-            Ok(f) => f.sync_data(),
+            Ok(f) => self.file.get_or_init(|| f).sync_data(),
             // No WAL yet: nothing was committed through one.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use agora_common::store::{Checkpointer, WalSync};
 
-/// How often the checkpoint thread runs a passive checkpoint when nobody nudges it.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the checkpoint thread runs a passive checkpoint when nobody nudges it (10 s):
+/// an idle node's WAL is copied back too.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A WAL this large (in bytes) gets a `RESTART` checkpoint, which waits for the writer,
 /// instead of passive ones that under sustained load may never catch up (64 MiB).
