@@ -24,9 +24,11 @@ use agora_common::store::{Checkpointer, WalSync};
 /// an idle node's WAL is copied back too.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A WAL this large (in bytes) gets a `RESTART` checkpoint, which waits for the writer,
-/// instead of passive ones that under sustained load may never catch up (64 MiB).
-pub const WAL_RESTART_BYTES: u64 = 64 << 20;
+/// A WAL generation this long (in frames of a 4 KiB page: 64 MiB) gets a `RESTART`
+/// checkpoint, which waits for the writer, instead of a passive one. Under sustained load a
+/// passive checkpoint never finds the WAL fully copied back when a transaction starts, so
+/// the WAL would never start over and would grow without bound.
+pub const WAL_RESTART_FRAMES: i64 = 16_384;
 
 static PIPE_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -146,7 +148,7 @@ fn sync_loop(pipe: &zmq::Socket, wal: &WalSync) {
 
 /// The checkpoint stage: a thread owning a [`Checkpointer`]. It runs a passive checkpoint
 /// every [`CHECKPOINT_INTERVAL`] and whenever [`CheckpointThread::nudge`]d, and a restart
-/// checkpoint once the WAL passes [`WAL_RESTART_BYTES`]. Dropping it stops the thread at once.
+/// checkpoint after one that found the WAL past [`WAL_RESTART_FRAMES`]. Dropping it stops the thread at once.
 #[derive(Debug)]
 pub struct CheckpointThread {
     nudge: Option<SyncSender<()>>,
@@ -189,6 +191,7 @@ impl Drop for CheckpointThread {
 }
 
 fn checkpoint_loop(mut checkpointer: Checkpointer, nudges: &Receiver<()>) {
+    let mut restart = false;
     loop {
         match nudges.recv_timeout(CHECKPOINT_INTERVAL) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
@@ -197,9 +200,10 @@ fn checkpoint_loop(mut checkpointer: Checkpointer, nudges: &Receiver<()>) {
         if checkpointer.wal_bytes() == 0 {
             continue;
         }
-        let restart = checkpointer.wal_bytes() > WAL_RESTART_BYTES;
         match checkpointer.checkpoint(restart) {
             Ok(stats) => {
+                // The WAL file keeps its size when it starts over, so count its frames.
+                restart = stats.wal_frames > WAL_RESTART_FRAMES;
                 tracing::trace!(
                     wal_frames = stats.wal_frames,
                     checkpointed = stats.checkpointed,
