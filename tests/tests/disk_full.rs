@@ -149,7 +149,7 @@ fn a_full_disk_loses_no_acked_message_leaves_no_gap_and_stores_no_internal_id() 
                 while acks_after < ACKS_AFTER {
                     assert!(started.elapsed() < DEADLINE, "writer {w} ran out of time");
                     n += 1;
-                    let size = if n % 3 == 0 { 900_000 } else { 1_000 };
+                    let size = if n.is_multiple_of(3) { 900_000 } else { 1_000 };
                     let body =
                         RawValue::from_string(format!("\"{}\"", "x".repeat(size))).expect("json");
                     let id = MessageId::new_v7();
