@@ -19,7 +19,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 bench=$!
 seen=" "
 while kill -0 "$bench" 2>/dev/null; do
-    for pid in $(pgrep -x group-node -P "$bench" 2>/dev/null || true) $(pgrep -x group-node 2>/dev/null || true); do
+    for pid in $(pgrep -x group-node -P "$bench" 2>/dev/null || true); do
         case "$seen" in *" $pid "*) continue ;; esac
         seen="$seen$pid "
         perf record -q -F 997 --call-graph dwarf,16384 -p "$pid" -o "$work/perf.$pid.data" >/dev/null 2>&1 &

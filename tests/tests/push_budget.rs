@@ -37,6 +37,23 @@ fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
 }
 
+/// Starts a `group-node` for `group` without a registry and without a rate limit, its data
+/// and log in `dir`, with `extra` arguments.
+fn start_node(dir: &tempfile::TempDir, group: &str, extra: &[&str]) -> Server {
+    let data = dir.path().join("node");
+    let mut args = vec![
+        group,
+        "127.0.0.1:0",
+        "--no-registry",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+        "--rate-limit",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Server::start("group-node", &args, &dir.path().join("node.log"))
+}
+
 /// The node's resident set size, in bytes (`VmRSS` of `/proc/PID/status`).
 fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -200,21 +217,7 @@ fn a_hundred_stalled_subscriptions_keep_the_node_under_128_mib_and_readers_get_e
     const BYTES: usize = 1 << 20;
     const RSS_LIMIT: u64 = 128 << 20;
     let dir = data_dir();
-    let data = dir.path().join("node");
-    let node = Server::start(
-        "group-node",
-        &[
-            "push",
-            "127.0.0.1:0",
-            "--no-registry",
-            "--insecure",
-            "--data-dir",
-            data.to_str().expect("utf-8 path"),
-            "--rate-limit",
-            "0",
-        ],
-        &dir.path().join("node.log"),
-    );
+    let node = start_node(&dir, "push", &["--insecure"]);
     let pid = node.pid();
     let ctx = zmq::Context::new();
     let options = ClientOptions {
@@ -330,23 +333,16 @@ fn fresh_keys_filling_every_slot_cannot_lock_a_member_out() {
     const PER_MEMBER: usize = 8;
     const FRESH: usize = 16;
     let dir = data_dir();
-    let data = dir.path().join("node");
-    let node = Server::start(
-        "group-node",
+    let (slots, per_member) = (SLOTS.to_string(), PER_MEMBER.to_string());
+    let node = start_node(
+        &dir,
+        "fair",
         &[
-            "fair",
-            "127.0.0.1:0",
-            "--no-registry",
-            "--data-dir",
-            data.to_str().expect("utf-8 path"),
             "--max-subscribers",
-            &SLOTS.to_string(),
+            &slots,
             "--max-subscriptions-per-member",
-            &PER_MEMBER.to_string(),
-            "--rate-limit",
-            "0",
+            &per_member,
         ],
-        &dir.path().join("node.log"),
     );
     let ctx = zmq::Context::new();
     let server_key: PublicKey = node.key.as_deref().expect("CURVE").parse().expect("key");
