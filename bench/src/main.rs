@@ -621,7 +621,10 @@ pub(crate) fn spawn_server(
         .args(args)
         .arg("--data-dir")
         .arg(dir.path())
-        .env("RUST_LOG", "error")
+        .env(
+            "RUST_LOG",
+            std::env::var("AGORA_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;

@@ -442,6 +442,50 @@ impl SqliteStore {
         self.durability
     }
 
+    /// Zero-fills the WAL file up to `bytes` (a no-op if it is already that long), then
+    /// `fdatasync`s it; returns the bytes added. Call it before the first write of a
+    /// [`Durability::Deferred`] store, while nothing else writes.
+    ///
+    /// Why: an `fdatasync` after an append that grows a file must also commit the file's new
+    /// size and blocks through the filesystem journal; one after an overwrite of blocks already
+    /// written need not. On ext4 that made each WAL sync 1.5–2× slower (measured: 8 KiB
+    /// `pwrite` + `fdatasync`, 324–374 µs growing against 181–216 µs overwriting). SQLite
+    /// writes the WAL from the start again after a complete checkpoint, so a file already as
+    /// long as the WAL gets is overwritten, never grown. Zeros (not `fallocate`, whose
+    /// unwritten extents cost the same journal commit at first write) follow PostgreSQL's
+    /// `wal_init_zero`. SQLite ignores the zeros: WAL recovery stops at the first frame whose
+    /// salt does not match the header's, as it does for a previous generation's frames.
+    ///
+    /// # Errors
+    /// The I/O error (a full disk, say). The file is then cut back to its old length, so a
+    /// failed preallocation leaves nothing behind.
+    pub fn preallocate_wal(&self, bytes: u64) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let wal = wal_path(&self.path);
+        let file = std::fs::OpenOptions::new().write(true).open(&wal)?;
+        let old = file.metadata()?.len();
+        if old >= bytes {
+            return Ok(0);
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let filled = (|| {
+            let mut at = old;
+            while at < bytes {
+                let n = usize::try_from((bytes - at).min(zeros.len() as u64)).unwrap_or(0);
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            file.sync_data()
+        })();
+        match filled {
+            Ok(()) => Ok(bytes - old),
+            Err(e) => {
+                let _ = file.set_len(old);
+                Err(e)
+            }
+        }
+    }
+
     /// A handle that makes this store's committed transactions durable from another thread
     /// (for [`Durability::Deferred`]).
     pub fn wal_sync(&self) -> WalSync {
@@ -1052,6 +1096,47 @@ mod tests {
             .expect("append");
         store.commit().expect("commit");
         ack
+    }
+
+    /// A zero-filled WAL is overwritten, not grown, and SQLite's recovery reads the frames
+    /// before the zeros: a copy of the files taken after a sync (as a crash would leave
+    /// them, WAL not checkpointed) opens with every synced message.
+    #[test]
+    fn a_preallocated_wal_is_overwritten_and_recovers_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("g.sqlite3");
+        let mut s = SqliteStore::open_with(&path, &group(), Durability::Deferred).expect("open");
+        let wal = wal_path(&path);
+        let size = 4 << 20;
+        let before = std::fs::metadata(&wal)
+            .expect("the WAL exists once open")
+            .len();
+        assert!(before < size);
+        assert_eq!(s.preallocate_wal(size).expect("fill"), size - before);
+        assert_eq!(
+            s.preallocate_wal(size).expect("again"),
+            0,
+            "already long enough"
+        );
+        for n in 0..200 {
+            append(&mut s, &format!("{{\"n\":{n}}}"), 1_000 + n);
+        }
+        s.wal_sync().sync().expect("sync");
+        assert_eq!(
+            std::fs::metadata(&wal).expect("wal").len(),
+            size,
+            "not grown"
+        );
+        let crashed = tempfile::tempdir().expect("tmp");
+        let copy = crashed.path().join("g.sqlite3");
+        std::fs::copy(&path, &copy).expect("db");
+        std::fs::copy(&wal, wal_path(&copy)).expect("wal");
+        let reopened = SqliteStore::open(&copy, &group()).expect("recover");
+        let page = reopened
+            .page(HistoryQuery::AfterSeq(0), 1000, MAX_PAGE_BYTES)
+            .expect("page");
+        assert_eq!(page.messages.len(), 200);
+        assert_eq!(page.messages.last().map(|m| m.seq), Some(200));
     }
 
     #[test]

@@ -78,6 +78,12 @@ pub const MAX_PIPELINE: usize = 4;
 /// the checkpoint's syncs of the database file compete with the WAL's.
 const CHECKPOINT_BYTES: u64 = 4 << 20;
 
+/// The WAL's zero-filled length by default: one WAL generation before a `RESTART`
+/// checkpoint starts it over ([`durable::WAL_RESTART_FRAMES`] frames of a 4 KiB page and its
+/// 24-byte frame header, plus the 32-byte WAL header), so that a busy node's WAL is never
+/// grown by an append: about 64 MiB.
+pub const DEFAULT_WAL_PREALLOC_BYTES: u64 = durable::WAL_RESTART_FRAMES as u64 * (4096 + 24) + 32;
+
 /// The estimated WAL bytes of one committed batch: two leaf pages (the table's and the `id`
 /// index's) plus the bodies and their rows.
 fn wal_estimate(appended: &[Message]) -> u64 {
@@ -123,6 +129,10 @@ pub struct Config {
     /// Push budget of the node, over all subscriptions (default 64 MiB,
     /// [`agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES`]).
     pub push_budget_total_bytes: usize,
+    /// The WAL file is zero-filled to this many bytes at start, so that appends overwrite it
+    /// instead of growing it (see [`SqliteStore::preallocate_wal`]); 0 turns that off.
+    /// Default [`DEFAULT_WAL_PREALLOC_BYTES`]. Failing to fill (a full disk) only logs.
+    pub wal_prealloc_bytes: u64,
     /// Serve without CURVE. Refused unless every endpoint (bind, advertised, registry) is
     /// loopback.
     pub insecure: bool,
@@ -156,6 +166,7 @@ impl Config {
             fault_drop_push_every: 0,
             push_budget_bytes: agora_common::proto::DEFAULT_PUSH_BUDGET_BYTES,
             push_budget_total_bytes: agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES,
+            wal_prealloc_bytes: DEFAULT_WAL_PREALLOC_BYTES,
             insecure: false,
             registry_key: None,
             rate_limit: RateLimit::default(),
@@ -264,6 +275,14 @@ impl Node {
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
         let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
+        if config.wal_prealloc_bytes > 0 {
+            match store.preallocate_wal(config.wal_prealloc_bytes) {
+                Ok(0) => {}
+                Ok(added) => tracing::debug!(added, "zero-filled the WAL"),
+                Err(e) => tracing::warn!(error = %e, bytes = config.wal_prealloc_bytes,
+                    "could not zero-fill the WAL; appends will grow it (slower syncs)"),
+            }
+        }
         let (keys, zap) = if config.insecure {
             let endpoints = [Some(config.bind.as_str()), config.registry.as_deref()];
             let advertised = config.advertise.as_ref().map(Endpoint::as_str);

@@ -71,6 +71,10 @@ struct Args {
     /// Push budget of the whole node, in bytes pushed and not acked over all subscriptions.
     #[arg(long, env = "AGORA_PUSH_BUDGET_TOTAL", default_value_t = agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES)]
     push_budget_total: usize,
+    /// Zero-fill the WAL file to this many bytes at start, so that appends overwrite it rather
+    /// than grow it (each sync of a grown file also commits its size: slower). 0: off.
+    #[arg(long, env = "AGORA_WAL_PREALLOC", default_value_t = agora_group_node::DEFAULT_WAL_PREALLOC_BYTES)]
+    wal_prealloc: u64,
     /// Test only: drop every Nth push on purpose, to exercise subscribers' backfill.
     #[arg(long, hide = true, default_value_t = 0)]
     fault_drop_push_every: u64,
@@ -150,6 +154,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.push_budget_bytes = args.push_budget;
     config.push_budget_total_bytes = args.push_budget_total;
     config.registry_key = args.registry_key;
+    config.wal_prealloc_bytes = args.wal_prealloc;
     if let (false, false, None) = (args.insecure, args.no_registry, args.registry_key) {
         let key_endpoint = args
             .registry_key_endpoint
