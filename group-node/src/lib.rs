@@ -18,7 +18,9 @@
 //!
 //! # Data directory
 //! Mode 0700 with the store's files 0600 (looser ones are tightened, with a warning), and one
-//! node per directory: the node holds an `flock` on `node.lock` while it lives.
+//! node per directory: the node holds an `flock` on `node.lock` while it lives. The WAL is
+//! zero-filled to [`Config::wal_prealloc_bytes`] at start, so that commits overwrite it
+//! rather than grow it.
 //!
 //! # Failures
 //! - A batch whose commit fails (disk full, I/O error) is rolled back whole: its writes are
