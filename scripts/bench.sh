@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh --bench
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --bins --locked
+cargo build --release --workspace --bins --locked
 exec target/release/agora-bench "$@"

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use agora_common::client::ClientOptions;
-use agora_common::id::MessageId;
-use agora_common::proto::{EntryKind, HistoryQuery, UserName};
-use agora_common::time::Timestamp;
+use agora_proto::id::MessageId;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{EntryKind, HistoryQuery, UserName};
 use anyhow::{bail, Context};
 
 use crate::workload::{Fanout, History, Latency, Sizes};
@@ -241,7 +241,7 @@ pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
     let (mut client, curve) = reg.client(&ctx)?;
     let key = curve.keypair.public;
     for g in 0..groups {
-        let name = agora_common::proto::GroupName::new(format!("group-{g}"))?;
+        let name = agora_proto::wire::GroupName::new(format!("group-{g}"))?;
         let endpoint = format!("tcp://127.0.0.1:{}", 10_000 + g % 50_000)
             .parse()
             .context("endpoint")?;

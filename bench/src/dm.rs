@@ -6,10 +6,10 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientOptions, RegistryClient};
-use agora_common::id::MessageId;
 use agora_common::inbox::Inbox;
 use agora_common::keys::{Keypair, PublicKey};
-use agora_common::proto::UserName;
+use agora_proto::id::MessageId;
+use agora_proto::wire::UserName;
 use anyhow::{bail, Context};
 
 use crate::body;
@@ -142,7 +142,7 @@ pub fn latency(count: u64, bytes: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let presence = alice.whois(&UserName::new("bob")?)?.user.presence;
-        if presence != agora_common::proto::Presence::Offline {
+        if presence != agora_proto::wire::Presence::Offline {
             break;
         }
         if started.elapsed() > Duration::from_secs(10) {

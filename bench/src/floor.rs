@@ -250,10 +250,10 @@ pub fn fsync_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
 /// # Errors
 /// When the store cannot be opened or written.
 pub fn store_commit_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
-    use agora_common::store::{GroupStore, NewMessage, SqliteStore};
+    use agora_group_node::store::{GroupStore, NewMessage, SqliteStore};
     let dir = tempfile::tempdir()?;
-    let group = agora_common::proto::GroupName::new("floor")?;
-    let sender = agora_common::proto::UserName::new("floor")?;
+    let group = agora_proto::wire::GroupName::new("floor")?;
+    let sender = agora_proto::wire::UserName::new("floor")?;
     let mut store = SqliteStore::open(&dir.path().join("floor.sqlite3"), &group)?;
     let t = Instant::now();
     for n in 0..count {
@@ -261,11 +261,11 @@ pub fn store_commit_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
         store.begin()?;
         store.append(NewMessage {
             sender: &sender,
-            kind: agora_common::proto::EntryKind::Message,
+            kind: agora_proto::wire::EntryKind::Message,
             sender_key: None,
             body: &body,
-            id: Some(agora_common::id::MessageId::new_v7()),
-            now: agora_common::time::Timestamp::now(),
+            id: Some(agora_proto::id::MessageId::new_v7()),
+            now: agora_proto::time::Timestamp::now(),
         })?;
         store.commit()?;
     }

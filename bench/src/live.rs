@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use agora_common::client::ClientOptions;
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
-use agora_common::proto::{EntryKind, UserName};
+use agora_proto::wire::{EntryKind, UserName};
 use anyhow::{bail, Context};
 
 use crate::workload::{Fanout, Latency};

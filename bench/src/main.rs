@@ -17,9 +17,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientOptions, GroupClient};
-use agora_common::codec::{decode_reply, encode_request};
-use agora_common::id::MessageId;
-use agora_common::proto::{Request, SendAck, SendRequest, UserName};
+use agora_proto::codec::{decode_reply, encode_request};
+use agora_proto::id::MessageId;
+use agora_proto::wire::{Request, SendAck, SendRequest, UserName};
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::value::RawValue;

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
-use crate::codec::{decode_reply, encode_request, CodecError, Frames};
-use crate::id::MessageId;
-use crate::proto::{
+use agora_proto::codec::{decode_reply, encode_request, CodecError, Frames};
+use agora_proto::id::MessageId;
+use agora_proto::wire::{
     Empty, Endpoint, GetMessagesRequest, GroupEntry, GroupName, HistoryQuery, InfoReply,
     InfoRequest, ListReply, ListRequest, LookupReply, LookupRequest, MembersReply, MembersRequest,
     MembershipReply, MembershipRequest, MessagesPage, RegisterReply, RegisterRequest, Request,
@@ -255,9 +255,9 @@ impl RegistryClient {
     pub fn user_register(
         &mut self,
         name: &UserName,
-    ) -> Result<crate::proto::UserReply, ClientError> {
+    ) -> Result<agora_proto::wire::UserReply, ClientError> {
         self.req
-            .call(&Request::UserRegister(crate::proto::UserNameRequest {
+            .call(&Request::UserRegister(agora_proto::wire::UserNameRequest {
                 name: name.clone(),
             }))
     }
@@ -270,9 +270,9 @@ impl RegistryClient {
         &mut self,
         name: &UserName,
         confirm: bool,
-    ) -> Result<crate::proto::UserReply, ClientError> {
+    ) -> Result<agora_proto::wire::UserReply, ClientError> {
         self.req.call(&Request::UserUnregister(
-            crate::proto::UserUnregisterRequest {
+            agora_proto::wire::UserUnregisterRequest {
                 name: name.clone(),
                 confirm,
             },
@@ -286,10 +286,10 @@ impl RegistryClient {
     /// `unknown_user` (no account for this key), `forbidden`; see [`ReqClient::call`].
     pub fn connect(
         &mut self,
-        status: crate::proto::Presence,
-    ) -> Result<crate::proto::ConnectReply, ClientError> {
+        status: agora_proto::wire::Presence,
+    ) -> Result<agora_proto::wire::ConnectReply, ClientError> {
         self.req
-            .call(&Request::Connect(crate::proto::ConnectRequest {
+            .call(&Request::Connect(agora_proto::wire::ConnectRequest {
                 status: Some(status),
                 push: false,
             }))
@@ -299,7 +299,7 @@ impl RegistryClient {
     ///
     /// # Errors
     /// `unknown_user`, `forbidden`; see [`ReqClient::call`].
-    pub fn disconnect(&mut self) -> Result<crate::proto::UserReply, ClientError> {
+    pub fn disconnect(&mut self) -> Result<agora_proto::wire::UserReply, ClientError> {
         self.req.call(&Request::Disconnect(ListRequest {}))
     }
 
@@ -313,12 +313,13 @@ impl RegistryClient {
         to: &UserName,
         body: Box<serde_json::value::RawValue>,
         id: MessageId,
-    ) -> Result<crate::proto::DmAck, ClientError> {
-        self.req.call(&Request::SendDm(crate::proto::SendDmRequest {
-            to: to.clone(),
-            body,
-            id: Some(id),
-        }))
+    ) -> Result<agora_proto::wire::DmAck, ClientError> {
+        self.req
+            .call(&Request::SendDm(agora_proto::wire::SendDmRequest {
+                to: to.clone(),
+                body,
+                id: Some(id),
+            }))
     }
 
     /// This client's mailbox after number `after_n`.
@@ -329,9 +330,9 @@ impl RegistryClient {
         &mut self,
         after_n: u64,
         limit: Option<u32>,
-    ) -> Result<crate::proto::MailboxReply, ClientError> {
+    ) -> Result<agora_proto::wire::MailboxReply, ClientError> {
         self.req
-            .call(&Request::Mailbox(crate::proto::MailboxRequest {
+            .call(&Request::Mailbox(agora_proto::wire::MailboxRequest {
                 after_n,
                 limit,
             }))
@@ -341,19 +342,19 @@ impl RegistryClient {
     ///
     /// # Errors
     /// See [`ReqClient::call`].
-    pub fn ack_dm(&mut self, up_to: u64) -> Result<crate::proto::AckDmReply, ClientError> {
+    pub fn ack_dm(&mut self, up_to: u64) -> Result<agora_proto::wire::AckDmReply, ClientError> {
         self.req
-            .call(&Request::AckDm(crate::proto::AckDmRequest { up_to }))
+            .call(&Request::AckDm(agora_proto::wire::AckDmRequest { up_to }))
     }
 
     /// This client's dead letters.
     ///
     /// # Errors
     /// See [`ReqClient::call`].
-    pub fn dead_letters(&mut self) -> Result<Vec<crate::proto::DeadLetter>, ClientError> {
+    pub fn dead_letters(&mut self) -> Result<Vec<agora_proto::wire::DeadLetter>, ClientError> {
         Ok(self
             .req
-            .call::<crate::proto::DeadLettersReply>(&Request::DeadLetters(ListRequest {}))?
+            .call::<agora_proto::wire::DeadLettersReply>(&Request::DeadLetters(ListRequest {}))?
             .letters)
     }
 
@@ -361,10 +362,10 @@ impl RegistryClient {
     ///
     /// # Errors
     /// `forbidden` (no CURVE); see [`ReqClient::call`].
-    pub fn users(&mut self) -> Result<Vec<crate::proto::UserEntry>, ClientError> {
+    pub fn users(&mut self) -> Result<Vec<agora_proto::wire::UserEntry>, ClientError> {
         Ok(self
             .req
-            .call::<crate::proto::UsersReply>(&Request::Users(ListRequest {}))?
+            .call::<agora_proto::wire::UsersReply>(&Request::Users(ListRequest {}))?
             .users)
     }
 
@@ -372,9 +373,9 @@ impl RegistryClient {
     ///
     /// # Errors
     /// `unknown_user`; see [`ReqClient::call`].
-    pub fn whois(&mut self, name: &UserName) -> Result<crate::proto::UserReply, ClientError> {
+    pub fn whois(&mut self, name: &UserName) -> Result<agora_proto::wire::UserReply, ClientError> {
         self.req
-            .call(&Request::Whois(crate::proto::UserNameRequest {
+            .call(&Request::Whois(agora_proto::wire::UserNameRequest {
                 name: name.clone(),
             }))
     }
@@ -506,10 +507,10 @@ impl GroupClient {
     /// `forbidden`; see [`ReqClient::call`].
     pub fn key_policy(
         &mut self,
-        action: crate::proto::Action,
+        action: agora_proto::wire::Action,
         key: crate::keys::PublicKey,
-    ) -> Result<crate::proto::PolicyReply, ClientError> {
-        use crate::proto::{Action, KeyTargetRequest};
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
+        use agora_proto::wire::{Action, KeyTargetRequest};
         let r = KeyTargetRequest {
             group: self.group.clone(),
             user: self.user.clone(),
@@ -529,10 +530,10 @@ impl GroupClient {
     /// `forbidden`, `not_found`; see [`ReqClient::call`].
     pub fn member_policy(
         &mut self,
-        action: crate::proto::Action,
+        action: agora_proto::wire::Action,
         member: UserName,
-    ) -> Result<crate::proto::PolicyReply, ClientError> {
-        use crate::proto::{Action, MemberTargetRequest};
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
+        use agora_proto::wire::{Action, MemberTargetRequest};
         let r = MemberTargetRequest {
             group: self.group.clone(),
             user: self.user.clone(),
@@ -551,10 +552,10 @@ impl GroupClient {
     /// `forbidden`; see [`ReqClient::call`].
     pub fn set_mode(
         &mut self,
-        mode: crate::proto::GroupMode,
-    ) -> Result<crate::proto::PolicyReply, ClientError> {
+        mode: agora_proto::wire::GroupMode,
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
         self.req
-            .call(&Request::SetMode(crate::proto::SetModeRequest {
+            .call(&Request::SetMode(agora_proto::wire::SetModeRequest {
                 group: self.group.clone(),
                 user: self.user.clone(),
                 mode,

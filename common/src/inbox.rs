@@ -12,9 +12,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::client::ClientCurve;
-use crate::codec::encode_request;
-use crate::proto::{AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, Presence, Request};
 use crate::shutdown::Shutdown;
+use agora_proto::codec::encode_request;
+use agora_proto::wire::{
+    AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, Presence, Request,
+};
 
 /// A running presence heartbeat and DM inbox; stops (and disconnects) when dropped.
 #[derive(Debug)]

@@ -39,12 +39,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::client::{ClientError, ClientOptions, GroupClient};
-use crate::codec::{encode_request, Frames};
-use crate::proto::{
+use crate::shutdown::SHUTDOWN_POLL;
+use agora_proto::codec::{encode_request, Frames};
+use agora_proto::wire::{
     ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, PushBatch, PushEvent, Request,
     SubscribeReply, SubscribeRequest, UserName, WireError, PROTOCOL,
 };
-use crate::shutdown::SHUTDOWN_POLL;
 
 /// How soon a subscribe that found no connection is tried again.
 const RETRY_UNCONNECTED: Duration = Duration::from_millis(50);

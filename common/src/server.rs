@@ -2,15 +2,17 @@
 //!
 //! The request path, one step per function: [`bind_router`] makes the socket;
 //! [`recv_batch_wait`] waits for a message and takes every one waiting (up to a bound);
-//! [`Incoming::from_frames`] splits the envelope once and decodes the request; a handler
+//! [`Incoming::from_received`] splits the envelope once and decodes the request; a handler
 //! returns a `Result<T, WireError>` that [`reply_frames`] encodes; [`send_reply`] puts the
 //! envelope back and sends without blocking.
 
 use serde::Serialize;
 
-use crate::codec::{decode_request, encode_error, encode_ok, split_envelope, CodecError, Frames};
 use crate::keys::{Keypair, PublicKey};
-use crate::proto::{Request, WireError};
+use agora_proto::codec::{
+    decode_request, encode_error, encode_ok, split_envelope, CodecError, Frames,
+};
+use agora_proto::wire::{Request, WireError};
 
 /// Socket bounds and security for a server's ROUTER.
 #[derive(Debug, Clone)]
@@ -196,7 +198,7 @@ pub fn rate_limit(
     match limiter.check(&peer, now) {
         Ok(()) => None,
         Err(wait) => Some(reply_frames::<()>(Err(WireError::new(
-            crate::proto::ErrorCode::RateLimited,
+            agora_proto::wire::ErrorCode::RateLimited,
             format!("too many requests; retry in {} ms", wait.as_millis().max(1)),
         )))),
     }

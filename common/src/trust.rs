@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use crate::client::{ClientError, ClientOptions, ReqClient};
 use crate::keys::PublicKey;
-use crate::proto::{Request, ServerKeyReply, ServerKeyRequest};
 use crate::server::{bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming};
 use crate::shutdown::{Shutdown, SHUTDOWN_POLL};
+use agora_proto::wire::{Request, ServerKeyReply, ServerKeyRequest};
 
 /// Trust failures.
 #[derive(Debug, thiserror::Error)]
@@ -242,8 +242,8 @@ fn serve(socket: &zmq::Socket, key: PublicKey, stop: &Shutdown) {
             };
             let reply = match incoming.request {
                 Ok(Request::ServerKey(_)) => reply_frames(Ok(ServerKeyReply { public_key: key })),
-                Ok(other) => reply_frames::<()>(Err(crate::proto::WireError::new(
-                    crate::proto::ErrorCode::UnknownAction,
+                Ok(other) => reply_frames::<()>(Err(agora_proto::wire::WireError::new(
+                    agora_proto::wire::ErrorCode::UnknownAction,
                     format!(
                         "the key endpoint only answers server_key, not {}",
                         other.action()

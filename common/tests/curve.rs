@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use agora_common::client::{ClientCurve, ClientError, ClientOptions, ReqClient};
-use agora_common::codec::encode_ok;
 use agora_common::keys::Keypair;
-use agora_common::proto::{ListRequest, Request};
 use agora_common::server::{
     bind_router, poll_ready, recv_batch, send_reply, Incoming, RouterOptions,
 };
 use agora_common::shutdown::Shutdown;
 use agora_common::zap::{Authenticator, ZapPolicy};
+use agora_proto::codec::encode_ok;
+use agora_proto::wire::{ListRequest, Request};
 use serde::{Deserialize, Serialize};
 
 /// What the test server answers: the key ZAP authenticated for the request's connection.

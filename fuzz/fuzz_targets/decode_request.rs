@@ -2,7 +2,7 @@
 //! and decodes again to the same bytes.
 #![no_main]
 
-use agora_common::codec::{decode_request, encode_request};
+use agora_proto::codec::{decode_request, encode_request};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! with the first empty frame and envelope + body is the input.
 #![no_main]
 
-use agora_common::codec::split_envelope;
+use agora_proto::codec::split_envelope;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|frames: Vec<Vec<u8>>| {

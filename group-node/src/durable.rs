@@ -18,7 +18,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use agora_common::store::{Checkpointer, WalSync};
+use crate::store::{Checkpointer, WalSync};
 
 /// How often the checkpoint thread runs a passive checkpoint when nobody nudges it (10 s):
 /// an idle node's WAL is copied back too.

@@ -11,8 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient};
-use agora_common::proto::{Endpoint, ErrorCode, GroupName};
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
+use agora_proto::wire::{Endpoint, ErrorCode, GroupName};
 
 /// A running heartbeat thread; stops (and unregisters) when dropped.
 #[derive(Debug)]

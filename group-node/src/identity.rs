@@ -6,9 +6,9 @@
 //! field therefore changes nothing: the member is found by key. On an `--insecure` node there
 //! is no key, and the claimed name is all there is.
 
+use crate::store::Principal;
 use agora_common::keys::PublicKey;
-use agora_common::proto::UserName;
-use agora_common::store::Principal;
+use agora_proto::wire::UserName;
 
 /// The caller of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]

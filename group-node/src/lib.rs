@@ -43,27 +43,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::store::{Durability, GroupStore, Retention, SqliteStore, StoreError};
 use agora_common::client::{max_request_bytes, ClientCurve};
-use agora_common::codec::Frames;
 use agora_common::keys::{KeyError, Keypair, PublicKey};
-use agora_common::proto::{
-    Endpoint, ErrorCode, GroupName, HistoryQuery, Message, Request, SendAck, WireError,
-    DEFAULT_MAX_MESSAGE_BYTES,
-};
 use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
     bind_router, rate_limit, recv_batch, reply_frames, send_reply, Incoming, Peer, Received,
     RouterOptions,
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
-use agora_common::store::{Durability, GroupStore, Retention, SqliteStore, StoreError};
-use agora_common::time::Timestamp;
 use agora_common::zap::{Authenticator, ZapPolicy};
+use agora_proto::codec::Frames;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{
+    Endpoint, ErrorCode, GroupName, HistoryQuery, Message, Request, SendAck, WireError,
+    DEFAULT_MAX_MESSAGE_BYTES,
+};
 
 mod cmd;
 pub mod durable;
 pub mod heartbeat;
 pub mod identity;
+pub mod store;
 pub mod subscribers;
 
 use subscribers::Subscribers;
@@ -126,10 +127,10 @@ pub struct Config {
     /// Test-only fault injection: drop every Nth push (default 0, never).
     pub fault_drop_push_every: u64,
     /// Push budget per subscription: bytes of event JSON pushed and not acked (default
-    /// 4 MiB, [`agora_common::proto::DEFAULT_PUSH_BUDGET_BYTES`]); see [`subscribers`].
+    /// 4 MiB, [`agora_proto::wire::DEFAULT_PUSH_BUDGET_BYTES`]); see [`subscribers`].
     pub push_budget_bytes: usize,
     /// Push budget of the node, over all subscriptions (default 64 MiB,
-    /// [`agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES`]).
+    /// [`agora_proto::wire::DEFAULT_PUSH_BUDGET_TOTAL_BYTES`]).
     pub push_budget_total_bytes: usize,
     /// The WAL file is zero-filled to this many bytes at start, so that appends overwrite it
     /// instead of growing it (see [`SqliteStore::preallocate_wal`]); 0 turns that off.
@@ -166,8 +167,8 @@ impl Config {
             max_subscriptions_per_member: 16,
             sndhwm: 1000,
             fault_drop_push_every: 0,
-            push_budget_bytes: agora_common::proto::DEFAULT_PUSH_BUDGET_BYTES,
-            push_budget_total_bytes: agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES,
+            push_budget_bytes: agora_proto::wire::DEFAULT_PUSH_BUDGET_BYTES,
+            push_budget_total_bytes: agora_proto::wire::DEFAULT_PUSH_BUDGET_TOTAL_BYTES,
             wal_prealloc_bytes: DEFAULT_WAL_PREALLOC_BYTES,
             insecure: false,
             registry_key: None,
@@ -289,7 +290,7 @@ impl Node {
             let endpoints = [Some(config.bind.as_str()), config.registry.as_deref()];
             let advertised = config.advertise.as_ref().map(Endpoint::as_str);
             for e in endpoints.into_iter().chain([advertised]).flatten() {
-                if !agora_common::proto::is_loopback(e) {
+                if !agora_proto::wire::is_loopback(e) {
                     return Err(NodeError::InsecureNotLoopback(e.to_owned()));
                 }
             }
@@ -339,7 +340,7 @@ impl Node {
         let mut store = store;
         if config.private {
             store.begin()?;
-            store.set_mode(agora_common::proto::GroupMode::Private)?;
+            store.set_mode(agora_proto::wire::GroupMode::Private)?;
             store.commit()?;
         }
         Ok(Node {
@@ -777,7 +778,7 @@ fn internal() -> Frames {
 /// Batches committed and waiting for their sync, oldest first.
 struct Pipeline {
     /// The store's WAL, for a sync on the loop thread when nothing else waits.
-    wal: agora_common::store::WalSync,
+    wal: crate::store::WalSync,
     /// The number of the last batch whose sync was asked for.
     requested: u64,
     /// WAL bytes written (estimated) since the last checkpoint nudge.
@@ -815,7 +816,7 @@ enum Redo {
     Internal,
     /// A `send` with a client id that succeeded: the `duplicate` ack if an earlier batch
     /// stored that id, else `internal`.
-    Send(agora_common::id::MessageId),
+    Send(agora_proto::id::MessageId),
     /// A read: handled again, from what is stored.
     Read(Box<Request>, Option<PublicKey>),
 }

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agora_common::proto::{Endpoint, GroupName, DEFAULT_MAX_MESSAGE_BYTES};
 use agora_common::shutdown::Shutdown;
-use agora_common::store::Retention;
+use agora_group_node::store::Retention;
 use agora_group_node::{default_data_dir, Config, Node};
+use agora_proto::wire::{Endpoint, GroupName, DEFAULT_MAX_MESSAGE_BYTES};
 use anyhow::Context;
 use clap::Parser;
 
@@ -66,10 +66,10 @@ struct Args {
     sndhwm: i32,
     /// Push budget per live subscription, in bytes of pushed event JSON the subscriber has
     /// not acked yet; over it, pushes to it wait and it catches up from the log.
-    #[arg(long, env = "AGORA_PUSH_BUDGET", default_value_t = agora_common::proto::DEFAULT_PUSH_BUDGET_BYTES)]
+    #[arg(long, env = "AGORA_PUSH_BUDGET", default_value_t = agora_proto::wire::DEFAULT_PUSH_BUDGET_BYTES)]
     push_budget: usize,
     /// Push budget of the whole node, in bytes pushed and not acked over all subscriptions.
-    #[arg(long, env = "AGORA_PUSH_BUDGET_TOTAL", default_value_t = agora_common::proto::DEFAULT_PUSH_BUDGET_TOTAL_BYTES)]
+    #[arg(long, env = "AGORA_PUSH_BUDGET_TOTAL", default_value_t = agora_proto::wire::DEFAULT_PUSH_BUDGET_TOTAL_BYTES)]
     push_budget_total: usize,
     /// Zero-fill the WAL file to this many bytes at start, so that appends overwrite it rather
     /// than grow it (each sync of a grown file also commits its size: slower). 0: off.

@@ -40,12 +40,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use agora_common::codec::Frames;
-use agora_common::proto::{
+use crate::store::Principal;
+use agora_proto::codec::Frames;
+use agora_proto::wire::{
     ErrorCode, GroupName, Message, WireError, DEFAULT_PUSH_BUDGET_BYTES,
     DEFAULT_PUSH_BUDGET_TOTAL_BYTES, MAX_PUSH_BATCH_BYTES, PROTOCOL,
 };
-use agora_common::store::Principal;
 
 /// Most `unsubscribed` notices waiting for the next push round; more are not sent (the
 /// client notices on its next renewal).
@@ -56,7 +56,7 @@ const MAX_NOTICES: usize = 4096;
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a `subscribe` asks for beside the lease (see `SubscribeRequest` in
-/// `agora_common::proto`).
+/// `agora_proto::wire`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SubscribeOptions {
     /// Push batched `entries` events rather than one `entry` event per entry.
@@ -689,7 +689,7 @@ fn single_events(group_json: &str, encoded: &[(u64, Vec<u8>)]) -> Vec<(u64, Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agora_common::proto::{EntryKind, PushBatch, PushEvent, UserName};
+    use agora_proto::wire::{EntryKind, PushBatch, PushEvent, UserName};
 
     fn env(id: &[u8]) -> Frames {
         vec![id.to_vec(), Vec::new()]
@@ -805,8 +805,8 @@ mod tests {
     fn entry(seq: u64, body: &str) -> Message {
         Message {
             seq,
-            id: agora_common::id::MessageId::new_v7(),
-            time: agora_common::time::Timestamp::from_micros(i64::try_from(seq).unwrap_or(0)),
+            id: agora_proto::id::MessageId::new_v7(),
+            time: agora_proto::time::Timestamp::from_micros(i64::try_from(seq).unwrap_or(0)),
             sender: UserName::new("alice").expect("name"),
             kind: EntryKind::Message,
             body: serde_json::value::RawValue::from_string(body.to_owned()).expect("json"),

@@ -4,7 +4,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
-use agora_common::proto::{EntryKind, UserName};
+use agora_proto::wire::{EntryKind, UserName};
 use serde_json::value::RawValue;
 
 mod support;

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
-use agora_common::codec::Frames;
-use agora_common::id::MessageId;
-use agora_common::proto::{EntryKind, ErrorCode, HistoryQuery, UserName, PROTOCOL};
+use agora_proto::codec::Frames;
+use agora_proto::id::MessageId;
+use agora_proto::wire::{EntryKind, ErrorCode, HistoryQuery, UserName, PROTOCOL};
 use serde_json::value::RawValue;
 
 mod support;
@@ -267,7 +267,7 @@ fn a_loose_data_directory_and_store_are_made_private() {
     std::fs::create_dir(&loose).expect("mkdir");
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let ctx = zmq::Context::new();
-    let group = agora_common::proto::GroupName::new("Private Files").expect("name");
+    let group = agora_proto::wire::GroupName::new("Private Files").expect("name");
     let bind = |dir: &std::path::Path| {
         let mut config =
             agora_group_node::Config::new(group.clone(), "tcp://127.0.0.1:0", dir.to_owned());
@@ -293,7 +293,7 @@ fn a_second_node_on_the_same_data_directory_is_refused() {
     let ctx = zmq::Context::new();
     let config = || {
         let mut c = agora_group_node::Config::new(
-            agora_common::proto::GroupName::new("One Writer").expect("name"),
+            agora_proto::wire::GroupName::new("One Writer").expect("name"),
             "tcp://127.0.0.1:0",
             dir.path().to_owned(),
         );

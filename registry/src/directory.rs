@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::{Endpoint, ErrorCode, GroupEntry, GroupName, WireError};
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{Endpoint, ErrorCode, GroupEntry, GroupName, WireError};
 
 /// Live groups by name.
 #[derive(Debug)]

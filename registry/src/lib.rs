@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_common::zap::{Authenticator, ZapPolicy};
 
-use agora_common::proto::{ErrorCode, Request, WireError};
 use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
     bind_router, recv_batch_wait, reply_frames, send_reply, Incoming, RouterOptions,
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{ErrorCode, Request, WireError};
 
 mod cmd;
 pub mod directory;
@@ -137,9 +137,9 @@ pub struct Registry {
     mailboxes: Option<mailbox::Mailboxes>,
     sessions: presence::Sessions,
     /// Live connections that asked for DM pushes, by key, until their session's TTL.
-    dm_subs: std::collections::HashMap<PublicKey, (agora_common::codec::Frames, Instant)>,
+    dm_subs: std::collections::HashMap<PublicKey, (agora_proto::codec::Frames, Instant)>,
     /// DMs stored by the request being served, to push once it is answered.
-    pending_push: Vec<(PublicKey, agora_common::proto::Dm)>,
+    pending_push: Vec<(PublicKey, agora_proto::wire::Dm)>,
     key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
     _zap: Option<Authenticator>,
@@ -160,7 +160,7 @@ impl Registry {
     /// [`RegistryError::Bind`].
     pub fn bind(ctx: &zmq::Context, config: Config) -> Result<Registry, RegistryError> {
         let (curve, zap) = if config.insecure {
-            if !agora_common::proto::is_loopback(&config.bind) {
+            if !agora_proto::wire::is_loopback(&config.bind) {
                 return Err(RegistryError::InsecureNotLoopback(config.bind.clone()));
             }
             tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
@@ -338,7 +338,7 @@ impl Registry {
             let Some((envelope, _)) = self.dm_subs.get(&recipient) else {
                 continue;
             };
-            let event = agora_common::proto::DmEvent {
+            let event = agora_proto::wire::DmEvent {
                 event: "dm".into(),
                 dm,
             };
@@ -346,7 +346,7 @@ impl Registry {
             let frames = envelope
                 .iter()
                 .map(Vec::as_slice)
-                .chain([agora_common::proto::PROTOCOL, body.as_slice()]);
+                .chain([agora_proto::wire::PROTOCOL, body.as_slice()]);
             match self.socket.send_multipart(frames, zmq::DONTWAIT) {
                 Ok(()) | Err(zmq::Error::EAGAIN) => {}
                 Err(zmq::Error::EHOSTUNREACH) => {
@@ -363,7 +363,7 @@ impl Registry {
         request: Request,
         peer: Option<PublicKey>,
         now: Timestamp,
-    ) -> agora_common::codec::Frames {
+    ) -> agora_proto::codec::Frames {
         let dir = &mut self.directory;
         let owners = self.owners.as_ref();
         match request {

@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
-use agora_common::id::MessageId;
 use agora_common::keys::PublicKey;
-use agora_common::proto::{DeadLetter, Dm, UserName};
-use agora_common::time::{MonotonicClock, Timestamp};
+use agora_proto::id::MessageId;
+use agora_proto::time::{MonotonicClock, Timestamp};
+use agora_proto::wire::{DeadLetter, Dm, UserName};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::value::RawValue;
 

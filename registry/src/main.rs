@@ -68,7 +68,7 @@ enum Command {
     /// Works while the registry runs (same --data-dir).
     Release {
         /// The group name.
-        name: agora_common::proto::GroupName,
+        name: agora_proto::wire::GroupName,
     },
 }
 

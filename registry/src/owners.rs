@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::GroupName;
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::GroupName;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Ownership store failures.

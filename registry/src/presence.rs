@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::Presence;
+use agora_proto::wire::Presence;
 
 /// Live sessions by key.
 #[derive(Debug)]

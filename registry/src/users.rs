@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::{UserEntry, UserName};
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{UserEntry, UserName};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::owners::{open_db, OwnersError};
@@ -56,7 +56,7 @@ impl Users {
             name: UserName::new(name.clone()).map_err(|_| corrupt())?,
             key: key.parse().map_err(|_| corrupt())?,
             registered_at: Timestamp::from_micros(at),
-            presence: agora_common::proto::Presence::Offline,
+            presence: agora_proto::wire::Presence::Offline,
             last_seen: seen.map(Timestamp::from_micros),
         })
     }

@@ -4,8 +4,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientError, ClientOptions, RegistryClient};
-use agora_common::proto::{Endpoint, ErrorCode, GroupName};
 use agora_common::shutdown::Shutdown;
+use agora_proto::wire::{Endpoint, ErrorCode, GroupName};
 use agora_registry::{Config, Registry};
 
 struct Running {

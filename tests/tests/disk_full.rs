@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
-use agora_common::id::MessageId;
-use agora_common::proto::{ErrorCode, HistoryQuery, UserName};
+use agora_proto::id::MessageId;
+use agora_proto::wire::{ErrorCode, HistoryQuery, UserName};
 use agora_tests::Server;
 use serde_json::value::RawValue;
 

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
-use agora_common::id::MessageId;
-use agora_common::proto::{HistoryQuery, UserName};
-use agora_common::time::Timestamp;
+use agora_proto::id::MessageId;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{HistoryQuery, UserName};
 use agora_tests::{wait_for, CliRun, Federation};
 use serde_json::value::RawValue;
 

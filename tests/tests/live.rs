@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
-use agora_common::id::MessageId;
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
-use agora_common::proto::{EntryKind, UserName};
+use agora_proto::id::MessageId;
+use agora_proto::wire::{EntryKind, UserName};
 use agora_tests::{wait_for, CliRun, Federation, Streaming};
 use serde_json::value::RawValue;
 

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientOptions, GroupClient};
-use agora_common::codec::{decode_reply, encode_request};
-use agora_common::id::MessageId;
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
-use agora_common::proto::{
+use agora_proto::codec::{decode_reply, encode_request};
+use agora_proto::id::MessageId;
+use agora_proto::wire::{
     EntryKind, ErrorCode, Request, SendAck, SendRequest, SubscribeReply, SubscribeRequest,
     UserName, WireError,
 };

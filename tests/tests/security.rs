@@ -194,7 +194,7 @@ fn insecure_mode_works_on_loopback_with_a_warning() {
 #[test]
 fn a_forged_sender_is_ignored_and_the_stored_sender_is_the_authenticated_key() {
     use agora_common::client::{ClientError, ClientOptions, GroupClient};
-    use agora_common::proto::{ErrorCode, UserName};
+    use agora_proto::wire::{ErrorCode, UserName};
     use serde_json::value::RawValue;
 
     let fed = Federation::start("200ms");
@@ -347,7 +347,7 @@ fn a_user_key_pair_is_made_once_and_can_be_exported_and_imported() {
 #[test]
 fn a_peer_over_its_rate_limit_is_refused_with_a_specific_code_and_recovers() {
     use agora_common::client::{ClientError, ClientOptions, GroupClient};
-    use agora_common::proto::{ErrorCode, UserName};
+    use agora_proto::wire::{ErrorCode, UserName};
 
     let fed = Federation::start("200ms");
     let node = fed.node(

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
-use agora_common::proto::{
+use agora_common::shutdown::Shutdown;
+use agora_proto::time::parse_since_local;
+use agora_proto::wire::{
     Endpoint, EntryKind, ErrorCode, GroupName, HistoryQuery, UserName, REQUEST_OVERHEAD_BYTES,
 };
-use agora_common::shutdown::Shutdown;
-use agora_common::time::parse_since_local;
 use serde_json::value::RawValue;
 
 use crate::render::{self, Format};
@@ -257,7 +257,7 @@ impl App {
     /// [`CliError::Usage`] for a bad target; `unknown_group`; the registry's failure.
     pub fn resolve(&mut self, target: &str) -> Result<Resolved, CliError> {
         let resolved = self.locate(target)?;
-        if self.keypair.is_none() && !agora_common::proto::is_loopback(resolved.endpoint.as_str()) {
+        if self.keypair.is_none() && !agora_proto::wire::is_loopback(resolved.endpoint.as_str()) {
             return Err(CliError::Usage(format!(
                 "{target}: --insecure is allowed only on loopback endpoints, not {}",
                 resolved.endpoint
@@ -912,7 +912,7 @@ impl App {
     /// `unknown_user` (register first) and the like from the registry.
     pub fn connect(
         &mut self,
-        status: agora_common::proto::Presence,
+        status: agora_proto::wire::Presence,
         out: &mut dyn Write,
     ) -> Result<(), CliError> {
         let r = self
@@ -957,7 +957,7 @@ impl App {
         let curve = self.registry_curve.clone()?;
         let first = self
             .registry
-            .connect(agora_common::proto::Presence::Online)
+            .connect(agora_proto::wire::Presence::Online)
             .ok()?;
         let every = Duration::from_millis(first.ttl_ms / 3).max(Duration::from_millis(100));
         let (inbox, dms) =
@@ -1003,7 +1003,7 @@ impl App {
             .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
         let ack = match self
             .registry
-            .send_dm(&to, body, agora_common::id::MessageId::new_v7())
+            .send_dm(&to, body, agora_proto::id::MessageId::new_v7())
         {
             Ok(a) => a,
             Err(ClientError::Server(w)) => {
@@ -1016,7 +1016,7 @@ impl App {
         };
         match self.format {
             Format::Json => writeln!(out, "{}", render::json_line(&ack))?,
-            Format::Human if ack.recipient == agora_common::proto::Presence::Offline => {
+            Format::Human if ack.recipient == agora_proto::wire::Presence::Offline => {
                 writeln!(out, "{to} is offline; message saved (#{})", ack.n)?
             }
             Format::Human => writeln!(out, "sent to {to} (#{})", ack.n)?,
@@ -1144,7 +1144,7 @@ pub enum PolicyChange {
     /// `promote GROUP USER`.
     Promote(UserName),
     /// `set_mode GROUP open|private`.
-    SetMode(agora_common::proto::GroupMode),
+    SetMode(agora_proto::wire::GroupMode),
 }
 
 impl App {
@@ -1158,7 +1158,7 @@ impl App {
         change: PolicyChange,
         out: &mut dyn Write,
     ) -> Result<(), CliError> {
-        use agora_common::proto::Action;
+        use agora_proto::wire::Action;
         let format = self.format;
         let (node, label) = self.node(target)?;
         let what = format!("{change:?}");

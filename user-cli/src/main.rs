@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_common::client::ClientOptions;
-use agora_common::proto::UserName;
 use agora_common::shutdown::Shutdown;
+use agora_proto::wire::UserName;
 use clap::{Parser, Subcommand};
 
 mod app;
@@ -355,9 +355,9 @@ fn run(args: Args) -> u8 {
         Some(Command::DeadLetters) => app.dead_letters(&mut out),
         Some(Command::Connect { away }) => app.connect(
             if away {
-                agora_common::proto::Presence::Away
+                agora_proto::wire::Presence::Away
             } else {
-                agora_common::proto::Presence::Online
+                agora_proto::wire::Presence::Online
             },
             &mut out,
         ),
@@ -484,7 +484,7 @@ fn curve(
     user: &UserName,
 ) -> Result<Option<agora_common::client::ClientCurve>, String> {
     if args.insecure {
-        if !agora_common::proto::is_loopback(&args.registry) {
+        if !agora_proto::wire::is_loopback(&args.registry) {
             return Err(format!(
                 "--insecure is allowed only on loopback endpoints, not {}",
                 args.registry

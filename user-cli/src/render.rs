@@ -1,7 +1,7 @@
 //! Output: human lines by default, one JSON object per line with `--json`.
 
-use agora_common::proto::{EntryKind, Member, Message};
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{EntryKind, Member, Message};
 use chrono::Local;
 use serde::Serialize;
 
@@ -61,7 +61,7 @@ pub fn message_line(group: &str, m: &Message) -> String {
 }
 
 /// One group of a listing: `Cool Group<TAB>tcp://…<TAB>3 members`.
-pub fn group_line(g: &agora_common::proto::GroupEntry) -> String {
+pub fn group_line(g: &agora_proto::wire::GroupEntry) -> String {
     format!("{}\t{}\t{} members", g.name, g.endpoint, g.members)
 }
 
@@ -73,7 +73,7 @@ pub fn member_line(m: &Member) -> String {
 /// A direct message, as seeds 003 and 004 showed them:
 /// `MESSAGE 3 FROM alice [Stored] [2026-11-22 10:00:00]: hello`, with `[Stored]` only for
 /// one that waited in the mailbox (not for one pushed live).
-pub fn dm_line(dm: &agora_common::proto::Dm, stored: bool) -> String {
+pub fn dm_line(dm: &agora_proto::wire::Dm, stored: bool) -> String {
     format!(
         "MESSAGE {} FROM {}{} [{}]: {}",
         dm.n,
@@ -85,18 +85,18 @@ pub fn dm_line(dm: &agora_common::proto::Dm, stored: bool) -> String {
 }
 
 /// A presence for people: `online`, `away`, `offline`.
-pub fn presence(p: agora_common::proto::Presence) -> &'static str {
+pub fn presence(p: agora_proto::wire::Presence) -> &'static str {
     match p {
-        agora_common::proto::Presence::Online => "online",
-        agora_common::proto::Presence::Away => "away",
-        agora_common::proto::Presence::Offline => "offline",
+        agora_proto::wire::Presence::Online => "online",
+        agora_proto::wire::Presence::Away => "away",
+        agora_proto::wire::Presence::Offline => "offline",
     }
 }
 
 /// One account: `alice<TAB>online`, or `bob<TAB>offline, last seen 2026-11-22 10:00:00`.
-pub fn user_line(u: &agora_common::proto::UserEntry) -> String {
+pub fn user_line(u: &agora_proto::wire::UserEntry) -> String {
     match (u.presence, u.last_seen) {
-        (agora_common::proto::Presence::Offline, Some(seen)) => {
+        (agora_proto::wire::Presence::Offline, Some(seen)) => {
             format!("{}\toffline, last seen {}", u.name, local_time(seen))
         }
         (p, _) => format!("{}\t{}", u.name, presence(p)),
@@ -107,14 +107,14 @@ pub fn user_line(u: &agora_common::proto::UserEntry) -> String {
 /// `{"group": G, "seq": …, "id": …, "time": …, "sender": …, "kind": …, "body": …}`.
 #[derive(Debug, Serialize)]
 pub struct GroupEntry<'a> {
-    group: &'a agora_common::proto::GroupName,
+    group: &'a agora_proto::wire::GroupName,
     #[serde(flatten)]
     entry: &'a Message,
 }
 
 impl<'a> GroupEntry<'a> {
     /// `entry` of `group`.
-    pub fn new(group: &'a agora_common::proto::GroupName, entry: &'a Message) -> Self {
+    pub fn new(group: &'a agora_proto::wire::GroupName, entry: &'a Message) -> Self {
         GroupEntry { group, entry }
     }
 }

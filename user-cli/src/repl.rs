@@ -330,7 +330,7 @@ fn run_line(
     }
     // Seed 003's shorthand for a direct message: `NAME: text`.
     if let Some((name, text)) = trimmed.split_once(": ") {
-        if agora_common::proto::UserName::new(name).is_ok() {
+        if agora_proto::wire::UserName::new(name).is_ok() {
             app.send_dm(name, json_string(text.trim()), out)?;
             return Ok(Step::Continue);
         }
@@ -385,8 +385,8 @@ fn run_line(
         },
         "dead_letters" => app.dead_letters(out)?,
         // Seed 004 writes `CONNECT name`: the name is yours, known from your key.
-        "connect" => app.connect(agora_common::proto::Presence::Online, out)?,
-        "away" => app.connect(agora_common::proto::Presence::Away, out)?,
+        "connect" => app.connect(agora_proto::wire::Presence::Online, out)?,
+        "away" => app.connect(agora_proto::wire::Presence::Away, out)?,
         "disconnect" => app.disconnect(out)?,
         "whois" => app.whois(one_arg(cmd, args)?, out)?,
         "invite" | "ban" | "unban" | "kick" | "promote" | "set_mode" => {
@@ -450,10 +450,10 @@ fn run_line(
 /// [`CliError::Usage`] for a bad key, name or mode.
 pub fn policy_change(cmd: &str, arg: &str) -> Result<crate::app::PolicyChange, CliError> {
     use crate::app::PolicyChange;
-    use agora_common::proto::{GroupMode, UserName};
+    use agora_proto::wire::{GroupMode, UserName};
     let key = || {
         arg.parse()
-            .map_err(|e: agora_common::keys::KeyError| CliError::Usage(e.to_string()))
+            .map_err(|e: agora_proto::key::BadKey| CliError::Usage(e.to_string()))
     };
     let user = || UserName::new(arg).map_err(|e| CliError::Usage(e.to_string()));
     Ok(match cmd {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use agora_common::proto::UserName;
+use agora_proto::wire::UserName;
 use serde::{Deserialize, Serialize};
 
 /// One joined group.

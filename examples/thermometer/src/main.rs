@@ -16,11 +16,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
-use agora_common::id::MessageId;
 use agora_common::inbox::Inbox;
 use agora_common::keys::{Keypair, PublicKey};
-use agora_common::proto::{ErrorCode, GroupName, UserName};
 use agora_common::shutdown::Shutdown;
+use agora_proto::id::MessageId;
+use agora_proto::wire::{ErrorCode, GroupName, UserName};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::value::RawValue;
@@ -120,7 +120,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = RegistryClient::new(&ctx, &args.registry, options).with_curve(curve.clone());
     registry.user_register(&args.user)?;
     let ttl = registry
-        .connect(agora_common::proto::Presence::Online)?
+        .connect(agora_proto::wire::Presence::Online)?
         .ttl_ms;
     let mut group = match &args.group {
         Some(name) => {

@@ -1,9 +1,9 @@
 //! `get_messages`: read the log (members only), one bounded page at a time.
 
-use agora_common::proto::{
+use crate::store::GroupStore;
+use agora_proto::wire::{
     ErrorCode, GetMessagesRequest, HistoryQuery, MessagesPage, WireError, MAX_PAGE_BYTES,
 };
-use agora_common::store::GroupStore;
 
 use super::{store_error, Ctx};
 

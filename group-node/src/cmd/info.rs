@@ -1,7 +1,7 @@
 //! `info`: the group's name, last seq and member count. Open to anyone.
 
-use agora_common::proto::{InfoReply, InfoRequest, WireError};
-use agora_common::store::GroupStore;
+use crate::store::GroupStore;
+use agora_proto::wire::{InfoReply, InfoRequest, WireError};
 
 use super::Ctx;
 

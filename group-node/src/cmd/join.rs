@@ -1,10 +1,10 @@
 //! `join`: become a member (idempotent). Banned keys are refused, and a private group takes
 //! only invited keys (and its owner and admins).
 
-use agora_common::proto::{
+use crate::store::{Grant, GroupStore};
+use agora_proto::wire::{
     EntryKind, ErrorCode, GroupMode, MembershipReply, MembershipRequest, WireError,
 };
-use agora_common::store::{Grant, GroupStore};
 
 use super::policy::{role, Role};
 use super::{store_error, Ctx};

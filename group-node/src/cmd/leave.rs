@@ -1,7 +1,7 @@
 //! `leave`: stop being a member (idempotent).
 
-use agora_common::proto::{EntryKind, MembershipReply, MembershipRequest, WireError};
-use agora_common::store::GroupStore;
+use crate::store::GroupStore;
+use agora_proto::wire::{EntryKind, MembershipReply, MembershipRequest, WireError};
 
 use super::{store_error, Ctx};
 

@@ -1,8 +1,8 @@
 //! `members`: the member list. Open to anyone in an open group; in a private group only
 //! members see it.
 
-use agora_common::proto::{ErrorCode, GroupMode, MembersReply, MembersRequest, WireError};
-use agora_common::store::{GroupStore, Principal};
+use crate::store::{GroupStore, Principal};
+use agora_proto::wire::{ErrorCode, GroupMode, MembersReply, MembersRequest, WireError};
 
 use super::{store_error, Ctx};
 

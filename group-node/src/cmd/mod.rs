@@ -4,11 +4,11 @@
 
 use std::time::Instant;
 
-use agora_common::codec::Frames;
-use agora_common::id::MessageId;
-use agora_common::proto::{EntryKind, ErrorCode, GroupName, Message, SendAck, UserName, WireError};
-use agora_common::store::{GroupStore, NewMessage, StoreError};
-use agora_common::time::Timestamp;
+use crate::store::{GroupStore, NewMessage, StoreError};
+use agora_proto::codec::Frames;
+use agora_proto::id::MessageId;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{EntryKind, ErrorCode, GroupName, Message, SendAck, UserName, WireError};
 use serde_json::value::RawValue;
 
 use crate::identity::Caller;

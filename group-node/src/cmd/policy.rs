@@ -5,12 +5,12 @@
 //! refused on an `--insecure` node. Every change is a `policy` entry in the log, so members
 //! see it in history and in the live stream.
 
+use crate::store::{Grant, GroupStore, Principal};
 use agora_common::keys::PublicKey;
-use agora_common::proto::{
+use agora_proto::wire::{
     EntryKind, ErrorCode, KeyTargetRequest, MemberTargetRequest, PolicyReply, SetModeRequest,
     UserName, WireError,
 };
-use agora_common::store::{Grant, GroupStore, Principal};
 use serde_json::value::RawValue;
 
 use super::{store_error, Ctx};

@@ -1,8 +1,8 @@
 //! `send`: append a message to the log (members only). The ack is sent after the batch
 //! holding the append commits.
 
-use agora_common::proto::{EntryKind, ErrorCode, SendAck, SendRequest, WireError};
-use agora_common::store::GroupStore;
+use crate::store::GroupStore;
+use agora_proto::wire::{EntryKind, ErrorCode, SendAck, SendRequest, WireError};
 
 use super::Ctx;
 

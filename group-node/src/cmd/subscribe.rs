@@ -1,8 +1,8 @@
 //! `subscribe`: start or renew the live stream to the calling connection (members only), and
 //! take its ack (`acked_seq`), which frees its push budget.
 
-use agora_common::proto::{SubscribeReply, SubscribeRequest, WireError};
-use agora_common::store::GroupStore;
+use crate::store::GroupStore;
+use agora_proto::wire::{SubscribeReply, SubscribeRequest, WireError};
 
 use super::Ctx;
 use crate::subscribers::SubscribeOptions;

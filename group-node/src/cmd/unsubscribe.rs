@@ -1,7 +1,7 @@
 //! `unsubscribe`: stop the live stream to the calling connection.
 
-use agora_common::proto::{MembershipRequest, UnsubscribeReply, WireError};
-use agora_common::store::GroupStore;
+use crate::store::GroupStore;
+use agora_proto::wire::{MembershipRequest, UnsubscribeReply, WireError};
 
 use super::Ctx;
 

@@ -4,9 +4,9 @@
 use std::thread::JoinHandle;
 
 use agora_common::client::{ClientOptions, GroupClient};
-use agora_common::proto::{GroupName, UserName};
 use agora_common::shutdown::Shutdown;
 use agora_group_node::{Config, Node};
+use agora_proto::wire::{GroupName, UserName};
 
 /// A node serving on its own thread.
 pub struct Running {

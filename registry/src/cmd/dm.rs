@@ -7,11 +7,11 @@
 use std::time::Instant;
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::{
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{
     AckDmReply, AckDmRequest, DeadLettersReply, Dm, DmAck, ErrorCode, MailboxReply, MailboxRequest,
     SendDmRequest, WireError, MAX_PAGE_LIMIT,
 };
-use agora_common::time::Timestamp;
 
 use crate::mailbox::{MailboxError, Mailboxes};
 use crate::owners::OwnersError;

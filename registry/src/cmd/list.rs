@@ -1,7 +1,7 @@
 //! `list`: every live group.
 
-use agora_common::proto::ListReply;
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::ListReply;
 
 use crate::directory::Directory;
 

@@ -1,7 +1,7 @@
 //! `lookup`: one live group by name.
 
-use agora_common::proto::{LookupReply, LookupRequest, WireError};
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{LookupReply, LookupRequest, WireError};
 
 use crate::directory::Directory;
 

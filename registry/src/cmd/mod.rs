@@ -1,5 +1,5 @@
 //! One handler per registry action. Each takes the decoded request and returns the reply
-//! body or a [`WireError`](agora_common::proto::WireError); none touches the socket.
+//! body or a [`WireError`](agora_proto::wire::WireError); none touches the socket.
 
 pub mod dm;
 pub mod list;

@@ -1,8 +1,8 @@
 //! `register`: add or refresh a group (also the heartbeat).
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::{ErrorCode, RegisterReply, RegisterRequest, WireError};
-use agora_common::time::Timestamp;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{ErrorCode, RegisterReply, RegisterRequest, WireError};
 
 use crate::directory::Directory;
 use crate::owners::Owners;

@@ -1,7 +1,7 @@
 //! `unregister`: remove a group.
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::{Empty, ErrorCode, UnregisterRequest, WireError};
+use agora_proto::wire::{Empty, ErrorCode, UnregisterRequest, WireError};
 
 use crate::directory::Directory;
 use crate::owners::Owners;

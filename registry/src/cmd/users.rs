@@ -7,11 +7,11 @@
 use std::time::Instant;
 
 use agora_common::keys::PublicKey;
-use agora_common::proto::{
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{
     ConnectReply, ConnectRequest, ErrorCode, Presence, UserEntry, UserNameRequest, UserReply,
     UserUnregisterRequest, UsersReply, WireError,
 };
-use agora_common::time::Timestamp;
 
 use crate::owners::OwnersError;
 use crate::presence::Sessions;
@@ -38,7 +38,7 @@ fn internal(e: OwnersError) -> WireError {
     WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
 }
 
-fn unknown(name: &agora_common::proto::UserName) -> WireError {
+fn unknown(name: &agora_proto::wire::UserName) -> WireError {
     WireError::new(ErrorCode::UnknownUser, format!("no user named {name}"))
 }
 

@@ -521,7 +521,7 @@ pub struct RegisterRequest {
     /// The node's CURVE public key, for clients to connect with; absent for an
     /// `--insecure` node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub public_key: Option<crate::keys::PublicKey>,
+    pub public_key: Option<crate::key::PublicKey>,
 }
 
 /// `unregister`: remove a group; only its registered endpoint may do so.
@@ -658,7 +658,7 @@ pub struct KeyTargetRequest {
     /// The caller's name (a label; the caller is its key).
     pub user: UserName,
     /// The key acted on.
-    pub key: crate::keys::PublicKey,
+    pub key: crate::key::PublicKey,
 }
 
 /// `kick`, `promote`: a policy action on a member, by the name they joined with.
@@ -714,7 +714,7 @@ pub struct ServerKeyRequest {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerKeyReply {
     /// The server's CURVE public key.
-    pub public_key: crate::keys::PublicKey,
+    pub public_key: crate::key::PublicKey,
 }
 
 /// `user_register` and `whois`: a user name.
@@ -829,7 +829,7 @@ pub struct Dm {
     /// The sender's account name.
     pub from: UserName,
     /// The sender's key.
-    pub from_key: crate::keys::PublicKey,
+    pub from_key: crate::key::PublicKey,
     /// The JSON body, as sent.
     pub body: Box<RawValue>,
 }
@@ -898,7 +898,7 @@ pub struct UserEntry {
     /// The user name.
     pub name: UserName,
     /// The key that owns it.
-    pub key: crate::keys::PublicKey,
+    pub key: crate::key::PublicKey,
     /// When it was registered.
     pub registered_at: Timestamp,
     /// Whether the user is around (default `offline`).
@@ -1112,7 +1112,7 @@ pub struct GroupEntry {
     pub last_heartbeat: Timestamp,
     /// The node's CURVE public key; absent for an `--insecure` node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub public_key: Option<crate::keys::PublicKey>,
+    pub public_key: Option<crate::key::PublicKey>,
 }
 
 /// Reply to `register`.
@@ -1182,7 +1182,7 @@ pub struct Member {
     pub joined_at: Timestamp,
     /// Their CURVE public key; absent on an `--insecure` node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<crate::keys::PublicKey>,
+    pub key: Option<crate::key::PublicKey>,
 }
 
 /// Reply to `members`.
@@ -1268,7 +1268,7 @@ pub struct Message {
     pub body: Box<RawValue>,
     /// The sender's authenticated CURVE public key; absent from an `--insecure` node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sender_key: Option<crate::keys::PublicKey>,
+    pub sender_key: Option<crate::key::PublicKey>,
 }
 
 impl PartialEq for Message {

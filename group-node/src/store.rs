@@ -46,12 +46,12 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::value::RawValue;
 
-use crate::id::MessageId;
-use crate::keys::PublicKey;
-use crate::proto::{
+use agora_proto::id::MessageId;
+use agora_proto::key::PublicKey;
+use agora_proto::time::{MonotonicClock, Timestamp};
+use agora_proto::wire::{
     EntryKind, GroupMode, GroupName, HistoryQuery, Member, Message, SendAck, UserName,
 };
-use crate::time::{MonotonicClock, Timestamp};
 
 const SCHEMA_VERSION: i64 = 5;
 
@@ -1066,7 +1066,7 @@ impl GroupStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::MAX_PAGE_BYTES;
+    use agora_proto::wire::MAX_PAGE_BYTES;
 
     fn group() -> GroupName {
         GroupName::new("Cool Group").expect("name")
@@ -1296,9 +1296,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("g");
         let mut s = SqliteStore::open(&path, &group()).expect("open");
-        let bob_key = crate::keys::Keypair::generate().expect("keys").public;
+        let bob_key = agora_common::keys::Keypair::generate()
+            .expect("keys")
+            .public;
         let bob = Principal::key(&bob_key);
-        let mallory = Principal::key(&crate::keys::Keypair::generate().expect("keys").public);
+        let mallory = Principal::key(
+            &agora_common::keys::Keypair::generate()
+                .expect("keys")
+                .public,
+        );
         let alice = Principal::name(&user("alice"));
         let now = Timestamp::now();
         s.begin().expect("begin");

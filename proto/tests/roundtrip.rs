@@ -1,10 +1,10 @@
 //! Property: for every request and reply type, encoding then decoding gives back the value
 //! (and encoding it again gives the same bytes).
 
-use agora_common::codec::{decode_reply, decode_request, encode_error, encode_ok, encode_request};
-use agora_common::id::MessageId;
-use agora_common::proto::*;
-use agora_common::time::Timestamp;
+use agora_proto::codec::{decode_reply, decode_request, encode_error, encode_ok, encode_request};
+use agora_proto::id::MessageId;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::*;
 use proptest::prelude::*;
 use serde_json::value::RawValue;
 
@@ -35,8 +35,8 @@ fn endpoint() -> impl Strategy<Value = Endpoint> {
         .prop_map(|(host, port)| Endpoint::new(format!("tcp://{host}:{port}")).expect("valid"))
 }
 
-fn key() -> impl Strategy<Value = Option<agora_common::keys::PublicKey>> {
-    prop::option::of(any::<[u8; 32]>().prop_map(agora_common::keys::PublicKey::from_bytes))
+fn key() -> impl Strategy<Value = Option<agora_proto::key::PublicKey>> {
+    prop::option::of(any::<[u8; 32]>().prop_map(agora_proto::key::PublicKey::from_bytes))
 }
 
 fn time() -> impl Strategy<Value = Timestamp> {
@@ -89,7 +89,7 @@ fn key_target() -> impl Strategy<Value = KeyTargetRequest> {
         KeyTargetRequest {
             group,
             user,
-            key: agora_common::keys::PublicKey::from_bytes(key),
+            key: agora_proto::key::PublicKey::from_bytes(key),
         }
     })
 }
@@ -322,7 +322,7 @@ proptest! {
             .into_iter()
             .map(|(name, key, registered_at)| UserEntry {
                 name,
-                key: agora_common::keys::PublicKey::from_bytes(key),
+                key: agora_proto::key::PublicKey::from_bytes(key),
                 registered_at,
                 presence: if changed { Presence::Away } else { Presence::Offline },
                 last_seen: changed.then_some(registered_at),

@@ -16,7 +16,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{
+use crate::wire::{
     Action, ErrorCode, GetMessagesRequest, InfoRequest, KeyTargetRequest, ListRequest,
     LookupRequest, MemberTargetRequest, MembersRequest, MembershipRequest, RegisterRequest,
     Request, SendRequest, SetModeRequest, UnregisterRequest, WireError, PROTOCOL,
@@ -153,7 +153,7 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::Members => Request::Members(parse::<MembersRequest>(body)?),
         Action::Send => Request::Send(parse::<SendRequest>(body)?),
         Action::GetMessages => Request::GetMessages(parse::<GetMessagesRequest>(body)?),
-        Action::Subscribe => Request::Subscribe(parse::<crate::proto::SubscribeRequest>(body)?),
+        Action::Subscribe => Request::Subscribe(parse::<crate::wire::SubscribeRequest>(body)?),
         Action::Unsubscribe => Request::Unsubscribe(parse::<MembershipRequest>(body)?),
         Action::Invite => Request::Invite(parse::<KeyTargetRequest>(body)?),
         Action::Kick => Request::Kick(parse::<MemberTargetRequest>(body)?),
@@ -161,20 +161,18 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
         Action::Unban => Request::Unban(parse::<KeyTargetRequest>(body)?),
         Action::Promote => Request::Promote(parse::<MemberTargetRequest>(body)?),
         Action::SetMode => Request::SetMode(parse::<SetModeRequest>(body)?),
-        Action::ServerKey => Request::ServerKey(parse::<crate::proto::ServerKeyRequest>(body)?),
-        Action::UserRegister => {
-            Request::UserRegister(parse::<crate::proto::UserNameRequest>(body)?)
-        }
+        Action::ServerKey => Request::ServerKey(parse::<crate::wire::ServerKeyRequest>(body)?),
+        Action::UserRegister => Request::UserRegister(parse::<crate::wire::UserNameRequest>(body)?),
         Action::UserUnregister => {
-            Request::UserUnregister(parse::<crate::proto::UserUnregisterRequest>(body)?)
+            Request::UserUnregister(parse::<crate::wire::UserUnregisterRequest>(body)?)
         }
         Action::Users => Request::Users(parse::<ListRequest>(body)?),
-        Action::Whois => Request::Whois(parse::<crate::proto::UserNameRequest>(body)?),
-        Action::Connect => Request::Connect(parse::<crate::proto::ConnectRequest>(body)?),
+        Action::Whois => Request::Whois(parse::<crate::wire::UserNameRequest>(body)?),
+        Action::Connect => Request::Connect(parse::<crate::wire::ConnectRequest>(body)?),
         Action::Disconnect => Request::Disconnect(parse::<ListRequest>(body)?),
-        Action::SendDm => Request::SendDm(parse::<crate::proto::SendDmRequest>(body)?),
-        Action::Mailbox => Request::Mailbox(parse::<crate::proto::MailboxRequest>(body)?),
-        Action::AckDm => Request::AckDm(parse::<crate::proto::AckDmRequest>(body)?),
+        Action::SendDm => Request::SendDm(parse::<crate::wire::SendDmRequest>(body)?),
+        Action::Mailbox => Request::Mailbox(parse::<crate::wire::MailboxRequest>(body)?),
+        Action::AckDm => Request::AckDm(parse::<crate::wire::AckDmRequest>(body)?),
         Action::DeadLetters => Request::DeadLetters(parse::<ListRequest>(body)?),
     })
 }
@@ -279,10 +277,10 @@ pub fn decode_reply<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{
+    use crate::time::Timestamp;
+    use crate::wire::{
         GroupName, MessagesPage, SendAck, UserName, MAX_PAGE_LIMIT, PROTOCOL as SIG,
     };
-    use crate::time::Timestamp;
     use serde_json::value::RawValue;
 
     fn frames(body: &str) -> Frames {
