@@ -17,9 +17,10 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientOptions, GroupClient};
-use agora_proto::codec::{decode_reply, encode_request};
+use agora_proto::action::call;
+use agora_proto::codec::{decode_reply, encode_call};
 use agora_proto::id::MessageId;
-use agora_proto::wire::{Request, SendAck, SendRequest, UserName};
+use agora_proto::wire::{SendAck, SendRequest, UserName};
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::value::RawValue;
@@ -693,13 +694,12 @@ pub(crate) fn windowed_sends(
     let (mut sent, mut acked) = (0u64, 0u64);
     while acked < count {
         while sent < count && sent - acked < window as u64 {
-            let req = Request::Send(SendRequest {
+            let frames = encode_call::<call::Send>(&SendRequest {
                 group: None,
                 user: user.clone(),
                 body: body(sent, bytes),
                 id: Some(MessageId::new_v7()),
             });
-            let frames = encode_request(&req);
             s.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)?;
             sent += 1;
         }

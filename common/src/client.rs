@@ -10,16 +10,17 @@
 
 use std::time::{Duration, Instant};
 
-use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
-use agora_proto::codec::{decode_reply, encode_request, CodecError, Frames};
+use agora_proto::action::{call, Call};
+use agora_proto::codec::{decode_reply, encode_call, CodecError, Frames};
 use agora_proto::id::MessageId;
 use agora_proto::wire::{
-    Empty, Endpoint, GetMessagesRequest, GroupEntry, GroupName, HistoryQuery, InfoReply,
-    InfoRequest, ListReply, ListRequest, LookupReply, LookupRequest, MembersReply, MembersRequest,
-    MembershipReply, MembershipRequest, MessagesPage, RegisterReply, RegisterRequest, Request,
-    SendAck, SendRequest, UnregisterRequest, UserName, WireError, REQUEST_OVERHEAD_BYTES,
+    Endpoint, GetMessagesRequest, GroupEntry, GroupName, HistoryQuery, InfoReply, InfoRequest,
+    KeyTargetRequest, ListRequest, LookupRequest, MemberTargetRequest, MembersReply,
+    MembersRequest, MembershipReply, MembershipRequest, MessagesPage, RegisterReply,
+    RegisterRequest, SendAck, SendRequest, UnregisterRequest, UserName, WireError,
+    REQUEST_OVERHEAD_BYTES,
 };
 
 /// Largest reply a client accepts, in bytes (64 MiB): far above the largest page a server
@@ -166,14 +167,15 @@ impl ReqClient {
         })
     }
 
-    /// Sends a request and decodes the reply as `T`.
+    /// Sends action `C`'s request and decodes the reply as that action's reply type:
+    /// `call::<call::Info>(&InfoRequest { .. })` returns an [`InfoReply`].
     ///
     /// # Errors
     /// [`ClientError::Server`] for an error reply, [`ClientError::BadReply`] for an
     /// undecodable one, and those of [`ReqClient::request_frames`].
-    pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ClientError> {
-        let reply = self.request_frames(&encode_request(request))?;
-        Ok(decode_reply::<T>(&reply)??)
+    pub fn call<C: Call>(&mut self, request: &C::Request) -> Result<C::Reply, ClientError> {
+        let reply = self.request_frames(&encode_call::<C>(request))?;
+        Ok(decode_reply::<C::Reply>(&reply)??)
     }
 }
 
@@ -215,12 +217,12 @@ impl RegistryClient {
         members: u64,
         public_key: Option<crate::keys::PublicKey>,
     ) -> Result<RegisterReply, ClientError> {
-        self.req.call(&Request::Register(RegisterRequest {
+        self.req.call::<call::Register>(&RegisterRequest {
             name: name.clone(),
             endpoint: endpoint.clone(),
             members,
             public_key,
-        }))
+        })
     }
 
     /// Removes a group registered from `endpoint`.
@@ -230,10 +232,10 @@ impl RegistryClient {
     /// [`ReqClient::call`].
     pub fn unregister(&mut self, name: &GroupName, endpoint: &Endpoint) -> Result<(), ClientError> {
         self.req
-            .call::<Empty>(&Request::Unregister(UnregisterRequest {
+            .call::<call::Unregister>(&UnregisterRequest {
                 name: name.clone(),
                 endpoint: endpoint.clone(),
-            }))
+            })
             .map(|_| ())
     }
 
@@ -242,10 +244,7 @@ impl RegistryClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn list(&mut self) -> Result<Vec<GroupEntry>, ClientError> {
-        Ok(self
-            .req
-            .call::<ListReply>(&Request::List(ListRequest {}))?
-            .groups)
+        Ok(self.req.call::<call::List>(&ListRequest {})?.groups)
     }
 
     /// Binds the user name `name` to this client's key (an account).
@@ -257,9 +256,7 @@ impl RegistryClient {
         name: &UserName,
     ) -> Result<agora_proto::wire::UserReply, ClientError> {
         self.req
-            .call(&Request::UserRegister(agora_proto::wire::UserNameRequest {
-                name: name.clone(),
-            }))
+            .call::<call::UserRegister>(&agora_proto::wire::UserNameRequest { name: name.clone() })
     }
 
     /// Removes this client's account `name`; `confirm` must be true.
@@ -271,12 +268,11 @@ impl RegistryClient {
         name: &UserName,
         confirm: bool,
     ) -> Result<agora_proto::wire::UserReply, ClientError> {
-        self.req.call(&Request::UserUnregister(
-            agora_proto::wire::UserUnregisterRequest {
+        self.req
+            .call::<call::UserUnregister>(&agora_proto::wire::UserUnregisterRequest {
                 name: name.clone(),
                 confirm,
-            },
-        ))
+            })
     }
 
     /// Starts or renews this client's session (`status` online or away): the presence
@@ -289,10 +285,10 @@ impl RegistryClient {
         status: agora_proto::wire::Presence,
     ) -> Result<agora_proto::wire::ConnectReply, ClientError> {
         self.req
-            .call(&Request::Connect(agora_proto::wire::ConnectRequest {
+            .call::<call::Connect>(&agora_proto::wire::ConnectRequest {
                 status: Some(status),
                 push: false,
-            }))
+            })
     }
 
     /// Ends this client's session.
@@ -300,7 +296,7 @@ impl RegistryClient {
     /// # Errors
     /// `unknown_user`, `forbidden`; see [`ReqClient::call`].
     pub fn disconnect(&mut self) -> Result<agora_proto::wire::UserReply, ClientError> {
-        self.req.call(&Request::Disconnect(ListRequest {}))
+        self.req.call::<call::Disconnect>(&ListRequest {})
     }
 
     /// Sends a direct message to `to` (a retry with the same `id` is stored once).
@@ -315,11 +311,11 @@ impl RegistryClient {
         id: MessageId,
     ) -> Result<agora_proto::wire::DmAck, ClientError> {
         self.req
-            .call(&Request::SendDm(agora_proto::wire::SendDmRequest {
+            .call::<call::SendDm>(&agora_proto::wire::SendDmRequest {
                 to: to.clone(),
                 body,
                 id: Some(id),
-            }))
+            })
     }
 
     /// This client's mailbox after number `after_n`.
@@ -332,10 +328,7 @@ impl RegistryClient {
         limit: Option<u32>,
     ) -> Result<agora_proto::wire::MailboxReply, ClientError> {
         self.req
-            .call(&Request::Mailbox(agora_proto::wire::MailboxRequest {
-                after_n,
-                limit,
-            }))
+            .call::<call::Mailbox>(&agora_proto::wire::MailboxRequest { after_n, limit })
     }
 
     /// Removes this client's messages up to `up_to` (once shown).
@@ -344,7 +337,7 @@ impl RegistryClient {
     /// See [`ReqClient::call`].
     pub fn ack_dm(&mut self, up_to: u64) -> Result<agora_proto::wire::AckDmReply, ClientError> {
         self.req
-            .call(&Request::AckDm(agora_proto::wire::AckDmRequest { up_to }))
+            .call::<call::AckDm>(&agora_proto::wire::AckDmRequest { up_to })
     }
 
     /// This client's dead letters.
@@ -352,10 +345,7 @@ impl RegistryClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn dead_letters(&mut self) -> Result<Vec<agora_proto::wire::DeadLetter>, ClientError> {
-        Ok(self
-            .req
-            .call::<agora_proto::wire::DeadLettersReply>(&Request::DeadLetters(ListRequest {}))?
-            .letters)
+        Ok(self.req.call::<call::DeadLetters>(&ListRequest {})?.letters)
     }
 
     /// Every user account.
@@ -363,10 +353,7 @@ impl RegistryClient {
     /// # Errors
     /// `forbidden` (no CURVE); see [`ReqClient::call`].
     pub fn users(&mut self) -> Result<Vec<agora_proto::wire::UserEntry>, ClientError> {
-        Ok(self
-            .req
-            .call::<agora_proto::wire::UsersReply>(&Request::Users(ListRequest {}))?
-            .users)
+        Ok(self.req.call::<call::Users>(&ListRequest {})?.users)
     }
 
     /// One user account.
@@ -375,9 +362,7 @@ impl RegistryClient {
     /// `unknown_user`; see [`ReqClient::call`].
     pub fn whois(&mut self, name: &UserName) -> Result<agora_proto::wire::UserReply, ClientError> {
         self.req
-            .call(&Request::Whois(agora_proto::wire::UserNameRequest {
-                name: name.clone(),
-            }))
+            .call::<call::Whois>(&agora_proto::wire::UserNameRequest { name: name.clone() })
     }
 
     /// One live group by name.
@@ -387,7 +372,7 @@ impl RegistryClient {
     pub fn lookup(&mut self, name: &GroupName) -> Result<GroupEntry, ClientError> {
         Ok(self
             .req
-            .call::<LookupReply>(&Request::Lookup(LookupRequest { name: name.clone() }))?
+            .call::<call::Lookup>(&LookupRequest { name: name.clone() })?
             .group)
     }
 }
@@ -435,9 +420,9 @@ impl GroupClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn info(&mut self) -> Result<InfoReply, ClientError> {
-        self.req.call(&Request::Info(InfoRequest {
+        self.req.call::<call::Info>(&InfoRequest {
             group: self.group.clone(),
-        }))
+        })
     }
 
     fn membership(&self) -> MembershipRequest {
@@ -452,8 +437,7 @@ impl GroupClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn join(&mut self) -> Result<MembershipReply, ClientError> {
-        let r = Request::Join(self.membership());
-        self.req.call(&r)
+        self.req.call::<call::Join>(&self.membership())
     }
 
     /// Leaves the group (idempotent).
@@ -461,8 +445,7 @@ impl GroupClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn leave(&mut self) -> Result<MembershipReply, ClientError> {
-        let r = Request::Leave(self.membership());
-        self.req.call(&r)
+        self.req.call::<call::Leave>(&self.membership())
     }
 
     /// The member list.
@@ -470,9 +453,9 @@ impl GroupClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn members(&mut self) -> Result<MembersReply, ClientError> {
-        self.req.call(&Request::Members(MembersRequest {
+        self.req.call::<call::Members>(&MembersRequest {
             group: self.group.clone(),
-        }))
+        })
     }
 
     /// Sends a message with a fresh client-chosen id, so that the client's own retries are
@@ -493,57 +476,50 @@ impl GroupClient {
         body: Box<RawValue>,
         id: MessageId,
     ) -> Result<SendAck, ClientError> {
-        self.req.call(&Request::Send(SendRequest {
+        self.req.call::<call::Send>(&SendRequest {
             group: self.group.clone(),
             user: self.user.clone(),
             body,
             id: Some(id),
-        }))
+        })
     }
 
-    /// A policy action on a key: `invite`, `ban` or `unban` (owner and admins).
+    /// A policy action on a key, `C` one of [`call::Invite`], [`call::Ban`] and
+    /// [`call::Unban`] (owner and admins).
     ///
     /// # Errors
     /// `forbidden`; see [`ReqClient::call`].
-    pub fn key_policy(
+    pub fn key_policy<C>(
         &mut self,
-        action: agora_proto::wire::Action,
         key: crate::keys::PublicKey,
-    ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
-        use agora_proto::wire::{Action, KeyTargetRequest};
-        let r = KeyTargetRequest {
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError>
+    where
+        C: Call<Request = KeyTargetRequest, Reply = agora_proto::wire::PolicyReply>,
+    {
+        self.req.call::<C>(&KeyTargetRequest {
             group: self.group.clone(),
             user: self.user.clone(),
             key,
-        };
-        let request = match action {
-            Action::Invite => Request::Invite(r),
-            Action::Ban => Request::Ban(r),
-            _ => Request::Unban(r),
-        };
-        self.req.call(&request)
+        })
     }
 
-    /// A policy action on a member by name: `kick` (owner and admins) or `promote` (owner).
+    /// A policy action on a member by name, `C` one of [`call::Kick`] (owner and admins)
+    /// and [`call::Promote`] (owner).
     ///
     /// # Errors
     /// `forbidden`, `not_found`; see [`ReqClient::call`].
-    pub fn member_policy(
+    pub fn member_policy<C>(
         &mut self,
-        action: agora_proto::wire::Action,
         member: UserName,
-    ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
-        use agora_proto::wire::{Action, MemberTargetRequest};
-        let r = MemberTargetRequest {
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError>
+    where
+        C: Call<Request = MemberTargetRequest, Reply = agora_proto::wire::PolicyReply>,
+    {
+        self.req.call::<C>(&MemberTargetRequest {
             group: self.group.clone(),
             user: self.user.clone(),
             member,
-        };
-        let request = match action {
-            Action::Promote => Request::Promote(r),
-            _ => Request::Kick(r),
-        };
-        self.req.call(&request)
+        })
     }
 
     /// Makes the group open or private (owner and admins).
@@ -555,11 +531,11 @@ impl GroupClient {
         mode: agora_proto::wire::GroupMode,
     ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
         self.req
-            .call(&Request::SetMode(agora_proto::wire::SetModeRequest {
+            .call::<call::SetMode>(&agora_proto::wire::SetModeRequest {
                 group: self.group.clone(),
                 user: self.user.clone(),
                 mode,
-            }))
+            })
     }
 
     /// One page of history.
@@ -586,7 +562,7 @@ impl GroupClient {
             HistoryQuery::ById(id) => req.id = Some(id),
             HistoryQuery::Latest(n) => req.latest = Some(n),
         }
-        self.req.call(&Request::GetMessages(req))
+        self.req.call::<call::GetMessages>(&req)
     }
 
     /// Every message matching `query`, following `more` page by page (each page is one

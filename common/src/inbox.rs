@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::client::ClientCurve;
 use crate::shutdown::Shutdown;
+use agora_proto::action::RegistryRequest;
 use agora_proto::codec::encode_request;
-use agora_proto::wire::{
-    AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, Presence, Request,
-};
+use agora_proto::wire::{AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, Presence};
 
 /// A running presence heartbeat and DM inbox; stops (and disconnects) when dropped.
 #[derive(Debug)]
@@ -91,17 +90,17 @@ fn run(
     socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
     socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
     socket.connect(endpoint)?;
-    let send = |request: &Request| {
+    let send = |request: RegistryRequest| {
         // A DEALER adds the empty delimiter a REQ would. EAGAIN (no connection yet) is
         // harmless: the next heartbeat goes out soon.
-        let frames = encode_request(request);
+        let frames = encode_request(&request);
         let _ = socket.send_multipart(std::iter::once(Vec::new()).chain(frames), zmq::DONTWAIT);
     };
     let mut next = Instant::now();
     let mut last = 0u64;
     while !stop.is_triggered() {
         if Instant::now() >= next {
-            send(&Request::Connect(ConnectRequest {
+            send(RegistryRequest::Connect(ConnectRequest {
                 status: Some(Presence::Online),
                 push: true,
             }));
@@ -109,7 +108,7 @@ fn run(
         }
         loop {
             match acks.try_recv() {
-                Ok(n) => send(&Request::AckDm(AckDmRequest { up_to: n })),
+                Ok(n) => send(RegistryRequest::AckDm(AckDmRequest { up_to: n })),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return Ok(()),
             }
@@ -131,6 +130,6 @@ fn run(
             }
         }
     }
-    send(&Request::Disconnect(ListRequest {}));
+    send(RegistryRequest::Disconnect(ListRequest {}));
     Ok(())
 }

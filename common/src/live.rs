@@ -40,9 +40,10 @@ use std::time::{Duration, Instant};
 
 use crate::client::{ClientError, ClientOptions, GroupClient};
 use crate::shutdown::SHUTDOWN_POLL;
+use agora_proto::action::NodeRequest;
 use agora_proto::codec::{encode_request, Frames};
 use agora_proto::wire::{
-    ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, PushBatch, PushEvent, Request,
+    ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, PushBatch, PushEvent,
     SubscribeReply, SubscribeRequest, UserName, WireError, PROTOCOL,
 };
 
@@ -324,8 +325,8 @@ impl Worker {
     }
 
     /// The `subscribe` that renews `g`'s subscription and acks what was handed on.
-    fn subscribe_request(&self, g: &GroupFeed) -> Request {
-        Request::Subscribe(SubscribeRequest {
+    fn subscribe_request(&self, g: &GroupFeed) -> NodeRequest {
+        NodeRequest::Subscribe(SubscribeRequest {
             group: g.group.clone(),
             user: self.user.clone(),
             batch: true,
@@ -350,7 +351,7 @@ impl Worker {
     }
 
     fn unsubscribe(&self, g: &GroupFeed) {
-        let frames = encode_request(&Request::Unsubscribe(self.membership(g)));
+        let frames = encode_request(&NodeRequest::Unsubscribe(self.membership(g)));
         let _ = g.socket.set_linger(200);
         let _ = send_dealer(&g.socket, &frames);
     }

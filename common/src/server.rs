@@ -9,10 +9,11 @@
 use serde::Serialize;
 
 use crate::keys::{Keypair, PublicKey};
+use agora_proto::action::ServerRequest;
 use agora_proto::codec::{
     decode_request, encode_error, encode_ok, split_envelope, CodecError, Frames,
 };
-use agora_proto::wire::{Request, WireError};
+use agora_proto::wire::WireError;
 
 /// Socket bounds and security for a server's ROUTER.
 #[derive(Debug, Clone)]
@@ -165,13 +166,14 @@ fn recv_one(socket: &zmq::Socket, flags: i32) -> Result<Option<Received>, zmq::E
 /// A received request: the envelope to reply behind, the authenticated sender, and the
 /// decoded request or why it could not be decoded.
 #[derive(Debug)]
-pub struct Incoming {
+pub struct Incoming<R> {
     /// Identity frames and the empty delimiter.
     pub envelope: Frames,
     /// The sender's CURVE key, as ZAP authenticated it.
     pub peer: Option<PublicKey>,
-    /// The request, or the decode error to answer with.
-    pub request: Result<Request, CodecError>,
+    /// The request (one of the server's request enum, `R`), or the decode error to answer
+    /// with: a request for another role is `unknown_action` before any field is read.
+    pub request: Result<R, CodecError>,
 }
 
 /// Who sent a request, for per-peer limits: its CURVE key, or (without CURVE) its
@@ -186,9 +188,9 @@ pub enum Peer {
 
 /// Applies `limiter` to `incoming`: `Some(reply)` (a `rate_limited` error) when its peer is
 /// over the limit, `None` to go on.
-pub fn rate_limit(
+pub fn rate_limit<R>(
     limiter: &mut crate::ratelimit::Limiter<Peer>,
-    incoming: &Incoming,
+    incoming: &Incoming<R>,
     now: std::time::Instant,
 ) -> Option<Frames> {
     let peer = match incoming.peer {
@@ -204,13 +206,13 @@ pub fn rate_limit(
     }
 }
 
-impl Incoming {
+impl<R: ServerRequest> Incoming<R> {
     /// Splits and decodes one ROUTER message.
     ///
     /// # Errors
     /// [`CodecError::NoDelimiter`]: there is no envelope, so nothing can be answered; the
     /// caller logs it and drops the message.
-    pub fn from_received(received: Received) -> Result<Incoming, CodecError> {
+    pub fn from_received(received: Received) -> Result<Incoming<R>, CodecError> {
         let (envelope, body) = split_envelope(received.frames)?;
         Ok(Incoming {
             envelope,
@@ -218,6 +220,12 @@ impl Incoming {
             request: decode_request(&body),
         })
     }
+}
+
+/// Encodes a handler's result for action `C` as reply frames; the handler must produce `C`'s
+/// reply type (the action table in `agora_proto::action` says which).
+pub fn answer<C: agora_proto::action::Call>(result: Result<C::Reply, WireError>) -> Frames {
+    reply_frames(result)
 }
 
 /// Encodes a handler's result as reply frames.

@@ -19,7 +19,8 @@ use crate::client::{ClientError, ClientOptions, ReqClient};
 use crate::keys::PublicKey;
 use crate::server::{bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming};
 use crate::shutdown::{Shutdown, SHUTDOWN_POLL};
-use agora_proto::wire::{Request, ServerKeyReply, ServerKeyRequest};
+use agora_proto::action::{call, KeyRequest};
+use agora_proto::wire::{ServerKeyReply, ServerKeyRequest};
 
 /// Trust failures.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +121,7 @@ pub fn fetch_key(
     };
     let mut client = ReqClient::new(ctx, key_endpoint, options);
     Ok(client
-        .call::<ServerKeyReply>(&Request::ServerKey(ServerKeyRequest {}))?
+        .call::<call::ServerKey>(&ServerKeyRequest {})?
         .public_key)
 }
 
@@ -241,14 +242,9 @@ fn serve(socket: &zmq::Socket, key: PublicKey, stop: &Shutdown) {
                 continue;
             };
             let reply = match incoming.request {
-                Ok(Request::ServerKey(_)) => reply_frames(Ok(ServerKeyReply { public_key: key })),
-                Ok(other) => reply_frames::<()>(Err(agora_proto::wire::WireError::new(
-                    agora_proto::wire::ErrorCode::UnknownAction,
-                    format!(
-                        "the key endpoint only answers server_key, not {}",
-                        other.action()
-                    ),
-                ))),
+                Ok(KeyRequest::ServerKey(_)) => {
+                    reply_frames(Ok(ServerKeyReply { public_key: key }))
+                }
                 Err(e) => reply_frames::<()>(Err(e.to_wire())),
             };
             if send_reply(socket, incoming.envelope, reply).is_err() {

@@ -10,8 +10,9 @@ use agora_common::server::{
 };
 use agora_common::shutdown::Shutdown;
 use agora_common::zap::{Authenticator, ZapPolicy};
-use agora_proto::codec::encode_ok;
-use agora_proto::wire::{ListRequest, Request};
+use agora_proto::action::{call, RegistryRequest};
+use agora_proto::codec::{decode_reply, encode_call, encode_ok};
+use agora_proto::wire::ListRequest;
 use serde::{Deserialize, Serialize};
 
 /// What the test server answers: the key ZAP authenticated for the request's connection.
@@ -58,7 +59,8 @@ fn server(policy: ZapPolicy) -> Server {
             }
             recv_batch(&socket, 16, &mut batch).expect("recv");
             for received in batch.drain(..) {
-                let incoming = Incoming::from_received(received).expect("envelope");
+                let incoming =
+                    Incoming::<RegistryRequest>::from_received(received).expect("envelope");
                 let who = Who {
                     peer: incoming.peer.map(|k| k.to_string()),
                 };
@@ -82,7 +84,8 @@ fn options() -> ClientOptions {
 }
 
 fn ask(client: &mut ReqClient) -> Result<Who, ClientError> {
-    client.call::<Who>(&Request::List(ListRequest {}))
+    let reply = client.request_frames(&encode_call::<call::List>(&ListRequest {}))?;
+    Ok(decode_reply::<Who>(&reply)??)
 }
 
 #[test]

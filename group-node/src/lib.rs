@@ -53,10 +53,11 @@ use agora_common::server::{
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 use agora_common::zap::{Authenticator, ZapPolicy};
+use agora_proto::action::{call, Call, NodeRequest};
 use agora_proto::codec::Frames;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    Endpoint, ErrorCode, GroupName, HistoryQuery, Message, Request, SendAck, WireError,
+    Endpoint, ErrorCode, GroupName, HistoryQuery, Message, SendAck, WireError,
     DEFAULT_MAX_MESSAGE_BYTES,
 };
 
@@ -583,7 +584,7 @@ impl Node {
         let instant = Instant::now();
         let mut appended = Vec::new();
         let mut handled: Vec<Handled> = Vec::with_capacity(batch.len());
-        let incoming: Vec<Incoming> = batch
+        let incoming: Vec<Incoming<NodeRequest>> = batch
             .drain(..)
             .filter_map(|frames| match Incoming::from_received(frames) {
                 Ok(i) => Some(i),
@@ -717,7 +718,7 @@ impl Node {
     /// Runs the handler of `request`; returns its reply and whether it succeeded.
     fn dispatch(
         &mut self,
-        request: Request,
+        request: NodeRequest,
         envelope: &Frames,
         peer: Option<PublicKey>,
         now: Timestamp,
@@ -736,33 +737,33 @@ impl Node {
             owner: self.owner,
         };
         match request {
-            Request::Info(r) => reply(cmd::info::apply(&mut ctx, r)),
-            Request::Join(r) => reply(cmd::join::apply(&mut ctx, r)),
-            Request::Leave(r) => reply(cmd::leave::apply(&mut ctx, r)),
-            Request::Members(r) => reply(cmd::members::apply(&mut ctx, r)),
-            Request::Send(r) => reply(cmd::send::apply(&mut ctx, r)),
-            Request::GetMessages(r) => reply(cmd::get_messages::apply(&mut ctx, r)),
-            Request::Subscribe(r) => reply(cmd::subscribe::apply(&mut ctx, r)),
-            Request::Unsubscribe(r) => reply(cmd::unsubscribe::apply(&mut ctx, r)),
-            Request::Invite(r) => reply(cmd::policy::invite(&mut ctx, r)),
-            Request::Kick(r) => reply(cmd::policy::kick(&mut ctx, r)),
-            Request::Ban(r) => reply(cmd::policy::ban(&mut ctx, r)),
-            Request::Unban(r) => reply(cmd::policy::unban(&mut ctx, r)),
-            Request::Promote(r) => reply(cmd::policy::promote(&mut ctx, r)),
-            Request::SetMode(r) => reply(cmd::policy::set_mode(&mut ctx, r)),
-            other => reply::<()>(Err(WireError::new(
-                ErrorCode::UnknownAction,
-                format!(
-                    "{} is a registry action, not a group-node action",
-                    other.action()
-                ),
-            ))),
+            NodeRequest::Info(r) => reply::<call::Info>(cmd::info::apply(&mut ctx, r)),
+            NodeRequest::Join(r) => reply::<call::Join>(cmd::join::apply(&mut ctx, r)),
+            NodeRequest::Leave(r) => reply::<call::Leave>(cmd::leave::apply(&mut ctx, r)),
+            NodeRequest::Members(r) => reply::<call::Members>(cmd::members::apply(&mut ctx, r)),
+            NodeRequest::Send(r) => reply::<call::Send>(cmd::send::apply(&mut ctx, r)),
+            NodeRequest::GetMessages(r) => {
+                reply::<call::GetMessages>(cmd::get_messages::apply(&mut ctx, r))
+            }
+            NodeRequest::Subscribe(r) => {
+                reply::<call::Subscribe>(cmd::subscribe::apply(&mut ctx, r))
+            }
+            NodeRequest::Unsubscribe(r) => {
+                reply::<call::Unsubscribe>(cmd::unsubscribe::apply(&mut ctx, r))
+            }
+            NodeRequest::Invite(r) => reply::<call::Invite>(cmd::policy::invite(&mut ctx, r)),
+            NodeRequest::Kick(r) => reply::<call::Kick>(cmd::policy::kick(&mut ctx, r)),
+            NodeRequest::Ban(r) => reply::<call::Ban>(cmd::policy::ban(&mut ctx, r)),
+            NodeRequest::Unban(r) => reply::<call::Unban>(cmd::policy::unban(&mut ctx, r)),
+            NodeRequest::Promote(r) => reply::<call::Promote>(cmd::policy::promote(&mut ctx, r)),
+            NodeRequest::SetMode(r) => reply::<call::SetMode>(cmd::policy::set_mode(&mut ctx, r)),
         }
     }
 }
 
-/// Encodes a handler's result; true when it is `ok`.
-fn reply<T: serde::Serialize>(result: Result<T, WireError>) -> (Frames, bool) {
+/// Encodes a handler's result for action `C`, whose reply type the handler must produce;
+/// true when it is `ok`.
+fn reply<C: Call>(result: Result<C::Reply, WireError>) -> (Frames, bool) {
     let ok = result.is_ok();
     (reply_frames(result), ok)
 }
@@ -818,14 +819,14 @@ enum Redo {
     /// stored that id, else `internal`.
     Send(agora_proto::id::MessageId),
     /// A read: handled again, from what is stored.
-    Read(Box<Request>, Option<PublicKey>),
+    Read(Box<NodeRequest>, Option<PublicKey>),
 }
 
 impl Redo {
     /// What to do with `request` if it succeeds and its batch is then rolled back.
-    fn of(request: &Request, peer: Option<PublicKey>) -> Redo {
+    fn of(request: &NodeRequest, peer: Option<PublicKey>) -> Redo {
         match request {
-            Request::Send(r) => r.id.map_or(Redo::Internal, Redo::Send),
+            NodeRequest::Send(r) => r.id.map_or(Redo::Internal, Redo::Send),
             r if writes(r) => Redo::Internal,
             r => Redo::Read(Box::new(r.clone()), peer),
         }
@@ -842,14 +843,14 @@ impl Redo {
 
 /// Whether a group-node request writes to the store (reads: `info`, `members`,
 /// `get_messages`, `subscribe`, `unsubscribe`).
-fn writes(request: &Request) -> bool {
+fn writes(request: &NodeRequest) -> bool {
     !matches!(
         request,
-        Request::Info(_)
-            | Request::Members(_)
-            | Request::GetMessages(_)
-            | Request::Subscribe(_)
-            | Request::Unsubscribe(_)
+        NodeRequest::Info(_)
+            | NodeRequest::Members(_)
+            | NodeRequest::GetMessages(_)
+            | NodeRequest::Subscribe(_)
+            | NodeRequest::Unsubscribe(_)
     )
 }
 

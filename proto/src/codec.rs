@@ -16,11 +16,13 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{
-    Action, ErrorCode, GetMessagesRequest, InfoRequest, KeyTargetRequest, ListRequest,
-    LookupRequest, MemberTargetRequest, MembersRequest, MembershipRequest, RegisterRequest,
-    Request, SendRequest, SetModeRequest, UnregisterRequest, WireError, PROTOCOL,
-};
+use crate::action::{tagged_body, Action, Call, ServerRequest};
+use crate::wire::{ErrorCode, WireError, PROTOCOL};
+
+/// The deepest nesting of JSON arrays and objects a request body may have: 128, serde_json's
+/// own recursion limit for typed values. A body nested deeper gets `invalid_json`, so no
+/// reader (Python's `json` stops near 1,000 levels) ever fails on a stored message.
+pub const MAX_JSON_DEPTH: usize = 128;
 
 /// A ZeroMQ multipart message: a list of frames.
 pub type Frames = Vec<Vec<u8>>;
@@ -50,6 +52,17 @@ pub enum CodecError {
     /// The `action` is not one this protocol has.
     #[error("unknown action {0:?}")]
     UnknownAction(String),
+    /// The `action` exists but another kind of server answers it (checked before any other
+    /// field is read).
+    #[error("{action} is a {served_by} action, not a {here} action")]
+    WrongRole {
+        /// The action's wire name.
+        action: &'static str,
+        /// The role that serves it.
+        served_by: &'static str,
+        /// The role that received it.
+        here: &'static str,
+    },
 }
 
 impl CodecError {
@@ -60,7 +73,7 @@ impl CodecError {
             CodecError::Signature(_) => ErrorCode::UnsupportedVersion,
             CodecError::Json(_) => ErrorCode::InvalidJson,
             CodecError::Field(_) => ErrorCode::InvalidField,
-            CodecError::UnknownAction(_) => ErrorCode::UnknownAction,
+            CodecError::UnknownAction(_) | CodecError::WrongRole { .. } => ErrorCode::UnknownAction,
         };
         WireError::new(code, self.to_string())
     }
@@ -113,21 +126,69 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     serde_json::from_slice(body).map_err(|e| json_error(&e))
 }
 
-/// Decodes the frames after the envelope into a request.
+/// Checks what serde_json does not when it skips members it does not read: the whole body is
+/// UTF-8 (RFC 8259 §8.1), and nested at most [`MAX_JSON_DEPTH`] deep.
+fn check_body(body: &[u8]) -> Result<(), CodecError> {
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(CodecError::Json(format!("the body is not UTF-8: {e}")));
+    }
+    if nesting_exceeds(body, MAX_JSON_DEPTH) {
+        return Err(CodecError::Json(format!(
+            "JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `[` and `{` outside strings nest deeper than `limit`. Only counts: the syntax is
+/// serde_json's to check.
+fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Decodes the frames after the envelope into a request of role `R` (the registry's, a
+/// group node's or a key endpoint's request enum).
 ///
-/// The body is parsed twice: once for its `action`, then into that action's type (which
-/// ignores unknown members).
+/// Checks, in order: two frames, the signature, UTF-8 and nesting ([`MAX_JSON_DEPTH`]), JSON
+/// syntax, a JSON object, `action` present and a string, a known action, an action of role
+/// `R`, and only then the action's fields (unknown members are ignored).
 ///
 /// # Errors
-/// [`CodecError::FrameCount`], [`CodecError::Signature`], [`CodecError::Json`] (syntax,
-/// not UTF-8), [`CodecError::Field`] (not an object, `action` missing or not a string, a
-/// field missing or invalid) and [`CodecError::UnknownAction`].
-pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
+/// [`CodecError::FrameCount`], [`CodecError::Signature`], [`CodecError::Json`] (syntax, not
+/// UTF-8, too deep), [`CodecError::UnknownAction`], [`CodecError::WrongRole`] and
+/// [`CodecError::Field`] (not an object, `action` missing or not a string, a field missing or
+/// invalid: the message starts with the field's path, as in `members: invalid type…`).
+pub fn decode_request<R: ServerRequest>(frames: &[Vec<u8>]) -> Result<R, CodecError> {
     #[derive(Deserialize)]
     struct Head {
         action: Option<serde_json::Value>,
     }
     let body = body_frame(frames)?;
+    check_body(body)?;
     // serde also fills a struct from a JSON array; a request must be an object.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         parse::<serde::de::IgnoredAny>(body)?;
@@ -136,90 +197,34 @@ pub fn decode_request(frames: &[Vec<u8>]) -> Result<Request, CodecError> {
     let head: Head = parse(body)?;
     let action = match head.action {
         Some(serde_json::Value::String(a)) => a,
-        Some(_) => return Err(CodecError::Field("action must be a string".into())),
+        Some(_) => return Err(CodecError::Field("action: must be a string".into())),
         None => return Err(CodecError::Field("missing field `action`".into())),
     };
     let Some(action) = Action::from_wire(&action) else {
         return Err(CodecError::UnknownAction(action.chars().take(64).collect()));
     };
-    Ok(match action {
-        Action::Register => Request::Register(parse::<RegisterRequest>(body)?),
-        Action::Unregister => Request::Unregister(parse::<UnregisterRequest>(body)?),
-        Action::List => Request::List(parse::<ListRequest>(body)?),
-        Action::Lookup => Request::Lookup(parse::<LookupRequest>(body)?),
-        Action::Info => Request::Info(parse::<InfoRequest>(body)?),
-        Action::Join => Request::Join(parse::<MembershipRequest>(body)?),
-        Action::Leave => Request::Leave(parse::<MembershipRequest>(body)?),
-        Action::Members => Request::Members(parse::<MembersRequest>(body)?),
-        Action::Send => Request::Send(parse::<SendRequest>(body)?),
-        Action::GetMessages => Request::GetMessages(parse::<GetMessagesRequest>(body)?),
-        Action::Subscribe => Request::Subscribe(parse::<crate::wire::SubscribeRequest>(body)?),
-        Action::Unsubscribe => Request::Unsubscribe(parse::<MembershipRequest>(body)?),
-        Action::Invite => Request::Invite(parse::<KeyTargetRequest>(body)?),
-        Action::Kick => Request::Kick(parse::<MemberTargetRequest>(body)?),
-        Action::Ban => Request::Ban(parse::<KeyTargetRequest>(body)?),
-        Action::Unban => Request::Unban(parse::<KeyTargetRequest>(body)?),
-        Action::Promote => Request::Promote(parse::<MemberTargetRequest>(body)?),
-        Action::SetMode => Request::SetMode(parse::<SetModeRequest>(body)?),
-        Action::ServerKey => Request::ServerKey(parse::<crate::wire::ServerKeyRequest>(body)?),
-        Action::UserRegister => Request::UserRegister(parse::<crate::wire::UserNameRequest>(body)?),
-        Action::UserUnregister => {
-            Request::UserUnregister(parse::<crate::wire::UserUnregisterRequest>(body)?)
-        }
-        Action::Users => Request::Users(parse::<ListRequest>(body)?),
-        Action::Whois => Request::Whois(parse::<crate::wire::UserNameRequest>(body)?),
-        Action::Connect => Request::Connect(parse::<crate::wire::ConnectRequest>(body)?),
-        Action::Disconnect => Request::Disconnect(parse::<ListRequest>(body)?),
-        Action::SendDm => Request::SendDm(parse::<crate::wire::SendDmRequest>(body)?),
-        Action::Mailbox => Request::Mailbox(parse::<crate::wire::MailboxRequest>(body)?),
-        Action::AckDm => Request::AckDm(parse::<crate::wire::AckDmRequest>(body)?),
-        Action::DeadLetters => Request::DeadLetters(parse::<ListRequest>(body)?),
-    })
+    match R::from_body(action, body) {
+        Some(Ok(request)) => Ok(request),
+        Some(Err(e)) => Err(match (json_error(&e), R::field_path(action, body)) {
+            (CodecError::Field(_), Some(path)) => CodecError::Field(format!("{path}: {e}")),
+            (other, _) => other,
+        }),
+        None => Err(CodecError::WrongRole {
+            action: action.as_str(),
+            served_by: action.role().as_str(),
+            here: R::ROLE.as_str(),
+        }),
+    }
 }
 
-#[derive(Serialize)]
-struct Tagged<'a, T> {
-    action: &'static str,
-    #[serde(flatten)]
-    inner: &'a T,
+/// Encodes a typed call's request as its two frames (signature, JSON body with `action`).
+pub fn encode_call<C: Call>(request: &C::Request) -> Frames {
+    vec![PROTOCOL.to_vec(), tagged_body(C::ACTION, request)]
 }
 
-fn tagged<T: Serialize>(action: Action, inner: &T) -> Vec<u8> {
-    // Serializing these plain structs into a Vec cannot fail.
-    serde_json::to_vec(&Tagged {
-        action: action.as_str(),
-        inner,
-    })
-    .unwrap_or_default()
-}
-
-/// Encodes a request as its two frames (signature, JSON body).
-pub fn encode_request(request: &Request) -> Frames {
-    let action = request.action();
-    let body = match request {
-        Request::Register(r) => tagged(action, r),
-        Request::Unregister(r) => tagged(action, r),
-        Request::List(r) => tagged(action, r),
-        Request::Lookup(r) => tagged(action, r),
-        Request::Info(r) => tagged(action, r),
-        Request::Join(r) | Request::Leave(r) | Request::Unsubscribe(r) => tagged(action, r),
-        Request::Subscribe(r) => tagged(action, r),
-        Request::Members(r) => tagged(action, r),
-        Request::Send(r) => tagged(action, r),
-        Request::Invite(r) | Request::Ban(r) | Request::Unban(r) => tagged(action, r),
-        Request::Kick(r) | Request::Promote(r) => tagged(action, r),
-        Request::SetMode(r) => tagged(action, r),
-        Request::ServerKey(r) => tagged(action, r),
-        Request::UserRegister(r) | Request::Whois(r) => tagged(action, r),
-        Request::UserUnregister(r) => tagged(action, r),
-        Request::Users(r) | Request::Disconnect(r) | Request::DeadLetters(r) => tagged(action, r),
-        Request::SendDm(r) => tagged(action, r),
-        Request::Mailbox(r) => tagged(action, r),
-        Request::AckDm(r) => tagged(action, r),
-        Request::Connect(r) => tagged(action, r),
-        Request::GetMessages(r) => tagged(action, r),
-    };
-    vec![PROTOCOL.to_vec(), body]
+/// Encodes a role's request enum as its two frames (signature, JSON body with `action`).
+pub fn encode_request<R: ServerRequest>(request: &R) -> Frames {
+    vec![PROTOCOL.to_vec(), request.to_body()]
 }
 
 #[derive(Serialize)]
@@ -277,9 +282,10 @@ pub fn decode_reply<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::action::{KeyRequest, NodeRequest, RegistryRequest, Role};
     use crate::time::Timestamp;
     use crate::wire::{
-        GroupName, MessagesPage, SendAck, UserName, MAX_PAGE_LIMIT, PROTOCOL as SIG,
+        GroupName, MessagesPage, SendAck, SendRequest, UserName, MAX_PAGE_LIMIT, PROTOCOL as SIG,
     };
     use serde_json::value::RawValue;
 
@@ -288,23 +294,37 @@ mod tests {
     }
 
     fn err(body: &str) -> CodecError {
-        decode_request(&frames(body)).expect_err("must fail")
+        decode_request::<NodeRequest>(&frames(body)).expect_err("must fail")
+    }
+
+    /// Decodes with the request enum of `action`'s role and returns the action decoded, after
+    /// encoding it again and decoding that.
+    fn round_trip(body: &str, action: Action) -> Action {
+        fn via<R: ServerRequest>(f: &Frames) -> Action {
+            let req = decode_request::<R>(f).expect("decode");
+            let again = decode_request::<R>(&encode_request(&req)).expect("re-decode");
+            assert_eq!(again.action(), req.action());
+            req.action()
+        }
+        let f = frames(body);
+        match action.role() {
+            Role::Registry => via::<RegistryRequest>(&f),
+            Role::Node => via::<NodeRequest>(&f),
+            Role::KeyEndpoint => via::<KeyRequest>(&f),
+        }
     }
 
     #[test]
     fn send_round_trips_with_raw_body() {
-        let req = Request::Send(SendRequest {
+        let orig = SendRequest {
             group: Some(GroupName::new("Cool Group").expect("name")),
             user: UserName::new("alice").expect("name"),
             body: RawValue::from_string(r#"{"t":[1,2.5,true,null,"x"]}"#.into()).expect("raw"),
             id: Some(crate::id::MessageId::new_v7()),
-        });
-        let wire = encode_request(&req);
-        let Request::Send(back) = decode_request(&wire).expect("decode") else {
-            panic!("wrong action");
         };
-        let Request::Send(orig) = req else {
-            unreachable!()
+        let wire = encode_call::<crate::action::call::Send>(&orig);
+        let NodeRequest::Send(back) = decode_request::<NodeRequest>(&wire).expect("decode") else {
+            panic!("wrong action");
         };
         assert_eq!(back.body.get(), orig.body.get());
         assert_eq!(back.id, orig.id);
@@ -344,17 +364,18 @@ mod tests {
             r#"{"action":"ack_dm","up_to":3}"#,
             r#"{"action":"dead_letters"}"#,
         ];
-        for (body, action) in bodies.iter().zip(Action::ALL) {
-            let req = decode_request(&frames(body)).expect(body);
-            assert_eq!(req.action(), action);
-            let again = decode_request(&encode_request(&req)).expect("re-decode");
-            assert_eq!(again.action(), action);
+        for body in bodies {
+            let head: serde_json::Value = serde_json::from_str(body).expect("json");
+            let name = head["action"].as_str().expect("action");
+            let action = Action::from_wire(name).expect(name);
+            assert_eq!(round_trip(body, action), action, "{body}");
         }
+        assert_eq!(bodies.len(), Action::ALL.len(), "one body per action");
     }
 
     #[test]
     fn bad_frames_get_exact_errors() {
-        let fail = |f: Frames| decode_request(&f).expect_err("must fail");
+        let fail = |f: Frames| decode_request::<NodeRequest>(&f).expect_err("must fail");
         assert_eq!(fail(vec![SIG.to_vec()]), CodecError::FrameCount(1));
         assert_eq!(
             fail(vec![SIG.to_vec(), b"{}".to_vec(), b"x".to_vec()]),
@@ -376,7 +397,8 @@ mod tests {
     fn bad_json_and_fields_get_exact_codes() {
         assert!(matches!(err("{"), CodecError::Json(_)));
         assert!(matches!(err("\u{0}"), CodecError::Json(_)));
-        let not_utf8 = decode_request(&[SIG.to_vec(), vec![0xff, 0xfe]]).expect_err("fails");
+        let not_utf8 =
+            decode_request::<NodeRequest>(&[SIG.to_vec(), vec![0xff, 0xfe]]).expect_err("fails");
         assert_eq!(not_utf8.to_wire().code, ErrorCode::InvalidJson);
         assert!(matches!(err("[1,2]"), CodecError::Field(_)));
         assert_eq!(
@@ -385,7 +407,7 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"action":7}"#),
-            CodecError::Field("action must be a string".into())
+            CodecError::Field("action: must be a string".into())
         );
         assert_eq!(
             err(r#"{"action":"explode"}"#),
@@ -410,15 +432,15 @@ mod tests {
 
     #[test]
     fn subscribe_takes_batch_and_ack_and_rejects_bad_ones() {
-        let Ok(Request::Subscribe(r)) = decode_request(&frames(
+        let Ok(NodeRequest::Subscribe(r)) = decode_request::<NodeRequest>(&frames(
             r#"{"action":"subscribe","user":"a","batch":true,"acked_seq":41}"#,
         )) else {
             panic!("a subscribe");
         };
         assert_eq!((r.batch, r.acked_seq), (true, Some(41)));
         // The AGORA/1.0 form still decodes: no batches, no ack.
-        let Ok(Request::Subscribe(r)) =
-            decode_request(&frames(r#"{"action":"subscribe","user":"a"}"#))
+        let Ok(NodeRequest::Subscribe(r)) =
+            decode_request::<NodeRequest>(&frames(r#"{"action":"subscribe","user":"a"}"#))
         else {
             panic!("a subscribe");
         };
@@ -463,5 +485,96 @@ mod tests {
         let e = WireError::new(ErrorCode::NotMember, "bob is not a member of g");
         let back = decode_reply::<MessagesPage>(&encode_error(&e)).expect("frames");
         assert_eq!(back, Err(e));
+    }
+
+    #[test]
+    fn another_roles_action_is_unknown_before_its_fields_are_read() {
+        // `send_dm` without any of its fields: the role is checked first.
+        let e = err(r#"{"action":"send_dm"}"#);
+        assert_eq!(
+            e,
+            CodecError::WrongRole {
+                action: "send_dm",
+                served_by: "registry",
+                here: "group-node"
+            }
+        );
+        assert_eq!(e.to_wire().code, ErrorCode::UnknownAction);
+        let e = decode_request::<RegistryRequest>(&frames(r#"{"action":"get_messages"}"#))
+            .expect_err("a node action");
+        assert_eq!(e.to_wire().code, ErrorCode::UnknownAction);
+        assert_eq!(
+            e.to_string(),
+            "get_messages is a group-node action, not a registry action"
+        );
+        let e = decode_request::<KeyRequest>(&frames(r#"{"action":"list"}"#)).expect_err("no");
+        assert_eq!(e.to_wire().code, ErrorCode::UnknownAction);
+    }
+
+    #[test]
+    fn the_whole_body_must_be_utf8_even_where_unread() {
+        let mut body = br#"{"action":"info","x":""#.to_vec();
+        body.extend_from_slice(&[0xc3, 0x28]); // an invalid two-byte sequence
+        body.extend_from_slice(br#""}"#);
+        let e = decode_request::<NodeRequest>(&[SIG.to_vec(), body]).expect_err("not UTF-8");
+        assert_eq!(e.to_wire().code, ErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn nesting_is_limited_to_the_documented_depth() {
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"action":"send","user":"a","body":{}1{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        // The request object itself is one level.
+        assert!(decode_request::<NodeRequest>(&frames(&nested(MAX_JSON_DEPTH - 1))).is_ok());
+        let e = err(&nested(MAX_JSON_DEPTH));
+        assert_eq!(e.to_wire().code, ErrorCode::InvalidJson, "{e}");
+        let e = err(&nested(100_000));
+        assert_eq!(e.to_wire().code, ErrorCode::InvalidJson);
+        // Brackets inside strings do not count, escaped quotes do not end a string.
+        let text = format!(
+            r#"{{"action":"send","user":"a","body":"\"{}"}}"#,
+            "[".repeat(500)
+        );
+        assert!(decode_request::<NodeRequest>(&frames(&text)).is_ok());
+    }
+
+    #[test]
+    fn field_errors_name_their_field() {
+        for (body, field) in [
+            (
+                r#"{"action":"get_messages","user":"a","since":"10:00:00x"}"#,
+                "since",
+            ),
+            (
+                r#"{"action":"set_mode","user":"a","mode":"secret"}"#,
+                "mode",
+            ),
+            (
+                r#"{"action":"get_messages","user":"a","limit":"two"}"#,
+                "limit",
+            ),
+            (r#"{"action":"join","user":"no spaces allowed"}"#, "user"),
+        ] {
+            let e = err(body);
+            assert_eq!(e.to_wire().code, ErrorCode::InvalidField, "{body}");
+            assert!(
+                e.to_string().starts_with(&format!("{field}: ")),
+                "{body}: {e}"
+            );
+        }
+        let e =
+            decode_request::<RegistryRequest>(&frames(r#"{"action":"connect","status":"busy"}"#))
+                .expect_err("bad status");
+        assert!(e.to_string().starts_with("status: "), "{e}");
+        let e = decode_request::<RegistryRequest>(&frames(
+            r#"{"action":"register","name":"g","endpoint":"tcp://127.0.0.1:1","members":"two"}"#,
+        ))
+        .expect_err("bad members");
+        assert!(e.to_string().starts_with("members: "), "{e}");
     }
 }

@@ -2,8 +2,9 @@
 //! crate is its one implementation, shared by the servers, the clients and the tests.
 //!
 //! # Layout
-//! - [`wire`]: the wire types: the action table, requests, replies, error codes, names and
-//!   endpoints.
+//! - [`action`]: the action table: every action once, with its request and reply types and
+//!   the role that serves it; a request enum per server; typed calls.
+//! - [`wire`]: the wire types: requests, replies, error codes, names and endpoints.
 //! - [`codec`]: ZeroMQ frames (as byte vectors) to and from [`wire`] values, and the ROUTER
 //!   envelope.
 //! - [`time`]: microsecond UTC timestamps (RFC 3339) and the `since` filter parser.
@@ -14,6 +15,7 @@
 //! sockets live in `agora-common`.
 #![deny(missing_docs)]
 
+pub mod action;
 pub mod codec;
 pub mod id;
 pub mod key;

@@ -23,9 +23,12 @@ pub struct Timestamp(i64);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TimeError {
-    /// Neither RFC 3339 nor `HH:MM:SS`.
+    /// Neither RFC 3339 nor `HH:MM:SS` (what a user may type, [`parse_since`]).
     #[error("invalid time {0:?}: expected RFC 3339 (2026-11-22T10:00:00Z) or HH:MM:SS")]
     Invalid(String),
+    /// Not RFC 3339, the only form on the wire ([`Timestamp::parse_rfc3339`]).
+    #[error("invalid time {0:?}: expected RFC 3339, such as 2026-11-22T10:00:00Z")]
+    NotRfc3339(String),
     /// `HH:MM:SS` names a local time that does not exist today (a DST gap).
     #[error("local time {0:?} does not exist today")]
     NonexistentLocal(String),
@@ -67,7 +70,7 @@ impl Timestamp {
     /// Parses an RFC 3339 string with any offset.
     ///
     /// # Errors
-    /// [`TimeError::Invalid`] if it is not RFC 3339, [`TimeError::OutOfRange`] if it does not
+    /// [`TimeError::NotRfc3339`] if it is not RFC 3339, [`TimeError::OutOfRange`] if it does not
     /// fit in microseconds since the epoch.
     pub fn parse_rfc3339(s: &str) -> Result<Timestamp, TimeError> {
         // The common case on the wire, UTC with `Z` after 1970, through humantime's parser
@@ -80,7 +83,8 @@ impl Timestamp {
         {
             return Ok(Timestamp(micros));
         }
-        let dt = DateTime::parse_from_rfc3339(s).map_err(|_| TimeError::Invalid(s.to_owned()))?;
+        let dt =
+            DateTime::parse_from_rfc3339(s).map_err(|_| TimeError::NotRfc3339(s.to_owned()))?;
         Ok(Timestamp(dt.timestamp_micros()))
     }
 

@@ -18,11 +18,11 @@ use agora_common::zap::{Authenticator, ZapPolicy};
 
 use agora_common::ratelimit::{Limiter, RateLimit};
 use agora_common::server::{
-    bind_router, recv_batch_wait, reply_frames, send_reply, Incoming, RouterOptions,
+    answer, bind_router, recv_batch_wait, reply_frames, send_reply, Incoming, RouterOptions,
 };
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
+use agora_proto::action::{call, RegistryRequest};
 use agora_proto::time::Timestamp;
-use agora_proto::wire::{ErrorCode, Request, WireError};
 
 mod cmd;
 pub mod directory;
@@ -302,7 +302,7 @@ impl Registry {
             agora_common::server::rate_limit(&mut self.limiter, &incoming, Instant::now());
         // A `connect` with `push` makes this connection the one DMs are pushed to.
         match (&incoming.request, incoming.peer) {
-            (Ok(Request::Connect(c)), Some(key))
+            (Ok(RegistryRequest::Connect(c)), Some(key))
                 if c.push
                     && limited.is_none()
                     && self
@@ -313,7 +313,7 @@ impl Registry {
                 let until = Instant::now() + self.sessions.ttl();
                 self.dm_subs.insert(key, (incoming.envelope.clone(), until));
             }
-            (Ok(Request::Disconnect(_)), Some(key)) => {
+            (Ok(RegistryRequest::Disconnect(_)), Some(key)) => {
                 self.dm_subs.remove(&key);
             }
             _ => {}
@@ -360,14 +360,14 @@ impl Registry {
 
     fn dispatch(
         &mut self,
-        request: Request,
+        request: RegistryRequest,
         peer: Option<PublicKey>,
         now: Timestamp,
     ) -> agora_proto::codec::Frames {
         let dir = &mut self.directory;
         let owners = self.owners.as_ref();
         match request {
-            Request::Register(r) => reply_frames(cmd::register::apply(
+            RegistryRequest::Register(r) => answer::<call::Register>(cmd::register::apply(
                 dir,
                 owners,
                 &self.config,
@@ -375,22 +375,26 @@ impl Registry {
                 peer,
                 now,
             )),
-            Request::Unregister(r) => reply_frames(cmd::unregister::apply(dir, owners, r, peer)),
-            Request::UserRegister(r) => reply_frames(cmd::users::register(
+            RegistryRequest::Unregister(r) => {
+                answer::<call::Unregister>(cmd::unregister::apply(dir, owners, r, peer))
+            }
+            RegistryRequest::UserRegister(r) => answer::<call::UserRegister>(cmd::users::register(
                 self.users.as_ref(),
                 peer,
                 r,
                 now,
                 self.config.max_users,
             )),
-            Request::UserUnregister(r) => reply_frames(cmd::users::unregister(
-                self.users.as_ref(),
-                self.mailboxes.as_ref(),
-                &mut self.sessions,
-                peer,
-                r,
-            )),
-            Request::SendDm(r) => {
+            RegistryRequest::UserUnregister(r) => {
+                answer::<call::UserUnregister>(cmd::users::unregister(
+                    self.users.as_ref(),
+                    self.mailboxes.as_ref(),
+                    &mut self.sessions,
+                    peer,
+                    r,
+                ))
+            }
+            RegistryRequest::SendDm(r) => {
                 let result = cmd::dm::send(
                     self.users.as_ref(),
                     self.mailboxes.as_mut(),
@@ -400,59 +404,52 @@ impl Registry {
                     now,
                     self.config.max_mailbox,
                 );
-                reply_frames(result.map(|(ack, push)| {
+                answer::<call::SendDm>(result.map(|(ack, push)| {
                     self.pending_push.extend(push);
                     ack
                 }))
             }
-            Request::Mailbox(r) => reply_frames(cmd::dm::mailbox(
+            RegistryRequest::Mailbox(r) => answer::<call::Mailbox>(cmd::dm::mailbox(
                 self.users.as_ref(),
                 self.mailboxes.as_mut(),
                 peer,
                 r,
             )),
-            Request::AckDm(r) => reply_frames(cmd::dm::ack(
+            RegistryRequest::AckDm(r) => answer::<call::AckDm>(cmd::dm::ack(
                 self.users.as_ref(),
                 self.mailboxes.as_mut(),
                 peer,
                 r,
             )),
-            Request::DeadLetters(_) => reply_frames(cmd::dm::dead_letters(
+            RegistryRequest::DeadLetters(_) => answer::<call::DeadLetters>(cmd::dm::dead_letters(
                 self.users.as_ref(),
                 self.mailboxes.as_mut(),
                 peer,
             )),
-            Request::Users(_) => {
-                reply_frames(cmd::users::list(self.users.as_ref(), &self.sessions, peer))
+            RegistryRequest::Users(_) => {
+                answer::<call::Users>(cmd::users::list(self.users.as_ref(), &self.sessions, peer))
             }
-            Request::Whois(r) => reply_frames(cmd::users::whois(
+            RegistryRequest::Whois(r) => answer::<call::Whois>(cmd::users::whois(
                 self.users.as_ref(),
                 &self.sessions,
                 peer,
                 r,
             )),
-            Request::Connect(r) => reply_frames(cmd::users::connect(
+            RegistryRequest::Connect(r) => answer::<call::Connect>(cmd::users::connect(
                 self.users.as_ref(),
                 &mut self.sessions,
                 peer,
                 r,
                 now,
             )),
-            Request::List(_) => reply_frames(Ok(cmd::list::apply(dir, now))),
-            Request::Lookup(r) => reply_frames(cmd::lookup::apply(dir, r, now)),
-            Request::Disconnect(_) => reply_frames(cmd::users::disconnect(
+            RegistryRequest::List(_) => answer::<call::List>(Ok(cmd::list::apply(dir, now))),
+            RegistryRequest::Lookup(r) => answer::<call::Lookup>(cmd::lookup::apply(dir, r, now)),
+            RegistryRequest::Disconnect(_) => answer::<call::Disconnect>(cmd::users::disconnect(
                 self.users.as_ref(),
                 &mut self.sessions,
                 peer,
                 now,
             )),
-            other => reply_frames::<()>(Err(WireError::new(
-                ErrorCode::UnknownAction,
-                format!(
-                    "{} is a group-node action, not a registry action",
-                    other.action()
-                ),
-            ))),
         }
     }
 }

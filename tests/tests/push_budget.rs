@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use agora_common::client::{ClientCurve, ClientOptions, GroupClient};
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
-use agora_proto::codec::{decode_reply, encode_request};
+use agora_proto::action::call;
+use agora_proto::codec::{decode_reply, encode_call};
 use agora_proto::id::MessageId;
 use agora_proto::wire::{
-    EntryKind, ErrorCode, Request, SendAck, SendRequest, SubscribeReply, SubscribeRequest,
-    UserName, WireError,
+    EntryKind, ErrorCode, SendAck, SendRequest, SubscribeReply, SubscribeRequest, UserName,
+    WireError,
 };
 use agora_tests::Server;
 use serde_json::value::RawValue;
@@ -124,12 +125,12 @@ fn dealer(ctx: &zmq::Context, node: &Server, keys: Option<&Keypair>) -> zmq::Soc
 
 /// Sends `subscribe` on `s` (as a REQ would: empty delimiter first).
 fn send_subscribe(s: &zmq::Socket, who: &UserName) {
-    let frames = encode_request(&Request::Subscribe(SubscribeRequest {
+    let frames = encode_call::<call::Subscribe>(&SubscribeRequest {
         group: None,
         user: who.clone(),
         batch: true,
         acked_seq: None,
-    }));
+    });
     s.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)
         .expect("send subscribe");
 }
@@ -162,12 +163,12 @@ fn windowed_sends(
     let (mut sent, mut acked, mut last) = (0u64, 0u64, 0u64);
     while acked < count {
         while sent < count && sent - acked < WINDOW {
-            let frames = encode_request(&Request::Send(SendRequest {
+            let frames = encode_call::<call::Send>(&SendRequest {
                 group: None,
                 user: who.clone(),
                 body: body(sent, bytes),
                 id: Some(MessageId::new_v7()),
-            }));
+            });
             s.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)
                 .expect("send");
             sent += 1;

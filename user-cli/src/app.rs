@@ -1158,16 +1158,16 @@ impl App {
         change: PolicyChange,
         out: &mut dyn Write,
     ) -> Result<(), CliError> {
-        use agora_proto::wire::Action;
+        use agora_proto::action::call;
         let format = self.format;
         let (node, label) = self.node(target)?;
         let what = format!("{change:?}");
         let r = match change {
-            PolicyChange::Invite(k) => node.key_policy(Action::Invite, k),
-            PolicyChange::Ban(k) => node.key_policy(Action::Ban, k),
-            PolicyChange::Unban(k) => node.key_policy(Action::Unban, k),
-            PolicyChange::Kick(u) => node.member_policy(Action::Kick, u),
-            PolicyChange::Promote(u) => node.member_policy(Action::Promote, u),
+            PolicyChange::Invite(k) => node.key_policy::<call::Invite>(k),
+            PolicyChange::Ban(k) => node.key_policy::<call::Ban>(k),
+            PolicyChange::Unban(k) => node.key_policy::<call::Unban>(k),
+            PolicyChange::Kick(u) => node.member_policy::<call::Kick>(u),
+            PolicyChange::Promote(u) => node.member_policy::<call::Promote>(u),
             PolicyChange::SetMode(m) => node.set_mode(m),
         }
         .map_err(|source| remote(&label, source))?;
