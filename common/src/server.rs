@@ -199,10 +199,7 @@ pub fn rate_limit<R>(
     };
     match limiter.check(&peer, now) {
         Ok(()) => None,
-        Err(wait) => Some(reply_frames::<()>(Err(WireError::new(
-            agora_proto::wire::ErrorCode::RateLimited,
-            format!("too many requests; retry in {} ms", wait.as_millis().max(1)),
-        )))),
+        Err(wait) => Some(reply_frames::<()>(Err(WireError::rate_limited(wait)))),
     }
 }
 

@@ -129,7 +129,8 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// An error reply: `{"ok": false, "error": CODE, "message": TEXT}`.
+/// An error reply: `{"ok": false, "error": CODE, "message": TEXT}`, and for `rate_limited`
+/// also `"retry_after_ms": N`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct WireError {
@@ -138,6 +139,10 @@ pub struct WireError {
     pub code: ErrorCode,
     /// Human-readable detail; not stable.
     pub message: String,
+    /// With `rate_limited`: milliseconds until a request from this peer is accepted again
+    /// (at least 1). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl WireError {
@@ -146,6 +151,20 @@ impl WireError {
         WireError {
             code,
             message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A `rate_limited` error: retry after `wait` (rounded up to whole milliseconds, at
+    /// least 1).
+    pub fn rate_limited(wait: std::time::Duration) -> WireError {
+        let ms = u64::try_from(wait.as_micros().div_ceil(1000))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        WireError {
+            code: ErrorCode::RateLimited,
+            message: format!("too many requests; retry in {ms} ms"),
+            retry_after_ms: Some(ms),
         }
     }
 }
@@ -173,8 +192,8 @@ pub enum NameError {
         /// The rejected value.
         value: String,
     },
-    /// Not `tcp://HOST:PORT`.
-    #[error("endpoint {0:?} is not tcp://HOST:PORT with a port from 1 to 65535")]
+    /// Not `tcp://HOST:PORT`, or HOST is a wildcard (`*`, `0.0.0.0`, `[::]`).
+    #[error("endpoint {0:?} is not tcp://HOST:PORT with a connectable HOST (no wildcard) and a port from 1 to 65535")]
     BadEndpoint(String),
 }
 
@@ -288,7 +307,17 @@ impl Endpoint {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
         };
-        if port == 0 || !host_ok || host == "*" {
+        // A wildcard is where a server binds, never where anyone can connect.
+        let unspecified = host == "*"
+            || host
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|a| a.is_unspecified())
+            || host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+                .is_some_and(|a| a.is_unspecified());
+        if port == 0 || !host_ok || unspecified {
             return Err(bad());
         }
         Ok(Endpoint(endpoint))
@@ -1177,6 +1206,21 @@ mod tests {
                 .as_str(),
             "tcp://10.0.0.1:5560"
         );
+    }
+
+    #[test]
+    fn wildcard_addresses_are_not_endpoints() {
+        for wildcard in [
+            "tcp://0.0.0.0:5555",
+            "tcp://[::]:1",
+            "tcp://*:1",
+            "tcp://[0::0]:2",
+        ] {
+            assert!(Endpoint::new(wildcard).is_err(), "{wildcard}");
+        }
+        for fine in ["tcp://10.0.0.5:5560", "tcp://[::1]:1", "tcp://node-1.lan:7"] {
+            assert!(Endpoint::new(fine).is_ok(), "{fine}");
+        }
     }
 
     #[test]

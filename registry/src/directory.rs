@@ -3,7 +3,8 @@
 //! Entries live in memory, owned by the registry's one socket thread. They need no disk:
 //! every group node repeats `register` each heartbeat interval, so after a registry restart
 //! the directory is whole again within one interval. An entry not refreshed within the TTL
-//! is expired.
+//! is gone at that moment (PROTOCOL §4.1), whenever the sweep that frees its memory runs:
+//! every read and write checks the TTL itself.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -67,7 +68,11 @@ impl Directory {
         owner_verified: bool,
         now: Timestamp,
     ) -> Result<GroupEntry, WireError> {
-        if let Some(held) = self.entries.get_mut(&name) {
+        let live = self
+            .entries
+            .get(&name)
+            .is_some_and(|e| self.is_live(e, now));
+        if let Some(held) = self.entries.get_mut(&name).filter(|_| live) {
             if held.endpoint == endpoint {
                 held.last_heartbeat = now;
                 held.members = members;
@@ -112,9 +117,15 @@ impl Directory {
     /// Removes `name`, if `endpoint` holds it.
     ///
     /// # Errors
-    /// `unknown_group` if not registered, `name_taken` if another endpoint holds it.
-    pub fn unregister(&mut self, name: &GroupName, endpoint: &Endpoint) -> Result<(), WireError> {
-        match self.entries.get(name) {
+    /// `unknown_group` if not registered (or its TTL has passed), `name_taken` if another
+    /// endpoint holds it.
+    pub fn unregister(
+        &mut self,
+        name: &GroupName,
+        endpoint: &Endpoint,
+        now: Timestamp,
+    ) -> Result<(), WireError> {
+        match self.entries.get(name).filter(|e| self.is_live(e, now)) {
             None => Err(unknown(name)),
             Some(e) if e.endpoint != *endpoint => Err(WireError::new(
                 ErrorCode::NameTaken,
@@ -193,6 +204,26 @@ mod tests {
         assert_eq!(e.endpoint, ep(2));
     }
 
+    /// PROTOCOL §4.1: an entry whose TTL has passed is gone at that moment, whether or not
+    /// the sweep ([`Directory::expire`]) has run: a register from the same endpoint 0.1 s
+    /// later creates it anew, and it cannot be unregistered.
+    #[test]
+    fn an_expired_entry_is_gone_before_any_sweep() {
+        let mut d = Directory::new(Duration::from_secs(6), 10);
+        d.register(name("g"), ep(1), 0, None, false, t(0))
+            .expect("first");
+        let later = Timestamp::from_micros(6_100_000);
+        let e = d
+            .register(name("g"), ep(1), 1, None, false, later)
+            .expect("again");
+        assert_eq!(e.registered_at, later, "created anew, not refreshed");
+        let gone = Timestamp::from_micros(12_200_000);
+        assert_eq!(
+            d.unregister(&name("g"), &ep(1), gone).map_err(|e| e.code),
+            Err(ErrorCode::UnknownGroup)
+        );
+    }
+
     #[test]
     fn entries_expire_after_ttl() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
@@ -215,14 +246,14 @@ mod tests {
         d.register(name("a"), ep(1), 0, None, false, t(0))
             .expect("a");
         assert_eq!(
-            d.unregister(&name("a"), &ep(2)).map_err(|e| e.code),
+            d.unregister(&name("a"), &ep(2), t(1)).map_err(|e| e.code),
             Err(ErrorCode::NameTaken)
         );
         assert_eq!(
-            d.unregister(&name("x"), &ep(1)).map_err(|e| e.code),
+            d.unregister(&name("x"), &ep(1), t(1)).map_err(|e| e.code),
             Err(ErrorCode::UnknownGroup)
         );
-        d.unregister(&name("a"), &ep(1)).expect("unregister");
+        d.unregister(&name("a"), &ep(1), t(1)).expect("unregister");
         assert!(d.list(t(0)).is_empty());
     }
 

@@ -376,7 +376,7 @@ impl Registry {
                 now,
             )),
             RegistryRequest::Unregister(r) => {
-                answer::<call::Unregister>(cmd::unregister::apply(dir, owners, r, peer))
+                answer::<call::Unregister>(cmd::unregister::apply(dir, owners, r, peer, now))
             }
             RegistryRequest::UserRegister(r) => answer::<call::UserRegister>(cmd::users::register(
                 self.users.as_ref(),

@@ -2,10 +2,12 @@
 //! `synchronous=FULL`; each change commits before its reply).
 //!
 //! # Schema
-//! - `mailbox(recipient, n, id UNIQUE, sender, sender_key, time_us, body)`, primary key
-//!   `(recipient, n)`: the recipient is its key (Z85), so a name re-registered by another key
-//!   never sees old mail; `n` counts 1, 2, 3, … per recipient (`mailbox_next` keeps the
-//!   counter, so acked numbers are never reused); index on `time_us` for expiry.
+//! - `mailbox(recipient, n, id UNIQUE, sender, sender_key, time_us, body, acked)`, primary
+//!   key `(recipient, n)`: the recipient is its key (Z85), so a name re-registered by another
+//!   key never sees old mail; `n` counts 1, 2, 3, … per recipient (`mailbox_next` keeps the
+//!   counter, so acked numbers are never reused); index on `time_us` for expiry. An acked
+//!   message stays, marked `acked = 1` and no longer shown or counted, until the DM TTL
+//!   passes: its id keeps answering a retry with `duplicate: true` (PROTOCOL §4.6).
 //! - `dead_letters(sender_key, n, time_us, recipient, reason, body)`: undeliverable messages
 //!   per sender, with the reason.
 
@@ -69,6 +71,7 @@ impl Mailboxes {
                  sender_key TEXT NOT NULL,
                  time_us INTEGER NOT NULL,
                  body TEXT NOT NULL,
+                 acked INTEGER NOT NULL DEFAULT 0,
                  PRIMARY KEY (recipient, n)) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS mailbox_time ON mailbox(time_us);
              CREATE TABLE IF NOT EXISTS mailbox_next (
@@ -83,6 +86,15 @@ impl Mailboxes {
                  body TEXT NOT NULL,
                  PRIMARY KEY (sender_key, n)) WITHOUT ROWID;",
         )?;
+        // Registries before the `acked` column deleted acked messages; add it to their table.
+        let has_acked: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('mailbox') WHERE name = 'acked'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_acked {
+            conn.execute_batch("ALTER TABLE mailbox ADD COLUMN acked INTEGER NOT NULL DEFAULT 0;")?;
+        }
         let last: Option<i64> =
             conn.query_row("SELECT MAX(time_us) FROM mailbox", [], |r| r.get(0))?;
         Ok(Mailboxes {
@@ -92,7 +104,8 @@ impl Mailboxes {
     }
 
     /// Stores a message for `recipient` (at most `max` waiting); a retry with the same id,
-    /// sender and body returns the first result.
+    /// sender and body (byte for byte) returns the first result, also after the recipient
+    /// acked it, until the DM TTL expires it.
     ///
     /// # Errors
     /// [`MailboxError::Full`], [`MailboxError::IdConflict`], [`MailboxError::Store`].
@@ -131,7 +144,7 @@ impl Mailboxes {
         }
         let tx = self.conn.transaction()?;
         let waiting: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM mailbox WHERE recipient = ?1",
+            "SELECT COUNT(*) FROM mailbox WHERE recipient = ?1 AND acked = 0",
             [&to],
             |r| r.get(0),
         )?;
@@ -185,7 +198,7 @@ impl Mailboxes {
     ) -> Result<(Vec<Dm>, bool), OwnersError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT n, id, time_us, sender, sender_key, body FROM mailbox
-             WHERE recipient = ?1 AND n > ?2 ORDER BY n LIMIT ?3",
+             WHERE recipient = ?1 AND n > ?2 AND acked = 0 ORDER BY n LIMIT ?3",
         )?;
         let rows = stmt.query_map(
             params![
@@ -228,13 +241,14 @@ impl Mailboxes {
         Ok((out, more))
     }
 
-    /// Removes `recipient`'s messages numbered up to `up_to`; returns how many.
+    /// Marks `recipient`'s messages numbered up to `up_to` as acked (no longer shown or
+    /// counted; kept for retries until they expire); returns how many.
     ///
     /// # Errors
     /// [`OwnersError::Sqlite`].
     pub fn ack(&self, recipient: &PublicKey, up_to: u64) -> Result<u64, OwnersError> {
         Ok(self.conn.execute(
-            "DELETE FROM mailbox WHERE recipient = ?1 AND n <= ?2",
+            "UPDATE mailbox SET acked = 1 WHERE recipient = ?1 AND n <= ?2 AND acked = 0",
             params![
                 recipient.to_string(),
                 i64::try_from(up_to).unwrap_or(i64::MAX)
@@ -255,8 +269,9 @@ impl Mailboxes {
         Ok(())
     }
 
-    /// Moves every message stored before `cutoff` to its sender's dead letters (reason
-    /// `expired`), in one transaction; returns how many.
+    /// Moves every unacked message stored before `cutoff` to its sender's dead letters
+    /// (reason `expired`) and forgets the acked ones, in one transaction; returns how many
+    /// became dead letters.
     ///
     /// # Errors
     /// [`OwnersError::Sqlite`].
@@ -266,7 +281,7 @@ impl Mailboxes {
             let mut stmt = tx.prepare(
                 "SELECT m.sender_key, COALESCE(u.name, m.recipient), m.body
                  FROM mailbox m LEFT JOIN users u ON u.key = m.recipient
-                 WHERE m.time_us < ?1 ORDER BY m.time_us",
+                 WHERE m.time_us < ?1 AND m.acked = 0 ORDER BY m.time_us",
             )?;
             let rows = stmt.query_map([cutoff.as_micros()], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -415,5 +430,47 @@ mod tests {
             m.store(&key(3), &alice, &key(9), None, &body, now, 0),
             Err(MailboxError::Full)
         ));
+    }
+
+    /// A retry of a DM the recipient already acked is still a duplicate, not a new message,
+    /// until the DM TTL expires it; acked messages neither show nor fill the mailbox.
+    #[test]
+    fn an_acked_id_stays_deduplicated_until_it_expires() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let _users = crate::users::Users::open(dir.path()).expect("users"); // expiry joins it
+        let mut m = Mailboxes::open(dir.path()).expect("open");
+        let body = RawValue::from_string("\"hi\"".into()).expect("json");
+        let alice = UserName::new("alice").expect("name");
+        let id = MessageId::new_v7();
+        let t0 = Timestamp::from_micros(1_000_000);
+        let first = m
+            .store(&key(1), &alice, &key(9), Some(id), &body, t0, 1)
+            .expect("store");
+        assert!(!first.3);
+        assert_eq!(m.ack(&key(1), first.0).expect("ack"), 1);
+        assert!(m.fetch(&key(1), 0, 10).expect("fetch").0.is_empty());
+        let retry = m
+            .store(&key(1), &alice, &key(9), Some(id), &body, t0, 1)
+            .expect("retry");
+        assert_eq!(
+            (retry.0, retry.3),
+            (first.0, true),
+            "a duplicate, not stored again"
+        );
+        // The acked message does not count against a mailbox of one.
+        m.store(&key(1), &alice, &key(9), None, &body, t0, 1)
+            .expect("room for one more");
+        // Once expired, the acked one is forgotten without becoming a dead letter.
+        let later = Timestamp::from_micros(9_000_000);
+        assert_eq!(
+            m.expire(Timestamp::from_micros(2_000_000), later)
+                .expect("expire"),
+            1
+        );
+        assert!(m.dead_letters(&key(9)).expect("dead").len() == 1);
+        let again = m
+            .store(&key(1), &alice, &key(9), Some(id), &body, later, 1)
+            .expect("after expiry");
+        assert!(!again.3, "expired ids are new again");
     }
 }

@@ -373,6 +373,11 @@ fn a_peer_over_its_rate_limit_is_refused_with_a_specific_code_and_recovers() {
         match greedy.info() {
             Ok(_) => codes.push("ok"),
             Err(ClientError::Server(e)) if e.code == ErrorCode::RateLimited => {
+                // Machine-readable: how long until this peer's bucket has a token again.
+                let wait = e
+                    .retry_after_ms
+                    .expect("rate_limited carries retry_after_ms");
+                assert!((1..=60_000).contains(&wait), "retry_after_ms {wait}");
                 codes.push("rate_limited")
             }
             Err(e) => panic!("unexpected: {e}"),

@@ -1,6 +1,7 @@
 //! `unregister`: remove a group.
 
 use agora_common::keys::PublicKey;
+use agora_proto::time::Timestamp;
 use agora_proto::wire::{Empty, ErrorCode, UnregisterRequest, WireError};
 
 use crate::directory::Directory;
@@ -16,6 +17,7 @@ pub fn apply(
     owners: Option<&Owners>,
     r: UnregisterRequest,
     peer: Option<PublicKey>,
+    now: Timestamp,
 ) -> Result<Empty, WireError> {
     if let (Some(owners), Some(key)) = (owners, peer) {
         if let Ok(Some(owner)) = owners.owner(&r.name) {
@@ -27,7 +29,7 @@ pub fn apply(
             }
         }
     }
-    dir.unregister(&r.name, &r.endpoint)?;
+    dir.unregister(&r.name, &r.endpoint, now)?;
     tracing::info!(group = %r.name, endpoint = %r.endpoint, "group unregistered");
     Ok(Empty {})
 }
