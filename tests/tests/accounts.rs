@@ -10,6 +10,8 @@ fn ok(run: CliRun) -> CliRun {
 #[test]
 fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
     let fed = Federation::start("200ms");
+    let none = ok(fed.cli("alice", &["users"], ""));
+    assert!(none.stdout.contains("no accounts yet"), "{none:?}");
     let run = ok(fed.cli("alice", &["register", "alice"], ""));
     assert!(run.stdout.contains("registered alice"), "{run:?}");
     assert!(ok(fed.cli("alice", &["register", "alice"], ""))

@@ -141,3 +141,29 @@ fn an_unread_message_expires_to_the_senders_dead_letters() {
     let run = ok(fed.cli("bob", &["check"], ""));
     assert!(run.stdout.contains("direct messages: 0 new"), "{run:?}");
 }
+
+/// Seed 004: "once they reconnect they will receive all pending messages". `CONNECT` in a
+/// script shows what waits, in order and numbered, and acks it: the next `CONNECT` shows
+/// nothing new.
+#[test]
+fn connect_in_a_script_shows_the_waiting_messages_once() {
+    let fed = Federation::start("200ms");
+    ok(fed.cli("alice", &["register", "alice"], ""));
+    ok(fed.cli("bob", &["register", "bob"], ""));
+    ok(fed.cli("alice", &[], "SEND bob first\nSEND bob second\n"));
+
+    let run = ok(fed.cli("bob", &[], "CONNECT bob\n"));
+    assert!(run.stdout.contains("bob is online"), "{run:?}");
+    let lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("MESSAGE"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{run:?}");
+    assert!(lines[0].starts_with("MESSAGE 1 FROM alice [") && lines[0].ends_with(": first"));
+    assert!(lines[1].starts_with("MESSAGE 2 FROM alice [") && lines[1].ends_with(": second"));
+
+    let again = ok(fed.cli("bob", &[], "CONNECT bob\n"));
+    assert!(!again.stdout.contains("MESSAGE"), "{again:?}");
+    assert!(again.stdout.contains("no messages waiting"), "{again:?}");
+}

@@ -906,7 +906,8 @@ impl App {
     }
 
     /// `connect` (seed 004's `CONNECT`) and `away`: marks you online or away until the
-    /// session's TTL passes.
+    /// session's TTL passes. `connect` then shows the direct messages waiting for you, in
+    /// order and numbered, and acks them once shown.
     ///
     /// # Errors
     /// `unknown_user` (register first) and the like from the registry.
@@ -927,6 +928,14 @@ impl App {
                 r.user.name,
                 render::presence(r.user.presence)
             )?,
+        }
+        // Seed 004: "once they reconnect they will receive all pending messages". Shown in
+        // order, numbered, then acked, in scripts as at the prompt.
+        if status == agora_proto::wire::Presence::Online {
+            let shown = self.show_mailbox(out)?;
+            if self.format == Format::Human && shown == 0 {
+                writeln!(out, "no messages waiting")?;
+            }
         }
         Ok(())
     }
@@ -1096,6 +1105,9 @@ impl App {
                 Format::Json => writeln!(out, "{}", render::json_line(u))?,
                 Format::Human => writeln!(out, "{}", render::user_line(u))?,
             }
+        }
+        if users.is_empty() && self.format == Format::Human {
+            writeln!(out, "no accounts yet (user-cli register NAME makes one)")?;
         }
         Ok(())
     }
