@@ -129,7 +129,7 @@ pub struct HistoryArgs {
     /// Messages after this seq.
     pub after_seq: Option<u64>,
     /// One message by id.
-    pub id: Option<String>,
+    pub id: Option<agora_proto::id::MessageId>,
     /// The newest N.
     pub latest: Option<u32>,
 }
@@ -1226,10 +1226,7 @@ pub fn history_query(args: &HistoryArgs) -> Result<HistoryQuery, CliError> {
         let t = parse_since_local(since).map_err(|e| CliError::Usage(e.to_string()))?;
         return Ok(HistoryQuery::Since(t));
     }
-    if let Some(id) = &args.id {
-        let id = id
-            .parse()
-            .map_err(|e| CliError::Usage(format!("invalid message id {id:?}: {e}")))?;
+    if let Some(id) = args.id {
         return Ok(HistoryQuery::ById(id));
     }
     if let Some(n) = args.latest {

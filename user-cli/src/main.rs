@@ -14,14 +14,16 @@ use std::time::Duration;
 use agora_common::client::ClientOptions;
 use agora_common::shutdown::Shutdown;
 use agora_proto::wire::UserName;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser};
 
 mod app;
+mod command;
 mod render;
 mod repl;
 mod state;
 
-use app::{App, CliError, HistoryArgs};
+use app::{App, CliError};
+use command::{Command, Context, KeysAction};
 use render::Format;
 
 /// The Agora chat client. Run without a command for the interactive prompt (or a script on
@@ -74,187 +76,6 @@ struct Args {
     command: Option<Command>,
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// List the groups in the registry.
-    Groups,
-    /// Join a group (a name, or IP:PORT).
-    Join {
-        /// The group.
-        group: String,
-    },
-    /// Leave a group.
-    Leave {
-        /// The group.
-        group: String,
-    },
-    /// List a group's members.
-    Members {
-        /// The group.
-        group: String,
-    },
-    /// Send a message.
-    Send {
-        /// The group.
-        group: String,
-        /// The text (words are joined by spaces).
-        #[arg(required = true, num_args = 1..)]
-        text: Vec<String>,
-        /// Send TEXT as a JSON value (number, bool, object, list) instead of a string.
-        #[arg(long)]
-        json_body: bool,
-    },
-    /// Follow a joined group live (joining subscribes by default).
-    Subscribe {
-        /// The group.
-        group: String,
-    },
-    /// Stop following a group live, without leaving it.
-    Unsubscribe {
-        /// The group.
-        group: String,
-    },
-    /// Show unread counts and what arrived in your groups since you last looked.
-    Check,
-    /// Stream new messages of groups to stdout, one line each (JSON with --json), until
-    /// interrupted (SIGINT or SIGTERM).
-    Watch {
-        /// The groups.
-        #[arg(required = true, num_args = 1..)]
-        groups: Vec<String>,
-        /// Start after this seq instead of from now (0 replays the whole log first).
-        #[arg(long)]
-        after_seq: Option<u64>,
-    },
-    /// Owner/admins: let a key join a private group.
-    Invite {
-        /// The group.
-        group: String,
-        /// The key (40 Z85 characters; `user-cli keys` shows one's own).
-        #[arg(allow_hyphen_values = true)]
-        key: String,
-    },
-    /// Owner/admins: remove a key from the group and keep it out.
-    Ban {
-        /// The group.
-        group: String,
-        /// The key.
-        #[arg(allow_hyphen_values = true)]
-        key: String,
-    },
-    /// Owner/admins: lift a ban.
-    Unban {
-        /// The group.
-        group: String,
-        /// The key.
-        #[arg(allow_hyphen_values = true)]
-        key: String,
-    },
-    /// Owner/admins: remove a member (by the name they joined with).
-    Kick {
-        /// The group.
-        group: String,
-        /// The member's name.
-        member: String,
-    },
-    /// Owner: make a member an admin.
-    Promote {
-        /// The group.
-        group: String,
-        /// The member's name.
-        member: String,
-    },
-    /// Owner/admins: make the group open or private.
-    #[command(name = "set_mode", alias = "set-mode")]
-    SetMode {
-        /// The group.
-        group: String,
-        /// `open` or `private`.
-        mode: String,
-    },
-    /// Forget the registry key pinned for --registry (after its operator changed it).
-    ForgetRegistry,
-    /// Make NAME your account: a user name bound to your key.
-    Register {
-        /// The user name.
-        name: String,
-    },
-    /// Remove your account NAME (needs --yes).
-    Unregister {
-        /// The user name.
-        name: String,
-        /// Confirm: removing an account cannot be undone.
-        #[arg(long)]
-        yes: bool,
-    },
-    /// List accounts, with presence.
-    Users,
-    /// Send a direct message; it waits in the user's mailbox until they read it.
-    #[command(name = "send_dm", alias = "send-dm")]
-    SendDm {
-        /// The recipient's user name.
-        to: String,
-        /// The text (words are joined by spaces).
-        #[arg(required = true, num_args = 1..)]
-        text: Vec<String>,
-    },
-    /// Your messages that could not be delivered, with the reasons.
-    #[command(name = "dead_letters", alias = "dead-letters")]
-    DeadLetters,
-    /// Go online (or away with --away) until the session's TTL passes.
-    Connect {
-        /// Mark yourself away instead of online.
-        #[arg(long)]
-        away: bool,
-    },
-    /// Go offline.
-    Disconnect,
-    /// Show one account.
-    Whois {
-        /// The user name.
-        name: String,
-    },
-    /// Show your public key (making your key pair if needed), or export or import it.
-    Keys {
-        #[command(subcommand)]
-        action: Option<KeysAction>,
-    },
-    /// Show a group's messages (all of them unless a filter is given).
-    Messages {
-        /// The group.
-        group: String,
-        /// Only messages since this time: RFC 3339, or HH:MM:SS for today in local time.
-        #[arg(long)]
-        since: Option<String>,
-        /// Only messages after this seq.
-        #[arg(long)]
-        after_seq: Option<u64>,
-        /// Only the message with this id.
-        #[arg(long)]
-        id: Option<String>,
-        /// Only the newest N messages (1 to 1000).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        latest: Option<u32>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum KeysAction {
-    /// Write your key pair as PATH (public certificate) and PATH_secret (mode 0600).
-    Export {
-        /// Where to write.
-        path: std::path::PathBuf,
-    },
-    /// Use the key pair in PATH_secret (a CZMQ certificate, as `export` writes) from now on.
-    Import {
-        /// The public certificate's path; the secret one is PATH_secret.
-        path: std::path::PathBuf,
-        /// Replace an existing key pair (servers will then know you as someone else).
-        #[arg(long)]
-        force: bool,
-    },
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -269,6 +90,32 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> u8 {
+    match &args.command {
+        Some(Command::Completions { shell }) => {
+            // Into a buffer first: `generate` panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Args::command(), "user-cli", &mut script);
+            return match std::io::stdout().write_all(&script) {
+                Ok(()) => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+                Err(e) => {
+                    eprintln!("user-cli: {e}");
+                    4
+                }
+            };
+        }
+        Some(Command::Manpage) => {
+            return match clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+                Err(e) => {
+                    eprintln!("user-cli: {e}");
+                    4
+                }
+            };
+        }
+        _ => {}
+    }
     let user = match args.user.clone().map(Ok).unwrap_or_else(|| {
         let name =
             std::env::var("USER").map_err(|_| "no --user given and $USER is not set".to_owned())?;
@@ -331,52 +178,6 @@ fn run(args: Args) -> u8 {
     let mut out = std::io::stdout();
     let result = match args.command {
         None => return session(&mut app, &mut out),
-        Some(Command::Groups) => app.groups(&mut out),
-        Some(Command::Join { group }) => app.join(&group, &mut out),
-        Some(Command::Leave { group }) => app.leave(&group, &mut out),
-        Some(Command::Members { group }) => app.members(&group, &mut out),
-        Some(Command::Subscribe { group }) => app.subscribe(&group, &mut out),
-        Some(Command::Unsubscribe { group }) => app.unsubscribe(&group, &mut out),
-        Some(Command::Check) => app.check(&mut out),
-        Some(Command::Register { name }) => app.user_register(&name, &mut out),
-        Some(Command::Unregister { name, yes }) => {
-            if yes {
-                app.user_unregister(&name, true, &mut out)
-            } else {
-                Err(CliError::Usage(format!(
-                    "unregister {name}: pass --yes to confirm; removing an account cannot be undone"
-                )))
-            }
-        }
-        Some(Command::Users) => app.users(&mut out),
-        Some(Command::SendDm { to, text }) => {
-            app.send_dm(&to, repl::json_string(&text.join(" ")), &mut out)
-        }
-        Some(Command::DeadLetters) => app.dead_letters(&mut out),
-        Some(Command::Connect { away }) => app.connect(
-            if away {
-                agora_proto::wire::Presence::Away
-            } else {
-                agora_proto::wire::Presence::Online
-            },
-            &mut out,
-        ),
-        Some(Command::Disconnect) => app.disconnect(&mut out),
-        Some(Command::Whois { name }) => app.whois(&name, &mut out),
-        Some(Command::Invite { group, key }) => policy(&mut app, "invite", &group, &key, &mut out),
-        Some(Command::Ban { group, key }) => policy(&mut app, "ban", &group, &key, &mut out),
-        Some(Command::Unban { group, key }) => policy(&mut app, "unban", &group, &key, &mut out),
-        Some(Command::Kick { group, member }) => {
-            policy(&mut app, "kick", &group, &member, &mut out)
-        }
-        Some(Command::Promote { group, member }) => {
-            policy(&mut app, "promote", &group, &member, &mut out)
-        }
-        Some(Command::SetMode { group, mode }) => {
-            policy(&mut app, "set_mode", &group, &mode, &mut out)
-        }
-        // Handled above, before any connection is set up.
-        Some(Command::Keys { .. } | Command::ForgetRegistry) => Ok(()),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
             Ok(stop) => {
                 // Direct messages pushed while watching are printed to stdout too.
@@ -389,35 +190,11 @@ fn run(args: Args) -> u8 {
             }
             Err(e) => Err(CliError::Io(e)),
         },
-        Some(Command::Send {
-            group,
-            text,
-            json_body,
-        }) => {
-            let text = text.join(" ");
-            let body = if json_body {
-                text
-            } else {
-                repl::json_string(&text)
-            };
-            app.send(&group, body, &mut out)
+        Some(command) => {
+            // `send_message` reads its text lines from stdin.
+            let mut stdin = repl::Script(std::io::stdin().lock());
+            command::run(&mut app, command, Context::Alone, &mut stdin, &mut out).map(|_| ())
         }
-        Some(Command::Messages {
-            group,
-            since,
-            after_seq,
-            id,
-            latest,
-        }) => app.messages(
-            &group,
-            &HistoryArgs {
-                since,
-                after_seq,
-                id,
-                latest,
-            },
-            &mut out,
-        ),
     };
     let _ = out.flush();
     match result {
@@ -533,17 +310,6 @@ fn curve(
     }))
 }
 
-fn policy(
-    app: &mut App,
-    cmd: &str,
-    group: &str,
-    arg: &str,
-    out: &mut dyn Write,
-) -> Result<(), CliError> {
-    let change = repl::policy_change(cmd, arg)?;
-    app.policy(group, change, out)
-}
-
 fn report(e: &CliError) -> u8 {
     eprintln!("user-cli: {e}");
     e.exit_code()
@@ -644,7 +410,7 @@ mod key_args {
             .unwrap_or_else(|e| panic!("{key}: {e}"));
             assert_eq!(args.registry_key.map(|k| k.to_string()), Some(key.clone()));
             assert!(
-                matches!(&args.command, Some(super::Command::Invite { key: k, .. }) if *k == key)
+                matches!(&args.command, Some(super::Command::Invite { key: k, .. }) if k.to_string() == key)
             );
         }
     }
