@@ -46,11 +46,20 @@ fn session_lines_are_parsed_by_the_same_definition() {
     // Bad arguments are usage errors (exit 2) before anything is sent: the registry here
     // does not exist, and no line reaches it.
     let (code, out, err) = user_cli(
-        &["--insecure", "--user", "alice", "--registry", "tcp://127.0.0.1:9"],
+        &[
+            "--insecure",
+            "--user",
+            "alice",
+            "--registry",
+            "tcp://127.0.0.1:9",
+        ],
         "help\nset_mode g secret\ninvite g not-a-key\nmessages g --since 10:00:00 --latest 3\n",
     );
     assert_eq!(code, Some(2), "{out}\n{err}");
-    assert!(out.contains("get_group_list"), "help lists the seed words: {out}");
+    assert!(
+        out.contains("get_group_list"),
+        "help lists the seed words: {out}"
+    );
     assert!(err.contains("invalid value 'secret'"), "{err}");
     assert!(err.contains("not-a-key"), "{err}");
     assert!(err.contains("cannot be used with"), "{err}");

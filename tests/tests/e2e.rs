@@ -423,3 +423,51 @@ fn kill_9_during_a_stream_of_acked_sends_loses_no_acked_message() {
         stored.len()
     );
 }
+
+/// A joined group is reached at the endpoint saved when it was joined, with no registry
+/// round trip: with the registry down and a 60 s timeout, sending still finishes well within
+/// the CLI's 30 s deadline (a lookup first would wait out the timeout). When the node has
+/// moved (restarted on another port, the registry entry moved by its key), the first try at
+/// the saved endpoint fails, the registry is asked once, and the send goes to the new node.
+#[test]
+fn a_joined_group_is_reached_at_its_saved_endpoint_and_followed_when_it_moves() {
+    let mut fed = Federation::start("200ms");
+    let mut node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    fed.join_when_listed("alice", "Cool Group");
+
+    fed.kill_registry();
+    let sent = ok(fed.cli(
+        "alice",
+        &["--timeout", "60s", "send", "Cool Group", "registry is down"],
+        "",
+    ));
+    assert!(sent.stdout.contains("sent to Cool Group: seq"), "{sent:?}");
+    fed.restart_registry("200ms");
+
+    // The node moves to a new port, with the same data directory and key.
+    let old = node.host_port().to_owned();
+    node.terminate();
+    let moved = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    let new = moved.host_port().to_owned();
+    assert_ne!(old, new);
+    assert!(
+        wait_for(Duration::from_secs(20), || fed
+            .cli("alice", &["--timeout", "1s", "groups"], "")
+            .stdout
+            .contains(&new)),
+        "the registry never listed the moved node"
+    );
+    let sent = ok(fed.cli(
+        "alice",
+        &["--timeout", "1s", "send", "Cool Group", "after the move"],
+        "",
+    ));
+    assert!(sent.stdout.contains("sent to Cool Group: seq"), "{sent:?}");
+    let log = ok(fed.cli("alice", &["--json", "messages", &new], ""));
+    let bodies: Vec<String> = json_lines(&log)
+        .iter()
+        .filter(|m| m["kind"] == "message")
+        .map(|m| m["body"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(bodies, vec!["registry is down", "after the move"]);
+}

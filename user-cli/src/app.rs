@@ -249,9 +249,10 @@ impl App {
         }
     }
 
-    /// Where `target` is: an address as given, or a name looked up in the registry. When the
-    /// registry does not answer, a group joined from this client is found at its saved
-    /// endpoint, so known groups stay reachable while the registry is down.
+    /// Where `target` is: an address as given; a group joined from this client at its saved
+    /// endpoint, with no registry round trip (so chatting in a joined group costs nothing
+    /// extra while the registry is down); any other name looked up in the registry. A saved
+    /// endpoint that turns out stale is corrected by [`App::on_node`].
     ///
     /// # Errors
     /// [`CliError::Usage`] for a bad target; `unknown_group`; the registry's failure.
@@ -296,42 +297,95 @@ impl App {
                     key,
                 })
             }
-            Target::Name(name) => match self.registry.lookup(&name) {
-                Ok(entry) => Ok(Resolved {
-                    endpoint: entry.endpoint,
-                    name: Some(name),
-                    key: entry.public_key,
-                }),
-                Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownGroup => {
-                    Err(CliError::Remote {
-                        target: target.to_owned(),
-                        source: ClientError::Server(w),
-                    })
+            Target::Name(name) => {
+                if let Some((endpoint, key)) = self.saved_location(&name) {
+                    return Ok(Resolved {
+                        endpoint,
+                        name: Some(name),
+                        key,
+                    });
                 }
-                Err(e) => {
-                    let saved = lock(&self.state)
-                        .state
-                        .groups
-                        .get(name.as_str())
-                        .and_then(|g| {
-                            Endpoint::new(g.endpoint.clone())
-                                .ok()
-                                .map(|endpoint| (endpoint, g.public_key))
-                        });
-                    match saved {
-                        Some((endpoint, key)) => {
-                            tracing::warn!(error = %e, group = %name,
-                                "registry unreachable; using the saved endpoint");
-                            Ok(Resolved {
-                                endpoint,
-                                name: Some(name),
-                                key,
-                            })
-                        }
-                        None => Err(self.registry_error(e)),
+                match self.registry.lookup(&name) {
+                    Ok(entry) => Ok(Resolved {
+                        endpoint: entry.endpoint,
+                        name: Some(name),
+                        key: entry.public_key,
+                    }),
+                    Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownGroup => {
+                        Err(CliError::Remote {
+                            target: target.to_owned(),
+                            source: ClientError::Server(w),
+                        })
                     }
+                    Err(e) => Err(self.registry_error(e)),
                 }
-            },
+            }
+        }
+    }
+
+    /// Where the saved state says group `name` is: its node's endpoint and key, if it was
+    /// joined from this client.
+    fn saved_location(&self, name: &GroupName) -> Option<(Endpoint, Option<PublicKey>)> {
+        let state = lock(&self.state);
+        let g = state.state.groups.get(name.as_str())?;
+        Endpoint::new(g.endpoint.clone())
+            .ok()
+            .map(|endpoint| (endpoint, g.public_key))
+    }
+
+    /// After `err` from the node at a saved endpoint of the group `target` names: when the
+    /// node did not answer or no longer serves the group, asks the registry where the group
+    /// is now; if somewhere else, saves that and returns true (the caller tries once more).
+    fn relocated(&mut self, target: &str, err: &ClientError) -> bool {
+        let stale = match err {
+            ClientError::Timeout { .. } => true,
+            ClientError::Server(w) => w.code == ErrorCode::UnknownGroup,
+            _ => false,
+        };
+        let Ok(Target::Name(name)) = Target::parse(target) else {
+            return false;
+        };
+        let Some((old, _)) = stale.then(|| self.saved_location(&name)).flatten() else {
+            return false;
+        };
+        let entry = match self.registry.lookup(&name) {
+            Ok(entry) if entry.endpoint != old => entry,
+            _ => return false,
+        };
+        tracing::info!(group = %name, from = %old, to = %entry.endpoint,
+            "the group moved; using the registry's endpoint");
+        if let Some(g) = lock(&self.state).state.groups.get_mut(name.as_str()) {
+            g.endpoint = entry.endpoint.to_string();
+            g.public_key = entry.public_key;
+        }
+        self.save_state();
+        self.nodes.remove(&old);
+        true
+    }
+
+    /// Runs `op` against the node of `target` ([`App::resolve`]) and returns its result and
+    /// the node's endpoint. If the endpoint was saved state and the node did not answer or no
+    /// longer serves the group, the registry is asked for the current one and `op` runs there
+    /// once more.
+    ///
+    /// # Errors
+    /// Resolution failures; `op`'s, as [`CliError::Remote`] naming `target`.
+    fn on_node<T>(
+        &mut self,
+        target: &str,
+        mut op: impl FnMut(&mut GroupClient) -> Result<T, ClientError>,
+    ) -> Result<(T, String), CliError> {
+        let first = {
+            let (node, _) = self.node(target)?;
+            op(node).map(|t| (t, node.endpoint().to_owned()))
+        };
+        match first {
+            Err(e) if self.relocated(target, &e) => {
+                let (node, _) = self.node(target)?;
+                let t = op(node).map_err(|source| remote(target, source))?;
+                Ok((t, node.endpoint().to_owned()))
+            }
+            r => r.map_err(|source| remote(target, source)),
         }
     }
 
@@ -384,9 +438,8 @@ impl App {
     /// Resolution or node failures.
     pub fn join(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
         let format = self.format;
-        let (node, label) = self.node(target)?;
-        let r = node.join().map_err(|source| remote(&label, source))?;
-        let endpoint = node.endpoint().to_owned();
+        let label = target.to_owned();
+        let (r, endpoint) = self.on_node(target, GroupClient::join)?;
         let key = self.node_keys.get(&endpoint).copied();
         let last_seen = {
             let mut state = lock(&self.state);
@@ -423,9 +476,7 @@ impl App {
     /// Resolution or node failures.
     pub fn leave(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
         let format = self.format;
-        let (node, label) = self.node(target)?;
-        let r = node.leave().map_err(|source| remote(&label, source))?;
-        let endpoint = node.endpoint().to_owned();
+        let (r, endpoint) = self.on_node(target, GroupClient::leave)?;
         lock(&self.state).state.groups.remove(r.group.as_str());
         self.save_state();
         if let Some(feed) = &self.feed {
@@ -445,8 +496,7 @@ impl App {
     /// Resolution or node failures.
     pub fn members(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
         let format = self.format;
-        let (node, label) = self.node(target)?;
-        let r = node.members().map_err(|source| remote(&label, source))?;
+        let (r, _) = self.on_node(target, GroupClient::members)?;
         for m in &r.members {
             match format {
                 Format::Human => writeln!(out, "{}", render::member_line(m))?,
@@ -468,23 +518,28 @@ impl App {
         out: &mut dyn Write,
     ) -> Result<(), CliError> {
         let format = self.format;
-        let (node, label) = self.node(target)?;
+        let label = target.to_owned();
         let body = RawValue::from_string(body)
             .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
         let len = body.get().len();
-        // Past the overhead room, libzmq would drop the connection instead of letting the
-        // node answer `too_large`: ask for the limit first and refuse here.
-        if len > REQUEST_OVERHEAD_BYTES {
-            let info = node.info().map_err(|source| remote(&label, source))?;
-            if len as u64 > info.max_message_bytes {
-                return Err(CliError::TooLarge {
-                    target: label,
-                    len,
-                    max: info.max_message_bytes,
-                });
+        // One id for every try, so that a retry at a moved node is stored once.
+        let id = agora_proto::id::MessageId::new_v7();
+        let (sent, _) = self.on_node(target, |node| {
+            // Past the overhead room, libzmq would drop the connection instead of letting
+            // the node answer `too_large`: ask for the limit first and refuse here.
+            if len > REQUEST_OVERHEAD_BYTES {
+                let max = node.info()?.max_message_bytes;
+                if len as u64 > max {
+                    return Ok(Err(max));
+                }
             }
-        }
-        let ack = node.send(body).map_err(|source| remote(&label, source))?;
+            node.send_with_id(body.clone(), id).map(Ok)
+        })?;
+        let ack = sent.map_err(|max| CliError::TooLarge {
+            target: label.clone(),
+            len,
+            max,
+        })?;
         match format {
             Format::Json => writeln!(out, "{}", render::json_line(&ack))?,
             Format::Human => writeln!(
@@ -510,6 +565,9 @@ impl App {
     ) -> Result<(), CliError> {
         let query = history_query(args)?;
         let format = self.format;
+        // A cheap request first, so that a stale saved endpoint is corrected before any
+        // page is printed (a retry mid-stream would print pages twice).
+        self.on_node(target, GroupClient::info)?;
         let (node, label) = self.node(target)?;
         let mut write_err = None;
         let mut count = 0usize;
@@ -561,8 +619,8 @@ impl App {
 
     /// The saved state of the group `target` names, after asking its node for its name.
     fn joined(&mut self, target: &str) -> Result<(GroupName, GroupState, String), CliError> {
-        let (node, label) = self.node(target)?;
-        let info = node.info().map_err(|source| remote(&label, source))?;
+        let label = target.to_owned();
+        let (info, _) = self.on_node(target, GroupClient::info)?;
         let saved = lock(&self.state)
             .state
             .groups
@@ -664,26 +722,15 @@ impl App {
         out: &mut dyn Write,
     ) -> Result<(), CliError> {
         let group = GroupName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
-        let (endpoint, key) = match self.registry.lookup(&group) {
-            Ok(entry) => (entry.endpoint.to_string(), entry.public_key),
-            Err(_) => (saved.endpoint.clone(), saved.public_key),
-        };
-        let mut node = GroupClient::new(
-            &self.ctx,
-            &endpoint,
-            self.user.clone(),
-            Some(group.clone()),
-            self.options,
-        );
-        if let Some(curve) = self.node_curve(name, key)? {
-            node = node.with_curve(curve);
-        }
-        let mut entries = Vec::new();
-        node.for_each_page(HistoryQuery::AfterSeq(saved.last_seen), None, |page| {
-            entries.extend(page.messages.iter().cloned());
-            entries.len() < 10_000
-        })
-        .map_err(|source| remote(name, source))?;
+        let after = saved.last_seen;
+        let (entries, endpoint) = self.on_node(name, |node| {
+            let mut entries = Vec::new();
+            node.for_each_page(HistoryQuery::AfterSeq(after), None, |page| {
+                entries.extend(page.messages.iter().cloned());
+                entries.len() < 10_000
+            })
+            .map(|()| entries)
+        })?;
         match self.format {
             Format::Human => writeln!(out, "{name}: {} unread", entries.len())?,
             Format::Json => writeln!(
@@ -1172,17 +1219,16 @@ impl App {
     ) -> Result<(), CliError> {
         use agora_proto::action::call;
         let format = self.format;
-        let (node, label) = self.node(target)?;
+        let label = target.to_owned();
         let what = format!("{change:?}");
-        let r = match change {
-            PolicyChange::Invite(k) => node.key_policy::<call::Invite>(k),
-            PolicyChange::Ban(k) => node.key_policy::<call::Ban>(k),
-            PolicyChange::Unban(k) => node.key_policy::<call::Unban>(k),
-            PolicyChange::Kick(u) => node.member_policy::<call::Kick>(u),
-            PolicyChange::Promote(u) => node.member_policy::<call::Promote>(u),
-            PolicyChange::SetMode(m) => node.set_mode(m),
-        }
-        .map_err(|source| remote(&label, source))?;
+        let (r, _) = self.on_node(target, |node| match &change {
+            PolicyChange::Invite(k) => node.key_policy::<call::Invite>(*k),
+            PolicyChange::Ban(k) => node.key_policy::<call::Ban>(*k),
+            PolicyChange::Unban(k) => node.key_policy::<call::Unban>(*k),
+            PolicyChange::Kick(u) => node.member_policy::<call::Kick>(u.clone()),
+            PolicyChange::Promote(u) => node.member_policy::<call::Promote>(u.clone()),
+            PolicyChange::SetMode(m) => node.set_mode(*m),
+        })?;
         match format {
             Format::Json => writeln!(out, "{}", render::json_line(&r))?,
             Format::Human if r.changed => writeln!(out, "{label}: done ({what})")?,

@@ -337,7 +337,10 @@ pub fn parse_line(line: &str) -> Result<Parsed, CliError> {
                 e.render()
                     .to_string()
                     .trim_start_matches("error: ")
-                    .replace("For more information, try '--help'.", "Type help for the commands.")
+                    .replace(
+                        "For more information, try '--help'.",
+                        "Type help for the commands.",
+                    )
                     .trim_end()
                     .to_owned(),
             )),
