@@ -2,7 +2,6 @@
 //! the given output and returns a [`CliError`] naming the group and the cause when it fails.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use agora_proto::wire::{
 };
 use serde_json::value::RawValue;
 
-use crate::render::{self, Format};
+use crate::render::{self, Format, Item, Output};
 use crate::state::{GroupState, StateFile};
 
 /// A command's failure: one line for stderr, and the process exit code.
@@ -418,16 +417,13 @@ impl App {
     ///
     /// # Errors
     /// The registry's failure.
-    pub fn groups(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn groups(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
         let groups = self.registry.list().map_err(|e| self.registry_error(e))?;
         for g in &groups {
-            match self.format {
-                Format::Human => writeln!(out, "{}", render::group_line(g))?,
-                Format::Json => writeln!(out, "{}", render::json_line(g))?,
-            }
+            out.emit(Item::Group(g))?;
         }
-        if groups.is_empty() && self.format == Format::Human {
-            writeln!(out, "no groups")?;
+        if groups.is_empty() {
+            out.emit(Item::NoGroups)?;
         }
         Ok(())
     }
@@ -436,8 +432,7 @@ impl App {
     ///
     /// # Errors
     /// Resolution or node failures.
-    pub fn join(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
-        let format = self.format;
+    pub fn join(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let label = target.to_owned();
         let (r, endpoint) = self.on_node(target, GroupClient::join)?;
         let key = self.node_keys.get(&endpoint).copied();
@@ -460,13 +455,7 @@ impl App {
         };
         self.save_state();
         self.follow(&label, &endpoint, &r.group, last_seen, key);
-        match format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
-            Format::Human if r.changed => {
-                writeln!(out, "joined {} (last seq {})", r.group, r.last_seq)?
-            }
-            Format::Human => writeln!(out, "already a member of {}", r.group)?,
-        }
+        out.emit(Item::Joined(&r))?;
         Ok(())
     }
 
@@ -474,19 +463,14 @@ impl App {
     ///
     /// # Errors
     /// Resolution or node failures.
-    pub fn leave(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
-        let format = self.format;
+    pub fn leave(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let (r, endpoint) = self.on_node(target, GroupClient::leave)?;
         lock(&self.state).state.groups.remove(r.group.as_str());
         self.save_state();
         if let Some(feed) = &self.feed {
             feed.remove(&endpoint);
         }
-        match format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
-            Format::Human if r.changed => writeln!(out, "left {}", r.group)?,
-            Format::Human => writeln!(out, "not a member of {}", r.group)?,
-        }
+        out.emit(Item::Left(&r))?;
         Ok(())
     }
 
@@ -494,14 +478,10 @@ impl App {
     ///
     /// # Errors
     /// Resolution or node failures.
-    pub fn members(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
-        let format = self.format;
+    pub fn members(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let (r, _) = self.on_node(target, GroupClient::members)?;
         for m in &r.members {
-            match format {
-                Format::Human => writeln!(out, "{}", render::member_line(m))?,
-                Format::Json => writeln!(out, "{}", render::json_line(m))?,
-            }
+            out.emit(Item::Member(m))?;
         }
         Ok(())
     }
@@ -515,9 +495,8 @@ impl App {
         &mut self,
         target: &str,
         body: String,
-        out: &mut dyn Write,
+        out: &mut Output<'_>,
     ) -> Result<(), CliError> {
-        let format = self.format;
         let label = target.to_owned();
         let body = RawValue::from_string(body)
             .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
@@ -540,15 +519,10 @@ impl App {
             len,
             max,
         })?;
-        match format {
-            Format::Json => writeln!(out, "{}", render::json_line(&ack))?,
-            Format::Human => writeln!(
-                out,
-                "sent to {label}: seq {} at {}",
-                ack.seq,
-                render::local_time(ack.time)
-            )?,
-        }
+        out.emit(Item::Sent {
+            group: &label,
+            ack: &ack,
+        })?;
         Ok(())
     }
 
@@ -561,10 +535,9 @@ impl App {
         &mut self,
         target: &str,
         args: &HistoryArgs,
-        out: &mut dyn Write,
+        out: &mut Output<'_>,
     ) -> Result<(), CliError> {
         let query = history_query(args)?;
-        let format = self.format;
         // A cheap request first, so that a stale saved endpoint is corrected before any
         // page is printed (a retry mid-stream would print pages twice).
         self.on_node(target, GroupClient::info)?;
@@ -574,11 +547,10 @@ impl App {
         node.for_each_page(query, None, |page| {
             for m in &page.messages {
                 count += 1;
-                let line = match format {
-                    Format::Human => render::message_line(page.group.as_str(), m),
-                    Format::Json => render::json_line(m),
-                };
-                if let Err(e) = writeln!(out, "{line}") {
+                if let Err(e) = out.emit(Item::Message {
+                    group: &page.group,
+                    entry: m,
+                }) {
                     write_err = Some(e);
                     return false;
                 }
@@ -589,8 +561,8 @@ impl App {
         if let Some(e) = write_err {
             return Err(e.into());
         }
-        if count == 0 && format == Format::Human {
-            writeln!(out, "no messages")?;
+        if count == 0 {
+            out.emit(Item::NoMessages)?;
         }
         Ok(())
     }
@@ -638,7 +610,7 @@ impl App {
     ///
     /// # Errors
     /// [`CliError::Usage`] if the group was not joined from this client; node failures.
-    pub fn subscribe(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn subscribe(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let (group, saved, label) = self.joined(target)?;
         if let Some(g) = lock(&self.state).state.groups.get_mut(group.as_str()) {
             g.subscribed = true;
@@ -651,7 +623,10 @@ impl App {
             saved.last_seen,
             saved.public_key,
         );
-        writeln!(out, "subscribed to {group}")?;
+        out.emit(Item::Following {
+            group: &group,
+            on: true,
+        })?;
         Ok(())
     }
 
@@ -659,7 +634,7 @@ impl App {
     ///
     /// # Errors
     /// [`CliError::Usage`] if the group was not joined from this client; node failures.
-    pub fn unsubscribe(&mut self, target: &str, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn unsubscribe(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let (group, saved, _) = self.joined(target)?;
         if let Some(g) = lock(&self.state).state.groups.get_mut(group.as_str()) {
             g.subscribed = false;
@@ -668,7 +643,10 @@ impl App {
         if let Some(feed) = &self.feed {
             feed.remove(&saved.endpoint);
         }
-        writeln!(out, "unsubscribed from {group}")?;
+        out.emit(Item::Following {
+            group: &group,
+            on: false,
+        })?;
         Ok(())
     }
 
@@ -677,23 +655,20 @@ impl App {
     ///
     /// # Errors
     /// The first group's failure (the others are still checked).
-    pub fn check(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn check(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
         let groups: Vec<(String, GroupState)> = lock(&self.state)
             .state
             .groups
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if groups.is_empty() && self.format == Format::Human {
-            writeln!(out, "no groups joined yet")?;
+        if groups.is_empty() {
+            out.emit(Item::NoGroupsJoined)?;
         }
         // Direct messages, when this key has an account (seed 003's !check).
         if self.keypair.is_some() {
             match self.show_mailbox(out) {
-                Ok(n) if self.format == Format::Human => {
-                    writeln!(out, "direct messages: {n} new")?;
-                }
-                Ok(_) => {}
+                Ok(n) => out.emit(Item::DmsShown(n))?,
                 Err(CliError::Remote {
                     source: ClientError::Server(w),
                     ..
@@ -719,7 +694,7 @@ impl App {
         &mut self,
         name: &str,
         saved: &GroupState,
-        out: &mut dyn Write,
+        out: &mut Output<'_>,
     ) -> Result<(), CliError> {
         let group = GroupName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
         let after = saved.last_seen;
@@ -731,23 +706,15 @@ impl App {
             })
             .map(|()| entries)
         })?;
-        match self.format {
-            Format::Human => writeln!(out, "{name}: {} unread", entries.len())?,
-            Format::Json => writeln!(
-                out,
-                "{}",
-                render::json_line(&serde_json::json!({"group": name, "unread": entries.len()}))
-            )?,
-        }
+        out.emit(Item::Unread {
+            group: name,
+            count: entries.len(),
+        })?;
         for m in &entries {
-            match self.format {
-                Format::Human => writeln!(out, "{}", render::message_line(name, m))?,
-                Format::Json => writeln!(
-                    out,
-                    "{}",
-                    render::json_line(&render::GroupEntry::new(&group, m))
-                )?,
-            }
+            out.emit(Item::Entry {
+                group: &group,
+                entry: m,
+            })?;
         }
         let mut state = lock(&self.state);
         if let Some(last) = entries.last() {
@@ -790,13 +757,12 @@ impl App {
                                 last_save = Instant::now();
                             }
                             drop(s);
-                            if !mine {
-                                printer(match format {
-                                    Format::Human => render::message_line(group.as_str(), &entry),
-                                    Format::Json => {
-                                        render::json_line(&render::GroupEntry::new(&group, &entry))
-                                    }
-                                });
+                            let item = Item::Entry {
+                                group: &group,
+                                entry: &entry,
+                            };
+                            if let Some(line) = render::line(format, &item).filter(|_| !mine) {
+                                printer(line);
                             }
                         }
                         FeedEvent::Error {
@@ -850,7 +816,7 @@ impl App {
         &mut self,
         targets: &[String],
         after_seq: Option<u64>,
-        out: &mut dyn Write,
+        out: &mut Output<'_>,
         stop: &Shutdown,
     ) -> Result<(), CliError> {
         let (feed, rx) = Feed::start(
@@ -879,11 +845,10 @@ impl App {
             };
             match event {
                 FeedEvent::Entry { group, entry, .. } => {
-                    let line = match self.format {
-                        Format::Human => render::message_line(group.as_str(), &entry),
-                        Format::Json => render::json_line(&render::GroupEntry::new(&group, &entry)),
-                    };
-                    writeln!(out, "{line}")?;
+                    out.emit(Item::Entry {
+                        group: &group,
+                        entry: &entry,
+                    })?;
                     out.flush()?;
                 }
                 FeedEvent::Subscribed {
@@ -916,17 +881,13 @@ impl App {
     ///
     /// # Errors
     /// `name_taken` and the like from the registry.
-    pub fn user_register(&mut self, name: &str, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn user_register(&mut self, name: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
         let r = self
             .registry
             .user_register(&name)
             .map_err(|e| self.registry_error(e))?;
-        match self.format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
-            Format::Human if r.changed => writeln!(out, "registered {}", r.user.name)?,
-            Format::Human => writeln!(out, "{} is already yours", r.user.name)?,
-        }
+        out.emit(Item::Registered(&r))?;
         Ok(())
     }
 
@@ -938,17 +899,14 @@ impl App {
         &mut self,
         name: &str,
         confirmed: bool,
-        out: &mut dyn Write,
+        out: &mut Output<'_>,
     ) -> Result<(), CliError> {
         let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
         let r = self
             .registry
             .user_unregister(&name, confirmed)
             .map_err(|e| self.registry_error(e))?;
-        match self.format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
-            Format::Human => writeln!(out, "unregistered {}", r.user.name)?,
-        }
+        out.emit(Item::Unregistered(&r))?;
         Ok(())
     }
 
@@ -961,28 +919,17 @@ impl App {
     pub fn connect(
         &mut self,
         status: agora_proto::wire::Presence,
-        out: &mut dyn Write,
+        out: &mut Output<'_>,
     ) -> Result<(), CliError> {
         let r = self
             .registry
             .connect(status)
             .map_err(|e| self.registry_error(e))?;
-        match self.format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
-            Format::Human => writeln!(
-                out,
-                "{} is {}",
-                r.user.name,
-                render::presence(r.user.presence)
-            )?,
-        }
+        out.emit(Item::Presence(&r))?;
         // Seed 004: "once they reconnect they will receive all pending messages". Shown in
         // order, numbered, then acked, in scripts as at the prompt.
-        if status == agora_proto::wire::Presence::Online {
-            let shown = self.show_mailbox(out)?;
-            if self.format == Format::Human && shown == 0 {
-                writeln!(out, "no messages waiting")?;
-            }
+        if status == agora_proto::wire::Presence::Online && self.show_mailbox(out)? == 0 {
+            out.emit(Item::NoneWaiting)?;
         }
         Ok(())
     }
@@ -991,15 +938,12 @@ impl App {
     ///
     /// # Errors
     /// The registry's failure.
-    pub fn disconnect(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn disconnect(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
         let r = self
             .registry
             .disconnect()
             .map_err(|e| self.registry_error(e))?;
-        match self.format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
-            Format::Human => writeln!(out, "{} is offline", r.user.name)?,
-        }
+        out.emit(Item::Offline(&r))?;
         Ok(())
     }
 
@@ -1035,10 +979,15 @@ impl App {
                     let Some(print) = printer.as_mut() else {
                         continue;
                     };
-                    print(match format {
-                        Format::Human => render::dm_line(&dm, false),
-                        Format::Json => render::json_line(&dm),
-                    });
+                    if let Some(line) = render::line(
+                        format,
+                        &Item::Dm {
+                            dm: &dm,
+                            stored: false,
+                        },
+                    ) {
+                        print(line);
+                    }
                     inbox.ack(dm.n);
                 }
             })
@@ -1053,7 +1002,12 @@ impl App {
     ///
     /// # Errors
     /// `unknown_user` / `limit_reached` (the message went to your dead letters) and the like.
-    pub fn send_dm(&mut self, to: &str, body: String, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn send_dm(
+        &mut self,
+        to: &str,
+        body: String,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
         let to = UserName::new(to).map_err(|e| CliError::Usage(e.to_string()))?;
         let body = RawValue::from_string(body)
             .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
@@ -1070,13 +1024,7 @@ impl App {
             }
             Err(e) => return Err(self.registry_error(e)),
         };
-        match self.format {
-            Format::Json => writeln!(out, "{}", render::json_line(&ack))?,
-            Format::Human if ack.recipient == agora_proto::wire::Presence::Offline => {
-                writeln!(out, "{to} is offline; message saved (#{})", ack.n)?
-            }
-            Format::Human => writeln!(out, "sent to {to} (#{})", ack.n)?,
-        }
+        out.emit(Item::DmSent { to: &to, ack: &ack })?;
         Ok(())
     }
 
@@ -1085,7 +1033,7 @@ impl App {
     ///
     /// # Errors
     /// The registry's failure.
-    fn show_mailbox(&mut self, out: &mut dyn Write) -> Result<u64, CliError> {
+    fn show_mailbox(&mut self, out: &mut Output<'_>) -> Result<u64, CliError> {
         let mut after = 0;
         let mut shown = 0;
         loop {
@@ -1094,10 +1042,7 @@ impl App {
                 .mailbox(after, Some(1000))
                 .map_err(|e| self.registry_error(e))?;
             for dm in &page.messages {
-                match self.format {
-                    Format::Json => writeln!(out, "{}", render::json_line(dm))?,
-                    Format::Human => writeln!(out, "{}", render::dm_line(dm, true))?,
-                }
+                out.emit(Item::Dm { dm, stored: true })?;
                 after = dm.n;
                 shown += 1;
             }
@@ -1117,26 +1062,16 @@ impl App {
     ///
     /// # Errors
     /// The registry's failure.
-    pub fn dead_letters(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn dead_letters(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
         let letters = self
             .registry
             .dead_letters()
             .map_err(|e| self.registry_error(e))?;
         for l in &letters {
-            match self.format {
-                Format::Json => writeln!(out, "{}", render::json_line(l))?,
-                Format::Human => writeln!(
-                    out,
-                    "[{}] to {}: {} ({})",
-                    render::local_time(l.time),
-                    l.to,
-                    render::body_text(&l.body),
-                    l.reason
-                )?,
-            }
+            out.emit(Item::DeadLetter(l))?;
         }
-        if letters.is_empty() && self.format == Format::Human {
-            writeln!(out, "no dead letters")?;
+        if letters.is_empty() {
+            out.emit(Item::NoDeadLetters)?;
         }
         Ok(())
     }
@@ -1145,16 +1080,13 @@ impl App {
     ///
     /// # Errors
     /// The registry's failure.
-    pub fn users(&mut self, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn users(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
         let users = self.registry.users().map_err(|e| self.registry_error(e))?;
         for u in &users {
-            match self.format {
-                Format::Json => writeln!(out, "{}", render::json_line(u))?,
-                Format::Human => writeln!(out, "{}", render::user_line(u))?,
-            }
+            out.emit(Item::User(u))?;
         }
-        if users.is_empty() && self.format == Format::Human {
-            writeln!(out, "no accounts yet (user-cli register NAME makes one)")?;
+        if users.is_empty() {
+            out.emit(Item::NoAccounts)?;
         }
         Ok(())
     }
@@ -1163,7 +1095,7 @@ impl App {
     ///
     /// # Errors
     /// `unknown_user`; the registry's failure.
-    pub fn whois(&mut self, name: &str, out: &mut dyn Write) -> Result<(), CliError> {
+    pub fn whois(&mut self, name: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
         let r = match self.registry.whois(&name) {
             Ok(r) => r,
@@ -1175,16 +1107,7 @@ impl App {
             }
             Err(e) => return Err(self.registry_error(e)),
         };
-        match self.format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r.user))?,
-            Format::Human => writeln!(
-                out,
-                "{}\tkey {}\tregistered {}",
-                render::user_line(&r.user),
-                r.user.key,
-                render::local_time(r.user.registered_at)
-            )?,
-        }
+        out.emit(Item::Whois(&r.user))?;
         Ok(())
     }
 }
@@ -1215,10 +1138,9 @@ impl App {
         &mut self,
         target: &str,
         change: PolicyChange,
-        out: &mut dyn Write,
+        out: &mut Output<'_>,
     ) -> Result<(), CliError> {
         use agora_proto::action::call;
-        let format = self.format;
         let label = target.to_owned();
         let what = format!("{change:?}");
         let (r, _) = self.on_node(target, |node| match &change {
@@ -1229,11 +1151,11 @@ impl App {
             PolicyChange::Promote(u) => node.member_policy::<call::Promote>(u.clone()),
             PolicyChange::SetMode(m) => node.set_mode(*m),
         })?;
-        match format {
-            Format::Json => writeln!(out, "{}", render::json_line(&r))?,
-            Format::Human if r.changed => writeln!(out, "{label}: done ({what})")?,
-            Format::Human => writeln!(out, "{label}: nothing to change ({what})")?,
-        }
+        out.emit(Item::Policy {
+            group: &label,
+            what: &what,
+            reply: &r,
+        })?;
         Ok(())
     }
 }

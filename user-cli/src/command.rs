@@ -17,6 +17,7 @@ use agora_proto::wire::{GroupMode, Presence, UserName};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 
 use crate::app::{App, CliError, HistoryArgs, PolicyChange};
+use crate::render::Output;
 
 /// One command, from the command line or a session line.
 #[derive(Debug, Subcommand)]
@@ -402,6 +403,7 @@ pub fn run(
     lines: &mut dyn crate::repl::LineSource,
     out: &mut dyn Write,
 ) -> Result<Step, CliError> {
+    let out = &mut Output::new(app.format, out);
     match command {
         Command::Groups => app.groups(out)?,
         Command::Join { group } => app.join(&group, out)?,

@@ -186,7 +186,12 @@ fn run(args: Args) -> u8 {
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
                 })));
-                app.watch(&groups, after_seq, &mut out, &stop)
+                app.watch(
+                    &groups,
+                    after_seq,
+                    &mut render::Output::new(format, &mut out),
+                    &stop,
+                )
             }
             Err(e) => Err(CliError::Io(e)),
         },
@@ -329,7 +334,7 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
         };
         let _ = writeln!(out, "Agora chat. Type help for commands, exit to leave.");
         // What arrived while away (seed 003's !check), then the live stream.
-        if let Err(e) = app.check(out) {
+        if let Err(e) = app.check(&mut render::Output::new(app.format, out)) {
             let _ = writeln!(err, "user-cli: {e}");
         }
         let mut _present = None;

@@ -1,7 +1,13 @@
-//! Output: human lines by default, one JSON object per line with `--json`.
+//! The one renderer: commands produce [`Item`]s (data), and [`line`] turns each into a line
+//! for people or, with `--json`, one JSON object. [`Output`] writes them.
+
+use std::io::Write;
 
 use agora_proto::time::Timestamp;
-use agora_proto::wire::{EntryKind, Member, Message};
+use agora_proto::wire::{
+    ConnectReply, DeadLetter, Dm, DmAck, EntryKind, GroupName, Member, MembershipReply, Message,
+    PolicyReply, Presence, SendAck, UserEntry, UserName, UserReply,
+};
 use chrono::Local;
 use serde::Serialize;
 
@@ -122,4 +128,230 @@ impl<'a> GroupEntry<'a> {
 /// A value as one JSON line.
 pub fn json_line<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// What a command produced: one result, or one element of a listing.
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    /// `groups`: one registry entry.
+    Group(&'a agora_proto::wire::GroupEntry),
+    /// `groups` found none.
+    NoGroups,
+    /// `join`.
+    Joined(&'a MembershipReply),
+    /// `leave`.
+    Left(&'a MembershipReply),
+    /// `members`: one member.
+    Member(&'a Member),
+    /// `send`: the ack of the node of `group`.
+    Sent {
+        /// The group as the user named it.
+        group: &'a str,
+        /// The ack.
+        ack: &'a SendAck,
+    },
+    /// `messages`: one log entry (in JSON, the entry alone).
+    Message {
+        /// The group's name.
+        group: &'a GroupName,
+        /// The entry.
+        entry: &'a Message,
+    },
+    /// `messages` found none.
+    NoMessages,
+    /// `check`, `watch` and the live stream: one log entry (in JSON, with its `group`).
+    Entry {
+        /// The group's name.
+        group: &'a GroupName,
+        /// The entry.
+        entry: &'a Message,
+    },
+    /// `check`: how many entries of a group were not seen yet.
+    Unread {
+        /// The group's name.
+        group: &'a str,
+        /// How many.
+        count: usize,
+    },
+    /// `check` with no group joined from this client.
+    NoGroupsJoined,
+    /// `check`: how many direct messages it showed.
+    DmsShown(u64),
+    /// `subscribe` (`on`) and `unsubscribe`.
+    Following {
+        /// The group.
+        group: &'a GroupName,
+        /// Whether it is followed live now.
+        on: bool,
+    },
+    /// `invite`, `ban`, `unban`, `kick`, `promote`, `set_mode`.
+    Policy {
+        /// The group as the user named it.
+        group: &'a str,
+        /// The change, for people.
+        what: &'a str,
+        /// The node's reply.
+        reply: &'a PolicyReply,
+    },
+    /// `register`.
+    Registered(&'a UserReply),
+    /// `unregister`.
+    Unregistered(&'a UserReply),
+    /// `connect` and `away`.
+    Presence(&'a ConnectReply),
+    /// `disconnect`.
+    Offline(&'a UserReply),
+    /// `connect` found no direct message waiting.
+    NoneWaiting,
+    /// A direct message: `stored` when it waited in the mailbox (not pushed live).
+    Dm {
+        /// The message.
+        dm: &'a Dm,
+        /// Whether it waited in the mailbox.
+        stored: bool,
+    },
+    /// `send_dm`: the registry's ack.
+    DmSent {
+        /// The recipient.
+        to: &'a UserName,
+        /// The ack.
+        ack: &'a DmAck,
+    },
+    /// `dead_letters`: one.
+    DeadLetter(&'a DeadLetter),
+    /// `dead_letters` found none.
+    NoDeadLetters,
+    /// `users`: one account.
+    User(&'a UserEntry),
+    /// `users` found none.
+    NoAccounts,
+    /// `whois`.
+    Whois(&'a UserEntry),
+}
+
+/// `item` as one line in `format`; `None` when the format shows nothing for it (the
+/// "none found" notes are for people only).
+pub fn line(format: Format, item: &Item<'_>) -> Option<String> {
+    match format {
+        Format::Human => human(item),
+        Format::Json => json(item),
+    }
+}
+
+fn human(item: &Item<'_>) -> Option<String> {
+    Some(match *item {
+        Item::Group(g) => group_line(g),
+        Item::NoGroups => "no groups".into(),
+        Item::Joined(r) if r.changed => format!("joined {} (last seq {})", r.group, r.last_seq),
+        Item::Joined(r) => format!("already a member of {}", r.group),
+        Item::Left(r) if r.changed => format!("left {}", r.group),
+        Item::Left(r) => format!("not a member of {}", r.group),
+        Item::Member(m) => member_line(m),
+        Item::Sent { group, ack } => format!(
+            "sent to {group}: seq {} at {}",
+            ack.seq,
+            local_time(ack.time)
+        ),
+        Item::Message { group, entry } | Item::Entry { group, entry } => {
+            message_line(group.as_str(), entry)
+        }
+        Item::NoMessages => "no messages".into(),
+        Item::Unread { group, count } => format!("{group}: {count} unread"),
+        Item::NoGroupsJoined => "no groups joined yet".into(),
+        Item::DmsShown(n) => format!("direct messages: {n} new"),
+        Item::Following { group, on: true } => format!("subscribed to {group}"),
+        Item::Following { group, on: false } => format!("unsubscribed from {group}"),
+        Item::Policy { group, what, reply } if reply.changed => format!("{group}: done ({what})"),
+        Item::Policy { group, what, .. } => format!("{group}: nothing to change ({what})"),
+        Item::Registered(r) if r.changed => format!("registered {}", r.user.name),
+        Item::Registered(r) => format!("{} is already yours", r.user.name),
+        Item::Unregistered(r) => format!("unregistered {}", r.user.name),
+        Item::Presence(r) => format!("{} is {}", r.user.name, presence(r.user.presence)),
+        Item::Offline(r) => format!("{} is offline", r.user.name),
+        Item::NoneWaiting => "no messages waiting".into(),
+        Item::Dm { dm, stored } => dm_line(dm, stored),
+        Item::DmSent { to, ack } if ack.recipient == Presence::Offline => {
+            format!("{to} is offline; message saved (#{})", ack.n)
+        }
+        Item::DmSent { to, ack } => format!("sent to {to} (#{})", ack.n),
+        Item::DeadLetter(l) => format!(
+            "[{}] to {}: {} ({})",
+            local_time(l.time),
+            l.to,
+            body_text(&l.body),
+            l.reason
+        ),
+        Item::NoDeadLetters => "no dead letters".into(),
+        Item::User(u) => user_line(u),
+        Item::NoAccounts => "no accounts yet (user-cli register NAME makes one)".into(),
+        Item::Whois(u) => format!(
+            "{}\tkey {}\tregistered {}",
+            user_line(u),
+            u.key,
+            local_time(u.registered_at)
+        ),
+    })
+}
+
+fn json(item: &Item<'_>) -> Option<String> {
+    Some(match *item {
+        Item::Group(g) => json_line(g),
+        Item::Joined(r) | Item::Left(r) => json_line(r),
+        Item::Member(m) => json_line(m),
+        Item::Sent { ack, .. } => json_line(ack),
+        Item::Message { entry, .. } => json_line(entry),
+        Item::Entry { group, entry } => json_line(&GroupEntry::new(group, entry)),
+        Item::Unread { group, count } => {
+            json_line(&serde_json::json!({"group": group, "unread": count}))
+        }
+        Item::Following { group, on } => {
+            json_line(&serde_json::json!({"group": group, "subscribed": on}))
+        }
+        Item::Policy { reply, .. } => json_line(reply),
+        Item::Registered(r) | Item::Unregistered(r) | Item::Offline(r) => json_line(r),
+        Item::Presence(r) => json_line(r),
+        Item::Dm { dm, .. } => json_line(dm),
+        Item::DmSent { ack, .. } => json_line(ack),
+        Item::DeadLetter(l) => json_line(l),
+        Item::User(u) | Item::Whois(u) => json_line(u),
+        Item::NoGroups
+        | Item::NoMessages
+        | Item::NoGroupsJoined
+        | Item::DmsShown(_)
+        | Item::NoneWaiting
+        | Item::NoDeadLetters
+        | Item::NoAccounts => return None,
+    })
+}
+
+/// Where a command's items go: rendered in one format, one line each.
+pub struct Output<'w> {
+    format: Format,
+    out: &'w mut dyn Write,
+}
+
+impl<'w> Output<'w> {
+    /// Items rendered in `format` to `out`.
+    pub fn new(format: Format, out: &'w mut dyn Write) -> Output<'w> {
+        Output { format, out }
+    }
+
+    /// Renders and writes one item (nothing, if the format shows nothing for it).
+    ///
+    /// # Errors
+    /// Writing failed.
+    pub fn emit(&mut self, item: Item<'_>) -> std::io::Result<()> {
+        match line(self.format, &item) {
+            Some(l) => writeln!(self.out, "{l}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes what was written.
+    ///
+    /// # Errors
+    /// Writing failed.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
