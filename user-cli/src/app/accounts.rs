@@ -1,0 +1,263 @@
+//! Accounts, presence and direct messages.
+
+use std::time::Duration;
+
+use agora_common::client::ClientError;
+use agora_common::shutdown::Shutdown;
+use agora_proto::wire::{ErrorCode, UserName};
+use serde_json::value::RawValue;
+
+use super::{App, CliError, Printer};
+use crate::render::{self, Item, Output};
+
+/// Keeps the user's presence alive on a thread (a `connect` every third of the TTL) and
+/// disconnects when dropped.
+pub struct PresenceGuard {
+    stop: Shutdown,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        self.stop.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl App {
+    /// `register NAME` (seed 004's `REGISTER`): binds NAME to your key.
+    ///
+    /// # Errors
+    /// `name_taken` and the like from the registry.
+    pub fn user_register(&mut self, name: &str, out: &mut Output<'_>) -> Result<(), CliError> {
+        let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = self
+            .registry
+            .user_register(&name)
+            .map_err(|e| self.registry_error(e))?;
+        out.emit(Item::Registered(&r))?;
+        Ok(())
+    }
+
+    /// `unregister NAME` (seed 004's `UNREGISTER`), once confirmed.
+    ///
+    /// # Errors
+    /// `unknown_user`, `forbidden` and the like from the registry.
+    pub fn user_unregister(
+        &mut self,
+        name: &str,
+        confirmed: bool,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = self
+            .registry
+            .user_unregister(&name, confirmed)
+            .map_err(|e| self.registry_error(e))?;
+        out.emit(Item::Unregistered(&r))?;
+        Ok(())
+    }
+
+    /// `connect` (seed 004's `CONNECT`) and `away`: marks you online or away until the
+    /// session's TTL passes. `connect` then shows the direct messages waiting for you, in
+    /// order and numbered, and acks them once shown.
+    ///
+    /// # Errors
+    /// `unknown_user` (register first) and the like from the registry.
+    pub fn connect(
+        &mut self,
+        status: agora_proto::wire::Presence,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let r = self
+            .registry
+            .connect(status)
+            .map_err(|e| self.registry_error(e))?;
+        out.emit(Item::Presence(&r))?;
+        // Seed 004: "once they reconnect they will receive all pending messages". Shown in
+        // order, numbered, then acked, in scripts as at the prompt.
+        if status == agora_proto::wire::Presence::Online && self.show_mailbox(out)? == 0 {
+            out.emit(Item::NoneWaiting)?;
+        }
+        Ok(())
+    }
+
+    /// `disconnect` (seed 004's `DISCONNECT`): marks you offline.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    pub fn disconnect(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
+        let r = self
+            .registry
+            .disconnect()
+            .map_err(|e| self.registry_error(e))?;
+        out.emit(Item::Offline(&r))?;
+        Ok(())
+    }
+
+    /// Keeps your presence alive while the returned guard lives (for long-running modes:
+    /// the prompt, `watch`), if your key has an account; `None` otherwise.
+    ///
+    /// The heartbeat runs on a DEALER that asks the registry to push new direct messages to
+    /// it. With a `printer`, each pushed message is printed and then acked (removed from the
+    /// mailbox); without one, nothing is acked, so nothing unseen is lost.
+    pub fn keep_present(&mut self, printer: Option<Printer>) -> Option<PresenceGuard> {
+        let curve = self.registry_curve.clone()?;
+        let first = self
+            .registry
+            .connect(agora_proto::wire::Presence::Online)
+            .ok()?;
+        let every = Duration::from_millis(first.ttl_ms / 3).max(Duration::from_millis(100));
+        let (inbox, dms) =
+            agora_common::inbox::Inbox::start(&self.ctx, &self.registry_endpoint, curve, every)
+                .ok()?;
+        let stop = Shutdown::new();
+        let flag = stop.clone();
+        let format = self.format;
+        let mut printer = printer;
+        let thread = std::thread::Builder::new()
+            .name("presence".into())
+            .spawn(move || {
+                while !flag.is_triggered() {
+                    let Ok(dm) = dms.recv_timeout(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    // Acked only once shown: without a printer, pushed messages stay in the
+                    // mailbox for the next `check`.
+                    let Some(print) = printer.as_mut() else {
+                        continue;
+                    };
+                    if let Some(line) = render::line(
+                        format,
+                        &Item::Dm {
+                            dm: &dm,
+                            stored: false,
+                        },
+                    ) {
+                        print(line);
+                    }
+                    inbox.ack(dm.n);
+                }
+            })
+            .ok()?;
+        Some(PresenceGuard {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// `send_dm NAME TEXT` (also `NAME: text` at the prompt, and seed 004's `SEND u text`).
+    ///
+    /// # Errors
+    /// `unknown_user` / `limit_reached` (the message went to your dead letters) and the like.
+    pub fn send_dm(
+        &mut self,
+        to: &str,
+        body: String,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let to = UserName::new(to).map_err(|e| CliError::Usage(e.to_string()))?;
+        let body = RawValue::from_string(body)
+            .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
+        let ack = match self
+            .registry
+            .send_dm(&to, body, agora_proto::id::MessageId::new_v7())
+        {
+            Ok(a) => a,
+            Err(ClientError::Server(w)) => {
+                return Err(CliError::Remote {
+                    target: to.to_string(),
+                    source: ClientError::Server(w),
+                })
+            }
+            Err(e) => return Err(self.registry_error(e)),
+        };
+        out.emit(Item::DmSent { to: &to, ack: &ack })?;
+        Ok(())
+    }
+
+    /// The direct messages waiting for you: shown, then acked (removed) up to the last one
+    /// shown, so a crash before display loses nothing. Returns how many were shown.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    pub(super) fn show_mailbox(&mut self, out: &mut Output<'_>) -> Result<u64, CliError> {
+        let mut after = 0;
+        let mut shown = 0;
+        loop {
+            let page = self
+                .registry
+                .mailbox(after, Some(1000))
+                .map_err(|e| self.registry_error(e))?;
+            for dm in &page.messages {
+                out.emit(Item::Dm { dm, stored: true })?;
+                after = dm.n;
+                shown += 1;
+            }
+            out.flush()?;
+            if after > 0 {
+                self.registry
+                    .ack_dm(after)
+                    .map_err(|e| self.registry_error(e))?;
+            }
+            if !page.more {
+                return Ok(shown);
+            }
+        }
+    }
+
+    /// `dead_letters`: your messages that could not be delivered, with the reasons.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    pub fn dead_letters(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
+        let letters = self
+            .registry
+            .dead_letters()
+            .map_err(|e| self.registry_error(e))?;
+        for l in &letters {
+            out.emit(Item::DeadLetter(l))?;
+        }
+        if letters.is_empty() {
+            out.emit(Item::NoDeadLetters)?;
+        }
+        Ok(())
+    }
+
+    /// `users`: every account.
+    ///
+    /// # Errors
+    /// The registry's failure.
+    pub fn users(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
+        let users = self.registry.users().map_err(|e| self.registry_error(e))?;
+        for u in &users {
+            out.emit(Item::User(u))?;
+        }
+        if users.is_empty() {
+            out.emit(Item::NoAccounts)?;
+        }
+        Ok(())
+    }
+
+    /// `whois NAME`.
+    ///
+    /// # Errors
+    /// `unknown_user`; the registry's failure.
+    pub fn whois(&mut self, name: &str, out: &mut Output<'_>) -> Result<(), CliError> {
+        let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = match self.registry.whois(&name) {
+            Ok(r) => r,
+            Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownUser => {
+                return Err(CliError::Remote {
+                    target: name.to_string(),
+                    source: ClientError::Server(w),
+                })
+            }
+            Err(e) => return Err(self.registry_error(e)),
+        };
+        out.emit(Item::Whois(&r.user))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,487 @@
+//! The chat commands, on top of `agora_common::client`. Each command produces its results
+//! as [`crate::render::Item`]s (the renderer prints them) and returns a [`CliError`] naming
+//! the group and the cause when it fails.
+//!
+//! - this module: [`App`], its errors, and finding a group's node (saved state first, the
+//!   registry on a miss or a failure);
+//! - [`groups`]: the group commands (`groups`, `join`, `leave`, `members`, `send`,
+//!   `messages`, the policy commands);
+//! - [`live`]: following groups (`subscribe`, `unsubscribe`, `check`, `watch`, the prompt's
+//!   live stream);
+//! - [`accounts`]: accounts, presence and direct messages.
+
+mod accounts;
+mod groups;
+mod live;
+
+pub use groups::PolicyChange;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::keys::{Keypair, PublicKey};
+use agora_common::live::Feed;
+use agora_proto::time::parse_since_local;
+use agora_proto::wire::{Endpoint, ErrorCode, GroupName, HistoryQuery, UserName};
+
+use crate::render::Format;
+use crate::state::StateFile;
+
+/// A command's failure: one line for stderr, and the process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The command or its arguments are malformed.
+    #[error("{0}")]
+    Usage(String),
+    /// A group node or the registry failed the request.
+    #[error("{target}: {}", cause(.source))]
+    Remote {
+        /// The group (or `registry ENDPOINT`) the request went to.
+        target: String,
+        /// What went wrong.
+        source: ClientError,
+    },
+    /// The body is over the node's limit; nothing was sent.
+    #[error("{target}: message too large: {len} bytes, the limit is {max} bytes")]
+    TooLarge {
+        /// The group.
+        target: String,
+        /// The body's size in bytes.
+        len: usize,
+        /// The node's limit in bytes.
+        max: u64,
+    },
+    /// Writing output failed.
+    #[error("output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn cause(e: &ClientError) -> String {
+    match e {
+        ClientError::Timeout { endpoint, waited } => format!(
+            "unreachable: no reply from {endpoint} within {} (server down, or its public key is not the one given)",
+            humantime::format_duration(std::time::Duration::from_millis(
+                u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)
+            ))
+        ),
+        ClientError::Server(w) => match w.code {
+            ErrorCode::UnknownGroup => format!("unknown group: {}", w.message),
+            ErrorCode::NotMember => format!("not a member: {}", w.message),
+            ErrorCode::TooLarge => format!("message too large: {}", w.message),
+            code => format!("{code}: {}", w.message),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Exit codes, documented in the README: 0 success, 1 refused by a server, 2 usage,
+/// 3 unreachable (timeout), 4 other failures (bad reply, output).
+impl CliError {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Remote {
+                source: ClientError::Timeout { .. },
+                ..
+            } => 3,
+            CliError::Remote {
+                source: ClientError::Server(_),
+                ..
+            }
+            | CliError::TooLarge { .. } => 1,
+            CliError::Remote { .. } | CliError::Io(_) => 4,
+        }
+    }
+}
+
+/// A group named on the command line: an address or a name to look up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `IP:PORT`, `HOST:PORT` or `tcp://HOST:PORT`.
+    Address(Endpoint),
+    /// A group name, resolved through the registry.
+    Name(GroupName),
+}
+
+impl Target {
+    /// Reads a target: anything ending in `:PORT` (digits) is an address, the rest a name.
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for an invalid address or name.
+    pub fn parse(s: &str) -> Result<Target, CliError> {
+        let looks_like_address = s.starts_with("tcp://")
+            || s.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains(' ')
+                    && !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+            });
+        if looks_like_address {
+            Endpoint::from_host_port(s)
+                .map(Target::Address)
+                .map_err(|e| CliError::Usage(e.to_string()))
+        } else {
+            GroupName::new(s)
+                .map(Target::Name)
+                .map_err(|e| CliError::Usage(e.to_string()))
+        }
+    }
+}
+
+/// Which history to fetch.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryArgs {
+    /// RFC 3339 or `HH:MM:SS` (today, local time).
+    pub since: Option<String>,
+    /// Messages after this seq.
+    pub after_seq: Option<u64>,
+    /// One message by id.
+    pub id: Option<agora_proto::id::MessageId>,
+    /// The newest N.
+    pub latest: Option<u32>,
+}
+
+/// The client: the registry client, one group client per node, the saved state, and in
+/// interactive mode the live feed.
+pub struct App {
+    ctx: zmq::Context,
+    registry: RegistryClient,
+    user: UserName,
+    options: ClientOptions,
+    /// How output is rendered.
+    pub format: Format,
+    nodes: HashMap<Endpoint, GroupClient>,
+    state: Arc<Mutex<StateFile>>,
+    feed: Option<Feed>,
+    /// The user's CURVE key pair; `None` with `--insecure`.
+    keypair: Option<Keypair>,
+    /// Node public keys by endpoint, as resolved.
+    node_keys: HashMap<String, PublicKey>,
+    /// How to reach the registry from another thread (the presence heartbeat).
+    registry_endpoint: String,
+    registry_curve: Option<ClientCurve>,
+}
+
+/// Where a group is, and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The node's endpoint.
+    pub endpoint: Endpoint,
+    /// The group's name, when known.
+    pub name: Option<GroupName>,
+    /// The node's CURVE public key (`None` only with `--insecure`).
+    pub key: Option<PublicKey>,
+}
+
+/// Prints one line for the user from the live stream (above the prompt).
+pub type Printer = Box<dyn FnMut(String) + Send>;
+
+fn lock(state: &Mutex<StateFile>) -> MutexGuard<'_, StateFile> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl App {
+    /// A client acting as `user`, with its state loaded from `state`. With `curve` (the
+    /// user's key pair and the registry's public key) every connection is CURVE; without,
+    /// nothing is encrypted (`--insecure`).
+    pub fn new(
+        registry: &str,
+        user: UserName,
+        options: ClientOptions,
+        format: Format,
+        state: StateFile,
+        curve: Option<ClientCurve>,
+    ) -> App {
+        let ctx = zmq::Context::new();
+        let registry_endpoint = registry.to_owned();
+        let mut registry = RegistryClient::new(&ctx, registry, options);
+        let keypair = curve.as_ref().map(|c| c.keypair.clone());
+        let registry_curve = curve.clone();
+        if let Some(curve) = curve {
+            registry = registry.with_curve(curve);
+        }
+        App {
+            registry_endpoint,
+            registry_curve,
+            registry,
+            ctx,
+            user,
+            options,
+            format,
+            nodes: HashMap::new(),
+            state: Arc::new(Mutex::new(state)),
+            feed: None,
+            keypair,
+            node_keys: HashMap::new(),
+        }
+    }
+
+    /// The CURVE settings for a node with public key `key`.
+    fn node_curve(
+        &self,
+        label: &str,
+        key: Option<PublicKey>,
+    ) -> Result<Option<ClientCurve>, CliError> {
+        match (&self.keypair, key) {
+            (None, _) => Ok(None),
+            (Some(keypair), Some(server_key)) => Ok(Some(ClientCurve {
+                keypair: keypair.clone(),
+                server_key,
+            })),
+            (Some(_), None) => Err(CliError::Usage(format!(
+                "{label}: no public key known for this node; reach the group by name through the registry"
+            ))),
+        }
+    }
+
+    fn save_state(&self) {
+        if let Err(e) = lock(&self.state).save() {
+            tracing::warn!(error = %e, "could not save the client state");
+        }
+    }
+
+    /// Where `target` is: an address as given; a group joined from this client at its saved
+    /// endpoint, with no registry round trip (so chatting in a joined group costs nothing
+    /// extra while the registry is down); any other name looked up in the registry. A saved
+    /// endpoint that turns out stale is corrected by [`App::on_node`].
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for a bad target; `unknown_group`; the registry's failure.
+    pub fn resolve(&mut self, target: &str) -> Result<Resolved, CliError> {
+        let resolved = self.locate(target)?;
+        if self.keypair.is_none() && !agora_proto::wire::is_loopback(resolved.endpoint.as_str()) {
+            return Err(CliError::Usage(format!(
+                "{target}: --insecure is allowed only on loopback endpoints, not {}",
+                resolved.endpoint
+            )));
+        }
+        Ok(resolved)
+    }
+
+    /// A node's key: saved from a group joined earlier (no registry round trip), else from
+    /// the registry's listing.
+    fn key_of(&mut self, endpoint: &Endpoint) -> Option<PublicKey> {
+        self.keypair.as_ref()?;
+        let saved = lock(&self.state)
+            .state
+            .groups
+            .values()
+            .find(|g| g.endpoint == endpoint.as_str())
+            .and_then(|g| g.public_key);
+        saved.or_else(|| {
+            self.registry.list().ok().and_then(|groups| {
+                groups
+                    .into_iter()
+                    .find(|g| g.endpoint == *endpoint)
+                    .and_then(|g| g.public_key)
+            })
+        })
+    }
+
+    fn locate(&mut self, target: &str) -> Result<Resolved, CliError> {
+        match Target::parse(target)? {
+            Target::Address(endpoint) => {
+                let key = self.key_of(&endpoint);
+                Ok(Resolved {
+                    endpoint,
+                    name: None,
+                    key,
+                })
+            }
+            Target::Name(name) => {
+                if let Some((endpoint, key)) = self.saved_location(&name) {
+                    return Ok(Resolved {
+                        endpoint,
+                        name: Some(name),
+                        key,
+                    });
+                }
+                match self.registry.lookup(&name) {
+                    Ok(entry) => Ok(Resolved {
+                        endpoint: entry.endpoint,
+                        name: Some(name),
+                        key: entry.public_key,
+                    }),
+                    Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownGroup => {
+                        Err(CliError::Remote {
+                            target: target.to_owned(),
+                            source: ClientError::Server(w),
+                        })
+                    }
+                    Err(e) => Err(self.registry_error(e)),
+                }
+            }
+        }
+    }
+
+    /// Where the saved state says group `name` is: its node's endpoint and key, if it was
+    /// joined from this client.
+    fn saved_location(&self, name: &GroupName) -> Option<(Endpoint, Option<PublicKey>)> {
+        let state = lock(&self.state);
+        let g = state.state.groups.get(name.as_str())?;
+        Endpoint::new(g.endpoint.clone())
+            .ok()
+            .map(|endpoint| (endpoint, g.public_key))
+    }
+
+    /// After `err` from the node at a saved endpoint of the group `target` names: when the
+    /// node did not answer or no longer serves the group, asks the registry where the group
+    /// is now; if somewhere else, saves that and returns true (the caller tries once more).
+    fn relocated(&mut self, target: &str, err: &ClientError) -> bool {
+        let stale = match err {
+            ClientError::Timeout { .. } => true,
+            ClientError::Server(w) => w.code == ErrorCode::UnknownGroup,
+            _ => false,
+        };
+        let Ok(Target::Name(name)) = Target::parse(target) else {
+            return false;
+        };
+        let Some((old, _)) = stale.then(|| self.saved_location(&name)).flatten() else {
+            return false;
+        };
+        let entry = match self.registry.lookup(&name) {
+            Ok(entry) if entry.endpoint != old => entry,
+            _ => return false,
+        };
+        tracing::info!(group = %name, from = %old, to = %entry.endpoint,
+            "the group moved; using the registry's endpoint");
+        if let Some(g) = lock(&self.state).state.groups.get_mut(name.as_str()) {
+            g.endpoint = entry.endpoint.to_string();
+            g.public_key = entry.public_key;
+        }
+        self.save_state();
+        self.nodes.remove(&old);
+        true
+    }
+
+    /// Runs `op` against the node of `target` ([`App::resolve`]) and returns its result and
+    /// the node's endpoint. If the endpoint was saved state and the node did not answer or no
+    /// longer serves the group, the registry is asked for the current one and `op` runs there
+    /// once more.
+    ///
+    /// # Errors
+    /// Resolution failures; `op`'s, as [`CliError::Remote`] naming `target`.
+    fn on_node<T>(
+        &mut self,
+        target: &str,
+        mut op: impl FnMut(&mut GroupClient) -> Result<T, ClientError>,
+    ) -> Result<(T, String), CliError> {
+        let first = {
+            let (node, _) = self.node(target)?;
+            op(node).map(|t| (t, node.endpoint().to_owned()))
+        };
+        match first {
+            Err(e) if self.relocated(target, &e) => {
+                let (node, _) = self.node(target)?;
+                let t = op(node).map_err(|source| remote(target, source))?;
+                Ok((t, node.endpoint().to_owned()))
+            }
+            r => r.map_err(|source| remote(target, source)),
+        }
+    }
+
+    fn registry_error(&self, source: ClientError) -> CliError {
+        CliError::Remote {
+            target: format!("registry {}", self.registry.endpoint()),
+            source,
+        }
+    }
+
+    /// The node client for `target` and the label used in messages.
+    fn node(&mut self, target: &str) -> Result<(&mut GroupClient, String), CliError> {
+        let r = self.resolve(target)?;
+        let curve = self.node_curve(target, r.key)?;
+        if let Some(key) = r.key {
+            self.node_keys.insert(r.endpoint.to_string(), key);
+        }
+        let (ctx, user, options) = (&self.ctx, &self.user, self.options);
+        let client = self.nodes.entry(r.endpoint.clone()).or_insert_with(|| {
+            let c = GroupClient::new(ctx, r.endpoint.as_str(), user.clone(), r.name, options);
+            match curve {
+                Some(curve) => c.with_curve(curve),
+                None => c,
+            }
+        });
+        Ok((client, target.to_owned()))
+    }
+}
+
+fn remote(label: &str, source: ClientError) -> CliError {
+    CliError::Remote {
+        target: label.to_owned(),
+        source,
+    }
+}
+
+/// The protocol query for the CLI's history options.
+///
+/// # Errors
+/// [`CliError::Usage`] for more than one selector, a bad time or a bad id.
+pub fn history_query(args: &HistoryArgs) -> Result<HistoryQuery, CliError> {
+    let given = [
+        args.since.is_some(),
+        args.after_seq.is_some(),
+        args.id.is_some(),
+        args.latest.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err(CliError::Usage(
+            "give at most one of --since, --after-seq, --id and --latest".into(),
+        ));
+    }
+    if let Some(since) = &args.since {
+        let t = parse_since_local(since).map_err(|e| CliError::Usage(e.to_string()))?;
+        return Ok(HistoryQuery::Since(t));
+    }
+    if let Some(id) = args.id {
+        return Ok(HistoryQuery::ById(id));
+    }
+    if let Some(n) = args.latest {
+        return Ok(HistoryQuery::Latest(n));
+    }
+    Ok(HistoryQuery::AfterSeq(args.after_seq.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_with_a_numeric_port_are_addresses() {
+        assert!(matches!(
+            Target::parse("127.0.0.1:5560"),
+            Ok(Target::Address(_))
+        ));
+        assert!(matches!(
+            Target::parse("tcp://host:1"),
+            Ok(Target::Address(_))
+        ));
+        assert!(matches!(Target::parse("Cool Group"), Ok(Target::Name(_))));
+        assert!(matches!(Target::parse("news: today"), Ok(Target::Name(_))));
+        assert!(matches!(
+            Target::parse("127.0.0.1:0"),
+            Err(CliError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn history_args_allow_one_selector() {
+        let two = HistoryArgs {
+            since: Some("10:00:00".into()),
+            latest: Some(3),
+            ..Default::default()
+        };
+        assert!(matches!(history_query(&two), Err(CliError::Usage(_))));
+        let bad = HistoryArgs {
+            since: Some("noon".into()),
+            ..Default::default()
+        };
+        assert!(matches!(history_query(&bad), Err(CliError::Usage(_))));
+        assert_eq!(
+            history_query(&HistoryArgs::default()).ok(),
+            Some(HistoryQuery::AfterSeq(0))
+        );
+    }
+}
