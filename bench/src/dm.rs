@@ -137,7 +137,17 @@ pub fn latency(count: u64, bytes: usize) -> anyhow::Result<()> {
     let reg = start_registry(&[])?;
     let (mut alice, _) = user(&ctx, &reg, "alice")?;
     let (_, bob_curve) = user(&ctx, &reg, "bob")?;
-    let (inbox, dms) = Inbox::start(&ctx, &reg.endpoint, bob_curve, Duration::from_secs(5))?;
+    let (to_bench, dms) = std::sync::mpsc::sync_channel(1024);
+    let inbox = Inbox::start(
+        &ctx,
+        &reg.endpoint,
+        bob_curve,
+        Duration::from_secs(5),
+        move |dm| {
+            let _ = to_bench.send(dm);
+            false
+        },
+    )?;
     // Online once the first heartbeat went through.
     let started = Instant::now();
     loop {

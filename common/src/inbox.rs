@@ -1,18 +1,20 @@
 //! A user's live presence and direct-message inbox, for clients and bots.
 //!
-//! [`Inbox`] runs one thread that owns a DEALER to the registry (over CURVE). It sends
+//! [`Inbox`] is an [`Actor`] that owns a DEALER to the registry (over CURVE). It sends
 //! `connect {push: true}` at once and then every third of the session TTL (the presence
-//! heartbeat), and hands each direct message the registry pushes to the consumer through a
-//! bounded channel, in number order, each number once. The consumer calls [`Inbox::ack`]
-//! after it has handled a message; until then the message stays in the mailbox, so a crash
-//! loses nothing. Dropping the inbox sends `disconnect`.
+//! heartbeat), and hands each direct message the registry pushes to the consumer's callback,
+//! on the actor's thread, in number order, each number once. A message is acked (removed from
+//! the mailbox) when the callback says it was handled, or later through [`Inbox::ack`]; until
+//! then it stays in the mailbox, so a crash loses nothing. Dropping the inbox wakes the actor
+//! at once; it sends `disconnect` and stops.
+//!
+//! # Pipe commands
+//! `["ack", N]` (N a big-endian u64): ack the messages numbered up to N.
 
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::actor::{poll_ms_until, Actor, Pipe, Wake};
 use crate::client::ClientCurve;
-use crate::shutdown::Shutdown;
 use agora_proto::action::RegistryRequest;
 use agora_proto::codec::encode_request;
 use agora_proto::wire::{AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, Presence};
@@ -20,69 +22,46 @@ use agora_proto::wire::{AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, 
 /// A running presence heartbeat and DM inbox; stops (and disconnects) when dropped.
 #[derive(Debug)]
 pub struct Inbox {
-    stop: Shutdown,
-    acks: SyncSender<u64>,
-    thread: Option<JoinHandle<()>>,
+    actor: Actor,
 }
 
 impl Inbox {
     /// Starts the heartbeat to the registry at `endpoint`, renewing every `every` (a third
-    /// of the TTL the registry's `connect` reply gives). Pushed messages arrive on the
-    /// returned receiver (capacity 1024).
+    /// of the TTL the registry's `connect` reply gives). Each pushed message goes to
+    /// `on_dm`, on the inbox's thread; it returns true when the message was handled (it is
+    /// then acked), false to ack it later with [`Inbox::ack`].
     ///
     /// # Errors
-    /// The thread could not start.
+    /// The actor could not start.
     pub fn start(
         ctx: &zmq::Context,
         endpoint: &str,
         curve: ClientCurve,
         every: Duration,
-    ) -> std::io::Result<(Inbox, Receiver<Dm>)> {
-        let (tx, rx) = mpsc::sync_channel(1024);
-        let (acks, acks_rx) = mpsc::sync_channel(1024);
-        let stop = Shutdown::new();
-        let flag = stop.clone();
-        let (ctx, endpoint) = (ctx.clone(), endpoint.to_owned());
-        let thread = std::thread::Builder::new()
-            .name("inbox".into())
-            .spawn(move || {
-                if let Err(e) = run(&ctx, &endpoint, &curve, every, &tx, &acks_rx, &flag) {
-                    tracing::warn!(error = %e, "inbox stopped");
-                }
-            })?;
-        Ok((
-            Inbox {
-                stop,
-                acks,
-                thread: Some(thread),
-            },
-            rx,
-        ))
+        on_dm: impl FnMut(Dm) -> bool + Send + 'static,
+    ) -> std::io::Result<Inbox> {
+        let (own_ctx, endpoint) = (ctx.clone(), endpoint.to_owned());
+        let actor = Actor::start(ctx, "inbox", move |pipe| {
+            if let Err(e) = run(&pipe, &own_ctx, &endpoint, &curve, every, on_dm) {
+                tracing::warn!(error = %e, "inbox stopped");
+            }
+        })?;
+        Ok(Inbox { actor })
     }
 
     /// Removes the messages numbered up to `n` from the mailbox (they were handled).
     pub fn ack(&self, n: u64) {
-        let _ = self.acks.try_send(n);
-    }
-}
-
-impl Drop for Inbox {
-    fn drop(&mut self) {
-        self.stop.trigger();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.actor.send(&[b"ack", &n.to_be_bytes()]);
     }
 }
 
 fn run(
+    pipe: &Pipe,
     ctx: &zmq::Context,
     endpoint: &str,
     curve: &ClientCurve,
     every: Duration,
-    out: &SyncSender<Dm>,
-    acks: &Receiver<u64>,
-    stop: &Shutdown,
+    mut on_dm: impl FnMut(Dm) -> bool,
 ) -> Result<(), zmq::Error> {
     let socket = ctx.socket(zmq::DEALER)?;
     socket.set_linger(200)?;
@@ -96,9 +75,10 @@ fn run(
         let frames = encode_request(&request);
         let _ = socket.send_multipart(std::iter::once(Vec::new()).chain(frames), zmq::DONTWAIT);
     };
+    let ack = |n: u64| send(RegistryRequest::AckDm(AckDmRequest { up_to: n }));
     let mut next = Instant::now();
     let mut last = 0u64;
-    while !stop.is_triggered() {
+    loop {
         if Instant::now() >= next {
             send(RegistryRequest::Connect(ConnectRequest {
                 status: Some(Presence::Online),
@@ -106,14 +86,26 @@ fn run(
             }));
             next = Instant::now() + every;
         }
-        loop {
-            match acks.try_recv() {
-                Ok(n) => send(RegistryRequest::AckDm(AckDmRequest { up_to: n })),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return Ok(()),
+        let mut items = [pipe.as_poll_item(), socket.as_poll_item(zmq::POLLIN)];
+        match zmq::poll(&mut items, poll_ms_until(next)) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        if items[0].is_readable() {
+            match pipe.take() {
+                Wake::Term => break,
+                Wake::Command(frames) => match frames.as_slice() {
+                    [verb, n] if verb == b"ack" => {
+                        if let Ok(n) = <[u8; 8]>::try_from(n.as_slice()) {
+                            ack(u64::from_be_bytes(n));
+                        }
+                    }
+                    _ => tracing::warn!("inbox: unknown command"),
+                },
+                Wake::Timeout => {}
             }
         }
-        if socket.poll(zmq::POLLIN, 50).unwrap_or(0) == 0 {
+        if !items[1].is_readable() {
             continue;
         }
         while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
@@ -125,8 +117,8 @@ fn run(
                 continue;
             }
             last = event.dm.n;
-            if out.send(event.dm).is_err() {
-                return Ok(());
+            if on_dm(event.dm) {
+                ack(last);
             }
         }
     }

@@ -2,6 +2,8 @@
 //! protocol that `agora-proto` defines.
 //!
 //! # Layout
+//! - [`actor`]: the one background-thread primitive (zguide/CZMQ actor): a thread owning
+//!   its sockets, stopped at once through an inproc pipe.
 //! - [`inbox`]: presence heartbeat and pushed direct messages, for clients and bots.
 //! - [`keys`]: CURVE key pairs and their certificate files.
 //! - [`client`]: the request/reply client (zguide "Lazy Pirate") and typed clients for the
@@ -17,6 +19,7 @@
 //! implements its types and codec, this crate its sockets.
 #![deny(missing_docs)]
 
+pub mod actor;
 pub mod client;
 pub mod inbox;
 pub mod keys;

@@ -1,6 +1,7 @@
 //! The live stream, client side: the zguide's "Clone" pattern (chapter 5) on Agora's log.
 //!
-//! A [`Feed`] runs one thread that owns a DEALER socket per subscribed group node. It sends
+//! A [`Feed`] is an [`Actor`]: one thread that owns a DEALER socket per subscribed group
+//! node, woken at once by a stop or a command (`add`, `remove`) on its pipe. It sends
 //! `subscribe` on each and renews it every [`FeedOptions::renew`]; the node pushes every new
 //! log entry to that connection. The feed remembers the last seq it delivered per group and
 //! hands entries to the consumer in seq order, each exactly once:
@@ -26,20 +27,25 @@
 //! Backfill uses a separate Lazy Pirate REQ client on the feed thread: a node that dies in
 //! the middle of a backfill holds the other groups' entries back for up to the client
 //! timeout (nothing is lost; they are delivered after).
-//! The consumer receives [`FeedEvent`]s through a bounded channel: a slow consumer slows the
-//! feed, the node drops pushes to it at its HWM, and the feed backfills later.
+//! The consumer receives [`FeedEvent`]s in a handler called on the feed's thread
+//! ([`Feed::with_handler`]: the interactive client prints there, with no relay thread) or
+//! through a bounded channel ([`Feed::start`]): a slow consumer slows the feed, the node drops
+//! pushes to it at its HWM, and the feed backfills later.
+//!
+//! # Pipe commands
+//! `["add", GROUPSPEC_JSON]` and `["remove", ENDPOINT]`; `$TERM` unsubscribes every group and
+//! stops.
 
 use std::collections::HashMap;
 
 /// The feed acks (renews with `acked_seq`) at least every this many pushed bytes (256 KiB),
 /// even when the node's budget for it is larger.
 pub const ACK_EVERY_BYTES: usize = 256 << 10;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use crate::actor::{Actor, Pipe, Wake};
 use crate::client::{ClientError, ClientOptions, GroupClient};
-use crate::shutdown::SHUTDOWN_POLL;
 use agora_proto::action::NodeRequest;
 use agora_proto::codec::{encode_request, Frames};
 use agora_proto::wire::{
@@ -77,7 +83,7 @@ impl Default for FeedOptions {
 }
 
 /// A group to follow.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupSpec {
     /// How the user named it (for messages): a name or an address.
     pub label: String,
@@ -126,25 +132,19 @@ pub enum FeedEvent {
     },
 }
 
-enum Control {
-    Add(GroupSpec),
-    Remove(String),
-    Stop,
-}
-
-/// A running live stream; stops when dropped.
+/// A running live stream, an [`Actor`]; stops (and unsubscribes) when dropped.
 #[derive(Debug)]
 pub struct Feed {
-    control: SyncSender<Control>,
-    thread: Option<JoinHandle<()>>,
+    actor: Actor,
 }
 
 impl Feed {
     /// Starts an empty feed acting as `user`, talking CURVE with `keypair` if given (then
-    /// every [`GroupSpec`] needs its `server_key`); events arrive on the returned receiver.
+    /// every [`GroupSpec`] needs its `server_key`); events arrive on the returned receiver,
+    /// which holds at most [`FeedOptions::channel`] of them (the feed waits when it is full).
     ///
     /// # Errors
-    /// The thread could not be started.
+    /// The actor could not be started.
     pub fn start(
         ctx: &zmq::Context,
         user: UserName,
@@ -152,44 +152,49 @@ impl Feed {
         options: FeedOptions,
     ) -> std::io::Result<(Feed, Receiver<FeedEvent>)> {
         let (events, rx) = mpsc::sync_channel(options.channel.max(1));
-        let (control, control_rx) = mpsc::sync_channel(64);
+        let feed = Feed::with_handler(ctx, user, keypair, options, move |event| {
+            events.send(event).is_ok()
+        })?;
+        Ok((feed, rx))
+    }
+
+    /// As [`Feed::start`], with each event handed to `on_event` on the feed's own thread;
+    /// `on_event` returns false when the consumer is gone (the feed then stops).
+    ///
+    /// # Errors
+    /// The actor could not be started.
+    pub fn with_handler(
+        ctx: &zmq::Context,
+        user: UserName,
+        keypair: Option<crate::keys::Keypair>,
+        options: FeedOptions,
+        on_event: impl FnMut(FeedEvent) -> bool + Send + 'static,
+    ) -> std::io::Result<Feed> {
         let mut worker = Worker {
             ctx: ctx.clone(),
             user,
             keypair,
             options,
             groups: HashMap::new(),
-            events,
+            on_event: Box::new(on_event),
         };
-        let thread = std::thread::Builder::new()
-            .name("agora-feed".into())
-            .spawn(move || worker.run(&control_rx))?;
-        Ok((
-            Feed {
-                control,
-                thread: Some(thread),
-            },
-            rx,
-        ))
+        let actor = Actor::start(ctx, "agora-feed", move |pipe| worker.run(&pipe))?;
+        Ok(Feed { actor })
     }
 
     /// Follows a group (replacing any earlier spec for the same endpoint).
     pub fn add(&self, spec: GroupSpec) {
-        let _ = self.control.send(Control::Add(spec));
+        match serde_json::to_vec(&spec) {
+            Ok(json) => {
+                let _ = self.actor.send(&[b"add", &json]);
+            }
+            Err(e) => tracing::error!(error = %e, "feed: cannot encode a group spec"),
+        }
     }
 
     /// Stops following the group at `endpoint`, and unsubscribes.
     pub fn remove(&self, endpoint: &str) {
-        let _ = self.control.send(Control::Remove(endpoint.to_owned()));
-    }
-}
-
-impl Drop for Feed {
-    fn drop(&mut self) {
-        let _ = self.control.send(Control::Stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.actor.send(&[b"remove", endpoint.as_bytes()]);
     }
 }
 
@@ -215,49 +220,59 @@ struct Worker {
     keypair: Option<crate::keys::Keypair>,
     options: FeedOptions,
     groups: HashMap<String, GroupFeed>,
-    events: SyncSender<FeedEvent>,
+    on_event: Box<dyn FnMut(FeedEvent) -> bool + Send>,
 }
 
 /// The consumer hung up.
 struct Closed;
 
 impl Worker {
-    fn run(&mut self, control: &Receiver<Control>) {
+    fn run(&mut self, pipe: &Pipe) {
         loop {
-            loop {
-                match control.try_recv() {
-                    Ok(Control::Add(spec)) => {
-                        if let Err(error) = self.add(spec.clone()) {
-                            if self
-                                .emit(FeedEvent::Error {
-                                    label: spec.label,
-                                    error,
-                                    fatal: true,
-                                })
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
+            match self.step(pipe) {
+                Ok(true) => {}
+                Ok(false) => {
+                    for g in self.groups.values() {
+                        self.unsubscribe(g);
                     }
-                    Ok(Control::Remove(endpoint)) => {
-                        if let Some(g) = self.groups.remove(&endpoint) {
-                            self.unsubscribe(&g);
-                        }
-                    }
-                    Ok(Control::Stop) | Err(TryRecvError::Disconnected) => {
-                        for g in self.groups.values() {
-                            self.unsubscribe(g);
-                        }
-                        return;
-                    }
-                    Err(TryRecvError::Empty) => break,
+                    return;
                 }
-            }
-            if self.step().is_err() {
-                return;
+                Err(Closed) => return,
             }
         }
+    }
+
+    /// Handles one command from the owner; false for `$TERM`.
+    fn command(&mut self, wake: Wake) -> Result<bool, Closed> {
+        let frames = match wake {
+            Wake::Term => return Ok(false),
+            Wake::Timeout => return Ok(true),
+            Wake::Command(frames) => frames,
+        };
+        match frames.as_slice() {
+            [verb, json] if verb == b"add" => match serde_json::from_slice::<GroupSpec>(json) {
+                Ok(spec) => {
+                    if let Err(error) = self.add(spec.clone()) {
+                        self.emit(FeedEvent::Error {
+                            label: spec.label,
+                            error,
+                            fatal: true,
+                        })?;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "feed: bad add command"),
+            },
+            [verb, endpoint] if verb == b"remove" => {
+                if let Some(g) = self
+                    .groups
+                    .remove(String::from_utf8_lossy(endpoint).as_ref())
+                {
+                    self.unsubscribe(&g);
+                }
+            }
+            _ => tracing::warn!("feed: unknown command"),
+        }
+        Ok(true)
     }
 
     fn add(&mut self, spec: GroupSpec) -> Result<(), ClientError> {
@@ -356,14 +371,20 @@ impl Worker {
         let _ = send_dealer(&g.socket, &frames);
     }
 
-    fn emit(&self, event: FeedEvent) -> Result<(), Closed> {
-        self.events.send(event).map_err(|_| Closed)
+    fn emit(&mut self, event: FeedEvent) -> Result<(), Closed> {
+        if (self.on_event)(event) {
+            Ok(())
+        } else {
+            Err(Closed)
+        }
     }
 
-    /// One round: renew what is due, wait for traffic, handle it.
-    fn step(&mut self) -> Result<(), Closed> {
+    /// One round: renew what is due, wait for traffic or a command, handle them. False once
+    /// the owner said stop.
+    fn step(&mut self, pipe: &Pipe) -> Result<bool, Closed> {
         let now = Instant::now();
-        let mut wait = SHUTDOWN_POLL;
+        // With no group, nothing is due: wait for a command.
+        let mut wait: Option<Duration> = None;
         let due: Vec<String> = self
             .groups
             .iter()
@@ -388,29 +409,35 @@ impl Worker {
                 self.backfill(&key)?;
             }
         }
+        let mut sooner = |d: Duration| wait = Some(wait.map_or(d, |w| w.min(d)));
         for g in self.groups.values() {
-            wait = wait.min(g.next_renew.saturating_duration_since(now));
+            sooner(g.next_renew.saturating_duration_since(now));
             if let Some((_, at)) = g.behind {
-                wait = wait.min(at.saturating_duration_since(now));
+                sooner(at.saturating_duration_since(now));
             }
         }
         let keys: Vec<String> = self.groups.keys().cloned().collect();
-        let ready: Vec<bool> = {
-            let mut items: Vec<zmq::PollItem<'_>> = keys
-                .iter()
-                .filter_map(|k| self.groups.get(k))
-                .map(|g| g.socket.as_poll_item(zmq::POLLIN))
+        let (command, ready): (bool, Vec<bool>) = {
+            let mut items: Vec<zmq::PollItem<'_>> = std::iter::once(pipe.as_poll_item())
+                .chain(
+                    keys.iter()
+                        .filter_map(|k| self.groups.get(k))
+                        .map(|g| g.socket.as_poll_item(zmq::POLLIN)),
+                )
                 .collect();
-            if items.is_empty() {
-                std::thread::sleep(wait);
-                return Ok(());
-            }
-            let ms = i64::try_from(wait.as_millis()).unwrap_or(100);
+            let ms = wait.map_or(-1, |w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
             match zmq::poll(&mut items, ms) {
-                Ok(_) => items.iter().map(zmq::PollItem::is_readable).collect(),
-                Err(_) => return Ok(()),
+                Ok(_) => (
+                    items[0].is_readable(),
+                    items[1..].iter().map(zmq::PollItem::is_readable).collect(),
+                ),
+                Err(zmq::Error::EINTR) => return Ok(true),
+                Err(_) => return Ok(false),
             }
         };
+        if command && !self.command(pipe.take())? {
+            return Ok(false);
+        }
         for (key, readable) in keys.iter().zip(ready) {
             if !readable {
                 continue;
@@ -422,7 +449,7 @@ impl Worker {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn handle(&mut self, key: &str, frames: &Frames) -> Result<(), Closed> {

@@ -12,13 +12,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::actor::{Actor, Pipe, Wake};
 use crate::client::{ClientError, ClientOptions, ReqClient};
 use crate::keys::PublicKey;
-use crate::server::{bind_router, poll_ready, recv_batch, reply_frames, send_reply, Incoming};
-use crate::shutdown::{Shutdown, SHUTDOWN_POLL};
+use crate::server::{bind_router, recv_batch, reply_frames, send_reply, Incoming};
 use agora_proto::action::{call, KeyRequest};
 use agora_proto::wire::{ServerKeyReply, ServerKeyRequest};
 
@@ -177,12 +176,11 @@ pub fn forget(known: &Path, endpoint: &str) -> Result<bool, TrustError> {
     Ok(had)
 }
 
-/// A server's plaintext key endpoint, on its own thread; stops when dropped.
+/// A server's plaintext key endpoint, on its own [`Actor`]; stops when dropped.
 #[derive(Debug)]
 pub struct KeyService {
     endpoint: String,
-    stop: Shutdown,
-    thread: Option<JoinHandle<()>>,
+    _actor: Actor,
 }
 
 impl KeyService {
@@ -199,16 +197,11 @@ impl KeyService {
             curve: None,
         };
         let (socket, endpoint) = bind_router(ctx, bind, options)?;
-        let stop = Shutdown::new();
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("key-endpoint".into())
-            .spawn(move || serve(&socket, key, &flag))
+        let actor = Actor::start(ctx, "key-endpoint", move |pipe| serve(&pipe, &socket, key))
             .map_err(|_| zmq::Error::EMFILE)?;
         Ok(KeyService {
             endpoint,
-            stop,
-            thread: Some(thread),
+            _actor: actor,
         })
     }
 
@@ -218,20 +211,18 @@ impl KeyService {
     }
 }
 
-impl Drop for KeyService {
-    fn drop(&mut self) {
-        self.stop.trigger();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(socket: &zmq::Socket, key: PublicKey, stop: &Shutdown) {
-    let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
+fn serve(pipe: &Pipe, socket: &zmq::Socket, key: PublicKey) {
     let mut batch = Vec::new();
-    while !stop.is_triggered() {
-        if !poll_ready(socket, poll_ms).unwrap_or(false) {
+    loop {
+        let mut items = [pipe.as_poll_item(), socket.as_poll_item(zmq::POLLIN)];
+        match zmq::poll(&mut items, -1) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(_) => return,
+        }
+        if items[0].is_readable() && matches!(pipe.take(), Wake::Term) {
+            return;
+        }
+        if !items[1].is_readable() {
             continue;
         }
         if recv_batch(socket, 64, &mut batch).is_err() {

@@ -13,10 +13,8 @@
 //! Reply frames: version `1.0`, request id, status code (`200` or `400`), status text,
 //! user id, metadata (empty).
 
-use std::thread::JoinHandle;
-
+use crate::actor::{Actor, Pipe, Wake};
 use crate::keys::PublicKey;
-use crate::shutdown::{Shutdown, SHUTDOWN_POLL};
 
 /// Where libzmq looks for the handler, per context (RFC 27).
 pub const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
@@ -32,11 +30,10 @@ pub struct ZapPolicy {
     pub allow_null: bool,
 }
 
-/// A running ZAP handler; stops when dropped.
+/// A running ZAP handler, an [`Actor`]; stops when dropped.
 #[derive(Debug)]
 pub struct Authenticator {
-    stop: Shutdown,
-    thread: Option<JoinHandle<()>>,
+    _actor: Actor,
 }
 
 impl Authenticator {
@@ -48,38 +45,27 @@ impl Authenticator {
         let socket = ctx.socket(zmq::REP)?;
         socket.set_linger(0)?;
         socket.bind(ZAP_ENDPOINT)?;
-        let stop = Shutdown::new();
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("zap".into())
-            .spawn(move || serve(&socket, policy, &flag))
+        let actor = Actor::start(ctx, "zap", move |pipe| serve(&pipe, &socket, policy))
             .map_err(|_| zmq::Error::EMFILE)?;
-        Ok(Authenticator {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Authenticator { _actor: actor })
     }
 }
 
-impl Drop for Authenticator {
-    fn drop(&mut self) {
-        self.stop.trigger();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(socket: &zmq::Socket, policy: ZapPolicy, stop: &Shutdown) {
-    let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
-    while !stop.is_triggered() {
-        match socket.poll(zmq::POLLIN, poll_ms) {
-            Ok(0) | Err(zmq::Error::EINTR) => continue,
-            Ok(_) => {}
+fn serve(pipe: &Pipe, socket: &zmq::Socket, policy: ZapPolicy) {
+    loop {
+        let mut items = [pipe.as_poll_item(), socket.as_poll_item(zmq::POLLIN)];
+        match zmq::poll(&mut items, -1) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => {
                 tracing::error!(error = %e, "ZAP handler stopped");
                 return;
             }
+        }
+        if items[0].is_readable() && matches!(pipe.take(), Wake::Term) {
+            return;
+        }
+        if !items[1].is_readable() {
+            continue;
         }
         let Ok(request) = socket.recv_multipart(0) else {
             continue;

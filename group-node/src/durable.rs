@@ -1,22 +1,22 @@
-//! The stages that make commits durable off the request loop.
+//! The stages that make commits durable off the request loop, each an
+//! [`agora_common::actor::Actor`].
 //!
-//! - [`Syncer`]: an actor (zguide chapter 4, CZMQ `zactor`) that `fdatasync`s the WAL. The
-//!   loop commits batch N (written, not yet synced), asks the syncer to sync up to N, and
-//!   goes on to receive and apply batch N+1. The syncer takes every request waiting, syncs
-//!   once, and answers with the highest batch number it covered; the loop then releases that
-//!   batch's replies and pushes. One sync covers every batch committed before it starts.
+//! - [`Syncer`]: `fdatasync`s the WAL. The loop commits batch N (written, not yet synced),
+//!   asks the syncer to sync up to N, and goes on to receive and apply batch N+1. The syncer
+//!   takes every request waiting, syncs once, and answers with the highest batch number it
+//!   covered; the loop then releases that batch's replies and pushes. One sync covers every
+//!   batch committed before it starts.
 //! - [`CheckpointThread`]: copies the WAL back into the database on its own SQLite
 //!   connection, so that no commit ever waits for a checkpoint.
 //!
-//! # Control pipe
-//! The loop and the syncer share an inproc `PAIR` pipe. Loop → syncer: one frame of 8 bytes,
-//! the batch number (big-endian u64), or an empty frame to stop. Syncer → loop: 8 bytes, the
-//! highest batch now durable, or an empty frame when a sync failed (the syncer then stops).
+//! # Pipe messages
+//! Loop → syncer: one frame of 8 bytes, the batch number (big-endian u64). Syncer → loop:
+//! 8 bytes, the highest batch now durable, or an empty frame when a sync failed (the syncer
+//! then stops). Loop → checkpointer: `nudge`. Both stop at once on `$TERM` (a drop).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::thread::JoinHandle;
 use std::time::Duration;
+
+use agora_common::actor::{Actor, Pipe, Wake};
 
 use crate::store::{Checkpointer, WalSync};
 
@@ -30,18 +30,10 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 /// the WAL would never start over and would grow without bound.
 pub const WAL_RESTART_FRAMES: i64 = 16_384;
 
-static PIPE_ID: AtomicU64 = AtomicU64::new(0);
-
-/// The loop's end of the sync actor.
+/// The loop's end of the sync actor. Dropping it stops the actor at once.
+#[derive(Debug)]
 pub struct Syncer {
-    pipe: zmq::Socket,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Syncer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Syncer").finish_non_exhaustive()
-    }
+    actor: Actor,
 }
 
 /// The syncer could not make a batch durable; nothing it was syncing may be acked.
@@ -50,42 +42,27 @@ impl std::fmt::Debug for Syncer {
 pub struct SyncFailed;
 
 impl Syncer {
-    /// Starts the actor's thread, syncing through `wal`.
+    /// Starts the actor, syncing through `wal`.
     ///
     /// # Errors
     /// libzmq's (binding the inproc pipe) or the thread spawn's, as `io::Error`.
     pub fn start(ctx: &zmq::Context, wal: WalSync) -> std::io::Result<Syncer> {
-        let endpoint = format!(
-            "inproc://agora-syncer-{}",
-            PIPE_ID.fetch_add(1, Ordering::Relaxed)
-        );
-        let zmq_io = |e: zmq::Error| std::io::Error::other(e.to_string());
-        let pipe = ctx.socket(zmq::PAIR).map_err(zmq_io)?;
-        pipe.set_linger(0).map_err(zmq_io)?;
-        pipe.bind(&endpoint).map_err(zmq_io)?;
-        let child = ctx.socket(zmq::PAIR).map_err(zmq_io)?;
-        child.set_linger(0).map_err(zmq_io)?;
-        child.connect(&endpoint).map_err(zmq_io)?;
-        let thread = std::thread::Builder::new()
-            .name("wal-sync".into())
-            .spawn(move || sync_loop(&child, &wal))?;
-        Ok(Syncer {
-            pipe,
-            thread: Some(thread),
-        })
+        let actor = Actor::start(ctx, "wal-sync", move |pipe| sync_loop(&pipe, &wal))?;
+        Ok(Syncer { actor })
     }
 
     /// The pipe, to poll for [`Syncer::recv`] beside the ROUTER.
     pub fn poll_item(&self) -> zmq::PollItem<'_> {
-        self.pipe.as_poll_item(zmq::POLLIN)
+        self.actor.as_poll_item()
     }
 
     /// Asks for everything committed up to batch `batch` to be made durable.
     ///
     /// # Errors
-    /// libzmq's (context terminated).
+    /// libzmq's (context terminated; `EAGAIN` past 1000 requests not read, which the loop's
+    /// pipeline bound rules out).
     pub fn request(&self, batch: u64) -> Result<(), zmq::Error> {
-        self.pipe.send(&batch.to_be_bytes()[..], 0)
+        self.actor.send(&[&batch.to_be_bytes()])
     }
 
     /// The highest durable batch, waiting up to `timeout_ms` (-1: forever); `Ok(None)` if
@@ -94,108 +71,102 @@ impl Syncer {
     /// # Errors
     /// [`SyncFailed`] when the sync failed or the actor is gone.
     pub fn recv(&self, timeout_ms: i32) -> Result<Option<u64>, SyncFailed> {
-        self.pipe.set_rcvtimeo(timeout_ms).map_err(|_| SyncFailed)?;
+        let wait = u64::try_from(timeout_ms)
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::MAX);
         let mut latest = None;
-        loop {
-            let flags = if latest.is_some() { zmq::DONTWAIT } else { 0 };
-            match self.pipe.recv_bytes(flags) {
-                Ok(bytes) => {
-                    let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| SyncFailed)?;
-                    latest = Some(u64::from_be_bytes(raw));
-                }
-                Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => return Ok(latest),
-                Err(_) => return Err(SyncFailed),
-            }
+        let mut next_wait = Some(wait);
+        while let Some(frames) = self.actor.recv(next_wait).map_err(|_| SyncFailed)? {
+            let raw: [u8; 8] = frames
+                .first()
+                .and_then(|f| f.as_slice().try_into().ok())
+                .ok_or(SyncFailed)?;
+            latest = Some(u64::from_be_bytes(raw));
+            next_wait = None; // then only what is already waiting
         }
+        Ok(latest)
     }
 }
 
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        let _ = self.pipe.send(&b""[..], 0);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn sync_loop(pipe: &zmq::Socket, wal: &WalSync) {
+fn sync_loop(pipe: &Pipe, wal: &WalSync) {
     loop {
-        let Ok(first) = pipe.recv_bytes(0) else {
-            return;
+        let mut upto = match pipe.wait(None) {
+            Wake::Term => return,
+            Wake::Timeout => continue,
+            Wake::Command(frames) => match batch_of(&frames) {
+                Some(n) => n,
+                None => return,
+            },
         };
-        let Ok(raw) = <[u8; 8]>::try_from(first.as_slice()) else {
-            return; // empty frame: stop
-        };
-        let mut upto = u64::from_be_bytes(raw);
         // Every request already waiting is covered by the same sync.
-        while let Ok(more) = pipe.recv_bytes(zmq::DONTWAIT) {
-            match <[u8; 8]>::try_from(more.as_slice()) {
-                Ok(raw) => upto = upto.max(u64::from_be_bytes(raw)),
-                Err(_) => return,
+        loop {
+            match pipe.take() {
+                Wake::Term => return,
+                Wake::Timeout => break,
+                Wake::Command(frames) => match batch_of(&frames) {
+                    Some(n) => upto = upto.max(n),
+                    None => return,
+                },
             }
         }
         if let Err(e) = wal.sync() {
             tracing::error!(error = %e, "fdatasync of the WAL failed");
-            let _ = pipe.send(&b""[..], 0);
+            let _ = pipe.send(&[b""]);
             return;
         }
-        if pipe.send(&upto.to_be_bytes()[..], 0).is_err() {
+        if pipe.send(&[&upto.to_be_bytes()]).is_err() {
             return;
         }
     }
 }
 
-/// The checkpoint stage: a thread owning a [`Checkpointer`]. It runs a passive checkpoint
+/// The batch number a sync request carries.
+fn batch_of(frames: &[Vec<u8>]) -> Option<u64> {
+    let raw: [u8; 8] = frames.first()?.as_slice().try_into().ok()?;
+    Some(u64::from_be_bytes(raw))
+}
+
+/// The checkpoint stage: an actor owning a [`Checkpointer`]. It runs a passive checkpoint
 /// every [`CHECKPOINT_INTERVAL`] and whenever [`CheckpointThread::nudge`]d, and a restart
-/// checkpoint after one that found the WAL past [`WAL_RESTART_FRAMES`]. Dropping it stops the thread at once.
+/// checkpoint after one that found the WAL past [`WAL_RESTART_FRAMES`]. Dropping it stops
+/// the actor at once (a checkpoint in progress finishes first).
 #[derive(Debug)]
 pub struct CheckpointThread {
-    nudge: Option<SyncSender<()>>,
-    thread: Option<JoinHandle<()>>,
+    actor: Actor,
 }
 
 impl CheckpointThread {
-    /// Starts the thread.
+    /// Starts the actor.
     ///
     /// # Errors
-    /// The thread spawn's.
-    pub fn start(checkpointer: Checkpointer) -> std::io::Result<CheckpointThread> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, &rx))?;
-        Ok(CheckpointThread {
-            nudge: Some(tx),
-            thread: Some(thread),
-        })
+    /// libzmq's or the thread spawn's, as `io::Error`.
+    pub fn start(ctx: &zmq::Context, checkpointer: Checkpointer) -> std::io::Result<Self> {
+        let actor = Actor::start(ctx, "checkpoint", move |pipe| {
+            checkpoint_loop(&pipe, checkpointer);
+        })?;
+        Ok(CheckpointThread { actor })
     }
 
-    /// Asks for a checkpoint soon; a nudge already waiting covers this one.
+    /// Asks for a checkpoint soon; nudges waiting together make one checkpoint.
     pub fn nudge(&self) {
-        if let Some(tx) = &self.nudge {
-            match tx.try_send(()) {
-                Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
-            }
-        }
+        let _ = self.actor.send(&[b"nudge"]);
     }
 }
 
-impl Drop for CheckpointThread {
-    fn drop(&mut self) {
-        self.nudge.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn checkpoint_loop(mut checkpointer: Checkpointer, nudges: &Receiver<()>) {
+fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
     let mut restart = false;
     loop {
-        match nudges.recv_timeout(CHECKPOINT_INTERVAL) {
-            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        match pipe.wait(Some(CHECKPOINT_INTERVAL)) {
+            Wake::Term => return,
+            Wake::Command(_) | Wake::Timeout => {}
+        }
+        // Nudges that came meanwhile are covered by this checkpoint.
+        loop {
+            match pipe.take() {
+                Wake::Term => return,
+                Wake::Command(_) => {}
+                Wake::Timeout => break,
+            }
         }
         if checkpointer.wal_bytes() == 0 {
             continue;

@@ -1,24 +1,23 @@
 //! Registration with the registry: register on start, repeat every heartbeat interval
 //! (the registry's liveness signal), unregister on a clean stop.
 //!
-//! Runs on its own thread with its own REQ socket, so a registry that is down or slow never
+//! Runs on its own [`Actor`] with its own REQ socket, so a registry that is down or slow never
 //! delays members' requests. When the registry comes back (or restarts empty), the next
-//! heartbeat registers the group again.
+//! heartbeat registers the group again. A stop wakes the actor between heartbeats at once; a
+//! registration in flight finishes first (at most one interval, its timeout).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use agora_common::actor::{Actor, Pipe, Wake};
 use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient};
-use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 use agora_proto::wire::{Endpoint, ErrorCode, GroupName};
 
-/// A running heartbeat thread; stops (and unregisters) when dropped.
+/// A running heartbeat actor; stops (and unregisters) when dropped.
 #[derive(Debug)]
 pub struct Heartbeat {
-    stop: Shutdown,
-    thread: Option<JoinHandle<()>>,
+    _actor: Actor,
 }
 
 impl Heartbeat {
@@ -34,34 +33,19 @@ impl Heartbeat {
         interval: Duration,
         members: Arc<AtomicU64>,
     ) -> std::io::Result<Heartbeat> {
-        let stop = Shutdown::new();
-        let ctx = ctx.clone();
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("heartbeat".into())
-            .spawn(move || {
-                beat(
-                    &ctx, &registry, curve, &name, &endpoint, interval, &members, &flag,
-                )
-            })?;
-        Ok(Heartbeat {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.stop.trigger();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let own_ctx = ctx.clone();
+        let actor = Actor::start(ctx, "heartbeat", move |pipe| {
+            beat(
+                &pipe, &own_ctx, &registry, curve, &name, &endpoint, interval, &members,
+            )
+        })?;
+        Ok(Heartbeat { _actor: actor })
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn beat(
+    pipe: &Pipe,
     ctx: &zmq::Context,
     registry: &str,
     curve: Option<ClientCurve>,
@@ -69,7 +53,6 @@ fn beat(
     endpoint: &Endpoint,
     interval: Duration,
     members: &AtomicU64,
-    stop: &Shutdown,
 ) {
     let options = ClientOptions {
         timeout: interval.max(Duration::from_millis(100)),
@@ -86,7 +69,7 @@ fn beat(
     let mut client = connect(options);
     let mut registered = false;
     let mut warned = false;
-    while !stop.is_triggered() {
+    loop {
         let next = Instant::now() + interval;
         match client.register(name, endpoint, members.load(Ordering::Relaxed), public_key) {
             Ok(_) if !registered => {
@@ -109,8 +92,10 @@ fn beat(
                 registered = false;
             }
         }
-        while !stop.is_triggered() && Instant::now() < next {
-            std::thread::sleep(SHUTDOWN_POLL.min(next.saturating_duration_since(Instant::now())));
+        match pipe.wait_until(next) {
+            Wake::Term => break,
+            // No commands are defined; the next heartbeat is due.
+            Wake::Command(_) | Wake::Timeout => {}
         }
     }
     if registered {

@@ -400,7 +400,7 @@ impl Node {
         };
         let syncer =
             durable::Syncer::start(&self.ctx, self.store.wal_sync()).map_err(NodeError::Thread)?;
-        let checkpoints = durable::CheckpointThread::start(self.store.checkpointer()?)
+        let checkpoints = durable::CheckpointThread::start(&self.ctx, self.store.checkpointer()?)
             .map_err(NodeError::Thread)?;
         tracing::info!(group = %self.config.name, endpoint = %self.endpoint,
             last_seq = self.store.last_seq(), "group node serving");

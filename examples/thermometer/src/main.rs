@@ -142,11 +142,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (inbox, dms) = Inbox::start(
+    // Commands are answered on this thread, which owns the clients: the inbox hands them
+    // over and they are acked once answered.
+    let (to_main, dms) = std::sync::mpsc::sync_channel(1024);
+    let inbox = Inbox::start(
         &ctx,
         &args.registry,
         curve,
         Duration::from_millis(ttl / 3).max(Duration::from_millis(100)),
+        move |dm| {
+            let _ = to_main.send(dm);
+            false
+        },
     )?;
     println!("listening {}", args.user);
     std::io::stdout().flush()?;

@@ -3,27 +3,16 @@
 use std::time::Duration;
 
 use agora_common::client::ClientError;
-use agora_common::shutdown::Shutdown;
 use agora_proto::wire::{ErrorCode, UserName};
 use serde_json::value::RawValue;
 
 use super::{App, CliError, Printer};
 use crate::render::{self, Item, Output};
 
-/// Keeps the user's presence alive on a thread (a `connect` every third of the TTL) and
+/// Keeps the user's presence alive (the inbox's `connect` every third of the TTL) and
 /// disconnects when dropped.
 pub struct PresenceGuard {
-    stop: Shutdown,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for PresenceGuard {
-    fn drop(&mut self) {
-        self.stop.trigger();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    _inbox: agora_common::inbox::Inbox,
 }
 
 impl App {
@@ -110,42 +99,31 @@ impl App {
             .connect(agora_proto::wire::Presence::Online)
             .ok()?;
         let every = Duration::from_millis(first.ttl_ms / 3).max(Duration::from_millis(100));
-        let (inbox, dms) =
-            agora_common::inbox::Inbox::start(&self.ctx, &self.registry_endpoint, curve, every)
-                .ok()?;
-        let stop = Shutdown::new();
-        let flag = stop.clone();
         let format = self.format;
         let mut printer = printer;
-        let thread = std::thread::Builder::new()
-            .name("presence".into())
-            .spawn(move || {
-                while !flag.is_triggered() {
-                    let Ok(dm) = dms.recv_timeout(Duration::from_millis(100)) else {
-                        continue;
-                    };
-                    // Acked only once shown: without a printer, pushed messages stay in the
-                    // mailbox for the next `check`.
-                    let Some(print) = printer.as_mut() else {
-                        continue;
-                    };
-                    if let Some(line) = render::line(
-                        format,
-                        &Item::Dm {
-                            dm: &dm,
-                            stored: false,
-                        },
-                    ) {
-                        print(line);
-                    }
-                    inbox.ack(dm.n);
+        // Printed on the inbox's own thread, then acked; without a printer nothing is acked,
+        // so pushed messages stay in the mailbox for the next `check`.
+        let inbox = agora_common::inbox::Inbox::start(
+            &self.ctx,
+            &self.registry_endpoint,
+            curve,
+            every,
+            move |dm| {
+                let Some(print) = printer.as_mut() else {
+                    return false;
+                };
+                let item = Item::Dm {
+                    dm: &dm,
+                    stored: false,
+                };
+                if let Some(line) = render::line(format, &item) {
+                    print(line);
                 }
-            })
-            .ok()?;
-        Some(PresenceGuard {
-            stop,
-            thread: Some(thread),
-        })
+                true
+            },
+        )
+        .ok()?;
+        Some(PresenceGuard { _inbox: inbox })
     }
 
     /// `send_dm NAME TEXT` (also `NAME: text` at the prompt, and seed 004's `SEND u text`).

@@ -179,54 +179,51 @@ impl App {
     /// # Errors
     /// The feed thread could not start.
     pub fn start_live(&mut self, mut printer: Printer) -> std::io::Result<()> {
-        let (feed, rx) = Feed::start(
+        let state = Arc::clone(&self.state);
+        let me = self.user.clone();
+        let format = self.format;
+        let mut last_save = Instant::now();
+        // Printed on the feed's own thread: no relay thread between the feed and the screen.
+        let feed = Feed::with_handler(
             &self.ctx,
             self.user.clone(),
             self.keypair.clone(),
             feed_options(self.options),
-        )?;
-        let state = Arc::clone(&self.state);
-        let me = self.user.clone();
-        let format = self.format;
-        std::thread::Builder::new()
-            .name("live-printer".into())
-            .spawn(move || {
-                let mut last_save = Instant::now();
-                for event in rx {
-                    match event {
-                        FeedEvent::Entry { group, entry, .. } => {
-                            let mine = entry.sender == me && entry.kind == EntryKind::Message;
-                            let mut s = lock(&state);
-                            s.seen(group.as_str(), entry.seq);
-                            if last_save.elapsed() > Duration::from_millis(500) {
-                                let _ = s.save();
-                                last_save = Instant::now();
-                            }
-                            drop(s);
-                            let item = Item::Entry {
-                                group: &group,
-                                entry: &entry,
-                            };
-                            if let Some(line) = render::line(format, &item).filter(|_| !mine) {
-                                printer(line);
-                            }
+            move |event| {
+                match event {
+                    FeedEvent::Entry { group, entry, .. } => {
+                        let mine = entry.sender == me && entry.kind == EntryKind::Message;
+                        let mut s = lock(&state);
+                        s.seen(group.as_str(), entry.seq);
+                        if last_save.elapsed() > Duration::from_millis(500) {
+                            let _ = s.save();
+                            last_save = Instant::now();
                         }
-                        FeedEvent::Error {
-                            label,
-                            error,
-                            fatal,
-                        } => {
-                            if fatal {
-                                printer(format!("user-cli: {label}: {}", cause(&error)));
-                            } else {
-                                tracing::debug!(%label, %error, "live stream trouble");
-                            }
+                        drop(s);
+                        let item = Item::Entry {
+                            group: &group,
+                            entry: &entry,
+                        };
+                        if let Some(line) = render::line(format, &item).filter(|_| !mine) {
+                            printer(line);
                         }
-                        FeedEvent::Subscribed { .. } => {}
                     }
+                    FeedEvent::Error {
+                        label,
+                        error,
+                        fatal,
+                    } => {
+                        if fatal {
+                            printer(format!("user-cli: {label}: {}", cause(&error)));
+                        } else {
+                            tracing::debug!(%label, %error, "live stream trouble");
+                        }
+                    }
+                    FeedEvent::Subscribed { .. } => {}
                 }
-                let _ = lock(&state).save();
-            })?;
+                true
+            },
+        )?;
         let subscribed: Vec<(String, GroupState)> = lock(&self.state)
             .state
             .groups

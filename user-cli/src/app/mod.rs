@@ -178,6 +178,14 @@ pub struct Resolved {
 /// Prints one line for the user from the live stream (above the prompt).
 pub type Printer = Box<dyn FnMut(String) + Send>;
 
+impl Drop for App {
+    /// Stops the live feed (its actor saves nothing itself), then saves what it saw.
+    fn drop(&mut self) {
+        drop(self.feed.take());
+        self.save_state();
+    }
+}
+
 fn lock(state: &Mutex<StateFile>) -> MutexGuard<'_, StateFile> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
