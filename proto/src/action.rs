@@ -1,7 +1,7 @@
 //! The action table: every action of AGORA/1 declared once, with its wire name, request
 //! type, reply type and the server role that answers it (PROTOCOL.md §4–§6).
 //!
-//! [`actions!`] turns the table into:
+//! The `actions!` macro turns the table into:
 //! - [`Action`]: every action, with [`Action::as_str`], [`Action::from_wire`] and
 //!   [`Action::role`];
 //! - one request enum per server role ([`RegistryRequest`], [`NodeRequest`],

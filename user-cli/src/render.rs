@@ -1,4 +1,4 @@
-//! The one renderer: commands produce [`Item`]s (data), and [`line`] turns each into a line
+//! The one renderer: commands produce [`Item`]s (data), and [`line()`] turns each into a line
 //! for people or, with `--json`, one JSON object. [`Output`] writes them.
 
 use std::io::Write;
