@@ -142,6 +142,8 @@ impl Feed {
     /// Starts an empty feed acting as `user`, talking CURVE with `keypair` if given (then
     /// every [`GroupSpec`] needs its `server_key`); events arrive on the returned receiver,
     /// which holds at most [`FeedOptions::channel`] of them (the feed waits when it is full).
+    /// Drop the receiver before the feed: a feed waiting on a full channel notices a
+    /// dropped receiver, not a stop.
     ///
     /// # Errors
     /// The actor could not be started.

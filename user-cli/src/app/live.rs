@@ -310,6 +310,9 @@ impl App {
                 }
             }
         }
+        // The receiver first: a feed waiting on a full channel then sees it closed and
+        // stops, so dropping the feed cannot wait on this thread.
+        drop(rx);
         drop(feed);
         Ok(())
     }
