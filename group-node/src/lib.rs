@@ -61,6 +61,7 @@ use agora_proto::wire::{
     DEFAULT_MAX_MESSAGE_BYTES,
 };
 
+pub mod blobs;
 mod cmd;
 pub mod durable;
 pub mod heartbeat;

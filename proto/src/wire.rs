@@ -877,6 +877,68 @@ impl GetMessagesRequest {
     }
 }
 
+/// A SHA-256 digest (FIPS 180-4), the name of an attachment's content: on the wire, 64
+/// lower-case hexadecimal characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sha256Digest([u8; 32]);
+
+impl Sha256Digest {
+    /// The digest of these 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Sha256Digest {
+        Sha256Digest(bytes)
+    }
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+/// Text that is not 64 hexadecimal characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid SHA-256 digest {0:?}: expected 64 lower-case hexadecimal characters")]
+pub struct BadDigest(pub String);
+
+impl std::str::FromStr for Sha256Digest {
+    type Err = BadDigest;
+
+    fn from_str(s: &str) -> Result<Self, BadDigest> {
+        let bad = || BadDigest(s.chars().take(80).collect());
+        if s.len() != 64 || s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(s, &mut bytes).map_err(|_| bad())?;
+        Ok(Sha256Digest(bytes))
+    }
+}
+
+impl TryFrom<String> for Sha256Digest {
+    type Error = BadDigest;
+    fn try_from(s: String) -> Result<Self, BadDigest> {
+        s.parse()
+    }
+}
+
+impl From<Sha256Digest> for String {
+    fn from(d: Sha256Digest) -> String {
+        d.to_string()
+    }
+}
+
+impl fmt::Display for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha256Digest({self})")
+    }
+}
+
 // ----- replies -----
 
 /// A registry entry, as `list` and `lookup` return it.
@@ -1206,6 +1268,26 @@ mod tests {
                 .as_str(),
             "tcp://10.0.0.1:5560"
         );
+    }
+
+    #[test]
+    fn digests_are_64_lower_case_hex_characters() {
+        let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let d: Sha256Digest = hex.parse().expect("the digest of nothing");
+        assert_eq!(d.to_string(), hex);
+        assert_eq!(
+            serde_json::to_string(&d).expect("json"),
+            format!("\"{hex}\"")
+        );
+        for bad in [
+            "",
+            "abc",
+            &hex.to_uppercase(),
+            &format!("{hex}00"),
+            &hex.replace('e', "g"),
+        ] {
+            assert!(bad.parse::<Sha256Digest>().is_err(), "{bad}");
+        }
     }
 
     #[test]

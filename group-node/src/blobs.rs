@@ -1,0 +1,523 @@
+//! Attachments' bytes: a content-addressed blob store under the node's data directory.
+//!
+//! Each content is stored once, named by its SHA-256 digest, however often it is sent.
+//! Uploads arrive in chunks, appended in order to a partial file; the node fsyncs and verifies
+//! the digest once every byte is there, and only then moves the file to its name, so a
+//! partial or corrupt blob is never served. A partial upload survives a restart: its length
+//! on disk is how far it got, and the client resumes from there.
+//!
+//! # Layout (under `DATA/blobs/`)
+//! - `sha256/AB/ABCDEF…` (the full 64-character hex digest, in a directory named by its
+//!   first two characters): a complete, verified blob, mode 0600.
+//! - `uploads/ABCDEF….part`: an upload in progress; `uploads/ABCDEF….size`: its declared
+//!   size in bytes, as decimal text.
+//!
+//! Nothing is held in memory beyond one chunk: writes go to the file, and the digest is
+//! computed by reading the file back in 64 KiB pieces.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use agora_proto::wire::Sha256Digest;
+use sha2::{Digest, Sha256};
+
+/// Why a blob operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// A chunk that does not start where the upload stands (chunks are appended in order).
+    #[error("chunk at offset {offset}, but the upload holds {have} bytes")]
+    BadOffset {
+        /// The chunk's offset.
+        offset: u64,
+        /// Bytes stored so far: where the next chunk must start.
+        have: u64,
+    },
+    /// A chunk that would pass the declared size.
+    #[error("chunk of {len} bytes at {offset} passes the declared size {size}")]
+    PastEnd {
+        /// The chunk's offset.
+        offset: u64,
+        /// The chunk's length.
+        len: u64,
+        /// The declared size.
+        size: u64,
+    },
+    /// The same digest was declared with another size.
+    #[error("an upload of this digest is in progress with size {have}, not {declared}")]
+    SizeConflict {
+        /// The size declared now.
+        declared: u64,
+        /// The size of the upload in progress.
+        have: u64,
+    },
+    /// No upload of this digest is in progress (and no such blob exists).
+    #[error("no upload of {0} in progress")]
+    NoUpload(Sha256Digest),
+    /// No complete blob has this digest.
+    #[error("no blob {0}")]
+    NotFound(Sha256Digest),
+    /// Every byte arrived but they hash to another digest; the upload was discarded.
+    #[error("the bytes received hash to {actual}, not {declared}; the upload was discarded")]
+    DigestMismatch {
+        /// The digest declared.
+        declared: Sha256Digest,
+        /// The digest of the bytes received.
+        actual: Sha256Digest,
+    },
+    /// A read past a blob's end.
+    #[error("offset {offset} is past the blob's {size} bytes")]
+    Range {
+        /// The offset asked.
+        offset: u64,
+        /// The blob's size.
+        size: u64,
+    },
+    /// The file system failed (a full disk, say); nothing acked was lost.
+    #[error("blob store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How far an upload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Bytes stored so far, of `size`: the next chunk starts at `have`.
+    Partial {
+        /// Bytes stored.
+        have: u64,
+        /// The declared size.
+        size: u64,
+    },
+    /// The blob is complete and verified (it may have been stored by an earlier upload).
+    Complete {
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// The blob store of one node.
+#[derive(Debug)]
+pub struct Blobs {
+    root: PathBuf,
+}
+
+impl Blobs {
+    /// Opens (creating, mode 0700) the store under `dir`.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`].
+    pub fn open(dir: &Path) -> Result<Blobs, BlobError> {
+        let root = dir.join("blobs");
+        for d in [root.join("sha256"), root.join("uploads")] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)?;
+        }
+        Ok(Blobs { root })
+    }
+
+    fn blob_path(&self, digest: &Sha256Digest) -> PathBuf {
+        let hex = digest.to_string();
+        self.root.join("sha256").join(&hex[..2]).join(hex)
+    }
+
+    fn part_path(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join("uploads").join(format!("{digest}.part"))
+    }
+
+    fn size_path(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join("uploads").join(format!("{digest}.size"))
+    }
+
+    /// The size of the complete blob `digest`, if there is one.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`] other than "not found".
+    pub fn size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
+        match fs::metadata(self.blob_path(digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Where the upload of `digest` stands, if it was begun or is complete.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`].
+    pub fn progress(&self, digest: &Sha256Digest) -> Result<Option<Progress>, BlobError> {
+        if let Some(size) = self.size(digest)? {
+            return Ok(Some(Progress::Complete { size }));
+        }
+        let Some(size) = self.declared_size(digest)? else {
+            return Ok(None);
+        };
+        let have = match fs::metadata(self.part_path(digest)) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(Progress::Partial { have, size }))
+    }
+
+    fn declared_size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
+        match fs::read_to_string(self.size_path(digest)) {
+            Ok(text) => Ok(text.trim().parse().ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Begins (or, with the same size, resumes) an upload of `size` bytes named `digest`.
+    /// A blob already complete is not uploaded again: the answer says so.
+    ///
+    /// # Errors
+    /// [`BlobError::SizeConflict`] when an upload of the digest with another size is in
+    /// progress; [`BlobError::Io`].
+    pub fn begin(&self, digest: &Sha256Digest, size: u64) -> Result<Progress, BlobError> {
+        match self.progress(digest)? {
+            Some(p @ Progress::Complete { .. }) => return Ok(p),
+            Some(Progress::Partial {
+                have,
+                size: declared,
+            }) if declared == size => return Ok(Progress::Partial { have, size }),
+            Some(Progress::Partial { size: have, .. }) => {
+                return Err(BlobError::SizeConflict {
+                    declared: size,
+                    have,
+                })
+            }
+            None => {}
+        }
+        write_private(&self.size_path(digest), size.to_string().as_bytes())?;
+        if size == 0 {
+            write_private(&self.part_path(digest), b"")?;
+            return self.finish(digest);
+        }
+        Ok(Progress::Partial { have: 0, size })
+    }
+
+    /// Appends `bytes` at `offset` to the upload of `digest`; once every byte is there,
+    /// verifies the digest and completes the blob ([`Blobs::finish`]). Returns where the
+    /// upload stands after.
+    ///
+    /// # Errors
+    /// [`BlobError::NoUpload`], [`BlobError::BadOffset`] (the error says where to resume),
+    /// [`BlobError::PastEnd`], [`BlobError::DigestMismatch`], [`BlobError::Io`].
+    pub fn write_chunk(
+        &self,
+        digest: &Sha256Digest,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<Progress, BlobError> {
+        let (have, size) = match self.progress(digest)? {
+            Some(Progress::Partial { have, size }) => (have, size),
+            Some(p @ Progress::Complete { .. }) => return Ok(p),
+            None => return Err(BlobError::NoUpload(*digest)),
+        };
+        if offset != have {
+            return Err(BlobError::BadOffset { offset, have });
+        }
+        let len = bytes.len() as u64;
+        if offset + len > size {
+            return Err(BlobError::PastEnd { offset, len, size });
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.part_path(digest))?;
+        if let Err(e) = file.write_all(bytes) {
+            // A short write (a full disk) must not leave a torn chunk to resume after.
+            let _ = file.set_len(have);
+            return Err(e.into());
+        }
+        if offset + len == size {
+            return self.finish(digest);
+        }
+        Ok(Progress::Partial {
+            have: offset + len,
+            size,
+        })
+    }
+
+    /// Verifies a fully received upload against its digest, fsyncs it and moves it to its
+    /// name (then fsyncs the directory). A mismatch discards the upload.
+    ///
+    /// # Errors
+    /// [`BlobError::DigestMismatch`], [`BlobError::NoUpload`], [`BlobError::Io`].
+    pub fn finish(&self, digest: &Sha256Digest) -> Result<Progress, BlobError> {
+        let part = self.part_path(digest);
+        let mut file = File::open(&part).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BlobError::NoUpload(*digest),
+            _ => BlobError::Io(e),
+        })?;
+        let actual = hash_file(&mut file)?;
+        if actual != *digest {
+            drop(file);
+            self.discard(digest);
+            return Err(BlobError::DigestMismatch {
+                declared: *digest,
+                actual,
+            });
+        }
+        file.sync_all()?;
+        let size = file.metadata()?.len();
+        let target = self.blob_path(digest);
+        if let Some(dir) = target.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        fs::rename(&part, &target)?;
+        if let Some(dir) = target.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        let _ = fs::remove_file(self.size_path(digest));
+        Ok(Progress::Complete { size })
+    }
+
+    /// Forgets an upload in progress.
+    pub fn discard(&self, digest: &Sha256Digest) {
+        let _ = fs::remove_file(self.part_path(digest));
+        let _ = fs::remove_file(self.size_path(digest));
+    }
+
+    /// Up to `max` bytes of the complete blob `digest` from `offset` (fewer at its end).
+    ///
+    /// # Errors
+    /// [`BlobError::NotFound`] (also for an upload still in progress: a partial blob is never
+    /// served), [`BlobError::Range`], [`BlobError::Io`].
+    pub fn read(
+        &self,
+        digest: &Sha256Digest,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, BlobError> {
+        let mut file = File::open(self.blob_path(digest)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BlobError::NotFound(*digest),
+            _ => BlobError::Io(e),
+        })?;
+        let size = file.metadata()?.len();
+        if offset > size {
+            return Err(BlobError::Range { offset, size });
+        }
+        file.seek(SeekFrom::Start(offset))?;
+        let want = usize::try_from((size - offset).min(max as u64)).unwrap_or(max);
+        let mut bytes = vec![0u8; want];
+        file.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Removes every complete blob for which `keep` is false; returns how many.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`] listing the store.
+    pub fn retain(&self, mut keep: impl FnMut(&Sha256Digest) -> bool) -> Result<u64, BlobError> {
+        let mut removed = 0;
+        for dir in fs::read_dir(self.root.join("sha256"))? {
+            for entry in fs::read_dir(dir?.path())? {
+                let entry = entry?;
+                let Ok(digest) = entry.file_name().to_string_lossy().parse::<Sha256Digest>() else {
+                    continue;
+                };
+                if !keep(&digest) && fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Discards uploads not written to for `ttl`; returns how many.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`] listing the store.
+    pub fn expire_uploads(&self, ttl: Duration) -> Result<u64, BlobError> {
+        let now = SystemTime::now();
+        let mut expired = 0;
+        for entry in fs::read_dir(self.root.join("uploads"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(digest) = name
+                .strip_suffix(".size")
+                .and_then(|hex| hex.parse::<Sha256Digest>().ok())
+            else {
+                continue;
+            };
+            // The last write: the partial file's, or the declaration's if nothing came.
+            let touched = fs::metadata(self.part_path(&digest))
+                .or_else(|_| entry.metadata())
+                .and_then(|m| m.modified())?;
+            if now.duration_since(touched).unwrap_or_default() >= ttl {
+                self.discard(&digest);
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+}
+
+/// The SHA-256 of a file's content, read in 64 KiB pieces.
+fn hash_file(file: &mut File) -> std::io::Result<Sha256Digest> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Sha256Digest::from_bytes(hasher.finalize().into()))
+}
+
+/// Writes a small file with mode 0600, replacing it, and fsyncs it.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest_of(bytes: &[u8]) -> Sha256Digest {
+        Sha256Digest::from_bytes(Sha256::digest(bytes).into())
+    }
+
+    fn content(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn an_upload_in_chunks_resumes_after_a_reopen_and_completes_verified() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = content(1_000_000);
+        let digest = digest_of(&data);
+        let chunk = 256 << 10;
+        {
+            let blobs = Blobs::open(dir.path()).expect("open");
+            assert_eq!(
+                blobs.begin(&digest, data.len() as u64).expect("begin"),
+                Progress::Partial {
+                    have: 0,
+                    size: 1_000_000
+                }
+            );
+            blobs
+                .write_chunk(&digest, 0, &data[..chunk])
+                .expect("chunk 1");
+            // A partial blob is never served.
+            assert!(matches!(
+                blobs.read(&digest, 0, 10),
+                Err(BlobError::NotFound(_))
+            ));
+        }
+        // A restart: the same store, opened again, says where to resume.
+        let blobs = Blobs::open(dir.path()).expect("reopen");
+        let Progress::Partial { have, .. } =
+            blobs.begin(&digest, data.len() as u64).expect("resume")
+        else {
+            panic!("still partial");
+        };
+        assert_eq!(have, chunk as u64);
+        // A chunk at the wrong offset says where the upload stands, and changes nothing.
+        assert!(matches!(
+            blobs.write_chunk(&digest, 0, &data[..10]),
+            Err(BlobError::BadOffset { offset: 0, have: h }) if h == chunk as u64
+        ));
+        let mut at = have as usize;
+        let mut last = None;
+        while at < data.len() {
+            let end = (at + chunk).min(data.len());
+            last = Some(
+                blobs
+                    .write_chunk(&digest, at as u64, &data[at..end])
+                    .expect("chunk"),
+            );
+            at = end;
+        }
+        assert_eq!(last, Some(Progress::Complete { size: 1_000_000 }));
+        let mut back = Vec::new();
+        while back.len() < data.len() {
+            back.extend(blobs.read(&digest, back.len() as u64, chunk).expect("read"));
+        }
+        assert_eq!(back, data);
+        // The same content again is not uploaded again.
+        assert_eq!(
+            blobs.begin(&digest, data.len() as u64).expect("again"),
+            Progress::Complete { size: 1_000_000 }
+        );
+    }
+
+    #[test]
+    fn a_digest_mismatch_discards_the_upload_and_bad_chunks_change_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let blobs = Blobs::open(dir.path()).expect("open");
+        let data = content(1000);
+        let wrong = digest_of(b"something else");
+        blobs.begin(&wrong, 1000).expect("begin");
+        assert!(matches!(
+            blobs.write_chunk(&wrong, 0, &content(1001)),
+            Err(BlobError::PastEnd { .. })
+        ));
+        assert!(matches!(
+            blobs.write_chunk(&wrong, 0, &data),
+            Err(BlobError::DigestMismatch { .. })
+        ));
+        assert_eq!(blobs.progress(&wrong).expect("progress"), None);
+        assert!(matches!(
+            blobs.read(&wrong, 0, 10),
+            Err(BlobError::NotFound(_))
+        ));
+        assert!(matches!(
+            blobs
+                .begin(&wrong, 1000)
+                .and_then(|_| blobs.begin(&wrong, 999)),
+            Err(BlobError::SizeConflict { .. })
+        ));
+        // The empty content completes at once.
+        let empty = digest_of(b"");
+        assert_eq!(
+            blobs.begin(&empty, 0).expect("empty"),
+            Progress::Complete { size: 0 }
+        );
+    }
+
+    #[test]
+    fn retention_and_expiry_remove_what_nothing_needs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let blobs = Blobs::open(dir.path()).expect("open");
+        let (a, b) = (content(10), content(20));
+        let (da, db) = (digest_of(&a), digest_of(&b));
+        for (d, bytes) in [(da, &a), (db, &b)] {
+            blobs.begin(&d, bytes.len() as u64).expect("begin");
+            blobs.write_chunk(&d, 0, bytes).expect("write");
+        }
+        assert_eq!(blobs.retain(|d| *d == da).expect("retain"), 1);
+        assert_eq!(blobs.size(&da).expect("a"), Some(10));
+        assert_eq!(blobs.size(&db).expect("b"), None);
+        let pending = digest_of(b"never finished");
+        blobs.begin(&pending, 100).expect("begin");
+        assert_eq!(
+            blobs
+                .expire_uploads(Duration::from_secs(3600))
+                .expect("keep"),
+            0
+        );
+        assert_eq!(blobs.expire_uploads(Duration::ZERO).expect("expire"), 1);
+        assert_eq!(blobs.progress(&pending).expect("gone"), None);
+    }
+}
