@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 
 use agora_proto::action::{call, Call};
-use agora_proto::codec::{decode_reply, encode_call, CodecError, Frames};
+use agora_proto::codec::{
+    decode_reply, decode_reply_data, encode_call, encode_call_data, CodecError, Frames,
+};
 use agora_proto::id::MessageId;
 use agora_proto::wire::{
     Endpoint, GetMessagesRequest, GroupEntry, GroupName, HistoryQuery, InfoReply, InfoRequest,
@@ -176,6 +178,30 @@ impl ReqClient {
     pub fn call<C: Call>(&mut self, request: &C::Request) -> Result<C::Reply, ClientError> {
         let reply = self.request_frames(&encode_call::<C>(request))?;
         Ok(decode_reply::<C::Reply>(&reply)??)
+    }
+
+    /// As [`ReqClient::call`], for an action with data frames: `data` goes after the
+    /// request's body (`upload_chunk`), and the reply's data frame, if any, comes back with
+    /// its fields (`download`).
+    ///
+    /// # Errors
+    /// As [`ReqClient::call`].
+    pub fn call_data<C: Call>(
+        &mut self,
+        request: &C::Request,
+        data: Option<Vec<u8>>,
+    ) -> Result<(C::Reply, Option<Vec<u8>>), ClientError> {
+        let frames = match data {
+            Some(data) => encode_call_data::<C>(request, data),
+            None => encode_call::<C>(request),
+        };
+        let reply = self.request_frames(&frames)?;
+        if reply.len() == 3 {
+            let (fields, data) = decode_reply_data::<C::Reply>(&reply)??;
+            Ok((fields, Some(data)))
+        } else {
+            Ok((decode_reply::<C::Reply>(&reply)??, None))
+        }
     }
 }
 
@@ -456,6 +482,71 @@ impl GroupClient {
         self.req.call::<call::Members>(&MembersRequest {
             group: self.group.clone(),
         })
+    }
+
+    /// Declares, or resumes, the upload of a content of `size` bytes named `sha256`: where
+    /// it stands (`complete` if the node already holds it).
+    ///
+    /// # Errors
+    /// `not_member`, `too_large`; see [`ReqClient::call`].
+    pub fn upload(
+        &mut self,
+        sha256: agora_proto::wire::Sha256Digest,
+        size: u64,
+    ) -> Result<agora_proto::wire::UploadReply, ClientError> {
+        self.req
+            .call::<call::Upload>(&agora_proto::wire::UploadRequest {
+                group: self.group.clone(),
+                user: self.user.clone(),
+                sha256,
+                size,
+            })
+    }
+
+    /// Sends one chunk of an upload: `bytes` at `offset`.
+    ///
+    /// # Errors
+    /// `bad_offset` (ask [`GroupClient::upload`] where to resume), `digest_mismatch`,
+    /// `too_large`; see [`ReqClient::call`].
+    pub fn upload_chunk(
+        &mut self,
+        sha256: agora_proto::wire::Sha256Digest,
+        offset: u64,
+        bytes: Vec<u8>,
+    ) -> Result<agora_proto::wire::UploadReply, ClientError> {
+        let request = agora_proto::wire::UploadChunkRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+            sha256,
+            offset,
+        };
+        self.req
+            .call_data::<call::UploadChunk>(&request, Some(bytes))
+            .map(|(reply, _)| reply)
+    }
+
+    /// Up to `length` bytes (at most 1 MiB) of the content `sha256` from `offset`.
+    ///
+    /// # Errors
+    /// `not_found` (no complete content), `not_member`; [`ClientError::BadReply`] when the
+    /// reply has no data frame; see [`ReqClient::call`].
+    pub fn download(
+        &mut self,
+        sha256: agora_proto::wire::Sha256Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<(agora_proto::wire::DownloadReply, Vec<u8>), ClientError> {
+        let request = agora_proto::wire::DownloadRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+            sha256,
+            offset,
+            length,
+        };
+        match self.req.call_data::<call::Download>(&request, None)? {
+            (reply, Some(bytes)) => Ok((reply, bytes)),
+            (_, None) => Err(ClientError::BadReply(CodecError::FrameCount(2))),
+        }
     }
 
     /// Sends a message with a fresh client-chosen id, so that the client's own retries are

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::keys::{Keypair, PublicKey};
 use agora_proto::action::ServerRequest;
 use agora_proto::codec::{
-    decode_request, encode_error, encode_ok, split_envelope, CodecError, Frames,
+    decode_request_data, encode_error, encode_ok, split_envelope, CodecError, Frames,
 };
 use agora_proto::wire::WireError;
 
@@ -174,6 +174,9 @@ pub struct Incoming<R> {
     /// The request (one of the server's request enum, `R`), or the decode error to answer
     /// with: a request for another role is `unknown_action` before any field is read.
     pub request: Result<R, CodecError>,
+    /// The data frame after the body, for an action whose request carries one
+    /// (`upload_chunk`).
+    pub data: Option<Vec<u8>>,
 }
 
 /// Who sent a request, for per-peer limits: its CURVE key, or (without CURVE) its
@@ -211,10 +214,15 @@ impl<R: ServerRequest> Incoming<R> {
     /// caller logs it and drops the message.
     pub fn from_received(received: Received) -> Result<Incoming<R>, CodecError> {
         let (envelope, body) = split_envelope(received.frames)?;
+        let (request, data) = match decode_request_data(body) {
+            Ok((request, data)) => (Ok(request), data),
+            Err(e) => (Err(e), None),
+        };
         Ok(Incoming {
             envelope,
             peer: received.peer,
-            request: decode_request(&body),
+            request,
+            data,
         })
     }
 }

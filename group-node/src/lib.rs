@@ -54,7 +54,7 @@ use agora_common::server::{
 use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 use agora_common::zap::{Authenticator, ZapPolicy};
 use agora_proto::action::{call, Call, NodeRequest};
-use agora_proto::codec::Frames;
+use agora_proto::codec::{encode_ok_data, Frames};
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
     Endpoint, ErrorCode, GroupName, HistoryQuery, Message, SendAck, WireError,
@@ -82,6 +82,9 @@ pub const MAX_PIPELINE: usize = 4;
 /// automatic checkpoint (1000 pages of 4 KiB). Checkpointing more often costs appends, as
 /// the checkpoint's syncs of the database file compete with the WAL's.
 const CHECKPOINT_BYTES: u64 = 4 << 20;
+
+/// The largest attachment a node takes by default: 4 GiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 << 30;
 
 /// The WAL's zero-filled length by default: one WAL generation before a `RESTART`
 /// checkpoint starts it over ([`durable::WAL_RESTART_FRAMES`] frames of a 4 KiB page and its
@@ -112,6 +115,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Largest message body, in bytes of JSON text (default 1 MiB).
     pub max_message_bytes: usize,
+    /// Largest attachment, in bytes (default 4 GiB, [`DEFAULT_MAX_FILE_BYTES`]); a larger
+    /// `upload` gets `too_large` before any byte is stored.
+    pub max_file_bytes: u64,
     /// What to delete from the log (default: nothing).
     pub retention: Retention,
     /// How often to heartbeat the registry (default 2 s).
@@ -161,6 +167,7 @@ impl Config {
             registry: None,
             data_dir,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             retention: Retention::default(),
             heartbeat: Duration::from_secs(2),
             max_members: 100_000,
@@ -237,6 +244,7 @@ pub struct Node {
     socket: zmq::Socket,
     endpoint: Endpoint,
     store: SqliteStore,
+    blobs: blobs::Blobs,
     subscribers: Subscribers,
     keys: Option<Keypair>,
     owner: Option<PublicKey>,
@@ -280,6 +288,10 @@ impl Node {
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
         let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
+        let blobs = blobs::Blobs::open(&config.data_dir).map_err(|e| NodeError::DataDir {
+            path: config.data_dir.join("blobs"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         if config.wal_prealloc_bytes > 0 {
             match store.preallocate_wal(config.wal_prealloc_bytes) {
                 Ok(0) => {}
@@ -313,7 +325,12 @@ impl Node {
             )
         };
         let options = RouterOptions {
-            max_request_bytes: max_request_bytes(config.max_message_bytes),
+            // Room for an upload chunk too, whatever the body limit.
+            max_request_bytes: max_request_bytes(
+                config
+                    .max_message_bytes
+                    .max(agora_proto::wire::MAX_CHUNK_BYTES),
+            ),
             hwm: config.sndhwm,
             heartbeat: Some(Duration::from_secs(1)),
             curve: keys.clone(),
@@ -351,6 +368,7 @@ impl Node {
             socket,
             endpoint,
             store,
+            blobs,
             subscribers,
             keys,
             owner,
@@ -620,6 +638,7 @@ impl Node {
                     };
                     let (reply, ok) = self.dispatch(
                         request,
+                        incoming.data.as_deref(),
                         &incoming.envelope,
                         incoming.peer,
                         now,
@@ -705,6 +724,7 @@ impl Node {
                 let mut unused = Vec::new();
                 self.dispatch(
                     *request,
+                    None,
                     envelope,
                     peer,
                     Timestamp::now(),
@@ -716,10 +736,13 @@ impl Node {
         }
     }
 
-    /// Runs the handler of `request`; returns its reply and whether it succeeded.
+    /// Runs the handler of `request` (with `data`, the request's data frame, for
+    /// `upload_chunk`); returns its reply and whether it succeeded.
+    #[allow(clippy::too_many_arguments)] // each is one piece of the handlers' context
     fn dispatch(
         &mut self,
         request: NodeRequest,
+        data: Option<&[u8]>,
         envelope: &Frames,
         peer: Option<PublicKey>,
         now: Timestamp,
@@ -733,6 +756,7 @@ impl Node {
             instant,
             envelope,
             subscribers: &mut self.subscribers,
+            blobs: &self.blobs,
             appended,
             peer,
             owner: self.owner,
@@ -758,6 +782,19 @@ impl Node {
             NodeRequest::Unban(r) => reply::<call::Unban>(cmd::policy::unban(&mut ctx, r)),
             NodeRequest::Promote(r) => reply::<call::Promote>(cmd::policy::promote(&mut ctx, r)),
             NodeRequest::SetMode(r) => reply::<call::SetMode>(cmd::policy::set_mode(&mut ctx, r)),
+            NodeRequest::Upload(r) => reply::<call::Upload>(cmd::files::upload(&mut ctx, r)),
+            NodeRequest::UploadChunk(r) => reply::<call::UploadChunk>(cmd::files::upload_chunk(
+                &mut ctx,
+                r,
+                data.unwrap_or_default(),
+            )),
+            NodeRequest::UploadStatus(r) => {
+                reply::<call::UploadStatus>(cmd::files::upload_status(&mut ctx, r))
+            }
+            NodeRequest::Download(r) => match cmd::files::download(&mut ctx, r) {
+                Ok((fields, bytes)) => (encode_ok_data(&fields, bytes), true),
+                Err(e) => reply::<call::Download>(Err(e)),
+            },
         }
     }
 }
@@ -828,6 +865,12 @@ impl Redo {
     fn of(request: &NodeRequest, peer: Option<PublicKey>) -> Redo {
         match request {
             NodeRequest::Send(r) => r.id.map_or(Redo::Internal, Redo::Send),
+            // Attachments' bytes live outside the store's transaction: a rollback does
+            // not touch them, so their replies stand (and a chunk must not be written twice).
+            NodeRequest::Upload(_)
+            | NodeRequest::UploadChunk(_)
+            | NodeRequest::UploadStatus(_)
+            | NodeRequest::Download(_) => Redo::Keep,
             r if writes(r) => Redo::Internal,
             r => Redo::Read(Box::new(r.clone()), peer),
         }
@@ -843,7 +886,8 @@ impl Redo {
 }
 
 /// Whether a group-node request writes to the store (reads: `info`, `members`,
-/// `get_messages`, `subscribe`, `unsubscribe`).
+/// `get_messages`, `subscribe`, `unsubscribe`; the attachment actions write only blobs,
+/// outside the store's transaction).
 fn writes(request: &NodeRequest) -> bool {
     !matches!(
         request,
@@ -852,6 +896,10 @@ fn writes(request: &NodeRequest) -> bool {
             | NodeRequest::GetMessages(_)
             | NodeRequest::Subscribe(_)
             | NodeRequest::Unsubscribe(_)
+            | NodeRequest::Upload(_)
+            | NodeRequest::UploadChunk(_)
+            | NodeRequest::UploadStatus(_)
+            | NodeRequest::Download(_)
     )
 }
 

@@ -39,6 +39,10 @@ struct Args {
     /// Largest message body, in bytes of JSON text.
     #[arg(long, env = "AGORA_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Largest attachment, in bytes; a larger upload gets `too_large` before any byte is
+    /// stored.
+    #[arg(long, env = "AGORA_MAX_FILE_BYTES", default_value_t = agora_group_node::DEFAULT_MAX_FILE_BYTES)]
+    max_file_bytes: u64,
     /// Keep only the newest N messages [default: keep all].
     #[arg(long, env = "AGORA_MAX_MESSAGES", value_parser = clap::value_parser!(u64).range(1..))]
     max_messages: Option<u64>,
@@ -140,6 +144,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.advertise = args.advertise;
     config.registry = (!args.no_registry).then(|| args.registry.clone());
     config.max_message_bytes = args.max_message_bytes;
+    config.max_file_bytes = args.max_file_bytes;
     config.retention = Retention {
         max_messages: args.max_messages,
         max_age: args.max_age,

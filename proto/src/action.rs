@@ -280,11 +280,27 @@ actions! {
         Promote "promote" MemberTargetRequest => PolicyReply,
         /// (Owner, admins) make the group open or private.
         SetMode "set_mode" SetModeRequest => PolicyReply,
+        /// Declare or resume an upload (AGORA/1.1).
+        Upload "upload" UploadRequest => UploadReply,
+        /// Store one chunk of an upload; its bytes follow in a third frame (AGORA/1.1).
+        UploadChunk "upload_chunk" UploadChunkRequest => UploadReply,
+        /// Where an upload stands (AGORA/1.1).
+        UploadStatus "upload_status" UploadStatusRequest => UploadReply,
+        /// Read a range of a content; the bytes follow in a third frame (AGORA/1.1).
+        Download "download" DownloadRequest => DownloadReply,
     }
     /// A request to a server's plaintext key endpoint (PROTOCOL §1.1).
     KeyEndpoint => KeyRequest {
         /// The server's CURVE public key, for pinning on first use.
         ServerKey "server_key" ServerKeyRequest => ServerKeyReply,
+    }
+}
+
+impl Action {
+    /// Whether a request of this action carries a data frame after its body
+    /// (`upload_chunk`); every other request is exactly two frames.
+    pub fn request_has_data(self) -> bool {
+        matches!(self, Action::UploadChunk)
     }
 }
 

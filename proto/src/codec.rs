@@ -217,6 +217,31 @@ pub fn decode_request<R: ServerRequest>(frames: &[Vec<u8>]) -> Result<R, CodecEr
     }
 }
 
+/// Decodes a request that may carry data: `[signature, body]`, or `[signature, body, data]`
+/// for an action whose request carries data ([`Action::request_has_data`], `upload_chunk`).
+/// Returns the request and its data frame.
+///
+/// # Errors
+/// As [`decode_request`]; [`CodecError::FrameCount`] for a third frame on another action,
+/// or none on `upload_chunk`.
+pub fn decode_request_data<R: ServerRequest>(
+    mut frames: Frames,
+) -> Result<(R, Option<Vec<u8>>), CodecError> {
+    let data = (frames.len() == 3).then(|| frames.pop()).flatten();
+    let request: R = decode_request(&frames)?;
+    match (request.action().request_has_data(), data) {
+        (true, Some(data)) => Ok((request, Some(data))),
+        (false, None) => Ok((request, None)),
+        (true, None) => Err(CodecError::FrameCount(2)),
+        (false, Some(_)) => Err(CodecError::FrameCount(3)),
+    }
+}
+
+/// Encodes a typed call's request and its data frame: `[signature, body, data]`.
+pub fn encode_call_data<C: Call>(request: &C::Request, data: Vec<u8>) -> Frames {
+    vec![PROTOCOL.to_vec(), tagged_body(C::ACTION, request), data]
+}
+
 /// Encodes a typed call's request as its two frames (signature, JSON body with `action`).
 pub fn encode_call<C: Call>(request: &C::Request) -> Frames {
     vec![PROTOCOL.to_vec(), tagged_body(C::ACTION, request)]
@@ -251,6 +276,33 @@ pub fn encode_ok<T: Serialize>(body: &T) -> Frames {
 pub fn encode_error(error: &WireError) -> Frames {
     let json = serde_json::to_vec(&ErrReply { ok: false, error }).unwrap_or_default();
     vec![PROTOCOL.to_vec(), json]
+}
+
+/// Encodes a successful reply with a data frame after the body (`download`).
+pub fn encode_ok_data<T: Serialize>(body: &T, data: Vec<u8>) -> Frames {
+    let mut frames = encode_ok(body);
+    frames.push(data);
+    frames
+}
+
+/// Decodes a reply that carries a data frame after its body (`download`): the reply's
+/// fields and the data, or the server's error (which has no data frame).
+///
+/// # Errors
+/// [`CodecError::FrameCount`] for a success without exactly one data frame; as
+/// [`decode_reply`] otherwise.
+pub fn decode_reply_data<T: DeserializeOwned>(
+    frames: &[Vec<u8>],
+) -> Result<Result<(T, Vec<u8>), WireError>, CodecError> {
+    match frames {
+        [signature, body, data] => {
+            Ok(decode_reply::<T>(&[signature.clone(), body.clone()])?.map(|t| (t, data.clone())))
+        }
+        _ => match decode_reply::<T>(frames)? {
+            Ok(_) => Err(CodecError::FrameCount(frames.len())),
+            Err(e) => Ok(Err(e)),
+        },
+    }
 }
 
 /// Decodes a reply's frames into the action's reply type, or the server's error.
@@ -363,6 +415,10 @@ mod tests {
             r#"{"action":"mailbox","after_n":2}"#,
             r#"{"action":"ack_dm","up_to":3}"#,
             r#"{"action":"dead_letters"}"#,
+            r#"{"action":"upload","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0}"#,
+            r#"{"action":"upload_chunk","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","offset":0}"#,
+            r#"{"action":"upload_status","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}"#,
+            r#"{"action":"download","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","offset":0}"#,
         ];
         for body in bodies {
             let head: serde_json::Value = serde_json::from_str(body).expect("json");
@@ -485,6 +541,35 @@ mod tests {
         let e = WireError::new(ErrorCode::NotMember, "bob is not a member of g");
         let back = decode_reply::<MessagesPage>(&encode_error(&e)).expect("frames");
         assert_eq!(back, Err(e));
+    }
+
+    #[test]
+    fn only_upload_chunk_carries_a_data_frame() {
+        let chunk = format!(
+            r#"{{"action":"upload_chunk","user":"a","sha256":"{}","offset":0}}"#,
+            "0".repeat(64)
+        );
+        let with = |body: &str, data: Option<&[u8]>| {
+            let mut f = frames(body);
+            f.extend(data.map(<[u8]>::to_vec));
+            decode_request_data::<NodeRequest>(f)
+        };
+        let (req, data) = with(&chunk, Some(b"bytes")).expect("a chunk with its bytes");
+        assert_eq!(req.action(), Action::UploadChunk);
+        assert_eq!(data.as_deref(), Some(&b"bytes"[..]));
+        assert_eq!(
+            with(&chunk, None).map(|_| ()),
+            Err(CodecError::FrameCount(2))
+        );
+        assert_eq!(
+            with(r#"{"action":"info"}"#, Some(b"x")).map(|_| ()),
+            Err(CodecError::FrameCount(3))
+        );
+        let ok = encode_ok_data(&serde_json::json!({"n": 1}), b"data".to_vec());
+        let (v, bytes) = decode_reply_data::<serde_json::Value>(&ok)
+            .expect("frames")
+            .expect("ok");
+        assert_eq!((v["n"].as_u64(), bytes.as_slice()), (Some(1), &b"data"[..]));
     }
 
     #[test]

@@ -89,6 +89,11 @@ pub enum ErrorCode {
     NotInvited,
     /// No user account of that name.
     UnknownUser,
+    /// An upload chunk that does not start where the upload stands; ask `upload` again for
+    /// where to resume.
+    BadOffset,
+    /// An upload's bytes hash to another digest than the one declared; it was discarded.
+    DigestMismatch,
     /// The server failed (storage); the request may be retried.
     Internal,
     /// A code this client does not know (from a newer server).
@@ -117,6 +122,8 @@ impl ErrorCode {
             ErrorCode::Banned => "banned",
             ErrorCode::NotInvited => "not_invited",
             ErrorCode::UnknownUser => "unknown_user",
+            ErrorCode::BadOffset => "bad_offset",
+            ErrorCode::DigestMismatch => "digest_mismatch",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -503,6 +510,107 @@ pub struct SendRequest {
     /// again and is stored once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<MessageId>,
+}
+
+/// The bytes of one upload chunk, at most (1 MiB); a node answers a larger one
+/// `too_large`.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+
+/// The chunk size a node asks uploads to use, and sends downloads in (256 KiB).
+pub const CHUNK_BYTES: usize = 256 << 10;
+
+/// Chunks an uploader may have in flight before waiting for their replies (8): the credit
+/// window, zguide chapter 7's file transfer.
+pub const UPLOAD_WINDOW: u32 = 8;
+
+/// `upload`: declares, or resumes, the upload of a file's content (members only). The
+/// content is named by its digest; a content the node already holds is not sent again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadRequest {
+    /// If present, must be this node's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller's name (identity is the key).
+    pub user: UserName,
+    /// The SHA-256 of the whole content.
+    pub sha256: Sha256Digest,
+    /// The content's size in bytes.
+    pub size: u64,
+}
+
+/// Where an upload stands: `upload`, `upload_chunk` and `upload_status` answer this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadReply {
+    /// The content's digest.
+    pub sha256: Sha256Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Bytes the node holds: the next chunk starts here.
+    pub have: u64,
+    /// The content is complete, verified and durable (`have == size`).
+    pub complete: bool,
+    /// The chunk size to send, in bytes ([`CHUNK_BYTES`]).
+    pub chunk_bytes: u64,
+    /// Chunks that may be in flight at once ([`UPLOAD_WINDOW`]).
+    pub window: u32,
+}
+
+/// `upload_chunk`: `[signature, body, bytes]`, the bytes to store at `offset` (members
+/// only). Chunks are appended in order: `offset` must be where the upload stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadChunkRequest {
+    /// If present, must be this node's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller's name.
+    pub user: UserName,
+    /// The upload's digest.
+    pub sha256: Sha256Digest,
+    /// Where the chunk's bytes go, in bytes from the start.
+    pub offset: u64,
+}
+
+/// `upload_status`: where the upload of `sha256` stands (members only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadStatusRequest {
+    /// If present, must be this node's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller's name.
+    pub user: UserName,
+    /// The upload's digest.
+    pub sha256: Sha256Digest,
+}
+
+/// `download`: up to `length` bytes of a complete content from `offset` (members only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadRequest {
+    /// If present, must be this node's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
+    /// The caller's name.
+    pub user: UserName,
+    /// The content's digest.
+    pub sha256: Sha256Digest,
+    /// The first byte, default 0.
+    #[serde(default)]
+    pub offset: u64,
+    /// At most this many bytes, default and most [`MAX_CHUNK_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<u64>,
+}
+
+/// A `download` reply's fields; the bytes follow in their own frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadReply {
+    /// The content's digest.
+    pub sha256: Sha256Digest,
+    /// Its whole size in bytes.
+    pub size: u64,
+    /// Where these bytes start.
+    pub offset: u64,
+    /// How many bytes the data frame holds.
+    pub length: u64,
 }
 
 /// `get_messages`: read the log (members only). At most one selector of `after_seq`,

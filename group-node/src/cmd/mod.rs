@@ -15,6 +15,7 @@ use crate::identity::Caller;
 use crate::subscribers::Subscribers;
 use crate::Config;
 
+pub mod files;
 pub mod get_messages;
 pub mod info;
 pub mod join;
@@ -39,6 +40,8 @@ pub struct Ctx<'a, S: GroupStore> {
     pub envelope: &'a Frames,
     /// The live subscribers.
     pub subscribers: &'a mut Subscribers,
+    /// Attachments' bytes.
+    pub blobs: &'a crate::blobs::Blobs,
     /// Entries appended in this batch, pushed to subscribers once it commits.
     pub appended: &'a mut Vec<Message>,
     /// The caller's authenticated CURVE key (`None` on an `--insecure` node).

@@ -1,0 +1,160 @@
+//! `upload`, `upload_chunk`, `upload_status`, `download`: attachments' bytes, members only
+//! (PROTOCOL §6.9). Membership is checked before the digest is looked at, so that in a
+//! private group an outsider learns nothing, not even whether a content exists.
+
+use agora_proto::wire::{
+    DownloadReply, DownloadRequest, ErrorCode, Sha256Digest, UploadChunkRequest, UploadReply,
+    UploadRequest, UploadStatusRequest, UserName, WireError, CHUNK_BYTES, MAX_CHUNK_BYTES,
+    UPLOAD_WINDOW,
+};
+
+use super::Ctx;
+use crate::blobs::{BlobError, Progress};
+use crate::store::GroupStore;
+
+/// # Errors
+/// `unknown_group`, `not_member`, `too_large` (over `--max-file-bytes`), `invalid_field`
+/// (`size` differs from an upload of the same digest in progress), `internal`.
+pub fn upload<S: GroupStore>(
+    ctx: &mut Ctx<'_, S>,
+    r: UploadRequest,
+) -> Result<UploadReply, WireError> {
+    members_only(ctx, r.group.as_ref(), &r.user)?;
+    if r.size > ctx.config.max_file_bytes {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "size: {} bytes; this node takes files of at most {} bytes",
+                r.size, ctx.config.max_file_bytes
+            ),
+        ));
+    }
+    let progress = ctx.blobs.begin(&r.sha256, r.size).map_err(blob_error)?;
+    Ok(reply(r.sha256, progress))
+}
+
+/// # Errors
+/// `unknown_group`, `not_member`, `too_large` (a chunk over 1 MiB), `bad_offset`, `not_found`
+/// (no upload declared), `invalid_field` (past the declared size), `digest_mismatch`,
+/// `internal`.
+pub fn upload_chunk<S: GroupStore>(
+    ctx: &mut Ctx<'_, S>,
+    r: UploadChunkRequest,
+    data: &[u8],
+) -> Result<UploadReply, WireError> {
+    members_only(ctx, r.group.as_ref(), &r.user)?;
+    if data.len() > MAX_CHUNK_BYTES {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!("a chunk of {} bytes; at most {MAX_CHUNK_BYTES}", data.len()),
+        ));
+    }
+    let progress = ctx
+        .blobs
+        .write_chunk(&r.sha256, r.offset, data)
+        .map_err(blob_error)?;
+    Ok(reply(r.sha256, progress))
+}
+
+/// # Errors
+/// `unknown_group`, `not_member`, `not_found` (neither a content nor an upload of it),
+/// `internal`.
+pub fn upload_status<S: GroupStore>(
+    ctx: &mut Ctx<'_, S>,
+    r: UploadStatusRequest,
+) -> Result<UploadReply, WireError> {
+    members_only(ctx, r.group.as_ref(), &r.user)?;
+    match ctx.blobs.progress(&r.sha256).map_err(blob_error)? {
+        Some(progress) => Ok(reply(r.sha256, progress)),
+        None => Err(not_found(&r.sha256)),
+    }
+}
+
+/// The reply and the bytes for its data frame.
+///
+/// # Errors
+/// `unknown_group`, `not_member`, `not_found` (no complete content: a partial upload is never
+/// served), `invalid_field` (`offset` past the end, `length` 0), `internal`.
+pub fn download<S: GroupStore>(
+    ctx: &mut Ctx<'_, S>,
+    r: DownloadRequest,
+) -> Result<(DownloadReply, Vec<u8>), WireError> {
+    members_only(ctx, r.group.as_ref(), &r.user)?;
+    let max = match r.length {
+        Some(0) => {
+            return Err(WireError::new(
+                ErrorCode::InvalidField,
+                "length: must be at least 1",
+            ))
+        }
+        Some(n) => usize::try_from(n)
+            .unwrap_or(MAX_CHUNK_BYTES)
+            .min(MAX_CHUNK_BYTES),
+        None => MAX_CHUNK_BYTES,
+    };
+    let size = ctx
+        .blobs
+        .size(&r.sha256)
+        .map_err(blob_error)?
+        .ok_or_else(|| not_found(&r.sha256))?;
+    let bytes = ctx
+        .blobs
+        .read(&r.sha256, r.offset, max)
+        .map_err(blob_error)?;
+    Ok((
+        DownloadReply {
+            sha256: r.sha256,
+            size,
+            offset: r.offset,
+            length: bytes.len() as u64,
+        },
+        bytes,
+    ))
+}
+
+fn members_only<S: GroupStore>(
+    ctx: &Ctx<'_, S>,
+    group: Option<&agora_proto::wire::GroupName>,
+    user: &UserName,
+) -> Result<(), WireError> {
+    ctx.check_group(group)?;
+    ctx.require_member(&ctx.caller(user)).map(|_| ())
+}
+
+fn reply(sha256: Sha256Digest, progress: Progress) -> UploadReply {
+    let (have, size, complete) = match progress {
+        Progress::Partial { have, size } => (have, size, false),
+        Progress::Complete { size } => (size, size, true),
+    };
+    UploadReply {
+        sha256,
+        size,
+        have,
+        complete,
+        chunk_bytes: CHUNK_BYTES as u64,
+        window: UPLOAD_WINDOW,
+    }
+}
+
+fn not_found(digest: &Sha256Digest) -> WireError {
+    WireError::new(ErrorCode::NotFound, format!("no content {digest} here"))
+}
+
+fn blob_error(e: BlobError) -> WireError {
+    let code = match &e {
+        BlobError::BadOffset { .. } => ErrorCode::BadOffset,
+        BlobError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+        BlobError::NoUpload(_) | BlobError::NotFound(_) => ErrorCode::NotFound,
+        BlobError::PastEnd { .. } | BlobError::SizeConflict { .. } | BlobError::Range { .. } => {
+            ErrorCode::InvalidField
+        }
+        BlobError::Io(io) => {
+            tracing::error!(error = %io, "blob store failed");
+            return WireError::new(
+                ErrorCode::Internal,
+                "storage failure; nothing was stored; retry later",
+            );
+        }
+    };
+    WireError::new(code, e.to_string())
+}

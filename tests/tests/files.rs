@@ -1,0 +1,213 @@
+//! Attachments' bytes through the real group node (PROTOCOL §6.9): chunked, resumable,
+//! content-addressed uploads and ranged downloads, members only.
+
+use std::time::Duration;
+
+use agora_common::client::{ClientError, ClientOptions, GroupClient};
+use agora_proto::wire::{ErrorCode, Sha256Digest, UserName};
+use agora_tests::{Federation, Server};
+use sha2::{Digest, Sha256};
+
+fn digest_of(bytes: &[u8]) -> Sha256Digest {
+    Sha256Digest::from_bytes(Sha256::digest(bytes).into())
+}
+
+/// Deterministic content that no two sizes share a prefix pattern with.
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64 * 2_654_435_761 % 251) as u8 ^ seed)
+        .collect()
+}
+
+fn client(fed: &Federation, node: &Server, user: &str) -> GroupClient {
+    let ctx = zmq::Context::new();
+    GroupClient::new(
+        &ctx,
+        &node.endpoint,
+        UserName::new(user).expect("name"),
+        None,
+        ClientOptions {
+            timeout: Duration::from_secs(3),
+            attempts: 3,
+        },
+    )
+    .with_curve(fed.curve(user, node))
+}
+
+fn code(result: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Server(e)) => e.code,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+/// Sends `data[from..]` in the node's chunk size; returns the last reply.
+fn send_from(
+    c: &mut GroupClient,
+    digest: Sha256Digest,
+    data: &[u8],
+    from: u64,
+) -> agora_proto::wire::UploadReply {
+    let mut at = from as usize;
+    let mut last = None;
+    while at < data.len() {
+        let end = (at + (256 << 10)).min(data.len());
+        last = Some(
+            c.upload_chunk(digest, at as u64, data[at..end].to_vec())
+                .expect("chunk"),
+        );
+        at = end;
+    }
+    last.expect("at least one chunk")
+}
+
+fn download_all(c: &mut GroupClient, digest: Sha256Digest) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let (reply, bytes) = c
+            .download(digest, out.len() as u64, None)
+            .expect("download");
+        out.extend(bytes);
+        if out.len() as u64 >= reply.size {
+            return out;
+        }
+    }
+}
+
+fn blob_count(fed: &Federation, tag: &str) -> usize {
+    let root = fed.dir.path().join(format!("data-{tag}/blobs/sha256"));
+    std::fs::read_dir(root)
+        .map(|dirs| {
+            dirs.flatten()
+                .map(|d| std::fs::read_dir(d.path()).map_or(0, Iterator::count))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_file_goes_up_in_chunks_comes_back_equal_and_is_stored_once() {
+    let fed = Federation::start("200ms");
+    let node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    let mut alice = client(&fed, &node, "alice");
+    let mut bob = client(&fed, &node, "bob");
+    alice.join().expect("join");
+    bob.join().expect("join");
+
+    let data = content(8 << 20, 7);
+    let digest = digest_of(&data);
+    let start = alice.upload(digest, data.len() as u64).expect("declare");
+    assert_eq!((start.have, start.complete), (0, false));
+    // Nothing is served before the content is complete.
+    assert_eq!(code(bob.download(digest, 0, None)), ErrorCode::NotFound);
+    let done = send_from(&mut alice, digest, &data, 0);
+    assert!(done.complete && done.have == data.len() as u64, "{done:?}");
+
+    let back = download_all(&mut bob, digest);
+    assert_eq!(digest_of(&back), digest);
+    assert!(back == data);
+    // A range in the middle.
+    let (reply, bytes) = bob.download(digest, 1000, Some(10)).expect("range");
+    assert_eq!((reply.offset, reply.length), (1000, 10));
+    assert_eq!(bytes, data[1000..1010]);
+
+    // The same content from another member is not sent again, and is stored once.
+    let again = bob
+        .upload(digest, data.len() as u64)
+        .expect("declare again");
+    assert!(again.complete);
+    assert_eq!(blob_count(&fed, "cool"), 1);
+}
+
+#[test]
+fn bad_chunks_get_specific_errors_and_corrupt_nothing() {
+    let fed = Federation::start("200ms");
+    let node = fed.node(
+        "Cool Group",
+        "127.0.0.1:0",
+        "cool",
+        &["--max-file-bytes", "1000000"],
+    );
+    let mut alice = client(&fed, &node, "alice");
+    alice.join().expect("join");
+    let data = content(300_000, 1);
+    let digest = digest_of(&data);
+
+    assert_eq!(code(alice.upload(digest, 2_000_000)), ErrorCode::TooLarge);
+    alice.upload(digest, data.len() as u64).expect("declare");
+    assert_eq!(
+        code(alice.upload_chunk(digest, 10, data[..100].to_vec())),
+        ErrorCode::BadOffset
+    );
+    assert_eq!(
+        code(alice.upload_chunk(digest, 0, content(300_001, 1))),
+        ErrorCode::InvalidField
+    );
+    assert_eq!(
+        code(alice.upload_chunk(digest_of(b"undeclared"), 0, vec![1])),
+        ErrorCode::NotFound
+    );
+    // The upload is where it was: nothing of the bad chunks was kept.
+    assert_eq!(
+        alice
+            .upload(digest, data.len() as u64)
+            .expect("status")
+            .have,
+        0
+    );
+
+    // Bytes that do not hash to the declared digest are discarded at the end.
+    let liar = digest_of(b"what I claim");
+    alice.upload(liar, data.len() as u64).expect("declare");
+    alice
+        .upload_chunk(liar, 0, data[..200_000].to_vec())
+        .expect("first part");
+    assert_eq!(
+        code(alice.upload_chunk(liar, 200_000, data[200_000..].to_vec())),
+        ErrorCode::DigestMismatch
+    );
+    assert_eq!(code(alice.download(liar, 0, None)), ErrorCode::NotFound);
+    assert_eq!(blob_count(&fed, "cool"), 0);
+}
+
+#[test]
+fn outsiders_learn_nothing_and_an_upload_resumes_after_a_kill_9() {
+    let fed = Federation::start("200ms");
+    let mut node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    let addr = node.host_port().to_owned();
+    let mut alice = client(&fed, &node, "alice");
+    alice.join().expect("join");
+    let data = content(3 << 20, 9);
+    let digest = digest_of(&data);
+    alice.upload(digest, data.len() as u64).expect("declare");
+    let half = 1 << 20;
+    let partial = alice
+        .upload_chunk(digest, 0, data[..half].to_vec())
+        .expect("first chunks");
+    assert_eq!(partial.have, half as u64);
+
+    // A non-member gets the same answer for a content that exists and one that does not.
+    let mut mallory = client(&fed, &node, "mallory");
+    assert_eq!(
+        code(mallory.download(digest, 0, None)),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(mallory.download(digest_of(b"nothing"), 0, None)),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(mallory.upload(digest, data.len() as u64)),
+        ErrorCode::NotMember
+    );
+
+    // The node dies; restarted on the same data, it says where the upload stands.
+    node.kill9();
+    let node = fed.node("Cool Group", &addr, "cool", &[]);
+    let mut alice = client(&fed, &node, "alice");
+    let resumed = alice.upload(digest, data.len() as u64).expect("resume");
+    assert_eq!(resumed.have, half as u64, "{resumed:?}");
+    let done = send_from(&mut alice, digest, &data, resumed.have);
+    assert!(done.complete);
+    assert!(download_all(&mut alice, digest) == data);
+}
