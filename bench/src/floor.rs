@@ -266,6 +266,7 @@ pub fn store_commit_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
             body: &body,
             id: Some(agora_proto::id::MessageId::new_v7()),
             now: agora_proto::time::Timestamp::now(),
+            attachment: None,
         })?;
         store.commit()?;
     }

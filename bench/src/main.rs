@@ -699,6 +699,7 @@ pub(crate) fn windowed_sends(
                 user: user.clone(),
                 body: body(sent, bytes),
                 id: Some(MessageId::new_v7()),
+                attachment: None,
             });
             s.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)?;
             sent += 1;

@@ -549,6 +549,27 @@ impl GroupClient {
         }
     }
 
+    /// Sends a message carrying a file whose content is already complete on the node
+    /// ([`GroupClient::upload`]), with `caption` as its body, under the client-chosen `id`.
+    ///
+    /// # Errors
+    /// `not_found` (the content is not complete there), `invalid_field`; see
+    /// [`GroupClient::send_with_id`].
+    pub fn send_attachment(
+        &mut self,
+        attachment: agora_proto::wire::Attachment,
+        caption: Box<RawValue>,
+        id: MessageId,
+    ) -> Result<SendAck, ClientError> {
+        self.req.call::<call::Send>(&SendRequest {
+            group: self.group.clone(),
+            user: self.user.clone(),
+            body: caption,
+            id: Some(id),
+            attachment: Some(attachment),
+        })
+    }
+
     /// Sends a message with a fresh client-chosen id, so that the client's own retries are
     /// stored once. Returns once the node has committed it.
     ///
@@ -572,6 +593,7 @@ impl GroupClient {
             user: self.user.clone(),
             body,
             id: Some(id),
+            attachment: None,
         })
     }
 

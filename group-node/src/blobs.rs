@@ -313,11 +313,18 @@ impl Blobs {
         Ok(bytes)
     }
 
-    /// Removes every complete blob for which `keep` is false; returns how many.
+    /// Removes every complete blob at least `min_age` old (since it was completed) for which
+    /// `keep` is false; returns how many. The age spares a content just uploaded whose
+    /// message has not been sent yet.
     ///
     /// # Errors
     /// [`BlobError::Io`] listing the store.
-    pub fn retain(&self, mut keep: impl FnMut(&Sha256Digest) -> bool) -> Result<u64, BlobError> {
+    pub fn retain(
+        &self,
+        min_age: Duration,
+        mut keep: impl FnMut(&Sha256Digest) -> bool,
+    ) -> Result<u64, BlobError> {
+        let now = SystemTime::now();
         let mut removed = 0;
         for dir in fs::read_dir(self.root.join("sha256"))? {
             for entry in fs::read_dir(dir?.path())? {
@@ -325,7 +332,12 @@ impl Blobs {
                 let Ok(digest) = entry.file_name().to_string_lossy().parse::<Sha256Digest>() else {
                     continue;
                 };
-                if !keep(&digest) && fs::remove_file(entry.path()).is_ok() {
+                let age = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map(|t| now.duration_since(t).unwrap_or_default())
+                    .unwrap_or_default();
+                if age >= min_age && !keep(&digest) && fs::remove_file(entry.path()).is_ok() {
                     removed += 1;
                 }
             }
@@ -506,7 +518,17 @@ mod tests {
             blobs.begin(&d, bytes.len() as u64).expect("begin");
             blobs.write_chunk(&d, 0, bytes).expect("write");
         }
-        assert_eq!(blobs.retain(|d| *d == da).expect("retain"), 1);
+        assert_eq!(
+            blobs
+                .retain(Duration::from_secs(3600), |_| false)
+                .expect("young"),
+            0,
+            "a content just completed is spared"
+        );
+        assert_eq!(
+            blobs.retain(Duration::ZERO, |d| *d == da).expect("retain"),
+            1
+        );
         assert_eq!(blobs.size(&da).expect("a"), Some(10));
         assert_eq!(blobs.size(&db).expect("b"), None);
         let pending = digest_of(b"never finished");

@@ -86,6 +86,9 @@ const CHECKPOINT_BYTES: u64 = 4 << 20;
 /// The largest attachment a node takes by default: 4 GiB.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 << 30;
 
+/// How long an unfinished upload, or a content no message carries, is kept by default: 24 h.
+pub const DEFAULT_UPLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// The WAL's zero-filled length by default: one WAL generation before a `RESTART`
 /// checkpoint starts it over ([`durable::WAL_RESTART_FRAMES`] frames of a 4 KiB page and its
 /// 24-byte frame header, plus the 32-byte WAL header), so that a busy node's WAL is never
@@ -118,6 +121,10 @@ pub struct Config {
     /// Largest attachment, in bytes (default 4 GiB, [`DEFAULT_MAX_FILE_BYTES`]); a larger
     /// `upload` gets `too_large` before any byte is stored.
     pub max_file_bytes: u64,
+    /// An upload not written to for this long is discarded, and a complete content that no
+    /// message carries is deleted once it is this old (default 24 h,
+    /// [`DEFAULT_UPLOAD_TTL`]). Swept every minute, or every `upload_ttl` if shorter.
+    pub upload_ttl: Duration,
     /// What to delete from the log (default: nothing).
     pub retention: Retention,
     /// How often to heartbeat the registry (default 2 s).
@@ -168,6 +175,7 @@ impl Config {
             data_dir,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            upload_ttl: DEFAULT_UPLOAD_TTL,
             retention: Retention::default(),
             heartbeat: Duration::from_secs(2),
             max_members: 100_000,
@@ -432,6 +440,8 @@ impl Node {
             waiting: VecDeque::new(),
         };
         let mut next_age_sweep = Instant::now();
+        let blob_sweep = self.config.upload_ttl.min(Duration::from_secs(60));
+        let mut next_blob_sweep = Instant::now() + blob_sweep;
         let mut next_lease_sweep = Instant::now();
         while !shutdown.is_triggered() {
             let accepting = pipeline.waiting.len() < MAX_PIPELINE;
@@ -477,6 +487,10 @@ impl Node {
                     syncer.request(pipeline.requested)?;
                 }
                 next_age_sweep = Instant::now() + Duration::from_secs(1);
+            }
+            if Instant::now() >= next_blob_sweep {
+                self.sweep_blobs();
+                next_blob_sweep = Instant::now() + blob_sweep;
             }
         }
         // Drain: every batch already committed gets its sync, then its replies and pushes.
@@ -571,6 +585,27 @@ impl Node {
             );
         }
         Ok(())
+    }
+
+    /// Discards stale uploads, and deletes the contents that no kept message carries (once
+    /// older than the upload TTL): what retention leaves of attachments.
+    fn sweep_blobs(&mut self) {
+        let ttl = self.config.upload_ttl;
+        match self.blobs.expire_uploads(ttl) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(expired = n, "unfinished uploads discarded"),
+            Err(e) => tracing::warn!(error = %e, "could not expire uploads"),
+        }
+        let store = &self.store;
+        // A store failure keeps the blob: never delete what may still be referenced.
+        match self
+            .blobs
+            .retain(ttl, |d| store.references(d).unwrap_or(true))
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "unreferenced contents deleted"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep contents"),
+        }
     }
 
     /// Applies the age retention in a batch of its own; returns whether it committed a

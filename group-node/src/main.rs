@@ -43,6 +43,10 @@ struct Args {
     /// stored.
     #[arg(long, env = "AGORA_MAX_FILE_BYTES", default_value_t = agora_group_node::DEFAULT_MAX_FILE_BYTES)]
     max_file_bytes: u64,
+    /// An unfinished upload is discarded after this long without a chunk, and a content no
+    /// message carries is deleted once this old.
+    #[arg(long, env = "AGORA_UPLOAD_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    upload_ttl: Duration,
     /// Keep only the newest N messages [default: keep all].
     #[arg(long, env = "AGORA_MAX_MESSAGES", value_parser = clap::value_parser!(u64).range(1..))]
     max_messages: Option<u64>,
@@ -145,6 +149,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.registry = (!args.no_registry).then(|| args.registry.clone());
     config.max_message_bytes = args.max_message_bytes;
     config.max_file_bytes = args.max_file_bytes;
+    config.upload_ttl = args.upload_ttl;
     config.retention = Retention {
         max_messages: args.max_messages,
         max_age: args.max_age,

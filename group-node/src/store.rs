@@ -24,7 +24,7 @@
 //! so the next batch numbers on from what is stored: no seq gap, and nothing answered as
 //! failed is stored.
 //!
-//! # Schema (version 5, in `PRAGMA user_version`)
+//! # Schema (version 6, in `PRAGMA user_version`)
 //! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
 //!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
 //! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body, kind,
@@ -34,6 +34,9 @@
 //!   strictly increasing with seq, so the first seq at or after a time is found by a binary
 //!   search over the primary key ([`SqliteStore::first_seq_at`]), and each append updates
 //!   two B-trees, not three (one WAL page less to write and sync per commit).
+//! - `messages.attachment`, `messages.attachment_sha256` (version 6): the file a message
+//!   carries, as the JSON of its `Attachment`, and its digest (32 bytes), with a partial index
+//!   over the messages that have one: what keeps a blob from retention's sweep.
 //! - `members(principal TEXT PRIMARY KEY, user TEXT UNIQUE, joined_at_us)`: who is a member
 //!   ([`Principal`]), and the user name bound to them in this group (version 3; before, the
 //!   user name was the identity).
@@ -50,10 +53,11 @@ use agora_proto::id::MessageId;
 use agora_proto::key::PublicKey;
 use agora_proto::time::{MonotonicClock, Timestamp};
 use agora_proto::wire::{
-    EntryKind, GroupMode, GroupName, HistoryQuery, Member, Message, SendAck, UserName,
+    Attachment, EntryKind, GroupMode, GroupName, HistoryQuery, Member, Message, SendAck,
+    Sha256Digest, UserName,
 };
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// A right or restriction a principal holds in a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,6 +169,8 @@ pub struct NewMessage<'a> {
     pub id: Option<MessageId>,
     /// The wall-clock time of arrival; the stored time is this or later (monotonic).
     pub now: Timestamp,
+    /// The file the message carries, if any.
+    pub attachment: Option<&'a Attachment>,
 }
 
 /// What to delete from the log; `None` fields keep everything.
@@ -262,18 +268,25 @@ pub trait GroupStore {
     /// [`StoreError::IdConflict`] when the id is stored with another sender or body;
     /// [`StoreError::Sqlite`].
     fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError>;
-    /// The stored ack of message `id` if it is in the log with this sender and body
-    /// (`duplicate: true`), `None` if `id` is not stored.
+    /// The stored ack of message `id` if it is in the log with this sender, body and
+    /// attachment (its JSON as stored, `None` for none) (`duplicate: true`), `None` if `id` is
+    /// not stored.
     ///
     /// # Errors
-    /// [`StoreError::IdConflict`] when it is stored with another sender or body;
+    /// [`StoreError::IdConflict`] when it is stored with another sender, body or attachment;
     /// [`StoreError::Sqlite`].
     fn stored_ack(
         &self,
         id: MessageId,
         sender: &UserName,
         body: &RawValue,
+        attachment: Option<&str>,
     ) -> Result<Option<SendAck>, StoreError>;
+    /// Whether a message in the log carries the content `digest` (so that its blob stays).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn references(&self, digest: &Sha256Digest) -> Result<bool, StoreError>;
     /// A page of history for `query`: at most `limit` messages, and no more once bodies pass
     /// `max_bytes` (at least one message is returned when any matches).
     ///
@@ -369,7 +382,9 @@ impl SqliteStore {
                  sender TEXT NOT NULL,
                  body TEXT NOT NULL,
                  kind TEXT NOT NULL DEFAULT 'message',
-                 sender_key TEXT);
+                 sender_key TEXT,
+                 attachment TEXT,
+                 attachment_sha256 BLOB);
              CREATE TABLE IF NOT EXISTS members (
                  principal TEXT PRIMARY KEY,
                  user TEXT NOT NULL UNIQUE,
@@ -402,7 +417,18 @@ impl SqliteStore {
                  COMMIT;",
             )?;
         }
-        conn.execute_batch("DROP INDEX IF EXISTS messages_time; PRAGMA user_version = 5;")?;
+        if (1..6).contains(&version) {
+            conn.execute_batch(
+                "ALTER TABLE messages ADD COLUMN attachment TEXT;
+                 ALTER TABLE messages ADD COLUMN attachment_sha256 BLOB;",
+            )?;
+        }
+        conn.execute_batch(
+            "DROP INDEX IF EXISTS messages_time;
+             CREATE INDEX IF NOT EXISTS messages_attachment ON messages(attachment_sha256)
+                 WHERE attachment_sha256 IS NOT NULL;
+             PRAGMA user_version = 6;",
+        )?;
         let found: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
                 r.get(0)
@@ -605,6 +631,11 @@ impl SqliteStore {
         let id: [u8; 16] = id
             .try_into()
             .map_err(|_| StoreError::Corrupt(format!("seq {seq}: id is not 16 bytes")))?;
+        let attachment: Option<String> = row.get(7)?;
+        let attachment = attachment
+            .map(|json| serde_json::from_str::<Attachment>(&json))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("seq {seq}: attachment: {e}")))?;
         Ok(Message {
             seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("seq {seq}")))?,
             id: MessageId::from_bytes(id),
@@ -615,6 +646,7 @@ impl SqliteStore {
             body: RawValue::from_string(body)
                 .map_err(|e| StoreError::Corrupt(format!("seq {seq}: body: {e}")))?,
             sender_key,
+            attachment,
         })
     }
 
@@ -643,6 +675,11 @@ impl SqliteStore {
         }
         Ok(Page { messages, more })
     }
+}
+
+/// An attachment as stored: its JSON.
+fn attachment_json(a: &Attachment) -> Result<String, StoreError> {
+    serde_json::to_string(a).map_err(|e| StoreError::Corrupt(format!("attachment: {e}")))
 }
 
 /// The WAL file of the database at `db`: `db` with `-wal` appended (SQLite's naming).
@@ -739,7 +776,8 @@ impl Checkpointer {
     }
 }
 
-const SELECT: &str = "SELECT seq, id, time_us, sender, body, kind, sender_key FROM messages";
+const SELECT: &str =
+    "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment FROM messages";
 
 impl GroupStore for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
@@ -917,9 +955,11 @@ impl GroupStore for SqliteStore {
             // One statement in the common case: the id's UNIQUE index finds a retry while
             // inserting, instead of a lookup before every insert.
             let mut stmt = s.conn.prepare_cached(
-                "INSERT INTO messages (seq, id, time_us, sender, body, kind, sender_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO messages
+                     (seq, id, time_us, sender, body, kind, sender_key, attachment, attachment_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
             )?;
+            let attachment = msg.attachment.map(attachment_json).transpose()?;
             let inserted = stmt.execute(params![
                 seq as i64,
                 id.as_bytes().as_slice(),
@@ -927,7 +967,9 @@ impl GroupStore for SqliteStore {
                 msg.sender.as_str(),
                 msg.body.get(),
                 msg.kind.as_str(),
-                msg.sender_key.map(|k| k.to_string())
+                msg.sender_key.map(|k| k.to_string()),
+                attachment,
+                msg.attachment.map(|a| a.sha256.as_bytes().to_vec()),
             ])?;
             if inserted == 1 {
                 s.last_seq = seq;
@@ -939,8 +981,9 @@ impl GroupStore for SqliteStore {
                     duplicate: false,
                 });
             }
-            // A retry of a stored message: the same sender and body get the stored ack.
-            s.stored_ack(id, msg.sender, msg.body)?
+            // A retry of a stored message: the same sender, body and attachment get the
+            // stored ack.
+            s.stored_ack(id, msg.sender, msg.body, attachment.as_deref())?
                 .ok_or_else(|| StoreError::Corrupt(format!("id {id} conflicts but is not found")))
         })
     }
@@ -950,10 +993,11 @@ impl GroupStore for SqliteStore {
         id: MessageId,
         sender: &UserName,
         body: &RawValue,
+        attachment: Option<&str>,
     ) -> Result<Option<SendAck>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, time_us, sender, body FROM messages WHERE id = ?1")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_us, sender, body, attachment FROM messages WHERE id = ?1",
+        )?;
         let found = stmt
             .query_row([id.as_bytes().as_slice()], |r| {
                 Ok((
@@ -961,13 +1005,17 @@ impl GroupStore for SqliteStore {
                     r.get::<_, i64>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
                 ))
             })
             .optional()?;
-        let Some((seq, time_us, stored_sender, stored_body)) = found else {
+        let Some((seq, time_us, stored_sender, stored_body, stored_attachment)) = found else {
             return Ok(None);
         };
-        if stored_sender != sender.as_str() || stored_body != body.get() {
+        if stored_sender != sender.as_str()
+            || stored_body != body.get()
+            || stored_attachment.as_deref() != attachment
+        {
             return Err(StoreError::IdConflict(id));
         }
         Ok(Some(SendAck {
@@ -976,6 +1024,13 @@ impl GroupStore for SqliteStore {
             time: Timestamp::from_micros(time_us),
             duplicate: true,
         }))
+    }
+
+    fn references(&self, digest: &Sha256Digest) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM messages WHERE attachment_sha256 = ?1")?;
+        Ok(stmt.exists([digest.as_bytes().as_slice()])?)
     }
 
     fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
@@ -1092,6 +1147,7 @@ mod tests {
                 body: &b,
                 id: None,
                 now: Timestamp::from_micros(now),
+                attachment: None,
             })
             .expect("append");
         store.commit().expect("commit");
@@ -1213,6 +1269,7 @@ mod tests {
             sender_key: None,
             body: b,
             id: Some(id),
+            attachment: None,
             now: Timestamp::now(),
         };
         s.begin().expect("begin");

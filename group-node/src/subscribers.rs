@@ -811,6 +811,7 @@ mod tests {
             kind: EntryKind::Message,
             body: serde_json::value::RawValue::from_string(body.to_owned()).expect("json"),
             sender_key: None,
+            attachment: None,
         }
     }
 

@@ -373,6 +373,7 @@ mod tests {
             user: UserName::new("alice").expect("name"),
             body: RawValue::from_string(r#"{"t":[1,2.5,true,null,"x"]}"#.into()).expect("raw"),
             id: Some(crate::id::MessageId::new_v7()),
+            attachment: None,
         };
         let wire = encode_call::<crate::action::call::Send>(&orig);
         let NodeRequest::Send(back) = decode_request::<NodeRequest>(&wire).expect("decode") else {

@@ -510,6 +510,52 @@ pub struct SendRequest {
     /// again and is stored once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<MessageId>,
+    /// A file this message carries (AGORA/1.1): its content must be complete on the node
+    /// (§6.9); the body is then the caption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Attachment>,
+}
+
+/// A file carried by a message: the content's digest and size, and how to present it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The content's SHA-256.
+    pub sha256: Sha256Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The file's name, for people and as a default file name: 1 to 255 bytes, no control
+    /// characters, no `/`.
+    pub name: String,
+    /// Its media type (RFC 6838), such as `image/png`: at most 127 bytes, `type/subtype`.
+    pub media_type: String,
+}
+
+impl Attachment {
+    /// Checks `name` and `media_type`.
+    ///
+    /// # Errors
+    /// The message for `invalid_field`, starting with the field's path.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 255 {
+            return Err("attachment.name: must be 1 to 255 bytes".into());
+        }
+        if self.name.chars().any(|c| c.is_control() || c == '/') {
+            return Err("attachment.name: no control characters and no '/'".into());
+        }
+        let ok_type = self.media_type.len() <= 127
+            && self.media_type.split('/').count() == 2
+            && self
+                .media_type
+                .split('/')
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_graphic()));
+        if !ok_type {
+            return Err(format!(
+                "attachment.media_type: {:?} is not type/subtype (RFC 6838)",
+                self.media_type.chars().take(64).collect::<String>()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The bytes of one upload chunk, at most (1 MiB); a node answers a larger one
@@ -1221,6 +1267,9 @@ pub struct Message {
     /// The sender's authenticated CURVE public key; absent from an `--insecure` node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender_key: Option<crate::key::PublicKey>,
+    /// The file the message carries, if any (its body is then the caption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Attachment>,
 }
 
 impl PartialEq for Message {
@@ -1232,6 +1281,7 @@ impl PartialEq for Message {
             && self.kind == other.kind
             && self.body.get() == other.body.get()
             && self.sender_key == other.sender_key
+            && self.attachment == other.attachment
     }
 }
 

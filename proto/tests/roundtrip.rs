@@ -225,7 +225,8 @@ fn request() -> impl Strategy<Value = AnyRequest> {
                     group,
                     user,
                     body,
-                    id
+                    id,
+                    attachment: None,
                 }))
             ),
         (
@@ -251,18 +252,36 @@ fn request() -> impl Strategy<Value = AnyRequest> {
     ]
 }
 
-fn entry() -> impl Strategy<Value = Message> {
-    (any::<u64>(), id(), time(), user(), kind(), body(), key()).prop_map(
-        |(seq, id, time, sender, kind, body, sender_key)| Message {
-            seq,
-            id,
-            time,
-            sender,
-            kind,
-            body,
-            sender_key,
-        },
+fn attachment() -> impl Strategy<Value = Option<Attachment>> {
+    prop::option::of(
+        (any::<[u8; 32]>(), any::<u64>(), "[a-z0-9 ._-]{1,40}").prop_map(|(d, size, name)| {
+            Attachment {
+                sha256: Sha256Digest::from_bytes(d),
+                size,
+                name,
+                media_type: "application/octet-stream".into(),
+            }
+        }),
     )
+}
+
+fn entry() -> impl Strategy<Value = Message> {
+    (
+        (any::<u64>(), id(), time(), user(), kind()),
+        (body(), key(), attachment()),
+    )
+        .prop_map(
+            |((seq, id, time, sender, kind), (body, sender_key, attachment))| Message {
+                seq,
+                id,
+                time,
+                sender,
+                kind,
+                body,
+                sender_key,
+                attachment,
+            },
+        )
 }
 
 fn group_entry() -> impl Strategy<Value = GroupEntry> {

@@ -211,3 +211,103 @@ fn outsiders_learn_nothing_and_an_upload_resumes_after_a_kill_9() {
     assert!(done.complete);
     assert!(download_all(&mut alice, digest) == data);
 }
+
+#[test]
+fn a_message_carries_a_file_and_retention_deletes_the_content_it_frees() {
+    use agora_proto::id::MessageId;
+    use agora_proto::wire::{Attachment, HistoryQuery};
+    use serde_json::value::RawValue;
+
+    let fed = Federation::start("200ms");
+    let node = fed.node(
+        "Cool Group",
+        "127.0.0.1:0",
+        "cool",
+        &["--max-messages", "2", "--upload-ttl", "1s"],
+    );
+    let mut alice = client(&fed, &node, "alice");
+    alice.join().expect("join");
+    let data = content(100_000, 3);
+    let digest = digest_of(&data);
+    let file = Attachment {
+        sha256: digest,
+        size: data.len() as u64,
+        name: "report.pdf".into(),
+        media_type: "application/pdf".into(),
+    };
+    let caption = || RawValue::from_string("\"the report\"".into()).expect("json");
+
+    // The content must be there first.
+    assert_eq!(
+        code(alice.send_attachment(file.clone(), caption(), MessageId::new_v7())),
+        ErrorCode::NotFound
+    );
+    alice.upload(digest, data.len() as u64).expect("declare");
+    send_from(&mut alice, digest, &data, 0);
+    let bad_type = Attachment {
+        media_type: "pdf".into(),
+        ..file.clone()
+    };
+    assert_eq!(
+        code(alice.send_attachment(bad_type, caption(), MessageId::new_v7())),
+        ErrorCode::InvalidField
+    );
+    let id = MessageId::new_v7();
+    let ack = alice
+        .send_attachment(file.clone(), caption(), id)
+        .expect("a file message");
+    // A retry is the same message; the same id with another file is a conflict.
+    assert!(
+        alice
+            .send_attachment(file.clone(), caption(), id)
+            .expect("retry")
+            .duplicate
+    );
+    let other = Attachment {
+        name: "other.pdf".into(),
+        ..file.clone()
+    };
+    assert_eq!(
+        code(alice.send_attachment(other, caption(), id)),
+        ErrorCode::IdConflict
+    );
+    let page = alice
+        .get_messages(HistoryQuery::AfterSeq(ack.seq - 1), None)
+        .expect("history");
+    assert_eq!(page.messages[0].attachment.as_ref(), Some(&file));
+    assert_eq!(page.messages[0].body.get(), "\"the report\"");
+
+    // A content no message carries goes once older than the upload TTL; the one the kept
+    // message carries stays, however old.
+    let loose = content(5_000, 4);
+    let loose_digest = digest_of(&loose);
+    alice
+        .upload(loose_digest, loose.len() as u64)
+        .expect("declare");
+    send_from(&mut alice, loose_digest, &loose, 0);
+    assert_eq!(blob_count(&fed, "cool"), 2);
+    assert!(
+        agora_tests::wait_for(Duration::from_secs(20), || blob_count(&fed, "cool") == 1),
+        "the loose content was not deleted"
+    );
+    assert_eq!(
+        code(alice.download(loose_digest, 0, None)),
+        ErrorCode::NotFound
+    );
+    assert!(
+        alice.download(digest, 0, Some(10)).is_ok(),
+        "the carried content stays"
+    );
+    // Two newer messages push it out of the log (--max-messages 2); the next sweep, once
+    // the content is older than the upload TTL, deletes it.
+    for text in ["one", "two"] {
+        alice
+            .send(RawValue::from_string(format!("\"{text}\"")).expect("json"))
+            .expect("send");
+    }
+    assert!(
+        agora_tests::wait_for(Duration::from_secs(20), || blob_count(&fed, "cool") == 0),
+        "the freed content was not deleted"
+    );
+    assert_eq!(code(alice.download(digest, 0, None)), ErrorCode::NotFound);
+}

@@ -168,6 +168,7 @@ fn windowed_sends(
                 user: who.clone(),
                 body: body(sent, bytes),
                 id: Some(MessageId::new_v7()),
+                attachment: None,
             });
             s.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)
                 .expect("send");

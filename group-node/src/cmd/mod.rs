@@ -8,7 +8,9 @@ use crate::store::{GroupStore, NewMessage, StoreError};
 use agora_proto::codec::Frames;
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
-use agora_proto::wire::{EntryKind, ErrorCode, GroupName, Message, SendAck, UserName, WireError};
+use agora_proto::wire::{
+    Attachment, EntryKind, ErrorCode, GroupName, Message, SendAck, UserName, WireError,
+};
 use serde_json::value::RawValue;
 
 use crate::identity::Caller;
@@ -100,6 +102,7 @@ impl<S: GroupStore> Ctx<'_, S> {
         kind: EntryKind,
         body: &RawValue,
         id: Option<MessageId>,
+        attachment: Option<&Attachment>,
     ) -> Result<SendAck, WireError> {
         let ack = self
             .store
@@ -110,6 +113,7 @@ impl<S: GroupStore> Ctx<'_, S> {
                 body,
                 id,
                 now: self.now,
+                attachment,
             })
             .map_err(store_error)?;
         if !ack.duplicate {
@@ -121,6 +125,7 @@ impl<S: GroupStore> Ctx<'_, S> {
                 kind,
                 body: body.to_owned(),
                 sender_key: self.peer,
+                attachment: attachment.cloned(),
             });
         }
         Ok(ack)
@@ -133,7 +138,7 @@ impl<S: GroupStore> Ctx<'_, S> {
     pub fn append_event(&mut self, user: &UserName, kind: EntryKind) -> Result<(), WireError> {
         let null = RawValue::from_string("null".to_owned())
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("event body: {e}")))?;
-        self.append(user, kind, &null, None).map(|_| ())
+        self.append(user, kind, &null, None, None).map(|_| ())
     }
 }
 

@@ -82,7 +82,7 @@ fn record<S: GroupStore>(
         .unwrap_or_else(|| caller.claimed.clone());
     let body = RawValue::from_string(body.to_string())
         .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
-    ctx.append(&sender, EntryKind::Policy, &body, None)
+    ctx.append(&sender, EntryKind::Policy, &body, None, None)
         .map(|_| ())
 }
 
