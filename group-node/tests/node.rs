@@ -124,7 +124,9 @@ fn garbage_gets_specific_errors_and_harms_nothing() {
         server_code(alice.send(body(&big)).expect_err("too large")),
         ErrorCode::TooLarge
     );
-    let huge = format!("\"{}\"", "x".repeat(200_000));
+    // The frame limit is the larger of the body limit and an upload chunk (1 MiB), plus
+    // 64 KiB of room.
+    let huge = format!("\"{}\"", "x".repeat(1_300_000));
     let mut hog = GroupClient::new(
         &n.ctx,
         &n.endpoint,

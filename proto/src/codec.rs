@@ -228,13 +228,35 @@ pub fn decode_request_data<R: ServerRequest>(
     mut frames: Frames,
 ) -> Result<(R, Option<Vec<u8>>), CodecError> {
     let data = (frames.len() == 3).then(|| frames.pop()).flatten();
-    let request: R = decode_request(&frames)?;
+    let request: R = match decode_request(&frames) {
+        Ok(request) => request,
+        // Three frames are a frame-count error first, unless the body names an action
+        // that takes data (then its own error is the answer).
+        Err(e) if data.is_some() && !names_data_action(&frames[1]) => {
+            let _ = e;
+            return Err(CodecError::FrameCount(3));
+        }
+        Err(e) => return Err(e),
+    };
     match (request.action().request_has_data(), data) {
         (true, Some(data)) => Ok((request, Some(data))),
         (false, None) => Ok((request, None)),
         (true, None) => Err(CodecError::FrameCount(2)),
         (false, Some(_)) => Err(CodecError::FrameCount(3)),
     }
+}
+
+/// Whether `body` is a JSON object whose `action` takes a data frame.
+fn names_data_action(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Head {
+        action: Option<String>,
+    }
+    serde_json::from_slice::<Head>(body)
+        .ok()
+        .and_then(|h| h.action)
+        .and_then(|a| Action::from_wire(&a))
+        .is_some_and(Action::request_has_data)
 }
 
 /// Encodes a typed call's request and its data frame: `[signature, body, data]`.
