@@ -1,6 +1,7 @@
 //! Attachments' bytes through the real group node (PROTOCOL §6.9): chunked, resumable,
 //! content-addressed uploads and ranged downloads, members only.
 
+use std::path::Path;
 use std::time::Duration;
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
@@ -310,4 +311,81 @@ fn a_message_carries_a_file_and_retention_deletes_the_content_it_frees() {
         "the freed content was not deleted"
     );
     assert_eq!(code(alice.download(digest, 0, None)), ErrorCode::NotFound);
+}
+
+#[test]
+fn user_cli_sends_and_gets_a_file_resuming_a_partial_download_and_refusing_a_corrupt_one() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    fed.join_when_listed("alice", "Cool Group");
+    fed.join_when_listed("bob", "Cool Group");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = content(3 << 20, 5);
+    let src = dir.path().join("data.bin");
+    std::fs::write(&src, &data).expect("write");
+
+    let sent = fed.cli(
+        "alice",
+        &[
+            "send_file",
+            "Cool Group",
+            src.to_str().expect("utf-8"),
+            "--caption",
+            "the data",
+        ],
+        "",
+    );
+    assert_eq!(sent.code, Some(0), "{sent:?}");
+    let seq: String = sent
+        .stdout
+        .split("seq ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a seq in the ack")
+        .to_owned();
+    let shown = fed.cli("bob", &["messages", "Cool Group"], "");
+    assert!(
+        shown
+            .stdout
+            .contains("alice: [file data.bin, 3.0 MiB, application/octet-stream] the data"),
+        "{shown:?}"
+    );
+
+    let get = |out: &Path| {
+        fed.cli(
+            "bob",
+            &[
+                "get_file",
+                "Cool Group",
+                &seq,
+                "--out",
+                out.to_str().expect("utf-8"),
+            ],
+            "",
+        )
+    };
+    let whole = dir.path().join("whole.bin");
+    let run = get(&whole);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(std::fs::read(&whole).expect("read") == data);
+
+    // A partial download left by an interruption is resumed from its length.
+    let resumed = dir.path().join("resumed.bin");
+    std::fs::write(dir.path().join("resumed.bin.agora-part"), &data[..1 << 20]).expect("part");
+    let run = get(&resumed);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(std::fs::read(&resumed).expect("read") == data);
+    assert!(!dir.path().join("resumed.bin.agora-part").exists());
+
+    // A corrupt partial file fails the digest check: nothing stands at the target, and the
+    // next run starts over and succeeds.
+    let target = dir.path().join("checked.bin");
+    let part = dir.path().join("checked.bin.agora-part");
+    std::fs::write(&part, vec![0u8; 1 << 20]).expect("bad part");
+    let run = get(&target);
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(!target.exists() && !part.exists(), "{run:?}");
+    let run = get(&target);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(std::fs::read(&target).expect("read") == data);
 }

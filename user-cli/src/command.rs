@@ -59,6 +59,34 @@ pub enum Command {
         /// The group.
         group: String,
     },
+    /// Send a file to a group: streamed in chunks with progress, resumed if run again after
+    /// an interruption; a content the node already holds is not sent again.
+    #[command(name = "send_file", alias = "send-file")]
+    SendFile {
+        /// The group.
+        group: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// A caption shown with it.
+        #[arg(long)]
+        caption: Option<String>,
+        /// Its media type (RFC 6838) [default: from the extension, else
+        /// application/octet-stream].
+        #[arg(long)]
+        media_type: Option<String>,
+    },
+    /// Download the file a message carries (by its seq or id), verified against its digest;
+    /// resumed if run again after an interruption.
+    #[command(name = "get_file", alias = "get-file")]
+    GetFile {
+        /// The group.
+        group: String,
+        /// The message: its seq or its id.
+        message: String,
+        /// Where to write it [default: the file's name, in the current directory].
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Follow a joined group live (joining subscribes by default).
     Subscribe {
         /// The group.
@@ -437,6 +465,23 @@ pub fn run(
             app.send(&group, json_string(&text.join("\n")), out)?;
         }
         Command::Messages { group, select } => app.messages(&group, &select.into(), out)?,
+        Command::SendFile {
+            group,
+            path,
+            caption,
+            media_type,
+        } => app.send_file(
+            &group,
+            &path,
+            caption.as_deref(),
+            media_type.as_deref(),
+            out,
+        )?,
+        Command::GetFile {
+            group,
+            message,
+            out: path,
+        } => app.get_file(&group, &message, path.as_deref(), out)?,
         Command::Invite { group, key } => app.policy(&group, PolicyChange::Invite(key), out)?,
         Command::Ban { group, key } => app.policy(&group, PolicyChange::Ban(key), out)?,
         Command::Unban { group, key } => app.policy(&group, PolicyChange::Unban(key), out)?,

@@ -57,13 +57,44 @@ pub fn message_line(group: &str, m: &Message) -> String {
                 .trim_end()
                 .to_owned()
         }
-        _ => format!(
-            "[{time}] {group} #{} {}: {}",
-            m.seq,
-            m.sender,
-            body_text(&m.body).replace('\n', "\n    ")
-        ),
+        _ => match &m.attachment {
+            Some(a) => {
+                let caption = match m.body.get() {
+                    "null" => String::new(),
+                    _ => format!(" {}", body_text(&m.body).replace('\n', "\n    ")),
+                };
+                format!(
+                    "[{time}] {group} #{} {}: [file {}, {}, {}]{caption}",
+                    m.seq,
+                    m.sender,
+                    a.name,
+                    human_bytes(a.size),
+                    a.media_type
+                )
+            }
+            None => format!(
+                "[{time}] {group} #{} {}: {}",
+                m.seq,
+                m.sender,
+                body_text(&m.body).replace('\n', "\n    ")
+            ),
+        },
     }
+}
+
+/// A size for people: `812 B`, `1.5 KiB`, `3.2 MiB`, `1.1 GiB` (binary units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// One group of a listing: `Cool Group<TAB>tcp://…<TAB>3 members`.
@@ -227,6 +258,13 @@ pub enum Item<'a> {
     NoAccounts,
     /// `whois`.
     Whois(&'a UserEntry),
+    /// `get_file`: the file saved, verified.
+    FileSaved {
+        /// Where it was written.
+        path: &'a std::path::Path,
+        /// The file.
+        attachment: &'a agora_proto::wire::Attachment,
+    },
 }
 
 /// `item` as one line in `format`; `None` when the format shows nothing for it (the
@@ -284,6 +322,12 @@ fn human(item: &Item<'_>) -> Option<String> {
         Item::NoDeadLetters => "no dead letters".into(),
         Item::User(u) => user_line(u),
         Item::NoAccounts => "no accounts yet (user-cli register NAME makes one)".into(),
+        Item::FileSaved { path, attachment } => format!(
+            "saved {} ({}) to {}",
+            attachment.name,
+            human_bytes(attachment.size),
+            path.display()
+        ),
         Item::Whois(u) => format!(
             "{}\tkey {}\tregistered {}",
             user_line(u),
@@ -314,6 +358,9 @@ fn json(item: &Item<'_>) -> Option<String> {
         Item::DmSent { ack, .. } => json_line(ack),
         Item::DeadLetter(l) => json_line(l),
         Item::User(u) | Item::Whois(u) => json_line(u),
+        Item::FileSaved { path, attachment } => json_line(
+            &serde_json::json!({"saved": path.display().to_string(), "attachment": attachment}),
+        ),
         Item::NoGroups
         | Item::NoMessages
         | Item::NoGroupsJoined

@@ -8,9 +8,11 @@
 //!   `messages`, the policy commands);
 //! - [`live`]: following groups (`subscribe`, `unsubscribe`, `check`, `watch`, the prompt's
 //!   live stream);
-//! - [`accounts`]: accounts, presence and direct messages.
+//! - [`accounts`]: accounts, presence and direct messages;
+//! - [`files`]: `send_file` and `get_file`, resumable, with progress.
 
 mod accounts;
+mod files;
 mod groups;
 mod live;
 

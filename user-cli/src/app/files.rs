@@ -1,0 +1,289 @@
+//! `send_file` and `get_file`: attachments (PROTOCOL §6.9), streamed in chunks with a
+//! progress display, never held whole in memory, and resumed when run again after an
+//! interruption.
+//!
+//! - Upload: the file is hashed (SHA-256) in one streaming pass, the node says how much of
+//!   that content it holds (`have`), the rest goes in its chunk size, then a message carries
+//!   the file. A content the node holds already is not sent again.
+//! - Download: into `TARGET.agora-part` beside the target, resumed from its length; the whole
+//!   file is then checked against the digest and only then renamed to the target, so a short
+//!   or corrupt download never stands under the target's name.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use agora_common::client::GroupClient;
+use agora_proto::id::MessageId;
+use agora_proto::wire::{Attachment, HistoryQuery, Message, Sha256Digest};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use super::{App, CliError};
+use crate::render::{Format, Item, Output};
+
+/// A transfer's progress, shown on stderr: a bar on a terminal, a line per tenth without one,
+/// and with `--json` progress events on stdout.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    format: Format,
+    what: String,
+    total: u64,
+    last_tenth: u64,
+}
+
+impl Progress {
+    fn new(format: Format, what: String, total: u64, done: u64) -> Progress {
+        let bar = (format == Format::Human && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(what.clone());
+            bar.set_position(done);
+            bar
+        });
+        Progress {
+            bar,
+            format,
+            what,
+            total,
+            last_tenth: done * 10 / total.max(1),
+        }
+    }
+
+    fn set(&mut self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            return;
+        }
+        let tenth = done * 10 / self.total.max(1);
+        if tenth == self.last_tenth && done < self.total {
+            return;
+        }
+        self.last_tenth = tenth;
+        match self.format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"event": "progress", "what": self.what, "done": done, "total": self.total})
+            ),
+            Format::Human => eprintln!("{}: {done} of {} bytes", self.what, self.total),
+        }
+    }
+
+    fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The SHA-256 of a file, read in 1 MiB pieces.
+fn hash_path(path: &Path) -> std::io::Result<(Sha256Digest, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((Sha256Digest::from_bytes(hasher.finalize().into()), size))
+}
+
+/// A media type from a file name's extension, for the common kinds; else
+/// `application/octet-stream`.
+fn media_type_of(path: &Path) -> &'static str {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "svg" => "image/svg+xml",
+        "pdf" => "application/pdf",
+        "txt" | "log" => "text/plain",
+        "md" => "text/markdown",
+        "csv" => "text/csv",
+        "json" => "application/json",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        "mp3" => "audio/mpeg",
+        "mp4" => "video/mp4",
+        _ => "application/octet-stream",
+    }
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> CliError {
+    CliError::Usage(format!("{}: {e}", path.display()))
+}
+
+impl App {
+    /// `send_file GROUP PATH [--caption TEXT] [--media-type TYPE]`.
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for a file that cannot be read; the node's refusals.
+    pub fn send_file(
+        &mut self,
+        target: &str,
+        path: &Path,
+        caption: Option<&str>,
+        media_type: Option<&str>,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| CliError::Usage(format!("{}: not a file", path.display())))?;
+        let (sha256, size) = hash_path(path).map_err(|e| io_error(path, &e))?;
+        let format = self.format;
+        let (start, _) = self.on_node(target, |node| node.upload(sha256, size))?;
+        let mut have = start.have;
+        if !start.complete {
+            let mut file = File::open(path).map_err(|e| io_error(path, &e))?;
+            let chunk = usize::try_from(start.chunk_bytes)
+                .unwrap_or(256 << 10)
+                .max(1);
+            let mut progress = Progress::new(format, name.clone(), size, have);
+            let mut buf = vec![0u8; chunk];
+            let (node, label) = self.node(target)?;
+            while have < size {
+                file.seek(SeekFrom::Start(have))
+                    .map_err(|e| io_error(path, &e))?;
+                let want = usize::try_from((size - have).min(chunk as u64)).unwrap_or(chunk);
+                file.read_exact(&mut buf[..want])
+                    .map_err(|e| io_error(path, &e))?;
+                let reply = node
+                    .upload_chunk(sha256, have, buf[..want].to_vec())
+                    .map_err(|source| super::remote(&label, source))?;
+                have = reply.have;
+                progress.set(have);
+                if reply.complete {
+                    break;
+                }
+            }
+            progress.finish();
+        }
+        let attachment = Attachment {
+            sha256,
+            size,
+            name,
+            media_type: media_type.unwrap_or(media_type_of(path)).to_owned(),
+        };
+        let caption = match caption {
+            Some(text) => crate::command::json_string(text),
+            None => "null".to_owned(),
+        };
+        let caption =
+            RawValue::from_string(caption).map_err(|e| CliError::Usage(format!("caption: {e}")))?;
+        let id = MessageId::new_v7();
+        let (ack, _) = self.on_node(target, |node| {
+            node.send_attachment(attachment.clone(), caption.clone(), id)
+        })?;
+        out.emit(Item::Sent {
+            group: target,
+            ack: &ack,
+        })?;
+        Ok(())
+    }
+
+    /// `get_file GROUP SEQ|ID [--out PATH]`: the file a message carries.
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for a message with no file, a bad `SEQ|ID` or a file that cannot
+    /// be written; `digest_mismatch` (the download did not match: nothing is left at the
+    /// target); the node's refusals.
+    pub fn get_file(
+        &mut self,
+        target: &str,
+        which: &str,
+        out_path: Option<&Path>,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let query = match (which.parse::<u64>(), which.parse::<MessageId>()) {
+            (Ok(seq), _) if seq > 0 => HistoryQuery::AfterSeq(seq - 1),
+            (_, Ok(id)) => HistoryQuery::ById(id),
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "{which:?} is neither a seq nor a message id"
+                )))
+            }
+        };
+        let (page, _) = self.on_node(target, |node| node.get_messages(query, Some(1)))?;
+        let message: Message = page
+            .messages
+            .into_iter()
+            .next()
+            .filter(|m| match query {
+                HistoryQuery::AfterSeq(before) => m.seq == before + 1,
+                _ => true,
+            })
+            .ok_or_else(|| CliError::Usage(format!("{target}: no message {which}")))?;
+        let attachment = message
+            .attachment
+            .ok_or_else(|| CliError::Usage(format!("{target}: message {which} carries no file")))?;
+        // The name is the sender's: only its last component, never a path.
+        let default_name = Path::new(&attachment.name)
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(attachment.sha256.to_string()));
+        let dest = out_path.map_or(default_name, Path::to_path_buf);
+        let part = PathBuf::from(format!("{}.agora-part", dest.display()));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .map_err(|e| io_error(&part, &e))?;
+        let mut have = file.metadata().map_err(|e| io_error(&part, &e))?.len();
+        if have > attachment.size {
+            file.set_len(0).map_err(|e| io_error(&part, &e))?;
+            have = 0;
+        }
+        let mut progress =
+            Progress::new(self.format, attachment.name.clone(), attachment.size, have);
+        let (node, label): (&mut GroupClient, String) = self.node(target)?;
+        while have < attachment.size {
+            let (reply, bytes) = node
+                .download(attachment.sha256, have, None)
+                .map_err(|source| super::remote(&label, source))?;
+            if bytes.is_empty() || reply.offset != have {
+                return Err(CliError::Usage(format!(
+                    "{label}: the node sent {} bytes at {} for offset {have}",
+                    bytes.len(),
+                    reply.offset
+                )));
+            }
+            file.write_all(&bytes).map_err(|e| io_error(&part, &e))?;
+            have += bytes.len() as u64;
+            progress.set(have);
+        }
+        progress.finish();
+        file.sync_all().map_err(|e| io_error(&part, &e))?;
+        drop(file);
+        let (digest, size) = hash_path(&part).map_err(|e| io_error(&part, &e))?;
+        if digest != attachment.sha256 || size != attachment.size {
+            let _ = std::fs::remove_file(&part);
+            return Err(CliError::Usage(format!(
+                "{label}: the download hashes to {digest}, not {}; discarded, run again",
+                attachment.sha256
+            )));
+        }
+        std::fs::rename(&part, &dest).map_err(|e| io_error(&dest, &e))?;
+        out.emit(Item::FileSaved {
+            path: &dest,
+            attachment: &attachment,
+        })?;
+        Ok(())
+    }
+}
