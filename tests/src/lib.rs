@@ -505,6 +505,11 @@ impl Streaming {
         code.expect("user-cli ignored SIGINT")
     }
 
+    /// The process id (to stop or signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits (up to `timeout`) for it to exit by itself; `Some(exit code)` if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
         let mut code = None;

@@ -389,3 +389,97 @@ fn user_cli_sends_and_gets_a_file_resuming_a_partial_download_and_refusing_a_cor
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(std::fs::read(&target).expect("read") == data);
 }
+
+/// The peak resident set size of process `pid`, in bytes (`VmHWM` of `/proc/PID/status`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .expect("a number")
+        * 1024
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn a_64_mib_upload_killed_midway_resumes_and_the_node_stays_small() {
+    let fed = Federation::start("200ms");
+    let node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    fed.join_when_listed("alice", "Cool Group");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = content(64 << 20, 11);
+    let digest = digest_of(&data);
+    let src = dir.path().join("big.bin");
+    std::fs::write(&src, &data).expect("write");
+    let src_arg = src.to_str().expect("utf-8");
+
+    // The client is frozen as soon as the node holds part of the file, then killed.
+    let mut upload = fed.spawn_cli("alice", &["send_file", "Cool Group", src_arg]);
+    let mut probe = client(&fed, &node, "alice");
+    let started = agora_tests::wait_for(Duration::from_secs(30), || {
+        probe
+            .upload(digest, data.len() as u64)
+            .is_ok_and(|r| r.have > 0)
+    });
+    assert!(started, "the upload never began");
+    signal(upload.pid(), "-STOP");
+    let at_kill = probe.upload(digest, data.len() as u64).expect("status");
+    assert!(
+        !at_kill.complete,
+        "the client finished before it could be stopped"
+    );
+    signal(upload.pid(), "-KILL");
+    assert!(upload.wait_exit(Duration::from_secs(10)).is_some());
+
+    // Run again: it goes on from where the node stands, and the file arrives whole.
+    let run = fed.cli("alice", &["send_file", "Cool Group", src_arg], "");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    // Its first progress line says where it started.
+    let first_progress: u64 = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("big.bin: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a progress line");
+    assert!(
+        first_progress >= at_kill.have,
+        "started at {first_progress}, the node held {}",
+        at_kill.have
+    );
+    let out = dir.path().join("back.bin");
+    let seq = run
+        .stdout
+        .split("seq ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a seq")
+        .to_owned();
+    let got = fed.cli(
+        "alice",
+        &[
+            "get_file",
+            "Cool Group",
+            &seq,
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+        "",
+    );
+    assert_eq!(got.code, Some(0), "{got:?}");
+    assert!(std::fs::read(&out).expect("read") == data);
+    // One chunk at a time in memory: the node never held the file.
+    let peak = peak_rss(node.pid());
+    assert!(peak < 64 << 20, "node peak RSS {} MiB", peak >> 20);
+}

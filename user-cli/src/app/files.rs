@@ -47,12 +47,28 @@ impl Progress {
             bar.set_position(done);
             bar
         });
-        Progress {
+        let progress = Progress {
             bar,
             format,
             what,
             total,
             last_tenth: done * 10 / total.max(1),
+        };
+        // Where it starts (a resumed transfer starts past 0), then at every tenth.
+        progress.report(done);
+        progress
+    }
+
+    fn report(&self, done: u64) {
+        if self.bar.is_some() {
+            return;
+        }
+        match self.format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"event": "progress", "what": self.what, "done": done, "total": self.total})
+            ),
+            Format::Human => eprintln!("{}: {done} of {} bytes", self.what, self.total),
         }
     }
 
@@ -66,13 +82,7 @@ impl Progress {
             return;
         }
         self.last_tenth = tenth;
-        match self.format {
-            Format::Json => println!(
-                "{}",
-                serde_json::json!({"event": "progress", "what": self.what, "done": done, "total": self.total})
-            ),
-            Format::Human => eprintln!("{}: {done} of {} bytes", self.what, self.total),
-        }
+        self.report(done);
     }
 
     fn finish(self) {
