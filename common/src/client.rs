@@ -47,6 +47,9 @@ pub enum ClientError {
     /// The reply was not a well-formed reply of the expected type.
     #[error("bad reply: {0}")]
     BadReply(#[from] CodecError),
+    /// Reading what was to be sent failed (an upload's source file).
+    #[error("reading what to send: {0}")]
+    Read(#[source] std::io::Error),
     /// libzmq failed (bad endpoint syntax, context terminated).
     #[error("zmq: {0}")]
     Zmq(#[from] zmq::Error),

@@ -11,6 +11,7 @@
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`server`]: ROUTER plumbing shared by the servers: bind, batch receive, reply.
 //! - [`live`]: the live stream client (zguide "Clone"): subscribe, dedupe by seq, backfill.
+//! - [`transfer`]: windowed uploads of attachments (several chunks in flight).
 //! - [`trust`]: pinning the registry key on first use, and the key endpoint that serves it.
 //! - [`zap`]: the ZAP handler (RFC 27) that names CURVE clients by their keys.
 //! - [`shutdown`]: a cooperative shutdown flag that servers poll.
@@ -27,5 +28,6 @@ pub mod live;
 pub mod ratelimit;
 pub mod server;
 pub mod shutdown;
+pub mod transfer;
 pub mod trust;
 pub mod zap;

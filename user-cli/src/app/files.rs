@@ -10,7 +10,7 @@
 //!   or corrupt download never stands under the target's name.
 
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
 use agora_common::client::GroupClient;
@@ -159,28 +159,46 @@ impl App {
         let (sha256, size) = hash_path(path).map_err(|e| io_error(path, &e))?;
         let format = self.format;
         let (start, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-        let mut have = start.have;
         if !start.complete {
+            let resolved = self.resolve(target)?;
+            let upload_target = agora_common::transfer::UploadTarget {
+                endpoint: resolved.endpoint.to_string(),
+                curve: self.node_curve(target, resolved.key)?,
+                group: resolved.name.clone(),
+                user: self.user.clone(),
+            };
             let mut file = File::open(path).map_err(|e| io_error(path, &e))?;
-            let chunk = usize::try_from(start.chunk_bytes)
-                .unwrap_or(256 << 10)
-                .max(1);
-            let mut progress = Progress::new(format, name.clone(), size, have);
-            let mut buf = vec![0u8; chunk];
-            let (node, label) = self.node(target)?;
-            while have < size {
-                file.seek(SeekFrom::Start(have))
-                    .map_err(|e| io_error(path, &e))?;
-                let want = usize::try_from((size - have).min(chunk as u64)).unwrap_or(chunk);
-                file.read_exact(&mut buf[..want])
-                    .map_err(|e| io_error(path, &e))?;
-                let reply = node
-                    .upload_chunk(sha256, have, buf[..want].to_vec())
-                    .map_err(|source| super::remote(&label, source))?;
-                have = reply.have;
-                progress.set(have);
-                if reply.complete {
-                    break;
+            let mut from = start.have;
+            let mut progress = Progress::new(format, name.clone(), size, from);
+            // A `bad_offset` (the node restarted, or lost a chunk) asks where to resume, twice
+            // at most.
+            let mut tries = 0;
+            loop {
+                let sent = agora_common::transfer::upload_windowed(
+                    &self.ctx,
+                    &upload_target,
+                    sha256,
+                    &mut file,
+                    size,
+                    from,
+                    usize::try_from(start.chunk_bytes).unwrap_or(256 << 10),
+                    start.window,
+                    self.options.timeout,
+                    |have| progress.set(have),
+                );
+                match sent {
+                    Ok(_) => break,
+                    Err(agora_common::client::ClientError::Server(w))
+                        if w.code == agora_proto::wire::ErrorCode::BadOffset && tries < 2 =>
+                    {
+                        tries += 1;
+                        let (now, _) = self.on_node(target, |node| node.upload(sha256, size))?;
+                        if now.complete {
+                            break;
+                        }
+                        from = now.have;
+                    }
+                    Err(source) => return Err(super::remote(target, source)),
                 }
             }
             progress.finish();
