@@ -10,7 +10,7 @@
 //! - `sha256/AB/ABCDEF…` (the full 64-character hex digest, in a directory named by its
 //!   first two characters): a complete, verified blob, mode 0600.
 //! - `uploads/ABCDEF….part`: an upload in progress; `uploads/ABCDEF….size`: its declared
-//!   size in bytes, as decimal text.
+//!   size in bytes as decimal text, a space, and the uploader (for the per-member quota).
 //!
 //! Nothing is held in memory beyond one chunk and a SHA-256 state per upload in progress:
 //! each chunk is hashed as it is appended, so completing an upload costs no second pass
@@ -56,6 +56,14 @@ pub enum BlobError {
         declared: u64,
         /// The size of the upload in progress.
         have: u64,
+    },
+    /// Declaring this upload would pass the uploader's quota of unfinished uploads.
+    #[error("{pending} bytes of unfinished uploads, and this one would pass the quota of {quota}")]
+    Quota {
+        /// Bytes the uploader's unfinished uploads declare.
+        pending: u64,
+        /// The quota.
+        quota: u64,
     },
     /// No upload of this digest is in progress (and no such blob exists).
     #[error("no upload of {0} in progress")]
@@ -173,20 +181,56 @@ impl Blobs {
     }
 
     fn declared_size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
-        match fs::read_to_string(self.size_path(digest)) {
-            Ok(text) => Ok(text.trim().parse().ok()),
+        Ok(self
+            .declaration(&self.size_path(digest))?
+            .map(|(size, _)| size))
+    }
+
+    /// The size and uploader a `.size` file declares.
+    fn declaration(&self, path: &Path) -> Result<Option<(u64, String)>, BlobError> {
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let mut words = text.split_whitespace();
+                let size = words.next().and_then(|w| w.parse().ok());
+                let owner = words.next().unwrap_or_default().to_owned();
+                Ok(size.map(|size| (size, owner)))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Begins (or, with the same size, resumes) an upload of `size` bytes named `digest`.
-    /// A blob already complete is not uploaded again: the answer says so.
+    /// Bytes declared by `owner`'s unfinished uploads.
+    fn pending(&self, owner: &str) -> Result<u64, BlobError> {
+        let mut total = 0u64;
+        for entry in fs::read_dir(self.root.join("uploads"))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "size") {
+                if let Some((size, who)) = self.declaration(&path)? {
+                    if who == owner {
+                        total = total.saturating_add(size);
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Begins (or, with the same size, resumes) an upload of `size` bytes named `digest` for
+    /// `owner`, whose unfinished uploads may declare at most `quota` bytes together. A blob
+    /// already complete is not uploaded again, and resuming costs no quota: the answer says
+    /// where it stands.
     ///
     /// # Errors
     /// [`BlobError::SizeConflict`] when an upload of the digest with another size is in
-    /// progress; [`BlobError::Io`].
-    pub fn begin(&self, digest: &Sha256Digest, size: u64) -> Result<Progress, BlobError> {
+    /// progress; [`BlobError::Quota`]; [`BlobError::Io`].
+    pub fn begin(
+        &self,
+        digest: &Sha256Digest,
+        size: u64,
+        owner: &str,
+        quota: u64,
+    ) -> Result<Progress, BlobError> {
         match self.progress(digest)? {
             Some(p @ Progress::Complete { .. }) => return Ok(p),
             Some(Progress::Partial {
@@ -201,7 +245,14 @@ impl Blobs {
             }
             None => {}
         }
-        write_private(&self.size_path(digest), size.to_string().as_bytes())?;
+        let pending = self.pending(owner)?;
+        if pending.saturating_add(size) > quota {
+            return Err(BlobError::Quota { pending, quota });
+        }
+        write_private(
+            &self.size_path(digest),
+            format!("{size} {owner}").as_bytes(),
+        )?;
         if size == 0 {
             write_private(&self.part_path(digest), b"")?;
             return self.finish(digest);
@@ -454,7 +505,9 @@ mod tests {
         {
             let blobs = Blobs::open(dir.path()).expect("open");
             assert_eq!(
-                blobs.begin(&digest, data.len() as u64).expect("begin"),
+                blobs
+                    .begin(&digest, data.len() as u64, "k", u64::MAX)
+                    .expect("begin"),
                 Progress::Partial {
                     have: 0,
                     size: 1_000_000
@@ -471,8 +524,9 @@ mod tests {
         }
         // A restart: the same store, opened again, says where to resume.
         let blobs = Blobs::open(dir.path()).expect("reopen");
-        let Progress::Partial { have, .. } =
-            blobs.begin(&digest, data.len() as u64).expect("resume")
+        let Progress::Partial { have, .. } = blobs
+            .begin(&digest, data.len() as u64, "k", u64::MAX)
+            .expect("resume")
         else {
             panic!("still partial");
         };
@@ -501,7 +555,9 @@ mod tests {
         assert_eq!(back, data);
         // The same content again is not uploaded again.
         assert_eq!(
-            blobs.begin(&digest, data.len() as u64).expect("again"),
+            blobs
+                .begin(&digest, data.len() as u64, "k", u64::MAX)
+                .expect("again"),
             Progress::Complete { size: 1_000_000 }
         );
     }
@@ -512,7 +568,7 @@ mod tests {
         let blobs = Blobs::open(dir.path()).expect("open");
         let data = content(1000);
         let wrong = digest_of(b"something else");
-        blobs.begin(&wrong, 1000).expect("begin");
+        blobs.begin(&wrong, 1000, "k", u64::MAX).expect("begin");
         assert!(matches!(
             blobs.write_chunk(&wrong, 0, &content(1001)),
             Err(BlobError::PastEnd { .. })
@@ -528,14 +584,14 @@ mod tests {
         ));
         assert!(matches!(
             blobs
-                .begin(&wrong, 1000)
-                .and_then(|_| blobs.begin(&wrong, 999)),
+                .begin(&wrong, 1000, "k", u64::MAX)
+                .and_then(|_| blobs.begin(&wrong, 999, "k", u64::MAX)),
             Err(BlobError::SizeConflict { .. })
         ));
         // The empty content completes at once.
         let empty = digest_of(b"");
         assert_eq!(
-            blobs.begin(&empty, 0).expect("empty"),
+            blobs.begin(&empty, 0, "k", u64::MAX).expect("empty"),
             Progress::Complete { size: 0 }
         );
     }
@@ -547,7 +603,9 @@ mod tests {
         let (a, b) = (content(10), content(20));
         let (da, db) = (digest_of(&a), digest_of(&b));
         for (d, bytes) in [(da, &a), (db, &b)] {
-            blobs.begin(&d, bytes.len() as u64).expect("begin");
+            blobs
+                .begin(&d, bytes.len() as u64, "k", u64::MAX)
+                .expect("begin");
             blobs.write_chunk(&d, 0, bytes).expect("write");
         }
         assert_eq!(
@@ -564,7 +622,7 @@ mod tests {
         assert_eq!(blobs.size(&da).expect("a"), Some(10));
         assert_eq!(blobs.size(&db).expect("b"), None);
         let pending = digest_of(b"never finished");
-        blobs.begin(&pending, 100).expect("begin");
+        blobs.begin(&pending, 100, "k", u64::MAX).expect("begin");
         assert_eq!(
             blobs
                 .expire_uploads(Duration::from_secs(3600))
@@ -573,5 +631,26 @@ mod tests {
         );
         assert_eq!(blobs.expire_uploads(Duration::ZERO).expect("expire"), 1);
         assert_eq!(blobs.progress(&pending).expect("gone"), None);
+    }
+
+    #[test]
+    fn unfinished_uploads_count_against_their_uploaders_quota() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let blobs = Blobs::open(dir.path()).expect("open");
+        let (a, b, c) = (digest_of(b"a"), digest_of(b"b"), digest_of(b"c"));
+        blobs.begin(&a, 600, "alice", 1000).expect("within");
+        assert!(matches!(
+            blobs.begin(&b, 500, "alice", 1000),
+            Err(BlobError::Quota {
+                pending: 600,
+                quota: 1000
+            })
+        ));
+        // Another uploader has a quota of their own; resuming costs nothing.
+        blobs.begin(&b, 500, "bob", 1000).expect("bob's own");
+        blobs.begin(&a, 600, "alice", 1000).expect("a resume");
+        // Finished uploads free the quota.
+        blobs.discard(&a);
+        blobs.begin(&c, 900, "alice", 1000).expect("room again");
     }
 }

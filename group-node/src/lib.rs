@@ -86,6 +86,9 @@ const CHECKPOINT_BYTES: u64 = 4 << 20;
 /// The largest attachment a node takes by default: 4 GiB.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 << 30;
 
+/// What one member's unfinished uploads may declare together by default: 8 GiB.
+pub const DEFAULT_UPLOAD_QUOTA: u64 = 8 << 30;
+
 /// How long an unfinished upload, or a content no message carries, is kept by default: 24 h.
 pub const DEFAULT_UPLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -125,6 +128,9 @@ pub struct Config {
     /// message carries is deleted once it is this old (default 24 h,
     /// [`DEFAULT_UPLOAD_TTL`]). Swept every minute, or every `upload_ttl` if shorter.
     pub upload_ttl: Duration,
+    /// Bytes one member's unfinished uploads may declare together (default 8 GiB,
+    /// [`DEFAULT_UPLOAD_QUOTA`]); an `upload` past it gets `limit_reached`.
+    pub upload_quota: u64,
     /// What to delete from the log (default: nothing).
     pub retention: Retention,
     /// How often to heartbeat the registry (default 2 s).
@@ -176,6 +182,7 @@ impl Config {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             upload_ttl: DEFAULT_UPLOAD_TTL,
+            upload_quota: DEFAULT_UPLOAD_QUOTA,
             retention: Retention::default(),
             heartbeat: Duration::from_secs(2),
             max_members: 100_000,

@@ -47,6 +47,9 @@ struct Args {
     /// message carries is deleted once this old.
     #[arg(long, env = "AGORA_UPLOAD_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     upload_ttl: Duration,
+    /// Bytes one member's unfinished uploads may declare together.
+    #[arg(long, env = "AGORA_UPLOAD_QUOTA", default_value_t = agora_group_node::DEFAULT_UPLOAD_QUOTA)]
+    upload_quota: u64,
     /// Keep only the newest N messages [default: keep all].
     #[arg(long, env = "AGORA_MAX_MESSAGES", value_parser = clap::value_parser!(u64).range(1..))]
     max_messages: Option<u64>,
@@ -150,6 +153,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.max_message_bytes = args.max_message_bytes;
     config.max_file_bytes = args.max_file_bytes;
     config.upload_ttl = args.upload_ttl;
+    config.upload_quota = args.upload_quota;
     config.retention = Retention {
         max_messages: args.max_messages,
         max_age: args.max_age,

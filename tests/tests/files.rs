@@ -127,7 +127,7 @@ fn bad_chunks_get_specific_errors_and_corrupt_nothing() {
         "Cool Group",
         "127.0.0.1:0",
         "cool",
-        &["--max-file-bytes", "1000000"],
+        &["--max-file-bytes", "1000000", "--upload-quota", "700000"],
     );
     let mut alice = client(&fed, &node, "alice");
     alice.join().expect("join");
@@ -136,6 +136,11 @@ fn bad_chunks_get_specific_errors_and_corrupt_nothing() {
 
     assert_eq!(code(alice.upload(digest, 2_000_000)), ErrorCode::TooLarge);
     alice.upload(digest, data.len() as u64).expect("declare");
+    // Unfinished uploads count against the member's quota (700,000 bytes here).
+    assert_eq!(
+        code(alice.upload(digest_of(b"another"), 500_000)),
+        ErrorCode::LimitReached
+    );
     assert_eq!(
         code(alice.upload_chunk(digest, 10, data[..100].to_vec())),
         ErrorCode::BadOffset

@@ -13,13 +13,15 @@ use crate::blobs::{BlobError, Progress};
 use crate::store::GroupStore;
 
 /// # Errors
-/// `unknown_group`, `not_member`, `too_large` (over `--max-file-bytes`), `invalid_field`
-/// (`size` differs from an upload of the same digest in progress), `internal`.
+/// `unknown_group`, `not_member`, `too_large` (over `--max-file-bytes`), `limit_reached`
+/// (the caller's unfinished uploads would pass `--upload-quota`), `invalid_field` (`size`
+/// differs from an upload of the same digest in progress), `internal`.
 pub fn upload<S: GroupStore>(
     ctx: &mut Ctx<'_, S>,
     r: UploadRequest,
 ) -> Result<UploadReply, WireError> {
     members_only(ctx, r.group.as_ref(), &r.user)?;
+    let uploader = ctx.caller(&r.user).principal;
     if r.size > ctx.config.max_file_bytes {
         return Err(WireError::new(
             ErrorCode::TooLarge,
@@ -29,7 +31,15 @@ pub fn upload<S: GroupStore>(
             ),
         ));
     }
-    let progress = ctx.blobs.begin(&r.sha256, r.size).map_err(blob_error)?;
+    let progress = ctx
+        .blobs
+        .begin(
+            &r.sha256,
+            r.size,
+            uploader.as_str(),
+            ctx.config.upload_quota,
+        )
+        .map_err(blob_error)?;
     Ok(reply(r.sha256, progress))
 }
 
@@ -145,6 +155,7 @@ fn blob_error(e: BlobError) -> WireError {
         BlobError::BadOffset { .. } => ErrorCode::BadOffset,
         BlobError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
         BlobError::NoUpload(_) | BlobError::NotFound(_) => ErrorCode::NotFound,
+        BlobError::Quota { .. } => ErrorCode::LimitReached,
         BlobError::PastEnd { .. } | BlobError::SizeConflict { .. } | BlobError::Range { .. } => {
             ErrorCode::InvalidField
         }
