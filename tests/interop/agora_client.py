@@ -10,7 +10,9 @@ Looks the group up in the registry, joins it, sends typed bodies (with a client-
 retried to check idempotency), reads the history back page by page and by time, and checks
 the documented errors. Prints "interop ok" and exits 0 when every check holds.
 """
+import hashlib
 import json
+import os
 import sys
 import uuid
 
@@ -52,6 +54,25 @@ def call(ctx, endpoint, request):
     if len(frames) != 2 or frames[0] != SIGNATURE:
         raise Failure(f"bad reply frames {frames!r}")
     return json.loads(frames[1])
+
+
+def call_data(ctx, endpoint, request, data=None):
+    """A request with an optional data frame after its body (§2, §6.9); returns the reply and
+    its data frame (None when the reply has none)."""
+    sock = curve_socket(ctx, zmq.REQ, endpoint)
+    try:
+        frames = [SIGNATURE, json.dumps(request).encode()]
+        if data is not None:
+            frames.append(data)
+        sock.send_multipart(frames)
+        if not sock.poll(TIMEOUT_MS):
+            raise Failure(f"no reply from {endpoint} to {request['action']}")
+        frames = sock.recv_multipart()
+    finally:
+        sock.close()
+    if len(frames) not in (2, 3) or frames[0] != SIGNATURE:
+        raise Failure(f"bad reply frames {len(frames)}")
+    return json.loads(frames[1]), (frames[2] if len(frames) == 3 else None)
 
 
 def ok(reply):
@@ -150,6 +171,37 @@ def main():
     check(sub.poll(TIMEOUT_MS), "no reply to a bad ack")
     err(json.loads(sub.recv_multipart()[2]), "invalid_field")
     sub.close()
+
+    # A file (§6.9): declared, sent in chunks, carried by a message, read back by range.
+    content = os.urandom(600_000)
+    digest = hashlib.sha256(content).hexdigest()
+    up = ok(call(ctx, node, {"action": "upload", "user": user, "sha256": digest,
+                             "size": len(content)}))
+    check(up["have"] == 0 and up["complete"] is False, f"upload: {up}")
+    step = up["chunk_bytes"]
+    err(call_data(ctx, node, {"action": "upload_chunk", "user": user, "sha256": digest,
+                              "offset": 7}, content[:10])[0], "bad_offset")
+    for offset in range(0, len(content), step):
+        reply, _ = call_data(ctx, node, {"action": "upload_chunk", "user": user,
+                                         "sha256": digest, "offset": offset},
+                             content[offset:offset + step])
+        ok(reply)
+    check(reply["complete"] is True and reply["have"] == len(content), f"last chunk: {reply}")
+    back = b""
+    while len(back) < len(content):
+        reply, data = call_data(ctx, node, {"action": "download", "user": user,
+                                            "sha256": digest, "offset": len(back)})
+        ok(reply)
+        check(data is not None and reply["length"] == len(data), f"download: {reply}")
+        back += data
+    check(back == content, "downloaded bytes differ")
+    attachment = {"sha256": digest, "size": len(content), "name": "noise.bin",
+                  "media_type": "application/octet-stream"}
+    file_msg = ok(call(ctx, node, {"action": "send", "user": user, "body": "a file",
+                                   "attachment": attachment}))
+    shown = ok(call(ctx, node, {"action": "get_messages", "user": user,
+                                "id": file_msg["id"]}))["messages"][0]
+    check(shown["attachment"] == attachment and shown["body"] == "a file", f"file: {shown}")
 
     err(call(ctx, node, {"action": "get_messages", "user": user, "latest": 0}), "invalid_field")
     err(call(ctx, node, {"action": "teleport"}), "unknown_action")
