@@ -9,7 +9,7 @@ use agora_proto::time::Timestamp;
 use agora_proto::wire::{EntryKind, HistoryQuery, UserName};
 use anyhow::{bail, Context};
 
-use crate::workload::{Fanout, History, Latency, Sizes};
+use crate::workload::{Fanout, FileRun, History, Latency, Sizes};
 use crate::{body, start_node, windowed_sends};
 
 fn options() -> ClientOptions {
@@ -252,4 +252,94 @@ pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
         bail!("the registry lists {listed} of {groups} groups");
     }
     reg.rss_kib()
+}
+
+/// Workload 8: a file of `bytes` up to the node (windowed chunks, `agora_common::transfer`,
+/// as user-cli's `send_file`) and back (1 MiB ranges into a file, as `get_file`), through
+/// files on disk at both ends, checked against its SHA-256 after. The node's peak RSS is read
+/// at the end.
+pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    // The source: deterministic bytes, written and hashed in 1 MiB pieces.
+    let src = dir.path().join("up.bin");
+    let mut hasher = Sha256::new();
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&src)?);
+        let mut piece = vec![0u8; 1 << 20];
+        let mut left = bytes;
+        let mut n = 0u64;
+        while left > 0 {
+            for (i, b) in piece.iter_mut().enumerate() {
+                *b = ((n + i as u64).wrapping_mul(2_654_435_761) >> 13) as u8;
+            }
+            let len = usize::try_from(left.min(piece.len() as u64)).unwrap_or(piece.len());
+            file.write_all(&piece[..len])?;
+            hasher.update(&piece[..len]);
+            left -= len as u64;
+            n += len as u64;
+        }
+        file.flush()?;
+    }
+    let digest = agora_proto::wire::Sha256Digest::from_bytes(hasher.finalize().into());
+
+    let ctx = zmq::Context::new();
+    let node = start_node(node_args)?;
+    let user = UserName::new("bench")?;
+    let mut client = node.client(&ctx, &user, options())?;
+    client.join()?;
+    let t = Instant::now();
+    let start = client.upload(digest, bytes)?;
+    let target = agora_common::transfer::UploadTarget {
+        endpoint: node.endpoint.clone(),
+        curve: node.curve(&user)?,
+        group: None,
+        user: user.clone(),
+    };
+    let mut source = std::fs::File::open(&src)?;
+    let done = agora_common::transfer::upload_windowed(
+        &ctx,
+        &target,
+        digest,
+        &mut source,
+        bytes,
+        start.have,
+        usize::try_from(start.chunk_bytes).unwrap_or(256 << 10),
+        start.window,
+        Duration::from_secs(30),
+        |_| {},
+    )?;
+    let up = t.elapsed();
+    if !done.complete {
+        bail!("the upload did not complete: {done:?}");
+    }
+
+    let dst = dir.path().join("down.bin");
+    let t = Instant::now();
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&dst)?);
+        let mut have = 0u64;
+        while have < bytes {
+            let (_, chunk) = client.download(digest, have, None)?;
+            if chunk.is_empty() {
+                bail!("an empty range at {have}");
+            }
+            file.write_all(&chunk)?;
+            have += chunk.len() as u64;
+        }
+        file.flush()?;
+    }
+    let down = t.elapsed();
+    let mut back = Sha256::new();
+    let mut file = std::fs::File::open(&dst)?;
+    std::io::copy(&mut file, &mut back)?;
+    if agora_proto::wire::Sha256Digest::from_bytes(back.finalize().into()) != digest {
+        bail!("the downloaded file does not match its digest");
+    }
+    Ok(FileRun {
+        up_mb_s: bytes as f64 / 1e6 / up.as_secs_f64(),
+        down_mb_s: bytes as f64 / 1e6 / down.as_secs_f64(),
+        node_peak_kib: node.peak_rss_kib()?,
+    })
 }

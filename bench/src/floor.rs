@@ -272,3 +272,24 @@ pub fn store_commit_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
     }
     Ok(count as f64 / t.elapsed().as_secs_f64())
 }
+
+/// Workload 8's disk floor: `bytes` written to a file in 1 MiB pieces, then `fsync`ed, in
+/// the directory the servers use. MB/s.
+///
+/// # Errors
+/// The file's I/O errors.
+pub fn file_write_fsync(bytes: u64) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let mut file = std::fs::File::create(dir.path().join("floor.bin"))?;
+    let piece = vec![0x5au8; 1 << 20];
+    let t = std::time::Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(piece.len() as u64)).unwrap_or(piece.len());
+        file.write_all(&piece[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()?;
+    Ok(bytes as f64 / 1e6 / t.elapsed().as_secs_f64())
+}

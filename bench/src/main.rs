@@ -55,8 +55,8 @@ struct Args {
     /// peers run without TLS.
     #[arg(long)]
     curve: bool,
-    /// Only these workloads (1–7; repeatable). Default: all.
-    #[arg(long = "workload", value_parser = clap::value_parser!(u8).range(1..=7))]
+    /// Only these workloads (1–8; repeatable). Default: all.
+    #[arg(long = "workload", value_parser = clap::value_parser!(u8).range(1..=8))]
     workloads: Vec<u8>,
     /// Agora only: skip the peers (no nats-server or redis-server needed).
     #[arg(long)]
@@ -219,6 +219,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants(7) {
         memory(&mut bench);
+    }
+    if wants(8) {
+        files(&mut bench);
     }
     if args.dm {
         dm::stored(bench.sizes.lookups, bytes)?;
@@ -496,6 +499,42 @@ fn retention(b: &mut Bench) {
     );
 }
 
+/// Workload 8: a file up to a node and back; the disk floor writes and fsyncs as many bytes.
+fn files(b: &mut Bench) {
+    let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
+    let runs = b.runs("agora file transfer", || {
+        agora::file_transfer(&node, sizes.file_bytes)
+    });
+    let floor = b.peer_runs("disk floor, file", || {
+        floor::file_write_fsync(sizes.file_bytes)
+    });
+    let mib = sizes.file_bytes >> 20;
+    b.row(
+        format!("8. a {mib} MiB file up (chunks of 256 KiB, 8 in flight)"),
+        "MB/s",
+        Better::Higher,
+        med(&runs.iter().map(|r| r.up_mb_s).collect::<Vec<_>>()),
+        vec![("write + fsync of a file (disk floor)", med(&floor))],
+    );
+    b.row(
+        format!("8. the {mib} MiB file down (ranges of 1 MiB)"),
+        "MB/s",
+        Better::Higher,
+        med(&runs.iter().map(|r| r.down_mb_s).collect::<Vec<_>>()),
+        Vec::new(),
+    );
+    b.row(
+        format!("8. group-node peak RSS over the {mib} MiB transfer"),
+        "KiB",
+        Better::Lower,
+        med(&runs
+            .iter()
+            .map(|r| r.node_peak_kib as f64)
+            .collect::<Vec<_>>()),
+        Vec::new(),
+    );
+}
+
 /// Workload 7: server memory, read once (not repeated).
 fn memory(b: &mut Bench) {
     let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
@@ -600,6 +639,11 @@ impl NodeProc {
     /// The node's resident memory, KiB.
     pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
         servers::rss_kib(self.child.id())
+    }
+
+    /// The node's peak resident memory so far, KiB.
+    pub(crate) fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        servers::peak_rss_kib(self.child.id())
     }
 }
 

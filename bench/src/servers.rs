@@ -121,6 +121,19 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS in /proc status")
 }
 
+/// `VmHWM` (peak resident set) of process `pid`, KiB.
+///
+/// # Errors
+/// When `/proc/PID/status` cannot be read or has no `VmHWM` line.
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc status")
+}
+
 /// Starts nats-server with JetStream on a file store in a temporary directory, on a random
 /// loopback port (`-p -1`; the port is read from its log line `Listening for client
 /// connections on HOST:PORT`).

@@ -40,6 +40,8 @@ pub struct Sizes {
     pub memory_points: Vec<u64>,
     /// Workload 7: groups registered before the registry's RSS is read (10k).
     pub registry_groups: u64,
+    /// Workload 8: the file sent up and back, in bytes (1 GiB).
+    pub file_bytes: u64,
     /// Runs per workload; the table shows the median.
     pub repeat: usize,
 }
@@ -64,6 +66,7 @@ impl Sizes {
             retention_sends: 100_000,
             memory_points: vec![100_000, 1_000_000],
             registry_groups: 10_000,
+            file_bytes: 1 << 30,
             repeat,
         }
     }
@@ -87,6 +90,7 @@ impl Sizes {
             retention_sends: 1_000,
             memory_points: vec![1_000, 5_000],
             registry_groups: 200,
+            file_bytes: 8 << 20,
             repeat: 1,
         }
     }
@@ -191,4 +195,15 @@ pub fn concurrently<C: Send + 'static>(
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     }
     Ok(started.elapsed())
+}
+
+/// Workload 8's measures of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct FileRun {
+    /// Upload throughput, MB/s (10^6 bytes per second).
+    pub up_mb_s: f64,
+    /// Download throughput, MB/s.
+    pub down_mb_s: f64,
+    /// The node's peak resident set, KiB.
+    pub node_peak_kib: u64,
 }
