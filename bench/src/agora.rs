@@ -262,27 +262,8 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
     use sha2::{Digest, Sha256};
     use std::io::Write;
     let dir = tempfile::tempdir()?;
-    // The source: deterministic bytes, written and hashed in 1 MiB pieces.
     let src = dir.path().join("up.bin");
-    let mut hasher = Sha256::new();
-    {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&src)?);
-        let mut piece = vec![0u8; 1 << 20];
-        let mut left = bytes;
-        let mut n = 0u64;
-        while left > 0 {
-            for (i, b) in piece.iter_mut().enumerate() {
-                *b = ((n + i as u64).wrapping_mul(2_654_435_761) >> 13) as u8;
-            }
-            let len = usize::try_from(left.min(piece.len() as u64)).unwrap_or(piece.len());
-            file.write_all(&piece[..len])?;
-            hasher.update(&piece[..len]);
-            left -= len as u64;
-            n += len as u64;
-        }
-        file.flush()?;
-    }
-    let digest = agora_proto::wire::Sha256Digest::from_bytes(hasher.finalize().into());
+    let digest = write_source(&src, bytes)?;
 
     let ctx = zmq::Context::new();
     let node = start_node(node_args)?;
@@ -342,4 +323,36 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
         down_mb_s: bytes as f64 / 1e6 / down.as_secs_f64(),
         node_peak_kib: node.peak_rss_kib()?,
     })
+}
+
+/// Workload 8's source file: `bytes` of deterministic content at `path`, written and hashed
+/// in 1 MiB pieces; returns its SHA-256.
+///
+/// # Errors
+/// The file's I/O errors.
+pub fn write_source(
+    path: &std::path::Path,
+    bytes: u64,
+) -> anyhow::Result<agora_proto::wire::Sha256Digest> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let mut hasher = Sha256::new();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut piece = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    let mut n = 0u64;
+    while left > 0 {
+        for (i, b) in piece.iter_mut().enumerate() {
+            *b = ((n + i as u64).wrapping_mul(2_654_435_761) >> 13) as u8;
+        }
+        let len = usize::try_from(left.min(piece.len() as u64)).unwrap_or(piece.len());
+        file.write_all(&piece[..len])?;
+        hasher.update(&piece[..len]);
+        left -= len as u64;
+        n += len as u64;
+    }
+    file.flush()?;
+    Ok(agora_proto::wire::Sha256Digest::from_bytes(
+        hasher.finalize().into(),
+    ))
 }

@@ -505,23 +505,35 @@ fn files(b: &mut Bench) {
     let runs = b.runs("agora file transfer", || {
         agora::file_transfer(&node, sizes.file_bytes)
     });
+    let nats = b.peer_runs("nats object store", || {
+        peers::nats_object_store(sizes.file_bytes)
+    });
     let floor = b.peer_runs("disk floor, file", || {
         floor::file_write_fsync(sizes.file_bytes)
     });
     let mib = sizes.file_bytes >> 20;
+    let pick = |v: &[(f64, f64)], up: bool| {
+        med(&v
+            .iter()
+            .map(|n| if up { n.0 } else { n.1 })
+            .collect::<Vec<_>>())
+    };
     b.row(
         format!("8. a {mib} MiB file up (chunks of 256 KiB, 8 in flight)"),
         "MB/s",
         Better::Higher,
         med(&runs.iter().map(|r| r.up_mb_s).collect::<Vec<_>>()),
-        vec![("write + fsync of a file (disk floor)", med(&floor))],
+        vec![
+            ("NATS Object Store put (file store)", pick(&nats, true)),
+            ("write + fsync of a file (disk floor)", med(&floor)),
+        ],
     );
     b.row(
         format!("8. the {mib} MiB file down (ranges of 1 MiB)"),
         "MB/s",
         Better::Higher,
         med(&runs.iter().map(|r| r.down_mb_s).collect::<Vec<_>>()),
-        Vec::new(),
+        vec![("NATS Object Store get", pick(&nats, false))],
     );
     b.row(
         format!("8. group-node peak RSS over the {mib} MiB transfer"),

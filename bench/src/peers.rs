@@ -120,6 +120,54 @@ pub fn nats_append(window: usize, count: u64, bytes: usize) -> anyhow::Result<f6
     })
 }
 
+/// Workload 8 against NATS Object Store on JetStream's file store: `bytes` put from a file
+/// (async-nats chunks it, 128 KiB by default), then got back into a file. Up and down, MB/s.
+pub fn nats_object_store(bytes: u64) -> anyhow::Result<(f64, f64)> {
+    use async_nats::jetstream::object_store::Config;
+    use async_nats::jetstream::stream::StorageType;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("up.bin");
+    crate::agora::write_source(&src, bytes)?;
+    let server = start_nats()?;
+    runtime()?.block_on(async {
+        let js = async_nats::jetstream::new(nats_connect(&server).await?);
+        let store = js
+            .create_object_store(Config {
+                bucket: "files".into(),
+                max_bytes: -1,
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("create object store: {e}"))?;
+        let mut file = tokio::fs::File::open(&src).await?;
+        let t = Instant::now();
+        store
+            .put("file", &mut file)
+            .await
+            .map_err(|e| anyhow::anyhow!("put: {e}"))?;
+        let up = t.elapsed();
+        let dst = dir.path().join("down.bin");
+        let t = Instant::now();
+        let mut object = store
+            .get("file")
+            .await
+            .map_err(|e| anyhow::anyhow!("get: {e}"))?;
+        let mut out = tokio::fs::File::create(&dst).await?;
+        let copied = tokio::io::copy(&mut object, &mut out).await?;
+        out.flush().await?;
+        let down = t.elapsed();
+        if copied != bytes {
+            bail!("got {copied} bytes back of {bytes}");
+        }
+        Ok((
+            bytes as f64 / 1e6 / up.as_secs_f64(),
+            bytes as f64 / 1e6 / down.as_secs_f64(),
+        ))
+    })
+}
+
 /// Workload 4 against core NATS pub/sub (not stored): each subscriber on its own
 /// connection.
 pub fn nats_fanout(subscribers: usize, messages: u64, bytes: usize) -> anyhow::Result<Fanout> {
