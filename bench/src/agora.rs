@@ -255,7 +255,7 @@ pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
 }
 
 /// Workload 8: a file of `bytes` up to the node (windowed chunks, `agora_common::transfer`,
-/// as user-cli's `send_file`) and back (1 MiB ranges into a file, as `get_file`), through
+/// as user-cli's `send_file`) and back (windowed 1 MiB ranges into a file, as `get_file`), through
 /// files on disk at both ends, checked against its SHA-256 after. The node's peak RSS is read
 /// at the end.
 pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> {
@@ -300,15 +300,17 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
     let t = Instant::now();
     {
         let mut file = std::io::BufWriter::new(std::fs::File::create(&dst)?);
-        let mut have = 0u64;
-        while have < bytes {
-            let (_, chunk) = client.download(digest, have, None)?;
-            if chunk.is_empty() {
-                bail!("an empty range at {have}");
-            }
-            file.write_all(&chunk)?;
-            have += chunk.len() as u64;
-        }
+        agora_common::transfer::download_windowed(
+            &ctx,
+            &target,
+            digest,
+            bytes,
+            0,
+            agora_proto::wire::MAX_CHUNK_BYTES as u64,
+            agora_proto::wire::UPLOAD_WINDOW,
+            Duration::from_secs(30),
+            |_, chunk| file.write_all(chunk),
+        )?;
         file.flush()?;
     }
     let down = t.elapsed();

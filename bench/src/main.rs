@@ -529,7 +529,7 @@ fn files(b: &mut Bench) {
         ],
     );
     b.row(
-        format!("8. the {mib} MiB file down (ranges of 1 MiB)"),
+        format!("8. the {mib} MiB file down (ranges of 1 MiB, 8 in flight)"),
         "MB/s",
         Better::Higher,
         med(&runs.iter().map(|r| r.down_mb_s).collect::<Vec<_>>()),

@@ -1,17 +1,21 @@
-//! Windowed uploads: several `upload_chunk`s in flight on one DEALER, under the node's credit
-//! window (PROTOCOL §6.9; the zguide's chapter 7 file transfer). A REQ socket would wait a
-//! whole round trip per chunk; here the next chunks are on the wire while the node writes
-//! the first.
+//! Windowed transfers: several `upload_chunk`s, or `download` ranges, in flight on one
+//! DEALER, under the node's credit window (PROTOCOL §6.9; the zguide's chapter 7 file
+//! transfer). A REQ socket would wait a whole round trip per chunk; here the next chunks are
+//! on the wire while the node handles the first. The node answers one connection's requests
+//! in order, so replies arrive in the order they were asked.
 //!
-//! The file is read one chunk at a time, so at most `window` chunks are in memory.
+//! At most `window` chunks are in memory at either end.
 
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
 use agora_proto::action::call;
-use agora_proto::codec::{decode_reply, encode_call_data};
-use agora_proto::wire::{GroupName, Sha256Digest, UploadChunkRequest, UploadReply, UserName};
+use agora_proto::codec::{decode_reply, decode_reply_data, encode_call, encode_call_data};
+use agora_proto::wire::{
+    DownloadReply, DownloadRequest, GroupName, Sha256Digest, UploadChunkRequest, UploadReply,
+    UserName,
+};
 
 use crate::client::{ClientCurve, ClientError, MAX_REPLY_BYTES};
 
@@ -49,15 +53,7 @@ pub fn upload_windowed<R: Read + Seek>(
     timeout: Duration,
     mut progress: impl FnMut(u64),
 ) -> Result<UploadReply, ClientError> {
-    let socket = ctx.socket(zmq::DEALER)?;
-    socket.set_linger(0)?;
-    socket.set_maxmsgsize(MAX_REPLY_BYTES)?;
-    if let Some(curve) = &target.curve {
-        socket.set_curve_serverkey(curve.server_key.as_bytes())?;
-        socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
-        socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
-    }
-    socket.connect(&target.endpoint)?;
+    let socket = dealer(ctx, target)?;
     let chunk_bytes = chunk_bytes.max(1);
     let window = usize::try_from(window.max(1)).unwrap_or(1);
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
@@ -104,5 +100,86 @@ pub fn upload_windowed<R: Read + Seek>(
             return Ok(reply);
         }
         last = Some(reply);
+    }
+}
+
+/// A DEALER connected to `target`'s node (over CURVE when it has keys).
+fn dealer(ctx: &zmq::Context, target: &UploadTarget) -> Result<zmq::Socket, ClientError> {
+    let socket = ctx.socket(zmq::DEALER)?;
+    socket.set_linger(0)?;
+    socket.set_maxmsgsize(MAX_REPLY_BYTES)?;
+    if let Some(curve) = &target.curve {
+        socket.set_curve_serverkey(curve.server_key.as_bytes())?;
+        socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
+        socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
+    }
+    socket.connect(&target.endpoint)?;
+    Ok(socket)
+}
+
+/// Reads the content `sha256` of `size` bytes from `from` to the end, as ranges of
+/// `range_bytes` (at most 1 MiB) with up to `window` asked at once, handing each range to
+/// `sink` in order (`sink(offset, bytes)`).
+///
+/// # Errors
+/// [`ClientError::Timeout`] when a reply takes longer than `timeout`; the node's refusal
+/// (`not_found`, `not_member`); [`ClientError::BadReply`] for a range that is not the one
+/// asked; [`ClientError::Read`] when `sink` fails.
+#[allow(clippy::too_many_arguments)] // the download's whole description, no more
+pub fn download_windowed(
+    ctx: &zmq::Context,
+    target: &UploadTarget,
+    sha256: Sha256Digest,
+    size: u64,
+    from: u64,
+    range_bytes: u64,
+    window: u32,
+    timeout: Duration,
+    mut sink: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> Result<(), ClientError> {
+    let socket = dealer(ctx, target)?;
+    let range_bytes = range_bytes.max(1);
+    let window = usize::try_from(window.max(1)).unwrap_or(1);
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let mut next = from;
+    let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
+    loop {
+        while in_flight.len() < window && next < size {
+            let length = (size - next).min(range_bytes);
+            let request = DownloadRequest {
+                group: target.group.clone(),
+                user: target.user.clone(),
+                sha256,
+                offset: next,
+                length: Some(length),
+            };
+            let frames = encode_call::<call::Download>(&request);
+            socket.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)?;
+            in_flight.push_back((next, length));
+            next += length;
+        }
+        let Some(&(offset, length)) = in_flight.front() else {
+            return Ok(());
+        };
+        if socket.poll(zmq::POLLIN, timeout_ms)? == 0 {
+            return Err(ClientError::Timeout {
+                endpoint: target.endpoint.clone(),
+                waited: timeout,
+            });
+        }
+        let frames = socket.recv_multipart(0)?;
+        let (reply, bytes) =
+            decode_reply_data::<DownloadReply>(frames.get(1..).unwrap_or_default())??;
+        if reply.offset != offset || bytes.len() as u64 != length {
+            return Err(ClientError::BadReply(
+                agora_proto::codec::CodecError::Field(format!(
+                    "asked {length} bytes at {offset}, got {} at {}",
+                    bytes.len(),
+                    reply.offset
+                )),
+            ));
+        }
+        sink(offset, &bytes).map_err(ClientError::Read)?;
+        in_flight.pop_front();
     }
 }

@@ -13,7 +13,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
-use agora_common::client::GroupClient;
 use agora_proto::id::MessageId;
 use agora_proto::wire::{Attachment, HistoryQuery, Message, Sha256Digest};
 use serde_json::value::RawValue;
@@ -280,22 +279,30 @@ impl App {
         }
         let mut progress =
             Progress::new(self.format, attachment.name.clone(), attachment.size, have);
-        let (node, label): (&mut GroupClient, String) = self.node(target)?;
-        while have < attachment.size {
-            let (reply, bytes) = node
-                .download(attachment.sha256, have, None)
-                .map_err(|source| super::remote(&label, source))?;
-            if bytes.is_empty() || reply.offset != have {
-                return Err(CliError::Usage(format!(
-                    "{label}: the node sent {} bytes at {} for offset {have}",
-                    bytes.len(),
-                    reply.offset
-                )));
-            }
-            file.write_all(&bytes).map_err(|e| io_error(&part, &e))?;
-            have += bytes.len() as u64;
-            progress.set(have);
-        }
+        let label = target.to_owned();
+        let resolved = self.resolve(target)?;
+        let source = agora_common::transfer::UploadTarget {
+            endpoint: resolved.endpoint.to_string(),
+            curve: self.node_curve(target, resolved.key)?,
+            group: resolved.name.clone(),
+            user: self.user.clone(),
+        };
+        agora_common::transfer::download_windowed(
+            &self.ctx,
+            &source,
+            attachment.sha256,
+            attachment.size,
+            have,
+            agora_proto::wire::MAX_CHUNK_BYTES as u64,
+            agora_proto::wire::UPLOAD_WINDOW,
+            self.options.timeout,
+            |offset, bytes| {
+                file.write_all(bytes)?;
+                progress.set(offset + bytes.len() as u64);
+                Ok(())
+            },
+        )
+        .map_err(|source| super::remote(&label, source))?;
         progress.finish();
         file.sync_all().map_err(|e| io_error(&part, &e))?;
         drop(file);
