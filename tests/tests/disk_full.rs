@@ -244,3 +244,87 @@ fn a_full_disk_loses_no_acked_message_leaves_no_gap_and_stores_no_internal_id() 
         seqs.len()
     );
 }
+
+/// An upload that fills the disk: the chunk that did not fit gets `internal` and is cut back,
+/// so the upload stands where its last acked chunk left it; once space returns it resumes
+/// from there and completes byte-identical. Nothing partial is ever served.
+#[test]
+fn a_full_disk_refuses_an_upload_chunk_and_the_upload_resumes_when_space_returns() {
+    use sha2::{Digest, Sha256};
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let Some(fs) = Tmpfs::mount("16m") else {
+        panic!("cannot mount a tmpfs although root");
+    };
+    let data_dir: PathBuf = fs.path().join("node");
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let node = Server::start(
+        "group-node",
+        &[
+            GROUP,
+            "127.0.0.1:0",
+            "--insecure",
+            "--no-registry",
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 path"),
+            "--rate-limit",
+            "0",
+        ],
+        log.path(),
+    );
+    let mut alice = client(&node.endpoint, "alice");
+    alice.join().expect("join");
+    let content: Vec<u8> = (0..24u64 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let digest = agora_proto::wire::Sha256Digest::from_bytes(Sha256::digest(&content).into());
+    let chunk = 256 << 10;
+    alice.upload(digest, content.len() as u64).expect("declare");
+    let mut acked = 0u64;
+    let refused = loop {
+        let end = (acked as usize + chunk).min(content.len());
+        match alice.upload_chunk(digest, acked, content[acked as usize..end].to_vec()) {
+            Ok(reply) => {
+                assert!(!reply.complete, "24 MiB fitted in a 16 MiB tmpfs");
+                acked = reply.have;
+            }
+            Err(ClientError::Server(e)) => break e,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    };
+    assert_eq!(refused.code, ErrorCode::Internal, "{refused}");
+    assert!(acked > 0, "not even one chunk fitted");
+    // The chunk that did not fit left nothing behind: the upload stands at the last ack.
+    let status = alice
+        .upload(digest, content.len() as u64)
+        .expect("status on a full disk");
+    assert_eq!(status.have, acked);
+    assert!(matches!(
+        alice.download(digest, 0, Some(10)),
+        Err(ClientError::Server(e)) if e.code == ErrorCode::NotFound
+    ));
+
+    fs.resize("256m");
+    let mut at = acked as usize;
+    let mut last = None;
+    while at < content.len() {
+        let end = (at + chunk).min(content.len());
+        last = Some(
+            alice
+                .upload_chunk(digest, at as u64, content[at..end].to_vec())
+                .expect("a chunk once space returned"),
+        );
+        at = end;
+    }
+    assert!(last.is_some_and(|r| r.complete));
+    let mut back = Vec::with_capacity(content.len());
+    while back.len() < content.len() {
+        let (_, bytes) = alice
+            .download(digest, back.len() as u64, None)
+            .expect("download");
+        back.extend(bytes);
+    }
+    assert!(back == content, "the resumed upload is not byte-identical");
+}
