@@ -1,9 +1,10 @@
 //! Attachments' bytes: a content-addressed blob store under the node's data directory.
 //!
 //! Each content is stored once, named by its SHA-256 digest, however often it is sent.
-//! Uploads arrive in chunks, appended in order to a partial file; the node fsyncs and verifies
-//! the digest once every byte is there, and only then moves the file to its name, so a
-//! partial or corrupt blob is never served. A partial upload survives a restart: its length
+//! Uploads arrive in chunks, appended in order to a partial file; once every byte is there
+//! the upload is sealed ([`seal`]: the digest verified, the file fsynced, then moved to its
+//! name) on the node's sealing actor, off its request loop, so a partial or corrupt blob is
+//! never served and a large file's fsync never stalls other members. A partial upload survives a restart: its length
 //! on disk is how far it got, and the client resumes from there.
 //!
 //! # Layout (under `DATA/blobs/`)
@@ -107,6 +108,77 @@ pub enum Progress {
         /// Its size.
         size: u64,
     },
+    /// Every byte is there; the content is being sealed (verified if need be, fsynced and
+    /// named) by [`seal`], off the caller's thread. `verified`: its digest already checked
+    /// out (hashed as it arrived), so sealing needs no second pass.
+    Sealing {
+        /// Its size.
+        size: u64,
+        /// Whether the digest was already verified.
+        verified: bool,
+    },
+}
+
+/// Where a store's files are, for [`seal`] on another thread.
+#[derive(Debug, Clone)]
+pub struct BlobLayout {
+    root: PathBuf,
+}
+
+impl BlobLayout {
+    fn blob_path(&self, digest: &Sha256Digest) -> PathBuf {
+        let hex = digest.to_string();
+        self.root.join("sha256").join(&hex[..2]).join(hex)
+    }
+
+    fn part_path(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join("uploads").join(format!("{digest}.part"))
+    }
+
+    fn size_path(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join("uploads").join(format!("{digest}.size"))
+    }
+}
+
+/// Seals a fully received upload: checks its digest (unless `verified`), fsyncs it, moves it
+/// to its name and fsyncs the directory; returns its size. A mismatch discards the upload.
+/// Blocking I/O of the whole content: the node runs it on an actor, never on its loop.
+///
+/// # Errors
+/// [`BlobError::DigestMismatch`], [`BlobError::NoUpload`], [`BlobError::Io`].
+pub fn seal(layout: &BlobLayout, digest: &Sha256Digest, verified: bool) -> Result<u64, BlobError> {
+    let part = layout.part_path(digest);
+    let mut file = File::open(&part).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => BlobError::NoUpload(*digest),
+        _ => BlobError::Io(e),
+    })?;
+    let size = file.metadata()?.len();
+    if !verified {
+        let actual = hash_file(&mut file)?;
+        if actual != *digest {
+            drop(file);
+            let _ = fs::remove_file(&part);
+            let _ = fs::remove_file(layout.size_path(digest));
+            return Err(BlobError::DigestMismatch {
+                declared: *digest,
+                actual,
+            });
+        }
+    }
+    file.sync_all()?;
+    let target = layout.blob_path(digest);
+    if let Some(dir) = target.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    fs::rename(&part, &target)?;
+    if let Some(dir) = target.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    let _ = fs::remove_file(layout.size_path(digest));
+    Ok(size)
 }
 
 /// The blob store of one node.
@@ -115,6 +187,8 @@ pub struct Blobs {
     root: PathBuf,
     /// The SHA-256 state of each upload in progress over its first `n` bytes.
     hashing: RefCell<HashMap<Sha256Digest, (Sha256, u64)>>,
+    /// Uploads whose every byte is there, being sealed elsewhere ([`seal`]).
+    sealing: RefCell<std::collections::HashSet<Sha256Digest>>,
 }
 
 impl Blobs {
@@ -133,20 +207,42 @@ impl Blobs {
         Ok(Blobs {
             root,
             hashing: RefCell::new(HashMap::new()),
+            sealing: RefCell::new(std::collections::HashSet::new()),
         })
     }
 
+    /// Where this store's files are, for [`seal`] on another thread.
+    pub fn layout(&self) -> BlobLayout {
+        BlobLayout {
+            root: self.root.clone(),
+        }
+    }
+
     fn blob_path(&self, digest: &Sha256Digest) -> PathBuf {
-        let hex = digest.to_string();
-        self.root.join("sha256").join(&hex[..2]).join(hex)
+        self.layout().blob_path(digest)
     }
 
     fn part_path(&self, digest: &Sha256Digest) -> PathBuf {
-        self.root.join("uploads").join(format!("{digest}.part"))
+        self.layout().part_path(digest)
     }
 
     fn size_path(&self, digest: &Sha256Digest) -> PathBuf {
-        self.root.join("uploads").join(format!("{digest}.size"))
+        self.layout().size_path(digest)
+    }
+
+    /// The sealing of `digest` ended (see [`seal`]): it is complete, or discarded.
+    pub fn sealed(&self, digest: &Sha256Digest) {
+        self.sealing.borrow_mut().remove(digest);
+    }
+
+    /// Seals `digest` on this thread (see [`seal`]): for tests and recovery.
+    ///
+    /// # Errors
+    /// As [`seal`].
+    pub fn seal_here(&self, digest: &Sha256Digest, verified: bool) -> Result<Progress, BlobError> {
+        let result = seal(&self.layout(), digest, verified);
+        self.sealed(digest);
+        result.map(|size| Progress::Complete { size })
     }
 
     /// The size of the complete blob `digest`, if there is one.
@@ -172,6 +268,12 @@ impl Blobs {
         let Some(size) = self.declared_size(digest)? else {
             return Ok(None);
         };
+        if self.sealing.borrow().contains(digest) {
+            return Ok(Some(Progress::Sealing {
+                size,
+                verified: true,
+            }));
+        }
         let have = match fs::metadata(self.part_path(digest)) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
@@ -232,7 +334,12 @@ impl Blobs {
         quota: u64,
     ) -> Result<Progress, BlobError> {
         match self.progress(digest)? {
-            Some(p @ Progress::Complete { .. }) => return Ok(p),
+            Some(p @ (Progress::Complete { .. } | Progress::Sealing { .. })) => return Ok(p),
+            // Every byte arrived but the node stopped before sealing it: seal it now.
+            Some(Progress::Partial {
+                have,
+                size: declared,
+            }) if declared == size && have == size => return self.seal_here(digest, false),
             Some(Progress::Partial {
                 have,
                 size: declared,
@@ -255,7 +362,7 @@ impl Blobs {
         )?;
         if size == 0 {
             write_private(&self.part_path(digest), b"")?;
-            return self.finish(digest);
+            return self.seal_here(digest, false);
         }
         Ok(Progress::Partial { have: 0, size })
     }
@@ -275,7 +382,7 @@ impl Blobs {
     ) -> Result<Progress, BlobError> {
         let (have, size) = match self.progress(digest)? {
             Some(Progress::Partial { have, size }) => (have, size),
-            Some(p @ Progress::Complete { .. }) => return Ok(p),
+            Some(p @ (Progress::Complete { .. } | Progress::Sealing { .. })) => return Ok(p),
             None => return Err(BlobError::NoUpload(*digest)),
         };
         if offset != have {
@@ -315,52 +422,29 @@ impl Blobs {
             }
         }
         if offset + len == size {
-            return self.finish(digest);
+            // Hashed as it arrived: a mismatch is known now, without reading anything back.
+            let state = self.hashing.borrow_mut().remove(digest);
+            let verified = match state {
+                Some((hasher, n)) if n == size => {
+                    let actual = Sha256Digest::from_bytes(hasher.finalize().into());
+                    if actual != *digest {
+                        self.discard(digest);
+                        return Err(BlobError::DigestMismatch {
+                            declared: *digest,
+                            actual,
+                        });
+                    }
+                    true
+                }
+                _ => false,
+            };
+            self.sealing.borrow_mut().insert(*digest);
+            return Ok(Progress::Sealing { size, verified });
         }
         Ok(Progress::Partial {
             have: offset + len,
             size,
         })
-    }
-
-    /// Verifies a fully received upload against its digest, fsyncs it and moves it to its
-    /// name (then fsyncs the directory). A mismatch discards the upload.
-    ///
-    /// # Errors
-    /// [`BlobError::DigestMismatch`], [`BlobError::NoUpload`], [`BlobError::Io`].
-    pub fn finish(&self, digest: &Sha256Digest) -> Result<Progress, BlobError> {
-        let part = self.part_path(digest);
-        let mut file = File::open(&part).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => BlobError::NoUpload(*digest),
-            _ => BlobError::Io(e),
-        })?;
-        let size = file.metadata()?.len();
-        let actual = match self.hashing.borrow_mut().remove(digest) {
-            Some((hasher, n)) if n == size => Sha256Digest::from_bytes(hasher.finalize().into()),
-            _ => hash_file(&mut file)?,
-        };
-        if actual != *digest {
-            drop(file);
-            self.discard(digest);
-            return Err(BlobError::DigestMismatch {
-                declared: *digest,
-                actual,
-            });
-        }
-        file.sync_all()?;
-        let target = self.blob_path(digest);
-        if let Some(dir) = target.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        fs::rename(&part, &target)?;
-        if let Some(dir) = target.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        let _ = fs::remove_file(self.size_path(digest));
-        Ok(Progress::Complete { size })
     }
 
     /// Forgets an upload in progress.
@@ -547,7 +631,20 @@ mod tests {
             );
             at = end;
         }
-        assert_eq!(last, Some(Progress::Complete { size: 1_000_000 }));
+        let Some(Progress::Sealing { verified, .. }) = last else {
+            panic!("the last chunk starts the seal: {last:?}");
+        };
+        // Resumed after a reopen: the first part was not hashed as it arrived.
+        assert!(!verified);
+        // Sealing is under way: nothing is served yet.
+        assert!(matches!(
+            blobs.read(&digest, 0, 10),
+            Err(BlobError::NotFound(_))
+        ));
+        assert_eq!(
+            blobs.seal_here(&digest, verified).expect("seal"),
+            Progress::Complete { size: 1_000_000 }
+        );
         let mut back = Vec::new();
         while back.len() < data.len() {
             back.extend(blobs.read(&digest, back.len() as u64, chunk).expect("read"));
@@ -606,7 +703,15 @@ mod tests {
             blobs
                 .begin(&d, bytes.len() as u64, "k", u64::MAX)
                 .expect("begin");
-            blobs.write_chunk(&d, 0, bytes).expect("write");
+            let sealing = blobs.write_chunk(&d, 0, bytes).expect("write");
+            assert_eq!(
+                sealing,
+                Progress::Sealing {
+                    size: bytes.len() as u64,
+                    verified: true
+                }
+            );
+            blobs.seal_here(&d, true).expect("seal");
         }
         assert_eq!(
             blobs

@@ -186,3 +186,113 @@ fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
         }
     }
 }
+
+/// The sealing stage: an actor that seals completed uploads ([`crate::blobs::seal`]: the
+/// digest checked if need be, the content fsynced and named) so that a large file's fsync
+/// never stalls the request loop. One job at a time, in order.
+///
+/// # Pipe messages
+/// Loop → sealer: `[digest (32 bytes), verified (1 byte, 0 or 1)]`. Sealer → loop:
+/// `[digest, "ok", size (8 bytes, big-endian)]`, `[digest, "mismatch", message]` or
+/// `[digest, "error", message]`.
+#[derive(Debug)]
+pub struct Sealer {
+    actor: Actor,
+}
+
+/// How a seal ended.
+#[derive(Debug)]
+pub enum Sealed {
+    /// The content is complete: its size.
+    Complete(u64),
+    /// Its bytes hash to another digest; the upload was discarded.
+    Mismatch(String),
+    /// The file system failed; the upload stays where it was.
+    Failed(String),
+}
+
+impl Sealer {
+    /// Starts the actor over the blob store at `layout`.
+    ///
+    /// # Errors
+    /// libzmq's or the thread spawn's, as `io::Error`.
+    pub fn start(ctx: &zmq::Context, layout: crate::blobs::BlobLayout) -> std::io::Result<Sealer> {
+        let actor = Actor::start(ctx, "blob-seal", move |pipe| seal_loop(&pipe, &layout))?;
+        Ok(Sealer { actor })
+    }
+
+    /// Asks for `digest` to be sealed (`verified`: its digest already checked out).
+    ///
+    /// # Errors
+    /// libzmq's.
+    pub fn seal(
+        &self,
+        digest: &agora_proto::wire::Sha256Digest,
+        verified: bool,
+    ) -> Result<(), zmq::Error> {
+        self.actor.send(&[digest.as_bytes(), &[u8::from(verified)]])
+    }
+
+    /// The pipe, to poll for [`Sealer::recv`] beside the ROUTER.
+    pub fn poll_item(&self) -> zmq::PollItem<'_> {
+        self.actor.as_poll_item()
+    }
+
+    /// Every seal that ended, without waiting.
+    pub fn recv(&self) -> Vec<(agora_proto::wire::Sha256Digest, Sealed)> {
+        let mut out = Vec::new();
+        while let Ok(Some(frames)) = self.actor.recv(None) {
+            let (Some(digest), Some(kind), Some(detail)) =
+                (frames.first(), frames.get(1), frames.get(2))
+            else {
+                continue;
+            };
+            let Ok(digest) = <[u8; 32]>::try_from(digest.as_slice()) else {
+                continue;
+            };
+            let digest = agora_proto::wire::Sha256Digest::from_bytes(digest);
+            let text = || String::from_utf8_lossy(detail).into_owned();
+            let sealed = match kind.as_slice() {
+                b"ok" => match <[u8; 8]>::try_from(detail.as_slice()) {
+                    Ok(size) => Sealed::Complete(u64::from_be_bytes(size)),
+                    Err(_) => Sealed::Failed("a bad size from the sealer".into()),
+                },
+                b"mismatch" => Sealed::Mismatch(text()),
+                _ => Sealed::Failed(text()),
+            };
+            out.push((digest, sealed));
+        }
+        out
+    }
+}
+
+fn seal_loop(pipe: &Pipe, layout: &crate::blobs::BlobLayout) {
+    loop {
+        let frames = match pipe.wait(None) {
+            Wake::Term => return,
+            Wake::Timeout => continue,
+            Wake::Command(frames) => frames,
+        };
+        let (Some(digest), Some(verified)) = (frames.first(), frames.get(1)) else {
+            continue;
+        };
+        let Ok(bytes) = <[u8; 32]>::try_from(digest.as_slice()) else {
+            continue;
+        };
+        let digest = agora_proto::wire::Sha256Digest::from_bytes(bytes);
+        let verified = verified.first() == Some(&1);
+        let reply = match crate::blobs::seal(layout, &digest, verified) {
+            Ok(size) => pipe.send(&[digest.as_bytes(), b"ok", &size.to_be_bytes()]),
+            Err(e @ crate::blobs::BlobError::DigestMismatch { .. }) => {
+                pipe.send(&[digest.as_bytes(), b"mismatch", e.to_string().as_bytes()])
+            }
+            Err(e) => {
+                tracing::error!(error = %e, %digest, "sealing an upload failed");
+                pipe.send(&[digest.as_bytes(), b"error", e.to_string().as_bytes()])
+            }
+        };
+        if reply.is_err() {
+            return;
+        }
+    }
+}

@@ -260,6 +260,10 @@ pub struct Node {
     endpoint: Endpoint,
     store: SqliteStore,
     blobs: blobs::Blobs,
+    /// The sealing actor (started by `run`), and the envelopes of the last chunks whose
+    /// replies wait for it, by digest.
+    sealer: Option<durable::Sealer>,
+    seal_waiters: std::collections::HashMap<agora_proto::wire::Sha256Digest, Vec<Frames>>,
     subscribers: Subscribers,
     keys: Option<Keypair>,
     owner: Option<PublicKey>,
@@ -384,6 +388,8 @@ impl Node {
             endpoint,
             store,
             blobs,
+            sealer: None,
+            seal_waiters: std::collections::HashMap::new(),
             subscribers,
             keys,
             owner,
@@ -436,6 +442,9 @@ impl Node {
             durable::Syncer::start(&self.ctx, self.store.wal_sync()).map_err(NodeError::Thread)?;
         let checkpoints = durable::CheckpointThread::start(&self.ctx, self.store.checkpointer()?)
             .map_err(NodeError::Thread)?;
+        self.sealer = Some(
+            durable::Sealer::start(&self.ctx, self.blobs.layout()).map_err(NodeError::Thread)?,
+        );
         tracing::info!(group = %self.config.name, endpoint = %self.endpoint,
             last_seq = self.store.last_seq(), "group node serving");
         let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
@@ -452,22 +461,34 @@ impl Node {
         let mut next_lease_sweep = Instant::now();
         while !shutdown.is_triggered() {
             let accepting = pipeline.waiting.len() < MAX_PIPELINE;
-            let (requests, synced) = {
-                let mut items = [
-                    self.socket.as_poll_item(if accepting {
+            let (requests, synced, sealed) = {
+                let sealer = self.sealer.as_ref().map(durable::Sealer::poll_item);
+                let mut items: Vec<zmq::PollItem<'_>> = [
+                    Some(self.socket.as_poll_item(if accepting {
                         zmq::POLLIN
                     } else {
                         zmq::PollEvents::empty()
-                    }),
-                    syncer.poll_item(),
-                ];
+                    })),
+                    Some(syncer.poll_item()),
+                    sealer,
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 match zmq::poll(&mut items, poll_ms) {
                     Ok(_) => {}
                     Err(zmq::Error::EINTR) => continue,
                     Err(e) => return Err(e.into()),
                 }
-                (items[0].is_readable(), items[1].is_readable())
+                (
+                    items[0].is_readable(),
+                    items[1].is_readable(),
+                    items.get(2).is_some_and(zmq::PollItem::is_readable),
+                )
             };
+            if sealed {
+                self.answer_seals()?;
+            }
             if synced {
                 if let Some(upto) = syncer.recv(0)? {
                     self.release(&mut pipeline, upto)?;
@@ -578,7 +599,10 @@ impl Node {
         appended: &[Message],
     ) -> Result<(), NodeError> {
         for (envelope, reply) in replies {
-            send_reply(&self.socket, envelope, reply)?;
+            // An empty reply waits elsewhere (a last chunk waiting for its seal).
+            if !reply.is_empty() {
+                send_reply(&self.socket, envelope, reply)?;
+            }
         }
         let stats = self
             .subscribers
@@ -590,6 +614,65 @@ impl Node {
                 gone = stats.gone,
                 "push round"
             );
+        }
+        Ok(())
+    }
+
+    /// Hands `digest` to the sealer and keeps `envelope` to answer when it is done; returns
+    /// the empty reply that `send_out` skips.
+    fn defer_seal(
+        &mut self,
+        digest: agora_proto::wire::Sha256Digest,
+        verified: bool,
+        envelope: &Frames,
+    ) -> (Frames, bool) {
+        let sent = self.sealer.as_ref().map(|s| s.seal(&digest, verified));
+        match sent {
+            Some(Ok(())) => {
+                self.seal_waiters
+                    .entry(digest)
+                    .or_default()
+                    .push(envelope.clone());
+                (Vec::new(), true)
+            }
+            // No sealer (not running) or its pipe is full: seal here rather than lose it.
+            _ => {
+                let result = self.blobs.seal_here(&digest, verified);
+                reply::<call::UploadChunk>(
+                    result
+                        .map(|p| cmd::files::reply(digest, p))
+                        .map_err(cmd::files::blob_error),
+                )
+            }
+        }
+    }
+
+    /// Answers the last chunks whose seals ended.
+    fn answer_seals(&mut self) -> Result<(), NodeError> {
+        let done = self
+            .sealer
+            .as_ref()
+            .map(durable::Sealer::recv)
+            .unwrap_or_default();
+        for (digest, sealed) in done {
+            self.blobs.sealed(&digest);
+            let result = match sealed {
+                durable::Sealed::Complete(size) => Ok(cmd::files::reply(
+                    digest,
+                    blobs::Progress::Complete { size },
+                )),
+                durable::Sealed::Mismatch(message) => {
+                    Err(WireError::new(ErrorCode::DigestMismatch, message))
+                }
+                durable::Sealed::Failed(_) => Err(WireError::new(
+                    ErrorCode::Internal,
+                    "storage failure; the upload stands where it was; retry later",
+                )),
+            };
+            let frames = reply_frames(result);
+            for envelope in self.seal_waiters.remove(&digest).unwrap_or_default() {
+                send_reply(&self.socket, envelope, frames.clone())?;
+            }
         }
         Ok(())
     }
@@ -791,6 +874,7 @@ impl Node {
         instant: Instant,
         appended: &mut Vec<Message>,
     ) -> (Frames, bool) {
+        let mut sealing = Vec::new();
         let mut ctx = cmd::Ctx {
             store: &mut self.store,
             config: &self.config,
@@ -799,6 +883,7 @@ impl Node {
             envelope,
             subscribers: &mut self.subscribers,
             blobs: &self.blobs,
+            sealing: &mut sealing,
             appended,
             peer,
             owner: self.owner,
@@ -825,11 +910,14 @@ impl Node {
             NodeRequest::Promote(r) => reply::<call::Promote>(cmd::policy::promote(&mut ctx, r)),
             NodeRequest::SetMode(r) => reply::<call::SetMode>(cmd::policy::set_mode(&mut ctx, r)),
             NodeRequest::Upload(r) => reply::<call::Upload>(cmd::files::upload(&mut ctx, r)),
-            NodeRequest::UploadChunk(r) => reply::<call::UploadChunk>(cmd::files::upload_chunk(
-                &mut ctx,
-                r,
-                data.unwrap_or_default(),
-            )),
+            NodeRequest::UploadChunk(r) => {
+                let result = cmd::files::upload_chunk(&mut ctx, r, data.unwrap_or_default());
+                if let Some((digest, verified)) = sealing.pop() {
+                    // The last chunk: answered once the sealer is done (`answer_seals`).
+                    return self.defer_seal(digest, verified, envelope);
+                }
+                reply::<call::UploadChunk>(result)
+            }
             NodeRequest::UploadStatus(r) => {
                 reply::<call::UploadStatus>(cmd::files::upload_status(&mut ctx, r))
             }

@@ -63,6 +63,10 @@ pub fn upload_chunk<S: GroupStore>(
         .blobs
         .write_chunk(&r.sha256, r.offset, data)
         .map_err(blob_error)?;
+    if let Progress::Sealing { verified, .. } = progress {
+        // The last chunk: the reply waits for the seal, which runs off the loop.
+        ctx.sealing.push((r.sha256, verified));
+    }
     Ok(reply(r.sha256, progress))
 }
 
@@ -131,9 +135,11 @@ fn members_only<S: GroupStore>(
     ctx.require_member(&ctx.caller(user)).map(|_| ())
 }
 
-fn reply(sha256: Sha256Digest, progress: Progress) -> UploadReply {
+/// The reply of an upload at `progress`.
+pub fn reply(sha256: Sha256Digest, progress: Progress) -> UploadReply {
     let (have, size, complete) = match progress {
         Progress::Partial { have, size } => (have, size, false),
+        Progress::Sealing { size, .. } => (size, size, false),
         Progress::Complete { size } => (size, size, true),
     };
     UploadReply {
@@ -150,7 +156,8 @@ fn not_found(digest: &Sha256Digest) -> WireError {
     WireError::new(ErrorCode::NotFound, format!("no content {digest} here"))
 }
 
-fn blob_error(e: BlobError) -> WireError {
+/// The wire error of a blob store failure.
+pub fn blob_error(e: BlobError) -> WireError {
     let code = match &e {
         BlobError::BadOffset { .. } => ErrorCode::BadOffset,
         BlobError::DigestMismatch { .. } => ErrorCode::DigestMismatch,

@@ -44,6 +44,9 @@ pub struct Ctx<'a, S: GroupStore> {
     pub subscribers: &'a mut Subscribers,
     /// Attachments' bytes.
     pub blobs: &'a crate::blobs::Blobs,
+    /// Uploads whose last chunk this request wrote, to seal off the loop (digest, verified):
+    /// their reply waits for the seal.
+    pub sealing: &'a mut Vec<(agora_proto::wire::Sha256Digest, bool)>,
     /// Entries appended in this batch, pushed to subscribers once it commits.
     pub appended: &'a mut Vec<Message>,
     /// The caller's authenticated CURVE key (`None` on an `--insecure` node).

@@ -158,7 +158,22 @@ impl App {
         let (sha256, size) = hash_path(path).map_err(|e| io_error(path, &e))?;
         let format = self.format;
         let (start, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-        if !start.complete {
+        if !start.complete && start.have == size {
+            // Every byte is there (another upload of the same content): it is being sealed.
+            let deadline = std::time::Instant::now() + self.options.timeout;
+            loop {
+                let (now, _) = self.on_node(target, |node| node.upload(sha256, size))?;
+                if now.complete {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(CliError::Usage(format!(
+                        "{target}: the content is still being sealed; run again"
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        } else if !start.complete {
             let resolved = self.resolve(target)?;
             let upload_target = agora_common::transfer::UploadTarget {
                 endpoint: resolved.endpoint.to_string(),
