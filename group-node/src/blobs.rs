@@ -367,9 +367,10 @@ impl Blobs {
         Ok(Progress::Partial { have: 0, size })
     }
 
-    /// Appends `bytes` at `offset` to the upload of `digest`; once every byte is there,
-    /// verifies the digest and completes the blob ([`Blobs::finish`]). Returns where the
-    /// upload stands after.
+    /// Appends `bytes` at `offset` to the upload of `digest`. Once every byte is there, checks
+    /// the digest if it was hashed as it arrived and answers [`Progress::Sealing`]: the caller
+    /// then has it sealed ([`seal`], off its thread) and calls [`Blobs::sealed`]. Returns where
+    /// the upload stands after.
     ///
     /// # Errors
     /// [`BlobError::NoUpload`], [`BlobError::BadOffset`] (the error says where to resume),
