@@ -94,6 +94,24 @@ fn client(endpoint: &str, user: &str) -> GroupClient {
     )
 }
 
+/// An insecure node with its data on the tmpfs, without rate limits.
+fn start_node(data: &Path, log: &Path) -> Server {
+    Server::start(
+        "group-node",
+        &[
+            GROUP,
+            "127.0.0.1:0",
+            "--insecure",
+            "--no-registry",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+            "--rate-limit",
+            "0",
+        ],
+        log,
+    )
+}
+
 /// What the writers saw, by id.
 #[derive(Default)]
 struct Outcomes {
@@ -112,20 +130,7 @@ fn a_full_disk_loses_no_acked_message_leaves_no_gap_and_stores_no_internal_id() 
     };
     let data: PathBuf = fs.path().join("node");
     let log = tempfile::NamedTempFile::new().expect("log");
-    let node = Server::start(
-        "group-node",
-        &[
-            GROUP,
-            "127.0.0.1:0",
-            "--insecure",
-            "--no-registry",
-            "--data-dir",
-            data.to_str().expect("utf-8 path"),
-            "--rate-limit",
-            "0",
-        ],
-        log.path(),
-    );
+    let node = start_node(&data, log.path());
     let endpoint = node.endpoint.clone();
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
     let internals_seen = Arc::new(AtomicU64::new(0));
@@ -258,22 +263,8 @@ fn a_full_disk_refuses_an_upload_chunk_and_the_upload_resumes_when_space_returns
     let Some(fs) = Tmpfs::mount("16m") else {
         panic!("cannot mount a tmpfs although root");
     };
-    let data_dir: PathBuf = fs.path().join("node");
     let log = tempfile::NamedTempFile::new().expect("log");
-    let node = Server::start(
-        "group-node",
-        &[
-            GROUP,
-            "127.0.0.1:0",
-            "--insecure",
-            "--no-registry",
-            "--data-dir",
-            data_dir.to_str().expect("utf-8 path"),
-            "--rate-limit",
-            "0",
-        ],
-        log.path(),
-    );
+    let node = start_node(&fs.path().join("node"), log.path());
     let mut alice = client(&node.endpoint, "alice");
     alice.join().expect("join");
     let content: Vec<u8> = (0..24u64 << 20)

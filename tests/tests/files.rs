@@ -75,6 +75,16 @@ fn download_all(c: &mut GroupClient, digest: Sha256Digest) -> Vec<u8> {
     }
 }
 
+/// The seq in user-cli's `sent to GROUP: seq N at TIME`.
+fn seq_of(stdout: &str) -> String {
+    stdout
+        .split("seq ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a seq in the ack")
+        .to_owned()
+}
+
 fn blob_count(fed: &Federation, tag: &str) -> usize {
     let root = fed.dir.path().join(format!("data-{tag}/blobs/sha256"));
     std::fs::read_dir(root)
@@ -341,13 +351,7 @@ fn user_cli_sends_and_gets_a_file_resuming_a_partial_download_and_refusing_a_cor
         "",
     );
     assert_eq!(sent.code, Some(0), "{sent:?}");
-    let seq: String = sent
-        .stdout
-        .split("seq ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("a seq in the ack")
-        .to_owned();
+    let seq = seq_of(&sent.stdout);
     let shown = fed.cli("bob", &["messages", "Cool Group"], "");
     assert!(
         shown
@@ -464,13 +468,7 @@ fn a_64_mib_upload_killed_midway_resumes_and_the_node_stays_small() {
         at_kill.have
     );
     let out = dir.path().join("back.bin");
-    let seq = run
-        .stdout
-        .split("seq ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("a seq")
-        .to_owned();
+    let seq = seq_of(&run.stdout);
     let got = fed.cli(
         "alice",
         &[

@@ -139,6 +139,23 @@ fn io_error(path: &Path, e: &std::io::Error) -> CliError {
 }
 
 impl App {
+    /// Where `target`'s node is, and as whom to talk to it, for a windowed transfer.
+    ///
+    /// # Errors
+    /// Resolution failures; no key known for the node.
+    fn transfer_target(
+        &mut self,
+        target: &str,
+    ) -> Result<agora_common::transfer::UploadTarget, CliError> {
+        let resolved = self.resolve(target)?;
+        Ok(agora_common::transfer::UploadTarget {
+            endpoint: resolved.endpoint.to_string(),
+            curve: self.node_curve(target, resolved.key)?,
+            group: resolved.name,
+            user: self.user.clone(),
+        })
+    }
+
     /// `send_file GROUP PATH [--caption TEXT] [--media-type TYPE]`.
     ///
     /// # Errors
@@ -174,13 +191,7 @@ impl App {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         } else if !start.complete {
-            let resolved = self.resolve(target)?;
-            let upload_target = agora_common::transfer::UploadTarget {
-                endpoint: resolved.endpoint.to_string(),
-                curve: self.node_curve(target, resolved.key)?,
-                group: resolved.name.clone(),
-                user: self.user.clone(),
-            };
+            let upload_target = self.transfer_target(target)?;
             let mut file = File::open(path).map_err(|e| io_error(path, &e))?;
             let mut from = start.have;
             let mut progress = Progress::new(format, name.clone(), size, from);
@@ -295,13 +306,7 @@ impl App {
         let mut progress =
             Progress::new(self.format, attachment.name.clone(), attachment.size, have);
         let label = target.to_owned();
-        let resolved = self.resolve(target)?;
-        let source = agora_common::transfer::UploadTarget {
-            endpoint: resolved.endpoint.to_string(),
-            curve: self.node_curve(target, resolved.key)?,
-            group: resolved.name.clone(),
-            user: self.user.clone(),
-        };
+        let source = self.transfer_target(target)?;
         agora_common::transfer::download_windowed(
             &self.ctx,
             &source,
