@@ -256,8 +256,9 @@ pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
 
 /// Workload 8: a file of `bytes` up to the node (windowed chunks, `agora_common::transfer`,
 /// as user-cli's `send_file`) and back (windowed 1 MiB ranges into a file, as `get_file`), through
-/// files on disk at both ends, checked against its SHA-256 after. The node's peak RSS is read
-/// at the end.
+/// files on disk at both ends, checked against its SHA-256 after. Both ends' peak RSS is read
+/// at the end: the node's over its life, this process's (the client's) from just before the
+/// upload.
 pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> {
     use sha2::{Digest, Sha256};
     use std::io::Write;
@@ -270,6 +271,7 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
     let user = UserName::new("bench")?;
     let mut client = node.client(&ctx, &user, options())?;
     client.join()?;
+    crate::servers::reset_peak_rss(std::process::id())?;
     let t = Instant::now();
     let start = client.upload(digest, bytes)?;
     let target = agora_common::transfer::UploadTarget {
@@ -314,6 +316,7 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
         file.flush()?;
     }
     let down = t.elapsed();
+    let client_peak_kib = crate::servers::peak_rss_kib(std::process::id())?;
     let mut back = Sha256::new();
     let mut file = std::fs::File::open(&dst)?;
     std::io::copy(&mut file, &mut back)?;
@@ -324,6 +327,7 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
         up_mb_s: bytes as f64 / 1e6 / up.as_secs_f64(),
         down_mb_s: bytes as f64 / 1e6 / down.as_secs_f64(),
         node_peak_kib: node.peak_rss_kib()?,
+        client_peak_kib,
     })
 }
 

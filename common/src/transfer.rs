@@ -34,9 +34,12 @@ pub struct UploadTarget {
 
 /// Sends `source`'s bytes from `from` to the end (`size`) as chunks of `chunk_bytes`, with
 /// up to `window` in flight, and calls `progress` with the bytes the node holds after each
-/// reply. Returns the last reply (`complete` once the node verified the digest).
+/// reply. Returns the last reply (`complete` once the node verified the digest). There must
+/// be something to send (`from < size`): an upload whose bytes are all there is complete, or
+/// being sealed, and is asked about with `upload`.
 ///
 /// # Errors
+/// [`ClientError::Read`] with [`std::io::ErrorKind::InvalidInput`] when `from >= size`;
 /// [`ClientError::Timeout`] when a reply takes longer than `timeout`; the node's refusal
 /// ([`ClientError::Server`], such as `bad_offset` after a node restart: ask `upload` where to
 /// resume); [`ClientError::Zmq`]; [`ClientError::Read`] when reading `source` fails.
@@ -53,13 +56,18 @@ pub fn upload_windowed<R: Read + Seek>(
     timeout: Duration,
     mut progress: impl FnMut(u64),
 ) -> Result<UploadReply, ClientError> {
+    if from >= size {
+        return Err(ClientError::Read(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("nothing to send: the upload starts at {from} of {size} bytes"),
+        )));
+    }
     let socket = dealer(ctx, target)?;
     let chunk_bytes = chunk_bytes.max(1);
     let window = usize::try_from(window.max(1)).unwrap_or(1);
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     let mut next = from;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
-    let mut last = None;
     source
         .seek(SeekFrom::Start(from))
         .map_err(ClientError::Read)?;
@@ -80,12 +88,6 @@ pub fn upload_windowed<R: Read + Seek>(
             in_flight.push_back(next);
             next += len as u64;
         }
-        if in_flight.is_empty() {
-            return last.ok_or(ClientError::Timeout {
-                endpoint: target.endpoint.clone(),
-                waited: Duration::ZERO,
-            });
-        }
         if socket.poll(zmq::POLLIN, timeout_ms)? == 0 {
             return Err(ClientError::Timeout {
                 endpoint: target.endpoint.clone(),
@@ -96,10 +98,9 @@ pub fn upload_windowed<R: Read + Seek>(
         let reply = decode_reply::<UploadReply>(frames.get(1..).unwrap_or_default())??;
         in_flight.pop_front();
         progress(reply.have);
-        if reply.complete {
+        if reply.complete || (in_flight.is_empty() && next >= size) {
             return Ok(reply);
         }
-        last = Some(reply);
     }
 }
 

@@ -116,6 +116,10 @@ pub enum Progress {
         size: u64,
         /// Whether the digest was already verified.
         verified: bool,
+        /// True when this call completed the upload: the caller must now have it sealed
+        /// ([`seal`]) and then call [`Blobs::sealed`]. False when a seal is already under
+        /// way (a retried last chunk, a second `upload` of the same content).
+        start: bool,
     },
 }
 
@@ -187,8 +191,9 @@ pub struct Blobs {
     root: PathBuf,
     /// The SHA-256 state of each upload in progress over its first `n` bytes.
     hashing: RefCell<HashMap<Sha256Digest, (Sha256, u64)>>,
-    /// Uploads whose every byte is there, being sealed elsewhere ([`seal`]).
-    sealing: RefCell<std::collections::HashSet<Sha256Digest>>,
+    /// Uploads whose every byte is there, being sealed elsewhere ([`seal`]), and whether
+    /// their digest was already verified.
+    sealing: RefCell<HashMap<Sha256Digest, bool>>,
 }
 
 impl Blobs {
@@ -207,7 +212,7 @@ impl Blobs {
         Ok(Blobs {
             root,
             hashing: RefCell::new(HashMap::new()),
-            sealing: RefCell::new(std::collections::HashSet::new()),
+            sealing: RefCell::new(HashMap::new()),
         })
     }
 
@@ -268,10 +273,11 @@ impl Blobs {
         let Some(size) = self.declared_size(digest)? else {
             return Ok(None);
         };
-        if self.sealing.borrow().contains(digest) {
+        if let Some(&verified) = self.sealing.borrow().get(digest) {
             return Ok(Some(Progress::Sealing {
                 size,
-                verified: true,
+                verified,
+                start: false,
             }));
         }
         let have = match fs::metadata(self.part_path(digest)) {
@@ -321,7 +327,9 @@ impl Blobs {
     /// Begins (or, with the same size, resumes) an upload of `size` bytes named `digest` for
     /// `owner`, whose unfinished uploads may declare at most `quota` bytes together. A blob
     /// already complete is not uploaded again, and resuming costs no quota: the answer says
-    /// where it stands.
+    /// where it stands. An upload whose every byte arrived before a restart, but which was
+    /// not sealed, answers [`Progress::Sealing`] with `start`: the caller has it sealed (its
+    /// digest checked by reading it back) off its thread, as after a last chunk.
     ///
     /// # Errors
     /// [`BlobError::SizeConflict`] when an upload of the digest with another size is in
@@ -339,7 +347,14 @@ impl Blobs {
             Some(Progress::Partial {
                 have,
                 size: declared,
-            }) if declared == size && have == size => return self.seal_here(digest, false),
+            }) if declared == size && have == size => {
+                self.sealing.borrow_mut().insert(*digest, false);
+                return Ok(Progress::Sealing {
+                    size,
+                    verified: false,
+                    start: true,
+                });
+            }
             Some(Progress::Partial {
                 have,
                 size: declared,
@@ -439,8 +454,12 @@ impl Blobs {
                 }
                 _ => false,
             };
-            self.sealing.borrow_mut().insert(*digest);
-            return Ok(Progress::Sealing { size, verified });
+            self.sealing.borrow_mut().insert(*digest, verified);
+            return Ok(Progress::Sealing {
+                size,
+                verified,
+                start: true,
+            });
         }
         Ok(Progress::Partial {
             have: offset + len,
@@ -637,11 +656,26 @@ mod tests {
         };
         // Resumed after a reopen: the first part was not hashed as it arrived.
         assert!(!verified);
-        // Sealing is under way: nothing is served yet.
+        // Sealing is under way: nothing is served yet, and a retried last chunk or a second
+        // `upload` does not start another seal.
         assert!(matches!(
             blobs.read(&digest, 0, 10),
             Err(BlobError::NotFound(_))
         ));
+        let tail = (data.len() - 1) / chunk * chunk;
+        for again in [
+            blobs.write_chunk(&digest, tail as u64, &data[tail..]),
+            blobs.begin(&digest, data.len() as u64, "k", u64::MAX),
+        ] {
+            assert_eq!(
+                again.expect("again"),
+                Progress::Sealing {
+                    size: 1_000_000,
+                    verified: false,
+                    start: false
+                }
+            );
+        }
         assert_eq!(
             blobs.seal_here(&digest, verified).expect("seal"),
             Progress::Complete { size: 1_000_000 }
@@ -709,7 +743,8 @@ mod tests {
                 sealing,
                 Progress::Sealing {
                     size: bytes.len() as u64,
-                    verified: true
+                    verified: true,
+                    start: true,
                 }
             );
             blobs.seal_here(&d, true).expect("seal");

@@ -909,7 +909,14 @@ impl Node {
             NodeRequest::Unban(r) => reply::<call::Unban>(cmd::policy::unban(&mut ctx, r)),
             NodeRequest::Promote(r) => reply::<call::Promote>(cmd::policy::promote(&mut ctx, r)),
             NodeRequest::SetMode(r) => reply::<call::SetMode>(cmd::policy::set_mode(&mut ctx, r)),
-            NodeRequest::Upload(r) => reply::<call::Upload>(cmd::files::upload(&mut ctx, r)),
+            NodeRequest::Upload(r) => {
+                let result = cmd::files::upload(&mut ctx, r);
+                if let Some((digest, verified)) = sealing.pop() {
+                    // Complete before a restart but not sealed: answered once it is.
+                    return self.defer_seal(digest, verified, envelope);
+                }
+                reply::<call::Upload>(result)
+            }
             NodeRequest::UploadChunk(r) => {
                 let result = cmd::files::upload_chunk(&mut ctx, r, data.unwrap_or_default());
                 if let Some((digest, verified)) = sealing.pop() {

@@ -70,7 +70,8 @@ impl Server {
         let stderr = std::fs::File::create(log).expect("log file");
         let mut child = Command::new(bin(bin_name))
             .args(args)
-            .env("RUST_LOG", "info")
+            // Transfers' chunks too: tests count what a resumed transfer sent again.
+            .env("RUST_LOG", "info,agora::transfer=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)

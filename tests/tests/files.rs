@@ -5,7 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
-use agora_proto::wire::{ErrorCode, Sha256Digest, UserName};
+use agora_proto::wire::{
+    ErrorCode, Sha256Digest, UserName, CHUNK_BYTES, MAX_CHUNK_BYTES, UPLOAD_WINDOW,
+};
 use agora_tests::{Federation, Server};
 use sha2::{Digest, Sha256};
 
@@ -83,6 +85,35 @@ fn seq_of(stdout: &str) -> String {
         .and_then(|rest| rest.split_whitespace().next())
         .expect("a seq in the ack")
         .to_owned()
+}
+
+/// Bytes of `digest` the node's log shows it received as chunks (`what` = "upload chunk",
+/// stored or refused) or served as ranges ("download range"): its `agora::transfer` events.
+fn transferred(log: &str, digest: &Sha256Digest, what: &str) -> u64 {
+    let digest = format!("digest={digest}");
+    log.lines()
+        .filter(|l| l.contains(what) && l.contains(&digest))
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("len="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no len in {l:?}"))
+        })
+        .sum()
+}
+
+/// One window of upload chunks, and of download ranges: the most a resumed transfer may send
+/// again (PROTOCOL §6.9).
+const UPLOAD_AGAIN: u64 = CHUNK_BYTES as u64 * UPLOAD_WINDOW as u64;
+const DOWNLOAD_AGAIN: u64 = MAX_CHUNK_BYTES as u64 * UPLOAD_WINDOW as u64;
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The length of the file at `path` (0 when there is none).
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 fn blob_count(fed: &Federation, tag: &str) -> usize {
@@ -338,6 +369,13 @@ fn user_cli_sends_and_gets_a_file_resuming_a_partial_download_and_refusing_a_cor
     let data = content(3 << 20, 5);
     let src = dir.path().join("data.bin");
     std::fs::write(&src, &data).expect("write");
+    // Bob watches live, as people (human lines, not --json).
+    let mut watch = fed.spawn_cli("bob", &["watch", "Cool Group"]);
+    assert!(
+        watch.wait_stderr("watching", Duration::from_secs(20)),
+        "bob's watch never subscribed: {:?}",
+        watch.errors
+    );
 
     let sent = fed.cli(
         "alice",
@@ -352,13 +390,17 @@ fn user_cli_sends_and_gets_a_file_resuming_a_partial_download_and_refusing_a_cor
     );
     assert_eq!(sent.code, Some(0), "{sent:?}");
     let seq = seq_of(&sent.stdout);
+    let line = "alice: [file data.bin, 3.0 MiB, application/octet-stream] the data";
     let shown = fed.cli("bob", &["messages", "Cool Group"], "");
+    assert!(shown.stdout.contains(line), "{shown:?}");
     assert!(
-        shown
-            .stdout
-            .contains("alice: [file data.bin, 3.0 MiB, application/octet-stream] the data"),
-        "{shown:?}"
+        watch.wait_lines(Duration::from_secs(20), |lines| lines
+            .iter()
+            .any(|l| l.contains(&format!("#{seq} {line}")))),
+        "bob's watch showed {:?}",
+        watch.lines
     );
+    watch.interrupt();
 
     let get = |out: &Path| {
         fed.cli(
@@ -482,7 +524,206 @@ fn a_64_mib_upload_killed_midway_resumes_and_the_node_stays_small() {
     );
     assert_eq!(got.code, Some(0), "{got:?}");
     assert!(std::fs::read(&out).expect("read") == data);
+    // What the killed run had in flight is all that was sent twice.
+    let received = transferred(&node.log(), &digest, "upload chunk");
+    assert!(
+        received >= data.len() as u64 && received - data.len() as u64 <= UPLOAD_AGAIN,
+        "the node received {received} bytes of a {}-byte file",
+        data.len()
+    );
     // One chunk at a time in memory: the node never held the file.
     let peak = peak_rss(node.pid());
     assert!(peak < 64 << 20, "node peak RSS {} MiB", peak >> 20);
+}
+
+/// Once `started` holds, freezes the node (so that `run`, a user-cli transfer, cannot finish)
+/// and kills it: the client finds its node gone and exits with an error. Returns the dead
+/// node's log.
+fn kill_node_under(
+    run: &mut agora_tests::Streaming,
+    node: &mut Server,
+    started: impl FnMut() -> bool,
+) -> String {
+    assert!(
+        agora_tests::wait_for(Duration::from_secs(60), started),
+        "the transfer never began"
+    );
+    signal(node.pid(), "-STOP");
+    node.kill9();
+    let log = node.log();
+    let code = run.wait_exit(Duration::from_secs(60));
+    assert!(
+        matches!(code, Some(Some(c)) if c != 0),
+        "the client did not fail without its node: {code:?}"
+    );
+    log
+}
+
+#[test]
+fn transfers_cut_by_a_kill_9_resume_and_send_at_most_one_window_again() {
+    let fed = Federation::start("200ms");
+    let mut node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    let addr = node.host_port().to_owned();
+    fed.join_when_listed("alice", "Cool Group");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = content(48 << 20, 23);
+    let size = data.len() as u64;
+    let digest = digest_of(&data);
+    let src = dir.path().join("cut.bin");
+    std::fs::write(&src, &data).expect("write");
+    let src_arg = src.to_str().expect("utf-8");
+    let quick = ["--timeout", "2s"];
+
+    // An upload whose node dies under it: run again once the node is back, it goes on from
+    // where the node stands.
+    let mut probe = client(&fed, &node, "alice");
+    let mut upload = fed.spawn_cli(
+        "alice",
+        &[&quick[..], &["send_file", "Cool Group", src_arg]].concat(),
+    );
+    let first = kill_node_under(&mut upload, &mut node, || {
+        probe.upload(digest, size).is_ok_and(|r| r.have > 0)
+    });
+    let before = transferred(&first, &digest, "upload chunk");
+    assert!(
+        before > 0 && before < size,
+        "{before} of {size} before the kill"
+    );
+    node = fed.node("Cool Group", &addr, "cool", &[]);
+    let sent = fed.cli("alice", &["send_file", "Cool Group", src_arg], "");
+    assert_eq!(sent.code, Some(0), "{sent:?}");
+    let received = before + transferred(&node.log(), &digest, "upload chunk");
+    assert!(
+        received >= size && received - size <= UPLOAD_AGAIN,
+        "the nodes received {received} bytes of a {size}-byte file"
+    );
+    let seq = seq_of(&sent.stdout);
+
+    // A download whose client is killed, then one whose node dies under it: each run again
+    // goes on from the partial file's length.
+    let get = |out: &Path| -> Vec<String> {
+        [
+            &quick[..],
+            &[
+                "get_file",
+                "Cool Group",
+                &seq,
+                "--out",
+                out.to_str().expect("utf-8"),
+            ],
+        ]
+        .concat()
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+    };
+    let out = dir.path().join("back.bin");
+    let part = dir.path().join("back.bin.agora-part");
+    let served_before = transferred(&node.log(), &digest, "download range");
+    let mut download = fed.spawn_cli("alice", &args(&get(&out)));
+    assert!(
+        agora_tests::wait_for(Duration::from_secs(60), || file_len(&part) > 0),
+        "the download never began"
+    );
+    signal(download.pid(), "-STOP");
+    assert!(
+        file_len(&part) < size,
+        "the download finished before the kill"
+    );
+    signal(download.pid(), "-KILL");
+    assert!(download.wait_exit(Duration::from_secs(10)).is_some());
+    let run = fed.cli("alice", &args(&get(&out)), "");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(std::fs::read(&out).expect("read") == data);
+    let served = transferred(&node.log(), &digest, "download range") - served_before;
+    assert!(
+        served >= size && served - size <= DOWNLOAD_AGAIN,
+        "the node served {served} bytes of a {size}-byte file to a killed and a resumed run"
+    );
+
+    let out = dir.path().join("again.bin");
+    let part = dir.path().join("again.bin.agora-part");
+    let served_before = transferred(&node.log(), &digest, "download range");
+    let mut download = fed.spawn_cli("alice", &args(&get(&out)));
+    let first = kill_node_under(&mut download, &mut node, || file_len(&part) > 0);
+    let partial = file_len(&part);
+    assert!(
+        partial > 0 && partial < size,
+        "{partial} of {size} before the kill"
+    );
+    node = fed.node("Cool Group", &addr, "cool", &[]);
+    let run = fed.cli("alice", &args(&get(&out)), "");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(std::fs::read(&out).expect("read") == data);
+    assert!(!part.exists());
+    let served = transferred(&first, &digest, "download range") - served_before
+        + transferred(&node.log(), &digest, "download range");
+    assert!(
+        served >= size && served - size <= DOWNLOAD_AGAIN,
+        "the nodes served {served} bytes of a {size}-byte file"
+    );
+}
+
+#[test]
+fn a_seal_after_a_restart_verifies_what_it_did_not_hash_and_refuses_a_mismatch() {
+    let fed = Federation::start("200ms");
+    let mut node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    let addr = node.host_port().to_owned();
+    let mut alice = client(&fed, &node, "alice");
+    alice.join().expect("join");
+    let data = content(1 << 20, 31);
+    let liar = digest_of(b"not these bytes");
+    alice.upload(liar, data.len() as u64).expect("declare");
+    send_from(&mut alice, liar, &data[..512 << 10], 0);
+
+    // Restarted, the node has lost the hash of the first half: the seal reads it back, finds
+    // the mismatch, and discards the upload.
+    node.kill9();
+    node = fed.node("Cool Group", &addr, "cool", &[]);
+    let mut alice = client(&fed, &node, "alice");
+    let resumed = alice.upload(liar, data.len() as u64).expect("resume");
+    assert_eq!(resumed.have, 512 << 10);
+    assert_eq!(
+        code(alice.upload_chunk(liar, 512 << 10, data[512 << 10..].to_vec())),
+        ErrorCode::DigestMismatch
+    );
+    assert_eq!(code(alice.download(liar, 0, None)), ErrorCode::NotFound);
+    assert_eq!(blob_count(&fed, "cool"), 0);
+    let again = alice
+        .upload(liar, data.len() as u64)
+        .expect("declare again");
+    assert_eq!(
+        (again.have, again.complete),
+        (0, false),
+        "discarded: {again:?}"
+    );
+
+    // A node that died between an upload's last byte and its seal: the next `upload` seals
+    // it (verified by reading it back) before answering, and a lie found then is refused.
+    node.kill9();
+    let uploads = fed.dir.path().join("data-cool/blobs/uploads");
+    let digest = digest_of(&data);
+    for (name, bytes) in [(digest, &data[..]), (liar, &data[..])] {
+        std::fs::write(uploads.join(format!("{name}.part")), bytes).expect("part");
+        std::fs::write(
+            uploads.join(format!("{name}.size")),
+            format!("{} alice", bytes.len()),
+        )
+        .expect("size");
+    }
+    node = fed.node("Cool Group", &addr, "cool", &[]);
+    let mut alice = client(&fed, &node, "alice");
+    let sealed = alice.upload(digest, data.len() as u64).expect("sealed");
+    assert!(
+        sealed.complete && sealed.have == data.len() as u64,
+        "{sealed:?}"
+    );
+    assert!(download_all(&mut alice, digest) == data);
+    assert_eq!(
+        code(alice.upload(liar, data.len() as u64)),
+        ErrorCode::DigestMismatch
+    );
+    assert_eq!(code(alice.download(liar, 0, None)), ErrorCode::NotFound);
+    assert_eq!(blob_count(&fed, "cool"), 1);
+    drop(node);
 }

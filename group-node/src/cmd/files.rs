@@ -40,6 +40,15 @@ pub fn upload<S: GroupStore>(
             ctx.config.upload_quota,
         )
         .map_err(blob_error)?;
+    if let Progress::Sealing {
+        verified,
+        start: true,
+        ..
+    } = progress
+    {
+        // Complete but not sealed before a restart: the reply waits for the seal.
+        ctx.sealing.push((r.sha256, verified));
+    }
     Ok(reply(r.sha256, progress))
 }
 
@@ -59,11 +68,25 @@ pub fn upload_chunk<S: GroupStore>(
             format!("a chunk of {} bytes; at most {MAX_CHUNK_BYTES}", data.len()),
         ));
     }
+    // Every chunk received, before it is stored or refused: what a resumed transfer sent
+    // again is counted from these (RUST_LOG=agora::transfer=debug).
+    tracing::debug!(
+        target: "agora::transfer",
+        digest = %r.sha256,
+        offset = r.offset,
+        len = data.len(),
+        "upload chunk"
+    );
     let progress = ctx
         .blobs
         .write_chunk(&r.sha256, r.offset, data)
         .map_err(blob_error)?;
-    if let Progress::Sealing { verified, .. } = progress {
+    if let Progress::Sealing {
+        verified,
+        start: true,
+        ..
+    } = progress
+    {
         // The last chunk: the reply waits for the seal, which runs off the loop.
         ctx.sealing.push((r.sha256, verified));
     }
@@ -115,6 +138,13 @@ pub fn download<S: GroupStore>(
         .blobs
         .read(&r.sha256, r.offset, max)
         .map_err(blob_error)?;
+    tracing::debug!(
+        target: "agora::transfer",
+        digest = %r.sha256,
+        offset = r.offset,
+        len = bytes.len(),
+        "download range"
+    );
     Ok((
         DownloadReply {
             sha256: r.sha256,

@@ -175,22 +175,8 @@ impl App {
         let (sha256, size) = hash_path(path).map_err(|e| io_error(path, &e))?;
         let format = self.format;
         let (start, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-        if !start.complete && start.have == size {
-            // Every byte is there (another upload of the same content): it is being sealed.
-            let deadline = std::time::Instant::now() + self.options.timeout;
-            loop {
-                let (now, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-                if now.complete {
-                    break;
-                }
-                if std::time::Instant::now() >= deadline {
-                    return Err(CliError::Usage(format!(
-                        "{target}: the content is still being sealed; run again"
-                    )));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        } else if !start.complete {
+        let mut complete = start.complete;
+        if !complete && start.have < size {
             let upload_target = self.transfer_target(target)?;
             let mut file = File::open(path).map_err(|e| io_error(path, &e))?;
             let mut from = start.have;
@@ -198,7 +184,7 @@ impl App {
             // A `bad_offset` (the node restarted, or lost a chunk) asks where to resume, twice
             // at most.
             let mut tries = 0;
-            loop {
+            while from < size {
                 let sent = agora_common::transfer::upload_windowed(
                     &self.ctx,
                     &upload_target,
@@ -212,21 +198,44 @@ impl App {
                     |have| progress.set(have),
                 );
                 match sent {
-                    Ok(_) => break,
+                    Ok(last) => {
+                        complete = last.complete;
+                        break;
+                    }
                     Err(agora_common::client::ClientError::Server(w))
                         if w.code == agora_proto::wire::ErrorCode::BadOffset && tries < 2 =>
                     {
                         tries += 1;
                         let (now, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-                        if now.complete {
-                            break;
-                        }
+                        complete = now.complete;
                         from = now.have;
                     }
                     Err(source) => return Err(super::remote(target, source)),
                 }
             }
             progress.finish();
+        }
+        // Every byte is at the node; until its seal ends the upload answers `have == size`
+        // without `complete` (a seal resumed after a restart, or another upload's).
+        let deadline = std::time::Instant::now() + self.options.timeout;
+        while !complete {
+            let (now, _) = self.on_node(target, |node| node.upload(sha256, size))?;
+            complete = now.complete;
+            if !complete && now.have < size {
+                // The seal failed (a digest mismatch of a resumed upload) and was discarded.
+                return Err(CliError::Usage(format!(
+                    "{target}: the node holds {} of {size} bytes after the upload; run again",
+                    now.have
+                )));
+            }
+            if !complete && std::time::Instant::now() >= deadline {
+                return Err(CliError::Usage(format!(
+                    "{target}: the content is still being sealed; run again"
+                )));
+            }
+            if !complete {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
         let attachment = Attachment {
             sha256,
