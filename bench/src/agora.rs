@@ -255,36 +255,92 @@ pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
 }
 
 /// Workload 8: a file of `bytes` up to the node (windowed chunks, `agora_common::transfer`,
-/// as user-cli's `send_file`) and back (windowed 1 MiB ranges into a file, as `get_file`), through
-/// files on disk at both ends, checked against its SHA-256 after. Both ends' peak RSS is read
-/// at the end: the node's over its life, this process's (the client's) from just before the
-/// upload.
+/// as user-cli's `send_file`) and back (windowed 1 MiB ranges into a file, as `get_file`),
+/// through files on disk at both ends, checked against its SHA-256 after. The client is a
+/// process of its own ([`file_client`], this binary with `--file-client`), so that its
+/// peak RSS is the client's alone; the node's is read at the end.
 pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> {
-    use sha2::{Digest, Sha256};
-    use std::io::Write;
     let dir = tempfile::tempdir()?;
     let src = dir.path().join("up.bin");
     let digest = write_source(&src, bytes)?;
-
-    let ctx = zmq::Context::new();
     let node = start_node(node_args)?;
+    let key = node.key.map_or_else(|| "-".to_owned(), |k| k.to_string());
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("--file-client")
+        .args([&node.endpoint, &key])
+        .arg(&src)
+        .arg(digest.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("the file client failed ({})", out.status);
+    }
+    let client: ClientRun =
+        serde_json::from_slice(&out.stdout).context("the file client's report")?;
+    Ok(FileRun {
+        up_mb_s: bytes as f64 / 1e6 / client.up_s,
+        down_mb_s: bytes as f64 / 1e6 / client.down_s,
+        node_peak_kib: node.peak_rss_kib()?,
+        client_peak_kib: client.peak_kib,
+    })
+}
+
+/// What [`file_client`] reports on stdout, as one JSON object.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ClientRun {
+    /// Seconds from the `upload` declaration to the last chunk's reply (the content sealed).
+    pub up_s: f64,
+    /// Seconds to download it all into a file (flushed, not fsynced).
+    pub down_s: f64,
+    /// The client process's peak resident set, KiB (`VmHWM`).
+    pub peak_kib: u64,
+}
+
+/// Workload 8's client, in a process of its own (`agora-bench --file-client ENDPOINT KEY
+/// FILE SHA256`; KEY `-` for an `--insecure` node): joins the node as `bench` with a key pair
+/// of its own, uploads `src`, downloads it into a file beside it, checks its digest, and
+/// returns the times and its peak RSS.
+///
+/// # Errors
+/// The node's refusals, timeouts (30 s per reply), file I/O, and a download that does not
+/// hash to `sha256`.
+pub fn file_client(
+    endpoint: &str,
+    server_key: Option<agora_common::keys::PublicKey>,
+    src: &std::path::Path,
+    sha256: agora_proto::wire::Sha256Digest,
+) -> anyhow::Result<ClientRun> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let bytes = std::fs::metadata(src)?.len();
+    let ctx = zmq::Context::new();
     let user = UserName::new("bench")?;
-    let mut client = node.client(&ctx, &user, options())?;
-    client.join()?;
-    crate::servers::reset_peak_rss(std::process::id())?;
-    let t = Instant::now();
-    let start = client.upload(digest, bytes)?;
-    let target = agora_common::transfer::UploadTarget {
-        endpoint: node.endpoint.clone(),
-        curve: node.curve(&user)?,
-        group: None,
-        user: user.clone(),
+    let curve = match server_key {
+        Some(server_key) => Some(agora_common::client::ClientCurve {
+            keypair: agora_common::keys::Keypair::generate()?,
+            server_key,
+        }),
+        None => None,
     };
-    let mut source = std::fs::File::open(&src)?;
+    let mut client =
+        agora_common::client::GroupClient::new(&ctx, endpoint, user.clone(), None, options());
+    if let Some(curve) = curve.clone() {
+        client = client.with_curve(curve);
+    }
+    client.join()?;
+    let t = Instant::now();
+    let start = client.upload(sha256, bytes)?;
+    let target = agora_common::transfer::UploadTarget {
+        endpoint: endpoint.to_owned(),
+        curve,
+        group: None,
+        user,
+    };
+    let mut source = std::fs::File::open(src)?;
     let done = agora_common::transfer::upload_windowed(
         &ctx,
         &target,
-        digest,
+        sha256,
         &mut source,
         bytes,
         start.have,
@@ -298,14 +354,14 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
         bail!("the upload did not complete: {done:?}");
     }
 
-    let dst = dir.path().join("down.bin");
+    let dst = src.with_extension("down");
     let t = Instant::now();
     {
         let mut file = std::io::BufWriter::new(std::fs::File::create(&dst)?);
         agora_common::transfer::download_windowed(
             &ctx,
             &target,
-            digest,
+            sha256,
             bytes,
             0,
             agora_proto::wire::MAX_CHUNK_BYTES as u64,
@@ -316,18 +372,17 @@ pub fn file_transfer(node_args: &[&str], bytes: u64) -> anyhow::Result<FileRun> 
         file.flush()?;
     }
     let down = t.elapsed();
-    let client_peak_kib = crate::servers::peak_rss_kib(std::process::id())?;
+    let peak_kib = crate::servers::peak_rss_kib(std::process::id())?;
     let mut back = Sha256::new();
     let mut file = std::fs::File::open(&dst)?;
     std::io::copy(&mut file, &mut back)?;
-    if agora_proto::wire::Sha256Digest::from_bytes(back.finalize().into()) != digest {
+    if agora_proto::wire::Sha256Digest::from_bytes(back.finalize().into()) != sha256 {
         bail!("the downloaded file does not match its digest");
     }
-    Ok(FileRun {
-        up_mb_s: bytes as f64 / 1e6 / up.as_secs_f64(),
-        down_mb_s: bytes as f64 / 1e6 / down.as_secs_f64(),
-        node_peak_kib: node.peak_rss_kib()?,
-        client_peak_kib,
+    Ok(ClientRun {
+        up_s: up.as_secs_f64(),
+        down_s: down.as_secs_f64(),
+        peak_kib,
     })
 }
 

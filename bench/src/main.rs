@@ -12,7 +12,7 @@
 //! loss, never on a timing.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,10 @@ struct Args {
     /// Internal: be the libzmq REP echo server of the transport floor.
     #[arg(long, hide = true)]
     serve_rep: bool,
+    /// Internal: be workload 8's client (ENDPOINT KEY FILE SHA256; KEY `-` without CURVE),
+    /// a process of its own so that its RSS is the client's.
+    #[arg(long, hide = true, num_args = 4)]
+    file_client: Option<Vec<String>>,
 }
 
 const NATS_JS: &str = "NATS JetStream, file store";
@@ -170,6 +174,18 @@ fn med(values: &[f64]) -> Option<f64> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(a) = &args.file_client {
+        let [endpoint, key, src, digest] = a.as_slice() else {
+            bail!("--file-client takes ENDPOINT KEY FILE SHA256");
+        };
+        let key = match key.as_str() {
+            "-" => None,
+            k => Some(k.parse()?),
+        };
+        let run = agora::file_client(endpoint, key, Path::new(src), digest.parse()?)?;
+        println!("{}", serde_json::to_string(&run)?);
+        return Ok(());
+    }
     if args.serve_rep {
         return floor::serve_rep();
     }
@@ -561,7 +577,7 @@ fn files(b: &mut Bench) {
         Vec::new(),
     );
     b.row(
-        format!("8. client (this process) peak RSS over the {mib} MiB transfer"),
+        format!("8. client process peak RSS over the {mib} MiB transfer"),
         "KiB",
         Better::Lower,
         med(&runs
@@ -625,7 +641,7 @@ pub(crate) struct NodeProc {
     child: Child,
     pub(crate) endpoint: String,
     /// The node's CURVE public key, as it printed it (`None` for an `--insecure` node).
-    key: Option<agora_common::keys::PublicKey>,
+    pub(crate) key: Option<agora_common::keys::PublicKey>,
     /// One key pair per bench user: the node knows a member by key.
     users: std::cell::RefCell<std::collections::HashMap<UserName, agora_common::keys::Keypair>>,
     _dir: tempfile::TempDir,

@@ -134,16 +134,6 @@ pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmHWM in /proc status")
 }
 
-/// Resets the peak resident set (`VmHWM`) of process `pid` to its current RSS, by writing
-/// `5` to `/proc/PID/clear_refs` (Linux 4.0 and later; proc(5)).
-///
-/// # Errors
-/// When `/proc/PID/clear_refs` cannot be written (another user's process, an older kernel).
-pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
-        .with_context(|| format!("reset the peak RSS of process {pid}"))
-}
-
 /// Starts nats-server with JetStream on a file store in a temporary directory, on a random
 /// loopback port (`-p -1`; the port is read from its log line `Listening for client
 /// connections on HOST:PORT`).

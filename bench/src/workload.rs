@@ -206,7 +206,6 @@ pub struct FileRun {
     pub down_mb_s: f64,
     /// The node's peak resident set, KiB.
     pub node_peak_kib: u64,
-    /// The client's (this process's) peak resident set over the transfer, KiB: its peak is
-    /// reset just before the upload starts.
+    /// The client process's peak resident set, KiB.
     pub client_peak_kib: u64,
 }
