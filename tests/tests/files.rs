@@ -420,12 +420,45 @@ fn user_cli_sends_and_gets_a_file_resuming_a_partial_download_and_refusing_a_cor
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(std::fs::read(&whole).expect("read") == data);
 
-    // A partial download left by an interruption is resumed from its length.
+    // A partial download left by an interruption is resumed from its length; with --json,
+    // progress comes as events on stdout, from where it resumed to the end, then the result.
     let resumed = dir.path().join("resumed.bin");
     std::fs::write(dir.path().join("resumed.bin.agora-part"), &data[..1 << 20]).expect("part");
-    let run = get(&resumed);
+    let run = fed.cli(
+        "bob",
+        &[
+            "--json",
+            "get_file",
+            "Cool Group",
+            &seq,
+            "--out",
+            resumed.to_str().expect("utf-8"),
+        ],
+        "",
+    );
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(std::fs::read(&resumed).expect("read") == data);
+    let lines: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let done: Vec<u64> = lines
+        .iter()
+        .filter(|v| v["event"] == "progress")
+        .map(|v| {
+            assert_eq!(v["total"], data.len() as u64, "{v}");
+            v["done"].as_u64().expect("done")
+        })
+        .collect();
+    assert_eq!(done.first(), Some(&(1 << 20)), "{}", run.stdout);
+    assert_eq!(done.last(), Some(&(data.len() as u64)), "{}", run.stdout);
+    assert!(done.windows(2).all(|w| w[0] < w[1]), "{done:?}");
+    assert!(
+        lines.last().is_some_and(|v| v.get("saved").is_some()),
+        "{}",
+        run.stdout
+    );
     assert!(!dir.path().join("resumed.bin.agora-part").exists());
 
     // A corrupt partial file fails the digest check: nothing stands at the target, and the
