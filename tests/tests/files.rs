@@ -760,3 +760,37 @@ fn a_seal_after_a_restart_verifies_what_it_did_not_hash_and_refuses_a_mismatch()
     assert_eq!(blob_count(&fed, "cool"), 1);
     drop(node);
 }
+
+#[test]
+fn in_a_private_group_an_outsider_learns_nothing_of_its_files() {
+    let fed = Federation::start("200ms");
+    let owner = fed.user_key("alice");
+    let node = fed.node(
+        "Secret",
+        "127.0.0.1:0",
+        "secret",
+        &["--private", "--owner", &owner],
+    );
+    let mut alice = client(&fed, &node, "alice");
+    alice.join().expect("the owner joins");
+    let data = content(300_000, 41);
+    let digest = digest_of(&data);
+    alice.upload(digest, data.len() as u64).expect("declare");
+    assert!(send_from(&mut alice, digest, &data, 0).complete);
+
+    // Not invited: every attachment action answers `not_member`, alike for a content that
+    // exists and one that does not, and nothing is stored for the outsider.
+    let mut mallory = client(&fed, &node, "mallory");
+    let nothing = digest_of(b"nothing");
+    for d in [digest, nothing] {
+        assert_eq!(code(mallory.download(d, 0, None)), ErrorCode::NotMember);
+        assert_eq!(code(mallory.upload(d, 10)), ErrorCode::NotMember);
+        assert_eq!(
+            code(mallory.upload_chunk(d, 0, b"0123456789".to_vec())),
+            ErrorCode::NotMember
+        );
+    }
+    let uploads = fed.dir.path().join("data-secret/blobs/uploads");
+    assert_eq!(std::fs::read_dir(uploads).map_or(0, Iterator::count), 0);
+    assert!(download_all(&mut alice, digest) == data);
+}

@@ -40,16 +40,8 @@ pub fn upload<S: GroupStore>(
             ctx.config.upload_quota,
         )
         .map_err(blob_error)?;
-    if let Progress::Sealing {
-        verified,
-        start: true,
-        ..
-    } = progress
-    {
-        // Complete but not sealed before a restart: the reply waits for the seal.
-        ctx.sealing.push((r.sha256, verified));
-    }
-    Ok(reply(r.sha256, progress))
+    // Complete but not sealed before a restart: sealed now, off the loop.
+    Ok(sealing_reply(ctx, r.sha256, progress))
 }
 
 /// # Errors
@@ -81,16 +73,8 @@ pub fn upload_chunk<S: GroupStore>(
         .blobs
         .write_chunk(&r.sha256, r.offset, data)
         .map_err(blob_error)?;
-    if let Progress::Sealing {
-        verified,
-        start: true,
-        ..
-    } = progress
-    {
-        // The last chunk: the reply waits for the seal, which runs off the loop.
-        ctx.sealing.push((r.sha256, verified));
-    }
-    Ok(reply(r.sha256, progress))
+    // The last chunk: sealed off the loop.
+    Ok(sealing_reply(ctx, r.sha256, progress))
 }
 
 /// # Errors
@@ -163,6 +147,25 @@ fn members_only<S: GroupStore>(
 ) -> Result<(), WireError> {
     ctx.check_group(group)?;
     ctx.require_member(&ctx.caller(user)).map(|_| ())
+}
+
+/// The reply of an upload at `progress`; when this request completed the upload
+/// ([`Progress::Sealing`] with `start`), the content is handed to the loop to be sealed off
+/// it (`ctx.sealing`), and the reply waits for the seal.
+fn sealing_reply<S: GroupStore>(
+    ctx: &mut Ctx<'_, S>,
+    sha256: Sha256Digest,
+    progress: Progress,
+) -> UploadReply {
+    if let Progress::Sealing {
+        verified,
+        start: true,
+        ..
+    } = progress
+    {
+        ctx.sealing.push((sha256, verified));
+    }
+    reply(sha256, progress)
 }
 
 /// The reply of an upload at `progress`.
