@@ -472,6 +472,27 @@ fn user_cli_sends_and_gets_a_file_resuming_a_partial_download_and_refusing_a_cor
     let run = get(&target);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(std::fs::read(&target).expect("read") == data);
+
+    // The same in the prompt: a session line sends a file and another gets it back.
+    let small = dir.path().join("note.txt");
+    std::fs::write(&small, b"a small file").expect("write");
+    let back = dir.path().join("note-back.txt");
+    let script = format!(
+        "send_file \"Cool Group\" {} --caption \"from the prompt\"\n\
+         get_file \"Cool Group\" {} --out {}\n\
+         messages \"Cool Group\" --latest 1\n",
+        small.display(),
+        seq.parse::<u64>().expect("a seq") + 1,
+        back.display()
+    );
+    let run = fed.cli("bob", &[], &script);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("bob: [file note.txt, 12 B, text/plain] from the prompt"),
+        "{run:?}"
+    );
+    assert_eq!(std::fs::read(&back).expect("read"), b"a small file");
 }
 
 /// The peak resident set size of process `pid`, in bytes (`VmHWM` of `/proc/PID/status`).
