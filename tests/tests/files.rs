@@ -585,6 +585,10 @@ fn a_64_mib_upload_killed_midway_resumes_and_the_node_stays_small() {
         "the node received {received} bytes of a {}-byte file",
         data.len()
     );
+    eprintln!(
+        "upload, client killed: {} bytes sent again",
+        received - data.len() as u64
+    );
     // One chunk at a time in memory: the node never held the file.
     let peak = peak_rss(node.pid());
     assert!(peak < 64 << 20, "node peak RSS {} MiB", peak >> 20);
@@ -651,6 +655,7 @@ fn transfers_cut_by_a_kill_9_resume_and_send_at_most_one_window_again() {
         received >= size && received - size <= UPLOAD_AGAIN,
         "the nodes received {received} bytes of a {size}-byte file"
     );
+    eprintln!("upload, node killed: {} bytes sent again", received - size);
     let seq = seq_of(&sent.stdout);
 
     // A download whose client is killed, then one whose node dies under it: each run again
@@ -694,6 +699,10 @@ fn transfers_cut_by_a_kill_9_resume_and_send_at_most_one_window_again() {
         served >= size && served - size <= DOWNLOAD_AGAIN,
         "the node served {served} bytes of a {size}-byte file to a killed and a resumed run"
     );
+    eprintln!(
+        "download, client killed: {} bytes sent again",
+        served - size
+    );
 
     let out = dir.path().join("again.bin");
     let part = dir.path().join("again.bin.agora-part");
@@ -716,6 +725,7 @@ fn transfers_cut_by_a_kill_9_resume_and_send_at_most_one_window_again() {
         served >= size && served - size <= DOWNLOAD_AGAIN,
         "the nodes served {served} bytes of a {size}-byte file"
     );
+    eprintln!("download, node killed: {} bytes sent again", served - size);
 }
 
 #[test]
