@@ -2,6 +2,7 @@
 //! protocol that `agora-proto` defines.
 //!
 //! # Layout
+//! - [`beacon`]: LAN discovery of registries by UDP beacon (zbeacon).
 //! - [`actor`]: the one background-thread primitive (zguide/CZMQ actor): a thread owning
 //!   its sockets, stopped at once through an inproc pipe.
 //! - [`inbox`]: presence heartbeat and pushed direct messages, for clients and bots.
@@ -21,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod actor;
+pub mod beacon;
 pub mod client;
 pub mod inbox;
 pub mod keys;

@@ -141,25 +141,43 @@ pub fn registry_key(
     if let Some(key) = given {
         return Ok((key, Trust::Given));
     }
+    match fetch_key(ctx, key_endpoint, timeout) {
+        Ok(presented) => pin_presented(known, endpoint, presented),
+        Err(source) => match read_known(known)?.get(endpoint) {
+            Some(pinned) => Ok((*pinned, Trust::Pinned)),
+            None => Err(TrustError::Unknown {
+                endpoint: endpoint.to_owned(),
+                key_endpoint: key_endpoint.to_owned(),
+                source,
+            }),
+        },
+    }
+}
+
+/// Checks a key `presented` for the registry at `endpoint` by a source that cannot prove
+/// it (the key endpoint, a LAN beacon) against the pin in `known`: the pinned key is used;
+/// with no pin, `presented` is pinned now ([`Trust::FirstUse`]).
+///
+/// # Errors
+/// [`TrustError::Changed`] when a different key is pinned; [`TrustError::File`].
+pub fn pin_presented(
+    known: &Path,
+    endpoint: &str,
+    presented: PublicKey,
+) -> Result<(PublicKey, Trust), TrustError> {
     let mut pins = read_known(known)?;
-    let presented = fetch_key(ctx, key_endpoint, timeout);
-    match (pins.get(endpoint).copied(), presented) {
-        (Some(pinned), Ok(presented)) if presented != pinned => Err(TrustError::Changed {
+    match pins.get(endpoint).copied() {
+        Some(pinned) if pinned != presented => Err(TrustError::Changed {
             endpoint: endpoint.to_owned(),
             pinned,
             presented,
         }),
-        (Some(pinned), _) => Ok((pinned, Trust::Pinned)),
-        (None, Ok(presented)) => {
+        Some(pinned) => Ok((pinned, Trust::Pinned)),
+        None => {
             pins.insert(endpoint.to_owned(), presented);
             write_known(known, &pins)?;
             Ok((presented, Trust::FirstUse))
         }
-        (None, Err(source)) => Err(TrustError::Unknown {
-            endpoint: endpoint.to_owned(),
-            key_endpoint: key_endpoint.to_owned(),
-            source,
-        }),
     }
 }
 

@@ -24,9 +24,19 @@ struct Args {
     name: GroupName,
     /// Address to bind, IP:PORT (port 0 picks a free port), for example 127.0.0.1:5560.
     addr: String,
-    /// The registry's endpoint.
+    /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
+    /// (PROTOCOL §10; its key is then pinned in the data directory on first use).
     #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
     registry: String,
+    /// With --registry auto: the name of the registry to use when several are heard.
+    #[arg(long, env = "AGORA_REGISTRY_NAME")]
+    registry_name: Option<String>,
+    /// The UDP port registries' beacons arrive on (--registry auto).
+    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    beacon_port: u16,
+    /// How long --registry auto listens for beacons (sent every second).
+    #[arg(long, env = "AGORA_DISCOVER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    discover_wait: Duration,
     /// Serve without registering anywhere.
     #[arg(long, conflicts_with = "registry")]
     no_registry: bool,
@@ -135,7 +145,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(mut args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let data_dir = match args.data_dir {
         Some(d) => d,
@@ -147,6 +157,30 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         format!("tcp://{}", args.addr)
     };
+    if args.registry == "auto" && !args.no_registry {
+        let heard = agora_common::beacon::listen(args.beacon_port, args.discover_wait)
+            .with_context(|| format!("listening on UDP port {}", args.beacon_port))?;
+        let chosen = agora_common::beacon::choose(
+            &heard,
+            args.registry_name.as_deref(),
+            args.beacon_port,
+            args.discover_wait,
+        )?;
+        args.registry = chosen.endpoint.clone();
+        if let Some((key, trust)) = agora_common::beacon::heard_key(
+            &chosen,
+            &data_dir.join("known_servers.json"),
+            args.registry_key,
+            args.insecure,
+        )? {
+            if trust == agora_common::trust::Trust::FirstUse {
+                tracing::warn!(%key, registry = %args.registry, name = %chosen.name,
+                    "pinned the registry key heard by beacon on first use; compare it with the key the registry printed");
+            }
+            args.registry_key = Some(key);
+        }
+        tracing::info!(registry = %args.registry, name = %chosen.name, "registry heard by beacon");
+    }
     let mut config = Config::new(args.name, bind, data_dir);
     config.advertise = args.advertise;
     config.registry = (!args.no_registry).then(|| args.registry.clone());

@@ -10,12 +10,14 @@
 //! - [`time`]: microsecond UTC timestamps (RFC 3339) and the `since` filter parser.
 //! - [`id`]: message ids (UUID v7).
 //! - [`key`]: CURVE public keys in Z85.
+//! - [`beacon`]: the registry's LAN beacon (UDP, the zbeacon pattern).
 //!
 //! It depends on neither libzmq nor SQLite: frames are plain `Vec<u8>`s here, and the
 //! sockets live in `agora-common`.
 #![deny(missing_docs)]
 
 pub mod action;
+pub mod beacon;
 pub mod codec;
 pub mod id;
 pub mod key;

@@ -58,6 +58,21 @@ struct Args {
     /// Requests a peer may send at once after being idle.
     #[arg(long, env = "AGORA_RATE_BURST", default_value_t = 4_000.0)]
     rate_burst: f64,
+    /// This registry's name in its beacon, by which clients choose among several
+    /// (`--registry-name`); 1 to 64 bytes.
+    #[arg(long, env = "AGORA_REGISTRY_NAME", default_value = "agora", value_parser = registry_name)]
+    name: String,
+    /// Announce this registry on the LAN: a UDP beacon every second to --beacon-address
+    /// (PROTOCOL §10; the zbeacon pattern). Off unless given.
+    #[arg(long, requires = "beacon_address")]
+    beacon: bool,
+    /// The IPv4 broadcast address the beacon goes to: the LAN's (such as 192.168.1.255), or
+    /// 127.255.255.255 for this machine only. No default: nothing is broadcast by accident.
+    #[arg(long, env = "AGORA_BEACON_ADDRESS")]
+    beacon_address: Option<std::net::Ipv4Addr>,
+    /// The UDP port the beacon goes to (the zbeacon convention).
+    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    beacon_port: u16,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -70,6 +85,13 @@ enum Command {
         /// The group name.
         name: agora_proto::wire::GroupName,
     },
+}
+
+fn registry_name(name: &str) -> Result<String, String> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err("a name of 1 to 64 bytes without control characters".into());
+    }
+    Ok(name.to_owned())
 }
 
 fn main() -> ExitCode {
@@ -134,6 +156,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     out.flush()?;
     drop(out);
+    let _beacon = match (args.beacon, args.beacon_address) {
+        (true, Some(address)) => {
+            let to = std::net::SocketAddrV4::new(address, args.beacon_port);
+            let beacon = agora_proto::beacon::Beacon::new(
+                &args.name,
+                registry.endpoint(),
+                registry.public_key(),
+            );
+            tracing::info!(%to, name = %args.name, "announcing this registry by beacon");
+            Some(
+                agora_common::beacon::Beaconer::start(&beacon, to, Duration::from_secs(1))
+                    .context("starting the beacon")?,
+            )
+        }
+        _ => None,
+    };
     registry.run(&shutdown)?;
     Ok(())
 }

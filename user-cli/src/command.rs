@@ -221,6 +221,9 @@ pub enum Command {
     /// Forget the registry key pinned for --registry (after its operator changed it).
     #[command(name = "forget-registry", alias = "forget_registry")]
     ForgetRegistry,
+    /// List the registries announcing themselves on this LAN (their beacons, heard for
+    /// --discover-wait on --beacon-port).
+    Discover,
     /// Print a shell completion script for user-cli (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -524,6 +527,7 @@ pub fn run(
         Command::Watch { .. }
         | Command::Keys { .. }
         | Command::ForgetRegistry
+        | Command::Discover
         | Command::Completions { .. }
         | Command::Manpage => {
             return Err(CliError::Usage(

@@ -31,7 +31,8 @@ use render::Format;
 #[derive(Debug, Parser)]
 #[command(name = "user-cli", version, about)]
 struct Args {
-    /// The registry's endpoint.
+    /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
+    /// (PROTOCOL §10; its key is then pinned on first use).
     #[arg(
         long,
         global = true,
@@ -64,6 +65,15 @@ struct Args {
     /// pinned on first use) [default: the registry's host, the next port].
     #[arg(long, global = true, env = "AGORA_REGISTRY_KEY_ENDPOINT")]
     registry_key_endpoint: Option<String>,
+    /// With --registry auto: the name of the registry to use when several are heard.
+    #[arg(long, global = true, env = "AGORA_REGISTRY_NAME")]
+    registry_name: Option<String>,
+    /// The UDP port registries' beacons arrive on (--registry auto, discover).
+    #[arg(long, global = true, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    beacon_port: u16,
+    /// How long --registry auto and discover listen for beacons (sent every second).
+    #[arg(long, global = true, env = "AGORA_DISCOVER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    discover_wait: Duration,
     /// Where your key pair lives (USER.key and USER.key_secret, made on first use)
     /// [default: ~/.config/agora].
     #[arg(long, global = true, env = "AGORA_KEY_DIR")]
@@ -89,7 +99,7 @@ fn main() -> ExitCode {
     ExitCode::from(run(args))
 }
 
-fn run(args: Args) -> u8 {
+fn run(mut args: Args) -> u8 {
     match &args.command {
         Some(Command::Completions { shell }) => {
             // Into a buffer first: `generate` panics when its writer fails (a closed pipe).
@@ -137,6 +147,15 @@ fn run(args: Args) -> u8 {
     } else {
         Format::Human
     };
+    if let Some(Command::Discover) = &args.command {
+        return discover(&args, format);
+    }
+    if args.registry == "auto" {
+        if let Err(e) = auto_registry(&mut args) {
+            eprintln!("user-cli: {e}");
+            return 2;
+        }
+    }
     if let Some(Command::ForgetRegistry) = &args.command {
         let result = known_servers(&args).and_then(|path| {
             agora_common::trust::forget(&path, &args.registry).map_err(|e| e.to_string())
@@ -209,6 +228,91 @@ fn run(args: Args) -> u8 {
 }
 
 /// The file of pinned registry keys: `STATE_DIR/known_servers.json`.
+/// `discover`: the registries heard, one per line (`NAME ENDPOINT key KEY`), or JSON lines
+/// (`{"name", "endpoint", "key"}`); exit code 1 when none is heard.
+fn discover(args: &Args, format: Format) -> u8 {
+    let heard = match agora_common::beacon::listen(args.beacon_port, args.discover_wait) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("user-cli: listening on UDP port {}: {e}", args.beacon_port);
+            return 1;
+        }
+    };
+    if heard.is_empty() {
+        eprintln!(
+            "user-cli: no registry heard on UDP port {} within {:?}",
+            args.beacon_port, args.discover_wait
+        );
+        return 1;
+    }
+    for h in &heard {
+        let b = &h.beacon;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"name": b.name, "endpoint": b.endpoint, "key": b.key})
+            ),
+            Format::Human => match b.key {
+                Some(key) => println!("{} {} key {key}", b.name, b.endpoint),
+                None => println!("{} {} (insecure)", b.name, b.endpoint),
+            },
+        }
+    }
+    0
+}
+
+/// `--registry auto`: listens for beacons, picks the registry (by --registry-name, the only
+/// one heard, or by asking on a terminal), and sets `args.registry` to its endpoint and,
+/// unless --registry-key was given, `args.registry_key` to its key, pinned on first use.
+fn auto_registry(args: &mut Args) -> Result<(), String> {
+    use std::io::BufRead;
+    let heard = agora_common::beacon::listen(args.beacon_port, args.discover_wait)
+        .map_err(|e| format!("listening on UDP port {}: {e}", args.beacon_port))?;
+    let chosen = match agora_common::beacon::choose(
+        &heard,
+        args.registry_name.as_deref(),
+        args.beacon_port,
+        args.discover_wait,
+    ) {
+        Ok(b) => b,
+        Err(agora_common::beacon::DiscoverError::Several(several))
+            if std::io::stdin().is_terminal() =>
+        {
+            eprintln!("user-cli: several registries heard:");
+            for (i, b) in several.iter().enumerate() {
+                eprintln!("  {}. {} at {}", i + 1, b.name, b.endpoint);
+            }
+            eprint!("use which (1-{})? ", several.len());
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            line.trim()
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| several.get(n.wrapping_sub(1)).cloned())
+                .ok_or_else(|| format!("{:?} is not one of 1-{}", line.trim(), several.len()))?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    args.registry = chosen.endpoint.clone();
+    let known = known_servers(args)?;
+    let key = agora_common::beacon::heard_key(&chosen, &known, args.registry_key, args.insecure)
+        .map_err(|e| e.to_string())?;
+    if let Some((key, trust)) = key {
+        if trust == agora_common::trust::Trust::FirstUse {
+            eprintln!(
+                "user-cli: warning: pinned the registry key {key} for {} (heard by beacon as {:?}) \
+                 on first use; compare it with the key the registry printed",
+                args.registry, chosen.name
+            );
+        }
+        args.registry_key = Some(key);
+    }
+    Ok(())
+}
+
 fn known_servers(args: &Args) -> Result<std::path::PathBuf, String> {
     let dir = match &args.state_dir {
         Some(d) => d.clone(),

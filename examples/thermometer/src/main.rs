@@ -33,12 +33,22 @@ const HIGH: f64 = 30.0;
 #[derive(Debug, Parser)]
 #[command(name = "thermometer", about)]
 struct Args {
-    /// The registry's endpoint.
+    /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
+    /// (PROTOCOL §10; its key is then pinned in the key directory on first use).
     #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
     registry: String,
-    /// The registry's public key.
+    /// The registry's public key; required unless --registry auto hears it.
     #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
-    registry_key: PublicKey,
+    registry_key: Option<PublicKey>,
+    /// With --registry auto: the name of the registry to use when several are heard.
+    #[arg(long, env = "AGORA_REGISTRY_NAME")]
+    registry_name: Option<String>,
+    /// The UDP port registries' beacons arrive on (--registry auto).
+    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    beacon_port: u16,
+    /// How long --registry auto listens for beacons (sent every second).
+    #[arg(long, env = "AGORA_DISCOVER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    discover_wait: Duration,
     /// The bot's account name.
     #[arg(long, default_value = "thermometer1")]
     user: UserName,
@@ -102,7 +112,7 @@ fn text(s: &str) -> Box<RawValue> {
         .unwrap_or_else(|_| unreachable!("a JSON string is JSON"))
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(mut args: Args) -> anyhow::Result<()> {
     let stop = Shutdown::on_signals()?;
     let dir = match args.key_dir {
         Some(d) => d,
@@ -110,10 +120,34 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map(|d| d.config_dir().to_owned())
             .context("no home directory; pass --key-dir")?,
     };
+    if args.registry == "auto" {
+        let heard = agora_common::beacon::listen(args.beacon_port, args.discover_wait)
+            .with_context(|| format!("listening on UDP port {}", args.beacon_port))?;
+        let chosen = agora_common::beacon::choose(
+            &heard,
+            args.registry_name.as_deref(),
+            args.beacon_port,
+            args.discover_wait,
+        )?;
+        args.registry = chosen.endpoint.clone();
+        let known = dir.join("known_servers.json");
+        if let Some((key, trust)) =
+            agora_common::beacon::heard_key(&chosen, &known, args.registry_key, false)?
+        {
+            if trust == agora_common::trust::Trust::FirstUse {
+                tracing::warn!(%key, registry = %args.registry,
+                    "pinned the registry key heard by beacon on first use; compare it with the key the registry printed");
+            }
+            args.registry_key = Some(key);
+        }
+    }
+    let server_key = args
+        .registry_key
+        .context("no registry key: pass --registry-key, or --registry auto")?;
     let (keypair, _) = Keypair::load_or_generate(&dir.join(format!("{}.key", args.user)))?;
     let curve = ClientCurve {
         keypair,
-        server_key: args.registry_key,
+        server_key,
     };
     let ctx = zmq::Context::new();
     let options = ClientOptions::default();
