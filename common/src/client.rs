@@ -377,6 +377,14 @@ impl RegistryClient {
         Ok(self.req.call::<call::DeadLetters>(&ListRequest {})?.letters)
     }
 
+    /// Asks the registry to stop (PROTOCOL §4.7). Only the operator's key is obeyed.
+    ///
+    /// # Errors
+    /// `forbidden`; see [`ReqClient::call`].
+    pub fn stop(&mut self) -> Result<agora_proto::wire::StopReply, ClientError> {
+        self.req.call::<call::StopRegistry>(&ListRequest {})
+    }
+
     /// Every user account.
     ///
     /// # Errors
@@ -475,6 +483,15 @@ impl GroupClient {
     /// See [`ReqClient::call`].
     pub fn leave(&mut self) -> Result<MembershipReply, ClientError> {
         self.req.call::<call::Leave>(&self.membership())
+    }
+
+    /// Asks the node to stop: it drains, unregisters and exits (PROTOCOL §6.10). Only the
+    /// group owner's key or the node's own is obeyed.
+    ///
+    /// # Errors
+    /// `forbidden`; see [`ReqClient::call`].
+    pub fn stop(&mut self) -> Result<agora_proto::wire::StopReply, ClientError> {
+        self.req.call::<call::Stop>(&self.membership())
     }
 
     /// The member list.

@@ -57,7 +57,7 @@ use agora_proto::action::{call, Call, NodeRequest};
 use agora_proto::codec::{encode_ok_data, Frames};
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    Endpoint, ErrorCode, GroupName, HistoryQuery, Message, SendAck, WireError,
+    Endpoint, ErrorCode, GroupName, HistoryQuery, Message, SendAck, StopReply, WireError,
     DEFAULT_MAX_MESSAGE_BYTES,
 };
 
@@ -267,6 +267,8 @@ pub struct Node {
     subscribers: Subscribers,
     keys: Option<Keypair>,
     owner: Option<PublicKey>,
+    /// Set by an accepted `stop`: the loop ends, the node drains and exits.
+    stopping: bool,
     limiter: Limiter<Peer>,
     _zap: Option<Authenticator>,
     /// The data directory's lock, held while the node lives.
@@ -393,6 +395,7 @@ impl Node {
             subscribers,
             keys,
             owner,
+            stopping: false,
             limiter,
             _zap: zap,
             _lock: lock,
@@ -459,7 +462,7 @@ impl Node {
         let blob_sweep = self.config.upload_ttl.min(Duration::from_secs(60));
         let mut next_blob_sweep = Instant::now() + blob_sweep;
         let mut next_lease_sweep = Instant::now();
-        while !shutdown.is_triggered() {
+        while !shutdown.is_triggered() && !self.stopping {
             let accepting = pipeline.waiting.len() < MAX_PIPELINE;
             let (requests, synced, sealed) = {
                 let sealer = self.sealer.as_ref().map(durable::Sealer::poll_item);
@@ -521,16 +524,64 @@ impl Node {
                 next_blob_sweep = Instant::now() + blob_sweep;
             }
         }
-        // Drain: every batch already committed gets its sync, then its replies and pushes.
+        // Drain: every batch already committed gets its sync, then its replies and pushes;
+        // requests arriving meanwhile are refused with `shutting_down` (nothing of them done).
+        tracing::info!(group = %self.config.name, batches = pipeline.waiting.len(), "draining");
+        let mut waited = Duration::ZERO;
         while let Some(last) = pipeline.waiting.back().map(|w| w.batch) {
-            match syncer.recv(1000)? {
+            self.refuse_arrivals(&mut batch)?;
+            match syncer.recv(100)? {
                 Some(upto) => self.release(&mut pipeline, upto)?,
-                None => tracing::warn!(waiting_for = last, "still waiting for the WAL sync"),
+                None => {
+                    waited += Duration::from_millis(100);
+                    if waited.as_millis().is_multiple_of(1000) {
+                        tracing::warn!(waiting_for = last, "still waiting for the WAL sync");
+                    }
+                }
             }
         }
+        self.refuse_arrivals(&mut batch)?;
         drop(checkpoints);
         tracing::info!(group = %self.config.name, "group node stopping");
         Ok(())
+    }
+
+    /// Answers every request already waiting with `shutting_down`: the node is draining.
+    fn refuse_arrivals(&mut self, batch: &mut Vec<Received>) -> Result<(), NodeError> {
+        recv_batch(&self.socket, MAX_BATCH, batch)?;
+        for received in batch.drain(..) {
+            if let Ok(incoming) = Incoming::<NodeRequest>::from_received(received) {
+                send_reply(
+                    &self.socket,
+                    incoming.envelope,
+                    reply_frames::<()>(Err(stopping())),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `stop`: accepted from the group owner's key or the node's own; the loop then ends and
+    /// the node drains (`run`).
+    ///
+    /// # Errors
+    /// `forbidden` for any other key, and on an `--insecure` node (no key to check).
+    fn begin_stop(&mut self, peer: Option<PublicKey>) -> Result<StopReply, WireError> {
+        let Some(peer) = peer else {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                "stop needs the operator's CURVE key; this node runs --insecure: send it SIGTERM",
+            ));
+        };
+        if Some(peer) != self.owner && Some(peer) != self.public_key() {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                "only the group owner's key or the node's own may stop it",
+            ));
+        }
+        tracing::info!(group = %self.config.name, by = %peer, "stop requested");
+        self.stopping = true;
+        Ok(StopReply { stopping: true })
     }
 
     /// Queues a served batch behind the batches still syncing, asking for its own sync if it
@@ -874,6 +925,13 @@ impl Node {
         instant: Instant,
         appended: &mut Vec<Message>,
     ) -> (Frames, bool) {
+        if self.stopping {
+            // After a `stop` in the same batch: nothing more is done.
+            return (reply_frames::<()>(Err(stopping())), false);
+        }
+        if let NodeRequest::Stop(_) = request {
+            return reply::<call::Stop>(self.begin_stop(peer));
+        }
         let mut sealing = Vec::new();
         let mut ctx = cmd::Ctx {
             store: &mut self.store,
@@ -932,6 +990,8 @@ impl Node {
                 Ok((fields, bytes)) => (encode_ok_data(&fields, bytes), true),
                 Err(e) => reply::<call::Download>(Err(e)),
             },
+            // Answered above, before any handler's context.
+            NodeRequest::Stop(_) => (reply_frames::<()>(Err(stopping())), false),
         }
     }
 }
@@ -1037,6 +1097,15 @@ fn writes(request: &NodeRequest) -> bool {
             | NodeRequest::UploadChunk(_)
             | NodeRequest::UploadStatus(_)
             | NodeRequest::Download(_)
+            | NodeRequest::Stop(_)
+    )
+}
+
+/// The `shutting_down` error of a draining node.
+fn stopping() -> WireError {
+    WireError::new(
+        ErrorCode::ShuttingDown,
+        "this node is stopping; nothing was done: retry (a send with the same id) once it is back",
     )
 }
 

@@ -137,12 +137,18 @@ macro_rules! actions {
                 }
             }
 
-            /// The action with this wire name, if any.
+            /// An action with this wire name, if any: the first in the table when two roles
+            /// share the name (`stop`); see [`Action::from_wire_in`].
             pub fn from_wire(name: &str) -> Option<Action> {
-                match name {
-                    $($($wire => Some(Action::$variant),)*)*
-                    _ => None,
-                }
+                Action::ALL.iter().copied().find(|a| a.as_str() == name)
+            }
+
+            /// The action with this wire name that `role` serves, if any.
+            pub fn from_wire_in(name: &str, role: Role) -> Option<Action> {
+                Action::ALL
+                    .iter()
+                    .copied()
+                    .find(|a| a.as_str() == name && a.role() == role)
             }
 
             /// The server role that answers this action.
@@ -249,6 +255,8 @@ actions! {
         AckDm "ack_dm" AckDmRequest => AckDmReply,
         /// The caller's undeliverable messages, with reasons.
         DeadLetters "dead_letters" ListRequest => DeadLettersReply,
+        /// (The operator's key) drain and exit.
+        StopRegistry "stop" ListRequest => StopReply,
     }
     /// A request to a group node (PROTOCOL §6).
     Node => NodeRequest {
@@ -288,6 +296,8 @@ actions! {
         UploadStatus "upload_status" UploadStatusRequest => UploadReply,
         /// Read a range of a content; the bytes follow in a third frame (AGORA/1.1).
         Download "download" DownloadRequest => DownloadReply,
+        /// (The owner's key, or the node's own) drain, unregister and exit.
+        Stop "stop" MembershipRequest => StopReply,
     }
     /// A request to a server's plaintext key endpoint (PROTOCOL §1.1).
     KeyEndpoint => KeyRequest {
@@ -315,17 +325,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_action_has_one_wire_name_and_a_role() {
-        let mut names: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
+    fn every_action_has_one_wire_name_in_its_role() {
+        let mut names: Vec<(&str, &str)> = Action::ALL
+            .iter()
+            .map(|a| (a.role().as_str(), a.as_str()))
+            .collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), Action::ALL.len(), "wire names are unique");
+        assert_eq!(
+            names.len(),
+            Action::ALL.len(),
+            "wire names are unique in a role"
+        );
         for &a in Action::ALL {
-            assert_eq!(Action::from_wire(a.as_str()), Some(a));
+            assert_eq!(Action::from_wire_in(a.as_str(), a.role()), Some(a));
         }
         assert_eq!(Action::from_wire("nope"), None);
         assert_eq!(Action::GetMessages.role(), Role::Node);
         assert_eq!(Action::SendDm.role(), Role::Registry);
         assert_eq!(Action::ServerKey.role(), Role::KeyEndpoint);
+        assert_eq!(Action::from_wire_in("stop", Role::Node), Some(Action::Stop));
+        assert_eq!(
+            Action::from_wire_in("stop", Role::Registry),
+            Some(Action::StopRegistry)
+        );
     }
 }

@@ -96,6 +96,9 @@ pub enum ErrorCode {
     DigestMismatch,
     /// The server failed (storage); the request may be retried.
     Internal,
+    /// The server is stopping (a `stop`, or SIGTERM): nothing of the request was done; retry
+    /// it (with the same id, for a `send`) once the server is back, or at its new endpoint.
+    ShuttingDown,
     /// A code this client does not know (from a newer server).
     #[serde(other)]
     Unknown,
@@ -125,6 +128,7 @@ impl ErrorCode {
             ErrorCode::BadOffset => "bad_offset",
             ErrorCode::DigestMismatch => "digest_mismatch",
             ErrorCode::Internal => "internal",
+            ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -1301,6 +1305,14 @@ pub struct SubscribeReply {
     /// it. 0 (absent, from an older node): the node has no budget; ack on renewal only.
     #[serde(default)]
     pub budget_bytes: u64,
+}
+
+/// Reply to `stop` (node) and `stop_registry`: the server drains and exits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopReply {
+    /// Always true: the server has begun to drain. It answers `shutting_down` to requests
+    /// that arrive from now on, and exits 0 once drained.
+    pub stopping: bool,
 }
 
 /// Reply to `unsubscribe`.

@@ -69,6 +69,9 @@ pub struct Config {
     /// Where the plaintext key endpoint binds (see `agora_common::trust`); default: the bind
     /// endpoint's host and the next port (port 0 stays 0). None with `insecure`.
     pub key_bind: Option<String>,
+    /// The operator's CURVE public key: the one key whose `stop` is accepted (default none:
+    /// only SIGINT or SIGTERM stop the registry).
+    pub operator: Option<PublicKey>,
 }
 
 impl Default for Config {
@@ -88,6 +91,7 @@ impl Default for Config {
             max_mailbox: 1000,
             max_users: 100_000,
             dm_ttl: Duration::from_secs(7 * 24 * 3600),
+            operator: None,
         }
     }
 }
@@ -143,6 +147,8 @@ pub struct Registry {
     key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
     _zap: Option<Authenticator>,
+    /// Set by the operator's `stop`: the loop ends and the registry exits.
+    stopping: bool,
 }
 
 impl std::fmt::Debug for Registry {
@@ -232,6 +238,7 @@ impl Registry {
             key_service,
             limiter,
             _zap: zap,
+            stopping: false,
         })
     }
 
@@ -251,7 +258,9 @@ impl Registry {
         &self.endpoint
     }
 
-    /// Serves requests until `shutdown` is triggered.
+    /// Serves requests until `shutdown` is triggered or the operator's `stop` arrives; each
+    /// request is committed before its reply, so stopping then only refuses (with
+    /// `shutting_down`) what is already waiting.
     ///
     /// # Errors
     /// [`RegistryError::Zmq`] when the socket fails; a peer's bad request is answered and
@@ -261,7 +270,7 @@ impl Registry {
         let mut batch = Vec::new();
         let mut next_sweep = Instant::now();
         let poll_ms = i32::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
-        while !shutdown.is_triggered() {
+        while !shutdown.is_triggered() && !self.stopping {
             recv_batch_wait(&self.socket, 256, &mut batch, poll_ms)?;
             for frames in batch.drain(..) {
                 self.serve_one(frames)?;
@@ -284,6 +293,17 @@ impl Registry {
                     tracing::info!(group = %name, "group expired: no heartbeat within TTL");
                 }
                 next_sweep = Instant::now() + self.config.heartbeat / 2;
+            }
+        }
+        // Whatever is waiting gets `shutting_down` rather than silence.
+        agora_common::server::recv_batch(&self.socket, 256, &mut batch)?;
+        for frames in batch.drain(..) {
+            if let Ok(incoming) = Incoming::<RegistryRequest>::from_received(frames) {
+                send_reply(
+                    &self.socket,
+                    incoming.envelope,
+                    reply_frames::<()>(Err(stopping())),
+                )?;
             }
         }
         tracing::info!("registry stopped");
@@ -320,6 +340,11 @@ impl Registry {
         }
         let reply = match incoming.request {
             _ if limited.is_some() => limited.unwrap_or_default(),
+            // After a `stop` in the same batch: nothing more is done.
+            Ok(_) if self.stopping => reply_frames::<()>(Err(stopping())),
+            Ok(RegistryRequest::StopRegistry(_)) => {
+                answer::<call::StopRegistry>(self.begin_stop(incoming.peer))
+            }
             Ok(request) => self.dispatch(request, incoming.peer, Timestamp::now()),
             Err(e) => {
                 tracing::warn!(error = %e, "rejected request");
@@ -356,6 +381,27 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// `stop`: accepted from the operator's key only.
+    ///
+    /// # Errors
+    /// `forbidden` for any other key, with no `--operator`, or on an `--insecure` registry.
+    fn begin_stop(
+        &mut self,
+        peer: Option<PublicKey>,
+    ) -> Result<agora_proto::wire::StopReply, agora_proto::wire::WireError> {
+        match (peer, self.config.operator) {
+            (Some(peer), Some(operator)) if peer == operator => {
+                tracing::info!(by = %peer, "stop requested");
+                self.stopping = true;
+                Ok(agora_proto::wire::StopReply { stopping: true })
+            }
+            _ => Err(agora_proto::wire::WireError::new(
+                agora_proto::wire::ErrorCode::Forbidden,
+                "only the operator's key (--operator) may stop the registry",
+            )),
+        }
     }
 
     fn dispatch(
@@ -421,6 +467,8 @@ impl Registry {
                 peer,
                 r,
             )),
+            // Answered in `serve_one`, which may end the loop.
+            RegistryRequest::StopRegistry(_) => reply_frames::<()>(Err(stopping())),
             RegistryRequest::DeadLetters(_) => answer::<call::DeadLetters>(cmd::dm::dead_letters(
                 self.users.as_ref(),
                 self.mailboxes.as_mut(),
@@ -452,4 +500,12 @@ impl Registry {
             )),
         }
     }
+}
+
+/// The `shutting_down` error of a stopping registry.
+fn stopping() -> agora_proto::wire::WireError {
+    agora_proto::wire::WireError::new(
+        agora_proto::wire::ErrorCode::ShuttingDown,
+        "the registry is stopping; nothing was done: retry once it is back",
+    )
 }

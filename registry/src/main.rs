@@ -58,6 +58,11 @@ struct Args {
     /// Requests a peer may send at once after being idle.
     #[arg(long, env = "AGORA_RATE_BURST", default_value_t = 4_000.0)]
     rate_burst: f64,
+    /// The operator's CURVE public key (40 Z85 characters): the one key whose `stop`
+    /// (`user-cli admin stop-registry`) is accepted. Without it only SIGINT or SIGTERM stop
+    /// the registry.
+    #[arg(long, env = "AGORA_OPERATOR", allow_hyphen_values = true)]
+    operator: Option<agora_common::keys::PublicKey>,
     /// This registry's name in its beacon, by which clients choose among several
     /// (`--registry-name`); 1 to 64 bytes.
     #[arg(long, env = "AGORA_REGISTRY_NAME", default_value = "agora", value_parser = registry_name)]
@@ -142,6 +147,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_mailbox: args.max_mailbox,
         max_users: args.max_users,
         dm_ttl: args.dm_ttl,
+        operator: args.operator,
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;

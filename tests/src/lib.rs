@@ -145,6 +145,17 @@ impl Server {
         }
     }
 
+    /// Waits up to `timeout` for the server to exit by itself (after a `stop`, say); its
+    /// status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_for(timeout, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+
     /// SIGKILL, as `kill -9`, and reap.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -218,6 +218,11 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<KeysAction>,
     },
+    /// Operators' commands.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Forget the registry key pinned for --registry (after its operator changed it).
     #[command(name = "forget-registry", alias = "forget_registry")]
     ForgetRegistry,
@@ -288,6 +293,20 @@ impl From<HistorySelector> for HistoryArgs {
 }
 
 /// `keys` subcommands.
+/// `admin` subcommands: for the operator's key only.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum AdminAction {
+    /// Stop a group's node: it answers `shutting_down` to new requests, acks what it already
+    /// committed, unregisters and exits (needs the group owner's key or the node's own).
+    Stop {
+        /// The group: its name or IP:PORT.
+        group: String,
+    },
+    /// Stop the registry (needs the key it was started with as --operator).
+    #[command(name = "stop-registry", alias = "stop_registry")]
+    StopRegistry,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysAction {
     /// Write your key pair as PATH (public certificate) and PATH_secret (mode 0600).
@@ -524,6 +543,12 @@ pub fn run(
         Command::Connect { away: true, .. } | Command::Away => app.connect(Presence::Away, out)?,
         Command::Disconnect { .. } => app.disconnect(out)?,
         Command::Exit => return Ok(Step::Exit),
+        Command::Admin {
+            action: AdminAction::Stop { group },
+        } => app.admin_stop(&group, out)?,
+        Command::Admin {
+            action: AdminAction::StopRegistry,
+        } => app.admin_stop_registry(out)?,
         Command::Watch { .. }
         | Command::Keys { .. }
         | Command::ForgetRegistry

@@ -208,6 +208,9 @@ pub enum Item<'a> {
     NoGroupsJoined,
     /// `check`: how many direct messages it showed.
     DmsShown(u64),
+    /// `admin stop`, `admin stop-registry`: the server (a group, or "the registry") drains
+    /// and exits.
+    Stopping(&'a str),
     /// `subscribe` (`on`) and `unsubscribe`.
     Following {
         /// The group.
@@ -297,6 +300,7 @@ fn human(item: &Item<'_>) -> Option<String> {
         Item::Unread { group, count } => format!("{group}: {count} unread"),
         Item::NoGroupsJoined => "no groups joined yet".into(),
         Item::DmsShown(n) => format!("direct messages: {n} new"),
+        Item::Stopping(what) => format!("{what} is stopping: it drains and exits"),
         Item::Following { group, on: true } => format!("subscribed to {group}"),
         Item::Following { group, on: false } => format!("unsubscribed from {group}"),
         Item::Policy { group, what, reply } if reply.changed => format!("{group}: done ({what})"),
@@ -358,6 +362,7 @@ fn json(item: &Item<'_>) -> Option<String> {
         Item::DmSent { ack, .. } => json_line(ack),
         Item::DeadLetter(l) => json_line(l),
         Item::User(u) | Item::Whois(u) => json_line(u),
+        Item::Stopping(what) => json_line(&serde_json::json!({"stopping": what})),
         Item::FileSaved { path, attachment } => json_line(
             &serde_json::json!({"saved": path.display().to_string(), "attachment": attachment}),
         ),

@@ -186,6 +186,16 @@ impl App {
         }
     }
 
+    /// `admin stop-registry`: the registry stops.
+    ///
+    /// # Errors
+    /// `forbidden` unless this is the key the registry names as `--operator`.
+    pub fn admin_stop_registry(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
+        self.registry.stop().map_err(|e| self.registry_error(e))?;
+        out.emit(Item::Stopping("the registry"))?;
+        Ok(())
+    }
+
     /// `dead_letters`: your messages that could not be delivered, with the reasons.
     ///
     /// # Errors

@@ -72,6 +72,17 @@ impl App {
         Ok(())
     }
 
+    /// `admin stop GROUP`: the node drains, unregisters and exits.
+    ///
+    /// # Errors
+    /// `forbidden` for a key that is neither the owner's nor the node's; resolution or node
+    /// failures.
+    pub fn admin_stop(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
+        self.on_node(target, GroupClient::stop)?;
+        out.emit(Item::Stopping(target))?;
+        Ok(())
+    }
+
     /// `members`.
     ///
     /// # Errors
