@@ -186,3 +186,52 @@ pub fn latency(count: u64, bytes: usize) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A broadcast from the operator to `accounts` accounts, each registered with its own key:
+/// the time to store every copy (one transaction, one commit), as recipients per second;
+/// then the same broadcast again, which must store nothing twice.
+pub fn broadcast(accounts: u64, bytes: usize) -> anyhow::Result<()> {
+    let ctx = zmq::Context::new();
+    let operator = Keypair::generate()?;
+    let max = (accounts + 10).to_string();
+    let reg = start_registry(&[
+        "--operator",
+        &operator.public.to_string(),
+        "--max-users",
+        &max,
+    ])?;
+    for n in 0..accounts {
+        user(&ctx, &reg, &format!("user-{n}"))?;
+    }
+    let options = ClientOptions {
+        timeout: Duration::from_secs(60),
+        attempts: 1,
+    };
+    let mut op = RegistryClient::new(&ctx, &reg.endpoint, options).with_curve(ClientCurve {
+        keypair: operator,
+        server_key: reg.key,
+    });
+    op.user_register(&UserName::new("operator")?)?;
+    let id = MessageId::new_v7();
+    let started = Instant::now();
+    let reply = op.broadcast(body(0, bytes), id)?;
+    let took = started.elapsed();
+    if reply.stored != accounts || !reply.undelivered.is_empty() {
+        bail!(
+            "the broadcast stored {} of {accounts} copies ({} undelivered)",
+            reply.stored,
+            reply.undelivered.len()
+        );
+    }
+    let again = op.broadcast(body(0, bytes), id)?;
+    if again.stored != 0 || again.duplicates != accounts {
+        bail!("the retried broadcast stored {} copies again", again.stored);
+    }
+    println!(
+        "{:<52} {:>10.0} /s ({:.0} ms)",
+        format!("broadcast to {accounts} accounts, recipients"),
+        accounts as f64 / took.as_secs_f64(),
+        took.as_secs_f64() * 1e3
+    );
+    Ok(())
+}

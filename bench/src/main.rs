@@ -65,7 +65,8 @@ struct Args {
     /// at 4096).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     file_mib: u64,
-    /// Also the direct-message measures (Agora only; over CURVE).
+    /// Also the direct-message measures (Agora only; over CURVE): stored and pushed DMs, and
+    /// a broadcast to 10,000 accounts (200 with --quick) in recipients per second.
     #[arg(long)]
     dm: bool,
     /// Internal: be the libzmq REP echo server of the transport floor.
@@ -249,6 +250,7 @@ fn main() -> anyhow::Result<()> {
     if args.dm {
         dm::stored(bench.sizes.lookups, bytes)?;
         dm::latency(bench.sizes.fanout_latency, bytes)?;
+        dm::broadcast(bench.sizes.registry_groups, bytes)?;
     }
 
     println!("{}", heading(&args, &bench, &pinning));

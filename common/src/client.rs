@@ -347,6 +347,41 @@ impl RegistryClient {
             })
     }
 
+    /// One direct message to several users, a copy in each mailbox (PROTOCOL §4.6); the
+    /// same `id` again stores no copy twice.
+    ///
+    /// # Errors
+    /// `invalid_field` (no recipient, or over 1,000), `too_large`, `id_conflict`; see
+    /// [`ReqClient::call`]. Recipients that do not exist or whose mailbox is full are in the
+    /// reply's `undelivered` (and the sender's dead letters), not errors.
+    pub fn multicast(
+        &mut self,
+        to: Vec<UserName>,
+        body: Box<serde_json::value::RawValue>,
+        id: MessageId,
+    ) -> Result<agora_proto::wire::MulticastReply, ClientError> {
+        self.req
+            .call::<call::Multicast>(&agora_proto::wire::MulticastRequest {
+                to,
+                body,
+                id: Some(id),
+            })
+    }
+
+    /// One direct message to every account but the sender's (the operator and admins
+    /// only); the same `id` again stores no copy twice.
+    ///
+    /// # Errors
+    /// `forbidden`, `too_large`, `id_conflict`; see [`ReqClient::call`].
+    pub fn broadcast(
+        &mut self,
+        body: Box<serde_json::value::RawValue>,
+        id: MessageId,
+    ) -> Result<agora_proto::wire::MulticastReply, ClientError> {
+        self.req
+            .call::<call::Broadcast>(&agora_proto::wire::BroadcastRequest { body, id: Some(id) })
+    }
+
     /// This client's mailbox after number `after_n`.
     ///
     /// # Errors

@@ -257,6 +257,10 @@ actions! {
         DeadLetters "dead_letters" ListRequest => DeadLettersReply,
         /// (The operator's key) drain and exit.
         StopRegistry "stop" ListRequest => StopReply,
+        /// One direct message to several users, a copy in each mailbox.
+        Multicast "multicast" MulticastRequest => MulticastReply,
+        /// (The operator and admins) one direct message to every account.
+        Broadcast "broadcast" BroadcastRequest => MulticastReply,
     }
     /// A request to a group node (PROTOCOL §6).
     Node => NodeRequest {

@@ -444,6 +444,8 @@ mod tests {
             r#"{"action":"upload_chunk","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","offset":0}"#,
             r#"{"action":"upload_status","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}"#,
             r#"{"action":"download","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","offset":0}"#,
+            r#"{"action":"multicast","to":["bob","carol"],"body":"hi"}"#,
+            r#"{"action":"broadcast","body":"hi all"}"#,
             // The node's `stop` and the registry's: one wire name in two roles.
             r#"{"action":"stop","user":"a"}"#,
         ];

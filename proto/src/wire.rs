@@ -847,6 +847,57 @@ pub struct DmAck {
     pub duplicate: bool,
 }
 
+/// Most recipients of one `multicast` (1,000).
+pub const MAX_MULTICAST_RECIPIENTS: usize = 1000;
+
+/// `multicast`: one direct message to several users, a copy in each one's mailbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MulticastRequest {
+    /// The recipients: 1 to [`MAX_MULTICAST_RECIPIENTS`] names (a name given twice gets one
+    /// copy).
+    pub to: Vec<UserName>,
+    /// Any JSON value, at most the registry's DM size limit (32 KiB of JSON text).
+    pub body: Box<RawValue>,
+    /// A client-chosen id: a retry with the same id stores no copy twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+}
+
+/// `broadcast`: one direct message to every account but the sender's (the registry's
+/// operator and admins only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BroadcastRequest {
+    /// Any JSON value, at most the registry's DM size limit (32 KiB of JSON text).
+    pub body: Box<RawValue>,
+    /// A client-chosen id: a retry with the same id stores no copy twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<MessageId>,
+}
+
+/// A recipient a `multicast` or `broadcast` copy did not reach (also in the sender's dead
+/// letters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Undelivered {
+    /// The recipient's name.
+    pub to: String,
+    /// Why: `unknown_user` or `limit_reached` (a full mailbox).
+    pub reason: ErrorCode,
+}
+
+/// Reply to `multicast` and `broadcast`: every copy that could be stored is committed, in
+/// one transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MulticastReply {
+    /// The message's id (the request's, or one the registry chose).
+    pub id: MessageId,
+    /// Copies stored now.
+    pub stored: u64,
+    /// Copies stored by an earlier try of the same id.
+    pub duplicates: u64,
+    /// Copies that could not be stored, with the reason.
+    pub undelivered: Vec<Undelivered>,
+}
+
 /// `mailbox`: the caller's messages after number `after_n` (default 0: all not yet acked).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailboxRequest {

@@ -72,6 +72,8 @@ pub struct Config {
     /// The operator's CURVE public key: the one key whose `stop` is accepted (default none:
     /// only SIGINT or SIGTERM stop the registry).
     pub operator: Option<PublicKey>,
+    /// Accounts that may `broadcast` besides the operator (default none).
+    pub admins: Vec<agora_proto::wire::UserName>,
 }
 
 impl Default for Config {
@@ -92,6 +94,7 @@ impl Default for Config {
             max_users: 100_000,
             dm_ttl: Duration::from_secs(7 * 24 * 3600),
             operator: None,
+            admins: Vec::new(),
         }
     }
 }
@@ -383,6 +386,31 @@ impl Registry {
         Ok(())
     }
 
+    /// `multicast` and `broadcast` ([`cmd::dm::fan_out`]); the stored copies are pushed to
+    /// their recipients' live connections once the reply is sent.
+    fn fan_out(
+        &mut self,
+        request: cmd::dm::FanOutRequest,
+        peer: Option<PublicKey>,
+        now: Timestamp,
+    ) -> Result<agora_proto::wire::MulticastReply, agora_proto::wire::WireError> {
+        let rules = cmd::dm::FanOut {
+            operator: self.config.operator,
+            admins: &self.config.admins,
+            max: self.config.max_mailbox,
+        };
+        let (reply, push) = cmd::dm::fan_out(
+            self.users.as_ref(),
+            self.mailboxes.as_mut(),
+            peer,
+            request,
+            now,
+            rules,
+        )?;
+        self.pending_push.extend(push);
+        Ok(reply)
+    }
+
     /// `stop`: accepted from the operator's key only.
     ///
     /// # Errors
@@ -455,6 +483,16 @@ impl Registry {
                     ack
                 }))
             }
+            RegistryRequest::Multicast(r) => answer::<call::Multicast>(self.fan_out(
+                cmd::dm::FanOutRequest::Multicast(r),
+                peer,
+                now,
+            )),
+            RegistryRequest::Broadcast(r) => answer::<call::Broadcast>(self.fan_out(
+                cmd::dm::FanOutRequest::Broadcast(r),
+                peer,
+                now,
+            )),
             RegistryRequest::Mailbox(r) => answer::<call::Mailbox>(cmd::dm::mailbox(
                 self.users.as_ref(),
                 self.mailboxes.as_mut(),

@@ -49,6 +49,71 @@ pub struct Mailboxes {
     clock: MonotonicClock,
 }
 
+/// What became of one copy of a multicast ([`Mailboxes::store_many`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Copy {
+    /// In the recipient's mailbox (now, or by an earlier try when `duplicate`).
+    Stored {
+        /// The recipient's key.
+        recipient: PublicKey,
+        /// Its number in that mailbox.
+        n: u64,
+        /// The copy's id.
+        id: MessageId,
+        /// When it was stored.
+        time: Timestamp,
+        /// Stored by an earlier try of the same id.
+        duplicate: bool,
+    },
+    /// The recipient (by name) has a full mailbox: dead-lettered.
+    Full(UserName),
+}
+
+/// The id of the copy of message `id` for `recipient`: the first 16 bytes of
+/// SHA-256(`agora/copy` ‖ id ‖ recipient key), as a UUIDv8 (RFC 9562 §5.8). The same
+/// message and recipient always give the same id, so a retried multicast stores no copy
+/// twice.
+pub fn copy_id(id: &MessageId, recipient: &PublicKey) -> MessageId {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"agora/copy");
+    h.update(id.as_bytes());
+    h.update(recipient.as_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    MessageId::from_bytes(bytes)
+}
+
+/// Records one dead letter from `sender_key` (Z85) to `to` on `conn` (or a transaction).
+fn dead_letter(
+    conn: &Connection,
+    sender_key: &str,
+    to: &str,
+    reason: &str,
+    body: &RawValue,
+    now: Timestamp,
+) -> Result<(), OwnersError> {
+    let next: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(n), 0) + 1 FROM dead_letters WHERE sender_key = ?1",
+        [sender_key],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "INSERT INTO dead_letters (sender_key, n, time_us, recipient, reason, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![sender_key, next, now.as_micros(), to, reason, body.get()],
+    )?;
+    // Bounded: a sender keeps its newest MAX_DEAD_LETTERS.
+    conn.execute(
+        "DELETE FROM dead_letters WHERE sender_key = ?1 AND n <= ?2",
+        params![sender_key, next - MAX_DEAD_LETTERS],
+    )?;
+    Ok(())
+}
+
 /// Dead letters kept per sender: the newest 1,000.
 pub const MAX_DEAD_LETTERS: i64 = 1000;
 
@@ -185,6 +250,109 @@ impl Mailboxes {
         Ok((u64::try_from(next).unwrap_or(0), id, time, false))
     }
 
+    /// Stores one message's copies, one per recipient (each with its own id: see
+    /// [`copy_id`]), at most `max` waiting in each mailbox, and dead-letters the recipients
+    /// in `unknown` (reason `unknown_user`) and those whose mailbox is full (`mailbox_full`):
+    /// all in one transaction, so a broadcast to thousands costs one commit. A copy whose id
+    /// is already stored with the same sender and body is a duplicate (a retry).
+    ///
+    /// # Errors
+    /// [`MailboxError::IdConflict`] when a copy's id holds another message (nothing is
+    /// stored); [`MailboxError::Store`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn store_many(
+        &mut self,
+        copies: &[(PublicKey, UserName, MessageId)],
+        unknown: &[String],
+        sender: &UserName,
+        sender_key: &PublicKey,
+        body: &RawValue,
+        now: Timestamp,
+        max: u64,
+    ) -> Result<Vec<Copy>, MailboxError> {
+        let from = sender_key.to_string();
+        let mut clock = self.clock;
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(copies.len());
+        let mut dead: Vec<(&str, &str)> = unknown
+            .iter()
+            .map(|n| (n.as_str(), "unknown_user"))
+            .collect();
+        {
+            let mut by_id = tx.prepare_cached(
+                "SELECT n, time_us, recipient, sender_key, body FROM mailbox WHERE id = ?1",
+            )?;
+            let mut waiting = tx.prepare_cached(
+                "SELECT COUNT(*) FROM mailbox WHERE recipient = ?1 AND acked = 0",
+            )?;
+            let mut next_n =
+                tx.prepare_cached("SELECT next_n FROM mailbox_next WHERE recipient = ?1")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO mailbox (recipient, n, id, sender, sender_key, time_us, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut bump = tx.prepare_cached(
+                "INSERT INTO mailbox_next (recipient, next_n) VALUES (?1, ?2)
+                 ON CONFLICT (recipient) DO UPDATE SET next_n = excluded.next_n",
+            )?;
+            for (recipient, name, id) in copies {
+                let to = recipient.to_string();
+                let found: Option<(i64, i64, String, String, String)> = by_id
+                    .query_row([id.as_bytes().as_slice()], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()?;
+                if let Some((n, t, r, k, b)) = found {
+                    if r == to && k == from && b == body.get() {
+                        out.push(Copy::Stored {
+                            recipient: *recipient,
+                            n: u64::try_from(n).unwrap_or(0),
+                            id: *id,
+                            time: Timestamp::from_micros(t),
+                            duplicate: true,
+                        });
+                        continue;
+                    }
+                    return Err(MailboxError::IdConflict(*id));
+                }
+                let held: i64 = waiting.query_row([&to], |r| r.get(0))?;
+                if u64::try_from(held).unwrap_or(u64::MAX) >= max {
+                    out.push(Copy::Full(name.clone()));
+                    dead.push((name.as_str(), "mailbox_full"));
+                    continue;
+                }
+                let next: i64 = next_n
+                    .query_row([&to], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(1);
+                let time = clock.tick(now);
+                insert.execute(params![
+                    to,
+                    next,
+                    id.as_bytes().as_slice(),
+                    sender.as_str(),
+                    from,
+                    time.as_micros(),
+                    body.get()
+                ])?;
+                bump.execute(params![to, next + 1])?;
+                out.push(Copy::Stored {
+                    recipient: *recipient,
+                    n: u64::try_from(next).unwrap_or(0),
+                    id: *id,
+                    time,
+                    duplicate: false,
+                });
+            }
+        }
+        for (to, reason) in dead {
+            dead_letter(&tx, &from, to, reason, body, now)?;
+        }
+        tx.commit()?;
+        self.clock = clock;
+        Ok(out)
+    }
+
     /// `recipient`'s messages numbered after `after`, at most `limit`, and whether more
     /// follow.
     ///
@@ -316,23 +484,7 @@ impl Mailboxes {
         body: &RawValue,
         now: Timestamp,
     ) -> Result<(), OwnersError> {
-        let key = sender_key.to_string();
-        let next: i64 = self.conn.query_row(
-            "SELECT COALESCE(MAX(n), 0) + 1 FROM dead_letters WHERE sender_key = ?1",
-            [&key],
-            |r| r.get(0),
-        )?;
-        self.conn.execute(
-            "INSERT INTO dead_letters (sender_key, n, time_us, recipient, reason, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![key, next, now.as_micros(), to, reason, body.get()],
-        )?;
-        // Bounded: a sender keeps its newest MAX_DEAD_LETTERS.
-        self.conn.execute(
-            "DELETE FROM dead_letters WHERE sender_key = ?1 AND n <= ?2",
-            params![key, next - MAX_DEAD_LETTERS],
-        )?;
-        Ok(())
+        dead_letter(&self.conn, &sender_key.to_string(), to, reason, body, now)
     }
 
     /// `sender_key`'s dead letters, oldest first.
@@ -375,6 +527,85 @@ mod tests {
 
     fn key(b: u8) -> PublicKey {
         PublicKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn a_multicast_retried_stores_no_copy_twice_and_full_mailboxes_are_dead_lettered() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut m = Mailboxes::open(dir.path()).expect("open");
+        let body = RawValue::from_string("\"hi all\"".into()).expect("json");
+        let name = |s: &str| UserName::new(s).expect("name");
+        let id = MessageId::new_v7();
+        let copies: Vec<(PublicKey, UserName, MessageId)> = (2..5)
+            .map(|b| (key(b), name(&format!("u{b}")), copy_id(&id, &key(b))))
+            .collect();
+        // u4's mailbox already holds its maximum (1 here).
+        m.store(
+            &key(4),
+            &name("x"),
+            &key(9),
+            None,
+            &body,
+            Timestamp::from_micros(1),
+            1,
+        )
+        .expect("fill u4");
+        let unknown = vec!["nobody".to_owned()];
+        let store = |m: &mut Mailboxes| {
+            m.store_many(
+                &copies,
+                &unknown,
+                &name("alice"),
+                &key(1),
+                &body,
+                Timestamp::from_micros(2),
+                1,
+            )
+            .expect("store_many")
+        };
+        let first = store(&mut m);
+        let stored = |copies: &[Copy], dup: bool| {
+            copies
+                .iter()
+                .filter(|c| matches!(c, Copy::Stored { duplicate, .. } if *duplicate == dup))
+                .count()
+        };
+        assert_eq!((stored(&first, false), stored(&first, true)), (2, 0));
+        assert!(first.contains(&Copy::Full(name("u4"))));
+        // The same message again: the two copies are duplicates, nothing new is stored.
+        let again = store(&mut m);
+        assert_eq!((stored(&again, false), stored(&again, true)), (0, 2));
+        assert_eq!(m.fetch(&key(2), 0, 10).expect("u2").0.len(), 1);
+        // The same id with another body is refused whole.
+        let other = RawValue::from_string("\"changed\"".into()).expect("json");
+        assert!(matches!(
+            m.store_many(
+                &copies,
+                &[],
+                &name("alice"),
+                &key(1),
+                &other,
+                Timestamp::from_micros(3),
+                10
+            ),
+            Err(MailboxError::IdConflict(_))
+        ));
+        // Dead letters: the unknown name and the full mailbox, each try.
+        let reasons: Vec<(String, String)> = m
+            .dead_letters(&key(1))
+            .expect("dead")
+            .into_iter()
+            .map(|d| (d.to, d.reason))
+            .collect();
+        assert!(
+            reasons.contains(&("nobody".into(), "unknown_user".into())),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&("u4".into(), "mailbox_full".into())),
+            "{reasons:?}"
+        );
+        assert_ne!(copy_id(&id, &key(2)), copy_id(&id, &key(3)));
     }
 
     #[test]

@@ -63,6 +63,10 @@ struct Args {
     /// the registry.
     #[arg(long, env = "AGORA_OPERATOR", allow_hyphen_values = true)]
     operator: Option<agora_common::keys::PublicKey>,
+    /// Accounts that may `broadcast` to every user besides the operator (comma-separated
+    /// names, or the flag repeated).
+    #[arg(long = "admin", env = "AGORA_ADMINS", value_delimiter = ',')]
+    admins: Vec<agora_proto::wire::UserName>,
     /// This registry's name in its beacon, by which clients choose among several
     /// (`--registry-name`); 1 to 64 bytes.
     #[arg(long, env = "AGORA_REGISTRY_NAME", default_value = "agora", value_parser = registry_name)]
@@ -148,6 +152,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_users: args.max_users,
         dm_ttl: args.dm_ttl,
         operator: args.operator,
+        admins: args.admins,
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;

@@ -167,3 +167,94 @@ fn connect_in_a_script_shows_the_waiting_messages_once() {
     assert!(!again.stdout.contains("MESSAGE"), "{again:?}");
     assert!(again.stdout.contains("no messages waiting"), "{again:?}");
 }
+
+#[test]
+fn multicast_and_broadcast_put_one_copy_in_each_mailbox_and_push_to_who_is_online() {
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(20);
+    // carol is an admin by name; the operator is dave's key.
+    let dave = agora_common::keys::Keypair::generate().expect("key pair");
+    let fed = Federation::start_with(
+        "200ms",
+        &["--operator", &dave.public.to_string(), "--admin", "carol"],
+    );
+    dave.save(&std::path::Path::new(&fed.key_dir()).join("dave.key"))
+        .expect("save dave's key");
+    let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        ok(fed.cli(user, &["register", user], ""));
+    }
+    // bob is online with a live client; the others are not.
+    fed.join_when_listed("bob", "Cool Group");
+    let mut watch = fed.spawn_cli("bob", &["watch", "Cool Group"]);
+    assert!(watch.wait_stderr("watching", WAIT));
+    assert!(agora_tests::wait_for(WAIT, || {
+        fed.cli("alice", &["whois", "bob"], "")
+            .stdout
+            .contains("bob\tonline")
+    }));
+
+    // Multicast: a copy each, a name twice gets one, an unknown name is reported and
+    // dead-lettered.
+    let sent = ok(fed.cli(
+        "alice",
+        &["multicast", "bob,erin,bob,zed", "lunch", "at", "noon"],
+        "",
+    ));
+    assert!(
+        sent.stdout
+            .contains("sent to 2 users; not delivered (in your dead letters): zed (unknown_user)"),
+        "{sent:?}"
+    );
+    assert!(
+        watch.wait_lines(WAIT, |lines| lines.iter().any(|l| l
+            .starts_with("MESSAGE 1 FROM alice [")
+            && l.ends_with(": lunch at noon"))),
+        "bob got it pushed: {:?}",
+        watch.lines
+    );
+    let erin = ok(fed.cli("erin", &["check"], ""));
+    assert!(erin.stdout.contains(": lunch at noon"), "{erin:?}");
+    let dead = ok(fed.cli("alice", &["dead_letters"], ""));
+    assert!(
+        dead.stdout.contains("zed") && dead.stdout.contains("unknown_user"),
+        "{dead:?}"
+    );
+
+    // Broadcast: refused to a plain user, taken from an admin and from the operator's key,
+    // one copy per account but the sender's.
+    let refused = fed.cli("alice", &["broadcast", "hello", "all"], "");
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("forbidden"), "{refused:?}");
+    let from_admin = ok(fed.cli(
+        "carol",
+        &["--json", "broadcast", "maintenance", "at", "six"],
+        "",
+    ));
+    let reply: serde_json::Value =
+        serde_json::from_str(from_admin.stdout.trim()).expect("one JSON reply");
+    assert_eq!(reply["stored"], 4, "{reply}");
+    assert_eq!(reply["undelivered"], serde_json::json!([]), "{reply}");
+    ok(fed.cli("dave", &["broadcast", "from", "the", "operator"], ""));
+    for user in ["alice", "erin", "dave"] {
+        let run = ok(fed.cli(user, &["--json", "check"], ""));
+        let texts: Vec<String> = run
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["body"].as_str().map(str::to_owned))
+            .collect();
+        let want: &[&str] = match user {
+            "alice" => &["maintenance at six", "from the operator"],
+            "erin" => &["maintenance at six", "from the operator"],
+            _ => &["maintenance at six"],
+        };
+        for text in want {
+            assert_eq!(
+                texts.iter().filter(|t| t == text).count(),
+                1,
+                "{user} has {text:?} once: {texts:?}"
+            );
+        }
+    }
+}

@@ -193,6 +193,21 @@ pub enum Command {
         #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
         text: Vec<String>,
     },
+    /// Send one direct message to several users (a copy in each mailbox); those it cannot
+    /// reach are listed, and in your dead letters.
+    Multicast {
+        /// The recipients, comma-separated (alice,bob).
+        to: Recipients,
+        /// The text (words are joined by spaces).
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        text: Vec<String>,
+    },
+    /// Send one direct message to every user (the registry's operator and admins only).
+    Broadcast {
+        /// The text (words are joined by spaces).
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        text: Vec<String>,
+    },
     /// Your messages that could not be delivered, with the reasons.
     #[command(name = "dead_letters", alias = "dead-letters")]
     DeadLetters,
@@ -293,6 +308,21 @@ impl From<HistorySelector> for HistoryArgs {
 }
 
 /// `keys` subcommands.
+/// `multicast`'s recipients: user names separated by commas (`alice,bob`), each checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipients(pub Vec<UserName>);
+
+impl std::str::FromStr for Recipients {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Recipients, String> {
+        s.split(',')
+            .map(|name| UserName::new(name.trim()).map_err(|e| format!("{name:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Recipients)
+    }
+}
+
 /// `admin` subcommands: for the operator's key only.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum AdminAction {
@@ -539,6 +569,10 @@ pub fn run(
             app.send_dm(to.as_str(), json_string(&text.join(" ")), out)?
         }
         Command::DeadLetters => app.dead_letters(out)?,
+        Command::Multicast { to, text } => {
+            app.fan_out(Some(to.0), json_string(&text.join(" ")), out)?
+        }
+        Command::Broadcast { text } => app.fan_out(None, json_string(&text.join(" ")), out)?,
         Command::Connect { away: false, .. } => app.connect(Presence::Online, out)?,
         Command::Connect { away: true, .. } | Command::Away => app.connect(Presence::Away, out)?,
         Command::Disconnect { .. } => app.disconnect(out)?,

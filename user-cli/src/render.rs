@@ -208,6 +208,8 @@ pub enum Item<'a> {
     NoGroupsJoined,
     /// `check`: how many direct messages it showed.
     DmsShown(u64),
+    /// `multicast`, `broadcast`: copies stored, and recipients not reached.
+    FannedOut(&'a agora_proto::wire::MulticastReply),
     /// `admin stop`, `admin stop-registry`: the server (a group, or "the registry") drains
     /// and exits.
     Stopping(&'a str),
@@ -300,6 +302,24 @@ fn human(item: &Item<'_>) -> Option<String> {
         Item::Unread { group, count } => format!("{group}: {count} unread"),
         Item::NoGroupsJoined => "no groups joined yet".into(),
         Item::DmsShown(n) => format!("direct messages: {n} new"),
+        Item::FannedOut(r) => {
+            let mut line = format!("sent to {} users", r.stored + r.duplicates);
+            if r.duplicates > 0 {
+                line.push_str(&format!(" ({} had it already)", r.duplicates));
+            }
+            if !r.undelivered.is_empty() {
+                let missed: Vec<String> = r
+                    .undelivered
+                    .iter()
+                    .map(|u| format!("{} ({})", u.to, u.reason))
+                    .collect();
+                line.push_str(&format!(
+                    "; not delivered (in your dead letters): {}",
+                    missed.join(", ")
+                ));
+            }
+            line
+        }
         Item::Stopping(what) => format!("{what} is stopping: it drains and exits"),
         Item::Following { group, on: true } => format!("subscribed to {group}"),
         Item::Following { group, on: false } => format!("unsubscribed from {group}"),
@@ -363,6 +383,7 @@ fn json(item: &Item<'_>) -> Option<String> {
         Item::DeadLetter(l) => json_line(l),
         Item::User(u) | Item::Whois(u) => json_line(u),
         Item::Stopping(what) => json_line(&serde_json::json!({"stopping": what})),
+        Item::FannedOut(r) => json_line(r),
         Item::FileSaved { path, attachment } => json_line(
             &serde_json::json!({"saved": path.display().to_string(), "attachment": attachment}),
         ),

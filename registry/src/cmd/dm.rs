@@ -7,13 +7,15 @@
 use std::time::Instant;
 
 use agora_common::keys::PublicKey;
+use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    AckDmReply, AckDmRequest, DeadLettersReply, Dm, DmAck, ErrorCode, MailboxReply, MailboxRequest,
-    SendDmRequest, WireError, MAX_PAGE_LIMIT,
+    AckDmReply, AckDmRequest, BroadcastRequest, DeadLettersReply, Dm, DmAck, ErrorCode,
+    MailboxReply, MailboxRequest, MulticastReply, MulticastRequest, SendDmRequest, Undelivered,
+    UserEntry, UserName, WireError, MAX_MULTICAST_RECIPIENTS, MAX_PAGE_LIMIT,
 };
 
-use crate::mailbox::{MailboxError, Mailboxes};
+use crate::mailbox::{Copy, MailboxError, Mailboxes};
 use crate::owners::OwnersError;
 use crate::presence::Sessions;
 use crate::users::Users;
@@ -180,4 +182,164 @@ pub fn dead_letters(
     Ok(DeadLettersReply {
         letters: mailboxes.dead_letters(&key).map_err(internal)?,
     })
+}
+
+/// Who may `broadcast`, and how full a mailbox may get.
+#[derive(Debug, Clone, Copy)]
+pub struct FanOut<'a> {
+    /// The operator's key (`--operator`).
+    pub operator: Option<PublicKey>,
+    /// Accounts the operator names as admins (`--admin`).
+    pub admins: &'a [UserName],
+    /// Messages waiting per mailbox at most (`--max-mailbox`).
+    pub max: u64,
+}
+
+/// What a fan-out asks for: its recipients, body and id.
+#[derive(Debug)]
+pub enum FanOutRequest {
+    /// `multicast` to these names.
+    Multicast(MulticastRequest),
+    /// `broadcast` to every account but the sender's.
+    Broadcast(BroadcastRequest),
+}
+
+/// `multicast` and `broadcast`: a copy of one message in each recipient's mailbox, all in
+/// one transaction (one commit however many recipients); recipients that do not exist or
+/// whose mailbox is full are in the reply and in the sender's dead letters. Each copy's id
+/// is derived from the message id and the recipient ([`crate::mailbox::copy_id`]), so a
+/// retry with the same id stores nothing twice.
+///
+/// # Errors
+/// `unknown_user` (the caller has no account), `forbidden` (no CURVE; a `broadcast` from
+/// neither the operator nor an admin), `invalid_field` (no recipient, or more than 1,000),
+/// `too_large` (the body), `id_conflict` (the id was used for another message), `internal`.
+/// On success, also the stored copies to push to recipients' live connections.
+pub fn fan_out(
+    users: Option<&Users>,
+    mailboxes: Option<&mut Mailboxes>,
+    peer: Option<PublicKey>,
+    request: FanOutRequest,
+    now: Timestamp,
+    rules: FanOut<'_>,
+) -> Result<(MulticastReply, Vec<(PublicKey, Dm)>), WireError> {
+    let (users, mailboxes, key) = need(users, mailboxes, peer)?;
+    let sender = users.by_key(&key).map_err(internal)?.ok_or_else(|| {
+        WireError::new(
+            ErrorCode::UnknownUser,
+            "this key has no account: register one to send direct messages",
+        )
+    })?;
+    let (names, body, id) = match request {
+        FanOutRequest::Multicast(r) => {
+            if r.to.is_empty() || r.to.len() > MAX_MULTICAST_RECIPIENTS {
+                return Err(WireError::new(
+                    ErrorCode::InvalidField,
+                    format!("to: 1 to {MAX_MULTICAST_RECIPIENTS} recipients"),
+                ));
+            }
+            let mut to = r.to;
+            to.sort();
+            to.dedup();
+            (Some(to), r.body, r.id)
+        }
+        FanOutRequest::Broadcast(r) => {
+            if Some(key) != rules.operator && !rules.admins.contains(&sender.name) {
+                return Err(WireError::new(
+                    ErrorCode::Forbidden,
+                    "only the registry's operator and admins may broadcast",
+                ));
+            }
+            (None, r.body, r.id)
+        }
+    };
+    let len = body.get().len();
+    if len > MAX_DM_BYTES {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!("body is {len} bytes; the limit is {MAX_DM_BYTES} bytes"),
+        ));
+    }
+    let id = id.unwrap_or_else(MessageId::new_v7);
+    let mut unknown = Vec::new();
+    let recipients: Vec<UserEntry> = match names {
+        Some(names) => {
+            let mut found = Vec::with_capacity(names.len());
+            for name in names {
+                match users.by_name(&name).map_err(internal)? {
+                    Some(entry) => found.push(entry),
+                    None => unknown.push(name.as_str().to_owned()),
+                }
+            }
+            found
+        }
+        None => users
+            .all()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|u| u.key != key)
+            .collect(),
+    };
+    let copies: Vec<(PublicKey, UserName, MessageId)> = recipients
+        .into_iter()
+        .map(|u| (u.key, u.name, crate::mailbox::copy_id(&id, &u.key)))
+        .collect();
+    let stored = mailboxes
+        .store_many(&copies, &unknown, &sender.name, &key, &body, now, rules.max)
+        .map_err(|e| match e {
+            MailboxError::IdConflict(_) => WireError::new(
+                ErrorCode::IdConflict,
+                format!("message id {id} is already used by a different message"),
+            ),
+            MailboxError::Store(e) => internal(e),
+            // `store_many` reports a full mailbox per copy, never for the whole request.
+            MailboxError::Full => {
+                WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
+            }
+        })?;
+    let mut reply = MulticastReply {
+        id,
+        stored: 0,
+        duplicates: 0,
+        undelivered: unknown
+            .into_iter()
+            .map(|to| Undelivered {
+                to,
+                reason: ErrorCode::UnknownUser,
+            })
+            .collect(),
+    };
+    let mut push = Vec::new();
+    for copy in stored {
+        match copy {
+            Copy::Stored {
+                duplicate: true, ..
+            } => reply.duplicates += 1,
+            Copy::Stored {
+                recipient,
+                n,
+                id,
+                time,
+                duplicate: false,
+            } => {
+                reply.stored += 1;
+                push.push((
+                    recipient,
+                    Dm {
+                        n,
+                        id,
+                        time,
+                        from: sender.name.clone(),
+                        from_key: key,
+                        body: body.clone(),
+                    },
+                ));
+            }
+            Copy::Full(name) => reply.undelivered.push(Undelivered {
+                to: name.as_str().to_owned(),
+                reason: ErrorCode::LimitReached,
+            }),
+        }
+    }
+    Ok((reply, push))
 }

@@ -156,6 +156,29 @@ impl App {
         Ok(())
     }
 
+    /// `multicast TO,TO TEXT` (`to`) and `broadcast TEXT` (no `to`).
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for a body that is not JSON; the registry's refusals
+    /// (`forbidden` for a broadcast from neither the operator nor an admin).
+    pub fn fan_out(
+        &mut self,
+        to: Option<Vec<UserName>>,
+        body: String,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let body = RawValue::from_string(body)
+            .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
+        let id = agora_proto::id::MessageId::new_v7();
+        let reply = match to {
+            Some(to) => self.registry.multicast(to, body, id),
+            None => self.registry.broadcast(body, id),
+        }
+        .map_err(|e| self.registry_error(e))?;
+        out.emit(Item::FannedOut(&reply))?;
+        Ok(())
+    }
+
     /// The direct messages waiting for you: shown, then acked (removed) up to the last one
     /// shown, so a crash before display loses nothing. Returns how many were shown.
     ///
