@@ -9,6 +9,7 @@
 //! - [`keys`]: CURVE key pairs and their certificate files.
 //! - [`client`]: the request/reply client (zguide "Lazy Pirate") and typed clients for the
 //!   registry and group nodes.
+//! - [`metrics`]: Prometheus metrics and `/healthz` over HTTP (`--metrics ADDR`).
 //! - [`ratelimit`]: per-peer token buckets.
 //! - [`server`]: ROUTER plumbing shared by the servers: bind, batch receive, reply.
 //! - [`live`]: the live stream client (zguide "Clone"): subscribe, dedupe by seq, backfill.
@@ -27,6 +28,7 @@ pub mod client;
 pub mod inbox;
 pub mod keys;
 pub mod live;
+pub mod metrics;
 pub mod ratelimit;
 pub mod server;
 pub mod shutdown;

@@ -229,7 +229,9 @@ impl<R: ServerRequest> Incoming<R> {
 
 /// Encodes a handler's result for action `C` as reply frames; the handler must produce `C`'s
 /// reply type (the action table in `agora_proto::action` says which).
+/// Counted in [`crate::metrics::REQUESTS`] by action and code.
 pub fn answer<C: agora_proto::action::Call>(result: Result<C::Reply, WireError>) -> Frames {
+    crate::metrics::count(C::ACTION.as_str(), result.as_ref().err().map(|e| e.code));
     reply_frames(result)
 }
 

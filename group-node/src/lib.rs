@@ -510,6 +510,7 @@ impl Node {
                 if expired > 0 {
                     tracing::debug!(expired, "subscriptions expired");
                 }
+                self.update_gauges();
                 next_lease_sweep = Instant::now() + Duration::from_millis(500);
             }
             if self.config.retention.max_age.is_some() && Instant::now() >= next_age_sweep {
@@ -524,6 +525,7 @@ impl Node {
                 next_blob_sweep = Instant::now() + blob_sweep;
             }
         }
+        agora_common::metrics::set_draining();
         // Drain: every batch already committed gets its sync, then its replies and pushes;
         // requests arriving meanwhile are refused with `shutting_down` (nothing of them done).
         tracing::info!(group = %self.config.name, batches = pipeline.waiting.len(), "draining");
@@ -544,6 +546,19 @@ impl Node {
         drop(checkpoints);
         tracing::info!(group = %self.config.name, "group node stopping");
         Ok(())
+    }
+
+    /// The gauges a scrape reads: last seq, log bytes on disk, subscriptions.
+    fn update_gauges(&self) {
+        use agora_common::metrics::{LAST_SEQ, LOG_BYTES, SUBSCRIBERS};
+        LAST_SEQ.set(i64::try_from(self.store.last_seq()).unwrap_or(i64::MAX));
+        SUBSCRIBERS.set(i64::try_from(self.subscribers.len()).unwrap_or(i64::MAX));
+        let bytes: u64 = ["group.sqlite3", "group.sqlite3-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.config.data_dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        LOG_BYTES.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Answers every request already waiting with `shutting_down`: the node is draining.
@@ -594,6 +609,7 @@ impl Node {
         checkpoints: &durable::CheckpointThread,
     ) -> Result<(), NodeError> {
         if done.wrote {
+            agora_common::metrics::COMMIT_BATCH.observe(done.replies.len() as f64);
             pipeline.wal_written += wal_estimate(&done.appended);
             if pipeline.wal_written >= CHECKPOINT_BYTES {
                 pipeline.wal_written = 0;
@@ -658,6 +674,12 @@ impl Node {
         let stats = self
             .subscribers
             .push(&self.socket, &self.config.name, appended)?;
+        let pushes = &agora_common::metrics::PUSHES;
+        pushes.with_label_values(&["sent"]).inc_by(stats.sent);
+        pushes.with_label_values(&["dropped"]).inc_by(stats.dropped);
+        pushes
+            .with_label_values(&["withheld"])
+            .inc_by(stats.withheld);
         if stats.dropped > 0 || stats.gone > 0 {
             tracing::debug!(
                 sent = stats.sent,
@@ -825,7 +847,9 @@ impl Node {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "rejected request");
-                    (reply_frames::<()>(Err(e.to_wire())), Redo::Keep)
+                    let wire = e.to_wire();
+                    agora_common::metrics::count("invalid", Some(wire.code));
+                    (reply_frames::<()>(Err(wire)), Redo::Keep)
                 }
             };
             handled.push(Handled {
@@ -987,7 +1011,10 @@ impl Node {
                 reply::<call::UploadStatus>(cmd::files::upload_status(&mut ctx, r))
             }
             NodeRequest::Download(r) => match cmd::files::download(&mut ctx, r) {
-                Ok((fields, bytes)) => (encode_ok_data(&fields, bytes), true),
+                Ok((fields, bytes)) => {
+                    agora_common::metrics::count(call::Download::ACTION.as_str(), None);
+                    (encode_ok_data(&fields, bytes), true)
+                }
                 Err(e) => reply::<call::Download>(Err(e)),
             },
             // Answered above, before any handler's context.
@@ -1000,7 +1027,7 @@ impl Node {
 /// true when it is `ok`.
 fn reply<C: Call>(result: Result<C::Reply, WireError>) -> (Frames, bool) {
     let ok = result.is_ok();
-    (reply_frames(result), ok)
+    (agora_common::server::answer::<C>(result), ok)
 }
 
 /// The `internal` reply of a write that is not stored.

@@ -24,6 +24,11 @@ struct Args {
     name: GroupName,
     /// Address to bind, IP:PORT (port 0 picks a free port), for example 127.0.0.1:5560.
     addr: String,
+    /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
+    /// draining) over HTTP on this IP:PORT, such as 127.0.0.1:9100 (port 0 picks one; bind a
+    /// non-loopback address only where the network is trusted). Off unless given.
+    #[arg(long, env = "AGORA_METRICS")]
+    metrics: Option<String>,
     /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
     /// (PROTOCOL §10; its key is then pinned in the data directory on first use).
     #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
@@ -240,6 +245,15 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     }
     out.flush()?;
     drop(out);
+    let _metrics = match &args.metrics {
+        Some(addr) => {
+            let server = agora_common::metrics::MetricsServer::start(addr)
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            tracing::info!(addr = %server.local_addr(), "metrics serving");
+            Some(server)
+        }
+        None => None,
+    };
     node.run(&shutdown)?;
     Ok(())
 }

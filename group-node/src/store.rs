@@ -709,6 +709,7 @@ impl WalSync {
     /// dropped the dirty pages), so a caller must not ack what it was syncing, nor trust
     /// later syncs of the same data: the node stops (fail-stop, as PostgreSQL does).
     pub fn sync(&self) -> std::io::Result<()> {
+        let _timer = agora_common::metrics::FSYNC_SECONDS.start_timer();
         if let Some(f) = self.file.get() {
             return f.sync_data();
         }

@@ -295,9 +295,11 @@ impl Registry {
                 for name in self.directory.expire(Timestamp::now()) {
                     tracing::info!(group = %name, "group expired: no heartbeat within TTL");
                 }
+                self.update_gauges();
                 next_sweep = Instant::now() + self.config.heartbeat / 2;
             }
         }
+        agora_common::metrics::set_draining();
         // Whatever is waiting gets `shutting_down` rather than silence.
         agora_common::server::recv_batch(&self.socket, 256, &mut batch)?;
         for frames in batch.drain(..) {
@@ -351,7 +353,9 @@ impl Registry {
             Ok(request) => self.dispatch(request, incoming.peer, Timestamp::now()),
             Err(e) => {
                 tracing::warn!(error = %e, "rejected request");
-                reply_frames::<()>(Err(e.to_wire()))
+                let wire = e.to_wire();
+                agora_common::metrics::count("invalid", Some(wire.code));
+                reply_frames::<()>(Err(wire))
             }
         };
         send_reply(&self.socket, incoming.envelope, reply)?;
@@ -409,6 +413,22 @@ impl Registry {
         )?;
         self.pending_push.extend(push);
         Ok(reply)
+    }
+
+    /// The gauges a scrape reads: groups, accounts, mailbox depth, presence.
+    fn update_gauges(&self) {
+        use agora_common::metrics::{ACCOUNTS, GROUPS, MAILBOX_DEPTH, PRESENCE};
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        GROUPS.set(count(self.directory.list(Timestamp::now()).len()));
+        if let Some(Ok(n)) = self.users.as_ref().map(users::Users::count) {
+            ACCOUNTS.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if let Some(Ok(n)) = self.mailboxes.as_ref().map(mailbox::Mailboxes::waiting) {
+            MAILBOX_DEPTH.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let (online, away) = self.sessions.counts(Instant::now());
+        PRESENCE.with_label_values(&["online"]).set(count(online));
+        PRESENCE.with_label_values(&["away"]).set(count(away));
     }
 
     /// `stop`: accepted from the operator's key only.

@@ -353,6 +353,19 @@ impl Mailboxes {
         Ok(out)
     }
 
+    /// Messages waiting unread, over all mailboxes.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn waiting(&self) -> Result<u64, OwnersError> {
+        let n: i64 =
+            self.conn
+                .query_row("SELECT COUNT(*) FROM mailbox WHERE acked = 0", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// `recipient`'s messages numbered after `after`, at most `limit`, and whether more
     /// follow.
     ///

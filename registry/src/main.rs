@@ -58,6 +58,11 @@ struct Args {
     /// Requests a peer may send at once after being idle.
     #[arg(long, env = "AGORA_RATE_BURST", default_value_t = 4_000.0)]
     rate_burst: f64,
+    /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
+    /// draining) over HTTP on this IP:PORT, such as 127.0.0.1:9100 (port 0 picks one; bind a
+    /// non-loopback address only where the network is trusted). Off unless given.
+    #[arg(long, env = "AGORA_METRICS")]
+    metrics: Option<String>,
     /// The operator's CURVE public key (40 Z85 characters): the one key whose `stop`
     /// (`user-cli admin stop-registry`) is accepted. Without it only SIGINT or SIGTERM stop
     /// the registry.
@@ -182,6 +187,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             )
         }
         _ => None,
+    };
+    let _metrics = match &args.metrics {
+        Some(addr) => {
+            let server = agora_common::metrics::MetricsServer::start(addr)
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            tracing::info!(addr = %server.local_addr(), "metrics serving");
+            Some(server)
+        }
+        None => None,
     };
     registry.run(&shutdown)?;
     Ok(())

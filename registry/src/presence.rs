@@ -49,6 +49,15 @@ impl Sessions {
         }
     }
 
+    /// How many live sessions are `online` and how many `away` at `now`.
+    pub fn counts(&self, now: Instant) -> (usize, usize) {
+        let live = self.live.values().filter(|(_, expires)| *expires > now);
+        live.fold((0, 0), |(online, away), (status, _)| match status {
+            Presence::Away => (online, away + 1),
+            _ => (online + 1, away),
+        })
+    }
+
     /// Drops ended sessions.
     pub fn expire(&mut self, now: Instant) {
         self.live.retain(|_, (_, expires)| *expires > now);

@@ -1,0 +1,120 @@
+//! Metrics and health of the real servers (`--metrics`): a scrape before and after traffic
+//! shows the counters and gauges moving with it.
+
+use std::time::Duration;
+
+use agora_tests::{wait_for, CliRun, Federation, Server};
+
+fn ok(run: CliRun) -> CliRun {
+    assert_eq!(run.code, Some(0), "user-cli failed: {run:?}");
+    run
+}
+
+/// The `IP:PORT` a server logged as `metrics serving addr=…`.
+fn metrics_addr(server: &Server) -> String {
+    let mut addr = None;
+    let found = wait_for(Duration::from_secs(10), || {
+        addr = server
+            .log()
+            .lines()
+            .find(|l| l.contains("metrics serving"))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            .map(str::to_owned);
+        addr.is_some()
+    });
+    assert!(found, "no metrics line in the log: {}", server.log());
+    addr.unwrap_or_default()
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let url = format!("http://{addr}{path}");
+    match ureq::get(&url).timeout(Duration::from_secs(5)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+/// The value of the sample `name` (with its labels, as exposed) in a scrape; 0 if absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_scrape_of_each_server_moves_with_traffic_and_both_say_they_serve() {
+    let fed = Federation::start_with("200ms", &["--metrics", "127.0.0.1:0"]);
+    let node = fed.node(
+        "Cool Group",
+        "127.0.0.1:0",
+        "cool",
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let (reg_addr, node_addr) = (metrics_addr(&fed.registry), metrics_addr(&node));
+    assert_eq!(get(&reg_addr, "/healthz"), (200, "serving\n".into()));
+    assert_eq!(get(&node_addr, "/healthz"), (200, "serving\n".into()));
+
+    let before = get(&node_addr, "/metrics").1;
+    fed.join_when_listed("alice", "Cool Group");
+    for n in 0..5 {
+        ok(fed.cli(
+            "alice",
+            &["send", "Cool Group", &format!("message {n}")],
+            "",
+        ));
+    }
+    let refused = fed.cli("mallory", &["send", "Cool Group", "let me in"], "");
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    ok(fed.cli("alice", &["register", "alice"], ""));
+    ok(fed.cli("bob", &["register", "bob"], ""));
+    ok(fed.cli("alice", &["send_dm", "bob", "waiting for you"], ""));
+
+    // The node: requests by action and code, a commit batch and an fsync per send, the last
+    // seq (alice's join and five messages).
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            sample(&get(&node_addr, "/metrics").1, "agora_log_last_seq") == 6.0
+        }),
+        "{}",
+        get(&node_addr, "/metrics").1
+    );
+    let after = get(&node_addr, "/metrics").1;
+    let moved = |name: &str| sample(&after, name) - sample(&before, name);
+    assert_eq!(
+        moved(r#"agora_requests_total{action="send",code="ok"}"#),
+        5.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved(r#"agora_requests_total{action="send",code="not_member"}"#),
+        1.0,
+        "{after}"
+    );
+    assert!(moved("agora_commit_batch_size_count") >= 6.0, "{after}");
+    assert!(moved("agora_fsync_seconds_count") >= 1.0, "{after}");
+    assert!(sample(&after, "agora_log_bytes") > 0.0, "{after}");
+    assert!(after.contains("agora_pushes_total"), "{after}");
+
+    // The registry: its own requests, accounts, and bob's unread message.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let text = get(&reg_addr, "/metrics").1;
+            sample(&text, "agora_mailbox_depth") == 1.0 && sample(&text, "agora_accounts") == 2.0
+        }),
+        "{}",
+        get(&reg_addr, "/metrics").1
+    );
+    let reg = get(&reg_addr, "/metrics").1;
+    assert_eq!(
+        sample(&reg, r#"agora_requests_total{action="send_dm",code="ok"}"#),
+        1.0,
+        "{reg}"
+    );
+    assert!(
+        sample(&reg, r#"agora_requests_total{action="lookup",code="ok"}"#) >= 1.0,
+        "{reg}"
+    );
+    assert_eq!(sample(&reg, "agora_groups"), 1.0, "{reg}");
+}
