@@ -22,7 +22,10 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-"$bin/registry" --bind "$registry" >"$logs/registry.out" 2>"$logs/registry.log" &
+# It announces itself on this machine only (the loopback broadcast address), so that
+# `user-cli discover` and `--registry auto` find it.
+"$bin/registry" --bind "$registry" --name quickstart --beacon --beacon-address 127.255.255.255 \
+    >"$logs/registry.out" 2>"$logs/registry.log" &
 pids+=($!)
 # The registry prints `listening ENDPOINT public-key KEY`; everyone else needs that key.
 for _ in $(seq 1 100); do
@@ -61,5 +64,6 @@ done
 
 echo "Local federation: registry $registry (key $AGORA_REGISTRY_KEY);"
 echo "groups \"Cool Group\" and \"news\"; logs in $logs"
+echo "Other terminals find it with: $bin/user-cli --registry auto (or: $bin/user-cli discover)"
 echo "Try: join_group \"Cool Group\", send_message \"Cool Group\", get_messages \"Cool Group\""
 "$bin/user-cli" --registry "$registry" "$@"
