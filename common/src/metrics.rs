@@ -148,12 +148,17 @@ impl std::fmt::Debug for MetricsServer {
 }
 
 impl MetricsServer {
-    /// Serves `/metrics` and `/healthz` on `addr` (`IP:PORT`; port 0 picks one).
+    /// Serves `/metrics` and `/healthz` on `addr`: `IP:PORT`, or a bare `PORT` for loopback
+    /// (`127.0.0.1:PORT`); port 0 picks one.
     ///
     /// # Errors
     /// Binding `addr` fails, or the thread cannot be spawned.
     pub fn start(addr: &str) -> std::io::Result<MetricsServer> {
-        let server = Arc::new(tiny_http::Server::http(addr).map_err(std::io::Error::other)?);
+        let addr = match addr.parse::<u16>() {
+            Ok(port) => format!("127.0.0.1:{port}"),
+            Err(_) => addr.to_owned(),
+        };
+        let server = Arc::new(tiny_http::Server::http(&addr).map_err(std::io::Error::other)?);
         let bound = server
             .server_addr()
             .to_ip()
@@ -238,7 +243,11 @@ mod tests {
 
     #[test]
     fn metrics_are_text_and_health_turns_503_when_draining() {
-        let server = MetricsServer::start("127.0.0.1:0").expect("start");
+        let server = MetricsServer::start("0").expect("start");
+        assert!(
+            server.local_addr().ip().is_loopback(),
+            "a bare port is loopback"
+        );
         let base = format!("http://{}", server.local_addr());
         count("send", None);
         count("send", Some(ErrorCode::NotMember));

@@ -25,8 +25,9 @@ struct Args {
     /// Address to bind, IP:PORT (port 0 picks a free port), for example 127.0.0.1:5560.
     addr: String,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
-    /// draining) over HTTP on this IP:PORT, such as 127.0.0.1:9100 (port 0 picks one; bind a
-    /// non-loopback address only where the network is trusted). Off unless given.
+    /// draining) over HTTP on this IP:PORT, or on loopback with a bare PORT (9100 is
+    /// 127.0.0.1:9100; port 0 picks one). Bind a non-loopback address only where the
+    /// network is trusted. Off unless given.
     #[arg(long, env = "AGORA_METRICS")]
     metrics: Option<String>,
     /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon

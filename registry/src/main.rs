@@ -59,8 +59,9 @@ struct Args {
     #[arg(long, env = "AGORA_RATE_BURST", default_value_t = 4_000.0)]
     rate_burst: f64,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
-    /// draining) over HTTP on this IP:PORT, such as 127.0.0.1:9100 (port 0 picks one; bind a
-    /// non-loopback address only where the network is trusted). Off unless given.
+    /// draining) over HTTP on this IP:PORT, or on loopback with a bare PORT (9100 is
+    /// 127.0.0.1:9100; port 0 picks one). Bind a non-loopback address only where the
+    /// network is trusted. Off unless given.
     #[arg(long, env = "AGORA_METRICS")]
     metrics: Option<String>,
     /// The operator's CURVE public key (40 Z85 characters): the one key whose `stop`
