@@ -227,6 +227,51 @@ pub fn heard_key(
     )?))
 }
 
+/// `--registry auto` for a server or a bot: listens on `port` for `wait`, chooses the
+/// registry named `name` (or the only one heard), and returns its beacon with the key to use
+/// ([`heard_key`]: `given`, none when `insecure`, else the announced one, pinned in `known`
+/// on first use, which is logged as a warning).
+///
+/// # Errors
+/// [`AutoError`]: the socket, [`DiscoverError`], or [`HeardKeyError`].
+pub fn auto(
+    port: u16,
+    wait: Duration,
+    name: Option<&str>,
+    known: &std::path::Path,
+    given: Option<crate::keys::PublicKey>,
+    insecure: bool,
+) -> Result<(Beacon, Option<crate::keys::PublicKey>), AutoError> {
+    let heard = listen(port, wait).map_err(|source| AutoError::Listen { port, source })?;
+    let chosen = choose(&heard, name, port, wait)?;
+    let key = heard_key(&chosen, known, given, insecure)?;
+    if let Some((key, crate::trust::Trust::FirstUse)) = key {
+        tracing::warn!(%key, registry = %chosen.endpoint, name = %chosen.name,
+            "pinned the registry key heard by beacon on first use; compare it with the key the registry printed");
+    }
+    tracing::info!(registry = %chosen.endpoint, name = %chosen.name, "registry heard by beacon");
+    Ok((chosen, key.map(|(k, _)| k)))
+}
+
+/// Why `--registry auto` found no registry to use.
+#[derive(Debug, thiserror::Error)]
+pub enum AutoError {
+    /// The beacon port could not be listened on.
+    #[error("listening on UDP port {port}: {source}")]
+    Listen {
+        /// The port.
+        port: u16,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// None, several, or none of that name heard.
+    #[error(transparent)]
+    Discover(#[from] DiscoverError),
+    /// Its key cannot be used.
+    #[error(transparent)]
+    Key(#[from] HeardKeyError),
+}
+
 /// Why the key of a registry heard by beacon cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HeardKeyError {

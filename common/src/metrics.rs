@@ -178,6 +178,22 @@ impl MetricsServer {
         })
     }
 
+    /// As [`MetricsServer::start`] when `addr` is given (a server's `--metrics`), logging
+    /// where it serves (`metrics serving addr=IP:PORT`); `None` without it.
+    ///
+    /// # Errors
+    /// As [`MetricsServer::start`], with the address in the message.
+    pub fn serve(addr: Option<&str>) -> std::io::Result<Option<MetricsServer>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let server = MetricsServer::start(addr).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("serving metrics on {addr}: {e}"))
+        })?;
+        tracing::info!(addr = %server.local_addr(), "metrics serving");
+        Ok(Some(server))
+    }
+
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr

@@ -164,28 +164,16 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         format!("tcp://{}", args.addr)
     };
     if args.registry == "auto" && !args.no_registry {
-        let heard = agora_common::beacon::listen(args.beacon_port, args.discover_wait)
-            .with_context(|| format!("listening on UDP port {}", args.beacon_port))?;
-        let chosen = agora_common::beacon::choose(
-            &heard,
-            args.registry_name.as_deref(),
+        let (chosen, key) = agora_common::beacon::auto(
             args.beacon_port,
             args.discover_wait,
-        )?;
-        args.registry = chosen.endpoint.clone();
-        if let Some((key, trust)) = agora_common::beacon::heard_key(
-            &chosen,
+            args.registry_name.as_deref(),
             &data_dir.join("known_servers.json"),
             args.registry_key,
             args.insecure,
-        )? {
-            if trust == agora_common::trust::Trust::FirstUse {
-                tracing::warn!(%key, registry = %args.registry, name = %chosen.name,
-                    "pinned the registry key heard by beacon on first use; compare it with the key the registry printed");
-            }
-            args.registry_key = Some(key);
-        }
-        tracing::info!(registry = %args.registry, name = %chosen.name, "registry heard by beacon");
+        )?;
+        args.registry = chosen.endpoint;
+        args.registry_key = key;
     }
     let mut config = Config::new(args.name, bind, data_dir);
     config.advertise = args.advertise;
@@ -246,15 +234,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     }
     out.flush()?;
     drop(out);
-    let _metrics = match &args.metrics {
-        Some(addr) => {
-            let server = agora_common::metrics::MetricsServer::start(addr)
-                .with_context(|| format!("serving metrics on {addr}"))?;
-            tracing::info!(addr = %server.local_addr(), "metrics serving");
-            Some(server)
-        }
-        None => None,
-    };
+    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())?;
     node.run(&shutdown)?;
     Ok(())
 }

@@ -189,15 +189,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let _metrics = match &args.metrics {
-        Some(addr) => {
-            let server = agora_common::metrics::MetricsServer::start(addr)
-                .with_context(|| format!("serving metrics on {addr}"))?;
-            tracing::info!(addr = %server.local_addr(), "metrics serving");
-            Some(server)
-        }
-        None => None,
-    };
+    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())?;
     registry.run(&shutdown)?;
     Ok(())
 }

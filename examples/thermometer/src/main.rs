@@ -121,25 +121,16 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             .context("no home directory; pass --key-dir")?,
     };
     if args.registry == "auto" {
-        let heard = agora_common::beacon::listen(args.beacon_port, args.discover_wait)
-            .with_context(|| format!("listening on UDP port {}", args.beacon_port))?;
-        let chosen = agora_common::beacon::choose(
-            &heard,
-            args.registry_name.as_deref(),
+        let (chosen, key) = agora_common::beacon::auto(
             args.beacon_port,
             args.discover_wait,
+            args.registry_name.as_deref(),
+            &dir.join("known_servers.json"),
+            args.registry_key,
+            false,
         )?;
-        args.registry = chosen.endpoint.clone();
-        let known = dir.join("known_servers.json");
-        if let Some((key, trust)) =
-            agora_common::beacon::heard_key(&chosen, &known, args.registry_key, false)?
-        {
-            if trust == agora_common::trust::Trust::FirstUse {
-                tracing::warn!(%key, registry = %args.registry,
-                    "pinned the registry key heard by beacon on first use; compare it with the key the registry printed");
-            }
-            args.registry_key = Some(key);
-        }
+        args.registry = chosen.endpoint;
+        args.registry_key = key;
     }
     let server_key = args
         .registry_key

@@ -37,6 +37,28 @@ fn need<'a>(
     }
 }
 
+/// The caller's account, by its key.
+fn account(users: &Users, key: &PublicKey) -> Result<UserEntry, WireError> {
+    users.by_key(key).map_err(internal)?.ok_or_else(|| {
+        WireError::new(
+            ErrorCode::UnknownUser,
+            "this key has no account: register one to send direct messages",
+        )
+    })
+}
+
+/// `too_large` for a body over [`MAX_DM_BYTES`].
+fn within_limit(body: &serde_json::value::RawValue) -> Result<(), WireError> {
+    let len = body.get().len();
+    if len > MAX_DM_BYTES {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!("body is {len} bytes; the limit is {MAX_DM_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 fn internal(e: OwnersError) -> WireError {
     tracing::error!(error = %e, "mailbox store failed");
     WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
@@ -60,19 +82,8 @@ pub fn send(
     max: u64,
 ) -> Result<(DmAck, Option<(PublicKey, Dm)>), WireError> {
     let (users, mailboxes, key) = need(users, mailboxes, peer)?;
-    let sender = users.by_key(&key).map_err(internal)?.ok_or_else(|| {
-        WireError::new(
-            ErrorCode::UnknownUser,
-            "this key has no account: register one to send direct messages",
-        )
-    })?;
-    let len = r.body.get().len();
-    if len > MAX_DM_BYTES {
-        return Err(WireError::new(
-            ErrorCode::TooLarge,
-            format!("body is {len} bytes; the limit is {MAX_DM_BYTES} bytes"),
-        ));
-    }
+    let sender = account(users, &key)?;
+    within_limit(&r.body)?;
     let Some(recipient) = users.by_name(&r.to).map_err(internal)? else {
         mailboxes
             .dead(&key, r.to.as_str(), "unknown_user", &r.body, now)
@@ -224,12 +235,7 @@ pub fn fan_out(
     rules: FanOut<'_>,
 ) -> Result<(MulticastReply, Vec<(PublicKey, Dm)>), WireError> {
     let (users, mailboxes, key) = need(users, mailboxes, peer)?;
-    let sender = users.by_key(&key).map_err(internal)?.ok_or_else(|| {
-        WireError::new(
-            ErrorCode::UnknownUser,
-            "this key has no account: register one to send direct messages",
-        )
-    })?;
+    let sender = account(users, &key)?;
     let (names, body, id) = match request {
         FanOutRequest::Multicast(r) => {
             if r.to.is_empty() || r.to.len() > MAX_MULTICAST_RECIPIENTS {
@@ -253,13 +259,7 @@ pub fn fan_out(
             (None, r.body, r.id)
         }
     };
-    let len = body.get().len();
-    if len > MAX_DM_BYTES {
-        return Err(WireError::new(
-            ErrorCode::TooLarge,
-            format!("body is {len} bytes; the limit is {MAX_DM_BYTES} bytes"),
-        ));
-    }
+    within_limit(&body)?;
     let id = id.unwrap_or_else(MessageId::new_v7);
     let mut unknown = Vec::new();
     let recipients: Vec<UserEntry> = match names {
