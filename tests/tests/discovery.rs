@@ -202,3 +202,37 @@ fn among_several_registries_one_is_picked_by_name_and_a_changed_key_is_refused()
     );
     assert_eq!(given.code, Some(0), "{given:?}");
 }
+
+#[test]
+fn the_thermometer_bot_finds_the_registry_by_its_beacon() {
+    let port = free_udp_port();
+    let fed = Federation::start_with("200ms", &beacon(&port, "lab"));
+    let keys = fed.key_dir();
+    let _bot = Server::start(
+        "thermometer",
+        &[
+            "--registry",
+            "auto",
+            "--beacon-port",
+            &port,
+            "--discover-wait",
+            "2500ms",
+            "--key-dir",
+            &keys,
+        ],
+        &fed.dir.path().join("thermometer.log"),
+    );
+    let registered = |fed: &Federation| {
+        fed.cli("alice", &["whois", "thermometer1"], "").code == Some(0)
+    };
+    assert!(
+        agora_tests::wait_for(std::time::Duration::from_secs(20), || registered(&fed)),
+        "the bot never registered its account"
+    );
+    let pins = std::fs::read_to_string(std::path::Path::new(&keys).join("known_servers.json"))
+        .expect("the bot pinned the key it heard");
+    assert!(
+        pins.contains(fed.registry.key.as_deref().expect("a key")),
+        "{pins}"
+    );
+}
