@@ -50,6 +50,48 @@ fn auto(fed: &Federation, user: &str, port: &str, args: &[&str]) -> CliRun {
     )
 }
 
+/// user-cli `--registry auto groups` on a pseudo-terminal (`script -qec`), answering
+/// `choice` when it asks which registry; with a state directory of its own, so that its pin
+/// is a first use. Returns everything the terminal showed.
+fn pick_on_terminal(fed: &Federation, port: &str, choice: &str) -> String {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let user_cli = agora_tests::bin("user-cli");
+    let command = format!(
+        "{} --registry auto --beacon-port {port} --discover-wait 2500ms --user zed groups",
+        user_cli.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("AGORA_STATE_DIR", fed.path("terminal-state"))
+        .env("AGORA_KEY_DIR", fed.key_dir())
+        .env_remove("AGORA_REGISTRY")
+        .env_remove("AGORA_REGISTRY_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{choice}\n").as_bytes())
+        .expect("answer");
+    let exited = agora_tests::wait_for(std::time::Duration::from_secs(20), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    drop(stdin);
+    if !exited {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let mut shown = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut shown);
+    }
+    assert!(exited, "user-cli on a terminal did not finish: {shown}");
+    shown
+}
+
 #[test]
 fn clients_and_nodes_find_the_registry_by_its_beacon_and_pin_its_key() {
     let port = free_udp_port();
@@ -129,6 +171,22 @@ fn among_several_registries_one_is_picked_by_name_and_a_changed_key_is_refused()
     ];
     annex_args.extend_from_slice(&beacon(&port, "annex"));
     let annex = Server::start("registry", &annex_args, &fed.dir.path().join("annex.log"));
+
+    // On a terminal (a pty from util-linux's `script`), user-cli lists them and asks.
+    let picked = pick_on_terminal(&fed, &port, "2");
+    assert!(
+        picked.contains("several registries heard")
+            && picked.contains("1. annex at")
+            && picked.contains("2. lab at"),
+        "{picked}"
+    );
+    assert!(
+        picked.contains(&format!(
+            "pinned the registry key {}",
+            fed.registry.key.as_deref().expect("lab's key")
+        )),
+        "lab, the second, was used: {picked}"
+    );
 
     let both = auto(&fed, "alice", &port, &["groups"]);
     assert_eq!(both.code, Some(2), "{both:?}");
@@ -222,9 +280,8 @@ fn the_thermometer_bot_finds_the_registry_by_its_beacon() {
         ],
         &fed.dir.path().join("thermometer.log"),
     );
-    let registered = |fed: &Federation| {
-        fed.cli("alice", &["whois", "thermometer1"], "").code == Some(0)
-    };
+    let registered =
+        |fed: &Federation| fed.cli("alice", &["whois", "thermometer1"], "").code == Some(0);
     assert!(
         agora_tests::wait_for(std::time::Duration::from_secs(20), || registered(&fed)),
         "the bot never registered its account"
