@@ -1,0 +1,70 @@
+//! The gateway's WebSocket protocol (docs/WEB.md): one JSON object per text message each
+//! way. A request names its operation in `op`; its reply carries the same `op` and `ok`.
+
+use agora_proto::id::MessageId;
+use agora_proto::wire::GroupName;
+use serde::{Deserialize, Serialize};
+
+/// A request from the page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The registry's group list.
+    Groups,
+    /// A page of a group's history: entries after `after_seq` (default 0), at most `limit`
+    /// (default 100, at most 1000).
+    History {
+        /// The group.
+        group: GroupName,
+        /// Entries after this seq.
+        #[serde(default)]
+        after_seq: u64,
+        /// How many at most.
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// A text message to a group; answered once it is stored, with its seq.
+    Send {
+        /// The group.
+        group: GroupName,
+        /// The text, stored as a JSON string body.
+        text: String,
+        /// A client-chosen id, so that a retry is stored once.
+        #[serde(default)]
+        id: Option<MessageId>,
+    },
+}
+
+impl Request {
+    /// The operation's name, as in `op`.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Groups => "groups",
+            Request::History { .. } => "history",
+            Request::Send { .. } => "send",
+        }
+    }
+}
+
+/// A reply: `{"ok": true, "op": OP, …fields}` or `{"ok": false, "op": OP|null, "error":
+/// CODE, "message": TEXT}`. Codes are the protocol's (PROTOCOL §7), plus `invalid_json` for
+/// a message that is not a request and `timeout` when the federation did not answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Reply(pub serde_json::Value);
+
+impl Reply {
+    /// A success of `op` with `fields` (an object) merged in.
+    pub fn ok(op: &str, fields: serde_json::Value) -> Reply {
+        let mut out = serde_json::json!({"ok": true, "op": op});
+        if let (Some(out), serde_json::Value::Object(fields)) = (out.as_object_mut(), fields) {
+            out.extend(fields);
+        }
+        Reply(out)
+    }
+
+    /// A failure of `op` (`None`: the message was not a request).
+    pub fn error(op: Option<&str>, code: &str, message: &str) -> Reply {
+        Reply(serde_json::json!({"ok": false, "op": op, "error": code, "message": message}))
+    }
+}
