@@ -50,6 +50,10 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
     );
     let url = web.endpoint.clone();
     let (base, token) = url.split_once("/?token=").expect("a URL with a token");
+    assert!(
+        token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "32 random bytes in hex: {token}"
+    );
 
     // Nothing without a session.
     for path in ["/", "/app.js", "/app.css", "/ws"] {
