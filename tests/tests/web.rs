@@ -110,26 +110,43 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let (mut ws, _) = tungstenite::client::client(request, stream).expect("websocket");
-    let mut call = |request: serde_json::Value| -> serde_json::Value {
+    // Replies come in order; pushed events may come between them and are kept aside.
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let next = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>| loop {
+        if let tungstenite::Message::Text(t) = ws.read().expect("a message within 10 s") {
+            return serde_json::from_str::<serde_json::Value>(t.as_str()).expect("JSON");
+        }
+    };
+    let call = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+                events: &mut Vec<serde_json::Value>,
+                request: serde_json::Value| {
         ws.send(tungstenite::Message::Text(request.to_string().into()))
             .expect("send");
         loop {
-            match ws.read().expect("a reply within 10 s") {
-                tungstenite::Message::Text(t) => {
-                    return serde_json::from_str(t.as_str()).expect("JSON")
-                }
-                _ => continue,
+            let message = next(ws);
+            if message.get("event").is_some() {
+                events.push(message);
+            } else {
+                return message;
             }
         }
     };
-    let groups = call(serde_json::json!({"op": "groups"}));
+    let groups = call(&mut ws, &mut events, serde_json::json!({"op": "groups"}));
     assert_eq!(groups["ok"], true, "{groups}");
     assert_eq!(groups["groups"][0]["name"], "Cool Group", "{groups}");
     let xss = "<img src=x onerror=alert(1)>";
-    let sent = call(serde_json::json!({"op": "send", "group": "Cool Group", "text": xss}));
+    let sent = call(
+        &mut ws,
+        &mut events,
+        serde_json::json!({"op": "send", "group": "Cool Group", "text": xss}),
+    );
     assert_eq!(sent["ok"], true, "{sent}");
     let seq = sent["ack"]["seq"].as_u64().expect("a seq");
-    let history = call(serde_json::json!({"op": "history", "group": "Cool Group"}));
+    let history = call(
+        &mut ws,
+        &mut events,
+        serde_json::json!({"op": "history", "group": "Cool Group"}),
+    );
     let last = history["messages"]
         .as_array()
         .and_then(|m| m.last())
@@ -141,12 +158,12 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
     );
     assert_eq!(last["body"], xss, "stored as text");
     // A bad message gets an error and the session goes on.
-    let bad = call(serde_json::json!({"op": "fly"}));
+    let bad = call(&mut ws, &mut events, serde_json::json!({"op": "fly"}));
     assert_eq!(
         (bad["ok"].as_bool(), bad["error"].as_str()),
         (Some(false), Some("invalid_json"))
     );
-    let again = call(serde_json::json!({"op": "groups"}));
+    let again = call(&mut ws, &mut events, serde_json::json!({"op": "groups"}));
     assert_eq!(again["ok"], true, "{again}");
     // user-cli sees what the gateway sent.
     let shown = fed.cli("alice", &["messages", "Cool Group"], "");
@@ -154,4 +171,37 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
         shown.stdout.contains(&format!("#{seq} alice: {xss}")),
         "{shown:?}"
     );
+
+    // Following live from seq 0: the log so far, then what user-cli sends, each entry once
+    // and in seq order.
+    let followed = call(
+        &mut ws,
+        &mut events,
+        serde_json::json!({"op": "follow", "group": "Cool Group", "after_seq": 0}),
+    );
+    assert_eq!(followed["ok"], true, "{followed}");
+    let sent = fed.cli("alice", &["send", "Cool Group", "from the cli"], "");
+    assert_eq!(sent.code, Some(0), "{sent:?}");
+    let entries = |events: &[serde_json::Value]| -> Vec<(u64, serde_json::Value)> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "entry")
+            .map(|e| {
+                (
+                    e["entry"]["seq"].as_u64().unwrap_or(0),
+                    e["entry"]["body"].clone(),
+                )
+            })
+            .collect()
+    };
+    while !entries(&events)
+        .iter()
+        .any(|(_, body)| body == "from the cli")
+    {
+        let message = next(&mut ws);
+        events.push(message);
+    }
+    let seqs: Vec<u64> = entries(&events).iter().map(|(s, _)| *s).collect();
+    let expected: Vec<u64> = (1..=seq + 1).collect();
+    assert_eq!(seqs, expected, "every entry once, in order: {events:?}");
 }

@@ -13,10 +13,23 @@ function call(request) {
   });
 }
 
+const lastSeq = {};
+
 socket.addEventListener("message", (event) => {
+  const message = JSON.parse(event.data);
+  if (message.event) return pushed(message);
   const resolve = pending.shift();
-  if (resolve) resolve(JSON.parse(event.data));
+  if (resolve) resolve(message);
 });
+
+// A live entry: shown once, in seq order, if it belongs to the open group.
+function pushed(message) {
+  if (message.event !== "entry") return;
+  const { group, entry } = message;
+  if (entry.seq <= (lastSeq[group] || 0)) return;
+  lastSeq[group] = entry.seq;
+  if (group === current && entry.kind === "message") show(entry);
+}
 
 function status(text) {
   document.getElementById("status").textContent = text;
@@ -45,6 +58,10 @@ async function open(group) {
   const reply = await call({ op: "history", group, after_seq: 0 });
   if (!reply.ok) return status(`${group}: ${reply.error}: ${reply.message}`);
   reply.messages.filter((m) => m.kind === "message").forEach(show);
+  const last = reply.messages.length ? reply.messages[reply.messages.length - 1].seq : 0;
+  lastSeq[group] = Math.max(lastSeq[group] || 0, last);
+  // Then live, from where the history ended.
+  await call({ op: "follow", group, after_seq: lastSeq[group] });
 }
 
 document.getElementById("send").addEventListener("submit", async (event) => {
@@ -57,7 +74,6 @@ document.getElementById("send").addEventListener("submit", async (event) => {
   const reply = await call({ op: "send", group: current, text });
   if (!reply.ok) return status(`not sent: ${reply.error}: ${reply.message}`);
   status(`stored as #${reply.ack.seq}`);
-  await open(current);
 });
 
 socket.addEventListener("open", async () => {

@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_proto::id::MessageId;
 use agora_proto::wire::{GroupName, HistoryQuery, UserName};
 use serde_json::json;
@@ -28,6 +29,10 @@ pub struct Federation {
 
 type Job = (Request, tokio::sync::oneshot::Sender<Reply>);
 
+/// Pushed events a session holds before the feed waits for the page (the node then stops
+/// pushing and the feed catches up from the log later): 256.
+pub const EVENT_QUEUE: usize = 256;
+
 /// A session's bridge thread; it ends when the session is dropped.
 #[derive(Debug)]
 pub struct Session {
@@ -35,17 +40,23 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts the thread.
+    /// Starts the thread; the live events of the groups the page follows arrive on the
+    /// returned receiver, as JSON text (`{"event": "entry", "group", "entry", "live"}`,
+    /// `{"event": "subscribed", "group", "last_seq"}` or `{"event": "error", "group",
+    /// "message", "fatal"}`).
     ///
     /// # Errors
     /// The thread could not be spawned.
-    pub fn start(federation: &Federation) -> std::io::Result<Session> {
+    pub fn start(
+        federation: &Federation,
+    ) -> std::io::Result<(Session, tokio::sync::mpsc::Receiver<String>)> {
         let (jobs, incoming) = mpsc::sync_channel::<Job>(1);
+        let (events, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let federation = federation.clone();
         std::thread::Builder::new()
             .name("web-session".into())
-            .spawn(move || serve(&federation, &incoming))?;
-        Ok(Session { jobs })
+            .spawn(move || serve(&federation, &incoming, &events))?;
+        Ok((Session { jobs }, events_rx))
     }
 
     /// Asks the thread, and waits for its reply.
@@ -61,7 +72,11 @@ impl Session {
     }
 }
 
-fn serve(federation: &Federation, incoming: &mpsc::Receiver<Job>) {
+fn serve(
+    federation: &Federation,
+    incoming: &mpsc::Receiver<Job>,
+    events: &tokio::sync::mpsc::Sender<String>,
+) {
     let ctx = zmq::Context::new();
     let options = ClientOptions {
         timeout: federation.timeout,
@@ -72,19 +87,87 @@ fn serve(federation: &Federation, incoming: &mpsc::Receiver<Job>) {
         registry = registry.with_curve(curve.clone());
     }
     let mut groups: HashMap<GroupName, GroupClient> = HashMap::new();
+    let mut feed: Option<Feed> = None;
     while let Ok((request, reply)) = incoming.recv() {
         let op = request.op();
-        let answer = handle(
-            federation,
-            &ctx,
-            options,
-            &mut registry,
-            &mut groups,
-            request,
-        )
+        let answer = match request {
+            Request::Follow { group, after_seq } => follow(
+                federation,
+                &ctx,
+                &mut registry,
+                &mut feed,
+                events,
+                group,
+                after_seq,
+            ),
+            request => handle(
+                federation,
+                &ctx,
+                options,
+                &mut registry,
+                &mut groups,
+                request,
+            ),
+        }
         .unwrap_or_else(|e| failure(op, &e));
         let _ = reply.send(answer);
     }
+}
+
+/// `follow`: adds the group to the session's feed (started on the first one).
+fn follow(
+    federation: &Federation,
+    ctx: &zmq::Context,
+    registry: &mut RegistryClient,
+    feed: &mut Option<Feed>,
+    events: &tokio::sync::mpsc::Sender<String>,
+    group: GroupName,
+    after_seq: Option<u64>,
+) -> Result<Reply, ClientError> {
+    let entry = registry.lookup(&group)?;
+    if feed.is_none() {
+        let events = events.clone();
+        let started = Feed::with_handler(
+            ctx,
+            federation.user.clone(),
+            federation.curve.as_ref().map(|c| c.keypair.clone()),
+            FeedOptions::default(),
+            // On the feed's own thread: a full queue makes it wait, as the live stream wants.
+            move |event| events.blocking_send(event_json(event)).is_ok(),
+        )
+        .map_err(ClientError::Read)?;
+        *feed = Some(started);
+    }
+    if let Some(feed) = feed {
+        feed.add(GroupSpec {
+            label: group.as_str().to_owned(),
+            endpoint: entry.endpoint.as_str().to_owned(),
+            group: Some(group.clone()),
+            after_seq,
+            server_key: entry.public_key,
+        });
+    }
+    Ok(Reply::ok("follow", json!({ "group": group })))
+}
+
+/// A feed event as the page receives it.
+fn event_json(event: FeedEvent) -> String {
+    let value = match event {
+        FeedEvent::Entry {
+            group, entry, live, ..
+        } => json!({"event": "entry", "group": group, "entry": entry, "live": live}),
+        FeedEvent::Subscribed {
+            group, last_seq, ..
+        } => json!({"event": "subscribed", "group": group, "last_seq": last_seq}),
+        FeedEvent::Error {
+            label,
+            error,
+            fatal,
+        } => {
+            json!({"event": "error", "group": label, "message": error.to_string(), "fatal": fatal})
+        }
+    };
+    value.to_string()
 }
 
 fn failure(op: &str, e: &ClientError) -> Reply {
@@ -120,6 +203,8 @@ fn handle(
                 json!({"group": group, "messages": page.messages}),
             ))
         }
+        // Handled by `follow`, which holds the session's feed.
+        Request::Follow { .. } => Ok(Reply::error(Some("follow"), "internal", "not here")),
         Request::Send { group, text, id } => {
             let client = group_client(federation, ctx, options, registry, groups, &group)?;
             let body =

@@ -153,14 +153,26 @@ async fn ws(
 /// order by the session's bridge thread. A bad message gets an error reply; the session goes
 /// on.
 async fn session(mut socket: WebSocket, state: AppState) {
-    let mut bridge = match bridge::Session::start(&state.federation) {
+    let (mut bridge, mut events) = match bridge::Session::start(&state.federation) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "could not start a session's bridge");
             return;
         }
     };
-    while let Some(Ok(message)) = socket.recv().await {
+    loop {
+        let message = tokio::select! {
+            incoming = socket.recv() => match incoming {
+                Some(Ok(message)) => message,
+                _ => break,
+            },
+            Some(event) = events.recv() => {
+                if socket.send(Message::Text(event.into())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
         let reply = match message {
             Message::Text(text) => match serde_json::from_str::<wire::Request>(text.as_str()) {
                 Ok(request) => bridge.call(request).await,

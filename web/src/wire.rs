@@ -23,6 +23,16 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Follow a group live: its entries after `after_seq` (default: from now on) arrive as
+    /// `entry` events, in seq order, exactly once, with catch-up from the log after gaps.
+    Follow {
+        /// The group.
+        group: GroupName,
+        /// Deliver entries after this seq (the page's last seen, to catch up after a
+        /// dropped connection).
+        #[serde(default)]
+        after_seq: Option<u64>,
+    },
     /// A text message to a group; answered once it is stored, with its seq.
     Send {
         /// The group.
@@ -41,6 +51,7 @@ impl Request {
         match self {
             Request::Groups => "groups",
             Request::History { .. } => "history",
+            Request::Follow { .. } => "follow",
             Request::Send { .. } => "send",
         }
     }
