@@ -134,6 +134,25 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
     let groups = call(&mut ws, &mut events, serde_json::json!({"op": "groups"}));
     assert_eq!(groups["ok"], true, "{groups}");
     assert_eq!(groups["groups"][0]["name"], "Cool Group", "{groups}");
+    // Membership: leave, then a send is refused as not_member, then join again.
+    let left = call(
+        &mut ws,
+        &mut events,
+        serde_json::json!({"op": "leave", "group": "Cool Group"}),
+    );
+    assert_eq!(left["membership"]["changed"], true, "{left}");
+    let refused = call(
+        &mut ws,
+        &mut events,
+        serde_json::json!({"op": "send", "group": "Cool Group", "text": "not a member"}),
+    );
+    assert_eq!(refused["error"], "not_member", "{refused}");
+    let joined = call(
+        &mut ws,
+        &mut events,
+        serde_json::json!({"op": "join", "group": "Cool Group"}),
+    );
+    assert_eq!(joined["membership"]["changed"], true, "{joined}");
     let xss = "<img src=x onerror=alert(1)>";
     let sent = call(
         &mut ws,

@@ -203,6 +203,14 @@ fn handle(
                 json!({"group": group, "messages": page.messages}),
             ))
         }
+        Request::Join { group } => {
+            let client = group_client(federation, ctx, options, registry, groups, &group)?;
+            Ok(Reply::ok("join", json!({ "membership": client.join()? })))
+        }
+        Request::Leave { group } => {
+            let client = group_client(federation, ctx, options, registry, groups, &group)?;
+            Ok(Reply::ok("leave", json!({ "membership": client.leave()? })))
+        }
         // Handled by `follow`, which holds the session's feed.
         Request::Follow { .. } => Ok(Reply::error(Some("follow"), "internal", "not here")),
         Request::Send { group, text, id } => {

@@ -11,6 +11,16 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     /// The registry's group list.
     Groups,
+    /// Become a member of a group (a private group needs an invitation).
+    Join {
+        /// The group.
+        group: GroupName,
+    },
+    /// Stop being a member of a group.
+    Leave {
+        /// The group.
+        group: GroupName,
+    },
     /// A page of a group's history: entries after `after_seq` (default 0), at most `limit`
     /// (default 100, at most 1000).
     History {
@@ -50,6 +60,8 @@ impl Request {
     pub fn op(&self) -> &'static str {
         match self {
             Request::Groups => "groups",
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
             Request::History { .. } => "history",
             Request::Follow { .. } => "follow",
             Request::Send { .. } => "send",
