@@ -24,6 +24,26 @@ fn beacon<'a>(port: &'a str, name: &'a str) -> [&'a str; 7] {
     ]
 }
 
+/// A registry of its own (data and log named by `tag`, a new key pair) bound to `bind`,
+/// announcing itself as `name` on `port`.
+fn beaconing_registry(fed: &Federation, bind: &str, port: &str, name: &str, tag: &str) -> Server {
+    let data = fed.path(&format!("{tag}-data"));
+    let mut args = vec![
+        "--bind",
+        bind,
+        "--key-bind",
+        "tcp://127.0.0.1:0",
+        "--data-dir",
+        &data,
+    ];
+    args.extend_from_slice(&beacon(port, name));
+    Server::start(
+        "registry",
+        &args,
+        &fed.dir.path().join(format!("{tag}.log")),
+    )
+}
+
 /// user-cli as `user` with `--registry auto` on beacon port `port` and `args`, with the
 /// federation's key and state directories and no registry key given.
 fn auto(fed: &Federation, user: &str, port: &str, args: &[&str]) -> CliRun {
@@ -160,17 +180,7 @@ fn clients_and_nodes_find_the_registry_by_its_beacon_and_pin_its_key() {
 fn among_several_registries_one_is_picked_by_name_and_a_changed_key_is_refused() {
     let port = free_udp_port();
     let mut fed = Federation::start_with("200ms", &beacon(&port, "lab"));
-    let annex_data = fed.path("annex-data");
-    let mut annex_args = vec![
-        "--bind",
-        "tcp://127.0.0.1:0",
-        "--key-bind",
-        "tcp://127.0.0.1:0",
-        "--data-dir",
-        &annex_data,
-    ];
-    annex_args.extend_from_slice(&beacon(&port, "annex"));
-    let annex = Server::start("registry", &annex_args, &fed.dir.path().join("annex.log"));
+    let annex = beaconing_registry(&fed, "tcp://127.0.0.1:0", &port, "annex", "annex");
 
     // On a terminal (a pty from util-linux's `script`), user-cli lists them and asks.
     let picked = pick_on_terminal(&fed, &port, "2");
@@ -227,17 +237,7 @@ fn among_several_registries_one_is_picked_by_name_and_a_changed_key_is_refused()
     assert_eq!(lab.code, Some(0), "{lab:?}");
     fed.registry.kill9();
     let endpoint = fed.registry.endpoint.clone();
-    let new_data = fed.path("registry-data-new");
-    let mut new_args = vec![
-        "--bind",
-        &endpoint,
-        "--key-bind",
-        "tcp://127.0.0.1:0",
-        "--data-dir",
-        &new_data,
-    ];
-    new_args.extend_from_slice(&beacon(&port, "lab"));
-    fed.registry = Server::start("registry", &new_args, &fed.dir.path().join("lab-new.log"));
+    fed.registry = beaconing_registry(&fed, &endpoint, &port, "lab", "lab-new");
     let changed = auto(&fed, "alice", &port, &["--registry-name", "lab", "groups"]);
     assert_eq!(changed.code, Some(2), "{changed:?}");
     assert!(
