@@ -1,6 +1,7 @@
 //! `agora-web`: Agora in the browser. An HTTP gateway (axum on tokio) that serves the chat
 //! page and a WebSocket endpoint, and speaks to the federation as the signed-in person, with
 //! that person's CURVE key, through the same client library as user-cli (`agora-common`).
+//! docs/WEB.md is normative for its HTTP routes and WebSocket protocol.
 //!
 //! # Personal mode (the default)
 //! The gateway acts as one user whose key pair it loads from the usual key directory. It
@@ -9,55 +10,99 @@
 //! (`HttpOnly; SameSite=Strict`) and is redirected to `/`; the token is then spent. Every
 //! other request without the session cookie is answered `401`.
 //!
+//! # Hosted mode
+//! People sign in with an account name and password ([`accounts`], Argon2id); the gateway
+//! keeps each account's key pair. Sign-in is rate-limited ([`auth::SignInLimiter`]).
+//!
 //! # Layout
-//! - [`auth`]: the token and the sessions.
+//! - [`auth`]: tokens, sessions, the sign-in limiter.
+//! - [`accounts`]: hosted accounts on disk.
 //! - [`bridge`]: one thread per WebSocket session owning that session's ZeroMQ sockets.
-//! - [`wire`]: the WebSocket protocol's JSON messages (docs/WEB.md).
+//! - [`files`]: attachments over HTTP.
+//! - [`wire`]: the WebSocket protocol's JSON messages.
 
+pub mod accounts;
 pub mod auth;
 pub mod bridge;
+pub mod files;
 pub mod wire;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
-use axum::Router;
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use futures_util::StreamExt;
+
+use crate::bridge::Identity;
 
 /// The page, embedded: no build step at install time.
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 /// The page's script and style (nothing inline: the CSP forbids it).
 const APP_JS: &str = include_str!("../assets/app.js");
 const APP_CSS: &str = include_str!("../assets/app.css");
+/// Hosted mode's sign-in page; `{{message}}` and `{{signup}}` are filled in.
+const SIGNIN_HTML: &str = include_str!("../assets/signin.html");
+const SIGNIN_CSS: &str = include_str!("../assets/signin.css");
 
-/// Content-Security-Policy of the page: scripts and styles only from this origin, nothing
+/// Content-Security-Policy of every page: scripts and styles only from this origin, nothing
 /// inline, no plugins, no framing.
 pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
      img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; \
-     base-uri 'none'";
+     base-uri 'none'; form-action 'self'";
 
 /// The largest WebSocket message a client may send: 64 KiB.
 pub const MAX_WS_MESSAGE_BYTES: usize = 64 << 10;
 
-/// What every handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    /// The token and the sessions.
-    pub auth: Arc<auth::Auth>,
-    /// How a session reaches the federation.
-    pub federation: Arc<bridge::Federation>,
+/// Hosted mode's parts.
+#[derive(Debug)]
+pub struct Hosted {
+    /// The accounts.
+    pub accounts: accounts::Accounts,
+    /// Sign-in attempts allowed.
+    pub limiter: auth::SignInLimiter,
+    /// Whether anyone may make an account (`--open-signup`).
+    pub open_signup: bool,
 }
 
-/// The gateway's routes: `/` (the page), `/app.js`, `/app.css`, `/ws` (the WebSocket).
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The sessions (and personal mode's token).
+    pub sessions: Arc<auth::Sessions>,
+    /// How a session reaches the federation.
+    pub federation: Arc<bridge::Federation>,
+    /// Hosted mode's accounts; `None` in personal mode.
+    pub hosted: Option<Arc<Hosted>>,
+    /// Served over TLS (cookies get `Secure`).
+    pub tls: bool,
+    /// Where uploads wait while they are hashed and sent.
+    pub spool: Arc<std::path::PathBuf>,
+}
+
+/// The gateway's routes (docs/WEB.md): `/` (the page, or hosted mode's sign-in page),
+/// `/app.js`, `/app.css`, `/ws`, `POST /signin`, `POST /signup`, `POST /signout`,
+/// `POST /files/GROUP`, `GET /files/GROUP/SEQ`.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/app.js", get(app_js))
         .route("/app.css", get(app_css))
         .route("/ws", get(ws))
+        .route("/signin", post(sign_in))
+        .route("/signin.css", get(signin_css))
+        .route("/signup", post(sign_up))
+        .route("/signout", post(sign_out))
+        .route(
+            "/files/{group}",
+            post(upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/files/{group}/{seq}", get(download))
         .with_state(state)
 }
 
@@ -66,13 +111,63 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-fn unauthorized() -> Response {
+fn text(status: StatusCode, body: String) -> Response {
     (
-        StatusCode::UNAUTHORIZED,
+        status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "401: open the URL agora-web printed (it carries the token)\n",
+        body,
     )
         .into_response()
+}
+
+fn unauthorized() -> Response {
+    text(
+        StatusCode::UNAUTHORIZED,
+        "401: open the URL agora-web printed (it carries the token), or sign in\n".into(),
+    )
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Hosted mode's sign-in page with `message` (fixed texts of ours, never input).
+fn sign_in_page(hosted: &Hosted, status: StatusCode, message: &str) -> Response {
+    let signup = if hosted.open_signup {
+        r#"<button formaction="/signup" id="signup">Make this account</button>"#
+    } else {
+        ""
+    };
+    html(
+        status,
+        SIGNIN_HTML
+            .replace("{{message}}", message)
+            .replace("{{signup}}", signup),
+    )
+}
+
+fn signed_in(state: &AppState, identity: Identity) -> Response {
+    match state.sessions.open(Arc::new(identity)) {
+        Some(session) => (
+            [(header::SET_COOKIE, auth::cookie(&session, state.tls))],
+            Redirect::to("/"),
+        )
+            .into_response(),
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503: too many sessions; try later\n".into(),
+        ),
+    }
 }
 
 async fn index(
@@ -80,26 +175,166 @@ async fn index(
     Query(q): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(token) = q.token {
-        return match state.auth.redeem(&token) {
+    if let (Some(token), None) = (q.token, &state.hosted) {
+        return match state.sessions.redeem(&token) {
             Some(session) => (
-                [(header::SET_COOKIE, auth::cookie(&session))],
+                [(header::SET_COOKIE, auth::cookie(&session, state.tls))],
                 Redirect::to("/"),
             )
                 .into_response(),
             None => unauthorized(),
         };
     }
-    if !state.auth.has_session(&headers) {
-        return unauthorized();
+    if state.sessions.identity(&headers).is_some() {
+        return html(StatusCode::OK, INDEX_HTML.to_owned());
     }
+    match &state.hosted {
+        Some(hosted) => sign_in_page(hosted, StatusCode::OK, ""),
+        None => unauthorized(),
+    }
+}
+
+/// The sign-in form's fields.
+#[derive(serde::Deserialize)]
+struct Credentials {
+    name: String,
+    password: String,
+}
+
+async fn sign_in(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(form): Form<Credentials>,
+) -> Response {
+    let Some(hosted) = state.hosted.clone() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "404: personal mode has no sign-in\n".into(),
+        );
+    };
+    if !hosted.limiter.allow(peer.ip(), &form.name) {
+        tracing::warn!(peer = %peer, "sign-in rate-limited");
+        return sign_in_page(
+            &hosted,
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts: wait a minute.",
+        );
+    }
+    let Ok(name) = form.name.parse::<agora_proto::wire::UserName>() else {
+        return sign_in_page(&hosted, StatusCode::UNAUTHORIZED, "Wrong name or password.");
+    };
+    let checked = {
+        let hosted = Arc::clone(&hosted);
+        tokio::task::spawn_blocking(move || hosted.accounts.verify(&name, &form.password)).await
+    };
+    match checked {
+        Ok(Ok(identity)) => signed_in(&state, identity),
+        Ok(Err(accounts::AccountError::WrongPassword)) => {
+            tracing::info!(peer = %peer, "sign-in refused");
+            sign_in_page(&hosted, StatusCode::UNAUTHORIZED, "Wrong name or password.")
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "sign-in failed");
+            sign_in_page(
+                &hosted,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The gateway could not read the account.",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "sign-in task failed");
+            sign_in_page(&hosted, StatusCode::INTERNAL_SERVER_ERROR, "Try again.")
+        }
+    }
+}
+
+async fn sign_up(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(form): Form<Credentials>,
+) -> Response {
+    let Some(hosted) = state.hosted.clone().filter(|h| h.open_signup) else {
+        return text(StatusCode::FORBIDDEN, "403: sign-up is closed\n".into());
+    };
+    if !hosted.limiter.allow(peer.ip(), &form.name) {
+        return sign_in_page(
+            &hosted,
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts: wait a minute.",
+        );
+    }
+    let Ok(name) = form.name.parse::<agora_proto::wire::UserName>() else {
+        return sign_in_page(
+            &hosted,
+            StatusCode::BAD_REQUEST,
+            "A name is 1 to 64 letters, digits, '.', '_' or '-'.",
+        );
+    };
+    let federation = Arc::clone(&state.federation);
+    let made = {
+        let hosted = Arc::clone(&hosted);
+        tokio::task::spawn_blocking(move || {
+            let identity = hosted.accounts.add(&name, &form.password)?;
+            register(&federation, &identity).map_err(accounts::AccountError::Corrupt)?;
+            Ok::<_, accounts::AccountError>(identity)
+        })
+        .await
+    };
+    match made {
+        Ok(Ok(identity)) => signed_in(&state, identity),
+        Ok(Err(accounts::AccountError::Exists(_))) => {
+            sign_in_page(&hosted, StatusCode::CONFLICT, "That name is taken.")
+        }
+        Ok(Err(accounts::AccountError::BadPassword)) => sign_in_page(
+            &hosted,
+            StatusCode::BAD_REQUEST,
+            "A password has at least 8 characters.",
+        ),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "sign-up failed");
+            sign_in_page(
+                &hosted,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The account could not be made.",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "sign-up task failed");
+            sign_in_page(&hosted, StatusCode::INTERNAL_SERVER_ERROR, "Try again.")
+        }
+    }
+}
+
+/// Registers `identity`'s name and key with the registry (PROTOCOL §4.4); a repeat changes
+/// nothing.
+///
+/// # Errors
+/// The registry's refusal (such as `name_taken` by another key), as text.
+pub fn register(federation: &bridge::Federation, identity: &Identity) -> Result<(), String> {
+    federation
+        .registry_client(identity)
+        .user_register(&identity.user)
+        .map(|_| ())
+        .map_err(|e| format!("registering {} with the registry: {e}", identity.user))
+}
+
+async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    state.sessions.close(&headers);
+    (
+        [(header::SET_COOKIE, auth::cleared_cookie())],
+        Redirect::to("/"),
+    )
+        .into_response()
+}
+
+/// The sign-in page's style: public, it holds nothing of anyone's.
+async fn signin_css() -> Response {
     (
         [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
-        INDEX_HTML,
+        SIGNIN_CSS,
     )
         .into_response()
 }
@@ -119,7 +354,7 @@ fn asset(
     content_type: &'static str,
     body: &'static str,
 ) -> Response {
-    if !state.auth.has_session(headers) {
+    if state.sessions.identity(headers).is_none() {
         return unauthorized();
     }
     (
@@ -138,13 +373,13 @@ async fn ws(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // The session first: without one, nothing is said about the endpoint.
-    if !state.auth.has_session(&headers) {
+    let Some(identity) = state.sessions.identity(&headers) else {
         return unauthorized();
-    }
+    };
     match upgrade {
         Ok(upgrade) => upgrade
             .max_message_size(MAX_WS_MESSAGE_BYTES)
-            .on_upgrade(move |socket| session(socket, state)),
+            .on_upgrade(move |socket| session(socket, state, identity)),
         Err(rejection) => rejection.into_response(),
     }
 }
@@ -152,8 +387,8 @@ async fn ws(
 /// One WebSocket session: each text message is a request ([`wire::Request`]), answered in
 /// order by the session's bridge thread. A bad message gets an error reply; the session goes
 /// on.
-async fn session(mut socket: WebSocket, state: AppState) {
-    let (mut bridge, mut events) = match bridge::Session::start(&state.federation) {
+async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>) {
+    let (mut bridge, mut events) = match bridge::Session::start(&state.federation, &identity) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "could not start a session's bridge");
@@ -189,4 +424,178 @@ async fn session(mut socket: WebSocket, state: AppState) {
             break;
         }
     }
+}
+
+/// `POST /files/GROUP`'s query.
+#[derive(serde::Deserialize)]
+struct UploadQuery {
+    name: String,
+    #[serde(rename = "type", default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    caption: Option<String>,
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"ok": false, "error": code, "message": message})),
+    )
+        .into_response()
+}
+
+fn file_error(e: &files::FileError) -> Response {
+    let status = match e.code() {
+        "not_member" | "forbidden" | "not_invited" => StatusCode::FORBIDDEN,
+        "not_found" | "unknown_group" => StatusCode::NOT_FOUND,
+        "invalid_field" => StatusCode::BAD_REQUEST,
+        "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "timeout" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    json_error(status, e.code(), &e.to_string())
+}
+
+async fn upload(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(identity) = state.sessions.identity(&headers) else {
+        return unauthorized();
+    };
+    let Ok(group) = group.parse::<agora_proto::wire::GroupName>() else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "group: not a name",
+        );
+    };
+    // The body to a spool file, a frame at a time: memory stays bounded whatever the size.
+    let spooled = tempfile::tempfile_in(state.spool.as_path()).map(tokio::fs::File::from_std);
+    let mut spool = match spooled {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "no spool file");
+            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no spool");
+        }
+    };
+    let mut stream = body.into_data_stream();
+    while let Some(frame) = stream.next().await {
+        let written = match frame {
+            Ok(bytes) => tokio::io::AsyncWriteExt::write_all(&mut spool, &bytes).await,
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, "invalid_field", &e.to_string()),
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, "spooling an upload failed");
+            return json_error(StatusCode::INSUFFICIENT_STORAGE, "internal", "spool full");
+        }
+    }
+    let mut spool = spool.into_std().await;
+    let federation = Arc::clone(&state.federation);
+    let media_type = q
+        .media_type
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "application/octet-stream".into());
+    let sent = tokio::task::spawn_blocking(move || {
+        files::put(
+            &federation,
+            &identity,
+            &group,
+            &mut spool,
+            q.name,
+            media_type,
+            q.caption,
+        )
+    })
+    .await;
+    match sent {
+        Ok(Ok(ack)) => axum::Json(serde_json::json!({"ok": true, "ack": ack})).into_response(),
+        Ok(Err(e)) => file_error(&e),
+        Err(e) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
+    }
+}
+
+async fn download(
+    State(state): State<AppState>,
+    Path((group, seq)): Path<(String, u64)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(identity) = state.sessions.identity(&headers) else {
+        return unauthorized();
+    };
+    let Ok(group) = group.parse::<agora_proto::wire::GroupName>() else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "group: not a name",
+        );
+    };
+    let federation = Arc::clone(&state.federation);
+    let found = {
+        let federation = Arc::clone(&federation);
+        tokio::task::spawn_blocking(move || files::find(&federation, &identity, &group, seq)).await
+    };
+    let (attachment, target) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return file_error(&e),
+        Err(e) => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            )
+        }
+    };
+    // Ranges flow through a small queue: the node is read as fast as the browser takes them.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let meta = attachment.clone();
+    tokio::task::spawn_blocking(move || {
+        let sent = files::get(&federation, &target, &meta, |bytes| {
+            tx.blocking_send(Ok(bytes.to_vec()))
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        });
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "download failed");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let inline = files::INLINE_TYPES.contains(&attachment.media_type.as_str());
+    let content_type = if inline {
+        attachment.media_type.clone()
+    } else {
+        "application/octet-stream".to_owned()
+    };
+    // The name goes in RFC 6266's `filename*` (RFC 8187 percent-encoding).
+    let disposition = format!(
+        "{}; filename*=UTF-8''{}",
+        if inline { "inline" } else { "attachment" },
+        percent_encoding::utf8_percent_encode(&attachment.name, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let mut response = Response::new(Body::from_stream(stream));
+    let h = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, content_type),
+        (header::CONTENT_LENGTH, attachment.size.to_string()),
+        (header::CONTENT_DISPOSITION, disposition),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; sandbox".to_owned(),
+        ),
+    ] {
+        if let Ok(value) = value.parse() {
+            h.insert(name, value);
+        }
+    }
+    response
 }

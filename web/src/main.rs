@@ -1,39 +1,93 @@
-//! `agora-web`: the chat page and its WebSocket gateway, for one person (personal mode).
+//! `agora-web`: the chat page and its WebSocket gateway.
 //!
-//! Prints `listening URL` on stdout once bound, the URL carrying the one-time token; logs go
-//! to stderr (RUST_LOG). Exit codes: 0 after SIGINT or SIGTERM, 1 when starting fails, 2 for
-//! invalid arguments.
+//! - Personal mode (default): `agora-web --user NAME --registry-key KEY`.
+//! - Hosted mode: `agora-web --hosted [--open-signup] [--tls-cert C --tls-key K]`, with
+//!   accounts made by `agora-web add-user NAME` (password on stdin).
+//!
+//! Prints `listening URL` on stdout once bound (personal mode's URL carries the one-time
+//! token); logs go to stderr (RUST_LOG). Exit codes: 0 after SIGINT or SIGTERM, 1 when
+//! starting fails, 2 for invalid arguments.
 
-use std::io::Write;
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agora_proto::wire::UserName;
-use agora_web::{auth, bridge, router, AppState};
+use agora_web::{accounts, auth, bridge, router, AppState, Hosted};
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-/// Agora in the browser, for one person: serves the chat page on loopback and speaks to the
-/// federation with that person's key.
+/// Agora in the browser: serves the chat page and speaks to the federation with the
+/// signed-in person's key.
 #[derive(Debug, Parser)]
-#[command(name = "agora-web", version, about)]
+#[command(
+    name = "agora-web",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
-    /// Whose key to use (USER.key in the key directory, made by user-cli on first use).
-    #[arg(long, env = "AGORA_USER")]
-    user: UserName,
-    /// Where to listen, IP:PORT (port 0 picks one). Personal mode serves loopback only.
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Serve,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Makes a hosted account: reads its password from stdin (prompted without echo on a
+    /// terminal) and makes its key pair under the data directory.
+    AddUser {
+        /// The account name (a user name: letters, digits, '.', '_', '-').
+        name: UserName,
+        /// The hosted gateway's data directory [default: ~/.local/share/agora-web].
+        #[arg(long, env = "AGORA_WEB_DATA")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Serve {
+    /// Personal mode: whose key to use (USER.key in the key directory, made by user-cli on
+    /// first use).
+    #[arg(long, env = "AGORA_USER", conflicts_with = "hosted")]
+    user: Option<UserName>,
+    /// Hosted mode: people sign in with an account name and password.
+    #[arg(long)]
+    hosted: bool,
+    /// Hosted mode: anyone may make an account on the sign-in page.
+    #[arg(long, requires = "hosted")]
+    open_signup: bool,
+    /// Hosted mode's data directory: accounts, their keys, the upload spool
+    /// [default: ~/.local/share/agora-web].
+    #[arg(long, env = "AGORA_WEB_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Where to listen, IP:PORT (port 0 picks one). Personal mode serves loopback only;
+    /// hosted mode needs TLS or --insecure-http for any other address.
     #[arg(long, env = "AGORA_WEB_BIND", default_value = "127.0.0.1:8080")]
-    bind: std::net::SocketAddr,
+    bind: SocketAddr,
+    /// The TLS certificate chain, PEM (with --tls-key): serve HTTPS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS private key, PEM.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Hosted mode: serve plain HTTP on an address other than loopback (passwords and
+    /// sessions then cross the network in clear).
+    #[arg(long)]
+    insecure_http: bool,
     /// The registry's endpoint.
     #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
     registry: String,
     /// The registry's CURVE public key (40 Z85 characters).
     #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
     registry_key: Option<agora_common::keys::PublicKey>,
-    /// Where key pairs live [default: ~/.config/agora].
+    /// Personal mode: where key pairs live [default: ~/.config/agora].
     #[arg(long, env = "AGORA_KEY_DIR")]
-    key_dir: Option<std::path::PathBuf>,
+    key_dir: Option<PathBuf>,
     /// How long to wait for a server, per call.
     #[arg(long, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -48,7 +102,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match run(args) {
+    let result = match args.command {
+        Some(Command::AddUser { name, data_dir }) => add_user(&name, data_dir),
+        None => serve(args.serve),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agora-web: {e:#}");
@@ -57,57 +115,166 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    if !args.bind.ip().is_loopback() {
+fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d),
+        None => directories::ProjectDirs::from("", "", "agora-web")
+            .map(|d| d.data_dir().to_owned())
+            .context("no home directory; pass --data-dir"),
+    }
+}
+
+fn add_user(name: &UserName, data_dir_arg: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = data_dir(data_dir_arg)?;
+    let accounts = accounts::Accounts::open(&dir)?;
+    let password = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        rpassword::prompt_password(format!("password for {name}: "))?
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    let identity = accounts.add(name, &password)?;
+    println!(
+        "added {name} (key {}) under {}",
+        identity.keypair.public,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn serve(args: Serve) -> anyhow::Result<()> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        _ => None,
+    };
+    let loopback = args.bind.ip().is_loopback();
+    if !args.hosted && !loopback {
         anyhow::bail!(
             "personal mode serves loopback only, not {}: the page acts with your key",
             args.bind
         );
     }
-    let dir = match &args.key_dir {
-        Some(d) => d.clone(),
-        None => directories::ProjectDirs::from("", "", "agora")
-            .map(|d| d.config_dir().to_owned())
-            .context("no home directory; pass --key-dir")?,
-    };
-    let (keypair, _) =
-        agora_common::keys::Keypair::load_or_generate(&dir.join(format!("{}.key", args.user)))?;
-    let server_key = args
+    if args.hosted && !loopback && tls.is_none() {
+        if !args.insecure_http {
+            anyhow::bail!(
+                "{} is not loopback: pass --tls-cert and --tls-key, or --insecure-http",
+                args.bind
+            );
+        }
+        tracing::warn!(
+            bind = %args.bind,
+            "serving plain HTTP beyond loopback (--insecure-http): passwords and session \
+             cookies cross the network in clear"
+        );
+    }
+    let registry_key = args
         .registry_key
         .context("no registry key: pass --registry-key (the registry prints it at start)")?;
     let federation = bridge::Federation {
+        ctx: zmq::Context::new(),
         registry: args.registry.clone(),
-        curve: Some(agora_common::client::ClientCurve {
-            keypair,
-            server_key,
-        }),
-        user: args.user.clone(),
+        registry_key,
         timeout: args.timeout,
     };
-    let auth = Arc::new(auth::Auth::new().context("no randomness for the token")?);
+    let (sessions, hosted, spool) = if args.hosted {
+        let dir = data_dir(args.data_dir.clone())?;
+        let accounts = accounts::Accounts::open(&dir)?;
+        let spool = dir.join("spool");
+        std::fs::create_dir_all(&spool).with_context(|| format!("{}", spool.display()))?;
+        let hosted = Hosted {
+            accounts,
+            limiter: auth::SignInLimiter::new(),
+            open_signup: args.open_signup,
+        };
+        (auth::Sessions::new(), Some(Arc::new(hosted)), spool)
+    } else {
+        let user = args
+            .user
+            .clone()
+            .context("pass --user NAME (personal mode) or --hosted")?;
+        let dir = match &args.key_dir {
+            Some(d) => d.clone(),
+            None => directories::ProjectDirs::from("", "", "agora")
+                .map(|d| d.config_dir().to_owned())
+                .context("no home directory; pass --key-dir")?,
+        };
+        let (keypair, _) =
+            agora_common::keys::Keypair::load_or_generate(&dir.join(format!("{user}.key")))?;
+        let identity = bridge::Identity { user, keypair };
+        let sessions =
+            auth::Sessions::with_token(identity).context("no randomness for the token")?;
+        (sessions, None, std::env::temp_dir())
+    };
+    let sessions = Arc::new(sessions);
     let state = AppState {
-        auth: Arc::clone(&auth),
+        sessions: Arc::clone(&sessions),
         federation: Arc::new(federation),
+        hosted,
+        tls: tls.is_some(),
+        spool: Arc::new(spool),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.bind)
-            .await
+        let listener = std::net::TcpListener::bind(args.bind)
             .with_context(|| format!("binding {}", args.bind))?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let token = auth.token().unwrap_or_default();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = match sessions.token() {
+            Some(token) => format!("{scheme}://{addr}/?token={token}"),
+            None => format!("{scheme}://{addr}/"),
+        };
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening http://{addr}/?token={token}")?;
+        writeln!(out, "listening {url}")?;
         out.flush()?;
         drop(out);
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let handle = axum_server::Handle::new();
+        let stopper = handle.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            stopper.graceful_shutdown(Some(Duration::from_secs(5)));
+        });
+        match tls {
+            Some((cert, key)) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+                    .await
+                    .with_context(|| {
+                        format!("TLS from {} and {}", cert.display(), key.display())
+                    })?;
+                axum_server::from_tcp_rustls(listener, config)
+                    .handle(handle)
+                    .serve(app)
+                    .await?;
+            }
+            None => {
+                axum_server::from_tcp(listener)
+                    .handle(handle)
+                    .serve(app)
+                    .await?;
+            }
+        }
         Ok(())
     })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }

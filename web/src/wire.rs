@@ -2,15 +2,19 @@
 //! way. A request names its operation in `op`; its reply carries the same `op` and `ok`.
 
 use agora_proto::id::MessageId;
-use agora_proto::wire::GroupName;
+use agora_proto::wire::{GroupName, UserName};
 use serde::{Deserialize, Serialize};
 
 /// A request from the page.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// Who the session acts as: `user` and `key`.
+    Whoami,
     /// The registry's group list.
     Groups,
+    /// Every account, with its presence.
+    Users,
     /// Become a member of a group (a private group needs an invitation).
     Join {
         /// The group.
@@ -21,14 +25,18 @@ pub enum Request {
         /// The group.
         group: GroupName,
     },
-    /// A page of a group's history: entries after `after_seq` (default 0), at most `limit`
-    /// (default 100, at most 1000).
+    /// A page of a group's history, at most `limit` entries (default 100, 1 to 1000): after
+    /// `after_seq`; or else the page just before `before_seq` (scroll-back); or else the
+    /// newest.
     History {
         /// The group.
         group: GroupName,
         /// Entries after this seq.
         #[serde(default)]
-        after_seq: u64,
+        after_seq: Option<u64>,
+        /// The page that ends just before this seq.
+        #[serde(default)]
+        before_seq: Option<u64>,
         /// How many at most.
         #[serde(default)]
         limit: Option<u32>,
@@ -43,6 +51,11 @@ pub enum Request {
         #[serde(default)]
         after_seq: Option<u64>,
     },
+    /// Stop following a group live.
+    Unfollow {
+        /// The group.
+        group: GroupName,
+    },
     /// A text message to a group; answered once it is stored, with its seq.
     Send {
         /// The group.
@@ -53,18 +66,42 @@ pub enum Request {
         #[serde(default)]
         id: Option<MessageId>,
     },
+    /// Go online: presence and direct messages pushed as `dm` events from now on; the reply
+    /// holds the mailbox as it stands (unread messages).
+    Inbox,
+    /// A direct message; answered once it is in the recipient's mailbox.
+    Dm {
+        /// The recipient.
+        to: UserName,
+        /// The text, stored as a JSON string body.
+        text: String,
+        /// A client-chosen id, so that a retry is stored once.
+        #[serde(default)]
+        id: Option<MessageId>,
+    },
+    /// The page showed the direct messages numbered up to `up_to`: they leave the mailbox.
+    DmRead {
+        /// The last number shown.
+        up_to: u64,
+    },
 }
 
 impl Request {
     /// The operation's name, as in `op`.
     pub fn op(&self) -> &'static str {
         match self {
+            Request::Whoami => "whoami",
             Request::Groups => "groups",
+            Request::Users => "users",
             Request::Join { .. } => "join",
             Request::Leave { .. } => "leave",
             Request::History { .. } => "history",
             Request::Follow { .. } => "follow",
+            Request::Unfollow { .. } => "unfollow",
             Request::Send { .. } => "send",
+            Request::Inbox => "inbox",
+            Request::Dm { .. } => "dm",
+            Request::DmRead { .. } => "dm_read",
         }
     }
 }
