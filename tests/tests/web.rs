@@ -224,3 +224,308 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
     let expected: Vec<u64> = (1..=seq + 1).collect();
     assert_eq!(seqs, expected, "every entry once, in order: {events:?}");
 }
+
+/// A WebSocket to `base` (http://…) with `cookie`; 10 s read timeout.
+fn websocket(base: &str, cookie: &str) -> tungstenite::WebSocket<std::net::TcpStream> {
+    let ws_url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str())
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("Cookie", cookie.parse().expect("header"));
+    let stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    tungstenite::client::client(request, stream)
+        .expect("websocket")
+        .0
+}
+
+/// One request and its reply (events in between are skipped).
+fn ask(
+    ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+    request: serde_json::Value,
+) -> serde_json::Value {
+    ws.send(tungstenite::Message::Text(request.to_string().into()))
+        .expect("send");
+    loop {
+        if let tungstenite::Message::Text(t) = ws.read().expect("a message within 10 s") {
+            let message: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+            if message.get("event").is_none() {
+                return message;
+            }
+        }
+    }
+}
+
+fn post_form(agent: &ureq::Agent, url: &str, fields: &[(&str, &str)]) -> ureq::Response {
+    match agent.post(url).send_form(fields) {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    }
+}
+
+fn session_cookie(response: &ureq::Response) -> String {
+    let set_cookie = response.header("Set-Cookie").expect("a cookie").to_owned();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    set_cookie.split(';').next().expect("name=value").to_owned()
+}
+
+#[test]
+fn hosted_mode_signs_in_by_password_over_tls_and_refuses_wrong_ones_and_floods() {
+    let fed = Federation::start("200ms");
+    let data = fed.dir.path().join("web-data");
+    let data = data.to_str().expect("utf-8");
+    let made = std::process::Command::new(agora_tests::bin("agora-web"))
+        .args(["add-user", "alice", "--data-dir", data])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"correct horse\n")?;
+            child.wait_with_output()
+        })
+        .expect("add-user");
+    assert!(made.status.success(), "{made:?}");
+    let secret = std::fs::metadata(fed.dir.path().join("web-data/keys/alice.key_secret"))
+        .expect("the account's secret key");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&secret.permissions()) & 0o777,
+        0o600
+    );
+
+    // A self-signed certificate for 127.0.0.1.
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+    let (cert_path, key_path) = (
+        fed.dir.path().join("cert.pem"),
+        fed.dir.path().join("key.pem"),
+    );
+    std::fs::write(&cert_path, cert.cert.pem()).expect("cert");
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("key");
+    let registry_key = fed.registry_key();
+    let web = Server::start(
+        "agora-web",
+        &[
+            "--hosted",
+            "--data-dir",
+            data,
+            "--bind",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_path.to_str().expect("utf-8"),
+            "--tls-key",
+            key_path.to_str().expect("utf-8"),
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+        ],
+        &fed.dir.path().join("web.log"),
+    );
+    let base = web.endpoint.trim_end_matches('/').to_owned();
+    assert!(base.starts_with("https://127.0.0.1:"), "{base}");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("root");
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocols")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout(Duration::from_secs(10))
+        .tls_config(std::sync::Arc::new(tls))
+        .build();
+    let fetch = |path: &str, cookie: Option<&str>| {
+        let mut request = agent.get(&format!("{base}{path}"));
+        if let Some(c) = cookie {
+            request = request.set("Cookie", c);
+        }
+        match request.call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    };
+
+    // Signed out: the sign-in form, and nothing else.
+    let form = fetch("/", None);
+    assert_eq!(form.status(), 200);
+    let html = form.into_string().expect("html");
+    assert!(html.contains(r#"<form id="signin""#), "{html}");
+    assert!(!html.contains("/signup"), "sign-up is closed: {html}");
+    for path in ["/app.js", "/ws", "/files/g/1"] {
+        assert_eq!(fetch(path, None).status(), 401, "{path}");
+    }
+
+    // A wrong password is refused; the right one opens a Secure session.
+    let refused = post_form(
+        &agent,
+        &format!("{base}/signin"),
+        &[("name", "alice"), ("password", "wrong horse")],
+    );
+    assert_eq!(refused.status(), 401);
+    assert!(refused.header("Set-Cookie").is_none());
+    assert!(refused
+        .into_string()
+        .expect("page")
+        .contains("Wrong name or password."));
+    let unknown = post_form(
+        &agent,
+        &format!("{base}/signin"),
+        &[("name", "mallory"), ("password", "correct horse")],
+    );
+    assert_eq!(unknown.status(), 401, "an unknown name is refused alike");
+    let signed_in = post_form(
+        &agent,
+        &format!("{base}/signin"),
+        &[("name", "alice"), ("password", "correct horse")],
+    );
+    assert_eq!(signed_in.status(), 303);
+    assert!(
+        signed_in
+            .header("Set-Cookie")
+            .is_some_and(|c| c.contains("; Secure")),
+        "{:?}",
+        signed_in.header("Set-Cookie")
+    );
+    let cookie = session_cookie(&signed_in);
+    let page = fetch("/", Some(&cookie));
+    assert!(page
+        .into_string()
+        .expect("html")
+        .contains(r#"<script src="/app.js"></script>"#));
+    // The sign-in registered the account's key with the registry.
+    let whois = fed.cli("carol", &["whois", "alice"], "");
+    assert_eq!(whois.code, Some(0), "{whois:?}");
+
+    // A flood of guesses: past the burst (5 per address and per name) the answer is 429,
+    // even for the right password.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            post_form(
+                &agent,
+                &format!("{base}/signin"),
+                &[("name", "alice"), ("password", "guess guess")],
+            )
+            .status(),
+        );
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let limited = post_form(
+        &agent,
+        &format!("{base}/signin"),
+        &[("name", "alice"), ("password", "correct horse")],
+    );
+    assert_eq!(limited.status(), 429);
+
+    // Signing out ends the session.
+    let out = match agent
+        .post(&format!("{base}/signout"))
+        .set("Cookie", &cookie)
+        .call()
+    {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("signout: {e}"),
+    };
+    assert_eq!(out.status(), 303);
+    assert_eq!(fetch("/app.js", Some(&cookie)).status(), 401);
+}
+
+#[test]
+fn hosted_mode_with_open_signup_makes_an_account_that_chats_as_itself() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Open Group", "127.0.0.1:0", "open", &[]);
+    let data = fed.dir.path().join("web-data");
+    let registry_key = fed.registry_key();
+    // Beyond loopback, plain HTTP needs --insecure-http.
+    let refused = std::process::Command::new(agora_tests::bin("agora-web"))
+        .args([
+            "--hosted",
+            "--bind",
+            "0.0.0.0:0",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--registry-key",
+            &registry_key,
+        ])
+        .output()
+        .expect("agora-web");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--insecure-http"),
+        "{refused:?}"
+    );
+
+    let web = Server::start(
+        "agora-web",
+        &[
+            "--hosted",
+            "--open-signup",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--bind",
+            "127.0.0.1:0",
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+        ],
+        &fed.dir.path().join("web.log"),
+    );
+    let base = web.endpoint.trim_end_matches('/').to_owned();
+    let form = get(&format!("{base}/"), None).into_string().expect("html");
+    assert!(form.contains(r#"formaction="/signup""#), "{form}");
+    let short = post_form(
+        &agent(),
+        &format!("{base}/signup"),
+        &[("name", "bob"), ("password", "short")],
+    );
+    assert_eq!(short.status(), 400);
+    let made = post_form(
+        &agent(),
+        &format!("{base}/signup"),
+        &[("name", "bob"), ("password", "bob's long password")],
+    );
+    assert_eq!(made.status(), 303);
+    let cookie = session_cookie(&made);
+    let taken = post_form(
+        &agent(),
+        &format!("{base}/signup"),
+        &[("name", "bob"), ("password", "another long one")],
+    );
+    assert_eq!(taken.status(), 409);
+
+    // The new account acts as itself: joins, sends, and user-cli sees bob's message.
+    let mut ws = websocket(&base, &cookie);
+    let who = ask(&mut ws, serde_json::json!({"op": "whoami"}));
+    assert_eq!(
+        (who["user"].as_str(), who["hosted"].as_bool()),
+        (Some("bob"), Some(true))
+    );
+    let joined = ask(
+        &mut ws,
+        serde_json::json!({"op": "join", "group": "Open Group"}),
+    );
+    assert_eq!(joined["ok"], true, "{joined}");
+    let sent = ask(
+        &mut ws,
+        serde_json::json!({"op": "send", "group": "Open Group", "text": "hello from bob"}),
+    );
+    assert_eq!(sent["ok"], true, "{sent}");
+    fed.join_when_listed("carol", "Open Group");
+    let shown = fed.cli("carol", &["messages", "Open Group"], "");
+    assert!(shown.stdout.contains("bob: hello from bob"), "{shown:?}");
+}

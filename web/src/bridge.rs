@@ -28,6 +28,8 @@ pub struct Federation {
     pub registry_key: agora_common::keys::PublicKey,
     /// How long one call to a server may take (over its attempts).
     pub timeout: Duration,
+    /// Whether people sign in with a password (hosted mode): the page then offers sign-out.
+    pub hosted: bool,
 }
 
 impl std::fmt::Debug for Federation {
@@ -160,7 +162,11 @@ impl Bridge {
         match request {
             Request::Whoami => Ok(Reply::ok(
                 "whoami",
-                json!({"user": self.identity.user, "key": self.identity.keypair.public}),
+                json!({
+                    "user": self.identity.user,
+                    "key": self.identity.keypair.public,
+                    "hosted": self.federation.hosted,
+                }),
             )),
             Request::Groups => {
                 let list = self.registry.list()?;

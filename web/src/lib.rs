@@ -225,7 +225,17 @@ async fn sign_in(
     };
     let checked = {
         let hosted = Arc::clone(&hosted);
-        tokio::task::spawn_blocking(move || hosted.accounts.verify(&name, &form.password)).await
+        let federation = Arc::clone(&state.federation);
+        tokio::task::spawn_blocking(move || {
+            let identity = hosted.accounts.verify(&name, &form.password)?;
+            // The account's key is registered at its first sign-in (a repeat changes
+            // nothing); a registry that does not answer now is asked again next time.
+            if let Err(e) = register(&federation, &identity) {
+                tracing::warn!(error = %e, "sign-in without registration");
+            }
+            Ok::<_, accounts::AccountError>(identity)
+        })
+        .await
     };
     match checked {
         Ok(Ok(identity)) => signed_in(&state, identity),

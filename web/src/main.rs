@@ -176,6 +176,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         registry: args.registry.clone(),
         registry_key,
         timeout: args.timeout,
+        hosted: args.hosted,
     };
     let (sessions, hosted, spool) = if args.hosted {
         let dir = data_dir(args.data_dir.clone())?;
