@@ -529,3 +529,224 @@ fn hosted_mode_with_open_signup_makes_an_account_that_chats_as_itself() {
     let shown = fed.cli("carol", &["messages", "Open Group"], "");
     assert!(shown.stdout.contains("bob: hello from bob"), "{shown:?}");
 }
+
+/// A personal-mode gateway for `user`, signed in: (gateway, base URL, session cookie).
+fn personal(fed: &Federation, user: &str) -> (Server, String, String) {
+    let (keys, registry_key) = (fed.key_dir(), fed.registry_key());
+    let web = Server::start(
+        "agora-web",
+        &[
+            "--user",
+            user,
+            "--bind",
+            "127.0.0.1:0",
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+            "--key-dir",
+            &keys,
+        ],
+        &fed.dir.path().join(format!("web-{user}.log")),
+    );
+    let url = web.endpoint.clone();
+    let base = url.split_once("/?token=").expect("a token").0.to_owned();
+    let cookie = session_cookie(&get(&url, None));
+    (web, base, cookie)
+}
+
+#[test]
+fn the_websocket_pages_back_through_history_and_carries_direct_messages_and_presence() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Paged", "127.0.0.1:0", "paged", &[]);
+    fed.join_when_listed("alice", "Paged");
+    fed.join_when_listed("bob", "Paged");
+    for user in ["alice", "bob"] {
+        let registered = fed.cli(user, &["register", user], "");
+        assert_eq!(registered.code, Some(0), "{registered:?}");
+    }
+    let (_web, base, cookie) = personal(&fed, "alice");
+    let mut ws = websocket(&base, &cookie);
+    for i in 1..=25 {
+        let sent = ask(
+            &mut ws,
+            serde_json::json!({"op": "send", "group": "Paged", "text": format!("m{i}")}),
+        );
+        assert_eq!(sent["ok"], true, "{sent}");
+    }
+    let seqs = |reply: &serde_json::Value| -> Vec<u64> {
+        reply["messages"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|e| e["seq"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    // The newest page, then the pages before it, down to seq 1.
+    let newest = ask(
+        &mut ws,
+        serde_json::json!({"op": "history", "group": "Paged", "limit": 10}),
+    );
+    let mut shown = seqs(&newest);
+    assert_eq!(shown.len(), 10, "{newest}");
+    while shown[0] > 1 {
+        let page = ask(
+            &mut ws,
+            serde_json::json!({"op": "history", "group": "Paged", "before_seq": shown[0], "limit": 10}),
+        );
+        let mut older = seqs(&page);
+        assert!(!older.is_empty() && older.len() <= 10, "{page}");
+        older.extend(shown);
+        shown = older;
+    }
+    let last = *shown.last().expect("seqs");
+    assert_eq!(
+        shown,
+        (1..=last).collect::<Vec<u64>>(),
+        "every seq once, in order"
+    );
+
+    // Direct messages: bob's to alice, sent while her page was not online, is in the
+    // mailbox; one sent after she went online is pushed; read ones leave the mailbox.
+    let before = fed.cli("bob", &["send_dm", "alice", "while you were out"], "");
+    assert_eq!(before.code, Some(0), "{before:?}");
+    let inbox = ask(&mut ws, serde_json::json!({"op": "inbox"}));
+    let mailbox = inbox["messages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(mailbox.len(), 1, "{inbox}");
+    assert_eq!(
+        (mailbox[0]["from"].as_str(), mailbox[0]["body"].as_str()),
+        (Some("bob"), Some("while you were out"))
+    );
+    let users = ask(&mut ws, serde_json::json!({"op": "users"}));
+    let presence = |users: &serde_json::Value, name: &str| {
+        users["users"]
+            .as_array()
+            .and_then(|u| u.iter().find(|u| u["name"] == name).cloned())
+            .map(|u| u["presence"].clone())
+    };
+    assert_eq!(
+        presence(&users, "alice"),
+        Some(serde_json::json!("online")),
+        "{users}"
+    );
+    let live = fed.cli("bob", &["send_dm", "alice", "now live"], "");
+    assert_eq!(live.code, Some(0), "{live:?}");
+    let pushed = loop {
+        if let tungstenite::Message::Text(t) = ws.read().expect("the pushed DM within 10 s") {
+            let message: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+            if message["event"] == "dm" {
+                break message;
+            }
+        }
+    };
+    assert_eq!(pushed["dm"]["body"], "now live", "{pushed}");
+    let n = pushed["dm"]["n"].as_u64().expect("n");
+    let read = ask(&mut ws, serde_json::json!({"op": "dm_read", "up_to": n}));
+    assert_eq!(read["acked"]["removed"], 2, "{read}");
+    let empty = ask(&mut ws, serde_json::json!({"op": "inbox"}));
+    assert_eq!(empty["messages"], serde_json::json!([]), "{empty}");
+    // alice answers; bob's mailbox holds it.
+    let answered = ask(
+        &mut ws,
+        serde_json::json!({"op": "dm", "to": "bob", "text": "hi bob"}),
+    );
+    assert_eq!(answered["ok"], true, "{answered}");
+    let bobs = fed.cli("bob", &["check"], "");
+    assert!(bobs.stdout.contains("hi bob"), "{bobs:?}");
+    let unknown = ask(
+        &mut ws,
+        serde_json::json!({"op": "dm", "to": "nobody", "text": "?"}),
+    );
+    assert_eq!(unknown["error"], "unknown_user", "{unknown}");
+}
+
+#[test]
+fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inline() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Files", "127.0.0.1:0", "files", &[]);
+    fed.join_when_listed("alice", "Files");
+    let (_web, base, cookie) = personal(&fed, "alice");
+    // 3 MiB and a bit: several chunks and a short last one.
+    let data: Vec<u8> = (0..(3 << 20) + 12_345u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let upload = |name: &str, media_type: &str, bytes: &[u8], cookie: Option<&str>| {
+        let mut request = agent()
+            .post(&format!("{base}/files/Files"))
+            .query("name", name)
+            .query("type", media_type)
+            .query("caption", "see attached");
+        if let Some(c) = cookie {
+            request = request.set("Cookie", c);
+        }
+        match request.send_bytes(bytes) {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("upload: {e}"),
+        }
+    };
+    assert_eq!(
+        upload("x.bin", "application/octet-stream", b"x", None).status(),
+        401
+    );
+    let stored = upload("data.bin", "application/octet-stream", &data, Some(&cookie));
+    assert_eq!(stored.status(), 200);
+    let stored: serde_json::Value =
+        serde_json::from_str(&stored.into_string().expect("body")).expect("JSON");
+    let seq = stored["ack"]["seq"].as_u64().expect("a seq");
+    let png = b"\x89PNG\r\n\x1a\nnot really a picture";
+    let picture: serde_json::Value = serde_json::from_str(
+        &upload("pic.png", "image/png", png, Some(&cookie))
+            .into_string()
+            .expect("body"),
+    )
+    .expect("JSON");
+    let svg = b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>";
+    let drawing: serde_json::Value = serde_json::from_str(
+        &upload("x.svg", "image/svg+xml", svg, Some(&cookie))
+            .into_string()
+            .expect("body"),
+    )
+    .expect("JSON");
+    let bad = upload("a/b", "text/plain", b"x", Some(&cookie));
+    assert_eq!(bad.status(), 400);
+    assert!(bad.into_string().expect("body").contains("invalid_field"));
+
+    // user-cli sees the file message and gets the same bytes.
+    let shown = fed.cli("alice", &["messages", "Files"], "");
+    assert!(
+        shown.stdout.contains("[file data.bin, 3.0 MiB"),
+        "{shown:?}"
+    );
+
+    let download = |seq: u64| match agent()
+        .get(&format!("{base}/files/Files/{seq}"))
+        .set("Cookie", &cookie)
+        .call()
+    {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("download: {e}"),
+    };
+    let got = download(seq);
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.header("Content-Type"), Some("application/octet-stream"));
+    assert!(got
+        .header("Content-Disposition")
+        .is_some_and(|d| d.starts_with("attachment") && d.contains("data.bin")));
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut got.into_reader(), &mut bytes).expect("body");
+    assert!(bytes == data, "byte for byte ({} bytes)", bytes.len());
+    let inline = download(picture["ack"]["seq"].as_u64().expect("seq"));
+    assert_eq!(inline.header("Content-Type"), Some("image/png"));
+    assert!(inline
+        .header("Content-Disposition")
+        .is_some_and(|d| d.starts_with("inline")));
+    let script = download(drawing["ack"]["seq"].as_u64().expect("seq"));
+    assert_eq!(
+        script.header("Content-Type"),
+        Some("application/octet-stream"),
+        "an SVG can carry script: never inline"
+    );
+    assert!(script
+        .header("Content-Disposition")
+        .is_some_and(|d| d.starts_with("attachment")));
+    assert_eq!(download(1).status(), 404, "a join entry carries no file");
+    assert_eq!(download(999).status(), 404);
+}

@@ -56,6 +56,22 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
      img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; \
      base-uri 'none'; form-action 'self'";
 
+/// RFC 8187's `attr-char` (what a `filename*` value keeps as it is); every other byte is
+/// percent-encoded.
+const ATTR_CHAR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
 /// The largest WebSocket message a client may send: 64 KiB.
 pub const MAX_WS_MESSAGE_BYTES: usize = 64 << 10;
 
@@ -589,7 +605,7 @@ async fn download(
     let disposition = format!(
         "{}; filename*=UTF-8''{}",
         if inline { "inline" } else { "attachment" },
-        percent_encoding::utf8_percent_encode(&attachment.name, percent_encoding::NON_ALPHANUMERIC)
+        percent_encoding::utf8_percent_encode(&attachment.name, ATTR_CHAR)
     );
     let mut response = Response::new(Body::from_stream(stream));
     let h = response.headers_mut();
