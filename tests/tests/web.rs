@@ -750,3 +750,34 @@ fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inli
     assert_eq!(download(1).status(), 404, "a join entry carries no file");
     assert_eq!(download(999).status(), 404);
 }
+
+#[test]
+fn an_oversized_websocket_message_gets_an_error_and_never_touches_other_sessions() {
+    let fed = Federation::start("200ms");
+    let (_web, base, cookie) = personal(&fed, "alice");
+    let mut other = websocket(&base, &cookie);
+    let mut ws = websocket(&base, &cookie);
+    // Over 64 KiB: a too_large reply, and the session goes on.
+    let big = serde_json::json!({"op": "send", "group": "g", "text": "x".repeat(100 << 10)});
+    let refused = ask(&mut ws, big);
+    assert_eq!(refused["error"], "too_large", "{refused}");
+    let again = ask(&mut ws, serde_json::json!({"op": "whoami"}));
+    assert_eq!(again["user"], "alice", "{again}");
+    // Past the 1 MiB read limit: closed with 1009, this session only.
+    ws.send(tungstenite::Message::Text("y".repeat(2 << 20).into()))
+        .expect("send");
+    let closed = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(e) => panic!("a close frame, not {e}"),
+        }
+    };
+    assert_eq!(
+        closed.map(|f| u16::from(f.code)),
+        Some(1009),
+        "message too big"
+    );
+    let fine = ask(&mut other, serde_json::json!({"op": "whoami"}));
+    assert_eq!(fine["ok"], true, "{fine}");
+}

@@ -72,8 +72,13 @@ const ATTR_CHAR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMER
     .remove(b'|')
     .remove(b'~');
 
-/// The largest WebSocket message a client may send: 64 KiB.
+/// The largest WebSocket request a client may send: 64 KiB. A larger one (up to
+/// [`WS_READ_LIMIT_BYTES`]) is answered `too_large` and the session goes on.
 pub const MAX_WS_MESSAGE_BYTES: usize = 64 << 10;
+
+/// The largest WebSocket message or frame the gateway reads at all: 1 MiB. Past it the
+/// session is closed with code 1009 ("message too big", RFC 6455 §7.4.1).
+pub const WS_READ_LIMIT_BYTES: usize = 1 << 20;
 
 /// Hosted mode's parts.
 #[derive(Debug)]
@@ -404,7 +409,8 @@ async fn ws(
     };
     match upgrade {
         Ok(upgrade) => upgrade
-            .max_message_size(MAX_WS_MESSAGE_BYTES)
+            .max_message_size(WS_READ_LIMIT_BYTES)
+            .max_frame_size(WS_READ_LIMIT_BYTES)
             .on_upgrade(move |socket| session(socket, state, identity)),
         Err(rejection) => rejection.into_response(),
     }
@@ -425,7 +431,25 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
         let message = tokio::select! {
             incoming = socket.recv() => match incoming {
                 Some(Ok(message)) => message,
-                _ => break,
+                Some(Err(e)) => {
+                    // Past the read limit, or not WebSocket at all: say why, then close.
+                    let text = e.to_string();
+                    let code = if text.contains("too long") || text.contains("Space limit") {
+                        axum::extract::ws::close_code::SIZE
+                    } else {
+                        axum::extract::ws::close_code::PROTOCOL
+                    };
+                    tracing::info!(error = %text, "closing a WebSocket");
+                    let reason = format!("at most {MAX_WS_MESSAGE_BYTES} bytes per message");
+                    let _ = socket
+                        .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    break;
+                }
+                None => break,
             },
             Some(event) = events.recv() => {
                 if socket.send(Message::Text(event.into())).await.is_err() {
@@ -435,6 +459,14 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
             }
         };
         let reply = match message {
+            Message::Text(text) if text.len() > MAX_WS_MESSAGE_BYTES => wire::Reply::error(
+                None,
+                "too_large",
+                &format!(
+                    "{} bytes: at most {MAX_WS_MESSAGE_BYTES} per message",
+                    text.len()
+                ),
+            ),
             Message::Text(text) => match serde_json::from_str::<wire::Request>(text.as_str()) {
                 Ok(request) => bridge.call(request).await,
                 Err(e) => wire::Reply::error(None, "invalid_json", &e.to_string()),
