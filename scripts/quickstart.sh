@@ -3,10 +3,22 @@
 # "news"), and opens the interactive chat. Leaving the chat (exit, or Ctrl-D) stops the
 # federation; messages stay in ~/.local/share/agora/groups/.
 #
-# Usage: scripts/quickstart.sh [--user NAME]
+# Usage: scripts/quickstart.sh [--web] [--user NAME]
+# --web also serves the chat page (agora-web, personal mode) and prints its URL.
 # Ports: AGORA_PORT (default 5555) for the registry, and the next ones for the groups.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+web=0
+args=()
+user=${USER:-me}
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --web) web=1 ;;
+        --user) args+=("$1" "$2"); user=$2; shift ;;
+        *) args+=("$1") ;;
+    esac
+    shift
+done
 scripts/deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --bins --locked
@@ -65,5 +77,15 @@ done
 echo "Local federation: registry $registry (key $AGORA_REGISTRY_KEY);"
 echo "groups \"Cool Group\" and \"news\"; logs in $logs"
 echo "Other terminals find it with: $bin/user-cli --registry auto (or: $bin/user-cli discover)"
+if [ "$web" = 1 ]; then
+    "$bin/agora-web" --user "$user" --bind "127.0.0.1:$((port + 7))" --registry "$registry" \
+        >"$logs/web.out" 2>"$logs/web.log" &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        [ -s "$logs/web.out" ] && break
+        sleep 0.1
+    done
+    echo "The chat page: $(awk '$1 == "listening" {print $2}' "$logs/web.out")"
+fi
 echo "Try: join_group \"Cool Group\", send_message \"Cool Group\", get_messages \"Cool Group\""
-"$bin/user-cli" --registry "$registry" "$@"
+"$bin/user-cli" --registry "$registry" ${args[@]+"${args[@]}"}

@@ -203,6 +203,11 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         let (keypair, _) =
             agora_common::keys::Keypair::load_or_generate(&dir.join(format!("{user}.key")))?;
         let identity = bridge::Identity { user, keypair };
+        // Direct messages and presence need the account (user-cli `register` makes the same
+        // one; a repeat changes nothing).
+        if let Err(e) = agora_web::register(&federation, &identity) {
+            tracing::warn!(error = %e, "direct messages need the account");
+        }
         let sessions =
             auth::Sessions::with_token(identity).context("no randomness for the token")?;
         (sessions, None, std::env::temp_dir())
