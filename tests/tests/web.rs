@@ -531,22 +531,24 @@ fn hosted_mode_with_open_signup_makes_an_account_that_chats_as_itself() {
 }
 
 /// A personal-mode gateway for `user`, signed in: (gateway, base URL, session cookie).
-fn personal(fed: &Federation, user: &str) -> (Server, String, String) {
+fn personal(fed: &Federation, user: &str, extra: &[&str]) -> (Server, String, String) {
     let (keys, registry_key) = (fed.key_dir(), fed.registry_key());
+    let mut args = vec![
+        "--user",
+        user,
+        "--bind",
+        "127.0.0.1:0",
+        "--registry",
+        &fed.registry.endpoint,
+        "--registry-key",
+        &registry_key,
+        "--key-dir",
+        &keys,
+    ];
+    args.extend_from_slice(extra);
     let web = Server::start(
         "agora-web",
-        &[
-            "--user",
-            user,
-            "--bind",
-            "127.0.0.1:0",
-            "--registry",
-            &fed.registry.endpoint,
-            "--registry-key",
-            &registry_key,
-            "--key-dir",
-            &keys,
-        ],
+        &args,
         &fed.dir.path().join(format!("web-{user}.log")),
     );
     let url = web.endpoint.clone();
@@ -565,7 +567,7 @@ fn the_websocket_pages_back_through_history_and_carries_direct_messages_and_pres
         let registered = fed.cli(user, &["register", user], "");
         assert_eq!(registered.code, Some(0), "{registered:?}");
     }
-    let (_web, base, cookie) = personal(&fed, "alice");
+    let (_web, base, cookie) = personal(&fed, "alice", &[]);
     let mut ws = websocket(&base, &cookie);
     for i in 1..=25 {
         let sent = ask(
@@ -663,7 +665,7 @@ fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inli
     let fed = Federation::start("200ms");
     let _node = fed.node("Files", "127.0.0.1:0", "files", &[]);
     fed.join_when_listed("alice", "Files");
-    let (_web, base, cookie) = personal(&fed, "alice");
+    let (_web, base, cookie) = personal(&fed, "alice", &["--max-upload-bytes", "4000000"]);
     // 3 MiB and a bit: several chunks and a short last one.
     let data: Vec<u8> = (0..(3 << 20) + 12_345u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -705,6 +707,23 @@ fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inli
             .expect("body"),
     )
     .expect("JSON");
+    // Past --max-upload-bytes: refused from the headers, before a byte is spooled.
+    let mut raw =
+        std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
+    raw.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    std::io::Write::write_all(
+        &mut raw,
+        format!(
+            "POST /files/Files?name=huge.bin HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\
+             Content-Length: 4000001\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut raw, &mut head).expect("a status line within 10 s");
+    assert_eq!(&head, b"HTTP/1.1 413", "past --max-upload-bytes");
     let bad = upload("a/b", "text/plain", b"x", Some(&cookie));
     assert_eq!(bad.status(), 400);
     assert!(bad.into_string().expect("body").contains("invalid_field"));
@@ -754,7 +773,7 @@ fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inli
 #[test]
 fn an_oversized_websocket_message_gets_an_error_and_never_touches_other_sessions() {
     let fed = Federation::start("200ms");
-    let (_web, base, cookie) = personal(&fed, "alice");
+    let (_web, base, cookie) = personal(&fed, "alice", &[]);
     let mut other = websocket(&base, &cookie);
     let mut ws = websocket(&base, &cookie);
     // Over 64 KiB: a too_large reply, and the session goes on.

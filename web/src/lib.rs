@@ -104,6 +104,9 @@ pub struct AppState {
     pub tls: bool,
     /// Where uploads wait while they are hashed and sent.
     pub spool: Arc<std::path::PathBuf>,
+    /// The largest upload, in bytes (`--max-upload-bytes`, default 4 GiB as a node's
+    /// `--max-file-bytes`); a larger one is `413 too_large` before or while it is spooled.
+    pub max_upload_bytes: u64,
 }
 
 /// The gateway's routes (docs/WEB.md): `/` (the page, or hosted mode's sign-in page),
@@ -531,6 +534,20 @@ async fn upload(
             "group: not a name",
         );
     };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("at most {} bytes per file", state.max_upload_bytes),
+        )
+    };
+    if declared.is_some_and(|n| n > state.max_upload_bytes) {
+        return too_large();
+    }
     // The body to a spool file, a frame at a time: memory stays bounded whatever the size.
     let spooled = tempfile::tempfile_in(state.spool.as_path()).map(tokio::fs::File::from_std);
     let mut spool = match spooled {
@@ -541,9 +558,16 @@ async fn upload(
         }
     };
     let mut stream = body.into_data_stream();
+    let mut spooled = 0u64;
     while let Some(frame) = stream.next().await {
         let written = match frame {
-            Ok(bytes) => tokio::io::AsyncWriteExt::write_all(&mut spool, &bytes).await,
+            Ok(bytes) => {
+                spooled += bytes.len() as u64;
+                if spooled > state.max_upload_bytes {
+                    return too_large();
+                }
+                tokio::io::AsyncWriteExt::write_all(&mut spool, &bytes).await
+            }
             Err(e) => return json_error(StatusCode::BAD_REQUEST, "invalid_field", &e.to_string()),
         };
         if let Err(e) = written {

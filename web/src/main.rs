@@ -88,6 +88,9 @@ struct Serve {
     /// Personal mode: where key pairs live [default: ~/.config/agora].
     #[arg(long, env = "AGORA_KEY_DIR")]
     key_dir: Option<PathBuf>,
+    /// The largest file a person may upload, in bytes (as a node's --max-file-bytes).
+    #[arg(long, env = "AGORA_WEB_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
+    max_upload_bytes: u64,
     /// How long to wait for a server, per call.
     #[arg(long, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -219,6 +222,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         hosted,
         tls: tls.is_some(),
         spool: Arc::new(spool),
+        max_upload_bytes: args.max_upload_bytes,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
