@@ -4,16 +4,20 @@
 #   - a Rust toolchain (through rustup) when cargo is absent;
 #   - with --python: python3 with pyzmq, for the interop test;
 #   - with --bench: nats-server and redis-server, the benchmarks' peers (Debian packages;
-#     the bench starts its own servers, so the packages' system services are left alone).
-# Usage: scripts/deps.sh [--python] [--bench]
+#     the bench starts its own servers, so the packages' system services are left alone);
+#   - with --browser: Chromium and chromedriver (Debian's chromium and chromium-driver), for
+#     the browser tests (tests/tests/browser.rs start their own chromedriver).
+# Usage: scripts/deps.sh [--python] [--bench] [--browser]
 set -euo pipefail
 
 want_python=0
 want_bench=0
+want_browser=0
 for arg in "$@"; do
     case "$arg" in
         --python) want_python=1 ;;
         --bench) want_bench=1 ;;
+        --browser) want_browser=1 ;;
         *) echo "deps: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -48,6 +52,10 @@ if [ "$want_bench" -eq 1 ]; then
     command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
     command -v redis-server >/dev/null 2>&1 || [ -x /usr/sbin/redis-server ] || missing+=(redis-server)
     command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+fi
+if [ "$want_browser" -eq 1 ]; then
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "deps: installing ${missing[*]}" >&2

@@ -3,8 +3,11 @@
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`, which
 //! `scripts/test.sh` does); they are looked up beside the test executable's `deps/` folder.
+//! [`Chromedriver`] runs the installed chromedriver (and, through it, Chromium) for the browser
+//! tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -208,12 +211,28 @@ pub struct CliRun {
 /// # Panics
 /// If it runs past [`CLI_TIMEOUT`].
 pub fn cli(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> CliRun {
-    let mut child = user_cli(args, env)
+    finish(user_cli(args, env), "user-cli", args, stdin)
+}
+
+/// Runs the workspace binary `bin_name` (`agora-web add-user NAME`, say) with `args` to its
+/// end, feeding `stdin`.
+///
+/// # Panics
+/// If it is not built, or runs past [`CLI_TIMEOUT`].
+pub fn run(bin_name: &str, args: &[&str], stdin: &str) -> CliRun {
+    let mut command = Command::new(bin(bin_name));
+    command.args(args);
+    finish(command, bin_name, args, stdin)
+}
+
+/// Spawns `command`, feeds it `stdin`, and collects its output and exit code.
+fn finish(mut command: Command, name: &str, args: &[&str], stdin: &str) -> CliRun {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn user-cli");
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let mut input = child.stdin.take().expect("stdin");
     let stdin = stdin.to_owned();
     let writer = std::thread::spawn(move || {
@@ -239,7 +258,7 @@ pub fn cli(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> CliRun {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("user-cli {args:?} ran past {CLI_TIMEOUT:?}");
+            panic!("{name} {args:?} ran past {CLI_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -441,6 +460,65 @@ impl Federation {
         cli(&args, stdin, &env)
     }
 
+    /// Starts `agora-web` in personal mode as `user` (its key pair in
+    /// [`Federation::key_dir`], shared with user-cli runs) on an ephemeral loopback port; the
+    /// endpoint is the URL with the one-time token.
+    pub fn web_personal(&self, user: &str) -> Server {
+        let (keys, registry_key) = (self.key_dir(), self.registry_key());
+        Server::start(
+            "agora-web",
+            &[
+                "--user",
+                user,
+                "--bind",
+                "127.0.0.1:0",
+                "--registry",
+                &self.registry.endpoint,
+                "--registry-key",
+                &registry_key,
+                "--key-dir",
+                &keys,
+            ],
+            &self.dir.path().join(format!("web-{user}.log")),
+        )
+    }
+
+    /// Starts `agora-web --hosted` on an ephemeral loopback port with its accounts in
+    /// `DIR/<data>`; the endpoint is the base URL (the sign-in page).
+    pub fn web_hosted(&self, data: &str) -> Server {
+        let (data_dir, registry_key) = (self.path(data), self.registry_key());
+        Server::start(
+            "agora-web",
+            &[
+                "--hosted",
+                "--data-dir",
+                &data_dir,
+                "--bind",
+                "127.0.0.1:0",
+                "--registry",
+                &self.registry.endpoint,
+                "--registry-key",
+                &registry_key,
+            ],
+            &self.dir.path().join(format!("web-{data}.log")),
+        )
+    }
+
+    /// Makes the hosted account `name` with `password` in `DIR/<data>` (`agora-web add-user`,
+    /// the password on stdin).
+    ///
+    /// # Panics
+    /// If add-user fails.
+    pub fn web_add_user(&self, data: &str, name: &str, password: &str) {
+        let data_dir = self.path(data);
+        let made = run(
+            "agora-web",
+            &["add-user", name, "--data-dir", &data_dir],
+            &format!("{password}\n"),
+        );
+        assert_eq!(made.code, Some(0), "add-user {name}: {made:?}");
+    }
+
     /// Starts `user-cli ARGS` (for example `watch`) as `user` in the background.
     pub fn spawn_cli(&self, user: &str, args: &[&str]) -> Streaming {
         let (args, env) = self.cli_setup(user, args);
@@ -569,4 +647,158 @@ fn lines_of(r: Box<dyn Read + Send>) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// A program the machine must have installed (`chromium`, say): the first `name` on `PATH`,
+/// else the first of `fallbacks` that exists.
+///
+/// # Panics
+/// If there is none, naming what installs it: the tests that need it fail, they never skip.
+pub fn installed(name: &str, fallbacks: &[&str], installs: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .chain(fallbacks.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not installed (not on PATH, nor at {fallbacks:?}): {installs} \
+                 (scripts/deps.sh --browser does)"
+            )
+        })
+}
+
+/// `chromedriver` on an ephemeral loopback port (started with `--port=0`, it prints the port
+/// it took), in a process group of its own, which the browsers it starts share. Dropping it
+/// kills the whole group (SIGKILL) and reaps chromedriver, so no browser outlives a test, even
+/// one that panicked before closing its sessions. Chromium's crash handlers leave the group
+/// (they exit by themselves once their browser is gone): they are told apart by their crash
+/// database, under this driver's own config directory, and waited for.
+pub struct Chromedriver {
+    child: Child,
+    /// Its WebDriver endpoint, `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The Chromium binary sessions should run.
+    pub chromium: PathBuf,
+    /// Its log and the browsers' config and cache directories (`XDG_CONFIG_HOME`, ...).
+    dir: tempfile::TempDir,
+}
+
+impl Chromedriver {
+    /// Starts chromedriver, its log and the browsers' config under a new directory in `dir`,
+    /// and waits for its port.
+    ///
+    /// # Panics
+    /// If chromedriver or Chromium is not installed (Debian's `chromium-driver` and
+    /// `chromium`), or chromedriver prints no port within [`START_TIMEOUT`].
+    pub fn start(dir: &Path) -> Chromedriver {
+        const INSTALLS: &str = "apt-get install chromium chromium-driver";
+        let driver = installed(
+            "chromedriver",
+            &["/usr/lib/chromium/chromedriver"],
+            INSTALLS,
+        );
+        let chromium = installed("chromium", &["/usr/lib/chromium/chromium"], INSTALLS);
+        let dir = tempfile::Builder::new()
+            .prefix("chromedriver-")
+            .tempdir_in(dir)
+            .expect("a chromedriver dir");
+        let log = dir.path().join("chromedriver.log");
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(&driver)
+            .arg("--port=0")
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", driver.display()));
+        let stdout = lines_of(Box::new(child.stdout.take().expect("stdout")));
+        // "ChromeDriver was started successfully on port 41283."
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut seen = Vec::new();
+        let port = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match stdout.recv_timeout(left) {
+                Ok(line) => {
+                    let port = line
+                        .contains("started successfully")
+                        .then(|| line.rsplit_once("on port "))
+                        .flatten()
+                        .and_then(|(_, p)| p.trim_end_matches('.').trim().parse::<u16>().ok());
+                    seen.push(line);
+                    if let Some(port) = port {
+                        break port;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    panic!(
+                        "chromedriver printed no port ({status:?}); stdout {seen:?}; log:\n{}",
+                        read(&log)
+                    );
+                }
+            }
+        };
+        // Whatever else it prints is read and dropped, so that it never blocks on a full pipe.
+        std::thread::spawn(move || stdout.into_iter().for_each(drop));
+        Chromedriver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            chromium,
+            dir,
+        }
+    }
+
+    /// chromedriver's log so far.
+    pub fn log(&self) -> String {
+        read(&self.dir.path().join("chromedriver.log"))
+    }
+
+    /// The processes other than zombies whose command line names this driver's directory
+    /// (Chromium's crash handlers, with `--database=DIR/config/...`).
+    fn strays(&self) -> Vec<u32> {
+        let mark = self.dir.path().as_os_str().as_encoded_bytes();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+                        Some(state == "Z")
+                    })
+                    .unwrap_or(true);
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                !zombie && cmdline.windows(mark.len()).any(|w| w == mark)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        // The group's id is chromedriver's pid (`process_group(0)`).
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !wait_for(Duration::from_secs(5), || self.strays().is_empty()) {
+            for pid in self.strays() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
 }
