@@ -48,6 +48,16 @@ impl RegistryProc {
         Ok((client, curve))
     }
 
+    /// Where clients connect.
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The registry's CURVE public key.
+    pub(crate) fn key(&self) -> PublicKey {
+        self.key
+    }
+
     /// The registry's resident memory, KiB.
     pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
         crate::servers::rss_kib(self.child.id())

@@ -35,6 +35,7 @@ mod live;
 mod peers;
 mod servers;
 mod table;
+mod web;
 mod workload;
 
 /// Benchmarks Agora against NATS, Redis and raw libzmq on loopback.
@@ -55,7 +56,7 @@ struct Args {
     /// peers run without TLS.
     #[arg(long)]
     curve: bool,
-    /// Only these workloads (1–8; repeatable). Default: all.
+    /// Only these workloads (1–8; repeatable). Default: all, or none with --web.
     #[arg(long = "workload", value_parser = clap::value_parser!(u8).range(1..=8))]
     workloads: Vec<u8>,
     /// Agora only: skip the peers (no nats-server or redis-server needed).
@@ -69,6 +70,20 @@ struct Args {
     /// a broadcast to 10,000 accounts (200 with --quick) in recipients per second.
     #[arg(long)]
     dm: bool,
+    /// The web gateway under load (Agora only; over CURVE): `--web-sessions` WebSocket
+    /// sessions on one agora-web, all following one group, against as many user-cli feeds.
+    /// Runs the numbered workloads only when `--workload` names them.
+    #[arg(long)]
+    web: bool,
+    /// The web workload's concurrent WebSocket sessions (and baseline feeds).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    web_sessions: u64,
+    /// The web workload's messages per phase of a round [default: 200, 20 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    web_messages: Option<u64>,
+    /// The web workload's pace: one message sent every this long.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    web_interval: Duration,
     /// Internal: be the libzmq REP echo server of the transport floor.
     #[arg(long, hide = true)]
     serve_rep: bool,
@@ -220,7 +235,7 @@ fn main() -> anyhow::Result<()> {
         rows: Vec::new(),
         failures: Vec::new(),
     };
-    let all = args.workloads.is_empty();
+    let all = args.workloads.is_empty() && !args.web;
     let wants = |w: u8| all || args.workloads.contains(&w);
     let mut losses = Vec::new();
     if wants(1) {
@@ -251,6 +266,12 @@ fn main() -> anyhow::Result<()> {
         dm::stored(bench.sizes.lookups, bytes)?;
         dm::latency(bench.sizes.fanout_latency, bytes)?;
         dm::broadcast(bench.sizes.registry_groups, bytes)?;
+    }
+    if args.web {
+        if let Some(n) = args.web_messages {
+            bench.sizes.web_messages = n;
+        }
+        web(&mut bench, args.web_sessions as usize, args.web_interval);
     }
 
     println!("{}", heading(&args, &bench, &pinning));
@@ -294,7 +315,7 @@ fn heading(args: &Args, bench: &Bench, pinning: &str) -> String {
     let (major, minor, patch) = zmq::version();
     format!(
         "agora-bench{}: {} cores ({cpu}); {pinning}; medians of {} run(s); bodies {} B.\n\
-         Agora {} over {}; {}; {}; libzmq {major}.{minor}.{patch}.\n",
+         Agora {} over {}{}; {}; {}; libzmq {major}.{minor}.{patch}.\n",
         if args.quick { " --quick" } else { "" },
         cores,
         bench.sizes.repeat,
@@ -304,6 +325,11 @@ fn heading(args: &Args, bench: &Bench, pinning: &str) -> String {
             "CURVE"
         } else {
             "plain TCP (--insecure)"
+        },
+        if args.web {
+            " (the web workload: CURVE)"
+        } else {
+            ""
         },
         version("nats-server", "--version"),
         version("redis-server", "--version"),
@@ -638,6 +664,164 @@ fn memory(b: &mut Bench) {
     b.sizes.repeat = saved;
 }
 
+/// The web gateway: send→deliver through `sessions` WebSocket sessions on one agora-web
+/// against user-cli's path (as many `common::live` feeds), and the gateway's memory.
+fn web(b: &mut Bench, sessions: usize, interval: Duration) {
+    // Each session holds a WebSocket and a few ZeroMQ sockets in the gateway; the baseline's
+    // feeds as many in this process.
+    let needed = 16 * sessions as u64 + 1024;
+    let limit = web::raise_open_files(needed);
+    if limit < needed {
+        eprintln!("agora-bench: web: open files limited to {limit} (wanted {needed})");
+    }
+    let mut stage = match web::Stage::start(sessions) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("agora-bench: web: {e:#}");
+            b.failures.push(format!("web setup: {e:#}"));
+            return;
+        }
+    };
+    let (messages, bytes) = (b.sizes.web_messages, b.sizes.bytes);
+    let mut n = 0;
+    let rounds = b.runs("web gateway and baseline", || {
+        n += 1;
+        stage.round(n % 2 == 1, messages, bytes, interval)
+    });
+    let peak = stage.gateway_peak_rss_kib().ok();
+    drop(stage);
+    let label = format!(
+        "web. {sessions} session(s) in one group, one msg every {} ms",
+        interval.as_millis()
+    );
+    let mut failed = Vec::new();
+    for r in &rounds {
+        if let Err(e) = &r.gateway {
+            if !failed.contains(e) {
+                failed.push(e.clone());
+            }
+        }
+    }
+    b.failures
+        .extend(failed.iter().map(|e| format!("web gateway phase: {e}")));
+    let pick = |f: fn(&web::Round) -> f64| median(rounds.iter().map(f).collect());
+    let gateway = |f: fn(&web::GatewayRound) -> f64| {
+        median(
+            rounds
+                .iter()
+                .filter_map(|r| r.gateway.as_ref().ok())
+                .map(f)
+                .collect(),
+        )
+    };
+    // The baseline is Agora's own, not a peer's: shown with or without --no-peers.
+    let baseline = "user-cli's path: common::live feeds";
+    for (name, through, base) in [
+        (
+            "send→deliver through agora-web, p50",
+            gateway(|g| g.latency.p50_us),
+            pick(|r| r.baseline.p50_us),
+        ),
+        (
+            "send→deliver through agora-web, p99",
+            gateway(|g| g.latency.p99_us),
+            pick(|r| r.baseline.p99_us),
+        ),
+    ] {
+        b.rows.push(Row {
+            workload: format!("{label}: {name}"),
+            unit: "µs",
+            better: Better::Lower,
+            agora: through,
+            peers: vec![(baseline, base)],
+        });
+    }
+    // Per round, then the median: both phases of a round ran on the same machine state.
+    let added: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| {
+            let g = r.gateway.as_ref().ok()?;
+            Some(g.latency.p50_us - r.baseline.p50_us)
+        })
+        .collect();
+    b.row(
+        format!("{label}: agora-web's added p50 (target ≤ 1,000)"),
+        "µs",
+        Better::Lower,
+        median(added),
+        Vec::new(),
+    );
+    b.rows.push(Row {
+        workload: format!("{label}: CPU per delivery, agora-web"),
+        unit: "µs",
+        better: Better::Lower,
+        agora: gateway(|g| g.cpu_us),
+        peers: vec![(
+            "the baseline's feeds (this process)",
+            pick(|r| r.baseline_clients_cpu_us),
+        )],
+    });
+    b.row(
+        format!("{label}: CPU per delivery, the WebSocket clients (this process)"),
+        "µs",
+        Better::Lower,
+        gateway(|g| g.clients_cpu_us),
+        Vec::new(),
+    );
+    b.rows.push(Row {
+        workload: format!("{label}: CPU per delivery, group-node, gateway phase"),
+        unit: "µs",
+        better: Better::Lower,
+        agora: gateway(|g| g.node_cpu_us),
+        peers: vec![("baseline phase", pick(|r| r.baseline_node_cpu_us))],
+    });
+    b.rows.push(Row {
+        workload: format!("web. {sessions} session(s) following, nothing sent: CPU, agora-web"),
+        unit: "% of a core",
+        better: Better::Lower,
+        agora: gateway(|g| g.idle_pct.0),
+        peers: vec![(
+            "the baseline's feeds (this process)",
+            pick(|r| r.baseline_idle_pct.0),
+        )],
+    });
+    b.rows.push(Row {
+        workload: format!("web. {sessions} session(s) following, nothing sent: CPU, group-node"),
+        unit: "% of a core",
+        better: Better::Lower,
+        agora: gateway(|g| g.idle_pct.1),
+        peers: vec![("baseline phase", pick(|r| r.baseline_idle_pct.1))],
+    });
+    b.row(
+        "web. agora-web RSS before the sessions open",
+        "KiB",
+        Better::Lower,
+        gateway(|g| g.rss_before_kib as f64),
+        Vec::new(),
+    );
+    b.row(
+        format!("web. agora-web RSS, {sessions} session(s) following (target ≤ 262,144)"),
+        "KiB",
+        Better::Lower,
+        gateway(|g| g.rss_following_kib as f64),
+        Vec::new(),
+    );
+    b.row(
+        format!("{label}: agora-web's largest RSS while sending"),
+        "KiB",
+        Better::Lower,
+        gateway(|g| g.rss_max_kib as f64),
+        Vec::new(),
+    );
+    b.row(
+        "web. agora-web peak RSS over the run (VmHWM, or the largest VmRSS seen)",
+        "KiB",
+        Better::Lower,
+        peak.map(|k| k as f64),
+        Vec::new(),
+    );
+}
+
 /// A running `group-node` process (killed on drop).
 pub(crate) struct NodeProc {
     child: Child,
@@ -747,7 +931,15 @@ pub(crate) fn spawn_server(
 /// arguments, in a temporary data directory. The per-peer rate limit is off: the bench
 /// measures throughput, and one bench client sends far more than a person would.
 pub(crate) fn start_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
-    let mut args = vec!["bench", "127.0.0.1:0", "--no-registry", "--rate-limit", "0"];
+    let mut args = vec!["--no-registry"];
+    args.extend_from_slice(extra);
+    spawn_node(&args)
+}
+
+/// As [`start_node`], registered with the registry `extra` names (`--registry E
+/// --registry-key K`).
+pub(crate) fn spawn_node(extra: &[&str]) -> anyhow::Result<NodeProc> {
+    let mut args = vec!["bench", "127.0.0.1:0", "--rate-limit", "0"];
     args.extend_from_slice(extra);
     let (child, words, dir) = spawn_server("group-node", &args)?;
     let words: Vec<&str> = words.iter().map(String::as_str).collect();

@@ -134,6 +134,24 @@ pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmHWM in /proc status")
 }
 
+/// CPU time process `pid` has used so far, all its threads, user and system, in
+/// `USER_HZ` ticks read as 1/100 s (Linux's `USER_HZ` is 100 on every mainstream arch).
+///
+/// # Errors
+/// When `/proc/PID/stat` cannot be read or parsed.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state (3), …, utime (14), stime (15).
+    let rest = stat.rsplit_once(')').context("no ')' in /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).context("a short /proc stat")?.parse()?)
+    };
+    let ticks = tick(11)? + tick(12)?;
+    Ok(Duration::from_millis(ticks * 10))
+}
+
 /// Starts nats-server with JetStream on a file store in a temporary directory, on a random
 /// loopback port (`-p -1`; the port is read from its log line `Listening for client
 /// connections on HOST:PORT`).

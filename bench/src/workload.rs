@@ -42,6 +42,8 @@ pub struct Sizes {
     pub registry_groups: u64,
     /// Workload 8: the file sent up and back, in bytes (1 GiB).
     pub file_bytes: u64,
+    /// The web workload: messages per phase of a round.
+    pub web_messages: u64,
     /// Runs per workload; the table shows the median.
     pub repeat: usize,
 }
@@ -67,6 +69,7 @@ impl Sizes {
             memory_points: vec![100_000, 1_000_000],
             registry_groups: 10_000,
             file_bytes: 1 << 30,
+            web_messages: 200,
             repeat,
         }
     }
@@ -91,6 +94,7 @@ impl Sizes {
             memory_points: vec![1_000, 5_000],
             registry_groups: 200,
             file_bytes: 8 << 20,
+            web_messages: 20,
             repeat: 1,
         }
     }

@@ -1,27 +1,90 @@
 //! One thread per WebSocket session owns that session's ZeroMQ sockets (a registry client
-//! and a client per group it touched), as libzmq wants; the session's task hands it requests
-//! through a bounded channel and awaits each reply. The session's live feed
-//! (`common::live`) and inbox (`common::inbox`) are actors of their own; their events reach
-//! the page through one bounded queue.
+//! and a client per group it touched), as libzmq wants; the session's tasks hand it requests
+//! through a bounded channel and await each reply. The session's inbox (`common::inbox`) is
+//! an actor of its own; live group entries come from the shared [`crate::hub`].
+//!
+//! ZeroMQ contexts come from a [`ContextPool`]: libzmq caps one context at 1,023 sockets
+//! (`ZMQ_MAX_SOCKETS`), so every [`SESSIONS_PER_CONTEXT`] sessions share one.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
 use agora_common::inbox::Inbox;
-use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_proto::id::MessageId;
-use agora_proto::wire::{GroupName, HistoryQuery, UserName, MAX_PAGE_LIMIT};
+use agora_proto::wire::{GroupEntry, GroupName, HistoryQuery, UserName, MAX_PAGE_LIMIT};
 use serde_json::json;
 
 use crate::wire::{Reply, Request};
 
+/// Sessions (or feeds, or transfers) that share one ZeroMQ context: 150. Each holds a few
+/// sockets (a registry client, a group client or two, the inbox's DEALER and pipe), well
+/// under libzmq's 1,023 per context.
+pub const SESSIONS_PER_CONTEXT: usize = 150;
+
+/// ZeroMQ contexts handed out [`SESSIONS_PER_CONTEXT`] users at a time; each context has
+/// one I/O thread.
+#[derive(Default)]
+pub struct ContextPool {
+    contexts: Mutex<Vec<(zmq::Context, Arc<()>)>>,
+}
+
+impl std::fmt::Debug for ContextPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.contexts.lock().map(|c| c.len()).unwrap_or(0);
+        f.debug_struct("ContextPool").field("contexts", &n).finish()
+    }
+}
+
+/// A context from the pool; its slot is free again when this is dropped.
+#[derive(Clone)]
+pub struct PooledContext {
+    ctx: zmq::Context,
+    _slot: Arc<()>,
+}
+
+impl std::fmt::Debug for PooledContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledContext").finish_non_exhaustive()
+    }
+}
+
+impl PooledContext {
+    /// The context.
+    pub fn context(&self) -> &zmq::Context {
+        &self.ctx
+    }
+}
+
+impl ContextPool {
+    /// The least used context with a free slot, or a new one.
+    pub fn take(&self) -> PooledContext {
+        let Ok(mut contexts) = self.contexts.lock() else {
+            return PooledContext {
+                ctx: zmq::Context::new(),
+                _slot: Arc::new(()),
+            };
+        };
+        let free = contexts
+            .iter()
+            .filter(|(_, slot)| Arc::strong_count(slot) <= SESSIONS_PER_CONTEXT)
+            .min_by_key(|(_, slot)| Arc::strong_count(slot))
+            .map(|(ctx, slot)| (ctx.clone(), Arc::clone(slot)));
+        let (ctx, slot) = free.unwrap_or_else(|| {
+            let made = (zmq::Context::new(), Arc::new(()));
+            contexts.push((made.0.clone(), Arc::clone(&made.1)));
+            made
+        });
+        PooledContext { ctx, _slot: slot }
+    }
+}
+
 /// How sessions reach the federation: shared by every session.
 #[derive(Clone)]
 pub struct Federation {
-    /// The one ZeroMQ context of the gateway (its I/O threads serve every session).
-    pub ctx: zmq::Context,
+    /// The gateway's ZeroMQ contexts.
+    pub contexts: Arc<ContextPool>,
     /// The registry's endpoint.
     pub registry: String,
     /// The registry's CURVE public key.
@@ -50,10 +113,9 @@ impl Federation {
         }
     }
 
-    /// A registry client acting as `identity`.
-    pub fn registry_client(&self, identity: &Identity) -> RegistryClient {
-        RegistryClient::new(&self.ctx, &self.registry, self.options())
-            .with_curve(self.curve(identity))
+    /// A registry client acting as `identity`, on `ctx`.
+    pub fn registry_client(&self, ctx: &zmq::Context, identity: &Identity) -> RegistryClient {
+        RegistryClient::new(ctx, &self.registry, self.options()).with_curve(self.curve(identity))
     }
 
     /// `identity`'s key pair towards the registry.
@@ -74,73 +136,116 @@ pub struct Identity {
     pub keypair: agora_common::keys::Keypair,
 }
 
-type Job = (Request, tokio::sync::oneshot::Sender<Reply>);
+/// What a session's thread is asked to do.
+enum Job {
+    /// A request of the page.
+    Request(Request, tokio::sync::oneshot::Sender<Reply>),
+    /// A group's registry entry (for following it).
+    Lookup(
+        GroupName,
+        tokio::sync::oneshot::Sender<Result<GroupEntry, Reply>>,
+    ),
+}
 
-/// Pushed events a session holds before the feed waits for the page (the node then stops
-/// pushing and the feed catches up from the log later): 256.
+/// Events a session holds for a page that reads slowly (its inbox's wait, its groups' lag
+/// and catch up from the log): 256.
 pub const EVENT_QUEUE: usize = 256;
 
-/// A session's bridge thread; it ends when the session is dropped.
-#[derive(Debug)]
+/// Requests a session's thread holds: 8.
+const JOB_QUEUE: usize = 8;
+
+/// A session's bridge thread; it ends when every handle to it is dropped.
+#[derive(Debug, Clone)]
 pub struct Session {
-    jobs: mpsc::SyncSender<Job>,
+    jobs: tokio::sync::mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Request(r, _) => write!(f, "Request({})", r.op()),
+            Job::Lookup(g, _) => write!(f, "Lookup({g})"),
+        }
+    }
 }
 
 impl Session {
-    /// Starts the thread; the events of the groups the page follows and of its inbox arrive
-    /// on the returned receiver, as JSON text (docs/WEB.md "Events").
+    /// Starts the thread; the events of its inbox arrive on `events`, as JSON text
+    /// (docs/WEB.md §4).
     ///
     /// # Errors
     /// The thread could not be spawned.
     pub fn start(
         federation: &Federation,
         identity: &Identity,
-    ) -> std::io::Result<(Session, tokio::sync::mpsc::Receiver<String>)> {
-        let (jobs, incoming) = mpsc::sync_channel::<Job>(1);
-        let (events, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        events: tokio::sync::mpsc::Sender<axum::extract::ws::Utf8Bytes>,
+    ) -> std::io::Result<Session> {
+        let (jobs, mut incoming) = tokio::sync::mpsc::channel::<Job>(JOB_QUEUE);
+        let ctx = federation.contexts.take();
         let mut bridge = Bridge {
-            registry: federation.registry_client(identity),
+            registry: federation.registry_client(ctx.context(), identity),
+            ctx,
             federation: federation.clone(),
             identity: identity.clone(),
             groups: HashMap::new(),
-            feed: None,
             inbox: None,
             events,
         };
         std::thread::Builder::new()
             .name("web-session".into())
             .spawn(move || {
-                while let Ok((request, reply)) = incoming.recv() {
-                    let op = request.op();
-                    let answer = bridge.handle(request).unwrap_or_else(|e| failure(op, &e));
-                    let _ = reply.send(answer);
+                while let Some(job) = incoming.blocking_recv() {
+                    match job {
+                        Job::Request(request, reply) => {
+                            let op = request.op();
+                            let answer = bridge.handle(request).unwrap_or_else(|e| failure(op, &e));
+                            let _ = reply.send(answer);
+                        }
+                        Job::Lookup(group, reply) => {
+                            let entry = bridge
+                                .registry
+                                .lookup(&group)
+                                .map_err(|e| failure("follow", &e));
+                            let _ = reply.send(entry);
+                        }
+                    }
                 }
             })?;
-        Ok((Session { jobs }, events_rx))
+        Ok(Session { jobs })
     }
 
     /// Asks the thread, and waits for its reply.
-    pub async fn call(&mut self, request: Request) -> Reply {
+    pub async fn call(&self, request: Request) -> Reply {
         let op = request.op();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        if self.jobs.try_send((request, reply)).is_err() {
+        if self.jobs.send(Job::Request(request, reply)).await.is_err() {
             return Reply::error(Some(op), "internal", "the session's bridge is gone");
         }
         answer
             .await
             .unwrap_or_else(|_| Reply::error(Some(op), "internal", "the session's bridge is gone"))
     }
+
+    /// `group`'s registry entry, or the error reply for `follow`.
+    pub async fn lookup(&self, group: GroupName) -> Result<GroupEntry, Reply> {
+        let gone = || Reply::error(Some("follow"), "internal", "the session's bridge is gone");
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.jobs.send(Job::Lookup(group, reply)).await.is_err() {
+            return Err(gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(gone()))
+    }
 }
 
 /// What a session's thread owns.
 struct Bridge {
+    ctx: PooledContext,
     federation: Federation,
     identity: Identity,
     registry: RegistryClient,
     groups: HashMap<GroupName, GroupClient>,
-    feed: Option<Feed>,
     inbox: Option<Inbox>,
-    events: tokio::sync::mpsc::Sender<String>,
+    events: tokio::sync::mpsc::Sender<axum::extract::ws::Utf8Bytes>,
 }
 
 fn failure(op: &str, e: &ClientError) -> Reply {
@@ -191,14 +296,12 @@ impl Bridge {
                 let membership = client.leave()?;
                 Ok(Reply::ok("leave", json!({ "membership": membership })))
             }
-            Request::Follow { group, after_seq } => self.follow(group, after_seq),
-            Request::Unfollow { group } => {
-                let entry = self.registry.lookup(&group)?;
-                if let Some(feed) = &self.feed {
-                    feed.remove(entry.endpoint.as_str());
-                }
-                Ok(Reply::ok("unfollow", json!({ "group": group })))
-            }
+            // The session's task follows through the hub (`crate::hub`), not this thread.
+            Request::Follow { .. } | Request::Unfollow { .. } => Ok(Reply::error(
+                Some("follow"),
+                "internal",
+                "following is the session's, not the bridge's",
+            )),
             Request::Send { group, text, id } => {
                 let body = text_body(&text)?;
                 let client = self.group_client(&group)?;
@@ -257,35 +360,6 @@ impl Bridge {
         ))
     }
 
-    /// `follow`: adds the group to the session's feed (started on the first one).
-    fn follow(&mut self, group: GroupName, after_seq: Option<u64>) -> Result<Reply, ClientError> {
-        let entry = self.registry.lookup(&group)?;
-        if self.feed.is_none() {
-            let events = self.events.clone();
-            let started = Feed::with_handler(
-                &self.federation.ctx,
-                self.identity.user.clone(),
-                Some(self.identity.keypair.clone()),
-                FeedOptions::default(),
-                // On the feed's own thread: a full queue makes it wait, as the live stream
-                // wants.
-                move |event| events.blocking_send(event_json(event)).is_ok(),
-            )
-            .map_err(ClientError::Read)?;
-            self.feed = Some(started);
-        }
-        if let Some(feed) = &self.feed {
-            feed.add(GroupSpec {
-                label: group.as_str().to_owned(),
-                endpoint: entry.endpoint.as_str().to_owned(),
-                group: Some(group.clone()),
-                after_seq,
-                server_key: entry.public_key,
-            });
-        }
-        Ok(Reply::ok("follow", json!({ "group": group })))
-    }
-
     /// `inbox`: presence online and direct messages pushed from now on (once per session),
     /// and the mailbox as it stands.
     fn inbox(&mut self) -> Result<Reply, ClientError> {
@@ -295,12 +369,13 @@ impl Bridge {
             let every = Duration::from_millis(ttl.ttl_ms / 3).max(Duration::from_millis(100));
             let events = self.events.clone();
             let started = Inbox::start(
-                &self.federation.ctx,
+                self.ctx.context(),
                 &self.federation.registry,
                 self.federation.curve(&self.identity),
                 every,
                 move |dm| {
-                    let _ = events.blocking_send(json!({"event": "dm", "dm": dm}).to_string());
+                    let text = json!({"event": "dm", "dm": dm}).to_string();
+                    let _ = events.blocking_send(text.into());
                     // Acked when the page shows it (`dm_read`), so a closed tab loses nothing.
                     false
                 },
@@ -320,7 +395,7 @@ impl Bridge {
         if !self.groups.contains_key(group) {
             let entry = self.registry.lookup(group)?;
             let mut client = GroupClient::new(
-                &self.federation.ctx,
+                self.ctx.context(),
                 entry.endpoint.as_str(),
                 self.identity.user.clone(),
                 Some(group.clone()),
@@ -338,24 +413,4 @@ impl Bridge {
             ClientError::BadReply(agora_proto::codec::CodecError::Field("no client".into()))
         })
     }
-}
-
-/// A feed event as the page receives it.
-fn event_json(event: FeedEvent) -> String {
-    let value = match event {
-        FeedEvent::Entry {
-            group, entry, live, ..
-        } => json!({"event": "entry", "group": group, "entry": entry, "live": live}),
-        FeedEvent::Subscribed {
-            group, last_seq, ..
-        } => json!({"event": "subscribed", "group": group, "last_seq": last_seq}),
-        FeedEvent::Error {
-            label,
-            error,
-            fatal,
-        } => {
-            json!({"event": "error", "group": label, "message": error.to_string(), "fatal": fatal})
-        }
-    };
-    value.to_string()
 }

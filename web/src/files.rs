@@ -56,17 +56,18 @@ impl FileError {
 }
 
 fn node(
+    ctx: &zmq::Context,
     federation: &Federation,
     identity: &Identity,
     group: &GroupName,
 ) -> Result<(GroupClient, UploadTarget), ClientError> {
-    let entry = federation.registry_client(identity).lookup(group)?;
+    let entry = federation.registry_client(ctx, identity).lookup(group)?;
     let curve = entry.public_key.map(|key| ClientCurve {
         keypair: identity.keypair.clone(),
         server_key: key,
     });
     let mut client = GroupClient::new(
-        &federation.ctx,
+        ctx,
         entry.endpoint.as_str(),
         identity.user.clone(),
         Some(group.clone()),
@@ -132,12 +133,13 @@ pub fn put(
     attachment
         .validate()
         .map_err(|e| FileError::Request("invalid_field", e))?;
-    let (mut client, target) = node(federation, identity, group)?;
+    let ctx = federation.contexts.take();
+    let (mut client, target) = node(ctx.context(), federation, identity, group)?;
     let start = client.upload(sha256, size)?;
     let mut complete = start.complete;
     if !complete && start.have < size {
         let last = agora_common::transfer::upload_windowed(
-            &federation.ctx,
+            ctx.context(),
             &target,
             sha256,
             file,
@@ -185,7 +187,8 @@ pub fn find(
     group: &GroupName,
     seq: u64,
 ) -> Result<(Attachment, UploadTarget), FileError> {
-    let (mut client, target) = node(federation, identity, group)?;
+    let ctx = federation.contexts.take();
+    let (mut client, target) = node(ctx.context(), federation, identity, group)?;
     let page = client.get_messages(HistoryQuery::AfterSeq(seq.saturating_sub(1)), Some(1))?;
     let message: Option<Message> = page.messages.into_iter().find(|m| m.seq == seq);
     let attachment = message
@@ -208,8 +211,9 @@ pub fn get(
     mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<(), FileError> {
     let mut hasher = sha2::Sha256::new();
+    let ctx = federation.contexts.take();
     agora_common::transfer::download_windowed(
-        &federation.ctx,
+        ctx.context(),
         target,
         attachment.sha256,
         attachment.size,

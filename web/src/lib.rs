@@ -25,6 +25,8 @@ pub mod accounts;
 pub mod auth;
 pub mod bridge;
 pub mod files;
+pub mod hub;
+pub mod live;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -76,6 +78,9 @@ const ATTR_CHAR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMER
 /// [`WS_READ_LIMIT_BYTES`]) is answered `too_large` and the session goes on.
 pub const MAX_WS_MESSAGE_BYTES: usize = 64 << 10;
 
+/// A WebSocket's read buffer to start with: 4 KiB (it grows for a larger frame).
+pub const WS_READ_BUFFER_BYTES: usize = 4 << 10;
+
 /// The largest WebSocket message or frame the gateway reads at all: 1 MiB. Past it the
 /// session is closed with code 1009 ("message too big", RFC 6455 §7.4.1).
 pub const WS_READ_LIMIT_BYTES: usize = 1 << 20;
@@ -104,6 +109,10 @@ pub struct AppState {
     pub tls: bool,
     /// Where uploads wait while they are hashed and sent.
     pub spool: Arc<std::path::PathBuf>,
+    /// Every identity's live feed.
+    pub hub: Arc<hub::Hub>,
+    /// Open WebSockets allowed (`--max-websockets`); past them an upgrade is `503`.
+    pub websockets: Arc<tokio::sync::Semaphore>,
     /// The largest upload, in bytes (`--max-upload-bytes`, default 4 GiB as a node's
     /// `--max-file-bytes`); a larger one is `413 too_large` before or while it is spooled.
     pub max_upload_bytes: u64,
@@ -346,7 +355,7 @@ async fn sign_up(
 /// The registry's refusal (such as `name_taken` by another key), as text.
 pub fn register(federation: &bridge::Federation, identity: &Identity) -> Result<(), String> {
     federation
-        .registry_client(identity)
+        .registry_client(federation.contexts.take().context(), identity)
         .user_register(&identity.user)
         .map(|_| ())
         .map_err(|e| format!("registering {} with the registry: {e}", identity.user))
@@ -410,26 +419,45 @@ async fn ws(
     let Some(identity) = state.sessions.identity(&headers) else {
         return unauthorized();
     };
+    let Ok(permit) = Arc::clone(&state.websockets).try_acquire_owned() else {
+        tracing::warn!("WebSocket refused: --max-websockets are open");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503: too many open pages on this gateway; try later\n".into(),
+        );
+    };
     match upgrade {
         Ok(upgrade) => upgrade
             .max_message_size(WS_READ_LIMIT_BYTES)
             .max_frame_size(WS_READ_LIMIT_BYTES)
-            .on_upgrade(move |socket| session(socket, state, identity)),
+            // Grows for a large frame; 4 KiB keeps an idle session small (the default,
+            // 128 KiB, is zero-filled before each read).
+            .read_buffer_size(WS_READ_BUFFER_BYTES)
+            .on_upgrade(move |socket| async move {
+                session(socket, state, identity).await;
+                drop(permit);
+            }),
         Err(rejection) => rejection.into_response(),
     }
 }
 
 /// One WebSocket session: each text message is a request ([`wire::Request`]), answered in
-/// order by the session's bridge thread. A bad message gets an error reply; the session goes
-/// on.
+/// order (by the session's bridge thread, or here for `follow` and `unfollow`). A bad message
+/// gets an error reply; the session goes on. Events (its groups' entries from the hub, its
+/// inbox's direct messages) go out between replies, through one bounded queue.
 async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>) {
-    let (mut bridge, mut events) = match bridge::Session::start(&state.federation, &identity) {
+    let (events, mut outgoing) = tokio::sync::mpsc::channel(bridge::EVENT_QUEUE);
+    let bridge = match bridge::Session::start(&state.federation, &identity, events.clone()) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "could not start a session's bridge");
             return;
         }
     };
+    let mut following: std::collections::HashMap<
+        agora_proto::wire::GroupName,
+        tokio::task::JoinHandle<()>,
+    > = std::collections::HashMap::new();
     loop {
         let message = tokio::select! {
             incoming = socket.recv() => match incoming {
@@ -454,8 +482,8 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
                 }
                 None => break,
             },
-            Some(event) = events.recv() => {
-                if socket.send(Message::Text(event.into())).await.is_err() {
+            Some(event) = outgoing.recv() => {
+                if socket.send(Message::Text(event)).await.is_err() {
                     break;
                 }
                 continue;
@@ -471,6 +499,47 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
                 ),
             ),
             Message::Text(text) => match serde_json::from_str::<wire::Request>(text.as_str()) {
+                Ok(wire::Request::Follow { group, after_seq }) => {
+                    if let Some(old) = following.remove(&group) {
+                        old.abort();
+                    }
+                    match bridge.lookup(group.clone()).await {
+                        Err(reply) => reply,
+                        Ok(entry) => match state.hub.follow(
+                            &state.federation,
+                            &identity,
+                            &group,
+                            entry.endpoint.as_str(),
+                            entry.public_key,
+                        ) {
+                            Ok(receiver) => {
+                                let forwarder = live::Forwarder {
+                                    hub: Arc::clone(&state.hub),
+                                    identity: Arc::clone(&identity),
+                                    bridge: bridge.clone(),
+                                    group: group.clone(),
+                                    out: events.clone(),
+                                };
+                                following.insert(
+                                    group.clone(),
+                                    tokio::spawn(forwarder.run(receiver, after_seq)),
+                                );
+                                wire::Reply::ok("follow", serde_json::json!({ "group": group }))
+                            }
+                            Err(e) => wire::Reply::error(
+                                Some("follow"),
+                                "internal",
+                                &format!("the live feed did not start: {e}"),
+                            ),
+                        },
+                    }
+                }
+                Ok(wire::Request::Unfollow { group }) => {
+                    if let Some(old) = following.remove(&group) {
+                        old.abort();
+                    }
+                    wire::Reply::ok("unfollow", serde_json::json!({ "group": group }))
+                }
                 Ok(request) => bridge.call(request).await,
                 Err(e) => wire::Reply::error(None, "invalid_json", &e.to_string()),
             },
@@ -484,6 +553,9 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
         if socket.send(Message::Text(text.into())).await.is_err() {
             break;
         }
+    }
+    for (_, forwarder) in following {
+        forwarder.abort();
     }
 }
 

@@ -91,6 +91,10 @@ struct Serve {
     /// The largest file a person may upload, in bytes (as a node's --max-file-bytes).
     #[arg(long, env = "AGORA_WEB_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
     max_upload_bytes: u64,
+    /// Most WebSockets open at once (each a page or tab); past it an upgrade is answered
+    /// 503.
+    #[arg(long, env = "AGORA_WEB_MAX_WEBSOCKETS", default_value_t = 2000)]
+    max_websockets: usize,
     /// How long to wait for a server, per call.
     #[arg(long, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -175,7 +179,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         .registry_key
         .context("no registry key: pass --registry-key (the registry prints it at start)")?;
     let federation = bridge::Federation {
-        ctx: zmq::Context::new(),
+        contexts: Arc::default(),
         registry: args.registry.clone(),
         registry_key,
         timeout: args.timeout,
@@ -223,7 +227,15 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         tls: tls.is_some(),
         spool: Arc::new(spool),
         max_upload_bytes: args.max_upload_bytes,
+        hub: Arc::default(),
+        websockets: Arc::new(tokio::sync::Semaphore::new(args.max_websockets)),
     };
+    // A page holds a few descriptors (its TCP connection, ZeroMQ sockets and signalers):
+    // the soft limit's usual 1,024 would stop the gateway near 150 pages.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open files"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -257,13 +269,17 @@ fn serve(args: Serve) -> anyhow::Result<()> {
                     .with_context(|| {
                         format!("TLS from {} and {}", cert.display(), key.display())
                     })?;
-                axum_server::from_tcp_rustls(listener, config)
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+                    .acceptor(axum_server::accept::NoDelayAcceptor::new());
+                axum_server::from_tcp(listener)
+                    .acceptor(acceptor)
                     .handle(handle)
                     .serve(app)
                     .await?;
             }
             None => {
                 axum_server::from_tcp(listener)
+                    .acceptor(axum_server::accept::NoDelayAcceptor::new())
                     .handle(handle)
                     .serve(app)
                     .await?;
