@@ -800,3 +800,82 @@ fn an_oversized_websocket_message_gets_an_error_and_never_touches_other_sessions
     let fine = ask(&mut other, serde_json::json!({"op": "whoami"}));
     assert_eq!(fine["ok"], true, "{fine}");
 }
+
+#[test]
+fn a_page_that_stops_reading_loses_nothing_and_slows_no_one() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Busy", "127.0.0.1:0", "busy", &[]);
+    fed.join_when_listed("alice", "Busy");
+    let (_web, base, cookie) = personal(&fed, "alice", &[]);
+    // Two pages of one person follow from seq 0; `slow` then reads nothing while more
+    // entries are sent than its queues hold (256 events, 1,024 in the group's channel, and
+    // the sockets' buffers: 1,600 entries of 16 KiB are 25 MiB).
+    let mut slow = websocket(&base, &cookie);
+    let mut quick = websocket(&base, &cookie);
+    for ws in [&mut slow, &mut quick] {
+        let followed = ask(
+            ws,
+            serde_json::json!({"op": "follow", "group": "Busy", "after_seq": 0}),
+        );
+        assert_eq!(followed["ok"], true, "{followed}");
+    }
+    let total = 1600u64;
+    let mut seen_quick = Vec::new();
+    for i in 0..total {
+        quick
+            .send(tungstenite::Message::Text(
+                serde_json::json!({"op": "send", "group": "Busy", "text": format!("{i:>16384}")})
+                    .to_string()
+                    .into(),
+            ))
+            .expect("send");
+        // The quick page reads its acks and entries as they come.
+        loop {
+            let message = read_json(&mut quick);
+            if message["event"] == "entry" {
+                seen_quick.push(message["entry"]["seq"].as_u64().unwrap_or(0));
+            } else if message.get("event").is_none() {
+                assert_eq!(message["ok"], true, "{message}");
+                break;
+            }
+        }
+    }
+    let last = 1 + total; // the join, then the messages
+    while seen_quick.last() != Some(&last) {
+        let message = read_json(&mut quick);
+        if message["event"] == "entry" {
+            seen_quick.push(message["entry"]["seq"].as_u64().unwrap_or(0));
+        }
+    }
+    assert_eq!(
+        seen_quick,
+        (1..=last).collect::<Vec<u64>>(),
+        "the quick page"
+    );
+    // The slow page reads now: every seq once, in order, the gap read back from the log.
+    let mut seen_slow = Vec::new();
+    let mut from_log = 0;
+    while seen_slow.last() != Some(&last) {
+        let message = read_json(&mut slow);
+        if message["event"] == "entry" {
+            seen_slow.push(message["entry"]["seq"].as_u64().unwrap_or(0));
+            if message["live"] == false {
+                from_log += 1;
+            }
+        }
+    }
+    assert_eq!(seen_slow, (1..=last).collect::<Vec<u64>>(), "the slow page");
+    assert!(
+        from_log > 1,
+        "the lag was read back from the log ({from_log} entries)"
+    );
+}
+
+/// The next JSON message (10 s read timeout).
+fn read_json(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> serde_json::Value {
+    loop {
+        if let tungstenite::Message::Text(t) = ws.read().expect("a message within 10 s") {
+            return serde_json::from_str(t.as_str()).expect("JSON");
+        }
+    }
+}

@@ -37,7 +37,14 @@ pub struct Event {
     pub subscribed: Option<u64>,
 }
 
-type Channels = Arc<Mutex<HashMap<GroupName, broadcast::Sender<Event>>>>;
+/// A group's channel and its feed's latest `subscribed` event (a session that follows later
+/// gets it too).
+struct Channel {
+    tx: broadcast::Sender<Event>,
+    subscribed: Option<Event>,
+}
+
+type Channels = Arc<Mutex<HashMap<GroupName, Channel>>>;
 
 /// One identity's feed and its groups.
 struct Follower {
@@ -119,7 +126,8 @@ fn encode(event: FeedEvent) -> Option<(GroupName, Event)> {
 
 impl Hub {
     /// A receiver of `group`'s live events for `identity`, subscribing the identity's feed
-    /// (started on its first group) at `endpoint` if no session of it follows the group yet.
+    /// (started on its first group) at `endpoint` if no session of it follows the group yet;
+    /// and the feed's latest `subscribed` event for the group, if it subscribed already.
     /// Release it with [`Hub::release`] once dropped.
     ///
     /// # Errors
@@ -131,7 +139,7 @@ impl Hub {
         group: &GroupName,
         endpoint: &str,
         server_key: Option<agora_common::keys::PublicKey>,
-    ) -> std::io::Result<broadcast::Receiver<Event>> {
+    ) -> std::io::Result<(broadcast::Receiver<Event>, Option<Event>)> {
         let mut followers = self
             .followers
             .lock()
@@ -155,8 +163,11 @@ impl Hub {
                         };
                         if let Ok(mut channels) = senders.lock() {
                             let fatal = event.fatal;
-                            if let Some(tx) = channels.get(&group) {
-                                let _ = tx.send(event);
+                            if let Some(channel) = channels.get_mut(&group) {
+                                if event.subscribed.is_some() {
+                                    channel.subscribed = Some(event.clone());
+                                }
+                                let _ = channel.tx.send(event);
                             }
                             // The feed dropped the group: the next follow starts afresh.
                             if fatal {
@@ -178,11 +189,17 @@ impl Hub {
             .channels
             .lock()
             .map_err(|_| std::io::Error::other("the hub's lock is poisoned"))?;
-        if let Some(tx) = channels.get(group) {
-            return Ok(tx.subscribe());
+        if let Some(channel) = channels.get(group) {
+            return Ok((channel.tx.subscribe(), channel.subscribed.clone()));
         }
         let (tx, rx) = broadcast::channel(GROUP_CHANNEL);
-        channels.insert(group.clone(), tx);
+        channels.insert(
+            group.clone(),
+            Channel {
+                tx,
+                subscribed: None,
+            },
+        );
         drop(channels);
         follower
             .endpoints
@@ -194,7 +211,7 @@ impl Hub {
             after_seq: None,
             server_key,
         });
-        Ok(rx)
+        Ok((rx, None))
     }
 
     /// A session stopped following `group` (its receiver is dropped): when no session of
@@ -211,7 +228,7 @@ impl Hub {
         if let Ok(mut channels) = follower.channels.lock() {
             if channels
                 .get(group)
-                .is_some_and(|tx| tx.receiver_count() == 0)
+                .is_some_and(|channel| channel.tx.receiver_count() == 0)
             {
                 channels.remove(group);
             }

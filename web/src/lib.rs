@@ -512,7 +512,7 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
                             entry.endpoint.as_str(),
                             entry.public_key,
                         ) {
-                            Ok(receiver) => {
+                            Ok((receiver, subscribed)) => {
                                 let forwarder = live::Forwarder {
                                     hub: Arc::clone(&state.hub),
                                     identity: Arc::clone(&identity),
@@ -522,7 +522,7 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
                                 };
                                 following.insert(
                                     group.clone(),
-                                    tokio::spawn(forwarder.run(receiver, after_seq)),
+                                    tokio::spawn(forwarder.run(receiver, subscribed, after_seq)),
                                 );
                                 wire::Reply::ok("follow", serde_json::json!({ "group": group }))
                             }

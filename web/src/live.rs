@@ -54,7 +54,13 @@ impl Drop for Release {
 
 impl Forwarder {
     /// Runs until the session unfollows or ends, or the group's feed fails for good.
-    pub async fn run(self, receiver: broadcast::Receiver<Event>, after_seq: Option<u64>) {
+    /// `subscribed` is the feed's `subscribed` event when it came before this receiver.
+    pub async fn run(
+        self,
+        receiver: broadcast::Receiver<Event>,
+        subscribed: Option<Event>,
+        after_seq: Option<u64>,
+    ) {
         let mut release = Release {
             hub: Arc::clone(&self.hub),
             identity: Arc::clone(&self.identity),
@@ -71,8 +77,13 @@ impl Forwarder {
         let Some(receiver) = release.receiver.as_mut() else {
             return;
         };
+        let mut first = subscribed;
         loop {
-            let event = match receiver.recv().await {
+            let received = match first.take() {
+                Some(event) => Ok(event),
+                None => receiver.recv().await,
+            };
+            let event = match received {
                 Ok(event) => event,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::debug!(group = %self.group, missed, "a page lagged; reading the log");
