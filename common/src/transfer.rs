@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agora_proto::action::call;
 use agora_proto::codec::{decode_reply, decode_reply_data, encode_call, encode_call_data};
@@ -18,6 +18,107 @@ use agora_proto::wire::{
 };
 
 use crate::client::{ClientCurve, ClientError, MAX_REPLY_BYTES};
+
+/// Why [`put`] did not leave the content complete on the node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PutError<E> {
+    /// Asking the node where the upload stands (`upload`) failed.
+    #[error(transparent)]
+    Ask(E),
+    /// Sending the chunks failed (a timeout, the node's refusal, reading the source).
+    #[error(transparent)]
+    Send(ClientError),
+    /// Every byte was sent, but the node's seal failed (a resumed upload whose bytes did not
+    /// match the digest) and discarded them: run again.
+    #[error("the node holds {have} of {size} bytes after the upload; run again")]
+    Incomplete {
+        /// The bytes the node holds now.
+        have: u64,
+        /// The content's size.
+        size: u64,
+    },
+    /// The node is still sealing the content after the timeout: ask again later.
+    #[error("the content is still being sealed; run again")]
+    Sealing,
+}
+
+/// Leaves the content `sha256` (`size` bytes, read from `source`) complete on the node: asks
+/// where the upload stands with `ask` (the `upload` request, PROTOCOL §6.9), sends what is
+/// missing with [`upload_windowed`], asks again after a `bad_offset` (a node restart; twice
+/// at most), and waits out the node's seal for up to `timeout`. `progress` gets the bytes
+/// the node holds after each chunk's reply.
+///
+/// # Errors
+/// [`PutError::Ask`] with `ask`'s error; [`PutError::Send`]; [`PutError::Incomplete`];
+/// [`PutError::Sealing`].
+#[allow(clippy::too_many_arguments)] // the upload's whole description, no more
+pub fn put<R: Read + Seek, E>(
+    ctx: &zmq::Context,
+    target: &UploadTarget,
+    sha256: Sha256Digest,
+    size: u64,
+    source: &mut R,
+    timeout: Duration,
+    mut ask: impl FnMut() -> Result<UploadReply, E>,
+    mut progress: impl FnMut(u64),
+) -> Result<(), PutError<E>> {
+    let start = ask().map_err(PutError::Ask)?;
+    let mut complete = start.complete;
+    if !complete && start.have < size {
+        let mut from = start.have;
+        let mut tries = 0;
+        while from < size {
+            let sent = upload_windowed(
+                ctx,
+                target,
+                sha256,
+                source,
+                size,
+                from,
+                usize::try_from(start.chunk_bytes).unwrap_or(256 << 10),
+                start.window,
+                timeout,
+                &mut progress,
+            );
+            match sent {
+                Ok(last) => {
+                    complete = last.complete;
+                    break;
+                }
+                Err(ClientError::Server(w))
+                    if w.code == agora_proto::wire::ErrorCode::BadOffset && tries < 2 =>
+                {
+                    tries += 1;
+                    let now = ask().map_err(PutError::Ask)?;
+                    complete = now.complete;
+                    from = now.have;
+                }
+                Err(e) => return Err(PutError::Send(e)),
+            }
+        }
+    }
+    // Every byte is at the node; until its seal ends `upload` answers `have == size` without
+    // `complete` (a seal resumed after a restart, or another upload's).
+    let deadline = Instant::now() + timeout;
+    while !complete {
+        let now = ask().map_err(PutError::Ask)?;
+        complete = now.complete;
+        if !complete && now.have < size {
+            return Err(PutError::Incomplete {
+                have: now.have,
+                size,
+            });
+        }
+        if !complete && Instant::now() >= deadline {
+            return Err(PutError::Sealing);
+        }
+        if !complete {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
 
 /// Where and as whom to upload.
 #[derive(Debug, Clone)]

@@ -11,7 +11,6 @@
 //!   attachment download). The bytes are hashed on the way; a mismatch aborts the response.
 
 use std::io::{Seek, Write};
-use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientCurve, ClientError, GroupClient};
 use agora_common::transfer::UploadTarget;
@@ -135,38 +134,25 @@ pub fn put(
         .map_err(|e| FileError::Request("invalid_field", e))?;
     let ctx = federation.contexts.take();
     let (mut client, target) = node(ctx.context(), federation, identity, group)?;
-    let start = client.upload(sha256, size)?;
-    let mut complete = start.complete;
-    if !complete && start.have < size {
-        let last = agora_common::transfer::upload_windowed(
-            ctx.context(),
-            &target,
-            sha256,
-            file,
-            size,
-            start.have,
-            usize::try_from(start.chunk_bytes).unwrap_or(MAX_CHUNK_BYTES),
-            start.window,
-            federation.timeout,
-            |_| {},
-        )?;
-        complete = last.complete;
-    }
-    // Every byte is there; the node's seal may still be under way.
-    let deadline = Instant::now() + federation.timeout;
-    while !complete {
-        let now = client.upload(sha256, size)?;
-        complete = now.complete;
-        if !complete && (now.have < size || Instant::now() >= deadline) {
-            return Err(FileError::Request(
-                "digest_mismatch",
-                format!("the node holds {} of {size} bytes; upload again", now.have),
-            ));
+    agora_common::transfer::put(
+        ctx.context(),
+        &target,
+        sha256,
+        size,
+        file,
+        federation.timeout,
+        || client.upload(sha256, size),
+        |_| {},
+    )
+    .map_err(|e| match e {
+        agora_common::transfer::PutError::Ask(e) | agora_common::transfer::PutError::Send(e) => {
+            FileError::Client(e)
         }
-        if !complete {
-            std::thread::sleep(Duration::from_millis(20));
+        agora_common::transfer::PutError::Sealing => {
+            FileError::Request("timeout", "the node is still sealing the file".into())
         }
-    }
+        other => FileError::Request("digest_mismatch", other.to_string()),
+    })?;
     let caption = match caption {
         Some(text) => serde_json::json!(text).to_string(),
         None => "null".to_owned(),

@@ -174,68 +174,38 @@ impl App {
             .ok_or_else(|| CliError::Usage(format!("{}: not a file", path.display())))?;
         let (sha256, size) = hash_path(path).map_err(|e| io_error(path, &e))?;
         let format = self.format;
-        let (start, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-        let mut complete = start.complete;
-        if !complete && start.have < size {
-            let upload_target = self.transfer_target(target)?;
-            let mut file = File::open(path).map_err(|e| io_error(path, &e))?;
-            let mut from = start.have;
-            let mut progress = Progress::new(format, name.clone(), size, from);
-            // A `bad_offset` (the node restarted, or lost a chunk) asks where to resume, twice
-            // at most.
-            let mut tries = 0;
-            while from < size {
-                let sent = agora_common::transfer::upload_windowed(
-                    &self.ctx,
-                    &upload_target,
-                    sha256,
-                    &mut file,
-                    size,
-                    from,
-                    usize::try_from(start.chunk_bytes).unwrap_or(256 << 10),
-                    start.window,
-                    self.options.timeout,
-                    |have| progress.set(have),
-                );
-                match sent {
-                    Ok(last) => {
-                        complete = last.complete;
-                        break;
-                    }
-                    Err(agora_common::client::ClientError::Server(w))
-                        if w.code == agora_proto::wire::ErrorCode::BadOffset && tries < 2 =>
-                    {
-                        tries += 1;
-                        let (now, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-                        complete = now.complete;
-                        from = now.have;
-                    }
-                    Err(source) => return Err(super::remote(target, source)),
-                }
-            }
+        let upload_target = self.transfer_target(target)?;
+        let mut file = File::open(path).map_err(|e| io_error(path, &e))?;
+        let ctx = self.ctx.clone();
+        let timeout = self.options.timeout;
+        let mut progress: Option<Progress> = None;
+        let put = agora_common::transfer::put(
+            &ctx,
+            &upload_target,
+            sha256,
+            size,
+            &mut file,
+            timeout,
+            || {
+                self.on_node(target, |node| node.upload(sha256, size))
+                    .map(|(reply, _)| reply)
+            },
+            |have| {
+                progress
+                    .get_or_insert_with(|| Progress::new(format, name.clone(), size, have))
+                    .set(have);
+            },
+        );
+        if let Some(progress) = progress {
             progress.finish();
         }
-        // Every byte is at the node; until its seal ends the upload answers `have == size`
-        // without `complete` (a seal resumed after a restart, or another upload's).
-        let deadline = std::time::Instant::now() + self.options.timeout;
-        while !complete {
-            let (now, _) = self.on_node(target, |node| node.upload(sha256, size))?;
-            complete = now.complete;
-            if !complete && now.have < size {
-                // The seal failed (a digest mismatch of a resumed upload) and was discarded.
-                return Err(CliError::Usage(format!(
-                    "{target}: the node holds {} of {size} bytes after the upload; run again",
-                    now.have
-                )));
+        match put {
+            Ok(()) => {}
+            Err(agora_common::transfer::PutError::Ask(e)) => return Err(e),
+            Err(agora_common::transfer::PutError::Send(source)) => {
+                return Err(super::remote(target, source))
             }
-            if !complete && std::time::Instant::now() >= deadline {
-                return Err(CliError::Usage(format!(
-                    "{target}: the content is still being sealed; run again"
-                )));
-            }
-            if !complete {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            Err(e) => return Err(CliError::Usage(format!("{target}: {e}"))),
         }
         let attachment = Attachment {
             sha256,
