@@ -99,17 +99,7 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
     assert_eq!(get(&format!("{base}/app.js"), Some(&cookie)).status(), 200);
 
     // The WebSocket, as alice: the group list, a send acked with its seq, then history.
-    let ws_url = format!("{}/ws", base.replacen("http://", "ws://", 1));
-    let mut request = tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str())
-        .expect("request");
-    request
-        .headers_mut()
-        .insert("Cookie", cookie.parse().expect("header"));
-    let stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let (mut ws, _) = tungstenite::client::client(request, stream).expect("websocket");
+    let mut ws = websocket(base, &cookie);
     // Replies come in order; pushed events may come between them and are kept aside.
     let mut events: Vec<serde_json::Value> = Vec::new();
     let next = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>| loop {

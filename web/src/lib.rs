@@ -276,19 +276,20 @@ async fn sign_in(
             tracing::info!(peer = %peer, "sign-in refused");
             sign_in_page(&hosted, StatusCode::UNAUTHORIZED, "Wrong name or password.")
         }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "sign-in failed");
-            sign_in_page(
-                &hosted,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "The gateway could not read the account.",
-            )
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "sign-in task failed");
-            sign_in_page(&hosted, StatusCode::INTERNAL_SERVER_ERROR, "Try again.")
-        }
+        Ok(Err(e)) => failed(
+            &hosted,
+            "sign-in",
+            &e,
+            "The gateway could not read the account.",
+        ),
+        Err(e) => failed(&hosted, "sign-in", &e, "Try again."),
     }
+}
+
+/// The sign-in page after the gateway itself failed `what` (logged with `error`).
+fn failed(hosted: &Hosted, what: &str, error: &dyn std::fmt::Display, message: &str) -> Response {
+    tracing::error!(error = %error, what, "account operation failed");
+    sign_in_page(hosted, StatusCode::INTERNAL_SERVER_ERROR, message)
 }
 
 async fn sign_up(
@@ -333,18 +334,8 @@ async fn sign_up(
             StatusCode::BAD_REQUEST,
             "A password has at least 8 characters.",
         ),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "sign-up failed");
-            sign_in_page(
-                &hosted,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "The account could not be made.",
-            )
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "sign-up task failed");
-            sign_in_page(&hosted, StatusCode::INTERNAL_SERVER_ERROR, "Try again.")
-        }
+        Ok(Err(e)) => failed(&hosted, "sign-up", &e, "The account could not be made."),
+        Err(e) => failed(&hosted, "sign-up", &e, "Try again."),
     }
 }
 
