@@ -696,7 +696,7 @@ fn a_hosted_sign_in_refuses_a_wrong_password_and_takes_the_right_one() {
 }
 
 #[test]
-fn the_chat_page_with_messages_is_saved_as_a_screenshot() {
+fn the_chat_page_with_messages_is_saved_as_a_screenshot_and_fits_a_phone() {
     browser_test(async {
         let chat = Chat::start();
         // Accounts, for #people; bob online.
@@ -738,6 +738,49 @@ fn the_chat_page_with_messages_is_saved_as_a_screenshot() {
         let path = dir.join("web-page.png");
         std::fs::write(&path, &png).expect("writing the screenshot");
         println!("screenshot: {}", path.display());
+
+        // At phone width the lists stack above the conversation, nothing scrolls sideways,
+        // and the message box stays on screen.
+        alice
+            .client
+            .set_window_size(390, 844)
+            .await
+            .expect("a phone-sized window");
+        let layout = alice
+            .client
+            .execute(
+                "const side = document.getElementById('side').getBoundingClientRect();
+                 const chat = document.getElementById('chat').getBoundingClientRect();
+                 const text = document.getElementById('text').getBoundingClientRect();
+                 return [innerWidth, document.documentElement.scrollWidth,
+                         side.bottom <= chat.top + 1, text.right <= innerWidth,
+                         text.bottom <= innerHeight, text.width];",
+                Vec::new(),
+            )
+            .await
+            .expect("the layout");
+        assert!(
+            layout[0].as_f64().is_some_and(|w| w <= 400.0),
+            "a phone-width viewport: {layout}"
+        );
+        assert_eq!(layout[1], layout[0], "no sideways scrolling: {layout}");
+        assert_eq!(
+            (&layout[2], &layout[3], &layout[4]),
+            (
+                &serde_json::json!(true),
+                &serde_json::json!(true),
+                &serde_json::json!(true)
+            ),
+            "stacked, and the message box on screen: {layout}"
+        );
+        assert!(
+            layout[5].as_f64().is_some_and(|w| w > 150.0),
+            "a usable message box: {layout}"
+        );
+        let phone = alice.client.screenshot().await.expect("a screenshot");
+        let path = dir.join("web-page-phone.png");
+        std::fs::write(&path, &phone).expect("writing the screenshot");
+        println!("screenshot at phone width: {}", path.display());
         alice.close().await;
     });
 }
