@@ -798,8 +798,8 @@ fn a_page_that_stops_reading_loses_nothing_and_slows_no_one() {
     fed.join_when_listed("alice", "Busy");
     let (_web, base, cookie) = personal(&fed, "alice", &[]);
     // Two pages of one person follow from seq 0; `slow` then reads nothing while more
-    // entries are sent than its queues hold (256 events, 1,024 in the group's channel, and
-    // the sockets' buffers: 1,600 entries of 16 KiB are 25 MiB).
+    // entries are sent than its queues hold: 256 events, 1,024 in the group's channel, and
+    // the sockets' buffers (2,500 entries of 16 KiB are 39 MiB, well past them).
     let mut slow = websocket(&base, &cookie);
     let mut quick = websocket(&base, &cookie);
     for ws in [&mut slow, &mut quick] {
@@ -809,7 +809,7 @@ fn a_page_that_stops_reading_loses_nothing_and_slows_no_one() {
         );
         assert_eq!(followed["ok"], true, "{followed}");
     }
-    let total = 1600u64;
+    let total = 2500u64;
     let mut seen_quick = Vec::new();
     for i in 0..total {
         quick
