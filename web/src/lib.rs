@@ -580,6 +580,24 @@ fn file_error(e: &files::FileError) -> Response {
     json_error(status, e.code(), &e.to_string())
 }
 
+/// Who asks about which group, for the file routes: `401` without a session, `400
+/// invalid_field` for a group name that is not one.
+fn caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    group: &str,
+) -> Result<(Arc<Identity>, agora_proto::wire::GroupName), Response> {
+    let identity = state.sessions.identity(headers).ok_or_else(unauthorized)?;
+    let group = group.parse().map_err(|_| {
+        json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "group: not a name",
+        )
+    })?;
+    Ok((identity, group))
+}
+
 async fn upload(
     State(state): State<AppState>,
     Path(group): Path<String>,
@@ -587,15 +605,9 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(identity) = state.sessions.identity(&headers) else {
-        return unauthorized();
-    };
-    let Ok(group) = group.parse::<agora_proto::wire::GroupName>() else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_field",
-            "group: not a name",
-        );
+    let (identity, group) = match caller(&state, &headers, &group) {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -672,15 +684,9 @@ async fn download(
     Path((group, seq)): Path<(String, u64)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(identity) = state.sessions.identity(&headers) else {
-        return unauthorized();
-    };
-    let Ok(group) = group.parse::<agora_proto::wire::GroupName>() else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_field",
-            "group: not a name",
-        );
+    let (identity, group) = match caller(&state, &headers, &group) {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let federation = Arc::clone(&state.federation);
     let found = {
