@@ -607,7 +607,7 @@ async fn upload(
 ) -> Response {
     let (identity, group) = match caller(&state, &headers, &group) {
         Ok(found) => found,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -686,7 +686,7 @@ async fn download(
 ) -> Response {
     let (identity, group) = match caller(&state, &headers, &group) {
         Ok(found) => found,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let federation = Arc::clone(&state.federation);
     let found = {
