@@ -586,14 +586,17 @@ fn caller(
     state: &AppState,
     headers: &HeaderMap,
     group: &str,
-) -> Result<(Arc<Identity>, agora_proto::wire::GroupName), Response> {
-    let identity = state.sessions.identity(headers).ok_or_else(unauthorized)?;
+) -> Result<(Arc<Identity>, agora_proto::wire::GroupName), Box<Response>> {
+    let identity = state
+        .sessions
+        .identity(headers)
+        .ok_or_else(|| Box::new(unauthorized()))?;
     let group = group.parse().map_err(|_| {
-        json_error(
+        Box::new(json_error(
             StatusCode::BAD_REQUEST,
             "invalid_field",
             "group: not a name",
-        )
+        ))
     })?;
     Ok((identity, group))
 }
