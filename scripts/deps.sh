@@ -6,18 +6,23 @@
 #   - with --bench: nats-server and redis-server, the benchmarks' peers (Debian packages;
 #     the bench starts its own servers, so the packages' system services are left alone);
 #   - with --browser: Chromium and chromedriver (Debian's chromium and chromium-driver), for
-#     the browser tests (tests/tests/browser.rs start their own chromedriver).
-# Usage: scripts/deps.sh [--python] [--bench] [--browser]
+#     the browser tests (tests/tests/browser.rs start their own chromedriver);
+#   - with --postgres: PostgreSQL's server programs (Debian's postgresql), for the PostgreSQL
+#     backend's tests (each starts a throwaway cluster of its own; the package's system
+#     service is left alone).
+# Usage: scripts/deps.sh [--python] [--bench] [--browser] [--postgres]
 set -euo pipefail
 
 want_python=0
 want_bench=0
 want_browser=0
+want_postgres=0
 for arg in "$@"; do
     case "$arg" in
         --python) want_python=1 ;;
         --bench) want_bench=1 ;;
         --browser) want_browser=1 ;;
+        --postgres) want_postgres=1 ;;
         *) echo "deps: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -56,6 +61,9 @@ fi
 if [ "$want_browser" -eq 1 ]; then
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+fi
+if [ "$want_postgres" -eq 1 ]; then
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "deps: installing ${missing[*]}" >&2

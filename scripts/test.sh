@@ -6,7 +6,7 @@
 # args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh --python --bench --browser
+scripts/deps.sh --python --bench --browser --postgres
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

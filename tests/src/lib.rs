@@ -13,6 +13,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod pg;
+
 /// How long a server may take to print its endpoint line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one user-cli run may take before the test fails.
@@ -270,12 +272,25 @@ fn finish(mut command: Command, name: &str, args: &[&str], stdin: &str) -> CliRu
     }
 }
 
+/// Which storage backend the federation's servers use: SQLite in their data directories
+/// (the default), or, with `AGORA_TEST_STORE=postgres`, one PostgreSQL database in a
+/// throwaway cluster of the federation's own (`--store URL`). `scripts/test.sh` runs the
+/// process-level tests once with each.
+pub fn test_store_is_postgres() -> bool {
+    std::env::var("AGORA_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
 /// A federation for a test: a temp dir, a registry, and helpers to start group nodes.
 pub struct Federation {
     /// Holds logs and data dirs; removed on drop.
     pub dir: tempfile::TempDir,
     /// The registry.
     pub registry: Server,
+    /// The database's URL, when the servers store in PostgreSQL
+    /// ([`test_store_is_postgres`]).
+    pub store: Option<String>,
+    /// The cluster holding it; stopped after the registry (fields drop in order).
+    pub pg: Option<pg::PgCluster>,
 }
 
 impl Federation {
@@ -288,6 +303,13 @@ impl Federation {
     pub fn start_with(heartbeat: &str, extra: &[&str]) -> Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("registry-data");
+        let (pg, store) = if test_store_is_postgres() {
+            let cluster = pg::PgCluster::start();
+            let url = cluster.database("agora");
+            (Some(cluster), Some(url))
+        } else {
+            (None, None)
+        };
         let mut args = vec![
             "--bind",
             "tcp://127.0.0.1:0",
@@ -296,9 +318,25 @@ impl Federation {
             "--data-dir",
             data.to_str().expect("utf-8 path"),
         ];
+        if let Some(url) = &store {
+            args.extend(["--store", url.as_str()]);
+        }
         args.extend_from_slice(extra);
         let registry = Server::start("registry", &args, &dir.path().join("registry.log"));
-        Federation { dir, registry }
+        Federation {
+            dir,
+            registry,
+            store,
+            pg,
+        }
+    }
+
+    /// `--store URL` when the federation stores in PostgreSQL, else nothing.
+    pub fn store_args(&self) -> Vec<&str> {
+        match &self.store {
+            Some(url) => vec!["--store", url.as_str()],
+            None => Vec::new(),
+        }
     }
 
     /// Kills the registry (SIGKILL); [`Federation::restart_registry`] brings it back.
@@ -429,6 +467,7 @@ impl Federation {
             "--heartbeat",
             "200ms",
         ];
+        args.extend(self.store_args());
         args.extend_from_slice(extra);
         Server::start(
             "group-node",

@@ -1,0 +1,233 @@
+//! A throwaway PostgreSQL cluster for a test: `initdb` in a temporary directory, one
+//! `postgres` server listening on a Unix socket in that directory only (no TCP port, so no
+//! port to collide on), stopped and removed on drop.
+//!
+//! Debian's `postgresql` package provides the programs (`/usr/lib/postgresql/N/bin`;
+//! `scripts/deps.sh --postgres` installs it). PostgreSQL refuses to run as root, so as root
+//! the cluster belongs to the `postgres` user that the package creates: the directory is
+//! handed to it and the programs run with its uid and gid.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::wait_for;
+
+/// The role the tests connect as (a superuser, `initdb -U`).
+pub const ROLE: &str = "agora";
+
+/// A running throwaway cluster; stopped (fast shutdown, then SIGKILL) and removed on drop.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    server: Option<Child>,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+}
+
+impl std::fmt::Debug for PgCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCluster")
+            .field("dir", &self.dir.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The directory of the newest installed PostgreSQL's server programs.
+///
+/// # Panics
+/// If PostgreSQL is not installed: the tests that need it fail, they never skip.
+pub fn bin_dir() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/N/bin/initdb): \
+             apt-get install postgresql (scripts/deps.sh --postgres does)"
+        )
+    })
+}
+
+/// The uid and gid of `user`, through `id`.
+fn ids(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, user]).output().ok()?;
+        String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+impl PgCluster {
+    /// Makes and starts a cluster with a superuser [`ROLE`] and trust authentication, and
+    /// waits until it accepts connections.
+    ///
+    /// # Panics
+    /// If PostgreSQL is not installed, `initdb` fails, or the server is not ready in 30 s.
+    pub fn start() -> PgCluster {
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("agora-pg")
+            .tempdir()
+            .expect("tempdir");
+        let owner = if is_root() {
+            let owner = ids("postgres").expect(
+                "running as root, the cluster needs the `postgres` user (Debian's postgresql package makes it)",
+            );
+            chown(dir.path(), owner);
+            Some(owner)
+        } else {
+            None
+        };
+        let mut cluster = PgCluster {
+            dir,
+            server: None,
+            bin,
+            owner,
+        };
+        let data = cluster.data_dir();
+        let out = cluster
+            .command("initdb")
+            .args(["-D", path_str(&data), "-U", ROLE, "-A", "trust"])
+            .args(["-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = std::fs::File::create(cluster.dir.path().join("postgres.log")).expect("log");
+        if let Some((uid, gid)) = owner {
+            chown(&cluster.dir.path().join("postgres.log"), (uid, gid));
+        }
+        let socket_dir = cluster.socket_dir();
+        let mut command = cluster.command("postgres");
+        command
+            .args(["-D", path_str(&data), "-k", path_str(&socket_dir)])
+            .args(["-c", "listen_addresses=", "-c", "max_connections=200"])
+            // Durability as in production: fsync stays on (the benchmark measures it).
+            .args(["-c", "shared_buffers=64MB"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Its own process group, so that the drop can stop the server and its children.
+            .process_group(0);
+        cluster.server = Some(command.spawn().expect("spawn postgres"));
+        let ready = wait_for(Duration::from_secs(30), || {
+            postgres::Client::connect(&cluster.url("postgres"), postgres::NoTls).is_ok()
+        });
+        assert!(ready, "postgres did not start; log:\n{}", cluster.log());
+        cluster
+    }
+
+    /// A command running `program` of the installed PostgreSQL as the cluster's owner.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.owner {
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The directory holding the server's socket (`.s.PGSQL.5432`).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    /// The connection URL of `database` as [`ROLE`], over the Unix socket:
+    /// `postgresql:///DATABASE?host=DIR&user=agora`.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgresql:///{database}?host={}&user={ROLE}",
+            self.socket_dir().display()
+        )
+    }
+
+    /// Creates an empty database and returns its URL.
+    ///
+    /// # Panics
+    /// If the server refuses.
+    pub fn database(&self, name: &str) -> String {
+        let mut client =
+            postgres::Client::connect(&self.url("postgres"), postgres::NoTls).expect("connect");
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .expect("create database");
+        self.url(name)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        let pid = server.id().to_string();
+        // SIGINT: fast shutdown (aborts sessions, then a clean stop); SIGKILL of the whole
+        // group if that takes too long.
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let stopped = wait_for(Duration::from_secs(10), || {
+            matches!(server.try_wait(), Ok(Some(_)))
+        });
+        if !stopped {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+            let _ = server.wait();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .is_some_and(|s| s.trim() == "0")
+}
+
+fn chown(path: &Path, (uid, gid): (u32, u32)) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to the postgres user");
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_starts_serves_and_is_gone_after_drop() {
+        let cluster = PgCluster::start();
+        let url = cluster.database("probe");
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        let row = client.query_one("SELECT 40 + 2", &[]).expect("query");
+        assert_eq!(row.get::<_, i32>(0), 42);
+        drop(client);
+        let socket = cluster.socket_dir().join(".s.PGSQL.5432");
+        assert!(socket.exists());
+        drop(cluster);
+        assert!(!socket.exists(), "the server's socket outlived the cluster");
+    }
+}
