@@ -1,0 +1,322 @@
+//! The behaviour every [`GroupStore`] backend must have, run against each: SQLite in a
+//! temporary file, and PostgreSQL in a throwaway cluster ([`agora_tests::pg::PgCluster`]).
+
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use agora_proto::id::MessageId;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{
+    EntryKind, GroupMode, GroupName, HistoryQuery, SendAck, UserName, MAX_PAGE_BYTES,
+};
+
+use super::{
+    Grant, GroupStore, NewMessage, Page, PgStore, Principal, Retention, SqliteStore, StoreError,
+};
+
+/// Where a test's store lives; `open` opens it again (a restart).
+trait Backend {
+    fn open(&self) -> Box<dyn GroupStore>;
+}
+
+struct Sqlite(tempfile::TempDir);
+
+impl Backend for Sqlite {
+    fn open(&self) -> Box<dyn GroupStore> {
+        Box::new(SqliteStore::open(&self.0.path().join("g.sqlite3"), &group()).expect("open"))
+    }
+}
+
+struct Postgres {
+    url: String,
+    _cluster: agora_tests::pg::PgCluster,
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let cluster = agora_tests::pg::PgCluster::start();
+        Postgres {
+            url: cluster.database("agora"),
+            _cluster: cluster,
+        }
+    }
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Box<dyn GroupStore> {
+        Box::new(PgStore::open(&self.url, &group(), None, Duration::from_secs(2)).expect("open"))
+    }
+}
+
+/// One `#[test]` per backend for each conformance test.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Sqlite(tempfile::tempdir().expect("tmp")));
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Postgres::start());
+            })*
+        }
+    };
+}
+
+conformance!(
+    seq_is_gap_free_and_survives_reopen_and_retention,
+    max_age_deletes_old_messages_only,
+    retried_client_id_is_stored_once_and_conflicts_are_refused,
+    pages_by_seq_time_id_and_latest,
+    membership_is_by_principal_with_one_name_each,
+    grants_and_mode_persist,
+);
+
+fn group() -> GroupName {
+    GroupName::new("Cool Group").expect("name")
+}
+
+fn user(n: &str) -> UserName {
+    UserName::new(n).expect("name")
+}
+
+fn body(s: &str) -> Box<RawValue> {
+    RawValue::from_string(s.to_owned()).expect("json")
+}
+
+fn append(store: &mut dyn GroupStore, text: &str, now: i64) -> SendAck {
+    let alice = user("alice");
+    let b = body(text);
+    store.begin().expect("begin");
+    let ack = store
+        .append(NewMessage {
+            sender: &alice,
+            kind: EntryKind::Message,
+            sender_key: None,
+            body: &b,
+            id: None,
+            now: Timestamp::from_micros(now),
+            attachment: None,
+        })
+        .expect("append");
+    store.commit().expect("commit");
+    ack
+}
+
+fn seq_is_gap_free_and_survives_reopen_and_retention(backend: &dyn Backend) {
+    {
+        let mut s = backend.open();
+        for i in 1..=5 {
+            assert_eq!(append(s.as_mut(), &format!("{i}"), 1000).seq, i);
+        }
+        s.begin().expect("begin");
+        let deleted = s
+            .apply_retention(
+                Retention {
+                    max_messages: Some(2),
+                    max_age: None,
+                },
+                Timestamp::from_micros(0),
+            )
+            .expect("retention");
+        s.commit().expect("commit");
+        assert_eq!(deleted, 3);
+    }
+    let mut s = backend.open();
+    assert_eq!(s.last_seq(), 5);
+    let ack = append(s.as_mut(), "6", 0);
+    assert_eq!(ack.seq, 6);
+    // The clock stepped back to 0; time still increases.
+    assert!(ack.time.as_micros() > 1000);
+    let page = s
+        .page(HistoryQuery::AfterSeq(0), 100, MAX_PAGE_BYTES)
+        .expect("page");
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![4, 5, 6]);
+}
+
+fn max_age_deletes_old_messages_only(backend: &dyn Backend) {
+    let mut s = backend.open();
+    for t in [1_000_000, 2_000_000, 9_000_000] {
+        append(s.as_mut(), "1", t);
+    }
+    s.begin().expect("begin");
+    let policy = Retention {
+        max_messages: None,
+        max_age: Some(Duration::from_secs(5)),
+    };
+    let deleted = s
+        .apply_retention(policy, Timestamp::from_micros(10_000_000))
+        .expect("retention");
+    s.commit().expect("commit");
+    assert_eq!(deleted, 2);
+    let page = s
+        .page(HistoryQuery::AfterSeq(0), 10, MAX_PAGE_BYTES)
+        .expect("page");
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![3]
+    );
+}
+
+fn retried_client_id_is_stored_once_and_conflicts_are_refused(backend: &dyn Backend) {
+    let mut s = backend.open();
+    let (alice, bob) = (user("alice"), user("bob"));
+    let id = MessageId::new_v7();
+    let b = body(r#"{"k":1}"#);
+    let msg = |sender, b| NewMessage {
+        sender,
+        kind: EntryKind::Message,
+        sender_key: None,
+        body: b,
+        id: Some(id),
+        attachment: None,
+        now: Timestamp::now(),
+    };
+    s.begin().expect("begin");
+    let first = s.append(msg(&alice, &b)).expect("first");
+    let again = s.append(msg(&alice, &b)).expect("retry");
+    assert_eq!(
+        (again.seq, again.id, again.time),
+        (first.seq, first.id, first.time)
+    );
+    assert!(again.duplicate && !first.duplicate);
+    assert!(matches!(
+        s.append(msg(&bob, &b)),
+        Err(StoreError::IdConflict(i)) if i == id
+    ));
+    let other = body("2");
+    assert!(matches!(
+        s.append(msg(&alice, &other)),
+        Err(StoreError::IdConflict(_))
+    ));
+    s.commit().expect("commit");
+    assert_eq!(s.last_seq(), 1);
+}
+
+fn pages_by_seq_time_id_and_latest(backend: &dyn Backend) {
+    let mut s = backend.open();
+    let acks: Vec<SendAck> = (1..=10).map(|i| append(s.as_mut(), "1", i * 100)).collect();
+    let seqs = |p: Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+
+    let p = s
+        .page(HistoryQuery::AfterSeq(0), 4, MAX_PAGE_BYTES)
+        .expect("p");
+    assert!(p.more);
+    assert_eq!(seqs(p), vec![1, 2, 3, 4]);
+    let p = s
+        .page(HistoryQuery::AfterSeq(8), 4, MAX_PAGE_BYTES)
+        .expect("p");
+    assert!(!p.more);
+    assert_eq!(seqs(p), vec![9, 10]);
+
+    let p = s
+        .page(
+            HistoryQuery::Since(Timestamp::from_micros(750)),
+            100,
+            MAX_PAGE_BYTES,
+        )
+        .expect("p");
+    assert_eq!(seqs(p), vec![8, 9, 10]);
+    let p = s
+        .page(
+            HistoryQuery::Since(Timestamp::from_micros(5000)),
+            100,
+            MAX_PAGE_BYTES,
+        )
+        .expect("p");
+    assert_eq!(seqs(p), Vec::<u64>::new());
+
+    let p = s
+        .page(HistoryQuery::ById(acks[4].id), 100, MAX_PAGE_BYTES)
+        .expect("p");
+    assert_eq!(seqs(p), vec![5]);
+    let p = s
+        .page(HistoryQuery::ById(MessageId::new_v7()), 100, MAX_PAGE_BYTES)
+        .expect("p");
+    assert!(p.messages.is_empty());
+
+    let p = s
+        .page(HistoryQuery::Latest(3), 100, MAX_PAGE_BYTES)
+        .expect("p");
+    assert_eq!(seqs(p), vec![8, 9, 10]);
+
+    // The byte cap ends a page early but always returns one message.
+    let p = s.page(HistoryQuery::AfterSeq(0), 100, 1).expect("p");
+    assert!(p.more);
+    assert_eq!(seqs(p), vec![1]);
+}
+
+fn membership_is_by_principal_with_one_name_each(backend: &dyn Backend) {
+    let mut s = backend.open();
+    let bob_key = agora_common::keys::Keypair::generate()
+        .expect("keys")
+        .public;
+    let bob = Principal::key(&bob_key);
+    let mallory = Principal::key(
+        &agora_common::keys::Keypair::generate()
+            .expect("keys")
+            .public,
+    );
+    let alice = Principal::name(&user("alice"));
+    let now = Timestamp::now();
+    s.begin().expect("begin");
+    assert_eq!(
+        s.add_member(&bob, &user("bob"), now).expect("add"),
+        (user("bob"), true)
+    );
+    // A repeated join keeps the name the member joined with.
+    assert_eq!(
+        s.add_member(&bob, &user("robert"), now).expect("add"),
+        (user("bob"), false)
+    );
+    // Another key cannot take bob's name.
+    assert!(matches!(
+        s.add_member(&mallory, &user("bob"), now),
+        Err(StoreError::LabelTaken(n)) if n == user("bob")
+    ));
+    assert_eq!(
+        s.add_member(&alice, &user("alice"), now).expect("add"),
+        (user("alice"), true)
+    );
+    assert_eq!(s.remove_member(&alice).expect("rm"), Some(user("alice")));
+    assert_eq!(s.remove_member(&alice).expect("rm"), None);
+    s.commit().expect("commit");
+    drop(s);
+    let s = backend.open();
+    assert_eq!(s.member_count(), 1);
+    assert_eq!(s.member(&bob).expect("q"), Some(user("bob")));
+    assert_eq!(s.member(&mallory).expect("q"), None);
+    let members = s.members().expect("list");
+    assert_eq!(
+        (members[0].user.clone(), members[0].key),
+        (user("bob"), Some(bob_key))
+    );
+}
+
+fn grants_and_mode_persist(backend: &dyn Backend) {
+    let bob = Principal::name(&user("bob"));
+    {
+        let mut s = backend.open();
+        s.begin().expect("begin");
+        assert_eq!(s.mode().expect("mode"), GroupMode::Open);
+        assert!(s.set_mode(GroupMode::Private).expect("set"));
+        assert!(!s.set_mode(GroupMode::Private).expect("set again"));
+        assert!(s.grant(&bob, Grant::Ban, Timestamp::now()).expect("grant"));
+        assert!(!s.grant(&bob, Grant::Ban, Timestamp::now()).expect("again"));
+        assert!(s
+            .grant(&bob, Grant::Invite, Timestamp::now())
+            .expect("grant"));
+        assert!(s.revoke(&bob, Grant::Invite).expect("revoke"));
+        s.commit().expect("commit");
+    }
+    let s = backend.open();
+    assert_eq!(s.mode().expect("mode"), GroupMode::Private);
+    assert!(s.has(&bob, Grant::Ban).expect("has"));
+    assert!(!s.has(&bob, Grant::Invite).expect("has"));
+    assert!(!s.has(&bob, Grant::Admin).expect("has"));
+}

@@ -1,0 +1,735 @@
+//! [`GroupStore`] in PostgreSQL: one schema per group in a database that several nodes of
+//! the group share (one of them active, [`crate::lease`]), through the synchronous
+//! `postgres` client on the node's loop thread.
+//!
+//! # Durability
+//! A batch is one transaction; its commit returns once PostgreSQL has flushed its WAL
+//! (`synchronous_commit` `on`, or stronger where the server asks for it: a server set to
+//! `off` or `local` is raised to `on` for this session), so [`GroupStore::flusher`] is
+//! [`Durable`](super::Durable) and acks leave right after the commit. Group commit stays: every
+//! request in hand goes into one transaction.
+//!
+//! # Fencing
+//! A store opened with an epoch ([`PgStore::open`]) checks, in every commit's transaction,
+//! that `lease.epoch` is still that epoch, reading it `FOR SHARE`: a node that took the lease
+//! since (which bumps the epoch, an `UPDATE` that waits for that row lock) makes the commit
+//! fail with [`StoreError::Fenced`], and a commit that got the row lock first is wholly
+//! before the takeover, which reads the log after it. A deposed node can never commit.
+//!
+//! # Schema
+//! In schema `agora_group_<16 hex digits>` (the first 8 bytes of the SHA-256 of the group's
+//! name: names are Unicode up to 64 characters, PostgreSQL's identifiers 63 bytes), with
+//! `schema_version(version)` holding the migration level (version 1), applied under a
+//! transaction-level advisory lock so that nodes starting at once do not race:
+//! - `meta(key TEXT PRIMARY KEY, value TEXT)`: `group` (the full name, checked on open),
+//!   `last_seq`, `last_time_us`, `mode`, as SQLite's `meta`.
+//! - `messages(seq BIGINT PRIMARY KEY, id BYTEA UNIQUE, time_us, sender, body, kind,
+//!   sender_key, attachment, attachment_sha256)`: as SQLite's; a BRIN index on `time_us`
+//!   (time increases with seq) serves `since` and `--max-age`.
+//! - `members(principal PRIMARY KEY, user_name UNIQUE, joined_at_us)`, `grants(principal,
+//!   kind, at_us)`: as SQLite's.
+//! - `lease(id = 1, epoch, holder, endpoint, since)`: the fencing epoch and who holds it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use postgres::types::ToSql;
+use postgres::{Client, Row, Statement};
+use serde_json::value::RawValue;
+use sha2::Digest as _;
+
+use agora_proto::id::MessageId;
+use agora_proto::key::PublicKey;
+use agora_proto::time::{MonotonicClock, Timestamp};
+use agora_proto::wire::{
+    Attachment, EntryKind, GroupMode, GroupName, HistoryQuery, Member, Message, SendAck,
+    Sha256Digest, UserName,
+};
+
+use super::{
+    attachment_json, Durable, Flush, Grant, GroupStore, NewMessage, Page, Principal, Retention,
+    StoreError,
+};
+
+/// The migrations, in order: entry N-1 takes the schema from version N-1 to N.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE messages (
+        seq BIGINT PRIMARY KEY,
+        id BYTEA NOT NULL UNIQUE,
+        time_us BIGINT NOT NULL,
+        sender TEXT NOT NULL,
+        body TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        sender_key TEXT,
+        attachment TEXT,
+        attachment_sha256 BYTEA);
+    CREATE INDEX messages_time ON messages USING brin (time_us);
+    CREATE INDEX messages_attachment ON messages (attachment_sha256)
+        WHERE attachment_sha256 IS NOT NULL;
+    CREATE TABLE members (
+        principal TEXT PRIMARY KEY,
+        user_name TEXT NOT NULL UNIQUE,
+        joined_at_us BIGINT NOT NULL);
+    CREATE TABLE grants (
+        principal TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        at_us BIGINT NOT NULL,
+        PRIMARY KEY (principal, kind));
+    CREATE TABLE lease (
+        id INT PRIMARY KEY CHECK (id = 1),
+        epoch BIGINT NOT NULL,
+        holder TEXT,
+        endpoint TEXT,
+        since TIMESTAMPTZ);
+    INSERT INTO lease (id, epoch) VALUES (1, 0);
+"];
+
+/// The schema version this build makes and reads.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a PostgreSQL connection may leave sent data unacknowledged, or go without an
+/// answer to keepalives, before the kernel drops it (2 s): both ends set it, so a node cut
+/// off from the database notices, and the server frees the lease of a node it cannot reach.
+pub const DEFAULT_NET_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The schema that holds `group`'s tables: `agora_group_` and 16 hex digits of the SHA-256
+/// of its name.
+pub fn schema_name(group: &GroupName) -> String {
+    let digest = sha2::Sha256::digest(group.as_str().as_bytes());
+    format!("agora_group_{}", hex::encode(&digest[..8]))
+}
+
+/// Whether `store` names a PostgreSQL database (`postgres://` or `postgresql://`).
+pub fn is_postgres_url(store: &str) -> bool {
+    store.starts_with("postgres://") || store.starts_with("postgresql://")
+}
+
+/// Connects to `url` with the node's network settings: a connect timeout, TCP keepalives
+/// and `TCP_USER_TIMEOUT` of `net_timeout` on both ends (the server's through the session's
+/// `tcp_keepalives_*` and `tcp_user_timeout` settings), and at most `net_timeout` spent idle
+/// inside a transaction.
+///
+/// # Errors
+/// [`StoreError::Postgres`]: a bad URL, an unreachable or refusing server.
+pub fn connect(url: &str, net_timeout: Duration, role: &str) -> Result<Client, StoreError> {
+    let mut config: postgres::Config = url.parse()?;
+    let secs = net_timeout.as_secs().max(1);
+    config
+        .application_name(&format!("agora-group-node {role}"))
+        .connect_timeout(net_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(secs.div_ceil(2)))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(2)
+        .tcp_user_timeout(net_timeout);
+    let mut client = config.connect(postgres::NoTls)?;
+    let ms = net_timeout.as_millis();
+    client.batch_execute(&format!(
+        "SET tcp_keepalives_idle = {half}; SET tcp_keepalives_interval = 1;
+         SET tcp_keepalives_count = 2; SET tcp_user_timeout = {ms};
+         SET idle_in_transaction_session_timeout = {idle};",
+        half = secs.div_ceil(2),
+        idle = ms.max(1000) * 2,
+    ))?;
+    Ok(client)
+}
+
+/// Creates or migrates `group`'s schema and checks that it belongs to `group`, in one
+/// transaction under an advisory lock (nodes starting at once wait for each other), then
+/// points the session's `search_path` at it.
+///
+/// # Errors
+/// [`StoreError::SchemaTooNew`], [`StoreError::WrongGroup`] (a hash collision of names),
+/// [`StoreError::Postgres`].
+pub fn prepare_schema(client: &mut Client, group: &GroupName) -> Result<(), StoreError> {
+    let schema = schema_name(group);
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('agora-migrate:' || $1, 0))",
+        &[&schema],
+    )?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         SET LOCAL search_path TO {schema};
+         CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);"
+    ))?;
+    let version: i64 = match tx.query_opt("SELECT version FROM schema_version", &[])? {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])?;
+            0
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (at, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tracing::info!(schema, to = at + 1, "migrating the PostgreSQL schema");
+        tx.batch_execute(migration)?;
+    }
+    tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])?;
+    let found: Option<String> = tx
+        .query_opt("SELECT value FROM meta WHERE key = 'group'", &[])?
+        .map(|r| r.get(0));
+    match found {
+        Some(found) if found != group.as_str() => {
+            return Err(StoreError::WrongGroup {
+                expected: group.to_string(),
+                found,
+            })
+        }
+        Some(_) => {}
+        None => {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('group', $1)",
+                &[&group.as_str()],
+            )?;
+        }
+    }
+    tx.commit()?;
+    client.batch_execute(&format!("SET search_path TO {schema}"))?;
+    Ok(())
+}
+
+/// [`GroupStore`] in a PostgreSQL schema (see the module docs).
+pub struct PgStore {
+    /// `RefCell`: the client needs `&mut` for every query, reads included; the store is
+    /// owned by one thread (it is `Send`, not `Sync`).
+    client: RefCell<Client>,
+    statements: RefCell<HashMap<&'static str, Statement>>,
+    epoch: Option<i64>,
+    last_seq: u64,
+    clock: MonotonicClock,
+    member_count: u64,
+    meta_dirty: bool,
+    aborted: bool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("epoch", &self.epoch)
+            .field("last_seq", &self.last_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl PgStore {
+    /// Connects to `url`, creates or migrates `group`'s schema, and reads the log's state.
+    /// With `epoch`, every commit is fenced by it (the epoch of a lease this node holds,
+    /// [`crate::lease::Lease`]); without, there is no check (one node, no standby).
+    ///
+    /// # Errors
+    /// As [`connect`] and [`prepare_schema`].
+    pub fn open(
+        url: &str,
+        group: &GroupName,
+        epoch: Option<i64>,
+        net_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
+        let mut client = connect(url, net_timeout, "store")?;
+        prepare_schema(&mut client, group)?;
+        let level: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
+        if level == "off" || level == "local" {
+            tracing::warn!(
+                level,
+                "raising synchronous_commit to on: acks wait for the commit to be durable"
+            );
+            client.batch_execute("SET synchronous_commit = on")?;
+        }
+        let mut store = PgStore {
+            client: RefCell::new(client),
+            statements: RefCell::new(HashMap::new()),
+            epoch,
+            last_seq: 0,
+            clock: MonotonicClock::after(Timestamp::EPOCH),
+            member_count: 0,
+            meta_dirty: false,
+            aborted: false,
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// The fencing epoch this store commits under, if any.
+    pub fn epoch(&self) -> Option<i64> {
+        self.epoch
+    }
+
+    fn statement(&self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.statements.borrow().get(sql) {
+            return Ok(s.clone());
+        }
+        let prepared = self.client.borrow_mut().prepare(sql)?;
+        self.statements.borrow_mut().insert(sql, prepared.clone());
+        Ok(prepared)
+    }
+
+    fn query(&self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.client.borrow_mut().query(&statement, params)?)
+    }
+
+    fn query_opt(&self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.client.borrow_mut().query_opt(&statement, params)?)
+    }
+
+    fn execute(&self, sql: &'static str, params: Params<'_>) -> Result<u64, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.client.borrow_mut().execute(&statement, params)?)
+    }
+
+    /// Runs `write` unless the batch is already aborted; if it fails with a database error,
+    /// PostgreSQL has aborted the transaction, so the batch is marked aborted.
+    fn write<T>(
+        &mut self,
+        write: impl FnOnce(&mut PgStore) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.aborted {
+            return Err(StoreError::Aborted);
+        }
+        let result = write(self);
+        if let Err(StoreError::Postgres(e)) = &result {
+            tracing::error!(error = %e, "PostgreSQL aborted the batch; its later writes are refused");
+            self.aborted = true;
+        }
+        result
+    }
+
+    /// Reads the cached high-water marks and counts back from the database.
+    fn reload(&mut self) -> Result<(), StoreError> {
+        let meta = |key: &'static str| -> Result<i64, StoreError> {
+            let row = self.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])?;
+            row.map(|r| {
+                let v: String = r.get(0);
+                v.parse::<i64>()
+                    .map_err(|_| StoreError::Corrupt(format!("meta {key}: {v:?}")))
+            })
+            .transpose()
+            .map(|v| v.unwrap_or(0))
+        };
+        let last_seq_meta = meta("last_seq")?;
+        let last_time_meta = meta("last_time_us")?;
+        let row = self
+            .query_opt(
+                "SELECT (SELECT MAX(seq) FROM messages), (SELECT MAX(time_us) FROM messages),
+                        (SELECT COUNT(*) FROM members)",
+                &[],
+            )?
+            .ok_or_else(|| StoreError::Corrupt("no row from the state query".into()))?;
+        let max_seq: Option<i64> = row.get(0);
+        let max_time: Option<i64> = row.get(1);
+        let members: i64 = row.get(2);
+        self.last_seq = u64::try_from(last_seq_meta.max(max_seq.unwrap_or(0))).unwrap_or(0);
+        self.clock = MonotonicClock::after(Timestamp::from_micros(
+            last_time_meta.max(max_time.unwrap_or(0)),
+        ));
+        self.member_count = u64::try_from(members).unwrap_or(0);
+        Ok(())
+    }
+
+    /// The first stored seq whose time is at or after `time_us` (the BRIN index on time).
+    fn first_seq_at(&self, time_us: i64) -> Result<Option<i64>, StoreError> {
+        let row = self.query_opt(
+            "SELECT MIN(seq) FROM messages WHERE time_us >= $1",
+            &[&time_us],
+        )?;
+        Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+    }
+
+    fn row_to_message(row: &Row) -> Result<Message, StoreError> {
+        let seq: i64 = row.get(0);
+        let id: Vec<u8> = row.get(1);
+        let kind: String = row.get(5);
+        let kind = EntryKind::from_name(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("seq {seq}: kind {kind:?}")))?;
+        let sender_key = row
+            .get::<_, Option<String>>(6)
+            .map(|k| k.parse::<PublicKey>())
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("seq {seq}: sender_key: {e}")))?;
+        let id: [u8; 16] = id
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("seq {seq}: id is not 16 bytes")))?;
+        let attachment = row
+            .get::<_, Option<String>>(7)
+            .map(|json| serde_json::from_str::<Attachment>(&json))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("seq {seq}: attachment: {e}")))?;
+        Ok(Message {
+            seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("seq {seq}")))?,
+            id: MessageId::from_bytes(id),
+            time: Timestamp::from_micros(row.get(2)),
+            sender: UserName::new(row.get::<_, String>(3))
+                .map_err(|e| StoreError::Corrupt(format!("seq {seq}: {e}")))?,
+            kind,
+            body: RawValue::from_string(row.get(4))
+                .map_err(|e| StoreError::Corrupt(format!("seq {seq}: body: {e}")))?,
+            sender_key,
+            attachment,
+        })
+    }
+
+    /// Cuts rows (in the order wanted) into a page of at most `limit` messages and about
+    /// `max_bytes` of bodies; `rows` holds up to `limit + 1`.
+    fn to_page(rows: &[Row], limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        let mut messages = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for row in rows {
+            if messages.len() as u64 >= u64::from(limit)
+                || (bytes >= max_bytes && !messages.is_empty())
+            {
+                more = true;
+                break;
+            }
+            let m = Self::row_to_message(row)?;
+            bytes += m.body.get().len();
+            messages.push(m);
+        }
+        Ok(Page { messages, more })
+    }
+
+    fn after(&self, after: i64, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        let rows = self.query(
+            "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment
+             FROM messages WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&after, &(i64::from(limit) + 1)],
+        )?;
+        Self::to_page(&rows, limit, max_bytes)
+    }
+}
+
+impl GroupStore for PgStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.aborted = false;
+        self.client.get_mut().batch_execute("BEGIN")?;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        let result = (|| -> Result<(), StoreError> {
+            if self.aborted {
+                return Err(StoreError::Aborted);
+            }
+            if let Some(held) = self.epoch {
+                let row = self
+                    .query_opt("SELECT epoch FROM lease WHERE id = 1 FOR SHARE", &[])?
+                    .ok_or_else(|| StoreError::Corrupt("no lease row".into()))?;
+                let current: i64 = row.get(0);
+                if current != held {
+                    return Err(StoreError::Fenced { held, current });
+                }
+            }
+            if self.meta_dirty {
+                let last_seq = (self.last_seq as i64).to_string();
+                let last_time = self.clock.last().as_micros().to_string();
+                for (key, value) in [("last_seq", &last_seq), ("last_time_us", &last_time)] {
+                    self.execute(
+                        "INSERT INTO meta (key, value) VALUES ($1, $2)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        &[&key, value],
+                    )?;
+                }
+            }
+            self.client.get_mut().batch_execute("COMMIT")?;
+            self.meta_dirty = false;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Leave the connection usable and the caches true to what is stored. A ROLLBACK
+            // after a failed COMMIT (the transaction is already over) only warns.
+            let _ = self.client.get_mut().batch_execute("ROLLBACK");
+            self.meta_dirty = false;
+            self.aborted = false;
+            if !matches!(e, StoreError::Fenced { .. }) {
+                self.reload()?;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        let row = self.query_opt(
+            "SELECT user_name FROM members WHERE principal = $1",
+            &[&who.as_str()],
+        )?;
+        row.map(|r| UserName::new(r.get::<_, String>(0)))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    fn add_member(
+        &mut self,
+        who: &Principal,
+        user: &UserName,
+        at: Timestamp,
+    ) -> Result<(UserName, bool), StoreError> {
+        self.write(|s| {
+            if let Some(bound) = s.member(who)? {
+                return Ok((bound, false));
+            }
+            if s.query_opt(
+                "SELECT 1 FROM members WHERE user_name = $1",
+                &[&user.as_str()],
+            )?
+            .is_some()
+            {
+                return Err(StoreError::LabelTaken(user.clone()));
+            }
+            s.execute(
+                "INSERT INTO members (principal, user_name, joined_at_us) VALUES ($1, $2, $3)",
+                &[&who.as_str(), &user.as_str(), &at.as_micros()],
+            )?;
+            s.member_count += 1;
+            Ok((user.clone(), true))
+        })
+    }
+
+    fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        self.write(|s| {
+            let Some(bound) = s.member(who)? else {
+                return Ok(None);
+            };
+            s.execute("DELETE FROM members WHERE principal = $1", &[&who.as_str()])?;
+            s.member_count = s.member_count.saturating_sub(1);
+            Ok(Some(bound))
+        })
+    }
+
+    fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError> {
+        let row = self.query_opt(
+            "SELECT principal FROM members WHERE user_name = $1",
+            &[&user.as_str()],
+        )?;
+        Ok(row.map(|r| Principal::from_stored(r.get(0))))
+    }
+
+    fn grant(&mut self, who: &Principal, grant: Grant, at: Timestamp) -> Result<bool, StoreError> {
+        self.write(|s| {
+            Ok(s.execute(
+                "INSERT INTO grants (principal, kind, at_us) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&who.as_str(), &grant.as_str(), &at.as_micros()],
+            )? == 1)
+        })
+    }
+
+    fn revoke(&mut self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        self.write(|s| {
+            Ok(s.execute(
+                "DELETE FROM grants WHERE principal = $1 AND kind = $2",
+                &[&who.as_str(), &grant.as_str()],
+            )? == 1)
+        })
+    }
+
+    fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        Ok(self
+            .query_opt(
+                "SELECT 1 FROM grants WHERE principal = $1 AND kind = $2",
+                &[&who.as_str(), &grant.as_str()],
+            )?
+            .is_some())
+    }
+
+    fn mode(&self) -> Result<GroupMode, StoreError> {
+        let row = self.query_opt("SELECT value FROM meta WHERE key = 'mode'", &[])?;
+        Ok(match row.map(|r| r.get::<_, String>(0)).as_deref() {
+            Some("private") => GroupMode::Private,
+            _ => GroupMode::Open,
+        })
+    }
+
+    fn set_mode(&mut self, mode: GroupMode) -> Result<bool, StoreError> {
+        self.write(|s| {
+            if s.mode()? == mode {
+                return Ok(false);
+            }
+            s.execute(
+                "INSERT INTO meta (key, value) VALUES ('mode', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&mode.as_str()],
+            )?;
+            Ok(true)
+        })
+    }
+
+    fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let rows = self.query(
+            "SELECT user_name, joined_at_us, principal FROM members ORDER BY user_name COLLATE \"C\"",
+            &[],
+        )?;
+        rows.iter()
+            .map(|row| {
+                Ok(Member {
+                    user: UserName::new(row.get::<_, String>(0))
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    joined_at: Timestamp::from_micros(row.get(1)),
+                    key: Principal::from_stored(row.get(2)).public_key(),
+                })
+            })
+            .collect()
+    }
+
+    fn member_count(&self) -> u64 {
+        self.member_count
+    }
+
+    fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
+        self.write(|s| {
+            let id = msg.id.unwrap_or_else(MessageId::new_v7);
+            let seq = s.last_seq + 1;
+            let mut clock = s.clock;
+            let time = clock.tick(msg.now);
+            let attachment = msg.attachment.map(attachment_json).transpose()?;
+            let inserted = s.execute(
+                "INSERT INTO messages
+                     (seq, id, time_us, sender, body, kind, sender_key, attachment, attachment_sha256)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &(seq as i64),
+                    &id.as_bytes().as_slice(),
+                    &time.as_micros(),
+                    &msg.sender.as_str(),
+                    &msg.body.get(),
+                    &msg.kind.as_str(),
+                    &msg.sender_key.map(|k| k.to_string()),
+                    &attachment,
+                    &msg.attachment.map(|a| a.sha256.as_bytes().to_vec()),
+                ],
+            )?;
+            if inserted == 1 {
+                s.last_seq = seq;
+                s.clock = clock;
+                return Ok(SendAck {
+                    seq,
+                    id,
+                    time,
+                    duplicate: false,
+                });
+            }
+            s.stored_ack(id, msg.sender, msg.body, attachment.as_deref())?
+                .ok_or_else(|| StoreError::Corrupt(format!("id {id} conflicts but is not found")))
+        })
+    }
+
+    fn stored_ack(
+        &self,
+        id: MessageId,
+        sender: &UserName,
+        body: &RawValue,
+        attachment: Option<&str>,
+    ) -> Result<Option<SendAck>, StoreError> {
+        let Some(row) = self.query_opt(
+            "SELECT seq, time_us, sender, body, attachment FROM messages WHERE id = $1",
+            &[&id.as_bytes().as_slice()],
+        )?
+        else {
+            return Ok(None);
+        };
+        let (seq, time_us): (i64, i64) = (row.get(0), row.get(1));
+        if row.get::<_, &str>(2) != sender.as_str()
+            || row.get::<_, &str>(3) != body.get()
+            || row.get::<_, Option<&str>>(4) != attachment
+        {
+            return Err(StoreError::IdConflict(id));
+        }
+        Ok(Some(SendAck {
+            seq: u64::try_from(seq).unwrap_or(0),
+            id,
+            time: Timestamp::from_micros(time_us),
+            duplicate: true,
+        }))
+    }
+
+    fn references(&self, digest: &Sha256Digest) -> Result<bool, StoreError> {
+        Ok(self
+            .query_opt(
+                "SELECT 1 FROM messages WHERE attachment_sha256 = $1 LIMIT 1",
+                &[&digest.as_bytes().as_slice()],
+            )?
+            .is_some())
+    }
+
+    fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        match query {
+            HistoryQuery::AfterSeq(after) => {
+                self.after(i64::try_from(after).unwrap_or(i64::MAX), limit, max_bytes)
+            }
+            HistoryQuery::Since(t) => match self.first_seq_at(t.as_micros())? {
+                Some(first) => self.after(first - 1, limit, max_bytes),
+                None => Ok(Page {
+                    messages: Vec::new(),
+                    more: false,
+                }),
+            },
+            HistoryQuery::ById(id) => {
+                let rows = self.query(
+                    "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment
+                     FROM messages WHERE id = $1",
+                    &[&id.as_bytes().as_slice()],
+                )?;
+                Self::to_page(&rows, 1, usize::MAX)
+            }
+            HistoryQuery::Latest(n) => {
+                // As SQLite's: `latest` is its own bound; `more` only when bytes cut it.
+                let rows = self.query(
+                    "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment
+                     FROM messages ORDER BY seq DESC LIMIT $1",
+                    &[&i64::from(n)],
+                )?;
+                let mut page = Self::to_page(&rows, n, max_bytes)?;
+                page.messages.reverse();
+                Ok(page)
+            }
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
+        self.write(|s| {
+            let mut deleted = 0;
+            if let Some(max) = policy.max_messages {
+                let keep_from = i64::try_from(s.last_seq.saturating_sub(max)).unwrap_or(i64::MAX);
+                deleted += s.execute("DELETE FROM messages WHERE seq <= $1", &[&keep_from])?;
+            }
+            if let Some(age) = policy.max_age {
+                let cutoff = now.saturating_sub(age);
+                let keep_from = s.first_seq_at(cutoff.as_micros())?.unwrap_or(i64::MAX);
+                deleted += s.execute("DELETE FROM messages WHERE seq < $1", &[&keep_from])?;
+            }
+            if deleted > 0 {
+                s.meta_dirty = true;
+            }
+            Ok(deleted)
+        })
+    }
+
+    fn flusher(&self) -> Box<dyn Flush> {
+        Box::new(Durable)
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.query_opt(
+            "SELECT pg_total_relation_size('messages') + pg_total_relation_size('members')",
+            &[],
+        )
+        .ok()
+        .flatten()
+        .and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok())
+        .unwrap_or(0)
+    }
+}
