@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use agora_common::actor::{Actor, Pipe, Wake};
 
-use crate::store::{Checkpointer, WalSync};
+use crate::store::{Checkpointer, Flush};
 
 /// How often the checkpoint thread runs a passive checkpoint when nobody nudges it (10 s):
 /// an idle node's WAL is copied back too.
@@ -46,8 +46,8 @@ impl Syncer {
     ///
     /// # Errors
     /// libzmq's (binding the inproc pipe) or the thread spawn's, as `io::Error`.
-    pub fn start(ctx: &zmq::Context, wal: WalSync) -> std::io::Result<Syncer> {
-        let actor = Actor::start(ctx, "wal-sync", move |pipe| sync_loop(&pipe, &wal))?;
+    pub fn start(ctx: &zmq::Context, wal: Box<dyn Flush>) -> std::io::Result<Syncer> {
+        let actor = Actor::start(ctx, "wal-sync", move |pipe| sync_loop(&pipe, wal.as_ref()))?;
         Ok(Syncer { actor })
     }
 
@@ -88,7 +88,7 @@ impl Syncer {
     }
 }
 
-fn sync_loop(pipe: &Pipe, wal: &WalSync) {
+fn sync_loop(pipe: &Pipe, wal: &dyn Flush) {
     loop {
         let mut upto = match pipe.wait(None) {
             Wake::Term => return,

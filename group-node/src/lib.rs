@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::store::{Durability, GroupStore, Retention, SqliteStore, StoreError};
+use crate::store::{Durability, Flush, GroupStore, PgStore, Retention, SqliteStore, StoreError};
 use agora_common::client::{max_request_bytes, ClientCurve};
 use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_common::ratelimit::{Limiter, RateLimit};
@@ -66,6 +66,7 @@ mod cmd;
 pub mod durable;
 pub mod heartbeat;
 pub mod identity;
+pub mod lease;
 pub mod store;
 pub mod subscribers;
 
@@ -117,8 +118,15 @@ pub struct Config {
     pub advertise: Option<Endpoint>,
     /// The registry's endpoint; `None` runs without registering.
     pub registry: Option<String>,
-    /// The directory holding `group.sqlite3`.
+    /// The directory holding `group.sqlite3` (unless `store` is set), the node's key pair
+    /// and attachments' blobs.
     pub data_dir: PathBuf,
+    /// A PostgreSQL database for the log and membership (`postgres://…`,
+    /// [`store::postgres`]) instead of SQLite in `data_dir`; default none.
+    pub store: Option<String>,
+    /// Connection timeouts towards PostgreSQL, both ends (default 2 s,
+    /// [`store::postgres::DEFAULT_NET_TIMEOUT`]).
+    pub store_net_timeout: Duration,
     /// Largest message body, in bytes of JSON text (default 1 MiB).
     pub max_message_bytes: usize,
     /// Largest attachment, in bytes (default 4 GiB, [`DEFAULT_MAX_FILE_BYTES`]); a larger
@@ -179,6 +187,8 @@ impl Config {
             advertise: None,
             registry: None,
             data_dir,
+            store: None,
+            store_net_timeout: store::postgres::DEFAULT_NET_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             upload_ttl: DEFAULT_UPLOAD_TTL,
@@ -247,6 +257,10 @@ pub enum NodeError {
     /// Another process serves from this data directory (it holds `node.lock`).
     #[error("{0} is in use by another group-node (one node per data directory)")]
     Locked(PathBuf),
+    /// The lease was lost (its database connection failed or went unanswered), or a
+    /// commit found that another node took it: this node stops serving (fail-stop).
+    #[error("lost the lease: another node may be active now")]
+    LeaseLost,
     /// A registry is configured but not its key.
     #[error("the registry's public key is needed: pass --registry-key (the registry prints it at start)")]
     NoRegistryKey,
@@ -258,7 +272,11 @@ pub struct Node {
     config: Config,
     socket: zmq::Socket,
     endpoint: Endpoint,
-    store: SqliteStore,
+    store: Box<dyn GroupStore>,
+    /// The lease this node serves under, when the store is shared ([`lease`]).
+    lease: Option<lease::Lease>,
+    /// A commit was fenced: another node holds the lease.
+    deposed: bool,
     blobs: blobs::Blobs,
     /// The sealing actor (started by `run`), and the envelopes of the last chunks whose
     /// replies wait for it, by digest.
@@ -302,25 +320,50 @@ impl Node {
     /// [`NodeError::DataDir`], [`NodeError::Store`] (including a data dir of another
     /// group), [`NodeError::Bind`], [`NodeError::Advertise`].
     pub fn bind(ctx: &zmq::Context, config: Config) -> Result<Node, NodeError> {
+        Node::bind_leased(ctx, config, None)
+    }
+
+    /// As [`Node::bind`], serving under `lease` (taken with [`lease::Lease::acquire`]) when
+    /// the store is shared: its commits are fenced by the lease's epoch, and the node stops
+    /// when the lease is lost ([`NodeError::LeaseLost`]).
+    ///
+    /// # Errors
+    /// As [`Node::bind`].
+    pub fn bind_leased(
+        ctx: &zmq::Context,
+        config: Config,
+        lease: Option<lease::Lease>,
+    ) -> Result<Node, NodeError> {
         let db = config.data_dir.join("group.sqlite3");
         private_files(&config.data_dir, &db).map_err(|source| NodeError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
-        let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
+        let store: Box<dyn GroupStore> = match &config.store {
+            Some(url) => Box::new(PgStore::open(
+                url,
+                &config.name,
+                lease.as_ref().map(lease::Lease::epoch),
+                config.store_net_timeout,
+            )?),
+            None => {
+                let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
+                if config.wal_prealloc_bytes > 0 {
+                    match store.preallocate_wal(config.wal_prealloc_bytes) {
+                        Ok(0) => {}
+                        Ok(added) => tracing::debug!(added, "zero-filled the WAL"),
+                        Err(e) => tracing::warn!(error = %e, bytes = config.wal_prealloc_bytes,
+                            "could not zero-fill the WAL; appends will grow it (slower syncs)"),
+                    }
+                }
+                Box::new(store)
+            }
+        };
         let blobs = blobs::Blobs::open(&config.data_dir).map_err(|e| NodeError::DataDir {
             path: config.data_dir.join("blobs"),
             source: std::io::Error::other(e.to_string()),
         })?;
-        if config.wal_prealloc_bytes > 0 {
-            match store.preallocate_wal(config.wal_prealloc_bytes) {
-                Ok(0) => {}
-                Ok(added) => tracing::debug!(added, "zero-filled the WAL"),
-                Err(e) => tracing::warn!(error = %e, bytes = config.wal_prealloc_bytes,
-                    "could not zero-fill the WAL; appends will grow it (slower syncs)"),
-            }
-        }
         let (keys, zap) = if config.insecure {
             let endpoints = [Some(config.bind.as_str()), config.registry.as_deref()];
             let advertised = config.advertise.as_ref().map(Endpoint::as_str);
@@ -389,6 +432,8 @@ impl Node {
             socket,
             endpoint,
             store,
+            lease,
+            deposed: false,
             blobs,
             sealer: None,
             seal_waiters: std::collections::HashMap::new(),
@@ -442,9 +487,14 @@ impl Node {
             None => None,
         };
         let syncer =
-            durable::Syncer::start(&self.ctx, self.store.wal_sync()).map_err(NodeError::Thread)?;
-        let checkpoints = durable::CheckpointThread::start(&self.ctx, self.store.checkpointer()?)
-            .map_err(NodeError::Thread)?;
+            durable::Syncer::start(&self.ctx, self.store.flusher()).map_err(NodeError::Thread)?;
+        let checkpoints = match self.store.checkpoints()? {
+            Some(checkpointer) => Some(
+                durable::CheckpointThread::start(&self.ctx, checkpointer)
+                    .map_err(NodeError::Thread)?,
+            ),
+            None => None,
+        };
         self.sealer = Some(
             durable::Sealer::start(&self.ctx, self.blobs.layout()).map_err(NodeError::Thread)?,
         );
@@ -453,7 +503,7 @@ impl Node {
         let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut pipeline = Pipeline {
-            wal: self.store.wal_sync(),
+            wal: self.store.flusher(),
             requested: 0,
             wal_written: 0,
             waiting: VecDeque::new(),
@@ -462,7 +512,13 @@ impl Node {
         let blob_sweep = self.config.upload_ttl.min(Duration::from_secs(60));
         let mut next_blob_sweep = Instant::now() + blob_sweep;
         let mut next_lease_sweep = Instant::now();
+        let mut lost = false;
         while !shutdown.is_triggered() && !self.stopping {
+            if self.deposed || self.lease.as_ref().is_some_and(|l| !l.held()) {
+                tracing::error!(group = %self.config.name, "lost the lease; stopping (another node may be active)");
+                lost = true;
+                break;
+            }
             let accepting = pipeline.waiting.len() < MAX_PIPELINE;
             let (requests, synced, sealed) = {
                 let sealer = self.sealer.as_ref().map(durable::Sealer::poll_item);
@@ -502,7 +558,7 @@ impl Node {
                 if !batch.is_empty() {
                     let done = self.serve_batch(&mut batch);
                     members.store(self.store.member_count(), Ordering::Relaxed);
-                    self.queue(&mut pipeline, done, &syncer, &checkpoints)?;
+                    self.queue(&mut pipeline, done, &syncer, checkpoints.as_ref())?;
                 }
             }
             if Instant::now() >= next_lease_sweep {
@@ -544,6 +600,9 @@ impl Node {
         }
         self.refuse_arrivals(&mut batch)?;
         drop(checkpoints);
+        if lost {
+            return Err(NodeError::LeaseLost);
+        }
         tracing::info!(group = %self.config.name, "group node stopping");
         Ok(())
     }
@@ -553,11 +612,7 @@ impl Node {
         use agora_common::metrics::{LAST_SEQ, LOG_BYTES, SUBSCRIBERS};
         LAST_SEQ.set(i64::try_from(self.store.last_seq()).unwrap_or(i64::MAX));
         SUBSCRIBERS.set(i64::try_from(self.subscribers.len()).unwrap_or(i64::MAX));
-        let bytes: u64 = ["group.sqlite3", "group.sqlite3-wal"]
-            .iter()
-            .filter_map(|f| std::fs::metadata(self.config.data_dir.join(f)).ok())
-            .map(|m| m.len())
-            .sum();
+        let bytes = self.store.stored_bytes();
         LOG_BYTES.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
@@ -606,14 +661,16 @@ impl Node {
         pipeline: &mut Pipeline,
         done: Served,
         syncer: &durable::Syncer,
-        checkpoints: &durable::CheckpointThread,
+        checkpoints: Option<&durable::CheckpointThread>,
     ) -> Result<(), NodeError> {
         if done.wrote {
             agora_common::metrics::COMMIT_BATCH.observe(done.replies.len() as f64);
             pipeline.wal_written += wal_estimate(&done.appended);
             if pipeline.wal_written >= CHECKPOINT_BYTES {
                 pipeline.wal_written = 0;
-                checkpoints.nudge();
+                if let Some(checkpoints) = checkpoints {
+                    checkpoints.nudge();
+                }
             }
         }
         if done.wrote && pipeline.waiting.is_empty() && !self.request_waiting() {
@@ -884,6 +941,21 @@ impl Node {
                 replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
                 appended,
             },
+            Err(e @ StoreError::Fenced { .. }) => {
+                // Another node took the lease: nothing of this batch is stored, and this
+                // node must not answer from the log any more. Every request is refused as
+                // by a stopping node, so that clients look the group up again.
+                tracing::error!(error = %e, "commit fenced: another node holds the lease");
+                self.deposed = true;
+                Served {
+                    wrote: false,
+                    replies: handled
+                        .into_iter()
+                        .map(|h| (h.envelope, reply_frames::<()>(Err(stopping()))))
+                        .collect(),
+                    appended: Vec::new(),
+                }
+            }
             Err(e) => {
                 // Nothing of this batch is stored: no reply may claim otherwise.
                 tracing::error!(error = %e, "commit failed; batch rolled back");
@@ -958,7 +1030,7 @@ impl Node {
         }
         let mut sealing = Vec::new();
         let mut ctx = cmd::Ctx {
-            store: &mut self.store,
+            store: &mut *self.store,
             config: &self.config,
             now,
             instant,
@@ -1040,8 +1112,9 @@ fn internal() -> Frames {
 
 /// Batches committed and waiting for their sync, oldest first.
 struct Pipeline {
-    /// The store's WAL, for a sync on the loop thread when nothing else waits.
-    wal: crate::store::WalSync,
+    /// The store's flush (the WAL's sync), for a sync on the loop thread when nothing else
+    /// waits.
+    wal: Box<dyn Flush>,
     /// The number of the last batch whose sync was asked for.
     requested: u64,
     /// WAL bytes written (estimated) since the last checkpoint nudge.

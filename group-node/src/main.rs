@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_common::shutdown::Shutdown;
+use agora_group_node::lease::{Lease, LeaseConfig};
 use agora_group_node::store::Retention;
 use agora_group_node::{default_data_dir, Config, Node};
 use agora_proto::wire::{Endpoint, GroupName, DEFAULT_MAX_MESSAGE_BYTES};
@@ -49,9 +50,31 @@ struct Args {
     /// Endpoint to register for members, when it differs from the bound one (NAT, wildcard).
     #[arg(long, env = "AGORA_ADVERTISE")]
     advertise: Option<Endpoint>,
-    /// Directory for the group's SQLite store [default: ~/.local/share/agora/groups/NAME].
+    /// Directory for the group's SQLite store, key pair and attachments [default:
+    /// ~/.local/share/agora/groups/NAME].
     #[arg(long, env = "AGORA_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Keep the log and membership in this PostgreSQL database (postgres://USER@HOST/DB,
+    /// or libpq's key=value form) instead of SQLite in the data directory. Several nodes of
+    /// the group (on different hosts, each with a copy of the group's key pair) may share
+    /// it: one is active, the others wait as standbys and take over when it goes.
+    #[arg(long, env = "AGORA_STORE", value_parser = postgres_url)]
+    store: Option<String>,
+    /// How often a standby tries to take the lease.
+    #[arg(long, env = "AGORA_FAILOVER_POLL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    failover_poll: Duration,
+    /// How often the active node checks its hold on the lease.
+    #[arg(long, env = "AGORA_FAILOVER_CHECK", default_value = "200ms", value_parser = humantime::parse_duration)]
+    failover_check: Duration,
+    /// How long the active node may go without reaching the database before it stops
+    /// serving. The database frees a silent holder's lease after --store-net-timeout, so
+    /// keep this shorter.
+    #[arg(long, env = "AGORA_FAILOVER_TIMEOUT", default_value = "1500ms", value_parser = humantime::parse_duration)]
+    failover_timeout: Duration,
+    /// Connection timeouts towards PostgreSQL, set on both ends (TCP keepalives and
+    /// TCP_USER_TIMEOUT): how soon a dead link or host is noticed.
+    #[arg(long, env = "AGORA_STORE_NET_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    store_net_timeout: Duration,
     /// Largest message body, in bytes of JSON text.
     #[arg(long, env = "AGORA_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
@@ -130,6 +153,19 @@ struct Args {
     /// Requests a peer may send at once after being idle.
     #[arg(long, env = "AGORA_RATE_BURST", default_value_t = 4_000.0)]
     rate_burst: f64,
+}
+
+/// A `--store` value: a PostgreSQL URL.
+fn postgres_url(value: &str) -> Result<String, String> {
+    if agora_group_node::store::postgres::is_postgres_url(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(
+            "expected a PostgreSQL URL, postgres://… or postgresql://… (without --store, \
+             the log is SQLite in the data directory)"
+                .to_owned(),
+        )
+    }
 }
 
 fn main() -> ExitCode {
@@ -225,8 +261,25 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         burst: args.rate_burst,
         ..Default::default()
     };
+    config.store = args.store.clone();
+    config.store_net_timeout = args.store_net_timeout;
+    let lease = match &args.store {
+        Some(url) => {
+            let mut lease_config = LeaseConfig::new(url.clone(), config.name.clone());
+            lease_config.poll = args.failover_poll;
+            lease_config.check = args.failover_check;
+            lease_config.timeout = args.failover_timeout;
+            lease_config.net_timeout = args.store_net_timeout;
+            match Lease::acquire(&lease_config, &shutdown).context("taking the lease")? {
+                Some(lease) => Some(lease),
+                // Stopped while a standby.
+                None => return Ok(()),
+            }
+        }
+        None => None,
+    };
     let ctx = zmq::Context::new();
-    let node = Node::bind(&ctx, config)?;
+    let node = Node::bind_leased(&ctx, config, lease)?;
     let mut out = std::io::stdout().lock();
     match node.public_key() {
         Some(key) => writeln!(out, "listening {} public-key {key}", node.endpoint())?,

@@ -72,6 +72,15 @@ impl Server {
     /// # Panics
     /// If it does not start or print the line within [`START_TIMEOUT`].
     pub fn start(bin_name: &str, args: &[&str], log: &Path) -> Server {
+        Server::spawn(bin_name, args, log).wait_listening(START_TIMEOUT)
+    }
+
+    /// Starts `bin` with `args`, with stderr logged to `log`, without waiting for its
+    /// `listening` line (a standby group node prints it only when it becomes active).
+    ///
+    /// # Panics
+    /// If it cannot be spawned.
+    pub fn spawn(bin_name: &str, args: &[&str], log: &Path) -> Pending {
         let stderr = std::fs::File::create(log).expect("log file");
         let mut child = Command::new(bin(bin_name))
             .args(args)
@@ -83,42 +92,16 @@ impl Server {
             .spawn()
             .expect("spawn server");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
+        let (tx, line) = mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{bin_name} printed no endpoint; log:\n{}", read(log));
-            }
-        };
-        let mut words = line.split_whitespace();
-        let (Some("listening"), Some(endpoint)) = (words.next(), words.next()) else {
-            let _ = child.kill();
-            let status = child.wait();
-            panic!(
-                "{bin_name} did not start ({status:?}), printed {line:?}; log:\n{}",
-                read(log)
-            );
-        };
-        let key = match (words.next(), words.next()) {
-            (Some("public-key"), Some(key)) => Some(key.to_owned()),
-            _ => None,
-        };
-        let key_endpoint = match (words.next(), words.next()) {
-            (Some("key-endpoint"), Some(e)) => Some(e.to_owned()),
-            _ => None,
-        };
-        Server {
-            endpoint: endpoint.to_owned(),
-            key,
-            key_endpoint,
-            child,
+        Pending {
+            child: Some(child),
+            line,
+            bin_name: bin_name.to_owned(),
             log: log.to_owned(),
         }
     }
@@ -177,6 +160,80 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A server started with [`Server::spawn`] that has not printed its `listening` line yet;
+/// killed (SIGKILL) and reaped on drop.
+pub struct Pending {
+    child: Option<Child>,
+    line: mpsc::Receiver<String>,
+    bin_name: String,
+    log: PathBuf,
+}
+
+impl Pending {
+    /// Waits up to `timeout` for the `listening ENDPOINT [public-key KEY] [key-endpoint E]`
+    /// line.
+    ///
+    /// # Panics
+    /// If it does not come in time, or the process exits first.
+    pub fn wait_listening(mut self, timeout: Duration) -> Server {
+        let mut child = self.child.take().expect("not yet waited for");
+        let (bin_name, log) = (self.bin_name.clone(), self.log.clone());
+        let line = match self.line.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{bin_name} printed no endpoint; log:\n{}", read(&log));
+            }
+        };
+        let mut words = line.split_whitespace();
+        let (Some("listening"), Some(endpoint)) = (words.next(), words.next()) else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!(
+                "{bin_name} did not start ({status:?}), printed {line:?}; log:\n{}",
+                read(&log)
+            );
+        };
+        let key = match (words.next(), words.next()) {
+            (Some("public-key"), Some(key)) => Some(key.to_owned()),
+            _ => None,
+        };
+        let key_endpoint = match (words.next(), words.next()) {
+            (Some("key-endpoint"), Some(e)) => Some(e.to_owned()),
+            _ => None,
+        };
+        Server {
+            endpoint: endpoint.to_owned(),
+            key,
+            key_endpoint,
+            child,
+            log,
+        }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -450,10 +507,16 @@ impl Federation {
     }
 
     /// Starts a group node named `name` at `addr` (`127.0.0.1:0` for a fresh port), its data
-    /// in `DIR/data-<tag>`.
+    /// in `DIR/data-<tag>`, and waits for its `listening` line.
     pub fn node(&self, name: &str, addr: &str, tag: &str, extra: &[&str]) -> Server {
-        let data = self.dir.path().join(format!("data-{tag}"));
-        let data = data.to_str().expect("utf-8 path").to_owned();
+        self.spawn_node(name, addr, tag, extra)
+            .wait_listening(START_TIMEOUT)
+    }
+
+    /// As [`Federation::node`], without waiting for the `listening` line (a standby prints
+    /// it when it takes over).
+    pub fn spawn_node(&self, name: &str, addr: &str, tag: &str, extra: &[&str]) -> Pending {
+        let data = self.node_data_dir(tag);
         let registry_key = self.registry_key();
         let mut args = vec![
             name,
@@ -467,13 +530,20 @@ impl Federation {
             "--heartbeat",
             "200ms",
         ];
-        args.extend(self.store_args());
+        if !extra.contains(&"--store") {
+            args.extend(self.store_args());
+        }
         args.extend_from_slice(extra);
-        Server::start(
+        Server::spawn(
             "group-node",
             &args,
             &self.dir.path().join(format!("node-{tag}.log")),
         )
+    }
+
+    /// The data directory of the node started with `tag`.
+    pub fn node_data_dir(&self, tag: &str) -> String {
+        self.path(&format!("data-{tag}"))
     }
 
     /// The state directory user-cli runs of this federation use.

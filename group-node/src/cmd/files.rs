@@ -16,7 +16,7 @@ use crate::store::GroupStore;
 /// `unknown_group`, `not_member`, `too_large` (over `--max-file-bytes`), `limit_reached`
 /// (the caller's unfinished uploads would pass `--upload-quota`), `invalid_field` (`size`
 /// differs from an upload of the same digest in progress), `internal`.
-pub fn upload<S: GroupStore>(
+pub fn upload<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadRequest,
 ) -> Result<UploadReply, WireError> {
@@ -48,7 +48,7 @@ pub fn upload<S: GroupStore>(
 /// `unknown_group`, `not_member`, `too_large` (a chunk over 1 MiB), `bad_offset`, `not_found`
 /// (no upload declared), `invalid_field` (past the declared size), `digest_mismatch`,
 /// `internal`.
-pub fn upload_chunk<S: GroupStore>(
+pub fn upload_chunk<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadChunkRequest,
     data: &[u8],
@@ -80,7 +80,7 @@ pub fn upload_chunk<S: GroupStore>(
 /// # Errors
 /// `unknown_group`, `not_member`, `not_found` (neither a content nor an upload of it),
 /// `internal`.
-pub fn upload_status<S: GroupStore>(
+pub fn upload_status<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadStatusRequest,
 ) -> Result<UploadReply, WireError> {
@@ -96,7 +96,7 @@ pub fn upload_status<S: GroupStore>(
 /// # Errors
 /// `unknown_group`, `not_member`, `not_found` (no complete content: a partial upload is never
 /// served), `invalid_field` (`offset` past the end, `length` 0), `internal`.
-pub fn download<S: GroupStore>(
+pub fn download<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: DownloadRequest,
 ) -> Result<(DownloadReply, Vec<u8>), WireError> {
@@ -140,7 +140,7 @@ pub fn download<S: GroupStore>(
     ))
 }
 
-fn members_only<S: GroupStore>(
+fn members_only<S: GroupStore + ?Sized>(
     ctx: &Ctx<'_, S>,
     group: Option<&agora_proto::wire::GroupName>,
     user: &UserName,
@@ -152,7 +152,7 @@ fn members_only<S: GroupStore>(
 /// The reply of an upload at `progress`; when this request completed the upload
 /// ([`Progress::Sealing`] with `start`), the content is handed to the loop to be sealed off
 /// it (`ctx.sealing`), and the reply waits for the seal.
-fn sealing_reply<S: GroupStore>(
+fn sealing_reply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     sha256: Sha256Digest,
     progress: Progress,

@@ -10,7 +10,7 @@ use super::{store_error, Ctx};
 /// # Errors
 /// `unknown_group`, `not_member`, `invalid_field` (two selectors, bad limit), `not_found`
 /// (no message with that id), `internal`.
-pub fn apply<S: GroupStore>(
+pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: GetMessagesRequest,
 ) -> Result<MessagesPage, WireError> {

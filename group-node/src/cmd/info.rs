@@ -7,7 +7,10 @@ use super::Ctx;
 
 /// # Errors
 /// `unknown_group`.
-pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: InfoRequest) -> Result<InfoReply, WireError> {
+pub fn apply<S: GroupStore + ?Sized>(
+    ctx: &mut Ctx<'_, S>,
+    r: InfoRequest,
+) -> Result<InfoReply, WireError> {
     ctx.check_group(r.group.as_ref())?;
     Ok(InfoReply {
         group: ctx.config.name.clone(),

@@ -12,7 +12,7 @@ use super::{store_error, Ctx};
 /// # Errors
 /// `unknown_group`, `banned`, `not_invited`, `name_taken` (another member has that name),
 /// `limit_reached` (the group has `max_members`), `internal`.
-pub fn apply<S: GroupStore>(
+pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {

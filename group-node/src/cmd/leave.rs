@@ -7,7 +7,7 @@ use super::{store_error, Ctx};
 
 /// # Errors
 /// `unknown_group`, `internal`.
-pub fn apply<S: GroupStore>(
+pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {

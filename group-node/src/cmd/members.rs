@@ -8,7 +8,7 @@ use super::{store_error, Ctx};
 
 /// # Errors
 /// `unknown_group`, `not_member` (a private group, asked by a non-member), `internal`.
-pub fn apply<S: GroupStore>(
+pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembersRequest,
 ) -> Result<MembersReply, WireError> {

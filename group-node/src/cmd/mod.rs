@@ -29,7 +29,7 @@ pub mod subscribe;
 pub mod unsubscribe;
 
 /// What a handler may use.
-pub struct Ctx<'a, S: GroupStore> {
+pub struct Ctx<'a, S: GroupStore + ?Sized> {
     /// The group's store, inside an open batch.
     pub store: &'a mut S,
     /// The node's settings.
@@ -55,7 +55,7 @@ pub struct Ctx<'a, S: GroupStore> {
     pub owner: Option<agora_common::keys::PublicKey>,
 }
 
-impl<S: GroupStore> Ctx<'_, S> {
+impl<S: GroupStore + ?Sized> Ctx<'_, S> {
     /// Checks a request's optional `group` against this node's.
     ///
     /// # Errors
@@ -93,7 +93,7 @@ impl<S: GroupStore> Ctx<'_, S> {
     }
 }
 
-impl<S: GroupStore> Ctx<'_, S> {
+impl<S: GroupStore + ?Sized> Ctx<'_, S> {
     /// Appends an entry and queues it for the push after the commit (unless it is a
     /// retried duplicate, which was pushed the first time).
     ///

@@ -31,7 +31,7 @@ pub enum Role {
 ///
 /// # Errors
 /// `internal`.
-pub fn role<S: GroupStore>(ctx: &Ctx<'_, S>, caller: &Caller) -> Result<Role, WireError> {
+pub fn role<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, caller: &Caller) -> Result<Role, WireError> {
     if caller.key.is_some() && caller.key == ctx.owner {
         return Ok(Role::Owner);
     }
@@ -46,7 +46,7 @@ pub fn role<S: GroupStore>(ctx: &Ctx<'_, S>, caller: &Caller) -> Result<Role, Wi
 }
 
 /// The caller's role if it may manage the group.
-fn manager<S: GroupStore>(
+fn manager<S: GroupStore + ?Sized>(
     ctx: &Ctx<'_, S>,
     claimed: &UserName,
 ) -> Result<(Caller, Role), WireError> {
@@ -70,7 +70,7 @@ fn manager<S: GroupStore>(
 }
 
 /// Writes the policy entry (sender: the caller's member name, or the name it claims).
-fn record<S: GroupStore>(
+fn record<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     caller: &Caller,
     body: serde_json::Value,
@@ -86,7 +86,7 @@ fn record<S: GroupStore>(
         .map(|_| ())
 }
 
-fn reply<S: GroupStore>(ctx: &Ctx<'_, S>, changed: bool) -> PolicyReply {
+fn reply<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, changed: bool) -> PolicyReply {
     PolicyReply {
         group: ctx.config.name.clone(),
         changed,
@@ -94,13 +94,13 @@ fn reply<S: GroupStore>(ctx: &Ctx<'_, S>, changed: bool) -> PolicyReply {
     }
 }
 
-fn is_owner<S: GroupStore>(ctx: &Ctx<'_, S>, who: &Principal) -> bool {
+fn is_owner<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, who: &Principal) -> bool {
     ctx.owner
         .is_some_and(|k: PublicKey| Principal::key(&k) == *who)
 }
 
 /// Removes `who` from the members and ends its subscriptions; returns its name.
-fn expel<S: GroupStore>(
+fn expel<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     who: &Principal,
 ) -> Result<Option<UserName>, WireError> {
@@ -115,7 +115,7 @@ fn expel<S: GroupStore>(
 ///
 /// # Errors
 /// `forbidden`, `unknown_group`, `internal`.
-pub fn invite<S: GroupStore>(
+pub fn invite<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -140,7 +140,7 @@ pub fn invite<S: GroupStore>(
 ///
 /// # Errors
 /// `forbidden` (also for banning the owner), `unknown_group`, `internal`.
-pub fn ban<S: GroupStore>(
+pub fn ban<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -181,7 +181,7 @@ pub fn ban<S: GroupStore>(
 ///
 /// # Errors
 /// `forbidden`, `unknown_group`, `internal`.
-pub fn unban<S: GroupStore>(
+pub fn unban<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -207,7 +207,7 @@ pub fn unban<S: GroupStore>(
 /// # Errors
 /// `forbidden` (also for kicking the owner, or an admin unless the owner asks), `not_found`
 /// (no such member), `unknown_group`, `internal`.
-pub fn kick<S: GroupStore>(
+pub fn kick<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MemberTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -240,7 +240,7 @@ pub fn kick<S: GroupStore>(
 ///
 /// # Errors
 /// `forbidden`, `not_found`, `unknown_group`, `internal`.
-pub fn promote<S: GroupStore>(
+pub fn promote<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MemberTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -271,7 +271,7 @@ pub fn promote<S: GroupStore>(
 ///
 /// # Errors
 /// `forbidden`, `unknown_group`, `internal`.
-pub fn set_mode<S: GroupStore>(
+pub fn set_mode<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SetModeRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -288,7 +288,10 @@ pub fn set_mode<S: GroupStore>(
     Ok(reply(ctx, changed))
 }
 
-fn member_named<S: GroupStore>(ctx: &Ctx<'_, S>, name: &UserName) -> Result<Principal, WireError> {
+fn member_named<S: GroupStore + ?Sized>(
+    ctx: &Ctx<'_, S>,
+    name: &UserName,
+) -> Result<Principal, WireError> {
     ctx.store
         .member_named(name)
         .map_err(store_error)?

@@ -13,7 +13,10 @@ use super::Ctx;
 /// `unknown_group`, `not_member`, `too_large` (body over `max_message_bytes`),
 /// `invalid_field` (a bad attachment name, media type or size), `not_found` (the attachment's
 /// content is not complete on this node), `id_conflict`, `internal`.
-pub fn apply<S: GroupStore>(ctx: &mut Ctx<'_, S>, r: SendRequest) -> Result<SendAck, WireError> {
+pub fn apply<S: GroupStore + ?Sized>(
+    ctx: &mut Ctx<'_, S>,
+    r: SendRequest,
+) -> Result<SendAck, WireError> {
     ctx.check_group(r.group.as_ref())?;
     // The sender is the member the authenticated caller is, whatever `user` claims.
     let sender = ctx.require_member(&ctx.caller(&r.user))?;

@@ -10,7 +10,7 @@ use crate::subscribers::SubscribeOptions;
 /// # Errors
 /// `unknown_group`, `not_member`, `limit_reached` (the member's connection bound, or a full
 /// node where nobody holds more subscriptions than the caller would).
-pub fn apply<S: GroupStore>(
+pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SubscribeRequest,
 ) -> Result<SubscribeReply, WireError> {

@@ -7,7 +7,7 @@ use super::Ctx;
 
 /// # Errors
 /// `unknown_group`.
-pub fn apply<S: GroupStore>(
+pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembershipRequest,
 ) -> Result<UnsubscribeReply, WireError> {

@@ -337,12 +337,15 @@ impl App {
     }
 
     /// After `err` from the node at a saved endpoint of the group `target` names: when the
-    /// node did not answer or no longer serves the group, asks the registry where the group
+    /// node did not answer, is stopping, or no longer serves the group, asks the registry where the group
     /// is now; if somewhere else, saves that and returns true (the caller tries once more).
     fn relocated(&mut self, target: &str, err: &ClientError) -> bool {
         let stale = match err {
             ClientError::Timeout { .. } => true,
-            ClientError::Server(w) => w.code == ErrorCode::UnknownGroup,
+            // A node that stops (drains, or lost its lease to a standby) says so.
+            ClientError::Server(w) => {
+                matches!(w.code, ErrorCode::UnknownGroup | ErrorCode::ShuttingDown)
+            }
             _ => false,
         };
         let Ok(Target::Name(name)) = Target::parse(target) else {

@@ -1,0 +1,215 @@
+//! The lease that makes one node of a group the active one, when the group's log is in
+//! PostgreSQL and several nodes (on different hosts) share it: the zguide's Binary Star,
+//! with the database as the arbiter instead of a peer-to-peer vote.
+//!
+//! # Protocol
+//! - **The lease** is a session-level advisory lock, `pg_try_advisory_lock(hashtextextended(
+//!   'agora-lease:' || schema, 0))`, held by a connection of its own. A standby tries to take
+//!   it every [`LeaseConfig::poll`] (default 100 ms). PostgreSQL frees it when that session
+//!   ends: at once when the holder's process dies (its kernel closes the socket), and
+//!   within [`LeaseConfig::net_timeout`] (default 2 s: keepalives and `tcp_user_timeout`,
+//!   set on the server's side of the session too) when the holder's host or link is gone.
+//! - **The epoch** (the fencing token) is bumped by every taker, in `lease.epoch`, right
+//!   after it takes the lock; the store checks it in every commit's transaction
+//!   ([`PgStore`](crate::store::PgStore)), so a node that lost the lease can never commit,
+//!   even if it has not noticed yet.
+//! - **The holder checks** its lease connection every [`LeaseConfig::check`] (default
+//!   200 ms) with a `SELECT 1`. With no success for [`LeaseConfig::timeout`] (default
+//!   1.5 s, shorter than the server's detection), or an error, [`Lease::held`] turns false
+//!   and the node stops serving (fail-stop): it never serves on a lease it may have lost.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agora_common::shutdown::Shutdown;
+use agora_proto::wire::GroupName;
+
+use crate::store::postgres::{connect, prepare_schema, schema_name, DEFAULT_NET_TIMEOUT};
+use crate::store::StoreError;
+
+/// How a node takes and keeps the lease.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// The database (`postgres://…`).
+    pub url: String,
+    /// The group.
+    pub group: GroupName,
+    /// Who asks, for `lease.holder` and the logs (default `HOST pid PID`).
+    pub holder: String,
+    /// How often a standby tries to take the lease (default 100 ms).
+    pub poll: Duration,
+    /// How often the holder checks its lease connection (default 200 ms).
+    pub check: Duration,
+    /// How long the holder may go without a successful check before it stops (default
+    /// 1.5 s).
+    pub timeout: Duration,
+    /// Connection timeouts, both ends (default 2 s, [`DEFAULT_NET_TIMEOUT`]).
+    pub net_timeout: Duration,
+}
+
+impl LeaseConfig {
+    /// The defaults for `group` in the database at `url`.
+    pub fn new(url: impl Into<String>, group: GroupName) -> LeaseConfig {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "unknown-host".to_owned());
+        LeaseConfig {
+            url: url.into(),
+            group,
+            holder: format!("{host} pid {}", std::process::id()),
+            poll: Duration::from_millis(100),
+            check: Duration::from_millis(200),
+            timeout: Duration::from_millis(1500),
+            net_timeout: DEFAULT_NET_TIMEOUT,
+        }
+    }
+}
+
+/// A held lease; dropping it ends its session, which frees it.
+#[derive(Debug)]
+pub struct Lease {
+    epoch: i64,
+    base: Instant,
+    /// Milliseconds after `base` of the last successful check.
+    last_ok: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
+    timeout: Duration,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Lease {
+    /// Waits until this node holds the lease, then bumps the epoch and starts checking.
+    /// Returns `Ok(None)` if `shutdown` is triggered first. While the database cannot be
+    /// reached, it keeps trying (a standby outlives a database restart).
+    ///
+    /// # Errors
+    /// [`StoreError::SchemaTooNew`] or [`StoreError::WrongGroup`] (no point retrying), or a
+    /// thread that cannot start, as [`StoreError::Corrupt`].
+    pub fn acquire(config: &LeaseConfig, shutdown: &Shutdown) -> Result<Option<Lease>, StoreError> {
+        let schema = schema_name(&config.group);
+        let mut announced = false;
+        let mut session: Option<postgres::Client> = None;
+        let mut client = loop {
+            if shutdown.is_triggered() {
+                return Ok(None);
+            }
+            match Self::try_take(config, &schema, &mut session) {
+                Ok(true) => match session.take() {
+                    Some(client) => break client,
+                    None => continue,
+                },
+                Ok(false) => {
+                    if !announced {
+                        tracing::info!(group = %config.group, "standby: another node holds the lease; waiting for it");
+                        announced = true;
+                    }
+                }
+                Err(e @ (StoreError::SchemaTooNew { .. } | StoreError::WrongGroup { .. })) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    session = None;
+                    tracing::warn!(error = %e, "cannot reach the database for the lease; retrying");
+                    std::thread::sleep(config.poll.max(Duration::from_millis(500)));
+                }
+            }
+            std::thread::sleep(config.poll);
+        };
+        let epoch: i64 = client
+            .query_one(
+                "UPDATE lease SET epoch = epoch + 1, holder = $1, since = now()
+                 WHERE id = 1 RETURNING epoch",
+                &[&config.holder],
+            )?
+            .get(0);
+        tracing::info!(group = %config.group, epoch, "took the lease: this node is active");
+        let base = Instant::now();
+        let last_ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = mpsc::channel();
+        let thread = {
+            let (last_ok, failed, check) =
+                (Arc::clone(&last_ok), Arc::clone(&failed), config.check);
+            std::thread::Builder::new()
+                .name("lease".into())
+                .spawn(move || loop {
+                    match stopped.recv_timeout(check) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    match client.batch_execute("SELECT 1") {
+                        Ok(()) => {
+                            let ms = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            last_ok.store(ms, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the lease's connection failed");
+                            failed.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| StoreError::Corrupt(format!("lease thread: {e}")))?
+        };
+        Ok(Some(Lease {
+            epoch,
+            base,
+            last_ok,
+            failed,
+            timeout: config.timeout,
+            stop: Some(stop),
+            thread: Some(thread),
+        }))
+    }
+
+    /// One attempt to take the lock on `session` (connected and the schema prepared
+    /// first, if it is not yet); whether it was taken.
+    fn try_take(
+        config: &LeaseConfig,
+        schema: &str,
+        session: &mut Option<postgres::Client>,
+    ) -> Result<bool, StoreError> {
+        let client = match session {
+            Some(client) => client,
+            None => {
+                let mut client = connect(&config.url, config.net_timeout, "lease")?;
+                prepare_schema(&mut client, &config.group)?;
+                session.insert(client)
+            }
+        };
+        Ok(client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('agora-lease:' || $1, 0))",
+                &[&schema],
+            )?
+            .get(0))
+    }
+
+    /// The fencing epoch this lease was taken with.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// Whether the lease is still surely held: its connection answered within the timeout
+    /// and never failed.
+    pub fn held(&self) -> bool {
+        if self.failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let last = Duration::from_millis(self.last_ok.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last) < self.timeout
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
