@@ -32,6 +32,14 @@
 //! through a bounded channel ([`Feed::start`]): a slow consumer slows the feed, the node drops
 //! pushes to it at its HWM, and the feed backfills later.
 //!
+//! # Failover
+//! A feed given a locator ([`Feed::with_locator`], a registry lookup) notices a node that
+//! stops answering: when a group's renewals go unanswered for
+//! [`FeedOptions::relocate_after`], it asks the locator where the group is now, and if it
+//! moved (a standby took over, a node restarted elsewhere) it subscribes there, after the
+//! last seq it delivered: the new node's reply reveals the gap and the feed backfills it,
+//! so the consumer sees every entry once and in order across the move.
+//!
 //! # Pipe commands
 //! `["add", GROUPSPEC_JSON]` and `["remove", ENDPOINT]`; `$TERM` unsubscribes every group and
 //! stops.
@@ -70,6 +78,9 @@ pub struct FeedOptions {
     pub client: ClientOptions,
     /// Capacity of the event channel, in events (default 1024).
     pub channel: usize,
+    /// How long a group's renewals may go unanswered before a feed with a locator asks
+    /// where the group is now (default 3 s); again at most this often while it is lost.
+    pub relocate_after: Duration,
 }
 
 impl Default for FeedOptions {
@@ -78,6 +89,7 @@ impl Default for FeedOptions {
             renew: Duration::from_secs(1),
             client: ClientOptions::default(),
             channel: 1024,
+            relocate_after: Duration::from_secs(3),
         }
     }
 }
@@ -132,6 +144,41 @@ pub enum FeedEvent {
     },
 }
 
+/// Where a group's node is now: its endpoint and CURVE key, or `None` if that cannot be told
+/// (a registry lookup, say). Called on the feed's thread.
+pub type Locate =
+    Box<dyn FnMut(&GroupName) -> Option<(String, Option<crate::keys::PublicKey>)> + Send>;
+
+/// A [`Locate`] that looks groups up in the registry at `endpoint` (over CURVE with
+/// `curve`), with a REQ client made on the feed's thread at the first lookup and made anew
+/// after a failure (Lazy Pirate).
+pub fn registry_locator(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    curve: Option<crate::client::ClientCurve>,
+    options: ClientOptions,
+) -> Locate {
+    let (ctx, endpoint) = (ctx.clone(), endpoint.to_owned());
+    let mut client: Option<crate::client::RegistryClient> = None;
+    Box::new(move |group: &GroupName| {
+        let registry = client.get_or_insert_with(|| {
+            let registry = crate::client::RegistryClient::new(&ctx, &endpoint, options);
+            match &curve {
+                Some(curve) => registry.with_curve(curve.clone()),
+                None => registry,
+            }
+        });
+        match registry.lookup(group) {
+            Ok(entry) => Some((entry.endpoint.to_string(), entry.public_key)),
+            Err(e) => {
+                tracing::debug!(%group, error = %e, "feed: cannot look the group up");
+                client = None;
+                None
+            }
+        }
+    })
+}
+
 /// A running live stream, an [`Actor`]; stops (and unsubscribes) when dropped.
 #[derive(Debug)]
 pub struct Feed {
@@ -172,6 +219,22 @@ impl Feed {
         options: FeedOptions,
         on_event: impl FnMut(FeedEvent) -> bool + Send + 'static,
     ) -> std::io::Result<Feed> {
+        Feed::with_locator(ctx, user, keypair, options, None, on_event)
+    }
+
+    /// As [`Feed::with_handler`], following groups that move when `locate` is given (see
+    /// the module's "Failover").
+    ///
+    /// # Errors
+    /// The actor could not be started.
+    pub fn with_locator(
+        ctx: &zmq::Context,
+        user: UserName,
+        keypair: Option<crate::keys::Keypair>,
+        options: FeedOptions,
+        locate: Option<Locate>,
+        on_event: impl FnMut(FeedEvent) -> bool + Send + 'static,
+    ) -> std::io::Result<Feed> {
         let mut worker = Worker {
             ctx: ctx.clone(),
             user,
@@ -179,6 +242,7 @@ impl Feed {
             options,
             groups: HashMap::new(),
             on_event: Box::new(on_event),
+            locate,
         };
         let actor = Actor::start(ctx, "agora-feed", move |pipe| worker.run(&pipe))?;
         Ok(Feed { actor })
@@ -214,6 +278,10 @@ struct GroupFeed {
     budget: usize,
     /// Bytes of pushes received since the last ack.
     unacked: usize,
+    /// When the node last sent anything on the subscription's socket (or it was made).
+    last_heard: Instant,
+    /// Not before then is the locator asked again.
+    next_locate: Instant,
 }
 
 struct Worker {
@@ -223,6 +291,7 @@ struct Worker {
     options: FeedOptions,
     groups: HashMap<String, GroupFeed>,
     on_event: Box<dyn FnMut(FeedEvent) -> bool + Send>,
+    locate: Option<Locate>,
 }
 
 /// The consumer hung up.
@@ -278,6 +347,15 @@ impl Worker {
     }
 
     fn add(&mut self, spec: GroupSpec) -> Result<(), ClientError> {
+        let g = self.connect(spec)?;
+        if let Some(old) = self.groups.insert(g.spec.endpoint.clone(), g) {
+            self.unsubscribe(&old);
+        }
+        Ok(())
+    }
+
+    /// The subscription of `spec`, connected (not yet subscribed).
+    fn connect(&self, spec: GroupSpec) -> Result<GroupFeed, ClientError> {
         let curve = match (&self.keypair, spec.server_key) {
             (Some(keypair), Some(server_key)) => Some(crate::client::ClientCurve {
                 keypair: keypair.clone(),
@@ -326,12 +404,51 @@ impl Worker {
             behind: None,
             budget: 0,
             unacked: 0,
+            last_heard: Instant::now(),
+            next_locate: Instant::now(),
             spec,
         };
-        if let Some(old) = self.groups.insert(g.spec.endpoint.clone(), g) {
-            self.unsubscribe(&old);
+        Ok(g)
+    }
+
+    /// Asks the locator where the group of subscription `key` is now, and moves the
+    /// subscription there if it moved, keeping its last delivered seq (the new node's
+    /// reply reveals what was missed, and it is backfilled).
+    fn relocate(&mut self, key: &str, now: Instant) -> Result<(), Closed> {
+        let Some(g) = self.groups.get_mut(key) else {
+            return Ok(());
+        };
+        g.next_locate = now + self.options.relocate_after;
+        let (Some(group), Some(locate)) = (g.group.clone(), self.locate.as_mut()) else {
+            return Ok(());
+        };
+        let Some((endpoint, server_key)) = locate(&group) else {
+            return Ok(());
+        };
+        if endpoint == g.spec.endpoint {
+            return Ok(());
         }
-        Ok(())
+        tracing::info!(%group, from = %g.spec.endpoint, to = %endpoint, "the group moved; following it");
+        let spec = GroupSpec {
+            endpoint,
+            server_key,
+            after_seq: g.last_seq,
+            ..g.spec.clone()
+        };
+        let label = spec.label.clone();
+        match self.connect(spec) {
+            Ok(moved) => {
+                if let Some(old) = self.groups.insert(key.to_owned(), moved) {
+                    self.unsubscribe(&old);
+                }
+                Ok(())
+            }
+            Err(error) => self.emit(FeedEvent::Error {
+                label,
+                error,
+                fatal: false,
+            }),
+        }
     }
 
     fn membership(&self, g: &GroupFeed) -> MembershipRequest {
@@ -396,6 +513,20 @@ impl Worker {
         for key in due {
             self.renew(&key, now);
         }
+        if self.locate.is_some() {
+            let after = self.options.relocate_after;
+            let lost: Vec<String> = self
+                .groups
+                .iter()
+                .filter(|(_, g)| {
+                    now.saturating_duration_since(g.last_heard) >= after && g.next_locate <= now
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in lost {
+                self.relocate(&key, now)?;
+            }
+        }
         let lagging: Vec<String> = self
             .groups
             .iter()
@@ -444,9 +575,12 @@ impl Worker {
             if !readable {
                 continue;
             }
-            while let Some(g) = self.groups.get(key) {
+            while let Some(g) = self.groups.get_mut(key) {
                 match g.socket.recv_multipart(zmq::DONTWAIT) {
-                    Ok(frames) => self.handle(key, &frames)?,
+                    Ok(frames) => {
+                        g.last_heard = Instant::now();
+                        self.handle(key, &frames)?;
+                    }
                     Err(_) => break,
                 }
             }

@@ -75,6 +75,10 @@ fn a_standby_takes_over_after_kill_9_and_nothing_acked_is_lost() {
 
     fed.join_when_listed("alice", GROUP);
     fed.join_when_listed("bob", GROUP);
+    fed.join_when_listed("carol", GROUP);
+    // carol follows the group live across the failover.
+    let mut watch = fed.spawn_cli("carol", &["--json", "watch", GROUP, "--after-seq", "0"]);
+    assert!(watch.wait_stderr("watching", Duration::from_secs(20)));
     let mut acked = Vec::new();
     for i in 0..10 {
         let body = format!("before {i}");

@@ -1,5 +1,6 @@
 //! Shared harness for the in-process node tests: a real [`Node`] on an ephemeral loopback
-//! port in a temporary data directory, stopped and joined on drop.
+//! port in a temporary data directory, stopped and joined on drop. With
+//! `AGORA_TEST_STORE=postgres` its store is a throwaway PostgreSQL cluster's database.
 
 use std::thread::JoinHandle;
 
@@ -17,6 +18,9 @@ pub struct Running {
     shutdown: Shutdown,
     thread: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
+    /// With `AGORA_TEST_STORE=postgres`, the cluster holding the node's store; stopped after
+    /// the node (fields drop in order, after `drop`).
+    _pg: Option<agora_tests::pg::PgCluster>,
 }
 
 impl Drop for Running {
@@ -38,6 +42,11 @@ pub fn start(name: &str, tune: impl FnOnce(&mut Config)) -> Running {
     );
     // These tests check the node's logic; CURVE is tested in common and end to end.
     config.insecure = true;
+    let pg = agora_tests::test_store_is_postgres().then(|| {
+        let cluster = agora_tests::pg::PgCluster::start();
+        config.store = Some(cluster.database("agora"));
+        cluster
+    });
     tune(&mut config);
     let ctx = zmq::Context::new();
     let node = Node::bind(&ctx, config).expect("bind");
@@ -51,6 +60,7 @@ pub fn start(name: &str, tune: impl FnOnce(&mut Config)) -> Running {
         shutdown,
         thread: Some(thread),
         _dir: dir,
+        _pg: pg,
     }
 }
 

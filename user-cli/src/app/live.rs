@@ -184,11 +184,13 @@ impl App {
         let format = self.format;
         let mut last_save = Instant::now();
         // Printed on the feed's own thread: no relay thread between the feed and the screen.
-        let feed = Feed::with_handler(
+        let locate = self.locator();
+        let feed = Feed::with_locator(
             &self.ctx,
             self.user.clone(),
             self.keypair.clone(),
             feed_options(self.options),
+            Some(locate),
             move |event| {
                 match event {
                     FeedEvent::Entry { group, entry, .. } => {
@@ -258,12 +260,17 @@ impl App {
         out: &mut Output<'_>,
         stop: &Shutdown,
     ) -> Result<(), CliError> {
-        let (feed, rx) = Feed::start(
+        let (events, receiver) = std::sync::mpsc::sync_channel(1024);
+        let feed = Feed::with_locator(
             &self.ctx,
             self.user.clone(),
             self.keypair.clone(),
             feed_options(self.options),
+            Some(self.locator()),
+            move |event| events.send(event).is_ok(),
         )?;
+        // Declared after the feed, so dropped before it (see `Feed::start`).
+        let rx = receiver;
         for target in targets {
             let r = self.resolve(target)?;
             self.node_curve(target, r.key)?;

@@ -228,6 +228,17 @@ impl App {
         }
     }
 
+    /// Where the registry says a group is now, for a feed that follows groups across a
+    /// failover.
+    fn locator(&self) -> agora_common::live::Locate {
+        agora_common::live::registry_locator(
+            &self.ctx,
+            &self.registry_endpoint,
+            self.registry_curve.clone(),
+            self.options,
+        )
+    }
+
     /// The CURVE settings for a node with public key `key`.
     fn node_curve(
         &self,
