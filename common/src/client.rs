@@ -208,29 +208,92 @@ impl ReqClient {
     }
 }
 
-/// A typed client for the registry.
-#[derive(Debug)]
+/// The endpoints of a registry list: `tcp://A:P,tcp://B:P` (commas, spaces around them
+/// ignored), as `--registry` takes it. Several registries over one PostgreSQL database are
+/// one registry with several endpoints.
+pub fn registry_endpoints(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A typed client for the registry, at one endpoint or a list of them
+/// ([`registry_endpoints`]): a call that times out at one endpoint is made again at the
+/// next, which is used from then on (failover; calls are safe to repeat: registrations,
+/// lookups and reads are idempotent, and DMs carry their id).
 pub struct RegistryClient {
     req: ReqClient,
+    ctx: zmq::Context,
+    endpoints: Vec<String>,
+    current: usize,
+    options: ClientOptions,
+    curve: Option<ClientCurve>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("endpoints", &self.endpoints)
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RegistryClient {
-    /// A client for the registry at `endpoint`.
+    /// A client for the registry at `endpoint`, or at any of a comma-separated list of
+    /// endpoints, tried in order.
     pub fn new(ctx: &zmq::Context, endpoint: &str, options: ClientOptions) -> Self {
+        let mut endpoints = registry_endpoints(endpoint);
+        if endpoints.is_empty() {
+            endpoints.push(endpoint.to_owned());
+        }
         RegistryClient {
-            req: ReqClient::new(ctx, endpoint, options),
+            req: ReqClient::new(ctx, &endpoints[0], options),
+            ctx: ctx.clone(),
+            endpoints,
+            current: 0,
+            options,
+            curve: None,
         }
     }
 
-    /// The registry's endpoint.
+    /// The endpoint in use.
     pub fn endpoint(&self) -> &str {
         self.req.endpoint()
     }
 
-    /// Talks CURVE to the registry (see [`ReqClient::with_curve`]).
+    /// Talks CURVE to the registry (see [`ReqClient::with_curve`]); every endpoint of the
+    /// list has the same key.
     pub fn with_curve(self, curve: ClientCurve) -> Self {
         RegistryClient {
-            req: self.req.with_curve(curve),
+            req: self.req.with_curve(curve.clone()),
+            curve: Some(curve),
+            ..self
+        }
+    }
+
+    /// Calls the registry; on a timeout, the next endpoint of the list, until each was
+    /// tried once.
+    fn call<C: Call>(&mut self, request: &C::Request) -> Result<C::Reply, ClientError> {
+        let mut left = self.endpoints.len();
+        loop {
+            match self.req.call::<C>(request) {
+                Err(ClientError::Timeout { .. }) if left > 1 => {
+                    left -= 1;
+                    self.current = (self.current + 1) % self.endpoints.len();
+                    let endpoint = &self.endpoints[self.current];
+                    tracing::warn!(from = %self.req.endpoint(), to = %endpoint,
+                        "the registry did not answer; trying the next one");
+                    let req = ReqClient::new(&self.ctx, endpoint, self.options);
+                    self.req = match &self.curve {
+                        Some(curve) => req.with_curve(curve.clone()),
+                        None => req,
+                    };
+                }
+                result => return result,
+            }
         }
     }
 
@@ -246,7 +309,7 @@ impl RegistryClient {
         members: u64,
         public_key: Option<crate::keys::PublicKey>,
     ) -> Result<RegisterReply, ClientError> {
-        self.req.call::<call::Register>(&RegisterRequest {
+        self.call::<call::Register>(&RegisterRequest {
             name: name.clone(),
             endpoint: endpoint.clone(),
             members,
@@ -260,12 +323,11 @@ impl RegistryClient {
     /// `unknown_group` if not registered, `name_taken` if held by another endpoint; see
     /// [`ReqClient::call`].
     pub fn unregister(&mut self, name: &GroupName, endpoint: &Endpoint) -> Result<(), ClientError> {
-        self.req
-            .call::<call::Unregister>(&UnregisterRequest {
-                name: name.clone(),
-                endpoint: endpoint.clone(),
-            })
-            .map(|_| ())
+        self.call::<call::Unregister>(&UnregisterRequest {
+            name: name.clone(),
+            endpoint: endpoint.clone(),
+        })
+        .map(|_| ())
     }
 
     /// Every live group, sorted by name.
@@ -273,7 +335,7 @@ impl RegistryClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn list(&mut self) -> Result<Vec<GroupEntry>, ClientError> {
-        Ok(self.req.call::<call::List>(&ListRequest {})?.groups)
+        Ok(self.call::<call::List>(&ListRequest {})?.groups)
     }
 
     /// Binds the user name `name` to this client's key (an account).
@@ -284,8 +346,7 @@ impl RegistryClient {
         &mut self,
         name: &UserName,
     ) -> Result<agora_proto::wire::UserReply, ClientError> {
-        self.req
-            .call::<call::UserRegister>(&agora_proto::wire::UserNameRequest { name: name.clone() })
+        self.call::<call::UserRegister>(&agora_proto::wire::UserNameRequest { name: name.clone() })
     }
 
     /// Removes this client's account `name`; `confirm` must be true.
@@ -297,11 +358,10 @@ impl RegistryClient {
         name: &UserName,
         confirm: bool,
     ) -> Result<agora_proto::wire::UserReply, ClientError> {
-        self.req
-            .call::<call::UserUnregister>(&agora_proto::wire::UserUnregisterRequest {
-                name: name.clone(),
-                confirm,
-            })
+        self.call::<call::UserUnregister>(&agora_proto::wire::UserUnregisterRequest {
+            name: name.clone(),
+            confirm,
+        })
     }
 
     /// Starts or renews this client's session (`status` online or away): the presence
@@ -313,11 +373,10 @@ impl RegistryClient {
         &mut self,
         status: agora_proto::wire::Presence,
     ) -> Result<agora_proto::wire::ConnectReply, ClientError> {
-        self.req
-            .call::<call::Connect>(&agora_proto::wire::ConnectRequest {
-                status: Some(status),
-                push: false,
-            })
+        self.call::<call::Connect>(&agora_proto::wire::ConnectRequest {
+            status: Some(status),
+            push: false,
+        })
     }
 
     /// Ends this client's session.
@@ -325,7 +384,7 @@ impl RegistryClient {
     /// # Errors
     /// `unknown_user`, `forbidden`; see [`ReqClient::call`].
     pub fn disconnect(&mut self) -> Result<agora_proto::wire::UserReply, ClientError> {
-        self.req.call::<call::Disconnect>(&ListRequest {})
+        self.call::<call::Disconnect>(&ListRequest {})
     }
 
     /// Sends a direct message to `to` (a retry with the same `id` is stored once).
@@ -339,12 +398,11 @@ impl RegistryClient {
         body: Box<serde_json::value::RawValue>,
         id: MessageId,
     ) -> Result<agora_proto::wire::DmAck, ClientError> {
-        self.req
-            .call::<call::SendDm>(&agora_proto::wire::SendDmRequest {
-                to: to.clone(),
-                body,
-                id: Some(id),
-            })
+        self.call::<call::SendDm>(&agora_proto::wire::SendDmRequest {
+            to: to.clone(),
+            body,
+            id: Some(id),
+        })
     }
 
     /// One direct message to several users, a copy in each mailbox (PROTOCOL §4.6); the
@@ -360,12 +418,11 @@ impl RegistryClient {
         body: Box<serde_json::value::RawValue>,
         id: MessageId,
     ) -> Result<agora_proto::wire::MulticastReply, ClientError> {
-        self.req
-            .call::<call::Multicast>(&agora_proto::wire::MulticastRequest {
-                to,
-                body,
-                id: Some(id),
-            })
+        self.call::<call::Multicast>(&agora_proto::wire::MulticastRequest {
+            to,
+            body,
+            id: Some(id),
+        })
     }
 
     /// One direct message to every account but the sender's (the operator and admins
@@ -378,8 +435,7 @@ impl RegistryClient {
         body: Box<serde_json::value::RawValue>,
         id: MessageId,
     ) -> Result<agora_proto::wire::MulticastReply, ClientError> {
-        self.req
-            .call::<call::Broadcast>(&agora_proto::wire::BroadcastRequest { body, id: Some(id) })
+        self.call::<call::Broadcast>(&agora_proto::wire::BroadcastRequest { body, id: Some(id) })
     }
 
     /// This client's mailbox after number `after_n`.
@@ -391,8 +447,7 @@ impl RegistryClient {
         after_n: u64,
         limit: Option<u32>,
     ) -> Result<agora_proto::wire::MailboxReply, ClientError> {
-        self.req
-            .call::<call::Mailbox>(&agora_proto::wire::MailboxRequest { after_n, limit })
+        self.call::<call::Mailbox>(&agora_proto::wire::MailboxRequest { after_n, limit })
     }
 
     /// Removes this client's messages up to `up_to` (once shown).
@@ -400,8 +455,7 @@ impl RegistryClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn ack_dm(&mut self, up_to: u64) -> Result<agora_proto::wire::AckDmReply, ClientError> {
-        self.req
-            .call::<call::AckDm>(&agora_proto::wire::AckDmRequest { up_to })
+        self.call::<call::AckDm>(&agora_proto::wire::AckDmRequest { up_to })
     }
 
     /// This client's dead letters.
@@ -409,7 +463,7 @@ impl RegistryClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn dead_letters(&mut self) -> Result<Vec<agora_proto::wire::DeadLetter>, ClientError> {
-        Ok(self.req.call::<call::DeadLetters>(&ListRequest {})?.letters)
+        Ok(self.call::<call::DeadLetters>(&ListRequest {})?.letters)
     }
 
     /// Asks the registry to stop (PROTOCOL §4.7). Only the operator's key is obeyed.
@@ -417,7 +471,7 @@ impl RegistryClient {
     /// # Errors
     /// `forbidden`; see [`ReqClient::call`].
     pub fn stop(&mut self) -> Result<agora_proto::wire::StopReply, ClientError> {
-        self.req.call::<call::StopRegistry>(&ListRequest {})
+        self.call::<call::StopRegistry>(&ListRequest {})
     }
 
     /// Every user account.
@@ -425,7 +479,7 @@ impl RegistryClient {
     /// # Errors
     /// `forbidden` (no CURVE); see [`ReqClient::call`].
     pub fn users(&mut self) -> Result<Vec<agora_proto::wire::UserEntry>, ClientError> {
-        Ok(self.req.call::<call::Users>(&ListRequest {})?.users)
+        Ok(self.call::<call::Users>(&ListRequest {})?.users)
     }
 
     /// One user account.
@@ -433,8 +487,7 @@ impl RegistryClient {
     /// # Errors
     /// `unknown_user`; see [`ReqClient::call`].
     pub fn whois(&mut self, name: &UserName) -> Result<agora_proto::wire::UserReply, ClientError> {
-        self.req
-            .call::<call::Whois>(&agora_proto::wire::UserNameRequest { name: name.clone() })
+        self.call::<call::Whois>(&agora_proto::wire::UserNameRequest { name: name.clone() })
     }
 
     /// One live group by name.

@@ -68,7 +68,15 @@ fn run(
     socket.set_curve_serverkey(curve.server_key.as_bytes())?;
     socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
     socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
-    socket.connect(endpoint)?;
+    // Every registry of a list: the DEALER sends each heartbeat to one connected registry
+    // (round robin; they share presence and mailboxes through their database), a dead one
+    // is dropped by the ZMTP heartbeat, and pushes come from any.
+    socket.set_immediate(true)?;
+    socket.set_heartbeat_ivl(1000)?;
+    socket.set_heartbeat_timeout(3000)?;
+    for endpoint in crate::client::registry_endpoints(endpoint) {
+        socket.connect(&endpoint)?;
+    }
     let send = |request: RegistryRequest| {
         // A DEALER adds the empty delimiter a REQ would. EAGAIN (no connection yet) is
         // harmless: the next heartbeat goes out soon.

@@ -154,6 +154,44 @@ pub fn registry_key(
     }
 }
 
+/// [`registry_key`] for a registry list ([`crate::client::registry_endpoints`]): each
+/// endpoint in turn, with its own key endpoint (`key_endpoint` if given, else
+/// [`default_key_endpoint`] of it), until one gives a key. The registries of a list share
+/// one key pair, so any answer will do; each endpoint's pin is its own.
+///
+/// # Errors
+/// The last endpoint's, as [`registry_key`]'s; [`TrustError::Changed`] at once.
+pub fn registry_list_key(
+    ctx: &zmq::Context,
+    known: &Path,
+    list: &str,
+    key_endpoint: Option<&str>,
+    given: Option<PublicKey>,
+    timeout: Duration,
+) -> Result<(PublicKey, Trust), TrustError> {
+    let endpoints = crate::client::registry_endpoints(list);
+    let mut last = None;
+    for endpoint in &endpoints {
+        let key_endpoint = key_endpoint
+            .map(str::to_owned)
+            .or_else(|| default_key_endpoint(endpoint))
+            .unwrap_or_default();
+        match registry_key(ctx, known, endpoint, &key_endpoint, given, timeout) {
+            Ok(found) => return Ok(found),
+            Err(e @ TrustError::Changed { .. }) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| TrustError::Unknown {
+        endpoint: list.to_owned(),
+        key_endpoint: key_endpoint.unwrap_or_default().to_owned(),
+        source: ClientError::Timeout {
+            endpoint: list.to_owned(),
+            waited: Duration::ZERO,
+        },
+    }))
+}
+
 /// Checks a key `presented` for the registry at `endpoint` by a source that cannot prove
 /// it (the key endpoint, a LAN beacon) against the pin in `known`: the pinned key is used;
 /// with no pin, `presented` is pinned now ([`Trust::FirstUse`]).

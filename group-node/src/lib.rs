@@ -116,7 +116,8 @@ pub struct Config {
     /// The endpoint registered for members to connect to. Default: the bound endpoint, with
     /// a wildcard address (`0.0.0.0`, `[::]`) replaced by loopback.
     pub advertise: Option<Endpoint>,
-    /// The registry's endpoint; `None` runs without registering.
+    /// The registry's endpoint, or a comma-separated list of registries sharing one
+    /// database; `None` runs without registering.
     pub registry: Option<String>,
     /// The directory holding `group.sqlite3` (unless `store` is set), the node's key pair
     /// and attachments' blobs.
@@ -365,11 +366,18 @@ impl Node {
             source: std::io::Error::other(e.to_string()),
         })?;
         let (keys, zap) = if config.insecure {
-            let endpoints = [Some(config.bind.as_str()), config.registry.as_deref()];
-            let advertised = config.advertise.as_ref().map(Endpoint::as_str);
-            for e in endpoints.into_iter().chain([advertised]).flatten() {
-                if !agora_proto::wire::is_loopback(e) {
-                    return Err(NodeError::InsecureNotLoopback(e.to_owned()));
+            let registries = config
+                .registry
+                .as_deref()
+                .map(agora_common::client::registry_endpoints)
+                .unwrap_or_default();
+            let advertised = config.advertise.as_ref().map(|e| e.to_string());
+            let endpoints = std::iter::once(config.bind.clone())
+                .chain(registries)
+                .chain(advertised);
+            for e in endpoints {
+                if !agora_proto::wire::is_loopback(&e) {
+                    return Err(NodeError::InsecureNotLoopback(e));
                 }
             }
             tracing::warn!("running WITHOUT encryption or authentication (--insecure)");

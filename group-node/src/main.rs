@@ -33,6 +33,8 @@ struct Args {
     metrics: Option<String>,
     /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
     /// (PROTOCOL §10; its key is then pinned in the data directory on first use).
+    /// Several registries sharing one database are given as a list, `tcp://A:5555,tcp://B:5555`:
+    /// tried in order, and the next one used when one does not answer.
     #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
     registry: String,
     /// With --registry auto: the name of the registry to use when several are heard.
@@ -234,16 +236,11 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     config.registry_key = args.registry_key;
     config.wal_prealloc_bytes = args.wal_prealloc;
     if let (false, false, None) = (args.insecure, args.no_registry, args.registry_key) {
-        let key_endpoint = args
-            .registry_key_endpoint
-            .clone()
-            .or_else(|| agora_common::trust::default_key_endpoint(&args.registry))
-            .unwrap_or_default();
-        let (key, trust) = agora_common::trust::registry_key(
+        let (key, trust) = agora_common::trust::registry_list_key(
             &zmq::Context::new(),
             &config.data_dir.join("known_servers.json"),
             &args.registry,
-            &key_endpoint,
+            args.registry_key_endpoint.as_deref(),
             None,
             Duration::from_secs(2),
         )?;

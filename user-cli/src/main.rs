@@ -33,6 +33,8 @@ use render::Format;
 struct Args {
     /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
     /// (PROTOCOL §10; its key is then pinned on first use).
+    /// Several registries sharing one database are given as a list, `tcp://A:5555,tcp://B:5555`:
+    /// tried in order, and the next one used when one does not answer.
     #[arg(
         long,
         global = true,
@@ -370,7 +372,10 @@ fn curve(
     user: &UserName,
 ) -> Result<Option<agora_common::client::ClientCurve>, String> {
     if args.insecure {
-        if !agora_proto::wire::is_loopback(&args.registry) {
+        if !agora_common::client::registry_endpoints(&args.registry)
+            .iter()
+            .all(|e| agora_proto::wire::is_loopback(e))
+        {
             return Err(format!(
                 "--insecure is allowed only on loopback endpoints, not {}",
                 args.registry
@@ -380,17 +385,12 @@ fn curve(
         return Ok(None);
     }
     agora_common::keys::require_curve().map_err(|e| e.to_string())?;
-    let key_endpoint = args
-        .registry_key_endpoint
-        .clone()
-        .or_else(|| agora_common::trust::default_key_endpoint(&args.registry))
-        .unwrap_or_default();
     let ctx = zmq::Context::new();
-    let (server_key, trust) = agora_common::trust::registry_key(
+    let (server_key, trust) = agora_common::trust::registry_list_key(
         &ctx,
         &known_servers(args)?,
         &args.registry,
-        &key_endpoint,
+        args.registry_key_endpoint.as_deref(),
         args.registry_key,
         args.timeout.min(Duration::from_secs(1)),
     )

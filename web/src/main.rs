@@ -79,7 +79,8 @@ struct Serve {
     /// sessions then cross the network in clear).
     #[arg(long)]
     insecure_http: bool,
-    /// The registry's endpoint.
+    /// The registry's endpoint, or a comma-separated list of the endpoints of registries
+    /// sharing one database (tried in order; the next when one does not answer).
     #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
     registry: String,
     /// The registry's CURVE public key (40 Z85 characters).
