@@ -944,11 +944,18 @@ impl Node {
             self.store.commit()
         })();
         match committed {
-            Ok(()) => Served {
-                wrote: true,
-                replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
-                appended,
-            },
+            Ok(()) => {
+                if let (Some(first), Some(last)) = (appended.first(), appended.last()) {
+                    tracing::debug!(target: "agora::commit",
+                        epoch = self.lease.as_ref().map(lease::Lease::epoch),
+                        first_seq = first.seq, last_seq = last.seq, "committed");
+                }
+                Served {
+                    wrote: true,
+                    replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
+                    appended,
+                }
+            }
             Err(e @ StoreError::Fenced { .. }) => {
                 // Another node took the lease: nothing of this batch is stored, and this
                 // node must not answer from the log any more. Every request is refused as

@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod netns;
 pub mod pg;
 
 /// How long a server may take to print its endpoint line.
@@ -81,11 +82,21 @@ impl Server {
     /// # Panics
     /// If it cannot be spawned.
     pub fn spawn(bin_name: &str, args: &[&str], log: &Path) -> Pending {
+        let mut command = Command::new(bin(bin_name));
+        command.args(args);
+        Server::spawn_command(command, bin_name, log)
+    }
+
+    /// As [`Server::spawn`], running `command` (the binary and its arguments, wrapped in
+    /// `ip netns exec NS`, say), named `bin_name` in messages.
+    ///
+    /// # Panics
+    /// If it cannot be spawned.
+    pub fn spawn_command(mut command: Command, bin_name: &str, log: &Path) -> Pending {
         let stderr = std::fs::File::create(log).expect("log file");
-        let mut child = Command::new(bin(bin_name))
-            .args(args)
+        let mut child = command
             // Transfers' chunks too: tests count what a resumed transfer sent again.
-            .env("RUST_LOG", "info,agora::transfer=debug")
+            .env("RUST_LOG", "info,agora::transfer=debug,agora::commit=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -282,6 +293,14 @@ pub fn run(bin_name: &str, args: &[&str], stdin: &str) -> CliRun {
     let mut command = Command::new(bin(bin_name));
     command.args(args);
     finish(command, bin_name, args, stdin)
+}
+
+/// Runs `command` (a binary wrapped in `ip netns exec`, say) to its end, feeding `stdin`.
+///
+/// # Panics
+/// If it cannot be spawned, or runs past [`CLI_TIMEOUT`].
+pub fn run_command(command: Command, stdin: &str) -> CliRun {
+    finish(command, "command", &[], stdin)
 }
 
 /// Spawns `command`, feeds it `stdin`, and collects its output and exit code.
@@ -651,7 +670,16 @@ pub struct Streaming {
 
 impl Streaming {
     fn start(args: &[&str], env: &[(&str, &str)]) -> Streaming {
-        let mut child = user_cli(args, env)
+        Streaming::spawn(user_cli(args, env))
+    }
+
+    /// Runs `command` (a user-cli, in a network namespace, say) with its output lines
+    /// streamed.
+    ///
+    /// # Panics
+    /// If it cannot be spawned.
+    pub fn spawn(mut command: Command) -> Streaming {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

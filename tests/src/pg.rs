@@ -23,6 +23,7 @@ pub struct PgCluster {
     server: Option<Child>,
     bin: PathBuf,
     owner: Option<(u32, u32)>,
+    host: Option<crate::netns::Host>,
 }
 
 impl std::fmt::Debug for PgCluster {
@@ -73,6 +74,16 @@ impl PgCluster {
     /// # Panics
     /// If PostgreSQL is not installed, `initdb` fails, or the server is not ready in 30 s.
     pub fn start() -> PgCluster {
+        PgCluster::start_on(None)
+    }
+
+    /// As [`PgCluster::start`], with the server on `host` (a network namespace of the
+    /// test's), listening on its address, port 5432, too, with trust authentication from
+    /// anywhere (the namespace's LAN is the test's own): [`PgCluster::tcp_url`].
+    ///
+    /// # Panics
+    /// As [`PgCluster::start`].
+    pub fn start_on(host: Option<&crate::netns::Host>) -> PgCluster {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("agora-pg")
@@ -92,6 +103,7 @@ impl PgCluster {
             server: None,
             bin,
             owner,
+            host: None,
         };
         let data = cluster.data_dir();
         let out = cluster
@@ -105,6 +117,19 @@ impl PgCluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let listen = match host {
+            Some(host) => {
+                let mut hba = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(data.join("pg_hba.conf"))
+                    .expect("pg_hba.conf");
+                std::io::Write::write_all(&mut hba, b"host all all 0.0.0.0/0 trust\n")
+                    .expect("pg_hba.conf");
+                cluster.host = Some(host.clone());
+                host.ip.clone()
+            }
+            None => String::new(),
+        };
         let log = std::fs::File::create(cluster.dir.path().join("postgres.log")).expect("log");
         if let Some((uid, gid)) = owner {
             chown(&cluster.dir.path().join("postgres.log"), (uid, gid));
@@ -113,7 +138,8 @@ impl PgCluster {
         let mut command = cluster.command("postgres");
         command
             .args(["-D", path_str(&data), "-k", path_str(&socket_dir)])
-            .args(["-c", "listen_addresses=", "-c", "max_connections=200"])
+            .args(["-c", &format!("listen_addresses={listen}")])
+            .args(["-c", "max_connections=200"])
             // Durability as in production: fsync stays on (the benchmark measures it).
             .args(["-c", "shared_buffers=64MB"])
             .stdin(Stdio::null())
@@ -129,13 +155,39 @@ impl PgCluster {
         cluster
     }
 
-    /// A command running `program` of the installed PostgreSQL as the cluster's owner.
+    /// A command running `program` of the installed PostgreSQL as the cluster's owner, on
+    /// the cluster's host. In a namespace, `setpriv` drops to the owner after `ip netns
+    /// exec` (which needs root) and execs the program.
     fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(self.bin.join(program));
-        if let Some((uid, gid)) = self.owner {
-            command.uid(uid).gid(gid);
+        let path = self.bin.join(program);
+        match (&self.host, self.owner) {
+            (Some(host), Some((uid, gid))) => {
+                let mut command = host.command("setpriv");
+                command
+                    .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()])
+                    .arg("--clear-groups")
+                    .arg(path);
+                command
+            }
+            (Some(host), None) => host.command(path),
+            (None, owner) => {
+                let mut command = Command::new(path);
+                if let Some((uid, gid)) = owner {
+                    command.uid(uid).gid(gid);
+                }
+                command
+            }
         }
-        command
+    }
+
+    /// The URL of `database` over TCP at the cluster's host address (for clients on other
+    /// hosts of the LAN), `postgresql://agora@IP:5432/DATABASE`.
+    ///
+    /// # Panics
+    /// If the cluster was not started on a host.
+    pub fn tcp_url(&self, database: &str) -> String {
+        let host = self.host.as_ref().expect("a cluster started on a host");
+        format!("postgresql://{ROLE}@{}:5432/{database}", host.ip)
     }
 
     fn data_dir(&self) -> PathBuf {
