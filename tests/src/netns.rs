@@ -92,7 +92,7 @@ impl Lan {
     ///
     /// # Panics
     /// If `ip` fails.
-    pub fn new() -> Lan {
+    pub fn start() -> Lan {
         let prefix = format!("agora{}", std::process::id());
         let switch = format!("{prefix}-switch");
         must(&["netns", "add", &switch]);

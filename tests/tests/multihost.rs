@@ -233,7 +233,7 @@ fn across_hosts_failovers_lose_nothing_acked() {
         eprintln!("SKIPPED across_hosts_failovers_lose_nothing_acked: {why}");
         return;
     }
-    let mut lan = Lan::new();
+    let mut lan = Lan::start();
     let db = lan.host("db");
     let reg_hosts = [lan.host("registry-1"), lan.host("registry-2")];
     let node_hosts = [lan.host("node-a"), lan.host("node-b")];
