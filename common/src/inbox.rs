@@ -19,6 +19,9 @@ use agora_proto::action::RegistryRequest;
 use agora_proto::codec::encode_request;
 use agora_proto::wire::{AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, Presence};
 
+/// How soon a heartbeat that found no registry connected is tried again.
+const RETRY_UNCONNECTED: Duration = Duration::from_millis(100);
+
 /// A running presence heartbeat and DM inbox; stops (and disconnects) when dropped.
 #[derive(Debug)]
 pub struct Inbox {
@@ -77,22 +80,28 @@ fn run(
     for endpoint in crate::client::registry_endpoints(endpoint) {
         socket.connect(&endpoint)?;
     }
-    let send = |request: RegistryRequest| {
-        // A DEALER adds the empty delimiter a REQ would. EAGAIN (no connection yet) is
-        // harmless: the next heartbeat goes out soon.
+    // Whether the request was queued: with `immediate`, not while no registry is connected
+    // (EAGAIN). A DEALER adds the empty delimiter a REQ would.
+    let send = |request: RegistryRequest| -> bool {
         let frames = encode_request(&request);
-        let _ = socket.send_multipart(std::iter::once(Vec::new()).chain(frames), zmq::DONTWAIT);
+        socket
+            .send_multipart(std::iter::once(Vec::new()).chain(frames), zmq::DONTWAIT)
+            .is_ok()
     };
-    let ack = |n: u64| send(RegistryRequest::AckDm(AckDmRequest { up_to: n }));
+    // A lost ack is covered by the next: acks are cumulative.
+    let ack = |n: u64| {
+        let _ = send(RegistryRequest::AckDm(AckDmRequest { up_to: n }));
+    };
     let mut next = Instant::now();
     let mut last = 0u64;
     loop {
         if Instant::now() >= next {
-            send(RegistryRequest::Connect(ConnectRequest {
+            let sent = send(RegistryRequest::Connect(ConnectRequest {
                 status: Some(Presence::Online),
                 push: true,
             }));
-            next = Instant::now() + every;
+            // Not connected yet (or every registry is down): try again shortly.
+            next = Instant::now() + if sent { every } else { RETRY_UNCONNECTED };
         }
         let mut items = [pipe.as_poll_item(), socket.as_poll_item(zmq::POLLIN)];
         match zmq::poll(&mut items, poll_ms_until(next)) {
@@ -130,6 +139,6 @@ fn run(
             }
         }
     }
-    send(RegistryRequest::Disconnect(ListRequest {}));
+    let _ = send(RegistryRequest::Disconnect(ListRequest {}));
     Ok(())
 }
