@@ -73,6 +73,10 @@ pub enum StoreError {
     /// `--store` is not a PostgreSQL URL.
     #[error("--store must be a PostgreSQL URL (postgres://… or postgresql://…), not {0:?}")]
     NotPostgres(String),
+    /// The database connection is broken and the next attempt to connect is not yet due
+    /// ([`postgres::RECONNECT_INTERVAL`]).
+    #[error("the database connection is broken; connecting again shortly")]
+    Disconnected,
     /// An account, owner or mailbox call on a store opened without them (`--insecure`).
     #[error("this registry keeps no accounts, owners or mailboxes (--insecure)")]
     NoAccounts,
@@ -351,7 +355,8 @@ pub trait RegistryStore: Send {
 
     /// Messages stored by OTHER registries sharing this store since the last call, as
     /// (recipient, number), so that this registry can push them to recipients connected to
-    /// it. Never blocks. Always empty for a store no other registry shares.
+    /// it. Never waits long (PostgreSQL: reads at most every 50 ms, waiting up to 1 ms).
+    /// Always empty for a store no other registry shares.
     ///
     /// # Errors
     /// The backend's error.

@@ -18,6 +18,13 @@
 //! starting at once never race; a database of a newer version than this build knows is
 //! refused ([`StoreError::SchemaTooNew`]).
 //!
+//! # Key pair
+//! Table `key_pair` holds one row: the public key and the secret certificate (the text of a
+//! `registry.key_secret` file). The first registry on an empty database inserts its own
+//! (`ON CONFLICT DO NOTHING`); every registry then serves the stored one, from its data
+//! directory's `registry.key` when that is the same pair, else from a cache rewritten on
+//! each start, `DATA_DIR/store-key/registry.key_secret` (mode 0600).
+//!
 //! # Concurrency between registries
 //! - Mailbox numbers come from a per-recipient counter, `mailbox_next`, incremented with
 //!   `INSERT … ON CONFLICT DO UPDATE … RETURNING` in the storing transaction: the row lock
@@ -35,7 +42,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agora_common::keys::{secret_path, KeyError, Keypair, PublicKey};
 use agora_proto::id::MessageId;
@@ -60,6 +67,19 @@ const DIRECTORY_LOCK: i32 = 0x6167_6f72;
 pub const DM_CHANNEL: &str = "agora_registry_dm";
 /// How long connecting may take (default of this backend: 10 s).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often [`RegistryStore::stored_elsewhere`] reads the database's notices (50 ms):
+/// the longest a DM stored through another registry waits, beyond the loop's own turn,
+/// before it is pushed from this one.
+pub const NOTICE_POLL: Duration = Duration::from_millis(50);
+/// How long each read of the notices may wait for the connection (1 ms). The synchronous
+/// client reads what arrived on its socket only while it waits, so a read that never
+/// waits sees only what other calls happened to read.
+const NOTICE_WAIT: Duration = Duration::from_millis(1);
+/// The most notices handed over by one call (the rest wait for the next).
+const MAX_NOTICES: usize = 1000;
+/// How long after a failed attempt to connect again the next is made (1 s): meanwhile calls
+/// fail at once with [`StoreError::Disconnected`] rather than stall the loop.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest any one statement may run before the server cancels it (10 s), so that a
 /// stuck lock never stalls the registry's loop for good.
 pub const STATEMENT_TIMEOUT: &str = "10s";
@@ -140,6 +160,10 @@ pub struct PgStore {
     /// This connection's server process, to tell its own `NOTIFY`s from others'.
     backend_pid: i32,
     settings: StoreSettings,
+    /// While the connection is broken: not before this instant is connecting tried again.
+    retry_at: Option<Instant>,
+    /// Not before this instant are notices read again ([`NOTICE_POLL`]).
+    next_notice_read: Instant,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -170,16 +194,30 @@ impl PgStore {
             client,
             backend_pid,
             settings,
+            retry_at: None,
+            next_notice_read: Instant::now(),
         })
     }
 
-    /// The connection, opened again first if it broke.
+    /// The connection, opened again first if it broke (at most once per
+    /// [`RECONNECT_INTERVAL`]; DM notices sent meanwhile are lost, the DMs are not).
+    ///
+    /// # Errors
+    /// [`StoreError::Disconnected`] until the next attempt is due; [`StoreError::Postgres`]
+    /// when the attempt fails.
     fn client(&mut self) -> Result<&mut Client, StoreError> {
         if self.client.is_closed() {
+            let now = Instant::now();
+            if self.retry_at.is_some_and(|at| now < at) {
+                return Err(StoreError::Disconnected);
+            }
+            self.retry_at = Some(now + RECONNECT_INTERVAL);
             tracing::warn!("the PostgreSQL connection broke; connecting again");
             let mut client = self.config.connect(NoTls)?;
             self.backend_pid = prepare_session(&mut client)?;
             self.client = client;
+            self.retry_at = None;
+            tracing::info!("connected to PostgreSQL again");
         }
         Ok(&mut self.client)
     }
@@ -993,12 +1031,20 @@ impl RegistryStore for PgStore {
     }
 
     fn stored_elsewhere(&mut self) -> Result<Vec<(PublicKey, u64)>, StoreError> {
+        // Called every turn of the loop: it never waits for a connection (requests and
+        // sweeps connect again).
+        let now = Instant::now();
+        if self.client.is_closed() || now < self.next_notice_read {
+            return Ok(Vec::new());
+        }
+        self.next_notice_read = now + NOTICE_POLL;
         let own = self.backend_pid;
         let client = self.client()?;
         let mut out = Vec::new();
         let mut notifications = client.notifications();
-        let mut pending = notifications.iter();
-        while let Some(note) = pending.next()? {
+        let mut pending = notifications.timeout_iter(NOTICE_WAIT);
+        while out.len() < MAX_NOTICES {
+            let Some(note) = pending.next()? else { break };
             if note.process_id() == own || note.channel() != DM_CHANNEL {
                 continue;
             }

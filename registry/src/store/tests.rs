@@ -625,3 +625,34 @@ fn a_schema_newer_than_this_build_is_refused() {
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
 }
+
+/// A registry whose database connection broke (a database restart, a killed backend)
+/// connects again on a later call, and listens for DM notices again.
+#[test]
+fn a_broken_connection_is_opened_again() {
+    let b = Backend::postgres(settings());
+    let mut s = b.another(settings());
+    assert!(s.insert_user(&account("alice", 1)).expect("alice"));
+    let url = b.url.clone().expect("url");
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let killed = admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'agora-registry'",
+            &[],
+        )
+        .expect("terminate");
+    assert!(killed >= 1);
+    wait_for("a working connection", || s.count_users().is_ok());
+    assert_eq!(s.count_users().expect("count"), 1);
+    let mut other = b.another(settings());
+    other
+        .store_dm(&key(1), &user("bob"), &key(2), None, &body("1"), now(), 10)
+        .expect("store");
+    let mut told = Vec::new();
+    wait_for("the notice", || {
+        told.extend(s.stored_elsewhere().expect("notices"));
+        !told.is_empty()
+    });
+    assert_eq!(told, vec![(key(1), 1)]);
+}
