@@ -7,8 +7,19 @@
 //! # Layout
 //! - [`Registry`]: binds the ROUTER ([`Registry::bind`]) and runs the request loop
 //!   ([`Registry::run`]) until shutdown.
-//! - [`directory`]: the live groups, with TTL.
+//! - [`store`]: the [`store::RegistryStore`] trait every handler calls, and its two
+//!   backends.
+//! - [`directory`], [`presence`]: the live groups and user sessions, in memory (SQLite
+//!   backend); [`owners`], [`users`], [`mailbox`]: the SQLite tables.
 //! - `cmd/`: one handler per action.
+//!
+//! # Storage
+//! Without `--store` the registry keeps its durable state (name owners, accounts,
+//! mailboxes) in `registry.sqlite3` in its data directory, and the directory and presence
+//! in memory: one registry per machine. With `--store postgres://…` it keeps all of it,
+//! its key pair included, in the PostgreSQL schema `agora_registry`, and several registries
+//! over one database answer as one registry: any of them lists the groups heartbeating
+//! another, and a DM sent through one is read and acked through another. See [`store`].
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,9 +40,10 @@ pub mod directory;
 pub mod mailbox;
 pub mod owners;
 pub mod presence;
+pub mod store;
 pub mod users;
 
-use directory::Directory;
+use store::{RegistryStore, StoreError, StoreSettings};
 
 /// Default bind endpoint.
 pub const DEFAULT_BIND: &str = "tcp://0.0.0.0:5555";
@@ -51,8 +63,13 @@ pub struct Config {
     /// The most groups held at once (default 10,000).
     pub max_groups: usize,
     /// Where the registry's key pair lives (`registry.key`, `registry.key_secret`, made on
-    /// first start); default `~/.local/share/agora/registry`.
+    /// first start) and, without `store`, its SQLite file; default
+    /// `~/.local/share/agora/registry`.
     pub data_dir: PathBuf,
+    /// The PostgreSQL database to keep everything in (`postgres://…` or
+    /// `postgresql://…`), shared with any other registry given the same one; default none:
+    /// SQLite in `data_dir` and memory (see [`store`]).
+    pub store: Option<String>,
     /// Serve without CURVE. Refused unless the bind endpoint is loopback.
     pub insecure: bool,
     /// Requests per second per peer (default 2,000, bursts of 4,000; rate 0 disables).
@@ -86,6 +103,7 @@ impl Default for Config {
             data_dir: directories::ProjectDirs::from("", "", "agora")
                 .map(|d| d.data_dir().join("registry"))
                 .unwrap_or_else(|| PathBuf::from("agora-registry")),
+            store: None,
             insecure: false,
             rate_limit: RateLimit::default(),
             key_bind: None,
@@ -127,9 +145,9 @@ pub enum RegistryError {
     /// `--insecure` with an endpoint that is not loopback.
     #[error("--insecure is allowed only on loopback endpoints, not {0}")]
     InsecureNotLoopback(String),
-    /// The name-ownership store could not be opened.
-    #[error("owners: {0}")]
-    Owners(#[from] owners::OwnersError),
+    /// The store could not be opened, migrated, or give the key pair.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// A bound registry, ready to [`run`](Registry::run).
@@ -137,12 +155,9 @@ pub struct Registry {
     config: Config,
     socket: zmq::Socket,
     endpoint: String,
-    directory: Directory,
     public_key: Option<PublicKey>,
-    owners: Option<owners::Owners>,
-    users: Option<users::Users>,
-    mailboxes: Option<mailbox::Mailboxes>,
-    sessions: presence::Sessions,
+    /// Everything durable or shared: directory, owners, accounts, presence, mailboxes.
+    store: Box<dyn RegistryStore>,
     /// Live connections that asked for DM pushes, by key, until their session's TTL.
     dm_subs: std::collections::HashMap<PublicKey, (agora_proto::codec::Frames, Instant)>,
     /// DMs stored by the request being served, to push once it is answered.
@@ -163,20 +178,34 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Binds the registry's ROUTER.
+    /// Opens the store ([`Config::store`]) and binds the registry's ROUTER.
     ///
     /// # Errors
-    /// [`RegistryError::Bind`].
+    /// [`RegistryError::Bind`], [`RegistryError::InsecureNotLoopback`],
+    /// [`RegistryError::Keys`], [`RegistryError::Store`] (the store cannot be opened or
+    /// migrated, or its schema is newer than this build).
     pub fn bind(ctx: &zmq::Context, config: Config) -> Result<Registry, RegistryError> {
+        if config.insecure && !agora_proto::wire::is_loopback(&config.bind) {
+            return Err(RegistryError::InsecureNotLoopback(config.bind.clone()));
+        }
+        let settings = StoreSettings {
+            group_ttl: config.ttl(),
+            max_groups: config.max_groups,
+            presence_ttl: config.presence_ttl,
+        };
+        let mut store = store::open(
+            config.store.as_deref(),
+            &config.data_dir,
+            settings,
+            !config.insecure,
+        )?;
+        tracing::info!(backend = store.backend(), "registry store open");
         let (curve, zap) = if config.insecure {
-            if !agora_proto::wire::is_loopback(&config.bind) {
-                return Err(RegistryError::InsecureNotLoopback(config.bind.clone()));
-            }
             tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
             (None, None)
         } else {
             agora_common::keys::require_curve()?;
-            let (keys, created) = Keypair::load_or_generate(&config.data_dir.join("registry.key"))?;
+            let (keys, created) = store.key_pair(&config.data_dir)?;
             if created {
                 tracing::info!(public_key = %keys.public, "made a new registry key pair");
             }
@@ -184,14 +213,6 @@ impl Registry {
             (Some(keys), Some(zap))
         };
         let public_key = curve.as_ref().map(|k: &Keypair| k.public);
-        let (owners, users, mailboxes) = match &curve {
-            Some(_) => (
-                Some(owners::Owners::open(&config.data_dir)?),
-                Some(users::Users::open(&config.data_dir)?),
-                Some(mailbox::Mailboxes::open(&config.data_dir)?),
-            ),
-            None => (None, None, None),
-        };
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
             hwm: 1000,
@@ -203,9 +224,7 @@ impl Registry {
                 endpoint: config.bind.clone(),
                 source,
             })?;
-        let directory = Directory::new(config.ttl(), config.max_groups);
         let limiter = Limiter::new(config.rate_limit);
-        let sessions = presence::Sessions::new(config.presence_ttl);
         let key_service = match public_key {
             Some(key) => {
                 let bind = config.key_bind.clone().unwrap_or_else(|| {
@@ -230,12 +249,8 @@ impl Registry {
             config,
             socket,
             endpoint,
-            directory,
             public_key,
-            owners,
-            users,
-            mailboxes,
-            sessions,
+            store,
             dm_subs: std::collections::HashMap::new(),
             pending_push: Vec::new(),
             key_service,
@@ -278,24 +293,9 @@ impl Registry {
             for frames in batch.drain(..) {
                 self.serve_one(frames)?;
             }
+            self.push_stored_elsewhere()?;
             if Instant::now() >= next_sweep {
-                self.sessions.expire(Instant::now());
-                if let Some(mailboxes) = self.mailboxes.as_mut() {
-                    let now = Timestamp::now();
-                    match mailboxes.expire(now.saturating_sub(self.config.dm_ttl), now) {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            tracing::info!(expired = n, "direct messages expired to dead letters")
-                        }
-                        Err(e) => tracing::error!(error = %e, "expiring direct messages failed"),
-                    }
-                }
-                let now = Instant::now();
-                self.dm_subs.retain(|_, (_, until)| *until > now);
-                for name in self.directory.expire(Timestamp::now()) {
-                    tracing::info!(group = %name, "group expired: no heartbeat within TTL");
-                }
-                self.update_gauges();
+                self.sweep();
                 next_sweep = Instant::now() + self.config.heartbeat / 2;
             }
         }
@@ -315,6 +315,57 @@ impl Registry {
         Ok(())
     }
 
+    /// Frees what has expired (sessions, DMs to dead letters, groups, push subscriptions)
+    /// and updates the gauges. A store failure is logged; the next sweep tries again.
+    fn sweep(&mut self) {
+        if let Err(e) = self.store.expire_sessions() {
+            tracing::error!(error = %e, "expiring presence sessions failed");
+        }
+        if !self.config.insecure {
+            match self.store.expire_dms(self.config.dm_ttl, Timestamp::now()) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(expired = n, "direct messages expired to dead letters"),
+                Err(e) => tracing::error!(error = %e, "expiring direct messages failed"),
+            }
+        }
+        let now = Instant::now();
+        self.dm_subs.retain(|_, (_, until)| *until > now);
+        match self.store.expire_groups(Timestamp::now()) {
+            Ok(names) => {
+                for name in names {
+                    tracing::info!(group = %name, "group expired: no heartbeat within TTL");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "expiring groups failed"),
+        }
+        self.update_gauges();
+    }
+
+    /// Pushes the DMs that other registries sharing the store stored for recipients
+    /// connected here (nothing with a store of this registry's own).
+    fn push_stored_elsewhere(&mut self) -> Result<(), RegistryError> {
+        let stored = match self.store.stored_elsewhere() {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(error = %e, "reading DMs stored by other registries failed");
+                return Ok(());
+            }
+        };
+        for (recipient, n) in stored {
+            if !self.dm_subs.contains_key(&recipient) {
+                continue;
+            }
+            match self.store.fetch_dms(&recipient, n.saturating_sub(1), 1) {
+                Ok((dms, _)) => {
+                    let dm = dms.into_iter().find(|dm| dm.n == n);
+                    self.pending_push.extend(dm.map(|dm| (recipient, dm)));
+                }
+                Err(e) => tracing::error!(error = %e, "reading a DM to push failed"),
+            }
+        }
+        self.push_dms()
+    }
+
     fn serve_one(&mut self, frames: agora_common::server::Received) -> Result<(), RegistryError> {
         let incoming = match Incoming::from_received(frames) {
             Ok(i) => i,
@@ -330,12 +381,9 @@ impl Registry {
             (Ok(RegistryRequest::Connect(c)), Some(key))
                 if c.push
                     && limited.is_none()
-                    && self
-                        .users
-                        .as_ref()
-                        .is_some_and(|u| u.by_key(&key).ok().flatten().is_some()) =>
+                    && self.store.user_by_key(&key).ok().flatten().is_some() =>
             {
-                let until = Instant::now() + self.sessions.ttl();
+                let until = Instant::now() + self.config.presence_ttl;
                 self.dm_subs.insert(key, (incoming.envelope.clone(), until));
             }
             (Ok(RegistryRequest::Disconnect(_)), Some(key)) => {
@@ -403,32 +451,31 @@ impl Registry {
             admins: &self.config.admins,
             max: self.config.max_mailbox,
         };
-        let (reply, push) = cmd::dm::fan_out(
-            self.users.as_ref(),
-            self.mailboxes.as_mut(),
-            peer,
-            request,
-            now,
-            rules,
-        )?;
+        let (reply, push) = cmd::dm::fan_out(self.store.as_mut(), peer, request, now, rules)?;
         self.pending_push.extend(push);
         Ok(reply)
     }
 
-    /// The gauges a scrape reads: groups, accounts, mailbox depth, presence.
-    fn update_gauges(&self) {
+    /// The gauges a scrape reads: groups, accounts, mailbox depth, presence (over every
+    /// registry sharing the store).
+    fn update_gauges(&mut self) {
         use agora_common::metrics::{ACCOUNTS, GROUPS, MAILBOX_DEPTH, PRESENCE};
-        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        GROUPS.set(count(self.directory.list(Timestamp::now()).len()));
-        if let Some(Ok(n)) = self.users.as_ref().map(users::Users::count) {
-            ACCOUNTS.set(i64::try_from(n).unwrap_or(i64::MAX));
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        if let Ok(groups) = self.store.list_groups(Timestamp::now()) {
+            GROUPS.set(count(groups.len() as u64));
         }
-        if let Some(Ok(n)) = self.mailboxes.as_ref().map(mailbox::Mailboxes::waiting) {
-            MAILBOX_DEPTH.set(i64::try_from(n).unwrap_or(i64::MAX));
+        if !self.config.insecure {
+            if let Ok(n) = self.store.count_users() {
+                ACCOUNTS.set(count(n));
+            }
+            if let Ok(n) = self.store.waiting_dms() {
+                MAILBOX_DEPTH.set(count(n));
+            }
         }
-        let (online, away) = self.sessions.counts(Instant::now());
-        PRESENCE.with_label_values(&["online"]).set(count(online));
-        PRESENCE.with_label_values(&["away"]).set(count(away));
+        if let Ok((online, away)) = self.store.session_counts() {
+            PRESENCE.with_label_values(&["online"]).set(count(online));
+            PRESENCE.with_label_values(&["away"]).set(count(away));
+        }
     }
 
     /// `stop`: accepted from the operator's key only.
@@ -458,46 +505,26 @@ impl Registry {
         peer: Option<PublicKey>,
         now: Timestamp,
     ) -> agora_proto::codec::Frames {
-        let dir = &mut self.directory;
-        let owners = self.owners.as_ref();
+        let store = self.store.as_mut();
         match request {
-            RegistryRequest::Register(r) => answer::<call::Register>(cmd::register::apply(
-                dir,
-                owners,
-                &self.config,
-                r,
-                peer,
-                now,
-            )),
+            RegistryRequest::Register(r) => {
+                answer::<call::Register>(cmd::register::apply(store, &self.config, r, peer, now))
+            }
             RegistryRequest::Unregister(r) => {
-                answer::<call::Unregister>(cmd::unregister::apply(dir, owners, r, peer, now))
+                answer::<call::Unregister>(cmd::unregister::apply(store, r, peer, now))
             }
             RegistryRequest::UserRegister(r) => answer::<call::UserRegister>(cmd::users::register(
-                self.users.as_ref(),
+                store,
                 peer,
                 r,
                 now,
                 self.config.max_users,
             )),
             RegistryRequest::UserUnregister(r) => {
-                answer::<call::UserUnregister>(cmd::users::unregister(
-                    self.users.as_ref(),
-                    self.mailboxes.as_ref(),
-                    &mut self.sessions,
-                    peer,
-                    r,
-                ))
+                answer::<call::UserUnregister>(cmd::users::unregister(store, peer, r))
             }
             RegistryRequest::SendDm(r) => {
-                let result = cmd::dm::send(
-                    self.users.as_ref(),
-                    self.mailboxes.as_mut(),
-                    &self.sessions,
-                    peer,
-                    r,
-                    now,
-                    self.config.max_mailbox,
-                );
+                let result = cmd::dm::send(store, peer, r, now, self.config.max_mailbox);
                 answer::<call::SendDm>(result.map(|(ack, push)| {
                     self.pending_push.extend(push);
                     ack
@@ -513,49 +540,29 @@ impl Registry {
                 peer,
                 now,
             )),
-            RegistryRequest::Mailbox(r) => answer::<call::Mailbox>(cmd::dm::mailbox(
-                self.users.as_ref(),
-                self.mailboxes.as_mut(),
-                peer,
-                r,
-            )),
-            RegistryRequest::AckDm(r) => answer::<call::AckDm>(cmd::dm::ack(
-                self.users.as_ref(),
-                self.mailboxes.as_mut(),
-                peer,
-                r,
-            )),
+            RegistryRequest::Mailbox(r) => {
+                answer::<call::Mailbox>(cmd::dm::mailbox(store, peer, r))
+            }
+            RegistryRequest::AckDm(r) => answer::<call::AckDm>(cmd::dm::ack(store, peer, r)),
             // Answered in `serve_one`, which may end the loop.
             RegistryRequest::StopRegistry(_) => reply_frames::<()>(Err(stopping())),
-            RegistryRequest::DeadLetters(_) => answer::<call::DeadLetters>(cmd::dm::dead_letters(
-                self.users.as_ref(),
-                self.mailboxes.as_mut(),
-                peer,
-            )),
-            RegistryRequest::Users(_) => {
-                answer::<call::Users>(cmd::users::list(self.users.as_ref(), &self.sessions, peer))
+            RegistryRequest::DeadLetters(_) => {
+                answer::<call::DeadLetters>(cmd::dm::dead_letters(store, peer))
             }
-            RegistryRequest::Whois(r) => answer::<call::Whois>(cmd::users::whois(
-                self.users.as_ref(),
-                &self.sessions,
-                peer,
-                r,
-            )),
+            RegistryRequest::Users(_) => answer::<call::Users>(cmd::users::list(store, peer)),
+            RegistryRequest::Whois(r) => answer::<call::Whois>(cmd::users::whois(store, peer, r)),
             RegistryRequest::Connect(r) => answer::<call::Connect>(cmd::users::connect(
-                self.users.as_ref(),
-                &mut self.sessions,
+                store,
                 peer,
                 r,
                 now,
+                self.config.presence_ttl,
             )),
-            RegistryRequest::List(_) => answer::<call::List>(Ok(cmd::list::apply(dir, now))),
-            RegistryRequest::Lookup(r) => answer::<call::Lookup>(cmd::lookup::apply(dir, r, now)),
-            RegistryRequest::Disconnect(_) => answer::<call::Disconnect>(cmd::users::disconnect(
-                self.users.as_ref(),
-                &mut self.sessions,
-                peer,
-                now,
-            )),
+            RegistryRequest::List(_) => answer::<call::List>(cmd::list::apply(store, now)),
+            RegistryRequest::Lookup(r) => answer::<call::Lookup>(cmd::lookup::apply(store, r, now)),
+            RegistryRequest::Disconnect(_) => {
+                answer::<call::Disconnect>(cmd::users::disconnect(store, peer, now))
+            }
         }
     }
 }

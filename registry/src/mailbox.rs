@@ -21,9 +21,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::value::RawValue;
 
 use crate::owners::{open_db, OwnersError};
+use crate::store::StoreError;
 
 /// Why a message could not be stored.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MailboxError {
     /// The recipient's mailbox holds its maximum.
     #[error("mailbox full")]
@@ -33,12 +35,18 @@ pub enum MailboxError {
     IdConflict(MessageId),
     /// The store failed.
     #[error(transparent)]
-    Store(#[from] OwnersError),
+    Store(#[from] StoreError),
+}
+
+impl From<OwnersError> for MailboxError {
+    fn from(e: OwnersError) -> Self {
+        MailboxError::Store(StoreError::Sqlite(e))
+    }
 }
 
 impl From<rusqlite::Error> for MailboxError {
     fn from(e: rusqlite::Error) -> Self {
-        MailboxError::Store(OwnersError::Sqlite(e))
+        MailboxError::Store(StoreError::Sqlite(OwnersError::Sqlite(e)))
     }
 }
 

@@ -29,9 +29,16 @@ struct Args {
     /// Most groups held at once.
     #[arg(long, env = "AGORA_MAX_GROUPS", default_value_t = 10_000)]
     max_groups: usize,
-    /// Directory of the registry's key pair [default: ~/.local/share/agora/registry].
+    /// Directory of the registry's key pair and, without --store, its SQLite database
+    /// [default: ~/.local/share/agora/registry].
     #[arg(long, env = "AGORA_REGISTRY_DATA_DIR")]
     data_dir: Option<std::path::PathBuf>,
+    /// Keep everything (directory, presence, accounts, owners, mailboxes, the key pair) in
+    /// this PostgreSQL database (postgres://… or postgresql://…, schema agora_registry);
+    /// registries given the same one act as one registry. Without it: SQLite in --data-dir
+    /// and memory, one registry.
+    #[arg(long, env = "AGORA_REGISTRY_STORE", hide_env_values = true, value_parser = store_url)]
+    store: Option<String>,
     /// Run without CURVE encryption and authentication: local experiments only; refused
     /// unless the bind endpoint is loopback.
     #[arg(long)]
@@ -95,11 +102,20 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Free a group name from the key that owns it, so another node's key can register it.
-    /// Works while the registry runs (same --data-dir).
+    /// Works while the registry runs (same --data-dir, or the same --store).
     Release {
         /// The group name.
         name: agora_proto::wire::GroupName,
     },
+}
+
+/// `--store`: a PostgreSQL URL, else an argument error (exit 2).
+fn store_url(url: &str) -> Result<String, String> {
+    if agora_registry::store::is_postgres_url(url) {
+        Ok(url.to_owned())
+    } else {
+        Err("a PostgreSQL URL, postgres://… or postgresql://…".into())
+    }
 }
 
 fn registry_name(name: &str) -> Result<String, String> {
@@ -133,12 +149,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     let defaults = Config::default();
     if let Some(Command::Release { name }) = &args.command {
         let dir = args.data_dir.clone().unwrap_or(defaults.data_dir);
-        let owners = agora_registry::owners::Owners::open(&dir)?;
-        if owners.release(name)? {
+        let settings = agora_registry::store::StoreSettings {
+            group_ttl: args.heartbeat * args.ttl_intervals,
+            max_groups: args.max_groups,
+            presence_ttl: args.presence_ttl,
+        };
+        let mut store = agora_registry::store::open(args.store.as_deref(), &dir, settings, true)
+            .context("opening the registry's store")?;
+        if store.release_group(name)? {
             println!("released \"{name}\"");
             return Ok(());
         }
-        anyhow::bail!("\"{name}\" is not bound to any key in {}", dir.display());
+        match &args.store {
+            Some(_) => anyhow::bail!("\"{name}\" is not bound to any key in the --store database"),
+            None => anyhow::bail!("\"{name}\" is not bound to any key in {}", dir.display()),
+        }
     }
     let config = Config {
         bind: args.bind,
@@ -146,6 +171,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         ttl_intervals: args.ttl_intervals,
         max_groups: args.max_groups,
         data_dir: args.data_dir.unwrap_or(defaults.data_dir),
+        store: args.store,
         insecure: args.insecure,
         rate_limit: agora_common::ratelimit::RateLimit {
             rate: args.rate_limit,

@@ -105,20 +105,22 @@ impl Users {
         row.map(|(n, k, a, l)| Self::row(n, k, a, l)).transpose()
     }
 
-    /// Creates the account (committed before this returns).
+    /// Creates the account (committed before this returns); false, storing nothing, when
+    /// the name or the key already holds an account.
     ///
     /// # Errors
-    /// [`OwnersError::Sqlite`], also when the name or key is taken.
-    pub fn insert(&self, entry: &UserEntry) -> Result<(), OwnersError> {
+    /// [`OwnersError::Sqlite`].
+    pub fn insert(&self, entry: &UserEntry) -> Result<bool, OwnersError> {
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO users (name, key, registered_at_us) VALUES (?1, ?2, ?3)",
+            "INSERT INTO users (name, key, registered_at_us) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
         )?;
-        stmt.execute(params![
+        let inserted = stmt.execute(params![
             entry.name.as_str(),
             entry.key.to_string(),
             entry.registered_at.as_micros()
         ])?;
-        Ok(())
+        Ok(inserted == 1)
     }
 
     /// Removes the account; returns whether it existed.

@@ -13,6 +13,7 @@ struct Running {
     shutdown: Shutdown,
     thread: Option<JoinHandle<()>>,
     ctx: zmq::Context,
+    _data: tempfile::TempDir,
 }
 
 impl Drop for Running {
@@ -25,10 +26,18 @@ impl Drop for Running {
 }
 
 fn start(heartbeat: Duration) -> Running {
+    start_on(heartbeat, None)
+}
+
+/// A registry storing in `store` (a PostgreSQL URL), or in memory and SQLite.
+fn start_on(heartbeat: Duration, store: Option<String>) -> Running {
     let ctx = zmq::Context::new();
+    let data = tempfile::tempdir().expect("tmp");
     let config = Config {
         bind: "tcp://127.0.0.1:0".into(),
         heartbeat,
+        data_dir: data.path().to_owned(),
+        store,
         // These tests check the directory logic; CURVE is tested in common and end to end.
         insecure: true,
         ..Config::default()
@@ -43,6 +52,7 @@ fn start(heartbeat: Duration) -> Running {
         shutdown,
         thread: Some(thread),
         ctx,
+        _data: data,
     }
 }
 
@@ -55,7 +65,17 @@ fn code(e: ClientError) -> ErrorCode {
 
 #[test]
 fn register_lookup_refuse_takeover_and_expire() {
-    let r = start(Duration::from_millis(100));
+    register_lookup_refuse_takeover_and_expire_on(start(Duration::from_millis(100)));
+}
+
+#[test]
+fn register_lookup_refuse_takeover_and_expire_on_postgres() {
+    let pg = agora_tests::pg::PgCluster::start();
+    let url = pg.database("agora");
+    register_lookup_refuse_takeover_and_expire_on(start_on(Duration::from_millis(100), Some(url)));
+}
+
+fn register_lookup_refuse_takeover_and_expire_on(r: Running) {
     let mut c = RegistryClient::new(&r.ctx, &r.endpoint, ClientOptions::default());
     let name = GroupName::new("Cool Group").expect("name");
     let a = Endpoint::new("tcp://127.0.0.1:7001").expect("endpoint");

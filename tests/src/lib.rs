@@ -377,9 +377,20 @@ impl Federation {
 
     /// As [`Federation::start`], with `extra` registry arguments.
     pub fn start_with(heartbeat: &str, extra: &[&str]) -> Federation {
+        Federation::start_inner(heartbeat, extra, test_store_is_postgres())
+    }
+
+    /// As [`Federation::start_with`], storing in PostgreSQL whatever `AGORA_TEST_STORE`
+    /// says (for tests of several registries over one database,
+    /// [`Federation::another_registry`]).
+    pub fn start_on_postgres(heartbeat: &str, extra: &[&str]) -> Federation {
+        Federation::start_inner(heartbeat, extra, true)
+    }
+
+    fn start_inner(heartbeat: &str, extra: &[&str], postgres: bool) -> Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("registry-data");
-        let (pg, store) = if test_store_is_postgres() {
+        let (pg, store) = if postgres {
             let cluster = pg::PgCluster::start();
             let url = cluster.database("agora");
             (Some(cluster), Some(url))
@@ -415,6 +426,35 @@ impl Federation {
         }
     }
 
+    /// Starts another registry over the federation's PostgreSQL store (so one registry with
+    /// the first, the same key pair included), on an ephemeral loopback port, its data in
+    /// `DIR/registry-data-<tag>`, with `extra` arguments.
+    ///
+    /// # Panics
+    /// If the federation stores in SQLite, or the registry does not start.
+    pub fn another_registry(&self, tag: &str, heartbeat: &str, extra: &[&str]) -> Server {
+        assert!(
+            self.store.is_some(),
+            "registries share a PostgreSQL store only"
+        );
+        let data = self.path(&format!("registry-data-{tag}"));
+        let mut args = vec![
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--heartbeat",
+            heartbeat,
+            "--data-dir",
+            &data,
+        ];
+        args.extend(self.store_args());
+        args.extend_from_slice(extra);
+        Server::start(
+            "registry",
+            &args,
+            &self.dir.path().join(format!("registry-{tag}.log")),
+        )
+    }
+
     /// Kills the registry (SIGKILL); [`Federation::restart_registry`] brings it back.
     pub fn kill_registry(&mut self) {
         self.registry.kill9();
@@ -427,32 +467,39 @@ impl Federation {
     }
 
     /// Kills the registry and starts one with a NEW key pair on the same endpoint and key
-    /// endpoint (a reinstalled registry, or an impostor).
+    /// endpoint (a reinstalled registry, or an impostor). With PostgreSQL, which holds the
+    /// key pair, the new registry gets a new, empty database (and so does whatever starts
+    /// after it with [`Federation::store_args`]).
     pub fn replace_registry(&mut self, heartbeat: &str) {
+        if let Some(pg) = &self.pg {
+            static FRESH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+            let n = FRESH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.store = Some(pg.database(&format!("agora-new-{n}")));
+        }
         self.start_registry_on("registry-data-new", "registry-new.log", heartbeat);
     }
 
     /// Kills the registry and starts one on the same endpoint and key endpoint (whose
-    /// default, the next port, may belong to another test), with data in `DIR/data`.
+    /// default, the next port, may belong to another test), with data in `DIR/data` and
+    /// the federation's store ([`Federation::store_args`]).
     fn start_registry_on(&mut self, data: &str, log: &str, heartbeat: &str) {
         self.registry.kill9();
         let endpoint = self.registry.endpoint.clone();
         let key_endpoint = self.registry.key_endpoint.clone().expect("a key endpoint");
         let data = self.path(data);
-        self.registry = Server::start(
-            "registry",
-            &[
-                "--bind",
-                &endpoint,
-                "--key-bind",
-                &key_endpoint,
-                "--heartbeat",
-                heartbeat,
-                "--data-dir",
-                &data,
-            ],
-            &self.dir.path().join(log),
-        );
+        let mut args = vec![
+            "--bind",
+            &endpoint,
+            "--key-bind",
+            &key_endpoint,
+            "--heartbeat",
+            heartbeat,
+            "--data-dir",
+            &data,
+        ];
+        args.extend(self.store_args());
+        let registry = Server::start("registry", &args, &self.dir.path().join(log));
+        self.registry = registry;
     }
 
     /// Joins `group` as `user` as soon as the group is listed (nodes register within a
@@ -570,9 +617,14 @@ impl Federation {
         self.dir.path().join("state").to_string_lossy().into_owned()
     }
 
-    /// The arguments and environment of a user-cli run as `user` against this federation.
-    fn cli_setup(&self, user: &str, args: &[&str]) -> (Vec<String>, Vec<(&'static str, String)>) {
-        let mut all: Vec<String> = ["--registry", &self.registry.endpoint, "--user", user]
+    /// The arguments and environment of a user-cli run as `user` against `registry`.
+    fn cli_setup(
+        &self,
+        registry: &Server,
+        user: &str,
+        args: &[&str],
+    ) -> (Vec<String>, Vec<(&'static str, String)>) {
+        let mut all: Vec<String> = ["--registry", &registry.endpoint, "--user", user]
             .iter()
             .map(|a| (*a).to_owned())
             .collect();
@@ -582,7 +634,13 @@ impl Federation {
 
     /// Runs user-cli against this federation's registry as `user`.
     pub fn cli(&self, user: &str, args: &[&str], stdin: &str) -> CliRun {
-        let (args, env) = self.cli_setup(user, args);
+        self.cli_via(&self.registry, user, args, stdin)
+    }
+
+    /// Runs user-cli against `registry` (another one, [`Federation::another_registry`]) as
+    /// `user`.
+    pub fn cli_via(&self, registry: &Server, user: &str, args: &[&str], stdin: &str) -> CliRun {
+        let (args, env) = self.cli_setup(registry, user, args);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         cli(&args, stdin, &env)
@@ -649,7 +707,12 @@ impl Federation {
 
     /// Starts `user-cli ARGS` (for example `watch`) as `user` in the background.
     pub fn spawn_cli(&self, user: &str, args: &[&str]) -> Streaming {
-        let (args, env) = self.cli_setup(user, args);
+        self.spawn_cli_via(&self.registry, user, args)
+    }
+
+    /// Starts `user-cli ARGS` as `user` against `registry` in the background.
+    pub fn spawn_cli_via(&self, registry: &Server, user: &str, args: &[&str]) -> Streaming {
+        let (args, env) = self.cli_setup(registry, user, args);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Streaming::start(&args, &env)

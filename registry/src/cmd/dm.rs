@@ -4,8 +4,6 @@
 //! request. A message that cannot be delivered is never dropped silently: it goes to the
 //! sender's dead letters with the reason, and the sender is told at once.
 
-use std::time::Instant;
-
 use agora_common::keys::PublicKey;
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
@@ -15,31 +13,25 @@ use agora_proto::wire::{
     UserEntry, UserName, WireError, MAX_MULTICAST_RECIPIENTS, MAX_PAGE_LIMIT,
 };
 
-use crate::mailbox::{Copy, MailboxError, Mailboxes};
-use crate::owners::OwnersError;
-use crate::presence::Sessions;
-use crate::users::Users;
+use super::internal;
+use crate::mailbox::{Copy, MailboxError};
+use crate::store::RegistryStore;
 
 /// Largest DM body, in bytes of JSON text (32 KiB).
 pub const MAX_DM_BYTES: usize = 32 << 10;
 
-fn need<'a>(
-    users: Option<&'a Users>,
-    mailboxes: Option<&'a mut Mailboxes>,
-    peer: Option<PublicKey>,
-) -> Result<(&'a Users, &'a mut Mailboxes, PublicKey), WireError> {
-    match (users, mailboxes, peer) {
-        (Some(u), Some(m), Some(k)) => Ok((u, m, k)),
-        _ => Err(WireError::new(
+fn need(peer: Option<PublicKey>) -> Result<PublicKey, WireError> {
+    peer.ok_or_else(|| {
+        WireError::new(
             ErrorCode::Forbidden,
             "direct messages need CURVE identities; this registry runs --insecure",
-        )),
-    }
+        )
+    })
 }
 
 /// The caller's account, by its key.
-fn account(users: &Users, key: &PublicKey) -> Result<UserEntry, WireError> {
-    users.by_key(key).map_err(internal)?.ok_or_else(|| {
+fn account(store: &mut dyn RegistryStore, key: &PublicKey) -> Result<UserEntry, WireError> {
+    store.user_by_key(key).map_err(internal)?.ok_or_else(|| {
         WireError::new(
             ErrorCode::UnknownUser,
             "this key has no account: register one to send direct messages",
@@ -59,11 +51,6 @@ fn within_limit(body: &serde_json::value::RawValue) -> Result<(), WireError> {
     Ok(())
 }
 
-fn internal(e: OwnersError) -> WireError {
-    tracing::error!(error = %e, "mailbox store failed");
-    WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
-}
-
 /// `send_dm`: stores the message in the recipient's mailbox (at most `max` waiting).
 ///
 /// # Errors
@@ -73,20 +60,18 @@ fn internal(e: OwnersError) -> WireError {
 /// On success, also the recipient's key and the stored message, to push to the recipient's
 /// live connection (`None` for a retried duplicate, which was pushed the first time).
 pub fn send(
-    users: Option<&Users>,
-    mailboxes: Option<&mut Mailboxes>,
-    sessions: &Sessions,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: SendDmRequest,
     now: Timestamp,
     max: u64,
 ) -> Result<(DmAck, Option<(PublicKey, Dm)>), WireError> {
-    let (users, mailboxes, key) = need(users, mailboxes, peer)?;
-    let sender = account(users, &key)?;
+    let key = need(peer)?;
+    let sender = account(store, &key)?;
     within_limit(&r.body)?;
-    let Some(recipient) = users.by_name(&r.to).map_err(internal)? else {
-        mailboxes
-            .dead(&key, r.to.as_str(), "unknown_user", &r.body, now)
+    let Some(recipient) = store.user_by_name(&r.to).map_err(internal)? else {
+        store
+            .dead_letter(&key, r.to.as_str(), "unknown_user", &r.body, now)
             .map_err(internal)?;
         return Err(WireError::new(
             ErrorCode::UnknownUser,
@@ -96,7 +81,7 @@ pub fn send(
             ),
         ));
     };
-    match mailboxes.store(&recipient.key, &sender.name, &key, r.id, &r.body, now, max) {
+    match store.store_dm(&recipient.key, &sender.name, &key, r.id, &r.body, now, max) {
         Ok((n, id, time, duplicate)) => {
             let push = (!duplicate).then(|| {
                 (
@@ -116,15 +101,15 @@ pub fn send(
                     n,
                     id,
                     time,
-                    recipient: sessions.presence(&recipient.key, Instant::now()),
+                    recipient: recipient.presence,
                     duplicate,
                 },
                 push,
             ))
         }
         Err(MailboxError::Full) => {
-            mailboxes
-                .dead(&key, r.to.as_str(), "mailbox_full", &r.body, now)
+            store
+                .dead_letter(&key, r.to.as_str(), "mailbox_full", &r.body, now)
                 .map_err(internal)?;
             Err(WireError::new(
                 ErrorCode::LimitReached,
@@ -147,12 +132,11 @@ pub fn send(
 /// # Errors
 /// `invalid_field` (limit out of range), `forbidden` (no CURVE), `internal`.
 pub fn mailbox(
-    users: Option<&Users>,
-    mailboxes: Option<&mut Mailboxes>,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: MailboxRequest,
 ) -> Result<MailboxReply, WireError> {
-    let (_, mailboxes, key) = need(users, mailboxes, peer)?;
+    let key = need(peer)?;
     let limit = r.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE_LIMIT {
         return Err(WireError::new(
@@ -160,7 +144,7 @@ pub fn mailbox(
             format!("limit must be from 1 to {MAX_PAGE_LIMIT}"),
         ));
     }
-    let (messages, more) = mailboxes.fetch(&key, r.after_n, limit).map_err(internal)?;
+    let (messages, more) = store.fetch_dms(&key, r.after_n, limit).map_err(internal)?;
     Ok(MailboxReply { messages, more })
 }
 
@@ -169,14 +153,13 @@ pub fn mailbox(
 /// # Errors
 /// `forbidden` (no CURVE), `internal`.
 pub fn ack(
-    users: Option<&Users>,
-    mailboxes: Option<&mut Mailboxes>,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: AckDmRequest,
 ) -> Result<AckDmReply, WireError> {
-    let (_, mailboxes, key) = need(users, mailboxes, peer)?;
+    let key = need(peer)?;
     Ok(AckDmReply {
-        removed: mailboxes.ack(&key, r.up_to).map_err(internal)?,
+        removed: store.ack_dms(&key, r.up_to).map_err(internal)?,
     })
 }
 
@@ -185,13 +168,12 @@ pub fn ack(
 /// # Errors
 /// `forbidden` (no CURVE), `internal`.
 pub fn dead_letters(
-    users: Option<&Users>,
-    mailboxes: Option<&mut Mailboxes>,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
 ) -> Result<DeadLettersReply, WireError> {
-    let (_, mailboxes, key) = need(users, mailboxes, peer)?;
+    let key = need(peer)?;
     Ok(DeadLettersReply {
-        letters: mailboxes.dead_letters(&key).map_err(internal)?,
+        letters: store.dead_letters(&key).map_err(internal)?,
     })
 }
 
@@ -227,15 +209,14 @@ pub enum FanOutRequest {
 /// `too_large` (the body), `id_conflict` (the id was used for another message), `internal`.
 /// On success, also the stored copies to push to recipients' live connections.
 pub fn fan_out(
-    users: Option<&Users>,
-    mailboxes: Option<&mut Mailboxes>,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     request: FanOutRequest,
     now: Timestamp,
     rules: FanOut<'_>,
 ) -> Result<(MulticastReply, Vec<(PublicKey, Dm)>), WireError> {
-    let (users, mailboxes, key) = need(users, mailboxes, peer)?;
-    let sender = account(users, &key)?;
+    let key = need(peer)?;
+    let sender = account(store, &key)?;
     let (names, body, id) = match request {
         FanOutRequest::Multicast(r) => {
             if r.to.is_empty() || r.to.len() > MAX_MULTICAST_RECIPIENTS {
@@ -266,15 +247,15 @@ pub fn fan_out(
         Some(names) => {
             let mut found = Vec::with_capacity(names.len());
             for name in names {
-                match users.by_name(&name).map_err(internal)? {
+                match store.user_by_name(&name).map_err(internal)? {
                     Some(entry) => found.push(entry),
                     None => unknown.push(name.as_str().to_owned()),
                 }
             }
             found
         }
-        None => users
-            .all()
+        None => store
+            .all_users()
             .map_err(internal)?
             .into_iter()
             .filter(|u| u.key != key)
@@ -284,15 +265,15 @@ pub fn fan_out(
         .into_iter()
         .map(|u| (u.key, u.name, crate::mailbox::copy_id(&id, &u.key)))
         .collect();
-    let stored = mailboxes
-        .store_many(&copies, &unknown, &sender.name, &key, &body, now, rules.max)
+    let stored = store
+        .store_dms(&copies, &unknown, &sender.name, &key, &body, now, rules.max)
         .map_err(|e| match e {
             MailboxError::IdConflict(_) => WireError::new(
                 ErrorCode::IdConflict,
                 format!("message id {id} is already used by a different message"),
             ),
             MailboxError::Store(e) => internal(e),
-            // `store_many` reports a full mailbox per copy, never for the whole request.
+            // `store_dms` reports a full mailbox per copy, never for the whole request.
             MailboxError::Full => {
                 WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
             }

@@ -1,13 +1,16 @@
 //! `list`: every live group.
 
 use agora_proto::time::Timestamp;
-use agora_proto::wire::ListReply;
+use agora_proto::wire::{ListReply, WireError};
 
-use crate::directory::Directory;
+use crate::store::RegistryStore;
 
 /// Live groups, sorted by name.
-pub fn apply(dir: &Directory, now: Timestamp) -> ListReply {
-    ListReply {
-        groups: dir.list(now),
-    }
+///
+/// # Errors
+/// `internal` (the store failed).
+pub fn apply(store: &mut dyn RegistryStore, now: Timestamp) -> Result<ListReply, WireError> {
+    Ok(ListReply {
+        groups: store.list_groups(now).map_err(super::internal)?,
+    })
 }

@@ -1,16 +1,24 @@
 //! `lookup`: one live group by name.
 
 use agora_proto::time::Timestamp;
-use agora_proto::wire::{LookupReply, LookupRequest, WireError};
+use agora_proto::wire::{ErrorCode, LookupReply, LookupRequest, WireError};
 
-use crate::directory::Directory;
+use crate::store::RegistryStore;
 
 /// The live entry named `r.name`.
 ///
 /// # Errors
-/// `unknown_group`.
-pub fn apply(dir: &Directory, r: LookupRequest, now: Timestamp) -> Result<LookupReply, WireError> {
-    Ok(LookupReply {
-        group: dir.lookup(&r.name, now)?,
-    })
+/// `unknown_group`, `internal` (the store failed).
+pub fn apply(
+    store: &mut dyn RegistryStore,
+    r: LookupRequest,
+    now: Timestamp,
+) -> Result<LookupReply, WireError> {
+    match store.lookup_group(&r.name, now).map_err(super::internal)? {
+        Some(group) => Ok(LookupReply { group }),
+        None => Err(WireError::new(
+            ErrorCode::UnknownGroup,
+            format!("no live group named \"{}\"", r.name),
+        )),
+    }
 }

@@ -1,5 +1,10 @@
-//! One handler per registry action. Each takes the decoded request and returns the reply
-//! body or a [`WireError`](agora_proto::wire::WireError); none touches the socket.
+//! One handler per registry action. Each takes the store and the decoded request and
+//! returns the reply body or a [`WireError`](agora_proto::wire::WireError); none touches
+//! the socket.
+
+use agora_proto::wire::{ErrorCode, WireError};
+
+use crate::store::StoreError;
 
 pub mod dm;
 pub mod list;
@@ -7,3 +12,10 @@ pub mod lookup;
 pub mod register;
 pub mod unregister;
 pub mod users;
+
+/// The `internal` reply for a storage failure, which is logged here (the peer learns only
+/// that it may retry).
+fn internal(e: StoreError) -> WireError {
+    tracing::error!(error = %e, "registry store failed");
+    WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
+}

@@ -4,23 +4,21 @@ use agora_common::keys::PublicKey;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{Empty, ErrorCode, UnregisterRequest, WireError};
 
-use crate::directory::Directory;
-use crate::owners::Owners;
+use crate::store::RegistryStore;
 
 /// Removes `r.name` if `r.endpoint` holds it and, with CURVE, the caller `peer` owns it.
 /// The name stays bound to its owner's key.
 ///
 /// # Errors
-/// `unknown_group`, `name_taken` (another endpoint or key holds it).
+/// `unknown_group`, `name_taken` (another endpoint or key holds it), `internal`.
 pub fn apply(
-    dir: &mut Directory,
-    owners: Option<&Owners>,
+    store: &mut dyn RegistryStore,
     r: UnregisterRequest,
     peer: Option<PublicKey>,
     now: Timestamp,
 ) -> Result<Empty, WireError> {
-    if let (Some(owners), Some(key)) = (owners, peer) {
-        if let Ok(Some(owner)) = owners.owner(&r.name) {
+    if let Some(key) = peer {
+        if let Some(owner) = store.group_owner(&r.name).map_err(super::internal)? {
             if owner != key {
                 return Err(WireError::new(
                     ErrorCode::NameTaken,
@@ -29,7 +27,9 @@ pub fn apply(
             }
         }
     }
-    dir.unregister(&r.name, &r.endpoint, now)?;
+    store
+        .unregister_group(&r.name, &r.endpoint, now)
+        .map_err(super::internal)??;
     tracing::info!(group = %r.name, endpoint = %r.endpoint, "group unregistered");
     Ok(Empty {})
 }

@@ -2,9 +2,7 @@
 //! `connect`, `disconnect`.
 //!
 //! An account binds a user name to the caller's authenticated key, so it needs CURVE: on an
-//! `--insecure` registry these actions are `forbidden`.
-
-use std::time::Instant;
+//! `--insecure` registry (no peer key) these actions are `forbidden`.
 
 use agora_common::keys::PublicKey;
 use agora_proto::time::Timestamp;
@@ -13,29 +11,16 @@ use agora_proto::wire::{
     UserUnregisterRequest, UsersReply, WireError,
 };
 
-use crate::owners::OwnersError;
-use crate::presence::Sessions;
-use crate::users::Users;
+use super::internal;
+use crate::store::RegistryStore;
 
-/// `entry` with its presence filled in.
-fn present(mut entry: UserEntry, sessions: &Sessions, now: Instant) -> UserEntry {
-    entry.presence = sessions.presence(&entry.key, now);
-    entry
-}
-
-fn need(users: Option<&Users>, peer: Option<PublicKey>) -> Result<(&Users, PublicKey), WireError> {
-    match (users, peer) {
-        (Some(users), Some(peer)) => Ok((users, peer)),
-        _ => Err(WireError::new(
+fn need(peer: Option<PublicKey>) -> Result<PublicKey, WireError> {
+    peer.ok_or_else(|| {
+        WireError::new(
             ErrorCode::Forbidden,
             "user accounts need CURVE identities; this registry runs --insecure",
-        )),
-    }
-}
-
-fn internal(e: OwnersError) -> WireError {
-    tracing::error!(error = %e, "account store failed");
-    WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
+        )
+    })
 }
 
 fn unknown(name: &agora_proto::wire::UserName) -> WireError {
@@ -49,32 +34,43 @@ fn unknown(name: &agora_proto::wire::UserName) -> WireError {
 /// account), `limit_reached` (`max_users` accounts exist), `forbidden` (no CURVE),
 /// `internal`.
 pub fn register(
-    users: Option<&Users>,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: UserNameRequest,
     now: Timestamp,
     max_users: u64,
 ) -> Result<UserReply, WireError> {
-    let (users, key) = need(users, peer)?;
-    if let Some(held) = users.by_name(&r.name).map_err(internal)? {
-        if held.key == key {
-            return Ok(UserReply {
-                user: held,
-                changed: false,
-            });
+    let key = need(peer)?;
+    let taken = |store: &mut dyn RegistryStore, name| -> Result<UserReply, WireError> {
+        if let Some(held) = store.user_by_name(name).map_err(internal)? {
+            if held.key == key {
+                return Ok(UserReply {
+                    user: held,
+                    changed: false,
+                });
+            }
+            return Err(WireError::new(
+                ErrorCode::NameTaken,
+                format!("the user name {name} belongs to another key"),
+            ));
         }
-        return Err(WireError::new(
-            ErrorCode::NameTaken,
-            format!("the user name {} belongs to another key", r.name),
-        ));
+        match store.user_by_key(&key).map_err(internal)? {
+            Some(mine) => Err(WireError::new(
+                ErrorCode::NameTaken,
+                format!("this key already holds the account {}", mine.name),
+            )),
+            None => Err(WireError::new(
+                ErrorCode::Internal,
+                "the account changed meanwhile; retry",
+            )),
+        }
+    };
+    if store.user_by_name(&r.name).map_err(internal)?.is_some()
+        || store.user_by_key(&key).map_err(internal)?.is_some()
+    {
+        return taken(store, &r.name);
     }
-    if let Some(mine) = users.by_key(&key).map_err(internal)? {
-        return Err(WireError::new(
-            ErrorCode::NameTaken,
-            format!("this key already holds the account {}", mine.name),
-        ));
-    }
-    if users.count().map_err(internal)? >= max_users {
+    if store.count_users().map_err(internal)? >= max_users {
         return Err(WireError::new(
             ErrorCode::LimitReached,
             format!("the registry holds its maximum of {max_users} accounts"),
@@ -87,7 +83,10 @@ pub fn register(
         presence: Presence::Offline,
         last_seen: None,
     };
-    users.insert(&user).map_err(internal)?;
+    // Another registry sharing the store may have taken the name or key meanwhile.
+    if !store.insert_user(&user).map_err(internal)? {
+        return taken(store, &user.name);
+    }
     tracing::info!(user = %user.name, key = %user.key, "user registered");
     Ok(UserReply {
         user,
@@ -95,28 +94,26 @@ pub fn register(
     })
 }
 
-/// `user_unregister`: removes the caller's own account and its mailbox, when `confirm` is
-/// true.
+/// `user_unregister`: removes the caller's own account, its mailbox and its session, when
+/// `confirm` is true.
 ///
 /// # Errors
 /// `invalid_field` (no confirmation), `unknown_user`, `forbidden` (another key's account,
 /// or no CURVE), `internal`.
 pub fn unregister(
-    users: Option<&Users>,
-    mailboxes: Option<&crate::mailbox::Mailboxes>,
-    sessions: &mut Sessions,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: UserUnregisterRequest,
 ) -> Result<UserReply, WireError> {
-    let (users, key) = need(users, peer)?;
+    let key = need(peer)?;
     if !r.confirm {
         return Err(WireError::new(
             ErrorCode::InvalidField,
             "confirm must be true: removing an account cannot be undone",
         ));
     }
-    let held = users
-        .by_name(&r.name)
+    let held = store
+        .user_by_name(&r.name)
         .map_err(internal)?
         .ok_or_else(|| unknown(&r.name))?;
     if held.key != key {
@@ -125,74 +122,65 @@ pub fn unregister(
             format!("the account {} belongs to another key", r.name),
         ));
     }
-    if let Some(mailboxes) = mailboxes {
-        mailboxes.purge(&key).map_err(internal)?;
-    }
-    users.remove(&r.name).map_err(internal)?;
-    sessions.end(&key);
+    store.remove_user(&r.name, &key).map_err(internal)?;
     tracing::info!(user = %r.name, "user unregistered");
     Ok(UserReply {
-        user: held,
+        user: UserEntry {
+            presence: Presence::Offline,
+            ..held
+        },
         changed: true,
     })
 }
 
-/// `users`: every account.
+/// `users`: every account, with its presence.
 ///
 /// # Errors
 /// `forbidden` (no CURVE), `internal`.
 pub fn list(
-    users: Option<&Users>,
-    sessions: &Sessions,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
 ) -> Result<UsersReply, WireError> {
-    let (users, _) = need(users, peer)?;
-    let now = Instant::now();
+    need(peer)?;
     Ok(UsersReply {
-        users: users
-            .all()
-            .map_err(internal)?
-            .into_iter()
-            .map(|u| present(u, sessions, now))
-            .collect(),
+        users: store.all_users().map_err(internal)?,
     })
 }
 
-/// `whois`: one account.
+/// `whois`: one account, with its presence.
 ///
 /// # Errors
 /// `unknown_user`, `forbidden` (no CURVE), `internal`.
 pub fn whois(
-    users: Option<&Users>,
-    sessions: &Sessions,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: UserNameRequest,
 ) -> Result<UserReply, WireError> {
-    let (users, _) = need(users, peer)?;
-    let user = users
-        .by_name(&r.name)
+    need(peer)?;
+    let user = store
+        .user_by_name(&r.name)
         .map_err(internal)?
         .ok_or_else(|| unknown(&r.name))?;
     Ok(UserReply {
-        user: present(user, sessions, Instant::now()),
+        user,
         changed: false,
     })
 }
 
 /// `connect`: starts or renews the caller's session (`online` unless `r.status` says
-/// `away`), and records it as seen now.
+/// `away`) for `presence_ttl`, and records it as seen now.
 ///
 /// # Errors
 /// `unknown_user` (the caller's key has no account), `invalid_field` (status `offline`),
 /// `forbidden` (no CURVE), `internal`.
 pub fn connect(
-    users: Option<&Users>,
-    sessions: &mut Sessions,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: ConnectRequest,
     now: Timestamp,
+    presence_ttl: std::time::Duration,
 ) -> Result<ConnectReply, WireError> {
-    let (users, key) = need(users, peer)?;
+    let key = need(peer)?;
     let status = r.status.unwrap_or(Presence::Online);
     if status == Presence::Offline {
         return Err(WireError::new(
@@ -200,21 +188,20 @@ pub fn connect(
             "status must be online or away; disconnect to go offline",
         ));
     }
-    let user = users.by_key(&key).map_err(internal)?.ok_or_else(|| {
+    let user = store.user_by_key(&key).map_err(internal)?.ok_or_else(|| {
         WireError::new(
             ErrorCode::UnknownUser,
             "this key has no account: register one first",
         )
     })?;
-    sessions.renew(key, status, Instant::now());
-    users.seen(&key, now).map_err(internal)?;
+    let seen = store.renew_session(&key, status, now).map_err(internal)?;
     Ok(ConnectReply {
         user: UserEntry {
             presence: status,
-            last_seen: Some(now),
+            last_seen: Some(seen),
             ..user
         },
-        ttl_ms: u64::try_from(sessions.ttl().as_millis()).unwrap_or(u64::MAX),
+        ttl_ms: u64::try_from(presence_ttl.as_millis()).unwrap_or(u64::MAX),
     })
 }
 
@@ -223,22 +210,20 @@ pub fn connect(
 /// # Errors
 /// `unknown_user`, `forbidden` (no CURVE), `internal`.
 pub fn disconnect(
-    users: Option<&Users>,
-    sessions: &mut Sessions,
+    store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     now: Timestamp,
 ) -> Result<UserReply, WireError> {
-    let (users, key) = need(users, peer)?;
-    let user = users
-        .by_key(&key)
+    let key = need(peer)?;
+    let user = store
+        .user_by_key(&key)
         .map_err(internal)?
         .ok_or_else(|| WireError::new(ErrorCode::UnknownUser, "this key has no account"))?;
-    sessions.end(&key);
-    users.seen(&key, now).map_err(internal)?;
+    let seen = store.end_session(&key, now).map_err(internal)?;
     Ok(UserReply {
         user: UserEntry {
             presence: Presence::Offline,
-            last_seen: Some(now),
+            last_seen: Some(seen),
             ..user
         },
         changed: true,

@@ -1,0 +1,395 @@
+//! Where the registry keeps its state, behind one trait served by two backends.
+//!
+//! [`RegistryStore`] is everything a request handler reads or writes: the directory of live
+//! groups, group-name owners, user accounts and their presence sessions, direct-message
+//! mailboxes and dead letters, and the registry's own CURVE key pair. Handlers call the
+//! trait and never see SQL.
+//!
+//! # Storage
+//! - [`sqlite::SqliteStore`] (the default, no `--store`): one registry on one machine.
+//!   Accounts, owners and mailboxes are durable in `registry.sqlite3` in the data directory
+//!   (WAL, `synchronous=FULL`); the directory and presence sessions are soft state in
+//!   memory; the key pair is `registry.key` / `registry.key_secret` in the data directory.
+//! - [`postgres::PgStore`] (`--store postgres://…`): every part in one PostgreSQL database,
+//!   in the schema `agora_registry`, so that several registries over one database behave
+//!   as one registry (the same key pair, directory, presence, accounts and mailboxes).
+//!   Expiry uses the database's clock, never a host's. Schema versions are in
+//!   [`postgres::MIGRATIONS`].
+//!
+//! Every change is committed before the call returns, so a reply sent after it never
+//! announces something a crash could lose.
+
+use std::path::Path;
+use std::time::Duration;
+
+use agora_common::keys::{KeyError, Keypair, PublicKey};
+use agora_proto::id::MessageId;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{
+    DeadLetter, Dm, Endpoint, GroupEntry, GroupName, Presence, UserEntry, UserName, WireError,
+};
+use serde_json::value::RawValue;
+
+use crate::mailbox::{Copy, MailboxError, Stored};
+use crate::owners::OwnersError;
+
+pub mod postgres;
+pub mod sqlite;
+#[cfg(test)]
+mod tests;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The SQLite backend failed (or found a damaged row).
+    #[error(transparent)]
+    Sqlite(#[from] OwnersError),
+    /// The PostgreSQL backend failed: connection, query or commit.
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// A stored value does not parse (hand-edited or damaged row).
+    #[error("corrupt {what} in the store: {value:?}")]
+    Corrupt {
+        /// What the value should have been (`user name`, `key`, …).
+        what: &'static str,
+        /// The stored text.
+        value: String,
+    },
+    /// The database was migrated by a newer registry than this one.
+    #[error(
+        "the database's schema is version {found}, newer than this registry knows ({known}): \
+         upgrade the registry"
+    )]
+    SchemaTooNew {
+        /// The version in `agora_registry.schema_version`.
+        found: i32,
+        /// The newest version this build knows.
+        known: i32,
+    },
+    /// The key pair could not be read, made or cached.
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
+    /// `--store` is not a PostgreSQL URL.
+    #[error("--store must be a PostgreSQL URL (postgres://… or postgresql://…), not {0:?}")]
+    NotPostgres(String),
+    /// The database connection is broken and the next attempt to connect is not yet due
+    /// ([`postgres::RECONNECT_INTERVAL`]).
+    #[error("the database connection is broken; connecting again shortly")]
+    Disconnected,
+    /// An account, owner or mailbox call on a store opened without them (`--insecure`).
+    #[error("this registry keeps no accounts, owners or mailboxes (--insecure)")]
+    NoAccounts,
+}
+
+/// The registry's limits the store applies.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSettings {
+    /// How long a group entry lives without a heartbeat (the registry's TTL, default 6 s).
+    pub group_ttl: Duration,
+    /// The most groups listed at once (default 10,000).
+    pub max_groups: usize,
+    /// How long a presence session lives without a renewal (default 30 s).
+    pub presence_ttl: Duration,
+}
+
+/// What a node's `register` asks for.
+#[derive(Debug, Clone)]
+pub struct GroupRegistration {
+    /// The group's name.
+    pub name: GroupName,
+    /// Where its members reach it.
+    pub endpoint: Endpoint,
+    /// Its member count.
+    pub members: u64,
+    /// The node's CURVE public key (`None` for an `--insecure` node).
+    pub public_key: Option<PublicKey>,
+}
+
+/// The result of a directory change that a peer's request can be refused: the outer error is
+/// a storage failure, the inner one the refusal to send back (`name_taken`,
+/// `limit_reached`, `unknown_group`).
+pub type Refusable<T> = Result<Result<T, WireError>, StoreError>;
+
+/// One registry's storage: SQLite for a single registry ([`sqlite::SqliteStore`]), or
+/// PostgreSQL shared by several ([`postgres::PgStore`]).
+///
+/// Every time-dependent call takes `now`, the caller's clock; a backend shared by several
+/// registries ignores it and uses the database's clock, so that registries on different
+/// hosts agree on expiry. Each change is committed before the call returns.
+pub trait RegistryStore: Send {
+    /// A short name of the backend for logs (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// The registry's CURVE key pair, and whether it was just made. SQLite: the files in
+    /// `data_dir`, made on first start. PostgreSQL: the pair stored in the database; on an
+    /// empty database the first registry stores its own (the one in `data_dir`, else a new
+    /// one), and every registry then uses the stored pair.
+    ///
+    /// # Errors
+    /// [`StoreError::Keys`], or the backend's error.
+    fn key_pair(&mut self, data_dir: &Path) -> Result<(Keypair, bool), StoreError>;
+
+    /// Registers or refreshes a group (PROTOCOL §4.1): a live entry at the same endpoint is
+    /// refreshed; a name held by another live endpoint is refused unless `owner_verified`
+    /// (its owner moves it); an entry of another name at the same endpoint is dropped.
+    ///
+    /// # Errors
+    /// Refusals `name_taken`, `limit_reached`; the backend's error.
+    fn register_group(
+        &mut self,
+        group: GroupRegistration,
+        owner_verified: bool,
+        now: Timestamp,
+    ) -> Refusable<GroupEntry>;
+
+    /// Removes `name`'s entry if `endpoint` holds it.
+    ///
+    /// # Errors
+    /// Refusals `unknown_group`, `name_taken` (another endpoint holds it); the backend's
+    /// error.
+    fn unregister_group(
+        &mut self,
+        name: &GroupName,
+        endpoint: &Endpoint,
+        now: Timestamp,
+    ) -> Refusable<()>;
+
+    /// Live entries, sorted by name.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn list_groups(&mut self, now: Timestamp) -> Result<Vec<GroupEntry>, StoreError>;
+
+    /// The live entry named `name`.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn lookup_group(
+        &mut self,
+        name: &GroupName,
+        now: Timestamp,
+    ) -> Result<Option<GroupEntry>, StoreError>;
+
+    /// Frees the entries whose TTL has passed; returns their names.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn expire_groups(&mut self, now: Timestamp) -> Result<Vec<GroupName>, StoreError>;
+
+    /// The key `name` is bound to, binding it to `key` first if it is unbound; also whether
+    /// this call bound it. Race-free: of two registries claiming at once, one wins.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without owners.
+    fn claim_group(
+        &mut self,
+        name: &GroupName,
+        key: &PublicKey,
+        now: Timestamp,
+    ) -> Result<(PublicKey, bool), StoreError>;
+
+    /// The key `name` is bound to, if any.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without owners.
+    fn group_owner(&mut self, name: &GroupName) -> Result<Option<PublicKey>, StoreError>;
+
+    /// Unbinds `name` (`registry release`); returns whether it was bound.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without owners.
+    fn release_group(&mut self, name: &GroupName) -> Result<bool, StoreError>;
+
+    /// The account named `name`, with its presence.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn user_by_name(&mut self, name: &UserName) -> Result<Option<UserEntry>, StoreError>;
+
+    /// The account `key` holds, with its presence.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn user_by_key(&mut self, key: &PublicKey) -> Result<Option<UserEntry>, StoreError>;
+
+    /// Creates the account; false (nothing stored) when its name or key already holds one.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn insert_user(&mut self, entry: &UserEntry) -> Result<bool, StoreError>;
+
+    /// Removes the account `name` held by `key`, its mailbox and its session; returns
+    /// whether it existed.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn remove_user(&mut self, name: &UserName, key: &PublicKey) -> Result<bool, StoreError>;
+
+    /// How many accounts there are.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn count_users(&mut self) -> Result<u64, StoreError>;
+
+    /// Every account with its presence, sorted by name.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn all_users(&mut self) -> Result<Vec<UserEntry>, StoreError>;
+
+    /// Starts or renews `key`'s presence session with `status` (`online` or `away`) for
+    /// the presence TTL, and records it as last seen; returns that time.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn renew_session(
+        &mut self,
+        key: &PublicKey,
+        status: Presence,
+        now: Timestamp,
+    ) -> Result<Timestamp, StoreError>;
+
+    /// Ends `key`'s session and records it as last seen; returns that time.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn end_session(&mut self, key: &PublicKey, now: Timestamp) -> Result<Timestamp, StoreError>;
+
+    /// How many live sessions are `online` and how many `away`.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn session_counts(&mut self) -> Result<(u64, u64), StoreError>;
+
+    /// Frees ended sessions.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn expire_sessions(&mut self) -> Result<(), StoreError>;
+
+    /// Stores a DM for `recipient` (at most `max` waiting); a retry with the same id, sender
+    /// and body returns the first result (see [`crate::mailbox::Mailboxes::store`]).
+    ///
+    /// # Errors
+    /// [`MailboxError::Full`], [`MailboxError::IdConflict`], [`MailboxError::Store`].
+    #[allow(clippy::too_many_arguments)]
+    fn store_dm(
+        &mut self,
+        recipient: &PublicKey,
+        sender: &UserName,
+        sender_key: &PublicKey,
+        id: Option<MessageId>,
+        body: &RawValue,
+        now: Timestamp,
+        max: u64,
+    ) -> Result<Stored, MailboxError>;
+
+    /// Stores one message's copies and dead-letters `unknown` and full mailboxes, all in one
+    /// transaction (see [`crate::mailbox::Mailboxes::store_many`]).
+    ///
+    /// # Errors
+    /// [`MailboxError::IdConflict`] (nothing stored), [`MailboxError::Store`].
+    #[allow(clippy::too_many_arguments)]
+    fn store_dms(
+        &mut self,
+        copies: &[(PublicKey, UserName, MessageId)],
+        unknown: &[String],
+        sender: &UserName,
+        sender_key: &PublicKey,
+        body: &RawValue,
+        now: Timestamp,
+        max: u64,
+    ) -> Result<Vec<Copy>, MailboxError>;
+
+    /// `recipient`'s unacked messages numbered after `after`, at most `limit`, and whether
+    /// more follow.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn fetch_dms(
+        &mut self,
+        recipient: &PublicKey,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<Dm>, bool), StoreError>;
+
+    /// Acks `recipient`'s messages numbered up to `up_to`; returns how many.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn ack_dms(&mut self, recipient: &PublicKey, up_to: u64) -> Result<u64, StoreError>;
+
+    /// Records a message from `sender_key` to `to` that could not be delivered, keeping the
+    /// sender's newest [`crate::mailbox::MAX_DEAD_LETTERS`].
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn dead_letter(
+        &mut self,
+        sender_key: &PublicKey,
+        to: &str,
+        reason: &str,
+        body: &RawValue,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// `sender_key`'s dead letters, oldest first.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn dead_letters(&mut self, sender_key: &PublicKey) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Unacked messages over all mailboxes.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn waiting_dms(&mut self) -> Result<u64, StoreError>;
+
+    /// Moves every unacked message stored more than `ttl` ago to its sender's dead letters
+    /// (reason `expired`) and forgets the acked ones; returns how many became dead letters.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn expire_dms(&mut self, ttl: Duration, now: Timestamp) -> Result<u64, StoreError>;
+
+    /// Messages stored by OTHER registries sharing this store since the last call, as
+    /// (recipient, number), so that this registry can push them to recipients connected to
+    /// it. Never waits long (PostgreSQL: reads at most every 50 ms, waiting up to 1 ms).
+    /// Always empty for a store no other registry shares.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn stored_elsewhere(&mut self) -> Result<Vec<(PublicKey, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Opens the store `url` names (`None`: SQLite in `data_dir`), with accounts, owners and
+/// mailboxes unless `accounts` is false (an `--insecure` registry keeps only the
+/// directory).
+///
+/// # Errors
+/// [`StoreError::NotPostgres`] for a URL that is not `postgres://…` or `postgresql://…`;
+/// the backend's error (connection, migration, [`StoreError::SchemaTooNew`]).
+pub fn open(
+    url: Option<&str>,
+    data_dir: &Path,
+    settings: StoreSettings,
+    accounts: bool,
+) -> Result<Box<dyn RegistryStore>, StoreError> {
+    match url {
+        None => Ok(Box::new(sqlite::SqliteStore::open(
+            data_dir, settings, accounts,
+        )?)),
+        Some(url) if is_postgres_url(url) => {
+            Ok(Box::new(postgres::PgStore::connect(url, settings)?))
+        }
+        Some(other) => Err(StoreError::NotPostgres(other.to_owned())),
+    }
+}
+
+/// Whether `url` selects the PostgreSQL backend (`postgres://…` or `postgresql://…`).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}

@@ -1,0 +1,1061 @@
+//! The PostgreSQL backend: several registries over one database behave as one registry.
+//!
+//! Everything lives in the schema `agora_registry` (so that group nodes' schemas can share
+//! the database): the directory, name owners, accounts, presence sessions, mailboxes, dead
+//! letters, and the registry's key pair. One synchronous connection per registry, owned by
+//! its socket thread (no async); it is opened again on the next call after it breaks.
+//!
+//! # Time
+//! Every expiry is decided by the database's clock (`now()`, `clock_timestamp()`), never
+//! a host's, so that registries on different hosts agree: a group entry stores its
+//! `expires_at` (last heartbeat plus the TTL of the registry that took it), a session its
+//! `expires_at`, a DM its `time`. The `now` arguments of [`RegistryStore`] are ignored.
+//! Times are `timestamptz`, read back as microseconds since the Unix epoch (`us()`).
+//!
+//! # Schema
+//! [`MIGRATIONS`], applied in order at connect, each recorded in `schema_version`, all in one
+//! transaction under `pg_advisory_xact_lock(`[`MIGRATION_LOCK`]`)`, so that registries
+//! starting at once never race; a database of a newer version than this build knows is
+//! refused ([`StoreError::SchemaTooNew`]).
+//!
+//! # Key pair
+//! Table `key_pair` holds one row: the public key and the secret certificate (the text of a
+//! `registry.key_secret` file). The first registry on an empty database inserts its own
+//! (`ON CONFLICT DO NOTHING`); every registry then serves the stored one, from its data
+//! directory's `registry.key` when that is the same pair, else from a cache rewritten on
+//! each start, `DATA_DIR/store-key/registry.key_secret` (mode 0600).
+//!
+//! # Concurrency between registries
+//! - Mailbox numbers come from a per-recipient counter, `mailbox_next`, incremented with
+//!   `INSERT … ON CONFLICT DO UPDATE … RETURNING` in the storing transaction: the row lock
+//!   serializes the recipient's stores across registries, so numbers are never given twice,
+//!   and the mailbox's maximum is counted under it.
+//! - A directory change that is not a plain refresh takes a transaction-scoped advisory
+//!   lock on the group's name.
+//! - Group names and accounts are claimed with `INSERT … ON CONFLICT DO NOTHING`: of two
+//!   registries claiming at once, one wins and the other sees the winner.
+//! - A stored DM sends `NOTIFY agora_registry_dm, 'KEY N'` within its transaction (so on
+//!   commit); every registry `LISTEN`s, and [`RegistryStore::stored_elsewhere`] hands it the
+//!   messages that other registries stored, to push to recipients connected to it.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use agora_common::keys::{secret_path, KeyError, Keypair, PublicKey};
+use agora_proto::id::MessageId;
+use agora_proto::time::Timestamp;
+use agora_proto::wire::{
+    DeadLetter, Dm, Endpoint, ErrorCode, GroupEntry, GroupName, Presence, UserEntry, UserName,
+    WireError,
+};
+use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, GenericClient, NoTls, Row};
+use serde_json::value::RawValue;
+
+use super::{GroupRegistration, Refusable, RegistryStore, StoreError, StoreSettings};
+use crate::mailbox::{Copy, MailboxError, Stored, MAX_DEAD_LETTERS};
+
+/// The advisory lock key migrations hold (`pg_advisory_xact_lock`): "agorar" in ASCII.
+pub const MIGRATION_LOCK: i64 = 0x6167_6f72_6172;
+/// The advisory lock class of directory changes; the object is the group name's hash.
+const DIRECTORY_LOCK: i32 = 0x6167_6f72;
+/// The channel of `NOTIFY` for stored DMs; the payload is `KEY N` (Z85 key, number).
+pub const DM_CHANNEL: &str = "agora_registry_dm";
+/// How long connecting may take (default of this backend: 10 s).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often [`RegistryStore::stored_elsewhere`] reads the database's notices (50 ms):
+/// the longest a DM stored through another registry waits, beyond the loop's own turn,
+/// before it is pushed from this one.
+pub const NOTICE_POLL: Duration = Duration::from_millis(50);
+/// How long each read of the notices may wait for the connection (1 ms). The synchronous
+/// client reads what arrived on its socket only while it waits, so a read that never
+/// waits sees only what other calls happened to read.
+const NOTICE_WAIT: Duration = Duration::from_millis(1);
+/// The most notices handed over by one call (the rest wait for the next).
+const MAX_NOTICES: usize = 1000;
+/// How long after a failed attempt to connect again the next is made (1 s): meanwhile calls
+/// fail at once with [`StoreError::Disconnected`] rather than stall the loop.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest any one statement may run before the server cancels it (10 s), so that a
+/// stuck lock never stalls the registry's loop for good.
+pub const STATEMENT_TIMEOUT: &str = "10s";
+
+/// The schema's migrations: entry `i` takes the schema from version `i` to `i + 1`. Never
+/// edit one that has shipped; append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: everything the registry keeps.
+    r#"
+    CREATE FUNCTION agora_registry.us(t timestamptz) RETURNS bigint
+        LANGUAGE sql STABLE AS $$ SELECT (extract(epoch FROM t) * 1000000)::bigint $$;
+    CREATE FUNCTION agora_registry.ts(us bigint) RETURNS timestamptz
+        LANGUAGE sql IMMUTABLE AS $$
+        SELECT timestamptz 'epoch' + (us / 1000000) * interval '1 second'
+                                   + (us % 1000000) * interval '1 microsecond' $$;
+    CREATE TABLE agora_registry.key_pair (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        public_key text NOT NULL,
+        secret_certificate text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE agora_registry.groups (
+        name text PRIMARY KEY,
+        endpoint text NOT NULL,
+        members bigint NOT NULL,
+        public_key text,
+        registered_at timestamptz NOT NULL,
+        last_heartbeat timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL);
+    CREATE INDEX groups_endpoint ON agora_registry.groups (endpoint);
+    CREATE INDEX groups_expires_at ON agora_registry.groups (expires_at);
+    CREATE TABLE agora_registry.owners (
+        name text PRIMARY KEY,
+        key text NOT NULL,
+        bound_at timestamptz NOT NULL);
+    CREATE TABLE agora_registry.users (
+        name text PRIMARY KEY,
+        key text NOT NULL UNIQUE,
+        registered_at timestamptz NOT NULL,
+        last_seen timestamptz);
+    CREATE TABLE agora_registry.sessions (
+        key text PRIMARY KEY,
+        status text NOT NULL CHECK (status IN ('online', 'away')),
+        expires_at timestamptz NOT NULL);
+    CREATE TABLE agora_registry.mailbox (
+        recipient text NOT NULL,
+        n bigint NOT NULL,
+        id bytea NOT NULL UNIQUE,
+        sender text NOT NULL,
+        sender_key text NOT NULL,
+        time timestamptz NOT NULL,
+        body text NOT NULL,
+        acked boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (recipient, n));
+    CREATE INDEX mailbox_time ON agora_registry.mailbox (time);
+    CREATE TABLE agora_registry.mailbox_next (
+        recipient text PRIMARY KEY,
+        next_n bigint NOT NULL);
+    CREATE TABLE agora_registry.dead_letters (
+        sender_key text NOT NULL,
+        n bigserial,
+        time timestamptz NOT NULL,
+        recipient text NOT NULL,
+        reason text NOT NULL,
+        body text NOT NULL,
+        PRIMARY KEY (sender_key, n));
+    "#,
+];
+
+/// The schema version this build migrates to.
+pub fn schema_version() -> i32 {
+    i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX)
+}
+
+/// All registry state in one PostgreSQL database (see the module docs).
+pub struct PgStore {
+    config: postgres::Config,
+    client: Client,
+    /// This connection's server process, to tell its own `NOTIFY`s from others'.
+    backend_pid: i32,
+    settings: StoreSettings,
+    /// While the connection is broken: not before this instant is connecting tried again.
+    retry_at: Option<Instant>,
+    /// Not before this instant are notices read again ([`NOTICE_POLL`]).
+    next_notice_read: Instant,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("backend_pid", &self.backend_pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (within [`CONNECT_TIMEOUT`], without TLS: use a Unix socket or a
+    /// trusted network), migrates the schema `agora_registry` to [`schema_version`], and
+    /// listens for DMs stored by other registries.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] (a bad URL, no connection, a failed migration),
+    /// [`StoreError::SchemaTooNew`].
+    pub fn connect(url: &str, settings: StoreSettings) -> Result<PgStore, StoreError> {
+        let mut config = postgres::Config::from_str(url)?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("agora-registry");
+        let mut client = config.connect(NoTls)?;
+        migrate(&mut client)?;
+        let backend_pid = prepare_session(&mut client)?;
+        Ok(PgStore {
+            config,
+            client,
+            backend_pid,
+            settings,
+            retry_at: None,
+            next_notice_read: Instant::now(),
+        })
+    }
+
+    /// The connection, opened again first if it broke (at most once per
+    /// [`RECONNECT_INTERVAL`]; DM notices sent meanwhile are lost, the DMs are not).
+    ///
+    /// # Errors
+    /// [`StoreError::Disconnected`] until the next attempt is due; [`StoreError::Postgres`]
+    /// when the attempt fails.
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        if self.client.is_closed() {
+            let now = Instant::now();
+            if self.retry_at.is_some_and(|at| now < at) {
+                return Err(StoreError::Disconnected);
+            }
+            self.retry_at = Some(now + RECONNECT_INTERVAL);
+            tracing::warn!("the PostgreSQL connection broke; connecting again");
+            let mut client = self.config.connect(NoTls)?;
+            self.backend_pid = prepare_session(&mut client)?;
+            self.client = client;
+            self.retry_at = None;
+            tracing::info!("connected to PostgreSQL again");
+        }
+        Ok(&mut self.client)
+    }
+
+    fn ttl_secs(d: Duration) -> f64 {
+        d.as_secs_f64()
+    }
+}
+
+/// Sets the session up (search path, statement timeout, `LISTEN`); returns its backend pid.
+fn prepare_session(client: &mut Client) -> Result<i32, StoreError> {
+    client.batch_execute(&format!(
+        "SET search_path TO agora_registry; SET statement_timeout = '{STATEMENT_TIMEOUT}'; \
+         LISTEN {DM_CHANNEL};"
+    ))?;
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])?
+        .try_get(0)?)
+}
+
+/// Creates the schema and applies the missing [`MIGRATIONS`], in one transaction under
+/// [`MIGRATION_LOCK`].
+///
+/// # Errors
+/// [`StoreError::SchemaTooNew`], [`StoreError::Postgres`].
+pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+         CREATE SCHEMA IF NOT EXISTS agora_registry;
+         CREATE TABLE IF NOT EXISTS agora_registry.schema_version (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now());"
+    ))?;
+    let found: Option<i32> = tx
+        .query_one(
+            "SELECT max(version) FROM agora_registry.schema_version",
+            &[],
+        )?
+        .try_get(0)?;
+    let found = found.unwrap_or(0);
+    let known = schema_version();
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (version, sql) in (1..)
+        .zip(MIGRATIONS)
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO agora_registry.schema_version (version) VALUES ($1)",
+            &[&version],
+        )?;
+        tracing::info!(version, "registry schema migrated");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn corrupt(what: &'static str, value: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        value: value.into(),
+    }
+}
+
+fn parse_key(text: String) -> Result<PublicKey, StoreError> {
+    text.parse().map_err(|_| corrupt("key", text))
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// The columns [`group_row`] reads.
+const GROUP_COLUMNS: &str =
+    "name, endpoint, members, public_key, us(registered_at), us(last_heartbeat)";
+
+fn group_row(row: &Row) -> Result<GroupEntry, StoreError> {
+    let name: String = row.try_get(0)?;
+    let endpoint: String = row.try_get(1)?;
+    let key: Option<String> = row.try_get(3)?;
+    Ok(GroupEntry {
+        name: GroupName::new(name.clone()).map_err(|_| corrupt("group name", name))?,
+        endpoint: Endpoint::new(endpoint.clone()).map_err(|_| corrupt("endpoint", endpoint))?,
+        members: to_u64(row.try_get(2)?),
+        registered_at: Timestamp::from_micros(row.try_get(4)?),
+        last_heartbeat: Timestamp::from_micros(row.try_get(5)?),
+        public_key: key.map(parse_key).transpose()?,
+    })
+}
+
+/// An account with its presence: users `u` joined to sessions `s`.
+const USER_QUERY: &str = "SELECT u.name, u.key, us(u.registered_at), us(u.last_seen),
+        CASE WHEN s.expires_at > now() THEN s.status ELSE 'offline' END
+    FROM users u LEFT JOIN sessions s ON s.key = u.key";
+
+fn user_row(row: &Row) -> Result<UserEntry, StoreError> {
+    let name: String = row.try_get(0)?;
+    let presence: String = row.try_get(4)?;
+    Ok(UserEntry {
+        name: UserName::new(name.clone()).map_err(|_| corrupt("user name", name))?,
+        key: parse_key(row.try_get(1)?)?,
+        registered_at: Timestamp::from_micros(row.try_get(2)?),
+        presence: match presence.as_str() {
+            "online" => Presence::Online,
+            "away" => Presence::Away,
+            _ => Presence::Offline,
+        },
+        last_seen: row
+            .try_get::<_, Option<i64>>(3)?
+            .map(Timestamp::from_micros),
+    })
+}
+
+fn presence_text(status: Presence) -> &'static str {
+    match status {
+        Presence::Away => "away",
+        _ => "online",
+    }
+}
+
+/// Records a dead letter and trims the sender's to the newest [`MAX_DEAD_LETTERS`].
+fn dead_letter(
+    client: &mut impl GenericClient,
+    sender_key: &str,
+    to: &str,
+    reason: &str,
+    body: &RawValue,
+) -> Result<(), StoreError> {
+    client.execute(
+        "INSERT INTO dead_letters (sender_key, time, recipient, reason, body)
+         VALUES ($1, clock_timestamp(), $2, $3, $4)",
+        &[&sender_key, &to, &reason, &body.get()],
+    )?;
+    client.execute(
+        "DELETE FROM dead_letters WHERE sender_key = $1 AND n <= (
+             SELECT n FROM dead_letters WHERE sender_key = $1
+             ORDER BY n DESC OFFSET $2 LIMIT 1)",
+        &[&sender_key, &MAX_DEAD_LETTERS],
+    )?;
+    Ok(())
+}
+
+/// What [`store_one`] did with one copy.
+enum StoreOne {
+    Stored(Stored),
+    Full,
+}
+
+/// Stores one message for `to` inside `tx` (see [`RegistryStore::store_dm`]): locks the
+/// recipient's counter row first, so the id check, the count and the number are exact
+/// under concurrent registries. The caller commits or drops (rolls back) `tx`.
+#[allow(clippy::too_many_arguments)]
+fn store_one(
+    tx: &mut postgres::Transaction<'_>,
+    to: &str,
+    sender: &UserName,
+    from: &str,
+    id: Option<MessageId>,
+    body: &RawValue,
+    max: u64,
+) -> Result<StoreOne, MailboxError> {
+    let n: i64 = tx
+        .query_one(
+            "INSERT INTO mailbox_next (recipient, next_n) VALUES ($1, 2)
+             ON CONFLICT (recipient) DO UPDATE SET next_n = mailbox_next.next_n + 1
+             RETURNING next_n - 1",
+            &[&to],
+        )
+        .map_err(StoreError::from)?
+        .try_get(0)
+        .map_err(StoreError::from)?;
+    if let Some(id) = id {
+        let found = tx
+            .query_opt(
+                "SELECT n, us(time), recipient, sender_key, body FROM mailbox WHERE id = $1",
+                &[&id.as_bytes().as_slice()],
+            )
+            .map_err(StoreError::from)?;
+        if let Some(row) = found {
+            let get = |row: &Row| -> Result<(i64, i64, String, String, String), StoreError> {
+                Ok((
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                    row.try_get(3)?,
+                    row.try_get(4)?,
+                ))
+            };
+            let (n, t, r, k, b) = get(&row)?;
+            if r == to && k == from && b == body.get() {
+                return Ok(StoreOne::Stored((
+                    to_u64(n),
+                    id,
+                    Timestamp::from_micros(t),
+                    true,
+                )));
+            }
+            return Err(MailboxError::IdConflict(id));
+        }
+    }
+    let waiting: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM mailbox WHERE recipient = $1 AND NOT acked",
+            &[&to],
+        )
+        .map_err(StoreError::from)?
+        .try_get(0)
+        .map_err(StoreError::from)?;
+    if to_u64(waiting) >= max {
+        return Ok(StoreOne::Full);
+    }
+    let id = id.unwrap_or_else(MessageId::new_v7);
+    let inserted = tx.query_one(
+        "INSERT INTO mailbox (recipient, n, id, sender, sender_key, time, body)
+         VALUES ($1, $2, $3, $4, $5, clock_timestamp(), $6) RETURNING us(time)",
+        &[
+            &to,
+            &n,
+            &id.as_bytes().as_slice(),
+            &sender.as_str(),
+            &from,
+            &body.get(),
+        ],
+    );
+    let time: i64 = match inserted {
+        Ok(row) => row.try_get(0).map_err(StoreError::from)?,
+        // The id is another recipient's message, stored meanwhile.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            return Err(MailboxError::IdConflict(id))
+        }
+        Err(e) => return Err(StoreError::from(e).into()),
+    };
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&DM_CHANNEL, &format!("{to} {n}")],
+    )
+    .map_err(StoreError::from)?;
+    Ok(StoreOne::Stored((
+        to_u64(n),
+        id,
+        Timestamp::from_micros(time),
+        false,
+    )))
+}
+
+impl RegistryStore for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn key_pair(&mut self, data_dir: &Path) -> Result<(Keypair, bool), StoreError> {
+        let select = "SELECT public_key, secret_certificate FROM key_pair";
+        let read = |row: Row| -> Result<(String, String), StoreError> {
+            Ok((row.try_get(0)?, row.try_get(1)?))
+        };
+        let local = data_dir.join("registry.key");
+        let client = self.client()?;
+        let mut created = false;
+        let (public, certificate) = match client.query_opt(select, &[])? {
+            Some(row) => read(row)?,
+            None => {
+                // An empty database: offer this registry's pair (made now if it has none).
+                let (pair, made) = Keypair::load_or_generate(&local)?;
+                let secret = secret_path(&local);
+                let text = std::fs::read_to_string(&secret).map_err(|source| KeyError::Io {
+                    path: secret,
+                    source,
+                })?;
+                client.execute(
+                    "INSERT INTO key_pair (public_key, secret_certificate) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[&pair.public.to_string(), &text],
+                )?;
+                let stored = read(client.query_one(select, &[])?)?;
+                created = made && stored.0 == pair.public.to_string();
+                stored
+            }
+        };
+        // The data directory's own pair, when it is the stored one.
+        if secret_path(&local).exists() {
+            if let Ok(pair) = Keypair::load(&local) {
+                if pair.public.to_string() == public {
+                    return Ok((pair, created));
+                }
+            }
+        }
+        // Otherwise a cache of the stored pair, rewritten on each start.
+        let dir = data_dir.join("store-key");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| KeyError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        let cached = dir.join("registry.key");
+        let secret = secret_path(&cached);
+        let io = |source| KeyError::Io {
+            path: secret.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&secret)
+            .map_err(io)?;
+        file.write_all(certificate.as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        let pair = Keypair::load(&cached)?;
+        if pair.public.to_string() != public {
+            return Err(corrupt("key pair", public));
+        }
+        Ok((pair, created))
+    }
+
+    fn register_group(
+        &mut self,
+        group: GroupRegistration,
+        owner_verified: bool,
+        _now: Timestamp,
+    ) -> Refusable<GroupEntry> {
+        let ttl = Self::ttl_secs(self.settings.group_ttl);
+        let max = i64::try_from(self.settings.max_groups).unwrap_or(i64::MAX);
+        let name = group.name.as_str();
+        let endpoint = group.endpoint.as_str();
+        let members = to_i64(group.members);
+        let key = group.public_key.map(|k| k.to_string());
+        let client = self.client()?;
+        // The heartbeat: a live entry refreshed from its own endpoint, one statement.
+        let refreshed = client.query_opt(
+            &format!(
+                "UPDATE groups SET last_heartbeat = now(),
+                     expires_at = now() + $5 * interval '1 second', members = $3, public_key = $4
+                 WHERE name = $1 AND endpoint = $2 AND expires_at > now()
+                 RETURNING {GROUP_COLUMNS}"
+            ),
+            &[&name, &endpoint, &members, &key, &ttl],
+        )?;
+        if let Some(row) = refreshed {
+            return Ok(Ok(group_row(&row)?));
+        }
+        let mut tx = client.transaction()?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&DIRECTORY_LOCK, &name],
+        )?;
+        let held = tx.query_opt(
+            "SELECT endpoint FROM groups WHERE name = $1 AND expires_at > now() FOR UPDATE",
+            &[&name],
+        )?;
+        if let Some(row) = held {
+            let holder: String = row.try_get(0)?;
+            if holder != endpoint && !owner_verified {
+                return Ok(Err(WireError::new(
+                    ErrorCode::NameTaken,
+                    format!("group \"{name}\" is held by {holder}"),
+                )));
+            }
+            if holder == endpoint {
+                // Refreshed by another registry meanwhile: refresh it again.
+                let row = tx.query_one(
+                    &format!(
+                        "UPDATE groups SET last_heartbeat = now(),
+                             expires_at = now() + $4 * interval '1 second',
+                             members = $2, public_key = $3
+                         WHERE name = $1 RETURNING {GROUP_COLUMNS}"
+                    ),
+                    &[&name, &members, &key, &ttl],
+                )?;
+                let entry = group_row(&row)?;
+                tx.commit()?;
+                return Ok(Ok(entry));
+            }
+        } else {
+            tx.execute("DELETE FROM groups WHERE expires_at <= now()", &[])?;
+            let live: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM groups WHERE name <> $1 AND endpoint <> $2",
+                    &[&name, &endpoint],
+                )?
+                .try_get(0)?;
+            if live >= max {
+                return Ok(Err(WireError::new(
+                    ErrorCode::LimitReached,
+                    format!("the registry holds its maximum of {max} groups"),
+                )));
+            }
+        }
+        // One endpoint is one node: an entry of another name there is dropped.
+        tx.execute(
+            "DELETE FROM groups WHERE endpoint = $2 AND name <> $1",
+            &[&name, &endpoint],
+        )?;
+        let row = tx.query_one(
+            &format!(
+                "INSERT INTO groups (name, endpoint, members, public_key, registered_at,
+                     last_heartbeat, expires_at)
+                 VALUES ($1, $2, $3, $4, now(), now(), now() + $5 * interval '1 second')
+                 ON CONFLICT (name) DO UPDATE SET endpoint = excluded.endpoint,
+                     members = excluded.members, public_key = excluded.public_key,
+                     registered_at = excluded.registered_at,
+                     last_heartbeat = excluded.last_heartbeat, expires_at = excluded.expires_at
+                 RETURNING {GROUP_COLUMNS}"
+            ),
+            &[&name, &endpoint, &members, &key, &ttl],
+        )?;
+        let entry = group_row(&row)?;
+        tx.commit()?;
+        Ok(Ok(entry))
+    }
+
+    fn unregister_group(
+        &mut self,
+        name: &GroupName,
+        endpoint: &Endpoint,
+        _now: Timestamp,
+    ) -> Refusable<()> {
+        let mut tx = self.client()?.transaction()?;
+        let held = tx.query_opt(
+            "SELECT endpoint FROM groups WHERE name = $1 AND expires_at > now() FOR UPDATE",
+            &[&name.as_str()],
+        )?;
+        let holder: String = match held {
+            None => {
+                return Ok(Err(WireError::new(
+                    ErrorCode::UnknownGroup,
+                    format!("no live group named \"{name}\""),
+                )))
+            }
+            Some(row) => row.try_get(0)?,
+        };
+        if holder != endpoint.as_str() {
+            return Ok(Err(WireError::new(
+                ErrorCode::NameTaken,
+                format!("group \"{name}\" is held by {holder}, not {endpoint}"),
+            )));
+        }
+        tx.execute("DELETE FROM groups WHERE name = $1", &[&name.as_str()])?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    fn list_groups(&mut self, _now: Timestamp) -> Result<Vec<GroupEntry>, StoreError> {
+        let rows = self.client()?.query(
+            &format!(
+                "SELECT {GROUP_COLUMNS} FROM groups WHERE expires_at > now()
+                 ORDER BY name COLLATE \"C\""
+            ),
+            &[],
+        )?;
+        rows.iter().map(group_row).collect()
+    }
+
+    fn lookup_group(
+        &mut self,
+        name: &GroupName,
+        _now: Timestamp,
+    ) -> Result<Option<GroupEntry>, StoreError> {
+        let row = self.client()?.query_opt(
+            &format!("SELECT {GROUP_COLUMNS} FROM groups WHERE name = $1 AND expires_at > now()"),
+            &[&name.as_str()],
+        )?;
+        row.as_ref().map(group_row).transpose()
+    }
+
+    fn expire_groups(&mut self, _now: Timestamp) -> Result<Vec<GroupName>, StoreError> {
+        let rows = self.client()?.query(
+            "DELETE FROM groups WHERE expires_at <= now() RETURNING name",
+            &[],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let name: String = row.try_get(0)?;
+                GroupName::new(name.clone()).map_err(|_| corrupt("group name", name))
+            })
+            .collect()
+    }
+
+    fn claim_group(
+        &mut self,
+        name: &GroupName,
+        key: &PublicKey,
+        _now: Timestamp,
+    ) -> Result<(PublicKey, bool), StoreError> {
+        let client = self.client()?;
+        let (name, key) = (name.as_str(), key.to_string());
+        // Released between the two statements by an operator: claim again (a few times).
+        for _ in 0..3 {
+            let bound = client.query_opt(
+                "INSERT INTO owners (name, key, bound_at) VALUES ($1, $2, now())
+                 ON CONFLICT (name) DO NOTHING RETURNING key",
+                &[&name, &key],
+            )?;
+            if let Some(row) = bound {
+                return Ok((parse_key(row.try_get(0)?)?, true));
+            }
+            if let Some(row) =
+                client.query_opt("SELECT key FROM owners WHERE name = $1", &[&name])?
+            {
+                return Ok((parse_key(row.try_get(0)?)?, false));
+            }
+        }
+        Err(corrupt("owner (bound and released over and over)", name))
+    }
+
+    fn group_owner(&mut self, name: &GroupName) -> Result<Option<PublicKey>, StoreError> {
+        let row = self
+            .client()?
+            .query_opt("SELECT key FROM owners WHERE name = $1", &[&name.as_str()])?;
+        row.map(|row| parse_key(row.try_get(0)?)).transpose()
+    }
+
+    fn release_group(&mut self, name: &GroupName) -> Result<bool, StoreError> {
+        Ok(self
+            .client()?
+            .execute("DELETE FROM owners WHERE name = $1", &[&name.as_str()])?
+            == 1)
+    }
+
+    fn user_by_name(&mut self, name: &UserName) -> Result<Option<UserEntry>, StoreError> {
+        let row = self.client()?.query_opt(
+            &format!("{USER_QUERY} WHERE u.name = $1"),
+            &[&name.as_str()],
+        )?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    fn user_by_key(&mut self, key: &PublicKey) -> Result<Option<UserEntry>, StoreError> {
+        let row = self.client()?.query_opt(
+            &format!("{USER_QUERY} WHERE u.key = $1"),
+            &[&key.to_string()],
+        )?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    fn insert_user(&mut self, entry: &UserEntry) -> Result<bool, StoreError> {
+        let inserted = self.client()?.execute(
+            "INSERT INTO users (name, key, registered_at) VALUES ($1, $2, ts($3))
+             ON CONFLICT DO NOTHING",
+            &[
+                &entry.name.as_str(),
+                &entry.key.to_string(),
+                &entry.registered_at.as_micros(),
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    fn remove_user(&mut self, name: &UserName, key: &PublicKey) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        let mut tx = self.client()?.transaction()?;
+        tx.execute("DELETE FROM mailbox WHERE recipient = $1", &[&key])?;
+        tx.execute("DELETE FROM mailbox_next WHERE recipient = $1", &[&key])?;
+        tx.execute("DELETE FROM sessions WHERE key = $1", &[&key])?;
+        let removed = tx.execute("DELETE FROM users WHERE name = $1", &[&name.as_str()])?;
+        tx.commit()?;
+        Ok(removed == 1)
+    }
+
+    fn count_users(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .client()?
+            .query_one("SELECT count(*) FROM users", &[])?
+            .try_get(0)?;
+        Ok(to_u64(n))
+    }
+
+    fn all_users(&mut self) -> Result<Vec<UserEntry>, StoreError> {
+        let rows = self
+            .client()?
+            .query(&format!("{USER_QUERY} ORDER BY u.name COLLATE \"C\""), &[])?;
+        rows.iter().map(user_row).collect()
+    }
+
+    fn renew_session(
+        &mut self,
+        key: &PublicKey,
+        status: Presence,
+        now: Timestamp,
+    ) -> Result<Timestamp, StoreError> {
+        let ttl = Self::ttl_secs(self.settings.presence_ttl);
+        let row = self.client()?.query_opt(
+            "WITH s AS (
+                 INSERT INTO sessions (key, status, expires_at)
+                 VALUES ($1, $2, now() + $3 * interval '1 second')
+                 ON CONFLICT (key) DO UPDATE
+                     SET status = excluded.status, expires_at = excluded.expires_at)
+             UPDATE users SET last_seen = now() WHERE key = $1 RETURNING us(last_seen)",
+            &[&key.to_string(), &presence_text(status), &ttl],
+        )?;
+        match row {
+            Some(row) => Ok(Timestamp::from_micros(row.try_get(0)?)),
+            None => Ok(now),
+        }
+    }
+
+    fn end_session(&mut self, key: &PublicKey, now: Timestamp) -> Result<Timestamp, StoreError> {
+        let row = self.client()?.query_opt(
+            "WITH s AS (DELETE FROM sessions WHERE key = $1)
+             UPDATE users SET last_seen = now() WHERE key = $1 RETURNING us(last_seen)",
+            &[&key.to_string()],
+        )?;
+        match row {
+            Some(row) => Ok(Timestamp::from_micros(row.try_get(0)?)),
+            None => Ok(now),
+        }
+    }
+
+    fn session_counts(&mut self) -> Result<(u64, u64), StoreError> {
+        let row = self.client()?.query_one(
+            "SELECT count(*) FILTER (WHERE status = 'online'),
+                    count(*) FILTER (WHERE status = 'away')
+             FROM sessions WHERE expires_at > now()",
+            &[],
+        )?;
+        Ok((to_u64(row.try_get(0)?), to_u64(row.try_get(1)?)))
+    }
+
+    fn expire_sessions(&mut self) -> Result<(), StoreError> {
+        self.client()?
+            .execute("DELETE FROM sessions WHERE expires_at <= now()", &[])?;
+        Ok(())
+    }
+
+    fn store_dm(
+        &mut self,
+        recipient: &PublicKey,
+        sender: &UserName,
+        sender_key: &PublicKey,
+        id: Option<MessageId>,
+        body: &RawValue,
+        _now: Timestamp,
+        max: u64,
+    ) -> Result<Stored, MailboxError> {
+        let (to, from) = (recipient.to_string(), sender_key.to_string());
+        let mut tx = self.client()?.transaction().map_err(StoreError::from)?;
+        match store_one(&mut tx, &to, sender, &from, id, body, max)? {
+            StoreOne::Stored(stored) => {
+                tx.commit().map_err(StoreError::from)?;
+                Ok(stored)
+            }
+            StoreOne::Full => Err(MailboxError::Full),
+        }
+    }
+
+    fn store_dms(
+        &mut self,
+        copies: &[(PublicKey, UserName, MessageId)],
+        unknown: &[String],
+        sender: &UserName,
+        sender_key: &PublicKey,
+        body: &RawValue,
+        _now: Timestamp,
+        max: u64,
+    ) -> Result<Vec<Copy>, MailboxError> {
+        let from = sender_key.to_string();
+        // Counter rows are locked in key order, so two fan-outs never deadlock.
+        let mut sorted: Vec<(String, &(PublicKey, UserName, MessageId))> =
+            copies.iter().map(|c| (c.0.to_string(), c)).collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tx = self.client()?.transaction().map_err(StoreError::from)?;
+        let mut out = Vec::with_capacity(copies.len());
+        let mut dead: Vec<(&str, &str)> = unknown
+            .iter()
+            .map(|n| (n.as_str(), "unknown_user"))
+            .collect();
+        for (to, (recipient, name, id)) in &sorted {
+            match store_one(&mut tx, to, sender, &from, Some(*id), body, max)? {
+                StoreOne::Stored((n, id, time, duplicate)) => out.push(Copy::Stored {
+                    recipient: *recipient,
+                    n,
+                    id,
+                    time,
+                    duplicate,
+                }),
+                StoreOne::Full => {
+                    out.push(Copy::Full(name.clone()));
+                    dead.push((name.as_str(), "mailbox_full"));
+                }
+            }
+        }
+        for (to, reason) in dead {
+            dead_letter(&mut tx, &from, to, reason, body)?;
+        }
+        tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    fn fetch_dms(
+        &mut self,
+        recipient: &PublicKey,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<Dm>, bool), StoreError> {
+        let rows = self.client()?.query(
+            "SELECT n, id, us(time), sender, sender_key, body FROM mailbox
+             WHERE recipient = $1 AND n > $2 AND NOT acked ORDER BY n LIMIT $3",
+            &[
+                &recipient.to_string(),
+                &to_i64(after),
+                &(i64::from(limit) + 1),
+            ],
+        )?;
+        let mut out = Vec::new();
+        let mut more = false;
+        for row in &rows {
+            if out.len() >= limit as usize {
+                more = true;
+                break;
+            }
+            let id: Vec<u8> = row.try_get(1)?;
+            let from: String = row.try_get(3)?;
+            let body: String = row.try_get(5)?;
+            out.push(Dm {
+                n: to_u64(row.try_get(0)?),
+                id: MessageId::from_bytes(
+                    id.as_slice()
+                        .try_into()
+                        .map_err(|_| corrupt("message id", format!("{id:?}")))?,
+                ),
+                time: Timestamp::from_micros(row.try_get(2)?),
+                from: UserName::new(from.clone()).map_err(|_| corrupt("user name", from))?,
+                from_key: parse_key(row.try_get(4)?)?,
+                body: RawValue::from_string(body.clone())
+                    .map_err(|_| corrupt("message body", body))?,
+            });
+        }
+        Ok((out, more))
+    }
+
+    fn ack_dms(&mut self, recipient: &PublicKey, up_to: u64) -> Result<u64, StoreError> {
+        Ok(self.client()?.execute(
+            "UPDATE mailbox SET acked = true WHERE recipient = $1 AND n <= $2 AND NOT acked",
+            &[&recipient.to_string(), &to_i64(up_to)],
+        )?)
+    }
+
+    fn dead_letter(
+        &mut self,
+        sender_key: &PublicKey,
+        to: &str,
+        reason: &str,
+        body: &RawValue,
+        _now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.client()?.transaction()?;
+        dead_letter(&mut tx, &sender_key.to_string(), to, reason, body)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn dead_letters(&mut self, sender_key: &PublicKey) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = self.client()?.query(
+            "SELECT us(time), recipient, reason, body FROM dead_letters
+             WHERE sender_key = $1 ORDER BY n",
+            &[&sender_key.to_string()],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let body: String = row.try_get(3)?;
+                Ok(DeadLetter {
+                    time: Timestamp::from_micros(row.try_get(0)?),
+                    to: row.try_get(1)?,
+                    reason: row.try_get(2)?,
+                    body: RawValue::from_string(body.clone())
+                        .map_err(|_| corrupt("message body", body))?,
+                })
+            })
+            .collect()
+    }
+
+    fn waiting_dms(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .client()?
+            .query_one("SELECT count(*) FROM mailbox WHERE NOT acked", &[])?
+            .try_get(0)?;
+        Ok(to_u64(n))
+    }
+
+    fn expire_dms(&mut self, ttl: Duration, _now: Timestamp) -> Result<u64, StoreError> {
+        // One statement: concurrent sweeps of several registries never dead-letter a
+        // message twice (the second finds it deleted).
+        let n: i64 = self
+            .client()?
+            .query_one(
+                "WITH gone AS (
+                     DELETE FROM mailbox WHERE time < now() - $1 * interval '1 second'
+                     RETURNING sender_key, recipient, body, acked, time),
+                 dead AS (
+                     INSERT INTO dead_letters (sender_key, time, recipient, reason, body)
+                     SELECT g.sender_key, now(), COALESCE(u.name, g.recipient), 'expired', g.body
+                     FROM gone g LEFT JOIN users u ON u.key = g.recipient
+                     WHERE NOT g.acked ORDER BY g.time
+                     RETURNING 1)
+                 SELECT count(*) FROM dead",
+                &[&Self::ttl_secs(ttl)],
+            )?
+            .try_get(0)?;
+        Ok(to_u64(n))
+    }
+
+    fn stored_elsewhere(&mut self) -> Result<Vec<(PublicKey, u64)>, StoreError> {
+        // Called every turn of the loop: it never waits for a connection (requests and
+        // sweeps connect again).
+        let now = Instant::now();
+        if self.client.is_closed() || now < self.next_notice_read {
+            return Ok(Vec::new());
+        }
+        self.next_notice_read = now + NOTICE_POLL;
+        let own = self.backend_pid;
+        let client = self.client()?;
+        let mut out = Vec::new();
+        let mut notifications = client.notifications();
+        let mut pending = notifications.timeout_iter(NOTICE_WAIT);
+        while out.len() < MAX_NOTICES {
+            let Some(note) = pending.next()? else { break };
+            if note.process_id() == own || note.channel() != DM_CHANNEL {
+                continue;
+            }
+            let parsed = note.payload().split_once(' ').and_then(|(key, n)| {
+                Some((key.parse::<PublicKey>().ok()?, n.parse::<u64>().ok()?))
+            });
+            match parsed {
+                Some(stored) => out.push(stored),
+                None => tracing::warn!(payload = note.payload(), "ignored a malformed DM notice"),
+            }
+        }
+        Ok(out)
+    }
+}
