@@ -9,7 +9,9 @@
 //!
 //! Run: `scripts/bench.sh` (installs the peer servers, builds release, runs this).
 //! `--quick` is CI's smoke run: small sizes, and it fails on a wrong count or an Agora
-//! loss, never on a timing.
+//! loss, never on a timing. `--postgres` adds Agora storing in PostgreSQL (a throwaway
+//! cluster the bench starts: `pg`) beside SQLite on workloads 2 and 5, and workload 9, the
+//! failover time of an active/standby pair (`failover`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -30,9 +32,11 @@ use workload::{Fanout, Latency, Sizes};
 
 mod agora;
 mod dm;
+mod failover;
 mod floor;
 mod live;
 mod peers;
+mod pg;
 mod servers;
 mod table;
 mod web;
@@ -56,12 +60,19 @@ struct Args {
     /// peers run without TLS.
     #[arg(long)]
     curve: bool,
-    /// Only these workloads (1–8; repeatable). Default: all, or none with --web.
-    #[arg(long = "workload", value_parser = clap::value_parser!(u8).range(1..=8))]
+    /// Only these workloads (1–9; repeatable; 9, failover, needs --postgres). Default: all,
+    /// or none with --web.
+    #[arg(long = "workload", value_parser = clap::value_parser!(u8).range(1..=9))]
     workloads: Vec<u8>,
     /// Agora only: skip the peers (no nats-server or redis-server needed).
     #[arg(long)]
     no_peers: bool,
+    /// Also Agora storing in PostgreSQL (`group-node --store`) beside SQLite on the durable
+    /// workloads (2, acked appends; 5, history), and workload 9, failover time of an
+    /// active/standby pair. The bench starts a throwaway cluster itself (needs Debian's
+    /// postgresql package; scripts/deps.sh --postgres).
+    #[arg(long)]
+    postgres: bool,
     /// Workload 8's file size, MiB (the issue's figure is 1 GiB; its memory bound is checked
     /// at 4096).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
@@ -99,6 +110,10 @@ const REDIS_ALWAYS: &str = "Redis stream, AOF always";
 const NATS_CORE: &str = "NATS core pub/sub (not stored)";
 const REDIS_PUBSUB: &str = "Redis pub/sub (not stored)";
 const ZMQ_PUBSUB: &str = "libzmq PUB/SUB (floor)";
+/// The peer of a PostgreSQL row: the same workload on SQLite, in the same run.
+const SQLITE: &str = "Agora, SQLite store (the row above)";
+/// The suffix of a PostgreSQL row's workload.
+const ON_POSTGRES: &str = "Agora on PostgreSQL (--store)";
 
 /// The run: sizes, Agora's node arguments, the rows so far, and what failed.
 struct Bench {
@@ -107,6 +122,11 @@ struct Bench {
     peers: bool,
     rows: Vec<Row>,
     failures: Vec<String>,
+    /// The cluster of `--postgres`.
+    postgres: Option<pg::Postgres>,
+    /// Failover rounds whose log lost, duplicated or reordered an acked message: the run
+    /// fails on any, `--quick` or not.
+    integrity: Vec<String>,
 }
 
 impl Bench {
@@ -130,6 +150,17 @@ impl Bench {
                 }
             }
         }
+        out
+    }
+
+    /// As [`Bench::runs`] for Agora storing in PostgreSQL: `f` gets the URL of a fresh
+    /// database per run. Nothing without `--postgres`.
+    fn pg_runs<T>(&mut self, what: &str, mut f: impl FnMut(&str) -> anyhow::Result<T>) -> Vec<T> {
+        let Some(mut pg) = self.postgres.take() else {
+            return Vec::new();
+        };
+        let out = self.runs(what, || f(&pg.database()?));
+        self.postgres = Some(pg);
         out
     }
 
@@ -234,7 +265,18 @@ fn main() -> anyhow::Result<()> {
         peers: !args.no_peers,
         rows: Vec::new(),
         failures: Vec::new(),
+        postgres: None,
+        integrity: Vec::new(),
     };
+    if args.workloads.contains(&9) && !args.postgres {
+        eprintln!("agora-bench: workload 9 (failover) needs --postgres");
+        std::process::exit(2);
+    }
+    if args.postgres {
+        let pg = pg::Postgres::start()?;
+        eprintln!("agora-bench: {}", pg.note);
+        bench.postgres = Some(pg);
+    }
     let all = args.workloads.is_empty() && !args.web;
     let wants = |w: u8| all || args.workloads.contains(&w);
     let mut losses = Vec::new();
@@ -262,6 +304,9 @@ fn main() -> anyhow::Result<()> {
     if wants(8) {
         files(&mut bench);
     }
+    if wants(9) && args.postgres {
+        failover(&mut bench);
+    }
     if args.dm {
         dm::stored(bench.sizes.lookups, bytes)?;
         dm::latency(bench.sizes.fanout_latency, bytes)?;
@@ -283,6 +328,16 @@ fn main() -> anyhow::Result<()> {
         for f in &bench.failures {
             println!("- {f}");
         }
+    }
+    if !bench.integrity.is_empty() {
+        println!("\nFailover rounds that lost, duplicated or reordered acked messages:");
+        for f in &bench.integrity {
+            println!("- {f}");
+        }
+        bail!(
+            "{} failover rounds failed their log check",
+            bench.integrity.len()
+        );
     }
     let agora_lost: u64 = losses.iter().sum();
     if agora_lost > 0 {
@@ -313,9 +368,14 @@ fn heading(args: &Args, bench: &Bench, pinning: &str) -> String {
             .unwrap_or_else(|| "not found".into())
     };
     let (major, minor, patch) = zmq::version();
+    let postgres = bench
+        .postgres
+        .as_ref()
+        .map(|pg| format!("{}.\n", pg.note))
+        .unwrap_or_default();
     format!(
         "agora-bench{}: {} cores ({cpu}); {pinning}; medians of {} run(s); bodies {} B.\n\
-         Agora {} over {}{}; {}; {}; libzmq {major}.{minor}.{patch}.\n",
+         Agora {} over {}{}; {}; {}; libzmq {major}.{minor}.{patch}.\n{postgres}",
         if args.quick { " --quick" } else { "" },
         cores,
         bench.sizes.repeat,
@@ -376,6 +436,20 @@ fn append(b: &mut Bench) {
             (REDIS_EVERYSEC, med(&everysec)),
             (REDIS_ALWAYS, med(&always)),
         ];
+        let on_pg = b.pg_runs("agora append, postgres", |url| {
+            agora::append(&with_store(&node, url), window, count, bytes)
+        });
+        let mut pg_peers = if b.peers { peers.clone() } else { Vec::new() };
+        pg_peers.push((SQLITE, med(&agora)));
+        if window == 1 && b.postgres.is_some() {
+            let floor = b.pg_runs("pg store floor", |url| {
+                pg::store_commit_rate(url, count, bytes)
+            });
+            pg_peers.push((
+                "Agora's PgStore alone, in-process (storage floor)",
+                med(&floor),
+            ));
+        }
         if window == 1 {
             let disk = b.runs("fdatasync floor", || floor::fsync_rate(count, bytes));
             peers.push(("append + fdatasync of a file (disk floor)", med(&disk)));
@@ -392,7 +466,25 @@ fn append(b: &mut Bench) {
             med(&agora),
             peers,
         );
+        if b.postgres.is_some() {
+            b.rows.push(Row {
+                workload: format!(
+                    "2. acked append, {window} in flight ({count} msgs), {ON_POSTGRES}"
+                ),
+                unit: "msgs/s",
+                better: Better::Higher,
+                agora: med(&on_pg),
+                peers: pg_peers,
+            });
+        }
     }
+}
+
+/// `node` with `--store URL`.
+fn with_store<'a>(node: &[&'a str], url: &'a str) -> Vec<&'a str> {
+    let mut args = node.to_vec();
+    args.extend(["--store", url]);
+    args
 }
 
 /// Workload 3: fsync per write under concurrent clients.
@@ -488,6 +580,9 @@ fn fanout(b: &mut Bench) -> Vec<u64> {
 fn history(b: &mut Bench) {
     let (sizes, node) = (b.sizes.clone(), b.node_args.clone());
     let agora = b.runs("agora history", || agora::history(&node, &sizes));
+    let on_pg = b.pg_runs("agora history, postgres", |url| {
+        agora::history(&with_store(&node, url), &sizes)
+    });
     let nats = b.peer_runs("nats history", || peers::nats_history(&sizes));
     let redis = b.peer_runs("redis history", || peers::redis_history(&sizes));
     let n = sizes.history;
@@ -516,17 +611,103 @@ fn history(b: &mut Bench) {
     ];
     for (label, unit, pick) in rows {
         let m = |v: &[workload::History]| median(v.iter().map(pick).collect());
+        let peers = vec![
+            ("NATS JetStream consumer / direct get", m(&nats)),
+            ("Redis XRANGE / XREVRANGE", m(&redis)),
+        ];
+        let mut pg_peers = if b.peers { peers.clone() } else { Vec::new() };
+        pg_peers.push((SQLITE, m(&agora)));
+        b.row(label.clone(), unit, Better::Higher, m(&agora), peers);
+        if b.postgres.is_some() {
+            b.rows.push(Row {
+                workload: format!("{label}, {ON_POSTGRES}"),
+                unit,
+                better: Better::Higher,
+                agora: m(&on_pg),
+                peers: pg_peers,
+            });
+        }
+    }
+}
+
+/// Workload 9: failover time of an active/standby pair on PostgreSQL, per setting (see
+/// [`failover`]); `sizes.repeat` rounds each.
+fn failover(b: &mut Bench) {
+    let Some(mut pg) = b.postgres.take() else {
+        return;
+    };
+    let rounds = b.sizes.repeat;
+    for setting in failover::settings() {
+        let mut got = Vec::new();
+        for n in 1..=rounds {
+            let started = Instant::now();
+            let result = pg
+                .database()
+                .and_then(|url| failover::round(&url, &setting, b.sizes.bytes));
+            let took = started.elapsed().as_secs_f64();
+            let what = format!("failover round {n}, {}", setting.label);
+            match result {
+                Ok(r) => {
+                    eprintln!(
+                        "agora-bench: {what}: {took:.1} s; from the kill: lease taken {} ms, \
+                         standby listening {} ms, first ack {} ms; {} failed attempts",
+                        r.to_lease.as_millis(),
+                        r.to_listening.as_millis(),
+                        r.to_ack.as_millis(),
+                        r.retries
+                    );
+                    got.push(r);
+                }
+                Err(e) => {
+                    eprintln!("agora-bench: {what}: {e:#}");
+                    if e.is::<failover::Integrity>() {
+                        b.integrity.push(format!("{what}: {e:#}"));
+                    } else {
+                        b.failures.push(format!("{what}: {e:#}"));
+                    }
+                    break;
+                }
+            }
+        }
+        let ms = |f: fn(&failover::Round) -> Duration| -> Vec<f64> {
+            got.iter().map(|r| f(r).as_secs_f64() * 1e3).collect()
+        };
+        let max = |v: Vec<f64>| v.into_iter().reduce(f64::max);
+        let label = format!("9. failover ({})", setting.label);
         b.row(
-            label,
-            unit,
-            Better::Higher,
-            m(&agora),
-            vec![
-                ("NATS JetStream consumer / direct get", m(&nats)),
-                ("Redis XRANGE / XREVRANGE", m(&redis)),
-            ],
+            format!(
+                "{label}: kill -9 of the active → first ack from the standby, median of {} \
+                 (target ≤ 3,000)",
+                got.len()
+            ),
+            "ms",
+            Better::Lower,
+            median(ms(|r| r.to_ack)),
+            Vec::new(),
+        );
+        b.row(
+            format!("{label}: the same, max of {}", got.len()),
+            "ms",
+            Better::Lower,
+            max(ms(|r| r.to_ack)),
+            Vec::new(),
+        );
+        b.row(
+            format!("{label}: kill -9 → the standby took the lease, median"),
+            "ms",
+            Better::Lower,
+            median(ms(|r| r.to_lease)),
+            Vec::new(),
+        );
+        b.row(
+            format!("{label}: kill -9 → the standby printed its endpoint, median"),
+            "ms",
+            Better::Lower,
+            median(ms(|r| r.to_listening)),
+            Vec::new(),
         );
     }
+    b.postgres = Some(pg);
 }
 
 /// Workload 6: appends into a capped log.

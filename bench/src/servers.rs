@@ -71,6 +71,16 @@ pub fn pin_self() -> String {
     }
 }
 
+/// Pins process `pid` (all its threads) to `cpu` with `taskset`; false when that failed.
+pub fn pin(pid: u32, cpu: usize) -> bool {
+    Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 /// A command for `program`, run on the servers' CPU when pinning is possible.
 pub fn server_command(program: &Path) -> Command {
     match cpus() {
