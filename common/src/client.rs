@@ -496,7 +496,6 @@ impl RegistryClient {
     /// `unknown_group`; see [`ReqClient::call`].
     pub fn lookup(&mut self, name: &GroupName) -> Result<GroupEntry, ClientError> {
         Ok(self
-            .req
             .call::<call::Lookup>(&LookupRequest { name: name.clone() })?
             .group)
     }

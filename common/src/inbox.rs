@@ -1,9 +1,11 @@
 //! A user's live presence and direct-message inbox, for clients and bots.
 //!
-//! [`Inbox`] is an [`Actor`] that owns a DEALER to the registry (over CURVE). It sends
-//! `connect {push: true}` at once and then every third of the session TTL (the presence
-//! heartbeat), and hands each direct message the registry pushes to the consumer's callback,
-//! on the actor's thread, in number order, each number once. A message is acked (removed from
+//! [`Inbox`] is an [`Actor`] that owns a DEALER to the registry (over CURVE), one to each
+//! registry of a list. It sends `connect {push: true}` on each at once and then every third
+//! of the session TTL (the presence heartbeat), and hands each direct message the registries
+//! push to the consumer's callback, on the actor's thread, in number order, each number once:
+//! a second registry's push of a message is skipped, and a push past the next number (one
+//! missed while a registry died) first reads the gap with `mailbox`. A message is acked (removed from
 //! the mailbox) when the callback says it was handled, or later through [`Inbox::ack`]; until
 //! then it stays in the mailbox, so a crash loses nothing. Dropping the inbox wakes the actor
 //! at once; it sends `disconnect` and stops.
@@ -17,7 +19,9 @@ use crate::actor::{poll_ms_until, Actor, Pipe, Wake};
 use crate::client::ClientCurve;
 use agora_proto::action::RegistryRequest;
 use agora_proto::codec::encode_request;
-use agora_proto::wire::{AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, Presence};
+use agora_proto::wire::{
+    AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, MailboxRequest, Presence,
+};
 
 /// How soon a heartbeat that found no registry connected is tried again.
 const RETRY_UNCONNECTED: Duration = Duration::from_millis(100);
@@ -58,6 +62,12 @@ impl Inbox {
     }
 }
 
+/// One registry of the list: its DEALER and when its next heartbeat is due.
+struct Link {
+    socket: zmq::Socket,
+    next: Instant,
+}
+
 fn run(
     pipe: &Pipe,
     ctx: &zmq::Context,
@@ -66,55 +76,77 @@ fn run(
     every: Duration,
     mut on_dm: impl FnMut(Dm) -> bool,
 ) -> Result<(), zmq::Error> {
-    let socket = ctx.socket(zmq::DEALER)?;
-    socket.set_linger(200)?;
-    socket.set_curve_serverkey(curve.server_key.as_bytes())?;
-    socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
-    socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
-    // Every registry of a list: the DEALER sends each heartbeat to one connected registry
-    // (round robin; they share presence and mailboxes through their database), a dead one
-    // is dropped by the ZMTP heartbeat, and pushes come from any.
-    socket.set_immediate(true)?;
-    socket.set_heartbeat_ivl(1000)?;
-    socket.set_heartbeat_timeout(3000)?;
+    // One DEALER per registry of the list, each with its own `connect {push}` session: every
+    // registry then knows where to push, whichever stored the message (registries over one
+    // database notify each other). A dead one is dropped by the ZMTP heartbeat.
+    let mut links = Vec::new();
     for endpoint in crate::client::registry_endpoints(endpoint) {
+        let socket = ctx.socket(zmq::DEALER)?;
+        socket.set_linger(200)?;
+        socket.set_immediate(true)?;
+        socket.set_heartbeat_ivl(1000)?;
+        socket.set_heartbeat_timeout(3000)?;
+        socket.set_curve_serverkey(curve.server_key.as_bytes())?;
+        socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
+        socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
         socket.connect(&endpoint)?;
+        links.push(Link {
+            socket,
+            next: Instant::now(),
+        });
     }
-    // Whether the request was queued: with `immediate`, not while no registry is connected
-    // (EAGAIN). A DEALER adds the empty delimiter a REQ would.
-    let send = |request: RegistryRequest| -> bool {
+    // Whether the request was queued: with `immediate`, not while the registry is not
+    // connected (EAGAIN). A DEALER adds the empty delimiter a REQ would.
+    let send = |socket: &zmq::Socket, request: RegistryRequest| -> bool {
         let frames = encode_request(&request);
         socket
             .send_multipart(std::iter::once(Vec::new()).chain(frames), zmq::DONTWAIT)
             .is_ok()
     };
-    // A lost ack is covered by the next: acks are cumulative.
-    let ack = |n: u64| {
-        let _ = send(RegistryRequest::AckDm(AckDmRequest { up_to: n }));
-    };
-    let mut next = Instant::now();
-    let mut last = 0u64;
-    loop {
-        if Instant::now() >= next {
-            let sent = send(RegistryRequest::Connect(ConnectRequest {
-                status: Some(Presence::Online),
-                push: true,
-            }));
-            // Not connected yet (or every registry is down): try again shortly.
-            next = Instant::now() + if sent { every } else { RETRY_UNCONNECTED };
+    // Acks are cumulative and the mailbox shared: any registry will do, and a lost ack is
+    // covered by the next.
+    let ack = |links: &[Link], n: u64| {
+        for link in links {
+            if send(
+                &link.socket,
+                RegistryRequest::AckDm(AckDmRequest { up_to: n }),
+            ) {
+                return;
+            }
         }
-        let mut items = [pipe.as_poll_item(), socket.as_poll_item(zmq::POLLIN)];
+    };
+    let mut delivery = Delivery::default();
+    loop {
+        let now = Instant::now();
+        for link in &mut links {
+            if now >= link.next {
+                let sent = send(
+                    &link.socket,
+                    RegistryRequest::Connect(ConnectRequest {
+                        status: Some(Presence::Online),
+                        push: true,
+                    }),
+                );
+                // Not connected yet (or down): try again shortly.
+                link.next = now + if sent { every } else { RETRY_UNCONNECTED };
+            }
+        }
+        let next = links.iter().map(|l| l.next).min().unwrap_or(now + every);
+        let mut items: Vec<zmq::PollItem<'_>> = std::iter::once(pipe.as_poll_item())
+            .chain(links.iter().map(|l| l.socket.as_poll_item(zmq::POLLIN)))
+            .collect();
         match zmq::poll(&mut items, poll_ms_until(next)) {
             Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => return Err(e),
         }
+        let readable: Vec<bool> = items[1..].iter().map(zmq::PollItem::is_readable).collect();
         if items[0].is_readable() {
             match pipe.take() {
                 Wake::Term => break,
                 Wake::Command(frames) => match frames.as_slice() {
                     [verb, n] if verb == b"ack" => {
                         if let Ok(n) = <[u8; 8]>::try_from(n.as_slice()) {
-                            ack(u64::from_be_bytes(n));
+                            ack(&links, u64::from_be_bytes(n));
                         }
                     }
                     _ => tracing::warn!("inbox: unknown command"),
@@ -122,23 +154,152 @@ fn run(
                 Wake::Timeout => {}
             }
         }
-        if !items[1].is_readable() {
-            continue;
-        }
-        while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
-            let Some(body) = frames.last() else { continue };
-            let Ok(event) = serde_json::from_slice::<DmEvent>(body) else {
-                continue; // a reply to a heartbeat or an ack
-            };
-            if event.event != "dm" || event.dm.n <= last {
+        for (link, readable) in links.iter().zip(readable) {
+            if !readable {
                 continue;
             }
-            last = event.dm.n;
-            if on_dm(event.dm) {
-                ack(last);
+            while let Ok(frames) = link.socket.recv_multipart(zmq::DONTWAIT) {
+                let Some(body) = frames.last() else { continue };
+                let dms = if let Ok(event) = serde_json::from_slice::<DmEvent>(body) {
+                    if event.event != "dm" {
+                        continue;
+                    }
+                    match delivery.pushed(event.dm) {
+                        Pushed::Deliver(dm) => vec![dm],
+                        Pushed::Skip => continue,
+                        Pushed::Gap(after_n) => {
+                            // Read what was missed (and the pushed one) from the mailbox.
+                            let _ = send(
+                                &link.socket,
+                                RegistryRequest::Mailbox(MailboxRequest {
+                                    after_n,
+                                    limit: Some(1000),
+                                }),
+                            );
+                            continue;
+                        }
+                    }
+                } else if let Ok(page) = serde_json::from_slice::<MailboxPage>(body) {
+                    delivery.backfilled(page.messages)
+                } else {
+                    continue; // a reply to a heartbeat or an ack
+                };
+                for dm in dms {
+                    let n = dm.n;
+                    if on_dm(dm) {
+                        ack(&links, n);
+                    }
+                }
             }
         }
     }
-    let _ = send(RegistryRequest::Disconnect(ListRequest {}));
+    for link in &links {
+        let _ = send(&link.socket, RegistryRequest::Disconnect(ListRequest {}));
+    }
     Ok(())
+}
+
+/// A `mailbox` reply, as it arrives on a DEALER.
+#[derive(serde::Deserialize)]
+struct MailboxPage {
+    #[allow(dead_code)] // only a reply with `ok: true` has messages
+    ok: bool,
+    messages: Vec<Dm>,
+}
+
+/// What to do with a pushed message.
+#[derive(Debug, PartialEq)]
+enum Pushed {
+    /// The next one: hand it on.
+    Deliver(Dm),
+    /// Handed on already (a second registry's push of it, or a backfill's).
+    Skip,
+    /// Messages after this number are missing: read them from the mailbox first.
+    Gap(u64),
+}
+
+/// Exactly-once, in-order delivery of pushed messages that may come from several registries
+/// and may be missed (a registry that died before pushing): the numbers of one mailbox are
+/// consecutive, so a push past the next number reveals a gap, read back with `mailbox`.
+#[derive(Debug, Default)]
+struct Delivery {
+    /// The last number handed on; `None` before the first push, which sets the baseline
+    /// (messages stored before the inbox started are the mailbox's to show, not pushes).
+    last: Option<u64>,
+}
+
+impl Delivery {
+    fn pushed(&mut self, dm: Dm) -> Pushed {
+        match self.last {
+            None => {
+                self.last = Some(dm.n);
+                Pushed::Deliver(dm)
+            }
+            Some(last) if dm.n <= last => Pushed::Skip,
+            Some(last) if dm.n == last + 1 => {
+                self.last = Some(dm.n);
+                Pushed::Deliver(dm)
+            }
+            Some(last) => Pushed::Gap(last),
+        }
+    }
+
+    /// The messages of a `mailbox` page not handed on yet, in order.
+    fn backfilled(&mut self, messages: Vec<Dm>) -> Vec<Dm> {
+        let mut out = Vec::new();
+        for dm in messages {
+            if self.last.is_some_and(|last| dm.n <= last) {
+                continue;
+            }
+            self.last = Some(dm.n);
+            out.push(dm);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_proto::id::MessageId;
+    use agora_proto::time::Timestamp;
+    use agora_proto::wire::UserName;
+    use serde_json::value::RawValue;
+
+    fn dm(n: u64) -> Dm {
+        Dm {
+            n,
+            id: MessageId::new_v7(),
+            time: Timestamp::now(),
+            from: UserName::new("alice").expect("name"),
+            from_key: crate::keys::Keypair::generate().expect("keys").public,
+            body: RawValue::from_string("\"hi\"".to_owned()).expect("json"),
+        }
+    }
+
+    fn numbers(dms: &[Dm]) -> Vec<u64> {
+        dms.iter().map(|d| d.n).collect()
+    }
+
+    #[test]
+    fn pushes_from_two_registries_are_handed_on_once_in_order_and_gaps_are_read_back() {
+        let mut d = Delivery::default();
+        // The first push sets the baseline.
+        assert!(matches!(d.pushed(dm(7)), Pushed::Deliver(m) if m.n == 7));
+        // The other registry's push of the same message.
+        assert_eq!(d.pushed(dm(7)), Pushed::Skip);
+        assert!(matches!(d.pushed(dm(8)), Pushed::Deliver(m) if m.n == 8));
+        // 9 and 10 were missed (their registry died): 11 reveals the gap.
+        assert_eq!(d.pushed(dm(11)), Pushed::Gap(8));
+        // The mailbox page from after 8, with 11 in it; a late push of 9 is then a duplicate.
+        assert_eq!(
+            numbers(&d.backfilled(vec![dm(9), dm(10), dm(11)])),
+            vec![9, 10, 11]
+        );
+        assert_eq!(d.pushed(dm(9)), Pushed::Skip);
+        assert_eq!(
+            numbers(&d.backfilled(vec![dm(10), dm(11), dm(12)])),
+            vec![12]
+        );
+    }
 }

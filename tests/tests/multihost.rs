@@ -92,6 +92,37 @@ impl Site {
     }
 }
 
+/// The test's directory; on a failure, the tail of every log in it is printed first.
+struct Keep(tempfile::TempDir);
+
+impl Keep {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.0.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("==== {} (last 40 lines)", path.display());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
@@ -105,11 +136,13 @@ fn json(line: &str) -> Option<serde_json::Value> {
     serde_json::from_str(line).ok()
 }
 
-/// An acked send or DM: its body, its seq (or mailbox number), and when the ack came.
+/// An acked send or DM: its body, its seq (or mailbox number), when the user-cli run that
+/// got it started, and when the ack came.
 #[derive(Debug, Clone)]
 struct Ack {
     body: String,
     seq: u64,
+    started: Instant,
     at: Instant,
 }
 
@@ -117,6 +150,8 @@ struct Ack {
 /// command of the i-th message and its body.
 struct Load {
     acks: Arc<Mutex<Vec<Ack>>>,
+    /// The last failed runs' stderr (for a stall's message).
+    failures: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -130,15 +165,18 @@ impl Load {
         seq_field: &'static str,
     ) -> Load {
         let acks = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (acks, stop) = (Arc::clone(&acks), Arc::clone(&stop));
+            let failures = Arc::clone(&failures);
             std::thread::spawn(move || {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
                     let (args, body) = args(i);
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let started = Instant::now();
                     let run = site.run(&host, user, &args);
                     let seq = (run.code == Some(0))
                         .then(|| run.stdout.lines().find_map(json))
@@ -148,14 +186,22 @@ impl Load {
                         lock(&acks).push(Ack {
                             body,
                             seq,
+                            started,
                             at: Instant::now(),
                         });
+                    } else {
+                        let mut failures = lock(&failures);
+                        if failures.len() >= 5 {
+                            failures.remove(0);
+                        }
+                        failures.push(format!("{:?} {}", run.code, run.stderr.trim()));
                     }
                 }
             })
         };
         Load {
             acks,
+            failures,
             stop,
             thread: Some(thread),
         }
@@ -165,16 +211,21 @@ impl Load {
         lock(&self.acks).clone()
     }
 
-    /// Waits until `n` more acks than now have come; the time of the first of them.
+    /// Waits until `n` acks of runs started after `after` have come; how long after `after`
+    /// the first of them came (an ack already on its way at the event does not count).
     fn wait_more(&self, after: Instant, n: usize) -> Duration {
         let got = wait_for(Duration::from_secs(60), || {
-            self.acks().iter().filter(|a| a.at > after).count() >= n
+            self.acks().iter().filter(|a| a.started > after).count() >= n
         });
-        assert!(got, "the load stalled: no {n} acks after the event");
+        assert!(
+            got,
+            "the load stalled: no {n} acks after the event; last failures: {:#?}",
+            lock(&self.failures)
+        );
         let first = self
             .acks()
             .iter()
-            .find(|a| a.at > after)
+            .find(|a| a.started > after)
             .map(|a| a.at)
             .expect("an ack");
         first.duration_since(after)
@@ -240,6 +291,7 @@ fn across_hosts_failovers_lose_nothing_acked() {
     let other_host = lan.host("node-other");
     let clients = [lan.host("client-1"), lan.host("client-2")];
     let dir = tempfile::tempdir().expect("tempdir");
+    let dir = Keep(dir);
 
     let pg = PgCluster::start_on(Some(&db));
     pg.database("agora");
