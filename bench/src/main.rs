@@ -650,11 +650,13 @@ fn failover(b: &mut Bench) {
                 Ok(r) => {
                     eprintln!(
                         "agora-bench: {what}: {took:.1} s; from the kill: lease taken {} ms, \
-                         standby listening {} ms, first ack {} ms; {} failed attempts",
+                         standby listening {} ms, first ack {} ms; {} failed attempts after \
+                         the kill, {} before it",
                         r.to_lease.as_millis(),
                         r.to_listening.as_millis(),
                         r.to_ack.as_millis(),
-                        r.retries
+                        r.retries,
+                        r.spurious
                     );
                     got.push(r);
                 }
@@ -704,6 +706,13 @@ fn failover(b: &mut Bench) {
             "ms",
             Better::Lower,
             median(ms(|r| r.to_listening)),
+            Vec::new(),
+        );
+        b.row(
+            format!("{label}: client timeouts on the live active before the kill, total"),
+            "attempts",
+            Better::Lower,
+            (!got.is_empty()).then(|| got.iter().map(|r| r.spurious as f64).sum()),
             Vec::new(),
         );
     }
