@@ -148,8 +148,9 @@ impl PgCluster {
             // Its own process group, so that the drop can stop the server and its children.
             .process_group(0);
         cluster.server = Some(command.spawn().expect("spawn postgres"));
+        let url = cluster.url("postgres");
         let ready = wait_for(Duration::from_secs(30), || {
-            postgres::Client::connect(&cluster.url("postgres"), postgres::NoTls).is_ok()
+            off_runtime(|| postgres::Client::connect(&url, postgres::NoTls).is_ok())
         });
         assert!(ready, "postgres did not start; log:\n{}", cluster.log());
         cluster
@@ -213,11 +214,13 @@ impl PgCluster {
     /// # Panics
     /// If the server refuses.
     pub fn database(&self, name: &str) -> String {
-        let mut client =
-            postgres::Client::connect(&self.url("postgres"), postgres::NoTls).expect("connect");
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .expect("create database");
+        let url = self.url("postgres");
+        off_runtime(|| {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+            client
+                .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                .expect("create database");
+        });
         self.url(name)
     }
 
@@ -246,6 +249,12 @@ impl Drop for PgCluster {
             let _ = server.wait();
         }
     }
+}
+
+/// Runs `f` on a thread of its own: the synchronous `postgres` client runs a Tokio runtime
+/// of its own, which panics inside another's (the browser tests are `#[tokio::test]`s).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().expect("postgres client thread"))
 }
 
 fn is_root() -> bool {
