@@ -23,7 +23,9 @@
 //! digest on the way if it was not already, and commits before the file is named: the
 //! upload is acked only after that commit. The local files are then a cache: a `size` or
 //! `read` that misses it reads the database, one range (at most a protocol chunk) at a time
-//! straight from the rows, never a whole blob. Retention deletes a blob's rows with its file.
+//! straight from the rows, never a whole blob. Retention deletes a blob's rows with its file,
+//! in a transaction fenced by the lease's epoch as the log's commits are; copies are not
+//! fenced (a verified content is the same bytes whichever node writes it).
 //! Without a PostgreSQL store nothing of this applies: blobs are files only.
 //!
 //! Nothing is held in memory beyond one chunk and a SHA-256 state per upload in progress:
@@ -437,10 +439,14 @@ fn pg_delete(
     Ok(found)
 }
 
-/// The blobs in the database sealed at least `min_age` ago.
-fn pg_older_than(client: &mut Client, min_age: Duration) -> Result<Vec<Sha256Digest>, BlobError> {
+/// The blobs in the database sealed at least `min_age` ago that no message of the log
+/// carries: one query (the `messages_attachment` index), however many blobs are kept, so
+/// that a sweep costs the loop no query per blob.
+fn pg_unreferenced(client: &mut Client, min_age: Duration) -> Result<Vec<Sha256Digest>, BlobError> {
     let rows = client.query(
-        "SELECT digest FROM blobs WHERE sealed_at <= now() - make_interval(secs => $1)",
+        "SELECT b.digest FROM blobs b
+         WHERE b.sealed_at <= now() - make_interval(secs => $1)
+           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.attachment_sha256 = b.digest)",
         &[&min_age.as_secs_f64()],
     )?;
     Ok(rows
@@ -1038,7 +1044,8 @@ impl Blobs {
         let mut removed = std::collections::HashSet::new();
         if let Some(shared) = &self.shared {
             shared.with(|client| {
-                for digest in pg_older_than(client, min_age)? {
+                // `keep` still has the last word on each candidate.
+                for digest in pg_unreferenced(client, min_age)? {
                     if !keep(&digest) && pg_delete(client, &digest, shared.target.epoch)? {
                         removed.insert(digest);
                     }
@@ -1483,16 +1490,22 @@ mod tests {
             fenced.retain(Duration::ZERO, |_| false),
             Err(BlobError::Store(StoreError::Fenced { .. }))
         ));
-        // Retention deletes the rows of what nothing references, and the cache file.
+        // Retention deletes the rows of what no message carries, and the cache file.
+        db.execute(
+            "INSERT INTO messages (seq, id, time_us, sender, body, kind, attachment_sha256)
+             VALUES (1, $1, 0, 'alice', '{}', 'message', $2)",
+            &[&[7u8; 16].as_slice(), &empty.as_bytes().as_slice()],
+        )
+        .expect("a message carrying the empty content");
         assert_eq!(
-            a.retain(Duration::from_secs(3600), |_| false)
+            b.retain(Duration::from_secs(3600), |_| false)
                 .expect("young"),
             0
         );
-        assert_eq!(
-            a.retain(Duration::ZERO, |d| *d == empty).expect("retain"),
-            1
-        );
+        // The query spares what a message carries, before `keep` is asked.
+        assert_eq!(b.retain(Duration::ZERO, |_| false).expect("retain"), 1);
+        // The other node's cache file goes at its next sweep.
+        assert_eq!(a.retain(Duration::ZERO, |d| *d == empty).expect("cache"), 1);
         assert_eq!(count(&mut db, pieces, &digest), 0);
         assert_eq!(b.size(&digest).expect("gone"), None);
         assert_eq!(a.size(&digest).expect("gone"), None);

@@ -123,7 +123,8 @@ pub struct Config {
     /// and attachments' blobs.
     pub data_dir: PathBuf,
     /// A PostgreSQL database for the log and membership (`postgres://…`,
-    /// [`store::postgres`]) instead of SQLite in `data_dir`; default none.
+    /// [`store::postgres`]) instead of SQLite in `data_dir`, holding attachments' complete
+    /// blobs too (their files in `data_dir` are then a cache, [`blobs`]); default none.
     pub store: Option<String>,
     /// Connection timeouts towards PostgreSQL, both ends (default 2 s,
     /// [`store::postgres::DEFAULT_NET_TIMEOUT`]).
