@@ -13,6 +13,21 @@
 //! - `uploads/ABCDEF….part`: an upload in progress; `uploads/ABCDEF….size`: its declared
 //!   size in bytes as decimal text, a space, and the uploader (for the per-member quota).
 //!
+//! # Shared blobs (`--store postgres://…`)
+//! With a PostgreSQL store, a complete blob lives in the group's schema too (tables
+//! `blob_chunks` and `blobs`, see [`crate::store::postgres`]), so that whichever node of the
+//! group is active serves it after a failover. Uploads in progress stay local files (a
+//! failover loses an unfinished upload: the client's `upload` then answers `have` 0 at the
+//! new node, and it starts over). Sealing ([`seal`], on the sealing actor's own connection)
+//! copies the content into the database in pieces of [`PG_CHUNK_BYTES`], checking its
+//! digest on the way if it was not already, and commits before the file is named: the
+//! upload is acked only after that commit. The local files are then a cache: a `size` or
+//! `read` that misses it reads the database, one range (at most a protocol chunk) at a time
+//! straight from the rows, never a whole blob. Retention deletes a blob's rows with its file,
+//! in a transaction fenced by the lease's epoch as the log's commits are; copies are not
+//! fenced (a verified content is the same bytes whichever node writes it).
+//! Without a PostgreSQL store nothing of this applies: blobs are files only.
+//!
 //! Nothing is held in memory beyond one chunk and a SHA-256 state per upload in progress:
 //! each chunk is hashed as it is appended, so completing an upload costs no second pass
 //! over its bytes. Only an upload resumed after a restart (whose state was lost) is hashed
@@ -26,8 +41,16 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use agora_proto::wire::Sha256Digest;
+use agora_proto::wire::{GroupName, Sha256Digest};
+use postgres::Client;
 use sha2::{Digest, Sha256};
+
+use crate::store::StoreError;
+
+/// The piece of a blob one `blob_chunks` row holds in PostgreSQL, in bytes: 1 MiB, the
+/// protocol's largest download range ([`agora_proto::wire::MAX_CHUNK_BYTES`]), so that a
+/// range read touches at most two rows. Every piece but a blob's last has this length.
+pub const PG_CHUNK_BYTES: usize = 1 << 20;
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +114,16 @@ pub enum BlobError {
     /// The file system failed (a full disk, say); nothing acked was lost.
     #[error("blob store: {0}")]
     Io(#[from] std::io::Error),
+    /// The PostgreSQL store failed (unreachable, a query refused, rows that do not add up);
+    /// nothing acked was lost.
+    #[error("blob store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<postgres::Error> for BlobError {
+    fn from(e: postgres::Error) -> Self {
+        BlobError::Store(StoreError::Postgres(e))
+    }
 }
 
 /// How far an upload is.
@@ -146,11 +179,68 @@ impl BlobLayout {
 
 /// Seals a fully received upload: checks its digest (unless `verified`), fsyncs it, moves it
 /// to its name and fsyncs the directory; returns its size. A mismatch discards the upload.
-/// Blocking I/O of the whole content: the node runs it on an actor, never on its loop.
+/// With `pg` (a connection to the group's PostgreSQL store, [`PgBlobTarget::connect`]), the
+/// content is first copied into the database in one transaction, and committed, before the
+/// local file is named (see the module docs); a content the database already holds is not
+/// copied again. Blocking I/O of the whole content: the node runs it on an actor, never on
+/// its loop.
 ///
 /// # Errors
-/// [`BlobError::DigestMismatch`], [`BlobError::NoUpload`], [`BlobError::Io`].
-pub fn seal(layout: &BlobLayout, digest: &Sha256Digest, verified: bool) -> Result<u64, BlobError> {
+/// [`BlobError::DigestMismatch`], [`BlobError::NoUpload`], [`BlobError::Io`],
+/// [`BlobError::Store`] (the database failed: the upload stays where it was, to seal again).
+pub fn seal(
+    layout: &BlobLayout,
+    digest: &Sha256Digest,
+    verified: bool,
+    pg: Option<&mut Client>,
+) -> Result<u64, BlobError> {
+    let Some(client) = pg else {
+        return seal_local(layout, digest, verified);
+    };
+    if let Some(size) = pg_size(client, digest)? {
+        // Complete in the database already (an earlier upload, maybe at another node): only
+        // the local copy is left to make, from the bytes just received.
+        return match seal_local(layout, digest, verified) {
+            Ok(_) => Ok(size),
+            Err(e @ BlobError::DigestMismatch { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, %digest, "could not keep a local copy of a blob");
+                discard_files(layout, digest);
+                Ok(size)
+            }
+        };
+    }
+    let mut file = File::open(layout.part_path(digest)).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => BlobError::NoUpload(*digest),
+        _ => BlobError::Io(e),
+    })?;
+    let mut tx = client.transaction()?;
+    let copied = copy_into(&mut tx, &mut file, digest, !verified)?;
+    if let Some(actual) = copied.actual.filter(|actual| actual != digest) {
+        drop(tx); // rolled back
+        drop(file);
+        discard_files(layout, digest);
+        return Err(BlobError::DigestMismatch {
+            declared: *digest,
+            actual,
+        });
+    }
+    tx.commit()?;
+    // The database holds it now; the local file is a cache. Failing to keep it loses nothing.
+    drop(file);
+    if let Err(e) = seal_local(layout, digest, true) {
+        tracing::warn!(error = %e, %digest, "could not keep a local copy of a blob");
+        discard_files(layout, digest);
+    }
+    Ok(copied.size)
+}
+
+/// [`seal`] without a database: the local file is the blob.
+fn seal_local(
+    layout: &BlobLayout,
+    digest: &Sha256Digest,
+    verified: bool,
+) -> Result<u64, BlobError> {
     let part = layout.part_path(digest);
     let mut file = File::open(&part).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => BlobError::NoUpload(*digest),
@@ -161,8 +251,7 @@ pub fn seal(layout: &BlobLayout, digest: &Sha256Digest, verified: bool) -> Resul
         let actual = hash_file(&mut file)?;
         if actual != *digest {
             drop(file);
-            let _ = fs::remove_file(&part);
-            let _ = fs::remove_file(layout.size_path(digest));
+            discard_files(layout, digest);
             return Err(BlobError::DigestMismatch {
                 declared: *digest,
                 actual,
@@ -185,6 +274,333 @@ pub fn seal(layout: &BlobLayout, digest: &Sha256Digest, verified: bool) -> Resul
     Ok(size)
 }
 
+/// Removes an upload's partial file and declaration.
+fn discard_files(layout: &BlobLayout, digest: &Sha256Digest) {
+    let _ = fs::remove_file(layout.part_path(digest));
+    let _ = fs::remove_file(layout.size_path(digest));
+}
+
+/// What [`copy_into`] copied.
+struct Copied {
+    /// Bytes copied.
+    size: u64,
+    /// The digest of those bytes, when asked to hash them.
+    actual: Option<Sha256Digest>,
+}
+
+/// Copies `file`'s content, from its start, into `blob_chunks` as `digest`'s pieces of
+/// [`PG_CHUNK_BYTES`], then its `blobs` row, in the caller's transaction; hashes it on the
+/// way when `hash` (the caller compares, and rolls back on a mismatch). One piece in memory
+/// at a time.
+fn copy_into(
+    tx: &mut postgres::Transaction<'_>,
+    file: &mut File,
+    digest: &Sha256Digest,
+    hash: bool,
+) -> Result<Copied, BlobError> {
+    let key = digest.as_bytes().as_slice();
+    let insert = tx.prepare(
+        "INSERT INTO blob_chunks (digest, byte_offset, data) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )?;
+    let mut hasher = hash.then(Sha256::new);
+    let mut piece = vec![0u8; PG_CHUNK_BYTES];
+    let mut at = 0u64;
+    file.seek(SeekFrom::Start(0))?;
+    loop {
+        let n = read_full(file, &mut piece)?;
+        if n == 0 {
+            break;
+        }
+        let bytes = &piece[..n];
+        if let Some(h) = hasher.as_mut() {
+            h.update(bytes);
+        }
+        let offset = i64::try_from(at).map_err(|_| corrupt(digest, "past 2^63 bytes"))?;
+        tx.execute(&insert, &[&key, &offset, &bytes])?;
+        at += n as u64;
+    }
+    let size = i64::try_from(at).map_err(|_| corrupt(digest, "past 2^63 bytes"))?;
+    tx.execute(
+        "INSERT INTO blobs (digest, size) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        &[&key, &size],
+    )?;
+    Ok(Copied {
+        size: at,
+        actual: hasher.map(|h| Sha256Digest::from_bytes(h.finalize().into())),
+    })
+}
+
+/// Reads until `buf` is full or the file ends; returns how many bytes.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn corrupt(digest: &Sha256Digest, what: &str) -> BlobError {
+    BlobError::Store(StoreError::Corrupt(format!("blob {digest}: {what}")))
+}
+
+/// The size of `digest` in the database, if it is complete there.
+///
+/// # Errors
+/// [`BlobError::Store`].
+fn pg_size(client: &mut Client, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
+    let row = client.query_opt(
+        "SELECT size FROM blobs WHERE digest = $1",
+        &[&digest.as_bytes().as_slice()],
+    )?;
+    row.map(|r| u64::try_from(r.get::<_, i64>(0)).map_err(|_| corrupt(digest, "a negative size")))
+        .transpose()
+}
+
+/// Up to `max` bytes of `digest` from `offset`, read from the database, and its size: only
+/// the rows the range touches, and only their bytes in the range (`substring` of an
+/// uncompressed out-of-line value reads just the TOAST pieces it needs).
+///
+/// # Errors
+/// [`BlobError::NotFound`], [`BlobError::Range`], [`BlobError::Store`] (also rows that do not
+/// cover the range: a corrupt store).
+fn pg_read(
+    client: &mut Client,
+    digest: &Sha256Digest,
+    offset: u64,
+    max: usize,
+) -> Result<(u64, Vec<u8>), BlobError> {
+    let size = pg_size(client, digest)?.ok_or(BlobError::NotFound(*digest))?;
+    if offset > size {
+        return Err(BlobError::Range { offset, size });
+    }
+    let end = size.min(offset.saturating_add(max as u64));
+    if end == offset {
+        return Ok((size, Vec::new()));
+    }
+    let first = offset - offset % PG_CHUNK_BYTES as u64;
+    let (offset_i, end_i, first_i) = (
+        i64::try_from(offset).map_err(|_| corrupt(digest, "offset"))?,
+        i64::try_from(end).map_err(|_| corrupt(digest, "end"))?,
+        i64::try_from(first).map_err(|_| corrupt(digest, "offset"))?,
+    );
+    let rows = client.query(
+        "SELECT substring(data FROM (GREATEST($2 - byte_offset, 0) + 1)::int
+                          FOR (LEAST($3 - byte_offset, length(data)::bigint)
+                               - GREATEST($2 - byte_offset, 0))::int)
+         FROM blob_chunks
+         WHERE digest = $1 AND byte_offset >= $4 AND byte_offset < $3
+         ORDER BY byte_offset",
+        &[&digest.as_bytes().as_slice(), &offset_i, &end_i, &first_i],
+    )?;
+    let want = usize::try_from(end - offset).map_err(|_| corrupt(digest, "range"))?;
+    let mut bytes = Vec::with_capacity(want);
+    for row in &rows {
+        bytes.extend_from_slice(row.get::<_, &[u8]>(0));
+    }
+    if bytes.len() != want {
+        return Err(corrupt(
+            digest,
+            &format!("its rows hold {} bytes of {offset}..{end}", bytes.len()),
+        ));
+    }
+    Ok((size, bytes))
+}
+
+/// Deletes `digest`'s rows, in one transaction fenced by `epoch` (as a commit of the log is:
+/// a node whose lease moved deletes nothing); returns whether it was there.
+///
+/// # Errors
+/// [`StoreError::Fenced`], [`StoreError::Postgres`], as [`BlobError::Store`].
+fn pg_delete(
+    client: &mut Client,
+    digest: &Sha256Digest,
+    epoch: Option<i64>,
+) -> Result<bool, BlobError> {
+    let key = digest.as_bytes().as_slice();
+    let mut tx = client.transaction()?;
+    if let Some(held) = epoch {
+        let current: i64 = tx
+            .query_opt("SELECT epoch FROM lease WHERE id = 1 FOR SHARE", &[])?
+            .ok_or_else(|| StoreError::Corrupt("no lease row".into()))?
+            .get(0);
+        if current != held {
+            return Err(StoreError::Fenced { held, current }.into());
+        }
+    }
+    let found = tx.execute("DELETE FROM blobs WHERE digest = $1", &[&key])? == 1;
+    tx.execute("DELETE FROM blob_chunks WHERE digest = $1", &[&key])?;
+    tx.commit()?;
+    Ok(found)
+}
+
+/// The blobs in the database sealed at least `min_age` ago that no message of the log
+/// carries: one query (the `messages_attachment` index), however many blobs are kept, so
+/// that a sweep costs the loop no query per blob.
+fn pg_unreferenced(client: &mut Client, min_age: Duration) -> Result<Vec<Sha256Digest>, BlobError> {
+    let rows = client.query(
+        "SELECT b.digest FROM blobs b
+         WHERE b.sealed_at <= now() - make_interval(secs => $1)
+           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.attachment_sha256 = b.digest)",
+        &[&min_age.as_secs_f64()],
+    )?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| <[u8; 32]>::try_from(r.get::<_, &[u8]>(0)).ok())
+        .map(Sha256Digest::from_bytes)
+        .collect())
+}
+
+/// Copies the complete local blob `digest` into the database if it is not there (a blob
+/// sealed before the node stored blobs in PostgreSQL), checking its digest on the way;
+/// returns whether it copied. A local file whose bytes do not match is left alone, with a
+/// warning.
+///
+/// # Errors
+/// [`BlobError::Io`], [`BlobError::Store`].
+pub fn backfill(
+    layout: &BlobLayout,
+    client: &mut Client,
+    digest: &Sha256Digest,
+) -> Result<bool, BlobError> {
+    if pg_size(client, digest)?.is_some() {
+        return Ok(false);
+    }
+    let mut file = match File::open(layout.blob_path(digest)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let mut tx = client.transaction()?;
+    let copied = copy_into(&mut tx, &mut file, digest, true)?;
+    if let Some(actual) = copied.actual.filter(|actual| actual != digest) {
+        tracing::warn!(%digest, %actual, "a local blob does not match its name; not copied");
+        return Ok(false);
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+/// The digests of the complete blobs in the local files.
+///
+/// # Errors
+/// [`BlobError::Io`] listing the store.
+pub fn local_blobs(layout: &BlobLayout) -> Result<Vec<Sha256Digest>, BlobError> {
+    let mut out = Vec::new();
+    for dir in fs::read_dir(layout.root.join("sha256"))? {
+        for entry in fs::read_dir(dir?.path())? {
+            if let Ok(digest) = entry?.file_name().to_string_lossy().parse() {
+                out.push(digest);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where a group's blobs live in PostgreSQL: its database, its schema, and the fencing epoch
+/// of the lease the node serves under. Cheap to clone, for the sealing actor's connection.
+#[derive(Clone)]
+pub struct PgBlobTarget {
+    url: String,
+    group: GroupName,
+    net_timeout: Duration,
+    epoch: Option<i64>,
+}
+
+impl std::fmt::Debug for PgBlobTarget {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBlobTarget")
+            .field("group", &self.group)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgBlobTarget {
+    /// The blobs of `group` in the database at `url` (`postgres://…`), with the store's
+    /// network timeout (default 2 s, [`crate::store::postgres::DEFAULT_NET_TIMEOUT`]);
+    /// deletions are fenced by `epoch` when the node serves under a lease.
+    pub fn new(url: &str, group: &GroupName, net_timeout: Duration, epoch: Option<i64>) -> Self {
+        PgBlobTarget {
+            url: url.to_owned(),
+            group: group.clone(),
+            net_timeout,
+            epoch,
+        }
+    }
+
+    /// A connection to the group's schema (which [`crate::store::PgStore::open`] made),
+    /// committing at least with `synchronous_commit` `on`, as the store does: an upload is
+    /// acked only once its blob is durable. `role` names it in `pg_stat_activity`.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`].
+    pub fn connect(&self, role: &str) -> Result<Client, StoreError> {
+        let mut client = crate::store::postgres::connect(&self.url, self.net_timeout, role)?;
+        let schema = crate::store::postgres::schema_name(&self.group);
+        client.batch_execute(&format!("SET search_path TO {schema}"))?;
+        let level: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
+        if level == "off" || level == "local" {
+            client.batch_execute("SET synchronous_commit = on")?;
+        }
+        Ok(client)
+    }
+}
+
+impl PgBlobTarget {
+    /// Runs `f` on the connection in `slot`, connecting first (as `role`, see
+    /// [`PgBlobTarget::connect`]) if there is none or it broke; a connection that `f` left
+    /// closed is dropped, to be made again on the next call.
+    ///
+    /// # Errors
+    /// `f`'s; [`BlobError::Store`] when connecting fails.
+    pub fn with<T>(
+        &self,
+        slot: &mut Option<Client>,
+        role: &str,
+        f: impl FnOnce(&mut Client) -> Result<T, BlobError>,
+    ) -> Result<T, BlobError> {
+        let mut client = match slot.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => self.connect(role)?,
+        };
+        let result = f(&mut client);
+        if !client.is_closed() {
+            *slot = Some(client);
+        }
+        result
+    }
+}
+
+/// The loop's connection to the shared blobs: made at open, made again on the next use after
+/// it broke.
+struct Shared {
+    target: PgBlobTarget,
+    client: RefCell<Option<Client>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Runs `f` on the connection, connecting first if there is none; a connection that `f`
+    /// left closed is dropped.
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, BlobError>) -> Result<T, BlobError> {
+        self.target.with(&mut self.client.borrow_mut(), "blobs", f)
+    }
+}
+
 /// The blob store of one node.
 #[derive(Debug)]
 pub struct Blobs {
@@ -197,6 +613,8 @@ pub struct Blobs {
     /// A buffer with room for a block-aligned chunk, for `O_DIRECT` writes (at most one
     /// chunk, 1 MiB, plus a block).
     staging: RefCell<Vec<u8>>,
+    /// The group's PostgreSQL store, when complete blobs live there too.
+    shared: Option<Shared>,
 }
 
 /// The block size `O_DIRECT` writes are aligned to (offset, length and memory): 4 KiB, the
@@ -222,7 +640,28 @@ impl Blobs {
             hashing: RefCell::new(HashMap::new()),
             sealing: RefCell::new(HashMap::new()),
             staging: RefCell::new(Vec::new()),
+            shared: None,
         })
+    }
+
+    /// Keeps complete blobs in the group's PostgreSQL store too (see the module docs),
+    /// connecting to it now.
+    ///
+    /// # Errors
+    /// [`BlobError::Store`] when the database cannot be reached.
+    pub fn with_postgres(mut self, target: PgBlobTarget) -> Result<Blobs, BlobError> {
+        let client = target.connect("blobs")?;
+        self.shared = Some(Shared {
+            target,
+            client: RefCell::new(Some(client)),
+        });
+        Ok(self)
+    }
+
+    /// The PostgreSQL store complete blobs are kept in, if any: the sealing actor connects
+    /// to it.
+    pub fn postgres(&self) -> Option<&PgBlobTarget> {
+        self.shared.as_ref().map(|s| &s.target)
     }
 
     /// Where this store's files are, for [`seal`] on another thread.
@@ -254,16 +693,28 @@ impl Blobs {
     /// # Errors
     /// As [`seal`].
     pub fn seal_here(&self, digest: &Sha256Digest, verified: bool) -> Result<Progress, BlobError> {
-        let result = seal(&self.layout(), digest, verified);
+        let layout = self.layout();
+        let result = match &self.shared {
+            Some(shared) => shared.with(|client| seal(&layout, digest, verified, Some(client))),
+            None => seal(&layout, digest, verified, None),
+        };
         self.sealed(digest);
         result.map(|size| Progress::Complete { size })
     }
 
-    /// The size of the complete blob `digest`, if there is one.
+    /// The size of the complete blob `digest`, if there is one: the local file's, else, with
+    /// a PostgreSQL store, the database's.
     ///
     /// # Errors
-    /// [`BlobError::Io`] other than "not found".
+    /// [`BlobError::Io`] other than "not found"; [`BlobError::Store`].
     pub fn size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
+        match self.local_size(digest)? {
+            Some(size) => Ok(Some(size)),
+            None => self.shared_size(digest),
+        }
+    }
+
+    fn local_size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
         match fs::metadata(self.blob_path(digest)) {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -271,16 +722,28 @@ impl Blobs {
         }
     }
 
-    /// Where the upload of `digest` stands, if it was begun or is complete.
+    fn shared_size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
+        match &self.shared {
+            Some(shared) => shared.with(|client| pg_size(client, digest)),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the upload of `digest` stands, if it was begun or is complete (here, or, with a
+    /// PostgreSQL store, in the database).
     ///
     /// # Errors
-    /// [`BlobError::Io`].
+    /// [`BlobError::Io`], [`BlobError::Store`].
     pub fn progress(&self, digest: &Sha256Digest) -> Result<Option<Progress>, BlobError> {
-        if let Some(size) = self.size(digest)? {
+        if let Some(size) = self.local_size(digest)? {
             return Ok(Some(Progress::Complete { size }));
         }
+        // An upload in progress here is asked about without the database, so that a chunk
+        // costs no query; if the content is complete there already, sealing finds it.
         let Some(size) = self.declared_size(digest)? else {
-            return Ok(None);
+            return Ok(self
+                .shared_size(digest)?
+                .map(|size| Progress::Complete { size }));
         };
         if let Some(&verified) = self.sealing.borrow().get(digest) {
             return Ok(Some(Progress::Sealing {
@@ -532,21 +995,29 @@ impl Blobs {
         let _ = fs::remove_file(self.size_path(digest));
     }
 
-    /// Up to `max` bytes of the complete blob `digest` from `offset` (fewer at its end).
+    /// The size of the complete blob `digest`, and up to `max` bytes of it from `offset`
+    /// (fewer at its end): from the local file, else, with a PostgreSQL store, straight from
+    /// the database's rows (one range in memory, never the whole blob).
     ///
     /// # Errors
     /// [`BlobError::NotFound`] (also for an upload still in progress: a partial blob is never
-    /// served), [`BlobError::Range`], [`BlobError::Io`].
+    /// served), [`BlobError::Range`], [`BlobError::Io`], [`BlobError::Store`].
     pub fn read(
         &self,
         digest: &Sha256Digest,
         offset: u64,
         max: usize,
-    ) -> Result<Vec<u8>, BlobError> {
-        let mut file = File::open(self.blob_path(digest)).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => BlobError::NotFound(*digest),
-            _ => BlobError::Io(e),
-        })?;
+    ) -> Result<(u64, Vec<u8>), BlobError> {
+        let mut file = match File::open(self.blob_path(digest)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return match &self.shared {
+                    Some(shared) => shared.with(|client| pg_read(client, digest, offset, max)),
+                    None => Err(BlobError::NotFound(*digest)),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
         let size = file.metadata()?.len();
         if offset > size {
             return Err(BlobError::Range { offset, size });
@@ -555,22 +1026,34 @@ impl Blobs {
         let want = usize::try_from((size - offset).min(max as u64)).unwrap_or(max);
         let mut bytes = vec![0u8; want];
         file.read_exact(&mut bytes)?;
-        Ok(bytes)
+        Ok((size, bytes))
     }
 
     /// Removes every complete blob at least `min_age` old (since it was completed) for which
-    /// `keep` is false; returns how many. The age spares a content just uploaded whose
-    /// message has not been sent yet.
+    /// `keep` is false, its file and, with a PostgreSQL store, its rows; returns how many.
+    /// The age spares a content just uploaded whose message has not been sent yet.
     ///
     /// # Errors
-    /// [`BlobError::Io`] listing the store.
+    /// [`BlobError::Io`] listing the store; [`BlobError::Store`] listing or deleting rows
+    /// ([`StoreError::Fenced`] when another node holds the lease: nothing is deleted).
     pub fn retain(
         &self,
         min_age: Duration,
         mut keep: impl FnMut(&Sha256Digest) -> bool,
     ) -> Result<u64, BlobError> {
+        let mut removed = std::collections::HashSet::new();
+        if let Some(shared) = &self.shared {
+            shared.with(|client| {
+                // `keep` still has the last word on each candidate.
+                for digest in pg_unreferenced(client, min_age)? {
+                    if !keep(&digest) && pg_delete(client, &digest, shared.target.epoch)? {
+                        removed.insert(digest);
+                    }
+                }
+                Ok(())
+            })?;
+        }
         let now = SystemTime::now();
-        let mut removed = 0;
         for dir in fs::read_dir(self.root.join("sha256"))? {
             for entry in fs::read_dir(dir?.path())? {
                 let entry = entry?;
@@ -582,12 +1065,16 @@ impl Blobs {
                     .and_then(|m| m.modified())
                     .map(|t| now.duration_since(t).unwrap_or_default())
                     .unwrap_or_default();
-                if age >= min_age && !keep(&digest) && fs::remove_file(entry.path()).is_ok() {
-                    removed += 1;
+                // A cache file whose rows just went goes too, whatever its age.
+                let gone = removed.contains(&digest);
+                if (gone || (age >= min_age && !keep(&digest)))
+                    && fs::remove_file(entry.path()).is_ok()
+                {
+                    removed.insert(digest);
                 }
             }
         }
-        Ok(removed)
+        Ok(removed.len() as u64)
     }
 
     /// Discards uploads not written to for `ttl`; returns how many.
@@ -740,7 +1227,12 @@ mod tests {
         );
         let mut back = Vec::new();
         while back.len() < data.len() {
-            back.extend(blobs.read(&digest, back.len() as u64, chunk).expect("read"));
+            back.extend(
+                blobs
+                    .read(&digest, back.len() as u64, chunk)
+                    .expect("read")
+                    .1,
+            );
         }
         assert_eq!(back, data);
         // The same content again is not uploaded again.
@@ -851,5 +1343,188 @@ mod tests {
         // Finished uploads free the quota.
         blobs.discard(&a);
         blobs.begin(&c, 900, "alice", 1000).expect("room again");
+    }
+
+    /// Uploads `data` as `digest` to `blobs` in chunks of 256 KiB; returns the last progress.
+    fn upload_all(blobs: &Blobs, digest: &Sha256Digest, data: &[u8]) -> Progress {
+        blobs
+            .begin(digest, data.len() as u64, "k", u64::MAX)
+            .expect("begin");
+        let mut last = None;
+        for (i, piece) in data.chunks(256 << 10).enumerate() {
+            last = Some(
+                blobs
+                    .write_chunk(digest, (i * (256 << 10)) as u64, piece)
+                    .expect("chunk"),
+            );
+        }
+        last.expect("a chunk")
+    }
+
+    fn count(client: &mut Client, sql: &str, digest: &Sha256Digest) -> i64 {
+        client
+            .query_one(sql, &[&digest.as_bytes().as_slice()])
+            .expect("count")
+            .get(0)
+    }
+
+    #[test]
+    fn a_blob_sealed_with_postgres_is_served_by_another_node_range_by_range() {
+        let cluster = agora_tests::pg::PgCluster::start();
+        let url = cluster.database("agora");
+        let group = GroupName::new("blobs").expect("name");
+        let timeout = crate::store::postgres::DEFAULT_NET_TIMEOUT;
+        // The store makes the schema, as the node opens it before its blobs.
+        let _store = crate::store::PgStore::open(&url, &group, None, timeout).expect("store");
+        let target = PgBlobTarget::new(&url, &group, timeout, None);
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("a"),
+            tempfile::tempdir().expect("b"),
+        );
+        let a = Blobs::open(dir_a.path())
+            .and_then(|b| b.with_postgres(target.clone()))
+            .expect("a");
+
+        // Four pieces in the database, the last one short.
+        let data = content(3 * PG_CHUNK_BYTES + 12_345);
+        let digest = digest_of(&data);
+        let Progress::Sealing { verified, .. } = upload_all(&a, &digest, &data) else {
+            panic!("the last chunk starts the seal");
+        };
+        // As the sealing actor does: on a connection of its own.
+        let mut sealer = None;
+        let size = target
+            .with(&mut sealer, "seal", |c| {
+                seal(&a.layout(), &digest, verified, Some(c))
+            })
+            .expect("seal");
+        a.sealed(&digest);
+        assert_eq!(size, data.len() as u64);
+        let mut db = target.connect("test").expect("connect");
+        let pieces = "SELECT COUNT(*) FROM blob_chunks WHERE digest = $1";
+        assert_eq!(count(&mut db, pieces, &digest), 4);
+        assert_eq!(
+            count(&mut db, "SELECT size FROM blobs WHERE digest = $1", &digest),
+            data.len() as i64
+        );
+
+        // Another node (a standby that took over) has no file, and serves it all the same.
+        let b = Blobs::open(dir_b.path())
+            .and_then(|b| b.with_postgres(target.clone()))
+            .expect("b");
+        assert_eq!(
+            b.progress(&digest).expect("progress"),
+            Some(Progress::Complete { size })
+        );
+        assert_eq!(
+            b.begin(&digest, size, "k", u64::MAX).expect("begin"),
+            Progress::Complete { size },
+            "not uploaded again"
+        );
+        assert_eq!(b.size(&digest).expect("size"), Some(size));
+        // Ranges across a piece's end, at a piece's start, at the very end, and all of it
+        // from an unaligned start.
+        let at = PG_CHUNK_BYTES as u64 - 10;
+        for (offset, max) in [(at, 100), (PG_CHUNK_BYTES as u64, 5), (size - 3, 1 << 20)] {
+            let (got_size, bytes) = b.read(&digest, offset, max).expect("range");
+            assert_eq!(got_size, size);
+            let end = (offset as usize + max).min(data.len());
+            assert!(bytes == data[offset as usize..end], "range {offset}+{max}");
+        }
+        let mut back = data[..1000].to_vec();
+        while back.len() < data.len() {
+            let (_, bytes) = b.read(&digest, back.len() as u64, 1 << 20).expect("read");
+            assert!(!bytes.is_empty());
+            back.extend(bytes);
+        }
+        assert!(back == data);
+        assert_eq!(b.read(&digest, size, 10).expect("end").1, Vec::<u8>::new());
+        assert!(matches!(
+            b.read(&digest, size + 1, 10),
+            Err(BlobError::Range { .. })
+        ));
+        assert!(matches!(
+            b.read(&digest_of(b"nothing"), 0, 10),
+            Err(BlobError::NotFound(_))
+        ));
+
+        // A resumed upload whose bytes do not match: the copy is rolled back, nothing stays.
+        let wrong = digest_of(b"not these bytes");
+        a.begin(&wrong, data.len() as u64, "k", u64::MAX)
+            .expect("begin");
+        a.write_chunk(&wrong, 0, &data[..256 << 10]).expect("chunk");
+        let a = Blobs::open(dir_a.path())
+            .and_then(|b| b.with_postgres(target.clone()))
+            .expect("a again");
+        let mut last = None;
+        for (i, piece) in data.chunks(256 << 10).enumerate().skip(1) {
+            last = Some(a.write_chunk(&wrong, (i * (256 << 10)) as u64, piece));
+        }
+        assert!(matches!(
+            last,
+            Some(Ok(Progress::Sealing {
+                verified: false,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            a.seal_here(&wrong, false),
+            Err(BlobError::DigestMismatch { .. })
+        ));
+        assert_eq!(count(&mut db, pieces, &wrong), 0);
+        assert_eq!(a.progress(&wrong).expect("gone"), None);
+
+        // The empty content: a row and no piece.
+        let empty = digest_of(b"");
+        assert_eq!(
+            a.begin(&empty, 0, "k", u64::MAX).expect("empty"),
+            Progress::Complete { size: 0 }
+        );
+        assert_eq!(b.read(&empty, 0, 10).expect("empty").0, 0);
+
+        // Deletions are fenced: a node whose lease moved deletes nothing.
+        let fenced = Blobs::open(dir_b.path())
+            .and_then(|b| b.with_postgres(PgBlobTarget::new(&url, &group, timeout, Some(7))))
+            .expect("fenced");
+        assert!(matches!(
+            fenced.retain(Duration::ZERO, |_| false),
+            Err(BlobError::Store(StoreError::Fenced { .. }))
+        ));
+        // Retention deletes the rows of what no message carries, and the cache file.
+        db.execute(
+            "INSERT INTO messages (seq, id, time_us, sender, body, kind, attachment_sha256)
+             VALUES (1, $1, 0, 'alice', '{}', 'message', $2)",
+            &[&[7u8; 16].as_slice(), &empty.as_bytes().as_slice()],
+        )
+        .expect("a message carrying the empty content");
+        assert_eq!(
+            b.retain(Duration::from_secs(3600), |_| false)
+                .expect("young"),
+            0
+        );
+        // The query spares what a message carries, before `keep` is asked.
+        assert_eq!(b.retain(Duration::ZERO, |_| false).expect("retain"), 1);
+        // The other node's cache file goes at its next sweep.
+        assert_eq!(a.retain(Duration::ZERO, |d| *d == empty).expect("cache"), 1);
+        assert_eq!(count(&mut db, pieces, &digest), 0);
+        assert_eq!(b.size(&digest).expect("gone"), None);
+        assert_eq!(a.size(&digest).expect("gone"), None);
+        assert_eq!(b.size(&empty).expect("kept"), Some(0));
+
+        // A blob sealed before blobs were kept in the database is copied in once.
+        let old = Blobs::open(dir_b.path()).expect("files only");
+        let Progress::Sealing { verified, .. } = upload_all(&old, &digest, &data) else {
+            panic!("sealing");
+        };
+        old.seal_here(&digest, verified).expect("seal");
+        let mut slot = None;
+        let layout = old.layout();
+        let copy = |slot: &mut Option<Client>| {
+            target.with(slot, "seal", |c| backfill(&layout, c, &digest))
+        };
+        assert_eq!(local_blobs(&layout).expect("list"), vec![digest]);
+        assert!(copy(&mut slot).expect("copied"));
+        assert!(!copy(&mut slot).expect("there already"));
+        assert_eq!(count(&mut db, pieces, &digest), 4);
     }
 }

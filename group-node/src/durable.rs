@@ -189,7 +189,12 @@ fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
 
 /// The sealing stage: an actor that seals completed uploads ([`crate::blobs::seal`]: the
 /// digest checked if need be, the content fsynced and named) so that a large file's fsync
-/// never stalls the request loop. One job at a time, in order.
+/// never stalls the request loop. One job at a time, in order. With a PostgreSQL store it
+/// holds a connection of its own, made when first needed and again after it broke: a seal
+/// copies the content into the database and commits before it answers, so that the upload is
+/// acked only once any node of the group can serve it. Between jobs it copies the local blobs
+/// that the database lacks (sealed before blobs were kept there), one at a time, a job
+/// waiting always going first.
 ///
 /// # Pipe messages
 /// Loop → sealer: `[digest (32 bytes), verified (1 byte, 0 or 1)]`. Sealer → loop:
@@ -207,20 +212,26 @@ pub enum Sealed {
     Complete(u64),
     /// Its bytes hash to another digest; the upload was discarded.
     Mismatch(String),
-    /// The file system failed; the upload stays where it was.
+    /// The file system or the database failed; the upload stays where it was.
     Failed(String),
 }
 
 impl Sealer {
-    /// Starts the actor over the blob store at `layout`.
+    /// Starts the actor over the blob store at `layout`, keeping complete blobs in `pg` too
+    /// when given (the group's PostgreSQL store, [`crate::blobs::Blobs::postgres`]).
     ///
     /// # Errors
     /// libzmq's or the thread spawn's, as `io::Error`.
-    pub fn start(ctx: &zmq::Context, layout: crate::blobs::BlobLayout) -> std::io::Result<Sealer> {
-        let actor = Actor::start(ctx, "blob-seal", move |pipe| seal_loop(&pipe, &layout))?;
+    pub fn start(
+        ctx: &zmq::Context,
+        layout: crate::blobs::BlobLayout,
+        pg: Option<crate::blobs::PgBlobTarget>,
+    ) -> std::io::Result<Sealer> {
+        let actor = Actor::start(ctx, "blob-seal", move |pipe| {
+            seal_loop(&pipe, &layout, pg.as_ref());
+        })?;
         Ok(Sealer { actor })
     }
-
     /// Asks for `digest` to be sealed (`verified`: its digest already checked out).
     ///
     /// # Errors
@@ -266,11 +277,45 @@ impl Sealer {
     }
 }
 
-fn seal_loop(pipe: &Pipe, layout: &crate::blobs::BlobLayout) {
+fn seal_loop(
+    pipe: &Pipe,
+    layout: &crate::blobs::BlobLayout,
+    pg: Option<&crate::blobs::PgBlobTarget>,
+) {
+    let mut client: Option<postgres::Client> = None;
+    // Local blobs to copy into the database if it lacks them, between jobs.
+    let mut backfill: std::collections::VecDeque<agora_proto::wire::Sha256Digest> = match pg {
+        Some(_) => crate::blobs::local_blobs(layout)
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list the local blobs to copy into PostgreSQL");
+                Vec::new()
+            })
+            .into(),
+        None => std::collections::VecDeque::new(),
+    };
     loop {
-        let frames = match pipe.wait(None) {
+        let wake = if backfill.is_empty() {
+            pipe.wait(None)
+        } else {
+            pipe.take()
+        };
+        let frames = match wake {
             Wake::Term => return,
-            Wake::Timeout => continue,
+            Wake::Timeout => {
+                if let (Some(digest), Some(target)) = (backfill.pop_front(), pg) {
+                    let copied = target.with(&mut client, "seal", |c| {
+                        crate::blobs::backfill(layout, c, &digest)
+                    });
+                    match copied {
+                        Ok(true) => tracing::info!(%digest, "copied a local blob into PostgreSQL"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, %digest, "could not copy a local blob into PostgreSQL");
+                        }
+                    }
+                }
+                continue;
+            }
             Wake::Command(frames) => frames,
         };
         let (Some(digest), Some(verified)) = (frames.first(), frames.get(1)) else {
@@ -281,7 +326,13 @@ fn seal_loop(pipe: &Pipe, layout: &crate::blobs::BlobLayout) {
         };
         let digest = agora_proto::wire::Sha256Digest::from_bytes(bytes);
         let verified = verified.first() == Some(&1);
-        let reply = match crate::blobs::seal(layout, &digest, verified) {
+        let sealed = match pg {
+            Some(target) => target.with(&mut client, "seal", |c| {
+                crate::blobs::seal(layout, &digest, verified, Some(c))
+            }),
+            None => crate::blobs::seal(layout, &digest, verified, None),
+        };
+        let reply = match sealed {
             Ok(size) => pipe.send(&[digest.as_bytes(), b"ok", &size.to_be_bytes()]),
             Err(e @ crate::blobs::BlobError::DigestMismatch { .. }) => {
                 pipe.send(&[digest.as_bytes(), b"mismatch", e.to_string().as_bytes()])

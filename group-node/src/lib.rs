@@ -123,7 +123,8 @@ pub struct Config {
     /// and attachments' blobs.
     pub data_dir: PathBuf,
     /// A PostgreSQL database for the log and membership (`postgres://…`,
-    /// [`store::postgres`]) instead of SQLite in `data_dir`; default none.
+    /// [`store::postgres`]) instead of SQLite in `data_dir`, holding attachments' complete
+    /// blobs too (their files in `data_dir` are then a cache, [`blobs`]); default none.
     pub store: Option<String>,
     /// Connection timeouts towards PostgreSQL, both ends (default 2 s,
     /// [`store::postgres::DEFAULT_NET_TIMEOUT`]).
@@ -365,6 +366,25 @@ impl Node {
             path: config.data_dir.join("blobs"),
             source: std::io::Error::other(e.to_string()),
         })?;
+        // With a PostgreSQL store, complete blobs live there too: any node of the group
+        // serves them after a failover (`blobs`, "Shared blobs").
+        let blobs = match &config.store {
+            Some(url) => blobs
+                .with_postgres(blobs::PgBlobTarget::new(
+                    url,
+                    &config.name,
+                    config.store_net_timeout,
+                    lease.as_ref().map(lease::Lease::epoch),
+                ))
+                .map_err(|e| match e {
+                    blobs::BlobError::Store(e) => NodeError::Store(e),
+                    e => NodeError::DataDir {
+                        path: config.data_dir.join("blobs"),
+                        source: std::io::Error::other(e.to_string()),
+                    },
+                })?,
+            None => blobs,
+        };
         let (keys, zap) = if config.insecure {
             let registries = config
                 .registry
@@ -504,7 +524,12 @@ impl Node {
             None => None,
         };
         self.sealer = Some(
-            durable::Sealer::start(&self.ctx, self.blobs.layout()).map_err(NodeError::Thread)?,
+            durable::Sealer::start(
+                &self.ctx,
+                self.blobs.layout(),
+                self.blobs.postgres().cloned(),
+            )
+            .map_err(NodeError::Thread)?,
         );
         tracing::info!(group = %self.config.name, endpoint = %self.endpoint,
             last_seq = self.store.last_seq(), "group node serving");
@@ -816,7 +841,8 @@ impl Node {
     }
 
     /// Discards stale uploads, and deletes the contents that no kept message carries (once
-    /// older than the upload TTL): what retention leaves of attachments.
+    /// older than the upload TTL): what retention leaves of attachments. With a PostgreSQL
+    /// store, their rows go too (fenced by the lease: a deposed node deletes nothing).
     fn sweep_blobs(&mut self) {
         let ttl = self.config.upload_ttl;
         match self.blobs.expire_uploads(ttl) {

@@ -113,15 +113,11 @@ pub fn download<S: GroupStore + ?Sized>(
             .min(MAX_CHUNK_BYTES),
         None => MAX_CHUNK_BYTES,
     };
-    let size = ctx
-        .blobs
-        .size(&r.sha256)
-        .map_err(blob_error)?
-        .ok_or_else(|| not_found(&r.sha256))?;
-    let bytes = ctx
-        .blobs
-        .read(&r.sha256, r.offset, max)
-        .map_err(blob_error)?;
+    // From the local file, or (a node that was a standby when it was sent) the shared store.
+    let (size, bytes) = match ctx.blobs.read(&r.sha256, r.offset, max) {
+        Err(BlobError::NotFound(_)) => return Err(not_found(&r.sha256)),
+        other => other.map_err(blob_error)?,
+    };
     tracing::debug!(
         target: "agora::transfer",
         digest = %r.sha256,
@@ -199,8 +195,8 @@ pub fn blob_error(e: BlobError) -> WireError {
         BlobError::PastEnd { .. } | BlobError::SizeConflict { .. } | BlobError::Range { .. } => {
             ErrorCode::InvalidField
         }
-        BlobError::Io(io) => {
-            tracing::error!(error = %io, "blob store failed");
+        BlobError::Io(_) | BlobError::Store(_) => {
+            tracing::error!(error = %e, "blob store failed");
             return WireError::new(
                 ErrorCode::Internal,
                 "storage failure; nothing was stored; retry later",

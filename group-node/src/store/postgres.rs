@@ -19,7 +19,7 @@
 //! # Schema
 //! In schema `agora_group_<16 hex digits>` (the first 8 bytes of the SHA-256 of the group's
 //! name: names are Unicode up to 64 characters, PostgreSQL's identifiers 63 bytes), with
-//! `schema_version(version)` holding the migration level (version 1), applied under a
+//! `schema_version(version)` holding the migration level (version 2), applied under a
 //! transaction-level advisory lock so that nodes starting at once do not race:
 //! - `meta(key TEXT PRIMARY KEY, value TEXT)`: `group` (the full name, checked on open),
 //!   `last_seq`, `last_time_us`, `mode`, as SQLite's `meta`.
@@ -29,6 +29,14 @@
 //! - `members(principal PRIMARY KEY, user_name UNIQUE, joined_at_us)`, `grants(principal,
 //!   kind, at_us)`: as SQLite's.
 //! - `lease(id = 1, epoch, holder, endpoint, since)`: the fencing epoch and who holds it.
+//! - Version 2, attachments' complete blobs ([`crate::blobs`], so that any node of the group
+//!   serves them after a failover): `blob_chunks(digest BYTEA, byte_offset BIGINT, data
+//!   BYTEA, PRIMARY KEY (digest, byte_offset))`, the content in pieces of
+//!   [`crate::blobs::PG_CHUNK_BYTES`] (1 MiB; the last one shorter), stored out of line
+//!   without compression (`STORAGE EXTERNAL`: attachments are mostly compressed already, and
+//!   a range read then fetches only the TOAST pieces it needs); `blobs(digest PRIMARY KEY,
+//!   size, sealed_at)`, written in the same transaction after every chunk: a blob is there
+//!   exactly when its row is.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -53,7 +61,8 @@ use super::{
 };
 
 /// The migrations, in order: entry N-1 takes the schema from version N-1 to N.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE messages (
         seq BIGINT PRIMARY KEY,
@@ -84,7 +93,20 @@ const MIGRATIONS: &[&str] = &["
         endpoint TEXT,
         since TIMESTAMPTZ);
     INSERT INTO lease (id, epoch) VALUES (1, 0);
-"];
+",
+    "
+    CREATE TABLE blob_chunks (
+        digest BYTEA NOT NULL,
+        byte_offset BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (digest, byte_offset));
+    ALTER TABLE blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+    CREATE TABLE blobs (
+        digest BYTEA PRIMARY KEY,
+        size BIGINT NOT NULL,
+        sealed_at TIMESTAMPTZ NOT NULL DEFAULT now());
+",
+];
 
 /// The schema version this build makes and reads.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
