@@ -83,7 +83,10 @@ fn run(
     for endpoint in crate::client::registry_endpoints(endpoint) {
         let socket = ctx.socket(zmq::DEALER)?;
         socket.set_linger(200)?;
-        socket.set_immediate(true)?;
+        // Not `immediate`: the first `connect` waits in the pipe and goes out the moment the
+        // connection is up, so the push session starts as soon as it can (a DM stored
+        // before it is not pushed). Each DEALER has one peer, so nothing queues for a dead
+        // registry but its own heartbeats, up to the HWM.
         socket.set_heartbeat_ivl(1000)?;
         socket.set_heartbeat_timeout(3000)?;
         socket.set_curve_serverkey(curve.server_key.as_bytes())?;
@@ -95,8 +98,8 @@ fn run(
             next: Instant::now(),
         });
     }
-    // Whether the request was queued: with `immediate`, not while the registry is not
-    // connected (EAGAIN). A DEALER adds the empty delimiter a REQ would.
+    // Whether the request was queued (not past the HWM). A DEALER adds the empty delimiter
+    // a REQ would.
     let send = |socket: &zmq::Socket, request: RegistryRequest| -> bool {
         let frames = encode_request(&request);
         socket
@@ -127,7 +130,7 @@ fn run(
                         push: true,
                     }),
                 );
-                // Not connected yet (or down): try again shortly.
+                // Refused (the pipe is full: the registry is long gone): try again shortly.
                 link.next = now + if sent { every } else { RETRY_UNCONNECTED };
             }
         }

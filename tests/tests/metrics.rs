@@ -93,7 +93,10 @@ fn a_scrape_of_each_server_moves_with_traffic_and_both_say_they_serve() {
         "{after}"
     );
     assert!(moved("agora_commit_batch_size_count") >= 6.0, "{after}");
-    assert!(moved("agora_fsync_seconds_count") >= 1.0, "{after}");
+    if fed.store.is_none() {
+        // SQLite's WAL is synced by the node; a PostgreSQL commit is durable by itself.
+        assert!(moved("agora_fsync_seconds_count") >= 1.0, "{after}");
+    }
     assert!(sample(&after, "agora_log_bytes") > 0.0, "{after}");
     assert!(after.contains("agora_pushes_total"), "{after}");
 

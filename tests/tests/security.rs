@@ -268,8 +268,14 @@ fn a_group_name_belongs_to_its_key_until_the_operator_releases_it() {
     assert!(wait_for(WAIT, || endpoint_of(&fed).as_deref()
         == Some(owner.endpoint.as_str())));
 
-    // Another key is refused while the owner is live...
-    let intruder = fed.node("Cool Group", "127.0.0.1:0", "intruder", &[]);
+    // Another key is refused while the owner is live... (an intruder stores elsewhere: one
+    // sharing the owner's PostgreSQL store would be a standby waiting for the lease)
+    let elsewhere = fed.pg.as_ref().map(|pg| pg.database("intruder"));
+    let intruder_store: Vec<&str> = match &elsewhere {
+        Some(url) => vec!["--store", url.as_str()],
+        None => Vec::new(),
+    };
+    let intruder = fed.node("Cool Group", "127.0.0.1:0", "intruder", &intruder_store);
     assert!(wait_for(WAIT, || intruder
         .log()
         .contains("registration refused")));
@@ -284,12 +290,9 @@ fn a_group_name_belongs_to_its_key_until_the_operator_releases_it() {
 
     // The operator frees the name; the intruder's next heartbeat takes it.
     let release = Command::new(bin("registry"))
-        .args([
-            "--data-dir",
-            &fed.path("registry-data"),
-            "release",
-            "Cool Group",
-        ])
+        .args(["--data-dir", &fed.path("registry-data")])
+        .args(fed.store_args())
+        .args(["release", "Cool Group"])
         .output()
         .expect("run registry release");
     assert!(release.status.success(), "{release:?}");
