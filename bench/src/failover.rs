@@ -52,7 +52,7 @@ pub struct Setting {
 pub fn settings() -> Vec<Setting> {
     vec![
         Setting {
-            label: "defaults: client 5 s over 3 attempts, --failover-poll 100ms",
+            label: "defaults: client 5 s over 3 attempts (a lookup after each unanswered one), --failover-poll 100ms",
             client: ClientOptions::default(),
             poll: "100ms",
         },
@@ -392,8 +392,11 @@ impl Client {
             bytes,
         } = self;
         let group = GroupName::new(GROUP)?;
+        // One attempt at a time, looking the group up again after each unanswered one, as
+        // user-cli does (PROTOCOL §11.2): the options' timeout is spread over its attempts.
+        let attempt = options.one_attempt();
         let connect = |endpoint: &str, server_key: PublicKey| {
-            GroupClient::new(&ctx, endpoint, user.clone(), None, options).with_curve(ClientCurve {
+            GroupClient::new(&ctx, endpoint, user.clone(), None, attempt).with_curve(ClientCurve {
                 keypair: keypair.clone(),
                 server_key,
             })

@@ -631,7 +631,7 @@ fn history(b: &mut Bench) {
 }
 
 /// Workload 9: failover time of an active/standby pair on PostgreSQL, per setting (see
-/// [`failover`]); `sizes.repeat` rounds each.
+/// [`mod@failover`]); `sizes.repeat` rounds each.
 fn failover(b: &mut Bench) {
     let Some(mut pg) = b.postgres.take() else {
         return;

@@ -64,6 +64,29 @@ pub struct ClientOptions {
     pub attempts: u32,
 }
 
+impl ClientOptions {
+    /// One attempt, with one attempt's share of the timeout: for a caller that asks where
+    /// the server is now after an unanswered attempt, before the next (failover, PROTOCOL
+    /// §11.2), rather than after all of them.
+    pub fn one_attempt(self) -> ClientOptions {
+        let attempts = self.attempts.max(1);
+        ClientOptions {
+            timeout: self.timeout / attempts,
+            attempts: 1,
+        }
+    }
+
+    /// The attempts left after [`ClientOptions::one_attempt`], with their share of the
+    /// timeout; `None` when it was the only one.
+    pub fn rest(self) -> Option<ClientOptions> {
+        let attempts = self.attempts.max(1);
+        (attempts > 1).then(|| ClientOptions {
+            timeout: self.timeout - self.timeout / attempts,
+            attempts: attempts - 1,
+        })
+    }
+}
+
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
@@ -123,6 +146,15 @@ impl ReqClient {
     /// The endpoint this client talks to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Waits and retries as `options` says from the next call on (the open socket is kept).
+    pub fn set_options(&mut self, options: ClientOptions) {
+        self.options = options;
+        if let Some(socket) = &self.socket {
+            let per_attempt = options.timeout / options.attempts.max(1);
+            let _ = socket.set_rcvtimeo(i32::try_from(per_attempt.as_millis()).unwrap_or(i32::MAX));
+        }
     }
 
     fn socket(&mut self) -> Result<&zmq::Socket, ClientError> {
@@ -529,6 +561,11 @@ impl GroupClient {
     /// The node's endpoint.
     pub fn endpoint(&self) -> &str {
         self.req.endpoint()
+    }
+
+    /// Waits and retries as `options` says from the next call on.
+    pub fn set_options(&mut self, options: ClientOptions) {
+        self.req.set_options(options);
     }
 
     /// Talks CURVE to the node (see [`ReqClient::with_curve`]).

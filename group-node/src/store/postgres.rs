@@ -6,7 +6,7 @@
 //! A batch is one transaction; its commit returns once PostgreSQL has flushed its WAL
 //! (`synchronous_commit` `on`, or stronger where the server asks for it: a server set to
 //! `off` or `local` is raised to `on` for this session), so [`GroupStore::flusher`] is
-//! [`Durable`](super::Durable) and acks leave right after the commit. Group commit stays: every
+//! [`Durable`] and acks leave right after the commit. Group commit stays: every
 //! request in hand goes into one transaction.
 //!
 //! # Fencing

@@ -392,15 +392,32 @@ impl App {
         target: &str,
         mut op: impl FnMut(&mut GroupClient) -> Result<T, ClientError>,
     ) -> Result<(T, String), CliError> {
+        // The first attempt alone: if it goes unanswered the group may have moved (a
+        // standby took over), which the registry tells before the other attempts are spent
+        // on a dead node (PROTOCOL §11.2).
+        let options = self.options;
         let first = {
             let (node, _) = self.node(target)?;
-            op(node).map(|t| (t, node.endpoint().to_owned()))
+            node.set_options(options.one_attempt());
+            let r = op(node).map(|t| (t, node.endpoint().to_owned()));
+            node.set_options(options);
+            r
         };
         match first {
             Err(e) if self.relocated(target, &e) => {
                 let (node, _) = self.node(target)?;
                 let t = op(node).map_err(|source| remote(target, source))?;
                 Ok((t, node.endpoint().to_owned()))
+            }
+            Err(ClientError::Timeout { .. }) if options.rest().is_some() => {
+                // Not moved: the rest of the attempts at the same node.
+                let (node, _) = self.node(target)?;
+                if let Some(rest) = options.rest() {
+                    node.set_options(rest);
+                }
+                let r = op(node).map(|t| (t, node.endpoint().to_owned()));
+                node.set_options(options);
+                r.map_err(|source| remote(target, source))
             }
             r => r.map_err(|source| remote(target, source)),
         }
