@@ -288,12 +288,11 @@ impl Bridge {
                 limit,
             } => self.history(group, after_seq, before_seq, limit),
             Request::Join { group } => {
-                let client = self.group_client(&group)?;
-                Ok(Reply::ok("join", json!({ "membership": client.join()? })))
+                let membership = self.on_group(&group, GroupClient::join)?;
+                Ok(Reply::ok("join", json!({ "membership": membership })))
             }
             Request::Leave { group } => {
-                let client = self.group_client(&group)?;
-                let membership = client.leave()?;
+                let membership = self.on_group(&group, GroupClient::leave)?;
                 Ok(Reply::ok("leave", json!({ "membership": membership })))
             }
             // The session's task follows through the hub (`crate::hub`), not this thread.
@@ -304,8 +303,9 @@ impl Bridge {
             )),
             Request::Send { group, text, id } => {
                 let body = text_body(&text)?;
-                let client = self.group_client(&group)?;
-                let ack = client.send_with_id(body, id.unwrap_or_else(MessageId::new_v7))?;
+                // One id for every try: a retry at a node that took over is stored once.
+                let id = id.unwrap_or_else(MessageId::new_v7);
+                let ack = self.on_group(&group, |c| c.send_with_id(body.clone(), id))?;
                 Ok(Reply::ok("send", json!({"group": group, "ack": ack})))
             }
             Request::Inbox => self.inbox(),
@@ -332,26 +332,29 @@ impl Bridge {
         limit: Option<u32>,
     ) -> Result<Reply, ClientError> {
         let limit = limit.unwrap_or(100).clamp(1, MAX_PAGE_LIMIT);
-        let client = self.group_client(&group)?;
         let messages = match (after_seq, before_seq) {
             (Some(after), _) => {
-                client
-                    .get_messages(HistoryQuery::AfterSeq(after), Some(limit))?
-                    .messages
+                self.on_group(&group, |c| {
+                    c.get_messages(HistoryQuery::AfterSeq(after), Some(limit))
+                })?
+                .messages
             }
             // Seqs are dense from 1: the page before N starts after N - 1 - limit.
             (None, Some(before)) => {
                 let from = before.saturating_sub(u64::from(limit) + 1);
-                let mut page = client
-                    .get_messages(HistoryQuery::AfterSeq(from), Some(limit))?
+                let mut page = self
+                    .on_group(&group, |c| {
+                        c.get_messages(HistoryQuery::AfterSeq(from), Some(limit))
+                    })?
                     .messages;
                 page.retain(|m| m.seq < before);
                 page
             }
             (None, None) => {
-                client
-                    .get_messages(HistoryQuery::Latest(limit), None)?
-                    .messages
+                self.on_group(&group, |c| {
+                    c.get_messages(HistoryQuery::Latest(limit), None)
+                })?
+                .messages
             }
         };
         Ok(Reply::ok(
@@ -388,6 +391,33 @@ impl Bridge {
             "inbox",
             json!({"messages": mailbox.messages, "more": mailbox.more}),
         ))
+    }
+
+    /// Runs `op` against `group`'s node: its first attempt alone, and if that goes unanswered
+    /// or the node says it is stopping, the group is looked up again (a standby may have
+    /// taken over, PROTOCOL §11.2) and `op` runs at the node the registry names, with every
+    /// attempt.
+    ///
+    /// # Errors
+    /// `op`'s, or the lookup's.
+    fn on_group<T>(
+        &mut self,
+        group: &GroupName,
+        mut op: impl FnMut(&mut GroupClient) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let options = self.federation.options();
+        let client = self.group_client(group)?;
+        client.set_options(options.one_attempt());
+        let first = op(client);
+        client.set_options(options);
+        match first {
+            Err(ClientError::Timeout { .. }) => {}
+            Err(ClientError::Server(e)) if e.code == agora_proto::wire::ErrorCode::ShuttingDown => {
+            }
+            result => return result,
+        }
+        self.groups.remove(group);
+        op(self.group_client(group)?)
     }
 
     /// The client of `group`'s node, looked up in the registry the first time.

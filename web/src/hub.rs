@@ -152,11 +152,19 @@ impl Hub {
                 let senders = Arc::clone(&channels);
                 // On the feed's thread: never blocks (a broadcast drops the oldest for a
                 // session that lags).
-                let feed = Feed::with_handler(
+                // Following a group that moves to a standby (PROTOCOL §11.2).
+                let locate = agora_common::live::registry_locator(
+                    ctx.context(),
+                    &federation.registry,
+                    Some(federation.curve(identity)),
+                    federation.options(),
+                );
+                let feed = Feed::with_locator(
                     ctx.context(),
                     identity.user.clone(),
                     Some(identity.keypair.clone()),
                     FeedOptions::default(),
+                    Some(locate),
                     move |event| {
                         let Some((group, event)) = encode(event) else {
                             return true;
