@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use agora_tests::{Federation, Server};
+use agora_tests::{wait_for, Federation, Server};
 
 /// Follows no redirect: the cookie comes with the redirect.
 fn agent() -> ureq::Agent {
@@ -857,4 +857,79 @@ fn read_json(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> serde_json
             return serde_json::from_str(t.as_str()).expect("JSON");
         }
     }
+}
+
+#[test]
+fn the_page_rides_through_a_failover_of_its_group() {
+    let fed = Federation::start("200ms");
+    let cluster = fed.pg.is_none().then(agora_tests::pg::PgCluster::start);
+    let store = match (&fed.store, &cluster) {
+        (Some(url), _) => url.clone(),
+        (None, Some(c)) => c.database("agora"),
+        (None, None) => unreachable!("one of them is set"),
+    };
+    let mut active = fed.node("Moving", "127.0.0.1:0", "a", &["--store", &store]);
+    std::fs::create_dir_all(fed.node_data_dir("b")).expect("data dir");
+    for file in ["node.key", "node.key_secret"] {
+        std::fs::copy(
+            format!("{}/{file}", fed.node_data_dir("a")),
+            format!("{}/{file}", fed.node_data_dir("b")),
+        )
+        .expect("share the key pair");
+    }
+    let standby = fed.spawn_node("Moving", "127.0.0.1:0", "b", &["--store", &store]);
+    assert!(wait_for(Duration::from_secs(20), || standby
+        .log()
+        .contains("waiting for it")));
+    fed.join_when_listed("alice", "Moving");
+    let (_web, base, cookie) = personal(&fed, "alice", &[]);
+    let mut ws = websocket(&base, &cookie);
+    ask(
+        &mut ws,
+        serde_json::json!({"op": "follow", "group": "Moving", "after_seq": 0}),
+    );
+    // Entries pushed while a reply is awaited are kept.
+    let mut seen = Vec::new();
+    let mut ask = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+                   request: serde_json::Value| {
+        ws.send(tungstenite::Message::Text(request.to_string().into()))
+            .expect("send");
+        loop {
+            let message = read_json(ws);
+            if message["event"] == "entry" {
+                seen.push(message["entry"]["seq"].as_u64().unwrap_or(0));
+            } else if message.get("event").is_none() {
+                return message;
+            }
+        }
+    };
+    let sent = ask(
+        &mut ws,
+        serde_json::json!({"op": "send", "group": "Moving", "text": "before"}),
+    );
+    assert_eq!(sent["ack"]["seq"], 2, "{sent}");
+
+    active.kill9();
+    // The gateway's first attempt goes unanswered; it looks the group up again and sends
+    // the same message to the node that took over.
+    let after = ask(
+        &mut ws,
+        serde_json::json!({"op": "send", "group": "Moving", "text": "after"}),
+    );
+    assert_eq!(after["ack"]["seq"], 3, "{after}");
+    let _new_active = standby.wait_listening(Duration::from_secs(10));
+
+    // The page's live stream moved too: every entry once, in order.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen.last() != Some(&3) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries so far: {seen:?}"
+        );
+        let message = read_json(&mut ws);
+        if message["event"] == "entry" {
+            seen.push(message["entry"]["seq"].as_u64().unwrap_or(0));
+        }
+    }
+    assert_eq!(seen, vec![1, 2, 3]);
 }
