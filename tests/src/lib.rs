@@ -418,6 +418,34 @@ impl Federation {
         }
     }
 
+    /// A PostgreSQL database for nodes that share a store (an active and its standbys):
+    /// the federation's own when it stores in PostgreSQL, else a new cluster's, which the
+    /// caller keeps for as long as the nodes run. Returns the cluster (if one was started)
+    /// and the database's URL.
+    pub fn shared_store(&self) -> (Option<pg::PgCluster>, String) {
+        match &self.store {
+            Some(url) => (None, url.clone()),
+            None => {
+                let cluster = pg::PgCluster::start();
+                let url = cluster.database("agora");
+                (Some(cluster), url)
+            }
+        }
+    }
+
+    /// Gives the node of data directory `to` (its tag) the key pair of `from`'s: nodes of
+    /// one group share it.
+    ///
+    /// # Panics
+    /// If the files cannot be copied.
+    pub fn share_node_keys(&self, from: &str, to: &str) {
+        let (from, to) = (self.node_data_dir(from), self.node_data_dir(to));
+        std::fs::create_dir_all(&to).expect("data dir");
+        for file in ["node.key", "node.key_secret"] {
+            std::fs::copy(format!("{from}/{file}"), format!("{to}/{file}")).expect("copy key");
+        }
+    }
+
     /// `--store URL` when the federation stores in PostgreSQL, else nothing.
     pub fn store_args(&self) -> Vec<&str> {
         match &self.store {

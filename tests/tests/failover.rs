@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use agora_tests::pg::PgCluster;
 use agora_tests::{wait_for, CliRun, Federation, Server};
 
 const GROUP: &str = "ha";
@@ -19,28 +18,6 @@ fn json_lines(run: &CliRun) -> Vec<serde_json::Value> {
 fn ok(run: CliRun) -> CliRun {
     assert_eq!(run.code, Some(0), "user-cli failed: {run:?}");
     run
-}
-
-/// The federation's PostgreSQL database, or one of the test's own when the federation
-/// stores in SQLite.
-fn database(fed: &Federation) -> (Option<PgCluster>, String) {
-    match &fed.store {
-        Some(url) => (None, url.clone()),
-        None => {
-            let cluster = PgCluster::start();
-            let url = cluster.database("agora");
-            (Some(cluster), url)
-        }
-    }
-}
-
-/// Gives the node of data directory `to` the key pair of `from`'s (both serve one group).
-fn share_keys(fed: &Federation, from: &str, to: &str) {
-    let (from, to) = (fed.node_data_dir(from), fed.node_data_dir(to));
-    std::fs::create_dir_all(&to).expect("data dir");
-    for file in ["node.key", "node.key_secret"] {
-        std::fs::copy(format!("{from}/{file}"), format!("{to}/{file}")).expect("copy key");
-    }
 }
 
 /// Every entry's seq, and the chat bodies in order, as bob reads the log.
@@ -61,9 +38,9 @@ fn read_log(fed: &Federation) -> (Vec<u64>, Vec<String>) {
 #[test]
 fn a_standby_takes_over_after_kill_9_and_nothing_acked_is_lost() {
     let fed = Federation::start("200ms");
-    let (_cluster, url) = database(&fed);
+    let (_cluster, url) = fed.shared_store();
     let mut active: Server = fed.node(GROUP, "127.0.0.1:0", "a", &["--store", &url]);
-    share_keys(&fed, "a", "b");
+    fed.share_node_keys("a", "b");
     let standby = fed.spawn_node(GROUP, "127.0.0.1:0", "b", &["--store", &url]);
     assert!(
         wait_for(Duration::from_secs(20), || standby
@@ -121,7 +98,7 @@ fn a_standby_takes_over_after_kill_9_and_nothing_acked_is_lost() {
 #[test]
 fn a_node_whose_lease_moved_commits_nothing_and_stops() {
     let fed = Federation::start("200ms");
-    let (_cluster, url) = database(&fed);
+    let (_cluster, url) = fed.shared_store();
     let mut node = fed.node(GROUP, "127.0.0.1:0", "a", &["--store", &url]);
     fed.join_when_listed("alice", GROUP);
     ok(fed.cli("alice", &["send", GROUP, "first"], ""));

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use agora_proto::wire::Sha256Digest;
-use agora_tests::pg::PgCluster;
 use agora_tests::{wait_for, CliRun, Federation};
 use sha2::{Digest, Sha256};
 
@@ -26,28 +25,6 @@ fn content(len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u64 * 2_654_435_761 % 251) as u8)
         .collect()
-}
-
-/// The federation's PostgreSQL database, or one of the test's own when the federation
-/// stores in SQLite.
-fn database(fed: &Federation) -> (Option<PgCluster>, String) {
-    match &fed.store {
-        Some(url) => (None, url.clone()),
-        None => {
-            let cluster = PgCluster::start();
-            let url = cluster.database("agora");
-            (Some(cluster), url)
-        }
-    }
-}
-
-/// Gives the node of data directory `to` the key pair of `from`'s (both serve one group).
-fn share_keys(fed: &Federation, from: &str, to: &str) {
-    let (from, to) = (fed.node_data_dir(from), fed.node_data_dir(to));
-    std::fs::create_dir_all(&to).expect("data dir");
-    for file in ["node.key", "node.key_secret"] {
-        std::fs::copy(format!("{from}/{file}"), format!("{to}/{file}")).expect("copy key");
-    }
 }
 
 /// The seq in user-cli's `sent to GROUP: seq N at TIME`.
@@ -89,9 +66,9 @@ fn chunk_bytes_received(log: &str, digest: &Sha256Digest) -> u64 {
 #[test]
 fn a_file_sent_before_kill_9_downloads_whole_from_the_standby_that_took_over() {
     let fed = Federation::start("200ms");
-    let (_cluster, url) = database(&fed);
+    let (_cluster, url) = fed.shared_store();
     let mut active = fed.node(GROUP, "127.0.0.1:0", "a", &["--store", &url]);
-    share_keys(&fed, "a", "b");
+    fed.share_node_keys("a", "b");
     let standby = fed.spawn_node(GROUP, "127.0.0.1:0", "b", &["--store", &url]);
     assert!(
         wait_for(Duration::from_secs(20), || standby

@@ -862,21 +862,9 @@ fn read_json(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> serde_json
 #[test]
 fn the_page_rides_through_a_failover_of_its_group() {
     let fed = Federation::start("200ms");
-    let cluster = fed.pg.is_none().then(agora_tests::pg::PgCluster::start);
-    let store = match (&fed.store, &cluster) {
-        (Some(url), _) => url.clone(),
-        (None, Some(c)) => c.database("agora"),
-        (None, None) => unreachable!("one of them is set"),
-    };
+    let (_cluster, store) = fed.shared_store();
     let mut active = fed.node("Moving", "127.0.0.1:0", "a", &["--store", &store]);
-    std::fs::create_dir_all(fed.node_data_dir("b")).expect("data dir");
-    for file in ["node.key", "node.key_secret"] {
-        std::fs::copy(
-            format!("{}/{file}", fed.node_data_dir("a")),
-            format!("{}/{file}", fed.node_data_dir("b")),
-        )
-        .expect("share the key pair");
-    }
+    fed.share_node_keys("a", "b");
     let standby = fed.spawn_node("Moving", "127.0.0.1:0", "b", &["--store", &store]);
     assert!(wait_for(Duration::from_secs(20), || standby
         .log()
