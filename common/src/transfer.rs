@@ -43,11 +43,17 @@ pub enum PutError<E> {
     Sealing,
 }
 
+/// The slowest a node's seal is expected to go, in bytes per second (16 MiB/s): how long
+/// [`put`] waits for a seal beyond its timeout grows with the file (4 GiB: 256 s more).
+pub const SEAL_BYTES_PER_SEC: u64 = 16 << 20;
+
 /// Leaves the content `sha256` (`size` bytes, read from `source`) complete on the node: asks
 /// where the upload stands with `ask` (the `upload` request, PROTOCOL §6.9), sends what is
-/// missing with [`upload_windowed`], asks again after a `bad_offset` (a node restart; twice
-/// at most), and waits out the node's seal for up to `timeout`. `progress` gets the bytes
-/// the node holds after each chunk's reply.
+/// missing with [`upload_windowed`], asks again after a `bad_offset` (a node restart) or an
+/// unanswered chunk (twice at most, resuming where the node stands; an unanswered last
+/// chunk whose bytes are all there is a seal still running), and waits out the node's seal
+/// for up to `timeout` plus the file's size at [`SEAL_BYTES_PER_SEC`]. `progress` gets the
+/// bytes the node holds after each chunk's reply.
 ///
 /// # Errors
 /// [`PutError::Ask`] with `ask`'s error; [`PutError::Send`]; [`PutError::Incomplete`];
@@ -94,13 +100,32 @@ pub fn put<R: Read + Seek, E>(
                     complete = now.complete;
                     from = now.have;
                 }
+                Err(e @ ClientError::Timeout { .. }) => {
+                    // The last chunk's reply waits for the seal, which can outlast the timeout
+                    // (a large file copied into the node's database): every byte may be
+                    // there already. Otherwise a slow reply mid-stream: resume where the node
+                    // stands, as after `bad_offset`.
+                    let now = ask().map_err(PutError::Ask)?;
+                    if now.complete || now.have >= size {
+                        complete = now.complete;
+                        break;
+                    }
+                    if tries >= 2 {
+                        return Err(PutError::Send(e));
+                    }
+                    tries += 1;
+                    from = now.have;
+                }
                 Err(e) => return Err(PutError::Send(e)),
             }
         }
     }
     // Every byte is at the node; until its seal ends `upload` answers `have == size` without
-    // `complete` (a seal resumed after a restart, or another upload's).
-    let deadline = Instant::now() + timeout;
+    // `complete` (a seal resumed after a restart, or another upload's). A seal reads the
+    // whole file (and, with a PostgreSQL store, copies it into the database): allow it
+    // [`SEAL_BYTES_PER_SEC`] on top of the timeout.
+    let allowance = Duration::from_secs(size / SEAL_BYTES_PER_SEC);
+    let deadline = Instant::now() + timeout + allowance;
     while !complete {
         let now = ask().map_err(PutError::Ask)?;
         complete = now.complete;

@@ -140,3 +140,47 @@ fn a_file_sent_before_kill_9_downloads_whole_from_the_standby_that_took_over() {
         "the new active took the content again"
     );
 }
+
+/// Regression: with a PostgreSQL store the seal copies the file into the database before the
+/// last chunk is acked, which can outlast the client's timeout; the upload then waits the seal
+/// out (the node says every byte is there) instead of failing.
+#[test]
+fn a_seal_that_outlasts_the_client_timeout_still_completes_the_send() {
+    let fed = Federation::start("200ms");
+    let (_cluster, url) = fed.shared_store();
+    let _node = fed.node(GROUP, "127.0.0.1:0", "a", &["--store", &url]);
+    fed.join_when_listed("alice", GROUP);
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = content(64 << 20);
+    let src = dir.path().join("big.bin");
+    std::fs::write(&src, &data).expect("write");
+    let sent = fed.cli(
+        "alice",
+        &[
+            "--timeout",
+            "300ms",
+            "send_file",
+            GROUP,
+            src.to_str().expect("utf-8"),
+        ],
+        "",
+    );
+    assert_eq!(sent.code, Some(0), "{sent:?}");
+    let seq = seq_of(&sent.stdout);
+    let out = dir.path().join("back.bin");
+    ok(fed.cli(
+        "alice",
+        &[
+            "get_file",
+            GROUP,
+            &seq,
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+        "",
+    ));
+    assert_eq!(
+        digest_of(&std::fs::read(&out).expect("read")),
+        digest_of(&data)
+    );
+}
