@@ -250,17 +250,32 @@ pub fn fsync_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
 /// # Errors
 /// When the store cannot be opened or written.
 pub fn store_commit_rate(count: u64, bytes: usize) -> anyhow::Result<f64> {
-    use agora_group_node::store::{GroupStore, NewMessage, SqliteStore};
+    use agora_group_node::store::SqliteStore;
     let dir = tempfile::tempdir()?;
     let group = agora_proto::wire::GroupName::new("floor")?;
     let sender = agora_proto::wire::UserName::new("floor")?;
     let mut store = SqliteStore::open(&dir.path().join("floor.sqlite3"), &group)?;
+    commit_rate(&mut store, &sender, count, bytes)
+}
+
+/// Appends `count` messages of `bytes` to `store` as `sender`, each in a transaction of its
+/// own (begin, append, commit: one durable commit each, as the node's 1-in-flight path);
+/// returns messages per second. Shared by the SQLite and PostgreSQL storage floors.
+///
+/// # Errors
+/// The store's errors.
+pub fn commit_rate(
+    store: &mut dyn agora_group_node::store::GroupStore,
+    sender: &agora_proto::wire::UserName,
+    count: u64,
+    bytes: usize,
+) -> anyhow::Result<f64> {
     let t = Instant::now();
     for n in 0..count {
         let body = crate::body(n, bytes);
         store.begin()?;
-        store.append(NewMessage {
-            sender: &sender,
+        store.append(agora_group_node::store::NewMessage {
+            sender,
             kind: agora_proto::wire::EntryKind::Message,
             sender_key: None,
             body: &body,

@@ -169,24 +169,9 @@ impl Postgres {
 /// # Errors
 /// The store's errors.
 pub fn store_commit_rate(url: &str, count: u64, bytes: usize) -> anyhow::Result<f64> {
-    use agora_group_node::store::{GroupStore, NewMessage, PgStore};
+    use agora_group_node::store::PgStore;
     let group = agora_proto::wire::GroupName::new("floor")?;
     let sender = agora_proto::wire::UserName::new("floor")?;
     let mut store = PgStore::open(url, &group, None, Duration::from_secs(2))?;
-    let t = Instant::now();
-    for n in 0..count {
-        let body = crate::body(n, bytes);
-        store.begin()?;
-        store.append(NewMessage {
-            sender: &sender,
-            kind: agora_proto::wire::EntryKind::Message,
-            sender_key: None,
-            body: &body,
-            id: Some(agora_proto::id::MessageId::new_v7()),
-            now: agora_proto::time::Timestamp::now(),
-            attachment: None,
-        })?;
-        store.commit()?;
-    }
-    Ok(count as f64 / t.elapsed().as_secs_f64())
+    crate::floor::commit_rate(&mut store, &sender, count, bytes)
 }

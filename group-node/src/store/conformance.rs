@@ -76,19 +76,19 @@ conformance!(
     grants_and_mode_persist,
 );
 
-fn group() -> GroupName {
+pub(super) fn group() -> GroupName {
     GroupName::new("Cool Group").expect("name")
 }
 
-fn user(n: &str) -> UserName {
+pub(super) fn user(n: &str) -> UserName {
     UserName::new(n).expect("name")
 }
 
-fn body(s: &str) -> Box<RawValue> {
+pub(super) fn body(s: &str) -> Box<RawValue> {
     RawValue::from_string(s.to_owned()).expect("json")
 }
 
-fn append(store: &mut dyn GroupStore, text: &str, now: i64) -> SendAck {
+pub(super) fn append(store: &mut dyn GroupStore, text: &str, now: i64) -> SendAck {
     let alice = user("alice");
     let b = body(text);
     store.begin().expect("begin");

@@ -919,39 +919,9 @@ impl GroupStore for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::conformance::{append, group, user};
     use super::*;
     use agora_proto::wire::MAX_PAGE_BYTES;
-
-    fn group() -> GroupName {
-        GroupName::new("Cool Group").expect("name")
-    }
-
-    fn user(n: &str) -> UserName {
-        UserName::new(n).expect("name")
-    }
-
-    fn body(s: &str) -> Box<RawValue> {
-        RawValue::from_string(s.to_owned()).expect("json")
-    }
-
-    fn append(store: &mut SqliteStore, text: &str, now: i64) -> SendAck {
-        let alice = user("alice");
-        let b = body(text);
-        store.begin().expect("begin");
-        let ack = store
-            .append(NewMessage {
-                sender: &alice,
-                kind: EntryKind::Message,
-                sender_key: None,
-                body: &b,
-                id: None,
-                now: Timestamp::from_micros(now),
-                attachment: None,
-            })
-            .expect("append");
-        store.commit().expect("commit");
-        ack
-    }
 
     /// A zero-filled WAL is overwritten, not grown, and SQLite's recovery reads the frames
     /// before the zeros: a copy of the files taken after a sync (as a crash would leave
