@@ -3,7 +3,7 @@
 //! carries a CSP without inline scripts, and its WebSocket lists groups, sends and reads
 //! history as the signed-in person.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agora_tests::{wait_for, Federation, Server};
 
@@ -86,18 +86,13 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
     let mut ws = websocket(base, &cookie);
     // Replies come in order; pushed events may come between them and are kept aside.
     let mut events: Vec<serde_json::Value> = Vec::new();
-    let next = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>| loop {
-        if let tungstenite::Message::Text(t) = ws.read().expect("a message within 10 s") {
-            return serde_json::from_str::<serde_json::Value>(t.as_str()).expect("JSON");
-        }
-    };
     let call = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
                 events: &mut Vec<serde_json::Value>,
                 request: serde_json::Value| {
         ws.send(tungstenite::Message::Text(request.to_string().into()))
             .expect("send");
         loop {
-            let message = next(ws);
+            let message = read_json(ws);
             if message.get("event").is_some() {
                 events.push(message);
             } else {
@@ -191,7 +186,7 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
         .iter()
         .any(|(_, body)| body == "from the cli")
     {
-        let message = next(&mut ws);
+        let message = read_json(&mut ws);
         events.push(message);
     }
     let seqs: Vec<u64> = entries(&events).iter().map(|(s, _)| *s).collect();
@@ -224,11 +219,9 @@ fn ask(
     ws.send(tungstenite::Message::Text(request.to_string().into()))
         .expect("send");
     loop {
-        if let tungstenite::Message::Text(t) = ws.read().expect("a message within 10 s") {
-            let message: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
-            if message.get("event").is_none() {
-                return message;
-            }
+        let message = read_json(ws);
+        if message.get("event").is_none() {
+            return message;
         }
     }
 }
@@ -611,11 +604,9 @@ fn the_websocket_pages_back_through_history_and_carries_direct_messages_and_pres
     let live = fed.cli("bob", &["send_dm", "alice", "now live"], "");
     assert_eq!(live.code, Some(0), "{live:?}");
     let pushed = loop {
-        if let tungstenite::Message::Text(t) = ws.read().expect("the pushed DM within 10 s") {
-            let message: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
-            if message["event"] == "dm" {
-                break message;
-            }
+        let message = read_json(&mut ws);
+        if message["event"] == "dm" {
+            break message;
         }
     };
     assert_eq!(pushed["dm"]["body"], "now live", "{pushed}");
@@ -765,7 +756,7 @@ fn an_oversized_websocket_message_gets_an_error_and_never_touches_other_sessions
     ws.send(tungstenite::Message::Text("y".repeat(2 << 20).into()))
         .expect("send");
     let closed = loop {
-        match ws.read() {
+        match read_message(&mut ws) {
             Ok(tungstenite::Message::Close(frame)) => break frame,
             Ok(_) => {}
             Err(e) => panic!("a close frame, not {e}"),
@@ -853,8 +844,24 @@ fn a_page_that_stops_reading_loses_nothing_and_slows_no_one() {
 /// The next JSON message (10 s read timeout).
 fn read_json(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> serde_json::Value {
     loop {
-        if let tungstenite::Message::Text(t) = ws.read().expect("a message within 10 s") {
+        if let tungstenite::Message::Text(t) = read_message(ws).expect("a message within 10 s") {
             return serde_json::from_str(t.as_str()).expect("JSON");
+        }
+    }
+}
+
+/// The next WebSocket message, within 10 s. A read interrupted by a signal (`EINTR`: a read
+/// with `SO_RCVTIMEO` is never restarted, and the test process has children exiting) is
+/// read again, as tungstenite keeps what it had buffered.
+fn read_message(
+    ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+) -> tungstenite::Result<tungstenite::Message> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ws.read() {
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::Interrupted && Instant::now() < deadline => {}
+            other => return other,
         }
     }
 }
@@ -908,10 +915,10 @@ fn the_page_rides_through_a_failover_of_its_group() {
     let _new_active = standby.wait_listening(Duration::from_secs(10));
 
     // The page's live stream moved too: every entry once, in order.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while seen.last() != Some(&3) {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "entries so far: {seen:?}"
         );
         let message = read_json(&mut ws);
