@@ -913,6 +913,19 @@ impl Node {
         };
         if let Err(e) = &began {
             tracing::error!(error = %e, "cannot start a transaction");
+        } else {
+            // The sends' ids, looked up together; a failure aborts the batch, whose writes
+            // are then refused and rolled back at commit.
+            let ids: Vec<agora_proto::id::MessageId> = incoming
+                .iter()
+                .filter_map(|i| match &i.request {
+                    Ok(NodeRequest::Send(r)) => r.id,
+                    _ => None,
+                })
+                .collect();
+            if let Err(e) = self.store.expect_appends(&ids) {
+                tracing::error!(error = %e, "cannot look up the batch's message ids");
+            }
         }
         for incoming in incoming {
             let limited = rate_limit(&mut self.limiter, &incoming, instant);

@@ -917,10 +917,7 @@ fn the_page_rides_through_a_failover_of_its_group() {
     // The page's live stream moved too: every entry once, in order.
     let deadline = Instant::now() + Duration::from_secs(20);
     while seen.last() != Some(&3) {
-        assert!(
-            Instant::now() < deadline,
-            "entries so far: {seen:?}"
-        );
+        assert!(Instant::now() < deadline, "entries so far: {seen:?}");
         let message = read_json(&mut ws);
         if message["event"] == "entry" {
             seen.push(message["entry"]["seq"].as_u64().unwrap_or(0));

@@ -71,6 +71,7 @@ conformance!(
     seq_is_gap_free_and_survives_reopen_and_retention,
     max_age_deletes_old_messages_only,
     retried_client_id_is_stored_once_and_conflicts_are_refused,
+    expected_ids_answer_retries_and_the_batch_reads_its_own_appends,
     pages_by_seq_time_id_and_latest,
     membership_is_by_principal_with_one_name_each,
     grants_and_mode_persist,
@@ -196,6 +197,130 @@ fn retried_client_id_is_stored_once_and_conflicts_are_refused(backend: &dyn Back
     ));
     s.commit().expect("commit");
     assert_eq!(s.last_seq(), 1);
+}
+
+fn expected_ids_answer_retries_and_the_batch_reads_its_own_appends(backend: &dyn Backend) {
+    let mut s = backend.open();
+    let (alice, bob) = (user("alice"), user("bob"));
+    let ids: Vec<MessageId> = (0..4).map(|_| MessageId::new_v7()).collect();
+    let (one, two) = (body("1"), body("2"));
+    let msg = |sender, b, id| NewMessage {
+        sender,
+        kind: EntryKind::Message,
+        sender_key: None,
+        body: b,
+        id: Some(id),
+        attachment: None,
+        now: Timestamp::now(),
+    };
+    let seqs = |p: Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    s.begin().expect("begin");
+    s.expect_appends(&ids[..2]).expect("expect");
+    let a = s.append(msg(&alice, &one, ids[0])).expect("a");
+    let b = s.append(msg(&alice, &one, ids[1])).expect("b");
+    assert_eq!((a.seq, b.seq), (1, 2));
+    // A retry in the same batch gets the first ack; another sender or body is refused.
+    let again = s.append(msg(&alice, &one, ids[0])).expect("again");
+    assert!(again.duplicate);
+    assert_eq!((again.seq, again.time), (a.seq, a.time));
+    assert!(matches!(
+        s.append(msg(&bob, &one, ids[0])),
+        Err(StoreError::IdConflict(i)) if i == ids[0]
+    ));
+    // An event (no client id) and an unexpected id go in order with the rest.
+    let null = body("null");
+    let event = s
+        .append(NewMessage {
+            id: None,
+            kind: EntryKind::Join,
+            ..msg(&bob, &null, ids[0])
+        })
+        .expect("event");
+    let unexpected = s.append(msg(&alice, &two, ids[2])).expect("unexpected");
+    assert_eq!((event.seq, unexpected.seq), (3, 4));
+    // Reads in the batch see its appends.
+    let p = s
+        .page(HistoryQuery::AfterSeq(0), 100, MAX_PAGE_BYTES)
+        .expect("page");
+    assert_eq!(seqs(p), vec![1, 2, 3, 4]);
+    let c = s.append(msg(&alice, &two, ids[3])).expect("c");
+    assert_eq!(c.seq, 5);
+    s.commit().expect("commit");
+
+    // The next batch: expected retries of stored messages get their acks, once.
+    s.begin().expect("begin");
+    s.expect_appends(&[ids[1], ids[3], ids[1]]).expect("expect");
+    let b_again = s.append(msg(&alice, &one, ids[1])).expect("b again");
+    assert!(b_again.duplicate);
+    assert_eq!((b_again.seq, b_again.time), (b.seq, b.time));
+    assert!(matches!(
+        s.append(msg(&alice, &one, ids[3])),
+        Err(StoreError::IdConflict(_))
+    ));
+    s.commit().expect("commit");
+    drop(s);
+    let s = backend.open();
+    assert_eq!(s.last_seq(), 5);
+    let p = s
+        .page(HistoryQuery::AfterSeq(0), 100, MAX_PAGE_BYTES)
+        .expect("page");
+    let stored: Vec<(u64, MessageId)> = p.messages.iter().map(|m| (m.seq, m.id)).collect();
+    assert_eq!(
+        stored,
+        vec![
+            (1, ids[0]),
+            (2, ids[1]),
+            (3, event.id),
+            (4, ids[2]),
+            (5, ids[3])
+        ]
+    );
+}
+
+/// PostgreSQL: a batch fenced at commit (another node took the lease) stores none of the
+/// appends it held, and the store's state is the database's again.
+#[test]
+fn a_fenced_batch_stores_nothing() {
+    let pg = Postgres::start();
+    let mut s = PgStore::open(&pg.url, &group(), Some(0), Duration::from_secs(2)).expect("open");
+    append(&mut s, "1", 100);
+    s.begin().expect("begin");
+    let id = MessageId::new_v7();
+    s.expect_appends(&[id]).expect("expect");
+    let alice = user("alice");
+    let lost = body("2");
+    let ack = s
+        .append(NewMessage {
+            sender: &alice,
+            kind: EntryKind::Message,
+            sender_key: None,
+            body: &lost,
+            id: Some(id),
+            now: Timestamp::now(),
+            attachment: None,
+        })
+        .expect("append");
+    assert_eq!(ack.seq, 2);
+    let mut other = ::postgres::Client::connect(&pg.url, ::postgres::NoTls).expect("connect");
+    other
+        .batch_execute(&format!(
+            "UPDATE {}.lease SET epoch = epoch + 1",
+            super::postgres::schema_name(&group())
+        ))
+        .expect("take the lease");
+    assert!(matches!(
+        s.commit(),
+        Err(StoreError::Fenced {
+            held: 0,
+            current: 1
+        })
+    ));
+    let s = pg.open();
+    assert_eq!(s.last_seq(), 1);
+    let p = s
+        .page(HistoryQuery::ById(id), 1, MAX_PAGE_BYTES)
+        .expect("page");
+    assert!(p.messages.is_empty(), "the fenced append is not stored");
 }
 
 fn pages_by_seq_time_id_and_latest(backend: &dyn Backend) {

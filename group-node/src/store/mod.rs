@@ -276,6 +276,16 @@ pub trait GroupStore: Send {
     fn members(&self) -> Result<Vec<Member>, StoreError>;
     /// How many members there are.
     fn member_count(&self) -> u64;
+    /// Says which client ids the open batch is about to [`append`](GroupStore::append), so
+    /// that a store can look them up in one go instead of one query per message (PostgreSQL,
+    /// where each query is a round trip). Ids appended without being expected are still
+    /// checked, one at a time. Does nothing by default.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`], which aborts the batch.
+    fn expect_appends(&mut self, _ids: &[MessageId]) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Appends a message, or returns the earlier ack if its client id is already stored with
     /// the same sender and body (`duplicate: true`).
     ///

@@ -9,6 +9,18 @@
 //! [`Durable`] and acks leave right after the commit. Group commit stays: every
 //! request in hand goes into one transaction.
 //!
+//! # Round trips
+//! Each statement is a round trip to the server, which bounded the first version to one
+//! `INSERT` per message. A batch now costs a fixed handful, whatever its size:
+//! - appends are held in the store and written at commit, or before any read that could see
+//!   them, by one `INSERT … SELECT FROM unnest(…)` (PostgreSQL's array expansion);
+//! - the client ids of a batch's sends are looked up together first
+//!   ([`GroupStore::expect_appends`]), so that a retried send is still answered with its
+//!   stored ack; an id not looked up that way takes the slow path (one `INSERT … ON
+//!   CONFLICT` of its own);
+//! - members are cached (the active node is the only writer, under its lease), so the
+//!   membership check of a send is not a query; the cache is dropped with a failed batch.
+//!
 //! # Fencing
 //! A store opened with an epoch ([`PgStore::open`]) checks, in every commit's transaction,
 //! that `lease.epoch` is still that epoch, reading it `FOR SHARE`: a node that took the lease
@@ -38,8 +50,8 @@
 //!   size, sealed_at)`, written in the same transaction after every chunk: a blob is there
 //!   exactly when its row is.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use postgres::types::ToSql;
@@ -218,6 +230,33 @@ pub fn prepare_schema(client: &mut Client, group: &GroupName) -> Result<(), Stor
     Ok(())
 }
 
+/// The most members [`PgStore`] keeps in its cache (65,536); past it the cache starts over.
+const MEMBER_CACHE: usize = 1 << 16;
+
+/// A message appended in the open batch and not yet written (see the module docs).
+#[derive(Debug)]
+struct Held {
+    seq: i64,
+    id: MessageId,
+    time_us: i64,
+    sender: String,
+    body: String,
+    kind: &'static str,
+    sender_key: Option<String>,
+    attachment: Option<String>,
+    attachment_sha256: Option<Vec<u8>>,
+}
+
+/// What is stored under a client id looked up by [`GroupStore::expect_appends`].
+#[derive(Debug)]
+struct Stored {
+    seq: i64,
+    time_us: i64,
+    sender: String,
+    body: String,
+    attachment: Option<String>,
+}
+
 /// [`GroupStore`] in a PostgreSQL schema (see the module docs).
 pub struct PgStore {
     /// `RefCell`: the client needs `&mut` for every query, reads included; the store is
@@ -229,7 +268,16 @@ pub struct PgStore {
     clock: MonotonicClock,
     member_count: u64,
     meta_dirty: bool,
-    aborted: bool,
+    /// A statement of the open batch failed: PostgreSQL refuses the rest of it. A `Cell`, as
+    /// reads (`&self`) write held appends first.
+    aborted: Cell<bool>,
+    /// Appends of the open batch not yet written, in seq order.
+    held: RefCell<Vec<Held>>,
+    /// The client ids looked up for this batch, and the ones of them already stored.
+    expected: HashSet<MessageId>,
+    stored: HashMap<MessageId, Stored>,
+    /// Principal → user name, of members known to be members (bounded, [`MEMBER_CACHE`]).
+    members: RefCell<HashMap<String, UserName>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -274,7 +322,11 @@ impl PgStore {
             clock: MonotonicClock::after(Timestamp::EPOCH),
             member_count: 0,
             meta_dirty: false,
-            aborted: false,
+            aborted: Cell::new(false),
+            held: RefCell::new(Vec::new()),
+            expected: HashSet::new(),
+            stored: HashMap::new(),
+            members: RefCell::new(HashMap::new()),
         };
         store.reload()?;
         Ok(store)
@@ -315,15 +367,76 @@ impl PgStore {
         &mut self,
         write: impl FnOnce(&mut PgStore) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        if self.aborted {
+        if self.aborted.get() {
             return Err(StoreError::Aborted);
         }
         let result = write(self);
-        if let Err(StoreError::Postgres(e)) = &result {
-            tracing::error!(error = %e, "PostgreSQL aborted the batch; its later writes are refused");
-            self.aborted = true;
-        }
+        self.note_failure(&result);
         result
+    }
+
+    /// Marks the batch aborted if `result` is a database error (PostgreSQL has aborted the
+    /// transaction).
+    fn note_failure<T>(&self, result: &Result<T, StoreError>) {
+        if let Err(StoreError::Postgres(e)) = result {
+            tracing::error!(error = %e, "PostgreSQL aborted the batch; its later writes are refused");
+            self.aborted.set(true);
+        }
+    }
+
+    /// Writes the held appends, in one statement, so that what follows sees them.
+    ///
+    /// # Errors
+    /// [`StoreError::Aborted`] after an earlier failure; [`StoreError::Postgres`], which
+    /// aborts the batch (a unique violation here is a writer other than this node, which
+    /// the lease rules out: the batch is then retried whole by its clients).
+    fn write_held(&self) -> Result<(), StoreError> {
+        if self.held.borrow().is_empty() {
+            return Ok(());
+        }
+        if self.aborted.get() {
+            return Err(StoreError::Aborted);
+        }
+        let held = std::mem::take(&mut *self.held.borrow_mut());
+        let result = self.execute(
+            "INSERT INTO messages
+                 (seq, id, time_us, sender, body, kind, sender_key, attachment, attachment_sha256)
+             SELECT * FROM unnest($1::BIGINT[], $2::BYTEA[], $3::BIGINT[], $4::TEXT[],
+                                  $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BYTEA[])",
+            &[
+                &held.iter().map(|h| h.seq).collect::<Vec<_>>(),
+                &held
+                    .iter()
+                    .map(|h| h.id.as_bytes().as_slice())
+                    .collect::<Vec<_>>(),
+                &held.iter().map(|h| h.time_us).collect::<Vec<_>>(),
+                &held.iter().map(|h| h.sender.as_str()).collect::<Vec<_>>(),
+                &held.iter().map(|h| h.body.as_str()).collect::<Vec<_>>(),
+                &held.iter().map(|h| h.kind).collect::<Vec<_>>(),
+                &held
+                    .iter()
+                    .map(|h| h.sender_key.as_deref())
+                    .collect::<Vec<_>>(),
+                &held
+                    .iter()
+                    .map(|h| h.attachment.as_deref())
+                    .collect::<Vec<_>>(),
+                &held
+                    .iter()
+                    .map(|h| h.attachment_sha256.as_deref())
+                    .collect::<Vec<_>>(),
+            ],
+        );
+        self.note_failure(&result);
+        result.map(|_| ())
+    }
+
+    /// Forgets what the open batch held and cached, after it failed.
+    fn forget_batch(&mut self) {
+        self.held.get_mut().clear();
+        self.expected.clear();
+        self.stored.clear();
+        self.members.get_mut().clear();
     }
 
     /// Reads the cached high-water marks and counts back from the database.
@@ -360,6 +473,7 @@ impl PgStore {
 
     /// The first stored seq whose time is at or after `time_us` (the BRIN index on time).
     fn first_seq_at(&self, time_us: i64) -> Result<Option<i64>, StoreError> {
+        self.write_held()?;
         let row = self.query_opt(
             "SELECT MIN(seq) FROM messages WHERE time_us >= $1",
             &[&time_us],
@@ -421,6 +535,7 @@ impl PgStore {
     }
 
     fn after(&self, after: i64, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        self.write_held()?;
         let rows = self.query(
             "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment
              FROM messages WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -432,14 +547,18 @@ impl PgStore {
 
 impl GroupStore for PgStore {
     fn begin(&mut self) -> Result<(), StoreError> {
-        self.aborted = false;
+        self.aborted.set(false);
+        self.held.get_mut().clear();
+        self.expected.clear();
+        self.stored.clear();
         self.client.get_mut().batch_execute("BEGIN")?;
         Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
         let result = (|| -> Result<(), StoreError> {
-            if self.aborted {
+            self.write_held()?;
+            if self.aborted.get() {
                 return Err(StoreError::Aborted);
             }
             if let Some(held) = self.epoch {
@@ -454,16 +573,16 @@ impl GroupStore for PgStore {
             if self.meta_dirty {
                 let last_seq = (self.last_seq as i64).to_string();
                 let last_time = self.clock.last().as_micros().to_string();
-                for (key, value) in [("last_seq", &last_seq), ("last_time_us", &last_time)] {
-                    self.execute(
-                        "INSERT INTO meta (key, value) VALUES ($1, $2)
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        &[&key, value],
-                    )?;
-                }
+                self.execute(
+                    "INSERT INTO meta (key, value) VALUES ('last_seq', $1), ('last_time_us', $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    &[&last_seq, &last_time],
+                )?;
             }
             self.client.get_mut().batch_execute("COMMIT")?;
             self.meta_dirty = false;
+            self.expected.clear();
+            self.stored.clear();
             Ok(())
         })();
         if let Err(e) = result {
@@ -471,7 +590,8 @@ impl GroupStore for PgStore {
             // after a failed COMMIT (the transaction is already over) only warns.
             let _ = self.client.get_mut().batch_execute("ROLLBACK");
             self.meta_dirty = false;
-            self.aborted = false;
+            self.aborted.set(false);
+            self.forget_batch();
             if !matches!(e, StoreError::Fenced { .. }) {
                 self.reload()?;
             }
@@ -481,13 +601,25 @@ impl GroupStore for PgStore {
     }
 
     fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        if let Some(name) = self.members.borrow().get(who.as_str()) {
+            return Ok(Some(name.clone()));
+        }
         let row = self.query_opt(
             "SELECT user_name FROM members WHERE principal = $1",
             &[&who.as_str()],
         )?;
-        row.map(|r| UserName::new(r.get::<_, String>(0)))
+        let name = row
+            .map(|r| UserName::new(r.get::<_, String>(0)))
             .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if let Some(name) = &name {
+            let mut members = self.members.borrow_mut();
+            if members.len() >= MEMBER_CACHE {
+                members.clear();
+            }
+            members.insert(who.as_str().to_owned(), name.clone());
+        }
+        Ok(name)
     }
 
     fn add_member(
@@ -523,6 +655,7 @@ impl GroupStore for PgStore {
                 return Ok(None);
             };
             s.execute("DELETE FROM members WHERE principal = $1", &[&who.as_str()])?;
+            s.members.get_mut().remove(who.as_str());
             s.member_count = s.member_count.saturating_sub(1);
             Ok(Some(bound))
         })
@@ -607,41 +740,115 @@ impl GroupStore for PgStore {
         self.member_count
     }
 
+    fn expect_appends(&mut self, ids: &[MessageId]) -> Result<(), StoreError> {
+        let ids: Vec<MessageId> = ids
+            .iter()
+            .filter(|id| !self.expected.contains(id))
+            .copied()
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(|s| {
+            let rows = s.query(
+                "SELECT id, seq, time_us, sender, body, attachment FROM messages
+                 WHERE id = ANY($1)",
+                &[&ids
+                    .iter()
+                    .map(|id| id.as_bytes().as_slice())
+                    .collect::<Vec<_>>()],
+            )?;
+            for row in rows {
+                let id: [u8; 16] = row
+                    .get::<_, Vec<u8>>(0)
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("a message id is not 16 bytes".into()))?;
+                s.stored.insert(
+                    MessageId::from_bytes(id),
+                    Stored {
+                        seq: row.get(1),
+                        time_us: row.get(2),
+                        sender: row.get(3),
+                        body: row.get(4),
+                        attachment: row.get(5),
+                    },
+                );
+            }
+            s.expected.extend(ids);
+            Ok(())
+        })
+    }
+
     fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
         self.write(|s| {
-            let id = msg.id.unwrap_or_else(MessageId::new_v7);
-            let seq = s.last_seq + 1;
-            let mut clock = s.clock;
-            let time = clock.tick(msg.now);
             let attachment = msg.attachment.map(attachment_json).transpose()?;
-            let inserted = s.execute(
-                "INSERT INTO messages
-                     (seq, id, time_us, sender, body, kind, sender_key, attachment, attachment_sha256)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
-                &[
-                    &(seq as i64),
-                    &id.as_bytes().as_slice(),
-                    &time.as_micros(),
-                    &msg.sender.as_str(),
-                    &msg.body.get(),
-                    &msg.kind.as_str(),
-                    &msg.sender_key.map(|k| k.to_string()),
-                    &attachment,
-                    &msg.attachment.map(|a| a.sha256.as_bytes().to_vec()),
-                ],
-            )?;
-            if inserted == 1 {
-                s.last_seq = seq;
-                s.clock = clock;
-                return Ok(SendAck {
-                    seq,
-                    id,
-                    time,
-                    duplicate: false,
-                });
-            }
-            s.stored_ack(id, msg.sender, msg.body, attachment.as_deref())?
-                .ok_or_else(|| StoreError::Corrupt(format!("id {id} conflicts but is not found")))
+            let id = match msg.id {
+                Some(id) if !s.expected.contains(&id) => {
+                    // Not looked up with the batch: find out now, in order with what is held.
+                    s.write_held()?;
+                    if let Some(ack) =
+                        s.stored_ack(id, msg.sender, msg.body, attachment.as_deref())?
+                    {
+                        return Ok(ack);
+                    }
+                    id
+                }
+                Some(id) => {
+                    let earlier = s.stored.get(&id).map(|st| {
+                        (
+                            st.seq,
+                            st.time_us,
+                            st.sender == msg.sender.as_str()
+                                && st.body == msg.body.get()
+                                && st.attachment == attachment,
+                        )
+                    });
+                    let earlier = earlier.or_else(|| {
+                        s.held.borrow().iter().find(|h| h.id == id).map(|h| {
+                            (
+                                h.seq,
+                                h.time_us,
+                                h.sender == msg.sender.as_str()
+                                    && h.body == msg.body.get()
+                                    && h.attachment == attachment,
+                            )
+                        })
+                    });
+                    match earlier {
+                        Some((_, _, false)) => return Err(StoreError::IdConflict(id)),
+                        Some((seq, time_us, true)) => {
+                            return Ok(SendAck {
+                                seq: u64::try_from(seq).unwrap_or(0),
+                                id,
+                                time: Timestamp::from_micros(time_us),
+                                duplicate: true,
+                            })
+                        }
+                        None => id,
+                    }
+                }
+                None => MessageId::new_v7(),
+            };
+            let seq = s.last_seq + 1;
+            let time = s.clock.tick(msg.now);
+            s.held.get_mut().push(Held {
+                seq: seq as i64,
+                id,
+                time_us: time.as_micros(),
+                sender: msg.sender.as_str().to_owned(),
+                body: msg.body.get().to_owned(),
+                kind: msg.kind.as_str(),
+                sender_key: msg.sender_key.map(|k| k.to_string()),
+                attachment_sha256: msg.attachment.map(|a| a.sha256.as_bytes().to_vec()),
+                attachment,
+            });
+            s.last_seq = seq;
+            Ok(SendAck {
+                seq,
+                id,
+                time,
+                duplicate: false,
+            })
         })
     }
 
@@ -652,6 +859,7 @@ impl GroupStore for PgStore {
         body: &RawValue,
         attachment: Option<&str>,
     ) -> Result<Option<SendAck>, StoreError> {
+        self.write_held()?;
         let Some(row) = self.query_opt(
             "SELECT seq, time_us, sender, body, attachment FROM messages WHERE id = $1",
             &[&id.as_bytes().as_slice()],
@@ -675,6 +883,7 @@ impl GroupStore for PgStore {
     }
 
     fn references(&self, digest: &Sha256Digest) -> Result<bool, StoreError> {
+        self.write_held()?;
         Ok(self
             .query_opt(
                 "SELECT 1 FROM messages WHERE attachment_sha256 = $1 LIMIT 1",
@@ -696,6 +905,7 @@ impl GroupStore for PgStore {
                 }),
             },
             HistoryQuery::ById(id) => {
+                self.write_held()?;
                 let rows = self.query(
                     "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment
                      FROM messages WHERE id = $1",
@@ -705,6 +915,7 @@ impl GroupStore for PgStore {
             }
             HistoryQuery::Latest(n) => {
                 // As SQLite's: `latest` is its own bound; `more` only when bytes cut it.
+                self.write_held()?;
                 let rows = self.query(
                     "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment
                      FROM messages ORDER BY seq DESC LIMIT $1",
@@ -723,6 +934,7 @@ impl GroupStore for PgStore {
 
     fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
         self.write(|s| {
+            s.write_held()?;
             let mut deleted = 0;
             if let Some(max) = policy.max_messages {
                 let keep_from = i64::try_from(s.last_seq.saturating_sub(max)).unwrap_or(i64::MAX);
@@ -745,6 +957,9 @@ impl GroupStore for PgStore {
     }
 
     fn stored_bytes(&self) -> u64 {
+        if self.write_held().is_err() {
+            return 0;
+        }
         self.query_opt(
             "SELECT pg_total_relation_size('messages') + pg_total_relation_size('members')",
             &[],
