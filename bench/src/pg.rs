@@ -172,6 +172,7 @@ pub fn store_commit_rate(url: &str, count: u64, bytes: usize) -> anyhow::Result<
     use agora_group_node::store::PgStore;
     let group = agora_proto::wire::GroupName::new("floor")?;
     let sender = agora_proto::wire::UserName::new("floor")?;
-    let mut store = PgStore::open(url, &group, None, Duration::from_secs(2))?;
+    let target = agora_group_node::store::postgres::PgTarget::new(url);
+    let mut store = PgStore::open(&target, &group, None)?;
     crate::floor::commit_rate(&mut store, &sender, count, bytes)
 }

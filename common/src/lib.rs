@@ -29,6 +29,8 @@ pub mod inbox;
 pub mod keys;
 pub mod live;
 pub mod metrics;
+#[cfg(feature = "postgres")]
+pub mod pgtls;
 pub mod ratelimit;
 pub mod server;
 pub mod shutdown;

@@ -506,9 +506,8 @@ pub fn local_blobs(layout: &BlobLayout) -> Result<Vec<Sha256Digest>, BlobError> 
 /// of the lease the node serves under. Cheap to clone, for the sealing actor's connection.
 #[derive(Clone)]
 pub struct PgBlobTarget {
-    url: String,
+    target: crate::store::postgres::PgTarget,
     group: GroupName,
-    net_timeout: Duration,
     epoch: Option<i64>,
 }
 
@@ -523,14 +522,16 @@ impl std::fmt::Debug for PgBlobTarget {
 }
 
 impl PgBlobTarget {
-    /// The blobs of `group` in the database at `url` (`postgres://…`), with the store's
-    /// network timeout (default 2 s, [`crate::store::postgres::DEFAULT_NET_TIMEOUT`]);
-    /// deletions are fenced by `epoch` when the node serves under a lease.
-    pub fn new(url: &str, group: &GroupName, net_timeout: Duration, epoch: Option<i64>) -> Self {
+    /// The blobs of `group` in the database `target` (the store's, with its TLS and network
+    /// timeout); deletions are fenced by `epoch` when the node serves under a lease.
+    pub fn new(
+        target: &crate::store::postgres::PgTarget,
+        group: &GroupName,
+        epoch: Option<i64>,
+    ) -> Self {
         PgBlobTarget {
-            url: url.to_owned(),
+            target: target.clone(),
             group: group.clone(),
-            net_timeout,
             epoch,
         }
     }
@@ -542,7 +543,7 @@ impl PgBlobTarget {
     /// # Errors
     /// [`StoreError::Postgres`].
     pub fn connect(&self, role: &str) -> Result<Client, StoreError> {
-        let mut client = crate::store::postgres::connect(&self.url, self.net_timeout, role)?;
+        let mut client = crate::store::postgres::connect(&self.target, role)?;
         let schema = crate::store::postgres::schema_name(&self.group);
         client.batch_execute(&format!("SET search_path TO {schema}"))?;
         let level: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
@@ -1373,10 +1374,10 @@ mod tests {
         let cluster = agora_tests::pg::PgCluster::start();
         let url = cluster.database("agora");
         let group = GroupName::new("blobs").expect("name");
-        let timeout = crate::store::postgres::DEFAULT_NET_TIMEOUT;
+        let pg = crate::store::postgres::PgTarget::new(url);
         // The store makes the schema, as the node opens it before its blobs.
-        let _store = crate::store::PgStore::open(&url, &group, None, timeout).expect("store");
-        let target = PgBlobTarget::new(&url, &group, timeout, None);
+        let _store = crate::store::PgStore::open(&pg, &group, None).expect("store");
+        let target = PgBlobTarget::new(&pg, &group, None);
         let (dir_a, dir_b) = (
             tempfile::tempdir().expect("a"),
             tempfile::tempdir().expect("b"),
@@ -1484,7 +1485,7 @@ mod tests {
 
         // Deletions are fenced: a node whose lease moved deletes nothing.
         let fenced = Blobs::open(dir_b.path())
-            .and_then(|b| b.with_postgres(PgBlobTarget::new(&url, &group, timeout, Some(7))))
+            .and_then(|b| b.with_postgres(PgBlobTarget::new(&pg, &group, Some(7))))
             .expect("fenced");
         assert!(matches!(
             fenced.retain(Duration::ZERO, |_| false),

@@ -7,7 +7,8 @@
 //!   'agora-lease:' || schema, 0))`, held by a connection of its own. A standby tries to take
 //!   it every [`LeaseConfig::poll`] (default 100 ms). PostgreSQL frees it when that session
 //!   ends: at once when the holder's process dies (its kernel closes the socket), and
-//!   within [`LeaseConfig::net_timeout`] (default 2 s: keepalives and `tcp_user_timeout`,
+//!   within the target's network timeout ([`PgTarget::with_net_timeout`], default 2 s:
+//!   keepalives and `tcp_user_timeout`,
 //!   set on the server's side of the session too) when the holder's host or link is gone.
 //! - **The epoch** (the fencing token) is bumped by every taker, in `lease.epoch`, right
 //!   after it takes the lock; the store checks it in every commit's transaction
@@ -27,14 +28,14 @@ use std::time::{Duration, Instant};
 use agora_common::shutdown::Shutdown;
 use agora_proto::wire::GroupName;
 
-use crate::store::postgres::{connect, prepare_schema, schema_name, DEFAULT_NET_TIMEOUT};
+use crate::store::postgres::{connect, prepare_schema, schema_name, PgTarget};
 use crate::store::StoreError;
 
 /// How a node takes and keeps the lease.
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {
-    /// The database (`postgres://…`).
-    pub url: String,
+    /// The database, its TLS and network timeout (default 2 s).
+    pub target: PgTarget,
     /// The group.
     pub group: GroupName,
     /// Who asks, for `lease.holder` and the logs (default `HOST pid PID`).
@@ -46,24 +47,21 @@ pub struct LeaseConfig {
     /// How long the holder may go without a successful check before it stops (default
     /// 1.5 s).
     pub timeout: Duration,
-    /// Connection timeouts, both ends (default 2 s, [`DEFAULT_NET_TIMEOUT`]).
-    pub net_timeout: Duration,
 }
 
 impl LeaseConfig {
-    /// The defaults for `group` in the database at `url`.
-    pub fn new(url: impl Into<String>, group: GroupName) -> LeaseConfig {
+    /// The defaults for `group` in the database `target`.
+    pub fn new(target: PgTarget, group: GroupName) -> LeaseConfig {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "unknown-host".to_owned());
         LeaseConfig {
-            url: url.into(),
+            target,
             group,
             holder: format!("{host} pid {}", std::process::id()),
             poll: Duration::from_millis(100),
             check: Duration::from_millis(200),
             timeout: Duration::from_millis(1500),
-            net_timeout: DEFAULT_NET_TIMEOUT,
         }
     }
 }
@@ -176,7 +174,7 @@ impl Lease {
         let client = match session {
             Some(client) => client,
             None => {
-                let mut client = connect(&config.url, config.net_timeout, "lease")?;
+                let mut client = connect(&config.target, "lease")?;
                 prepare_schema(&mut client, &config.group)?;
                 session.insert(client)
             }

@@ -122,13 +122,11 @@ pub struct Config {
     /// The directory holding `group.sqlite3` (unless `store` is set), the node's key pair
     /// and attachments' blobs.
     pub data_dir: PathBuf,
-    /// A PostgreSQL database for the log and membership (`postgres://…`,
-    /// [`store::postgres`]) instead of SQLite in `data_dir`, holding attachments' complete
-    /// blobs too (their files in `data_dir` are then a cache, [`blobs`]); default none.
-    pub store: Option<String>,
-    /// Connection timeouts towards PostgreSQL, both ends (default 2 s,
-    /// [`store::postgres::DEFAULT_NET_TIMEOUT`]).
-    pub store_net_timeout: Duration,
+    /// A PostgreSQL database for the log and membership ([`store::postgres`], with its TLS
+    /// and connection timeouts) instead of SQLite in `data_dir`, holding attachments'
+    /// complete blobs too (their files in `data_dir` are then a cache, [`blobs`]); default
+    /// none.
+    pub store: Option<store::postgres::PgTarget>,
     /// Largest message body, in bytes of JSON text (default 1 MiB).
     pub max_message_bytes: usize,
     /// Largest attachment, in bytes (default 4 GiB, [`DEFAULT_MAX_FILE_BYTES`]); a larger
@@ -190,7 +188,6 @@ impl Config {
             registry: None,
             data_dir,
             store: None,
-            store_net_timeout: store::postgres::DEFAULT_NET_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             upload_ttl: DEFAULT_UPLOAD_TTL,
@@ -343,11 +340,10 @@ impl Node {
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
         let store: Box<dyn GroupStore> = match &config.store {
-            Some(url) => Box::new(PgStore::open(
-                url,
+            Some(target) => Box::new(PgStore::open(
+                target,
                 &config.name,
                 lease.as_ref().map(lease::Lease::epoch),
-                config.store_net_timeout,
             )?),
             None => {
                 let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
@@ -369,11 +365,10 @@ impl Node {
         // With a PostgreSQL store, complete blobs live there too: any node of the group
         // serves them after a failover (`blobs`, "Shared blobs").
         let blobs = match &config.store {
-            Some(url) => blobs
+            Some(target) => blobs
                 .with_postgres(blobs::PgBlobTarget::new(
-                    url,
+                    target,
                     &config.name,
-                    config.store_net_timeout,
                     lease.as_ref().map(lease::Lease::epoch),
                 ))
                 .map_err(|e| match e {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use agora_common::shutdown::Shutdown;
 use agora_group_node::lease::{Lease, LeaseConfig};
+use agora_group_node::store::postgres::PgTarget;
 use agora_group_node::store::Retention;
 use agora_group_node::{default_data_dir, Config, Node};
 use agora_proto::wire::{Endpoint, GroupName, DEFAULT_MAX_MESSAGE_BYTES};
@@ -77,6 +78,12 @@ struct Args {
     /// TCP_USER_TIMEOUT): how soon a dead link or host is noticed.
     #[arg(long, env = "AGORA_STORE_NET_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     store_net_timeout: Duration,
+    /// PEM file of the CA certificates that PostgreSQL's server certificate must chain to:
+    /// the connection is then TLS, checked against the URL's host name. Without it, TLS is
+    /// used only when the URL says sslmode=require (checked against the system's trust
+    /// store).
+    #[arg(long, env = "AGORA_STORE_CA", requires = "store")]
+    store_ca: Option<PathBuf>,
     /// Largest message body, in bytes of JSON text.
     #[arg(long, env = "AGORA_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
@@ -258,15 +265,18 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         burst: args.rate_burst,
         ..Default::default()
     };
-    config.store = args.store.clone();
-    config.store_net_timeout = args.store_net_timeout;
-    let lease = match &args.store {
-        Some(url) => {
-            let mut lease_config = LeaseConfig::new(url.clone(), config.name.clone());
+    config.store = args.store.as_ref().map(|url| {
+        PgTarget::new(url.clone())
+            .with_ca(args.store_ca.clone())
+            .with_net_timeout(args.store_net_timeout)
+    });
+    let lease = match &config.store {
+        Some(target) => {
+            target.connector()?.warn_if_plain();
+            let mut lease_config = LeaseConfig::new(target.clone(), config.name.clone());
             lease_config.poll = args.failover_poll;
             lease_config.check = args.failover_check;
             lease_config.timeout = args.failover_timeout;
-            lease_config.net_timeout = args.store_net_timeout;
             match Lease::acquire(&lease_config, &shutdown).context("taking the lease")? {
                 Some(lease) => Some(lease),
                 // Stopped while a standby.

@@ -39,6 +39,12 @@ struct Args {
     /// and memory, one registry.
     #[arg(long, env = "AGORA_REGISTRY_STORE", hide_env_values = true, value_parser = store_url)]
     store: Option<String>,
+    /// PEM file of the CA certificates that PostgreSQL's server certificate must chain to:
+    /// the connection is then TLS, checked against the URL's host name. Without it, TLS is
+    /// used only when the URL says sslmode=require (checked against the system's trust
+    /// store).
+    #[arg(long, env = "AGORA_REGISTRY_STORE_CA", requires = "store")]
+    store_ca: Option<std::path::PathBuf>,
     /// Run without CURVE encryption and authentication: local experiments only; refused
     /// unless the bind endpoint is loopback.
     #[arg(long)]
@@ -154,8 +160,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_groups: args.max_groups,
             presence_ttl: args.presence_ttl,
         };
-        let mut store = agora_registry::store::open(args.store.as_deref(), &dir, settings, true)
-            .context("opening the registry's store")?;
+        let mut store = agora_registry::store::open(
+            args.store.as_deref(),
+            args.store_ca.as_deref(),
+            &dir,
+            settings,
+            true,
+        )
+        .context("opening the registry's store")?;
         if store.release_group(name)? {
             println!("released \"{name}\"");
             return Ok(());
@@ -172,6 +184,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_groups: args.max_groups,
         data_dir: args.data_dir.unwrap_or(defaults.data_dir),
         store: args.store,
+        store_ca: args.store_ca,
         insecure: args.insecure,
         rate_limit: agora_common::ratelimit::RateLimit {
             rate: args.rate_limit,

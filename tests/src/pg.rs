@@ -1,6 +1,7 @@
 //! A throwaway PostgreSQL cluster for a test: `initdb` in a temporary directory, one
 //! `postgres` server listening on a Unix socket in that directory only (no TCP port, so no
-//! port to collide on), stopped and removed on drop.
+//! port to collide on), stopped and removed on drop. [`PgCluster::start_tls`] also listens
+//! on the loopback, TLS only, at a port the system picked free.
 //!
 //! Debian's `postgresql` package provides the programs (`/usr/lib/postgresql/N/bin`;
 //! `scripts/deps.sh --postgres` installs it). PostgreSQL refuses to run as root, so as root
@@ -24,6 +25,7 @@ pub struct PgCluster {
     bin: PathBuf,
     owner: Option<(u32, u32)>,
     host: Option<crate::netns::Host>,
+    port: u16,
 }
 
 impl std::fmt::Debug for PgCluster {
@@ -84,6 +86,21 @@ impl PgCluster {
     /// # Panics
     /// As [`PgCluster::start`].
     pub fn start_on(host: Option<&crate::netns::Host>) -> PgCluster {
+        PgCluster::start_with(host, false)
+    }
+
+    /// As [`PgCluster::start`], and listening on 127.0.0.1 at a port the system picked free
+    /// too, where only TLS connections are accepted (`hostssl`; plain TCP is refused), with
+    /// a self-signed certificate for `localhost`: [`PgCluster::tls_url`],
+    /// [`PgCluster::tls_ca`].
+    ///
+    /// # Panics
+    /// As [`PgCluster::start`].
+    pub fn start_tls() -> PgCluster {
+        PgCluster::start_with(None, true)
+    }
+
+    fn start_with(host: Option<&crate::netns::Host>, tls: bool) -> PgCluster {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("agora-pg")
@@ -104,6 +121,7 @@ impl PgCluster {
             bin,
             owner,
             host: None,
+            port: 5432,
         };
         let data = cluster.data_dir();
         let out = cluster
@@ -118,6 +136,20 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let listen = match host {
+            None if tls => {
+                cluster.port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free port")
+                    .port();
+                cluster.make_certificate();
+                // Only the socket (trust) and TLS on the loopback: plain TCP is refused.
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                )
+                .expect("pg_hba.conf");
+                "127.0.0.1".to_owned()
+            }
             Some(host) => {
                 let mut hba = std::fs::OpenOptions::new()
                     .append(true)
@@ -139,6 +171,7 @@ impl PgCluster {
         command
             .args(["-D", path_str(&data), "-k", path_str(&socket_dir)])
             .args(["-c", &format!("listen_addresses={listen}")])
+            .args(["-c", &format!("port={}", cluster.port)])
             .args(["-c", "max_connections=200"])
             // Durability as in production: fsync stays on (the benchmark measures it).
             .args(["-c", "shared_buffers=64MB"])
@@ -201,12 +234,57 @@ impl PgCluster {
     }
 
     /// The connection URL of `database` as [`ROLE`], over the Unix socket:
-    /// `postgresql:///DATABASE?host=DIR&user=agora`.
+    /// `postgresql:///DATABASE?host=DIR&port=PORT&user=agora`.
     pub fn url(&self, database: &str) -> String {
         format!(
-            "postgresql:///{database}?host={}&user={ROLE}",
-            self.socket_dir().display()
+            "postgresql:///{database}?host={}&port={}&user={ROLE}",
+            self.socket_dir().display(),
+            self.port
         )
+    }
+
+    /// The URL of `database` over TLS on the loopback (a cluster of
+    /// [`PgCluster::start_tls`]): `postgresql://agora@localhost:PORT/DATABASE`. TLS is up to
+    /// the client (`--store-ca`); the server refuses the connection without it.
+    pub fn tls_url(&self, database: &str) -> String {
+        format!("postgresql://{ROLE}@localhost:{}/{database}", self.port)
+    }
+
+    /// The PEM file of the server's self-signed certificate (for `localhost` and
+    /// 127.0.0.1), to verify it by: what `--store-ca` takes.
+    pub fn tls_ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Writes the server's certificate and key (the key readable by the owner alone, as
+    /// PostgreSQL requires) into the data directory and sets `ssl` on there, and the
+    /// certificate as [`PgCluster::tls_ca`].
+    fn make_certificate(&self) {
+        let data = self.data_dir();
+        let cert = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ])
+        .expect("certificate");
+        std::fs::write(self.tls_ca(), cert.cert.pem()).expect("ca.pem");
+        std::fs::write(data.join("server.crt"), cert.cert.pem()).expect("server.crt");
+        let key = data.join("server.key");
+        std::fs::write(&key, cert.key_pair.serialize_pem()).expect("server.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod server.key");
+        if let Some(owner) = self.owner {
+            chown(&data.join("server.crt"), owner);
+            chown(&key, owner);
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("postgresql.conf");
+        std::io::Write::write_all(
+            &mut conf,
+            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
+        .expect("postgresql.conf");
     }
 
     /// Creates an empty database and returns its URL.

@@ -11,6 +11,7 @@ use agora_proto::wire::{
     EntryKind, GroupMode, GroupName, HistoryQuery, SendAck, UserName, MAX_PAGE_BYTES,
 };
 
+use super::postgres::PgTarget;
 use super::{
     Grant, GroupStore, NewMessage, Page, PgStore, Principal, Retention, SqliteStore, StoreError,
 };
@@ -45,7 +46,7 @@ impl Postgres {
 
 impl Backend for Postgres {
     fn open(&self) -> Box<dyn GroupStore> {
-        Box::new(PgStore::open(&self.url, &group(), None, Duration::from_secs(2)).expect("open"))
+        Box::new(PgStore::open(&PgTarget::new(&self.url), &group(), None).expect("open"))
     }
 }
 
@@ -282,7 +283,7 @@ fn expected_ids_answer_retries_and_the_batch_reads_its_own_appends(backend: &dyn
 #[test]
 fn a_fenced_batch_stores_nothing() {
     let pg = Postgres::start();
-    let mut s = PgStore::open(&pg.url, &group(), Some(0), Duration::from_secs(2)).expect("open");
+    let mut s = PgStore::open(&PgTarget::new(&pg.url), &group(), Some(0)).expect("open");
     append(&mut s, "1", 100);
     s.begin().expect("begin");
     let id = MessageId::new_v7();

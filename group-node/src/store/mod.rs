@@ -104,8 +104,11 @@ pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL failed (connection lost, server error, constraint violated).
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", agora_common::pgtls::describe(.0))]
     Postgres(#[from] ::postgres::Error),
+    /// The TLS setup for PostgreSQL failed (`--store-ca`), see [`agora_common::pgtls`].
+    #[error("{0}")]
+    PgTls(#[from] agora_common::pgtls::PgTlsError),
     /// Another node of the group took the lease: this node's epoch is no longer the
     /// stored one, so nothing it writes may commit (the fencing token, checked in every
     /// commit's transaction). The node must stop serving.

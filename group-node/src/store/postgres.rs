@@ -59,6 +59,7 @@ use postgres::{Client, Row, Statement};
 use serde_json::value::RawValue;
 use sha2::Digest as _;
 
+use agora_common::pgtls::PgConnector;
 use agora_proto::id::MessageId;
 use agora_proto::key::PublicKey;
 use agora_proto::time::{MonotonicClock, Timestamp};
@@ -140,17 +141,81 @@ pub fn is_postgres_url(store: &str) -> bool {
     store.starts_with("postgres://") || store.starts_with("postgresql://")
 }
 
-/// Connects to `url` with the node's network settings: a connect timeout, TCP keepalives
-/// and `TCP_USER_TIMEOUT` of `net_timeout` on both ends (the server's through the session's
-/// `tcp_keepalives_*` and `tcp_user_timeout` settings), and at most `net_timeout` spent idle
-/// inside a transaction.
+/// A PostgreSQL database of the node's: its URL (`postgres://…`, which may carry a
+/// password), the CA certificates its TLS is verified against (`--store-ca`, see
+/// [`agora_common::pgtls`]; `None`: plain unless the URL says `sslmode=require`), and the
+/// network timeout of [`connect`] (default [`DEFAULT_NET_TIMEOUT`]).
+#[derive(Clone)]
+pub struct PgTarget {
+    url: String,
+    ca: Option<std::path::PathBuf>,
+    net_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgTarget {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("ca", &self.ca)
+            .field("net_timeout", &self.net_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTarget {
+    /// The database at `url`, plain unless the URL says `sslmode=require`, with the default
+    /// network timeout.
+    pub fn new(url: impl Into<String>) -> PgTarget {
+        PgTarget {
+            url: url.into(),
+            ca: None,
+            net_timeout: DEFAULT_NET_TIMEOUT,
+        }
+    }
+
+    /// Verifies the server's TLS certificate against the PEM certificates in `ca`
+    /// (and requires TLS) when given.
+    pub fn with_ca(mut self, ca: Option<std::path::PathBuf>) -> PgTarget {
+        self.ca = ca;
+        self
+    }
+
+    /// Sets the network timeout of [`connect`].
+    pub fn with_net_timeout(mut self, net_timeout: Duration) -> PgTarget {
+        self.net_timeout = net_timeout;
+        self
+    }
+
+    /// The network timeout of [`connect`].
+    pub fn net_timeout(&self) -> Duration {
+        self.net_timeout
+    }
+
+    /// The connector for this database, with TLS or not.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] for a bad URL, [`StoreError::PgTls`] for a bad CA file.
+    pub fn connector(&self) -> Result<PgConnector, StoreError> {
+        let config: postgres::Config = self.url.parse()?;
+        Ok(PgConnector::new(config, self.ca.as_deref())?)
+    }
+}
+
+/// Connects to `target` with the node's network settings: a connect timeout, TCP
+/// keepalives and `TCP_USER_TIMEOUT` of its network timeout on both ends (the server's
+/// through the session's `tcp_keepalives_*` and `tcp_user_timeout` settings), at most that
+/// long spent idle inside a transaction, and TLS as [`agora_common::pgtls`] says. `role`
+/// names the connection in `pg_stat_activity`.
 ///
 /// # Errors
-/// [`StoreError::Postgres`]: a bad URL, an unreachable or refusing server.
-pub fn connect(url: &str, net_timeout: Duration, role: &str) -> Result<Client, StoreError> {
-    let mut config: postgres::Config = url.parse()?;
+/// [`StoreError::Postgres`]: a bad URL, an unreachable or refusing server, a failed TLS
+/// handshake; [`StoreError::PgTls`]: a bad CA file.
+pub fn connect(target: &PgTarget, role: &str) -> Result<Client, StoreError> {
+    let net_timeout = target.net_timeout;
+    let mut connector = target.connector()?;
     let secs = net_timeout.as_secs().max(1);
-    config
+    connector
+        .config_mut()
         .application_name(&format!("agora-group-node {role}"))
         .connect_timeout(net_timeout)
         .keepalives(true)
@@ -158,7 +223,7 @@ pub fn connect(url: &str, net_timeout: Duration, role: &str) -> Result<Client, S
         .keepalives_interval(Duration::from_secs(1))
         .keepalives_retries(2)
         .tcp_user_timeout(net_timeout);
-    let mut client = config.connect(postgres::NoTls)?;
+    let mut client = connector.connect()?;
     let ms = net_timeout.as_millis();
     client.batch_execute(&format!(
         "SET tcp_keepalives_idle = {half}; SET tcp_keepalives_interval = 1;
@@ -292,19 +357,18 @@ impl std::fmt::Debug for PgStore {
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl PgStore {
-    /// Connects to `url`, creates or migrates `group`'s schema, and reads the log's state.
+    /// Connects to `target`, creates or migrates `group`'s schema, and reads the log's state.
     /// With `epoch`, every commit is fenced by it (the epoch of a lease this node holds,
     /// [`crate::lease::Lease`]); without, there is no check (one node, no standby).
     ///
     /// # Errors
     /// As [`connect`] and [`prepare_schema`].
     pub fn open(
-        url: &str,
+        target: &PgTarget,
         group: &GroupName,
         epoch: Option<i64>,
-        net_timeout: Duration,
     ) -> Result<PgStore, StoreError> {
-        let mut client = connect(url, net_timeout, "store")?;
+        let mut client = connect(target, "store")?;
         prepare_schema(&mut client, group)?;
         let level: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
         if level == "off" || level == "local" {

@@ -44,7 +44,9 @@ pub fn start(name: &str, tune: impl FnOnce(&mut Config)) -> Running {
     config.insecure = true;
     let pg = agora_tests::test_store_is_postgres().then(|| {
         let cluster = agora_tests::pg::PgCluster::start();
-        config.store = Some(cluster.database("agora"));
+        config.store = Some(agora_group_node::store::postgres::PgTarget::new(
+            cluster.database("agora"),
+        ));
         cluster
     });
     tune(&mut config);

@@ -46,8 +46,11 @@ pub enum StoreError {
     #[error(transparent)]
     Sqlite(#[from] OwnersError),
     /// The PostgreSQL backend failed: connection, query or commit.
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", agora_common::pgtls::describe(.0))]
     Postgres(#[from] ::postgres::Error),
+    /// The TLS setup for PostgreSQL failed (`--store-ca`), see [`agora_common::pgtls`].
+    #[error("{0}")]
+    PgTls(#[from] agora_common::pgtls::PgTlsError),
     /// A stored value does not parse (hand-edited or damaged row).
     #[error("corrupt {what} in the store: {value:?}")]
     Corrupt {
@@ -374,6 +377,7 @@ pub trait RegistryStore: Send {
 /// the backend's error (connection, migration, [`StoreError::SchemaTooNew`]).
 pub fn open(
     url: Option<&str>,
+    ca: Option<&Path>,
     data_dir: &Path,
     settings: StoreSettings,
     accounts: bool,
@@ -383,7 +387,7 @@ pub fn open(
             data_dir, settings, accounts,
         )?)),
         Some(url) if is_postgres_url(url) => {
-            Ok(Box::new(postgres::PgStore::connect(url, settings)?))
+            Ok(Box::new(postgres::PgStore::connect(url, ca, settings)?))
         }
         Some(other) => Err(StoreError::NotPostgres(other.to_owned())),
     }

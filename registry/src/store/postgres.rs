@@ -45,6 +45,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use agora_common::keys::{secret_path, KeyError, Keypair, PublicKey};
+use agora_common::pgtls::PgConnector;
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
@@ -53,7 +54,7 @@ use agora_proto::wire::{
 };
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, GenericClient, NoTls, Row};
+use postgres::{Client, GenericClient, Row};
 use serde_json::value::RawValue;
 
 use super::{GroupRegistration, Refusable, RegistryStore, StoreError, StoreSettings};
@@ -155,7 +156,7 @@ pub fn schema_version() -> i32 {
 
 /// All registry state in one PostgreSQL database (see the module docs).
 pub struct PgStore {
-    config: postgres::Config,
+    connector: PgConnector,
     client: Client,
     /// This connection's server process, to tell its own `NOTIFY`s from others'.
     backend_pid: i32,
@@ -175,22 +176,29 @@ impl std::fmt::Debug for PgStore {
 }
 
 impl PgStore {
-    /// Connects to `url` (within [`CONNECT_TIMEOUT`], without TLS: use a Unix socket or a
-    /// trusted network), migrates the schema `agora_registry` to [`schema_version`], and
-    /// listens for DMs stored by other registries.
+    /// Connects to `url` (within [`CONNECT_TIMEOUT`]; over TLS verified against the PEM
+    /// certificates in `ca` if given, or when the URL says `sslmode=require`, as
+    /// [`agora_common::pgtls`] says), migrates the schema `agora_registry` to
+    /// [`schema_version`], and listens for DMs stored by other registries.
     ///
     /// # Errors
-    /// [`StoreError::Postgres`] (a bad URL, no connection, a failed migration),
-    /// [`StoreError::SchemaTooNew`].
-    pub fn connect(url: &str, settings: StoreSettings) -> Result<PgStore, StoreError> {
+    /// [`StoreError::Postgres`] (a bad URL, no connection, a failed TLS handshake, a failed
+    /// migration), [`StoreError::PgTls`] (a bad CA file), [`StoreError::SchemaTooNew`].
+    pub fn connect(
+        url: &str,
+        ca: Option<&Path>,
+        settings: StoreSettings,
+    ) -> Result<PgStore, StoreError> {
         let mut config = postgres::Config::from_str(url)?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("agora-registry");
-        let mut client = config.connect(NoTls)?;
+        let connector = PgConnector::new(config, ca)?;
+        connector.warn_if_plain();
+        let mut client = connector.connect()?;
         migrate(&mut client)?;
         let backend_pid = prepare_session(&mut client)?;
         Ok(PgStore {
-            config,
+            connector,
             client,
             backend_pid,
             settings,
@@ -213,7 +221,7 @@ impl PgStore {
             }
             self.retry_at = Some(now + RECONNECT_INTERVAL);
             tracing::warn!("the PostgreSQL connection broke; connecting again");
-            let mut client = self.config.connect(NoTls)?;
+            let mut client = self.connector.connect()?;
             self.backend_pid = prepare_session(&mut client)?;
             self.client = client;
             self.retry_at = None;

@@ -1,0 +1,157 @@
+//! TLS between the servers and PostgreSQL (`--store-ca`, `agora_common::pgtls`): a cluster
+//! that accepts TLS only, on the loopback, with a self-signed certificate for `localhost`.
+//! A registry and a group node given that certificate store through it, every connection
+//! of theirs is encrypted (`pg_stat_ssl`), and a certificate not signed by the given CA is
+//! refused, as is a connection without TLS.
+//!
+//! These tests always store in PostgreSQL (a throwaway cluster), whatever
+//! `AGORA_TEST_STORE` says.
+
+use std::time::Duration;
+
+use agora_tests::pg::PgCluster;
+use agora_tests::{run, wait_for, CliRun, Federation, Server};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ok(run: CliRun) -> CliRun {
+    assert_eq!(run.code, Some(0), "user-cli failed: {run:?}");
+    run
+}
+
+/// `(application_name, ssl)` of the cluster's client connections named `agora-…`.
+fn agora_sessions(cluster: &PgCluster) -> Vec<(String, bool)> {
+    let url = cluster.url("agora");
+    std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        db.query(
+            "SELECT a.application_name, s.ssl FROM pg_stat_activity a
+             JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name LIKE 'agora-%' ORDER BY 1",
+            &[],
+        )
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    })
+    .join()
+    .expect("query thread")
+}
+
+#[test]
+fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
+    let cluster = PgCluster::start_tls();
+    cluster.database("agora");
+    let url = cluster.tls_url("agora");
+    let ca = cluster.tls_ca();
+    let ca = ca.to_str().expect("utf-8 path");
+    let fed = Federation::start("200ms");
+
+    // A registry storing over TLS starts: it migrated its schema and keeps its key pair
+    // there.
+    let data = fed.path("registry-tls");
+    let registry = Server::start(
+        "registry",
+        &[
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--store",
+            &url,
+            "--store-ca",
+            ca,
+        ],
+        &fed.dir.path().join("registry-tls.log"),
+    );
+    assert!(registry.key.is_some(), "{}", registry.log());
+
+    // A group node storing over TLS serves, its lease and store connections both.
+    let _node = fed.node(
+        "Sealed",
+        "127.0.0.1:0",
+        "n",
+        &["--store", &url, "--store-ca", ca],
+    );
+    fed.join_when_listed("alice", "Sealed");
+    ok(fed.cli("alice", &["send", "Sealed", "over tls"], ""));
+    let shown = ok(fed.cli("alice", &["messages", "Sealed"], ""));
+    assert!(shown.stdout.contains("over tls"), "{shown:?}");
+
+    let sessions = agora_sessions(&cluster);
+    for name in [
+        "agora-registry",
+        "agora-group-node store",
+        "agora-group-node lease",
+    ] {
+        assert!(
+            sessions.iter().any(|(n, _)| n == name),
+            "no {name} session: {sessions:?}"
+        );
+    }
+    assert!(
+        sessions.iter().all(|(_, ssl)| *ssl),
+        "a session without TLS: {sessions:?}"
+    );
+
+    // A certificate the given CA did not sign is refused: the registry stops and says why.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let wrong = fed.path("other-ca.pem");
+    std::fs::write(&wrong, other.cert.pem()).expect("write");
+    let registry_args = |data: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--store",
+            &url,
+        ];
+        args.extend_from_slice(extra);
+        args.iter()
+            .map(|a| (*a).to_owned())
+            .collect::<Vec<String>>()
+    };
+    let refused = {
+        let args = registry_args(&fed.path("registry-wrong"), &["--store-ca", &wrong]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("registry", &args, "")
+    };
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused.stderr.contains("certificate"),
+        "not said why: {refused:?}"
+    );
+
+    // Without TLS, this server refuses the connection (its pg_hba.conf has `hostssl` only).
+    let plain = {
+        let args = registry_args(&fed.path("registry-plain"), &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("registry", &args, "")
+    };
+    assert_ne!(plain.code, Some(0), "{plain:?}");
+    assert!(
+        plain.stderr.contains("no encryption"),
+        "not said why: {plain:?}"
+    );
+
+    // A node given the wrong CA never takes the lease, and logs why.
+    let mut standby = fed.spawn_node(
+        "Sealed",
+        "127.0.0.1:0",
+        "wrong",
+        &["--store", &url, "--store-ca", &wrong],
+    );
+    assert!(
+        wait_for(WAIT, || standby.log().contains("certificate")),
+        "{}",
+        standby.log()
+    );
+    assert!(!standby.exited(), "{}", standby.log());
+    assert!(
+        !standby.log().contains("took the lease"),
+        "{}",
+        standby.log()
+    );
+}
