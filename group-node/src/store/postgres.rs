@@ -343,7 +343,17 @@ pub struct PgStore {
     stored: HashMap<MessageId, Stored>,
     /// Principal → user name, of members known to be members (bounded, [`MEMBER_CACHE`]).
     members: RefCell<HashMap<String, UserName>>,
+    /// `last_seq` when the batch id lookup was last prepared (see [`LOOKUP_IDS`]).
+    lookup_prepared_at: u64,
 }
+
+/// The batch's id lookup of [`GroupStore::expect_appends`]. Prepared again each time the
+/// log has doubled (and grown by 1,000): PostgreSQL caches a generic plan after five
+/// executions, and one made while `messages` was small (a sequential scan) stayed in use as
+/// the table grew, until an `ANALYZE` replaced it (measured: appends at 100 in flight fell
+/// from 9,000/s to 2,000/s between 5,000 and 19,000 messages).
+const LOOKUP_IDS: &str = "SELECT id, seq, time_us, sender, body, attachment FROM messages
+                          WHERE id = ANY($1)";
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -391,6 +401,7 @@ impl PgStore {
             expected: HashSet::new(),
             stored: HashMap::new(),
             members: RefCell::new(HashMap::new()),
+            lookup_prepared_at: 0,
         };
         store.reload()?;
         Ok(store)
@@ -813,10 +824,13 @@ impl GroupStore for PgStore {
         if ids.is_empty() {
             return Ok(());
         }
+        if self.last_seq >= self.lookup_prepared_at.saturating_mul(2) + 1000 {
+            self.statements.get_mut().remove(LOOKUP_IDS);
+            self.lookup_prepared_at = self.last_seq;
+        }
         self.write(|s| {
             let rows = s.query(
-                "SELECT id, seq, time_us, sender, body, attachment FROM messages
-                 WHERE id = ANY($1)",
+                LOOKUP_IDS,
                 &[&ids
                     .iter()
                     .map(|id| id.as_bytes().as_slice())
