@@ -645,14 +645,15 @@ impl Federation {
         self.dir.path().join("state").to_string_lossy().into_owned()
     }
 
-    /// The arguments and environment of a user-cli run as `user` against `registry`.
+    /// The arguments and environment of a user-cli run as `user` against `registry` (an
+    /// endpoint, or a comma-separated list of them).
     fn cli_setup(
         &self,
-        registry: &Server,
+        registry: &str,
         user: &str,
         args: &[&str],
     ) -> (Vec<String>, Vec<(&'static str, String)>) {
-        let mut all: Vec<String> = ["--registry", &registry.endpoint, "--user", user]
+        let mut all: Vec<String> = ["--registry", registry, "--user", user]
             .iter()
             .map(|a| (*a).to_owned())
             .collect();
@@ -668,7 +669,13 @@ impl Federation {
     /// Runs user-cli against `registry` (another one, [`Federation::another_registry`]) as
     /// `user`.
     pub fn cli_via(&self, registry: &Server, user: &str, args: &[&str], stdin: &str) -> CliRun {
-        let (args, env) = self.cli_setup(registry, user, args);
+        self.cli_at(&registry.endpoint, user, args, stdin)
+    }
+
+    /// Runs user-cli as `user` with `--registry registries` (a comma-separated list of
+    /// endpoints of registries sharing one database).
+    pub fn cli_at(&self, registries: &str, user: &str, args: &[&str], stdin: &str) -> CliRun {
+        let (args, env) = self.cli_setup(registries, user, args);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         cli(&args, stdin, &env)
@@ -740,7 +747,7 @@ impl Federation {
 
     /// Starts `user-cli ARGS` as `user` against `registry` in the background.
     pub fn spawn_cli_via(&self, registry: &Server, user: &str, args: &[&str]) -> Streaming {
-        let (args, env) = self.cli_setup(registry, user, args);
+        let (args, env) = self.cli_setup(&registry.endpoint, user, args);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Streaming::start(&args, &env)

@@ -112,4 +112,12 @@ fn two_registries_on_one_database_act_as_one_and_losing_one_loses_nothing() {
     let again = ok(fed.cli_via(&b, "bob", &["check"], ""));
     assert!(again.stdout.contains("direct messages: 0 new"), "{again:?}");
     ok(fed.cli_via(&b, "bob", &["whois", "alice"], ""));
+
+    // Given both, A first: the first run waits A out and moves to B; the next starts at B,
+    // the registry that answered (kept in the state file).
+    let both = format!("{},{}", fed.registry.endpoint, b.endpoint);
+    let moved = ok(fed.cli_at(&both, "bob", &["--timeout", "1s", "whois", "alice"], ""));
+    assert!(moved.stderr.contains("trying the next one"), "{moved:?}");
+    let direct = ok(fed.cli_at(&both, "bob", &["--timeout", "1s", "whois", "alice"], ""));
+    assert!(!direct.stderr.contains("trying the next one"), "{direct:?}");
 }

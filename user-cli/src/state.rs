@@ -3,6 +3,8 @@
 //! from this client, each with its node's last known endpoint, the last seq shown, and
 //! whether to follow it live. It is what lets a restarted client report unread counts and
 //! resume each stream where it stopped, and reach known groups while the registry is down.
+//! With several registries (`--registry A,B`), it also keeps the one that last answered, to
+//! try first next time.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -31,6 +33,10 @@ pub struct State {
     /// Joined groups.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupState>,
+    /// Of a list of registry endpoints, the one that last answered (`None`: the list's
+    /// first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
 }
 
 /// The state and the file it lives in.

@@ -181,9 +181,11 @@ pub struct Resolved {
 pub type Printer = Box<dyn FnMut(String) + Send>;
 
 impl Drop for App {
-    /// Stops the live feed (its actor saves nothing itself), then saves what it saw.
+    /// Stops the live feed (its actor saves nothing itself), then saves what it saw and the
+    /// registry that answered.
     fn drop(&mut self) {
         drop(self.feed.take());
+        self.remember_registry();
         self.save_state();
     }
 }
@@ -205,8 +207,8 @@ impl App {
         curve: Option<ClientCurve>,
     ) -> App {
         let ctx = zmq::Context::new();
-        let registry_endpoint = registry.to_owned();
-        let mut registry = RegistryClient::new(&ctx, registry, options);
+        let registry_endpoint = answered_first(registry, state.state.registry.as_deref());
+        let mut registry = RegistryClient::new(&ctx, &registry_endpoint, options);
         let keypair = curve.as_ref().map(|c| c.keypair.clone());
         let registry_curve = curve.clone();
         if let Some(curve) = curve {
@@ -254,6 +256,14 @@ impl App {
             (Some(_), None) => Err(CliError::Usage(format!(
                 "{label}: no public key known for this node; reach the group by name through the registry"
             ))),
+        }
+    }
+
+    /// Notes, in the state, the registry endpoint in use, to try first next time (with a
+    /// list of them only).
+    fn remember_registry(&self) {
+        if agora_common::client::registry_endpoints(&self.registry_endpoint).len() > 1 {
+            lock(&self.state).state.registry = Some(self.registry.endpoint().to_owned());
         }
     }
 
@@ -490,6 +500,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_registry_that_answered_comes_first() {
+        assert_eq!(
+            answered_first("tcp://a:1,tcp://b:2,tcp://c:3", Some("tcp://b:2")),
+            "tcp://b:2,tcp://c:3,tcp://a:1"
+        );
+        assert_eq!(
+            answered_first("tcp://a:1, tcp://b:2", Some("tcp://a:1")),
+            "tcp://a:1,tcp://b:2"
+        );
+        assert_eq!(
+            answered_first("tcp://a:1,tcp://b:2", Some("tcp://gone:9")),
+            "tcp://a:1,tcp://b:2"
+        );
+        assert_eq!(answered_first("tcp://a:1", None), "tcp://a:1");
+    }
+
+    #[test]
     fn targets_with_a_numeric_port_are_addresses() {
         assert!(matches!(
             Target::parse("127.0.0.1:5560"),
@@ -524,5 +551,18 @@ mod tests {
             history_query(&HistoryArgs::default()).ok(),
             Some(HistoryQuery::AfterSeq(0))
         );
+    }
+}
+
+/// The registry list `list` (`A,B,…`) starting at `answered` when it is one of its endpoints
+/// (the rest after it, in order, then those before), else as given.
+fn answered_first(list: &str, answered: Option<&str>) -> String {
+    let mut endpoints = agora_common::client::registry_endpoints(list);
+    match answered.and_then(|a| endpoints.iter().position(|e| e == a)) {
+        Some(at) => {
+            endpoints.rotate_left(at);
+            endpoints.join(",")
+        }
+        None => list.to_owned(),
     }
 }
