@@ -495,6 +495,19 @@ pub fn history_query(args: &HistoryArgs) -> Result<HistoryQuery, CliError> {
     Ok(HistoryQuery::AfterSeq(args.after_seq.unwrap_or(0)))
 }
 
+/// The registry list `list` (`A,B,…`) starting at `answered` when it is one of its endpoints
+/// (the rest after it, in order, then those before), else as given.
+fn answered_first(list: &str, answered: Option<&str>) -> String {
+    let mut endpoints = agora_common::client::registry_endpoints(list);
+    match answered.and_then(|a| endpoints.iter().position(|e| e == a)) {
+        Some(at) => {
+            endpoints.rotate_left(at);
+            endpoints.join(",")
+        }
+        None => list.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,18 +564,5 @@ mod tests {
             history_query(&HistoryArgs::default()).ok(),
             Some(HistoryQuery::AfterSeq(0))
         );
-    }
-}
-
-/// The registry list `list` (`A,B,…`) starting at `answered` when it is one of its endpoints
-/// (the rest after it, in order, then those before), else as given.
-fn answered_first(list: &str, answered: Option<&str>) -> String {
-    let mut endpoints = agora_common::client::registry_endpoints(list);
-    match answered.and_then(|a| endpoints.iter().position(|e| e == a)) {
-        Some(at) => {
-            endpoints.rotate_left(at);
-            endpoints.join(",")
-        }
-        None => list.to_owned(),
     }
 }
