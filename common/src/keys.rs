@@ -141,16 +141,26 @@ impl Keypair {
             });
         }
         let text = std::fs::read_to_string(&secret_path).map_err(io)?;
-        let public = curve_value(&text, "public-key", &secret_path)?;
-        let secret = curve_value(&text, "secret-key", &secret_path)?;
-        let pair = Keypair {
-            public: PublicKey::from_bytes(decode_z85_key(&public)?),
-            secret: decode_z85_key(&secret)?,
-        };
+        let pair = Keypair::from_certificate(&text, &secret_path)?;
         if path.exists() && load_public(path)? != pair.public {
             return Err(KeyError::Mismatch(path.to_owned()));
         }
         Ok(pair)
+    }
+
+    /// Reads the pair from the text of a secret certificate (ZeroMQ's format, as
+    /// [`Keypair::save`] writes it: `public-key` and `secret-key` in Z85), kept somewhere
+    /// other than a file (such as a database); `source` names where, for errors.
+    ///
+    /// # Errors
+    /// [`KeyError::Missing`], [`KeyError::BadKey`].
+    pub fn from_certificate(text: &str, source: &Path) -> Result<Keypair, KeyError> {
+        let public = curve_value(text, "public-key", source)?;
+        let secret = curve_value(text, "secret-key", source)?;
+        Ok(Keypair {
+            public: PublicKey::from_bytes(decode_z85_key(&public)?),
+            secret: decode_z85_key(&secret)?,
+        })
     }
 
     /// Writes the public certificate `PATH` (mode 0644) and the secret certificate

@@ -21,9 +21,8 @@
 //! # Key pair
 //! Table `key_pair` holds one row: the public key and the secret certificate (the text of a
 //! `registry.key_secret` file). The first registry on an empty database inserts its own
-//! (`ON CONFLICT DO NOTHING`); every registry then serves the stored one, from its data
-//! directory's `registry.key` when that is the same pair, else from a cache rewritten on
-//! each start, `DATA_DIR/store-key/registry.key_secret` (mode 0600).
+//! (`ON CONFLICT DO NOTHING`); every registry then serves the stored one, read from the row
+//! (no copy of the secret is written to its data directory).
 //!
 //! # Concurrency between registries
 //! - Mailbox numbers come from a per-recipient counter, `mailbox_next`, incremented with
@@ -38,8 +37,6 @@
 //!   commit); every registry `LISTEN`s, and [`RegistryStore::stored_elsewhere`] hands it the
 //!   messages that other registries stored, to push to recipients connected to it.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -511,41 +508,10 @@ impl RegistryStore for PgStore {
                 stored
             }
         };
-        // The data directory's own pair, when it is the stored one.
-        if secret_path(&local).exists() {
-            if let Ok(pair) = Keypair::load(&local) {
-                if pair.public.to_string() == public {
-                    return Ok((pair, created));
-                }
-            }
-        }
-        // Otherwise a cache of the stored pair, rewritten on each start.
-        let dir = data_dir.join("store-key");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| KeyError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        let cached = dir.join("registry.key");
-        let secret = secret_path(&cached);
-        let io = |source| KeyError::Io {
-            path: secret.clone(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&secret)
-            .map_err(io)?;
-        file.write_all(certificate.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        let pair = Keypair::load(&cached)?;
+        let pair = Keypair::from_certificate(
+            &certificate,
+            Path::new("the PostgreSQL table agora_registry.key_pair"),
+        )?;
         if pair.public.to_string() != public {
             return Err(corrupt("key pair", public));
         }
