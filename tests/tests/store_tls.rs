@@ -99,25 +99,14 @@ fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let wrong = fed.path("other-ca.pem");
     std::fs::write(&wrong, other.cert.pem()).expect("write");
-    let registry_args = |data: &str, extra: &[&str]| {
-        let mut args = vec![
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--data-dir",
-            data,
-            "--store",
-            &url,
-        ];
+    let registry = |tag: &str, extra: &[&str]| {
+        let data = fed.path(tag);
+        let mut args = vec!["--bind", "tcp://127.0.0.1:0", "--data-dir", &data];
+        args.extend(["--store", &url]);
         args.extend_from_slice(extra);
-        args.iter()
-            .map(|a| (*a).to_owned())
-            .collect::<Vec<String>>()
-    };
-    let refused = {
-        let args = registry_args(&fed.path("registry-wrong"), &["--store-ca", &wrong]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run("registry", &args, "")
     };
+    let refused = registry("registry-wrong", &["--store-ca", &wrong]);
     assert_ne!(refused.code, Some(0), "{refused:?}");
     assert!(
         refused.stderr.contains("certificate"),
@@ -125,11 +114,7 @@ fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
     );
 
     // Without TLS, this server refuses the connection (its pg_hba.conf has `hostssl` only).
-    let plain = {
-        let args = registry_args(&fed.path("registry-plain"), &[]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run("registry", &args, "")
-    };
+    let plain = registry("registry-plain", &[]);
     assert_ne!(plain.code, Some(0), "{plain:?}");
     assert!(
         plain.stderr.contains("no encryption"),

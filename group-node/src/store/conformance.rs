@@ -90,6 +90,19 @@ pub(super) fn body(s: &str) -> Box<RawValue> {
     RawValue::from_string(s.to_owned()).expect("json")
 }
 
+/// A chat message from `sender` with the client id `id`, now.
+fn with_id<'a>(sender: &'a UserName, body: &'a RawValue, id: MessageId) -> NewMessage<'a> {
+    NewMessage {
+        sender,
+        kind: EntryKind::Message,
+        sender_key: None,
+        body,
+        id: Some(id),
+        attachment: None,
+        now: Timestamp::now(),
+    }
+}
+
 pub(super) fn append(store: &mut dyn GroupStore, text: &str, now: i64) -> SendAck {
     let alice = user("alice");
     let b = body(text);
@@ -170,15 +183,7 @@ fn retried_client_id_is_stored_once_and_conflicts_are_refused(backend: &dyn Back
     let (alice, bob) = (user("alice"), user("bob"));
     let id = MessageId::new_v7();
     let b = body(r#"{"k":1}"#);
-    let msg = |sender, b| NewMessage {
-        sender,
-        kind: EntryKind::Message,
-        sender_key: None,
-        body: b,
-        id: Some(id),
-        attachment: None,
-        now: Timestamp::now(),
-    };
+    let msg = |sender, b| with_id(sender, b, id);
     s.begin().expect("begin");
     let first = s.append(msg(&alice, &b)).expect("first");
     let again = s.append(msg(&alice, &b)).expect("retry");
@@ -205,15 +210,7 @@ fn expected_ids_answer_retries_and_the_batch_reads_its_own_appends(backend: &dyn
     let (alice, bob) = (user("alice"), user("bob"));
     let ids: Vec<MessageId> = (0..4).map(|_| MessageId::new_v7()).collect();
     let (one, two) = (body("1"), body("2"));
-    let msg = |sender, b, id| NewMessage {
-        sender,
-        kind: EntryKind::Message,
-        sender_key: None,
-        body: b,
-        id: Some(id),
-        attachment: None,
-        now: Timestamp::now(),
-    };
+    let msg = with_id;
     let seqs = |p: Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
     s.begin().expect("begin");
     s.expect_appends(&ids[..2]).expect("expect");
@@ -290,17 +287,7 @@ fn a_fenced_batch_stores_nothing() {
     s.expect_appends(&[id]).expect("expect");
     let alice = user("alice");
     let lost = body("2");
-    let ack = s
-        .append(NewMessage {
-            sender: &alice,
-            kind: EntryKind::Message,
-            sender_key: None,
-            body: &lost,
-            id: Some(id),
-            now: Timestamp::now(),
-            attachment: None,
-        })
-        .expect("append");
+    let ack = s.append(with_id(&alice, &lost, id)).expect("append");
     assert_eq!(ack.seq, 2);
     let mut other = ::postgres::Client::connect(&pg.url, ::postgres::NoTls).expect("connect");
     other
