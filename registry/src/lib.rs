@@ -197,6 +197,7 @@ impl Registry {
             group_ttl: config.ttl(),
             max_groups: config.max_groups,
             presence_ttl: config.presence_ttl,
+            max_users: config.max_users,
         };
         let mut store = store::open(
             config.store.as_deref(),
@@ -519,13 +520,9 @@ impl Registry {
             RegistryRequest::Unregister(r) => {
                 answer::<call::Unregister>(cmd::unregister::apply(store, r, peer, now))
             }
-            RegistryRequest::UserRegister(r) => answer::<call::UserRegister>(cmd::users::register(
-                store,
-                peer,
-                r,
-                now,
-                self.config.max_users,
-            )),
+            RegistryRequest::UserRegister(r) => {
+                answer::<call::UserRegister>(cmd::users::register(store, peer, r, now))
+            }
             RegistryRequest::UserUnregister(r) => {
                 answer::<call::UserUnregister>(cmd::users::unregister(store, peer, r))
             }

@@ -159,6 +159,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             group_ttl: args.heartbeat * args.ttl_intervals,
             max_groups: args.max_groups,
             presence_ttl: args.presence_ttl,
+            max_users: args.max_users,
         };
         let mut store = agora_registry::store::open(
             args.store.as_deref(),

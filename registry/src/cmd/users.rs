@@ -12,7 +12,7 @@ use agora_proto::wire::{
 };
 
 use super::internal;
-use crate::store::RegistryStore;
+use crate::store::{RegistryStore, StoreError};
 
 fn need(peer: Option<PublicKey>) -> Result<PublicKey, WireError> {
     peer.ok_or_else(|| {
@@ -31,14 +31,13 @@ fn unknown(name: &agora_proto::wire::UserName) -> WireError {
 ///
 /// # Errors
 /// `name_taken` (the name is another key's, or the caller's key already holds another
-/// account), `limit_reached` (`max_users` accounts exist), `forbidden` (no CURVE),
+/// account), `limit_reached` (the store's `max_users` accounts exist), `forbidden` (no CURVE),
 /// `internal`.
 pub fn register(
     store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: UserNameRequest,
     now: Timestamp,
-    max_users: u64,
 ) -> Result<UserReply, WireError> {
     let key = need(peer)?;
     let taken = |store: &mut dyn RegistryStore, name| -> Result<UserReply, WireError> {
@@ -70,12 +69,6 @@ pub fn register(
     {
         return taken(store, &r.name);
     }
-    if store.count_users().map_err(internal)? >= max_users {
-        return Err(WireError::new(
-            ErrorCode::LimitReached,
-            format!("the registry holds its maximum of {max_users} accounts"),
-        ));
-    }
     let user = UserEntry {
         name: r.name,
         key,
@@ -84,8 +77,13 @@ pub fn register(
         last_seen: None,
     };
     // Another registry sharing the store may have taken the name or key meanwhile.
-    if !store.insert_user(&user).map_err(internal)? {
-        return taken(store, &user.name);
+    match store.insert_user(&user) {
+        Ok(true) => {}
+        Ok(false) => return taken(store, &user.name),
+        Err(e @ StoreError::TooManyUsers(_)) => {
+            return Err(WireError::new(ErrorCode::LimitReached, e.to_string()))
+        }
+        Err(e) => return Err(internal(e)),
     }
     tracing::info!(user = %user.name, key = %user.key, "user registered");
     Ok(UserReply {

@@ -83,6 +83,9 @@ pub enum StoreError {
     /// An account, owner or mailbox call on a store opened without them (`--insecure`).
     #[error("this registry keeps no accounts, owners or mailboxes (--insecure)")]
     NoAccounts,
+    /// [`StoreSettings::max_users`] accounts exist already: no more are made.
+    #[error("the registry holds its maximum of {0} accounts")]
+    TooManyUsers(u64),
 }
 
 /// The registry's limits the store applies.
@@ -94,6 +97,9 @@ pub struct StoreSettings {
     pub max_groups: usize,
     /// How long a presence session lives without a renewal (default 30 s).
     pub presence_ttl: Duration,
+    /// The most accounts (default 100,000), checked with the insert: registries sharing a
+    /// database take turns (an advisory lock), so that together they never go past it.
+    pub max_users: u64,
 }
 
 /// What a node's `register` asks for.
@@ -219,7 +225,8 @@ pub trait RegistryStore: Send {
     /// Creates the account; false (nothing stored) when its name or key already holds one.
     ///
     /// # Errors
-    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    /// [`StoreError::TooManyUsers`] when [`StoreSettings::max_users`] accounts exist; the
+    /// backend's error; [`StoreError::NoAccounts`] without accounts.
     fn insert_user(&mut self, entry: &UserEntry) -> Result<bool, StoreError>;
 
     /// Removes the account `name` held by `key`, its mailbox and its session; returns

@@ -61,6 +61,14 @@ use crate::mailbox::{Copy, MailboxError, Stored, MAX_DEAD_LETTERS};
 pub const MIGRATION_LOCK: i64 = 0x6167_6f72_6172;
 /// The advisory lock class of directory changes; the object is the group name's hash.
 const DIRECTORY_LOCK: i32 = 0x6167_6f72;
+
+/// The transaction-level advisory lock that account creations take, in registries sharing
+/// the database, to count and insert without another coming between (`max_users`).
+const ACCOUNTS_LOCK: i64 = 0x6167_6f72_6163;
+
+/// The transaction-level advisory lock that new directory entries take, after their name's
+/// lock, to count and insert without another coming between (`max_groups`).
+const NEW_GROUP_LOCK: i64 = 0x6167_6f72_6764;
 /// The channel of `NOTIFY` for stored DMs; the payload is `KEY N` (Z85 key, number).
 pub const DM_CHANNEL: &str = "agora_registry_dm";
 /// How long connecting may take (default of this backend: 10 s).
@@ -577,6 +585,7 @@ impl RegistryStore for PgStore {
                 return Ok(Ok(entry));
             }
         } else {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&NEW_GROUP_LOCK])?;
             tx.execute("DELETE FROM groups WHERE expires_at <= now()", &[])?;
             let live: i64 = tx
                 .query_one(
@@ -739,7 +748,16 @@ impl RegistryStore for PgStore {
     }
 
     fn insert_user(&mut self, entry: &UserEntry) -> Result<bool, StoreError> {
-        let inserted = self.client()?.execute(
+        let max = self.settings.max_users;
+        let mut tx = self.client()?.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ACCOUNTS_LOCK])?;
+        let count: i64 = tx
+            .query_one("SELECT count(*) FROM users", &[])?
+            .try_get(0)?;
+        if to_u64(count) >= max {
+            return Err(StoreError::TooManyUsers(max));
+        }
+        let inserted = tx.execute(
             "INSERT INTO users (name, key, registered_at) VALUES ($1, $2, ts($3))
              ON CONFLICT DO NOTHING",
             &[
@@ -748,6 +766,7 @@ impl RegistryStore for PgStore {
                 &entry.registered_at.as_micros(),
             ],
         )?;
+        tx.commit()?;
         Ok(inserted == 1)
     }
 

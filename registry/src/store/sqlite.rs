@@ -38,6 +38,7 @@ pub struct SqliteStore {
     directory: Directory,
     sessions: Sessions,
     durable: Option<Durable>,
+    max_users: u64,
 }
 
 impl SqliteStore {
@@ -65,6 +66,7 @@ impl SqliteStore {
             directory: Directory::new(settings.group_ttl, settings.max_groups),
             sessions: Sessions::new(settings.presence_ttl),
             durable,
+            max_users: settings.max_users,
         })
     }
 
@@ -163,7 +165,13 @@ impl RegistryStore for SqliteStore {
     }
 
     fn insert_user(&mut self, entry: &UserEntry) -> Result<bool, StoreError> {
-        Ok(self.durable()?.users.insert(entry)?)
+        // One registry per file, one thread: nothing comes between the count and the insert.
+        let max = self.max_users;
+        let users = &mut self.durable()?.users;
+        if users.count()? >= max {
+            return Err(StoreError::TooManyUsers(max));
+        }
+        Ok(users.insert(entry)?)
     }
 
     fn remove_user(&mut self, name: &UserName, key: &PublicKey) -> Result<bool, StoreError> {

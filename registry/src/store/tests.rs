@@ -60,6 +60,7 @@ fn settings() -> StoreSettings {
         group_ttl: Duration::from_secs(60),
         max_groups: 10,
         presence_ttl: Duration::from_secs(60),
+        max_users: 100,
     }
 }
 
@@ -591,6 +592,82 @@ fn concurrent_registries_never_give_a_mailbox_number_twice() {
         .collect();
     numbers.sort_unstable();
     assert_eq!(numbers, (1..=100).collect::<Vec<u64>>());
+}
+
+/// Registries creating accounts at once never go past `max_users` together (each counts
+/// and inserts under an advisory lock); both backends refuse the account past it.
+#[test]
+fn the_account_limit_holds_across_concurrent_registries() {
+    let limited = StoreSettings {
+        max_users: 30,
+        ..settings()
+    };
+    on_both(
+        StoreSettings {
+            max_users: 2,
+            ..settings()
+        },
+        |s| {
+            assert!(s.insert_user(&account("alice", 1)).expect("alice"));
+            assert!(s.insert_user(&account("bob", 2)).expect("bob"));
+            assert!(matches!(
+                s.insert_user(&account("carol", 3)),
+                Err(StoreError::TooManyUsers(2))
+            ));
+        },
+    );
+    let a = Backend::postgres(limited);
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let mut store = a.another(limited);
+            std::thread::spawn(move || {
+                (0..20u8)
+                    .map(
+                        |i| match store.insert_user(&account(&format!("u{t}-{i}"), t * 20 + i)) {
+                            Ok(true) => 1,
+                            Err(StoreError::TooManyUsers(30)) => 0,
+                            other => panic!("{other:?}"),
+                        },
+                    )
+                    .sum::<u64>()
+            })
+        })
+        .collect();
+    let made: u64 = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+    assert_eq!(made, 30);
+    let mut store = a.another(limited);
+    assert_eq!(store.count_users().expect("count"), 30);
+}
+
+/// Registries listing new groups at once never go past `max_groups` together.
+#[test]
+fn the_group_limit_holds_across_concurrent_registries() {
+    let a = Backend::postgres(settings());
+    let threads: Vec<_> = (0..4u16)
+        .map(|t| {
+            let mut store = a.another(settings());
+            std::thread::spawn(move || {
+                (0..5u16)
+                    .filter(|i| {
+                        let port = 1000 + t * 10 + i;
+                        match store.register_group(
+                            group(&format!("g{port}"), port, 0),
+                            false,
+                            now(),
+                        ) {
+                            Ok(Ok(_)) => true,
+                            Ok(Err(e)) if e.code == ErrorCode::LimitReached => false,
+                            other => panic!("{other:?}"),
+                        }
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let listed: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+    assert_eq!(listed, 10, "max_groups is 10");
+    let mut store = a.another(settings());
+    assert_eq!(store.list_groups(now()).expect("list").len(), 10);
 }
 
 /// Migrations are applied once however many registries connect, and a database migrated by
