@@ -22,7 +22,8 @@
 //! Table `key_pair` holds one row: the public key and the secret certificate (the text of a
 //! `registry.key_secret` file). The first registry on an empty database inserts its own
 //! (`ON CONFLICT DO NOTHING`); every registry then serves the stored one, read from the row
-//! (no copy of the secret is written to its data directory).
+//! (no copy of the secret is written to its data directory; the `store-key/` copy that
+//! earlier builds wrote there is removed).
 //!
 //! # Concurrency between registries
 //! - Mailbox numbers come from a per-recipient counter, `mailbox_next`, incremented with
@@ -522,6 +523,18 @@ impl RegistryStore for PgStore {
         )?;
         if pair.public.to_string() != public {
             return Err(corrupt("key pair", public));
+        }
+        // Earlier builds wrote a copy of the stored secret here; nothing reads it now.
+        let copy = data_dir.join("store-key");
+        if copy.exists() {
+            match std::fs::remove_dir_all(&copy) {
+                Ok(()) => {
+                    tracing::info!(path = %copy.display(), "removed the old copy of the stored key pair")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %copy.display(), error = %e, "could not remove the old copy of the stored key pair")
+                }
+            }
         }
         Ok((pair, created))
     }

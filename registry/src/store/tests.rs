@@ -488,6 +488,8 @@ fn registries_sharing_a_database_share_keys_directory_presence_and_mailboxes() {
     let (own_b, _) =
         agora_common::keys::Keypair::load_or_generate(&dir_b.path().join("registry.key"))
             .expect("b's own pair");
+    // And the copy of the stored secret that earlier builds kept there, which goes.
+    std::fs::create_dir_all(dir_b.path().join("store-key")).expect("old copy");
     let (pair_a, created) = a.store.key_pair(a.dir.path()).expect("a keys");
     assert!(created);
     let (pair_b, created) = b.key_pair(dir_b.path()).expect("b keys");
@@ -495,6 +497,7 @@ fn registries_sharing_a_database_share_keys_directory_presence_and_mailboxes() {
     assert_eq!(pair_b.public, pair_a.public);
     assert_ne!(pair_b.public, own_b.public);
     assert_eq!(pair_b.secret_bytes(), pair_a.secret_bytes());
+    assert!(!dir_b.path().join("store-key").exists());
     // The directory.
     a.store
         .register_group(group("g", 1, 2), false, now())
