@@ -38,6 +38,19 @@ fn seq_of(stdout: &str) -> String {
 }
 
 /// Complete blobs in the files of the node started with `tag`.
+/// `user-cli OPTIONS get_file GROUP SEQ --out OUT` as `user`.
+fn get_file(fed: &Federation, user: &str, options: &[&str], seq: &str, out: &Path) -> CliRun {
+    let mut args = options.to_vec();
+    args.extend([
+        "get_file",
+        GROUP,
+        seq,
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    fed.cli(user, &args, "")
+}
+
 fn blob_files(fed: &Federation, tag: &str) -> usize {
     let root = Path::new(&fed.node_data_dir(tag)).join("blobs/sha256");
     std::fs::read_dir(root)
@@ -101,19 +114,7 @@ fn a_file_sent_before_kill_9_downloads_whole_from_the_standby_that_took_over() {
     let out = dir.path().join("back.bin");
     let mut last = None;
     let fetched = wait_for(Duration::from_secs(30), || {
-        let run = fed.cli(
-            "bob",
-            &[
-                "--timeout",
-                "2s",
-                "get_file",
-                GROUP,
-                &seq,
-                "--out",
-                out.to_str().expect("utf-8"),
-            ],
-            "",
-        );
+        let run = get_file(&fed, "bob", &["--timeout", "2s"], &seq, &out);
         let done = run.code == Some(0);
         last = Some(run);
         done
@@ -168,17 +169,7 @@ fn a_seal_that_outlasts_the_client_timeout_still_completes_the_send() {
     assert_eq!(sent.code, Some(0), "{sent:?}");
     let seq = seq_of(&sent.stdout);
     let out = dir.path().join("back.bin");
-    ok(fed.cli(
-        "alice",
-        &[
-            "get_file",
-            GROUP,
-            &seq,
-            "--out",
-            out.to_str().expect("utf-8"),
-        ],
-        "",
-    ));
+    ok(get_file(&fed, "alice", &[], &seq, &out));
     assert_eq!(
         digest_of(&std::fs::read(&out).expect("read")),
         digest_of(&data)

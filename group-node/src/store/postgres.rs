@@ -186,11 +186,6 @@ impl PgTarget {
         self
     }
 
-    /// The network timeout of [`connect`].
-    pub fn net_timeout(&self) -> Duration {
-        self.net_timeout
-    }
-
     /// The connector for this database, with TLS or not.
     ///
     /// # Errors
