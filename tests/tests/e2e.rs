@@ -275,7 +275,7 @@ fn a_node_restart_keeps_history_and_seq() {
     let fed = Federation::start("200ms");
     let mut node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
     let addr = node.host_port().to_owned();
-    ok(fed.cli("alice", &["join", &addr], ""));
+    fed.join_when_listed("alice", &addr);
     for text in ["one", "two", "three"] {
         ok(fed.cli("alice", &["send", &addr, text], ""));
     }

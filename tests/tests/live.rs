@@ -126,7 +126,7 @@ fn kill_9_of_the_node_mid_stream_then_restart_every_seq_shown_once() {
     let mut node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
     let addr = node.host_port().to_owned();
     let endpoint = node.endpoint.clone();
-    ok(fed.cli("alice", &["join", &addr], ""));
+    fed.join_when_listed("alice", &addr);
     let mut w = watch(&fed, "alice", &addr, true);
 
     let acked = Arc::new(AtomicU64::new(0));
@@ -180,7 +180,7 @@ fn forced_drops_on_the_push_path_still_show_every_message_once() {
         &["--fault-drop-push-every", "3", "--sndhwm", "20"],
     );
     let addr = node.host_port().to_owned();
-    ok(fed.cli("alice", &["join", &addr], ""));
+    fed.join_when_listed("alice", &addr);
     let mut w = watch(&fed, "alice", &addr, false);
     let ctx = zmq::Context::new();
     let mut c = GroupClient::new(
