@@ -5,14 +5,22 @@
 //! - With a CA file (`--store-ca FILE`, PEM certificates): always. The server's certificate
 //!   must chain to one of them and name the URL's host (`verify-full` in libpq's terms), and
 //!   the URL's `sslmode` is raised to `require`.
-//! - With `sslmode=require` in the URL and no CA file: the same checks against the system's
-//!   trust store (`/etc/ssl/certs` through `rustls-native-certs`).
+//! - With a client certificate (`--store-cert FILE --store-key FILE`) or `sslmode=require`
+//!   in the URL, and no CA file: the same checks against the system's trust store
+//!   (`/etc/ssl/certs` through `rustls-native-certs`).
 //! - Otherwise the connection is plain TCP (or a Unix socket), as before;
 //!   [`PgConnector::warn_if_plain`] logs a warning when its host is not a Unix socket or the
 //!   loopback.
 //!
 //! There is no mode that encrypts without checking the server (libpq's `require` without a
 //! root certificate): it would protect against nobody who can intercept the connection.
+//!
+//! # Client certificates
+//! With [`PgTlsFiles::cert`] and [`PgTlsFiles::key`] (libpq's `sslcert` and `sslkey`) the
+//! client presents that certificate chain in the handshake, for servers that authenticate
+//! by it (`cert` in `pg_hba.conf`, where the certificate's CN names the role). As libpq
+//! does, a key file that its owner's group or others can read is refused: mode 0600 or
+//! less, or 0640 or less when root owns it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,9 +40,41 @@ pub enum PgTlsError {
         /// What was wrong with it.
         reason: String,
     },
-    /// rustls refused the setup (such as no usable certificate in the trust store).
+    /// The client certificate file could not be read or holds no PEM certificate.
+    #[error("--store-cert {path}: {reason}")]
+    Cert {
+        /// The file given.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The client key file could not be read, holds no PEM private key (PKCS #8, PKCS #1 or
+    /// SEC1), or others can read it (the module docs).
+    #[error("--store-key {path}: {reason}")]
+    Key {
+        /// The file given.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// rustls refused the setup (such as no usable certificate in the trust store, or a key
+    /// that does not match the certificate).
     #[error("TLS for PostgreSQL: {0}")]
     Rustls(String),
+}
+
+/// The files TLS to PostgreSQL is set up from (module docs); all `None` by default, for
+/// TLS only when the URL says `sslmode=require`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PgTlsFiles {
+    /// PEM file of the CA certificates the server's certificate must chain to (libpq's
+    /// `sslrootcert`, `--store-ca`).
+    pub ca: Option<PathBuf>,
+    /// PEM file of the client's certificate chain, leaf first (libpq's `sslcert`,
+    /// `--store-cert`); only together with [`PgTlsFiles::key`].
+    pub cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (libpq's `sslkey`, `--store-key`).
+    pub key: Option<PathBuf>,
 }
 
 /// How to reach one PostgreSQL server: its parsed URL, with TLS or without (module docs).
@@ -54,27 +94,44 @@ impl std::fmt::Debug for PgConnector {
 
 impl PgConnector {
     /// Sets up connections for `config` (a parsed `postgres://` URL, with any timeouts
-    /// already set), with TLS as the module docs say, verified against the PEM certificates
-    /// in `ca` if given.
+    /// already set), with TLS as the module docs say: verified against the PEM certificates
+    /// in `files.ca` if given, presenting `files.cert` if given.
     ///
     /// # Errors
-    /// [`PgTlsError::Ca`] for an unreadable CA file or one without certificates;
-    /// [`PgTlsError::Rustls`] when rustls cannot be set up.
-    pub fn new(mut config: Config, ca: Option<&Path>) -> Result<PgConnector, PgTlsError> {
-        let roots = match ca {
+    /// [`PgTlsError::Ca`], [`PgTlsError::Cert`], [`PgTlsError::Key`] for an unreadable file,
+    /// one without what it should hold, or a key others can read; [`PgTlsError::Rustls`]
+    /// when rustls cannot be set up (a key that does not match the certificate).
+    pub fn new(mut config: Config, files: &PgTlsFiles) -> Result<PgConnector, PgTlsError> {
+        let client_auth = match (&files.cert, &files.key) {
+            (Some(cert), Some(key)) => Some((chain_from(cert)?, key_from(key)?)),
+            (None, None) => None,
+            _ => {
+                return Err(PgTlsError::Rustls(
+                    "a client certificate needs both --store-cert and --store-key".into(),
+                ))
+            }
+        };
+        let roots = match &files.ca {
             Some(path) => Some(roots_from(path)?),
-            None if config.get_ssl_mode() == SslMode::Require => Some(native_roots()?),
+            None if client_auth.is_some() || config.get_ssl_mode() == SslMode::Require => {
+                Some(native_roots()?)
+            }
             None => None,
         };
         let tls = match roots {
             Some(roots) => {
                 config.ssl_mode(SslMode::Require);
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let client = rustls::ClientConfig::builder_with_provider(provider)
+                let builder = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
                     .map_err(|e| PgTlsError::Rustls(e.to_string()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
+                    .with_root_certificates(roots);
+                let client = match client_auth {
+                    Some((chain, key)) => builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| PgTlsError::Rustls(format!("the client certificate: {e}")))?,
+                    None => builder.with_no_client_auth(),
+                };
                 Some(MakeRustlsConnect::new(client))
             }
             None => None,
@@ -175,6 +232,43 @@ fn roots_from(path: &Path) -> Result<rustls::RootCertStore, PgTlsError> {
     Ok(roots)
 }
 
+fn chain_from(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PgTlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let fail = |reason: String| PgTlsError::Cert {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(format!("not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(fail("no CERTIFICATE in it".into()));
+    }
+    Ok(chain)
+}
+
+fn key_from(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, PgTlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::PrivateKeyDer;
+    use std::os::unix::fs::MetadataExt as _;
+    let fail = |reason: String| PgTlsError::Key {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    let mode = meta.mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    if mode & !allowed != 0 {
+        return Err(fail(format!(
+            "others can read it (mode {mode:o}); allow {allowed:o} or less"
+        )));
+    }
+    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| fail(format!("no private key: {e}")))
+}
+
 fn native_roots() -> Result<rustls::RootCertStore, PgTlsError> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = rustls::RootCertStore::empty();
@@ -198,26 +292,78 @@ mod tests {
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not a certificate\n").expect("write");
         let config: Config = "postgresql://a@db.example/x".parse().expect("url");
-        let err = PgConnector::new(config, Some(&path)).expect_err("refused");
+        let files = |ca: PathBuf| PgTlsFiles {
+            ca: Some(ca),
+            ..PgTlsFiles::default()
+        };
+        let err = PgConnector::new(config, &files(path)).expect_err("refused");
         assert!(
             err.to_string().contains("ca.pem") && err.to_string().contains("no CERTIFICATE"),
             "{err}"
         );
         let missing = PgConnector::new(
             "postgresql://a@db.example/x".parse().expect("url"),
-            Some(&dir.path().join("absent.pem")),
+            &files(dir.path().join("absent.pem")),
         )
         .expect_err("refused");
         assert!(matches!(missing, PgTlsError::Ca { .. }), "{missing}");
     }
 
     #[test]
+    fn a_client_key_others_can_read_or_a_certificate_without_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let key = dir.path().join("client.key");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").expect("write");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod");
+        let cert = dir.path().join("client.crt");
+        let url = || "postgresql://a@db.example/x".parse().expect("url");
+        let readable = PgConnector::new(
+            url(),
+            &PgTlsFiles {
+                cert: Some(cert.clone()),
+                key: Some(key.clone()),
+                ..PgTlsFiles::default()
+            },
+        );
+        // The certificate is read first; it is missing here.
+        assert!(
+            matches!(readable, Err(PgTlsError::Cert { .. })),
+            "{readable:?}"
+        );
+        assert!(
+            matches!(key_from(&key), Err(PgTlsError::Key { ref reason, .. }) if reason.contains("others can read")),
+            "{:?}",
+            key_from(&key)
+        );
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        assert!(
+            matches!(key_from(&key), Err(PgTlsError::Key { ref reason, .. }) if reason.contains("no private key")),
+            "{:?}",
+            key_from(&key)
+        );
+        let half = PgConnector::new(
+            url(),
+            &PgTlsFiles {
+                cert: Some(cert),
+                ..PgTlsFiles::default()
+            },
+        );
+        assert!(
+            matches!(half, Err(PgTlsError::Rustls(ref e)) if e.contains("both")),
+            "{half:?}"
+        );
+    }
+
+    #[test]
     fn plain_unless_a_ca_or_sslmode_require() {
-        let plain = PgConnector::new("postgresql://a@127.0.0.1/x".parse().expect("url"), None)
+        let none = PgTlsFiles::default();
+        let plain = PgConnector::new("postgresql://a@127.0.0.1/x".parse().expect("url"), &none)
             .expect("plain");
         assert!(!plain.is_tls());
         let socket =
-            PgConnector::new("postgresql:///x?host=/tmp".parse().expect("url"), None).expect("ok");
+            PgConnector::new("postgresql:///x?host=/tmp".parse().expect("url"), &none).expect("ok");
         assert!(!socket.is_tls());
     }
 

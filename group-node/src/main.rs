@@ -84,6 +84,15 @@ struct Args {
     /// store).
     #[arg(long, env = "AGORA_STORE_CA", requires = "store")]
     store_ca: Option<PathBuf>,
+    /// PEM file of a client certificate (chain, leaf first) to present to PostgreSQL, for
+    /// servers that authenticate by certificate (cert in pg_hba.conf: its CN names the
+    /// role). Makes the connection TLS.
+    #[arg(long, env = "AGORA_STORE_CERT", requires_all = ["store", "store_key"])]
+    store_cert: Option<PathBuf>,
+    /// PEM file of the private key of --store-cert; mode 0600 or less (0640 if root owns
+    /// it), as libpq requires.
+    #[arg(long, env = "AGORA_STORE_KEY", requires = "store_cert")]
+    store_key: Option<PathBuf>,
     /// Largest message body, in bytes of JSON text.
     #[arg(long, env = "AGORA_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
@@ -267,7 +276,11 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     };
     config.store = args.store.as_ref().map(|url| {
         PgTarget::new(url.clone())
-            .with_ca(args.store_ca.clone())
+            .with_tls(agora_common::pgtls::PgTlsFiles {
+                ca: args.store_ca.clone(),
+                cert: args.store_cert.clone(),
+                key: args.store_key.clone(),
+            })
             .with_net_timeout(args.store_net_timeout)
     });
     let lease = match &config.store {

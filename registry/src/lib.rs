@@ -70,10 +70,11 @@ pub struct Config {
     /// `postgresql://…`), shared with any other registry given the same one; default none:
     /// SQLite in `data_dir` and memory (see [`store`]).
     pub store: Option<String>,
-    /// PEM file of the CA certificates `store`'s server certificate must chain to: the
-    /// connection is then TLS, checked against the URL's host name; default none: TLS only
-    /// when the URL says `sslmode=require` ([`agora_common::pgtls`]).
-    pub store_ca: Option<PathBuf>,
+    /// The files TLS to `store` is set up from: the CA certificates its server certificate
+    /// must chain to (the connection is then TLS, checked against the URL's host name) and a
+    /// client certificate with its key; default none: TLS only when the URL says
+    /// `sslmode=require` ([`agora_common::pgtls`]).
+    pub store_tls: agora_common::pgtls::PgTlsFiles,
     /// Serve without CURVE. Refused unless the bind endpoint is loopback.
     pub insecure: bool,
     /// Requests per second per peer (default 2,000, bursts of 4,000; rate 0 disables).
@@ -108,7 +109,7 @@ impl Default for Config {
                 .map(|d| d.data_dir().join("registry"))
                 .unwrap_or_else(|| PathBuf::from("agora-registry")),
             store: None,
-            store_ca: None,
+            store_tls: Default::default(),
             insecure: false,
             rate_limit: RateLimit::default(),
             key_bind: None,
@@ -201,7 +202,7 @@ impl Registry {
         };
         let mut store = store::open(
             config.store.as_deref(),
-            config.store_ca.as_deref(),
+            &config.store_tls,
             &config.data_dir,
             settings,
             !config.insecure,

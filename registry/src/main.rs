@@ -45,6 +45,15 @@ struct Args {
     /// store).
     #[arg(long, env = "AGORA_REGISTRY_STORE_CA", requires = "store")]
     store_ca: Option<std::path::PathBuf>,
+    /// PEM file of a client certificate (chain, leaf first) to present to PostgreSQL, for
+    /// servers that authenticate by certificate (cert in pg_hba.conf: its CN names the
+    /// role). Makes the connection TLS.
+    #[arg(long, env = "AGORA_REGISTRY_STORE_CERT", requires_all = ["store", "store_key"])]
+    store_cert: Option<std::path::PathBuf>,
+    /// PEM file of the private key of --store-cert; mode 0600 or less (0640 if root owns
+    /// it), as libpq requires.
+    #[arg(long, env = "AGORA_REGISTRY_STORE_KEY", requires = "store_cert")]
+    store_key: Option<std::path::PathBuf>,
     /// Run without CURVE encryption and authentication: local experiments only; refused
     /// unless the bind endpoint is loopback.
     #[arg(long)]
@@ -150,6 +159,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The TLS files for PostgreSQL the flags give.
+fn store_tls(args: &Args) -> agora_common::pgtls::PgTlsFiles {
+    agora_common::pgtls::PgTlsFiles {
+        ca: args.store_ca.clone(),
+        cert: args.store_cert.clone(),
+        key: args.store_key.clone(),
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let defaults = Config::default();
@@ -163,7 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let mut store = agora_registry::store::open(
             args.store.as_deref(),
-            args.store_ca.as_deref(),
+            &store_tls(&args),
             &dir,
             settings,
             true,
@@ -178,6 +196,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             None => anyhow::bail!("\"{name}\" is not bound to any key in {}", dir.display()),
         }
     }
+    let store_tls = store_tls(&args);
     let config = Config {
         bind: args.bind,
         heartbeat: args.heartbeat,
@@ -185,7 +204,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_groups: args.max_groups,
         data_dir: args.data_dir.unwrap_or(defaults.data_dir),
         store: args.store,
-        store_ca: args.store_ca,
+        store_tls,
         insecure: args.insecure,
         rate_limit: agora_common::ratelimit::RateLimit {
             rate: args.rate_limit,

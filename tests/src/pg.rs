@@ -18,6 +18,11 @@ use crate::wait_for;
 /// The role the tests connect as (a superuser, `initdb -U`).
 pub const ROLE: &str = "agora";
 
+/// The role that a cluster of [`PgCluster::start_tls`] lets in over TCP only with a client
+/// certificate that its client CA signed and whose CN is this name (`cert` in
+/// `pg_hba.conf`); a superuser.
+pub const CERT_ROLE: &str = "agora_cert";
+
 /// A running throwaway cluster; stopped (fast shutdown, then SIGKILL) and removed on drop.
 pub struct PgCluster {
     dir: tempfile::TempDir,
@@ -92,7 +97,8 @@ impl PgCluster {
     /// As [`PgCluster::start`], and listening on 127.0.0.1 at a port the system picked free
     /// too, where only TLS connections are accepted (`hostssl`; plain TCP is refused), with
     /// a self-signed certificate for `localhost`: [`PgCluster::tls_url`],
-    /// [`PgCluster::tls_ca`].
+    /// [`PgCluster::tls_ca`]. [`CERT_ROLE`] is let in there only with the client
+    /// certificate of [`PgCluster::tls_client_cert`] ([`PgCluster::tls_cert_url`]).
     ///
     /// # Panics
     /// As [`PgCluster::start`].
@@ -143,9 +149,14 @@ impl PgCluster {
                     .port();
                 cluster.make_certificate();
                 // Only the socket (trust) and TLS on the loopback: plain TCP is refused.
+                // CERT_ROLE needs a client certificate.
                 std::fs::write(
                     data.join("pg_hba.conf"),
-                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                    format!(
+                        "local all all trust\n\
+                         hostssl all {CERT_ROLE} 127.0.0.1/32 cert\n\
+                         hostssl all all 127.0.0.1/32 trust\n"
+                    ),
                 )
                 .expect("pg_hba.conf");
                 "127.0.0.1".to_owned()
@@ -186,6 +197,14 @@ impl PgCluster {
             off_runtime(|| postgres::Client::connect(&url, postgres::NoTls).is_ok())
         });
         assert!(ready, "postgres did not start; log:\n{}", cluster.log());
+        if tls && host.is_none() {
+            off_runtime(|| {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+                client
+                    .batch_execute(&format!("CREATE ROLE {CERT_ROLE} LOGIN SUPERUSER"))
+                    .expect("create the certificate's role");
+            });
+        }
         cluster
     }
 
@@ -256,6 +275,25 @@ impl PgCluster {
         self.dir.path().join("ca.pem")
     }
 
+    /// As [`PgCluster::tls_url`], as [`CERT_ROLE`], who must present
+    /// [`PgCluster::tls_client_cert`].
+    pub fn tls_cert_url(&self, database: &str) -> String {
+        format!(
+            "postgresql://{CERT_ROLE}@localhost:{}/{database}",
+            self.port
+        )
+    }
+
+    /// The PEM files `(certificate, key)` of a client certificate for [`CERT_ROLE`] that
+    /// the server's client CA signed (what `--store-cert` and `--store-key` take); the key
+    /// has mode 0600.
+    pub fn tls_client_cert(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("client.crt"),
+            self.dir.path().join("client.key"),
+        )
+    }
+
     /// Writes the server's certificate and key (the key readable by the owner alone, as
     /// PostgreSQL requires) into the data directory and sets `ssl` on there, and the
     /// certificate as [`PgCluster::tls_ca`].
@@ -282,9 +320,39 @@ impl PgCluster {
             .expect("postgresql.conf");
         std::io::Write::write_all(
             &mut conf,
-            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+              ssl_ca_file = 'client-ca.crt'\n",
         )
         .expect("postgresql.conf");
+
+        // A CA for client certificates, and one certificate it signed for CERT_ROLE.
+        let ca_key = rcgen::KeyPair::generate().expect("client CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "agora test client CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("client CA");
+        std::fs::write(data.join("client-ca.crt"), ca_cert.pem()).expect("client-ca.crt");
+        if let Some(owner) = self.owner {
+            chown(&data.join("client-ca.crt"), owner);
+        }
+        let client_key = rcgen::KeyPair::generate().expect("client key");
+        let mut client_params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+        client_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, CERT_ROLE);
+        let client_cert = client_params
+            .signed_by(&client_key, &ca_cert, &ca_key)
+            .expect("client certificate");
+        let (cert_path, key_path) = self.tls_client_cert();
+        std::fs::write(&cert_path, client_cert.pem()).expect("client.crt");
+        std::fs::write(&key_path, client_key.serialize_pem()).expect("client.key");
+        std::fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod client.key");
     }
 
     /// Creates an empty database and returns its URL.

@@ -2,14 +2,16 @@
 //! that accepts TLS only, on the loopback, with a self-signed certificate for `localhost`.
 //! A registry and a group node given that certificate store through it, every connection
 //! of theirs is encrypted (`pg_stat_ssl`), and a certificate not signed by the given CA is
-//! refused, as is a connection without TLS.
+//! refused, as is a connection without TLS. A role that the server lets in only by client
+//! certificate (`cert` in `pg_hba.conf`) is reached with `--store-cert` and `--store-key`,
+//! and refused without them.
 //!
 //! These tests always store in PostgreSQL (a throwaway cluster), whatever
 //! `AGORA_TEST_STORE` says.
 
 use std::time::Duration;
 
-use agora_tests::pg::PgCluster;
+use agora_tests::pg::{PgCluster, CERT_ROLE};
 use agora_tests::{run, wait_for, CliRun, Federation, Server};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -138,5 +140,99 @@ fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
         !standby.log().contains("took the lease"),
         "{}",
         standby.log()
+    );
+}
+
+/// `(application_name, client_dn)` of the cluster's TLS sessions named `agora-…`
+/// (`client_dn` empty without a client certificate).
+fn agora_client_dns(cluster: &PgCluster) -> Vec<(String, String)> {
+    let url = cluster.url("agora");
+    std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        db.query(
+            "SELECT a.application_name, coalesce(s.client_dn, '') FROM pg_stat_activity a
+             JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name LIKE 'agora-%' AND s.ssl ORDER BY 1",
+            &[],
+        )
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    })
+    .join()
+    .expect("query thread")
+}
+
+#[test]
+fn servers_authenticate_by_client_certificate_and_are_refused_without_it() {
+    let cluster = PgCluster::start_tls();
+    cluster.database("agora");
+    let url = cluster.tls_cert_url("agora");
+    let ca = cluster.tls_ca();
+    let ca = ca.to_str().expect("utf-8 path");
+    let (cert, key) = cluster.tls_client_cert();
+    let (cert, key) = (
+        cert.to_str().expect("utf-8 path"),
+        key.to_str().expect("utf-8 path"),
+    );
+    let fed = Federation::start("200ms");
+    let with_cert = ["--store-ca", ca, "--store-cert", cert, "--store-key", key];
+
+    let registry_args = |tag: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["--bind", "tcp://127.0.0.1:0", "--data-dir"]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        args.push(fed.path(tag));
+        args.extend(["--store".to_owned(), url.clone()]);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    };
+
+    // Without the certificate the server refuses the role, and the registry says so.
+    let args = registry_args("registry-nocert", &["--store-ca", ca]);
+    let refused = run(
+        "registry",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+    );
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused.stderr.contains("certificate"),
+        "not said why: {refused:?}"
+    );
+
+    // With it, a registry and a group node store as that role.
+    let args = registry_args("registry-cert", &with_cert);
+    let registry = Server::start(
+        "registry",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &fed.dir.path().join("registry-cert.log"),
+    );
+    assert!(registry.key.is_some(), "{}", registry.log());
+    let mut node_args = vec!["--store", url.as_str()];
+    node_args.extend(with_cert);
+    let _node = fed.node("Signed", "127.0.0.1:0", "n", &node_args);
+    fed.join_when_listed("alice", "Signed");
+    ok(fed.cli("alice", &["send", "Signed", "by certificate"], ""));
+    let shown = ok(fed.cli("alice", &["messages", "Signed"], ""));
+    assert!(shown.stdout.contains("by certificate"), "{shown:?}");
+
+    let sessions = agora_client_dns(&cluster);
+    for name in [
+        "agora-registry",
+        "agora-group-node store",
+        "agora-group-node lease",
+    ] {
+        assert!(
+            sessions.iter().any(|(n, _)| n == name),
+            "no {name} TLS session: {sessions:?}"
+        );
+    }
+    let want = format!("CN={CERT_ROLE}");
+    assert!(
+        sessions.iter().all(|(_, dn)| dn.contains(&want)),
+        "a session without the client certificate: {sessions:?}"
     );
 }

@@ -106,7 +106,7 @@ pub enum StoreError {
     /// PostgreSQL failed (connection lost, server error, constraint violated).
     #[error("postgres: {}", agora_common::pgtls::describe(.0))]
     Postgres(#[from] ::postgres::Error),
-    /// The TLS setup for PostgreSQL failed (`--store-ca`), see [`agora_common::pgtls`].
+    /// The TLS setup for PostgreSQL failed (`--store-ca`, `--store-cert`, `--store-key`), see [`agora_common::pgtls`].
     #[error("{0}")]
     PgTls(#[from] agora_common::pgtls::PgTlsError),
     /// Another node of the group took the lease: this node's epoch is no longer the

@@ -59,7 +59,7 @@ use postgres::{Client, Row, Statement};
 use serde_json::value::RawValue;
 use sha2::Digest as _;
 
-use agora_common::pgtls::PgConnector;
+use agora_common::pgtls::{PgConnector, PgTlsFiles};
 use agora_proto::id::MessageId;
 use agora_proto::key::PublicKey;
 use agora_proto::time::{MonotonicClock, Timestamp};
@@ -142,13 +142,14 @@ pub fn is_postgres_url(store: &str) -> bool {
 }
 
 /// A PostgreSQL database of the node's: its URL (`postgres://…`, which may carry a
-/// password), the CA certificates its TLS is verified against (`--store-ca`, see
-/// [`agora_common::pgtls`]; `None`: plain unless the URL says `sslmode=require`), and the
+/// password), the files its TLS is set up from (`--store-ca`, `--store-cert`,
+/// `--store-key`, see [`agora_common::pgtls`]; none: plain unless the URL says
+/// `sslmode=require`), and the
 /// network timeout of [`connect`] (default [`DEFAULT_NET_TIMEOUT`]).
 #[derive(Clone)]
 pub struct PgTarget {
     url: String,
-    ca: Option<std::path::PathBuf>,
+    tls: PgTlsFiles,
     net_timeout: Duration,
 }
 
@@ -156,7 +157,7 @@ impl std::fmt::Debug for PgTarget {
     // The URL may carry a password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgTarget")
-            .field("ca", &self.ca)
+            .field("tls", &self.tls)
             .field("net_timeout", &self.net_timeout)
             .finish_non_exhaustive()
     }
@@ -168,15 +169,16 @@ impl PgTarget {
     pub fn new(url: impl Into<String>) -> PgTarget {
         PgTarget {
             url: url.into(),
-            ca: None,
+            tls: PgTlsFiles::default(),
             net_timeout: DEFAULT_NET_TIMEOUT,
         }
     }
 
-    /// Verifies the server's TLS certificate against the PEM certificates in `ca`
-    /// (and requires TLS) when given.
-    pub fn with_ca(mut self, ca: Option<std::path::PathBuf>) -> PgTarget {
-        self.ca = ca;
+    /// Sets up TLS from `tls`: the server's certificate verified against its CA file, its
+    /// client certificate presented ([`agora_common::pgtls`]). Default: no files, TLS only
+    /// when the URL says `sslmode=require`.
+    pub fn with_tls(mut self, tls: PgTlsFiles) -> PgTarget {
+        self.tls = tls;
         self
     }
 
@@ -189,10 +191,11 @@ impl PgTarget {
     /// The connector for this database, with TLS or not.
     ///
     /// # Errors
-    /// [`StoreError::Postgres`] for a bad URL, [`StoreError::PgTls`] for a bad CA file.
+    /// [`StoreError::Postgres`] for a bad URL, [`StoreError::PgTls`] for a bad CA,
+    /// certificate or key file.
     pub fn connector(&self) -> Result<PgConnector, StoreError> {
         let config: postgres::Config = self.url.parse()?;
-        Ok(PgConnector::new(config, self.ca.as_deref())?)
+        Ok(PgConnector::new(config, &self.tls)?)
     }
 }
 

@@ -48,7 +48,7 @@ pub enum StoreError {
     /// The PostgreSQL backend failed: connection, query or commit.
     #[error("postgres: {}", agora_common::pgtls::describe(.0))]
     Postgres(#[from] ::postgres::Error),
-    /// The TLS setup for PostgreSQL failed (`--store-ca`), see [`agora_common::pgtls`].
+    /// The TLS setup for PostgreSQL failed (`--store-ca`, `--store-cert`, `--store-key`), see [`agora_common::pgtls`].
     #[error("{0}")]
     PgTls(#[from] agora_common::pgtls::PgTlsError),
     /// A stored value does not parse (hand-edited or damaged row).
@@ -375,7 +375,8 @@ pub trait RegistryStore: Send {
     }
 }
 
-/// Opens the store `url` names (`None`: SQLite in `data_dir`), with accounts, owners and
+/// Opens the store `url` names (`None`: SQLite in `data_dir`; TLS to PostgreSQL set up
+/// from `tls`), with accounts, owners and
 /// mailboxes unless `accounts` is false (an `--insecure` registry keeps only the
 /// directory).
 ///
@@ -384,7 +385,7 @@ pub trait RegistryStore: Send {
 /// the backend's error (connection, migration, [`StoreError::SchemaTooNew`]).
 pub fn open(
     url: Option<&str>,
-    ca: Option<&Path>,
+    tls: &agora_common::pgtls::PgTlsFiles,
     data_dir: &Path,
     settings: StoreSettings,
     accounts: bool,
@@ -394,7 +395,7 @@ pub fn open(
             data_dir, settings, accounts,
         )?)),
         Some(url) if is_postgres_url(url) => {
-            Ok(Box::new(postgres::PgStore::connect(url, ca, settings)?))
+            Ok(Box::new(postgres::PgStore::connect(url, tls, settings)?))
         }
         Some(other) => Err(StoreError::NotPostgres(other.to_owned())),
     }

@@ -43,7 +43,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use agora_common::keys::{secret_path, KeyError, Keypair, PublicKey};
-use agora_common::pgtls::PgConnector;
+use agora_common::pgtls::{PgConnector, PgTlsFiles};
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
@@ -182,23 +182,23 @@ impl std::fmt::Debug for PgStore {
 }
 
 impl PgStore {
-    /// Connects to `url` (within [`CONNECT_TIMEOUT`]; over TLS verified against the PEM
-    /// certificates in `ca` if given, or when the URL says `sslmode=require`, as
-    /// [`agora_common::pgtls`] says), migrates the schema `agora_registry` to
+    /// Connects to `url` (within [`CONNECT_TIMEOUT`]; over TLS set up from `tls`: verified
+    /// against its CA file and presenting its client certificate if given, or when the URL
+    /// says `sslmode=require`, as [`agora_common::pgtls`] says), migrates the schema `agora_registry` to
     /// [`schema_version`], and listens for DMs stored by other registries.
     ///
     /// # Errors
     /// [`StoreError::Postgres`] (a bad URL, no connection, a failed TLS handshake, a failed
-    /// migration), [`StoreError::PgTls`] (a bad CA file), [`StoreError::SchemaTooNew`].
+    /// migration), [`StoreError::PgTls`] (a bad CA, certificate or key file), [`StoreError::SchemaTooNew`].
     pub fn connect(
         url: &str,
-        ca: Option<&Path>,
+        tls: &PgTlsFiles,
         settings: StoreSettings,
     ) -> Result<PgStore, StoreError> {
         let mut config = postgres::Config::from_str(url)?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("agora-registry");
-        let connector = PgConnector::new(config, ca)?;
+        let connector = PgConnector::new(config, tls)?;
         connector.warn_if_plain();
         let mut client = connector.connect()?;
         migrate(&mut client)?;

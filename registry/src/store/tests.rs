@@ -40,7 +40,7 @@ impl Backend {
     fn postgres(settings: StoreSettings) -> Backend {
         let pg = PgCluster::start();
         let url = pg.database("agora");
-        let store = PgStore::connect(&url, None, settings).expect("postgres");
+        let store = PgStore::connect(&url, &Default::default(), settings).expect("postgres");
         Backend {
             store: Box::new(store),
             dir: tempfile::tempdir().expect("tmp"),
@@ -51,7 +51,12 @@ impl Backend {
 
     /// Another registry's store over the same database.
     fn another(&self, settings: StoreSettings) -> PgStore {
-        PgStore::connect(self.url.as_deref().expect("postgres"), None, settings).expect("connect")
+        PgStore::connect(
+            self.url.as_deref().expect("postgres"),
+            &Default::default(),
+            settings,
+        )
+        .expect("connect")
     }
 }
 
@@ -700,7 +705,7 @@ fn a_schema_newer_than_this_build_is_refused() {
             &[],
         )
         .expect("a newer version");
-    match PgStore::connect(&url, None, settings()) {
+    match PgStore::connect(&url, &Default::default(), settings()) {
         Err(StoreError::SchemaTooNew { found: 999, .. }) => {}
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
