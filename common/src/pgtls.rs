@@ -212,41 +212,41 @@ fn is_local(host: &Host) -> bool {
 }
 
 fn roots_from(path: &Path) -> Result<rustls::RootCertStore, PgTlsError> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::CertificateDer;
     let fail = |reason: String| PgTlsError::Ca {
         path: path.to_owned(),
         reason,
     };
-    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| fail(format!("not PEM: {e}")))?;
+    for cert in certificates(path, fail)? {
         roots
             .add(cert)
             .map_err(|e| fail(format!("a certificate rustls refuses: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(fail("no CERTIFICATE in it".into()));
     }
     Ok(roots)
 }
 
 fn chain_from(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PgTlsError> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::CertificateDer;
-    let fail = |reason: String| PgTlsError::Cert {
+    certificates(path, |reason| PgTlsError::Cert {
         path: path.to_owned(),
         reason,
-    };
+    })
+}
+
+/// The PEM certificates in the file at `path`, at least one; `fail` makes the error.
+fn certificates(
+    path: &Path,
+    fail: impl Fn(String) -> PgTlsError,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PgTlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
     let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(format!("not PEM: {e}")))?;
-    if chain.is_empty() {
+    if certs.is_empty() {
         return Err(fail("no CERTIFICATE in it".into()));
     }
-    Ok(chain)
+    Ok(certs)
 }
 
 fn key_from(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, PgTlsError> {

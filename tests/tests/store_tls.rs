@@ -21,24 +21,42 @@ fn ok(run: CliRun) -> CliRun {
     run
 }
 
-/// `(application_name, ssl)` of the cluster's client connections named `agora-…`.
-fn agora_sessions(cluster: &PgCluster) -> Vec<(String, bool)> {
+/// `(application_name, ssl, client_dn)` of the cluster's client connections named `agora-…`
+/// (`client_dn` empty without a client certificate).
+fn agora_sessions(cluster: &PgCluster) -> Vec<(String, bool, String)> {
     let url = cluster.url("agora");
     std::thread::spawn(move || {
         let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
         db.query(
-            "SELECT a.application_name, s.ssl FROM pg_stat_activity a
+            "SELECT a.application_name, s.ssl, coalesce(s.client_dn, '') FROM pg_stat_activity a
              JOIN pg_stat_ssl s USING (pid)
              WHERE a.application_name LIKE 'agora-%' ORDER BY 1",
             &[],
         )
         .expect("pg_stat_ssl")
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
     })
     .join()
     .expect("query thread")
+}
+
+/// [`agora_sessions`], after checking that the registry's and the node's store and lease
+/// connections are among them.
+fn every_servers_sessions(cluster: &PgCluster) -> Vec<(String, bool, String)> {
+    let sessions = agora_sessions(cluster);
+    for name in [
+        "agora-registry",
+        "agora-group-node store",
+        "agora-group-node lease",
+    ] {
+        assert!(
+            sessions.iter().any(|(n, _, _)| n == name),
+            "no {name} session: {sessions:?}"
+        );
+    }
+    sessions
 }
 
 #[test]
@@ -81,19 +99,9 @@ fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
     let shown = ok(fed.cli("alice", &["messages", "Sealed"], ""));
     assert!(shown.stdout.contains("over tls"), "{shown:?}");
 
-    let sessions = agora_sessions(&cluster);
-    for name in [
-        "agora-registry",
-        "agora-group-node store",
-        "agora-group-node lease",
-    ] {
-        assert!(
-            sessions.iter().any(|(n, _)| n == name),
-            "no {name} session: {sessions:?}"
-        );
-    }
+    let sessions = every_servers_sessions(&cluster);
     assert!(
-        sessions.iter().all(|(_, ssl)| *ssl),
+        sessions.iter().all(|(_, ssl, _)| *ssl),
         "a session without TLS: {sessions:?}"
     );
 
@@ -141,27 +149,6 @@ fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
         "{}",
         standby.log()
     );
-}
-
-/// `(application_name, client_dn)` of the cluster's TLS sessions named `agora-…`
-/// (`client_dn` empty without a client certificate).
-fn agora_client_dns(cluster: &PgCluster) -> Vec<(String, String)> {
-    let url = cluster.url("agora");
-    std::thread::spawn(move || {
-        let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-        db.query(
-            "SELECT a.application_name, coalesce(s.client_dn, '') FROM pg_stat_activity a
-             JOIN pg_stat_ssl s USING (pid)
-             WHERE a.application_name LIKE 'agora-%' AND s.ssl ORDER BY 1",
-            &[],
-        )
-        .expect("pg_stat_ssl")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-    })
-    .join()
-    .expect("query thread")
 }
 
 #[test]
@@ -219,20 +206,12 @@ fn servers_authenticate_by_client_certificate_and_are_refused_without_it() {
     let shown = ok(fed.cli("alice", &["messages", "Signed"], ""));
     assert!(shown.stdout.contains("by certificate"), "{shown:?}");
 
-    let sessions = agora_client_dns(&cluster);
-    for name in [
-        "agora-registry",
-        "agora-group-node store",
-        "agora-group-node lease",
-    ] {
-        assert!(
-            sessions.iter().any(|(n, _)| n == name),
-            "no {name} TLS session: {sessions:?}"
-        );
-    }
+    let sessions = every_servers_sessions(&cluster);
     let want = format!("CN={CERT_ROLE}");
     assert!(
-        sessions.iter().all(|(_, dn)| dn.contains(&want)),
+        sessions
+            .iter()
+            .all(|(_, ssl, dn)| *ssl && dn.contains(&want)),
         "a session without the client certificate: {sessions:?}"
     );
 }
