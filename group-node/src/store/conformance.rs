@@ -276,39 +276,53 @@ fn expected_ids_answer_retries_and_the_batch_reads_its_own_appends(backend: &dyn
 }
 
 /// PostgreSQL: a batch fenced at commit (another node took the lease) stores none of the
-/// appends it held, and the store's state is the database's again.
+/// appends it held, and the store's state is the database's again; both for a batch of
+/// sends alone (its commit one statement) and for one whose transaction a join opened.
 #[test]
 fn a_fenced_batch_stores_nothing() {
     let pg = Postgres::start();
-    let mut s = PgStore::open(&PgTarget::new(&pg.url), &group(), Some(0)).expect("open");
-    append(&mut s, "1", 100);
-    s.begin().expect("begin");
-    let id = MessageId::new_v7();
-    s.expect_appends(&[id]).expect("expect");
+    let mut other = ::postgres::Client::connect(&pg.url, ::postgres::NoTls).expect("connect");
+    let mut take_lease = || {
+        other
+            .batch_execute(&format!(
+                "UPDATE {}.lease SET epoch = epoch + 1",
+                super::postgres::schema_name(&group())
+            ))
+            .expect("take the lease");
+    };
     let alice = user("alice");
     let lost = body("2");
-    let ack = s.append(with_id(&alice, &lost, id)).expect("append");
-    assert_eq!(ack.seq, 2);
-    let mut other = ::postgres::Client::connect(&pg.url, ::postgres::NoTls).expect("connect");
-    other
-        .batch_execute(&format!(
-            "UPDATE {}.lease SET epoch = epoch + 1",
-            super::postgres::schema_name(&group())
-        ))
-        .expect("take the lease");
-    assert!(matches!(
-        s.commit(),
-        Err(StoreError::Fenced {
-            held: 0,
-            current: 1
-        })
-    ));
-    let s = pg.open();
-    assert_eq!(s.last_seq(), 1);
-    let p = s
-        .page(HistoryQuery::ById(id), 1, MAX_PAGE_BYTES)
-        .expect("page");
-    assert!(p.messages.is_empty(), "the fenced append is not stored");
+    for (epoch, join) in [(0, false), (1, true)] {
+        let mut s = PgStore::open(&PgTarget::new(&pg.url), &group(), Some(epoch)).expect("open");
+        if epoch == 0 {
+            append(&mut s, "1", 100);
+        }
+        s.begin().expect("begin");
+        let bob = Principal::name(&user("bob"));
+        if join {
+            s.add_member(&bob, &user("bob"), Timestamp::from_micros(150))
+                .expect("join");
+        }
+        let id = MessageId::new_v7();
+        s.expect_appends(&[id]).expect("expect");
+        let ack = s.append(with_id(&alice, &lost, id)).expect("append");
+        assert_eq!(ack.seq, 2);
+        take_lease();
+        assert!(
+            matches!(
+                s.commit(),
+                Err(StoreError::Fenced { held, current }) if held == epoch && current == epoch + 1
+            ),
+            "join {join}"
+        );
+        let s = pg.open();
+        assert_eq!(s.last_seq(), 1);
+        let p = s
+            .page(HistoryQuery::ById(id), 1, MAX_PAGE_BYTES)
+            .expect("page");
+        assert!(p.messages.is_empty(), "the fenced append is not stored");
+        assert_eq!(s.member(&bob).expect("member"), None, "the fenced join");
+    }
 }
 
 fn pages_by_seq_time_id_and_latest(backend: &dyn Backend) {
