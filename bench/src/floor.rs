@@ -273,13 +273,16 @@ pub fn commit_rate(
     let t = Instant::now();
     for n in 0..count {
         let body = crate::body(n, bytes);
+        let id = agora_proto::id::MessageId::new_v7();
         store.begin()?;
+        // As the node's batch does: the client ids first (a no-op on SQLite).
+        store.expect_appends(&[id])?;
         store.append(agora_group_node::store::NewMessage {
             sender,
             kind: agora_proto::wire::EntryKind::Message,
             sender_key: None,
             body: &body,
-            id: Some(agora_proto::id::MessageId::new_v7()),
+            id: Some(id),
             now: agora_proto::time::Timestamp::now(),
             attachment: None,
         })?;
