@@ -15,7 +15,7 @@
 //! of sends two:
 //! - appends are held in the store and written at commit, or before any read that could see
 //!   them, by one `INSERT … SELECT FROM unnest(…)` (PostgreSQL's array expansion);
-//! - the commit is one statement ([`COMMIT_BATCH`]): the fencing check, the held appends and
+//! - the commit is one statement (`COMMIT_BATCH`): the fencing check, the held appends and
 //!   the high-water marks, in data-modifying `WITH` queries. `BEGIN` is sent only before
 //!   the batch's first other statement (a join, a read after an append); a batch without
 //!   one, such as a batch of sends, runs that statement alone, as its own transaction,
