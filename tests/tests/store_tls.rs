@@ -59,6 +59,29 @@ fn every_servers_sessions(cluster: &PgCluster) -> Vec<(String, bool, String)> {
     sessions
 }
 
+/// The arguments of a registry with data directory `tag` in `fed`, storing at `url`, with
+/// `extra` flags (the TLS files).
+fn registry_args(fed: &Federation, tag: &str, url: &str, extra: &[&str]) -> Vec<String> {
+    let data = fed.path(tag);
+    [
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--store",
+        url,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|a| (*a).to_owned())
+    .collect()
+}
+
+/// `args` as `&str`s, for [`run`] and [`Server::start`].
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
     let cluster = PgCluster::start_tls();
@@ -70,19 +93,10 @@ fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
 
     // A registry storing over TLS starts: it migrated its schema and keeps its key pair
     // there.
-    let data = fed.path("registry-tls");
+    let args = registry_args(&fed, "registry-tls", &url, &["--store-ca", ca]);
     let registry = Server::start(
         "registry",
-        &[
-            "--bind",
-            "tcp://127.0.0.1:0",
-            "--data-dir",
-            &data,
-            "--store",
-            &url,
-            "--store-ca",
-            ca,
-        ],
+        &strs(&args),
         &fed.dir.path().join("registry-tls.log"),
     );
     assert!(registry.key.is_some(), "{}", registry.log());
@@ -110,11 +124,11 @@ fn servers_store_over_verified_tls_and_refuse_a_wrong_certificate_or_none() {
     let wrong = fed.path("other-ca.pem");
     std::fs::write(&wrong, other.cert.pem()).expect("write");
     let registry = |tag: &str, extra: &[&str]| {
-        let data = fed.path(tag);
-        let mut args = vec!["--bind", "tcp://127.0.0.1:0", "--data-dir", &data];
-        args.extend(["--store", &url]);
-        args.extend_from_slice(extra);
-        run("registry", &args, "")
+        run(
+            "registry",
+            &strs(&registry_args(&fed, tag, &url, extra)),
+            "",
+        )
     };
     let refused = registry("registry-wrong", &["--store-ca", &wrong]);
     assert_ne!(refused.code, Some(0), "{refused:?}");
@@ -166,24 +180,9 @@ fn servers_authenticate_by_client_certificate_and_are_refused_without_it() {
     let fed = Federation::start("200ms");
     let with_cert = ["--store-ca", ca, "--store-cert", cert, "--store-key", key];
 
-    let registry_args = |tag: &str, extra: &[&str]| {
-        let mut args: Vec<String> = ["--bind", "tcp://127.0.0.1:0", "--data-dir"]
-            .iter()
-            .map(|a| (*a).to_owned())
-            .collect();
-        args.push(fed.path(tag));
-        args.extend(["--store".to_owned(), url.clone()]);
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
-        args
-    };
-
     // Without the certificate the server refuses the role, and the registry says so.
-    let args = registry_args("registry-nocert", &["--store-ca", ca]);
-    let refused = run(
-        "registry",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        "",
-    );
+    let args = registry_args(&fed, "registry-nocert", &url, &["--store-ca", ca]);
+    let refused = run("registry", &strs(&args), "");
     assert_ne!(refused.code, Some(0), "{refused:?}");
     assert!(
         refused.stderr.contains("certificate"),
@@ -191,10 +190,10 @@ fn servers_authenticate_by_client_certificate_and_are_refused_without_it() {
     );
 
     // With it, a registry and a group node store as that role.
-    let args = registry_args("registry-cert", &with_cert);
+    let args = registry_args(&fed, "registry-cert", &url, &with_cert);
     let registry = Server::start(
         "registry",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &strs(&args),
         &fed.dir.path().join("registry-cert.log"),
     );
     assert!(registry.key.is_some(), "{}", registry.log());
