@@ -54,6 +54,23 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The origin (`http://127.0.0.1:PORT`, scheme and authority, no path) of a running
+/// `agora-web` [`Server`], as a browser sends it in `Origin` on the gateway's own pages.
+/// The gateway refuses state-changing requests and WebSocket upgrades without it.
+///
+/// # Panics
+/// If the server's endpoint is not an `http://` or `https://` URL.
+pub fn web_origin(server: &Server) -> String {
+    let url = server.endpoint.as_str();
+    let (scheme, rest) = url.split_once("://").expect("the web endpoint is a URL");
+    assert!(
+        scheme == "http" || scheme == "https",
+        "not a web endpoint: {url}"
+    );
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    format!("{scheme}://{authority}")
+}
+
 /// A running server process; killed (SIGKILL) and reaped on drop.
 pub struct Server {
     child: Child,
