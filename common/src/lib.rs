@@ -7,6 +7,7 @@
 //!   its sockets, stopped at once through an inproc pipe.
 //! - [`inbox`]: presence heartbeat and pushed direct messages, for clients and bots.
 //! - [`keys`]: CURVE key pairs and their certificate files.
+//! - [`fsmode`]: private directories (0700) and files (0600), looser ones tightened.
 //! - [`client`]: the request/reply client (zguide "Lazy Pirate") and typed clients for the
 //!   registry and group nodes.
 //! - [`metrics`]: Prometheus metrics and `/healthz` over HTTP (`--metrics ADDR`).
@@ -25,6 +26,7 @@
 pub mod actor;
 pub mod beacon;
 pub mod client;
+pub mod fsmode;
 pub mod inbox;
 pub mod keys;
 pub mod live;

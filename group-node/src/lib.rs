@@ -1288,38 +1288,15 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
 /// Makes the data directory private: creates it (and its parents) with mode 0700, or
 /// tightens an existing one to 0700, and creates the database file with mode 0600 (SQLite
 /// gives its `-wal` and `-shm` files the database file's mode), tightening existing store
-/// files to 0600. Each change to an existing path is logged.
+/// files to 0600 ([`agora_common::fsmode`]). Each change to an existing path is logged.
 fn private_files(dir: &Path, db: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let tighten = |path: &Path, mode: u32| -> std::io::Result<()> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let old = meta.permissions().mode() & 0o777;
-        if old & !mode != 0 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-            tracing::warn!(path = %path.display(), old = format!("{old:o}"),
-                new = format!("{mode:o}"), "tightened permissions of the group's data");
-        }
-        Ok(())
-    };
-    tighten(dir, 0o700)?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(db)?;
-    for suffix in ["", "-wal", "-shm"] {
+    use agora_common::fsmode;
+    fsmode::private_dir(dir)?;
+    fsmode::private_file(db)?;
+    for suffix in ["-wal", "-shm"] {
         let mut path = db.as_os_str().to_owned();
         path.push(suffix);
-        tighten(Path::new(&path), 0o600)?;
+        fsmode::tighten(Path::new(&path), fsmode::FILE_MODE)?;
     }
     Ok(())
 }
