@@ -1,0 +1,67 @@
+//! Attack suite (docs/SECURITY.md): attacks that the engine already refused, kept here so
+//! that they stay refused. Each performs the attack against the real binaries.
+
+use std::time::Duration;
+
+use agora_tests::{CliRun, Federation};
+
+const WAIT: Duration = Duration::from_secs(20);
+const GROUP: &str = "Cool Group";
+
+fn ok(run: CliRun) -> CliRun {
+    assert_eq!(run.code, Some(0), "{run:?}");
+    run
+}
+
+#[test]
+fn a_banned_or_kicked_member_keeps_no_live_stream() {
+    let fed = Federation::start("200ms");
+    let alice = fed.user_key("alice");
+    let _node = fed.node(GROUP, "127.0.0.1:0", "cool", &["--owner", &alice]);
+    fed.join_when_listed("alice", GROUP);
+    for user in ["mallory", "eve"] {
+        ok(fed.cli(user, &["join", GROUP], ""));
+    }
+
+    for (user, action, target) in [
+        ("mallory", "ban", fed.user_key("mallory")),
+        ("eve", "kick", "eve".to_owned()),
+    ] {
+        // The member is watching, and sees the group's messages live.
+        let mut watch = fed.spawn_cli(user, &["--json", "watch", GROUP]);
+        let before = format!("before the {action} of {user}");
+        // The watch subscribes after it starts: send until one arrives live.
+        assert!(
+            agora_tests::wait_for(WAIT, || {
+                ok(fed.cli("alice", &["send", GROUP, &before], ""));
+                watch.wait_lines(Duration::from_millis(500), |lines| {
+                    lines.iter().any(|l| l.contains(&before))
+                })
+            }),
+            "{user} never saw {before:?} live: {:?} {:?}",
+            watch.lines,
+            watch.errors
+        );
+
+        // The owner removes the member; what is said afterwards never reaches its stream.
+        ok(fed.cli("alice", &[action, GROUP, &target], ""));
+        let secret = format!("said after the {action} of {user}");
+        ok(fed.cli("alice", &["send", GROUP, &secret], ""));
+        let exited = watch.wait_exit(WAIT);
+        assert!(
+            exited.is_some(),
+            "{user}'s watch went on after the {action}: {:?} {:?}",
+            watch.lines,
+            watch.errors
+        );
+        assert_ne!(exited, Some(Some(0)), "the watch says it was refused");
+        assert!(
+            !watch.lines.iter().any(|l| l.contains(&secret)),
+            "{user} received {secret:?}: {:?}",
+            watch.lines
+        );
+        let read = fed.cli(user, &["messages", GROUP], "");
+        assert_ne!(read.code, Some(0), "{read:?}");
+        assert!(!read.stdout.contains(&secret), "{read:?}");
+    }
+}
