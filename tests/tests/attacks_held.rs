@@ -65,3 +65,66 @@ fn a_banned_or_kicked_member_keeps_no_live_stream() {
         assert!(!read.stdout.contains(&secret), "{read:?}");
     }
 }
+
+/// One raw request to the registry as `user`'s key: `[AGORA/1, body]`; the reply's body.
+fn raw_registry_request(
+    fed: &Federation,
+    user: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    use agora_common::client::{ClientOptions, ReqClient};
+    let ctx = zmq::Context::new();
+    let mut client = ReqClient::new(&ctx, &fed.registry.endpoint, ClientOptions::default())
+        .with_curve(fed.curve(user, &fed.registry));
+    let frames = vec![b"AGORA/1".to_vec(), body.to_string().into_bytes()];
+    let reply = client
+        .request_frames(&frames)
+        .unwrap_or_else(|e| panic!("{body}: {e}"));
+    let last = reply
+        .last()
+        .unwrap_or_else(|| panic!("{body}: an empty reply"));
+    serde_json::from_slice(last).unwrap_or_else(|e| panic!("{body}: {e}"))
+}
+
+#[test]
+fn another_key_neither_reads_nor_acks_a_mailbox_nor_forges_presence() {
+    let fed = Federation::start("200ms");
+    for user in ["bob", "carol", "mallory"] {
+        ok(fed.cli(user, &["register", user], ""));
+    }
+    let secret = "for bob's eyes only";
+    ok(fed.cli("carol", &["send_dm", "bob", secret], ""));
+
+    // Every field that might name someone else is tried; the key decides.
+    for body in [
+        serde_json::json!({"action": "mailbox", "user": "bob"}),
+        serde_json::json!({"action": "mailbox", "name": "bob", "to": "bob"}),
+        serde_json::json!({"action": "ack_dm", "up_to": 1000, "user": "bob"}),
+        serde_json::json!({"action": "dead_letters", "user": "carol"}),
+        serde_json::json!({"action": "connect", "status": "online", "user": "bob", "name": "bob"}),
+    ] {
+        let reply = raw_registry_request(&fed, "mallory", body.clone());
+        let text = reply.to_string();
+        assert!(
+            !text.contains(secret),
+            "{body} answered bob's message: {text}"
+        );
+        if reply["ok"] == true {
+            if let Some(user) = reply.get("user") {
+                assert_eq!(user["name"], "mallory", "{body}: {text}");
+            }
+        }
+    }
+
+    // Bob's message is still his, unread, and he is not online.
+    let whois = ok(fed.cli("carol", &["--json", "whois", "bob"], ""));
+    assert!(
+        whois.stdout.contains("\"offline\""),
+        "bob's presence was forged: {whois:?}"
+    );
+    let check = ok(fed.cli("bob", &["check"], ""));
+    assert!(
+        check.stdout.contains(secret),
+        "bob lost his message: {check:?}"
+    );
+}
