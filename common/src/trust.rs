@@ -96,13 +96,9 @@ fn write_known(path: &Path, known: &BTreeMap<String, PublicKey>) -> Result<(), T
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let tmp = path.with_extension("tmp");
     let json = serde_json::to_vec_pretty(known).map_err(|e| io(std::io::Error::other(e)))?;
-    std::fs::write(&tmp, json).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // Private like the state beside it (0600 in a 0700 directory).
+    crate::fsmode::write_private(path, &json).map_err(io)
 }
 
 /// Asks a key endpoint for the server's key (plaintext, one attempt).

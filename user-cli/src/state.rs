@@ -5,9 +5,13 @@
 //! resume each stream where it stopped, and reach known groups while the registry is down.
 //! With several registries (`--registry A,B`), it also keeps the one that last answered, to
 //! try first next time.
+//!
+//! The state lists private groups with their endpoints and keys, so the directory is 0700
+//! and its files 0600 from the moment they are created; an existing looser directory or
+//! file is tightened when the state is opened, with a warning on stderr
+//! ([`agora_common::fsmode`]).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use agora_proto::wire::UserName;
@@ -50,17 +54,24 @@ pub struct StateFile {
 impl StateFile {
     /// Loads `DIR/USER.json` (`dir` defaults to the user's state directory). A missing file
     /// is an empty state; an unreadable one is set aside as `USER.json.bad` with a warning.
+    /// An existing directory looser than 0700, and files in it looser than 0600, are
+    /// tightened (each with a warning); a missing directory is not created until
+    /// [`StateFile::save`].
     pub fn open(dir: Option<PathBuf>, user: &UserName) -> StateFile {
         let dir = dir.or_else(|| {
             directories::ProjectDirs::from("", "", "agora")
                 .map(|d| d.state_dir().unwrap_or_else(|| d.data_dir()).to_owned())
         });
+        if let Some(dir) = &dir {
+            tighten_dir(dir);
+        }
         let path = dir.map(|d| d.join(format!("{user}.json")));
         let state = path.as_deref().map(load).unwrap_or_default();
         StateFile { path, state }
     }
 
-    /// Writes the state atomically (a temporary file renamed over the old one).
+    /// Writes the state atomically (a temporary file, mode 0600, renamed over the old one),
+    /// creating the directory with mode 0700 if needed.
     ///
     /// # Errors
     /// The directory or file cannot be written.
@@ -68,14 +79,8 @@ impl StateFile {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&self.state).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let bytes = serde_json::to_vec_pretty(&self.state).map_err(std::io::Error::other)?;
+        agora_common::fsmode::write_private(path, &bytes)
     }
 
     /// Records that `seq` of `group` was shown; returns whether it was new.
@@ -86,6 +91,28 @@ impl StateFile {
                 true
             }
             _ => false,
+        }
+    }
+}
+
+/// Tightens an existing state directory to 0700 and the files in it (every user's state,
+/// the known servers, set-aside `.bad` files) to 0600. Failures are warnings: the state is
+/// still usable, and the next save creates its file 0600.
+fn tighten_dir(dir: &Path) {
+    use agora_common::fsmode;
+    if let Err(e) = fsmode::tighten(dir, fsmode::DIR_MODE) {
+        tracing::warn!(path = %dir.display(), error = %e, "cannot tighten the state directory");
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            if let Err(e) = fsmode::tighten(&path, fsmode::FILE_MODE) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot tighten a state file");
+            }
         }
     }
 }
