@@ -71,6 +71,19 @@ pub fn web_origin(server: &Server) -> String {
     format!("{scheme}://{authority}")
 }
 
+/// The CSRF token in one of a gateway's pages: the sign-in form's hidden `csrf` field, or
+/// the chat page's `<meta name="agora-csrf" content="…">` (sent back in `X-Agora-CSRF` or a
+/// form's `csrf` field).
+pub fn web_csrf(html: &str) -> Option<String> {
+    [r#"name="csrf" value=""#, r#"name="agora-csrf" content=""#]
+        .iter()
+        .find_map(|marker| {
+            let at = html.find(marker)? + marker.len();
+            html[at..].split('"').next().map(str::to_owned)
+        })
+        .filter(|token| !token.is_empty())
+}
+
 /// A running server process; killed (SIGKILL) and reaped on drop.
 pub struct Server {
     child: Child,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use agora_tests::{wait_for, Federation, Server};
+use agora_tests::{wait_for, web_csrf, Federation, Server};
 
 /// Follows no redirect: the cookie comes with the redirect.
 fn agent() -> ureq::Agent {
@@ -202,6 +202,10 @@ fn websocket(base: &str, cookie: &str) -> tungstenite::WebSocket<std::net::TcpSt
     request
         .headers_mut()
         .insert("Cookie", cookie.parse().expect("header"));
+    // The gateway's own page opens it: its origin.
+    request
+        .headers_mut()
+        .insert("Origin", base.parse().expect("header"));
     let stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -226,11 +230,49 @@ fn ask(
     }
 }
 
+/// Posts the sign-in page's form as a browser does: from the gateway's origin, with the form
+/// token the page sets (its cookie and its hidden field).
 fn post_form(agent: &ureq::Agent, url: &str, fields: &[(&str, &str)]) -> ureq::Response {
-    match agent.post(url).send_form(fields) {
+    let (origin, _) = url
+        .split_once("://")
+        .and_then(|(scheme, rest)| {
+            let authority = rest.split('/').next()?;
+            Some((format!("{scheme}://{authority}"), ()))
+        })
+        .expect("a URL");
+    let page = match agent.get(&format!("{origin}/")).call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {origin}/: {e}"),
+    };
+    let form_cookie = page
+        .all("Set-Cookie")
+        .into_iter()
+        .find(|c| c.starts_with("agora_form="))
+        .and_then(|c| c.split(';').next())
+        .expect("the sign-in page sets its form token")
+        .to_owned();
+    let token = web_csrf(&page.into_string().expect("page")).expect("a form token");
+    let mut fields = fields.to_vec();
+    fields.push(("csrf", &token));
+    match agent
+        .post(url)
+        .set("Origin", &origin)
+        .set("Cookie", &form_cookie)
+        .send_form(&fields)
+    {
         Ok(r) | Err(ureq::Error::Status(_, r)) => r,
         Err(e) => panic!("POST {url}: {e}"),
     }
+}
+
+/// The session's CSRF token, from the page it is served.
+fn page_csrf(base: &str, cookie: &str) -> String {
+    web_csrf(
+        &get(&format!("{base}/"), Some(cookie))
+            .into_string()
+            .expect("page"),
+    )
+    .expect("the page carries the session's token")
 }
 
 fn session_cookie(response: &ureq::Response) -> String {
@@ -343,7 +385,13 @@ fn hosted_mode_signs_in_by_password_over_tls_and_refuses_wrong_ones_and_floods()
         &[("name", "alice"), ("password", "wrong horse")],
     );
     assert_eq!(refused.status(), 401);
-    assert!(refused.header("Set-Cookie").is_none());
+    assert!(
+        !refused
+            .all("Set-Cookie")
+            .iter()
+            .any(|c| c.starts_with("agora_session=")),
+        "no session"
+    );
     assert!(refused
         .into_string()
         .expect("page")
@@ -374,6 +422,9 @@ fn hosted_mode_signs_in_by_password_over_tls_and_refuses_wrong_ones_and_floods()
         .expect("html")
         .contains(r#"<script src="/app.js"></script>"#));
     // The sign-in registered the account's key with the registry.
+    // (whois needs an account of one's own.)
+    let registered = fed.cli("carol", &["register", "carol"], "");
+    assert_eq!(registered.code, Some(0), "{registered:?}");
     let whois = fed.cli("carol", &["whois", "alice"], "");
     assert_eq!(whois.code, Some(0), "{whois:?}");
 
@@ -399,9 +450,13 @@ fn hosted_mode_signs_in_by_password_over_tls_and_refuses_wrong_ones_and_floods()
     assert_eq!(limited.status(), 429);
 
     // Signing out ends the session.
+    let page = fetch("/", Some(&cookie)).into_string().expect("page");
+    let csrf = web_csrf(&page).expect("the session's token");
     let out = match agent
         .post(&format!("{base}/signout"))
         .set("Cookie", &cookie)
+        .set("Origin", &base)
+        .set("X-Agora-CSRF", &csrf)
         .call()
     {
         Ok(r) | Err(ureq::Error::Status(_, r)) => r,
@@ -640,9 +695,12 @@ fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inli
     let data: Vec<u8> = (0..(3 << 20) + 12_345u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
+    let csrf = page_csrf(&base, &cookie);
     let upload = |name: &str, media_type: &str, bytes: &[u8], cookie: Option<&str>| {
         let mut request = agent()
             .post(&format!("{base}/files/Files"))
+            .set("Origin", &base)
+            .set("X-Agora-CSRF", &csrf)
             .query("name", name)
             .query("type", media_type)
             .query("caption", "see attached");
@@ -686,7 +744,7 @@ fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inli
         &mut raw,
         format!(
             "POST /files/Files?name=huge.bin HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\
-             Content-Length: 4000001\r\n\r\n"
+             Origin: http://x\r\nX-Agora-CSRF: {csrf}\r\nContent-Length: 4000001\r\n\r\n"
         )
         .as_bytes(),
     )

@@ -6,6 +6,8 @@
 
 const $ = (id) => document.getElementById(id);
 const PAGE = 50; // history entries per page
+// The session's CSRF token (the gateway puts it in the page): sent with every POST.
+const CSRF = document.querySelector('meta[name="agora-csrf"]')?.content ?? "";
 
 let socket = null;
 let pending = []; // resolvers of the requests in flight, in order
@@ -425,6 +427,7 @@ $("file").addEventListener("change", () => {
   status(`uploading ${file.name}…`);
   const xhr = new XMLHttpRequest();
   xhr.open("POST", `/files/${encodeURIComponent(group)}?${params}`);
+  xhr.setRequestHeader("X-Agora-CSRF", CSRF);
   xhr.upload.addEventListener("progress", (e) => {
     if (e.lengthComputable) bar.value = e.loaded / e.total;
   });

@@ -19,13 +19,17 @@
 //! - [`accounts`]: hosted accounts on disk.
 //! - [`bridge`]: one thread per WebSocket session owning that session's ZeroMQ sockets.
 //! - [`files`]: attachments over HTTP.
+//! - [`guard`]: the Origin, Sec-Fetch-Site and CSRF-token checks (a middleware).
+//! - [`limits`]: caps on connections and WebSockets, per address, per identity and in all.
 //! - [`wire`]: the WebSocket protocol's JSON messages.
 
 pub mod accounts;
 pub mod auth;
 pub mod bridge;
 pub mod files;
+pub mod guard;
 pub mod hub;
+pub mod limits;
 pub mod live;
 pub mod wire;
 
@@ -111,8 +115,11 @@ pub struct AppState {
     pub spool: Arc<std::path::PathBuf>,
     /// Every identity's live feed.
     pub hub: Arc<hub::Hub>,
-    /// Open WebSockets allowed (`--max-websockets`); past them an upgrade is `503`.
-    pub websockets: Arc<tokio::sync::Semaphore>,
+    /// Open WebSockets allowed: `--max-websockets` in all (past them an upgrade is `503`),
+    /// and per identity and per client address (`429`).
+    pub websockets: Arc<limits::WebSocketCaps>,
+    /// The origins besides its own the gateway acts for (`--origin`), see [`guard`].
+    pub origins: Arc<guard::Origins>,
     /// The largest upload, in bytes (`--max-upload-bytes`, default 4 GiB as a node's
     /// `--max-file-bytes`); a larger one is `413 too_large` before or while it is spooled.
     pub max_upload_bytes: u64,
@@ -136,6 +143,11 @@ pub fn router(state: AppState) -> Router {
             post(upload).layer(DefaultBodyLimit::disable()),
         )
         .route("/files/{group}/{seq}", get(download))
+        // Before every handler: cross-origin requests that act are refused (guard.rs).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::protect,
+        ))
         .with_state(state)
 }
 
@@ -174,19 +186,38 @@ fn html(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-/// Hosted mode's sign-in page with `message` (fixed texts of ours, never input).
+/// Hosted mode's sign-in page with `message` (fixed texts of ours, never input), and a
+/// fresh form token: in the cookie [`guard::FORM_COOKIE`] and the form's hidden field (the
+/// guard wants both, equal, on `POST /signin` and `/signup`).
 fn sign_in_page(hosted: &Hosted, status: StatusCode, message: &str) -> Response {
     let signup = if hosted.open_signup {
         r#"<button formaction="/signup" id="signup">Make this account</button>"#
     } else {
         ""
     };
-    html(
+    let Ok(token) = auth::random_hex() else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "500: no randomness for the form token\n".into(),
+        );
+    };
+    let mut page = html(
         status,
         SIGNIN_HTML
             .replace("{{message}}", message)
-            .replace("{{signup}}", signup),
-    )
+            .replace("{{signup}}", signup)
+            .replace("{{csrf}}", &token),
+    );
+    // Not `Secure`: the page does not know whether it is served over TLS, and the token only
+    // adds to the Origin check (a tossed cookie still needs this origin to post).
+    let cookie = format!(
+        "{}={token}; HttpOnly; SameSite=Strict; Path=/",
+        guard::FORM_COOKIE
+    );
+    if let Ok(value) = cookie.parse() {
+        page.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    page
 }
 
 fn signed_in(state: &AppState, identity: Identity) -> Response {
@@ -198,7 +229,7 @@ fn signed_in(state: &AppState, identity: Identity) -> Response {
             .into_response(),
         None => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "503: too many sessions; try later\n".into(),
+            "503: no session could be made (no randomness); try later\n".into(),
         ),
     }
 }
@@ -218,8 +249,12 @@ async fn index(
             None => unauthorized(),
         };
     }
-    if state.sessions.identity(&headers).is_some() {
-        return html(StatusCode::OK, INDEX_HTML.to_owned());
+    if let Some(session) = state.sessions.session(&headers) {
+        // The session's CSRF token, for the page to send with what it posts (guard.rs).
+        return html(
+            StatusCode::OK,
+            INDEX_HTML.replace("{{csrf}}", &session.csrf),
+        );
     }
     match &state.hosted {
         Some(hosted) => sign_in_page(hosted, StatusCode::OK, ""),
@@ -352,6 +387,8 @@ pub fn register(federation: &bridge::Federation, identity: &Identity) -> Result<
         .map_err(|e| format!("registering {} with the registry: {e}", identity.user))
 }
 
+/// `POST /signout` (same-origin, with the session's token: guard.rs): ends the session on the
+/// server, which closes its WebSockets, and clears the cookie.
 async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
     state.sessions.close(&headers);
     (
@@ -401,21 +438,38 @@ fn asset(
         .into_response()
 }
 
+/// `GET /ws` (its Origin checked by guard.rs): a session's WebSocket, within the caps per
+/// identity and per address (`429`) and in all (`503`).
 async fn ws(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // The session first: without one, nothing is said about the endpoint.
-    let Some(identity) = state.sessions.identity(&headers) else {
+    let Some(found) = state.sessions.session(&headers) else {
         return unauthorized();
     };
-    let Ok(permit) = Arc::clone(&state.websockets).try_acquire_owned() else {
-        tracing::warn!("WebSocket refused: --max-websockets are open");
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503: too many open pages on this gateway; try later\n".into(),
-        );
+    let (identity, ended) = (found.identity, found.ended);
+    let permit = match state.websockets.take(&identity.user, peer.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            tracing::warn!(user = %identity.user, peer = %peer.ip(), ?refused, "WebSocket refused");
+            return match refused {
+                limits::WebSocketRefusal::Total => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503: too many open pages on this gateway; try later\n".into(),
+                ),
+                limits::WebSocketRefusal::Identity => text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "429: too many open pages for this account; close one\n".into(),
+                ),
+                limits::WebSocketRefusal::Address => text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "429: too many open pages from this address; close one\n".into(),
+                ),
+            };
+        }
     };
     match upgrade {
         Ok(upgrade) => upgrade
@@ -425,7 +479,7 @@ async fn ws(
             // 128 KiB, is zero-filled before each read).
             .read_buffer_size(WS_READ_BUFFER_BYTES)
             .on_upgrade(move |socket| async move {
-                session(socket, state, identity).await;
+                session(socket, state, identity, ended).await;
                 drop(permit);
             }),
         Err(rejection) => rejection.into_response(),
@@ -435,8 +489,15 @@ async fn ws(
 /// One WebSocket session: each text message is a request ([`wire::Request`]), answered in
 /// order (by the session's bridge thread, or here for `follow` and `unfollow`). A bad message
 /// gets an error reply; the session goes on. Events (its groups' entries from the hub, its
-/// inbox's direct messages) go out between replies, through one bounded queue.
-async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>) {
+/// inbox's direct messages) go out between replies, through one bounded queue. When the
+/// HTTP session ends (`ended` fails: signed out, expired, evicted) the WebSocket is closed
+/// with code 1008 ("policy violation", RFC 6455 §7.4.1).
+async fn session(
+    mut socket: WebSocket,
+    state: AppState,
+    identity: Arc<Identity>,
+    mut ended: tokio::sync::watch::Receiver<()>,
+) {
     let (events, mut outgoing) = tokio::sync::mpsc::channel(bridge::EVENT_QUEUE);
     let bridge = match bridge::Session::start(&state.federation, &identity, events.clone()) {
         Ok(b) => b,
@@ -478,6 +539,16 @@ async fn session(mut socket: WebSocket, state: AppState, identity: Arc<Identity>
                     break;
                 }
                 continue;
+            }
+            Err(_) = ended.changed() => {
+                tracing::info!(user = %identity.user, "session ended: closing its WebSocket");
+                let _ = socket
+                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code: axum::extract::ws::close_code::POLICY,
+                        reason: "signed out".into(),
+                    })))
+                    .await;
+                break;
             }
         };
         let reply = match message {

@@ -96,6 +96,56 @@ struct Serve {
     /// 503.
     #[arg(long, env = "AGORA_WEB_MAX_WEBSOCKETS", default_value_t = 2000)]
     max_websockets: usize,
+    /// Most WebSockets one identity (account, or personal mode's user) may have open at
+    /// once; past it an upgrade is answered 429.
+    #[arg(
+        long,
+        env = "AGORA_WEB_MAX_WEBSOCKETS_PER_IDENTITY",
+        default_value_t = 16
+    )]
+    max_websockets_per_identity: usize,
+    /// Most WebSockets one client address may have open at once; past it an upgrade is
+    /// answered 429. (Behind a reverse proxy every client has the proxy's address.)
+    #[arg(
+        long,
+        env = "AGORA_WEB_MAX_WEBSOCKETS_PER_ADDRESS",
+        default_value_t = 64
+    )]
+    max_websockets_per_address: usize,
+    /// Most TCP connections open at once (WebSockets included); past it a new connection is
+    /// closed at once (plain HTTP reads a 503 first).
+    #[arg(long, env = "AGORA_WEB_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Most TCP connections one client address may have open at once (WebSockets
+    /// included); past it a new one is closed at once.
+    #[arg(
+        long,
+        env = "AGORA_WEB_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    max_connections_per_address: usize,
+    /// How long a client may take to send a request's headers, counted from when the
+    /// connection opens or its previous response went out: so also how long an idle
+    /// keep-alive connection is kept. Past it the connection is closed. Also the TLS
+    /// handshake's limit.
+    #[arg(long, env = "AGORA_WEB_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// Another origin (scheme://host[:port]) the page may be served from, as the browser
+    /// sees it: for a gateway behind a reverse proxy. Repeat it, or comma-separate them in
+    /// the variable. Requests that act (POST, the WebSocket) must come from the gateway's
+    /// own origin (its Host) or one of these.
+    #[arg(long = "origin", env = "AGORA_WEB_ORIGIN", value_delimiter = ',', value_parser = agora_web::guard::parse_origin)]
+    origins: Vec<String>,
+    /// A session unused this long ends (a page with its WebSocket open is in use).
+    #[arg(long, env = "AGORA_WEB_SESSION_IDLE", default_value = "7days", value_parser = humantime::parse_duration)]
+    session_idle: Duration,
+    /// A session ends this long after sign-in, however used.
+    #[arg(long, env = "AGORA_WEB_SESSION_LIFETIME", default_value = "30days", value_parser = humantime::parse_duration)]
+    session_lifetime: Duration,
+    /// Most live sessions; at the cap a sign-in evicts the expired sessions, then the one
+    /// unused longest.
+    #[arg(long, env = "AGORA_WEB_MAX_SESSIONS", default_value_t = auth::MAX_SESSIONS)]
+    max_sessions: usize,
     /// How long to wait for a server, per call.
     #[arg(long, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -220,7 +270,12 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             auth::Sessions::with_token(identity).context("no randomness for the token")?;
         (sessions, None, std::env::temp_dir())
     };
-    let sessions = Arc::new(sessions);
+    let limits = auth::SessionLimits {
+        idle: args.session_idle,
+        lifetime: args.session_lifetime,
+        max: args.max_sessions,
+    };
+    let sessions = Arc::new(sessions.with_limits(limits));
     let state = AppState {
         sessions: Arc::clone(&sessions),
         federation: Arc::new(federation),
@@ -229,7 +284,12 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         spool: Arc::new(spool),
         max_upload_bytes: args.max_upload_bytes,
         hub: Arc::default(),
-        websockets: Arc::new(tokio::sync::Semaphore::new(args.max_websockets)),
+        websockets: Arc::new(agora_web::limits::WebSocketCaps::new(
+            args.max_websockets,
+            args.max_websockets_per_identity,
+            args.max_websockets_per_address,
+        )),
+        origins: Arc::new(agora_web::guard::Origins::new(args.origins.clone())),
     };
     // A page holds a few descriptors (its TCP connection, ZeroMQ sockets and signalers):
     // the soft limit's usual 1,024 would stop the gateway near 150 pages.
@@ -256,6 +316,19 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         out.flush()?;
         drop(out);
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        // Expired sessions end (and close their WebSockets) within a minute, or sooner
+        // for short limits.
+        let sweep = limits
+            .idle
+            .min(limits.lifetime)
+            .min(Duration::from_secs(60))
+            / 2;
+        tokio::spawn(Arc::clone(&sessions).sweep_every(sweep));
+        let caps = (
+            args.max_connections,
+            args.max_connections_per_address,
+            args.header_read_timeout,
+        );
         let handle = axum_server::Handle::new();
         let stopper = handle.clone();
         tokio::spawn(async move {
@@ -270,24 +343,48 @@ fn serve(args: Serve) -> anyhow::Result<()> {
                     .with_context(|| {
                         format!("TLS from {} and {}", cert.display(), key.display())
                     })?;
+                // HTTP/1.1 only: the header-read timeout is HTTP/1's (and WebSockets are).
+                let mut only_h1 = (*config.get_inner()).clone();
+                only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+                config.reload_from_config(Arc::new(only_h1));
                 let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+                    .handshake_timeout(args.header_read_timeout)
                     .acceptor(axum_server::accept::NoDelayAcceptor::new());
-                axum_server::from_tcp(listener)
-                    .acceptor(acceptor)
-                    .handle(handle)
-                    .serve(app)
-                    .await?;
+                let mut server = axum_server::from_tcp(listener).acceptor(
+                    agora_web::limits::ConnectionCaps::new(acceptor, caps.0, caps.1, caps.2, false),
+                );
+                http1_timeouts(server.http_builder(), args.header_read_timeout);
+                server.handle(handle).serve(app).await?;
             }
             None => {
-                axum_server::from_tcp(listener)
-                    .acceptor(axum_server::accept::NoDelayAcceptor::new())
-                    .handle(handle)
-                    .serve(app)
-                    .await?;
+                let mut server = axum_server::from_tcp(listener).acceptor(
+                    agora_web::limits::ConnectionCaps::new(
+                        axum_server::accept::NoDelayAcceptor::new(),
+                        caps.0,
+                        caps.1,
+                        caps.2,
+                        true,
+                    ),
+                );
+                http1_timeouts(server.http_builder(), args.header_read_timeout);
+                server.handle(handle).serve(app).await?;
             }
         }
         Ok(())
     })
+}
+
+/// hyper's HTTP/1 header-read timeout (it needs a timer to take effect; without one it is
+/// off). hyper starts it when it waits for a request's head, so it also bounds an idle
+/// keep-alive connection.
+fn http1_timeouts(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    header_read_timeout: Duration,
+) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
 }
 
 /// SIGINT or SIGTERM.
