@@ -715,21 +715,28 @@ impl Federation {
     /// [`Federation::key_dir`], shared with user-cli runs) on an ephemeral loopback port; the
     /// endpoint is the URL with the one-time token.
     pub fn web_personal(&self, user: &str) -> Server {
+        self.web_personal_with(user, &[])
+    }
+
+    /// As [`Federation::web_personal`], with `extra` arguments (`--session-idle 1s`, say).
+    pub fn web_personal_with(&self, user: &str, extra: &[&str]) -> Server {
         let (keys, registry_key) = (self.key_dir(), self.registry_key());
+        let mut args = vec![
+            "--user",
+            user,
+            "--bind",
+            "127.0.0.1:0",
+            "--registry",
+            &self.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+            "--key-dir",
+            &keys,
+        ];
+        args.extend_from_slice(extra);
         Server::start(
             "agora-web",
-            &[
-                "--user",
-                user,
-                "--bind",
-                "127.0.0.1:0",
-                "--registry",
-                &self.registry.endpoint,
-                "--registry-key",
-                &registry_key,
-                "--key-dir",
-                &keys,
-            ],
+            &args,
             &self.dir.path().join(format!("web-{user}.log")),
         )
     }
@@ -737,20 +744,27 @@ impl Federation {
     /// Starts `agora-web --hosted` on an ephemeral loopback port with its accounts in
     /// `DIR/<data>`; the endpoint is the base URL (the sign-in page).
     pub fn web_hosted(&self, data: &str) -> Server {
+        self.web_hosted_with(data, &[])
+    }
+
+    /// As [`Federation::web_hosted`], with `extra` arguments (`--open-signup`, say).
+    pub fn web_hosted_with(&self, data: &str, extra: &[&str]) -> Server {
         let (data_dir, registry_key) = (self.path(data), self.registry_key());
+        let mut args = vec![
+            "--hosted",
+            "--data-dir",
+            &data_dir,
+            "--bind",
+            "127.0.0.1:0",
+            "--registry",
+            &self.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+        ];
+        args.extend_from_slice(extra);
         Server::start(
             "agora-web",
-            &[
-                "--hosted",
-                "--data-dir",
-                &data_dir,
-                "--bind",
-                "127.0.0.1:0",
-                "--registry",
-                &self.registry.endpoint,
-                "--registry-key",
-                &registry_key,
-            ],
+            &args,
             &self.dir.path().join(format!("web-{data}.log")),
         )
     }
