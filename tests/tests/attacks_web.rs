@@ -1,0 +1,760 @@
+//! Attacks on the web gateway (`agora-web`) as a page of another origin, a client that holds
+//! connections, or one account that wants every slot: issue 22's findings 2, 3, 4, 10, 11,
+//! 13 and 20. Each test performs the attack against the real binary and checks it is
+//! refused, and checks that the same request from the gateway's own page still works (so a
+//! refusal is the guard's, not a broken route).
+//!
+//! "Another origin" is a page served from another port on the same host
+//! (`http://127.0.0.1:OTHER`): `SameSite=Strict` does not separate ports, so its requests
+//! carry the victim's cookie, as these do.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use agora_tests::{wait_for, web_csrf, web_origin, Federation, Server};
+
+type Ws = tungstenite::WebSocket<TcpStream>;
+
+/// Follows no redirect: the cookie comes with the redirect.
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+}
+
+fn answer(result: Result<ureq::Response, ureq::Error>, what: &str) -> ureq::Response {
+    match result {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+/// The `NAME=VALUE` of the `Set-Cookie` for `name` in `response`, if it sets one.
+fn set_cookie(response: &ureq::Response, name: &str) -> Option<String> {
+    response
+        .all("Set-Cookie")
+        .into_iter()
+        .find(|c| c.starts_with(&format!("{name}=")) && !c.starts_with(&format!("{name}=;")))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned)
+}
+
+/// A page of another origin on the same host: another port of 127.0.0.1.
+fn other_origin(web: &Server) -> String {
+    let origin = web_origin(web);
+    let port: u16 = origin
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    format!("http://127.0.0.1:{}", port.wrapping_add(1).max(1))
+}
+
+/// Spends a personal gateway's one-time token: the session cookie (`agora_session=ID`).
+fn personal_session(web: &Server) -> String {
+    let signed_in = answer(agent().get(&web.endpoint).call(), "the token URL");
+    set_cookie(&signed_in, "agora_session").expect("a session cookie")
+}
+
+/// The session's CSRF token, from the page it is served.
+fn page_csrf(web: &Server, cookie: &str) -> String {
+    let page = answer(
+        agent()
+            .get(&format!("{}/", web_origin(web)))
+            .set("Cookie", cookie)
+            .call(),
+        "the page",
+    );
+    assert_eq!(page.status(), 200);
+    web_csrf(&page.into_string().expect("html")).expect("the page carries its token")
+}
+
+/// The sign-in page's form token: (its cookie `agora_form=T`, the field's value).
+fn form_token(web: &Server) -> (String, String) {
+    let page = answer(
+        agent().get(&format!("{}/", web_origin(web))).call(),
+        "sign-in page",
+    );
+    let cookie = set_cookie(&page, "agora_form").expect("the form token's cookie");
+    let field = web_csrf(&page.into_string().expect("html")).expect("the form's hidden field");
+    (cookie, field)
+}
+
+/// Signs in to a hosted gateway as its own page does; the session cookie.
+fn hosted_session(web: &Server, name: &str, password: &str) -> String {
+    let (form_cookie, token) = form_token(web);
+    let origin = web_origin(web);
+    let signed_in = answer(
+        agent()
+            .post(&format!("{origin}/signin"))
+            .set("Origin", &origin)
+            .set("Cookie", &form_cookie)
+            .send_form(&[("name", name), ("password", password), ("csrf", &token)]),
+        "sign-in",
+    );
+    assert_eq!(signed_in.status(), 303, "{name} signs in");
+    set_cookie(&signed_in, "agora_session").expect("a session cookie")
+}
+
+/// Opens `/ws` with `cookie` and the given extra headers: the WebSocket, or the HTTP status
+/// of the refusal.
+fn open_ws(web: &Server, cookie: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+    let origin = web_origin(web);
+    let url = format!("{}/ws", origin.replacen("http://", "ws://", 1));
+    let mut request =
+        tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).expect("url");
+    request
+        .headers_mut()
+        .insert("Cookie", cookie.parse().expect("header"));
+    for (name, value) in headers {
+        let name: tungstenite::http::HeaderName = name.parse().expect("name");
+        request
+            .headers_mut()
+            .insert(name, value.parse().expect("header"));
+    }
+    let stream = TcpStream::connect(origin.trim_start_matches("http://")).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    match tungstenite::client::client(request, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("WebSocket handshake: {e}"),
+    }
+}
+
+/// `/ws` as the gateway's own page opens it.
+fn own_ws(web: &Server, cookie: &str) -> Result<Ws, u16> {
+    let origin = web_origin(web);
+    open_ws(web, cookie, &[("Origin", &origin)])
+}
+
+/// `whoami` over `ws`: the reply (events in between are skipped), or `None` once the
+/// gateway has closed the WebSocket.
+fn whoami(ws: &mut Ws) -> Option<serde_json::Value> {
+    ws.send(tungstenite::Message::Text(
+        serde_json::json!({"op": "whoami"}).to_string().into(),
+    ))
+    .ok()?;
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(text)) => {
+                let value: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+                if value.get("event").is_none() {
+                    return Some(value);
+                }
+            }
+            Ok(tungstenite::Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Whether the gateway closes `ws` within `timeout` (a Close frame, or the connection
+/// ends).
+fn closed_within(ws: &mut Ws, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(_)) => return true,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// A POST to the gateway with `headers`; the response.
+fn post(web: &Server, path: &str, headers: &[(&str, &str)], body: &[u8]) -> ureq::Response {
+    let mut request = agent().post(&format!("{}{path}", web_origin(web)));
+    for (name, value) in headers {
+        request = request.set(name, value);
+    }
+    answer(request.send_bytes(body), path)
+}
+
+fn error_code(response: ureq::Response) -> String {
+    let body = response.into_string().expect("body");
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(v) => v["error"].as_str().unwrap_or_default().to_owned(),
+        Err(_) => body,
+    }
+}
+
+/// Finding 2: a page on another port of the same host opened the victim's `/ws` and uploaded
+/// as the victim. Now the upgrade and the upload need the gateway's own Origin (and
+/// `Sec-Fetch-Site: same-origin` where sent), and the upload the session's token.
+#[test]
+fn a_page_of_another_origin_can_neither_open_the_websocket_nor_upload_as_the_victim() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal("alice");
+    let cookie = personal_session(&web);
+    let (own, foreign) = (web_origin(&web), other_origin(&web));
+
+    // The WebSocket: refused from another port, without an Origin, or cross-site.
+    assert_eq!(
+        open_ws(&web, &cookie, &[("Origin", &foreign)]).err(),
+        Some(403),
+        "another port's page"
+    );
+    assert_eq!(
+        open_ws(&web, &cookie, &[]).err(),
+        Some(403),
+        "no Origin at all"
+    );
+    assert_eq!(
+        open_ws(&web, &cookie, &[("Origin", "null")]).err(),
+        Some(403)
+    );
+    assert_eq!(
+        open_ws(
+            &web,
+            &cookie,
+            &[("Origin", &own), ("Sec-Fetch-Site", "same-site")]
+        )
+        .err(),
+        Some(403),
+        "Sec-Fetch-Site: same-site"
+    );
+    // The gateway's own page opens it and is answered.
+    let mut ws = own_ws(&web, &cookie).expect("the page's own WebSocket");
+    let me = whoami(&mut ws).expect("whoami");
+    assert_eq!(me["user"], "alice", "{me}");
+
+    // The upload: another origin, no token, a wrong token are all refused before the body.
+    let csrf = page_csrf(&web, &cookie);
+    let path = "/files/Nowhere?name=x.txt";
+    let foreign_post = post(
+        &web,
+        path,
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &foreign),
+            ("X-Agora-CSRF", &csrf),
+        ],
+        b"payload",
+    );
+    assert_eq!(foreign_post.status(), 403);
+    assert_eq!(error_code(foreign_post), "forbidden_origin");
+    let no_origin = post(
+        &web,
+        path,
+        &[("Cookie", &cookie), ("X-Agora-CSRF", &csrf)],
+        b"x",
+    );
+    assert_eq!(no_origin.status(), 403);
+    let no_token = post(
+        &web,
+        path,
+        &[("Cookie", &cookie), ("Origin", &own)],
+        b"payload",
+    );
+    assert_eq!(no_token.status(), 403);
+    assert_eq!(error_code(no_token), "bad_csrf");
+    let wrong = "0".repeat(64);
+    let wrong_token = post(
+        &web,
+        path,
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &own),
+            ("X-Agora-CSRF", &wrong),
+        ],
+        b"payload",
+    );
+    assert_eq!(error_code(wrong_token), "bad_csrf");
+    // A form post of another origin, token and all, is refused too (text/plain forms).
+    let form = post(
+        &web,
+        path,
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &foreign),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        format!("csrf={csrf}").as_bytes(),
+    );
+    assert_eq!(form.status(), 403);
+    // The page's own upload passes the guard (the group does not exist: 404 from the route).
+    let own_post = post(
+        &web,
+        path,
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &own),
+            ("X-Agora-CSRF", &csrf),
+        ],
+        b"payload",
+    );
+    assert_eq!(own_post.status(), 404, "past the guard, to the route");
+    assert_eq!(error_code(own_post), "unknown_group");
+}
+
+/// Finding 3: a cross-site form posting to `/signin` signed the victim in as the attacker.
+/// Now it is refused and sets no session cookie, even with a valid form token of the
+/// attacker's own.
+#[test]
+fn login_csrf_a_form_of_another_origin_cannot_sign_anyone_in() {
+    let fed = Federation::start("200ms");
+    fed.web_add_user("web-data", "mallory", "mallory's password");
+    let web = fed.web_hosted("web-data");
+    let (own, foreign) = (web_origin(&web), other_origin(&web));
+    let (form_cookie, token) = form_token(&web);
+    let fields = [
+        ("name", "mallory"),
+        ("password", "mallory's password"),
+        ("csrf", token.as_str()),
+    ];
+    let signin = format!("{own}/signin");
+
+    let cross = answer(
+        agent()
+            .post(&signin)
+            .set("Origin", &foreign)
+            .set("Cookie", &form_cookie)
+            .send_form(&fields),
+        "cross-origin sign-in",
+    );
+    assert_eq!(cross.status(), 403);
+    assert_eq!(set_cookie(&cross, "agora_session"), None, "no session");
+    let without_origin = answer(
+        agent()
+            .post(&signin)
+            .set("Cookie", &form_cookie)
+            .send_form(&fields),
+        "sign-in without Origin",
+    );
+    assert_eq!(without_origin.status(), 403);
+    assert_eq!(set_cookie(&without_origin, "agora_session"), None);
+    // Same origin but without the form token (a cookie the attacker could not set).
+    let tokenless = answer(
+        agent()
+            .post(&signin)
+            .set("Origin", &own)
+            .send_form(&fields[..2]),
+        "sign-in without a token",
+    );
+    assert_eq!(tokenless.status(), 403);
+    assert_eq!(set_cookie(&tokenless, "agora_session"), None);
+    let mismatched = answer(
+        agent()
+            .post(&signin)
+            .set("Origin", &own)
+            .set("Cookie", &form_cookie)
+            .send_form(&[
+                ("name", "mallory"),
+                ("password", "mallory's password"),
+                ("csrf", &"f".repeat(64)),
+            ]),
+        "sign-in with another token",
+    );
+    assert_eq!(mismatched.status(), 403);
+    assert_eq!(set_cookie(&mismatched, "agora_session"), None);
+    // The sign-up route is guarded alike.
+    let signup = answer(
+        agent()
+            .post(&format!("{own}/signup"))
+            .set("Origin", &foreign)
+            .set("Cookie", &form_cookie)
+            .send_form(&fields),
+        "cross-origin sign-up",
+    );
+    assert_eq!(signup.status(), 403);
+
+    // The sign-in page itself signs in.
+    let session = hosted_session(&web, "mallory", "mallory's password");
+    assert!(session.starts_with("agora_session="), "{session}");
+}
+
+/// Findings 4 and 13: a cross-site form posting to `/signout` cleared the cookie (and spent
+/// personal mode's only token) without ending the session, and an open WebSocket kept
+/// working after sign-out. Now a cross-origin sign-out is refused and changes nothing, and
+/// the page's own sign-out ends the session on the server and closes its WebSockets.
+#[test]
+fn sign_out_is_same_origin_only_and_closes_the_sessions_websockets() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal("alice");
+    let cookie = personal_session(&web);
+    let (own, foreign) = (web_origin(&web), other_origin(&web));
+    let csrf = page_csrf(&web, &cookie);
+    let mut ws = own_ws(&web, &cookie).expect("the page's WebSocket");
+    let mut other_tab = own_ws(&web, &cookie).expect("another tab");
+    assert!(whoami(&mut ws).is_some());
+
+    let form = "application/x-www-form-urlencoded";
+    let body = format!("csrf={csrf}");
+    let cross = post(
+        &web,
+        "/signout",
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &foreign),
+            ("Content-Type", form),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(cross.status(), 403, "a cross-origin sign-out");
+    assert_eq!(set_cookie(&cross, "agora_session"), None);
+    let tokenless = post(
+        &web,
+        "/signout",
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &own),
+            ("Content-Type", form),
+        ],
+        b"",
+    );
+    assert_eq!(tokenless.status(), 403, "a sign-out without the token");
+    assert_eq!(
+        whoami(&mut ws).map(|v| v["user"].clone()),
+        Some(serde_json::json!("alice")),
+        "the session goes on"
+    );
+    let page = answer(
+        agent()
+            .get(&format!("{own}/"))
+            .set("Cookie", &cookie)
+            .call(),
+        "page",
+    );
+    assert_eq!(page.status(), 200);
+
+    // The page's own sign-out (its form: Origin, the hidden token).
+    let started = Instant::now();
+    let out = post(
+        &web,
+        "/signout",
+        &[
+            ("Cookie", &cookie),
+            ("Origin", &own),
+            ("Content-Type", form),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(out.status(), 303);
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(5)),
+        "the session's WebSocket is closed"
+    );
+    assert!(
+        closed_within(&mut other_tab, Duration::from_secs(5)),
+        "and every other one of it"
+    );
+    eprintln!("WebSockets closed {:?} after sign-out", started.elapsed());
+    assert!(whoami(&mut ws).is_none(), "whoami no longer answers");
+    let after = answer(
+        agent()
+            .get(&format!("{own}/"))
+            .set("Cookie", &cookie)
+            .call(),
+        "page",
+    );
+    assert_eq!(after.status(), 401, "the session ended on the server");
+    assert_eq!(own_ws(&web, &cookie).err(), Some(401));
+}
+
+/// Finding 10: one account could take every WebSocket slot (the cap was global). Now one
+/// identity and one address hold at most their caps, and another account still gets in.
+#[test]
+fn one_account_or_one_address_cannot_take_every_websocket() {
+    let fed = Federation::start("200ms");
+    fed.web_add_user("web-data", "alice", "alice's password");
+    fed.web_add_user("web-data", "bob", "bob's password");
+    let web = fed.web_hosted_with(
+        "web-data",
+        &[
+            "--max-websockets-per-identity",
+            "3",
+            "--max-websockets-per-address",
+            "5",
+        ],
+    );
+    let alice = hosted_session(&web, "alice", "alice's password");
+    let bob = hosted_session(&web, "bob", "bob's password");
+
+    let mut alices: Vec<Ws> = (0..3)
+        .map(|i| own_ws(&web, &alice).unwrap_or_else(|s| panic!("alice's page {i}: {s}")))
+        .collect();
+    assert_eq!(
+        own_ws(&web, &alice).err(),
+        Some(429),
+        "alice's fourth page is past her cap"
+    );
+    let mut bobs = vec![own_ws(&web, &bob).expect("bob still gets in")];
+    assert_eq!(
+        whoami(&mut bobs[0]).map(|v| v["user"].clone()),
+        Some(serde_json::json!("bob"))
+    );
+    bobs.push(own_ws(&web, &bob).expect("bob's second"));
+    // Five from this address now: bob's third is past the address's cap.
+    assert_eq!(own_ws(&web, &bob).err(), Some(429), "per address");
+    // A slot is given back when its page closes.
+    let mut closed = alices.pop().expect("one");
+    closed.close(None).expect("close");
+    let mut reopened = None;
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            reopened = own_ws(&web, &alice).ok();
+            reopened.is_some()
+        }),
+        "alice's slot comes back once a page closes"
+    );
+    assert!(whoami(reopened.as_mut().expect("open")).is_some());
+    assert!(whoami(&mut alices[0]).is_some(), "the others go on");
+}
+
+/// Reads what the gateway sends on `stream` until it closes it or `timeout` passes: the
+/// bytes, and whether it closed.
+fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (got, true),
+        }
+    }
+    (got, false)
+}
+
+/// A connection from `source` (a loopback address other than 127.0.0.1, say) to `to`.
+fn connect_from(source: &str, to: &str) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{source}:0").parse().expect("address"))?;
+        socket.connect(to.parse().expect("address")).await
+    });
+    let stream = stream.expect("connect").into_std().expect("std");
+    stream.set_nonblocking(false).expect("blocking");
+    stream
+}
+
+/// Finding 11: a request that sent its headers slowly was held for 70 s and more, and 200
+/// trickling connections all stayed open. Now a trickler is cut off at
+/// `--header-read-timeout`, a silent connection too,, and one address holds at most
+/// `--max-connections-per-address` while another client still gets the page.
+#[test]
+fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_connection() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal_with(
+        "alice",
+        &[
+            "--header-read-timeout",
+            "3s",
+            "--max-connections-per-address",
+            "4",
+        ],
+    );
+    let cookie = personal_session(&web);
+    let addr = web_origin(&web).trim_start_matches("http://").to_owned();
+
+    // Five connections from 127.0.0.1 start a request, to trickle it a header line at a
+    // time. The gateway accepts them concurrently: any one of the five is the one too many,
+    // closed at once with a 503; the other four are held.
+    let opened = Instant::now();
+    let mut conns: Vec<TcpStream> = (0..5)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\n").expect("start");
+            s.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    let mut refused: Vec<(usize, Vec<u8>)> = Vec::new();
+    while opened.elapsed() < Duration::from_secs(1) {
+        for (i, s) in conns.iter_mut().enumerate() {
+            if refused.iter().any(|(r, _)| *r == i) {
+                continue;
+            }
+            let mut buf = [0u8; 512];
+            match s.read(&mut buf) {
+                Ok(n) => refused.push((i, buf[..n].to_vec())),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => refused.push((i, Vec::new())),
+            }
+        }
+    }
+    assert_eq!(
+        refused.len(),
+        1,
+        "exactly one of five connections from one address is refused: {refused:?}"
+    );
+    let (index, said) = refused.remove(0);
+    assert!(
+        said.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&said)
+    );
+    conns.remove(index);
+    let mut tricklers = conns;
+    // Another address still gets the page while the four are held.
+    let mut other = connect_from("127.0.0.2", &addr);
+    write!(
+        other,
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let (page, _) = read_until_closed(&mut other, Duration::from_secs(5));
+    assert!(
+        page.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&page[..page.len().min(200)])
+    );
+
+    // The tricklers go on sending a header every 300 ms; each is cut off near 2 s.
+    let mut cut_at = vec![None; tricklers.len()];
+    let deadline = opened + Duration::from_secs(15);
+    while cut_at.iter().any(Option::is_none) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        for (i, s) in tricklers.iter_mut().enumerate() {
+            if cut_at[i].is_some() {
+                continue;
+            }
+            let wrote = s.write_all(b"X-Slow: 1\r\n");
+            s.set_read_timeout(Some(Duration::from_millis(1)))
+                .expect("timeout");
+            let mut byte = [0u8; 512];
+            let ended = match s.read(&mut byte) {
+                Ok(_) => true,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            };
+            if wrote.is_err() || ended {
+                cut_at[i] = Some(opened.elapsed());
+            }
+        }
+    }
+    let cut: Vec<Duration> = cut_at
+        .iter()
+        .map(|c| c.expect("every trickler is cut off within 15 s"))
+        .collect();
+    eprintln!("tricklers cut off after {cut:?}");
+    for at in &cut {
+        assert!(
+            *at >= Duration::from_millis(2500) && *at <= Duration::from_secs(8),
+            "cut off near --header-read-timeout (3 s): {at:?}"
+        );
+    }
+
+    // A connection that sends nothing at all is closed too.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(&addr).expect("connect");
+    let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(10));
+    assert!(closed, "a silent connection is closed");
+    eprintln!("silent connection closed after {:?}", started.elapsed());
+    assert!(started.elapsed() <= Duration::from_secs(8));
+
+    // Once they are gone, 127.0.0.1 gets the page again.
+    let page = answer(
+        agent()
+            .get(&format!("http://{addr}/"))
+            .set("Cookie", &cookie)
+            .call(),
+        "page",
+    );
+    assert_eq!(page.status(), 200);
+}
+
+/// Finding 20: sessions never expired and the table refused every sign-in once full. Now a
+/// session unused past `--session-idle` is refused (401), one past `--session-lifetime`
+/// ends and closes its WebSocket, and at `--max-sessions` a sign-in evicts the session
+/// unused longest instead of being refused.
+#[test]
+fn sessions_expire_when_idle_or_old_and_a_full_table_evicts() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal_with(
+        "alice",
+        &["--session-idle", "1s", "--session-lifetime", "4s"],
+    );
+    let cookie = personal_session(&web);
+    let base = web_origin(&web);
+    let page = |cookie: &str| {
+        answer(
+            agent()
+                .get(&format!("{base}/"))
+                .set("Cookie", cookie)
+                .call(),
+            "page",
+        )
+        .status()
+    };
+    assert_eq!(page(&cookie), 200);
+    let mut ws = own_ws(&web, &cookie).expect("a WebSocket");
+    // Past the idle time, the open WebSocket keeps the session in use...
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        whoami(&mut ws).is_some(),
+        "a page with its WebSocket open is in use"
+    );
+    assert_eq!(page(&cookie), 200);
+    // ...until its lifetime ends it, and the WebSocket with it.
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(8)),
+        "closed at --session-lifetime"
+    );
+    assert_eq!(page(&cookie), 401);
+
+    // Hosted: an idle session is refused; at the cap the oldest is evicted.
+    fed.web_add_user("web-data", "bob", "bob's password");
+    let hosted = fed.web_hosted_with("web-data", &["--session-idle", "1s", "--max-sessions", "2"]);
+    let hosted_base = web_origin(&hosted);
+    let status = |cookie: &str| {
+        answer(
+            agent()
+                .get(&format!("{hosted_base}/app.js"))
+                .set("Cookie", cookie)
+                .call(),
+            "app.js",
+        )
+        .status()
+    };
+    let idle = hosted_session(&hosted, "bob", "bob's password");
+    assert_eq!(status(&idle), 200);
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(status(&idle), 401, "unused past --session-idle");
+    let first = hosted_session(&hosted, "bob", "bob's password");
+    let second = hosted_session(&hosted, "bob", "bob's password");
+    assert_eq!(status(&first), 200);
+    let third = hosted_session(&hosted, "bob", "bob's password");
+    assert_eq!(status(&third), 200, "a sign-in at the cap is not refused");
+    assert_eq!(
+        status(&second),
+        401,
+        "the session unused longest was evicted"
+    );
+    assert_eq!(status(&first), 200);
+}
