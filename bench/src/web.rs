@@ -196,6 +196,16 @@ impl Gateway {
                 &registry_key,
                 "--key-dir",
                 key_dir,
+                // Every session is one identity from one address here: lift the caps
+                // that keep one account or one address from taking every slot.
+                "--max-websockets-per-identity",
+                "1000000",
+                "--max-websockets-per-address",
+                "1000000",
+                "--max-connections",
+                "1000000",
+                "--max-connections-per-address",
+                "1000000",
             ],
         )?;
         let mut gateway = Gateway {
@@ -636,6 +646,10 @@ async fn sample_rss(pid: u32, largest: Arc<AtomicU64>) {
 async fn open(addr: &str, cookie: &str) -> anyhow::Result<Ws> {
     let mut request = format!("ws://{addr}/ws").into_client_request()?;
     request.headers_mut().insert("Cookie", cookie.parse()?);
+    // As the gateway's own page: it refuses an upgrade from any other origin.
+    request
+        .headers_mut()
+        .insert("Origin", format!("http://{addr}").parse()?);
     let tcp = tokio::time::timeout(STEP, tokio::net::TcpStream::connect(addr))
         .await
         .context("connect timed out")??;

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_tests::{Chromedriver, Federation, Server};
+use agora_tests::{web_csrf, web_origin, Chromedriver, Federation, Server};
 use fantoccini::elements::Element;
 use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -670,12 +670,33 @@ fn a_hosted_sign_in_refuses_a_wrong_password_and_takes_the_right_one() {
             !chat && signin,
             "refused: the sign-in page again, no chat page"
         );
-        let refused = ureq::AgentBuilder::new()
+        // The same refusal as a script gets it, posting as the page does: from the
+        // gateway's origin, with the form token the page sets.
+        let agent = ureq::AgentBuilder::new()
             .redirects(0)
             .timeout(Duration::from_secs(10))
-            .build()
+            .build();
+        let form = agent
+            .get(&format!("{base}/"))
+            .call()
+            .expect("the sign-in page");
+        let form_cookie = form
+            .all("Set-Cookie")
+            .into_iter()
+            .find(|c| c.starts_with("agora_form="))
+            .and_then(|c| c.split(';').next())
+            .expect("the form token's cookie")
+            .to_owned();
+        let token = web_csrf(&form.into_string().expect("html")).expect("the form token");
+        let refused = agent
             .post(&format!("{base}/signin"))
-            .send_form(&[("name", "dora"), ("password", "not the password")]);
+            .set("Origin", &web_origin(&web))
+            .set("Cookie", &form_cookie)
+            .send_form(&[
+                ("name", "dora"),
+                ("password", "not the password"),
+                ("csrf", &token),
+            ]);
         match refused {
             Err(ureq::Error::Status(status, _)) => assert_eq!(status, 401),
             other => panic!("a wrong password is refused with 401: {other:?}"),
@@ -689,6 +710,22 @@ fn a_hosted_sign_in_refuses_a_wrong_password_and_takes_the_right_one() {
         // The page's WebSocket works as dora: it lists the federation's group.
         dora.wait(&format!("{GROUP} listed"), SHOW_TIMEOUT, |p| {
             p.groups.iter().any(|g| g == GROUP).then_some(())
+        })
+        .await;
+        // Its sign-out form (same origin, with the session's token) ends the session: the
+        // sign-in page again, also after a reload.
+        dora.find("#signout button")
+            .await
+            .click()
+            .await
+            .expect("clicking Sign out");
+        dora.wait("the sign-in page after signing out", SHOW_TIMEOUT, |p| {
+            (p.signin && !p.chat).then_some(())
+        })
+        .await;
+        dora.goto(&format!("{base}/")).await;
+        dora.wait("still signed out", SHOW_TIMEOUT, |p| {
+            (p.signin && !p.chat).then_some(())
         })
         .await;
         dora.close().await;
