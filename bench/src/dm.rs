@@ -65,7 +65,8 @@ impl RegistryProc {
 }
 
 /// Starts the release `registry` beside this binary on a free loopback port, over CURVE,
-/// with no rate limit, room for 100,000 DMs per mailbox, and `extra` arguments.
+/// with no rate limits (requests, DMs), room for 100,000 DMs per mailbox, all of them from
+/// one sender if it likes, and `extra` arguments.
 pub(crate) fn start_registry(extra: &[&str]) -> anyhow::Result<RegistryProc> {
     let mut args = vec![
         "--bind",
@@ -74,6 +75,10 @@ pub(crate) fn start_registry(extra: &[&str]) -> anyhow::Result<RegistryProc> {
         "0",
         "--max-mailbox",
         "100000",
+        "--dm-share",
+        "100",
+        "--dm-rate",
+        "0",
     ];
     args.extend_from_slice(extra);
     let (child, words, dir) = crate::spawn_server("registry", &args)?;

@@ -506,20 +506,51 @@ impl RegistryClient {
         self.call::<call::StopRegistry>(&ListRequest {})
     }
 
-    /// Every user account.
+    /// Every user account (for account holders only).
     ///
     /// # Errors
-    /// `forbidden` (no CURVE); see [`ReqClient::call`].
+    /// `no_account` (this key has no account: register first), `forbidden` (no CURVE); see
+    /// [`ReqClient::call`].
     pub fn users(&mut self) -> Result<Vec<agora_proto::wire::UserEntry>, ClientError> {
         Ok(self.call::<call::Users>(&ListRequest {})?.users)
     }
 
-    /// One user account.
+    /// One user account (for account holders only).
     ///
     /// # Errors
-    /// `unknown_user`; see [`ReqClient::call`].
+    /// `no_account` (this key has no account: register first), `unknown_user`; see
+    /// [`ReqClient::call`].
     pub fn whois(&mut self, name: &UserName) -> Result<agora_proto::wire::UserReply, ClientError> {
         self.call::<call::Whois>(&agora_proto::wire::UserNameRequest { name: name.clone() })
+    }
+
+    /// Refuses direct messages from the user `name` from now on (PROTOCOL §4.6.2); the
+    /// reply says whether anything changed.
+    ///
+    /// # Errors
+    /// `no_account` (this key has none), `unknown_user`, `invalid_field` (one's own name),
+    /// `limit_reached`; see [`ReqClient::call`].
+    pub fn block(&mut self, name: &UserName) -> Result<agora_proto::wire::BlockReply, ClientError> {
+        self.call::<call::Block>(&agora_proto::wire::UserNameRequest { name: name.clone() })
+    }
+
+    /// Accepts direct messages from the blocked user `name` again.
+    ///
+    /// # Errors
+    /// `no_account`; see [`ReqClient::call`].
+    pub fn unblock(
+        &mut self,
+        name: &UserName,
+    ) -> Result<agora_proto::wire::BlockReply, ClientError> {
+        self.call::<call::Unblock>(&agora_proto::wire::UserNameRequest { name: name.clone() })
+    }
+
+    /// The users this client's account blocks, sorted by name.
+    ///
+    /// # Errors
+    /// `no_account`; see [`ReqClient::call`].
+    pub fn blocked(&mut self) -> Result<Vec<agora_proto::wire::BlockedEntry>, ClientError> {
+        Ok(self.call::<call::Blocked>(&ListRequest {})?.blocked)
     }
 
     /// One live group by name.

@@ -261,6 +261,12 @@ actions! {
         Multicast "multicast" MulticastRequest => MulticastReply,
         /// (The operator and admins) one direct message to every account.
         Broadcast "broadcast" BroadcastRequest => MulticastReply,
+        /// Refuse direct messages from a user, from now on.
+        Block "block" UserNameRequest => BlockReply,
+        /// Accept direct messages from a blocked user again.
+        Unblock "unblock" UserNameRequest => BlockReply,
+        /// The users the caller blocks.
+        Blocked "blocked" ListRequest => BlockedReply,
     }
     /// A request to a group node (PROTOCOL §6).
     Node => NodeRequest {

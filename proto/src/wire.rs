@@ -99,6 +99,17 @@ pub enum ErrorCode {
     /// The server is stopping (a `stop`, or SIGTERM): nothing of the request was done; retry
     /// it (with the same id, for a `send`) once the server is back, or at its new endpoint.
     ShuttingDown,
+    /// The caller's key has no account, and the action needs one (`users`, `whois`, `block`,
+    /// `unblock`, `blocked`): register one first (`user_register`).
+    NoAccount,
+    /// The sender already holds its share of the recipient's mailbox (registry
+    /// `--dm-share`); the message went to the sender's dead letters.
+    ShareFull,
+    /// The recipient has blocked the sender; the message went to the sender's dead letters.
+    Blocked,
+    /// The registering key already owns its maximum of group names (registry
+    /// `--max-names-per-key`).
+    TooManyNames,
     /// A code this client does not know (from a newer server).
     #[serde(other)]
     Unknown,
@@ -129,6 +140,10 @@ impl ErrorCode {
             ErrorCode::DigestMismatch => "digest_mismatch",
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::NoAccount => "no_account",
+            ErrorCode::ShareFull => "share_full",
+            ErrorCode::Blocked => "blocked",
+            ErrorCode::TooManyNames => "too_many_names",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -880,7 +895,8 @@ pub struct BroadcastRequest {
 pub struct Undelivered {
     /// The recipient's name.
     pub to: String,
-    /// Why: `unknown_user` or `limit_reached` (a full mailbox).
+    /// Why: `unknown_user`, `limit_reached` (a full mailbox), `share_full` (the sender's
+    /// share of that mailbox is full) or `blocked` (the recipient blocks the sender).
     pub reason: ErrorCode,
 }
 
@@ -1015,6 +1031,34 @@ pub struct UserReply {
 pub struct UsersReply {
     /// Every account, sorted by name.
     pub users: Vec<UserEntry>,
+}
+
+/// Reply to `block` and `unblock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockReply {
+    /// The user named in the request.
+    pub name: UserName,
+    /// Whether this call changed anything (false for a repeated block, or an unblock of a
+    /// user not blocked).
+    pub changed: bool,
+}
+
+/// One user the caller blocks (PROTOCOL §4.6.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedEntry {
+    /// The account's name when it was blocked.
+    pub name: UserName,
+    /// Its key: the block holds for this key, whatever name it takes later.
+    pub key: crate::key::PublicKey,
+    /// When it was blocked.
+    pub since: Timestamp,
+}
+
+/// Reply to `blocked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedReply {
+    /// The users the caller blocks, sorted by name.
+    pub blocked: Vec<BlockedEntry>,
 }
 
 /// Reply to a policy action.

@@ -54,8 +54,10 @@ impl Directory {
     /// Registers `name` at `endpoint`, or refreshes it.
     ///
     /// A name held by another live endpoint is refused, unless `owner_verified` (the caller
-    /// is the name's owner, moving it); a dead holder is replaced. An entry of another name at
-    /// the same endpoint is dropped: one endpoint is one node.
+    /// is the name's owner, moving it); a dead holder is replaced. Entries of other names at
+    /// the same endpoint are kept when `owner_verified` (a CURVE registry: one endpoint may
+    /// serve many groups, a group host, and an entry is not another key's to drop); without
+    /// ownership (`--insecure`, no keys) they are dropped: one endpoint is one node.
     ///
     /// # Errors
     /// `name_taken`, or `limit_reached` when the directory is full.
@@ -88,8 +90,10 @@ impl Directory {
                 ));
             }
         }
-        self.entries
-            .retain(|n, e| *n == name || e.endpoint != endpoint);
+        if !owner_verified {
+            self.entries
+                .retain(|n, e| *n == name || e.endpoint != endpoint);
+        }
         if !self.entries.contains_key(&name) && self.entries.len() >= self.max_groups {
             self.expire(now);
             if self.entries.len() >= self.max_groups {
@@ -257,8 +261,21 @@ mod tests {
         assert!(d.list(t(0)).is_empty());
     }
 
+    /// Finding 5 of issue 22: with keys, a name registered at another group's endpoint
+    /// leaves that group's entry alone (the same key may serve both: a group host).
     #[test]
-    fn a_new_name_at_the_same_endpoint_replaces_the_old_one() {
+    fn with_owners_a_new_name_at_the_same_endpoint_keeps_the_old_one() {
+        let mut d = Directory::new(Duration::from_secs(6), 10);
+        d.register(name("victim"), ep(1), 0, None, true, t(0))
+            .expect("victim");
+        d.register(name("evil"), ep(1), 0, None, true, t(1))
+            .expect("evil");
+        let names: Vec<_> = d.list(t(1)).into_iter().map(|e| e.name).collect();
+        assert_eq!(names, vec![name("evil"), name("victim")]);
+    }
+
+    #[test]
+    fn without_owners_a_new_name_at_the_same_endpoint_replaces_the_old_one() {
         let mut d = Directory::new(Duration::from_secs(6), 10);
         d.register(name("old"), ep(1), 0, None, false, t(0))
             .expect("old");

@@ -96,6 +96,18 @@ pub struct Config {
     pub operator: Option<PublicKey>,
     /// Accounts that may `broadcast` besides the operator (default none).
     pub admins: Vec<agora_proto::wire::UserName>,
+    /// The share of a mailbox one sender may fill, in percent of `max_mailbox` (1 to 100,
+    /// default 10: 100 of 1,000 messages; at least one message); past it, `share_full`.
+    pub dm_share_percent: u8,
+    /// Direct messages per second per sender key (`send_dm`, `multicast`, `broadcast`;
+    /// default 10, bursts of 100; rate 0 disables); past it, `rate_limited`.
+    pub dm_rate: RateLimit,
+    /// The most group names one key may own (default 100: a group host serves many groups
+    /// with one key); past it, `too_many_names`.
+    pub max_names_per_key: u64,
+    /// How long a group name stays bound to its key after its group last registered
+    /// (default 30 days); then any key may claim it.
+    pub name_lapse: Duration,
 }
 
 impl Default for Config {
@@ -119,6 +131,14 @@ impl Default for Config {
             dm_ttl: Duration::from_secs(7 * 24 * 3600),
             operator: None,
             admins: Vec::new(),
+            dm_share_percent: 10,
+            dm_rate: RateLimit {
+                rate: 10.0,
+                burst: 100.0,
+                ..RateLimit::default()
+            },
+            max_names_per_key: 100,
+            name_lapse: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -127,6 +147,29 @@ impl Config {
     /// The time an entry lives without a refresh.
     pub fn ttl(&self) -> Duration {
         self.heartbeat * self.ttl_intervals.max(1)
+    }
+
+    /// The most messages one sender may have waiting in one mailbox: `dm_share_percent` of
+    /// `max_mailbox`, rounded up, at least 1.
+    pub fn dm_share(&self) -> u64 {
+        let percent = u64::from(self.dm_share_percent.clamp(1, 100));
+        self.max_mailbox
+            .saturating_mul(percent)
+            .div_ceil(100)
+            .max(1)
+    }
+
+    /// The store's limits these settings give.
+    pub fn store_settings(&self) -> StoreSettings {
+        StoreSettings {
+            group_ttl: self.ttl(),
+            max_groups: self.max_groups,
+            presence_ttl: self.presence_ttl,
+            max_users: self.max_users,
+            max_names_per_key: self.max_names_per_key,
+            name_lapse: self.name_lapse,
+            dm_share: self.dm_share(),
+        }
     }
 }
 
@@ -170,6 +213,8 @@ pub struct Registry {
     pending_push: Vec<(PublicKey, agora_proto::wire::Dm)>,
     key_service: Option<agora_common::trust::KeyService>,
     limiter: Limiter<agora_common::server::Peer>,
+    /// Direct messages per sender key ([`Config::dm_rate`]).
+    dm_limiter: Limiter<PublicKey>,
     _zap: Option<Authenticator>,
     /// Set by the operator's `stop`: the loop ends and the registry exits.
     stopping: bool,
@@ -194,12 +239,7 @@ impl Registry {
         if config.insecure && !agora_proto::wire::is_loopback(&config.bind) {
             return Err(RegistryError::InsecureNotLoopback(config.bind.clone()));
         }
-        let settings = StoreSettings {
-            group_ttl: config.ttl(),
-            max_groups: config.max_groups,
-            presence_ttl: config.presence_ttl,
-            max_users: config.max_users,
-        };
+        let settings = config.store_settings();
         let mut store = store::open(
             config.store.as_deref(),
             &config.store_tls,
@@ -233,6 +273,7 @@ impl Registry {
                 source,
             })?;
         let limiter = Limiter::new(config.rate_limit);
+        let dm_limiter = Limiter::new(config.dm_rate);
         let key_service = match public_key {
             Some(key) => {
                 let bind = config.key_bind.clone().unwrap_or_else(|| {
@@ -263,6 +304,7 @@ impl Registry {
             pending_push: Vec::new(),
             key_service,
             limiter,
+            dm_limiter,
             _zap: zap,
             stopping: false,
         })
@@ -507,12 +549,39 @@ impl Registry {
         }
     }
 
+    /// The per-sender DM rate ([`Config::dm_rate`]): `Some(reply)`, a `rate_limited` error
+    /// for `action`, when `peer` sent direct messages faster than it allows.
+    fn dm_rate_limited(
+        &mut self,
+        request: &RegistryRequest,
+        peer: Option<PublicKey>,
+    ) -> Option<agora_proto::codec::Frames> {
+        let action = match request {
+            RegistryRequest::SendDm(_)
+            | RegistryRequest::Multicast(_)
+            | RegistryRequest::Broadcast(_) => agora_proto::action::ServerRequest::action(request),
+            _ => return None,
+        };
+        let wait = self.dm_limiter.check(&peer?, Instant::now()).err()?;
+        let mut error = agora_proto::wire::WireError::rate_limited(wait);
+        error.message = format!(
+            "too many direct messages (at most {}/s from one sender); nothing was sent: retry in {} ms",
+            self.config.dm_rate.rate,
+            error.retry_after_ms.unwrap_or(1)
+        );
+        agora_common::metrics::count(action.as_str(), Some(error.code));
+        Some(reply_frames::<()>(Err(error)))
+    }
+
     fn dispatch(
         &mut self,
         request: RegistryRequest,
         peer: Option<PublicKey>,
         now: Timestamp,
     ) -> agora_proto::codec::Frames {
+        if let Some(limited) = self.dm_rate_limited(&request, peer) {
+            return limited;
+        }
         let store = self.store.as_mut();
         match request {
             RegistryRequest::Register(r) => {
@@ -566,6 +635,15 @@ impl Registry {
             RegistryRequest::Lookup(r) => answer::<call::Lookup>(cmd::lookup::apply(store, r, now)),
             RegistryRequest::Disconnect(_) => {
                 answer::<call::Disconnect>(cmd::users::disconnect(store, peer, now))
+            }
+            RegistryRequest::Block(r) => {
+                answer::<call::Block>(cmd::block::block(store, peer, r, now))
+            }
+            RegistryRequest::Unblock(r) => {
+                answer::<call::Unblock>(cmd::block::unblock(store, peer, r))
+            }
+            RegistryRequest::Blocked(_) => {
+                answer::<call::Blocked>(cmd::block::blocked(store, peer))
             }
         }
     }

@@ -30,6 +30,9 @@ pub enum MailboxError {
     /// The recipient's mailbox holds its maximum.
     #[error("mailbox full")]
     Full,
+    /// The sender holds its share of the recipient's mailbox ([`Mailboxes::with_share`]).
+    #[error("the sender's share of the mailbox is full")]
+    ShareFull,
     /// The id is already used by another message.
     #[error("id {0} is already used by another message")]
     IdConflict(MessageId),
@@ -55,6 +58,8 @@ impl From<rusqlite::Error> for MailboxError {
 pub struct Mailboxes {
     conn: Connection,
     clock: MonotonicClock,
+    /// The most messages one sender may have waiting in one mailbox.
+    share: u64,
 }
 
 /// What became of one copy of a multicast ([`Mailboxes::store_many`]).
@@ -75,6 +80,8 @@ pub enum Copy {
     },
     /// The recipient (by name) has a full mailbox: dead-lettered.
     Full(UserName),
+    /// The sender holds its share of the recipient's (by name) mailbox: dead-lettered.
+    ShareFull(UserName),
 }
 
 /// The id of the copy of message `id` for `recipient`: the first 16 bytes of
@@ -173,7 +180,15 @@ impl Mailboxes {
         Ok(Mailboxes {
             conn,
             clock: MonotonicClock::after(Timestamp::from_micros(last.unwrap_or(0))),
+            share: u64::MAX,
         })
+    }
+
+    /// Lets one sender have at most `share` messages waiting in any one mailbox (default:
+    /// no limit besides the mailbox's own maximum); past it, a store is
+    /// [`MailboxError::ShareFull`] ([`Copy::ShareFull`] for a copy).
+    pub fn with_share(self, share: u64) -> Mailboxes {
+        Mailboxes { share, ..self }
     }
 
     /// Stores a message for `recipient` (at most `max` waiting); a retry with the same id,
@@ -216,13 +231,17 @@ impl Mailboxes {
             }
         }
         let tx = self.conn.transaction()?;
-        let waiting: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM mailbox WHERE recipient = ?1 AND acked = 0",
-            [&to],
-            |r| r.get(0),
+        let (waiting, mine): (i64, i64) = tx.query_row(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE sender_key = ?2) FROM mailbox
+             WHERE recipient = ?1 AND acked = 0",
+            params![&to, sender_key.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         if u64::try_from(waiting).unwrap_or(u64::MAX) >= max {
             return Err(MailboxError::Full);
+        }
+        if u64::try_from(mine).unwrap_or(u64::MAX) >= self.share {
+            return Err(MailboxError::ShareFull);
         }
         let next: i64 = tx
             .query_row(
@@ -259,8 +278,10 @@ impl Mailboxes {
     }
 
     /// Stores one message's copies, one per recipient (each with its own id: see
-    /// [`copy_id`]), at most `max` waiting in each mailbox, and dead-letters the recipients
-    /// in `unknown` (reason `unknown_user`) and those whose mailbox is full (`mailbox_full`):
+    /// [`copy_id`]), at most `max` waiting in each mailbox (and the sender's share of it),
+    /// and dead-letters the recipients in `refused` (name and reason: `unknown_user`,
+    /// `blocked`), those whose mailbox is full (`mailbox_full`) and those whose mailbox holds
+    /// the sender's share (`share_full`):
     /// all in one transaction, so a broadcast to thousands costs one commit. A copy whose id
     /// is already stored with the same sender and body is a duplicate (a retry).
     ///
@@ -271,7 +292,7 @@ impl Mailboxes {
     pub fn store_many(
         &mut self,
         copies: &[(PublicKey, UserName, MessageId)],
-        unknown: &[String],
+        refused: &[(String, &'static str)],
         sender: &UserName,
         sender_key: &PublicKey,
         body: &RawValue,
@@ -279,19 +300,21 @@ impl Mailboxes {
         max: u64,
     ) -> Result<Vec<Copy>, MailboxError> {
         let from = sender_key.to_string();
+        let share = self.share;
         let mut clock = self.clock;
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(copies.len());
-        let mut dead: Vec<(&str, &str)> = unknown
+        let mut dead: Vec<(&str, &str)> = refused
             .iter()
-            .map(|n| (n.as_str(), "unknown_user"))
+            .map(|(n, reason)| (n.as_str(), *reason))
             .collect();
         {
             let mut by_id = tx.prepare_cached(
                 "SELECT n, time_us, recipient, sender_key, body FROM mailbox WHERE id = ?1",
             )?;
             let mut waiting = tx.prepare_cached(
-                "SELECT COUNT(*) FROM mailbox WHERE recipient = ?1 AND acked = 0",
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE sender_key = ?2) FROM mailbox
+                 WHERE recipient = ?1 AND acked = 0",
             )?;
             let mut next_n =
                 tx.prepare_cached("SELECT next_n FROM mailbox_next WHERE recipient = ?1")?;
@@ -323,10 +346,16 @@ impl Mailboxes {
                     }
                     return Err(MailboxError::IdConflict(*id));
                 }
-                let held: i64 = waiting.query_row([&to], |r| r.get(0))?;
+                let (held, mine): (i64, i64) =
+                    waiting.query_row(params![&to, &from], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 if u64::try_from(held).unwrap_or(u64::MAX) >= max {
                     out.push(Copy::Full(name.clone()));
                     dead.push((name.as_str(), "mailbox_full"));
+                    continue;
+                }
+                if u64::try_from(mine).unwrap_or(u64::MAX) >= share {
+                    out.push(Copy::ShareFull(name.clone()));
+                    dead.push((name.as_str(), "share_full"));
                     continue;
                 }
                 let next: i64 = next_n
@@ -571,7 +600,7 @@ mod tests {
             1,
         )
         .expect("fill u4");
-        let unknown = vec!["nobody".to_owned()];
+        let unknown = vec![("nobody".to_owned(), "unknown_user")];
         let store = |m: &mut Mailboxes| {
             m.store_many(
                 &copies,

@@ -67,6 +67,25 @@ struct Args {
     /// Most direct messages waiting in one mailbox; more are dead-lettered.
     #[arg(long, env = "AGORA_MAX_MAILBOX", default_value_t = 1000)]
     max_mailbox: u64,
+    /// The share of one mailbox a single sender may fill, in percent of --max-mailbox
+    /// (rounded up, at least one message); past it, `share_full` (dead-lettered).
+    #[arg(long, env = "AGORA_DM_SHARE", default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
+    dm_share: u8,
+    /// Direct messages per second one sender may send (send_dm, multicast, broadcast; 0: no
+    /// limit); past it, `rate_limited`.
+    #[arg(long, env = "AGORA_DM_RATE", default_value_t = 10.0)]
+    dm_rate: f64,
+    /// Direct messages one sender may send at once after being idle.
+    #[arg(long, env = "AGORA_DM_BURST", default_value_t = 100.0)]
+    dm_burst: f64,
+    /// Most group names one node key may own (a group host serves many groups with one
+    /// key); past it, `too_many_names`.
+    #[arg(long, env = "AGORA_MAX_NAMES_PER_KEY", default_value_t = 100)]
+    max_names_per_key: u64,
+    /// How long a group name stays bound to its key after its group last registered; then
+    /// the name is free for any key (for example 30d, 12h).
+    #[arg(long, env = "AGORA_NAME_LAPSE", default_value = "30d", value_parser = humantime::parse_duration)]
+    name_lapse: Duration,
     /// How long a user's session lives without a renewal (presence TTL).
     #[arg(long, env = "AGORA_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     presence_ttl: Duration,
@@ -173,12 +192,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     let defaults = Config::default();
     if let Some(Command::Release { name }) = &args.command {
         let dir = args.data_dir.clone().unwrap_or(defaults.data_dir);
-        let settings = agora_registry::store::StoreSettings {
-            group_ttl: args.heartbeat * args.ttl_intervals,
+        let settings = Config {
+            heartbeat: args.heartbeat,
+            ttl_intervals: args.ttl_intervals,
             max_groups: args.max_groups,
             presence_ttl: args.presence_ttl,
             max_users: args.max_users,
-        };
+            max_mailbox: args.max_mailbox,
+            dm_share_percent: args.dm_share,
+            max_names_per_key: args.max_names_per_key,
+            name_lapse: args.name_lapse,
+            ..Config::default()
+        }
+        .store_settings();
         let mut store = agora_registry::store::open(
             args.store.as_deref(),
             &store_tls(&args),
@@ -218,6 +244,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         dm_ttl: args.dm_ttl,
         operator: args.operator,
         admins: args.admins,
+        dm_share_percent: args.dm_share,
+        dm_rate: agora_common::ratelimit::RateLimit {
+            rate: args.dm_rate,
+            burst: args.dm_burst,
+            ..Default::default()
+        },
+        max_names_per_key: args.max_names_per_key,
+        name_lapse: args.name_lapse,
     };
     let ctx = zmq::Context::new();
     let registry = Registry::bind(&ctx, config)?;

@@ -5,9 +5,15 @@
 //! registry restarts and after its node stops heartbeating. Only an operator releases a
 //! name (`registry release NAME`), which works while the registry runs.
 //!
-//! # Schema (version 1, in `PRAGMA user_version`)
-//! `owners(name TEXT PRIMARY KEY, key TEXT NOT NULL, bound_at_us INTEGER NOT NULL)`, the key
-//! in Z85.
+//! A binding lapses once its group has not registered for the registry's `--name-lapse`
+//! (default 30 days): the name is free again. A key owns at most `--max-names-per-key`
+//! names (default 100) that have not lapsed.
+//!
+//! # Schema (version 2, in `PRAGMA user_version`)
+//! `owners(name TEXT PRIMARY KEY, key TEXT NOT NULL, bound_at_us INTEGER NOT NULL,
+//! seen_at_us INTEGER)`, the key in Z85, `seen_at_us` the last `register` by the owner
+//! (recorded at most every tenth of the lapse; `NULL`: never since binding), index on `key`.
+//! Version 1 had no `seen_at_us`; opening adds it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -36,18 +42,40 @@ pub enum OwnersError {
 
 /// Opens (creating it and its directory if needed) the registry's durable store,
 /// `dir/registry.sqlite3`, in WAL mode with `synchronous=FULL`. Owners, accounts and
-/// mailboxes each keep a connection to it.
+/// mailboxes each keep a connection to it. The directory is made 0700 and the database file
+/// 0600 before SQLite opens it, and looser existing ones are tightened (logged), as
+/// [`private_sqlite`] says.
 ///
 /// # Errors
 /// [`OwnersError::Sqlite`] (also for a directory that cannot be created).
 pub fn open_db(dir: &Path) -> Result<Connection, OwnersError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    let conn = Connection::open(dir.join("registry.sqlite3"))?;
+    // Private before SQLite creates anything: its -wal and -shm files take the database
+    // file's mode (0600).
+    let db = dir.join("registry.sqlite3");
+    private_sqlite(dir, &db).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let conn = Connection::open(&db)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     conn.execute_batch("PRAGMA synchronous=FULL;")?;
     Ok(conn)
+}
+
+/// Makes the registry's SQLite files private: `dir` 0700, `db` created 0600 before SQLite
+/// opens it (SQLite gives the `-wal` and `-shm` files it creates the database file's mode),
+/// and existing looser ones tightened to 0700 / 0600, each change logged.
+///
+/// # Errors
+/// The I/O error of creating or tightening any of them.
+pub fn private_sqlite(dir: &Path, db: &Path) -> std::io::Result<()> {
+    use agora_common::fsmode;
+    fsmode::private_dir(dir)?;
+    fsmode::private_file(db)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut path = db.as_os_str().to_owned();
+        path.push(suffix);
+        fsmode::tighten(Path::new(&path), fsmode::FILE_MODE)?;
+    }
+    Ok(())
 }
 
 /// Name → owner key bindings.
@@ -67,10 +95,64 @@ impl Owners {
             "CREATE TABLE IF NOT EXISTS owners (
                  name TEXT PRIMARY KEY,
                  key TEXT NOT NULL,
-                 bound_at_us INTEGER NOT NULL) WITHOUT ROWID;
-             PRAGMA user_version = 1;",
+                 bound_at_us INTEGER NOT NULL) WITHOUT ROWID;",
+        )?;
+        let has_seen: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('owners') WHERE name = 'seen_at_us'")?
+            .exists([])?;
+        if !has_seen {
+            conn.execute_batch("ALTER TABLE owners ADD COLUMN seen_at_us INTEGER;")?;
+        }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS owners_key ON owners(key);
+             PRAGMA user_version = 2;",
         )?;
         Ok(Owners { conn })
+    }
+
+    /// `name`'s binding: its key, and the last time its group registered (or was bound).
+    ///
+    /// # Errors
+    /// [`OwnersError`].
+    pub fn binding(&self, name: &GroupName) -> Result<Option<(PublicKey, Timestamp)>, OwnersError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, COALESCE(seen_at_us, bound_at_us) FROM owners WHERE name = ?1",
+        )?;
+        let row: Option<(String, i64)> = stmt
+            .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        row.map(|(k, seen)| {
+            let key = k.parse().map_err(|_| OwnersError::Corrupt {
+                name: name.to_string(),
+                key: k,
+            })?;
+            Ok((key, Timestamp::from_micros(seen)))
+        })
+        .transpose()
+    }
+
+    /// Records that `name`'s group registered at `now` (keeps its binding from lapsing).
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn seen(&self, name: &GroupName, now: Timestamp) -> Result<(), OwnersError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE owners SET seen_at_us = ?2 WHERE name = ?1")?;
+        stmt.execute(params![name.as_str(), now.as_micros()])?;
+        Ok(())
+    }
+
+    /// How many names `key` owns whose group registered (or was bound) after `since`.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn count_live(&self, key: &PublicKey, since: Timestamp) -> Result<u64, OwnersError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT COUNT(*) FROM owners WHERE key = ?1 AND COALESCE(seen_at_us, bound_at_us) > ?2",
+        )?;
+        let n: i64 = stmt.query_row(params![key.to_string(), since.as_micros()], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// The key `name` is bound to, if any.

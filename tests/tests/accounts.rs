@@ -10,8 +10,10 @@ fn ok(run: CliRun) -> CliRun {
 #[test]
 fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
     let fed = Federation::start("200ms");
-    let none = ok(fed.cli("alice", &["users"], ""));
-    assert!(none.stdout.contains("no accounts yet"), "{none:?}");
+    // Listing accounts needs one (issue 22, finding 18).
+    let none = fed.cli("alice", &["users"], "");
+    assert_eq!(none.code, Some(1), "{none:?}");
+    assert!(none.stderr.contains("user-cli register NAME"), "{none:?}");
     let run = ok(fed.cli("alice", &["register", "alice"], ""));
     assert!(run.stdout.contains("registered alice"), "{run:?}");
     assert!(ok(fed.cli("alice", &["register", "alice"], ""))
@@ -27,7 +29,7 @@ fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
     let again = fed.cli("mallory", &["register", "mallory2"], "");
     assert_eq!(again.code, Some(1), "{again:?}");
 
-    let users = ok(fed.cli("bob", &["--json", "users"], ""));
+    let users = ok(fed.cli("mallory", &["--json", "users"], ""));
     let listed: Vec<(String, String)> = users
         .stdout
         .lines()
@@ -46,7 +48,7 @@ fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
             ("mallory".to_owned(), fed.user_key("mallory")),
         ]
     );
-    let whois = ok(fed.cli("bob", &["whois", "alice"], ""));
+    let whois = ok(fed.cli("mallory", &["whois", "alice"], ""));
     assert!(whois.stdout.contains(&fed.user_key("alice")), "{whois:?}");
 
     // Only alice's key removes alice, and only when confirmed.
@@ -57,10 +59,10 @@ fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
     assert_eq!(unconfirmed.code, Some(2), "{unconfirmed:?}");
     let declined = fed.cli("alice", &[], "UNREGISTER alice\nno\n");
     assert_eq!(declined.code, Some(2), "{declined:?}");
-    ok(fed.cli("bob", &["whois", "alice"], ""));
+    ok(fed.cli("mallory", &["whois", "alice"], ""));
     let removed = ok(fed.cli("alice", &[], "UNREGISTER alice\nyes\n"));
     assert!(removed.stdout.contains("unregistered alice"), "{removed:?}");
-    let gone = fed.cli("bob", &["whois", "alice"], "");
+    let gone = fed.cli("mallory", &["whois", "alice"], "");
     assert_eq!(gone.code, Some(1), "{gone:?}");
     assert!(gone.stderr.contains("unknown_user"), "{gone:?}");
     // The name is free again, for any key.
@@ -69,7 +71,7 @@ fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
     // Accounts are durable: a registry killed and restarted still has them.
     let mut fed = fed;
     fed.restart_registry("200ms");
-    let after = ok(fed.cli("carol", &["whois", "alice"], ""));
+    let after = ok(fed.cli("mallory", &["whois", "alice"], ""));
     assert!(after.stdout.contains(&fed.user_key("bob")), "{after:?}");
 }
 
@@ -85,6 +87,7 @@ fn presence_follows_connect_disconnect_and_expires_after_a_killed_client() {
             .unwrap_or_default()
     };
     ok(fed.cli("alice", &["register", "alice"], ""));
+    ok(fed.cli("observer", &["register", "observer"], ""));
     assert_eq!(presence_of(&fed, "alice"), "offline");
     // Seed 004's words, in a script.
     let run = ok(fed.cli("alice", &[], "CONNECT alice\n"));

@@ -280,6 +280,9 @@ fn the_thermometer_bot_finds_the_registry_by_its_beacon() {
         ],
         &fed.dir.path().join("thermometer.log"),
     );
+    // `whois` needs an account of one's own.
+    let alice = fed.cli("alice", &["register", "alice"], "");
+    assert_eq!(alice.code, Some(0), "{alice:?}");
     let registered =
         |fed: &Federation| fed.cli("alice", &["whois", "thermometer1"], "").code == Some(0);
     assert!(

@@ -62,7 +62,9 @@ fn offline_messages_survive_a_registry_restart_and_arrive_once_in_order() {
 
 #[test]
 fn undeliverable_messages_go_to_dead_letters_and_unregister_removes_the_mailbox() {
-    let fed = Federation::start_with("200ms", &["--max-mailbox", "2"]);
+    // Each sender may fill the whole (small) mailbox here: the share is tested in
+    // attacks_registry.
+    let fed = Federation::start_with("200ms", &["--max-mailbox", "2", "--dm-share", "100"]);
     ok(fed.cli("alice", &["register", "alice"], ""));
     ok(fed.cli("bob", &["register", "bob"], ""));
 

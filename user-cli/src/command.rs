@@ -211,6 +211,19 @@ pub enum Command {
     /// Your messages that could not be delivered, with the reasons.
     #[command(name = "dead_letters", alias = "dead-letters")]
     DeadLetters,
+    /// Refuse direct messages from a user from now on (they are told, and their message
+    /// goes to their dead letters).
+    Block {
+        /// The user name.
+        name: UserName,
+    },
+    /// Accept direct messages from a user you blocked.
+    Unblock {
+        /// The user name.
+        name: UserName,
+    },
+    /// List the users you block.
+    Blocked,
     /// Go online (or away with --away) and show the direct messages waiting for you.
     Connect {
         /// Mark yourself away instead of online.
@@ -569,6 +582,9 @@ pub fn run(
             app.send_dm(to.as_str(), json_string(&text.join(" ")), out)?
         }
         Command::DeadLetters => app.dead_letters(out)?,
+        Command::Block { name } => app.block(&name, true, out)?,
+        Command::Unblock { name } => app.block(&name, false, out)?,
+        Command::Blocked => app.blocked(out)?,
         Command::Multicast { to, text } => {
             app.fan_out(Some(to.0), json_string(&text.join(" ")), out)?
         }

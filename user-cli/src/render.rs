@@ -263,6 +263,17 @@ pub enum Item<'a> {
     NoAccounts,
     /// `whois`.
     Whois(&'a UserEntry),
+    /// `block` (`on`) and `unblock`.
+    Block {
+        /// The registry's reply.
+        reply: &'a agora_proto::wire::BlockReply,
+        /// Whether the user is blocked now.
+        on: bool,
+    },
+    /// `blocked`: one user you block.
+    Blocked(&'a agora_proto::wire::BlockedEntry),
+    /// `blocked` found none.
+    NoneBlocked,
     /// `get_file`: the file saved, verified.
     FileSaved {
         /// Where it was written.
@@ -358,6 +369,14 @@ fn human(item: &Item<'_>) -> Option<String> {
             u.key,
             local_time(u.registered_at)
         ),
+        Item::Block { reply, on: true } if reply.changed => {
+            format!("blocked {}: their direct messages are refused", reply.name)
+        }
+        Item::Block { reply, on: true } => format!("{} is already blocked", reply.name),
+        Item::Block { reply, on: false } if reply.changed => format!("unblocked {}", reply.name),
+        Item::Block { reply, on: false } => format!("{} was not blocked", reply.name),
+        Item::Blocked(b) => format!("{}\tkey {}\tsince {}", b.name, b.key, local_time(b.since)),
+        Item::NoneBlocked => "you block no one".into(),
     })
 }
 
@@ -382,6 +401,10 @@ fn json(item: &Item<'_>) -> Option<String> {
         Item::DmSent { ack, .. } => json_line(ack),
         Item::DeadLetter(l) => json_line(l),
         Item::User(u) | Item::Whois(u) => json_line(u),
+        Item::Block { reply, on } => json_line(
+            &serde_json::json!({"name": reply.name, "blocked": on, "changed": reply.changed}),
+        ),
+        Item::Blocked(b) => json_line(b),
         Item::Stopping(what) => json_line(&serde_json::json!({"stopping": what})),
         Item::FannedOut(r) => json_line(r),
         Item::FileSaved { path, attachment } => json_line(
@@ -393,7 +416,8 @@ fn json(item: &Item<'_>) -> Option<String> {
         | Item::DmsShown(_)
         | Item::NoneWaiting
         | Item::NoDeadLetters
-        | Item::NoAccounts => return None,
+        | Item::NoAccounts
+        | Item::NoneBlocked => return None,
     })
 }
 

@@ -51,12 +51,14 @@ fn within_limit(body: &serde_json::value::RawValue) -> Result<(), WireError> {
     Ok(())
 }
 
-/// `send_dm`: stores the message in the recipient's mailbox (at most `max` waiting).
+/// `send_dm`: stores the message in the recipient's mailbox (at most `max` waiting, at
+/// most the store's `dm_share` of them from this sender).
 ///
 /// # Errors
 /// `unknown_user` (no such recipient: dead-lettered; or the caller has no account),
-/// `limit_reached` (the mailbox is full: dead-lettered), `too_large`, `id_conflict`,
-/// `forbidden` (no CURVE), `internal`.
+/// `blocked` (the recipient blocks the caller: dead-lettered), `share_full` (the caller
+/// holds its share of the mailbox: dead-lettered), `limit_reached` (the mailbox is full:
+/// dead-lettered), `too_large`, `id_conflict`, `forbidden` (no CURVE), `internal`.
 /// On success, also the recipient's key and the stored message, to push to the recipient's
 /// live connection (`None` for a retried duplicate, which was pushed the first time).
 pub fn send(
@@ -81,6 +83,12 @@ pub fn send(
             ),
         ));
     };
+    if store.blocks(&recipient.key, &key).map_err(internal)? {
+        store
+            .dead_letter(&key, r.to.as_str(), "blocked", &r.body, now)
+            .map_err(internal)?;
+        return Err(super::block::refusal(&r.to));
+    }
     match store.store_dm(&recipient.key, &sender.name, &key, r.id, &r.body, now, max) {
         Ok((n, id, time, duplicate)) => {
             let push = (!duplicate).then(|| {
@@ -115,6 +123,19 @@ pub fn send(
                 ErrorCode::LimitReached,
                 format!(
                     "{}'s mailbox is full; the message is in your dead letters",
+                    r.to
+                ),
+            ))
+        }
+        Err(MailboxError::ShareFull) => {
+            store
+                .dead_letter(&key, r.to.as_str(), "share_full", &r.body, now)
+                .map_err(internal)?;
+            Err(WireError::new(
+                ErrorCode::ShareFull,
+                format!(
+                    "you already have your share of messages waiting in {}'s mailbox; \
+                     the message is in your dead letters: send again once they read theirs",
                     r.to
                 ),
             ))
@@ -198,8 +219,9 @@ pub enum FanOutRequest {
 }
 
 /// `multicast` and `broadcast`: a copy of one message in each recipient's mailbox, all in
-/// one transaction (one commit however many recipients); recipients that do not exist or
-/// whose mailbox is full are in the reply and in the sender's dead letters. Each copy's id
+/// one transaction (one commit however many recipients); recipients that do not exist,
+/// block the sender, or whose mailbox (or the sender's share of it) is full are in the
+/// reply and in the sender's dead letters. Each copy's id
 /// is derived from the message id and the recipient ([`crate::mailbox::copy_id`]), so a
 /// retry with the same id stores nothing twice.
 ///
@@ -242,14 +264,14 @@ pub fn fan_out(
     };
     within_limit(&body)?;
     let id = id.unwrap_or_else(MessageId::new_v7);
-    let mut unknown = Vec::new();
+    let mut refused: Vec<(String, &'static str)> = Vec::new();
     let recipients: Vec<UserEntry> = match names {
         Some(names) => {
             let mut found = Vec::with_capacity(names.len());
             for name in names {
                 match store.user_by_name(&name).map_err(internal)? {
                     Some(entry) => found.push(entry),
-                    None => unknown.push(name.as_str().to_owned()),
+                    None => refused.push((name.as_str().to_owned(), "unknown_user")),
                 }
             }
             found
@@ -261,12 +283,22 @@ pub fn fan_out(
             .filter(|u| u.key != key)
             .collect(),
     };
+    let blockers = store.blockers_of(&key).map_err(internal)?;
+    let mut open = Vec::with_capacity(recipients.len());
+    for u in recipients {
+        if blockers.contains(&u.key) {
+            refused.push((u.name.as_str().to_owned(), "blocked"));
+        } else {
+            open.push(u);
+        }
+    }
+    let recipients = open;
     let copies: Vec<(PublicKey, UserName, MessageId)> = recipients
         .into_iter()
         .map(|u| (u.key, u.name, crate::mailbox::copy_id(&id, &u.key)))
         .collect();
     let stored = store
-        .store_dms(&copies, &unknown, &sender.name, &key, &body, now, rules.max)
+        .store_dms(&copies, &refused, &sender.name, &key, &body, now, rules.max)
         .map_err(|e| match e {
             MailboxError::IdConflict(_) => WireError::new(
                 ErrorCode::IdConflict,
@@ -274,7 +306,7 @@ pub fn fan_out(
             ),
             MailboxError::Store(e) => internal(e),
             // `store_dms` reports a full mailbox per copy, never for the whole request.
-            MailboxError::Full => {
+            MailboxError::Full | MailboxError::ShareFull => {
                 WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
             }
         })?;
@@ -282,11 +314,14 @@ pub fn fan_out(
         id,
         stored: 0,
         duplicates: 0,
-        undelivered: unknown
+        undelivered: refused
             .into_iter()
-            .map(|to| Undelivered {
+            .map(|(to, reason)| Undelivered {
                 to,
-                reason: ErrorCode::UnknownUser,
+                reason: match reason {
+                    "blocked" => ErrorCode::Blocked,
+                    _ => ErrorCode::UnknownUser,
+                },
             })
             .collect(),
     };
@@ -319,6 +354,10 @@ pub fn fan_out(
             Copy::Full(name) => reply.undelivered.push(Undelivered {
                 to: name.as_str().to_owned(),
                 reason: ErrorCode::LimitReached,
+            }),
+            Copy::ShareFull(name) => reply.undelivered.push(Undelivered {
+                to: name.as_str().to_owned(),
+                reason: ErrorCode::ShareFull,
             }),
         }
     }

@@ -6,6 +6,7 @@ use agora_proto::wire::{ErrorCode, WireError};
 
 use crate::store::StoreError;
 
+pub mod block;
 pub mod dm;
 pub mod list;
 pub mod lookup;

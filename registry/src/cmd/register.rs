@@ -12,12 +12,15 @@ use crate::Config;
 ///
 /// With CURVE, a name belongs to the key that first registered it: another key gets
 /// `name_taken` (even after the owner's entry expired, until an operator releases the
-/// name), while the owner may move the name to a new endpoint at any time (a node restarted
-/// on another port). The advertised `public_key` must be the caller's own.
+/// name or the binding lapses, `--name-lapse` after its group last registered), while the
+/// owner may move the name to a new endpoint at any time (a node restarted on another
+/// port). A key owns at most `--max-names-per-key` names. Entries of other names at the
+/// same endpoint are kept (a group host serves many). The advertised `public_key` must be
+/// the caller's own.
 ///
 /// # Errors
-/// `name_taken`, `invalid_field` (a `public_key` that is not the caller's),
-/// `limit_reached`, `internal` (the store failed).
+/// `name_taken`, `too_many_names`, `invalid_field` (a `public_key` that is not the
+/// caller's), `limit_reached`, `internal` (the store failed).
 pub fn apply(
     store: &mut dyn RegistryStore,
     config: &Config,
@@ -35,7 +38,7 @@ pub fn apply(
             }
             let (owner, bound) = store
                 .claim_group(&r.name, &key, now)
-                .map_err(super::internal)?;
+                .map_err(super::internal)??;
             if owner != key {
                 return Err(WireError::new(
                     ErrorCode::NameTaken,

@@ -23,6 +23,23 @@ fn need(peer: Option<PublicKey>) -> Result<PublicKey, WireError> {
     })
 }
 
+/// The caller's own account: `users`, `whois` and blocks need one, so that only account
+/// holders see who else has an account (PROTOCOL §4.5).
+///
+/// # Errors
+/// `no_account` (the key has none), `internal`.
+pub(crate) fn own_account(
+    store: &mut dyn RegistryStore,
+    key: &PublicKey,
+) -> Result<UserEntry, WireError> {
+    store.user_by_key(key).map_err(internal)?.ok_or_else(|| {
+        WireError::new(
+            ErrorCode::NoAccount,
+            "this key has no account: register one first (user_register)",
+        )
+    })
+}
+
 fn unknown(name: &agora_proto::wire::UserName) -> WireError {
     WireError::new(ErrorCode::UnknownUser, format!("no user named {name}"))
 }
@@ -131,30 +148,33 @@ pub fn unregister(
     })
 }
 
-/// `users`: every account, with its presence.
+/// `users`: every account, with its presence; for account holders only.
 ///
 /// # Errors
-/// `forbidden` (no CURVE), `internal`.
+/// `no_account` (the caller's key has none), `forbidden` (no CURVE), `internal`.
 pub fn list(
     store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
 ) -> Result<UsersReply, WireError> {
-    need(peer)?;
+    let key = need(peer)?;
+    own_account(store, &key)?;
     Ok(UsersReply {
         users: store.all_users().map_err(internal)?,
     })
 }
 
-/// `whois`: one account, with its presence.
+/// `whois`: one account, with its presence; for account holders only.
 ///
 /// # Errors
-/// `unknown_user`, `forbidden` (no CURVE), `internal`.
+/// `no_account` (the caller's key has none), `unknown_user`, `forbidden` (no CURVE),
+/// `internal`.
 pub fn whois(
     store: &mut dyn RegistryStore,
     peer: Option<PublicKey>,
     r: UserNameRequest,
 ) -> Result<UserReply, WireError> {
-    need(peer)?;
+    let key = need(peer)?;
+    own_account(store, &key)?;
     let user = store
         .user_by_name(&r.name)
         .map_err(internal)?

@@ -26,7 +26,8 @@ use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    DeadLetter, Dm, Endpoint, GroupEntry, GroupName, Presence, UserEntry, UserName, WireError,
+    BlockedEntry, DeadLetter, Dm, Endpoint, GroupEntry, GroupName, Presence, UserEntry, UserName,
+    WireError,
 };
 use serde_json::value::RawValue;
 
@@ -86,6 +87,14 @@ pub enum StoreError {
     /// [`StoreSettings::max_users`] accounts exist already: no more are made.
     #[error("the registry holds its maximum of {0} accounts")]
     TooManyUsers(u64),
+    /// The data directory could not be made private (0700, created or tightened).
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// The registry's limits the store applies.
@@ -100,6 +109,60 @@ pub struct StoreSettings {
     /// The most accounts (default 100,000), checked with the insert: registries sharing a
     /// database take turns (an advisory lock), so that together they never go past it.
     pub max_users: u64,
+    /// The most group names one key may own at once, not counting lapsed ones (default 100:
+    /// room for a group host serving many groups); past it, a new name is refused with
+    /// `too_many_names`.
+    pub max_names_per_key: u64,
+    /// How long a name stays bound to its key after its group last registered (default 30
+    /// days); then it lapses and any key may claim it. The last registration is recorded at
+    /// most every tenth of this, so a binding lapses between 0.9 and 1 times it after the
+    /// group's last `register`.
+    pub name_lapse: Duration,
+    /// The most direct messages one sender may have waiting in one mailbox (default 100: a
+    /// tenth of the default `--max-mailbox`); past it, `share_full`.
+    pub dm_share: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            group_ttl: Duration::from_secs(6),
+            max_groups: 10_000,
+            presence_ttl: Duration::from_secs(30),
+            max_users: 100_000,
+            max_names_per_key: 100,
+            name_lapse: Duration::from_secs(30 * 24 * 3600),
+            dm_share: 100,
+        }
+    }
+}
+
+/// The most users one account may block (10,000); past it, `block` is refused with
+/// `limit_reached`.
+pub const MAX_BLOCKS: u64 = 10_000;
+
+/// The `too_many_names` refusal of a key that owns `max` names already.
+pub fn too_many_names(max: u64) -> WireError {
+    WireError::new(
+        agora_proto::wire::ErrorCode::TooManyNames,
+        format!(
+            "this key owns its maximum of {max} group names; a name whose group stops \
+             registering is freed after the registry's --name-lapse"
+        ),
+    )
+}
+
+/// The `limit_reached` refusal of a `block` by an account that blocks [`MAX_BLOCKS`] users.
+pub fn too_many_blocks() -> WireError {
+    WireError::new(
+        agora_proto::wire::ErrorCode::LimitReached,
+        format!("you block the maximum of {MAX_BLOCKS} users; unblock one first"),
+    )
+}
+
+/// How often the last registration of a bound name is written: a tenth of the lapse.
+pub fn seen_interval(lapse: Duration) -> Duration {
+    lapse / 10
 }
 
 /// What a node's `register` asks for.
@@ -141,7 +204,10 @@ pub trait RegistryStore: Send {
 
     /// Registers or refreshes a group (PROTOCOL §4.1): a live entry at the same endpoint is
     /// refreshed; a name held by another live endpoint is refused unless `owner_verified`
-    /// (its owner moves it); an entry of another name at the same endpoint is dropped.
+    /// (its owner moves it). Entries of other names at the same endpoint are kept when
+    /// `owner_verified` (a CURVE registry: one endpoint may serve many groups, and another
+    /// key's entry is not the caller's to drop); without ownership (`--insecure`) they are
+    /// dropped: one endpoint is one node.
     ///
     /// # Errors
     /// Refusals `name_taken`, `limit_reached`; the backend's error.
@@ -186,17 +252,21 @@ pub trait RegistryStore: Send {
     /// The backend's error.
     fn expire_groups(&mut self, now: Timestamp) -> Result<Vec<GroupName>, StoreError>;
 
-    /// The key `name` is bound to, binding it to `key` first if it is unbound; also whether
-    /// this call bound it. Race-free: of two registries claiming at once, one wins.
+    /// The key `name` is bound to, binding it to `key` first if it is unbound or its
+    /// binding lapsed ([`StoreSettings::name_lapse`]); also whether this call bound it.
+    /// A claim by the owner records the registration (at most every [`seen_interval`]).
+    /// Race-free: of two registries claiming at once, one wins.
     ///
     /// # Errors
-    /// The backend's error; [`StoreError::NoAccounts`] without owners.
+    /// Refusal `too_many_names` ([`too_many_names`]) when binding would give `key` more than
+    /// [`StoreSettings::max_names_per_key`] names; the backend's error;
+    /// [`StoreError::NoAccounts`] without owners.
     fn claim_group(
         &mut self,
         name: &GroupName,
         key: &PublicKey,
         now: Timestamp,
-    ) -> Result<(PublicKey, bool), StoreError>;
+    ) -> Refusable<(PublicKey, bool)>;
 
     /// The key `name` is bound to, if any.
     ///
@@ -278,11 +348,13 @@ pub trait RegistryStore: Send {
     /// The backend's error.
     fn expire_sessions(&mut self) -> Result<(), StoreError>;
 
-    /// Stores a DM for `recipient` (at most `max` waiting); a retry with the same id, sender
-    /// and body returns the first result (see [`crate::mailbox::Mailboxes::store`]).
+    /// Stores a DM for `recipient` (at most `max` waiting, at most
+    /// [`StoreSettings::dm_share`] of them from `sender_key`); a retry with the same id,
+    /// sender and body returns the first result (see [`crate::mailbox::Mailboxes::store`]).
     ///
     /// # Errors
-    /// [`MailboxError::Full`], [`MailboxError::IdConflict`], [`MailboxError::Store`].
+    /// [`MailboxError::ShareFull`], [`MailboxError::Full`], [`MailboxError::IdConflict`],
+    /// [`MailboxError::Store`].
     #[allow(clippy::too_many_arguments)]
     fn store_dm(
         &mut self,
@@ -295,8 +367,9 @@ pub trait RegistryStore: Send {
         max: u64,
     ) -> Result<Stored, MailboxError>;
 
-    /// Stores one message's copies and dead-letters `unknown` and full mailboxes, all in one
-    /// transaction (see [`crate::mailbox::Mailboxes::store_many`]).
+    /// Stores one message's copies and dead-letters `refused` (name and reason), full
+    /// mailboxes and full shares, all in one transaction (see
+    /// [`crate::mailbox::Mailboxes::store_many`]).
     ///
     /// # Errors
     /// [`MailboxError::IdConflict`] (nothing stored), [`MailboxError::Store`].
@@ -304,13 +377,60 @@ pub trait RegistryStore: Send {
     fn store_dms(
         &mut self,
         copies: &[(PublicKey, UserName, MessageId)],
-        unknown: &[String],
+        refused: &[(String, &'static str)],
         sender: &UserName,
         sender_key: &PublicKey,
         body: &RawValue,
         now: Timestamp,
         max: u64,
     ) -> Result<Vec<Copy>, MailboxError>;
+
+    /// Makes `blocker` refuse direct messages from `blocked`'s key (PROTOCOL §4.6.2); true
+    /// if it did not already.
+    ///
+    /// # Errors
+    /// Refusal `limit_reached` when `blocker` blocks [`MAX_BLOCKS`] users already; the
+    /// backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn block(
+        &mut self,
+        blocker: &PublicKey,
+        blocked: &UserEntry,
+        now: Timestamp,
+    ) -> Refusable<bool>;
+
+    /// Lifts `blocker`'s block of the user blocked as `name`, or of `key` (the key that
+    /// holds the account `name` now); true if there was one.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn unblock(
+        &mut self,
+        blocker: &PublicKey,
+        name: &UserName,
+        key: Option<&PublicKey>,
+    ) -> Result<bool, StoreError>;
+
+    /// The users `blocker` blocks, sorted by name.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn blocked(&mut self, blocker: &PublicKey) -> Result<Vec<BlockedEntry>, StoreError>;
+
+    /// The accounts (their keys) that block direct messages from `sender`: one read for a
+    /// whole `multicast` or `broadcast`.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn blockers_of(
+        &mut self,
+        sender: &PublicKey,
+    ) -> Result<std::collections::HashSet<PublicKey>, StoreError>;
+
+    /// Whether `blocker` blocks direct messages from `sender`.
+    ///
+    /// # Errors
+    /// The backend's error; [`StoreError::NoAccounts`] without accounts.
+    fn blocks(&mut self, blocker: &PublicKey, sender: &PublicKey) -> Result<bool, StoreError>;
 
     /// `recipient`'s unacked messages numbered after `after`, at most `limit`, and whether
     /// more follow.
@@ -395,6 +515,11 @@ pub fn open(
             data_dir, settings, accounts,
         )?)),
         Some(url) if is_postgres_url(url) => {
+            // The data directory holds only the key pair's files here; private all the same.
+            agora_common::fsmode::private_dir(data_dir).map_err(|source| StoreError::DataDir {
+                path: data_dir.to_owned(),
+                source,
+            })?;
             Ok(Box::new(postgres::PgStore::connect(url, tls, settings)?))
         }
         Some(other) => Err(StoreError::NotPostgres(other.to_owned())),

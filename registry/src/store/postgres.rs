@@ -47,8 +47,8 @@ use agora_common::pgtls::{PgConnector, PgTlsFiles};
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    DeadLetter, Dm, Endpoint, ErrorCode, GroupEntry, GroupName, Presence, UserEntry, UserName,
-    WireError,
+    BlockedEntry, DeadLetter, Dm, Endpoint, ErrorCode, GroupEntry, GroupName, Presence, UserEntry,
+    UserName, WireError,
 };
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
@@ -66,6 +66,15 @@ const DIRECTORY_LOCK: i32 = 0x6167_6f72;
 /// The transaction-level advisory lock that account creations take, in registries sharing
 /// the database, to count and insert without another coming between (`max_users`).
 const ACCOUNTS_LOCK: i64 = 0x6167_6f72_6163;
+
+/// The advisory lock class that name claims take, the object being the claiming key's
+/// hash, to count a key's names and bind one without another registry coming between
+/// (`max_names_per_key`).
+const CLAIM_LOCK: i32 = 0x6167_6f6e;
+
+/// The advisory lock class that `block` takes, the object being the blocker's hash, to
+/// count and insert without another registry coming between ([`super::MAX_BLOCKS`]).
+const BLOCK_LOCK: i32 = 0x6167_6f62;
 
 /// The transaction-level advisory lock that new directory entries take, after their name's
 /// lock, to count and insert without another coming between (`max_groups`).
@@ -152,6 +161,19 @@ pub const MIGRATIONS: &[&str] = &[
         reason text NOT NULL,
         body text NOT NULL,
         PRIMARY KEY (sender_key, n));
+    "#,
+    // 2: name bindings lapse (the owner's last registration) and are counted per key;
+    // blocks between accounts.
+    r#"
+    ALTER TABLE agora_registry.owners ADD COLUMN seen_at timestamptz;
+    CREATE INDEX owners_key ON agora_registry.owners (key);
+    CREATE TABLE agora_registry.blocks (
+        blocker text NOT NULL,
+        blocked_key text NOT NULL,
+        blocked_name text NOT NULL,
+        since timestamptz NOT NULL,
+        PRIMARY KEY (blocker, blocked_key));
+    CREATE INDEX blocks_blocked ON agora_registry.blocks (blocked_key);
     "#,
 ];
 
@@ -385,6 +407,7 @@ fn dead_letter(
 enum StoreOne {
     Stored(Stored),
     Full,
+    ShareFull,
 }
 
 /// Stores one message for `to` inside `tx` (see [`RegistryStore::store_dm`]): locks the
@@ -399,6 +422,7 @@ fn store_one(
     id: Option<MessageId>,
     body: &RawValue,
     max: u64,
+    share: u64,
 ) -> Result<StoreOne, MailboxError> {
     let n: i64 = tx
         .query_one(
@@ -439,16 +463,20 @@ fn store_one(
             return Err(MailboxError::IdConflict(id));
         }
     }
-    let waiting: i64 = tx
+    let counts = tx
         .query_one(
-            "SELECT count(*) FROM mailbox WHERE recipient = $1 AND NOT acked",
-            &[&to],
+            "SELECT count(*), count(*) FILTER (WHERE sender_key = $2) FROM mailbox
+             WHERE recipient = $1 AND NOT acked",
+            &[&to, &from],
         )
-        .map_err(StoreError::from)?
-        .try_get(0)
         .map_err(StoreError::from)?;
+    let waiting: i64 = counts.try_get(0).map_err(StoreError::from)?;
+    let mine: i64 = counts.try_get(1).map_err(StoreError::from)?;
     if to_u64(waiting) >= max {
         return Ok(StoreOne::Full);
+    }
+    if to_u64(mine) >= share {
+        return Ok(StoreOne::ShareFull);
     }
     let id = id.unwrap_or_else(MessageId::new_v7);
     let inserted = tx.query_one(
@@ -600,10 +628,11 @@ impl RegistryStore for PgStore {
         } else {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&NEW_GROUP_LOCK])?;
             tx.execute("DELETE FROM groups WHERE expires_at <= now()", &[])?;
+            // Without ownership, entries at this endpoint are dropped below: not counted.
             let live: i64 = tx
                 .query_one(
-                    "SELECT count(*) FROM groups WHERE name <> $1 AND endpoint <> $2",
-                    &[&name, &endpoint],
+                    "SELECT count(*) FROM groups WHERE name <> $1 AND ($3 OR endpoint <> $2)",
+                    &[&name, &endpoint, &owner_verified],
                 )?
                 .try_get(0)?;
             if live >= max {
@@ -613,11 +642,15 @@ impl RegistryStore for PgStore {
                 )));
             }
         }
-        // One endpoint is one node: an entry of another name there is dropped.
-        tx.execute(
-            "DELETE FROM groups WHERE endpoint = $2 AND name <> $1",
-            &[&name, &endpoint],
-        )?;
+        // Without ownership (--insecure) one endpoint is one node: an entry of another name
+        // there is dropped. With it, one endpoint may serve many groups, and another key's
+        // entry is not the caller's to drop.
+        if !owner_verified {
+            tx.execute(
+                "DELETE FROM groups WHERE endpoint = $2 AND name <> $1",
+                &[&name, &endpoint],
+            )?;
+        }
         let row = tx.query_one(
             &format!(
                 "INSERT INTO groups (name, endpoint, members, public_key, registered_at,
@@ -708,26 +741,69 @@ impl RegistryStore for PgStore {
         name: &GroupName,
         key: &PublicKey,
         _now: Timestamp,
-    ) -> Result<(PublicKey, bool), StoreError> {
+    ) -> Refusable<(PublicKey, bool)> {
+        let lapse = Self::ttl_secs(self.settings.name_lapse);
+        let touch = Self::ttl_secs(super::seen_interval(self.settings.name_lapse));
+        let max = self.settings.max_names_per_key;
         let client = self.client()?;
         let (name, key) = (name.as_str(), key.to_string());
-        // Released between the two statements by an operator: claim again (a few times).
-        for _ in 0..3 {
-            let bound = client.query_opt(
-                "INSERT INTO owners (name, key, bound_at) VALUES ($1, $2, now())
-                 ON CONFLICT (name) DO NOTHING RETURNING key",
-                &[&name, &key],
-            )?;
-            if let Some(row) = bound {
-                return Ok((parse_key(row.try_get(0)?)?, true));
-            }
-            if let Some(row) =
-                client.query_opt("SELECT key FROM owners WHERE name = $1", &[&name])?
-            {
-                return Ok((parse_key(row.try_get(0)?)?, false));
-            }
+        // The heartbeat: a binding that has not lapsed, one statement (and a write only
+        // when the owner's last registration is older than a tenth of the lapse).
+        let held = client.query_opt(
+            "WITH b AS (
+                 SELECT key, COALESCE(seen_at, bound_at) AS seen FROM owners WHERE name = $1),
+             touched AS (
+                 UPDATE owners SET seen_at = now()
+                 WHERE name = $1 AND key = $2
+                     AND COALESCE(seen_at, bound_at) > now() - $3 * interval '1 second'
+                     AND COALESCE(seen_at, bound_at) <= now() - $4 * interval '1 second')
+             SELECT key FROM b WHERE seen > now() - $3 * interval '1 second'",
+            &[&name, &key, &lapse, &touch],
+        )?;
+        if let Some(row) = held {
+            return Ok(Ok((parse_key(row.try_get(0)?)?, false)));
         }
-        Err(corrupt("owner (bound and released over and over)", name))
+        // Unbound, or lapsed: claim it, counting the key's names under its lock.
+        let mut tx = client.transaction()?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&CLAIM_LOCK, &key],
+        )?;
+        let lapsed = tx.query_opt(
+            "DELETE FROM owners
+             WHERE name = $1 AND COALESCE(seen_at, bound_at) <= now() - $2 * interval '1 second'
+             RETURNING key",
+            &[&name, &lapse],
+        )?;
+        if let Some(row) = lapsed {
+            let owner: String = row.try_get(0)?;
+            tracing::info!(group = %name, %owner, "group name lapsed: its group did not register within the lapse");
+        }
+        let owned: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM owners
+                 WHERE key = $1 AND COALESCE(seen_at, bound_at) > now() - $2 * interval '1 second'",
+                &[&key, &lapse],
+            )?
+            .try_get(0)?;
+        let bound = tx.query_opt(
+            "INSERT INTO owners (name, key, bound_at, seen_at)
+             SELECT $1, $2, now(), now() WHERE $3
+             ON CONFLICT (name) DO NOTHING RETURNING key",
+            &[&name, &key, &(to_u64(owned) < max)],
+        )?;
+        if let Some(row) = bound {
+            let owner = parse_key(row.try_get(0)?)?;
+            tx.commit()?;
+            return Ok(Ok((owner, true)));
+        }
+        // Another registry bound it meanwhile, or the key is at its maximum.
+        let row = tx.query_opt("SELECT key FROM owners WHERE name = $1", &[&name])?;
+        tx.commit()?;
+        match row {
+            Some(row) => Ok(Ok((parse_key(row.try_get(0)?)?, false))),
+            None => Ok(Err(super::too_many_names(max))),
+        }
     }
 
     fn group_owner(&mut self, name: &GroupName) -> Result<Option<PublicKey>, StoreError> {
@@ -789,6 +865,7 @@ impl RegistryStore for PgStore {
         tx.execute("DELETE FROM mailbox WHERE recipient = $1", &[&key])?;
         tx.execute("DELETE FROM mailbox_next WHERE recipient = $1", &[&key])?;
         tx.execute("DELETE FROM sessions WHERE key = $1", &[&key])?;
+        tx.execute("DELETE FROM blocks WHERE blocker = $1", &[&key])?;
         let removed = tx.execute("DELETE FROM users WHERE name = $1", &[&name.as_str()])?;
         tx.commit()?;
         Ok(removed == 1)
@@ -870,20 +947,22 @@ impl RegistryStore for PgStore {
         max: u64,
     ) -> Result<Stored, MailboxError> {
         let (to, from) = (recipient.to_string(), sender_key.to_string());
+        let share = self.settings.dm_share;
         let mut tx = self.client()?.transaction().map_err(StoreError::from)?;
-        match store_one(&mut tx, &to, sender, &from, id, body, max)? {
+        match store_one(&mut tx, &to, sender, &from, id, body, max, share)? {
             StoreOne::Stored(stored) => {
                 tx.commit().map_err(StoreError::from)?;
                 Ok(stored)
             }
             StoreOne::Full => Err(MailboxError::Full),
+            StoreOne::ShareFull => Err(MailboxError::ShareFull),
         }
     }
 
     fn store_dms(
         &mut self,
         copies: &[(PublicKey, UserName, MessageId)],
-        unknown: &[String],
+        refused: &[(String, &'static str)],
         sender: &UserName,
         sender_key: &PublicKey,
         body: &RawValue,
@@ -891,18 +970,19 @@ impl RegistryStore for PgStore {
         max: u64,
     ) -> Result<Vec<Copy>, MailboxError> {
         let from = sender_key.to_string();
+        let share = self.settings.dm_share;
         // Counter rows are locked in key order, so two fan-outs never deadlock.
         let mut sorted: Vec<(String, &(PublicKey, UserName, MessageId))> =
             copies.iter().map(|c| (c.0.to_string(), c)).collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let mut tx = self.client()?.transaction().map_err(StoreError::from)?;
         let mut out = Vec::with_capacity(copies.len());
-        let mut dead: Vec<(&str, &str)> = unknown
+        let mut dead: Vec<(&str, &str)> = refused
             .iter()
-            .map(|n| (n.as_str(), "unknown_user"))
+            .map(|(n, reason)| (n.as_str(), *reason))
             .collect();
         for (to, (recipient, name, id)) in &sorted {
-            match store_one(&mut tx, to, sender, &from, Some(*id), body, max)? {
+            match store_one(&mut tx, to, sender, &from, Some(*id), body, max, share)? {
                 StoreOne::Stored((n, id, time, duplicate)) => out.push(Copy::Stored {
                     recipient: *recipient,
                     n,
@@ -914,6 +994,10 @@ impl RegistryStore for PgStore {
                     out.push(Copy::Full(name.clone()));
                     dead.push((name.as_str(), "mailbox_full"));
                 }
+                StoreOne::ShareFull => {
+                    out.push(Copy::ShareFull(name.clone()));
+                    dead.push((name.as_str(), "share_full"));
+                }
             }
         }
         for (to, reason) in dead {
@@ -921,6 +1005,92 @@ impl RegistryStore for PgStore {
         }
         tx.commit().map_err(StoreError::from)?;
         Ok(out)
+    }
+
+    fn block(
+        &mut self,
+        blocker: &PublicKey,
+        blocked: &UserEntry,
+        _now: Timestamp,
+    ) -> Refusable<bool> {
+        let (by, key) = (blocker.to_string(), blocked.key.to_string());
+        let mut tx = self.client()?.transaction()?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&BLOCK_LOCK, &by],
+        )?;
+        let held = tx.query_opt(
+            "SELECT 1 FROM blocks WHERE blocker = $1 AND blocked_key = $2",
+            &[&by, &key],
+        )?;
+        if held.is_some() {
+            return Ok(Ok(false));
+        }
+        let n: i64 = tx
+            .query_one("SELECT count(*) FROM blocks WHERE blocker = $1", &[&by])?
+            .try_get(0)?;
+        if to_u64(n) >= super::MAX_BLOCKS {
+            return Ok(Err(super::too_many_blocks()));
+        }
+        tx.execute(
+            "INSERT INTO blocks (blocker, blocked_key, blocked_name, since)
+             VALUES ($1, $2, $3, now())",
+            &[&by, &key, &blocked.name.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(Ok(true))
+    }
+
+    fn unblock(
+        &mut self,
+        blocker: &PublicKey,
+        name: &UserName,
+        key: Option<&PublicKey>,
+    ) -> Result<bool, StoreError> {
+        let key = key.map(|k| k.to_string()).unwrap_or_default();
+        Ok(self.client()?.execute(
+            "DELETE FROM blocks WHERE blocker = $1 AND (blocked_name = $2 OR blocked_key = $3)",
+            &[&blocker.to_string(), &name.as_str(), &key],
+        )? > 0)
+    }
+
+    fn blocked(&mut self, blocker: &PublicKey) -> Result<Vec<BlockedEntry>, StoreError> {
+        let rows = self.client()?.query(
+            "SELECT blocked_name, blocked_key, us(since) FROM blocks WHERE blocker = $1
+             ORDER BY blocked_name COLLATE \"C\", blocked_key",
+            &[&blocker.to_string()],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let name: String = row.try_get(0)?;
+                Ok(BlockedEntry {
+                    name: UserName::new(name.clone()).map_err(|_| corrupt("user name", name))?,
+                    key: parse_key(row.try_get(1)?)?,
+                    since: Timestamp::from_micros(row.try_get(2)?),
+                })
+            })
+            .collect()
+    }
+
+    fn blockers_of(
+        &mut self,
+        sender: &PublicKey,
+    ) -> Result<std::collections::HashSet<PublicKey>, StoreError> {
+        let rows = self.client()?.query(
+            "SELECT blocker FROM blocks WHERE blocked_key = $1",
+            &[&sender.to_string()],
+        )?;
+        rows.iter().map(|row| parse_key(row.try_get(0)?)).collect()
+    }
+
+    fn blocks(&mut self, blocker: &PublicKey, sender: &PublicKey) -> Result<bool, StoreError> {
+        Ok(self
+            .client()?
+            .query_opt(
+                "SELECT 1 FROM blocks WHERE blocker = $1 AND blocked_key = $2",
+                &[&blocker.to_string(), &sender.to_string()],
+            )?
+            .is_some())
     }
 
     fn fetch_dms(

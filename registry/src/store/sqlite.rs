@@ -13,7 +13,7 @@ use agora_common::keys::{Keypair, PublicKey};
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    DeadLetter, Dm, Endpoint, GroupEntry, GroupName, Presence, UserEntry, UserName,
+    BlockedEntry, DeadLetter, Dm, Endpoint, GroupEntry, GroupName, Presence, UserEntry, UserName,
 };
 use serde_json::value::RawValue;
 
@@ -39,6 +39,8 @@ pub struct SqliteStore {
     sessions: Sessions,
     durable: Option<Durable>,
     max_users: u64,
+    max_names_per_key: u64,
+    name_lapse: Duration,
 }
 
 impl SqliteStore {
@@ -57,7 +59,7 @@ impl SqliteStore {
             Some(Durable {
                 owners: Owners::open(data_dir)?,
                 users: Users::open(data_dir)?,
-                mailboxes: Mailboxes::open(data_dir)?,
+                mailboxes: Mailboxes::open(data_dir)?.with_share(settings.dm_share),
             })
         } else {
             None
@@ -67,6 +69,8 @@ impl SqliteStore {
             sessions: Sessions::new(settings.presence_ttl),
             durable,
             max_users: settings.max_users,
+            max_names_per_key: settings.max_names_per_key,
+            name_lapse: settings.name_lapse,
         })
     }
 
@@ -135,15 +139,30 @@ impl RegistryStore for SqliteStore {
         name: &GroupName,
         key: &PublicKey,
         now: Timestamp,
-    ) -> Result<(PublicKey, bool), StoreError> {
+    ) -> Refusable<(PublicKey, bool)> {
+        let (max, lapse) = (self.max_names_per_key, self.name_lapse);
         let owners = &self.durable()?.owners;
-        match owners.owner(name)? {
-            Some(owner) => Ok((owner, false)),
-            None => {
-                owners.bind(name, key, now)?;
-                Ok((*key, true))
+        let lapsed = now.saturating_sub(lapse);
+        // One registry per file, one thread: nothing comes between the reads and the writes.
+        match owners.binding(name)? {
+            Some((owner, seen)) if seen > lapsed => {
+                if owner == *key && seen <= now.saturating_sub(super::seen_interval(lapse)) {
+                    owners.seen(name, now)?;
+                }
+                return Ok(Ok((owner, false)));
             }
+            Some((owner, _)) => {
+                owners.release(name)?;
+                tracing::info!(group = %name, %owner, ?lapse,
+                    "group name lapsed: its group did not register within the lapse");
+            }
+            None => {}
         }
+        if owners.count_live(key, lapsed)? >= max {
+            return Ok(Err(super::too_many_names(max)));
+        }
+        owners.bind(name, key, now)?;
+        Ok(Ok((*key, true)))
     }
 
     fn group_owner(&mut self, name: &GroupName) -> Result<Option<PublicKey>, StoreError> {
@@ -177,6 +196,7 @@ impl RegistryStore for SqliteStore {
     fn remove_user(&mut self, name: &UserName, key: &PublicKey) -> Result<bool, StoreError> {
         let durable = self.durable()?;
         durable.mailboxes.purge(key)?;
+        durable.users.remove_blocks(key)?;
         let removed = durable.users.remove(name)?;
         self.sessions.end(key);
         Ok(removed)
@@ -237,7 +257,7 @@ impl RegistryStore for SqliteStore {
     fn store_dms(
         &mut self,
         copies: &[(PublicKey, UserName, MessageId)],
-        unknown: &[String],
+        refused: &[(String, &'static str)],
         sender: &UserName,
         sender_key: &PublicKey,
         body: &RawValue,
@@ -246,7 +266,47 @@ impl RegistryStore for SqliteStore {
     ) -> Result<Vec<Copy>, MailboxError> {
         self.durable()?
             .mailboxes
-            .store_many(copies, unknown, sender, sender_key, body, now, max)
+            .store_many(copies, refused, sender, sender_key, body, now, max)
+    }
+
+    fn block(
+        &mut self,
+        blocker: &PublicKey,
+        blocked: &UserEntry,
+        now: Timestamp,
+    ) -> Refusable<bool> {
+        match self
+            .durable()?
+            .users
+            .block(blocker, blocked, now, super::MAX_BLOCKS)?
+        {
+            Some(changed) => Ok(Ok(changed)),
+            None => Ok(Err(super::too_many_blocks())),
+        }
+    }
+
+    fn unblock(
+        &mut self,
+        blocker: &PublicKey,
+        name: &UserName,
+        key: Option<&PublicKey>,
+    ) -> Result<bool, StoreError> {
+        Ok(self.durable()?.users.unblock(blocker, name, key)?)
+    }
+
+    fn blocked(&mut self, blocker: &PublicKey) -> Result<Vec<BlockedEntry>, StoreError> {
+        Ok(self.durable()?.users.blocked(blocker)?)
+    }
+
+    fn blockers_of(
+        &mut self,
+        sender: &PublicKey,
+    ) -> Result<std::collections::HashSet<PublicKey>, StoreError> {
+        Ok(self.durable()?.users.blockers_of(sender)?)
+    }
+
+    fn blocks(&mut self, blocker: &PublicKey, sender: &PublicKey) -> Result<bool, StoreError> {
+        Ok(self.durable()?.users.blocks(blocker, sender)?)
     }
 
     fn fetch_dms(

@@ -66,6 +66,9 @@ fn settings() -> StoreSettings {
         max_groups: 10,
         presence_ttl: Duration::from_secs(60),
         max_users: 100,
+        max_names_per_key: 100,
+        name_lapse: Duration::from_secs(3600),
+        dm_share: u64::MAX,
     }
 }
 
@@ -223,18 +226,18 @@ fn group_names_are_claimed_once_and_released_by_the_operator() {
         assert_eq!(s.group_owner(&g).expect("owner"), None);
         assert_eq!(
             s.claim_group(&g, &key(1), now()).expect("claim"),
-            (key(1), true)
+            Ok((key(1), true))
         );
         assert_eq!(
             s.claim_group(&g, &key(2), now()).expect("claim"),
-            (key(1), false)
+            Ok((key(1), false))
         );
         assert_eq!(s.group_owner(&g).expect("owner"), Some(key(1)));
         assert!(s.release_group(&g).expect("release"));
         assert!(!s.release_group(&g).expect("release again"));
         assert_eq!(
             s.claim_group(&g, &key(2), now()).expect("claim"),
-            (key(2), true)
+            Ok((key(2), true))
         );
     });
 }
@@ -421,7 +424,7 @@ fn a_multicast_retried_stores_no_copy_twice_and_full_mailboxes_are_dead_lettered
             .collect();
         s.store_dm(&key(4), &user("x"), &key(9), None, &b, now(), 1)
             .expect("fill u4");
-        let unknown = vec!["nobody".to_owned()];
+        let unknown = vec![("nobody".to_owned(), "unknown_user")];
         let store = |s: &mut dyn RegistryStore| {
             s.store_dms(&copies, &unknown, &user("alice"), &key(1), &b, now(), 1)
                 .expect("store_dms")
@@ -740,4 +743,112 @@ fn a_broken_connection_is_opened_again() {
         !told.is_empty()
     });
     assert_eq!(told, vec![(key(1), 1)]);
+}
+
+/// Issue 22, finding 17: a key owns at most `max_names_per_key` names, and a binding whose
+/// group has not registered for `name_lapse` is free for another key.
+#[test]
+fn name_claims_are_capped_per_key_and_lapse_once_their_group_stops_registering() {
+    let capped = StoreSettings {
+        max_names_per_key: 2,
+        name_lapse: Duration::from_secs(2),
+        ..settings()
+    };
+    on_both(capped, |s| {
+        let (a, b, c) = (name("a"), name("b"), name("c"));
+        assert_eq!(
+            s.claim_group(&a, &key(1), now()).expect("a"),
+            Ok((key(1), true))
+        );
+        assert_eq!(
+            s.claim_group(&b, &key(1), now()).expect("b"),
+            Ok((key(1), true))
+        );
+        assert_eq!(
+            refused(s.claim_group(&c, &key(1), now())),
+            ErrorCode::TooManyNames
+        );
+        assert_eq!(
+            s.claim_group(&c, &key(2), now()).expect("c"),
+            Ok((key(2), true))
+        );
+        // Held while it is fresh; free for another key once the lapse has passed.
+        assert_eq!(
+            s.claim_group(&a, &key(3), now()).expect("a"),
+            Ok((key(1), false))
+        );
+        wait_for("the binding of a to lapse", || {
+            s.claim_group(&a, &key(3), now()).expect("claim") == Ok((key(3), true))
+        });
+        // Key 1's lapsed names no longer count: it may claim a new one.
+        assert_eq!(
+            s.claim_group(&name("d"), &key(1), now()).expect("d"),
+            Ok((key(1), true))
+        );
+    });
+}
+
+/// Issue 22, finding 8: one sender holds at most `dm_share` waiting messages of a mailbox.
+#[test]
+fn one_sender_fills_at_most_its_share_of_a_mailbox() {
+    let shared = StoreSettings {
+        dm_share: 2,
+        ..settings()
+    };
+    on_both(shared, |s| {
+        let b = body("1");
+        for _ in 0..2 {
+            s.store_dm(&key(1), &user("m"), &key(9), None, &b, now(), 10)
+                .expect("within the share");
+        }
+        assert!(matches!(
+            s.store_dm(&key(1), &user("m"), &key(9), None, &b, now(), 10),
+            Err(MailboxError::ShareFull)
+        ));
+        s.store_dm(&key(1), &user("c"), &key(8), None, &b, now(), 10)
+            .expect("another sender");
+        let id = MessageId::new_v7();
+        let copies = vec![(key(1), user("bob"), copy_id(&id, &key(1)))];
+        assert_eq!(
+            s.store_dms(&copies, &[], &user("m"), &key(9), &b, now(), 10)
+                .expect("store_dms"),
+            vec![Copy::ShareFull(user("bob"))]
+        );
+        // Acked messages no longer count.
+        s.ack_dms(&key(1), 1).expect("ack");
+        s.store_dm(&key(1), &user("m"), &key(9), None, &b, now(), 10)
+            .expect("room again");
+    });
+}
+
+/// Issue 22, finding 8: blocks are the blocker's, listed by name, and go with its account.
+#[test]
+fn blocks_are_kept_per_blocker_and_removed_with_its_account() {
+    on_both(settings(), |s| {
+        for (n, k) in [("bob", 2), ("mallory", 3)] {
+            assert!(s.insert_user(&account(n, k)).expect("account"));
+        }
+        let mallory = account("mallory", 3);
+        assert_eq!(s.block(&key(2), &mallory, now()).expect("block"), Ok(true));
+        assert_eq!(s.block(&key(2), &mallory, now()).expect("again"), Ok(false));
+        assert!(s.blocks(&key(2), &key(3)).expect("blocks"));
+        assert!(!s.blocks(&key(3), &key(2)).expect("not the other way"));
+        assert_eq!(
+            s.blockers_of(&key(3)).expect("blockers"),
+            std::collections::HashSet::from([key(2)])
+        );
+        let listed: Vec<(String, PublicKey)> = s
+            .blocked(&key(2))
+            .expect("blocked")
+            .into_iter()
+            .map(|b| (b.name.as_str().to_owned(), b.key))
+            .collect();
+        assert_eq!(listed, vec![("mallory".to_owned(), key(3))]);
+        assert!(s.unblock(&key(2), &user("mallory"), None).expect("unblock"));
+        assert!(!s.unblock(&key(2), &user("mallory"), None).expect("again"));
+        assert!(!s.blocks(&key(2), &key(3)).expect("lifted"));
+        assert_eq!(s.block(&key(2), &mallory, now()).expect("block"), Ok(true));
+        assert!(s.remove_user(&user("bob"), &key(2)).expect("remove"));
+        assert!(s.blocked(&key(2)).expect("blocked").is_empty());
+    });
 }

@@ -237,6 +237,52 @@ impl App {
         Ok(())
     }
 
+    /// `block NAME` (`on`) and `unblock NAME`.
+    ///
+    /// # Errors
+    /// `no_account`, `unknown_user`; the registry's failure.
+    pub fn block(
+        &mut self,
+        name: &UserName,
+        on: bool,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let reply = match on {
+            true => self.registry.block(name),
+            false => self.registry.unblock(name),
+        };
+        let reply = match reply {
+            Ok(r) => r,
+            Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownUser => {
+                return Err(CliError::Remote {
+                    target: name.to_string(),
+                    source: ClientError::Server(w),
+                })
+            }
+            Err(e) => return Err(self.registry_error(e)),
+        };
+        out.emit(Item::Block { reply: &reply, on })?;
+        Ok(())
+    }
+
+    /// `blocked`: the users you block.
+    ///
+    /// # Errors
+    /// `no_account`; the registry's failure.
+    pub fn blocked(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
+        let blocked = self
+            .registry
+            .blocked()
+            .map_err(|e| self.registry_error(e))?;
+        for b in &blocked {
+            out.emit(Item::Blocked(b))?;
+        }
+        if blocked.is_empty() {
+            out.emit(Item::NoneBlocked)?;
+        }
+        Ok(())
+    }
+
     /// `users`: every account.
     ///
     /// # Errors

@@ -71,6 +71,10 @@ fn cause(e: &ClientError) -> String {
             ErrorCode::UnknownGroup => format!("unknown group: {}", w.message),
             ErrorCode::NotMember => format!("not a member: {}", w.message),
             ErrorCode::TooLarge => format!("message too large: {}", w.message),
+            ErrorCode::NoAccount => format!(
+                "no account: {}; run `user-cli register NAME` first",
+                w.message
+            ),
             code => format!("{code}: {}", w.message),
         },
         other => other.to_string(),
