@@ -65,7 +65,7 @@ impl Origins {
             return false;
         };
         let own = host.and_then(|h| normalize(&format!("{scheme}://{h}")));
-        own.as_deref() == Some(origin.as_str()) || self.extra.iter().any(|o| *o == origin)
+        own.as_deref() == Some(origin.as_str()) || self.extra.contains(&origin)
     }
 }
 
