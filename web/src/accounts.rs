@@ -6,22 +6,49 @@
 //!   the `argon2` crate's defaults), mode 0600, created once (`O_EXCL`).
 //! - `keys/NAME.key` and `keys/NAME.key_secret`: the account's CURVE certificate pair (ZPL,
 //!   as user-cli writes them); the secret is mode 0600.
+//! - `spool/`: uploads on their way to a node (see [`crate::files`]).
+//!
+//! The directories are made 0700 and existing looser ones, and looser hash and secret
+//! files, are tightened at start with a log line ([`agora_common::fsmode`]).
+//!
+//! # One path for every refusal
+//! [`Accounts::verify`] refuses an over-long password before any other work, for every
+//! name, and checks a missing account's password against a dummy hash with the same
+//! Argon2 cost as a real one: how long a refusal takes tells no names apart.
+//!
+//! # Argon2's memory
+//! Each hash or check works in 19 MiB (the crate's default cost). Allocated per call, those
+//! blocks stay with the allocator's per-thread arenas (a hosted gateway grew by 190 MB over
+//! its first ten sign-ins, then stayed there). So every hash runs on one of
+//! [`HASH_THREADS`] threads of the accounts' own, each with its blocks allocated once at
+//! start and reused: at most that many hashes at once, whatever the number of sign-ins in
+//! flight, and `HASH_THREADS` × 19 MiB in all.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 
-use agora_common::keys::Keypair;
+use agora_common::fsmode;
+use agora_common::keys::{secret_path, Keypair};
 use agora_proto::wire::UserName;
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, SaltString};
-use argon2::{Argon2, PasswordVerifier};
+use argon2::password_hash::{
+    rand_core::OsRng, Output, ParamsString, PasswordHash, Salt, SaltString,
+};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 
 use crate::bridge::Identity;
 
-/// Shortest password accepted: 8 characters.
+/// Shortest password accepted: 8 characters other than whitespace (8 spaces are no
+/// password).
 pub const MIN_PASSWORD_CHARS: usize = 8;
 /// Longest password accepted: 1,024 bytes (hashing is the cost a sign-in pays).
 pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Threads that run Argon2: 2, so at most two hashes (2 × 19 MiB) at once.
+pub const HASH_THREADS: usize = 2;
+/// Hashes waiting for a thread before a caller waits to queue one: 64.
+const HASH_QUEUE: usize = 64;
 
 /// Why an account could not be made or used.
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +57,23 @@ pub enum AccountError {
     /// Wrong name or password (one error for both: no one learns which names exist).
     #[error("wrong name or password")]
     WrongPassword,
-    /// The name is taken.
+    /// The name is taken on this gateway.
     #[error("the account {0} exists")]
     Exists(UserName),
-    /// The password is shorter than [`MIN_PASSWORD_CHARS`] or longer than
-    /// [`MAX_PASSWORD_BYTES`].
-    #[error("a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_BYTES} bytes")]
+    /// The registry binds the name to another key: the account would act under a name that
+    /// is someone else's on the federation.
+    #[error("the registry binds the name {0} to another key")]
+    Taken(UserName),
+    /// The registry could not be asked (no answer, or a refusal other than `name_taken`);
+    /// nothing was made.
+    #[error("{0}")]
+    Registry(String),
+    /// The password has fewer than [`MIN_PASSWORD_CHARS`] characters other than whitespace,
+    /// or more than [`MAX_PASSWORD_BYTES`] bytes.
+    #[error(
+        "a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_BYTES} bytes, at least \
+        {MIN_PASSWORD_CHARS} of them other than whitespace"
+    )]
     BadPassword,
     /// Reading or writing the data directory failed.
     #[error("{path}: {source}")]
@@ -54,6 +92,149 @@ pub enum AccountError {
 #[derive(Debug, Clone)]
 pub struct Accounts {
     dir: PathBuf,
+    /// The hash a missing account's password is checked against (a random password's, with
+    /// the same parameters as real ones).
+    dummy: String,
+    hashers: Hashers,
+}
+
+/// Work for a hashing thread, given that thread's Argon2 blocks.
+type Job = Box<dyn FnOnce(&mut [Block]) + Send>;
+
+/// The threads Argon2 runs on ([`HASH_THREADS`]); they end when the last [`Accounts`] clone
+/// is dropped.
+#[derive(Debug, Clone)]
+struct Hashers {
+    jobs: SyncSender<Job>,
+}
+
+impl Hashers {
+    fn start() -> std::io::Result<Hashers> {
+        let (jobs, queue) = sync_channel::<Job>(HASH_QUEUE);
+        let queue: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(queue));
+        for i in 0..HASH_THREADS {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    let mut blocks = vec![Block::default(); Params::DEFAULT.block_count()];
+                    loop {
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&mut blocks),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(Hashers { jobs })
+    }
+
+    /// Runs `work` on a hashing thread and waits for it (blocking: call it off the async
+    /// runtime).
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut [Block]) -> T + Send + 'static,
+    ) -> Result<T, AccountError> {
+        let (done, result) = sync_channel(1);
+        let gone = || AccountError::Corrupt("the hashing threads are gone".into());
+        self.jobs
+            .send(Box::new(move |blocks: &mut [Block]| {
+                let _ = done.send(work(blocks));
+            }))
+            .map_err(|_| gone())?;
+        result.recv().map_err(|_| gone())
+    }
+
+    /// A new PHC string for `password`: Argon2id v19, the crate's default parameters, a
+    /// random salt (what `Argon2::default().hash_password` makes).
+    fn hash(&self, password: &str) -> Result<String, AccountError> {
+        let password = password.to_owned();
+        self.run(move |blocks| {
+            let salt = SaltString::generate(&mut OsRng);
+            let params = Params::DEFAULT;
+            let output = argon2_output(
+                blocks,
+                password.as_bytes(),
+                Algorithm::Argon2id,
+                Version::V0x13,
+                params.clone(),
+                salt.as_salt(),
+                Params::DEFAULT_OUTPUT_LEN,
+            )?;
+            let hash = PasswordHash {
+                algorithm: Algorithm::Argon2id.ident(),
+                version: Some(Version::V0x13.into()),
+                params: ParamsString::try_from(&params)?,
+                salt: Some(salt.as_salt()),
+                hash: Some(output),
+            };
+            Ok::<_, argon2::password_hash::Error>(hash.to_string())
+        })?
+        .map_err(|e| AccountError::Corrupt(e.to_string()))
+    }
+
+    /// Whether `password` matches the PHC string `hash` (what `verify_password` of the
+    /// `password-hash` crate does, in this thread's blocks; the outputs compare in constant
+    /// time). A hash that does not parse, or asks for more memory than the default, matches
+    /// nothing.
+    fn check(&self, password: &str, hash: &str) -> Result<bool, AccountError> {
+        #[cfg(test)]
+        ARGON2_CHECKS.with(|n| n.set(n.get() + 1));
+        let (password, hash) = (password.to_owned(), hash.to_owned());
+        self.run(move |blocks| {
+            let Ok(hash) = PasswordHash::new(&hash) else {
+                return false;
+            };
+            let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else {
+                return false;
+            };
+            let (Ok(algorithm), Ok(params)) =
+                (Algorithm::try_from(hash.algorithm), Params::try_from(&hash))
+            else {
+                return false;
+            };
+            let version = match hash.version.map(Version::try_from).transpose() {
+                Ok(v) => v.unwrap_or_default(),
+                Err(_) => return false,
+            };
+            argon2_output(
+                blocks,
+                password.as_bytes(),
+                algorithm,
+                version,
+                params,
+                salt,
+                expected.len(),
+            )
+            .is_ok_and(|computed| computed == expected)
+        })
+    }
+}
+
+/// Argon2 of `password` and `salt` (base64, as in a PHC string) into an output of `len`
+/// bytes, working in `blocks` (as `Argon2::hash_password` does, in memory of ours).
+///
+/// # Errors
+/// Parameters that need more than `blocks` (`MemoryTooLittle`), a bad salt or length.
+fn argon2_output(
+    blocks: &mut [Block],
+    password: &[u8],
+    algorithm: Algorithm,
+    version: Version,
+    params: Params,
+    salt: Salt<'_>,
+    len: usize,
+) -> argon2::password_hash::Result<Output> {
+    let mut salt_bytes = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_bytes)?;
+    let argon2 = Argon2::new(algorithm, version, params);
+    Output::init_with(len, |out| {
+        Ok(argon2.hash_password_into_with_memory(password, salt, out, &mut *blocks)?)
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AccountError + '_ {
@@ -63,22 +244,54 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AccountError + '_ {
     }
 }
 
+/// Whether `password` may be an account's: [`MIN_PASSWORD_CHARS`] characters other than
+/// whitespace, at most [`MAX_PASSWORD_BYTES`] bytes.
+///
+/// # Errors
+/// [`AccountError::BadPassword`].
+pub fn check_password(password: &str) -> Result<(), AccountError> {
+    let visible = password.chars().filter(|c| !c.is_whitespace()).count();
+    if visible < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
+        return Err(AccountError::BadPassword);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Password checks asked for from this thread (tests count them).
+    static ARGON2_CHECKS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 impl Accounts {
-    /// The accounts under `dir`, made (mode 0700) if missing.
+    /// The accounts under `dir`: the directory and its `accounts/` and `keys/` made (mode
+    /// 0700) if missing, tightened to 0700 if looser, and existing hash and secret key files
+    /// tightened to 0600 (each change logged).
     ///
     /// # Errors
-    /// [`AccountError::Io`].
+    /// [`AccountError::Io`]; [`AccountError::Corrupt`] when no dummy hash can be made.
     pub fn open(dir: &Path) -> Result<Accounts, AccountError> {
+        fsmode::private_dir(dir).map_err(io(dir))?;
         for sub in ["accounts", "keys"] {
             let path = dir.join(sub);
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&path)
-                .map_err(io(&path))?;
+            fsmode::private_dir(&path).map_err(io(&path))?;
+            for entry in std::fs::read_dir(&path).map_err(io(&path))? {
+                let file = entry.map_err(io(&path))?.path();
+                let private =
+                    sub == "accounts" || file.to_str().is_some_and(|f| f.ends_with("_secret"));
+                if private && file.is_file() {
+                    fsmode::tighten(&file, fsmode::FILE_MODE).map_err(io(&file))?;
+                }
+            }
         }
+        // A random password's hash: a missing account costs what a real one does.
+        let mut random = [0u8; 16];
+        getrandom::getrandom(&mut random).map_err(|e| AccountError::Corrupt(e.to_string()))?;
+        let hashers = Hashers::start().map_err(io(dir))?;
         Ok(Accounts {
             dir: dir.to_owned(),
+            dummy: hashers.hash(&hex::encode(random))?,
+            hashers,
         })
     }
 
@@ -90,25 +303,14 @@ impl Accounts {
         self.dir.join("keys").join(format!("{name}.key"))
     }
 
-    /// Makes the account `name` with `password` and a new key pair.
-    ///
-    /// # Errors
-    /// [`AccountError::Exists`], [`AccountError::BadPassword`], [`AccountError::Io`],
-    /// [`AccountError::Corrupt`] (no key pair could be made).
-    pub fn add(&self, name: &UserName, password: &str) -> Result<Identity, AccountError> {
-        if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
-            return Err(AccountError::BadPassword);
-        }
-        let salt = SaltString::generate(&mut OsRng);
-        let hash = Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map_err(|e| AccountError::Corrupt(e.to_string()))?
-            .to_string();
+    /// Creates `accounts/NAME` empty (mode 0600, `O_EXCL`): the name is held on this gateway
+    /// and no password opens it yet (an empty hash is [`AccountError::Corrupt`]).
+    fn reserve(&self, name: &UserName) -> Result<std::fs::File, AccountError> {
         let path = self.hash_path(name);
-        let mut file = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(fsmode::FILE_MODE)
             .open(&path)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => AccountError::Exists(name.clone()),
@@ -116,9 +318,36 @@ impl Accounts {
                     path: path.clone(),
                     source: e,
                 },
-            })?;
+            })
+    }
+
+    /// Removes what a failed [`Accounts::sign_up`] wrote for `name`.
+    fn roll_back(&self, name: &UserName) {
+        let key = self.key_path(name);
+        for path in [self.hash_path(name), secret_path(&key), key] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "could not roll back")
+                }
+            }
+        }
+    }
+
+    /// Makes the account `name` with `password` and a new key pair, or with the key pair
+    /// already at `keys/NAME.key` (`agora-web add-user`; nothing is registered).
+    ///
+    /// # Errors
+    /// [`AccountError::Exists`], [`AccountError::BadPassword`], [`AccountError::Io`],
+    /// [`AccountError::Corrupt`] (no key pair could be made).
+    pub fn add(&self, name: &UserName, password: &str) -> Result<Identity, AccountError> {
+        check_password(password)?;
+        let hash = self.hashers.hash(password)?;
+        let mut file = self.reserve(name)?;
         let (keypair, _) = Keypair::load_or_generate(&self.key_path(name))
             .map_err(|e| AccountError::Corrupt(e.to_string()))?;
+        let path = self.hash_path(name);
         file.write_all(hash.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(io(&path))?;
@@ -128,31 +357,74 @@ impl Accounts {
         })
     }
 
-    /// The account `name` if `password` is its password.
+    /// Sign-up: makes the account `name` with `password` and a new key pair only once
+    /// `register` (the registry binding the name to that key) succeeded. The name is held
+    /// meanwhile by an empty hash file that no password opens; when `register` fails,
+    /// nothing is left on disk, so no account ever acts under a name the registry gives to
+    /// another key.
+    ///
+    /// # Errors
+    /// [`AccountError::BadPassword`] and [`AccountError::Exists`] before any work; what
+    /// `register` returns ([`AccountError::Taken`], [`AccountError::Registry`]);
+    /// [`AccountError::Io`], [`AccountError::Corrupt`] (then what was written is removed).
+    pub fn sign_up(
+        &self,
+        name: &UserName,
+        password: &str,
+        register: impl FnOnce(&Identity) -> Result<(), AccountError>,
+    ) -> Result<Identity, AccountError> {
+        check_password(password)?;
+        let mut file = self.reserve(name)?;
+        let made = (|| {
+            let identity = Identity {
+                user: name.clone(),
+                keypair: Keypair::generate().map_err(|e| AccountError::Corrupt(e.to_string()))?,
+            };
+            let hash = self.hashers.hash(password)?;
+            register(&identity)?;
+            identity
+                .keypair
+                .save(&self.key_path(name))
+                .map_err(|e| AccountError::Corrupt(e.to_string()))?;
+            let path = self.hash_path(name);
+            file.write_all(hash.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io(&path))?;
+            Ok(identity)
+        })();
+        if made.is_err() {
+            self.roll_back(name);
+        }
+        made
+    }
+
+    /// The account `name` if `password` is its password. Every refusal takes one of two
+    /// paths whatever the name: an over-long password is refused before any work; any other
+    /// costs one Argon2 check (against a dummy hash when there is no such account).
     ///
     /// # Errors
     /// [`AccountError::WrongPassword`] (no such account, or another password),
     /// [`AccountError::Io`], [`AccountError::Corrupt`].
     pub fn verify(&self, name: &UserName, password: &str) -> Result<Identity, AccountError> {
-        let path = self.hash_path(name);
-        let stored = match std::fs::read_to_string(&path) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // The same work as a real check, so timing tells no names apart.
-                let _ = Argon2::default()
-                    .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng));
-                return Err(AccountError::WrongPassword);
-            }
-            Err(e) => return Err(AccountError::Io { path, source: e }),
-        };
         if password.len() > MAX_PASSWORD_BYTES {
             return Err(AccountError::WrongPassword);
         }
-        let hash = PasswordHash::new(stored.trim())
+        let path = self.hash_path(name);
+        let stored = match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(AccountError::Io { path, source: e }),
+        };
+        let Some(stored) = stored else {
+            // The same work as a real check, so timing tells no names apart.
+            self.hashers.check(password, &self.dummy)?;
+            return Err(AccountError::WrongPassword);
+        };
+        PasswordHash::new(stored.trim())
             .map_err(|e| AccountError::Corrupt(format!("{}: {e}", path.display())))?;
-        Argon2::default()
-            .verify_password(password.as_bytes(), &hash)
-            .map_err(|_| AccountError::WrongPassword)?;
+        if !self.hashers.check(password, stored.trim())? {
+            return Err(AccountError::WrongPassword);
+        }
         let keypair = Keypair::load(&self.key_path(name))
             .map_err(|e| AccountError::Corrupt(e.to_string()))?;
         Ok(Identity {
@@ -167,15 +439,26 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
     #[test]
     fn an_account_signs_in_with_its_password_only_and_its_secrets_are_0600() {
         let dir = tempfile::tempdir().expect("dir");
         let accounts = Accounts::open(dir.path()).expect("open");
         let alice: UserName = "alice".parse().expect("name");
-        assert!(matches!(
-            accounts.add(&alice, "short"),
-            Err(AccountError::BadPassword)
-        ));
+        for weak in [
+            "short",
+            "        ",
+            " a b c d e f g ",
+            &"x".repeat(MAX_PASSWORD_BYTES + 1),
+        ] {
+            assert!(
+                matches!(accounts.add(&alice, weak), Err(AccountError::BadPassword)),
+                "{weak:?}"
+            );
+        }
         let made = accounts.add(&alice, "correct horse").expect("add");
         assert!(matches!(
             accounts.add(&alice, "another password"),
@@ -192,13 +475,148 @@ mod tests {
             Err(AccountError::WrongPassword)
         ));
         for file in ["accounts/alice", "keys/alice.key_secret"] {
-            let mode = std::fs::metadata(dir.path().join(file))
-                .expect("stat")
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{file}");
+            assert_eq!(mode(&dir.path().join(file)), 0o600, "{file}");
         }
         let stored = std::fs::read_to_string(dir.path().join("accounts/alice")).expect("hash");
         assert!(stored.starts_with("$argon2id$"), "{stored}");
+    }
+
+    #[test]
+    fn a_refusal_costs_the_same_argon2_work_for_a_missing_account_as_for_an_existing_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let accounts = Accounts::open(dir.path()).expect("open");
+        let alice: UserName = "alice".parse().expect("name");
+        let nobody: UserName = "nobody".parse().expect("name");
+        accounts.add(&alice, "correct horse").expect("add");
+        let checks = |name: &UserName, password: &str| {
+            let before = ARGON2_CHECKS.with(std::cell::Cell::get);
+            assert!(matches!(
+                accounts.verify(name, password),
+                Err(AccountError::WrongPassword)
+            ));
+            ARGON2_CHECKS.with(std::cell::Cell::get) - before
+        };
+        assert_eq!(checks(&alice, "wrong horse"), 1);
+        assert_eq!(
+            checks(&nobody, "wrong horse"),
+            1,
+            "a dummy hash for a missing one"
+        );
+        let long = "x".repeat(MAX_PASSWORD_BYTES + 1);
+        assert_eq!(checks(&alice, &long), 0, "refused before Argon2");
+        assert_eq!(checks(&nobody, &long), 0, "refused before Argon2 alike");
+        // The dummy hash has the real ones' parameters.
+        let real = std::fs::read_to_string(dir.path().join("accounts/alice")).expect("hash");
+        let params = |h: &str| h.split('$').take(4).collect::<Vec<_>>().join("$");
+        assert_eq!(params(&accounts.dummy), params(real.trim()));
+    }
+
+    #[test]
+    fn hashes_are_the_crates_own_both_ways() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let dir = tempfile::tempdir().expect("dir");
+        let accounts = Accounts::open(dir.path()).expect("open");
+        let ours = accounts.hashers.hash("correct horse").expect("hash");
+        let parsed = PasswordHash::new(&ours).expect("a PHC string");
+        Argon2::default()
+            .verify_password(b"correct horse", &parsed)
+            .expect("the crate verifies ours");
+        let salt = SaltString::generate(&mut OsRng);
+        let theirs = Argon2::default()
+            .hash_password(b"correct horse", &salt)
+            .expect("hash")
+            .to_string();
+        assert!(accounts
+            .hashers
+            .check("correct horse", &theirs)
+            .expect("check"));
+        assert!(!accounts
+            .hashers
+            .check("wrong horse", &theirs)
+            .expect("check"));
+        assert!(!accounts
+            .hashers
+            .check("correct horse", "garbage")
+            .expect("check"));
+        // More memory than the threads hold: refused, not allocated.
+        let big = theirs.replace("m=19456", "m=65536");
+        assert!(!accounts
+            .hashers
+            .check("correct horse", &big)
+            .expect("check"));
+    }
+
+    #[test]
+    fn a_sign_up_the_registry_refuses_leaves_nothing_and_one_it_takes_signs_in() {
+        let dir = tempfile::tempdir().expect("dir");
+        let accounts = Accounts::open(dir.path()).expect("open");
+        let mallory: UserName = "mallory".parse().expect("name");
+        let refused = accounts.sign_up(&mallory, "mallory's password", |identity| {
+            // Meanwhile the name is held, and no password opens it.
+            assert!(matches!(
+                accounts.verify(&identity.user, "mallory's password"),
+                Err(AccountError::Corrupt(_))
+            ));
+            Err(AccountError::Taken(identity.user.clone()))
+        });
+        assert!(
+            matches!(refused, Err(AccountError::Taken(_))),
+            "{refused:?}"
+        );
+        for file in [
+            "accounts/mallory",
+            "keys/mallory.key",
+            "keys/mallory.key_secret",
+        ] {
+            assert!(!dir.path().join(file).exists(), "{file} was left");
+        }
+        assert!(matches!(
+            accounts.verify(&mallory, "mallory's password"),
+            Err(AccountError::WrongPassword)
+        ));
+        let mut registered = None;
+        let made = accounts
+            .sign_up(&mallory, "mallory's password", |identity| {
+                registered = Some(identity.keypair.public);
+                Ok(())
+            })
+            .expect("sign-up");
+        assert_eq!(Some(made.keypair.public), registered);
+        let signed_in = accounts.verify(&mallory, "mallory's password").expect("in");
+        assert_eq!(signed_in.keypair.public, made.keypair.public);
+        assert!(matches!(
+            accounts.sign_up(&mallory, "mallory's password", |_| Ok(())),
+            Err(AccountError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn an_existing_looser_data_directory_is_tightened() {
+        let root = tempfile::tempdir().expect("dir");
+        let dir = root.path().join("web");
+        Accounts::open(&dir)
+            .expect("open")
+            .add(&"alice".parse().expect("name"), "correct horse")
+            .expect("add");
+        for (path, loose) in [
+            ("", 0o755),
+            ("accounts", 0o755),
+            ("keys", 0o777),
+            ("accounts/alice", 0o644),
+            ("keys/alice.key_secret", 0o644),
+        ] {
+            std::fs::set_permissions(dir.join(path), std::fs::Permissions::from_mode(loose))
+                .expect("chmod");
+        }
+        Accounts::open(&dir).expect("open again");
+        for (path, tight) in [
+            ("", 0o700),
+            ("accounts", 0o700),
+            ("keys", 0o700),
+            ("accounts/alice", 0o600),
+            ("keys/alice.key_secret", 0o600),
+        ] {
+            assert_eq!(mode(&dir.join(path)), tight, "{path}");
+        }
     }
 }

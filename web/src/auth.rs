@@ -7,17 +7,19 @@
 //! - Personal mode: a one-time token in the printed URL is exchanged for a session
 //!   ([`Sessions::redeem`]); every session acts as the one configured user.
 //! - Hosted mode: a name and password checked by [`crate::accounts`]; the session acts as
-//!   that account. Attempts are rate-limited per client address and per account name
-//!   ([`SignInLimiter`]).
+//!   that account. Attempts are rate-limited per client address and per (address, account
+//!   name) pair ([`SignInLimiter`]), never per name alone: no one can lock an owner out.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use agora_proto::wire::UserName;
 
 use crate::bridge::Identity;
 
@@ -302,45 +304,139 @@ impl Default for Sessions {
     }
 }
 
-/// Sign-in attempts allowed per client address and per account name: a burst of
-/// [`SIGN_IN_BURST`], then one every [`SIGN_IN_REFILL`] (the GCRA of `governor`).
+/// Sign-in and sign-up attempts allowed, counted per client address and per (address,
+/// account name) pair (the GCRA of `governor`):
+///
+/// - per address: a burst of [`ADDRESS_BURST`], then one every [`ADDRESS_REFILL`];
+/// - per address and name: a burst of [`SIGN_IN_BURST`], then one every [`SIGN_IN_REFILL`].
+///
+/// There is no count per name alone: guesses from one address never lock the account's
+/// owner out on another. An IPv6 address counts by its /64 prefix (one host usually holds a
+/// whole /64); an IPv4-mapped one as the IPv4 address.
+///
+/// The address is checked first; a refused address touches no per-name state. Both maps are
+/// bounded: keys idle long enough to be back at a full burst (at most a minute) are dropped
+/// every [`PRUNE_EVERY`] and whenever a map passes half of [`LIMITER_KEYS`]; a map still
+/// full after that refuses every attempt (fail closed) until keys age out.
 #[derive(Debug)]
 pub struct SignInLimiter {
     by_address: DefaultKeyedRateLimiter<IpAddr>,
-    by_name: DefaultKeyedRateLimiter<String>,
+    by_pair: DefaultKeyedRateLimiter<(IpAddr, UserName)>,
+    pruned: Mutex<Instant>,
 }
 
-/// Attempts a client address or an account name may make at once: 5.
+/// Attempts one address and one name may make at once: 5.
 pub const SIGN_IN_BURST: u32 = 5;
-/// After the burst, one attempt per this long: 12 s (5 a minute).
-pub const SIGN_IN_REFILL: std::time::Duration = std::time::Duration::from_secs(12);
-/// Keys the limiter remembers before it forgets the idle ones: 10,000.
-const LIMITER_KEYS: usize = 10_000;
+/// After that burst, one attempt per this long for the same address and name: 12 s (5 a
+/// minute).
+pub const SIGN_IN_REFILL: Duration = Duration::from_secs(12);
+/// Attempts one address may make at once, whatever the names: 10.
+pub const ADDRESS_BURST: u32 = 10;
+/// After that burst, one attempt per this long from the same address: 6 s (10 a minute).
+pub const ADDRESS_REFILL: Duration = Duration::from_secs(6);
+/// Keys each of the limiter's maps holds at most: 10,000 (about 1.5 MB for the pairs).
+pub const LIMITER_KEYS: usize = 10_000;
+/// How often idle keys are dropped: every 60 s (checked on the next attempt).
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether a [`SignInLimiter`] lets an attempt through, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on: check the password.
+    Allowed,
+    /// The address made too many attempts (for any name).
+    AddressLimited,
+    /// The address made too many attempts for this name.
+    NameLimited,
+    /// The limiter's maps are full (a flood from many addresses): refused until keys age out.
+    Full,
+}
+
+/// The bucket an address counts in: IPv4 as is, IPv6 by its /64.
+fn bucket(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & 0xffff_ffff_ffff_ffff_0000_0000_0000_0000,
+            )),
+        },
+    }
+}
+
+fn quota(burst: u32, refill: Duration) -> Quota {
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(refill)
+        .unwrap_or_else(|| Quota::per_minute(burst))
+        .allow_burst(burst)
+}
 
 impl SignInLimiter {
     /// The limits above.
     pub fn new() -> SignInLimiter {
-        let burst = NonZeroU32::new(SIGN_IN_BURST).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::with_period(SIGN_IN_REFILL)
-            .unwrap_or_else(|| Quota::per_minute(burst))
-            .allow_burst(burst);
         SignInLimiter {
-            by_address: RateLimiter::keyed(quota),
-            by_name: RateLimiter::keyed(quota),
+            by_address: RateLimiter::keyed(quota(ADDRESS_BURST, ADDRESS_REFILL)),
+            by_pair: RateLimiter::keyed(quota(SIGN_IN_BURST, SIGN_IN_REFILL)),
+            pruned: Mutex::new(Instant::now()),
         }
     }
 
-    /// Whether one more attempt from `address` for `name` is allowed now (it is counted).
-    pub fn allow(&self, address: IpAddr, name: &str) -> bool {
-        if self.by_address.len() > LIMITER_KEYS {
-            self.by_address.retain_recent();
+    /// Drops idle keys when [`PRUNE_EVERY`] has passed or a map is over half full.
+    fn prune(&self) {
+        let due = self
+            .pruned
+            .lock()
+            .map(|mut last| {
+                let due = last.elapsed() >= PRUNE_EVERY
+                    || self.by_address.len() > LIMITER_KEYS / 2
+                    || self.by_pair.len() > LIMITER_KEYS / 2;
+                if due {
+                    *last = Instant::now();
+                }
+                due
+            })
+            .unwrap_or(true);
+        if due {
+            for map in [&self.by_address as &dyn Prune, &self.by_pair] {
+                map.prune();
+            }
         }
-        if self.by_name.len() > LIMITER_KEYS {
-            self.by_name.retain_recent();
+    }
+
+    /// Whether one more attempt from `address` for `name` may go on now; it is counted
+    /// (right password or wrong). The address is checked first: a refused address is not
+    /// counted against the name.
+    pub fn check(&self, address: IpAddr, name: &UserName) -> Verdict {
+        self.prune();
+        let address = bucket(address);
+        if self.by_address.len() >= LIMITER_KEYS || self.by_pair.len() >= LIMITER_KEYS {
+            return Verdict::Full;
         }
-        let address_ok = self.by_address.check_key(&address).is_ok();
-        let name_ok = self.by_name.check_key(&name.to_owned()).is_ok();
-        address_ok && name_ok
+        if self.by_address.check_key(&address).is_err() {
+            return Verdict::AddressLimited;
+        }
+        if self.by_pair.check_key(&(address, name.clone())).is_err() {
+            return Verdict::NameLimited;
+        }
+        Verdict::Allowed
+    }
+
+    /// Keys held: (addresses, address and name pairs).
+    pub fn keys(&self) -> (usize, usize) {
+        (self.by_address.len(), self.by_pair.len())
+    }
+}
+
+/// A keyed limiter whose idle keys can be dropped (so both maps go through one loop).
+trait Prune {
+    fn prune(&self);
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Prune for DefaultKeyedRateLimiter<K> {
+    fn prune(&self) {
+        self.retain_recent();
+        self.shrink_to_fit();
     }
 }
 
@@ -450,26 +546,60 @@ mod tests {
         assert_eq!(sessions.len(), 2);
     }
 
+    fn name(n: &str) -> UserName {
+        n.parse().expect("name")
+    }
+
     #[test]
-    fn sign_in_attempts_past_the_burst_are_refused_per_address_and_per_name() {
+    fn failures_for_a_name_from_one_address_never_lock_out_another_address() {
         let limiter = SignInLimiter::new();
-        let (a, b): (IpAddr, IpAddr) =
-            ("127.0.0.1".parse().expect("ip"), "::1".parse().expect("ip"));
+        let (a, b): (IpAddr, IpAddr) = (
+            "127.0.0.2".parse().expect("ip"),
+            "127.0.0.3".parse().expect("ip"),
+        );
         for _ in 0..SIGN_IN_BURST {
-            assert!(limiter.allow(a, "alice"));
+            assert_eq!(limiter.check(a, &name("alice")), Verdict::Allowed);
         }
-        assert!(
-            !limiter.allow(a, "alice"),
-            "the address and the name are spent"
+        assert_eq!(limiter.check(a, &name("alice")), Verdict::NameLimited);
+        assert_eq!(
+            limiter.check(b, &name("alice")),
+            Verdict::Allowed,
+            "the owner on a clean address gets in"
         );
-        assert!(
-            !limiter.allow(b, "alice"),
-            "the name is spent from any address"
+        // The address's own limit covers every name it tries.
+        let mut last = Verdict::Allowed;
+        for i in 0..ADDRESS_BURST {
+            last = limiter.check(a, &name(&format!("user{i}")));
+        }
+        assert_eq!(last, Verdict::AddressLimited);
+        let before = limiter.keys();
+        assert_eq!(limiter.check(a, &name("fresh")), Verdict::AddressLimited);
+        assert_eq!(
+            limiter.keys(),
+            before,
+            "a refused address adds no per-name key"
         );
-        assert!(
-            !limiter.allow(a, "bob"),
-            "the address is spent for any name"
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64_and_a_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        assert_eq!(bucket(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        assert_eq!(bucket(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(bucket(ip("10.0.0.1")), ip("10.0.0.1"));
+        let limiter = SignInLimiter::new();
+        for i in 0..ADDRESS_BURST {
+            let host = ip(&format!("2001:db8::{i:x}"));
+            assert_eq!(
+                limiter.check(host, &name(&format!("u{i}"))),
+                Verdict::Allowed
+            );
+        }
+        assert_eq!(
+            limiter.check(ip("2001:db8::ffff"), &name("v")),
+            Verdict::AddressLimited,
+            "another host of the same /64"
         );
-        assert!(limiter.allow(b, "bob"));
+        assert_eq!(limiter.keys().0, 1);
     }
 }

@@ -9,14 +9,20 @@
 //! - `GET /files/GROUP/SEQ`: the file message SEQ carries, streamed as the node serves it
 //!   (`Content-Type` its media type; raster images inline, everything else as an
 //!   attachment download). The bytes are hashed on the way; a mismatch aborts the response.
+//!
+//! Before an upload's body is read, the gateway takes one of the identity's upload slots
+//! ([`Uploads`]: a few at once per identity) and asks the group's node whether the caller
+//! is a member ([`check_member`]); the spool's bytes are bounded in all and per identity.
 
+use std::collections::HashMap;
 use std::io::{Seek, Write};
+use std::sync::{Arc, Mutex};
 
 use agora_common::client::{ClientCurve, ClientError, GroupClient};
 use agora_common::transfer::UploadTarget;
 use agora_proto::id::MessageId;
 use agora_proto::wire::{
-    Attachment, GroupName, HistoryQuery, Message, SendAck, Sha256Digest, MAX_CHUNK_BYTES,
+    Attachment, GroupName, HistoryQuery, Message, SendAck, Sha256Digest, UserName, MAX_CHUNK_BYTES,
     UPLOAD_WINDOW,
 };
 use sha2::Digest;
@@ -82,6 +88,134 @@ fn node(
         user: identity.user.clone(),
     };
     Ok((client, target))
+}
+
+/// Whether `identity` may upload to `group`: the group is registered and its node counts
+/// the caller as a member. One registry lookup and one empty history page (the page after
+/// the last seq, which only members may read). Blocking: run it off the async runtime.
+///
+/// # Errors
+/// The registry's or node's refusal: `unknown_group`, `not_member`, `banned`; a timeout.
+pub fn check_member(
+    federation: &Federation,
+    identity: &Identity,
+    group: &GroupName,
+) -> Result<(), FileError> {
+    let ctx = federation.contexts.take();
+    let (mut client, _) = node(ctx.context(), federation, identity, group)?;
+    client.get_messages(HistoryQuery::AfterSeq(u64::MAX), Some(1))?;
+    Ok(())
+}
+
+/// Uploads in progress: at most `per_identity` at once for one identity, and at most
+/// `spool_bytes` bytes spooled at once in all (half of that for one identity). The map
+/// holds only identities with an upload in progress.
+#[derive(Debug)]
+pub struct Uploads {
+    per_identity: usize,
+    spool_bytes: u64,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Per identity: uploads in progress and the bytes they spooled.
+    by_identity: HashMap<UserName, (usize, u64)>,
+    /// Bytes spooled in all.
+    spooled: u64,
+}
+
+/// Why an upload may not go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadRefusal {
+    /// The identity has `per_identity` uploads in progress (HTTP 429).
+    Busy,
+    /// The spool, or the identity's share of it, is full (HTTP 507).
+    SpoolFull,
+}
+
+impl Uploads {
+    /// At most `per_identity` uploads at once per identity (at least 1) and `spool_bytes`
+    /// bytes spooled in all.
+    pub fn new(per_identity: usize, spool_bytes: u64) -> Uploads {
+        Uploads {
+            per_identity: per_identity.max(1),
+            spool_bytes,
+            held: Mutex::default(),
+        }
+    }
+
+    /// One of `user`'s upload slots, released when the [`UploadSlot`] drops.
+    ///
+    /// # Errors
+    /// [`UploadRefusal::Busy`].
+    pub fn start(self: &Arc<Self>, user: &UserName) -> Result<UploadSlot, UploadRefusal> {
+        let mut held = self.held.lock().map_err(|_| UploadRefusal::Busy)?;
+        let (count, _) = held.by_identity.entry(user.clone()).or_default();
+        if *count >= self.per_identity {
+            return Err(UploadRefusal::Busy);
+        }
+        *count += 1;
+        Ok(UploadSlot {
+            uploads: Arc::clone(self),
+            user: user.clone(),
+            bytes: 0,
+        })
+    }
+}
+
+/// An upload in progress: its identity's slot and the spool bytes it holds.
+#[derive(Debug)]
+pub struct UploadSlot {
+    uploads: Arc<Uploads>,
+    user: UserName,
+    bytes: u64,
+}
+
+impl UploadSlot {
+    /// Holds `total` spool bytes for this upload in all (no change when it holds that much
+    /// already).
+    ///
+    /// # Errors
+    /// [`UploadRefusal::SpoolFull`]: the spool or the identity's half of it is full.
+    pub fn hold(&mut self, total: u64) -> Result<(), UploadRefusal> {
+        let more = total.saturating_sub(self.bytes);
+        if more == 0 {
+            return Ok(());
+        }
+        let mut held = self
+            .uploads
+            .held
+            .lock()
+            .map_err(|_| UploadRefusal::SpoolFull)?;
+        let mine = held.by_identity.get(&self.user).map_or(0, |(_, b)| *b);
+        if held.spooled.saturating_add(more) > self.uploads.spool_bytes
+            || mine.saturating_add(more) > self.uploads.spool_bytes / 2
+        {
+            return Err(UploadRefusal::SpoolFull);
+        }
+        held.spooled += more;
+        if let Some((_, b)) = held.by_identity.get_mut(&self.user) {
+            *b += more;
+        }
+        self.bytes = total;
+        Ok(())
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.uploads.held.lock() {
+            held.spooled = held.spooled.saturating_sub(self.bytes);
+            if let Some((count, bytes)) = held.by_identity.get_mut(&self.user) {
+                *count = count.saturating_sub(1);
+                *bytes = bytes.saturating_sub(self.bytes);
+                if *count == 0 {
+                    held.by_identity.remove(&self.user);
+                }
+            }
+        }
+    }
 }
 
 /// Hashes a file the gateway holds: its SHA-256 and size.
@@ -219,4 +353,40 @@ pub fn get(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_are_bounded_per_identity_and_the_spool_in_all_and_slots_come_back() {
+        let uploads = Arc::new(Uploads::new(2, 1000));
+        let (alice, bob): (UserName, UserName) =
+            ("alice".parse().expect("name"), "bob".parse().expect("name"));
+        let mut a1 = uploads.start(&alice).expect("first");
+        let a2 = uploads.start(&alice).expect("second");
+        assert_eq!(uploads.start(&alice).err(), Some(UploadRefusal::Busy));
+        let mut b1 = uploads.start(&bob).expect("another identity");
+        a1.hold(400).expect("400");
+        assert_eq!(
+            a1.hold(600),
+            Err(UploadRefusal::SpoolFull),
+            "past alice's half"
+        );
+        b1.hold(500).expect("bob's half");
+        let mut b2 = uploads.start(&bob).expect("bob's second");
+        assert_eq!(
+            b2.hold(200),
+            Err(UploadRefusal::SpoolFull),
+            "past the spool"
+        );
+        drop((a1, a2));
+        b2.hold(0).expect("nothing");
+        let _again = uploads.start(&alice).expect("a slot came back");
+        drop((b1, b2));
+        let held = uploads.held.lock().expect("lock");
+        assert_eq!(held.spooled, 0);
+        assert_eq!(held.by_identity.len(), 1, "only alice's live upload");
+    }
 }

@@ -89,6 +89,10 @@ pub const WS_READ_BUFFER_BYTES: usize = 4 << 10;
 /// session is closed with code 1009 ("message too big", RFC 6455 §7.4.1).
 pub const WS_READ_LIMIT_BYTES: usize = 1 << 20;
 
+/// The largest `POST /signin` or `/signup` body: 4 KiB (a name of at most 32 bytes, a
+/// password of at most 1,024, a form token); a larger one is answered `413` unread.
+pub const SIGN_IN_BODY_BYTES: usize = 4 << 10;
+
 /// Hosted mode's parts.
 #[derive(Debug)]
 pub struct Hosted {
@@ -123,6 +127,9 @@ pub struct AppState {
     /// The largest upload, in bytes (`--max-upload-bytes`, default 4 GiB as a node's
     /// `--max-file-bytes`); a larger one is `413 too_large` before or while it is spooled.
     pub max_upload_bytes: u64,
+    /// Uploads in progress, bounded per identity (`--max-uploads-per-user`) and in spooled
+    /// bytes (`--max-spool-bytes`).
+    pub uploads: Arc<files::Uploads>,
 }
 
 /// The gateway's routes (docs/WEB.md): `/` (the page, or hosted mode's sign-in page),
@@ -134,9 +141,15 @@ pub fn router(state: AppState) -> Router {
         .route("/app.js", get(app_js))
         .route("/app.css", get(app_css))
         .route("/ws", get(ws))
-        .route("/signin", post(sign_in))
+        .route(
+            "/signin",
+            post(sign_in).layer(DefaultBodyLimit::max(SIGN_IN_BODY_BYTES)),
+        )
         .route("/signin.css", get(signin_css))
-        .route("/signup", post(sign_up))
+        .route(
+            "/signup",
+            post(sign_up).layer(DefaultBodyLimit::max(SIGN_IN_BODY_BYTES)),
+        )
         .route("/signout", post(sign_out))
         .route(
             "/files/{group}",
@@ -280,26 +293,26 @@ async fn sign_in(
             "404: personal mode has no sign-in\n".into(),
         );
     };
-    if !hosted.limiter.allow(peer.ip(), &form.name) {
-        tracing::warn!(peer = %peer, "sign-in rate-limited");
-        return sign_in_page(
-            &hosted,
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many attempts: wait a minute.",
-        );
-    }
+    // The name is a name before anything keys on it (the form is at most
+    // SIGN_IN_BODY_BYTES); then the address's limit, then the address and name's.
     let Ok(name) = form.name.parse::<agora_proto::wire::UserName>() else {
-        return sign_in_page(&hosted, StatusCode::UNAUTHORIZED, "Wrong name or password.");
+        return sign_in_page(&hosted, StatusCode::BAD_REQUEST, &bad_name());
     };
+    if let Some(refused) = limited(&hosted, peer, &name) {
+        return refused;
+    }
     let checked = {
         let hosted = Arc::clone(&hosted);
         let federation = Arc::clone(&state.federation);
         tokio::task::spawn_blocking(move || {
             let identity = hosted.accounts.verify(&name, &form.password)?;
             // The account's key is registered at its first sign-in (a repeat changes
-            // nothing); a registry that does not answer now is asked again next time.
-            if let Err(e) = register(&federation, &identity) {
-                tracing::warn!(error = %e, "sign-in without registration");
+            // nothing); a registry that does not answer now is asked again next time, one
+            // that binds the name to another key refuses the account.
+            match register_account(&federation, &identity) {
+                Ok(()) => {}
+                Err(e @ accounts::AccountError::Taken(_)) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "sign-in without registration"),
             }
             Ok::<_, accounts::AccountError>(identity)
         })
@@ -311,6 +324,10 @@ async fn sign_in(
             tracing::info!(peer = %peer, "sign-in refused");
             sign_in_page(&hosted, StatusCode::UNAUTHORIZED, "Wrong name or password.")
         }
+        Ok(Err(e @ accounts::AccountError::Taken(_))) => {
+            tracing::warn!(peer = %peer, error = %e, "sign-in refused");
+            sign_in_page(&hosted, StatusCode::FORBIDDEN, TAKEN)
+        }
         Ok(Err(e)) => failed(
             &hosted,
             "sign-in",
@@ -318,6 +335,61 @@ async fn sign_in(
             "The gateway could not read the account.",
         ),
         Err(e) => failed(&hosted, "sign-in", &e, "Try again."),
+    }
+}
+
+/// The sign-in page's answer to a name that is not one.
+fn bad_name() -> String {
+    format!(
+        "A name is 1 to {} letters, digits, '.', '_' or '-'.",
+        agora_proto::wire::MAX_USER_NAME_BYTES
+    )
+}
+/// The sign-in page's answer to a name the registry binds to another key.
+const TAKEN: &str = "That name belongs to another key on the federation: pick another.";
+
+/// `429` when [`auth::SignInLimiter`] refuses one more attempt from `peer` for `name`.
+fn limited(
+    hosted: &Hosted,
+    peer: SocketAddr,
+    name: &agora_proto::wire::UserName,
+) -> Option<Response> {
+    match hosted.limiter.check(peer.ip(), name) {
+        auth::Verdict::Allowed => None,
+        verdict => {
+            tracing::warn!(peer = %peer.ip(), ?verdict, "sign-in rate-limited");
+            Some(sign_in_page(
+                hosted,
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many attempts: wait a minute.",
+            ))
+        }
+    }
+}
+
+/// Registers `identity`'s name and key with the registry (PROTOCOL §4.4), for an account.
+///
+/// # Errors
+/// [`accounts::AccountError::Taken`] when the registry binds the name to another key
+/// (`name_taken`); [`accounts::AccountError::Registry`] for any other failure.
+fn register_account(
+    federation: &bridge::Federation,
+    identity: &Identity,
+) -> Result<(), accounts::AccountError> {
+    match federation
+        .registry_client(federation.contexts.take().context(), identity)
+        .user_register(&identity.user)
+    {
+        Ok(_) => Ok(()),
+        Err(agora_common::client::ClientError::Server(w))
+            if w.code == agora_proto::wire::ErrorCode::NameTaken =>
+        {
+            Err(accounts::AccountError::Taken(identity.user.clone()))
+        }
+        Err(e) => Err(accounts::AccountError::Registry(format!(
+            "registering {} with the registry: {e}",
+            identity.user
+        ))),
     }
 }
 
@@ -335,27 +407,20 @@ async fn sign_up(
     let Some(hosted) = state.hosted.clone().filter(|h| h.open_signup) else {
         return text(StatusCode::FORBIDDEN, "403: sign-up is closed\n".into());
     };
-    if !hosted.limiter.allow(peer.ip(), &form.name) {
-        return sign_in_page(
-            &hosted,
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many attempts: wait a minute.",
-        );
-    }
     let Ok(name) = form.name.parse::<agora_proto::wire::UserName>() else {
-        return sign_in_page(
-            &hosted,
-            StatusCode::BAD_REQUEST,
-            "A name is 1 to 64 letters, digits, '.', '_' or '-'.",
-        );
+        return sign_in_page(&hosted, StatusCode::BAD_REQUEST, &bad_name());
     };
+    if let Some(refused) = limited(&hosted, peer, &name) {
+        return refused;
+    }
     let federation = Arc::clone(&state.federation);
     let made = {
         let hosted = Arc::clone(&hosted);
+        // The registry first: nothing is kept unless it binds the name to the new key.
         tokio::task::spawn_blocking(move || {
-            let identity = hosted.accounts.add(&name, &form.password)?;
-            register(&federation, &identity).map_err(accounts::AccountError::Corrupt)?;
-            Ok::<_, accounts::AccountError>(identity)
+            hosted.accounts.sign_up(&name, &form.password, |identity| {
+                register_account(&federation, identity)
+            })
         })
         .await
     };
@@ -364,10 +429,22 @@ async fn sign_up(
         Ok(Err(accounts::AccountError::Exists(_))) => {
             sign_in_page(&hosted, StatusCode::CONFLICT, "That name is taken.")
         }
+        Ok(Err(e @ accounts::AccountError::Taken(_))) => {
+            tracing::info!(peer = %peer, error = %e, "sign-up refused");
+            sign_in_page(&hosted, StatusCode::CONFLICT, TAKEN)
+        }
+        Ok(Err(e @ accounts::AccountError::Registry(_))) => {
+            tracing::warn!(error = %e, "sign-up without a registry");
+            sign_in_page(
+                &hosted,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The registry did not answer; nothing was made. Try again.",
+            )
+        }
         Ok(Err(accounts::AccountError::BadPassword)) => sign_in_page(
             &hosted,
             StatusCode::BAD_REQUEST,
-            "A password has at least 8 characters.",
+            "A password has at least 8 characters other than spaces.",
         ),
         Ok(Err(e)) => failed(&hosted, "sign-up", &e, "The account could not be made."),
         Err(e) => failed(&hosted, "sign-up", &e, "Try again."),
@@ -641,7 +718,7 @@ fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
 
 fn file_error(e: &files::FileError) -> Response {
     let status = match e.code() {
-        "not_member" | "forbidden" | "not_invited" => StatusCode::FORBIDDEN,
+        "not_member" | "forbidden" | "not_invited" | "banned" => StatusCode::FORBIDDEN,
         "not_found" | "unknown_group" => StatusCode::NOT_FOUND,
         "invalid_field" => StatusCode::BAD_REQUEST,
         "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
@@ -694,8 +771,50 @@ async fn upload(
             &format!("at most {} bytes per file", state.max_upload_bytes),
         )
     };
+    let spool_full = || {
+        json_error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "limit_reached",
+            "the gateway's upload spool is full; try later",
+        )
+    };
     if declared.is_some_and(|n| n > state.max_upload_bytes) {
         return too_large();
+    }
+    // Nothing of the body is read before the caller holds one of its upload slots and the
+    // group's node counts it as a member.
+    let mut slot = match state.uploads.start(&identity.user) {
+        Ok(slot) => slot,
+        Err(_) => {
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "limit_reached",
+                "too many uploads in progress; wait for one to finish",
+            )
+        }
+    };
+    let checked = {
+        let (federation, identity, group) = (
+            Arc::clone(&state.federation),
+            Arc::clone(&identity),
+            group.clone(),
+        );
+        tokio::task::spawn_blocking(move || files::check_member(&federation, &identity, &group))
+            .await
+    };
+    match checked {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return file_error(&e),
+        Err(e) => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            )
+        }
+    }
+    if declared.is_some_and(|n| slot.hold(n).is_err()) {
+        return spool_full();
     }
     // The body to a spool file, a frame at a time: memory stays bounded whatever the size.
     let spooled = tempfile::tempfile_in(state.spool.as_path()).map(tokio::fs::File::from_std);
@@ -715,6 +834,9 @@ async fn upload(
                 if spooled > state.max_upload_bytes {
                     return too_large();
                 }
+                if slot.hold(spooled).is_err() {
+                    return spool_full();
+                }
                 tokio::io::AsyncWriteExt::write_all(&mut spool, &bytes).await
             }
             Err(e) => return json_error(StatusCode::BAD_REQUEST, "invalid_field", &e.to_string()),
@@ -731,7 +853,7 @@ async fn upload(
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| "application/octet-stream".into());
     let sent = tokio::task::spawn_blocking(move || {
-        files::put(
+        let sent = files::put(
             &federation,
             &identity,
             &group,
@@ -739,7 +861,10 @@ async fn upload(
             q.name,
             media_type,
             q.caption,
-        )
+        );
+        // The slot (and its spool bytes) is free once the node has the file.
+        drop(slot);
+        sent
     })
     .await;
     match sent {

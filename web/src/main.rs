@@ -92,6 +92,14 @@ struct Serve {
     /// The largest file a person may upload, in bytes (as a node's --max-file-bytes).
     #[arg(long, env = "AGORA_WEB_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
     max_upload_bytes: u64,
+    /// Most uploads one identity may have in progress at once; past it an upload is
+    /// answered 429 before its body is read.
+    #[arg(long, env = "AGORA_WEB_MAX_UPLOADS_PER_USER", default_value_t = 4)]
+    max_uploads_per_user: usize,
+    /// Most bytes of uploads on their way to a node the spool holds at once, in all (one
+    /// identity may hold half); past it an upload is answered 507.
+    #[arg(long, env = "AGORA_WEB_MAX_SPOOL_BYTES", default_value_t = 16 << 30)]
+    max_spool_bytes: u64,
     /// Most WebSockets open at once (each a page or tab); past it an upgrade is answered
     /// 503.
     #[arg(long, env = "AGORA_WEB_MAX_WEBSOCKETS", default_value_t = 2000)]
@@ -239,8 +247,10 @@ fn serve(args: Serve) -> anyhow::Result<()> {
     let (sessions, hosted, spool) = if args.hosted {
         let dir = data_dir(args.data_dir.clone())?;
         let accounts = accounts::Accounts::open(&dir)?;
+        // Accounts::open made the directory private (0700, tightened with a log line).
         let spool = dir.join("spool");
-        std::fs::create_dir_all(&spool).with_context(|| format!("{}", spool.display()))?;
+        agora_common::fsmode::private_dir(&spool)
+            .with_context(|| format!("{}", spool.display()))?;
         let hosted = Hosted {
             accounts,
             limiter: auth::SignInLimiter::new(),
@@ -283,6 +293,10 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         tls: tls.is_some(),
         spool: Arc::new(spool),
         max_upload_bytes: args.max_upload_bytes,
+        uploads: Arc::new(agora_web::files::Uploads::new(
+            args.max_uploads_per_user,
+            args.max_spool_bytes,
+        )),
         hub: Arc::default(),
         websockets: Arc::new(agora_web::limits::WebSocketCaps::new(
             args.max_websockets,
