@@ -10,8 +10,36 @@
 //! # Layout (under `DATA/blobs/`)
 //! - `sha256/AB/ABCDEF…` (the full 64-character hex digest, in a directory named by its
 //!   first two characters): a complete, verified blob, mode 0600.
-//! - `uploads/ABCDEF….part`: an upload in progress; `uploads/ABCDEF….size`: its declared
-//!   size in bytes as decimal text, a space, and the uploader (for the per-member quota).
+//! - `uploaders/AB/ABCDEF…`: the principal a complete blob's storage is charged to.
+//! - `uploads/ABCDEF….TAG.part`: an upload in progress, where `TAG` names its uploader (24
+//!   hex digits of the SHA-256 of the uploader's principal, [`Slot`]);
+//!   `uploads/ABCDEF….TAG.size`: its declared size in bytes as decimal text, a space, and
+//!   the uploader's principal. (Before uploads had owners, the names had no `TAG`: such
+//!   files are renamed at [`Blobs::open`].)
+//!
+//! # Who owns what
+//! An upload in progress belongs to the key that declared it ([`Slot`]: digest and
+//! uploader): another member's `upload` of the same digest, with any size, is an upload of
+//! its own, and its chunks never touch this one, so nobody can block or spoil anyone
+//! else's. A complete content is shared: stored once, served to every member, and whichever
+//! upload completes second finds it there and drops its own bytes.
+//!
+//! # Quota and reserve ([`Limits`])
+//! A member's storage is the sizes its unfinished uploads declare plus the sizes of the
+//! complete contents charged to it that the node keeps; an `upload` that would take it past
+//! the quota is refused ([`BlobError::Quota`]). A content is charged to the member whose
+//! upload completed it first (the one who sent its bytes), and to nobody else: one who
+//! declares a content that is already complete sends nothing and is charged nothing. The
+//! charge goes when the content goes (retention, [`Blobs::retain`]). Contents completed
+//! before the node recorded uploaders are charged to nobody. Without a PostgreSQL store the
+//! charges are summed from the `uploaders/` files once, at the first `upload`, and kept up to
+//! date in memory; with one they are the `uploader` column of `blobs`, summed per `upload`
+//! (an index on it).
+//!
+//! Below the quotas, the node keeps a reserve of free disk on the data directory's file
+//! system (`statvfs`): an `upload`, or a chunk, that would leave less free space than the
+//! reserve is refused ([`BlobError::StorageFull`]) before anything is written, so that
+//! attachments never take the room the log needs.
 //!
 //! # Shared blobs (`--store postgres://…`)
 //! With a PostgreSQL store, a complete blob lives in the group's schema too (tables
@@ -81,13 +109,31 @@ pub enum BlobError {
         /// The size of the upload in progress.
         have: u64,
     },
-    /// Declaring this upload would pass the uploader's quota of unfinished uploads.
-    #[error("{pending} bytes of unfinished uploads, and this one would pass the quota of {quota}")]
+    /// Declaring this upload would pass the uploader's storage quota.
+    #[error(
+        "{pending} bytes of unfinished uploads and {kept} bytes of kept content are yours; \
+         this upload would pass your quota of {quota} bytes"
+    )]
     Quota {
         /// Bytes the uploader's unfinished uploads declare.
         pending: u64,
+        /// Bytes of complete content charged to the uploader that the node keeps.
+        kept: u64,
         /// The quota.
         quota: u64,
+    },
+    /// Storing `needed` more bytes would leave less free disk than the node's reserve.
+    #[error(
+        "the node is short of disk: {free} bytes free, {needed} needed, {reserve} kept in \
+         reserve; nothing was stored; retry later"
+    )]
+    StorageFull {
+        /// Free bytes on the data directory's file system (for unprivileged users).
+        free: u64,
+        /// Bytes the refused upload or chunk would have written.
+        needed: u64,
+        /// The reserve.
+        reserve: u64,
     },
     /// No upload of this digest is in progress (and no such blob exists).
     #[error("no upload of {0} in progress")]
@@ -156,6 +202,66 @@ pub enum Progress {
     },
 }
 
+/// One upload in progress: the content's digest and the principal of the member who
+/// declared it. Uploads of one digest by two members are two slots: each belongs to its
+/// uploader (see the module docs, "Who owns what").
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Slot {
+    /// The content's digest.
+    pub digest: Sha256Digest,
+    /// The uploader's principal (`key:…`, or `name:…` on an `--insecure` node).
+    pub uploader: String,
+}
+
+impl Slot {
+    /// The upload of `digest` by `uploader` (a principal).
+    pub fn new(digest: Sha256Digest, uploader: &str) -> Slot {
+        Slot {
+            digest,
+            uploader: uploader.to_owned(),
+        }
+    }
+
+    /// The slot's file name stem: `DIGEST.TAG`, `TAG` 24 hex digits of the SHA-256 of the
+    /// uploader (principals hold characters no file name may).
+    fn stem(&self) -> String {
+        let tag = Sha256::digest(self.uploader.as_bytes());
+        format!("{}.{}", self.digest, hex::encode(&tag[..12]))
+    }
+}
+
+/// The node's bounds on what uploads may store, checked at `upload` (and the reserve at
+/// every chunk too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes one member may hold: its unfinished uploads' declared sizes plus the complete
+    /// contents charged to it (`--upload-quota`).
+    pub quota: u64,
+    /// Free bytes the data directory's file system keeps whatever uploads want
+    /// (`--disk-reserve-bytes`); 0: no reserve.
+    pub reserve: u64,
+}
+
+impl Default for Limits {
+    /// No quota and no reserve.
+    fn default() -> Self {
+        Limits {
+            quota: u64::MAX,
+            reserve: 0,
+        }
+    }
+}
+
+/// A sealed content: its size, and whether this seal stored it (so that it is charged to
+/// the slot's uploader) or found it complete already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    /// The content's size in bytes.
+    pub size: u64,
+    /// True when this upload completed it first: it is charged to its uploader.
+    pub new: bool,
+}
+
 /// Where a store's files are, for [`seal`] on another thread.
 #[derive(Debug, Clone)]
 pub struct BlobLayout {
@@ -168,58 +274,71 @@ impl BlobLayout {
         self.root.join("sha256").join(&hex[..2]).join(hex)
     }
 
-    fn part_path(&self, digest: &Sha256Digest) -> PathBuf {
-        self.root.join("uploads").join(format!("{digest}.part"))
+    /// The file naming the principal a complete blob is charged to.
+    fn uploader_path(&self, digest: &Sha256Digest) -> PathBuf {
+        let hex = digest.to_string();
+        self.root.join("uploaders").join(&hex[..2]).join(hex)
     }
 
-    fn size_path(&self, digest: &Sha256Digest) -> PathBuf {
-        self.root.join("uploads").join(format!("{digest}.size"))
+    fn part_path(&self, slot: &Slot) -> PathBuf {
+        self.root
+            .join("uploads")
+            .join(format!("{}.part", slot.stem()))
+    }
+
+    fn size_path(&self, slot: &Slot) -> PathBuf {
+        self.root
+            .join("uploads")
+            .join(format!("{}.size", slot.stem()))
     }
 }
 
 /// Seals a fully received upload: checks its digest (unless `verified`), fsyncs it, moves it
-/// to its name and fsyncs the directory; returns its size. A mismatch discards the upload.
-/// With `pg` (a connection to the group's PostgreSQL store, [`PgBlobTarget::connect`]), the
-/// content is first copied into the database in one transaction, and committed, before the
-/// local file is named (see the module docs); a content the database already holds is not
-/// copied again. Blocking I/O of the whole content: the node runs it on an actor, never on
-/// its loop.
+/// to its name and fsyncs the directory; returns its size and whether it was new (charged to
+/// the slot's uploader, [`Kept`]). A content complete already (another member's upload got
+/// there first) is kept as it is, and this upload's bytes are dropped. A mismatch discards
+/// the upload. With `pg` (a connection to the group's PostgreSQL store,
+/// [`PgBlobTarget::connect`]), the content is first copied into the database in one
+/// transaction, with its uploader, and committed, before the local file is named (see the
+/// module docs); a content the database already holds is not copied again. Blocking I/O of
+/// the whole content: the node runs it on an actor, never on its loop.
 ///
 /// # Errors
 /// [`BlobError::DigestMismatch`], [`BlobError::NoUpload`], [`BlobError::Io`],
 /// [`BlobError::Store`] (the database failed: the upload stays where it was, to seal again).
 pub fn seal(
     layout: &BlobLayout,
-    digest: &Sha256Digest,
+    slot: &Slot,
     verified: bool,
     pg: Option<&mut Client>,
-) -> Result<u64, BlobError> {
+) -> Result<Kept, BlobError> {
+    let digest = &slot.digest;
     let Some(client) = pg else {
-        return seal_local(layout, digest, verified);
+        return seal_local(layout, slot, verified, true);
     };
     if let Some(size) = pg_size(client, digest)? {
         // Complete in the database already (an earlier upload, maybe at another node): only
         // the local copy is left to make, from the bytes just received.
-        return match seal_local(layout, digest, verified) {
-            Ok(_) => Ok(size),
+        return match seal_local(layout, slot, verified, false) {
+            Ok(_) => Ok(Kept { size, new: false }),
             Err(e @ BlobError::DigestMismatch { .. }) => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, %digest, "could not keep a local copy of a blob");
-                discard_files(layout, digest);
-                Ok(size)
+                discard_files(layout, slot);
+                Ok(Kept { size, new: false })
             }
         };
     }
-    let mut file = File::open(layout.part_path(digest)).map_err(|e| match e.kind() {
+    let mut file = File::open(layout.part_path(slot)).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => BlobError::NoUpload(*digest),
         _ => BlobError::Io(e),
     })?;
     let mut tx = client.transaction()?;
-    let copied = copy_into(&mut tx, &mut file, digest, !verified)?;
+    let copied = copy_into(&mut tx, &mut file, digest, !verified, Some(&slot.uploader))?;
     if let Some(actual) = copied.actual.filter(|actual| actual != digest) {
         drop(tx); // rolled back
         drop(file);
-        discard_files(layout, digest);
+        discard_files(layout, slot);
         return Err(BlobError::DigestMismatch {
             declared: *digest,
             actual,
@@ -228,30 +347,46 @@ pub fn seal(
     tx.commit()?;
     // The database holds it now; the local file is a cache. Failing to keep it loses nothing.
     drop(file);
-    if let Err(e) = seal_local(layout, digest, true) {
+    if let Err(e) = seal_local(layout, slot, true, true) {
         tracing::warn!(error = %e, %digest, "could not keep a local copy of a blob");
-        discard_files(layout, digest);
+        discard_files(layout, slot);
     }
-    Ok(copied.size)
+    Ok(Kept {
+        size: copied.size,
+        new: true,
+    })
 }
 
-/// [`seal`] without a database: the local file is the blob.
+/// [`seal`] without a database: the local file is the blob. `record`: name the slot's
+/// uploader as the one a new blob is charged to (`uploaders/`).
 fn seal_local(
     layout: &BlobLayout,
-    digest: &Sha256Digest,
+    slot: &Slot,
     verified: bool,
-) -> Result<u64, BlobError> {
-    let part = layout.part_path(digest);
+    record: bool,
+) -> Result<Kept, BlobError> {
+    let digest = &slot.digest;
+    let part = layout.part_path(slot);
     let mut file = File::open(&part).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => BlobError::NoUpload(*digest),
         _ => BlobError::Io(e),
     })?;
+    let target = layout.blob_path(digest);
+    if let Ok(there) = fs::metadata(&target) {
+        // Another member's upload completed it first: theirs stays, ours goes.
+        drop(file);
+        discard_files(layout, slot);
+        return Ok(Kept {
+            size: there.len(),
+            new: false,
+        });
+    }
     let size = file.metadata()?.len();
     if !verified {
         let actual = hash_file(&mut file)?;
         if actual != *digest {
             drop(file);
-            discard_files(layout, digest);
+            discard_files(layout, slot);
             return Err(BlobError::DigestMismatch {
                 declared: *digest,
                 actual,
@@ -259,25 +394,36 @@ fn seal_local(
         }
     }
     file.sync_all()?;
-    let target = layout.blob_path(digest);
     if let Some(dir) = target.parent() {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
     }
+    if record {
+        // Before the blob is named: a crash in between leaves a stray charge, which the
+        // charge count skips, never a blob charged to nobody.
+        let charge = layout.uploader_path(digest);
+        if let Some(dir) = charge.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        write_private(&charge, slot.uploader.as_bytes())?;
+    }
     fs::rename(&part, &target)?;
     if let Some(dir) = target.parent() {
         File::open(dir)?.sync_all()?;
     }
-    let _ = fs::remove_file(layout.size_path(digest));
-    Ok(size)
+    let _ = fs::remove_file(layout.size_path(slot));
+    Ok(Kept { size, new: true })
 }
 
 /// Removes an upload's partial file and declaration.
-fn discard_files(layout: &BlobLayout, digest: &Sha256Digest) {
-    let _ = fs::remove_file(layout.part_path(digest));
-    let _ = fs::remove_file(layout.size_path(digest));
+fn discard_files(layout: &BlobLayout, slot: &Slot) {
+    let _ = fs::remove_file(layout.part_path(slot));
+    let _ = fs::remove_file(layout.size_path(slot));
 }
 
 /// What [`copy_into`] copied.
@@ -289,14 +435,15 @@ struct Copied {
 }
 
 /// Copies `file`'s content, from its start, into `blob_chunks` as `digest`'s pieces of
-/// [`PG_CHUNK_BYTES`], then its `blobs` row, in the caller's transaction; hashes it on the
-/// way when `hash` (the caller compares, and rolls back on a mismatch). One piece in memory
-/// at a time.
+/// [`PG_CHUNK_BYTES`], then its `blobs` row (charged to `uploader`, if known), in the
+/// caller's transaction; hashes it on the way when `hash` (the caller compares, and rolls
+/// back on a mismatch). One piece in memory at a time.
 fn copy_into(
     tx: &mut postgres::Transaction<'_>,
     file: &mut File,
     digest: &Sha256Digest,
     hash: bool,
+    uploader: Option<&str>,
 ) -> Result<Copied, BlobError> {
     let key = digest.as_bytes().as_slice();
     let insert = tx.prepare(
@@ -322,8 +469,8 @@ fn copy_into(
     }
     let size = i64::try_from(at).map_err(|_| corrupt(digest, "past 2^63 bytes"))?;
     tx.execute(
-        "INSERT INTO blobs (digest, size) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        &[&key, &size],
+        "INSERT INTO blobs (digest, size, uploader) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        &[&key, &size, &uploader],
     )?;
     Ok(Copied {
         size: at,
@@ -360,6 +507,21 @@ fn pg_size(client: &mut Client, digest: &Sha256Digest) -> Result<Option<u64>, Bl
     )?;
     row.map(|r| u64::try_from(r.get::<_, i64>(0)).map_err(|_| corrupt(digest, "a negative size")))
         .transpose()
+}
+
+/// The bytes of complete content charged to `uploader` in the database (the `blobs_uploader`
+/// index).
+///
+/// # Errors
+/// [`BlobError::Store`].
+fn pg_charged(client: &mut Client, uploader: &str) -> Result<u64, BlobError> {
+    let total: i64 = client
+        .query_one(
+            "SELECT COALESCE(SUM(size), 0)::BIGINT FROM blobs WHERE uploader = $1",
+            &[&uploader],
+        )?
+        .get(0);
+    Ok(u64::try_from(total).unwrap_or(0))
 }
 
 /// Up to `max` bytes of `digest` from `offset`, read from the database, and its size: only
@@ -476,8 +638,10 @@ pub fn backfill(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e.into()),
     };
+    // Charged to whom the local files say (nobody, for a blob sealed before they did).
+    let uploader = fs::read_to_string(layout.uploader_path(digest)).ok();
     let mut tx = client.transaction()?;
-    let copied = copy_into(&mut tx, &mut file, digest, true)?;
+    let copied = copy_into(&mut tx, &mut file, digest, true, uploader.as_deref())?;
     if let Some(actual) = copied.actual.filter(|actual| actual != digest) {
         tracing::warn!(%digest, %actual, "a local blob does not match its name; not copied");
         return Ok(false);
@@ -606,11 +770,17 @@ impl Shared {
 #[derive(Debug)]
 pub struct Blobs {
     root: PathBuf,
+    /// The quota and the reserve ([`Blobs::with_limits`]; none by default).
+    limits: Limits,
     /// The SHA-256 state of each upload in progress over its first `n` bytes.
-    hashing: RefCell<HashMap<Sha256Digest, (Sha256, u64)>>,
+    hashing: RefCell<HashMap<Slot, (Sha256, u64)>>,
     /// Uploads whose every byte is there, being sealed elsewhere ([`seal`]), and whether
     /// their digest was already verified.
-    sealing: RefCell<HashMap<Sha256Digest, bool>>,
+    sealing: RefCell<HashMap<Slot, bool>>,
+    /// Without a PostgreSQL store: the bytes of complete content charged to each uploader,
+    /// summed from the `uploaders/` files at the first need ([`Blobs::charged`]), then kept
+    /// up to date as contents are sealed and removed.
+    charges: RefCell<Option<HashMap<String, u64>>>,
     /// A buffer with room for a block-aligned chunk, for `O_DIRECT` writes (at most one
     /// chunk, 1 MiB, plus a block).
     staging: RefCell<Vec<u8>>,
@@ -624,7 +794,9 @@ pub struct Blobs {
 const DIRECT_BLOCK: u64 = 4096;
 
 impl Blobs {
-    /// Opens (creating, mode 0700) the store under `dir`.
+    /// Opens (creating, mode 0700) the store under `dir`, with no quota and no reserve
+    /// ([`Blobs::with_limits`]). Uploads left by a build whose uploads had no owners are
+    /// given to the uploader their declaration names.
     ///
     /// # Errors
     /// [`BlobError::Io`].
@@ -636,13 +808,58 @@ impl Blobs {
                 .mode(0o700)
                 .create(&d)?;
         }
-        Ok(Blobs {
+        let blobs = Blobs {
             root,
+            limits: Limits::default(),
             hashing: RefCell::new(HashMap::new()),
             sealing: RefCell::new(HashMap::new()),
+            charges: RefCell::new(None),
             staging: RefCell::new(Vec::new()),
             shared: None,
-        })
+        };
+        blobs.adopt_unowned_uploads()?;
+        Ok(blobs)
+    }
+
+    /// Bounds what uploads may store: each member's quota and the disk's reserve.
+    pub fn with_limits(mut self, limits: Limits) -> Blobs {
+        self.limits = limits;
+        self
+    }
+
+    /// Renames the uploads declared before uploads had owners (`DIGEST.part`,
+    /// `DIGEST.size`) to the slot of the uploader their declaration names; a declaration
+    /// that names nobody is dropped.
+    fn adopt_unowned_uploads(&self) -> Result<(), BlobError> {
+        let uploads = self.root.join("uploads");
+        for entry in fs::read_dir(&uploads)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Some(hex) = name.strip_suffix(".size") else {
+                continue;
+            };
+            let Ok(digest) = hex.parse::<Sha256Digest>() else {
+                continue;
+            };
+            let old_part = uploads.join(format!("{hex}.part"));
+            match self.declaration(&path)? {
+                Some((_, owner)) if !owner.is_empty() => {
+                    let slot = Slot::new(digest, &owner);
+                    if old_part.exists() {
+                        fs::rename(&old_part, self.part_path(&slot))?;
+                    }
+                    fs::rename(&path, self.size_path(&slot))?;
+                }
+                _ => {
+                    let _ = fs::remove_file(&old_part);
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Keeps complete blobs in the group's PostgreSQL store too (see the module docs),
@@ -676,31 +893,38 @@ impl Blobs {
         self.layout().blob_path(digest)
     }
 
-    fn part_path(&self, digest: &Sha256Digest) -> PathBuf {
-        self.layout().part_path(digest)
+    fn part_path(&self, slot: &Slot) -> PathBuf {
+        self.layout().part_path(slot)
     }
 
-    fn size_path(&self, digest: &Sha256Digest) -> PathBuf {
-        self.layout().size_path(digest)
+    fn size_path(&self, slot: &Slot) -> PathBuf {
+        self.layout().size_path(slot)
     }
 
-    /// The sealing of `digest` ended (see [`seal`]): it is complete, or discarded.
-    pub fn sealed(&self, digest: &Sha256Digest) {
-        self.sealing.borrow_mut().remove(digest);
+    /// The sealing of `slot` ended (see [`seal`]): `kept` when its content is complete (and
+    /// charged to its uploader if this upload stored it), `None` when it failed.
+    pub fn sealed(&self, slot: &Slot, kept: Option<Kept>) {
+        self.sealing.borrow_mut().remove(slot);
+        if let Some(Kept { size, new: true }) = kept {
+            if let Some(charges) = self.charges.borrow_mut().as_mut() {
+                let charged = charges.entry(slot.uploader.clone()).or_default();
+                *charged = charged.saturating_add(size);
+            }
+        }
     }
 
-    /// Seals `digest` on this thread (see [`seal`]): for tests and recovery.
+    /// Seals `slot` on this thread (see [`seal`]): for tests and recovery.
     ///
     /// # Errors
     /// As [`seal`].
-    pub fn seal_here(&self, digest: &Sha256Digest, verified: bool) -> Result<Progress, BlobError> {
+    pub fn seal_here(&self, slot: &Slot, verified: bool) -> Result<Progress, BlobError> {
         let layout = self.layout();
         let result = match &self.shared {
-            Some(shared) => shared.with(|client| seal(&layout, digest, verified, Some(client))),
-            None => seal(&layout, digest, verified, None),
+            Some(shared) => shared.with(|client| seal(&layout, slot, verified, Some(client))),
+            None => seal(&layout, slot, verified, None),
         };
-        self.sealed(digest);
-        result.map(|size| Progress::Complete { size })
+        self.sealed(slot, result.as_ref().ok().copied());
+        result.map(|kept| Progress::Complete { size: kept.size })
     }
 
     /// The size of the complete blob `digest`, if there is one: the local file's, else, with
@@ -730,30 +954,35 @@ impl Blobs {
         }
     }
 
-    /// Where the upload of `digest` stands, if it was begun or is complete (here, or, with a
-    /// PostgreSQL store, in the database).
+    /// Where the upload `slot` stands: complete (by whoever's upload, here or, with a
+    /// PostgreSQL store, in the database), or the slot's own progress. Another member's
+    /// upload of the same digest is not looked at. A slot whose content another upload
+    /// completed is dropped (its bytes are not needed).
     ///
     /// # Errors
     /// [`BlobError::Io`], [`BlobError::Store`].
-    pub fn progress(&self, digest: &Sha256Digest) -> Result<Option<Progress>, BlobError> {
-        if let Some(size) = self.local_size(digest)? {
+    pub fn progress(&self, slot: &Slot) -> Result<Option<Progress>, BlobError> {
+        if let Some(size) = self.local_size(&slot.digest)? {
+            if !self.sealing.borrow().contains_key(slot) && self.size_path(slot).exists() {
+                self.discard(slot);
+            }
             return Ok(Some(Progress::Complete { size }));
         }
         // An upload in progress here is asked about without the database, so that a chunk
         // costs no query; if the content is complete there already, sealing finds it.
-        let Some(size) = self.declared_size(digest)? else {
+        let Some(size) = self.declared_size(slot)? else {
             return Ok(self
-                .shared_size(digest)?
+                .shared_size(&slot.digest)?
                 .map(|size| Progress::Complete { size }));
         };
-        if let Some(&verified) = self.sealing.borrow().get(digest) {
+        if let Some(&verified) = self.sealing.borrow().get(slot) {
             return Ok(Some(Progress::Sealing {
                 size,
                 verified,
                 start: false,
             }));
         }
-        let have = match fs::metadata(self.part_path(digest)) {
+        let have = match fs::metadata(self.part_path(slot)) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e.into()),
@@ -761,9 +990,9 @@ impl Blobs {
         Ok(Some(Progress::Partial { have, size }))
     }
 
-    fn declared_size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
+    fn declared_size(&self, slot: &Slot) -> Result<Option<u64>, BlobError> {
         Ok(self
-            .declaration(&self.size_path(digest))?
+            .declaration(&self.size_path(slot))?
             .map(|(size, _)| size))
     }
 
@@ -771,10 +1000,12 @@ impl Blobs {
     fn declaration(&self, path: &Path) -> Result<Option<(u64, String)>, BlobError> {
         match fs::read_to_string(path) {
             Ok(text) => {
-                let mut words = text.split_whitespace();
-                let size = words.next().and_then(|w| w.parse().ok());
-                let owner = words.next().unwrap_or_default().to_owned();
-                Ok(size.map(|size| (size, owner)))
+                let (size, owner) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+                Ok(size
+                    .trim()
+                    .parse()
+                    .ok()
+                    .map(|size| (size, owner.trim_end_matches('\n').to_owned())))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
@@ -797,31 +1028,96 @@ impl Blobs {
         Ok(total)
     }
 
-    /// Begins (or, with the same size, resumes) an upload of `size` bytes named `digest` for
-    /// `owner`, whose unfinished uploads may declare at most `quota` bytes together. A blob
-    /// already complete is not uploaded again, and resuming costs no quota: the answer says
-    /// where it stands. An upload whose every byte arrived before a restart, but which was
-    /// not sealed, answers [`Progress::Sealing`] with `start`: the caller has it sealed (its
-    /// digest checked by reading it back) off its thread, as after a last chunk.
+    /// Bytes of complete content charged to `uploader` that the node keeps (see the module
+    /// docs, "Quota and reserve").
     ///
     /// # Errors
-    /// [`BlobError::SizeConflict`] when an upload of the digest with another size is in
-    /// progress; [`BlobError::Quota`]; [`BlobError::Io`].
-    pub fn begin(
-        &self,
-        digest: &Sha256Digest,
-        size: u64,
-        owner: &str,
-        quota: u64,
-    ) -> Result<Progress, BlobError> {
-        match self.progress(digest)? {
+    /// [`BlobError::Io`] listing the store; [`BlobError::Store`].
+    pub fn charged(&self, uploader: &str) -> Result<u64, BlobError> {
+        if let Some(shared) = &self.shared {
+            return shared.with(|client| pg_charged(client, uploader));
+        }
+        let mut charges = self.charges.borrow_mut();
+        let charges = match charges.as_mut() {
+            Some(charges) => charges,
+            None => charges.insert(self.count_charges()?),
+        };
+        Ok(charges.get(uploader).copied().unwrap_or(0))
+    }
+
+    /// Sums the sizes of the local blobs by the uploader their `uploaders/` file names. A
+    /// charge whose blob is not there (a seal cut short, or under way) is skipped.
+    fn count_charges(&self) -> Result<HashMap<String, u64>, BlobError> {
+        let mut out = HashMap::new();
+        let dirs = match fs::read_dir(self.root.join("uploaders")) {
+            Ok(dirs) => dirs,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        for dir in dirs {
+            for entry in fs::read_dir(dir?.path())? {
+                let path = entry?.path();
+                let Some(Ok(digest)) = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().parse::<Sha256Digest>())
+                else {
+                    continue;
+                };
+                if let Some(size) = self.local_size(&digest)? {
+                    let who = fs::read_to_string(&path)?;
+                    let charged: &mut u64 = out.entry(who).or_default();
+                    *charged = charged.saturating_add(size);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses to write `needed` more bytes when that would leave less free space than the
+    /// reserve on the store's file system (`statvfs`: blocks available to unprivileged
+    /// users).
+    ///
+    /// # Errors
+    /// [`BlobError::StorageFull`]; [`BlobError::Io`] when `statvfs` fails.
+    fn ensure_room(&self, needed: u64) -> Result<(), BlobError> {
+        let reserve = self.limits.reserve;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let stat = rustix::fs::statvfs(&self.root).map_err(std::io::Error::from)?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if free < needed.saturating_add(reserve) {
+            return Err(BlobError::StorageFull {
+                free,
+                needed,
+                reserve,
+            });
+        }
+        Ok(())
+    }
+
+    /// Begins (or, with the same size, resumes) the upload `slot` of `size` bytes. A blob
+    /// already complete is not uploaded again, and resuming costs no quota: the answer says
+    /// where it stands. A new upload must fit in its uploader's quota (their unfinished
+    /// uploads' declared sizes plus the complete contents charged to them) and leave the
+    /// disk's reserve free ([`Limits`]). An upload whose every byte arrived before a
+    /// restart, but which was not sealed, answers [`Progress::Sealing`] with `start`: the
+    /// caller has it sealed (its digest checked by reading it back) off its thread, as after
+    /// a last chunk.
+    ///
+    /// # Errors
+    /// [`BlobError::SizeConflict`] when this uploader's upload of the digest has another
+    /// size; [`BlobError::Quota`]; [`BlobError::StorageFull`]; [`BlobError::Io`];
+    /// [`BlobError::Store`].
+    pub fn begin(&self, slot: &Slot, size: u64) -> Result<Progress, BlobError> {
+        match self.progress(slot)? {
             Some(p @ (Progress::Complete { .. } | Progress::Sealing { .. })) => return Ok(p),
             // Every byte arrived but the node stopped before sealing it: seal it now.
             Some(Progress::Partial {
                 have,
                 size: declared,
             }) if declared == size && have == size => {
-                self.sealing.borrow_mut().insert(*digest, false);
+                self.sealing.borrow_mut().insert(slot.clone(), false);
                 return Ok(Progress::Sealing {
                     size,
                     verified: false,
@@ -840,36 +1136,45 @@ impl Blobs {
             }
             None => {}
         }
+        let owner = slot.uploader.as_str();
         let pending = self.pending(owner)?;
-        if pending.saturating_add(size) > quota {
-            return Err(BlobError::Quota { pending, quota });
+        let kept = self.charged(owner)?;
+        let quota = self.limits.quota;
+        if pending.saturating_add(kept).saturating_add(size) > quota {
+            return Err(BlobError::Quota {
+                pending,
+                kept,
+                quota,
+            });
         }
-        write_private(
-            &self.size_path(digest),
-            format!("{size} {owner}").as_bytes(),
-        )?;
+        self.ensure_room(size)?;
+        write_private(&self.size_path(slot), format!("{size} {owner}").as_bytes())?;
         if size == 0 {
-            write_private(&self.part_path(digest), b"")?;
-            return self.seal_here(digest, false);
+            write_private(&self.part_path(slot), b"")?;
+            return self.seal_here(slot, false);
         }
         Ok(Progress::Partial { have: 0, size })
     }
 
-    /// Appends `bytes` at `offset` to the upload of `digest`. Once every byte is there, checks
-    /// the digest if it was hashed as it arrived and answers [`Progress::Sealing`]: the caller
-    /// then has it sealed ([`seal`], off its thread) and calls [`Blobs::sealed`]. Returns where
-    /// the upload stands after.
+    /// Appends `bytes` at `offset` to the upload `slot` (the caller's own: another member's
+    /// upload of the digest is never touched). Once every byte is there, checks the digest
+    /// if it was hashed as it arrived and answers [`Progress::Sealing`]: the caller then has
+    /// it sealed ([`seal`], off its thread) and calls [`Blobs::sealed`]. Returns where the
+    /// upload stands after.
     ///
     /// # Errors
-    /// [`BlobError::NoUpload`], [`BlobError::BadOffset`] (the error says where to resume),
-    /// [`BlobError::PastEnd`], [`BlobError::DigestMismatch`], [`BlobError::Io`].
+    /// [`BlobError::NoUpload`] (this uploader declared no upload of the digest),
+    /// [`BlobError::BadOffset`] (the error says where to resume), [`BlobError::PastEnd`],
+    /// [`BlobError::StorageFull`] (nothing written), [`BlobError::DigestMismatch`],
+    /// [`BlobError::Io`].
     pub fn write_chunk(
         &self,
-        digest: &Sha256Digest,
+        slot: &Slot,
         offset: u64,
         bytes: &[u8],
     ) -> Result<Progress, BlobError> {
-        let (have, size) = match self.progress(digest)? {
+        let digest = &slot.digest;
+        let (have, size) = match self.progress(slot)? {
             Some(Progress::Partial { have, size }) => (have, size),
             Some(p @ (Progress::Complete { .. } | Progress::Sealing { .. })) => return Ok(p),
             None => return Err(BlobError::NoUpload(*digest)),
@@ -881,34 +1186,35 @@ impl Blobs {
         if offset + len > size {
             return Err(BlobError::PastEnd { offset, len, size });
         }
-        self.append(digest, have, bytes)?;
+        self.ensure_room(len)?;
+        self.append(slot, have, bytes)?;
         {
             let mut hashing = self.hashing.borrow_mut();
-            match hashing.get_mut(digest) {
+            match hashing.get_mut(slot) {
                 Some((hasher, n)) if *n == offset => {
                     hasher.update(bytes);
                     *n += len;
                 }
                 // No state for the bytes before (a restart): `finish` reads them back.
                 Some(_) => {
-                    hashing.remove(digest);
+                    hashing.remove(slot);
                 }
                 None if offset == 0 => {
                     let mut hasher = Sha256::new();
                     hasher.update(bytes);
-                    hashing.insert(*digest, (hasher, len));
+                    hashing.insert(slot.clone(), (hasher, len));
                 }
                 None => {}
             }
         }
         if offset + len == size {
             // Hashed as it arrived: a mismatch is known now, without reading anything back.
-            let state = self.hashing.borrow_mut().remove(digest);
+            let state = self.hashing.borrow_mut().remove(slot);
             let verified = match state {
                 Some((hasher, n)) if n == size => {
                     let actual = Sha256Digest::from_bytes(hasher.finalize().into());
                     if actual != *digest {
-                        self.discard(digest);
+                        self.discard(slot);
                         return Err(BlobError::DigestMismatch {
                             declared: *digest,
                             actual,
@@ -918,7 +1224,7 @@ impl Blobs {
                 }
                 _ => false,
             };
-            self.sealing.borrow_mut().insert(*digest, verified);
+            self.sealing.borrow_mut().insert(slot.clone(), verified);
             return Ok(Progress::Sealing {
                 size,
                 verified,
@@ -931,15 +1237,15 @@ impl Blobs {
         })
     }
 
-    /// Writes `bytes` at `have`, the end of `digest`'s partial file. A chunk of whole blocks
+    /// Writes `bytes` at `have`, the end of `slot`'s partial file. A chunk of whole blocks
     /// at a block boundary ([`DIRECT_BLOCK`]; every chunk of the documented size but a file's
     /// last) goes around the page cache (`O_DIRECT`), so the loop's core does not copy
     /// gigabytes into it; any other chunk, or a file system without `O_DIRECT` (tmpfs), goes
     /// through it. Either way the seal's fsync makes the bytes durable. A short write (a full
     /// disk) is cut off, so that no torn chunk is left to resume after.
-    fn append(&self, digest: &Sha256Digest, have: u64, bytes: &[u8]) -> Result<(), BlobError> {
+    fn append(&self, slot: &Slot, have: u64, bytes: &[u8]) -> Result<(), BlobError> {
         use std::os::unix::fs::FileExt;
-        let path = self.part_path(digest);
+        let path = self.part_path(slot);
         let aligned = have.is_multiple_of(DIRECT_BLOCK)
             && (bytes.len() as u64).is_multiple_of(DIRECT_BLOCK)
             && !bytes.is_empty();
@@ -989,11 +1295,11 @@ impl Blobs {
         Ok(())
     }
 
-    /// Forgets an upload in progress.
-    pub fn discard(&self, digest: &Sha256Digest) {
-        self.hashing.borrow_mut().remove(digest);
-        let _ = fs::remove_file(self.part_path(digest));
-        let _ = fs::remove_file(self.size_path(digest));
+    /// Forgets the upload `slot`.
+    pub fn discard(&self, slot: &Slot) {
+        self.hashing.borrow_mut().remove(slot);
+        let _ = fs::remove_file(self.part_path(slot));
+        let _ = fs::remove_file(self.size_path(slot));
     }
 
     /// The size of the complete blob `digest`, and up to `max` bytes of it from `offset`
@@ -1032,7 +1338,8 @@ impl Blobs {
 
     /// Removes every complete blob at least `min_age` old (since it was completed) for which
     /// `keep` is false, its file and, with a PostgreSQL store, its rows; returns how many.
-    /// The age spares a content just uploaded whose message has not been sent yet.
+    /// The age spares a content just uploaded whose message has not been sent yet. What a
+    /// removed blob was charged to its uploader is freed.
     ///
     /// # Errors
     /// [`BlobError::Io`] listing the store; [`BlobError::Store`] listing or deleting rows
@@ -1061,8 +1368,9 @@ impl Blobs {
                 let Ok(digest) = entry.file_name().to_string_lossy().parse::<Sha256Digest>() else {
                     continue;
                 };
-                let age = entry
-                    .metadata()
+                let meta = entry.metadata();
+                let size = meta.as_ref().map(std::fs::Metadata::len).unwrap_or(0);
+                let age = meta
                     .and_then(|m| m.modified())
                     .map(|t| now.duration_since(t).unwrap_or_default())
                     .unwrap_or_default();
@@ -1071,11 +1379,30 @@ impl Blobs {
                 if (gone || (age >= min_age && !keep(&digest)))
                     && fs::remove_file(entry.path()).is_ok()
                 {
+                    self.uncharge(&digest, size);
                     removed.insert(digest);
                 }
             }
         }
         Ok(removed.len() as u64)
+    }
+
+    /// Removes the charge file of a removed blob of `size` bytes, and (without a
+    /// PostgreSQL store, where the rows are the charges) frees what it charged.
+    fn uncharge(&self, digest: &Sha256Digest, size: u64) {
+        let path = self.layout().uploader_path(digest);
+        let Ok(who) = fs::read_to_string(&path) else {
+            return;
+        };
+        let _ = fs::remove_file(&path);
+        if let Some(charged) = self
+            .charges
+            .borrow_mut()
+            .as_mut()
+            .and_then(|c| c.get_mut(&who))
+        {
+            *charged = charged.saturating_sub(size);
+        }
     }
 
     /// Discards uploads not written to for `ttl`; returns how many.
@@ -1084,24 +1411,31 @@ impl Blobs {
     /// [`BlobError::Io`] listing the store.
     pub fn expire_uploads(&self, ttl: Duration) -> Result<u64, BlobError> {
         let now = SystemTime::now();
+        let uploads = self.root.join("uploads");
         let mut expired = 0;
-        for entry in fs::read_dir(self.root.join("uploads"))? {
+        for entry in fs::read_dir(&uploads)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(digest) = name
-                .strip_suffix(".size")
-                .and_then(|hex| hex.parse::<Sha256Digest>().ok())
-            else {
+            let Some(stem) = name.strip_suffix(".size") else {
                 continue;
             };
+            let part = uploads.join(format!("{stem}.part"));
             // The last write: the partial file's, or the declaration's if nothing came.
-            let touched = fs::metadata(self.part_path(&digest))
+            let touched = fs::metadata(&part)
                 .or_else(|_| entry.metadata())
                 .and_then(|m| m.modified())?;
-            if now.duration_since(touched).unwrap_or_default() >= ttl {
-                self.discard(&digest);
-                expired += 1;
+            if now.duration_since(touched).unwrap_or_default() < ttl {
+                continue;
             }
+            let digest = stem.split('.').next().and_then(|hex| hex.parse().ok());
+            match (digest, self.declaration(&entry.path())?) {
+                (Some(digest), Some((_, owner))) => self.discard(&Slot::new(digest, &owner)),
+                _ => {
+                    let _ = fs::remove_file(&part);
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+            expired += 1;
         }
         Ok(expired)
     }
@@ -1156,7 +1490,7 @@ mod tests {
             let blobs = Blobs::open(dir.path()).expect("open");
             assert_eq!(
                 blobs
-                    .begin(&digest, data.len() as u64, "k", u64::MAX)
+                    .begin(&Slot::new(digest, "k"), data.len() as u64)
                     .expect("begin"),
                 Progress::Partial {
                     have: 0,
@@ -1164,7 +1498,7 @@ mod tests {
                 }
             );
             blobs
-                .write_chunk(&digest, 0, &data[..chunk])
+                .write_chunk(&Slot::new(digest, "k"), 0, &data[..chunk])
                 .expect("chunk 1");
             // A partial blob is never served.
             assert!(matches!(
@@ -1175,7 +1509,7 @@ mod tests {
         // A restart: the same store, opened again, says where to resume.
         let blobs = Blobs::open(dir.path()).expect("reopen");
         let Progress::Partial { have, .. } = blobs
-            .begin(&digest, data.len() as u64, "k", u64::MAX)
+            .begin(&Slot::new(digest, "k"), data.len() as u64)
             .expect("resume")
         else {
             panic!("still partial");
@@ -1183,7 +1517,7 @@ mod tests {
         assert_eq!(have, chunk as u64);
         // A chunk at the wrong offset says where the upload stands, and changes nothing.
         assert!(matches!(
-            blobs.write_chunk(&digest, 0, &data[..10]),
+            blobs.write_chunk(&Slot::new(digest, "k"), 0, &data[..10]),
             Err(BlobError::BadOffset { offset: 0, have: h }) if h == chunk as u64
         ));
         let mut at = have as usize;
@@ -1192,7 +1526,7 @@ mod tests {
             let end = (at + chunk).min(data.len());
             last = Some(
                 blobs
-                    .write_chunk(&digest, at as u64, &data[at..end])
+                    .write_chunk(&Slot::new(digest, "k"), at as u64, &data[at..end])
                     .expect("chunk"),
             );
             at = end;
@@ -1210,8 +1544,8 @@ mod tests {
         ));
         let tail = (data.len() - 1) / chunk * chunk;
         for again in [
-            blobs.write_chunk(&digest, tail as u64, &data[tail..]),
-            blobs.begin(&digest, data.len() as u64, "k", u64::MAX),
+            blobs.write_chunk(&Slot::new(digest, "k"), tail as u64, &data[tail..]),
+            blobs.begin(&Slot::new(digest, "k"), data.len() as u64),
         ] {
             assert_eq!(
                 again.expect("again"),
@@ -1223,7 +1557,9 @@ mod tests {
             );
         }
         assert_eq!(
-            blobs.seal_here(&digest, verified).expect("seal"),
+            blobs
+                .seal_here(&Slot::new(digest, "k"), verified)
+                .expect("seal"),
             Progress::Complete { size: 1_000_000 }
         );
         let mut back = Vec::new();
@@ -1239,7 +1575,7 @@ mod tests {
         // The same content again is not uploaded again.
         assert_eq!(
             blobs
-                .begin(&digest, data.len() as u64, "k", u64::MAX)
+                .begin(&Slot::new(digest, "k"), data.len() as u64)
                 .expect("again"),
             Progress::Complete { size: 1_000_000 }
         );
@@ -1251,30 +1587,33 @@ mod tests {
         let blobs = Blobs::open(dir.path()).expect("open");
         let data = content(1000);
         let wrong = digest_of(b"something else");
-        blobs.begin(&wrong, 1000, "k", u64::MAX).expect("begin");
+        blobs.begin(&Slot::new(wrong, "k"), 1000).expect("begin");
         assert!(matches!(
-            blobs.write_chunk(&wrong, 0, &content(1001)),
+            blobs.write_chunk(&Slot::new(wrong, "k"), 0, &content(1001)),
             Err(BlobError::PastEnd { .. })
         ));
         assert!(matches!(
-            blobs.write_chunk(&wrong, 0, &data),
+            blobs.write_chunk(&Slot::new(wrong, "k"), 0, &data),
             Err(BlobError::DigestMismatch { .. })
         ));
-        assert_eq!(blobs.progress(&wrong).expect("progress"), None);
+        assert_eq!(
+            blobs.progress(&Slot::new(wrong, "k")).expect("progress"),
+            None
+        );
         assert!(matches!(
             blobs.read(&wrong, 0, 10),
             Err(BlobError::NotFound(_))
         ));
         assert!(matches!(
             blobs
-                .begin(&wrong, 1000, "k", u64::MAX)
-                .and_then(|_| blobs.begin(&wrong, 999, "k", u64::MAX)),
+                .begin(&Slot::new(wrong, "k"), 1000)
+                .and_then(|_| blobs.begin(&Slot::new(wrong, "k"), 999)),
             Err(BlobError::SizeConflict { .. })
         ));
         // The empty content completes at once.
         let empty = digest_of(b"");
         assert_eq!(
-            blobs.begin(&empty, 0, "k", u64::MAX).expect("empty"),
+            blobs.begin(&Slot::new(empty, "k"), 0).expect("empty"),
             Progress::Complete { size: 0 }
         );
     }
@@ -1287,9 +1626,11 @@ mod tests {
         let (da, db) = (digest_of(&a), digest_of(&b));
         for (d, bytes) in [(da, &a), (db, &b)] {
             blobs
-                .begin(&d, bytes.len() as u64, "k", u64::MAX)
+                .begin(&Slot::new(d, "k"), bytes.len() as u64)
                 .expect("begin");
-            let sealing = blobs.write_chunk(&d, 0, bytes).expect("write");
+            let sealing = blobs
+                .write_chunk(&Slot::new(d, "k"), 0, bytes)
+                .expect("write");
             assert_eq!(
                 sealing,
                 Progress::Sealing {
@@ -1298,7 +1639,7 @@ mod tests {
                     start: true,
                 }
             );
-            blobs.seal_here(&d, true).expect("seal");
+            blobs.seal_here(&Slot::new(d, "k"), true).expect("seal");
         }
         assert_eq!(
             blobs
@@ -1314,7 +1655,7 @@ mod tests {
         assert_eq!(blobs.size(&da).expect("a"), Some(10));
         assert_eq!(blobs.size(&db).expect("b"), None);
         let pending = digest_of(b"never finished");
-        blobs.begin(&pending, 100, "k", u64::MAX).expect("begin");
+        blobs.begin(&Slot::new(pending, "k"), 100).expect("begin");
         assert_eq!(
             blobs
                 .expire_uploads(Duration::from_secs(3600))
@@ -1322,40 +1663,174 @@ mod tests {
             0
         );
         assert_eq!(blobs.expire_uploads(Duration::ZERO).expect("expire"), 1);
-        assert_eq!(blobs.progress(&pending).expect("gone"), None);
+        assert_eq!(
+            blobs.progress(&Slot::new(pending, "k")).expect("gone"),
+            None
+        );
     }
 
     #[test]
-    fn unfinished_uploads_count_against_their_uploaders_quota() {
+    fn unfinished_uploads_and_kept_contents_count_against_their_uploaders_quota() {
         let dir = tempfile::tempdir().expect("tmp");
-        let blobs = Blobs::open(dir.path()).expect("open");
+        let blobs = Blobs::open(dir.path()).expect("open").with_limits(Limits {
+            quota: 1000,
+            reserve: 0,
+        });
         let (a, b, c) = (digest_of(b"a"), digest_of(b"b"), digest_of(b"c"));
-        blobs.begin(&a, 600, "alice", 1000).expect("within");
+        let alice = |d| Slot::new(d, "alice");
+        blobs.begin(&alice(a), 600).expect("within");
         assert!(matches!(
-            blobs.begin(&b, 500, "alice", 1000),
+            blobs.begin(&alice(b), 500),
             Err(BlobError::Quota {
                 pending: 600,
+                kept: 0,
                 quota: 1000
             })
         ));
         // Another uploader has a quota of their own; resuming costs nothing.
-        blobs.begin(&b, 500, "bob", 1000).expect("bob's own");
-        blobs.begin(&a, 600, "alice", 1000).expect("a resume");
-        // Finished uploads free the quota.
-        blobs.discard(&a);
-        blobs.begin(&c, 900, "alice", 1000).expect("room again");
+        blobs.begin(&Slot::new(b, "bob"), 500).expect("bob's own");
+        blobs.begin(&alice(a), 600).expect("a resume");
+        // Discarded uploads free the quota.
+        blobs.discard(&alice(a));
+        blobs.begin(&alice(c), 900).expect("room again");
+        blobs.discard(&alice(c));
+
+        // Completed contents still count, until retention removes them.
+        let x = content(700);
+        let dx = digest_of(&x);
+        blobs.begin(&alice(dx), 700).expect("begin");
+        let Progress::Sealing { verified, .. } =
+            blobs.write_chunk(&alice(dx), 0, &x).expect("write")
+        else {
+            panic!("sealing");
+        };
+        blobs.seal_here(&alice(dx), verified).expect("seal");
+        assert_eq!(blobs.charged("alice").expect("charged"), 700);
+        assert!(matches!(
+            blobs.begin(&alice(c), 400),
+            Err(BlobError::Quota {
+                pending: 0,
+                kept: 700,
+                quota: 1000
+            })
+        ));
+        // Declaring a content that is complete costs nothing, and charges nobody else.
+        assert_eq!(
+            blobs.begin(&Slot::new(dx, "bob"), 700).expect("bob"),
+            Progress::Complete { size: 700 }
+        );
+        assert_eq!(blobs.charged("bob").expect("charged"), 0);
+        // The charges are counted again from the files after a restart.
+        let again = Blobs::open(dir.path()).expect("reopen");
+        assert_eq!(again.charged("alice").expect("charged"), 700);
+        assert_eq!(again.retain(Duration::ZERO, |_| false).expect("retain"), 1);
+        assert_eq!(again.charged("alice").expect("freed"), 0);
+    }
+
+    #[test]
+    fn an_upload_belongs_to_its_uploader_and_another_cannot_spoil_or_block_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let blobs = Blobs::open(dir.path()).expect("open");
+        let data = content(1000);
+        let d = digest_of(&data);
+        let (alice, mallory) = (Slot::new(d, "alice"), Slot::new(d, "mallory"));
+        blobs.begin(&alice, 1000).expect("alice");
+        blobs.write_chunk(&alice, 0, &data[..500]).expect("half");
+        // Mallory's chunk finds no upload of hers; her declaration with another size is an
+        // upload of her own, and her junk ends only hers.
+        assert!(matches!(
+            blobs.write_chunk(&mallory, 500, &[0u8; 500]),
+            Err(BlobError::NoUpload(_))
+        ));
+        assert_eq!(blobs.progress(&mallory).expect("status"), None);
+        assert_eq!(
+            blobs.begin(&mallory, 10).expect("her own"),
+            Progress::Partial { have: 0, size: 10 }
+        );
+        assert!(matches!(
+            blobs.write_chunk(&mallory, 0, &[0u8; 10]),
+            Err(BlobError::DigestMismatch { .. })
+        ));
+        assert_eq!(
+            blobs.progress(&alice).expect("alice's"),
+            Some(Progress::Partial {
+                have: 500,
+                size: 1000
+            })
+        );
+        let Progress::Sealing { verified, .. } =
+            blobs.write_chunk(&alice, 500, &data[500..]).expect("rest")
+        else {
+            panic!("sealing");
+        };
+        assert!(verified);
+        blobs.seal_here(&alice, verified).expect("seal");
+        assert_eq!(blobs.read(&d, 0, 2000).expect("read").1, data);
+        // A second upload of the same content that completes later keeps the first.
+        let bob = Slot::new(d, "bob");
+        blobs.discard(&bob);
+        assert_eq!(
+            blobs.begin(&bob, 1000).expect("bob"),
+            Progress::Complete { size: 1000 }
+        );
+        assert_eq!(blobs.charged("alice").expect("alice"), 1000);
+        assert_eq!(blobs.charged("bob").expect("bob"), 0);
+    }
+
+    #[test]
+    fn uploads_declared_before_they_had_owners_are_adopted() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = content(300);
+        let d = digest_of(&data);
+        let uploads = dir.path().join("blobs/uploads");
+        fs::create_dir_all(&uploads).expect("mkdir");
+        fs::write(uploads.join(format!("{d}.part")), &data[..100]).expect("part");
+        fs::write(uploads.join(format!("{d}.size")), "300 name:old timer").expect("size");
+        let blobs = Blobs::open(dir.path()).expect("open");
+        let slot = Slot::new(d, "name:old timer");
+        assert_eq!(
+            blobs.begin(&slot, 300).expect("resume"),
+            Progress::Partial {
+                have: 100,
+                size: 300
+            }
+        );
+    }
+
+    #[test]
+    fn the_disk_reserve_refuses_uploads_and_chunks() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = digest_of(b"x");
+        let slot = Slot::new(d, "k");
+        let full = Blobs::open(dir.path()).expect("open").with_limits(Limits {
+            quota: u64::MAX,
+            reserve: u64::MAX / 2,
+        });
+        assert!(matches!(
+            full.begin(&slot, 1),
+            Err(BlobError::StorageFull { needed: 1, .. })
+        ));
+        let roomy = Blobs::open(dir.path()).expect("open");
+        roomy.begin(&slot, 1).expect("no reserve");
+        assert!(matches!(
+            full.write_chunk(&slot, 0, b"x"),
+            Err(BlobError::StorageFull { needed: 1, .. })
+        ));
+        assert_eq!(
+            full.progress(&slot).expect("unchanged"),
+            Some(Progress::Partial { have: 0, size: 1 })
+        );
     }
 
     /// Uploads `data` as `digest` to `blobs` in chunks of 256 KiB; returns the last progress.
     fn upload_all(blobs: &Blobs, digest: &Sha256Digest, data: &[u8]) -> Progress {
-        blobs
-            .begin(digest, data.len() as u64, "k", u64::MAX)
-            .expect("begin");
+        let slot = Slot::new(*digest, "k");
+        blobs.begin(&slot, data.len() as u64).expect("begin");
         let mut last = None;
         for (i, piece) in data.chunks(256 << 10).enumerate() {
             last = Some(
                 blobs
-                    .write_chunk(digest, (i * (256 << 10)) as u64, piece)
+                    .write_chunk(&slot, (i * (256 << 10)) as u64, piece)
                     .expect("chunk"),
             );
         }
@@ -1394,13 +1869,18 @@ mod tests {
         };
         // As the sealing actor does: on a connection of its own.
         let mut sealer = None;
-        let size = target
+        let slot = Slot::new(digest, "k");
+        let kept = target
             .with(&mut sealer, "seal", |c| {
-                seal(&a.layout(), &digest, verified, Some(c))
+                seal(&a.layout(), &slot, verified, Some(c))
             })
             .expect("seal");
-        a.sealed(&digest);
+        a.sealed(&slot, Some(kept));
+        let size = kept.size;
         assert_eq!(size, data.len() as u64);
+        assert!(kept.new);
+        // Charged to its uploader in the database, where any node of the group sees it.
+        assert_eq!(a.charged("k").expect("charged"), size);
         let mut db = target.connect("test").expect("connect");
         let pieces = "SELECT COUNT(*) FROM blob_chunks WHERE digest = $1";
         assert_eq!(count(&mut db, pieces, &digest), 4);
@@ -1414,11 +1894,11 @@ mod tests {
             .and_then(|b| b.with_postgres(target.clone()))
             .expect("b");
         assert_eq!(
-            b.progress(&digest).expect("progress"),
+            b.progress(&Slot::new(digest, "k")).expect("progress"),
             Some(Progress::Complete { size })
         );
         assert_eq!(
-            b.begin(&digest, size, "k", u64::MAX).expect("begin"),
+            b.begin(&Slot::new(digest, "k"), size).expect("begin"),
             Progress::Complete { size },
             "not uploaded again"
         );
@@ -1451,15 +1931,16 @@ mod tests {
 
         // A resumed upload whose bytes do not match: the copy is rolled back, nothing stays.
         let wrong = digest_of(b"not these bytes");
-        a.begin(&wrong, data.len() as u64, "k", u64::MAX)
+        a.begin(&Slot::new(wrong, "k"), data.len() as u64)
             .expect("begin");
-        a.write_chunk(&wrong, 0, &data[..256 << 10]).expect("chunk");
+        a.write_chunk(&Slot::new(wrong, "k"), 0, &data[..256 << 10])
+            .expect("chunk");
         let a = Blobs::open(dir_a.path())
             .and_then(|b| b.with_postgres(target.clone()))
             .expect("a again");
         let mut last = None;
         for (i, piece) in data.chunks(256 << 10).enumerate().skip(1) {
-            last = Some(a.write_chunk(&wrong, (i * (256 << 10)) as u64, piece));
+            last = Some(a.write_chunk(&Slot::new(wrong, "k"), (i * (256 << 10)) as u64, piece));
         }
         assert!(matches!(
             last,
@@ -1469,16 +1950,16 @@ mod tests {
             }))
         ));
         assert!(matches!(
-            a.seal_here(&wrong, false),
+            a.seal_here(&Slot::new(wrong, "k"), false),
             Err(BlobError::DigestMismatch { .. })
         ));
         assert_eq!(count(&mut db, pieces, &wrong), 0);
-        assert_eq!(a.progress(&wrong).expect("gone"), None);
+        assert_eq!(a.progress(&Slot::new(wrong, "k")).expect("gone"), None);
 
         // The empty content: a row and no piece.
         let empty = digest_of(b"");
         assert_eq!(
-            a.begin(&empty, 0, "k", u64::MAX).expect("empty"),
+            a.begin(&Slot::new(empty, "k"), 0).expect("empty"),
             Progress::Complete { size: 0 }
         );
         assert_eq!(b.read(&empty, 0, 10).expect("empty").0, 0);
@@ -1517,7 +1998,8 @@ mod tests {
         let Progress::Sealing { verified, .. } = upload_all(&old, &digest, &data) else {
             panic!("sealing");
         };
-        old.seal_here(&digest, verified).expect("seal");
+        old.seal_here(&Slot::new(digest, "k"), verified)
+            .expect("seal");
         let mut slot = None;
         let layout = old.layout();
         let copy = |slot: &mut Option<Client>| {

@@ -197,9 +197,10 @@ fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
 /// waiting always going first.
 ///
 /// # Pipe messages
-/// Loop → sealer: `[digest (32 bytes), verified (1 byte, 0 or 1)]`. Sealer → loop:
-/// `[digest, "ok", size (8 bytes, big-endian)]`, `[digest, "mismatch", message]` or
-/// `[digest, "error", message]`.
+/// Loop → sealer: `[digest (32 bytes), verified (1 byte, 0 or 1), uploader]` (the upload's
+/// [`crate::blobs::Slot`]). Sealer → loop: `[digest, uploader, "ok", size (8 bytes,
+/// big-endian), new (1 byte, 0 or 1)]`, `[digest, uploader, "mismatch", message]` or
+/// `[digest, uploader, "error", message]`.
 #[derive(Debug)]
 pub struct Sealer {
     actor: Actor,
@@ -208,8 +209,8 @@ pub struct Sealer {
 /// How a seal ended.
 #[derive(Debug)]
 pub enum Sealed {
-    /// The content is complete: its size.
-    Complete(u64),
+    /// The content is complete: its size, and whether this upload stored it.
+    Complete(crate::blobs::Kept),
     /// Its bytes hash to another digest; the upload was discarded.
     Mismatch(String),
     /// The file system or the database failed; the upload stays where it was.
@@ -232,16 +233,17 @@ impl Sealer {
         })?;
         Ok(Sealer { actor })
     }
-    /// Asks for `digest` to be sealed (`verified`: its digest already checked out).
+    /// Asks for the upload `slot` to be sealed (`verified`: its digest already checked
+    /// out).
     ///
     /// # Errors
     /// libzmq's.
-    pub fn seal(
-        &self,
-        digest: &agora_proto::wire::Sha256Digest,
-        verified: bool,
-    ) -> Result<(), zmq::Error> {
-        self.actor.send(&[digest.as_bytes(), &[u8::from(verified)]])
+    pub fn seal(&self, slot: &crate::blobs::Slot, verified: bool) -> Result<(), zmq::Error> {
+        self.actor.send(&[
+            slot.digest.as_bytes(),
+            &[u8::from(verified)],
+            slot.uploader.as_bytes(),
+        ])
     }
 
     /// The pipe, to poll for [`Sealer::recv`] beside the ROUTER.
@@ -250,28 +252,37 @@ impl Sealer {
     }
 
     /// Every seal that ended, without waiting.
-    pub fn recv(&self) -> Vec<(agora_proto::wire::Sha256Digest, Sealed)> {
+    pub fn recv(&self) -> Vec<(crate::blobs::Slot, Sealed)> {
         let mut out = Vec::new();
         while let Ok(Some(frames)) = self.actor.recv(None) {
-            let (Some(digest), Some(kind), Some(detail)) =
-                (frames.first(), frames.get(1), frames.get(2))
+            let (Some(digest), Some(uploader), Some(kind), Some(detail)) =
+                (frames.first(), frames.get(1), frames.get(2), frames.get(3))
             else {
                 continue;
             };
-            let Ok(digest) = <[u8; 32]>::try_from(digest.as_slice()) else {
+            let (Ok(digest), Ok(uploader)) = (
+                <[u8; 32]>::try_from(digest.as_slice()),
+                std::str::from_utf8(uploader),
+            ) else {
                 continue;
             };
-            let digest = agora_proto::wire::Sha256Digest::from_bytes(digest);
+            let slot = crate::blobs::Slot::new(
+                agora_proto::wire::Sha256Digest::from_bytes(digest),
+                uploader,
+            );
             let text = || String::from_utf8_lossy(detail).into_owned();
             let sealed = match kind.as_slice() {
                 b"ok" => match <[u8; 8]>::try_from(detail.as_slice()) {
-                    Ok(size) => Sealed::Complete(u64::from_be_bytes(size)),
+                    Ok(size) => Sealed::Complete(crate::blobs::Kept {
+                        size: u64::from_be_bytes(size),
+                        new: frames.get(4).is_some_and(|f| f.first() == Some(&1)),
+                    }),
                     Err(_) => Sealed::Failed("a bad size from the sealer".into()),
                 },
                 b"mismatch" => Sealed::Mismatch(text()),
                 _ => Sealed::Failed(text()),
             };
-            out.push((digest, sealed));
+            out.push((slot, sealed));
         }
         out
     }
@@ -318,28 +329,42 @@ fn seal_loop(
             }
             Wake::Command(frames) => frames,
         };
-        let (Some(digest), Some(verified)) = (frames.first(), frames.get(1)) else {
+        let (Some(digest), Some(verified), Some(uploader)) =
+            (frames.first(), frames.get(1), frames.get(2))
+        else {
             continue;
         };
-        let Ok(bytes) = <[u8; 32]>::try_from(digest.as_slice()) else {
+        let (Ok(bytes), Ok(uploader)) = (
+            <[u8; 32]>::try_from(digest.as_slice()),
+            std::str::from_utf8(uploader),
+        ) else {
             continue;
         };
-        let digest = agora_proto::wire::Sha256Digest::from_bytes(bytes);
+        let slot =
+            crate::blobs::Slot::new(agora_proto::wire::Sha256Digest::from_bytes(bytes), uploader);
+        let digest = slot.digest;
         let verified = verified.first() == Some(&1);
         let sealed = match pg {
             Some(target) => target.with(&mut client, "seal", |c| {
-                crate::blobs::seal(layout, &digest, verified, Some(c))
+                crate::blobs::seal(layout, &slot, verified, Some(c))
             }),
-            None => crate::blobs::seal(layout, &digest, verified, None),
+            None => crate::blobs::seal(layout, &slot, verified, None),
         };
+        let head = [digest.as_bytes().as_slice(), slot.uploader.as_bytes()];
         let reply = match sealed {
-            Ok(size) => pipe.send(&[digest.as_bytes(), b"ok", &size.to_be_bytes()]),
+            Ok(kept) => pipe.send(&[
+                head[0],
+                head[1],
+                b"ok",
+                &kept.size.to_be_bytes(),
+                &[u8::from(kept.new)],
+            ]),
             Err(e @ crate::blobs::BlobError::DigestMismatch { .. }) => {
-                pipe.send(&[digest.as_bytes(), b"mismatch", e.to_string().as_bytes()])
+                pipe.send(&[head[0], head[1], b"mismatch", e.to_string().as_bytes()])
             }
             Err(e) => {
                 tracing::error!(error = %e, %digest, "sealing an upload failed");
-                pipe.send(&[digest.as_bytes(), b"error", e.to_string().as_bytes()])
+                pipe.send(&[head[0], head[1], b"error", e.to_string().as_bytes()])
             }
         };
         if reply.is_err() {

@@ -87,8 +87,12 @@ const CHECKPOINT_BYTES: u64 = 4 << 20;
 /// The largest attachment a node takes by default: 4 GiB.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 << 30;
 
-/// What one member's unfinished uploads may declare together by default: 8 GiB.
+/// What one member may store in attachments by default (its unfinished uploads' declared
+/// sizes plus the complete contents charged to it that the node keeps): 8 GiB.
 pub const DEFAULT_UPLOAD_QUOTA: u64 = 8 << 30;
+
+/// The free disk space uploads leave on the data directory's file system by default: 1 GiB.
+pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 1 << 30;
 
 /// How long an unfinished upload, or a content no message carries, is kept by default: 24 h.
 pub const DEFAULT_UPLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -136,9 +140,15 @@ pub struct Config {
     /// message carries is deleted once it is this old (default 24 h,
     /// [`DEFAULT_UPLOAD_TTL`]). Swept every minute, or every `upload_ttl` if shorter.
     pub upload_ttl: Duration,
-    /// Bytes one member's unfinished uploads may declare together (default 8 GiB,
-    /// [`DEFAULT_UPLOAD_QUOTA`]); an `upload` past it gets `limit_reached`.
+    /// Bytes one member may store in attachments: the sizes its unfinished uploads declare
+    /// plus the complete contents charged to it (the first to complete a content is charged
+    /// for it) that the node keeps (default 8 GiB, [`DEFAULT_UPLOAD_QUOTA`]); an `upload`
+    /// past it gets `limit_reached`.
     pub upload_quota: u64,
+    /// Free bytes that uploads leave on the data directory's file system (default 1 GiB,
+    /// [`DEFAULT_DISK_RESERVE_BYTES`]; 0: none); an `upload` or chunk that would go below it
+    /// gets `storage_full`.
+    pub disk_reserve_bytes: u64,
     /// What to delete from the log (default: nothing).
     pub retention: Retention,
     /// How often to heartbeat the registry (default 2 s).
@@ -192,6 +202,7 @@ impl Config {
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             upload_ttl: DEFAULT_UPLOAD_TTL,
             upload_quota: DEFAULT_UPLOAD_QUOTA,
+            disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
             retention: Retention::default(),
             heartbeat: Duration::from_secs(2),
             max_members: 100_000,
@@ -280,7 +291,7 @@ pub struct Node {
     /// The sealing actor (started by `run`), and the envelopes of the last chunks whose
     /// replies wait for it, by digest.
     sealer: Option<durable::Sealer>,
-    seal_waiters: std::collections::HashMap<agora_proto::wire::Sha256Digest, Vec<Frames>>,
+    seal_waiters: std::collections::HashMap<blobs::Slot, Vec<Frames>>,
     subscribers: Subscribers,
     keys: Option<Keypair>,
     owner: Option<PublicKey>,
@@ -358,10 +369,15 @@ impl Node {
                 Box::new(store)
             }
         };
-        let blobs = blobs::Blobs::open(&config.data_dir).map_err(|e| NodeError::DataDir {
-            path: config.data_dir.join("blobs"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        let blobs = blobs::Blobs::open(&config.data_dir)
+            .map_err(|e| NodeError::DataDir {
+                path: config.data_dir.join("blobs"),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .with_limits(blobs::Limits {
+                quota: config.upload_quota,
+                reserve: config.disk_reserve_bytes,
+            });
         // With a PostgreSQL store, complete blobs live there too: any node of the group
         // serves them after a failover (`blobs`, "Shared blobs").
         let blobs = match &config.store {
@@ -776,29 +792,29 @@ impl Node {
         Ok(())
     }
 
-    /// Hands `digest` to the sealer and keeps `envelope` to answer when it is done; returns
-    /// the empty reply that `send_out` skips.
+    /// Hands the upload `slot` to the sealer and keeps `envelope` to answer when it is done;
+    /// returns the empty reply that `send_out` skips.
     fn defer_seal(
         &mut self,
-        digest: agora_proto::wire::Sha256Digest,
+        slot: blobs::Slot,
         verified: bool,
         envelope: &Frames,
     ) -> (Frames, bool) {
-        let sent = self.sealer.as_ref().map(|s| s.seal(&digest, verified));
+        let sent = self.sealer.as_ref().map(|s| s.seal(&slot, verified));
         match sent {
             Some(Ok(())) => {
                 self.seal_waiters
-                    .entry(digest)
+                    .entry(slot)
                     .or_default()
                     .push(envelope.clone());
                 (Vec::new(), true)
             }
             // No sealer (not running) or its pipe is full: seal here rather than lose it.
             _ => {
-                let result = self.blobs.seal_here(&digest, verified);
+                let result = self.blobs.seal_here(&slot, verified);
                 reply::<call::UploadChunk>(
                     result
-                        .map(|p| cmd::files::reply(digest, p))
+                        .map(|p| cmd::files::reply(slot.digest, p))
                         .map_err(cmd::files::blob_error),
                 )
             }
@@ -812,12 +828,17 @@ impl Node {
             .as_ref()
             .map(durable::Sealer::recv)
             .unwrap_or_default();
-        for (digest, sealed) in done {
-            self.blobs.sealed(&digest);
+        for (slot, sealed) in done {
+            let kept = match &sealed {
+                durable::Sealed::Complete(kept) => Some(*kept),
+                _ => None,
+            };
+            self.blobs.sealed(&slot, kept);
+            let digest = slot.digest;
             let result = match sealed {
-                durable::Sealed::Complete(size) => Ok(cmd::files::reply(
+                durable::Sealed::Complete(kept) => Ok(cmd::files::reply(
                     digest,
-                    blobs::Progress::Complete { size },
+                    blobs::Progress::Complete { size: kept.size },
                 )),
                 durable::Sealed::Mismatch(message) => {
                     Err(WireError::new(ErrorCode::DigestMismatch, message))
@@ -828,7 +849,7 @@ impl Node {
                 )),
             };
             let frames = reply_frames(result);
-            for envelope in self.seal_waiters.remove(&digest).unwrap_or_default() {
+            for envelope in self.seal_waiters.remove(&slot).unwrap_or_default() {
                 send_reply(&self.socket, envelope, frames.clone())?;
             }
         }
@@ -1114,17 +1135,17 @@ impl Node {
             NodeRequest::SetMode(r) => reply::<call::SetMode>(cmd::policy::set_mode(&mut ctx, r)),
             NodeRequest::Upload(r) => {
                 let result = cmd::files::upload(&mut ctx, r);
-                if let Some((digest, verified)) = sealing.pop() {
+                if let Some((slot, verified)) = sealing.pop() {
                     // Complete before a restart but not sealed: answered once it is.
-                    return self.defer_seal(digest, verified, envelope);
+                    return self.defer_seal(slot, verified, envelope);
                 }
                 reply::<call::Upload>(result)
             }
             NodeRequest::UploadChunk(r) => {
                 let result = cmd::files::upload_chunk(&mut ctx, r, data.unwrap_or_default());
-                if let Some((digest, verified)) = sealing.pop() {
+                if let Some((slot, verified)) = sealing.pop() {
                     // The last chunk: answered once the sealer is done (`answer_seals`).
-                    return self.defer_seal(digest, verified, envelope);
+                    return self.defer_seal(slot, verified, envelope);
                 }
                 reply::<call::UploadChunk>(result)
             }

@@ -104,9 +104,15 @@ struct Args {
     /// message carries is deleted once this old.
     #[arg(long, env = "AGORA_UPLOAD_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     upload_ttl: Duration,
-    /// Bytes one member's unfinished uploads may declare together.
+    /// Bytes of attachments one member may hold: what its unfinished uploads declare plus
+    /// the complete contents it uploaded first that the node keeps; an upload past it gets
+    /// `limit_reached`.
     #[arg(long, env = "AGORA_UPLOAD_QUOTA", default_value_t = agora_group_node::DEFAULT_UPLOAD_QUOTA)]
     upload_quota: u64,
+    /// Free bytes uploads must leave on the data directory's file system (statvfs); an
+    /// upload or chunk that would go below gets `storage_full`. 0: no reserve.
+    #[arg(long, env = "AGORA_DISK_RESERVE_BYTES", default_value_t = agora_group_node::DEFAULT_DISK_RESERVE_BYTES)]
+    disk_reserve_bytes: u64,
     /// Keep only the newest N messages [default: keep all].
     #[arg(long, env = "AGORA_MAX_MESSAGES", value_parser = clap::value_parser!(u64).range(1..))]
     max_messages: Option<u64>,
@@ -236,6 +242,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     config.max_file_bytes = args.max_file_bytes;
     config.upload_ttl = args.upload_ttl;
     config.upload_quota = args.upload_quota;
+    config.disk_reserve_bytes = args.disk_reserve_bytes;
     config.retention = Retention {
         max_messages: args.max_messages,
         max_age: args.max_age,

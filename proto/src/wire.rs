@@ -110,6 +110,9 @@ pub enum ErrorCode {
     /// The registering key already owns its maximum of group names (registry
     /// `--max-names-per-key`).
     TooManyNames,
+    /// An `upload` or `upload_chunk` would leave less free disk on the node than its
+    /// reserve (`--disk-reserve-bytes`); nothing was stored: retry later.
+    StorageFull,
     /// A code this client does not know (from a newer server).
     #[serde(other)]
     Unknown,
@@ -144,6 +147,7 @@ impl ErrorCode {
             ErrorCode::ShareFull => "share_full",
             ErrorCode::Blocked => "blocked",
             ErrorCode::TooManyNames => "too_many_names",
+            ErrorCode::StorageFull => "storage_full",
             ErrorCode::Unknown => "unknown",
         }
     }

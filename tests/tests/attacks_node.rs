@@ -90,3 +90,262 @@ fn user_cli_state_is_private_from_creation_and_a_looser_one_is_tightened() {
     let text = std::fs::read_to_string(state.join("alice.json")).expect("state");
     assert!(text.contains(GROUP), "{text}");
 }
+
+fn digest_of(bytes: &[u8]) -> Sha256Digest {
+    Sha256Digest::from_bytes(Sha256::digest(bytes).into())
+}
+
+/// Deterministic content, different for each seed.
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64 * 2_654_435_761 % 251) as u8 ^ seed)
+        .collect()
+}
+
+fn options() -> ClientOptions {
+    ClientOptions {
+        timeout: Duration::from_secs(5),
+        attempts: 2,
+    }
+}
+
+fn client(fed: &Federation, node: &Server, user: &str) -> GroupClient {
+    GroupClient::new(
+        &zmq::Context::new(),
+        &node.endpoint,
+        UserName::new(user).expect("name"),
+        None,
+        options(),
+    )
+    .with_curve(fed.curve(user, node))
+}
+
+/// A member: joined, with a client of its own.
+fn member(fed: &Federation, node: &Server, user: &str) -> GroupClient {
+    let mut c = client(fed, node, user);
+    c.join().expect("join");
+    c
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Server(e)) => e.code,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+/// `upload_status` of `digest` as `user` (GroupClient has no call for it).
+fn upload_status(
+    fed: &Federation,
+    node: &Server,
+    user: &str,
+    digest: Sha256Digest,
+) -> Result<agora_proto::wire::UploadReply, ClientError> {
+    agora_common::client::ReqClient::new(&zmq::Context::new(), &node.endpoint, options())
+        .with_curve(fed.curve(user, node))
+        .call::<agora_proto::action::call::UploadStatus>(&agora_proto::wire::UploadStatusRequest {
+            group: None,
+            user: UserName::new(user).expect("name"),
+            sha256: digest,
+        })
+}
+
+/// Uploads all of `data` (declared, then in chunks of 256 KiB); returns the last reply.
+fn upload_all(c: &mut GroupClient, data: &[u8]) -> agora_proto::wire::UploadReply {
+    let digest = digest_of(data);
+    let mut reply = c.upload(digest, data.len() as u64).expect("declare");
+    let mut at = reply.have as usize;
+    while at < data.len() {
+        let end = (at + (256 << 10)).min(data.len());
+        reply = c
+            .upload_chunk(digest, at as u64, data[at..end].to_vec())
+            .expect("chunk");
+        at = end;
+    }
+    reply
+}
+
+fn download_all(c: &mut GroupClient, digest: Sha256Digest) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let (reply, bytes) = c
+            .download(digest, out.len() as u64, None)
+            .expect("download");
+        assert!(!bytes.is_empty() || out.len() as u64 == reply.size);
+        out.extend(bytes);
+        if out.len() as u64 >= reply.size {
+            return out;
+        }
+    }
+}
+
+/// Finding 9: with `--upload-quota 1000`, five 900-byte uploads used to complete and stay
+/// (only unfinished uploads counted). Kept content counts now, until the node lets it go.
+#[test]
+fn completed_uploads_count_against_the_quota_until_the_content_goes() {
+    let fed = Federation::start("200ms");
+    // Contents no message carries go after --upload-ttl (swept as often).
+    let node = fed.node(
+        GROUP,
+        "127.0.0.1:0",
+        "cool",
+        &["--upload-quota", "1000", "--upload-ttl", "3s"],
+    );
+    let mut alice = member(&fed, &node, "alice");
+    let mut bob = member(&fed, &node, "bob");
+
+    let first = content(900, 1);
+    let done = upload_all(&mut alice, &first);
+    assert!(done.complete, "{done:?}");
+    // The attack: more completed uploads, never sent in a message. The next one is refused
+    // before any byte is stored, however many completed before.
+    let mut refused = 0;
+    for seed in 2..=5 {
+        let more = content(900, seed);
+        let result = alice.upload(digest_of(&more), more.len() as u64);
+        assert_eq!(code(result), ErrorCode::LimitReached, "upload {seed}");
+        refused += 1;
+    }
+    assert_eq!(refused, 4);
+    // Even a small one: 900 kept + 101 > 1000.
+    assert_eq!(
+        code(alice.upload(digest_of(b"small"), 101)),
+        ErrorCode::LimitReached
+    );
+    assert!(download_all(&mut alice, digest_of(&first)) == first);
+
+    // The quota is per member: bob's own upload goes through, and declaring alice's content
+    // costs him nothing (it is stored once, charged to alice).
+    let his = content(900, 9);
+    assert!(upload_all(&mut bob, &his).complete);
+    let shared = bob
+        .upload(digest_of(&first), first.len() as u64)
+        .expect("declare alice's content");
+    assert!(shared.complete, "{shared:?}");
+
+    // Once the node lets the content go (no message carries it), alice has her room back.
+    let again = content(900, 6);
+    let mut last = None;
+    let freed = agora_tests::wait_for(Duration::from_secs(20), || {
+        let result = alice.upload(digest_of(&again), again.len() as u64);
+        let ok = result.is_ok();
+        last = Some(result);
+        ok
+    });
+    assert!(freed, "alice's quota was never freed: {last:?}");
+    assert_eq!(
+        code(alice.download(digest_of(&first), 0, None)),
+        ErrorCode::NotFound
+    );
+}
+
+/// Finding 9, the node's share: a reserve of free disk that uploads never take.
+#[test]
+fn uploads_stop_at_the_disk_reserve_with_storage_full() {
+    let fed = Federation::start("200ms");
+    // A reserve larger than any disk here: the node is always "short of disk".
+    let node = fed.node(
+        GROUP,
+        "127.0.0.1:0",
+        "cool",
+        &["--disk-reserve-bytes", &(1u64 << 60).to_string()],
+    );
+    let mut alice = member(&fed, &node, "alice");
+    let data = content(1000, 3);
+    assert_eq!(
+        code(alice.upload(digest_of(&data), data.len() as u64)),
+        ErrorCode::StorageFull
+    );
+    // Nothing was declared: a chunk finds no upload.
+    assert_eq!(
+        code(alice.upload_chunk(digest_of(&data), 0, data.clone())),
+        ErrorCode::NotFound
+    );
+    // Messages still go: the reserve is the log's.
+    alice
+        .send(serde_json::value::to_raw_value(&"still here").expect("json"))
+        .expect("a message while uploads are refused");
+    assert!(
+        node.log().contains("the disk is at its reserve"),
+        "{}",
+        node.log()
+    );
+}
+
+/// Finding 15: another member who knows the digest sent a junk last chunk (the upload
+/// ended in `digest_mismatch`, discarded) or declared it with another size (blocked until
+/// `--upload-ttl`). Uploads in progress belong to the key that declared them now.
+#[test]
+fn another_member_can_neither_spoil_nor_block_an_upload_in_progress() {
+    let fed = Federation::start("200ms");
+    let node = fed.node(GROUP, "127.0.0.1:0", "cool", &[]);
+    let mut alice = member(&fed, &node, "alice");
+    let mut mallory = member(&fed, &node, "mallory");
+    let data = content(600 << 10, 7);
+    let digest = digest_of(&data);
+    let half = 256 << 10;
+
+    // Alice declares and sends the first part.
+    alice.upload(digest, data.len() as u64).expect("declare");
+    alice
+        .upload_chunk(digest, 0, data[..half].to_vec())
+        .expect("first part");
+
+    // Mallory's junk, exactly where alice's upload stands and up to its end: not hers.
+    let junk = vec![0xAA; data.len() - half];
+    assert_eq!(
+        code(mallory.upload_chunk(digest, half as u64, junk.clone())),
+        ErrorCode::NotFound
+    );
+    // Nor does she learn how far alice got.
+    assert_eq!(
+        code(upload_status(&fed, &node, "mallory", digest)),
+        ErrorCode::NotFound
+    );
+    // Declaring the digest with another size gives her an upload of her own.
+    let hers = mallory.upload(digest, 10).expect("her own upload");
+    assert_eq!((hers.have, hers.size, hers.complete), (0, 10, false));
+    assert_eq!(
+        code(mallory.upload_chunk(digest, 0, vec![0; 10])),
+        ErrorCode::DigestMismatch,
+        "her junk spoils only her own upload"
+    );
+    mallory.upload(digest, 10).expect("declared again");
+
+    // Alice's upload is where she left it, and completes.
+    let status = upload_status(&fed, &node, "alice", digest).expect("alice's status");
+    assert_eq!((status.have, status.size), (half as u64, data.len() as u64));
+    let resumed = alice.upload(digest, data.len() as u64).expect("resume");
+    assert_eq!(resumed.have, half as u64);
+    let mut at = half;
+    let mut last = None;
+    while at < data.len() {
+        let end = (at + (256 << 10)).min(data.len());
+        last = Some(
+            alice
+                .upload_chunk(digest, at as u64, data[at..end].to_vec())
+                .expect("chunk"),
+        );
+        at = end;
+    }
+    assert!(last.is_some_and(|r| r.complete), "{last:?}");
+    assert!(
+        download_all(&mut alice, digest) == data,
+        "not byte-for-byte"
+    );
+    // A complete content is shared: mallory sees it complete, and reads the same bytes.
+    let shared = upload_status(&fed, &node, "mallory", digest).expect("complete");
+    assert!(
+        shared.complete && shared.size == data.len() as u64,
+        "{shared:?}"
+    );
+    assert!(download_all(&mut mallory, digest) == data);
+
+    // Declared first with a wrong size, a digest no longer blocks its real uploader.
+    let other = content(300 << 10, 8);
+    let other_digest = digest_of(&other);
+    mallory.upload(other_digest, 1).expect("mallory squats");
+    let done = upload_all(&mut alice, &other);
+    assert!(done.complete, "{done:?}");
+    assert!(download_all(&mut alice, other_digest) == other);
+}

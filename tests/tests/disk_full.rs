@@ -94,7 +94,9 @@ fn client(endpoint: &str, user: &str) -> GroupClient {
     )
 }
 
-/// An insecure node with its data on the tmpfs, without rate limits.
+/// An insecure node with its data on the tmpfs, without rate limits, and without a disk
+/// reserve for uploads (`--disk-reserve-bytes 0`; the default, 1 GiB, is more than the
+/// tmpfs): what is tested here is a disk that fills anyway.
 fn start_node(data: &Path, log: &Path) -> Server {
     Server::start(
         "group-node",
@@ -106,6 +108,8 @@ fn start_node(data: &Path, log: &Path) -> Server {
             "--data-dir",
             data.to_str().expect("utf-8 path"),
             "--rate-limit",
+            "0",
+            "--disk-reserve-bytes",
             "0",
         ],
         log,

@@ -767,11 +767,17 @@ fn a_seal_after_a_restart_verifies_what_it_did_not_hash_and_refuses_a_mismatch()
     node.kill9();
     let uploads = fed.dir.path().join("data-cool/blobs/uploads");
     let digest = digest_of(&data);
+    // Alice's uploads (blobs.rs, Layout): named by the digest and a tag of her principal.
+    let principal = format!("key:{}", fed.user_key("alice"));
+    let tag: String = Sha256::digest(principal.as_bytes())[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     for (name, bytes) in [(digest, &data[..]), (liar, &data[..])] {
-        std::fs::write(uploads.join(format!("{name}.part")), bytes).expect("part");
+        std::fs::write(uploads.join(format!("{name}.{tag}.part")), bytes).expect("part");
         std::fs::write(
-            uploads.join(format!("{name}.size")),
-            format!("{} alice", bytes.len()),
+            uploads.join(format!("{name}.{tag}.size")),
+            format!("{} {principal}", bytes.len()),
         )
         .expect("size");
     }

@@ -1,6 +1,8 @@
 //! `upload`, `upload_chunk`, `upload_status`, `download`: attachments' bytes, members only
 //! (PROTOCOL §6.9). Membership is checked before the digest is looked at, so that in a
-//! private group an outsider learns nothing, not even whether a content exists.
+//! private group an outsider learns nothing, not even whether a content exists. An upload
+//! in progress belongs to the key that declared it ([`Slot`]): the first three actions
+//! act on the caller's own upload of the digest, never on another member's.
 
 use agora_proto::wire::{
     DownloadReply, DownloadRequest, ErrorCode, Sha256Digest, UploadChunkRequest, UploadReply,
@@ -9,19 +11,20 @@ use agora_proto::wire::{
 };
 
 use super::Ctx;
-use crate::blobs::{BlobError, Progress};
+use crate::blobs::{BlobError, Progress, Slot};
 use crate::store::GroupStore;
 
 /// # Errors
 /// `unknown_group`, `not_member`, `too_large` (over `--max-file-bytes`), `limit_reached`
-/// (the caller's unfinished uploads would pass `--upload-quota`), `invalid_field` (`size`
-/// differs from an upload of the same digest in progress), `internal`.
+/// (the caller's unfinished uploads and kept contents would pass `--upload-quota`),
+/// `storage_full` (the disk would go below `--disk-reserve-bytes`), `invalid_field`
+/// (`size` differs from the caller's upload of the same digest in progress), `internal`.
 pub fn upload<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadRequest,
 ) -> Result<UploadReply, WireError> {
     members_only(ctx, r.group.as_ref(), &r.user)?;
-    let uploader = ctx.caller(&r.user).principal;
+    let slot = slot(ctx, r.sha256, &r.user);
     if r.size > ctx.config.max_file_bytes {
         return Err(WireError::new(
             ErrorCode::TooLarge,
@@ -31,23 +34,15 @@ pub fn upload<S: GroupStore + ?Sized>(
             ),
         ));
     }
-    let progress = ctx
-        .blobs
-        .begin(
-            &r.sha256,
-            r.size,
-            uploader.as_str(),
-            ctx.config.upload_quota,
-        )
-        .map_err(blob_error)?;
+    let progress = ctx.blobs.begin(&slot, r.size).map_err(blob_error)?;
     // Complete but not sealed before a restart: sealed now, off the loop.
-    Ok(sealing_reply(ctx, r.sha256, progress))
+    Ok(sealing_reply(ctx, slot, progress))
 }
 
 /// # Errors
 /// `unknown_group`, `not_member`, `too_large` (a chunk over 1 MiB), `bad_offset`, `not_found`
-/// (no upload declared), `invalid_field` (past the declared size), `digest_mismatch`,
-/// `internal`.
+/// (the caller declared no upload of the digest), `invalid_field` (past the declared size),
+/// `storage_full`, `digest_mismatch`, `internal`.
 pub fn upload_chunk<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadChunkRequest,
@@ -69,23 +64,25 @@ pub fn upload_chunk<S: GroupStore + ?Sized>(
         len = data.len(),
         "upload chunk"
     );
+    let slot = slot(ctx, r.sha256, &r.user);
     let progress = ctx
         .blobs
-        .write_chunk(&r.sha256, r.offset, data)
+        .write_chunk(&slot, r.offset, data)
         .map_err(blob_error)?;
     // The last chunk: sealed off the loop.
-    Ok(sealing_reply(ctx, r.sha256, progress))
+    Ok(sealing_reply(ctx, slot, progress))
 }
 
 /// # Errors
-/// `unknown_group`, `not_member`, `not_found` (neither a content nor an upload of it),
-/// `internal`.
+/// `unknown_group`, `not_member`, `not_found` (neither a content nor the caller's upload of
+/// it), `internal`.
 pub fn upload_status<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadStatusRequest,
 ) -> Result<UploadReply, WireError> {
     members_only(ctx, r.group.as_ref(), &r.user)?;
-    match ctx.blobs.progress(&r.sha256).map_err(blob_error)? {
+    let slot = slot(ctx, r.sha256, &r.user);
+    match ctx.blobs.progress(&slot).map_err(blob_error)? {
         Some(progress) => Ok(reply(r.sha256, progress)),
         None => Err(not_found(&r.sha256)),
     }
@@ -136,6 +133,12 @@ pub fn download<S: GroupStore + ?Sized>(
     ))
 }
 
+/// The caller's upload of `digest`: its slot, keyed by the caller's principal (its key; on an
+/// `--insecure` node, its name).
+fn slot<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, digest: Sha256Digest, user: &UserName) -> Slot {
+    Slot::new(digest, ctx.caller(user).principal.as_str())
+}
+
 fn members_only<S: GroupStore + ?Sized>(
     ctx: &Ctx<'_, S>,
     group: Option<&agora_proto::wire::GroupName>,
@@ -150,16 +153,17 @@ fn members_only<S: GroupStore + ?Sized>(
 /// it (`ctx.sealing`), and the reply waits for the seal.
 fn sealing_reply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
-    sha256: Sha256Digest,
+    slot: Slot,
     progress: Progress,
 ) -> UploadReply {
+    let sha256 = slot.digest;
     if let Progress::Sealing {
         verified,
         start: true,
         ..
     } = progress
     {
-        ctx.sealing.push((sha256, verified));
+        ctx.sealing.push((slot, verified));
     }
     reply(sha256, progress)
 }
@@ -192,6 +196,10 @@ pub fn blob_error(e: BlobError) -> WireError {
         BlobError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
         BlobError::NoUpload(_) | BlobError::NotFound(_) => ErrorCode::NotFound,
         BlobError::Quota { .. } => ErrorCode::LimitReached,
+        BlobError::StorageFull { .. } => {
+            tracing::warn!(error = %e, "upload refused: the disk is at its reserve");
+            ErrorCode::StorageFull
+        }
         BlobError::PastEnd { .. } | BlobError::SizeConflict { .. } | BlobError::Range { .. } => {
             ErrorCode::InvalidField
         }

@@ -46,7 +46,7 @@ pub struct Ctx<'a, S: GroupStore + ?Sized> {
     pub blobs: &'a crate::blobs::Blobs,
     /// Uploads whose last chunk this request wrote, to seal off the loop (digest, verified):
     /// their reply waits for the seal.
-    pub sealing: &'a mut Vec<(agora_proto::wire::Sha256Digest, bool)>,
+    pub sealing: &'a mut Vec<(crate::blobs::Slot, bool)>,
     /// Entries appended in this batch, pushed to subscribers once it commits.
     pub appended: &'a mut Vec<Message>,
     /// The caller's authenticated CURVE key (`None` on an `--insecure` node).

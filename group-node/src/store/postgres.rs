@@ -41,7 +41,7 @@
 //! # Schema
 //! In schema `agora_group_<16 hex digits>` (the first 8 bytes of the SHA-256 of the group's
 //! name: names are Unicode up to 64 characters, PostgreSQL's identifiers 63 bytes), with
-//! `schema_version(version)` holding the migration level (version 2), applied under a
+//! `schema_version(version)` holding the migration level (version 3), applied under a
 //! transaction-level advisory lock so that nodes starting at once do not race:
 //! - `meta(key TEXT PRIMARY KEY, value TEXT)`: `group` (the full name, checked on open),
 //!   `last_seq`, `last_time_us`, `mode`, as SQLite's `meta`.
@@ -59,6 +59,10 @@
 //!   a range read then fetches only the TOAST pieces it needs); `blobs(digest PRIMARY KEY,
 //!   size, sealed_at)`, written in the same transaction after every chunk: a blob is there
 //!   exactly when its row is.
+//! - Version 3, who a blob's storage is charged to (the per-member `--upload-quota` counts
+//!   kept contents, [`crate::blobs`] "Quota and reserve"): `blobs.uploader`, the principal
+//!   whose upload completed it first (NULL for blobs sealed before: charged to nobody),
+//!   with a partial index `blobs_uploader` for the per-member sum.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -128,6 +132,10 @@ const MIGRATIONS: &[&str] = &[
         digest BYTEA PRIMARY KEY,
         size BIGINT NOT NULL,
         sealed_at TIMESTAMPTZ NOT NULL DEFAULT now());
+",
+    "
+    ALTER TABLE blobs ADD COLUMN uploader TEXT;
+    CREATE INDEX blobs_uploader ON blobs (uploader) WHERE uploader IS NOT NULL;
 ",
 ];
 
