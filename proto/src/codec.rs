@@ -446,6 +446,9 @@ mod tests {
             r#"{"action":"download","user":"a","sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","offset":0}"#,
             r#"{"action":"multicast","to":["bob","carol"],"body":"hi"}"#,
             r#"{"action":"broadcast","body":"hi all"}"#,
+            r#"{"action":"block","name":"mallory"}"#,
+            r#"{"action":"unblock","name":"mallory"}"#,
+            r#"{"action":"blocked"}"#,
             // The node's `stop` and the registry's: one wire name in two roles.
             r#"{"action":"stop","user":"a"}"#,
         ];
