@@ -558,8 +558,8 @@ fn connect_from(source: &str, to: &str) -> TcpStream {
 
 /// Finding 11: a request that sent its headers slowly was held for 70 s and more, and 200
 /// trickling connections all stayed open. Now a trickler is cut off at
-/// `--header-read-timeout`, a silent connection too,, and one address holds at most
-/// `--max-connections-per-address` while another client still gets the page.
+/// `--header-read-timeout`, a silent or idle keep-alive connection too, and one address
+/// holds at most `--max-connections-per-address` while another client still gets the page.
 #[test]
 fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_connection() {
     let fed = Federation::start("200ms");
@@ -670,13 +670,28 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
         );
     }
 
-    // A connection that sends nothing at all is closed too.
+    // A connection that sends nothing at all is closed too, and so is one that idles after
+    // a request it was answered (keep-alive).
     let started = Instant::now();
     let mut silent = TcpStream::connect(&addr).expect("connect");
+    let mut kept = TcpStream::connect(&addr).expect("connect");
+    write!(
+        kept,
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n"
+    )
+    .expect("request");
     let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(10));
     assert!(closed, "a silent connection is closed");
-    eprintln!("silent connection closed after {:?}", started.elapsed());
-    assert!(started.elapsed() <= Duration::from_secs(8));
+    let silent_for = started.elapsed();
+    let (answered, closed) = read_until_closed(&mut kept, Duration::from_secs(10));
+    assert!(
+        answered.starts_with(b"HTTP/1.1 200"),
+        "the request was answered"
+    );
+    assert!(closed, "an idle keep-alive connection is closed");
+    let kept_for = started.elapsed();
+    eprintln!("silent connection closed after {silent_for:?}, idle keep-alive after {kept_for:?}");
+    assert!(silent_for <= Duration::from_secs(8) && kept_for <= Duration::from_secs(8));
 
     // Once they are gone, 127.0.0.1 gets the page again.
     let page = answer(

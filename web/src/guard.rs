@@ -232,6 +232,14 @@ async fn presented_token(request: Request) -> Result<(Option<String>, Request), 
     if !is_form {
         return Ok((None, request));
     }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > FORM_BODY_LIMIT as u64) {
+        return Err(Refusal::TooLarge);
+    }
     let (parts, body) = request.into_parts();
     let bytes = axum::body::to_bytes(body, FORM_BODY_LIMIT)
         .await
@@ -272,6 +280,11 @@ pub async fn protect(State(state): State<AppState>, request: Request, next: Next
         return next.run(request).await;
     }
     let path = path.to_owned();
+    if expected.is_none() {
+        // No form token was ever issued to this browser: nothing to compare, nothing to read.
+        tracing::warn!(path, "request refused: no form token cookie");
+        return Refusal::BadToken.into_response(json);
+    }
     let (presented, request) = match presented_token(request).await {
         Ok(found) => found,
         Err(refusal) => return refusal.into_response(json),
