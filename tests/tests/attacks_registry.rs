@@ -406,3 +406,112 @@ fn users_and_whois_need_an_account() {
     let run = fed.cli("stranger", &["whois", "alice"], "");
     assert_eq!(run.code, Some(0), "{run:?}");
 }
+
+/// One request over the gateway's WebSocket and its reply (events in between are skipped;
+/// each read times out after 10 s).
+fn ask(
+    ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+    request: serde_json::Value,
+) -> serde_json::Value {
+    ws.send(tungstenite::Message::Text(request.to_string().into()))
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let message = match ws.read() {
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::Interrupted && Instant::now() < deadline =>
+            {
+                continue
+            }
+            other => other.expect("a reply within 10 s"),
+        };
+        if let tungstenite::Message::Text(t) = message {
+            let value: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+            if value.get("event").is_none() {
+                return value;
+            }
+        }
+    }
+}
+
+/// Finding 8, in the page: bob blocks mallory from the people list of his personal gateway
+/// (the `block` operation its *Block* button sends), and mallory's direct messages are
+/// refused until he unblocks her.
+#[test]
+fn a_user_blocks_a_sender_from_the_web_page() {
+    let fed = Federation::start("200ms");
+    let ctx = zmq::Context::new();
+    let mut mallory = client(&fed, &ctx, "mallory");
+    mallory.user_register(&user("mallory")).expect("register");
+    let web = fed.web_personal("bob");
+    let base = web
+        .endpoint
+        .split_once("/?token=")
+        .expect("a token URL")
+        .0
+        .to_owned();
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout(Duration::from_secs(5))
+        .build();
+    let signed_in = match agent.get(&web.endpoint).call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET the token URL: {e}"),
+    };
+    let cookie = signed_in
+        .header("Set-Cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(
+        format!("{}/ws", base.replacen("http://", "ws://", 1)).as_str(),
+    )
+    .expect("request");
+    request
+        .headers_mut()
+        .insert("Cookie", cookie.parse().expect("header"));
+    request
+        .headers_mut()
+        .insert("Origin", base.parse().expect("header"));
+    let stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut ws = tungstenite::client::client(request, stream)
+        .expect("websocket")
+        .0;
+
+    let blocked = ask(
+        &mut ws,
+        serde_json::json!({"op": "block", "name": "mallory"}),
+    );
+    assert_eq!(
+        (&blocked["ok"], &blocked["blocked"], &blocked["changed"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(true),
+            &serde_json::json!(true)
+        ),
+        "{blocked}"
+    );
+    let listed = ask(&mut ws, serde_json::json!({"op": "blocked"}));
+    assert_eq!(listed["blocked"][0]["name"], "mallory", "{listed}");
+    assert_eq!(
+        code(mallory.send_dm(&user("bob"), text("hi bob"), MessageId::new_v7())),
+        ErrorCode::Blocked
+    );
+    let unblocked = ask(
+        &mut ws,
+        serde_json::json!({"op": "unblock", "name": "mallory"}),
+    );
+    assert_eq!(unblocked["blocked"], false, "{unblocked}");
+    mallory
+        .send_dm(&user("bob"), text("hi again"), MessageId::new_v7())
+        .expect("delivered once unblocked");
+    // A name with no account is refused with the protocol's code.
+    let nobody = ask(
+        &mut ws,
+        serde_json::json!({"op": "block", "name": "nobody"}),
+    );
+    assert_eq!(nobody["error"], "unknown_user", "{nobody}");
+}

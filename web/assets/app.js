@@ -283,8 +283,24 @@ function personItem(name) {
   const presence = el("span", "presence", "offline");
   const label = el("span", "name", name);
   label.addEventListener("click", () => openDm(name));
-  li.append(presence, label, el("span", "unread"));
+  // Blocking refuses their direct messages (PROTOCOL §4.6.2); the button says what it does.
+  const block = el("button", "block", "Block");
+  block.type = "button";
+  block.addEventListener("click", async () => {
+    const blocked = li.dataset.blocked === "true";
+    const reply = await call({ op: blocked ? "unblock" : "block", name });
+    if (reply.ok) setBlocked(name, reply.blocked);
+  });
+  li.append(presence, label, el("span", "unread"), block);
   return li;
+}
+
+function setBlocked(name, blocked) {
+  const li = person(name).li;
+  li.dataset.blocked = String(blocked);
+  const button = li.querySelector("button.block");
+  button.textContent = blocked ? "Unblock" : "Block";
+  button.title = blocked ? `${name}'s direct messages are refused` : `refuse ${name}'s direct messages`;
 }
 
 function person(name) {
@@ -356,6 +372,11 @@ async function loadPeople() {
     dot.className = `presence ${presence}`;
     dot.textContent = presence;
     dot.title = presence;
+  }
+  const blocked = await call({ op: "blocked" });
+  if (!blocked.ok) return;
+  for (const b of blocked.blocked) {
+    if (people.has(b.name)) setBlocked(b.name, true);
   }
 }
 

@@ -320,6 +320,24 @@ impl Bridge {
                 let acked = self.registry.ack_dm(up_to)?;
                 Ok(Reply::ok("dm_read", json!({ "acked": acked })))
             }
+            Request::Block { name } => {
+                let r = self.registry.block(&name)?;
+                Ok(Reply::ok(
+                    "block",
+                    json!({"name": r.name, "changed": r.changed, "blocked": true}),
+                ))
+            }
+            Request::Unblock { name } => {
+                let r = self.registry.unblock(&name)?;
+                Ok(Reply::ok(
+                    "unblock",
+                    json!({"name": r.name, "changed": r.changed, "blocked": false}),
+                ))
+            }
+            Request::Blocked => {
+                let blocked = self.registry.blocked()?;
+                Ok(Reply::ok("blocked", json!({ "blocked": blocked })))
+            }
         }
     }
 

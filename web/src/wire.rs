@@ -84,6 +84,18 @@ pub enum Request {
         /// The last number shown.
         up_to: u64,
     },
+    /// Refuse direct messages from a user from now on (PROTOCOL §4.6.2).
+    Block {
+        /// The user.
+        name: UserName,
+    },
+    /// Accept direct messages from a blocked user again.
+    Unblock {
+        /// The user.
+        name: UserName,
+    },
+    /// The users this account blocks.
+    Blocked,
 }
 
 impl Request {
@@ -102,6 +114,9 @@ impl Request {
             Request::Inbox => "inbox",
             Request::Dm { .. } => "dm",
             Request::DmRead { .. } => "dm_read",
+            Request::Block { .. } => "block",
+            Request::Unblock { .. } => "unblock",
+            Request::Blocked => "blocked",
         }
     }
 }
