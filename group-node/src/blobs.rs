@@ -122,6 +122,12 @@ pub enum BlobError {
         /// The quota.
         quota: u64,
     },
+    /// The uploader already has its maximum of unfinished uploads.
+    #[error("you have {max} unfinished uploads, the most this node allows; finish one first")]
+    TooManyUploads {
+        /// The maximum.
+        max: usize,
+    },
     /// Storing `needed` more bytes would leave less free disk than the node's reserve.
     #[error(
         "the node is short of disk: {free} bytes free, {needed} needed, {reserve} kept in \
@@ -225,8 +231,12 @@ impl Slot {
     /// The slot's file name stem: `DIGEST.TAG`, `TAG` 24 hex digits of the SHA-256 of the
     /// uploader (principals hold characters no file name may).
     fn stem(&self) -> String {
-        let tag = Sha256::digest(self.uploader.as_bytes());
-        format!("{}.{}", self.digest, hex::encode(&tag[..12]))
+        format!("{}.{}", self.digest, Slot::tag(&self.uploader))
+    }
+
+    /// The tag of `uploader`'s slots' file names.
+    fn tag(uploader: &str) -> String {
+        hex::encode(&Sha256::digest(uploader.as_bytes())[..12])
     }
 }
 
@@ -240,6 +250,9 @@ pub struct Limits {
     /// Free bytes the data directory's file system keeps whatever uploads want
     /// (`--disk-reserve-bytes`); 0: no reserve.
     pub reserve: u64,
+    /// Unfinished uploads one member may have at once (`--max-uploads-per-member`): each
+    /// is two files, and an `upload` reads the member's declarations.
+    pub max_uploads: usize,
 }
 
 impl Default for Limits {
@@ -248,6 +261,7 @@ impl Default for Limits {
         Limits {
             quota: u64::MAX,
             reserve: 0,
+            max_uploads: usize::MAX,
         }
     }
 }
@@ -1012,20 +1026,27 @@ impl Blobs {
         }
     }
 
-    /// Bytes declared by `owner`'s unfinished uploads.
-    fn pending(&self, owner: &str) -> Result<u64, BlobError> {
-        let mut total = 0u64;
+    /// How many unfinished uploads `owner` has, and the bytes they declare together. Only
+    /// the declarations named with the owner's tag are read.
+    fn pending(&self, owner: &str) -> Result<(usize, u64), BlobError> {
+        let suffix = format!(".{}.size", Slot::tag(owner));
+        let (mut count, mut total) = (0usize, 0u64);
         for entry in fs::read_dir(self.root.join("uploads"))? {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "size") {
-                if let Some((size, who)) = self.declaration(&path)? {
-                    if who == owner {
-                        total = total.saturating_add(size);
-                    }
+            if !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(&suffix))
+            {
+                continue;
+            }
+            if let Some((size, who)) = self.declaration(&path)? {
+                if who == owner {
+                    count += 1;
+                    total = total.saturating_add(size);
                 }
             }
         }
-        Ok(total)
+        Ok((count, total))
     }
 
     /// Bytes of complete content charged to `uploader` that the node keeps (see the module
@@ -1107,7 +1128,8 @@ impl Blobs {
     ///
     /// # Errors
     /// [`BlobError::SizeConflict`] when this uploader's upload of the digest has another
-    /// size; [`BlobError::Quota`]; [`BlobError::StorageFull`]; [`BlobError::Io`];
+    /// size; [`BlobError::TooManyUploads`]; [`BlobError::Quota`];
+    /// [`BlobError::StorageFull`]; [`BlobError::Io`];
     /// [`BlobError::Store`].
     pub fn begin(&self, slot: &Slot, size: u64) -> Result<Progress, BlobError> {
         match self.progress(slot)? {
@@ -1137,7 +1159,12 @@ impl Blobs {
             None => {}
         }
         let owner = slot.uploader.as_str();
-        let pending = self.pending(owner)?;
+        let (uploads, pending) = self.pending(owner)?;
+        if uploads >= self.limits.max_uploads {
+            return Err(BlobError::TooManyUploads {
+                max: self.limits.max_uploads,
+            });
+        }
         let kept = self.charged(owner)?;
         let quota = self.limits.quota;
         if pending.saturating_add(kept).saturating_add(size) > quota {
@@ -1674,7 +1701,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let blobs = Blobs::open(dir.path()).expect("open").with_limits(Limits {
             quota: 1000,
-            reserve: 0,
+            ..Limits::default()
         });
         let (a, b, c) = (digest_of(b"a"), digest_of(b"b"), digest_of(b"c"));
         let alice = |d| Slot::new(d, "alice");
@@ -1803,8 +1830,8 @@ mod tests {
         let d = digest_of(b"x");
         let slot = Slot::new(d, "k");
         let full = Blobs::open(dir.path()).expect("open").with_limits(Limits {
-            quota: u64::MAX,
             reserve: u64::MAX / 2,
+            ..Limits::default()
         });
         assert!(matches!(
             full.begin(&slot, 1),

@@ -94,6 +94,9 @@ pub const DEFAULT_UPLOAD_QUOTA: u64 = 8 << 30;
 /// The free disk space uploads leave on the data directory's file system by default: 1 GiB.
 pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 1 << 30;
 
+/// Unfinished uploads one member may have at once by default: 64.
+pub const DEFAULT_MAX_UPLOADS_PER_MEMBER: usize = 64;
+
 /// How long an unfinished upload, or a content no message carries, is kept by default: 24 h.
 pub const DEFAULT_UPLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -149,6 +152,9 @@ pub struct Config {
     /// [`DEFAULT_DISK_RESERVE_BYTES`]; 0: none); an `upload` or chunk that would go below it
     /// gets `storage_full`.
     pub disk_reserve_bytes: u64,
+    /// Unfinished uploads one member may have at once (default 64,
+    /// [`DEFAULT_MAX_UPLOADS_PER_MEMBER`]); one more `upload` gets `limit_reached`.
+    pub max_uploads_per_member: usize,
     /// What to delete from the log (default: nothing).
     pub retention: Retention,
     /// How often to heartbeat the registry (default 2 s).
@@ -203,6 +209,7 @@ impl Config {
             upload_ttl: DEFAULT_UPLOAD_TTL,
             upload_quota: DEFAULT_UPLOAD_QUOTA,
             disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
+            max_uploads_per_member: DEFAULT_MAX_UPLOADS_PER_MEMBER,
             retention: Retention::default(),
             heartbeat: Duration::from_secs(2),
             max_members: 100_000,
@@ -377,6 +384,7 @@ impl Node {
             .with_limits(blobs::Limits {
                 quota: config.upload_quota,
                 reserve: config.disk_reserve_bytes,
+                max_uploads: config.max_uploads_per_member,
             });
         // With a PostgreSQL store, complete blobs live there too: any node of the group
         // serves them after a failover (`blobs`, "Shared blobs").

@@ -113,6 +113,9 @@ struct Args {
     /// upload or chunk that would go below gets `storage_full`. 0: no reserve.
     #[arg(long, env = "AGORA_DISK_RESERVE_BYTES", default_value_t = agora_group_node::DEFAULT_DISK_RESERVE_BYTES)]
     disk_reserve_bytes: u64,
+    /// Unfinished uploads one member may have at once; one more gets `limit_reached`.
+    #[arg(long, env = "AGORA_MAX_UPLOADS_PER_MEMBER", default_value_t = agora_group_node::DEFAULT_MAX_UPLOADS_PER_MEMBER)]
+    max_uploads_per_member: usize,
     /// Keep only the newest N messages [default: keep all].
     #[arg(long, env = "AGORA_MAX_MESSAGES", value_parser = clap::value_parser!(u64).range(1..))]
     max_messages: Option<u64>,
@@ -243,6 +246,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     config.upload_ttl = args.upload_ttl;
     config.upload_quota = args.upload_quota;
     config.disk_reserve_bytes = args.disk_reserve_bytes;
+    config.max_uploads_per_member = args.max_uploads_per_member;
     config.retention = Retention {
         max_messages: args.max_messages,
         max_age: args.max_age,

@@ -349,3 +349,40 @@ fn another_member_can_neither_spoil_nor_block_an_upload_in_progress() {
     assert!(done.complete, "{done:?}");
     assert!(download_all(&mut alice, other_digest) == other);
 }
+
+/// Unfinished uploads are files on the node, and each `upload` reads the caller's: one
+/// member declaring thousands of 1-byte uploads is stopped at `--max-uploads-per-member`,
+/// and that is its own cap only.
+#[test]
+fn one_member_cannot_declare_unfinished_uploads_without_end() {
+    let fed = Federation::start("200ms");
+    let node = fed.node(
+        GROUP,
+        "127.0.0.1:0",
+        "cool",
+        &["--max-uploads-per-member", "3"],
+    );
+    let mut mallory = member(&fed, &node, "mallory");
+    let mut alice = member(&fed, &node, "alice");
+    let mut accepted = 0;
+    let refused = loop {
+        let digest = digest_of(format!("never sent {accepted}").as_bytes());
+        match mallory.upload(digest, 1) {
+            Ok(_) => accepted += 1,
+            Err(ClientError::Server(e)) => break e,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+        assert!(
+            accepted <= 3,
+            "more than 3 unfinished uploads were accepted"
+        );
+    };
+    assert_eq!(refused.code, ErrorCode::LimitReached, "{refused}");
+    assert_eq!(accepted, 3);
+    // Resuming one of hers costs nothing; alice's uploads are hers to make.
+    mallory
+        .upload(digest_of(b"never sent 0"), 1)
+        .expect("resume");
+    let data = content(1000, 5);
+    assert!(upload_all(&mut alice, &data).complete);
+}

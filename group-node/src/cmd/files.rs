@@ -16,7 +16,8 @@ use crate::store::GroupStore;
 
 /// # Errors
 /// `unknown_group`, `not_member`, `too_large` (over `--max-file-bytes`), `limit_reached`
-/// (the caller's unfinished uploads and kept contents would pass `--upload-quota`),
+/// (the caller's unfinished uploads and kept contents would pass `--upload-quota`, or it
+/// has `--max-uploads-per-member` unfinished uploads already),
 /// `storage_full` (the disk would go below `--disk-reserve-bytes`), `invalid_field`
 /// (`size` differs from the caller's upload of the same digest in progress), `internal`.
 pub fn upload<S: GroupStore + ?Sized>(
@@ -195,7 +196,7 @@ pub fn blob_error(e: BlobError) -> WireError {
         BlobError::BadOffset { .. } => ErrorCode::BadOffset,
         BlobError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
         BlobError::NoUpload(_) | BlobError::NotFound(_) => ErrorCode::NotFound,
-        BlobError::Quota { .. } => ErrorCode::LimitReached,
+        BlobError::Quota { .. } | BlobError::TooManyUploads { .. } => ErrorCode::LimitReached,
         BlobError::StorageFull { .. } => {
             tracing::warn!(error = %e, "upload refused: the disk is at its reserve");
             ErrorCode::StorageFull
