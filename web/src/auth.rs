@@ -316,12 +316,14 @@ impl Default for Sessions {
 ///
 /// The address is checked first; a refused address touches no per-name state. Both maps are
 /// bounded: keys idle long enough to be back at a full burst (at most a minute) are dropped
-/// every [`PRUNE_EVERY`] and whenever a map passes half of [`LIMITER_KEYS`]; a map still
-/// full after that refuses every attempt (fail closed) until keys age out.
+/// every [`PRUNE_EVERY`] and whenever a map passes half of its most keys
+/// ([`LIMITER_KEYS`] by default, `--sign-in-max-keys`); a map still full after that refuses
+/// every attempt (fail closed) until keys age out.
 #[derive(Debug)]
 pub struct SignInLimiter {
     by_address: DefaultKeyedRateLimiter<IpAddr>,
     by_pair: DefaultKeyedRateLimiter<(IpAddr, UserName)>,
+    max_keys: usize,
     pruned: Mutex<Instant>,
 }
 
@@ -334,7 +336,7 @@ pub const SIGN_IN_REFILL: Duration = Duration::from_secs(12);
 pub const ADDRESS_BURST: u32 = 10;
 /// After that burst, one attempt per this long from the same address: 6 s (10 a minute).
 pub const ADDRESS_REFILL: Duration = Duration::from_secs(6);
-/// Keys each of the limiter's maps holds at most: 10,000 (about 1.5 MB for the pairs).
+/// Keys each of the limiter's maps holds at most by default: 10,000 (some 150 bytes a key).
 pub const LIMITER_KEYS: usize = 10_000;
 /// How often idle keys are dropped: every 60 s (checked on the next attempt).
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -373,11 +375,17 @@ fn quota(burst: u32, refill: Duration) -> Quota {
 }
 
 impl SignInLimiter {
-    /// The limits above.
+    /// The limits above, with [`LIMITER_KEYS`] keys per map at most.
     pub fn new() -> SignInLimiter {
+        SignInLimiter::with_max_keys(LIMITER_KEYS)
+    }
+
+    /// The limits above, with `max_keys` keys per map at most (at least 2).
+    pub fn with_max_keys(max_keys: usize) -> SignInLimiter {
         SignInLimiter {
             by_address: RateLimiter::keyed(quota(ADDRESS_BURST, ADDRESS_REFILL)),
             by_pair: RateLimiter::keyed(quota(SIGN_IN_BURST, SIGN_IN_REFILL)),
+            max_keys: max_keys.max(2),
             pruned: Mutex::new(Instant::now()),
         }
     }
@@ -389,8 +397,8 @@ impl SignInLimiter {
             .lock()
             .map(|mut last| {
                 let due = last.elapsed() >= PRUNE_EVERY
-                    || self.by_address.len() > LIMITER_KEYS / 2
-                    || self.by_pair.len() > LIMITER_KEYS / 2;
+                    || self.by_address.len() > self.max_keys / 2
+                    || self.by_pair.len() > self.max_keys / 2;
                 if due {
                     *last = Instant::now();
                 }
@@ -410,7 +418,7 @@ impl SignInLimiter {
     pub fn check(&self, address: IpAddr, name: &UserName) -> Verdict {
         self.prune();
         let address = bucket(address);
-        if self.by_address.len() >= LIMITER_KEYS || self.by_pair.len() >= LIMITER_KEYS {
+        if self.by_address.len() >= self.max_keys || self.by_pair.len() >= self.max_keys {
             return Verdict::Full;
         }
         if self.by_address.check_key(&address).is_err() {
@@ -579,6 +587,20 @@ mod tests {
             before,
             "a refused address adds no per-name key"
         );
+    }
+
+    #[test]
+    fn a_full_limiter_refuses_rather_than_grows() {
+        let limiter = SignInLimiter::with_max_keys(4);
+        let mut verdicts = Vec::new();
+        for i in 0..6 {
+            let host: IpAddr = format!("10.0.0.{i}").parse().expect("ip");
+            verdicts.push(limiter.check(host, &name("alice")));
+        }
+        // Fresh keys are not idle enough to be dropped: the map stays at its bound.
+        assert_eq!(&verdicts[..4], &[Verdict::Allowed; 4], "{verdicts:?}");
+        assert_eq!(&verdicts[4..], &[Verdict::Full; 2], "{verdicts:?}");
+        assert_eq!(limiter.keys(), (4, 4));
     }
 
     #[test]

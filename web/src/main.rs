@@ -92,6 +92,11 @@ struct Serve {
     /// The largest file a person may upload, in bytes (as a node's --max-file-bytes).
     #[arg(long, env = "AGORA_WEB_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
     max_upload_bytes: u64,
+    /// Hosted mode: most keys (client addresses, and address and name pairs) each sign-in
+    /// limiter holds; idle ones are dropped each minute, and while it is full every
+    /// sign-in is answered 429.
+    #[arg(long, env = "AGORA_WEB_SIGN_IN_MAX_KEYS", default_value_t = auth::LIMITER_KEYS)]
+    sign_in_max_keys: usize,
     /// Most uploads one identity may have in progress at once; past it an upload is
     /// answered 429 before its body is read.
     #[arg(long, env = "AGORA_WEB_MAX_UPLOADS_PER_USER", default_value_t = 4)]
@@ -253,7 +258,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             .with_context(|| format!("{}", spool.display()))?;
         let hosted = Hosted {
             accounts,
-            limiter: auth::SignInLimiter::new(),
+            limiter: auth::SignInLimiter::with_max_keys(args.sign_in_max_keys),
             open_signup: args.open_signup,
         };
         (auth::Sessions::new(), Some(Arc::new(hosted)), spool)
