@@ -773,3 +773,217 @@ fn sessions_expire_when_idle_or_old_and_a_full_table_evicts() {
     );
     assert_eq!(status(&first), 200);
 }
+
+/// A page of another origin, served from another port of 127.0.0.1 (what the attack used: a
+/// dev server, a notebook, another local user's listener). Answers every request with
+/// `html`, until dropped.
+struct AttackerSite {
+    origin: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AttackerSite {
+    fn serve(html: String) -> AttackerSite {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let origin = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+            }
+        });
+        AttackerSite {
+            origin,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for AttackerSite {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A headless Chromium with a fresh profile whose only traffic is to 127.0.0.1.
+async fn chromium(
+    driver: &agora_tests::Chromedriver,
+    profile: &std::path::Path,
+) -> fantoccini::Client {
+    let args = [
+        "--headless=new".to_owned(),
+        "--no-sandbox".to_owned(),
+        "--disable-gpu".to_owned(),
+        "--disable-dev-shm-usage".to_owned(),
+        format!("--user-data-dir={}", profile.display()),
+        "--no-first-run".to_owned(),
+        "--no-default-browser-check".to_owned(),
+        "--disable-background-networking".to_owned(),
+        "--disable-component-update".to_owned(),
+        "--disable-sync".to_owned(),
+        "--disable-extensions".to_owned(),
+        "--proxy-server=socks5://127.0.0.1:9".to_owned(),
+    ];
+    let capabilities = serde_json::json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": { "binary": driver.chromium, "args": args },
+        "timeouts": { "pageLoad": 20_000, "script": 10_000, "implicit": 0 },
+    });
+    fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities.as_object().cloned().expect("an object"))
+        .connect(&driver.url)
+        .await
+        .unwrap_or_else(|e| panic!("no WebDriver session: {e}; chromedriver:\n{}", driver.log()))
+}
+
+/// Polls `script`'s value in the page until `done` takes it, within `timeout`.
+async fn poll_page<T>(
+    client: &fantoccini::Client,
+    script: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&serde_json::Value) -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(value) = client.execute(script, Vec::new()).await {
+            if let Some(found) = done(&value) {
+                return Some(found);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Finding 2, 4 and 13 as the attack ran them, in Chromium: the victim signs in to their
+/// gateway, then opens a page on another port of 127.0.0.1. Its script opens the victim's
+/// `/ws` (Chromium sends the victim's cookie: `SameSite=Strict` is per site, not per port),
+/// posts an upload, and submits a sign-out form. The WebSocket never opens, and the victim's
+/// session goes on: their page still answers as them.
+#[test]
+fn in_chromium_a_page_on_another_port_gets_nothing_from_the_victims_gateway() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal("alice");
+    let gateway = web_origin(&web);
+    let ws_url = format!("{}/ws", gateway.replacen("http://", "ws://", 1));
+    let attack = format!(
+        r#"<!doctype html><title>cute cats</title>
+<iframe name="sink"></iframe>
+<form id="out" method="post" action="{gateway}/signout" target="sink"></form>
+<script>
+window.results = {{ ws: "pending", messages: [] }};
+const ws = new WebSocket("{ws_url}");
+ws.onopen = () => {{ results.ws = "open"; ws.send(JSON.stringify({{op: "whoami"}})); }};
+ws.onmessage = (e) => results.messages.push(e.data);
+ws.onclose = () => {{ if (results.ws === "pending") results.ws = "refused"; }};
+fetch("{gateway}/files/Anything?name=stolen.txt", {{
+  method: "POST", credentials: "include", mode: "no-cors", body: "exfiltrated"
+}}).then(() => results.upload = "sent", () => results.upload = "failed");
+document.getElementById("out").submit();
+results.signout = "submitted";
+</script>"#
+    );
+    let site = AttackerSite::serve(attack);
+    let driver = agora_tests::Chromedriver::start(fed.dir.path());
+    let profile = tempfile::tempdir().expect("profile");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = chromium(&driver, profile.path()).await;
+        // The victim signs in (the token URL) and has the chat page.
+        client.goto(&web.endpoint).await.expect("the token URL");
+        let me = poll_page(
+            &client,
+            r#"return document.getElementById("whoami")?.textContent ?? "";"#,
+            Duration::from_secs(10),
+            |v| {
+                v.as_str()
+                    .filter(|s| s.contains("alice"))
+                    .map(str::to_owned)
+            },
+        )
+        .await;
+        assert!(me.is_some(), "the victim's page works");
+
+        // The attacker's page, in the same browser.
+        client
+            .goto(&format!("{}/", site.origin))
+            .await
+            .expect("the attacker's page");
+        let ws = poll_page(
+            &client,
+            "return window.results ? window.results.ws : null;",
+            Duration::from_secs(10),
+            |v| v.as_str().filter(|s| *s != "pending").map(str::to_owned),
+        )
+        .await;
+        let results = client
+            .execute("return window.results;", Vec::new())
+            .await
+            .expect("results");
+        assert_eq!(ws.as_deref(), Some("refused"), "{results}");
+        assert_eq!(results["messages"], serde_json::json!([]), "{results}");
+        assert_eq!(results["signout"], "submitted", "{results}");
+
+        // The victim's session goes on: their page opens as them again.
+        client
+            .goto(&format!("{gateway}/"))
+            .await
+            .expect("the gateway");
+        let me = poll_page(
+            &client,
+            r#"return document.getElementById("whoami")?.textContent ?? "";"#,
+            Duration::from_secs(10),
+            |v| {
+                v.as_str()
+                    .filter(|s| s.contains("alice"))
+                    .map(str::to_owned)
+            },
+        )
+        .await;
+        assert!(me.is_some(), "the cross-site sign-out changed nothing");
+        let _ = client.close().await;
+    });
+    // The guard checks a request's Origin only when it carries a live session: each of these
+    // lines shows Chromium sent the victim's cookie and the gateway refused the origin.
+    let log = web.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request refused") && l.contains("forbidden_origin"))
+        .collect();
+    eprintln!("{}", refused.join("\n"));
+    for path in ["/ws", "/signout", "/files/Anything"] {
+        assert!(
+            refused.iter().any(|l| l.contains(&format!("\"{path}\""))),
+            "{path} refused for its origin:\n{log}"
+        );
+    }
+}
