@@ -360,10 +360,9 @@ fn name_claims_are_capped_per_key_and_a_silent_binding_lapses() {
         .is_ok()));
     let freed = stopped.elapsed();
     eprintln!("the name was free {freed:?} after its node stopped (lapse 2 s)");
-    assert!(
-        freed >= Duration::from_millis(1500),
-        "freed after {freed:?}"
-    );
+    // Not at once: the lapse runs from the group's last registration (recorded at most
+    // every tenth of the lapse), which may precede the kill by a heartbeat or more.
+    assert!(freed >= Duration::from_secs(1), "freed after {freed:?}");
     assert_eq!(
         looker.lookup(&group("Lapsing")).expect("lookup").endpoint,
         elsewhere
