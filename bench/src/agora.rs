@@ -237,7 +237,15 @@ pub fn node_memory(node_args: &[&str], points: &[u64], bytes: usize) -> anyhow::
 pub fn registry_memory(groups: u64) -> anyhow::Result<u64> {
     let ctx = zmq::Context::new();
     let max = (groups + 100).to_string();
-    let reg = crate::dm::start_registry(&["--max-groups", &max, "--heartbeat", "10m"])?;
+    // One key registers them all: its cap of names is raised with the directory's.
+    let reg = crate::dm::start_registry(&[
+        "--max-groups",
+        &max,
+        "--max-names-per-key",
+        &max,
+        "--heartbeat",
+        "10m",
+    ])?;
     let (mut client, curve) = reg.client(&ctx)?;
     let key = curve.keypair.public;
     for g in 0..groups {
