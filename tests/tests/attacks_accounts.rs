@@ -527,10 +527,12 @@ fn an_upload_is_refused_before_its_body_unless_the_caller_is_a_member_with_a_fre
     let _closed = fed.node("Closed", "127.0.0.1:0", "closed", &[]);
     let _open = fed.node("Open", "127.0.0.1:0", "open", &[]);
     fed.join_when_listed("alice", "Open");
+    // The spool's bound through its variable (AGORA_WEB_MAX_SPOOL_BYTES), as a deployment
+    // may set it.
     let (keys, registry_key) = (fed.key_dir(), fed.registry_key());
-    let web = Server::start(
-        "agora-web",
-        &[
+    let mut command = std::process::Command::new(agora_tests::bin("agora-web"));
+    command
+        .args([
             "--user",
             "alice",
             "--bind",
@@ -541,11 +543,10 @@ fn an_upload_is_refused_before_its_body_unless_the_caller_is_a_member_with_a_fre
             &registry_key,
             "--key-dir",
             &keys,
-            "--max-spool-bytes",
-            "3000000",
-        ],
-        &fed.dir.path().join("web-alice.log"),
-    );
+        ])
+        .env("AGORA_WEB_MAX_SPOOL_BYTES", "3000000");
+    let web = Server::spawn_command(command, "agora-web", &fed.dir.path().join("web-alice.log"))
+        .wait_listening(agora_tests::START_TIMEOUT);
     let mut client = Client::new(&web, "127.0.0.1");
     personal_session(&web, &mut client);
 
