@@ -572,8 +572,28 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
             "4",
         ],
     );
-    let cookie = personal_session(&web);
     let addr = web_origin(&web).trim_start_matches("http://").to_owned();
+    // The session from another address, on a connection closed at once: 127.0.0.1 holds
+    // nothing when the attack starts.
+    let cookie = {
+        let token = web.endpoint.split_once("/?").expect("a token URL").1;
+        let mut s = connect_from("127.0.0.7", &addr);
+        write!(
+            s,
+            "GET /?{token} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let (said, _) = read_until_closed(&mut s, Duration::from_secs(5));
+        let said = String::from_utf8_lossy(&said).into_owned();
+        said.lines()
+            .find_map(|l| {
+                l.strip_prefix("set-cookie: ")
+                    .or(l.strip_prefix("Set-Cookie: "))
+            })
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("a session cookie: {said}"))
+    };
 
     // Five connections from 127.0.0.1 start a request, to trickle it a header line at a
     // time. The gateway accepts them concurrently: any one of the five is the one too many,
@@ -986,4 +1006,72 @@ results.signout = "submitted";
             "{path} refused for its origin:\n{log}"
         );
     }
+}
+
+/// Finding 11, the total: past `--max-connections` a new connection is refused from any
+/// address, and once one closes the next gets in.
+#[test]
+fn connections_past_max_connections_are_refused_from_any_address() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal_with("alice", &["--max-connections", "3"]);
+    let addr = web_origin(&web).trim_start_matches("http://").to_owned();
+    // Four connections from four addresses, each starting a request. The gateway accepts
+    // them concurrently: any one of them is the one too many, closed at once with a 503.
+    let mut held: Vec<TcpStream> = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+        .iter()
+        .map(|source| {
+            let mut s = connect_from(source, &addr);
+            s.write_all(b"GET / HTTP/1.1\r\n").expect("start");
+            s.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let mut refused: Vec<(usize, Vec<u8>)> = Vec::new();
+    while started.elapsed() < Duration::from_secs(1) {
+        for (i, s) in held.iter_mut().enumerate() {
+            if refused.iter().any(|(r, _)| *r == i) {
+                continue;
+            }
+            let mut buf = [0u8; 512];
+            match s.read(&mut buf) {
+                Ok(n) => refused.push((i, buf[..n].to_vec())),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => refused.push((i, Vec::new())),
+            }
+        }
+    }
+    assert_eq!(
+        refused.len(),
+        1,
+        "one of four connections, whatever its address, is refused: {refused:?}"
+    );
+    let (index, said) = refused.remove(0);
+    assert!(
+        said.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&said)
+    );
+    held.remove(index);
+    drop(held.pop());
+    let mut next = None;
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let mut s = connect_from("127.0.0.6", &addr);
+            let _ = write!(
+                s,
+                "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            );
+            let (said, _) = read_until_closed(&mut s, Duration::from_secs(2));
+            next = Some(said.clone());
+            said.starts_with(b"HTTP/1.1 401")
+        }),
+        "a closed connection's slot comes back: {:?}",
+        next.map(|n| String::from_utf8_lossy(&n).into_owned())
+    );
 }
