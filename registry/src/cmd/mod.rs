@@ -1,6 +1,5 @@
 //! One handler per registry action. Each takes the store and the decoded request and
-//! returns the reply body or a [`WireError`](agora_proto::wire::WireError); none touches
-//! the socket.
+//! returns the reply body or a [`WireError`]; none touches the socket.
 
 use agora_proto::wire::{ErrorCode, WireError};
 
