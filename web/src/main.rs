@@ -147,7 +147,7 @@ struct Serve {
     /// sees it: for a gateway behind a reverse proxy. Repeat it, or comma-separate them in
     /// the variable. Requests that act (POST, the WebSocket) must come from the gateway's
     /// own origin (its Host) or one of these.
-    #[arg(long = "origin", env = "AGORA_WEB_ORIGIN", value_delimiter = ',', value_parser = agora_web::guard::parse_origin)]
+    #[arg(long = "origin", value_name = "URL", env = "AGORA_WEB_ORIGIN", value_delimiter = ',', value_parser = agora_web::guard::parse_origin)]
     origins: Vec<String>,
     /// A session unused this long ends (a page with its WebSocket open is in use).
     #[arg(long, env = "AGORA_WEB_SESSION_IDLE", default_value = "7days", value_parser = humantime::parse_duration)]
