@@ -625,6 +625,18 @@ mod tests {
     }
 
     #[test]
+    fn blocking_commands_parse_in_a_session() {
+        assert!(
+            matches!(command("block mallory"), Command::Block { name } if name.as_str() == "mallory")
+        );
+        assert!(
+            matches!(command("unblock mallory"), Command::Unblock { name } if name.as_str() == "mallory")
+        );
+        assert!(matches!(command("blocked"), Command::Blocked));
+        assert!(parse_line("block").is_err(), "a name is needed");
+    }
+
+    #[test]
     fn the_seeds_words_are_the_same_commands() {
         assert!(matches!(command("get_group_list"), Command::Groups));
         assert!(
