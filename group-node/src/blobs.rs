@@ -32,7 +32,7 @@
 //! declares a content that is already complete sends nothing and is charged nothing. The
 //! charge goes when the content goes (retention, [`Blobs::retain`]). Contents completed
 //! before the node recorded uploaders are charged to nobody. Without a PostgreSQL store the
-//! charges are summed from the `uploaders/` files once, at the first `upload`, and kept up to
+//! charges are summed from the `uploaders/` files once, when the node starts, and kept up to
 //! date in memory; with one they are the `uploader` column of `blobs`, summed per `upload`
 //! (an index on it).
 //!
@@ -792,8 +792,9 @@ pub struct Blobs {
     /// their digest was already verified.
     sealing: RefCell<HashMap<Slot, bool>>,
     /// Without a PostgreSQL store: the bytes of complete content charged to each uploader,
-    /// summed from the `uploaders/` files at the first need ([`Blobs::charged`]), then kept
-    /// up to date as contents are sealed and removed.
+    /// summed from the `uploaders/` files at start ([`Blobs::count_kept`]) or else at the
+    /// first need ([`Blobs::charged`]), then kept up to date as contents are sealed and
+    /// removed.
     charges: RefCell<Option<HashMap<String, u64>>>,
     /// A buffer with room for a block-aligned chunk, for `O_DIRECT` writes (at most one
     /// chunk, 1 MiB, plus a block).
@@ -1064,6 +1065,21 @@ impl Blobs {
             None => charges.insert(self.count_charges()?),
         };
         Ok(charges.get(uploader).copied().unwrap_or(0))
+    }
+
+    /// Counts the charges of the kept contents now (without a PostgreSQL store; with one,
+    /// its rows are the charges and this does nothing), rather than at the first `upload`.
+    /// Call it before any seal runs: a blob sealed while they are being counted could be
+    /// counted twice.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`] listing the store.
+    pub fn count_kept(&self) -> Result<(), BlobError> {
+        if self.shared.is_none() {
+            let counted = self.count_charges()?;
+            *self.charges.borrow_mut() = Some(counted);
+        }
+        Ok(())
     }
 
     /// Sums the sizes of the local blobs by the uploader their `uploaders/` file names. A

@@ -404,6 +404,12 @@ impl Node {
                 })?,
             None => blobs,
         };
+        // The charges of kept contents, counted before any seal can run (without a
+        // PostgreSQL store; with one, they are its rows).
+        blobs.count_kept().map_err(|e| NodeError::DataDir {
+            path: config.data_dir.join("blobs"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let (keys, zap) = if config.insecure {
             let registries = config
                 .registry
