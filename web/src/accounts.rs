@@ -27,7 +27,7 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 use agora_common::fsmode;
@@ -47,8 +47,9 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 /// Threads that run Argon2: 2, so at most two hashes (2 × 19 MiB) at once.
 pub const HASH_THREADS: usize = 2;
-/// Hashes waiting for a thread before a caller waits to queue one: 64.
-const HASH_QUEUE: usize = 64;
+/// Hashes waiting for a thread; past them a sign-in or sign-up is [`AccountError::Busy`]
+/// at once (each waiting one holds a blocking thread): 64.
+pub const HASH_QUEUE: usize = 64;
 
 /// Why an account could not be made or used.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,9 @@ pub enum AccountError {
         {MIN_PASSWORD_CHARS} of them other than whitespace"
     )]
     BadPassword,
+    /// [`HASH_QUEUE`] hashes are waiting already: try again in a moment.
+    #[error("{HASH_QUEUE} password checks are waiting already")]
+    Busy,
     /// Reading or writing the data directory failed.
     #[error("{path}: {source}")]
     Io {
@@ -135,6 +139,10 @@ impl Hashers {
 
     /// Runs `work` on a hashing thread and waits for it (blocking: call it off the async
     /// runtime).
+    ///
+    /// # Errors
+    /// [`AccountError::Busy`] when [`HASH_QUEUE`] jobs are waiting; `Corrupt` if the threads
+    /// are gone.
     fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut [Block]) -> T + Send + 'static,
@@ -142,10 +150,13 @@ impl Hashers {
         let (done, result) = sync_channel(1);
         let gone = || AccountError::Corrupt("the hashing threads are gone".into());
         self.jobs
-            .send(Box::new(move |blocks: &mut [Block]| {
+            .try_send(Box::new(move |blocks: &mut [Block]| {
                 let _ = done.send(work(blocks));
             }))
-            .map_err(|_| gone())?;
+            .map_err(|e| match e {
+                TrySendError::Full(_) => AccountError::Busy,
+                TrySendError::Disconnected(_) => gone(),
+            })?;
         result.recv().map_err(|_| gone())
     }
 
@@ -509,6 +520,41 @@ mod tests {
         let real = std::fs::read_to_string(dir.path().join("accounts/alice")).expect("hash");
         let params = |h: &str| h.split('$').take(4).collect::<Vec<_>>().join("$");
         assert_eq!(params(&accounts.dummy), params(real.trim()));
+    }
+
+    #[test]
+    fn past_the_queue_a_password_check_is_refused_at_once_as_busy() {
+        let dir = tempfile::tempdir().expect("dir");
+        let accounts = Accounts::open(dir.path()).expect("open");
+        let alice: UserName = "alice".parse().expect("name");
+        // Jobs that hold their thread until `release` is dropped: both threads, then the
+        // whole queue.
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        let mut queued = 0;
+        loop {
+            let gate = Arc::clone(&gate);
+            let job: Job = Box::new(move |_| {
+                let _ = gate.lock().map(|g| g.recv());
+            });
+            match accounts.hashers.jobs.try_send(job) {
+                Ok(()) => queued += 1,
+                Err(_) => break,
+            }
+        }
+        assert!(queued >= HASH_QUEUE, "{queued}");
+        assert!(matches!(
+            accounts.verify(&alice, "wrong horse"),
+            Err(AccountError::Busy)
+        ));
+        drop(release);
+        let waited = std::time::Instant::now();
+        while matches!(
+            accounts.verify(&alice, "wrong horse"),
+            Err(AccountError::Busy)
+        ) {
+            assert!(waited.elapsed() < std::time::Duration::from_secs(10));
+        }
     }
 
     #[test]

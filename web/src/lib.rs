@@ -203,16 +203,35 @@ fn html(status: StatusCode, body: String) -> Response {
 /// fresh form token: in the cookie [`guard::FORM_COOKIE`] and the form's hidden field (the
 /// guard wants both, equal, on `POST /signin` and `/signup`).
 fn sign_in_page(hosted: &Hosted, status: StatusCode, message: &str) -> Response {
+    sign_in_page_with(hosted, status, message, None)
+}
+
+/// [`sign_in_page`], keeping `form_token` (the request's own [`guard::FORM_COOKIE`]) when
+/// it is one of ours (64 hex digits): two sign-in tabs then share one token, and the first
+/// one's form still posts.
+fn sign_in_page_with(
+    hosted: &Hosted,
+    status: StatusCode,
+    message: &str,
+    form_token: Option<&str>,
+) -> Response {
     let signup = if hosted.open_signup {
         r#"<button formaction="/signup" id="signup">Make this account</button>"#
     } else {
         ""
     };
-    let Ok(token) = auth::random_hex() else {
-        return text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "500: no randomness for the form token\n".into(),
-        );
+    let kept = form_token.filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()));
+    let token = match kept {
+        Some(t) => t.to_owned(),
+        None => match auth::random_hex() {
+            Ok(t) => t,
+            Err(_) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "500: no randomness for the form token\n".into(),
+                )
+            }
+        },
     };
     let mut page = html(
         status,
@@ -270,7 +289,12 @@ async fn index(
         );
     }
     match &state.hosted {
-        Some(hosted) => sign_in_page(hosted, StatusCode::OK, ""),
+        Some(hosted) => sign_in_page_with(
+            hosted,
+            StatusCode::OK,
+            "",
+            auth::cookie_value(&headers, guard::FORM_COOKIE),
+        ),
         None => unauthorized(),
     }
 }
@@ -328,6 +352,7 @@ async fn sign_in(
             tracing::warn!(peer = %peer, error = %e, "sign-in refused");
             sign_in_page(&hosted, StatusCode::FORBIDDEN, TAKEN)
         }
+        Ok(Err(accounts::AccountError::Busy)) => busy(&hosted),
         Ok(Err(e)) => failed(
             &hosted,
             "sign-in",
@@ -347,6 +372,17 @@ fn bad_name() -> String {
 }
 /// The sign-in page's answer to a name the registry binds to another key.
 const TAKEN: &str = "That name belongs to another key on the federation: pick another.";
+
+/// `503` when every password check's place in the queue is taken
+/// ([`accounts::HASH_QUEUE`]).
+fn busy(hosted: &Hosted) -> Response {
+    tracing::warn!("sign-in refused: the password checks' queue is full");
+    sign_in_page(
+        hosted,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The gateway is busy: try again in a moment.",
+    )
+}
 
 /// `429` when [`auth::SignInLimiter`] refuses one more attempt from `peer` for `name`.
 fn limited(
@@ -446,6 +482,7 @@ async fn sign_up(
             StatusCode::BAD_REQUEST,
             "A password has at least 8 characters other than spaces.",
         ),
+        Ok(Err(accounts::AccountError::Busy)) => busy(&hosted),
         Ok(Err(e)) => failed(&hosted, "sign-up", &e, "The account could not be made."),
         Err(e) => failed(&hosted, "sign-up", &e, "Try again."),
     }
