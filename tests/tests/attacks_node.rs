@@ -386,3 +386,26 @@ fn one_member_cannot_declare_unfinished_uploads_without_end() {
     let data = content(1000, 5);
     assert!(upload_all(&mut alice, &data).complete);
 }
+
+/// The charges are the node's record, not its memory: a restarted node (its files, or with
+/// PostgreSQL its rows) still counts what a member uploaded before.
+#[test]
+fn kept_content_still_counts_after_the_node_restarts() {
+    let fed = Federation::start("200ms");
+    let args = ["--upload-quota", "1000"];
+    let mut node = fed.node(GROUP, "127.0.0.1:0", "cool", &args);
+    let addr = node.host_port().to_owned();
+    let mut alice = member(&fed, &node, "alice");
+    let first = content(900, 1);
+    assert!(upload_all(&mut alice, &first).complete);
+    node.kill9();
+
+    let node = fed.node(GROUP, &addr, "cool", &args);
+    let mut alice = client(&fed, &node, "alice");
+    let more = content(900, 2);
+    assert_eq!(
+        code(alice.upload(digest_of(&more), more.len() as u64)),
+        ErrorCode::LimitReached
+    );
+    assert!(download_all(&mut alice, digest_of(&first)) == first);
+}
