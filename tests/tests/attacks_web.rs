@@ -373,6 +373,18 @@ fn login_csrf_a_form_of_another_origin_cannot_sign_anyone_in() {
     );
     assert_eq!(signup.status(), 403);
 
+    // A second sign-in tab keeps the browser's token, so the first tab's form still posts.
+    let again = answer(
+        agent()
+            .get(&format!("{own}/"))
+            .set("Cookie", &form_cookie)
+            .call(),
+        "a second sign-in page",
+    );
+    assert_eq!(
+        web_csrf(&again.into_string().expect("html")).as_deref(),
+        Some(token.as_str())
+    );
     // The sign-in page itself signs in.
     let session = hosted_session(&web, "mallory", "mallory's password");
     assert!(session.starts_with("agora_session="), "{session}");
