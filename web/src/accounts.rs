@@ -315,7 +315,8 @@ impl Accounts {
     }
 
     /// Creates `accounts/NAME` empty (mode 0600, `O_EXCL`): the name is held on this gateway
-    /// and no password opens it yet (an empty hash is [`AccountError::Corrupt`]).
+    /// and no password opens it yet ([`Accounts::verify`] takes an empty file for no
+    /// account).
     fn reserve(&self, name: &UserName) -> Result<std::fs::File, AccountError> {
         let path = self.hash_path(name);
         std::fs::OpenOptions::new()
@@ -366,6 +367,32 @@ impl Accounts {
             user: name.clone(),
             keypair,
         })
+    }
+
+    /// Removes what sign-ups that never finished left (the gateway stopped while one waited
+    /// for the registry): empty `accounts/NAME` files and their key pairs, each with a
+    /// warning. For a server's start, before any sign-up can be in progress; returns the
+    /// names removed.
+    ///
+    /// # Errors
+    /// [`AccountError::Io`] when the directory cannot be read or a file removed.
+    pub fn remove_unfinished(&self) -> Result<Vec<UserName>, AccountError> {
+        let dir = self.dir.join("accounts");
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let path = entry.map_err(io(&dir))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<UserName>().ok());
+            let empty = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
+            if let (Some(name), true) = (name, empty) {
+                tracing::warn!(account = %name, "removed an unfinished sign-up");
+                self.roll_back(&name);
+                removed.push(name);
+            }
+        }
+        Ok(removed)
     }
 
     /// Sign-up: makes the account `name` with `password` and a new key pair only once
@@ -422,6 +449,8 @@ impl Accounts {
         }
         let path = self.hash_path(name);
         let stored = match std::fs::read_to_string(&path) {
+            // An empty file is a name held by a sign-up in progress: no account yet.
+            Ok(s) if s.trim().is_empty() => None,
             Ok(s) => Some(s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(AccountError::Io { path, source: e }),
@@ -601,7 +630,11 @@ mod tests {
             // Meanwhile the name is held, and no password opens it.
             assert!(matches!(
                 accounts.verify(&identity.user, "mallory's password"),
-                Err(AccountError::Corrupt(_))
+                Err(AccountError::WrongPassword)
+            ));
+            assert!(matches!(
+                accounts.sign_up(&identity.user, "another password", |_| Ok(())),
+                Err(AccountError::Exists(_))
             ));
             Err(AccountError::Taken(identity.user.clone()))
         });
@@ -634,6 +667,14 @@ mod tests {
             accounts.sign_up(&mallory, "mallory's password", |_| Ok(())),
             Err(AccountError::Exists(_))
         ));
+        // One the gateway stopped in the middle of is removed at the next start.
+        std::fs::write(dir.path().join("accounts/eve"), b"").expect("held");
+        std::fs::write(dir.path().join("keys/eve.key"), b"").expect("key");
+        let removed = accounts.remove_unfinished().expect("removed");
+        assert_eq!(removed, vec!["eve".parse::<UserName>().expect("name")]);
+        assert!(!dir.path().join("accounts/eve").exists());
+        assert!(!dir.path().join("keys/eve.key").exists());
+        assert!(dir.path().join("accounts/mallory").exists());
     }
 
     #[test]

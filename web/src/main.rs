@@ -252,6 +252,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
     let (sessions, hosted, spool) = if args.hosted {
         let dir = data_dir(args.data_dir.clone())?;
         let accounts = accounts::Accounts::open(&dir)?;
+        accounts.remove_unfinished()?;
         // Accounts::open made the directory private (0700, tightened with a log line).
         let spool = dir.join("spool");
         agora_common::fsmode::private_dir(&spool)
