@@ -607,6 +607,87 @@ fn an_upload_is_refused_before_its_body_unless_the_caller_is_a_member_with_a_fre
 }
 
 #[test]
+fn one_address_cannot_hold_every_upload_slot_whatever_its_accounts() {
+    let fed = Federation::start("200ms");
+    let _open = fed.node("Open", "127.0.0.1:0", "open", &[]);
+    fed.join_when_listed("carol", "Open");
+    for name in ["u1", "u2"] {
+        fed.web_add_user("web-data", name, "correct horse");
+        // user-cli with the account's key pair (the gateway keeps it) joins for it.
+        let keys = format!("{}/keys", fed.path("web-data"));
+        let state = fed.path(&format!("state-{name}"));
+        let registry_key = fed.registry_key();
+        let joined = agora_tests::cli(
+            &[
+                "--registry",
+                &fed.registry.endpoint,
+                "--user",
+                name,
+                "join",
+                "Open",
+            ],
+            "",
+            &[
+                ("AGORA_KEY_DIR", keys.as_str()),
+                ("AGORA_STATE_DIR", state.as_str()),
+                ("AGORA_REGISTRY_KEY", registry_key.as_str()),
+            ],
+        );
+        assert_eq!(joined.code, Some(0), "{joined:?}");
+    }
+    let (data_dir, registry_key) = (fed.path("web-data"), fed.registry_key());
+    let mut command = std::process::Command::new(agora_tests::bin("agora-web"));
+    command
+        .args([
+            "--hosted",
+            "--data-dir",
+            &data_dir,
+            "--bind",
+            "127.0.0.1:0",
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+        ])
+        .env("AGORA_WEB_MAX_UPLOADS_PER_ADDRESS", "3");
+    let web = Server::spawn_command(command, "agora-web", &fed.dir.path().join("web.log"))
+        .wait_listening(agora_tests::START_TIMEOUT);
+    // Two accounts signed in from one address.
+    let mut sessions = Vec::new();
+    for name in ["u1", "u2"] {
+        let mut client = Client::new(&web, "127.0.0.1");
+        client.prime();
+        assert_eq!(client.sign("/signin", name, "correct horse").status, 303);
+        let page = client.call("GET", "/", &[], b"").expect("the page");
+        client.session_csrf = attribute(&page.body, r#"name="agora-csrf""#, "content");
+        sessions.push(client);
+    }
+    let answer = |client: &Client| {
+        let mut stream = upload_start(client, "Open", 100_000, 1 << 10);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        (read_reply(&mut stream), stream)
+    };
+    // Three uploads in progress from 127.0.0.1: two of u1's, one of u2's.
+    let mut hanging = Vec::new();
+    for i in [0, 0, 1] {
+        let (reply, stream) = answer(&sessions[i]);
+        assert!(reply.is_none(), "an upload in progress: {reply:?}");
+        hanging.push(stream);
+    }
+    // u2 has slots left, 127.0.0.1 has not.
+    let (busy, _) = answer(&sessions[1]);
+    let busy = busy.expect("an answer before the body");
+    assert_eq!(busy.status, 429, "{busy:?}");
+    assert!(busy.body.contains("limit_reached"), "{busy:?}");
+    // The same session from another address goes on.
+    sessions[1].from = "127.0.0.2".to_owned();
+    let (elsewhere, _stream) = answer(&sessions[1]);
+    assert!(elsewhere.is_none(), "refused from 127.0.0.2: {elsewhere:?}");
+}
+
+#[test]
 fn a_hosted_data_directory_others_can_read_is_tightened_and_a_password_of_spaces_refused() {
     let fed = Federation::start("200ms");
     fed.web_add_user("web-data", "alice", "correct horse");

@@ -354,8 +354,9 @@ pub enum Verdict {
     Full,
 }
 
-/// The bucket an address counts in: IPv4 as is, IPv6 by its /64.
-fn bucket(address: IpAddr) -> IpAddr {
+/// The bucket a client address counts in, for every per-address cap: IPv4 as is, IPv6 by
+/// its /64 (one host usually holds a whole /64), an IPv4-mapped IPv6 address as IPv4.
+pub fn bucket(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -10,12 +10,14 @@
 //!   (`Content-Type` its media type; raster images inline, everything else as an
 //!   attachment download). The bytes are hashed on the way; a mismatch aborts the response.
 //!
-//! Before an upload's body is read, the gateway takes one of the identity's upload slots
-//! ([`Uploads`]: a few at once per identity) and asks the group's node whether the caller
-//! is a member ([`check_member`]); the spool's bytes are bounded in all and per identity.
+//! Before an upload's body is read, the gateway takes one of the identity's and one of the
+//! client address's upload slots ([`Uploads`]: a few at once for each) and asks the group's
+//! node whether the caller is a member ([`check_member`]); the spool's bytes are bounded in
+//! all, per identity and per address.
 
 use std::collections::HashMap;
 use std::io::{Seek, Write};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use agora_common::client::{ClientCurve, ClientError, GroupClient};
@@ -107,12 +109,14 @@ pub fn check_member(
     Ok(())
 }
 
-/// Uploads in progress: at most `per_identity` at once for one identity, and at most
-/// `spool_bytes` bytes spooled at once in all (half of that for one identity). The map
-/// holds only identities with an upload in progress.
+/// Uploads in progress: at most `per_identity` at once for one identity and `per_address`
+/// for one client address (by [`crate::auth::bucket`]), and at most `spool_bytes` bytes
+/// spooled at once in all (half of that for one identity, or one address). The maps hold
+/// only identities and addresses with an upload in progress.
 #[derive(Debug)]
 pub struct Uploads {
     per_identity: usize,
+    per_address: usize,
     spool_bytes: u64,
     held: Mutex<Held>,
 }
@@ -121,6 +125,8 @@ pub struct Uploads {
 struct Held {
     /// Per identity: uploads in progress and the bytes they spooled.
     by_identity: HashMap<UserName, (usize, u64)>,
+    /// The same per client address.
+    by_address: HashMap<IpAddr, (usize, u64)>,
     /// Bytes spooled in all.
     spooled: u64,
 }
@@ -128,47 +134,70 @@ struct Held {
 /// Why an upload may not go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UploadRefusal {
-    /// The identity has `per_identity` uploads in progress (HTTP 429).
+    /// The identity, or the client address, has its most uploads in progress (HTTP 429).
     Busy,
-    /// The spool, or the identity's share of it, is full (HTTP 507).
+    /// The spool, or the identity's or the address's share of it, is full (HTTP 507).
     SpoolFull,
 }
 
+/// Takes one from a count and `bytes` from its bytes, dropping the entry at zero.
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, (usize, u64)>, key: &K, bytes: u64) {
+    if let Some((count, held)) = map.get_mut(key) {
+        *count = count.saturating_sub(1);
+        *held = held.saturating_sub(bytes);
+        if *count == 0 {
+            map.remove(key);
+        }
+    }
+}
+
 impl Uploads {
-    /// At most `per_identity` uploads at once per identity (at least 1) and `spool_bytes`
-    /// bytes spooled in all.
-    pub fn new(per_identity: usize, spool_bytes: u64) -> Uploads {
+    /// At most `per_identity` uploads at once per identity and `per_address` per client
+    /// address (each at least 1), and `spool_bytes` bytes spooled in all.
+    pub fn new(per_identity: usize, per_address: usize, spool_bytes: u64) -> Uploads {
         Uploads {
             per_identity: per_identity.max(1),
+            per_address: per_address.max(1),
             spool_bytes,
             held: Mutex::default(),
         }
     }
 
-    /// One of `user`'s upload slots, released when the [`UploadSlot`] drops.
+    /// One of `user`'s and one of `address`'s upload slots, released when the
+    /// [`UploadSlot`] drops.
     ///
     /// # Errors
     /// [`UploadRefusal::Busy`].
-    pub fn start(self: &Arc<Self>, user: &UserName) -> Result<UploadSlot, UploadRefusal> {
+    pub fn start(
+        self: &Arc<Self>,
+        user: &UserName,
+        address: IpAddr,
+    ) -> Result<UploadSlot, UploadRefusal> {
+        let address = crate::auth::bucket(address);
         let mut held = self.held.lock().map_err(|_| UploadRefusal::Busy)?;
-        let (count, _) = held.by_identity.entry(user.clone()).or_default();
-        if *count >= self.per_identity {
+        let mine = held.by_identity.get(user).map_or(0, |(n, _)| *n);
+        let here = held.by_address.get(&address).map_or(0, |(n, _)| *n);
+        if mine >= self.per_identity || here >= self.per_address {
             return Err(UploadRefusal::Busy);
         }
-        *count += 1;
+        held.by_identity.entry(user.clone()).or_default().0 += 1;
+        held.by_address.entry(address).or_default().0 += 1;
         Ok(UploadSlot {
             uploads: Arc::clone(self),
             user: user.clone(),
+            address,
             bytes: 0,
         })
     }
 }
 
-/// An upload in progress: its identity's slot and the spool bytes it holds.
+/// An upload in progress: its identity's and its address's slots and the spool bytes it
+/// holds.
 #[derive(Debug)]
 pub struct UploadSlot {
     uploads: Arc<Uploads>,
     user: UserName,
+    address: IpAddr,
     bytes: u64,
 }
 
@@ -177,7 +206,8 @@ impl UploadSlot {
     /// already).
     ///
     /// # Errors
-    /// [`UploadRefusal::SpoolFull`]: the spool or the identity's half of it is full.
+    /// [`UploadRefusal::SpoolFull`]: the spool, or the identity's or the address's half of
+    /// it, is full.
     pub fn hold(&mut self, total: u64) -> Result<(), UploadRefusal> {
         let more = total.saturating_sub(self.bytes);
         if more == 0 {
@@ -188,14 +218,20 @@ impl UploadSlot {
             .held
             .lock()
             .map_err(|_| UploadRefusal::SpoolFull)?;
+        let half = self.uploads.spool_bytes / 2;
         let mine = held.by_identity.get(&self.user).map_or(0, |(_, b)| *b);
+        let here = held.by_address.get(&self.address).map_or(0, |(_, b)| *b);
         if held.spooled.saturating_add(more) > self.uploads.spool_bytes
-            || mine.saturating_add(more) > self.uploads.spool_bytes / 2
+            || mine.saturating_add(more) > half
+            || here.saturating_add(more) > half
         {
             return Err(UploadRefusal::SpoolFull);
         }
         held.spooled += more;
         if let Some((_, b)) = held.by_identity.get_mut(&self.user) {
+            *b += more;
+        }
+        if let Some((_, b)) = held.by_address.get_mut(&self.address) {
             *b += more;
         }
         self.bytes = total;
@@ -207,13 +243,8 @@ impl Drop for UploadSlot {
     fn drop(&mut self) {
         if let Ok(mut held) = self.uploads.held.lock() {
             held.spooled = held.spooled.saturating_sub(self.bytes);
-            if let Some((count, bytes)) = held.by_identity.get_mut(&self.user) {
-                *count = count.saturating_sub(1);
-                *bytes = bytes.saturating_sub(self.bytes);
-                if *count == 0 {
-                    held.by_identity.remove(&self.user);
-                }
-            }
+            release(&mut held.by_identity, &self.user, self.bytes);
+            release(&mut held.by_address, &self.address, self.bytes);
         }
     }
 }
@@ -361,13 +392,17 @@ mod tests {
 
     #[test]
     fn uploads_are_bounded_per_identity_and_the_spool_in_all_and_slots_come_back() {
-        let uploads = Arc::new(Uploads::new(2, 1000));
+        let uploads = Arc::new(Uploads::new(2, 100, 1000));
         let (alice, bob): (UserName, UserName) =
             ("alice".parse().expect("name"), "bob".parse().expect("name"));
-        let mut a1 = uploads.start(&alice).expect("first");
-        let a2 = uploads.start(&alice).expect("second");
-        assert_eq!(uploads.start(&alice).err(), Some(UploadRefusal::Busy));
-        let mut b1 = uploads.start(&bob).expect("another identity");
+        let (a, b): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
+        let mut a1 = uploads.start(&alice, a).expect("first");
+        let a2 = uploads.start(&alice, a).expect("second");
+        assert_eq!(uploads.start(&alice, b).err(), Some(UploadRefusal::Busy));
+        let mut b1 = uploads.start(&bob, b).expect("another identity");
         a1.hold(400).expect("400");
         assert_eq!(
             a1.hold(600),
@@ -375,7 +410,7 @@ mod tests {
             "past alice's half"
         );
         b1.hold(500).expect("bob's half");
-        let mut b2 = uploads.start(&bob).expect("bob's second");
+        let mut b2 = uploads.start(&bob, b).expect("bob's second");
         assert_eq!(
             b2.hold(200),
             Err(UploadRefusal::SpoolFull),
@@ -383,10 +418,42 @@ mod tests {
         );
         drop((a1, a2));
         b2.hold(0).expect("nothing");
-        let _again = uploads.start(&alice).expect("a slot came back");
+        let _again = uploads.start(&alice, a).expect("a slot came back");
         drop((b1, b2));
         let held = uploads.held.lock().expect("lock");
         assert_eq!(held.spooled, 0);
         assert_eq!(held.by_identity.len(), 1, "only alice's live upload");
+        assert_eq!(held.by_address.len(), 1, "only its address");
+    }
+
+    #[test]
+    fn one_address_is_bounded_whatever_the_identities_it_uses() {
+        let uploads = Arc::new(Uploads::new(4, 3, 1000));
+        let a: IpAddr = "2001:db8::1".parse().expect("ip");
+        let same_64: IpAddr = "2001:db8::2".parse().expect("ip");
+        let names: Vec<UserName> = ["u1", "u2", "u3", "u4"]
+            .iter()
+            .map(|n| n.parse().expect("name"))
+            .collect();
+        let mut slots: Vec<UploadSlot> = names[..3]
+            .iter()
+            .map(|n| uploads.start(n, a).expect("a slot"))
+            .collect();
+        assert_eq!(
+            uploads.start(&names[3], same_64).err(),
+            Some(UploadRefusal::Busy),
+            "a fourth identity on the same /64"
+        );
+        slots[0].hold(300).expect("300");
+        slots[1].hold(200).expect("200");
+        assert_eq!(
+            slots[2].hold(1),
+            Err(UploadRefusal::SpoolFull),
+            "past the address's half"
+        );
+        slots.pop();
+        let _other = uploads
+            .start(&names[3], "10.0.0.9".parse().expect("ip"))
+            .expect("another address");
     }
 }

@@ -127,8 +127,8 @@ pub struct AppState {
     /// The largest upload, in bytes (`--max-upload-bytes`, default 4 GiB as a node's
     /// `--max-file-bytes`); a larger one is `413 too_large` before or while it is spooled.
     pub max_upload_bytes: u64,
-    /// Uploads in progress, bounded per identity (`--max-uploads-per-user`) and in spooled
-    /// bytes (`--max-spool-bytes`).
+    /// Uploads in progress, bounded per identity (`--max-uploads-per-user`), per client
+    /// address (`--max-uploads-per-address`) and in spooled bytes (`--max-spool-bytes`).
     pub uploads: Arc<files::Uploads>,
 }
 
@@ -788,6 +788,7 @@ fn caller(
 
 async fn upload(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(group): Path<String>,
     Query(q): Query<UploadQuery>,
     headers: HeaderMap,
@@ -820,7 +821,7 @@ async fn upload(
     }
     // Nothing of the body is read before the caller holds one of its upload slots and the
     // group's node counts it as a member.
-    let mut slot = match state.uploads.start(&identity.user) {
+    let mut slot = match state.uploads.start(&identity.user, peer.ip()) {
         Ok(slot) => slot,
         Err(_) => {
             return json_error(

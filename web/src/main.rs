@@ -101,8 +101,12 @@ struct Serve {
     /// answered 429 before its body is read.
     #[arg(long, env = "AGORA_WEB_MAX_UPLOADS_PER_USER", default_value_t = 4)]
     max_uploads_per_user: usize,
+    /// Most uploads one client address may have in progress at once, whatever the
+    /// accounts; past it an upload is answered 429 before its body is read.
+    #[arg(long, env = "AGORA_WEB_MAX_UPLOADS_PER_ADDRESS", default_value_t = 16)]
+    max_uploads_per_address: usize,
     /// Most bytes of uploads on their way to a node the spool holds at once, in all (one
-    /// identity may hold half); past it an upload is answered 507.
+    /// identity, or one client address, may hold half); past it an upload is answered 507.
     #[arg(long, env = "AGORA_WEB_MAX_SPOOL_BYTES", default_value_t = 16 << 30)]
     max_spool_bytes: u64,
     /// Most WebSockets open at once (each a page or tab); past it an upgrade is answered
@@ -301,6 +305,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         max_upload_bytes: args.max_upload_bytes,
         uploads: Arc::new(agora_web::files::Uploads::new(
             args.max_uploads_per_user,
+            args.max_uploads_per_address,
             args.max_spool_bytes,
         )),
         hub: Arc::default(),
