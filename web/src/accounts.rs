@@ -556,22 +556,31 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let accounts = Accounts::open(dir.path()).expect("open");
         let alice: UserName = "alice".parse().expect("name");
-        // Jobs that hold their thread until `release` is dropped: both threads, then the
-        // whole queue.
+        // Jobs that hold their thread until `release` is dropped: both threads (each job
+        // says when it runs), then the whole queue.
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new(gate));
-        let mut queued = 0;
-        loop {
-            let gate = Arc::clone(&gate);
-            let job: Job = Box::new(move |_| {
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let job = |gate: &Arc<Mutex<std::sync::mpsc::Receiver<()>>>| -> Job {
+            let (gate, started) = (Arc::clone(gate), started.clone());
+            Box::new(move |_| {
+                let _ = started.send(());
                 let _ = gate.lock().map(|g| g.recv());
-            });
-            match accounts.hashers.jobs.try_send(job) {
-                Ok(()) => queued += 1,
-                Err(_) => break,
-            }
+            })
+        };
+        for _ in 0..HASH_THREADS {
+            accounts.hashers.jobs.try_send(job(&gate)).expect("queued");
         }
-        assert!(queued >= HASH_QUEUE, "{queued}");
+        for _ in 0..HASH_THREADS {
+            running
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("a hashing thread took a job");
+        }
+        let mut queued = 0;
+        while accounts.hashers.jobs.try_send(job(&gate)).is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, HASH_QUEUE);
         assert!(matches!(
             accounts.verify(&alice, "wrong horse"),
             Err(AccountError::Busy)
