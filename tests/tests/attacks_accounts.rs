@@ -480,6 +480,21 @@ fn a_sign_up_for_a_name_the_registry_gives_another_key_leaves_no_account() {
     let whois = fed.cli("mallory", &["whois", "mallory"], "");
     assert!(whois.stdout.contains(&fed.user_key("mallory")), "{whois:?}");
 
+    // An account made by add-user whose name someone else registered meanwhile cannot
+    // sign in under it.
+    fed.web_add_user("web-data", "trudy", "trudy's password");
+    let taken = fed.cli("trudy", &["register", "trudy"], "");
+    assert_eq!(taken.code, Some(0), "{taken:?}");
+    let mut trudy = Client::new(&web, "127.0.0.3");
+    trudy.prime();
+    let refused = trudy.sign("/signin", "trudy", "trudy's password");
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert!(
+        refused.body.contains("belongs to another key"),
+        "{}",
+        refused.body
+    );
+
     // A free name is registered, then kept.
     let mut bob = Client::new(&web, "127.0.0.2");
     bob.prime();
