@@ -736,6 +736,62 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
     assert_eq!(page.status(), 200);
 }
 
+/// A connection that opened with the HTTP/2 preface (RFC 9113 §3.4, "prior knowledge")
+/// was served HTTP/2 even over plain TCP, where hyper has no header-read or idle timeout:
+/// one that sent the preface and then nothing held its connection slot for ever. Now the
+/// gateway serves HTTP/1.1 only: it closes such a connection at once, and the address's one
+/// slot (`--max-connections-per-address 1`) serves the next client.
+#[test]
+fn an_http2_preface_then_silence_is_closed_and_holds_no_connection_slot() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal_with(
+        "alice",
+        &[
+            "--header-read-timeout",
+            "2s",
+            "--max-connections-per-address",
+            "1",
+        ],
+    );
+    let addr = web_origin(&web).trim_start_matches("http://").to_owned();
+    let started = Instant::now();
+    let mut h2 = TcpStream::connect(&addr).expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .expect("the preface");
+    // Within the header-read timeout and then some: on a gateway that serves HTTP/2 the
+    // connection stays open (hyper answers the preface with its SETTINGS and waits).
+    let (said, closed) = read_until_closed(&mut h2, Duration::from_secs(10));
+    let closed_after = started.elapsed();
+    eprintln!(
+        "HTTP/2 preface: closed {closed} after {closed_after:?}, {} bytes answered",
+        said.len()
+    );
+    assert!(
+        closed,
+        "a connection that speaks HTTP/2 and then nothing is closed ({} bytes answered)",
+        said.len()
+    );
+    // The same address's only slot comes back: a request is served (401 without a session),
+    // not refused (503).
+    let mut next = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let Ok(mut s) = TcpStream::connect(&addr) else {
+                return false;
+            };
+            let _ = write!(
+                s,
+                "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            );
+            next = read_until_closed(&mut s, Duration::from_secs(5)).0;
+            next.starts_with(b"HTTP/1.1 401")
+        }),
+        "the address's slot serves the next connection: {}",
+        String::from_utf8_lossy(&next)
+    );
+    drop(h2);
+}
+
 /// Finding 20: sessions never expired and the table refused every sign-in once full. Now a
 /// session unused past `--session-idle` is refused (401), one past `--session-lifetime`
 /// ends and closes its WebSocket, and at `--max-sessions` a sign-in evicts the session

@@ -10,7 +10,8 @@
 //!   connection's slots and closes a connection that has not sent the start of its first
 //!   request within `--header-read-timeout` (hyper's own header-read timeout takes over from
 //!   there; it is armed only once hyper starts to parse, after it has chosen HTTP/1 from the
-//!   first bytes).
+//!   first bytes), and closes one that opens with the HTTP/2 preface: the gateway serves
+//!   HTTP/1.1 only, on every listener (see [`H2_PREFACE`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -165,6 +166,7 @@ where
                     inner: stream,
                     first_request: Some(Box::pin(tokio::time::sleep(this.first_request))),
                     read: 0,
+                    preface: Some(0),
                     _total: total,
                     _slot: slot,
                 },
@@ -178,15 +180,34 @@ where
 /// most hyper reads before it picks a protocol and arms its own header-read timeout.
 const FIRST_REQUEST_BYTES: usize = 24;
 
-/// An accepted connection: holds its slots until it is closed, and fails its reads once the
-/// first-request deadline passes before [`FIRST_REQUEST_BYTES`] have come in.
+/// The HTTP/2 client connection preface (RFC 9113 §3.4), 24 bytes. axum-server serves with
+/// hyper-util's `auto` builder, which takes HTTP/2 whenever a connection opens with these
+/// bytes, whatever TLS's ALPN said and even over plain TCP ("prior knowledge"); its
+/// `http1_only` does nothing for `serve_connection_with_upgrades`. hyper has no header-read
+/// or idle timeout for HTTP/2, so such a connection could hold its slots for ever: [`Capped`]
+/// fails the read that completes the preface instead, and the connection is closed.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An accepted connection: holds its slots until it is closed, fails its reads once the
+/// first-request deadline passes before [`FIRST_REQUEST_BYTES`] have come in, and fails the
+/// read that completes an HTTP/2 preface ([`H2_PREFACE`]): the gateway speaks HTTP/1.1 only.
 #[derive(Debug)]
 pub struct Capped<T> {
     inner: T,
     first_request: Option<Pin<Box<tokio::time::Sleep>>>,
     read: usize,
+    /// How many of the first bytes match [`H2_PREFACE`]; `None` once one differs.
+    preface: Option<usize>,
     _total: OwnedSemaphorePermit,
     _slot: Slot<IpAddr>,
+}
+
+/// `Some(matched)` while the connection's first bytes, `matched` so far and `new` now, are
+/// the start of [`H2_PREFACE`] (the whole preface at 24); `None` once they differ.
+fn preface_matched(matched: usize, new: &[u8]) -> Option<usize> {
+    let rest = &H2_PREFACE[matched.min(H2_PREFACE.len())..];
+    let n = new.len().min(rest.len());
+    (new[..n] == rest[..n]).then_some(matched + n)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Capped<T> {
@@ -199,7 +220,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Capped<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                this.read += buf.filled().len() - before;
+                let new = &buf.filled()[before..];
+                this.read += new.len();
+                if let Some(matched) = this.preface {
+                    this.preface = preface_matched(matched, new);
+                    if this.preface == Some(H2_PREFACE.len()) {
+                        tracing::info!("connection closed: HTTP/2 is not served (HTTP/1.1 only)");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "HTTP/2 is not served: HTTP/1.1 only",
+                        )));
+                    }
+                }
                 if this.read >= FIRST_REQUEST_BYTES {
                     this.first_request = None;
                 }
@@ -329,6 +361,51 @@ mod tests {
         let c = slots.take("a").expect("given back");
         drop((b, c, other));
         assert_eq!(slots.keys(), 0, "keys without slots are forgotten");
+    }
+
+    fn capped(inner: &[u8]) -> Capped<&[u8]> {
+        let total = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let slot = Slots::new(1)
+            .take(IpAddr::from([127, 0, 0, 1]))
+            .expect("slot");
+        Capped {
+            inner,
+            first_request: Some(Box::pin(tokio::time::sleep(Duration::from_secs(60)))),
+            read: 0,
+            preface: Some(0),
+            _total: total,
+            _slot: slot,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_opens_with_the_http2_preface_fails_its_read() {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 10];
+        // In pieces, as a client may send it: the read that completes it fails.
+        let mut h2 = capped(H2_PREFACE);
+        assert_eq!(h2.read(&mut buf).await.expect("a prefix is read"), 10);
+        assert_eq!(h2.read(&mut buf).await.expect("a prefix is read"), 10);
+        let refused = h2.read(&mut buf).await.expect_err("HTTP/2 is refused");
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidData);
+        // At once, followed by frames.
+        let mut whole = H2_PREFACE.to_vec();
+        whole.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let mut h2 = capped(&whole);
+        let mut big = [0u8; 64];
+        assert!(h2.read(&mut big).await.is_err());
+        // HTTP/1.1, even a request that starts as the preface does, reads through.
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+            b"PRI * HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            let mut h1 = capped(request);
+            let mut got = Vec::new();
+            h1.read_to_end(&mut got).await.expect("HTTP/1.1 is read");
+            assert_eq!(got, request);
+        }
     }
 
     #[test]

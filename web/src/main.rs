@@ -369,6 +369,8 @@ fn serve(args: Serve) -> anyhow::Result<()> {
                         format!("TLS from {} and {}", cert.display(), key.display())
                     })?;
                 // HTTP/1.1 only: the header-read timeout is HTTP/1's (and WebSockets are).
+                // ALPN alone does not stop hyper-util from taking HTTP/2 when the first bytes
+                // are its preface: `limits::Capped` closes those, on every listener.
                 let mut only_h1 = (*config.get_inner()).clone();
                 only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
                 config.reload_from_config(Arc::new(only_h1));
