@@ -9,11 +9,13 @@
 //! (default 30 days): the name is free again. A key owns at most `--max-names-per-key`
 //! names (default 100) that have not lapsed.
 //!
-//! # Schema (version 2, in `PRAGMA user_version`)
+//! # Schema (version 3, in `PRAGMA user_version`)
 //! `owners(name TEXT PRIMARY KEY, key TEXT NOT NULL, bound_at_us INTEGER NOT NULL,
 //! seen_at_us INTEGER)`, the key in Z85, `seen_at_us` the last `register` by the owner
 //! (recorded at most every tenth of the lapse; `NULL`: never since binding), index on `key`.
-//! Version 1 had no `seen_at_us`; opening adds it.
+//! Version 1 had no `seen_at_us`; opening adds it. Opening a database of version 1 or 2
+//! sets every `NULL` `seen_at_us` to the time of opening, so that bindings made before
+//! lapsing existed lapse a full `--name-lapse` after the upgrade, not at once.
 
 use std::path::Path;
 use std::time::Duration;
@@ -90,23 +92,35 @@ impl Owners {
     /// # Errors
     /// [`OwnersError::Sqlite`].
     pub fn open(dir: &Path) -> Result<Owners, OwnersError> {
-        let conn = open_db(dir)?;
-        conn.execute_batch(
+        let mut conn = open_db(dir)?;
+        let tx = conn.transaction()?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS owners (
                  name TEXT PRIMARY KEY,
                  key TEXT NOT NULL,
                  bound_at_us INTEGER NOT NULL) WITHOUT ROWID;",
         )?;
-        let has_seen: bool = conn
+        let has_seen: bool = tx
             .prepare("SELECT 1 FROM pragma_table_info('owners') WHERE name = 'seen_at_us'")?
             .exists([])?;
         if !has_seen {
-            conn.execute_batch("ALTER TABLE owners ADD COLUMN seen_at_us INTEGER;")?;
+            tx.execute_batch("ALTER TABLE owners ADD COLUMN seen_at_us INTEGER;")?;
         }
-        conn.execute_batch(
+        if version < 3 {
+            // Bindings made before lapsing existed (or under version 2, which left them
+            // NULL) count as seen now: their groups had no reason to register, and
+            // without this every name bound more than a lapse ago would be free at once.
+            tx.execute(
+                "UPDATE owners SET seen_at_us = ?1 WHERE seen_at_us IS NULL",
+                [Timestamp::now().as_micros()],
+            )?;
+        }
+        tx.execute_batch(
             "CREATE INDEX IF NOT EXISTS owners_key ON owners(key);
-             PRAGMA user_version = 2;",
+             PRAGMA user_version = 3;",
         )?;
+        tx.commit()?;
         Ok(Owners { conn })
     }
 

@@ -259,7 +259,8 @@ pub trait RegistryStore: Send {
     ///
     /// # Errors
     /// Refusal `too_many_names` ([`too_many_names`]) when binding would give `key` more than
-    /// [`StoreSettings::max_names_per_key`] names; the backend's error;
+    /// [`StoreSettings::max_names_per_key`] names (a refused claim changes nothing: a lapsed
+    /// binding stays until a claim succeeds); the backend's error;
     /// [`StoreError::NoAccounts`] without owners.
     fn claim_group(
         &mut self,

@@ -175,6 +175,11 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (blocker, blocked_key));
     CREATE INDEX blocks_blocked ON agora_registry.blocks (blocked_key);
     "#,
+    // 3: bindings made before lapsing existed (or under 2, which left them NULL) count as
+    // seen at the migration, so that a name bound more than a lapse ago is not free at once.
+    r#"
+    UPDATE agora_registry.owners SET seen_at = now() WHERE seen_at IS NULL;
+    "#,
 ];
 
 /// The schema version this build migrates to.
@@ -769,16 +774,8 @@ impl RegistryStore for PgStore {
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
             &[&CLAIM_LOCK, &key],
         )?;
-        let lapsed = tx.query_opt(
-            "DELETE FROM owners
-             WHERE name = $1 AND COALESCE(seen_at, bound_at) <= now() - $2 * interval '1 second'
-             RETURNING key",
-            &[&name, &lapse],
-        )?;
-        if let Some(row) = lapsed {
-            let owner: String = row.try_get(0)?;
-            tracing::info!(group = %name, %owner, "group name lapsed: its group did not register within the lapse");
-        }
+        // The cap before a lapsed binding is deleted: a refused claim changes nothing (a
+        // lapsed name's own binding does not count, being lapsed).
         let owned: i64 = tx
             .query_one(
                 "SELECT count(*) FROM owners
@@ -786,19 +783,36 @@ impl RegistryStore for PgStore {
                 &[&key, &lapse],
             )?
             .try_get(0)?;
+        let within = to_u64(owned) < max;
+        let lapsed = tx.query_opt(
+            "DELETE FROM owners
+             WHERE $3 AND name = $1
+                 AND COALESCE(seen_at, bound_at) <= now() - $2 * interval '1 second'
+             RETURNING key",
+            &[&name, &lapse, &within],
+        )?;
+        if let Some(row) = lapsed {
+            let owner: String = row.try_get(0)?;
+            tracing::info!(group = %name, %owner, "group name lapsed: its group did not register within the lapse");
+        }
         let bound = tx.query_opt(
             "INSERT INTO owners (name, key, bound_at, seen_at)
              SELECT $1, $2, now(), now() WHERE $3
              ON CONFLICT (name) DO NOTHING RETURNING key",
-            &[&name, &key, &(to_u64(owned) < max)],
+            &[&name, &key, &within],
         )?;
         if let Some(row) = bound {
             let owner = parse_key(row.try_get(0)?)?;
             tx.commit()?;
             return Ok(Ok((owner, true)));
         }
-        // Another registry bound it meanwhile, or the key is at its maximum.
-        let row = tx.query_opt("SELECT key FROM owners WHERE name = $1", &[&name])?;
+        // Another registry bound it meanwhile, or the key is at its maximum (and a lapsed
+        // binding, kept, is no one's).
+        let row = tx.query_opt(
+            "SELECT key FROM owners
+             WHERE name = $1 AND COALESCE(seen_at, bound_at) > now() - $2 * interval '1 second'",
+            &[&name, &lapse],
+        )?;
         tx.commit()?;
         match row {
             Some(row) => Ok(Ok((parse_key(row.try_get(0)?)?, false))),

@@ -144,22 +144,24 @@ impl RegistryStore for SqliteStore {
         let owners = &self.durable()?.owners;
         let lapsed = now.saturating_sub(lapse);
         // One registry per file, one thread: nothing comes between the reads and the writes.
-        match owners.binding(name)? {
-            Some((owner, seen)) if seen > lapsed => {
+        let binding = owners.binding(name)?;
+        if let Some((owner, seen)) = binding {
+            if seen > lapsed {
                 if owner == *key && seen <= now.saturating_sub(super::seen_interval(lapse)) {
                     owners.seen(name, now)?;
                 }
                 return Ok(Ok((owner, false)));
             }
-            Some((owner, _)) => {
-                owners.release(name)?;
-                tracing::info!(group = %name, %owner, ?lapse,
-                    "group name lapsed: its group did not register within the lapse");
-            }
-            None => {}
         }
+        // The cap before a lapsed binding is released: a refused claim changes nothing (a
+        // lapsed name's own binding does not count, being lapsed).
         if owners.count_live(key, lapsed)? >= max {
             return Ok(Err(super::too_many_names(max)));
+        }
+        if let Some((owner, _)) = binding {
+            owners.release(name)?;
+            tracing::info!(group = %name, %owner, ?lapse,
+                "group name lapsed: its group did not register within the lapse");
         }
         owners.bind(name, key, now)?;
         Ok(Ok((*key, true)))

@@ -852,3 +852,154 @@ fn blocks_are_kept_per_blocker_and_removed_with_its_account() {
         assert!(s.blocked(&key(2)).expect("blocked").is_empty());
     });
 }
+
+/// A store opened on a registry database of schema `version` (1: before names lapsed; 2:
+/// lapsing, with the seen time left NULL by the migration), into which `prepare` wrote
+/// first (an `owners` row, say), through SQLite's or PostgreSQL's own SQL.
+fn upgraded_from(
+    version: i32,
+    backend: &str,
+    settings: StoreSettings,
+    prepare: &dyn Fn(&dyn Fn(&str)),
+) -> Backend {
+    if backend == "sqlite" {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let conn =
+                rusqlite::Connection::open(dir.path().join("registry.sqlite3")).expect("sqlite");
+            conn.execute_batch(
+                "CREATE TABLE owners (
+                     name TEXT PRIMARY KEY,
+                     key TEXT NOT NULL,
+                     bound_at_us INTEGER NOT NULL) WITHOUT ROWID;",
+            )
+            .expect("version 1");
+            if version >= 2 {
+                conn.execute_batch(
+                    "ALTER TABLE owners ADD COLUMN seen_at_us INTEGER;
+                     CREATE INDEX owners_key ON owners(key);",
+                )
+                .expect("version 2");
+            }
+            conn.execute_batch(&format!("PRAGMA user_version = {version};"))
+                .expect("version");
+            prepare(&|sql| conn.execute_batch(sql).expect("prepare"));
+        }
+        let store = SqliteStore::open(dir.path(), settings, true).expect("sqlite");
+        return Backend {
+            store: Box::new(store),
+            dir,
+            url: None,
+            _pg: None,
+        };
+    }
+    let pg = PgCluster::start();
+    let url = pg.database("agora");
+    {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        client
+            .batch_execute(
+                "CREATE SCHEMA agora_registry;
+                 CREATE TABLE agora_registry.schema_version (
+                     version integer PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now());",
+            )
+            .expect("schema");
+        for (v, sql) in (1..=version).zip(super::postgres::MIGRATIONS) {
+            client.batch_execute(sql).expect("migration");
+            client
+                .execute(
+                    "INSERT INTO agora_registry.schema_version (version) VALUES ($1)",
+                    &[&v],
+                )
+                .expect("version");
+        }
+        let client = std::cell::RefCell::new(client);
+        prepare(&|sql| client.borrow_mut().batch_execute(sql).expect("prepare"));
+    }
+    let store = PgStore::connect(&url, &Default::default(), settings).expect("postgres");
+    Backend {
+        store: Box::new(store),
+        dir: tempfile::tempdir().expect("tmp"),
+        url: Some(url),
+        _pg: Some(pg),
+    }
+}
+
+/// Issue 22 review, C1: a name bound long before the registry learnt to lapse bindings
+/// (schema 1, no seen time; or schema 2, whose migration left it NULL) is not free to
+/// another key the moment the registry is upgraded: the migration counts it as seen then.
+#[test]
+fn names_bound_before_the_lapse_migration_do_not_lapse_at_once() {
+    let lapse = settings().name_lapse;
+    let ago = Duration::from_secs(10 * lapse.as_secs());
+    let owner = key(1).to_string();
+    for version in [1, 2] {
+        for backend in ["sqlite", "postgres"] {
+            eprintln!("from version {version} on {backend}");
+            let sql = if backend == "sqlite" {
+                let bound = now().saturating_sub(ago).as_micros();
+                format!(
+                    "INSERT INTO owners (name, key, bound_at_us) VALUES ('old', '{owner}', {bound})"
+                )
+            } else {
+                format!(
+                    "INSERT INTO agora_registry.owners (name, key, bound_at)
+                     VALUES ('old', '{owner}', now() - interval '{} seconds')",
+                    ago.as_secs()
+                )
+            };
+            let mut b = upgraded_from(version, backend, settings(), &|run| run(&sql));
+            let s = b.store.as_mut();
+            assert_eq!(
+                s.claim_group(&name("old"), &key(2), now()).expect("claim"),
+                Ok((key(1), false)),
+                "another key took a name bound before the upgrade"
+            );
+            assert_eq!(
+                s.claim_group(&name("old"), &key(1), now()).expect("owner"),
+                Ok((key(1), false))
+            );
+        }
+    }
+}
+
+/// Issue 22 review, C1: a claim refused for the key's cap leaves a lapsed binding as it
+/// was (the owner's re-claim used to release its own name first, then fail).
+#[test]
+fn a_claim_refused_for_the_cap_does_not_release_a_lapsed_name() {
+    let capped = StoreSettings {
+        max_names_per_key: 1,
+        name_lapse: Duration::from_secs(3),
+        ..settings()
+    };
+    on_both(capped, |s| {
+        let (a, b) = (name("a"), name("b"));
+        assert_eq!(
+            s.claim_group(&a, &key(1), now()).expect("a"),
+            Ok((key(1), true))
+        );
+        // Once a has lapsed, key 1 has room for b (refused until then).
+        wait_for("the binding of a to lapse", || {
+            s.claim_group(&b, &key(1), now()).expect("b") == Ok((key(1), true))
+        });
+        assert_eq!(
+            s.claim_group(&name("c"), &key(2), now()).expect("c"),
+            Ok((key(2), true))
+        );
+        // At their caps, neither the owner nor another key frees the lapsed a.
+        for k in [key(1), key(2)] {
+            assert_eq!(
+                refused(s.claim_group(&a, &k, now())),
+                ErrorCode::TooManyNames
+            );
+            assert_eq!(s.group_owner(&a).expect("owner"), Some(key(1)));
+        }
+        // With room again, the owner gets it back.
+        assert!(s.release_group(&b).expect("release b"));
+        assert_eq!(
+            s.claim_group(&a, &key(1), now()).expect("a again"),
+            Ok((key(1), true))
+        );
+    });
+}
