@@ -111,7 +111,16 @@ const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r
     503: too many connections from this address or all\n";
 
 impl<A> ConnectionCaps<A> {
-    /// At most `total` connections at once and `per_address` from any one client address;
+    /// The slots for one more connection from `peer`, counted by its
+    /// [`crate::auth::bucket`] (an IPv6 address by its /64); `None` past either cap.
+    fn admit(&self, peer: IpAddr) -> Option<(OwnedSemaphorePermit, Slot<IpAddr>)> {
+        let total = Arc::clone(&self.total).try_acquire_owned().ok()?;
+        let slot = self.per_address.take(crate::auth::bucket(peer))?;
+        Some((total, slot))
+    }
+
+    /// At most `total` connections at once and `per_address` from any one client address
+    /// (an IPv6 address counts by its /64, as every per-address cap: [`crate::auth::bucket`]);
     /// each has `first_request` to send the first bytes of its first request. `plain` (no TLS)
     /// lets a refused connection read a `503` before it is closed.
     pub fn new(
@@ -146,12 +155,10 @@ where
         let this = self.clone();
         Box::pin(async move {
             let address = stream.peer_addr()?.ip();
-            let total = Arc::clone(&this.total).try_acquire_owned().ok();
-            let slot = total.as_ref().and_then(|_| this.per_address.take(address));
-            let (Some(total), Some(slot)) = (total, slot) else {
+            let Some((total, slot)) = this.admit(address) else {
                 tracing::warn!(
                     peer = %address,
-                    held = this.per_address.held(&address),
+                    held = this.per_address.held(&crate::auth::bucket(address)),
                     "connection refused: --max-connections or --max-connections-per-address"
                 );
                 if this.plain {
@@ -285,7 +292,8 @@ pub struct WebSocketCaps {
     pub total: Arc<Semaphore>,
     /// Per account name (`--max-websockets-per-identity`); past them `429`.
     pub per_identity: Arc<Slots<agora_proto::wire::UserName>>,
-    /// Per client address (`--max-websockets-per-address`); past them `429`.
+    /// Per client address (`--max-websockets-per-address`), keyed by
+    /// [`crate::auth::bucket`] (an IPv6 address by its /64); past them `429`.
     pub per_address: Arc<Slots<IpAddr>>,
 }
 
@@ -318,7 +326,8 @@ impl WebSocketCaps {
         }
     }
 
-    /// The slots for one more WebSocket of `user` from `address`.
+    /// The slots for one more WebSocket of `user` from `address` (counted by its
+    /// [`crate::auth::bucket`]: an IPv6 address by its /64).
     ///
     /// # Errors
     /// The cap that is full.
@@ -333,7 +342,7 @@ impl WebSocketCaps {
             .ok_or(WebSocketRefusal::Identity)?;
         let address = self
             .per_address
-            .take(address)
+            .take(crate::auth::bucket(address))
             .ok_or(WebSocketRefusal::Address)?;
         let total = Arc::clone(&self.total)
             .try_acquire_owned()
@@ -406,6 +415,35 @@ mod tests {
             h1.read_to_end(&mut got).await.expect("HTTP/1.1 is read");
             assert_eq!(got, request);
         }
+    }
+
+    #[test]
+    fn connection_and_websocket_caps_count_an_ipv6_host_by_its_64() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let caps = ConnectionCaps::new((), 10, 1, Duration::from_secs(1), true);
+        let first = caps.admit(ip("2001:db8:1:2::1")).expect("the first");
+        assert!(
+            caps.admit(ip("2001:db8:1:2:ffff::7")).is_none(),
+            "another host of the same /64 is the same address"
+        );
+        let _other = caps.admit(ip("2001:db8:1:3::1")).expect("another /64");
+        let _v4 = caps.admit(ip("10.0.0.1")).expect("IPv4");
+        assert!(
+            caps.admit(ip("::ffff:10.0.0.1")).is_none(),
+            "an IPv4-mapped address is its IPv4 address"
+        );
+        drop(first);
+        assert!(caps.admit(ip("2001:db8:1:2::9")).is_some(), "given back");
+
+        let ws = WebSocketCaps::new(10, 10, 1);
+        let alice: agora_proto::wire::UserName = "alice".parse().expect("name");
+        let _a = ws.take(&alice, ip("2001:db8::1")).expect("the first");
+        assert_eq!(
+            ws.take(&alice, ip("2001:db8::2")).err(),
+            Some(WebSocketRefusal::Address),
+            "the same /64"
+        );
+        assert!(ws.take(&alice, ip("2001:db8:0:1::2")).is_ok());
     }
 
     #[test]

@@ -121,8 +121,9 @@ struct Serve {
         default_value_t = 16
     )]
     max_websockets_per_identity: usize,
-    /// Most WebSockets one client address may have open at once; past it an upgrade is
-    /// answered 429. (Behind a reverse proxy every client has the proxy's address.)
+    /// Most WebSockets one client address (an IPv6 one by its /64) may have open at once;
+    /// past it an upgrade is answered 429. (Behind a reverse proxy every client has the
+    /// proxy's address.)
     #[arg(
         long,
         env = "AGORA_WEB_MAX_WEBSOCKETS_PER_ADDRESS",
@@ -133,8 +134,8 @@ struct Serve {
     /// closed at once (plain HTTP reads a 503 first).
     #[arg(long, env = "AGORA_WEB_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
-    /// Most TCP connections one client address may have open at once (WebSockets
-    /// included); past it a new one is closed at once.
+    /// Most TCP connections one client address (an IPv6 one by its /64) may have open at
+    /// once (WebSockets included); past it a new one is closed at once.
     #[arg(
         long,
         env = "AGORA_WEB_MAX_CONNECTIONS_PER_ADDRESS",
