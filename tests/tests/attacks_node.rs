@@ -79,12 +79,23 @@ fn user_cli_state_is_private_from_creation_and_a_looser_one_is_tightened() {
     chmod(&state.join("alice.json"), 0o644);
     std::fs::write(state.join("bob.json"), b"{}").expect("write");
     chmod(&state.join("bob.json"), 0o644);
+    // Files that are not user-cli's (a state directory the user keeps scripts in, ~/bin
+    // say) keep their modes: a script stays executable.
+    let foreign = [("script", 0o755), ("notes.txt", 0o644)];
+    for (name, m) in foreign {
+        std::fs::write(state.join(name), b"#!/bin/sh\n").expect("write");
+        chmod(&state.join(name), m);
+    }
     let run = ok(fed.cli("alice", &["send", GROUP, "hello"], ""));
     assert!(run.stderr.contains("tightened"), "{run:?}");
     let (dir, files) = state_modes(&state);
     assert_eq!(dir, 0o700, "the state directory: {dir:o}");
     for (name, m) in &files {
-        assert_eq!(*m, 0o600, "{name}: {m:o}");
+        let want = foreign
+            .iter()
+            .find(|(f, _)| f == name)
+            .map_or(0o600, |(_, m)| *m);
+        assert_eq!(*m, want, "{name}: {m:o}");
     }
     // Nothing was lost on the way.
     let text = std::fs::read_to_string(state.join("alice.json")).expect("state");

@@ -95,8 +95,10 @@ impl StateFile {
     }
 }
 
-/// Tightens an existing state directory to 0700 and the files in it (every user's state,
-/// the known servers, set-aside `.bad` files) to 0600. Failures are warnings: the state is
+/// Tightens an existing state directory to 0700 and the state files in it
+/// ([`is_state_file`]: every user's state, the known servers, set-aside `.bad` files) to
+/// 0600; other files in the directory are not ours and keep their modes (the directory may
+/// be one the user keeps other things in, `~/bin` say). Failures are warnings: the state is
 /// still usable, and the next save creates its file 0600.
 fn tighten_dir(dir: &Path) {
     use agora_common::fsmode;
@@ -108,13 +110,23 @@ fn tighten_dir(dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_file()) {
+        if entry.file_type().is_ok_and(|t| t.is_file()) && is_state_file(&entry.file_name()) {
             let path = entry.path();
             if let Err(e) = fsmode::tighten(&path, fsmode::FILE_MODE) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot tighten a state file");
             }
         }
     }
+}
+
+/// Whether a file of the state directory is one user-cli writes: `*.json` (a user's state,
+/// `known_servers.json`), `*.json.bad` (set aside unreadable) or `*.json.tmp` (a save that
+/// an earlier build was killed in the middle of).
+fn is_state_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    [".json", ".json.bad", ".json.tmp"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
 }
 
 fn load(path: &Path) -> State {
