@@ -77,34 +77,35 @@ pub fn private_file(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Replaces `path` atomically with `bytes`, as a private file: writes `PATH.tmp` (created
-/// with mode 0600 ([`FILE_MODE`]), a stale one removed first), syncs it and renames it over
-/// `path`. The directory is made private first ([`private_dir`]), so a state file is never
-/// readable by others, not even for a moment.
+/// Replaces `path` atomically with `bytes`, as a private file: writes a temporary file of
+/// its own in the same directory (`.NAME.XXXXXX.tmp`, a unique name, created with mode 0600
+/// ([`FILE_MODE`])), syncs it and renames it over `path`. The directory is made private
+/// first ([`private_dir`]), so a state file is never readable by others, not even for a
+/// moment. Processes saving the same file at once each write their own temporary file, so
+/// `path` is always one of their complete contents (the last rename wins), never a mix.
 ///
 /// # Errors
 /// The directory or the file cannot be created, written, synced or renamed.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        private_dir(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => {
+            private_dir(dir)?;
+            dir
+        }
+        None => Path::new("."),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(Permissions::from_mode(FILE_MODE))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -129,7 +130,11 @@ mod tests {
         assert_eq!(mode(&root.path().join("a")), 0o700);
         assert_eq!(mode(&file), 0o600);
         assert_eq!(std::fs::read(&file).expect("read"), b"{}");
-        assert!(!dir.join("state.json.tmp").exists());
+        assert_eq!(
+            std::fs::read_dir(&dir).expect("list").count(),
+            1,
+            "no temporary file is left"
+        );
         private_file(&dir.join("db")).expect("file");
         assert_eq!(mode(&dir.join("db")), 0o600);
     }
@@ -159,5 +164,62 @@ mod tests {
         std::fs::set_permissions(&file, Permissions::from_mode(0o644)).expect("chmod");
         write_private(&file, b"y").expect("write");
         assert_eq!(mode(&file), 0o600);
+    }
+
+    /// Issue 22 review, C2: processes saving one state file at once (`watch` and `send`)
+    /// each write a temporary file of their own; the file is always one of the complete
+    /// contents, never one renamed over another's half-written bytes.
+    #[test]
+    fn concurrent_writes_leave_one_complete_content() {
+        let root = tempfile::tempdir().expect("tmp");
+        let file = root.path().join("state.json");
+        let contents: Vec<Vec<u8>> = (0..8u8)
+            .map(|i| {
+                let line = format!("{{\"writer\": {i}, \"pad\": \"{}\"}}", "x".repeat(64 << 10));
+                line.into_bytes()
+            })
+            .collect();
+        write_private(&file, &contents[0]).expect("first");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut reads = 0;
+        std::thread::scope(|s| {
+            let writers: Vec<_> = contents
+                .iter()
+                .map(|c| {
+                    s.spawn(|| {
+                        for _ in 0..20 {
+                            write_private(&file, c).expect("write");
+                        }
+                    })
+                })
+                .collect();
+            let reader = s.spawn(|| {
+                let mut seen = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = std::fs::read(&file).expect("read");
+                    assert!(
+                        contents.contains(&got),
+                        "a mixed or partial file: {} bytes",
+                        got.len()
+                    );
+                    assert_eq!(mode(&file), 0o600);
+                    seen += 1;
+                }
+                seen
+            });
+            for w in writers {
+                w.join().expect("writer");
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            reads = reader.join().expect("reader");
+        });
+        assert!(reads > 0);
+        let got = std::fs::read(&file).expect("read");
+        assert!(contents.contains(&got));
+        let left: Vec<_> = std::fs::read_dir(root.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("state.json")]);
     }
 }
