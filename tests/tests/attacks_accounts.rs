@@ -385,16 +385,28 @@ fn guesses_from_one_address_never_lock_the_owner_out_on_another() {
     // The attacker guesses alice's password from 127.0.0.2 until it is refused.
     let mut attacker = Client::new(&web, "127.0.0.2");
     attacker.prime();
+    let started = Instant::now();
     let statuses: Vec<u16> = (0..8)
         .map(|_| attacker.sign("/signin", "alice", "guess guess").status)
         .collect();
+    let with_password = attacker.sign("/signin", "alice", "correct horse").status;
+    // The pair's burst is 5, refilled one every 12 s: a run slower than that (each refused
+    // guess pays for Argon2) earns one more guess per 12 s, never the owner's lock-out.
+    let refills = (started.elapsed().as_secs() / 12) as usize;
+    eprintln!("9 sign-ins in {:?}", started.elapsed());
     assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
-    assert_eq!(&statuses[5..], &[429; 3], "{statuses:?}");
-    assert_eq!(
-        attacker.sign("/signin", "alice", "correct horse").status,
-        429,
-        "that address is done with alice, even with her password"
+    let limited = statuses[5..].iter().filter(|s| **s == 429).count();
+    assert!(
+        statuses[5..].iter().all(|s| *s == 401 || *s == 429) && limited + refills >= 3,
+        "{statuses:?} in {:?}",
+        started.elapsed()
     );
+    if refills == 0 {
+        assert_eq!(
+            with_password, 429,
+            "that address is done with alice, even with her password"
+        );
+    }
     // Other names from the same address run into the address's own limit.
     let others: Vec<u16> = (0..10)
         .map(|i| {
@@ -583,22 +595,23 @@ fn an_upload_is_refused_before_its_body_unless_the_caller_is_a_member_with_a_fre
     let full = read_reply(&mut stream).expect("an answer before the body");
     assert_eq!(full.status, 507, "{full:?}");
 
-    // Uploads in progress (their bodies trickling): the fifth is refused at once.
+    // Uploads in progress (their bodies trickling): four are held (no answer in 3 s: the
+    // gateway waits for the rest of the body), and the fifth is refused. Its answer may take
+    // a while on a loaded machine, so it is read with the usual reply timeout.
     let mut hanging = Vec::new();
-    let busy = loop {
-        assert!(hanging.len() <= 4, "{} uploads in progress", hanging.len());
+    for i in 0..4 {
         let mut stream = upload_start(&client, "Open", 100_000, 1 << 10);
         stream
             .set_read_timeout(Some(Duration::from_secs(3)))
             .expect("timeout");
-        match read_reply(&mut stream) {
-            Some(reply) => break reply,
-            None => hanging.push(stream),
-        }
-    };
+        let reply = read_reply(&mut stream);
+        assert!(reply.is_none(), "upload {i} is in progress: {reply:?}");
+        hanging.push(stream);
+    }
+    let mut stream = upload_start(&client, "Open", 100_000, 1 << 10);
+    let busy = read_reply(&mut stream).expect("the fifth upload is answered");
     assert_eq!(busy.status, 429, "{busy:?}");
     assert!(busy.body.contains("limit_reached"), "{busy:?}");
-    assert_eq!(hanging.len(), 4);
 
     // One given up frees its slot: a whole upload goes through.
     drop(hanging.pop());
@@ -677,28 +690,29 @@ fn one_address_cannot_hold_every_upload_slot_whatever_its_accounts() {
         client.session_csrf = attribute(&page.body, r#"name="agora-csrf""#, "content");
         sessions.push(client);
     }
-    let answer = |client: &Client| {
+    // An upload started, and its answer within `wait` (none: it is in progress).
+    let answer = |client: &Client, wait: Duration| {
         let mut stream = upload_start(client, "Open", 100_000, 1 << 10);
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .expect("timeout");
+        stream.set_read_timeout(Some(wait)).expect("timeout");
         (read_reply(&mut stream), stream)
     };
+    let in_progress = Duration::from_secs(3);
     // Three uploads in progress from 127.0.0.1: two of u1's, one of u2's.
     let mut hanging = Vec::new();
     for i in [0, 0, 1] {
-        let (reply, stream) = answer(&sessions[i]);
+        let (reply, stream) = answer(&sessions[i], in_progress);
         assert!(reply.is_none(), "an upload in progress: {reply:?}");
         hanging.push(stream);
     }
-    // u2 has slots left, 127.0.0.1 has not.
-    let (busy, _) = answer(&sessions[1]);
+    // u2 has slots left, 127.0.0.1 has not (the refusal read with the usual reply timeout:
+    // a loaded machine may take more than 3 s to answer).
+    let (busy, _) = answer(&sessions[1], REPLY_TIMEOUT);
     let busy = busy.expect("an answer before the body");
     assert_eq!(busy.status, 429, "{busy:?}");
     assert!(busy.body.contains("limit_reached"), "{busy:?}");
     // The same session from another address goes on.
     sessions[1].from = "127.0.0.2".to_owned();
-    let (elsewhere, _stream) = answer(&sessions[1]);
+    let (elsewhere, _stream) = answer(&sessions[1], in_progress);
     assert!(elsewhere.is_none(), "refused from 127.0.0.2: {elsewhere:?}");
 }
 

@@ -458,11 +458,11 @@ fn sign_out_is_same_origin_only_and_closes_the_sessions_websockets() {
     );
     assert_eq!(out.status(), 303);
     assert!(
-        closed_within(&mut ws, Duration::from_secs(5)),
+        closed_within(&mut ws, Duration::from_secs(10)),
         "the session's WebSocket is closed"
     );
     assert!(
-        closed_within(&mut other_tab, Duration::from_secs(5)),
+        closed_within(&mut other_tab, Duration::from_secs(10)),
         "and every other one of it"
     );
     eprintln!("WebSockets closed {:?} after sign-out", started.elapsed());
@@ -518,7 +518,7 @@ fn one_account_or_one_address_cannot_take_every_websocket() {
     closed.close(None).expect("close");
     let mut reopened = None;
     assert!(
-        wait_for(Duration::from_secs(5), || {
+        wait_for(Duration::from_secs(10), || {
             reopened = own_ws(&web, &alice).ok();
             reopened.is_some()
         }),
@@ -568,6 +568,42 @@ fn connect_from(source: &str, to: &str) -> TcpStream {
     stream
 }
 
+/// Polls `conns` until the gateway answers or closes one of them, for at most `timeout`,
+/// then a little longer (a second refusal already on its way is seen too): each one it
+/// answered or closed, with what it read. A loaded machine may take seconds to accept: the
+/// wait is for the first refusal, not a fixed window.
+fn refused_among(conns: &mut [TcpStream], timeout: Duration) -> Vec<(usize, Vec<u8>)> {
+    let deadline = Instant::now() + timeout;
+    let mut grace: Option<Instant> = None;
+    let mut refused: Vec<(usize, Vec<u8>)> = Vec::new();
+    loop {
+        for (i, s) in conns.iter_mut().enumerate() {
+            if refused.iter().any(|(r, _)| *r == i) {
+                continue;
+            }
+            s.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            let mut buf = [0u8; 512];
+            match s.read(&mut buf) {
+                Ok(n) => refused.push((i, buf[..n].to_vec())),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => refused.push((i, Vec::new())),
+            }
+        }
+        let now = Instant::now();
+        if !refused.is_empty() && grace.is_none() {
+            grace = Some(now + Duration::from_millis(300));
+        }
+        if now >= deadline || grace.is_some_and(|g| now >= g) {
+            return refused;
+        }
+    }
+}
+
 /// Finding 11: a request that sent its headers slowly was held for 70 s and more, and 200
 /// trickling connections all stayed open. Now a trickler is cut off at
 /// `--header-read-timeout`, a silent or idle keep-alive connection too, and one address
@@ -579,11 +615,12 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
         "alice",
         &[
             "--header-read-timeout",
-            "3s",
+            "6s",
             "--max-connections-per-address",
             "4",
         ],
     );
+    let header_read_timeout = Duration::from_secs(6);
     let addr = web_origin(&web).trim_start_matches("http://").to_owned();
     // The session from another address, on a connection closed at once: 127.0.0.1 holds
     // nothing when the attack starts.
@@ -595,7 +632,7 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
             "GET /?{token} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
         )
         .expect("request");
-        let (said, _) = read_until_closed(&mut s, Duration::from_secs(5));
+        let (said, _) = read_until_closed(&mut s, Duration::from_secs(10));
         let said = String::from_utf8_lossy(&said).into_owned();
         said.lines()
             .find_map(|l| {
@@ -615,29 +652,11 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
         .map(|_| {
             let mut s = TcpStream::connect(&addr).expect("connect");
             s.write_all(b"GET / HTTP/1.1\r\n").expect("start");
-            s.set_read_timeout(Some(Duration::from_millis(20)))
-                .expect("timeout");
             s
         })
         .collect();
-    let mut refused: Vec<(usize, Vec<u8>)> = Vec::new();
-    while opened.elapsed() < Duration::from_secs(1) {
-        for (i, s) in conns.iter_mut().enumerate() {
-            if refused.iter().any(|(r, _)| *r == i) {
-                continue;
-            }
-            let mut buf = [0u8; 512];
-            match s.read(&mut buf) {
-                Ok(n) => refused.push((i, buf[..n].to_vec())),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => refused.push((i, Vec::new())),
-            }
-        }
-    }
+    // (Well before the held ones are cut off at the header-read timeout.)
+    let mut refused = refused_among(&mut conns, header_read_timeout - Duration::from_secs(1));
     assert_eq!(
         refused.len(),
         1,
@@ -658,16 +677,17 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
         "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
     )
     .expect("request");
-    let (page, _) = read_until_closed(&mut other, Duration::from_secs(5));
+    let (page, _) = read_until_closed(&mut other, Duration::from_secs(10));
     assert!(
         page.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&page[..page.len().min(200)])
     );
 
-    // The tricklers go on sending a header every 300 ms; each is cut off near 2 s.
+    // The tricklers go on sending a header every 300 ms; each is cut off at the
+    // header-read timeout (a loaded machine notices later, never sooner).
     let mut cut_at = vec![None; tricklers.len()];
-    let deadline = opened + Duration::from_secs(15);
+    let deadline = opened + header_read_timeout + Duration::from_secs(15);
     while cut_at.iter().any(Option::is_none) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(300));
         for (i, s) in tricklers.iter_mut().enumerate() {
@@ -692,13 +712,14 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
     }
     let cut: Vec<Duration> = cut_at
         .iter()
-        .map(|c| c.expect("every trickler is cut off within 15 s"))
+        .map(|c| c.expect("every trickler is cut off"))
         .collect();
     eprintln!("tricklers cut off after {cut:?}");
     for at in &cut {
         assert!(
-            *at >= Duration::from_millis(2500) && *at <= Duration::from_secs(8),
-            "cut off near --header-read-timeout (3 s): {at:?}"
+            *at >= header_read_timeout - Duration::from_millis(500)
+                && *at <= header_read_timeout + Duration::from_secs(8),
+            "cut off near --header-read-timeout ({header_read_timeout:?}): {at:?}"
         );
     }
 
@@ -712,10 +733,10 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
         "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n"
     )
     .expect("request");
-    let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(10));
+    let (_, closed) = read_until_closed(&mut silent, header_read_timeout * 3);
     assert!(closed, "a silent connection is closed");
     let silent_for = started.elapsed();
-    let (answered, closed) = read_until_closed(&mut kept, Duration::from_secs(10));
+    let (answered, closed) = read_until_closed(&mut kept, header_read_timeout * 3);
     assert!(
         answered.starts_with(b"HTTP/1.1 200"),
         "the request was answered"
@@ -723,7 +744,8 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
     assert!(closed, "an idle keep-alive connection is closed");
     let kept_for = started.elapsed();
     eprintln!("silent connection closed after {silent_for:?}, idle keep-alive after {kept_for:?}");
-    assert!(silent_for <= Duration::from_secs(8) && kept_for <= Duration::from_secs(8));
+    let bound = header_read_timeout + Duration::from_secs(8);
+    assert!(silent_for <= bound && kept_for <= bound);
 
     // Once they are gone, 127.0.0.1 gets the page again.
     let page = answer(
@@ -796,13 +818,21 @@ fn an_http2_preface_then_silence_is_closed_and_holds_no_connection_slot() {
 /// session unused past `--session-idle` is refused (401), one past `--session-lifetime`
 /// ends and closes its WebSocket, and at `--max-sessions` a sign-in evicts the session
 /// unused longest instead of being refused.
+///
+/// Each limit runs on a gateway of its own, with the others long, so that only the one under
+/// test can explain a 401, and every bound leaves seconds for a loaded machine: a sign-in
+/// (Argon2) can take hundreds of milliseconds there.
 #[test]
 fn sessions_expire_when_idle_or_old_and_a_full_table_evicts() {
     let fed = Federation::start("200ms");
+    // Personal: the lifetime ends a session even with its WebSocket open.
+    let lifetime = Duration::from_secs(6);
     let web = fed.web_personal_with(
         "alice",
-        &["--session-idle", "1s", "--session-lifetime", "4s"],
+        &["--session-idle", "1s", "--session-lifetime", "6s"],
     );
+    // (Before the session opens: it cannot end before `opened + lifetime`.)
+    let opened = Instant::now();
     let cookie = personal_session(&web);
     let base = web_origin(&web);
     let page = |cookie: &str| {
@@ -815,7 +845,6 @@ fn sessions_expire_when_idle_or_old_and_a_full_table_evicts() {
         )
         .status()
     };
-    assert_eq!(page(&cookie), 200);
     let mut ws = own_ws(&web, &cookie).expect("a WebSocket");
     // Past the idle time, the open WebSocket keeps the session in use...
     std::thread::sleep(Duration::from_millis(1500));
@@ -823,43 +852,66 @@ fn sessions_expire_when_idle_or_old_and_a_full_table_evicts() {
         whoami(&mut ws).is_some(),
         "a page with its WebSocket open is in use"
     );
-    assert_eq!(page(&cookie), 200);
+    let in_use = page(&cookie);
+    assert!(
+        opened.elapsed() < lifetime,
+        "the machine is too slow for this test: {:?} before the first check",
+        opened.elapsed()
+    );
+    assert_eq!(in_use, 200, "in use past --session-idle");
     // ...until its lifetime ends it, and the WebSocket with it.
     assert!(
-        closed_within(&mut ws, Duration::from_secs(8)),
+        closed_within(&mut ws, Duration::from_secs(20)),
         "closed at --session-lifetime"
+    );
+    assert!(
+        opened.elapsed() >= lifetime,
+        "closed after {:?}, before its lifetime",
+        opened.elapsed()
     );
     assert_eq!(page(&cookie), 401);
 
-    // Hosted: an idle session is refused; at the cap the oldest is evicted.
+    // Hosted, idle: a session unused past --session-idle is refused.
     fed.web_add_user("web-data", "bob", "bob's password");
-    let hosted = fed.web_hosted_with("web-data", &["--session-idle", "1s", "--max-sessions", "2"]);
-    let hosted_base = web_origin(&hosted);
-    let status = |cookie: &str| {
+    let idle_web = fed.web_hosted_with("web-data", &["--session-idle", "2s"]);
+    let status = |web: &Server, cookie: &str| {
         answer(
             agent()
-                .get(&format!("{hosted_base}/app.js"))
+                .get(&format!("{}/app.js", web_origin(web)))
                 .set("Cookie", cookie)
                 .call(),
             "app.js",
         )
         .status()
     };
-    let idle = hosted_session(&hosted, "bob", "bob's password");
-    assert_eq!(status(&idle), 200);
-    std::thread::sleep(Duration::from_millis(1300));
-    assert_eq!(status(&idle), 401, "unused past --session-idle");
-    let first = hosted_session(&hosted, "bob", "bob's password");
-    let second = hosted_session(&hosted, "bob", "bob's password");
-    assert_eq!(status(&first), 200);
-    let third = hosted_session(&hosted, "bob", "bob's password");
-    assert_eq!(status(&third), 200, "a sign-in at the cap is not refused");
+    let idle = hosted_session(&idle_web, "bob", "bob's password");
+    assert_eq!(status(&idle_web, &idle), 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(status(&idle_web, &idle), 401, "unused past --session-idle");
+    drop(idle_web);
+
+    // Hosted, full: nothing idles out within the test (--session-idle 60s), so a 401 is an
+    // eviction: at --max-sessions a sign-in evicts the session unused longest.
+    let full = fed.web_hosted_with(
+        "web-data",
+        &["--session-idle", "60s", "--max-sessions", "2"],
+    );
+    let first = hosted_session(&full, "bob", "bob's password");
+    let second = hosted_session(&full, "bob", "bob's password");
+    assert_eq!(status(&full, &second), 200);
+    assert_eq!(status(&full, &first), 200, "first is used after second");
+    let third = hosted_session(&full, "bob", "bob's password");
     assert_eq!(
-        status(&second),
+        status(&full, &third),
+        200,
+        "a sign-in at the cap is not refused"
+    );
+    assert_eq!(
+        status(&full, &second),
         401,
         "the session unused longest was evicted"
     );
-    assert_eq!(status(&first), 200);
+    assert_eq!(status(&full, &first), 200);
 }
 
 /// A page of another origin, served from another port of 127.0.0.1 (what the attack used: a
@@ -1011,7 +1063,7 @@ results.signout = "submitted";
         let me = poll_page(
             &client,
             r#"return document.getElementById("whoami")?.textContent ?? "";"#,
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             |v| {
                 v.as_str()
                     .filter(|s| s.contains("alice"))
@@ -1029,7 +1081,7 @@ results.signout = "submitted";
         let ws = poll_page(
             &client,
             "return window.results ? window.results.ws : null;",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             |v| v.as_str().filter(|s| *s != "pending").map(str::to_owned),
         )
         .await;
@@ -1049,7 +1101,7 @@ results.signout = "submitted";
         let me = poll_page(
             &client,
             r#"return document.getElementById("whoami")?.textContent ?? "";"#,
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             |v| {
                 v.as_str()
                     .filter(|s| s.contains("alice"))
@@ -1062,18 +1114,20 @@ results.signout = "submitted";
     });
     // The guard checks a request's Origin only when it carries a live session: each of these
     // lines shows Chromium sent the victim's cookie and the gateway refused the origin.
-    let log = web.log();
-    let refused: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("request refused") && l.contains("forbidden_origin"))
-        .collect();
-    eprintln!("{}", refused.join("\n"));
-    for path in ["/ws", "/signout", "/files/Anything"] {
-        assert!(
-            refused.iter().any(|l| l.contains(&format!("\"{path}\""))),
-            "{path} refused for its origin:\n{log}"
-        );
-    }
+    // (Polled: the attacker's fetch may still be on its way when the page moved on.)
+    let paths = ["/ws", "/signout", "/files/Anything"];
+    let mut log = String::new();
+    let all_refused = wait_for(Duration::from_secs(10), || {
+        log = web.log();
+        let refused: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("request refused") && l.contains("forbidden_origin"))
+            .collect();
+        paths
+            .iter()
+            .all(|path| refused.iter().any(|l| l.contains(&format!("\"{path}\""))))
+    });
+    assert!(all_refused, "{paths:?} each refused for its origin:\n{log}");
 }
 
 /// Finding 11, the total: past `--max-connections` a new connection is refused from any
@@ -1090,30 +1144,11 @@ fn connections_past_max_connections_are_refused_from_any_address() {
         .map(|source| {
             let mut s = connect_from(source, &addr);
             s.write_all(b"GET / HTTP/1.1\r\n").expect("start");
-            s.set_read_timeout(Some(Duration::from_millis(20)))
-                .expect("timeout");
             s
         })
         .collect();
-    let started = Instant::now();
-    let mut refused: Vec<(usize, Vec<u8>)> = Vec::new();
-    while started.elapsed() < Duration::from_secs(1) {
-        for (i, s) in held.iter_mut().enumerate() {
-            if refused.iter().any(|(r, _)| *r == i) {
-                continue;
-            }
-            let mut buf = [0u8; 512];
-            match s.read(&mut buf) {
-                Ok(n) => refused.push((i, buf[..n].to_vec())),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => refused.push((i, Vec::new())),
-            }
-        }
-    }
+    // (Well before the held ones are cut off at the default header-read timeout, 10 s.)
+    let mut refused = refused_among(&mut held, Duration::from_secs(8));
     assert_eq!(
         refused.len(),
         1,
@@ -1129,7 +1164,7 @@ fn connections_past_max_connections_are_refused_from_any_address() {
     drop(held.pop());
     let mut next = None;
     assert!(
-        wait_for(Duration::from_secs(5), || {
+        wait_for(Duration::from_secs(10), || {
             let mut s = connect_from("127.0.0.6", &addr);
             let _ = write!(
                 s,
