@@ -914,6 +914,67 @@ fn sessions_expire_when_idle_or_old_and_a_full_table_evicts() {
     assert_eq!(status(&full, &first), 200);
 }
 
+/// A page on another port has the victim's cookie (same site): its refused posts and its
+/// loads of the gateway's GET routes used to count as uses of the session, so it could keep
+/// a session from ever idling out. Now only the gateway's own requests do.
+#[test]
+fn another_origins_requests_do_not_keep_a_session_from_idling_out() {
+    let fed = Federation::start("200ms");
+    let web = fed.web_personal_with("alice", &["--session-idle", "2s"]);
+    let cookie = personal_session(&web);
+    let (own, foreign) = (web_origin(&web), other_origin(&web));
+    let csrf = page_csrf(&web, &cookie);
+    let idle = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < idle + Duration::from_millis(1500) {
+        let refused = post(
+            &web,
+            "/signout",
+            &[
+                ("Cookie", &cookie),
+                ("Origin", &foreign),
+                ("Sec-Fetch-Site", "same-site"),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            format!("csrf={csrf}").as_bytes(),
+        );
+        // Refused while the session lives; once it has idled out, the sign-out finds no
+        // session and only clears the cookie (303), as for anyone without one.
+        let ended = started.elapsed() + Duration::from_secs(1) >= idle;
+        assert!(
+            refused.status() == 403 || (ended && refused.status() == 303),
+            "a post of another origin after {:?}: {}",
+            started.elapsed(),
+            refused.status()
+        );
+        let loaded = answer(
+            agent()
+                .get(&format!("{own}/app.css"))
+                .set("Cookie", &cookie)
+                .set("Sec-Fetch-Site", "same-site")
+                .call(),
+            "app.css",
+        );
+        // Answered while the session lives; never a use of it.
+        assert!(matches!(loaded.status(), 200 | 401), "{}", loaded.status());
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let page = answer(
+        agent()
+            .get(&format!("{own}/"))
+            .set("Cookie", &cookie)
+            .call(),
+        "page",
+    );
+    assert_eq!(
+        page.status(),
+        401,
+        "{rounds} rounds of another origin's requests kept the session past --session-idle"
+    );
+}
+
 /// A page of another origin, served from another port of 127.0.0.1 (what the attack used: a
 /// dev server, a notebook, another local user's listener). Answers every request with
 /// `html`, until dropped.

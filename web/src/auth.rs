@@ -27,7 +27,9 @@ use crate::bridge::Identity;
 pub const COOKIE: &str = "agora_session";
 
 /// Most live sessions by default: 10,000. At the cap, opening one more evicts the expired
-/// ones, then the one idle longest ([`SessionLimits::max`], `--max-sessions`).
+/// ones, then the one idle longest among those with no WebSocket open (a page with its
+/// WebSocket open makes no HTTP requests, but is in use), then the one idle longest
+/// ([`SessionLimits::max`], `--max-sessions`).
 pub const MAX_SESSIONS: usize = 10_000;
 
 /// How long a session may go unused by default before it ends: 7 days (`--session-idle`).
@@ -111,11 +113,26 @@ struct Live {
 }
 
 impl Live {
-    fn expired(&self, now: Instant, limits: &SessionLimits) -> bool {
-        let in_use = self.ended.receiver_count() > 0;
-        now.duration_since(self.opened) >= limits.lifetime
-            || (!in_use && now.duration_since(self.used) >= limits.idle)
+    /// Whether a WebSocket of the session is open (it holds a receiver of `ended`; so does
+    /// a request being handled, for as long as it runs).
+    fn in_use(&self) -> bool {
+        self.ended.receiver_count() > 0
     }
+
+    fn expired(&self, now: Instant, limits: &SessionLimits) -> bool {
+        now.duration_since(self.opened) >= limits.lifetime
+            || (!self.in_use() && now.duration_since(self.used) >= limits.idle)
+    }
+}
+
+/// Whether the browser says a request comes from a page of another origin: a
+/// `Sec-Fetch-Site` other than `same-origin` or `none` (typed in, a bookmark). Such a request
+/// may still be answered, but does not count as a use of the session: a page of another
+/// port (same site, so it has the cookie) cannot keep a session from idling out.
+fn cross_site(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| !matches!(site.as_bytes(), b"same-origin" | b"none"))
 }
 
 /// A live session as a request finds it.
@@ -196,7 +213,8 @@ impl Sessions {
     }
 
     /// A new session acting as `identity`. At [`SessionLimits::max`] the expired sessions
-    /// are dropped, then the one unused longest. `None` only without randomness.
+    /// are dropped, then the one unused longest among those with no WebSocket open, then the
+    /// one unused longest. `None` only without randomness.
     pub fn open(&self, identity: Arc<Identity>) -> Option<String> {
         let session = random_hex().ok()?;
         let csrf = random_hex().ok()?;
@@ -208,7 +226,7 @@ impl Sessions {
         while live.len() >= self.limits.max.max(1) {
             let oldest = live
                 .iter()
-                .min_by_key(|(_, s)| s.used)
+                .min_by_key(|(_, s)| (s.in_use(), s.used))
                 .map(|(id, _)| id.clone())?;
             live.remove(&oldest);
             tracing::info!("session evicted: --max-sessions are live");
@@ -227,9 +245,15 @@ impl Sessions {
         Some(session)
     }
 
-    /// The request's live session, marked used; `None` without a live session's cookie (an
-    /// expired one is dropped).
+    /// The request's live session, marked used unless the browser says the request comes
+    /// from a page of another origin (`Sec-Fetch-Site`); `None` without a live session's
+    /// cookie (an expired one is dropped).
     pub fn session(&self, headers: &HeaderMap) -> Option<SessionRef> {
+        self.find(headers, !cross_site(headers))
+    }
+
+    /// The request's live session, marked used if `touch`.
+    fn find(&self, headers: &HeaderMap, touch: bool) -> Option<SessionRef> {
         let id = session_id(headers)?;
         let now = Instant::now();
         let mut live = self.live.lock().ok()?;
@@ -238,7 +262,9 @@ impl Sessions {
             live.remove(id);
             return None;
         }
-        session.used = now;
+        if touch {
+            session.used = now;
+        }
         Some(SessionRef {
             identity: Arc::clone(&session.identity),
             csrf: session.csrf.clone(),
@@ -251,9 +277,12 @@ impl Sessions {
         self.session(headers).map(|s| s.identity)
     }
 
-    /// The request's session's CSRF token; `None` without a live session.
+    /// The request's session's CSRF token; `None` without a live session. The session is
+    /// not marked used: the guard ([`crate::guard`]) asks before it knows whether the request
+    /// is accepted, and a refused one (another origin's) must not keep the session alive;
+    /// the handler of an accepted one marks it.
     pub fn csrf(&self, headers: &HeaderMap) -> Option<String> {
-        self.session(headers).map(|s| s.csrf)
+        self.find(headers, false).map(|s| s.csrf)
     }
 
     /// Ends the request's session, if it has one: its WebSockets close.
@@ -553,6 +582,84 @@ mod tests {
         assert!(sessions.identity(&first).is_some());
         assert!(sessions.identity(&third).is_some());
         assert_eq!(sessions.len(), 2);
+    }
+
+    #[test]
+    fn at_the_cap_a_session_with_its_websocket_open_is_evicted_last() {
+        let limits = SessionLimits {
+            idle: Duration::from_secs(3600),
+            lifetime: Duration::from_secs(3600),
+            max: 2,
+        };
+        let sessions = Sessions::new().with_limits(limits);
+        let open_page = cookie_for(&sessions.open(Arc::new(identity())).expect("first"));
+        // Its WebSocket holds the session's `ended` (lib.rs `ws`), and makes no requests.
+        let websocket = sessions.session(&open_page).expect("live").ended;
+        std::thread::sleep(Duration::from_millis(2));
+        let recent = cookie_for(&sessions.open(Arc::new(identity())).expect("second"));
+        assert!(sessions.identity(&recent).is_some());
+        let third = cookie_for(&sessions.open(Arc::new(identity())).expect("third"));
+        assert!(
+            sessions.identity(&open_page).is_some(),
+            "the page with its WebSocket open stays, though unused longest"
+        );
+        assert!(
+            sessions.identity(&recent).is_none(),
+            "the one without a WebSocket goes"
+        );
+        assert!(sessions.identity(&third).is_some());
+        // With every session's WebSocket open, the one unused longest goes.
+        let third_socket = sessions.session(&third).expect("live").ended;
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(sessions.identity(&open_page).is_some(), "used again");
+        let fourth = cookie_for(&sessions.open(Arc::new(identity())).expect("fourth"));
+        assert!(sessions.identity(&third).is_none());
+        assert!(
+            third_socket.has_changed().is_err(),
+            "its WebSocket hears the end"
+        );
+        assert!(sessions.identity(&fourth).is_some());
+        drop(websocket);
+    }
+
+    #[test]
+    fn refused_or_cross_site_requests_do_not_keep_a_session_from_idling_out() {
+        let limits = SessionLimits {
+            idle: Duration::from_secs(1),
+            lifetime: Duration::from_secs(3600),
+            max: 10,
+        };
+        let sessions = Sessions::new().with_limits(limits);
+        let victim = cookie_for(&sessions.open(Arc::new(identity())).expect("a session"));
+        let mut cross = victim.clone();
+        cross.insert("sec-fetch-site", "same-site".parse().expect("header"));
+        let mut own = victim.clone();
+        own.insert("sec-fetch-site", "same-origin".parse().expect("header"));
+        // Another port's page posts (the guard asks for the token, then refuses) and loads
+        // the gateway's GET routes, over and over, past the idle time.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1300) {
+            let _ = sessions.csrf(&victim);
+            let _ = sessions.session(&cross);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            sessions.identity(&own).is_none(),
+            "neither the guard's look-up nor another origin's request is a use"
+        );
+        // The gateway's own page does keep it.
+        let kept = cookie_for(&sessions.open(Arc::new(identity())).expect("a session"));
+        let mut kept_own = kept.clone();
+        kept_own.insert("sec-fetch-site", "same-origin".parse().expect("header"));
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1300) {
+            assert!(sessions.session(&kept_own).is_some(), "in use");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            sessions.identity(&kept).is_some(),
+            "without Sec-Fetch-Site too"
+        );
     }
 
     fn name(n: &str) -> UserName {

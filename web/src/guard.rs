@@ -264,6 +264,7 @@ pub async fn protect(State(state): State<AppState>, request: Request, next: Next
     let expected = if form_route {
         auth::cookie_value(request.headers(), FORM_COOKIE).map(str::to_owned)
     } else {
+        // (Not a use of the session: only an accepted request's handler marks it used.)
         match state.sessions.csrf(request.headers()) {
             Some(token) => Some(token),
             // No session: the handler answers 401, or /signout clears the cookie.

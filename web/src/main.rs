@@ -161,7 +161,7 @@ struct Serve {
     #[arg(long, env = "AGORA_WEB_SESSION_LIFETIME", default_value = "30days", value_parser = humantime::parse_duration)]
     session_lifetime: Duration,
     /// Most live sessions; at the cap a sign-in evicts the expired sessions, then the one
-    /// unused longest.
+    /// unused longest with no WebSocket open, then the one unused longest.
     #[arg(long, env = "AGORA_WEB_MAX_SESSIONS", default_value_t = auth::MAX_SESSIONS)]
     max_sessions: usize,
     /// How long to wait for a server, per call.
