@@ -34,7 +34,8 @@
 //! before the node recorded uploaders are charged to nobody. Without a PostgreSQL store the
 //! charges are summed from the `uploaders/` files once, when the node starts, and kept up to
 //! date in memory; with one they are the `uploader` column of `blobs`, summed per `upload`
-//! (an index on it).
+//! (an index on it). The unfinished uploads are counted per uploader from `uploads/` when
+//! the node starts and kept in memory too, so that an `upload` reads no directory.
 //!
 //! Below the quotas, the node keeps a reserve of free disk on the data directory's file
 //! system (`statvfs`): an `upload`, or a chunk, that would leave less free space than the
@@ -251,7 +252,7 @@ pub struct Limits {
     /// (`--disk-reserve-bytes`); 0: no reserve.
     pub reserve: u64,
     /// Unfinished uploads one member may have at once (`--max-uploads-per-member`): each
-    /// is two files, and an `upload` reads the member's declarations.
+    /// is two files, and an entry in memory ([`Blobs`] counts them at open).
     pub max_uploads: usize,
 }
 
@@ -796,6 +797,12 @@ pub struct Blobs {
     /// first need ([`Blobs::charged`]), then kept up to date as contents are sealed and
     /// removed.
     charges: RefCell<Option<HashMap<String, u64>>>,
+    /// The unfinished uploads of each uploader: the size each of its declarations in
+    /// `uploads/` declares, by digest. Counted from the directory at open (so what a node
+    /// killed mid-upload left is counted again), then kept up to date as uploads are
+    /// declared, sealed, discarded and expired, so that an `upload` reads no directory: its
+    /// cost does not grow with other members' uploads.
+    unfinished: RefCell<HashMap<String, HashMap<Sha256Digest, u64>>>,
     /// A buffer with room for a block-aligned chunk, for `O_DIRECT` writes (at most one
     /// chunk, 1 MiB, plus a block).
     staging: RefCell<Vec<u8>>,
@@ -829,10 +836,12 @@ impl Blobs {
             hashing: RefCell::new(HashMap::new()),
             sealing: RefCell::new(HashMap::new()),
             charges: RefCell::new(None),
+            unfinished: RefCell::new(HashMap::new()),
             staging: RefCell::new(Vec::new()),
             shared: None,
         };
         blobs.adopt_unowned_uploads()?;
+        blobs.count_unfinished()?;
         Ok(blobs)
     }
 
@@ -875,6 +884,61 @@ impl Blobs {
             }
         }
         Ok(())
+    }
+
+    /// Counts the unfinished uploads in `uploads/` by uploader ([`Blobs::pending`]): each
+    /// declaration `DIGEST.TAG.size` whose uploader's tag is `TAG`. Others (unreadable, or
+    /// not in this form) are skipped, as `upload` never counted them.
+    fn count_unfinished(&self) -> Result<(), BlobError> {
+        let mut unfinished: HashMap<String, HashMap<Sha256Digest, u64>> = HashMap::new();
+        for entry in fs::read_dir(self.root.join("uploads"))? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Some((hex, tag)) = name
+                .strip_suffix(".size")
+                .and_then(|stem| stem.split_once('.'))
+            else {
+                continue;
+            };
+            let Ok(digest) = hex.parse::<Sha256Digest>() else {
+                continue;
+            };
+            match self.declaration(&path) {
+                Ok(Some((size, owner))) if Slot::tag(&owner) == tag => {
+                    unfinished.entry(owner).or_default().insert(digest, size);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "an unreadable upload declaration is not counted");
+                }
+            }
+        }
+        *self.unfinished.borrow_mut() = unfinished;
+        Ok(())
+    }
+
+    /// Records that `slot` is declared with `size` bytes (its `.size` file written).
+    fn declared(&self, slot: &Slot, size: u64) {
+        self.unfinished
+            .borrow_mut()
+            .entry(slot.uploader.clone())
+            .or_default()
+            .insert(slot.digest, size);
+    }
+
+    /// Records that `slot`'s declaration is gone (sealed, discarded, expired).
+    fn undeclared(&self, slot: &Slot) {
+        let mut unfinished = self.unfinished.borrow_mut();
+        if let Some(slots) = unfinished.get_mut(&slot.uploader) {
+            slots.remove(&slot.digest);
+            if slots.is_empty() {
+                unfinished.remove(&slot.uploader);
+            }
+        }
     }
 
     /// Keeps complete blobs in the group's PostgreSQL store too (see the module docs),
@@ -920,6 +984,11 @@ impl Blobs {
     /// charged to its uploader if this upload stored it), `None` when it failed.
     pub fn sealed(&self, slot: &Slot, kept: Option<Kept>) {
         self.sealing.borrow_mut().remove(slot);
+        // A seal that failed on the database keeps the upload, to seal again; every other
+        // end removed its declaration.
+        if !self.size_path(slot).exists() {
+            self.undeclared(slot);
+        }
         if let Some(Kept { size, new: true }) = kept {
             if let Some(charges) = self.charges.borrow_mut().as_mut() {
                 let charged = charges.entry(slot.uploader.clone()).or_default();
@@ -1027,27 +1096,16 @@ impl Blobs {
         }
     }
 
-    /// How many unfinished uploads `owner` has, and the bytes they declare together. Only
-    /// the declarations named with the owner's tag are read.
-    fn pending(&self, owner: &str) -> Result<(usize, u64), BlobError> {
-        let suffix = format!(".{}.size", Slot::tag(owner));
-        let (mut count, mut total) = (0usize, 0u64);
-        for entry in fs::read_dir(self.root.join("uploads"))? {
-            let path = entry?.path();
-            if !path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with(&suffix))
-            {
-                continue;
-            }
-            if let Some((size, who)) = self.declaration(&path)? {
-                if who == owner {
-                    count += 1;
-                    total = total.saturating_add(size);
-                }
-            }
-        }
-        Ok((count, total))
+    /// How many unfinished uploads `owner` has, and the bytes they declare together: from
+    /// memory ([`Blobs::count_unfinished`]), at most `--max-uploads-per-member` entries,
+    /// however many other members' uploads there are.
+    fn pending(&self, owner: &str) -> (usize, u64) {
+        self.unfinished.borrow().get(owner).map_or((0, 0), |slots| {
+            let bytes = slots
+                .values()
+                .fold(0u64, |sum, &size| sum.saturating_add(size));
+            (slots.len(), bytes)
+        })
     }
 
     /// Bytes of complete content charged to `uploader` that the node keeps (see the module
@@ -1165,7 +1223,10 @@ impl Blobs {
             Some(Progress::Partial {
                 have,
                 size: declared,
-            }) if declared == size => return Ok(Progress::Partial { have, size }),
+            }) if declared == size => {
+                self.declared(slot, size);
+                return Ok(Progress::Partial { have, size });
+            }
             Some(Progress::Partial { size: have, .. }) => {
                 return Err(BlobError::SizeConflict {
                     declared: size,
@@ -1175,7 +1236,7 @@ impl Blobs {
             None => {}
         }
         let owner = slot.uploader.as_str();
-        let (uploads, pending) = self.pending(owner)?;
+        let (uploads, pending) = self.pending(owner);
         if uploads >= self.limits.max_uploads {
             return Err(BlobError::TooManyUploads {
                 max: self.limits.max_uploads,
@@ -1192,6 +1253,7 @@ impl Blobs {
         }
         self.ensure_room(size)?;
         write_private(&self.size_path(slot), format!("{size} {owner}").as_bytes())?;
+        self.declared(slot, size);
         if size == 0 {
             write_private(&self.part_path(slot), b"")?;
             return self.seal_here(slot, false);
@@ -1343,6 +1405,7 @@ impl Blobs {
         self.hashing.borrow_mut().remove(slot);
         let _ = fs::remove_file(self.part_path(slot));
         let _ = fs::remove_file(self.size_path(slot));
+        self.undeclared(slot);
     }
 
     /// The size of the complete blob `digest`, and up to `max` bytes of it from `offset`
@@ -1768,6 +1831,86 @@ mod tests {
         assert_eq!(again.charged("alice").expect("charged"), 700);
         assert_eq!(again.retain(Duration::ZERO, |_| false).expect("retain"), 1);
         assert_eq!(again.charged("alice").expect("freed"), 0);
+    }
+
+    /// Issue 22 review, S5: a member's unfinished uploads are counted in memory (from the
+    /// directory once, at open), not by reading every entry of `uploads/` at each `upload`,
+    /// whose cost grew with every other member's uploads. The count follows declarations,
+    /// seals, discards and expiry, and is made again at open (what a node killed mid-upload
+    /// left still counts). An entry planted in `uploads/` after open that cannot be read (a
+    /// directory under the name of one of the member's declarations) shows that `upload`
+    /// reads none of it: the scan failed on it.
+    #[test]
+    fn unfinished_uploads_are_counted_in_memory_and_again_at_open() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let limits = Limits {
+            quota: 10_000,
+            max_uploads: 3,
+            ..Limits::default()
+        };
+        let blobs = Blobs::open(dir.path()).expect("open").with_limits(limits);
+        for i in 0..200u32 {
+            let other = Slot::new(digest_of(&i.to_le_bytes()), &format!("member {i}"));
+            blobs.begin(&other, 10).expect("another member's upload");
+        }
+        let alice = |d| Slot::new(d, "alice");
+        let x = content(3000);
+        let (a, b, c, d) = (
+            digest_of(b"a"),
+            digest_of(b"b"),
+            digest_of(&x),
+            digest_of(b"d"),
+        );
+        let planted = dir.path().join(format!(
+            "blobs/uploads/{}.{}.size",
+            digest_of(b"planted"),
+            Slot::tag("alice")
+        ));
+        fs::create_dir(&planted).expect("plant");
+        for (digest, size) in [(a, 1000), (b, 2000), (c, 3000)] {
+            blobs.begin(&alice(digest), size).expect("declare");
+        }
+        assert_eq!(blobs.pending("alice"), (3, 6000));
+        assert!(matches!(
+            blobs.begin(&alice(d), 1),
+            Err(BlobError::TooManyUploads { max: 3 })
+        ));
+        // Resuming one's own upload counts it once.
+        blobs.begin(&alice(a), 1000).expect("resume");
+        assert_eq!(blobs.pending("alice"), (3, 6000));
+        blobs.discard(&alice(b));
+        assert_eq!(blobs.pending("alice"), (2, 4000));
+        // A completed upload is no longer pending; its content is kept, and charged.
+        let Progress::Sealing { verified, .. } =
+            blobs.write_chunk(&alice(c), 0, &x).expect("write")
+        else {
+            panic!("sealing");
+        };
+        blobs.seal_here(&alice(c), verified).expect("seal");
+        assert_eq!(blobs.pending("alice"), (1, 1000));
+        assert_eq!(blobs.charged("alice").expect("charged"), 3000);
+        assert!(matches!(
+            blobs.begin(&alice(d), 6001),
+            Err(BlobError::Quota {
+                pending: 1000,
+                kept: 3000,
+                quota: 10_000
+            })
+        ));
+        blobs.begin(&alice(d), 6000).expect("within the quota");
+        assert_eq!(blobs.pending("alice"), (2, 7000));
+        assert_eq!(blobs.pending("member 7"), (1, 10));
+        fs::remove_dir(&planted).expect("unplant");
+
+        // A node killed now: the next start counts the same from the files.
+        drop(blobs);
+        let blobs = Blobs::open(dir.path()).expect("reopen").with_limits(limits);
+        assert_eq!(blobs.pending("alice"), (2, 7000));
+        assert_eq!(blobs.pending("member 7"), (1, 10));
+        assert_eq!(blobs.expire_uploads(Duration::ZERO).expect("expire"), 202);
+        assert_eq!(blobs.pending("alice"), (0, 0));
+        assert_eq!(blobs.pending("member 7"), (0, 0));
+        assert!(blobs.unfinished.borrow().is_empty());
     }
 
     #[test]
