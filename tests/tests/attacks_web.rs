@@ -956,8 +956,13 @@ fn another_origins_requests_do_not_keep_a_session_from_idling_out() {
                 .call(),
             "app.css",
         );
-        // Answered while the session lives; never a use of it.
+        // Answered while the session lives; never a use of it. And never readable by the
+        // page that asked: Cross-Origin-Resource-Policy.
         assert!(matches!(loaded.status(), 200 | 401), "{}", loaded.status());
+        assert_eq!(
+            loaded.header("Cross-Origin-Resource-Policy"),
+            Some("same-origin")
+        );
         rounds += 1;
         std::thread::sleep(Duration::from_millis(100));
     }

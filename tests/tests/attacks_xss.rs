@@ -225,6 +225,11 @@ fn markup_in_every_peer_controlled_field_is_shown_as_text_and_runs_nothing() {
         "{disposition}"
     );
     assert_eq!(response.header("X-Content-Type-Options"), Some("nosniff"));
+    assert_eq!(
+        response.header("Cross-Origin-Resource-Policy"),
+        Some("same-origin"),
+        "no page of another origin (another port is same site) may load it"
+    );
     let csp = response
         .header("Content-Security-Policy")
         .unwrap_or_default();

@@ -782,6 +782,12 @@ fn attachments_go_up_and_come_back_byte_for_byte_and_only_raster_images_are_inli
     assert!(bytes == data, "byte for byte ({} bytes)", bytes.len());
     let inline = download(picture["ack"]["seq"].as_u64().expect("seq"));
     assert_eq!(inline.header("Content-Type"), Some("image/png"));
+    // A page on another port is same site and has the cookie: its <img src> of a file must
+    // not load (nor tell a file's size by it).
+    assert_eq!(
+        inline.header("Cross-Origin-Resource-Policy"),
+        Some("same-origin")
+    );
     assert!(inline
         .header("Content-Disposition")
         .is_some_and(|d| d.starts_with("inline")));

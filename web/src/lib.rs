@@ -161,6 +161,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             guard::protect,
         ))
+        // On every response, the guard's refusals included: other origins cannot read it.
+        .layer(axum::middleware::map_response(same_origin_only))
         .with_state(state)
 }
 
@@ -183,6 +185,24 @@ fn unauthorized() -> Response {
         StatusCode::UNAUTHORIZED,
         "401: open the URL agora-web printed (it carries the token), or sign in\n".into(),
     )
+}
+
+/// `Cross-Origin-Resource-Policy: same-origin` (Fetch §3.2), on every response
+/// ([`same_origin_only`]): a page on another port of the same host is same site, so its
+/// `<img>`, `<script>` or `no-cors` fetch carries the session cookie; with this header the
+/// browser withholds the response from it (no probing whether a file loads or how large it
+/// is, no running app.js or reading a download as a script).
+pub const CORP: (header::HeaderName, &str) = (
+    header::HeaderName::from_static("cross-origin-resource-policy"),
+    "same-origin",
+);
+
+/// Adds [`CORP`] to a response (a middleware over every route).
+async fn same_origin_only(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(CORP.0, header::HeaderValue::from_static(CORP.1));
+    response
 }
 
 fn html(status: StatusCode, body: String) -> Response {
