@@ -854,14 +854,9 @@ fn blocks_are_kept_per_blocker_and_removed_with_its_account() {
 }
 
 /// A store opened on a registry database of schema `version` (1: before names lapsed; 2:
-/// lapsing, with the seen time left NULL by the migration), into which `prepare` wrote
-/// first (an `owners` row, say), through SQLite's or PostgreSQL's own SQL.
-fn upgraded_from(
-    version: i32,
-    backend: &str,
-    settings: StoreSettings,
-    prepare: &dyn Fn(&dyn Fn(&str)),
-) -> Backend {
+/// lapsing, with the seen time left NULL by the migration), in which the statements
+/// `prepare` (SQLite's or PostgreSQL's SQL, for `backend`) ran first: an `owners` row, say.
+fn upgraded_from(version: i32, backend: &str, settings: StoreSettings, prepare: &str) -> Backend {
     if backend == "sqlite" {
         let dir = tempfile::tempdir().expect("tmp");
         {
@@ -883,7 +878,7 @@ fn upgraded_from(
             }
             conn.execute_batch(&format!("PRAGMA user_version = {version};"))
                 .expect("version");
-            prepare(&|sql| conn.execute_batch(sql).expect("prepare"));
+            conn.execute_batch(prepare).expect("prepare");
         }
         let store = SqliteStore::open(dir.path(), settings, true).expect("sqlite");
         return Backend {
@@ -914,8 +909,7 @@ fn upgraded_from(
                 )
                 .expect("version");
         }
-        let client = std::cell::RefCell::new(client);
-        prepare(&|sql| client.borrow_mut().batch_execute(sql).expect("prepare"));
+        client.batch_execute(prepare).expect("prepare");
     }
     let store = PgStore::connect(&url, &Default::default(), settings).expect("postgres");
     Backend {
@@ -949,7 +943,7 @@ fn names_bound_before_the_lapse_migration_do_not_lapse_at_once() {
                     ago.as_secs()
                 )
             };
-            let mut b = upgraded_from(version, backend, settings(), &|run| run(&sql));
+            let mut b = upgraded_from(version, backend, settings(), &sql);
             let s = b.store.as_mut();
             assert_eq!(
                 s.claim_group(&name("old"), &key(2), now()).expect("claim"),
