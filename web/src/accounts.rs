@@ -5,7 +5,11 @@
 //! - `accounts/NAME`: the password's Argon2id hash as a PHC string (`$argon2id$v=19$…`,
 //!   the `argon2` crate's defaults), mode 0600, created once (`O_EXCL`).
 //! - `keys/NAME.key` and `keys/NAME.key_secret`: the account's CURVE certificate pair (ZPL,
-//!   as user-cli writes them); the secret is mode 0600.
+//!   as user-cli writes them); the secret is mode 0600. `agora-web add-user` uses a pair an
+//!   administrator placed there; the gateway never removes one it did not make.
+//! - `keys/NAME.signup`: written by a sign-up just before it saves the pair it generated,
+//!   removed once the account is complete. Only a pair with this mark is removed when the
+//!   gateway finds the sign-up unfinished ([`Accounts::remove_unfinished`]).
 //! - `spool/`: uploads on their way to a node (see [`crate::files`]).
 //!
 //! The directories are made 0700 and existing looser ones, and looser hash and secret
@@ -333,11 +337,16 @@ impl Accounts {
             })
     }
 
-    /// Removes what a failed [`Accounts::sign_up`] wrote for `name`.
-    fn roll_back(&self, name: &UserName) {
-        let key = self.key_path(name);
-        for path in [self.hash_path(name), secret_path(&key), key] {
-            match std::fs::remove_file(&path) {
+    /// The mark of a key pair a sign-up generated for `name`: `keys/NAME.signup` (no
+    /// account's key file ends so).
+    fn signup_mark(&self, name: &UserName) -> PathBuf {
+        self.dir.join("keys").join(format!("{name}.signup"))
+    }
+
+    /// Removes `paths` (a missing one is fine; another failure is logged).
+    fn remove_files(paths: &[PathBuf]) {
+        for path in paths {
+            match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -347,35 +356,70 @@ impl Accounts {
         }
     }
 
+    /// Removes the key pair a sign-up generated for `name`, with its mark; nothing when there
+    /// is no mark (the pair, if any, is someone else's).
+    fn remove_signup_keys(&self, name: &UserName) {
+        let mark = self.signup_mark(name);
+        if mark.exists() {
+            let key = self.key_path(name);
+            Self::remove_files(&[secret_path(&key), key, mark]);
+        }
+    }
+
+    /// Removes what a failed [`Accounts::sign_up`] wrote for `name`: the reservation, and
+    /// the key pair if it generated one (marked).
+    fn roll_back(&self, name: &UserName) {
+        Self::remove_files(&[self.hash_path(name)]);
+        self.remove_signup_keys(name);
+    }
+
     /// Makes the account `name` with `password` and a new key pair, or with the key pair
-    /// already at `keys/NAME.key` (`agora-web add-user`; nothing is registered).
+    /// already at `keys/NAME.key` (`agora-web add-user`; nothing is registered). On failure
+    /// nothing of it is left: the name is free again, and a key pair it generated is removed
+    /// (one that was there already is kept).
     ///
     /// # Errors
     /// [`AccountError::Exists`], [`AccountError::BadPassword`], [`AccountError::Io`],
-    /// [`AccountError::Corrupt`] (no key pair could be made).
+    /// [`AccountError::Corrupt`] (no key pair could be made or read).
     pub fn add(&self, name: &UserName, password: &str) -> Result<Identity, AccountError> {
         check_password(password)?;
         let hash = self.hashers.hash(password)?;
         let mut file = self.reserve(name)?;
-        let (keypair, _) = Keypair::load_or_generate(&self.key_path(name))
-            .map_err(|e| AccountError::Corrupt(e.to_string()))?;
-        let path = self.hash_path(name);
-        file.write_all(hash.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io(&path))?;
-        Ok(Identity {
-            user: name.clone(),
-            keypair,
-        })
+        let key = self.key_path(name);
+        let placed = secret_path(&key).exists();
+        let made = (|| {
+            let (keypair, _) = Keypair::load_or_generate(&key)
+                .map_err(|e| AccountError::Corrupt(e.to_string()))?;
+            let path = self.hash_path(name);
+            file.write_all(hash.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io(&path))?;
+            Ok(Identity {
+                user: name.clone(),
+                keypair,
+            })
+        })();
+        if made.is_err() {
+            let mut made_here = vec![self.hash_path(name)];
+            if !placed {
+                made_here.extend([secret_path(&key), key]);
+            }
+            Self::remove_files(&made_here);
+        }
+        made
     }
 
-    /// Removes what sign-ups that never finished left (the gateway stopped while one waited
-    /// for the registry): empty `accounts/NAME` files and their key pairs, each with a
-    /// warning. For a server's start, before any sign-up can be in progress; returns the
-    /// names removed.
+    /// Removes what sign-ups and add-users that never finished left (the gateway stopped
+    /// while one waited for the registry, or add-user failed or was killed): empty
+    /// `accounts/NAME` files, each with a warning, and the key pairs sign-ups generated for
+    /// names that have no complete account (those marked `keys/NAME.signup`). A key pair
+    /// without the mark is never removed: it may be one an administrator placed for
+    /// add-user. A complete account's leftover mark is removed alone. For a server's start,
+    /// before any sign-up can be in progress; returns the names whose reservation was
+    /// removed.
     ///
     /// # Errors
-    /// [`AccountError::Io`] when the directory cannot be read or a file removed.
+    /// [`AccountError::Io`] when a directory cannot be read.
     pub fn remove_unfinished(&self) -> Result<Vec<UserName>, AccountError> {
         let dir = self.dir.join("accounts");
         let mut removed = Vec::new();
@@ -388,8 +432,27 @@ impl Accounts {
             let empty = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
             if let (Some(name), true) = (name, empty) {
                 tracing::warn!(account = %name, "removed an unfinished sign-up");
-                self.roll_back(&name);
+                Self::remove_files(&[path]);
                 removed.push(name);
+            }
+        }
+        let keys = self.dir.join("keys");
+        for entry in std::fs::read_dir(&keys).map_err(io(&keys))? {
+            let path = entry.map_err(io(&keys))?.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".signup"))
+                .and_then(|n| n.parse::<UserName>().ok())
+            else {
+                continue;
+            };
+            let complete = std::fs::metadata(self.hash_path(&name)).is_ok_and(|m| m.len() > 0);
+            if complete {
+                Self::remove_files(&[path]);
+            } else {
+                tracing::warn!(account = %name, "removed an unfinished sign-up's key pair");
+                self.remove_signup_keys(&name);
             }
         }
         Ok(removed)
@@ -402,7 +465,8 @@ impl Accounts {
     /// another key.
     ///
     /// # Errors
-    /// [`AccountError::BadPassword`] and [`AccountError::Exists`] before any work; what
+    /// [`AccountError::BadPassword`] and [`AccountError::Exists`] (an account, or a key pair
+    /// placed for add-user, holds the name) before any work; what
     /// `register` returns ([`AccountError::Taken`], [`AccountError::Registry`]);
     /// [`AccountError::Io`], [`AccountError::Corrupt`] (then what was written is removed).
     pub fn sign_up(
@@ -413,6 +477,11 @@ impl Accounts {
     ) -> Result<Identity, AccountError> {
         check_password(password)?;
         let mut file = self.reserve(name)?;
+        if secret_path(&self.key_path(name)).exists() {
+            // A key pair placed for add-user holds the name: never overwritten.
+            Self::remove_files(&[self.hash_path(name)]);
+            return Err(AccountError::Exists(name.clone()));
+        }
         let made = (|| {
             let identity = Identity {
                 user: name.clone(),
@@ -420,6 +489,19 @@ impl Accounts {
             };
             let hash = self.hashers.hash(password)?;
             register(&identity)?;
+            // Marked first: a start after a crash removes only a pair it finds marked.
+            let mark = self.signup_mark(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(fsmode::FILE_MODE)
+                .open(&mark)
+                .and_then(|mut f| {
+                    f.write_all(b"a sign-up in progress generated this name's key pair\n")?;
+                    f.sync_all()
+                })
+                .map_err(io(&mark))?;
             identity
                 .keypair
                 .save(&self.key_path(name))
@@ -428,6 +510,8 @@ impl Accounts {
             file.write_all(hash.as_bytes())
                 .and_then(|()| file.sync_all())
                 .map_err(io(&path))?;
+            // The account is complete; a mark left behind is removed at the next start.
+            Self::remove_files(&[mark]);
             Ok(identity)
         })();
         if made.is_err() {
@@ -676,14 +760,102 @@ mod tests {
             accounts.sign_up(&mallory, "mallory's password", |_| Ok(())),
             Err(AccountError::Exists(_))
         ));
-        // One the gateway stopped in the middle of is removed at the next start.
+        assert!(
+            !dir.path().join("keys/mallory.signup").exists(),
+            "a complete sign-up leaves no mark"
+        );
+        // One the gateway stopped in the middle of (its key pair saved and marked, the hash
+        // not yet written) is removed at the next start, key pair and all.
         std::fs::write(dir.path().join("accounts/eve"), b"").expect("held");
-        std::fs::write(dir.path().join("keys/eve.key"), b"").expect("key");
+        for file in ["keys/eve.key", "keys/eve.key_secret", "keys/eve.signup"] {
+            std::fs::write(dir.path().join(file), b"").expect("key");
+        }
         let removed = accounts.remove_unfinished().expect("removed");
         assert_eq!(removed, vec!["eve".parse::<UserName>().expect("name")]);
-        assert!(!dir.path().join("accounts/eve").exists());
-        assert!(!dir.path().join("keys/eve.key").exists());
+        for file in [
+            "accounts/eve",
+            "keys/eve.key",
+            "keys/eve.key_secret",
+            "keys/eve.signup",
+        ] {
+            assert!(!dir.path().join(file).exists(), "{file} was left");
+        }
         assert!(dir.path().join("accounts/mallory").exists());
+    }
+
+    /// Places a key pair for `name` as an administrator does before `add-user`.
+    fn place_keys(dir: &Path, name: &str) -> Keypair {
+        let pair = Keypair::generate().expect("keys");
+        pair.save(&dir.join(format!("keys/{name}.key")))
+            .expect("save");
+        pair
+    }
+
+    #[test]
+    fn a_failed_add_user_frees_the_name_and_keeps_a_key_pair_it_did_not_make() {
+        let dir = tempfile::tempdir().expect("dir");
+        let accounts = Accounts::open(dir.path()).expect("open");
+        let alice: UserName = "alice".parse().expect("name");
+        let placed = place_keys(dir.path(), "alice");
+        // A secret others can read: Keypair::load refuses it, after the name is reserved.
+        let secret = dir.path().join("keys/alice.key_secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(matches!(
+            accounts.add(&alice, "correct horse"),
+            Err(AccountError::Corrupt(_))
+        ));
+        assert!(
+            !dir.path().join("accounts/alice").exists(),
+            "the reservation is rolled back"
+        );
+        assert!(secret.exists(), "the placed key pair is kept");
+        assert!(dir.path().join("keys/alice.key").exists());
+        // Fixed, the same add-user goes through with the placed pair.
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let made = accounts.add(&alice, "correct horse").expect("add");
+        assert_eq!(made.keypair.public, placed.public);
+    }
+
+    #[test]
+    fn an_unfinished_account_at_start_loses_only_the_key_pairs_a_sign_up_generated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let accounts = Accounts::open(dir.path()).expect("open");
+        // add-user killed between its reservation and its hash, with a placed pair.
+        let placed = place_keys(dir.path(), "admin-made");
+        std::fs::write(dir.path().join("accounts/admin-made"), b"").expect("held");
+        // A complete sign-up whose mark was left behind.
+        let bob: UserName = "bob".parse().expect("name");
+        let made = accounts
+            .sign_up(&bob, "bob's password", |_| Ok(()))
+            .expect("sign-up");
+        std::fs::write(dir.path().join("keys/bob.signup"), b"").expect("mark");
+        let removed = accounts.remove_unfinished().expect("removed");
+        assert_eq!(
+            removed,
+            vec!["admin-made".parse::<UserName>().expect("name")]
+        );
+        assert!(!dir.path().join("accounts/admin-made").exists());
+        for file in ["keys/admin-made.key", "keys/admin-made.key_secret"] {
+            assert!(dir.path().join(file).exists(), "{file} was removed");
+        }
+        assert!(!dir.path().join("keys/bob.signup").exists());
+        let signed_in = accounts.verify(&bob, "bob's password").expect("bob");
+        assert_eq!(signed_in.keypair.public, made.keypair.public);
+        // The name is free for add-user again, with the placed pair; a sign-up may not
+        // take a name whose pair was placed.
+        let carol: UserName = "carol".parse().expect("name");
+        place_keys(dir.path(), "carol");
+        assert!(matches!(
+            accounts.sign_up(&carol, "carol's password", |_| Ok(())),
+            Err(AccountError::Exists(_))
+        ));
+        assert!(!dir.path().join("accounts/carol").exists());
+        assert!(dir.path().join("keys/carol.key_secret").exists());
+        let admin_made: UserName = "admin-made".parse().expect("name");
+        let added = accounts
+            .add(&admin_made, "correct horse")
+            .expect("add-user");
+        assert_eq!(added.keypair.public, placed.public);
     }
 
     #[test]
