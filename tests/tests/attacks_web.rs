@@ -1244,3 +1244,113 @@ fn connections_past_max_connections_are_refused_from_any_address() {
         next.map(|n| String::from_utf8_lossy(&n).into_owned())
     );
 }
+
+/// A download held a blocking thread for as long as its client left it unread, and there
+/// was no cap on downloads: a few clients that request a large file and never read took
+/// the gateway's blocking threads for good. Now one identity has at most
+/// `--max-downloads-per-user` in progress (and one address `--max-downloads-per-address`),
+/// and a client that takes nothing for `--download-stall-timeout` loses its download, and
+/// gives its slot back.
+#[test]
+fn downloads_are_capped_per_identity_and_one_never_read_is_ended_at_the_stall_timeout() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Files", "127.0.0.1:0", "files", &[]);
+    fed.join_when_listed("alice", "Files");
+    let web = fed.web_personal_with(
+        "alice",
+        &[
+            "--max-downloads-per-user",
+            "2",
+            "--download-stall-timeout",
+            "3s",
+        ],
+    );
+    let cookie = personal_session(&web);
+    let csrf = page_csrf(&web, &cookie);
+    let own = web_origin(&web);
+    let addr = own.trim_start_matches("http://").to_owned();
+    // Larger than what the socket buffers and the gateway's queue hold: a client that reads
+    // nothing leaves most of it unsent.
+    let size = 32usize << 20;
+    let data: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let stored = answer(
+        agent()
+            .post(&format!("{own}/files/Files"))
+            .set("Cookie", &cookie)
+            .set("Origin", &own)
+            .set("X-Agora-CSRF", &csrf)
+            .query("name", "big.bin")
+            .send_bytes(&data),
+        "upload",
+    );
+    assert_eq!(stored.status(), 200);
+    let stored: serde_json::Value =
+        serde_json::from_str(&stored.into_string().expect("body")).expect("JSON");
+    let seq = stored["ack"]["seq"].as_u64().expect("a seq");
+    let path = format!("/files/Files/{seq}");
+
+    // Two downloads whose client reads the status line, then nothing more.
+    let mut stalled: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n"
+            )
+            .expect("request");
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut status = [0u8; 12];
+            s.read_exact(&mut status).expect("a status line");
+            assert_eq!(&status, b"HTTP/1.1 200");
+            s
+        })
+        .collect();
+    let stalled_at = Instant::now();
+    let download = || {
+        answer(
+            agent()
+                .get(&format!("{own}{path}"))
+                .set("Cookie", &cookie)
+                .call(),
+            "download",
+        )
+    };
+    let third = download();
+    assert_eq!(third.status(), 429, "past --max-downloads-per-user");
+    assert_eq!(error_code(third), "limit_reached");
+
+    // At the stall timeout both end and give their slots back: a download goes through.
+    let mut got = 0;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let response = download();
+            if response.status() != 200 {
+                return false;
+            }
+            let mut body = Vec::new();
+            let read = response.into_reader().read_to_end(&mut body);
+            got = body.len();
+            read.is_ok() && body == data
+        }),
+        "a download after the stalled ones ended ({got} bytes)"
+    );
+    let freed_after = stalled_at.elapsed();
+    eprintln!("slots back after {freed_after:?}");
+    assert!(
+        freed_after >= Duration::from_millis(2500),
+        "not before the stall timeout: {freed_after:?}"
+    );
+    // The stalled downloads were cut short, not sent whole.
+    for s in &mut stalled {
+        let (rest, closed) = read_until_closed(s, Duration::from_secs(30));
+        assert!(closed, "the stalled download's connection is closed");
+        assert!(
+            rest.len() < size,
+            "{} bytes of {size}: the download was ended",
+            rest.len()
+        );
+    }
+}

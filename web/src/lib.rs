@@ -130,6 +130,10 @@ pub struct AppState {
     /// Uploads in progress, bounded per identity (`--max-uploads-per-user`), per client
     /// address (`--max-uploads-per-address`) and in spooled bytes (`--max-spool-bytes`).
     pub uploads: Arc<files::Uploads>,
+    /// Downloads in progress, bounded per identity (`--max-downloads-per-user`) and per
+    /// client address (`--max-downloads-per-address`), and how long one waits for a client
+    /// that stopped reading (`--download-stall-timeout`).
+    pub downloads: Arc<limits::DownloadCaps>,
 }
 
 /// The gateway's routes (docs/WEB.md): `/` (the page, or hosted mode's sign-in page),
@@ -936,14 +940,46 @@ async fn upload(
     }
 }
 
+/// Sends `item` to a download's body from its blocking thread, waiting at most `stall` for
+/// the client to make room.
+///
+/// # Errors
+/// `BrokenPipe` when the client is gone, `TimedOut` when it took nothing for `stall`: the
+/// download ends either way (and its thread and slots are free).
+fn send_within(
+    runtime: &tokio::runtime::Handle,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+    item: std::io::Result<Vec<u8>>,
+    stall: std::time::Duration,
+) -> std::io::Result<()> {
+    match runtime.block_on(tokio::time::timeout(stall, tx.send(item))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took nothing for --download-stall-timeout",
+        )),
+    }
+}
+
 async fn download(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((group, seq)): Path<(String, u64)>,
     headers: HeaderMap,
 ) -> Response {
     let (identity, group) = match caller(&state, &headers, &group) {
         Ok(found) => found,
         Err(refused) => return *refused,
+    };
+    // Held until the last range is sent or the download ends (in the sending thread).
+    let Some(slots) = state.downloads.take(&identity.user, peer.ip()) else {
+        tracing::warn!(user = %identity.user, peer = %peer.ip(), "download refused: too many in progress");
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "limit_reached",
+            "too many downloads in progress; wait for one to finish",
+        );
     };
     let federation = Arc::clone(&state.federation);
     let found = {
@@ -961,18 +997,20 @@ async fn download(
             )
         }
     };
-    // Ranges flow through a small queue: the node is read as fast as the browser takes them.
+    // Ranges flow through a small queue: the node is read as fast as the browser takes them,
+    // and a browser that takes nothing for the stall timeout loses the download.
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
     let meta = attachment.clone();
+    let (runtime, stall) = (tokio::runtime::Handle::current(), state.downloads.stall);
     tokio::task::spawn_blocking(move || {
         let sent = files::get(&federation, &target, &meta, |bytes| {
-            tx.blocking_send(Ok(bytes.to_vec()))
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            send_within(&runtime, &tx, Ok(bytes.to_vec()), stall)
         });
         if let Err(e) = sent {
             tracing::warn!(error = %e, "download failed");
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            let _ = tx.try_send(Err(std::io::Error::other(e.to_string())));
         }
+        drop(slots);
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))

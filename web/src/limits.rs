@@ -355,6 +355,55 @@ impl WebSocketCaps {
     }
 }
 
+/// Downloads in progress (`GET /files/GROUP/SEQ`): at most `--max-downloads-per-user` per
+/// identity and `--max-downloads-per-address` per client address (by
+/// [`crate::auth::bucket`]); past either a download is `429`. Each one also holds a blocking
+/// thread while it reads from the node, so a client that stops reading is let go after
+/// [`DownloadCaps::stall`] (`--download-stall-timeout`).
+#[derive(Debug)]
+pub struct DownloadCaps {
+    /// Per account name.
+    pub per_identity: Arc<Slots<agora_proto::wire::UserName>>,
+    /// Per client address's bucket.
+    pub per_address: Arc<Slots<IpAddr>>,
+    /// How long a download waits for its client to take the next range before it ends.
+    pub stall: Duration,
+}
+
+/// What a download in progress holds; given back when it is dropped.
+#[derive(Debug)]
+pub struct DownloadSlots {
+    _identity: Slot<agora_proto::wire::UserName>,
+    _address: Slot<IpAddr>,
+}
+
+impl DownloadCaps {
+    /// `per_identity` per account name and `per_address` per client address; a client that
+    /// takes nothing for `stall` loses its download.
+    pub fn new(per_identity: usize, per_address: usize, stall: Duration) -> DownloadCaps {
+        DownloadCaps {
+            per_identity: Slots::new(per_identity),
+            per_address: Slots::new(per_address),
+            stall,
+        }
+    }
+
+    /// The slots for one more download of `user` from `address`; `None` when the identity
+    /// or the address (its bucket) holds its most already.
+    pub fn take(
+        &self,
+        user: &agora_proto::wire::UserName,
+        address: IpAddr,
+    ) -> Option<DownloadSlots> {
+        let identity = self.per_identity.take(user.clone())?;
+        let address = self.per_address.take(crate::auth::bucket(address))?;
+        Some(DownloadSlots {
+            _identity: identity,
+            _address: address,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +493,34 @@ mod tests {
             "the same /64"
         );
         assert!(ws.take(&alice, ip("2001:db8:0:1::2")).is_ok());
+    }
+
+    #[test]
+    fn downloads_count_per_identity_and_per_address() {
+        let caps = DownloadCaps::new(2, 3, Duration::from_secs(60));
+        let (alice, bob): (agora_proto::wire::UserName, agora_proto::wire::UserName) =
+            ("alice".parse().expect("name"), "bob".parse().expect("name"));
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let a1 = caps.take(&alice, ip("10.0.0.1")).expect("a1");
+        let _a2 = caps.take(&alice, ip("10.0.0.2")).expect("a2");
+        assert!(caps.take(&alice, ip("10.0.0.3")).is_none(), "per identity");
+        let _b1 = caps.take(&bob, ip("2001:db8::1")).expect("b1");
+        let _b2 = caps.take(&bob, ip("2001:db8::2")).expect("b2");
+        assert!(
+            caps.take(&bob, ip("2001:db8::3")).is_none(),
+            "bob's own cap"
+        );
+        drop(a1);
+        let _a3 = caps.take(&alice, ip("10.0.0.1")).expect("given back");
+        let _c = caps.take(&"carol".parse().expect("name"), ip("10.0.0.1"));
+        assert_eq!(caps.per_address.held(&ip("10.0.0.1")), 2);
+        let caps = DownloadCaps::new(10, 2, Duration::from_secs(60));
+        let _x = caps.take(&alice, ip("2001:db8::1")).expect("x");
+        let _y = caps.take(&bob, ip("2001:db8::ffff")).expect("y");
+        assert!(
+            caps.take(&alice, ip("2001:db8::7")).is_none(),
+            "per address, an IPv6 host by its /64"
+        );
     }
 
     #[test]

@@ -105,6 +105,22 @@ struct Serve {
     /// accounts; past it an upload is answered 429 before its body is read.
     #[arg(long, env = "AGORA_WEB_MAX_UPLOADS_PER_ADDRESS", default_value_t = 16)]
     max_uploads_per_address: usize,
+    /// Most downloads one identity may have in progress at once; past it a download is
+    /// answered 429.
+    #[arg(long, env = "AGORA_WEB_MAX_DOWNLOADS_PER_USER", default_value_t = 16)]
+    max_downloads_per_user: usize,
+    /// Most downloads one client address (an IPv6 one by its /64) may have in progress at
+    /// once, whatever the accounts; past it a download is answered 429.
+    #[arg(
+        long,
+        env = "AGORA_WEB_MAX_DOWNLOADS_PER_ADDRESS",
+        default_value_t = 32
+    )]
+    max_downloads_per_address: usize,
+    /// How long a download waits for a client that stopped reading before it ends (and
+    /// gives back its thread and slots).
+    #[arg(long, env = "AGORA_WEB_DOWNLOAD_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    download_stall_timeout: Duration,
     /// Most bytes of uploads on their way to a node the spool holds at once, in all (one
     /// identity, or one client address, may hold half); past it an upload is answered 507.
     #[arg(long, env = "AGORA_WEB_MAX_SPOOL_BYTES", default_value_t = 16 << 30)]
@@ -308,6 +324,11 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             args.max_uploads_per_user,
             args.max_uploads_per_address,
             args.max_spool_bytes,
+        )),
+        downloads: Arc::new(agora_web::limits::DownloadCaps::new(
+            args.max_downloads_per_user,
+            args.max_downloads_per_address,
+            args.download_stall_timeout,
         )),
         hub: Arc::default(),
         websockets: Arc::new(agora_web::limits::WebSocketCaps::new(
