@@ -1,6 +1,8 @@
 //! Attacks on the web gateway (`agora-web`) as a page of another origin, a client that holds
 //! connections, or one account that wants every slot: issue 22's findings 2, 3, 4, 10, 11,
-//! 13 and 20. Each test performs the attack against the real binary and checks it is
+//! 13 and 20, and what a review of their fixes found (HTTP/2 prior knowledge past the
+//! connection caps, sessions kept alive by another origin, downloads never read). Each test
+//! performs the attack against the real binary and checks it is
 //! refused, and checks that the same request from the gateway's own page still works (so a
 //! refusal is the guard's, not a broken route).
 //!
