@@ -192,7 +192,7 @@ fn unauthorized() -> Response {
 }
 
 /// `Cross-Origin-Resource-Policy: same-origin` (Fetch §3.2), on every response
-/// ([`same_origin_only`]): a page on another port of the same host is same site, so its
+/// (`same_origin_only`): a page on another port of the same host is same site, so its
 /// `<img>`, `<script>` or `no-cors` fetch carries the session cookie; with this header the
 /// browser withholds the response from it (no probing whether a file loads or how large it
 /// is, no running app.js or reading a download as a script).

@@ -196,7 +196,7 @@ const FIRST_REQUEST_BYTES: usize = 24;
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// An accepted connection: holds its slots until it is closed, fails its reads once the
-/// first-request deadline passes before [`FIRST_REQUEST_BYTES`] have come in, and fails the
+/// first-request deadline passes before `FIRST_REQUEST_BYTES` have come in, and fails the
 /// read that completes an HTTP/2 preface ([`H2_PREFACE`]): the gateway speaks HTTP/1.1 only.
 #[derive(Debug)]
 pub struct Capped<T> {
