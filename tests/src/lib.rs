@@ -1037,6 +1037,52 @@ impl Chromedriver {
         read(&self.dir.path().join("chromedriver.log"))
     }
 
+    /// A WebDriver session in a new headless Chromium with its profile in `profile` and a
+    /// window of `width` × `height` CSS pixels. Its only traffic is to 127.0.0.1: anything
+    /// not for loopback (which Chromium never proxies) goes to a proxy where nothing listens.
+    /// An alert stays open (`unhandledPromptBehavior: ignore`), so a test can see it fired.
+    ///
+    /// # Panics
+    /// If chromedriver opens no session (the panic carries its log).
+    pub async fn session(&self, profile: &Path, width: u32, height: u32) -> fantoccini::Client {
+        let args = [
+            "--headless=new".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            format!("--user-data-dir={}", profile.display()),
+            format!("--window-size={width},{height}"),
+            "--no-first-run".to_owned(),
+            "--no-default-browser-check".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--disable-default-apps".to_owned(),
+            "--disable-extensions".to_owned(),
+            "--proxy-server=socks5://127.0.0.1:9".to_owned(),
+        ];
+        let capabilities = serde_json::json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": { "binary": self.chromium, "args": args },
+            "timeouts": { "pageLoad": 20_000, "script": 10_000, "implicit": 0 },
+            "unhandledPromptBehavior": "ignore",
+        });
+        let capabilities = capabilities
+            .as_object()
+            .cloned()
+            .expect("capabilities are an object");
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no WebDriver session: {e}; chromedriver's log:\n{}",
+                    self.log()
+                )
+            })
+    }
+
     /// The processes other than zombies whose command line names this driver's directory
     /// (Chromium's crash handlers, with `--database=DIR/config/...`).
     fn strays(&self) -> Vec<u32> {

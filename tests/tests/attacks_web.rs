@@ -1039,37 +1039,6 @@ impl Drop for AttackerSite {
     }
 }
 
-/// A headless Chromium with a fresh profile whose only traffic is to 127.0.0.1.
-async fn chromium(
-    driver: &agora_tests::Chromedriver,
-    profile: &std::path::Path,
-) -> fantoccini::Client {
-    let args = [
-        "--headless=new".to_owned(),
-        "--no-sandbox".to_owned(),
-        "--disable-gpu".to_owned(),
-        "--disable-dev-shm-usage".to_owned(),
-        format!("--user-data-dir={}", profile.display()),
-        "--no-first-run".to_owned(),
-        "--no-default-browser-check".to_owned(),
-        "--disable-background-networking".to_owned(),
-        "--disable-component-update".to_owned(),
-        "--disable-sync".to_owned(),
-        "--disable-extensions".to_owned(),
-        "--proxy-server=socks5://127.0.0.1:9".to_owned(),
-    ];
-    let capabilities = serde_json::json!({
-        "browserName": "chrome",
-        "goog:chromeOptions": { "binary": driver.chromium, "args": args },
-        "timeouts": { "pageLoad": 20_000, "script": 10_000, "implicit": 0 },
-    });
-    fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(capabilities.as_object().cloned().expect("an object"))
-        .connect(&driver.url)
-        .await
-        .unwrap_or_else(|e| panic!("no WebDriver session: {e}; chromedriver:\n{}", driver.log()))
-}
-
 /// Polls `script`'s value in the page until `done` takes it, within `timeout`.
 async fn poll_page<T>(
     client: &fantoccini::Client,
@@ -1125,7 +1094,7 @@ results.signout = "submitted";
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let client = chromium(&driver, profile.path()).await;
+        let client = driver.session(profile.path(), 1100, 720).await;
         // The victim signs in (the token URL) and has the chat page.
         client.goto(&web.endpoint).await.expect("the token URL");
         let me = poll_page(

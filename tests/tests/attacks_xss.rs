@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use agora_tests::{Chromedriver, Federation, Server};
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use serde::Deserialize;
 
 /// A group named with markup (64 characters at most, no control characters).
@@ -123,34 +123,6 @@ fn redeem(web: &Server) -> String {
         .to_owned()
 }
 
-async fn chromium(driver: &Chromedriver, profile: &std::path::Path) -> Client {
-    let args = [
-        "--headless=new".to_owned(),
-        "--no-sandbox".to_owned(),
-        "--disable-gpu".to_owned(),
-        "--disable-dev-shm-usage".to_owned(),
-        format!("--user-data-dir={}", profile.display()),
-        "--no-first-run".to_owned(),
-        "--disable-background-networking".to_owned(),
-        "--disable-component-update".to_owned(),
-        "--disable-sync".to_owned(),
-        "--disable-extensions".to_owned(),
-        // Nothing but loopback: anything else goes to a proxy where nothing listens.
-        "--proxy-server=socks5://127.0.0.1:9".to_owned(),
-    ];
-    let capabilities = serde_json::json!({
-        "browserName": "chrome",
-        "goog:chromeOptions": { "binary": driver.chromium, "args": args },
-        "timeouts": { "pageLoad": 20_000, "script": 10_000, "implicit": 0 },
-        "unhandledPromptBehavior": "ignore",
-    });
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(capabilities.as_object().cloned().expect("an object"))
-        .connect(&driver.url)
-        .await
-        .unwrap_or_else(|e| panic!("no WebDriver session: {e}; {}", driver.log()))
-}
-
 #[test]
 fn markup_in_every_peer_controlled_field_is_shown_as_text_and_runs_nothing() {
     let fed = Federation::start("200ms");
@@ -247,7 +219,7 @@ fn markup_in_every_peer_controlled_field_is_shown_as_text_and_runs_nothing() {
     let driver = Chromedriver::start(fed.dir.path());
     runtime.block_on(async {
         let run = async {
-            let client = chromium(&driver, profile.path()).await;
+            let client = driver.session(profile.path(), 1100, 720).await;
             client.goto(&web.endpoint).await.expect("the page");
             let seen = wait(&client, "the group listed with its literal name", |l| {
                 l.groups.iter().any(|g| g == GROUP) && l.group_names.iter().any(|g| g == GROUP)

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use agora_tests::{web_csrf, web_origin, Chromedriver, Federation, Server};
 use fantoccini::elements::Element;
 use fantoccini::key::Key;
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use serde::Deserialize;
 
 const GROUP: &str = "Cool Group";
@@ -239,45 +239,7 @@ struct Browser {
 impl Browser {
     async fn start(driver: &Chromedriver, name: &'static str) -> Browser {
         let profile = tempfile::tempdir().expect("a profile dir");
-        let args = [
-            "--headless=new".to_owned(),
-            "--no-sandbox".to_owned(),
-            "--disable-gpu".to_owned(),
-            "--disable-dev-shm-usage".to_owned(),
-            format!("--user-data-dir={}", profile.path().display()),
-            "--window-size=1100,720".to_owned(),
-            "--no-first-run".to_owned(),
-            "--no-default-browser-check".to_owned(),
-            "--disable-background-networking".to_owned(),
-            "--disable-component-update".to_owned(),
-            "--disable-sync".to_owned(),
-            "--disable-default-apps".to_owned(),
-            "--disable-extensions".to_owned(),
-            // Anything not for loopback (which Chromium never proxies) goes to a proxy where
-            // nothing listens, and fails there: no traffic leaves 127.0.0.1.
-            "--proxy-server=socks5://127.0.0.1:9".to_owned(),
-        ];
-        let capabilities = serde_json::json!({
-            "browserName": "chrome",
-            "goog:chromeOptions": { "binary": driver.chromium, "args": args },
-            "timeouts": { "pageLoad": 20_000, "script": 10_000, "implicit": 0 },
-            // An alert stays open (and is seen) rather than being dismissed quietly.
-            "unhandledPromptBehavior": "ignore",
-        });
-        let capabilities = capabilities
-            .as_object()
-            .cloned()
-            .expect("capabilities are an object");
-        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&driver.url)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{name}: no WebDriver session: {e}; chromedriver's log:\n{}",
-                    driver.log()
-                )
-            });
+        let client = driver.session(profile.path(), 1100, 720).await;
         Browser {
             client,
             name,
