@@ -244,12 +244,21 @@ fn post_form(agent: &ureq::Agent, url: &str, fields: &[(&str, &str)]) -> ureq::R
         Ok(r) | Err(ureq::Error::Status(_, r)) => r,
         Err(e) => panic!("GET {origin}/: {e}"),
     };
-    let form_cookie = page
+    let set_form_cookie = page
         .all("Set-Cookie")
         .into_iter()
         .find(|c| c.starts_with("agora_form="))
-        .and_then(|c| c.split(';').next())
         .expect("the sign-in page sets its form token")
+        .to_owned();
+    assert_eq!(
+        set_form_cookie.ends_with("; Secure"),
+        origin.starts_with("https://"),
+        "the form token's cookie is Secure exactly over TLS: {set_form_cookie}"
+    );
+    let form_cookie = set_form_cookie
+        .split(';')
+        .next()
+        .expect("name=value")
         .to_owned();
     let token = web_csrf(&page.into_string().expect("page")).expect("a form token");
     let mut fields = fields.to_vec();

@@ -102,6 +102,8 @@ pub struct Hosted {
     pub limiter: auth::SignInLimiter,
     /// Whether anyone may make an account (`--open-signup`).
     pub open_signup: bool,
+    /// Served over TLS: the sign-in form's cookie gets `Secure`, as the session's does.
+    pub tls: bool,
 }
 
 /// What every handler shares.
@@ -264,10 +266,11 @@ fn sign_in_page_with(
             .replace("{{signup}}", signup)
             .replace("{{csrf}}", &token),
     );
-    // Not `Secure`: the page does not know whether it is served over TLS, and the token only
-    // adds to the Origin check (a tossed cookie still needs this origin to post).
+    // `Secure` over TLS, as the session's cookie: a plain-HTTP page on the same host cannot
+    // set or read it then.
+    let secure = if hosted.tls { "; Secure" } else { "" };
     let cookie = format!(
-        "{}={token}; HttpOnly; SameSite=Strict; Path=/",
+        "{}={token}; HttpOnly; SameSite=Strict; Path=/{secure}",
         guard::FORM_COOKIE
     );
     if let Ok(value) = cookie.parse() {

@@ -282,6 +282,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             accounts,
             limiter: auth::SignInLimiter::with_max_keys(args.sign_in_max_keys),
             open_signup: args.open_signup,
+            tls: tls.is_some(),
         };
         (auth::Sessions::new(), Some(Arc::new(hosted)), spool)
     } else {
