@@ -71,10 +71,10 @@ fn cause(e: &ClientError) -> String {
             ErrorCode::UnknownGroup => format!("unknown group: {}", w.message),
             ErrorCode::NotMember => format!("not a member: {}", w.message),
             ErrorCode::TooLarge => format!("message too large: {}", w.message),
-            ErrorCode::NoAccount => format!(
-                "no account: {}; run `user-cli register NAME` first",
-                w.message
-            ),
+            // The server's text says the same in the protocol's words; this says what to run.
+            ErrorCode::NoAccount => {
+                "no account: this key has none; run `user-cli register NAME` first".into()
+            }
             code => format!("{code}: {}", w.message),
         },
         other => other.to_string(),
