@@ -720,8 +720,21 @@ impl Federation {
 
     /// As [`Federation::web_personal`], with `extra` arguments (`--session-idle 1s`, say).
     pub fn web_personal_with(&self, user: &str, extra: &[&str]) -> Server {
-        let (keys, registry_key) = (self.key_dir(), self.registry_key());
-        let mut args = vec![
+        let mut command = self.web_personal_command(user);
+        command.args(extra);
+        Server::spawn_command(
+            command,
+            "agora-web",
+            &self.dir.path().join(format!("web-{user}.log")),
+        )
+        .wait_listening(START_TIMEOUT)
+    }
+
+    /// The command [`Federation::web_personal`] runs, not yet started: for a test that sets
+    /// the gateway's environment (a limit given by its `AGORA_WEB_…` variable, say).
+    pub fn web_personal_command(&self, user: &str) -> Command {
+        let mut command = Command::new(bin("agora-web"));
+        command.args([
             "--user",
             user,
             "--bind",
@@ -729,16 +742,11 @@ impl Federation {
             "--registry",
             &self.registry.endpoint,
             "--registry-key",
-            &registry_key,
+            &self.registry_key(),
             "--key-dir",
-            &keys,
-        ];
-        args.extend_from_slice(extra);
-        Server::start(
-            "agora-web",
-            &args,
-            &self.dir.path().join(format!("web-{user}.log")),
-        )
+            &self.key_dir(),
+        ]);
+        command
     }
 
     /// Starts `agora-web --hosted` on an ephemeral loopback port with its accounts in
@@ -749,24 +757,32 @@ impl Federation {
 
     /// As [`Federation::web_hosted`], with `extra` arguments (`--open-signup`, say).
     pub fn web_hosted_with(&self, data: &str, extra: &[&str]) -> Server {
-        let (data_dir, registry_key) = (self.path(data), self.registry_key());
-        let mut args = vec![
+        let mut command = self.web_hosted_command(data);
+        command.args(extra);
+        Server::spawn_command(
+            command,
+            "agora-web",
+            &self.dir.path().join(format!("web-{data}.log")),
+        )
+        .wait_listening(START_TIMEOUT)
+    }
+
+    /// The command [`Federation::web_hosted`] runs, not yet started: for a test that sets
+    /// the gateway's environment.
+    pub fn web_hosted_command(&self, data: &str) -> Command {
+        let mut command = Command::new(bin("agora-web"));
+        command.args([
             "--hosted",
             "--data-dir",
-            &data_dir,
+            &self.path(data),
             "--bind",
             "127.0.0.1:0",
             "--registry",
             &self.registry.endpoint,
             "--registry-key",
-            &registry_key,
-        ];
-        args.extend_from_slice(extra);
-        Server::start(
-            "agora-web",
-            &args,
-            &self.dir.path().join(format!("web-{data}.log")),
-        )
+            &self.registry_key(),
+        ]);
+        command
     }
 
     /// Makes the hosted account `name` with `password` in `DIR/<data>` (`agora-web add-user`,

@@ -241,28 +241,6 @@ impl Client {
     }
 }
 
-/// `agora-web --hosted` for `fed` with its data in `DIR/<data>` and `extra` arguments.
-fn hosted(fed: &Federation, data: &str, extra: &[&str]) -> Server {
-    let (data_dir, registry_key) = (fed.path(data), fed.registry_key());
-    let mut args = vec![
-        "--hosted",
-        "--data-dir",
-        &data_dir,
-        "--bind",
-        "127.0.0.1:0",
-        "--registry",
-        &fed.registry.endpoint,
-        "--registry-key",
-        &registry_key,
-    ];
-    args.extend_from_slice(extra);
-    Server::start(
-        "agora-web",
-        &args,
-        &fed.dir.path().join(format!("web-{data}.log")),
-    )
-}
-
 /// The resident memory of process `pid`, in KiB (`VmRSS` of /proc/PID/status).
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -302,7 +280,7 @@ fn post_long_name(client: &Client, route: &str, i: usize, len: usize) -> Option<
 fn a_flood_of_sign_ins_with_long_distinct_names_does_not_grow_the_gateway() {
     let fed = Federation::start("200ms");
     fed.web_add_user("web-data", "alice", "correct horse");
-    let web = hosted(&fed, "web-data", &["--open-signup"]);
+    let web = fed.web_hosted_with("web-data", &["--open-signup"]);
     let mut client = Client::new(&web, "127.0.0.1");
     client.prime();
     // Warm up: a few refused sign-ins (Argon2's memory is part of the baseline).
@@ -380,7 +358,7 @@ fn a_flood_of_sign_ins_with_long_distinct_names_does_not_grow_the_gateway() {
 fn guesses_from_one_address_never_lock_the_owner_out_on_another() {
     let fed = Federation::start("200ms");
     fed.web_add_user("web-data", "alice", "correct horse");
-    let web = hosted(&fed, "web-data", &[]);
+    let web = fed.web_hosted_with("web-data", &[]);
 
     // The attacker guesses alice's password from 127.0.0.2 until it is refused.
     let mut attacker = Client::new(&web, "127.0.0.2");
@@ -437,7 +415,7 @@ fn a_refused_sign_in_reads_the_same_for_a_missing_account_as_for_an_existing_one
     // check, or none for an over-long password); here, what the answer says.
     let fed = Federation::start("200ms");
     fed.web_add_user("web-data", "alice", "correct horse");
-    let web = hosted(&fed, "web-data", &[]);
+    let web = fed.web_hosted_with("web-data", &[]);
     let long = "x".repeat(1100);
     for (i, password) in ["wrong horse", long.as_str()].into_iter().enumerate() {
         let mut answers = Vec::new();
@@ -463,7 +441,7 @@ fn a_sign_up_for_a_name_the_registry_gives_another_key_leaves_no_account() {
     let fed = Federation::start("200ms");
     let registered = fed.cli("mallory", &["register", "mallory"], "");
     assert_eq!(registered.code, Some(0), "{registered:?}");
-    let web = hosted(&fed, "web-data", &["--open-signup"]);
+    let web = fed.web_hosted_with("web-data", &["--open-signup"]);
     let mut client = Client::new(&web, "127.0.0.1");
     client.prime();
 
@@ -557,22 +535,8 @@ fn an_upload_is_refused_before_its_body_unless_the_caller_is_a_member_with_a_fre
     fed.join_when_listed("alice", "Open");
     // The spool's bound through its variable (AGORA_WEB_MAX_SPOOL_BYTES), as a deployment
     // may set it.
-    let (keys, registry_key) = (fed.key_dir(), fed.registry_key());
-    let mut command = std::process::Command::new(agora_tests::bin("agora-web"));
-    command
-        .args([
-            "--user",
-            "alice",
-            "--bind",
-            "127.0.0.1:0",
-            "--registry",
-            &fed.registry.endpoint,
-            "--registry-key",
-            &registry_key,
-            "--key-dir",
-            &keys,
-        ])
-        .env("AGORA_WEB_MAX_SPOOL_BYTES", "3000000");
+    let mut command = fed.web_personal_command("alice");
+    command.env("AGORA_WEB_MAX_SPOOL_BYTES", "3000000");
     let web = Server::spawn_command(command, "agora-web", &fed.dir.path().join("web-alice.log"))
         .wait_listening(agora_tests::START_TIMEOUT);
     let mut client = Client::new(&web, "127.0.0.1");
@@ -663,21 +627,8 @@ fn one_address_cannot_hold_every_upload_slot_whatever_its_accounts() {
         );
         assert_eq!(joined.code, Some(0), "{joined:?}");
     }
-    let (data_dir, registry_key) = (fed.path("web-data"), fed.registry_key());
-    let mut command = std::process::Command::new(agora_tests::bin("agora-web"));
-    command
-        .args([
-            "--hosted",
-            "--data-dir",
-            &data_dir,
-            "--bind",
-            "127.0.0.1:0",
-            "--registry",
-            &fed.registry.endpoint,
-            "--registry-key",
-            &registry_key,
-        ])
-        .env("AGORA_WEB_MAX_UPLOADS_PER_ADDRESS", "3");
+    let mut command = fed.web_hosted_command("web-data");
+    command.env("AGORA_WEB_MAX_UPLOADS_PER_ADDRESS", "3");
     let web = Server::spawn_command(command, "agora-web", &fed.dir.path().join("web.log"))
         .wait_listening(agora_tests::START_TIMEOUT);
     // Two accounts signed in from one address.
@@ -733,7 +684,7 @@ fn a_hosted_data_directory_others_can_read_is_tightened_and_a_password_of_spaces
         std::fs::set_permissions(data.join(path), std::fs::Permissions::from_mode(loose))
             .expect("chmod");
     }
-    let web = hosted(&fed, "web-data", &["--open-signup"]);
+    let web = fed.web_hosted_with("web-data", &["--open-signup"]);
     for (path, tight) in [
         ("", 0o700),
         ("accounts", 0o700),

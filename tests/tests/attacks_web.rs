@@ -606,6 +606,24 @@ fn refused_among(conns: &mut [TcpStream], timeout: Duration) -> Vec<(usize, Vec<
     }
 }
 
+/// The index of the one connection in `conns` that the gateway refuses within `timeout`,
+/// with `503` ([`refused_among`]).
+///
+/// # Panics
+/// If it refuses none or more than one (`what` says which were expected), or says anything
+/// but `503`.
+fn the_one_refused(conns: &mut [TcpStream], timeout: Duration, what: &str) -> usize {
+    let mut refused = refused_among(conns, timeout);
+    assert_eq!(refused.len(), 1, "{what}: {refused:?}");
+    let (index, said) = refused.remove(0);
+    assert!(
+        said.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&said)
+    );
+    index
+}
+
 /// Finding 11: a request that sent its headers slowly was held for 70 s and more, and 200
 /// trickling connections all stayed open. Now a trickler is cut off at
 /// `--header-read-timeout`, a silent or idle keep-alive connection too, and one address
@@ -658,17 +676,10 @@ fn a_client_that_trickles_headers_is_cut_off_and_one_address_cannot_hold_every_c
         })
         .collect();
     // (Well before the held ones are cut off at the header-read timeout.)
-    let mut refused = refused_among(&mut conns, header_read_timeout - Duration::from_secs(1));
-    assert_eq!(
-        refused.len(),
-        1,
-        "exactly one of five connections from one address is refused: {refused:?}"
-    );
-    let (index, said) = refused.remove(0);
-    assert!(
-        said.starts_with(b"HTTP/1.1 503"),
-        "{}",
-        String::from_utf8_lossy(&said)
+    let index = the_one_refused(
+        &mut conns,
+        header_read_timeout - Duration::from_secs(1),
+        "exactly one of five connections from one address is refused",
     );
     conns.remove(index);
     let mut tricklers = conns;
@@ -1185,17 +1196,10 @@ fn connections_past_max_connections_are_refused_from_any_address() {
         })
         .collect();
     // (Well before the held ones are cut off at the default header-read timeout, 10 s.)
-    let mut refused = refused_among(&mut held, Duration::from_secs(8));
-    assert_eq!(
-        refused.len(),
-        1,
-        "one of four connections, whatever its address, is refused: {refused:?}"
-    );
-    let (index, said) = refused.remove(0);
-    assert!(
-        said.starts_with(b"HTTP/1.1 503"),
-        "{}",
-        String::from_utf8_lossy(&said)
+    let index = the_one_refused(
+        &mut held,
+        Duration::from_secs(8),
+        "one of four connections, whatever its address, is refused",
     );
     held.remove(index);
     drop(held.pop());

@@ -31,7 +31,7 @@ fn the_token_opens_a_session_and_the_websocket_chats_as_its_user() {
     let fed = Federation::start("200ms");
     let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
     fed.join_when_listed("alice", "Cool Group");
-    let web = start_personal(&fed, "alice", &[]);
+    let web = fed.web_personal_with("alice", &[]);
     let url = web.endpoint.clone();
     let (base, token) = url.split_once("/?token=").expect("a URL with a token");
     assert!(
@@ -561,32 +561,9 @@ fn hosted_mode_with_open_signup_makes_an_account_that_chats_as_itself() {
     assert!(shown.stdout.contains("bob: hello from bob"), "{shown:?}");
 }
 
-/// A personal-mode gateway for `user`, not signed in yet (its endpoint is the token URL).
-fn start_personal(fed: &Federation, user: &str, extra: &[&str]) -> Server {
-    let (keys, registry_key) = (fed.key_dir(), fed.registry_key());
-    let mut args = vec![
-        "--user",
-        user,
-        "--bind",
-        "127.0.0.1:0",
-        "--registry",
-        &fed.registry.endpoint,
-        "--registry-key",
-        &registry_key,
-        "--key-dir",
-        &keys,
-    ];
-    args.extend_from_slice(extra);
-    Server::start(
-        "agora-web",
-        &args,
-        &fed.dir.path().join(format!("web-{user}.log")),
-    )
-}
-
 /// A personal-mode gateway for `user`, signed in: (gateway, base URL, session cookie).
 fn personal(fed: &Federation, user: &str, extra: &[&str]) -> (Server, String, String) {
-    let web = start_personal(fed, user, extra);
+    let web = fed.web_personal_with(user, extra);
     let url = web.endpoint.clone();
     let base = url.split_once("/?token=").expect("a token").0.to_owned();
     let cookie = session_cookie(&get(&url, None));
