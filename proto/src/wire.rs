@@ -225,6 +225,127 @@ pub enum NameError {
     /// Not `tcp://HOST:PORT`, or HOST is a wildcard (`*`, `0.0.0.0`, `[::]`).
     #[error("endpoint {0:?} is not tcp://HOST:PORT with a connectable HOST (no wildcard) and a port from 1 to 65535")]
     BadEndpoint(String),
+    /// An endpoint with what is wrong with it ([`Endpoint::new`] returns this one).
+    #[error("endpoint {value:?}: {problem}")]
+    Endpoint {
+        /// The rejected value.
+        value: String,
+        /// What is wrong.
+        problem: EndpointProblem,
+    },
+}
+
+/// What is wrong with an endpoint string: the part of an error message after the value,
+/// for a command line (`ADDRESS "127.0.0.1:99999": port must be 1-65535`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointProblem {
+    /// A scheme other than `tcp://` (`ipc://`, `udp://`, `http://`).
+    #[error("unknown scheme {0:?}; only tcp:// is supported (or give IP:PORT)")]
+    Scheme(String),
+    /// No `tcp://` where the full form is required ([`Endpoint::new`]; command lines take
+    /// `IP:PORT` too, through [`Endpoint::from_host_port`]).
+    #[error("expected tcp://HOST:PORT")]
+    NoScheme,
+    /// No `:PORT` after the host.
+    #[error("expected HOST:PORT (or tcp://HOST:PORT)")]
+    NoPort,
+    /// A connect endpoint's port is not a number from 1 to 65535.
+    #[error("port must be 1-65535")]
+    Port,
+    /// A bind endpoint's port is not a number from 0 to 65535 (or `*`).
+    #[error("port must be 0-65535 (0 binds a free port)")]
+    BindPort,
+    /// The host is a wildcard, which a server binds but nobody can connect to.
+    #[error("{0} is a wildcard address, which nobody can connect to; give the host's address")]
+    Wildcard(String),
+    /// The host is empty or has characters no host name, IP address or interface has.
+    #[error("host {0:?} is not a host name, an IP address or a bracketed IPv6 address")]
+    Host(String),
+    /// Longer than [`MAX_ENDPOINT_BYTES`].
+    #[error("longer than {MAX_ENDPOINT_BYTES} bytes")]
+    TooLong,
+}
+
+/// Splits `tcp://HOST:PORT` or `HOST:PORT` into the host and the port text, after checking
+/// the length and the scheme.
+fn endpoint_parts(s: &str) -> Result<(&str, &str), EndpointProblem> {
+    if s.len() > MAX_ENDPOINT_BYTES {
+        return Err(EndpointProblem::TooLong);
+    }
+    let rest = match s.split_once("://") {
+        Some(("tcp", rest)) => rest,
+        Some((scheme, _)) => return Err(EndpointProblem::Scheme(format!("{scheme}://"))),
+        None => s,
+    };
+    let (host, port) = rest.rsplit_once(':').ok_or(EndpointProblem::NoPort)?;
+    // `[::1]` without a port splits inside the brackets.
+    if host.starts_with('[') && !host.ends_with(']') {
+        return Err(EndpointProblem::NoPort);
+    }
+    Ok((host, port))
+}
+
+/// Whether `host` is a wildcard: `*`, `0.0.0.0` or `[::]` (any spelling).
+fn is_wildcard_host(host: &str) -> bool {
+    host == "*"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_unspecified())
+        || host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+            .is_some_and(|a| a.is_unspecified())
+}
+
+/// Whether `host` is a host name, an IPv4 address or a bracketed IPv6 address.
+fn is_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// Checks an endpoint a server binds, `tcp://HOST:PORT` or `HOST:PORT`: HOST an address,
+/// a host name, an interface name or a wildcard (`*`, `0.0.0.0`, `[::]`); PORT 0 to 65535
+/// or `*` (0 and `*` bind a free port, which the server prints). Returns it as
+/// `tcp://HOST:PORT`.
+///
+/// # Errors
+/// [`EndpointProblem::TooLong`], [`EndpointProblem::Scheme`], [`EndpointProblem::NoPort`],
+/// [`EndpointProblem::BindPort`], [`EndpointProblem::Host`].
+pub fn bind_endpoint(s: &str) -> Result<String, EndpointProblem> {
+    let (host, port) = endpoint_parts(s)?;
+    if port != "*" && port.parse::<u16>().is_err() {
+        return Err(EndpointProblem::BindPort);
+    }
+    if host != "*" && !is_host(host) {
+        return Err(EndpointProblem::Host(host.to_owned()));
+    }
+    Ok(format!("tcp://{host}:{port}"))
+}
+
+/// Checks a comma-separated list of connect endpoints (each `tcp://HOST:PORT` or
+/// `HOST:PORT`, as [`Endpoint::from_host_port`]), as `--registry` takes for registries
+/// sharing one database. Returns the list with every endpoint in `tcp://` form.
+///
+/// # Errors
+/// The first bad endpoint's [`NameError::Endpoint`]; [`NameError::Empty`] for an empty list.
+pub fn endpoint_list(s: &str) -> Result<String, NameError> {
+    let endpoints = s
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| Endpoint::from_host_port(e).map(String::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    if endpoints.is_empty() {
+        return Err(NameError::Empty("endpoint list"));
+    }
+    Ok(endpoints.join(","))
 }
 
 /// A group name: 1 to 64 characters, no control characters, no leading or trailing white
@@ -315,42 +436,46 @@ impl Endpoint {
     /// Validates an endpoint.
     ///
     /// # Errors
-    /// [`NameError::TooLong`] over [`MAX_ENDPOINT_BYTES`], [`NameError::BadEndpoint`]
-    /// otherwise.
+    /// [`NameError::TooLong`] over [`MAX_ENDPOINT_BYTES`], [`NameError::Endpoint`]
+    /// otherwise, saying what is wrong ([`EndpointProblem`]).
     pub fn new(endpoint: impl Into<String>) -> Result<Endpoint, NameError> {
         let endpoint = endpoint.into();
-        if endpoint.len() > MAX_ENDPOINT_BYTES {
-            return Err(NameError::TooLong {
-                what: "endpoint",
-                max: MAX_ENDPOINT_BYTES,
+        if !endpoint.starts_with("tcp://") && !endpoint.contains("://") {
+            return Err(NameError::Endpoint {
+                value: endpoint,
+                problem: EndpointProblem::NoScheme,
             });
         }
-        let bad = || NameError::BadEndpoint(endpoint.clone());
-        let rest = endpoint.strip_prefix("tcp://").ok_or_else(bad)?;
-        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            v6.parse::<std::net::Ipv6Addr>().is_ok()
-        } else {
-            !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-        };
-        // A wildcard is where a server binds, never where anyone can connect.
-        let unspecified = host == "*"
-            || host
-                .parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|a| a.is_unspecified())
-            || host
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
-                .is_some_and(|a| a.is_unspecified());
-        if port == 0 || !host_ok || unspecified {
-            return Err(bad());
+        match Endpoint::problem(&endpoint) {
+            None => Ok(Endpoint(endpoint)),
+            Some(EndpointProblem::TooLong) => Err(NameError::TooLong {
+                what: "endpoint",
+                max: MAX_ENDPOINT_BYTES,
+            }),
+            Some(problem) => Err(NameError::Endpoint {
+                value: endpoint,
+                problem,
+            }),
         }
-        Ok(Endpoint(endpoint))
+    }
+
+    /// What is wrong with `s` as a connect endpoint (`tcp://HOST:PORT` or `HOST:PORT`), if
+    /// anything.
+    fn problem(s: &str) -> Option<EndpointProblem> {
+        let (host, port) = match endpoint_parts(s) {
+            Ok(parts) => parts,
+            Err(e) => return Some(e),
+        };
+        if is_wildcard_host(host) {
+            return Some(EndpointProblem::Wildcard(host.to_owned()));
+        }
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Some(EndpointProblem::Port);
+        }
+        if !is_host(host) {
+            return Some(EndpointProblem::Host(host.to_owned()));
+        }
+        None
     }
 
     /// Turns `IP:PORT` or `HOST:PORT` (as the seed's command lines take) or a full
@@ -359,10 +484,16 @@ impl Endpoint {
     /// # Errors
     /// As [`Endpoint::new`].
     pub fn from_host_port(s: &str) -> Result<Endpoint, NameError> {
-        if s.starts_with("tcp://") {
+        if s.contains("://") {
             Endpoint::new(s)
         } else {
-            Endpoint::new(format!("tcp://{s}"))
+            Endpoint::new(format!("tcp://{s}")).map_err(|e| match e {
+                NameError::Endpoint { problem, .. } => NameError::Endpoint {
+                    value: s.to_owned(),
+                    problem,
+                },
+                e => e,
+            })
         }
     }
 
@@ -537,6 +668,34 @@ pub struct SendRequest {
     /// (§6.9); the body is then the caption.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<Attachment>,
+}
+
+impl SendRequest {
+    /// Checks the body as a chat message: a JSON string that is empty or only white space
+    /// (Unicode `White_Space`, after JSON unescaping) is refused, unless the message carries
+    /// an attachment (the body is then its caption, which may be empty). Any other JSON value
+    /// is taken as it is.
+    ///
+    /// # Errors
+    /// The `invalid_field` message, starting with the field's path (`body`).
+    pub fn check_body(&self) -> Result<(), String> {
+        if self.attachment.is_none() && is_blank_text(&self.body) {
+            return Err(
+                "body: the text is empty or only white space; there is nothing to send".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether `body` is a JSON string that is empty or only white space once unescaped
+/// (`""`, `"   "`, `"\n\t"`, `"\u00a0"`). Other JSON values are never blank.
+pub fn is_blank_text(body: &RawValue) -> bool {
+    let text = body.get().trim_start();
+    if !text.starts_with('"') {
+        return false;
+    }
+    serde_json::from_str::<String>(text).is_ok_and(|s| s.trim().is_empty())
 }
 
 /// A file carried by a message: the content's digest and size, and how to present it.
@@ -1537,6 +1696,132 @@ mod tests {
                 .as_str(),
             "tcp://10.0.0.1:5560"
         );
+    }
+
+    /// Issue 23: `127.0.0.1:99999` was wrapped to a random port; each way an endpoint can
+    /// be wrong has its own words.
+    #[test]
+    fn endpoint_errors_say_what_is_wrong() {
+        let problem = |s: &str| match Endpoint::from_host_port(s) {
+            Err(NameError::Endpoint { value, problem }) => {
+                assert_eq!(value, s);
+                problem
+            }
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(problem("127.0.0.1:99999"), EndpointProblem::Port);
+        assert_eq!(problem("tcp://127.0.0.1:0"), EndpointProblem::Port);
+        assert_eq!(problem("127.0.0.1:x"), EndpointProblem::Port);
+        assert_eq!(problem("127.0.0.1"), EndpointProblem::NoPort);
+        assert_eq!(problem("[::1]"), EndpointProblem::NoPort);
+        assert_eq!(
+            problem("udp://127.0.0.1:5"),
+            EndpointProblem::Scheme("udp://".into())
+        );
+        assert_eq!(
+            problem("0.0.0.0:5555"),
+            EndpointProblem::Wildcard("0.0.0.0".into())
+        );
+        assert_eq!(problem("a b:1"), EndpointProblem::Host("a b".into()));
+        assert_eq!(
+            Endpoint::from_host_port("127.0.0.1:99999")
+                .expect_err("bad port")
+                .to_string(),
+            "endpoint \"127.0.0.1:99999\": port must be 1-65535"
+        );
+        assert!(matches!(
+            Endpoint::new("127.0.0.1:5555"),
+            Err(NameError::Endpoint {
+                problem: EndpointProblem::NoScheme,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bind_endpoints_take_wildcards_and_port_0_but_no_port_past_65535() {
+        assert_eq!(
+            bind_endpoint("127.0.0.1:0").as_deref(),
+            Ok("tcp://127.0.0.1:0")
+        );
+        assert_eq!(bind_endpoint("tcp://*:*").as_deref(), Ok("tcp://*:*"));
+        assert_eq!(
+            bind_endpoint("0.0.0.0:5555").as_deref(),
+            Ok("tcp://0.0.0.0:5555")
+        );
+        assert_eq!(bind_endpoint("[::]:1").as_deref(), Ok("tcp://[::]:1"));
+        assert_eq!(
+            bind_endpoint("127.0.0.1:99999"),
+            Err(EndpointProblem::BindPort)
+        );
+        assert_eq!(
+            bind_endpoint("127.0.0.1:-1"),
+            Err(EndpointProblem::BindPort)
+        );
+        assert_eq!(bind_endpoint("127.0.0.1"), Err(EndpointProblem::NoPort));
+        assert_eq!(
+            bind_endpoint("ipc:///tmp/x"),
+            Err(EndpointProblem::Scheme("ipc://".into()))
+        );
+        assert_eq!(
+            bind_endpoint("tcp://:5"),
+            Err(EndpointProblem::Host(String::new()))
+        );
+    }
+
+    #[test]
+    fn endpoint_lists_take_ip_port_and_name_the_bad_one() {
+        assert_eq!(
+            endpoint_list("127.0.0.1:5555, tcp://127.0.0.1:5557").as_deref(),
+            Ok("tcp://127.0.0.1:5555,tcp://127.0.0.1:5557")
+        );
+        assert!(matches!(
+            endpoint_list("127.0.0.1:5555,127.0.0.1:70000"),
+            Err(NameError::Endpoint { value, problem: EndpointProblem::Port }) if value == "127.0.0.1:70000"
+        ));
+        assert!(matches!(endpoint_list(" , "), Err(NameError::Empty(_))));
+    }
+
+    /// Issue 23: `send G ""` and `"   "` were stored, and peers saw `bob:` with nothing.
+    #[test]
+    fn blank_text_bodies_are_refused_unless_they_caption_a_file() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).expect("json");
+        for blank in [
+            r#""""#,
+            r#""   ""#,
+            r#""\n\t ""#,
+            r#""\u00a0""#,
+            r#" "\u2003" "#,
+        ] {
+            assert!(is_blank_text(&raw(blank)), "{blank}");
+        }
+        for fine in [
+            r#""hi""#,
+            r#"" . ""#,
+            "null",
+            "0",
+            "{}",
+            "[]",
+            r#"{"text": ""}"#,
+            "false",
+        ] {
+            assert!(!is_blank_text(&raw(fine)), "{fine}");
+        }
+        let mut send: SendRequest =
+            serde_json::from_str(r#"{"user": "bob", "body": "  "}"#).expect("send");
+        assert_eq!(
+            send.check_body(),
+            Err("body: the text is empty or only white space; there is nothing to send".into())
+        );
+        send.attachment = Some(Attachment {
+            sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+                .parse()
+                .expect("digest"),
+            size: 0,
+            name: "a.txt".into(),
+            media_type: "text/plain".into(),
+        });
+        assert_eq!(send.check_body(), Ok(()));
     }
 
     #[test]

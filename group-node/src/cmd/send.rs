@@ -11,7 +11,8 @@ use super::Ctx;
 ///
 /// # Errors
 /// `unknown_group`, `not_member`, `too_large` (body over `max_message_bytes`),
-/// `invalid_field` (a bad attachment name, media type or size), `not_found` (the attachment's
+/// `invalid_field` (a body that is empty or white-space-only text without an attachment,
+/// [`SendRequest::check_body`]; a bad attachment name, media type or size), `not_found` (the attachment's
 /// content is not complete on this node), `id_conflict`, `internal`.
 pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
@@ -30,6 +31,8 @@ pub fn apply<S: GroupStore + ?Sized>(
             ),
         ));
     }
+    r.check_body()
+        .map_err(|m| WireError::new(ErrorCode::InvalidField, m))?;
     if let Some(a) = &r.attachment {
         a.validate()
             .map_err(|m| WireError::new(ErrorCode::InvalidField, m))?;
