@@ -37,11 +37,21 @@ apt_install() {
         echo "deps: apt-get not found; install these by hand: $*" >&2
         exit 1
     fi
-    if [ "$apt_updated" -eq 0 ]; then
-        as_root apt-get update -qq
+    # apt-get's -qq does not quiet dpkg ("Reading database ... 5%"): its output goes to a
+    # log, shown only when it fails.
+    local log
+    log=$(mktemp "${TMPDIR:-/tmp}/agora-deps.XXXXXX")
+    if { [ "$apt_updated" -eq 1 ] || as_root apt-get update -qq; } >"$log" 2>&1 \
+        && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            -o Dpkg::Use-Pty=0 "$@" >>"$log" 2>&1; then
         apt_updated=1
+        rm -f "$log"
+    else
+        echo "deps: apt-get failed; its output:" >&2
+        cat "$log" >&2
+        rm -f "$log"
+        exit 1
     fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
 }
 
 missing=()
