@@ -562,6 +562,20 @@ impl RegistryClient {
             .call::<call::Lookup>(&LookupRequest { name: name.clone() })?
             .group)
     }
+
+    /// `owner`: the key the group name `name` is bound to, live or not; `None` when it is
+    /// free.
+    ///
+    /// # Errors
+    /// As [`RegistryClient::lookup`], without `unknown_group`.
+    pub fn owner(
+        &mut self,
+        name: &GroupName,
+    ) -> Result<Option<crate::keys::PublicKey>, ClientError> {
+        Ok(self
+            .call::<call::Owner>(&LookupRequest { name: name.clone() })?
+            .owner)
+    }
 }
 
 /// A typed client for one group node, acting as one user.

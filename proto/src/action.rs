@@ -235,6 +235,9 @@ actions! {
         List "list" ListRequest => ListReply,
         /// Find one group by name.
         Lookup "lookup" LookupRequest => LookupReply,
+        /// The key a group name is bound to, live or not (read-only; a node asks before it
+        /// serves, so that a node with the wrong key pair stops at start).
+        Owner "owner" LookupRequest => OwnerReply,
         /// Bind a user name to the caller's key (an account).
         UserRegister "user_register" UserNameRequest => UserReply,
         /// Remove the caller's account (with explicit confirmation).

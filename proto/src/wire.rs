@@ -1404,6 +1404,17 @@ pub struct LookupReply {
     pub group: GroupEntry,
 }
 
+/// Reply to `owner`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerReply {
+    /// The group name asked about.
+    pub name: GroupName,
+    /// The CURVE key the name is bound to (the key of the node that first registered it),
+    /// or `None` when the name is free (never registered, released, lapsed, or the registry
+    /// runs `--insecure` and binds no names).
+    pub owner: Option<crate::key::PublicKey>,
+}
+
 /// Reply to `info`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InfoReply {

@@ -633,6 +633,7 @@ impl Registry {
             )),
             RegistryRequest::List(_) => answer::<call::List>(cmd::list::apply(store, now)),
             RegistryRequest::Lookup(r) => answer::<call::Lookup>(cmd::lookup::apply(store, r, now)),
+            RegistryRequest::Owner(r) => answer::<call::Owner>(cmd::owner::apply(store, r)),
             RegistryRequest::Disconnect(_) => {
                 answer::<call::Disconnect>(cmd::users::disconnect(store, peer, now))
             }

@@ -9,6 +9,7 @@ pub mod block;
 pub mod dm;
 pub mod list;
 pub mod lookup;
+pub mod owner;
 pub mod register;
 pub mod unregister;
 pub mod users;
