@@ -731,9 +731,17 @@ impl Federation {
     }
 
     /// The command [`Federation::web_personal`] runs, not yet started: for a test that sets
-    /// the gateway's environment (a limit given by its `AGORA_WEB_…` variable, say).
+    /// the gateway's environment (a limit given by its `AGORA_WEB_…` variable, say). Its link
+    /// socket is one of its own in the test's directory (`DIR/links/web-N.sock`, through
+    /// `AGORA_WEB_LINK_SOCKET`; a `--link-socket` argument wins), never the user's.
     pub fn web_personal_command(&self, user: &str) -> Command {
+        static GATEWAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = GATEWAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut command = Command::new(bin("agora-web"));
+        command.env(
+            "AGORA_WEB_LINK_SOCKET",
+            self.path(&format!("links/web-{n}.sock")),
+        );
         command.args([
             "--user",
             user,

@@ -4,13 +4,16 @@
 //! Path=/`, plus `Secure` over TLS) mapped to the [`Identity`] it acts as. Ids and tokens
 //! are 32 random bytes from the OS (`getrandom`), hex-encoded.
 //!
-//! - Personal mode: a one-time token in the printed URL is exchanged for a session
-//!   ([`Sessions::redeem`]); every session acts as the one configured user.
+//! - Personal mode: a sign-in link's one-time token is exchanged for a session
+//!   ([`Sessions::redeem`]); every session acts as the one configured user. The gateway
+//!   prints the first link at start; `agora-web link` asks the running gateway for another
+//!   ([`Sessions::mint`], over [`crate::link`]'s local socket). A link works once, and only
+//!   for [`Sessions::link_ttl`] ([`LINK_TTL`] by default).
 //! - Hosted mode: a name and password checked by [`crate::accounts`]; the session acts as
 //!   that account. Attempts are rate-limited per client address and per (address, account
 //!   name) pair ([`SignInLimiter`]), never per name alone: no one can lock an owner out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -39,6 +42,12 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a session lives at most by default, however used: 30 days
 /// (`--session-lifetime`).
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How long a personal-mode sign-in link works by default: 5 minutes (`--link-ttl`).
+pub const LINK_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// Most sign-in links waiting to be used at once: 16. Minting one more drops the oldest.
+pub const MAX_LINKS: usize = 16;
 
 /// 32 random bytes, hex.
 ///
@@ -146,38 +155,89 @@ pub struct SessionRef {
     pub ended: tokio::sync::watch::Receiver<()>,
 }
 
-/// The live sessions, and personal mode's token not yet spent.
+/// A sign-in link's token, not yet used.
+#[derive(Debug)]
+struct Link {
+    token: String,
+    expires: Instant,
+}
+
+/// Personal mode's one identity and its sign-in links.
+#[derive(Debug)]
+struct Personal {
+    identity: Arc<Identity>,
+    /// How long a link works.
+    ttl: Duration,
+    /// The links not yet used, oldest first; at most [`MAX_LINKS`].
+    links: Mutex<VecDeque<Link>>,
+}
+
+/// The live sessions, and personal mode's sign-in links not yet used.
 ///
 /// Sessions end when signed out, when unused for [`SessionLimits::idle`], and
 /// [`SessionLimits::lifetime`] after they opened; an ended session's WebSockets close.
 /// Expiry is checked at each use and by [`Sessions::sweep`].
 #[derive(Debug)]
 pub struct Sessions {
-    token: Mutex<Option<(String, Arc<Identity>)>>,
+    personal: Option<Personal>,
     live: Mutex<HashMap<String, Live>>,
     limits: SessionLimits,
 }
 
 impl Sessions {
-    /// No session and no token (hosted mode), with the default [`SessionLimits`].
+    /// No session and no link (hosted mode), with the default [`SessionLimits`].
     pub fn new() -> Sessions {
         Sessions {
-            token: Mutex::new(None),
+            personal: None,
             live: Mutex::new(HashMap::new()),
             limits: SessionLimits::default(),
         }
     }
 
-    /// Personal mode: a fresh one-time token whose session acts as `identity`.
-    ///
-    /// # Errors
-    /// The OS has no randomness to give.
-    pub fn with_token(identity: Identity) -> Result<Sessions, getrandom::Error> {
-        let sessions = Sessions::new();
-        if let Ok(mut token) = sessions.token.lock() {
-            *token = Some((random_hex()?, Arc::new(identity)));
+    /// Personal mode: no session yet; links minted by [`Sessions::mint`] open sessions that
+    /// act as `identity`, each link once and for `link_ttl` after it was minted.
+    pub fn personal(identity: Identity, link_ttl: Duration) -> Sessions {
+        Sessions {
+            personal: Some(Personal {
+                identity: Arc::new(identity),
+                ttl: link_ttl,
+                links: Mutex::new(VecDeque::new()),
+            }),
+            ..Sessions::new()
         }
-        Ok(sessions)
+    }
+
+    /// How long a sign-in link works; `None` in hosted mode (no links).
+    pub fn link_ttl(&self) -> Option<Duration> {
+        self.personal.as_ref().map(|p| p.ttl)
+    }
+
+    /// Personal mode: a new sign-in link's token (32 random bytes, hex), good for one
+    /// sign-in within [`Sessions::link_ttl`]. At [`MAX_LINKS`] unused links the oldest is
+    /// dropped. `None` in hosted mode or without randomness.
+    pub fn mint(&self) -> Option<String> {
+        let personal = self.personal.as_ref()?;
+        let token = random_hex().ok()?;
+        let now = Instant::now();
+        let mut links = personal.links.lock().ok()?;
+        links.retain(|l| l.expires > now);
+        while links.len() >= MAX_LINKS {
+            links.pop_front();
+        }
+        links.push_back(Link {
+            token: token.clone(),
+            expires: now + personal.ttl,
+        });
+        Some(token)
+    }
+
+    /// Sign-in links minted and not yet used nor expired.
+    pub fn links(&self) -> usize {
+        let now = Instant::now();
+        self.personal
+            .as_ref()
+            .and_then(|p| p.links.lock().ok())
+            .map_or(0, |links| links.iter().filter(|l| l.expires > now).count())
     }
 
     /// The same sessions with `limits`.
@@ -191,24 +251,19 @@ impl Sessions {
         self.limits
     }
 
-    /// The token, until it is spent (for the URL printed at start).
-    pub fn token(&self) -> Option<String> {
-        self.token
-            .lock()
-            .ok()
-            .and_then(|t| t.as_ref().map(|(token, _)| token.clone()))
-    }
-
-    /// Spends `token` (compared in constant time) for a new session id; `None` for a wrong
-    /// or spent token (or without randomness).
+    /// Spends the link whose token is `token` (compared in constant time with each) for a
+    /// new session id; `None` for a wrong, used or expired token, in hosted mode, or without
+    /// randomness.
     pub fn redeem(&self, token: &str) -> Option<String> {
-        let mut held = self.token.lock().ok()?;
-        let identity = match held.as_ref() {
-            Some((t, identity)) if crate::guard::token_matches(t, token) => Arc::clone(identity),
-            _ => return None,
-        };
-        let session = self.open(identity)?;
-        *held = None;
+        let personal = self.personal.as_ref()?;
+        let now = Instant::now();
+        let mut links = personal.links.lock().ok()?;
+        links.retain(|l| l.expires > now);
+        let found = links
+            .iter()
+            .position(|l| crate::guard::token_matches(&l.token, token))?;
+        let session = self.open(Arc::clone(&personal.identity))?;
+        links.remove(found);
         Some(session)
     }
 
@@ -292,9 +347,13 @@ impl Sessions {
         }
     }
 
-    /// Drops the expired sessions (their WebSockets close); how many.
+    /// Drops the expired sessions (their WebSockets close) and sign-in links; how many
+    /// sessions.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
+        if let Some(mut links) = self.personal.as_ref().and_then(|p| p.links.lock().ok()) {
+            links.retain(|l| l.expires > now);
+        }
         let Ok(mut live) = self.live.lock() else {
             return 0;
         };
@@ -497,12 +556,12 @@ mod tests {
 
     #[test]
     fn the_token_opens_one_session_once_and_only_its_cookie_counts() {
-        let sessions = Sessions::with_token(identity()).expect("sessions");
-        let token = sessions.token().expect("a token");
+        let sessions = Sessions::personal(identity(), LINK_TTL);
+        let token = sessions.mint().expect("a token");
         assert_eq!(sessions.redeem("wrong"), None);
         let session = sessions.redeem(&token).expect("a session");
         assert_eq!(sessions.redeem(&token), None, "spent");
-        assert_eq!(sessions.token(), None);
+        assert_eq!(sessions.links(), 0);
         let mut headers = HeaderMap::new();
         assert!(sessions.identity(&headers).is_none());
         headers.insert(
@@ -524,6 +583,39 @@ mod tests {
         assert!(sessions.identity(&headers).is_none());
         assert!(cookie(&session, false).contains("HttpOnly; SameSite=Strict"));
         assert!(cookie(&session, true).ends_with("; Secure"));
+    }
+
+    #[test]
+    fn each_minted_link_works_once_until_it_expires_and_hosted_mode_has_none() {
+        assert_eq!(Sessions::new().mint(), None, "hosted mode mints no link");
+        let sessions = Sessions::personal(identity(), Duration::from_millis(200));
+        let first = sessions.mint().expect("a link");
+        let second = sessions.mint().expect("another link");
+        assert_ne!(first, second);
+        assert_eq!(sessions.links(), 2);
+        assert!(sessions.redeem(&second).is_some(), "a newer link");
+        assert!(
+            sessions.redeem(&first).is_some(),
+            "the older one still works"
+        );
+        assert_eq!(sessions.redeem(&first), None, "once");
+        let late = sessions.mint().expect("a link");
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(sessions.redeem(&late), None, "expired");
+        assert_eq!(sessions.links(), 0);
+        assert_eq!(sessions.len(), 2, "the two sessions live on");
+    }
+
+    #[test]
+    fn at_most_max_links_wait_and_minting_more_drops_the_oldest() {
+        let sessions = Sessions::personal(identity(), LINK_TTL);
+        let oldest = sessions.mint().expect("a link");
+        let rest: Vec<String> = (1..=MAX_LINKS)
+            .map(|_| sessions.mint().expect("a link"))
+            .collect();
+        assert_eq!(sessions.links(), MAX_LINKS);
+        assert_eq!(sessions.redeem(&oldest), None, "dropped");
+        assert!(rest.iter().all(|t| sessions.redeem(t).is_some()));
     }
 
     fn cookie_for(session: &str) -> HeaderMap {

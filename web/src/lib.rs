@@ -7,8 +7,10 @@
 //! The gateway acts as one user whose key pair it loads from the usual key directory. It
 //! listens on loopback and prints a URL with a one-time random token, as Jupyter does:
 //! `http://127.0.0.1:PORT/?token=T`. The first request with the token gets a session cookie
-//! (`HttpOnly; SameSite=Strict`) and is redirected to `/`; the token is then spent. Every
-//! other request without the session cookie is answered `401`.
+//! (`HttpOnly; SameSite=Strict`) and is redirected to `/`; the token is then spent. A link
+//! works for a few minutes (`--link-ttl`); `agora-web link` asks the running gateway for a
+//! new one over its local socket ([`link`]). Every other request without the session cookie
+//! is answered `401`, which names that command.
 //!
 //! # Hosted mode
 //! People sign in with an account name and password ([`accounts`], Argon2id); the gateway
@@ -21,6 +23,7 @@
 //! - [`files`]: attachments over HTTP.
 //! - [`guard`]: the Origin, Sec-Fetch-Site and CSRF-token checks (a middleware).
 //! - [`limits`]: caps on connections and WebSockets, per address, per identity and in all.
+//! - [`link`]: personal mode's local socket that hands out new sign-in links.
 //! - [`wire`]: the WebSocket protocol's JSON messages.
 
 pub mod accounts;
@@ -30,6 +33,7 @@ pub mod files;
 pub mod guard;
 pub mod hub;
 pub mod limits;
+pub mod link;
 pub mod live;
 pub mod wire;
 
@@ -117,6 +121,9 @@ pub struct AppState {
     pub hosted: Option<Arc<Hosted>>,
     /// Served over TLS (cookies get `Secure`).
     pub tls: bool,
+    /// Personal mode: the command that prints a new sign-in link (`agora-web link`, with
+    /// the `--link-socket` it needs), named on the `401` page; `None` in hosted mode.
+    pub link_command: Option<Arc<str>>,
     /// Where uploads wait while they are hashed and sent.
     pub spool: Arc<std::path::PathBuf>,
     /// Every identity's live feed.
@@ -186,11 +193,26 @@ fn text(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-fn unauthorized() -> Response {
-    text(
-        StatusCode::UNAUTHORIZED,
-        "401: open the URL agora-web printed (it carries the token), or sign in\n".into(),
-    )
+/// `401` without a live session: in personal mode it says how to get a new sign-in link
+/// (the exact command), in hosted mode to sign in.
+fn unauthorized(state: &AppState) -> Response {
+    let body = match &state.link_command {
+        Some(command) => {
+            let ttl = state
+                .sessions
+                .link_ttl()
+                .map(|t| humantime::format_duration(t).to_string())
+                .unwrap_or_default();
+            format!(
+                "401: not signed in. A sign-in link works once, within {ttl} of being made; \
+                 this one was used already, has expired or is wrong, or the session ended.\n\n\
+                 For a new link, run this where agora-web runs, as the same user:\n\n    \
+                 {command}\n\nand open the URL it prints.\n"
+            )
+        }
+        None => "401: not signed in: sign in on the gateway's page, /\n".to_owned(),
+    };
+    text(StatusCode::UNAUTHORIZED, body)
 }
 
 /// `Cross-Origin-Resource-Policy: same-origin` (Fetch §3.2), on every response
@@ -299,13 +321,18 @@ async fn index(
     headers: HeaderMap,
 ) -> Response {
     if let (Some(token), None) = (q.token, &state.hosted) {
+        // A link opened again in a browser that is signed in already: the page, without the
+        // token in the address bar (the token is left alone).
+        if state.sessions.session(&headers).is_some() {
+            return Redirect::to("/").into_response();
+        }
         return match state.sessions.redeem(&token) {
             Some(session) => (
                 [(header::SET_COOKIE, auth::cookie(&session, state.tls))],
                 Redirect::to("/"),
             )
                 .into_response(),
-            None => unauthorized(),
+            None => unauthorized(&state),
         };
     }
     if let Some(session) = state.sessions.session(&headers) {
@@ -322,7 +349,7 @@ async fn index(
             "",
             auth::cookie_value(&headers, guard::FORM_COOKIE),
         ),
-        None => unauthorized(),
+        None => unauthorized(&state),
     }
 }
 
@@ -567,7 +594,7 @@ fn asset(
     body: &'static str,
 ) -> Response {
     if state.sessions.identity(headers).is_none() {
-        return unauthorized();
+        return unauthorized(state);
     }
     (
         [
@@ -589,7 +616,7 @@ async fn ws(
 ) -> Response {
     // The session first: without one, nothing is said about the endpoint.
     let Some(found) = state.sessions.session(&headers) else {
-        return unauthorized();
+        return unauthorized(&state);
     };
     let (identity, ended) = (found.identity, found.ended);
     let permit = match state.websockets.take(&identity.user, peer.ip()) {
@@ -802,7 +829,7 @@ fn caller(
     let identity = state
         .sessions
         .identity(headers)
-        .ok_or_else(|| Box::new(unauthorized()))?;
+        .ok_or_else(|| Box::new(unauthorized(state)))?;
     let group = group.parse().map_err(|_| {
         Box::new(json_error(
             StatusCode::BAD_REQUEST,

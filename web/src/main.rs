@@ -1,12 +1,17 @@
 //! `agora-web`: the chat page and its WebSocket gateway.
 //!
-//! - Personal mode (default): `agora-web --user NAME --registry-key KEY`.
+//! - Personal mode (default): `agora-web --user NAME [--registry-key KEY]` (without the
+//!   key, the one user-cli pinned is used, or it is fetched and pinned as user-cli does);
+//!   `agora-web link` prints a new sign-in link from the running gateway.
 //! - Hosted mode: `agora-web --hosted [--open-signup] [--tls-cert C --tls-key K]`, with
 //!   accounts made by `agora-web add-user NAME` (password on stdin).
 //!
-//! Prints `listening URL` on stdout once bound (personal mode's URL carries the one-time
-//! token); logs go to stderr (RUST_LOG). Exit codes: 0 after SIGINT or SIGTERM, 1 when
-//! starting fails, 2 for invalid arguments.
+//! Prints `listening URL` on stdout once bound (personal mode's URL carries a one-time
+//! token); logs go to stderr (RUST_LOG). Exit codes: 0 after SIGINT or SIGTERM (`link`: the
+//! link was printed); 1 when starting fails otherwise (the registry's key changed, say); 2
+//! for invalid arguments; 3 the registry's key could not be had (nothing pinned, its key
+//! endpoint did not answer), or (`link`) no gateway answers; 4 a local file, directory,
+//! port or socket failed (the port is taken, the link socket is another gateway's).
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -16,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_proto::wire::UserName;
+use agora_web::link::{LinkError, LinkSocket};
 use agora_web::{accounts, auth, bridge, router, AppState, Hosted};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -47,6 +53,22 @@ enum Command {
         #[arg(long, env = "AGORA_WEB_DATA")]
         data_dir: Option<PathBuf>,
     },
+    /// Prints a new one-time sign-in link (personal mode), asked of the running gateway over
+    /// its link socket: for a link that was used already or has expired. Only the user who
+    /// started the gateway can ask.
+    Link {
+        /// The gateway's link socket [default: $XDG_RUNTIME_DIR/agora-web/link.sock, or
+        /// link.sock in the data directory without $XDG_RUNTIME_DIR].
+        #[arg(long, env = "AGORA_WEB_LINK_SOCKET")]
+        link_socket: Option<PathBuf>,
+        /// The data directory, for the default link socket [default:
+        /// ~/.local/share/agora-web].
+        #[arg(long, env = "AGORA_WEB_DATA")]
+        data_dir: Option<PathBuf>,
+        /// How long to wait for the gateway's answer.
+        #[arg(long, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,10 +83,23 @@ struct Serve {
     /// Hosted mode: anyone may make an account on the sign-in page.
     #[arg(long, requires = "hosted")]
     open_signup: bool,
-    /// Hosted mode's data directory: accounts, their keys, the upload spool
+    /// Hosted mode's data directory: accounts, their keys, the upload spool, the pinned
+    /// registry key; personal mode's link socket without $XDG_RUNTIME_DIR
     /// [default: ~/.local/share/agora-web].
     #[arg(long, env = "AGORA_WEB_DATA")]
     data_dir: Option<PathBuf>,
+    /// Personal mode: the local socket where `agora-web link` asks for a new sign-in link
+    /// (0600, in a directory only you can enter) [default:
+    /// $XDG_RUNTIME_DIR/agora-web/link.sock, or link.sock in the data directory].
+    #[arg(long, env = "AGORA_WEB_LINK_SOCKET", conflicts_with = "hosted")]
+    link_socket: Option<PathBuf>,
+    /// Personal mode: how long a sign-in link works (each works once).
+    #[arg(long, env = "AGORA_WEB_LINK_TTL", default_value = "5min", value_parser = humantime::parse_duration)]
+    link_ttl: Duration,
+    /// Personal mode: user-cli's state directory, whose known_servers.json holds the
+    /// registry keys user-cli pinned [default: ~/.local/state/agora].
+    #[arg(long, env = "AGORA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Where to listen, IP:PORT (port 0 picks one). Personal mode serves loopback only;
     /// hosted mode needs TLS or --insecure-http for any other address.
     #[arg(long, env = "AGORA_WEB_BIND", default_value = "127.0.0.1:8080")]
@@ -83,9 +118,15 @@ struct Serve {
     /// sharing one database (tried in order; the next when one does not answer).
     #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
     registry: String,
-    /// The registry's CURVE public key (40 Z85 characters).
+    /// The registry's CURVE public key (40 Z85 characters). Without it, the key pinned for
+    /// the registry in known_servers.json (user-cli's, in --state-dir; hosted mode's, in
+    /// --data-dir), checked against the registry's key endpoint; with no pin, the key
+    /// endpoint's answer, pinned there on first use.
     #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
     registry_key: Option<agora_common::keys::PublicKey>,
+    /// The registry's plaintext key endpoint [default: the registry's port + 1].
+    #[arg(long, env = "AGORA_REGISTRY_KEY_ENDPOINT")]
+    registry_key_endpoint: Option<String>,
     /// Personal mode: where key pairs live [default: ~/.config/agora].
     #[arg(long, env = "AGORA_KEY_DIR")]
     key_dir: Option<PathBuf>,
@@ -196,15 +237,124 @@ fn main() -> ExitCode {
         .init();
     let result = match args.command {
         Some(Command::AddUser { name, data_dir }) => add_user(&name, data_dir),
+        Some(Command::Link {
+            link_socket: socket,
+            data_dir,
+            timeout,
+        }) => link(socket, data_dir, timeout),
         None => serve(args.serve),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agora-web: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit code for a failure (the table in the module's doc): by the cause's type where
+/// one says more than "starting failed".
+fn exit_code(error: &anyhow::Error) -> u8 {
+    use agora_common::trust::TrustError;
+    if let Some(e) = error.downcast_ref::<LinkError>() {
+        return match e {
+            LinkError::NoGateway { .. } | LinkError::Timeout { .. } => 3,
+            LinkError::Refused { .. } => 1,
+            _ => 4,
+        };
+    }
+    match error.downcast_ref::<TrustError>() {
+        Some(TrustError::Unknown { .. }) => 3,
+        Some(TrustError::File { .. }) => 4,
+        Some(_) => 1,
+        // A file, a directory, a port that cannot be bound.
+        None if error.downcast_ref::<std::io::Error>().is_some() => 4,
+        None => 1,
+    }
+}
+
+/// Where the link socket is: `given`, else `$XDG_RUNTIME_DIR/agora-web/link.sock`, else
+/// `link.sock` in the data directory.
+fn link_socket(given: Option<PathBuf>, data_dir_arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(runtime) if runtime.is_absolute() => Ok(runtime.join("agora-web").join("link.sock")),
+        _ => Ok(data_dir(data_dir_arg)?.join("link.sock")),
+    }
+}
+
+/// `agora-web link`: prints a new sign-in link of the gateway at the link socket.
+fn link(
+    socket: Option<PathBuf>,
+    data_dir_arg: Option<PathBuf>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let path = link_socket(socket, data_dir_arg)?;
+    let url = agora_web::link::request(&path, timeout)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{url}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The command that prints a new link from the gateway whose link socket is `path`: plain
+/// `agora-web link` when that is where it looks by default.
+fn link_command(path: &std::path::Path) -> String {
+    if link_socket(None, None).is_ok_and(|default| default == path) {
+        return "agora-web link".to_owned();
+    }
+    let shown = path.to_string_lossy();
+    let quoted = shlex::try_quote(&shown).unwrap_or(shown.clone());
+    format!("agora-web link --link-socket {quoted}")
+}
+
+/// The registry's key: `--registry-key`, else the one pinned in `known` (a
+/// `known_servers.json`, shared with user-cli in personal mode), checked against the key
+/// endpoint, else the key endpoint's, pinned on first use.
+///
+/// # Errors
+/// [`agora_common::trust::TrustError`]: the key changed, no key to be had, the file.
+fn registry_key(
+    args: &Serve,
+    known: &std::path::Path,
+) -> anyhow::Result<agora_common::keys::PublicKey> {
+    if let Some(key) = args.registry_key {
+        return Ok(key);
+    }
+    let ctx = zmq::Context::new();
+    let (key, trust) = agora_common::trust::registry_list_key(
+        &ctx,
+        known,
+        &args.registry,
+        args.registry_key_endpoint.as_deref(),
+        None,
+        args.timeout.min(Duration::from_secs(1)),
+    )?;
+    match trust {
+        agora_common::trust::Trust::FirstUse => tracing::warn!(
+            key = %key,
+            registry = %args.registry,
+            pins = %known.display(),
+            "pinned the registry key on first use: compare it with the key the registry printed"
+        ),
+        _ => tracing::info!(key = %key, pins = %known.display(), "the registry key pinned"),
+    }
+    Ok(key)
+}
+
+/// user-cli's pins: `known_servers.json` in its state directory (`--state-dir`, else
+/// `~/.local/state/agora`, as user-cli finds it).
+fn user_cli_pins(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = match given {
+        Some(d) => d,
+        None => directories::ProjectDirs::from("", "", "agora")
+            .map(|d| d.state_dir().unwrap_or_else(|| d.data_dir()).to_owned())
+            .context("no home directory for user-cli's pinned keys; pass --state-dir")?,
+    };
+    Ok(dir.join("known_servers.json"))
 }
 
 fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -260,9 +410,15 @@ fn serve(args: Serve) -> anyhow::Result<()> {
              cookies cross the network in clear"
         );
     }
-    let registry_key = args
-        .registry_key
-        .context("no registry key: pass --registry-key (the registry prints it at start)")?;
+    let known = if args.hosted {
+        data_dir(args.data_dir.clone())?.join("known_servers.json")
+    } else {
+        args.user
+            .as_ref()
+            .context("pass --user NAME (personal mode) or --hosted")?;
+        user_cli_pins(args.state_dir.clone())?
+    };
+    let registry_key = registry_key(&args, &known)?;
     let federation = bridge::Federation {
         contexts: Arc::default(),
         registry: args.registry.clone(),
@@ -304,9 +460,11 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         if let Err(e) = agora_web::register(&federation, &identity) {
             tracing::warn!(error = %e, "direct messages need the account");
         }
-        let sessions =
-            auth::Sessions::with_token(identity).context("no randomness for the token")?;
-        (sessions, None, std::env::temp_dir())
+        (
+            auth::Sessions::personal(identity, args.link_ttl),
+            None,
+            std::env::temp_dir(),
+        )
     };
     let limits = auth::SessionLimits {
         idle: args.session_idle,
@@ -314,11 +472,21 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         max: args.max_sessions,
     };
     let sessions = Arc::new(sessions.with_limits(limits));
+    let socket_path = match hosted {
+        Some(_) => None,
+        None => Some(link_socket(
+            args.link_socket.clone(),
+            args.data_dir.clone(),
+        )?),
+    };
     let state = AppState {
         sessions: Arc::clone(&sessions),
         federation: Arc::new(federation),
         hosted,
         tls: tls.is_some(),
+        link_command: socket_path
+            .as_deref()
+            .map(|path| Arc::from(link_command(path))),
         spool: Arc::new(spool),
         max_upload_bytes: args.max_upload_bytes,
         uploads: Arc::new(agora_web::files::Uploads::new(
@@ -355,8 +523,36 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let url = match sessions.token() {
-            Some(token) => format!("{scheme}://{addr}/?token={token}"),
+        // Personal mode: the link socket (after the port: a busy port leaves no socket), and
+        // the first link.
+        let url = match &socket_path {
+            Some(path) => {
+                if args.link_socket.is_none() {
+                    // The default place is ours to make private (--link-socket's must be).
+                    if let Some(dir) = path.parent() {
+                        agora_common::fsmode::private_dir(dir)
+                            .with_context(|| format!("{}", dir.display()))?;
+                    }
+                }
+                let socket = LinkSocket::bind(path)?;
+                let base = format!("{scheme}://{addr}/?token=");
+                let token = sessions
+                    .mint()
+                    .context("no randomness for the link's token")?;
+                tracing::info!(
+                    socket = %path.display(),
+                    ttl = %humantime::format_duration(args.link_ttl),
+                    "a sign-in link works once, for the ttl; `agora-web link` prints a new one"
+                );
+                let link_sessions = Arc::clone(&sessions);
+                let link_base = base.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = socket.serve(link_sessions, link_base).await {
+                        tracing::error!(error = %e, "the link socket stopped");
+                    }
+                });
+                format!("{base}{token}")
+            }
             None => format!("{scheme}://{addr}/"),
         };
         let mut out = std::io::stdout().lock();

@@ -1,0 +1,397 @@
+//! agora-web's personal-mode sign-in links after the first one, and the registry key user-cli
+//! pinned (issue 23, item 11): `agora-web link` asks the running gateway for a new one-time
+//! link over its local socket (no restart), links expire, the `401` page names the command,
+//! and a gateway started without `--registry-key` uses user-cli's pin.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agora_tests::{run, Federation, Server, START_TIMEOUT};
+
+/// Follows no redirect: the cookie comes with the redirect.
+fn get(url: &str, cookie: Option<&str>) -> ureq::Response {
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout(Duration::from_secs(5))
+        .build();
+    let mut request = agent.get(url);
+    if let Some(c) = cookie {
+        request = request.set("Cookie", c);
+    }
+    match request.call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+/// Opens a sign-in link: the session cookie (`agora_session=…`) it sets, or `None` and the
+/// status and body when it is refused.
+fn sign_in(url: &str) -> Result<String, (u16, String)> {
+    let response = get(url, None);
+    let status = response.status();
+    match response.header("Set-Cookie") {
+        Some(set) if status == 303 => Ok(set.split(';').next().expect("name=value").to_owned()),
+        _ => Err((status, response.into_string().unwrap_or_default())),
+    }
+}
+
+/// The base URL (`http://127.0.0.1:PORT`) of a link.
+fn base(url: &str) -> &str {
+    url.split_once("/?token=").expect("a link").0
+}
+
+/// `agora-web link ARGS`: (exit code, stdout, stderr).
+fn agora_web_link(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["link"];
+    all.extend_from_slice(args);
+    let ran = run("agora-web", &all, "");
+    (ran.code, ran.stdout, ran.stderr)
+}
+
+/// A personal gateway for `user` with its link socket at `socket` and `extra` arguments.
+fn gateway(fed: &Federation, user: &str, socket: &Path, extra: &[&str]) -> Server {
+    let mut command = fed.web_personal_command(user);
+    command.arg("--link-socket").arg(socket).args(extra);
+    Server::spawn_command(
+        command,
+        "agora-web",
+        &fed.dir.path().join(format!("web-{user}.log")),
+    )
+    .wait_listening(START_TIMEOUT)
+}
+
+#[test]
+fn a_spent_link_is_refused_with_the_command_that_mints_a_new_one_which_works_once() {
+    let fed = Federation::start("200ms");
+    let socket = fed.dir.path().join("run").join("link.sock");
+    let web = gateway(&fed, "alice", &socket, &[]);
+    let printed = web.endpoint.clone();
+
+    // Only its user can reach the socket: 0600 in a 0700 directory.
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o777;
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(mode(socket.parent().expect("dir")), 0o700);
+
+    let cookie = sign_in(&printed).expect("the printed link signs in");
+    assert_eq!(
+        get(&format!("{}/", base(&printed)), Some(&cookie)).status(),
+        200
+    );
+
+    // The same link again in the same browser: the page, not a 401.
+    let again = get(&printed, Some(&cookie));
+    assert_eq!(again.status(), 303, "a signed-in browser goes to the page");
+    assert_eq!(again.header("Location"), Some("/"));
+
+    // Elsewhere (no cookie): refused, and the page says what to run.
+    let (status, page) = sign_in(&printed).expect_err("the link works once");
+    assert_eq!(status, 401);
+    let command = page
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("agora-web link"))
+        .unwrap_or_else(|| panic!("no command on the 401 page:\n{page}"))
+        .to_owned();
+    assert_eq!(
+        command,
+        format!("agora-web link --link-socket {}", socket.display()),
+        "{page}"
+    );
+    assert!(page.contains("5m"), "it says how long a link works: {page}");
+
+    // Run what the page says: a new link, without a restart.
+    let args: Vec<&str> = command.split_whitespace().skip(2).collect();
+    let (code, stdout, stderr) = agora_web_link(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    let fresh = stdout.trim().to_owned();
+    assert_eq!(base(&fresh), base(&printed), "{fresh}");
+    assert_ne!(fresh, printed);
+    let second = sign_in(&fresh).expect("the new link signs in");
+    assert_ne!(second, cookie, "a session of its own");
+    assert_eq!(
+        get(&format!("{}/", base(&fresh)), Some(&second)).status(),
+        200
+    );
+    assert_eq!(
+        sign_in(&fresh).expect_err("once").0,
+        401,
+        "the new link works once too"
+    );
+    // And again: each command gives a link of its own.
+    let (code, stdout, stderr) = agora_web_link(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_ne!(stdout.trim(), fresh);
+    sign_in(stdout.trim()).expect("the third link signs in");
+
+    // The first session is still live: minting takes nothing away.
+    assert_eq!(
+        get(&format!("{}/", base(&printed)), Some(&cookie)).status(),
+        200
+    );
+}
+
+#[test]
+fn an_unused_link_expires_after_the_link_ttl() {
+    let fed = Federation::start("200ms");
+    let socket = fed.dir.path().join("run").join("link.sock");
+    let ttl = Duration::from_secs(2);
+    let _web = gateway(&fed, "alice", &socket, &["--link-ttl", "2s"]);
+
+    // Many links at once, straight from the socket (the protocol `agora-web link` speaks),
+    // each tried once, one after another, until one is refused: a refused link must be at
+    // least the ttl old, and every accepted one younger.
+    let minted_before = Instant::now();
+    let mut links = Vec::new();
+    for _ in 0..16 {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream.write_all(b"link\n").expect("ask");
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).expect("answer");
+        links.push(
+            line.trim()
+                .strip_prefix("ok ")
+                .unwrap_or_else(|| panic!("{line}"))
+                .to_owned(),
+        );
+    }
+    let minted_after = Instant::now();
+    let (mut accepted, mut refused_at) = (0, None);
+    for link in &links {
+        let tried = Instant::now();
+        match sign_in(link) {
+            Ok(_) => {
+                assert!(
+                    tried.duration_since(minted_after) < ttl,
+                    "accepted {:?} after it was made",
+                    tried.duration_since(minted_after)
+                );
+                assert!(refused_at.is_none(), "a link worked after one expired");
+                accepted += 1;
+            }
+            Err((status, page)) => {
+                assert_eq!(status, 401, "{page}");
+                let age = Instant::now().duration_since(minted_before);
+                assert!(age >= ttl, "refused after only {age:?}");
+                refused_at.get_or_insert(age);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(accepted >= 1, "no link worked before its ttl");
+    assert!(
+        refused_at.is_some(),
+        "no link expired within {:?}",
+        minted_before.elapsed()
+    );
+}
+
+#[test]
+fn the_link_socket_is_one_gateways_and_a_link_without_a_gateway_is_unreachable() {
+    let fed = Federation::start("200ms");
+    let socket = fed.dir.path().join("run").join("link.sock");
+    let socket_arg = socket.to_str().expect("utf-8");
+
+    // The test's directory is 0755 (tempfile's): the sockets go in a directory of their own.
+    // No gateway: exit 3 (unreachable), naming the socket.
+    let (code, _, stderr) = agora_web_link(&["--link-socket", socket_arg]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("no agora-web answers") && stderr.contains(socket_arg),
+        "{stderr}"
+    );
+
+    // A gateway killed with SIGKILL leaves its socket; the next one takes it over.
+    let mut first = gateway(&fed, "alice", &socket, &[]);
+    first.kill9();
+    assert!(socket.exists(), "left behind");
+    let web = gateway(&fed, "alice", &socket, &[]);
+    let (code, stdout, stderr) = agora_web_link(&["--link-socket", socket_arg]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(base(stdout.trim()), base(&web.endpoint));
+
+    // While it runs, a second gateway does not take its socket: exit 4, saying so.
+    let second = fed
+        .web_personal_command("bob")
+        .args(["--link-socket", socket_arg])
+        .output()
+        .expect("agora-web");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(4), "{said}");
+    assert!(said.contains("another agora-web answers"), "{said}");
+
+    // A directory others can enter is refused for the socket.
+    let shared = fed.dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("dir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let refused = fed
+        .web_personal_command("carol")
+        .arg("--link-socket")
+        .arg(shared.join("link.sock"))
+        .output()
+        .expect("agora-web");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "{said}");
+    assert!(said.contains("other users can enter"), "{said}");
+
+    // Stopped cleanly, the gateway removes its socket.
+    let mut web = web;
+    assert!(web.terminate().success());
+    assert!(!socket.exists(), "removed at stop");
+}
+
+/// A personal gateway started without `--registry-key` (its pins in `state`), its link
+/// socket `DIR/<tag>.sock`.
+fn keyless(fed: &Federation, tag: &str, state: &str, extra: &[&str]) -> Command {
+    let mut command = Command::new(agora_tests::bin("agora-web"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AGORA_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .args([
+            "--user",
+            "alice",
+            "--bind",
+            "127.0.0.1:0",
+            "--registry",
+            &fed.registry.endpoint,
+            "--key-dir",
+            &fed.key_dir(),
+            "--state-dir",
+            state,
+            "--link-socket",
+            &fed.path(&format!("run/{tag}.sock")),
+        ])
+        .args(extra);
+    command
+}
+
+#[test]
+fn without_registry_key_agora_web_uses_the_key_user_cli_pinned() {
+    let fed = Federation::start("200ms");
+    let state = fed.state_dir();
+    let keys = fed.key_dir();
+    let key_endpoint = fed
+        .registry
+        .key_endpoint
+        .clone()
+        .expect("the registry's key endpoint");
+    // user-cli without a key pins the registry's on first use.
+    let pinned = agora_tests::cli(
+        &[
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key-endpoint",
+            &key_endpoint,
+            "--user",
+            "alice",
+            "groups",
+        ],
+        "",
+        &[
+            ("AGORA_STATE_DIR", state.as_str()),
+            ("AGORA_KEY_DIR", keys.as_str()),
+        ],
+    );
+    assert_eq!(pinned.code, Some(0), "{pinned:?}");
+    let pins = std::fs::read_to_string(Path::new(&state).join("known_servers.json"))
+        .expect("user-cli's pins");
+    assert!(pins.contains(&fed.registry_key()), "{pins}");
+
+    // The gateway with no key and a key endpoint that does not answer: only the pin can
+    // give it the key. It serves, and its WebSocket reaches the registry with it.
+    let web = Server::spawn_command(
+        keyless(
+            &fed,
+            "pinned",
+            &state,
+            &["--registry-key-endpoint", "tcp://127.0.0.1:1"],
+        ),
+        "agora-web",
+        &fed.dir.path().join("web-keyless.log"),
+    )
+    .wait_listening(START_TIMEOUT);
+    let cookie = sign_in(&web.endpoint).expect("signed in");
+    let base = base(&web.endpoint);
+    let ws_url = format!("{}/ws", base.replacen("http://", "ws://", 1));
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str())
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("Cookie", cookie.parse().expect("header"));
+    request
+        .headers_mut()
+        .insert("Origin", base.parse().expect("header"));
+    let stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("tcp");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let (mut ws, _) = tungstenite::client::client(request, stream).expect("websocket");
+    ws.send(tungstenite::Message::Text(
+        serde_json::json!({"op": "groups"}).to_string().into(),
+    ))
+    .expect("send");
+    let reply = loop {
+        if let tungstenite::Message::Text(t) = ws.read().expect("a reply within 10 s") {
+            let message: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+            if message.get("event").is_none() {
+                break message;
+            }
+        }
+    };
+    assert_eq!(reply["ok"], true, "the registry answered: {reply}");
+    drop(web);
+
+    // A pin that is not the registry's key: refused at start (exit 1), saying what to do.
+    let other_state = fed.path("other-state");
+    std::fs::create_dir(&other_state).expect("dir");
+    let stranger = agora_common::keys::Keypair::generate()
+        .expect("keys")
+        .public;
+    std::fs::write(
+        Path::new(&other_state).join("known_servers.json"),
+        serde_json::json!({ fed.registry.endpoint.clone(): stranger.to_string() }).to_string(),
+    )
+    .expect("pin");
+    let changed = keyless(
+        &fed,
+        "changed",
+        &other_state,
+        &["--registry-key-endpoint", &key_endpoint],
+    )
+    .output()
+    .expect("agora-web");
+    let said = String::from_utf8_lossy(&changed.stderr);
+    assert_eq!(changed.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("KEY HAS CHANGED") && said.contains("forget-registry"),
+        "{said}"
+    );
+
+    // Nothing pinned and no key endpoint: unreachable (exit 3), naming what to pass.
+    let empty = fed.path("empty-state");
+    let unknown = keyless(
+        &fed,
+        "unknown",
+        &empty,
+        &[
+            "--registry-key-endpoint",
+            "tcp://127.0.0.1:1",
+            "--timeout",
+            "1s",
+        ],
+    )
+    .output()
+    .expect("agora-web");
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(3), "{said}");
+    assert!(said.contains("--registry-key"), "{said}");
+}
