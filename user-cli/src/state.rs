@@ -10,8 +10,29 @@
 //! and its files 0600 from the moment they are created; an existing looser directory or
 //! file is tightened when the state is opened, with a warning on stderr
 //! ([`agora_common::fsmode`]).
+//!
+//! # One user, many processes
+//! Several processes of one user (two terminals, a `watch`, scripts, one-shot commands) share
+//! the file. Each save is atomic (a temporary file of its own in the same directory, synced,
+//! then renamed over the file: [`agora_common::fsmode::write_private`]) and made under an
+//! advisory lock on `USER.json.lock` beside it (`flock`, through fd-lock), and it *merges*:
+//! under the lock it reads what is on disk now ("theirs"), compares it and this process's
+//! state ("ours") with what this process last read or wrote ("base"), and writes the merge,
+//! field by field ([`merge`]):
+//!
+//! - a group's `last_seen`: the larger of ours and theirs (seen is seen, wherever);
+//! - a group's `endpoint` and `public_key` (together), and its `subscribed`: ours where this
+//!   process changed them since base, else theirs;
+//! - the joined groups: the union, except that a group in base and missing on one side was
+//!   left there (`leave` here, or in another process) and stays left;
+//! - `registry` (the one that last answered): ours if this process changed it, else theirs.
+//!
+//! The merge becomes this process's state and its new base, so a long-running prompt also
+//! learns the groups joined from another terminal. An unreadable file on disk at save time
+//! is taken as unchanged since base (it was set aside when opened, or it is replaced now).
 
 use std::collections::BTreeMap;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use agora_proto::wire::UserName;
@@ -49,6 +70,9 @@ pub struct StateFile {
     path: Option<PathBuf>,
     /// The state.
     pub state: State,
+    /// The state as this process last read or wrote it: what a save compares both its own
+    /// state and the file's with, to tell which side changed what ([`merge`]).
+    base: State,
 }
 
 impl StateFile {
@@ -67,20 +91,59 @@ impl StateFile {
         }
         let path = dir.map(|d| d.join(format!("{user}.json")));
         let state = path.as_deref().map(load).unwrap_or_default();
-        StateFile { path, state }
+        StateFile {
+            path,
+            base: state.clone(),
+            state,
+        }
     }
 
-    /// Writes the state atomically (a temporary file, mode 0600, renamed over the old one),
-    /// creating the directory with mode 0700 if needed.
+    /// Saves the state, merged with what other processes of the same user saved since this
+    /// one last read or wrote the file (the module's "One user, many processes"): under an
+    /// advisory lock on `USER.json.lock`, reads the file, [`merge`]s, and writes the result
+    /// atomically (a temporary file of its own, mode 0600, renamed over the old one),
+    /// creating the directory with mode 0700 if needed. Nothing is written when the file
+    /// already holds the merge. The merge becomes [`StateFile::state`].
     ///
     /// # Errors
-    /// The directory or file cannot be written.
-    pub fn save(&self) -> std::io::Result<()> {
+    /// The directory, the lock file or the state file cannot be created, locked or written.
+    pub fn save(&mut self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let bytes = serde_json::to_vec_pretty(&self.state).map_err(std::io::Error::other)?;
-        agora_common::fsmode::write_private(path, &bytes)
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        agora_common::fsmode::private_dir(dir)?;
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push(".lock");
+        let mut lock =
+            fd_lock::RwLock::new(agora_common::fsmode::private_file(Path::new(&lock_path))?);
+        let _held = loop {
+            match lock.write() {
+                Ok(held) => break held,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let theirs = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).ok(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let merged = merge(
+            &self.base,
+            &self.state,
+            theirs.as_ref().unwrap_or(&self.base),
+        );
+        if theirs.as_ref() != Some(&merged) {
+            let bytes = serde_json::to_vec_pretty(&merged).map_err(io::Error::other)?;
+            agora_common::fsmode::write_private(path, &bytes)?;
+        }
+        self.base = merged.clone();
+        self.state = merged;
+        Ok(())
     }
 
     /// Records that `seq` of `group` was shown; returns whether it was new.
@@ -92,6 +155,54 @@ impl StateFile {
             }
             _ => false,
         }
+    }
+}
+
+/// The three-way merge of a save: `ours` (this process's state) and `theirs` (the file's,
+/// as other processes left it), each compared with `base` (what this process last read or
+/// wrote). Per field, as the module's "One user, many processes" lists: `last_seen` the
+/// maximum; `endpoint` with `public_key`, and `subscribed`, from the side that changed them
+/// (ours when both did); groups joined on either side kept, groups left on either side (in
+/// base, missing on that side) dropped; `registry` ours if changed, else theirs.
+pub fn merge(base: &State, ours: &State, theirs: &State) -> State {
+    let mut groups = BTreeMap::new();
+    let names = ours.groups.keys().chain(theirs.groups.keys());
+    for name in names {
+        if groups.contains_key(name) {
+            continue;
+        }
+        let was = base.groups.get(name);
+        let merged = match (ours.groups.get(name), theirs.groups.get(name)) {
+            (Some(o), Some(t)) => {
+                let place_changed =
+                    was.is_none_or(|b| (&b.endpoint, b.public_key) != (&o.endpoint, o.public_key));
+                let place = if place_changed { o } else { t };
+                let sub_changed = was.is_none_or(|b| b.subscribed != o.subscribed);
+                GroupState {
+                    endpoint: place.endpoint.clone(),
+                    public_key: place.public_key,
+                    last_seen: o.last_seen.max(t.last_seen),
+                    subscribed: if sub_changed {
+                        o.subscribed
+                    } else {
+                        t.subscribed
+                    },
+                }
+            }
+            // Joined on one side since base: kept. In base but gone on the other side: left
+            // there, and stays left.
+            (Some(one), None) | (None, Some(one)) if was.is_none() => one.clone(),
+            _ => continue,
+        };
+        groups.insert(name.clone(), merged);
+    }
+    State {
+        groups,
+        registry: if ours.registry != base.registry {
+            ours.registry.clone()
+        } else {
+            theirs.registry.clone()
+        },
     }
 }
 
@@ -120,11 +231,11 @@ fn tighten_dir(dir: &Path) {
 }
 
 /// Whether a file of the state directory is one user-cli writes: `*.json` (a user's state,
-/// `known_servers.json`), `*.json.bad` (set aside unreadable) or `*.json.tmp` (a save that
-/// an earlier build was killed in the middle of).
+/// `known_servers.json`), `*.json.bad` (set aside unreadable), `*.json.lock` (the lock a
+/// save holds) or `*.json.tmp` (a save that an earlier build was killed in the middle of).
 fn is_state_file(name: &std::ffi::OsStr) -> bool {
     let name = name.to_string_lossy();
-    [".json", ".json.bad", ".json.tmp"]
+    [".json", ".json.bad", ".json.lock", ".json.tmp"]
         .iter()
         .any(|suffix| name.ends_with(suffix))
 }
@@ -169,5 +280,124 @@ mod tests {
         let fresh = StateFile::open(Some(dir.path().to_owned()), &user);
         assert!(fresh.state.groups.is_empty());
         assert!(dir.path().join("alice.json.bad").exists());
+    }
+
+    fn group(endpoint: &str, last_seen: u64, subscribed: bool) -> GroupState {
+        GroupState {
+            endpoint: endpoint.into(),
+            last_seen,
+            subscribed,
+            public_key: None,
+        }
+    }
+
+    /// Issue 23: two processes of one user that each changed something save one after the
+    /// other; the file keeps both changes (it kept only the last save's state).
+    #[test]
+    fn two_processes_saves_merge_instead_of_the_last_one_winning() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let user = UserName::new("alice").expect("name");
+        let open = || StateFile::open(Some(dir.path().to_owned()), &user);
+        let mut first = open();
+        first
+            .state
+            .groups
+            .insert("a".into(), group("tcp://a:1", 1, true));
+        first
+            .state
+            .groups
+            .insert("b".into(), group("tcp://b:1", 1, true));
+        first
+            .state
+            .groups
+            .insert("c".into(), group("tcp://c:1", 1, true));
+        first.save().expect("save");
+
+        // Two processes start from that.
+        let mut one = open();
+        let mut two = open();
+        // One: joins d, sees a up to 9, leaves c, unsubscribes b, remembers a registry.
+        one.state
+            .groups
+            .insert("d".into(), group("tcp://d:1", 4, true));
+        assert!(one.seen("a", 9));
+        one.state.groups.remove("c");
+        one.state.groups.get_mut("b").expect("b").subscribed = false;
+        one.state.registry = Some("tcp://r2:1".into());
+        // Two: joins e, sees a up to 5 and c up to 7, finds b moved.
+        two.state
+            .groups
+            .insert("e".into(), group("tcp://e:1", 2, true));
+        assert!(two.seen("a", 5));
+        assert!(two.seen("c", 7));
+        two.state.groups.get_mut("b").expect("b").endpoint = "tcp://b:2".into();
+        one.save().expect("save one");
+        two.save().expect("save two");
+
+        let want = State {
+            groups: [
+                ("a".into(), group("tcp://a:1", 9, true)),
+                ("b".into(), group("tcp://b:2", 1, false)),
+                ("d".into(), group("tcp://d:1", 4, true)),
+                ("e".into(), group("tcp://e:1", 2, true)),
+            ]
+            .into_iter()
+            .collect(),
+            registry: Some("tcp://r2:1".into()),
+        };
+        assert_eq!(open().state, want, "the file");
+        assert_eq!(two.state, want, "the last saver learns the other's changes");
+        // One saves again with nothing new: it learns two's changes, and the file stays.
+        one.save().expect("save one again");
+        assert_eq!(one.state, want);
+        assert_eq!(open().state, want);
+        // Leaving a group another process still has: it stays left after that one saves.
+        one.state.groups.remove("e");
+        one.save().expect("leave e");
+        assert!(two.seen("e", 3));
+        two.save().expect("save two again");
+        assert!(!open().state.groups.contains_key("e"));
+    }
+
+    /// Issue 23: saves from many threads at once (each its own open file, as processes) lose
+    /// no group: the lock serializes the read-merge-write.
+    #[test]
+    fn concurrent_saves_lose_no_update() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let user = UserName::new("alice").expect("name");
+        std::thread::scope(|s| {
+            for i in 0..16 {
+                let (dir, user) = (dir.path(), &user);
+                s.spawn(move || {
+                    let mut f = StateFile::open(Some(dir.to_owned()), user);
+                    f.state
+                        .groups
+                        .insert(format!("g{i}"), group("tcp://g:1", i, true));
+                    f.save().expect("save");
+                    // A second change on top of whatever the first save merged in.
+                    f.state
+                        .groups
+                        .insert("shared".into(), group("tcp://s:1", 0, true));
+                    f.seen("shared", i);
+                    f.save().expect("save again");
+                });
+            }
+        });
+        let f = StateFile::open(Some(dir.path().to_owned()), &user);
+        for i in 0..16 {
+            assert_eq!(f.state.groups[&format!("g{i}")].last_seen, i, "g{i}");
+        }
+        assert_eq!(f.state.groups["shared"].last_seen, 15);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut names = names;
+        names.sort();
+        assert_eq!(
+            names,
+            ["alice.json", "alice.json.lock"],
+            "no temporary file is left"
+        );
     }
 }
