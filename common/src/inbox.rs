@@ -10,8 +10,22 @@
 //! then it stays in the mailbox, so a crash loses nothing. Dropping the inbox wakes the actor
 //! at once; it sends `disconnect` and stops.
 //!
+//! The heartbeat says `online` until [`Inbox::set_status`] says `away` (a prompt's `away`,
+//! which a heartbeat saying `online` would otherwise undo at its next renewal). An inbox
+//! told [`Inbox::lapse`] stops without `disconnect`: the presence then lapses at the TTL, as
+//! after a one-shot `connect` (a script that said `connect` and ended).
+//!
+//! The first `connect` reply (the push session is then open: a message stored from then on
+//! is pushed) is told to the owner, for [`Inbox::wait_ready`].
+//!
 //! # Pipe commands
 //! `["ack", N]` (N a big-endian u64): ack the messages numbered up to N.
+//! `["status", S]` (S `online` or `away`): the presence the heartbeats say from now on (sent
+//! at once).
+//! `["lapse"]`: at the stop, send no `disconnect`.
+//!
+//! # Pipe events
+//! `["ready"]`, once: a registry answered the first `connect`.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +34,7 @@ use crate::client::ClientCurve;
 use agora_proto::action::RegistryRequest;
 use agora_proto::codec::encode_request;
 use agora_proto::wire::{
-    AckDmRequest, ConnectRequest, Dm, DmEvent, ListRequest, MailboxRequest, Presence,
+    AckDmRequest, ConnectReply, ConnectRequest, Dm, DmEvent, ListRequest, MailboxRequest, Presence,
 };
 
 /// How soon a heartbeat that found no registry connected is tried again.
@@ -56,9 +70,40 @@ impl Inbox {
         Ok(Inbox { actor })
     }
 
+    /// Waits up to `timeout` for a registry to answer the inbox's first `connect`: from then
+    /// on, a direct message stored for the user is pushed. Returns whether one did (at most
+    /// once: later calls wait the whole `timeout` and return false).
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.actor.recv(Some(left)) {
+                Ok(Some(frames)) if frames.first().is_some_and(|f| f == b"ready") => return true,
+                Ok(Some(_)) if !left.is_zero() => continue,
+                _ => return false,
+            }
+        }
+    }
+
     /// Removes the messages numbered up to `n` from the mailbox (they were handled).
     pub fn ack(&self, n: u64) {
         let _ = self.actor.send(&[b"ack", &n.to_be_bytes()]);
+    }
+
+    /// Says `status` from now on: at once, and in every heartbeat after (default `online`).
+    /// `offline` is not a status a heartbeat says: drop the inbox instead.
+    pub fn set_status(&self, status: Presence) {
+        let word: &[u8] = match status {
+            Presence::Away => b"away",
+            _ => b"online",
+        };
+        let _ = self.actor.send(&[b"status", word]);
+    }
+
+    /// Stops without `disconnect` when dropped: the presence lapses at the TTL instead of
+    /// ending at once.
+    pub fn lapse(&self) {
+        let _ = self.actor.send(&[b"lapse"]);
     }
 }
 
@@ -119,6 +164,9 @@ fn run(
         }
     };
     let mut delivery = Delivery::default();
+    let mut status = Presence::Online;
+    let mut disconnect_at_end = true;
+    let mut ready = false;
     loop {
         let now = Instant::now();
         for link in &mut links {
@@ -126,7 +174,7 @@ fn run(
                 let sent = send(
                     &link.socket,
                     RegistryRequest::Connect(ConnectRequest {
-                        status: Some(Presence::Online),
+                        status: Some(status),
                         push: true,
                     }),
                 );
@@ -152,6 +200,17 @@ fn run(
                             ack(&links, u64::from_be_bytes(n));
                         }
                     }
+                    [verb, word] if verb == b"status" => {
+                        status = match word.as_slice() {
+                            b"away" => Presence::Away,
+                            _ => Presence::Online,
+                        };
+                        // Said at once: the next heartbeat of every link is due now.
+                        for link in &mut links {
+                            link.next = Instant::now();
+                        }
+                    }
+                    [verb] if verb == b"lapse" => disconnect_at_end = false,
                     _ => tracing::warn!("inbox: unknown command"),
                 },
                 Wake::Timeout => {}
@@ -184,6 +243,10 @@ fn run(
                     }
                 } else if let Ok(page) = serde_json::from_slice::<MailboxPage>(body) {
                     delivery.backfilled(page.messages)
+                } else if !ready && serde_json::from_slice::<ConnectReply>(body).is_ok() {
+                    ready = true;
+                    let _ = pipe.send(&[b"ready"]);
+                    continue;
                 } else {
                     continue; // a reply to a heartbeat or an ack
                 };
@@ -196,8 +259,10 @@ fn run(
             }
         }
     }
-    for link in &links {
-        let _ = send(&link.socket, RegistryRequest::Disconnect(ListRequest {}));
+    if disconnect_at_end {
+        for link in &links {
+            let _ = send(&link.socket, RegistryRequest::Disconnect(ListRequest {}));
+        }
     }
     Ok(())
 }
