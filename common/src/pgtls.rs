@@ -95,7 +95,8 @@ impl std::fmt::Debug for PgConnector {
 impl PgConnector {
     /// Sets up connections for `config` (a parsed `postgres://` URL, with any timeouts
     /// already set), with TLS as the module docs say: verified against the PEM certificates
-    /// in `files.ca` if given, presenting `files.cert` if given.
+    /// in `files.ca` if given, presenting `files.cert` if given. The server's NOTICEs are logged at
+    /// DEBUG (target `agora::postgres`).
     ///
     /// # Errors
     /// [`PgTlsError::Ca`], [`PgTlsError::Cert`], [`PgTlsError::Key`] for an unreadable file,
@@ -136,6 +137,12 @@ impl PgConnector {
             }
             None => None,
         };
+        // NOTICEs (`schema … already exists, skipping` at every start) are the server
+        // talking to itself: DEBUG, not the INFO that tokio-postgres logs them at.
+        config.notice_callback(|notice| {
+            tracing::debug!(target: "agora::postgres", severity = notice.severity(),
+                code = notice.code().code(), "{}", notice.message());
+        });
         Ok(PgConnector { config, tls })
     }
 

@@ -263,3 +263,112 @@ pub fn send_reply(socket: &zmq::Socket, envelope: Frames, reply: Frames) -> Resu
         Err(e) => Err(e),
     }
 }
+
+/// Command-line checks of endpoints for the servers' clap value parsers: each returns the
+/// value in `tcp://` form, or what is wrong with it in words (clap prints it after the
+/// argument's name and value, and exits 2 before anything is created).
+pub mod args {
+    use agora_proto::wire::{bind_endpoint, Endpoint, NameError};
+
+    /// An endpoint to bind, `IP:PORT` or `tcp://HOST:PORT`; port 0 binds a free port.
+    ///
+    /// # Errors
+    /// What is wrong ([`agora_proto::wire::EndpointProblem`]).
+    pub fn bind(s: &str) -> Result<String, String> {
+        bind_endpoint(s).map_err(|p| p.to_string())
+    }
+
+    /// An endpoint to connect to, `IP:PORT` or `tcp://HOST:PORT` (no wildcard, port 1-65535).
+    ///
+    /// # Errors
+    /// What is wrong ([`agora_proto::wire::EndpointProblem`]).
+    pub fn connect(s: &str) -> Result<Endpoint, String> {
+        Endpoint::from_host_port(s).map_err(|e| match e {
+            NameError::Endpoint { problem, .. } => problem.to_string(),
+            e => e.to_string(),
+        })
+    }
+
+    /// `--registry`: `auto`, or one endpoint or a comma-separated list of them, each
+    /// `IP:PORT` or `tcp://HOST:PORT`.
+    ///
+    /// # Errors
+    /// The bad endpoint of the list and what is wrong with it.
+    pub fn registry(s: &str) -> Result<String, String> {
+        if s == "auto" {
+            return Ok(s.to_owned());
+        }
+        agora_proto::wire::endpoint_list(s).map_err(|e| e.to_string())
+    }
+
+    /// `--metrics`: `IP:PORT`, or a bare `PORT` on loopback; port 0 binds a free port.
+    ///
+    /// # Errors
+    /// Not an IP address and port, or a port past 65535.
+    pub fn metrics(s: &str) -> Result<String, String> {
+        if s.parse::<u16>().is_ok() || s.parse::<std::net::SocketAddr>().is_ok() {
+            return Ok(s.to_owned());
+        }
+        let port_bad = s
+            .rsplit_once(':')
+            .map_or(!s.contains(['.', '[']), |(_, p)| p.parse::<u16>().is_err());
+        if port_bad {
+            Err("port must be 0-65535 (0 binds a free port)".into())
+        } else {
+            Err("expected IP:PORT, or a bare PORT for loopback".into())
+        }
+    }
+}
+
+/// Whether `endpoint` (`tcp://IP:PORT`, as [`args::bind`] returns it) can be bound now: a
+/// TCP listener is bound there and closed at once. A check before anything is created, so
+/// that a busy port is reported before a key pair or a data directory exists; the real bind
+/// can still fail later and is reported then. Port 0 or `*`, and a host that is not an IP
+/// address (a host or interface name), are not checked.
+///
+/// # Errors
+/// The bind's, such as `AddrInUse` or `AddrNotAvailable`.
+pub fn check_bindable(endpoint: &str) -> std::io::Result<()> {
+    let rest = endpoint.strip_prefix("tcp://").unwrap_or(endpoint);
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Ok(());
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Ok(());
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = match host {
+        "*" => std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        h => match h.parse() {
+            Ok(ip) => ip,
+            Err(_) => return Ok(()),
+        },
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    std::net::TcpListener::bind((ip, port)).map(drop)
+}
+
+/// The exit status a server's `main` returns for a failure, as the README's table has it
+/// for every binary (0 is a clean stop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 1: refused by a server (the registry refuses the group name to this key).
+    Refused = 1,
+    /// 2: a bad argument, found before anything is created.
+    Usage = 2,
+    /// 3: a server this one cannot do without is unreachable (the registry, for its key;
+    /// PostgreSQL).
+    Unreachable = 3,
+    /// 4: local input or output: the data directory, a port that cannot be bound, the
+    /// store's files.
+    LocalIo = 4,
+}
+
+impl Exit {
+    /// The status as `main` returns it.
+    pub fn code(self) -> std::process::ExitCode {
+        std::process::ExitCode::from(self as u8)
+    }
+}

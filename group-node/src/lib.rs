@@ -17,7 +17,10 @@
 //! own thread ([`durable::CheckpointThread`]).
 //!
 //! # Data directory
-//! Mode 0700 with the store's files 0600 (looser ones are tightened, with a warning), and one
+//! Made only once the ROUTER is bound ([`Node::bind`]): a port that cannot be bound leaves no
+//! directory and no key pair behind. Mode 0700 with the store's files 0600 (looser ones that
+//! existed are tightened, with a warning; what the node makes is private from creation),
+//! `group.sqlite3` only when the log is SQLite (none with a PostgreSQL store), and one
 //! node per directory: the node holds an `flock` on `node.lock` while it lives. The WAL is
 //! zero-filled to [`Config::wal_prealloc_bytes`] at start, so that commits overwrite it
 //! rather than grow it.
@@ -235,7 +238,7 @@ impl Config {
 #[non_exhaustive]
 pub enum NodeError {
     /// The ROUTER could not be bound.
-    #[error("cannot bind {endpoint}: {source}")]
+    #[error("cannot bind {endpoint}")]
     Bind {
         /// The endpoint asked for.
         endpoint: String,
@@ -246,7 +249,7 @@ pub enum NodeError {
     #[error("cannot advertise {0}; give --advertise tcp://HOST:PORT")]
     Advertise(String),
     /// The data directory could not be created.
-    #[error("data directory {path}: {source}")]
+    #[error("data directory {path}")]
     DataDir {
         /// The directory.
         path: PathBuf,
@@ -254,10 +257,10 @@ pub enum NodeError {
         source: std::io::Error,
     },
     /// The store could not be opened.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
     /// libzmq failed while serving.
-    #[error("zmq: {0}")]
+    #[error("zmq")]
     Zmq(#[from] zmq::Error),
     /// The heartbeat, sync or checkpoint thread could not start.
     #[error("thread: {0}")]
@@ -266,7 +269,7 @@ pub enum NodeError {
     #[error(transparent)]
     Sync(#[from] durable::SyncFailed),
     /// The key pair could not be loaded or made, or this libzmq has no CURVE.
-    #[error("keys: {0}")]
+    #[error("the node's key pair")]
     Keys(#[from] KeyError),
     /// `--insecure` with an endpoint that is not loopback.
     #[error("--insecure is allowed only on loopback endpoints, not {0}")]
@@ -331,7 +334,9 @@ fn advertisable(bound: &str) -> Result<Endpoint, NodeError> {
 }
 
 impl Node {
-    /// Opens the store and binds the ROUTER.
+    /// Binds the ROUTER (a new key pair is made in memory for that), then makes the data
+    /// directory, saves a new key pair there and opens the store; a bind that fails leaves
+    /// nothing on disk.
     ///
     /// # Errors
     /// [`NodeError::DataDir`], [`NodeError::Store`] (including a data dir of another
@@ -351,12 +356,70 @@ impl Node {
         config: Config,
         lease: Option<lease::Lease>,
     ) -> Result<Node, NodeError> {
+        // Bind first: a busy port or a bad endpoint leaves nothing behind (no key pair, no
+        // data directory). A CURVE server socket needs its secret key before it binds, so a
+        // new key pair is made in memory here and saved only once the socket is bound.
+        let (keys, new_key, zap) = if config.insecure {
+            let registries = config
+                .registry
+                .as_deref()
+                .map(agora_common::client::registry_endpoints)
+                .unwrap_or_default();
+            let advertised = config.advertise.as_ref().map(|e| e.to_string());
+            let endpoints = std::iter::once(config.bind.clone())
+                .chain(registries)
+                .chain(advertised);
+            for e in endpoints {
+                if !agora_proto::wire::is_loopback(&e) {
+                    return Err(NodeError::InsecureNotLoopback(e));
+                }
+            }
+            tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
+            (None, false, None)
+        } else {
+            agora_common::keys::require_curve()?;
+            if config.registry.is_some() && config.registry_key.is_none() {
+                return Err(NodeError::NoRegistryKey);
+            }
+            let (keys, new_key) = node_key_pair(&config.data_dir)?;
+            (
+                Some(keys),
+                new_key,
+                Some(Authenticator::start(ctx, ZapPolicy::default())?),
+            )
+        };
+        let options = RouterOptions {
+            // Room for an upload chunk too, whatever the body limit.
+            max_request_bytes: max_request_bytes(
+                config
+                    .max_message_bytes
+                    .max(agora_proto::wire::MAX_CHUNK_BYTES),
+            ),
+            hwm: config.sndhwm,
+            heartbeat: Some(Duration::from_secs(1)),
+            curve: keys.clone(),
+        };
+        let (socket, bound) =
+            bind_router(ctx, &config.bind, options).map_err(|source| NodeError::Bind {
+                endpoint: config.bind.clone(),
+                source,
+            })?;
+        let endpoint = match &config.advertise {
+            Some(e) => e.clone(),
+            None => advertisable(&bound)?,
+        };
         let db = config.data_dir.join("group.sqlite3");
-        private_files(&config.data_dir, &db).map_err(|source| NodeError::DataDir {
+        // With PostgreSQL, no SQLite file: only the directory (key pair, blob cache, lock).
+        let sqlite = config.store.is_none().then_some(db.as_path());
+        private_files(&config.data_dir, sqlite).map_err(|source| NodeError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
+        if let (Some(keys), true) = (&keys, new_key) {
+            keys.save(&config.data_dir.join("node.key"))?;
+            tracing::info!(public_key = %keys.public, "made a new node key pair");
+        }
         let store: Box<dyn GroupStore> = match &config.store {
             Some(target) => Box::new(PgStore::open(
                 target,
@@ -410,57 +473,6 @@ impl Node {
             path: config.data_dir.join("blobs"),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let (keys, zap) = if config.insecure {
-            let registries = config
-                .registry
-                .as_deref()
-                .map(agora_common::client::registry_endpoints)
-                .unwrap_or_default();
-            let advertised = config.advertise.as_ref().map(|e| e.to_string());
-            let endpoints = std::iter::once(config.bind.clone())
-                .chain(registries)
-                .chain(advertised);
-            for e in endpoints {
-                if !agora_proto::wire::is_loopback(&e) {
-                    return Err(NodeError::InsecureNotLoopback(e));
-                }
-            }
-            tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
-            (None, None)
-        } else {
-            agora_common::keys::require_curve()?;
-            if config.registry.is_some() && config.registry_key.is_none() {
-                return Err(NodeError::NoRegistryKey);
-            }
-            let (keys, created) = Keypair::load_or_generate(&config.data_dir.join("node.key"))?;
-            if created {
-                tracing::info!(public_key = %keys.public, "made a new node key pair");
-            }
-            (
-                Some(keys),
-                Some(Authenticator::start(ctx, ZapPolicy::default())?),
-            )
-        };
-        let options = RouterOptions {
-            // Room for an upload chunk too, whatever the body limit.
-            max_request_bytes: max_request_bytes(
-                config
-                    .max_message_bytes
-                    .max(agora_proto::wire::MAX_CHUNK_BYTES),
-            ),
-            hwm: config.sndhwm,
-            heartbeat: Some(Duration::from_secs(1)),
-            curve: keys.clone(),
-        };
-        let (socket, bound) =
-            bind_router(ctx, &config.bind, options).map_err(|source| NodeError::Bind {
-                endpoint: config.bind.clone(),
-                source,
-            })?;
-        let endpoint = match &config.advertise {
-            Some(e) => e.clone(),
-            None => advertisable(&bound)?,
-        };
         let subscribers = Subscribers::new(
             config.lease,
             config.max_subscribers,
@@ -1321,12 +1333,17 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
 }
 
 /// Makes the data directory private: creates it (and its parents) with mode 0700, or
-/// tightens an existing one to 0700, and creates the database file with mode 0600 (SQLite
-/// gives its `-wal` and `-shm` files the database file's mode), tightening existing store
-/// files to 0600 ([`agora_common::fsmode`]). Each change to an existing path is logged.
-fn private_files(dir: &Path, db: &Path) -> std::io::Result<()> {
+/// tightens an existing one to 0700, and creates the SQLite database file `db` (when the
+/// log is SQLite) with mode 0600 (SQLite gives its `-wal` and `-shm` files the database
+/// file's mode), tightening existing store files to 0600 ([`agora_common::fsmode`]). Each
+/// change to an existing path is logged; a path made here is private from creation and is
+/// not.
+fn private_files(dir: &Path, db: Option<&Path>) -> std::io::Result<()> {
     use agora_common::fsmode;
     fsmode::private_dir(dir)?;
+    let Some(db) = db else {
+        return Ok(());
+    };
     fsmode::private_file(db)?;
     for suffix in ["-wal", "-shm"] {
         let mut path = db.as_os_str().to_owned();
@@ -1334,6 +1351,21 @@ fn private_files(dir: &Path, db: &Path) -> std::io::Result<()> {
         fsmode::tighten(Path::new(&path), fsmode::FILE_MODE)?;
     }
     Ok(())
+}
+
+/// The node's key pair, `node.key` and `node.key_secret` in `dir`: loaded when the secret
+/// file exists, else made in memory (and `true`), for the caller to save once the socket is
+/// bound. Nothing is written here.
+///
+/// # Errors
+/// [`NodeError::Keys`]: the files cannot be read, are loose or do not match; no CURVE.
+pub fn node_key_pair(dir: &Path) -> Result<(Keypair, bool), NodeError> {
+    let path = dir.join("node.key");
+    if agora_common::keys::secret_path(&path).exists() {
+        Ok((Keypair::load(&path)?, false))
+    } else {
+        Ok((Keypair::generate()?, true))
+    }
 }
 
 /// The default data directory of `group`: the user's data directory

@@ -1,18 +1,33 @@
 //! `group-node NAME IP:PORT`: serve one Agora group.
 //!
-//! Exit codes: 0 after a clean shutdown (SIGINT or SIGTERM), 1 when opening the store,
-//! binding or serving fails, 2 for invalid arguments.
+//! Arguments are checked before anything is created (no socket, key pair or data
+//! directory for a command that fails on them); then the port is bound before the data
+//! directory and a new key pair are made, so a busy port leaves nothing behind.
+//!
+//! # Exit codes
+//! - 0: a clean stop (SIGINT, SIGTERM or an accepted `stop`), or stopped while a standby.
+//! - 1: refused by a server: the registry binds the group's name to another key (a standby
+//!   started without the active node's `node.key` and `node.key_secret`), or this node lost
+//!   its lease to another.
+//! - 2: usage: a bad argument (a port past 65535, a malformed or wildcard host where one is
+//!   connected to or advertised, an unknown scheme, `--insecure` off loopback).
+//! - 3: unreachable: no registry heard (`--registry auto`), or its key cannot be fetched;
+//!   PostgreSQL cannot be reached at start.
+//! - 4: local input or output: the port cannot be bound, the data directory, the key pair
+//!   or the store's files cannot be made or read, a failed sync.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agora_common::server::{args as check, Exit};
 use agora_common::shutdown::Shutdown;
 use agora_group_node::lease::{Lease, LeaseConfig};
 use agora_group_node::store::postgres::PgTarget;
 use agora_group_node::store::Retention;
-use agora_group_node::{default_data_dir, Config, Node};
+use agora_group_node::store::StoreError;
+use agora_group_node::{default_data_dir, Config, Node, NodeError};
 use agora_proto::wire::{Endpoint, GroupName, DEFAULT_MAX_MESSAGE_BYTES};
 use anyhow::Context;
 use clap::Parser;
@@ -24,19 +39,22 @@ use clap::Parser;
 struct Args {
     /// The group's name; may contain spaces ("Cool Group").
     name: GroupName,
-    /// Address to bind, IP:PORT (port 0 picks a free port), for example 127.0.0.1:5560.
+    /// Address to bind, IP:PORT or tcp://HOST:PORT (port 0 binds a free port), for example
+    /// 127.0.0.1:5560. It is also what members are told to connect to, so a wildcard
+    /// (0.0.0.0, [::]) needs --advertise unless --no-registry.
+    #[arg(value_name = "ADDRESS", value_parser = check::bind)]
     addr: String,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
     /// draining) over HTTP on this IP:PORT, or on loopback with a bare PORT (9100 is
     /// 127.0.0.1:9100; port 0 picks one). Bind a non-loopback address only where the
     /// network is trusted. Off unless given.
-    #[arg(long, env = "AGORA_METRICS")]
+    #[arg(long, env = "AGORA_METRICS", value_parser = check::metrics)]
     metrics: Option<String>,
     /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
     /// (PROTOCOL §10; its key is then pinned in the data directory on first use).
     /// Several registries sharing one database are given as a list, `tcp://A:5555,tcp://B:5555`:
-    /// tried in order, and the next one used when one does not answer.
-    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
+    /// tried in order, and the next one used when one does not answer. IP:PORT is taken too.
+    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555", value_parser = check::registry)]
     registry: String,
     /// With --registry auto: the name of the registry to use when several are heard.
     #[arg(long, env = "AGORA_REGISTRY_NAME")]
@@ -50,8 +68,9 @@ struct Args {
     /// Serve without registering anywhere.
     #[arg(long, conflicts_with = "registry")]
     no_registry: bool,
-    /// Endpoint to register for members, when it differs from the bound one (NAT, wildcard).
-    #[arg(long, env = "AGORA_ADVERTISE")]
+    /// Endpoint to register for members, IP:PORT or tcp://HOST:PORT, when it differs from
+    /// the bound one (NAT, a wildcard ADDRESS).
+    #[arg(long, env = "AGORA_ADVERTISE", value_parser = check::connect)]
     advertise: Option<Endpoint>,
     /// Directory for the group's SQLite store, key pair and attachments [default:
     /// ~/.local/share/agora/groups/NAME].
@@ -158,8 +177,8 @@ struct Args {
     /// The registry's plaintext key endpoint, asked when no --registry-key is given (the key
     /// is then pinned in the data directory on first use) [default: the registry's host, the
     /// next port].
-    #[arg(long, env = "AGORA_REGISTRY_KEY_ENDPOINT")]
-    registry_key_endpoint: Option<String>,
+    #[arg(long, env = "AGORA_REGISTRY_KEY_ENDPOINT", value_parser = check::connect)]
+    registry_key_endpoint: Option<Endpoint>,
     /// The registry's CURVE public key (40 Z85 characters; the registry prints it at start).
     #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
     registry_key: Option<agora_common::keys::PublicKey>,
@@ -195,6 +214,30 @@ fn postgres_url(value: &str) -> Result<String, String> {
     }
 }
 
+/// A failure of `run`: what to print and the exit status.
+struct Failure {
+    exit: Exit,
+    error: anyhow::Error,
+}
+
+/// Tags an error with its exit status.
+trait ExitWith<T> {
+    fn exit_with(self, exit: Exit) -> Result<T, Failure>;
+}
+
+impl<T, E: Into<anyhow::Error>> ExitWith<T> for Result<T, E> {
+    fn exit_with(self, exit: Exit) -> Result<T, Failure> {
+        self.map_err(|e| Failure {
+            exit,
+            error: e.into(),
+        })
+    }
+}
+
+fn fail<T>(exit: Exit, error: anyhow::Error) -> Result<T, Failure> {
+    Err(Failure { exit, error })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -207,25 +250,81 @@ fn main() -> ExitCode {
         .init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("group-node: {e:#}");
-            ExitCode::from(1)
+        Err(Failure { exit, error }) => {
+            eprintln!("group-node: {error:#}");
+            exit.code()
         }
     }
 }
 
-fn run(mut args: Args) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
-    let data_dir = match args.data_dir {
+/// What the arguments say together, checked before anything is created.
+///
+/// # Errors
+/// A usage error naming the argument.
+fn check_usage(args: &Args) -> anyhow::Result<()> {
+    let host = args.addr.rsplit_once(':').map_or("", |(h, _)| h);
+    let wildcard = matches!(
+        Endpoint::new(format!("{host}:1")),
+        Err(agora_proto::wire::NameError::Endpoint {
+            problem: agora_proto::wire::EndpointProblem::Wildcard(_),
+            ..
+        })
+    );
+    if wildcard && !args.no_registry && args.advertise.is_none() {
+        anyhow::bail!(
+            "ADDRESS {:?} is a wildcard, which members cannot connect to; add --advertise \
+             IP:PORT (the address members reach this node at), or bind one address",
+            args.addr
+        );
+    }
+    if args.insecure {
+        let mut endpoints = vec![("ADDRESS", args.addr.clone())];
+        if !args.no_registry && args.registry != "auto" {
+            endpoints.extend(
+                agora_common::client::registry_endpoints(&args.registry)
+                    .into_iter()
+                    .map(|e| ("--registry", e)),
+            );
+        }
+        endpoints.extend(
+            args.advertise
+                .iter()
+                .map(|e| ("--advertise", e.to_string())),
+        );
+        if let Some((arg, e)) = endpoints
+            .into_iter()
+            .find(|(_, e)| !agora_proto::wire::is_loopback(e))
+        {
+            anyhow::bail!(
+                "--insecure is allowed only on loopback endpoints, and {arg} is {e:?}; \
+                 drop --insecure (CURVE needs no setup) or use 127.0.0.1"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run(mut args: Args) -> Result<(), Failure> {
+    check_usage(&args).exit_with(Exit::Usage)?;
+    let data_dir = match args.data_dir.take() {
         Some(d) => d,
         None => default_data_dir(&args.name)
-            .context("no home directory to derive a data directory from; pass --data-dir")?,
+            .context("no home directory to derive a data directory from; pass --data-dir")
+            .exit_with(Exit::Usage)?,
     };
-    let bind = if args.addr.starts_with("tcp://") {
-        args.addr.clone()
-    } else {
-        format!("tcp://{}", args.addr)
-    };
+    // Before anything exists: a busy port is reported now, not after a key pair and a data
+    // directory were made (and the bind below still reports a port taken meanwhile).
+    agora_common::server::check_bindable(&args.addr)
+        .with_context(|| {
+            format!(
+                "cannot bind {}; choose another port (0 binds a free one)",
+                args.addr
+            )
+        })
+        .exit_with(Exit::LocalIo)?;
+    let shutdown = Shutdown::on_signals()
+        .context("installing signal handlers")
+        .exit_with(Exit::LocalIo)?;
     if args.registry == "auto" && !args.no_registry {
         let (chosen, key) = agora_common::beacon::auto(
             args.beacon_port,
@@ -234,11 +333,12 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             &data_dir.join("known_servers.json"),
             args.registry_key,
             args.insecure,
-        )?;
+        )
+        .exit_with(Exit::Unreachable)?;
         args.registry = chosen.endpoint;
         args.registry_key = key;
     }
-    let mut config = Config::new(args.name, bind, data_dir);
+    let mut config = Config::new(args.name, args.addr.clone(), data_dir);
     config.advertise = args.advertise;
     config.registry = (!args.no_registry).then(|| args.registry.clone());
     config.max_message_bytes = args.max_message_bytes;
@@ -262,15 +362,27 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     config.push_budget_total_bytes = args.push_budget_total;
     config.registry_key = args.registry_key;
     config.wal_prealloc_bytes = args.wal_prealloc;
+    let ctx = zmq::Context::new();
     if let (false, false, None) = (args.insecure, args.no_registry, args.registry_key) {
         let (key, trust) = agora_common::trust::registry_list_key(
-            &zmq::Context::new(),
+            &ctx,
             &config.data_dir.join("known_servers.json"),
             &args.registry,
-            args.registry_key_endpoint.as_deref(),
+            args.registry_key_endpoint.as_ref().map(Endpoint::as_str),
             None,
             Duration::from_secs(2),
-        )?;
+        )
+        .map_err(|e| {
+            let exit = match e {
+                agora_common::trust::TrustError::Unknown { .. } => Exit::Unreachable,
+                agora_common::trust::TrustError::File { .. } => Exit::LocalIo,
+                _ => Exit::Refused,
+            };
+            Failure {
+                exit,
+                error: e.into(),
+            }
+        })?;
         if trust == agora_common::trust::Trust::FirstUse {
             tracing::warn!(%key, registry = %args.registry,
                 "pinned the registry key on first use; compare it with the key the registry printed");
@@ -294,14 +406,20 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             })
             .with_net_timeout(args.store_net_timeout)
     });
+    // Before the lease: a node whose key is not the name's owner would hold the lease while
+    // the registry refuses it, blocking every standby that has the right key.
+    check_owner(&ctx, &config)?;
     let lease = match &config.store {
         Some(target) => {
-            target.connector()?.warn_if_plain();
+            target.connector().exit_with(Exit::LocalIo)?.warn_if_plain();
             let mut lease_config = LeaseConfig::new(target.clone(), config.name.clone());
             lease_config.poll = args.failover_poll;
             lease_config.check = args.failover_check;
             lease_config.timeout = args.failover_timeout;
-            match Lease::acquire(&lease_config, &shutdown).context("taking the lease")? {
+            match Lease::acquire(&lease_config, &shutdown)
+                .context("taking the lease")
+                .exit_with(Exit::LocalIo)?
+            {
                 Some(lease) => Some(lease),
                 // Stopped while a standby.
                 None => return Ok(()),
@@ -309,18 +427,105 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let ctx = zmq::Context::new();
-    let node = Node::bind_leased(&ctx, config, lease)?;
-    let mut out = std::io::stdout().lock();
-    match node.public_key() {
-        Some(key) => writeln!(out, "listening {} public-key {key}", node.endpoint())?,
-        None => writeln!(out, "listening {}", node.endpoint())?,
-    }
-    out.flush()?;
-    drop(out);
-    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())?;
-    node.run(&shutdown)?;
+    let node = Node::bind_leased(&ctx, config, lease).map_err(node_failure)?;
+    let announce = || -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        match node.public_key() {
+            Some(key) => writeln!(out, "listening {} public-key {key}", node.endpoint())?,
+            None => writeln!(out, "listening {}", node.endpoint())?,
+        }
+        out.flush()
+    };
+    announce().exit_with(Exit::LocalIo)?;
+    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())
+        .exit_with(Exit::LocalIo)?;
+    node.run(&shutdown).map_err(node_failure)?;
     Ok(())
+}
+
+/// The exit status of a node failure.
+fn node_failure(e: NodeError) -> Failure {
+    let exit = match &e {
+        NodeError::InsecureNotLoopback(_) | NodeError::NoRegistryKey => Exit::Usage,
+        NodeError::LeaseLost => Exit::Refused,
+        NodeError::Store(StoreError::Postgres(pg)) if pg.as_db_error().is_none() => {
+            Exit::Unreachable
+        }
+        _ => Exit::LocalIo,
+    };
+    Failure {
+        exit,
+        error: e.into(),
+    }
+}
+
+/// Asks the registry which key owns the group's name, and stops (exit 1) when it is not
+/// this node's: a standby started without the active node's `node.key*` would otherwise
+/// make a key pair of its own, take the lease and be refused `name_taken` for ever. Nothing
+/// is created here: without a key pair in the data directory, a name that is bound already
+/// belongs to another key. A registry that does not answer, or does not know `owner`, is
+/// logged and the node goes on (the heartbeat keeps trying, as before).
+fn check_owner(ctx: &zmq::Context, config: &Config) -> Result<(), Failure> {
+    let (Some(registry), Some(server_key), false) =
+        (&config.registry, config.registry_key, config.insecure)
+    else {
+        return Ok(());
+    };
+    let key_path = config.data_dir.join("node.key");
+    let ours = if agora_common::keys::secret_path(&key_path).exists() {
+        Some(
+            agora_common::keys::Keypair::load(&key_path)
+                .context("the node's key pair")
+                .exit_with(Exit::LocalIo)?,
+        )
+    } else {
+        None
+    };
+    // Without a key pair yet, ask with a throwaway one: `owner` is open to anyone.
+    let keypair = match &ours {
+        Some(k) => k.clone(),
+        None => agora_common::keys::Keypair::generate().exit_with(Exit::LocalIo)?,
+    };
+    let mut client = agora_common::client::RegistryClient::new(
+        ctx,
+        registry,
+        agora_common::client::ClientOptions {
+            timeout: Duration::from_secs(2),
+            attempts: 1,
+        },
+    )
+    .with_curve(agora_common::client::ClientCurve {
+        keypair,
+        server_key,
+    });
+    let owner = match client.owner(&config.name) {
+        Ok(owner) => owner,
+        Err(e) => {
+            tracing::warn!(%registry, error = %e,
+                "could not ask the registry who owns the group name; going on");
+            return Ok(());
+        }
+    };
+    match (owner, ours) {
+        (None, _) => Ok(()),
+        (Some(owner), Some(ours)) if owner == ours.public => Ok(()),
+        (Some(owner), ours) => {
+            let dir = config.data_dir.display();
+            let mine = match ours {
+                Some(k) => format!("this node's key is {} ({dir}/node.key)", k.public),
+                None => format!("this node has no key pair in {dir}"),
+            };
+            fail(
+                Exit::Refused,
+                anyhow::anyhow!(
+                    "the registry binds group \"{}\" to the key {owner}, and {mine}: copy node.key \
+                     and node.key_secret from the data directory of the node that serves it into \
+                     {dir} (mode 0600 for the secret), or free the name with `registry release`",
+                    config.name
+                ),
+            )
+        }
+    }
 }
 
 #[cfg(test)]

@@ -178,7 +178,7 @@ impl Config {
 #[non_exhaustive]
 pub enum RegistryError {
     /// The ROUTER could not be bound.
-    #[error("cannot bind {endpoint}: {source}")]
+    #[error("cannot bind {endpoint}")]
     Bind {
         /// The endpoint asked for.
         endpoint: String,
@@ -186,16 +186,16 @@ pub enum RegistryError {
         source: zmq::Error,
     },
     /// libzmq failed while serving.
-    #[error("zmq: {0}")]
+    #[error("zmq")]
     Zmq(#[from] zmq::Error),
     /// The key pair could not be loaded or made, or this libzmq has no CURVE.
-    #[error("keys: {0}")]
+    #[error("the registry's key pair")]
     Keys(#[from] KeyError),
     /// `--insecure` with an endpoint that is not loopback.
     #[error("--insecure is allowed only on loopback endpoints, not {0}")]
     InsecureNotLoopback(String),
     /// The store could not be opened, migrated, or give the key pair.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
 }
 

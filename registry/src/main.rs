@@ -1,12 +1,23 @@
 //! `registry`: the Agora group directory.
 //!
-//! Exit codes: 0 after a clean shutdown (SIGINT or SIGTERM), 1 when binding or serving
-//! fails, 2 for invalid arguments.
+//! Arguments are checked before anything is created (no socket, key pair, data directory
+//! or database schema for a command that fails on them), and the ports are checked to be
+//! bindable before the store is opened.
+//!
+//! # Exit codes
+//! - 0: a clean stop (SIGINT, SIGTERM or the operator's `stop`); `release` freed the name.
+//! - 1: `release` of a name that is bound to no key.
+//! - 2: usage: a bad argument (a port past 65535, a malformed endpoint, an unknown scheme,
+//!   `--insecure` off loopback, `--beacon-address` without `--beacon`).
+//! - 3: unreachable: PostgreSQL (`--store`) cannot be reached at start.
+//! - 4: local input or output: a port that cannot be bound, the data directory, the key
+//!   pair or the store's files.
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agora_common::server::{args as check, Exit};
 use agora_common::shutdown::Shutdown;
 use agora_registry::{Config, Registry, DEFAULT_BIND};
 use anyhow::Context;
@@ -17,8 +28,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "registry", version, about)]
 struct Args {
-    /// ZeroMQ endpoint to bind; port 0 picks a free port.
-    #[arg(long, env = "AGORA_REGISTRY_BIND", default_value = DEFAULT_BIND)]
+    /// Endpoint to bind, IP:PORT or tcp://HOST:PORT; port 0 binds a free port.
+    #[arg(long, env = "AGORA_REGISTRY_BIND", default_value = DEFAULT_BIND, value_parser = check::bind)]
     bind: String,
     /// Heartbeat interval expected from group nodes (for example 2s, 500ms).
     #[arg(long, env = "AGORA_HEARTBEAT", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -91,7 +102,7 @@ struct Args {
     presence_ttl: Duration,
     /// Where the plaintext key endpoint (which tells clients the public key for pinning on
     /// first use) binds [default: the same host, the next port].
-    #[arg(long, env = "AGORA_REGISTRY_KEY_BIND")]
+    #[arg(long, env = "AGORA_REGISTRY_KEY_BIND", value_parser = check::bind)]
     key_bind: Option<String>,
     /// Requests per second allowed per peer (0: no limit); over it, `rate_limited`.
     #[arg(long, env = "AGORA_RATE_LIMIT", default_value_t = 2_000.0)]
@@ -103,7 +114,7 @@ struct Args {
     /// draining) over HTTP on this IP:PORT, or on loopback with a bare PORT (9100 is
     /// 127.0.0.1:9100; port 0 picks one). Bind a non-loopback address only where the
     /// network is trusted. Off unless given.
-    #[arg(long, env = "AGORA_METRICS")]
+    #[arg(long, env = "AGORA_METRICS", value_parser = check::metrics)]
     metrics: Option<String>,
     /// The operator's CURVE public key (40 Z85 characters): the one key whose `stop`
     /// (`user-cli admin stop-registry`) is accepted. Without it only SIGINT or SIGTERM stop
@@ -119,11 +130,13 @@ struct Args {
     #[arg(long, env = "AGORA_REGISTRY_NAME", default_value = "agora", value_parser = registry_name)]
     name: String,
     /// Announce this registry on the LAN: a UDP beacon every second to --beacon-address
-    /// (PROTOCOL §10; the zbeacon pattern). Off unless given.
-    #[arg(long, requires = "beacon_address")]
+    /// (PROTOCOL §10; the zbeacon pattern). Off unless given; AGORA_BEACON=true (or 1, yes,
+    /// on) turns it on from the environment, false (0, no, off) leaves it off.
+    #[arg(long, env = "AGORA_BEACON", requires = "beacon_address")]
     beacon: bool,
     /// The IPv4 broadcast address the beacon goes to: the LAN's (such as 192.168.1.255), or
     /// 127.255.255.255 for this machine only. No default: nothing is broadcast by accident.
+    /// Needs --beacon: without it, a usage error (exit 2), not a silent no-op.
     #[arg(long, env = "AGORA_BEACON_ADDRESS")]
     beacon_address: Option<std::net::Ipv4Addr>,
     /// The UDP port the beacon goes to (the zbeacon convention).
@@ -159,6 +172,26 @@ fn registry_name(name: &str) -> Result<String, String> {
     Ok(name.to_owned())
 }
 
+/// A failure of `run`: what to print and the exit status.
+struct Failure {
+    exit: Exit,
+    error: anyhow::Error,
+}
+
+/// Tags an error with its exit status.
+trait ExitWith<T> {
+    fn exit_with(self, exit: Exit) -> Result<T, Failure>;
+}
+
+impl<T, E: Into<anyhow::Error>> ExitWith<T> for Result<T, E> {
+    fn exit_with(self, exit: Exit) -> Result<T, Failure> {
+        self.map_err(|e| Failure {
+            exit,
+            error: e.into(),
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -171,10 +204,53 @@ fn main() -> ExitCode {
         .init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("registry: {e:#}");
-            ExitCode::from(1)
+        Err(Failure { exit, error }) => {
+            eprintln!("registry: {error:#}");
+            exit.code()
         }
+    }
+}
+
+/// What the arguments say together, checked before anything is created.
+///
+/// # Errors
+/// A usage error naming the argument.
+fn check_usage(args: &Args) -> anyhow::Result<()> {
+    if let (Some(address), false) = (args.beacon_address, args.beacon) {
+        anyhow::bail!(
+            "--beacon-address {address} without --beacon announces nothing: add --beacon \
+             (or AGORA_BEACON=true) to announce this registry, or drop --beacon-address"
+        );
+    }
+    if args.insecure && args.command.is_none() {
+        let key_bind = args.key_bind.iter().map(|e| ("--key-bind", e));
+        if let Some((arg, e)) = std::iter::once(("--bind", &args.bind))
+            .chain(key_bind)
+            .find(|(_, e)| !agora_proto::wire::is_loopback(e))
+        {
+            anyhow::bail!(
+                "--insecure is allowed only on loopback endpoints, and {arg} is {e:?}; \
+                 drop --insecure (CURVE needs no setup) or bind 127.0.0.1"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The exit status of a registry failure.
+fn registry_failure(e: agora_registry::RegistryError) -> Failure {
+    use agora_registry::store::StoreError;
+    use agora_registry::RegistryError;
+    let exit = match &e {
+        RegistryError::InsecureNotLoopback(_) => Exit::Usage,
+        RegistryError::Store(StoreError::Postgres(pg)) if pg.as_db_error().is_none() => {
+            Exit::Unreachable
+        }
+        _ => Exit::LocalIo,
+    };
+    Failure {
+        exit,
+        error: e.into(),
     }
 }
 
@@ -187,8 +263,11 @@ fn store_tls(args: &Args) -> agora_common::pgtls::PgTlsFiles {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+fn run(args: Args) -> Result<(), Failure> {
+    check_usage(&args).exit_with(Exit::Usage)?;
+    let shutdown = Shutdown::on_signals()
+        .context("installing signal handlers")
+        .exit_with(Exit::LocalIo)?;
     let defaults = Config::default();
     if let Some(Command::Release { name }) = &args.command {
         let dir = args.data_dir.clone().unwrap_or(defaults.data_dir);
@@ -212,15 +291,40 @@ fn run(args: Args) -> anyhow::Result<()> {
             settings,
             true,
         )
-        .context("opening the registry's store")?;
-        if store.release_group(name)? {
+        .map_err(|e| registry_failure(e.into()))?;
+        if store
+            .release_group(name)
+            .map_err(|e| registry_failure(e.into()))?
+        {
             println!("released \"{name}\"");
             return Ok(());
         }
-        match &args.store {
-            Some(_) => anyhow::bail!("\"{name}\" is not bound to any key in the --store database"),
-            None => anyhow::bail!("\"{name}\" is not bound to any key in {}", dir.display()),
-        }
+        let error = match &args.store {
+            Some(_) => {
+                anyhow::anyhow!("\"{name}\" is not bound to any key in the --store database")
+            }
+            None => anyhow::anyhow!("\"{name}\" is not bound to any key in {}", dir.display()),
+        };
+        return Err(Failure {
+            exit: Exit::Refused,
+            error,
+        });
+    }
+    // Before anything exists: a busy port is reported now, not after the data directory,
+    // the key pair or the database schema were made (the bind reports one taken meanwhile).
+    let key_bind = match &args.key_bind {
+        Some(e) => Some(e.clone()),
+        None if args.insecure || args.bind.ends_with(":0") || args.bind.ends_with(":*") => None,
+        None => agora_common::trust::default_key_endpoint(&args.bind),
+    };
+    for (arg, endpoint) in
+        std::iter::once(("--bind", &args.bind)).chain(key_bind.iter().map(|e| ("--key-bind", e)))
+    {
+        agora_common::server::check_bindable(endpoint)
+            .with_context(|| {
+                format!("cannot bind {arg} {endpoint}; choose another port (0 binds a free one)")
+            })
+            .exit_with(Exit::LocalIo)?;
     }
     let store_tls = store_tls(&args);
     let config = Config {
@@ -254,18 +358,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         name_lapse: args.name_lapse,
     };
     let ctx = zmq::Context::new();
-    let registry = Registry::bind(&ctx, config)?;
-    let mut out = std::io::stdout().lock();
-    match (registry.public_key(), registry.key_endpoint()) {
-        (Some(key), Some(key_endpoint)) => writeln!(
-            out,
-            "listening {} public-key {key} key-endpoint {key_endpoint}",
-            registry.endpoint()
-        )?,
-        _ => writeln!(out, "listening {}", registry.endpoint())?,
-    }
-    out.flush()?;
-    drop(out);
+    let registry = Registry::bind(&ctx, config).map_err(registry_failure)?;
+    let announce = || -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        match (registry.public_key(), registry.key_endpoint()) {
+            (Some(key), Some(key_endpoint)) => writeln!(
+                out,
+                "listening {} public-key {key} key-endpoint {key_endpoint}",
+                registry.endpoint()
+            )?,
+            _ => writeln!(out, "listening {}", registry.endpoint())?,
+        }
+        out.flush()
+    };
+    announce().exit_with(Exit::LocalIo)?;
     let _beacon = match (args.beacon, args.beacon_address) {
         (true, Some(address)) => {
             let to = std::net::SocketAddrV4::new(address, args.beacon_port);
@@ -277,13 +383,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(%to, name = %args.name, "announcing this registry by beacon");
             Some(
                 agora_common::beacon::Beaconer::start(&beacon, to, Duration::from_secs(1))
-                    .context("starting the beacon")?,
+                    .context("starting the beacon")
+                    .exit_with(Exit::LocalIo)?,
             )
         }
         _ => None,
     };
-    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())?;
-    registry.run(&shutdown)?;
+    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())
+        .exit_with(Exit::LocalIo)?;
+    registry.run(&shutdown).map_err(registry_failure)?;
     Ok(())
 }
 
