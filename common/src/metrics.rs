@@ -113,6 +113,35 @@ pub static PRESENCE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .unwrap_or_else(|e| unreachable!("a fixed, valid metric: {e}"))
 });
 
+/// The codes a request that cannot be decoded is counted with, under action `invalid`.
+const DECODE_CODES: &[ErrorCode] = &[
+    ErrorCode::BadFrames,
+    ErrorCode::UnsupportedVersion,
+    ErrorCode::InvalidJson,
+    ErrorCode::InvalidField,
+    ErrorCode::UnknownAction,
+];
+
+/// Makes every `agora_requests_total{action, code}` series of `role`'s server exist at 0,
+/// before the first request: each of its actions with `ok` and every error code
+/// ([`ErrorCode::ALL`]), and `invalid` with the codes of requests that cannot be decoded.
+/// A series that appears only at its first increment is missed by `rate()` and shows as
+/// "no data" on a dashboard. Called by the servers at start.
+pub fn register_requests(role: agora_proto::action::Role) {
+    for action in agora_proto::action::Action::ALL {
+        if action.role() != role {
+            continue;
+        }
+        REQUESTS.with_label_values(&[action.as_str(), "ok"]);
+        for code in ErrorCode::ALL {
+            REQUESTS.with_label_values(&[action.as_str(), code.as_str()]);
+        }
+    }
+    for code in DECODE_CODES {
+        REQUESTS.with_label_values(&["invalid", code.as_str()]);
+    }
+}
+
 /// Counts one answered request of `action` (its wire name) that ended with `code` (`None`:
 /// `ok`).
 pub fn count(action: &str, code: Option<ErrorCode>) {

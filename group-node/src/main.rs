@@ -437,6 +437,8 @@ fn run(mut args: Args) -> Result<(), Failure> {
         out.flush()
     };
     announce().exit_with(Exit::LocalIo)?;
+    // Every request series at 0 before the first scrape (rate() needs a start).
+    agora_common::metrics::register_requests(agora_proto::action::Role::Node);
     let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())
         .exit_with(Exit::LocalIo)?;
     node.run(&shutdown).map_err(node_failure)?;

@@ -119,6 +119,72 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code a server sends (all but [`ErrorCode::Unknown`]), in documentation order
+    /// (PROTOCOL §7). A new code fails to compile in [`ErrorCode::index`] until it is listed.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::BadFrames,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidField,
+        ErrorCode::UnknownAction,
+        ErrorCode::TooLarge,
+        ErrorCode::NotMember,
+        ErrorCode::UnknownGroup,
+        ErrorCode::NameTaken,
+        ErrorCode::NotFound,
+        ErrorCode::IdConflict,
+        ErrorCode::LimitReached,
+        ErrorCode::RateLimited,
+        ErrorCode::Forbidden,
+        ErrorCode::Banned,
+        ErrorCode::NotInvited,
+        ErrorCode::UnknownUser,
+        ErrorCode::BadOffset,
+        ErrorCode::DigestMismatch,
+        ErrorCode::Internal,
+        ErrorCode::ShuttingDown,
+        ErrorCode::NoAccount,
+        ErrorCode::ShareFull,
+        ErrorCode::Blocked,
+        ErrorCode::TooManyNames,
+        ErrorCode::StorageFull,
+    ];
+
+    /// The code's place in [`ErrorCode::ALL`] (`None` for [`ErrorCode::Unknown`]). An
+    /// exhaustive match: a new variant must be placed here, and so in `ALL`.
+    pub fn index(self) -> Option<usize> {
+        let i = match self {
+            ErrorCode::BadFrames => 0,
+            ErrorCode::UnsupportedVersion => 1,
+            ErrorCode::InvalidJson => 2,
+            ErrorCode::InvalidField => 3,
+            ErrorCode::UnknownAction => 4,
+            ErrorCode::TooLarge => 5,
+            ErrorCode::NotMember => 6,
+            ErrorCode::UnknownGroup => 7,
+            ErrorCode::NameTaken => 8,
+            ErrorCode::NotFound => 9,
+            ErrorCode::IdConflict => 10,
+            ErrorCode::LimitReached => 11,
+            ErrorCode::RateLimited => 12,
+            ErrorCode::Forbidden => 13,
+            ErrorCode::Banned => 14,
+            ErrorCode::NotInvited => 15,
+            ErrorCode::UnknownUser => 16,
+            ErrorCode::BadOffset => 17,
+            ErrorCode::DigestMismatch => 18,
+            ErrorCode::Internal => 19,
+            ErrorCode::ShuttingDown => 20,
+            ErrorCode::NoAccount => 21,
+            ErrorCode::ShareFull => 22,
+            ErrorCode::Blocked => 23,
+            ErrorCode::TooManyNames => 24,
+            ErrorCode::StorageFull => 25,
+            ErrorCode::Unknown => return None,
+        };
+        Some(i)
+    }
+
     /// The wire name (`"not_member"`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -1833,6 +1899,14 @@ mod tests {
             media_type: "text/plain".into(),
         });
         assert_eq!(send.check_body(), Ok(()));
+    }
+
+    #[test]
+    fn every_error_code_is_listed_once_in_all() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), Some(i), "{code:?}");
+        }
+        assert_eq!(ErrorCode::Unknown.index(), None);
     }
 
     #[test]

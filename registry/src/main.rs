@@ -389,6 +389,8 @@ fn run(args: Args) -> Result<(), Failure> {
         }
         _ => None,
     };
+    // Every request series at 0 before the first scrape (rate() needs a start).
+    agora_common::metrics::register_requests(agora_proto::action::Role::Registry);
     let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())
         .exit_with(Exit::LocalIo)?;
     registry.run(&shutdown).map_err(registry_failure)?;
