@@ -441,35 +441,40 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
         if let Err(e) = app.check(&mut render::Output::new(app.format, out)) {
             let _ = writeln!(err, "user-cli: {e}");
         }
-        let mut _present = None;
-        match prompt.printer() {
-            Ok(printer) => {
-                // One printer above the prompt, shared by group messages and DMs.
-                let shared = std::sync::Arc::new(std::sync::Mutex::new(printer));
-                let share = || -> app::Printer {
-                    let shared = std::sync::Arc::clone(&shared);
-                    Box::new(move |line: String| {
-                        let mut print = shared
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        (*print)(line);
-                    })
-                };
-                if let Err(e) = app.start_live(share()) {
-                    let _ = writeln!(err, "user-cli: live stream: {e}");
-                }
-                _present = app.keep_present(Some(share()));
-            }
-            Err(e) => {
-                let _ = writeln!(err, "user-cli: no live stream on this terminal: {e}");
-                _present = app.keep_present(None);
-            }
+        // What arrives live (group entries; direct messages while you are present, from the
+        // start with an account, else from `register` or `connect`) is printed above the
+        // prompt, through one printer.
+        let printer = prompt.printer().unwrap_or_else(|e| {
+            let _ = writeln!(
+                err,
+                "user-cli: this terminal cannot print above the prompt ({e}); live lines are printed as they come"
+            );
+            stdout_printer()
+        });
+        app.print_live(printer, true);
+        if let Err(e) = app.start_live() {
+            let _ = writeln!(err, "user-cli: live stream: {e}");
         }
+        app.present_if_registered();
+        prompt.complete_names(app.names());
         repl::run_session(app, &mut prompt, out, &mut err)
     } else {
+        // A script: once present (after `register` or `connect`), the direct messages pushed
+        // to you are printed to stdout between the commands' output, as `watch` prints them.
+        app.print_live(stdout_printer(), false);
         let mut script = repl::Script(std::io::stdin().lock());
         repl::run_session(app, &mut script, out, &mut err)
     }
+}
+
+/// Prints each line to stdout at once (a script's live lines, or a terminal that cannot print
+/// above the prompt).
+fn stdout_printer() -> app::Printer {
+    Box::new(|line: String| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    })
 }
 
 #[cfg(test)]

@@ -6,13 +6,9 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
-use rustyline::highlight::Highlighter;
-use rustyline::hint::Hinter;
 use rustyline::history::{DefaultHistory, History};
-use rustyline::validate::Validator;
-use rustyline::{Context, Editor, Helper};
+use rustyline::Editor;
 
 use crate::app::App;
 use crate::command::{self, Context as Where, Parsed, Step};
@@ -41,43 +37,9 @@ impl<R: BufRead> LineSource for Script<R> {
     }
 }
 
-/// Completes command words (and the seeds' aliases) at the start of the line.
-#[derive(Debug)]
-pub struct CommandHelper {
-    words: Vec<String>,
-}
+mod complete;
 
-impl Completer for CommandHelper {
-    type Candidate = Pair;
-
-    fn complete(
-        &self,
-        line: &str,
-        pos: usize,
-        _ctx: &Context<'_>,
-    ) -> rustyline::Result<(usize, Vec<Pair>)> {
-        let head = &line[..pos];
-        if head.contains(char::is_whitespace) {
-            return Ok((pos, Vec::new()));
-        }
-        let pairs = self
-            .words
-            .iter()
-            .filter(|w| w.starts_with(head))
-            .map(|w| Pair {
-                display: w.clone(),
-                replacement: format!("{w} "),
-            })
-            .collect();
-        Ok((0, pairs))
-    }
-}
-impl Hinter for CommandHelper {
-    type Hint = String;
-}
-impl Highlighter for CommandHelper {}
-impl Validator for CommandHelper {}
-impl Helper for CommandHelper {}
+pub use complete::CommandHelper;
 
 /// The interactive prompt, with history kept in `history` (if any).
 pub struct Interactive {
@@ -91,10 +53,13 @@ impl Interactive {
     /// # Errors
     /// The terminal cannot be set up.
     pub fn new(history: Option<PathBuf>) -> rustyline::Result<Interactive> {
+        use clap::CommandFactory;
         let mut editor = Editor::<CommandHelper, DefaultHistory>::new()?;
-        editor.set_helper(Some(CommandHelper {
-            words: command::words(),
-        }));
+        editor.set_helper(Some(CommandHelper::new(
+            command::words(),
+            crate::Args::command(),
+            crate::app::Names::default(),
+        )));
         if let Some(path) = &history {
             let _ = editor.load_history(path);
         }
@@ -103,6 +68,14 @@ impl Interactive {
 }
 
 impl Interactive {
+    /// Completes group and user names from `names` from now on
+    /// ([`crate::app::App::names`]).
+    pub fn complete_names(&mut self, names: crate::app::Names) {
+        if let Some(helper) = self.editor.helper_mut() {
+            helper.set_names(names);
+        }
+    }
+
     /// A printer that writes lines above the prompt without garbling what is being typed
     /// (rustyline's `ExternalPrinter`).
     ///

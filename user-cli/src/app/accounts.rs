@@ -1,18 +1,41 @@
 //! Accounts, presence and direct messages.
+//!
+//! # Presence in a session
+//! A session is present while it runs and your key has an account: the prompt from its
+//! start, and any session (the prompt or a script on stdin) from the moment `register NAME`
+//! or `connect` succeeds in it, with no restart. Present means a heartbeat (`connect` every
+//! third of the TTL, [`agora_common::inbox`]) and the live direct-message stream: each
+//! message pushed is printed (above the prompt, or to a script's stdout between the
+//! commands' output, as `watch` prints) and then acked. `away` and `connect --away` change
+//! what the heartbeat says; `disconnect` stops it. Leaving the prompt disconnects; a script
+//! that ends leaves its presence to lapse at the TTL, as a one-shot `connect` does.
 
 use std::time::Duration;
 
 use agora_common::client::ClientError;
-use agora_proto::wire::{ErrorCode, UserName};
+use agora_proto::wire::{ErrorCode, Presence, UserName};
 use serde_json::value::RawValue;
 
 use super::{App, CliError, Printer};
 use crate::render::{self, Item, Output};
 
-/// Keeps the user's presence alive (the inbox's `connect` every third of the TTL) and
-/// disconnects when dropped.
+/// How long starting presence waits for the registry to open the push session, so that a
+/// direct message sent right after `register` or `connect` printed its line is pushed.
+const PUSH_READY: Duration = Duration::from_secs(2);
+
+/// Keeps the user's presence alive (the inbox's `connect` every third of the TTL); when
+/// dropped, disconnects, or with `lapse` leaves the presence to lapse at the TTL.
 pub struct PresenceGuard {
-    _inbox: agora_common::inbox::Inbox,
+    inbox: agora_common::inbox::Inbox,
+    lapse: bool,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        if self.lapse {
+            self.inbox.lapse();
+        }
+    }
 }
 
 impl App {
@@ -26,6 +49,9 @@ impl App {
             .registry
             .user_register(&name)
             .map_err(|e| self.registry_error(e))?;
+        // In a session: present at once, with the live direct-message stream, before the
+        // line says so.
+        self.stay_present(Presence::Online, None);
         out.emit(Item::Registered(&r))?;
         Ok(())
     }
@@ -51,15 +77,12 @@ impl App {
 
     /// `connect` (seed 004's `CONNECT`) and `away`: marks you online or away until the
     /// session's TTL passes. `connect` then shows the direct messages waiting for you, in
-    /// order and numbered, and acks them once shown.
+    /// order and numbered, and acks them once shown. In a session, you then stay present
+    /// (the module's "Presence in a session").
     ///
     /// # Errors
     /// `unknown_user` (register first) and the like from the registry.
-    pub fn connect(
-        &mut self,
-        status: agora_proto::wire::Presence,
-        out: &mut Output<'_>,
-    ) -> Result<(), CliError> {
+    pub fn connect(&mut self, status: Presence, out: &mut Output<'_>) -> Result<(), CliError> {
         let r = self
             .registry
             .connect(status)
@@ -67,17 +90,54 @@ impl App {
         out.emit(Item::Presence(&r))?;
         // Seed 004: "once they reconnect they will receive all pending messages". Shown in
         // order, numbered, then acked, in scripts as at the prompt.
-        if status == agora_proto::wire::Presence::Online && self.show_mailbox(out)? == 0 {
+        if status == Presence::Online && self.show_mailbox(out)? == 0 {
             out.emit(Item::NoneWaiting)?;
         }
+        out.flush()?;
+        self.stay_present(status, Some(r.ttl_ms));
         Ok(())
     }
 
-    /// `disconnect` (seed 004's `DISCONNECT`): marks you offline.
+    /// At the start of the prompt: present from now on if your key has an account (else from
+    /// `register` or `connect`).
+    pub fn present_if_registered(&mut self) {
+        self.stay_present(Presence::Online, None);
+    }
+
+    /// In a session ([`App::print_live`]), keeps you present saying `status` (the heartbeat
+    /// and the live direct-message stream), starting it if it does not run: waits (up to
+    /// 2 s) for the push session to open, so that a message sent from then on is pushed.
+    /// `ttl_ms`: from a `connect` reply just received (else one is sent first). Outside a
+    /// session, or without an account (the first `connect` refused), nothing starts.
+    pub(super) fn stay_present(&mut self, status: Presence, ttl_ms: Option<u64>) {
+        if !self.in_session() {
+            return;
+        }
+        if let Some(present) = &self.session.presence {
+            present.inbox.set_status(status);
+            return;
+        }
+        let printer = self.live_printer();
+        let lapse = !self.session.prompt;
+        if let Some(mut guard) = self.present(printer, status, ttl_ms) {
+            if !guard.inbox.wait_ready(PUSH_READY) {
+                tracing::debug!("the registry did not open the push session in time");
+            }
+            guard.lapse = lapse;
+            self.session.presence = Some(guard);
+        }
+    }
+
+    /// `disconnect` (seed 004's `DISCONNECT`): marks you offline (a session's heartbeat
+    /// stops first, so that it does not mark you online again).
     ///
     /// # Errors
     /// The registry's failure.
     pub fn disconnect(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
+        if let Some(mut present) = self.session.presence.take() {
+            present.lapse = false;
+            drop(present);
+        }
         let r = self
             .registry
             .disconnect()
@@ -93,13 +153,25 @@ impl App {
     /// it. With a `printer`, each pushed message is printed and then acked (removed from the
     /// mailbox); without one, nothing is acked, so nothing unseen is lost.
     pub fn keep_present(&mut self, printer: Option<Printer>) -> Option<PresenceGuard> {
+        self.present(printer, Presence::Online, None)
+    }
+
+    /// The heartbeat saying `status`, pushed messages printed through `printer` (and noted
+    /// for completion); `ttl_ms` from a `connect` reply just received, else one is sent.
+    fn present(
+        &mut self,
+        printer: Option<Printer>,
+        status: Presence,
+        ttl_ms: Option<u64>,
+    ) -> Option<PresenceGuard> {
         let curve = self.registry_curve.clone()?;
-        let first = self
-            .registry
-            .connect(agora_proto::wire::Presence::Online)
-            .ok()?;
-        let every = Duration::from_millis(first.ttl_ms / 3).max(Duration::from_millis(100));
+        let ttl_ms = match ttl_ms {
+            Some(ttl) => ttl,
+            None => self.registry.connect(status).ok()?.ttl_ms,
+        };
+        let every = Duration::from_millis(ttl_ms / 3).max(Duration::from_millis(100));
         let format = self.format;
+        let names = self.session.names.clone();
         let mut printer = printer;
         // Printed on the inbox's own thread, then acked; without a printer nothing is acked,
         // so pushed messages stay in the mailbox for the next `check`.
@@ -112,6 +184,7 @@ impl App {
                 let Some(print) = printer.as_mut() else {
                     return false;
                 };
+                names.add_users([dm.from.to_string()]);
                 let item = Item::Dm {
                     dm: &dm,
                     stored: false,
@@ -123,7 +196,13 @@ impl App {
             },
         )
         .ok()?;
-        Some(PresenceGuard { _inbox: inbox })
+        if status != Presence::Online {
+            inbox.set_status(status);
+        }
+        Some(PresenceGuard {
+            inbox,
+            lapse: false,
+        })
     }
 
     /// `send_dm NAME TEXT` (also `NAME: text` at the prompt, and seed 004's `SEND u text`).
@@ -152,6 +231,7 @@ impl App {
             }
             Err(e) => return Err(self.registry_error(e)),
         };
+        self.session.names.add_users([to.to_string()]);
         out.emit(Item::DmSent { to: &to, ack: &ack })?;
         Ok(())
     }
@@ -170,6 +250,11 @@ impl App {
         let body = RawValue::from_string(body)
             .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
         let id = agora_proto::id::MessageId::new_v7();
+        if let Some(to) = &to {
+            self.session
+                .names
+                .add_users(to.iter().map(ToString::to_string));
+        }
         let reply = match to {
             Some(to) => self.registry.multicast(to, body, id),
             None => self.registry.broadcast(body, id),
@@ -192,6 +277,9 @@ impl App {
                 .registry
                 .mailbox(after, Some(1000))
                 .map_err(|e| self.registry_error(e))?;
+            self.session
+                .names
+                .add_users(page.messages.iter().map(|dm| dm.from.to_string()));
             for dm in &page.messages {
                 out.emit(Item::Dm { dm, stored: true })?;
                 after = dm.n;
@@ -289,6 +377,9 @@ impl App {
     /// The registry's failure.
     pub fn users(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
         let users = self.registry.users().map_err(|e| self.registry_error(e))?;
+        self.session
+            .names
+            .add_users(users.iter().map(|u| u.name.to_string()));
         for u in &users {
             out.emit(Item::User(u))?;
         }
@@ -314,6 +405,7 @@ impl App {
             }
             Err(e) => return Err(self.registry_error(e)),
         };
+        self.session.names.add_users([r.user.name.to_string()]);
         out.emit(Item::Whois(&r.user))?;
         Ok(())
     }

@@ -219,7 +219,7 @@ impl App {
         };
         let caption =
             RawValue::from_string(caption).map_err(|e| CliError::Usage(format!("caption: {e}")))?;
-        let id = MessageId::new_v7();
+        let id = self.new_message_id();
         let (ack, _) = self.on_node(target, |node| {
             node.send_attachment(attachment.clone(), caption.clone(), id)
         })?;

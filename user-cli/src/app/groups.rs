@@ -17,6 +17,9 @@ impl App {
     /// The registry's failure.
     pub fn groups(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
         let groups = self.registry.list().map_err(|e| self.registry_error(e))?;
+        self.session
+            .names
+            .add_groups(groups.iter().map(|g| g.name.to_string()));
         for g in &groups {
             out.emit(Item::Group(g))?;
         }
@@ -111,7 +114,7 @@ impl App {
             .map_err(|e| CliError::Usage(format!("body is not JSON: {e}")))?;
         let len = body.get().len();
         // One id for every try, so that a retry at a moved node is stored once.
-        let id = agora_proto::id::MessageId::new_v7();
+        let id = self.new_message_id();
         let (sent, _) = self.on_node(target, |node| {
             // Past the overhead room, libzmq would drop the connection instead of letting
             // the node answer `too_large`: ask for the limit first and refuse here.

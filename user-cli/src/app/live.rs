@@ -1,18 +1,91 @@
 //! Following groups: `subscribe`, `unsubscribe`, `check`, `watch`, and the prompt's live
-//! stream.
+//! stream; and what a session adds to the client ([`Session`]): where it prints what arrives
+//! live, the presence it keeps ([`super::accounts`]), and the messages it sent itself.
+//!
+//! # Your own messages
+//! A message of yours sent from another client (a second terminal, the web page, a one-shot
+//! `user-cli send`) shows in the prompt's live stream marked as yours
+//! (`[…] G #7 alice (you): hi`; in JSON with `"mine": true`); one sent from this prompt is
+//! not shown again (its ack was). Your own messages never count as unread: `check` counts
+//! and shows only others' entries, and marks yours seen.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
 use agora_common::keys::PublicKey;
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_common::shutdown::Shutdown;
-use agora_proto::wire::{EntryKind, ErrorCode, GroupName, HistoryQuery};
+use agora_proto::id::MessageId;
+use agora_proto::wire::{EntryKind, ErrorCode, GroupName, HistoryQuery, Message, UserName};
 
+use super::accounts::PresenceGuard;
+use super::names::Names;
 use super::{cause, lock, remote, App, CliError, Printer};
-use crate::render::{self, Item, Output};
+use crate::render::{self, Format, Item, Output};
 use crate::state::GroupState;
+
+/// How many ids of messages sent from this process are remembered, not to echo them.
+const SENT_HERE: usize = 1024;
+
+/// What a session (the prompt, or a script on stdin) adds to the client. Outside a session
+/// (a one-shot command, `watch`) it stays empty.
+#[derive(Default)]
+pub(super) struct Session {
+    /// Where what arrives live is printed (above the prompt, or to a script's stdout).
+    printer: Option<Arc<Mutex<Printer>>>,
+    /// At the prompt, presence ends with the session (`disconnect`); in a script it lapses at
+    /// the TTL, as after a one-shot `connect`.
+    pub(super) prompt: bool,
+    /// The running presence heartbeat and direct-message inbox.
+    pub(super) presence: Option<PresenceGuard>,
+    /// Ids of the last [`SENT_HERE`] messages sent from this process.
+    sent_here: Arc<Mutex<VecDeque<MessageId>>>,
+    /// The names tab completion offers.
+    pub(super) names: Names,
+}
+
+impl App {
+    /// Makes this client a session's: what arrives live (group entries once
+    /// [`App::start_live`] runs, direct messages once you are present) is printed through
+    /// `printer`. `prompt`: an interactive prompt, whose presence ends with it; otherwise a
+    /// script, whose presence (after `register` or `connect`) lapses at the TTL.
+    pub fn print_live(&mut self, printer: Printer, prompt: bool) {
+        self.session.printer = Some(Arc::new(Mutex::new(printer)));
+        self.session.prompt = prompt;
+    }
+
+    /// Whether this client is a session's ([`App::print_live`]).
+    pub(super) fn in_session(&self) -> bool {
+        self.session.printer.is_some()
+    }
+
+    /// The session's printer, shared (group entries and direct messages print through one).
+    pub(super) fn live_printer(&self) -> Option<Printer> {
+        let shared = Arc::clone(self.session.printer.as_ref()?);
+        Some(Box::new(move |line: String| {
+            let mut print = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            (*print)(line);
+        }))
+    }
+
+    /// A new message id, remembered as sent from this process: the live stream does not
+    /// print that message again.
+    pub(super) fn new_message_id(&self) -> MessageId {
+        let id = MessageId::new_v7();
+        let mut sent = self
+            .session
+            .sent_here
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if sent.len() == SENT_HERE {
+            sent.pop_front();
+        }
+        sent.push_back(id);
+        id
+    }
+}
 
 impl App {
     /// Adds a group to the live feed, if one runs (interactive mode).
@@ -152,16 +225,23 @@ impl App {
             })
             .map(|()| entries)
         })?;
+        // Your own messages (from this client or another) are not unread: not counted, not
+        // shown, and seen with the rest.
+        let me = self.user.clone();
+        let theirs: Vec<&Message> = entries.iter().filter(|m| !is_mine(&me, m)).collect();
         out.emit(Item::Unread {
             group: name,
-            count: entries.len(),
+            count: theirs.len(),
         })?;
-        for m in &entries {
+        for m in &theirs {
             out.emit(Item::Entry {
                 group: &group,
                 entry: m,
             })?;
         }
+        self.session
+            .names
+            .add_users(theirs.iter().map(|m| m.sender.to_string()));
         let mut state = lock(&self.state);
         if let Some(last) = entries.last() {
             state.seen(name, last.seq);
@@ -172,16 +252,22 @@ impl App {
         Ok(())
     }
 
-    /// Starts the live feed for every subscribed group (interactive mode); entries are
-    /// printed through `printer` (the user's own messages are not: their ack was) and
-    /// counted as seen.
+    /// Starts the live feed for every subscribed group (the prompt); entries are printed
+    /// through the session's printer ([`App::print_live`]; without one nothing starts) and
+    /// counted as seen. Your own messages are printed marked as yours, except those sent
+    /// from this process (their ack was printed).
     ///
     /// # Errors
     /// The feed thread could not start.
-    pub fn start_live(&mut self, mut printer: Printer) -> std::io::Result<()> {
+    pub fn start_live(&mut self) -> std::io::Result<()> {
+        let Some(mut printer) = self.live_printer() else {
+            return Ok(());
+        };
         let state = Arc::clone(&self.state);
         let me = self.user.clone();
         let format = self.format;
+        let sent_here = Arc::clone(&self.session.sent_here);
+        let names = self.session.names.clone();
         let mut last_save = Instant::now();
         // Printed on the feed's own thread: no relay thread between the feed and the screen.
         let locate = self.locator();
@@ -194,19 +280,27 @@ impl App {
             move |event| {
                 match event {
                     FeedEvent::Entry { group, entry, .. } => {
-                        let mine = entry.sender == me && entry.kind == EntryKind::Message;
+                        let mine = is_mine(&me, &entry);
                         let mut s = lock(&state);
                         s.seen(group.as_str(), entry.seq);
                         if last_save.elapsed() > Duration::from_millis(500) {
-                            let _ = s.save();
+                            if let Err(e) = s.save() {
+                                tracing::warn!(error = %e, "could not save the client state");
+                            }
                             last_save = Instant::now();
                         }
                         drop(s);
-                        let item = Item::Entry {
-                            group: &group,
-                            entry: &entry,
-                        };
-                        if let Some(line) = render::line(format, &item).filter(|_| !mine) {
+                        let here = mine
+                            && sent_here
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .contains(&entry.id);
+                        if !mine {
+                            names.add_users([entry.sender.to_string()]);
+                        }
+                        if let Some(line) =
+                            live_line(format, &group, &entry, mine).filter(|_| !here)
+                        {
                             printer(line);
                         }
                     }
@@ -325,9 +419,95 @@ impl App {
     }
 }
 
+/// Whether `entry` is a message `me` sent (from any client).
+fn is_mine(me: &UserName, entry: &Message) -> bool {
+    entry.sender == *me && entry.kind == EntryKind::Message
+}
+
+/// The live stream's line for `entry`: as [`render::line`] prints it, and for one of your own
+/// (`mine`) marked as yours: `[…] G #7 alice (you): hi`, or in JSON with `"mine": true`.
+fn live_line(format: Format, group: &GroupName, entry: &Message, mine: bool) -> Option<String> {
+    let line = render::line(format, &Item::Entry { group, entry })?;
+    if !mine {
+        return Some(line);
+    }
+    match format {
+        Format::Human => {
+            let head = format!(
+                "[{}] {group} #{} {}",
+                render::local_time(entry.time),
+                entry.seq,
+                entry.sender
+            );
+            Some(match line.strip_prefix(&head) {
+                Some(rest) => format!("{head} (you){rest}"),
+                None => line,
+            })
+        }
+        Format::Json => Some(match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(serde_json::Value::Object(mut object)) => {
+                object.insert("mine".into(), serde_json::Value::Bool(true));
+                serde_json::Value::Object(object).to_string()
+            }
+            _ => line,
+        }),
+    }
+}
+
 fn feed_options(client: ClientOptions) -> FeedOptions {
     FeedOptions {
         client,
         ..FeedOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn entry(sender: &str, kind: EntryKind) -> Message {
+        Message {
+            seq: 7,
+            id: MessageId::new_v7(),
+            time: agora_proto::time::Timestamp::now(),
+            sender: UserName::new(sender).expect("name"),
+            kind,
+            body: RawValue::from_string("\"hi there\"".into()).expect("json"),
+            sender_key: None,
+            attachment: None,
+        }
+    }
+
+    /// Issue 23: your own message from another client shows in the prompt marked as yours;
+    /// others' lines are as `render` prints them.
+    #[test]
+    fn your_own_messages_are_marked_as_yours() {
+        let me = UserName::new("alice").expect("name");
+        let group = GroupName::new("Cool Group").expect("group");
+        let own = entry("alice", EntryKind::Message);
+        let other = entry("bob", EntryKind::Message);
+        assert!(is_mine(&me, &own));
+        assert!(!is_mine(&me, &other));
+        assert!(!is_mine(&me, &entry("alice", EntryKind::Join)));
+
+        let line = live_line(Format::Human, &group, &own, true).expect("line");
+        assert!(
+            line.ends_with(" Cool Group #7 alice (you): hi there"),
+            "{line}"
+        );
+        let line = live_line(Format::Human, &group, &other, false).expect("line");
+        assert!(line.ends_with(" Cool Group #7 bob: hi there"), "{line}");
+
+        let json: serde_json::Value =
+            serde_json::from_str(&live_line(Format::Json, &group, &own, true).expect("line"))
+                .expect("json");
+        assert_eq!(json["mine"], true);
+        assert_eq!(json["sender"], "alice");
+        assert_eq!(json["group"], "Cool Group");
+        let json: serde_json::Value =
+            serde_json::from_str(&live_line(Format::Json, &group, &other, false).expect("line"))
+                .expect("json");
+        assert!(json.get("mine").is_none());
     }
 }

@@ -10,11 +10,15 @@
 //!   live stream);
 //! - [`accounts`]: accounts, presence and direct messages;
 //! - [`files`]: `send_file` and `get_file`, resumable, with progress.
+//! - [`names`]: the group and user names tab completion offers.
 
 mod accounts;
 mod files;
 mod groups;
 mod live;
+mod names;
+
+pub use names::Names;
 
 pub use groups::PolicyChange;
 
@@ -161,6 +165,8 @@ pub struct App {
     nodes: HashMap<Endpoint, GroupClient>,
     state: Arc<Mutex<StateFile>>,
     feed: Option<Feed>,
+    /// What a session adds: its live printer, presence, own sent ids, completion names.
+    session: live::Session,
     /// The user's CURVE key pair; `None` with `--insecure`.
     keypair: Option<Keypair>,
     /// Node public keys by endpoint, as resolved.
@@ -229,6 +235,7 @@ impl App {
             nodes: HashMap::new(),
             state: Arc::new(Mutex::new(state)),
             feed: None,
+            session: live::Session::default(),
             keypair,
             node_keys: HashMap::new(),
         }
