@@ -155,6 +155,8 @@ impl CheckpointThread {
 
 fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
     let mut restart = false;
+    // Checkpoints fail while the file system refuses writes: warned once, not at every try.
+    let mut failing = false;
     loop {
         match pipe.wait(Some(CHECKPOINT_INTERVAL)) {
             Wake::Term => return,
@@ -173,6 +175,10 @@ fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
         }
         match checkpointer.checkpoint(restart) {
             Ok(stats) => {
+                if failing {
+                    failing = false;
+                    tracing::info!("checkpoints work again");
+                }
                 // The WAL file keeps its size when it starts over, so count its frames.
                 restart = stats.wal_frames > WAL_RESTART_FRAMES;
                 tracing::trace!(
@@ -182,7 +188,12 @@ fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
                     "checkpoint"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, restart, "checkpoint failed; will retry"),
+            Err(e) if failing => tracing::debug!(error = %e, restart, "checkpoint failed again"),
+            Err(e) => {
+                failing = true;
+                tracing::warn!(error = %e, restart,
+                    "checkpoint failed; will retry (logged again only once one succeeds)");
+            }
         }
     }
 }

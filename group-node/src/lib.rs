@@ -954,7 +954,11 @@ impl Node {
             Ok(())
         };
         if let Err(e) = &began {
-            tracing::error!(error = %e, "cannot start a transaction");
+            if e.is_logged() {
+                tracing::debug!(error = %e, "cannot start a transaction");
+            } else {
+                tracing::error!(error = %e, "cannot start a transaction");
+            }
         } else {
             // The sends' ids, looked up together; a failure aborts the batch, whose writes
             // are then refused and rolled back at commit.
@@ -1054,7 +1058,11 @@ impl Node {
             }
             Err(e) => {
                 // Nothing of this batch is stored: no reply may claim otherwise.
-                tracing::error!(error = %e, "commit failed; batch rolled back");
+                if e.is_logged() {
+                    tracing::debug!(error = %e, "commit failed; batch rolled back");
+                } else {
+                    tracing::error!(error = %e, "commit failed; batch rolled back");
+                }
                 let replies = handled
                     .into_iter()
                     .map(|h| {

@@ -158,7 +158,11 @@ pub fn store_error(e: StoreError) -> WireError {
             format!("the user name {name} belongs to another member of this group"),
         ),
         other => {
-            tracing::error!(error = %other, "store failed");
+            if other.is_logged() {
+                tracing::debug!(error = %other, "store failed");
+            } else {
+                tracing::error!(error = %other, "store failed");
+            }
             WireError::new(ErrorCode::Internal, "storage failure; retry later")
         }
     }

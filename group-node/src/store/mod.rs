@@ -21,6 +21,13 @@
 //! go on. [`GroupStore::commit`] then fails, and the cached seq and clock are reloaded from
 //! what is stored, so the next batch numbers on from there: no seq gap, and nothing answered
 //! as failed is stored.
+//!
+//! # A file system that refuses writes
+//! An I/O error, a full disk, a store file made immutable or a file system turned read-only
+//! fails each write with [`StoreError::Unwritable`]: the batch is answered `internal` and
+//! nothing of it is stored, reads go on, and writes work again once the cause is gone,
+//! without a restart. The cause is logged once when writes begin to fail and once when they
+//! work again, not at each refused write.
 
 use std::time::Duration;
 
@@ -148,6 +155,22 @@ pub enum StoreError {
     /// is written until the next [`GroupStore::begin`].
     #[error("the batch was rolled back after an earlier failure")]
     Aborted,
+    /// The file system under the store refused a write: an I/O error, a full disk, a file
+    /// made immutable, a file system turned read-only. Nothing of the batch is stored; reads
+    /// go on; writes work again once the cause is gone. The store logged the cause when
+    /// writes began to fail, once (see [`StoreError::is_logged`]).
+    #[error("the store cannot be written: {0}")]
+    Unwritable(rusqlite::Error),
+}
+
+impl StoreError {
+    /// Whether the cause of this error has been logged already, so that a caller logs it at
+    /// debug level only: [`StoreError::Unwritable`] (the store logs the cause once when
+    /// writes begin to fail, not at every refused write) and [`StoreError::Aborted`] (the
+    /// failure that aborted the batch was logged when it happened).
+    pub fn is_logged(&self) -> bool {
+        matches!(self, StoreError::Unwritable(_) | StoreError::Aborted)
+    }
 }
 
 /// An entry to append.

@@ -44,7 +44,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::value::RawValue;
 
 use agora_proto::id::MessageId;
@@ -86,6 +86,9 @@ pub struct SqliteStore {
     meta_dirty: bool,
     /// SQLite rolled this batch back after a failed write (see the module docs).
     aborted: bool,
+    /// Writes fail for a cause outside SQLite ([`StoreError::Unwritable`]): the cause was
+    /// logged when they began to fail, and is not logged again until a commit succeeds.
+    unwritable: bool,
     path: std::path::PathBuf,
     durability: Durability,
 }
@@ -124,8 +127,7 @@ impl SqliteStore {
         group: &GroupName,
         durability: Durability,
     ) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(path)?;
         if durability == Durability::Commit {
             // Before the first WAL access, so that SQLite never maps the shared-memory index.
             conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")?;
@@ -231,6 +233,7 @@ impl SqliteStore {
             member_count: 0,
             meta_dirty: false,
             aborted: false,
+            unwritable: false,
             path: path.to_owned(),
             durability,
         };
@@ -301,8 +304,7 @@ impl SqliteStore {
     /// # Errors
     /// [`StoreError::Sqlite`] if the file cannot be opened.
     pub fn checkpointer(&self) -> Result<Checkpointer, StoreError> {
-        let conn = Connection::open(&self.path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(&self.path)?;
         conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;")?;
         Ok(Checkpointer {
             conn,
@@ -321,10 +323,54 @@ impl SqliteStore {
         }
         let result = write(self);
         if result.is_err() && self.conn.is_autocommit() {
-            tracing::error!("SQLite rolled the batch back; its later writes are refused");
+            // The failure itself is logged (by the caller, or once by `write_failed`).
+            tracing::debug!("SQLite rolled the batch back; its later writes are refused");
             self.aborted = true;
         }
-        result
+        result.map_err(|e| self.write_failed(e))
+    }
+
+    /// What a failed write returns: an error of the file system under the store (an I/O
+    /// error, a full disk, a file or file system that refuses writes) becomes
+    /// [`StoreError::Unwritable`], and its cause is logged here, once, when writes begin to
+    /// fail (and a line when they work again, [`SqliteStore::write_succeeded`]); any other
+    /// error is returned as it is.
+    fn write_failed(&mut self, e: StoreError) -> StoreError {
+        let StoreError::Sqlite(source) = e else {
+            return e;
+        };
+        if !refused_by_file_system(&source) {
+            return StoreError::Sqlite(source);
+        }
+        if self.unwritable {
+            tracing::debug!(error = %source, "the store still cannot be written");
+        } else {
+            self.unwritable = true;
+            // SQLite's message says "disk I/O error"; the file system's own answer names
+            // the cause (immutable: "Operation not permitted"; read-only: "Read-only file
+            // system"). Only the WAL is opened to ask: closing a descriptor of the database
+            // file would drop this process's lock on it (POSIX locks are per process).
+            let wal = wal_path(&self.path);
+            let cause = match std::fs::OpenOptions::new().append(true).open(&wal) {
+                Err(e) => format!("{source}; opening {} for writing: {e}", wal.display()),
+                Ok(_) => source.to_string(),
+            };
+            tracing::error!(
+                error = %cause,
+                store = %self.path.display(),
+                "the store cannot be written: writes are answered internal and nothing of \
+                 them is stored until it can; reads go on"
+            );
+        }
+        StoreError::Unwritable(source)
+    }
+
+    /// Notes a commit that succeeded: logs once that writes work again after they failed.
+    fn write_succeeded(&mut self) {
+        if self.unwritable {
+            self.unwritable = false;
+            tracing::info!(store = %self.path.display(), "the store can be written again");
+        }
     }
 
     /// Reads the cached high-water marks and counts back from the file.
@@ -452,6 +498,40 @@ impl SqliteStore {
     }
 }
 
+/// The SQLite VFS of every connection to a store: `unix-excl`.
+///
+/// Why: SQLite's default VFS keeps the WAL index in the `-shm` file, mapped into memory and
+/// shared between processes. When the kernel will not let that file be written (made
+/// immutable, or on a file system that turned read-only after an error), a write to a mapped
+/// page is not an error SQLite can return but SIGBUS, which killed the node with no log line
+/// (issue 23). With `unix-excl` the process holds an exclusive lock on the database file
+/// and the WAL index lives in heap memory, shared by this process's connections (the
+/// writer and the [`Checkpointer`]), so no file is mapped and every failed write is an
+/// error. No other process can open the store meanwhile; the node's data-directory lock
+/// already rules one out. No `-shm` file is made.
+const VFS: &str = "unix-excl";
+
+/// Opens a connection to the store at `path` through [`VFS`], with a 5 s busy timeout and
+/// memory-mapped I/O of the database file off (`mmap_size=0`, SQLite's default, made sure
+/// of: a mapped database file would fault the same way).
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), VFS)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.execute_batch("PRAGMA mmap_size=0;")?;
+    Ok(conn)
+}
+
+/// Whether `e` is the file system refusing a write (an I/O error, a full disk, a read-only
+/// or immutable file, a file that cannot be opened), as opposed to the statement itself
+/// failing (a constraint, a locked database).
+fn refused_by_file_system(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    matches!(
+        e.sqlite_error_code(),
+        Some(C::SystemIoFailure | C::DiskFull | C::ReadOnly | C::CannotOpen | C::PermissionDenied)
+    )
+}
+
 /// The WAL file of the database at `db`: `db` with `-wal` appended (SQLite's naming).
 fn wal_path(db: &Path) -> std::path::PathBuf {
     let mut s = db.as_os_str().to_owned();
@@ -559,8 +639,11 @@ const SELECT: &str =
 impl GroupStore for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.aborted = false;
-        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        Ok(())
+        let begun = (|| -> Result<(), StoreError> {
+            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            Ok(())
+        })();
+        begun.map_err(|e| self.write_failed(e))
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
@@ -588,8 +671,9 @@ impl GroupStore for SqliteStore {
             self.meta_dirty = false;
             self.aborted = false;
             self.reload()?;
-            return Err(e);
+            return Err(self.write_failed(e));
         }
+        self.write_succeeded();
         Ok(())
     }
 
