@@ -449,6 +449,7 @@ mod tests {
             r#"{"action":"block","name":"mallory"}"#,
             r#"{"action":"unblock","name":"mallory"}"#,
             r#"{"action":"blocked"}"#,
+            r#"{"action":"owner","name":"Cool Group"}"#,
             // The node's `stop` and the registry's: one wire name in two roles.
             r#"{"action":"stop","user":"a"}"#,
         ];
