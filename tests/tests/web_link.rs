@@ -246,6 +246,61 @@ fn the_link_socket_is_one_gateways_and_a_link_without_a_gateway_is_unreachable()
     assert!(!socket.exists(), "removed at stop");
 }
 
+#[test]
+fn another_local_user_gets_no_link_even_where_the_socket_is_left_open() {
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root {
+        eprintln!("skipped: running a command as another user needs root (CI runs as root)");
+        return;
+    }
+    let fed = Federation::start("200ms");
+    let socket = fed.dir.path().join("run").join("link.sock");
+    let web = gateway(&fed, "alice", &socket, &[]);
+    let as_nobody = || {
+        let mut command = Command::new(agora_tests::bin("agora-web"));
+        std::os::unix::process::CommandExt::uid(&mut command, 65534);
+        std::os::unix::process::CommandExt::gid(&mut command, 65534);
+        command
+            .args(["link", "--link-socket"])
+            .arg(&socket)
+            .output()
+            .expect("agora-web link as nobody")
+    };
+
+    // The socket's directory is 0700: another user cannot even reach the socket.
+    let denied = as_nobody();
+    let said = String::from_utf8_lossy(&denied.stderr);
+    assert_eq!(denied.status.code(), Some(4), "{said}");
+    assert!(said.contains("Permission denied"), "{said}");
+    assert!(denied.stdout.is_empty());
+
+    // Left open by mistake (the directory enterable, the socket writable by all), the
+    // gateway still answers only its own user: no link, nothing said.
+    let dir = socket.parent().expect("dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let refused = as_nobody();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        !String::from_utf8_lossy(&refused.stdout).contains("token"),
+        "{refused:?}"
+    );
+    assert!(
+        agora_tests::wait_for(Duration::from_secs(5), || web
+            .log()
+            .contains("refused another user")),
+        "{}",
+        web.log()
+    );
+
+    // Its own user still gets one.
+    let (code, stdout, stderr) =
+        agora_web_link(&["--link-socket", socket.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    sign_in(stdout.trim()).expect("the owner's link signs in");
+}
+
 /// A personal gateway started without `--registry-key` (its pins in `state`), its link
 /// socket `DIR/<tag>.sock`.
 fn keyless(fed: &Federation, tag: &str, state: &str, extra: &[&str]) -> Command {

@@ -56,14 +56,14 @@ pub enum LinkError {
     NotASocket(PathBuf),
     /// No gateway answers at the path (`agora-web link`).
     #[error(
-        "no agora-web answers at {path} ({source}): start it (agora-web --user NAME), or pass \
+        "no agora-web answers at {path} ({cause}): start it (agora-web --user NAME), or pass \
          the --link-socket it was started with"
     )]
     NoGateway {
         /// The socket's path.
         path: PathBuf,
-        /// Why the connection failed.
-        source: std::io::Error,
+        /// Why the connection failed (said in the message, so not a `source`).
+        cause: std::io::Error,
     },
     /// The gateway did not answer in time (`agora-web link`).
     #[error("the agora-web at {path} did not answer within {waited}: is it stuck? restart it")]
@@ -82,20 +82,20 @@ pub enum LinkError {
         message: String,
     },
     /// Any other I/O failure on the socket or its directory.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The socket or its directory.
         path: PathBuf,
-        /// The failure.
-        source: std::io::Error,
+        /// The failure (said in the message, so not a `source`).
+        cause: std::io::Error,
     },
 }
 
 impl LinkError {
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LinkError + '_ {
-        move |source| LinkError::Io {
+        move |cause| LinkError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         }
     }
 }
@@ -252,6 +252,10 @@ impl Drop for LinkSocket {
     }
 }
 
+/// What `agora-web link` says when the gateway closes without an answer.
+const NO_ANSWER: &str =
+    "it closed the connection without an answer (a gateway answers only the user who started it)";
+
 /// Asks the gateway at the link socket `path` for a new sign-in link, waiting at most
 /// `timeout` for its answer; returns the link's URL.
 ///
@@ -259,20 +263,27 @@ impl Drop for LinkSocket {
 /// [`LinkError::NoGateway`] when nothing answers at `path`, [`LinkError::Timeout`],
 /// [`LinkError::Refused`] when the gateway answers `error …`, [`LinkError::Io`].
 pub fn request(path: &Path, timeout: Duration) -> Result<String, LinkError> {
-    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+    let mut stream = UnixStream::connect(path).map_err(|cause| match cause.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             LinkError::NoGateway {
                 path: path.to_owned(),
-                source,
+                cause,
             }
         }
-        _ => LinkError::io(path)(source),
+        _ => LinkError::io(path)(cause),
     })?;
     let timed_out = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => LinkError::Timeout {
             path: path.to_owned(),
             waited: humantime::format_duration(timeout).to_string(),
         },
+        // It answers only its own user, by closing.
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+            LinkError::Refused {
+                path: path.to_owned(),
+                message: NO_ANSWER.to_owned(),
+            }
+        }
         _ => LinkError::io(path)(e),
     };
     stream
@@ -290,6 +301,10 @@ pub fn request(path: &Path, timeout: Duration) -> Result<String, LinkError> {
         Some(("error", message)) => Err(LinkError::Refused {
             path: path.to_owned(),
             message: message.to_owned(),
+        }),
+        _ if line.is_empty() => Err(LinkError::Refused {
+            path: path.to_owned(),
+            message: NO_ANSWER.to_owned(),
         }),
         _ => Err(LinkError::Refused {
             path: path.to_owned(),
