@@ -91,7 +91,7 @@ struct Serve {
     /// Personal mode: the local socket where `agora-web link` asks for a new sign-in link
     /// (0600, in a directory only you can enter) [default:
     /// $XDG_RUNTIME_DIR/agora-web/link.sock, or link.sock in the data directory].
-    #[arg(long, env = "AGORA_WEB_LINK_SOCKET", conflicts_with = "hosted")]
+    #[arg(long, env = "AGORA_WEB_LINK_SOCKET")]
     link_socket: Option<PathBuf>,
     /// Personal mode: how long a sign-in link works (each works once).
     #[arg(long, env = "AGORA_WEB_LINK_TTL", default_value = "5min", value_parser = humantime::parse_duration)]
