@@ -25,9 +25,11 @@ fn ok(run: CliRun) -> CliRun {
 struct Session {
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: mpsc::Receiver<String>,
+    stdout: mpsc::Receiver<Vec<u8>>,
     stderr: mpsc::Receiver<String>,
-    /// Every stdout line so far.
+    /// Everything printed on stdout so far (a prompt's unfinished line included).
+    raw: Vec<u8>,
+    /// Every complete stdout line so far.
     lines: Vec<String>,
     /// Every stderr line so far.
     errors: Vec<String>,
@@ -46,33 +48,77 @@ fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-impl Session {
-    /// Starts `user`'s session against `fed`'s registry.
-    fn start(fed: &Federation, user: &str) -> Session {
-        let mut command = Command::new(bin("user-cli"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AGORA_") {
-                command.env_remove(key);
+/// What `r` gives, as it comes (a prompt is not a line).
+fn chunks_of(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0; 4096];
+        while let Ok(n @ 1..) = r.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
             }
         }
+    });
+    rx
+}
+
+/// `command` set to run user-cli as `user` against `fed` (its settings in the environment).
+fn as_user(mut command: Command, fed: &Federation, user: &str) -> Command {
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AGORA_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("TZ", "UTC")
+        .env("HOME", fed.path("home"))
+        .env("AGORA_REGISTRY", &fed.registry.endpoint)
+        .env("AGORA_USER", user)
+        .env("AGORA_STATE_DIR", fed.state_dir())
+        .env("AGORA_KEY_DIR", fed.key_dir())
+        .env("AGORA_REGISTRY_KEY", fed.registry_key());
+    command
+}
+
+impl Session {
+    /// Starts `user`'s session against `fed`'s registry, reading a pipe.
+    fn start(fed: &Federation, user: &str) -> Session {
+        Session::spawn(as_user(Command::new(bin("user-cli")), fed, user))
+    }
+
+    /// Starts `user`'s interactive prompt on a terminal of its own (a pseudo-terminal that
+    /// util-linux's `script` makes; the test types into it through `script`'s stdin).
+    fn prompt(fed: &Federation, user: &str) -> Session {
+        let script = agora_tests::installed("script", &[], "util-linux installs it");
+        let mut command = as_user(Command::new(script), fed, user);
+        let user_cli = bin("user-cli").display().to_string();
         command
-            .args(["--registry", &fed.registry.endpoint, "--user", user])
-            .env("TZ", "UTC")
-            .env("AGORA_STATE_DIR", fed.state_dir())
-            .env("AGORA_KEY_DIR", fed.key_dir())
-            .env("AGORA_REGISTRY_KEY", fed.registry_key())
+            .args([
+                "--quiet",
+                "--return",
+                "--command",
+                &format!("'{user_cli}'"),
+                "/dev/null",
+            ])
+            .env("TERM", "xterm");
+        Session::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Session {
+        command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn user-cli");
         let stdin = child.stdin.take();
-        let stdout = lines_of(child.stdout.take().expect("stdout"));
+        let stdout = chunks_of(child.stdout.take().expect("stdout"));
         let stderr = lines_of(child.stderr.take().expect("stderr"));
         Session {
             child,
             stdin,
             stdout,
             stderr,
+            raw: Vec::new(),
             lines: Vec::new(),
             errors: Vec::new(),
         }
@@ -80,13 +126,48 @@ impl Session {
 
     /// Types `line` (and a newline).
     fn type_line(&mut self, line: &str) {
+        self.type_keys(&format!("{line}\n"));
+    }
+
+    /// Types `keys` as they are (a tab included).
+    fn type_keys(&mut self, keys: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is open");
-        writeln!(stdin, "{line}").expect("write to the session");
+        stdin
+            .write_all(keys.as_bytes())
+            .expect("write to the session");
         stdin.flush().expect("flush");
     }
 
+    /// Types `keys` one at a time, each once the prompt has shown the one before (its echo,
+    /// a completion): rustyline 15 with an external printer reads only the first of several
+    /// characters that arrive at once until the next ones (its issue 976), as when pasting.
+    fn type_slowly(&mut self, keys: &str) {
+        for key in keys.chars() {
+            self.drain();
+            let before = self.raw.len();
+            self.type_keys(&key.to_string());
+            assert!(
+                wait_for(WAIT, || {
+                    self.drain();
+                    self.raw.len() > before
+                }),
+                "the prompt did not show {key:?}: {:?}",
+                String::from_utf8_lossy(&self.raw)
+            );
+        }
+    }
+
     fn drain(&mut self) {
-        self.lines.extend(self.stdout.try_iter());
+        for chunk in self.stdout.try_iter() {
+            self.raw.extend(chunk);
+        }
+        let text = String::from_utf8_lossy(&self.raw);
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        self.lines = complete
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .filter(|_| !complete.is_empty())
+            .collect();
         self.errors.extend(self.stderr.try_iter());
     }
 
@@ -255,4 +336,44 @@ fn connect_typed_in_a_session_starts_the_live_dm_stream() {
     let check = ok(fed.cli("carol", &["check"], ""));
     assert!(check.stdout.contains("direct messages: 0 new"), "{check:?}");
     assert_eq!(carol.finish(), Some(0), "{:?}", carol.errors);
+}
+
+/// Issue 23: your own message sent from another client (here a one-shot `user-cli send`)
+/// never showed in your prompt; now it does, marked as yours, while one typed at this prompt
+/// is not shown twice (its ack was). The group's name is typed with tab completion.
+#[test]
+fn your_own_messages_from_another_client_show_in_the_prompt_marked_as_yours() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    fed.join_when_listed("alice", "Cool Group");
+    fed.join_when_listed("bob", "Cool Group");
+
+    let mut alice = Session::prompt(&fed, "alice");
+    let at = alice.expect_line(0, "Type help for commands");
+    ok(fed.cli("bob", &["send", "Cool Group", "hello", "alice"], ""));
+    let at = alice.expect_line(at, "bob: hello alice");
+    ok(fed.cli("alice", &["send", "Cool Group", "from", "elsewhere"], ""));
+    let mine = alice.expect_line(at, "(you): from elsewhere");
+    assert!(
+        alice.lines[mine].contains("Cool Group #") && alice.lines[mine].contains(" alice (you): "),
+        "{:?}",
+        alice.lines
+    );
+
+    // Typed here, the group's name completed by tab: acked, not echoed.
+    alice.type_slowly("send Coo\ttyped here\n");
+    let at = alice.expect_line(mine, "sent to Cool Group");
+    // bob's next message comes after it in the log: once it shows, an echo would have too.
+    ok(fed.cli("bob", &["send", "Cool Group", "after", "yours"], ""));
+    alice.expect_line(at, "bob: after yours");
+    assert!(
+        !alice.lines.iter().any(|l| l.contains("(you): typed here")),
+        "{:?}",
+        alice.lines
+    );
+    alice.type_line("exit");
+    assert_eq!(alice.finish(), Some(0), "{:?}", alice.lines);
+    // Nothing of yours is unread, from either client.
+    let run = ok(fed.cli("alice", &["check"], ""));
+    assert!(run.stdout.contains("Cool Group: 0 unread"), "{run:?}");
 }
