@@ -41,7 +41,7 @@ struct Args {
     name: GroupName,
     /// Address to bind, IP:PORT or tcp://HOST:PORT (port 0 binds a free port), for example
     /// 127.0.0.1:5560. It is also what members are told to connect to, so a wildcard
-    /// (0.0.0.0, [::]) needs --advertise unless --no-registry.
+    /// (`0.0.0.0`, `[::]`) needs --advertise unless --no-registry.
     #[arg(value_name = "ADDRESS", value_parser = check::bind)]
     addr: String,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
