@@ -57,8 +57,10 @@ fn an_account_binds_a_name_to_a_key_and_only_that_key_removes_it() {
     assert!(forbidden.stderr.contains("forbidden"), "{forbidden:?}");
     let unconfirmed = fed.cli("alice", &["unregister", "alice"], "");
     assert_eq!(unconfirmed.code, Some(2), "{unconfirmed:?}");
+    // In a session the refusal is said, and the session's status stays 0 (issue 23).
     let declined = fed.cli("alice", &[], "UNREGISTER alice\nno\n");
-    assert_eq!(declined.code, Some(2), "{declined:?}");
+    assert_eq!(declined.code, Some(0), "{declined:?}");
+    assert!(declined.stderr.contains("not confirmed"), "{declined:?}");
     ok(fed.cli("mallory", &["whois", "alice"], ""));
     let removed = ok(fed.cli("alice", &[], "UNREGISTER alice\nyes\n"));
     assert!(removed.stdout.contains("unregistered alice"), "{removed:?}");

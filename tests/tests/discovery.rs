@@ -172,7 +172,7 @@ fn clients_and_nodes_find_the_registry_by_its_beacon_and_pin_its_key() {
     // Nothing on another port: a clear error, and nothing was sent anywhere.
     let silent = free_udp_port();
     let none = auto(&fed, "alice", &silent, &["groups"]);
-    assert_eq!(none.code, Some(2), "{none:?}");
+    assert_eq!(none.code, Some(3), "unreachable: {none:?}");
     assert!(none.stderr.contains("no registry heard"), "{none:?}");
 }
 
@@ -225,7 +225,7 @@ fn among_several_registries_one_is_picked_by_name_and_a_changed_key_is_refused()
         &port,
         &["--registry-name", "attic", "groups"],
     );
-    assert_eq!(unknown.code, Some(2), "{unknown:?}");
+    assert_eq!(unknown.code, Some(3), "unreachable: {unknown:?}");
     assert!(
         unknown.stderr.contains("no registry named \"attic\""),
         "{unknown:?}"
@@ -239,7 +239,7 @@ fn among_several_registries_one_is_picked_by_name_and_a_changed_key_is_refused()
     let endpoint = fed.registry.endpoint.clone();
     fed.registry = beaconing_registry(&fed, &endpoint, &port, "lab", "lab-new");
     let changed = auto(&fed, "alice", &port, &["--registry-name", "lab", "groups"]);
-    assert_eq!(changed.code, Some(2), "{changed:?}");
+    assert_eq!(changed.code, Some(1), "refused: {changed:?}");
     assert!(
         changed.stderr.contains("THE REGISTRY'S KEY HAS CHANGED"),
         "{changed:?}"

@@ -368,7 +368,7 @@ fn a_user_key_pair_is_made_once_and_can_be_exported_and_imported() {
         cli(&args, "", &[("AGORA_KEY_DIR", keys)])
     };
     let refused = import(false);
-    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert_eq!(refused.code, Some(2), "usage, as --yes: {refused:?}");
     assert!(refused.stderr.contains("--force"), "{refused:?}");
     assert_eq!(import(true).code, Some(0));
     assert!(show("bob").stdout.starts_with(&alice_key));

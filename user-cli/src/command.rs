@@ -4,9 +4,10 @@
 //! a parsed command ([`run`]).
 //!
 //! The seeds' words are aliases of the same commands: `get_group_list`, `join_group`,
-//! `leave_group`, `get_messages GROUP [HH:MM:SS]`, `send_message GROUP` (text lines up to
-//! `END`), seed 004's upper-case `REGISTER`, `CONNECT NAME`, `SEND NAME TEXT` (a direct
-//! message) and seed 003's `NAME: text`. Shell completions and the man page come from the same
+//! `leave_group`, `get_messages GROUP [HH:MM:SS]`, `send_message GROUP` (`send` with no text:
+//! the lines that follow, up to `END` or the end of the input), seed 004's upper-case
+//! `REGISTER`, `CONNECT NAME`, `SEND NAME TEXT` (a direct message) and seed 003's
+//! `NAME: text`. Help lists each command once, its other words as aliases. Shell completions and the man page come from the same
 //! definition (`user-cli completions bash`, `user-cli manpage`).
 
 use std::io::Write;
@@ -42,22 +43,25 @@ pub enum Command {
         /// The group.
         group: String,
     },
-    /// Send one line of text (or, with --json-body, a JSON value) to a group.
+    /// Send a message to a group: TEXT, a file's text, stdin's, or the lines up to END.
+    ///
+    /// The text is TEXT, the content of --file PATH, all of stdin with TEXT `-`, or with
+    /// neither the lines that follow, up to a line END or the end of the input. Empty text
+    /// is refused ("nothing to send").
+    #[command(visible_alias = "send_message", alias = "send-message")]
     Send {
         /// The group.
         group: String,
-        /// The text (words are joined by spaces).
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        /// The text (words are joined by spaces); `-` reads it from stdin to its end.
+        #[arg(num_args = 0.., allow_hyphen_values = true, conflicts_with = "file")]
         text: Vec<String>,
-        /// Send TEXT as a JSON value (number, bool, object, list) instead of a string.
+        /// Read the text from this file (UTF-8, up to the node's message size, 1 MiB by
+        /// default).
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
+        /// Send the text as a JSON value (number, bool, object, list) instead of a string.
         #[arg(long)]
         json_body: bool,
-    },
-    /// Send the text lines that follow, up to a line END (seed 001's send_message).
-    #[command(name = "send_message", alias = "send-message")]
-    SendMessage {
-        /// The group.
-        group: String,
     },
     /// Send a file to a group: streamed in chunks with progress, resumed if run again after
     /// an interruption; a content the node already holds is not sent again.
@@ -184,7 +188,7 @@ pub enum Command {
         name: UserName,
     },
     /// Send a direct message; it waits in the user's mailbox until they read it (also
-    /// seed 004's `SEND NAME TEXT` and seed 003's `NAME: text`).
+    /// written `SEND NAME TEXT` or `NAME: text`).
     #[command(name = "send_dm", alias = "send-dm")]
     SendDm {
         /// The recipient's user name.
@@ -229,7 +233,7 @@ pub enum Command {
         /// Mark yourself away instead of online.
         #[arg(long)]
         away: bool,
-        /// Ignored: seed 004 writes `CONNECT NAME`; you are who your key says.
+        /// Ignored (`CONNECT NAME` is accepted): you are who your key says.
         #[arg(hide = true)]
         name: Option<String>,
     },
@@ -264,9 +268,13 @@ pub enum Command {
     },
     /// Print user-cli's man page (roff) to stdout.
     Manpage,
-    /// Leave the session (at the prompt or in a script).
-    #[command(alias = "quit")]
-    Exit,
+    /// Leave the session (at the prompt or in a script), with exit status STATUS
+    /// [default: 0].
+    #[command(visible_alias = "quit")]
+    Exit {
+        /// The session's exit status, 0 to 255.
+        status: Option<u8>,
+    },
 }
 
 /// Who may join a group from now on.
@@ -291,8 +299,7 @@ impl From<Mode> for GroupMode {
 #[derive(Debug, Clone, Default, ClapArgs)]
 #[group(multiple = false)]
 pub struct HistorySelector {
-    /// Messages since this time: RFC 3339, or HH:MM:SS for today in local time (seed 001's
-    /// `get_messages GROUP HH:MM:SS`).
+    /// Messages since this time: RFC 3339, or HH:MM:SS for today in local time.
     #[arg(value_name = "SINCE")]
     pub since_arg: Option<String>,
     /// The same, as an option.
@@ -427,18 +434,34 @@ pub fn parse_line(line: &str) -> Result<Parsed, CliError> {
             | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
                 Ok(Parsed::Help(e.render().to_string()))
             }
-            _ => Err(CliError::Usage(
-                e.render()
-                    .to_string()
-                    .trim_start_matches("error: ")
-                    .replace(
-                        "For more information, try '--help'.",
-                        "Type help for the commands.",
-                    )
-                    .trim_end()
-                    .to_owned(),
-            )),
+            _ => Err(CliError::Usage(session_error(
+                &e.render().to_string(),
+                &words,
+            ))),
         },
+    }
+}
+
+/// clap's error for a session line as one line: its text without the `Usage: agora> …`
+/// and `For more information` lines (a session has no program name to show), then where to
+/// look: `help COMMAND` for a known command, else `help`.
+fn session_error(rendered: &str, words: &[String]) -> String {
+    use clap::CommandFactory;
+    let text: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .collect();
+    let text = text.join(" ");
+    let text = text.trim_start_matches("error: ");
+    let known = words.first().filter(|w| {
+        Line::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == w.as_str() || c.get_all_aliases().any(|a| a == w.as_str()))
+    });
+    match known {
+        Some(word) => format!("{text}; type help {word} for its arguments"),
+        None => format!("{text}; type help for the commands"),
     }
 }
 
@@ -473,8 +496,8 @@ pub enum Context {
 pub enum Step {
     /// Read the next line.
     Continue,
-    /// `exit`.
-    Exit,
+    /// `exit` or `exit N`: end the session with this status.
+    Exit(u8),
 }
 
 /// A text as a JSON string body.
@@ -482,8 +505,93 @@ pub fn json_string(text: &str) -> String {
     serde_json::Value::String(text.to_owned()).to_string()
 }
 
+/// The JSON body of a message: `text` as a JSON string, or with `json_body` the JSON value
+/// it spells.
+///
+/// # Errors
+/// [`CliError::Usage`] "nothing to send" for text that is empty or only white space (or a
+/// JSON string that is).
+pub fn body_of(text: &str, json_body: bool) -> Result<String, CliError> {
+    let nothing = || CliError::Usage("nothing to send: the text is empty".into());
+    if text.trim().is_empty() {
+        return Err(nothing());
+    }
+    if !json_body {
+        return Ok(json_string(text));
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::String(s)) if s.trim().is_empty() => Err(nothing()),
+        _ => Ok(text.to_owned()),
+    }
+}
+
+/// An input error: not UTF-8 (with its line) is the input's fault (exit 2), anything else a
+/// failure to read (exit 4).
+fn input_error(e: std::io::Error) -> CliError {
+    CliError::Input(e)
+}
+
+/// The lines that follow, up to a line `END` or the end of the input, joined by newlines
+/// (`send GROUP` with no text, and its alias `send_message GROUP`). A line that is not UTF-8
+/// fails the message, but the lines up to `END` are still read, so that none of them runs as
+/// a command.
+fn read_until_end_line(lines: &mut dyn crate::repl::LineSource) -> Result<String, CliError> {
+    let mut text = Vec::new();
+    let mut bad = None;
+    loop {
+        match lines.read_line("... ") {
+            Ok(Some(l)) if l.trim_end() == "END" => break,
+            Ok(Some(l)) => text.push(l),
+            Ok(None) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                bad.get_or_insert(e);
+            }
+            Err(e) => return Err(input_error(e)),
+        }
+    }
+    match bad {
+        Some(e) => Err(input_error(std::io::Error::new(
+            e.kind(),
+            format!("{e}; nothing sent"),
+        ))),
+        None => Ok(text.join("\n")),
+    }
+}
+
+/// Every line to the end of the input, joined by newlines (`send GROUP -`).
+fn read_to_end(lines: &mut dyn crate::repl::LineSource) -> Result<String, CliError> {
+    let mut text = Vec::new();
+    while let Some(l) = lines.read_line("").map_err(input_error)? {
+        text.push(l);
+    }
+    Ok(text.join("\n").trim_end_matches('\n').to_owned())
+}
+
+/// A text file's content without its final newlines (`send GROUP --file PATH`).
+///
+/// # Errors
+/// [`CliError::Local`] when it cannot be read; [`CliError::Input`] naming the line that is
+/// not UTF-8.
+fn read_text_file(path: &std::path::Path) -> Result<String, CliError> {
+    let bytes = std::fs::read(path).map_err(|source| CliError::Local {
+        path: path.to_owned(),
+        source,
+    })?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(text.trim_end_matches(['\n', '\r']).to_owned()),
+        Err(e) => {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+            Err(input_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} line {line}: not UTF-8", path.display()),
+            )))
+        }
+    }
+}
+
 /// Runs one command. `lines` supplies what some commands read after their line
-/// (`send_message`'s text, `unregister`'s confirmation in a session).
+/// (`send`'s text when none is given, `unregister`'s confirmation in a session).
 ///
 /// # Errors
 /// The command's failure. Commands that run only alone (`watch`, `keys`,
@@ -508,26 +616,25 @@ pub fn run(
         Command::Send {
             group,
             text,
+            file,
             json_body,
         } => {
-            let text = text.join(" ");
-            let body = if json_body { text } else { json_string(&text) };
-            app.send(&group, body, out)?;
-        }
-        Command::SendMessage { group } => {
-            let mut text = Vec::new();
-            loop {
-                match lines.read_line("... ")? {
-                    Some(l) if l.trim_end() == "END" => break,
-                    Some(l) => text.push(l),
-                    None => {
+            let text = match (file, text.as_slice()) {
+                (Some(path), _) => read_text_file(&path)?,
+                (None, [dash]) if dash == "-" => {
+                    if context == Context::Session {
                         return Err(CliError::Usage(
-                            "send_message: input ended before the END line; nothing sent".into(),
-                        ))
+                            "send GROUP -: stdin is this session's input; in a session, give \
+                             no text and type the lines, then END"
+                                .into(),
+                        ));
                     }
+                    read_to_end(lines)?
                 }
-            }
-            app.send(&group, json_string(&text.join("\n")), out)?;
+                (None, []) => read_until_end_line(lines)?,
+                (None, words) => words.join(" "),
+            };
+            app.send(&group, body_of(&text, json_body)?, out)?;
         }
         Command::Messages { group, select } => app.messages(&group, &select.into(), out)?,
         Command::SendFile {
@@ -564,7 +671,8 @@ pub fn run(
                     && lines
                         .read_line(&format!(
                             "remove the account {name}? This cannot be undone. Type yes: "
-                        ))?
+                        ))
+                        .map_err(input_error)?
                         .is_some_and(|a| a.trim() == "yes"));
             if !confirmed {
                 return Err(CliError::Usage(match context {
@@ -579,20 +687,20 @@ pub fn run(
         Command::Users => app.users(out)?,
         Command::Whois { name } => app.whois(name.as_str(), out)?,
         Command::SendDm { to, text } => {
-            app.send_dm(to.as_str(), json_string(&text.join(" ")), out)?
+            app.send_dm(to.as_str(), body_of(&text.join(" "), false)?, out)?
         }
         Command::DeadLetters => app.dead_letters(out)?,
         Command::Block { name } => app.block(&name, true, out)?,
         Command::Unblock { name } => app.block(&name, false, out)?,
         Command::Blocked => app.blocked(out)?,
         Command::Multicast { to, text } => {
-            app.fan_out(Some(to.0), json_string(&text.join(" ")), out)?
+            app.fan_out(Some(to.0), body_of(&text.join(" "), false)?, out)?
         }
-        Command::Broadcast { text } => app.fan_out(None, json_string(&text.join(" ")), out)?,
+        Command::Broadcast { text } => app.fan_out(None, body_of(&text.join(" "), false)?, out)?,
         Command::Connect { away: false, .. } => app.connect(Presence::Online, out)?,
         Command::Connect { away: true, .. } | Command::Away => app.connect(Presence::Away, out)?,
         Command::Disconnect { .. } => app.disconnect(out)?,
-        Command::Exit => return Ok(Step::Exit),
+        Command::Exit { status } => return Ok(Step::Exit(status.unwrap_or(0))),
         Command::Admin {
             action: AdminAction::Stop { group },
         } => app.admin_stop(&group, out)?,
@@ -660,7 +768,15 @@ mod tests {
         };
         assert_eq!(group, "127.0.0.1:5000");
         assert_eq!(HistoryArgs::from(select).since.as_deref(), Some("10:00:00"));
-        assert!(matches!(command("quit"), Command::Exit));
+        assert!(matches!(command("quit"), Command::Exit { status: None }));
+        assert!(matches!(
+            command("exit 7"),
+            Command::Exit { status: Some(7) }
+        ));
+        assert!(parse_line("exit 256").is_err());
+        assert!(
+            matches!(command("send_message g"), Command::Send { group, text, file: None, .. } if group == "g" && text.is_empty())
+        );
         assert!(matches!(parse_line("  # a comment"), Ok(Parsed::Nothing)));
     }
 
@@ -689,6 +805,73 @@ mod tests {
             command("invite g rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"),
             Command::Invite { .. }
         ));
+    }
+
+    #[test]
+    fn empty_text_is_nothing_to_send_and_json_bodies_pass_through() {
+        for empty in ["", "   ", "\n\t"] {
+            let Err(CliError::Usage(e)) = body_of(empty, false) else {
+                panic!("{empty:?} accepted");
+            };
+            assert!(e.contains("nothing to send"), "{e}");
+        }
+        assert!(matches!(body_of("\"  \"", true), Err(CliError::Usage(_))));
+        assert_eq!(body_of("hi", false).ok().as_deref(), Some("\"hi\""));
+        assert_eq!(
+            body_of("{\"a\":1}", true).ok().as_deref(),
+            Some("{\"a\":1}")
+        );
+    }
+
+    #[test]
+    fn a_session_error_is_one_line_without_usage_and_names_where_to_look() {
+        for (line, hint) in [
+            ("join", "type help join"),
+            ("frobnicate", "type help for the commands"),
+            ("set_mode g secret", "type help set_mode"),
+            ("get_group_list extra", "type help get_group_list"),
+        ] {
+            let Err(CliError::Usage(e)) = parse_line(line) else {
+                panic!("{line} parsed");
+            };
+            assert!(!e.contains('\n'), "{line}: {e}");
+            assert!(!e.contains("Usage") && !e.contains("agora>"), "{line}: {e}");
+            assert!(e.contains(hint), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn send_takes_its_text_from_arguments_a_file_or_stdin() {
+        assert!(
+            matches!(command("send g --file /tmp/x"), Command::Send { text, file: Some(_), .. } if text.is_empty())
+        );
+        assert!(matches!(command("send g -"), Command::Send { text, .. } if text == ["-"]));
+        assert!(
+            matches!(command("send g --json-body 12"), Command::Send { text, json_body: true, .. } if text == ["12"])
+        );
+        assert!(parse_line("send g --file /tmp/x hello").is_err());
+    }
+
+    #[test]
+    fn lines_up_to_end_or_the_end_of_input_and_a_bad_line_fails_the_message() {
+        let mut lines = crate::repl::Script::new(&b"one\ntwo\nEND\nafter\n"[..]);
+        assert_eq!(
+            read_until_end_line(&mut lines).ok().as_deref(),
+            Some("one\ntwo")
+        );
+        let mut lines = crate::repl::Script::new(&b"hello\n"[..]);
+        assert_eq!(
+            read_until_end_line(&mut lines).ok().as_deref(),
+            Some("hello")
+        );
+        // The bad line fails the message; the lines to END are read, not run as commands.
+        let mut lines = crate::repl::Script::new(&b"ok\n\xff\nmore\nEND\nnext\n"[..]);
+        let Err(CliError::Input(e)) = read_until_end_line(&mut lines) else {
+            panic!("a bad line passed");
+        };
+        assert_eq!(e.to_string(), "input line 2: not UTF-8; nothing sent");
+        use crate::repl::LineSource;
+        assert_eq!(lines.read_line("").ok().flatten().as_deref(), Some("next"));
     }
 
     #[test]

@@ -3,9 +3,18 @@
 //! Without a subcommand it reads commands: from a prompt on a terminal, or line by line
 //! from stdin otherwise (a scripted session). Subcommands run one command and exit.
 //!
-//! Exit codes: 0 success; 1 a server refused a command (unknown group, not a member, message
-//! too large, …); 2 usage error; 3 a node or the registry was unreachable within the
-//! timeout; 4 any other failure. A session exits with the code of its first failed command.
+//! The user is `--user`, else `$USER`, else `$LOGNAME`, else the OS account name, else `me`
+//! (never a failure: `env -i` and cron work); the prompt's greeting says who, and so does
+//! the line that says a key pair was made. `discover`, `help`, `completions`, `manpage` and
+//! `forget-registry` need no identity.
+//!
+//! Exit codes: 0 success; 1 a server refused the command (unknown group, not a member, no
+//! such message, message too large, …); 2 usage (a bad argument or input, checked before
+//! anything is created: no key pair is made for a bad `--registry`); 3 a server was
+//! unreachable within the timeout (a node, or the registry in every path, its key endpoint
+//! included); 4 local input or output (a file, the state or key directory, stdout). A
+//! session (the prompt, or lines on stdin) prints a failed line's error and goes on: its
+//! exit status is 0, or N after `exit N`.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -29,7 +38,12 @@ use render::Format;
 /// The Agora chat client. Run without a command for the interactive prompt (or a script on
 /// stdin); `help` at the prompt lists its commands.
 #[derive(Debug, Parser)]
-#[command(name = "user-cli", version, about)]
+#[command(
+    name = "user-cli",
+    version,
+    about,
+    next_help_heading = "Global options"
+)]
 struct Args {
     /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
     /// (PROTOCOL §10; its key is then pinned on first use).
@@ -42,7 +56,7 @@ struct Args {
         default_value = "tcp://127.0.0.1:5555"
     )]
     registry: String,
-    /// Your user name [default: $USER].
+    /// Your user name [default: $USER, else $LOGNAME, else the OS account name, else `me`].
     #[arg(long, global = true, env = "AGORA_USER")]
     user: Option<UserName>,
     /// Print results as JSON lines.
@@ -101,45 +115,65 @@ fn main() -> ExitCode {
     ExitCode::from(run(args))
 }
 
-fn run(mut args: Args) -> u8 {
+/// A failure before any command runs: its exit code and its one line.
+#[derive(Debug)]
+struct Failure {
+    /// The exit code (the README's table).
+    code: u8,
+    /// What went wrong and what to do.
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    fn unreachable(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 3,
+            message: message.into(),
+        }
+    }
+
+    fn local(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 4,
+            message: message.into(),
+        }
+    }
+}
+
+fn run(args: Args) -> u8 {
+    match run_checked(args) {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("user-cli: {}", f.message);
+            f.code
+        }
+    }
+}
+
+fn run_checked(mut args: Args) -> Result<u8, Failure> {
     match &args.command {
         Some(Command::Completions { shell }) => {
             // Into a buffer first: `generate` panics when its writer fails (a closed pipe).
             let mut script = Vec::new();
             clap_complete::generate(*shell, &mut Args::command(), "user-cli", &mut script);
-            return match std::io::stdout().write_all(&script) {
-                Ok(()) => 0,
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
-                Err(e) => {
-                    eprintln!("user-cli: {e}");
-                    4
-                }
-            };
+            return write_stdout(&script);
         }
         Some(Command::Manpage) => {
-            return match clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout()) {
-                Ok(()) => 0,
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
-                Err(e) => {
-                    eprintln!("user-cli: {e}");
-                    4
-                }
-            };
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Args::command())
+                .render(&mut page)
+                .map_err(|e| Failure::local(format!("man page: {e}")))?;
+            return write_stdout(&page);
         }
         _ => {}
     }
-    let user = match args.user.clone().map(Ok).unwrap_or_else(|| {
-        let name =
-            std::env::var("USER").map_err(|_| "no --user given and $USER is not set".to_owned())?;
-        UserName::new(name)
-            .map_err(|e| format!("$USER is not a valid user name ({e}); pass --user"))
-    }) {
-        Ok(u) => u,
-        Err(e) => {
-            eprintln!("user-cli: {e}");
-            return 2;
-        }
-    };
     let options = ClientOptions {
         timeout: args.timeout,
         ..ClientOptions::default()
@@ -152,53 +186,46 @@ fn run(mut args: Args) -> u8 {
     if let Some(Command::Discover) = &args.command {
         return discover(&args, format);
     }
+    // Arguments first: nothing (a key pair, a pin, the state) is made for a bad one.
+    if args.registry != "auto" {
+        args.registry = checked_endpoints("--registry", &args.registry)?;
+    }
+    if let Some(list) = &args.registry_key_endpoint {
+        args.registry_key_endpoint = Some(checked_endpoints("--registry-key-endpoint", list)?);
+    }
     if args.registry == "auto" {
-        if let Err(e) = auto_registry(&mut args) {
-            eprintln!("user-cli: {e}");
-            return 2;
-        }
+        auto_registry(&mut args)?;
     }
     if let Some(Command::ForgetRegistry) = &args.command {
-        let result = known_servers(&args).and_then(|path| {
-            agora_common::trust::forget(&path, &args.registry).map_err(|e| e.to_string())
-        });
-        return match result {
-            Ok(true) => {
-                println!("forgot the key pinned for {}", args.registry);
-                0
-            }
-            Ok(false) => {
-                println!("no key was pinned for {}", args.registry);
-                0
-            }
-            Err(e) => {
-                eprintln!("user-cli: {e}");
-                1
-            }
-        };
-    }
-    if let Some(Command::Keys { action }) = &args.command {
-        return match keys(&args, &user, action.as_ref()) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("user-cli: {e}");
-                1
-            }
-        };
-    }
-    let curve = match curve(&args, &user) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("user-cli: {e}");
-            return 2;
+        let path = known_servers(&args)?;
+        let forgot = agora_common::trust::forget(&path, &args.registry)
+            .map_err(|e| Failure::local(e.to_string()))?;
+        if forgot {
+            println!("forgot the key pinned for {}", args.registry);
+        } else {
+            println!("no key was pinned for {}", args.registry);
         }
-    };
-    let state = state::StateFile::open(args.state_dir.clone(), &user);
-    let mut app = App::new(&args.registry, user, options, format, state, curve);
+        return Ok(0);
+    }
+    let user = Identity::of(args.user.clone());
+    if let Some(Command::Keys { action }) = &args.command {
+        keys(&args, &user, action.as_ref())?;
+        return Ok(0);
+    }
+    let curve = curve(&args, &user)?;
+    let state = state::StateFile::open(args.state_dir.clone(), &user.name);
+    let mut app = App::new(
+        &args.registry,
+        user.name.clone(),
+        options,
+        format,
+        state,
+        curve,
+    );
     // Not a held lock: `watch` prints pushed direct messages from another thread.
     let mut out = std::io::stdout();
     let result = match args.command {
-        None => return session(&mut app, &mut out),
+        None => return Ok(session(&mut app, &user, &mut out)),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
             Ok(stop) => {
                 // Direct messages pushed while watching are printed to stdout too.
@@ -213,39 +240,137 @@ fn run(mut args: Args) -> u8 {
                     &mut render::Output::new(format, &mut out),
                     &stop,
                 )
+                .map(|()| 0)
             }
             Err(e) => Err(CliError::Io(e)),
         },
         Some(command) => {
-            // `send_message` reads its text lines from stdin.
-            let mut stdin = repl::Script(std::io::stdin().lock());
-            command::run(&mut app, command, Context::Alone, &mut stdin, &mut out).map(|_| ())
+            // `send` with no text, or `-`, reads its text from stdin.
+            let mut stdin = repl::Script::new(std::io::stdin().lock());
+            command::run(&mut app, command, Context::Alone, &mut stdin, &mut out).map(|step| {
+                match step {
+                    command::Step::Exit(status) => status,
+                    command::Step::Continue => 0,
+                }
+            })
         }
     };
     let _ = out.flush();
-    match result {
-        Ok(()) => 0,
+    Ok(match result {
+        Ok(code) => code,
         Err(e) => report(&e),
+    })
+}
+
+/// Writes `bytes` to stdout: 0, also when the reader went away (a closed pipe); 4 when
+/// writing failed otherwise.
+fn write_stdout(bytes: &[u8]) -> Result<u8, Failure> {
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(Failure::local(format!("output: {e}"))),
     }
 }
 
-/// The file of pinned registry keys: `STATE_DIR/known_servers.json`.
-/// `discover`: the registries heard, one per line (`NAME ENDPOINT key KEY`), or JSON lines
-/// (`{"name", "endpoint", "key"}`); exit code 1 when none is heard.
-fn discover(args: &Args, format: Format) -> u8 {
-    let heard = match agora_common::beacon::listen(args.beacon_port, args.discover_wait) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("user-cli: listening on UDP port {}: {e}", args.beacon_port);
-            return 1;
+/// A comma-separated list of endpoints, each `tcp://HOST:PORT` or `HOST:PORT`, as the
+/// `tcp://` list the clients use.
+///
+/// # Errors
+/// A usage error naming `flag` and the bad value: a port outside 1-65535, a wildcard or
+/// malformed host, another scheme, an empty list.
+fn checked_endpoints(flag: &str, list: &str) -> Result<String, Failure> {
+    let endpoints = agora_common::client::registry_endpoints(list);
+    if endpoints.is_empty() {
+        return Err(Failure::usage(format!(
+            "{flag} {list:?}: no endpoint given; give IP:PORT or tcp://HOST:PORT"
+        )));
+    }
+    let checked = endpoints
+        .iter()
+        .map(|e| {
+            agora_proto::wire::Endpoint::from_host_port(e)
+                .map(|e| e.as_str().to_owned())
+                .map_err(|_| {
+                    Failure::usage(format!(
+                        "{flag} {e:?}: not an endpoint; give IP:PORT or tcp://HOST:PORT, \
+                         a host to connect to (not a wildcard such as 0.0.0.0) and a port \
+                         from 1 to 65535"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(checked.join(","))
+}
+
+/// Who the user is, and where the name came from (said when a key pair is made for it, and
+/// in the prompt's greeting).
+#[derive(Debug, Clone)]
+struct Identity {
+    name: UserName,
+    /// `--user` (or `AGORA_USER`), `$USER`, `$LOGNAME`, `the OS account name`, or
+    /// `the default`.
+    from: &'static str,
+}
+
+/// The name used when no other source gives a valid one.
+const FALLBACK_USER: &str = "me";
+
+impl Identity {
+    /// `--user` if given, else the first valid user name of `$USER`, `$LOGNAME` and the
+    /// OS account name, else [`FALLBACK_USER`]: never a failure, so that a shell with no
+    /// `$USER` (`env -i`, cron, a container) works.
+    fn of(given: Option<UserName>) -> Identity {
+        if let Some(name) = given {
+            return Identity {
+                name,
+                from: "--user",
+            };
         }
-    };
+        let os = || whoami::username().ok();
+        let candidates: [(&'static str, Option<String>); 3] = [
+            ("$USER", std::env::var("USER").ok()),
+            ("$LOGNAME", std::env::var("LOGNAME").ok()),
+            ("the OS account name", os()),
+        ];
+        candidates
+            .into_iter()
+            .find_map(|(from, value)| {
+                let name = UserName::new(value?).ok()?;
+                Some(Identity { name, from })
+            })
+            .unwrap_or_else(|| Identity {
+                name: UserName::new(FALLBACK_USER).expect("a valid user name"),
+                from: "the default",
+            })
+    }
+
+    /// How the prompt greets: `Agora chat as alice (from $LOGNAME; --user NAME for
+    /// another). Type help for commands, exit to leave.`
+    fn greeting(&self) -> String {
+        let whence = match self.from {
+            "--user" => String::new(),
+            from => format!(" (from {from}; --user NAME for another)"),
+        };
+        format!(
+            "Agora chat as {}{whence}. Type help for commands, exit to leave.",
+            self.name
+        )
+    }
+}
+
+/// `discover`: the registries heard, one per line (`NAME ENDPOINT key KEY`), or JSON lines
+/// (`{"name", "endpoint", "key"}`); exit code 3 when none is heard, 4 when the UDP port
+/// cannot be bound.
+fn discover(args: &Args, format: Format) -> Result<u8, Failure> {
+    let heard = agora_common::beacon::listen(args.beacon_port, args.discover_wait)
+        .map_err(|e| Failure::local(format!("listening on UDP port {}: {e}", args.beacon_port)))?;
     if heard.is_empty() {
-        eprintln!(
-            "user-cli: no registry heard on UDP port {} within {:?}",
-            args.beacon_port, args.discover_wait
-        );
-        return 1;
+        return Err(Failure::unreachable(format!(
+            "no registry heard on UDP port {} within {}: start one with --beacon, or pass \
+             --registry ENDPOINT",
+            args.beacon_port,
+            app::human_duration(args.discover_wait)
+        )));
     }
     for h in &heard {
         let b = &h.beacon;
@@ -260,16 +385,21 @@ fn discover(args: &Args, format: Format) -> u8 {
             },
         }
     }
-    0
+    Ok(0)
 }
 
 /// `--registry auto`: listens for beacons, picks the registry (by --registry-name, the only
 /// one heard, or by asking on a terminal), and sets `args.registry` to its endpoint and,
 /// unless --registry-key was given, `args.registry_key` to its key, pinned on first use.
-fn auto_registry(args: &mut Args) -> Result<(), String> {
+///
+/// # Errors
+/// Exit 3 when none (or none of that name) is heard; 2 when several are heard and none is
+/// picked; 4 when the UDP port cannot be bound or the pins cannot be written.
+fn auto_registry(args: &mut Args) -> Result<(), Failure> {
+    use agora_common::beacon::DiscoverError;
     use std::io::BufRead;
     let heard = agora_common::beacon::listen(args.beacon_port, args.discover_wait)
-        .map_err(|e| format!("listening on UDP port {}: {e}", args.beacon_port))?;
+        .map_err(|e| Failure::local(format!("listening on UDP port {}: {e}", args.beacon_port)))?;
     let chosen = match agora_common::beacon::choose(
         &heard,
         args.registry_name.as_deref(),
@@ -277,9 +407,7 @@ fn auto_registry(args: &mut Args) -> Result<(), String> {
         args.discover_wait,
     ) {
         Ok(b) => b,
-        Err(agora_common::beacon::DiscoverError::Several(several))
-            if std::io::stdin().is_terminal() =>
-        {
+        Err(DiscoverError::Several(several)) if std::io::stdin().is_terminal() => {
             eprintln!("user-cli: several registries heard:");
             for (i, b) in several.iter().enumerate() {
                 eprintln!("  {}. {} at {}", i + 1, b.name, b.endpoint);
@@ -289,19 +417,36 @@ fn auto_registry(args: &mut Args) -> Result<(), String> {
             std::io::stdin()
                 .lock()
                 .read_line(&mut line)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::local(format!("reading the answer: {e}")))?;
             line.trim()
                 .parse::<usize>()
                 .ok()
                 .and_then(|n| several.get(n.wrapping_sub(1)).cloned())
-                .ok_or_else(|| format!("{:?} is not one of 1-{}", line.trim(), several.len()))?
+                .ok_or_else(|| {
+                    Failure::usage(format!(
+                        "{:?} is not one of 1-{}",
+                        line.trim(),
+                        several.len()
+                    ))
+                })?
         }
-        Err(e) => return Err(e.to_string()),
+        Err(DiscoverError::NoneHeard { port, wait }) => {
+            return Err(Failure::unreachable(format!(
+                "--registry auto: no registry heard on UDP port {port} within {}: start one \
+                 with --beacon (on this LAN), or pass --registry ENDPOINT",
+                app::human_duration(wait)
+            )))
+        }
+        Err(e @ DiscoverError::Several(_)) => return Err(Failure::usage(e.to_string())),
+        Err(e) => return Err(Failure::unreachable(e.to_string())),
     };
     args.registry = chosen.endpoint.clone();
     let known = known_servers(args)?;
     let key = agora_common::beacon::heard_key(&chosen, &known, args.registry_key, args.insecure)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            agora_common::beacon::HeardKeyError::Trust(e) => trust_failure(&e, &args.registry),
+            other => Failure::usage(other.to_string()),
+        })?;
     if let Some((key, trust)) = key {
         if trust == agora_common::trust::Trust::FirstUse {
             eprintln!(
@@ -315,76 +460,147 @@ fn auto_registry(args: &mut Args) -> Result<(), String> {
     Ok(())
 }
 
-fn known_servers(args: &Args) -> Result<std::path::PathBuf, String> {
+/// The file of pinned registry keys: `STATE_DIR/known_servers.json`.
+fn known_servers(args: &Args) -> Result<std::path::PathBuf, Failure> {
     let dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => directories::ProjectDirs::from("", "", "agora")
             .map(|d| d.state_dir().unwrap_or_else(|| d.data_dir()).to_owned())
-            .ok_or("no home directory for the known servers; pass --state-dir")?,
+            .ok_or_else(|| {
+                Failure::usage("no home directory for the known servers; pass --state-dir")
+            })?,
     };
     Ok(dir.join("known_servers.json"))
 }
 
 /// Where `user`'s key pair lives: `KEY_DIR/USER.key` (and `_secret`).
-fn key_path(args: &Args, user: &UserName) -> Result<std::path::PathBuf, String> {
+fn key_path(args: &Args, user: &UserName) -> Result<std::path::PathBuf, Failure> {
     let dir = match &args.key_dir {
         Some(d) => d.clone(),
         None => directories::ProjectDirs::from("", "", "agora")
             .map(|d| d.config_dir().to_owned())
-            .ok_or("no home directory for the key pair; pass --key-dir")?,
+            .ok_or_else(|| Failure::usage("no home directory for the key pair; pass --key-dir"))?,
     };
     Ok(dir.join(format!("{user}.key")))
 }
 
+/// A key file's failure: 4 (local I/O), except a key that is malformed (2).
+fn key_failure(e: &agora_common::keys::KeyError) -> Failure {
+    match e {
+        agora_common::keys::KeyError::BadKey(_) => Failure::usage(e.to_string()),
+        _ => Failure::local(e.to_string()),
+    }
+}
+
+/// Says once, on stderr, that a key pair was made, and for whom.
+fn made_key_pair(user: &Identity, dir: &std::path::Path, public: &impl std::fmt::Display) {
+    let whence = match user.from {
+        "--user" => String::new(),
+        from => format!(" (from {from}; --user NAME for another)"),
+    };
+    eprintln!(
+        "user-cli: made the key pair of user {}{whence} in {} (public key {public})",
+        user.name,
+        dir.display()
+    );
+}
+
 /// `keys`: show, export or import the user's key pair.
-fn keys(args: &Args, user: &UserName, action: Option<&KeysAction>) -> Result<(), String> {
+fn keys(args: &Args, user: &Identity, action: Option<&KeysAction>) -> Result<(), Failure> {
     use agora_common::keys::Keypair;
-    let path = key_path(args, user)?;
+    let path = key_path(args, &user.name)?;
     match action {
         None => {
-            let (pair, created) = Keypair::load_or_generate(&path).map_err(|e| e.to_string())?;
+            let (pair, created) = Keypair::load_or_generate(&path).map_err(|e| key_failure(&e))?;
+            if created {
+                made_key_pair(user, path.parent().unwrap_or(&path), &pair.public);
+            }
             let note = if created { " (just made)" } else { "" };
-            println!("{}	{}{note}", pair.public, path.display());
+            println!("{}\t{}{note}", pair.public, path.display());
         }
         Some(KeysAction::Export { path: to }) => {
-            let pair = Keypair::load(&path).map_err(|e| e.to_string())?;
-            pair.save(to).map_err(|e| e.to_string())?;
+            let pair = Keypair::load(&path).map_err(|e| key_failure(&e))?;
+            pair.save(to).map_err(|e| key_failure(&e))?;
             println!("exported {} to {}", pair.public, to.display());
         }
         Some(KeysAction::Import { path: from, force }) => {
-            let pair = Keypair::load(from).map_err(|e| e.to_string())?;
+            let pair = Keypair::load(from).map_err(|e| key_failure(&e))?;
             if agora_common::keys::secret_path(&path).exists() && !force {
-                return Err(format!(
+                return Err(Failure::usage(format!(
                     "{} already holds a key pair; pass --force to replace it",
                     path.display()
-                ));
+                )));
             }
-            pair.save(&path).map_err(|e| e.to_string())?;
-            println!("imported {} as {user}'s key pair", pair.public);
+            pair.save(&path).map_err(|e| key_failure(&e))?;
+            println!("imported {} as {}'s key pair", pair.public, user.name);
         }
     }
     Ok(())
 }
 
-/// The CURVE settings: the user's key pair (made on first use) and the registry's key.
+/// Why the registry's key could not be had, with its exit code: 3 when its key endpoint did
+/// not answer, 1 when a different key is pinned, 4 for the pins' file.
+fn trust_failure(e: &agora_common::trust::TrustError, registry: &str) -> Failure {
+    use agora_common::client::ClientError;
+    use agora_common::trust::TrustError;
+    match e {
+        TrustError::Unknown {
+            endpoint,
+            key_endpoint,
+            source: ClientError::Timeout { waited, .. },
+        } => Failure::unreachable(format!(
+            "registry {endpoint}: unreachable: its key endpoint {key_endpoint} gave no key \
+             within {}; check that the registry runs there, or pass --registry-key",
+            app::human_duration(*waited)
+        )),
+        TrustError::Unknown {
+            endpoint,
+            key_endpoint,
+            source,
+        } => Failure::unreachable(format!(
+            "registry {endpoint}: its key endpoint {key_endpoint} gave no key ({source}); \
+             pass --registry-key"
+        )),
+        TrustError::Changed { .. } => Failure {
+            code: 1,
+            message: e.to_string(),
+        },
+        TrustError::File { .. } => Failure::local(e.to_string()),
+        other => Failure::unreachable(format!("registry {registry}: {other}")),
+    }
+}
+
+/// The CURVE settings: the registry's key (given, pinned, or asked of its key endpoint),
+/// then the user's key pair (made on first use, once the registry's key is known).
 fn curve(
     args: &Args,
-    user: &UserName,
-) -> Result<Option<agora_common::client::ClientCurve>, String> {
+    user: &Identity,
+) -> Result<Option<agora_common::client::ClientCurve>, Failure> {
     if args.insecure {
         if !agora_common::client::registry_endpoints(&args.registry)
             .iter()
             .all(|e| agora_proto::wire::is_loopback(e))
         {
-            return Err(format!(
+            return Err(Failure::usage(format!(
                 "--insecure is allowed only on loopback endpoints, not {}",
                 args.registry
-            ));
+            )));
         }
         eprintln!("user-cli: warning: talking WITHOUT encryption or authentication (--insecure)");
         return Ok(None);
     }
-    agora_common::keys::require_curve().map_err(|e| e.to_string())?;
+    agora_common::keys::require_curve().map_err(|e| Failure::local(e.to_string()))?;
+    if args.registry_key.is_none() && args.registry_key_endpoint.is_none() {
+        // The key endpoint is the registry's port + 1: none past 65534.
+        for endpoint in agora_common::client::registry_endpoints(&args.registry) {
+            if agora_common::trust::default_key_endpoint(&endpoint).is_none() {
+                return Err(Failure::usage(format!(
+                    "--registry {endpoint}: no key endpoint at the next port; pass \
+                     --registry-key or --registry-key-endpoint"
+                )));
+            }
+        }
+    }
     let ctx = zmq::Context::new();
     let (server_key, trust) = agora_common::trust::registry_list_key(
         &ctx,
@@ -394,7 +610,7 @@ fn curve(
         args.registry_key,
         args.timeout.min(Duration::from_secs(1)),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| trust_failure(&e, &args.registry))?;
     if trust == agora_common::trust::Trust::FirstUse {
         eprintln!(
             "user-cli: warning: pinned the registry key {server_key} for {} on first use; \
@@ -402,16 +618,11 @@ fn curve(
             args.registry
         );
     }
-    let path = key_path(args, user)?;
+    let path = key_path(args, &user.name)?;
     let (keypair, created) =
-        agora_common::keys::Keypair::load_or_generate(&path).map_err(|e| e.to_string())?;
-    let dir = path.parent().unwrap_or(&path).to_owned();
+        agora_common::keys::Keypair::load_or_generate(&path).map_err(|e| key_failure(&e))?;
     if created {
-        eprintln!(
-            "user-cli: made your key pair in {} (public key {})",
-            dir.display(),
-            keypair.public
-        );
+        made_key_pair(user, path.parent().unwrap_or(&path), &keypair.public);
     }
     Ok(Some(agora_common::client::ClientCurve {
         keypair,
@@ -424,7 +635,7 @@ fn report(e: &CliError) -> u8 {
     e.exit_code()
 }
 
-fn session(app: &mut App, out: &mut dyn Write) -> u8 {
+fn session(app: &mut App, user: &Identity, out: &mut dyn Write) -> u8 {
     let mut err = std::io::stderr();
     if std::io::stdin().is_terminal() {
         let history =
@@ -436,7 +647,7 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
                 return 4;
             }
         };
-        let _ = writeln!(out, "Agora chat. Type help for commands, exit to leave.");
+        let _ = writeln!(out, "{}", user.greeting());
         // What arrived while away (seed 003's !check), then the live stream.
         if let Err(e) = app.check(&mut render::Output::new(app.format, out)) {
             let _ = writeln!(err, "user-cli: {e}");
@@ -462,7 +673,7 @@ fn session(app: &mut App, out: &mut dyn Write) -> u8 {
         // A script: once present (after `register` or `connect`), the direct messages pushed
         // to you are printed to stdout between the commands' output, as `watch` prints them.
         app.print_live(stdout_printer(), false);
-        let mut script = repl::Script(std::io::stdin().lock());
+        let mut script = repl::Script::new(std::io::stdin().lock());
         repl::run_session(app, &mut script, out, &mut err)
     }
 }
@@ -481,9 +692,59 @@ fn stdout_printer() -> app::Printer {
 mod tests {
     use clap::CommandFactory;
 
+    use super::{checked_endpoints, Identity};
+
     #[test]
     fn the_argument_definitions_are_consistent() {
         super::Args::command().debug_assert();
+    }
+
+    #[test]
+    fn registry_endpoints_take_ip_port_and_lists_and_refuse_bad_ports_hosts_and_schemes() {
+        assert_eq!(
+            checked_endpoints("--registry", "127.0.0.1:5555").ok(),
+            Some("tcp://127.0.0.1:5555".to_owned())
+        );
+        assert_eq!(
+            checked_endpoints("--registry", "tcp://a:1, 127.0.0.1:2").ok(),
+            Some("tcp://a:1,tcp://127.0.0.1:2".to_owned())
+        );
+        for bad in [
+            "tcp://127.0.0.1:99999",
+            "127.0.0.1:0",
+            "0.0.0.0:5555",
+            "tcp://*:1",
+            "[::]:1",
+            "udp://127.0.0.1:5555",
+            "127.0.0.1",
+            "",
+            ",",
+        ] {
+            let Err(f) = checked_endpoints("--registry", bad) else {
+                panic!("{bad:?} accepted");
+            };
+            assert_eq!(f.code, 2, "{bad:?}");
+            assert!(f.message.starts_with("--registry"), "{}", f.message);
+            assert!(f.message.contains(bad.trim_matches(',')), "{}", f.message);
+        }
+    }
+
+    #[test]
+    fn a_given_user_is_used_and_the_greeting_says_who_and_from_where() {
+        let given = Identity::of(Some(
+            agora_proto::wire::UserName::new("alice").expect("a name"),
+        ));
+        assert_eq!(given.name.as_str(), "alice");
+        assert!(given.greeting().starts_with("Agora chat as alice."));
+        let defaulted = Identity {
+            name: agora_proto::wire::UserName::new("root").expect("a name"),
+            from: "the OS account name",
+        };
+        assert_eq!(
+            defaulted.greeting(),
+            "Agora chat as root (from the OS account name; --user NAME for another). \
+             Type help for commands, exit to leave."
+        );
     }
 }
 

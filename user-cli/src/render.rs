@@ -97,14 +97,60 @@ pub fn human_bytes(n: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-/// One group of a listing: `Cool Group<TAB>tcp://…<TAB>3 members`.
-pub fn group_line(g: &agora_proto::wire::GroupEntry) -> String {
-    format!("{}\t{}\t{} members", g.name, g.endpoint, g.members)
+/// `n` and the noun, singular for one: `1 member`, `3 members`, `0 members`.
+pub fn count(n: u64, singular: &str, plural: &str) -> String {
+    if n == 1 {
+        format!("1 {singular}")
+    } else {
+        format!("{n} {plural}")
+    }
 }
 
-/// One member: `alice<TAB>joined 2026-11-22 10:00:00`.
-pub fn member_line(m: &Member) -> String {
-    format!("{}\tjoined {}", m.user, local_time(m.joined_at))
+/// Rows aligned in columns under a header (comfy-table, no borders), two spaces between
+/// columns, no trailing spaces.
+pub fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_content_arrangement(comfy_table::ContentArrangement::Disabled);
+    t.set_header(header.iter().copied());
+    for row in rows {
+        t.add_row(row);
+    }
+    for column in t.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    t.lines()
+        .map(|l| l.trim_end().to_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The registry's groups as a table: `GROUP`, `ENDPOINT`, `MEMBERS` (`1 member`).
+pub fn groups_table(groups: &[agora_proto::wire::GroupEntry]) -> String {
+    table(
+        &["GROUP", "ENDPOINT", "MEMBERS"],
+        groups.iter().map(|g| {
+            vec![
+                g.name.to_string(),
+                g.endpoint.to_string(),
+                count(g.members, "member", "members"),
+            ]
+        }),
+    )
+}
+
+/// A group's members as a table: `MEMBER`, `JOINED`, then a count line (`1 member`).
+pub fn members_table(members: &[Member]) -> String {
+    let rows = table(
+        &["MEMBER", "JOINED"],
+        members
+            .iter()
+            .map(|m| vec![m.user.to_string(), local_time(m.joined_at)]),
+    );
+    format!(
+        "{rows}\n{}",
+        count(members.len() as u64, "member", "members")
+    )
 }
 
 /// A direct message, as seeds 003 and 004 showed them:
@@ -164,16 +210,16 @@ pub fn json_line<T: Serialize>(value: &T) -> String {
 /// What a command produced: one result, or one element of a listing.
 #[derive(Debug, Clone, Copy)]
 pub enum Item<'a> {
-    /// `groups`: one registry entry.
-    Group(&'a agora_proto::wire::GroupEntry),
+    /// `groups`: the whole listing (a table for people, a JSON line per group).
+    Groups(&'a [agora_proto::wire::GroupEntry]),
+    /// `members`: the whole list (a table for people, a JSON line per member).
+    Members(&'a [Member]),
     /// `groups` found none.
     NoGroups,
     /// `join`.
     Joined(&'a MembershipReply),
     /// `leave`.
     Left(&'a MembershipReply),
-    /// `members`: one member.
-    Member(&'a Member),
     /// `send`: the ack of the node of `group`.
     Sent {
         /// The group as the user named it.
@@ -181,7 +227,7 @@ pub enum Item<'a> {
         /// The ack.
         ack: &'a SendAck,
     },
-    /// `messages`: one log entry (in JSON, the entry alone).
+    /// `messages`: one log entry (in JSON, with its `group`, as `check` and `watch`).
     Message {
         /// The group's name.
         group: &'a GroupName,
@@ -294,13 +340,13 @@ pub fn line(format: Format, item: &Item<'_>) -> Option<String> {
 
 fn human(item: &Item<'_>) -> Option<String> {
     Some(match *item {
-        Item::Group(g) => group_line(g),
+        Item::Groups(groups) => groups_table(groups),
+        Item::Members(members) => members_table(members),
         Item::NoGroups => "no groups".into(),
         Item::Joined(r) if r.changed => format!("joined {} (last seq {})", r.group, r.last_seq),
         Item::Joined(r) => format!("already a member of {}", r.group),
         Item::Left(r) if r.changed => format!("left {}", r.group),
         Item::Left(r) => format!("not a member of {}", r.group),
-        Item::Member(m) => member_line(m),
         Item::Sent { group, ack } => format!(
             "sent to {group}: seq {} at {}",
             ack.seq,
@@ -314,7 +360,10 @@ fn human(item: &Item<'_>) -> Option<String> {
         Item::NoGroupsJoined => "no groups joined yet".into(),
         Item::DmsShown(n) => format!("direct messages: {n} new"),
         Item::FannedOut(r) => {
-            let mut line = format!("sent to {} users", r.stored + r.duplicates);
+            let mut line = format!(
+                "sent to {}",
+                count(r.stored + r.duplicates, "user", "users")
+            );
             if r.duplicates > 0 {
                 line.push_str(&format!(" ({} had it already)", r.duplicates));
             }
@@ -382,12 +431,13 @@ fn human(item: &Item<'_>) -> Option<String> {
 
 fn json(item: &Item<'_>) -> Option<String> {
     Some(match *item {
-        Item::Group(g) => json_line(g),
+        Item::Groups(groups) => groups.iter().map(json_line).collect::<Vec<_>>().join("\n"),
+        Item::Members(members) => members.iter().map(json_line).collect::<Vec<_>>().join("\n"),
         Item::Joined(r) | Item::Left(r) => json_line(r),
-        Item::Member(m) => json_line(m),
         Item::Sent { ack, .. } => json_line(ack),
-        Item::Message { entry, .. } => json_line(entry),
-        Item::Entry { group, entry } => json_line(&GroupEntry::new(group, entry)),
+        Item::Message { group, entry } | Item::Entry { group, entry } => {
+            json_line(&GroupEntry::new(group, entry))
+        }
         Item::Unread { group, count } => {
             json_line(&serde_json::json!({"group": group, "unread": count}))
         }
@@ -450,5 +500,42 @@ impl<'w> Output<'w> {
     /// Writing failed.
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(count(0, "member", "members"), "0 members");
+        assert_eq!(count(1, "member", "members"), "1 member");
+        assert_eq!(count(2, "member", "members"), "2 members");
+    }
+
+    #[test]
+    fn tables_are_aligned_without_borders_or_trailing_spaces() {
+        let t = table(
+            &["GROUP", "ENDPOINT"],
+            [
+                vec!["Cool Group".to_owned(), "tcp://127.0.0.1:5560".to_owned()],
+                vec!["news".to_owned(), "tcp://127.0.0.1:5561".to_owned()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        let at = lines[0].find("ENDPOINT");
+        assert!(lines[1..].iter().all(|l| l.find("tcp://") == at), "{t}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| !l.ends_with(' ') && !l.starts_with(' ')),
+            "{t}"
+        );
+        assert!(
+            !t.contains('|') && !t.contains('-') && !t.contains('+'),
+            "{t}"
+        );
     }
 }

@@ -22,18 +22,38 @@ pub trait LineSource {
     fn read_line(&mut self, prompt: &str) -> std::io::Result<Option<String>>;
 }
 
-/// Lines from a reader (script mode): no prompts, no echo.
-pub struct Script<R: BufRead>(pub R);
+/// Lines from a reader (script mode, and what one-shot `send_message` reads): no prompts, no
+/// echo. A line that is not UTF-8 is an [`std::io::ErrorKind::InvalidData`] error naming its
+/// number (`input line 3: not UTF-8`); it is consumed, so the next read goes on after it.
+pub struct Script<R: BufRead> {
+    reader: R,
+    /// Lines read so far.
+    line: u64,
+}
+
+impl<R: BufRead> Script<R> {
+    /// Lines from `reader`, numbered from 1.
+    pub fn new(reader: R) -> Script<R> {
+        Script { reader, line: 0 }
+    }
+}
 
 impl<R: BufRead> LineSource for Script<R> {
     fn read_line(&mut self, _prompt: &str) -> std::io::Result<Option<String>> {
-        let mut line = String::new();
-        if self.0.read_line(&mut line)? == 0 {
+        let mut bytes = Vec::new();
+        if self.reader.read_until(b'\n', &mut bytes)? == 0 {
             return Ok(None);
         }
-        let trimmed = line.trim_end_matches(['\n', '\r']).len();
-        line.truncate(trimmed);
-        Ok(Some(line))
+        self.line += 1;
+        while bytes.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+            bytes.pop();
+        }
+        String::from_utf8(bytes).map(Some).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("input line {}: not UTF-8", self.line),
+            )
+        })
     }
 }
 
@@ -118,22 +138,26 @@ impl LineSource for Interactive {
     }
 }
 
-/// Runs commands from `source` until `exit` or end of input. Errors go to `err` as one line
-/// each and do not stop the session. Returns the exit code of the first failed command, or
-/// 0.
+/// Runs commands from `source` until `exit` or end of input. A failed line prints its error
+/// to `err` as one line and does not stop the session or change its exit status; an input
+/// line that is not UTF-8 is reported with its number and skipped. Returns the status
+/// `exit N` gave (0 for `exit` and at end of input), or 4 when reading input failed.
 pub fn run_session(
     app: &mut App,
     source: &mut dyn LineSource,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> u8 {
-    let mut status = 0u8;
     loop {
         let line = match source.read_line("agora> ") {
             Ok(Some(line)) => line,
-            Ok(None) => break,
+            Ok(None) => return 0,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = writeln!(err, "user-cli: {e}");
+                continue;
+            }
             Err(e) => {
-                let _ = writeln!(err, "user-cli: input: {e}");
+                let _ = writeln!(err, "user-cli: reading input: {e}");
                 return 4;
             }
         };
@@ -145,17 +169,39 @@ pub fn run_session(
             Ok(Parsed::Command(c)) => command::run(app, c, Where::Session, source, out),
             Err(e) => Err(e),
         };
+        let _ = out.flush();
         match result {
             Ok(Step::Continue) => {}
-            Ok(Step::Exit) => break,
+            Ok(Step::Exit(status)) => return status,
             Err(e) => {
                 let _ = writeln!(err, "user-cli: {e}");
-                if status == 0 {
-                    status = e.exit_code();
-                }
             }
         }
-        let _ = out.flush();
     }
-    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LineSource, Script};
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_named_by_its_number_and_the_next_lines_follow() {
+        let mut script = Script::new(&b"first\r\nsecond\n\xff\xfe\nfourth"[..]);
+        assert_eq!(
+            script.read_line("").ok().flatten().as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            script.read_line("").ok().flatten().as_deref(),
+            Some("second")
+        );
+        let bad = script.read_line("").expect_err("not UTF-8");
+        assert_eq!(bad.kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(bad.to_string(), "input line 3: not UTF-8");
+        assert_eq!(
+            script.read_line("").ok().flatten().as_deref(),
+            Some("fourth")
+        );
+        assert!(matches!(script.read_line(""), Ok(None)));
+    }
 }

@@ -26,6 +26,8 @@ use crate::render::{Format, Item, Output};
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     format: Format,
+    /// `progress` for a transfer, `hashing` for the pass that hashes a file first.
+    event: &'static str,
     what: String,
     total: u64,
     last_tenth: u64,
@@ -33,6 +35,16 @@ struct Progress {
 
 impl Progress {
     fn new(format: Format, what: String, total: u64, done: u64) -> Progress {
+        Progress::of("progress", format, what, total, done)
+    }
+
+    /// The hashing pass before an upload: on a terminal a bar, else a line per tenth
+    /// (`hashing report.pdf: 1258291 of 12582912 bytes`), with `--json` `hashing` events.
+    fn hashing(format: Format, what: String, total: u64) -> Progress {
+        Progress::of("hashing", format, what, total, 0)
+    }
+
+    fn of(event: &'static str, format: Format, what: String, total: u64, done: u64) -> Progress {
         let bar = (format == Format::Human && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
@@ -42,13 +54,18 @@ impl Progress {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            bar.set_message(what.clone());
+            bar.set_message(if event == "hashing" {
+                format!("hashing {what}")
+            } else {
+                what.clone()
+            });
             bar.set_position(done);
             bar
         });
         let progress = Progress {
             bar,
             format,
+            event,
             what,
             total,
             last_tenth: done * 10 / total.max(1),
@@ -65,8 +82,11 @@ impl Progress {
         match self.format {
             Format::Json => println!(
                 "{}",
-                serde_json::json!({"event": "progress", "what": self.what, "done": done, "total": self.total})
+                serde_json::json!({"event": self.event, "what": self.what, "done": done, "total": self.total})
             ),
+            Format::Human if self.event == "hashing" => {
+                eprintln!("hashing {}: {done} of {} bytes", self.what, self.total)
+            }
             Format::Human => eprintln!("{}: {done} of {} bytes", self.what, self.total),
         }
     }
@@ -91,8 +111,9 @@ impl Progress {
     }
 }
 
-/// The SHA-256 of a file, read in 1 MiB pieces.
-fn hash_path(path: &Path) -> std::io::Result<(Sha256Digest, u64)> {
+/// The SHA-256 of a file and its size, read in 1 MiB pieces; `progress` gets the bytes
+/// hashed so far after each piece.
+fn hash_path(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<(Sha256Digest, u64)> {
     let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -104,6 +125,7 @@ fn hash_path(path: &Path) -> std::io::Result<(Sha256Digest, u64)> {
         }
         hasher.update(&buf[..n]);
         size += n as u64;
+        progress(size);
     }
     Ok((Sha256Digest::from_bytes(hasher.finalize().into()), size))
 }
@@ -134,8 +156,29 @@ fn media_type_of(path: &Path) -> &'static str {
     }
 }
 
+/// A local file's failure (exit 4), naming the file.
 fn io_error(path: &Path, e: &std::io::Error) -> CliError {
-    CliError::Usage(format!("{}: {e}", path.display()))
+    CliError::Local {
+        path: path.to_owned(),
+        source: std::io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// A transfer's failure part way: what was done is kept, and running the same command again
+/// resumes. A refusal (not a member, too large, a usage error) is not resumable and stays as
+/// it is.
+fn resumable(e: CliError) -> CliError {
+    match e {
+        CliError::Remote {
+            source: agora_common::client::ClientError::Server(_),
+            ..
+        }
+        | CliError::Usage(_)
+        | CliError::Refused(_)
+        | CliError::TooLarge { .. }
+        | CliError::Interrupted(_) => e,
+        other => CliError::Interrupted(Box::new(other)),
+    }
 }
 
 impl App {
@@ -159,7 +202,8 @@ impl App {
     /// `send_file GROUP PATH [--caption TEXT] [--media-type TYPE]`.
     ///
     /// # Errors
-    /// [`CliError::Usage`] for a file that cannot be read; the node's refusals.
+    /// [`CliError::Local`] for a file that cannot be read; the node's refusals; a transfer
+    /// cut part way is [`CliError::Interrupted`] (run again to resume).
     pub fn send_file(
         &mut self,
         target: &str,
@@ -172,8 +216,14 @@ impl App {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| CliError::Usage(format!("{}: not a file", path.display())))?;
-        let (sha256, size) = hash_path(path).map_err(|e| io_error(path, &e))?;
         let format = self.format;
+        let total = std::fs::metadata(path)
+            .map_err(|e| io_error(path, &e))?
+            .len();
+        let mut hashing = Progress::hashing(format, name.clone(), total);
+        let hashed = hash_path(path, |done| hashing.set(done));
+        hashing.finish();
+        let (sha256, size) = hashed.map_err(|e| io_error(path, &e))?;
         let upload_target = self.transfer_target(target)?;
         let mut file = File::open(path).map_err(|e| io_error(path, &e))?;
         let ctx = self.ctx.clone();
@@ -201,11 +251,25 @@ impl App {
         }
         match put {
             Ok(()) => {}
-            Err(agora_common::transfer::PutError::Ask(e)) => return Err(e),
+            Err(agora_common::transfer::PutError::Ask(e)) => return Err(resumable(e)),
             Err(agora_common::transfer::PutError::Send(source)) => {
-                return Err(super::remote(target, source))
+                return Err(resumable(super::remote(target, source)))
             }
-            Err(e) => return Err(CliError::Usage(format!("{target}: {e}"))),
+            Err(agora_common::transfer::PutError::Incomplete { have, size }) => {
+                return Err(CliError::Interrupted(Box::new(CliError::Refused(format!(
+                    "{target}: the node holds {have} of {size} bytes after the upload"
+                )))))
+            }
+            Err(agora_common::transfer::PutError::Sealing) => {
+                return Err(CliError::Interrupted(Box::new(CliError::Refused(format!(
+                    "{target}: the node is still checking the file"
+                )))))
+            }
+            Err(e) => {
+                return Err(CliError::Interrupted(Box::new(CliError::Refused(format!(
+                    "{target}: {e}"
+                )))))
+            }
         }
         let attachment = Attachment {
             sha256,
@@ -233,8 +297,10 @@ impl App {
     /// `get_file GROUP SEQ|ID [--out PATH]`: the file a message carries.
     ///
     /// # Errors
-    /// [`CliError::Usage`] for a message with no file, a bad `SEQ|ID` or a file that cannot
-    /// be written; `digest_mismatch` (the download did not match: nothing is left at the
+    /// [`CliError::Usage`] for a bad `SEQ|ID`; [`CliError::Refused`] for a message that does
+    /// not exist or carries no file; [`CliError::Local`] for a file that cannot be written;
+    /// [`CliError::Interrupted`] for a download cut part way; a digest mismatch (the download
+    /// did not match: nothing is left at the
     /// target); the node's refusals.
     pub fn get_file(
         &mut self,
@@ -261,10 +327,10 @@ impl App {
                 HistoryQuery::AfterSeq(before) => m.seq == before + 1,
                 _ => true,
             })
-            .ok_or_else(|| CliError::Usage(format!("{target}: no message {which}")))?;
-        let attachment = message
-            .attachment
-            .ok_or_else(|| CliError::Usage(format!("{target}: message {which} carries no file")))?;
+            .ok_or_else(|| CliError::Refused(format!("{target}: no message {which}")))?;
+        let attachment = message.attachment.ok_or_else(|| {
+            CliError::Refused(format!("{target}: message {which} carries no file"))
+        })?;
         // The name is the sender's: only its last component, never a path.
         let default_name = Path::new(&attachment.name)
             .file_name()
@@ -286,7 +352,7 @@ impl App {
             Progress::new(self.format, attachment.name.clone(), attachment.size, have);
         let label = target.to_owned();
         let source = self.transfer_target(target)?;
-        agora_common::transfer::download_windowed(
+        let downloaded = agora_common::transfer::download_windowed(
             &self.ctx,
             &source,
             attachment.sha256,
@@ -301,15 +367,16 @@ impl App {
                 Ok(())
             },
         )
-        .map_err(|source| super::remote(&label, source))?;
+        .map_err(|source| resumable(super::remote(&label, source)));
         progress.finish();
+        downloaded?;
         file.sync_all().map_err(|e| io_error(&part, &e))?;
         drop(file);
-        let (digest, size) = hash_path(&part).map_err(|e| io_error(&part, &e))?;
+        let (digest, size) = hash_path(&part, |_| {}).map_err(|e| io_error(&part, &e))?;
         if digest != attachment.sha256 || size != attachment.size {
             let _ = std::fs::remove_file(&part);
-            return Err(CliError::Usage(format!(
-                "{label}: the download hashes to {digest}, not {}; discarded, run again",
+            return Err(CliError::Refused(format!(
+                "{label}: the download hashes to {digest}, not {}; discarded it, run the same command again",
                 attachment.sha256
             )));
         }

@@ -20,11 +20,10 @@ impl App {
         self.session
             .names
             .add_groups(groups.iter().map(|g| g.name.to_string()));
-        for g in &groups {
-            out.emit(Item::Group(g))?;
-        }
         if groups.is_empty() {
             out.emit(Item::NoGroups)?;
+        } else {
+            out.emit(Item::Groups(&groups))?;
         }
         Ok(())
     }
@@ -92,9 +91,7 @@ impl App {
     /// Resolution or node failures.
     pub fn members(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let (r, _) = self.on_node(target, GroupClient::members)?;
-        for m in &r.members {
-            out.emit(Item::Member(m))?;
-        }
+        out.emit(Item::Members(&r.members))?;
         Ok(())
     }
 

@@ -34,21 +34,27 @@ use agora_proto::wire::{Endpoint, ErrorCode, GroupName, HistoryQuery, UserName};
 use crate::render::Format;
 use crate::state::StateFile;
 
-/// A command's failure: one line for stderr, and the process exit code.
+/// A command's failure: one line for stderr, and the process exit code (the README's
+/// table: 0 ok, 1 refused by a server, 2 usage, 3 unreachable, 4 local input/output).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// The command or its arguments are malformed.
+    /// The command or its arguments are malformed (exit 2).
     #[error("{0}")]
     Usage(String),
-    /// A group node or the registry failed the request.
-    #[error("{target}: {}", cause(.source))]
+    /// A server answered, but not with what was asked: a message that does not exist, a
+    /// message that carries no file (exit 1).
+    #[error("{0}")]
+    Refused(String),
+    /// A group node or the registry failed the request (exit 1 for a refusal, 3 when it did
+    /// not answer, 4 for a reply that could not be read).
+    #[error("{}", remote_line(.target, .source))]
     Remote {
         /// The group (or `registry ENDPOINT`) the request went to.
         target: String,
         /// What went wrong.
         source: ClientError,
     },
-    /// The body is over the node's limit; nothing was sent.
+    /// The body is over the node's limit; nothing was sent (exit 1).
     #[error("{target}: message too large: {len} bytes, the limit is {max} bytes")]
     TooLarge {
         /// The group.
@@ -58,37 +64,87 @@ pub enum CliError {
         /// The node's limit in bytes.
         max: u64,
     },
-    /// Writing output failed.
+    /// What the user gave could not be read: not UTF-8 (exit 2, `input line 3: not UTF-8`),
+    /// or reading failed (exit 4). The error's text names the input and the line.
+    #[error("{0}")]
+    Input(std::io::Error),
+    /// A local file or directory could not be read or written (exit 4).
+    #[error("{}: {source}", .path.display())]
+    Local {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A transfer (`send_file`, `get_file`) stopped part way; what was done is kept (the exit
+    /// code is the cause's).
+    #[error("{0}; run the same command again to resume")]
+    Interrupted(Box<CliError>),
+    /// Writing output failed (exit 4).
     #[error("output: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A duration as people write it: whole milliseconds under a second, tenths of a second
+/// above (`250ms`, `1s`, `3s 300ms`), never `1.001396117s`.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let ms = if ms >= 1000 {
+        (ms + 50) / 100 * 100
+    } else {
+        ms
+    };
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+/// `target: cause`, with the target left out when the cause already names it (the node's
+/// `alice is not a member of "Cool Group"`).
+fn remote_line(target: &str, source: &ClientError) -> String {
+    let cause = cause(source);
+    if cause.contains(&format!("\"{target}\"")) {
+        cause
+    } else {
+        format!("{target}: {cause}")
+    }
 }
 
 fn cause(e: &ClientError) -> String {
     match e {
         ClientError::Timeout { endpoint, waited } => format!(
             "unreachable: no reply from {endpoint} within {} (server down, or its public key is not the one given)",
-            humantime::format_duration(std::time::Duration::from_millis(
-                u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)
-            ))
+            human_duration(*waited)
         ),
         ClientError::Server(w) => match w.code {
-            ErrorCode::UnknownGroup => format!("unknown group: {}", w.message),
-            ErrorCode::NotMember => format!("not a member: {}", w.message),
-            ErrorCode::TooLarge => format!("message too large: {}", w.message),
             // The server's text says the same in the protocol's words; this says what to run.
             ErrorCode::NoAccount => {
                 "no account: this key has none; run `user-cli register NAME` first".into()
             }
-            code => format!("{code}: {}", w.message),
+            code => {
+                // Each cause once: the code in words, unless the server's text says it.
+                // Scripts match the stable code (`not_found`); three have had words.
+                let words = match code {
+                    ErrorCode::NotMember => "not a member".to_owned(),
+                    ErrorCode::UnknownGroup => "unknown group".to_owned(),
+                    ErrorCode::TooLarge => "message too large".to_owned(),
+                    code => code.as_str().to_owned(),
+                };
+                let said = w.message.to_ascii_lowercase();
+                if w.message.is_empty() {
+                    words
+                } else if said.contains(&words) {
+                    w.message.clone()
+                } else {
+                    format!("{words}: {}", w.message)
+                }
+            }
         },
         other => other.to_string(),
     }
 }
 
-/// Exit codes, documented in the README: 0 success, 1 refused by a server, 2 usage,
-/// 3 unreachable (timeout), 4 other failures (bad reply, output).
 impl CliError {
-    /// The process exit code for this failure.
+    /// The process exit code for this failure: 1 refused by a server, 2 usage, 3 a server
+    /// unreachable, 4 local input or output.
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
@@ -100,8 +156,14 @@ impl CliError {
                 source: ClientError::Server(_),
                 ..
             }
+            | CliError::Refused(_)
             | CliError::TooLarge { .. } => 1,
-            CliError::Remote { .. } | CliError::Io(_) => 4,
+            CliError::Input(e) if e.kind() == std::io::ErrorKind::InvalidData => 2,
+            CliError::Interrupted(inner) => inner.exit_code(),
+            CliError::Remote { .. }
+            | CliError::Input(_)
+            | CliError::Local { .. }
+            | CliError::Io(_) => 4,
         }
     }
 }
@@ -438,7 +500,17 @@ impl App {
                 }
                 let r = op(node).map(|t| (t, node.endpoint().to_owned()));
                 node.set_options(options);
-                r.map_err(|source| remote(target, source))
+                r.map_err(|source| match source {
+                    // The first attempt's share and the rest: the whole --timeout was spent.
+                    ClientError::Timeout { endpoint, .. } => remote(
+                        target,
+                        ClientError::Timeout {
+                            endpoint,
+                            waited: options.timeout,
+                        },
+                    ),
+                    source => remote(target, source),
+                })
             }
             r => r.map_err(|source| remote(target, source)),
         }
@@ -556,6 +628,51 @@ mod tests {
             Target::parse("127.0.0.1:0"),
             Err(CliError::Usage(_))
         ));
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        use std::time::Duration;
+        assert_eq!(human_duration(Duration::from_nanos(1_001_396_117)), "1s");
+        assert_eq!(human_duration(Duration::from_millis(3334)), "3s 300ms");
+        assert_eq!(human_duration(Duration::from_millis(5000)), "5s");
+        assert_eq!(human_duration(Duration::from_micros(250_400)), "250ms");
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        use agora_proto::wire::WireError;
+        let refused = |code, message: &str| CliError::Remote {
+            target: "Cool Group".into(),
+            source: ClientError::Server(WireError::new(code, message)),
+        };
+        assert_eq!(
+            refused(
+                ErrorCode::NotMember,
+                "mallory is not a member of \"Cool Group\""
+            )
+            .to_string(),
+            "mallory is not a member of \"Cool Group\""
+        );
+        assert_eq!(
+            refused(ErrorCode::Forbidden, "only the owner may").to_string(),
+            "Cool Group: forbidden: only the owner may"
+        );
+        let timeout = CliError::Remote {
+            target: "Cool Group".into(),
+            source: ClientError::Timeout {
+                endpoint: "tcp://127.0.0.1:5560".into(),
+                waited: std::time::Duration::from_nanos(5_000_396_117),
+            },
+        };
+        assert!(timeout
+            .to_string()
+            .contains("no reply from tcp://127.0.0.1:5560 within 5s"));
+        let cut = CliError::Interrupted(Box::new(timeout));
+        assert!(cut
+            .to_string()
+            .ends_with("; run the same command again to resume"));
+        assert_eq!(cut.exit_code(), 3);
     }
 
     #[test]
