@@ -132,8 +132,9 @@ pub fn listen(port: u16, wait: Duration) -> std::io::Result<Vec<Heard>> {
 pub enum DiscoverError {
     /// Nothing heard.
     #[error(
-        "no registry heard on UDP port {port} within {wait:?}: start one with --beacon \
-         (on this LAN), or pass --registry ENDPOINT"
+        "no registry heard on UDP port {port} within {}: start one with --beacon \
+         (on this LAN), or pass --registry ENDPOINT",
+        humantime::format_duration(*wait)
     )]
     NoneHeard {
         /// The beacon port.

@@ -334,7 +334,8 @@ impl Registry {
     /// [`RegistryError::Zmq`] when the socket fails; a peer's bad request is answered and
     /// never ends the loop.
     pub fn run(mut self, shutdown: &Shutdown) -> Result<(), RegistryError> {
-        tracing::info!(endpoint = %self.endpoint, ttl = ?self.config.ttl(), "registry serving");
+        tracing::info!(endpoint = %self.endpoint,
+            ttl = %humantime::format_duration(self.config.ttl()), "registry serving");
         let mut batch = Vec::new();
         let mut next_sweep = Instant::now();
         let poll_ms = i32::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
