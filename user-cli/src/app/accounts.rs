@@ -71,6 +71,11 @@ impl App {
             .registry
             .user_unregister(&name, confirmed)
             .map_err(|e| self.registry_error(e))?;
+        // No account, no presence: the heartbeat stops (its `connect`s would be refused).
+        if let Some(mut present) = self.session.presence.take() {
+            present.lapse = false;
+            drop(present);
+        }
         out.emit(Item::Unregistered(&r))?;
         Ok(())
     }

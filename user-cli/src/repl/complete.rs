@@ -424,5 +424,6 @@ mod tests {
         assert_eq!(complete(&h, "get_file chess 3 --o").1, ["--out "]);
         assert_eq!(complete(&h, "set_mode chess p").1, ["private "]);
         assert_eq!(complete(&h, "keys ex").1, ["export "]);
+        assert_eq!(complete(&h, "help jo").1, ["join "]);
     }
 }
