@@ -245,6 +245,20 @@ fn a_fresh_data_directory_gets_no_permissions_warning_and_a_loose_one_does() {
         .mode();
     assert_eq!(mode & 0o777, 0o700);
 
+    let fresh = dir.path().join("new/registry/data");
+    let mut registry = Server::start(
+        "registry",
+        &[
+            "--bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            fresh.to_str().expect("utf-8"),
+        ],
+        &dir.path().join("registry.log"),
+    );
+    assert_eq!(registry.terminate().code(), Some(0), "{}", registry.log());
+    assert!(!registry.log().contains("tightened"), "{}", registry.log());
+
     let loose = dir.path().join("loose");
     std::fs::create_dir(&loose).expect("mkdir");
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -482,6 +496,10 @@ fn a_standby_without_the_copied_keys_never_takes_the_lease_and_postgres_makes_no
     }
     let quiet = run("registry", &release, "");
     assert!(!quiet.stderr.contains("already exists"), "{quiet:?}");
+    assert!(
+        absent(&Path::new(&fed.path("release")).join("registry.sqlite3")),
+        "the registry made a SQLite file with --store"
+    );
 }
 
 /// Issue 23 item 15: `--beacon-address` without `--beacon` sent nothing and said nothing;
