@@ -290,12 +290,15 @@ fn checked_endpoints(flag: &str, list: &str) -> Result<String, Failure> {
         .map(|e| {
             agora_proto::wire::Endpoint::from_host_port(e)
                 .map(|e| e.as_str().to_owned())
-                .map_err(|_| {
-                    Failure::usage(format!(
+                .map_err(|error| match error {
+                    agora_proto::wire::NameError::Endpoint { problem, .. } => {
+                        Failure::usage(format!("{flag} {e:?}: {problem}"))
+                    }
+                    _ => Failure::usage(format!(
                         "{flag} {e:?}: not an endpoint; give IP:PORT or tcp://HOST:PORT, \
                          a host to connect to (not a wildcard such as 0.0.0.0) and a port \
                          from 1 to 65535"
-                    ))
+                    )),
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;

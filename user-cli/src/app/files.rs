@@ -2,9 +2,12 @@
 //! progress display, never held whole in memory, and resumed when run again after an
 //! interruption.
 //!
-//! - Upload: the file is hashed (SHA-256) in one streaming pass, the node says how much of
-//!   that content it holds (`have`), the rest goes in its chunk size, then a message carries
-//!   the file. A content the node holds already is not sent again.
+//! - Upload: the file is hashed (SHA-256) in one streaming pass, shown as progress (a
+//!   multi-GiB file takes a while), the node says how much of that content it holds
+//!   (`have`), the rest goes in its chunk size, then a message carries the file. A content
+//!   the node holds already is not sent again.
+//! - A transfer cut part way (a timeout, a local write) ends with "run the same command
+//!   again to resume"; a refusal does not.
 //! - Download: into `TARGET.agora-part` beside the target, resumed from its length; the whole
 //!   file is then checked against the digest and only then renamed to the target, so a short
 //!   or corrupt download never stands under the target's name.
@@ -386,5 +389,45 @@ impl App {
             attachment: &attachment,
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_common::client::ClientError;
+
+    #[test]
+    fn a_cut_transfer_says_run_again_and_a_refusal_does_not() {
+        let timeout = CliError::Remote {
+            target: "Cool Group".into(),
+            source: ClientError::Timeout {
+                endpoint: "tcp://127.0.0.1:5560".into(),
+                waited: std::time::Duration::from_secs(5),
+            },
+        };
+        let cut = resumable(timeout);
+        assert!(matches!(cut, CliError::Interrupted(_)));
+        assert!(cut
+            .to_string()
+            .ends_with("run the same command again to resume"));
+        assert_eq!(cut.exit_code(), 3);
+        let refused = CliError::Remote {
+            target: "Cool Group".into(),
+            source: ClientError::Server(agora_proto::wire::WireError::new(
+                agora_proto::wire::ErrorCode::NotMember,
+                "mallory is not a member of \"Cool Group\"",
+            )),
+        };
+        let refused = resumable(refused);
+        assert!(!refused.to_string().contains("resume"));
+        assert_eq!(refused.exit_code(), 1);
+        let local = resumable(io_error(
+            Path::new("/tmp/x.agora-part"),
+            &std::io::Error::from(std::io::ErrorKind::StorageFull),
+        ));
+        assert!(local.to_string().starts_with("/tmp/x.agora-part: "));
+        assert!(local.to_string().ends_with("to resume"));
+        assert_eq!(local.exit_code(), 4);
     }
 }
