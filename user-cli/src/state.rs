@@ -24,14 +24,15 @@
 //! - a group's `endpoint` and `public_key` (together), and its `subscribed`: ours where this
 //!   process changed them since base, else theirs;
 //! - the joined groups: the union, except that a group in base and missing on one side was
-//!   left there (`leave` here, or in another process) and stays left;
+//!   left there (`leave` here, or in another process) and stays left, unless this process
+//!   joined it since ([`StateFile::joined`]: a leave there, then a join here);
 //! - `registry` (the one that last answered): ours if this process changed it, else theirs.
 //!
 //! The merge becomes this process's state and its new base, so a long-running prompt also
 //! learns the groups joined from another terminal. An unreadable file on disk at save time
 //! is taken as unchanged since base (it was set aside when opened, or it is replaced now).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -73,6 +74,8 @@ pub struct StateFile {
     /// The state as this process last read or wrote it: what a save compares both its own
     /// state and the file's with, to tell which side changed what ([`merge`]).
     base: State,
+    /// The groups `join`ed by this process since its last save ([`StateFile::joined`]).
+    joined: BTreeSet<String>,
 }
 
 impl StateFile {
@@ -95,6 +98,7 @@ impl StateFile {
             path,
             base: state.clone(),
             state,
+            joined: BTreeSet::new(),
         }
     }
 
@@ -136,6 +140,7 @@ impl StateFile {
             &self.base,
             &self.state,
             theirs.as_ref().unwrap_or(&self.base),
+            &self.joined,
         );
         if theirs.as_ref() != Some(&merged) {
             let bytes = serde_json::to_vec_pretty(&merged).map_err(io::Error::other)?;
@@ -143,7 +148,14 @@ impl StateFile {
         }
         self.base = merged.clone();
         self.state = merged;
+        self.joined.clear();
         Ok(())
+    }
+
+    /// Notes that this process joined `group` (the `join` command): the next save keeps it
+    /// even if another process left it meanwhile (its leave came first).
+    pub fn joined(&mut self, group: &str) {
+        self.joined.insert(group.to_owned());
     }
 
     /// Records that `seq` of `group` was shown; returns whether it was new.
@@ -163,8 +175,9 @@ impl StateFile {
 /// wrote). Per field, as the module's "One user, many processes" lists: `last_seen` the
 /// maximum; `endpoint` with `public_key`, and `subscribed`, from the side that changed them
 /// (ours when both did); groups joined on either side kept, groups left on either side (in
-/// base, missing on that side) dropped; `registry` ours if changed, else theirs.
-pub fn merge(base: &State, ours: &State, theirs: &State) -> State {
+/// base, missing on that side) dropped unless in `joined` (joined by this process since
+/// base); `registry` ours if changed, else theirs.
+pub fn merge(base: &State, ours: &State, theirs: &State, joined: &BTreeSet<String>) -> State {
     let mut groups = BTreeMap::new();
     let names = ours.groups.keys().chain(theirs.groups.keys());
     for name in names {
@@ -190,8 +203,9 @@ pub fn merge(base: &State, ours: &State, theirs: &State) -> State {
                 }
             }
             // Joined on one side since base: kept. In base but gone on the other side: left
-            // there, and stays left.
-            (Some(one), None) | (None, Some(one)) if was.is_none() => one.clone(),
+            // there, and stays left, unless joined here after.
+            (Some(one), None) if was.is_none() || joined.contains(name) => one.clone(),
+            (None, Some(one)) if was.is_none() => one.clone(),
             _ => continue,
         };
         groups.insert(name.clone(), merged);
@@ -357,6 +371,16 @@ mod tests {
         assert!(two.seen("e", 3));
         two.save().expect("save two again");
         assert!(!open().state.groups.contains_key("e"));
+        // Left in one, then joined again in the other (which still had it): joined.
+        one.state.groups.remove("d");
+        one.save().expect("leave d");
+        two.state.groups.get_mut("d").expect("d").subscribed = true;
+        two.joined("d");
+        two.save().expect("join d");
+        assert!(
+            open().state.groups.contains_key("d"),
+            "the join after the leave"
+        );
     }
 
     /// Issue 23: saves from many threads at once (each its own open file, as processes) lose

@@ -38,6 +38,7 @@ impl App {
         let key = self.node_keys.get(&endpoint).copied();
         let last_seen = {
             let mut state = lock(&self.state);
+            state.joined(r.group.as_str());
             let g = state
                 .state
                 .groups
