@@ -22,6 +22,14 @@
 //! so the next batch numbers on from what is stored: no seq gap, and nothing answered as
 //! failed is stored.
 //!
+//! # A file system that refuses writes
+//! Every connection goes through SQLite's `unix-excl` VFS ([`VFS`]): the WAL index is in
+//! heap memory, not in a `-shm` file mapped into memory, so a file made immutable or a file
+//! system turned read-only fails a write with an error instead of killing the process with
+//! SIGBUS. Such an error, an I/O error and a full disk become [`StoreError::Unwritable`],
+//! whose cause is logged once when writes begin to fail and once when a commit succeeds
+//! again; the batch is refused as above.
+//!
 //! # Schema (version 6, in `PRAGMA user_version`)
 //! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
 //!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
@@ -117,8 +125,9 @@ impl SqliteStore {
     }
 
     /// Opens or creates the store of `group` at `path` with the given durability. With
-    /// [`Durability::Deferred`] the file is opened in shared locking mode (so that a
-    /// [`Checkpointer`] can open it too); one writer per store is still the rule.
+    /// [`Durability::Deferred`] the file is opened in shared locking mode among this
+    /// process's connections (so that a [`Checkpointer`] can open it too); one writer per
+    /// store is still the rule, and no other process may open the file meanwhile ([`VFS`]).
     ///
     /// # Errors
     /// As [`SqliteStore::open`].
@@ -509,7 +518,7 @@ impl SqliteStore {
 /// writer and the [`Checkpointer`]), so no file is mapped and every failed write is an
 /// error. No other process can open the store meanwhile; the node's data-directory lock
 /// already rules one out. No `-shm` file is made.
-const VFS: &str = "unix-excl";
+pub const VFS: &str = "unix-excl";
 
 /// Opens a connection to the store at `path` through [`VFS`], with a 5 s busy timeout and
 /// memory-mapped I/O of the database file off (`mmap_size=0`, SQLite's default, made sure
@@ -1046,6 +1055,34 @@ mod tests {
             .expect("page");
         assert_eq!(page.messages.len(), 200);
         assert_eq!(page.messages.last().map(|m| m.seq), Some(200));
+    }
+
+    /// The WAL index lives in this process's memory (the `unix-excl` VFS), shared by the
+    /// writer and the checkpointer: no `-shm` file is made (nothing to map, so nothing to
+    /// fault with SIGBUS when the file system refuses writes), and a checkpoint on the second
+    /// connection copies back what the writer committed, which then writes on.
+    #[test]
+    fn the_wal_index_is_in_memory_and_shared_with_the_checkpointer() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("g.sqlite3");
+        let mut s = SqliteStore::open_with(&path, &group(), Durability::Deferred).expect("open");
+        let mut checkpointer = s.checkpointer().expect("checkpointer");
+        for n in 0..50 {
+            append(&mut s, &format!("{{\"n\":{n}}}"), 1_000 + n);
+        }
+        s.wal_sync().sync().expect("sync");
+        let stats = checkpointer.checkpoint(false).expect("checkpoint");
+        assert!(stats.wal_frames > 0, "{stats:?}");
+        assert_eq!(stats.checkpointed, stats.wal_frames, "{stats:?}");
+        for n in 50..60 {
+            append(&mut s, &format!("{{\"n\":{n}}}"), 1_000 + n);
+        }
+        let mut shm = path.as_os_str().to_owned();
+        shm.push("-shm");
+        assert!(!std::path::Path::new(&shm).exists(), "a -shm file was made");
+        drop((s, checkpointer));
+        let reopened = SqliteStore::open(&path, &group()).expect("reopen");
+        assert_eq!(reopened.last_seq(), 60);
     }
 
     #[test]
