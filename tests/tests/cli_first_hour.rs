@@ -670,7 +670,19 @@ fn groups_and_members_are_aligned_tables_with_plurals() {
             .stdout
             .contains("news")
     }));
-    let run = ok(run_as(&fed, "alice", &["groups"], ""));
+    // The member count comes with the node's next heartbeat.
+    let mut run = None;
+    let counted = wait_for(Duration::from_secs(20), || {
+        let groups = ok(run_as(&fed, "alice", &["groups"], ""));
+        let done = groups
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("Cool Group") && l.ends_with(" 1 member"));
+        run = Some(groups);
+        done
+    });
+    let run = run.expect("a run");
+    assert!(counted, "{run:#?}");
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{run:#?}");
     assert!(lines[0].starts_with("GROUP"), "{run:#?}");
@@ -847,4 +859,97 @@ fn help_speaks_the_users_words_and_a_commands_own_options_come_first() {
     assert_eq!(errors.len(), 2, "{run:#?}");
     assert!(!run.stderr.contains("Usage"), "{run:#?}");
     assert!(run.stderr.contains("help join"), "{run:#?}");
+}
+
+#[test]
+fn an_interrupted_get_file_says_how_to_resume_and_the_same_command_resumes() {
+    let (fed, node) = federation_with_a_group();
+    ok(run_as(&fed, "bob", &["join", "Cool Group"], ""));
+    let path = fed.path("big.bin");
+    let content: Vec<u8> = (0..48u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&path, &content).expect("write");
+    let sent = ok(run_as(
+        &fed,
+        "alice",
+        &["--json", "send_file", "Cool Group", &path],
+        "",
+    ));
+    let seq = json_lines(&sent)
+        .iter()
+        .find_map(|v| v.get("seq").and_then(serde_json::Value::as_u64))
+        .expect("the seq")
+        .to_string();
+
+    // The node stops answering (SIGSTOP) as the download starts. On a fast machine the
+    // download may win the race: then it is tried again with another target.
+    let pid = node.pid().to_string();
+    let signal = |sig: &str| {
+        let sent = Command::new("kill").args([sig, &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill {sig} the node");
+    };
+    let mut cut = None;
+    for attempt in 0..3 {
+        let out = fed.path(&format!("down-{attempt}.bin"));
+        let mut get = fed.spawn_cli(
+            "bob",
+            &[
+                "--timeout",
+                "2s",
+                "get_file",
+                "Cool Group",
+                &seq,
+                "--out",
+                &out,
+            ],
+        );
+        assert!(
+            get.wait_stderr("big.bin: ", Duration::from_secs(20)),
+            "no progress: {:?}",
+            get.errors
+        );
+        signal("-STOP");
+        let code = get.wait_exit(Duration::from_secs(20));
+        signal("-CONT");
+        match code {
+            Some(Some(0)) => continue,
+            Some(code) => {
+                cut = Some((code, get.errors.clone(), out));
+                break;
+            }
+            None => panic!("get_file did not end: {:?}", get.errors),
+        }
+    }
+    let (code, errors, out) = cut.expect("a download stopped part way in three tries");
+    assert_eq!(code, Some(3), "{errors:?}");
+    let last = errors.last().cloned().unwrap_or_default();
+    assert!(
+        last.ends_with("run the same command again to resume"),
+        "{errors:?}"
+    );
+    assert!(
+        last.contains(&node.endpoint),
+        "the real endpoint: {errors:?}"
+    );
+    assert!(last.contains("within 2s"), "{errors:?}");
+    assert!(!has_raw_duration(&last), "{errors:?}");
+    assert!(
+        !Path::new(&out).exists(),
+        "nothing stands under the target's name"
+    );
+
+    // The same command again: it resumes from the part and the file arrives whole.
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            run_as(
+                &fed,
+                "bob",
+                &["get_file", "Cool Group", &seq, "--out", &out],
+                "",
+            )
+            .code
+                == Some(0)
+        }),
+        "the same command again"
+    );
+    assert!(std::fs::read(&out).expect("read") == content);
 }
