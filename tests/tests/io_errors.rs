@@ -397,6 +397,17 @@ fn a_store_made_immutable_answers_writes_internal_and_never_kills_the_node_by_si
     assert!(!files[2].exists(), "{} exists", files[2].display());
     chattr("+i", &files);
     refused_while_failing(&mut node, &mut writer, &mut reader, &mut outcomes, last);
+    // The checkpoint thread (every 10 s) fails too, on its own connection: warned once.
+    assert!(
+        wait_for(Duration::from_secs(15), || node
+            .log()
+            .contains("checkpoint failed")),
+        "no checkpoint ran; log:\n{}",
+        node.log()
+    );
+    assert_alive(&mut node);
+    refused_while_failing(&mut node, &mut writer, &mut reader, &mut outcomes, last);
+    assert_eq!(node.log().matches("checkpoint failed").count(), 1);
 
     chattr("-i", &files);
     acked_again(&mut writer, &mut outcomes);
