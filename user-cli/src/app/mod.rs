@@ -100,6 +100,16 @@ pub fn human_duration(d: std::time::Duration) -> String {
 /// `target: cause`, with the target left out when the cause already names it (the node's
 /// `alice is not a member of "Cool Group"`).
 fn remote_line(target: &str, source: &ClientError) -> String {
+    if let ClientError::Timeout { endpoint, waited } = source {
+        if target.ends_with(endpoint.as_str()) {
+            // `registry tcp://…`: the endpoint is said once.
+            return format!(
+                "{target}: unreachable: no reply within {} (server down, or its public key \
+                 is not the one given)",
+                human_duration(*waited)
+            );
+        }
+    }
     let cause = cause(source);
     if cause.contains(&format!("\"{target}\"")) {
         cause
@@ -668,6 +678,18 @@ mod tests {
         assert!(timeout
             .to_string()
             .contains("no reply from tcp://127.0.0.1:5560 within 5s"));
+        let registry = CliError::Remote {
+            target: "registry tcp://127.0.0.1:5555".into(),
+            source: ClientError::Timeout {
+                endpoint: "tcp://127.0.0.1:5555".into(),
+                waited: std::time::Duration::from_millis(1500),
+            },
+        };
+        assert_eq!(
+            registry.to_string(),
+            "registry tcp://127.0.0.1:5555: unreachable: no reply within 1s 500ms (server \
+             down, or its public key is not the one given)"
+        );
         let cut = CliError::Interrupted(Box::new(timeout));
         assert!(cut
             .to_string()
