@@ -1,5 +1,5 @@
 //! Tab completion at the prompt ([`CommandHelper`], rustyline's `Completer`): command words
-//! at the start of the line; after them, what the argument under the cursor takes, read from
+//! at the start of the line, and known user names as `NAME: ` (a direct message); after them, what the argument under the cursor takes, read from
 //! the command's clap definition (the same one that parses the line):
 //!
 //! - a group (`GROUP` arguments, `watch`'s groups): the groups joined (the state file) and
@@ -86,7 +86,7 @@ impl CommandHelper {
         let head = &line[..pos];
         let (done, start, typed) = split(head);
         let pick = |names: Vec<String>, start: usize, typed: &str, end: &str| {
-            let pairs = names
+            let pairs: Vec<Pair> = names
                 .into_iter()
                 .filter(|n| n.starts_with(typed))
                 .map(|n| Pair {
@@ -97,7 +97,13 @@ impl CommandHelper {
             (start, pairs)
         };
         match self.slot(&done, &typed) {
-            Slot::Command => pick(self.words.clone(), start, &typed, " "),
+            Slot::Command => {
+                let (at, mut pairs) = pick(self.words.clone(), start, &typed, " ");
+                // Seed 003's `NAME: text`, a direct message.
+                let (_, dms) = pick(self.names.users(), start, &typed, ": ");
+                pairs.extend(dms.into_iter().filter(|p| !p.replacement.starts_with('\'')));
+                (at, pairs)
+            }
             Slot::Subcommand(words) | Slot::Values(words) => pick(words, start, &typed, " "),
             Slot::Group => pick(self.names.groups(), start, &typed, " "),
             Slot::User { list: false } => pick(self.names.users(), start, &typed, " "),
@@ -355,6 +361,9 @@ mod tests {
         assert!(got.iter().all(|w| w.starts_with("sen")), "{got:?}");
         let (_, got) = complete(&h, "get_group");
         assert_eq!(got, ["get_group_list "]);
+        // A known user's name, for seed 003's `NAME: text`.
+        assert_eq!(complete(&h, "bo").1, ["bob: "]);
+        assert!(complete(&h, "al").1.contains(&"alice: ".to_owned()));
     }
 
     /// Issue 23: group names complete after every command that takes a group, quoted when
