@@ -790,6 +790,44 @@ fn json_output_of_each_command_parses_and_has_the_documented_fields() {
     );
     check("users", &json("alice", &["users"]), &["name", "presence"]);
     check("whois", &json("alice", &["whois", "bob"]), &["name", "key"]);
+    check(
+        "unsubscribe",
+        &json("alice", &["unsubscribe", "Cool Group"]),
+        &["group", "subscribed"],
+    );
+    check(
+        "subscribe",
+        &json("alice", &["subscribe", "Cool Group"]),
+        &["group", "subscribed"],
+    );
+    check("connect", &json("alice", &["connect"]), &["user", "ttl_ms"]);
+    check(
+        "block",
+        &json("alice", &["block", "bob"]),
+        &["name", "blocked", "changed"],
+    );
+    check(
+        "blocked",
+        &json("alice", &["blocked"]),
+        &["name", "key", "since"],
+    );
+    let refused = run_as(
+        &fed,
+        "bob",
+        &["send_dm", "alice", "blocked, so a dead letter"],
+        "",
+    );
+    assert_eq!(refused.code, Some(1), "{refused:#?}");
+    check(
+        "dead_letters",
+        &json("bob", &["dead_letters"]),
+        &["time", "to", "reason", "body"],
+    );
+    check(
+        "multicast",
+        &json("alice", &["multicast", "bob", "to you"]),
+        &["stored"],
+    );
 }
 
 #[test]

@@ -45,8 +45,8 @@ use render::Format;
     next_help_heading = "Global options"
 )]
 struct Args {
-    /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
-    /// (PROTOCOL §10; its key is then pinned on first use).
+    /// The registry's endpoint, IP:PORT or tcp://HOST:PORT, or `auto`: the registry heard on
+    /// the LAN by its beacon (its key is then pinned on first use).
     /// Several registries sharing one database are given as a list, `tcp://A:5555,tcp://B:5555`:
     /// tried in order, and the next one used when one does not answer.
     #[arg(
