@@ -117,7 +117,7 @@ fn beat(
 
 /// A client error for a log line, with a timeout as people write it (`no reply from
 /// tcp://127.0.0.1:5555 within 1s`, to a tenth of a second), never `1.004849877s`.
-fn describe(e: &ClientError) -> String {
+pub fn describe(e: &ClientError) -> String {
     match e {
         ClientError::Timeout { endpoint, waited } => {
             let tenths = (waited.as_millis() + 50) / 100;
@@ -128,5 +128,27 @@ fn describe(e: &ClientError) -> String {
             )
         }
         e => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 23: shutdown logged `could not unregister … within 1.004849877s`.
+    #[test]
+    fn timeouts_read_as_people_write_them() {
+        let timeout = |waited| ClientError::Timeout {
+            endpoint: "tcp://127.0.0.1:5555".into(),
+            waited,
+        };
+        assert_eq!(
+            describe(&timeout(Duration::from_nanos(1_004_849_877))),
+            "no reply from tcp://127.0.0.1:5555 within 1s"
+        );
+        assert_eq!(
+            describe(&timeout(Duration::from_millis(3334))),
+            "no reply from tcp://127.0.0.1:5555 within 3s 300ms"
+        );
     }
 }

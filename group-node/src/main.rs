@@ -503,7 +503,7 @@ fn check_owner(ctx: &zmq::Context, config: &Config) -> Result<(), Failure> {
     let owner = match client.owner(&config.name) {
         Ok(owner) => owner,
         Err(e) => {
-            tracing::warn!(%registry, error = %e,
+            tracing::warn!(%registry, error = %agora_group_node::heartbeat::describe(&e),
                 "could not ask the registry who owns the group name; going on");
             return Ok(());
         }
