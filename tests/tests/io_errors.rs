@@ -464,3 +464,77 @@ fn a_file_system_turned_read_only_by_an_error_answers_writes_internal_and_loses_
         outcomes.internal.len()
     );
 }
+
+/// The registry has the same exposure, not fixed yet (README, "When the disk fails"): its
+/// SQLite shares the WAL index through a mapped `-shm` file so that `registry release` can
+/// open the database beside a running registry, and a `send_dm` after its files are made
+/// immutable kills it by SIGBUS. Run with `--ignored` to see it; it passes once the registry
+/// keeps its WAL index in memory as the node does.
+#[test]
+#[ignore = "known: the registry still maps its WAL index (README, When the disk fails)"]
+fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry_by_sigbus() {
+    let fs = match Ext4::make() {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let data = fs.path().join("registry");
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut registry = Server::start(
+        "registry",
+        &[
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+        ],
+        log.path(),
+    );
+    let clients = tempfile::tempdir().expect("tempdir");
+    let (state, keys) = (clients.path().join("state"), clients.path().join("keys"));
+    let key = registry.key.clone().expect("the registry runs with CURVE");
+    let endpoint = registry.endpoint.clone();
+    let env = [
+        ("AGORA_REGISTRY", endpoint.as_str()),
+        ("AGORA_REGISTRY_KEY", key.as_str()),
+        ("AGORA_STATE_DIR", state.to_str().expect("utf-8 path")),
+        ("AGORA_KEY_DIR", keys.to_str().expect("utf-8 path")),
+    ];
+    let cli = |user: &str, args: &[&str]| {
+        let mut all = vec!["--user", user];
+        all.extend_from_slice(args);
+        agora_tests::cli(&all, "", &env)
+    };
+    for user in ["alice", "bob"] {
+        let run = cli(user, &["register", user]);
+        assert_eq!(run.code, Some(0), "{run:?}");
+    }
+    let run = cli("alice", &["send_dm", "bob", "before"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+
+    let files = sqlite_files(&data.join("registry.sqlite3"));
+    chattr("+i", &files);
+    let refused = cli("alice", &["send_dm", "bob", "while immutable"]);
+    let late = cli("carol", &["register", "carol"]);
+    let alive = registry.wait_exit(Duration::ZERO);
+    chattr("-i", &files);
+    if let Some(status) = alive {
+        panic!(
+            "the registry exited ({}); log:\n{}",
+            describe(status),
+            registry.log()
+        );
+    }
+    // Refused by the server (exit 1), not unreachable.
+    assert_eq!(
+        (refused.code, late.code),
+        (Some(1), Some(1)),
+        "{refused:?} {late:?}"
+    );
+    let run = cli("alice", &["send_dm", "bob", "after"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let status = registry.terminate();
+    assert_eq!((status.code(), status.signal()), (Some(0), None));
+}
