@@ -132,7 +132,7 @@ struct Args {
     /// Announce this registry on the LAN: a UDP beacon every second to --beacon-address
     /// (PROTOCOL §10; the zbeacon pattern). Off unless given; AGORA_BEACON=true (or 1, yes,
     /// on) turns it on from the environment, false (0, no, off) leaves it off.
-    #[arg(long, env = "AGORA_BEACON", requires = "beacon_address")]
+    #[arg(long, env = "AGORA_BEACON", value_parser = clap::builder::BoolishValueParser::new())]
     beacon: bool,
     /// The IPv4 broadcast address the beacon goes to: the LAN's (such as 192.168.1.255), or
     /// 127.255.255.255 for this machine only. No default: nothing is broadcast by accident.
@@ -216,6 +216,12 @@ fn main() -> ExitCode {
 /// # Errors
 /// A usage error naming the argument.
 fn check_usage(args: &Args) -> anyhow::Result<()> {
+    if args.beacon && args.beacon_address.is_none() {
+        anyhow::bail!(
+            "--beacon needs --beacon-address (AGORA_BEACON_ADDRESS): the LAN's broadcast \
+             address, such as 192.168.1.255, or 127.255.255.255 for this machine only"
+        );
+    }
     if let (Some(address), false) = (args.beacon_address, args.beacon) {
         anyhow::bail!(
             "--beacon-address {address} without --beacon announces nothing: add --beacon \

@@ -538,7 +538,7 @@ fn beacon_address_needs_beacon_and_agora_beacon_turns_it_on() {
             "--data-dir",
             data,
         ])
-        .env("AGORA_BEACON", "true");
+        .env("AGORA_BEACON", "yes");
     let registry = Server::spawn_command(command, "registry", &dir.path().join("r.log"))
         .wait_listening(START_TIMEOUT);
     assert!(
@@ -562,6 +562,23 @@ fn beacon_address_needs_beacon_and_agora_beacon_turns_it_on() {
         .env("AGORA_BEACON", "false");
     let out = run_command(command, "");
     assert_eq!(out.code, Some(2), "AGORA_BEACON=false: {out:?}");
+
+    // --beacon needs an address; AGORA_BEACON=false alone (an environment file that
+    // turns it off) is no error.
+    let out = run(
+        "registry",
+        &["--bind", "127.0.0.1:0", "--beacon", "--data-dir", data],
+        "",
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("--beacon-address"), "{out:?}");
+    let mut command = Command::new(agora_tests::bin("registry"));
+    command
+        .args(["--bind", "127.0.0.1:0", "--data-dir", data])
+        .env("AGORA_BEACON", "false");
+    let registry = Server::spawn_command(command, "registry", &dir.path().join("off.log"))
+        .wait_listening(START_TIMEOUT);
+    assert!(!registry.log().contains("beacon"), "{}", registry.log());
 }
 
 /// The `IP:PORT` a server logged as `metrics serving addr=…`.
