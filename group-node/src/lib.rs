@@ -1036,7 +1036,8 @@ impl Node {
                         first_seq = first.seq, last_seq = last.seq, "committed");
                 }
                 Served {
-                    wrote: true,
+                    // A batch that changed nothing needs no sync (`last_commit_wrote`).
+                    wrote: self.store.last_commit_wrote() || !appended.is_empty(),
                     replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
                     appended,
                 }

@@ -244,6 +244,13 @@ pub trait GroupStore: Send {
     /// # Errors
     /// [`StoreError::Sqlite`]: nothing of the batch is stored.
     fn commit(&mut self) -> Result<(), StoreError>;
+    /// Whether the last successful [`GroupStore::commit`] stored anything. A batch whose
+    /// writes all changed nothing (a member's join again, a retried send) commits no page,
+    /// so it needs no sync before its replies: one on a file system turned read-only would
+    /// fail and stop the node for nothing. `true` unless the store knows better.
+    fn last_commit_wrote(&self) -> bool {
+        true
+    }
     /// The user name bound to `who`, if `who` is a member.
     ///
     /// # Errors

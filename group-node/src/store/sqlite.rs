@@ -97,6 +97,11 @@ pub struct SqliteStore {
     /// Writes fail for a cause outside SQLite ([`StoreError::Unwritable`]): the cause was
     /// logged when they began to fail, and is not logged again until a commit succeeds.
     unwritable: bool,
+    /// `total_changes` at [`GroupStore::begin`]: a commit that changed no row wrote nothing,
+    /// so it does not show that the store can be written again, and needs no sync.
+    changes_at_begin: u64,
+    /// The last successful commit changed a row ([`GroupStore::last_commit_wrote`]).
+    last_commit_wrote: bool,
     path: std::path::PathBuf,
     durability: Durability,
 }
@@ -243,6 +248,8 @@ impl SqliteStore {
             meta_dirty: false,
             aborted: false,
             unwritable: false,
+            changes_at_begin: 0,
+            last_commit_wrote: false,
             path: path.to_owned(),
             durability,
         };
@@ -374,7 +381,7 @@ impl SqliteStore {
         StoreError::Unwritable(source)
     }
 
-    /// Notes a commit that succeeded: logs once that writes work again after they failed.
+    /// Notes a commit that wrote: logs once that writes work again after they failed.
     fn write_succeeded(&mut self) {
         if self.unwritable {
             self.unwritable = false;
@@ -648,6 +655,7 @@ const SELECT: &str =
 impl GroupStore for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.aborted = false;
+        self.changes_at_begin = self.conn.total_changes();
         let begun = (|| -> Result<(), StoreError> {
             self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             Ok(())
@@ -682,7 +690,10 @@ impl GroupStore for SqliteStore {
             self.reload()?;
             return Err(self.write_failed(e));
         }
-        self.write_succeeded();
+        self.last_commit_wrote = self.conn.total_changes() > self.changes_at_begin;
+        if self.last_commit_wrote {
+            self.write_succeeded();
+        }
         Ok(())
     }
 
@@ -955,6 +966,10 @@ impl GroupStore for SqliteStore {
                 Ok(page)
             }
         }
+    }
+
+    fn last_commit_wrote(&self) -> bool {
+        self.last_commit_wrote
     }
 
     fn last_seq(&self) -> u64 {
