@@ -111,7 +111,13 @@ fn remote_line(target: &str, source: &ClientError) -> String {
         }
     }
     let cause = cause(source);
-    if cause.contains(&format!("\"{target}\"")) {
+    // The server's text names the target already: quoted (a group), or as its subject (a
+    // user: `alice does not accept direct messages from you`).
+    let named = match source {
+        ClientError::Server(w) => w.message.starts_with(&format!("{target} ")),
+        _ => false,
+    };
+    if named || cause.contains(&format!("\"{target}\"")) {
         cause
     } else {
         format!("{target}: {cause}")
@@ -667,6 +673,17 @@ mod tests {
         assert_eq!(
             refused(ErrorCode::Forbidden, "only the owner may").to_string(),
             "Cool Group: forbidden: only the owner may"
+        );
+        let blocked = CliError::Remote {
+            target: "alice".into(),
+            source: ClientError::Server(WireError::new(
+                ErrorCode::Blocked,
+                "alice does not accept direct messages from you",
+            )),
+        };
+        assert_eq!(
+            blocked.to_string(),
+            "blocked: alice does not accept direct messages from you"
         );
         let timeout = CliError::Remote {
             target: "Cool Group".into(),
