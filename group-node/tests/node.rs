@@ -311,3 +311,30 @@ fn a_second_node_on_the_same_data_directory_is_refused() {
     drop(first);
     agora_group_node::Node::bind(&ctx, config()).expect("the lock is free again");
 }
+
+/// Issue 23: a node on a busy port made its key pair and data directory, then failed. The
+/// library binds first (the port taken between main's check and the bind, or a caller
+/// without that check): nothing is left on disk, with CURVE (a new key pair) or without.
+#[test]
+fn a_bind_that_fails_leaves_no_data_directory_and_no_key_pair() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("tcp://{}", busy.local_addr().expect("addr"));
+    let parent = tempfile::tempdir().expect("tempdir");
+    let ctx = zmq::Context::new();
+    for insecure in [false, true] {
+        let dir = parent.path().join(format!("data-{insecure}"));
+        let mut config = agora_group_node::Config::new(
+            agora_proto::wire::GroupName::new("Busy").expect("name"),
+            endpoint.clone(),
+            dir.clone(),
+        );
+        config.insecure = insecure;
+        let err = agora_group_node::Node::bind(&ctx, config).expect_err("a busy port");
+        assert!(
+            matches!(err, agora_group_node::NodeError::Bind { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), format!("cannot bind {endpoint}"));
+        assert!(!dir.exists(), "{} was made", dir.display());
+    }
+}

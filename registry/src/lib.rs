@@ -229,7 +229,10 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Opens the store ([`Config::store`]) and binds the registry's ROUTER.
+    /// Opens the store ([`Config::store`]) and binds the registry's ROUTER and key endpoint.
+    /// With SQLite, the sockets are bound first (a new key pair is made in memory for that
+    /// and saved after), so a port that cannot be bound leaves no data directory and no key
+    /// pair behind; with PostgreSQL, which holds the key pair, the store comes first.
     ///
     /// # Errors
     /// [`RegistryError::Bind`], [`RegistryError::InsecureNotLoopback`],
@@ -239,6 +242,23 @@ impl Registry {
         if config.insecure && !agora_proto::wire::is_loopback(&config.bind) {
             return Err(RegistryError::InsecureNotLoopback(config.bind.clone()));
         }
+        let key_path = config.data_dir.join("registry.key");
+        // SQLite keeps the key pair in files: read it, or make one in memory, and bind.
+        let early = match (&config.store, config.insecure) {
+            (None, false) => {
+                agora_common::keys::require_curve()?;
+                let pair = if agora_common::keys::secret_path(&key_path).exists() {
+                    (Keypair::load(&key_path)?, false)
+                } else {
+                    (Keypair::generate()?, true)
+                };
+                let zap = Authenticator::start(ctx, ZapPolicy::default())?;
+                let sockets = Registry::bind_sockets(ctx, &config, Some(pair.0.clone()))?;
+                Some((Some(pair), Some(zap), sockets))
+            }
+            (None, true) => Some((None, None, Registry::bind_sockets(ctx, &config, None)?)),
+            (Some(_), _) => None,
+        };
         let settings = config.store_settings();
         let mut store = store::open(
             config.store.as_deref(),
@@ -248,19 +268,67 @@ impl Registry {
             !config.insecure,
         )?;
         tracing::info!(backend = store.backend(), "registry store open");
-        let (curve, zap) = if config.insecure {
+        if config.insecure {
             tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
-            (None, None)
-        } else {
-            agora_common::keys::require_curve()?;
-            let (keys, created) = store.key_pair(&config.data_dir)?;
-            if created {
-                tracing::info!(public_key = %keys.public, "made a new registry key pair");
+        }
+        let (public_key, zap, (socket, endpoint, key_service)) = match early {
+            Some((None, _, sockets)) => (None, None, sockets),
+            Some((Some((keys, new)), zap, sockets)) => {
+                if new {
+                    keys.save(&key_path)?;
+                }
+                // The store reads the pair just saved (or the one there before).
+                let (stored, _) = store.key_pair(&config.data_dir)?;
+                if stored.public != keys.public {
+                    return Err(RegistryError::Keys(KeyError::Mismatch(key_path)));
+                }
+                if new {
+                    tracing::info!(public_key = %keys.public, "made a new registry key pair");
+                }
+                (Some(keys.public), zap, sockets)
             }
-            let zap = Authenticator::start(ctx, ZapPolicy::default())?;
-            (Some(keys), Some(zap))
+            None if config.insecure => (None, None, Registry::bind_sockets(ctx, &config, None)?),
+            None => {
+                agora_common::keys::require_curve()?;
+                let (keys, created) = store.key_pair(&config.data_dir)?;
+                if created {
+                    tracing::info!(public_key = %keys.public, "made a new registry key pair");
+                }
+                let zap = Authenticator::start(ctx, ZapPolicy::default())?;
+                let public = keys.public;
+                (
+                    Some(public),
+                    Some(zap),
+                    Registry::bind_sockets(ctx, &config, Some(keys))?,
+                )
+            }
         };
-        let public_key = curve.as_ref().map(|k: &Keypair| k.public);
+        let limiter = Limiter::new(config.rate_limit);
+        let dm_limiter = Limiter::new(config.dm_rate);
+        Ok(Registry {
+            config,
+            socket,
+            endpoint,
+            public_key,
+            store,
+            dm_subs: std::collections::HashMap::new(),
+            pending_push: Vec::new(),
+            key_service,
+            limiter,
+            dm_limiter,
+            _zap: zap,
+            stopping: false,
+        })
+    }
+
+    /// Binds the ROUTER (a CURVE server with `curve`) and, with a key, the plaintext key
+    /// endpoint ([`Config::key_bind`], default the next port).
+    fn bind_sockets(
+        ctx: &zmq::Context,
+        config: &Config,
+        curve: Option<Keypair>,
+    ) -> Result<(zmq::Socket, String, Option<agora_common::trust::KeyService>), RegistryError> {
+        let public_key = curve.as_ref().map(|k| k.public);
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
             hwm: 1000,
@@ -272,8 +340,6 @@ impl Registry {
                 endpoint: config.bind.clone(),
                 source,
             })?;
-        let limiter = Limiter::new(config.rate_limit);
-        let dm_limiter = Limiter::new(config.dm_rate);
         let key_service = match public_key {
             Some(key) => {
                 let bind = config.key_bind.clone().unwrap_or_else(|| {
@@ -294,20 +360,7 @@ impl Registry {
             }
             None => None,
         };
-        Ok(Registry {
-            config,
-            socket,
-            endpoint,
-            public_key,
-            store,
-            dm_subs: std::collections::HashMap::new(),
-            pending_push: Vec::new(),
-            key_service,
-            limiter,
-            dm_limiter,
-            _zap: zap,
-            stopping: false,
-        })
+        Ok((socket, endpoint, key_service))
     }
 
     /// Where the plaintext key endpoint listens (`None` with `--insecure`).

@@ -136,3 +136,32 @@ fn group_node_actions_are_refused_by_the_registry() {
     let v: serde_json::Value = serde_json::from_slice(&reply[1]).expect("json");
     assert_eq!(v["error"], "unknown_action");
 }
+
+/// Issue 23: a port that cannot be bound leaves no data directory, database or key pair
+/// behind (SQLite: the sockets are bound before the store is opened), for the ROUTER's
+/// port and the key endpoint's.
+#[test]
+fn a_bind_that_fails_leaves_no_data_directory_and_no_key_pair() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = format!("tcp://{}", busy.local_addr().expect("addr"));
+    let parent = tempfile::tempdir().expect("tmp");
+    let ctx = zmq::Context::new();
+    let cases = [
+        (taken.clone(), None, true),
+        (taken.clone(), None, false),
+        ("tcp://127.0.0.1:0".to_owned(), Some(taken.clone()), false),
+    ];
+    for (i, (bind, key_bind, insecure)) in cases.into_iter().enumerate() {
+        let dir = parent.path().join(format!("data-{i}"));
+        let config = Config {
+            bind,
+            key_bind,
+            data_dir: dir.clone(),
+            insecure,
+            ..Config::default()
+        };
+        let err = Registry::bind(&ctx, config).expect_err("a busy port");
+        assert_eq!(err.to_string(), format!("cannot bind {taken}"), "case {i}");
+        assert!(!dir.exists(), "case {i}: {} was made", dir.display());
+    }
+}
