@@ -7,10 +7,11 @@
 //! # Exit codes
 //! - 0: a clean stop (SIGINT, SIGTERM or an accepted `stop`), or stopped while a standby.
 //! - 1: refused by a server: the registry binds the group's name to another key (a standby
-//!   started without the active node's `node.key` and `node.key_secret`), or this node lost
-//!   its lease to another.
+//!   started without the active node's `node.key` and `node.key_secret`), its key changed
+//!   since it was pinned, or this node lost its lease to another.
 //! - 2: usage: a bad argument (a port past 65535, a malformed or wildcard host where one is
-//!   connected to or advertised, an unknown scheme, `--insecure` off loopback).
+//!   connected to or advertised, an unknown scheme, `--insecure` off loopback; with
+//!   `--registry auto`, several registries heard and no `--registry-name` to choose).
 //! - 3: unreachable: no registry heard (`--registry auto`), or its key cannot be fetched;
 //!   PostgreSQL cannot be reached at start.
 //! - 4: local input or output: the port cannot be bound, the data directory, the key pair
@@ -334,7 +335,24 @@ fn run(mut args: Args) -> Result<(), Failure> {
             args.registry_key,
             args.insecure,
         )
-        .exit_with(Exit::Unreachable)?;
+        .map_err(|e| {
+            use agora_common::beacon::{AutoError, DiscoverError, HeardKeyError};
+            let exit = match &e {
+                AutoError::Listen { .. } => Exit::LocalIo,
+                AutoError::Discover(DiscoverError::NoneHeard { .. }) => Exit::Unreachable,
+                // Several heard, or none of that name: say which with --registry-name.
+                AutoError::Discover(_) => Exit::Usage,
+                AutoError::Key(HeardKeyError::Trust(agora_common::trust::TrustError::File {
+                    ..
+                })) => Exit::LocalIo,
+                // A changed key, or a registry without one: refused.
+                AutoError::Key(_) => Exit::Refused,
+            };
+            Failure {
+                exit,
+                error: e.into(),
+            }
+        })?;
         args.registry = chosen.endpoint;
         args.registry_key = key;
     }
