@@ -494,11 +494,24 @@ fn hosted_mode_with_open_signup_makes_an_account_that_chats_as_itself() {
         ])
         .output()
         .expect("agora-web");
-    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(refused.status.code(), Some(2), "a usage error: {refused:?}");
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("--insecure-http"),
         "{refused:?}"
     );
+    assert!(!data.exists(), "nothing is made for a refused start");
+    // Personal mode serves loopback only, and needs whose key: usage errors too.
+    for args in [
+        &["--user", "alice", "--bind", "0.0.0.0:0"][..],
+        &["--bind", "127.0.0.1:0"][..],
+    ] {
+        let refused = std::process::Command::new(agora_tests::bin("agora-web"))
+            .args(args)
+            .args(["--registry-key", &registry_key])
+            .output()
+            .expect("agora-web");
+        assert_eq!(refused.status.code(), Some(2), "{args:?}: {refused:?}");
+    }
 
     let web = Server::start(
         "agora-web",

@@ -9,9 +9,11 @@
 //! Prints `listening URL` on stdout once bound (personal mode's URL carries a one-time
 //! token); logs go to stderr (RUST_LOG). Exit codes: 0 after SIGINT or SIGTERM (`link`: the
 //! link was printed); 1 when starting fails otherwise (the registry's key changed, say); 2
-//! for invalid arguments; 3 the registry's key could not be had (nothing pinned, its key
-//! endpoint did not answer), or (`link`) no gateway answers; 4 a local file, directory,
-//! port or socket failed (the port is taken, the link socket is another gateway's).
+//! for invalid arguments (a non-loopback `--bind` in personal mode, plain HTTP beyond
+//! loopback without `--insecure-http`, no `--user`); 3 the registry's key could not be had
+//! (nothing pinned, its key endpoint did not answer), or (`link`) no gateway answers; 4 a
+//! local file, directory, port or socket failed (the port is taken, the link socket is
+//! another gateway's).
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -253,10 +255,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// An argument that clap accepted alone but not with the others (exit code 2).
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
 /// The exit code for a failure (the table in the module's doc): by the cause's type where
 /// one says more than "starting failed".
 fn exit_code(error: &anyhow::Error) -> u8 {
     use agora_common::trust::TrustError;
+    if error.downcast_ref::<Usage>().is_some() {
+        return 2;
+    }
     if let Some(e) = error.downcast_ref::<LinkError>() {
         return match e {
             LinkError::NoGateway { .. } | LinkError::Timeout { .. } => 3,
@@ -392,17 +409,20 @@ fn serve(args: Serve) -> anyhow::Result<()> {
     };
     let loopback = args.bind.ip().is_loopback();
     if !args.hosted && !loopback {
-        anyhow::bail!(
-            "personal mode serves loopback only, not {}: the page acts with your key",
+        return Err(Usage(format!(
+            "--bind {}: personal mode serves loopback only (the page acts with your key); \
+             use 127.0.0.1:PORT, or --hosted",
             args.bind
-        );
+        ))
+        .into());
     }
     if args.hosted && !loopback && tls.is_none() {
         if !args.insecure_http {
-            anyhow::bail!(
-                "{} is not loopback: pass --tls-cert and --tls-key, or --insecure-http",
+            return Err(Usage(format!(
+                "--bind {} is not loopback: pass --tls-cert and --tls-key, or --insecure-http",
                 args.bind
-            );
+            ))
+            .into());
         }
         tracing::warn!(
             bind = %args.bind,
@@ -413,9 +433,9 @@ fn serve(args: Serve) -> anyhow::Result<()> {
     let known = if args.hosted {
         data_dir(args.data_dir.clone())?.join("known_servers.json")
     } else {
-        args.user
-            .as_ref()
-            .context("pass --user NAME (personal mode) or --hosted")?;
+        if args.user.is_none() {
+            return Err(Usage("pass --user NAME (personal mode) or --hosted".to_owned()).into());
+        }
         user_cli_pins(args.state_dir.clone())?
     };
     let registry_key = registry_key(&args, &known)?;
