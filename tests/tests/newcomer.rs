@@ -317,11 +317,14 @@ fn a_newcomer_chats_sends_a_file_gets_a_live_dm_and_uses_the_web_link_in_a_bare_
     );
     let sent = bob(&["send", "Cool Group", "hi there"]);
     assert_eq!(sent.code, Some(0), "bob sends: {sent:?}");
+    // A scripted session prints what it is asked for (live group messages are the
+    // prompt's, on a terminal: tests/tests/cli_live.rs).
+    quick.type_line("get_messages \"Cool Group\"");
     assert!(
         quick
             .wait_line(STEP, |l| l.contains("bob: hi there"))
             .is_some(),
-        "bob's message shows in the newcomer's chat, live\n{}",
+        "bob's message is in the newcomer's chat\n{}",
         quick.transcript()
     );
 
@@ -429,6 +432,8 @@ fn a_newcomer_chats_sends_a_file_gets_a_live_dm_and_uses_the_web_link_in_a_bare_
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "no temporary file is left: {left:?}");
+    // Shown with --nocapture: what the newcomer saw.
+    eprintln!("{transcript}");
     assert!(
         !transcript.contains("user-cli:"),
         "no command of the session failed\n{transcript}"
