@@ -7,8 +7,9 @@
 //! `leave_group`, `get_messages GROUP [HH:MM:SS]`, `send_message GROUP` (`send` with no text:
 //! the lines that follow, up to `END` or the end of the input), seed 004's upper-case
 //! `REGISTER`, `CONNECT NAME`, `SEND NAME TEXT` (a direct message) and seed 003's
-//! `NAME: text`. Help lists each command once, its other words as aliases. Shell completions and the man page come from the same
-//! definition (`user-cli completions bash`, `user-cli manpage`).
+//! `NAME: text`. Help lists each command once, its other words as aliases. Shell
+//! completions and the man page come from the same definition (`user-cli completions bash`,
+//! `user-cli manpage`).
 
 use std::io::Write;
 
