@@ -14,8 +14,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # One build for everything: `--all-targets` resolves features once, with the tests'
 # dev-dependencies, so the binaries and the tests share every compiled crate. (A plain
 # `cargo build --bins` resolves without them and compiles many crates a second time.)
+SECONDS=0
 cargo build --workspace --all-targets --locked
+echo "test.sh: built in ${SECONDS}s"
 cargo test --workspace --locked "$@"
+echo "test.sh: built and tested in ${SECONDS}s"
 
 # The group node's and the registry's tests again, with their stores in PostgreSQL: each
 # federation starts a throwaway cluster of its own (tests/src/pg.rs). The test executables
@@ -51,4 +54,6 @@ for entry in "${executables[@]}"; do
     # As cargo runs a test: from its package's directory.
     (cd "$dir" && AGORA_TEST_STORE=postgres CARGO_MANIFEST_DIR="$dir" "$exe" ${libtest_args[@]+"${libtest_args[@]}"})
 done
+echo "test.sh: the PostgreSQL pass done at ${SECONDS}s"
 RUST_LOG=error target/debug/agora-bench --quick --dm
+echo "test.sh: all done in ${SECONDS}s"
