@@ -169,7 +169,9 @@ fn a_line_pasted_into_the_prompt_runs_without_another_key() {
     assert_eq!(alice.exit_code(), Some(7), "{:?}", alice.shown());
 }
 
-/// Several lines pasted at once (a block copied from a script or a chat): each runs, in order.
+/// Several lines pasted at once (a block copied from a script, or typed ahead over ssh): only
+/// the first ran, since rustyline dropped what followed it in the same read when the line
+/// ended (unless built with its `buffer-redux` feature). Now each runs, in order.
 #[test]
 fn several_lines_pasted_at_once_all_run_in_order() {
     let fed = Federation::start("200ms");
@@ -178,7 +180,7 @@ fn several_lines_pasted_at_once_all_run_in_order() {
 
     let mut alice = Prompt::start(&fed, "alice");
     let at = alice.expect(0, "Type help for commands");
-    let at = alice.expect(at, "agora> ");
+    alice.expect(at, "agora> ");
     alice.paste("send \"Pasted G\" first line\nsend \"Pasted G\" second line\nexit 7\n");
     let code = alice.exit_code();
     let stored = ok(fed.cli("alice", &["messages", "Pasted G"], ""));
@@ -189,5 +191,4 @@ fn several_lines_pasted_at_once_all_run_in_order() {
         alice.shown()
     );
     assert_eq!(code, Some(7), "{:?}", alice.shown());
-    let _ = at;
 }
