@@ -101,7 +101,10 @@ fn presence_follows_connect_disconnect_and_expires_after_a_killed_client() {
     assert_eq!(presence_of(&fed, "alice"), "offline");
     let listed = ok(fed.cli("observer", &["users"], ""));
     assert!(
-        listed.stdout.contains("alice\toffline, last seen"),
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("alice ") && l.contains("offline, last seen")),
         "{listed:?}"
     );
 

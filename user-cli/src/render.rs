@@ -107,12 +107,14 @@ pub fn count(n: u64, singular: &str, plural: &str) -> String {
 }
 
 /// Rows aligned in columns under a header (comfy-table, no borders), two spaces between
-/// columns, no trailing spaces.
+/// columns, no trailing spaces; no header line when `header` is empty.
 pub fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING);
     t.set_content_arrangement(comfy_table::ContentArrangement::Disabled);
-    t.set_header(header.iter().copied());
+    if !header.is_empty() {
+        t.set_header(header.iter().copied());
+    }
     for row in rows {
         t.add_row(row);
     }
@@ -176,14 +178,48 @@ pub fn presence(p: agora_proto::wire::Presence) -> &'static str {
     }
 }
 
-/// One account: `alice<TAB>online`, or `bob<TAB>offline, last seen 2026-11-22 10:00:00`.
-pub fn user_line(u: &agora_proto::wire::UserEntry) -> String {
+/// An account's presence in words: `online`, `away`, or `offline, last seen 2026-11-22
+/// 10:00:00` (local time) when the registry knows when.
+pub fn presence_text(u: &agora_proto::wire::UserEntry) -> String {
     match (u.presence, u.last_seen) {
         (agora_proto::wire::Presence::Offline, Some(seen)) => {
-            format!("{}\toffline, last seen {}", u.name, local_time(seen))
+            format!("offline, last seen {}", local_time(seen))
         }
-        (p, _) => format!("{}\t{}", u.name, presence(p)),
+        (p, _) => presence(p).to_owned(),
     }
+}
+
+/// Accounts as a table: `USER`, `PRESENCE` (see [`presence_text`]).
+pub fn users_table(users: &[agora_proto::wire::UserEntry]) -> String {
+    table(
+        &["USER", "PRESENCE"],
+        users
+            .iter()
+            .map(|u| vec![u.name.to_string(), presence_text(u)]),
+    )
+}
+
+/// One account, a field per line, aligned: `user`, `presence`, `key`, `registered`.
+pub fn whois_table(u: &agora_proto::wire::UserEntry) -> String {
+    table(
+        &[],
+        [
+            vec!["user".to_owned(), u.name.to_string()],
+            vec!["presence".to_owned(), presence_text(u)],
+            vec!["key".to_owned(), u.key.to_string()],
+            vec!["registered".to_owned(), local_time(u.registered_at)],
+        ],
+    )
+}
+
+/// The users you block as a table: `USER`, `KEY`, `SINCE`.
+pub fn blocked_table(blocked: &[agora_proto::wire::BlockedEntry]) -> String {
+    table(
+        &["USER", "KEY", "SINCE"],
+        blocked
+            .iter()
+            .map(|b| vec![b.name.to_string(), b.key.to_string(), local_time(b.since)]),
+    )
 }
 
 /// A log entry with its group, as `watch --json` and `check --json` print it:
@@ -303,8 +339,8 @@ pub enum Item<'a> {
     DeadLetter(&'a DeadLetter),
     /// `dead_letters` found none.
     NoDeadLetters,
-    /// `users`: one account.
-    User(&'a UserEntry),
+    /// `users`: every account (a table; JSON, one object per account).
+    Users(&'a [UserEntry]),
     /// `users` found none.
     NoAccounts,
     /// `whois`.
@@ -316,8 +352,8 @@ pub enum Item<'a> {
         /// Whether the user is blocked now.
         on: bool,
     },
-    /// `blocked`: one user you block.
-    Blocked(&'a agora_proto::wire::BlockedEntry),
+    /// `blocked`: the users you block (a table; JSON, one object per user).
+    Blocked(&'a [agora_proto::wire::BlockedEntry]),
     /// `blocked` found none.
     NoneBlocked,
     /// `get_file`: the file saved, verified.
@@ -404,7 +440,7 @@ fn human(item: &Item<'_>) -> Option<String> {
             l.reason
         ),
         Item::NoDeadLetters => "no dead letters".into(),
-        Item::User(u) => user_line(u),
+        Item::Users(users) => users_table(users),
         Item::NoAccounts => "no accounts yet (user-cli register NAME makes one)".into(),
         Item::FileSaved { path, attachment } => format!(
             "saved {} ({}) to {}",
@@ -412,19 +448,14 @@ fn human(item: &Item<'_>) -> Option<String> {
             human_bytes(attachment.size),
             path.display()
         ),
-        Item::Whois(u) => format!(
-            "{}\tkey {}\tregistered {}",
-            user_line(u),
-            u.key,
-            local_time(u.registered_at)
-        ),
+        Item::Whois(u) => whois_table(u),
         Item::Block { reply, on: true } if reply.changed => {
             format!("blocked {}: their direct messages are refused", reply.name)
         }
         Item::Block { reply, on: true } => format!("{} is already blocked", reply.name),
         Item::Block { reply, on: false } if reply.changed => format!("unblocked {}", reply.name),
         Item::Block { reply, on: false } => format!("{} was not blocked", reply.name),
-        Item::Blocked(b) => format!("{}\tkey {}\tsince {}", b.name, b.key, local_time(b.since)),
+        Item::Blocked(blocked) => blocked_table(blocked),
         Item::NoneBlocked => "you block no one".into(),
     })
 }
@@ -450,11 +481,12 @@ fn json(item: &Item<'_>) -> Option<String> {
         Item::Dm { dm, .. } => json_line(dm),
         Item::DmSent { ack, .. } => json_line(ack),
         Item::DeadLetter(l) => json_line(l),
-        Item::User(u) | Item::Whois(u) => json_line(u),
+        Item::Users(users) => users.iter().map(json_line).collect::<Vec<_>>().join("\n"),
+        Item::Whois(u) => json_line(u),
         Item::Block { reply, on } => json_line(
             &serde_json::json!({"name": reply.name, "blocked": on, "changed": reply.changed}),
         ),
-        Item::Blocked(b) => json_line(b),
+        Item::Blocked(blocked) => blocked.iter().map(json_line).collect::<Vec<_>>().join("\n"),
         Item::Stopping(what) => json_line(&serde_json::json!({"stopping": what})),
         Item::FannedOut(r) => json_line(r),
         Item::FileSaved { path, attachment } => json_line(
@@ -536,6 +568,43 @@ mod tests {
         assert!(
             !t.contains('|') && !t.contains('-') && !t.contains('+'),
             "{t}"
+        );
+    }
+
+    fn account(name: &str, presence: &str) -> UserEntry {
+        serde_json::from_value(serde_json::json!({
+            "name": name,
+            "key": "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7",
+            "registered_at": "2026-11-22T10:00:00.000000Z",
+            "presence": presence,
+        }))
+        .expect("a user entry")
+    }
+
+    #[test]
+    fn users_whois_and_blocked_are_tables_not_tab_separated() {
+        let users = [account("alice", "online"), account("bartholomew", "away")];
+        let t = users_table(&users);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(!t.contains('\t'), "{t}");
+        let at = lines[0].find("PRESENCE");
+        assert_eq!(lines[1].find("online"), at, "{t}");
+        assert_eq!(lines[2].find("away"), at, "{t}");
+        let w = whois_table(&users[0]);
+        assert!(!w.contains('\t'), "{w}");
+        let rows: Vec<Vec<&str>> = w.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0], ["user", "alice"], "{w}");
+        assert_eq!(rows[1], ["presence", "online"], "{w}");
+        assert_eq!(rows[2][0], "key", "{w}");
+        let at = w
+            .lines()
+            .map(|l| l.find("alice").or(l.find("online")))
+            .next();
+        assert_eq!(
+            w.lines().nth(1).and_then(|l| l.find("online")),
+            at.flatten(),
+            "{w}"
         );
     }
 }

@@ -367,11 +367,10 @@ impl App {
             .registry
             .blocked()
             .map_err(|e| self.registry_error(e))?;
-        for b in &blocked {
-            out.emit(Item::Blocked(b))?;
-        }
         if blocked.is_empty() {
             out.emit(Item::NoneBlocked)?;
+        } else {
+            out.emit(Item::Blocked(&blocked))?;
         }
         Ok(())
     }
@@ -385,11 +384,10 @@ impl App {
         self.session
             .names
             .add_users(users.iter().map(|u| u.name.to_string()));
-        for u in &users {
-            out.emit(Item::User(u))?;
-        }
         if users.is_empty() {
             out.emit(Item::NoAccounts)?;
+        } else {
+            out.emit(Item::Users(&users))?;
         }
         Ok(())
     }
