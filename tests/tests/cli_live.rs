@@ -139,8 +139,8 @@ impl Session {
     }
 
     /// Types `keys` one at a time, each once the prompt has shown the one before (its echo,
-    /// a completion): rustyline 15 with an external printer reads only the first of several
-    /// characters that arrive at once until the next ones (its issue 976), as when pasting.
+    /// a completion), as a person does: a tab then completes what the prompt holds. (Pasted
+    /// input, several characters in one read, is tests/tests/cli_paste.rs's.)
     fn type_slowly(&mut self, keys: &str) {
         for key in keys.chars() {
             self.drain();
