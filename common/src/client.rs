@@ -576,6 +576,19 @@ impl RegistryClient {
             .call::<call::Owner>(&LookupRequest { name: name.clone() })?
             .owner)
     }
+
+    /// `release`: frees the group name `name` from the key it is bound to (PROTOCOL §4.1.2);
+    /// true if it was bound. Only the registry's own key pair and the operator's key are
+    /// obeyed: `registry release` sends it with the registry's key pair from its data
+    /// directory.
+    ///
+    /// # Errors
+    /// `forbidden` for any other key; see [`ReqClient::call`].
+    pub fn release(&mut self, name: &GroupName) -> Result<bool, ClientError> {
+        Ok(self
+            .call::<call::Release>(&LookupRequest { name: name.clone() })?
+            .released)
+    }
 }
 
 /// A typed client for one group node, acting as one user.

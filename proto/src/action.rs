@@ -270,6 +270,9 @@ actions! {
         Unblock "unblock" UserNameRequest => BlockReply,
         /// The users the caller blocks.
         Blocked "blocked" ListRequest => BlockedReply,
+        /// (The registry's own key or the operator's) free a group name from its owner key
+        /// (`registry release NAME` beside a running registry).
+        Release "release" LookupRequest => ReleaseReply,
     }
     /// A request to a group node (PROTOCOL §6).
     Node => NodeRequest {

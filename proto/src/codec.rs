@@ -450,6 +450,7 @@ mod tests {
             r#"{"action":"unblock","name":"mallory"}"#,
             r#"{"action":"blocked"}"#,
             r#"{"action":"owner","name":"Cool Group"}"#,
+            r#"{"action":"release","name":"Cool Group"}"#,
             // The node's `stop` and the registry's: one wire name in two roles.
             r#"{"action":"stop","user":"a"}"#,
         ];

@@ -1481,6 +1481,15 @@ pub struct OwnerReply {
     pub owner: Option<crate::key::PublicKey>,
 }
 
+/// Reply to `release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    /// The group name asked about.
+    pub name: GroupName,
+    /// Whether it was bound to a key (and is now free); `false`: it was bound to none.
+    pub released: bool,
+}
+
 /// Reply to `info`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InfoReply {
