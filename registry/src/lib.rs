@@ -47,6 +47,12 @@ use store::{RegistryStore, StoreError, StoreSettings};
 
 /// Default bind endpoint.
 pub const DEFAULT_BIND: &str = "tcp://0.0.0.0:5555";
+/// The file in the data directory where a running SQLite registry names the endpoint it
+/// bound (one line, `tcp://IP:PORT`), so that `registry release` can ask it: the registry
+/// holds its database alone while it runs ([`owners::VFS`]). Written at bind, removed at a
+/// clean stop.
+pub const ENDPOINT_FILE: &str = "registry.endpoint";
+
 /// Registry requests are small; larger frames disconnect the peer (64 KiB).
 pub const MAX_REQUEST_BYTES: i64 = 64 << 10;
 
@@ -303,6 +309,16 @@ impl Registry {
                 )
             }
         };
+        if config.store.is_none() && public_key.is_some() {
+            let path = config.data_dir.join(ENDPOINT_FILE);
+            if let Err(e) =
+                agora_common::fsmode::write_private(&path, format!("{endpoint}\n").as_bytes())
+            {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "could not write the endpoint file: `registry release` cannot reach this \
+                     registry while it runs");
+            }
+        }
         let limiter = Limiter::new(config.rate_limit);
         let dm_limiter = Limiter::new(config.dm_rate);
         Ok(Registry {
@@ -414,6 +430,9 @@ impl Registry {
                     reply_frames::<()>(Err(stopping())),
                 )?;
             }
+        }
+        if self.config.store.is_none() && self.public_key.is_some() {
+            let _ = std::fs::remove_file(self.config.data_dir.join(ENDPOINT_FILE));
         }
         tracing::info!("registry stopped");
         Ok(())
@@ -688,6 +707,14 @@ impl Registry {
             RegistryRequest::List(_) => answer::<call::List>(cmd::list::apply(store, now)),
             RegistryRequest::Lookup(r) => answer::<call::Lookup>(cmd::lookup::apply(store, r, now)),
             RegistryRequest::Owner(r) => answer::<call::Owner>(cmd::owner::apply(store, r)),
+            RegistryRequest::Release(r) => {
+                let allowed: Vec<PublicKey> = self
+                    .public_key
+                    .into_iter()
+                    .chain(self.config.operator)
+                    .collect();
+                answer::<call::Release>(cmd::release::apply(store, r, peer, &allowed))
+            }
             RegistryRequest::Disconnect(_) => {
                 answer::<call::Disconnect>(cmd::users::disconnect(store, peer, now))
             }

@@ -6,10 +6,11 @@
 //!
 //! # Exit codes
 //! - 0: a clean stop (SIGINT, SIGTERM or the operator's `stop`); `release` freed the name.
-//! - 1: `release` of a name that is bound to no key.
+//! - 1: `release` of a name that is bound to no key, or refused by the running registry.
 //! - 2: usage: a bad argument (a port past 65535, a malformed endpoint, an unknown scheme,
 //!   `--insecure` off loopback, `--beacon-address` without `--beacon`).
-//! - 3: unreachable: PostgreSQL (`--store`) cannot be reached at start.
+//! - 3: unreachable: PostgreSQL (`--store`) cannot be reached at start; the running
+//!   registry that `release` asks does not answer.
 //! - 4: local input or output: a port that cannot be bound, the data directory, the key
 //!   pair or the store's files.
 
@@ -149,7 +150,9 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Free a group name from the key that owns it, so another node's key can register it.
-    /// Works while the registry runs (same --data-dir, or the same --store).
+    /// Works while the registry runs (same --data-dir, or the same --store): a running
+    /// SQLite registry holds its database alone, so it is asked instead, at the endpoint it
+    /// wrote to registry.endpoint in --data-dir, with its own key pair from there.
     Release {
         /// The group name.
         name: agora_proto::wire::GroupName,
@@ -269,6 +272,143 @@ fn store_tls(args: &Args) -> agora_common::pgtls::PgTlsFiles {
     }
 }
 
+/// How long `registry release` waits for a running registry's answer.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `registry release NAME`: frees the name in the `--store` database, or in the SQLite
+/// database of `--data-dir`; a running SQLite registry holds that database alone, so then
+/// the running registry is asked ([`release_by_running`]).
+fn release(args: &Args, name: &agora_proto::wire::GroupName) -> Result<(), Failure> {
+    let dir = args.data_dir.clone().unwrap_or(Config::default().data_dir);
+    let released = match &args.store {
+        Some(url) => {
+            let mut store = agora_registry::store::open(
+                Some(url),
+                &store_tls(args),
+                &dir,
+                release_settings(args),
+                true,
+            )
+            .map_err(|e| registry_failure(e.into()))?;
+            store
+                .release_group(name)
+                .map_err(|e| registry_failure(e.into()))?
+        }
+        None => {
+            use agora_registry::owners::{is_busy, Owners};
+            // A running registry holds the lock for good: waiting longer gains nothing, a
+            // moment covers another `release` run at the same time.
+            match Owners::open_waiting(&dir, Duration::from_millis(200)) {
+                Ok(owners) => owners
+                    .release(name)
+                    .with_context(|| format!("releasing \"{name}\" in {}", dir.display()))
+                    .exit_with(Exit::LocalIo)?,
+                Err(e) if is_busy(&e) => release_by_running(&dir, name)?,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("opening the database in {}", dir.display()))
+                        .exit_with(Exit::LocalIo)
+                }
+            }
+        }
+    };
+    if released {
+        println!("released \"{name}\"");
+        return Ok(());
+    }
+    let error = match &args.store {
+        Some(_) => anyhow::anyhow!("\"{name}\" is not bound to any key in the --store database"),
+        None => anyhow::anyhow!("\"{name}\" is not bound to any key in {}", dir.display()),
+    };
+    Err(Failure {
+        exit: Exit::Refused,
+        error,
+    })
+}
+
+/// The store settings the flags give (what `release` opens the `--store` database with).
+fn release_settings(args: &Args) -> agora_registry::store::StoreSettings {
+    Config {
+        heartbeat: args.heartbeat,
+        ttl_intervals: args.ttl_intervals,
+        max_groups: args.max_groups,
+        presence_ttl: args.presence_ttl,
+        max_users: args.max_users,
+        max_mailbox: args.max_mailbox,
+        dm_share_percent: args.dm_share,
+        max_names_per_key: args.max_names_per_key,
+        name_lapse: args.name_lapse,
+        ..Config::default()
+    }
+    .store_settings()
+}
+
+/// Asks the registry running on `dir` to release `name` (its `release` action), at the
+/// endpoint it wrote to `dir/registry.endpoint`, over CURVE with its own key pair from
+/// `dir`; true if the name was bound.
+///
+/// # Errors
+/// Exit 4 when the endpoint file or the key pair cannot be read, 3 when the registry does
+/// not answer, 1 when it refuses.
+fn release_by_running(
+    dir: &std::path::Path,
+    name: &agora_proto::wire::GroupName,
+) -> Result<bool, Failure> {
+    use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient};
+    let file = dir.join(agora_registry::ENDPOINT_FILE);
+    let endpoint = std::fs::read_to_string(&file)
+        .with_context(|| {
+            format!(
+                "a running registry holds the database in {}, and {} does not say where it \
+                 listens; run the command again once it has started, or stop it first",
+                dir.display(),
+                file.display()
+            )
+        })
+        .exit_with(Exit::LocalIo)?;
+    let endpoint = endpoint.trim();
+    let key_path = dir.join("registry.key");
+    let keypair = agora_common::keys::Keypair::load(&key_path)
+        .with_context(|| {
+            format!(
+                "reading the registry's key pair {} to ask the running registry",
+                key_path.display()
+            )
+        })
+        .exit_with(Exit::LocalIo)?;
+    let ctx = zmq::Context::new();
+    let options = ClientOptions {
+        timeout: RELEASE_TIMEOUT,
+        ..ClientOptions::default()
+    };
+    let server_key = keypair.public;
+    let mut client = RegistryClient::new(&ctx, endpoint, options).with_curve(ClientCurve {
+        keypair,
+        server_key,
+    });
+    match client.release(name) {
+        Ok(released) => Ok(released),
+        Err(ClientError::Timeout { .. }) => Err(Failure {
+            exit: Exit::Unreachable,
+            error: anyhow::anyhow!(
+                "a running registry holds the database in {}, and it did not answer at {endpoint} \
+                 (named in {}) within {}; is it still running?",
+                dir.display(),
+                file.display(),
+                humantime::format_duration(RELEASE_TIMEOUT)
+            ),
+        }),
+        Err(ClientError::Server(e)) => Err(Failure {
+            exit: Exit::Refused,
+            error: anyhow::anyhow!("the registry at {endpoint} refused: {e}"),
+        }),
+        Err(e) => Err(Failure {
+            exit: Exit::Unreachable,
+            error: anyhow::Error::new(e).context(format!("asking the registry at {endpoint}")),
+        }),
+    }
+}
+
 fn run(args: Args) -> Result<(), Failure> {
     check_usage(&args).exit_with(Exit::Usage)?;
     let shutdown = Shutdown::on_signals()
@@ -276,45 +416,7 @@ fn run(args: Args) -> Result<(), Failure> {
         .exit_with(Exit::LocalIo)?;
     let defaults = Config::default();
     if let Some(Command::Release { name }) = &args.command {
-        let dir = args.data_dir.clone().unwrap_or(defaults.data_dir);
-        let settings = Config {
-            heartbeat: args.heartbeat,
-            ttl_intervals: args.ttl_intervals,
-            max_groups: args.max_groups,
-            presence_ttl: args.presence_ttl,
-            max_users: args.max_users,
-            max_mailbox: args.max_mailbox,
-            dm_share_percent: args.dm_share,
-            max_names_per_key: args.max_names_per_key,
-            name_lapse: args.name_lapse,
-            ..Config::default()
-        }
-        .store_settings();
-        let mut store = agora_registry::store::open(
-            args.store.as_deref(),
-            &store_tls(&args),
-            &dir,
-            settings,
-            true,
-        )
-        .map_err(|e| registry_failure(e.into()))?;
-        if store
-            .release_group(name)
-            .map_err(|e| registry_failure(e.into()))?
-        {
-            println!("released \"{name}\"");
-            return Ok(());
-        }
-        let error = match &args.store {
-            Some(_) => {
-                anyhow::anyhow!("\"{name}\" is not bound to any key in the --store database")
-            }
-            None => anyhow::anyhow!("\"{name}\" is not bound to any key in {}", dir.display()),
-        };
-        return Err(Failure {
-            exit: Exit::Refused,
-            error,
-        });
+        return release(&args, name);
     }
     // Before anything exists: a busy port is reported now, not after the data directory,
     // the key pair or the database schema were made (the bind reports one taken meanwhile).

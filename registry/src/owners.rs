@@ -23,7 +23,7 @@ use std::time::Duration;
 use agora_common::keys::PublicKey;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::GroupName;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 /// Ownership store failures.
 #[derive(Debug, thiserror::Error)]
@@ -42,24 +42,78 @@ pub enum OwnersError {
     },
 }
 
+/// The SQLite VFS of every connection to `registry.sqlite3`: `unix-excl`.
+///
+/// Why: SQLite's default VFS keeps the WAL index in the `-shm` file, mapped into memory and
+/// shared between processes. When the kernel will not let that file be written (made
+/// immutable, or on a file system that turned read-only after an error), a write to a
+/// mapped page is not an error SQLite can return but SIGBUS, which killed the registry
+/// (issue 23). With `unix-excl` the first connection of the process takes an exclusive lock
+/// on the database file, held until its last connection closes, and the WAL index lives in
+/// heap memory shared by the process's connections (owners, accounts, mailboxes): no file
+/// is mapped, every failed write is an error, and no `-shm` file is made. No other process
+/// can open the database meanwhile: `registry release` asks the running registry instead
+/// (its `release` action).
+pub const VFS: &str = "unix-excl";
+
+/// How long a connection waits for a lock held by another connection: 5 s.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Opens (creating it and its directory if needed) the registry's durable store,
-/// `dir/registry.sqlite3`, in WAL mode with `synchronous=FULL`. Owners, accounts and
-/// mailboxes each keep a connection to it. The directory is made 0700 and the database file
-/// 0600 before SQLite opens it, and looser existing ones are tightened (logged), as
-/// [`private_sqlite`] says.
+/// `dir/registry.sqlite3`, in WAL mode with `synchronous=FULL`, through [`VFS`] with
+/// memory-mapped I/O off (`mmap_size=0`), waiting [`BUSY_TIMEOUT`] for a lock. Owners,
+/// accounts and mailboxes each keep a connection to it. The directory is made 0700 and the
+/// database file 0600 before SQLite opens it, and looser existing ones are tightened
+/// (logged), as [`private_sqlite`] says.
 ///
 /// # Errors
 /// [`OwnersError::Sqlite`] (also for a directory that cannot be created).
 pub fn open_db(dir: &Path) -> Result<Connection, OwnersError> {
-    // Private before SQLite creates anything: its -wal and -shm files take the database
-    // file's mode (0600).
+    open_db_waiting(dir, BUSY_TIMEOUT)
+}
+
+/// [`open_db`], waiting at most `busy` for a lock: `Duration::ZERO` fails at once with
+/// SQLite's `SQLITE_BUSY` ([`is_busy`]) when another process (a running registry) holds
+/// the database.
+///
+/// # Errors
+/// As [`open_db`].
+pub fn open_db_waiting(dir: &Path, busy: Duration) -> Result<Connection, OwnersError> {
+    // Private before SQLite creates anything: its -wal file takes the database file's mode
+    // (0600).
     let db = dir.join("registry.sqlite3");
     private_sqlite(dir, &db).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    let conn = Connection::open(&db)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    let conn = Connection::open_with_flags_and_vfs(&db, OpenFlags::default(), VFS)?;
+    conn.busy_timeout(busy)?;
+    // Before the first access: a mapped database file would fault as the -shm file did.
+    conn.execute_batch("PRAGMA mmap_size=0;")?;
     let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     conn.execute_batch("PRAGMA synchronous=FULL;")?;
     Ok(conn)
+}
+
+/// Whether `e` is SQLite's "database is busy/locked": another process holds the database
+/// (under [`VFS`], a running registry).
+pub fn is_busy(e: &OwnersError) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        OwnersError::Sqlite(e) => matches!(
+            e.sqlite_error_code(),
+            Some(C::DatabaseBusy | C::DatabaseLocked)
+        ),
+        OwnersError::Corrupt { .. } => false,
+    }
+}
+
+/// Whether `e` is the file system refusing a write (an I/O error, a full disk, a read-only
+/// or immutable file, a file that cannot be opened), as opposed to the statement itself
+/// failing (a constraint, a locked database).
+pub fn refused_by_file_system(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    matches!(
+        e.sqlite_error_code(),
+        Some(C::SystemIoFailure | C::DiskFull | C::ReadOnly | C::CannotOpen | C::PermissionDenied)
+    )
 }
 
 /// Makes the registry's SQLite files private: `dir` 0700, `db` created 0600 before SQLite
@@ -71,7 +125,14 @@ pub fn open_db(dir: &Path) -> Result<Connection, OwnersError> {
 pub fn private_sqlite(dir: &Path, db: &Path) -> std::io::Result<()> {
     use agora_common::fsmode;
     fsmode::private_dir(dir)?;
-    fsmode::private_file(db)?;
+    // An existing file is only chmodded, never opened: closing a descriptor of it would drop
+    // the lock this process's first connection holds on it (POSIX locks are per process),
+    // and let another process open the database beside the registry ([`VFS`]).
+    if db.exists() {
+        fsmode::tighten(db, fsmode::FILE_MODE)?;
+    } else {
+        fsmode::private_file(db)?;
+    }
     for suffix in ["-wal", "-shm"] {
         let mut path = db.as_os_str().to_owned();
         path.push(suffix);
@@ -92,7 +153,16 @@ impl Owners {
     /// # Errors
     /// [`OwnersError::Sqlite`].
     pub fn open(dir: &Path) -> Result<Owners, OwnersError> {
-        let mut conn = open_db(dir)?;
+        Owners::open_waiting(dir, BUSY_TIMEOUT)
+    }
+
+    /// [`Owners::open`], waiting at most `busy` for a lock held by another process (see
+    /// [`open_db_waiting`]).
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`]; [`is_busy`] tells a database that another process holds.
+    pub fn open_waiting(dir: &Path, busy: Duration) -> Result<Owners, OwnersError> {
+        let mut conn = open_db_waiting(dir, busy)?;
         let tx = conn.transaction()?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         tx.execute_batch(

@@ -11,12 +11,17 @@ pub mod list;
 pub mod lookup;
 pub mod owner;
 pub mod register;
+pub mod release;
 pub mod unregister;
 pub mod users;
 
-/// The `internal` reply for a storage failure, which is logged here (the peer learns only
-/// that it may retry).
+/// The `internal` reply for a storage failure, which is logged here unless the store logged
+/// its cause already ([`StoreError::is_logged`]); the peer learns only that it may retry.
 fn internal(e: StoreError) -> WireError {
-    tracing::error!(error = %e, "registry store failed");
+    if e.is_logged() {
+        tracing::debug!(error = %e, "registry store failed");
+    } else {
+        tracing::error!(error = %e, "registry store failed");
+    }
     WireError::new(ErrorCode::Internal, "registry storage failure; retry later")
 }

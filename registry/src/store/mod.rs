@@ -95,6 +95,21 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The file system under the SQLite store refused a write: an I/O error, a full disk, a
+    /// file made immutable, a file system turned read-only. Nothing of the change is stored;
+    /// reads go on; writes work again once the cause is gone. The store logged the cause
+    /// when writes began to fail, once (see [`StoreError::is_logged`]).
+    #[error("the store cannot be written: {0}")]
+    Unwritable(rusqlite::Error),
+}
+
+impl StoreError {
+    /// Whether the cause of this error has been logged already, so that a caller logs it at
+    /// debug level only: [`StoreError::Unwritable`] (the store logs the cause once when
+    /// writes begin to fail, not at every refused request).
+    pub fn is_logged(&self) -> bool {
+        matches!(self, StoreError::Unwritable(_))
+    }
 }
 
 /// The registry's limits the store applies.

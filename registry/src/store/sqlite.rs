@@ -5,6 +5,15 @@
 //! directory ([`crate::directory`]) and presence sessions ([`crate::presence`]) live in
 //! memory and are rebuilt by heartbeats after a restart; the key pair is in the data
 //! directory's `registry.key` and `registry.key_secret`.
+//!
+//! # A file system that refuses writes
+//! Every connection goes through SQLite's `unix-excl` VFS ([`crate::owners::VFS`]): the
+//! WAL index is in heap memory, not in a mapped `-shm` file, so a file made immutable or a
+//! file system turned read-only fails a write with an error instead of killing the process
+//! with SIGBUS. Such an error, an I/O error and a full disk become
+//! [`StoreError::Unwritable`] (answered `internal`; each change is one transaction, so
+//! nothing of it is stored), whose cause is logged once when writes begin to fail and once
+//! when a write succeeds again ([`Health`]).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,7 +29,7 @@ use serde_json::value::RawValue;
 use super::{GroupRegistration, Refusable, RegistryStore, StoreError, StoreSettings};
 use crate::directory::Directory;
 use crate::mailbox::{Copy, MailboxError, Mailboxes, Stored};
-use crate::owners::Owners;
+use crate::owners::{Owners, OwnersError};
 use crate::presence::Sessions;
 use crate::users::Users;
 
@@ -32,9 +41,99 @@ struct Durable {
     mailboxes: Mailboxes,
 }
 
+/// Whether writes to `registry.sqlite3` are failing, so that the cause is logged once.
+#[derive(Debug)]
+struct Health {
+    /// The database file, named in the log lines.
+    db: std::path::PathBuf,
+    /// Writes fail for a cause outside SQLite: it was logged when they began to fail, and
+    /// is not logged again until a write succeeds.
+    unwritable: bool,
+}
+
+impl Health {
+    /// Passes `result` on; an error of the file system under the store becomes
+    /// [`StoreError::Unwritable`], its cause logged here once when writes begin to fail.
+    fn check<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        result.map_err(|e| self.failed(e))
+    }
+
+    /// [`Health::check`] of a call that writes: its success after failures is logged once
+    /// as writes working again.
+    fn wrote<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.wrote_if(result, |_| true)
+    }
+
+    /// [`Health::wrote`] where `changed` tells whether the call changed a row: a call that
+    /// changed nothing (a release of an unbound name, an ack of nothing) wrote nothing, so
+    /// it does not show that the store can be written again.
+    fn wrote_if<T>(
+        &mut self,
+        result: Result<T, StoreError>,
+        changed: impl FnOnce(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        let result = self.check(result);
+        if self.unwritable && result.as_ref().is_ok_and(changed) {
+            self.unwritable = false;
+            tracing::info!(store = %self.db.display(), "the store can be written again");
+        }
+        result
+    }
+
+    /// [`Health::wrote_if`] for the mailbox's calls.
+    fn wrote_mail<T>(
+        &mut self,
+        result: Result<T, MailboxError>,
+        changed: impl FnOnce(&T) -> bool,
+    ) -> Result<T, MailboxError> {
+        match result {
+            Err(MailboxError::Store(e)) => Err(MailboxError::Store(self.failed(e))),
+            Ok(value) => {
+                let changed = changed(&value);
+                self.wrote_if(Ok(()), |_| changed)?;
+                Ok(value)
+            }
+            other => other,
+        }
+    }
+
+    fn failed(&mut self, e: StoreError) -> StoreError {
+        let StoreError::Sqlite(OwnersError::Sqlite(source)) = e else {
+            return e;
+        };
+        if !crate::owners::refused_by_file_system(&source) {
+            return StoreError::Sqlite(OwnersError::Sqlite(source));
+        }
+        if self.unwritable {
+            tracing::debug!(error = %source, "the store still cannot be written");
+        } else {
+            self.unwritable = true;
+            // SQLite's message says "disk I/O error"; the file system's own answer names
+            // the cause (immutable: "Operation not permitted"; read-only: "Read-only file
+            // system"). Only the WAL is opened to ask: closing a descriptor of the database
+            // file would drop this process's lock on it (POSIX locks are per process).
+            let mut wal = self.db.as_os_str().to_owned();
+            wal.push("-wal");
+            let wal = std::path::PathBuf::from(wal);
+            let cause = match std::fs::OpenOptions::new().append(true).open(&wal) {
+                Err(e) => format!("{source}; opening {} for writing: {e}", wal.display()),
+                Ok(_) => source.to_string(),
+            };
+            tracing::error!(
+                error = %cause,
+                store = %self.db.display(),
+                "the store cannot be written: writes are answered internal and nothing of \
+                 them is stored until it can; reads go on"
+            );
+        }
+        StoreError::Unwritable(source)
+    }
+}
+
 /// SQLite in the data directory plus soft state in memory.
 #[derive(Debug)]
 pub struct SqliteStore {
+    health: Health,
     directory: Directory,
     sessions: Sessions,
     durable: Option<Durable>,
@@ -65,6 +164,10 @@ impl SqliteStore {
             None
         };
         Ok(SqliteStore {
+            health: Health {
+                db: data_dir.join("registry.sqlite3"),
+                unwritable: false,
+            },
             directory: Directory::new(settings.group_ttl, settings.max_groups),
             sessions: Sessions::new(settings.presence_ttl),
             durable,
@@ -81,6 +184,42 @@ impl SqliteStore {
     fn present(&self, mut entry: UserEntry) -> UserEntry {
         entry.presence = self.sessions.presence(&entry.key, Instant::now());
         entry
+    }
+}
+
+impl SqliteStore {
+    /// [`RegistryStore::claim_group`] without the health check.
+    fn claim(
+        &mut self,
+        name: &GroupName,
+        key: &PublicKey,
+        now: Timestamp,
+    ) -> Refusable<(PublicKey, bool)> {
+        let (max, lapse) = (self.max_names_per_key, self.name_lapse);
+        let owners = &self.durable()?.owners;
+        let lapsed = now.saturating_sub(lapse);
+        // One registry per file, one thread: nothing comes between the reads and the writes.
+        let binding = owners.binding(name)?;
+        if let Some((owner, seen)) = binding {
+            if seen > lapsed {
+                if owner == *key && seen <= now.saturating_sub(super::seen_interval(lapse)) {
+                    owners.seen(name, now)?;
+                }
+                return Ok(Ok((owner, false)));
+            }
+        }
+        // The cap before a lapsed binding is released: a refused claim changes nothing (a
+        // lapsed name's own binding does not count, being lapsed).
+        if owners.count_live(key, lapsed)? >= max {
+            return Ok(Err(super::too_many_names(max)));
+        }
+        if let Some((owner, _)) = binding {
+            owners.release(name)?;
+            tracing::info!(group = %name, %owner, ?lapse,
+                "group name lapsed: its group did not register within the lapse");
+        }
+        owners.bind(name, key, now)?;
+        Ok(Ok((*key, true)))
     }
 }
 
@@ -140,76 +279,64 @@ impl RegistryStore for SqliteStore {
         key: &PublicKey,
         now: Timestamp,
     ) -> Refusable<(PublicKey, bool)> {
-        let (max, lapse) = (self.max_names_per_key, self.name_lapse);
-        let owners = &self.durable()?.owners;
-        let lapsed = now.saturating_sub(lapse);
-        // One registry per file, one thread: nothing comes between the reads and the writes.
-        let binding = owners.binding(name)?;
-        if let Some((owner, seen)) = binding {
-            if seen > lapsed {
-                if owner == *key && seen <= now.saturating_sub(super::seen_interval(lapse)) {
-                    owners.seen(name, now)?;
-                }
-                return Ok(Ok((owner, false)));
-            }
-        }
-        // The cap before a lapsed binding is released: a refused claim changes nothing (a
-        // lapsed name's own binding does not count, being lapsed).
-        if owners.count_live(key, lapsed)? >= max {
-            return Ok(Err(super::too_many_names(max)));
-        }
-        if let Some((owner, _)) = binding {
-            owners.release(name)?;
-            tracing::info!(group = %name, %owner, ?lapse,
-                "group name lapsed: its group did not register within the lapse");
-        }
-        owners.bind(name, key, now)?;
-        Ok(Ok((*key, true)))
+        // Only a new binding shows a write (the owner's "seen" is rare and small).
+        let result = self.claim(name, key, now);
+        self.health.wrote_if(result, |r| matches!(r, Ok((_, true))))
     }
 
     fn group_owner(&mut self, name: &GroupName) -> Result<Option<PublicKey>, StoreError> {
-        Ok(self.durable()?.owners.owner(name)?)
+        let result = self.durable().and_then(|d| Ok(d.owners.owner(name)?));
+        self.health.check(result)
     }
 
     fn release_group(&mut self, name: &GroupName) -> Result<bool, StoreError> {
-        Ok(self.durable()?.owners.release(name)?)
+        let result = self.durable().and_then(|d| Ok(d.owners.release(name)?));
+        self.health.wrote_if(result, |released| *released)
     }
 
     fn user_by_name(&mut self, name: &UserName) -> Result<Option<UserEntry>, StoreError> {
-        let user = self.durable()?.users.by_name(name)?;
+        let result = self.durable().and_then(|d| Ok(d.users.by_name(name)?));
+        let user = self.health.check(result)?;
         Ok(user.map(|u| self.present(u)))
     }
 
     fn user_by_key(&mut self, key: &PublicKey) -> Result<Option<UserEntry>, StoreError> {
-        let user = self.durable()?.users.by_key(key)?;
+        let result = self.durable().and_then(|d| Ok(d.users.by_key(key)?));
+        let user = self.health.check(result)?;
         Ok(user.map(|u| self.present(u)))
     }
 
     fn insert_user(&mut self, entry: &UserEntry) -> Result<bool, StoreError> {
         // One registry per file, one thread: nothing comes between the count and the insert.
         let max = self.max_users;
-        let users = &mut self.durable()?.users;
-        if users.count()? >= max {
-            return Err(StoreError::TooManyUsers(max));
-        }
-        Ok(users.insert(entry)?)
+        let result = self.durable().and_then(|d| {
+            if d.users.count()? >= max {
+                return Err(StoreError::TooManyUsers(max));
+            }
+            Ok(d.users.insert(entry)?)
+        });
+        self.health.wrote_if(result, |inserted| *inserted)
     }
 
     fn remove_user(&mut self, name: &UserName, key: &PublicKey) -> Result<bool, StoreError> {
-        let durable = self.durable()?;
-        durable.mailboxes.purge(key)?;
-        durable.users.remove_blocks(key)?;
-        let removed = durable.users.remove(name)?;
+        let result = self.durable().and_then(|d| {
+            d.mailboxes.purge(key)?;
+            d.users.remove_blocks(key)?;
+            Ok(d.users.remove(name)?)
+        });
+        let removed = self.health.wrote(result)?;
         self.sessions.end(key);
         Ok(removed)
     }
 
     fn count_users(&mut self) -> Result<u64, StoreError> {
-        Ok(self.durable()?.users.count()?)
+        let result = self.durable().and_then(|d| Ok(d.users.count()?));
+        self.health.check(result)
     }
 
     fn all_users(&mut self) -> Result<Vec<UserEntry>, StoreError> {
-        let users = self.durable()?.users.all()?;
+        let result = self.durable().and_then(|d| Ok(d.users.all()?));
+        let users = self.health.check(result)?;
         Ok(users.into_iter().map(|u| self.present(u)).collect())
     }
 
@@ -219,13 +346,15 @@ impl RegistryStore for SqliteStore {
         status: Presence,
         now: Timestamp,
     ) -> Result<Timestamp, StoreError> {
-        self.durable()?.users.seen(key, now)?;
+        let result = self.durable().and_then(|d| Ok(d.users.seen(key, now)?));
+        self.health.wrote(result)?;
         self.sessions.renew(*key, status, Instant::now());
         Ok(now)
     }
 
     fn end_session(&mut self, key: &PublicKey, now: Timestamp) -> Result<Timestamp, StoreError> {
-        self.durable()?.users.seen(key, now)?;
+        let result = self.durable().and_then(|d| Ok(d.users.seen(key, now)?));
+        self.health.wrote(result)?;
         self.sessions.end(key);
         Ok(now)
     }
@@ -251,9 +380,12 @@ impl RegistryStore for SqliteStore {
         now: Timestamp,
         max: u64,
     ) -> Result<Stored, MailboxError> {
-        self.durable()?
-            .mailboxes
-            .store(recipient, sender, sender_key, id, body, now, max)
+        let result = self.durable().map_err(MailboxError::Store).and_then(|d| {
+            d.mailboxes
+                .store(recipient, sender, sender_key, id, body, now, max)
+        });
+        // A retry (the fourth field) stores nothing.
+        self.health.wrote_mail(result, |stored| !stored.3)
     }
 
     fn store_dms(
@@ -266,9 +398,11 @@ impl RegistryStore for SqliteStore {
         now: Timestamp,
         max: u64,
     ) -> Result<Vec<Copy>, MailboxError> {
-        self.durable()?
-            .mailboxes
-            .store_many(copies, refused, sender, sender_key, body, now, max)
+        let result = self.durable().map_err(MailboxError::Store).and_then(|d| {
+            d.mailboxes
+                .store_many(copies, refused, sender, sender_key, body, now, max)
+        });
+        self.health.wrote_mail(result, |_| true)
     }
 
     fn block(
@@ -277,11 +411,10 @@ impl RegistryStore for SqliteStore {
         blocked: &UserEntry,
         now: Timestamp,
     ) -> Refusable<bool> {
-        match self
-            .durable()?
-            .users
-            .block(blocker, blocked, now, super::MAX_BLOCKS)?
-        {
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.users.block(blocker, blocked, now, super::MAX_BLOCKS)?));
+        match self.health.wrote_if(result, |r| *r == Some(true))? {
             Some(changed) => Ok(Ok(changed)),
             None => Ok(Err(super::too_many_blocks())),
         }
@@ -293,22 +426,32 @@ impl RegistryStore for SqliteStore {
         name: &UserName,
         key: Option<&PublicKey>,
     ) -> Result<bool, StoreError> {
-        Ok(self.durable()?.users.unblock(blocker, name, key)?)
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.users.unblock(blocker, name, key)?));
+        self.health.wrote_if(result, |lifted| *lifted)
     }
 
     fn blocked(&mut self, blocker: &PublicKey) -> Result<Vec<BlockedEntry>, StoreError> {
-        Ok(self.durable()?.users.blocked(blocker)?)
+        let result = self.durable().and_then(|d| Ok(d.users.blocked(blocker)?));
+        self.health.check(result)
     }
 
     fn blockers_of(
         &mut self,
         sender: &PublicKey,
     ) -> Result<std::collections::HashSet<PublicKey>, StoreError> {
-        Ok(self.durable()?.users.blockers_of(sender)?)
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.users.blockers_of(sender)?));
+        self.health.check(result)
     }
 
     fn blocks(&mut self, blocker: &PublicKey, sender: &PublicKey) -> Result<bool, StoreError> {
-        Ok(self.durable()?.users.blocks(blocker, sender)?)
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.users.blocks(blocker, sender)?));
+        self.health.check(result)
     }
 
     fn fetch_dms(
@@ -317,11 +460,17 @@ impl RegistryStore for SqliteStore {
         after: u64,
         limit: u32,
     ) -> Result<(Vec<Dm>, bool), StoreError> {
-        Ok(self.durable()?.mailboxes.fetch(recipient, after, limit)?)
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.mailboxes.fetch(recipient, after, limit)?));
+        self.health.check(result)
     }
 
     fn ack_dms(&mut self, recipient: &PublicKey, up_to: u64) -> Result<u64, StoreError> {
-        Ok(self.durable()?.mailboxes.ack(recipient, up_to)?)
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.mailboxes.ack(recipient, up_to)?));
+        self.health.wrote_if(result, |acked| *acked > 0)
     }
 
     fn dead_letter(
@@ -332,27 +481,37 @@ impl RegistryStore for SqliteStore {
         body: &RawValue,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        Ok(self
-            .durable()?
-            .mailboxes
-            .dead(sender_key, to, reason, body, now)?)
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.mailboxes.dead(sender_key, to, reason, body, now)?));
+        self.health.wrote(result)
     }
 
     fn dead_letters(&mut self, sender_key: &PublicKey) -> Result<Vec<DeadLetter>, StoreError> {
-        Ok(self.durable()?.mailboxes.dead_letters(sender_key)?)
+        let result = self
+            .durable()
+            .and_then(|d| Ok(d.mailboxes.dead_letters(sender_key)?));
+        self.health.check(result)
     }
 
     fn waiting_dms(&mut self) -> Result<u64, StoreError> {
-        match &self.durable {
-            Some(d) => Ok(d.mailboxes.waiting()?),
+        let result = match &self.durable {
+            Some(d) => d.mailboxes.waiting().map_err(StoreError::from),
             None => Ok(0),
-        }
+        };
+        self.health.check(result)
     }
 
     fn expire_dms(&mut self, ttl: Duration, now: Timestamp) -> Result<u64, StoreError> {
-        match &mut self.durable {
-            Some(d) => Ok(d.mailboxes.expire(now.saturating_sub(ttl), now)?),
+        let result = match &mut self.durable {
+            Some(d) => d
+                .mailboxes
+                .expire(now.saturating_sub(ttl), now)
+                .map_err(StoreError::from),
             None => Ok(0),
-        }
+        };
+        // A sweep that expired nothing may have written nothing: it shows nothing about
+        // whether the store can be written again.
+        self.health.wrote_if(result, |expired| *expired > 0)
     }
 }
