@@ -18,8 +18,8 @@
 //!   `e2fsck`, mount, start), writes are acked again and every acked message is there at its
 //!   seq, with no seq gap.
 //!
-//! The registry has the same exposure and is not fixed yet (README, "When the disk fails"):
-//! its case is here, ignored, for whoever moves its WAL index into memory.
+//! The registry had the same exposure and is fixed the same way; its case is the last test
+//! here.
 //!
 //! Mounting and `chattr` need root (CI runs as root), `mkfs.ext4`, `e2fsck` and a loop
 //! device; without them each test says it skipped and passes, as it cannot run. SQLite only:
@@ -484,13 +484,12 @@ fn a_file_system_turned_read_only_by_an_error_answers_writes_internal_and_loses_
     );
 }
 
-/// The registry has the same exposure, not fixed yet (README, "When the disk fails"): its
-/// SQLite shares the WAL index through a mapped `-shm` file so that `registry release` can
-/// open the database beside a running registry, and a `send_dm` after its files are made
-/// immutable kills it by SIGBUS. Run with `--ignored` to see it; it passes once the registry
-/// keeps its WAL index in memory as the node does.
+/// The registry had the same exposure: its SQLite shared the WAL index through a mapped
+/// `-shm` file (so that `registry release` could open the database beside it), and a
+/// `send_dm` after its files were made immutable killed it by SIGBUS (signal 7). It now
+/// keeps the WAL index in memory as the node does, and `registry release` asks the running
+/// registry instead (tests/tests/security.rs).
 #[test]
-#[ignore = "known: the registry still maps its WAL index (README, When the disk fails)"]
 fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry_by_sigbus() {
     let fs = match Ext4::make() {
         Ok(fs) => fs,
@@ -534,9 +533,14 @@ fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry
     assert_eq!(run.code, Some(0), "{run:?}");
 
     let files = sqlite_files(&data.join("registry.sqlite3"));
+    // The WAL index is in the registry's memory, not in a mapped file.
+    assert!(!files[2].exists(), "{} exists", files[2].display());
     chattr("+i", &files);
     let refused = cli("alice", &["send_dm", "bob", "while immutable"]);
     let late = cli("carol", &["register", "carol"]);
+    let again = cli("alice", &["send_dm", "bob", "while immutable, again"]);
+    // Reads are answered, from what is stored.
+    let users = cli("alice", &["--json", "users"]);
     let alive = registry.wait_exit(Duration::ZERO);
     chattr("-i", &files);
     if let Some(status) = alive {
@@ -548,12 +552,49 @@ fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry
     }
     // Refused by the server (exit 1), not unreachable.
     assert_eq!(
-        (refused.code, late.code),
-        (Some(1), Some(1)),
-        "{refused:?} {late:?}"
+        (refused.code, late.code, again.code),
+        (Some(1), Some(1), Some(1)),
+        "{refused:?} {late:?} {again:?}"
     );
+    assert_eq!(users.code, Some(0), "{users:?}");
+    assert!(
+        users.stdout.contains("alice") && users.stdout.contains("bob"),
+        "{users:?}"
+    );
+    assert!(!users.stdout.contains("carol"), "{users:?}");
+    let log = registry.log();
+    let errors = error_lines(&log);
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected the cause logged once; log:\n{log}"
+    );
+    assert!(errors[0].contains(CAUSE_LINE), "log:\n{log}");
+    eprintln!("the cause, as logged: {}", errors[0]);
+
+    // Once the cause is gone, writes work again, and nothing refused was stored.
     let run = cli("alice", &["send_dm", "bob", "after"]);
     assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        registry.log().contains(RECOVERED_LINE),
+        "{}",
+        registry.log()
+    );
+    let run = cli("carol", &["register", "carol"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let check = cli("bob", &["check"]);
+    assert_eq!(check.code, Some(0), "{check:?}");
+    assert!(
+        check.stdout.contains("before") && check.stdout.contains("after"),
+        "{check:?}"
+    );
+    assert!(!check.stdout.contains("while immutable"), "{check:?}");
     let status = registry.terminate();
-    assert_eq!((status.code(), status.signal()), (Some(0), None));
+    assert_eq!(
+        (status.code(), status.signal()),
+        (Some(0), None),
+        "the registry stopped with {}; log:\n{}",
+        describe(status),
+        registry.log()
+    );
 }
