@@ -327,6 +327,94 @@ fn a_group_name_belongs_to_its_key_until_the_operator_releases_it() {
         == Some(intruder.endpoint.as_str())));
 }
 
+/// `registry release` while the registry runs: a SQLite registry holds its database alone
+/// (its WAL index in memory, issue 23), so the command asks it (`release`, with the
+/// registry's own key pair from the data directory); the action is obeyed only from that key
+/// and the operator's. Once the registry stopped, the command opens the database itself.
+#[test]
+fn registry_release_beside_a_running_registry_asks_it_and_obeys_only_its_key_or_the_operators() {
+    use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient};
+    use agora_proto::wire::{ErrorCode, GroupName};
+    let operator = agora_common::keys::Keypair::generate().expect("operator key pair");
+    let operator_key = operator.public.to_string();
+    let mut fed = Federation::start_with("200ms", &["--operator", &operator_key]);
+    let sqlite = fed.store.is_none();
+    let name = GroupName::new("Cool Group").expect("name");
+    let ctx = zmq::Context::new();
+    let registry = |curve: ClientCurve| {
+        RegistryClient::new(&ctx, &fed.registry.endpoint, ClientOptions::default())
+            .with_curve(curve)
+    };
+    let owner_of = || {
+        registry(fed.curve("reader", &fed.registry))
+            .owner(&name)
+            .expect("owner")
+    };
+    // A node binds the name to its key; the binding outlives it.
+    let bind = || {
+        let node = fed.node("Cool Group", "127.0.0.1:0", "owner", &[]);
+        assert!(wait_for(WAIT, || owner_of().is_some()));
+        drop(node);
+    };
+    bind();
+
+    // Any other key is refused, and the name stays bound.
+    match registry(fed.curve("mallory", &fed.registry)).release(&name) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::Forbidden, "{e}"),
+        other => panic!("a release by another key: {other:?}"),
+    }
+    assert!(owner_of().is_some());
+    // The operator's key is obeyed.
+    let server_key = fed.registry_key().parse().expect("registry key");
+    let mut by_operator = registry(ClientCurve {
+        keypair: operator,
+        server_key,
+    });
+    assert!(by_operator.release(&name).expect("release"));
+    assert_eq!(owner_of(), None);
+    assert!(!by_operator.release(&name).expect("release again"));
+
+    // The command, beside the running registry.
+    bind();
+    let data = fed.path("registry-data");
+    let store_args: Vec<String> = fed.store_args().iter().map(|a| a.to_string()).collect();
+    let release = || {
+        agora_tests::run_command(
+            {
+                let mut command = Command::new(bin("registry"));
+                command
+                    .args(["--data-dir", &data])
+                    .args(&store_args)
+                    .args(["release", "Cool Group"]);
+                command
+            },
+            "",
+        )
+    };
+    let run = release();
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout.trim(), "released \"Cool Group\"", "{run:?}");
+    assert_eq!(owner_of(), None);
+    if sqlite {
+        // It asked the running registry: the database was not opened beside it.
+        let log = fed.registry.log();
+        assert!(log.contains("released by the operator"), "{log}");
+    }
+    let run = release();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("is not bound to any key"), "{run:?}");
+
+    // Stopped, the registry removes its endpoint file and lets go of its database: the
+    // command opens it itself.
+    let status = fed.registry.terminate();
+    assert_eq!(status.code(), Some(0), "{}", fed.registry.log());
+    let file = std::path::Path::new(&data).join("registry.endpoint");
+    assert!(!file.exists(), "{} is left behind", file.display());
+    let run = release();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("is not bound to any key"), "{run:?}");
+}
+
 #[test]
 fn a_user_key_pair_is_made_once_and_can_be_exported_and_imported() {
     let dir = tempfile::tempdir().expect("tmp");
