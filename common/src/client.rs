@@ -577,7 +577,7 @@ impl RegistryClient {
             .owner)
     }
 
-    /// `release`: frees the group name `name` from the key it is bound to (PROTOCOL §4.1.2);
+    /// `release`: frees the group name `name` from the key it is bound to (PROTOCOL §4.4.2);
     /// true if it was bound. Only the registry's own key pair and the operator's key are
     /// obeyed: `registry release` sends it with the registry's key pair from its data
     /// directory.
