@@ -13,7 +13,7 @@
 //! with SIGBUS. Such an error, an I/O error and a full disk become
 //! [`StoreError::Unwritable`] (answered `internal`; each change is one transaction, so
 //! nothing of it is stored), whose cause is logged once when writes begin to fail and once
-//! when a write succeeds again ([`Health`]).
+//! when a write succeeds again.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
