@@ -154,13 +154,12 @@ fn the_registry_database_is_private_from_creation_and_a_loose_one_is_tightened()
     }
     if fed.store.is_none() {
         // The DM is in the WAL (not yet checkpointed), which SQLite created itself.
-        for name in [
-            "registry.sqlite3",
-            "registry.sqlite3-wal",
-            "registry.sqlite3-shm",
-        ] {
+        for name in ["registry.sqlite3", "registry.sqlite3-wal"] {
             assert_eq!(mode(&data.join(name)), 0o600, "{name}: {files:?}");
         }
+        // The WAL index is in the registry's memory (issue 23): no -shm file at all.
+        let shm = data.join("registry.sqlite3-shm");
+        assert!(!shm.exists(), "{}: {files:?}", shm.display());
     }
     eprintln!("data directory 700: {files:?}");
 
