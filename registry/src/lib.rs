@@ -448,6 +448,10 @@ impl Registry {
             match self.store.expire_dms(self.config.dm_ttl, Timestamp::now()) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "direct messages expired to dead letters"),
+                // An unwritable store logged its cause once already.
+                Err(e) if e.is_logged() => {
+                    tracing::debug!(error = %e, "expiring direct messages failed")
+                }
                 Err(e) => tracing::error!(error = %e, "expiring direct messages failed"),
             }
         }

@@ -34,7 +34,7 @@ use std::time::Duration;
 use agora_common::client::{ClientError, ClientOptions, GroupClient};
 use agora_proto::id::MessageId;
 use agora_proto::wire::{ErrorCode, HistoryQuery, UserName};
-use agora_tests::{wait_for, Server};
+use agora_tests::{wait_for, CliRun, Server};
 use serde_json::value::RawValue;
 
 const GROUP: &str = "Failing Disk";
@@ -484,23 +484,9 @@ fn a_file_system_turned_read_only_by_an_error_answers_writes_internal_and_loses_
     );
 }
 
-/// The registry had the same exposure: its SQLite shared the WAL index through a mapped
-/// `-shm` file (so that `registry release` could open the database beside it), and a
-/// `send_dm` after its files were made immutable killed it by SIGBUS (signal 7). It now
-/// keeps the WAL index in memory as the node does, and `registry release` asks the running
-/// registry instead (tests/tests/security.rs).
-#[test]
-fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry_by_sigbus() {
-    let fs = match Ext4::make() {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-    let data = fs.path().join("registry");
-    let log = tempfile::NamedTempFile::new().expect("log");
-    let mut registry = Server::start(
+/// A registry with its data in `data` (CURVE, port 0), logging to `log`.
+fn start_registry(data: &Path, log: &Path) -> Server {
+    Server::start(
         "registry",
         &[
             "--bind",
@@ -508,49 +494,52 @@ fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry
             "--data-dir",
             data.to_str().expect("utf-8 path"),
         ],
-        log.path(),
-    );
-    let clients = tempfile::tempdir().expect("tempdir");
-    let (state, keys) = (clients.path().join("state"), clients.path().join("keys"));
+        log,
+    )
+}
+
+/// Runs `user-cli --user USER ARGS` against `registry`, with the users' keys and state in
+/// `clients`.
+fn registry_cli(registry: &Server, clients: &Path, user: &str, args: &[&str]) -> CliRun {
+    let (state, keys) = (clients.join("state"), clients.join("keys"));
     let key = registry.key.clone().expect("the registry runs with CURVE");
-    let endpoint = registry.endpoint.clone();
     let env = [
-        ("AGORA_REGISTRY", endpoint.as_str()),
+        ("AGORA_REGISTRY", registry.endpoint.as_str()),
         ("AGORA_REGISTRY_KEY", key.as_str()),
         ("AGORA_STATE_DIR", state.to_str().expect("utf-8 path")),
         ("AGORA_KEY_DIR", keys.to_str().expect("utf-8 path")),
     ];
-    let cli = |user: &str, args: &[&str]| {
-        let mut all = vec!["--user", user];
-        all.extend_from_slice(args);
-        agora_tests::cli(&all, "", &env)
-    };
+    let mut all = vec!["--user", user];
+    all.extend_from_slice(args);
+    agora_tests::cli(&all, "", &env)
+}
+
+/// Alice and Bob have accounts, and Alice's DM `before` waits in Bob's mailbox.
+fn registry_with_a_dm(registry: &Server, clients: &Path) {
     for user in ["alice", "bob"] {
-        let run = cli(user, &["register", user]);
+        let run = registry_cli(registry, clients, user, &["register", user]);
         assert_eq!(run.code, Some(0), "{run:?}");
     }
-    let run = cli("alice", &["send_dm", "bob", "before"]);
+    let run = registry_cli(registry, clients, "alice", &["send_dm", "bob", "before"]);
     assert_eq!(run.code, Some(0), "{run:?}");
+}
 
-    let files = sqlite_files(&data.join("registry.sqlite3"));
-    // The WAL index is in the registry's memory, not in a mapped file.
-    assert!(!files[2].exists(), "{} exists", files[2].display());
-    chattr("+i", &files);
-    let refused = cli("alice", &["send_dm", "bob", "while immutable"]);
+/// While the registry's store fails: writes (`send_dm`, `register`) are refused by the
+/// server (exit 1, not unreachable), reads (`users`) are answered from what is stored, the
+/// registry runs on, and the cause is logged once.
+fn registry_refuses_while_failing(registry: &mut Server, clients: &Path) {
+    let cli = |user: &str, args: &[&str]| registry_cli(registry, clients, user, args);
+    let refused = cli("alice", &["send_dm", "bob", "while failing"]);
     let late = cli("carol", &["register", "carol"]);
-    let again = cli("alice", &["send_dm", "bob", "while immutable, again"]);
-    // Reads are answered, from what is stored.
+    let again = cli("alice", &["send_dm", "bob", "while failing, again"]);
     let users = cli("alice", &["--json", "users"]);
-    let alive = registry.wait_exit(Duration::ZERO);
-    chattr("-i", &files);
-    if let Some(status) = alive {
+    if let Some(status) = registry.wait_exit(Duration::ZERO) {
         panic!(
             "the registry exited ({}); log:\n{}",
             describe(status),
             registry.log()
         );
     }
-    // Refused by the server (exit 1), not unreachable.
     assert_eq!(
         (refused.code, late.code, again.code),
         (Some(1), Some(1), Some(1)),
@@ -571,15 +560,14 @@ fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry
     );
     assert!(errors[0].contains(CAUSE_LINE), "log:\n{log}");
     eprintln!("the cause, as logged: {}", errors[0]);
+}
 
-    // Once the cause is gone, writes work again, and nothing refused was stored.
+/// Once the cause is gone: writes work again, and of the DMs Bob gets `before` and `after`,
+/// none refused meanwhile.
+fn registry_writes_again(registry: &Server, clients: &Path) {
+    let cli = |user: &str, args: &[&str]| registry_cli(registry, clients, user, args);
     let run = cli("alice", &["send_dm", "bob", "after"]);
     assert_eq!(run.code, Some(0), "{run:?}");
-    assert!(
-        registry.log().contains(RECOVERED_LINE),
-        "{}",
-        registry.log()
-    );
     let run = cli("carol", &["register", "carol"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     let check = cli("bob", &["check"]);
@@ -588,7 +576,11 @@ fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry
         check.stdout.contains("before") && check.stdout.contains("after"),
         "{check:?}"
     );
-    assert!(!check.stdout.contains("while immutable"), "{check:?}");
+    assert!(!check.stdout.contains("while failing"), "{check:?}");
+}
+
+/// Stops the registry with SIGTERM and checks that it exits 0, not by a signal.
+fn assert_registry_stops_cleanly(registry: &mut Server) {
     let status = registry.terminate();
     assert_eq!(
         (status.code(), status.signal()),
@@ -597,4 +589,72 @@ fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry
         describe(status),
         registry.log()
     );
+}
+
+/// The registry had the same exposure: its SQLite shared the WAL index through a mapped
+/// `-shm` file (so that `registry release` could open the database beside it), and a
+/// `send_dm` after its files were made immutable killed it by SIGBUS (signal 7). It now
+/// keeps the WAL index in memory as the node does, and `registry release` asks the running
+/// registry instead (tests/tests/security.rs).
+#[test]
+fn a_registry_store_made_immutable_answers_internal_and_never_kills_the_registry_by_sigbus() {
+    let fs = match Ext4::make() {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let data = fs.path().join("registry");
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut registry = start_registry(&data, log.path());
+    let clients = tempfile::tempdir().expect("tempdir");
+    registry_with_a_dm(&registry, clients.path());
+
+    let files = sqlite_files(&data.join("registry.sqlite3"));
+    // The WAL index is in the registry's memory, not in a mapped file.
+    assert!(!files[2].exists(), "{} exists", files[2].display());
+    chattr("+i", &files);
+    let failing = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        registry_refuses_while_failing(&mut registry, clients.path())
+    }));
+    chattr("-i", &files);
+    if let Err(panic) = failing {
+        std::panic::resume_unwind(panic);
+    }
+    registry_writes_again(&registry, clients.path());
+    assert!(
+        registry.log().contains(RECOVERED_LINE),
+        "{}",
+        registry.log()
+    );
+    assert_registry_stops_cleanly(&mut registry);
+}
+
+/// The registry on a file system that ext4 turned read-only: it runs on, refusing writes,
+/// until the operator stops it (exit 0), repairs the file system and starts it again; then
+/// writes work and nothing acked is lost.
+#[test]
+fn a_registry_on_a_file_system_turned_read_only_answers_internal_and_loses_no_dm() {
+    let fs = match Ext4::make() {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let data = fs.path().join("registry");
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut registry = start_registry(&data, log.path());
+    let clients = tempfile::tempdir().expect("tempdir");
+    registry_with_a_dm(&registry, clients.path());
+
+    fs.abort();
+    registry_refuses_while_failing(&mut registry, clients.path());
+    assert_registry_stops_cleanly(&mut registry);
+    fs.repair();
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut registry = start_registry(&data, log.path());
+    registry_writes_again(&registry, clients.path());
+    assert_registry_stops_cleanly(&mut registry);
 }
