@@ -997,3 +997,33 @@ fn a_claim_refused_for_the_cap_does_not_release_a_lapsed_name() {
         );
     });
 }
+
+/// Issue 23: the SQLite backend keeps its WAL index in memory (`unix-excl`): no `-shm` file
+/// is made, so none can be mapped and fault with SIGBUS when the disk refuses writes, and
+/// its three connections (owners, accounts, mailboxes) still see one another's commits
+/// through the shared index, also after a reopen.
+#[test]
+fn sqlite_keeps_its_wal_index_in_memory_shared_by_its_connections() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("registry.sqlite3");
+    let shm = dir.path().join("registry.sqlite3-shm");
+    {
+        let mut s = SqliteStore::open(dir.path(), settings(), true).expect("sqlite");
+        assert!(s.insert_user(&account("alice", 1)).expect("insert"));
+        s.store_dm(&key(1), &user("bob"), &key(2), None, &body("1"), now(), 10)
+            .expect("store");
+        // Written by the users' connection, read by the mailbox's and back.
+        assert_eq!(s.waiting_dms().expect("waiting"), 1);
+        assert_eq!(s.count_users().expect("count"), 1);
+        assert!(s
+            .claim_group(&name("G"), &key(3), now())
+            .expect("claim")
+            .is_ok());
+        assert!(db.exists());
+        assert!(!shm.exists(), "{} exists", shm.display());
+    }
+    let mut s = SqliteStore::open(dir.path(), settings(), true).expect("reopen");
+    assert_eq!(s.group_owner(&name("G")).expect("owner"), Some(key(3)));
+    assert_eq!(s.fetch_dms(&key(1), 0, 10).expect("fetch").0.len(), 1);
+    assert!(!shm.exists(), "{} exists", shm.display());
+}
