@@ -145,7 +145,6 @@ fn a_bind_that_fails_leaves_no_data_directory_and_no_key_pair() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = format!("tcp://{}", busy.local_addr().expect("addr"));
     let parent = tempfile::tempdir().expect("tmp");
-    let ctx = zmq::Context::new();
     let cases = [
         (taken.clone(), None, true),
         (taken.clone(), None, false),
@@ -153,6 +152,10 @@ fn a_bind_that_fails_leaves_no_data_directory_and_no_key_pair() {
     ];
     for (i, (bind, key_bind, insecure)) in cases.into_iter().enumerate() {
         let dir = parent.path().join(format!("data-{i}"));
+        // A context per case, as a process each: the ZAP handler of a failed CURVE case
+        // unbinds its inproc endpoint asynchronously, and the next case's would find it
+        // taken (EADDRINUSE, "zmq").
+        let ctx = zmq::Context::new();
         let config = Config {
             bind,
             key_bind,
