@@ -141,7 +141,8 @@ if [ "$web" = 1 ]; then
         kill -0 "$web_pid" 2>/dev/null || failed "agora-web did not start"
         sleep 0.1
     done
-    echo "The chat page (the link works once): $(awk '$1 == "listening" {print $2}' "$state/web.out")"
+    echo "A new sign-in link, any time (each works once, for 5 minutes): $bin/agora-web link"
+    echo "The chat page: $(awk '$1 == "listening" {print $2}' "$state/web.out")"
 fi
 echo "You are $user. Try: join_group \"Cool Group\", send_message \"Cool Group\", get_messages \"Cool Group\""
 status=0
