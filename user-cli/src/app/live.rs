@@ -281,15 +281,13 @@ impl App {
                 match event {
                     FeedEvent::Entry { group, entry, .. } => {
                         let mine = is_mine(&me, &entry);
-                        let mut s = lock(&state);
-                        s.seen(group.as_str(), entry.seq);
+                        lock(&state).seen(group.as_str(), entry.seq);
                         if last_save.elapsed() > Duration::from_millis(500) {
-                            if let Err(e) = s.save() {
-                                tracing::warn!(error = %e, "could not save the client state");
-                            }
+                            // Not under the mutex: the prompt's commands and completion
+                            // go on while the file is locked, read and synced.
+                            crate::state::save_shared(&state);
                             last_save = Instant::now();
                         }
-                        drop(s);
                         let here = mine
                             && sent_here
                                 .lock()

@@ -357,9 +357,7 @@ impl App {
     }
 
     fn save_state(&self) {
-        if let Err(e) = lock(&self.state).save() {
-            tracing::warn!(error = %e, "could not save the client state");
-        }
+        crate::state::save_shared(&self.state);
     }
 
     /// Where `target` is: an address as given; a group joined from this client at its saved
