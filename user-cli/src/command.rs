@@ -526,58 +526,119 @@ pub fn body_of(text: &str, json_body: bool) -> Result<String, CliError> {
     }
 }
 
-/// An input error: not UTF-8 (with its line) is the input's fault (exit 2), anything else a
-/// failure to read (exit 4).
+/// The most text `send` reads from stdin, a file or the lines up to `END`, in bytes: the
+/// node's default limit on a message body (1 MiB). A body over it is refused as soon as that
+/// much is read ([`CliError::TooLarge`]), so `--file /dev/zero` or `yes |` never fill memory.
+/// (A node configured with a larger `--max-message-bytes` takes larger bodies from `send`'s
+/// arguments.)
+pub const MAX_INPUT_BYTES: u64 = agora_proto::wire::DEFAULT_MAX_MESSAGE_BYTES as u64;
+
+/// An input error: not UTF-8 (with its line) is the input's fault, anything else a failure
+/// to read; both exit 4 (local input).
 fn input_error(e: std::io::Error) -> CliError {
     CliError::Input(e)
+}
+
+/// The input for a message to `group` passed `MAX_INPUT_BYTES`.
+fn too_large(group: &str) -> CliError {
+    CliError::TooLarge {
+        target: group.to_owned(),
+        len: None,
+        max: MAX_INPUT_BYTES,
+    }
 }
 
 /// The lines that follow, up to a line `END` or the end of the input, joined by newlines
 /// (`send GROUP` with no text, and its alias `send_message GROUP`). A line that is not UTF-8
 /// fails the message, but the lines up to `END` are still read, so that none of them runs as
-/// a command.
-fn read_until_end_line(lines: &mut dyn crate::repl::LineSource) -> Result<String, CliError> {
+/// a command. Past [`MAX_INPUT_BYTES`] the message fails with [`CliError::TooLarge`]: at once
+/// when alone (`drain` false: the input may never end), after reading up to `END` in a
+/// session (`drain`: the lines are dropped as they come).
+fn read_until_end_line(
+    lines: &mut dyn crate::repl::LineSource,
+    group: &str,
+    drain: bool,
+) -> Result<String, CliError> {
     let mut text = Vec::new();
+    let mut len = 0u64;
     let mut bad = None;
     loop {
-        match lines.read_line("... ") {
+        let failed = match lines.read_line("... ") {
             Ok(Some(l)) if l.trim_end() == "END" => break,
-            Ok(Some(l)) => text.push(l),
+            Ok(Some(l)) => {
+                len += l.len() as u64 + 1;
+                if len > MAX_INPUT_BYTES + 1 {
+                    text.clear();
+                    too_large(group)
+                } else {
+                    if bad.is_none() {
+                        text.push(l);
+                    }
+                    continue;
+                }
+            }
             Ok(None) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => too_large(group),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                bad.get_or_insert(e);
+                input_error(std::io::Error::new(e.kind(), format!("{e}; nothing sent")))
             }
             Err(e) => return Err(input_error(e)),
+        };
+        if !drain && matches!(failed, CliError::TooLarge { .. }) {
+            return Err(failed);
         }
+        bad.get_or_insert(failed);
     }
     match bad {
-        Some(e) => Err(input_error(std::io::Error::new(
-            e.kind(),
-            format!("{e}; nothing sent"),
-        ))),
+        Some(e) => Err(e),
         None => Ok(text.join("\n")),
     }
 }
 
 /// Every line to the end of the input, joined by newlines (`send GROUP -`).
-fn read_to_end(lines: &mut dyn crate::repl::LineSource) -> Result<String, CliError> {
+///
+/// # Errors
+/// [`CliError::TooLarge`] as soon as more than [`MAX_INPUT_BYTES`] are read;
+/// [`CliError::Input`] for a line that is not UTF-8 or a failed read.
+fn read_to_end(lines: &mut dyn crate::repl::LineSource, group: &str) -> Result<String, CliError> {
     let mut text = Vec::new();
-    while let Some(l) = lines.read_line("").map_err(input_error)? {
-        text.push(l);
+    let mut len = 0u64;
+    loop {
+        match lines.read_line("") {
+            Ok(Some(l)) => {
+                len += l.len() as u64 + 1;
+                if len > MAX_INPUT_BYTES + 1 {
+                    return Err(too_large(group));
+                }
+                text.push(l);
+            }
+            Ok(None) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(too_large(group)),
+            Err(e) => return Err(input_error(e)),
+        }
     }
     Ok(text.join("\n").trim_end_matches('\n').to_owned())
 }
 
-/// A text file's content without its final newlines (`send GROUP --file PATH`).
+/// A text file's content without its final newlines (`send GROUP --file PATH`), read
+/// through a [`MAX_INPUT_BYTES`] limit.
 ///
 /// # Errors
-/// [`CliError::Local`] when it cannot be read; [`CliError::Input`] naming the line that is
-/// not UTF-8.
-fn read_text_file(path: &std::path::Path) -> Result<String, CliError> {
-    let bytes = std::fs::read(path).map_err(|source| CliError::Local {
+/// [`CliError::Local`] when it cannot be read; [`CliError::TooLarge`] when it holds more
+/// than [`MAX_INPUT_BYTES`]; [`CliError::Input`] naming the line that is not UTF-8.
+fn read_text_file(path: &std::path::Path, group: &str) -> Result<String, CliError> {
+    use std::io::Read as _;
+    let local = |source| CliError::Local {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_INPUT_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(local)?;
+    if bytes.len() as u64 > MAX_INPUT_BYTES {
+        return Err(too_large(group));
+    }
     match String::from_utf8(bytes) {
         Ok(text) => Ok(text.trim_end_matches(['\n', '\r']).to_owned()),
         Err(e) => {
@@ -621,7 +682,7 @@ pub fn run(
             json_body,
         } => {
             let text = match (file, text.as_slice()) {
-                (Some(path), _) => read_text_file(&path)?,
+                (Some(path), _) => read_text_file(&path, &group)?,
                 (None, [dash]) if dash == "-" => {
                     if context == Context::Session {
                         return Err(CliError::Usage(
@@ -630,9 +691,9 @@ pub fn run(
                                 .into(),
                         ));
                     }
-                    read_to_end(lines)?
+                    read_to_end(lines, &group)?
                 }
-                (None, []) => read_until_end_line(lines)?,
+                (None, []) => read_until_end_line(lines, &group, context == Context::Session)?,
                 (None, words) => words.join(" "),
             };
             app.send(&group, body_of(&text, json_body)?, out)?;
@@ -857,22 +918,75 @@ mod tests {
     fn lines_up_to_end_or_the_end_of_input_and_a_bad_line_fails_the_message() {
         let mut lines = crate::repl::Script::new(&b"one\ntwo\nEND\nafter\n"[..]);
         assert_eq!(
-            read_until_end_line(&mut lines).ok().as_deref(),
+            read_until_end_line(&mut lines, "G", true).ok().as_deref(),
             Some("one\ntwo")
         );
         let mut lines = crate::repl::Script::new(&b"hello\n"[..]);
         assert_eq!(
-            read_until_end_line(&mut lines).ok().as_deref(),
+            read_until_end_line(&mut lines, "G", true).ok().as_deref(),
             Some("hello")
         );
         // The bad line fails the message; the lines to END are read, not run as commands.
         let mut lines = crate::repl::Script::new(&b"ok\n\xff\nmore\nEND\nnext\n"[..]);
-        let Err(CliError::Input(e)) = read_until_end_line(&mut lines) else {
+        let Err(CliError::Input(e)) = read_until_end_line(&mut lines, "G", true) else {
             panic!("a bad line passed");
         };
         assert_eq!(e.to_string(), "input line 2: not UTF-8; nothing sent");
         use crate::repl::LineSource;
         assert_eq!(lines.read_line("").ok().flatten().as_deref(), Some("next"));
+    }
+
+    /// Review of issue 23: `send` read its input whole into memory (`--file /dev/zero`,
+    /// `yes | user-cli send G -`); it stops at the limit with the too-large error.
+    #[test]
+    fn input_over_the_limit_is_refused_as_soon_as_the_limit_is_read() {
+        let limit = MAX_INPUT_BYTES as usize;
+        let started = std::time::Instant::now();
+        let e = read_text_file(std::path::Path::new("/dev/zero"), "G").expect_err("endless");
+        assert!(
+            matches!(e, CliError::TooLarge { len: None, max, .. } if max == MAX_INPUT_BYTES),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("G: message too large: the limit is {limit} bytes")
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Many short lines (`yes`), and one endless line, from stdin.
+        let many = "y\n".repeat(limit);
+        let mut lines = crate::repl::Script::new(many.as_bytes());
+        assert!(matches!(
+            read_to_end(&mut lines, "G"),
+            Err(CliError::TooLarge { .. })
+        ));
+        let zeros = vec![0u8; 3 * limit];
+        let mut lines = crate::repl::Script::new(&zeros[..]);
+        assert!(matches!(
+            read_to_end(&mut lines, "G"),
+            Err(CliError::TooLarge { .. })
+        ));
+        let mut lines = crate::repl::Script::new(many.as_bytes());
+        assert!(matches!(
+            read_until_end_line(&mut lines, "G", false),
+            Err(CliError::TooLarge { .. })
+        ));
+        // In a session the lines up to END are still read (and dropped); the next runs.
+        let session = format!("{many}END\nnext\n");
+        let mut lines = crate::repl::Script::new(session.as_bytes());
+        assert!(matches!(
+            read_until_end_line(&mut lines, "G", true),
+            Err(CliError::TooLarge { .. })
+        ));
+        use crate::repl::LineSource;
+        assert_eq!(lines.read_line("").ok().flatten().as_deref(), Some("next"));
+        // Exactly the limit passes.
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("body.txt");
+        std::fs::write(&path, "z".repeat(limit)).expect("write");
+        assert_eq!(
+            read_text_file(&path, "G").map(|t| t.len()).ok(),
+            Some(limit)
+        );
     }
 
     #[test]

@@ -28,6 +28,26 @@ pub fn local_time(t: Timestamp) -> String {
         .to_string()
 }
 
+/// `text` safe to put on a terminal: every control character (C0, DEL and C1: ESC, CR,
+/// BEL, backspace, CSI …) but newline and tab as its Rust escape (`\u{1b}`, `\r`), so a peer's
+/// words cannot move the cursor, rewrite a line, set the clipboard (OSC 52) or fake the
+/// `(you)` marker. Human output only; JSON escapes its own way.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A body for people: a JSON string as its text, anything else as compact JSON.
 pub fn body_text(body: &serde_json::value::RawValue) -> String {
     match serde_json::from_str::<serde_json::Value>(body.get()) {
@@ -369,7 +389,8 @@ pub enum Item<'a> {
 /// "none found" notes are for people only).
 pub fn line(format: Format, item: &Item<'_>) -> Option<String> {
     match format {
-        Format::Human => human(item),
+        // Everything a peer controls (bodies, captions, file names, names, DMs) is in it.
+        Format::Human => human(item).map(|l| escape_controls(&l).into_owned()),
         Format::Json => json(item),
     }
 }
@@ -606,5 +627,57 @@ mod tests {
             at.flatten(),
             "{w}"
         );
+    }
+
+    /// Review of issue 23: a peer's body reached the terminal raw: an OSC 52 sequence (sets
+    /// the clipboard), a carriage return that rewrites the line (a fake `(you)`), C1 codes.
+    /// In human output every control character but newline and tab is escaped; JSON is as
+    /// serde writes it.
+    #[test]
+    fn a_peers_control_characters_are_escaped_in_human_output() {
+        assert_eq!(escape_controls("plain\ttext\nnext"), "plain\ttext\nnext");
+        assert_eq!(
+            escape_controls("a\u{1b}]52;c;aGk=\u{7}b\rc\u{9b}d\u{7f}"),
+            "a\\u{1b}]52;c;aGk=\\u{7}b\\rc\\u{9b}d\\u{7f}"
+        );
+        let m: Message = serde_json::from_value(serde_json::json!({
+            "seq": 7,
+            "id": "0190f5d2-8f3e-7c3a-9a2b-1c2d3e4f5a6b",
+            "time": "2026-11-22T10:00:00Z",
+            "sender": "mallory",
+            "body": "hi\u{1b}]52;c;aGk=\u{7}\r[2026-11-22 10:00:00] G #8 alice (you): fake",
+            "attachment": {
+                "name": "x\u{1b}[2J.txt",
+                "size": 3,
+                "media_type": "text/plain",
+                "sha256": "0000000000000000000000000000000000000000000000000000000000000000"
+            }
+        }))
+        .expect("a message");
+        let group = GroupName::new("G").expect("group");
+        let human = line(
+            Format::Human,
+            &Item::Entry {
+                group: &group,
+                entry: &m,
+            },
+        )
+        .expect("a line");
+        assert!(!human.chars().any(|c| c.is_control()), "{human:?}");
+        assert!(human.contains("x\\u{1b}[2J.txt"), "{human}");
+        assert!(
+            human.contains("hi\\u{1b}]52;c;aGk=\\u{7}\\r[2026"),
+            "{human}"
+        );
+        let json = line(
+            Format::Json,
+            &Item::Entry {
+                group: &group,
+                entry: &m,
+            },
+        )
+        .expect("a line");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+        assert!(v["body"].as_str().is_some_and(|b| b.contains('\u{1b}')));
     }
 }

@@ -24,27 +24,79 @@ pub trait LineSource {
 
 /// Lines from a reader (script mode, and what one-shot `send_message` reads): no prompts, no
 /// echo. A line that is not UTF-8 is an [`std::io::ErrorKind::InvalidData`] error naming its
-/// number (`input line 3: not UTF-8`); it is consumed, so the next read goes on after it.
+/// number (`input line 3: not UTF-8`); it is consumed, so the next read goes on after it. A
+/// line longer than [`MAX_LINE_BYTES`] is an [`std::io::ErrorKind::FileTooLarge`] error as
+/// soon as that much is read (input with no newline, `/dev/zero`, never fills memory); the
+/// next read skips the rest of it first.
 pub struct Script<R: BufRead> {
     reader: R,
     /// Lines read so far.
     line: u64,
+    /// Whether the last line was cut at [`MAX_LINE_BYTES`], its rest still to skip.
+    cut: bool,
 }
+
+/// The longest line a [`Script`] reads: twice the largest message body user-cli sends
+/// (`send G TEXT` on one line has room for a whole body), 2 MiB.
+pub const MAX_LINE_BYTES: u64 = 2 * crate::command::MAX_INPUT_BYTES;
 
 impl<R: BufRead> Script<R> {
     /// Lines from `reader`, numbered from 1.
     pub fn new(reader: R) -> Script<R> {
-        Script { reader, line: 0 }
+        Script {
+            reader,
+            line: 0,
+            cut: false,
+        }
+    }
+
+    /// Reads up to and including the next newline without keeping it (the rest of a line
+    /// cut at [`MAX_LINE_BYTES`]).
+    fn skip_line(&mut self) -> std::io::Result<()> {
+        loop {
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            match buf.iter().position(|b| *b == b'\n') {
+                Some(at) => {
+                    self.reader.consume(at + 1);
+                    return Ok(());
+                }
+                None => {
+                    let n = buf.len();
+                    self.reader.consume(n);
+                }
+            }
+        }
     }
 }
 
 impl<R: BufRead> LineSource for Script<R> {
     fn read_line(&mut self, _prompt: &str) -> std::io::Result<Option<String>> {
+        use std::io::Read as _;
+        if std::mem::take(&mut self.cut) {
+            self.skip_line()?;
+        }
         let mut bytes = Vec::new();
-        if self.reader.read_until(b'\n', &mut bytes)? == 0 {
+        if (&mut self.reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut bytes)?
+            == 0
+        {
             return Ok(None);
         }
         self.line += 1;
+        if bytes.len() as u64 > MAX_LINE_BYTES && bytes.last() != Some(&b'\n') {
+            self.cut = true;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "input line {}: longer than {} bytes",
+                    self.line, MAX_LINE_BYTES
+                ),
+            ));
+        }
         while bytes.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
             bytes.pop();
         }
@@ -152,7 +204,12 @@ pub fn run_session(
         let line = match source.read_line("agora> ") {
             Ok(Some(line)) => line,
             Ok(None) => return 0,
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::FileTooLarge
+                ) =>
+            {
                 let _ = writeln!(err, "user-cli: {e}");
                 continue;
             }
@@ -203,5 +260,30 @@ mod tests {
             Some("fourth")
         );
         assert!(matches!(script.read_line(""), Ok(None)));
+    }
+
+    /// Review of issue 23: a line with no end (`/dev/zero` on stdin) was read into memory
+    /// whole; it fails once it passes the limit, and the next read starts after it.
+    #[test]
+    fn a_line_longer_than_the_limit_fails_at_the_limit_and_is_skipped() {
+        let limit = super::MAX_LINE_BYTES as usize;
+        let mut input = vec![b'x'; limit + 10];
+        input.extend_from_slice(b"\nnext\n");
+        let mut script = Script::new(&input[..]);
+        let long = script.read_line("").expect_err("too long");
+        assert_eq!(long.kind(), std::io::ErrorKind::FileTooLarge);
+        assert_eq!(
+            long.to_string(),
+            format!("input line 1: longer than {limit} bytes")
+        );
+        assert_eq!(script.read_line("").ok().flatten().as_deref(), Some("next"));
+        assert!(matches!(script.read_line(""), Ok(None)));
+        let mut exact = vec![b'y'; limit];
+        exact.push(b'\n');
+        let mut script = Script::new(&exact[..]);
+        assert_eq!(
+            script.read_line("").ok().flatten().map(|l| l.len()),
+            Some(limit)
+        );
     }
 }

@@ -126,7 +126,7 @@ impl App {
         })?;
         let ack = sent.map_err(|max| CliError::TooLarge {
             target: label.clone(),
-            len,
+            len: Some(len),
             max,
         })?;
         out.emit(Item::Sent {

@@ -308,7 +308,13 @@ impl App {
                         fatal,
                     } => {
                         if fatal {
-                            printer(format!("user-cli: {label}: {}", cause(&error)));
+                            printer(
+                                render::escape_controls(&format!(
+                                    "user-cli: {label}: {}",
+                                    cause(&error)
+                                ))
+                                .into_owned(),
+                            );
                         } else {
                             tracing::debug!(%label, %error, "live stream trouble");
                         }
@@ -437,7 +443,8 @@ fn live_line(format: Format, group: &GroupName, entry: &Message, mine: bool) -> 
                 entry.seq,
                 entry.sender
             );
-            Some(match line.strip_prefix(&head) {
+            let head = render::escape_controls(&head);
+            Some(match line.strip_prefix(head.as_ref()) {
                 Some(rest) => format!("{head} (you){rest}"),
                 None => line,
             })

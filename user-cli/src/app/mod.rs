@@ -46,7 +46,8 @@ pub enum CliError {
     #[error("{0}")]
     Refused(String),
     /// A group node or the registry failed the request (exit 1 for a refusal, 3 when it did
-    /// not answer, 4 for a reply that could not be read).
+    /// not answer or answered something that could not be read, 2 for an endpoint libzmq
+    /// refused, 4 for a local file that could not be read).
     #[error("{}", remote_line(.target, .source))]
     Remote {
         /// The group (or `registry ENDPOINT`) the request went to.
@@ -54,18 +55,19 @@ pub enum CliError {
         /// What went wrong.
         source: ClientError,
     },
-    /// The body is over the node's limit; nothing was sent (exit 1).
-    #[error("{target}: message too large: {len} bytes, the limit is {max} bytes")]
+    /// The body is over the node's limit, or the input it is read from over user-cli's
+    /// ([`crate::command::MAX_INPUT_BYTES`]); nothing was sent (exit 1).
+    #[error("{target}: message too large: {}the limit is {max} bytes", .len.map(|n| format!("{n} bytes, ")).unwrap_or_default())]
     TooLarge {
         /// The group.
         target: String,
-        /// The body's size in bytes.
-        len: usize,
+        /// The body's size in bytes (`None`: input refused part way, at the limit).
+        len: Option<usize>,
         /// The node's limit in bytes.
         max: u64,
     },
-    /// What the user gave could not be read: not UTF-8 (exit 2, `input line 3: not UTF-8`),
-    /// or reading failed (exit 4). The error's text names the input and the line.
+    /// What the user gave could not be read: not UTF-8 (`input line 3: not UTF-8`), or
+    /// reading failed (exit 4, local input). The error's text names the input and the line.
     #[error("{0}")]
     Input(std::io::Error),
     /// A local file or directory could not be read or written (exit 4).
@@ -174,7 +176,16 @@ impl CliError {
             }
             | CliError::Refused(_)
             | CliError::TooLarge { .. } => 1,
-            CliError::Input(e) if e.kind() == std::io::ErrorKind::InvalidData => 2,
+            // No usable answer: as good as none.
+            CliError::Remote {
+                source: ClientError::BadReply(_),
+                ..
+            } => 3,
+            // libzmq refused the endpoint (connect, option): the argument's fault.
+            CliError::Remote {
+                source: ClientError::Zmq(_),
+                ..
+            } => 2,
             CliError::Interrupted(inner) => inner.exit_code(),
             CliError::Remote { .. }
             | CliError::Input(_)
@@ -710,6 +721,43 @@ mod tests {
             .to_string()
             .ends_with("; run the same command again to resume"));
         assert_eq!(cut.exit_code(), 3);
+    }
+
+    /// Review of issue 23: a malformed reply exited 4 (local I/O) and a zmq endpoint error
+    /// 4; input that is not UTF-8 exited 2 (usage). The README's table: 3, 2 and 4.
+    #[test]
+    fn exit_codes_follow_the_readme_table() {
+        let remote = |source| CliError::Remote {
+            target: "Cool Group".into(),
+            source,
+        };
+        let bad_reply = remote(ClientError::BadReply(
+            agora_proto::codec::CodecError::FrameCount(3),
+        ));
+        assert_eq!(bad_reply.exit_code(), 3, "{bad_reply}");
+        let zmq = remote(ClientError::Zmq(zmq::Error::EINVAL));
+        assert_eq!(zmq.exit_code(), 2, "{zmq}");
+        let not_utf8 = CliError::Input(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "input line 2: not UTF-8",
+        ));
+        assert_eq!(not_utf8.exit_code(), 4);
+        let read = remote(ClientError::Read(std::io::Error::other("gone")));
+        assert_eq!(read.exit_code(), 4);
+        let too_large = CliError::TooLarge {
+            target: "G".into(),
+            len: None,
+            max: 1_048_576,
+        };
+        assert_eq!(
+            too_large.to_string(),
+            "G: message too large: the limit is 1048576 bytes"
+        );
+        assert_eq!(too_large.exit_code(), 1);
+        assert_eq!(
+            CliError::Usage("nothing to send: the text is empty".into()).exit_code(),
+            2
+        );
     }
 
     #[test]
