@@ -4,12 +4,13 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, which
 //! `scripts/test.sh` does); they are looked up beside the test executable's `deps/` folder.
 //! [`Chromedriver`] runs the installed chromedriver (and, through it, Chromium) for the browser
-//! tests.
+//! tests; [`Pty`] runs a program (user-cli's interactive prompt) on a pseudo-terminal of its
+//! own, and [`stop_groups`] stops whole process groups.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -950,6 +951,380 @@ fn lines_of(r: Box<dyn Read + Send>) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// Whether process group `pgid` has a member (a zombie not yet reaped counts).
+pub fn group_alive(pgid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Stops the process groups `pgids`: SIGTERM to each, up to `grace` for all to be empty
+/// (calling `reap` meanwhile, so that a child of the test that leads a group is reaped, not
+/// left a zombie member), then SIGKILL to those that still have members. Returns whether
+/// they ended within `grace`.
+pub fn stop_groups(pgids: &[u32], grace: Duration, mut reap: impl FnMut()) -> bool {
+    let signal = |name: &str, pgid: u32| {
+        let _ = Command::new("kill")
+            .args([name, "--", &format!("-{pgid}")])
+            .stderr(Stdio::null())
+            .status();
+    };
+    for &pgid in pgids {
+        signal("-TERM", pgid);
+    }
+    let ended = wait_for(grace, || {
+        reap();
+        !pgids.iter().any(|&pgid| group_alive(pgid))
+    });
+    if !ended {
+        for &pgid in pgids {
+            signal("-KILL", pgid);
+        }
+    }
+    ended
+}
+
+/// How long a [`Pty`] waits for what it expects (a text on the terminal, a key's echo, the
+/// program's session, its exit): 20 s.
+pub const PTY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a dropped [`Pty`] gives its processes to end after SIGTERM before SIGKILL: 5 s.
+pub const PTY_GRACE: Duration = Duration::from_secs(5);
+
+/// A program on a pseudo-terminal of its own (`user-cli`'s interactive prompt, say), typed
+/// into and read as a person at a terminal would.
+///
+/// # What it starts
+/// util-linux's `script --quiet --return --flush --command 'PROGRAM' 'ARG'… /dev/null`, in a
+/// process group of its own (`process_group(0)`). `script` opens the pseudo-terminal and runs
+/// the program on it through `$SHELL -c` (the program and its arguments single-quoted) in a
+/// new session, so the program is in a process group of its own too (its session's, whose
+/// id [`Pty::start`] reads from `/proc`). The program gets the environment of the
+/// [`Command`] given to [`Pty::start`] (the variables it sets and removes, over the test's;
+/// `TERM=xterm` unless it sets `TERM`) and its working directory. With `--return`, `script`
+/// exits with the program's exit code.
+///
+/// # How to type
+/// What is written to `script`'s stdin arrives on the terminal as keys. [`Pty::paste`]
+/// writes text in one write (a paste, tmux's `send-keys`, type-ahead over ssh);
+/// [`Pty::type_line`] a line and Enter in one write; [`Pty::type_slowly`] one key at a time,
+/// each once the terminal has shown something after the one before (its echo, a
+/// completion), as a person types, so that a tab completes what the line holds.
+///
+/// # How output arrives
+/// Everything the terminal shows (the program's stdout and stderr, prompts, echoed keys,
+/// escape sequences) is read on a thread as it comes. [`Pty::shown`] is all of it so far, as
+/// text, and [`Pty::expect`] finds a text after a byte offset in it. [`Pty::lines`] are its
+/// complete lines (split at `\n`, each without its trailing `\r`, escape sequences and
+/// echoed input kept: look for text in them with `contains`), and [`Pty::expect_line`]
+/// finds one after a line index. `script`'s own stderr (it prints nothing with `--quiet`
+/// unless it fails) is kept for panic messages.
+///
+/// # Deadlines
+/// Every wait has one: [`PTY_TIMEOUT`] for [`Pty::expect`], [`Pty::expect_line`], each key's
+/// echo in [`Pty::type_slowly`], [`Pty::wait_exit`] and the program's session at start; a
+/// drop gives [`PTY_GRACE`] after SIGTERM. A wait that runs out panics with what the
+/// terminal showed.
+///
+/// # Drop
+/// Stops `script`'s process group and the program's ([`stop_groups`]: SIGTERM, which
+/// `script` also passes on to the program, then SIGKILL after [`PTY_GRACE`]) and reaps
+/// `script`, so nothing it started outlives the test, even one that panicked.
+pub struct Pty {
+    child: Child,
+    stdin: ChildStdin,
+    output: mpsc::Receiver<Vec<u8>>,
+    stderr: mpsc::Receiver<String>,
+    /// Everything the terminal showed so far.
+    shown: Vec<u8>,
+    /// What `script` printed on its stderr so far.
+    errors: Vec<String>,
+    /// The program's session (and process group) id, once `script` has started it.
+    session: Option<u32>,
+    /// The program's file name, for messages.
+    name: String,
+}
+
+impl Pty {
+    /// Starts `program` (its program, arguments, environment changes and working directory)
+    /// on a pseudo-terminal, and waits (up to [`PTY_TIMEOUT`]) for `script` to start it in
+    /// its session.
+    ///
+    /// # Panics
+    /// If `script` is not installed (util-linux), cannot be spawned, starts no program in
+    /// time, or an argument is not UTF-8.
+    pub fn start(program: Command) -> Pty {
+        let script = installed("script", &[], "util-linux installs it");
+        let quote = |arg: &std::ffi::OsStr| {
+            let arg = arg.to_str().expect("a UTF-8 program and arguments");
+            format!("'{}'", arg.replace('\'', r"'\''"))
+        };
+        let line: Vec<String> = std::iter::once(program.get_program())
+            .chain(program.get_args())
+            .map(quote)
+            .collect();
+        let name = Path::new(program.get_program())
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut command = Command::new(script);
+        command
+            .args(["--quiet", "--return", "--flush", "--command"])
+            .arg(line.join(" "))
+            .arg("/dev/null")
+            .env("TERM", "xterm");
+        for (key, value) in program.get_envs() {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        if let Some(dir) = program.get_current_dir() {
+            command.current_dir(dir);
+        }
+        let mut child = command
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn script for {name}: {e}"));
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let (tx, output) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = lines_of(Box::new(child.stderr.take().expect("stderr")));
+        let mut pty = Pty {
+            child,
+            stdin,
+            output,
+            stderr,
+            shown: Vec::new(),
+            errors: Vec::new(),
+            session: None,
+            name,
+        };
+        let script_pid = pty.child.id();
+        let mut session = None;
+        let started = wait_for(PTY_TIMEOUT, || {
+            session = child_of(script_pid);
+            session.is_some() || matches!(pty.child.try_wait(), Ok(Some(_)))
+        });
+        pty.session = session;
+        if !started {
+            let context = pty.context();
+            panic!(
+                "script started no {} within {PTY_TIMEOUT:?}; {context}",
+                pty.name
+            );
+        }
+        pty
+    }
+
+    /// The program's process id, which is also its session's and process group's id (`None`
+    /// if it exited before [`Pty::start`] saw it).
+    pub fn program_pid(&self) -> Option<u32> {
+        self.session
+    }
+
+    /// Writes `keys` to the terminal in one write, as a paste delivers them (a tab or an
+    /// escape sequence included).
+    ///
+    /// # Panics
+    /// If the terminal is gone.
+    pub fn paste(&mut self, keys: &str) {
+        self.stdin
+            .write_all(keys.as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .unwrap_or_else(|e| panic!("write to {}'s terminal: {e}", self.name));
+    }
+
+    /// Types `line` and Enter, in one write.
+    ///
+    /// # Panics
+    /// If the terminal is gone.
+    pub fn type_line(&mut self, line: &str) {
+        self.paste(&format!("{line}\n"));
+    }
+
+    /// Types `keys` one at a time, each once the terminal has shown something after the one
+    /// before (its echo, a completion), as a person types.
+    ///
+    /// # Panics
+    /// If the terminal shows nothing after a key within [`PTY_TIMEOUT`].
+    pub fn type_slowly(&mut self, keys: &str) {
+        for key in keys.chars() {
+            self.drain();
+            let before = self.shown.len();
+            self.paste(&key.to_string());
+            let shown = wait_for(PTY_TIMEOUT, || {
+                self.drain();
+                self.shown.len() > before
+            });
+            if !shown {
+                let context = self.context();
+                panic!(
+                    "{} did not show {key:?} within {PTY_TIMEOUT:?}; {context}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        for chunk in self.output.try_iter() {
+            self.shown.extend(chunk);
+        }
+        self.errors.extend(self.stderr.try_iter());
+    }
+
+    /// What the terminal showed and `script` said, for a panic message.
+    fn context(&mut self) -> String {
+        self.drain();
+        format!(
+            "the terminal showed {:?}; script's stderr {:?}",
+            String::from_utf8_lossy(&self.shown),
+            self.errors
+        )
+    }
+
+    /// Everything the terminal showed so far, as text (prompts and escape sequences
+    /// included).
+    pub fn shown(&mut self) -> String {
+        self.drain();
+        String::from_utf8_lossy(&self.shown).into_owned()
+    }
+
+    /// The complete lines the terminal showed so far (split at `\n`, without the trailing
+    /// `\r`); the line being written (a prompt) is not one yet.
+    pub fn lines(&mut self) -> Vec<String> {
+        let shown = self.shown();
+        match shown.rfind('\n') {
+            Some(end) => shown[..end]
+                .split('\n')
+                .map(|l| l.trim_end_matches('\r').to_owned())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Waits (up to [`PTY_TIMEOUT`]) until the terminal has shown `text` after byte `from`
+    /// of [`Pty::shown`]; returns the byte offset where it ends (the next `from`).
+    ///
+    /// # Panics
+    /// If it does not show in time.
+    pub fn expect(&mut self, from: usize, text: &str) -> usize {
+        let mut end = None;
+        wait_for(PTY_TIMEOUT, || {
+            let shown = self.shown();
+            end = shown
+                .get(from..)
+                .and_then(|s| s.find(text))
+                .map(|at| from + at + text.len());
+            end.is_some()
+        });
+        end.unwrap_or_else(|| {
+            let context = self.context();
+            panic!(
+                "{} did not show {text:?} within {PTY_TIMEOUT:?}; {context}",
+                self.name
+            )
+        })
+    }
+
+    /// Waits (up to [`PTY_TIMEOUT`]) for a complete line containing `text` after the first
+    /// `from` lines of [`Pty::lines`]; returns its index.
+    ///
+    /// # Panics
+    /// If none comes in time.
+    pub fn expect_line(&mut self, from: usize, text: &str) -> usize {
+        let mut found = None;
+        wait_for(PTY_TIMEOUT, || {
+            found = self
+                .lines()
+                .iter()
+                .skip(from)
+                .position(|l| l.contains(text))
+                .map(|i| i + from);
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            let lines = self.lines();
+            let context = self.context();
+            panic!(
+                "{} showed no line with {text:?} within {PTY_TIMEOUT:?}; lines {lines:#?}; \
+                 {context}",
+                self.name
+            )
+        })
+    }
+
+    /// Waits (up to [`PTY_TIMEOUT`]) for the program, and `script` with it, to exit; the
+    /// program's exit code (`None` if a signal ended it).
+    ///
+    /// # Panics
+    /// If it does not exit in time.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let mut code = None;
+        let ended = wait_for(PTY_TIMEOUT, || match self.child.try_wait() {
+            Ok(Some(status)) => {
+                code = Some(status.code());
+                true
+            }
+            _ => false,
+        });
+        if !ended {
+            let context = self.context();
+            panic!(
+                "{} did not exit within {PTY_TIMEOUT:?}; {context}",
+                self.name
+            );
+        }
+        self.drain();
+        code.flatten()
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        // `script`'s group id is its pid (`process_group(0)`); the program's is its session's.
+        let groups: Vec<u32> = std::iter::once(self.child.id())
+            .chain(self.session)
+            .collect();
+        let child = &mut self.child;
+        stop_groups(&groups, PTY_GRACE, || {
+            let _ = child.try_wait();
+        });
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process of `parent` (from `/proc/PID/stat`), if it has one.
+fn child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // After "(comm)": state, ppid, ...
+                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                    ppid.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
 }
 
 /// A program the machine must have installed (`chromium`, say): the first `name` on `PATH`,
