@@ -62,7 +62,9 @@ struct Args {
     /// Print results as JSON lines.
     #[arg(long, global = true)]
     json: bool,
-    /// How long to wait for a server, per command.
+    /// How long to wait for a server, per command (the registry's key endpoint too when no
+    /// key is pinned for it yet; once pinned, its check waits at most 1 s before the pin is
+    /// used).
     #[arg(long, global = true, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Where the client keeps joined groups and what was last seen
@@ -200,17 +202,16 @@ fn run_checked(mut args: Args) -> Result<u8, Failure> {
         let path = known_servers(&args)?;
         let forgot = agora_common::trust::forget(&path, &args.registry)
             .map_err(|e| Failure::local(e.to_string()))?;
-        if forgot {
-            println!("forgot the key pinned for {}", args.registry);
+        let said = if forgot {
+            format!("forgot the key pinned for {}\n", args.registry)
         } else {
-            println!("no key was pinned for {}", args.registry);
-        }
-        return Ok(0);
+            format!("no key was pinned for {}\n", args.registry)
+        };
+        return write_stdout(said.as_bytes());
     }
     let user = Identity::of(args.user.clone());
     if let Some(Command::Keys { action }) = &args.command {
-        keys(&args, &user, action.as_ref())?;
-        return Ok(0);
+        return keys(&args, &user, action.as_ref());
     }
     let curve = curve(&args, &user)?;
     let state = state::StateFile::open(args.state_dir.clone(), &user.name);
@@ -375,20 +376,25 @@ fn discover(args: &Args, format: Format) -> Result<u8, Failure> {
             app::human_duration(args.discover_wait)
         )));
     }
+    let mut lines = String::new();
     for h in &heard {
         let b = &h.beacon;
-        match format {
-            Format::Json => println!(
-                "{}",
+        let line = match format {
+            Format::Json => {
                 serde_json::json!({"name": b.name, "endpoint": b.endpoint, "key": b.key})
-            ),
-            Format::Human => match b.key {
-                Some(key) => println!("{} {} key {key}", b.name, b.endpoint),
-                None => println!("{} {} (insecure)", b.name, b.endpoint),
-            },
-        }
+                    .to_string()
+            }
+            // A beacon is anyone's on the LAN: its words are escaped like a peer's.
+            Format::Human => render::escape_controls(&match b.key {
+                Some(key) => format!("{} {} key {key}", b.name, b.endpoint),
+                None => format!("{} {} (insecure)", b.name, b.endpoint),
+            })
+            .into_owned(),
+        };
+        lines.push_str(&line);
+        lines.push('\n');
     }
-    Ok(0)
+    write_stdout(lines.as_bytes())
 }
 
 /// `--registry auto`: listens for beacons, picks the registry (by --registry-name, the only
@@ -413,7 +419,8 @@ fn auto_registry(args: &mut Args) -> Result<(), Failure> {
         Err(DiscoverError::Several(several)) if std::io::stdin().is_terminal() => {
             eprintln!("user-cli: several registries heard:");
             for (i, b) in several.iter().enumerate() {
-                eprintln!("  {}. {} at {}", i + 1, b.name, b.endpoint);
+                let line = format!("  {}. {} at {}", i + 1, b.name, b.endpoint);
+                eprintln!("{}", render::escape_controls(&line));
             }
             eprint!("use which (1-{})? ", several.len());
             let mut line = String::new();
@@ -464,6 +471,29 @@ fn auto_registry(args: &mut Args) -> Result<(), Failure> {
 }
 
 /// The file of pinned registry keys: `STATE_DIR/known_servers.json`.
+/// How long to wait for the registry's key endpoint: the whole `--timeout` when a registry
+/// of the list has no pinned key (first use: the key is needed, and a slow link gets the time
+/// it was given), at most [`PINNED_KEY_CHECK`] when every one is pinned (the answer only
+/// confirms the pin, and a registry that is down must not cost every command the whole
+/// timeout before the pin is used).
+fn key_fetch_timeout(timeout: Duration, known: &std::path::Path, registry: &str) -> Duration {
+    let pinned: std::collections::BTreeMap<String, serde_json::Value> = std::fs::read(known)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let all_pinned = agora_common::client::registry_endpoints(registry)
+        .iter()
+        .all(|e| pinned.contains_key(e.as_str()));
+    if all_pinned {
+        timeout.min(PINNED_KEY_CHECK)
+    } else {
+        timeout
+    }
+}
+
+/// The longest wait for the key endpoint when the registry's key is already pinned: 1 s.
+const PINNED_KEY_CHECK: Duration = Duration::from_secs(1);
+
 fn known_servers(args: &Args) -> Result<std::path::PathBuf, Failure> {
     let dir = match &args.state_dir {
         Some(d) => d.clone(),
@@ -508,23 +538,24 @@ fn made_key_pair(user: &Identity, dir: &std::path::Path, public: &impl std::fmt:
     );
 }
 
-/// `keys`: show, export or import the user's key pair.
-fn keys(args: &Args, user: &Identity, action: Option<&KeysAction>) -> Result<(), Failure> {
+/// `keys`: show, export or import the user's key pair; what it did on stdout
+/// ([`write_stdout`]: a closed stdout is not an error).
+fn keys(args: &Args, user: &Identity, action: Option<&KeysAction>) -> Result<u8, Failure> {
     use agora_common::keys::Keypair;
     let path = key_path(args, &user.name)?;
-    match action {
+    let said = match action {
         None => {
             let (pair, created) = Keypair::load_or_generate(&path).map_err(|e| key_failure(&e))?;
             if created {
                 made_key_pair(user, path.parent().unwrap_or(&path), &pair.public);
             }
             let note = if created { " (just made)" } else { "" };
-            println!("{}\t{}{note}", pair.public, path.display());
+            format!("{}\t{}{note}\n", pair.public, path.display())
         }
         Some(KeysAction::Export { path: to }) => {
             let pair = Keypair::load(&path).map_err(|e| key_failure(&e))?;
             pair.save(to).map_err(|e| key_failure(&e))?;
-            println!("exported {} to {}", pair.public, to.display());
+            format!("exported {} to {}\n", pair.public, to.display())
         }
         Some(KeysAction::Import { path: from, force }) => {
             let pair = Keypair::load(from).map_err(|e| key_failure(&e))?;
@@ -535,10 +566,10 @@ fn keys(args: &Args, user: &Identity, action: Option<&KeysAction>) -> Result<(),
                 )));
             }
             pair.save(&path).map_err(|e| key_failure(&e))?;
-            println!("imported {} as {}'s key pair", pair.public, user.name);
+            format!("imported {} as {}'s key pair\n", pair.public, user.name)
         }
-    }
-    Ok(())
+    };
+    write_stdout(said.as_bytes())
 }
 
 /// Why the registry's key could not be had, with its exit code: 3 when its key endpoint did
@@ -605,13 +636,14 @@ fn curve(
         }
     }
     let ctx = zmq::Context::new();
+    let known = known_servers(args)?;
     let (server_key, trust) = agora_common::trust::registry_list_key(
         &ctx,
-        &known_servers(args)?,
+        &known,
         &args.registry,
         args.registry_key_endpoint.as_deref(),
         args.registry_key,
-        args.timeout.min(Duration::from_secs(1)),
+        key_fetch_timeout(args.timeout, &known, &args.registry),
     )
     .map_err(|e| trust_failure(&e, &args.registry))?;
     if trust == agora_common::trust::Trust::FirstUse {
@@ -634,7 +666,8 @@ fn curve(
 }
 
 fn report(e: &CliError) -> u8 {
-    eprintln!("user-cli: {e}");
+    // A server's words can be in it.
+    eprintln!("user-cli: {}", render::escape_controls(&e.to_string()));
     e.exit_code()
 }
 

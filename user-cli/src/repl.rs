@@ -231,7 +231,8 @@ pub fn run_session(
             Ok(Step::Continue) => {}
             Ok(Step::Exit(status)) => return status,
             Err(e) => {
-                let _ = writeln!(err, "user-cli: {e}");
+                let said = crate::render::escape_controls(&e.to_string()).into_owned();
+                let _ = writeln!(err, "user-cli: {said}");
             }
         }
     }

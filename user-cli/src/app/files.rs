@@ -83,10 +83,15 @@ impl Progress {
             return;
         }
         match self.format {
-            Format::Json => println!(
-                "{}",
-                serde_json::json!({"event": self.event, "what": self.what, "done": done, "total": self.total})
-            ),
+            // Not println!: a closed stdout (`| head -1`) must not panic.
+            Format::Json => {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    serde_json::json!({"event": self.event, "what": self.what, "done": done, "total": self.total})
+                );
+            }
             Format::Human if self.event == "hashing" => {
                 eprintln!("hashing {}: {done} of {} bytes", self.what, self.total)
             }

@@ -405,7 +405,8 @@ impl App {
                     error,
                     fatal,
                 } => {
-                    eprintln!("user-cli: {label}: {}", cause(&error));
+                    let said = format!("user-cli: {label}: {}", cause(&error));
+                    eprintln!("{}", render::escape_controls(&said));
                     if fatal {
                         active -= 1;
                         if active == 0 {
