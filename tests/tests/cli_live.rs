@@ -3,15 +3,16 @@
 //! renewals, and start the live direct-message stream, with no restart. A session on a
 //! piped stdin (a script kept open) prints pushed messages to stdout, as `watch` does.
 //!
-//! Each session here is a user-cli whose stdin the test writes to over time; every read of
-//! its output has a deadline.
+//! Each session here is a user-cli whose stdin the test writes to over time (a pipe, or the
+//! prompt on a pseudo-terminal, [`agora_tests::Pty`]); every read of its output has a
+//! deadline.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use agora_tests::{bin, wait_for, CliRun, Federation};
+use agora_tests::{bin, wait_for, CliRun, Federation, Pty};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -83,28 +84,7 @@ fn as_user(mut command: Command, fed: &Federation, user: &str) -> Command {
 impl Session {
     /// Starts `user`'s session against `fed`'s registry, reading a pipe.
     fn start(fed: &Federation, user: &str) -> Session {
-        Session::spawn(as_user(Command::new(bin("user-cli")), fed, user))
-    }
-
-    /// Starts `user`'s interactive prompt on a terminal of its own (a pseudo-terminal that
-    /// util-linux's `script` makes; the test types into it through `script`'s stdin).
-    fn prompt(fed: &Federation, user: &str) -> Session {
-        let script = agora_tests::installed("script", &[], "util-linux installs it");
-        let mut command = as_user(Command::new(script), fed, user);
-        let user_cli = bin("user-cli").display().to_string();
-        command
-            .args([
-                "--quiet",
-                "--return",
-                "--command",
-                &format!("'{user_cli}'"),
-                "/dev/null",
-            ])
-            .env("TERM", "xterm");
-        Session::spawn(command)
-    }
-
-    fn spawn(mut command: Command) -> Session {
+        let mut command = as_user(Command::new(bin("user-cli")), fed, user);
         command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -124,37 +104,13 @@ impl Session {
         }
     }
 
-    /// Types `line` (and a newline).
+    /// Writes `line` and a newline to the session's stdin.
     fn type_line(&mut self, line: &str) {
-        self.type_keys(&format!("{line}\n"));
-    }
-
-    /// Types `keys` as they are (a tab included).
-    fn type_keys(&mut self, keys: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is open");
         stdin
-            .write_all(keys.as_bytes())
+            .write_all(format!("{line}\n").as_bytes())
             .expect("write to the session");
         stdin.flush().expect("flush");
-    }
-
-    /// Types `keys` one at a time, each once the prompt has shown the one before (its echo,
-    /// a completion), as a person does: a tab then completes what the prompt holds. (Pasted
-    /// input, several characters in one read, is tests/tests/cli_paste.rs's.)
-    fn type_slowly(&mut self, keys: &str) {
-        for key in keys.chars() {
-            self.drain();
-            let before = self.raw.len();
-            self.type_keys(&key.to_string());
-            assert!(
-                wait_for(WAIT, || {
-                    self.drain();
-                    self.raw.len() > before
-                }),
-                "the prompt did not show {key:?}: {:?}",
-                String::from_utf8_lossy(&self.raw)
-            );
-        }
     }
 
     fn drain(&mut self) {
@@ -218,6 +174,11 @@ impl Drop for Session {
     }
 }
 
+/// `user`'s interactive prompt against `fed`'s registry, on a terminal of its own.
+fn prompt(fed: &Federation, user: &str) -> Pty {
+    Pty::start(as_user(Command::new(bin("user-cli")), fed, user))
+}
+
 /// `user`'s presence as `whois` shows it to `observer`.
 fn presence(fed: &Federation, user: &str) -> String {
     let run = fed.cli("observer", &["--json", "whois", user], "");
@@ -227,16 +188,27 @@ fn presence(fed: &Federation, user: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Whether `user` stays `want` for `period` (several TTLs: the renewals keep it).
+/// How often [`stays`] looks: each look is a user-cli run, whose CPU the renewals it checks
+/// must not starve on a small machine.
+const STAYS_EVERY: Duration = Duration::from_millis(200);
+
+/// Whether `user` is `want` at every look, every [`STAYS_EVERY`], from now to `period` from
+/// now (several TTLs: the renewals keep it); the first other presence seen if not.
 fn stays(fed: &Federation, user: &str, want: &str, period: Duration) -> Result<(), String> {
     let deadline = Instant::now() + period;
-    while Instant::now() < deadline {
+    loop {
+        let look = Instant::now();
         let now = presence(fed, user);
         if now != want {
             return Err(now);
         }
+        if look >= deadline {
+            return Ok(());
+        }
+        // The condition is that it holds throughout: the next look, at most at the deadline.
+        let next = (look + STAYS_EVERY).min(deadline);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    Ok(())
 }
 
 /// Issue 23: `register NAME` typed in a running session made the user online only until the
@@ -349,16 +321,16 @@ fn your_own_messages_from_another_client_show_in_the_prompt_marked_as_yours() {
     fed.join_when_listed("alice", "Cool Group");
     fed.join_when_listed("bob", "Cool Group");
 
-    let mut alice = Session::prompt(&fed, "alice");
+    let mut alice = prompt(&fed, "alice");
     let at = alice.expect_line(0, "Type help for commands");
     ok(fed.cli("bob", &["send", "Cool Group", "hello", "alice"], ""));
     let at = alice.expect_line(at, "bob: hello alice");
     ok(fed.cli("alice", &["send", "Cool Group", "from", "elsewhere"], ""));
     let mine = alice.expect_line(at, "(you): from elsewhere");
+    let line = &alice.lines()[mine];
     assert!(
-        alice.lines[mine].contains("Cool Group #") && alice.lines[mine].contains(" alice (you): "),
-        "{:?}",
-        alice.lines
+        line.contains("Cool Group #") && line.contains(" alice (you): "),
+        "{line:?}"
     );
 
     // Typed here, the group's name completed by tab: acked, not echoed.
@@ -367,13 +339,13 @@ fn your_own_messages_from_another_client_show_in_the_prompt_marked_as_yours() {
     // bob's next message comes after it in the log: once it shows, an echo would have too.
     ok(fed.cli("bob", &["send", "Cool Group", "after", "yours"], ""));
     alice.expect_line(at, "bob: after yours");
+    let lines = alice.lines();
     assert!(
-        !alice.lines.iter().any(|l| l.contains("(you): typed here")),
-        "{:?}",
-        alice.lines
+        !lines.iter().any(|l| l.contains("(you): typed here")),
+        "{lines:?}"
     );
     alice.type_line("exit");
-    assert_eq!(alice.finish(), Some(0), "{:?}", alice.lines);
+    assert_eq!(alice.wait_exit(), Some(0), "{:?}", alice.lines());
     // Nothing of yours is unread, from either client.
     let run = ok(fed.cli("alice", &["check"], ""));
     assert!(run.stdout.contains("Cool Group: 0 unread"), "{run:?}");
