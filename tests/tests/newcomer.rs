@@ -75,8 +75,10 @@ fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-/// `scripts/quickstart.sh` running in its own process group, its chat reading the commands
-/// the test writes. Dropped, the whole group is stopped and reaped.
+/// `scripts/quickstart.sh` running in its own process group, with no terminal (a pipe, not
+/// [`agora_tests::Pty`]: the newcomer's bare shell has none), its chat reading the commands
+/// the test writes. Dropped, the whole group is stopped ([`agora_tests::stop_groups`]) and
+/// the quickstart reaped.
 struct Quickstart {
     child: Child,
     stdin: Option<ChildStdin>,
@@ -141,32 +143,21 @@ impl Quickstart {
         )
     }
 
+    /// Whether anything of the quickstart's process group still runs (its id is the
+    /// quickstart's pid: `process_group(0)`).
     fn group_alive(&self) -> bool {
-        let group = format!("-{}", self.child.id());
-        Command::new("kill")
-            .args(["-0", "--", &group])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        agora_tests::group_alive(self.child.id())
     }
 }
 
 impl Drop for Quickstart {
     fn drop(&mut self) {
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &group])
-            .stderr(Stdio::null())
-            .status();
-        if !wait_for(Duration::from_secs(10), || {
-            let _ = self.child.try_wait();
-            !self.group_alive()
-        }) {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &group])
-                .stderr(Stdio::null())
-                .status();
-        }
+        // SIGTERM lets the quickstart stop its servers; SIGKILL after 10 s.
+        let child = &mut self.child;
+        let group = child.id();
+        agora_tests::stop_groups(&[group], Duration::from_secs(10), || {
+            let _ = child.try_wait();
+        });
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
