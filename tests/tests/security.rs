@@ -403,6 +403,26 @@ fn registry_release_beside_a_running_registry_asks_it_and_obeys_only_its_key_or_
     let run = release();
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("is not bound to any key"), "{run:?}");
+    if sqlite {
+        // A registry that holds its database but does not answer: unreachable (exit 3),
+        // named, with the wait as people write it.
+        let signal = |sig: &str| {
+            let pid = fed.registry.pid().to_string();
+            let status = Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {sig}");
+        };
+        signal("-STOP");
+        let run = release();
+        signal("-CONT");
+        assert_eq!(run.code, Some(3), "{run:?}");
+        assert!(
+            run.stderr.contains("did not answer") && run.stderr.contains("within 5s"),
+            "{run:?}"
+        );
+    }
 
     // Stopped, the registry removes its endpoint file and lets go of its database: the
     // command opens it itself.
