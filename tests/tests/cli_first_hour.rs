@@ -5,12 +5,11 @@
 //! line), errors in people's words, aligned tables, JSON with the documented fields, and help
 //! in the user's words. Each test runs the real binaries.
 
-use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agora_tests::{bin, cli, wait_for, CliRun, Federation, Server, CLI_TIMEOUT};
+use agora_tests::{bin, cli, run_command, wait_for, CliRun, Federation, Server};
 
 /// The environment of a user-cli run of `fed` (state, keys, the registry's key).
 fn env_of(fed: &Federation) -> Vec<(&'static str, String)> {
@@ -22,10 +21,17 @@ fn env_of(fed: &Federation) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Runs user-cli as `user` against `fed` with stdin given as bytes (which may not be UTF-8).
+/// Runs user-cli as `user` against `fed` with stdin given as bytes (which may not be UTF-8):
+/// the bytes go in a file that a shell redirects to user-cli's stdin, and the harness's
+/// [`run_command`] runs it to its end within its deadline.
 fn cli_bytes(fed: &Federation, user: &str, args: &[&str], stdin: &[u8]) -> CliRun {
-    let mut command = Command::new(bin("user-cli"));
+    let input = tempfile::NamedTempFile::new_in(fed.path("")).expect("an input file");
+    std::fs::write(input.path(), stdin).expect("write the input");
+    let mut command = Command::new("sh");
     command
+        .args(["-c", "exec \"$@\" < \"$0\""])
+        .arg(input.path())
+        .arg(bin("user-cli"))
         .args(["--registry", &fed.registry.endpoint, "--user", user])
         .args(args);
     for (key, _) in std::env::vars() {
@@ -34,53 +40,7 @@ fn cli_bytes(fed: &Federation, user: &str, args: &[&str], stdin: &[u8]) -> CliRu
         }
     }
     command.envs(env_of(fed));
-    finish(command, stdin)
-}
-
-/// Spawns `command`, writes `stdin`, and collects its exit code and output within
-/// [`CLI_TIMEOUT`].
-fn finish(mut command: Command, stdin: &[u8]) -> CliRun {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn user-cli");
-    let mut input = child.stdin.take().expect("stdin");
-    let bytes = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&bytes);
-    });
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let deadline = Instant::now() + CLI_TIMEOUT;
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("user-cli ran past {CLI_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let _ = writer.join();
-    CliRun {
-        code: status.code(),
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    }
+    run_command(command, "")
 }
 
 /// A user-cli command in a bare environment, as `env -i PATH=… HOME=…` gives: no `$USER`,
@@ -177,7 +137,7 @@ fn without_user_the_os_account_is_used_and_identity_free_commands_never_ask() {
     ] {
         let mut all = vec!["--key-dir", keys_arg, "--state-dir", state_arg];
         all.extend(args.iter().copied());
-        let run = finish(bare(home.path(), &all), b"");
+        let run = run_command(bare(home.path(), &all), "");
         assert_eq!(run.code, Some(code), "{args:?}: {run:#?}");
         assert!(
             !run.stderr.contains("$USER") && !run.stderr.contains("key pair"),
@@ -203,7 +163,7 @@ fn without_user_the_os_account_is_used_and_identity_free_commands_never_ask() {
         ],
     );
     groups.current_dir(home.path());
-    let run = finish(groups, b"");
+    let run = run_command(groups, "");
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert!(
         run.stderr.contains(&format!(
@@ -228,7 +188,7 @@ fn without_user_the_os_account_is_used_and_identity_free_commands_never_ask() {
         ],
     );
     again.current_dir(home.path());
-    let run = finish(again, b"");
+    let run = run_command(again, "");
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(run.stderr, "", "{run:#?}");
 
@@ -248,7 +208,7 @@ fn without_user_the_os_account_is_used_and_identity_free_commands_never_ask() {
         ],
     );
     logname.env("LOGNAME", "carol");
-    let run = finish(logname, b"");
+    let run = run_command(logname, "");
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert!(
         run.stderr
@@ -337,9 +297,18 @@ fn an_unreachable_registry_exits_3_naming_its_endpoint_in_every_path() {
         ("AGORA_STATE_DIR", state.to_str().expect("utf-8")),
     ];
 
-    // No key given: its key endpoint is asked first, and does not answer.
+    // No key given: its key endpoint is asked first, for the whole --timeout (it was cut to
+    // 1 s whatever --timeout said), and does not answer.
     let run = cli(
-        &["--registry", &dead, "--user", "alice", "groups"],
+        &[
+            "--registry",
+            &dead,
+            "--user",
+            "alice",
+            "--timeout",
+            "1200ms",
+            "groups",
+        ],
         "",
         &env,
     );
@@ -348,7 +317,7 @@ fn an_unreachable_registry_exits_3_naming_its_endpoint_in_every_path() {
         run.stderr.contains(&format!("tcp://{dead}")),
         "the real endpoint: {run:#?}"
     );
-    assert!(run.stderr.contains("within 1s"), "{run:#?}");
+    assert!(run.stderr.contains("within 1s 200ms"), "{run:#?}");
     assert!(!has_raw_duration(&run.stderr), "{run:#?}");
     assert!(!keys.exists(), "no key pair for an unreachable registry");
 
@@ -566,7 +535,8 @@ fn empty_messages_are_refused_and_text_comes_from_stdin_a_file_or_the_lines_up_t
         &["send_message", "Cool Group"],
         b"fine\n\xff\xfe bad\nEND\n",
     );
-    assert_eq!(run.code, Some(2), "{run:#?}");
+    // Local input (exit 4), not usage (it exited 2).
+    assert_eq!(run.code, Some(4), "{run:#?}");
     assert!(run.stderr.contains("input line 2: not UTF-8"), "{run:#?}");
     assert!(!run.stderr.contains("output"), "{run:#?}");
     assert_eq!(latest(&fed)["seq"], seq, "nothing sent");
@@ -578,7 +548,7 @@ fn empty_messages_are_refused_and_text_comes_from_stdin_a_file_or_the_lines_up_t
         &["send", "Cool Group", "--file", &bad_file],
         "",
     );
-    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert_eq!(run.code, Some(4), "{run:#?}");
     assert!(run.stderr.contains("line 3: not UTF-8"), "{run:#?}");
     // In a stdin session the line is skipped and the next ones run.
     let run = cli_bytes(
@@ -833,7 +803,7 @@ fn json_output_of_each_command_parses_and_has_the_documented_fields() {
 #[test]
 fn help_speaks_the_users_words_and_a_commands_own_options_come_first() {
     let home = tempfile::tempdir().expect("home");
-    let run = finish(bare(home.path(), &["help", "send"]), b"");
+    let run = run_command(bare(home.path(), &["help", "send"]), "");
     assert_eq!(run.code, Some(0), "{run:#?}");
     let file = run.stdout.find("--file").expect("send's own --file");
     let global = run.stdout.find("Global options").expect("a global heading");
@@ -990,4 +960,119 @@ fn an_interrupted_get_file_says_how_to_resume_and_the_same_command_resumes() {
         "the same command again"
     );
     assert!(std::fs::read(&out).expect("read") == content);
+}
+
+/// Review of issue 23: `send` read its input whole into memory, so `--file /dev/zero` (or
+/// `yes | user-cli send G -`) filled it. Reading stops at 1 MiB, refused at once with the
+/// too-large error naming the limit, and nothing is sent.
+#[test]
+fn send_from_an_endless_input_is_refused_at_the_limit_without_filling_memory() {
+    let (fed, _node) = federation_with_a_group();
+    ok(run_as(&fed, "alice", &["send", "Cool Group", "before"], ""));
+    let started = Instant::now();
+    let run = run_as(
+        &fed,
+        "alice",
+        &["send", "Cool Group", "--file", "/dev/zero"],
+        "",
+    );
+    assert_eq!(run.code, Some(1), "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("Cool Group: message too large: the limit is 1048576 bytes"),
+        "{run:#?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // `yes |`: many short lines on stdin, more than the limit.
+    let yes = "y\n".repeat(1_200_000);
+    for args in [
+        vec!["send", "Cool Group", "-"],
+        vec!["send_message", "Cool Group"],
+    ] {
+        let run = run_as(&fed, "alice", &args, &yes);
+        assert_eq!(run.code, Some(1), "{args:?}: {run:#?}");
+        assert!(
+            run.stderr.contains("the limit is 1048576 bytes"),
+            "{args:?}: {run:#?}"
+        );
+    }
+    let run = ok(run_as(
+        &fed,
+        "alice",
+        &["--json", "messages", "Cool Group", "--latest", "1"],
+        "",
+    ));
+    assert_eq!(json_lines(&run)[0]["body"], "before", "nothing was sent");
+}
+
+/// Review of issue 23: a peer's message reached the terminal raw: an OSC 52 sequence sets
+/// the clipboard, a carriage return rewrites the line (a fake `(you)`). `messages` shows
+/// them escaped; `--json` keeps them as JSON escapes.
+#[test]
+fn a_peers_terminal_control_characters_arrive_escaped_in_messages() {
+    let (fed, _node) = federation_with_a_group();
+    ok(run_as(&fed, "bob", &["join", "Cool Group"], ""));
+    let body = "copy\u{1b}]52;c;aGk=\u{7}\r[2026-01-01 00:00:00] Cool Group #9 alice (you): fake";
+    ok(run_as(&fed, "bob", &["send", "Cool Group", body], ""));
+    let run = ok(run_as(&fed, "alice", &["messages", "Cool Group"], ""));
+    assert!(
+        !run.stdout.contains('\u{1b}')
+            && !run.stdout.contains('\r')
+            && !run.stdout.contains('\u{7}'),
+        "{run:#?}"
+    );
+    assert!(
+        run.stdout
+            .contains("bob: copy\\u{1b}]52;c;aGk=\\u{7}\\r[2026-01-01 00:00:00] Cool Group #9"),
+        "{run:#?}"
+    );
+    let run = ok(run_as(
+        &fed,
+        "alice",
+        &["--json", "messages", "Cool Group", "--latest", "1"],
+        "",
+    ));
+    assert_eq!(json_lines(&run)[0]["body"], body);
+}
+
+/// Review of issue 23: `forget-registry` and `keys` printed with `println!`, which panics
+/// (exit 101) when stdout's reader is gone (`user-cli keys | head -0`). They end quietly.
+#[test]
+fn a_closed_stdout_does_not_panic_forget_registry_or_keys() {
+    let home = tempfile::tempdir().expect("home");
+    for args in [vec!["forget-registry"], vec!["--user", "alice", "keys"]] {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let mut child = bare(home.path(), &args)
+            .args(["--state-dir", &home.path().join("state").to_string_lossy()])
+            .args(["--key-dir", &home.path().join("keys").to_string_lossy()])
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn user-cli");
+        let mut status = None;
+        let ended = wait_for(Duration::from_secs(20), || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if !ended {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not end");
+        }
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+        }
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            matches!(status.and_then(|s| s.code()), Some(0 | 4)),
+            "{args:?}: {status:?} {stderr}"
+        );
+    }
 }

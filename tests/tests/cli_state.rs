@@ -3,9 +3,10 @@
 //! and made under a lock, merging what the others saved meanwhile, so no process prints a
 //! warning and no process's update is lost.
 
-use std::time::Duration;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-use agora_tests::{CliRun, Federation};
+use agora_tests::{wait_for, CliRun, Federation};
 
 fn ok(run: CliRun) -> CliRun {
     assert_eq!(run.code, Some(0), "{run:?}");
@@ -171,6 +172,76 @@ fn your_own_messages_do_not_count_as_unread() {
     assert_eq!(shown.len(), 1, "{run:?}");
     assert_eq!(shown[0]["sender"], "bob");
     // All seen: nothing is unread after.
+    let run = ok(fed.cli("alice", &["check"], ""));
+    assert!(run.stdout.contains("Cool Group: 0 unread"), "{run:?}");
+}
+
+/// A process that holds a file's `flock` (util-linux `flock` in a shell that then becomes
+/// `sleep`, so one process holds it), killed when dropped.
+struct HeldLock(Child);
+
+impl HeldLock {
+    fn on(path: &std::path::Path) -> HeldLock {
+        let child = Command::new("sh")
+            .args(["-c", "exec 9>>\"$0\" && flock 9 && exec sleep 60"])
+            .arg(path)
+            .spawn()
+            .expect("sh with flock (util-linux)");
+        let held = HeldLock(child);
+        let taken = wait_for(Duration::from_secs(10), || {
+            Command::new("flock")
+                .args(["--nonblock", "--exclusive"])
+                .arg(path)
+                .arg("true")
+                .status()
+                .is_ok_and(|s| s.code() == Some(1))
+        });
+        assert!(taken, "the lock was not taken");
+        held
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Review of issue 23: a save waited for `USER.json.lock` with no time limit, so another
+/// process stopped in the middle of a save (Ctrl-Z) hung every command of that user, and
+/// the prompt with it. A command now gives up on the lock after 2 s, warns, and finishes;
+/// its update is saved by a later save.
+#[test]
+fn a_held_state_lock_does_not_hang_a_one_shot_command() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Cool Group", "127.0.0.1:0", "cool", &[]);
+    fed.join_when_listed("alice", "Cool Group");
+    fed.join_when_listed("bob", "Cool Group");
+    ok(fed.cli("alice", &["check"], ""));
+    ok(fed.cli("bob", &["send", "Cool Group", "while", "locked"], ""));
+
+    let lock = std::path::Path::new(&fed.state_dir()).join("alice.json.lock");
+    let held = HeldLock::on(&lock);
+    let started = Instant::now();
+    let run = ok(fed.cli("alice", &["check"], ""));
+    let took = started.elapsed();
+    assert!(run.stdout.contains("while locked"), "{run:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "check took {took:?} with the lock held"
+    );
+    assert!(
+        run.stderr
+            .contains("alice.json.lock is held by another process for 2s"),
+        "{run:?}"
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "warned once: {run:?}");
+    drop(held);
+
+    // The lock free again: the next check saves what it sees, with no warning.
+    let run = ok(fed.cli("alice", &["check"], ""));
+    assert_eq!(run.stderr, "", "{run:?}");
     let run = ok(fed.cli("alice", &["check"], ""));
     assert!(run.stdout.contains("Cool Group: 0 unread"), "{run:?}");
 }

@@ -665,7 +665,13 @@ fn curve(
     }))
 }
 
+/// Prints a one-shot command's failure and gives its exit code; stdout closed by its reader
+/// (`| head -1`) is no failure: the command did its work, and ends quietly with 0, as
+/// [`write_stdout`].
 fn report(e: &CliError) -> u8 {
+    if matches!(e, CliError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe) {
+        return 0;
+    }
     // A server's words can be in it.
     eprintln!("user-cli: {}", render::escape_controls(&e.to_string()));
     e.exit_code()
