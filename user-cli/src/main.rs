@@ -9,10 +9,12 @@
 //! `forget-registry` need no identity.
 //!
 //! Exit codes: 0 success; 1 a server refused the command (unknown group, not a member, no
-//! such message, message too large, …); 2 usage (a bad argument or input, checked before
-//! anything is created: no key pair is made for a bad `--registry`); 3 a server was
-//! unreachable within the timeout (a node, or the registry in every path, its key endpoint
-//! included); 4 local input or output (a file, the state or key directory, stdout). A
+//! such message, message too large, …); 2 usage (a bad argument, an endpoint libzmq
+//! refuses, empty text, checked before anything is created: no key pair is made for a bad
+//! `--registry`); 3 a server was unreachable within the timeout or gave a reply that could
+//! not be read (a node, or the registry in every path, its key endpoint included); 4 local
+//! input or output (input that is not UTF-8, a file, the state or key directory, stdout; a
+//! closed stdout ends a one-shot command quietly with 0). A
 //! session (the prompt, or lines on stdin) prints a failed line's error and goes on: its
 //! exit status is 0, or N after `exit N`.
 

@@ -205,7 +205,7 @@ impl StateFile {
     /// is an empty state; an unreadable one is set aside as `USER.json.bad` with a warning.
     /// An existing directory looser than 0700, and files in it looser than 0600, are
     /// tightened (each with a warning); a missing directory is not created until
-    /// [`StateFile::save`].
+    /// [`Save::run`].
     pub fn open(dir: Option<PathBuf>, user: &UserName) -> StateFile {
         let dir = dir.or_else(|| {
             directories::ProjectDirs::from("", "", "agora")
