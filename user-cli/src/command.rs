@@ -526,12 +526,53 @@ pub fn body_of(text: &str, json_body: bool) -> Result<String, CliError> {
     }
 }
 
-/// The most text `send` reads from stdin, a file or the lines up to `END`, in bytes: the
-/// node's default limit on a message body (1 MiB). A body over it is refused as soon as that
-/// much is read ([`CliError::TooLarge`]), so `--file /dev/zero` or `yes |` never fill memory.
-/// (A node configured with a larger `--max-message-bytes` takes larger bodies from `send`'s
-/// arguments.)
+/// How much text `send` reads from stdin, a file or the lines up to `END` before it asks the
+/// node for its limit, in bytes: the node's default limit on a message body (1 MiB). Past
+/// the limit (this one, or the node's when larger) the body is refused as soon as that much
+/// is read ([`CliError::TooLarge`]), so `--file /dev/zero` or `yes |` never fill memory.
 pub const MAX_INPUT_BYTES: u64 = agora_proto::wire::DEFAULT_MAX_MESSAGE_BYTES as u64;
+
+/// The limit `send`'s input is read through: [`MAX_INPUT_BYTES`] at first; once that is
+/// passed, the node's own limit (asked once, through `node`) if larger.
+struct InputLimit<'a> {
+    group: &'a str,
+    max: u64,
+    node: Option<&'a mut dyn FnMut() -> Option<u64>>,
+}
+
+impl<'a> InputLimit<'a> {
+    /// [`MAX_INPUT_BYTES`] for `group`, raised to what `node` says when passed.
+    fn new(group: &'a str, node: Option<&'a mut dyn FnMut() -> Option<u64>>) -> InputLimit<'a> {
+        InputLimit {
+            group,
+            max: MAX_INPUT_BYTES,
+            node,
+        }
+    }
+
+    /// Whether `len` bytes are within the limit, asking the node the first time they are
+    /// not.
+    fn allows(&mut self, len: u64) -> bool {
+        if len <= self.max {
+            return true;
+        }
+        if let Some(ask) = self.node.take() {
+            if let Some(node_max) = ask() {
+                self.max = self.max.max(node_max);
+            }
+        }
+        len <= self.max
+    }
+
+    /// The too-large error naming the limit.
+    fn error(&self) -> CliError {
+        CliError::TooLarge {
+            target: self.group.to_owned(),
+            len: None,
+            max: self.max,
+        }
+    }
+}
 
 /// An input error: not UTF-8 (with its line) is the input's fault, anything else a failure
 /// to read; both exit 4 (local input).
@@ -539,24 +580,15 @@ fn input_error(e: std::io::Error) -> CliError {
     CliError::Input(e)
 }
 
-/// The input for a message to `group` passed `MAX_INPUT_BYTES`.
-fn too_large(group: &str) -> CliError {
-    CliError::TooLarge {
-        target: group.to_owned(),
-        len: None,
-        max: MAX_INPUT_BYTES,
-    }
-}
-
 /// The lines that follow, up to a line `END` or the end of the input, joined by newlines
 /// (`send GROUP` with no text, and its alias `send_message GROUP`). A line that is not UTF-8
 /// fails the message, but the lines up to `END` are still read, so that none of them runs as
-/// a command. Past [`MAX_INPUT_BYTES`] the message fails with [`CliError::TooLarge`]: at once
-/// when alone (`drain` false: the input may never end), after reading up to `END` in a
-/// session (`drain`: the lines are dropped as they come).
+/// a command. Past the limit the message fails with [`CliError::TooLarge`]: at once when
+/// alone (`drain` false: the input may never end), after reading up to `END` in a session
+/// (`drain`: the lines are dropped as they come).
 fn read_until_end_line(
     lines: &mut dyn crate::repl::LineSource,
-    group: &str,
+    limit: &mut InputLimit<'_>,
     drain: bool,
 ) -> Result<String, CliError> {
     let mut text = Vec::new();
@@ -566,10 +598,11 @@ fn read_until_end_line(
         let failed = match lines.read_line("... ") {
             Ok(Some(l)) if l.trim_end() == "END" => break,
             Ok(Some(l)) => {
-                len += l.len() as u64 + 1;
-                if len > MAX_INPUT_BYTES + 1 {
+                // The newlines that join the lines count; the last one does not.
+                len += l.len() as u64 + u64::from(len > 0);
+                if bad.is_none() && !limit.allows(len) {
                     text.clear();
-                    too_large(group)
+                    limit.error()
                 } else {
                     if bad.is_none() {
                         text.push(l);
@@ -578,7 +611,7 @@ fn read_until_end_line(
                 }
             }
             Ok(None) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => too_large(group),
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => limit.error(),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 input_error(std::io::Error::new(e.kind(), format!("{e}; nothing sent")))
             }
@@ -598,22 +631,25 @@ fn read_until_end_line(
 /// Every line to the end of the input, joined by newlines (`send GROUP -`).
 ///
 /// # Errors
-/// [`CliError::TooLarge`] as soon as more than [`MAX_INPUT_BYTES`] are read;
-/// [`CliError::Input`] for a line that is not UTF-8 or a failed read.
-fn read_to_end(lines: &mut dyn crate::repl::LineSource, group: &str) -> Result<String, CliError> {
+/// [`CliError::TooLarge`] as soon as more than the limit is read; [`CliError::Input`] for a
+/// line that is not UTF-8 or a failed read.
+fn read_to_end(
+    lines: &mut dyn crate::repl::LineSource,
+    limit: &mut InputLimit<'_>,
+) -> Result<String, CliError> {
     let mut text = Vec::new();
     let mut len = 0u64;
     loop {
         match lines.read_line("") {
             Ok(Some(l)) => {
-                len += l.len() as u64 + 1;
-                if len > MAX_INPUT_BYTES + 1 {
-                    return Err(too_large(group));
+                len += l.len() as u64 + u64::from(len > 0);
+                if !limit.allows(len) {
+                    return Err(limit.error());
                 }
                 text.push(l);
             }
             Ok(None) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(too_large(group)),
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(limit.error()),
             Err(e) => return Err(input_error(e)),
         }
     }
@@ -621,23 +657,32 @@ fn read_to_end(lines: &mut dyn crate::repl::LineSource, group: &str) -> Result<S
 }
 
 /// A text file's content without its final newlines (`send GROUP --file PATH`), read
-/// through a [`MAX_INPUT_BYTES`] limit.
+/// through the limit.
 ///
 /// # Errors
 /// [`CliError::Local`] when it cannot be read; [`CliError::TooLarge`] when it holds more
-/// than [`MAX_INPUT_BYTES`]; [`CliError::Input`] naming the line that is not UTF-8.
-fn read_text_file(path: &std::path::Path, group: &str) -> Result<String, CliError> {
+/// than the limit; [`CliError::Input`] naming the line that is not UTF-8.
+fn read_text_file(path: &std::path::Path, limit: &mut InputLimit<'_>) -> Result<String, CliError> {
     use std::io::Read as _;
     let local = |source| CliError::Local {
         path: path.to_owned(),
         source,
     };
+    let mut file = std::fs::File::open(path).map_err(local)?;
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_INPUT_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(local)?;
-    if bytes.len() as u64 > MAX_INPUT_BYTES {
-        return Err(too_large(group));
+    loop {
+        // Up to one byte past the limit: that byte says the file is over it.
+        let room = limit.max + 1 - bytes.len() as u64;
+        let n = (&mut file)
+            .take(room)
+            .read_to_end(&mut bytes)
+            .map_err(local)?;
+        if (n as u64) < room {
+            break;
+        }
+        if !limit.allows(bytes.len() as u64) {
+            return Err(limit.error());
+        }
     }
     match String::from_utf8(bytes) {
         Ok(text) => Ok(text.trim_end_matches(['\n', '\r']).to_owned()),
@@ -681,20 +726,27 @@ pub fn run(
             file,
             json_body,
         } => {
-            let text = match (file, text.as_slice()) {
-                (Some(path), _) => read_text_file(&path, &group)?,
-                (None, [dash]) if dash == "-" => {
-                    if context == Context::Session {
-                        return Err(CliError::Usage(
-                            "send GROUP -: stdin is this session's input; in a session, give \
-                             no text and type the lines, then END"
-                                .into(),
-                        ));
+            let text = {
+                // Past MAX_INPUT_BYTES, the node is asked for its own limit (once).
+                let mut ask = || app.max_message_bytes(&group);
+                let mut limit = InputLimit::new(&group, Some(&mut ask));
+                match (file, text.as_slice()) {
+                    (Some(path), _) => read_text_file(&path, &mut limit)?,
+                    (None, [dash]) if dash == "-" => {
+                        if context == Context::Session {
+                            return Err(CliError::Usage(
+                                "send GROUP -: stdin is this session's input; in a session, \
+                                 give no text and type the lines, then END"
+                                    .into(),
+                            ));
+                        }
+                        read_to_end(lines, &mut limit)?
                     }
-                    read_to_end(lines, &group)?
+                    (None, []) => {
+                        read_until_end_line(lines, &mut limit, context == Context::Session)?
+                    }
+                    (None, words) => words.join(" "),
                 }
-                (None, []) => read_until_end_line(lines, &group, context == Context::Session)?,
-                (None, words) => words.join(" "),
             };
             app.send(&group, body_of(&text, json_body)?, out)?;
         }
@@ -918,17 +970,23 @@ mod tests {
     fn lines_up_to_end_or_the_end_of_input_and_a_bad_line_fails_the_message() {
         let mut lines = crate::repl::Script::new(&b"one\ntwo\nEND\nafter\n"[..]);
         assert_eq!(
-            read_until_end_line(&mut lines, "G", true).ok().as_deref(),
+            read_until_end_line(&mut lines, &mut InputLimit::new("G", None), true)
+                .ok()
+                .as_deref(),
             Some("one\ntwo")
         );
         let mut lines = crate::repl::Script::new(&b"hello\n"[..]);
         assert_eq!(
-            read_until_end_line(&mut lines, "G", true).ok().as_deref(),
+            read_until_end_line(&mut lines, &mut InputLimit::new("G", None), true)
+                .ok()
+                .as_deref(),
             Some("hello")
         );
         // The bad line fails the message; the lines to END are read, not run as commands.
         let mut lines = crate::repl::Script::new(&b"ok\n\xff\nmore\nEND\nnext\n"[..]);
-        let Err(CliError::Input(e)) = read_until_end_line(&mut lines, "G", true) else {
+        let Err(CliError::Input(e)) =
+            read_until_end_line(&mut lines, &mut InputLimit::new("G", None), true)
+        else {
             panic!("a bad line passed");
         };
         assert_eq!(e.to_string(), "input line 2: not UTF-8; nothing sent");
@@ -942,7 +1000,11 @@ mod tests {
     fn input_over_the_limit_is_refused_as_soon_as_the_limit_is_read() {
         let limit = MAX_INPUT_BYTES as usize;
         let started = std::time::Instant::now();
-        let e = read_text_file(std::path::Path::new("/dev/zero"), "G").expect_err("endless");
+        let e = read_text_file(
+            std::path::Path::new("/dev/zero"),
+            &mut InputLimit::new("G", None),
+        )
+        .expect_err("endless");
         assert!(
             matches!(e, CliError::TooLarge { len: None, max, .. } if max == MAX_INPUT_BYTES),
             "{e}"
@@ -956,25 +1018,25 @@ mod tests {
         let many = "y\n".repeat(limit);
         let mut lines = crate::repl::Script::new(many.as_bytes());
         assert!(matches!(
-            read_to_end(&mut lines, "G"),
+            read_to_end(&mut lines, &mut InputLimit::new("G", None)),
             Err(CliError::TooLarge { .. })
         ));
         let zeros = vec![0u8; 3 * limit];
         let mut lines = crate::repl::Script::new(&zeros[..]);
         assert!(matches!(
-            read_to_end(&mut lines, "G"),
+            read_to_end(&mut lines, &mut InputLimit::new("G", None)),
             Err(CliError::TooLarge { .. })
         ));
         let mut lines = crate::repl::Script::new(many.as_bytes());
         assert!(matches!(
-            read_until_end_line(&mut lines, "G", false),
+            read_until_end_line(&mut lines, &mut InputLimit::new("G", None), false),
             Err(CliError::TooLarge { .. })
         ));
         // In a session the lines up to END are still read (and dropped); the next runs.
         let session = format!("{many}END\nnext\n");
         let mut lines = crate::repl::Script::new(session.as_bytes());
         assert!(matches!(
-            read_until_end_line(&mut lines, "G", true),
+            read_until_end_line(&mut lines, &mut InputLimit::new("G", None), true),
             Err(CliError::TooLarge { .. })
         ));
         use crate::repl::LineSource;
@@ -984,9 +1046,41 @@ mod tests {
         let path = dir.path().join("body.txt");
         std::fs::write(&path, "z".repeat(limit)).expect("write");
         assert_eq!(
-            read_text_file(&path, "G").map(|t| t.len()).ok(),
+            read_text_file(&path, &mut InputLimit::new("G", None))
+                .map(|t| t.len())
+                .ok(),
             Some(limit)
         );
+    }
+
+    /// Past 1 MiB the node is asked its limit once: a node that takes 2 MiB gets a 1.5 MiB
+    /// file, and `/dev/zero` still stops, at the node's limit.
+    #[test]
+    fn past_the_default_the_nodes_own_limit_applies() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("body.txt");
+        let big = MAX_INPUT_BYTES as usize * 3 / 2;
+        std::fs::write(&path, "z".repeat(big)).expect("write");
+        let mut asked = 0;
+        let mut node = || {
+            asked += 1;
+            Some(2 * MAX_INPUT_BYTES)
+        };
+        let text = read_text_file(&path, &mut InputLimit::new("G", Some(&mut node)));
+        assert_eq!(text.map(|t| t.len()).ok(), Some(big));
+        let mut node = || Some(2 * MAX_INPUT_BYTES);
+        let e = read_text_file(
+            std::path::Path::new("/dev/zero"),
+            &mut InputLimit::new("G", Some(&mut node)),
+        )
+        .expect_err("endless");
+        assert!(e.to_string().ends_with("the limit is 2097152 bytes"), "{e}");
+        // The node's own limit smaller than the default: the default stands.
+        let mut node = || Some(1000);
+        let e =
+            read_text_file(&path, &mut InputLimit::new("G", Some(&mut node))).expect_err("over");
+        assert!(e.to_string().ends_with("the limit is 1048576 bytes"), "{e}");
+        assert_eq!(asked, 1);
     }
 
     #[test]

@@ -136,6 +136,15 @@ impl App {
         Ok(())
     }
 
+    /// The node's limit on a message body, in bytes (`info`), or `None` when it cannot be
+    /// asked (the send that follows reports why). `send` asks only when its input passed
+    /// [`crate::command::MAX_INPUT_BYTES`].
+    pub fn max_message_bytes(&mut self, target: &str) -> Option<u64> {
+        self.on_node(target, |node| node.info().map(|i| i.max_message_bytes))
+            .ok()
+            .map(|(max, _)| max)
+    }
+
     /// `get_messages` / `messages`: every matching message, fetched page by page.
     ///
     /// # Errors
