@@ -1007,6 +1007,35 @@ fn send_from_an_endless_input_is_refused_at_the_limit_without_filling_memory() {
         "",
     ));
     assert_eq!(json_lines(&run)[0]["body"], "before", "nothing was sent");
+
+    // A node that takes 2 MiB: past 1 MiB user-cli asks it, and a 1.5 MiB file is sent;
+    // `/dev/zero` stops at its limit.
+    let _big = fed.node(
+        "Big Group",
+        "127.0.0.1:0",
+        "big",
+        &["--max-message-bytes", "2097152"],
+    );
+    fed.join_when_listed("alice", "Big Group");
+    let path = fed.path("big.txt");
+    std::fs::write(&path, "z".repeat(1_500_000)).expect("write");
+    ok(run_as(
+        &fed,
+        "alice",
+        &["send", "Big Group", "--file", &path],
+        "",
+    ));
+    let run = run_as(
+        &fed,
+        "alice",
+        &["send", "Big Group", "--file", "/dev/zero"],
+        "",
+    );
+    assert_eq!(run.code, Some(1), "{run:#?}");
+    assert!(
+        run.stderr.contains("the limit is 2097152 bytes"),
+        "{run:#?}"
+    );
 }
 
 /// Review of issue 23: a peer's message reached the terminal raw: an OSC 52 sequence sets
