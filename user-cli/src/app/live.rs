@@ -282,12 +282,6 @@ impl App {
                     FeedEvent::Entry { group, entry, .. } => {
                         let mine = is_mine(&me, &entry);
                         lock(&state).seen(group.as_str(), entry.seq);
-                        if last_save.elapsed() > Duration::from_millis(500) {
-                            // Not under the mutex: the prompt's commands and completion
-                            // go on while the file is locked, read and synced.
-                            crate::state::save_shared(&state);
-                            last_save = Instant::now();
-                        }
                         let here = mine
                             && sent_here
                                 .lock()
@@ -300,6 +294,13 @@ impl App {
                             live_line(format, &group, &entry, mine).filter(|_| !here)
                         {
                             printer(line);
+                        }
+                        // After the line is shown (a save may wait up to 2 s for another
+                        // process's lock), and not under the mutex: the prompt's commands
+                        // and completion go on while the file is locked, read and synced.
+                        if last_save.elapsed() > Duration::from_millis(500) {
+                            crate::state::save_shared(&state);
+                            last_save = Instant::now();
                         }
                     }
                     FeedEvent::Error {
