@@ -169,11 +169,13 @@ pub enum Command {
         mode: Mode,
     },
     /// Make NAME your account: a user name bound to your key.
+    #[command(visible_alias = "REGISTER")]
     Register {
         /// The user name.
         name: UserName,
     },
     /// Remove your account NAME: needs --yes, or a typed "yes" in a session.
+    #[command(visible_alias = "UNREGISTER")]
     Unregister {
         /// The user name.
         name: UserName,
@@ -190,7 +192,7 @@ pub enum Command {
     },
     /// Send a direct message; it waits in the user's mailbox until they read it (also
     /// written `SEND NAME TEXT` or `NAME: text`).
-    #[command(name = "send_dm", alias = "send-dm")]
+    #[command(name = "send_dm", visible_alias = "SEND", alias = "send-dm")]
     SendDm {
         /// The recipient's user name.
         to: UserName,
@@ -230,6 +232,7 @@ pub enum Command {
     /// List the users you block.
     Blocked,
     /// Go online (or away with --away) and show the direct messages waiting for you.
+    #[command(visible_alias = "CONNECT")]
     Connect {
         /// Mark yourself away instead of online.
         #[arg(long)]
@@ -241,6 +244,7 @@ pub enum Command {
     /// Mark yourself away (as `connect --away`).
     Away,
     /// Go offline.
+    #[command(visible_alias = "DISCONNECT")]
     Disconnect {
         /// Ignored, as for connect.
         #[arg(hide = true)]
@@ -399,13 +403,15 @@ pub enum Parsed {
     Help(String),
 }
 
-/// Parses one session line: seed 003's `NAME: text` shorthand, seed 004's upper-case words
-/// (`SEND NAME TEXT` is a direct message; `send` is the group one), then the words split as
-/// a shell would and parsed by clap.
+/// Parses one session line: seed 003's `NAME: text` shorthand, then the words split as a
+/// shell would and parsed by clap. Seed 004's upper-case words are aliases in the definition
+/// (`SEND NAME TEXT` is a direct message; `send` is the group one); another command word
+/// that is not one of the definition's is tried in lower case (`JOIN G`).
 ///
 /// # Errors
-/// [`CliError::Usage`] with clap's message (unknown command, missing or bad argument) or for
-/// unbalanced quotes.
+/// [`CliError::Usage`] as one line: `unknown command "frobnicate"` (with clap's "did you
+/// mean" when it has one), clap's message for a missing or bad argument, or unbalanced
+/// quotes; each says where to look (`help`, `help COMMAND`).
 pub fn parse_line(line: &str) -> Result<Parsed, CliError> {
     let trimmed = line.trim();
     if trimmed.is_empty() || trimmed.starts_with('#') {
@@ -422,11 +428,9 @@ pub fn parse_line(line: &str) -> Result<Parsed, CliError> {
     let mut words = shlex::split(trimmed)
         .ok_or_else(|| CliError::Usage(format!("unbalanced quotes in {trimmed:?}")))?;
     if let Some(first) = words.first_mut() {
-        *first = if first == "SEND" {
-            "send_dm".to_owned()
-        } else {
-            first.to_ascii_lowercase()
-        };
+        if !is_command_word(first) {
+            *first = first.to_ascii_lowercase();
+        }
     }
     match Line::try_parse_from(&words) {
         Ok(l) => Ok(Parsed::Command(l.command)),
@@ -435,19 +439,50 @@ pub fn parse_line(line: &str) -> Result<Parsed, CliError> {
             | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
                 Ok(Parsed::Help(e.render().to_string()))
             }
-            _ => Err(CliError::Usage(session_error(
-                &e.render().to_string(),
-                &words,
-            ))),
+            _ => Err(CliError::Usage(session_error(&e, &words))),
         },
     }
 }
 
-/// clap's error for a session line as one line: its text without the `Usage: agora> …`
-/// and `For more information` lines (a session has no program name to show), then where to
-/// look: `help COMMAND` for a known command, else `help`.
-fn session_error(rendered: &str, words: &[String]) -> String {
+/// Whether `word` is a command's name or one of its aliases (`help` included).
+fn is_command_word(word: &str) -> bool {
     use clap::CommandFactory;
+    word == "help"
+        || Line::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == word || c.get_all_aliases().any(|a| a == word))
+}
+
+/// clap's error for a session line as one line. An unknown command word is
+/// `unknown command "WORD"`, with clap's suggestion when it has one (`did you mean
+/// "join"?`), then `type help for the commands`. Any other error is clap's text without the
+/// `Usage: agora> …` and `For more information` lines (a session has no program name to
+/// show), then where to look: `help COMMAND` for a known command, else `help`.
+fn session_error(error: &clap::Error, words: &[String]) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() == ErrorKind::InvalidSubcommand {
+        let word = match error.get(ContextKind::InvalidSubcommand) {
+            Some(ContextValue::String(w)) => w.clone(),
+            _ => words.first().cloned().unwrap_or_default(),
+        };
+        let suggested = match error.get(ContextKind::SuggestedSubcommand) {
+            Some(ContextValue::String(s)) => vec![s.clone()],
+            Some(ContextValue::Strings(s)) => s.clone(),
+            _ => Vec::new(),
+        };
+        return match suggested.as_slice() {
+            [] => format!("unknown command {word:?}; type help for the commands"),
+            names => format!(
+                "unknown command {word:?}; did you mean {}? Type help for the commands",
+                names
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        };
+    }
+    let rendered = error.render().to_string();
     let text: Vec<&str> = rendered
         .lines()
         .map(str::trim)
@@ -455,15 +490,25 @@ fn session_error(rendered: &str, words: &[String]) -> String {
         .collect();
     let text = text.join(" ");
     let text = text.trim_start_matches("error: ");
-    let known = words.first().filter(|w| {
-        Line::command()
-            .get_subcommands()
-            .any(|c| c.get_name() == w.as_str() || c.get_all_aliases().any(|a| a == w.as_str()))
-    });
+    let known = words.first().filter(|w| is_command_word(w));
     match known {
         Some(word) => format!("{text}; type help {word} for its arguments"),
         None => format!("{text}; type help for the commands"),
     }
+}
+
+/// Whether `command` runs only alone (`user-cli COMMAND`), never as a session line: `watch`,
+/// `keys`, `forget-registry`, `discover`, `completions`, `manpage`.
+pub fn runs_alone(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Watch { .. }
+            | Command::Keys { .. }
+            | Command::ForgetRegistry
+            | Command::Discover
+            | Command::Completions { .. }
+            | Command::Manpage
+    )
 }
 
 /// Every command word and visible alias, for tab completion at the prompt.
@@ -952,6 +997,54 @@ mod tests {
             assert!(!e.contains("Usage") && !e.contains("agora>"), "{line}: {e}");
             assert!(e.contains(hint), "{line}: {e}");
         }
+    }
+
+    /// QA of issue 23: a typo in a session printed clap's "unrecognized subcommand" with a
+    /// `Usage:` block; it is one line naming the word, with clap's suggestion when it has one.
+    #[test]
+    fn an_unknown_command_in_a_session_is_named_with_a_suggestion() {
+        let Err(CliError::Usage(e)) = parse_line("jion g") else {
+            panic!("jion parsed");
+        };
+        assert!(
+            e.starts_with("unknown command \"jion\"; did you mean ")
+                && e.contains("\"join\"")
+                && e.ends_with("? Type help for the commands"),
+            "{e}"
+        );
+        let Err(CliError::Usage(e)) = parse_line("foo_typo") else {
+            panic!("foo_typo parsed");
+        };
+        assert_eq!(
+            e,
+            "unknown command \"foo_typo\"; type help for the commands"
+        );
+    }
+
+    /// QA of issue 23: seed 004's upper-case words ran in a session but were no commands of
+    /// the definition: `help` did not list them, `help REGISTER` and the one-shot
+    /// `user-cli SEND bob x` were refused. They are aliases now, listed by help.
+    #[test]
+    fn the_upper_case_seed_words_are_listed_aliases_with_their_own_help() {
+        let Ok(Parsed::Help(text)) = parse_line("help") else {
+            panic!("help");
+        };
+        for word in ["SEND", "CONNECT", "DISCONNECT", "REGISTER", "UNREGISTER"] {
+            assert!(text.contains(word), "{word} not in help: {text}");
+            let Ok(Parsed::Help(own)) = parse_line(&format!("help {word}")) else {
+                panic!("help {word}");
+            };
+            assert!(own.contains("Usage:"), "help {word}: {own}");
+        }
+        assert!(matches!(
+            command("UNREGISTER alice --yes"),
+            Command::Unregister { yes: true, .. }
+        ));
+        assert!(matches!(
+            command("DISCONNECT alice"),
+            Command::Disconnect { .. }
+        ));
+        assert!(matches!(command("JOIN g"), Command::Join { .. }));
     }
 
     #[test]

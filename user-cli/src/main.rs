@@ -67,7 +67,7 @@ struct Args {
     /// How long to wait for a server, per command (the registry's key endpoint too when no
     /// key is pinned for it yet; once pinned, its check waits at most 1 s before the pin is
     /// used).
-    #[arg(long, global = true, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "AGORA_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
     timeout: Duration,
     /// Where the client keeps joined groups and what was last seen
     /// [default: ~/.local/state/agora].
@@ -88,11 +88,11 @@ struct Args {
     /// With --registry auto: the name of the registry to use when several are heard.
     #[arg(long, global = true, env = "AGORA_REGISTRY_NAME")]
     registry_name: Option<String>,
-    /// The UDP port registries' beacons arrive on (--registry auto, discover).
-    #[arg(long, global = true, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    /// The UDP port registries' beacons arrive on (--registry auto, discover), 1-65535.
+    #[arg(long, global = true, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     beacon_port: u16,
     /// How long --registry auto and discover listen for beacons (sent every second).
-    #[arg(long, global = true, env = "AGORA_DISCOVER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "AGORA_DISCOVER_WAIT", default_value = "3s", value_parser = positive_duration)]
     discover_wait: Duration,
     /// Where your key pair lives (USER.key and USER.key_secret, made on first use)
     /// [default: ~/.config/agora].
@@ -106,8 +106,49 @@ struct Args {
     command: Option<Command>,
 }
 
+/// A duration as people write it (`5s`, `1s 200ms`), at least 1 ms: `--timeout 0s` would
+/// fail every command later, so it is a usage error at once.
+///
+/// # Errors
+/// What is wrong with the text, for clap's message (which names the flag).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) {
+        return Err("must be at least 1ms (as 5s or 250ms)".into());
+    }
+    Ok(d)
+}
+
+/// The arguments, or clap's usage error as `user-cli: …` on stderr (the prefix every other
+/// error of this binary has) and exit code 2; help and version print as clap does.
+fn parse_args() -> Result<Args, ExitCode> {
+    use clap::error::ErrorKind;
+    match Args::try_parse() {
+        Ok(args) => Ok(args),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprint!("user-cli: {text}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -215,20 +256,17 @@ fn run_checked(mut args: Args) -> Result<u8, Failure> {
     if let Some(Command::Keys { action }) = &args.command {
         return keys(&args, &user, action.as_ref());
     }
-    let curve = curve(&args, &user)?;
-    let state = state::StateFile::open(args.state_dir.clone(), &user.name);
-    let mut app = App::new(
-        &args.registry,
-        user.name.clone(),
-        options,
-        format,
-        state,
-        curve,
-    );
     // Not a held lock: `watch` prints pushed direct messages from another thread.
     let mut out = std::io::stdout();
+    if args.command.is_none() {
+        // The registry's key is asked for by the first command that needs it, not before:
+        // `echo help | user-cli` works with no registry.
+        let make = || make_app(&args, &user, options, format).map_err(|f| f.message);
+        return Ok(session(make, &user, &mut out));
+    }
+    let mut app = make_app(&args, &user, options, format)?;
     let result = match args.command {
-        None => return Ok(session(&mut app, &user, &mut out)),
+        None => Ok(0),
         Some(Command::Watch { groups, after_seq }) => match Shutdown::on_signals() {
             Ok(stop) => {
                 // Direct messages pushed while watching are printed to stdout too.
@@ -263,6 +301,29 @@ fn run_checked(mut args: Args) -> Result<u8, Failure> {
         Ok(code) => code,
         Err(e) => report(&e),
     })
+}
+
+/// The client: the CURVE settings ([`curve`]: the registry's key, asked of its key endpoint
+/// when not pinned, and the user's key pair), the state file and the [`App`].
+///
+/// # Errors
+/// As [`curve`]'s.
+fn make_app(
+    args: &Args,
+    user: &Identity,
+    options: ClientOptions,
+    format: Format,
+) -> Result<App, Failure> {
+    let curve = curve(args, user)?;
+    let state = state::StateFile::open(args.state_dir.clone(), &user.name);
+    Ok(App::new(
+        &args.registry,
+        user.name.clone(),
+        options,
+        format,
+        state,
+        curve,
+    ))
 }
 
 /// Writes `bytes` to stdout: 0, also when the reader went away (a closed pipe); 4 when
@@ -679,7 +740,16 @@ fn report(e: &CliError) -> u8 {
     e.exit_code()
 }
 
-fn session(app: &mut App, user: &Identity, out: &mut dyn Write) -> u8 {
+/// A session: the prompt on a terminal (greeting, what arrived while away, the live stream
+/// above the prompt), else a script read from stdin. The [`App`] is made by `make` when the
+/// first command needs it; at a terminal, at once too, so that the greeting can show what
+/// arrived (a registry that does not answer is said once, and asked again by the next
+/// command that needs it).
+fn session<'a>(
+    make: impl FnMut() -> Result<App, String> + 'a,
+    user: &Identity,
+    out: &mut dyn Write,
+) -> u8 {
     let mut err = std::io::stderr();
     if std::io::stdin().is_terminal() {
         let history =
@@ -692,33 +762,48 @@ fn session(app: &mut App, user: &Identity, out: &mut dyn Write) -> u8 {
             }
         };
         let _ = writeln!(out, "{}", user.greeting());
-        // What arrived while away (seed 003's !check), then the live stream.
-        if let Err(e) = app.check(&mut render::Output::new(app.format, out)) {
-            let _ = writeln!(err, "user-cli: {e}");
-        }
+        let _ = out.flush();
         // What arrives live (group entries; direct messages while you are present, from the
         // start with an account, else from `register` or `connect`) is printed above the
         // prompt, through one printer.
-        let printer = prompt.printer().unwrap_or_else(|e| {
+        let mut printer = Some(prompt.printer().unwrap_or_else(|e| {
             let _ = writeln!(
                 err,
                 "user-cli: this terminal cannot print above the prompt ({e}); live lines are printed as they come"
             );
             stdout_printer()
-        });
-        app.print_live(printer, true);
-        if let Err(e) = app.start_live() {
-            let _ = writeln!(err, "user-cli: live stream: {e}");
+        }));
+        let setup = move |app: &mut App, lines: &mut dyn repl::LineSource| {
+            let mut err = std::io::stderr();
+            // What arrived while away (seed 003's !check), then the live stream.
+            let mut stdout = std::io::stdout();
+            if let Err(e) = app.check(&mut render::Output::new(app.format, &mut stdout)) {
+                let _ = writeln!(err, "user-cli: {e}");
+            }
+            let _ = stdout.flush();
+            if let Some(printer) = printer.take() {
+                app.print_live(printer, true);
+            }
+            if let Err(e) = app.start_live() {
+                let _ = writeln!(err, "user-cli: live stream: {e}");
+            }
+            app.present_if_registered();
+            lines.complete_names(app.names());
+        };
+        let mut app = repl::LazyApp::new(make, setup);
+        if let Err(e) = app.get(&mut prompt) {
+            let _ = writeln!(err, "user-cli: {}", render::escape_controls(&e));
         }
-        app.present_if_registered();
-        prompt.complete_names(app.names());
-        repl::run_session(app, &mut prompt, out, &mut err)
+        repl::run_session(&mut app, &mut prompt, out, &mut err)
     } else {
         // A script: once present (after `register` or `connect`), the direct messages pushed
         // to you are printed to stdout between the commands' output, as `watch` prints them.
-        app.print_live(stdout_printer(), false);
+        let setup = |app: &mut App, _: &mut dyn repl::LineSource| {
+            app.print_live(stdout_printer(), false);
+        };
+        let mut app = repl::LazyApp::new(make, setup);
         let mut script = repl::Script::new(std::io::stdin().lock());
-        repl::run_session(app, &mut script, out, &mut err)
+        repl::run_session(&mut app, &mut script, out, &mut err)
     }
 }
 
@@ -741,6 +826,28 @@ mod tests {
     #[test]
     fn the_argument_definitions_are_consistent() {
         super::Args::command().debug_assert();
+    }
+
+    /// QA of issue 23: `--beacon-port 0` and `--timeout 0s` were accepted and failed later;
+    /// they are usage errors naming the flag.
+    #[test]
+    fn a_zero_port_or_duration_is_a_usage_error_naming_the_flag() {
+        use clap::Parser as _;
+        for (flag, value) in [
+            ("--beacon-port", "0"),
+            ("--timeout", "0s"),
+            ("--timeout", "0ms"),
+            ("--discover-wait", "0s"),
+        ] {
+            let e =
+                super::Args::try_parse_from(["user-cli", flag, value, "groups"]).expect_err(flag);
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{flag}");
+            assert!(e.to_string().contains(flag), "{flag}: {e}");
+        }
+        let ok =
+            super::Args::try_parse_from(["user-cli", "--timeout", "1ms", "--beacon-port", "1"])
+                .expect("1ms and port 1");
+        assert_eq!(ok.timeout, std::time::Duration::from_millis(1));
     }
 
     #[test]

@@ -2,7 +2,15 @@
 //! completion) and script mode (commands read from a non-TTY stdin). Each line is parsed by
 //! the same clap definition as the command line ([`crate::command`]) and run by the same
 //! function.
+//!
+//! At the prompt, text pasted as one block (bracketed paste, as terminals and tmux
+//! `paste-buffer -p` send it) runs line by line once Enter is pressed, as typed lines would.
+//! At the `... ` prompt of a message read up to `END`, Ctrl-C or Ctrl-D abandons the message
+//! (nothing is sent); in a script, the end of the input ends the message instead.
+//! The session's [`App`] is made by the first command that needs it ([`LazyApp`]), so
+//! `help` or `exit` need no registry.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
@@ -10,8 +18,8 @@ use rustyline::error::ReadlineError;
 use rustyline::history::{DefaultHistory, History};
 use rustyline::Editor;
 
-use crate::app::App;
-use crate::command::{self, Context as Where, Parsed, Step};
+use crate::app::{App, CliError};
+use crate::command::{self, Command, Context as Where, Parsed, Step};
 
 /// Where command lines come from.
 pub trait LineSource {
@@ -20,6 +28,54 @@ pub trait LineSource {
     /// # Errors
     /// Reading failed.
     fn read_line(&mut self, prompt: &str) -> std::io::Result<Option<String>>;
+
+    /// Completes group and user names from `names` from now on (the prompt's tab
+    /// completion; nothing elsewhere).
+    fn complete_names(&mut self, _names: crate::app::Names) {}
+}
+
+/// The prompt a message's lines are read at, up to `END` (`send GROUP` with no text).
+const CONTINUATION_PROMPT: &str = "... ";
+
+/// The session's [`App`], made when the first command that needs it runs (or earlier, by
+/// [`LazyApp::get`]): making it may ask the registry for its key, and a session that only
+/// asks for `help` or `exit` must work without a registry. A failure to make it is the
+/// failed command's error line; the next command tries again.
+pub struct LazyApp<'a> {
+    app: Option<App>,
+    make: Box<dyn FnMut() -> Result<App, String> + 'a>,
+    /// Run once on the app just made (the live printer, presence), with the session's line
+    /// source.
+    setup: Box<dyn FnMut(&mut App, &mut dyn LineSource) + 'a>,
+}
+
+impl<'a> LazyApp<'a> {
+    /// An app `make` makes when first needed, then `setup` prepares for the session.
+    pub fn new(
+        make: impl FnMut() -> Result<App, String> + 'a,
+        setup: impl FnMut(&mut App, &mut dyn LineSource) + 'a,
+    ) -> LazyApp<'a> {
+        LazyApp {
+            app: None,
+            make: Box::new(make),
+            setup: Box::new(setup),
+        }
+    }
+
+    /// The app, made (and set up) now if it was not yet.
+    ///
+    /// # Errors
+    /// Why it could not be made (one line, without the `user-cli: ` prefix).
+    pub fn get(&mut self, source: &mut dyn LineSource) -> Result<&mut App, String> {
+        if self.app.is_none() {
+            let mut app = (self.make)()?;
+            (self.setup)(&mut app, source);
+            self.app = Some(app);
+        }
+        self.app
+            .as_mut()
+            .ok_or_else(|| "the client could not be made".to_owned())
+    }
 }
 
 /// Lines from a reader (script mode, and what one-shot `send_message` reads): no prompts, no
@@ -117,6 +173,8 @@ pub use complete::CommandHelper;
 pub struct Interactive {
     editor: Editor<CommandHelper, DefaultHistory>,
     history: Option<PathBuf>,
+    /// The lines after the first of a pasted block, to run next.
+    pending: VecDeque<String>,
 }
 
 impl Interactive {
@@ -135,7 +193,11 @@ impl Interactive {
         if let Some(path) = &history {
             let _ = editor.load_history(path);
         }
-        Ok(Interactive { editor, history })
+        Ok(Interactive {
+            editor,
+            history,
+            pending: VecDeque::new(),
+        })
     }
 }
 
@@ -174,28 +236,62 @@ impl Drop for Interactive {
 }
 
 impl LineSource for Interactive {
+    /// The next line typed, or of a block pasted. A pasted block arrives as one edit
+    /// (bracketed paste), its lines joined by newlines: each is returned in turn, as if typed.
+    /// Ctrl-C is an [`std::io::ErrorKind::Interrupted`] error (the session loop shows the
+    /// prompt again; a message read at `... ` is abandoned), as is Ctrl-D at `... ` (the
+    /// message is not sent); Ctrl-D elsewhere is the end of input.
     fn read_line(&mut self, prompt: &str) -> std::io::Result<Option<String>> {
+        if let Some(line) = self.pending.pop_front() {
+            return Ok(Some(line));
+        }
+        let continuation = prompt == CONTINUATION_PROMPT;
         match self.editor.readline(prompt) {
             Ok(line) => {
-                if !line.trim().is_empty() {
-                    let _ = self.editor.history_mut().add(&line);
+                let mut lines = line
+                    .split('\n')
+                    .map(|l| l.strip_suffix('\r').unwrap_or(l).to_owned());
+                let first = lines.next().unwrap_or_default();
+                self.pending.extend(lines);
+                for l in std::iter::once(&first).chain(&self.pending) {
+                    if !l.trim().is_empty() {
+                        let _ = self.editor.history_mut().add(l);
+                    }
                 }
-                Ok(Some(line))
+                Ok(Some(first))
             }
-            Err(ReadlineError::Interrupted) => Ok(Some(String::new())),
+            Err(ReadlineError::Interrupted) => Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                if continuation {
+                    "interrupted (Ctrl-C): the message is not sent"
+                } else {
+                    "interrupted (Ctrl-C)"
+                },
+            )),
+            Err(ReadlineError::Eof) if continuation => Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "end of input (Ctrl-D): the message is not sent; END on a line of its own \
+                 sends it",
+            )),
             Err(ReadlineError::Eof) => Ok(None),
             Err(ReadlineError::Io(e)) => Err(e),
             Err(e) => Err(std::io::Error::other(e)),
         }
     }
+
+    fn complete_names(&mut self, names: crate::app::Names) {
+        Interactive::complete_names(self, names);
+    }
 }
 
 /// Runs commands from `source` until `exit` or end of input. A failed line prints its error
 /// to `err` as one line and does not stop the session or change its exit status; an input
-/// line that is not UTF-8 is reported with its number and skipped. Returns the status
-/// `exit N` gave (0 for `exit` and at end of input), or 4 when reading input failed.
+/// line that is not UTF-8 is reported with its number and skipped; Ctrl-C at the prompt
+/// shows it again. `help`, `exit` and the commands that run only alone need no [`App`]; the
+/// first other command makes it. Returns the status `exit N` gave (0 for `exit` and at end
+/// of input), or 4 when reading input failed.
 pub fn run_session(
-    app: &mut App,
+    app: &mut LazyApp<'_>,
     source: &mut dyn LineSource,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -204,6 +300,7 @@ pub fn run_session(
         let line = match source.read_line("agora> ") {
             Ok(Some(line)) => line,
             Ok(None) => return 0,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -223,7 +320,18 @@ pub fn run_session(
             Ok(Parsed::Help(text)) => writeln!(out, "{}", text.trim_end())
                 .map(|()| Step::Continue)
                 .map_err(Into::into),
-            Ok(Parsed::Command(c)) => command::run(app, c, Where::Session, source, out),
+            Ok(Parsed::Command(Command::Exit { status })) => Ok(Step::Exit(status.unwrap_or(0))),
+            Ok(Parsed::Command(c)) if command::runs_alone(&c) => Err(CliError::Usage(
+                "that command runs alone: user-cli COMMAND, not in a session".into(),
+            )),
+            Ok(Parsed::Command(c)) => match app.get(source) {
+                Ok(app) => command::run(app, c, Where::Session, source, out),
+                Err(e) => {
+                    let said = crate::render::escape_controls(&e).into_owned();
+                    let _ = writeln!(err, "user-cli: {said}");
+                    continue;
+                }
+            },
             Err(e) => Err(e),
         };
         let _ = out.flush();

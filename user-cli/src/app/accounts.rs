@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use agora_common::client::ClientError;
-use agora_proto::wire::{ErrorCode, Presence, UserName};
+use agora_proto::wire::{ErrorCode, Presence, UserName, WireError};
 use serde_json::value::RawValue;
 
 use super::{App, CliError, Printer};
@@ -48,7 +48,7 @@ impl App {
         let r = self
             .registry
             .user_register(&name)
-            .map_err(|e| self.registry_error(e))?;
+            .map_err(|e| self.account_error(e))?;
         // In a session: present at once, with the live direct-message stream, before the
         // line says so.
         self.stay_present(Presence::Online, None);
@@ -70,7 +70,7 @@ impl App {
         let r = self
             .registry
             .user_unregister(&name, confirmed)
-            .map_err(|e| self.registry_error(e))?;
+            .map_err(|e| self.account_error(e))?;
         // No account, no presence: the heartbeat stops (its `connect`s would be refused).
         if let Some(mut present) = self.session.presence.take() {
             present.lapse = false;
@@ -91,11 +91,11 @@ impl App {
         let r = self
             .registry
             .connect(status)
-            .map_err(|e| self.registry_error(e))?;
+            .map_err(|e| self.account_error(e))?;
         out.emit(Item::Presence(&r))?;
         // Seed 004: "once they reconnect they will receive all pending messages". Shown in
         // order, numbered, then acked, in scripts as at the prompt.
-        if status == Presence::Online && self.show_mailbox(out)? == 0 {
+        if status == Presence::Online && self.show_waiting(out)? == 0 {
             out.emit(Item::NoneWaiting)?;
         }
         out.flush()?;
@@ -146,7 +146,7 @@ impl App {
         let r = self
             .registry
             .disconnect()
-            .map_err(|e| self.registry_error(e))?;
+            .map_err(|e| self.account_error(e))?;
         out.emit(Item::Offline(&r))?;
         Ok(())
     }
@@ -228,13 +228,7 @@ impl App {
             .send_dm(&to, body, agora_proto::id::MessageId::new_v7())
         {
             Ok(a) => a,
-            Err(ClientError::Server(w)) => {
-                return Err(CliError::Remote {
-                    target: to.to_string(),
-                    source: ClientError::Server(w),
-                })
-            }
-            Err(e) => return Err(self.registry_error(e)),
+            Err(e) => return Err(self.user_error(&to, e)),
         };
         self.session.names.add_users([to.to_string()]);
         out.emit(Item::DmSent { to: &to, ack: &ack })?;
@@ -264,7 +258,7 @@ impl App {
             Some(to) => self.registry.multicast(to, body, id),
             None => self.registry.broadcast(body, id),
         }
-        .map_err(|e| self.registry_error(e))?;
+        .map_err(|e| self.account_error(e))?;
         out.emit(Item::FannedOut(&reply))?;
         Ok(())
     }
@@ -275,13 +269,27 @@ impl App {
     /// # Errors
     /// The registry's failure.
     pub(super) fn show_mailbox(&mut self, out: &mut Output<'_>) -> Result<u64, CliError> {
+        let shown = self.show_waiting(out)?;
+        if shown == 0 {
+            // The mailbox is the key's, account or not: an empty one says nothing about
+            // direct messages to a key with no account (`check`, the prompt's greeting).
+            if let Err(e) = self.registry.blocked() {
+                return Err(self.account_error(e));
+            }
+        }
+        Ok(shown)
+    }
+
+    /// The direct messages waiting, shown and acked ([`App::show_mailbox`] without the
+    /// account check: `connect` just proved there is one).
+    fn show_waiting(&mut self, out: &mut Output<'_>) -> Result<u64, CliError> {
         let mut after = 0;
         let mut shown = 0;
         loop {
             let page = self
                 .registry
                 .mailbox(after, Some(1000))
-                .map_err(|e| self.registry_error(e))?;
+                .map_err(|e| self.account_error(e))?;
             self.session
                 .names
                 .add_users(page.messages.iter().map(|dm| dm.from.to_string()));
@@ -294,7 +302,7 @@ impl App {
             if after > 0 {
                 self.registry
                     .ack_dm(after)
-                    .map_err(|e| self.registry_error(e))?;
+                    .map_err(|e| self.account_error(e))?;
             }
             if !page.more {
                 return Ok(shown);
@@ -307,7 +315,7 @@ impl App {
     /// # Errors
     /// `forbidden` unless this is the key the registry names as `--operator`.
     pub fn admin_stop_registry(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
-        self.registry.stop().map_err(|e| self.registry_error(e))?;
+        self.registry.stop().map_err(|e| self.account_error(e))?;
         out.emit(Item::Stopping("the registry"))?;
         Ok(())
     }
@@ -320,7 +328,7 @@ impl App {
         let letters = self
             .registry
             .dead_letters()
-            .map_err(|e| self.registry_error(e))?;
+            .map_err(|e| self.account_error(e))?;
         for l in &letters {
             out.emit(Item::DeadLetter(l))?;
         }
@@ -344,16 +352,7 @@ impl App {
             true => self.registry.block(name),
             false => self.registry.unblock(name),
         };
-        let reply = match reply {
-            Ok(r) => r,
-            Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownUser => {
-                return Err(CliError::Remote {
-                    target: name.to_string(),
-                    source: ClientError::Server(w),
-                })
-            }
-            Err(e) => return Err(self.registry_error(e)),
-        };
+        let reply = reply.map_err(|e| self.user_error(name, e))?;
         out.emit(Item::Block { reply: &reply, on })?;
         Ok(())
     }
@@ -363,10 +362,7 @@ impl App {
     /// # Errors
     /// `no_account`; the registry's failure.
     pub fn blocked(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
-        let blocked = self
-            .registry
-            .blocked()
-            .map_err(|e| self.registry_error(e))?;
+        let blocked = self.registry.blocked().map_err(|e| self.account_error(e))?;
         if blocked.is_empty() {
             out.emit(Item::NoneBlocked)?;
         } else {
@@ -380,7 +376,7 @@ impl App {
     /// # Errors
     /// The registry's failure.
     pub fn users(&mut self, out: &mut Output<'_>) -> Result<(), CliError> {
-        let users = self.registry.users().map_err(|e| self.registry_error(e))?;
+        let users = self.registry.users().map_err(|e| self.account_error(e))?;
         self.session
             .names
             .add_users(users.iter().map(|u| u.name.to_string()));
@@ -398,18 +394,62 @@ impl App {
     /// `unknown_user`; the registry's failure.
     pub fn whois(&mut self, name: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let name = UserName::new(name).map_err(|e| CliError::Usage(e.to_string()))?;
-        let r = match self.registry.whois(&name) {
-            Ok(r) => r,
-            Err(ClientError::Server(w)) if w.code == ErrorCode::UnknownUser => {
-                return Err(CliError::Remote {
-                    target: name.to_string(),
-                    source: ClientError::Server(w),
-                })
-            }
-            Err(e) => return Err(self.registry_error(e)),
-        };
+        let r = self
+            .registry
+            .whois(&name)
+            .map_err(|e| self.user_error(&name, e))?;
         self.session.names.add_users([r.user.name.to_string()]);
         out.emit(Item::Whois(&r.user))?;
         Ok(())
     }
+
+    /// The one line for a key with no account, naming what to run where the user is: in a
+    /// session `register NAME`, alone `user-cli register NAME`. No protocol code in it.
+    fn no_account(&self) -> CliError {
+        let run = if self.in_session() {
+            "type `register NAME`"
+        } else {
+            "run `user-cli register NAME`"
+        };
+        CliError::Refused(format!(
+            "no account: your key has none yet; {run} to make one"
+        ))
+    }
+
+    /// A registry failure of an account command: a key with no account as
+    /// [`App::no_account`] says, anything else as [`App::registry_error`].
+    fn account_error(&self, e: ClientError) -> CliError {
+        match e {
+            ClientError::Server(w) if is_no_account(&w) => self.no_account(),
+            e => self.registry_error(e),
+        }
+    }
+
+    /// A failure of a command about the user `name` (`send_dm`, `whois`, `block`): no
+    /// account of yours as [`App::account_error`]; the registry's refusal naming `name`
+    /// once (`no user named nosuch; the message is in your dead letters`), else after it.
+    fn user_error(&self, name: &UserName, e: ClientError) -> CliError {
+        match e {
+            ClientError::Server(w) if is_no_account(&w) => self.no_account(),
+            ClientError::Server(w)
+                if w.code == ErrorCode::UnknownUser && w.message.contains(name.as_str()) =>
+            {
+                CliError::Refused(w.message)
+            }
+            ClientError::Server(w) => CliError::Remote {
+                target: name.to_string(),
+                source: ClientError::Server(w),
+            },
+            e => self.registry_error(e),
+        }
+    }
+}
+
+/// Whether the registry's refusal is about the caller's key having no account:
+/// `no_account` (`users`, `whois`, blocks), or `unknown_user` with the registry's "this key
+/// has no account" (`connect`, `disconnect` and the direct-message actions answer so; an
+/// unknown *other* user is "no user named NAME").
+fn is_no_account(w: &WireError) -> bool {
+    w.code == ErrorCode::NoAccount
+        || (w.code == ErrorCode::UnknownUser && w.message.starts_with("this key has no account"))
 }

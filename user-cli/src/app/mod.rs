@@ -135,7 +135,7 @@ fn cause(e: &ClientError) -> String {
         ClientError::Server(w) => match w.code {
             // The server's text says the same in the protocol's words; this says what to run.
             ErrorCode::NoAccount => {
-                "no account: this key has none; run `user-cli register NAME` first".into()
+                "no account: your key has none yet; run `user-cli register NAME` to make one".into()
             }
             code => {
                 // Each cause once: the code in words, unless the server's text says it.
