@@ -595,7 +595,8 @@ fn made_key_pair(user: &Identity, dir: &std::path::Path, public: &impl std::fmt:
         from => format!(" (from {from}; --user NAME for another)"),
     };
     eprintln!(
-        "user-cli: made the key pair of user {}{whence} in {} (public key {public})",
+        // The key last on the line: Z85 keys hold brackets and parentheses of their own.
+        "user-cli: made the key pair of user {}{whence} in {}; public key: {public}",
         user.name,
         dir.display()
     );

@@ -440,8 +440,9 @@ fn human(item: &Item<'_>) -> Option<String> {
         Item::Stopping(what) => format!("{what} is stopping: it drains and exits"),
         Item::Following { group, on: true } => format!("subscribed to {group}"),
         Item::Following { group, on: false } => format!("unsubscribed from {group}"),
-        Item::Policy { group, what, reply } if reply.changed => format!("{group}: done ({what})"),
-        Item::Policy { group, what, .. } => format!("{group}: nothing to change ({what})"),
+        // `what` ends with a key: nothing printed after it (Z85 has brackets of its own).
+        Item::Policy { group, what, reply } if reply.changed => format!("{group}: done: {what}"),
+        Item::Policy { group, what, .. } => format!("{group}: nothing to change: {what}"),
         Item::Registered(r) if r.changed => format!("registered {}", r.user.name),
         Item::Registered(r) => format!("{} is already yours", r.user.name),
         Item::Unregistered(r) => format!("unregistered {}", r.user.name),

@@ -204,6 +204,21 @@ pub enum PolicyChange {
     SetMode(agora_proto::wire::GroupMode),
 }
 
+/// What a change does, in the command's words, a key or name last (`invite KEY`): a Z85
+/// key holds brackets of its own, so none is printed next to it.
+impl std::fmt::Display for PolicyChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyChange::Invite(k) => write!(f, "invite {k}"),
+            PolicyChange::Ban(k) => write!(f, "ban {k}"),
+            PolicyChange::Unban(k) => write!(f, "unban {k}"),
+            PolicyChange::Kick(u) => write!(f, "kick {u}"),
+            PolicyChange::Promote(u) => write!(f, "promote {u}"),
+            PolicyChange::SetMode(m) => write!(f, "set_mode {}", m.as_str()),
+        }
+    }
+}
+
 impl App {
     /// `invite`, `ban`, `unban`, `kick`, `promote`, `set_mode`.
     ///
@@ -217,7 +232,7 @@ impl App {
     ) -> Result<(), CliError> {
         use agora_proto::action::call;
         let label = target.to_owned();
-        let what = format!("{change:?}");
+        let what = change.to_string();
         let (r, _) = self.on_node(target, |node| match &change {
             PolicyChange::Invite(k) => node.key_policy::<call::Invite>(*k),
             PolicyChange::Ban(k) => node.key_policy::<call::Ban>(*k),
