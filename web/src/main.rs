@@ -7,12 +7,18 @@
 //!   accounts made by `agora-web add-user NAME` (password on stdin).
 //!
 //! Prints `listening URL` on stdout once bound (personal mode's URL carries a one-time
-//! token); logs go to stderr (RUST_LOG). Exit codes: 0 after SIGINT or SIGTERM (`link`: the
-//! link was printed); 1 when starting fails otherwise (the registry's key changed, say); 2
-//! for invalid arguments (a non-loopback `--bind` in personal mode, plain HTTP beyond
-//! loopback without `--insecure-http`, no `--user`); 3 the registry's key could not be had
-//! (nothing pinned, its key endpoint did not answer), or (`link`) no gateway answers; 4 a
-//! local file, directory, port or socket failed (the port is taken, the link socket is
+//! token); logs go to stderr (RUST_LOG; coloured only on a terminal). Arguments are checked
+//! first, then `--bind` is bound, then (personal mode) the link socket, and only then is
+//! anything else made or asked (the pinned key, the key pair, the account at the registry,
+//! the data directory). Errors are one line, each cause once.
+//!
+//! Exit codes (the README's table): 0 after SIGINT or SIGTERM (`link`: the link was
+//! printed); 1 refused (the registry's key changed, an account name taken, the gateway
+//! refused `link`); 2 usage, before anything is made (an endpoint or `--bind` malformed or
+//! out of range, a non-loopback `--bind` in personal mode, plain HTTP beyond loopback
+//! without `--insecure-http`, no `--user`); 3 a server did not answer (the registry's key
+//! endpoint with nothing pinned; `link`: no gateway answers); 4 local input or output, and
+//! any other failure (the port is taken, a key file, the data directory, the link socket is
 //! another gateway's).
 
 use std::io::{BufRead, Write};
@@ -22,7 +28,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_proto::wire::UserName;
+use agora_common::server::Exit;
+use agora_proto::wire::{Endpoint, UserName};
 use agora_web::link::{LinkError, LinkSocket};
 use agora_web::{accounts, auth, bridge, router, AppState, Hosted};
 use anyhow::Context;
@@ -104,7 +111,7 @@ struct Serve {
     state_dir: Option<PathBuf>,
     /// Where to listen, IP:PORT (port 0 picks one). Personal mode serves loopback only;
     /// hosted mode needs TLS or --insecure-http for any other address.
-    #[arg(long, env = "AGORA_WEB_BIND", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "AGORA_WEB_BIND", default_value = "127.0.0.1:8080", value_parser = bind_address)]
     bind: SocketAddr,
     /// The TLS certificate chain, PEM (with --tls-key): serve HTTPS.
     #[arg(long, requires = "tls_key")]
@@ -116,9 +123,10 @@ struct Serve {
     /// sessions then cross the network in clear).
     #[arg(long)]
     insecure_http: bool,
-    /// The registry's endpoint, or a comma-separated list of the endpoints of registries
-    /// sharing one database (tried in order; the next when one does not answer).
-    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
+    /// The registry's endpoint (IP:PORT or tcp://HOST:PORT), or a comma-separated list of
+    /// the endpoints of registries sharing one database (tried in order; the next when one
+    /// does not answer).
+    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555", value_parser = registry_list)]
     registry: String,
     /// The registry's CURVE public key (40 Z85 characters). Without it, the key pinned for
     /// the registry in known_servers.json (user-cli's, in --state-dir; hosted mode's, in
@@ -126,9 +134,10 @@ struct Serve {
     /// endpoint's answer, pinned there on first use.
     #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
     registry_key: Option<agora_common::keys::PublicKey>,
-    /// The registry's plaintext key endpoint [default: the registry's port + 1].
-    #[arg(long, env = "AGORA_REGISTRY_KEY_ENDPOINT")]
-    registry_key_endpoint: Option<String>,
+    /// The registry's plaintext key endpoint, IP:PORT or tcp://HOST:PORT [default: the
+    /// registry's port + 1].
+    #[arg(long, env = "AGORA_REGISTRY_KEY_ENDPOINT", value_parser = agora_common::server::args::connect)]
+    registry_key_endpoint: Option<Endpoint>,
     /// Personal mode: where key pairs live [default: ~/.config/agora].
     #[arg(long, env = "AGORA_KEY_DIR")]
     key_dir: Option<PathBuf>,
@@ -232,6 +241,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a log file (the quickstart's web.log) gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -249,46 +260,149 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("agora-web: {e:#}");
+            eprintln!("agora-web: {}", one_line(&e));
             ExitCode::from(exit_code(&e))
         }
     }
 }
 
-/// An argument that clap accepted alone but not with the others (exit code 2).
-#[derive(Debug)]
-struct Usage(String);
+/// `error` and its causes on one line, `: `-separated, each said once: a cause whose text
+/// its parent already quotes (`… (zmq: Invalid argument)`, then `zmq: Invalid argument`,
+/// then `Invalid argument`) is left out.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
 
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+/// `--bind`: an IP address and a port, `127.0.0.1:8080` or `[::1]:8080` (port 0 picks a
+/// free one).
+///
+/// # Errors
+/// What is wrong, in words (clap prints it after the flag and the value, and exits 2).
+fn bind_address(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = s.parse() {
+        return Ok(address);
+    }
+    match s.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_err() => {
+            Err("port must be 0-65535 (0 picks a free port)".to_owned())
+        }
+        _ => Err("expected IP:PORT, such as 127.0.0.1:8080 or [::1]:8080 \
+                  (an IP address, not a host name)"
+            .to_owned()),
     }
 }
 
-impl std::error::Error for Usage {}
+/// `--registry`: one endpoint or a comma-separated list, each `IP:PORT` or
+/// `tcp://HOST:PORT`; returned with every endpoint in `tcp://` form.
+///
+/// # Errors
+/// The first bad endpoint and what is wrong with it: a port outside 1-65535, a wildcard or
+/// malformed host, another scheme, an empty list.
+fn registry_list(s: &str) -> Result<String, String> {
+    agora_proto::wire::endpoint_list(s).map_err(|e| e.to_string())
+}
 
-/// The exit code for a failure (the table in the module's doc): by the cause's type where
-/// one says more than "starting failed".
+/// A failure whose exit code is known where it happens (the table in the module's doc): a
+/// usage error (an argument that clap accepted alone but not with the others), a port that
+/// cannot be bound, a registry that did not answer.
+#[derive(Debug)]
+struct Failure {
+    exit: Exit,
+    message: String,
+}
+
+impl Failure {
+    /// Exit code 2: a bad argument, found before anything is made.
+    fn usage(message: impl Into<String>) -> anyhow::Error {
+        Failure {
+            exit: Exit::Usage,
+            message: message.into(),
+        }
+        .into()
+    }
+
+    /// Exit code 3: a server did not answer.
+    fn unreachable(message: impl Into<String>) -> anyhow::Error {
+        Failure {
+            exit: Exit::Unreachable,
+            message: message.into(),
+        }
+        .into()
+    }
+
+    /// Exit code 4: local input or output (a port, a file, a directory).
+    fn local(message: impl Into<String>) -> anyhow::Error {
+        Failure {
+            exit: Exit::LocalIo,
+            message: message.into(),
+        }
+        .into()
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The exit code for a failure (the table in the module's doc), by the first cause in the
+/// chain whose type says which: 1 only for a real refusal (by a server, or a name taken on
+/// this gateway), 3 for a server that did not answer, 4 for local input or output and for
+/// anything else that is not known to be one of those.
 fn exit_code(error: &anyhow::Error) -> u8 {
+    use agora_common::client::ClientError;
     use agora_common::trust::TrustError;
-    if error.downcast_ref::<Usage>().is_some() {
-        return 2;
+    use agora_web::accounts::AccountError;
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<Failure>() {
+            return e.exit as u8;
+        }
+        if let Some(e) = cause.downcast_ref::<LinkError>() {
+            return match e {
+                LinkError::NoGateway { .. } | LinkError::Timeout { .. } => 3,
+                LinkError::Refused { .. } => 1,
+                _ => 4,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<TrustError>() {
+            return match e {
+                TrustError::Unknown { .. } => 3,
+                TrustError::Changed { .. } => 1,
+                _ => 4,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<ClientError>() {
+            return match e {
+                ClientError::Timeout { .. } | ClientError::BadReply(_) => 3,
+                ClientError::Server(_) => 1,
+                _ => 4,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<AccountError>() {
+            return match e {
+                AccountError::Exists(_) | AccountError::Taken(_) => 1,
+                AccountError::BadPassword => 2,
+                AccountError::Registry(_) => 3,
+                _ => 4,
+            };
+        }
     }
-    if let Some(e) = error.downcast_ref::<LinkError>() {
-        return match e {
-            LinkError::NoGateway { .. } | LinkError::Timeout { .. } => 3,
-            LinkError::Refused { .. } => 1,
-            _ => 4,
-        };
-    }
-    match error.downcast_ref::<TrustError>() {
-        Some(TrustError::Unknown { .. }) => 3,
-        Some(TrustError::File { .. }) => 4,
-        Some(_) => 1,
-        // A file, a directory, a port that cannot be bound.
-        None if error.downcast_ref::<std::io::Error>().is_some() => 4,
-        None => 1,
-    }
+    // A key file, a directory, a socket, or a cause of no known kind: local.
+    Exit::LocalIo as u8
 }
 
 /// Where the link socket is: `given`, else `$XDG_RUNTIME_DIR/agora-web/link.sock`, else
@@ -342,14 +456,16 @@ fn registry_key(
         return Ok(key);
     }
     let ctx = zmq::Context::new();
+    let wait = args.timeout.min(Duration::from_secs(1));
     let (key, trust) = agora_common::trust::registry_list_key(
         &ctx,
         known,
         &args.registry,
-        args.registry_key_endpoint.as_deref(),
+        args.registry_key_endpoint.as_ref().map(Endpoint::as_str),
         None,
-        args.timeout.min(Duration::from_secs(1)),
-    )?;
+        wait,
+    )
+    .map_err(|e| trust_failure(e, wait))?;
     match trust {
         agora_common::trust::Trust::FirstUse => tracing::warn!(
             key = %key,
@@ -362,6 +478,26 @@ fn registry_key(
     Ok(key)
 }
 
+/// Why the registry's key could not be had, said once: a key endpoint that did not answer
+/// is named with the wait as given (`1s`), with what to do (exit code 3); anything else as
+/// it is (its exit code by [`exit_code`]).
+fn trust_failure(error: agora_common::trust::TrustError, wait: Duration) -> anyhow::Error {
+    use agora_common::client::ClientError;
+    use agora_common::trust::TrustError;
+    match error {
+        TrustError::Unknown {
+            endpoint,
+            key_endpoint,
+            source: ClientError::Timeout { .. },
+        } => Failure::unreachable(format!(
+            "registry {endpoint}: unreachable: its key endpoint {key_endpoint} gave no key \
+             within {}; check that the registry runs there, or pass --registry-key",
+            humantime::format_duration(wait)
+        )),
+        e => e.into(),
+    }
+}
+
 /// user-cli's pins: `known_servers.json` in its state directory (`--state-dir`, else
 /// `~/.local/state/agora`, as user-cli finds it).
 fn user_cli_pins(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -369,7 +505,9 @@ fn user_cli_pins(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         Some(d) => d,
         None => directories::ProjectDirs::from("", "", "agora")
             .map(|d| d.state_dir().unwrap_or_else(|| d.data_dir()).to_owned())
-            .context("no home directory for user-cli's pinned keys; pass --state-dir")?,
+            .ok_or_else(|| {
+                Failure::usage("no home directory for user-cli's pinned keys; pass --state-dir")
+            })?,
     };
     Ok(dir.join("known_servers.json"))
 }
@@ -379,7 +517,7 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         Some(d) => Ok(d),
         None => directories::ProjectDirs::from("", "", "agora-web")
             .map(|d| d.data_dir().to_owned())
-            .context("no home directory; pass --data-dir"),
+            .ok_or_else(|| Failure::usage("no home directory; pass --data-dir")),
     }
 }
 
@@ -409,36 +547,83 @@ fn serve(args: Serve) -> anyhow::Result<()> {
     };
     let loopback = args.bind.ip().is_loopback();
     if !args.hosted && !loopback {
-        return Err(Usage(format!(
+        return Err(Failure::usage(format!(
             "--bind {}: personal mode serves loopback only (the page acts with your key); \
              use 127.0.0.1:PORT, or --hosted",
             args.bind
-        ))
-        .into());
+        )));
     }
-    if args.hosted && !loopback && tls.is_none() {
-        if !args.insecure_http {
-            return Err(Usage(format!(
-                "--bind {} is not loopback: pass --tls-cert and --tls-key, or --insecure-http",
-                args.bind
-            ))
-            .into());
+    if args.hosted && !loopback && tls.is_none() && !args.insecure_http {
+        return Err(Failure::usage(format!(
+            "--bind {} is not loopback: pass --tls-cert and --tls-key, or --insecure-http",
+            args.bind
+        )));
+    }
+    if !args.hosted && args.user.is_none() {
+        return Err(Failure::usage(
+            "pass --user NAME (personal mode) or --hosted",
+        ));
+    }
+    if args.registry_key.is_none() && args.registry_key_endpoint.is_none() {
+        // The key endpoint is the registry's port + 1: none past 65534.
+        for endpoint in agora_common::client::registry_endpoints(&args.registry) {
+            if agora_common::trust::default_key_endpoint(&endpoint).is_none() {
+                return Err(Failure::usage(format!(
+                    "--registry {endpoint}: no key endpoint at the next port; pass \
+                     --registry-key or --registry-key-endpoint"
+                )));
+            }
         }
+    }
+    // Every place a file goes, found before anything is made (no home directory: exit 2).
+    let known = if args.hosted {
+        data_dir(args.data_dir.clone())?.join("known_servers.json")
+    } else {
+        user_cli_pins(args.state_dir.clone())?
+    };
+    let key_dir = match (&args.key_dir, args.hosted) {
+        (_, true) => None,
+        (Some(d), false) => Some(d.clone()),
+        (None, false) => Some(
+            directories::ProjectDirs::from("", "", "agora")
+                .map(|d| d.config_dir().to_owned())
+                .ok_or_else(|| Failure::usage("no home directory; pass --key-dir"))?,
+        ),
+    };
+    let socket_path = match args.hosted {
+        true => None,
+        false => Some(link_socket(
+            args.link_socket.clone(),
+            args.data_dir.clone(),
+        )?),
+    };
+    // The port before anything is made or asked: a busy one leaves no key pair, no pin, no
+    // account at the registry, no data directory and no link socket behind.
+    let listener = listen(args.bind)?;
+    let registry_key = registry_key(&args, &known)?;
+    // Personal mode's link socket once the registry's key is had (a registry that does not
+    // answer leaves no directory for it), before the key pair and the account (another
+    // gateway's socket leaves neither); the first link once the port is known.
+    let link_listener = match &socket_path {
+        Some(path) => {
+            if args.link_socket.is_none() {
+                // The default place is ours to make private (--link-socket's must be).
+                if let Some(dir) = path.parent() {
+                    agora_common::fsmode::private_dir(dir)
+                        .with_context(|| format!("{}", dir.display()))?;
+                }
+            }
+            Some(LinkSocket::bind(path)?)
+        }
+        None => None,
+    };
+    if args.hosted && !loopback && tls.is_none() {
         tracing::warn!(
             bind = %args.bind,
             "serving plain HTTP beyond loopback (--insecure-http): passwords and session \
              cookies cross the network in clear"
         );
     }
-    let known = if args.hosted {
-        data_dir(args.data_dir.clone())?.join("known_servers.json")
-    } else {
-        if args.user.is_none() {
-            return Err(Usage("pass --user NAME (personal mode) or --hosted".to_owned()).into());
-        }
-        user_cli_pins(args.state_dir.clone())?
-    };
-    let registry_key = registry_key(&args, &known)?;
     let federation = bridge::Federation {
         contexts: Arc::default(),
         registry: args.registry.clone(),
@@ -466,12 +651,7 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             .user
             .clone()
             .context("pass --user NAME (personal mode) or --hosted")?;
-        let dir = match &args.key_dir {
-            Some(d) => d.clone(),
-            None => directories::ProjectDirs::from("", "", "agora")
-                .map(|d| d.config_dir().to_owned())
-                .context("no home directory; pass --key-dir")?,
-        };
+        let dir = key_dir.context("personal mode has a key directory")?;
         let (keypair, _) =
             agora_common::keys::Keypair::load_or_generate(&dir.join(format!("{user}.key")))?;
         let identity = bridge::Identity { user, keypair };
@@ -492,13 +672,6 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         max: args.max_sessions,
     };
     let sessions = Arc::new(sessions.with_limits(limits));
-    let socket_path = match hosted {
-        Some(_) => None,
-        None => Some(link_socket(
-            args.link_socket.clone(),
-            args.data_dir.clone(),
-        )?),
-    };
     let state = AppState {
         sessions: Arc::clone(&sessions),
         federation: Arc::new(federation),
@@ -538,29 +711,19 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = std::net::TcpListener::bind(args.bind)
-            .with_context(|| format!("binding {}", args.bind))?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
+        let addr = listener
+            .local_addr()
+            .with_context(|| format!("--bind {}", args.bind))?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        // Personal mode: the link socket (after the port: a busy port leaves no socket), and
-        // the first link.
-        let url = match &socket_path {
-            Some(path) => {
-                if args.link_socket.is_none() {
-                    // The default place is ours to make private (--link-socket's must be).
-                    if let Some(dir) = path.parent() {
-                        agora_common::fsmode::private_dir(dir)
-                            .with_context(|| format!("{}", dir.display()))?;
-                    }
-                }
-                let socket = LinkSocket::bind(path)?;
+        // Personal mode: the first link, and the link socket's service.
+        let url = match link_listener {
+            Some(socket) => {
                 let base = format!("{scheme}://{addr}/?token=");
                 let token = sessions
                     .mint()
                     .context("no randomness for the link's token")?;
                 tracing::info!(
-                    socket = %path.display(),
+                    socket = %socket.path().display(),
                     ttl = %humantime::format_duration(args.link_ttl),
                     "a sign-in link works once, for the ttl; `agora-web link` prints a new one"
                 );
@@ -638,6 +801,36 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The listener at `--bind` (non-blocking, for the runtime).
+///
+/// # Errors
+/// A local failure (exit code 4) naming `--bind` and saying what to do: the port is taken,
+/// the address is not this machine's, the port needs privileges.
+fn listen(bind: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use std::io::ErrorKind;
+    let listener = std::net::TcpListener::bind(bind).map_err(|e| {
+        let why = match e.kind() {
+            ErrorKind::AddrInUse => {
+                "address in use: another program listens there; pick another port".to_owned()
+            }
+            ErrorKind::AddrNotAvailable => {
+                "address not available: it is not one of this machine's; give one of its \
+                 addresses, or 127.0.0.1"
+                    .to_owned()
+            }
+            ErrorKind::PermissionDenied => "permission denied: ports below 1024 need \
+                 privileges; pick a port from 1024 up"
+                .to_owned(),
+            _ => format!("cannot listen there: {e}"),
+        };
+        Failure::local(format!("--bind {bind}: {why}"))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("--bind {bind}"))?;
+    Ok(listener)
 }
 
 /// hyper's HTTP/1 header-read timeout (it needs a timer to take effect; without one it is
