@@ -134,7 +134,7 @@ pub enum DiscoverError {
     #[error(
         "no registry heard on UDP port {port} within {}: start one with --beacon \
          (on this LAN), or pass --registry ENDPOINT",
-        humantime::format_duration(*wait)
+        crate::human_duration(*wait)
     )]
     NoneHeard {
         /// The beacon port.

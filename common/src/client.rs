@@ -8,7 +8,7 @@
 //!
 //! [`RegistryClient`] and [`GroupClient`] wrap it with one typed method per action.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::value::RawValue;
 
@@ -34,11 +34,12 @@ pub const MAX_REPLY_BYTES: i64 = 64 << 20;
 #[non_exhaustive]
 pub enum ClientError {
     /// No reply within the timeout, after every attempt.
-    #[error("no reply from {endpoint} within {waited:?}")]
+    #[error("no reply from {endpoint} within {}", crate::human_duration(*.waited))]
     Timeout {
         /// Where the request went.
         endpoint: String,
-        /// The total time waited.
+        /// The time allowed (the configured timeout, [`ClientOptions::timeout`]), shown
+        /// as people write it ([`crate::human_duration`]).
         waited: Duration,
     },
     /// The server answered with an error.
@@ -185,7 +186,6 @@ impl ReqClient {
     /// [`ClientError::Timeout`] when no attempt got a reply; [`ClientError::Zmq`].
     pub fn request_frames(&mut self, frames: &Frames) -> Result<Frames, ClientError> {
         let attempts = self.options.attempts.max(1);
-        let started = Instant::now();
         for attempt in 1..=attempts {
             let socket = self.socket()?;
             socket.send_multipart(frames.iter(), 0)?;
@@ -200,7 +200,8 @@ impl ReqClient {
         }
         Err(ClientError::Timeout {
             endpoint: self.endpoint.clone(),
-            waited: started.elapsed().max(self.options.timeout),
+            // The timeout as configured (`2s`), not the time measured (`2.002584094s`).
+            waited: self.options.timeout,
         })
     }
 
@@ -909,4 +910,40 @@ impl GroupClient {
 /// `max_body_bytes`: room for the rest of the request beside the body.
 pub fn max_request_bytes(max_body_bytes: usize) -> i64 {
     i64::try_from(max_body_bytes.saturating_add(REQUEST_OVERHEAD_BYTES)).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review of issue 23: a timeout read `within 2.002584094s` (the time measured); it
+    /// says the configured timeout, as people write it.
+    #[test]
+    fn a_timeout_names_the_configured_wait_as_people_write_it() {
+        let ctx = zmq::Context::new();
+        // A ROUTER that never answers.
+        let (_silent, endpoint) = crate::server::bind_router(
+            &ctx,
+            "tcp://127.0.0.1:0",
+            crate::server::RouterOptions {
+                max_request_bytes: 1 << 16,
+                hwm: 10,
+                heartbeat: None,
+                curve: None,
+            },
+        )
+        .expect("bind");
+        let options = ClientOptions {
+            timeout: Duration::from_millis(300),
+            attempts: 2,
+        };
+        let mut client = ReqClient::new(&ctx, endpoint.clone(), options);
+        let error = client
+            .request_frames(&vec![b"x".to_vec()])
+            .expect_err("no reply");
+        assert_eq!(
+            error.to_string(),
+            format!("no reply from {endpoint} within 300ms")
+        );
+    }
 }

@@ -39,3 +39,44 @@ pub mod shutdown;
 pub mod transfer;
 pub mod trust;
 pub mod zap;
+
+/// A duration as people write it, for messages and logs: whole milliseconds below one
+/// second (`250ms`), whole seconds or tenths of a second from one second on (`1s`,
+/// `1s 500ms`, `5s`; rounded to the nearest tenth), in humantime's notation, which
+/// `humantime::parse_duration` (every duration flag) reads back. Never `2.002584094s`.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let ms = if ms >= 1000 {
+        ms.saturating_add(50) / 100 * 100
+    } else {
+        ms
+    };
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+    use std::time::Duration;
+
+    /// Review of issue 23: `within 2.002584094s` reached group-node's, agora-web's and the
+    /// thermometer's messages, and a copy rounded 40 ms to `0s`.
+    #[test]
+    fn durations_read_as_people_write_them() {
+        let cases = [
+            (Duration::from_millis(40), "40ms"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_millis(999), "999ms"),
+            (Duration::from_secs(1), "1s"),
+            (Duration::from_nanos(1_004_849_877), "1s"),
+            (Duration::from_nanos(2_002_584_094), "2s"),
+            (Duration::from_millis(1500), "1s 500ms"),
+            (Duration::from_millis(3334), "3s 300ms"),
+            (Duration::from_secs(5), "5s"),
+            (Duration::from_secs(90), "1m 30s"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(human_duration(d), want, "{d:?}");
+        }
+    }
+}

@@ -176,22 +176,86 @@ impl std::fmt::Debug for MetricsServer {
     }
 }
 
-impl MetricsServer {
-    /// Serves `/metrics` and `/healthz` on `addr`: `IP:PORT`, or a bare `PORT` for loopback
-    /// (`127.0.0.1:PORT`); port 0 picks one.
+/// The metrics HTTP listener, bound but not answering yet: a server binds it before it
+/// creates anything (a busy `--metrics` port fails the start with nothing left behind) and
+/// starts answering ([`MetricsListener::serve`]) once it serves. Connections that arrive
+/// in between wait in the listen queue.
+pub struct MetricsListener {
+    server: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for MetricsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsListener")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetricsListener {
+    /// Binds `addr`: `IP:PORT`, or a bare `PORT` for loopback (`127.0.0.1:PORT`); port 0
+    /// picks one.
     ///
     /// # Errors
-    /// Binding `addr` fails, or the thread cannot be spawned.
-    pub fn start(addr: &str) -> std::io::Result<MetricsServer> {
+    /// Binding `addr` fails (`AddrInUse`, `AddrNotAvailable`, ...).
+    pub fn bind(addr: &str) -> std::io::Result<MetricsListener> {
         let addr = match addr.parse::<u16>() {
             Ok(port) => format!("127.0.0.1:{port}"),
             Err(_) => addr.to_owned(),
         };
-        let server = Arc::new(tiny_http::Server::http(&addr).map_err(std::io::Error::other)?);
-        let bound = server
+        let server = Arc::new(tiny_http::Server::http(&addr).map_err(|e| {
+            match e.downcast::<std::io::Error>() {
+                Ok(io) => *io,
+                Err(other) => std::io::Error::other(other.to_string()),
+            }
+        })?);
+        let addr = server
             .server_addr()
             .to_ip()
             .ok_or_else(|| std::io::Error::other("not an IP address"))?;
+        Ok(MetricsListener { server, addr })
+    }
+
+    /// A server's `--metrics`: [`MetricsListener::bind`] when `addr` is given, `None`
+    /// without it.
+    ///
+    /// # Errors
+    /// One line naming the flag and the address: `--metrics 127.0.0.1:9100: address in use;
+    /// choose another port (0 picks a free one)`.
+    pub fn bind_flag(addr: Option<&str>) -> std::io::Result<Option<MetricsListener>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        MetricsListener::bind(addr).map(Some).map_err(|e| {
+            let why = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    "address in use; choose another port (0 picks a free one)".to_owned()
+                }
+                std::io::ErrorKind::AddrNotAvailable => {
+                    "not an address of this machine; bind one of its addresses".to_owned()
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied; choose a port above 1023".to_owned()
+                }
+                _ => e.to_string(),
+            };
+            std::io::Error::new(e.kind(), format!("--metrics {addr}: {why}"))
+        })
+    }
+
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts answering `/metrics` and `/healthz`, and logs where (`metrics serving
+    /// addr=IP:PORT`).
+    ///
+    /// # Errors
+    /// The thread cannot be spawned.
+    pub fn serve(self) -> std::io::Result<MetricsServer> {
+        let MetricsListener { server, addr } = self;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
@@ -199,28 +263,35 @@ impl MetricsServer {
                 .name("metrics".into())
                 .spawn(move || serve(&server, &stop))?
         };
+        tracing::info!(%addr, "metrics serving");
         Ok(MetricsServer {
             server,
             stop,
             thread: Some(thread),
-            addr: bound,
+            addr,
         })
+    }
+}
+
+impl MetricsServer {
+    /// Serves `/metrics` and `/healthz` on `addr`: `IP:PORT`, or a bare `PORT` for loopback
+    /// (`127.0.0.1:PORT`); port 0 picks one.
+    ///
+    /// # Errors
+    /// Binding `addr` fails, or the thread cannot be spawned.
+    pub fn start(addr: &str) -> std::io::Result<MetricsServer> {
+        MetricsListener::bind(addr)?.serve()
     }
 
     /// As [`MetricsServer::start`] when `addr` is given (a server's `--metrics`), logging
     /// where it serves (`metrics serving addr=IP:PORT`); `None` without it.
     ///
     /// # Errors
-    /// As [`MetricsServer::start`], with the address in the message.
+    /// As [`MetricsListener::bind_flag`] and [`MetricsListener::serve`].
     pub fn serve(addr: Option<&str>) -> std::io::Result<Option<MetricsServer>> {
-        let Some(addr) = addr else {
-            return Ok(None);
-        };
-        let server = MetricsServer::start(addr).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("serving metrics on {addr}: {e}"))
-        })?;
-        tracing::info!(addr = %server.local_addr(), "metrics serving");
-        Ok(Some(server))
+        MetricsListener::bind_flag(addr)?
+            .map(MetricsListener::serve)
+            .transpose()
     }
 
     /// The address it listens on.

@@ -202,6 +202,75 @@ pub fn describe(e: &postgres::Error) -> String {
     text
 }
 
+/// Where a PostgreSQL URL (or libpq key=value string) points, for messages: its
+/// `HOST:PORT` list and database, never its password (`127.0.0.1:5432, database agora`).
+/// A string that does not parse is described as `the --store database`.
+pub fn target(url: &str) -> String {
+    use std::str::FromStr;
+    let Ok(config) = Config::from_str(url) else {
+        return "the --store database".into();
+    };
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "the default host".to_owned()
+    } else {
+        hosts.join(",")
+    };
+    match config.get_dbname() {
+        Some(db) => format!("{hosts}, database {db}"),
+        None => hosts,
+    }
+}
+
+/// Whether a PostgreSQL error means the database refuses this client for good, so that
+/// retrying cannot help: authentication failed (SQLSTATE class 28) or the database does
+/// not exist (3D000).
+pub fn is_refusal(e: &postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code.starts_with("28") || code == "3D000"
+    })
+}
+
+/// Whether a PostgreSQL error at start means the database cannot be used: no connection
+/// (refused, timed out, a failed TLS handshake), a refusal ([`is_refusal`]), or a server
+/// that takes no connections now (53300 too many connections, 57P03 starting up or
+/// shutting down). A server error to a query is not one of them.
+pub fn is_unreachable(e: &postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => is_refusal(e) || matches!(db.code().code(), "53300" | "57P03"),
+    }
+}
+
+/// A PostgreSQL failure for a message, said once, naming `--store` and where it points
+/// ([`target`], never the password): `--store 127.0.0.1:5432, database agora: error
+/// connecting to server: Connection refused (os error 111)`, `--store 127.0.0.1:5432,
+/// database nodb: database "nodb" does not exist`.
+pub fn explain(url: &str, e: &postgres::Error) -> String {
+    let cause = match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => describe(e),
+    };
+    format!("--store {}: {cause}", target(url))
+}
+
 /// Whether a host is this machine: a Unix socket directory, `localhost` or a loopback
 /// address.
 fn is_local(host: &Host) -> bool {
@@ -291,6 +360,20 @@ fn native_roots() -> Result<rustls::RootCertStore, PgTlsError> {
 
 #[cfg(test)]
 mod tests {
+    /// Review of issue 23: a store error names where it points, never the password.
+    #[test]
+    fn a_target_names_host_port_and_database_never_the_password() {
+        assert_eq!(
+            super::target("postgres://agora:s3cret@127.0.0.1:25999/agora"),
+            "127.0.0.1:25999, database agora"
+        );
+        assert_eq!(
+            super::target("host=db1 port=6000 dbname=nodb password=s3cret"),
+            "db1:6000, database nodb"
+        );
+        assert!(!super::target("postgres://u:s3cret@h/d").contains("s3cret"));
+    }
+
     use super::*;
 
     #[test]

@@ -40,7 +40,8 @@ pub enum TrustError {
         presented: PublicKey,
     },
     /// No key given, none pinned, and the key endpoint did not answer.
-    #[error("no key for the registry at {endpoint}: pass --registry-key, or reach its key endpoint {key_endpoint} once ({source})")]
+    /// Its text leaves the cause to the error chain (`{:#}` prints it once).
+    #[error("no key for the registry at {endpoint}: pass --registry-key, or reach its key endpoint {key_endpoint} once")]
     Unknown {
         /// The registry endpoint.
         endpoint: String,
@@ -242,6 +243,16 @@ impl KeyService {
     /// # Errors
     /// libzmq's (`EADDRINUSE`…).
     pub fn start(ctx: &zmq::Context, bind: &str, key: PublicKey) -> Result<KeyService, zmq::Error> {
+        KeyService::bind(ctx, bind)?.serve(ctx, key)
+    }
+
+    /// Binds `bind` without answering yet: a server binds its ports before it creates
+    /// anything, and hands out its key ([`KeyListener::serve`]) only once the key is saved.
+    /// Requests that arrive in between wait.
+    ///
+    /// # Errors
+    /// libzmq's (`EADDRINUSE`…).
+    pub fn bind(ctx: &zmq::Context, bind: &str) -> Result<KeyListener, zmq::Error> {
         let options = crate::server::RouterOptions {
             max_request_bytes: 4096,
             hwm: 100,
@@ -249,17 +260,47 @@ impl KeyService {
             curve: None,
         };
         let (socket, endpoint) = bind_router(ctx, bind, options)?;
+        Ok(KeyListener { socket, endpoint })
+    }
+
+    /// The endpoint really bound.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+/// A bound key endpoint that does not answer yet ([`KeyService::bind`]).
+pub struct KeyListener {
+    socket: zmq::Socket,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for KeyListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyListener")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyListener {
+    /// The endpoint really bound.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Starts answering `server_key` with `key`, on an actor of its own.
+    ///
+    /// # Errors
+    /// The actor's thread cannot start (`EMFILE`).
+    pub fn serve(self, ctx: &zmq::Context, key: PublicKey) -> Result<KeyService, zmq::Error> {
+        let KeyListener { socket, endpoint } = self;
         let actor = Actor::start(ctx, "key-endpoint", move |pipe| serve(&pipe, &socket, key))
             .map_err(|_| zmq::Error::EMFILE)?;
         Ok(KeyService {
             endpoint,
             _actor: actor,
         })
-    }
-
-    /// The endpoint really bound.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
     }
 }
 

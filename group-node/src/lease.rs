@@ -44,8 +44,9 @@ pub struct LeaseConfig {
     pub poll: Duration,
     /// How often the holder checks its lease connection (default 200 ms).
     pub check: Duration,
-    /// How long the holder may go without a successful check before it stops (default
-    /// 1.5 s).
+    /// How long the holder may go without a successful check before it stops, and how
+    /// long the database may stay unreachable at start before [`Lease::acquire`] gives up
+    /// (default 1.5 s).
     pub timeout: Duration,
 }
 
@@ -81,21 +82,40 @@ pub struct Lease {
 
 impl Lease {
     /// Waits until this node holds the lease, then bumps the epoch and starts checking.
-    /// Returns `Ok(None)` if `shutdown` is triggered first. While the database cannot be
-    /// reached, it keeps trying (a standby outlives a database restart).
+    /// Returns `Ok(None)` if `shutdown` is triggered first.
+    ///
+    /// At start, a database that refuses this node (authentication, a database that does
+    /// not exist: [`agora_common::pgtls::is_refusal`]) fails at once, and one that cannot
+    /// be reached fails after [`LeaseConfig::timeout`]. Once it has been reached, a standby
+    /// keeps waiting through any outage (it outlives a database restart), with one warning
+    /// per outage.
     ///
     /// # Errors
-    /// [`StoreError::SchemaTooNew`] or [`StoreError::WrongGroup`] (no point retrying), or a
-    /// thread that cannot start, as [`StoreError::Corrupt`].
+    /// [`StoreError::Postgres`] at start, as above; [`StoreError::SchemaTooNew`] or
+    /// [`StoreError::WrongGroup`] (no point retrying); a thread that cannot start, as
+    /// [`StoreError::Corrupt`].
     pub fn acquire(config: &LeaseConfig, shutdown: &Shutdown) -> Result<Option<Lease>, StoreError> {
         let schema = schema_name(&config.group);
         let mut announced = false;
+        let started = Instant::now();
+        // Whether the database was ever reached: until then, it is the start that fails.
+        let mut reached = false;
+        // Whether the current outage was logged.
+        let mut warned = false;
         let mut session: Option<postgres::Client> = None;
         let mut client = loop {
             if shutdown.is_triggered() {
                 return Ok(None);
             }
-            match Self::try_take(config, &schema, &mut session) {
+            let taken = Self::try_take(config, &schema, &mut session);
+            if session.is_some() {
+                reached = true;
+                if warned {
+                    tracing::info!(group = %config.group, "reached the database again");
+                    warned = false;
+                }
+            }
+            match taken {
                 Ok(true) => match session.take() {
                     Some(client) => break client,
                     None => continue,
@@ -109,9 +129,20 @@ impl Lease {
                 Err(e @ (StoreError::SchemaTooNew { .. } | StoreError::WrongGroup { .. })) => {
                     return Err(e)
                 }
+                Err(StoreError::Postgres(e))
+                    if !reached
+                        && (agora_common::pgtls::is_refusal(&e)
+                            || started.elapsed() >= config.timeout) =>
+                {
+                    return Err(StoreError::Postgres(e))
+                }
                 Err(e) => {
                     session = None;
-                    tracing::warn!(error = %e, "cannot reach the database for the lease; retrying");
+                    if !warned {
+                        tracing::warn!(error = %e,
+                            "cannot reach the database for the lease; retrying until it answers");
+                        warned = true;
+                    }
                     std::thread::sleep(config.poll.max(Duration::from_millis(500)));
                 }
             }

@@ -310,7 +310,7 @@ pub struct Node {
     limiter: Limiter<Peer>,
     _zap: Option<Authenticator>,
     /// The data directory's lock, held while the node lives.
-    _lock: std::fs::File,
+    _lock: DataDirLock,
 }
 
 impl std::fmt::Debug for Node {
@@ -342,12 +342,14 @@ impl Node {
     /// [`NodeError::DataDir`], [`NodeError::Store`] (including a data dir of another
     /// group), [`NodeError::Bind`], [`NodeError::Advertise`].
     pub fn bind(ctx: &zmq::Context, config: Config) -> Result<Node, NodeError> {
-        Node::bind_leased(ctx, config, None)
+        Node::bind_leased(ctx, config, None, None)
     }
 
     /// As [`Node::bind`], serving under `lease` (taken with [`lease::Lease::acquire`]) when
     /// the store is shared: its commits are fenced by the lease's epoch, and the node stops
-    /// when the lease is lost ([`NodeError::LeaseLost`]).
+    /// when the lease is lost ([`NodeError::LeaseLost`]). `lock` is the data directory's
+    /// lock when the caller took it already ([`lock_data_dir`], before waiting for the
+    /// lease); without it, it is taken here.
     ///
     /// # Errors
     /// As [`Node::bind`].
@@ -355,6 +357,7 @@ impl Node {
         ctx: &zmq::Context,
         config: Config,
         lease: Option<lease::Lease>,
+        lock: Option<DataDirLock>,
     ) -> Result<Node, NodeError> {
         // Bind first: a busy port or a bad endpoint leaves nothing behind (no key pair, no
         // data directory). A CURVE server socket needs its secret key before it binds, so a
@@ -415,7 +418,10 @@ impl Node {
             path: config.data_dir.clone(),
             source,
         })?;
-        let lock = lock_data_dir(&config.data_dir)?;
+        let lock = match lock {
+            Some(lock) => lock,
+            None => lock_data_dir(&config.data_dir)?,
+        };
         if let (Some(keys), true) = (&keys, new_key) {
             keys.save(&config.data_dir.join("node.key"))?;
             tracing::info!(public_key = %keys.public, "made a new node key pair");
@@ -1314,14 +1320,24 @@ fn stopping() -> WireError {
     )
 }
 
+/// The data directory's lock ([`lock_data_dir`]), held until dropped.
+#[derive(Debug)]
+pub struct DataDirLock(#[allow(dead_code)] std::fs::File);
+
 /// Takes the data directory's lock: an exclusive `flock` on `node.lock` (mode 0600), held
-/// until the returned file is dropped (or the process dies), so that two nodes never write
-/// one store.
+/// until the returned value is dropped (or the process dies), so that two nodes never
+/// share one data directory, with SQLite or with `--store` (where a second node would
+/// otherwise wait as a standby on the first one's directory). Makes the directory (0700)
+/// if it does not exist.
 ///
 /// # Errors
 /// [`NodeError::Locked`] when another process holds it; [`NodeError::DataDir`] on I/O.
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, NodeError> {
     use std::os::unix::fs::OpenOptionsExt;
+    agora_common::fsmode::private_dir(dir).map_err(|source| NodeError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })?;
     let path = dir.join("node.lock");
     let io = |source| NodeError::DataDir {
         path: path.clone(),
@@ -1335,10 +1351,18 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, NodeError> {
         .open(&path)
         .map_err(io)?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
+        Ok(()) => Ok(DataDirLock(file)),
         Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::Locked(dir.to_owned())),
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
+}
+
+/// Removes a data directory this start made ([`lock_data_dir`]) after the start failed:
+/// its `node.lock`, then the directory if it is empty. Failures are ignored (what is left
+/// is an empty directory at worst).
+pub fn unmake_data_dir(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("node.lock"));
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Makes the data directory private: creates it (and its parents) with mode 0700, or

@@ -60,8 +60,9 @@ struct Args {
     /// With --registry auto: the name of the registry to use when several are heard.
     #[arg(long, env = "AGORA_REGISTRY_NAME")]
     registry_name: Option<String>,
-    /// The UDP port registries' beacons arrive on (--registry auto).
-    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    /// The UDP port registries' beacons arrive on (--registry auto); 1-65535.
+    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     beacon_port: u16,
     /// How long --registry auto listens for beacons (sent every second).
     #[arg(long, env = "AGORA_DISCOVER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
@@ -90,7 +91,8 @@ struct Args {
     #[arg(long, env = "AGORA_FAILOVER_CHECK", default_value = "200ms", value_parser = humantime::parse_duration)]
     failover_check: Duration,
     /// How long the active node may go without reaching the database before it stops
-    /// serving. The database frees a silent holder's lease after --store-net-timeout, so
+    /// serving, and how long the database may stay unreachable at start before the node
+    /// exits (3). The database frees a silent holder's lease after --store-net-timeout, so
     /// keep this shorter.
     #[arg(long, env = "AGORA_FAILOVER_TIMEOUT", default_value = "1500ms", value_parser = humantime::parse_duration)]
     failover_timeout: Duration,
@@ -323,6 +325,10 @@ fn run(mut args: Args) -> Result<(), Failure> {
             )
         })
         .exit_with(Exit::LocalIo)?;
+    // The metrics port too, before anything exists and before the `listening` line; it
+    // answers once the node serves.
+    let metrics = agora_common::metrics::MetricsListener::bind_flag(args.metrics.as_deref())
+        .exit_with(Exit::LocalIo)?;
     let shutdown = Shutdown::on_signals()
         .context("installing signal handlers")
         .exit_with(Exit::LocalIo)?;
@@ -339,8 +345,11 @@ fn run(mut args: Args) -> Result<(), Failure> {
             use agora_common::beacon::{AutoError, DiscoverError, HeardKeyError};
             let exit = match &e {
                 AutoError::Listen { .. } => Exit::LocalIo,
-                AutoError::Discover(DiscoverError::NoneHeard { .. }) => Exit::Unreachable,
-                // Several heard, or none of that name: say which with --registry-name.
+                // None heard, or none of the name asked for: no such registry reachable.
+                AutoError::Discover(
+                    DiscoverError::NoneHeard { .. } | DiscoverError::NoneNamed { .. },
+                ) => Exit::Unreachable,
+                // Several heard and no --registry-name to choose: say which.
                 AutoError::Discover(_) => Exit::Usage,
                 AutoError::Key(HeardKeyError::Trust(agora_common::trust::TrustError::File {
                     ..
@@ -390,17 +399,7 @@ fn run(mut args: Args) -> Result<(), Failure> {
             None,
             Duration::from_secs(2),
         )
-        .map_err(|e| {
-            let exit = match e {
-                agora_common::trust::TrustError::Unknown { .. } => Exit::Unreachable,
-                agora_common::trust::TrustError::File { .. } => Exit::LocalIo,
-                _ => Exit::Refused,
-            };
-            Failure {
-                exit,
-                error: e.into(),
-            }
-        })?;
+        .map_err(trust_failure)?;
         if trust == agora_common::trust::Trust::FirstUse {
             tracing::warn!(%key, registry = %args.registry,
                 "pinned the registry key on first use; compare it with the key the registry printed");
@@ -427,17 +426,62 @@ fn run(mut args: Args) -> Result<(), Failure> {
     // Before the lease: a node whose key is not the name's owner would hold the lease while
     // the registry refuses it, blocking every standby that has the right key.
     check_owner(&ctx, &config)?;
+    // With --store too, one node per data directory: the lock is taken before the lease,
+    // so a second node on the same directory fails now instead of waiting as a standby.
+    let made_dir = !config.data_dir.exists();
+    let lock = match &config.store {
+        Some(_) => Some(
+            agora_group_node::lock_data_dir(&config.data_dir).map_err(|e| {
+                if made_dir {
+                    agora_group_node::unmake_data_dir(&config.data_dir);
+                }
+                node_failure(e)
+            })?,
+        ),
+        None => None,
+    };
+    // A start that fails before the node is bound leaves no directory it made.
+    let undo = |failure: Failure| {
+        if made_dir {
+            agora_group_node::unmake_data_dir(&config.data_dir);
+        }
+        failure
+    };
     let lease = match &config.store {
         Some(target) => {
-            target.connector().exit_with(Exit::LocalIo)?.warn_if_plain();
+            target
+                .connector()
+                .exit_with(Exit::LocalIo)
+                .map_err(undo)?
+                .warn_if_plain();
             let mut lease_config = LeaseConfig::new(target.clone(), config.name.clone());
             lease_config.poll = args.failover_poll;
             lease_config.check = args.failover_check;
             lease_config.timeout = args.failover_timeout;
-            match Lease::acquire(&lease_config, &shutdown)
-                .context("taking the lease")
-                .exit_with(Exit::LocalIo)?
-            {
+            let acquired = Lease::acquire(&lease_config, &shutdown).map_err(|e| match e {
+                StoreError::Postgres(pg) if agora_common::pgtls::is_unreachable(&pg) => {
+                    let url = target.url();
+                    let error = if pg.as_db_error().is_some() {
+                        anyhow::anyhow!("{}", agora_common::pgtls::explain(url, &pg))
+                    } else {
+                        anyhow::anyhow!(
+                            "{} (no answer within --failover-timeout {}); check that \
+                             PostgreSQL runs there",
+                            agora_common::pgtls::explain(url, &pg),
+                            agora_common::human_duration(args.failover_timeout)
+                        )
+                    };
+                    undo(Failure {
+                        exit: Exit::Unreachable,
+                        error,
+                    })
+                }
+                e => undo(Failure {
+                    exit: Exit::LocalIo,
+                    error: anyhow::Error::new(e).context("taking the lease"),
+                }),
+            })?;
+            match acquired {
                 Some(lease) => Some(lease),
                 // Stopped while a standby.
                 None => return Ok(()),
@@ -445,7 +489,7 @@ fn run(mut args: Args) -> Result<(), Failure> {
         }
         None => None,
     };
-    let node = Node::bind_leased(&ctx, config, lease).map_err(node_failure)?;
+    let node = Node::bind_leased(&ctx, config, lease, lock).map_err(node_failure)?;
     let announce = || -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
         match node.public_key() {
@@ -457,10 +501,45 @@ fn run(mut args: Args) -> Result<(), Failure> {
     announce().exit_with(Exit::LocalIo)?;
     // Every request series at 0 before the first scrape (rate() needs a start).
     agora_common::metrics::register_requests(agora_proto::action::Role::Node);
-    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())
+    let _metrics = metrics
+        .map(agora_common::metrics::MetricsListener::serve)
+        .transpose()
         .exit_with(Exit::LocalIo)?;
     node.run(&shutdown).map_err(node_failure)?;
     Ok(())
+}
+
+/// Why the registry's key could not be had, said once, with its exit status: 3 when its
+/// key endpoint did not answer (named, with the wait as given), 4 for the pins' file, 1
+/// for a changed key.
+fn trust_failure(e: agora_common::trust::TrustError) -> Failure {
+    use agora_common::client::ClientError;
+    use agora_common::trust::TrustError;
+    match e {
+        TrustError::Unknown {
+            endpoint,
+            key_endpoint,
+            source: ClientError::Timeout { waited, .. },
+        } => Failure {
+            exit: Exit::Unreachable,
+            error: anyhow::anyhow!(
+                "registry {endpoint}: unreachable: its key endpoint {key_endpoint} gave no key \
+                 within {}; check that the registry runs there, or pass --registry-key",
+                agora_common::human_duration(waited)
+            ),
+        },
+        e => {
+            let exit = match e {
+                TrustError::Unknown { .. } => Exit::Unreachable,
+                TrustError::File { .. } => Exit::LocalIo,
+                _ => Exit::Refused,
+            };
+            Failure {
+                exit,
+                error: e.into(),
+            }
+        }
+    }
 }
 
 /// The exit status of a node failure.
@@ -521,7 +600,7 @@ fn check_owner(ctx: &zmq::Context, config: &Config) -> Result<(), Failure> {
     let owner = match client.owner(&config.name) {
         Ok(owner) => owner,
         Err(e) => {
-            tracing::warn!(%registry, error = %agora_group_node::heartbeat::describe(&e),
+            tracing::warn!(%registry, error = %e,
                 "could not ask the registry who owns the group name; going on");
             return Ok(());
         }

@@ -238,7 +238,8 @@ impl Registry {
     /// Opens the store ([`Config::store`]) and binds the registry's ROUTER and key endpoint.
     /// With SQLite, the sockets are bound first (a new key pair is made in memory for that
     /// and saved after), so a port that cannot be bound leaves no data directory and no key
-    /// pair behind; with PostgreSQL, which holds the key pair, the store comes first.
+    /// pair behind; with PostgreSQL, which holds the key pair, the store comes first. Either
+    /// way the key endpoint hands out the public key only once the key pair is saved.
     ///
     /// # Errors
     /// [`RegistryError::Bind`], [`RegistryError::InsecureNotLoopback`],
@@ -277,7 +278,7 @@ impl Registry {
         if config.insecure {
             tracing::warn!("running WITHOUT encryption or authentication (--insecure)");
         }
-        let (public_key, zap, (socket, endpoint, key_service)) = match early {
+        let (public_key, zap, (socket, endpoint, key_listener)) = match early {
             Some((None, _, sockets)) => (None, None, sockets),
             Some((Some((keys, new)), zap, sockets)) => {
                 if new {
@@ -309,6 +310,21 @@ impl Registry {
                 )
             }
         };
+        // The key pair is saved now (in files or in the database): hand out its public key.
+        let key_service = match (key_listener, public_key) {
+            (Some(listener), Some(key)) => {
+                let bind = listener.endpoint().to_owned();
+                Some(
+                    listener
+                        .serve(ctx, key)
+                        .map_err(|source| RegistryError::Bind {
+                            endpoint: bind,
+                            source,
+                        })?,
+                )
+            }
+            _ => None,
+        };
         if config.store.is_none() && public_key.is_some() {
             let path = config.data_dir.join(ENDPOINT_FILE);
             if let Err(e) =
@@ -338,13 +354,21 @@ impl Registry {
     }
 
     /// Binds the ROUTER (a CURVE server with `curve`) and, with a key, the plaintext key
-    /// endpoint ([`Config::key_bind`], default the next port).
+    /// endpoint ([`Config::key_bind`], default the next port), which does not answer until
+    /// it is served ([`agora_common::trust::KeyListener::serve`]).
     fn bind_sockets(
         ctx: &zmq::Context,
         config: &Config,
         curve: Option<Keypair>,
-    ) -> Result<(zmq::Socket, String, Option<agora_common::trust::KeyService>), RegistryError> {
-        let public_key = curve.as_ref().map(|k| k.public);
+    ) -> Result<
+        (
+            zmq::Socket,
+            String,
+            Option<agora_common::trust::KeyListener>,
+        ),
+        RegistryError,
+    > {
+        let with_key = curve.is_some();
         let options = RouterOptions {
             max_request_bytes: MAX_REQUEST_BYTES,
             hwm: 1000,
@@ -356,8 +380,8 @@ impl Registry {
                 endpoint: config.bind.clone(),
                 source,
             })?;
-        let key_service = match public_key {
-            Some(key) => {
+        let key_listener = if with_key {
+            {
                 let bind = config.key_bind.clone().unwrap_or_else(|| {
                     match config.bind.strip_suffix(":0") {
                         Some(_) => config.bind.clone(),
@@ -366,7 +390,7 @@ impl Registry {
                     }
                 });
                 Some(
-                    agora_common::trust::KeyService::start(ctx, &bind, key).map_err(|source| {
+                    agora_common::trust::KeyService::bind(ctx, &bind).map_err(|source| {
                         RegistryError::Bind {
                             endpoint: bind.clone(),
                             source,
@@ -374,9 +398,10 @@ impl Registry {
                     })?,
                 )
             }
-            None => None,
+        } else {
+            None
         };
-        Ok((socket, endpoint, key_service))
+        Ok((socket, endpoint, key_listener))
     }
 
     /// Where the plaintext key endpoint listens (`None` with `--insecure`).

@@ -8,11 +8,13 @@
 //! - 0: a clean stop (SIGINT, SIGTERM or the operator's `stop`); `release` freed the name.
 //! - 1: `release` of a name that is bound to no key, or refused by the running registry.
 //! - 2: usage: a bad argument (a port past 65535, a malformed endpoint, an unknown scheme,
-//!   `--insecure` off loopback, `--beacon-address` without `--beacon`).
-//! - 3: unreachable: PostgreSQL (`--store`) cannot be reached at start; the running
-//!   registry that `release` asks does not answer.
-//! - 4: local input or output: a port that cannot be bound, the data directory, the key
-//!   pair or the store's files.
+//!   `--insecure` off loopback, `--beacon-address` without `--beacon`, `--beacon-port 0`).
+//! - 3: unreachable: PostgreSQL (`--store`) cannot be reached at start, or refuses this
+//!   registry (authentication failed, the database does not exist); the running registry
+//!   that `release` asks does not answer.
+//! - 4: local input or output: a port that cannot be bound (`--bind`, `--key-bind`,
+//!   `--metrics`), the data directory, the key pair or the store's files; `release` with
+//!   no registry database in `--data-dir`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -43,28 +45,38 @@ struct Args {
     max_groups: usize,
     /// Directory of the registry's key pair and, without --store, its SQLite database
     /// [default: ~/.local/share/agora/registry].
-    #[arg(long, env = "AGORA_REGISTRY_DATA_DIR")]
+    #[arg(long, env = "AGORA_REGISTRY_DATA_DIR", global = true)]
     data_dir: Option<std::path::PathBuf>,
     /// Keep everything (directory, presence, accounts, owners, mailboxes, the key pair) in
     /// this PostgreSQL database (postgres://… or postgresql://…, schema agora_registry);
     /// registries given the same one act as one registry. Without it: SQLite in --data-dir
     /// and memory, one registry.
-    #[arg(long, env = "AGORA_REGISTRY_STORE", hide_env_values = true, value_parser = store_url)]
+    #[arg(long, env = "AGORA_REGISTRY_STORE", hide_env_values = true, value_parser = store_url, global = true)]
     store: Option<String>,
     /// PEM file of the CA certificates that PostgreSQL's server certificate must chain to:
     /// the connection is then TLS, checked against the URL's host name. Without it, TLS is
     /// used only when the URL says sslmode=require (checked against the system's trust
     /// store).
-    #[arg(long, env = "AGORA_REGISTRY_STORE_CA", requires = "store")]
+    #[arg(
+        long,
+        env = "AGORA_REGISTRY_STORE_CA",
+        requires = "store",
+        global = true
+    )]
     store_ca: Option<std::path::PathBuf>,
     /// PEM file of a client certificate (chain, leaf first) to present to PostgreSQL, for
     /// servers that authenticate by certificate (cert in pg_hba.conf: its CN names the
     /// role). Makes the connection TLS.
-    #[arg(long, env = "AGORA_REGISTRY_STORE_CERT", requires_all = ["store", "store_key"])]
+    #[arg(long, env = "AGORA_REGISTRY_STORE_CERT", requires_all = ["store", "store_key"], global = true)]
     store_cert: Option<std::path::PathBuf>,
     /// PEM file of the private key of --store-cert; mode 0600 or less (0640 if root owns
     /// it), as libpq requires.
-    #[arg(long, env = "AGORA_REGISTRY_STORE_KEY", requires = "store_cert")]
+    #[arg(
+        long,
+        env = "AGORA_REGISTRY_STORE_KEY",
+        requires = "store_cert",
+        global = true
+    )]
     store_key: Option<std::path::PathBuf>,
     /// Run without CURVE encryption and authentication: local experiments only; refused
     /// unless the bind endpoint is loopback.
@@ -140,8 +152,9 @@ struct Args {
     /// Needs --beacon: without it, a usage error (exit 2), not a silent no-op.
     #[arg(long, env = "AGORA_BEACON_ADDRESS")]
     beacon_address: Option<std::net::Ipv4Addr>,
-    /// The UDP port the beacon goes to (the zbeacon convention).
-    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    /// The UDP port the beacon goes to (the zbeacon convention); 1-65535.
+    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     beacon_port: u16,
     #[command(subcommand)]
     command: Option<Command>,
@@ -246,10 +259,24 @@ fn check_usage(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The exit status of a registry failure.
-fn registry_failure(e: agora_registry::RegistryError) -> Failure {
+/// The exit status of a registry failure, and its text: a PostgreSQL failure names
+/// `--store` and where it points (`store`, the URL; never its password), and says its
+/// cause once.
+fn registry_failure(e: agora_registry::RegistryError, store: Option<&str>) -> Failure {
     use agora_registry::store::StoreError;
     use agora_registry::RegistryError;
+    if let (RegistryError::Store(StoreError::Postgres(pg)), Some(url)) = (&e, store) {
+        // Unreachable, or refusing this registry (authentication, no such database): 3.
+        let exit = if agora_common::pgtls::is_unreachable(pg) {
+            Exit::Unreachable
+        } else {
+            Exit::LocalIo
+        };
+        return Failure {
+            exit,
+            error: anyhow::anyhow!("{}", agora_common::pgtls::explain(url, pg)),
+        };
+    }
     let exit = match &e {
         RegistryError::InsecureNotLoopback(_) => Exit::Usage,
         RegistryError::Store(StoreError::Postgres(pg)) if pg.as_db_error().is_none() => {
@@ -289,13 +316,26 @@ fn release(args: &Args, name: &agora_proto::wire::GroupName) -> Result<(), Failu
                 release_settings(args),
                 true,
             )
-            .map_err(|e| registry_failure(e.into()))?;
+            .map_err(|e| registry_failure(e.into(), Some(url)))?;
             store
                 .release_group(name)
-                .map_err(|e| registry_failure(e.into()))?
+                .map_err(|e| registry_failure(e.into(), Some(url)))?
         }
         None => {
             use agora_registry::owners::{is_busy, Owners};
+            // A typo in --data-dir must not make a database (nor the directory).
+            let db = dir.join("registry.sqlite3");
+            if !db.exists() {
+                return Err(Failure {
+                    exit: Exit::LocalIo,
+                    error: anyhow::anyhow!(
+                        "no registry database in {} ({} does not exist); pass the --data-dir \
+                         the registry runs with, or --store",
+                        dir.display(),
+                        db.display()
+                    ),
+                });
+            }
             // A running registry holds the lock for good: waiting longer gains nothing, a
             // moment covers another `release` run at the same time.
             match Owners::open_waiting(&dir, Duration::from_millis(200)) {
@@ -434,6 +474,10 @@ fn run(args: Args) -> Result<(), Failure> {
             })
             .exit_with(Exit::LocalIo)?;
     }
+    // The metrics port too, before anything exists and before the `listening` line; it
+    // answers once the registry serves.
+    let metrics = agora_common::metrics::MetricsListener::bind_flag(args.metrics.as_deref())
+        .exit_with(Exit::LocalIo)?;
     let store_tls = store_tls(&args);
     let config = Config {
         bind: args.bind,
@@ -466,7 +510,9 @@ fn run(args: Args) -> Result<(), Failure> {
         name_lapse: args.name_lapse,
     };
     let ctx = zmq::Context::new();
-    let registry = Registry::bind(&ctx, config).map_err(registry_failure)?;
+    let store = config.store.clone();
+    let registry =
+        Registry::bind(&ctx, config).map_err(|e| registry_failure(e, store.as_deref()))?;
     let announce = || -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
         match (registry.public_key(), registry.key_endpoint()) {
@@ -499,9 +545,13 @@ fn run(args: Args) -> Result<(), Failure> {
     };
     // Every request series at 0 before the first scrape (rate() needs a start).
     agora_common::metrics::register_requests(agora_proto::action::Role::Registry);
-    let _metrics = agora_common::metrics::MetricsServer::serve(args.metrics.as_deref())
+    let _metrics = metrics
+        .map(agora_common::metrics::MetricsListener::serve)
+        .transpose()
         .exit_with(Exit::LocalIo)?;
-    registry.run(&shutdown).map_err(registry_failure)?;
+    registry
+        .run(&shutdown)
+        .map_err(|e| registry_failure(e, store.as_deref()))?;
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! `thermometer`: an Agora service bot, written only against `agora-common` (seed 003's
-//! thermometer service).
+//! `thermometer`: an Agora service bot, written only against `agora-proto` and
+//! `agora-common`.
 //!
 //! It holds an account (`--user`, default `thermometer1`), stays online, publishes a
 //! simulated temperature reading to `--group` every `--every`, and answers direct messages:
@@ -8,7 +8,8 @@
 //! - `reboot`: restarts its series.
 //!
 //! Anything else gets the list of commands. Prints `listening USER` once ready. Exits 0 on
-//! SIGINT/SIGTERM, 1 on failure.
+//! SIGINT/SIGTERM, 2 on a bad argument (clap names it: `--registry 127.0.0.1:99999`,
+//! `--beacon-port 0`), 1 on any other failure.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -29,13 +30,17 @@ use serde_json::value::RawValue;
 const LOW: f64 = 15.0;
 const HIGH: f64 = 30.0;
 
-/// An Agora thermometer bot.
+/// A thermometer bot for Agora: it keeps an account online, posts a simulated temperature
+/// reading to a group every few seconds, and answers direct messages (`subscribe`,
+/// `unsubscribe`, `range`, `reboot`). Prints `listening USER` once ready.
 #[derive(Debug, Parser)]
-#[command(name = "thermometer", about)]
+#[command(name = "thermometer")]
 struct Args {
     /// The registry's endpoint, or `auto`: the registry heard on the LAN by its beacon
     /// (PROTOCOL §10; its key is then pinned in the key directory on first use).
-    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555")]
+    /// IP:PORT is taken too.
+    #[arg(long, env = "AGORA_REGISTRY", default_value = "tcp://127.0.0.1:5555",
+          value_parser = agora_common::server::args::registry)]
     registry: String,
     /// The registry's public key; required unless --registry auto hears it.
     #[arg(long, env = "AGORA_REGISTRY_KEY", allow_hyphen_values = true)]
@@ -43,8 +48,9 @@ struct Args {
     /// With --registry auto: the name of the registry to use when several are heard.
     #[arg(long, env = "AGORA_REGISTRY_NAME")]
     registry_name: Option<String>,
-    /// The UDP port registries' beacons arrive on (--registry auto).
-    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT)]
+    /// The UDP port registries' beacons arrive on (--registry auto); 1-65535.
+    #[arg(long, env = "AGORA_BEACON_PORT", default_value_t = agora_proto::beacon::BEACON_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     beacon_port: u16,
     /// How long --registry auto listens for beacons (sent every second).
     #[arg(long, env = "AGORA_DISCOVER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]

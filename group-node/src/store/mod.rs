@@ -103,6 +103,12 @@ impl Principal {
     }
 }
 
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> Self {
+        StoreError::Postgres(e)
+    }
+}
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -111,8 +117,11 @@ pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL failed (connection lost, server error, constraint violated).
+    ///
+    /// Its text carries the causes already ([`agora_common::pgtls::describe`]), so the
+    /// client error is not its `source` (`{:#}` would say each cause twice).
     #[error("postgres: {}", agora_common::pgtls::describe(.0))]
-    Postgres(#[from] ::postgres::Error),
+    Postgres(::postgres::Error),
     /// The TLS setup for PostgreSQL failed (`--store-ca`, `--store-cert`, `--store-key`), see [`agora_common::pgtls`].
     #[error("{0}")]
     PgTls(#[from] agora_common::pgtls::PgTlsError),

@@ -192,6 +192,12 @@ impl PgTarget {
         }
     }
 
+    /// The URL as given (it may carry a password: for messages, use
+    /// [`agora_common::pgtls::target`] or [`agora_common::pgtls::explain`]).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Sets up TLS from `tls`: the server's certificate verified against its CA file, its
     /// client certificate presented ([`agora_common::pgtls`]). Default: no files, TLS only
     /// when the URL says `sslmode=require`.

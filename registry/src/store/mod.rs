@@ -39,6 +39,12 @@ pub mod sqlite;
 #[cfg(test)]
 mod tests;
 
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> Self {
+        StoreError::Postgres(e)
+    }
+}
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -47,8 +53,11 @@ pub enum StoreError {
     #[error(transparent)]
     Sqlite(#[from] OwnersError),
     /// The PostgreSQL backend failed: connection, query or commit.
+    ///
+    /// Its text carries the causes already ([`agora_common::pgtls::describe`]), so the
+    /// client error is not its `source` (`{:#}` would say each cause twice).
     #[error("postgres: {}", agora_common::pgtls::describe(.0))]
-    Postgres(#[from] ::postgres::Error),
+    Postgres(::postgres::Error),
     /// The TLS setup for PostgreSQL failed (`--store-ca`, `--store-cert`, `--store-key`), see [`agora_common::pgtls`].
     #[error("{0}")]
     PgTls(#[from] agora_common::pgtls::PgTlsError),
@@ -531,12 +540,14 @@ pub fn open(
             data_dir, settings, accounts,
         )?)),
         Some(url) if is_postgres_url(url) => {
+            // Connected first: a database that cannot be used leaves no directory behind.
+            let store = postgres::PgStore::connect(url, tls, settings)?;
             // The data directory holds only the key pair's files here; private all the same.
             agora_common::fsmode::private_dir(data_dir).map_err(|source| StoreError::DataDir {
                 path: data_dir.to_owned(),
                 source,
             })?;
-            Ok(Box::new(postgres::PgStore::connect(url, tls, settings)?))
+            Ok(Box::new(store))
         }
         Some(other) => Err(StoreError::NotPostgres(other.to_owned())),
     }
