@@ -10,12 +10,16 @@
 //!   started without the active node's `node.key` and `node.key_secret`), its key changed
 //!   since it was pinned, or this node lost its lease to another.
 //! - 2: usage: a bad argument (a port past 65535, a malformed or wildcard host where one is
-//!   connected to or advertised, an unknown scheme, `--insecure` off loopback; with
-//!   `--registry auto`, several registries heard and no `--registry-name` to choose).
-//! - 3: unreachable: no registry heard (`--registry auto`), or its key cannot be fetched;
-//!   PostgreSQL cannot be reached at start.
-//! - 4: local input or output: the port cannot be bound, the data directory, the key pair
-//!   or the store's files cannot be made or read, a failed sync.
+//!   connected to or advertised, an unknown scheme, `--insecure` off loopback,
+//!   `--beacon-port 0`; with `--registry auto`, several registries heard and no
+//!   `--registry-name` to choose).
+//! - 3: unreachable: no registry heard (`--registry auto`), none of the `--registry-name`
+//!   asked for, or its key cannot be fetched; PostgreSQL (`--store`) not reached within
+//!   `--failover-timeout` at start, or refusing the node (authentication, no such
+//!   database). A node that reached it once and waits as a standby keeps waiting.
+//! - 4: local input or output: the port or the `--metrics` port cannot be bound, the data
+//!   directory (in use by another node, with `--store` too), the key pair or the store's
+//!   files cannot be made or read, a failed sync.
 
 use std::io::Write;
 use std::path::PathBuf;
