@@ -861,3 +861,77 @@ async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_common::client::ClientError;
+    use agora_common::trust::TrustError;
+
+    #[test]
+    fn a_cause_its_parent_quotes_is_said_once() {
+        let error = anyhow::Error::from(TrustError::Unknown {
+            endpoint: "tcp://127.0.0.1:5555".to_owned(),
+            key_endpoint: "tcp://127.0.0.1:5556".to_owned(),
+            source: ClientError::Zmq(zmq::Error::EINVAL),
+        });
+        let line = one_line(&error);
+        assert_eq!(line.matches("Invalid argument").count(), 1, "{line}");
+        assert!(line.contains("tcp://127.0.0.1:5556"), "{line}");
+        // Context that adds words keeps them, and the cause follows once.
+        let error = anyhow::Error::from(std::io::Error::other("disk full"))
+            .context("/data/web: writing the pin");
+        assert_eq!(one_line(&error), "/data/web: writing the pin: disk full");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_readme_table() {
+        use agora_proto::wire::{ErrorCode, WireError};
+        let timeout = || ClientError::Timeout {
+            endpoint: "tcp://127.0.0.1:5555".to_owned(),
+            waited: Duration::from_secs(1),
+        };
+        let cases: Vec<(anyhow::Error, u8, &str)> = vec![
+            (Failure::usage("--bind"), 2, "usage"),
+            (Failure::local("--bind in use"), 4, "a port"),
+            (
+                anyhow::Error::from(timeout()).context("registering"),
+                3,
+                "a registry that did not answer",
+            ),
+            (
+                ClientError::Server(WireError::new(ErrorCode::NameTaken, "taken")).into(),
+                1,
+                "a refusal",
+            ),
+            (
+                TrustError::Unknown {
+                    endpoint: "tcp://127.0.0.1:5555".to_owned(),
+                    key_endpoint: "tcp://127.0.0.1:5556".to_owned(),
+                    source: timeout(),
+                }
+                .into(),
+                3,
+                "no key to be had",
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied).into(),
+                4,
+                "local I/O",
+            ),
+            (
+                agora_common::keys::KeyError::Mismatch(PathBuf::from("/k/alice.key")).into(),
+                4,
+                "a key file",
+            ),
+            (
+                anyhow::anyhow!("something nobody classified"),
+                4,
+                "unknown: not a refusal",
+            ),
+        ];
+        for (error, code, what) in cases {
+            assert_eq!(exit_code(&error), code, "{what}: {error:#}");
+        }
+    }
+}
