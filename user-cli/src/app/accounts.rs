@@ -426,15 +426,16 @@ impl App {
     }
 
     /// A failure of a command about the user `name` (`send_dm`, `whois`, `block`): no
-    /// account of yours as [`App::account_error`]; the registry's refusal naming `name`
-    /// once (`no user named nosuch; the message is in your dead letters`), else after it.
+    /// account of yours as [`App::account_error`]; an unknown `name` with its stable code,
+    /// naming it once (`unknown_user: no user named nosuch; the message is in your dead
+    /// letters`); another refusal after the name.
     fn user_error(&self, name: &UserName, e: ClientError) -> CliError {
         match e {
             ClientError::Server(w) if is_no_account(&w) => self.no_account(),
             ClientError::Server(w)
                 if w.code == ErrorCode::UnknownUser && w.message.contains(name.as_str()) =>
             {
-                CliError::Refused(w.message)
+                CliError::Refused(super::cause(&ClientError::Server(w)))
             }
             ClientError::Server(w) => CliError::Remote {
                 target: name.to_string(),
