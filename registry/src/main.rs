@@ -272,9 +272,14 @@ fn registry_failure(e: agora_registry::RegistryError, store: Option<&str>) -> Fa
         } else {
             Exit::LocalIo
         };
+        let advice = if pg.as_db_error().is_none() {
+            "; check that PostgreSQL runs there"
+        } else {
+            ""
+        };
         return Failure {
             exit,
-            error: anyhow::anyhow!("{}", agora_common::pgtls::explain(url, pg)),
+            error: anyhow::anyhow!("{}{advice}", agora_common::pgtls::explain(url, pg)),
         };
     }
     let exit = match &e {
