@@ -37,6 +37,10 @@ pub trait LineSource {
 /// The prompt a message's lines are read at, up to `END` (`send GROUP` with no text).
 const CONTINUATION_PROMPT: &str = "... ";
 
+/// What prepares an [`App`] just made for its session (the live printer, presence, tab
+/// completion of names), given the session's line source.
+pub type Setup<'a> = Box<dyn FnMut(&mut App, &mut dyn LineSource) + 'a>;
+
 /// The session's [`App`], made when the first command that needs it runs (or earlier, by
 /// [`LazyApp::get`]): making it may ask the registry for its key, and a session that only
 /// asks for `help` or `exit` must work without a registry. A failure to make it is the
@@ -46,7 +50,7 @@ pub struct LazyApp<'a> {
     make: Box<dyn FnMut() -> Result<App, String> + 'a>,
     /// Run once on the app just made (the live printer, presence), with the session's line
     /// source.
-    setup: Box<dyn FnMut(&mut App, &mut dyn LineSource) + 'a>,
+    setup: Setup<'a>,
 }
 
 impl<'a> LazyApp<'a> {
