@@ -349,3 +349,41 @@ fn a_key_pair_that_cannot_be_written_exits_4_not_1() {
         "the link socket is removed again"
     );
 }
+
+#[test]
+fn a_tls_file_that_cannot_be_read_fails_before_listening_and_makes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let missing = dir.path().join("missing.pem");
+    let registry_key = agora_common::keys::Keypair::generate()
+        .expect("a key pair")
+        .public
+        .to_string();
+    let (home, mut command) = in_fresh_home(
+        dir.path(),
+        &[
+            "--hosted",
+            "--bind",
+            "127.0.0.1:0",
+            "--registry-key",
+            &registry_key,
+        ],
+    );
+    command
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--tls-cert")
+        .arg(&missing)
+        .arg("--tls-key")
+        .arg(&missing);
+    let failed = run_command(command, "");
+    assert_eq!(failed.code, Some(4), "local I/O: {failed:?}");
+    assert_eq!(failed.stdout, "", "no listening line: {failed:?}");
+    let said = one_error_line(&failed);
+    assert!(
+        said.starts_with("--tls-cert ") && said.contains(&*missing.to_string_lossy()),
+        "names the flag and the file: {said}"
+    );
+    assert!(!data.exists(), "no data directory");
+    assert_eq!(made_under(&home), Vec::<PathBuf>::new());
+}

@@ -8,7 +8,7 @@
 //!
 //! Prints `listening URL` on stdout once bound (personal mode's URL carries a one-time
 //! token); logs go to stderr (RUST_LOG; coloured only on a terminal). Arguments are checked
-//! first, then `--bind` is bound, then (personal mode) the link socket, and only then is
+//! first, then the TLS files are read and `--bind` is bound, then (personal mode) the link socket, and only then is
 //! anything else made or asked (the pinned key, the key pair, the account at the registry,
 //! the data directory). Errors are one line, each cause once.
 //!
@@ -597,6 +597,17 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             args.data_dir.clone(),
         )?),
     };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // The TLS files before the port: a missing or bad one is said before anything is made,
+    // and never after a `listening` line.
+    let tls_config = match &tls {
+        Some((cert, key)) => Some(runtime.block_on(tls_config(cert, key))?),
+        None => None,
+    };
     // The port before anything is made or asked: a busy one leaves no key pair, no pin, no
     // account at the registry, no data directory and no link socket behind.
     let listener = listen(args.bind)?;
@@ -706,10 +717,6 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(limit = n, "open files"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         let addr = listener
             .local_addr()
@@ -762,20 +769,8 @@ fn serve(args: Serve) -> anyhow::Result<()> {
             shutdown_signal().await;
             stopper.graceful_shutdown(Some(Duration::from_secs(5)));
         });
-        match tls {
-            Some((cert, key)) => {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
-                    .await
-                    .with_context(|| {
-                        format!("TLS from {} and {}", cert.display(), key.display())
-                    })?;
-                // HTTP/1.1 only: the header-read timeout is HTTP/1's (and WebSockets are).
-                // ALPN alone does not stop hyper-util from taking HTTP/2 when the first bytes
-                // are its preface: `limits::Capped` closes those, on every listener.
-                let mut only_h1 = (*config.get_inner()).clone();
-                only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
-                config.reload_from_config(Arc::new(only_h1));
+        match tls_config {
+            Some(config) => {
                 let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
                     .handshake_timeout(args.header_read_timeout)
                     .acceptor(axum_server::accept::NoDelayAcceptor::new());
@@ -801,6 +796,34 @@ fn serve(args: Serve) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The TLS configuration from `--tls-cert` and `--tls-key` (PEM), HTTP/1.1 only: the
+/// header-read timeout is HTTP/1's (and WebSockets are). ALPN alone does not stop
+/// hyper-util from taking HTTP/2 when the first bytes are its preface: `limits::Capped`
+/// closes those, on every listener.
+///
+/// # Errors
+/// A local failure (exit code 4) naming both flags: a file cannot be read, or holds no
+/// certificate or key.
+async fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<axum_server::tls_rustls::RustlsConfig> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+        .await
+        .map_err(|e| {
+            Failure::local(format!(
+                "--tls-cert {} and --tls-key {}: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
+    let mut only_h1 = (*config.get_inner()).clone();
+    only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.reload_from_config(Arc::new(only_h1));
+    Ok(config)
 }
 
 /// The listener at `--bind` (non-blocking, for the runtime).
