@@ -342,6 +342,24 @@ fn serve(pipe: &Pipe, socket: &zmq::Socket, key: PublicKey) {
 mod tests {
     use super::*;
 
+    /// Review of issue 23: a new registry handed out its key before saving it. A bound key
+    /// endpoint answers nothing until it is served, and then the key it is given.
+    #[test]
+    fn a_bound_key_endpoint_answers_only_once_served() {
+        let ctx = zmq::Context::new();
+        let listener = KeyService::bind(&ctx, "tcp://127.0.0.1:0").expect("bind");
+        let endpoint = listener.endpoint().to_owned();
+        let early = fetch_key(&ctx, &endpoint, Duration::from_millis(300));
+        assert!(
+            matches!(early, Err(ClientError::Timeout { .. })),
+            "{early:?}"
+        );
+        let key = crate::keys::Keypair::generate().expect("keys").public;
+        let _service = listener.serve(&ctx, key).expect("serve");
+        let served = fetch_key(&ctx, &endpoint, Duration::from_secs(5)).expect("answered");
+        assert_eq!(served, key);
+    }
+
     #[test]
     fn first_use_pins_then_a_changed_key_is_refused() {
         let dir = tempfile::tempdir().expect("tmp");

@@ -1078,3 +1078,174 @@ fn the_thermometer_checks_registry_and_its_help_speaks_the_users_words() {
     assert!(!help.stdout.contains("seed"), "{help:?}");
     assert!(help.stdout.contains("temperature"), "{help:?}");
 }
+
+/// A proxy in front of a PostgreSQL Unix socket, for cutting the database off: it listens
+/// at `DIR/.s.PGSQL.PORT` (libpq's name, so a URL with `host=DIR&port=PORT` reaches it) and
+/// forwards to the real socket while it is up; cut, it closes every connection and drops
+/// new ones at once.
+struct PgProxy {
+    dir: tempfile::TempDir,
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PgProxy {
+    fn start(real_dir: &Path, port: u16) -> PgProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let dir = tempfile::tempdir().expect("tmp");
+        let listener =
+            UnixListener::bind(dir.path().join(format!(".s.PGSQL.{port}"))).expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let real = real_dir.join(format!(".s.PGSQL.{port}"));
+        let (up, stop) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let open: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let accept = {
+            let (up, stop, open) = (Arc::clone(&up), Arc::clone(&stop), Arc::clone(&open));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let client = match listener.accept() {
+                        Ok((client, _)) => client,
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    };
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection closes at once
+                    }
+                    let Ok(server) = UnixStream::connect(&real) else {
+                        continue;
+                    };
+                    client.set_nonblocking(false).expect("blocking");
+                    let pipe = |mut from: UnixStream, mut to: UnixStream| {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    };
+                    let mut kept = open.lock().expect("lock");
+                    for s in [&client, &server] {
+                        kept.push(s.try_clone().expect("clone"));
+                    }
+                    pipe(
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    );
+                    pipe(server, client);
+                }
+            })
+        };
+        PgProxy {
+            dir,
+            port,
+            up,
+            stop,
+            open,
+            accept: Some(accept),
+        }
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!(
+            "postgresql:///{database}?host={}&port={}&user={}",
+            self.dir.path().display(),
+            self.port,
+            agora_tests::pg::ROLE
+        )
+    }
+
+    /// Cuts (`false`) or restores (`true`) the database.
+    fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for s in self.open.lock().expect("lock").drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.set_up(false);
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Review of issue 23: a node waiting for the lease logged `cannot reach the database for
+/// the lease; retrying` every 0.6 s for as long as the database was gone. A standby that
+/// has reached the database keeps waiting through an outage longer than
+/// --failover-timeout (only the start gives up), warns once, and takes over once the
+/// database is back and the active node is gone.
+#[test]
+fn a_standby_keeps_waiting_through_a_database_outage_and_warns_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = agora_tests::pg::PgCluster::start();
+    let direct = cluster.database("agora");
+    let port: u16 = direct
+        .rsplit_once("port=")
+        .and_then(|(_, rest)| rest.split('&').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the cluster's port in its URL");
+    let proxy = PgProxy::start(&cluster.socket_dir(), port);
+    let node = |url: &str, tag: &str| {
+        let data = dir.path().join(tag);
+        let args = [
+            "ha",
+            "127.0.0.1:0",
+            "--no-registry",
+            "--store",
+            url,
+            "--failover-timeout",
+            "300ms",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ];
+        Server::spawn("group-node", &args, &dir.path().join(format!("{tag}.log")))
+    };
+    let mut active = node(&direct, "active").wait_listening(START_TIMEOUT);
+    let mut standby = node(&proxy.url("agora"), "standby");
+    assert!(
+        wait_for(START_TIMEOUT, || standby.log().contains("waiting for it")),
+        "{}",
+        standby.log()
+    );
+    proxy.set_up(false);
+    let warned = |log: &str| log.matches("cannot reach the database").count();
+    assert!(
+        wait_for(START_TIMEOUT, || warned(&standby.log()) > 0),
+        "{}",
+        standby.log()
+    );
+    // Ten times --failover-timeout without the database: still waiting, warned once.
+    assert!(
+        !wait_for(Duration::from_secs(3), || standby.exited()),
+        "the standby gave up: {}",
+        standby.log()
+    );
+    assert_eq!(warned(&standby.log()), 1, "{}", standby.log());
+    proxy.set_up(true);
+    active.kill9();
+    assert!(
+        wait_for(START_TIMEOUT, || standby.log().contains("took the lease")),
+        "{}",
+        standby.log()
+    );
+    assert!(
+        standby.log().contains("reached the database again"),
+        "{}",
+        standby.log()
+    );
+    assert_eq!(warned(&standby.log()), 1, "{}", standby.log());
+}
