@@ -1357,12 +1357,25 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, NodeError> {
     }
 }
 
-/// Removes a data directory this start made ([`lock_data_dir`]) after the start failed:
-/// its `node.lock`, then the directory if it is empty. Failures are ignored (what is left
-/// is an empty directory at worst).
-pub fn unmake_data_dir(dir: &Path) {
+/// The topmost of `dir` and its parents that does not exist yet: what
+/// [`lock_data_dir`] would make, for [`unmake_data_dir`]; `None` when `dir` exists.
+pub fn first_missing(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .last()
+        .map(Path::to_owned)
+}
+
+/// Removes what a failed start made ([`lock_data_dir`]): `dir`'s `node.lock`, then `dir`
+/// and its parents up to `made` ([`first_missing`] before the start), each only if empty.
+/// Failures are ignored (what is left is an empty directory at worst).
+pub fn unmake_data_dir(dir: &Path, made: &Path) {
     let _ = std::fs::remove_file(dir.join("node.lock"));
-    let _ = std::fs::remove_dir(dir);
+    for a in dir.ancestors() {
+        if std::fs::remove_dir(a).is_err() || a == made {
+            break;
+        }
+    }
 }
 
 /// Makes the data directory private: creates it (and its parents) with mode 0700, or

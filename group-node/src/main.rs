@@ -432,12 +432,12 @@ fn run(mut args: Args) -> Result<(), Failure> {
     check_owner(&ctx, &config)?;
     // With --store too, one node per data directory: the lock is taken before the lease,
     // so a second node on the same directory fails now instead of waiting as a standby.
-    let made_dir = !config.data_dir.exists();
+    let made_dir = agora_group_node::first_missing(&config.data_dir);
     let lock = match &config.store {
         Some(_) => Some(
             agora_group_node::lock_data_dir(&config.data_dir).map_err(|e| {
-                if made_dir {
-                    agora_group_node::unmake_data_dir(&config.data_dir);
+                if let Some(made) = &made_dir {
+                    agora_group_node::unmake_data_dir(&config.data_dir, made);
                 }
                 node_failure(e)
             })?,
@@ -446,8 +446,8 @@ fn run(mut args: Args) -> Result<(), Failure> {
     };
     // A start that fails before the node is bound leaves no directory it made.
     let undo = |failure: Failure| {
-        if made_dir {
-            agora_group_node::unmake_data_dir(&config.data_dir);
+        if let Some(made) = &made_dir {
+            agora_group_node::unmake_data_dir(&config.data_dir, made);
         }
         failure
     };

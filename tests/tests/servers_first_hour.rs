@@ -759,7 +759,8 @@ fn an_unreachable_registry_or_database_says_each_cause_once() {
 #[test]
 fn postgres_unreachable_or_missing_at_start_exits_3_with_one_line_and_makes_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("data");
+    // Its parents too: what the node made is removed, up to the first that existed.
+    let data = dir.path().join("new/data");
     let data_s = data.to_str().expect("utf-8");
     let pg_port = closed_port();
     let url = format!("postgres://agora:s3cret@127.0.0.1:{pg_port}/agora");
@@ -801,7 +802,7 @@ fn postgres_unreachable_or_missing_at_start_exits_3_with_one_line_and_makes_noth
         1,
         "{node:?}"
     );
-    assert!(absent(&data), "the node left {}", data.display());
+    assert!(absent(&dir.path().join("new")), "the node left {}", data.display());
 
     let cluster = agora_tests::pg::PgCluster::start();
     let missing = cluster.url("nodb");
@@ -829,7 +830,7 @@ fn postgres_unreachable_or_missing_at_start_exits_3_with_one_line_and_makes_noth
         "{node:?}"
     );
     assert!(node.stderr.contains("--store "), "{node:?}");
-    assert!(absent(&data), "the node left {}", data.display());
+    assert!(absent(&dir.path().join("new")), "the node left {}", data.display());
 
     let reg = run(
         "registry",
