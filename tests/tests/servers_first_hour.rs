@@ -802,7 +802,11 @@ fn postgres_unreachable_or_missing_at_start_exits_3_with_one_line_and_makes_noth
         1,
         "{node:?}"
     );
-    assert!(absent(&dir.path().join("new")), "the node left {}", data.display());
+    assert!(
+        absent(&dir.path().join("new")),
+        "the node left {}",
+        data.display()
+    );
 
     let cluster = agora_tests::pg::PgCluster::start();
     let missing = cluster.url("nodb");
@@ -830,7 +834,11 @@ fn postgres_unreachable_or_missing_at_start_exits_3_with_one_line_and_makes_noth
         "{node:?}"
     );
     assert!(node.stderr.contains("--store "), "{node:?}");
-    assert!(absent(&dir.path().join("new")), "the node left {}", data.display());
+    assert!(
+        absent(&dir.path().join("new")),
+        "the node left {}",
+        data.display()
+    );
 
     let reg = run(
         "registry",
