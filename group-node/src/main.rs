@@ -493,7 +493,9 @@ fn run(mut args: Args) -> Result<(), Failure> {
         }
         None => None,
     };
-    let node = Node::bind_leased(&ctx, config, lease, lock).map_err(node_failure)?;
+    let store = args.store.clone();
+    let node = Node::bind_leased(&ctx, config, lease, lock)
+        .map_err(|e| store_failure(e, store.as_deref()))?;
     let announce = || -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
         match node.public_key() {
@@ -509,7 +511,8 @@ fn run(mut args: Args) -> Result<(), Failure> {
         .map(agora_common::metrics::MetricsListener::serve)
         .transpose()
         .exit_with(Exit::LocalIo)?;
-    node.run(&shutdown).map_err(node_failure)?;
+    node.run(&shutdown)
+        .map_err(|e| store_failure(e, store.as_deref()))?;
     Ok(())
 }
 
@@ -544,6 +547,23 @@ fn trust_failure(e: agora_common::trust::TrustError) -> Failure {
             }
         }
     }
+}
+
+/// The exit status of a node failure, and its text: a PostgreSQL failure names `--store`
+/// and where it points (`store`, the URL; never its password), its cause said once.
+fn store_failure(e: NodeError, store: Option<&str>) -> Failure {
+    if let (NodeError::Store(StoreError::Postgres(pg)), Some(url)) = (&e, store) {
+        let exit = if agora_common::pgtls::is_unreachable(pg) {
+            Exit::Unreachable
+        } else {
+            Exit::LocalIo
+        };
+        return Failure {
+            exit,
+            error: anyhow::anyhow!("{}", agora_common::pgtls::explain(url, pg)),
+        };
+    }
+    node_failure(e)
 }
 
 /// The exit status of a node failure.
