@@ -138,7 +138,10 @@ impl Lease {
                 }
                 Err(e) => {
                     session = None;
-                    if !warned {
+                    if !reached {
+                        // The start's own retries: it fails with one line if they run out.
+                        tracing::debug!(error = %e, "cannot reach the database yet; retrying");
+                    } else if !warned {
                         tracing::warn!(error = %e,
                             "cannot reach the database for the lease; retrying until it answers");
                         warned = true;
