@@ -708,7 +708,7 @@ fn a_hosted_data_directory_others_can_read_is_tightened_and_a_password_of_spaces
         &["add-user", "bob", "--data-dir", &fed.path("web-data")],
         "        \n",
     );
-    assert_eq!(spaces.code, Some(1), "{spaces:?}");
+    assert_eq!(spaces.code, Some(2), "a usage error: {spaces:?}");
     let mut client = Client::new(&web, "127.0.0.1");
     client.prime();
     let refused = client.sign("/signup", "carol", "        ");
