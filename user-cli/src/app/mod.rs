@@ -87,17 +87,7 @@ pub enum CliError {
     Io(#[from] std::io::Error),
 }
 
-/// A duration as people write it: whole milliseconds under a second, tenths of a second
-/// above (`250ms`, `1s`, `3s 300ms`), never `1.001396117s`.
-pub fn human_duration(d: std::time::Duration) -> String {
-    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let ms = if ms >= 1000 {
-        (ms + 50) / 100 * 100
-    } else {
-        ms
-    };
-    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
-}
+pub use agora_common::human_duration;
 
 /// `target: cause`, with the target left out when the cause already names it (the node's
 /// `alice is not a member of "Cool Group"`).
