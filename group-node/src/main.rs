@@ -468,10 +468,15 @@ fn run(mut args: Args) -> Result<(), Failure> {
                     let error = if pg.as_db_error().is_some() {
                         anyhow::anyhow!("{}", agora_common::pgtls::explain(url, &pg))
                     } else {
+                        let cause = agora_common::pgtls::explain(url, &pg);
+                        // A failed TLS handshake is an answer, and the fix is the CA.
+                        let check = if cause.contains("certificate") || cause.contains("TLS") {
+                            "check that --store-ca holds the CA that signed its certificate"
+                        } else {
+                            "check that PostgreSQL runs there"
+                        };
                         anyhow::anyhow!(
-                            "{} (no answer within --failover-timeout {}); check that \
-                             PostgreSQL runs there",
-                            agora_common::pgtls::explain(url, &pg),
+                            "{cause} (still failing after --failover-timeout {}); {check}",
                             agora_common::human_duration(args.failover_timeout)
                         )
                     };

@@ -268,6 +268,20 @@ impl Pending {
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
+
+    /// Waits up to `timeout` for the process to exit; `Some(exit code)` if it did (`Some(None)`
+    /// when a signal ended it), `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let mut code = None;
+        wait_for(timeout, || match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(status))) => {
+                code = Some(status.code());
+                true
+            }
+            _ => false,
+        });
+        code
+    }
 }
 
 impl Drop for Pending {
