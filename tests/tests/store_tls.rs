@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use agora_tests::pg::{PgCluster, CERT_ROLE};
-use agora_tests::{run, wait_for, CliRun, Federation, Server};
+use agora_tests::{run, CliRun, Federation, Server};
 
 const WAIT: Duration = Duration::from_secs(20);
 
