@@ -196,6 +196,26 @@ impl Server {
     pub fn log(&self) -> String {
         read(&self.log)
     }
+
+    /// The `IP:PORT` the server logged as `metrics serving addr=…` (it was started with
+    /// `--metrics`), waiting up to 10 s for the line.
+    ///
+    /// # Panics
+    /// If no such line comes in time.
+    pub fn metrics_addr(&self) -> String {
+        let mut addr = None;
+        let found = wait_for(Duration::from_secs(10), || {
+            addr = self
+                .log()
+                .lines()
+                .find(|l| l.contains("metrics serving"))
+                .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+                .map(str::to_owned);
+            addr.is_some()
+        });
+        assert!(found, "no metrics line in the log: {}", self.log());
+        addr.unwrap_or_default()
+    }
 }
 
 impl Drop for Server {
@@ -612,6 +632,26 @@ impl Federation {
             ("AGORA_KEY_DIR", self.key_dir()),
             ("AGORA_REGISTRY_KEY", self.registry_key()),
         ]
+    }
+
+    /// A `user-cli` command as `user` against this federation's registry, everything given
+    /// by environment (`AGORA_REGISTRY`, `AGORA_USER`, the state and key directories, the
+    /// registry key, `HOME` in the federation's directory, `TZ=UTC`), the caller's own
+    /// `AGORA_*` settings removed: for a session on a pipe or a [`Pty`].
+    pub fn user_cli_command(&self, user: &str) -> Command {
+        let mut command = user_cli(&[], &[]);
+        command
+            .env("HOME", self.path("home"))
+            .env("AGORA_REGISTRY", &self.registry.endpoint)
+            .env("AGORA_USER", user)
+            .envs(self.cli_env());
+        command
+    }
+
+    /// `user`'s interactive prompt against this federation's registry, on a terminal of its
+    /// own ([`Federation::user_cli_command`] under a [`Pty`]).
+    pub fn prompt(&self, user: &str) -> Pty {
+        Pty::start(self.user_cli_command(user))
     }
 
     /// Where user key pairs live (shared by user-cli runs and library clients of a test).

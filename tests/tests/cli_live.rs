@@ -8,11 +8,11 @@
 //! deadline.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use agora_tests::{bin, wait_for, CliRun, Federation, Pty};
+use agora_tests::{wait_for, CliRun, Federation};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -63,28 +63,10 @@ fn chunks_of(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
-/// `command` set to run user-cli as `user` against `fed` (its settings in the environment).
-fn as_user(mut command: Command, fed: &Federation, user: &str) -> Command {
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AGORA_") {
-            command.env_remove(key);
-        }
-    }
-    command
-        .env("TZ", "UTC")
-        .env("HOME", fed.path("home"))
-        .env("AGORA_REGISTRY", &fed.registry.endpoint)
-        .env("AGORA_USER", user)
-        .env("AGORA_STATE_DIR", fed.state_dir())
-        .env("AGORA_KEY_DIR", fed.key_dir())
-        .env("AGORA_REGISTRY_KEY", fed.registry_key());
-    command
-}
-
 impl Session {
     /// Starts `user`'s session against `fed`'s registry, reading a pipe.
     fn start(fed: &Federation, user: &str) -> Session {
-        let mut command = as_user(Command::new(bin("user-cli")), fed, user);
+        let mut command = fed.user_cli_command(user);
         command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -172,11 +154,6 @@ impl Drop for Session {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `user`'s interactive prompt against `fed`'s registry, on a terminal of its own.
-fn prompt(fed: &Federation, user: &str) -> Pty {
-    Pty::start(as_user(Command::new(bin("user-cli")), fed, user))
 }
 
 /// `user`'s presence as `whois` shows it to `observer`.
@@ -321,7 +298,7 @@ fn your_own_messages_from_another_client_show_in_the_prompt_marked_as_yours() {
     fed.join_when_listed("alice", "Cool Group");
     fed.join_when_listed("bob", "Cool Group");
 
-    let mut alice = prompt(&fed, "alice");
+    let mut alice = fed.prompt("alice");
     let at = alice.expect_line(0, "Type help for commands");
     ok(fed.cli("bob", &["send", "Cool Group", "hello", "alice"], ""));
     let at = alice.expect_line(at, "bob: hello alice");

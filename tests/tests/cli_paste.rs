@@ -6,30 +6,11 @@
 use std::process::Command;
 use std::time::Duration;
 
-use agora_tests::{bin, group_alive, wait_for, CliRun, Federation, Pty};
+use agora_tests::{group_alive, wait_for, CliRun, Federation, Pty};
 
 fn ok(run: CliRun) -> CliRun {
     assert_eq!(run.code, Some(0), "{run:?}");
     run
-}
-
-/// `user`'s prompt against `fed`'s registry, on a terminal of its own.
-fn prompt(fed: &Federation, user: &str) -> Pty {
-    let mut command = Command::new(bin("user-cli"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AGORA_") {
-            command.env_remove(key);
-        }
-    }
-    command
-        .env("TZ", "UTC")
-        .env("HOME", fed.path("home"))
-        .env("AGORA_REGISTRY", &fed.registry.endpoint)
-        .env("AGORA_USER", user)
-        .env("AGORA_STATE_DIR", fed.state_dir())
-        .env("AGORA_KEY_DIR", fed.key_dir())
-        .env("AGORA_REGISTRY_KEY", fed.registry_key());
-    Pty::start(command)
 }
 
 /// A line pasted into the prompt stalled: rustyline 15, with the external printer that shows
@@ -43,7 +24,7 @@ fn a_line_pasted_into_the_prompt_runs_without_another_key() {
     let _node = fed.node("Pasted G", "127.0.0.1:0", "pasted", &[]);
     fed.join_when_listed("alice", "Pasted G");
 
-    let mut alice = prompt(&fed, "alice");
+    let mut alice = fed.prompt("alice");
     let at = alice.expect(0, "Type help for commands");
     let at = alice.expect(at, "agora> ");
     alice.paste("send \"Pasted G\" pasted in one go\n");
@@ -70,7 +51,7 @@ fn several_lines_pasted_at_once_all_run_in_order() {
     let _node = fed.node("Pasted G", "127.0.0.1:0", "pasted", &[]);
     fed.join_when_listed("alice", "Pasted G");
 
-    let mut alice = prompt(&fed, "alice");
+    let mut alice = fed.prompt("alice");
     let at = alice.expect(0, "Type help for commands");
     alice.expect(at, "agora> ");
     alice.paste("send \"Pasted G\" first line\nsend \"Pasted G\" second line\nexit 7\n");
@@ -90,7 +71,7 @@ fn several_lines_pasted_at_once_all_run_in_order() {
 #[test]
 fn a_dropped_prompt_leaves_no_user_cli_running() {
     let fed = Federation::start("200ms");
-    let mut alice = prompt(&fed, "alice");
+    let mut alice = fed.prompt("alice");
     alice.expect(0, "agora> ");
     let pid = alice.program_pid().expect("user-cli runs on the terminal");
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

@@ -5,32 +5,11 @@
 //! The prompt runs on a pseudo-terminal of its own ([`agora_tests::Pty`]); every read of its
 //! output has a deadline.
 
-use std::process::Command;
-
-use agora_tests::{bin, CliRun, Federation, Pty};
+use agora_tests::{CliRun, Federation};
 
 fn ok(run: CliRun) -> CliRun {
     assert_eq!(run.code, Some(0), "{run:?}");
     run
-}
-
-/// `user`'s prompt against `fed`'s registry, on a terminal of its own.
-fn prompt(fed: &Federation, user: &str) -> Pty {
-    let mut command = Command::new(bin("user-cli"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AGORA_") {
-            command.env_remove(key);
-        }
-    }
-    command
-        .env("TZ", "UTC")
-        .env("HOME", fed.path("home"))
-        .env("AGORA_REGISTRY", &fed.registry.endpoint)
-        .env("AGORA_USER", user)
-        .env("AGORA_STATE_DIR", fed.state_dir())
-        .env("AGORA_KEY_DIR", fed.key_dir())
-        .env("AGORA_REGISTRY_KEY", fed.registry_key());
-    Pty::start(command)
 }
 
 /// The bodies of `group`'s messages as `user` sees them, in order.
@@ -52,7 +31,7 @@ fn a_bracketed_paste_of_several_lines_runs_each_line() {
     let _node = fed.node("Paste G", "127.0.0.1:0", "paste", &[]);
     fed.join_when_listed("alice", "Paste G");
 
-    let mut alice = prompt(&fed, "alice");
+    let mut alice = fed.prompt("alice");
     let at = alice.expect(0, "Type help for commands");
     alice.expect(at, "agora> ");
     alice.paste(
@@ -79,7 +58,7 @@ fn ctrl_c_or_ctrl_d_at_the_message_prompt_abandons_the_message() {
     fed.join_when_listed("alice", "Abandon G");
     let before = bodies(&fed, "alice", "Abandon G");
 
-    let mut alice = prompt(&fed, "alice");
+    let mut alice = fed.prompt("alice");
     let at = alice.expect(0, "agora> ");
     alice.type_line("send \"Abandon G\"");
     let at = alice.expect(at, "... ");

@@ -3,27 +3,11 @@
 
 use std::time::Duration;
 
-use agora_tests::{wait_for, CliRun, Federation, Server};
+use agora_tests::{wait_for, CliRun, Federation};
 
 fn ok(run: CliRun) -> CliRun {
     assert_eq!(run.code, Some(0), "user-cli failed: {run:?}");
     run
-}
-
-/// The `IP:PORT` a server logged as `metrics serving addr=…`.
-fn metrics_addr(server: &Server) -> String {
-    let mut addr = None;
-    let found = wait_for(Duration::from_secs(10), || {
-        addr = server
-            .log()
-            .lines()
-            .find(|l| l.contains("metrics serving"))
-            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-            .map(str::to_owned);
-        addr.is_some()
-    });
-    assert!(found, "no metrics line in the log: {}", server.log());
-    addr.unwrap_or_default()
 }
 
 fn get(addr: &str, path: &str) -> (u16, String) {
@@ -52,7 +36,7 @@ fn a_scrape_of_each_server_moves_with_traffic_and_both_say_they_serve() {
         "cool",
         &["--metrics", "127.0.0.1:0"],
     );
-    let (reg_addr, node_addr) = (metrics_addr(&fed.registry), metrics_addr(&node));
+    let (reg_addr, node_addr) = (fed.registry.metrics_addr(), node.metrics_addr());
     assert_eq!(get(&reg_addr, "/healthz"), (200, "serving\n".into()));
     assert_eq!(get(&node_addr, "/healthz"), (200, "serving\n".into()));
 

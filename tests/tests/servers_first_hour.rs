@@ -581,22 +581,6 @@ fn beacon_address_needs_beacon_and_agora_beacon_turns_it_on() {
     assert!(!registry.log().contains("beacon"), "{}", registry.log());
 }
 
-/// The `IP:PORT` a server logged as `metrics serving addr=…`.
-fn metrics_addr(server: &Server) -> String {
-    let mut addr = None;
-    let found = wait_for(Duration::from_secs(10), || {
-        addr = server
-            .log()
-            .lines()
-            .find(|l| l.contains("metrics serving"))
-            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-            .map(str::to_owned);
-        addr.is_some()
-    });
-    assert!(found, "no metrics line in the log: {}", server.log());
-    addr.unwrap_or_default()
-}
-
 /// Issue 23 item 15: `agora_requests_total{action,code}` series appeared only at their
 /// first increment, so `rate()` missed it. A scrape right after start, before any request,
 /// has every action of that server with `ok` and every error code, at 0.
@@ -610,7 +594,7 @@ fn every_request_series_exists_at_zero_from_the_start() {
         &["--metrics", "127.0.0.1:0"],
     );
     for (server, role) in [(&fed.registry, Role::Registry), (&node, Role::Node)] {
-        let url = format!("http://{}/metrics", metrics_addr(server));
+        let url = format!("http://{}/metrics", server.metrics_addr());
         let text = ureq::get(&url)
             .timeout(Duration::from_secs(5))
             .call()
