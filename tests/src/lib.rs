@@ -1127,7 +1127,9 @@ impl Pty {
         let mut command = Command::new(script);
         command
             .args(["--quiet", "--return", "--flush", "--command"])
-            .arg(line.join(" "))
+            // `exec`, so the program is the session leader whatever shell `script` uses
+            // (one shell forks for `-c`, another execs).
+            .arg(format!("exec {}", line.join(" ")))
             .arg("/dev/null")
             .env("TERM", "xterm");
         for (key, value) in program.get_envs() {
