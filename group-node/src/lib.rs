@@ -1202,6 +1202,17 @@ impl Node {
             },
             // Answered above, before any handler's context.
             NodeRequest::Stop(_) => (reply_frames::<()>(Err(stopping())), false),
+            NodeRequest::Create(_) | NodeRequest::Delete(_) => {
+                reply::<call::Create>(Err(WireError::new(
+                    ErrorCode::Forbidden,
+                    "this node serves one group; groups are created and deleted on a group \
+                     host (group-node --host)",
+                )))
+            }
+            NodeRequest::Renew(_) => reply::<call::Renew>(Err(WireError::new(
+                ErrorCode::UnknownAction,
+                "renew: not served by this node yet; renew each group with subscribe",
+            ))),
         }
     }
 }

@@ -273,6 +273,10 @@ actions! {
         /// (The registry's own key or the operator's) free a group name from its owner key
         /// (`registry release NAME` beside a running registry).
         Release "release" LookupRequest => ReleaseReply,
+        /// Register or refresh up to 128 groups of one group host (§4.1.1).
+        RegisterGroups "register_groups" RegisterGroupsRequest => RegisterGroupsReply,
+        /// Keep every group a host registered live, in one request (§4.1.1).
+        HeartbeatHost "heartbeat_host" HeartbeatHostRequest => HeartbeatHostReply,
     }
     /// A request to a group node (PROTOCOL §6).
     Node => NodeRequest {
@@ -314,6 +318,12 @@ actions! {
         Download "download" DownloadRequest => DownloadReply,
         /// (The owner's key, or the node's own) drain, unregister and exit.
         Stop "stop" MembershipRequest => StopReply,
+        /// Make a new group on a group host; the caller owns it (§6.11).
+        Create "create" CreateRequest => CreateReply,
+        /// Archive a group and free its name; its owner only (§6.11).
+        Delete "delete" MembershipRequest => DeleteReply,
+        /// Renew the subscriptions of several groups of one host at once (§6.7.1).
+        Renew "renew" RenewRequest => RenewReply,
     }
     /// A request to a server's plaintext key endpoint (PROTOCOL §1.1).
     KeyEndpoint => KeyRequest {
@@ -333,6 +343,37 @@ impl Action {
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl NodeRequest {
+    /// The group this request names, if any: the new group's name for `create`; `None` for
+    /// `renew`, which names one per entry. On a group host a request without one is
+    /// refused (`invalid_field` naming `group`, PROTOCOL §6).
+    pub fn group(&self) -> Option<&GroupName> {
+        match self {
+            NodeRequest::Info(r) => r.group.as_ref(),
+            NodeRequest::Join(r)
+            | NodeRequest::Leave(r)
+            | NodeRequest::Unsubscribe(r)
+            | NodeRequest::Stop(r)
+            | NodeRequest::Delete(r) => r.group.as_ref(),
+            NodeRequest::Members(r) => r.group.as_ref(),
+            NodeRequest::Send(r) => r.group.as_ref(),
+            NodeRequest::GetMessages(r) => r.group.as_ref(),
+            NodeRequest::Subscribe(r) => r.group.as_ref(),
+            NodeRequest::Invite(r) | NodeRequest::Ban(r) | NodeRequest::Unban(r) => {
+                r.group.as_ref()
+            }
+            NodeRequest::Kick(r) | NodeRequest::Promote(r) => r.group.as_ref(),
+            NodeRequest::SetMode(r) => r.group.as_ref(),
+            NodeRequest::Upload(r) => r.group.as_ref(),
+            NodeRequest::UploadChunk(r) => r.group.as_ref(),
+            NodeRequest::UploadStatus(r) => r.group.as_ref(),
+            NodeRequest::Download(r) => r.group.as_ref(),
+            NodeRequest::Create(r) => Some(&r.group),
+            NodeRequest::Renew(_) => None,
+        }
     }
 }
 

@@ -451,6 +451,11 @@ mod tests {
             r#"{"action":"blocked"}"#,
             r#"{"action":"owner","name":"Cool Group"}"#,
             r#"{"action":"release","name":"Cool Group"}"#,
+            r#"{"action":"register_groups","endpoint":"tcp://127.0.0.1:1","groups":[{"name":"g","members":2}]}"#,
+            r#"{"action":"heartbeat_host","endpoint":"tcp://127.0.0.1:1","groups":1}"#,
+            r#"{"action":"create","group":"g","user":"a","mode":"private"}"#,
+            r#"{"action":"delete","group":"g","user":"a"}"#,
+            r#"{"action":"renew","user":"a","groups":[{"group":"g","acked_seq":3},{"group":"h"}]}"#,
             // The node's `stop` and the registry's: one wire name in two roles.
             r#"{"action":"stop","user":"a"}"#,
         ];
@@ -464,6 +469,22 @@ mod tests {
             }
         }
         assert_eq!(checked, Action::ALL.len(), "every action");
+    }
+
+    #[test]
+    fn an_error_names_its_group_only_when_given_one() {
+        let plain = WireError::new(ErrorCode::UnknownGroup, "no such group here");
+        let text = serde_json::to_string(&plain).expect("json");
+        assert!(!text.contains(r#""group":"#), "{text}");
+        let named = plain.with_group(Some("Ops".parse().expect("name")));
+        let text = serde_json::to_string(&named).expect("json");
+        assert!(text.contains(r#""group":"Ops""#), "{text}");
+        let back: WireError = serde_json::from_str(&text).expect("decodes");
+        assert_eq!(back, named);
+        // From an older node: no group.
+        let old: WireError =
+            serde_json::from_str(r#"{"error":"not_member","message":"m"}"#).expect("decodes");
+        assert_eq!(old.group, None);
     }
 
     #[test]

@@ -226,7 +226,9 @@ impl fmt::Display for ErrorCode {
 }
 
 /// An error reply: `{"ok": false, "error": CODE, "message": TEXT}`, and for `rate_limited`
-/// also `"retry_after_ms": N`.
+/// also `"retry_after_ms": N`. A group node's error to a request that named a group carries
+/// that `"group"` too (group hosts, PROTOCOL §6), so a client with one connection to a group host can tell
+/// whose request failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct WireError {
@@ -239,6 +241,10 @@ pub struct WireError {
     /// (at least 1). Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// From a group node: the group the failed request named (group hosts, PROTOCOL §6). Absent when the
+    /// request named none, or from an older node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupName>,
 }
 
 impl WireError {
@@ -248,7 +254,15 @@ impl WireError {
             code,
             message: message.into(),
             retry_after_ms: None,
+            group: None,
         }
+    }
+
+    /// This error, naming `group` (the group of the request it answers; `None` leaves it
+    /// absent).
+    pub fn with_group(mut self, group: Option<GroupName>) -> WireError {
+        self.group = group;
+        self
     }
 
     /// A `rate_limited` error: retry after `wait` (rounded up to whole milliseconds, at
@@ -261,6 +275,7 @@ impl WireError {
             code: ErrorCode::RateLimited,
             message: format!("too many requests; retry in {ms} ms"),
             retry_after_ms: Some(ms),
+            group: None,
         }
     }
 }
@@ -1722,6 +1737,147 @@ pub struct MessagesPage {
     /// True when more messages match after the last one here: ask again with `after_seq` set
     /// to the last seq received.
     pub more: bool,
+}
+
+/// The most groups one `register_groups` request may carry (PROTOCOL §4.1.1): 128 names of
+/// 64 characters stay well under the registry's 64 KiB request limit.
+pub const MAX_REGISTER_GROUPS: usize = 128;
+
+/// The most groups one `renew` request may carry (PROTOCOL §6.7.1).
+pub const MAX_RENEW_GROUPS: usize = 256;
+
+/// One group of a host, as `register_groups` carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostedGroup {
+    /// The group's name.
+    pub name: GroupName,
+    /// Its current member count (default 0).
+    #[serde(default)]
+    pub members: u64,
+}
+
+/// `register_groups` (PROTOCOL §4.1.1): a group host registers (or refreshes) up to
+/// [`MAX_REGISTER_GROUPS`] of its groups at once. Each entry follows `register`'s rules
+/// (§4.1) on its own; the entries it registers are then held by the host
+/// `(endpoint, public_key)` and stay live while the host sends `heartbeat_host`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterGroupsRequest {
+    /// Where members reach the host.
+    pub endpoint: Endpoint,
+    /// The host's CURVE public key; absent for an `--insecure` host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<crate::key::PublicKey>,
+    /// The groups, 1 to [`MAX_REGISTER_GROUPS`] (else `invalid_field` naming `groups`).
+    pub groups: Vec<HostedGroup>,
+}
+
+/// Reply to `register_groups`: which names are now registered, and each refused one with
+/// its own error (`name_taken`, `too_many_names`, `limit_reached`, `invalid_field`), naming
+/// it in [`WireError::group`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterGroupsReply {
+    /// The names registered or refreshed, in request order.
+    pub registered: Vec<GroupName>,
+    /// The names refused, each error naming its group.
+    #[serde(default)]
+    pub refused: Vec<WireError>,
+    /// How often the registry expects `heartbeat_host`, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// How long the host's entries live without a heartbeat, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// `heartbeat_host` (PROTOCOL §4.1.1): one refresh for every group a host registered with
+/// `register_groups`, whatever their number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatHostRequest {
+    /// Where members reach the host.
+    pub endpoint: Endpoint,
+    /// The host's CURVE public key; absent for an `--insecure` host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<crate::key::PublicKey>,
+    /// How many groups the host believes the registry holds for it.
+    pub groups: u64,
+}
+
+/// Reply to `heartbeat_host`. When `known` differs from the request's `groups` (the registry
+/// restarted, or entries expired), the host registers its groups again with
+/// `register_groups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatHostReply {
+    /// How many live entries the registry holds for this host.
+    pub known: u64,
+    /// How often the registry expects `heartbeat_host`, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// How long the host's entries live without a heartbeat, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// `create` (PROTOCOL §6.11): make a new group on a group host; the caller becomes its owner
+/// and first member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateRequest {
+    /// The new group's name (§3.3's name rules; else `invalid_field`).
+    pub group: GroupName,
+    /// The caller, who becomes the owner.
+    pub user: UserName,
+    /// Open (default) or private.
+    #[serde(default)]
+    pub mode: GroupMode,
+}
+
+/// Reply to `create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateReply {
+    /// The new group.
+    pub group: GroupName,
+    /// Its mode.
+    pub mode: GroupMode,
+    /// Its owner: the caller's key.
+    pub owner: crate::key::PublicKey,
+    /// The seq of the newest entry: the owner's join.
+    pub last_seq: u64,
+}
+
+/// Reply to `delete` (PROTOCOL §6.11): the group is archived and its name is free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteReply {
+    /// The deleted group.
+    pub group: GroupName,
+    /// Always true.
+    pub deleted: bool,
+}
+
+/// One group's renewal in a `renew` request: as a `subscribe` of that group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewEntry {
+    /// The group.
+    pub group: GroupName,
+    /// As [`SubscribeRequest::acked_seq`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_seq: Option<u64>,
+}
+
+/// `renew` (PROTOCOL §6.7.1): `subscribe` for up to [`MAX_RENEW_GROUPS`] groups of one host
+/// in one request, each entry with `subscribe`'s meaning; the live stream is batched
+/// (`entries` events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// The caller.
+    pub user: UserName,
+    /// The groups, 1 to [`MAX_RENEW_GROUPS`] (else `invalid_field` naming `groups`).
+    pub groups: Vec<RenewEntry>,
+}
+
+/// Reply to `renew`: one [`SubscribeReply`] per group renewed, and each refused group's
+/// error naming it in [`WireError::group`] (`not_member`, `unknown_group`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewReply {
+    /// The subscriptions made or renewed, in request order.
+    pub groups: Vec<SubscribeReply>,
+    /// The groups refused.
+    #[serde(default)]
+    pub refused: Vec<WireError>,
 }
 
 #[cfg(test)]

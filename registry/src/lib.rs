@@ -756,6 +756,12 @@ impl Registry {
             RegistryRequest::Blocked(_) => {
                 answer::<call::Blocked>(cmd::block::blocked(store, peer))
             }
+            RegistryRequest::RegisterGroups(_) | RegistryRequest::HeartbeatHost(_) => {
+                answer::<call::RegisterGroups>(Err(agora_proto::wire::WireError::new(
+                    agora_proto::wire::ErrorCode::UnknownAction,
+                    "register_groups and heartbeat_host are not served by this registry yet",
+                )))
+            }
         }
     }
 }
