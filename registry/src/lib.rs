@@ -114,6 +114,9 @@ pub struct Config {
     /// How long a group name stays bound to its key after its group last registered
     /// (default 30 days); then any key may claim it.
     pub name_lapse: Duration,
+    /// Group hosts' keys (`--host-key`, default none): each may own up to `max_groups`
+    /// names instead of `max_names_per_key`.
+    pub host_keys: Vec<PublicKey>,
 }
 
 impl Default for Config {
@@ -145,6 +148,7 @@ impl Default for Config {
             },
             max_names_per_key: 100,
             name_lapse: Duration::from_secs(30 * 24 * 3600),
+            host_keys: Vec::new(),
         }
     }
 }
@@ -153,6 +157,26 @@ impl Config {
     /// The time an entry lives without a refresh.
     pub fn ttl(&self) -> Duration {
         self.heartbeat * self.ttl_intervals.max(1)
+    }
+
+    /// [`Config::heartbeat`] in milliseconds, as replies carry it.
+    pub fn heartbeat_ms(&self) -> u64 {
+        u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// [`Config::ttl`] in milliseconds, as replies carry it.
+    pub fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The most group names `key` may own: `max_groups` for a host key
+    /// ([`Config::host_keys`]), else `max_names_per_key`.
+    pub fn max_names_for(&self, key: &PublicKey) -> u64 {
+        if self.host_keys.contains(key) {
+            u64::try_from(self.max_groups).unwrap_or(u64::MAX)
+        } else {
+            self.max_names_per_key
+        }
     }
 
     /// The most messages one sender may have waiting in one mailbox: `dm_share_percent` of
@@ -756,12 +780,12 @@ impl Registry {
             RegistryRequest::Blocked(_) => {
                 answer::<call::Blocked>(cmd::block::blocked(store, peer))
             }
-            RegistryRequest::RegisterGroups(_) | RegistryRequest::HeartbeatHost(_) => {
-                answer::<call::RegisterGroups>(Err(agora_proto::wire::WireError::new(
-                    agora_proto::wire::ErrorCode::UnknownAction,
-                    "register_groups and heartbeat_host are not served by this registry yet",
-                )))
-            }
+            RegistryRequest::RegisterGroups(r) => answer::<call::RegisterGroups>(
+                cmd::register_groups::apply(store, &self.config, r, peer, now),
+            ),
+            RegistryRequest::HeartbeatHost(r) => answer::<call::HeartbeatHost>(
+                cmd::heartbeat_host::apply(store, &self.config, r, peer, now),
+            ),
         }
     }
 }

@@ -106,6 +106,15 @@ struct Args {
     /// key); past it, `too_many_names`.
     #[arg(long, env = "AGORA_MAX_NAMES_PER_KEY", default_value_t = 100)]
     max_names_per_key: u64,
+    /// A group host's CURVE public key (40 Z85 characters; repeat the flag for several):
+    /// it may own up to --max-groups names instead of --max-names-per-key.
+    #[arg(
+        long = "host-key",
+        env = "AGORA_HOST_KEYS",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    host_keys: Vec<agora_common::keys::PublicKey>,
     /// How long a group name stays bound to its key after its group last registered; then
     /// the name is free for any key (for example 30d, 12h).
     #[arg(long, env = "AGORA_NAME_LAPSE", default_value = "30d", value_parser = humantime::parse_duration)]
@@ -513,6 +522,7 @@ fn run(args: Args) -> Result<(), Failure> {
         },
         max_names_per_key: args.max_names_per_key,
         name_lapse: args.name_lapse,
+        host_keys: args.host_keys,
     };
     let ctx = zmq::Context::new();
     let store = config.store.clone();

@@ -7,10 +7,12 @@ use crate::store::StoreError;
 
 pub mod block;
 pub mod dm;
+pub mod heartbeat_host;
 pub mod list;
 pub mod lookup;
 pub mod owner;
 pub mod register;
+pub mod register_groups;
 pub mod release;
 pub mod unregister;
 pub mod users;

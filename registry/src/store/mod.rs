@@ -200,6 +200,10 @@ pub struct GroupRegistration {
     pub members: u64,
     /// The node's CURVE public key (`None` for an `--insecure` node).
     pub public_key: Option<PublicKey>,
+    /// Held by the host `(endpoint, public_key)` (`register_groups`, PROTOCOL §4.1.1):
+    /// live while the host sends `heartbeat_host`, and never replacing other names at the
+    /// endpoint. False for a plain `register`.
+    pub host: bool,
 }
 
 /// The result of a directory change that a peer's request can be refused: the outer error is
@@ -241,6 +245,19 @@ pub trait RegistryStore: Send {
         owner_verified: bool,
         now: Timestamp,
     ) -> Refusable<GroupEntry>;
+
+    /// `heartbeat_host` (PROTOCOL §4.1.1): refreshes every live entry held by the host
+    /// `(endpoint, public_key)`; returns how many there are (0 for a host unknown here or
+    /// whose TTL has passed).
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn heartbeat_host(
+        &mut self,
+        endpoint: &Endpoint,
+        public_key: Option<PublicKey>,
+        now: Timestamp,
+    ) -> Result<u64, StoreError>;
 
     /// Removes `name`'s entry if `endpoint` holds it.
     ///
@@ -290,6 +307,19 @@ pub trait RegistryStore: Send {
         &mut self,
         name: &GroupName,
         key: &PublicKey,
+        now: Timestamp,
+    ) -> Refusable<(PublicKey, bool)>;
+
+    /// [`RegistryStore::claim_group`] with a cap of `max_names` for `key` instead of
+    /// [`StoreSettings::max_names_per_key`] (a `--host-key`'s is `--max-groups`).
+    ///
+    /// # Errors
+    /// As [`RegistryStore::claim_group`].
+    fn claim_group_up_to(
+        &mut self,
+        name: &GroupName,
+        key: &PublicKey,
+        max_names: u64,
         now: Timestamp,
     ) -> Refusable<(PublicKey, bool)>;
 

@@ -180,6 +180,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     UPDATE agora_registry.owners SET seen_at = now() WHERE seen_at IS NULL;
     "#,
+    // 4: entries held by a group host (`register_groups`, PROTOCOL §4.1.1), refreshed
+    // together by its `heartbeat_host`.
+    r#"
+    ALTER TABLE agora_registry.groups ADD COLUMN held boolean NOT NULL DEFAULT false;
+    "#,
 ];
 
 /// The schema version this build migrates to.
@@ -584,16 +589,18 @@ impl RegistryStore for PgStore {
         let endpoint = group.endpoint.as_str();
         let members = to_i64(group.members);
         let key = group.public_key.map(|k| k.to_string());
+        let by_host = group.host;
         let client = self.client()?;
         // The heartbeat: a live entry refreshed from its own endpoint, one statement.
         let refreshed = client.query_opt(
             &format!(
                 "UPDATE groups SET last_heartbeat = now(),
-                     expires_at = now() + $5 * interval '1 second', members = $3, public_key = $4
+                     expires_at = now() + $5 * interval '1 second', members = $3, public_key = $4,
+                     held = $6
                  WHERE name = $1 AND endpoint = $2 AND expires_at > now()
                  RETURNING {GROUP_COLUMNS}"
             ),
-            &[&name, &endpoint, &members, &key, &ttl],
+            &[&name, &endpoint, &members, &key, &ttl, &by_host],
         )?;
         if let Some(row) = refreshed {
             return Ok(Ok(group_row(&row)?));
@@ -621,10 +628,10 @@ impl RegistryStore for PgStore {
                     &format!(
                         "UPDATE groups SET last_heartbeat = now(),
                              expires_at = now() + $4 * interval '1 second',
-                             members = $2, public_key = $3
+                             members = $2, public_key = $3, held = $5
                          WHERE name = $1 RETURNING {GROUP_COLUMNS}"
                     ),
-                    &[&name, &members, &key, &ttl],
+                    &[&name, &members, &key, &ttl, &by_host],
                 )?;
                 let entry = group_row(&row)?;
                 tx.commit()?;
@@ -649,8 +656,8 @@ impl RegistryStore for PgStore {
         }
         // Without ownership (--insecure) one endpoint is one node: an entry of another name
         // there is dropped. With it, one endpoint may serve many groups, and another key's
-        // entry is not the caller's to drop.
-        if !owner_verified {
+        // entry is not the caller's to drop; a host's names (`register_groups`) are kept.
+        if !owner_verified && !by_host {
             tx.execute(
                 "DELETE FROM groups WHERE endpoint = $2 AND name <> $1",
                 &[&name, &endpoint],
@@ -659,19 +666,39 @@ impl RegistryStore for PgStore {
         let row = tx.query_one(
             &format!(
                 "INSERT INTO groups (name, endpoint, members, public_key, registered_at,
-                     last_heartbeat, expires_at)
-                 VALUES ($1, $2, $3, $4, now(), now(), now() + $5 * interval '1 second')
+                     last_heartbeat, expires_at, held)
+                 VALUES ($1, $2, $3, $4, now(), now(), now() + $5 * interval '1 second', $6)
                  ON CONFLICT (name) DO UPDATE SET endpoint = excluded.endpoint,
                      members = excluded.members, public_key = excluded.public_key,
                      registered_at = excluded.registered_at,
-                     last_heartbeat = excluded.last_heartbeat, expires_at = excluded.expires_at
+                     last_heartbeat = excluded.last_heartbeat, expires_at = excluded.expires_at,
+                     held = excluded.held
                  RETURNING {GROUP_COLUMNS}"
             ),
-            &[&name, &endpoint, &members, &key, &ttl],
+            &[&name, &endpoint, &members, &key, &ttl, &by_host],
         )?;
         let entry = group_row(&row)?;
         tx.commit()?;
         Ok(Ok(entry))
+    }
+
+    /// One statement over the host's rows (the `groups_endpoint` index): every registry
+    /// sharing the database sees their new `expires_at`.
+    fn heartbeat_host(
+        &mut self,
+        endpoint: &Endpoint,
+        public_key: Option<PublicKey>,
+        _now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let ttl = Self::ttl_secs(self.settings.group_ttl);
+        let key = public_key.map(|k| k.to_string());
+        let n = self.client()?.execute(
+            "UPDATE groups SET last_heartbeat = now(), expires_at = now() + $3 * interval '1 second'
+             WHERE endpoint = $1 AND public_key IS NOT DISTINCT FROM $2 AND held
+                 AND expires_at > now()",
+            &[&endpoint.as_str(), &key, &ttl],
+        )?;
+        Ok(n)
     }
 
     fn unregister_group(
@@ -745,11 +772,21 @@ impl RegistryStore for PgStore {
         &mut self,
         name: &GroupName,
         key: &PublicKey,
+        now: Timestamp,
+    ) -> Refusable<(PublicKey, bool)> {
+        let max = self.settings.max_names_per_key;
+        self.claim_group_up_to(name, key, max, now)
+    }
+
+    fn claim_group_up_to(
+        &mut self,
+        name: &GroupName,
+        key: &PublicKey,
+        max: u64,
         _now: Timestamp,
     ) -> Refusable<(PublicKey, bool)> {
         let lapse = Self::ttl_secs(self.settings.name_lapse);
         let touch = Self::ttl_secs(super::seen_interval(self.settings.name_lapse));
-        let max = self.settings.max_names_per_key;
         let client = self.client()?;
         let (name, key) = (name.as_str(), key.to_string());
         // The heartbeat: a binding that has not lapsed, one statement (and a write only

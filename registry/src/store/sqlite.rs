@@ -193,9 +193,10 @@ impl SqliteStore {
         &mut self,
         name: &GroupName,
         key: &PublicKey,
+        max: u64,
         now: Timestamp,
     ) -> Refusable<(PublicKey, bool)> {
-        let (max, lapse) = (self.max_names_per_key, self.name_lapse);
+        let lapse = self.name_lapse;
         let owners = &self.durable()?.owners;
         let lapsed = now.saturating_sub(lapse);
         // One registry per file, one thread: nothing comes between the reads and the writes.
@@ -238,14 +239,16 @@ impl RegistryStore for SqliteStore {
         owner_verified: bool,
         now: Timestamp,
     ) -> Refusable<GroupEntry> {
-        Ok(self.directory.register(
-            group.name,
-            group.endpoint,
-            group.members,
-            group.public_key,
-            owner_verified,
-            now,
-        ))
+        Ok(self.directory.register(group, owner_verified, now))
+    }
+
+    fn heartbeat_host(
+        &mut self,
+        endpoint: &Endpoint,
+        public_key: Option<PublicKey>,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        Ok(self.directory.heartbeat_host(endpoint, public_key, now))
     }
 
     fn unregister_group(
@@ -279,8 +282,18 @@ impl RegistryStore for SqliteStore {
         key: &PublicKey,
         now: Timestamp,
     ) -> Refusable<(PublicKey, bool)> {
+        self.claim_group_up_to(name, key, self.max_names_per_key, now)
+    }
+
+    fn claim_group_up_to(
+        &mut self,
+        name: &GroupName,
+        key: &PublicKey,
+        max_names: u64,
+        now: Timestamp,
+    ) -> Refusable<(PublicKey, bool)> {
         // Only a new binding shows a write (the owner's "seen" is rare and small).
-        let result = self.claim(name, key, now);
+        let result = self.claim(name, key, max_names, now);
         self.health.wrote_if(result, |r| matches!(r, Ok((_, true))))
     }
 

@@ -106,6 +106,7 @@ fn group(n: &str, port: u16, members: u64) -> GroupRegistration {
         endpoint: ep(port),
         members,
         public_key: None,
+        host: false,
     }
 }
 fn account(n: &str, k: u8) -> UserEntry {
@@ -1026,4 +1027,78 @@ fn sqlite_keeps_its_wal_index_in_memory_shared_by_its_connections() {
     assert_eq!(s.group_owner(&name("G")).expect("owner"), Some(key(3)));
     assert_eq!(s.fetch_dms(&key(1), 0, 10).expect("fetch").0.len(), 1);
     assert!(!shm.exists(), "{} exists", shm.display());
+}
+
+/// PROTOCOL §4.1.1 on both backends: a host's entries are all kept at its one endpoint
+/// (even without owners), its `heartbeat_host` refreshes them and counts them, a plain
+/// `register` there keeps today's "one endpoint is one node", and the host's silence
+/// expires every one of its names.
+#[test]
+fn a_hosts_names_live_on_its_heartbeat_and_expire_with_it() {
+    let short = StoreSettings {
+        group_ttl: Duration::from_millis(600),
+        ..settings()
+    };
+    on_both(short, |s| {
+        let hosted = |n: &str| GroupRegistration {
+            host: true,
+            public_key: Some(key(7)),
+            ..group(n, 1, 1)
+        };
+        for n in ["a", "b", "c"] {
+            s.register_group(hosted(n), false, now())
+                .expect("store")
+                .expect(n);
+        }
+        assert_eq!(s.list_groups(now()).expect("list").len(), 3);
+        assert_eq!(
+            s.heartbeat_host(&ep(1), Some(key(7)), now()).expect("beat"),
+            3
+        );
+        assert_eq!(
+            s.heartbeat_host(&ep(1), Some(key(8)), now()).expect("beat"),
+            0
+        );
+        // Kept alive past several TTLs by the host's heartbeat alone.
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            assert_eq!(
+                s.heartbeat_host(&ep(1), Some(key(7)), now()).expect("beat"),
+                3
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(s.lookup_group(&name("b"), now()).expect("lookup").is_some());
+        s.unregister_group(&name("c"), &ep(1), now())
+            .expect("store")
+            .expect("unregister");
+        assert_eq!(
+            s.heartbeat_host(&ep(1), Some(key(7)), now()).expect("beat"),
+            2
+        );
+        wait_for("the host's expiry", || {
+            s.list_groups(now()).expect("list").is_empty()
+        });
+        assert_eq!(
+            s.heartbeat_host(&ep(1), Some(key(7)), now()).expect("beat"),
+            0
+        );
+        // (SQLite dropped them at that heartbeat; PostgreSQL drops them at the sweep.)
+        s.expire_groups(now()).expect("expire");
+        assert!(s.lookup_group(&name("a"), now()).expect("lookup").is_none());
+        // A plain register at a host's endpoint replaces its names (no owners).
+        s.register_group(hosted("a"), false, now())
+            .expect("store")
+            .expect("a");
+        s.register_group(group("solo", 1, 0), false, now())
+            .expect("store")
+            .expect("solo");
+        let names: Vec<_> = s
+            .list_groups(now())
+            .expect("list")
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
+        assert_eq!(names, vec![name("solo")]);
+    });
 }
