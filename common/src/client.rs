@@ -350,6 +350,39 @@ impl RegistryClient {
         })
     }
 
+    /// `register_groups` (PROTOCOL §4.1.1): a group host registers or refreshes up to
+    /// [`agora_proto::wire::MAX_REGISTER_GROUPS`] groups at once; each refused one comes
+    /// back in the reply's `refused`, naming its group.
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] for the whole request (`invalid_field`, `internal`, or
+    /// `unknown_action` from a registry older than §4.1.1); see [`ReqClient::call`].
+    pub fn register_groups(
+        &mut self,
+        request: &agora_proto::wire::RegisterGroupsRequest,
+    ) -> Result<agora_proto::wire::RegisterGroupsReply, ClientError> {
+        self.call::<call::RegisterGroups>(request)
+    }
+
+    /// `heartbeat_host` (PROTOCOL §4.1.1): one refresh for every group the host at
+    /// `endpoint` registered with [`RegistryClient::register_groups`]; `groups` is how many
+    /// the host believes the registry holds, and the reply's `known` how many it does.
+    ///
+    /// # Errors
+    /// As [`RegistryClient::register_groups`].
+    pub fn heartbeat_host(
+        &mut self,
+        endpoint: &Endpoint,
+        public_key: Option<crate::keys::PublicKey>,
+        groups: u64,
+    ) -> Result<agora_proto::wire::HeartbeatHostReply, ClientError> {
+        self.call::<call::HeartbeatHost>(&agora_proto::wire::HeartbeatHostRequest {
+            endpoint: endpoint.clone(),
+            public_key,
+            groups,
+        })
+    }
+
     /// Removes a group registered from `endpoint`.
     ///
     /// # Errors
