@@ -13,7 +13,8 @@ use agora_proto::wire::{
 
 use super::postgres::PgTarget;
 use super::{
-    Grant, GroupStore, NewMessage, Page, PgStore, Principal, Retention, SqliteStore, StoreError,
+    Grant, GroupLog, GroupStore, NewMessage, Page, PgStore, Principal, Retention, SqliteStore,
+    StoreError,
 };
 
 /// Where a test's store lives; `open` opens it again (a restart).

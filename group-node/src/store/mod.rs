@@ -1,8 +1,11 @@
 //! The durable group log and membership.
 //!
-//! [`GroupStore`] is what a group node needs from storage. Two backends implement it:
-//! - [`SqliteStore`] ([`sqlite`]): one SQLite file in WAL mode in the node's data directory;
-//!   the embedded default.
+//! A host keeps every group it serves in one database: [`HostDb`] (the transaction, the
+//! `groups` table) and, per group, a [`GroupDb`] view implementing [`GroupLog`] over a small
+//! cached [`LogState`] ([`host`]). A node of one group uses [`GroupStore`], the same data
+//! methods plus the transaction in one value. Two backends implement them:
+//! - [`SqliteHost`] / [`SqliteStore`] ([`sqlite`]): one SQLite file in WAL mode in the
+//!   node's data directory, every group's rows in one set of tables; the embedded default.
 //! - [`PgStore`] ([`postgres`]): one schema in a PostgreSQL database (`--store
 //!   postgres://…`), which several nodes of the same group on different hosts share, one
 //!   active at a time ([`lease`](crate::lease)).
@@ -43,11 +46,15 @@ use agora_proto::wire::{
 
 #[cfg(test)]
 mod conformance;
+pub mod host;
 pub mod postgres;
 pub mod sqlite;
 
+pub use self::host::{GroupDb, GroupId, GroupRow, GroupState, HostDb, LogState, NewGroup};
 pub use self::postgres::PgStore;
-pub use self::sqlite::{CheckpointStats, Checkpointer, Durability, SqliteStore, WalSync};
+pub use self::sqlite::{
+    CheckpointStats, Checkpointer, Durability, SqliteGroup, SqliteHost, SqliteStore, WalSync,
+};
 
 /// A right or restriction a principal holds in a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,6 +153,13 @@ pub enum StoreError {
         /// The group named in the database.
         found: String,
     },
+    /// A pending or live group of the host has this name ([`HostDb::insert_group`]).
+    #[error("a group named {0} is already on this host")]
+    NameTaken(String),
+    /// The store cannot do this yet (a PostgreSQL store holds one group until the schema
+    /// per host is built).
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
     /// The user name is bound to another member of this group.
     #[error("user name {0} belongs to another member")]
     LabelTaken(UserName),
@@ -241,25 +255,10 @@ impl Flush for Durable {
     }
 }
 
-/// What a group node needs from storage.
-pub trait GroupStore: Send {
-    /// Starts a write batch.
-    ///
-    /// # Errors
-    /// [`StoreError::Sqlite`] if the transaction cannot start.
-    fn begin(&mut self) -> Result<(), StoreError>;
-    /// Commits the batch durably. On error the batch is rolled back and cached state reloaded.
-    ///
-    /// # Errors
-    /// [`StoreError::Sqlite`]: nothing of the batch is stored.
-    fn commit(&mut self) -> Result<(), StoreError>;
-    /// Whether the last successful [`GroupStore::commit`] stored anything. A batch whose
-    /// writes all changed nothing (a member's join again, a retried send) commits no page,
-    /// so it needs no sync before its replies: one on a file system turned read-only would
-    /// fail and stop the node for nothing. `true` unless the store knows better.
-    fn last_commit_wrote(&self) -> bool {
-        true
-    }
+/// One group's data: its log, members, grants and mode. Every write happens inside the
+/// batch that [`GroupStore::begin`] (or [`HostDb::begin`]) opened; reads see the batch's
+/// own writes.
+pub trait GroupLog: Send {
     /// The user name bound to `who`, if `who` is a member.
     ///
     /// # Errors
@@ -318,7 +317,7 @@ pub trait GroupStore: Send {
     fn members(&self) -> Result<Vec<Member>, StoreError>;
     /// How many members there are.
     fn member_count(&self) -> u64;
-    /// Says which client ids the open batch is about to [`append`](GroupStore::append), so
+    /// Says which client ids the open batch is about to [`append`](GroupLog::append), so
     /// that a store can look them up in one go instead of one query per message (PostgreSQL,
     /// where each query is a round trip). Ids appended without being expected are still
     /// checked, one at a time. Does nothing by default.
@@ -367,6 +366,29 @@ pub trait GroupStore: Send {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError>;
+}
+
+/// What a node of one group needs from storage: one group's data ([`GroupLog`]) and the
+/// transaction around it, in one value ([`SqliteStore`], [`PgStore`]). A host of many
+/// groups uses [`HostDb`] and one [`GroupDb`] view per group instead.
+pub trait GroupStore: GroupLog {
+    /// Starts a write batch.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] if the transaction cannot start.
+    fn begin(&mut self) -> Result<(), StoreError>;
+    /// Commits the batch durably. On error the batch is rolled back and cached state reloaded.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]: nothing of the batch is stored.
+    fn commit(&mut self) -> Result<(), StoreError>;
+    /// Whether the last successful [`GroupStore::commit`] stored anything. A batch whose
+    /// writes all changed nothing (a member's join again, a retried send) commits no page,
+    /// so it needs no sync before its replies: one on a file system turned read-only would
+    /// fail and stop the node for nothing. `true` unless the store knows better.
+    fn last_commit_wrote(&self) -> bool {
+        true
+    }
     /// What makes a committed batch durable before its acks leave ([`Durable`] when the
     /// commit already is).
     fn flusher(&self) -> Box<dyn Flush>;

@@ -23,7 +23,7 @@
 //!   PostgreSQL, one client: 320–670 batches/s as `BEGIN`, four statements and `COMMIT`,
 //!   610–1,260/s as the lookup and one statement);
 //! - the client ids of a batch's sends are looked up together first
-//!   ([`GroupStore::expect_appends`]), so that a retried send is still answered with its
+//!   ([`GroupLog::expect_appends`]), so that a retried send is still answered with its
 //!   stored ack; an id not looked up that way takes the slow path (one `INSERT … ON
 //!   CONFLICT` of its own);
 //! - members are cached (the active node is the only writer, under its lease), so the
@@ -83,8 +83,8 @@ use agora_proto::wire::{
 };
 
 use super::{
-    attachment_json, Durable, Flush, Grant, GroupStore, NewMessage, Page, Principal, Retention,
-    StoreError,
+    attachment_json, Durable, Flush, Grant, GroupLog, GroupStore, NewMessage, Page, Principal,
+    Retention, StoreError,
 };
 
 /// The migrations, in order: entry N-1 takes the schema from version N-1 to N.
@@ -334,7 +334,7 @@ struct Held {
     attachment_sha256: Option<Vec<u8>>,
 }
 
-/// What is stored under a client id looked up by [`GroupStore::expect_appends`].
+/// What is stored under a client id looked up by [`GroupLog::expect_appends`].
 #[derive(Debug)]
 struct Stored {
     seq: i64,
@@ -460,7 +460,7 @@ impl<'a> HeldColumns<'a> {
     }
 }
 
-/// The batch's id lookup of [`GroupStore::expect_appends`]. Prepared again each time the
+/// The batch's id lookup of [`GroupLog::expect_appends`]. Prepared again each time the
 /// log has doubled (and grown by 1,000): PostgreSQL caches a generic plan after five
 /// executions, and one made while `messages` was small (a sequential scan) stayed in use as
 /// the table grew, until an `ANALYZE` replaced it (measured: appends at 100 in flight fell
@@ -796,6 +796,26 @@ impl GroupStore for PgStore {
         Ok(())
     }
 
+    fn flusher(&self) -> Box<dyn Flush> {
+        Box::new(Durable)
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        if self.write_held().is_err() {
+            return 0;
+        }
+        self.query_opt(
+            "SELECT pg_total_relation_size('messages') + pg_total_relation_size('members')",
+            &[],
+        )
+        .ok()
+        .flatten()
+        .and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok())
+        .unwrap_or(0)
+    }
+}
+
+impl GroupLog for PgStore {
     fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
         if let Some(name) = self.members.borrow().get(who.as_str()) {
             return Ok(Some(name.clone()));
@@ -1149,23 +1169,5 @@ impl GroupStore for PgStore {
             }
             Ok(deleted)
         })
-    }
-
-    fn flusher(&self) -> Box<dyn Flush> {
-        Box::new(Durable)
-    }
-
-    fn stored_bytes(&self) -> u64 {
-        if self.write_held().is_err() {
-            return 0;
-        }
-        self.query_opt(
-            "SELECT pg_total_relation_size('messages') + pg_total_relation_size('members')",
-            &[],
-        )
-        .ok()
-        .flatten()
-        .and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok())
-        .unwrap_or(0)
     }
 }

@@ -1,4 +1,8 @@
-//! [`GroupStore`] in one SQLite file in WAL mode: the embedded default.
+//! One SQLite file in WAL mode holding every group of a host: [`SqliteHost`] (the
+//! connection, the transaction, the `groups` table), [`SqliteGroup`] (one group's view,
+//! [`GroupLog`]) and [`SqliteStore`] (a node of one group: the host with gid 1 and its
+//! [`LogState`], a [`GroupStore`]). The embedded default.
+//!
 //! Two [`Durability`] settings:
 //! - [`Durability::Commit`] (`synchronous=FULL`): a commit returns once the WAL is fsynced, so
 //!   a committed transaction survives a process kill and a power loss.
@@ -8,19 +12,20 @@
 //!   connection and thread ([`Checkpointer`]), never inside a commit. This is what the group
 //!   node runs: while one batch syncs, the next is applied.
 //!
-//! Writes happen inside a batch: [`GroupStore::begin`], any number of operations, then
-//! [`GroupStore::commit`]. The node puts every request it has in hand into one batch and
-//! sends the acks after the commit (and the sync): group commit, one fsync for many messages,
-//! without acking anything that is not on disk.
+//! Writes happen inside a batch: [`SqliteHost::begin`] ([`GroupStore::begin`]), any number of
+//! operations on any groups, then [`SqliteHost::commit`]. The node puts every request it has
+//! in hand into one batch and sends the acks after the commit (and the sync): group commit,
+//! one fsync for many messages of many groups, without acking anything that is not on disk.
 //!
 //! # Failure inside a batch
 //! When a write fails with an I/O error or a full disk, SQLite may roll back the whole
 //! transaction by itself. The store notices (the connection is back in autocommit mode),
 //! marks the batch aborted, and refuses every later write of the batch with
 //! [`StoreError::Aborted`] instead of letting it run (and commit) on its own; reads go on.
-//! [`GroupStore::commit`] then fails, and the cached seq and clock are reloaded from the file,
-//! so the next batch numbers on from what is stored: no seq gap, and nothing answered as
-//! failed is stored.
+//! The commit then fails, and the cached seq and clock of each group the batch touched are
+//! reloaded from the file ([`SqliteHost::load`]; a [`SqliteStore`] does it itself), so the
+//! next batch numbers on from what is stored: no seq gap, and nothing answered as failed is
+//! stored.
 //!
 //! # A file system that refuses writes
 //! Every connection goes through SQLite's `unix-excl` VFS ([`VFS`]): the WAL index is in
@@ -30,24 +35,43 @@
 //! whose cause is logged once when writes begin to fail and once when a commit succeeds
 //! again; the batch is refused as above.
 //!
-//! # Schema (version 6, in `PRAGMA user_version`)
-//! - `meta(key TEXT PRIMARY KEY, value)`: `group` (name), `last_seq`, `last_time_us`. The
-//!   high-water marks keep seq gap-free and time monotonic after retention deletes rows.
-//! - `messages(seq INTEGER PRIMARY KEY, id BLOB UNIQUE, time_us, sender, body, kind,
-//!   sender_key)`: the log; `body` is the JSON text as sent; `id` the 16 UUID bytes; `kind`
-//!   `message`, `join` or `leave` (version 2); `sender_key` the sender's Z85 CURVE key, NULL
-//!   without CURVE (version 3). No index on `time_us` (dropped in version 5): time is
-//!   strictly increasing with seq, so the first seq at or after a time is found by a binary
-//!   search over the primary key ([`SqliteStore::first_seq_at`]), and each append updates
-//!   two B-trees, not three (one WAL page less to write and sync per commit).
-//! - `messages.attachment`, `messages.attachment_sha256` (version 6): the file a message
-//!   carries, as the JSON of its `Attachment`, and its digest (32 bytes), with a partial index
-//!   over the messages that have one: what keeps a blob from retention's sweep.
-//! - `members(principal TEXT PRIMARY KEY, user TEXT UNIQUE, joined_at_us)`: who is a member
-//!   ([`Principal`]), and the user name bound to them in this group (version 3; before, the
-//!   user name was the identity).
-//! - `grants(principal, kind, at_us)`, primary key `(principal, kind)`: `admin`, `invite` and
-//!   `ban` rights and restrictions (version 4). The group's mode is `meta.mode`.
+//! # Memory
+//! Bounded per host, whatever the number of groups: SQLite's page cache of the writer
+//! ([`WRITER_CACHE_KIB`], 16 MiB) and of the checkpointer (SQLite's default, 2 MiB), and
+//! [`STATEMENT_CACHE`] (64) prepared statements per connection, shared by every group (the
+//! gid is a parameter). A group in memory is its [`LogState`] (about 40 bytes).
+//!
+//! # Schema (version 7, in `PRAGMA user_version`)
+//! One set of tables for every group of the host, a `gid` in every row
+//! (`docs/design/group-host.md` §2.1). An idle group costs its `groups` row and its
+//! members' rows, a few hundred bytes.
+//! - `host_meta(key TEXT PRIMARY KEY, value)`: reserved for the host's own settings.
+//! - `groups(gid INTEGER PRIMARY KEY, name, state, owner, mode, last_seq, last_time_us,
+//!   created_by, created_at_us, archived_at_us)`: one row per group ever made, gids never
+//!   reused; `state` `pending`, `live` or `archived`; `owner` and `created_by` principals
+//!   (`key:…`), NULL for the host key; `mode` `open` or `private`. A partial unique index
+//!   keeps names unique among groups not archived; another indexes `created_by` for the
+//!   per-key cap. `last_seq` and `last_time_us` are high-water marks written when retention
+//!   deletes rows, so that seq stays gap-free and time monotonic after it.
+//! - `messages(k INTEGER PRIMARY KEY, gid, id BLOB, time_us, sender, body, kind, sender_key,
+//!   attachment, attachment_sha256)`: the logs, keyed by `k = gid << 40 | seq`, so a group's
+//!   log is one range of the table's B-tree; `id` is unique per group (`messages_id(gid,
+//!   id)`); `body` the JSON text as sent; `kind` `message`, `join` or `leave`; `sender_key`
+//!   the sender's Z85 CURVE key, NULL without CURVE; `attachment` the JSON of the file a
+//!   message carries and `attachment_sha256` its digest, with a partial index
+//!   `(gid, attachment_sha256)` (what keeps a blob from retention's sweep). No index on
+//!   `time_us`: time is strictly increasing with seq, so the first seq at or after a time is
+//!   found by a binary search over the key ([`SqliteStore::first_seq_at`]), and each append
+//!   updates two B-trees, not three.
+//! - `members(gid, principal, user, joined_at_us)`, primary key `(gid, principal)`, `user`
+//!   unique per group: who is a member ([`Principal`]) and the name bound to them there.
+//! - `grants(gid, principal, kind, at_us)`, primary key `(gid, principal, kind)`: `admin`,
+//!   `invite` and `ban` rights and restrictions.
+//!
+//! Versions 1 to 6 were one file per group (`meta(key, value)` with the group's name, mode
+//! and high-water marks; `messages(seq INTEGER PRIMARY KEY, id UNIQUE, …)`; `members`,
+//! `grants` without `gid`). Opening one migrates it in place, in one transaction, to version
+//! 7 with the group as gid 1.
 
 use std::path::Path;
 use std::time::Duration;
@@ -63,85 +87,254 @@ use agora_proto::wire::{
     Sha256Digest, UserName,
 };
 
+use super::host::{GroupId, GroupRow, GroupState, LogState, NewGroup};
 use super::{
-    attachment_json, Flush, Grant, GroupStore, NewMessage, Page, Principal, Retention, StoreError,
+    attachment_json, Flush, Grant, GroupLog, GroupStore, NewMessage, Page, Principal, Retention,
+    StoreError,
 };
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
-/// When a commit is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// `synchronous=FULL`, exclusive locking: [`GroupStore::commit`] returns after the WAL is
-    /// fsynced. SQLite checkpoints inside the commit that crosses 1000 WAL pages. The default.
-    #[default]
-    Commit,
-    /// `synchronous=NORMAL`, automatic checkpoints off, shared locking: a commit returns once
-    /// the WAL is written (not synced). The caller must [`WalSync::sync`] before acking, and
-    /// run a [`Checkpointer`] so that the WAL is copied back and reused.
-    Deferred,
+/// The writer connection's page cache, in KiB (`PRAGMA cache_size=-16384`): 16 MiB per host,
+/// whatever its number of groups. The checkpointer keeps SQLite's default (2 MiB).
+pub const WRITER_CACHE_KIB: u32 = 16 * 1024;
+
+/// Prepared statements cached per connection (rusqlite's LRU; its default is 16). Every
+/// group shares them: the gid is a parameter.
+pub const STATEMENT_CACHE: usize = 64;
+
+/// The bits of a message key `k` that hold the seq: `k = gid << 40 | seq`.
+const SEQ_BITS: u32 = 40;
+/// The largest seq a group can have.
+const MAX_SEQ: u64 = (1 << SEQ_BITS) - 1;
+
+/// The first and last message key of group `gid`'s log.
+fn key_range(gid: GroupId) -> (i64, i64) {
+    let lo = i64::from(gid.0) << SEQ_BITS;
+    (lo, lo | MAX_SEQ as i64)
 }
 
-/// [`GroupStore`] in one SQLite file.
-pub struct SqliteStore {
+/// The message key of `seq` in group `gid` (seqs past [`MAX_SEQ`] are clamped to it).
+fn key(gid: GroupId, seq: u64) -> i64 {
+    (i64::from(gid.0) << SEQ_BITS) | seq.min(MAX_SEQ) as i64
+}
+
+/// The schema of version 7 (see the module docs).
+const SCHEMA_V7: &str = "
+    CREATE TABLE host_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+    CREATE TABLE groups (
+        gid INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        owner TEXT,
+        mode TEXT NOT NULL DEFAULT 'open',
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        last_time_us INTEGER NOT NULL DEFAULT 0,
+        created_by TEXT,
+        created_at_us INTEGER NOT NULL,
+        archived_at_us INTEGER);
+    CREATE UNIQUE INDEX groups_name ON groups(name) WHERE state <> 'archived';
+    CREATE INDEX groups_creator ON groups(created_by) WHERE state <> 'archived';
+    CREATE TABLE messages (
+        k INTEGER PRIMARY KEY,
+        gid INTEGER NOT NULL,
+        id BLOB NOT NULL,
+        time_us INTEGER NOT NULL,
+        sender TEXT NOT NULL,
+        body TEXT NOT NULL,
+        kind TEXT NOT NULL DEFAULT 'message',
+        sender_key TEXT,
+        attachment TEXT,
+        attachment_sha256 BLOB);
+    CREATE UNIQUE INDEX messages_id ON messages(gid, id);
+    CREATE INDEX messages_attachment ON messages(gid, attachment_sha256)
+        WHERE attachment_sha256 IS NOT NULL;
+    CREATE TABLE members (
+        gid INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        user TEXT NOT NULL,
+        joined_at_us INTEGER NOT NULL,
+        PRIMARY KEY (gid, principal)) WITHOUT ROWID;
+    CREATE UNIQUE INDEX members_user ON members(gid, user);
+    CREATE TABLE grants (
+        gid INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        at_us INTEGER NOT NULL,
+        PRIMARY KEY (gid, principal, kind)) WITHOUT ROWID;
+";
+
+/// Takes a version 1–5 file (one group) to version 6, step by step, as earlier builds did.
+fn migrate_to_6(conn: &Connection, version: i64) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS messages (
+             seq INTEGER PRIMARY KEY,
+             id BLOB NOT NULL UNIQUE,
+             time_us INTEGER NOT NULL,
+             sender TEXT NOT NULL,
+             body TEXT NOT NULL,
+             kind TEXT NOT NULL DEFAULT 'message',
+             sender_key TEXT,
+             attachment TEXT,
+             attachment_sha256 BLOB);
+         CREATE TABLE IF NOT EXISTS members (
+             principal TEXT PRIMARY KEY,
+             user TEXT NOT NULL UNIQUE,
+             joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS grants (
+             principal TEXT NOT NULL,
+             kind TEXT NOT NULL,
+             at_us INTEGER NOT NULL,
+             PRIMARY KEY (principal, kind)) WITHOUT ROWID;
+         COMMIT;",
+    )?;
+    if version == 1 {
+        // Version 1 had no event entries: every row is a chat message.
+        conn.execute_batch(
+            "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'message';",
+        )?;
+    }
+    if version == 1 || version == 2 {
+        // Before version 3 members were known by name alone, and had no keys.
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE messages ADD COLUMN sender_key TEXT;
+             CREATE TABLE members_v3 (
+                 principal TEXT PRIMARY KEY,
+                 user TEXT NOT NULL UNIQUE,
+                 joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO members_v3 SELECT 'name:' || user, user, joined_at_us FROM members;
+             DROP TABLE members;
+             ALTER TABLE members_v3 RENAME TO members;
+             COMMIT;",
+        )?;
+    }
+    if (1..6).contains(&version) {
+        conn.execute_batch(
+            "ALTER TABLE messages ADD COLUMN attachment TEXT;
+             ALTER TABLE messages ADD COLUMN attachment_sha256 BLOB;",
+        )?;
+    }
+    conn.execute_batch(
+        "DROP INDEX IF EXISTS messages_time;
+         PRAGMA user_version = 6;",
+    )?;
+    Ok(())
+}
+
+/// Takes a version 6 file (one group, named in `meta`, or `fallback` if it is not) to
+/// version 7 in one transaction: the group becomes gid 1, its messages are copied under
+/// their new keys (the old table's `UNIQUE(id)` goes only with a rebuild), its members and
+/// grants get `gid = 1`, `meta` goes. The file needs free space about the log's size
+/// meanwhile; a failure leaves it at version 6.
+fn migrate_6_to_7(conn: &mut Connection, fallback: Option<&GroupName>) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let name: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let name = match (name, fallback) {
+        (Some(name), _) => name,
+        (None, Some(fallback)) => fallback.to_string(),
+        (None, None) => {
+            return Err(StoreError::Corrupt(
+                "a version 6 file names no group (meta 'group')".into(),
+            ))
+        }
+    };
+    tracing::info!(group = %name, "migrating the SQLite store to version 7 (one file per host)");
+    tx.execute_batch(
+        "ALTER TABLE messages RENAME TO messages_v6;
+         ALTER TABLE members RENAME TO members_v6;
+         ALTER TABLE grants RENAME TO grants_v6;
+         DROP INDEX IF EXISTS messages_attachment;",
+    )?;
+    tx.execute_batch(SCHEMA_V7)?;
+    tx.execute(
+        "INSERT INTO groups (gid, name, state, mode, last_seq, last_time_us, created_at_us)
+         VALUES (1, ?1, 'live',
+             COALESCE((SELECT value FROM meta WHERE key = 'mode'), 'open'),
+             COALESCE((SELECT value FROM meta WHERE key = 'last_seq'), 0),
+             COALESCE((SELECT value FROM meta WHERE key = 'last_time_us'), 0),
+             ?2)",
+        params![name, Timestamp::now().as_micros()],
+    )?;
+    tx.execute_batch(
+        "INSERT INTO messages (k, gid, id, time_us, sender, body, kind, sender_key, attachment,
+             attachment_sha256)
+             SELECT (1 << 40) | seq, 1, id, time_us, sender, body, kind, sender_key, attachment,
+                 attachment_sha256
+             FROM messages_v6 ORDER BY seq;
+         INSERT INTO members (gid, principal, user, joined_at_us)
+             SELECT 1, principal, user, joined_at_us FROM members_v6;
+         INSERT INTO grants (gid, principal, kind, at_us)
+             SELECT 1, principal, kind, at_us FROM grants_v6;
+         DROP TABLE messages_v6;
+         DROP TABLE members_v6;
+         DROP TABLE grants_v6;
+         DROP TABLE meta;
+         PRAGMA user_version = 7;",
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The database of a host in one SQLite file (see the module docs): the writer connection
+/// and the batch's state. Reach a group's rows through [`SqliteHost::group`] (or
+/// [`HostDb::group`](super::HostDb::group)) only.
+pub struct SqliteHost {
     conn: Connection,
-    last_seq: u64,
-    clock: MonotonicClock,
-    member_count: u64,
-    /// Retention deleted rows in this transaction: the high-water marks must be written to
-    /// `meta`, since `MAX(seq)` and `MAX(time_us)` may no longer give them. Otherwise the
-    /// commit writes no `meta` page (one page less to sync per commit).
-    meta_dirty: bool,
     /// SQLite rolled this batch back after a failed write (see the module docs).
     aborted: bool,
     /// Writes fail for a cause outside SQLite ([`StoreError::Unwritable`]): the cause was
     /// logged when they began to fail, and is not logged again until a commit succeeds.
     unwritable: bool,
-    /// `total_changes` at [`GroupStore::begin`]: a commit that changed no row wrote nothing,
+    /// `total_changes` at [`SqliteHost::begin`]: a commit that changed no row wrote nothing,
     /// so it does not show that the store can be written again, and needs no sync.
     changes_at_begin: u64,
-    /// The last successful commit changed a row ([`GroupStore::last_commit_wrote`]).
+    /// The last successful commit changed a row ([`SqliteHost::last_commit_wrote`]).
     last_commit_wrote: bool,
     path: std::path::PathBuf,
     durability: Durability,
 }
 
-impl std::fmt::Debug for SqliteStore {
+impl std::fmt::Debug for SqliteHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("last_seq", &self.last_seq)
-            .field("member_count", &self.member_count)
+        f.debug_struct("SqliteHost")
+            .field("path", &self.path)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
 
-impl SqliteStore {
-    /// Opens or creates the store of `group` at `path` (WAL, `synchronous=FULL`), in
-    /// SQLite's exclusive locking mode: this connection holds the file's lock until it
-    /// closes, so each transaction skips the per-transaction file locking and the WAL index
-    /// lives in heap memory. One process per store: a second opener waits the busy timeout
-    /// (5 s) and then fails with `database is locked`.
+impl SqliteHost {
+    /// Opens or creates the host database at `path` with the given durability, migrating a
+    /// one-group file of versions 1–6 to version 7 (its group becomes gid 1).
+    ///
+    /// With [`Durability::Commit`] the file is opened in SQLite's exclusive locking mode:
+    /// this connection holds the file's lock until it closes, so each transaction skips the
+    /// per-transaction file locking. With [`Durability::Deferred`] it is shared among this
+    /// process's connections (so that a [`Checkpointer`] can open it too); one writer per
+    /// file is still the rule, and no other process may open it meanwhile ([`VFS`]).
     ///
     /// # Errors
-    /// [`StoreError::WrongGroup`] if the file belongs to another group,
-    /// [`StoreError::SchemaTooNew`], [`StoreError::Sqlite`].
-    pub fn open(path: &Path, group: &GroupName) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path, group, Durability::Commit)
+    /// [`StoreError::SchemaTooNew`]; [`StoreError::Corrupt`] for a version 6 file naming no
+    /// group; [`StoreError::Sqlite`] (a busy file waits 5 s, then `database is locked`).
+    pub fn open_with(path: &Path, durability: Durability) -> Result<SqliteHost, StoreError> {
+        SqliteHost::open_named(path, durability, None)
     }
 
-    /// Opens or creates the store of `group` at `path` with the given durability. With
-    /// [`Durability::Deferred`] the file is opened in shared locking mode among this
-    /// process's connections (so that a [`Checkpointer`] can open it too); one writer per
-    /// store is still the rule, and no other process may open the file meanwhile ([`VFS`]).
-    ///
-    /// # Errors
-    /// As [`SqliteStore::open`].
-    pub fn open_with(
+    /// As [`SqliteHost::open_with`]; `name` names the group of a one-group file whose
+    /// `meta` lacks it.
+    fn open_named(
         path: &Path,
-        group: &GroupName,
         durability: Durability,
-    ) -> Result<SqliteStore, StoreError> {
-        let conn = connect(path)?;
+        name: Option<&GroupName>,
+    ) -> Result<SqliteHost, StoreError> {
+        let mut conn = connect(path)?;
         if durability == Durability::Commit {
             // Before the first WAL access, so that SQLite never maps the shared-memory index.
             conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")?;
@@ -156,6 +349,8 @@ impl SqliteStore {
                 conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;")?
             }
         }
+        conn.execute_batch(&format!("PRAGMA cache_size=-{WRITER_CACHE_KIB};"))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
@@ -163,103 +358,42 @@ impl SqliteStore {
                 known: SCHEMA_VERSION,
             });
         }
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS messages (
-                 seq INTEGER PRIMARY KEY,
-                 id BLOB NOT NULL UNIQUE,
-                 time_us INTEGER NOT NULL,
-                 sender TEXT NOT NULL,
-                 body TEXT NOT NULL,
-                 kind TEXT NOT NULL DEFAULT 'message',
-                 sender_key TEXT,
-                 attachment TEXT,
-                 attachment_sha256 BLOB);
-             CREATE TABLE IF NOT EXISTS members (
-                 principal TEXT PRIMARY KEY,
-                 user TEXT NOT NULL UNIQUE,
-                 joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS grants (
-                 principal TEXT NOT NULL,
-                 kind TEXT NOT NULL,
-                 at_us INTEGER NOT NULL,
-                 PRIMARY KEY (principal, kind)) WITHOUT ROWID;
-             COMMIT;",
-        )?;
-        if version == 1 {
-            // Version 1 had no event entries: every row is a chat message.
-            conn.execute_batch(
-                "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'message';",
-            )?;
-        }
-        if version == 1 || version == 2 {
-            // Before version 3 members were known by name alone, and had no keys.
-            conn.execute_batch(
-                "BEGIN;
-                 ALTER TABLE messages ADD COLUMN sender_key TEXT;
-                 CREATE TABLE members_v3 (
-                     principal TEXT PRIMARY KEY,
-                     user TEXT NOT NULL UNIQUE,
-                     joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
-                 INSERT INTO members_v3 SELECT 'name:' || user, user, joined_at_us FROM members;
-                 DROP TABLE members;
-                 ALTER TABLE members_v3 RENAME TO members;
-                 COMMIT;",
-            )?;
-        }
-        if (1..6).contains(&version) {
-            conn.execute_batch(
-                "ALTER TABLE messages ADD COLUMN attachment TEXT;
-                 ALTER TABLE messages ADD COLUMN attachment_sha256 BLOB;",
-            )?;
-        }
-        conn.execute_batch(
-            "DROP INDEX IF EXISTS messages_time;
-             CREATE INDEX IF NOT EXISTS messages_attachment ON messages(attachment_sha256)
-                 WHERE attachment_sha256 IS NOT NULL;
-             PRAGMA user_version = 6;",
-        )?;
-        let found: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'group'", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match found {
-            Some(found) if found != group.as_str() => {
-                return Err(StoreError::WrongGroup {
-                    expected: group.to_string(),
-                    found,
-                })
+        // A version 0 file with a `meta` table: an earlier build stopped between making its
+        // tables and writing their version.
+        let legacy = (1..=6).contains(&version)
+            || (version == 0
+                && conn
+                    .prepare("SELECT 1 FROM sqlite_schema WHERE name = 'meta'")?
+                    .exists([])?);
+        if legacy {
+            if version < 6 {
+                migrate_to_6(&conn, version)?;
             }
-            Some(_) => {}
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('group', ?1)",
-                    [group.as_str()],
-                )?;
-            }
+            migrate_6_to_7(&mut conn, name)?;
+        } else if version == 0 {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V7} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))?;
         }
-        let mut store = SqliteStore {
+        Ok(SqliteHost {
             conn,
-            last_seq: 0,
-            clock: MonotonicClock::after(Timestamp::EPOCH),
-            member_count: 0,
-            meta_dirty: false,
             aborted: false,
             unwritable: false,
             changes_at_begin: 0,
             last_commit_wrote: false,
             path: path.to_owned(),
             durability,
-        };
-        store.reload()?;
-        Ok(store)
+        })
     }
 
     /// How commits of this store become durable.
     pub fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// The view of the group `state` belongs to, for this batch.
+    pub fn group<'a>(&'a mut self, state: &'a mut LogState) -> SqliteGroup<'a> {
+        SqliteGroup::new(self, state)
     }
 
     /// Zero-fills the WAL file up to `bytes` (a no-op if it is already that long), then
@@ -315,7 +449,8 @@ impl SqliteStore {
         }
     }
 
-    /// A second connection to this store's file, for checkpoints on another thread.
+    /// A second connection to this store's file, for checkpoints on another thread (page
+    /// cache: SQLite's default, 2 MiB).
     ///
     /// # Errors
     /// [`StoreError::Sqlite`] if the file cannot be opened.
@@ -328,11 +463,310 @@ impl SqliteStore {
         })
     }
 
+    /// Starts a write batch (`BEGIN IMMEDIATE`).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], [`StoreError::Unwritable`].
+    pub fn begin(&mut self) -> Result<(), StoreError> {
+        self.aborted = false;
+        self.changes_at_begin = self.conn.total_changes();
+        let begun = (|| -> Result<(), StoreError> {
+            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            Ok(())
+        })();
+        begun.map_err(|e| self.write_failed(e))
+    }
+
+    /// Commits the batch. On error it is rolled back, the connection is usable again, and
+    /// the caller reloads the [`LogState`] of every group the batch touched
+    /// ([`SqliteHost::load`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Aborted`], [`StoreError::Unwritable`], [`StoreError::Sqlite`].
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        let result = (|| -> Result<(), StoreError> {
+            if self.aborted {
+                return Err(StoreError::Aborted);
+            }
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Leave the connection usable.
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.aborted = false;
+            return Err(self.write_failed(e));
+        }
+        self.last_commit_wrote = self.conn.total_changes() > self.changes_at_begin;
+        if self.last_commit_wrote {
+            self.write_succeeded();
+        }
+        Ok(())
+    }
+
+    /// Whether the last successful commit changed a row (see
+    /// [`GroupStore::last_commit_wrote`]).
+    pub fn last_commit_wrote(&self) -> bool {
+        self.last_commit_wrote
+    }
+
+    /// What makes a committed batch durable: nothing for [`Durability::Commit`], the WAL's
+    /// `fdatasync` ([`WalSync`]) for [`Durability::Deferred`].
+    pub fn flusher(&self) -> Box<dyn Flush> {
+        match self.durability {
+            Durability::Commit => Box::new(super::Durable),
+            Durability::Deferred => Box::new(self.wal_sync()),
+        }
+    }
+
+    /// A [`Checkpointer`] for [`Durability::Deferred`], `None` for [`Durability::Commit`].
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] if its connection cannot open.
+    pub fn checkpoints(&self) -> Result<Option<Checkpointer>, StoreError> {
+        match self.durability {
+            Durability::Commit => Ok(None),
+            Durability::Deferred => self.checkpointer().map(Some),
+        }
+    }
+
+    /// The bytes of the database file and its WAL.
+    pub fn stored_bytes(&self) -> u64 {
+        [self.path.clone(), wal_path(&self.path)]
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// The live groups by gid, with their member counts (two queries).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    pub fn live_groups(&self) -> Result<Vec<GroupRow>, StoreError> {
+        let mut counts = std::collections::HashMap::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT gid, COUNT(*) FROM members GROUP BY gid")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                counts.insert(row.get::<_, i64>(0)?, row.get::<_, i64>(1)?);
+            }
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT gid, name, owner, mode, state, created_by FROM groups
+             WHERE state = 'live' ORDER BY gid",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let gid: i64 = row.get(0)?;
+            let name: String = row.get(1)?;
+            let state: String = row.get(4)?;
+            out.push(GroupRow {
+                gid: GroupId(
+                    u32::try_from(gid).map_err(|_| StoreError::Corrupt(format!("gid {gid}")))?,
+                ),
+                name: GroupName::new(name)
+                    .map_err(|e| StoreError::Corrupt(format!("group {gid}: {e}")))?,
+                owner: row.get::<_, Option<String>>(2)?.map(Principal::from_stored),
+                mode: parse_mode(row.get::<_, Option<String>>(3)?.as_deref()),
+                state: GroupState::from_stored(&state)
+                    .ok_or_else(|| StoreError::Corrupt(format!("group {gid}: state {state:?}")))?,
+                created_by: row.get::<_, Option<String>>(5)?.map(Principal::from_stored),
+                members: counts
+                    .get(&gid)
+                    .and_then(|n| u64::try_from(*n).ok())
+                    .unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The gid and state of the group named `name` that is not archived, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    pub fn find_group(
+        &self,
+        name: &GroupName,
+    ) -> Result<Option<(GroupId, GroupState)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT gid, state FROM groups WHERE name = ?1 AND state <> 'archived'",
+        )?;
+        let found: Option<(i64, String)> = stmt
+            .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        found
+            .map(|(gid, state)| {
+                Ok((
+                    GroupId(
+                        u32::try_from(gid)
+                            .map_err(|_| StoreError::Corrupt(format!("gid {gid}")))?,
+                    ),
+                    GroupState::from_stored(&state).ok_or_else(|| {
+                        StoreError::Corrupt(format!("group {gid}: state {state:?}"))
+                    })?,
+                ))
+            })
+            .transpose()
+    }
+
+    /// Deletes the pending groups and their rows, in a transaction of its own; returns how
+    /// many. Call it at start, outside a batch.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn remove_pending_groups(&mut self) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let gids: Vec<i64> = {
+            let mut stmt = tx.prepare("SELECT gid FROM groups WHERE state = 'pending'")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for &gid in &gids {
+            let (lo, hi) = key_range(GroupId(u32::try_from(gid).unwrap_or(u32::MAX)));
+            tx.execute("DELETE FROM messages WHERE k BETWEEN ?1 AND ?2", [lo, hi])?;
+            tx.execute("DELETE FROM members WHERE gid = ?1", [gid])?;
+            tx.execute("DELETE FROM grants WHERE gid = ?1", [gid])?;
+            tx.execute("DELETE FROM groups WHERE gid = ?1", [gid])?;
+        }
+        tx.commit()?;
+        Ok(gids.len() as u64)
+    }
+
+    /// How many groups not archived `created_by` created, and how many the host has in all.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn group_counts(&self, created_by: &Principal) -> Result<(u64, u64), StoreError> {
+        let mut by = self.conn.prepare_cached(
+            "SELECT COUNT(*) FROM groups WHERE created_by = ?1 AND state <> 'archived'",
+        )?;
+        let mine: i64 = by.query_row([created_by.as_str()], |r| r.get(0))?;
+        let mut all = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM groups WHERE state <> 'archived'")?;
+        let total: i64 = all.query_row([], |r| r.get(0))?;
+        Ok((
+            u64::try_from(mine).unwrap_or(0),
+            u64::try_from(total).unwrap_or(0),
+        ))
+    }
+
+    /// Inserts a group in the open batch; returns its gid (one more than the highest ever).
+    ///
+    /// # Errors
+    /// [`StoreError::NameTaken`], [`StoreError::Aborted`], [`StoreError::Sqlite`].
+    pub fn insert_group(&mut self, g: NewGroup<'_>) -> Result<GroupId, StoreError> {
+        self.write(|h| {
+            if h.find_group(g.name)?.is_some() {
+                return Err(StoreError::NameTaken(g.name.to_string()));
+            }
+            let next: i64 = h
+                .conn
+                .prepare_cached("SELECT COALESCE(MAX(gid), 0) + 1 FROM groups")?
+                .query_row([], |r| r.get(0))?;
+            let gid = u32::try_from(next)
+                .ok()
+                .filter(|g| *g < 1 << 23)
+                .ok_or_else(|| StoreError::Corrupt(format!("no gid left after {}", next - 1)))?;
+            h.conn
+                .prepare_cached(
+                    "INSERT INTO groups (gid, name, state, owner, mode, created_by, created_at_us)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    i64::from(gid),
+                    g.name.as_str(),
+                    g.state.as_str(),
+                    g.owner.map(Principal::as_str),
+                    g.mode.as_str(),
+                    g.created_by.map(Principal::as_str),
+                    g.at.as_micros(),
+                ])?;
+            Ok(GroupId(gid))
+        })
+    }
+
+    /// Sets a group's state in the open batch; archiving records `at`.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if there is no such group; [`StoreError::NameTaken`] if it is
+    /// made pending or live while another group has its name; [`StoreError::Aborted`],
+    /// [`StoreError::Sqlite`].
+    pub fn set_group_state(
+        &mut self,
+        gid: GroupId,
+        state: GroupState,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.write(|h| {
+            let changed = h
+                .conn
+                .prepare_cached(
+                    "UPDATE groups SET state = ?2,
+                         archived_at_us = CASE WHEN ?2 = 'archived' THEN ?3 ELSE NULL END
+                     WHERE gid = ?1",
+                )?
+                .execute(params![i64::from(gid.0), state.as_str(), at.as_micros()]);
+            match changed {
+                Ok(0) => Err(StoreError::Corrupt(format!("no group {gid}"))),
+                Ok(_) => Ok(()),
+                Err(e)
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) =>
+                {
+                    Err(StoreError::NameTaken(format!("of group {gid}")))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    /// Reads group `gid`'s [`LogState`]: its stored high-water marks, its newest message (one
+    /// descent of the messages B-tree) and its member count.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if there is no such group; [`StoreError::Sqlite`].
+    pub fn load(&self, gid: GroupId) -> Result<LogState, StoreError> {
+        let marks: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT last_seq, last_time_us FROM groups WHERE gid = ?1")?
+            .query_row([i64::from(gid.0)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((stored_seq, stored_time)) = marks else {
+            return Err(StoreError::Corrupt(format!("no group {gid}")));
+        };
+        let (lo, hi) = key_range(gid);
+        let newest: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT k & 0xFFFFFFFFFF, time_us FROM messages WHERE k BETWEEN ?1 AND ?2
+                 ORDER BY k DESC LIMIT 1",
+            )?
+            .query_row([lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (max_seq, max_time) = newest.unwrap_or((0, 0));
+        let members: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM members WHERE gid = ?1")?
+            .query_row([i64::from(gid.0)], |r| r.get(0))?;
+        Ok(LogState {
+            gid,
+            last_seq: u64::try_from(stored_seq.max(max_seq)).unwrap_or(0),
+            clock: MonotonicClock::after(Timestamp::from_micros(stored_time.max(max_time))),
+            member_count: u64::try_from(members).unwrap_or(0),
+        })
+    }
+
     /// Runs `write` unless the batch is already aborted; if it fails and SQLite has rolled
     /// the transaction back (autocommit is on again), marks the batch aborted.
     fn write<T>(
         &mut self,
-        write: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError>,
+        write: impl FnOnce(&mut SqliteHost) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         if self.aborted {
             return Err(StoreError::Aborted);
@@ -349,7 +783,7 @@ impl SqliteStore {
     /// What a failed write returns: an error of the file system under the store (an I/O
     /// error, a full disk, a file or file system that refuses writes) becomes
     /// [`StoreError::Unwritable`], and its cause is logged here, once, when writes begin to
-    /// fail (and a line when they work again, [`SqliteStore::write_succeeded`]); any other
+    /// fail (and a line when they work again, [`SqliteHost::write_succeeded`]); any other
     /// error is returned as it is.
     fn write_failed(&mut self, e: StoreError) -> StoreError {
         let StoreError::Sqlite(source) = e else {
@@ -389,50 +823,24 @@ impl SqliteStore {
         }
     }
 
-    /// Reads the cached high-water marks and counts back from the file.
-    fn reload(&mut self) -> Result<(), StoreError> {
-        let meta = |key: &str| -> Result<i64, StoreError> {
-            Ok(self
-                .conn
-                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .optional()?
-                .unwrap_or(0))
-        };
-        let (max_seq, max_time): (Option<i64>, Option<i64>) =
-            self.conn
-                .query_row("SELECT MAX(seq), MAX(time_us) FROM messages", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
-        let last_seq = meta("last_seq")?.max(max_seq.unwrap_or(0));
-        let last_time = meta("last_time_us")?.max(max_time.unwrap_or(0));
-        let members: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM members", [], |r| r.get(0))?;
-        self.last_seq = u64::try_from(last_seq).unwrap_or(0);
-        self.clock = MonotonicClock::after(Timestamp::from_micros(last_time));
-        self.member_count = u64::try_from(members).unwrap_or(0);
-        Ok(())
-    }
-
-    /// The first stored seq whose time is at or after `time_us`, `None` if every stored
-    /// entry is older. A binary search over the primary key (time is strictly increasing
-    /// with seq, PROTOCOL.md §5): about log2(entries) point reads, no index on time.
-    ///
-    /// # Errors
-    /// [`StoreError::Sqlite`].
-    pub fn first_seq_at(&self, time_us: i64) -> Result<Option<i64>, StoreError> {
+    /// The first stored seq of group `gid` whose time is at or after `time_us`, `None` if
+    /// every stored entry is older. A binary search over the key (time is strictly
+    /// increasing with seq, PROTOCOL.md §5): about log2(entries) point reads, no index on
+    /// time.
+    fn first_seq_at(&self, st: &LogState, time_us: i64) -> Result<Option<i64>, StoreError> {
+        let (_, hi_key) = key_range(st.gid);
         // The entry at the first seq >= `seq`, as (seq, time_us).
         let mut at = self.conn.prepare_cached(
-            "SELECT seq, time_us FROM messages WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+            "SELECT k & 0xFFFFFFFFFF, time_us FROM messages WHERE k >= ?1 AND k <= ?2
+             ORDER BY k LIMIT 1",
         )?;
         let mut entry = |seq: i64| -> Result<Option<(i64, i64)>, StoreError> {
+            let k = key(st.gid, u64::try_from(seq).unwrap_or(0));
             Ok(at
-                .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row([k, hi_key], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?)
         };
-        let Some((first, first_time)) = entry(i64::MIN)? else {
+        let Some((first, first_time)) = entry(0)? else {
             return Ok(None);
         };
         if first_time >= time_us {
@@ -440,7 +848,7 @@ impl SqliteStore {
         }
         // Invariant: the entry at `lo` is older than `time_us`; the answer is above `lo`
         // and at most `hi` (past the last seq: none).
-        let (mut lo, mut hi) = (first, i64::try_from(self.last_seq).unwrap_or(i64::MAX) + 1);
+        let (mut lo, mut hi) = (first, i64::try_from(st.last_seq).unwrap_or(i64::MAX) + 1);
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
             match entry(mid)? {
@@ -487,15 +895,16 @@ impl SqliteStore {
         })
     }
 
+    /// A page of `sql`, whose `?1`, `?2` are a key range and `?3` the row limit.
     fn select_page(
         &self,
         sql: &str,
-        param: i64,
+        range: (i64, i64),
         limit: u32,
         max_bytes: usize,
     ) -> Result<Page, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql)?;
-        let mut rows = stmt.query(params![param, i64::from(limit) + 1])?;
+        let mut rows = stmt.query(params![range.0, range.1, i64::from(limit) + 1])?;
         let mut messages = Vec::new();
         let mut bytes = 0usize;
         let mut more = false;
@@ -512,6 +921,354 @@ impl SqliteStore {
         }
         Ok(Page { messages, more })
     }
+}
+
+/// A group's mode as stored (`private`; anything else is open).
+fn parse_mode(stored: Option<&str>) -> GroupMode {
+    match stored {
+        Some("private") => GroupMode::Private,
+        _ => GroupMode::Open,
+    }
+}
+
+/// One group's rows in a [`SqliteHost`], for one batch ([`GroupLog`]): every statement
+/// names the group's gid, so a view never reads nor writes another group's rows.
+pub struct SqliteGroup<'a> {
+    host: &'a mut SqliteHost,
+    state: &'a mut LogState,
+}
+
+impl std::fmt::Debug for SqliteGroup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteGroup")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> SqliteGroup<'a> {
+    /// The view of `state`'s group in `host`.
+    pub fn new(host: &'a mut SqliteHost, state: &'a mut LogState) -> SqliteGroup<'a> {
+        SqliteGroup { host, state }
+    }
+}
+
+/// [`GroupStore`] for a node of one group: a [`SqliteHost`] serving gid 1, with its
+/// [`LogState`].
+pub struct SqliteStore {
+    host: SqliteHost,
+    state: LogState,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("last_seq", &self.state.last_seq)
+            .field("member_count", &self.state.member_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens or creates the store of `group` at `path` (WAL, `synchronous=FULL`), in
+    /// SQLite's exclusive locking mode (see [`SqliteHost::open_with`]). One process per
+    /// store: a second opener waits the busy timeout (5 s) and then fails with `database is
+    /// locked`.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongGroup`] if the file's gid 1 is another group,
+    /// [`StoreError::SchemaTooNew`], [`StoreError::Sqlite`].
+    pub fn open(path: &Path, group: &GroupName) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, group, Durability::Commit)
+    }
+
+    /// Opens or creates the store of `group` at `path` with the given durability: the host
+    /// database with `group` as gid 1 (made if the file has no group yet; a file of versions
+    /// 1–6 is migrated, its group becoming gid 1).
+    ///
+    /// # Errors
+    /// As [`SqliteStore::open`].
+    pub fn open_with(
+        path: &Path,
+        group: &GroupName,
+        durability: Durability,
+    ) -> Result<SqliteStore, StoreError> {
+        let host = SqliteHost::open_named(path, durability, Some(group))?;
+        let found: Option<String> = host
+            .conn
+            .query_row("SELECT name FROM groups WHERE gid = 1", [], |r| r.get(0))
+            .optional()?;
+        match found {
+            Some(found) if found != group.as_str() => {
+                return Err(StoreError::WrongGroup {
+                    expected: group.to_string(),
+                    found,
+                })
+            }
+            Some(_) => {}
+            None => {
+                host.conn.execute(
+                    "INSERT INTO groups (gid, name, state, mode, created_at_us)
+                     VALUES (1, ?1, 'live', 'open', ?2)",
+                    params![group.as_str(), Timestamp::now().as_micros()],
+                )?;
+            }
+        }
+        let state = host.load(GroupId::ONE)?;
+        Ok(SqliteStore { host, state })
+    }
+
+    /// The host database and gid 1's state, for a caller that serves the file as a host.
+    pub fn into_parts(self) -> (SqliteHost, LogState) {
+        (self.host, self.state)
+    }
+
+    /// The host database under this store.
+    pub fn host(&self) -> &SqliteHost {
+        &self.host
+    }
+
+    /// How commits of this store become durable.
+    pub fn durability(&self) -> Durability {
+        self.host.durability
+    }
+
+    /// See [`SqliteHost::preallocate_wal`].
+    ///
+    /// # Errors
+    /// The I/O error; the file is cut back to its old length.
+    pub fn preallocate_wal(&self, bytes: u64) -> std::io::Result<u64> {
+        self.host.preallocate_wal(bytes)
+    }
+
+    /// A handle that makes this store's committed transactions durable from another thread
+    /// (for [`Durability::Deferred`]).
+    pub fn wal_sync(&self) -> WalSync {
+        self.host.wal_sync()
+    }
+
+    /// A second connection to this store's file, for checkpoints on another thread.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] if the file cannot be opened.
+    pub fn checkpointer(&self) -> Result<Checkpointer, StoreError> {
+        self.host.checkpointer()
+    }
+
+    /// The first stored seq whose time is at or after `time_us`, `None` if every stored
+    /// entry is older (a binary search over the key, no index on time).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn first_seq_at(&self, time_us: i64) -> Result<Option<i64>, StoreError> {
+        self.host.first_seq_at(&self.state, time_us)
+    }
+
+    fn view(&mut self) -> SqliteGroup<'_> {
+        SqliteGroup::new(&mut self.host, &mut self.state)
+    }
+
+    /// A read-only view: reads need no `&mut`, and never change the state.
+    fn read(&self) -> GroupRead<'_> {
+        GroupRead {
+            host: &self.host,
+            state: &self.state,
+        }
+    }
+}
+
+/// The read half of a group's view, shared by [`SqliteGroup`] and [`SqliteStore`].
+struct GroupRead<'a> {
+    host: &'a SqliteHost,
+    state: &'a LogState,
+}
+
+const SELECT: &str = "SELECT k & 0xFFFFFFFFFF, id, time_us, sender, body, kind, sender_key,
+    attachment FROM messages";
+
+impl GroupRead<'_> {
+    fn gid(&self) -> i64 {
+        i64::from(self.state.gid.0)
+    }
+
+    fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        let mut stmt = self
+            .host
+            .conn
+            .prepare_cached("SELECT user FROM members WHERE gid = ?1 AND principal = ?2")?;
+        let user: Option<String> = stmt
+            .query_row(params![self.gid(), who.as_str()], |r| r.get(0))
+            .optional()?;
+        user.map(|u| UserName::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError> {
+        let mut stmt = self
+            .host
+            .conn
+            .prepare_cached("SELECT principal FROM members WHERE gid = ?1 AND user = ?2")?;
+        Ok(stmt
+            .query_row(params![self.gid(), user.as_str()], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .map(Principal::from_stored))
+    }
+
+    fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        let mut stmt = self.host.conn.prepare_cached(
+            "SELECT 1 FROM grants WHERE gid = ?1 AND principal = ?2 AND kind = ?3",
+        )?;
+        Ok(stmt.exists(params![self.gid(), who.as_str(), grant.as_str()])?)
+    }
+
+    fn mode(&self) -> Result<GroupMode, StoreError> {
+        let mut stmt = self
+            .host
+            .conn
+            .prepare_cached("SELECT mode FROM groups WHERE gid = ?1")?;
+        let mode: Option<String> = stmt.query_row([self.gid()], |r| r.get(0)).optional()?;
+        Ok(parse_mode(mode.as_deref()))
+    }
+
+    fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let mut stmt = self.host.conn.prepare_cached(
+            "SELECT user, joined_at_us, principal FROM members WHERE gid = ?1 ORDER BY user",
+        )?;
+        let mut rows = stmt.query([self.gid()])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let user: String = row.get(0)?;
+            let principal: String = row.get(2)?;
+            out.push(Member {
+                user: UserName::new(user).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                joined_at: Timestamp::from_micros(row.get(1)?),
+                key: Principal::from_stored(principal).public_key(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn stored_ack(
+        &self,
+        id: MessageId,
+        sender: &UserName,
+        body: &RawValue,
+        attachment: Option<&str>,
+    ) -> Result<Option<SendAck>, StoreError> {
+        let mut stmt = self.host.conn.prepare_cached(
+            "SELECT k & 0xFFFFFFFFFF, time_us, sender, body, attachment FROM messages
+             WHERE gid = ?1 AND id = ?2",
+        )?;
+        let found = stmt
+            .query_row(params![self.gid(), id.as_bytes().as_slice()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .optional()?;
+        let Some((seq, time_us, stored_sender, stored_body, stored_attachment)) = found else {
+            return Ok(None);
+        };
+        if stored_sender != sender.as_str()
+            || stored_body != body.get()
+            || stored_attachment.as_deref() != attachment
+        {
+            return Err(StoreError::IdConflict(id));
+        }
+        Ok(Some(SendAck {
+            seq: u64::try_from(seq).unwrap_or(0),
+            id,
+            time: Timestamp::from_micros(time_us),
+            duplicate: true,
+        }))
+    }
+
+    fn references(&self, digest: &Sha256Digest) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .host
+            .conn
+            .prepare_cached("SELECT 1 FROM messages WHERE gid = ?1 AND attachment_sha256 = ?2")?;
+        Ok(stmt.exists(params![self.gid(), digest.as_bytes().as_slice()])?)
+    }
+
+    fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        let gid = self.state.gid;
+        let (_, hi) = key_range(gid);
+        let after = |seq: u64| (key(gid, seq), hi);
+        let empty = Page {
+            messages: Vec::new(),
+            more: false,
+        };
+        match query {
+            HistoryQuery::AfterSeq(seq) => self.host.select_page(
+                &format!("{SELECT} WHERE k > ?1 AND k <= ?2 ORDER BY k LIMIT ?3"),
+                after(seq),
+                limit,
+                max_bytes,
+            ),
+            HistoryQuery::Since(t) => {
+                // Time is monotonic in seq, so "since T" is "after the seq before T".
+                match self.host.first_seq_at(self.state, t.as_micros())? {
+                    Some(first) => self.host.select_page(
+                        &format!("{SELECT} WHERE k > ?1 AND k <= ?2 ORDER BY k LIMIT ?3"),
+                        after(u64::try_from(first - 1).unwrap_or(0)),
+                        limit,
+                        max_bytes,
+                    ),
+                    None => Ok(empty),
+                }
+            }
+            HistoryQuery::ById(id) => {
+                let mut stmt = self
+                    .host
+                    .conn
+                    .prepare_cached(&format!("{SELECT} WHERE gid = ?1 AND id = ?2"))?;
+                let mut rows = stmt.query(params![self.gid(), id.as_bytes().as_slice()])?;
+                let mut messages = Vec::new();
+                if let Some(row) = rows.next()? {
+                    messages.push(SqliteHost::row_to_message(row)?);
+                }
+                Ok(Page {
+                    messages,
+                    more: false,
+                })
+            }
+            HistoryQuery::Latest(n) => {
+                // `limit` does not apply: `latest` is its own bound. `more` is true only when
+                // the byte cap cut the page, and then the omitted messages are the older ones.
+                let _ = limit;
+                // Newest first straight off the key (no temporary table), cut at n.
+                let mut page = self.host.select_page(
+                    // `?3` is n + 1 (the extra row that tells `more`): take n.
+                    &format!("{SELECT} WHERE k >= ?1 AND k <= ?2 ORDER BY k DESC LIMIT ?3 - 1"),
+                    key_range(gid),
+                    n,
+                    max_bytes,
+                )?;
+                page.messages.reverse();
+                Ok(page)
+            }
+        }
+    }
+}
+
+/// When a commit is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`, exclusive locking: [`GroupStore::commit`] returns after the WAL is
+    /// fsynced. SQLite checkpoints inside the commit that crosses 1000 WAL pages. The default.
+    #[default]
+    Commit,
+    /// `synchronous=NORMAL`, automatic checkpoints off, shared locking: a commit returns once
+    /// the WAL is written (not synced). The caller must [`WalSync::sync`] before acking, and
+    /// run a [`Checkpointer`] so that the WAL is copied back and reused.
+    Deferred,
 }
 
 /// The SQLite VFS of every connection to a store: `unix-excl`.
@@ -649,61 +1406,22 @@ impl Checkpointer {
     }
 }
 
-const SELECT: &str =
-    "SELECT seq, id, time_us, sender, body, kind, sender_key, attachment FROM messages";
-
-impl GroupStore for SqliteStore {
-    fn begin(&mut self) -> Result<(), StoreError> {
-        self.aborted = false;
-        self.changes_at_begin = self.conn.total_changes();
-        let begun = (|| -> Result<(), StoreError> {
-            self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-            Ok(())
-        })();
-        begun.map_err(|e| self.write_failed(e))
+impl SqliteGroup<'_> {
+    fn read(&self) -> GroupRead<'_> {
+        GroupRead {
+            host: self.host,
+            state: self.state,
+        }
     }
 
-    fn commit(&mut self) -> Result<(), StoreError> {
-        let result = (|| -> Result<(), StoreError> {
-            if self.aborted {
-                return Err(StoreError::Aborted);
-            }
-            if self.meta_dirty {
-                let mut stmt = self.conn.prepare_cached(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                )?;
-                stmt.execute(params!["last_seq", self.last_seq as i64])?;
-                stmt.execute(params!["last_time_us", self.clock.last().as_micros()])?;
-            }
-            self.conn.prepare_cached("COMMIT")?.execute([])?;
-            self.meta_dirty = false;
-            Ok(())
-        })();
-        if let Err(e) = result {
-            // Leave the connection usable and the caches true to what is on disk.
-            if !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
-            self.meta_dirty = false;
-            self.aborted = false;
-            self.reload()?;
-            return Err(self.write_failed(e));
-        }
-        self.last_commit_wrote = self.conn.total_changes() > self.changes_at_begin;
-        if self.last_commit_wrote {
-            self.write_succeeded();
-        }
-        Ok(())
+    fn gid(&self) -> i64 {
+        i64::from(self.state.gid.0)
     }
+}
 
+impl GroupLog for SqliteGroup<'_> {
     fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT user FROM members WHERE principal = ?1")?;
-        let user: Option<String> = stmt.query_row([who.as_str()], |r| r.get(0)).optional()?;
-        user.map(|u| UserName::new(u).map_err(|e| StoreError::Corrupt(e.to_string())))
-            .transpose()
+        self.read().member(who)
     }
 
     fn add_member(
@@ -712,137 +1430,116 @@ impl GroupStore for SqliteStore {
         user: &UserName,
         at: Timestamp,
     ) -> Result<(UserName, bool), StoreError> {
-        self.write(|s| {
-            if let Some(bound) = s.member(who)? {
+        let gid = self.gid();
+        let state = &mut *self.state;
+        self.host.write(|h| {
+            let read = GroupRead { host: h, state };
+            if let Some(bound) = read.member(who)? {
                 return Ok((bound, false));
             }
-            let mut taken = s
-                .conn
-                .prepare_cached("SELECT 1 FROM members WHERE user = ?1")?;
-            if taken.exists([user.as_str()])? {
+            if read.member_named(user)?.is_some() {
                 return Err(StoreError::LabelTaken(user.clone()));
             }
-            let mut stmt = s.conn.prepare_cached(
-                "INSERT INTO members (principal, user, joined_at_us) VALUES (?1, ?2, ?3)",
+            let mut stmt = h.conn.prepare_cached(
+                "INSERT INTO members (gid, principal, user, joined_at_us) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            stmt.execute(params![who.as_str(), user.as_str(), at.as_micros()])?;
-            s.member_count += 1;
+            stmt.execute(params![gid, who.as_str(), user.as_str(), at.as_micros()])?;
+            state.member_count += 1;
             Ok((user.clone(), true))
         })
     }
 
     fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError> {
-        self.write(|s| {
-            let Some(bound) = s.member(who)? else {
+        let gid = self.gid();
+        let state = &mut *self.state;
+        self.host.write(|h| {
+            let Some(bound) = (GroupRead { host: h, state }).member(who)? else {
                 return Ok(None);
             };
-            let mut stmt = s
+            let mut stmt = h
                 .conn
-                .prepare_cached("DELETE FROM members WHERE principal = ?1")?;
-            stmt.execute([who.as_str()])?;
-            s.member_count = s.member_count.saturating_sub(1);
+                .prepare_cached("DELETE FROM members WHERE gid = ?1 AND principal = ?2")?;
+            stmt.execute(params![gid, who.as_str()])?;
+            state.member_count = state.member_count.saturating_sub(1);
             Ok(Some(bound))
         })
     }
 
     fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT principal FROM members WHERE user = ?1")?;
-        Ok(stmt
-            .query_row([user.as_str()], |r| r.get::<_, String>(0))
-            .optional()?
-            .map(Principal::from_stored))
+        self.read().member_named(user)
     }
 
     fn grant(&mut self, who: &Principal, grant: Grant, at: Timestamp) -> Result<bool, StoreError> {
-        self.write(|s| {
-            let mut stmt = s.conn.prepare_cached(
-                "INSERT INTO grants (principal, kind, at_us) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        let gid = self.gid();
+        self.host.write(|h| {
+            let mut stmt = h.conn.prepare_cached(
+                "INSERT INTO grants (gid, principal, kind, at_us) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING",
             )?;
-            Ok(stmt.execute(params![who.as_str(), grant.as_str(), at.as_micros()])? == 1)
+            Ok(stmt.execute(params![gid, who.as_str(), grant.as_str(), at.as_micros()])? == 1)
         })
     }
 
     fn revoke(&mut self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
-        self.write(|s| {
-            let mut stmt = s
-                .conn
-                .prepare_cached("DELETE FROM grants WHERE principal = ?1 AND kind = ?2")?;
-            Ok(stmt.execute(params![who.as_str(), grant.as_str()])? == 1)
+        let gid = self.gid();
+        self.host.write(|h| {
+            let mut stmt = h.conn.prepare_cached(
+                "DELETE FROM grants WHERE gid = ?1 AND principal = ?2 AND kind = ?3",
+            )?;
+            Ok(stmt.execute(params![gid, who.as_str(), grant.as_str()])? == 1)
         })
     }
 
     fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM grants WHERE principal = ?1 AND kind = ?2")?;
-        Ok(stmt.exists(params![who.as_str(), grant.as_str()])?)
+        self.read().has(who, grant)
     }
 
     fn mode(&self) -> Result<GroupMode, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT value FROM meta WHERE key = 'mode'")?;
-        let mode: Option<String> = stmt.query_row([], |r| r.get(0)).optional()?;
-        Ok(match mode.as_deref() {
-            Some("private") => GroupMode::Private,
-            _ => GroupMode::Open,
-        })
+        self.read().mode()
     }
 
     fn set_mode(&mut self, mode: GroupMode) -> Result<bool, StoreError> {
-        self.write(|s| {
-            if s.mode()? == mode {
-                return Ok(false);
-            }
-            let mut stmt = s.conn.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('mode', ?1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?;
-            stmt.execute([mode.as_str()])?;
-            Ok(true)
+        let gid = self.gid();
+        self.host.write(|h| {
+            let mut stmt = h
+                .conn
+                .prepare_cached("UPDATE groups SET mode = ?2 WHERE gid = ?1 AND mode <> ?2")?;
+            Ok(stmt.execute(params![gid, mode.as_str()])? == 1)
         })
     }
 
     fn members(&self) -> Result<Vec<Member>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT user, joined_at_us, principal FROM members ORDER BY user")?;
-        let mut rows = stmt.query([])?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            let user: String = row.get(0)?;
-            let principal: String = row.get(2)?;
-            out.push(Member {
-                user: UserName::new(user).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                joined_at: Timestamp::from_micros(row.get(1)?),
-                key: Principal::from_stored(principal).public_key(),
-            });
-        }
-        Ok(out)
+        self.read().members()
     }
 
     fn member_count(&self) -> u64 {
-        self.member_count
+        self.state.member_count
     }
 
     fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
-        self.write(|s| {
+        let state = &mut *self.state;
+        self.host.write(|h| {
             let id = msg.id.unwrap_or_else(MessageId::new_v7);
-            let seq = s.last_seq + 1;
-            let mut clock = s.clock;
+            let seq = state.last_seq + 1;
+            if seq > MAX_SEQ {
+                return Err(StoreError::Corrupt(format!(
+                    "group {}: the log is full (seq {MAX_SEQ})",
+                    state.gid
+                )));
+            }
+            let mut clock = state.clock;
             let time = clock.tick(msg.now);
-            // One statement in the common case: the id's UNIQUE index finds a retry while
-            // inserting, instead of a lookup before every insert.
-            let mut stmt = s.conn.prepare_cached(
-                "INSERT INTO messages
-                     (seq, id, time_us, sender, body, kind, sender_key, attachment, attachment_sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+            // One statement in the common case: the (gid, id) unique index finds a retry
+            // while inserting, instead of a lookup before every insert.
+            let mut stmt = h.conn.prepare_cached(
+                "INSERT INTO messages (k, gid, id, time_us, sender, body, kind, sender_key,
+                     attachment, attachment_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (gid, id) DO NOTHING",
             )?;
             let attachment = msg.attachment.map(attachment_json).transpose()?;
             let inserted = stmt.execute(params![
-                seq as i64,
+                key(state.gid, seq),
+                i64::from(state.gid.0),
                 id.as_bytes().as_slice(),
                 time.as_micros(),
                 msg.sender.as_str(),
@@ -853,8 +1550,8 @@ impl GroupStore for SqliteStore {
                 msg.attachment.map(|a| a.sha256.as_bytes().to_vec()),
             ])?;
             if inserted == 1 {
-                s.last_seq = seq;
-                s.clock = clock;
+                state.last_seq = seq;
+                state.clock = clock;
                 return Ok(SendAck {
                     seq,
                     id,
@@ -864,7 +1561,8 @@ impl GroupStore for SqliteStore {
             }
             // A retry of a stored message: the same sender, body and attachment get the
             // stored ack.
-            s.stored_ack(id, msg.sender, msg.body, attachment.as_deref())?
+            (GroupRead { host: h, state })
+                .stored_ack(id, msg.sender, msg.body, attachment.as_deref())?
                 .ok_or_else(|| StoreError::Corrupt(format!("id {id} conflicts but is not found")))
         })
     }
@@ -876,152 +1574,156 @@ impl GroupStore for SqliteStore {
         body: &RawValue,
         attachment: Option<&str>,
     ) -> Result<Option<SendAck>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, time_us, sender, body, attachment FROM messages WHERE id = ?1",
-        )?;
-        let found = stmt
-            .query_row([id.as_bytes().as_slice()], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                ))
-            })
-            .optional()?;
-        let Some((seq, time_us, stored_sender, stored_body, stored_attachment)) = found else {
-            return Ok(None);
-        };
-        if stored_sender != sender.as_str()
-            || stored_body != body.get()
-            || stored_attachment.as_deref() != attachment
-        {
-            return Err(StoreError::IdConflict(id));
-        }
-        Ok(Some(SendAck {
-            seq: u64::try_from(seq).unwrap_or(0),
-            id,
-            time: Timestamp::from_micros(time_us),
-            duplicate: true,
-        }))
+        self.read().stored_ack(id, sender, body, attachment)
     }
 
     fn references(&self, digest: &Sha256Digest) -> Result<bool, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM messages WHERE attachment_sha256 = ?1")?;
-        Ok(stmt.exists([digest.as_bytes().as_slice()])?)
+        self.read().references(digest)
     }
 
     fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
-        match query {
-            HistoryQuery::AfterSeq(after) => self.select_page(
-                &format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
-                i64::try_from(after).unwrap_or(i64::MAX),
-                limit,
-                max_bytes,
-            ),
-            HistoryQuery::Since(t) => {
-                // Time is monotonic in seq, so "since T" is "after the seq before T".
-                match self.first_seq_at(t.as_micros())? {
-                    Some(first) => self.select_page(
-                        &format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
-                        first - 1,
-                        limit,
-                        max_bytes,
-                    ),
-                    None => Ok(Page {
-                        messages: Vec::new(),
-                        more: false,
-                    }),
-                }
-            }
-            HistoryQuery::ById(id) => {
-                let mut stmt = self
-                    .conn
-                    .prepare_cached(&format!("{SELECT} WHERE id = ?1"))?;
-                let mut rows = stmt.query([id.as_bytes().as_slice()])?;
-                let mut messages = Vec::new();
-                if let Some(row) = rows.next()? {
-                    messages.push(Self::row_to_message(row)?);
-                }
-                Ok(Page {
-                    messages,
-                    more: false,
-                })
-            }
-            HistoryQuery::Latest(n) => {
-                // `limit` does not apply: `latest` is its own bound. `more` is true only when
-                // the byte cap cut the page, and then the omitted messages are the older ones.
-                let _ = limit;
-                // Newest first straight off the primary key (no temporary table), cut at n.
-                let mut page = self.select_page(
-                    &format!("{SELECT} ORDER BY seq DESC LIMIT min(?1, ?2)"),
-                    i64::from(n),
-                    n,
-                    max_bytes,
-                )?;
-                page.messages.reverse();
-                Ok(page)
-            }
-        }
-    }
-
-    fn last_commit_wrote(&self) -> bool {
-        self.last_commit_wrote
+        self.read().page(query, limit, max_bytes)
     }
 
     fn last_seq(&self) -> u64 {
-        self.last_seq
-    }
-
-    fn flusher(&self) -> Box<dyn Flush> {
-        match self.durability {
-            Durability::Commit => Box::new(super::Durable),
-            Durability::Deferred => Box::new(self.wal_sync()),
-        }
-    }
-
-    fn checkpoints(&self) -> Result<Option<Checkpointer>, StoreError> {
-        match self.durability {
-            Durability::Commit => Ok(None),
-            Durability::Deferred => self.checkpointer().map(Some),
-        }
-    }
-
-    fn stored_bytes(&self) -> u64 {
-        [self.path.clone(), wal_path(&self.path)]
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).ok())
-            .map(|m| m.len())
-            .sum()
+        self.state.last_seq
     }
 
     fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
-        self.write(|s| {
+        let state = &mut *self.state;
+        self.host.write(|h| {
+            let (lo, _) = key_range(state.gid);
             let mut deleted = 0;
             if let Some(max) = policy.max_messages {
-                let keep_from = s.last_seq.saturating_sub(max);
-                let mut stmt = s
+                let keep_from = state.last_seq.saturating_sub(max);
+                let mut stmt = h
                     .conn
-                    .prepare_cached("DELETE FROM messages WHERE seq <= ?1")?;
-                deleted += stmt.execute([i64::try_from(keep_from).unwrap_or(i64::MAX)])? as u64;
+                    .prepare_cached("DELETE FROM messages WHERE k >= ?1 AND k <= ?2")?;
+                deleted += stmt.execute([lo, key(state.gid, keep_from)])? as u64;
             }
             if let Some(age) = policy.max_age {
                 let cutoff = now.saturating_sub(age);
                 // Everything before the first entry at or after the cutoff (all of it if none).
-                let keep_from = s.first_seq_at(cutoff.as_micros())?.unwrap_or(i64::MAX);
-                let mut stmt = s
+                let keep_from = h.first_seq_at(state, cutoff.as_micros())?;
+                let mut stmt = h
                     .conn
-                    .prepare_cached("DELETE FROM messages WHERE seq < ?1")?;
-                deleted += stmt.execute([keep_from])? as u64;
+                    .prepare_cached("DELETE FROM messages WHERE k >= ?1 AND k < ?2")?;
+                let end = match keep_from {
+                    Some(seq) => key(state.gid, u64::try_from(seq).unwrap_or(0)),
+                    None => key(state.gid, MAX_SEQ) + 1,
+                };
+                deleted += stmt.execute([lo, end])? as u64;
             }
             if deleted > 0 {
-                s.meta_dirty = true;
+                // `MAX(k)` may no longer give the high-water marks: store them. Appends later
+                // in the batch are above them, and a reload takes the larger.
+                let mut stmt = h.conn.prepare_cached(
+                    "UPDATE groups SET last_seq = ?2, last_time_us = ?3 WHERE gid = ?1",
+                )?;
+                stmt.execute(params![
+                    i64::from(state.gid.0),
+                    i64::try_from(state.last_seq).unwrap_or(i64::MAX),
+                    state.clock.last().as_micros(),
+                ])?;
             }
             Ok(deleted)
         })
+    }
+}
+
+impl GroupLog for SqliteStore {
+    fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        self.read().member(who)
+    }
+    fn add_member(
+        &mut self,
+        who: &Principal,
+        user: &UserName,
+        at: Timestamp,
+    ) -> Result<(UserName, bool), StoreError> {
+        self.view().add_member(who, user, at)
+    }
+    fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        self.view().remove_member(who)
+    }
+    fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError> {
+        self.read().member_named(user)
+    }
+    fn grant(&mut self, who: &Principal, grant: Grant, at: Timestamp) -> Result<bool, StoreError> {
+        self.view().grant(who, grant, at)
+    }
+    fn revoke(&mut self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        self.view().revoke(who, grant)
+    }
+    fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        self.read().has(who, grant)
+    }
+    fn mode(&self) -> Result<GroupMode, StoreError> {
+        self.read().mode()
+    }
+    fn set_mode(&mut self, mode: GroupMode) -> Result<bool, StoreError> {
+        self.view().set_mode(mode)
+    }
+    fn members(&self) -> Result<Vec<Member>, StoreError> {
+        self.read().members()
+    }
+    fn member_count(&self) -> u64 {
+        self.state.member_count
+    }
+    fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
+        self.view().append(msg)
+    }
+    fn stored_ack(
+        &self,
+        id: MessageId,
+        sender: &UserName,
+        body: &RawValue,
+        attachment: Option<&str>,
+    ) -> Result<Option<SendAck>, StoreError> {
+        self.read().stored_ack(id, sender, body, attachment)
+    }
+    fn references(&self, digest: &Sha256Digest) -> Result<bool, StoreError> {
+        self.read().references(digest)
+    }
+    fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        self.read().page(query, limit, max_bytes)
+    }
+    fn last_seq(&self) -> u64 {
+        self.state.last_seq
+    }
+    fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
+        self.view().apply_retention(policy, now)
+    }
+}
+
+impl GroupStore for SqliteStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.host.begin()
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        let result = self.host.commit();
+        if result.is_err() {
+            // Keep the cache true to what is on disk.
+            self.state = self.host.load(GroupId::ONE)?;
+        }
+        result
+    }
+
+    fn last_commit_wrote(&self) -> bool {
+        self.host.last_commit_wrote()
+    }
+
+    fn flusher(&self) -> Box<dyn Flush> {
+        self.host.flusher()
+    }
+
+    fn checkpoints(&self) -> Result<Option<Checkpointer>, StoreError> {
+        self.host.checkpoints()
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.host.stored_bytes()
     }
 }
 
