@@ -241,7 +241,14 @@ pub struct App {
     options: ClientOptions,
     /// How output is rendered.
     pub format: Format,
-    nodes: HashMap<Endpoint, GroupClient>,
+    /// One client per group, keyed by (endpoint, group): a group host serves many groups at
+    /// one endpoint, and each client names its own group in every request (a client per
+    /// endpoint made for the first group named there sent a second group's requests to the
+    /// first; issue 24).
+    nodes: HashMap<(Endpoint, GroupName), GroupClient>,
+    /// The group served at an endpoint named by address (`join 127.0.0.1:5000`), as its node
+    /// answered `info`: asked once, then every request names it.
+    served_at: HashMap<Endpoint, GroupName>,
     state: Arc<Mutex<StateFile>>,
     feed: Option<Feed>,
     /// What a session adds: its live printer, presence, own sent ids, completion names.
@@ -312,6 +319,7 @@ impl App {
             options,
             format,
             nodes: HashMap::new(),
+            served_at: HashMap::new(),
             state: Arc::new(Mutex::new(state)),
             feed: None,
             session: live::Session::default(),
@@ -474,7 +482,7 @@ impl App {
             g.public_key = entry.public_key;
         }
         self.save_state();
-        self.nodes.remove(&old);
+        self.nodes.remove(&(old, name));
         true
     }
 
@@ -538,22 +546,61 @@ impl App {
         }
     }
 
-    /// The node client for `target` and the label used in messages.
+    /// The node client for `target` and the label used in messages: one per (endpoint,
+    /// group), its group named in every request. A target given by address is asked its
+    /// group's name first (`info` without a group, answered by a node of one; a group host
+    /// answers `invalid_field`: name the group instead).
     fn node(&mut self, target: &str) -> Result<(&mut GroupClient, String), CliError> {
         let r = self.resolve(target)?;
         let curve = self.node_curve(target, r.key)?;
         if let Some(key) = r.key {
             self.node_keys.insert(r.endpoint.to_string(), key);
         }
+        let name = match r.name {
+            Some(name) => name,
+            None => self.served_group(target, &r.endpoint, curve.clone())?,
+        };
         let (ctx, user, options) = (&self.ctx, &self.user, self.options);
-        let client = self.nodes.entry(r.endpoint.clone()).or_insert_with(|| {
-            let c = GroupClient::new(ctx, r.endpoint.as_str(), user.clone(), r.name, options);
-            match curve {
-                Some(curve) => c.with_curve(curve),
-                None => c,
-            }
-        });
+        let client = self
+            .nodes
+            .entry((r.endpoint.clone(), name.clone()))
+            .or_insert_with(|| {
+                let c =
+                    GroupClient::new(ctx, r.endpoint.as_str(), user.clone(), Some(name), options);
+                match curve {
+                    Some(curve) => c.with_curve(curve),
+                    None => c,
+                }
+            });
         Ok((client, target.to_owned()))
+    }
+
+    /// The group the node at `endpoint` serves (`target` names it by address), asked once.
+    ///
+    /// # Errors
+    /// The node's failure, naming `target`.
+    fn served_group(
+        &mut self,
+        target: &str,
+        endpoint: &Endpoint,
+        curve: Option<ClientCurve>,
+    ) -> Result<GroupName, CliError> {
+        if let Some(name) = self.served_at.get(endpoint) {
+            return Ok(name.clone());
+        }
+        let mut probe = GroupClient::new(
+            &self.ctx,
+            endpoint.as_str(),
+            self.user.clone(),
+            None,
+            self.options,
+        );
+        if let Some(curve) = curve {
+            probe = probe.with_curve(curve);
+        }
+        let info = probe.info().map_err(|source| remote(target, source))?;
+        self.served_at.insert(endpoint.clone(), info.group.clone());
+        Ok(info.group)
     }
 }
 
@@ -748,6 +795,171 @@ mod tests {
             CliError::Usage("nothing to send: the text is empty".into()).exit_code(),
             2
         );
+    }
+
+    /// A ROUTER at one endpoint that serves `groups` as a group node does: with several, as
+    /// a group host, `send` and `info` must name one of them (else `invalid_field` or
+    /// `unknown_group`); with one, a request naming none is that group's (a node of one).
+    /// Answers until `requests` requests came, and returns the group each named, in order.
+    fn fake_host(
+        ctx: &zmq::Context,
+        groups: &[&str],
+        requests: usize,
+    ) -> (String, std::thread::JoinHandle<Vec<Option<GroupName>>>) {
+        use agora_proto::action::NodeRequest;
+        use agora_proto::codec::{decode_request, encode_error, encode_ok, split_envelope};
+        use agora_proto::wire::{InfoReply, SendAck, WireError};
+        let router = ctx.socket(zmq::ROUTER).expect("router");
+        router.set_rcvtimeo(10_000).expect("timeout");
+        router.bind("tcp://127.0.0.1:*").expect("bind");
+        let endpoint = router
+            .get_last_endpoint()
+            .expect("endpoint")
+            .expect("utf-8");
+        let groups: Vec<GroupName> = groups.iter().map(|g| g.parse().expect("name")).collect();
+        let serve = std::thread::spawn(move || {
+            let mut named = Vec::new();
+            let mut seq = 0;
+            while named.len() < requests {
+                let Ok(frames) = router.recv_multipart(0) else {
+                    break;
+                };
+                let (envelope, body) = split_envelope(frames).expect("envelope");
+                let request = decode_request::<NodeRequest>(&body).expect("request");
+                let group = request.group().cloned();
+                named.push(group.clone());
+                let reply = match group.or_else(|| (groups.len() == 1).then(|| groups[0].clone())) {
+                    None => encode_error(&WireError::new(
+                        ErrorCode::InvalidField,
+                        "group: required on a group host",
+                    )),
+                    Some(g) if !groups.contains(&g) => encode_error(
+                        &WireError::new(ErrorCode::UnknownGroup, "not served here")
+                            .with_group(Some(g)),
+                    ),
+                    Some(g) => match request {
+                        NodeRequest::Send(r) => {
+                            seq += 1;
+                            encode_ok(&SendAck {
+                                seq,
+                                id: r.id.unwrap_or_else(agora_proto::id::MessageId::new_v7),
+                                time: agora_proto::time::Timestamp::now(),
+                                duplicate: false,
+                            })
+                        }
+                        NodeRequest::Info(_) => encode_ok(&InfoReply {
+                            group: g,
+                            last_seq: seq,
+                            members: 1,
+                            max_message_bytes: 1 << 20,
+                            mode: agora_proto::wire::GroupMode::Open,
+                        }),
+                        other => panic!("unexpected {other:?}"),
+                    },
+                };
+                let mut out = envelope;
+                out.extend(reply);
+                router.send_multipart(out, 0).expect("reply");
+            }
+            named
+        });
+        (endpoint, serve)
+    }
+
+    /// An app acting as alice, `--insecure`, with `joined` saved as joined at `endpoint` (no
+    /// registry: saved groups are reached without one).
+    fn app_with_saved(dir: &std::path::Path, endpoint: &str, joined: &[&str]) -> App {
+        let user = UserName::new("alice").expect("name");
+        let mut state = StateFile::open(Some(dir.to_owned()), &user);
+        for g in joined {
+            state.state.groups.insert(
+                (*g).to_owned(),
+                crate::state::GroupState {
+                    endpoint: endpoint.to_owned(),
+                    last_seen: 0,
+                    subscribed: false,
+                    public_key: None,
+                },
+            );
+        }
+        let options = ClientOptions {
+            timeout: std::time::Duration::from_secs(5),
+            ..ClientOptions::default()
+        };
+        App::new(
+            "tcp://127.0.0.1:9",
+            user,
+            options,
+            Format::Json,
+            state,
+            None,
+        )
+    }
+
+    /// Issue 24 (docs/design/group-host.md §0): the client for a node was kept per endpoint,
+    /// made with the first group's name, so on a group host a second group's messages went
+    /// to the first. Each group at one endpoint gets its own requests now.
+    #[test]
+    fn two_groups_at_one_endpoint_each_get_their_own_messages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = zmq::Context::new();
+        let (endpoint, host) = fake_host(&ctx, &["ops", "dev"], 4);
+        let mut app = app_with_saved(dir.path(), &endpoint, &["ops", "dev"]);
+        let mut printed = Vec::new();
+        for (group, text) in [
+            ("ops", "to ops"),
+            ("dev", "to dev"),
+            ("ops", "again"),
+            ("dev", "again"),
+        ] {
+            let mut out = crate::render::Output::new(Format::Json, &mut printed);
+            app.send(group, crate::command::json_string(text), &mut out)
+                .unwrap_or_else(|e| panic!("send to {group}: {e}"));
+        }
+        drop(app);
+        let named: Vec<String> = host
+            .join()
+            .expect("host")
+            .into_iter()
+            .map(|g| g.map(|g| g.to_string()).unwrap_or_default())
+            .collect();
+        assert_eq!(named, ["ops", "dev", "ops", "dev"]);
+    }
+
+    /// A group named by address is asked its name once (`info`, as a node of one answers
+    /// it), and every request after names it; a group host asked so says to name the group.
+    #[test]
+    fn a_group_named_by_address_is_asked_its_name_once_then_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = zmq::Context::new();
+        let (endpoint, node) = fake_host(&ctx, &["ops"], 3);
+        let mut app = app_with_saved(dir.path(), &endpoint, &[]);
+        let mut printed = Vec::new();
+        let address = endpoint.trim_start_matches("tcp://").to_owned();
+        for text in ["one", "two"] {
+            let mut out = crate::render::Output::new(Format::Json, &mut printed);
+            app.send(&address, crate::command::json_string(text), &mut out)
+                .expect("send by address");
+        }
+        drop(app);
+        let named = node.join().expect("node");
+        let named: Vec<Option<&str>> = named
+            .iter()
+            .map(|g| g.as_ref().map(GroupName::as_str))
+            .collect();
+        assert_eq!(named, [None, Some("ops"), Some("ops")]);
+
+        let (endpoint, host) = fake_host(&ctx, &["ops", "dev"], 1);
+        let mut app = app_with_saved(dir.path(), &endpoint, &[]);
+        let mut out = crate::render::Output::new(Format::Json, &mut printed);
+        let address = endpoint.trim_start_matches("tcp://").to_owned();
+        let err = app
+            .send(&address, crate::command::json_string("hi"), &mut out)
+            .expect_err("a host needs the group named");
+        assert_eq!(err.exit_code(), 1, "{err}");
+        assert!(err.to_string().contains("group: required"), "{err}");
+        drop(app);
+        assert_eq!(host.join().expect("host"), [None]);
     }
 
     #[test]
