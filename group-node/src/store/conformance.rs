@@ -448,3 +448,213 @@ fn grants_and_mode_persist(backend: &dyn Backend) {
     assert!(!s.has(&bob, Grant::Invite).expect("has"));
     assert!(!s.has(&bob, Grant::Admin).expect("has"));
 }
+
+/// A chat message from `sender` with the client id `id` at `now` µs.
+fn at<'a>(sender: &'a UserName, body: &'a RawValue, id: MessageId, now: i64) -> NewMessage<'a> {
+    NewMessage {
+        now: Timestamp::from_micros(now),
+        ..with_id(sender, body, id)
+    }
+}
+
+/// Two groups of one SQLite host written in one batch, interleaved, with the same client
+/// ids, the same member (same principal, same user name) and the same kind of grants:
+/// each group's seqs start at 1, its pages, retention, history by time, members, grants and
+/// mode are its own, before and after a reopen.
+#[test]
+fn two_groups_interleaved_in_one_batch_stay_apart() {
+    use super::{GroupId, GroupState, HostDb, NewGroup, SqliteHost};
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("host.sqlite3");
+    let open =
+        || HostDb::Sqlite(SqliteHost::open_with(&path, super::Durability::Commit).expect("open"));
+    let mut db = open();
+    let (red, blue) = (
+        GroupName::new("red").expect("name"),
+        GroupName::new("blue").expect("name"),
+    );
+    db.begin().expect("begin");
+    let new = |name| NewGroup {
+        name,
+        owner: None,
+        created_by: None,
+        mode: GroupMode::Open,
+        state: GroupState::Live,
+        at: Timestamp::from_micros(1),
+    };
+    let (r, b) = (
+        db.insert_group(new(&red)).expect("red"),
+        db.insert_group(new(&blue)).expect("blue"),
+    );
+    assert_eq!((r, b), (GroupId(1), GroupId(2)));
+    assert!(matches!(
+        db.insert_group(new(&red)),
+        Err(StoreError::NameTaken(_))
+    ));
+    db.commit().expect("commit");
+    let (mut rs, mut bs) = (db.load(r).expect("load"), db.load(b).expect("load"));
+
+    let alice = user("alice");
+    let key = Principal::name(&alice);
+    let ids: Vec<MessageId> = (0..6).map(|_| MessageId::new_v7()).collect();
+    let (rb, bb) = (body(r#""red""#), body(r#""blue""#));
+    db.begin().expect("begin");
+    for st in [&mut rs, &mut bs] {
+        let mut g = db.group(st);
+        assert_eq!(
+            g.add_member(&key, &alice, Timestamp::from_micros(5))
+                .expect("join"),
+            (alice.clone(), true)
+        );
+    }
+    db.group(&mut bs)
+        .grant(&key, Grant::Admin, Timestamp::from_micros(5))
+        .expect("grant");
+    db.group(&mut rs)
+        .set_mode(GroupMode::Private)
+        .expect("mode");
+    // Red at 100, 200, …; blue at 150, 250, …; the same ids in both.
+    for (n, id) in ids.iter().enumerate() {
+        let t = 100 * (n as i64 + 1);
+        let ra = db
+            .group(&mut rs)
+            .append(at(&alice, &rb, *id, t))
+            .expect("red");
+        let ba = db
+            .group(&mut bs)
+            .append(at(&alice, &bb, *id, t + 50))
+            .expect("blue");
+        assert_eq!((ra.seq, ba.seq), (n as u64 + 1, n as u64 + 1));
+        assert!(!ra.duplicate && !ba.duplicate, "an id is per group");
+    }
+    let deleted = db
+        .group(&mut rs)
+        .apply_retention(
+            Retention {
+                max_messages: Some(2),
+                max_age: None,
+            },
+            Timestamp::from_micros(0),
+        )
+        .expect("retention");
+    assert_eq!(deleted, 4);
+    db.commit().expect("commit");
+
+    let check = |db: &mut HostDb, rs: &mut super::LogState, bs: &mut super::LogState| {
+        let seqs = |p: Page| {
+            p.messages
+                .iter()
+                .map(|m| (m.seq, m.body.get().to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let red_page = seqs(
+            db.group(rs)
+                .page(HistoryQuery::AfterSeq(0), 100, MAX_PAGE_BYTES)
+                .expect("page"),
+        );
+        assert_eq!(
+            red_page,
+            vec![(5, r#""red""#.to_owned()), (6, r#""red""#.to_owned())]
+        );
+        let blue_page = seqs(
+            db.group(bs)
+                .page(HistoryQuery::AfterSeq(0), 100, MAX_PAGE_BYTES)
+                .expect("page"),
+        );
+        assert_eq!(blue_page.len(), 6, "retention of red kept blue whole");
+        assert!(blue_page.iter().all(|(_, b)| b == r#""blue""#));
+        // History by time: blue's entries at 350 and later (150, 250, 350, …) are seqs
+        // 3..6; red's (100, 200, …) from 350 are 4..6, and retention deleted its 4.
+        let since = |db: &mut HostDb, st: &mut super::LogState| {
+            seqs(
+                db.group(st)
+                    .page(
+                        HistoryQuery::Since(Timestamp::from_micros(350)),
+                        100,
+                        MAX_PAGE_BYTES,
+                    )
+                    .expect("since"),
+            )
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(since(db, bs), vec![3, 4, 5, 6]);
+        assert_eq!(since(db, rs), vec![5, 6]);
+        let latest = seqs(
+            db.group(bs)
+                .page(HistoryQuery::Latest(2), 100, MAX_PAGE_BYTES)
+                .expect("latest"),
+        );
+        assert_eq!(
+            latest.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![5, 6]
+        );
+        // The same id names each group's own message.
+        let by_id = |db: &mut HostDb, st: &mut super::LogState| {
+            seqs(
+                db.group(st)
+                    .page(HistoryQuery::ById(ids[5]), 1, MAX_PAGE_BYTES)
+                    .expect("by id"),
+            )
+        };
+        assert_eq!(by_id(db, rs), vec![(6, r#""red""#.to_owned())]);
+        assert_eq!(by_id(db, bs), vec![(6, r#""blue""#.to_owned())]);
+        assert!(db
+            .group(rs)
+            .page(HistoryQuery::ById(ids[0]), 1, MAX_PAGE_BYTES)
+            .expect("by id")
+            .messages
+            .is_empty());
+        assert_eq!(
+            db.group(bs)
+                .stored_ack(ids[0], &alice, &bb, None)
+                .expect("ack")
+                .map(|a| a.seq),
+            Some(1)
+        );
+        assert!(matches!(
+            db.group(bs).stored_ack(ids[5], &alice, &rb, None),
+            Err(StoreError::IdConflict(_))
+        ));
+        assert_eq!(db.group(rs).mode().expect("mode"), GroupMode::Private);
+        assert_eq!(db.group(bs).mode().expect("mode"), GroupMode::Open);
+        assert!(db.group(bs).has(&key, Grant::Admin).expect("has"));
+        assert!(!db.group(rs).has(&key, Grant::Admin).expect("has"));
+        for st in [&mut *rs, &mut *bs] {
+            let g = db.group(st);
+            assert_eq!(g.member_count(), 1);
+            assert_eq!(g.last_seq(), 6);
+            assert_eq!(g.member_named(&alice).expect("named"), Some(key.clone()));
+        }
+    };
+    check(&mut db, &mut rs, &mut bs);
+
+    // Leaving red leaves blue's membership alone; both survive a reopen.
+    db.begin().expect("begin");
+    assert_eq!(
+        db.group(&mut rs).remove_member(&key).expect("leave"),
+        Some(alice.clone())
+    );
+    db.commit().expect("commit");
+    db.begin().expect("begin");
+    db.group(&mut rs)
+        .add_member(&key, &alice, Timestamp::from_micros(9))
+        .expect("again");
+    db.commit().expect("commit");
+    drop(db);
+    let mut db = open();
+    let mut rs = db.load(r).expect("red");
+    let mut bs = db.load(b).expect("blue");
+    check(&mut db, &mut rs, &mut bs);
+    let live: Vec<(GroupId, String, u64)> = db
+        .live_groups()
+        .expect("live")
+        .into_iter()
+        .map(|g| (g.gid, g.name.to_string(), g.members))
+        .collect();
+    assert_eq!(
+        live,
+        vec![(r, "red".to_owned(), 1), (b, "blue".to_owned(), 1)]
+    );
+}

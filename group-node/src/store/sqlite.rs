@@ -47,8 +47,8 @@
 //! members' rows, a few hundred bytes.
 //! - `host_meta(key TEXT PRIMARY KEY, value)`: reserved for the host's own settings.
 //! - `groups(gid INTEGER PRIMARY KEY, name, state, owner, mode, last_seq, last_time_us,
-//!   created_by, created_at_us, archived_at_us)`: one row per group ever made, gids never
-//!   reused; `state` `pending`, `live` or `archived`; `owner` and `created_by` principals
+//!   created_by, created_at_us, archived_at_us)`: one row per group not removed, gids
+//!   never reused (`AUTOINCREMENT`: not even a removed pending group's); `state` `pending`, `live` or `archived`; `owner` and `created_by` principals
 //!   (`key:…`), NULL for the host key; `mode` `open` or `private`. A partial unique index
 //!   keeps names unique among groups not archived; another indexes `created_by` for the
 //!   per-key cap. `last_seq` and `last_time_us` are high-water marks written when retention
@@ -123,7 +123,7 @@ fn key(gid: GroupId, seq: u64) -> i64 {
 const SCHEMA_V7: &str = "
     CREATE TABLE host_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
     CREATE TABLE groups (
-        gid INTEGER PRIMARY KEY,
+        gid INTEGER PRIMARY KEY AUTOINCREMENT,
         name TEXT NOT NULL,
         state TEXT NOT NULL,
         owner TEXT,
@@ -657,7 +657,8 @@ impl SqliteHost {
         ))
     }
 
-    /// Inserts a group in the open batch; returns its gid (one more than the highest ever).
+    /// Inserts a group in the open batch; returns its gid (one more than the highest ever,
+    /// removed pending groups included).
     ///
     /// # Errors
     /// [`StoreError::NameTaken`], [`StoreError::Aborted`], [`StoreError::Sqlite`].
@@ -666,21 +667,12 @@ impl SqliteHost {
             if h.find_group(g.name)?.is_some() {
                 return Err(StoreError::NameTaken(g.name.to_string()));
             }
-            let next: i64 = h
-                .conn
-                .prepare_cached("SELECT COALESCE(MAX(gid), 0) + 1 FROM groups")?
-                .query_row([], |r| r.get(0))?;
-            let gid = u32::try_from(next)
-                .ok()
-                .filter(|g| *g < 1 << 23)
-                .ok_or_else(|| StoreError::Corrupt(format!("no gid left after {}", next - 1)))?;
             h.conn
                 .prepare_cached(
-                    "INSERT INTO groups (gid, name, state, owner, mode, created_by, created_at_us)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO groups (name, state, owner, mode, created_by, created_at_us)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
                 .execute(params![
-                    i64::from(gid),
                     g.name.as_str(),
                     g.state.as_str(),
                     g.owner.map(Principal::as_str),
@@ -688,6 +680,12 @@ impl SqliteHost {
                     g.created_by.map(Principal::as_str),
                     g.at.as_micros(),
                 ])?;
+            let rowid = h.conn.last_insert_rowid();
+            // Keys hold the gid in 23 bits (`gid << 40` in an i64).
+            let gid = u32::try_from(rowid)
+                .ok()
+                .filter(|g| *g < 1 << 23)
+                .ok_or_else(|| StoreError::Corrupt(format!("no gid left (at {rowid})")))?;
             Ok(GroupId(gid))
         })
     }
@@ -1848,5 +1846,257 @@ mod tests {
             SqliteStore::open(&path, &other),
             Err(StoreError::WrongGroup { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::super::conformance::{group, user};
+    use super::super::host::{GroupId, GroupState, NewGroup};
+    use super::*;
+    use agora_proto::wire::MAX_PAGE_BYTES;
+
+    /// Makes a version 6 file as the builds before version 7 left one: their schema
+    /// (statements copied from them), a group whose retention deleted seqs 1–2 and whose
+    /// newest seq 4 was deleted too (the high-water marks in `meta`), a private mode, a
+    /// member with a key and one without, grants, an attachment.
+    fn version_6_file(path: &Path) {
+        let conn = Connection::open(path).expect("open");
+        conn.execute_batch(
+            r#"CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+             CREATE TABLE messages (
+                 seq INTEGER PRIMARY KEY,
+                 id BLOB NOT NULL UNIQUE,
+                 time_us INTEGER NOT NULL,
+                 sender TEXT NOT NULL,
+                 body TEXT NOT NULL,
+                 kind TEXT NOT NULL DEFAULT 'message',
+                 sender_key TEXT,
+                 attachment TEXT,
+                 attachment_sha256 BLOB);
+             CREATE TABLE members (
+                 principal TEXT PRIMARY KEY,
+                 user TEXT NOT NULL UNIQUE,
+                 joined_at_us INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE grants (
+                 principal TEXT NOT NULL,
+                 kind TEXT NOT NULL,
+                 at_us INTEGER NOT NULL,
+                 PRIMARY KEY (principal, kind)) WITHOUT ROWID;
+             CREATE INDEX messages_attachment ON messages(attachment_sha256)
+                 WHERE attachment_sha256 IS NOT NULL;
+             PRAGMA user_version = 6;
+             INSERT INTO meta (key, value) VALUES ('group', 'Cool Group');
+             INSERT INTO meta (key, value) VALUES ('mode', 'private');
+             INSERT INTO meta (key, value) VALUES ('last_seq', 4);
+             INSERT INTO meta (key, value) VALUES ('last_time_us', 4000);
+             INSERT INTO messages (seq, id, time_us, sender, body, kind, sender_key)
+                 VALUES (3, x'0123456789abcdef0123456789abcdef', 3000, 'bob', '"hi"', 'message',
+                     NULL);
+             INSERT INTO members VALUES ('name:bob', 'bob', 5);
+             INSERT INTO members VALUES ('key:rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7', 'carol', 6);
+             INSERT INTO grants VALUES ('name:bob', 'admin', 7);
+             INSERT INTO grants VALUES ('name:eve', 'ban', 8);"#,
+        )
+        .expect("v6 schema");
+    }
+
+    #[test]
+    fn a_version_6_file_is_migrated_to_7_and_keeps_seq_ids_members_grants_mode() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("group.sqlite3");
+        version_6_file(&path);
+        let mut s = SqliteStore::open(&path, &group()).expect("migrate");
+        let version: i64 = s
+            .host
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 7);
+        let page = s
+            .page(HistoryQuery::AfterSeq(0), 10, MAX_PAGE_BYTES)
+            .expect("page");
+        assert_eq!(page.messages.len(), 1);
+        let m = &page.messages[0];
+        assert_eq!(
+            (m.seq, m.id.as_bytes()[0], m.time.as_micros(), m.body.get()),
+            (3, 0x01, 3000, "\"hi\"")
+        );
+        // The high-water marks of the deleted seq 4 hold: the next append is 5, later.
+        assert_eq!(s.last_seq(), 4);
+        assert_eq!(s.mode().expect("mode"), GroupMode::Private);
+        assert_eq!(s.member_count(), 2);
+        let bob = Principal::name(&user("bob"));
+        assert_eq!(s.member(&bob).expect("q"), Some(user("bob")));
+        assert!(s.has(&bob, Grant::Admin).expect("has"));
+        assert!(s
+            .has(&Principal::name(&user("eve")), Grant::Ban)
+            .expect("has"));
+        let members = s.members().expect("members");
+        assert_eq!(members[1].user, user("carol"));
+        assert!(members[1].key.is_some(), "the key principal survives");
+        s.begin().expect("begin");
+        let b = RawValue::from_string("1".into()).expect("json");
+        let ack = s
+            .append(NewMessage {
+                sender: &user("bob"),
+                kind: EntryKind::Message,
+                sender_key: None,
+                body: &b,
+                id: None,
+                now: Timestamp::from_micros(10),
+                attachment: None,
+            })
+            .expect("append");
+        s.commit().expect("commit");
+        assert_eq!(ack.seq, 5);
+        assert!(ack.time.as_micros() > 4000);
+        drop(s);
+        let s = SqliteStore::open(&path, &group()).expect("reopen at version 7");
+        assert_eq!(s.last_seq(), 5);
+        let other = GroupName::new("other").expect("name");
+        drop(s);
+        assert!(matches!(
+            SqliteStore::open(&path, &other),
+            Err(StoreError::WrongGroup { .. })
+        ));
+    }
+
+    /// A migration that fails halfway (here: a version 6 file whose `meta` names no group
+    /// and no name is given) leaves the file at version 6, whole.
+    #[test]
+    fn a_failed_migration_leaves_the_version_6_file_as_it_was() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("group.sqlite3");
+        version_6_file(&path);
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("DELETE FROM meta WHERE key = 'group'")
+            .expect("delete");
+        assert!(matches!(
+            SqliteHost::open_with(&path, Durability::Commit),
+            Err(StoreError::Corrupt(_))
+        ));
+        let conn = Connection::open(&path).expect("open");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        let seqs: i64 = conn
+            .query_row("SELECT COUNT(*) FROM messages WHERE seq = 3", [], |r| {
+                r.get(0)
+            })
+            .expect("v6 messages");
+        assert_eq!((version, seqs), (6, 1));
+    }
+
+    /// Groups come and go by state: a name is unique among pending and live groups, free
+    /// again once archived; gids are never reused; pending groups (never acked) are removed
+    /// at start with their rows; only live ones are served.
+    #[test]
+    fn pending_groups_are_removed_archived_names_freed_gids_never_reused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut h =
+            SqliteHost::open_with(&dir.path().join("h.sqlite3"), Durability::Commit).expect("open");
+        let (a, b) = (
+            GroupName::new("a").expect("name"),
+            GroupName::new("b").expect("name"),
+        );
+        let creator = Principal::name(&user("carol"));
+        let new = |name, state| NewGroup {
+            name,
+            owner: Some(&creator),
+            created_by: Some(&creator),
+            mode: GroupMode::Open,
+            state,
+            at: Timestamp::from_micros(1),
+        };
+        h.begin().expect("begin");
+        let ga = h.insert_group(new(&a, GroupState::Live)).expect("a");
+        let gb = h.insert_group(new(&b, GroupState::Pending)).expect("b");
+        let mut st = h.load(gb).expect("load");
+        h.group(&mut st)
+            .add_member(&creator, &user("carol"), Timestamp::from_micros(2))
+            .expect("join");
+        h.commit().expect("commit");
+        assert_eq!(h.group_counts(&creator).expect("counts"), (2, 2));
+        assert_eq!(
+            h.find_group(&b).expect("find"),
+            Some((gb, GroupState::Pending))
+        );
+        assert_eq!(h.remove_pending_groups().expect("remove"), 1);
+        assert_eq!(h.find_group(&b).expect("find"), None);
+        assert!(h.load(gb).is_err(), "its row is gone");
+        h.begin().expect("begin");
+        h.set_group_state(ga, GroupState::Archived, Timestamp::from_micros(3))
+            .expect("archive");
+        let again = h.insert_group(new(&a, GroupState::Live)).expect("a again");
+        assert!(matches!(
+            h.set_group_state(ga, GroupState::Live, Timestamp::from_micros(4)),
+            Err(StoreError::NameTaken(_))
+        ));
+        h.commit().expect("commit");
+        assert_eq!(again, GroupId(3), "gid 2 was b's: never reused");
+        let live: Vec<GroupId> = h
+            .live_groups()
+            .expect("live")
+            .into_iter()
+            .map(|g| g.gid)
+            .collect();
+        assert_eq!(live, vec![again]);
+    }
+
+    /// The issue's target: an idle group costs ≤ 64 KiB of disk. 10,000 groups, each with
+    /// its creator as member, a grant and a `join` entry, in batches of 500, then a
+    /// checkpoint: (file − empty file) / 10,000.
+    #[test]
+    fn ten_thousand_idle_groups_take_under_64_kib_of_disk_each() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("h.sqlite3");
+        let mut h = SqliteHost::open_with(&path, Durability::Deferred).expect("open");
+        let mut cp = h.checkpointer().expect("checkpointer");
+        let empty = std::fs::metadata(&path).expect("db").len();
+        let null = RawValue::from_string("null".into()).expect("json");
+        let n = 10_000u32;
+        for batch in 0..n / 500 {
+            h.begin().expect("begin");
+            for i in 0..500 {
+                let name = GroupName::new(format!("group {}", batch * 500 + i)).expect("name");
+                let creator = Principal::name(&user(&format!("u{}", batch * 500 + i)));
+                let gid = h
+                    .insert_group(NewGroup {
+                        name: &name,
+                        owner: Some(&creator),
+                        created_by: Some(&creator),
+                        mode: GroupMode::Open,
+                        state: GroupState::Live,
+                        at: Timestamp::from_micros(1),
+                    })
+                    .expect("insert");
+                let mut st = h.load(gid).expect("load");
+                let mut g = h.group(&mut st);
+                g.add_member(&creator, &user("owner"), Timestamp::from_micros(2))
+                    .expect("join");
+                g.grant(&creator, Grant::Admin, Timestamp::from_micros(2))
+                    .expect("grant");
+                g.append(NewMessage {
+                    sender: &user("owner"),
+                    kind: EntryKind::Join,
+                    sender_key: None,
+                    body: &null,
+                    id: None,
+                    now: Timestamp::from_micros(3),
+                    attachment: None,
+                })
+                .expect("join entry");
+            }
+            h.commit().expect("commit");
+        }
+        h.wal_sync().sync().expect("sync");
+        cp.checkpoint(true).expect("checkpoint");
+        let full = std::fs::metadata(&path).expect("db").len();
+        let per_group = (full - empty) / u64::from(n);
+        eprintln!("disk per idle group: {per_group} bytes ({full} bytes for {n} groups)");
+        assert!(per_group <= 64 * 1024, "{per_group} bytes per idle group");
+        assert_eq!(h.live_groups().expect("live").len(), n as usize);
     }
 }
