@@ -51,6 +51,165 @@ impl Backend for Postgres {
     }
 }
 
+/// The group under test is gid 2 of an SQLite host whose gid 1 holds the same user names,
+/// client ids and grants, a private mode and a log: every case must see its own group only.
+struct Neighbours(tempfile::TempDir);
+
+/// A [`GroupStore`] over one group of a [`HostDb`] (what a host does per request, here per
+/// call; a `RefCell` as reads take `&self` and a view `&mut`).
+struct OnHost(std::cell::RefCell<(super::HostDb, super::LogState)>);
+
+impl OnHost {
+    fn with<T>(&self, f: impl FnOnce(&mut super::GroupDb<'_>) -> T) -> T {
+        let mut inner = self.0.borrow_mut();
+        let (db, st) = &mut *inner;
+        f(&mut db.group(st))
+    }
+}
+
+impl GroupLog for OnHost {
+    fn member(&self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        self.with(|g| g.member(who))
+    }
+    fn add_member(
+        &mut self,
+        who: &Principal,
+        user: &UserName,
+        at: Timestamp,
+    ) -> Result<(UserName, bool), StoreError> {
+        self.with(|g| g.add_member(who, user, at))
+    }
+    fn remove_member(&mut self, who: &Principal) -> Result<Option<UserName>, StoreError> {
+        self.with(|g| g.remove_member(who))
+    }
+    fn member_named(&self, user: &UserName) -> Result<Option<Principal>, StoreError> {
+        self.with(|g| g.member_named(user))
+    }
+    fn grant(&mut self, who: &Principal, grant: Grant, at: Timestamp) -> Result<bool, StoreError> {
+        self.with(|g| g.grant(who, grant, at))
+    }
+    fn revoke(&mut self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        self.with(|g| g.revoke(who, grant))
+    }
+    fn has(&self, who: &Principal, grant: Grant) -> Result<bool, StoreError> {
+        self.with(|g| g.has(who, grant))
+    }
+    fn mode(&self) -> Result<GroupMode, StoreError> {
+        self.with(|g| g.mode())
+    }
+    fn set_mode(&mut self, mode: GroupMode) -> Result<bool, StoreError> {
+        self.with(|g| g.set_mode(mode))
+    }
+    fn members(&self) -> Result<Vec<agora_proto::wire::Member>, StoreError> {
+        self.with(|g| g.members())
+    }
+    fn member_count(&self) -> u64 {
+        self.with(|g| g.member_count())
+    }
+    fn expect_appends(&mut self, ids: &[MessageId]) -> Result<(), StoreError> {
+        self.with(|g| g.expect_appends(ids))
+    }
+    fn append(&mut self, msg: NewMessage<'_>) -> Result<SendAck, StoreError> {
+        self.with(|g| g.append(msg))
+    }
+    fn stored_ack(
+        &self,
+        id: MessageId,
+        sender: &UserName,
+        body: &RawValue,
+        attachment: Option<&str>,
+    ) -> Result<Option<SendAck>, StoreError> {
+        self.with(|g| g.stored_ack(id, sender, body, attachment))
+    }
+    fn references(&self, digest: &agora_proto::wire::Sha256Digest) -> Result<bool, StoreError> {
+        self.with(|g| g.references(digest))
+    }
+    fn page(&self, query: HistoryQuery, limit: u32, max_bytes: usize) -> Result<Page, StoreError> {
+        self.with(|g| g.page(query, limit, max_bytes))
+    }
+    fn last_seq(&self) -> u64 {
+        self.with(|g| g.last_seq())
+    }
+    fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
+        self.with(|g| g.apply_retention(policy, now))
+    }
+}
+
+impl GroupStore for OnHost {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.0.get_mut().0.begin()
+    }
+    fn commit(&mut self) -> Result<(), StoreError> {
+        let (db, st) = self.0.get_mut();
+        let result = db.commit();
+        if result.is_err() {
+            db.reload(st)?;
+        }
+        result
+    }
+    fn flusher(&self) -> Box<dyn super::Flush> {
+        self.0.borrow().0.flusher()
+    }
+    fn stored_bytes(&self) -> u64 {
+        self.0.borrow().0.stored_bytes()
+    }
+}
+
+impl Backend for Neighbours {
+    fn open(&self) -> Box<dyn GroupStore> {
+        use super::{GroupState, HostDb, NewGroup, SqliteHost};
+        let path = self.0.path().join("host.sqlite3");
+        let mut db =
+            HostDb::Sqlite(SqliteHost::open_with(&path, super::Durability::Commit).expect("open"));
+        let live = db.live_groups().expect("live");
+        let gid = match live.iter().find(|g| g.name == group()) {
+            Some(g) => g.gid,
+            None => {
+                let noise = GroupName::new("neighbour").expect("name");
+                let new = |name| NewGroup {
+                    name,
+                    owner: None,
+                    created_by: None,
+                    mode: GroupMode::Open,
+                    state: GroupState::Live,
+                    at: Timestamp::from_micros(1),
+                };
+                db.begin().expect("begin");
+                let n = db.insert_group(new(&noise)).expect("neighbour");
+                let gid = db.insert_group(new(&group())).expect("group");
+                let mut st = db.load(n).expect("load");
+                let mut g = db.group(&mut st);
+                let at = Timestamp::from_micros(1);
+                for name in ["alice", "bob", "robert"] {
+                    let who = Principal::name(&user(name));
+                    g.add_member(&who, &user(name), at).expect("member");
+                    g.grant(&who, Grant::Invite, at).expect("grant");
+                    g.grant(&who, Grant::Admin, at).expect("grant");
+                }
+                g.set_mode(GroupMode::Private).expect("mode");
+                for t in 1..=20 {
+                    let b = body("\"neighbour\"");
+                    let alice = user("alice");
+                    g.append(NewMessage {
+                        sender: &alice,
+                        kind: EntryKind::Message,
+                        sender_key: None,
+                        body: &b,
+                        id: None,
+                        now: Timestamp::from_micros(t * 100),
+                        attachment: None,
+                    })
+                    .expect("append");
+                }
+                db.commit().expect("commit");
+                gid
+            }
+        };
+        let st = db.load(gid).expect("load");
+        Box::new(OnHost(std::cell::RefCell::new((db, st))))
+    }
+}
+
 /// One `#[test]` per backend for each conformance test.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -64,6 +223,12 @@ macro_rules! conformance {
             $(#[test]
             fn $name() {
                 super::$name(&super::Postgres::start());
+            })*
+        }
+        mod sqlite_host {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Neighbours(tempfile::tempdir().expect("tmp")));
             })*
         }
     };
