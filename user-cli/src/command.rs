@@ -11,11 +11,11 @@
 //! completions and the man page come from the same definition (`user-cli completions bash`,
 //! `user-cli manpage`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use agora_proto::id::MessageId;
 use agora_proto::key::PublicKey;
-use agora_proto::wire::{GroupMode, Presence, UserName};
+use agora_proto::wire::{GroupMode, GroupName, Presence, UserName};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 
 use crate::app::{App, CliError, HistoryArgs, PolicyChange};
@@ -91,6 +91,36 @@ pub enum Command {
         /// Where to write it [default: the file's name, in the current directory].
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+    },
+    /// Create a group on a group host: you become its owner and a member, following it live.
+    ///
+    /// The host is --host, else $AGORA_HOST, else the one host your joined groups are on (when
+    /// they are all on one). Refused (exit 1, with the host's code): `forbidden` (the host
+    /// does not let your key create groups, or is a node of one group), `limit_reached` (the
+    /// host, or your key, has as many groups as allowed), `name_taken`.
+    Create {
+        /// The new group's name (quoted if it has spaces).
+        name: GroupName,
+        /// Who may join: anyone not banned (open), or only invited keys (private).
+        #[arg(long, value_enum, default_value_t = Mode::Open)]
+        mode: Mode,
+        /// The group host: IP:PORT or tcp://HOST:PORT [default: the host of your joined
+        /// groups when they are all on one].
+        #[arg(long, env = "AGORA_HOST", value_name = "ENDPOINT")]
+        host: Option<String>,
+        /// The host's public key (40 Z85 characters; the host prints it at start)
+        /// [default: the key the registry lists for groups at that endpoint].
+        #[arg(long, env = "AGORA_HOST_KEY", allow_hyphen_values = true)]
+        host_key: Option<PublicKey>,
+    },
+    /// Delete a group you own: its messages are archived, its members unsubscribed and its
+    /// name freed. Asks first, unless --yes (without a terminal to ask on, --yes is needed).
+    Delete {
+        /// The group.
+        group: String,
+        /// Confirm without being asked: deleting a group cannot be undone from user-cli.
+        #[arg(long)]
+        yes: bool,
     },
     /// Follow a joined group live (joining subscribes by default).
     Subscribe {
@@ -843,6 +873,44 @@ pub fn run(
             }
             app.user_unregister(name.as_str(), true, out)?;
         }
+        Command::Create {
+            name,
+            mode,
+            host,
+            host_key,
+        } => app.create(&name, mode.into(), host.as_deref(), host_key, out)?,
+        Command::Delete { group, yes } => {
+            let question = format!(
+                "delete the group {group}? Its messages are archived and its name is freed. \
+                 Type yes: "
+            );
+            let confirmed = yes
+                || match context {
+                    Context::Session => lines
+                        .read_line(&question)
+                        .map_err(input_error)?
+                        .is_some_and(|a| a.trim() == "yes"),
+                    Context::Alone if std::io::stdin().is_terminal() => {
+                        eprint!("{question}");
+                        lines
+                            .read_line("")
+                            .map_err(input_error)?
+                            .is_some_and(|a| a.trim() == "yes")
+                    }
+                    Context::Alone => {
+                        return Err(CliError::Usage(format!(
+                            "delete {group}: pass --yes to confirm (there is no terminal to \
+                             ask on); deleting archives its messages and frees its name"
+                        )))
+                    }
+                };
+            if !confirmed {
+                return Err(CliError::Usage(format!(
+                    "delete {group}: not confirmed; nothing deleted"
+                )));
+            }
+            app.delete(&group, out)?;
+        }
         Command::Users => app.users(out)?,
         Command::Whois { name } => app.whois(name.as_str(), out)?,
         Command::SendDm { to, text } => {
@@ -964,6 +1032,49 @@ mod tests {
             command("invite g rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"),
             Command::Invite { .. }
         ));
+    }
+
+    /// Issue 24: `create NAME [--mode open|private] [--host ENDPOINT] [--host-key KEY]` and
+    /// `delete GROUP [--yes]`, checked by the parser.
+    #[test]
+    fn create_and_delete_parse_and_check_their_arguments() {
+        let Command::Create {
+            name,
+            mode,
+            host,
+            host_key,
+        } = command("create 'Night Shift' --mode private --host 127.0.0.1:7000")
+        else {
+            panic!("create");
+        };
+        assert_eq!(name.as_str(), "Night Shift");
+        assert_eq!(mode, Mode::Private);
+        assert_eq!(host.as_deref(), Some("127.0.0.1:7000"));
+        assert!(host_key.is_none());
+        assert!(matches!(
+            command("create team"),
+            Command::Create {
+                mode: Mode::Open,
+                ..
+            }
+        ));
+        assert!(matches!(
+            command("delete team"),
+            Command::Delete { yes: false, .. }
+        ));
+        assert!(matches!(
+            command("delete team --yes"),
+            Command::Delete { yes: true, .. }
+        ));
+        for bad in [
+            "create",
+            "create team --mode secret",
+            "create team --host-key not-a-key",
+            "create ''",
+            "delete",
+        ] {
+            assert!(matches!(parse_line(bad), Err(CliError::Usage(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -276,6 +276,15 @@ pub enum Item<'a> {
     Joined(&'a MembershipReply),
     /// `leave`.
     Left(&'a MembershipReply),
+    /// `create`: the host's reply, and the host.
+    Created {
+        /// The host's reply.
+        reply: &'a agora_proto::wire::CreateReply,
+        /// Where the group is.
+        host: &'a agora_proto::wire::Endpoint,
+    },
+    /// `delete`.
+    Deleted(&'a agora_proto::wire::DeleteReply),
     /// `send`: the ack of the node of `group`.
     Sent {
         /// The group as the user named it.
@@ -404,6 +413,15 @@ fn human(item: &Item<'_>) -> Option<String> {
         Item::Joined(r) => format!("already a member of {}", r.group),
         Item::Left(r) if r.changed => format!("left {}", r.group),
         Item::Left(r) => format!("not a member of {}", r.group),
+        Item::Created { reply, host } => format!(
+            "created {} ({}) on {host}; you own it",
+            reply.group,
+            reply.mode.as_str()
+        ),
+        Item::Deleted(r) => format!(
+            "deleted {}: its messages are archived and its name is free",
+            r.group
+        ),
         Item::Sent { group, ack } => format!(
             "sent to {group}: seq {} at {}",
             ack.seq,
@@ -487,6 +505,14 @@ fn json(item: &Item<'_>) -> Option<String> {
         Item::Groups(groups) => groups.iter().map(json_line).collect::<Vec<_>>().join("\n"),
         Item::Members(members) => members.iter().map(json_line).collect::<Vec<_>>().join("\n"),
         Item::Joined(r) | Item::Left(r) => json_line(r),
+        Item::Created { reply, host } => json_line(&serde_json::json!({
+            "group": reply.group,
+            "mode": reply.mode,
+            "owner": reply.owner,
+            "last_seq": reply.last_seq,
+            "host": host,
+        })),
+        Item::Deleted(r) => json_line(r),
         Item::Sent { ack, .. } => json_line(ack),
         Item::Message { group, entry } | Item::Entry { group, entry } => {
             json_line(&GroupEntry::new(group, entry))

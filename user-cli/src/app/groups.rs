@@ -1,9 +1,13 @@
-//! The group commands: `groups`, `join`, `leave`, `members`, `send`, `messages`, and the
-//! owner's and admins' policy commands.
+//! The group commands: `groups`, `join`, `leave`, `create`, `delete`, `members`, `send`,
+//! `messages`, and the owner's and admins' policy commands.
 
 use agora_common::client::GroupClient;
 use agora_common::keys::PublicKey;
-use agora_proto::wire::{UserName, REQUEST_OVERHEAD_BYTES};
+use agora_proto::action::call;
+use agora_proto::wire::{
+    CreateRequest, Endpoint, GroupMode, GroupName, MembershipRequest, UserName,
+    REQUEST_OVERHEAD_BYTES,
+};
 use serde_json::value::RawValue;
 
 use super::{history_query, lock, remote, App, CliError, HistoryArgs};
@@ -72,6 +76,127 @@ impl App {
             feed.remove(&endpoint);
         }
         out.emit(Item::Left(&r))?;
+        Ok(())
+    }
+
+    /// `create NAME [--mode M] [--host ENDPOINT] [--host-key KEY]`: a new group on a group
+    /// host, owned by this key; it is saved as joined and followed live, as after `join`.
+    /// The host is `host` (`--host`, or `AGORA_HOST`), else the one endpoint every group
+    /// joined from this client is at; its key `host_key`, else one known for that endpoint
+    /// (a joined group's, or the registry's listing).
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for no host or a bad one, or no key for it; the host's refusal
+    /// (`forbidden`, `limit_reached`, `name_taken`, `invalid_field`; exit 1) or silence
+    /// (exit 3), naming the group.
+    pub fn create(
+        &mut self,
+        name: &GroupName,
+        mode: GroupMode,
+        host: Option<&str>,
+        host_key: Option<PublicKey>,
+        out: &mut Output<'_>,
+    ) -> Result<(), CliError> {
+        let endpoint = match host {
+            Some(host) => Endpoint::from_host_port(host)
+                .map_err(|e| CliError::Usage(format!("--host {host:?}: {e}")))?,
+            None => self.only_host(name)?,
+        };
+        let key = match host_key {
+            Some(key) => Some(key),
+            None => self.key_of(&endpoint),
+        };
+        let request = CreateRequest {
+            group: name.clone(),
+            user: self.user.clone(),
+            mode,
+        };
+        let created = self
+            .host(name.as_str(), &endpoint, key)?
+            .call::<call::Create>(&request)
+            .map_err(|source| remote(name.as_str(), source))?;
+        {
+            let mut state = lock(&self.state);
+            state.joined(created.group.as_str());
+            state.state.groups.insert(
+                created.group.to_string(),
+                GroupState {
+                    endpoint: endpoint.to_string(),
+                    last_seen: created.last_seq,
+                    subscribed: true,
+                    public_key: key,
+                },
+            );
+        }
+        self.save_state();
+        self.session.names.add_groups([created.group.to_string()]);
+        self.follow(
+            created.group.as_str(),
+            endpoint.as_str(),
+            &created.group,
+            created.last_seq,
+            key,
+        );
+        out.emit(Item::Created {
+            reply: &created,
+            host: &endpoint,
+        })?;
+        Ok(())
+    }
+
+    /// The one endpoint every group joined from this client is at: where `create` goes
+    /// without `--host`.
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] naming `--host` when no group is joined, or they are at several.
+    fn only_host(&self, name: &GroupName) -> Result<Endpoint, CliError> {
+        let endpoints: std::collections::BTreeSet<String> = lock(&self.state)
+            .state
+            .groups
+            .values()
+            .map(|g| g.endpoint.clone())
+            .collect();
+        let mut endpoints = endpoints.into_iter();
+        match (endpoints.next(), endpoints.next()) {
+            (Some(only), None) => Endpoint::new(only).map_err(|e| CliError::Usage(e.to_string())),
+            (None, _) => Err(CliError::Usage(format!(
+                "create {name}: which group host? Pass --host IP:PORT (or set AGORA_HOST)"
+            ))),
+            (Some(_), Some(_)) => Err(CliError::Usage(format!(
+                "create {name}: your groups are on several hosts; pass --host IP:PORT (or set \
+                 AGORA_HOST)"
+            ))),
+        }
+    }
+
+    /// `delete GROUP` (confirmed by the caller): the host archives the group and frees its
+    /// name; it is forgotten here and no longer followed.
+    ///
+    /// # Errors
+    /// `forbidden` (not the owner, or a node of one group), `unknown_group`; resolution
+    /// failures; the host's silence (exit 3).
+    pub fn delete(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
+        let r = self.resolve(target)?;
+        let curve = self.node_curve(target, r.key)?;
+        let group = match r.name {
+            Some(name) => name,
+            None => self.served_group(target, &r.endpoint, curve)?,
+        };
+        let request = MembershipRequest {
+            group: Some(group.clone()),
+            user: self.user.clone(),
+        };
+        let deleted = self
+            .host(target, &r.endpoint, r.key)?
+            .call::<call::Delete>(&request)
+            .map_err(|source| remote(target, source))?;
+        lock(&self.state).state.groups.remove(group.as_str());
+        self.save_state();
+        self.nodes.remove(&(r.endpoint.clone(), group.clone()));
+        if let Some(feed) = &self.feed {
+            feed.remove(r.endpoint.as_str());
+        }
+        out.emit(Item::Deleted(&deleted))?;
         Ok(())
     }
 
@@ -230,7 +355,6 @@ impl App {
         change: PolicyChange,
         out: &mut Output<'_>,
     ) -> Result<(), CliError> {
-        use agora_proto::action::call;
         let label = target.to_owned();
         let what = change.to_string();
         let (r, _) = self.on_node(target, |node| match &change {

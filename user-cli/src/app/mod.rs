@@ -25,7 +25,9 @@ pub use groups::PolicyChange;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::client::{
+    ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient, ReqClient,
+};
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::live::Feed;
 use agora_proto::time::parse_since_local;
@@ -249,6 +251,9 @@ pub struct App {
     /// The group served at an endpoint named by address (`join 127.0.0.1:5000`), as its node
     /// answered `info`: asked once, then every request names it.
     served_at: HashMap<Endpoint, GroupName>,
+    /// One client per host for the host's own actions (`create`, `delete`), each naming its
+    /// group in the request.
+    hosts: HashMap<Endpoint, ReqClient>,
     state: Arc<Mutex<StateFile>>,
     feed: Option<Feed>,
     /// What a session adds: its live printer, presence, own sent ids, completion names.
@@ -320,6 +325,7 @@ impl App {
             format,
             nodes: HashMap::new(),
             served_at: HashMap::new(),
+            hosts: HashMap::new(),
             state: Arc::new(Mutex::new(state)),
             feed: None,
             session: live::Session::default(),
@@ -573,6 +579,46 @@ impl App {
                 }
             });
         Ok((client, target.to_owned()))
+    }
+
+    /// The client for the host at `endpoint` (CURVE with `key`), for its own actions
+    /// (`create`, `delete`); `label` names it in errors.
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] when no key is known for it (and the client is not `--insecure`),
+    /// or it is not on loopback with `--insecure`.
+    fn host(
+        &mut self,
+        label: &str,
+        endpoint: &Endpoint,
+        key: Option<PublicKey>,
+    ) -> Result<&mut ReqClient, CliError> {
+        if self.keypair.is_none() && !agora_proto::wire::is_loopback(endpoint.as_str()) {
+            return Err(CliError::Usage(format!(
+                "{label}: --insecure is allowed only on loopback endpoints, not {endpoint}"
+            )));
+        }
+        let curve = match (&self.keypair, key) {
+            (None, _) => None,
+            (Some(keypair), Some(server_key)) => Some(ClientCurve {
+                keypair: keypair.clone(),
+                server_key,
+            }),
+            (Some(_), None) => {
+                return Err(CliError::Usage(format!(
+                    "{label}: no public key known for the host {endpoint}; pass --host-key KEY \
+                     (the host prints it at start)"
+                )))
+            }
+        };
+        let (ctx, options) = (&self.ctx, self.options);
+        Ok(self.hosts.entry(endpoint.clone()).or_insert_with(|| {
+            let c = ReqClient::new(ctx, endpoint.as_str(), options);
+            match curve {
+                Some(curve) => c.with_curve(curve),
+                None => c,
+            }
+        }))
     }
 
     /// The group the node at `endpoint` serves (`target` names it by address), asked once.

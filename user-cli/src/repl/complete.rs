@@ -208,8 +208,8 @@ fn arg_slot(command: &clap::Command, arg: &clap::Arg) -> Slot {
     }
     match id {
         "group" | "groups" => Slot::Group,
-        // A new account's name is not one of the known ones.
-        "name" if matches!(command.get_name(), "register") => Slot::Nothing,
+        // A new account's or group's name is not one of the known ones.
+        "name" if matches!(command.get_name(), "register" | "create") => Slot::Nothing,
         "to" if command.get_name() == "multicast" => Slot::User { list: true },
         "to" | "name" | "member" => Slot::User { list: false },
         _ => {
@@ -434,5 +434,21 @@ mod tests {
         assert_eq!(complete(&h, "set_mode chess p").1, ["private "]);
         assert_eq!(complete(&h, "keys ex").1, ["export "]);
         assert_eq!(complete(&h, "help jo").1, ["join "]);
+    }
+
+    /// Issue 24: `create` completes its options and mode, never a known group as the new
+    /// name; `delete` completes a group.
+    #[test]
+    fn create_and_delete_complete() {
+        let h = helper(&names());
+        assert!(complete(&h, "create c").1.is_empty(), "a new name");
+        assert_eq!(complete(&h, "create team --mode p").1, ["private "]);
+        let (_, options) = complete(&h, "create team --");
+        for option in ["--host ", "--host-key ", "--mode "] {
+            assert!(options.contains(&option.to_owned()), "{options:?}");
+        }
+        assert_eq!(complete(&h, "delete ch").1, ["chess "]);
+        assert_eq!(complete(&h, "delete chess --y").1, ["--yes "]);
+        assert!(complete(&h, "cre").1.contains(&"create ".to_owned()));
     }
 }

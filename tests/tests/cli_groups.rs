@@ -1,0 +1,137 @@
+//! Issue 24, groups people create: `user-cli create NAME [--mode open|private] [--host
+//! ENDPOINT] [--host-key KEY]` and `delete GROUP [--yes]`, their exit codes (the README's
+//! table: 1 refused with the server's code, 2 usage, 3 unreachable), and where `create`
+//! goes without `--host`.
+
+use agora_tests::{CliRun, Federation};
+
+fn code(run: &CliRun, expected: i32) {
+    assert_eq!(run.code, Some(expected), "{run:?}");
+}
+
+/// A node of one group answers `create` and `delete` with `forbidden` (groups are made on a
+/// group host): exit 1, the code and the node's words on stderr, nothing saved.
+#[test]
+fn create_and_delete_on_a_node_of_one_are_forbidden() {
+    let fed = Federation::start("200ms");
+    let node = fed.node("Ops", "127.0.0.1:0", "ops", &[]);
+    fed.join_when_listed("alice", "Ops");
+
+    // Without --host: the one host alice's groups are on.
+    let run = fed.cli("alice", &["create", "Night Shift"], "");
+    code(&run, 1);
+    assert!(run.stderr.contains("Night Shift"), "{run:?}");
+    assert!(run.stderr.contains("forbidden"), "{run:?}");
+    assert!(
+        run.stderr.contains("group host"),
+        "the node's words: {run:?}"
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+
+    // With --host, its key from the registry's listing; --json changes nothing on stderr.
+    let run = fed.cli(
+        "bob",
+        &[
+            "--json",
+            "create",
+            "Night Shift",
+            "--mode",
+            "private",
+            "--host",
+            node.host_port(),
+        ],
+        "",
+    );
+    code(&run, 1);
+    assert!(run.stderr.contains("forbidden"), "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+
+    let run = fed.cli("alice", &["delete", "Ops", "--yes"], "");
+    code(&run, 1);
+    assert!(run.stderr.contains("forbidden"), "{run:?}");
+    // Still there, still alice's.
+    let run = fed.cli("alice", &["send", "Ops", "still here"], "");
+    code(&run, 0);
+}
+
+/// `create` with no host to go to, or no key for it, is a usage error (exit 2) naming
+/// `--host` or `--host-key`; a host that does not answer is exit 3.
+#[test]
+fn create_without_a_host_is_usage_and_an_unreachable_host_is_exit_3() {
+    let fed = Federation::start("200ms");
+    let run = fed.cli("alice", &["create", "team"], "");
+    code(&run, 2);
+    assert!(run.stderr.contains("--host"), "{run:?}");
+
+    // Nothing listed at this endpoint: no key known for it.
+    let silent = "127.0.0.1:9";
+    let run = fed.cli("alice", &["create", "team", "--host", silent], "");
+    code(&run, 2);
+    assert!(run.stderr.contains("--host-key"), "{run:?}");
+
+    let key = fed.user_key("somehost");
+    let run = fed.cli(
+        "alice",
+        &[
+            "--timeout",
+            "300ms",
+            "create",
+            "team",
+            "--host",
+            silent,
+            "--host-key",
+            &key,
+        ],
+        "",
+    );
+    code(&run, 3);
+    assert!(run.stderr.contains("unreachable"), "{run:?}");
+    assert!(run.stderr.contains("300ms"), "{run:?}");
+
+    for bad in [
+        vec!["create", "team", "--mode", "secret"],
+        vec!["create", "team", "--host", "127.0.0.1:99999"],
+        vec!["create", "team", "--host-key", "not-a-key"],
+    ] {
+        let run = fed.cli("alice", &bad, "");
+        code(&run, 2);
+    }
+}
+
+/// `delete` asks first: alone without a terminal and without --yes it refuses (exit 2)
+/// before reaching anything; in a script the next line answers; at the prompt a typed
+/// answer other than `yes` deletes nothing.
+#[test]
+fn delete_asks_and_without_a_terminal_needs_yes() {
+    let fed = Federation::start("200ms");
+    let _node = fed.node("Ops", "127.0.0.1:0", "ops", &[]);
+    fed.join_when_listed("alice", "Ops");
+
+    let run = fed.cli("alice", &["delete", "Ops"], "yes\n");
+    code(&run, 2);
+    assert!(run.stderr.contains("--yes"), "{run:?}");
+
+    // A script: the line after `delete` is the answer.
+    let run = fed.cli("alice", &[], "delete Ops\nno\nsend Ops after\n");
+    code(&run, 0);
+    assert!(
+        run.stderr.contains("not confirmed; nothing deleted"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("sent to Ops"), "{run:?}");
+
+    // The prompt: asked, answered no; `help` lists both commands.
+    let mut alice = fed.prompt("alice");
+    let at = alice.expect(0, "agora> ");
+    alice.type_line("help");
+    let at = alice.expect(at, "create");
+    let at = alice.expect(at, "delete");
+    let at = alice.expect(at, "agora> ");
+    alice.type_line("delete Ops");
+    let at = alice.expect(at, "Type yes: ");
+    alice.type_line("no");
+    let at = alice.expect(at, "not confirmed; nothing deleted");
+    alice.expect(at, "agora> ");
+    alice.type_line("exit");
+    assert_eq!(alice.wait_exit(), Some(0), "{}", alice.shown());
+}
