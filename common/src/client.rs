@@ -6,7 +6,10 @@
 //! repeat (registration and membership are idempotent, and [`GroupClient::send`] always
 //! sends a client-chosen message id), so retrying cannot duplicate anything.
 //!
-//! [`RegistryClient`] and [`GroupClient`] wrap it with one typed method per action.
+//! [`RegistryClient`] and [`HostClient`] wrap it with one typed method per action; a
+//! [`HostClient`] is one connection to a group host (or node of one) for all its groups, each
+//! group's calls in its [`GroupView`], always naming the group (PROTOCOL §6). [`HostPool`]
+//! keeps one per host, bounded; [`GroupClient`] is a host client with one group, owned.
 
 use std::time::Duration;
 
@@ -625,34 +628,44 @@ impl RegistryClient {
     }
 }
 
-/// A typed client for one group node, acting as one user.
+/// A typed client for one group host (or node of one), acting as one user: one REQ socket
+/// for every group at that endpoint. Each group's calls go through its view,
+/// [`HostClient::group`], and every request names its group (PROTOCOL §6: required on a
+/// group host).
 #[derive(Debug)]
-pub struct GroupClient {
+pub struct HostClient {
     req: ReqClient,
     user: UserName,
-    group: Option<GroupName>,
+    server_key: Option<crate::keys::PublicKey>,
 }
 
-impl GroupClient {
-    /// A client for the node at `endpoint`, as `user`. With `group` set, every request names
-    /// it and a node serving another group answers `unknown_group`.
-    pub fn new(
-        ctx: &zmq::Context,
-        endpoint: &str,
-        user: UserName,
-        group: Option<GroupName>,
-        options: ClientOptions,
-    ) -> Self {
-        GroupClient {
+impl HostClient {
+    /// A client for the host at `endpoint`, as `user`. Connects lazily.
+    pub fn new(ctx: &zmq::Context, endpoint: &str, user: UserName, options: ClientOptions) -> Self {
+        HostClient {
             req: ReqClient::new(ctx, endpoint, options),
             user,
-            group,
+            server_key: None,
         }
     }
 
-    /// The node's endpoint.
+    /// Talks CURVE to the host (see [`ReqClient::with_curve`]).
+    pub fn with_curve(self, curve: ClientCurve) -> Self {
+        HostClient {
+            server_key: Some(curve.server_key),
+            req: self.req.with_curve(curve),
+            ..self
+        }
+    }
+
+    /// The host's endpoint.
     pub fn endpoint(&self) -> &str {
         self.req.endpoint()
+    }
+
+    /// The user this client acts as.
+    pub fn user(&self) -> &UserName {
+        &self.user
     }
 
     /// Waits and retries as `options` says from the next call on.
@@ -660,29 +673,85 @@ impl GroupClient {
         self.req.set_options(options);
     }
 
-    /// Talks CURVE to the node (see [`ReqClient::with_curve`]).
-    pub fn with_curve(self, curve: ClientCurve) -> Self {
-        GroupClient {
-            req: self.req.with_curve(curve),
-            ..self
+    /// The calls of `group` at this host; each request names it.
+    pub fn group<'h>(&'h mut self, group: &'h GroupName) -> GroupView<'h> {
+        GroupView {
+            req: &mut self.req,
+            user: &self.user,
+            group: Some(group),
         }
     }
 
-    /// The node's group name, last seq and member count.
+    /// `create` (PROTOCOL §6.11): makes the group `group` on this host, in `mode`; the
+    /// caller becomes its owner and first member.
     ///
     /// # Errors
-    /// See [`ReqClient::call`].
-    pub fn info(&mut self) -> Result<InfoReply, ClientError> {
-        self.req.call::<call::Info>(&InfoRequest {
-            group: self.group.clone(),
-        })
+    /// `forbidden` (not an allowed creator, or a node of one), `limit_reached` (the host's
+    /// or the caller's group cap), `name_taken`, `invalid_field`; see [`ReqClient::call`].
+    pub fn create(
+        &mut self,
+        group: &GroupName,
+        mode: agora_proto::wire::GroupMode,
+    ) -> Result<agora_proto::wire::CreateReply, ClientError> {
+        self.req
+            .call::<call::Create>(&agora_proto::wire::CreateRequest {
+                group: group.clone(),
+                user: self.user.clone(),
+                mode,
+            })
+    }
+
+    /// `renew` (PROTOCOL §6.7.1): `subscribe` for up to
+    /// [`agora_proto::wire::MAX_RENEW_GROUPS`] groups of this host at once. Over a REQ
+    /// socket the pushes that follow are not read; the live stream's own client is
+    /// [`crate::live::Feed`], which sends it over its DEALER.
+    ///
+    /// # Errors
+    /// `invalid_field` (no entry, or too many), `unknown_action` (a node older than
+    /// §6.7.1); see [`ReqClient::call`].
+    pub fn renew(
+        &mut self,
+        groups: Vec<agora_proto::wire::RenewEntry>,
+    ) -> Result<agora_proto::wire::RenewReply, ClientError> {
+        self.req
+            .call::<call::Renew>(&agora_proto::wire::RenewRequest {
+                user: self.user.clone(),
+                groups,
+            })
+    }
+}
+
+/// One group's calls at a host, borrowed from a [`HostClient`] ([`HostClient::group`]) or a
+/// [`GroupClient`] ([`GroupClient::view`]).
+#[derive(Debug)]
+pub struct GroupView<'h> {
+    req: &'h mut ReqClient,
+    user: &'h UserName,
+    /// `None` only for a [`GroupClient`] made without a group (a node of one names it).
+    group: Option<&'h GroupName>,
+}
+
+impl GroupView<'_> {
+    fn group(&self) -> Option<GroupName> {
+        self.group.cloned()
     }
 
     fn membership(&self) -> MembershipRequest {
         MembershipRequest {
-            group: self.group.clone(),
+            group: self.group(),
             user: self.user.clone(),
         }
+    }
+
+    /// The group's name, last seq and member count.
+    ///
+    /// # Errors
+    /// `unknown_group` (not served there); see [`ReqClient::call`].
+    pub fn info(&mut self) -> Result<InfoReply, ClientError> {
+        let request = InfoRequest {
+            group: self.group(),
+        };
+        self.req.call::<call::Info>(&request)
     }
 
     /// Joins the group (idempotent).
@@ -690,7 +759,8 @@ impl GroupClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn join(&mut self) -> Result<MembershipReply, ClientError> {
-        self.req.call::<call::Join>(&self.membership())
+        let request = self.membership();
+        self.req.call::<call::Join>(&request)
     }
 
     /// Leaves the group (idempotent).
@@ -698,16 +768,29 @@ impl GroupClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn leave(&mut self) -> Result<MembershipReply, ClientError> {
-        self.req.call::<call::Leave>(&self.membership())
+        let request = self.membership();
+        self.req.call::<call::Leave>(&request)
     }
 
-    /// Asks the node to stop: it drains, unregisters and exits (PROTOCOL §6.10). Only the
-    /// group owner's key or the node's own is obeyed.
+    /// Asks the group to stop (PROTOCOL §6.10): a node of one drains, unregisters and
+    /// exits; a group host stops that group. Only the group owner's key or the node's own
+    /// is obeyed.
     ///
     /// # Errors
     /// `forbidden`; see [`ReqClient::call`].
     pub fn stop(&mut self) -> Result<agora_proto::wire::StopReply, ClientError> {
-        self.req.call::<call::Stop>(&self.membership())
+        let request = self.membership();
+        self.req.call::<call::Stop>(&request)
+    }
+
+    /// `delete` (PROTOCOL §6.11): archives the group and frees its name; its owner or the
+    /// host's key only.
+    ///
+    /// # Errors
+    /// `forbidden` (another key, or a node of one); see [`ReqClient::call`].
+    pub fn delete(&mut self) -> Result<agora_proto::wire::DeleteReply, ClientError> {
+        let request = self.membership();
+        self.req.call::<call::Delete>(&request)
     }
 
     /// The member list.
@@ -715,9 +798,10 @@ impl GroupClient {
     /// # Errors
     /// See [`ReqClient::call`].
     pub fn members(&mut self) -> Result<MembersReply, ClientError> {
-        self.req.call::<call::Members>(&MembersRequest {
-            group: self.group.clone(),
-        })
+        let request = MembersRequest {
+            group: self.group(),
+        };
+        self.req.call::<call::Members>(&request)
     }
 
     /// Declares, or resumes, the upload of a content of `size` bytes named `sha256`: where
@@ -730,19 +814,19 @@ impl GroupClient {
         sha256: agora_proto::wire::Sha256Digest,
         size: u64,
     ) -> Result<agora_proto::wire::UploadReply, ClientError> {
-        self.req
-            .call::<call::Upload>(&agora_proto::wire::UploadRequest {
-                group: self.group.clone(),
-                user: self.user.clone(),
-                sha256,
-                size,
-            })
+        let request = agora_proto::wire::UploadRequest {
+            group: self.group(),
+            user: self.user.clone(),
+            sha256,
+            size,
+        };
+        self.req.call::<call::Upload>(&request)
     }
 
     /// Sends one chunk of an upload: `bytes` at `offset`.
     ///
     /// # Errors
-    /// `bad_offset` (ask [`GroupClient::upload`] where to resume), `digest_mismatch`,
+    /// `bad_offset` (ask [`GroupView::upload`] where to resume), `digest_mismatch`,
     /// `too_large`; see [`ReqClient::call`].
     pub fn upload_chunk(
         &mut self,
@@ -751,7 +835,7 @@ impl GroupClient {
         bytes: Vec<u8>,
     ) -> Result<agora_proto::wire::UploadReply, ClientError> {
         let request = agora_proto::wire::UploadChunkRequest {
-            group: self.group.clone(),
+            group: self.group(),
             user: self.user.clone(),
             sha256,
             offset,
@@ -773,7 +857,7 @@ impl GroupClient {
         length: Option<u64>,
     ) -> Result<(agora_proto::wire::DownloadReply, Vec<u8>), ClientError> {
         let request = agora_proto::wire::DownloadRequest {
-            group: self.group.clone(),
+            group: self.group(),
             user: self.user.clone(),
             sha256,
             offset,
@@ -786,24 +870,25 @@ impl GroupClient {
     }
 
     /// Sends a message carrying a file whose content is already complete on the node
-    /// ([`GroupClient::upload`]), with `caption` as its body, under the client-chosen `id`.
+    /// ([`GroupView::upload`]), with `caption` as its body, under the client-chosen `id`.
     ///
     /// # Errors
     /// `not_found` (the content is not complete there), `invalid_field`; see
-    /// [`GroupClient::send_with_id`].
+    /// [`GroupView::send_with_id`].
     pub fn send_attachment(
         &mut self,
         attachment: agora_proto::wire::Attachment,
         caption: Box<RawValue>,
         id: MessageId,
     ) -> Result<SendAck, ClientError> {
-        self.req.call::<call::Send>(&SendRequest {
-            group: self.group.clone(),
+        let request = SendRequest {
+            group: self.group(),
             user: self.user.clone(),
             body: caption,
             id: Some(id),
             attachment: Some(attachment),
-        })
+        };
+        self.req.call::<call::Send>(&request)
     }
 
     /// Sends a message with a fresh client-chosen id, so that the client's own retries are
@@ -824,13 +909,14 @@ impl GroupClient {
         body: Box<RawValue>,
         id: MessageId,
     ) -> Result<SendAck, ClientError> {
-        self.req.call::<call::Send>(&SendRequest {
-            group: self.group.clone(),
+        let request = SendRequest {
+            group: self.group(),
             user: self.user.clone(),
             body,
             id: Some(id),
             attachment: None,
-        })
+        };
+        self.req.call::<call::Send>(&request)
     }
 
     /// A policy action on a key, `C` one of [`call::Invite`], [`call::Ban`] and
@@ -845,11 +931,12 @@ impl GroupClient {
     where
         C: Call<Request = KeyTargetRequest, Reply = agora_proto::wire::PolicyReply>,
     {
-        self.req.call::<C>(&KeyTargetRequest {
-            group: self.group.clone(),
+        let request = KeyTargetRequest {
+            group: self.group(),
             user: self.user.clone(),
             key,
-        })
+        };
+        self.req.call::<C>(&request)
     }
 
     /// A policy action on a member by name, `C` one of [`call::Kick`] (owner and admins)
@@ -864,11 +951,12 @@ impl GroupClient {
     where
         C: Call<Request = MemberTargetRequest, Reply = agora_proto::wire::PolicyReply>,
     {
-        self.req.call::<C>(&MemberTargetRequest {
-            group: self.group.clone(),
+        let request = MemberTargetRequest {
+            group: self.group(),
             user: self.user.clone(),
             member,
-        })
+        };
+        self.req.call::<C>(&request)
     }
 
     /// Makes the group open or private (owner and admins).
@@ -879,12 +967,12 @@ impl GroupClient {
         &mut self,
         mode: agora_proto::wire::GroupMode,
     ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
-        self.req
-            .call::<call::SetMode>(&agora_proto::wire::SetModeRequest {
-                group: self.group.clone(),
-                user: self.user.clone(),
-                mode,
-            })
+        let request = agora_proto::wire::SetModeRequest {
+            group: self.group(),
+            user: self.user.clone(),
+            mode,
+        };
+        self.req.call::<call::SetMode>(&request)
     }
 
     /// One page of history.
@@ -896,22 +984,8 @@ impl GroupClient {
         query: HistoryQuery,
         limit: Option<u32>,
     ) -> Result<MessagesPage, ClientError> {
-        let mut req = GetMessagesRequest {
-            group: self.group.clone(),
-            user: self.user.clone(),
-            after_seq: None,
-            since: None,
-            id: None,
-            latest: None,
-            limit,
-        };
-        match query {
-            HistoryQuery::AfterSeq(s) => req.after_seq = Some(s),
-            HistoryQuery::Since(t) => req.since = Some(t),
-            HistoryQuery::ById(id) => req.id = Some(id),
-            HistoryQuery::Latest(n) => req.latest = Some(n),
-        }
-        self.req.call::<call::GetMessages>(&req)
+        let request = get_messages_request(self.group(), self.user.clone(), query, limit);
+        self.req.call::<call::GetMessages>(&request)
     }
 
     /// Every message matching `query`, following `more` page by page (each page is one
@@ -919,7 +993,7 @@ impl GroupClient {
     /// order; return `false` from it to stop early.
     ///
     /// # Errors
-    /// As [`GroupClient::get_messages`].
+    /// As [`GroupView::get_messages`].
     pub fn for_each_page(
         &mut self,
         mut query: HistoryQuery,
@@ -936,6 +1010,387 @@ impl GroupClient {
                 None => return Ok(()),
             }
         }
+    }
+}
+
+/// The `get_messages` request of `group` for `query`, as `user`.
+pub(crate) fn get_messages_request(
+    group: Option<GroupName>,
+    user: UserName,
+    query: HistoryQuery,
+    limit: Option<u32>,
+) -> GetMessagesRequest {
+    let mut req = GetMessagesRequest {
+        group,
+        user,
+        after_seq: None,
+        since: None,
+        id: None,
+        latest: None,
+        limit,
+    };
+    match query {
+        HistoryQuery::AfterSeq(s) => req.after_seq = Some(s),
+        HistoryQuery::Since(t) => req.since = Some(t),
+        HistoryQuery::ById(id) => req.id = Some(id),
+        HistoryQuery::Latest(n) => req.latest = Some(n),
+    }
+    req
+}
+
+/// The most hosts a [`HostPool`] keeps a client for (256): past it, the least recently
+/// used one is closed.
+pub const MAX_POOLED_HOSTS: usize = 256;
+
+/// One [`HostClient`] per host endpoint, for one user: a caller that talks to many groups
+/// holds one connection per host, not per group. Bounded: at most `capacity` hosts
+/// (default [`MAX_POOLED_HOSTS`]), the least recently used closed first.
+pub struct HostPool {
+    ctx: zmq::Context,
+    user: UserName,
+    keypair: Option<crate::keys::Keypair>,
+    options: ClientOptions,
+    capacity: usize,
+    clock: u64,
+    hosts: std::collections::HashMap<String, (HostClient, u64)>,
+}
+
+impl std::fmt::Debug for HostPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPool")
+            .field("user", &self.user)
+            .field("hosts", &self.hosts.len())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostPool {
+    /// An empty pool acting as `user`, talking CURVE with `keypair` to every host whose key
+    /// is given ([`HostPool::host`]).
+    pub fn new(
+        ctx: &zmq::Context,
+        user: UserName,
+        keypair: Option<crate::keys::Keypair>,
+        options: ClientOptions,
+    ) -> Self {
+        HostPool {
+            ctx: ctx.clone(),
+            user,
+            keypair,
+            options,
+            capacity: MAX_POOLED_HOSTS,
+            clock: 0,
+            hosts: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Keeps at most `capacity` hosts (at least 1) from now on.
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// The options each client waits and retries with.
+    pub fn options(&self) -> ClientOptions {
+        self.options
+    }
+
+    /// How many hosts have a client now.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Whether no host has a client.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// The client of the host at `endpoint`, made on first use (CURVE when the pool has a
+    /// key pair and `server_key` is given); a client made with another server key is made
+    /// anew.
+    pub fn host(
+        &mut self,
+        endpoint: &str,
+        server_key: Option<crate::keys::PublicKey>,
+    ) -> &mut HostClient {
+        self.clock += 1;
+        let stale = self
+            .hosts
+            .get(endpoint)
+            .is_some_and(|(client, _)| client.server_key != server_key && server_key.is_some());
+        if stale {
+            self.hosts.remove(endpoint);
+        }
+        if !self.hosts.contains_key(endpoint) && self.hosts.len() >= self.capacity {
+            let oldest = self
+                .hosts
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(endpoint, _)| endpoint.clone());
+            if let Some(oldest) = oldest {
+                self.hosts.remove(&oldest);
+            }
+        }
+        let (ctx, user, options) = (&self.ctx, &self.user, self.options);
+        let keypair = &self.keypair;
+        let entry = self.hosts.entry(endpoint.to_owned()).or_insert_with(|| {
+            let client = HostClient::new(ctx, endpoint, user.clone(), options);
+            let client = match (keypair, server_key) {
+                (Some(keypair), Some(server_key)) => client.with_curve(ClientCurve {
+                    keypair: keypair.clone(),
+                    server_key,
+                }),
+                _ => client,
+            };
+            (client, 0)
+        });
+        entry.1 = self.clock;
+        &mut entry.0
+    }
+
+    /// The calls of `group` at the host at `endpoint` (see [`HostPool::host`]).
+    pub fn group<'p>(
+        &'p mut self,
+        endpoint: &str,
+        server_key: Option<crate::keys::PublicKey>,
+        group: &'p GroupName,
+    ) -> GroupView<'p> {
+        self.host(endpoint, server_key).group(group)
+    }
+
+    /// Closes the client of the host at `endpoint`, if any (it moved, or it failed).
+    pub fn remove(&mut self, endpoint: &str) {
+        self.hosts.remove(endpoint);
+    }
+}
+
+/// A typed client for one group node, acting as one user, owning its socket: a
+/// [`HostClient`] with one group. With a group, every request names it; without (`None`)
+/// requests name none, which only a node of one accepts. A caller of several groups at one
+/// host uses a [`HostClient`] (or a [`HostPool`]) instead, for one connection.
+#[derive(Debug)]
+pub struct GroupClient {
+    host: HostClient,
+    group: Option<GroupName>,
+}
+
+impl GroupClient {
+    /// A client for the node at `endpoint`, as `user`. With `group` set, every request names
+    /// it and a node serving another group answers `unknown_group`.
+    pub fn new(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        user: UserName,
+        group: Option<GroupName>,
+        options: ClientOptions,
+    ) -> Self {
+        GroupClient {
+            host: HostClient::new(ctx, endpoint, user, options),
+            group,
+        }
+    }
+
+    /// The node's endpoint.
+    pub fn endpoint(&self) -> &str {
+        self.host.endpoint()
+    }
+
+    /// Waits and retries as `options` says from the next call on.
+    pub fn set_options(&mut self, options: ClientOptions) {
+        self.host.set_options(options);
+    }
+
+    /// Talks CURVE to the node (see [`ReqClient::with_curve`]).
+    pub fn with_curve(self, curve: ClientCurve) -> Self {
+        GroupClient {
+            host: self.host.with_curve(curve),
+            ..self
+        }
+    }
+
+    /// This client's calls, as a [`GroupView`].
+    pub fn view(&mut self) -> GroupView<'_> {
+        GroupView {
+            req: &mut self.host.req,
+            user: &self.host.user,
+            group: self.group.as_ref(),
+        }
+    }
+
+    /// As [`GroupView::info`].
+    ///
+    /// # Errors
+    /// See [`GroupView::info`].
+    pub fn info(&mut self) -> Result<InfoReply, ClientError> {
+        self.view().info()
+    }
+
+    /// As [`GroupView::join`].
+    ///
+    /// # Errors
+    /// See [`GroupView::join`].
+    pub fn join(&mut self) -> Result<MembershipReply, ClientError> {
+        self.view().join()
+    }
+
+    /// As [`GroupView::leave`].
+    ///
+    /// # Errors
+    /// See [`GroupView::leave`].
+    pub fn leave(&mut self) -> Result<MembershipReply, ClientError> {
+        self.view().leave()
+    }
+
+    /// As [`GroupView::stop`].
+    ///
+    /// # Errors
+    /// See [`GroupView::stop`].
+    pub fn stop(&mut self) -> Result<agora_proto::wire::StopReply, ClientError> {
+        self.view().stop()
+    }
+
+    /// As [`GroupView::members`].
+    ///
+    /// # Errors
+    /// See [`GroupView::members`].
+    pub fn members(&mut self) -> Result<MembersReply, ClientError> {
+        self.view().members()
+    }
+
+    /// As [`GroupView::upload`].
+    ///
+    /// # Errors
+    /// See [`GroupView::upload`].
+    pub fn upload(
+        &mut self,
+        sha256: agora_proto::wire::Sha256Digest,
+        size: u64,
+    ) -> Result<agora_proto::wire::UploadReply, ClientError> {
+        self.view().upload(sha256, size)
+    }
+
+    /// As [`GroupView::upload_chunk`].
+    ///
+    /// # Errors
+    /// See [`GroupView::upload_chunk`].
+    pub fn upload_chunk(
+        &mut self,
+        sha256: agora_proto::wire::Sha256Digest,
+        offset: u64,
+        bytes: Vec<u8>,
+    ) -> Result<agora_proto::wire::UploadReply, ClientError> {
+        self.view().upload_chunk(sha256, offset, bytes)
+    }
+
+    /// As [`GroupView::download`].
+    ///
+    /// # Errors
+    /// See [`GroupView::download`].
+    pub fn download(
+        &mut self,
+        sha256: agora_proto::wire::Sha256Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<(agora_proto::wire::DownloadReply, Vec<u8>), ClientError> {
+        self.view().download(sha256, offset, length)
+    }
+
+    /// As [`GroupView::send_attachment`].
+    ///
+    /// # Errors
+    /// See [`GroupView::send_attachment`].
+    pub fn send_attachment(
+        &mut self,
+        attachment: agora_proto::wire::Attachment,
+        caption: Box<RawValue>,
+        id: MessageId,
+    ) -> Result<SendAck, ClientError> {
+        self.view().send_attachment(attachment, caption, id)
+    }
+
+    /// As [`GroupView::send`].
+    ///
+    /// # Errors
+    /// See [`GroupView::send`].
+    pub fn send(&mut self, body: Box<RawValue>) -> Result<SendAck, ClientError> {
+        self.view().send(body)
+    }
+
+    /// As [`GroupView::send_with_id`].
+    ///
+    /// # Errors
+    /// See [`GroupView::send_with_id`].
+    pub fn send_with_id(
+        &mut self,
+        body: Box<RawValue>,
+        id: MessageId,
+    ) -> Result<SendAck, ClientError> {
+        self.view().send_with_id(body, id)
+    }
+
+    /// As [`GroupView::key_policy`].
+    ///
+    /// # Errors
+    /// See [`GroupView::key_policy`].
+    pub fn key_policy<C>(
+        &mut self,
+        key: crate::keys::PublicKey,
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError>
+    where
+        C: Call<Request = KeyTargetRequest, Reply = agora_proto::wire::PolicyReply>,
+    {
+        self.view().key_policy::<C>(key)
+    }
+
+    /// As [`GroupView::member_policy`].
+    ///
+    /// # Errors
+    /// See [`GroupView::member_policy`].
+    pub fn member_policy<C>(
+        &mut self,
+        member: UserName,
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError>
+    where
+        C: Call<Request = MemberTargetRequest, Reply = agora_proto::wire::PolicyReply>,
+    {
+        self.view().member_policy::<C>(member)
+    }
+
+    /// As [`GroupView::set_mode`].
+    ///
+    /// # Errors
+    /// See [`GroupView::set_mode`].
+    pub fn set_mode(
+        &mut self,
+        mode: agora_proto::wire::GroupMode,
+    ) -> Result<agora_proto::wire::PolicyReply, ClientError> {
+        self.view().set_mode(mode)
+    }
+
+    /// As [`GroupView::get_messages`].
+    ///
+    /// # Errors
+    /// See [`GroupView::get_messages`].
+    pub fn get_messages(
+        &mut self,
+        query: HistoryQuery,
+        limit: Option<u32>,
+    ) -> Result<MessagesPage, ClientError> {
+        self.view().get_messages(query, limit)
+    }
+
+    /// As [`GroupView::for_each_page`].
+    ///
+    /// # Errors
+    /// See [`GroupView::for_each_page`].
+    pub fn for_each_page(
+        &mut self,
+        query: HistoryQuery,
+        page_limit: Option<u32>,
+        visit: impl FnMut(&MessagesPage) -> bool,
+    ) -> Result<(), ClientError> {
+        self.view().for_each_page(query, page_limit, visit)
     }
 }
 
