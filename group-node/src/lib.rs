@@ -70,6 +70,7 @@ pub mod durable;
 pub mod heartbeat;
 pub mod identity;
 pub mod lease;
+pub mod registrar;
 pub mod store;
 pub mod subscribers;
 

@@ -194,6 +194,35 @@ impl Owners {
         Ok(Owners { conn })
     }
 
+    /// Begins a transaction, so that many claims (one `register_groups`) cost one commit
+    /// and one sync instead of one each; [`Owners::commit`] or [`Owners::rollback`] ends it.
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`].
+    pub fn begin(&self) -> Result<(), OwnersError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    /// Commits the transaction of [`Owners::begin`].
+    ///
+    /// # Errors
+    /// [`OwnersError::Sqlite`] (the transaction is rolled back).
+    pub fn commit(&self) -> Result<(), OwnersError> {
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            self.rollback();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Rolls the transaction of [`Owners::begin`] back, if one is open.
+    pub fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
     /// `name`'s binding: its key, and the last time its group registered (or was bound).
     ///
     /// # Errors

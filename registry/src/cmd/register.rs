@@ -67,8 +67,8 @@ pub(crate) fn check_key(
     }
 }
 
-/// One registration by `register` or one entry of `register_groups` (§4.1's rules): the
-/// name is claimed for `peer` (bound to it if free), then registered.
+/// One registration by `register` (§4.1's rules): the name is claimed for `peer` (bound
+/// to it if free), then registered.
 ///
 /// # Errors
 /// `name_taken`, `too_many_names`, `limit_reached`, `internal`.
@@ -81,21 +81,10 @@ pub(crate) fn register_one(
 ) -> Result<GroupEntry, WireError> {
     let owner_verified = match peer {
         Some(key) => {
-            let (owner, bound) = store
+            let claim = store
                 .claim_group_up_to(&g.name, &key, config.max_names_for(&key), now)
-                .map_err(super::internal)??;
-            if owner != key {
-                return Err(WireError::new(
-                    ErrorCode::NameTaken,
-                    format!(
-                        "group \"{}\" belongs to another key; its operator can free it with `registry release`",
-                        g.name
-                    ),
-                ));
-            }
-            if bound {
-                tracing::info!(group = %g.name, %key, "group name bound to its key");
-            }
+                .map_err(super::internal)?;
+            verify_claim(&g.name, &key, claim)?;
             true
         }
         None => false,
@@ -103,4 +92,29 @@ pub(crate) fn register_one(
     store
         .register_group(g, owner_verified, now)
         .map_err(super::internal)?
+}
+
+/// Whether the claim of `name` by `key` ([`RegistryStore::claim_group`]) makes `key` its
+/// owner; a new binding is logged.
+///
+/// # Errors
+/// `name_taken` (another key owns it), or the claim's own refusal (`too_many_names`).
+pub(crate) fn verify_claim(
+    name: &agora_proto::wire::GroupName,
+    key: &PublicKey,
+    claim: Result<(PublicKey, bool), WireError>,
+) -> Result<(), WireError> {
+    let (owner, bound) = claim?;
+    if owner != *key {
+        return Err(WireError::new(
+            ErrorCode::NameTaken,
+            format!(
+                "group \"{name}\" belongs to another key; its operator can free it with `registry release`"
+            ),
+        ));
+    }
+    if bound {
+        tracing::info!(group = %name, %key, "group name bound to its key");
+    }
+    Ok(())
 }

@@ -4,7 +4,8 @@
 use agora_common::keys::PublicKey;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    ErrorCode, RegisterGroupsReply, RegisterGroupsRequest, WireError, MAX_REGISTER_GROUPS,
+    ErrorCode, GroupName, RegisterGroupsReply, RegisterGroupsRequest, WireError,
+    MAX_REGISTER_GROUPS,
 };
 
 use crate::store::{GroupRegistration, RegistryStore};
@@ -39,10 +40,31 @@ pub fn apply(
         ));
     }
     super::register::check_key(r.public_key, peer)?;
+    // Every claim in one store call: one sync for a batch of new bindings, not one each.
+    let names: Vec<GroupName> = r.groups.iter().map(|g| g.name.clone()).collect();
+    let claims = match peer {
+        Some(key) => Some(
+            store
+                .claim_groups_up_to(&names, &key, config.max_names_for(&key), now)
+                .map_err(super::internal)?,
+        ),
+        None => None,
+    };
+    let mut claims = claims.map(Vec::into_iter);
     let mut registered = Vec::with_capacity(r.groups.len());
     let mut refused = Vec::new();
     for group in r.groups {
         let name = group.name.clone();
+        let owner_verified = match (peer, claims.as_mut().and_then(Iterator::next)) {
+            (Some(key), Some(claim)) => {
+                if let Err(e) = super::register::verify_claim(&name, &key, claim) {
+                    refused.push(e.with_group(Some(name)));
+                    continue;
+                }
+                true
+            }
+            _ => false,
+        };
         let g = GroupRegistration {
             name: group.name,
             endpoint: r.endpoint.clone(),
@@ -50,9 +72,11 @@ pub fn apply(
             public_key: r.public_key,
             host: true,
         };
-        match super::register::register_one(store, config, g, peer, now) {
+        match store
+            .register_group(g, owner_verified, now)
+            .map_err(super::internal)?
+        {
             Ok(_) => registered.push(name),
-            Err(e) if e.code == ErrorCode::Internal => return Err(e),
             Err(e) => refused.push(e.with_group(Some(name))),
         }
     }

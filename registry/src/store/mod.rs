@@ -323,6 +323,26 @@ pub trait RegistryStore: Send {
         now: Timestamp,
     ) -> Refusable<(PublicKey, bool)>;
 
+    /// [`RegistryStore::claim_group_up_to`] of each of `names` for one key (one
+    /// `register_groups`), each claim's result in order. SQLite makes them in one
+    /// transaction (one sync for all); the default makes them one by one.
+    ///
+    /// # Errors
+    /// The backend's error (SQLite: nothing of the batch is stored);
+    /// [`StoreError::NoAccounts`] without owners.
+    fn claim_groups_up_to(
+        &mut self,
+        names: &[GroupName],
+        key: &PublicKey,
+        max_names: u64,
+        now: Timestamp,
+    ) -> Result<Vec<Result<(PublicKey, bool), WireError>>, StoreError> {
+        names
+            .iter()
+            .map(|name| self.claim_group_up_to(name, key, max_names, now))
+            .collect()
+    }
+
     /// The key `name` is bound to, if any.
     ///
     /// # Errors

@@ -297,6 +297,36 @@ impl RegistryStore for SqliteStore {
         self.health.wrote_if(result, |r| matches!(r, Ok((_, true))))
     }
 
+    fn claim_groups_up_to(
+        &mut self,
+        names: &[GroupName],
+        key: &PublicKey,
+        max_names: u64,
+        now: Timestamp,
+    ) -> Result<Vec<Result<(PublicKey, bool), agora_proto::wire::WireError>>, StoreError> {
+        let result = (|| {
+            self.durable()?.owners.begin()?;
+            let claims: Result<Vec<_>, StoreError> = names
+                .iter()
+                .map(|name| self.claim(name, key, max_names, now))
+                .collect();
+            let owners = &self.durable()?.owners;
+            match claims {
+                Ok(claims) => {
+                    owners.commit()?;
+                    Ok(claims)
+                }
+                Err(e) => {
+                    owners.rollback();
+                    Err(e)
+                }
+            }
+        })();
+        self.health.wrote_if(result, |claims| {
+            claims.iter().any(|c| matches!(c, Ok((_, true))))
+        })
+    }
+
     fn group_owner(&mut self, name: &GroupName) -> Result<Option<PublicKey>, StoreError> {
         let result = self.durable().and_then(|d| Ok(d.owners.owner(name)?));
         self.health.check(result)

@@ -1,0 +1,986 @@
+//! A group host's registration with the registry: all its groups over one REQ socket, kept
+//! live by one `heartbeat_host` per interval (PROTOCOL §4.1.1), so that the registry's load
+//! grows with hosts, not groups.
+//!
+//! [`Registrar`] is an [`Actor`] owning one [`RegistryClient`] (Lazy Pirate: a request
+//! without a reply in time closes the socket, and the next one opens a fresh one), so a
+//! registry that is down or slow never delays members' requests. The serve loop tells it
+//! which groups exist ([`Registrar::set`], [`Registrar::remove`]: a map insert and a wake,
+//! no I/O), and asks it to register a new group before answering its `create`
+//! ([`Registrar::register_now`]).
+//!
+//! # Every heartbeat interval
+//! 1. Names added since the last beat, changed member counts, and names the registry
+//!    refused before go in `register_groups` requests of at most [`MAX_REGISTER_GROUPS`].
+//! 2. `heartbeat_host` with the count of names the registry accepted. A different `known`
+//!    (the registry restarted empty, or the host's entries expired) re-sends every name with
+//!    `register_groups` at once: ⌈N/128⌉ requests, within the same beat.
+//!
+//! A registry older than §4.1.1 answers `unknown_action`: the registrar then registers
+//! each group with a plain `register` every interval (as a node of one does), after one
+//! WARN. At a stop ([`Registrar`] dropped) every registered name is unregistered; a registry
+//! that does not answer then costs one INFO line, and the entries expire after its TTL.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use agora_common::actor::{Actor, Pipe, Wake};
+use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient};
+use agora_common::keys::PublicKey;
+use agora_proto::wire::{
+    Endpoint, ErrorCode, GroupName, HostedGroup, RegisterGroupsRequest, WireError,
+    MAX_REGISTER_GROUPS,
+};
+
+/// How long new names wait for others before they are sent (50 ms).
+const GATHER: Duration = Duration::from_millis(50);
+
+/// What a [`Registrar`] registers, and where.
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    /// The registry's endpoint, or a comma-separated list of endpoints of one registry
+    /// (`--registry`; [`agora_common::client::registry_endpoints`]).
+    pub registry: String,
+    /// CURVE towards the registry: the host's key pair (the key every name is bound to)
+    /// and the registry's public key (`--registry-key`). `None` for an `--insecure`
+    /// registry.
+    pub curve: Option<ClientCurve>,
+    /// The endpoint members reach the host at, as registered.
+    pub endpoint: Endpoint,
+    /// How often to send `heartbeat_host` (`--heartbeat`, default 2 s); also each
+    /// request's timeout (at least 100 ms).
+    pub heartbeat: Duration,
+}
+
+/// Why a name given to [`Registrar::register_now`] is not registered.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistrarError {
+    /// The registry refused the name (`name_taken`, `too_many_names`, `limit_reached`,
+    /// `invalid_field`).
+    #[error("the registry refused it: {0}")]
+    Refused(WireError),
+    /// The registry did not answer within the heartbeat interval, or the registrar stopped.
+    #[error("the registry at {registry} did not answer: {error}")]
+    Unreachable {
+        /// The registry's endpoint (list).
+        registry: String,
+        /// What failed.
+        error: String,
+    },
+}
+
+/// The result of one name given to [`Registrar::register_now`].
+pub type Registration = (GroupName, Result<(), RegistrarError>);
+
+/// A change from the serve loop, coalesced per name until the actor takes it.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Set(u64),
+    Remove,
+}
+
+/// What the owner hands the actor: bounded by the host's groups (one change per name) and
+/// by the `create`s waiting.
+#[derive(Debug, Default)]
+struct Inbox {
+    changes: HashMap<GroupName, Change>,
+    now: Vec<(Vec<HostedGroup>, SyncSender<Registration>)>,
+}
+
+/// A running registrar; stops (and unregisters every name) when dropped.
+#[derive(Debug)]
+pub struct Registrar {
+    inbox: Arc<Mutex<Inbox>>,
+    actor: Actor,
+}
+
+impl Registrar {
+    /// Starts registering with `config.registry`, with no groups yet.
+    ///
+    /// # Errors
+    /// The actor's thread or pipe could not be made.
+    pub fn start(ctx: &zmq::Context, config: RegistrarConfig) -> std::io::Result<Registrar> {
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
+        let shared = Arc::clone(&inbox);
+        let own_ctx = ctx.clone();
+        let actor = Actor::start(ctx, "registrar", move |pipe| {
+            Worker::new(&own_ctx, config, shared).run(&pipe);
+        })?;
+        Ok(Registrar { inbox, actor })
+    }
+
+    /// Registers `name` with `members` members from the next heartbeat on, or updates its
+    /// member count (sent with the next heartbeat when it changed). Cheap: no I/O.
+    pub fn set(&self, name: GroupName, members: u64) {
+        self.change(name, Change::Set(members));
+    }
+
+    /// Stops registering `name` and unregisters it (a deleted or stopped group). Cheap: no
+    /// I/O on the caller's thread.
+    pub fn remove(&self, name: GroupName) {
+        self.change(name, Change::Remove);
+    }
+
+    /// Registers `groups` at once (a `create`: the name is registered before the reply
+    /// leaves); each name's result arrives on the receiver, within one heartbeat interval
+    /// plus the time of a request already in flight. A registered name is then kept live
+    /// as [`Registrar::set`] keeps it; a refused one is forgotten.
+    pub fn register_now(&self, groups: Vec<HostedGroup>) -> Receiver<Registration> {
+        let (tx, rx) = sync_channel(groups.len().max(1));
+        self.lock().now.push((groups, tx));
+        self.wake();
+        rx
+    }
+
+    fn change(&self, name: GroupName, change: Change) {
+        self.lock().changes.insert(name, change);
+        self.wake();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes the actor; a full pipe means it has wakes to read already.
+    fn wake(&self) {
+        let _ = self.actor.send(&[b"wake"]);
+    }
+}
+
+/// The actor's state.
+struct Worker {
+    ctx: zmq::Context,
+    config: RegistrarConfig,
+    client: RegistryClient,
+    public_key: Option<PublicKey>,
+    inbox: Arc<Mutex<Inbox>>,
+    /// Every group to keep registered, with its member count.
+    groups: BTreeMap<GroupName, u64>,
+    /// Names to send with the next beat: new, changed, or refused before.
+    dirty: BTreeSet<GroupName>,
+    /// Names the registry refused (kept in `groups`, retried each beat).
+    refused: BTreeSet<GroupName>,
+    /// Names to unregister.
+    gone: BTreeSet<GroupName>,
+    /// Send everything at the next beat (first beat, lost requests, `known` differed).
+    resend: bool,
+    /// The registry is older than §4.1.1: plain `register` per group.
+    fallback: bool,
+    /// Whether the registry answered the last request (`None`: not asked yet), so that an
+    /// outage is logged once.
+    reachable: Option<bool>,
+}
+
+impl Worker {
+    fn new(ctx: &zmq::Context, config: RegistrarConfig, inbox: Arc<Mutex<Inbox>>) -> Worker {
+        let options = ClientOptions {
+            timeout: config.heartbeat.max(Duration::from_millis(100)),
+            attempts: 1,
+        };
+        Worker {
+            ctx: ctx.clone(),
+            client: client(ctx, &config.registry, config.curve.clone(), options),
+            public_key: config.curve.as_ref().map(|c| c.keypair.public),
+            config,
+            inbox,
+            groups: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            gone: BTreeSet::new(),
+            resend: true,
+            fallback: false,
+            reachable: None,
+        }
+    }
+
+    fn run(mut self, pipe: &Pipe) {
+        let mut next_beat = Instant::now() + self.config.heartbeat;
+        loop {
+            match pipe.wait_until(next_beat) {
+                Wake::Term => break,
+                Wake::Command(_) => {
+                    // A burst of wakes is one turn.
+                    while let Wake::Command(_) = pipe.take() {}
+                    if self.take_inbox() {
+                        // New names go out soon, together: a host starting with 10,000
+                        // groups sends ⌈10,000/128⌉ requests, not one per wake.
+                        next_beat = next_beat.min(Instant::now() + GATHER);
+                    }
+                }
+                Wake::Timeout => {
+                    self.take_inbox();
+                    self.beat();
+                    next_beat = Instant::now() + self.config.heartbeat;
+                }
+            }
+        }
+        self.take_inbox();
+        self.unregister_all();
+    }
+
+    /// Applies the owner's changes; unregisters removed names and registers `create`s' at
+    /// once. True when names were added.
+    fn take_inbox(&mut self) -> bool {
+        let mut added = false;
+        let inbox = std::mem::take(&mut *self.inbox.lock().unwrap_or_else(PoisonError::into_inner));
+        for (name, change) in inbox.changes {
+            match change {
+                Change::Set(members) => {
+                    self.gone.remove(&name);
+                    match self.groups.insert(name.clone(), members) {
+                        Some(before) if before == members => {}
+                        before => {
+                            added |= before.is_none();
+                            self.dirty.insert(name);
+                        }
+                    }
+                }
+                Change::Remove => {
+                    self.groups.remove(&name);
+                    self.dirty.remove(&name);
+                    if !self.refused.remove(&name) {
+                        self.gone.insert(name);
+                    }
+                }
+            }
+        }
+        self.unregister_gone();
+        for (groups, results) in inbox.now {
+            self.register_now(groups, &results);
+        }
+        added
+    }
+
+    fn unregister_gone(&mut self) {
+        for name in std::mem::take(&mut self.gone) {
+            match self.client.unregister(&name, &self.config.endpoint) {
+                Ok(()) => tracing::info!(group = %name, "unregistered"),
+                Err(e) => {
+                    tracing::info!(group = %name, error = %e,
+                        "not unregistered; the registry's entry expires after its TTL");
+                    // Still counted there until then: compare afresh.
+                    self.resend = true;
+                }
+            }
+        }
+    }
+
+    /// Registers `groups` now; each result goes to `results`.
+    fn register_now(&mut self, groups: Vec<HostedGroup>, results: &SyncSender<Registration>) {
+        let answered = if self.fallback {
+            groups
+                .into_iter()
+                .map(|g| {
+                    let result = self.register_plain(&g.name, g.members);
+                    (g, result)
+                })
+                .collect()
+        } else {
+            self.register_batch(groups)
+        };
+        for (g, result) in answered {
+            if result.is_ok() {
+                self.groups.insert(g.name.clone(), g.members);
+                self.dirty.remove(&g.name);
+                self.refused.remove(&g.name);
+            }
+            // The receiver may be gone (the create was abandoned): the name stays
+            // registered, as `set` would keep it, or not.
+            let _ = results.try_send((g.name, result));
+        }
+    }
+
+    /// `register_groups` for `groups`, in requests of at most [`MAX_REGISTER_GROUPS`];
+    /// every name with its result. Switches to the fallback on `unknown_action`.
+    fn register_batch(
+        &mut self,
+        groups: Vec<HostedGroup>,
+    ) -> Vec<(HostedGroup, Result<(), RegistrarError>)> {
+        let mut answered = Vec::with_capacity(groups.len());
+        let mut rest = groups.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<HostedGroup> = rest.by_ref().take(MAX_REGISTER_GROUPS).collect();
+            let request = RegisterGroupsRequest {
+                endpoint: self.config.endpoint.clone(),
+                public_key: self.public_key,
+                groups: chunk.clone(),
+            };
+            match self.client.register_groups(&request) {
+                Ok(reply) => {
+                    self.answered();
+                    let mut refusals: HashMap<GroupName, WireError> = reply
+                        .refused
+                        .into_iter()
+                        .filter_map(|e| Some((e.group.clone()?, e)))
+                        .collect();
+                    for g in chunk {
+                        let result = match refusals.remove(&g.name) {
+                            Some(e) => Err(RegistrarError::Refused(e)),
+                            None => Ok(()),
+                        };
+                        answered.push((g, result));
+                    }
+                }
+                Err(ClientError::Server(e)) if e.code == ErrorCode::UnknownAction => {
+                    tracing::warn!(registry = %self.config.registry,
+                        "the registry does not know register_groups (older than PROTOCOL \
+                         §4.1.1): registering each group on its own, every heartbeat");
+                    self.fallback = true;
+                    let left: Vec<HostedGroup> = chunk.into_iter().chain(rest).collect();
+                    for g in left {
+                        let result = self.register_plain(&g.name, g.members);
+                        answered.push((g, result));
+                    }
+                    return answered;
+                }
+                Err(ClientError::Server(e)) => {
+                    self.answered();
+                    tracing::warn!(registry = %self.config.registry, error = %e,
+                        "register_groups refused whole; retrying its names each heartbeat");
+                    answered.extend(
+                        chunk
+                            .into_iter()
+                            .map(|g| (g, Err(RegistrarError::Refused(e.clone())))),
+                    );
+                }
+                Err(e) => {
+                    let error = self.unanswered(&e);
+                    answered.extend(
+                        chunk
+                            .into_iter()
+                            .chain(rest.by_ref())
+                            .map(|g| (g, Err(error.clone()))),
+                    );
+                }
+            }
+        }
+        answered
+    }
+
+    /// A plain `register` of one group (the fallback).
+    fn register_plain(&mut self, name: &GroupName, members: u64) -> Result<(), RegistrarError> {
+        match self
+            .client
+            .register(name, &self.config.endpoint, members, self.public_key)
+        {
+            Ok(_) => {
+                self.answered();
+                Ok(())
+            }
+            Err(ClientError::Server(e)) => {
+                self.answered();
+                Err(RegistrarError::Refused(e))
+            }
+            Err(e) => Err(self.unanswered(&e)),
+        }
+    }
+
+    /// One heartbeat: pending names, then `heartbeat_host`, then everything again if the
+    /// registry's count differs.
+    fn beat(&mut self) {
+        if self.fallback {
+            let groups: Vec<(GroupName, u64)> =
+                self.groups.iter().map(|(n, m)| (n.clone(), *m)).collect();
+            for (name, members) in groups {
+                let result = self.register_plain(&name, members);
+                self.note(&name, &result);
+                if matches!(result, Err(RegistrarError::Unreachable { .. })) {
+                    return;
+                }
+            }
+            return;
+        }
+        if self.groups.is_empty() {
+            return;
+        }
+        if !self.resend {
+            self.dirty.extend(self.refused.iter().cloned());
+            let dirty = std::mem::take(&mut self.dirty);
+            let pending = self.hosted(dirty);
+            self.register_and_note(pending);
+            if self.fallback || self.resend {
+                return;
+            }
+            let accepted = self.accepted();
+            match self
+                .client
+                .heartbeat_host(&self.config.endpoint, self.public_key, accepted)
+            {
+                Ok(reply) if reply.known == accepted => {
+                    self.answered();
+                    return;
+                }
+                Ok(reply) => {
+                    self.answered();
+                    tracing::info!(registry = %self.config.registry, known = reply.known,
+                        groups = accepted, "the registry's count differs: registering every group again");
+                }
+                Err(ClientError::Server(e)) if e.code == ErrorCode::UnknownAction => {
+                    tracing::warn!(registry = %self.config.registry,
+                        "the registry does not know heartbeat_host (older than PROTOCOL \
+                         §4.1.1): registering each group on its own, every heartbeat");
+                    self.fallback = true;
+                    self.beat();
+                    return;
+                }
+                Err(e) => {
+                    self.unanswered(&e);
+                    return;
+                }
+            }
+        }
+        self.resend = false;
+        self.dirty.clear();
+        let all = self.hosted(self.groups.keys().cloned().collect());
+        self.register_and_note(all);
+        if !self.fallback && !self.resend {
+            tracing::info!(registry = %self.config.registry, groups = self.accepted(),
+                refused = self.refused.len(), "registered");
+        }
+    }
+
+    /// `register_groups` of `groups`; records each result.
+    fn register_and_note(&mut self, groups: Vec<HostedGroup>) {
+        if groups.is_empty() {
+            return;
+        }
+        for (g, result) in self.register_batch(groups) {
+            self.note(&g.name, &result);
+        }
+    }
+
+    /// Records one name's result: refused names are retried each beat (logged once), and
+    /// a name left unanswered makes the next beat send everything.
+    fn note(&mut self, name: &GroupName, result: &Result<(), RegistrarError>) {
+        match result {
+            Ok(()) => {
+                self.refused.remove(name);
+            }
+            Err(RegistrarError::Refused(e)) => {
+                if self.refused.insert(name.clone()) {
+                    tracing::warn!(group = %name, error = %e, "registration refused; retrying");
+                }
+            }
+            Err(RegistrarError::Unreachable { .. }) => self.resend = true,
+        }
+    }
+
+    /// How many names the registry should hold for this host.
+    fn accepted(&self) -> u64 {
+        let refused = self
+            .refused
+            .iter()
+            .filter(|n| self.groups.contains_key(*n))
+            .count();
+        (self.groups.len() - refused) as u64
+    }
+
+    /// `names` (those still kept) with their member counts.
+    fn hosted(&self, names: BTreeSet<GroupName>) -> Vec<HostedGroup> {
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let members = *self.groups.get(&name)?;
+                Some(HostedGroup { name, members })
+            })
+            .collect()
+    }
+
+    fn answered(&mut self) {
+        self.reachable = Some(true);
+    }
+
+    /// Logs a request without an answer (once per outage) and makes the next beat send
+    /// everything.
+    fn unanswered(&mut self, e: &ClientError) -> RegistrarError {
+        if self.reachable != Some(false) {
+            tracing::warn!(registry = %self.config.registry, error = %e,
+                "cannot reach the registry (down, or --registry-key is not its key); still serving, retrying");
+        }
+        self.reachable = Some(false);
+        self.resend = true;
+        RegistrarError::Unreachable {
+            registry: self.config.registry.clone(),
+            error: e.to_string(),
+        }
+    }
+
+    /// At a stop: unregisters every name, 1 s per request; stops at the first without an
+    /// answer (the registry is gone too: the entries expire after its TTL).
+    fn unregister_all(&mut self) {
+        let mut quick = client(
+            &self.ctx,
+            &self.config.registry,
+            self.config.curve.clone(),
+            ClientOptions {
+                timeout: Duration::from_secs(1),
+                attempts: 1,
+            },
+        );
+        let names: Vec<GroupName> = std::mem::take(&mut self.groups).into_keys().collect();
+        let total = names.len();
+        let mut done = 0;
+        for name in names.iter().filter(|n| !self.refused.contains(*n)) {
+            match quick.unregister(name, &self.config.endpoint) {
+                Ok(()) => done += 1,
+                Err(ClientError::Server(_)) => {}
+                Err(e) => {
+                    tracing::info!(registry = %self.config.registry, error = %e, left = total - done,
+                        "not unregistered; the registry's entries expire after its TTL");
+                    return;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(groups = done, "unregistered");
+        }
+    }
+}
+
+/// A client for the registry at `registry` (an endpoint or a list), over CURVE when
+/// `curve` is given: the connection a group node's heartbeat and a host's registrar both
+/// use.
+pub fn client(
+    ctx: &zmq::Context,
+    registry: &str,
+    curve: Option<ClientCurve>,
+    options: ClientOptions,
+) -> RegistryClient {
+    let client = RegistryClient::new(ctx, registry, options);
+    match curve {
+        Some(c) => client.with_curve(c),
+        None => client,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the real registry binary ([`agora_tests::Federation`]), except the fallback,
+    //! which needs a registry that does not know §4.1.1 (a fake ROUTER here).
+
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use agora_common::keys::Keypair;
+    use agora_tests::{wait_for, Federation};
+
+    use super::*;
+
+    const N: usize = 1000;
+
+    fn name(i: usize) -> GroupName {
+        GroupName::new(format!("hosted-{i:04}")).expect("name")
+    }
+
+    /// A federation whose registry expects a heartbeat every `heartbeat`, serves metrics,
+    /// and lets `host` own up to --max-groups names.
+    fn federation(heartbeat: &str, host: &Keypair) -> Federation {
+        let host_key = host.public.to_string();
+        Federation::start_with(
+            heartbeat,
+            &["--metrics", "127.0.0.1:0", "--host-key", &host_key],
+        )
+    }
+
+    fn registrar(
+        fed: &Federation,
+        ctx: &zmq::Context,
+        host: &Keypair,
+        beat: Duration,
+    ) -> Registrar {
+        let config = RegistrarConfig {
+            registry: fed.registry.endpoint.clone(),
+            curve: Some(ClientCurve {
+                keypair: host.clone(),
+                server_key: fed.registry_key().parse().expect("registry key"),
+            }),
+            endpoint: Endpoint::new("tcp://127.0.0.1:7").expect("endpoint"),
+            heartbeat: beat,
+        };
+        Registrar::start(ctx, config).expect("registrar")
+    }
+
+    /// How many names the registry lists now (a user's view, over CURVE).
+    fn listed(fed: &Federation, ctx: &zmq::Context) -> usize {
+        let user = Keypair::generate().expect("keys");
+        let mut client = client(
+            ctx,
+            &fed.registry.endpoint,
+            Some(ClientCurve {
+                keypair: user,
+                server_key: fed.registry_key().parse().expect("registry key"),
+            }),
+            ClientOptions {
+                timeout: Duration::from_secs(2),
+                attempts: 1,
+            },
+        );
+        client.list().map_or(0, |groups| groups.len())
+    }
+
+    /// `agora_requests_total{action=ACTION,code="ok"}` from the registry's /metrics.
+    fn requests(addr: &str, action: &str) -> u64 {
+        let mut stream = std::net::TcpStream::connect(addr).expect("metrics");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("response");
+        let series = format!("agora_requests_total{{action=\"{action}\",code=\"ok\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    /// Issue 24: 1,000 groups of one host are registered in ⌈1000/128⌉ = 8 requests and
+    /// stay listed through several TTLs on `heartbeat_host` alone (no `register`, no more
+    /// `register_groups`); a changed member count goes out in one small batch.
+    #[test]
+    fn a_thousand_groups_register_in_eight_requests_and_live_on_heartbeat_host_alone() {
+        let host = Keypair::generate().expect("keys");
+        let fed = federation("500ms", &host);
+        let metrics = fed.registry.metrics_addr();
+        let ctx = zmq::Context::new();
+        let registrar = registrar(&fed, &ctx, &host, Duration::from_millis(500));
+        for i in 0..N {
+            registrar.set(name(i), 1);
+        }
+        assert!(
+            wait_for(Duration::from_secs(10), || listed(&fed, &ctx) == N),
+            "{} of {N} listed; registry log:\n{}",
+            listed(&fed, &ctx),
+            fed.registry.log()
+        );
+        let batches = requests(&metrics, "register_groups");
+        assert!(
+            batches <= 8,
+            "{batches} register_groups requests for {N} groups"
+        );
+        // Six heartbeats (3 s: two TTLs of 1.5 s) later, all still listed, and nothing
+        // but heartbeat_host was sent.
+        let beats = requests(&metrics, "heartbeat_host");
+        assert!(
+            wait_for(Duration::from_secs(10), || requests(
+                &metrics,
+                "heartbeat_host"
+            ) >= beats + 6),
+            "no heartbeat_host"
+        );
+        assert_eq!(listed(&fed, &ctx), N);
+        assert_eq!(requests(&metrics, "register_groups"), batches);
+        assert_eq!(requests(&metrics, "register"), 0);
+        // Member counts: one batch of the changed names at the next beat.
+        for i in 0..3 {
+            registrar.set(name(i), 5);
+        }
+        assert!(wait_for(Duration::from_secs(5), || {
+            requests(&metrics, "register_groups") == batches + 1
+        }));
+        // A stop unregisters every name.
+        drop(registrar);
+        assert_eq!(listed(&fed, &ctx), 0);
+    }
+
+    /// Issue 24: after a registry restart (empty directory), the host's next
+    /// `heartbeat_host` sees `known` 0 and registers every group again at once.
+    #[test]
+    fn a_registry_restart_relists_every_host_group_within_one_heartbeat() {
+        let host = Keypair::generate().expect("keys");
+        let mut fed = federation("1s", &host);
+        let ctx = zmq::Context::new();
+        let registrar = registrar(&fed, &ctx, &host, Duration::from_secs(1));
+        for i in 0..N {
+            registrar.set(name(i), 1);
+        }
+        assert!(wait_for(Duration::from_secs(10), || listed(&fed, &ctx) == N));
+        fed.restart_registry("1s");
+        let restarted = Instant::now();
+        assert!(
+            wait_for(Duration::from_secs(10), || listed(&fed, &ctx) == N),
+            "not relisted; registry log:\n{}",
+            fed.registry.log()
+        );
+        let took = restarted.elapsed();
+        eprintln!("relisted {N} groups {took:?} after the registry restarted");
+        // One interval for the next beat, plus one request timeout when that beat went to
+        // the registry while it was down.
+        assert!(
+            took < Duration::from_millis(2500),
+            "relisted after {took:?}"
+        );
+        drop(registrar);
+    }
+
+    /// PROTOCOL §4.1.1: a host that goes silent (no heartbeat, no unregister: killed)
+    /// loses every name once its TTL passes, and holds 0 when it comes back.
+    #[test]
+    fn a_silent_hosts_groups_expire_together() {
+        let host = Keypair::generate().expect("keys");
+        let fed = federation("500ms", &host);
+        let ctx = zmq::Context::new();
+        let mut raw = client(
+            &ctx,
+            &fed.registry.endpoint,
+            Some(ClientCurve {
+                keypair: host.clone(),
+                server_key: fed.registry_key().parse().expect("registry key"),
+            }),
+            ClientOptions::default(),
+        );
+        let endpoint = Endpoint::new("tcp://127.0.0.1:7").expect("endpoint");
+        let reply = raw
+            .register_groups(&RegisterGroupsRequest {
+                endpoint: endpoint.clone(),
+                public_key: Some(host.public),
+                groups: (0..MAX_REGISTER_GROUPS)
+                    .map(|i| HostedGroup {
+                        name: name(i),
+                        members: 1,
+                    })
+                    .collect(),
+            })
+            .expect("register_groups");
+        assert_eq!(
+            (reply.registered.len(), reply.refused.len()),
+            (MAX_REGISTER_GROUPS, 0)
+        );
+        let beat = raw
+            .heartbeat_host(&endpoint, Some(host.public), 128)
+            .expect("heartbeat_host");
+        assert_eq!(beat.known, 128);
+        assert_eq!(listed(&fed, &ctx), 128);
+        let silent = Instant::now();
+        assert!(wait_for(Duration::from_secs(5), || listed(&fed, &ctx) == 0));
+        assert!(
+            silent.elapsed() >= Duration::from_millis(1000),
+            "expired {:?} after the last heartbeat, before the 1.5 s TTL",
+            silent.elapsed()
+        );
+        let beat = raw
+            .heartbeat_host(&endpoint, Some(host.public), 128)
+            .expect("heartbeat_host");
+        assert_eq!(beat.known, 0);
+    }
+
+    /// `register_groups` of another key's name: refused for that name only, named in the
+    /// error; 129 names: `invalid_field`.
+    #[test]
+    fn register_groups_refuses_per_name_and_bounds_the_request() {
+        let host = Keypair::generate().expect("keys");
+        let fed = federation("500ms", &host);
+        let ctx = zmq::Context::new();
+        let server_key: PublicKey = fed.registry_key().parse().expect("registry key");
+        let other = Keypair::generate().expect("keys");
+        let mut theirs = client(
+            &ctx,
+            &fed.registry.endpoint,
+            Some(ClientCurve {
+                keypair: other.clone(),
+                server_key,
+            }),
+            ClientOptions::default(),
+        );
+        theirs
+            .register(
+                &name(1),
+                &Endpoint::new("tcp://127.0.0.1:9").expect("ep"),
+                1,
+                Some(other.public),
+            )
+            .expect("their group");
+        let mut ours = client(
+            &ctx,
+            &fed.registry.endpoint,
+            Some(ClientCurve {
+                keypair: host.clone(),
+                server_key,
+            }),
+            ClientOptions::default(),
+        );
+        let request = |n: usize| RegisterGroupsRequest {
+            endpoint: Endpoint::new("tcp://127.0.0.1:7").expect("endpoint"),
+            public_key: Some(host.public),
+            groups: (0..n)
+                .map(|i| HostedGroup {
+                    name: name(i),
+                    members: 1,
+                })
+                .collect(),
+        };
+        let reply = ours.register_groups(&request(3)).expect("register_groups");
+        assert_eq!(reply.registered, vec![name(0), name(2)]);
+        assert_eq!(reply.refused.len(), 1);
+        assert_eq!(reply.refused[0].code, ErrorCode::NameTaken);
+        assert_eq!(reply.refused[0].group, Some(name(1)));
+        match ours.register_groups(&request(MAX_REGISTER_GROUPS + 1)) {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::InvalidField),
+            other => panic!("129 names: {other:?}"),
+        }
+        // Another key cannot heartbeat this host's names.
+        let beat = theirs
+            .heartbeat_host(
+                &Endpoint::new("tcp://127.0.0.1:7").expect("endpoint"),
+                Some(other.public),
+                2,
+            )
+            .expect("heartbeat_host");
+        assert_eq!(beat.known, 0);
+        match theirs.heartbeat_host(
+            &Endpoint::new("tcp://127.0.0.1:7").expect("endpoint"),
+            Some(host.public),
+            2,
+        ) {
+            Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::InvalidField),
+            other => panic!("someone else's key: {other:?}"),
+        }
+    }
+
+    /// A registry older than §4.1.1 answers `unknown_action`: the registrar registers each
+    /// group with a plain `register`, every heartbeat, after one WARN.
+    #[test]
+    fn an_old_registry_gets_one_register_per_group() {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).expect("router");
+        router.set_linger(0).expect("linger");
+        router.bind("tcp://127.0.0.1:*").expect("bind");
+        let endpoint = router
+            .get_last_endpoint()
+            .expect("endpoint")
+            .expect("utf-8");
+        let stop = Arc::new(AtomicBool::new(false));
+        let registers = Arc::new(AtomicU64::new(0));
+        let batches = Arc::new(AtomicU64::new(0));
+        let fake = {
+            let (stop, registers, batches) = (
+                Arc::clone(&stop),
+                Arc::clone(&registers),
+                Arc::clone(&batches),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if router.poll(zmq::POLLIN, 50).expect("poll") == 0 {
+                        continue;
+                    }
+                    let frames = router.recv_multipart(0).expect("recv");
+                    let split = frames.iter().position(Vec::is_empty).expect("delimiter");
+                    let body: serde_json::Value =
+                        serde_json::from_slice(frames.last().expect("body")).expect("json");
+                    let reply = match body["action"].as_str() {
+                        Some("register") => {
+                            registers.fetch_add(1, Ordering::Relaxed);
+                            let r: agora_proto::wire::RegisterRequest =
+                                serde_json::from_value(body).expect("register");
+                            agora_proto::codec::encode_ok(&agora_proto::wire::RegisterReply {
+                                group: agora_proto::wire::GroupEntry {
+                                    name: r.name,
+                                    endpoint: r.endpoint,
+                                    members: r.members,
+                                    registered_at: agora_proto::time::Timestamp::now(),
+                                    last_heartbeat: agora_proto::time::Timestamp::now(),
+                                    public_key: r.public_key,
+                                },
+                                heartbeat_ms: 200,
+                                ttl_ms: 600,
+                            })
+                        }
+                        Some("register_groups") => {
+                            batches.fetch_add(1, Ordering::Relaxed);
+                            agora_proto::codec::encode_error(&WireError::new(
+                                ErrorCode::UnknownAction,
+                                "unknown action",
+                            ))
+                        }
+                        _ => agora_proto::codec::encode_ok(&serde_json::json!({})),
+                    };
+                    let out = frames[..=split].iter().chain(reply.iter());
+                    router.send_multipart(out, 0).expect("send");
+                }
+            })
+        };
+        let registrar = Registrar::start(
+            &ctx,
+            RegistrarConfig {
+                registry: endpoint,
+                curve: None,
+                endpoint: Endpoint::new("tcp://127.0.0.1:7").expect("endpoint"),
+                heartbeat: Duration::from_millis(200),
+            },
+        )
+        .expect("registrar");
+        for i in 0..3 {
+            registrar.set(name(i), 1);
+        }
+        // At least two beats of three registers each after the one refused batch.
+        assert!(wait_for(Duration::from_secs(10), || registers
+            .load(Ordering::Relaxed)
+            >= 6));
+        assert_eq!(
+            batches.load(Ordering::Relaxed),
+            1,
+            "register_groups tried once"
+        );
+        let rx = registrar.register_now(vec![HostedGroup {
+            name: name(9),
+            members: 1,
+        }]);
+        let (got, result) = rx.recv_timeout(Duration::from_secs(5)).expect("a result");
+        assert_eq!((got, result), (name(9), Ok(())));
+        drop(registrar);
+        stop.store(true, Ordering::Relaxed);
+        fake.join().expect("fake registry");
+    }
+
+    /// `register_now` answers per name: a name another key owns is refused with its code.
+    #[test]
+    fn register_now_answers_each_name() {
+        let host = Keypair::generate().expect("keys");
+        let fed = federation("500ms", &host);
+        let ctx = zmq::Context::new();
+        let other = Keypair::generate().expect("keys");
+        let mut theirs = client(
+            &ctx,
+            &fed.registry.endpoint,
+            Some(ClientCurve {
+                keypair: other.clone(),
+                server_key: fed.registry_key().parse().expect("registry key"),
+            }),
+            ClientOptions::default(),
+        );
+        theirs
+            .register(
+                &name(1),
+                &Endpoint::new("tcp://127.0.0.1:9").expect("ep"),
+                1,
+                Some(other.public),
+            )
+            .expect("their group");
+        let registrar = registrar(&fed, &ctx, &host, Duration::from_millis(500));
+        let rx = registrar.register_now(
+            (0..2)
+                .map(|i| HostedGroup {
+                    name: name(i),
+                    members: 1,
+                })
+                .collect(),
+        );
+        let mut results: Vec<Registration> = (0..2)
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).expect("a result"))
+            .collect();
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(results[0], (name(0), Ok(())));
+        match &results[1] {
+            (n, Err(RegistrarError::Refused(e))) => {
+                assert_eq!((n, e.code), (&name(1), ErrorCode::NameTaken));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(listed(&fed, &ctx), 2, "ours and theirs");
+    }
+}
