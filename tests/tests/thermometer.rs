@@ -72,3 +72,52 @@ fn the_thermometer_answers_range_and_delivers_readings_to_a_subscriber() {
             })
     }));
 }
+
+/// `user-cli --json messages GROUP` holds a reading by thermometer1 (a typed body in range).
+fn has_reading(fed: &Federation, group: &str) -> bool {
+    let run = ok(fed.cli("alice", &["--json", "messages", group], ""));
+    run.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|m| {
+            m["sender"] == "thermometer1"
+                && m["group"] == group
+                && m["body"]["temperature"]
+                    .as_f64()
+                    .is_some_and(|t| (15.0..=30.0).contains(&t))
+        })
+}
+
+/// Issue 24: `--group` is repeatable; the readings go to every group given, each request
+/// naming its group (on a group host, one connection serves them all).
+#[test]
+fn readings_go_to_each_group_given() {
+    let fed = Federation::start("200ms");
+    let _weather = fed.node("Weather", "127.0.0.1:0", "weather", &[]);
+    let _garden = fed.node("Garden", "127.0.0.1:0", "garden", &[]);
+    fed.join_when_listed("alice", "Weather");
+    fed.join_when_listed("alice", "Garden");
+    let registry_key = fed.registry_key();
+    let keys = fed.key_dir();
+    let _bot = Server::start(
+        "thermometer",
+        &[
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+            "--key-dir",
+            &keys,
+            "--group",
+            "Weather",
+            "--group",
+            "Garden",
+            "--every",
+            "200ms",
+        ],
+        std::path::Path::new(&fed.path("thermometer.log")),
+    );
+    for group in ["Weather", "Garden"] {
+        assert!(wait_for(WAIT, || has_reading(&fed, group)), "{group}");
+    }
+}

@@ -2,7 +2,8 @@
 //! `agora-common`.
 //!
 //! It holds an account (`--user`, default `thermometer1`), stays online, publishes a
-//! simulated temperature reading to `--group` every `--every`, and answers direct messages:
+//! simulated temperature reading to each `--group` (repeatable; one connection per host,
+//! every request naming its group) every `--every`, and answers direct messages:
 //! - `subscribe` / `unsubscribe`: readings also come to you by direct message, or stop;
 //! - `range`: the range of values it produces;
 //! - `reboot`: restarts its series.
@@ -11,17 +12,18 @@
 //! SIGINT/SIGTERM, 2 on a bad argument (clap names it: `--registry 127.0.0.1:99999`,
 //! `--beacon-port 0`), 1 on any other failure.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient, ReqClient};
 use agora_common::inbox::Inbox;
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::shutdown::Shutdown;
+use agora_proto::action::call;
 use agora_proto::id::MessageId;
-use agora_proto::wire::{ErrorCode, GroupName, UserName};
+use agora_proto::wire::{Endpoint, ErrorCode, GroupName, MembershipRequest, SendRequest, UserName};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::value::RawValue;
@@ -61,9 +63,10 @@ struct Args {
     /// Where its key pair lives (USER.key, made on first start).
     #[arg(long, env = "AGORA_KEY_DIR")]
     key_dir: Option<std::path::PathBuf>,
-    /// A group to publish readings to (joined on start).
-    #[arg(long)]
-    group: Option<GroupName>,
+    /// A group to publish readings to (joined on start); repeat it for several. The groups
+    /// of one host (`group-node --host`) share one connection.
+    #[arg(long = "group", value_name = "GROUP")]
+    groups: Vec<GroupName>,
     /// How often to take a reading.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     every: Duration,
@@ -118,6 +121,67 @@ fn text(s: &str) -> Box<RawValue> {
         .unwrap_or_else(|_| unreachable!("a JSON string is JSON"))
 }
 
+/// The hosts the readings go to: one Lazy Pirate client per endpoint, shared by the groups
+/// it serves (a group host serves many at one endpoint), each request naming its group.
+#[derive(Default)]
+struct Hosts {
+    /// Endpoint -> its client and the groups published to there.
+    by_endpoint: BTreeMap<String, (ReqClient, Vec<GroupName>)>,
+}
+
+impl Hosts {
+    /// Joins `group` at `endpoint` (talking CURVE with `curve`), through the endpoint's
+    /// client: the first group's curve makes it, the others at that endpoint share it.
+    ///
+    /// # Errors
+    /// The node's refusal or silence, naming the group and the endpoint.
+    fn join(
+        &mut self,
+        ctx: &zmq::Context,
+        endpoint: &Endpoint,
+        curve: ClientCurve,
+        group: &GroupName,
+        user: &UserName,
+        options: ClientOptions,
+    ) -> anyhow::Result<()> {
+        let (host, groups) = self
+            .by_endpoint
+            .entry(endpoint.to_string())
+            .or_insert_with(|| {
+                let client = ReqClient::new(ctx, endpoint.as_str(), options).with_curve(curve);
+                (client, Vec::new())
+            });
+        host.call::<call::Join>(&MembershipRequest {
+            group: Some(group.clone()),
+            user: user.clone(),
+        })
+        .with_context(|| format!("joining {group} at {endpoint}"))?;
+        if !groups.contains(group) {
+            groups.push(group.clone());
+        }
+        Ok(())
+    }
+
+    /// Sends `body` to every group, each with an id of its own; a failure is logged and the
+    /// others go on.
+    fn publish(&mut self, body: &RawValue, user: &UserName) {
+        for (endpoint, (host, groups)) in &mut self.by_endpoint {
+            for group in groups.iter() {
+                let request = SendRequest {
+                    group: Some(group.clone()),
+                    user: user.clone(),
+                    body: body.to_owned(),
+                    id: Some(MessageId::new_v7()),
+                    attachment: None,
+                };
+                if let Err(e) = host.call::<call::Send>(&request) {
+                    tracing::warn!(error = %e, %group, %endpoint, "could not publish a reading");
+                }
+            }
+        }
+    }
+}
+
 fn run(mut args: Args) -> anyhow::Result<()> {
     let stop = Shutdown::on_signals()?;
     let dir = match args.key_dir {
@@ -153,26 +217,18 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     let ttl = registry
         .connect(agora_proto::wire::Presence::Online)?
         .ttl_ms;
-    let mut group = match &args.group {
-        Some(name) => {
-            let entry = registry.lookup(name)?;
-            let server_key = entry.public_key.context("the group's node has no key")?;
-            let mut node = GroupClient::new(
-                &ctx,
-                entry.endpoint.as_str(),
-                args.user.clone(),
-                Some(name.clone()),
-                options,
-            )
-            .with_curve(ClientCurve {
-                keypair: curve.keypair.clone(),
-                server_key,
-            });
-            node.join()?;
-            Some(node)
-        }
-        None => None,
-    };
+    let mut hosts = Hosts::default();
+    for name in &args.groups {
+        let entry = registry.lookup(name)?;
+        let server_key = entry
+            .public_key
+            .with_context(|| format!("{name}: its node has no key"))?;
+        let node_curve = ClientCurve {
+            keypair: curve.keypair.clone(),
+            server_key,
+        };
+        hosts.join(&ctx, &entry.endpoint, node_curve, name, &args.user, options)?;
+    }
     // Commands are answered on this thread, which owns the clients: the inbox hands them
     // over and they are acked once answered.
     let (to_main, dms) = std::sync::mpsc::sync_channel(1024);
@@ -195,12 +251,8 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     while !stop.is_triggered() {
         if Instant::now() >= next {
             let t = series.next();
-            if let Some(node) = group.as_mut() {
-                let body = serde_json::json!({"temperature": t, "unit": "C"}).to_string();
-                if let Err(e) = node.send(RawValue::from_string(body)?) {
-                    tracing::warn!(error = %e, "could not publish a reading");
-                }
-            }
+            let body = serde_json::json!({"temperature": t, "unit": "C"}).to_string();
+            hosts.publish(&RawValue::from_string(body)?, &args.user);
             for user in &subscribers {
                 let reading = text(&format!("temperature {t:.1} C"));
                 if let Err(e) = registry.send_dm(user, reading, MessageId::new_v7()) {
