@@ -14,7 +14,7 @@ use agora_proto::wire::{
 use serde_json::value::RawValue;
 
 use super::{store_error, Ctx};
-use crate::identity::Caller;
+use crate::group::identity::Caller;
 
 /// What the caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

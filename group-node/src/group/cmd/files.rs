@@ -11,7 +11,7 @@ use agora_proto::wire::{
 };
 
 use super::Ctx;
-use crate::blobs::{BlobError, Progress, Slot};
+use crate::group::blobs::{BlobError, Progress, Slot};
 use crate::store::GroupStore;
 
 /// # Errors

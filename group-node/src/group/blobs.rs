@@ -1442,7 +1442,7 @@ impl Blobs {
         Ok((size, bytes))
     }
 
-    /// Removes every complete blob at least `min_age` old (since it was completed) for which
+    /// Removes every complete blob at least `min_age` old at `now` (since it was completed) for which
     /// `keep` is false, its file and, with a PostgreSQL store, its rows; returns how many.
     /// The age spares a content just uploaded whose message has not been sent yet. What a
     /// removed blob was charged to its uploader is freed.
@@ -1453,6 +1453,7 @@ impl Blobs {
     pub fn retain(
         &self,
         min_age: Duration,
+        now: SystemTime,
         mut keep: impl FnMut(&Sha256Digest) -> bool,
     ) -> Result<u64, BlobError> {
         let mut removed = std::collections::HashSet::new();
@@ -1467,7 +1468,6 @@ impl Blobs {
                 Ok(())
             })?;
         }
-        let now = SystemTime::now();
         for dir in fs::read_dir(self.root.join("sha256"))? {
             for entry in fs::read_dir(dir?.path())? {
                 let entry = entry?;
@@ -1511,12 +1511,11 @@ impl Blobs {
         }
     }
 
-    /// Discards uploads not written to for `ttl`; returns how many.
+    /// Discards uploads not written to for `ttl` at `now`; returns how many.
     ///
     /// # Errors
     /// [`BlobError::Io`] listing the store.
-    pub fn expire_uploads(&self, ttl: Duration) -> Result<u64, BlobError> {
-        let now = SystemTime::now();
+    pub fn expire_uploads(&self, ttl: Duration, now: SystemTime) -> Result<u64, BlobError> {
         let uploads = self.root.join("uploads");
         let mut expired = 0;
         for entry in fs::read_dir(&uploads)? {
@@ -1749,13 +1748,15 @@ mod tests {
         }
         assert_eq!(
             blobs
-                .retain(Duration::from_secs(3600), |_| false)
+                .retain(Duration::from_secs(3600), SystemTime::now(), |_| false)
                 .expect("young"),
             0,
             "a content just completed is spared"
         );
         assert_eq!(
-            blobs.retain(Duration::ZERO, |d| *d == da).expect("retain"),
+            blobs
+                .retain(Duration::ZERO, SystemTime::now(), |d| *d == da)
+                .expect("retain"),
             1
         );
         assert_eq!(blobs.size(&da).expect("a"), Some(10));
@@ -1764,11 +1765,16 @@ mod tests {
         blobs.begin(&Slot::new(pending, "k"), 100).expect("begin");
         assert_eq!(
             blobs
-                .expire_uploads(Duration::from_secs(3600))
+                .expire_uploads(Duration::from_secs(3600), SystemTime::now())
                 .expect("keep"),
             0
         );
-        assert_eq!(blobs.expire_uploads(Duration::ZERO).expect("expire"), 1);
+        assert_eq!(
+            blobs
+                .expire_uploads(Duration::ZERO, SystemTime::now())
+                .expect("expire"),
+            1
+        );
         assert_eq!(
             blobs.progress(&Slot::new(pending, "k")).expect("gone"),
             None
@@ -1829,7 +1835,12 @@ mod tests {
         // The charges are counted again from the files after a restart.
         let again = Blobs::open(dir.path()).expect("reopen");
         assert_eq!(again.charged("alice").expect("charged"), 700);
-        assert_eq!(again.retain(Duration::ZERO, |_| false).expect("retain"), 1);
+        assert_eq!(
+            again
+                .retain(Duration::ZERO, SystemTime::now(), |_| false)
+                .expect("retain"),
+            1
+        );
         assert_eq!(again.charged("alice").expect("freed"), 0);
     }
 
@@ -1907,7 +1918,12 @@ mod tests {
         let blobs = Blobs::open(dir.path()).expect("reopen").with_limits(limits);
         assert_eq!(blobs.pending("alice"), (2, 7000));
         assert_eq!(blobs.pending("member 7"), (1, 10));
-        assert_eq!(blobs.expire_uploads(Duration::ZERO).expect("expire"), 202);
+        assert_eq!(
+            blobs
+                .expire_uploads(Duration::ZERO, SystemTime::now())
+                .expect("expire"),
+            202
+        );
         assert_eq!(blobs.pending("alice"), (0, 0));
         assert_eq!(blobs.pending("member 7"), (0, 0));
         assert!(blobs.unfinished.borrow().is_empty());
@@ -2155,7 +2171,7 @@ mod tests {
             .and_then(|b| b.with_postgres(PgBlobTarget::new(&pg, &group, Some(7))))
             .expect("fenced");
         assert!(matches!(
-            fenced.retain(Duration::ZERO, |_| false),
+            fenced.retain(Duration::ZERO, SystemTime::now(), |_| false),
             Err(BlobError::Store(StoreError::Fenced { .. }))
         ));
         // Retention deletes the rows of what no message carries, and the cache file.
@@ -2166,14 +2182,22 @@ mod tests {
         )
         .expect("a message carrying the empty content");
         assert_eq!(
-            b.retain(Duration::from_secs(3600), |_| false)
+            b.retain(Duration::from_secs(3600), SystemTime::now(), |_| false)
                 .expect("young"),
             0
         );
         // The query spares what a message carries, before `keep` is asked.
-        assert_eq!(b.retain(Duration::ZERO, |_| false).expect("retain"), 1);
+        assert_eq!(
+            b.retain(Duration::ZERO, SystemTime::now(), |_| false)
+                .expect("retain"),
+            1
+        );
         // The other node's cache file goes at its next sweep.
-        assert_eq!(a.retain(Duration::ZERO, |d| *d == empty).expect("cache"), 1);
+        assert_eq!(
+            a.retain(Duration::ZERO, SystemTime::now(), |d| *d == empty)
+                .expect("cache"),
+            1
+        );
         assert_eq!(count(&mut db, pieces, &digest), 0);
         assert_eq!(b.size(&digest).expect("gone"), None);
         assert_eq!(a.size(&digest).expect("gone"), None);

@@ -5,7 +5,7 @@ use crate::store::GroupStore;
 use agora_proto::wire::{SubscribeReply, SubscribeRequest, WireError};
 
 use super::Ctx;
-use crate::subscribers::SubscribeOptions;
+use crate::group::subscribers::SubscribeOptions;
 
 /// # Errors
 /// `unknown_group`, `not_member`, `limit_reached` (the member's connection bound, or a full

@@ -13,9 +13,9 @@ use agora_proto::wire::{
 };
 use serde_json::value::RawValue;
 
-use crate::identity::Caller;
-use crate::subscribers::Subscribers;
-use crate::Config;
+use crate::group::identity::Caller;
+use crate::group::subscribers::Subscribers;
+use crate::group::GroupConfig;
 
 pub mod files;
 pub mod get_messages;
@@ -32,8 +32,8 @@ pub mod unsubscribe;
 pub struct Ctx<'a, S: GroupStore + ?Sized> {
     /// The group's store, inside an open batch.
     pub store: &'a mut S,
-    /// The node's settings.
-    pub config: &'a Config,
+    /// The group's settings.
+    pub config: &'a GroupConfig,
     /// The wall-clock time of this batch.
     pub now: Timestamp,
     /// The monotonic time of this batch, for leases.
@@ -43,10 +43,10 @@ pub struct Ctx<'a, S: GroupStore + ?Sized> {
     /// The live subscribers.
     pub subscribers: &'a mut Subscribers,
     /// Attachments' bytes.
-    pub blobs: &'a crate::blobs::Blobs,
+    pub blobs: &'a crate::group::blobs::Blobs,
     /// Uploads whose last chunk this request wrote, to seal off the loop (digest, verified):
     /// their reply waits for the seal.
-    pub sealing: &'a mut Vec<(crate::blobs::Slot, bool)>,
+    pub sealing: &'a mut Vec<(crate::group::blobs::Slot, bool)>,
     /// Entries appended in this batch, pushed to subscribers once it commits.
     pub appended: &'a mut Vec<Message>,
     /// The caller's authenticated CURVE key (`None` on an `--insecure` node).
@@ -70,9 +70,9 @@ impl<S: GroupStore + ?Sized> Ctx<'_, S> {
         }
     }
 
-    /// The caller of a request claiming to be `claimed` (see [`crate::identity`]).
+    /// The caller of a request claiming to be `claimed` (see [`crate::group::identity`]).
     pub fn caller(&self, claimed: &UserName) -> Caller {
-        crate::identity::caller(claimed, self.peer)
+        crate::group::identity::caller(claimed, self.peer)
     }
 
     /// Checks that `caller` is a member; returns the name bound to them in this group.

@@ -44,7 +44,7 @@ use crate::store::Principal;
 use agora_proto::codec::Frames;
 use agora_proto::wire::{
     ErrorCode, GroupName, Message, WireError, DEFAULT_PUSH_BUDGET_BYTES,
-    DEFAULT_PUSH_BUDGET_TOTAL_BYTES, MAX_PUSH_BATCH_BYTES, PROTOCOL,
+    DEFAULT_PUSH_BUDGET_TOTAL_BYTES, MAX_PUSH_BATCH_BYTES,
 };
 
 /// Most `unsubscribed` notices waiting for the next push round; more are not sent (the
@@ -154,6 +154,60 @@ struct Subscription {
 struct Draining {
     credit: Credit,
     why: EndCause,
+}
+
+/// Where the pushes go: the host's ROUTER socket (`host::RouterSink`), or a vector in
+/// tests ([`VecSink`]). The engine owns no socket.
+pub trait PushSink {
+    /// Hands one push to the transport without blocking. The message is `envelope`'s frames
+    /// (the connection's routing identity), then `AGORA/1`, then `body` (the event JSON).
+    fn send(&mut self, envelope: &Frames, body: &[u8]) -> Delivery;
+}
+
+/// What became of one push handed to a [`PushSink`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the connection.
+    Sent,
+    /// The connection's queue is full (its HWM): the push is lost, the client backfills.
+    Full,
+    /// The connection is gone: its subscription and bytes in flight are forgotten.
+    Gone,
+    /// The transport failed for good (a terminated context): the push round stops.
+    Failed,
+}
+
+/// The sink failed for good ([`Delivery::Failed`]); the sink knows why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the push transport failed")]
+pub struct PushFailed;
+
+/// A [`PushSink`] that keeps every push (envelope, event JSON) and answers each one with
+/// `answer` (default [`Delivery::Sent`]): for tests without a socket.
+#[derive(Debug)]
+pub struct VecSink {
+    /// The pushes sent, oldest first.
+    pub sent: Vec<(Frames, Vec<u8>)>,
+    /// What `send` answers.
+    pub answer: Delivery,
+}
+
+impl Default for VecSink {
+    fn default() -> VecSink {
+        VecSink {
+            sent: Vec::new(),
+            answer: Delivery::Sent,
+        }
+    }
+}
+
+impl PushSink for VecSink {
+    fn send(&mut self, envelope: &Frames, body: &[u8]) -> Delivery {
+        if self.answer == Delivery::Sent {
+            self.sent.push((envelope.clone(), body.to_vec()));
+        }
+        self.answer
+    }
 }
 
 /// What one push round did.
@@ -471,19 +525,21 @@ impl Subscribers {
     }
 
     /// Pushes `entries` (committed, in seq order) to every subscriber within its budget, and
-    /// sends waiting `unsubscribed` events.
+    /// sends waiting `unsubscribed` events, through `sink`; `now` paces the probes of ended
+    /// subscriptions.
     ///
     /// # Errors
-    /// libzmq errors other than `EAGAIN` and `EHOSTUNREACH` (context terminated).
+    /// [`PushFailed`] when the sink fails for good ([`Delivery::Failed`]).
     pub fn push(
         &mut self,
-        socket: &zmq::Socket,
+        sink: &mut dyn PushSink,
         group: &GroupName,
         entries: &[Message],
-    ) -> Result<PushStats, zmq::Error> {
+        now: Instant,
+    ) -> Result<PushStats, PushFailed> {
         let mut stats = PushStats::default();
         let group_json = serde_json::to_string(group).unwrap_or_default();
-        self.send_notices(socket, &group_json, &mut stats)?;
+        self.send_notices(sink, &group_json, &mut stats)?;
         if self.subs.is_empty() || entries.is_empty() {
             return Ok(stats);
         }
@@ -531,23 +587,19 @@ impl Subscribers {
                     stats.dropped += 1;
                     continue;
                 }
-                let frames = envelope
-                    .iter()
-                    .map(Vec::as_slice)
-                    .chain([PROTOCOL, body.as_slice()]);
-                match socket.send_multipart(frames, zmq::DONTWAIT) {
-                    Ok(()) => {
+                match sink.send(envelope, body) {
+                    Delivery::Sent => {
                         sub.credit.record(*seq, n);
                         *in_flight += n;
                         stats.sent += 1;
                         stats.sent_bytes += n as u64;
                     }
-                    Err(zmq::Error::EAGAIN) => stats.dropped += 1,
-                    Err(zmq::Error::EHOSTUNREACH) => {
+                    Delivery::Full => stats.dropped += 1,
+                    Delivery::Gone => {
                         gone.push(envelope.clone());
                         break;
                     }
-                    Err(e) => return Err(e),
+                    Delivery::Failed => return Err(PushFailed),
                 }
             }
         }
@@ -556,7 +608,7 @@ impl Subscribers {
             stats.gone += 1;
         }
         if total_full {
-            self.probe(socket, &group_json, &mut stats)?;
+            self.probe(sink, &group_json, &mut stats, now)?;
         }
         Ok(stats)
     }
@@ -564,15 +616,15 @@ impl Subscribers {
     /// Sends the waiting `unsubscribed` events.
     fn send_notices(
         &mut self,
-        socket: &zmq::Socket,
+        sink: &mut dyn PushSink,
         group_json: &str,
         stats: &mut PushStats,
-    ) -> Result<(), zmq::Error> {
+    ) -> Result<(), PushFailed> {
         for (envelope, why) in std::mem::take(&mut self.notices) {
             if self.subs.contains_key(&envelope) {
                 continue; // subscribed again since
             }
-            self.notify(socket, &envelope, group_json, why, stats)?;
+            self.notify(sink, &envelope, group_json, why, stats)?;
         }
         Ok(())
     }
@@ -581,11 +633,11 @@ impl Subscribers {
     /// holding bytes, at most once per [`PROBE_INTERVAL`]: a connection found gone frees them.
     fn probe(
         &mut self,
-        socket: &zmq::Socket,
+        sink: &mut dyn PushSink,
         group_json: &str,
         stats: &mut PushStats,
-    ) -> Result<(), zmq::Error> {
-        let now = Instant::now();
+        now: Instant,
+    ) -> Result<(), PushFailed> {
         if self.next_probe.is_some_and(|t| now < t) {
             return Ok(());
         }
@@ -596,7 +648,7 @@ impl Subscribers {
             .map(|(e, d)| (e.clone(), d.why))
             .collect();
         for (envelope, why) in ended {
-            self.notify(socket, &envelope, group_json, why, stats)?;
+            self.notify(sink, &envelope, group_json, why, stats)?;
         }
         Ok(())
     }
@@ -604,22 +656,18 @@ impl Subscribers {
     /// Sends one `unsubscribed` event; its bytes count against a draining connection.
     fn notify(
         &mut self,
-        socket: &zmq::Socket,
+        sink: &mut dyn PushSink,
         envelope: &Frames,
         group_json: &str,
         why: EndCause,
         stats: &mut PushStats,
-    ) -> Result<(), zmq::Error> {
+    ) -> Result<(), PushFailed> {
         let body = format!(
             r#"{{"event":"unsubscribed","group":{group_json},"reason":"{}"}}"#,
             why.reason()
         );
-        let frames = envelope
-            .iter()
-            .map(Vec::as_slice)
-            .chain([PROTOCOL, body.as_bytes()]);
-        match socket.send_multipart(frames, zmq::DONTWAIT) {
-            Ok(()) => {
+        match sink.send(envelope, body.as_bytes()) {
+            Delivery::Sent => {
                 if let Some(d) = self.draining.get_mut(envelope) {
                     let newest = d.credit.newest;
                     d.credit.record(newest, body.len());
@@ -627,15 +675,15 @@ impl Subscribers {
                 }
                 Ok(())
             }
-            Err(zmq::Error::EAGAIN) => Ok(()),
-            Err(zmq::Error::EHOSTUNREACH) => {
+            Delivery::Full => Ok(()),
+            Delivery::Gone => {
                 if self.draining.contains_key(envelope) {
                     stats.gone += 1;
                 }
                 self.forget(envelope);
                 Ok(())
             }
-            Err(e) => Err(e),
+            Delivery::Failed => Err(PushFailed),
         }
     }
 }
@@ -871,19 +919,29 @@ mod tests {
         assert_eq!(legacy.renewal(None), 20);
     }
 
-    /// Pushes through a real ROUTER to DEALERs that never read: the budgets hold, an ack
-    /// frees its subscription's budget, and an expired subscription keeps its bytes counted
-    /// until its connection acks or is gone.
+    /// A sink whose connections never read: every push is queued, except to the
+    /// connections in `gone`, which are found gone (as `ROUTER_MANDATORY` reports them).
+    #[derive(Default)]
+    struct Unread {
+        gone: std::collections::HashSet<Frames>,
+    }
+
+    impl PushSink for Unread {
+        fn send(&mut self, envelope: &Frames, _body: &[u8]) -> Delivery {
+            if self.gone.contains(envelope) {
+                Delivery::Gone
+            } else {
+                Delivery::Sent
+            }
+        }
+    }
+
+    /// Pushes to connections that never read: the budgets hold, an ack frees its
+    /// subscription's budget, and an expired subscription keeps its bytes counted until its
+    /// connection acks or is gone.
     #[test]
     fn budgets_withhold_pushes_until_acked() {
-        let ctx = zmq::Context::new();
-        let router = ctx.socket(zmq::ROUTER).expect("router");
-        router.set_router_mandatory(true).expect("mandatory");
-        router.bind("tcp://127.0.0.1:*").expect("bind");
-        let endpoint = router
-            .get_last_endpoint()
-            .expect("endpoint")
-            .expect("utf-8");
+        let mut sink = Unread::default();
         let group = GroupName::new("g").expect("name");
         let body = format!("\"{}\"", "y".repeat(1000));
         let one = single_events(
@@ -895,32 +953,21 @@ mod tests {
         // Room for 3 pushes per subscription, 5 in all.
         let mut s = Subscribers::new(Duration::from_secs(5), 10, 10, 0)
             .with_push_budget(3 * one + 10, 5 * one + 10);
-        let mut dealers = Vec::new();
-        let mut envelopes = Vec::new();
-        for i in 0..2u8 {
-            let d = ctx.socket(zmq::DEALER).expect("dealer");
-            d.set_identity(&[b'd', i]).expect("identity");
-            d.connect(&endpoint).expect("connect");
-            d.send_multipart([&b""[..], PROTOCOL, b"{}"], 0)
-                .expect("hello");
-            router.set_rcvtimeo(10_000).expect("timeout");
-            let frames = router.recv_multipart(0).expect("hello arrives");
-            envelopes.push(frames[..2].to_vec());
-            dealers.push(d);
-        }
+        let envelopes: Vec<Frames> = (0..2u8).map(|i| env(&[b'd', i])).collect();
         let t0 = Instant::now();
         for (i, e) in envelopes.iter().enumerate() {
             s.subscribe(e, &name(&format!("u{i}")), t0)
                 .expect("subscribe");
         }
         let mut seq = 0;
-        let mut round = |s: &mut Subscribers| {
+        let mut round = |s: &mut Subscribers, sink: &mut Unread| {
             seq += 1;
-            s.push(&router, &group, &[entry(seq, &body)]).expect("push")
+            s.push(sink, &group, &[entry(seq, &body)], t0)
+                .expect("push")
         };
         let mut sent = 0;
         for _ in 0..4 {
-            sent += round(&mut s).sent;
+            sent += round(&mut s, &mut sink).sent;
         }
         // 4 rounds × 2 subscribers = 8 offered: 2 + 2, then the total (5) lets one more
         // through, then nothing.
@@ -940,7 +987,7 @@ mod tests {
         )
         .expect("ack");
         assert_eq!(s.in_flight_bytes(), d1_bytes);
-        round(&mut s);
+        round(&mut s, &mut sink);
         assert_eq!(s.subs[&envelopes[0]].credit.bytes, one);
         // Expiry keeps the bytes counted: the connections still hold them.
         let before = s.in_flight_bytes();
@@ -948,15 +995,15 @@ mod tests {
         assert!(s.is_empty());
         assert_eq!(s.in_flight_bytes(), before);
         // d1 goes away: the next probe finds it gone and frees its bytes.
-        drop(dealers.pop());
-        let freed = agora_tests_wait(|| {
-            let _ = s.push(&router, &group, &[]);
-            s.probe(&router, "\"g\"", &mut PushStats::default())
-                .expect("probe");
-            s.next_probe = None;
-            s.draining.len() == 1
-        });
-        assert!(freed, "the closed connection was never found gone");
+        sink.gone.insert(envelopes[1].clone());
+        s.next_probe = None;
+        s.probe(&mut sink, "\"g\"", &mut PushStats::default(), t0)
+            .expect("probe");
+        assert_eq!(
+            s.draining.len(),
+            1,
+            "the closed connection was not found gone"
+        );
         // d0 subscribes again with an ack of everything: nothing is in flight any more.
         s.subscribe_with(
             &envelopes[0],
@@ -969,17 +1016,5 @@ mod tests {
         )
         .expect("again");
         assert_eq!(s.in_flight_bytes(), 0);
-    }
-
-    /// Polls `cond` every 10 ms for up to 10 s.
-    fn agora_tests_wait(mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if cond() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
     }
 }
