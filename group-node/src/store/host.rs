@@ -328,6 +328,9 @@ impl HostDb {
     pub fn load(&self, gid: GroupId) -> Result<LogState, StoreError> {
         match self {
             HostDb::Sqlite(h) => h.load(gid),
+            HostDb::Pg(..) if gid != GroupId::ONE => {
+                Err(StoreError::Corrupt(format!("no group {gid}")))
+            }
             HostDb::Pg(s, _) => Ok(LogState {
                 last_seq: s.last_seq(),
                 member_count: s.member_count(),
@@ -445,5 +448,20 @@ impl GroupLog for GroupDb<'_> {
     }
     fn apply_retention(&mut self, policy: Retention, now: Timestamp) -> Result<u64, StoreError> {
         self.log_mut().apply_retention(policy, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a loaded group costs the host in memory for its log: its `LogState`.
+    #[test]
+    fn a_log_state_is_at_most_48_bytes() {
+        assert!(
+            std::mem::size_of::<LogState>() <= 48,
+            "{}",
+            std::mem::size_of::<LogState>()
+        );
     }
 }
