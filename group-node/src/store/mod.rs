@@ -160,6 +160,17 @@ pub enum StoreError {
         /// The group named in the database.
         found: String,
     },
+    /// Migrating a store file to the current schema needs more free space than its file
+    /// system has (the log is copied once, in one transaction); nothing was changed.
+    #[error("migrating {path} to schema version 7 needs about {needed} bytes free and {free} are: free space on its file system (or move the data directory) and start again")]
+    NoSpace {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// About the bytes the migration writes: the file and its WAL, once more.
+        needed: u64,
+        /// The bytes available to this process on that file system (`statvfs`).
+        free: u64,
+    },
     /// A pending or live group of the host has this name ([`HostDb::insert_group`]).
     #[error("a group named {0} is already on this host")]
     NameTaken(String),

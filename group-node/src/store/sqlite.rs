@@ -224,6 +224,41 @@ fn migrate_to_6(conn: &Connection, version: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Refuses a migration the file system has no room for: it copies the log once, in one
+/// transaction, so it needs about the file's size (and its WAL's) free.
+///
+/// # Errors
+/// [`StoreError::NoSpace`] (a failing `statvfs` is no error: the migration itself fails on
+/// a full disk, leaving the file as it was).
+fn check_space_to_migrate(path: &Path) -> Result<(), StoreError> {
+    let needed: u64 = [path.to_owned(), wal_path(path)]
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let stat = match rustix::fs::statvfs(dir) {
+        Ok(stat) => stat,
+        Err(e) => {
+            // The migration itself fails on a full disk, leaving the file as it was.
+            tracing::debug!(error = %e, dir = %dir.display(), "statvfs failed; migrating unchecked");
+            return Ok(());
+        }
+    };
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if free < needed {
+        return Err(StoreError::NoSpace {
+            path: path.to_owned(),
+            needed,
+            free,
+        });
+    }
+    Ok(())
+}
+
 /// Takes a version 6 file (one group, named in `meta`, or `fallback` if it is not) to
 /// version 7 in one transaction: the group becomes gid 1, its messages are copied under
 /// their new keys (the old table's `UNIQUE(id)` goes only with a rebuild), its members and
@@ -366,6 +401,7 @@ impl SqliteHost {
                     .prepare("SELECT 1 FROM sqlite_schema WHERE name = 'meta'")?
                     .exists([])?);
         if legacy {
+            check_space_to_migrate(path)?;
             if version < 6 {
                 migrate_to_6(&conn, version)?;
             }
