@@ -1,13 +1,9 @@
 //! The group commands: `groups`, `join`, `leave`, `create`, `delete`, `members`, `send`,
 //! `messages`, and the owner's and admins' policy commands.
 
-use agora_common::client::GroupClient;
 use agora_common::keys::PublicKey;
 use agora_proto::action::call;
-use agora_proto::wire::{
-    CreateRequest, Endpoint, GroupMode, GroupName, MembershipRequest, UserName,
-    REQUEST_OVERHEAD_BYTES,
-};
+use agora_proto::wire::{Endpoint, GroupMode, GroupName, UserName, REQUEST_OVERHEAD_BYTES};
 use serde_json::value::RawValue;
 
 use super::{history_query, lock, remote, App, CliError, HistoryArgs};
@@ -38,7 +34,7 @@ impl App {
     /// Resolution or node failures.
     pub fn join(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
         let label = target.to_owned();
-        let (r, endpoint) = self.on_node(target, GroupClient::join)?;
+        let (r, endpoint) = self.on_node(target, |g| g.join())?;
         let key = self.node_keys.get(&endpoint).copied();
         let last_seen = {
             let mut state = lock(&self.state);
@@ -69,12 +65,10 @@ impl App {
     /// # Errors
     /// Resolution or node failures.
     pub fn leave(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
-        let (r, endpoint) = self.on_node(target, GroupClient::leave)?;
+        let (r, endpoint) = self.on_node(target, |g| g.leave())?;
         lock(&self.state).state.groups.remove(r.group.as_str());
         self.save_state();
-        if let Some(feed) = &self.feed {
-            feed.remove(&endpoint);
-        }
+        self.unfollow(&endpoint, &r.group);
         out.emit(Item::Left(&r))?;
         Ok(())
     }
@@ -106,14 +100,9 @@ impl App {
             Some(key) => Some(key),
             None => self.key_of(&endpoint),
         };
-        let request = CreateRequest {
-            group: name.clone(),
-            user: self.user.clone(),
-            mode,
-        };
         let created = self
             .host(name.as_str(), &endpoint, key)?
-            .call::<call::Create>(&request)
+            .create(name, mode)
             .map_err(|source| remote(name.as_str(), source))?;
         {
             let mut state = lock(&self.state);
@@ -176,26 +165,13 @@ impl App {
     /// `forbidden` (not the owner, or a node of one group), `unknown_group`; resolution
     /// failures; the host's silence (exit 3).
     pub fn delete(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
-        let r = self.resolve(target)?;
-        let curve = self.node_curve(target, r.key)?;
-        let group = match r.name {
-            Some(name) => name,
-            None => self.served_group(target, &r.endpoint, curve)?,
-        };
-        let request = MembershipRequest {
-            group: Some(group.clone()),
-            user: self.user.clone(),
-        };
-        let deleted = self
-            .host(target, &r.endpoint, r.key)?
-            .call::<call::Delete>(&request)
-            .map_err(|source| remote(target, source))?;
-        lock(&self.state).state.groups.remove(group.as_str());
+        let (deleted, endpoint) = self.on_node(target, |g| g.delete())?;
+        lock(&self.state)
+            .state
+            .groups
+            .remove(deleted.group.as_str());
         self.save_state();
-        self.nodes.remove(&(r.endpoint.clone(), group.clone()));
-        if let Some(feed) = &self.feed {
-            feed.remove(r.endpoint.as_str());
-        }
+        self.unfollow(&endpoint, &deleted.group);
         out.emit(Item::Deleted(&deleted))?;
         Ok(())
     }
@@ -206,7 +182,7 @@ impl App {
     /// `forbidden` for a key that is neither the owner's nor the node's; resolution or node
     /// failures.
     pub fn admin_stop(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
-        self.on_node(target, GroupClient::stop)?;
+        self.on_node(target, |g| g.stop())?;
         out.emit(Item::Stopping(target))?;
         Ok(())
     }
@@ -216,7 +192,7 @@ impl App {
     /// # Errors
     /// Resolution or node failures.
     pub fn members(&mut self, target: &str, out: &mut Output<'_>) -> Result<(), CliError> {
-        let (r, _) = self.on_node(target, GroupClient::members)?;
+        let (r, _) = self.on_node(target, |g| g.members())?;
         out.emit(Item::Members(&r.members))?;
         Ok(())
     }
@@ -284,24 +260,25 @@ impl App {
         let query = history_query(args)?;
         // A cheap request first, so that a stale saved endpoint is corrected before any
         // page is printed (a retry mid-stream would print pages twice).
-        self.on_node(target, GroupClient::info)?;
-        let (node, label) = self.node(target)?;
+        self.on_node(target, |g| g.info())?;
+        let (host, group) = self.node(target)?;
         let mut write_err = None;
         let mut count = 0usize;
-        node.for_each_page(query, None, |page| {
-            for m in &page.messages {
-                count += 1;
-                if let Err(e) = out.emit(Item::Message {
-                    group: &page.group,
-                    entry: m,
-                }) {
-                    write_err = Some(e);
-                    return false;
+        host.group(&group)
+            .for_each_page(query, None, |page| {
+                for m in &page.messages {
+                    count += 1;
+                    if let Err(e) = out.emit(Item::Message {
+                        group: &page.group,
+                        entry: m,
+                    }) {
+                        write_err = Some(e);
+                        return false;
+                    }
                 }
-            }
-            true
-        })
-        .map_err(|source| remote(&label, source))?;
+                true
+            })
+            .map_err(|source| remote(target, source))?;
         if let Some(e) = write_err {
             return Err(e.into());
         }

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientError, ClientOptions, GroupClient};
+use agora_common::client::{ClientError, ClientOptions};
 use agora_common::keys::PublicKey;
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_common::shutdown::Shutdown;
@@ -108,10 +108,19 @@ impl App {
         }
     }
 
+    /// Stops following `group` at `endpoint` live, if a feed runs.
+    pub(super) fn unfollow(&self, endpoint: &str, group: &GroupName) {
+        if let Some(feed) = &self.feed {
+            // Until the feed keys its groups by (endpoint, group), removing is per endpoint.
+            tracing::debug!(%group, %endpoint, "no longer followed live");
+            feed.remove(endpoint);
+        }
+    }
+
     /// The saved state of the group `target` names, after asking its node for its name.
     fn joined(&mut self, target: &str) -> Result<(GroupName, GroupState, String), CliError> {
         let label = target.to_owned();
-        let (info, _) = self.on_node(target, GroupClient::info)?;
+        let (info, _) = self.on_node(target, |g| g.info())?;
         let saved = lock(&self.state)
             .state
             .groups
@@ -159,9 +168,7 @@ impl App {
             g.subscribed = false;
         }
         self.save_state();
-        if let Some(feed) = &self.feed {
-            feed.remove(&saved.endpoint);
-        }
+        self.unfollow(&saved.endpoint, &group);
         out.emit(Item::Following {
             group: &group,
             on: false,
@@ -372,11 +379,16 @@ impl App {
         let rx = receiver;
         for target in targets {
             let r = self.resolve(target)?;
-            self.node_curve(target, r.key)?;
+            let curve = self.node_curve(target, r.key)?;
+            // Every spec names its group: on a group host the endpoint alone does not.
+            let group = match r.name {
+                Some(name) => name,
+                None => self.served_group(target, &r.endpoint, curve)?,
+            };
             feed.add(GroupSpec {
                 label: target.clone(),
                 endpoint: r.endpoint.to_string(),
-                group: r.name,
+                group: Some(group),
                 after_seq,
                 server_key: r.key,
             });

@@ -26,7 +26,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use agora_common::client::{
-    ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient, ReqClient,
+    ClientCurve, ClientError, ClientOptions, GroupClient, GroupView, HostClient, HostPool,
+    RegistryClient,
 };
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::live::Feed;
@@ -243,17 +244,13 @@ pub struct App {
     options: ClientOptions,
     /// How output is rendered.
     pub format: Format,
-    /// One client per group, keyed by (endpoint, group): a group host serves many groups at
-    /// one endpoint, and each client names its own group in every request (a client per
-    /// endpoint made for the first group named there sent a second group's requests to the
-    /// first; issue 24).
-    nodes: HashMap<(Endpoint, GroupName), GroupClient>,
+    /// One client per host endpoint, shared by the groups it serves, each request naming its
+    /// group (a client per endpoint made for the first group named there sent a second
+    /// group's requests to the first; issue 24). Bounded (least recently used closed).
+    hosts: HostPool,
     /// The group served at an endpoint named by address (`join 127.0.0.1:5000`), as its node
     /// answered `info`: asked once, then every request names it.
     served_at: HashMap<Endpoint, GroupName>,
-    /// One client per host for the host's own actions (`create`, `delete`), each naming its
-    /// group in the request.
-    hosts: HashMap<Endpoint, ReqClient>,
     state: Arc<Mutex<StateFile>>,
     feed: Option<Feed>,
     /// What a session adds: its live printer, presence, own sent ids, completion names.
@@ -315,6 +312,7 @@ impl App {
         if let Some(curve) = curve {
             registry = registry.with_curve(curve);
         }
+        let hosts = HostPool::new(&ctx, user.clone(), keypair.clone(), options);
         App {
             registry_endpoint,
             registry_curve,
@@ -323,9 +321,8 @@ impl App {
             user,
             options,
             format,
-            nodes: HashMap::new(),
+            hosts,
             served_at: HashMap::new(),
-            hosts: HashMap::new(),
             state: Arc::new(Mutex::new(state)),
             feed: None,
             session: live::Session::default(),
@@ -488,7 +485,7 @@ impl App {
             g.public_key = entry.public_key;
         }
         self.save_state();
-        self.nodes.remove(&(old, name));
+        self.hosts.remove(old.as_str());
         true
     }
 
@@ -502,47 +499,56 @@ impl App {
     fn on_node<T>(
         &mut self,
         target: &str,
-        mut op: impl FnMut(&mut GroupClient) -> Result<T, ClientError>,
+        mut op: impl FnMut(&mut GroupView<'_>) -> Result<T, ClientError>,
     ) -> Result<(T, String), CliError> {
         // The first attempt alone: if it goes unanswered the group may have moved (a
         // standby took over), which the registry tells before the other attempts are spent
         // on a dead node (PROTOCOL §11.2).
         let options = self.options;
-        let first = {
-            let (node, _) = self.node(target)?;
-            node.set_options(options.one_attempt());
-            let r = op(node).map(|t| (t, node.endpoint().to_owned()));
-            node.set_options(options);
-            r
-        };
+        let first = self.attempt(target, options.one_attempt(), &mut op)?;
         match first {
-            Err(e) if self.relocated(target, &e) => {
-                let (node, _) = self.node(target)?;
-                let t = op(node).map_err(|source| remote(target, source))?;
-                Ok((t, node.endpoint().to_owned()))
-            }
+            Err(e) if self.relocated(target, &e) => self
+                .attempt(target, options, &mut op)?
+                .map_err(|source| remote(target, source)),
             Err(ClientError::Timeout { .. }) if options.rest().is_some() => {
                 // Not moved: the rest of the attempts at the same node.
-                let (node, _) = self.node(target)?;
-                if let Some(rest) = options.rest() {
-                    node.set_options(rest);
-                }
-                let r = op(node).map(|t| (t, node.endpoint().to_owned()));
-                node.set_options(options);
-                r.map_err(|source| match source {
-                    // The first attempt's share and the rest: the whole --timeout was spent.
-                    ClientError::Timeout { endpoint, .. } => remote(
-                        target,
-                        ClientError::Timeout {
-                            endpoint,
-                            waited: options.timeout,
-                        },
-                    ),
-                    source => remote(target, source),
-                })
+                let rest = options.rest().unwrap_or(options);
+                self.attempt(target, rest, &mut op)?
+                    .map_err(|source| match source {
+                        // The first attempt's share and the rest: the whole --timeout was
+                        // spent.
+                        ClientError::Timeout { endpoint, .. } => remote(
+                            target,
+                            ClientError::Timeout {
+                                endpoint,
+                                waited: options.timeout,
+                            },
+                        ),
+                        source => remote(target, source),
+                    })
             }
             r => r.map_err(|source| remote(target, source)),
         }
+    }
+
+    /// Runs `op` once against the group `target` names, its host's client waiting and
+    /// retrying as `options` says for this call only; returns `op`'s result and the host's
+    /// endpoint.
+    ///
+    /// # Errors
+    /// Resolution failures (the outer result).
+    fn attempt<T>(
+        &mut self,
+        target: &str,
+        options: ClientOptions,
+        op: &mut impl FnMut(&mut GroupView<'_>) -> Result<T, ClientError>,
+    ) -> Result<Result<(T, String), ClientError>, CliError> {
+        let usual = self.options;
+        let (host, group) = self.node(target)?;
+        host.set_options(options);
+        let r = op(&mut host.group(&group));
+        host.set_options(usual);
+        Ok(r.map(|t| (t, host.endpoint().to_owned())))
     }
 
     fn registry_error(&self, source: ClientError) -> CliError {
@@ -552,11 +558,11 @@ impl App {
         }
     }
 
-    /// The node client for `target` and the label used in messages: one per (endpoint,
-    /// group), its group named in every request. A target given by address is asked its
-    /// group's name first (`info` without a group, answered by a node of one; a group host
-    /// answers `invalid_field`: name the group instead).
-    fn node(&mut self, target: &str) -> Result<(&mut GroupClient, String), CliError> {
+    /// The client of the host of `target` (one per endpoint, shared by the groups there)
+    /// and the group's name, which every request names. A target given by address is asked
+    /// its group's name first (`info` without a group, answered by a node of one; a group
+    /// host answers `invalid_field`: name the group instead).
+    fn node(&mut self, target: &str) -> Result<(&mut HostClient, GroupName), CliError> {
         let r = self.resolve(target)?;
         let curve = self.node_curve(target, r.key)?;
         if let Some(key) = r.key {
@@ -564,21 +570,9 @@ impl App {
         }
         let name = match r.name {
             Some(name) => name,
-            None => self.served_group(target, &r.endpoint, curve.clone())?,
+            None => self.served_group(target, &r.endpoint, curve)?,
         };
-        let (ctx, user, options) = (&self.ctx, &self.user, self.options);
-        let client = self
-            .nodes
-            .entry((r.endpoint.clone(), name.clone()))
-            .or_insert_with(|| {
-                let c =
-                    GroupClient::new(ctx, r.endpoint.as_str(), user.clone(), Some(name), options);
-                match curve {
-                    Some(curve) => c.with_curve(curve),
-                    None => c,
-                }
-            });
-        Ok((client, target.to_owned()))
+        Ok((self.hosts.host(r.endpoint.as_str(), r.key), name))
     }
 
     /// The client for the host at `endpoint` (CURVE with `key`), for its own actions
@@ -592,33 +586,19 @@ impl App {
         label: &str,
         endpoint: &Endpoint,
         key: Option<PublicKey>,
-    ) -> Result<&mut ReqClient, CliError> {
+    ) -> Result<&mut HostClient, CliError> {
         if self.keypair.is_none() && !agora_proto::wire::is_loopback(endpoint.as_str()) {
             return Err(CliError::Usage(format!(
                 "{label}: --insecure is allowed only on loopback endpoints, not {endpoint}"
             )));
         }
-        let curve = match (&self.keypair, key) {
-            (None, _) => None,
-            (Some(keypair), Some(server_key)) => Some(ClientCurve {
-                keypair: keypair.clone(),
-                server_key,
-            }),
-            (Some(_), None) => {
-                return Err(CliError::Usage(format!(
-                    "{label}: no public key known for the host {endpoint}; pass --host-key KEY \
-                     (the host prints it at start)"
-                )))
-            }
-        };
-        let (ctx, options) = (&self.ctx, self.options);
-        Ok(self.hosts.entry(endpoint.clone()).or_insert_with(|| {
-            let c = ReqClient::new(ctx, endpoint.as_str(), options);
-            match curve {
-                Some(curve) => c.with_curve(curve),
-                None => c,
-            }
-        }))
+        if self.keypair.is_some() && key.is_none() {
+            return Err(CliError::Usage(format!(
+                "{label}: no public key known for the host {endpoint}; pass --host-key KEY \
+                 (the host prints it at start)"
+            )));
+        }
+        Ok(self.hosts.host(endpoint.as_str(), key))
     }
 
     /// The group the node at `endpoint` serves (`target` names it by address), asked once.
