@@ -260,6 +260,20 @@ impl HostDb {
         }
     }
 
+    /// The gid and state of the group named `name` that is not archived, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    pub fn find_group(
+        &self,
+        name: &GroupName,
+    ) -> Result<Option<(GroupId, GroupState)>, StoreError> {
+        match self {
+            HostDb::Sqlite(h) => h.find_group(name),
+            HostDb::Pg(_, one) => Ok((one == name).then_some((GroupId::ONE, GroupState::Live))),
+        }
+    }
+
     /// Deletes the groups left pending (created, never registered, never acked) with their
     /// rows; returns how many. Call it at start, outside a batch.
     ///
