@@ -68,6 +68,10 @@
 //! - `grants(gid, principal, kind, at_us)`, primary key `(gid, principal, kind)`: `admin`,
 //!   `invite` and `ban` rights and restrictions.
 //!
+//! A group moves between hosts as a file: [`SqliteHost::export_group`] writes it alone into
+//! a new version 7 file (as gid 1), [`SqliteHost::import_group`] copies such a file (or a
+//! node of one's, migrated first) in under a new gid.
+//!
 //! Versions 1 to 6 were one file per group (`meta(key, value)` with the group's name, mode
 //! and high-water marks; `messages(seq INTEGER PRIMARY KEY, id UNIQUE, …)`; `members`,
 //! `grants` without `gid`). Opening one migrates it in place, in one transaction, to version
@@ -794,6 +798,149 @@ impl SqliteHost {
             clock: MonotonicClock::after(Timestamp::from_micros(stored_time.max(max_time))),
             member_count: u64::try_from(members).unwrap_or(0),
         })
+    }
+
+    /// Copies the one group of the store file at `from` into this host under a new gid, in
+    /// one transaction of its own (call it outside a batch, with the host not serving):
+    /// its log (seqs, ids, times kept), members, grants, mode, owner and high-water marks.
+    /// `from` is first migrated to version 7 if it is older (a node of one's
+    /// `group.sqlite3`); it must hold exactly one group that is not archived. Its blobs are
+    /// files, for the caller to move (`docs/design/group-host.md` §2.2).
+    ///
+    /// # Errors
+    /// [`StoreError::NameTaken`] if a pending or live group here has its name (nothing is
+    /// copied); [`StoreError::Corrupt`] if `from` does not hold exactly one such group;
+    /// [`StoreError::SchemaTooNew`], [`StoreError::NoSpace`] from its migration;
+    /// [`StoreError::Sqlite`].
+    pub fn import_group(&mut self, from: &Path) -> Result<(GroupId, GroupName), StoreError> {
+        drop(SqliteHost::open_with(from, Durability::Commit)?);
+        self.conn.execute(
+            "ATTACH DATABASE ?1 AS src",
+            [from.to_string_lossy().as_ref()],
+        )?;
+        let copied = self.copy_group_from_src();
+        let detached = self.conn.execute_batch("DETACH DATABASE src");
+        let copied = copied?;
+        detached?;
+        Ok(copied)
+    }
+
+    /// The transaction of [`SqliteHost::import_group`], `src` attached.
+    fn copy_group_from_src(&mut self) -> Result<(GroupId, GroupName), StoreError> {
+        let tx = self.conn.transaction()?;
+        let found: Vec<(i64, String)> = {
+            let mut stmt =
+                tx.prepare("SELECT gid, name FROM src.groups WHERE state <> 'archived'")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let [(src_gid, name)] = found.as_slice() else {
+            return Err(StoreError::Corrupt(format!(
+                "an imported file must hold one group, not {}",
+                found.len()
+            )));
+        };
+        let taken = tx
+            .prepare("SELECT 1 FROM groups WHERE name = ?1 AND state <> 'archived'")?
+            .exists([name])?;
+        if taken {
+            return Err(StoreError::NameTaken(name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO groups (name, state, owner, mode, last_seq, last_time_us, created_by,
+                 created_at_us)
+             SELECT name, 'live', owner, mode, last_seq, last_time_us, created_by, created_at_us
+             FROM src.groups WHERE gid = ?1",
+            [src_gid],
+        )?;
+        let gid = tx.last_insert_rowid();
+        let gid = u32::try_from(gid)
+            .ok()
+            .filter(|g| *g < 1 << 23)
+            .ok_or_else(|| StoreError::Corrupt(format!("no gid left (at {gid})")))?;
+        let (lo, hi) = key_range(GroupId(u32::try_from(*src_gid).unwrap_or(u32::MAX)));
+        tx.execute(
+            "INSERT INTO messages (k, gid, id, time_us, sender, body, kind, sender_key,
+                 attachment, attachment_sha256)
+             SELECT (?1 << 40) | (k & 0xFFFFFFFFFF), ?1, id, time_us, sender, body, kind,
+                 sender_key, attachment, attachment_sha256
+             FROM src.messages WHERE k BETWEEN ?2 AND ?3 ORDER BY k",
+            params![i64::from(gid), lo, hi],
+        )?;
+        tx.execute(
+            "INSERT INTO members (gid, principal, user, joined_at_us)
+             SELECT ?1, principal, user, joined_at_us FROM src.members WHERE gid = ?2",
+            params![i64::from(gid), src_gid],
+        )?;
+        tx.execute(
+            "INSERT INTO grants (gid, principal, kind, at_us)
+             SELECT ?1, principal, kind, at_us FROM src.grants WHERE gid = ?2",
+            params![i64::from(gid), src_gid],
+        )?;
+        tx.commit()?;
+        let name = GroupName::new(name.clone())
+            .map_err(|e| StoreError::Corrupt(format!("group {src_gid}: {e}")))?;
+        Ok((GroupId(gid), name))
+    }
+
+    /// Writes group `gid` alone into a new store file at `to` (version 7, the group as gid
+    /// 1, live), for [`SqliteHost::import_group`] on another host or a node of one. Call it
+    /// outside a batch. The group stays here as it is.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if there is no such group or `to` already holds one;
+    /// [`StoreError::Sqlite`].
+    pub fn export_group(&mut self, gid: GroupId, to: &Path) -> Result<(), StoreError> {
+        drop(SqliteHost::open_with(to, Durability::Commit)?);
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS dst", [to.to_string_lossy().as_ref()])?;
+        let copied = (|| -> Result<(), StoreError> {
+            let tx = self.conn.transaction()?;
+            let held: i64 = tx.query_row("SELECT COUNT(*) FROM dst.groups", [], |r| r.get(0))?;
+            if held > 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds a group already",
+                    to.display()
+                )));
+            }
+            let g = i64::from(gid.0);
+            let copied = tx.execute(
+                "INSERT INTO dst.groups (gid, name, state, owner, mode, last_seq, last_time_us,
+                     created_by, created_at_us)
+                 SELECT 1, name, 'live', owner, mode, last_seq, last_time_us, created_by,
+                     created_at_us
+                 FROM groups WHERE gid = ?1",
+                [g],
+            )?;
+            if copied == 0 {
+                return Err(StoreError::Corrupt(format!("no group {gid}")));
+            }
+            let (lo, hi) = key_range(gid);
+            tx.execute(
+                "INSERT INTO dst.messages (k, gid, id, time_us, sender, body, kind, sender_key,
+                     attachment, attachment_sha256)
+                 SELECT (1 << 40) | (k & 0xFFFFFFFFFF), 1, id, time_us, sender, body, kind,
+                     sender_key, attachment, attachment_sha256
+                 FROM messages WHERE k BETWEEN ?1 AND ?2 ORDER BY k",
+                [lo, hi],
+            )?;
+            tx.execute(
+                "INSERT INTO dst.members (gid, principal, user, joined_at_us)
+                 SELECT 1, principal, user, joined_at_us FROM members WHERE gid = ?1",
+                [g],
+            )?;
+            tx.execute(
+                "INSERT INTO dst.grants (gid, principal, kind, at_us)
+                 SELECT 1, principal, kind, at_us FROM grants WHERE gid = ?1",
+                [g],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })();
+        let detached = self.conn.execute_batch("DETACH DATABASE dst");
+        copied?;
+        detached?;
+        Ok(())
     }
 
     /// Runs `write` unless the batch is already aborted; if it fails and SQLite has rolled
@@ -2141,5 +2288,111 @@ mod host_tests {
         eprintln!("reopen and read {} groups: {:?}", live.len(), t.elapsed());
         assert_eq!(live.len(), n as usize);
         assert!(live.iter().all(|g| g.members == 1));
+    }
+
+    /// A group moves between hosts by export and import: group 2 of one host, exported,
+    /// becomes a new gid on another host that has a group already, with its seqs, ids,
+    /// times, members, grants, mode and high-water marks; a name live on the host is
+    /// refused and nothing is copied; a node of one's version 6 file imports too.
+    #[test]
+    fn a_group_exported_from_one_host_imports_into_another_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let null = RawValue::from_string("null".into()).expect("json");
+        let owner = Principal::name(&user("olga"));
+        let make = |h: &mut SqliteHost, name: &str| {
+            let name = GroupName::new(name).expect("name");
+            h.begin().expect("begin");
+            let gid = h
+                .insert_group(NewGroup {
+                    name: &name,
+                    owner: Some(&owner),
+                    created_by: Some(&owner),
+                    mode: GroupMode::Open,
+                    state: GroupState::Live,
+                    at: Timestamp::from_micros(1),
+                })
+                .expect("insert");
+            let mut st = h.load(gid).expect("load");
+            let mut g = h.group(&mut st);
+            g.add_member(&owner, &user("olga"), Timestamp::from_micros(2))
+                .expect("join");
+            for t in 0..5 {
+                g.append(NewMessage {
+                    sender: &user("olga"),
+                    kind: EntryKind::Message,
+                    sender_key: None,
+                    body: &null,
+                    id: None,
+                    now: Timestamp::from_micros(10 + t),
+                    attachment: None,
+                })
+                .expect("append");
+            }
+            h.commit().expect("commit");
+            (gid, st)
+        };
+        let mut a =
+            SqliteHost::open_with(&dir.path().join("a.sqlite3"), Durability::Commit).expect("a");
+        make(&mut a, "first");
+        let (moved, mut st) = make(&mut a, "moved");
+        a.begin().expect("begin");
+        let mut g = a.group(&mut st);
+        g.set_mode(GroupMode::Private).expect("mode");
+        g.grant(&owner, Grant::Admin, Timestamp::from_micros(3))
+            .expect("grant");
+        g.apply_retention(
+            Retention {
+                max_messages: Some(2),
+                max_age: None,
+            },
+            Timestamp::from_micros(0),
+        )
+        .expect("retention");
+        a.commit().expect("commit");
+        let file = dir.path().join("moved.sqlite3");
+        a.export_group(moved, &file).expect("export");
+
+        let mut b =
+            SqliteHost::open_with(&dir.path().join("b.sqlite3"), Durability::Commit).expect("b");
+        make(&mut b, "moved");
+        assert!(matches!(
+            b.import_group(&file),
+            Err(StoreError::NameTaken(n)) if n == "moved"
+        ));
+        assert_eq!(b.live_groups().expect("live").len(), 1, "nothing copied");
+        let mut c =
+            SqliteHost::open_with(&dir.path().join("c.sqlite3"), Durability::Commit).expect("c");
+        make(&mut c, "resident");
+        let (gid, name) = c.import_group(&file).expect("import");
+        assert_eq!((gid, name.as_str()), (GroupId(2), "moved"));
+        let mut st = c.load(gid).expect("load");
+        assert_eq!(st.last_seq(), 5);
+        let g = c.group(&mut st);
+        let page = g
+            .page(HistoryQuery::AfterSeq(0), 10, MAX_PAGE_BYTES)
+            .expect("page");
+        assert_eq!(
+            page.messages
+                .iter()
+                .map(|m| (m.seq, m.time.as_micros()))
+                .collect::<Vec<_>>(),
+            vec![(4, 13), (5, 14)]
+        );
+        assert_eq!(g.mode().expect("mode"), GroupMode::Private);
+        assert!(g.has(&owner, Grant::Admin).expect("has"));
+        assert_eq!(g.member_count(), 1);
+        let row = c
+            .live_groups()
+            .expect("live")
+            .into_iter()
+            .find(|r| r.gid == gid)
+            .expect("row");
+        assert_eq!(row.owner, Some(owner.clone()));
+
+        let old = dir.path().join("group.sqlite3");
+        version_6_file(&old);
+        let (gid, name) = c.import_group(&old).expect("import v6");
+        assert_eq!((gid, name), (GroupId(3), group()));
+        assert_eq!(c.load(gid).expect("load").last_seq(), 4);
     }
 }
