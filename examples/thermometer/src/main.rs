@@ -17,13 +17,12 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientCurve, ClientError, ClientOptions, RegistryClient, ReqClient};
+use agora_common::client::{ClientCurve, ClientError, ClientOptions, HostClient, RegistryClient};
 use agora_common::inbox::Inbox;
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::shutdown::Shutdown;
-use agora_proto::action::call;
 use agora_proto::id::MessageId;
-use agora_proto::wire::{Endpoint, ErrorCode, GroupName, MembershipRequest, SendRequest, UserName};
+use agora_proto::wire::{Endpoint, ErrorCode, GroupName, UserName};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::value::RawValue;
@@ -121,12 +120,12 @@ fn text(s: &str) -> Box<RawValue> {
         .unwrap_or_else(|_| unreachable!("a JSON string is JSON"))
 }
 
-/// The hosts the readings go to: one Lazy Pirate client per endpoint, shared by the groups
-/// it serves (a group host serves many at one endpoint), each request naming its group.
+/// The hosts the readings go to: one [`HostClient`] per endpoint, shared by the groups it
+/// serves (a group host serves many at one endpoint), each request naming its group.
 #[derive(Default)]
 struct Hosts {
     /// Endpoint -> its client and the groups published to there.
-    by_endpoint: BTreeMap<String, (ReqClient, Vec<GroupName>)>,
+    by_endpoint: BTreeMap<String, (HostClient, Vec<GroupName>)>,
 }
 
 impl Hosts {
@@ -148,14 +147,13 @@ impl Hosts {
             .by_endpoint
             .entry(endpoint.to_string())
             .or_insert_with(|| {
-                let client = ReqClient::new(ctx, endpoint.as_str(), options).with_curve(curve);
+                let client = HostClient::new(ctx, endpoint.as_str(), user.clone(), options)
+                    .with_curve(curve);
                 (client, Vec::new())
             });
-        host.call::<call::Join>(&MembershipRequest {
-            group: Some(group.clone()),
-            user: user.clone(),
-        })
-        .with_context(|| format!("joining {group} at {endpoint}"))?;
+        host.group(group)
+            .join()
+            .with_context(|| format!("joining {group} at {endpoint}"))?;
         if !groups.contains(group) {
             groups.push(group.clone());
         }
@@ -164,17 +162,10 @@ impl Hosts {
 
     /// Sends `body` to every group, each with an id of its own; a failure is logged and the
     /// others go on.
-    fn publish(&mut self, body: &RawValue, user: &UserName) {
+    fn publish(&mut self, body: &RawValue) {
         for (endpoint, (host, groups)) in &mut self.by_endpoint {
             for group in groups.iter() {
-                let request = SendRequest {
-                    group: Some(group.clone()),
-                    user: user.clone(),
-                    body: body.to_owned(),
-                    id: Some(MessageId::new_v7()),
-                    attachment: None,
-                };
-                if let Err(e) = host.call::<call::Send>(&request) {
+                if let Err(e) = host.group(group).send(body.to_owned()) {
                     tracing::warn!(error = %e, %group, %endpoint, "could not publish a reading");
                 }
             }
@@ -252,7 +243,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         if Instant::now() >= next {
             let t = series.next();
             let body = serde_json::json!({"temperature": t, "unit": "C"}).to_string();
-            hosts.publish(&RawValue::from_string(body)?, &args.user);
+            hosts.publish(&RawValue::from_string(body)?);
             for user in &subscribers {
                 let reading = text(&format!("temperature {t:.1} C"));
                 if let Err(e) = registry.send_dm(user, reading, MessageId::new_v7()) {
