@@ -1,17 +1,31 @@
 //! The live stream, client side: the zguide's "Clone" pattern (chapter 5) on Agora's log.
 //!
-//! A [`Feed`] is an [`Actor`]: one thread that owns a DEALER socket per subscribed group
-//! node, woken at once by a stop or a command (`add`, `remove`) on its pipe. It sends
-//! `subscribe` on each and renews it every [`FeedOptions::renew`]; the node pushes every new
-//! log entry to that connection. The feed remembers the last seq it delivered per group and
-//! hands entries to the consumer in seq order, each exactly once:
+//! A [`Feed`] is an [`Actor`]: one thread that owns ONE DEALER socket per host (a group host
+//! or a node of one), whatever the number of its groups followed, woken at once by a stop or
+//! a command (`add`, `remove`) on its pipe. It sends `subscribe` for each group and renews
+//! them every [`FeedOptions::renew`], with one `renew` per host (PROTOCOL §6.7.1, up to
+//! [`MAX_RENEW_GROUPS`] groups each) once the host has two or more groups followed, or one
+//! `subscribe` per group from a host that answers `renew` with `unknown_action`. The node
+//! pushes every new log entry to that connection. The feed remembers the last seq it
+//! delivered per group and hands entries to the consumer in seq order, each exactly once:
 //!
 //! - an entry at or below the last seq is a duplicate and is skipped;
 //! - an entry past the next expected seq reveals a gap (a push dropped at the node's HWM, a
-//!   reconnect after a node restart): the feed first reads the missing entries from the log
-//!   with `get_messages after_seq`, then goes on;
+//!   reconnect after a node restart): the feed reads the missing entries from the log with
+//!   `get_messages after_seq`, then goes on;
 //! - every renewal reply carries the node's `last_seq`, so a gap is found even when no push
 //!   arrives (an idle group after a restart, a client that was offline).
+//!
+//! # Demultiplexing
+//! Everything a host sends names its group: pushes, `subscribe` (and `renew`) replies,
+//! history pages, and errors ([`WireError::group`]); each goes to that group's state. A
+//! message naming no group is logged and dropped, never guessed, with two exceptions that
+//! are not guesses: `unknown_action` naming no group answers a `renew` (the host predates
+//! it), and a host followed for one group only (a node of one, older than group hosts, does
+//! not name the group in its errors) has that one group. `not_member` and `unknown_group`
+//! end one group, never the connection; `unsubscribed` makes the feed subscribe that group
+//! again. A spec without a group name ([`GroupSpec::group`] `None`: a node of one) is filed
+//! under the name its node's `subscribe` reply gives.
 //!
 //! The feed subscribes with `batch` (the node pushes several entries per message,
 //! `{"event": "entries"}`; single `entry` events are still understood) and acks: each
@@ -24,25 +38,27 @@
 //! A consumer that stops taking events stops the acks, so the node stops pushing to it; the
 //! feed reads the rest from the log when the consumer comes back.
 //!
-//! Backfill uses a separate Lazy Pirate REQ client on the feed thread: a node that dies in
-//! the middle of a backfill holds the other groups' entries back for up to the client
-//! timeout (nothing is lost; they are delivered after).
+//! Backfill goes over the same DEALER (`get_messages`, one page in flight per group, awaited
+//! for [`FeedOptions::client`]'s timeout, then tried again after a renewal): one connection
+//! per host, and a host that dies in the middle of a backfill holds no other host's groups
+//! back.
 //! The consumer receives [`FeedEvent`]s in a handler called on the feed's thread
 //! ([`Feed::with_handler`]: the interactive client prints there, with no relay thread) or
 //! through a bounded channel ([`Feed::start`]): a slow consumer slows the feed, the node drops
 //! pushes to it at its HWM, and the feed backfills later.
 //!
 //! # Failover
-//! A feed given a locator ([`Feed::with_locator`], a registry lookup) notices a node that
-//! stops answering: when a group's renewals go unanswered for
-//! [`FeedOptions::relocate_after`], it asks the locator where the group is now, and if it
-//! moved (a standby took over, a node restarted elsewhere) it subscribes there, after the
-//! last seq it delivered: the new node's reply reveals the gap and the feed backfills it,
-//! so the consumer sees every entry once and in order across the move.
+//! A feed given a locator ([`Feed::with_locator`], a registry lookup) notices a host that
+//! stops answering: when nothing comes on its connection for
+//! [`FeedOptions::relocate_after`], it asks the locator where each of the host's groups is
+//! now, and moves each one that moved (a standby took over, a node restarted elsewhere; the
+//! groups may land on different hosts), subscribing there after the last seq it delivered:
+//! the new host's reply reveals the gap and the feed backfills it, so the consumer sees
+//! every entry once and in order across the move.
 //!
 //! # Pipe commands
-//! `["add", GROUPSPEC_JSON]` and `["remove", ENDPOINT]`; `$TERM` unsubscribes every group and
-//! stops.
+//! `["add", GROUPSPEC_JSON]`, `["remove", ENDPOINT]` (every group there) and
+//! `["remove", ENDPOINT, GROUP]`; `$TERM` unsubscribes every group and stops.
 
 use std::collections::HashMap;
 
@@ -53,12 +69,13 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use crate::actor::{Actor, Pipe, Wake};
-use crate::client::{ClientError, ClientOptions, GroupClient};
+use crate::client::{get_messages_request, ClientError, ClientOptions};
 use agora_proto::action::NodeRequest;
 use agora_proto::codec::{encode_request, Frames};
 use agora_proto::wire::{
-    ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, PushBatch, PushEvent,
-    SubscribeReply, SubscribeRequest, UserName, WireError, PROTOCOL,
+    ErrorCode, GroupName, HistoryQuery, MembershipRequest, Message, MessagesPage, PushBatch,
+    PushEvent, RenewEntry, RenewReply, RenewRequest, SubscribeReply, SubscribeRequest, UserName,
+    WireError, MAX_RENEW_GROUPS, PROTOCOL,
 };
 
 /// How soon a subscribe that found no connection is tried again.
@@ -74,7 +91,8 @@ pub struct FeedOptions {
     /// How often each subscription is renewed; also the longest an idle group goes before a
     /// gap is noticed (default 1 s; the node's lease is 5 s).
     pub renew: Duration,
-    /// The backfill client's timeout and attempts.
+    /// How long a backfill page is awaited (`timeout`; `attempts` is not used: a page not
+    /// answered is asked for again after a renewal).
     pub client: ClientOptions,
     /// Capacity of the event channel, in events (default 1024).
     pub channel: usize,
@@ -240,7 +258,7 @@ impl Feed {
             user,
             keypair,
             options,
-            groups: HashMap::new(),
+            hosts: HashMap::new(),
             on_event: Box::new(on_event),
             locate,
         };
@@ -248,7 +266,9 @@ impl Feed {
         Ok(Feed { actor })
     }
 
-    /// Follows a group (replacing any earlier spec for the same endpoint).
+    /// Follows a group over its host's one connection (replacing any earlier spec of the
+    /// same group at that endpoint; a spec without a group replaces the endpoint's earlier
+    /// one without).
     pub fn add(&self, spec: GroupSpec) {
         match serde_json::to_vec(&spec) {
             Ok(json) => {
@@ -258,19 +278,24 @@ impl Feed {
         }
     }
 
-    /// Stops following the group at `endpoint`, and unsubscribes.
+    /// Stops following every group at `endpoint`, unsubscribes, and closes the connection.
     pub fn remove(&self, endpoint: &str) {
         let _ = self.actor.send(&[b"remove", endpoint.as_bytes()]);
     }
+
+    /// Stops following `group` at `endpoint` (or at the host it moved to since), and
+    /// unsubscribes; the connection stays for the host's other groups.
+    pub fn remove_group(&self, endpoint: &str, group: &GroupName) {
+        let _ = self
+            .actor
+            .send(&[b"remove", endpoint.as_bytes(), group.as_str().as_bytes()]);
+    }
 }
 
+/// One followed group of a host.
 struct GroupFeed {
     spec: GroupSpec,
-    socket: zmq::Socket,
-    backfill: GroupClient,
-    group: Option<GroupName>,
     last_seq: Option<u64>,
-    next_renew: Instant,
     subscribed: bool,
     /// The node's last seq from a reply, and when to backfill if it is still ahead of us.
     behind: Option<(u64, Instant)>,
@@ -278,10 +303,73 @@ struct GroupFeed {
     budget: usize,
     /// Bytes of pushes received since the last ack.
     unacked: usize,
-    /// When the node last sent anything on the subscription's socket (or it was made).
+    /// A backfill page asked for and not answered yet: until when it is awaited.
+    paging: Option<Instant>,
+}
+
+impl GroupFeed {
+    fn new(spec: GroupSpec) -> GroupFeed {
+        GroupFeed {
+            last_seq: spec.after_seq,
+            spec,
+            subscribed: false,
+            behind: None,
+            budget: 0,
+            unacked: 0,
+            paging: None,
+        }
+    }
+}
+
+/// Whether a host answers `renew` (PROTOCOL §6.7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RenewSupport {
+    /// Not asked yet (or asked, no answer yet).
+    Untried,
+    /// It answered a `renew`.
+    Answered,
+    /// It answered `unknown_action` (a node older than §6.7.1): renew group by group.
+    Refused,
+}
+
+/// One host's connection and the groups followed over it.
+struct HostFeed {
+    socket: zmq::Socket,
+    /// The groups, by name.
+    groups: HashMap<GroupName, GroupFeed>,
+    /// A spec without a group name (a node of one names it in its `subscribe` reply, which
+    /// files it under that name).
+    unnamed: Option<GroupFeed>,
+    /// When every group of the host is renewed next (one `renew` per
+    /// [`MAX_RENEW_GROUPS`]).
+    next_renew: Instant,
+    renew: RenewSupport,
+    /// When the host last sent anything on the connection (or it was made).
     last_heard: Instant,
     /// Not before then is the locator asked again.
     next_locate: Instant,
+}
+
+impl HostFeed {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.unnamed.is_none()
+    }
+
+    fn group_mut(&mut self, group: Option<&GroupName>) -> Option<&mut GroupFeed> {
+        match group {
+            Some(name) => self.groups.get_mut(name),
+            None => self.unnamed.as_mut(),
+        }
+    }
+
+    /// The one group of a host followed for one group only, named or not.
+    fn only_group(&self) -> Option<Option<GroupName>> {
+        match (self.groups.len(), &self.unnamed) {
+            (1, None) => self.groups.keys().next().cloned().map(Some),
+            (0, Some(_)) => Some(None),
+            _ => None,
+        }
+    }
 }
 
 struct Worker {
@@ -289,7 +377,8 @@ struct Worker {
     user: UserName,
     keypair: Option<crate::keys::Keypair>,
     options: FeedOptions,
-    groups: HashMap<String, GroupFeed>,
+    /// By endpoint: one DEALER per host.
+    hosts: HashMap<String, HostFeed>,
     on_event: Box<dyn FnMut(FeedEvent) -> bool + Send>,
     locate: Option<Locate>,
 }
@@ -303,8 +392,13 @@ impl Worker {
             match self.step(pipe) {
                 Ok(true) => {}
                 Ok(false) => {
-                    for g in self.groups.values() {
-                        self.unsubscribe(g);
+                    for host in self.hosts.values() {
+                        for name in host.groups.keys() {
+                            self.unsubscribe(host, Some(name));
+                        }
+                        if host.unnamed.is_some() {
+                            self.unsubscribe(host, None);
+                        }
                     }
                     return;
                 }
@@ -323,9 +417,10 @@ impl Worker {
         match frames.as_slice() {
             [verb, json] if verb == b"add" => match serde_json::from_slice::<GroupSpec>(json) {
                 Ok(spec) => {
-                    if let Err(error) = self.add(spec.clone()) {
+                    let label = spec.label.clone();
+                    if let Err(error) = self.add(spec) {
                         self.emit(FeedEvent::Error {
-                            label: spec.label,
+                            label,
                             error,
                             fatal: true,
                         })?;
@@ -334,11 +429,22 @@ impl Worker {
                 Err(e) => tracing::error!(error = %e, "feed: bad add command"),
             },
             [verb, endpoint] if verb == b"remove" => {
-                if let Some(g) = self
-                    .groups
+                if let Some(host) = self
+                    .hosts
                     .remove(String::from_utf8_lossy(endpoint).as_ref())
                 {
-                    self.unsubscribe(&g);
+                    for name in host.groups.keys() {
+                        self.unsubscribe(&host, Some(name));
+                    }
+                    if host.unnamed.is_some() {
+                        self.unsubscribe(&host, None);
+                    }
+                }
+            }
+            [verb, endpoint, group] if verb == b"remove" => {
+                match GroupName::new(String::from_utf8_lossy(group).as_ref()) {
+                    Ok(group) => self.remove_group(&String::from_utf8_lossy(endpoint), &group),
+                    Err(e) => tracing::error!(error = %e, "feed: bad remove command"),
                 }
             }
             _ => tracing::warn!("feed: unknown command"),
@@ -346,17 +452,64 @@ impl Worker {
         Ok(true)
     }
 
+    /// Follows `spec` over its host's connection (made if it is the host's first group),
+    /// replacing an earlier spec of the same group there, and subscribes now.
     fn add(&mut self, spec: GroupSpec) -> Result<(), ClientError> {
-        let g = self.connect(spec)?;
-        if let Some(old) = self.groups.insert(g.spec.endpoint.clone(), g) {
-            self.unsubscribe(&old);
+        let endpoint = spec.endpoint.clone();
+        if !self.hosts.contains_key(&endpoint) {
+            let host = self.connect(&endpoint, spec.server_key)?;
+            self.hosts.insert(endpoint.clone(), host);
         }
+        let name = spec.group.clone();
+        let Some(host) = self.hosts.get_mut(&endpoint) else {
+            return Ok(());
+        };
+        match &name {
+            Some(name) => {
+                host.groups.insert(name.clone(), GroupFeed::new(spec));
+            }
+            None => host.unnamed = Some(GroupFeed::new(spec)),
+        }
+        self.subscribe(&endpoint, name.as_ref(), Instant::now());
         Ok(())
     }
 
-    /// The subscription of `spec`, connected (not yet subscribed).
-    fn connect(&self, spec: GroupSpec) -> Result<GroupFeed, ClientError> {
-        let curve = match (&self.keypair, spec.server_key) {
+    /// Stops following `group` at `endpoint` (or wherever it moved to), and unsubscribes;
+    /// a host left with no group is disconnected.
+    fn remove_group(&mut self, endpoint: &str, group: &GroupName) {
+        let at = if self
+            .hosts
+            .get(endpoint)
+            .is_some_and(|h| h.groups.contains_key(group))
+        {
+            Some(endpoint.to_owned())
+        } else {
+            self.hosts
+                .iter()
+                .find(|(_, h)| h.groups.contains_key(group))
+                .map(|(e, _)| e.clone())
+        };
+        let Some(at) = at else {
+            return;
+        };
+        if let Some(host) = self.hosts.get_mut(&at) {
+            host.groups.remove(group);
+        }
+        if let Some(host) = self.hosts.get(&at) {
+            self.unsubscribe(host, Some(group));
+            if host.is_empty() {
+                self.hosts.remove(&at);
+            }
+        }
+    }
+
+    /// A connection to the host at `endpoint` (not yet subscribed to anything).
+    fn connect(
+        &self,
+        endpoint: &str,
+        server_key: Option<crate::keys::PublicKey>,
+    ) -> Result<HostFeed, ClientError> {
+        let curve = match (&self.keypair, server_key) {
             (Some(keypair), Some(server_key)) => Some(crate::client::ClientCurve {
                 keypair: keypair.clone(),
                 server_key,
@@ -364,7 +517,7 @@ impl Worker {
             (Some(_), None) => {
                 return Err(ClientError::Server(WireError::new(
                     ErrorCode::Unknown,
-                    format!("no CURVE key known for {}", spec.endpoint),
+                    format!("no CURVE key known for {endpoint}"),
                 )))
             }
             (None, _) => None,
@@ -373,7 +526,7 @@ impl Worker {
         socket.set_linger(0)?;
         // Renewals are not queued for a connection that is not up.
         socket.set_immediate(true)?;
-        socket.set_sndhwm(16)?;
+        socket.set_sndhwm(1000)?;
         socket.set_rcvhwm(10_000)?;
         socket.set_heartbeat_ivl(1000)?;
         socket.set_heartbeat_timeout(3000)?;
@@ -383,111 +536,188 @@ impl Worker {
             socket.set_curve_publickey(curve.keypair.public.as_bytes())?;
             socket.set_curve_secretkey(curve.keypair.secret_bytes())?;
         }
-        socket.connect(&spec.endpoint)?;
-        let mut backfill = GroupClient::new(
-            &self.ctx,
-            &spec.endpoint,
-            self.user.clone(),
-            spec.group.clone(),
-            self.options.client,
-        );
-        if let Some(curve) = curve {
-            backfill = backfill.with_curve(curve);
-        }
-        let g = GroupFeed {
-            group: spec.group.clone(),
-            last_seq: spec.after_seq,
+        socket.connect(endpoint)?;
+        let now = Instant::now();
+        Ok(HostFeed {
             socket,
-            backfill,
-            next_renew: Instant::now(),
-            subscribed: false,
-            behind: None,
-            budget: 0,
-            unacked: 0,
-            last_heard: Instant::now(),
-            next_locate: Instant::now(),
-            spec,
-        };
-        Ok(g)
+            groups: HashMap::new(),
+            unnamed: None,
+            next_renew: now + self.options.renew,
+            renew: RenewSupport::Untried,
+            last_heard: now,
+            next_locate: now,
+        })
     }
 
-    /// Asks the locator where the group of subscription `key` is now, and moves the
-    /// subscription there if it moved, keeping its last delivered seq (the new node's
-    /// reply reveals what was missed, and it is backfilled).
-    fn relocate(&mut self, key: &str, now: Instant) -> Result<(), Closed> {
-        let Some(g) = self.groups.get_mut(key) else {
+    /// Asks the locator where each group of the silent host at `endpoint` is now, and
+    /// moves each one that moved (they may land on different hosts), keeping its last
+    /// delivered seq (the new host's reply reveals what was missed, and it is backfilled).
+    fn relocate(&mut self, endpoint: &str, now: Instant) -> Result<(), Closed> {
+        let Some(host) = self.hosts.get_mut(endpoint) else {
             return Ok(());
         };
-        g.next_locate = now + self.options.relocate_after;
-        let (Some(group), Some(locate)) = (g.group.clone(), self.locate.as_mut()) else {
-            return Ok(());
-        };
-        let Some((endpoint, server_key)) = locate(&group) else {
-            return Ok(());
-        };
-        if endpoint == g.spec.endpoint {
-            return Ok(());
-        }
-        tracing::info!(%group, from = %g.spec.endpoint, to = %endpoint, "the group moved; following it");
-        let spec = GroupSpec {
-            endpoint,
-            server_key,
-            after_seq: g.last_seq,
-            ..g.spec.clone()
-        };
-        let label = spec.label.clone();
-        match self.connect(spec) {
-            Ok(moved) => {
-                if let Some(old) = self.groups.insert(key.to_owned(), moved) {
-                    self.unsubscribe(&old);
-                }
-                Ok(())
+        host.next_locate = now + self.options.relocate_after;
+        let names: Vec<GroupName> = host.groups.keys().cloned().collect();
+        for name in names {
+            let Some(locate) = self.locate.as_mut() else {
+                return Ok(());
+            };
+            let Some((to, server_key)) = locate(&name) else {
+                continue;
+            };
+            if to == endpoint {
+                continue;
             }
-            Err(error) => self.emit(FeedEvent::Error {
-                label,
-                error,
-                fatal: false,
-            }),
+            tracing::info!(group = %name, from = %endpoint, %to, "the group moved; following it");
+            let Some(g) = self
+                .hosts
+                .get_mut(endpoint)
+                .and_then(|h| h.groups.remove(&name))
+            else {
+                continue;
+            };
+            if let Some(host) = self.hosts.get(endpoint) {
+                self.unsubscribe(host, Some(&name));
+            }
+            let spec = GroupSpec {
+                endpoint: to,
+                server_key,
+                after_seq: g.last_seq,
+                ..g.spec
+            };
+            let label = spec.label.clone();
+            if let Err(error) = self.add(spec) {
+                self.emit(FeedEvent::Error {
+                    label,
+                    error,
+                    fatal: false,
+                })?;
+            }
         }
+        if self.hosts.get(endpoint).is_some_and(HostFeed::is_empty) {
+            self.hosts.remove(endpoint);
+        }
+        Ok(())
     }
 
-    fn membership(&self, g: &GroupFeed) -> MembershipRequest {
-        MembershipRequest {
-            group: g.group.clone(),
-            user: self.user.clone(),
-        }
-    }
-
-    /// The `subscribe` that renews `g`'s subscription and acks what was handed on.
-    fn subscribe_request(&self, g: &GroupFeed) -> NodeRequest {
+    /// The `subscribe` that renews `group`'s subscription and acks what was handed on.
+    fn subscribe_request(&self, group: Option<&GroupName>, g: &GroupFeed) -> NodeRequest {
         NodeRequest::Subscribe(SubscribeRequest {
-            group: g.group.clone(),
+            group: group.cloned(),
             user: self.user.clone(),
             batch: true,
             acked_seq: g.last_seq,
         })
     }
 
-    /// Renews (and acks) now; on `EAGAIN` (no connection yet) tries again shortly.
-    fn renew(&mut self, key: &str, now: Instant) {
-        let Some(g) = self.groups.get(key) else {
+    /// Subscribes (renews, acks) one group now; on `EAGAIN` (no connection yet) the host's
+    /// renewal comes again shortly.
+    fn subscribe(&mut self, endpoint: &str, group: Option<&GroupName>, now: Instant) {
+        let Some(host) = self.hosts.get(endpoint) else {
             return;
         };
-        let frames = encode_request(&self.subscribe_request(g));
-        let next = match send_dealer(&g.socket, &frames) {
-            Ok(()) => self.options.renew,
-            Err(_) => RETRY_UNCONNECTED.min(self.options.renew),
+        let Some(g) = (match group {
+            Some(name) => host.groups.get(name),
+            None => host.unnamed.as_ref(),
+        }) else {
+            return;
         };
-        if let Some(g) = self.groups.get_mut(key) {
-            g.next_renew = now + next;
-            g.unacked = 0;
+        let frames = encode_request(&self.subscribe_request(group, g));
+        let sent = send_dealer(&host.socket, &frames).is_ok();
+        if let Some(host) = self.hosts.get_mut(endpoint) {
+            if !sent {
+                host.next_renew = host
+                    .next_renew
+                    .min(now + RETRY_UNCONNECTED.min(self.options.renew));
+            }
+            if let Some(g) = host.group_mut(group) {
+                g.unacked = 0;
+            }
         }
     }
 
-    fn unsubscribe(&self, g: &GroupFeed) {
-        let frames = encode_request(&NodeRequest::Unsubscribe(self.membership(g)));
-        let _ = g.socket.set_linger(200);
-        let _ = send_dealer(&g.socket, &frames);
+    /// Renews (and acks) every group of the host at `endpoint`: one `renew` per
+    /// [`MAX_RENEW_GROUPS`] groups when the host answers it, else one `subscribe` each.
+    fn renew_host(&mut self, endpoint: &str, now: Instant) {
+        let Some(host) = self.hosts.get(endpoint) else {
+            return;
+        };
+        let mut frames: Vec<Frames> = Vec::new();
+        if host.groups.len() >= 2 && host.renew != RenewSupport::Refused {
+            let entries: Vec<RenewEntry> = host
+                .groups
+                .iter()
+                .map(|(name, g)| RenewEntry {
+                    group: name.clone(),
+                    acked_seq: g.last_seq,
+                })
+                .collect();
+            for chunk in entries.chunks(MAX_RENEW_GROUPS) {
+                frames.push(encode_request(&NodeRequest::Renew(RenewRequest {
+                    user: self.user.clone(),
+                    groups: chunk.to_vec(),
+                })));
+            }
+        } else {
+            for (name, g) in &host.groups {
+                frames.push(encode_request(&self.subscribe_request(Some(name), g)));
+            }
+        }
+        if let Some(g) = &host.unnamed {
+            frames.push(encode_request(&self.subscribe_request(None, g)));
+        }
+        let sent = frames
+            .iter()
+            .all(|frames| send_dealer(&host.socket, frames).is_ok());
+        if let Some(host) = self.hosts.get_mut(endpoint) {
+            host.next_renew = now
+                + if sent {
+                    self.options.renew
+                } else {
+                    RETRY_UNCONNECTED.min(self.options.renew)
+                };
+            for g in host.groups.values_mut().chain(host.unnamed.as_mut()) {
+                g.unacked = 0;
+            }
+        }
+    }
+
+    /// Asks for the page of `group`'s log after its last delivered seq, unless one is
+    /// awaited already; the reply comes on the host's connection ([`Worker::page`]).
+    fn request_page(&mut self, endpoint: &str, group: &GroupName, now: Instant) {
+        let Some(host) = self.hosts.get_mut(endpoint) else {
+            return;
+        };
+        let Some(g) = host.groups.get_mut(group) else {
+            return;
+        };
+        if g.paging.is_some_and(|until| until > now) {
+            return;
+        }
+        let request = get_messages_request(
+            Some(group.clone()),
+            self.user.clone(),
+            HistoryQuery::AfterSeq(g.last_seq.unwrap_or(0)),
+            Some(1000),
+        );
+        let frames = encode_request(&NodeRequest::GetMessages(request));
+        if send_dealer(&host.socket, &frames).is_ok() {
+            g.paging = Some(now + self.options.client.timeout);
+        } else {
+            // No connection: try again after a renewal.
+            g.paging = None;
+            let target = g.last_seq.unwrap_or(0) + 1;
+            g.behind = Some((target, now + self.options.renew));
+        }
+    }
+
+    fn unsubscribe(&self, host: &HostFeed, group: Option<&GroupName>) {
+        let frames = encode_request(&NodeRequest::Unsubscribe(MembershipRequest {
+            group: group.cloned(),
+            user: self.user.clone(),
+        }));
+        let _ = host.socket.set_linger(200);
+        let _ = send_dealer(&host.socket, &frames);
     }
 
     fn emit(&mut self, event: FeedEvent) -> Result<(), Closed> {
@@ -502,60 +732,91 @@ impl Worker {
     /// the owner said stop.
     fn step(&mut self, pipe: &Pipe) -> Result<bool, Closed> {
         let now = Instant::now();
-        // With no group, nothing is due: wait for a command.
-        let mut wait: Option<Duration> = None;
         let due: Vec<String> = self
-            .groups
+            .hosts
             .iter()
-            .filter(|(_, g)| g.next_renew <= now)
-            .map(|(k, _)| k.clone())
+            .filter(|(_, h)| h.next_renew <= now)
+            .map(|(e, _)| e.clone())
             .collect();
-        for key in due {
-            self.renew(&key, now);
+        for endpoint in due {
+            self.renew_host(&endpoint, now);
         }
         if self.locate.is_some() {
             let after = self.options.relocate_after;
             let lost: Vec<String> = self
-                .groups
+                .hosts
                 .iter()
-                .filter(|(_, g)| {
-                    now.saturating_duration_since(g.last_heard) >= after && g.next_locate <= now
+                .filter(|(_, h)| {
+                    now.saturating_duration_since(h.last_heard) >= after && h.next_locate <= now
                 })
-                .map(|(k, _)| k.clone())
+                .map(|(e, _)| e.clone())
                 .collect();
-            for key in lost {
-                self.relocate(&key, now)?;
+            for endpoint in lost {
+                self.relocate(&endpoint, now)?;
             }
         }
-        let lagging: Vec<String> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| g.behind.is_some_and(|(_, at)| at <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in lagging {
-            let Some(g) = self.groups.get_mut(&key) else {
-                continue;
-            };
-            let target = g.behind.take().map_or(0, |(seq, _)| seq);
-            if g.last_seq.unwrap_or(0) < target {
-                self.backfill(&key)?;
+        // Pages unanswered in time, and gaps due for a backfill.
+        let mut timed_out: Vec<(String, GroupName)> = Vec::new();
+        let mut lagging: Vec<(String, GroupName)> = Vec::new();
+        for (endpoint, host) in &mut self.hosts {
+            for (name, g) in &mut host.groups {
+                if g.paging.is_some_and(|until| until <= now) {
+                    g.paging = None;
+                    let target = g.last_seq.unwrap_or(0) + 1;
+                    g.behind = Some((target, now + self.options.renew));
+                    timed_out.push((endpoint.clone(), name.clone()));
+                } else if g.paging.is_none() && g.behind.is_some_and(|(_, at)| at <= now) {
+                    let target = g.behind.take().map_or(0, |(seq, _)| seq);
+                    if g.last_seq.unwrap_or(0) < target {
+                        lagging.push((endpoint.clone(), name.clone()));
+                    }
+                }
             }
         }
-        let mut sooner = |d: Duration| wait = Some(wait.map_or(d, |w| w.min(d)));
-        for g in self.groups.values() {
-            sooner(g.next_renew.saturating_duration_since(now));
-            if let Some((_, at)) = g.behind {
-                sooner(at.saturating_duration_since(now));
+        for (endpoint, name) in timed_out {
+            let label = self
+                .hosts
+                .get(&endpoint)
+                .and_then(|h| h.groups.get(&name))
+                .map(|g| g.spec.label.clone());
+            if let Some(label) = label {
+                self.emit(FeedEvent::Error {
+                    label,
+                    error: ClientError::Timeout {
+                        endpoint,
+                        waited: self.options.client.timeout,
+                    },
+                    fatal: false,
+                })?;
             }
         }
-        let keys: Vec<String> = self.groups.keys().cloned().collect();
+        for (endpoint, name) in lagging {
+            self.request_page(&endpoint, &name, now);
+        }
+        // With no host, nothing is due: wait for a command.
+        let mut wait: Option<Duration> = None;
+        let mut sooner = |at: Instant| {
+            let d = at.saturating_duration_since(now);
+            wait = Some(wait.map_or(d, |w| w.min(d)));
+        };
+        for host in self.hosts.values() {
+            sooner(host.next_renew);
+            for g in host.groups.values() {
+                match (g.paging, g.behind) {
+                    (Some(until), _) => sooner(until),
+                    (None, Some((_, at))) => sooner(at),
+                    (None, None) => {}
+                }
+            }
+        }
+        let endpoints: Vec<String> = self.hosts.keys().cloned().collect();
         let (command, ready): (bool, Vec<bool>) = {
             let mut items: Vec<zmq::PollItem<'_>> = std::iter::once(pipe.as_poll_item())
                 .chain(
-                    keys.iter()
-                        .filter_map(|k| self.groups.get(k))
-                        .map(|g| g.socket.as_poll_item(zmq::POLLIN)),
+                    endpoints
+                        .iter()
+                        .filter_map(|e| self.hosts.get(e))
+                        .map(|h| h.socket.as_poll_item(zmq::POLLIN)),
                 )
                 .collect();
             let ms = wait.map_or(-1, |w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
@@ -571,15 +832,15 @@ impl Worker {
         if command && !self.command(pipe.take())? {
             return Ok(false);
         }
-        for (key, readable) in keys.iter().zip(ready) {
+        for (endpoint, readable) in endpoints.iter().zip(ready) {
             if !readable {
                 continue;
             }
-            while let Some(g) = self.groups.get_mut(key) {
-                match g.socket.recv_multipart(zmq::DONTWAIT) {
+            while let Some(host) = self.hosts.get_mut(endpoint) {
+                match host.socket.recv_multipart(zmq::DONTWAIT) {
                     Ok(frames) => {
-                        g.last_heard = Instant::now();
-                        self.handle(key, &frames)?;
+                        host.last_heard = Instant::now();
+                        self.handle(endpoint, &frames)?;
                     }
                     Err(_) => break,
                 }
@@ -588,81 +849,192 @@ impl Worker {
         Ok(true)
     }
 
-    fn handle(&mut self, key: &str, frames: &Frames) -> Result<(), Closed> {
+    /// Handles one message from the host at `endpoint`, routed to its group by the `group`
+    /// it carries (pushes, replies, errors).
+    fn handle(&mut self, endpoint: &str, frames: &Frames) -> Result<(), Closed> {
         let [empty, sig, body] = frames.as_slice() else {
+            tracing::debug!(%endpoint, frames = frames.len(), "feed: a message of unexpected shape; dropped");
             return Ok(());
         };
         if !empty.is_empty() || sig.as_slice() != PROTOCOL {
+            tracing::debug!(%endpoint, "feed: a message of another protocol; dropped");
             return Ok(());
         }
         // Pushes as nodes encode them are recognised by their start, and parsed once.
-        if body.starts_with(br#"{"event":"entries","#) {
-            if let Ok(batch) = serde_json::from_slice::<PushBatch>(body) {
-                for entry in batch.entries {
-                    self.deliver(key, batch.group.clone(), entry, true)?;
-                }
-            }
-            return self.pushed(key, body.len());
-        }
-        if body.starts_with(br#"{"event":"entry","#) {
-            if let Ok(event) = serde_json::from_slice::<PushEvent>(body) {
-                self.deliver(key, event.group, event.entry, true)?;
-            }
-            return self.pushed(key, body.len());
+        if body.starts_with(br#"{"event":"entries","#) || body.starts_with(br#"{"event":"entry","#)
+        {
+            return self.handle_push(endpoint, body);
         }
         #[derive(serde::Deserialize)]
         struct Head {
             ok: Option<bool>,
             event: Option<String>,
+            group: Option<GroupName>,
             last_seq: Option<u64>,
+            lease_ms: Option<u64>,
+            messages: Option<serde::de::IgnoredAny>,
+            groups: Option<serde::de::IgnoredAny>,
         }
-        let Ok(head) = serde_json::from_slice::<Head>(body) else {
-            return Ok(());
-        };
-        let head_ok = match (head.ok, head.event.as_deref()) {
-            (Some(ok), _) => ok,
-            (None, Some("entry" | "entries")) => {
-                // A push from an encoder that orders members differently.
-                return self.handle_push(key, body);
+        let head = match serde_json::from_slice::<Head>(body) {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::warn!(%endpoint, error = %e, "feed: an undecodable message; dropped");
+                return Ok(());
             }
+        };
+        match (head.ok, head.event.as_deref()) {
+            // A push from an encoder that orders members differently.
+            (None, Some("entry" | "entries")) => self.handle_push(endpoint, body),
             (None, Some("unsubscribed")) => {
                 // The node ended the subscription (lease, eviction): subscribe again now.
-                if let Some(g) = self.groups.get_mut(key) {
-                    g.subscribed = false;
-                    g.next_renew = Instant::now();
+                let Some(name) = head.group else {
+                    tracing::warn!(%endpoint, "feed: an unsubscribed event naming no group; dropped");
+                    return Ok(());
+                };
+                let Some(g) = self
+                    .hosts
+                    .get_mut(endpoint)
+                    .and_then(|h| h.groups.get_mut(&name))
+                else {
+                    return Ok(());
+                };
+                g.subscribed = false;
+                self.subscribe(endpoint, Some(&name), Instant::now());
+                Ok(())
+            }
+            (None, _) => Ok(()), // an event this client does not know
+            (Some(false), _) => {
+                let error = serde_json::from_slice::<WireError>(body)
+                    .unwrap_or_else(|e| WireError::new(ErrorCode::Unknown, e.to_string()));
+                self.refused(endpoint, error)
+            }
+            (Some(true), _) if head.groups.is_some() => {
+                match serde_json::from_slice::<RenewReply>(body) {
+                    Ok(reply) => {
+                        if let Some(host) = self.hosts.get_mut(endpoint) {
+                            host.renew = RenewSupport::Answered;
+                        }
+                        for subscribed in reply.groups {
+                            self.subscribed(endpoint, subscribed)?;
+                        }
+                        for error in reply.refused {
+                            self.refused(endpoint, error)?;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%endpoint, error = %e, "feed: a bad renew reply; dropped")
+                    }
+                }
+                Ok(())
+            }
+            (Some(true), _) if head.messages.is_some() => {
+                match serde_json::from_slice::<MessagesPage>(body) {
+                    Ok(page) => self.page(endpoint, page),
+                    Err(e) => {
+                        tracing::warn!(%endpoint, error = %e, "feed: a bad page; dropped");
+                        Ok(())
+                    }
+                }
+            }
+            (Some(true), _) if head.last_seq.is_some() && head.lease_ms.is_some() => {
+                match serde_json::from_slice::<SubscribeReply>(body) {
+                    Ok(reply) => self.subscribed(endpoint, reply),
+                    Err(e) => {
+                        tracing::warn!(%endpoint, error = %e, "feed: a bad subscribe reply; dropped");
+                        Ok(())
+                    }
+                }
+            }
+            (Some(true), _) => Ok(()), // the reply to an unsubscribe
+        }
+    }
+
+    /// An error from the host at `endpoint`, for the group it names. One naming no group
+    /// is a `renew` refused by a node older than it (`unknown_action`), or, from a host
+    /// followed for one group only, that group's (a node of one, older than group hosts,
+    /// names none); any other is logged and dropped, never guessed.
+    fn refused(&mut self, endpoint: &str, error: WireError) -> Result<(), Closed> {
+        let Some(host) = self.hosts.get_mut(endpoint) else {
+            return Ok(());
+        };
+        let name = match &error.group {
+            Some(name) if host.groups.contains_key(name) => Some(name.clone()),
+            Some(name) => {
+                tracing::debug!(%endpoint, group = %name, error = %error, "feed: an error for a group not followed; dropped");
+                return Ok(());
+            }
+            None if error.code == ErrorCode::UnknownAction
+                && host.renew != RenewSupport::Answered
+                && host.groups.len() >= 2 =>
+            {
+                tracing::debug!(%endpoint, "the host does not answer renew; renewing group by group");
+                host.renew = RenewSupport::Refused;
+                let names: Vec<GroupName> = host.groups.keys().cloned().collect();
+                let now = Instant::now();
+                for name in names {
+                    self.subscribe(endpoint, Some(&name), now);
                 }
                 return Ok(());
             }
-            (None, _) => return Ok(()), // an event this client does not know
+            None => match host.only_group() {
+                Some(name) => name,
+                None => {
+                    tracing::warn!(%endpoint, error = %error, "feed: an error naming no group from a host of several groups; dropped");
+                    return Ok(());
+                }
+            },
         };
-        if !head_ok {
-            let error = serde_json::from_slice::<WireError>(body)
-                .unwrap_or_else(|e| WireError::new(ErrorCode::Unknown, e.to_string()));
-            let fatal = matches!(error.code, ErrorCode::NotMember | ErrorCode::UnknownGroup);
-            let label = if fatal {
-                self.groups.remove(key).map(|g| g.spec.label)
-            } else {
-                self.groups.get(key).map(|g| g.spec.label.clone())
+        let fatal = matches!(error.code, ErrorCode::NotMember | ErrorCode::UnknownGroup);
+        let label = if fatal {
+            let removed = match &name {
+                Some(name) => host.groups.remove(name),
+                None => host.unnamed.take(),
             };
-            let Some(label) = label else {
-                return Ok(());
-            };
-            return self.emit(FeedEvent::Error {
-                label,
-                error: ClientError::Server(error),
-                fatal,
-            });
-        }
-        if head.last_seq.is_none() {
-            return Ok(()); // the reply to an unsubscribe
-        }
-        let Ok(reply) = serde_json::from_slice::<SubscribeReply>(body) else {
+            if host.is_empty() {
+                self.hosts.remove(endpoint);
+            }
+            removed.map(|g| g.spec.label)
+        } else {
+            let renew = self.options.renew;
+            host.group_mut(name.as_ref()).map(|g| {
+                if g.paging.take().is_some() {
+                    // The page may be what failed: ask again after a renewal.
+                    let target = g.last_seq.unwrap_or(0) + 1;
+                    g.behind = Some((target, Instant::now() + renew));
+                }
+                g.spec.label.clone()
+            })
+        };
+        let Some(label) = label else {
             return Ok(());
         };
-        let Some(g) = self.groups.get_mut(key) else {
+        self.emit(FeedEvent::Error {
+            label,
+            error: ClientError::Server(error),
+            fatal,
+        })
+    }
+
+    /// A `subscribe` reply (or one entry of a `renew` reply) for the group it names; the
+    /// host's unnamed spec takes the name of a group not followed yet.
+    fn subscribed(&mut self, endpoint: &str, reply: SubscribeReply) -> Result<(), Closed> {
+        let Some(host) = self.hosts.get_mut(endpoint) else {
             return Ok(());
         };
-        g.group = Some(reply.group.clone());
+        if !host.groups.contains_key(&reply.group) {
+            match host.unnamed.take() {
+                Some(g) => {
+                    host.groups.insert(reply.group.clone(), g);
+                }
+                None => {
+                    tracing::debug!(%endpoint, group = %reply.group, "feed: a subscribe reply for a group not followed; dropped");
+                    return Ok(());
+                }
+            }
+        }
+        let Some(g) = host.groups.get_mut(&reply.group) else {
+            return Ok(());
+        };
         g.budget = usize::try_from(reply.budget_bytes).unwrap_or(usize::MAX);
         let first = !g.subscribed;
         g.subscribed = true;
@@ -686,47 +1058,79 @@ impl Worker {
         Ok(())
     }
 
-    /// Decodes a push whatever the order of its members.
-    fn handle_push(&mut self, key: &str, body: &[u8]) -> Result<(), Closed> {
-        if let Ok(batch) = serde_json::from_slice::<PushBatch>(body) {
-            if batch.event == "entries" {
-                for entry in batch.entries {
-                    self.deliver(key, batch.group.clone(), entry, true)?;
-                }
-            }
-        } else if let Ok(event) = serde_json::from_slice::<PushEvent>(body) {
-            if event.event == "entry" {
-                self.deliver(key, event.group, event.entry, true)?;
-            }
-        }
-        self.pushed(key, body.len())
-    }
-
-    /// Counts a push of `bytes` handed on; acks at once past half the node's budget or
-    /// [`ACK_EVERY_BYTES`].
-    fn pushed(&mut self, key: &str, bytes: usize) -> Result<(), Closed> {
-        let Some(g) = self.groups.get_mut(key) else {
+    /// A backfill page: its entries are delivered, and the next page asked for while
+    /// there are more.
+    fn page(&mut self, endpoint: &str, page: MessagesPage) -> Result<(), Closed> {
+        let name = page.group.clone();
+        let Some(g) = self
+            .hosts
+            .get_mut(endpoint)
+            .and_then(|h| h.groups.get_mut(&name))
+        else {
+            tracing::debug!(%endpoint, group = %name, "feed: a page for a group not followed; dropped");
             return Ok(());
         };
-        g.unacked += bytes;
-        if g.budget > 0 && g.unacked >= (g.budget / 2).min(ACK_EVERY_BYTES) {
-            self.renew(key, Instant::now());
+        g.paging = None;
+        let more = page.more && !page.messages.is_empty();
+        for entry in page.messages {
+            self.deliver(endpoint, &name, entry, false)?;
+        }
+        if more {
+            self.request_page(endpoint, &name, Instant::now());
         }
         Ok(())
     }
 
-    /// Hands `entry` to the consumer unless it is a duplicate; a live entry past the next
-    /// expected seq triggers a backfill first, and is dropped (to be read back in order
-    /// later) if the backfill cannot close the gap. A backfilled entry past a gap (its
-    /// predecessors were deleted by retention) is delivered as it is.
+    /// Decodes a push whatever the order of its members, and delivers its entries.
+    fn handle_push(&mut self, endpoint: &str, body: &[u8]) -> Result<(), Closed> {
+        let (group, entries) = if let Ok(batch) = serde_json::from_slice::<PushBatch>(body) {
+            (batch.group, batch.entries)
+        } else if let Ok(event) = serde_json::from_slice::<PushEvent>(body) {
+            (event.group, vec![event.entry])
+        } else {
+            tracing::warn!(%endpoint, "feed: an undecodable push; dropped");
+            return Ok(());
+        };
+        for entry in entries {
+            self.deliver(endpoint, &group, entry, true)?;
+        }
+        self.pushed(endpoint, &group, body.len());
+        Ok(())
+    }
+
+    /// Counts a push of `bytes` handed on; acks at once past half the node's budget or
+    /// [`ACK_EVERY_BYTES`].
+    fn pushed(&mut self, endpoint: &str, group: &GroupName, bytes: usize) {
+        let Some(g) = self
+            .hosts
+            .get_mut(endpoint)
+            .and_then(|h| h.groups.get_mut(group))
+        else {
+            return;
+        };
+        g.unacked += bytes;
+        if g.budget > 0 && g.unacked >= (g.budget / 2).min(ACK_EVERY_BYTES) {
+            self.subscribe(endpoint, Some(group), Instant::now());
+        }
+    }
+
+    /// Hands `entry` to the consumer unless it is a duplicate. A live entry past the next
+    /// expected seq asks for the missing ones from the log and is dropped (the page brings
+    /// it back, in order). A backfilled entry past a gap (its predecessors were deleted by
+    /// retention) is delivered as it is.
     fn deliver(
         &mut self,
-        key: &str,
-        group: GroupName,
+        endpoint: &str,
+        group: &GroupName,
         entry: Message,
         live: bool,
     ) -> Result<(), Closed> {
-        let Some(g) = self.groups.get_mut(key) else {
+        let Some(g) = self
+            .hosts
+            .get_mut(endpoint)
+            .and_then(|h| h.groups.get_mut(group))
+        else {
+            tracing::debug!(%endpoint, %group, "feed: an entry for a group not followed; dropped");
             return Ok(());
         };
         let last = *g.last_seq.get_or_insert(entry.seq.saturating_sub(1));
@@ -734,60 +1138,22 @@ impl Worker {
             return Ok(());
         }
         if entry.seq > last + 1 && live {
-            self.backfill(key)?;
-            let Some(g) = self.groups.get_mut(key) else {
-                return Ok(());
-            };
-            let last = g.last_seq.unwrap_or(0);
-            if entry.seq > last + 1 {
-                // The backfill could not close the gap (node unreachable). Showing this
-                // entry now would skip the missing ones for good: drop it, and read it
-                // from the log in order once the node answers again.
-                g.behind = Some((entry.seq, Instant::now() + PUSH_GRACE));
-                return Ok(());
-            }
-            return self.deliver(key, group, entry, false);
+            let now = Instant::now();
+            g.behind = Some(match g.behind {
+                Some((seq, at)) => (seq.max(entry.seq), at),
+                None => (entry.seq, now + PUSH_GRACE),
+            });
+            self.request_page(endpoint, group, now);
+            return Ok(());
         }
         g.last_seq = Some(entry.seq);
         let label = g.spec.label.clone();
         self.emit(FeedEvent::Entry {
             label,
-            group,
+            group: group.clone(),
             entry,
             live,
         })
-    }
-
-    /// Reads every entry after the last delivered one from the log, a page at a time.
-    fn backfill(&mut self, key: &str) -> Result<(), Closed> {
-        loop {
-            let Some(g) = self.groups.get_mut(key) else {
-                return Ok(());
-            };
-            let after = g.last_seq.unwrap_or(0);
-            match g
-                .backfill
-                .get_messages(HistoryQuery::AfterSeq(after), Some(1000))
-            {
-                Ok(page) => {
-                    let more = page.more && !page.messages.is_empty();
-                    for entry in page.messages {
-                        self.deliver(key, page.group.clone(), entry, false)?;
-                    }
-                    if !more {
-                        return Ok(());
-                    }
-                }
-                Err(error) => {
-                    let label = g.spec.label.clone();
-                    return self.emit(FeedEvent::Error {
-                        label,
-                        error,
-                        fatal: false,
-                    });
-                }
-            }
-        }
     }
 }
 
@@ -797,4 +1163,305 @@ fn send_dealer(socket: &zmq::Socket, frames: &Frames) -> Result<(), zmq::Error> 
         std::iter::once(&[][..]).chain(frames.iter().map(Vec::as_slice)),
         zmq::DONTWAIT,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The feed against an in-process fake host: a ROUTER serving two groups at one
+    //! endpoint, scripted per request.
+    use super::*;
+    use agora_proto::codec::{decode_request, encode_error, encode_ok};
+    use agora_proto::id::MessageId;
+    use agora_proto::time::Timestamp;
+    use agora_proto::wire::EntryKind;
+    use std::collections::HashSet;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn name(s: &str) -> GroupName {
+        GroupName::new(s).expect("group name")
+    }
+
+    fn entry(seq: u64) -> Message {
+        Message {
+            seq,
+            id: MessageId::new_v7(),
+            time: Timestamp::now(),
+            sender: "alice".parse().expect("user"),
+            kind: EntryKind::Message,
+            body: serde_json::value::RawValue::from_string(format!("\"m{seq}\"")).expect("body"),
+            sender_key: None,
+            attachment: None,
+        }
+    }
+
+    /// A fake host: a ROUTER on 127.0.0.1, the identities that talked to it, and what
+    /// they asked.
+    struct FakeHost {
+        socket: zmq::Socket,
+        endpoint: String,
+        peers: HashSet<Vec<u8>>,
+    }
+
+    impl FakeHost {
+        fn bind(ctx: &zmq::Context) -> FakeHost {
+            let socket = ctx.socket(zmq::ROUTER).expect("router");
+            socket.set_linger(0).expect("linger");
+            socket.bind("tcp://127.0.0.1:*").expect("bind");
+            let endpoint = socket
+                .get_last_endpoint()
+                .expect("endpoint")
+                .expect("utf-8");
+            FakeHost {
+                socket,
+                endpoint,
+                peers: HashSet::new(),
+            }
+        }
+
+        /// The next request and its sender's identity, within 100 ms.
+        fn next(&mut self) -> Option<(Vec<u8>, NodeRequest)> {
+            if self.socket.poll(zmq::POLLIN, 100).ok()? == 0 {
+                return None;
+            }
+            let frames = self.socket.recv_multipart(0).ok()?;
+            let identity = frames.first()?.clone();
+            self.peers.insert(identity.clone());
+            let request = decode_request::<NodeRequest>(&frames[2..]).expect("a request");
+            Some((identity, request))
+        }
+
+        fn send(&self, identity: &[u8], frames: Frames) {
+            self.socket
+                .send_multipart(
+                    [identity, &[][..]]
+                        .into_iter()
+                        .chain(frames.iter().map(Vec::as_slice)),
+                    0,
+                )
+                .expect("send");
+        }
+
+        fn push(&self, identity: &[u8], group: &str, seqs: &[u64]) {
+            let batch = PushBatch {
+                event: "entries".into(),
+                group: name(group),
+                entries: seqs.iter().map(|&s| entry(s)).collect(),
+            };
+            let body = serde_json::to_vec(&batch).expect("push");
+            self.send(identity, vec![PROTOCOL.to_vec(), body]);
+        }
+    }
+
+    fn subscribed(group: &GroupName, last_seq: u64) -> SubscribeReply {
+        SubscribeReply {
+            group: group.clone(),
+            last_seq,
+            lease_ms: 5000,
+            budget_bytes: 0,
+        }
+    }
+
+    fn spec(host: &FakeHost, group: &str) -> GroupSpec {
+        GroupSpec {
+            label: group.into(),
+            endpoint: host.endpoint.clone(),
+            group: Some(name(group)),
+            after_seq: Some(0),
+            server_key: None,
+        }
+    }
+
+    fn options() -> FeedOptions {
+        FeedOptions {
+            renew: Duration::from_millis(200),
+            ..FeedOptions::default()
+        }
+    }
+
+    /// Two groups of one host over one connection: pushes, replies, pages and errors each
+    /// reach their group by the `group` they carry; a push for a group not followed and an
+    /// error naming no group are dropped; `not_member` ends one group, not the connection;
+    /// backfill is asked for over the same connection; a host that answers `renew` with
+    /// `unknown_action` is renewed group by group from then on.
+    #[test]
+    fn one_connection_per_host_demultiplexes_two_groups_by_their_group() {
+        let ctx = zmq::Context::new();
+        let mut host = FakeHost::bind(&ctx);
+        let (feed, rx) =
+            Feed::start(&ctx, "bob".parse().expect("user"), None, options()).expect("feed");
+        feed.add(spec(&host, "Alpha"));
+        feed.add(spec(&host, "Beta"));
+        let (alpha, beta) = (name("Alpha"), name("Beta"));
+        let mut got: HashMap<GroupName, Vec<u64>> = HashMap::new();
+        let mut errors: Vec<(String, ErrorCode, bool)> = Vec::new();
+        let (mut renews, mut subscribes_after_refusal, mut refused) = (0, 0, false);
+        let mut pages: Vec<(GroupName, u64)> = Vec::new();
+        let start = Instant::now();
+        let done = |got: &HashMap<GroupName, Vec<u64>>, errors: &Vec<_>, after: u32| {
+            got.get(&alpha).map(Vec::len) == Some(4)
+                && got.get(&beta).map(Vec::len) == Some(2)
+                && !errors.is_empty()
+                && after >= 3
+        };
+        let mut alpha_pushed = false;
+        while !done(&got, &errors, subscribes_after_refusal) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "got {got:?}, errors {errors:?}, renews {renews}, after refusal {subscribes_after_refusal}"
+            );
+            if let Some((peer, request)) = host.next() {
+                match request {
+                    NodeRequest::Subscribe(s) => {
+                        let group = s.group.expect("every subscribe names its group");
+                        if refused && group == alpha {
+                            subscribes_after_refusal += 1;
+                        }
+                        let last = if group == beta { 2 } else { 0 };
+                        host.send(&peer, encode_ok(&subscribed(&group, last)));
+                        if group == alpha && !alpha_pushed {
+                            alpha_pushed = true;
+                            host.push(&peer, "Alpha", &[1, 2]);
+                            // Not followed: dropped.
+                            host.push(&peer, "Gamma", &[1]);
+                            // Names no group, from a host of two: dropped.
+                            host.send(
+                                &peer,
+                                encode_error(&WireError::new(ErrorCode::Internal, "whose?")),
+                            );
+                            // 3 is missing: read from the log, over this connection.
+                            host.push(&peer, "Alpha", &[4]);
+                        }
+                    }
+                    NodeRequest::Renew(r) => {
+                        assert!(!refused, "renew again after unknown_action");
+                        renews += 1;
+                        assert_eq!(r.groups.len(), 2, "one renew for the host's two groups");
+                        refused = true;
+                        host.send(
+                            &peer,
+                            encode_error(&WireError::new(ErrorCode::UnknownAction, "renew")),
+                        );
+                        // Beta ends (not a member any more); its later push is dropped.
+                        host.send(
+                            &peer,
+                            encode_error(
+                                &WireError::new(ErrorCode::NotMember, "gone")
+                                    .with_group(Some(beta.clone())),
+                            ),
+                        );
+                        host.push(&peer, "Beta", &[3]);
+                    }
+                    NodeRequest::GetMessages(g) => {
+                        let group = g.group.expect("every page request names its group");
+                        let after = g.after_seq.expect("after_seq");
+                        pages.push((group.clone(), after));
+                        let last = if group == beta { 2 } else { 4 };
+                        let page = MessagesPage {
+                            group: group.clone(),
+                            messages: (after + 1..=last).map(entry).collect(),
+                            more: false,
+                        };
+                        host.send(&peer, encode_ok(&page));
+                    }
+                    NodeRequest::Unsubscribe(_) => {}
+                    other => panic!("unexpected request {other:?}"),
+                }
+            }
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    FeedEvent::Entry { group, entry, .. } => {
+                        got.entry(group).or_default().push(entry.seq)
+                    }
+                    FeedEvent::Error {
+                        label,
+                        error: ClientError::Server(e),
+                        fatal,
+                    } => errors.push((label, e.code, fatal)),
+                    FeedEvent::Error { label, error, .. } => panic!("{label}: {error}"),
+                    FeedEvent::Subscribed { .. } => {}
+                }
+            }
+        }
+        assert_eq!(got[&alpha], vec![1, 2, 3, 4], "in order, each once");
+        assert_eq!(got[&beta], vec![1, 2]);
+        assert!(!got.contains_key(&name("Gamma")));
+        assert_eq!(
+            errors,
+            vec![("Beta".to_owned(), ErrorCode::NotMember, true)]
+        );
+        assert_eq!(renews, 1);
+        assert!(pages.contains(&(beta.clone(), 0)), "{pages:?}");
+        assert!(pages.contains(&(alpha.clone(), 2)), "{pages:?}");
+        assert_eq!(host.peers.len(), 1, "one connection for the host's groups");
+        drop(rx);
+        drop(feed);
+    }
+
+    /// A host that answers `renew` gets one per renewal for all its groups; a group it
+    /// refuses there (naming it) ends alone, and the next `renew` leaves it out.
+    #[test]
+    fn renew_covers_a_hosts_groups_and_a_refused_group_ends_alone() {
+        let ctx = zmq::Context::new();
+        let mut host = FakeHost::bind(&ctx);
+        let (feed, rx) =
+            Feed::start(&ctx, "bob".parse().expect("user"), None, options()).expect("feed");
+        for group in ["Alpha", "Beta", "Delta"] {
+            feed.add(spec(&host, group));
+        }
+        let mut renewals: Vec<Vec<String>> = Vec::new();
+        let mut fatal: Vec<String> = Vec::new();
+        let start = Instant::now();
+        while renewals.len() < 2 {
+            assert!(start.elapsed() < DEADLINE, "renewals {renewals:?}");
+            if let Some((peer, request)) = host.next() {
+                match request {
+                    NodeRequest::Subscribe(s) => {
+                        let group = s.group.expect("names its group");
+                        host.send(&peer, encode_ok(&subscribed(&group, 0)));
+                    }
+                    NodeRequest::Renew(r) => {
+                        let mut names: Vec<String> =
+                            r.groups.iter().map(|e| e.group.to_string()).collect();
+                        names.sort();
+                        renewals.push(names);
+                        let reply = RenewReply {
+                            groups: r
+                                .groups
+                                .iter()
+                                .filter(|e| e.group.as_str() != "Beta")
+                                .map(|e| subscribed(&e.group, 0))
+                                .collect(),
+                            refused: r
+                                .groups
+                                .iter()
+                                .filter(|e| e.group.as_str() == "Beta")
+                                .map(|e| {
+                                    WireError::new(ErrorCode::UnknownGroup, "deleted")
+                                        .with_group(Some(e.group.clone()))
+                                })
+                                .collect(),
+                        };
+                        host.send(&peer, encode_ok(&reply));
+                    }
+                    NodeRequest::Unsubscribe(_) => {}
+                    other => panic!("unexpected request {other:?}"),
+                }
+            }
+            while let Ok(event) = rx.try_recv() {
+                if let FeedEvent::Error {
+                    label, fatal: true, ..
+                } = event
+                {
+                    fatal.push(label);
+                }
+            }
+        }
+        assert_eq!(renewals[0], vec!["Alpha", "Beta", "Delta"]);
+        assert_eq!(renewals[1], vec!["Alpha", "Delta"]);
+        assert_eq!(fatal, vec!["Beta"]);
+        assert_eq!(host.peers.len(), 1);
+        drop(rx);
+        drop(feed);
+    }
 }
