@@ -1,5 +1,6 @@
 //! One thread per WebSocket session owns that session's ZeroMQ sockets (a registry client
-//! and a client per group it touched), as libzmq wants; the session's tasks hand it requests
+//! and one client per group host it touched, in a [`HostPool`], whatever the number of that
+//! host's groups), as libzmq wants; the session's tasks hand it requests
 //! through a bounded channel and await each reply. The session's inbox (`common::inbox`) is
 //! an actor of its own; live group entries come from the shared [`crate::hub`].
 //!
@@ -10,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora_common::client::{ClientCurve, ClientError, ClientOptions, GroupClient, RegistryClient};
+use agora_common::client::{
+    ClientCurve, ClientError, ClientOptions, GroupView, HostPool, RegistryClient,
+};
 use agora_common::inbox::Inbox;
 use agora_proto::id::MessageId;
 use agora_proto::wire::{GroupEntry, GroupName, HistoryQuery, UserName, MAX_PAGE_LIMIT};
@@ -151,6 +154,14 @@ enum Job {
 /// and catch up from the log): 256.
 pub const EVENT_QUEUE: usize = 256;
 
+/// The group hosts one session keeps a client for: 64 (the least recently used is closed
+/// past it).
+pub const MAX_SESSION_HOSTS: usize = 64;
+
+/// The groups whose host one session remembers: 1,024 (a group forgotten is looked up
+/// again).
+pub const MAX_GROUP_HOSTS: usize = 1024;
+
 /// Requests a session's thread holds: 8.
 const JOB_QUEUE: usize = 8;
 
@@ -184,10 +195,17 @@ impl Session {
         let ctx = federation.contexts.take();
         let mut bridge = Bridge {
             registry: federation.registry_client(ctx.context(), identity),
+            hosts: HostPool::new(
+                ctx.context(),
+                identity.user.clone(),
+                Some(identity.keypair.clone()),
+                federation.options(),
+            )
+            .with_capacity(MAX_SESSION_HOSTS),
             ctx,
             federation: federation.clone(),
             identity: identity.clone(),
-            groups: HashMap::new(),
+            group_hosts: HashMap::new(),
             inbox: None,
             events,
         };
@@ -243,7 +261,11 @@ struct Bridge {
     federation: Federation,
     identity: Identity,
     registry: RegistryClient,
-    groups: HashMap<GroupName, GroupClient>,
+    /// One client per host.
+    hosts: HostPool,
+    /// Where each group touched is (its host's endpoint and key), from the registry; at
+    /// most [`MAX_GROUP_HOSTS`].
+    group_hosts: HashMap<GroupName, (String, Option<agora_common::keys::PublicKey>)>,
     inbox: Option<Inbox>,
     events: tokio::sync::mpsc::Sender<axum::extract::ws::Utf8Bytes>,
 }
@@ -288,11 +310,11 @@ impl Bridge {
                 limit,
             } => self.history(group, after_seq, before_seq, limit),
             Request::Join { group } => {
-                let membership = self.on_group(&group, GroupClient::join)?;
+                let membership = self.on_group(&group, |c| c.join())?;
                 Ok(Reply::ok("join", json!({ "membership": membership })))
             }
             Request::Leave { group } => {
-                let membership = self.on_group(&group, GroupClient::leave)?;
+                let membership = self.on_group(&group, |c| c.leave())?;
                 Ok(Reply::ok("leave", json!({ "membership": membership })))
             }
             // The session's task follows through the hub (`crate::hub`), not this thread.
@@ -414,51 +436,50 @@ impl Bridge {
     /// Runs `op` against `group`'s node: its first attempt alone, and if that goes unanswered
     /// or the node says it is stopping, the group is looked up again (a standby may have
     /// taken over, PROTOCOL §11.2) and `op` runs at the node the registry names, with every
-    /// attempt.
+    /// attempt. The node's client is its host's, shared by the host's groups.
     ///
     /// # Errors
     /// `op`'s, or the lookup's.
     fn on_group<T>(
         &mut self,
         group: &GroupName,
-        mut op: impl FnMut(&mut GroupClient) -> Result<T, ClientError>,
+        mut op: impl FnMut(&mut GroupView<'_>) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         let options = self.federation.options();
-        let client = self.group_client(group)?;
-        client.set_options(options.one_attempt());
-        let first = op(client);
-        client.set_options(options);
+        let (endpoint, key) = self.group_host(group)?;
+        let host = self.hosts.host(&endpoint, key);
+        host.set_options(options.one_attempt());
+        let first = op(&mut host.group(group));
+        host.set_options(options);
         match first {
             Err(ClientError::Timeout { .. }) => {}
             Err(ClientError::Server(e)) if e.code == agora_proto::wire::ErrorCode::ShuttingDown => {
             }
             result => return result,
         }
-        self.groups.remove(group);
-        op(self.group_client(group)?)
+        self.group_hosts.remove(group);
+        let (endpoint, key) = self.group_host(group)?;
+        op(&mut self.hosts.group(&endpoint, key, group))
     }
 
-    /// The client of `group`'s node, looked up in the registry the first time.
-    fn group_client(&mut self, group: &GroupName) -> Result<&mut GroupClient, ClientError> {
-        if !self.groups.contains_key(group) {
-            let entry = self.registry.lookup(group)?;
-            let mut client = GroupClient::new(
-                self.ctx.context(),
-                entry.endpoint.as_str(),
-                self.identity.user.clone(),
-                Some(group.clone()),
-                self.federation.options(),
-            );
-            if let Some(key) = entry.public_key {
-                client = client.with_curve(ClientCurve {
-                    keypair: self.identity.keypair.clone(),
-                    server_key: key,
-                });
-            }
-            self.groups.insert(group.clone(), client);
+    /// Where `group`'s node is, looked up in the registry the first time.
+    fn group_host(
+        &mut self,
+        group: &GroupName,
+    ) -> Result<(String, Option<agora_common::keys::PublicKey>), ClientError> {
+        if let Some(found) = self.group_hosts.get(group) {
+            return Ok(found.clone());
         }
-        self.groups.get_mut(group).ok_or_else(|| {
-            ClientError::BadReply(agora_proto::codec::CodecError::Field("no client".into()))
-        })
+        let entry = self.registry.lookup(group)?;
+        let found = (entry.endpoint.as_str().to_owned(), entry.public_key);
+        if self.group_hosts.len() >= MAX_GROUP_HOSTS {
+            // A cache: a group forgotten is looked up again.
+            let forget = self.group_hosts.keys().next().cloned();
+            if let Some(forget) = forget {
+                self.group_hosts.remove(&forget);
+            }
+        }
+        self.group_hosts.insert(group.clone(), found.clone());
+        Ok(found)
     }
 }

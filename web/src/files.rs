@@ -20,7 +20,7 @@ use std::io::{Seek, Write};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use agora_common::client::{ClientCurve, ClientError, GroupClient};
+use agora_common::client::{ClientCurve, ClientError, HostClient};
 use agora_common::transfer::UploadTarget;
 use agora_proto::id::MessageId;
 use agora_proto::wire::{
@@ -67,17 +67,17 @@ fn node(
     federation: &Federation,
     identity: &Identity,
     group: &GroupName,
-) -> Result<(GroupClient, UploadTarget), ClientError> {
+) -> Result<(HostClient, UploadTarget), ClientError> {
     let entry = federation.registry_client(ctx, identity).lookup(group)?;
     let curve = entry.public_key.map(|key| ClientCurve {
         keypair: identity.keypair.clone(),
         server_key: key,
     });
-    let mut client = GroupClient::new(
+    // One request's client: every call names the group (its host may serve several).
+    let mut client = HostClient::new(
         ctx,
         entry.endpoint.as_str(),
         identity.user.clone(),
-        Some(group.clone()),
         federation.options(),
     );
     if let Some(curve) = &curve {
@@ -105,7 +105,9 @@ pub fn check_member(
 ) -> Result<(), FileError> {
     let ctx = federation.contexts.take();
     let (mut client, _) = node(ctx.context(), federation, identity, group)?;
-    client.get_messages(HistoryQuery::AfterSeq(u64::MAX), Some(1))?;
+    client
+        .group(group)
+        .get_messages(HistoryQuery::AfterSeq(u64::MAX), Some(1))?;
     Ok(())
 }
 
@@ -306,7 +308,7 @@ pub fn put(
         size,
         file,
         federation.timeout,
-        || client.upload(sha256, size),
+        || client.group(group).upload(sha256, size),
         |_| {},
     )
     .map_err(|e| match e {
@@ -324,7 +326,9 @@ pub fn put(
     };
     let caption = serde_json::value::RawValue::from_string(caption)
         .map_err(|e| FileError::Request("invalid_field", e.to_string()))?;
-    Ok(client.send_attachment(attachment, caption, MessageId::new_v7())?)
+    Ok(client
+        .group(group)
+        .send_attachment(attachment, caption, MessageId::new_v7())?)
 }
 
 /// The file message `seq` of `group` carries.
@@ -340,7 +344,9 @@ pub fn find(
 ) -> Result<(Attachment, UploadTarget), FileError> {
     let ctx = federation.contexts.take();
     let (mut client, target) = node(ctx.context(), federation, identity, group)?;
-    let page = client.get_messages(HistoryQuery::AfterSeq(seq.saturating_sub(1)), Some(1))?;
+    let page = client
+        .group(group)
+        .get_messages(HistoryQuery::AfterSeq(seq.saturating_sub(1)), Some(1))?;
     let message: Option<Message> = page.messages.into_iter().find(|m| m.seq == seq);
     let attachment = message
         .and_then(|m| m.attachment)

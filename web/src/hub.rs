@@ -1,5 +1,6 @@
 //! Live entries fanned out: one `common::live` feed per identity, subscribed once per group
-//! at the node, shared by every session of that identity (in personal mode, every tab).
+//! at the node, shared by every session of that identity (in personal mode, every tab). The
+//! feed holds one connection per group host, whatever the number of its groups followed.
 //!
 //! The feed's handler encodes each event once, as the page receives it, and hands the same
 //! bytes to each following session through a bounded [`tokio::sync::broadcast`] channel per
@@ -242,7 +243,8 @@ impl Hub {
             }
             if !channels.contains_key(group) {
                 if let Some(endpoint) = follower.endpoints.remove(group) {
-                    follower.feed.remove(&endpoint);
+                    // This group only: the host's other groups keep its connection.
+                    follower.feed.remove_group(&endpoint, group);
                 }
             }
         }
