@@ -180,34 +180,47 @@ impl Group {
             peer: input.peer,
             owner: self.owner,
         };
+        // An error to a request naming its group says which (one DEALER, many groups).
+        let named = request.group().cloned();
+        let named = &named;
         let (frames, ok) = match request {
-            NodeRequest::Info(r) => reply::<call::Info>(cmd::info::apply(&mut ctx, r)),
-            NodeRequest::Join(r) => reply::<call::Join>(cmd::join::apply(&mut ctx, r)),
-            NodeRequest::Leave(r) => reply::<call::Leave>(cmd::leave::apply(&mut ctx, r)),
-            NodeRequest::Members(r) => reply::<call::Members>(cmd::members::apply(&mut ctx, r)),
-            NodeRequest::Send(r) => reply::<call::Send>(cmd::send::apply(&mut ctx, r)),
+            NodeRequest::Info(r) => reply_in::<call::Info>(named, cmd::info::apply(&mut ctx, r)),
+            NodeRequest::Join(r) => reply_in::<call::Join>(named, cmd::join::apply(&mut ctx, r)),
+            NodeRequest::Leave(r) => reply_in::<call::Leave>(named, cmd::leave::apply(&mut ctx, r)),
+            NodeRequest::Members(r) => {
+                reply_in::<call::Members>(named, cmd::members::apply(&mut ctx, r))
+            }
+            NodeRequest::Send(r) => reply_in::<call::Send>(named, cmd::send::apply(&mut ctx, r)),
             NodeRequest::GetMessages(r) => {
-                reply::<call::GetMessages>(cmd::get_messages::apply(&mut ctx, r))
+                reply_in::<call::GetMessages>(named, cmd::get_messages::apply(&mut ctx, r))
             }
             NodeRequest::Subscribe(r) => {
-                reply::<call::Subscribe>(cmd::subscribe::apply(&mut ctx, r))
+                reply_in::<call::Subscribe>(named, cmd::subscribe::apply(&mut ctx, r))
             }
             NodeRequest::Unsubscribe(r) => {
-                reply::<call::Unsubscribe>(cmd::unsubscribe::apply(&mut ctx, r))
+                reply_in::<call::Unsubscribe>(named, cmd::unsubscribe::apply(&mut ctx, r))
             }
-            NodeRequest::Invite(r) => reply::<call::Invite>(cmd::policy::invite(&mut ctx, r)),
-            NodeRequest::Kick(r) => reply::<call::Kick>(cmd::policy::kick(&mut ctx, r)),
-            NodeRequest::Ban(r) => reply::<call::Ban>(cmd::policy::ban(&mut ctx, r)),
-            NodeRequest::Unban(r) => reply::<call::Unban>(cmd::policy::unban(&mut ctx, r)),
-            NodeRequest::Promote(r) => reply::<call::Promote>(cmd::policy::promote(&mut ctx, r)),
-            NodeRequest::SetMode(r) => reply::<call::SetMode>(cmd::policy::set_mode(&mut ctx, r)),
+            NodeRequest::Invite(r) => {
+                reply_in::<call::Invite>(named, cmd::policy::invite(&mut ctx, r))
+            }
+            NodeRequest::Kick(r) => reply_in::<call::Kick>(named, cmd::policy::kick(&mut ctx, r)),
+            NodeRequest::Ban(r) => reply_in::<call::Ban>(named, cmd::policy::ban(&mut ctx, r)),
+            NodeRequest::Unban(r) => {
+                reply_in::<call::Unban>(named, cmd::policy::unban(&mut ctx, r))
+            }
+            NodeRequest::Promote(r) => {
+                reply_in::<call::Promote>(named, cmd::policy::promote(&mut ctx, r))
+            }
+            NodeRequest::SetMode(r) => {
+                reply_in::<call::SetMode>(named, cmd::policy::set_mode(&mut ctx, r))
+            }
             NodeRequest::Upload(r) => {
                 let result = cmd::files::upload(&mut ctx, r);
                 if let Some((slot, verified)) = sealing.pop() {
                     // Complete before a restart but not sealed: answered once it is.
                     return Applied::Seal { slot, verified };
                 }
-                reply::<call::Upload>(result)
+                reply_in::<call::Upload>(named, result)
             }
             NodeRequest::UploadChunk(r) => {
                 let result = cmd::files::upload_chunk(&mut ctx, r, input.data.unwrap_or_default());
@@ -215,31 +228,69 @@ impl Group {
                     // The last chunk: answered once the host's sealer is done.
                     return Applied::Seal { slot, verified };
                 }
-                reply::<call::UploadChunk>(result)
+                reply_in::<call::UploadChunk>(named, result)
             }
             NodeRequest::UploadStatus(r) => {
-                reply::<call::UploadStatus>(cmd::files::upload_status(&mut ctx, r))
+                reply_in::<call::UploadStatus>(named, cmd::files::upload_status(&mut ctx, r))
             }
             NodeRequest::Download(r) => match cmd::files::download(&mut ctx, r) {
                 Ok((fields, bytes)) => {
                     agora_common::metrics::count(call::Download::ACTION.as_str(), None);
                     (encode_ok_data(&fields, bytes), true)
                 }
-                Err(e) => reply::<call::Download>(Err(e)),
+                Err(e) => reply_in::<call::Download>(named, Err(e)),
             },
             // The host's: it answers them before a group sees them.
-            NodeRequest::Stop(_) | NodeRequest::Renew(_) => reply::<call::Stop>(Err(
-                WireError::new(ErrorCode::Internal, "not a group's request"),
-            )),
-            NodeRequest::Create(_) | NodeRequest::Delete(_) => {
-                reply::<call::Create>(Err(WireError::new(
+            NodeRequest::Stop(_) | NodeRequest::Renew(_) => reply_in::<call::Stop>(
+                named,
+                Err(WireError::new(ErrorCode::Internal, "not a group's request")),
+            ),
+            NodeRequest::Create(_) | NodeRequest::Delete(_) => reply_in::<call::Create>(
+                named,
+                Err(WireError::new(
                     ErrorCode::Forbidden,
                     "this node serves one group; groups are created and deleted on a group \
                      host (group-node --host)",
-                )))
-            }
+                )),
+            ),
         };
         Applied::Reply { frames, ok }
+    }
+
+    /// One entry of a `renew` (PROTOCOL §6.7.1): a `subscribe` of the connection in `input`
+    /// for `user` with `acked_seq`, its pushes batched.
+    ///
+    /// # Errors
+    /// As `subscribe`, each naming this group.
+    pub fn renew(
+        &mut self,
+        user: &agora_proto::wire::UserName,
+        acked_seq: Option<u64>,
+        input: &Input<'_>,
+    ) -> Result<agora_proto::wire::SubscribeReply, WireError> {
+        let mut unused = Vec::new();
+        let mut sealing = Vec::new();
+        let mut ctx = cmd::Ctx {
+            store: &mut *self.store,
+            config: &self.config,
+            now: input.now,
+            instant: input.instant,
+            envelope: input.envelope,
+            subscribers: &mut self.subscribers,
+            blobs: &self.blobs,
+            sealing: &mut sealing,
+            appended: &mut unused,
+            peer: input.peer,
+            owner: self.owner,
+        };
+        let request = agora_proto::wire::SubscribeRequest {
+            group: Some(self.config.name.clone()),
+            user: user.clone(),
+            batch: true,
+            acked_seq,
+        };
+        cmd::subscribe::apply(&mut ctx, request)
+            .map_err(|e| e.with_group(Some(self.config.name.clone())))
     }
 
     /// Pushes `entries` (durable, in seq order) to the subscribers through `sink`, and sends
@@ -329,6 +380,15 @@ impl Group {
             cmd::files::reply(slot.digest, blobs::Progress::Complete { size: kept.size })
         }))
     }
+}
+
+/// As [`reply`], with an error naming `group` ([`WireError::group`]) when the request named
+/// one.
+fn reply_in<C: Call>(
+    group: &Option<GroupName>,
+    result: Result<C::Reply, WireError>,
+) -> (Frames, bool) {
+    reply::<C>(result.map_err(|e| e.with_group(group.clone())))
 }
 
 /// Encodes a handler's result for action `C`, whose reply type the handler must produce;

@@ -54,6 +54,7 @@ use agora_proto::codec::Frames;
 use agora_proto::wire::{Endpoint, GroupName, Message, DEFAULT_MAX_MESSAGE_BYTES};
 
 mod data_dir;
+pub mod route;
 mod serve;
 pub mod sync;
 

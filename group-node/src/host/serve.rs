@@ -13,8 +13,12 @@ use agora_common::shutdown::{Shutdown, SHUTDOWN_POLL};
 use agora_proto::action::{call, NodeRequest};
 use agora_proto::codec::Frames;
 use agora_proto::time::Timestamp;
-use agora_proto::wire::{ErrorCode, HistoryQuery, Message, SendAck, StopReply, WireError};
+use agora_proto::wire::{
+    ErrorCode, GroupName, HistoryQuery, Message, RenewReply, RenewRequest, SendAck, StopReply,
+    WireError, MAX_RENEW_GROUPS,
+};
 
+use super::route::{route, route_name, Route, Serving};
 use super::{
     durable, heartbeat, lease, wal_estimate, Node, NodeError, CHECKPOINT_BYTES, MAX_BATCH,
     MAX_PIPELINE,
@@ -261,6 +265,38 @@ impl Node {
         tracing::info!(group = %self.group.config.name, by = %peer, "stop requested");
         self.stopping = true;
         Ok(StopReply { stopping: true })
+    }
+
+    /// `renew` (PROTOCOL §6.7.1): one `subscribe` per entry, each routed on its own; the
+    /// refused entries' errors name their group.
+    ///
+    /// # Errors
+    /// `invalid_field` naming `groups` when it holds none or more than
+    /// [`MAX_RENEW_GROUPS`].
+    fn renew(&mut self, r: RenewRequest, input: &Input<'_>) -> Result<RenewReply, WireError> {
+        if r.groups.is_empty() || r.groups.len() > MAX_RENEW_GROUPS {
+            return Err(WireError::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "groups: {} entries; send 1 to {MAX_RENEW_GROUPS}",
+                    r.groups.len()
+                ),
+            ));
+        }
+        let mut reply = RenewReply {
+            groups: Vec::with_capacity(r.groups.len()),
+            refused: Vec::new(),
+        };
+        for entry in r.groups {
+            let serving = Serving::<fn(&GroupName) -> bool>::One(self.group.name());
+            let result = route_name(&entry.group, &serving)
+                .and_then(|_| self.group.renew(&r.user, entry.acked_seq, input));
+            match result {
+                Ok(renewed) => reply.groups.push(renewed),
+                Err(e) => reply.refused.push(e),
+            }
+        }
+        Ok(reply)
     }
 
     /// Queues a served batch behind the batches still syncing, asking for its own sync if it
@@ -609,16 +645,26 @@ impl Node {
     ) -> (Frames, bool) {
         if self.stopping {
             // After a `stop` in the same batch: nothing more is done.
-            return (reply_frames::<()>(Err(stopping())), false);
+            let named = request.group().cloned();
+            return (reply_frames::<()>(Err(stopping().with_group(named))), false);
+        }
+        let serving = Serving::<fn(&GroupName) -> bool>::One(self.group.name());
+        match route(&request, &serving) {
+            Err(e) => return (reply_frames::<()>(Err(e)), false),
+            Ok(Route::Host) | Ok(Route::Group(_)) => {}
         }
         if let NodeRequest::Stop(_) = request {
             return reply::<call::Stop>(self.begin_stop(peer));
         }
-        if let NodeRequest::Renew(_) = request {
-            return reply::<call::Renew>(Err(WireError::new(
-                ErrorCode::UnknownAction,
-                "renew: not served by this node yet; renew each group with subscribe",
-            )));
+        if let NodeRequest::Renew(r) = request {
+            let input = Input {
+                data,
+                envelope,
+                peer,
+                now,
+                instant,
+            };
+            return reply::<call::Renew>(self.renew(r, &input));
         }
         let input = Input {
             data,
@@ -724,6 +770,7 @@ fn writes(request: &NodeRequest) -> bool {
             | NodeRequest::Members(_)
             | NodeRequest::GetMessages(_)
             | NodeRequest::Subscribe(_)
+            | NodeRequest::Renew(_)
             | NodeRequest::Unsubscribe(_)
             | NodeRequest::Upload(_)
             | NodeRequest::UploadChunk(_)

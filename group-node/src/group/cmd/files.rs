@@ -15,7 +15,7 @@ use crate::group::blobs::{BlobError, Progress, Slot};
 use crate::store::GroupStore;
 
 /// # Errors
-/// `unknown_group`, `not_member`, `too_large` (over `--max-file-bytes`), `limit_reached`
+/// `not_member`, `too_large` (over `--max-file-bytes`), `limit_reached`
 /// (the caller's unfinished uploads and kept contents would pass `--upload-quota`, or it
 /// has `--max-uploads-per-member` unfinished uploads already),
 /// `storage_full` (the disk would go below `--disk-reserve-bytes`), `invalid_field`
@@ -24,7 +24,7 @@ pub fn upload<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadRequest,
 ) -> Result<UploadReply, WireError> {
-    members_only(ctx, r.group.as_ref(), &r.user)?;
+    members_only(ctx, &r.user)?;
     let slot = slot(ctx, r.sha256, &r.user);
     if r.size > ctx.config.max_file_bytes {
         return Err(WireError::new(
@@ -41,7 +41,7 @@ pub fn upload<S: GroupStore + ?Sized>(
 }
 
 /// # Errors
-/// `unknown_group`, `not_member`, `too_large` (a chunk over 1 MiB), `bad_offset`, `not_found`
+/// `not_member`, `too_large` (a chunk over 1 MiB), `bad_offset`, `not_found`
 /// (the caller declared no upload of the digest), `invalid_field` (past the declared size),
 /// `storage_full`, `digest_mismatch`, `internal`.
 pub fn upload_chunk<S: GroupStore + ?Sized>(
@@ -49,7 +49,7 @@ pub fn upload_chunk<S: GroupStore + ?Sized>(
     r: UploadChunkRequest,
     data: &[u8],
 ) -> Result<UploadReply, WireError> {
-    members_only(ctx, r.group.as_ref(), &r.user)?;
+    members_only(ctx, &r.user)?;
     if data.len() > MAX_CHUNK_BYTES {
         return Err(WireError::new(
             ErrorCode::TooLarge,
@@ -75,13 +75,13 @@ pub fn upload_chunk<S: GroupStore + ?Sized>(
 }
 
 /// # Errors
-/// `unknown_group`, `not_member`, `not_found` (neither a content nor the caller's upload of
+/// `not_member`, `not_found` (neither a content nor the caller's upload of
 /// it), `internal`.
 pub fn upload_status<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadStatusRequest,
 ) -> Result<UploadReply, WireError> {
-    members_only(ctx, r.group.as_ref(), &r.user)?;
+    members_only(ctx, &r.user)?;
     let slot = slot(ctx, r.sha256, &r.user);
     match ctx.blobs.progress(&slot).map_err(blob_error)? {
         Some(progress) => Ok(reply(r.sha256, progress)),
@@ -92,13 +92,13 @@ pub fn upload_status<S: GroupStore + ?Sized>(
 /// The reply and the bytes for its data frame.
 ///
 /// # Errors
-/// `unknown_group`, `not_member`, `not_found` (no complete content: a partial upload is never
+/// `not_member`, `not_found` (no complete content: a partial upload is never
 /// served), `invalid_field` (`offset` past the end, `length` 0), `internal`.
 pub fn download<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: DownloadRequest,
 ) -> Result<(DownloadReply, Vec<u8>), WireError> {
-    members_only(ctx, r.group.as_ref(), &r.user)?;
+    members_only(ctx, &r.user)?;
     let max = match r.length {
         Some(0) => {
             return Err(WireError::new(
@@ -142,10 +142,8 @@ fn slot<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, digest: Sha256Digest, user: &U
 
 fn members_only<S: GroupStore + ?Sized>(
     ctx: &Ctx<'_, S>,
-    group: Option<&agora_proto::wire::GroupName>,
     user: &UserName,
 ) -> Result<(), WireError> {
-    ctx.check_group(group)?;
     ctx.require_member(&ctx.caller(user)).map(|_| ())
 }
 

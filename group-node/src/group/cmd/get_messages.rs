@@ -8,13 +8,12 @@ use agora_proto::wire::{
 use super::{store_error, Ctx};
 
 /// # Errors
-/// `unknown_group`, `not_member`, `invalid_field` (two selectors, bad limit), `not_found`
+/// `not_member`, `invalid_field` (two selectors, bad limit), `not_found`
 /// (no message with that id), `internal`.
 pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: GetMessagesRequest,
 ) -> Result<MessagesPage, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     ctx.require_member(&ctx.caller(&r.user))?;
     let (query, limit) = r.query()?;
     let page = ctx

@@ -6,12 +6,11 @@ use agora_proto::wire::{InfoReply, InfoRequest, WireError};
 use super::Ctx;
 
 /// # Errors
-/// `unknown_group`.
+/// None.
 pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
-    r: InfoRequest,
+    _r: InfoRequest,
 ) -> Result<InfoReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     Ok(InfoReply {
         group: ctx.config.name.clone(),
         last_seq: ctx.store.last_seq(),

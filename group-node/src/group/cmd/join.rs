@@ -10,13 +10,12 @@ use super::policy::{role, Role};
 use super::{store_error, Ctx};
 
 /// # Errors
-/// `unknown_group`, `banned`, `not_invited`, `name_taken` (another member has that name),
+/// `banned`, `not_invited`, `name_taken` (another member has that name),
 /// `limit_reached` (the group has `max_members`), `internal`.
 pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let caller = ctx.caller(&r.user);
     if ctx
         .store

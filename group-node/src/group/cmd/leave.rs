@@ -6,12 +6,11 @@ use agora_proto::wire::{EntryKind, MembershipReply, MembershipRequest, WireError
 use super::{store_error, Ctx};
 
 /// # Errors
-/// `unknown_group`, `internal`.
+/// `internal`.
 pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let caller = ctx.caller(&r.user);
     let removed = ctx
         .store

@@ -7,12 +7,11 @@ use agora_proto::wire::{ErrorCode, GroupMode, MembersReply, MembersRequest, Wire
 use super::{store_error, Ctx};
 
 /// # Errors
-/// `unknown_group`, `not_member` (a private group, asked by a non-member), `internal`.
+/// `not_member` (a private group, asked by a non-member), `internal`.
 pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
-    r: MembersRequest,
+    _r: MembersRequest,
 ) -> Result<MembersReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     if ctx.store.mode().map_err(store_error)? == GroupMode::Private {
         let member = match ctx.peer {
             Some(key) => ctx

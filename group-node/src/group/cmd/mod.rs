@@ -1,5 +1,6 @@
 //! One handler per group-node action. Each takes the decoded request and a [`Ctx`], and
-//! returns the reply body or a [`WireError`]; none touches the socket. Writes go into the
+//! returns the reply body or a [`WireError`]; none touches the socket. The request was
+//! routed to this group by its `group` already (the host's `route`): no handler checks it. Writes go into the
 //! store's open batch and are acked by the caller after the batch commits.
 
 use std::time::Instant;
@@ -8,9 +9,7 @@ use crate::store::{GroupStore, NewMessage, StoreError};
 use agora_proto::codec::Frames;
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
-use agora_proto::wire::{
-    Attachment, EntryKind, ErrorCode, GroupName, Message, SendAck, UserName, WireError,
-};
+use agora_proto::wire::{Attachment, EntryKind, ErrorCode, Message, SendAck, UserName, WireError};
 use serde_json::value::RawValue;
 
 use crate::group::identity::Caller;
@@ -56,20 +55,6 @@ pub struct Ctx<'a, S: GroupStore + ?Sized> {
 }
 
 impl<S: GroupStore + ?Sized> Ctx<'_, S> {
-    /// Checks a request's optional `group` against this node's.
-    ///
-    /// # Errors
-    /// `unknown_group` when it names another group.
-    pub fn check_group(&self, group: Option<&GroupName>) -> Result<(), WireError> {
-        match group {
-            Some(g) if *g != self.config.name => Err(WireError::new(
-                ErrorCode::UnknownGroup,
-                format!("this node serves \"{}\", not \"{g}\"", self.config.name),
-            )),
-            _ => Ok(()),
-        }
-    }
-
     /// The caller of a request claiming to be `claimed` (see [`crate::group::identity`]).
     pub fn caller(&self, claimed: &UserName) -> Caller {
         crate::group::identity::caller(claimed, self.peer)

@@ -114,12 +114,11 @@ fn expel<S: GroupStore + ?Sized>(
 /// `invite`: let `r.key` join while the group is private.
 ///
 /// # Errors
-/// `forbidden`, `unknown_group`, `internal`.
+/// `forbidden`, `internal`.
 pub fn invite<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let (caller, _) = manager(ctx, &r.user)?;
     let target = Principal::key(&r.key);
     let changed = ctx
@@ -139,12 +138,11 @@ pub fn invite<S: GroupStore + ?Sized>(
 /// `ban`: remove `r.key` if a member, and refuse it from now on.
 ///
 /// # Errors
-/// `forbidden` (also for banning the owner), `unknown_group`, `internal`.
+/// `forbidden` (also for banning the owner), `internal`.
 pub fn ban<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let (caller, role) = manager(ctx, &r.user)?;
     let target = Principal::key(&r.key);
     if is_owner(ctx, &target)
@@ -180,12 +178,11 @@ pub fn ban<S: GroupStore + ?Sized>(
 /// `unban`: lift a ban on `r.key`.
 ///
 /// # Errors
-/// `forbidden`, `unknown_group`, `internal`.
+/// `forbidden`, `internal`.
 pub fn unban<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let (caller, _) = manager(ctx, &r.user)?;
     let changed = ctx
         .store
@@ -206,12 +203,11 @@ pub fn unban<S: GroupStore + ?Sized>(
 ///
 /// # Errors
 /// `forbidden` (also for kicking the owner, or an admin unless the owner asks), `not_found`
-/// (no such member), `unknown_group`, `internal`.
+/// (no such member), `internal`.
 pub fn kick<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MemberTargetRequest,
 ) -> Result<PolicyReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let (caller, role) = manager(ctx, &r.user)?;
     let target = member_named(ctx, &r.member)?;
     if is_owner(ctx, &target)
@@ -239,12 +235,11 @@ pub fn kick<S: GroupStore + ?Sized>(
 /// `promote`: make the member named `r.member` an admin (owner only).
 ///
 /// # Errors
-/// `forbidden`, `not_found`, `unknown_group`, `internal`.
+/// `forbidden`, `not_found`, `internal`.
 pub fn promote<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MemberTargetRequest,
 ) -> Result<PolicyReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let (caller, role) = manager(ctx, &r.user)?;
     if role != Role::Owner {
         return Err(WireError::new(
@@ -270,12 +265,11 @@ pub fn promote<S: GroupStore + ?Sized>(
 /// `set_mode`: make the group open or private.
 ///
 /// # Errors
-/// `forbidden`, `unknown_group`, `internal`.
+/// `forbidden`, `internal`.
 pub fn set_mode<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SetModeRequest,
 ) -> Result<PolicyReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let (caller, _) = manager(ctx, &r.user)?;
     let changed = ctx.store.set_mode(r.mode).map_err(store_error)?;
     if changed {

@@ -10,7 +10,7 @@ use super::Ctx;
 /// size given (PROTOCOL §6.9); the body is then its caption.
 ///
 /// # Errors
-/// `unknown_group`, `not_member`, `too_large` (body over `max_message_bytes`),
+/// `not_member`, `too_large` (body over `max_message_bytes`),
 /// `invalid_field` (a body that is empty or white-space-only text without an attachment,
 /// [`SendRequest::check_body`]; a bad attachment name, media type or size), `not_found` (the attachment's
 /// content is not complete on this node), `id_conflict`, `internal`.
@@ -18,7 +18,6 @@ pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SendRequest,
 ) -> Result<SendAck, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     // The sender is the member the authenticated caller is, whatever `user` claims.
     let sender = ctx.require_member(&ctx.caller(&r.user))?;
     let len = r.body.get().len();

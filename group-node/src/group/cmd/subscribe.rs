@@ -8,13 +8,12 @@ use super::Ctx;
 use crate::group::subscribers::SubscribeOptions;
 
 /// # Errors
-/// `unknown_group`, `not_member`, `limit_reached` (the member's connection bound, or a full
+/// `not_member`, `limit_reached` (the member's connection bound, or a full
 /// node where nobody holds more subscriptions than the caller would).
 pub fn apply<S: GroupStore + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SubscribeRequest,
 ) -> Result<SubscribeReply, WireError> {
-    ctx.check_group(r.group.as_ref())?;
     let caller = ctx.caller(&r.user);
     ctx.require_member(&caller)?;
     let last_seq = ctx.store.last_seq();
