@@ -1106,6 +1106,11 @@ impl HostPool {
         self.hosts.is_empty()
     }
 
+    /// Whether the host at `endpoint` has a client now.
+    pub fn contains(&self, endpoint: &str) -> bool {
+        self.hosts.contains_key(endpoint)
+    }
+
     /// The client of the host at `endpoint`, made on first use (CURVE when the pool has a
     /// key pair and `server_key` is given); a client made with another server key is made
     /// anew.
@@ -1433,5 +1438,88 @@ mod tests {
             error.to_string(),
             format!("no reply from {endpoint} within 300ms")
         );
+    }
+
+    /// One host client, two groups: both groups' requests go over one connection, each
+    /// naming its own group (the user-cli reuse bug of issue 24: a second group's
+    /// requests went to the first).
+    #[test]
+    fn a_host_client_names_each_groups_request_over_one_connection() {
+        use agora_proto::action::NodeRequest;
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).expect("router");
+        router.set_linger(0).expect("linger");
+        router.bind("tcp://127.0.0.1:*").expect("bind");
+        let endpoint = router
+            .get_last_endpoint()
+            .expect("endpoint")
+            .expect("utf-8");
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                assert!(
+                    router.poll(zmq::POLLIN, 5000).expect("poll") > 0,
+                    "no request"
+                );
+                let frames = router.recv_multipart(0).expect("recv");
+                let request = agora_proto::codec::decode_request::<NodeRequest>(&frames[2..])
+                    .expect("request");
+                let group = request.group().cloned().expect("names its group");
+                let reply = agora_proto::codec::encode_ok(&InfoReply {
+                    group: group.clone(),
+                    last_seq: 0,
+                    members: 1,
+                    max_message_bytes: 1024,
+                    mode: agora_proto::wire::GroupMode::Open,
+                });
+                let mut out = vec![frames[0].clone(), Vec::new()];
+                out.extend(reply);
+                router.send_multipart(out, 0).expect("send");
+                seen.push((frames[0].clone(), group));
+            }
+            seen
+        });
+        let mut host = HostClient::new(
+            &ctx,
+            &endpoint,
+            "bob".parse().expect("user"),
+            ClientOptions::default(),
+        );
+        let (a, b): (GroupName, GroupName) =
+            ("Alpha".parse().expect("a"), "Beta".parse().expect("b"));
+        assert_eq!(host.group(&a).info().expect("info").group, a);
+        assert_eq!(host.group(&b).info().expect("info").group, b);
+        let seen = server.join().expect("server");
+        assert_eq!(seen[0].1, a);
+        assert_eq!(seen[1].1, b);
+        assert_eq!(seen[0].0, seen[1].0, "one connection");
+    }
+
+    /// The pool keeps one client per endpoint and, past its capacity, closes the least
+    /// recently used.
+    #[test]
+    fn a_host_pool_is_bounded_and_closes_the_least_recently_used_host() {
+        let ctx = zmq::Context::new();
+        let mut pool = HostPool::new(
+            &ctx,
+            "bob".parse().expect("user"),
+            None,
+            ClientOptions::default(),
+        )
+        .with_capacity(2);
+        let (a, b, c) = (
+            "tcp://127.0.0.1:1",
+            "tcp://127.0.0.1:2",
+            "tcp://127.0.0.1:3",
+        );
+        pool.host(a, None);
+        pool.host(b, None);
+        pool.host(a, None);
+        assert_eq!(pool.len(), 2);
+        pool.host(c, None);
+        assert_eq!(pool.len(), 2);
+        assert!(pool.contains(a) && pool.contains(c) && !pool.contains(b));
+        pool.remove(a);
+        assert!(!pool.contains(a));
     }
 }
