@@ -111,9 +111,8 @@ impl App {
     /// Stops following `group` at `endpoint` live, if a feed runs.
     pub(super) fn unfollow(&self, endpoint: &str, group: &GroupName) {
         if let Some(feed) = &self.feed {
-            // Until the feed keys its groups by (endpoint, group), removing is per endpoint.
-            tracing::debug!(%group, %endpoint, "no longer followed live");
-            feed.remove(endpoint);
+            // That group only: the others of its host stay followed on the same connection.
+            feed.remove_group(endpoint, group);
         }
     }
 
