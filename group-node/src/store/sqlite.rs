@@ -757,7 +757,12 @@ impl SqliteHost {
                 Err(e)
                     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) =>
                 {
-                    Err(StoreError::NameTaken(format!("of group {gid}")))
+                    let name: String = h.conn.query_row(
+                        "SELECT name FROM groups WHERE gid = ?1",
+                        [i64::from(gid.0)],
+                        |r| r.get(0),
+                    )?;
+                    Err(StoreError::NameTaken(name))
                 }
                 Err(e) => Err(e.into()),
             }
@@ -2215,7 +2220,7 @@ mod host_tests {
         let again = h.insert_group(new(&a, GroupState::Live)).expect("a again");
         assert!(matches!(
             h.set_group_state(ga, GroupState::Live, Timestamp::from_micros(4)),
-            Err(StoreError::NameTaken(_))
+            Err(StoreError::NameTaken(n)) if n == "a"
         ));
         h.commit().expect("commit");
         assert_eq!(again, GroupId(3), "gid 2 was b's: never reused");
