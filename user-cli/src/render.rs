@@ -707,4 +707,51 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
         assert!(v["body"].as_str().is_some_and(|b| b.contains('\u{1b}')));
     }
+
+    /// Issue 24: `create` and `delete` say what happened in words, and in JSON the host's
+    /// reply (with the host, for `create`).
+    #[test]
+    fn create_and_delete_results_in_words_and_json() {
+        use agora_proto::wire::{CreateReply, DeleteReply, Endpoint, GroupMode};
+        let created = CreateReply {
+            group: "Night Shift".parse().expect("name"),
+            mode: GroupMode::Private,
+            owner: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+                .parse()
+                .expect("key"),
+            last_seq: 1,
+        };
+        let host = Endpoint::from_host_port("127.0.0.1:7000").expect("endpoint");
+        let item = Item::Created {
+            reply: &created,
+            host: &host,
+        };
+        assert_eq!(
+            line(Format::Human, &item).as_deref(),
+            Some("created Night Shift (private) on tcp://127.0.0.1:7000; you own it")
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&line(Format::Json, &item).expect("json")).expect("JSON");
+        assert_eq!(v["group"], "Night Shift");
+        assert_eq!(v["mode"], "private");
+        assert_eq!(v["last_seq"], 1);
+        assert_eq!(v["host"], "tcp://127.0.0.1:7000");
+        assert_eq!(v["owner"], "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7");
+
+        let deleted = DeleteReply {
+            group: "Night Shift".parse().expect("name"),
+            deleted: true,
+        };
+        assert_eq!(
+            line(Format::Human, &Item::Deleted(&deleted)).as_deref(),
+            Some("deleted Night Shift: its messages are archived and its name is free")
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&line(Format::Json, &Item::Deleted(&deleted)).expect("json"))
+                .expect("JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({"group": "Night Shift", "deleted": true})
+        );
+    }
 }

@@ -264,6 +264,10 @@ pub struct App {
     registry_curve: Option<ClientCurve>,
 }
 
+/// The most endpoints named by address whose group is remembered (256); past it they are
+/// forgotten and asked again.
+const MAX_SERVED_AT: usize = 256;
+
 /// Where a group is, and how to talk to it.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -625,6 +629,9 @@ impl App {
             probe = probe.with_curve(curve);
         }
         let info = probe.info().map_err(|source| remote(target, source))?;
+        if self.served_at.len() >= MAX_SERVED_AT {
+            self.served_at.clear();
+        }
         self.served_at.insert(endpoint.clone(), info.group.clone());
         Ok(info.group)
     }
