@@ -110,7 +110,12 @@ pub enum Command {
         host: Option<String>,
         /// The host's public key (40 Z85 characters; the host prints it at start)
         /// [default: the key the registry lists for groups at that endpoint].
-        #[arg(long, env = "AGORA_HOST_KEY", allow_hyphen_values = true)]
+        #[arg(
+            long,
+            env = "AGORA_HOST_KEY",
+            value_name = "KEY",
+            allow_hyphen_values = true
+        )]
         host_key: Option<PublicKey>,
     },
     /// Delete a group you own: its messages are archived, its members unsubscribed and its
