@@ -36,8 +36,17 @@ impl RegistryProc {
         &self,
         ctx: &zmq::Context,
     ) -> anyhow::Result<(RegistryClient, ClientCurve)> {
+        self.client_as(ctx, Keypair::generate()?)
+    }
+
+    /// As [`RegistryProc::client`], with the key pair `keypair` (a group host's, say).
+    pub(crate) fn client_as(
+        &self,
+        ctx: &zmq::Context,
+        keypair: Keypair,
+    ) -> anyhow::Result<(RegistryClient, ClientCurve)> {
         let curve = ClientCurve {
-            keypair: Keypair::generate()?,
+            keypair,
             server_key: self.key,
         };
         let options = ClientOptions {
@@ -61,6 +70,11 @@ impl RegistryProc {
     /// The registry's resident memory, KiB.
     pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
         crate::servers::rss_kib(self.child.id())
+    }
+
+    /// The registry's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -11,7 +11,9 @@
 //! `--quick` is CI's smoke run: small sizes, and it fails on a wrong count or an Agora
 //! loss, never on a timing. `--postgres` adds Agora storing in PostgreSQL (a throwaway
 //! cluster the bench starts: `pg`) beside SQLite on workloads 2 and 5, and workload 9, the
-//! failover time of an active/standby pair (`failover`).
+//! failover time of an active/standby pair (`failover`). `--federation` measures many
+//! groups on one machine: a group host against JetStream streams and one process per group,
+//! and the registry holding them (`federation`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -33,6 +35,7 @@ use workload::{Fanout, Latency, Sizes};
 mod agora;
 mod dm;
 mod failover;
+mod federation;
 mod floor;
 mod live;
 mod peers;
@@ -95,6 +98,12 @@ struct Args {
     /// The web workload's pace: one message sent every this long.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     web_interval: Duration,
+    /// Many groups on one machine (issue 24): a group host holding 10,000 groups made
+    /// through `create` (200 with --quick) beside JetStream holding as many streams and
+    /// today's one process per group (100 nodes, 5 with --quick, scaled), and the registry
+    /// holding them. Runs the numbered workloads only when `--workload` names them.
+    #[arg(long)]
+    federation: bool,
     /// Internal: be the libzmq REP echo server of the transport floor.
     #[arg(long, hide = true)]
     serve_rep: bool,
@@ -277,7 +286,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("agora-bench: {}", pg.note);
         bench.postgres = Some(pg);
     }
-    let all = args.workloads.is_empty() && !args.web;
+    let all = args.workloads.is_empty() && !args.web && !args.federation;
     let wants = |w: u8| all || args.workloads.contains(&w);
     let mut losses = Vec::new();
     if wants(1) {
@@ -317,6 +326,14 @@ fn main() -> anyhow::Result<()> {
             bench.sizes.web_messages = n;
         }
         web(&mut bench, args.web_sessions as usize, args.web_interval);
+    }
+    if args.federation {
+        let sizes = if args.quick {
+            federation::FedSizes::quick()
+        } else {
+            federation::FedSizes::full()
+        };
+        federation(&mut bench, &sizes);
     }
 
     println!("{}", heading(&args, &bench, &pinning));
@@ -386,12 +403,16 @@ fn heading(args: &Args, bench: &Bench, pinning: &str) -> String {
         } else {
             "plain TCP (--insecure)"
         },
-        if args.web {
-            " (the web workload: CURVE)"
-        } else {
-            ""
+        match (args.web, args.federation) {
+            (true, true) => " (the web and federation measures: CURVE)",
+            (true, false) => " (the web workload: CURVE)",
+            (false, true) => " (the federation measures: CURVE)",
+            (false, false) => "",
         },
-        version("nats-server", "--version"),
+        servers::nats_program().map_or_else(
+            || "nats-server not found".to_owned(),
+            |p| version(&p.to_string_lossy(), "--version")
+        ),
         version("redis-server", "--version"),
     )
 }
@@ -1012,6 +1033,150 @@ fn web(b: &mut Bench, sessions: usize, interval: Duration) {
     );
 }
 
+/// The federation measures (`--federation`), once each: a group host with N groups beside
+/// JetStream with N streams and N single-group nodes (scaled from a few), and the registry
+/// with N groups. Targets (issue 24) are in the rows' names.
+fn federation(b: &mut Bench, sizes: &federation::FedSizes) {
+    let saved = b.sizes.repeat;
+    b.sizes.repeat = 1;
+    let n = sizes.groups;
+    let host = b.runs("federation: group host", || federation::host(sizes));
+    let js = b.peer_runs("federation: JetStream streams", || {
+        federation::jetstream(sizes)
+    });
+    let off = b.runs("federation: single-group nodes, WAL prealloc off", || {
+        federation::single_nodes(sizes, false)
+    });
+    let on = b.runs("federation: single-group nodes, WAL prealloc on", || {
+        federation::single_nodes(sizes, true)
+    });
+    let reg = b.runs("federation: registry", || federation::registry(sizes));
+    b.sizes.repeat = saved;
+    let host = host.first().copied();
+    let js = js.first().copied();
+    let (off, on) = (off.first().copied(), on.first().copied());
+    let reg = reg.first().copied();
+    const JS: &str = "JetStream, one file-store stream per group";
+    const OFF: &str = "one group-node per group, --wal-prealloc 0";
+    const ON: &str = "one group-node per group, WAL zero-filled (default)";
+    let peers = b.peers;
+    let mut push = |workload: String,
+                    unit: &'static str,
+                    better: Better,
+                    agora: Option<f64>,
+                    js_value: Option<Option<f64>>,
+                    others: Vec<(&'static str, Option<f64>)>| {
+        let mut row_peers = Vec::new();
+        if let (true, Some(v)) = (peers, js_value) {
+            row_peers.push((JS, v));
+        }
+        row_peers.extend(others);
+        b.rows.push(Row {
+            workload,
+            unit,
+            better,
+            agora,
+            peers: row_peers,
+        });
+    };
+    let singles = |f: fn(&federation::Singles) -> f64| {
+        vec![(OFF, off.as_ref().map(f)), (ON, on.as_ref().map(f))]
+    };
+    push(
+        format!("fed. {n} groups made on one group host by `create`, 8 in flight"),
+        "groups/s",
+        Better::Higher,
+        host.map(|h| h.scale.create_per_s),
+        Some(js.map(|j| j.create_per_s)),
+        Vec::new(),
+    );
+    push(
+        format!("fed. RSS per idle group, host with {n} (target ≤ 64)"),
+        "KiB",
+        Better::Lower,
+        host.map(|h| h.scale.rss_kib),
+        Some(js.map(|j| j.rss_kib)),
+        singles(|s| s.rss_kib),
+    );
+    push(
+        format!("fed. disk per idle group, host with {n} (target ≤ 64)"),
+        "KiB",
+        Better::Lower,
+        host.map(|h| h.scale.disk_kib),
+        Some(js.map(|j| j.disk_kib)),
+        singles(|s| s.disk_kib),
+    );
+    push(
+        format!("fed. threads per group, host with {n}"),
+        "threads",
+        Better::Lower,
+        host.map(|h| h.threads as f64 / n.max(1) as f64),
+        None,
+        vec![(OFF, off.map(|s| s.threads))],
+    );
+    push(
+        format!("fed. CPU of {n} idle groups, nobody connected"),
+        "% of a core",
+        Better::Lower,
+        host.map(|h| h.idle_cpu_pct),
+        None,
+        vec![(
+            "one group-node per group, scaled to N",
+            off.map(|s| s.idle_cpu_pct * n as f64),
+        )],
+    );
+    push(
+        format!("fed. host RSS with {n} idle groups"),
+        "KiB",
+        Better::Lower,
+        host.map(|h| h.rss_kib as f64),
+        None,
+        Vec::new(),
+    );
+    push(
+        format!("fed. kill -9 and restart → all {n} groups answer `info` (target ≤ 5,000)"),
+        "ms",
+        Better::Lower,
+        host.map(|h| h.restart.as_secs_f64() * 1e3),
+        None,
+        Vec::new(),
+    );
+    push(
+        format!("fed. registry: {n} groups of one host by `register_groups`"),
+        "groups/s",
+        Better::Higher,
+        reg.map(|r| r.register_per_s),
+        None,
+        Vec::new(),
+    );
+    push(
+        format!("fed. registry: `list` of {n} groups"),
+        "ms",
+        Better::Lower,
+        reg.map(|r| r.list_ms),
+        None,
+        Vec::new(),
+    );
+    push(
+        format!(
+            "fed. registry CPU with {n} groups, one `heartbeat_host` each interval (target ≤ 2)"
+        ),
+        "% of a core",
+        Better::Lower,
+        reg.map(|r| r.idle_cpu_pct),
+        None,
+        Vec::new(),
+    );
+    push(
+        format!("fed. registry RSS with {n} groups of one host"),
+        "KiB",
+        Better::Lower,
+        reg.map(|r| r.rss_kib as f64),
+        None,
+        Vec::new(),
+    );
+}
+
 /// A running `group-node` process (killed on drop).
 pub(crate) struct NodeProc {
     child: Child,
@@ -1083,6 +1248,18 @@ pub(crate) fn spawn_server(
     name: &str,
     args: &[&str],
 ) -> anyhow::Result<(Child, Vec<String>, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let (child, words) = spawn_server_in(name, args, dir.path())?;
+    Ok((child, words, dir))
+}
+
+/// As [`spawn_server`], in the data directory `dir` (kept by the caller: a restart finds
+/// what the last run left).
+pub(crate) fn spawn_server_in(
+    name: &str,
+    args: &[&str],
+    dir: &Path,
+) -> anyhow::Result<(Child, Vec<String>)> {
     let bin: PathBuf = std::env::current_exe()?.with_file_name(name);
     if !bin.exists() {
         bail!(
@@ -1090,11 +1267,10 @@ pub(crate) fn spawn_server(
             bin.display()
         );
     }
-    let dir = tempfile::tempdir()?;
     let mut child = servers::server_command(&bin)
         .args(args)
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(dir)
         .env(
             "RUST_LOG",
             std::env::var("AGORA_BENCH_LOG").unwrap_or_else(|_| "error".into()),
@@ -1114,7 +1290,7 @@ pub(crate) fn spawn_server(
         bail!("{name} exited before printing its endpoint");
     }
     let words = line.split_whitespace().map(str::to_owned).collect();
-    Ok((child, words, dir))
+    Ok((child, words))
 }
 
 /// Starts the release `group-node` beside this binary on a free loopback port, with `extra`

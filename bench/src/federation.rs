@@ -1,0 +1,486 @@
+//! `--federation`: many groups on one machine (issue 24, docs/PERFORMANCE.md "Federation
+//! scale"), side by side in one run:
+//! - [`host`]: one `group-node --host` holding N groups made through `create` (CURVE, one
+//!   creator key): create rate, RSS and disk per idle group, threads, idle CPU, and the
+//!   time from `kill -9` and a restart to all N answering `info`;
+//! - [`jetstream`]: nats-server holding N file-store streams: create rate, RSS and disk per
+//!   stream (the peer the issue's targets name);
+//! - [`single_nodes`]: today's design, one `group-node NAME IP:PORT` process per group,
+//!   measured at [`FedSizes::single_nodes`] and divided per group (so scaled to any N),
+//!   with the WAL zero-filled at start (`--wal-prealloc`, the default) and without;
+//! - [`registry`]: the registry holding N groups of one host through `register_groups`,
+//!   kept live by `heartbeat_host`: `list` latency and idle CPU.
+//!
+//! Per-group figures are differences: (value with N − value empty) / N. CPU is read from
+//! `/proc/PID/stat` ([`crate::servers::cpu_time`]) over [`FedSizes::idle`]. Nothing here
+//! asserts a timing; a wrong count fails the run.
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use agora_common::client::{ClientCurve, ClientOptions, HostClient};
+use agora_common::keys::{Keypair, PublicKey};
+use agora_proto::wire::{Endpoint, GroupMode, GroupName, HostedGroup, RegisterGroupsRequest};
+use agora_proto::wire::{UserName, MAX_REGISTER_GROUPS};
+use anyhow::{bail, Context};
+use futures::TryStreamExt;
+
+use crate::servers::{self, cpu_time, disk_bytes, rss_kib, threads};
+
+/// The sizes of one federation run.
+#[derive(Debug, Clone, Copy)]
+pub struct FedSizes {
+    /// Groups on the host, streams in JetStream, groups in the registry (N).
+    pub groups: u64,
+    /// Single-group `group-node` processes started per WAL setting.
+    pub single_nodes: usize,
+    /// How long idle CPU is read over.
+    pub idle: Duration,
+    /// Creates (stream creates, restart `info`s) in flight at once, one per client thread
+    /// (Agora) or future (JetStream).
+    pub in_flight: usize,
+}
+
+impl FedSizes {
+    /// The issue's run: 10,000 groups, 100 single-group nodes, 10 s idle windows.
+    pub fn full() -> FedSizes {
+        FedSizes {
+            groups: 10_000,
+            single_nodes: 100,
+            idle: Duration::from_secs(10),
+            in_flight: 8,
+        }
+    }
+
+    /// CI's smoke run (well under a minute): 200 groups, 5 nodes, 2 s idle windows.
+    pub fn quick() -> FedSizes {
+        FedSizes {
+            groups: 200,
+            single_nodes: 5,
+            idle: Duration::from_secs(2),
+            in_flight: 8,
+        }
+    }
+}
+
+/// How long a server is left alone after a phase before its memory is read.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// What holding N groups (or streams) costs.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// Creates per second, [`FedSizes::in_flight`] at a time.
+    pub create_per_s: f64,
+    /// (RSS with N − RSS empty) / N, KiB.
+    pub rss_kib: f64,
+    /// (disk with N − disk empty) / N, KiB (allocated blocks, as `du`).
+    pub disk_kib: f64,
+}
+
+impl Scale {
+    fn of(n: u64, took: Duration, rss: (u64, u64), disk: (u64, u64)) -> Scale {
+        let n = n.max(1) as f64;
+        Scale {
+            create_per_s: n / took.as_secs_f64(),
+            rss_kib: rss.1.saturating_sub(rss.0) as f64 / n,
+            disk_kib: disk.1.saturating_sub(disk.0) as f64 / 1024.0 / n,
+        }
+    }
+}
+
+/// The group host's measures.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRun {
+    /// Create rate, RSS and disk per idle group.
+    pub scale: Scale,
+    /// The host's RSS with N groups, KiB.
+    pub rss_kib: u64,
+    /// The host's threads with N groups.
+    pub threads: u64,
+    /// The host's CPU with N idle groups and nobody connected, % of one core.
+    pub idle_cpu_pct: f64,
+    /// From `kill -9` to all N groups answering `info` after a restart.
+    pub restart: Duration,
+}
+
+/// Today's one-process-per-group design, per group.
+#[derive(Debug, Clone, Copy)]
+pub struct Singles {
+    /// RSS per group (one process), KiB.
+    pub rss_kib: f64,
+    /// Threads per group.
+    pub threads: f64,
+    /// Disk per group (its data directory), KiB.
+    pub disk_kib: f64,
+    /// Idle CPU per group, % of one core.
+    pub idle_cpu_pct: f64,
+}
+
+/// The registry's measures with N groups of one host.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryRun {
+    /// `register_groups` rate (128 names a request, one client), names per second.
+    pub register_per_s: f64,
+    /// The median `list` of all N, ms.
+    pub list_ms: f64,
+    /// The registry's CPU while the host's one `heartbeat_host` comes each interval and
+    /// nothing else, % of one core.
+    pub idle_cpu_pct: f64,
+    /// The registry's RSS with N groups, KiB.
+    pub rss_kib: u64,
+}
+
+/// A child process killed (`SIGKILL`) and reaped on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The CPU `pid` uses over `window`, % of one core.
+fn idle_cpu_pct(pids: &[u32], window: Duration) -> anyhow::Result<f64> {
+    let total = |pids: &[u32]| -> anyhow::Result<Duration> {
+        pids.iter()
+            .map(|p| cpu_time(*p))
+            .sum::<anyhow::Result<Duration>>()
+    };
+    let before = total(pids)?;
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let used = total(pids)?.saturating_sub(before);
+    Ok(100.0 * used.as_secs_f64() / started.elapsed().as_secs_f64())
+}
+
+fn group_name(i: u64) -> anyhow::Result<GroupName> {
+    Ok(GroupName::new(format!("g{i:05}"))?)
+}
+
+/// The words of a server's `listening ENDPOINT public-key KEY` line.
+fn endpoint_and_key(words: &[String]) -> anyhow::Result<(String, PublicKey)> {
+    match words {
+        [_, endpoint, _, key] => Ok((endpoint.clone(), key.parse()?)),
+        _ => bail!("group-node printed {words:?}, not `listening ENDPOINT public-key KEY`"),
+    }
+}
+
+/// Runs `work(i)` for every i in 0..n on `threads` threads (thread t takes i ≡ t mod
+/// `threads`), each with its own state from `state()`; returns the time until the last
+/// finished.
+fn spread<S: Send>(
+    n: u64,
+    threads: usize,
+    state: impl Fn() -> anyhow::Result<S>,
+    work: impl Fn(&mut S, u64) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<Duration> {
+    let threads = threads.max(1) as u64;
+    let states = (0..threads)
+        .map(|_| state())
+        .collect::<anyhow::Result<Vec<S>>>()?;
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = states
+            .into_iter()
+            .zip(0..)
+            .map(|(mut s, t)| {
+                scope.spawn(move || {
+                    (t..n)
+                        .step_by(threads as usize)
+                        .try_for_each(|i| work(&mut s, i))
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))?
+        })
+    })?;
+    Ok(started.elapsed())
+}
+
+/// Starts `group-node --host ADDR` in `dir` over CURVE, any key may create, room for `n`
+/// groups from one key, no registry, no rate limit.
+fn start_host(
+    addr: &str,
+    dir: &std::path::Path,
+    n: u64,
+) -> anyhow::Result<(Killed, String, PublicKey)> {
+    let n = n.to_string();
+    let args = [
+        "--host",
+        addr,
+        "--creators",
+        "any",
+        "--max-groups",
+        &n,
+        "--max-groups-per-key",
+        &n,
+        "--no-registry",
+        "--rate-limit",
+        "0",
+    ];
+    let (child, words) = crate::spawn_server_in("group-node", &args, dir)
+        .context("starting `group-node --host` (a group-node without --host cannot run this)")?;
+    let child = Killed(child);
+    let (endpoint, key) = endpoint_and_key(&words)?;
+    Ok((child, endpoint, key))
+}
+
+/// The group host: N groups through `create`, measured idle, then `kill -9` and a restart
+/// on the same endpoint until every group answers `info`.
+///
+/// # Errors
+/// A host that does not start, a refused create, a group not served after the restart
+/// within 2 minutes.
+pub fn host(s: &FedSizes) -> anyhow::Result<HostRun> {
+    let dir = tempfile::tempdir()?;
+    let (mut child, endpoint, key) = start_host("127.0.0.1:0", dir.path(), s.groups)?;
+    let pid = child.0.id();
+    std::thread::sleep(SETTLE);
+    let rss0 = rss_kib(pid)?;
+    let disk0 = disk_bytes(dir.path())?;
+    let ctx = zmq::Context::new();
+    let creator = Keypair::generate()?;
+    let user = UserName::new("bench")?;
+    let client = |timeout: Duration| {
+        HostClient::new(
+            &ctx,
+            &endpoint,
+            user.clone(),
+            ClientOptions {
+                timeout,
+                attempts: 1,
+            },
+        )
+        .with_curve(ClientCurve {
+            keypair: creator.clone(),
+            server_key: key,
+        })
+    };
+    // One attempt each: a retried create whose first try landed would be `name_taken`.
+    let took = spread(
+        s.groups,
+        s.in_flight,
+        || Ok(client(Duration::from_secs(30))),
+        |c, i| {
+            let name = group_name(i)?;
+            c.create(&name, GroupMode::Open)
+                .with_context(|| format!("create {name}"))?;
+            Ok(())
+        },
+    )?;
+    std::thread::sleep(SETTLE);
+    let rss = rss_kib(pid)?;
+    let disk = disk_bytes(dir.path())?;
+    let threads = threads(pid)?;
+    let idle_cpu_pct = idle_cpu_pct(&[pid], s.idle)?;
+
+    // kill -9, then the same endpoint again (libzmq binds with SO_REUSEADDR).
+    let addr = endpoint
+        .strip_prefix("tcp://")
+        .context("the host's endpoint is not tcp://")?
+        .to_owned();
+    child.0.kill()?;
+    child.0.wait()?;
+    let killed = Instant::now();
+    let (restarted, endpoint2, _) = start_host(&addr, dir.path(), s.groups)?;
+    if endpoint2 != endpoint {
+        bail!("the host came back at {endpoint2}, not {endpoint}");
+    }
+    let deadline = killed + Duration::from_secs(120);
+    spread(
+        s.groups,
+        s.in_flight,
+        || Ok(client(Duration::from_secs(1))),
+        |c, i| {
+            let name = group_name(i)?;
+            loop {
+                match c.group(&name).info() {
+                    Ok(_) => return Ok(()),
+                    Err(e) if Instant::now() > deadline => {
+                        bail!("{name} not served 2 minutes after the restart: {e}")
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        },
+    )?;
+    let restart = killed.elapsed();
+    drop(restarted);
+    Ok(HostRun {
+        scale: Scale::of(s.groups, took, (rss0, rss), (disk0, disk)),
+        rss_kib: rss,
+        threads,
+        idle_cpu_pct,
+        restart,
+    })
+}
+
+/// nats-server holding N JetStream streams on its file store, one subject each, created
+/// [`FedSizes::in_flight`] at a time.
+///
+/// # Errors
+/// A server that does not start, a refused create, a stream count other than N.
+pub fn jetstream(s: &FedSizes) -> anyhow::Result<Scale> {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    let server = servers::start_nats()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = async_nats::connect(format!("nats://{}", server.addr))
+            .await
+            .context("connecting to nats-server")?;
+        let js = async_nats::jetstream::new(client);
+        tokio::time::sleep(SETTLE).await;
+        let rss0 = server.rss_kib()?;
+        let disk0 = disk_bytes(server.dir())?;
+        let started = Instant::now();
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for i in 0..s.groups {
+            if pending.len() >= s.in_flight {
+                pending.try_next().await?;
+            }
+            let js = js.clone();
+            pending.push(async move {
+                js.create_stream(Config {
+                    name: format!("g{i:05}"),
+                    subjects: vec![format!("g.{i:05}")],
+                    storage: StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .with_context(|| format!("creating stream g{i:05}"))
+            });
+        }
+        while pending.try_next().await?.is_some() {}
+        let took = started.elapsed();
+        let streams = js.query_account().await.context("account info")?.streams;
+        if streams as u64 != s.groups {
+            bail!("nats-server holds {streams} streams, not {}", s.groups);
+        }
+        tokio::time::sleep(SETTLE).await;
+        let rss = server.rss_kib()?;
+        let disk = disk_bytes(server.dir())?;
+        Ok(Scale::of(s.groups, took, (rss0, rss), (disk0, disk)))
+    })
+}
+
+/// Today's design: [`FedSizes::single_nodes`] `group-node NAME IP:PORT` processes (CURVE,
+/// no registry), each idle; their RSS, threads, disk and CPU summed, per group.
+/// `wal_prealloc`: the default zero-filled WAL, else `--wal-prealloc 0`.
+///
+/// # Errors
+/// A node that does not start.
+pub fn single_nodes(s: &FedSizes, wal_prealloc: bool) -> anyhow::Result<Singles> {
+    let extra: &[&str] = if wal_prealloc {
+        &[]
+    } else {
+        &["--wal-prealloc", "0"]
+    };
+    let nodes = (0..s.single_nodes)
+        .map(|_| crate::start_node(extra))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::thread::sleep(SETTLE);
+    let pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
+    let (mut rss, mut thread_count, mut disk) = (0, 0, 0);
+    for (node, pid) in nodes.iter().zip(&pids) {
+        rss += rss_kib(*pid)?;
+        thread_count += threads(*pid)?;
+        disk += disk_bytes(node._dir.path())?;
+    }
+    let cpu = idle_cpu_pct(&pids, s.idle)?;
+    let n = nodes.len().max(1) as f64;
+    Ok(Singles {
+        rss_kib: rss as f64 / n,
+        threads: thread_count as f64 / n,
+        disk_kib: disk as f64 / 1024.0 / n,
+        idle_cpu_pct: cpu / n,
+    })
+}
+
+/// The registry holding N groups of one host (a `--host-key`), registered 128 a request
+/// with `register_groups` and kept live by one `heartbeat_host` each interval, as a host's
+/// registrar does. The host's endpoint is never dialled: the registry only stores it.
+///
+/// # Errors
+/// A registry that does not start, a refused name, a `list` of other than N groups.
+pub fn registry(s: &FedSizes) -> anyhow::Result<RegistryRun> {
+    let ctx = zmq::Context::new();
+    let host = Keypair::generate()?;
+    let max = (s.groups + 100).to_string();
+    let host_key = host.public.to_string();
+    let reg = crate::dm::start_registry(&["--max-groups", &max, "--host-key", &host_key])?;
+    let (mut client, _) = reg.client_as(&ctx, host.clone())?;
+    let endpoint: Endpoint = "tcp://127.0.0.1:9".parse().context("endpoint")?;
+    let mut heartbeat = Duration::from_secs(2);
+    let started = Instant::now();
+    let names = (0..s.groups)
+        .map(group_name)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for chunk in names.chunks(MAX_REGISTER_GROUPS) {
+        let reply = client.register_groups(&RegisterGroupsRequest {
+            endpoint: endpoint.clone(),
+            public_key: Some(host.public),
+            groups: chunk
+                .iter()
+                .map(|name| HostedGroup {
+                    name: name.clone(),
+                    members: 1,
+                })
+                .collect(),
+        })?;
+        if let Some(e) = reply.refused.first() {
+            bail!(
+                "register_groups refused {} names, the first: {e}",
+                reply.refused.len()
+            );
+        }
+        heartbeat = Duration::from_millis(reply.heartbeat_ms.max(100));
+    }
+    let register_per_s = s.groups as f64 / started.elapsed().as_secs_f64();
+    let mut lists = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let listed = client.list()?.len() as u64;
+        lists.push(t.elapsed().as_secs_f64() * 1e3);
+        if listed != s.groups {
+            bail!("the registry lists {listed} of {} groups", s.groups);
+        }
+    }
+    // The host's heartbeat goes on beside the idle window, on its own thread and client.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (mut beat_client, _) = reg.client_as(&ctx, host.clone())?;
+    let groups = s.groups;
+    let public = host.public;
+    let beats = std::thread::spawn(move || -> anyhow::Result<()> {
+        loop {
+            let reply = beat_client.heartbeat_host(&endpoint, Some(public), groups)?;
+            if reply.known != groups {
+                bail!(
+                    "the registry knows {} of the host's {groups} groups",
+                    reply.known
+                );
+            }
+            match stopped.recv_timeout(heartbeat) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                _ => return Ok(()),
+            }
+        }
+    });
+    let idle = idle_cpu_pct(&[reg.pid()], s.idle);
+    let _ = stop.send(());
+    beats
+        .join()
+        .map_err(|_| anyhow::anyhow!("the heartbeat thread panicked"))??;
+    Ok(RegistryRun {
+        register_per_s,
+        list_ms: crate::table::median(lists).unwrap_or(0.0),
+        idle_cpu_pct: idle?,
+        rss_kib: reg.rss_kib()?,
+    })
+}
