@@ -202,14 +202,15 @@ fn spread<S: Send>(
 }
 
 /// Starts `group-node --host ADDR` in `dir` over CURVE, any key may create, room for `n`
-/// groups from one key, no registry, no rate limit.
+/// groups from one key, no rate limit, and `registry` (`--no-registry` when empty).
 fn start_host(
     addr: &str,
     dir: &std::path::Path,
     n: u64,
+    registry: &[&str],
 ) -> anyhow::Result<(Killed, String, PublicKey)> {
     let n = n.to_string();
-    let args = [
+    let mut args = vec![
         "--host",
         addr,
         "--creators",
@@ -218,10 +219,13 @@ fn start_host(
         &n,
         "--max-groups-per-key",
         &n,
-        "--no-registry",
         "--rate-limit",
         "0",
     ];
+    if registry.is_empty() {
+        args.push("--no-registry");
+    }
+    args.extend_from_slice(registry);
     let (child, words) = crate::spawn_server_in("group-node", &args, dir)
         .context("starting `group-node --host` (a group-node without --host cannot run this)")?;
     let child = Killed(child);
@@ -237,7 +241,7 @@ fn start_host(
 /// within 2 minutes.
 pub fn host(s: &FedSizes) -> anyhow::Result<HostRun> {
     let dir = tempfile::tempdir()?;
-    let (mut child, endpoint, key) = start_host("127.0.0.1:0", dir.path(), s.groups)?;
+    let (mut child, endpoint, key) = start_host("127.0.0.1:0", dir.path(), s.groups, &[])?;
     let pid = child.0.id();
     std::thread::sleep(SETTLE);
     let rss0 = rss_kib(pid)?;
@@ -286,7 +290,7 @@ pub fn host(s: &FedSizes) -> anyhow::Result<HostRun> {
     child.0.kill()?;
     child.0.wait()?;
     let killed = Instant::now();
-    let (restarted, endpoint2, _) = start_host(&addr, dir.path(), s.groups)?;
+    let (restarted, endpoint2, _) = start_host(&addr, dir.path(), s.groups, &[])?;
     if endpoint2 != endpoint {
         bail!("the host came back at {endpoint2}, not {endpoint}");
     }
@@ -482,5 +486,318 @@ pub fn registry(s: &FedSizes) -> anyhow::Result<RegistryRun> {
         list_ms: crate::table::median(lists).unwrap_or(0.0),
         idle_cpu_pct: idle?,
         rss_kib: reg.rss_kib()?,
+    })
+}
+
+/// The sizes of the followers workload ([`followers`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FollowSizes {
+    /// Users, each with its own CURVE key and feed.
+    pub users: u64,
+    /// Groups on the host, all active.
+    pub groups: u64,
+    /// Groups each user joins and follows.
+    pub per_user: u64,
+    /// Messages per second sent across the groups (round robin).
+    pub rate: u64,
+    /// How long they are sent.
+    pub send_for: Duration,
+    /// How long CPU is read with everyone following and nothing sent.
+    pub idle: Duration,
+}
+
+impl FollowSizes {
+    /// The run: 2,000 users in 10 of 1,000 groups each, 1,000 msg/s for 60 s.
+    pub fn full() -> FollowSizes {
+        FollowSizes {
+            users: 2_000,
+            groups: 1_000,
+            per_user: 10,
+            rate: 1_000,
+            send_for: Duration::from_secs(60),
+            idle: Duration::from_secs(10),
+        }
+    }
+
+    /// CI's smoke run: 40 users in 5 of 20 groups, 100 msg/s for 2 s.
+    pub fn quick() -> FollowSizes {
+        FollowSizes {
+            users: 40,
+            groups: 20,
+            per_user: 5,
+            rate: 100,
+            send_for: Duration::from_secs(2),
+            idle: Duration::from_secs(2),
+        }
+    }
+
+    /// The groups user `u` follows.
+    fn groups_of(&self, u: u64) -> impl Iterator<Item = u64> + '_ {
+        (0..self.per_user).map(move |j| (u * self.per_user + j) % self.groups)
+    }
+}
+
+/// What the followers workload measured.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowRun {
+    /// Send → delivery to each follower, live pushes and backfill alike.
+    pub latency: crate::workload::Latency,
+    /// Deliveries that never came (the feed backfills a gap, so this must be 0).
+    pub lost: u64,
+    /// Deliveries expected: each message times its group's followers.
+    pub expected: u64,
+    /// Host CPU with everyone following and nothing sent, % of one core.
+    pub host_idle_pct: f64,
+    /// Registry CPU over the same window.
+    pub registry_idle_pct: f64,
+    /// Host CPU while sending, % of one core.
+    pub host_busy_pct: f64,
+    /// Registry CPU while sending.
+    pub registry_busy_pct: f64,
+}
+
+/// Feeds per ZeroMQ context: libzmq caps a context at 1023 sockets (`ZMQ_MAX_SOCKETS`).
+const FEEDS_PER_CONTEXT: u64 = 128;
+
+/// What the feeds' handlers share: deliveries so far and their latencies.
+#[derive(Default)]
+struct Deliveries {
+    subscribed: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+    latencies: std::sync::Mutex<Vec<Duration>>,
+}
+
+/// A message body: `"SEQ MICROS"`, MICROS since `epoch` when it was sent.
+fn stamped(k: u64, epoch: Instant) -> Box<serde_json::value::RawValue> {
+    let text = format!("\"{k} {}\"", epoch.elapsed().as_micros());
+    serde_json::value::RawValue::from_string(text)
+        .unwrap_or_else(|_| unreachable!("digits are JSON"))
+}
+
+/// The send time a [`stamped`] body carries, as an offset from the epoch.
+fn stamp_of(body: &serde_json::value::RawValue) -> Option<Duration> {
+    let text: String = serde_json::from_str(body.get()).ok()?;
+    let micros = text.split_once(' ')?.1.parse().ok()?;
+    Some(Duration::from_micros(micros))
+}
+
+/// `users` users, each with its own CURVE key, each joined to and following
+/// [`FollowSizes::per_user`] of [`FollowSizes::groups`] groups of one host (registered
+/// with a registry), through `common::live::Feed` (one connection per host); host and
+/// registry CPU idle, then `rate` messages/s for `send_for` from one sender, delivery
+/// latency from send to each follower, and deliveries lost.
+///
+/// # Errors
+/// A server that does not start, a refused create, join or send, feeds that do not all
+/// subscribe within 2 minutes.
+pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
+    use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
+    use agora_proto::action::call;
+    use agora_proto::codec::{decode_reply, encode_call};
+    use agora_proto::id::MessageId;
+    use agora_proto::wire::{EntryKind, SendAck, SendRequest};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    let needed = 16 * s.users + 1024;
+    let limit = crate::web::raise_open_files(needed);
+    if limit < needed {
+        eprintln!("agora-bench: followers: open files limited to {limit} (wanted {needed})");
+    }
+    let max = (s.groups + 100).to_string();
+    let reg = crate::dm::start_registry(&["--max-groups", &max, "--max-names-per-key", &max])?;
+    let reg_key = reg.key().to_string();
+    let dir = tempfile::tempdir()?;
+    let (host, endpoint, key) = start_host(
+        "127.0.0.1:0",
+        dir.path(),
+        s.groups,
+        &["--registry", reg.endpoint(), "--registry-key", &reg_key],
+    )?;
+    let host_pid = host.0.id();
+    let ctx = zmq::Context::new();
+    let options = ClientOptions {
+        timeout: Duration::from_secs(30),
+        attempts: 1,
+    };
+    let client = |user: &UserName, keypair: &Keypair| {
+        HostClient::new(&ctx, &endpoint, user.clone(), options).with_curve(ClientCurve {
+            keypair: keypair.clone(),
+            server_key: key,
+        })
+    };
+    let owner = Keypair::generate()?;
+    let owner_name = UserName::new("owner")?;
+    spread(
+        s.groups,
+        8,
+        || Ok(client(&owner_name, &owner)),
+        |c, i| {
+            c.create(&group_name(i)?, GroupMode::Open)
+                .with_context(|| format!("create g{i:05}"))?;
+            Ok(())
+        },
+    )?;
+    let users = (0..s.users)
+        .map(|u| Ok((UserName::new(format!("u{u}"))?, Keypair::generate()?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    spread(
+        s.users,
+        8,
+        || Ok(()),
+        |(), u| {
+            let (name, keypair) = &users[u as usize];
+            let mut c = client(name, keypair);
+            for g in s.groups_of(u) {
+                let group = group_name(g)?;
+                c.group(&group)
+                    .join()
+                    .with_context(|| format!("{name} joining {group}"))?;
+            }
+            Ok(())
+        },
+    )?;
+
+    let epoch = Instant::now();
+    let shared = Arc::new(Deliveries::default());
+    let contexts: Vec<zmq::Context> = (0..s.users.div_ceil(FEEDS_PER_CONTEXT))
+        .map(|_| zmq::Context::new())
+        .collect();
+    let mut feeds = Vec::new();
+    for (u, (name, keypair)) in users.iter().enumerate() {
+        let d = Arc::clone(&shared);
+        let feed = Feed::with_handler(
+            &contexts[u / FEEDS_PER_CONTEXT as usize],
+            name.clone(),
+            Some(keypair.clone()),
+            FeedOptions::default(),
+            move |event| {
+                match event {
+                    FeedEvent::Subscribed { .. } => {
+                        d.subscribed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    FeedEvent::Entry { entry, .. } if entry.kind == EntryKind::Message => {
+                        if let Some(sent) = stamp_of(&entry.body) {
+                            let took = epoch.elapsed().saturating_sub(sent);
+                            if let Ok(mut l) = d.latencies.lock() {
+                                l.push(took);
+                            }
+                        }
+                        d.received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+                true
+            },
+        )?;
+        for g in s.groups_of(u as u64) {
+            let group = group_name(g)?;
+            feed.add(GroupSpec {
+                label: group.to_string(),
+                endpoint: endpoint.clone(),
+                group: Some(group),
+                after_seq: None,
+                server_key: Some(key),
+            });
+        }
+        feeds.push(feed);
+    }
+    let subscriptions = s.users * s.per_user;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while shared.subscribed.load(Ordering::Relaxed) < subscriptions {
+        if Instant::now() > deadline {
+            bail!(
+                "{} of {subscriptions} subscriptions made within 2 minutes",
+                shared.subscribed.load(Ordering::Relaxed)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cpu = |pid: u32| cpu_time(pid);
+    let (h0, r0, t0) = (cpu(host_pid)?, cpu(reg.pid())?, Instant::now());
+    std::thread::sleep(s.idle);
+    let idle_secs = t0.elapsed().as_secs_f64();
+    let host_idle_pct = 100.0 * cpu(host_pid)?.saturating_sub(h0).as_secs_f64() / idle_secs;
+    let registry_idle_pct = 100.0 * cpu(reg.pid())?.saturating_sub(r0).as_secs_f64() / idle_secs;
+
+    // One DEALER as the owner (a member of every group), paced at `rate`, round robin.
+    let sender = ctx.socket(zmq::DEALER)?;
+    sender.set_linger(0)?;
+    sender.set_sndhwm(0)?;
+    sender.set_curve_serverkey(key.as_bytes())?;
+    sender.set_curve_publickey(owner.public.as_bytes())?;
+    sender.set_curve_secretkey(owner.secret_bytes())?;
+    sender.connect(&endpoint)?;
+    let names = (0..s.groups)
+        .map(group_name)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut followers_of = vec![0u64; s.groups as usize];
+    for u in 0..s.users {
+        for g in s.groups_of(u) {
+            followers_of[g as usize] += 1;
+        }
+    }
+    let total = s.rate * s.send_for.as_secs().max(1);
+    let (h1, r1, started) = (cpu(host_pid)?, cpu(reg.pid())?, Instant::now());
+    let (mut sent, mut acked, mut expected) = (0u64, 0u64, 0u64);
+    let ack_deadline = started + s.send_for + Duration::from_secs(30);
+    while acked < total {
+        let due = (started.elapsed().as_secs_f64() * s.rate as f64) as u64;
+        while sent < total.min(due) {
+            let g = (sent % s.groups) as usize;
+            let frames = encode_call::<call::Send>(&SendRequest {
+                group: Some(names[g].clone()),
+                user: owner_name.clone(),
+                body: stamped(sent, epoch),
+                id: Some(MessageId::new_v7()),
+                attachment: None,
+            });
+            sender.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)?;
+            expected += followers_of[g];
+            sent += 1;
+        }
+        if sender.poll(zmq::POLLIN, 1)? > 0 {
+            let reply = sender.recv_multipart(0)?;
+            if let Err(e) = decode_reply::<SendAck>(reply.get(1..).unwrap_or_default())? {
+                bail!("send refused: {e}");
+            }
+            acked += 1;
+        }
+        if Instant::now() > ack_deadline {
+            bail!("{acked} of {total} sends acked 30 s after the last was due");
+        }
+    }
+    let busy_secs = started.elapsed().as_secs_f64();
+    let host_busy_pct = 100.0 * cpu(host_pid)?.saturating_sub(h1).as_secs_f64() / busy_secs;
+    let registry_busy_pct = 100.0 * cpu(reg.pid())?.saturating_sub(r1).as_secs_f64() / busy_secs;
+    // Deliveries still on their way, or being backfilled: until all came, or none for 30 s.
+    let (mut last, mut progress) = (0, Instant::now());
+    loop {
+        let got = shared.received.load(Ordering::Relaxed);
+        if got >= expected || progress.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if got != last {
+            (last, progress) = (got, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(feeds);
+    let received = shared.received.load(Ordering::Relaxed);
+    let latencies = std::mem::take(
+        &mut *shared
+            .latencies
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a feed handler panicked"))?,
+    );
+    drop(host);
+    Ok(FollowRun {
+        latency: crate::workload::Latency::of(latencies),
+        lost: expected.saturating_sub(received),
+        expected,
+        host_idle_pct,
+        registry_idle_pct,
+        host_busy_pct,
+        registry_busy_pct,
     })
 }

@@ -333,7 +333,12 @@ fn main() -> anyhow::Result<()> {
         } else {
             federation::FedSizes::full()
         };
-        federation(&mut bench, &sizes);
+        let follow = if args.quick {
+            federation::FollowSizes::quick()
+        } else {
+            federation::FollowSizes::full()
+        };
+        losses.push(federation(&mut bench, &sizes, &follow));
     }
 
     println!("{}", heading(&args, &bench, &pinning));
@@ -1035,8 +1040,13 @@ fn web(b: &mut Bench, sessions: usize, interval: Duration) {
 
 /// The federation measures (`--federation`), once each: a group host with N groups beside
 /// JetStream with N streams and N single-group nodes (scaled from a few), and the registry
-/// with N groups. Targets (issue 24) are in the rows' names.
-fn federation(b: &mut Bench, sizes: &federation::FedSizes) {
+/// with N groups; then users following groups of one host while messages are sent. Targets
+/// (issue 24) are in the rows' names. Returns the deliveries lost.
+fn federation(
+    b: &mut Bench,
+    sizes: &federation::FedSizes,
+    follow: &federation::FollowSizes,
+) -> u64 {
     let saved = b.sizes.repeat;
     b.sizes.repeat = 1;
     let n = sizes.groups;
@@ -1051,7 +1061,11 @@ fn federation(b: &mut Bench, sizes: &federation::FedSizes) {
         federation::single_nodes(sizes, true)
     });
     let reg = b.runs("federation: registry", || federation::registry(sizes));
+    let fol = b.runs("federation: users following groups", || {
+        federation::followers(follow)
+    });
     b.sizes.repeat = saved;
+    let fol = fol.first().copied();
     let host = host.first().copied();
     let js = js.first().copied();
     let (off, on) = (off.first().copied(), on.first().copied());
@@ -1175,6 +1189,53 @@ fn federation(b: &mut Bench, sizes: &federation::FedSizes) {
         None,
         Vec::new(),
     );
+    let label = format!(
+        "fed. {} users (own CURVE keys) following {} of {} groups, {} msg/s for {} s",
+        follow.users,
+        follow.per_user,
+        follow.groups,
+        follow.rate,
+        follow.send_for.as_secs()
+    );
+    let measures: [(String, &'static str, fn(&federation::FollowRun) -> f64); 8] = [
+        ("send → each follower, p50".into(), "µs", |f| {
+            f.latency.p50_us
+        }),
+        (
+            "send → each follower, p99 (target ≤ 50,000)".into(),
+            "µs",
+            |f| f.latency.p99_us,
+        ),
+        ("deliveries".into(), "deliveries", |f| f.expected as f64),
+        ("lost (target 0)".into(), "deliveries", |f| f.lost as f64),
+        (
+            "host CPU, following, nothing sent (target ≤ 2)".into(),
+            "% of a core",
+            |f| f.host_idle_pct,
+        ),
+        (
+            "registry CPU, following, nothing sent".into(),
+            "% of a core",
+            |f| f.registry_idle_pct,
+        ),
+        ("host CPU while sending".into(), "% of a core", |f| {
+            f.host_busy_pct
+        }),
+        ("registry CPU while sending".into(), "% of a core", |f| {
+            f.registry_busy_pct
+        }),
+    ];
+    for (what, unit, f) in measures {
+        push(
+            format!("{label}: {what}"),
+            unit,
+            Better::Lower,
+            fol.as_ref().map(f),
+            None,
+            Vec::new(),
+        );
+    }
+    fol.map_or(0, |f| f.lost)
 }
 
 /// A running `group-node` process (killed on drop).
