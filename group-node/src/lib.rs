@@ -31,6 +31,6 @@ pub use host::sync as durable;
 pub use host::{
     default_data_dir, first_missing, lock_data_dir, node_key_pair, unmake_data_dir, Config,
     DataDirLock, Node, NodeError, DEFAULT_DISK_RESERVE_BYTES, DEFAULT_MAX_FILE_BYTES,
-    DEFAULT_MAX_UPLOADS_PER_MEMBER, DEFAULT_UPLOAD_QUOTA, DEFAULT_UPLOAD_TTL,
+    DEFAULT_MAX_GROUPS, DEFAULT_MAX_UPLOADS_PER_MEMBER, DEFAULT_UPLOAD_QUOTA, DEFAULT_UPLOAD_TTL,
     DEFAULT_WAL_PREALLOC_BYTES, MAX_BATCH, MAX_PIPELINE,
 };

@@ -42,13 +42,26 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "group-node", version, about)]
 struct Args {
-    /// The group's name; may contain spaces ("Cool Group").
-    name: GroupName,
+    /// The group's name; may contain spaces ("Cool Group"). Not with --host.
+    #[arg(required_unless_present = "host", conflicts_with = "host")]
+    name: Option<GroupName>,
     /// Address to bind, IP:PORT or tcp://HOST:PORT (port 0 binds a free port), for example
     /// 127.0.0.1:5560. It is also what members are told to connect to, so a wildcard
     /// (`0.0.0.0`, `[::]`) needs --advertise unless --no-registry.
-    #[arg(value_name = "ADDRESS", value_parser = check::bind)]
-    addr: String,
+    #[arg(value_name = "ADDRESS", value_parser = check::bind, required_unless_present = "host")]
+    addr: Option<String>,
+    /// Serve many groups at this address (IP:PORT or tcp://HOST:PORT) as a group host:
+    /// every live group of DATA/host.sqlite3, each request naming its group (PROTOCOL §6).
+    /// Needs --data-dir; instead of NAME ADDRESS.
+    #[arg(long, value_name = "ADDRESS", value_parser = check::bind, requires = "data_dir")]
+    host: Option<String>,
+    /// With --host: a group to make at start if the host has none of that name, owned by
+    /// the host key (repeatable).
+    #[arg(long = "group", value_name = "NAME", requires = "host")]
+    groups: Vec<GroupName>,
+    /// With --host: most groups the host holds.
+    #[arg(long, env = "AGORA_MAX_GROUPS", default_value_t = agora_group_node::DEFAULT_MAX_GROUPS)]
+    max_groups: usize,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
     /// draining) over HTTP on this IP:PORT, or on loopback with a bare PORT (9100 is
     /// 127.0.0.1:9100; port 0 picks one). Bind a non-loopback address only where the
@@ -269,7 +282,8 @@ fn main() -> ExitCode {
 /// # Errors
 /// A usage error naming the argument.
 fn check_usage(args: &Args) -> anyhow::Result<()> {
-    let host = args.addr.rsplit_once(':').map_or("", |(h, _)| h);
+    let addr = args.bind_addr();
+    let host = addr.rsplit_once(':').map_or("", |(h, _)| h);
     let wildcard = matches!(
         Endpoint::new(format!("{host}:1")),
         Err(agora_proto::wire::NameError::Endpoint {
@@ -281,11 +295,17 @@ fn check_usage(args: &Args) -> anyhow::Result<()> {
         anyhow::bail!(
             "ADDRESS {:?} is a wildcard, which members cannot connect to; add --advertise \
              IP:PORT (the address members reach this node at), or bind one address",
-            args.addr
+            addr
+        );
+    }
+    if args.host.is_some() && args.store.is_some() {
+        anyhow::bail!(
+            "--host with --store: a group host keeps its groups in SQLite for now; drop --store, \
+             or run one node per group on PostgreSQL"
         );
     }
     if args.insecure {
-        let mut endpoints = vec![("ADDRESS", args.addr.clone())];
+        let mut endpoints = vec![("ADDRESS", addr.to_owned())];
         if !args.no_registry && args.registry != "auto" {
             endpoints.extend(
                 agora_common::client::registry_endpoints(&args.registry)
@@ -311,23 +331,36 @@ fn check_usage(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Args {
+    /// The address to bind: ADDRESS, or --host's.
+    fn bind_addr(&self) -> &str {
+        self.host
+            .as_deref()
+            .or(self.addr.as_deref())
+            .unwrap_or_default()
+    }
+}
+
 fn run(mut args: Args) -> Result<(), Failure> {
     check_usage(&args).exit_with(Exit::Usage)?;
+    let name = match args.name.take() {
+        Some(name) => name,
+        // A group host's own name, for its logs: it serves the groups of its database.
+        None => GroupName::new("group host")
+            .context("the group host's name")
+            .exit_with(Exit::Usage)?,
+    };
+    let addr = args.bind_addr().to_owned();
     let data_dir = match args.data_dir.take() {
         Some(d) => d,
-        None => default_data_dir(&args.name)
+        None => default_data_dir(&name)
             .context("no home directory to derive a data directory from; pass --data-dir")
             .exit_with(Exit::Usage)?,
     };
     // Before anything exists: a busy port is reported now, not after a key pair and a data
     // directory were made (and the bind below still reports a port taken meanwhile).
-    agora_common::server::check_bindable(&args.addr)
-        .with_context(|| {
-            format!(
-                "cannot bind {}; choose another port (0 binds a free one)",
-                args.addr
-            )
-        })
+    agora_common::server::check_bindable(&addr)
+        .with_context(|| format!("cannot bind {addr}; choose another port (0 binds a free one)"))
         .exit_with(Exit::LocalIo)?;
     // The metrics port too, before anything exists and before the `listening` line; it
     // answers once the node serves.
@@ -369,7 +402,10 @@ fn run(mut args: Args) -> Result<(), Failure> {
         args.registry = chosen.endpoint;
         args.registry_key = key;
     }
-    let mut config = Config::new(args.name, args.addr.clone(), data_dir);
+    let mut config = Config::new(name, addr.clone(), data_dir);
+    config.host = args.host.is_some();
+    config.groups = std::mem::take(&mut args.groups);
+    config.max_groups = args.max_groups;
     config.advertise = args.advertise;
     config.registry = (!args.no_registry).then(|| args.registry.clone());
     config.max_message_bytes = args.max_message_bytes;
@@ -574,7 +610,10 @@ fn store_failure(e: NodeError, store: Option<&str>) -> Failure {
 /// The exit status of a node failure.
 fn node_failure(e: NodeError) -> Failure {
     let exit = match &e {
-        NodeError::InsecureNotLoopback(_) | NodeError::NoRegistryKey => Exit::Usage,
+        NodeError::InsecureNotLoopback(_)
+        | NodeError::NoRegistryKey
+        | NodeError::HostOnPostgres
+        | NodeError::TooManyGroups(_) => Exit::Usage,
         NodeError::LeaseLost => Exit::Refused,
         NodeError::Store(StoreError::Postgres(pg)) if pg.as_db_error().is_none() => {
             Exit::Unreachable

@@ -720,6 +720,33 @@ impl Federation {
         )
     }
 
+    /// Starts a group host (`group-node --host 127.0.0.1:0`) registered with this
+    /// federation's registry, its data in `DIR/data-<tag>` (SQLite, whatever the test store),
+    /// and waits for its `listening` line. `extra` adds flags (`--group NAME` ...).
+    pub fn host(&self, tag: &str, extra: &[&str]) -> Server {
+        let data = self.node_data_dir(tag);
+        let registry_key = self.registry_key();
+        let mut args = vec![
+            "--host",
+            "127.0.0.1:0",
+            "--registry",
+            &self.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+            "--data-dir",
+            &data,
+            "--heartbeat",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        Server::spawn(
+            "group-node",
+            &args,
+            &self.dir.path().join(format!("host-{tag}.log")),
+        )
+        .wait_listening(START_TIMEOUT)
+    }
+
     /// The data directory of the node started with `tag`.
     pub fn node_data_dir(&self, tag: &str) -> String {
         self.path(&format!("data-{tag}"))

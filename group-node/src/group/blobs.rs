@@ -284,6 +284,16 @@ pub struct BlobLayout {
 }
 
 impl BlobLayout {
+    /// The layout of the blob tree at `root` (a `blobs/` directory).
+    pub fn at(root: PathBuf) -> BlobLayout {
+        BlobLayout { root }
+    }
+
+    /// The blob tree's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn blob_path(&self, digest: &Sha256Digest) -> PathBuf {
         let hex = digest.to_string();
         self.root.join("sha256").join(&hex[..2]).join(hex)

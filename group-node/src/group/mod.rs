@@ -20,7 +20,7 @@ use agora_proto::codec::{encode_ok_data, Frames};
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{ErrorCode, GroupName, Message, WireError};
 
-use crate::store::{GroupStore, Retention, StoreError};
+use crate::store::{GroupLog, Retention, StoreError};
 
 pub mod blobs;
 pub(crate) mod cmd;
@@ -96,11 +96,12 @@ pub enum Applied {
     },
 }
 
-/// One group: settings, log store, live subscribers and attachments.
+/// One group: settings, live subscribers and attachments. Its log is the host's: each call
+/// that reads or writes it is given the group's view of the open batch ([`GroupLog`]).
 pub struct Group {
     pub(crate) config: GroupConfig,
-    pub(crate) store: Box<dyn GroupStore>,
-    pub(crate) subscribers: Subscribers,
+    /// Boxed: a group's engine stays under 1 KiB (`an_idle_group_is_small`).
+    pub(crate) subscribers: Box<Subscribers>,
     pub(crate) blobs: Blobs,
     /// The owner's key (`None` on an `--insecure` node).
     pub(crate) owner: Option<PublicKey>,
@@ -115,18 +116,16 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
-    /// A group over an open `store`, with its `subscribers` and `blobs`, owned by `owner`.
+    /// A group with its `subscribers` and `blobs`, owned by `owner`.
     pub fn new(
         config: GroupConfig,
-        store: Box<dyn GroupStore>,
         subscribers: Subscribers,
         blobs: Blobs,
         owner: Option<PublicKey>,
     ) -> Group {
         Group {
             config,
-            store,
-            subscribers,
+            subscribers: Box::new(subscribers),
             blobs,
             owner,
         }
@@ -147,33 +146,30 @@ impl Group {
         self.owner
     }
 
-    /// The group's log store.
-    pub fn store(&self) -> &dyn GroupStore {
-        &*self.store
-    }
-
     /// The live subscribers.
     pub fn subscribers(&self) -> &Subscribers {
         &self.subscribers
     }
 
-    /// Runs the handler of `request` inside the store's open batch (for writes), appending
+    /// Runs the handler of `request` on `store` (this group's view of the open batch, for
+    /// writes), appending
     /// to `appended` the entries to push once the batch is durable. `stop` is the host's and
     /// is refused here.
-    pub fn apply(
+    pub fn apply<S: GroupLog + ?Sized>(
         &mut self,
+        store: &mut S,
         request: NodeRequest,
         input: &Input<'_>,
         appended: &mut Vec<Message>,
     ) -> Applied {
         let mut sealing = Vec::new();
         let mut ctx = cmd::Ctx {
-            store: &mut *self.store,
+            store,
             config: &self.config,
             now: input.now,
             instant: input.instant,
             envelope: input.envelope,
-            subscribers: &mut self.subscribers,
+            subscribers: &mut *self.subscribers,
             blobs: &self.blobs,
             sealing: &mut sealing,
             appended,
@@ -262,8 +258,9 @@ impl Group {
     ///
     /// # Errors
     /// As `subscribe`, each naming this group.
-    pub fn renew(
+    pub fn renew<S: GroupLog + ?Sized>(
         &mut self,
+        store: &mut S,
         user: &agora_proto::wire::UserName,
         acked_seq: Option<u64>,
         input: &Input<'_>,
@@ -271,12 +268,12 @@ impl Group {
         let mut unused = Vec::new();
         let mut sealing = Vec::new();
         let mut ctx = cmd::Ctx {
-            store: &mut *self.store,
+            store,
             config: &self.config,
             now: input.now,
             instant: input.instant,
             envelope: input.envelope,
-            subscribers: &mut self.subscribers,
+            subscribers: &mut *self.subscribers,
             blobs: &self.blobs,
             sealing: &mut sealing,
             appended: &mut unused,
@@ -318,14 +315,13 @@ impl Group {
     /// older than the upload TTL at `now`): what retention leaves of attachments. With a
     /// PostgreSQL store, their rows go too (fenced by the lease: a deposed node deletes
     /// nothing). Failures are logged.
-    pub fn sweep_blobs(&mut self, now: SystemTime) {
+    pub fn sweep_blobs<S: GroupLog + ?Sized>(&mut self, store: &S, now: SystemTime) {
         let ttl = self.config.upload_ttl;
         match self.blobs.expire_uploads(ttl, now) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(expired = n, "unfinished uploads discarded"),
             Err(e) => tracing::warn!(error = %e, "could not expire uploads"),
         }
-        let store = &self.store;
         // A store failure keeps the blob: never delete what may still be referenced.
         match self
             .blobs
@@ -337,26 +333,44 @@ impl Group {
         }
     }
 
-    /// Applies the age retention at `now` in a batch of its own; returns whether it
-    /// committed a deletion (which then needs a sync like any write).
-    pub fn sweep_retention(&mut self, now: Timestamp) -> bool {
-        let policy = self.config.retention;
-        let result = self.store.begin().and_then(|()| {
-            let n = self.store.apply_retention(policy, now)?;
-            self.store.commit()?;
-            Ok(n)
-        });
-        match result {
-            Ok(0) => false,
-            Ok(n) => {
-                tracing::debug!(deleted = n, "retention");
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "retention failed");
-                false
-            }
+    /// Applies the age retention at `now` to `store`, inside a batch the caller opened and
+    /// commits; returns how many messages it deleted.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn retain_by_age<S: GroupLog + ?Sized>(
+        &self,
+        store: &mut S,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let policy = Retention {
+            max_messages: None,
+            ..self.config.retention
+        };
+        if policy.max_age.is_none() {
+            return Ok(0);
         }
+        store.apply_retention(policy, now)
+    }
+
+    /// Applies the count retention (`max_messages`) to `store` at the end of a batch that
+    /// appended; returns how many messages it deleted.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn retain_by_count<S: GroupLog + ?Sized>(
+        &self,
+        store: &mut S,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let policy = Retention {
+            max_age: None,
+            ..self.config.retention
+        };
+        if policy.max_messages.is_none() {
+            return Ok(0);
+        }
+        store.apply_retention(policy, now)
     }
 
     /// Seals `slot` on the calling thread (when the host has no sealer to hand it to) and

@@ -311,6 +311,11 @@ impl Subscribers {
         self.subs.is_empty()
     }
 
+    /// Whether `unsubscribed` events wait for the next push round.
+    pub fn has_notices(&self) -> bool {
+        !self.notices.is_empty()
+    }
+
     /// How many subscriptions `member` holds.
     pub fn held_by(&self, member: &Principal) -> usize {
         self.by_member.get(member).map_or(0, BTreeMap::len)

@@ -44,7 +44,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::store::{self, Durability, GroupStore, PgStore, Retention, SqliteStore, StoreError};
+use crate::store::{
+    self, Durability, GroupId, GroupLog, GroupState, HostDb, NewGroup, Retention, SqliteHost,
+    SqliteStore, StoreError,
+};
 use agora_common::client::max_request_bytes;
 use agora_common::keys::{KeyError, Keypair, PublicKey};
 use agora_common::ratelimit::{Limiter, RateLimit};
@@ -54,6 +57,7 @@ use agora_proto::codec::Frames;
 use agora_proto::wire::{Endpoint, GroupName, Message, DEFAULT_MAX_MESSAGE_BYTES};
 
 mod data_dir;
+pub mod groups;
 pub mod route;
 mod serve;
 pub mod sync;
@@ -67,6 +71,7 @@ use crate::group::subscribers::Subscribers;
 use crate::group::{blobs, Group, GroupConfig};
 use crate::{heartbeat, lease};
 use data_dir::private_files;
+use groups::{GroupTable, Hosted, Loaded};
 use sync as durable;
 
 /// Most requests handled in one batch (one transaction, one fsync).
@@ -80,6 +85,9 @@ pub const MAX_PIPELINE: usize = 4;
 /// automatic checkpoint (1000 pages of 4 KiB). Checkpointing more often costs appends, as
 /// the checkpoint's syncs of the database file compete with the WAL's.
 const CHECKPOINT_BYTES: u64 = 4 << 20;
+
+/// Most groups of a group host by default: 10,000.
+pub const DEFAULT_MAX_GROUPS: usize = 10_000;
 
 /// The largest attachment a node takes by default: 4 GiB.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 << 30;
@@ -187,8 +195,18 @@ pub struct Config {
     pub rate_limit: RateLimit,
     /// The group owner's key; default the node's own key (the operator).
     pub owner: Option<PublicKey>,
-    /// Make the group private at start (it stays so until `set_mode`).
+    /// Make the group private at start (it stays so until `set_mode`); on a group host, the
+    /// groups `groups` makes.
     pub private: bool,
+    /// The `--host` form: serve every live group of the host database
+    /// (`DATA/host.sqlite3`), each request naming its group; `name` is unused. Default
+    /// false: a host of the one group `name`.
+    pub host: bool,
+    /// On a group host: groups to make at start if the host has none of that name (the
+    /// operator's, owned by the host key).
+    pub groups: Vec<GroupName>,
+    /// On a group host: most groups (default 10,000).
+    pub max_groups: usize,
 }
 
 impl Config {
@@ -235,6 +253,9 @@ impl Config {
             rate_limit: RateLimit::default(),
             owner: None,
             private: false,
+            host: false,
+            groups: Vec::new(),
+            max_groups: DEFAULT_MAX_GROUPS,
         }
     }
 }
@@ -287,6 +308,12 @@ pub enum NodeError {
     /// commit found that another node took it: this node stops serving (fail-stop).
     #[error("lost the lease: another node may be active now")]
     LeaseLost,
+    /// `--host` with `--store`: a group host keeps its groups in SQLite for now.
+    #[error("a group host (--host) runs on SQLite for now; PostgreSQL (--store) serves one group per node")]
+    HostOnPostgres,
+    /// The host would hold more than `--max-groups` groups.
+    #[error("the host would hold more than --max-groups {0} groups")]
+    TooManyGroups(usize),
     /// A registry is configured but not its key.
     #[error("the registry's public key is needed: pass --registry-key (the registry prints it at start)")]
     NoRegistryKey,
@@ -298,8 +325,12 @@ pub struct Node {
     config: Config,
     socket: zmq::Socket,
     endpoint: Endpoint,
-    /// The group served.
-    group: Group,
+    /// The host's database: every group's log.
+    db: HostDb,
+    /// The groups served (one for `group-node NAME IP:PORT`).
+    groups: GroupTable,
+    /// The `--host` form: every request must name its group.
+    many: bool,
     /// The lease this node serves under, when the store is shared ([`lease`]).
     lease: Option<lease::Lease>,
     /// A commit was fenced: another node holds the lease.
@@ -307,7 +338,7 @@ pub struct Node {
     /// The sealing actor (started by `run`), and the envelopes of the last chunks whose
     /// replies wait for it, by digest.
     sealer: Option<durable::Sealer>,
-    seal_waiters: std::collections::HashMap<blobs::Slot, Vec<Frames>>,
+    seal_waiters: std::collections::HashMap<(usize, blobs::Slot), Vec<Frames>>,
     keys: Option<Keypair>,
     /// Set by an accepted `stop`: the loop ends, the node drains and exits.
     stopping: bool,
@@ -324,6 +355,59 @@ impl std::fmt::Debug for Node {
             .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
+}
+
+/// The subscribers of a new group, with the node's lease, bounds and push budgets.
+fn group_subscribers(config: &Config) -> Subscribers {
+    Subscribers::new(
+        config.lease,
+        config.max_subscribers,
+        config.max_subscriptions_per_member,
+        config.fault_drop_push_every,
+    )
+    .with_push_budget(config.push_budget_bytes, config.push_budget_total_bytes)
+}
+
+/// Opens the attachments' blob tree under `dir` (`dir/blobs`) with the node's limits, kept
+/// in PostgreSQL too with a PostgreSQL store, and counts the charges of what it keeps.
+///
+/// # Errors
+/// [`NodeError::DataDir`], [`NodeError::Store`].
+fn open_blobs(
+    config: &Config,
+    dir: &std::path::Path,
+    lease: Option<&lease::Lease>,
+) -> Result<blobs::Blobs, NodeError> {
+    let io = |e: blobs::BlobError| NodeError::DataDir {
+        path: dir.join("blobs"),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let blobs = blobs::Blobs::open(dir)
+        .map_err(io)?
+        .with_limits(blobs::Limits {
+            quota: config.upload_quota,
+            reserve: config.disk_reserve_bytes,
+            max_uploads: config.max_uploads_per_member,
+        });
+    // With a PostgreSQL store, complete blobs live there too: any node of the group
+    // serves them after a failover (`blobs`, "Shared blobs").
+    let blobs = match &config.store {
+        Some(target) => blobs
+            .with_postgres(blobs::PgBlobTarget::new(
+                target,
+                &config.name,
+                lease.map(lease::Lease::epoch),
+            ))
+            .map_err(|e| match e {
+                blobs::BlobError::Store(e) => NodeError::Store(e),
+                e => io(e),
+            })?,
+        None => blobs,
+    };
+    // The charges of kept contents, counted before any seal can run (without a
+    // PostgreSQL store; with one, they are its rows).
+    blobs.count_kept().map_err(io)?;
+    Ok(blobs)
 }
 
 /// Replaces a wildcard bind address with loopback, for advertising.
@@ -415,9 +499,16 @@ impl Node {
             Some(e) => e.clone(),
             None => advertisable(&bound)?,
         };
-        let db = config.data_dir.join("group.sqlite3");
+        let db_path = config.data_dir.join(if config.host {
+            "host.sqlite3"
+        } else {
+            "group.sqlite3"
+        });
+        if config.host && config.store.is_some() {
+            return Err(NodeError::HostOnPostgres);
+        }
         // With PostgreSQL, no SQLite file: only the directory (key pair, blob cache, lock).
-        let sqlite = config.store.is_none().then_some(db.as_path());
+        let sqlite = config.store.is_none().then_some(db_path.as_path());
         private_files(&config.data_dir, sqlite).map_err(|source| NodeError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -430,85 +521,103 @@ impl Node {
             keys.save(&config.data_dir.join("node.key"))?;
             tracing::info!(public_key = %keys.public, "made a new node key pair");
         }
-        let store: Box<dyn GroupStore> = match &config.store {
-            Some(target) => Box::new(PgStore::open(
+        let mut db = match &config.store {
+            Some(target) => HostDb::Pg(Box::new(store::PgHost::open(
                 target,
-                &config.name,
+                store::PgSchema::Group(config.name.clone()),
                 lease.as_ref().map(lease::Lease::epoch),
-            )?),
+            )?)),
             None => {
-                let store = SqliteStore::open_with(&db, &config.name, Durability::Deferred)?;
+                let host = if config.host {
+                    SqliteHost::open_with(&db_path, Durability::Deferred)?
+                } else {
+                    SqliteStore::open_with(&db_path, &config.name, Durability::Deferred)?
+                        .into_parts()
+                        .0
+                };
                 if config.wal_prealloc_bytes > 0 {
-                    match store.preallocate_wal(config.wal_prealloc_bytes) {
+                    match host.preallocate_wal(config.wal_prealloc_bytes) {
                         Ok(0) => {}
                         Ok(added) => tracing::debug!(added, "zero-filled the WAL"),
                         Err(e) => tracing::warn!(error = %e, bytes = config.wal_prealloc_bytes,
                             "could not zero-fill the WAL; appends will grow it (slower syncs)"),
                     }
                 }
-                Box::new(store)
+                HostDb::Sqlite(host)
             }
         };
-        let blobs = blobs::Blobs::open(&config.data_dir)
-            .map_err(|e| NodeError::DataDir {
-                path: config.data_dir.join("blobs"),
-                source: std::io::Error::other(e.to_string()),
-            })?
-            .with_limits(blobs::Limits {
-                quota: config.upload_quota,
-                reserve: config.disk_reserve_bytes,
-                max_uploads: config.max_uploads_per_member,
+        let host_key = keys.as_ref().map(|k| k.public);
+        let mut groups = GroupTable::new();
+        if config.host {
+            // The operator's groups (`--group`), made live at once if new.
+            for name in &config.groups {
+                if db.find_group(name)?.is_none() {
+                    if db.live_groups()?.len() >= config.max_groups {
+                        return Err(NodeError::TooManyGroups(config.max_groups));
+                    }
+                    db.begin()?;
+                    db.insert_group(NewGroup {
+                        name,
+                        owner: None,
+                        created_by: None,
+                        mode: if config.private {
+                            agora_proto::wire::GroupMode::Private
+                        } else {
+                            agora_proto::wire::GroupMode::Open
+                        },
+                        state: GroupState::Live,
+                        at: agora_proto::time::Timestamp::now(),
+                    })?;
+                    db.commit()?;
+                    db.flusher().sync().map_err(|source| NodeError::DataDir {
+                        path: db_path.clone(),
+                        source,
+                    })?;
+                }
+            }
+            for row in db.live_groups()? {
+                groups.insert(Hosted {
+                    name: row.name,
+                    gid: row.gid,
+                    owner: row.owner.and_then(|p| p.public_key()).or(host_key),
+                    stopped: false,
+                    loaded: None,
+                });
+            }
+        } else {
+            let mut log = db.load(GroupId::ONE)?;
+            let blobs = open_blobs(&config, &config.data_dir, lease.as_ref())?;
+            let owner = host_key.map(|k| config.owner.unwrap_or(k));
+            if config.private {
+                db.begin()?;
+                db.group(&mut log)
+                    .set_mode(agora_proto::wire::GroupMode::Private)?;
+                db.commit()?;
+            }
+            let group = Group::new(
+                config.group_config(),
+                group_subscribers(&config),
+                blobs,
+                owner,
+            );
+            groups.insert(Hosted {
+                name: config.name.clone(),
+                gid: GroupId::ONE,
+                owner,
+                stopped: false,
+                loaded: Some(Box::new(Loaded { group, log })),
             });
-        // With a PostgreSQL store, complete blobs live there too: any node of the group
-        // serves them after a failover (`blobs`, "Shared blobs").
-        let blobs = match &config.store {
-            Some(target) => blobs
-                .with_postgres(blobs::PgBlobTarget::new(
-                    target,
-                    &config.name,
-                    lease.as_ref().map(lease::Lease::epoch),
-                ))
-                .map_err(|e| match e {
-                    blobs::BlobError::Store(e) => NodeError::Store(e),
-                    e => NodeError::DataDir {
-                        path: config.data_dir.join("blobs"),
-                        source: std::io::Error::other(e.to_string()),
-                    },
-                })?,
-            None => blobs,
-        };
-        // The charges of kept contents, counted before any seal can run (without a
-        // PostgreSQL store; with one, they are its rows).
-        blobs.count_kept().map_err(|e| NodeError::DataDir {
-            path: config.data_dir.join("blobs"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let subscribers = Subscribers::new(
-            config.lease,
-            config.max_subscribers,
-            config.max_subscriptions_per_member,
-            config.fault_drop_push_every,
-        )
-        .with_push_budget(config.push_budget_bytes, config.push_budget_total_bytes);
-        let limiter = Limiter::new(config.rate_limit);
-        let owner = match &keys {
-            Some(k) => Some(config.owner.unwrap_or(k.public)),
-            None => None,
-        };
-        let mut group = Group::new(config.group_config(), store, subscribers, blobs, owner);
-        if config.private {
-            group.store.begin()?;
-            group
-                .store
-                .set_mode(agora_proto::wire::GroupMode::Private)?;
-            group.store.commit()?;
         }
+        let limiter = Limiter::new(config.rate_limit);
+        let many = config.host;
         Ok(Node {
             ctx: ctx.clone(),
             config,
             socket,
             endpoint,
-            group,
+            db,
+            groups,
+            many,
             lease,
             deposed: false,
             sealer: None,

@@ -1,7 +1,7 @@
 //! The request loop of a host: receive a batch, apply each request to its group, commit
 //! once, hand the sync stage the batch, release replies and pushes once it is durable.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,6 +18,7 @@ use agora_proto::wire::{
     WireError, MAX_RENEW_GROUPS,
 };
 
+use super::groups::Loaded;
 use super::route::{route, route_name, Route, Serving};
 use super::{
     durable, heartbeat, lease, wal_estimate, Node, NodeError, CHECKPOINT_BYTES, MAX_BATCH,
@@ -25,7 +26,7 @@ use super::{
 };
 use crate::group::subscribers::{Delivery, PushSink};
 use crate::group::{blobs, reply, Applied, Input};
-use crate::store::{Flush, Retention, StoreError};
+use crate::store::{Flush, GroupLog, StoreError};
 
 /// The host's [`PushSink`]: its ROUTER socket, sending without blocking. A vanished peer
 /// (`EHOSTUNREACH`, the socket is `ROUTER_MANDATORY`) is [`Delivery::Gone`], a full queue
@@ -72,20 +73,43 @@ impl Node {
     /// [`NodeError::Zmq`] if the socket fails, [`NodeError::Thread`]. Bad requests and
     /// storage failures are answered and never end the loop.
     pub fn run(mut self, shutdown: &Shutdown) -> Result<(), NodeError> {
-        let members = Arc::new(AtomicU64::new(self.group.store.member_count()));
+        let members = Arc::new(AtomicU64::new(self.member_count(0)));
+        let curve = self
+            .keys
+            .clone()
+            .zip(self.config.registry_key)
+            .map(|(keypair, server_key)| ClientCurve {
+                keypair,
+                server_key,
+            });
+        let registrar = match (&self.config.registry, self.many) {
+            (Some(registry), true) => {
+                let registrar = crate::registrar::Registrar::start(
+                    &self.ctx,
+                    crate::registrar::RegistrarConfig {
+                        registry: registry.clone(),
+                        curve: curve.clone(),
+                        endpoint: self.endpoint.clone(),
+                        heartbeat: self.config.heartbeat,
+                    },
+                )
+                .map_err(NodeError::Thread)?;
+                for slot in 0..self.groups.len() {
+                    let members = self.member_count(slot);
+                    registrar.set(self.groups.get(slot).name.clone(), members);
+                }
+                Some(registrar)
+            }
+            _ => None,
+        };
         let _heartbeat = match &self.config.registry {
+            Some(_) if self.many => None,
             Some(registry) => Some(
                 heartbeat::Heartbeat::start(
                     &self.ctx,
                     registry.clone(),
-                    self.keys
-                        .clone()
-                        .zip(self.config.registry_key)
-                        .map(|(keypair, server_key)| ClientCurve {
-                            keypair,
-                            server_key,
-                        }),
-                    self.group.config.name.clone(),
+                    curve,
+                    self.config.name.clone(),
                     self.endpoint.clone(),
                     self.config.heartbeat,
                     Arc::clone(&members),
@@ -94,29 +118,36 @@ impl Node {
             ),
             None => None,
         };
-        let syncer = durable::Syncer::start(&self.ctx, self.group.store.flusher())
-            .map_err(NodeError::Thread)?;
-        let checkpoints = match self.group.store.checkpoints()? {
+        let syncer =
+            durable::Syncer::start(&self.ctx, self.db.flusher()).map_err(NodeError::Thread)?;
+        let checkpoints = match self.db.checkpoints()? {
             Some(checkpointer) => Some(
                 durable::CheckpointThread::start(&self.ctx, checkpointer)
                     .map_err(NodeError::Thread)?,
             ),
             None => None,
         };
-        self.sealer = Some(
-            durable::Sealer::start(
-                &self.ctx,
-                self.group.blobs.layout(),
-                self.group.blobs.postgres().cloned(),
-            )
-            .map_err(NodeError::Thread)?,
-        );
-        tracing::info!(group = %self.group.config.name, endpoint = %self.endpoint,
-            last_seq = self.group.store.last_seq(), "group node serving");
+        // A host of one seals in its group's tree (with its PostgreSQL copy); a group host
+        // names each group's tree with each seal.
+        let (layout, pg) = match self.groups.get(0).loaded.as_deref() {
+            Some(l) if !self.many => (l.group.blobs.layout(), l.group.blobs.postgres().cloned()),
+            _ => (
+                blobs::BlobLayout::at(self.config.data_dir.join("blobs")),
+                None,
+            ),
+        };
+        self.sealer =
+            Some(durable::Sealer::start(&self.ctx, layout, pg).map_err(NodeError::Thread)?);
+        if self.many {
+            tracing::info!(groups = self.groups.len(), endpoint = %self.endpoint, "group host serving");
+        } else {
+            tracing::info!(group = %self.config.name, endpoint = %self.endpoint,
+                last_seq = self.last_seq(0), "group node serving");
+        }
         let poll_ms = i64::try_from(SHUTDOWN_POLL.as_millis()).unwrap_or(100);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut pipeline = Pipeline {
-            wal: self.group.store.flusher(),
+            wal: self.db.flusher(),
             requested: 0,
             wal_written: 0,
             waiting: VecDeque::new(),
@@ -128,7 +159,7 @@ impl Node {
         let mut lost = false;
         while !shutdown.is_triggered() && !self.stopping {
             if self.deposed || self.lease.as_ref().is_some_and(|l| !l.held()) {
-                tracing::error!(group = %self.group.config.name, "lost the lease; stopping (another node may be active)");
+                tracing::error!(group = %self.config.name, "lost the lease; stopping (another node may be active)");
                 lost = true;
                 break;
             }
@@ -170,12 +201,23 @@ impl Node {
                 recv_batch(&self.socket, MAX_BATCH, &mut batch)?;
                 if !batch.is_empty() {
                     let done = self.serve_batch(&mut batch);
-                    members.store(self.group.store.member_count(), Ordering::Relaxed);
+                    members.store(self.member_count(0), Ordering::Relaxed);
+                    if let Some(registrar) = &registrar {
+                        for &slot in done.appended.keys() {
+                            let count = self.member_count(slot);
+                            registrar.set(self.groups.get(slot).name.clone(), count);
+                        }
+                    }
                     self.queue(&mut pipeline, done, &syncer, checkpoints.as_ref())?;
                 }
             }
             if Instant::now() >= next_lease_sweep {
-                let expired = self.group.subscribers.expire(Instant::now());
+                let now = Instant::now();
+                let expired: usize = self
+                    .groups
+                    .loaded_mut()
+                    .map(|(_, l)| l.group.expire(now))
+                    .sum();
                 if expired > 0 {
                     tracing::debug!(expired, "subscriptions expired");
                 }
@@ -183,21 +225,25 @@ impl Node {
                 next_lease_sweep = Instant::now() + Duration::from_millis(500);
             }
             if self.config.retention.max_age.is_some() && Instant::now() >= next_age_sweep {
-                if self.group.sweep_retention(Timestamp::now()) {
+                if self.sweep_retention(Timestamp::now()) {
                     pipeline.requested += 1;
                     syncer.request(pipeline.requested)?;
                 }
                 next_age_sweep = Instant::now() + Duration::from_secs(1);
             }
             if Instant::now() >= next_blob_sweep {
-                self.group.sweep_blobs(SystemTime::now());
+                let Node { db, groups, .. } = &mut self;
+                for (_, l) in groups.loaded_mut() {
+                    let view = db.group(&mut l.log);
+                    l.group.sweep_blobs(&view, SystemTime::now());
+                }
                 next_blob_sweep = Instant::now() + blob_sweep;
             }
         }
         agora_common::metrics::set_draining();
         // Drain: every batch already committed gets its sync, then its replies and pushes;
         // requests arriving meanwhile are refused with `shutting_down` (nothing of them done).
-        tracing::info!(group = %self.group.config.name, batches = pipeline.waiting.len(), "draining");
+        tracing::info!(group = %self.config.name, batches = pipeline.waiting.len(), "draining");
         let mut waited = Duration::ZERO;
         while let Some(last) = pipeline.waiting.back().map(|w| w.batch) {
             self.refuse_arrivals(&mut batch)?;
@@ -216,16 +262,25 @@ impl Node {
         if lost {
             return Err(NodeError::LeaseLost);
         }
-        tracing::info!(group = %self.group.config.name, "group node stopping");
+        drop(registrar);
+        tracing::info!(group = %self.config.name, "group node stopping");
         Ok(())
     }
 
     /// The gauges a scrape reads: last seq, log bytes on disk, subscriptions.
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         use agora_common::metrics::{LAST_SEQ, LOG_BYTES, SUBSCRIBERS};
-        LAST_SEQ.set(i64::try_from(self.group.store.last_seq()).unwrap_or(i64::MAX));
-        SUBSCRIBERS.set(i64::try_from(self.group.subscribers.len()).unwrap_or(i64::MAX));
-        let bytes = self.group.store.stored_bytes();
+        if !self.many {
+            LAST_SEQ.set(i64::try_from(self.last_seq(0)).unwrap_or(i64::MAX));
+        }
+        let subscribers: usize = self
+            .groups
+            .iter()
+            .filter_map(|(_, h)| h.loaded.as_deref())
+            .map(|l| l.group.subscribers().len())
+            .sum();
+        SUBSCRIBERS.set(i64::try_from(subscribers).unwrap_or(i64::MAX));
+        let bytes = self.db.stored_bytes();
         LOG_BYTES.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
@@ -256,13 +311,13 @@ impl Node {
                 "stop needs the operator's CURVE key; this node runs --insecure: send it SIGTERM",
             ));
         };
-        if Some(peer) != self.group.owner && Some(peer) != self.public_key() {
+        if Some(peer) != self.groups.get(0).owner && Some(peer) != self.public_key() {
             return Err(WireError::new(
                 ErrorCode::Forbidden,
                 "only the group owner's key or the node's own may stop it",
             ));
         }
-        tracing::info!(group = %self.group.config.name, by = %peer, "stop requested");
+        tracing::info!(group = %self.config.name, by = %peer, "stop requested");
         self.stopping = true;
         Ok(StopReply { stopping: true })
     }
@@ -288,9 +343,34 @@ impl Node {
             refused: Vec::new(),
         };
         for entry in r.groups {
-            let serving = Serving::<fn(&GroupName) -> bool>::One(self.group.name());
-            let result = route_name(&entry.group, &serving)
-                .and_then(|_| self.group.renew(&r.user, entry.acked_seq, input));
+            let routed = {
+                let groups = &self.groups;
+                let live = |n: &GroupName| groups.serves(n);
+                let serving = if self.many {
+                    Serving::Many(live)
+                } else {
+                    Serving::One(&self.config.name)
+                };
+                route_name(&entry.group, &serving)
+            };
+            let named = Some(entry.group.clone());
+            let result = routed
+                .and_then(|name| {
+                    let slot = self.groups.slot(&name).ok_or_else(internal_error)?;
+                    self.load(slot)?;
+                    Ok(slot)
+                })
+                .and_then(|slot| {
+                    let Node { db, groups, .. } = &mut *self;
+                    let l = groups
+                        .get_mut(slot)
+                        .loaded
+                        .as_deref_mut()
+                        .ok_or_else(internal_error)?;
+                    let mut view = db.group(&mut l.log);
+                    l.group.renew(&mut view, &r.user, entry.acked_seq, input)
+                })
+                .map_err(|e| e.with_group(named));
             match result {
                 Ok(renewed) => reply.groups.push(renewed),
                 Err(e) => reply.refused.push(e),
@@ -310,7 +390,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         if done.wrote {
             agora_common::metrics::COMMIT_BATCH.observe(done.replies.len() as f64);
-            pipeline.wal_written += wal_estimate(&done.appended);
+            pipeline.wal_written += done.appended.values().map(|a| wal_estimate(a)).sum::<u64>();
             if pipeline.wal_written >= CHECKPOINT_BYTES {
                 pipeline.wal_written = 0;
                 if let Some(checkpoints) = checkpoints {
@@ -327,13 +407,13 @@ impl Node {
                 tracing::error!(error = %e, "fdatasync of the WAL failed");
                 return Err(durable::SyncFailed.into());
             }
-            return self.send_out(done.replies, &done.appended);
+            return self.send_out(done.replies, done.appended);
         }
         if done.wrote {
             pipeline.requested += 1;
             syncer.request(pipeline.requested)?;
         } else if pipeline.waiting.is_empty() {
-            return self.send_out(done.replies, &done.appended);
+            return self.send_out(done.replies, done.appended);
         }
         pipeline.waiting.push_back(Waiting {
             batch: pipeline.requested,
@@ -355,7 +435,7 @@ impl Node {
     fn release(&mut self, pipeline: &mut Pipeline, upto: u64) -> Result<(), NodeError> {
         while pipeline.waiting.front().is_some_and(|w| w.batch <= upto) {
             if let Some(w) = pipeline.waiting.pop_front() {
-                self.send_out(w.replies, &w.appended)?;
+                self.send_out(w.replies, w.appended)?;
             }
         }
         Ok(())
@@ -365,7 +445,7 @@ impl Node {
     fn send_out(
         &mut self,
         replies: Vec<(Frames, Frames)>,
-        appended: &[Message],
+        appended: Appended,
     ) -> Result<(), NodeError> {
         for (envelope, reply) in replies {
             // An empty reply waits elsewhere (a last chunk waiting for its seal).
@@ -373,11 +453,24 @@ impl Node {
                 send_reply(&self.socket, envelope, reply)?;
             }
         }
+        let mut stats = crate::group::subscribers::PushStats::default();
         let mut sink = RouterSink::new(&self.socket);
-        let stats = match self.group.push(&mut sink, appended, Instant::now()) {
-            Ok(stats) => stats,
-            Err(_) => return Err(sink.failed.unwrap_or(zmq::Error::ETERM).into()),
-        };
+        let now = Instant::now();
+        for (slot, l) in self.groups.loaded_mut() {
+            let entries = appended.get(&slot).map(Vec::as_slice).unwrap_or_default();
+            if entries.is_empty() && !l.group.subscribers().has_notices() {
+                continue;
+            }
+            match l.group.push(&mut sink, entries, now) {
+                Ok(s) => {
+                    stats.sent += s.sent;
+                    stats.dropped += s.dropped;
+                    stats.withheld += s.withheld;
+                    stats.gone += s.gone;
+                }
+                Err(_) => return Err(sink.failed.unwrap_or(zmq::Error::ETERM).into()),
+            }
+        }
         let pushes = &agora_common::metrics::PUSHES;
         pushes.with_label_values(&["sent"]).inc_by(stats.sent);
         pushes.with_label_values(&["dropped"]).inc_by(stats.dropped);
@@ -395,25 +488,34 @@ impl Node {
         Ok(())
     }
 
-    /// Hands the upload `slot` to the sealer and keeps `envelope` to answer when it is done;
-    /// returns the empty reply that `send_out` skips.
+    /// Hands the upload `upload` of the group in `slot` to the sealer and keeps `envelope`
+    /// to answer when it is done; returns the empty reply that `send_out` skips.
     fn defer_seal(
         &mut self,
-        slot: blobs::Slot,
+        slot: usize,
+        upload: blobs::Slot,
         verified: bool,
         envelope: &Frames,
     ) -> (Frames, bool) {
-        let sent = self.sealer.as_ref().map(|s| s.seal(&slot, verified));
+        let Some(loaded) = self.groups.get(slot).loaded.as_deref() else {
+            return (internal(), false);
+        };
+        let layout = self.many.then(|| loaded.group.blobs.layout());
+        let tag = u32::try_from(slot).unwrap_or(u32::MAX);
+        let sent = self
+            .sealer
+            .as_ref()
+            .map(|s| s.seal_in(tag, layout.as_ref(), &upload, verified));
         match sent {
             Some(Ok(())) => {
                 self.seal_waiters
-                    .entry(slot)
+                    .entry((slot, upload))
                     .or_default()
                     .push(envelope.clone());
                 (Vec::new(), true)
             }
             // No sealer (not running) or its pipe is full: seal here rather than lose it.
-            _ => (self.group.seal_here(&slot, verified), true),
+            _ => (loaded.group.seal_here(&upload, verified), true),
         }
     }
 
@@ -424,7 +526,8 @@ impl Node {
             .as_ref()
             .map(durable::Sealer::recv)
             .unwrap_or_default();
-        for (slot, sealed) in done {
+        for (tag, upload, sealed) in done {
+            let slot = usize::try_from(tag).unwrap_or(usize::MAX);
             let outcome = match sealed {
                 durable::Sealed::Complete(kept) => Ok(kept),
                 durable::Sealed::Mismatch(message) => {
@@ -435,12 +538,53 @@ impl Node {
                     "storage failure; the upload stands where it was; retry later",
                 )),
             };
-            let frames = self.group.seal_reply(&slot, outcome);
-            for envelope in self.seal_waiters.remove(&slot).unwrap_or_default() {
+            let Some(loaded) = (slot < self.groups.len())
+                .then(|| self.groups.get(slot).loaded.as_deref())
+                .flatten()
+            else {
+                continue;
+            };
+            let frames = loaded.group.seal_reply(&upload, outcome);
+            for envelope in self
+                .seal_waiters
+                .remove(&(slot, upload))
+                .unwrap_or_default()
+            {
                 send_reply(&self.socket, envelope, frames.clone())?;
             }
         }
         Ok(())
+    }
+
+    /// Applies the age retention at `now` in a batch of its own; returns whether it
+    /// committed a deletion (which then needs a sync like any write).
+    fn sweep_retention(&mut self, now: Timestamp) -> bool {
+        let Node { db, groups, .. } = &mut *self;
+        let result = db.begin().and_then(|()| {
+            let mut n = 0;
+            for (_, l) in groups.loaded_mut() {
+                let mut view = db.group(&mut l.log);
+                n += l.group.retain_by_age(&mut view, now)?;
+            }
+            db.commit()?;
+            Ok(n)
+        });
+        if result.is_err() {
+            for (_, l) in groups.loaded_mut() {
+                let _ = db.reload(&mut l.log);
+            }
+        }
+        match result {
+            Ok(0) => false,
+            Ok(n) => {
+                tracing::debug!(deleted = n, "retention");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention failed");
+                false
+            }
+        }
     }
 
     /// Handles a batch in one transaction and commits it (to the WAL, not yet synced).
@@ -449,7 +593,8 @@ impl Node {
     fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
         let now = Timestamp::now();
         let instant = Instant::now();
-        let mut appended = Vec::new();
+        let mut appended = Appended::new();
+        let mut touched = BTreeSet::new();
         let mut handled: Vec<Handled> = Vec::with_capacity(batch.len());
         let incoming: Vec<Incoming<NodeRequest>> = batch
             .drain(..)
@@ -465,11 +610,7 @@ impl Node {
         let any_write = incoming
             .iter()
             .any(|i| matches!(&i.request, Ok(r) if writes(r)));
-        let began = if any_write {
-            self.group.store.begin()
-        } else {
-            Ok(())
-        };
+        let began = if any_write { self.db.begin() } else { Ok(()) };
         if let Err(e) = &began {
             if e.is_logged() {
                 tracing::debug!(error = %e, "cannot start a transaction");
@@ -477,17 +618,31 @@ impl Node {
                 tracing::error!(error = %e, "cannot start a transaction");
             }
         } else {
-            // The sends' ids, looked up together; a failure aborts the batch, whose writes
-            // are then refused and rolled back at commit.
-            let ids: Vec<agora_proto::id::MessageId> = incoming
-                .iter()
-                .filter_map(|i| match &i.request {
-                    Ok(NodeRequest::Send(r)) => r.id,
-                    _ => None,
-                })
-                .collect();
-            if let Err(e) = self.group.store.expect_appends(&ids) {
-                tracing::error!(error = %e, "cannot look up the batch's message ids");
+            // The sends' ids, looked up together per group; a failure aborts the batch,
+            // whose writes are then refused and rolled back at commit.
+            let mut ids: BTreeMap<usize, Vec<agora_proto::id::MessageId>> = BTreeMap::new();
+            for i in &incoming {
+                if let Ok(NodeRequest::Send(r)) = &i.request {
+                    let slot = r
+                        .group
+                        .as_ref()
+                        .map_or((!self.many).then_some(0), |g| self.groups.slot(g));
+                    if let (Some(slot), Some(id)) = (slot, r.id) {
+                        ids.entry(slot).or_default().push(id);
+                    }
+                }
+            }
+            for (slot, ids) in ids {
+                if self.load(slot).is_err() {
+                    continue;
+                }
+                let Node { db, groups, .. } = &mut *self;
+                if let Some(l) = groups.get_mut(slot).loaded.as_deref_mut() {
+                    touched.insert(slot);
+                    if let Err(e) = db.group(&mut l.log).expect_appends(&ids) {
+                        tracing::error!(error = %e, "cannot look up the batch's message ids");
+                    }
+                }
             }
         }
         for incoming in incoming {
@@ -509,6 +664,7 @@ impl Node {
                         now,
                         instant,
                         &mut appended,
+                        &mut touched,
                     );
                     (reply, if ok { redo } else { redo.unless_failed() })
                 }
@@ -525,36 +681,36 @@ impl Node {
                 redo,
             });
         }
+        appended.retain(|_, a| !a.is_empty());
         if !any_write || began.is_err() {
             return Served {
                 wrote: false,
                 replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
-                appended: Vec::new(),
+                appended: Appended::new(),
             };
         }
-        let retention = self.config.retention;
         let committed = (|| {
-            if retention.max_messages.is_some() {
-                self.group.store.apply_retention(
-                    Retention {
-                        max_age: None,
-                        ..retention
-                    },
-                    now,
-                )?;
+            let Node { db, groups, .. } = &mut *self;
+            for &slot in appended.keys() {
+                if let Some(l) = groups.get_mut(slot).loaded.as_deref_mut() {
+                    let mut view = db.group(&mut l.log);
+                    l.group.retain_by_count(&mut view, now)?;
+                }
             }
-            self.group.store.commit()
+            db.commit()
         })();
         match committed {
             Ok(()) => {
-                if let (Some(first), Some(last)) = (appended.first(), appended.last()) {
-                    tracing::debug!(target: "agora::commit",
-                        epoch = self.lease.as_ref().map(lease::Lease::epoch),
-                        first_seq = first.seq, last_seq = last.seq, "committed");
+                for (slot, entries) in &appended {
+                    if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+                        tracing::debug!(target: "agora::commit",
+                            epoch = self.lease.as_ref().map(lease::Lease::epoch),
+                            slot, first_seq = first.seq, last_seq = last.seq, "committed");
+                    }
                 }
                 Served {
                     // A batch that changed nothing needs no sync (`last_commit_wrote`).
-                    wrote: self.group.store.last_commit_wrote() || !appended.is_empty(),
+                    wrote: self.db.last_commit_wrote() || !appended.is_empty(),
                     replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
                     appended,
                 }
@@ -571,7 +727,7 @@ impl Node {
                         .into_iter()
                         .map(|h| (h.envelope, reply_frames::<()>(Err(stopping()))))
                         .collect(),
-                    appended: Vec::new(),
+                    appended: Appended::new(),
                 }
             }
             Err(e) => {
@@ -580,6 +736,15 @@ impl Node {
                     tracing::debug!(error = %e, "commit failed; batch rolled back");
                 } else {
                     tracing::error!(error = %e, "commit failed; batch rolled back");
+                }
+                // The cached log states of the groups it touched are ahead: read them back.
+                let Node { db, groups, .. } = &mut *self;
+                for &slot in &touched {
+                    if let Some(l) = groups.get_mut(slot).loaded.as_deref_mut() {
+                        if let Err(e) = db.reload(&mut l.log) {
+                            tracing::error!(error = %e, "cannot reload a group's log state");
+                        }
+                    }
                 }
                 let replies = handled
                     .into_iter()
@@ -591,7 +756,7 @@ impl Node {
                 Served {
                     wrote: false,
                     replies,
-                    appended: Vec::new(),
+                    appended: Appended::new(),
                 }
             }
         }
@@ -602,20 +767,33 @@ impl Node {
         match redo {
             Redo::Keep => reply,
             Redo::Internal => internal(),
-            Redo::Send(id) => match self.group.store.page(HistoryQuery::ById(id), 1, usize::MAX) {
-                Ok(page) => match page.messages.first() {
-                    Some(m) => reply_frames(Ok(SendAck {
-                        seq: m.seq,
-                        id,
-                        time: m.time,
-                        duplicate: true,
-                    })),
-                    None => internal(),
-                },
-                Err(_) => internal(),
-            },
+            Redo::Send(group, id) => {
+                let slot = group
+                    .as_ref()
+                    .map_or((!self.many).then_some(0), |g| self.groups.slot(g));
+                let Node { db, groups, .. } = &mut *self;
+                let Some(l) = slot.and_then(|s| groups.get_mut(s).loaded.as_deref_mut()) else {
+                    return internal();
+                };
+                match db
+                    .group(&mut l.log)
+                    .page(HistoryQuery::ById(id), 1, usize::MAX)
+                {
+                    Ok(page) => match page.messages.first() {
+                        Some(m) => reply_frames(Ok(SendAck {
+                            seq: m.seq,
+                            id,
+                            time: m.time,
+                            duplicate: true,
+                        })),
+                        None => internal(),
+                    },
+                    Err(_) => internal(),
+                }
+            }
             Redo::Read(request, peer) => {
-                let mut unused = Vec::new();
+                let mut unused = Appended::new();
+                let mut touched = BTreeSet::new();
                 self.dispatch(
                     *request,
                     None,
@@ -624,14 +802,82 @@ impl Node {
                     Timestamp::now(),
                     Instant::now(),
                     &mut unused,
+                    &mut touched,
                 )
                 .0
             }
         }
     }
 
+    /// The newest seq of the group in `slot` (0 if it is not loaded).
+    fn last_seq(&self, slot: usize) -> u64 {
+        self.groups
+            .get(slot)
+            .loaded
+            .as_deref()
+            .map_or(0, |l| l.log.last_seq())
+    }
+
+    /// The member count of the group in `slot` (0 if it is not loaded).
+    fn member_count(&self, slot: usize) -> u64 {
+        if slot >= self.groups.len() {
+            return 0;
+        }
+        self.groups
+            .get(slot)
+            .loaded
+            .as_deref()
+            .map_or(0, |l| l.log.member_count())
+    }
+
+    /// Makes the engine and log state of the group in `slot` if this is its first request:
+    /// its blob tree is `DATA/groups/GID/blobs`.
+    ///
+    /// # Errors
+    /// `internal` (logged) if its log state or blob tree cannot be read.
+    fn load(&mut self, slot: usize) -> Result<(), WireError> {
+        let hosted = self.groups.get(slot);
+        if hosted.loaded.is_some() {
+            return Ok(());
+        }
+        let dir = self
+            .config
+            .data_dir
+            .join("groups")
+            .join(hosted.gid.to_string());
+        let made = (|| {
+            let log = self.db.load(hosted.gid)?;
+            agora_common::fsmode::private_dir(&dir).map_err(|source| NodeError::DataDir {
+                path: dir.clone(),
+                source,
+            })?;
+            let blobs = super::open_blobs(&self.config, &dir, self.lease.as_ref())?;
+            let mut config = self.config.group_config();
+            config.name = hosted.name.clone();
+            let group = crate::group::Group::new(
+                config,
+                super::group_subscribers(&self.config),
+                blobs,
+                hosted.owner,
+            );
+            Ok::<_, NodeError>(Loaded { group, log })
+        })();
+        match made {
+            Ok(loaded) => {
+                self.groups.get_mut(slot).loaded = Some(Box::new(loaded));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), group = %hosted.name, "cannot load a group");
+                Err(internal_error())
+            }
+        }
+    }
+
     /// Runs the handler of `request` (with `data`, the request's data frame, for
-    /// `upload_chunk`); returns its reply and whether it succeeded.
+    /// `upload_chunk`) in the group it is routed to; returns its reply and whether it
+    /// succeeded. Entries it appends go to `appended` under its group's slot, and that slot
+    /// to `touched`.
     #[allow(clippy::too_many_arguments)] // each is one piece of the handlers' context
     fn dispatch(
         &mut self,
@@ -641,31 +887,24 @@ impl Node {
         peer: Option<PublicKey>,
         now: Timestamp,
         instant: Instant,
-        appended: &mut Vec<Message>,
+        appended: &mut Appended,
+        touched: &mut BTreeSet<usize>,
     ) -> (Frames, bool) {
+        let named = request.group().cloned();
         if self.stopping {
             // After a `stop` in the same batch: nothing more is done.
-            let named = request.group().cloned();
             return (reply_frames::<()>(Err(stopping().with_group(named))), false);
         }
-        let serving = Serving::<fn(&GroupName) -> bool>::One(self.group.name());
-        match route(&request, &serving) {
-            Err(e) => return (reply_frames::<()>(Err(e)), false),
-            Ok(Route::Host) | Ok(Route::Group(_)) => {}
-        }
-        if let NodeRequest::Stop(_) = request {
-            return reply::<call::Stop>(self.begin_stop(peer));
-        }
-        if let NodeRequest::Renew(r) = request {
-            let input = Input {
-                data,
-                envelope,
-                peer,
-                now,
-                instant,
+        let routed = {
+            let groups = &self.groups;
+            let live = |n: &GroupName| groups.serves(n);
+            let serving = if self.many {
+                Serving::Many(live)
+            } else {
+                Serving::One(&self.config.name)
             };
-            return reply::<call::Renew>(self.renew(r, &input));
-        }
+            route(&request, &serving)
+        };
         let input = Input {
             data,
             envelope,
@@ -673,11 +912,115 @@ impl Node {
             now,
             instant,
         };
-        match self.group.apply(request, &input, appended) {
+        let slot = match routed {
+            Err(e) => {
+                // A group stopped on this host answers as a stopping node.
+                let stopped = self.many
+                    && e.code == ErrorCode::UnknownGroup
+                    && named.as_ref().and_then(|g| self.groups.slot(g)).is_some();
+                let e = if stopped {
+                    stopping().with_group(named)
+                } else {
+                    e
+                };
+                return (reply_frames::<()>(Err(e)), false);
+            }
+            Ok(Route::Host) => {
+                return match request {
+                    NodeRequest::Stop(_) if self.many => {
+                        reply::<call::Stop>(self.begin_host_stop(peer))
+                    }
+                    NodeRequest::Stop(_) => reply::<call::Stop>(self.begin_stop(peer)),
+                    NodeRequest::Renew(r) => reply::<call::Renew>(self.renew(r, &input)),
+                    NodeRequest::Create(_) => reply::<call::Create>(Err(WireError::new(
+                        ErrorCode::Forbidden,
+                        if self.many {
+                            "create: this host takes no creates yet; its operator makes groups \
+                             with --group"
+                        } else {
+                            "this node serves one group; groups are created on a group host \
+                             (group-node --host)"
+                        },
+                    )
+                    .with_group(named))),
+                    _ => (internal(), false),
+                };
+            }
+            Ok(Route::Group(name)) => match self.groups.slot(&name) {
+                Some(slot) => slot,
+                None => return (internal(), false),
+            },
+        };
+        if let NodeRequest::Stop(_) = request {
+            if !self.many {
+                return reply::<call::Stop>(self.begin_stop(peer));
+            }
+            return reply::<call::Stop>(
+                self.stop_group(slot, peer).map_err(|e| e.with_group(named)),
+            );
+        }
+        if let Err(e) = self.load(slot) {
+            return (reply_frames::<()>(Err(e.with_group(named))), false);
+        }
+        touched.insert(slot);
+        let Node { db, groups, .. } = &mut *self;
+        let Some(l) = groups.get_mut(slot).loaded.as_deref_mut() else {
+            return (internal(), false);
+        };
+        let mut view = db.group(&mut l.log);
+        let applied = l.group.apply(
+            &mut view,
+            request,
+            &input,
+            appended.entry(slot).or_default(),
+        );
+        match applied {
             Applied::Reply { frames, ok } => (frames, ok),
-            Applied::Seal { slot, verified } => self.defer_seal(slot, verified, envelope),
+            Applied::Seal {
+                slot: upload,
+                verified,
+            } => self.defer_seal(slot, upload, verified, envelope),
         }
     }
+
+    /// `stop` of the whole host (no `group`): accepted from the host's own key only.
+    ///
+    /// # Errors
+    /// `forbidden` for any other key, and on an `--insecure` host.
+    fn begin_host_stop(&mut self, peer: Option<PublicKey>) -> Result<StopReply, WireError> {
+        if peer.is_none() || peer != self.public_key() {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                "only the host's own key may stop the host; name a group to stop one",
+            ));
+        }
+        tracing::info!(endpoint = %self.endpoint, "host stop requested");
+        self.stopping = true;
+        Ok(StopReply { stopping: true })
+    }
+
+    /// `stop {group}` on a group host: accepted from the group's owner or the host key; the
+    /// group then answers `shutting_down` until the host restarts.
+    ///
+    /// # Errors
+    /// `forbidden` for any other key, and on an `--insecure` host.
+    fn stop_group(&mut self, slot: usize, peer: Option<PublicKey>) -> Result<StopReply, WireError> {
+        let hosted = self.groups.get(slot);
+        if peer.is_none() || (peer != hosted.owner && peer != self.public_key()) {
+            return Err(WireError::new(
+                ErrorCode::Forbidden,
+                "only the group owner's key or the host's own may stop a group",
+            ));
+        }
+        tracing::info!(group = %hosted.name, "group stop requested");
+        self.groups.get_mut(slot).stopped = true;
+        Ok(StopReply { stopping: true })
+    }
+}
+
+/// The `internal` error of a group that cannot be loaded.
+fn internal_error() -> WireError {
+    WireError::new(ErrorCode::Internal, "storage failure; retry later")
 }
 
 /// The `internal` reply of a write that is not stored.
@@ -704,7 +1047,7 @@ struct Pipeline {
 struct Waiting {
     batch: u64,
     replies: Vec<(Frames, Frames)>,
-    appended: Vec<Message>,
+    appended: Appended,
 }
 
 /// A served batch: replies (envelope, reply frames) and the entries to push.
@@ -712,8 +1055,11 @@ struct Served {
     /// It committed a transaction that needs a sync.
     wrote: bool,
     replies: Vec<(Frames, Frames)>,
-    appended: Vec<Message>,
+    appended: Appended,
 }
+
+/// The entries a batch appended, by the slot of their group.
+type Appended = BTreeMap<usize, Vec<Message>>;
 
 /// A request of the batch being served, with its reply so far.
 struct Handled {
@@ -730,7 +1076,7 @@ enum Redo {
     Internal,
     /// A `send` with a client id that succeeded: the `duplicate` ack if an earlier batch
     /// stored that id, else `internal`.
-    Send(agora_proto::id::MessageId),
+    Send(Option<GroupName>, agora_proto::id::MessageId),
     /// A read: handled again, from what is stored.
     Read(Box<NodeRequest>, Option<PublicKey>),
 }
@@ -739,7 +1085,9 @@ impl Redo {
     /// What to do with `request` if it succeeds and its batch is then rolled back.
     fn of(request: &NodeRequest, peer: Option<PublicKey>) -> Redo {
         match request {
-            NodeRequest::Send(r) => r.id.map_or(Redo::Internal, Redo::Send),
+            NodeRequest::Send(r) => {
+                r.id.map_or(Redo::Internal, |id| Redo::Send(r.group.clone(), id))
+            }
             // Attachments' bytes live outside the store's transaction: a rollback does
             // not touch them, so their replies stand (and a chunk must not be written twice).
             NodeRequest::Upload(_)

@@ -208,10 +208,11 @@ fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
 /// waiting always going first.
 ///
 /// # Pipe messages
-/// Loop → sealer: `[digest (32 bytes), verified (1 byte, 0 or 1), uploader]` (the upload's
-/// [`crate::blobs::Slot`]). Sealer → loop: `[digest, uploader, "ok", size (8 bytes,
-/// big-endian), new (1 byte, 0 or 1)]`, `[digest, uploader, "mismatch", message]` or
-/// `[digest, uploader, "error", message]`.
+/// Loop → sealer: `[tag (4 bytes), root, digest (32 bytes), verified (1 byte, 0 or 1),
+/// uploader]` (the upload's [`crate::blobs::Slot`], in the blob tree at `root`, or the
+/// sealer's own when empty; `tag` names the group on a host). Sealer → loop: `[tag, digest,
+/// uploader, "ok", size (8 bytes, big-endian), new (1 byte, 0 or 1)]`, `[tag, digest,
+/// uploader, "mismatch", message]` or `[tag, digest, uploader, "error", message]`.
 #[derive(Debug)]
 pub struct Sealer {
     actor: Actor,
@@ -250,7 +251,27 @@ impl Sealer {
     /// # Errors
     /// libzmq's.
     pub fn seal(&self, slot: &crate::blobs::Slot, verified: bool) -> Result<(), zmq::Error> {
+        self.seal_in(0, None, slot, verified)
+    }
+
+    /// As [`Sealer::seal`], for the group `tag` of a host whose blob tree is `layout`
+    /// (`None`: the sealer's own); [`Sealer::recv`] returns the tag with the outcome.
+    ///
+    /// # Errors
+    /// libzmq's.
+    pub fn seal_in(
+        &self,
+        tag: u32,
+        layout: Option<&crate::blobs::BlobLayout>,
+        slot: &crate::blobs::Slot,
+        verified: bool,
+    ) -> Result<(), zmq::Error> {
+        let root = layout
+            .map(|l| l.root().as_os_str().as_encoded_bytes().to_vec())
+            .unwrap_or_default();
         self.actor.send(&[
+            &tag.to_be_bytes(),
+            &root,
             slot.digest.as_bytes(),
             &[u8::from(verified)],
             slot.uploader.as_bytes(),
@@ -262,10 +283,18 @@ impl Sealer {
         self.actor.as_poll_item()
     }
 
-    /// Every seal that ended, without waiting.
-    pub fn recv(&self) -> Vec<(crate::blobs::Slot, Sealed)> {
+    /// Every seal that ended, without waiting, with the tag it was asked with.
+    pub fn recv(&self) -> Vec<(u32, crate::blobs::Slot, Sealed)> {
         let mut out = Vec::new();
-        while let Ok(Some(frames)) = self.actor.recv(None) {
+        while let Ok(Some(mut frames)) = self.actor.recv(None) {
+            if frames.is_empty() {
+                continue;
+            }
+            let tag = frames.remove(0);
+            let Ok(tag) = <[u8; 4]>::try_from(tag.as_slice()) else {
+                continue;
+            };
+            let tag = u32::from_be_bytes(tag);
             let (Some(digest), Some(uploader), Some(kind), Some(detail)) =
                 (frames.first(), frames.get(1), frames.get(2), frames.get(3))
             else {
@@ -293,7 +322,7 @@ impl Sealer {
                 b"mismatch" => Sealed::Mismatch(text()),
                 _ => Sealed::Failed(text()),
             };
-            out.push((slot, sealed));
+            out.push((tag, slot, sealed));
         }
         out
     }
@@ -340,10 +369,24 @@ fn seal_loop(
             }
             Wake::Command(frames) => frames,
         };
-        let (Some(digest), Some(verified), Some(uploader)) =
-            (frames.first(), frames.get(1), frames.get(2))
-        else {
+        let (Some(tag), Some(root), Some(digest), Some(verified), Some(uploader)) = (
+            frames.first(),
+            frames.get(1),
+            frames.get(2),
+            frames.get(3),
+            frames.get(4),
+        ) else {
             continue;
+        };
+        let own;
+        let layout = if root.is_empty() {
+            layout
+        } else {
+            use std::os::unix::ffi::OsStrExt;
+            own = crate::blobs::BlobLayout::at(std::path::PathBuf::from(
+                std::ffi::OsStr::from_bytes(root),
+            ));
+            &own
         };
         let (Ok(bytes), Ok(uploader)) = (
             <[u8; 32]>::try_from(digest.as_slice()),
@@ -361,21 +404,36 @@ fn seal_loop(
             }),
             None => crate::blobs::seal(layout, &slot, verified, None),
         };
-        let head = [digest.as_bytes().as_slice(), slot.uploader.as_bytes()];
+        let head = [
+            tag.as_slice(),
+            digest.as_bytes().as_slice(),
+            slot.uploader.as_bytes(),
+        ];
         let reply = match sealed {
             Ok(kept) => pipe.send(&[
                 head[0],
                 head[1],
+                head[2],
                 b"ok",
                 &kept.size.to_be_bytes(),
                 &[u8::from(kept.new)],
             ]),
-            Err(e @ crate::blobs::BlobError::DigestMismatch { .. }) => {
-                pipe.send(&[head[0], head[1], b"mismatch", e.to_string().as_bytes()])
-            }
+            Err(e @ crate::blobs::BlobError::DigestMismatch { .. }) => pipe.send(&[
+                head[0],
+                head[1],
+                head[2],
+                b"mismatch",
+                e.to_string().as_bytes(),
+            ]),
             Err(e) => {
                 tracing::error!(error = %e, %digest, "sealing an upload failed");
-                pipe.send(&[head[0], head[1], b"error", e.to_string().as_bytes()])
+                pipe.send(&[
+                    head[0],
+                    head[1],
+                    head[2],
+                    b"error",
+                    e.to_string().as_bytes(),
+                ])
             }
         };
         if reply.is_err() {

@@ -12,7 +12,7 @@ use agora_proto::wire::{
 
 use super::Ctx;
 use crate::group::blobs::{BlobError, Progress, Slot};
-use crate::store::GroupStore;
+use crate::store::GroupLog;
 
 /// # Errors
 /// `not_member`, `too_large` (over `--max-file-bytes`), `limit_reached`
@@ -20,7 +20,7 @@ use crate::store::GroupStore;
 /// has `--max-uploads-per-member` unfinished uploads already),
 /// `storage_full` (the disk would go below `--disk-reserve-bytes`), `invalid_field`
 /// (`size` differs from the caller's upload of the same digest in progress), `internal`.
-pub fn upload<S: GroupStore + ?Sized>(
+pub fn upload<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadRequest,
 ) -> Result<UploadReply, WireError> {
@@ -44,7 +44,7 @@ pub fn upload<S: GroupStore + ?Sized>(
 /// `not_member`, `too_large` (a chunk over 1 MiB), `bad_offset`, `not_found`
 /// (the caller declared no upload of the digest), `invalid_field` (past the declared size),
 /// `storage_full`, `digest_mismatch`, `internal`.
-pub fn upload_chunk<S: GroupStore + ?Sized>(
+pub fn upload_chunk<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadChunkRequest,
     data: &[u8],
@@ -77,7 +77,7 @@ pub fn upload_chunk<S: GroupStore + ?Sized>(
 /// # Errors
 /// `not_member`, `not_found` (neither a content nor the caller's upload of
 /// it), `internal`.
-pub fn upload_status<S: GroupStore + ?Sized>(
+pub fn upload_status<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: UploadStatusRequest,
 ) -> Result<UploadReply, WireError> {
@@ -94,7 +94,7 @@ pub fn upload_status<S: GroupStore + ?Sized>(
 /// # Errors
 /// `not_member`, `not_found` (no complete content: a partial upload is never
 /// served), `invalid_field` (`offset` past the end, `length` 0), `internal`.
-pub fn download<S: GroupStore + ?Sized>(
+pub fn download<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: DownloadRequest,
 ) -> Result<(DownloadReply, Vec<u8>), WireError> {
@@ -136,21 +136,18 @@ pub fn download<S: GroupStore + ?Sized>(
 
 /// The caller's upload of `digest`: its slot, keyed by the caller's principal (its key; on an
 /// `--insecure` node, its name).
-fn slot<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, digest: Sha256Digest, user: &UserName) -> Slot {
+fn slot<S: GroupLog + ?Sized>(ctx: &Ctx<'_, S>, digest: Sha256Digest, user: &UserName) -> Slot {
     Slot::new(digest, ctx.caller(user).principal.as_str())
 }
 
-fn members_only<S: GroupStore + ?Sized>(
-    ctx: &Ctx<'_, S>,
-    user: &UserName,
-) -> Result<(), WireError> {
+fn members_only<S: GroupLog + ?Sized>(ctx: &Ctx<'_, S>, user: &UserName) -> Result<(), WireError> {
     ctx.require_member(&ctx.caller(user)).map(|_| ())
 }
 
 /// The reply of an upload at `progress`; when this request completed the upload
 /// ([`Progress::Sealing`] with `start`), the content is handed to the loop to be sealed off
 /// it (`ctx.sealing`), and the reply waits for the seal.
-fn sealing_reply<S: GroupStore + ?Sized>(
+fn sealing_reply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     slot: Slot,
     progress: Progress,

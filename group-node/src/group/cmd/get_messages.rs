@@ -1,6 +1,6 @@
 //! `get_messages`: read the log (members only), one bounded page at a time.
 
-use crate::store::GroupStore;
+use crate::store::GroupLog;
 use agora_proto::wire::{
     ErrorCode, GetMessagesRequest, HistoryQuery, MessagesPage, WireError, MAX_PAGE_BYTES,
 };
@@ -10,7 +10,7 @@ use super::{store_error, Ctx};
 /// # Errors
 /// `not_member`, `invalid_field` (two selectors, bad limit), `not_found`
 /// (no message with that id), `internal`.
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: GetMessagesRequest,
 ) -> Result<MessagesPage, WireError> {

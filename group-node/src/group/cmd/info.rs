@@ -1,13 +1,13 @@
 //! `info`: the group's name, last seq and member count. Open to anyone.
 
-use crate::store::GroupStore;
+use crate::store::GroupLog;
 use agora_proto::wire::{InfoReply, InfoRequest, WireError};
 
 use super::Ctx;
 
 /// # Errors
 /// None.
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     _r: InfoRequest,
 ) -> Result<InfoReply, WireError> {

@@ -1,7 +1,7 @@
 //! `join`: become a member (idempotent). Banned keys are refused, and a private group takes
 //! only invited keys (and its owner and admins).
 
-use crate::store::{Grant, GroupStore};
+use crate::store::{Grant, GroupLog};
 use agora_proto::wire::{
     EntryKind, ErrorCode, GroupMode, MembershipReply, MembershipRequest, WireError,
 };
@@ -12,7 +12,7 @@ use super::{store_error, Ctx};
 /// # Errors
 /// `banned`, `not_invited`, `name_taken` (another member has that name),
 /// `limit_reached` (the group has `max_members`), `internal`.
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {

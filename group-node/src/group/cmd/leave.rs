@@ -1,13 +1,13 @@
 //! `leave`: stop being a member (idempotent).
 
-use crate::store::GroupStore;
+use crate::store::GroupLog;
 use agora_proto::wire::{EntryKind, MembershipReply, MembershipRequest, WireError};
 
 use super::{store_error, Ctx};
 
 /// # Errors
 /// `internal`.
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MembershipRequest,
 ) -> Result<MembershipReply, WireError> {

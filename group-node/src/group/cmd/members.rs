@@ -1,14 +1,14 @@
 //! `members`: the member list. Open to anyone in an open group; in a private group only
 //! members see it.
 
-use crate::store::{GroupStore, Principal};
+use crate::store::{GroupLog, Principal};
 use agora_proto::wire::{ErrorCode, GroupMode, MembersReply, MembersRequest, WireError};
 
 use super::{store_error, Ctx};
 
 /// # Errors
 /// `not_member` (a private group, asked by a non-member), `internal`.
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     _r: MembersRequest,
 ) -> Result<MembersReply, WireError> {

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::store::{GroupStore, NewMessage, StoreError};
+use crate::store::{GroupLog, NewMessage, StoreError};
 use agora_proto::codec::Frames;
 use agora_proto::id::MessageId;
 use agora_proto::time::Timestamp;
@@ -28,7 +28,7 @@ pub mod subscribe;
 pub mod unsubscribe;
 
 /// What a handler may use.
-pub struct Ctx<'a, S: GroupStore + ?Sized> {
+pub struct Ctx<'a, S: GroupLog + ?Sized> {
     /// The group's store, inside an open batch.
     pub store: &'a mut S,
     /// The group's settings.
@@ -54,7 +54,7 @@ pub struct Ctx<'a, S: GroupStore + ?Sized> {
     pub owner: Option<agora_common::keys::PublicKey>,
 }
 
-impl<S: GroupStore + ?Sized> Ctx<'_, S> {
+impl<S: GroupLog + ?Sized> Ctx<'_, S> {
     /// The caller of a request claiming to be `claimed` (see [`crate::group::identity`]).
     pub fn caller(&self, claimed: &UserName) -> Caller {
         crate::group::identity::caller(claimed, self.peer)
@@ -78,7 +78,7 @@ impl<S: GroupStore + ?Sized> Ctx<'_, S> {
     }
 }
 
-impl<S: GroupStore + ?Sized> Ctx<'_, S> {
+impl<S: GroupLog + ?Sized> Ctx<'_, S> {
     /// Appends an entry and queues it for the push after the commit (unless it is a
     /// retried duplicate, which was pushed the first time).
     ///

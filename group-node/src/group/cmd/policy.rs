@@ -5,7 +5,7 @@
 //! refused on an `--insecure` node. Every change is a `policy` entry in the log, so members
 //! see it in history and in the live stream.
 
-use crate::store::{Grant, GroupStore, Principal};
+use crate::store::{Grant, GroupLog, Principal};
 use agora_common::keys::PublicKey;
 use agora_proto::wire::{
     EntryKind, ErrorCode, KeyTargetRequest, MemberTargetRequest, PolicyReply, SetModeRequest,
@@ -31,7 +31,7 @@ pub enum Role {
 ///
 /// # Errors
 /// `internal`.
-pub fn role<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, caller: &Caller) -> Result<Role, WireError> {
+pub fn role<S: GroupLog + ?Sized>(ctx: &Ctx<'_, S>, caller: &Caller) -> Result<Role, WireError> {
     if caller.key.is_some() && caller.key == ctx.owner {
         return Ok(Role::Owner);
     }
@@ -46,7 +46,7 @@ pub fn role<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, caller: &Caller) -> Result
 }
 
 /// The caller's role if it may manage the group.
-fn manager<S: GroupStore + ?Sized>(
+fn manager<S: GroupLog + ?Sized>(
     ctx: &Ctx<'_, S>,
     claimed: &UserName,
 ) -> Result<(Caller, Role), WireError> {
@@ -70,7 +70,7 @@ fn manager<S: GroupStore + ?Sized>(
 }
 
 /// Writes the policy entry (sender: the caller's member name, or the name it claims).
-fn record<S: GroupStore + ?Sized>(
+fn record<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     caller: &Caller,
     body: serde_json::Value,
@@ -86,7 +86,7 @@ fn record<S: GroupStore + ?Sized>(
         .map(|_| ())
 }
 
-fn reply<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, changed: bool) -> PolicyReply {
+fn reply<S: GroupLog + ?Sized>(ctx: &Ctx<'_, S>, changed: bool) -> PolicyReply {
     PolicyReply {
         group: ctx.config.name.clone(),
         changed,
@@ -94,13 +94,13 @@ fn reply<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, changed: bool) -> PolicyReply
     }
 }
 
-fn is_owner<S: GroupStore + ?Sized>(ctx: &Ctx<'_, S>, who: &Principal) -> bool {
+fn is_owner<S: GroupLog + ?Sized>(ctx: &Ctx<'_, S>, who: &Principal) -> bool {
     ctx.owner
         .is_some_and(|k: PublicKey| Principal::key(&k) == *who)
 }
 
 /// Removes `who` from the members and ends its subscriptions; returns its name.
-fn expel<S: GroupStore + ?Sized>(
+fn expel<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     who: &Principal,
 ) -> Result<Option<UserName>, WireError> {
@@ -115,7 +115,7 @@ fn expel<S: GroupStore + ?Sized>(
 ///
 /// # Errors
 /// `forbidden`, `internal`.
-pub fn invite<S: GroupStore + ?Sized>(
+pub fn invite<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -139,7 +139,7 @@ pub fn invite<S: GroupStore + ?Sized>(
 ///
 /// # Errors
 /// `forbidden` (also for banning the owner), `internal`.
-pub fn ban<S: GroupStore + ?Sized>(
+pub fn ban<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -179,7 +179,7 @@ pub fn ban<S: GroupStore + ?Sized>(
 ///
 /// # Errors
 /// `forbidden`, `internal`.
-pub fn unban<S: GroupStore + ?Sized>(
+pub fn unban<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: KeyTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -204,7 +204,7 @@ pub fn unban<S: GroupStore + ?Sized>(
 /// # Errors
 /// `forbidden` (also for kicking the owner, or an admin unless the owner asks), `not_found`
 /// (no such member), `internal`.
-pub fn kick<S: GroupStore + ?Sized>(
+pub fn kick<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MemberTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -236,7 +236,7 @@ pub fn kick<S: GroupStore + ?Sized>(
 ///
 /// # Errors
 /// `forbidden`, `not_found`, `internal`.
-pub fn promote<S: GroupStore + ?Sized>(
+pub fn promote<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: MemberTargetRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -266,7 +266,7 @@ pub fn promote<S: GroupStore + ?Sized>(
 ///
 /// # Errors
 /// `forbidden`, `internal`.
-pub fn set_mode<S: GroupStore + ?Sized>(
+pub fn set_mode<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SetModeRequest,
 ) -> Result<PolicyReply, WireError> {
@@ -282,7 +282,7 @@ pub fn set_mode<S: GroupStore + ?Sized>(
     Ok(reply(ctx, changed))
 }
 
-fn member_named<S: GroupStore + ?Sized>(
+fn member_named<S: GroupLog + ?Sized>(
     ctx: &Ctx<'_, S>,
     name: &UserName,
 ) -> Result<Principal, WireError> {

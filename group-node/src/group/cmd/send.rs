@@ -1,7 +1,7 @@
 //! `send`: append a message to the log (members only). The ack is sent after the batch
 //! holding the append commits.
 
-use crate::store::GroupStore;
+use crate::store::GroupLog;
 use agora_proto::wire::{EntryKind, ErrorCode, SendAck, SendRequest, WireError};
 
 use super::Ctx;
@@ -14,7 +14,7 @@ use super::Ctx;
 /// `invalid_field` (a body that is empty or white-space-only text without an attachment,
 /// [`SendRequest::check_body`]; a bad attachment name, media type or size), `not_found` (the attachment's
 /// content is not complete on this node), `id_conflict`, `internal`.
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SendRequest,
 ) -> Result<SendAck, WireError> {

@@ -1,7 +1,7 @@
 //! `subscribe`: start or renew the live stream to the calling connection (members only), and
 //! take its ack (`acked_seq`), which frees its push budget.
 
-use crate::store::GroupStore;
+use crate::store::GroupLog;
 use agora_proto::wire::{SubscribeReply, SubscribeRequest, WireError};
 
 use super::Ctx;
@@ -10,7 +10,7 @@ use crate::group::subscribers::SubscribeOptions;
 /// # Errors
 /// `not_member`, `limit_reached` (the member's connection bound, or a full
 /// node where nobody holds more subscriptions than the caller would).
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     r: SubscribeRequest,
 ) -> Result<SubscribeReply, WireError> {

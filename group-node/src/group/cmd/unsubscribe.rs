@@ -1,13 +1,13 @@
 //! `unsubscribe`: stop the live stream to the calling connection.
 
-use crate::store::GroupStore;
+use crate::store::GroupLog;
 use agora_proto::wire::{MembershipRequest, UnsubscribeReply, WireError};
 
 use super::Ctx;
 
 /// # Errors
 /// None.
-pub fn apply<S: GroupStore + ?Sized>(
+pub fn apply<S: GroupLog + ?Sized>(
     ctx: &mut Ctx<'_, S>,
     _r: MembershipRequest,
 ) -> Result<UnsubscribeReply, WireError> {
