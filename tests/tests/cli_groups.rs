@@ -135,3 +135,47 @@ fn delete_asks_and_without_a_terminal_needs_yes() {
     alice.type_line("exit");
     assert_eq!(alice.wait_exit(), Some(0), "{}", alice.shown());
 }
+
+/// The bodies of `group`'s messages (not its join and leave entries), as `user` reads them.
+fn bodies(fed: &Federation, user: &str, group: &str) -> Vec<String> {
+    let run = fed.cli(user, &["--json", "messages", group], "");
+    code(&run, 0);
+    run.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["kind"] == "message")
+        .map(|m| {
+            assert_eq!(m["group"], group, "{m}");
+            m["body"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+/// Issue 24 (docs/design/group-host.md §0): user-cli kept one client per endpoint, made
+/// with the first group's name, so on a group host a second group's messages went to the
+/// first. Two groups of one host, written to by one process (one client for the host) and
+/// by several, each get their own messages.
+#[test]
+fn two_groups_on_one_host_get_their_own_messages() {
+    let fed = Federation::start("200ms");
+    let _host = fed.host("host", &["--group", "Ops", "--group", "Dev"]);
+    fed.join_when_listed("alice", "Ops");
+    fed.join_when_listed("alice", "Dev");
+
+    code(&fed.cli("alice", &["send", "Ops", "to ops"], ""), 0);
+    code(&fed.cli("alice", &["send", "Dev", "to dev"], ""), 0);
+    // One process, both groups: one client for the host, each request naming its group.
+    code(
+        &fed.cli("alice", &[], "send Dev again dev\nsend Ops again ops\n"),
+        0,
+    );
+    assert_eq!(bodies(&fed, "alice", "Ops"), ["to ops", "again ops"]);
+    assert_eq!(bodies(&fed, "alice", "Dev"), ["to dev", "again dev"]);
+
+    // A member of one is not of the other.
+    fed.join_when_listed("bob", "Dev");
+    assert_eq!(bodies(&fed, "bob", "Dev"), ["to dev", "again dev"]);
+    let run = fed.cli("bob", &["send", "Ops", "not a member"], "");
+    code(&run, 1);
+    assert!(run.stderr.contains("not a member"), "{run:?}");
+}
