@@ -4,8 +4,10 @@
 //!
 //! # Protocol
 //! - **The lease** is a session-level advisory lock, `pg_try_advisory_lock(hashtextextended(
-//!   'agora-lease:' || schema, 0))`, held by a connection of its own. A standby tries to take
-//!   it every [`LeaseConfig::poll`] (default 100 ms). PostgreSQL frees it when that session
+//!   'agora-lease:' || schema, 0))`, held by a connection of its own: one per schema, so one
+//!   for all the groups of a host ([`PgSchema::Host`]; 10,000 locks per host would overflow
+//!   PostgreSQL's lock table), one per group for a node of one ([`PgSchema::Group`]). A
+//!   standby tries to take it every [`LeaseConfig::poll`] (default 100 ms). PostgreSQL frees it when that session
 //!   ends: at once when the holder's process dies (its kernel closes the socket), and
 //!   within the target's network timeout ([`PgTarget::with_net_timeout`], default 2 s:
 //!   keepalives and `tcp_user_timeout`,
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 use agora_common::shutdown::Shutdown;
 use agora_proto::wire::GroupName;
 
-use crate::store::postgres::{connect, prepare_schema, schema_name, PgTarget};
+use crate::store::postgres::{connect, prepare, PgSchema, PgTarget};
 use crate::store::StoreError;
 
 /// How a node takes and keeps the lease.
@@ -36,8 +38,8 @@ use crate::store::StoreError;
 pub struct LeaseConfig {
     /// The database, its TLS and network timeout (default 2 s).
     pub target: PgTarget,
-    /// The group.
-    pub group: GroupName,
+    /// The schema whose lease this is: a group's (a node of one) or a host's.
+    pub schema: PgSchema,
     /// Who asks, for `lease.holder` and the logs (default `HOST pid PID`).
     pub holder: String,
     /// How often a standby tries to take the lease (default 100 ms).
@@ -51,14 +53,20 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// The defaults for `group` in the database `target`.
+    /// The defaults for a node of the one group `group` in the database `target`.
     pub fn new(target: PgTarget, group: GroupName) -> LeaseConfig {
+        LeaseConfig::of(target, PgSchema::Group(group))
+    }
+
+    /// The defaults for the lease of `schema` (a group host's: [`PgSchema::Host`]) in the
+    /// database `target`.
+    pub fn of(target: PgTarget, schema: PgSchema) -> LeaseConfig {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "unknown-host".to_owned());
         LeaseConfig {
             target,
-            group,
+            schema,
             holder: format!("{host} pid {}", std::process::id()),
             poll: Duration::from_millis(100),
             check: Duration::from_millis(200),
@@ -95,7 +103,7 @@ impl Lease {
     /// [`StoreError::WrongGroup`] (no point retrying); a thread that cannot start, as
     /// [`StoreError::Corrupt`].
     pub fn acquire(config: &LeaseConfig, shutdown: &Shutdown) -> Result<Option<Lease>, StoreError> {
-        let schema = schema_name(&config.group);
+        let schema = config.schema.name();
         let mut announced = false;
         let started = Instant::now();
         // Whether the database was ever reached: until then, it is the start that fails.
@@ -111,7 +119,7 @@ impl Lease {
             if session.is_some() {
                 reached = true;
                 if warned {
-                    tracing::info!(group = %config.group, "reached the database again");
+                    tracing::info!(lease = %config.schema, "reached the database again");
                     warned = false;
                 }
             }
@@ -122,7 +130,7 @@ impl Lease {
                 },
                 Ok(false) => {
                     if !announced {
-                        tracing::info!(group = %config.group, "standby: another node holds the lease; waiting for it");
+                        tracing::info!(lease = %config.schema, "standby: another node holds the lease; waiting for it");
                         announced = true;
                     }
                 }
@@ -158,7 +166,7 @@ impl Lease {
                 &[&config.holder],
             )?
             .get(0);
-        tracing::info!(group = %config.group, epoch, "took the lease: this node is active");
+        tracing::info!(lease = %config.schema, epoch, "took the lease: this node is active");
         let base = Instant::now();
         let last_ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicBool::new(false));
@@ -209,7 +217,7 @@ impl Lease {
             Some(client) => client,
             None => {
                 let mut client = connect(&config.target, "lease")?;
-                prepare_schema(&mut client, &config.group)?;
+                prepare(&mut client, &config.schema)?;
                 session.insert(client)
             }
         };

@@ -51,9 +51,36 @@ impl Backend for Postgres {
     }
 }
 
-/// The group under test is gid 2 of an SQLite host whose gid 1 holds the same user names,
-/// client ids and grants, a private mode and a log: every case must see its own group only.
-struct Neighbours(tempfile::TempDir);
+/// The group under test is gid 2 of a host (SQLite, or a PostgreSQL host schema) whose
+/// gid 1 holds the same user names, client ids and grants, a private mode and a log: every
+/// case must see its own group only.
+enum Neighbours {
+    Sqlite(tempfile::TempDir),
+    Pg(Postgres),
+}
+
+impl Neighbours {
+    /// The host database, opened again (a restart).
+    fn open_db(&self) -> super::HostDb {
+        match self {
+            Neighbours::Sqlite(dir) => super::HostDb::Sqlite(
+                super::SqliteHost::open_with(
+                    &dir.path().join("host.sqlite3"),
+                    super::Durability::Commit,
+                )
+                .expect("open"),
+            ),
+            Neighbours::Pg(pg) => super::HostDb::Pg(Box::new(
+                super::PgHost::open(&PgTarget::new(&pg.url), host_schema(), None).expect("open"),
+            )),
+        }
+    }
+}
+
+/// The schema of the PostgreSQL host under test.
+fn host_schema() -> super::PgSchema {
+    super::PgSchema::Host("test host".to_owned())
+}
 
 /// A [`GroupStore`] over one group of a [`HostDb`] (what a host does per request, here per
 /// call; a `RefCell` as reads take `&self` and a view `&mut`).
@@ -157,10 +184,8 @@ impl GroupStore for OnHost {
 
 impl Backend for Neighbours {
     fn open(&self) -> Box<dyn GroupStore> {
-        use super::{GroupState, HostDb, NewGroup, SqliteHost};
-        let path = self.0.path().join("host.sqlite3");
-        let mut db =
-            HostDb::Sqlite(SqliteHost::open_with(&path, super::Durability::Commit).expect("open"));
+        use super::{GroupState, NewGroup};
+        let mut db = self.open_db();
         let live = db.live_groups().expect("live");
         let gid = match live.iter().find(|g| g.name == group()) {
             Some(g) => g.gid,
@@ -228,7 +253,13 @@ macro_rules! conformance {
         mod sqlite_host {
             $(#[test]
             fn $name() {
-                super::$name(&super::Neighbours(tempfile::tempdir().expect("tmp")));
+                super::$name(&super::Neighbours::Sqlite(tempfile::tempdir().expect("tmp")));
+            })*
+        }
+        mod pg_host {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Neighbours::Pg(super::Postgres::start()));
             })*
         }
     };
@@ -622,17 +653,26 @@ fn at<'a>(sender: &'a UserName, body: &'a RawValue, id: MessageId, now: i64) -> 
     }
 }
 
-/// Two groups of one SQLite host written in one batch, interleaved, with the same client
-/// ids, the same member (same principal, same user name) and the same kind of grants:
-/// each group's seqs start at 1, its pages, retention, history by time, members, grants and
-/// mode are its own, before and after a reopen.
+/// Two groups of one host (SQLite; a PostgreSQL host schema) written in one batch,
+/// interleaved, with the same client ids, the same member (same principal, same user name)
+/// and the same kind of grants: each group's seqs start at 1, its pages, retention, history
+/// by time, members, grants and mode are its own, before and after a reopen.
 #[test]
 fn two_groups_interleaved_in_one_batch_stay_apart() {
-    use super::{GroupId, GroupState, HostDb, NewGroup, SqliteHost};
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("host.sqlite3");
-    let open =
-        || HostDb::Sqlite(SqliteHost::open_with(&path, super::Durability::Commit).expect("open"));
+    two_groups_interleaved(&Neighbours::Sqlite(tempfile::tempdir().expect("tmp")));
+}
+
+/// [`two_groups_interleaved_in_one_batch_stay_apart`] on a PostgreSQL host schema: the
+/// held appends of both groups go in one `COMMIT_BATCH`, and retention's high-water marks
+/// are red's only.
+#[test]
+fn two_groups_interleaved_in_one_batch_stay_apart_on_postgres() {
+    two_groups_interleaved(&Neighbours::Pg(Postgres::start()));
+}
+
+fn two_groups_interleaved(host: &Neighbours) {
+    use super::{GroupId, GroupState, HostDb, NewGroup};
+    let open = || host.open_db();
     let mut db = open();
     let (red, blue) = (
         GroupName::new("red").expect("name"),

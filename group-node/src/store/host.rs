@@ -14,9 +14,8 @@
 //!
 //! # Backends
 //! - SQLite ([`SqliteHost`], schema version 7: one file, a `gid` in every row).
-//! - PostgreSQL: for now a node of one group only ([`PgStore`] under gid 1); its
-//!   [`HostDb::insert_group`] answers [`StoreError::Unsupported`]. The schema per host of the
-//!   plan (`docs/design/group-host.md` §2.3) is not built yet.
+//! - PostgreSQL ([`PgHost`], schema version 4: a schema per host, a `gid` in every row;
+//!   a node of one group keeps its group's schema, its group being gid 1).
 //!
 //! [`SqliteStore`]: super::SqliteStore
 
@@ -27,10 +26,9 @@ use agora_proto::wire::{
 };
 use serde_json::value::RawValue;
 
+use super::postgres::{PgGroup, PgHost};
 use super::sqlite::{Checkpointer, SqliteGroup, SqliteHost};
-use super::{
-    Flush, Grant, GroupLog, GroupStore, NewMessage, Page, PgStore, Principal, Retention, StoreError,
-};
+use super::{Flush, Grant, GroupLog, NewMessage, Page, Principal, Retention, StoreError};
 
 /// A group's number on its host: 1, 2, … in creation order, never reused (an archived
 /// group keeps its rows and its number). A node of one group serves gid 1.
@@ -148,17 +146,6 @@ impl LogState {
     pub fn member_count(&self) -> u64 {
         self.member_count
     }
-
-    /// The state of a group with nothing stored: for a PostgreSQL node of one, whose store
-    /// keeps its own (the [`GroupDb`] view ignores it).
-    pub(super) fn empty(gid: GroupId) -> LogState {
-        LogState {
-            gid,
-            last_seq: 0,
-            clock: MonotonicClock::after(Timestamp::EPOCH),
-            member_count: 0,
-        }
-    }
 }
 
 /// The database of a host: the transaction, the `groups` table, and a view per group.
@@ -166,15 +153,15 @@ impl LogState {
 pub enum HostDb {
     /// One SQLite file (schema version 7).
     Sqlite(SqliteHost),
-    /// A PostgreSQL node of one group (gid 1), named here; see the module docs.
-    Pg(Box<PgStore>, GroupName),
+    /// A PostgreSQL schema (version 4): a host's, or a node of one group's.
+    Pg(Box<PgHost>),
 }
 
 impl std::fmt::Debug for HostDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HostDb::Sqlite(h) => h.fmt(f),
-            HostDb::Pg(s, name) => f.debug_tuple("HostDb::Pg").field(s).field(name).finish(),
+            HostDb::Pg(h) => h.fmt(f),
         }
     }
 }
@@ -187,7 +174,7 @@ impl HostDb {
     pub fn begin(&mut self) -> Result<(), StoreError> {
         match self {
             HostDb::Sqlite(h) => h.begin(),
-            HostDb::Pg(s, _) => s.begin(),
+            HostDb::Pg(h) => h.begin(),
         }
     }
 
@@ -201,7 +188,7 @@ impl HostDb {
     pub fn commit(&mut self) -> Result<(), StoreError> {
         match self {
             HostDb::Sqlite(h) => h.commit(),
-            HostDb::Pg(s, _) => s.commit(),
+            HostDb::Pg(h) => h.commit(),
         }
     }
 
@@ -209,7 +196,7 @@ impl HostDb {
     pub fn last_commit_wrote(&self) -> bool {
         match self {
             HostDb::Sqlite(h) => h.last_commit_wrote(),
-            HostDb::Pg(s, _) => s.last_commit_wrote(),
+            HostDb::Pg(_) => true,
         }
     }
 
@@ -217,7 +204,7 @@ impl HostDb {
     pub fn flusher(&self) -> Box<dyn Flush> {
         match self {
             HostDb::Sqlite(h) => h.flusher(),
-            HostDb::Pg(s, _) => s.flusher(),
+            HostDb::Pg(h) => h.flusher(),
         }
     }
 
@@ -228,7 +215,7 @@ impl HostDb {
     pub fn checkpoints(&self) -> Result<Option<Checkpointer>, StoreError> {
         match self {
             HostDb::Sqlite(h) => h.checkpoints(),
-            HostDb::Pg(s, _) => s.checkpoints(),
+            HostDb::Pg(_) => Ok(None),
         }
     }
 
@@ -236,7 +223,7 @@ impl HostDb {
     pub fn stored_bytes(&self) -> u64 {
         match self {
             HostDb::Sqlite(h) => h.stored_bytes(),
-            HostDb::Pg(s, _) => s.stored_bytes(),
+            HostDb::Pg(h) => h.stored_bytes(),
         }
     }
 
@@ -248,15 +235,7 @@ impl HostDb {
     pub fn live_groups(&self) -> Result<Vec<GroupRow>, StoreError> {
         match self {
             HostDb::Sqlite(h) => h.live_groups(),
-            HostDb::Pg(s, name) => Ok(vec![GroupRow {
-                gid: GroupId::ONE,
-                name: name.clone(),
-                owner: None,
-                mode: s.mode()?,
-                state: GroupState::Live,
-                created_by: None,
-                members: s.member_count(),
-            }]),
+            HostDb::Pg(h) => h.live_groups(),
         }
     }
 
@@ -270,7 +249,7 @@ impl HostDb {
     ) -> Result<Option<(GroupId, GroupState)>, StoreError> {
         match self {
             HostDb::Sqlite(h) => h.find_group(name),
-            HostDb::Pg(_, one) => Ok((one == name).then_some((GroupId::ONE, GroupState::Live))),
+            HostDb::Pg(h) => h.find_group(name),
         }
     }
 
@@ -282,7 +261,7 @@ impl HostDb {
     pub fn remove_pending_groups(&mut self) -> Result<u64, StoreError> {
         match self {
             HostDb::Sqlite(h) => h.remove_pending_groups(),
-            HostDb::Pg(..) => Ok(0),
+            HostDb::Pg(h) => h.remove_pending_groups(),
         }
     }
 
@@ -294,7 +273,7 @@ impl HostDb {
     pub fn group_counts(&self, created_by: &Principal) -> Result<(u64, u64), StoreError> {
         match self {
             HostDb::Sqlite(h) => h.group_counts(created_by),
-            HostDb::Pg(..) => Ok((0, 1)),
+            HostDb::Pg(h) => h.group_counts(created_by),
         }
     }
 
@@ -303,14 +282,11 @@ impl HostDb {
     ///
     /// # Errors
     /// [`StoreError::NameTaken`] if a pending or live group of the host has the name;
-    /// [`StoreError::Unsupported`] on a PostgreSQL node of one; [`StoreError::Sqlite`],
-    /// [`StoreError::Aborted`].
+    /// [`StoreError::Sqlite`], [`StoreError::Postgres`], [`StoreError::Aborted`].
     pub fn insert_group(&mut self, g: NewGroup<'_>) -> Result<GroupId, StoreError> {
         match self {
             HostDb::Sqlite(h) => h.insert_group(g),
-            HostDb::Pg(..) => Err(StoreError::Unsupported(
-                "creating groups on a PostgreSQL store",
-            )),
+            HostDb::Pg(h) => h.insert_group(g),
         }
     }
 
@@ -318,8 +294,8 @@ impl HostDb {
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] if there is no such group; [`StoreError::NameTaken`] when a
-    /// group is made live again while another has its name; [`StoreError::Unsupported`] on
-    /// a PostgreSQL node of one; [`StoreError::Sqlite`], [`StoreError::Aborted`].
+    /// group is made live again while another has its name; [`StoreError::Sqlite`],
+    /// [`StoreError::Postgres`], [`StoreError::Aborted`].
     pub fn set_group_state(
         &mut self,
         gid: GroupId,
@@ -328,9 +304,7 @@ impl HostDb {
     ) -> Result<(), StoreError> {
         match self {
             HostDb::Sqlite(h) => h.set_group_state(gid, state, at),
-            HostDb::Pg(..) => Err(StoreError::Unsupported(
-                "changing a group's state on a PostgreSQL store",
-            )),
+            HostDb::Pg(h) => h.set_group_state(gid, state, at),
         }
     }
 
@@ -342,14 +316,7 @@ impl HostDb {
     pub fn load(&self, gid: GroupId) -> Result<LogState, StoreError> {
         match self {
             HostDb::Sqlite(h) => h.load(gid),
-            HostDb::Pg(..) if gid != GroupId::ONE => {
-                Err(StoreError::Corrupt(format!("no group {gid}")))
-            }
-            HostDb::Pg(s, _) => Ok(LogState {
-                last_seq: s.last_seq(),
-                member_count: s.member_count(),
-                ..LogState::empty(gid)
-            }),
+            HostDb::Pg(h) => h.load(gid),
         }
     }
 
@@ -367,7 +334,7 @@ impl HostDb {
     pub fn group<'a>(&'a mut self, state: &'a mut LogState) -> GroupDb<'a> {
         match self {
             HostDb::Sqlite(h) => GroupDb::Sqlite(SqliteGroup::new(h, state)),
-            HostDb::Pg(s, _) => GroupDb::Pg(s),
+            HostDb::Pg(h) => GroupDb::Pg(h.group(state)),
         }
     }
 }
@@ -377,22 +344,22 @@ impl HostDb {
 pub enum GroupDb<'a> {
     /// A group of an SQLite host.
     Sqlite(SqliteGroup<'a>),
-    /// The group of a PostgreSQL node of one.
-    Pg(&'a mut PgStore),
+    /// A group of a PostgreSQL host.
+    Pg(PgGroup<'a>),
 }
 
 impl GroupDb<'_> {
     fn log(&self) -> &dyn GroupLog {
         match self {
             GroupDb::Sqlite(g) => g,
-            GroupDb::Pg(s) => &**s,
+            GroupDb::Pg(g) => g,
         }
     }
 
     fn log_mut(&mut self) -> &mut dyn GroupLog {
         match self {
             GroupDb::Sqlite(g) => g,
-            GroupDb::Pg(s) => &mut **s,
+            GroupDb::Pg(g) => g,
         }
     }
 }

@@ -6,9 +6,9 @@
 //! methods plus the transaction in one value. Two backends implement them:
 //! - [`SqliteHost`] / [`SqliteStore`] ([`sqlite`]): one SQLite file in WAL mode in the
 //!   node's data directory, every group's rows in one set of tables; the embedded default.
-//! - [`PgStore`] ([`postgres`]): one schema in a PostgreSQL database (`--store
-//!   postgres://…`), which several nodes of the same group on different hosts share, one
-//!   active at a time ([`lease`](crate::lease)).
+//! - [`PgHost`] / [`PgStore`] ([`postgres`]): one schema in a PostgreSQL database (`--store
+//!   postgres://…`) per host (a node of one group: per group), which several nodes on
+//!   different machines share, one active at a time ([`lease`](crate::lease)).
 //!
 //! Writes happen inside a batch: [`GroupStore::begin`], any number of operations, then
 //! [`GroupStore::commit`]. The node puts every request it has in hand into one batch and
@@ -20,8 +20,9 @@
 //! Bounded per host, not per group: a loaded group's [`LogState`] is under 48 bytes; SQLite
 //! keeps a 16 MiB page cache on the writer ([`sqlite::WRITER_CACHE_KIB`]), 2 MiB on the
 //! checkpointer, and 64 prepared statements per connection ([`sqlite::STATEMENT_CACHE`]),
-//! shared by every group; [`PgStore`] keeps one prepared statement per SQL text it runs (a
-//! fixed set) and up to 65,536 members in its member cache, which starts over when full.
+//! shared by every group; [`PgHost`] keeps one prepared statement per SQL text it runs (a
+//! fixed set, `gid` a parameter) and one member cache for all its groups, an LRU of
+//! 100,000 principals ([`postgres::DEFAULT_MEMBER_CACHE`]).
 //!
 //! # Failure inside a batch
 //! When a write fails (an I/O error, a full disk, a lost connection), the database may roll
@@ -58,7 +59,7 @@ pub mod postgres;
 pub mod sqlite;
 
 pub use self::host::{GroupDb, GroupId, GroupRow, GroupState, HostDb, LogState, NewGroup};
-pub use self::postgres::PgStore;
+pub use self::postgres::{PgGroup, PgHost, PgSchema, PgStore};
 pub use self::sqlite::{
     CheckpointStats, Checkpointer, Durability, SqliteGroup, SqliteHost, SqliteStore, WalSync,
 };
@@ -174,8 +175,7 @@ pub enum StoreError {
     /// A pending or live group of the host has this name ([`HostDb::insert_group`]).
     #[error("a group named {0} is already on this host")]
     NameTaken(String),
-    /// The store cannot do this yet (a PostgreSQL store holds one group until the schema
-    /// per host is built).
+    /// The store cannot do this.
     #[error("not supported: {0}")]
     Unsupported(&'static str),
     /// The user name is bound to another member of this group.
