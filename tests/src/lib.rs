@@ -41,6 +41,39 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Established TCP connections, from any process of this network namespace, to the server
+/// at `endpoint` (`tcp://127.0.0.1:PORT`): its clients' connections, read from
+/// `/proc/net/tcp` and `/proc/net/tcp6` (state `01`, remote port PORT). For tests that
+/// count how many connections a client holds to a server.
+///
+/// # Panics
+/// If `endpoint` has no port.
+pub fn connections_to(endpoint: &str) -> usize {
+    let port: u16 = endpoint
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("a tcp endpoint with a port");
+    let mut n = 0;
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state)) = (fields.get(2), fields.get(3)) else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "01" && remote_port == Some(port) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

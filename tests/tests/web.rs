@@ -988,3 +988,64 @@ fn the_page_rides_through_a_failover_of_its_group() {
     }
     assert_eq!(seen, vec![1, 2, 3]);
 }
+
+/// Issue 24: a page following five groups of one group host, and sending to each, reaches
+/// that host over two connections whatever the number of groups: the identity's live feed
+/// (one DEALER) and the session's requests (one REQ); before, three per group.
+#[test]
+fn a_page_of_five_groups_on_one_host_reaches_it_over_two_connections() {
+    let fed = Federation::start("200ms");
+    let names: Vec<String> = (1..=5).map(|i| format!("Room {i}")).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for name in &names {
+        args.extend(["--group", name.as_str()]);
+    }
+    let host = fed.host("host", &args);
+    for name in &names {
+        fed.join_when_listed("alice", name);
+    }
+    let (_web, base, cookie) = personal(&fed, "alice", &[]);
+    let mut ws = websocket(&base, &cookie);
+    for name in &names {
+        let followed = ask(
+            &mut ws,
+            serde_json::json!({"op": "follow", "group": name, "after_seq": 0}),
+        );
+        assert_eq!(followed["ok"], true, "{followed}");
+    }
+    // Sent without waiting for each ack (`ask` would skip the entries coming meanwhile).
+    for name in &names {
+        let send =
+            serde_json::json!({"op": "send", "group": name, "text": format!("hello {name}")});
+        ws.send(tungstenite::Message::Text(send.to_string().into()))
+            .expect("send");
+    }
+    // Each group's message comes back live, to its group.
+    let mut heard: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while heard.len() < names.len() {
+        assert!(Instant::now() < deadline, "heard only {heard:?}");
+        let message = read_json(&mut ws);
+        if message.get("event").is_none() {
+            assert_eq!(message["ok"], true, "{message}");
+        } else if message["event"] == "entry" && message["entry"]["kind"] != "join" {
+            let group = message["group"].as_str().unwrap_or_default().to_owned();
+            assert_eq!(
+                message["entry"]["body"],
+                format!("hello {group}"),
+                "{message}"
+            );
+            heard.push(group);
+        }
+    }
+    heard.sort();
+    assert_eq!(heard, names);
+    assert!(
+        wait_for(Duration::from_secs(5), || agora_tests::connections_to(
+            &host.endpoint
+        ) == 2),
+        "{} connections from the gateway to the host of its {} groups",
+        agora_tests::connections_to(&host.endpoint),
+        names.len()
+    );
+}
