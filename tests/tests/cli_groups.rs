@@ -3,7 +3,11 @@
 //! table: 1 refused with the server's code, 2 usage, 3 unreachable), and where `create`
 //! goes without `--host`.
 
+use std::time::Duration;
+
 use agora_tests::{CliRun, Federation};
+
+const WAIT: Duration = Duration::from_secs(20);
 
 fn code(run: &CliRun, expected: i32) {
     assert_eq!(run.code, Some(expected), "{run:?}");
@@ -178,4 +182,57 @@ fn two_groups_on_one_host_get_their_own_messages() {
     let run = fed.cli("bob", &["send", "Ops", "not a member"], "");
     code(&run, 1);
     assert!(run.stderr.contains("not a member"), "{run:?}");
+}
+
+/// The prompt and `watch` follow two groups of one host (one connection), each entry shown
+/// under its own group, and leaving one keeps the other followed.
+#[test]
+fn the_prompt_and_watch_follow_two_groups_of_one_host_each_under_its_name() {
+    let fed = Federation::start("200ms");
+    let _host = fed.host("host", &["--group", "Ops", "--group", "Dev"]);
+    for user in ["alice", "bob", "carol"] {
+        fed.join_when_listed(user, "Ops");
+        fed.join_when_listed(user, "Dev");
+    }
+    let mut watch = fed.spawn_cli("bob", &["--json", "watch", "Ops", "Dev"]);
+    assert!(watch.wait_stderr("watching Ops", WAIT), "bob's watch");
+    assert!(watch.wait_stderr("watching Dev", WAIT), "bob's watch");
+    let mut alice = fed.prompt("alice");
+    let at = alice.expect(0, "agora> ");
+
+    code(&fed.cli("carol", &["send", "Ops", "for ops"], ""), 0);
+    code(&fed.cli("carol", &["send", "Dev", "for dev"], ""), 0);
+    let ops = alice.expect_line(0, "carol: for ops");
+    let dev = alice.expect_line(0, "carol: for dev");
+    let lines = alice.lines();
+    assert!(lines[ops].contains(" Ops #"), "{lines:#?}");
+    assert!(lines[dev].contains(" Dev #"), "{lines:#?}");
+
+    // Leaving Ops at the prompt: Dev is still followed there.
+    alice.type_line("leave Ops");
+    alice.expect(at, "left Ops");
+    code(&fed.cli("carol", &["send", "Dev", "still dev"], ""), 0);
+    alice.expect_line(0, "carol: still dev");
+    alice.type_line("exit");
+    assert_eq!(alice.wait_exit(), Some(0), "{}", alice.shown());
+
+    let mut seen = Vec::new();
+    let all = watch.wait_lines(WAIT, |lines| {
+        seen = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["sender"] == "carol" && m["kind"] == "message")
+            .map(|m| format!("{} {}", m["group"], m["body"]))
+            .collect();
+        seen.len() >= 3
+    });
+    assert!(all, "{seen:?}");
+    assert_eq!(
+        seen,
+        [
+            r#""Ops" "for ops""#,
+            r#""Dev" "for dev""#,
+            r#""Dev" "still dev""#
+        ]
+    );
 }
