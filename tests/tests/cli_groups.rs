@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use agora_tests::{CliRun, Federation};
+use agora_tests::{connections_to, wait_for, CliRun, Federation};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -184,12 +184,13 @@ fn two_groups_on_one_host_get_their_own_messages() {
     assert!(run.stderr.contains("not a member"), "{run:?}");
 }
 
-/// The prompt and `watch` follow two groups of one host (one connection), each entry shown
-/// under its own group, and leaving one keeps the other followed.
+/// The prompt and `watch` follow two groups of one host, each entry shown under its own
+/// group, and leaving one keeps the other followed; `watch` holds one connection to the host
+/// for both.
 #[test]
 fn the_prompt_and_watch_follow_two_groups_of_one_host_each_under_its_name() {
     let fed = Federation::start("200ms");
-    let _host = fed.host("host", &["--group", "Ops", "--group", "Dev"]);
+    let host = fed.host("host", &["--group", "Ops", "--group", "Dev"]);
     for user in ["alice", "bob", "carol"] {
         fed.join_when_listed(user, "Ops");
         fed.join_when_listed(user, "Dev");
@@ -227,6 +228,13 @@ fn the_prompt_and_watch_follow_two_groups_of_one_host_each_under_its_name() {
         seen.len() >= 3
     });
     assert!(all, "{seen:?}");
+    // Only bob's watch is connected now: one connection for both groups.
+    let mut held = 0;
+    let one = wait_for(WAIT, || {
+        held = connections_to(&host.endpoint);
+        held == 1
+    });
+    assert!(one, "{held} connections to the host");
     assert_eq!(
         seen,
         [
