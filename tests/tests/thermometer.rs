@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use agora_tests::{wait_for, CliRun, Federation, Server};
+use agora_tests::{connections_to, wait_for, CliRun, Federation, Server};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -120,4 +120,44 @@ fn readings_go_to_each_group_given() {
     for group in ["Weather", "Garden"] {
         assert!(wait_for(WAIT, || has_reading(&fed, group)), "{group}");
     }
+}
+
+/// Issue 24: two groups of one group host get the readings over one connection, each
+/// request naming its group.
+#[test]
+fn readings_go_to_two_groups_of_one_host_over_one_connection() {
+    let fed = Federation::start("200ms");
+    let host = fed.host("host", &["--group", "Weather", "--group", "Garden"]);
+    fed.join_when_listed("alice", "Weather");
+    fed.join_when_listed("alice", "Garden");
+    let registry_key = fed.registry_key();
+    let keys = fed.key_dir();
+    let _bot = Server::start(
+        "thermometer",
+        &[
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+            "--key-dir",
+            &keys,
+            "--group",
+            "Weather",
+            "--group",
+            "Garden",
+            "--every",
+            "200ms",
+        ],
+        std::path::Path::new(&fed.path("thermometer.log")),
+    );
+    for group in ["Weather", "Garden"] {
+        assert!(wait_for(WAIT, || has_reading(&fed, group)), "{group}");
+    }
+    // user-cli's runs are over: the bot's is the one connection left.
+    let mut held = 0;
+    let one = wait_for(WAIT, || {
+        held = connections_to(&host.endpoint);
+        held == 1
+    });
+    assert!(one, "{held} connections to the host");
 }
