@@ -1304,7 +1304,10 @@ mod tests {
                 && !errors.is_empty()
                 && after >= 3
         };
-        let mut alpha_pushed = false;
+        // The script moves on by what the host has seen, not by timing: a subscribe sent
+        // before the connection is up is not sent, and the host's renewal covers it.
+        let (mut alpha_pushed, mut beta_paged, mut beta_ended) = (false, false, false);
+        let mut answered: HashSet<GroupName> = HashSet::new();
         while !done(&got, &errors, subscribes_after_refusal) {
             assert!(
                 start.elapsed() < DEADLINE,
@@ -1319,19 +1322,7 @@ mod tests {
                         }
                         let last = if group == beta { 2 } else { 0 };
                         host.send(&peer, encode_ok(&subscribed(&group, last)));
-                        if group == alpha && !alpha_pushed {
-                            alpha_pushed = true;
-                            host.push(&peer, "Alpha", &[1, 2]);
-                            // Not followed: dropped.
-                            host.push(&peer, "Gamma", &[1]);
-                            // Names no group, from a host of two: dropped.
-                            host.send(
-                                &peer,
-                                encode_error(&WireError::new(ErrorCode::Internal, "whose?")),
-                            );
-                            // 3 is missing: read from the log, over this connection.
-                            host.push(&peer, "Alpha", &[4]);
-                        }
+                        answered.insert(group);
                     }
                     NodeRequest::Renew(r) => {
                         assert!(!refused, "renew again after unknown_action");
@@ -1342,21 +1333,13 @@ mod tests {
                             &peer,
                             encode_error(&WireError::new(ErrorCode::UnknownAction, "renew")),
                         );
-                        // Beta ends (not a member any more); its later push is dropped.
-                        host.send(
-                            &peer,
-                            encode_error(
-                                &WireError::new(ErrorCode::NotMember, "gone")
-                                    .with_group(Some(beta.clone())),
-                            ),
-                        );
-                        host.push(&peer, "Beta", &[3]);
                     }
                     NodeRequest::GetMessages(g) => {
                         let group = g.group.expect("every page request names its group");
                         let after = g.after_seq.expect("after_seq");
                         pages.push((group.clone(), after));
                         let last = if group == beta { 2 } else { 4 };
+                        beta_paged |= group == beta;
                         let page = MessagesPage {
                             group: group.clone(),
                             messages: (after + 1..=last).map(entry).collect(),
@@ -1366,6 +1349,31 @@ mod tests {
                     }
                     NodeRequest::Unsubscribe(_) => {}
                     other => panic!("unexpected request {other:?}"),
+                }
+                if !alpha_pushed && answered.contains(&alpha) && answered.contains(&beta) {
+                    alpha_pushed = true;
+                    host.push(&peer, "Alpha", &[1, 2]);
+                    // Not followed: dropped.
+                    host.push(&peer, "Gamma", &[1]);
+                    // Names no group, from a host of two: dropped.
+                    host.send(
+                        &peer,
+                        encode_error(&WireError::new(ErrorCode::Internal, "whose?")),
+                    );
+                    // 3 is missing: read from the log, over this connection.
+                    host.push(&peer, "Alpha", &[4]);
+                }
+                if refused && beta_paged && !beta_ended {
+                    beta_ended = true;
+                    // Beta ends (not a member any more); its later push is dropped.
+                    host.send(
+                        &peer,
+                        encode_error(
+                            &WireError::new(ErrorCode::NotMember, "gone")
+                                .with_group(Some(beta.clone())),
+                        ),
+                    );
+                    host.push(&peer, "Beta", &[3]);
                 }
             }
             while let Ok(event) = rx.try_recv() {
@@ -1461,6 +1469,89 @@ mod tests {
         assert_eq!(renewals[1], vec!["Alpha", "Delta"]);
         assert_eq!(fatal, vec!["Beta"]);
         assert_eq!(host.peers.len(), 1);
+        drop(rx);
+        drop(feed);
+    }
+
+    /// A host that goes silent: each of its groups is looked up and moves on its own (here
+    /// to two different hosts), after its last delivered seq, and what it missed is read
+    /// from its new host's log.
+    #[test]
+    fn a_silent_hosts_groups_each_move_where_the_locator_says() {
+        let ctx = zmq::Context::new();
+        let mut old = FakeHost::bind(&ctx);
+        let mut hosts = [FakeHost::bind(&ctx), FakeHost::bind(&ctx)];
+        let to = [hosts[0].endpoint.clone(), hosts[1].endpoint.clone()];
+        let locate: Locate = Box::new(move |group: &GroupName| {
+            let i = usize::from(group.as_str() != "Alpha");
+            Some((to[i].clone(), None))
+        });
+        let options = FeedOptions {
+            renew: Duration::from_millis(100),
+            relocate_after: Duration::from_millis(500),
+            ..FeedOptions::default()
+        };
+        let (events, rx) = mpsc::sync_channel(64);
+        let feed = Feed::with_locator(
+            &ctx,
+            "bob".parse().expect("user"),
+            None,
+            options,
+            Some(locate),
+            move |event| events.send(event).is_ok(),
+        )
+        .expect("feed");
+        feed.add(spec(&old, "Alpha"));
+        feed.add(spec(&old, "Beta"));
+        let mut got: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut asked: [HashSet<String>; 2] = [HashSet::new(), HashSet::new()];
+        let (mut pushed, mut silent) = (HashSet::new(), false);
+        let start = Instant::now();
+        while got.values().map(Vec::len).sum::<usize>() < 4 {
+            assert!(start.elapsed() < DEADLINE, "got {got:?}, asked {asked:?}");
+            if !silent {
+                if let Some((peer, NodeRequest::Subscribe(s))) = old.next() {
+                    let group = s.group.expect("names its group");
+                    old.send(&peer, encode_ok(&subscribed(&group, 0)));
+                    if pushed.insert(group.clone()) {
+                        old.push(&peer, group.as_str(), &[1]);
+                    }
+                    // Both groups have had their entry 1: the host goes silent.
+                    silent = pushed.len() == 2;
+                }
+            }
+            for (i, host) in hosts.iter_mut().enumerate() {
+                match host.next() {
+                    Some((peer, NodeRequest::Subscribe(s))) => {
+                        let group = s.group.expect("names its group");
+                        asked[i].insert(group.to_string());
+                        host.send(&peer, encode_ok(&subscribed(&group, 2)));
+                    }
+                    Some((peer, NodeRequest::GetMessages(g))) => {
+                        let group = g.group.expect("names its group");
+                        asked[i].insert(group.to_string());
+                        let after = g.after_seq.expect("after_seq");
+                        let page = MessagesPage {
+                            group,
+                            messages: (after + 1..=2).map(entry).collect(),
+                            more: false,
+                        };
+                        host.send(&peer, encode_ok(&page));
+                    }
+                    Some((_, NodeRequest::Unsubscribe(_))) | None => {}
+                    Some((_, other)) => panic!("unexpected request {other:?}"),
+                }
+            }
+            while let Ok(event) = rx.try_recv() {
+                if let FeedEvent::Entry { label, entry, .. } = event {
+                    got.entry(label).or_default().push(entry.seq);
+                }
+            }
+        }
+        assert_eq!(got["Alpha"], vec![1, 2]);
+        assert_eq!(got["Beta"], vec![1, 2]);
+        assert_eq!(asked[0], HashSet::from(["Alpha".to_owned()]));
+        assert_eq!(asked[1], HashSet::from(["Beta".to_owned()]));
         drop(rx);
         drop(feed);
     }

@@ -62,6 +62,11 @@ struct Args {
     /// With --host: most groups the host holds.
     #[arg(long, env = "AGORA_MAX_GROUPS", default_value_t = agora_group_node::DEFAULT_MAX_GROUPS)]
     max_groups: usize,
+    /// With --host and --store: the id that names the host's PostgreSQL schema and lease;
+    /// its standbys give the same [default: the host's public key, which its standbys share
+    /// with its node.key; needed with --insecure].
+    #[arg(long, env = "AGORA_HOST_ID", requires_all = ["host", "store"])]
+    host_id: Option<String>,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`: 200 serving, 503
     /// draining) over HTTP on this IP:PORT, or on loopback with a bare PORT (9100 is
     /// 127.0.0.1:9100; port 0 picks one). Bind a non-loopback address only where the
@@ -298,10 +303,10 @@ fn check_usage(args: &Args) -> anyhow::Result<()> {
             addr
         );
     }
-    if args.host.is_some() && args.store.is_some() {
+    if args.host.is_some() && args.store.is_some() && args.insecure && args.host_id.is_none() {
         anyhow::bail!(
-            "--host with --store: a group host keeps its groups in SQLite for now; drop --store, \
-             or run one node per group on PostgreSQL"
+            "--host with --store and --insecure: pass --host-id ID, the name of the host's \
+             schema that its standbys give too (without --insecure it is the host's public key)"
         );
     }
     if args.insecure {
@@ -487,6 +492,24 @@ fn run(mut args: Args) -> Result<(), Failure> {
         }
         failure
     };
+    // A group host on PostgreSQL: its schema and lease are named by its host id, its public
+    // key by default (made now if the data directory has none, so that the lease taken here
+    // and the store opened at bind name the same schema).
+    if config.host && config.store.is_some() {
+        let id = match args.host_id.take() {
+            Some(id) => id,
+            None => agora_common::keys::Keypair::load_or_generate(
+                &config.data_dir.join("node.key"),
+            )
+            .context("the node's key pair")
+            .exit_with(Exit::LocalIo)
+            .map_err(undo)?
+            .0
+            .public
+            .to_string(),
+        };
+        config.host_id = Some(id);
+    }
     let lease = match &config.store {
         Some(target) => {
             target
@@ -494,7 +517,13 @@ fn run(mut args: Args) -> Result<(), Failure> {
                 .exit_with(Exit::LocalIo)
                 .map_err(undo)?
                 .warn_if_plain();
-            let mut lease_config = LeaseConfig::new(target.clone(), config.name.clone());
+            let mut lease_config = match (&config.host_id, config.host) {
+                (Some(id), true) => LeaseConfig::of(
+                    target.clone(),
+                    agora_group_node::store::PgSchema::Host(id.clone()),
+                ),
+                _ => LeaseConfig::new(target.clone(), config.name.clone()),
+            };
             lease_config.poll = args.failover_poll;
             lease_config.check = args.failover_check;
             lease_config.timeout = args.failover_timeout;

@@ -202,6 +202,11 @@ pub struct Config {
     /// (`DATA/host.sqlite3`), each request naming its group; `name` is unused. Default
     /// false: a host of the one group `name`.
     pub host: bool,
+    /// On a group host with a PostgreSQL `store`: the id whose hash names its schema
+    /// (`agora_host_<hash>`, [`store::PgSchema::Host`]) and its lease; its standbys give the
+    /// same. Default: the host's public key (which its standbys share); needed with
+    /// `insecure`.
+    pub host_id: Option<String>,
     /// On a group host: groups to make at start if the host has none of that name (the
     /// operator's, owned by the host key).
     pub groups: Vec<GroupName>,
@@ -254,6 +259,7 @@ impl Config {
             owner: None,
             private: false,
             host: false,
+            host_id: None,
             groups: Vec::new(),
             max_groups: DEFAULT_MAX_GROUPS,
         }
@@ -308,8 +314,9 @@ pub enum NodeError {
     /// commit found that another node took it: this node stops serving (fail-stop).
     #[error("lost the lease: another node may be active now")]
     LeaseLost,
-    /// `--host` with `--store`: a group host keeps its groups in SQLite for now.
-    #[error("a group host (--host) runs on SQLite for now; PostgreSQL (--store) serves one group per node")]
+    /// A group host on PostgreSQL (`--host` with `--store`) without a key to name its schema
+    /// by (`--insecure`) nor a [`Config::host_id`].
+    #[error("a group host on PostgreSQL names its schema by its public key, and --insecure has none: pass --host-id ID (the same on its standbys)")]
     HostOnPostgres,
     /// The host would hold more than `--max-groups` groups.
     #[error("the host would hold more than --max-groups {0} groups")]
@@ -390,8 +397,9 @@ fn open_blobs(
             max_uploads: config.max_uploads_per_member,
         });
     // With a PostgreSQL store, complete blobs live there too: any node of the group
-    // serves them after a failover (`blobs`, "Shared blobs").
-    let blobs = match &config.store {
+    // serves them after a failover (`blobs`, "Shared blobs"). Not yet on a group host:
+    // the blob tables' statements name no group, so its blobs stay files.
+    let blobs = match config.store.as_ref().filter(|_| !config.host) {
         Some(target) => blobs
             .with_postgres(blobs::PgBlobTarget::new(
                 target,
@@ -504,9 +512,6 @@ impl Node {
         } else {
             "group.sqlite3"
         });
-        if config.host && config.store.is_some() {
-            return Err(NodeError::HostOnPostgres);
-        }
         // With PostgreSQL, no SQLite file: only the directory (key pair, blob cache, lock).
         let sqlite = config.store.is_none().then_some(db_path.as_path());
         private_files(&config.data_dir, sqlite).map_err(|source| NodeError::DataDir {
@@ -522,11 +527,25 @@ impl Node {
             tracing::info!(public_key = %keys.public, "made a new node key pair");
         }
         let mut db = match &config.store {
-            Some(target) => HostDb::Pg(Box::new(store::PgHost::open(
-                target,
-                store::PgSchema::Group(config.name.clone()),
-                lease.as_ref().map(lease::Lease::epoch),
-            )?)),
+            Some(target) => {
+                // A node of one keeps its group's schema (its standbys find it by the name);
+                // a group host's is named by its host id, its public key by default.
+                let schema = if config.host {
+                    let id = config
+                        .host_id
+                        .clone()
+                        .or_else(|| keys.as_ref().map(|k| k.public.to_string()))
+                        .ok_or(NodeError::HostOnPostgres)?;
+                    store::PgSchema::Host(id)
+                } else {
+                    store::PgSchema::Group(config.name.clone())
+                };
+                HostDb::Pg(Box::new(store::PgHost::open(
+                    target,
+                    schema,
+                    lease.as_ref().map(lease::Lease::epoch),
+                )?))
+            }
             None => {
                 let host = if config.host {
                     SqliteHost::open_with(&db_path, Durability::Deferred)?
