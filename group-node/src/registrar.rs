@@ -983,4 +983,220 @@ mod tests {
         }
         assert_eq!(listed(&fed, &ctx), 2, "ours and theirs");
     }
+
+    /// The registry's CPU time so far (user + system), from `/proc/PID/stat`.
+    fn cpu(pid: u32) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        // Fields after the command's closing parenthesis: state is field 3, utime 14.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // /proc counts in USER_HZ, 100 per second on Linux whatever the kernel's HZ.
+        let hz = 100;
+        Duration::from_micros(ticks * 1_000_000 / hz)
+    }
+
+    /// Issue 24, item 5 (a measurement, not a test: nothing is asserted about time). The
+    /// registry holding 10,000 groups, heartbeat 2 s: its CPU at rest over 20 s when one
+    /// host holds them all (`heartbeat_host`), against 10,000 plain `register`s every 2 s
+    /// (four connections); its RSS; and `list` latency. Set `AGORA_MEASURE_REGISTRY` to a
+    /// release build's `registry` to measure that one.
+    ///
+    /// `cargo test -p agora-group-node --lib registrar::tests::measure -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, run by hand (--ignored --nocapture)"]
+    fn measure_registry_at_10000_groups() {
+        const GROUPS: usize = 10_000;
+        let window = Duration::from_secs(20);
+        for single in [false, true] {
+            let host = Keypair::generate().expect("keys");
+            let dir = tempfile::tempdir().expect("tmp");
+            let data = dir.path().join("data");
+            let host_key = host.public.to_string();
+            let program = std::env::var("AGORA_MEASURE_REGISTRY")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|_| agora_tests::bin("registry"));
+            let mut command = std::process::Command::new(program);
+            command.args([
+                "--bind",
+                "tcp://127.0.0.1:0",
+                "--heartbeat",
+                "2s",
+                "--max-groups",
+                "10000",
+                "--host-key",
+                &host_key,
+                // One key stands for 10,000 nodes' here: no per-peer rate limit.
+                "--rate-limit",
+                "0",
+                "--data-dir",
+            ]);
+            command.arg(&data);
+            let registry = agora_tests::Server::spawn_command(
+                command,
+                "registry",
+                &dir.path().join("registry.log"),
+            )
+            .wait_listening(Duration::from_secs(20));
+            let server_key: PublicKey = registry.key.clone().expect("key").parse().expect("key");
+            let curve = ClientCurve {
+                keypair: host.clone(),
+                server_key,
+            };
+            let ctx = zmq::Context::new();
+            let endpoint = Endpoint::new("tcp://127.0.0.1:7").expect("endpoint");
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut load = Vec::new();
+            let mut _registrar = None;
+            if single {
+                for t in 0..4 {
+                    let (ctx, curve, endpoint, stop, registry) = (
+                        ctx.clone(),
+                        curve.clone(),
+                        endpoint.clone(),
+                        Arc::clone(&stop),
+                        registry.endpoint.clone(),
+                    );
+                    load.push(std::thread::spawn(move || {
+                        let key = curve.keypair.public;
+                        // Encoded once: this debug build's JSON must not be the bottleneck.
+                        let requests: Vec<_> =
+                            (t..GROUPS)
+                                .step_by(4)
+                                .map(|i| {
+                                    agora_proto::codec::encode_call::<
+                                        agora_proto::action::call::Register,
+                                    >(
+                                        &agora_proto::wire::RegisterRequest {
+                                            name: name_of(i),
+                                            endpoint: endpoint.clone(),
+                                            members: 1,
+                                            public_key: Some(key),
+                                        },
+                                    )
+                                })
+                                .collect();
+                        let mut c = agora_common::client::ReqClient::new(
+                            &ctx,
+                            registry,
+                            ClientOptions::default(),
+                        )
+                        .with_curve(curve);
+                        while !stop.load(Ordering::Relaxed) {
+                            let next = Instant::now() + Duration::from_secs(2);
+                            for r in &requests {
+                                let _ = c.request_frames(r);
+                            }
+                            while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }));
+                }
+            } else {
+                let r = Registrar::start(
+                    &ctx,
+                    RegistrarConfig {
+                        registry: registry.endpoint.clone(),
+                        curve: Some(curve.clone()),
+                        endpoint: endpoint.clone(),
+                        heartbeat: Duration::from_secs(2),
+                    },
+                )
+                .expect("registrar");
+                for i in 0..GROUPS {
+                    r.set(name_of(i), 1);
+                }
+                _registrar = Some(r);
+            }
+            let user = Keypair::generate().expect("keys");
+            let mut lister = client(
+                &ctx,
+                &registry.endpoint,
+                Some(ClientCurve {
+                    keypair: user,
+                    server_key,
+                }),
+                ClientOptions {
+                    timeout: Duration::from_secs(10),
+                    attempts: 1,
+                },
+            );
+            let started = Instant::now();
+            // Polled every second: a list of 10,000 takes the registry's thread for a while.
+            let mut count = 0;
+            while count != GROUPS {
+                assert!(
+                    started.elapsed() < Duration::from_secs(300),
+                    "{count} of {GROUPS} listed"
+                );
+                std::thread::sleep(Duration::from_secs(1));
+                count = lister.list().map_or(0, |g| g.len());
+            }
+            let listed_after = started.elapsed();
+            // One TTL to settle, then the window.
+            std::thread::sleep(Duration::from_secs(6));
+            let (cpu0, t0) = (cpu(registry.pid()), Instant::now());
+            std::thread::sleep(window);
+            let (cpu1, wall) = (cpu(registry.pid()), t0.elapsed());
+            assert_eq!(
+                lister.list().map(|g| g.len()).ok(),
+                Some(GROUPS),
+                "all listed through the window"
+            );
+            // The round trip only: the reply's frames, not this debug build's decoding.
+            let mut raw = agora_common::client::ReqClient::new(
+                &ctx,
+                registry.endpoint.clone(),
+                ClientOptions {
+                    timeout: Duration::from_secs(10),
+                    attempts: 1,
+                },
+            )
+            .with_curve(ClientCurve {
+                keypair: Keypair::generate().expect("keys"),
+                server_key,
+            });
+            let list = agora_proto::codec::encode_call::<agora_proto::action::call::List>(
+                &agora_proto::wire::ListRequest {},
+            );
+            let mut lists = Vec::new();
+            let mut bytes = 0;
+            for _ in 0..20 {
+                let t = Instant::now();
+                let reply = raw.request_frames(&list).expect("list");
+                lists.push(t.elapsed());
+                bytes = reply.iter().map(Vec::len).sum::<usize>();
+            }
+            lists.sort();
+            let status = std::fs::read_to_string(format!("/proc/{}/status", registry.pid()))
+                .expect("status");
+            let rss = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .unwrap_or("VmRSS: ?")
+                .to_owned();
+            eprintln!(
+                "{}: all {GROUPS} listed {listed_after:.1?} after start; registry CPU at rest \
+                 {:.2}% of a core over {wall:.1?}; {rss}; list p50 {:.1?} max {:.1?} ({bytes} bytes)",
+                if single {
+                    "10,000 plain registers every 2 s"
+                } else {
+                    "1 host, heartbeat_host every 2 s"
+                },
+                100.0 * (cpu1 - cpu0).as_secs_f64() / wall.as_secs_f64(),
+                lists[lists.len() / 2],
+                lists[lists.len() - 1],
+            );
+            stop.store(true, Ordering::Relaxed);
+            for t in load {
+                t.join().expect("load");
+            }
+        }
+    }
+
+    fn name_of(i: usize) -> GroupName {
+        GroupName::new(format!("measured-{i:05}")).expect("name")
+    }
 }

@@ -188,13 +188,16 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// [`RegistryStore::claim_group`] without the health check.
+    /// [`RegistryStore::claim_group`] without the health check. `owned` is the count of
+    /// `key`'s names that have not lapsed, read at the first new binding and kept by the
+    /// caller across the claims of one batch (a count is O(names of the key)).
     fn claim(
         &mut self,
         name: &GroupName,
         key: &PublicKey,
         max: u64,
         now: Timestamp,
+        owned: &mut Option<u64>,
     ) -> Refusable<(PublicKey, bool)> {
         let lapse = self.name_lapse;
         let owners = &self.durable()?.owners;
@@ -211,7 +214,12 @@ impl SqliteStore {
         }
         // The cap before a lapsed binding is released: a refused claim changes nothing (a
         // lapsed name's own binding does not count, being lapsed).
-        if owners.count_live(key, lapsed)? >= max {
+        let count = match *owned {
+            Some(n) => n,
+            None => owners.count_live(key, lapsed)?,
+        };
+        *owned = Some(count);
+        if count >= max {
             return Ok(Err(super::too_many_names(max)));
         }
         if let Some((owner, _)) = binding {
@@ -220,6 +228,7 @@ impl SqliteStore {
                 "group name lapsed: its group did not register within the lapse");
         }
         owners.bind(name, key, now)?;
+        *owned = Some(count + 1);
         Ok(Ok((*key, true)))
     }
 }
@@ -293,7 +302,7 @@ impl RegistryStore for SqliteStore {
         now: Timestamp,
     ) -> Refusable<(PublicKey, bool)> {
         // Only a new binding shows a write (the owner's "seen" is rare and small).
-        let result = self.claim(name, key, max_names, now);
+        let result = self.claim(name, key, max_names, now, &mut None);
         self.health.wrote_if(result, |r| matches!(r, Ok((_, true))))
     }
 
@@ -306,9 +315,10 @@ impl RegistryStore for SqliteStore {
     ) -> Result<Vec<Result<(PublicKey, bool), agora_proto::wire::WireError>>, StoreError> {
         let result = (|| {
             self.durable()?.owners.begin()?;
+            let mut owned = None;
             let claims: Result<Vec<_>, StoreError> = names
                 .iter()
-                .map(|name| self.claim(name, key, max_names, now))
+                .map(|name| self.claim(name, key, max_names, now, &mut owned))
                 .collect();
             let owners = &self.durable()?.owners;
             match claims {

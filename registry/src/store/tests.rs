@@ -1102,3 +1102,32 @@ fn a_hosts_names_live_on_its_heartbeat_and_expire_with_it() {
         assert_eq!(names, vec![name("solo")]);
     });
 }
+
+/// `register_groups`' claims in one call: the per-key cap holds within the batch (the
+/// count is read once and kept), and names already the key's do not count twice.
+#[test]
+fn a_batch_of_claims_keeps_the_per_key_cap() {
+    on_both(settings(), |s| {
+        let claims = s
+            .claim_groups_up_to(&[name("a"), name("b")], &key(1), 3, now())
+            .expect("store");
+        assert_eq!(claims, vec![Ok((key(1), true)), Ok((key(1), true))]);
+        let claims = s
+            .claim_groups_up_to(
+                &[name("a"), name("c"), name("d"), name("b")],
+                &key(1),
+                3,
+                now(),
+            )
+            .expect("store");
+        assert_eq!(claims[0], Ok((key(1), false)));
+        assert_eq!(claims[1], Ok((key(1), true)));
+        assert_eq!(
+            claims[2].as_ref().map_err(|e| e.code),
+            Err(ErrorCode::TooManyNames)
+        );
+        assert_eq!(claims[3], Ok((key(1), false)));
+        assert_eq!(s.group_owner(&name("d")).expect("owner"), None);
+        assert_eq!(s.group_owner(&name("c")).expect("owner"), Some(key(1)));
+    });
+}
