@@ -80,10 +80,12 @@ pub struct Scale {
 impl Scale {
     fn of(n: u64, took: Duration, rss: (u64, u64), disk: (u64, u64)) -> Scale {
         let n = n.max(1) as f64;
+        // Signed: a difference within noise may come out below zero, and shows as such.
+        let diff = |(before, after): (u64, u64)| after as f64 - before as f64;
         Scale {
             create_per_s: n / took.as_secs_f64(),
-            rss_kib: rss.1.saturating_sub(rss.0) as f64 / n,
-            disk_kib: disk.1.saturating_sub(disk.0) as f64 / 1024.0 / n,
+            rss_kib: diff(rss) / n,
+            disk_kib: diff(disk) / 1024.0 / n,
         }
     }
 }
@@ -93,6 +95,8 @@ impl Scale {
 pub struct HostRun {
     /// Create rate, RSS and disk per idle group.
     pub scale: Scale,
+    /// How the groups were made.
+    pub made: Made,
     /// The host's RSS with N groups, KiB.
     pub rss_kib: u64,
     /// The host's threads with N groups.
@@ -201,81 +205,189 @@ fn spread<S: Send>(
     Ok(started.elapsed())
 }
 
-/// Starts `group-node --host ADDR` in `dir` over CURVE, any key may create, room for `n`
-/// groups from one key, no rate limit, and `registry` (`--no-registry` when empty).
-fn start_host(
-    addr: &str,
+/// How a host's groups were made, and the time it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Made {
+    /// Through `create`, [`FedSizes::in_flight`] at a time.
+    Create(Duration),
+    /// At start (`--group NAME` for each), by a group-node that refuses `--creators` (no
+    /// `create` yet): from the start to its endpoint line.
+    AtStart(Duration),
+}
+
+impl Made {
+    /// The time the groups took to make, either way.
+    pub fn took(self) -> Duration {
+        match self {
+            Made::Create(t) | Made::AtStart(t) => t,
+        }
+    }
+}
+
+/// A group host's command line: `--host ADDR`, room for `max` groups, no rate limit, the
+/// `registry` arguments (`--no-registry` when empty), and either any key may create
+/// (`--creators any`, `max` groups per key) or `at_start` groups made at start (`--group`).
+#[derive(Debug, Clone)]
+struct HostLine {
+    max: u64,
+    creators: bool,
+    at_start: u64,
+    registry: Vec<String>,
+}
+
+impl HostLine {
+    /// Starts the host in `dir` at `addr` (IP:PORT; port 0 picks one); returns it with its
+    /// endpoint and CURVE key.
+    fn start(
+        &self,
+        addr: &str,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<(Killed, String, PublicKey)> {
+        let max = self.max.to_string();
+        let mut args: Vec<String> = ["--host", addr, "--max-groups", &max, "--rate-limit", "0"]
+            .map(String::from)
+            .into();
+        if self.creators {
+            args.extend(["--creators", "any", "--max-groups-per-key", &max].map(String::from));
+        }
+        for i in 0..self.at_start {
+            args.push("--group".into());
+            args.push(group_name(i)?.to_string());
+        }
+        if self.registry.is_empty() {
+            args.push("--no-registry".into());
+        }
+        args.extend(self.registry.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, words) = crate::spawn_server_in("group-node", &args, dir)
+            .context("starting `group-node --host` (this needs a group-node with --host)")?;
+        let child = Killed(child);
+        let (endpoint, key) = endpoint_and_key(&words)?;
+        Ok((child, endpoint, key))
+    }
+}
+
+/// A group host holding `n` groups.
+struct Host {
+    child: Killed,
+    endpoint: String,
+    key: PublicKey,
+    /// Its command line, for a restart.
+    line: HostLine,
+    made: Made,
+    /// The host's RSS before any group, KiB.
+    rss0: u64,
+    /// Its data directory's disk before any group, bytes.
+    disk0: u64,
+}
+
+/// Starts a host in `dir` and makes `n` groups on it, `in_flight` creates at a time, as
+/// `user` with the key pair `creator` (their owner). A group-node that refuses
+/// `--creators` (no `create` yet) makes them at start instead (`--group`), owned by the
+/// host key, after an empty start in the same directory for the empty figures.
+fn make_groups(
     dir: &std::path::Path,
     n: u64,
     registry: &[&str],
-) -> anyhow::Result<(Killed, String, PublicKey)> {
-    let n = n.to_string();
-    let mut args = vec![
-        "--host",
-        addr,
-        "--creators",
-        "any",
-        "--max-groups",
-        &n,
-        "--max-groups-per-key",
-        &n,
-        "--rate-limit",
-        "0",
-    ];
-    if registry.is_empty() {
-        args.push("--no-registry");
+    in_flight: usize,
+    creator: &Keypair,
+    user: &UserName,
+) -> anyhow::Result<Host> {
+    let mut line = HostLine {
+        max: n,
+        creators: true,
+        at_start: 0,
+        registry: registry.iter().map(|a| (*a).to_owned()).collect(),
+    };
+    match line.start("127.0.0.1:0", dir) {
+        Ok((child, endpoint, key)) => {
+            std::thread::sleep(SETTLE);
+            let rss0 = rss_kib(child.0.id())?;
+            let disk0 = disk_bytes(dir)?;
+            let ctx = zmq::Context::new();
+            // One attempt each: a retried create whose first try landed is `name_taken`.
+            let options = ClientOptions {
+                timeout: Duration::from_secs(30),
+                attempts: 1,
+            };
+            let took = spread(
+                n,
+                in_flight,
+                || {
+                    Ok(
+                        HostClient::new(&ctx, &endpoint, user.clone(), options).with_curve(
+                            ClientCurve {
+                                keypair: creator.clone(),
+                                server_key: key,
+                            },
+                        ),
+                    )
+                },
+                |c, i| {
+                    let name = group_name(i)?;
+                    c.create(&name, GroupMode::Open)
+                        .with_context(|| format!("create {name}"))?;
+                    Ok(())
+                },
+            )?;
+            Ok(Host {
+                child,
+                endpoint,
+                key,
+                line,
+                made: Made::Create(took),
+                rss0,
+                disk0,
+            })
+        }
+        Err(e) => {
+            eprintln!(
+                "agora-bench: federation: {e:#}; trying again with the groups made at start \
+                 (--group), as a group-node without `create` does"
+            );
+            line.creators = false;
+            let (empty, _, _) = line.start("127.0.0.1:0", dir)?;
+            std::thread::sleep(SETTLE);
+            let rss0 = rss_kib(empty.0.id())?;
+            let disk0 = disk_bytes(dir)?;
+            drop(empty);
+            line.at_start = n;
+            let started = Instant::now();
+            let (child, endpoint, key) = line.start("127.0.0.1:0", dir)?;
+            let took = started.elapsed();
+            Ok(Host {
+                child,
+                endpoint,
+                key,
+                line,
+                made: Made::AtStart(took),
+                rss0,
+                disk0,
+            })
+        }
     }
-    args.extend_from_slice(registry);
-    let (child, words) = crate::spawn_server_in("group-node", &args, dir)
-        .context("starting `group-node --host` (a group-node without --host cannot run this)")?;
-    let child = Killed(child);
-    let (endpoint, key) = endpoint_and_key(&words)?;
-    Ok((child, endpoint, key))
 }
 
-/// The group host: N groups through `create`, measured idle, then `kill -9` and a restart
-/// on the same endpoint until every group answers `info`.
+/// The group host: N groups through `create` (see [`make_groups`]), measured idle, then
+/// `kill -9` and a restart on the same endpoint until every group answers `info`.
 ///
 /// # Errors
 /// A host that does not start, a refused create, a group not served after the restart
 /// within 2 minutes.
 pub fn host(s: &FedSizes) -> anyhow::Result<HostRun> {
     let dir = tempfile::tempdir()?;
-    let (mut child, endpoint, key) = start_host("127.0.0.1:0", dir.path(), s.groups, &[])?;
-    let pid = child.0.id();
-    std::thread::sleep(SETTLE);
-    let rss0 = rss_kib(pid)?;
-    let disk0 = disk_bytes(dir.path())?;
-    let ctx = zmq::Context::new();
     let creator = Keypair::generate()?;
     let user = UserName::new("bench")?;
-    let client = |timeout: Duration| {
-        HostClient::new(
-            &ctx,
-            &endpoint,
-            user.clone(),
-            ClientOptions {
-                timeout,
-                attempts: 1,
-            },
-        )
-        .with_curve(ClientCurve {
-            keypair: creator.clone(),
-            server_key: key,
-        })
-    };
-    // One attempt each: a retried create whose first try landed would be `name_taken`.
-    let took = spread(
-        s.groups,
-        s.in_flight,
-        || Ok(client(Duration::from_secs(30))),
-        |c, i| {
-            let name = group_name(i)?;
-            c.create(&name, GroupMode::Open)
-                .with_context(|| format!("create {name}"))?;
-            Ok(())
-        },
-    )?;
+    let Host {
+        mut child,
+        endpoint,
+        key,
+        line,
+        made,
+        rss0,
+        disk0,
+    } = make_groups(dir.path(), s.groups, &[], s.in_flight, &creator, &user)?;
+    let pid = child.0.id();
     std::thread::sleep(SETTLE);
     let rss = rss_kib(pid)?;
     let disk = disk_bytes(dir.path())?;
@@ -290,15 +402,31 @@ pub fn host(s: &FedSizes) -> anyhow::Result<HostRun> {
     child.0.kill()?;
     child.0.wait()?;
     let killed = Instant::now();
-    let (restarted, endpoint2, _) = start_host(&addr, dir.path(), s.groups, &[])?;
+    let (restarted, endpoint2, _) = line.start(&addr, dir.path())?;
     if endpoint2 != endpoint {
         bail!("the host came back at {endpoint2}, not {endpoint}");
     }
+    let ctx = zmq::Context::new();
+    let client = || {
+        HostClient::new(
+            &ctx,
+            &endpoint,
+            user.clone(),
+            ClientOptions {
+                timeout: Duration::from_secs(1),
+                attempts: 1,
+            },
+        )
+        .with_curve(ClientCurve {
+            keypair: creator.clone(),
+            server_key: key,
+        })
+    };
     let deadline = killed + Duration::from_secs(120);
     spread(
         s.groups,
         s.in_flight,
-        || Ok(client(Duration::from_secs(1))),
+        || Ok(client()),
         |c, i| {
             let name = group_name(i)?;
             loop {
@@ -315,7 +443,8 @@ pub fn host(s: &FedSizes) -> anyhow::Result<HostRun> {
     let restart = killed.elapsed();
     drop(restarted);
     Ok(HostRun {
-        scale: Scale::of(s.groups, took, (rss0, rss), (disk0, disk)),
+        scale: Scale::of(s.groups, made.took(), (rss0, rss), (disk0, disk)),
+        made,
         rss_kib: rss,
         threads,
         idle_cpu_pct,
@@ -608,12 +737,15 @@ pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
     let reg = crate::dm::start_registry(&["--max-groups", &max, "--max-names-per-key", &max])?;
     let reg_key = reg.key().to_string();
     let dir = tempfile::tempdir()?;
-    let (host, endpoint, key) = start_host(
-        "127.0.0.1:0",
-        dir.path(),
-        s.groups,
-        &["--registry", reg.endpoint(), "--registry-key", &reg_key],
-    )?;
+    let sender = Keypair::generate()?;
+    let sender_name = UserName::new("sender")?;
+    let registry = ["--registry", reg.endpoint(), "--registry-key", &reg_key];
+    let Host {
+        child: host,
+        endpoint,
+        key,
+        ..
+    } = make_groups(dir.path(), s.groups, &registry, 8, &sender, &sender_name)?;
     let host_pid = host.0.id();
     let ctx = zmq::Context::new();
     let options = ClientOptions {
@@ -626,15 +758,16 @@ pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
             server_key: key,
         })
     };
-    let owner = Keypair::generate()?;
-    let owner_name = UserName::new("owner")?;
+    // The sender is a member of every group (its owner after `create`: join is a no-op).
     spread(
         s.groups,
         8,
-        || Ok(client(&owner_name, &owner)),
+        || Ok(client(&sender_name, &sender)),
         |c, i| {
-            c.create(&group_name(i)?, GroupMode::Open)
-                .with_context(|| format!("create g{i:05}"))?;
+            let group = group_name(i)?;
+            c.group(&group)
+                .join()
+                .with_context(|| format!("the sender joining {group}"))?;
             Ok(())
         },
     )?;
@@ -720,14 +853,14 @@ pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
     let host_idle_pct = 100.0 * cpu(host_pid)?.saturating_sub(h0).as_secs_f64() / idle_secs;
     let registry_idle_pct = 100.0 * cpu(reg.pid())?.saturating_sub(r0).as_secs_f64() / idle_secs;
 
-    // One DEALER as the owner (a member of every group), paced at `rate`, round robin.
-    let sender = ctx.socket(zmq::DEALER)?;
-    sender.set_linger(0)?;
-    sender.set_sndhwm(0)?;
-    sender.set_curve_serverkey(key.as_bytes())?;
-    sender.set_curve_publickey(owner.public.as_bytes())?;
-    sender.set_curve_secretkey(owner.secret_bytes())?;
-    sender.connect(&endpoint)?;
+    // One DEALER as the sender, paced at `rate`, round robin over the groups.
+    let dealer = ctx.socket(zmq::DEALER)?;
+    dealer.set_linger(0)?;
+    dealer.set_sndhwm(0)?;
+    dealer.set_curve_serverkey(key.as_bytes())?;
+    dealer.set_curve_publickey(sender.public.as_bytes())?;
+    dealer.set_curve_secretkey(sender.secret_bytes())?;
+    dealer.connect(&endpoint)?;
     let names = (0..s.groups)
         .map(group_name)
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -747,17 +880,17 @@ pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
             let g = (sent % s.groups) as usize;
             let frames = encode_call::<call::Send>(&SendRequest {
                 group: Some(names[g].clone()),
-                user: owner_name.clone(),
+                user: sender_name.clone(),
                 body: stamped(sent, epoch),
                 id: Some(MessageId::new_v7()),
                 attachment: None,
             });
-            sender.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)?;
+            dealer.send_multipart(std::iter::once(Vec::new()).chain(frames), 0)?;
             expected += followers_of[g];
             sent += 1;
         }
-        if sender.poll(zmq::POLLIN, 1)? > 0 {
-            let reply = sender.recv_multipart(0)?;
+        if dealer.poll(zmq::POLLIN, 1)? > 0 {
+            let reply = dealer.recv_multipart(0)?;
             if let Err(e) = decode_reply::<SendAck>(reply.get(1..).unwrap_or_default())? {
                 bail!("send refused: {e}");
             }

@@ -1097,7 +1097,16 @@ fn federation(
         vec![(OFF, off.as_ref().map(f)), (ON, on.as_ref().map(f))]
     };
     push(
-        format!("fed. {n} groups made on one group host by `create`, 8 in flight"),
+        match host.map(|h| h.made) {
+            Some(federation::Made::AtStart(_)) => format!(
+                "fed. {n} groups made at the host's start (`--group`: this group-node has no \
+                 `create`)"
+            ),
+            _ => format!(
+                "fed. {n} groups made on one group host by `create`, {} in flight",
+                sizes.in_flight
+            ),
+        },
         "groups/s",
         Better::Higher,
         host.map(|h| h.scale.create_per_s),

@@ -146,7 +146,7 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc status")
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status: has the process exited?"))
 }
 
 /// The number of threads of process `pid` (`Threads` in `/proc/PID/status`).
