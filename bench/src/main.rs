@@ -1206,31 +1206,32 @@ fn federation(
         follow.rate,
         follow.send_for.as_secs()
     );
-    let measures: [(String, &'static str, fn(&federation::FollowRun) -> f64); 8] = [
-        ("send → each follower, p50".into(), "µs", |f| {
-            f.latency.p50_us
-        }),
+    type Measure = (
+        &'static str,
+        &'static str,
+        fn(&federation::FollowRun) -> f64,
+    );
+    let measures: [Measure; 8] = [
+        ("send → each follower, p50", "µs", |f| f.latency.p50_us),
         (
-            "send → each follower, p99 (target ≤ 50,000)".into(),
+            "send → each follower, p99 (target ≤ 50,000)",
             "µs",
             |f| f.latency.p99_us,
         ),
-        ("deliveries".into(), "deliveries", |f| f.expected as f64),
-        ("lost (target 0)".into(), "deliveries", |f| f.lost as f64),
+        ("deliveries", "deliveries", |f| f.expected as f64),
+        ("lost (target 0)", "deliveries", |f| f.lost as f64),
         (
-            "host CPU, following, nothing sent (target ≤ 2)".into(),
+            "host CPU, following, nothing sent (target ≤ 2)",
             "% of a core",
             |f| f.host_idle_pct,
         ),
         (
-            "registry CPU, following, nothing sent".into(),
+            "registry CPU, following, nothing sent",
             "% of a core",
             |f| f.registry_idle_pct,
         ),
-        ("host CPU while sending".into(), "% of a core", |f| {
-            f.host_busy_pct
-        }),
-        ("registry CPU while sending".into(), "% of a core", |f| {
+        ("host CPU while sending", "% of a core", |f| f.host_busy_pct),
+        ("registry CPU while sending", "% of a core", |f| {
             f.registry_busy_pct
         }),
     ];
