@@ -192,7 +192,7 @@ impl HostDb {
         }
     }
 
-    /// Whether the last successful commit stored anything ([`GroupStore::last_commit_wrote`]).
+    /// Whether the last successful commit stored anything ([`super::GroupStore::last_commit_wrote`]).
     pub fn last_commit_wrote(&self) -> bool {
         match self {
             HostDb::Sqlite(h) => h.last_commit_wrote(),
