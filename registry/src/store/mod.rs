@@ -211,6 +211,10 @@ pub struct GroupRegistration {
 /// `limit_reached`, `unknown_group`).
 pub type Refusable<T> = Result<Result<T, WireError>, StoreError>;
 
+/// One claim's result in a batch ([`RegistryStore::claim_groups_up_to`]): the owner and
+/// whether this call bound it, or the refusal (`too_many_names`).
+pub type Claim = Result<(PublicKey, bool), WireError>;
+
 /// One registry's storage: SQLite for a single registry ([`sqlite::SqliteStore`]), or
 /// PostgreSQL shared by several ([`postgres::PgStore`]).
 ///
@@ -336,7 +340,7 @@ pub trait RegistryStore: Send {
         key: &PublicKey,
         max_names: u64,
         now: Timestamp,
-    ) -> Result<Vec<Result<(PublicKey, bool), WireError>>, StoreError> {
+    ) -> Result<Vec<Claim>, StoreError> {
         names
             .iter()
             .map(|name| self.claim_group_up_to(name, key, max_names, now))

@@ -312,7 +312,7 @@ impl RegistryStore for SqliteStore {
         key: &PublicKey,
         max_names: u64,
         now: Timestamp,
-    ) -> Result<Vec<Result<(PublicKey, bool), agora_proto::wire::WireError>>, StoreError> {
+    ) -> Result<Vec<super::Claim>, StoreError> {
         let result = (|| {
             self.durable()?.owners.begin()?;
             let mut owned = None;
