@@ -434,7 +434,7 @@ impl Bridge {
     }
 
     /// Runs `op` against `group`'s node: its first attempt alone, and if that goes unanswered
-    /// or the node says it is stopping, the group is looked up again (a standby may have
+    /// or the node says it is stopping or serves no such group, the group is looked up again (a standby may have
     /// taken over, PROTOCOL §11.2) and `op` runs at the node the registry names, with every
     /// attempt. The node's client is its host's, shared by the host's groups.
     ///
@@ -453,8 +453,14 @@ impl Bridge {
         host.set_options(options);
         match first {
             Err(ClientError::Timeout { .. }) => {}
-            Err(ClientError::Server(e)) if e.code == agora_proto::wire::ErrorCode::ShuttingDown => {
-            }
+            // Stopping, or no longer serving the group (it moved to another host, or was
+            // deleted): ask the registry where it is now.
+            Err(ClientError::Server(e))
+                if matches!(
+                    e.code,
+                    agora_proto::wire::ErrorCode::ShuttingDown
+                        | agora_proto::wire::ErrorCode::UnknownGroup
+                ) => {}
             result => return result,
         }
         self.group_hosts.remove(group);
