@@ -59,6 +59,14 @@ struct Args {
     /// the host key (repeatable).
     #[arg(long = "group", value_name = "NAME", requires = "host")]
     groups: Vec<GroupName>,
+    /// With --host: who may create groups with `create`: `any` (any CURVE key), or a
+    /// comma-separated list of Z85 public keys. Default: nobody (the operator's --group only).
+    #[arg(long, env = "AGORA_CREATORS", value_name = "any|KEY[,KEY...]", requires = "host",
+          value_parser = creators)]
+    creators: Option<agora_group_node::host::Creators>,
+    /// With --host: most groups one key may create.
+    #[arg(long, env = "AGORA_MAX_GROUPS_PER_KEY", default_value_t = 100)]
+    max_groups_per_key: u64,
     /// With --host: most groups the host holds.
     #[arg(long, env = "AGORA_MAX_GROUPS", default_value_t = agora_group_node::DEFAULT_MAX_GROUPS)]
     max_groups: usize,
@@ -282,6 +290,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--creators`: `any`, or Z85 public keys separated by commas.
+fn creators(value: &str) -> Result<agora_group_node::host::Creators, String> {
+    if value == "any" {
+        return Ok(agora_group_node::host::Creators::Any);
+    }
+    value
+        .split(',')
+        .map(|k| {
+            k.trim()
+                .parse()
+                .map_err(|e| format!("{k:?} is not a Z85 public key ({e}); give `any` or keys"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(agora_group_node::host::Creators::Keys)
+}
+
 /// What the arguments say together, checked before anything is created.
 ///
 /// # Errors
@@ -411,6 +435,8 @@ fn run(mut args: Args) -> Result<(), Failure> {
     config.host = args.host.is_some();
     config.groups = std::mem::take(&mut args.groups);
     config.max_groups = args.max_groups;
+    config.creators = args.creators.take().unwrap_or_default();
+    config.max_groups_per_key = args.max_groups_per_key;
     config.advertise = args.advertise;
     config.registry = (!args.no_registry).then(|| args.registry.clone());
     config.max_message_bytes = args.max_message_bytes;

@@ -7,8 +7,8 @@ use agora_common::client::{ClientCurve, ClientError, ClientOptions, HostClient, 
 use agora_common::keys::Keypair;
 use agora_proto::codec::{decode_reply, Frames};
 use agora_proto::wire::{
-    Attachment, Empty, ErrorCode, GroupMode, GroupName, HistoryQuery, RenewReply, Sha256Digest,
-    UserName, WireError, PROTOCOL,
+    Attachment, CreateReply, Empty, ErrorCode, GroupMode, GroupName, HistoryQuery, RenewReply,
+    Sha256Digest, UserName, WireError, PROTOCOL,
 };
 use agora_tests::{Federation, Server};
 use serde::de::DeserializeOwned;
@@ -397,4 +397,121 @@ fn kill_9_under_load_across_20_groups_loses_no_acked_message() {
             assert_eq!(count, 1, "{group}: acked {text} is there {count} times");
         }
     }
+}
+
+/// `create {group, user, mode}` as `user`.
+fn create(
+    fed: &Federation,
+    host: &Server,
+    user: &str,
+    group: &str,
+    mode: &str,
+) -> Result<CreateReply, WireError> {
+    let request =
+        serde_json::json!({"action": "create", "group": group, "user": user, "mode": mode});
+    ask(fed, host, user, &request.to_string())
+}
+
+#[test]
+fn create_and_delete_on_a_host_with_every_refusal() {
+    let fed = Federation::start("200ms");
+    let creators = format!("{},{}", fed.user_key("alice"), fed.user_key("carol"));
+    let host = fed.host(
+        "c",
+        &[
+            "--group",
+            "alpha",
+            "--creators",
+            &creators,
+            "--max-groups",
+            "4",
+            "--max-groups-per-key",
+            "2",
+        ],
+    );
+    let code = |r: Result<CreateReply, WireError>| r.expect_err("refused").code;
+
+    // Not a creator: forbidden. A bad name: invalid_field.
+    assert_eq!(
+        code(create(&fed, &host, "bob", "b1", "open")),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(create(&fed, &host, "alice", "", "open")),
+        ErrorCode::InvalidField
+    );
+
+    // alice creates: she owns it, her join is seq 1, she sends, bob joins (open).
+    let made = create(&fed, &host, "alice", "made1", "open").expect("create");
+    assert_eq!(made.group, g("made1"));
+    assert_eq!(made.last_seq, 1);
+    assert_eq!(made.owner.to_string(), fed.user_key("alice"));
+    let mut alice = host_client(&fed, &host, "alice");
+    alice.group(&g("made1")).send(body("first")).expect("send");
+    let mut bob = host_client(&fed, &host, "bob");
+    bob.group(&g("made1"))
+        .join()
+        .expect("bob joins an open group");
+
+    // Taken names: one she made, the operator's.
+    assert_eq!(
+        code(create(&fed, &host, "alice", "made1", "open")),
+        ErrorCode::NameTaken
+    );
+    assert_eq!(
+        code(create(&fed, &host, "carol", "alpha", "open")),
+        ErrorCode::NameTaken
+    );
+
+    // --max-groups-per-key 2, then --max-groups 4.
+    let private = create(&fed, &host, "alice", "made2", "private").expect("second");
+    assert_eq!(private.mode, GroupMode::Private);
+    assert_eq!(
+        code(create(&fed, &host, "alice", "made3", "open")),
+        ErrorCode::LimitReached
+    );
+    create(&fed, &host, "carol", "c1", "open").expect("carol's first");
+    assert_eq!(
+        code(create(&fed, &host, "carol", "c2", "open")),
+        ErrorCode::LimitReached
+    );
+    let e = refusal(bob.group(&g("made2")).join());
+    assert_ne!(
+        e.code,
+        ErrorCode::UnknownGroup,
+        "made2 is private, not missing: {e}"
+    );
+
+    // delete: not by a member, by the owner; the name is free at once.
+    let e = refusal(bob.group(&g("made1")).delete());
+    assert_eq!(e.code, ErrorCode::Forbidden, "{e}");
+    assert_eq!(e.group, Some(g("made1")));
+    alice
+        .group(&g("made1"))
+        .delete()
+        .expect("the owner deletes");
+    let e = refusal(alice.group(&g("made1")).info());
+    assert_eq!(e.code, ErrorCode::UnknownGroup, "{e}");
+    let again = create(&fed, &host, "alice", "made1", "open").expect("the name is free");
+    assert_eq!(again.last_seq, 1, "a new group, a new log");
+
+    // After a restart the created groups serve; the deleted one stays gone.
+    drop(host);
+    let host = fed.host("c", &[]);
+    let mut alice = host_client(&fed, &host, "alice");
+    for name in ["alpha", "made1", "made2", "c1"] {
+        alice
+            .group(&g(name))
+            .info()
+            .expect("served after the restart");
+    }
+    let page = alice
+        .group(&g("made1"))
+        .get_messages(HistoryQuery::AfterSeq(0), None)
+        .expect("history");
+    assert_eq!(
+        page.messages.len(),
+        1,
+        "only the new made1's join: {page:?}"
+    );
 }

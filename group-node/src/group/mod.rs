@@ -24,6 +24,8 @@ use crate::store::{GroupLog, Retention, StoreError};
 
 pub mod blobs;
 pub(crate) mod cmd;
+
+pub(crate) use cmd::store_error;
 pub mod identity;
 pub mod subscribers;
 
@@ -169,7 +171,7 @@ impl Group {
             now: input.now,
             instant: input.instant,
             envelope: input.envelope,
-            subscribers: &mut *self.subscribers,
+            subscribers: &mut self.subscribers,
             blobs: &self.blobs,
             sealing: &mut sealing,
             appended,
@@ -273,7 +275,7 @@ impl Group {
             now: input.now,
             instant: input.instant,
             envelope: input.envelope,
-            subscribers: &mut *self.subscribers,
+            subscribers: &mut self.subscribers,
             blobs: &self.blobs,
             sealing: &mut sealing,
             appended: &mut unused,
@@ -304,6 +306,12 @@ impl Group {
         Ok(self
             .subscribers
             .push(sink, &self.config.name, entries, now)?)
+    }
+
+    /// Ends every subscription (the group was deleted): each connection is told
+    /// `unsubscribed` at the next push round.
+    pub fn end_subscriptions(&mut self) {
+        self.subscribers.end_all();
     }
 
     /// Ends the subscriptions whose lease ran out by `now`; returns how many.

@@ -502,6 +502,15 @@ impl Subscribers {
         self.end(envelope, EndCause::Unsubscribed)
     }
 
+    /// Ends every subscription (the group is gone); each is told at the next push round.
+    pub fn end_all(&mut self) -> usize {
+        let envelopes: Vec<Frames> = self.subs.keys().cloned().collect();
+        for e in &envelopes {
+            self.end(e, EndCause::Unsubscribed);
+        }
+        envelopes.len()
+    }
+
     /// Ends every subscription of `member` (who left the group).
     pub fn remove_member(&mut self, member: &Principal) -> usize {
         let envelopes: Vec<Frames> = self

@@ -71,6 +71,17 @@ impl GroupTable {
         self.slot(name).is_some_and(|s| !self.slots[s].stopped)
     }
 
+    /// Frees the name of the group in `slot` (deleted, or created by a batch that rolled
+    /// back): it answers `unknown_group`, and a new group may take the name. Its slot stays,
+    /// stopped (its engine still sends the `unsubscribed` notices it holds).
+    pub fn forget(&mut self, slot: usize) {
+        let hosted = &mut self.slots[slot];
+        hosted.stopped = true;
+        if self.by_name.get(&hosted.name) == Some(&slot) {
+            self.by_name.remove(&hosted.name);
+        }
+    }
+
     /// The group in `slot`.
     ///
     /// # Panics

@@ -56,6 +56,7 @@ use agora_common::zap::{Authenticator, ZapPolicy};
 use agora_proto::codec::Frames;
 use agora_proto::wire::{Endpoint, GroupName, Message, DEFAULT_MAX_MESSAGE_BYTES};
 
+mod create;
 mod data_dir;
 pub mod groups;
 pub mod route;
@@ -212,6 +213,33 @@ pub struct Config {
     pub groups: Vec<GroupName>,
     /// On a group host: most groups (default 10,000).
     pub max_groups: usize,
+    /// On a group host: who may `create` groups (default nobody).
+    pub creators: Creators,
+    /// On a group host: most groups one key may create (default 100).
+    pub max_groups_per_key: u64,
+}
+
+/// Who may `create` groups on a group host (`--creators`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Creators {
+    /// Nobody: the operator makes groups with `--group`.
+    #[default]
+    Nobody,
+    /// Any CURVE key (`--creators any`).
+    Any,
+    /// These keys (`--creators KEY[,KEY...]`).
+    Keys(Vec<PublicKey>),
+}
+
+impl Creators {
+    /// Whether `key` may create a group.
+    pub fn allow(&self, key: &PublicKey) -> bool {
+        match self {
+            Creators::Nobody => false,
+            Creators::Any => true,
+            Creators::Keys(keys) => keys.contains(key),
+        }
+    }
 }
 
 impl Config {
@@ -262,6 +290,8 @@ impl Config {
             host_id: None,
             groups: Vec::new(),
             max_groups: DEFAULT_MAX_GROUPS,
+            creators: Creators::Nobody,
+            max_groups_per_key: 100,
         }
     }
 }
@@ -338,6 +368,10 @@ pub struct Node {
     groups: GroupTable,
     /// The `--host` form: every request must name its group.
     many: bool,
+    /// A group host's registration (one heartbeat for all its groups), while it runs.
+    registrar: Option<crate::registrar::Registrar>,
+    /// Groups created in the batch being served: forgotten again if it rolls back.
+    created: Vec<usize>,
     /// The lease this node serves under, when the store is shared ([`lease`]).
     lease: Option<lease::Lease>,
     /// A commit was fenced: another node holds the lease.
@@ -637,6 +671,8 @@ impl Node {
             db,
             groups,
             many,
+            registrar: None,
+            created: Vec::new(),
             lease,
             deposed: false,
             sealer: None,

@@ -82,7 +82,7 @@ impl Node {
                 keypair,
                 server_key,
             });
-        let registrar = match (&self.config.registry, self.many) {
+        self.registrar = match (&self.config.registry, self.many) {
             (Some(registry), true) => {
                 let registrar = crate::registrar::Registrar::start(
                     &self.ctx,
@@ -202,7 +202,7 @@ impl Node {
                 if !batch.is_empty() {
                     let done = self.serve_batch(&mut batch);
                     members.store(self.member_count(0), Ordering::Relaxed);
-                    if let Some(registrar) = &registrar {
+                    if let Some(registrar) = &self.registrar {
                         for &slot in done.appended.keys() {
                             let count = self.member_count(slot);
                             registrar.set(self.groups.get(slot).name.clone(), count);
@@ -262,7 +262,7 @@ impl Node {
         if lost {
             return Err(NodeError::LeaseLost);
         }
-        drop(registrar);
+        self.registrar = None;
         tracing::info!(group = %self.config.name, "group node stopping");
         Ok(())
     }
@@ -595,6 +595,7 @@ impl Node {
         let instant = Instant::now();
         let mut appended = Appended::new();
         let mut touched = BTreeSet::new();
+        self.created.clear();
         let mut handled: Vec<Handled> = Vec::with_capacity(batch.len());
         let incoming: Vec<Incoming<NodeRequest>> = batch
             .drain(..)
@@ -721,6 +722,9 @@ impl Node {
                 // by a stopping node, so that clients look the group up again.
                 tracing::error!(error = %e, "commit fenced: another node holds the lease");
                 self.deposed = true;
+                for slot in std::mem::take(&mut self.created) {
+                    self.groups.forget(slot);
+                }
                 Served {
                     wrote: false,
                     replies: handled
@@ -736,6 +740,10 @@ impl Node {
                     tracing::debug!(error = %e, "commit failed; batch rolled back");
                 } else {
                     tracing::error!(error = %e, "commit failed; batch rolled back");
+                }
+                // Groups it created are not stored: forget them.
+                for slot in std::mem::take(&mut self.created) {
+                    self.groups.forget(slot);
                 }
                 // The cached log states of the groups it touched are ahead: read them back.
                 let Node { db, groups, .. } = &mut *self;
@@ -835,7 +843,7 @@ impl Node {
     ///
     /// # Errors
     /// `internal` (logged) if its log state or blob tree cannot be read.
-    fn load(&mut self, slot: usize) -> Result<(), WireError> {
+    pub(super) fn load(&mut self, slot: usize) -> Result<(), WireError> {
         let hosted = self.groups.get(slot);
         if hosted.loaded.is_some() {
             return Ok(());
@@ -932,15 +940,14 @@ impl Node {
                     }
                     NodeRequest::Stop(_) => reply::<call::Stop>(self.begin_stop(peer)),
                     NodeRequest::Renew(r) => reply::<call::Renew>(self.renew(r, &input)),
+                    NodeRequest::Create(r) if self.many => reply::<call::Create>(
+                        self.create(r, &input, appended, touched)
+                            .map_err(|e| e.with_group(named)),
+                    ),
                     NodeRequest::Create(_) => reply::<call::Create>(Err(WireError::new(
                         ErrorCode::Forbidden,
-                        if self.many {
-                            "create: this host takes no creates yet; its operator makes groups \
-                             with --group"
-                        } else {
-                            "this node serves one group; groups are created on a group host \
-                             (group-node --host)"
-                        },
+                        "this node serves one group; groups are created on a group host \
+                         (group-node --host)",
                     )
                     .with_group(named))),
                     _ => (internal(), false),
@@ -951,6 +958,12 @@ impl Node {
                 None => return (internal(), false),
             },
         };
+        if let (NodeRequest::Delete(r), true) = (&request, self.many) {
+            return reply::<call::Delete>(
+                self.delete(slot, &r.user, peer, now, touched)
+                    .map_err(|e| e.with_group(named)),
+            );
+        }
         if let NodeRequest::Stop(_) = request {
             if !self.many {
                 return reply::<call::Stop>(self.begin_stop(peer));
@@ -1019,7 +1032,7 @@ impl Node {
 }
 
 /// The `internal` error of a group that cannot be loaded.
-fn internal_error() -> WireError {
+pub(super) fn internal_error() -> WireError {
     WireError::new(ErrorCode::Internal, "storage failure; retry later")
 }
 
@@ -1059,7 +1072,7 @@ struct Served {
 }
 
 /// The entries a batch appended, by the slot of their group.
-type Appended = BTreeMap<usize, Vec<Message>>;
+pub(super) type Appended = BTreeMap<usize, Vec<Message>>;
 
 /// A request of the batch being served, with its reply so far.
 struct Handled {
