@@ -244,3 +244,94 @@ fn the_prompt_and_watch_follow_two_groups_of_one_host_each_under_its_name() {
         ]
     );
 }
+
+/// On a group host, `create` makes a group the creator owns, is a member of and follows
+/// (JSON: the host's reply and the host); without --host it goes to the one host of your
+/// groups. Refused with the host's code (exit 1): a key not among `--creators`
+/// (`forbidden`), a name in use (`name_taken`), past `--max-groups` (`limit_reached`), a
+/// delete by someone other than the owner (`forbidden`). The owner's delete frees the name
+/// and leaves the host's other groups as they were.
+#[test]
+fn create_on_a_host_makes_your_group_and_delete_frees_its_name() {
+    let fed = Federation::start("200ms");
+    let alice_key = fed.user_key("alice");
+    // The operator's Lobby, and room for two more.
+    let host = fed.host(
+        "host",
+        &[
+            "--group",
+            "Lobby",
+            "--creators",
+            &alice_key,
+            "--max-groups",
+            "3",
+        ],
+    );
+    let key = host.key.clone().expect("the host's key");
+    let create = |user: &str, name: &str| {
+        fed.cli(
+            user,
+            &[
+                "--json",
+                "create",
+                name,
+                "--host",
+                host.host_port(),
+                "--host-key",
+                &key,
+            ],
+            "",
+        )
+    };
+    let run = create("bob", "Ops");
+    code(&run, 1);
+    assert!(run.stderr.contains("Ops: forbidden"), "{run:?}");
+
+    let run = create("alice", "Ops");
+    code(&run, 0);
+    let created: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("JSON");
+    assert_eq!(created["group"], "Ops");
+    assert_eq!(created["mode"], "open");
+    assert_eq!(created["owner"], alice_key);
+    assert_eq!(created["host"], host.endpoint);
+    let run = create("alice", "Ops");
+    code(&run, 1);
+    assert!(run.stderr.contains("name_taken"), "{run:?}");
+
+    // Without --host: the one host alice's groups are on (its key saved with Ops).
+    let run = fed.cli("alice", &["create", "Dev", "--mode", "private"], "");
+    code(&run, 0);
+    assert!(
+        run.stdout
+            .contains(&format!("created Dev (private) on {}", host.endpoint)),
+        "{run:?}"
+    );
+    let run = create("alice", "Third");
+    code(&run, 1);
+    assert!(run.stderr.contains("limit_reached"), "{run:?}");
+
+    // Alice is a member of both already, and writes in them.
+    code(&fed.cli("alice", &["send", "Ops", "hello ops"], ""), 0);
+    code(&fed.cli("alice", &["send", "Dev", "hello dev"], ""), 0);
+    fed.join_when_listed("bob", "Ops");
+    assert_eq!(bodies(&fed, "bob", "Ops"), ["hello ops"]);
+    let run = fed.cli("bob", &["join", "Dev"], "");
+    code(&run, 1);
+    let run = fed.cli("bob", &["delete", "Ops", "--yes"], "");
+    code(&run, 1);
+    assert!(run.stderr.contains("forbidden"), "{run:?}");
+
+    let run = fed.cli("alice", &["--json", "delete", "Ops", "--yes"], "");
+    code(&run, 0);
+    let deleted: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("JSON");
+    assert_eq!(
+        deleted,
+        serde_json::json!({"group": "Ops", "deleted": true})
+    );
+    let run = fed.cli("alice", &["send", "Ops", "gone?"], "");
+    code(&run, 1);
+    // Dev is as it was; the name Ops is free again, for a new group.
+    assert_eq!(bodies(&fed, "alice", "Dev"), ["hello dev"]);
+    code(&create("alice", "Ops"), 0);
+    assert!(bodies(&fed, "alice", "Ops").is_empty());
+}
