@@ -335,3 +335,39 @@ fn create_on_a_host_makes_your_group_and_delete_frees_its_name() {
     code(&create("alice", "Ops"), 0);
     assert!(bodies(&fed, "alice", "Ops").is_empty());
 }
+
+/// At the prompt: `create` makes the group and follows it at once (another member's message
+/// shows above the prompt); `delete`, asked and answered `yes`, deletes it.
+#[test]
+fn the_prompt_creates_follows_and_deletes_a_group() {
+    let fed = Federation::start("200ms");
+    let host = fed.host("host", &["--group", "Lobby", "--creators", "any"]);
+    let key = host.key.clone().expect("the host's key");
+    let mut alice = fed.prompt("alice");
+    let at = alice.expect(0, "agora> ");
+    alice.type_line(&format!(
+        "create Night --host {} --host-key '{key}'",
+        host.host_port()
+    ));
+    let at = alice.expect(at, "created Night (open)");
+    let at = alice.expect(at, "agora> ");
+
+    fed.join_when_listed("bob", "Night");
+    code(&fed.cli("bob", &["send", "Night", "evening all"], ""), 0);
+    let line = alice.expect_line(0, "bob: evening all");
+    assert!(
+        alice.lines()[line].contains(" Night #"),
+        "{}",
+        alice.shown()
+    );
+
+    alice.type_line("delete Night");
+    let at = alice.expect(at, "Type yes: ");
+    alice.type_line("yes");
+    let at = alice.expect(at, "deleted Night");
+    alice.expect(at, "agora> ");
+    alice.type_line("exit");
+    assert_eq!(alice.wait_exit(), Some(0), "{}", alice.shown());
+    let run = fed.cli("bob", &["send", "Night", "anyone?"], "");
+    code(&run, 1);
+}
