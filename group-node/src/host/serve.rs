@@ -1148,3 +1148,110 @@ fn stopping() -> WireError {
         "this node is stopping; nothing was done: retry (a send with the same id) once it is back",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+
+    /// A [`Flush`] that counts its syncs.
+    #[derive(Debug)]
+    struct Counting(Box<dyn Flush>, Arc<AtomicU64>);
+
+    impl Flush for Counting {
+        fn sync(&self) -> std::io::Result<()> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.sync()
+        }
+    }
+
+    fn request(id: u8, body: serde_json::Value) -> Received {
+        Received {
+            frames: vec![
+                vec![0, id],
+                Vec::new(),
+                agora_proto::wire::PROTOCOL.to_vec(),
+                body.to_string().into_bytes(),
+            ],
+            peer: None,
+        }
+    }
+
+    /// One turn whose requests append to 50 groups commits once and is made durable by
+    /// one sync: the host's group commit spans groups.
+    #[test]
+    fn one_commit_turn_syncs_once_for_many_groups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(
+            GroupName::new("host").expect("name"),
+            "tcp://127.0.0.1:0",
+            dir.path().to_owned(),
+        );
+        config.host = true;
+        config.insecure = true;
+        config.wal_prealloc_bytes = 0;
+        config.groups = (0..50)
+            .map(|i| GroupName::new(format!("g{i}")).expect("name"))
+            .collect();
+        let ctx = zmq::Context::new();
+        let mut node = Node::bind(&ctx, config).expect("bind");
+        let count = Arc::new(AtomicU64::new(0));
+        let flush = |node: &Node| -> Box<dyn Flush> {
+            Box::new(Counting(node.db.flusher(), Arc::clone(&count)))
+        };
+        let syncer = durable::Syncer::start(&ctx, flush(&node)).expect("syncer");
+        let mut pipeline = Pipeline {
+            wal: flush(&node),
+            requested: 0,
+            wal_written: 0,
+            waiting: VecDeque::new(),
+        };
+        let turn = |node: &mut Node, action: &str| -> Served {
+            let mut batch: Vec<Received> = (0..50u8)
+                .map(|i| {
+                    request(
+                        i,
+                        serde_json::json!({"action": action, "group": format!("g{i}"),
+                            "user": "u", "body": "hi"}),
+                    )
+                })
+                .collect();
+            node.serve_batch(&mut batch)
+        };
+        for action in ["join", "send"] {
+            let served = turn(&mut node, action);
+            assert_eq!(served.appended.len(), 50, "{action}: entries in 50 groups");
+            assert!(served.wrote);
+            for (_, reply) in &served.replies {
+                let body = String::from_utf8_lossy(reply.last().expect("a body"));
+                assert!(body.contains(r#""ok":true"#), "{action}: {body}");
+            }
+            let before = count.load(Ordering::Relaxed);
+            node.queue(&mut pipeline, served, &syncer, None)
+                .expect("queued");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pipeline.waiting.front().is_some() && Instant::now() < deadline {
+                if let Some(upto) = syncer.recv(100).expect("syncer") {
+                    node.release(&mut pipeline, upto).expect("release");
+                }
+            }
+            assert!(pipeline.waiting.is_empty(), "{action}: the turn was synced");
+            assert_eq!(
+                count.load(Ordering::Relaxed) - before,
+                1,
+                "{action}: one sync for a turn over 50 groups"
+            );
+        }
+        let log = |slot: usize| {
+            node.groups
+                .get(slot)
+                .loaded
+                .as_deref()
+                .map(|l| l.log.last_seq())
+        };
+        assert!(
+            (0..50).all(|s| log(s) == Some(2)),
+            "each group: its join and its message"
+        );
+    }
+}
