@@ -453,7 +453,16 @@ fn create_and_delete_on_a_host_with_every_refusal() {
         .join()
         .expect("bob joins an open group");
 
-    // Taken names: one she made, the operator's.
+    // The registry lists it at once: a user-cli user finds it by name and joins.
+    fed.join_when_listed("dave", "made1");
+
+    // Taken names: one another node holds at the registry, one she made, the operator's.
+    let _elsewhere = fed.node("elsewhere", "127.0.0.1:0", "elsewhere", &[]);
+    fed.join_when_listed("erin", "elsewhere");
+    assert_eq!(
+        code(create(&fed, &host, "alice", "elsewhere", "open")),
+        ErrorCode::NameTaken
+    );
     assert_eq!(
         code(create(&fed, &host, "alice", "made1", "open")),
         ErrorCode::NameTaken

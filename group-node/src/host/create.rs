@@ -1,10 +1,13 @@
 //! `create` and `delete` (PROTOCOL §6.11): they change the host's table of groups, not one
 //! group's rules, so they live in the host.
 //!
-//! A `create` inserts the group (live), its creator's membership and `join` entry in the
-//! turn's transaction: its reply leaves after that turn's sync, like any write, and the
-//! registrar registers the name (one heartbeat for the host). If the turn rolls back, the
-//! group is forgotten again. A `delete` archives the group (its rows stay), frees its name
+//! A `create` first has the registrar register the name (when the host has a registry; the
+//! loop waits for that answer, at most 2 s), then inserts the group (live), its creator's
+//! membership and `join` entry in the turn's transaction: its reply leaves after that turn's
+//! sync, like any write. If the turn rolls back, the group is forgotten and unregistered.
+//! (The plan's pending rows, registered after the sync without holding the loop, are not
+//! built: a crash between the registration and the commit leaves a registered name that
+//! expires with the host's heartbeat.) A `delete` archives the group (its rows stay), frees its name
 //! on the host at once, ends its subscriptions and unregisters it.
 
 use std::collections::BTreeSet;
@@ -13,13 +16,14 @@ use agora_common::keys::PublicKey;
 use agora_proto::action::NodeRequest;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
-    CreateReply, CreateRequest, DeleteReply, ErrorCode, GroupMode, MembershipRequest, UserName,
-    WireError,
+    CreateReply, CreateRequest, DeleteReply, ErrorCode, GroupMode, HostedGroup, MembershipRequest,
+    UserName, WireError,
 };
 
 use super::groups::Hosted;
 use super::Node;
 use crate::group::{Applied, Input};
+use crate::registrar::RegistrarError;
 use crate::store::{GroupLog, GroupState, NewGroup, Principal, StoreError};
 
 impl Node {
@@ -73,6 +77,7 @@ impl Node {
                 ),
             ));
         }
+        self.register_first(&r)?;
         let gid = match self.db.insert_group(NewGroup {
             name: &r.group,
             owner: Some(&principal),
@@ -82,8 +87,15 @@ impl Node {
             at: input.now,
         }) {
             Ok(gid) => gid,
-            Err(StoreError::NameTaken(_)) => return Err(name_taken(&r)),
-            Err(e) => return Err(crate::group::store_error(e)),
+            Err(e) => {
+                if let Some(registrar) = &self.registrar {
+                    registrar.remove(r.group.clone());
+                }
+                return Err(match e {
+                    StoreError::NameTaken(_) => name_taken(&r),
+                    e => crate::group::store_error(e),
+                });
+            }
         };
         let slot = self.groups.insert(Hosted {
             name: r.group.clone(),
@@ -118,9 +130,6 @@ impl Node {
             _ => return Err(super::serve::internal_error()),
         }
         let last_seq = l.log.last_seq();
-        if let Some(registrar) = &self.registrar {
-            registrar.set(r.group.clone(), 1);
-        }
         tracing::info!(group = %r.group, %gid, by = %peer, "group created");
         Ok(CreateReply {
             group: r.group,
@@ -128,6 +137,41 @@ impl Node {
             owner: peer,
             last_seq,
         })
+    }
+
+    /// Registers the name of a group about to be created, when the host has a registry, and
+    /// waits for the registry's answer (at most [`REGISTER_WAIT`], on the loop: a create
+    /// costs its host one registry round trip).
+    ///
+    /// # Errors
+    /// `name_taken` (the registry binds the name to another key, or another live endpoint
+    /// holds it), the registry's `limit_reached`; `internal` when it does not answer
+    /// (nothing was created).
+    fn register_first(&self, r: &CreateRequest) -> Result<(), WireError> {
+        let Some(registrar) = &self.registrar else {
+            return Ok(());
+        };
+        let answer = registrar
+            .register_now(vec![HostedGroup {
+                name: r.group.clone(),
+                members: 1,
+            }])
+            .recv_timeout(REGISTER_WAIT);
+        match answer {
+            Ok((_, Ok(()))) => Ok(()),
+            Ok((_, Err(RegistrarError::Refused(e)))) => {
+                let code = match e.code {
+                    ErrorCode::LimitReached | ErrorCode::TooManyNames => ErrorCode::LimitReached,
+                    _ => ErrorCode::NameTaken,
+                };
+                Err(WireError::new(
+                    code,
+                    format!("the registry refused \"{}\": {}", r.group, e.message),
+                ))
+            }
+            Ok((_, Err(e))) => Err(unregistered(&e.to_string())),
+            Err(_) => Err(unregistered("no answer")),
+        }
     }
 
     /// `delete {group, user}` on a group host: by the group's owner or the host key. The
@@ -169,6 +213,17 @@ impl Node {
             deleted: true,
         })
     }
+}
+
+/// How long a `create` waits for the registry to take its name: 2 s.
+const REGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The `internal` error of a create whose name the registry did not take.
+fn unregistered(why: &str) -> WireError {
+    WireError::new(
+        ErrorCode::Internal,
+        format!("the registry did not take the name ({why}); nothing was created; retry"),
+    )
 }
 
 fn name_taken(r: &CreateRequest) -> WireError {

@@ -744,6 +744,9 @@ impl Node {
                 // Groups it created are not stored: forget them.
                 for slot in std::mem::take(&mut self.created) {
                     self.groups.forget(slot);
+                    if let Some(registrar) = &self.registrar {
+                        registrar.remove(self.groups.get(slot).name.clone());
+                    }
                 }
                 // The cached log states of the groups it touched are ahead: read them back.
                 let Node { db, groups, .. } = &mut *self;
