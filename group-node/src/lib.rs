@@ -11,7 +11,7 @@
 //! - [`group`]: one group's rules, with no socket, thread or clock of its own: [`group::Group`]
 //!   applies one request ([`group::Group::apply`]) against the store and returns its reply;
 //!   its handlers (`group/cmd/`, one per action), [`subscribers`] (the live stream, pushed
-//!   through a [`group::PushSink`] the host gives it), [`blobs`] (attachments' bytes) and
+//!   through a [`subscribers::PushSink`] the host gives it), [`blobs`] (attachments' bytes) and
 //!   [`identity`] (who the caller is).
 //! - [`store`]: the log and membership (SQLite or PostgreSQL); [`lease`]: the PostgreSQL
 //!   lease of a node with standbys.

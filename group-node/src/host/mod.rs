@@ -178,7 +178,7 @@ pub struct Config {
     /// Test-only fault injection: drop every Nth push (default 0, never).
     pub fault_drop_push_every: u64,
     /// Push budget per subscription: bytes of event JSON pushed and not acked (default
-    /// 4 MiB, [`agora_proto::wire::DEFAULT_PUSH_BUDGET_BYTES`]); see [`subscribers`].
+    /// 4 MiB, [`agora_proto::wire::DEFAULT_PUSH_BUDGET_BYTES`]); see [`crate::subscribers`].
     pub push_budget_bytes: usize,
     /// Push budget of the node, over all subscriptions (default 64 MiB,
     /// [`agora_proto::wire::DEFAULT_PUSH_BUDGET_TOTAL_BYTES`]).
