@@ -637,8 +637,8 @@ impl Registry {
     fn update_gauges(&mut self) {
         use agora_common::metrics::{ACCOUNTS, GROUPS, MAILBOX_DEPTH, PRESENCE};
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        if let Ok(groups) = self.store.list_groups(Timestamp::now()) {
-            GROUPS.set(count(groups.len() as u64));
+        if let Ok(groups) = self.store.count_groups(Timestamp::now()) {
+            GROUPS.set(count(groups));
         }
         if !self.config.insecure {
             if let Ok(n) = self.store.count_users() {

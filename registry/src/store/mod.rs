@@ -281,6 +281,15 @@ pub trait RegistryStore: Send {
     /// The backend's error.
     fn list_groups(&mut self, now: Timestamp) -> Result<Vec<GroupEntry>, StoreError>;
 
+    /// How many entries are live (the `agora_groups` gauge): [`RegistryStore::list_groups`]'s
+    /// length, without copying the entries where the backend can.
+    ///
+    /// # Errors
+    /// The backend's error.
+    fn count_groups(&mut self, now: Timestamp) -> Result<u64, StoreError> {
+        Ok(self.list_groups(now)?.len() as u64)
+    }
+
     /// The live entry named `name`.
     ///
     /// # Errors

@@ -743,6 +743,13 @@ impl RegistryStore for PgStore {
         rows.iter().map(group_row).collect()
     }
 
+    fn count_groups(&mut self, _now: Timestamp) -> Result<u64, StoreError> {
+        let row = self
+            .client()?
+            .query_one("SELECT count(*) FROM groups WHERE expires_at > now()", &[])?;
+        Ok(to_u64(row.try_get(0)?))
+    }
+
     fn lookup_group(
         &mut self,
         name: &GroupName,

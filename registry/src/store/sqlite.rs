@@ -273,6 +273,10 @@ impl RegistryStore for SqliteStore {
         Ok(self.directory.list(now))
     }
 
+    fn count_groups(&mut self, now: Timestamp) -> Result<u64, StoreError> {
+        Ok(self.directory.count(now) as u64)
+    }
+
     fn lookup_group(
         &mut self,
         name: &GroupName,
