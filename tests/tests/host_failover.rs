@@ -217,3 +217,57 @@ fn a_standby_host_takes_all_20_groups_over_after_kill_9_and_loses_no_acked_messa
     let (_, bodies) = read_log(&mut alice, "pg07");
     assert_eq!(bodies.last().map(String::as_str), Some("\"found it\""));
 }
+
+/// Measures (run by hand: `cargo test -p agora-tests --test host_failover -- --ignored
+/// --nocapture`) a PostgreSQL host's takeover at `AGORA_TAKEOVER_GROUPS` groups (default
+/// 1,000): `kill -9` of the idle active host to the standby listening, and to every group
+/// answering one client asking them in turn. A measurement, not a timed assert.
+#[test]
+#[ignore]
+fn measure_host_takeover() {
+    let groups: usize = std::env::var("AGORA_TAKEOVER_GROUPS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    let fed = Federation::start("200ms");
+    let (_cluster, url) = fed.shared_store();
+    let names: Vec<String> = (0..groups).map(|i| format!("m{i:05}")).collect();
+    let mut flags = Vec::new();
+    for n in &names {
+        flags.push("--group");
+        flags.push(n.as_str());
+    }
+    let started = Instant::now();
+    let mut active = spawn_host(&fed, "a", &url, &flags).wait_listening(Duration::from_secs(600));
+    eprintln!("{groups} groups made at start in {:?}", started.elapsed());
+    fed.share_node_keys("a", "b");
+    let standby = spawn_host(&fed, "b", &url, &[]);
+    assert!(agora_tests::wait_for(Duration::from_secs(20), || standby
+        .log()
+        .contains("waiting for it")));
+    let mut alice = client(&fed, &active, "alice", Duration::from_secs(5));
+    alice.group(&g(&names[0])).join().expect("join");
+    active.kill9();
+    let killed = Instant::now();
+    let standby = standby.wait_listening(Duration::from_secs(60));
+    let listening = killed.elapsed();
+    let mut alice = client(&fed, &standby, "alice", Duration::from_secs(5));
+    for n in &names {
+        let answered = alice
+            .group(&g(n))
+            .get_messages(HistoryQuery::Latest(1), None);
+        // Not a member of the others: `not_member` is an answer from the group's engine.
+        if let Err(e) = answered {
+            assert!(
+                matches!(&e, agora_common::client::ClientError::Server(w)
+                    if w.code == agora_proto::wire::ErrorCode::NotMember),
+                "{n}: {e}"
+            );
+        }
+    }
+    eprintln!(
+        "host takeover at {groups} groups: kill -9 to the standby listening in {listening:?}, \
+         to all answering (one client, in turn) in {:?}",
+        killed.elapsed()
+    );
+}
