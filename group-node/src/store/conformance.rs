@@ -522,6 +522,105 @@ fn a_fenced_batch_stores_nothing() {
     }
 }
 
+/// PostgreSQL host: one batch appending to two groups and making a third, fenced at commit
+/// (another host took the host's one lease), stores nothing of any of them, and each
+/// group's state reloads to what is stored.
+#[test]
+fn a_fenced_batch_of_two_groups_stores_nothing_of_either() {
+    use super::{GroupId, GroupState, HostDb, NewGroup, PgHost};
+    let pg = Postgres::start();
+    let open = |epoch| {
+        HostDb::Pg(Box::new(
+            PgHost::open(&PgTarget::new(&pg.url), host_schema(), epoch).expect("open"),
+        ))
+    };
+    let names: Vec<GroupName> = ["red", "blue", "green"]
+        .iter()
+        .map(|n| GroupName::new(*n).expect("name"))
+        .collect();
+    let new = |name| NewGroup {
+        name,
+        owner: None,
+        created_by: None,
+        mode: GroupMode::Open,
+        state: GroupState::Live,
+        at: Timestamp::from_micros(1),
+    };
+    let mut db = open(None);
+    db.begin().expect("begin");
+    let (r, b) = (
+        db.insert_group(new(&names[0])).expect("red"),
+        db.insert_group(new(&names[1])).expect("blue"),
+    );
+    db.commit().expect("commit");
+    let alice = user("alice");
+    let one = body("1");
+    let (mut rs, mut bs) = (db.load(r).expect("red"), db.load(b).expect("blue"));
+    db.begin().expect("begin");
+    for st in [&mut rs, &mut bs] {
+        db.group(st)
+            .append(at(&alice, &one, MessageId::new_v7(), 100))
+            .expect("append");
+    }
+    db.commit().expect("commit");
+    drop(db);
+
+    let mut db = open(Some(0));
+    let (mut rs, mut bs) = (db.load(r).expect("red"), db.load(b).expect("blue"));
+    db.begin().expect("begin");
+    let lost = body("2");
+    for st in [&mut rs, &mut bs] {
+        let ack = db
+            .group(st)
+            .append(at(&alice, &lost, MessageId::new_v7(), 200))
+            .expect("append");
+        assert_eq!(ack.seq, 2);
+    }
+    db.insert_group(new(&names[2])).expect("green");
+    let mut other = ::postgres::Client::connect(&pg.url, ::postgres::NoTls).expect("connect");
+    other
+        .batch_execute(&format!(
+            "UPDATE {}.lease SET epoch = epoch + 1",
+            host_schema().name()
+        ))
+        .expect("take the lease");
+    assert!(matches!(
+        db.commit(),
+        Err(StoreError::Fenced {
+            held: 0,
+            current: 1
+        })
+    ));
+    for st in [&mut rs, &mut bs] {
+        db.reload(st).expect("reload");
+        assert_eq!(st.last_seq(), 1, "group {}", st.gid());
+        let page = db
+            .group(st)
+            .page(HistoryQuery::AfterSeq(0), 10, MAX_PAGE_BYTES)
+            .expect("page");
+        assert_eq!(
+            page.messages.len(),
+            1,
+            "the fenced append of group {}",
+            st.gid()
+        );
+    }
+    assert_eq!(
+        db.find_group(&names[2]).expect("find"),
+        None,
+        "the fenced group"
+    );
+    assert_eq!(
+        db.live_groups()
+            .expect("live")
+            .iter()
+            .map(|g| g.gid)
+            .collect::<Vec<_>>(),
+        vec![r, b]
+    );
+    assert_eq!((r, b), (GroupId(1), GroupId(2)));
+}
+
 fn pages_by_seq_time_id_and_latest(backend: &dyn Backend) {
     let mut s = backend.open();
     let acks: Vec<SendAck> = (1..=10).map(|i| append(s.as_mut(), "1", i * 100)).collect();
