@@ -129,9 +129,14 @@ impl Node {
         };
         // A host of one seals in its group's tree (with its PostgreSQL copy); a group host
         // names each group's tree with each seal.
-        let (layout, pg) = match self.groups.get(0).loaded.as_deref() {
-            Some(l) if !self.many => (l.group.blobs.layout(), l.group.blobs.postgres().cloned()),
-            _ => (
+        // (A group host may start with no group at all: it has no slot 0.)
+        let one = match self.many {
+            false => self.groups.get(0).loaded.as_deref(),
+            true => None,
+        };
+        let (layout, pg) = match one {
+            Some(l) => (l.group.blobs.layout(), l.group.blobs.postgres().cloned()),
+            None => (
                 blobs::BlobLayout::at(self.config.data_dir.join("blobs")),
                 None,
             ),
