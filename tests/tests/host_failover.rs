@@ -271,3 +271,61 @@ fn measure_host_takeover() {
         killed.elapsed()
     );
 }
+
+/// Groups people create on a PostgreSQL host (`create`, stored by the host's one batch in
+/// its schema) are its standby's too: after `kill -9` the standby serves a created group
+/// with its log, its owner (who alone may `delete` it) and its mode; a delete there frees
+/// the name, and a create takes it again.
+#[test]
+fn a_group_created_on_a_postgres_host_is_its_standbys_with_owner_and_mode() {
+    use agora_proto::wire::{ErrorCode, GroupMode};
+    let fed = Federation::start("200ms");
+    let (_cluster, url) = fed.shared_store();
+    let mut active =
+        spawn_host(&fed, "a", &url, &["--creators", "any"]).wait_listening(Duration::from_secs(30));
+    fed.share_node_keys("a", "b");
+    let standby = spawn_host(&fed, "b", &url, &["--creators", "any"]);
+    assert!(
+        agora_tests::wait_for(Duration::from_secs(20), || standby
+            .log()
+            .contains("waiting for it")),
+        "{}",
+        standby.log()
+    );
+    let mut alice = client(&fed, &active, "alice", Duration::from_secs(15));
+    let made = alice
+        .create(&g("made"), GroupMode::Private)
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", active.log()));
+    assert_eq!(made.last_seq, 1);
+    alice.group(&g("made")).send(body("hello")).expect("send");
+    let open = alice.create(&g("open"), GroupMode::Open).expect("create");
+    assert_eq!(open.mode, GroupMode::Open);
+
+    active.kill9();
+    let standby = standby.wait_listening(Duration::from_secs(20));
+    let mut alice = client(&fed, &standby, "alice", Duration::from_secs(5));
+    let (seqs, bodies) = read_log(&mut alice, "made");
+    assert_eq!(seqs, vec![1, 2]);
+    assert_eq!(bodies.last().map(String::as_str), Some("\"hello\""));
+    // Private: bob, not invited, may not join; open: he may.
+    let mut bob = client(&fed, &standby, "bob", Duration::from_secs(5));
+    match bob.group(&g("made")).join() {
+        Err(agora_common::client::ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::NotInvited, "{e:?}")
+        }
+        other => panic!("bob joined a private group: {other:?}"),
+    }
+    bob.group(&g("open")).join().expect("an open group");
+    // The owner is alice's key, stored: bob may not delete, she may.
+    match bob.group(&g("open")).delete() {
+        Err(agora_common::client::ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}")
+        }
+        other => panic!("bob deleted alice's group: {other:?}"),
+    }
+    assert!(alice.group(&g("made")).delete().expect("delete").deleted);
+    let again = bob
+        .create(&g("made"), GroupMode::Open)
+        .expect("the name is free again");
+    assert_eq!(again.last_seq, 1, "a new group, a new log");
+}
