@@ -215,8 +215,7 @@ impl ReqClient {
     /// [`ClientError::Server`] for an error reply, [`ClientError::BadReply`] for an
     /// undecodable one, and those of [`ReqClient::request_frames`].
     pub fn call<C: Call>(&mut self, request: &C::Request) -> Result<C::Reply, ClientError> {
-        let reply = self.request_frames(&encode_call::<C>(request))?;
-        Ok(decode_reply::<C::Reply>(&reply)??)
+        (self as &mut dyn Exchange).call::<C>(request)
     }
 
     /// As [`ReqClient::call`], for an action with data frames: `data` goes after the
@@ -225,6 +224,59 @@ impl ReqClient {
     ///
     /// # Errors
     /// As [`ReqClient::call`].
+    pub fn call_data<C: Call>(
+        &mut self,
+        request: &C::Request,
+        data: Option<Vec<u8>>,
+    ) -> Result<(C::Reply, Option<Vec<u8>>), ClientError> {
+        (self as &mut dyn Exchange).call_data::<C>(request, data)
+    }
+}
+
+/// How a request's frames reach a server and the reply's come back: a [`ReqClient`]'s own
+/// REQ socket, or the connection a [`crate::live::Feed`] holds to a host
+/// ([`crate::live::FeedLink`], the prompt's: one connection per host for following and
+/// commanding). The typed views ([`HostView`], [`GroupView`]) work over either.
+pub trait Exchange: std::fmt::Debug {
+    /// The server's endpoint, as errors name it.
+    fn endpoint(&self) -> &str;
+
+    /// Sends `frames` (signature, body, and for `upload_chunk` the data frame) and returns
+    /// the reply's (signature, body, and for `download` the data frame).
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when no reply came in time (after every attempt);
+    /// [`ClientError::Zmq`].
+    fn request_frames(&mut self, frames: &Frames) -> Result<Frames, ClientError>;
+}
+
+impl Exchange for ReqClient {
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn request_frames(&mut self, frames: &Frames) -> Result<Frames, ClientError> {
+        ReqClient::request_frames(self, frames)
+    }
+}
+
+impl dyn Exchange + '_ {
+    /// Sends action `C`'s request and decodes the reply as that action's reply type.
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] for an error reply, [`ClientError::BadReply`] for an
+    /// undecodable one, and those of [`Exchange::request_frames`].
+    pub fn call<C: Call>(&mut self, request: &C::Request) -> Result<C::Reply, ClientError> {
+        let reply = self.request_frames(&encode_call::<C>(request))?;
+        Ok(decode_reply::<C::Reply>(&reply)??)
+    }
+
+    /// As `call`, for an action with data frames: `data` goes after the request's body
+    /// (`upload_chunk`), and the reply's data frame, if any, comes back with its fields
+    /// (`download`).
+    ///
+    /// # Errors
+    /// As `call`.
     pub fn call_data<C: Call>(
         &mut self,
         request: &C::Request,
@@ -675,11 +727,56 @@ impl HostClient {
 
     /// The calls of `group` at this host; each request names it.
     pub fn group<'h>(&'h mut self, group: &'h GroupName) -> GroupView<'h> {
-        GroupView {
-            req: &mut self.req,
-            user: &self.user,
-            group: Some(group),
-        }
+        GroupView::new(&mut self.req, &self.user, group)
+    }
+
+    /// The host's own calls (`create`, `renew`) and its groups' views, over this client's
+    /// REQ socket.
+    pub fn view(&mut self) -> HostView<'_> {
+        HostView::new(&mut self.req, &self.user)
+    }
+
+    /// `create` (PROTOCOL §6.11): see [`HostView::create`].
+    ///
+    /// # Errors
+    /// As [`HostView::create`].
+    pub fn create(
+        &mut self,
+        group: &GroupName,
+        mode: agora_proto::wire::GroupMode,
+    ) -> Result<agora_proto::wire::CreateReply, ClientError> {
+        self.view().create(group, mode)
+    }
+
+    /// `renew` (PROTOCOL §6.7.1): see [`HostView::renew`].
+    ///
+    /// # Errors
+    /// As [`HostView::renew`].
+    pub fn renew(
+        &mut self,
+        groups: Vec<agora_proto::wire::RenewEntry>,
+    ) -> Result<agora_proto::wire::RenewReply, ClientError> {
+        self.view().renew(groups)
+    }
+}
+
+/// One host's calls as one user, over any [`Exchange`]: a [`HostClient`]'s REQ socket
+/// ([`HostClient::view`]) or a live feed's connection ([`crate::live::FeedLink`]).
+#[derive(Debug)]
+pub struct HostView<'h> {
+    req: &'h mut dyn Exchange,
+    user: &'h UserName,
+}
+
+impl<'h> HostView<'h> {
+    /// The calls of the host `req` reaches, as `user`.
+    pub fn new(req: &'h mut dyn Exchange, user: &'h UserName) -> HostView<'h> {
+        HostView { req, user }
+    }
+
+    /// The calls of `group` at this host; each request names it.
+    pub fn group<'g>(&'g mut self, group: &'g GroupName) -> GroupView<'g> {
+        GroupView::new(&mut *self.req, self.user, group)
     }
 
     /// `create` (PROTOCOL §6.11): makes the group `group` on this host, in `mode`; the
@@ -721,14 +818,29 @@ impl HostClient {
     }
 }
 
-/// One group's calls at a host, borrowed from a [`HostClient`] ([`HostClient::group`]) or a
-/// [`GroupClient`] ([`GroupClient::view`]).
+/// One group's calls at a host, borrowed from a [`HostClient`] ([`HostClient::group`]), a
+/// [`HostView`] or a [`GroupClient`] ([`GroupClient::view`]).
 #[derive(Debug)]
 pub struct GroupView<'h> {
-    req: &'h mut ReqClient,
+    req: &'h mut dyn Exchange,
     user: &'h UserName,
     /// `None` only for a [`GroupClient`] made without a group (a node of one names it).
     group: Option<&'h GroupName>,
+}
+
+impl<'h> GroupView<'h> {
+    /// The calls of `group` at the host `req` reaches, as `user`; each request names it.
+    pub fn new(
+        req: &'h mut dyn Exchange,
+        user: &'h UserName,
+        group: &'h GroupName,
+    ) -> GroupView<'h> {
+        GroupView {
+            req,
+            user,
+            group: Some(group),
+        }
+    }
 }
 
 impl GroupView<'_> {

@@ -56,20 +56,34 @@
 //! the new host's reply reveals the gap and the feed backfills it, so the consumer sees
 //! every entry once and in order across the move.
 //!
+//! # Calls: commands over the same connection
+//! [`Feed::call`] sends any request (its data frame too: `upload_chunk`, `download`) on the
+//! host's DEALER, made for it if the feed does not hold one yet (and later used for
+//! following), behind a tag frame of its own: `[TAG, "", "AGORA/1", body]`. The host echoes
+//! every frame before the delimiter (PROTOCOL §2; the zguide's extended reply envelope,
+//! chapter 3), so the reply comes back as `[TAG, "", "AGORA/1", reply]` and is told from the
+//! feed's own traffic, which carries no tag (pushes come behind the envelope of the
+//! `subscribe` that made the subscription). A reply not back within the call's timeout is
+//! answered [`ClientError::Timeout`]; one that comes later is dropped. A host reached only
+//! for calls is closed after [`CALL_HOST_IDLE`] without one. [`FeedLink`] makes this an
+//! [`Exchange`], for the typed views ([`crate::client::HostView`]): the prompt follows and
+//! commands the groups of a host over one connection.
+//!
 //! # Pipe commands
 //! `["add", GROUPSPEC_JSON]`, `["remove", ENDPOINT]` (every group there) and
-//! `["remove", ENDPOINT, GROUP]`; `$TERM` unsubscribes every group and stops.
+//! `["remove", ENDPOINT, GROUP]`; `["call"]` (calls waiting in the feed's bounded call
+//! queue); `$TERM` unsubscribes every group and stops.
 
 use std::collections::HashMap;
 
 /// The feed acks (renews with `acked_seq`) at least every this many pushed bytes (256 KiB),
 /// even when the node's budget for it is larger.
 pub const ACK_EVERY_BYTES: usize = 256 << 10;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
 use crate::actor::{Actor, Pipe, Wake};
-use crate::client::{get_messages_request, ClientError, ClientOptions};
+use crate::client::{get_messages_request, ClientError, ClientOptions, Exchange};
 use agora_proto::action::NodeRequest;
 use agora_proto::codec::{encode_request, Frames};
 use agora_proto::wire::{
@@ -77,6 +91,18 @@ use agora_proto::wire::{
     PushEvent, RenewEntry, RenewReply, RenewRequest, SubscribeReply, SubscribeRequest, UserName,
     WireError, MAX_RENEW_GROUPS, PROTOCOL,
 };
+
+/// A host the feed reaches only for calls (no group followed there) is closed after this
+/// long without one (60 s).
+pub const CALL_HOST_IDLE: Duration = Duration::from_secs(60);
+
+/// The most calls waiting for the feed's thread to take them (64); past it
+/// [`Feed::call`] answers `EAGAIN` at once.
+pub const MAX_QUEUED_CALLS: usize = 64;
+
+/// How long past a call's own timeout its caller waits for the feed's thread to answer it
+/// (which it always does by the timeout, unless stopped).
+const CALL_GRACE: Duration = Duration::from_secs(1);
 
 /// How soon a subscribe that found no connection is tried again.
 const RETRY_UNCONNECTED: Duration = Duration::from_millis(50);
@@ -201,6 +227,21 @@ pub fn registry_locator(
 #[derive(Debug)]
 pub struct Feed {
     actor: Actor,
+    /// Calls for the feed's thread, which takes them when `["call"]` wakes it.
+    calls: SyncSender<Call>,
+}
+
+/// What a call's caller receives: the reply's frames (signature, body, and a data frame for
+/// `download`), or why there is none.
+pub type CallReply = Result<Frames, ClientError>;
+
+/// A request for the feed's thread to send on a host's connection ([`Feed::call`]).
+struct Call {
+    endpoint: String,
+    server_key: Option<crate::keys::PublicKey>,
+    frames: Frames,
+    timeout: Duration,
+    reply: SyncSender<CallReply>,
 }
 
 impl Feed {
@@ -253,6 +294,7 @@ impl Feed {
         locate: Option<Locate>,
         on_event: impl FnMut(FeedEvent) -> bool + Send + 'static,
     ) -> std::io::Result<Feed> {
+        let (calls, queued) = mpsc::sync_channel(MAX_QUEUED_CALLS);
         let mut worker = Worker {
             ctx: ctx.clone(),
             user,
@@ -261,9 +303,85 @@ impl Feed {
             hosts: HashMap::new(),
             on_event: Box::new(on_event),
             locate,
+            calls: queued,
+            next_tag: 0,
         };
         let actor = Actor::start(ctx, "agora-feed", move |pipe| worker.run(&pipe))?;
-        Ok(Feed { actor })
+        Ok(Feed { actor, calls })
+    }
+
+    /// Sends `frames` (a request: signature, body, and a data frame for `upload_chunk`) to
+    /// the host at `endpoint` over the feed's connection to it, made now if the feed holds
+    /// none (CURVE with `server_key` when the feed has a key pair), and returns where the
+    /// reply will come: its frames, [`ClientError::Timeout`] when none came within
+    /// `timeout` (a later one is dropped), or the connection's failure. Nothing is retried.
+    /// See the module's "Calls".
+    pub fn call(
+        &self,
+        endpoint: &str,
+        server_key: Option<crate::keys::PublicKey>,
+        frames: Frames,
+        timeout: Duration,
+    ) -> Receiver<CallReply> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let call = Call {
+            endpoint: endpoint.to_owned(),
+            server_key,
+            frames,
+            timeout,
+            reply,
+        };
+        match self.calls.try_send(call) {
+            Ok(()) => {
+                // The call waits in the queue; the worker takes it when woken (or at its
+                // next round, should the pipe be full).
+                let _ = self.actor.send(&[b"call"]);
+            }
+            Err(mpsc::TrySendError::Full(call) | mpsc::TrySendError::Disconnected(call)) => {
+                let _ = call
+                    .reply
+                    .try_send(Err(ClientError::Zmq(zmq::Error::EAGAIN)));
+            }
+        }
+        rx
+    }
+
+    /// As [`Feed::call`], waiting for the reply.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when no reply came within `timeout` (or the feed stopped);
+    /// [`ClientError::Zmq`] for the connection's failure or a full call queue.
+    pub fn request(
+        &self,
+        endpoint: &str,
+        server_key: Option<crate::keys::PublicKey>,
+        frames: Frames,
+        timeout: Duration,
+    ) -> CallReply {
+        let rx = self.call(endpoint, server_key, frames, timeout);
+        rx.recv_timeout(timeout + CALL_GRACE).unwrap_or_else(|_| {
+            Err(ClientError::Timeout {
+                endpoint: endpoint.to_owned(),
+                waited: timeout,
+            })
+        })
+    }
+
+    /// The calls of the host at `endpoint` over this feed's connection, as an
+    /// [`Exchange`] for the typed views: each request waits and is tried again as
+    /// `options` says (a new tag per attempt; every request is safe to repeat).
+    pub fn link(
+        &self,
+        endpoint: &str,
+        server_key: Option<crate::keys::PublicKey>,
+        options: ClientOptions,
+    ) -> FeedLink<'_> {
+        FeedLink {
+            feed: self,
+            endpoint: endpoint.to_owned(),
+            server_key,
+            options,
+        }
     }
 
     /// Follows a group over its host's one connection (replacing any earlier spec of the
@@ -290,6 +408,52 @@ impl Feed {
             .actor
             .send(&[b"remove", endpoint.as_bytes(), group.as_str().as_bytes()]);
     }
+}
+
+/// A host's calls over a [`Feed`]'s connection ([`Feed::link`]): an [`Exchange`].
+#[derive(Debug)]
+pub struct FeedLink<'f> {
+    feed: &'f Feed,
+    endpoint: String,
+    server_key: Option<crate::keys::PublicKey>,
+    options: ClientOptions,
+}
+
+impl Exchange for FeedLink<'_> {
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Up to `attempts` calls, each waiting its share of `timeout`, as a Lazy Pirate
+    /// client retries (a DEALER needs no new socket: the next attempt has a new tag).
+    fn request_frames(&mut self, frames: &Frames) -> Result<Frames, ClientError> {
+        let attempts = self.options.attempts.max(1);
+        let per_attempt = self.options.timeout / attempts;
+        for attempt in 1..=attempts {
+            match self
+                .feed
+                .request(&self.endpoint, self.server_key, frames.clone(), per_attempt)
+            {
+                Err(ClientError::Timeout { .. }) => {
+                    tracing::debug!(endpoint = %self.endpoint, attempt, "no reply to a call");
+                }
+                reply => return reply,
+            }
+        }
+        Err(ClientError::Timeout {
+            endpoint: self.endpoint.clone(),
+            waited: self.options.timeout,
+        })
+    }
+}
+
+/// A call sent (or waiting for the connection) and not answered yet.
+struct PendingCall {
+    /// The request, until it is sent.
+    unsent: Option<Frames>,
+    timeout: Duration,
+    deadline: Instant,
+    reply: SyncSender<CallReply>,
 }
 
 /// One followed group of a host.
@@ -348,11 +512,68 @@ struct HostFeed {
     last_heard: Instant,
     /// Not before then is the locator asked again.
     next_locate: Instant,
+    /// Calls not answered yet, by tag.
+    calls: HashMap<u64, PendingCall>,
+    /// When the last call was made here, if any.
+    last_call: Option<Instant>,
 }
 
 impl HostFeed {
+    /// No group followed, no call waiting, and none made for [`CALL_HOST_IDLE`]: the
+    /// connection can go.
     fn is_empty(&self) -> bool {
-        self.groups.is_empty() && self.unnamed.is_none()
+        self.groups.is_empty()
+            && self.unnamed.is_none()
+            && self.calls.is_empty()
+            && self
+                .last_call
+                .is_none_or(|at| at.elapsed() >= CALL_HOST_IDLE)
+    }
+
+    /// When a host that follows nothing may be closed, if it is kept for calls.
+    fn idle_at(&self) -> Option<Instant> {
+        if !self.groups.is_empty() || self.unnamed.is_some() || !self.calls.is_empty() {
+            return None;
+        }
+        self.last_call.map(|at| at + CALL_HOST_IDLE)
+    }
+
+    /// Sends the calls waiting for the connection, until one does not go (no connection
+    /// yet, or its queue is full); a call the socket refuses otherwise is answered so.
+    fn flush_calls(&mut self) {
+        let mut failed: Vec<(u64, zmq::Error)> = Vec::new();
+        let mut tags: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.unsent.is_some())
+            .map(|(tag, _)| *tag)
+            .collect();
+        tags.sort_unstable();
+        for tag in tags {
+            let Some(call) = self.calls.get_mut(&tag) else {
+                continue;
+            };
+            let Some(frames) = call.unsent.take() else {
+                continue;
+            };
+            match send_tagged(&self.socket, tag, &frames) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => {
+                    call.unsent = Some(frames);
+                    break;
+                }
+                Err(e) => failed.push((tag, e)),
+            }
+        }
+        for (tag, e) in failed {
+            if let Some(call) = self.calls.remove(&tag) {
+                let _ = call.reply.try_send(Err(ClientError::Zmq(e)));
+            }
+        }
+    }
+
+    fn has_unsent(&self) -> bool {
+        self.calls.values().any(|c| c.unsent.is_some())
     }
 
     fn group_mut(&mut self, group: Option<&GroupName>) -> Option<&mut GroupFeed> {
@@ -381,6 +602,10 @@ struct Worker {
     hosts: HashMap<String, HostFeed>,
     on_event: Box<dyn FnMut(FeedEvent) -> bool + Send>,
     locate: Option<Locate>,
+    /// Calls from [`Feed::call`], taken when `["call"]` wakes the thread.
+    calls: Receiver<Call>,
+    /// The tag of the next call (unique for the feed's life).
+    next_tag: u64,
 }
 
 /// The consumer hung up.
@@ -428,16 +653,23 @@ impl Worker {
                 }
                 Err(e) => tracing::error!(error = %e, "feed: bad add command"),
             },
+            [verb] if verb == b"call" => self.take_calls(),
             [verb, endpoint] if verb == b"remove" => {
-                if let Some(host) = self
-                    .hosts
-                    .remove(String::from_utf8_lossy(endpoint).as_ref())
-                {
-                    for name in host.groups.keys() {
-                        self.unsubscribe(&host, Some(name));
+                let endpoint = String::from_utf8_lossy(endpoint).into_owned();
+                if let Some(host) = self.hosts.get_mut(&endpoint) {
+                    let groups = std::mem::take(&mut host.groups);
+                    let unnamed = host.unnamed.take();
+                    if let Some(host) = self.hosts.get(&endpoint) {
+                        for name in groups.keys() {
+                            self.unsubscribe(host, Some(name));
+                        }
+                        if unnamed.is_some() {
+                            self.unsubscribe(host, None);
+                        }
                     }
-                    if host.unnamed.is_some() {
-                        self.unsubscribe(&host, None);
+                    // Kept while calls use it.
+                    if self.hosts.get(&endpoint).is_some_and(HostFeed::is_empty) {
+                        self.hosts.remove(&endpoint);
                     }
                 }
             }
@@ -546,7 +778,101 @@ impl Worker {
             renew: RenewSupport::Untried,
             last_heard: now,
             next_locate: now,
+            calls: HashMap::new(),
+            last_call: None,
         })
+    }
+
+    /// Takes every call waiting in the queue and sends it (connecting to its host first if
+    /// need be).
+    fn take_calls(&mut self) {
+        while let Ok(call) = self.calls.try_recv() {
+            self.start_call(call);
+        }
+    }
+
+    /// Sends one call on its host's connection (made now if the feed holds none), behind
+    /// a tag of its own; a host not connected yet gets it once the connection is up.
+    fn start_call(&mut self, call: Call) {
+        let now = Instant::now();
+        if !self.hosts.contains_key(&call.endpoint) {
+            match self.connect(&call.endpoint, call.server_key) {
+                Ok(host) => {
+                    self.hosts.insert(call.endpoint.clone(), host);
+                }
+                Err(e) => {
+                    let _ = call.reply.try_send(Err(e));
+                    return;
+                }
+            }
+        }
+        let Some(host) = self.hosts.get_mut(&call.endpoint) else {
+            return;
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        host.last_call = Some(now);
+        host.calls.insert(
+            tag,
+            PendingCall {
+                unsent: Some(call.frames),
+                timeout: call.timeout,
+                deadline: now + call.timeout,
+                reply: call.reply,
+            },
+        );
+        host.flush_calls();
+    }
+
+    /// A tagged message from the host at `endpoint`: the reply to the call of that tag,
+    /// handed to its caller (one whose call timed out is dropped).
+    fn answer_call(&mut self, endpoint: &str, mut frames: Frames) {
+        let tag = frames
+            .first()
+            .and_then(|t| <[u8; 8]>::try_from(t.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        let call = tag.and_then(|tag| {
+            self.hosts
+                .get_mut(endpoint)
+                .and_then(|h| h.calls.remove(&tag))
+        });
+        match call {
+            Some(call) => {
+                let reply = frames.split_off(2);
+                let _ = call.reply.try_send(Ok(reply));
+            }
+            None => {
+                tracing::debug!(%endpoint, "feed: a reply to no call waiting (timed out); dropped")
+            }
+        }
+    }
+
+    /// Answers the calls past their deadline with a timeout; closes hosts kept for calls
+    /// only that have been idle for [`CALL_HOST_IDLE`].
+    fn expire_calls(&mut self, now: Instant) {
+        let mut idle: Vec<String> = Vec::new();
+        for (endpoint, host) in &mut self.hosts {
+            let late: Vec<u64> = host
+                .calls
+                .iter()
+                .filter(|(_, c)| c.deadline <= now)
+                .map(|(tag, _)| *tag)
+                .collect();
+            for tag in late {
+                if let Some(call) = host.calls.remove(&tag) {
+                    let _ = call.reply.try_send(Err(ClientError::Timeout {
+                        endpoint: endpoint.clone(),
+                        waited: call.timeout,
+                    }));
+                }
+            }
+            if host.idle_at().is_some_and(|at| at <= now) {
+                idle.push(endpoint.clone());
+            }
+        }
+        for endpoint in idle {
+            self.hosts.remove(&endpoint);
+        }
     }
 
     /// Asks the locator where each group of the silent host at `endpoint` is now, and
@@ -731,7 +1057,9 @@ impl Worker {
     /// One round: renew what is due, wait for traffic or a command, handle them. False once
     /// the owner said stop.
     fn step(&mut self, pipe: &Pipe) -> Result<bool, Closed> {
+        self.take_calls();
         let now = Instant::now();
+        self.expire_calls(now);
         let due: Vec<String> = self
             .hosts
             .iter()
@@ -801,6 +1129,12 @@ impl Worker {
         };
         for host in self.hosts.values() {
             sooner(host.next_renew);
+            for call in host.calls.values() {
+                sooner(call.deadline);
+            }
+            if let Some(at) = host.idle_at() {
+                sooner(at);
+            }
             for g in host.groups.values() {
                 match (g.paging, g.behind) {
                     (Some(until), _) => sooner(until),
@@ -812,12 +1146,15 @@ impl Worker {
         let endpoints: Vec<String> = self.hosts.keys().cloned().collect();
         let (command, ready): (bool, Vec<bool>) = {
             let mut items: Vec<zmq::PollItem<'_>> = std::iter::once(pipe.as_poll_item())
-                .chain(
-                    endpoints
-                        .iter()
-                        .filter_map(|e| self.hosts.get(e))
-                        .map(|h| h.socket.as_poll_item(zmq::POLLIN)),
-                )
+                .chain(endpoints.iter().filter_map(|e| self.hosts.get(e)).map(|h| {
+                    // Writable wakes the calls waiting for the connection.
+                    let events = if h.has_unsent() {
+                        zmq::POLLIN | zmq::POLLOUT
+                    } else {
+                        zmq::POLLIN
+                    };
+                    h.socket.as_poll_item(events)
+                }))
                 .collect();
             let ms = wait.map_or(-1, |w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
             match zmq::poll(&mut items, ms) {
@@ -832,6 +1169,11 @@ impl Worker {
         if command && !self.command(pipe.take())? {
             return Ok(false);
         }
+        for host in self.hosts.values_mut() {
+            if host.has_unsent() {
+                host.flush_calls();
+            }
+        }
         for (endpoint, readable) in endpoints.iter().zip(ready) {
             if !readable {
                 continue;
@@ -840,7 +1182,13 @@ impl Worker {
                 match host.socket.recv_multipart(zmq::DONTWAIT) {
                     Ok(frames) => {
                         host.last_heard = Instant::now();
-                        self.handle(endpoint, &frames)?;
+                        // A call's reply comes behind its tag; the feed's own traffic
+                        // behind the bare delimiter.
+                        if frames.len() >= 4 && !frames[0].is_empty() && frames[1].is_empty() {
+                            self.answer_call(endpoint, frames);
+                        } else {
+                            self.handle(endpoint, &frames)?;
+                        }
                     }
                     Err(_) => break,
                 }
@@ -1157,6 +1505,18 @@ impl Worker {
     }
 }
 
+/// Sends a call on a DEALER behind its tag: `[TAG, "", frames...]` (TAG 8 bytes, big
+/// endian), an envelope the host echoes (PROTOCOL §2).
+fn send_tagged(socket: &zmq::Socket, tag: u64, frames: &Frames) -> Result<(), zmq::Error> {
+    let tag = tag.to_be_bytes();
+    socket.send_multipart(
+        [&tag[..], &[][..]]
+            .into_iter()
+            .chain(frames.iter().map(Vec::as_slice)),
+        zmq::DONTWAIT,
+    )
+}
+
 /// Sends a request on a DEALER: the empty delimiter a REQ would add, then the frames.
 fn send_dealer(socket: &zmq::Socket, frames: &Frames) -> Result<(), zmq::Error> {
     socket.send_multipart(
@@ -1402,6 +1762,208 @@ mod tests {
         assert!(pages.contains(&(beta.clone(), 0)), "{pages:?}");
         assert!(pages.contains(&(alpha.clone(), 2)), "{pages:?}");
         assert_eq!(host.peers.len(), 1, "one connection for the host's groups");
+        drop(rx);
+        drop(feed);
+    }
+
+    /// Calls go over the feed's connection to a host: made for the first call (a host not
+    /// followed yet) and then used for following too, each call behind its own tag, which
+    /// the host echoes. Data frames travel both ways (`upload_chunk`, `download`); a push
+    /// between a call and its reply is the feed's, not the call's; a call not answered in
+    /// time is a timeout, and its late reply is dropped without disturbing the next call.
+    #[test]
+    fn calls_share_the_hosts_connection_behind_their_own_tag() {
+        use agora_proto::action::call;
+        use agora_proto::codec::{
+            decode_reply, decode_reply_data, encode_call, encode_call_data, encode_ok_data,
+            split_envelope,
+        };
+        use agora_proto::wire::{
+            DownloadReply, DownloadRequest, InfoReply, InfoRequest, Sha256Digest,
+            UploadChunkRequest, UploadReply,
+        };
+        let ctx = zmq::Context::new();
+        let host = FakeHost::bind(&ctx);
+        let (feed, rx) =
+            Feed::start(&ctx, "bob".parse().expect("user"), None, options()).expect("feed");
+        let digest = Sha256Digest::from_bytes([7; 32]);
+        let user: UserName = "bob".parse().expect("user");
+        let alpha = name("Alpha");
+        // A request as the host sees it: its envelope (identity, the feed's tag, delimiter),
+        // the decoded request and its data frame.
+        let next = |host: &FakeHost| -> Option<(Frames, NodeRequest, Option<Vec<u8>>)> {
+            if host.socket.poll(zmq::POLLIN, 100).ok()? == 0 {
+                return None;
+            }
+            let frames = host.socket.recv_multipart(0).ok()?;
+            let (envelope, body) = split_envelope(frames).expect("an envelope");
+            let (request, data) =
+                agora_proto::codec::decode_request_data::<NodeRequest>(body).expect("request");
+            Some((envelope, request, data))
+        };
+        let reply = |host: &FakeHost, envelope: Frames, frames: Frames| {
+            host.socket
+                .send_multipart(envelope.into_iter().chain(frames), 0)
+                .expect("reply");
+        };
+        let answer = |rx: &Receiver<CallReply>| -> CallReply {
+            rx.recv_timeout(DEADLINE).expect("every call is answered")
+        };
+
+        // 1. An upload chunk to a host the feed holds no connection to: one is made, and
+        // the request's data frame arrives behind a tag.
+        let chunk = UploadChunkRequest {
+            group: Some(alpha.clone()),
+            user: user.clone(),
+            sha256: digest,
+            offset: 0,
+        };
+        let uploaded = feed.call(
+            &host.endpoint,
+            None,
+            encode_call_data::<call::UploadChunk>(&chunk, b"abc".to_vec()),
+            DEADLINE,
+        );
+        let (envelope, request, data) = {
+            let start = Instant::now();
+            loop {
+                assert!(start.elapsed() < DEADLINE, "the upload never came");
+                if let Some(got) = next(&host) {
+                    break got;
+                }
+            }
+        };
+        assert!(
+            matches!(request, NodeRequest::UploadChunk(_)),
+            "{request:?}"
+        );
+        assert_eq!(data.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(envelope.len(), 3, "identity, tag, delimiter: {envelope:?}");
+        assert_eq!(envelope[1].len(), 8, "an 8-byte tag");
+        let identity = envelope[0].clone();
+        // Follow a group there too: the same connection.
+        feed.add(spec(&host, "Alpha"));
+        let subscribe = loop {
+            match next(&host) {
+                Some((env, NodeRequest::Subscribe(_), _)) => break env,
+                Some((_, other, _)) => panic!("unexpected {other:?}"),
+                None => {}
+            }
+        };
+        assert_eq!(subscribe, vec![identity.clone(), Vec::new()], "untagged");
+        reply(&host, subscribe.clone(), encode_ok(&subscribed(&alpha, 0)));
+        // A push before the upload's reply: the feed's, delivered as an entry.
+        host.push(&identity, "Alpha", &[1]);
+        let up = UploadReply {
+            sha256: digest,
+            size: 3,
+            have: 3,
+            complete: true,
+            chunk_bytes: 3,
+            window: 1,
+        };
+        reply(&host, envelope, encode_ok(&up));
+        let frames = answer(&uploaded).expect("the upload's reply");
+        let got = decode_reply::<UploadReply>(&frames)
+            .expect("frames")
+            .expect("ok");
+        assert_eq!(got.have, 3);
+
+        // 2. A download: the reply's data frame comes back with it.
+        let ask = DownloadRequest {
+            group: Some(alpha.clone()),
+            user: user.clone(),
+            sha256: digest,
+            offset: 1,
+            length: Some(2),
+        };
+        let downloaded = feed.call(
+            &host.endpoint,
+            None,
+            encode_call::<call::Download>(&ask),
+            DEADLINE,
+        );
+        let envelope = loop {
+            match next(&host) {
+                Some((env, NodeRequest::Download(_), _)) => break env,
+                Some((_, NodeRequest::Subscribe(_) | NodeRequest::Renew(_), _)) | None => {}
+                Some((_, other, _)) => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(envelope[0], identity, "one connection");
+        let range = DownloadReply {
+            sha256: digest,
+            size: 3,
+            offset: 1,
+            length: 2,
+        };
+        reply(&host, envelope, encode_ok_data(&range, b"bc".to_vec()));
+        let frames = answer(&downloaded).expect("the download's reply");
+        let (got, bytes) = decode_reply_data::<DownloadReply>(&frames)
+            .expect("frames")
+            .expect("ok");
+        assert_eq!((got.offset, bytes.as_slice()), (1, &b"bc"[..]));
+
+        // 3. A call not answered in time is a timeout; its late reply is dropped, and the
+        // next call gets its own reply.
+        let info = |timeout| {
+            feed.call(
+                &host.endpoint,
+                None,
+                encode_call::<call::Info>(&InfoRequest {
+                    group: Some(alpha.clone()),
+                }),
+                timeout,
+            )
+        };
+        let slow = info(Duration::from_millis(300));
+        let late = loop {
+            match next(&host) {
+                Some((env, NodeRequest::Info(_), _)) => break env,
+                Some((_, NodeRequest::Subscribe(_) | NodeRequest::Renew(_), _)) | None => {}
+                Some((_, other, _)) => panic!("unexpected {other:?}"),
+            }
+        };
+        match answer(&slow) {
+            Err(ClientError::Timeout { waited, .. }) => {
+                assert_eq!(waited, Duration::from_millis(300));
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        let info_reply = |last_seq| InfoReply {
+            group: alpha.clone(),
+            last_seq,
+            members: 1,
+            max_message_bytes: 1 << 20,
+            mode: agora_proto::wire::GroupMode::Open,
+        };
+        reply(&host, late, encode_ok(&info_reply(1)));
+        let fresh = info(DEADLINE);
+        let envelope = loop {
+            match next(&host) {
+                Some((env, NodeRequest::Info(_), _)) => break env,
+                Some((_, NodeRequest::Subscribe(_) | NodeRequest::Renew(_), _)) | None => {}
+                Some((_, other, _)) => panic!("unexpected {other:?}"),
+            }
+        };
+        reply(&host, envelope, encode_ok(&info_reply(2)));
+        let frames = answer(&fresh).expect("the second info's reply");
+        let got = decode_reply::<InfoReply>(&frames)
+            .expect("frames")
+            .expect("ok");
+        assert_eq!(got.last_seq, 2, "its own reply, not the late one");
+
+        // The push was delivered as the group's entry, not taken for a reply.
+        let start = Instant::now();
+        let entry = loop {
+            assert!(start.elapsed() < DEADLINE, "the push never arrived");
+            if let Ok(FeedEvent::Entry { group, entry, .. }) =
+                rx.recv_timeout(Duration::from_millis(100))
+            {
+                break (group, entry.seq);
+            }
+        };
+        assert_eq!(entry, (alpha.clone(), 1));
         drop(rx);
         drop(feed);
     }
