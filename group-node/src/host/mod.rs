@@ -603,11 +603,18 @@ impl Node {
         let mut groups = GroupTable::new();
         if config.host {
             // The operator's groups (`--group`), made live at once if new.
+            // The host's count is read once, not once per new name.
+            let mut held = if config.groups.is_empty() {
+                0
+            } else {
+                db.live_groups()?.len()
+            };
             for name in &config.groups {
                 if db.find_group(name)?.is_none() {
-                    if db.live_groups()?.len() >= config.max_groups {
+                    if held >= config.max_groups {
                         return Err(NodeError::TooManyGroups(config.max_groups));
                     }
+                    held += 1;
                     db.begin()?;
                     db.insert_group(NewGroup {
                         name,
