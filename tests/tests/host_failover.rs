@@ -10,6 +10,7 @@ use agora_common::client::{ClientOptions, HostClient};
 use agora_proto::wire::{GroupName, HistoryQuery, UserName};
 use agora_tests::{Federation, Pending, Server};
 use serde_json::value::RawValue;
+use sha2::Digest as _;
 
 const GROUPS: usize = 20;
 
@@ -328,4 +329,73 @@ fn a_group_created_on_a_postgres_host_is_its_standbys_with_owner_and_mode() {
         .create(&g("made"), GroupMode::Open)
         .expect("the name is free again");
     assert_eq!(again.last_seq, 1, "a new group, a new log");
+}
+
+/// `--host --store --insecure` has no key to name the host's schema by: a usage error (exit
+/// 2) naming `--host-id`, before anything is made; `--host-id` without `--host` is refused
+/// by the argument parser.
+#[test]
+fn an_insecure_postgres_host_needs_a_host_id_and_makes_nothing_without_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let data_s = data.to_string_lossy().into_owned();
+    let base = [
+        "--host",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_s.as_str(),
+        "--store",
+        "postgres://agora@127.0.0.1:1/agora",
+        "--insecure",
+        "--no-registry",
+    ];
+    let out = agora_tests::run("group-node", &base, "");
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("--host-id"), "{}", out.stderr);
+    assert!(!data.exists(), "a usage error made {}", data.display());
+    let out = agora_tests::run(
+        "group-node",
+        &[
+            "G",
+            "127.0.0.1:0",
+            "--store",
+            "postgres://a@127.0.0.1:1/b",
+            "--host-id",
+            "x",
+        ],
+        "",
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("--host"), "{}", out.stderr);
+
+    // With --host-id, it serves from the schema that id names.
+    let cluster = agora_tests::pg::PgCluster::start();
+    let url = cluster.database("agora");
+    let mut args = base.to_vec();
+    args[5] = url.as_str();
+    args.extend(["--host-id", "night shift", "--group", "g"]);
+    let host = Server::spawn("group-node", &args, &dir.path().join("host.log"))
+        .wait_listening(Duration::from_secs(30));
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let schemas: Vec<String> = db
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'agora_%' ORDER BY 1",
+            &[],
+        )
+        .expect("schemas")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        schemas,
+        vec![format!(
+            "agora_host_{}",
+            sha2::Sha256::digest(b"night shift")[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )],
+        "{}",
+        host.log()
+    );
 }
