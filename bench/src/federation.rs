@@ -105,6 +105,42 @@ pub struct HostRun {
     pub idle_cpu_pct: f64,
     /// From `kill -9` to all N groups answering `info` after a restart.
     pub restart: Duration,
+    /// The data directory of the host before any group (its preallocated WAL counts whole),
+    /// KiB.
+    pub disk_empty_kib: f64,
+    /// The database file per group after a clean stop (SIGTERM; its WAL checkpointed into
+    /// it): (`host.sqlite3` with N − an empty host's) / N, KiB. The allocated-blocks figure
+    /// ([`Scale::disk_kib`]) does not see groups that fit in the host's zero-filled WAL.
+    pub db_kib: f64,
+}
+
+/// Stops `child` with SIGTERM (a clean stop: the database is checkpointed and closed) and
+/// waits up to 30 s for it to exit.
+fn stop_cleanly(mut child: Killed) -> anyhow::Result<()> {
+    let pid = child.0.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .context("running kill -TERM")?;
+    if !sent.success() {
+        bail!("kill -TERM {pid} failed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.0.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            bail!("group-node {pid} did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The size of the host's database file in `dir`, bytes.
+fn db_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let path = dir.join("host.sqlite3");
+    Ok(std::fs::metadata(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len())
 }
 
 /// Today's one-process-per-group design, per group.
@@ -449,8 +485,20 @@ pub fn host(s: &FedSizes) -> anyhow::Result<HostRun> {
         },
     )?;
     let restart = killed.elapsed();
-    drop(restarted);
+    stop_cleanly(restarted)?;
+    let db = db_bytes(dir.path())?;
+    // An empty host of the same command line, stopped as cleanly, for the database's base.
+    let empty_dir = tempfile::tempdir()?;
+    let empty_line = HostLine {
+        at_start: groups0,
+        ..line.clone()
+    };
+    let (empty, _, _) = empty_line.start("127.0.0.1:0", empty_dir.path())?;
+    stop_cleanly(empty)?;
+    let db0 = db_bytes(empty_dir.path())?;
     Ok(HostRun {
+        disk_empty_kib: disk0 as f64 / 1024.0,
+        db_kib: (db as f64 - db0 as f64) / 1024.0 / (s.groups - groups0).max(1) as f64,
         scale: Scale::of(s.groups - groups0, made.took(), (rss0, rss), (disk0, disk)),
         made,
         rss_kib: rss,

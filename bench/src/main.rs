@@ -1130,6 +1130,22 @@ fn federation(
         singles(|s| s.disk_kib),
     );
     push(
+        format!("fed. database per idle group after a clean stop, host with {n}"),
+        "KiB",
+        Better::Lower,
+        host.map(|h| h.db_kib),
+        None,
+        Vec::new(),
+    );
+    push(
+        "fed. the host's data directory before any group (its WAL zero-filled)".into(),
+        "KiB",
+        Better::Lower,
+        host.map(|h| h.disk_empty_kib),
+        None,
+        Vec::new(),
+    );
+    push(
         format!("fed. threads per group, host with {n}"),
         "threads",
         Better::Lower,
