@@ -371,3 +371,49 @@ fn the_prompt_creates_follows_and_deletes_a_group() {
     let run = fed.cli("bob", &["send", "Night", "anyone?"], "");
     code(&run, 1);
 }
+
+/// Issue 24 item 3: the prompt held two connections to a host whose groups it followed and
+/// commanded: its live feed's, and a REQ beside it for its commands. Its commands now go
+/// over the feed's connection (each behind a tag the host echoes), so a prompt following two
+/// groups of one host, sending to both and reading their history, holds one.
+#[test]
+fn a_prompt_following_and_commanding_two_groups_of_a_host_holds_one_connection() {
+    let fed = Federation::start("200ms");
+    let host = fed.host("host", &["--group", "Ops", "--group", "Dev"]);
+    for user in ["alice", "carol"] {
+        fed.join_when_listed(user, "Ops");
+        fed.join_when_listed(user, "Dev");
+    }
+    let mut alice = fed.prompt("alice");
+    let at = alice.expect(0, "agora> ");
+    alice.type_line("send Ops to ops");
+    let at = alice.expect(at, "sent to Ops: seq");
+    alice.type_line("send Dev to dev");
+    let at = alice.expect(at, "sent to Dev: seq");
+    alice.type_line("messages Ops");
+    let at = alice.expect(at, "alice: to ops");
+    alice.type_line("messages Dev");
+    let at = alice.expect(at, "alice: to dev");
+    // Both groups are followed live over that connection.
+    code(&fed.cli("carol", &["send", "Ops", "for ops"], ""), 0);
+    code(&fed.cli("carol", &["send", "Dev", "for dev"], ""), 0);
+    alice.expect_line(0, "carol: for ops");
+    alice.expect_line(0, "carol: for dev");
+
+    // carol's one-shot clients are gone: only the prompt is connected, once.
+    let mut held = 0;
+    let one = wait_for(WAIT, || {
+        held = connections_to(&host.endpoint);
+        held == 1
+    });
+    assert!(one, "the prompt holds {held} connections to the host");
+    // And it stays one after more commands.
+    alice.type_line("send Ops again");
+    let at = alice.expect(at, "sent to Ops: seq");
+    alice.type_line("members Dev");
+    alice.expect(at, "carol");
+    assert_eq!(connections_to(&host.endpoint), 1);
+    alice.type_line("exit");
+    assert_eq!(alice.wait_exit(), Some(0), "{}", alice.shown());
+    assert_eq!(bodies(&fed, "alice", "Ops"), ["to ops", "for ops", "again"]);
+}

@@ -100,9 +100,10 @@ impl App {
             Some(key) => Some(key),
             None => self.key_of(&endpoint),
         };
+        self.check_host(name.as_str(), &endpoint, key)?;
+        let options = self.options;
         let created = self
-            .host(name.as_str(), &endpoint, key)?
-            .create(name, mode)
+            .over_host(&endpoint, key, options, |host| host.create(name, mode))
             .map_err(|source| remote(name.as_str(), source))?;
         {
             let mut state = lock(&self.state);
@@ -261,11 +262,12 @@ impl App {
         // A cheap request first, so that a stale saved endpoint is corrected before any
         // page is printed (a retry mid-stream would print pages twice).
         self.on_node(target, |g| g.info())?;
-        let (host, group) = self.node(target)?;
+        let (endpoint, key, group) = self.node(target)?;
         let mut write_err = None;
         let mut count = 0usize;
-        host.group(&group)
-            .for_each_page(query, None, |page| {
+        let options = self.options;
+        self.over_host(&endpoint, key, options, |host| {
+            host.group(&group).for_each_page(query, None, |page| {
                 for m in &page.messages {
                     count += 1;
                     if let Err(e) = out.emit(Item::Message {
@@ -278,7 +280,8 @@ impl App {
                 }
                 true
             })
-            .map_err(|source| remote(target, source))?;
+        })
+        .map_err(|source| remote(target, source))?;
         if let Some(e) = write_err {
             return Err(e.into());
         }

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_common::client::{ClientError, ClientOptions};
+use agora_common::client::{ClientError, ClientOptions, HostPool};
 use agora_common::keys::PublicKey;
 use agora_common::live::{Feed, FeedEvent, FeedOptions, GroupSpec};
 use agora_common::shutdown::Shutdown;
@@ -350,6 +350,14 @@ impl App {
             });
         }
         self.feed = Some(feed);
+        // From now on requests go over the feed's connections (one per host): the pool's,
+        // opened by the session's opening `check`, are closed.
+        self.hosts = HostPool::new(
+            &self.ctx,
+            self.user.clone(),
+            self.keypair.clone(),
+            self.options,
+        );
         Ok(())
     }
 

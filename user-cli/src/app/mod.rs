@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use agora_common::client::{
-    ClientCurve, ClientError, ClientOptions, GroupClient, GroupView, HostClient, HostPool,
+    ClientCurve, ClientError, ClientOptions, GroupClient, GroupView, HostPool, HostView,
     RegistryClient,
 };
 use agora_common::keys::{Keypair, PublicKey};
@@ -247,6 +247,8 @@ pub struct App {
     /// One client per host endpoint, shared by the groups it serves, each request naming its
     /// group (a client per endpoint made for the first group named there sent a second
     /// group's requests to the first; issue 24). Bounded (least recently used closed).
+    /// Not used while the live feed runs (the prompt): requests then go over the feed's
+    /// connection to the host ([`App::over_host`]).
     hosts: HostPool,
     /// The group served at an endpoint named by address (`join 127.0.0.1:5000`), as its node
     /// answered `info`: asked once, then every request names it.
@@ -547,12 +549,32 @@ impl App {
         options: ClientOptions,
         op: &mut impl FnMut(&mut GroupView<'_>) -> Result<T, ClientError>,
     ) -> Result<Result<(T, String), ClientError>, CliError> {
+        let (endpoint, key, group) = self.node(target)?;
+        let r = self.over_host(&endpoint, key, options, |host| op(&mut host.group(&group)));
+        Ok(r.map(|t| (t, endpoint.to_string())))
+    }
+
+    /// Runs `op` with the calls of the host at `endpoint` (CURVE with `key`), waiting and
+    /// retrying as `options` says: over the live feed's connection to it when a feed runs
+    /// (the prompt: one connection per host, for following and commanding its groups),
+    /// else over the pool's client for it (one-shot commands, scripts).
+    fn over_host<T>(
+        &mut self,
+        endpoint: &Endpoint,
+        key: Option<PublicKey>,
+        options: ClientOptions,
+        op: impl FnOnce(&mut HostView<'_>) -> T,
+    ) -> T {
+        if let Some(feed) = &self.feed {
+            let mut link = feed.link(endpoint.as_str(), key, options);
+            return op(&mut HostView::new(&mut link, &self.user));
+        }
         let usual = self.options;
-        let (host, group) = self.node(target)?;
+        let host = self.hosts.host(endpoint.as_str(), key);
         host.set_options(options);
-        let r = op(&mut host.group(&group));
+        let r = op(&mut host.view());
         host.set_options(usual);
-        Ok(r.map(|t| (t, host.endpoint().to_owned())))
+        r
     }
 
     fn registry_error(&self, source: ClientError) -> CliError {
@@ -562,11 +584,11 @@ impl App {
         }
     }
 
-    /// The client of the host of `target` (one per endpoint, shared by the groups there)
-    /// and the group's name, which every request names. A target given by address is asked
-    /// its group's name first (`info` without a group, answered by a node of one; a group
-    /// host answers `invalid_field`: name the group instead).
-    fn node(&mut self, target: &str) -> Result<(&mut HostClient, GroupName), CliError> {
+    /// The host of `target` (its endpoint and key) and the group's name, which every
+    /// request names. A target given by address is asked its group's name first (`info`
+    /// without a group, answered by a node of one; a group host answers `invalid_field`:
+    /// name the group instead).
+    fn node(&mut self, target: &str) -> Result<(Endpoint, Option<PublicKey>, GroupName), CliError> {
         let r = self.resolve(target)?;
         let curve = self.node_curve(target, r.key)?;
         if let Some(key) = r.key {
@@ -576,21 +598,21 @@ impl App {
             Some(name) => name,
             None => self.served_group(target, &r.endpoint, curve)?,
         };
-        Ok((self.hosts.host(r.endpoint.as_str(), r.key), name))
+        Ok((r.endpoint, r.key, name))
     }
 
-    /// The client for the host at `endpoint` (CURVE with `key`), for its own actions
-    /// (`create`, `delete`); `label` names it in errors.
+    /// Checks that the host at `endpoint` (CURVE with `key`) can be asked for its own
+    /// actions (`create`); `label` names it in errors.
     ///
     /// # Errors
     /// [`CliError::Usage`] when no key is known for it (and the client is not `--insecure`),
     /// or it is not on loopback with `--insecure`.
-    fn host(
-        &mut self,
+    fn check_host(
+        &self,
         label: &str,
         endpoint: &Endpoint,
         key: Option<PublicKey>,
-    ) -> Result<&mut HostClient, CliError> {
+    ) -> Result<(), CliError> {
         if self.keypair.is_none() && !agora_proto::wire::is_loopback(endpoint.as_str()) {
             return Err(CliError::Usage(format!(
                 "{label}: --insecure is allowed only on loopback endpoints, not {endpoint}"
@@ -602,7 +624,7 @@ impl App {
                  (the host prints it at start)"
             )));
         }
-        Ok(self.hosts.host(endpoint.as_str(), key))
+        Ok(())
     }
 
     /// The group the node at `endpoint` serves (`target` names it by address), asked once.
