@@ -12,6 +12,7 @@ use crate::keys::{Keypair, PublicKey};
 use agora_proto::action::ServerRequest;
 use agora_proto::codec::{
     decode_request_data, encode_error, encode_ok, split_envelope, CodecError, Frames,
+    MAX_ENVELOPE_FRAMES, MAX_ENVELOPE_FRAME_BYTES,
 };
 use agora_proto::wire::WireError;
 
@@ -207,16 +208,28 @@ pub fn rate_limit<R>(
 }
 
 impl<R: ServerRequest> Incoming<R> {
-    /// Splits and decodes one ROUTER message.
+    /// Splits and decodes one ROUTER message. An envelope past the bounds (more than
+    /// [`MAX_ENVELOPE_FRAMES`] frames before the delimiter, or one longer than
+    /// [`MAX_ENVELOPE_FRAME_BYTES`]) makes the request [`CodecError::Envelope`]
+    /// (`bad_frames`), answered behind that envelope: a client may put frames of its own
+    /// there (PROTOCOL §2), a few and short.
     ///
     /// # Errors
     /// [`CodecError::NoDelimiter`]: there is no envelope, so nothing can be answered; the
     /// caller logs it and drops the message.
     pub fn from_received(received: Received) -> Result<Incoming<R>, CodecError> {
         let (envelope, body) = split_envelope(received.frames)?;
-        let (request, data) = match decode_request_data(body) {
-            Ok((request, data)) => (Ok(request), data),
-            Err(e) => (Err(e), None),
+        // The delimiter is the envelope's last frame.
+        let frames = envelope.len().saturating_sub(1);
+        let longest = envelope.iter().map(Vec::len).max().unwrap_or(0);
+        let (request, data) = if frames > MAX_ENVELOPE_FRAMES || longest > MAX_ENVELOPE_FRAME_BYTES
+        {
+            (Err(CodecError::Envelope { frames, longest }), None)
+        } else {
+            match decode_request_data(body) {
+                Ok((request, data)) => (Ok(request), data),
+                Err(e) => (Err(e), None),
+            }
         };
         Ok(Incoming {
             envelope,
@@ -370,5 +383,61 @@ impl Exit {
     /// The status as `main` returns it.
     pub fn code(self) -> std::process::ExitCode {
         std::process::ExitCode::from(self as u8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_proto::action::{call, NodeRequest};
+    use agora_proto::codec::encode_call;
+    use agora_proto::wire::{ErrorCode, InfoRequest};
+
+    /// A message with `envelope` before the delimiter and an `info` request after it.
+    fn received(envelope: Vec<Vec<u8>>) -> Received {
+        let mut frames = envelope;
+        frames.push(Vec::new());
+        frames.extend(encode_call::<call::Info>(&InfoRequest { group: None }));
+        Received { frames, peer: None }
+    }
+
+    fn code(envelope: Vec<Vec<u8>>) -> Result<(), ErrorCode> {
+        let incoming = Incoming::<NodeRequest>::from_received(received(envelope.clone()))
+            .expect("an envelope");
+        let mut echoed = envelope;
+        echoed.push(Vec::new());
+        assert_eq!(
+            incoming.envelope, echoed,
+            "answered behind the whole envelope"
+        );
+        incoming.request.map(drop).map_err(|e| e.to_wire().code)
+    }
+
+    /// A client's own frames before the delimiter (a tag to match replies, PROTOCOL §2) are
+    /// accepted up to 8 frames of up to 255 bytes, routing id included; past either bound
+    /// the request is `bad_frames`, answered behind the envelope it came with.
+    #[test]
+    fn envelopes_past_8_frames_or_255_bytes_a_frame_are_bad_frames() {
+        let id = b"\0peer".to_vec();
+        assert_eq!(code(vec![id.clone()]), Ok(()));
+        assert_eq!(code(vec![id.clone(), 7u64.to_be_bytes().to_vec()]), Ok(()));
+        let eight: Vec<Vec<u8>> = std::iter::once(id.clone())
+            .chain((1..8u8).map(|i| vec![i; MAX_ENVELOPE_FRAME_BYTES]))
+            .collect();
+        assert_eq!(code(eight.clone()), Ok(()));
+        let mut nine = eight;
+        nine.push(b"one more".to_vec());
+        assert_eq!(code(nine), Err(ErrorCode::BadFrames));
+        let long = vec![id, vec![b'x'; MAX_ENVELOPE_FRAME_BYTES + 1]];
+        assert_eq!(code(long.clone()), Err(ErrorCode::BadFrames));
+        let e = Incoming::<NodeRequest>::from_received(received(long))
+            .expect("an envelope")
+            .request
+            .expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "envelope of 2 frames, the longest 256 bytes: at most 8 frames of at most 255 \
+             bytes each before the delimiter"
+        );
     }
 }

@@ -24,6 +24,15 @@ use crate::wire::{ErrorCode, WireError, PROTOCOL};
 /// reader (Python's `json` stops near 1,000 levels) ever fails on a stored message.
 pub const MAX_JSON_DEPTH: usize = 128;
 
+/// The most frames a server accepts before the envelope's delimiter (8): the routing id
+/// its ROUTER adds, and the frames the client put there itself (a tag to match replies,
+/// PROTOCOL §2). A message with more is answered `bad_frames`.
+pub const MAX_ENVELOPE_FRAMES: usize = 8;
+
+/// The longest envelope frame a server accepts, in bytes (255, libzmq's longest routing
+/// id). A message with a longer one is answered `bad_frames`.
+pub const MAX_ENVELOPE_FRAME_BYTES: usize = 255;
+
 /// A ZeroMQ multipart message: a list of frames.
 pub type Frames = Vec<Vec<u8>>;
 
@@ -40,6 +49,19 @@ pub enum CodecError {
     /// Not exactly two frames after the envelope.
     #[error("expected 2 frames (signature, body), got {0}")]
     FrameCount(usize),
+    /// The envelope is past a server's bounds ([`MAX_ENVELOPE_FRAMES`] frames before the
+    /// delimiter, each at most [`MAX_ENVELOPE_FRAME_BYTES`]).
+    #[error(
+        "envelope of {frames} frames, the longest {longest} bytes: at most {} frames of at most {} bytes each before the delimiter",
+        MAX_ENVELOPE_FRAMES,
+        MAX_ENVELOPE_FRAME_BYTES
+    )]
+    Envelope {
+        /// Frames before the delimiter (the routing id included).
+        frames: usize,
+        /// The longest of them, in bytes.
+        longest: usize,
+    },
     /// The signature frame is not [`PROTOCOL`].
     #[error("unsupported protocol signature {0:?}, expected AGORA/1")]
     Signature(String),
@@ -69,7 +91,9 @@ impl CodecError {
     /// The wire error this decode failure is answered with.
     pub fn to_wire(&self) -> WireError {
         let code = match self {
-            CodecError::NoDelimiter { .. } | CodecError::FrameCount(_) => ErrorCode::BadFrames,
+            CodecError::NoDelimiter { .. }
+            | CodecError::FrameCount(_)
+            | CodecError::Envelope { .. } => ErrorCode::BadFrames,
             CodecError::Signature(_) => ErrorCode::UnsupportedVersion,
             CodecError::Json(_) => ErrorCode::InvalidJson,
             CodecError::Field(_) => ErrorCode::InvalidField,
