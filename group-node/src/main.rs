@@ -1,4 +1,6 @@
-//! `group-node NAME IP:PORT`: serve one Agora group.
+//! `group-node NAME IP:PORT`: serve one Agora group; `group-node --host IP:PORT --data-dir
+//! DIR`: serve every group of a group host; `group-node host import|export`: move groups
+//! into and out of a stopped host ([`host_cmd`]).
 //!
 //! Arguments are checked before anything is created (no socket, key pair or data
 //! directory for a command that fails on them); then the port is bound before the data
@@ -20,6 +22,11 @@
 //! - 4: local input or output: the port or the `--metrics` port cannot be bound, the data
 //!   directory (in use by another node, with `--store` too), the key pair or the store's
 //!   files cannot be made or read, a failed sync.
+//!
+//! `host import` and `host export`: 0 done; 1 a name the host has already (import, the
+//! others imported), no live group of that name (export); 2 `--to` not empty, a bad
+//! argument; 4 a data directory in use by a running group-node, one without the database
+//! it needs, any file that cannot be read or written.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,11 +44,24 @@ use agora_proto::wire::{Endpoint, GroupName, DEFAULT_MAX_MESSAGE_BYTES};
 use anyhow::Context;
 use clap::Parser;
 
+mod host_cmd;
+
 /// An Agora group node: membership, a durable sequenced message log and history for one
-/// group. Prints `listening ENDPOINT` on stdout once bound; logs go to stderr (RUST_LOG).
+/// group, or for many with --host. Prints `listening ENDPOINT` on stdout once bound; logs
+/// go to stderr (RUST_LOG).
 #[derive(Debug, Parser)]
-#[command(name = "group-node", version, about)]
+#[command(
+    name = "group-node",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    /// Move groups into or out of a stopped group host (`group-node host import|export`).
+    /// A group named "host" is served with `group-node -- host ADDRESS`.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The group's name; may contain spaces ("Cool Group"). Not with --host.
     #[arg(required_unless_present = "host", conflicts_with = "host")]
     name: Option<GroupName>,
@@ -290,6 +310,59 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `group-node` does instead of serving.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// A group host's groups, with the host stopped.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+/// `group-node host import|export`: a group moves as a directory laid out as a node of
+/// one's data directory (`group.sqlite3` and `blobs/`). Both refuse (exit 4) while a
+/// group-node holds a data directory they read or write.
+#[derive(Debug, clap::Subcommand)]
+enum HostCommand {
+    /// Copy groups into a group host (its data directory; the host stopped).
+    ///
+    /// Each group comes with its log (seqs, ids, times), members, grants, mode, owner and
+    /// attachments, under a new gid. A name the host has already is skipped (exit 1). The
+    /// sources stay as they were. The registry still binds each name to the key that served
+    /// it: free it with `registry release NAME` before starting the host.
+    Import {
+        /// The group host's data directory (made if missing).
+        #[arg(long, env = "AGORA_DATA_DIR", value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A stopped group node's --data-dir, or a directory `host export` wrote
+        /// (repeatable).
+        #[arg(value_name = "SOURCE", required = true)]
+        sources: Vec<PathBuf>,
+        /// The owner of the imported groups: the --owner the node of one was started with
+        /// (a node keeps it in its flags, not its files) [default: the owner stored with the
+        /// group; for a node of one's group, the host's key].
+        #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
+        owner: Option<agora_common::keys::PublicKey>,
+    },
+    /// Write one group of a group host into a new directory (the host stopped).
+    ///
+    /// The directory is laid out as a node of one's data directory (`group.sqlite3`,
+    /// `blobs/`), for `host import` on another host.
+    Export {
+        /// The group's name.
+        name: GroupName,
+        /// The group host's data directory.
+        #[arg(long, env = "AGORA_DATA_DIR", value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Where to write it: a new (or empty) directory.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Then archive the group on this host (a move): the host serves it no more and its
+        /// name is free here; its rows stay.
+        #[arg(long)]
+        archive: bool,
+    },
+}
+
 /// `--creators`: `any`, or Z85 public keys separated by commas.
 fn creators(value: &str) -> Result<agora_group_node::host::Creators, String> {
     if value == "any" {
@@ -371,6 +444,9 @@ impl Args {
 }
 
 fn run(mut args: Args) -> Result<(), Failure> {
+    if let Some(Command::Host(command)) = args.command.take() {
+        return host_cmd::run(command);
+    }
     check_usage(&args).exit_with(Exit::Usage)?;
     let name = match args.name.take() {
         Some(name) => name,

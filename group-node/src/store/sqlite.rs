@@ -948,6 +948,28 @@ impl SqliteHost {
         Ok(())
     }
 
+    /// Sets group `gid`'s owner (`None`: the host key), in a transaction of its own: call it
+    /// outside a batch, with the host not serving. For `group-node host import --owner`: a
+    /// node of one keeps its owner in its `--owner` flag, not in its file, so an imported
+    /// group's owner is the host key unless the operator says whose it was.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if there is no such group; [`StoreError::Sqlite`].
+    pub fn set_group_owner(
+        &mut self,
+        gid: GroupId,
+        owner: Option<&Principal>,
+    ) -> Result<(), StoreError> {
+        let changed = self.conn.execute(
+            "UPDATE groups SET owner = ?2 WHERE gid = ?1",
+            params![i64::from(gid.0), owner.map(Principal::as_str)],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::Corrupt(format!("no group {gid}")));
+        }
+        Ok(())
+    }
+
     /// Runs `write` unless the batch is already aborted; if it fails and SQLite has rolled
     /// the transaction back (autocommit is on again), marks the batch aborted.
     fn write<T>(
