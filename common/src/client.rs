@@ -10,6 +10,9 @@
 //! [`HostClient`] is one connection to a group host (or node of one) for all its groups, each
 //! group's calls in its [`GroupView`], always naming the group (PROTOCOL §6). [`HostPool`]
 //! keeps one per host, bounded; [`GroupClient`] is a host client with one group, owned.
+//! The typed views ([`HostView`], [`GroupView`]) work over any [`Exchange`]: a
+//! [`ReqClient`], or a live feed's connection to the host ([`crate::live::FeedLink`]), which
+//! the prompt uses to command the groups it follows over that one connection.
 
 use std::time::Duration;
 
