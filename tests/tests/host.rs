@@ -524,3 +524,113 @@ fn create_and_delete_on_a_host_with_every_refusal() {
         "only the new made1's join: {page:?}"
     );
 }
+
+/// A process stopped with `SIGSTOP` while this lives (`SIGCONT` on drop): it holds its
+/// sockets and answers nothing.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Frozen {
+        signal("-STOP", pid);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal("-CONT", self.0);
+    }
+}
+
+fn signal(which: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {which} {pid}");
+}
+
+/// A registry that does not answer (its process stopped) holds up a `create` alone: the
+/// host's other groups answer sends while it waits, and after 2 s it gets `internal` with
+/// nothing created (the name free for a retry). The create used to wait on the host's loop,
+/// stalling every group of the host for those 2 s.
+#[test]
+fn a_silent_registry_delays_a_create_not_the_other_groups() {
+    let fed = Federation::start("200ms");
+    let creators = fed.user_key("alice");
+    // A heartbeat of 5 s: the registrar gives up on a silent registry after that, so the
+    // create's own 2 s bound is what answers it.
+    let registry_key = fed.registry_key();
+    let data = fed.node_data_dir("s");
+    let host = Server::spawn(
+        "group-node",
+        &[
+            "--host",
+            "127.0.0.1:0",
+            "--registry",
+            &fed.registry.endpoint,
+            "--registry-key",
+            &registry_key,
+            "--data-dir",
+            &data,
+            "--heartbeat",
+            "5s",
+            "--group",
+            "alpha",
+            "--creators",
+            &creators,
+        ],
+        &fed.dir.path().join("host-s.log"),
+    )
+    .wait_listening(agora_tests::START_TIMEOUT);
+    let mut bob = host_client(&fed, &host, "bob");
+    bob.group(&g("alpha")).join().expect("join");
+
+    let frozen = Frozen::new(fed.registry.pid());
+    let (created, waited, sends, slowest) = std::thread::scope(|s| {
+        let started = std::time::Instant::now();
+        let creating = s.spawn(|| create(&fed, &host, "alice", "new1", "open"));
+        let (mut sends, mut slowest) = (0u32, std::time::Duration::ZERO);
+        while !creating.is_finished() {
+            let at = std::time::Instant::now();
+            bob.group(&g("alpha"))
+                .send(body("while a create waits"))
+                .expect("send");
+            slowest = slowest.max(at.elapsed());
+            sends += 1;
+        }
+        let created = creating.join().expect("the create's thread");
+        (created, started.elapsed(), sends, slowest)
+    });
+    let e = created.expect_err("no registry answer: not created");
+    assert_eq!(e.code, ErrorCode::Internal, "{e}");
+    assert!(e.message.contains("nothing was created"), "{e}");
+    assert_eq!(e.group, Some(g("new1")));
+    assert!(
+        waited >= std::time::Duration::from_millis(1900),
+        "the create waited for the registry: {waited:?}"
+    );
+    assert!(
+        sends >= 5,
+        "alpha answered while the create waited: {sends} sends"
+    );
+    assert!(
+        slowest < std::time::Duration::from_millis(1000),
+        "no send waited for the create: slowest {slowest:?}"
+    );
+    let e = refusal(bob.group(&g("new1")).info());
+    assert_eq!(e.code, ErrorCode::UnknownGroup, "{e}");
+
+    // The registry answers again: the same name is created (it was left free).
+    drop(frozen);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let made = loop {
+        match create(&fed, &host, "alice", "new1", "open") {
+            Ok(made) => break made,
+            Err(e) if e.code == ErrorCode::Internal && std::time::Instant::now() < deadline => {}
+            Err(e) => panic!("create after the registry came back: {e}"),
+        }
+    };
+    assert_eq!(made.last_seq, 1);
+    fed.join_when_listed("dave", "new1");
+}

@@ -1,19 +1,32 @@
 //! `create` and `delete` (PROTOCOL §6.11): they change the host's table of groups, not one
 //! group's rules, so they live in the host.
 //!
-//! A `create` first has the registrar register the name (when the host has a registry; the
-//! loop waits for that answer, at most 2 s), then inserts the group (live), its creator's
-//! membership and `join` entry in the turn's transaction: its reply leaves after that turn's
-//! sync, like any write. If the turn rolls back, the group is forgotten and unregistered.
-//! (The plan's pending rows, registered after the sync without holding the loop, are not
-//! built: a crash between the registration and the commit leaves a registered name that
-//! expires with the host's heartbeat.) A `delete` archives the group (its rows stay), frees its name
-//! on the host at once, ends its subscriptions and unregisters it.
+//! # Create, in the plan's order (group-host §3.2)
+//! 1. The turn inserts the group, its creator's membership and `join` entry in its
+//!    transaction. Without a registry the group is live at once and its reply leaves after
+//!    the turn's sync, like any write. With one, the group is *pending* (it answers
+//!    `unknown_group`; its name is taken on the host) and its reply waits: a [`Creating`].
+//! 2. Once that turn is durable, the registrar registers the name ([`CreateWaiter`]); the
+//!    loop looks at its answer on every pass without waiting for it, so a slow or silent
+//!    registry holds up that `create` alone, never the host's other groups.
+//! 3. The registry took it: a later turn makes the group live, and its reply leaves after
+//!    that turn's sync. Refused, or no answer within [`REGISTER_WAIT`]: that turn archives
+//!    the pending group (its name is free again at once) and the reply is `name_taken` or
+//!    `limit_reached` (the registry's refusal) or `internal` ("nothing was created; retry").
+//!
+//! A crash before step 3 leaves a pending group that was never acked: the host removes it at
+//! start ([`crate::store::HostDb::remove_pending_groups`]).
+//!
+//! A `delete` archives the group (its rows stay), frees its name on the host at once, ends
+//! its subscriptions and unregisters it.
 
 use std::collections::BTreeSet;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Instant;
 
 use agora_common::keys::PublicKey;
-use agora_proto::action::NodeRequest;
+use agora_proto::action::{call, NodeRequest};
+use agora_proto::codec::Frames;
 use agora_proto::time::Timestamp;
 use agora_proto::wire::{
     CreateReply, CreateRequest, DeleteReply, ErrorCode, GroupMode, HostedGroup, MembershipRequest,
@@ -21,13 +34,16 @@ use agora_proto::wire::{
 };
 
 use super::groups::Hosted;
+use super::serve::{Appended, Served};
 use super::Node;
-use crate::group::{Applied, Input};
-use crate::registrar::RegistrarError;
+use crate::group::{reply, Applied, Input};
+use crate::registrar::{RegistrarError, Registration};
 use crate::store::{GroupLog, GroupState, NewGroup, Principal, StoreError};
 
 impl Node {
-    /// `create {group, user, mode}` on a group host: the caller owns the new group.
+    /// `create {group, user, mode}` on a group host: the caller owns the new group. Returns
+    /// its reply, or `None` when the group is pending and its reply waits for the registry
+    /// (a [`Creating`] of this turn; see the module docs).
     ///
     /// # Errors
     /// `forbidden` (no CURVE key, or not in `--creators`), `limit_reached` (`--max-groups`,
@@ -38,7 +54,7 @@ impl Node {
         input: &Input<'_>,
         appended: &mut super::serve::Appended,
         touched: &mut BTreeSet<usize>,
-    ) -> Result<CreateReply, WireError> {
+    ) -> Result<Option<CreateReply>, WireError> {
         let Some(peer) = input.peer else {
             return Err(WireError::new(
                 ErrorCode::Forbidden,
@@ -52,7 +68,12 @@ impl Node {
             ));
         }
         let principal = Principal::key(&peer);
-        if self.groups.slot(&r.group).is_some() {
+        if let Some(slot) = self.groups.slot(&r.group) {
+            // Its creator asking again (a client's retry, its first reply late): the
+            // answer to the first goes to this one too.
+            if self.groups.get(slot).owner == Some(peer) && self.wait_again(slot, input.envelope) {
+                return Ok(None);
+            }
             return Err(name_taken(&r));
         }
         let (mine, all) = self
@@ -77,31 +98,32 @@ impl Node {
                 ),
             ));
         }
-        self.register_first(&r)?;
-        let gid = match self.db.insert_group(NewGroup {
-            name: &r.group,
-            owner: Some(&principal),
-            created_by: Some(&principal),
-            mode: r.mode,
-            state: GroupState::Live,
-            at: input.now,
-        }) {
-            Ok(gid) => gid,
-            Err(e) => {
-                if let Some(registrar) = &self.registrar {
-                    registrar.remove(r.group.clone());
-                }
-                return Err(match e {
-                    StoreError::NameTaken(_) => name_taken(&r),
-                    e => crate::group::store_error(e),
-                });
-            }
-        };
+        // With a registry the group is pending until the registry takes its name.
+        let pending = self.registrar.is_some();
+        let gid = self
+            .db
+            .insert_group(NewGroup {
+                name: &r.group,
+                owner: Some(&principal),
+                created_by: Some(&principal),
+                mode: r.mode,
+                state: if pending {
+                    GroupState::Pending
+                } else {
+                    GroupState::Live
+                },
+                at: input.now,
+            })
+            .map_err(|e| match e {
+                StoreError::NameTaken(_) => name_taken(&r),
+                e => crate::group::store_error(e),
+            })?;
         let slot = self.groups.insert(Hosted {
             name: r.group.clone(),
             gid,
             owner: Some(peer),
             stopped: false,
+            pending,
             loaded: None,
         });
         self.created.push(slot);
@@ -129,49 +151,188 @@ impl Node {
             Applied::Reply { ok: true, .. } => {}
             _ => return Err(super::serve::internal_error()),
         }
-        let last_seq = l.log.last_seq();
-        tracing::info!(group = %r.group, %gid, by = %peer, "group created");
-        Ok(CreateReply {
+        let made = CreateReply {
             group: r.group,
             mode: r.mode,
             owner: peer,
-            last_seq,
+            last_seq: l.log.last_seq(),
+        };
+        if pending {
+            tracing::debug!(group = %made.group, %gid, by = %peer, "group pending");
+            self.creating.push(Creating {
+                slot,
+                envelopes: vec![input.envelope.clone()],
+                reply: made,
+            });
+            return Ok(None);
+        }
+        tracing::info!(group = %made.group, %gid, by = %peer, "group created");
+        Ok(Some(made))
+    }
+
+    /// Adds `envelope` to the waiting create of the pending group in `slot`; false if there
+    /// is none here (its turn waits for its sync, or the group is not pending).
+    fn wait_again(&mut self, slot: usize, envelope: &Frames) -> bool {
+        if !self.groups.get(slot).pending {
+            return false;
+        }
+        let waiting = self
+            .creating
+            .iter_mut()
+            .chain(self.create_waiters.iter_mut().map(|w| &mut w.creating))
+            .find(|c| c.slot == slot);
+        match waiting {
+            Some(c) => {
+                c.envelopes.push(envelope.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Has the registrar register the names of `creates` (pending groups whose turn is
+    /// durable now); their replies wait for its answers ([`Node::settle_creates`]).
+    pub(super) fn register_created(&mut self, creates: Vec<Creating>) {
+        for c in creates {
+            let name = self.groups.get(c.slot).name.clone();
+            let answer = match &self.registrar {
+                Some(registrar) => registrar.register_now(vec![HostedGroup { name, members: 1 }]),
+                // No registrar (it is started by `run`): an answer that never comes.
+                None => std::sync::mpsc::sync_channel(1).1,
+            };
+            self.create_waiters.push(CreateWaiter {
+                creating: c,
+                answer,
+                deadline: Instant::now() + REGISTER_WAIT,
+            });
+        }
+    }
+
+    /// Whether `create`s wait for the registry.
+    pub(super) fn creates_waiting(&self) -> bool {
+        !self.create_waiters.is_empty()
+    }
+
+    /// Settles the waiting `create`s the registry answered, or that waited
+    /// [`REGISTER_WAIT`] by `now`, in one turn of their own: the registered groups become
+    /// live, the others are archived (their names free). Returns that turn, to queue for its
+    /// sync (its replies leave after it), or `None` when none is settled.
+    pub(super) fn settle_creates(&mut self, now: Instant) -> Option<Served> {
+        let mut decided: Vec<(Creating, Result<(), WireError>)> = Vec::new();
+        let mut waiting = Vec::with_capacity(self.create_waiters.len());
+        for w in std::mem::take(&mut self.create_waiters) {
+            let outcome = match w.answer.try_recv() {
+                Ok((_, Ok(()))) => Ok(()),
+                Ok((_, Err(RegistrarError::Refused(e)))) => {
+                    let code = match e.code {
+                        ErrorCode::LimitReached | ErrorCode::TooManyNames => {
+                            ErrorCode::LimitReached
+                        }
+                        _ => ErrorCode::NameTaken,
+                    };
+                    Err(WireError::new(
+                        code,
+                        format!(
+                            "the registry refused \"{}\": {}",
+                            w.creating.reply.group, e.message
+                        ),
+                    ))
+                }
+                Ok((_, Err(e))) => Err(unregistered(&e.to_string())),
+                Err(TryRecvError::Empty) if now < w.deadline => {
+                    waiting.push(w);
+                    continue;
+                }
+                Err(TryRecvError::Empty) => {
+                    // An answer may still come: the registry must not keep the name.
+                    if let Some(registrar) = &self.registrar {
+                        registrar.remove(w.creating.reply.group.clone());
+                    }
+                    Err(unregistered(&format!(
+                        "no answer in {}",
+                        humantime::format_duration(REGISTER_WAIT)
+                    )))
+                }
+                Err(TryRecvError::Disconnected) => Err(unregistered("the registrar stopped")),
+            };
+            decided.push((w.creating, outcome));
+        }
+        self.create_waiters = waiting;
+        if decided.is_empty() {
+            return None;
+        }
+        let at = Timestamp::now();
+        let committed = self.db.begin().and_then(|()| {
+            for (c, outcome) in &decided {
+                let state = match outcome {
+                    Ok(()) => GroupState::Live,
+                    Err(_) => GroupState::Archived,
+                };
+                self.db
+                    .set_group_state(self.groups.get(c.slot).gid, state, at)?;
+            }
+            self.db.commit()
+        });
+        let fenced = matches!(committed, Err(StoreError::Fenced { .. }));
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "cannot settle the waiting creates; nothing was created");
+            self.deposed |= fenced;
+        }
+        let mut replies = Vec::with_capacity(decided.len());
+        for (c, outcome) in decided {
+            let name = c.reply.group.clone();
+            let outcome = match (&committed, outcome) {
+                (Ok(()), outcome) => outcome,
+                (Err(_), Ok(())) => {
+                    // Registered, but not live: the registry lets it go again.
+                    if let Some(registrar) = &self.registrar {
+                        registrar.remove(name.clone());
+                    }
+                    Err(if fenced {
+                        super::serve::stopping()
+                    } else {
+                        unregistered("storage failure")
+                    })
+                }
+                (Err(_), Err(e)) => Err(e),
+            };
+            let frames = match outcome {
+                Ok(()) => {
+                    self.groups.get_mut(c.slot).pending = false;
+                    tracing::info!(group = %name, gid = %self.groups.get(c.slot).gid,
+                        by = %c.reply.owner, "group created");
+                    reply::<call::Create>(Ok(c.reply)).0
+                }
+                Err(e) => {
+                    tracing::info!(group = %name, error = %e.message, "group not created");
+                    self.groups.forget(c.slot);
+                    reply::<call::Create>(Err(e.with_group(Some(name)))).0
+                }
+            };
+            for envelope in c.envelopes {
+                replies.push((envelope, frames.clone()));
+            }
+        }
+        Some(Served {
+            wrote: committed.is_ok(),
+            replies,
+            appended: Appended::new(),
+            creates: Vec::new(),
         })
     }
 
-    /// Registers the name of a group about to be created, when the host has a registry, and
-    /// waits for the registry's answer (at most [`REGISTER_WAIT`], on the loop: a create
-    /// costs its host one registry round trip).
-    ///
-    /// # Errors
-    /// `name_taken` (the registry binds the name to another key, or another live endpoint
-    /// holds it), the registry's `limit_reached`; `internal` when it does not answer
-    /// (nothing was created).
-    fn register_first(&self, r: &CreateRequest) -> Result<(), WireError> {
-        let Some(registrar) = &self.registrar else {
-            return Ok(());
-        };
-        let answer = registrar
-            .register_now(vec![HostedGroup {
-                name: r.group.clone(),
-                members: 1,
-            }])
-            .recv_timeout(REGISTER_WAIT);
-        match answer {
-            Ok((_, Ok(()))) => Ok(()),
-            Ok((_, Err(RegistrarError::Refused(e)))) => {
-                let code = match e.code {
-                    ErrorCode::LimitReached | ErrorCode::TooManyNames => ErrorCode::LimitReached,
-                    _ => ErrorCode::NameTaken,
-                };
-                Err(WireError::new(
-                    code,
-                    format!("the registry refused \"{}\": {}", r.group, e.message),
-                ))
+    /// Answers every waiting `create` `shutting_down` (the host is draining; their pending
+    /// groups are removed when it starts again).
+    pub(super) fn refuse_creates(&mut self) -> Vec<(Frames, Frames)> {
+        let mut replies = Vec::new();
+        for w in std::mem::take(&mut self.create_waiters) {
+            let name = Some(w.creating.reply.group.clone());
+            let frames = reply::<call::Create>(Err(super::serve::stopping().with_group(name))).0;
+            for envelope in w.creating.envelopes {
+                replies.push((envelope, frames.clone()));
             }
-            Ok((_, Err(e))) => Err(unregistered(&e.to_string())),
-            Err(_) => Err(unregistered("no answer")),
         }
+        replies
     }
 
     /// `delete {group, user}` on a group host: by the group's owner or the host key. The
@@ -199,20 +360,62 @@ impl Node {
             .set_group_state(gid, GroupState::Archived, now)
             .map_err(crate::group::store_error)?;
         touched.insert(slot);
-        let hosted = self.groups.get_mut(slot);
-        if let Some(l) = hosted.loaded.as_deref_mut() {
-            l.group.end_subscriptions();
-        }
+        // Its name answers `unknown_group` from here on; its subscriptions end and the
+        // registry lets it go once the turn commits ([`Node::finish_deletes`]), and it is
+        // served again if the turn rolls back ([`Node::undo_deletes`]).
         self.groups.forget(slot);
-        if let Some(registrar) = &self.registrar {
-            registrar.remove(name.clone());
-        }
+        self.deleted.push(slot);
         tracing::info!(group = %name, %gid, "group deleted (archived)");
         Ok(DeleteReply {
             group: name,
             deleted: true,
         })
     }
+
+    /// The deletes of a turn that committed: their groups' subscriptions end and the
+    /// registry lets their names go.
+    pub(super) fn finish_deletes(&mut self) {
+        for slot in std::mem::take(&mut self.deleted) {
+            let hosted = self.groups.get_mut(slot);
+            if let Some(l) = hosted.loaded.as_deref_mut() {
+                l.group.end_subscriptions();
+            }
+            if let Some(registrar) = &self.registrar {
+                registrar.remove(self.groups.get(slot).name.clone());
+            }
+        }
+    }
+
+    /// The deletes of a turn that rolled back: their groups are not archived, and are
+    /// served again under their names.
+    pub(super) fn undo_deletes(&mut self) {
+        for slot in std::mem::take(&mut self.deleted) {
+            self.groups.restore(slot);
+            tracing::info!(group = %self.groups.get(slot).name, "delete rolled back");
+        }
+    }
+}
+
+/// A `create` of the batch being served whose group is pending: its reply waits for the
+/// batch's sync, then for the registry.
+#[derive(Debug)]
+pub(super) struct Creating {
+    /// The group's slot.
+    slot: usize,
+    /// The caller's envelope, and those of its retries while the group is pending.
+    envelopes: Vec<Frames>,
+    /// The reply once the group is live.
+    reply: CreateReply,
+}
+
+/// A `create` whose name the registrar is registering.
+#[derive(Debug)]
+pub(super) struct CreateWaiter {
+    creating: Creating,
+    /// The registrar's answer.
+    answer: Receiver<Registration>,
+    /// When to give up: [`REGISTER_WAIT`] after the request.
+    deadline: Instant,
 }
 
 /// How long a `create` waits for the registry to take its name: 2 s.

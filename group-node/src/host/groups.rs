@@ -33,6 +33,9 @@ pub struct Hosted {
     pub owner: Option<PublicKey>,
     /// Stopped by `stop {group}`: answers `shutting_down` until the host restarts.
     pub stopped: bool,
+    /// Created and stored, its name not yet taken by the registry: it answers
+    /// `unknown_group`, and its `create` reply waits ([`crate::Node`]'s create waiters).
+    pub pending: bool,
     /// Its engine and log state, once a request named it.
     pub loaded: Option<Box<Loaded>>,
 }
@@ -66,9 +69,16 @@ impl GroupTable {
         self.by_name.get(name).copied()
     }
 
-    /// Whether `name` is a group served here (not stopped).
+    /// Whether `name` is a group served here (not stopped, not pending).
     pub fn serves(&self, name: &GroupName) -> bool {
-        self.slot(name).is_some_and(|s| !self.slots[s].stopped)
+        self.slot(name)
+            .is_some_and(|s| !self.slots[s].stopped && !self.slots[s].pending)
+    }
+
+    /// Whether `name` is a group of the host stopped by `stop {group}` (it answers
+    /// `shutting_down`, not `unknown_group`).
+    pub fn stopped(&self, name: &GroupName) -> bool {
+        self.slot(name).is_some_and(|s| self.slots[s].stopped)
     }
 
     /// Frees the name of the group in `slot` (deleted, or created by a batch that rolled
@@ -79,6 +89,19 @@ impl GroupTable {
         hosted.stopped = true;
         if self.by_name.get(&hosted.name) == Some(&slot) {
             self.by_name.remove(&hosted.name);
+        }
+    }
+
+    /// Serves the group in `slot` again under its name (its delete rolled back), unless
+    /// another group took the name meanwhile.
+    ///
+    /// # Panics
+    /// If `slot` was not returned by this table.
+    pub fn restore(&mut self, slot: usize) {
+        let hosted = &mut self.slots[slot];
+        if !self.by_name.contains_key(&hosted.name) {
+            hosted.stopped = false;
+            self.by_name.insert(hosted.name.clone(), slot);
         }
     }
 
@@ -146,6 +169,7 @@ mod tests {
             gid: GroupId(7),
             owner: None,
             stopped: false,
+            pending: false,
             loaded: None,
         });
         assert_eq!(table.slot(&name), Some(slot));
