@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use agora_common::client::{ClientOptions, HostClient};
 use agora_common::keys::Keypair;
+use agora_proto::wire::{GroupName, HistoryQuery, UserName};
 use agora_tests::{connections_to, wait_for, CliRun, Federation, Server, Streaming, START_TIMEOUT};
 
 /// Users creating groups; each creates [`PER_USER`].
@@ -30,15 +32,15 @@ const SESSION_LINES: usize = 50;
 /// not take the name`).
 const HEARTBEAT: &str = "1s";
 
-/// Starts the group host (`--creators any`), its data in the federation's `data-host`
+/// Starts the group host (`--creators any`) at `addr`, its data in the federation's `data-host`
 /// (where its key pair is already), and waits for its `listening` line: as
 /// [`Federation::host`], with [`HEARTBEAT`].
-fn spawn_host(fed: &Federation) -> Server {
+fn spawn_host(fed: &Federation, addr: &str) -> Server {
     let data = fed.node_data_dir("host");
     let registry_key = fed.registry_key();
     let args = [
         "--host",
-        "127.0.0.1:0",
+        addr,
         "--creators",
         "any",
         "--registry",
@@ -52,6 +54,31 @@ fn spawn_host(fed: &Federation) -> Server {
     ];
     Server::spawn("group-node", &args, Path::new(&fed.path("host.log")))
         .wait_listening(START_TIMEOUT)
+}
+
+/// Rounds of the load across the host's `kill -9`: each owner sends this many messages to
+/// each of its groups.
+const LOAD_ROUNDS: usize = 3;
+
+/// A library client of `host` as user `u`.
+fn host_client(fed: &Federation, host: &Server, u: usize) -> HostClient {
+    let ctx = zmq::Context::new();
+    HostClient::new(
+        &ctx,
+        &host.endpoint,
+        UserName::new(user(u)).expect("user"),
+        ClientOptions::default(),
+    )
+    .with_curve(fed.curve(&user(u), host))
+}
+
+/// The last seq of owner `o`'s group `i`, as its owner asks (0 if it does not answer).
+fn last_seq(fed: &Federation, host: &Server, o: usize, i: usize) -> u64 {
+    let name = GroupName::new(group(o, i)).expect("name");
+    host_client(fed, host, o)
+        .group(&name)
+        .info()
+        .map_or(0, |info| info.last_seq)
 }
 
 fn user(u: usize) -> String {
@@ -73,14 +100,22 @@ fn member_of(o: usize) -> usize {
     (o + 1) % USERS
 }
 
-/// Runs `lines` as `u`'s session(s) (`--json`), [`SESSION_LINES`] at a time; returns the
+/// Runs `lines` as `u`'s session(s) (`--json`, then `args`), [`SESSION_LINES`] at a time;
+/// returns the
 /// stdout lines and the stderr lines of them all.
-fn session(fed: &Federation, u: usize, lines: &[String]) -> (Vec<String>, Vec<String>) {
+fn session(
+    fed: &Federation,
+    u: usize,
+    args: &[&str],
+    lines: &[String],
+) -> (Vec<String>, Vec<String>) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     for chunk in lines.chunks(SESSION_LINES) {
         let mut stdin = chunk.join("\n");
         stdin.push('\n');
-        let run: CliRun = fed.cli(&user(u), &["--json"], &stdin);
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let run: CliRun = fed.cli(&user(u), &all, &stdin);
         assert_eq!(run.code, Some(0), "{}'s session: {run:?}", user(u));
         out.extend(run.stdout.lines().map(str::to_owned));
         err.extend(run.stderr.lines().map(str::to_owned));
@@ -93,11 +128,20 @@ fn sessions(
     fed: &Federation,
     lines: impl Fn(usize) -> Vec<String> + Sync,
 ) -> Vec<(Vec<String>, Vec<String>)> {
+    sessions_with(fed, &[], lines)
+}
+
+/// As [`sessions`], with global `args` for user-cli.
+fn sessions_with(
+    fed: &Federation,
+    args: &[&str],
+    lines: impl Fn(usize) -> Vec<String> + Sync,
+) -> Vec<(Vec<String>, Vec<String>)> {
     std::thread::scope(|s| {
         let runs: Vec<_> = (0..USERS)
             .map(|u| {
                 let lines = &lines;
-                s.spawn(move || session(fed, u, &lines(u)))
+                s.spawn(move || session(fed, u, args, &lines(u)))
             })
             .collect();
         runs.into_iter()
@@ -141,7 +185,7 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
     for file in ["node.key", "node.key_secret"] {
         std::fs::copy(made.path().join(file), format!("{data}/{file}")).expect("copy key");
     }
-    let host = spawn_host(&fed);
+    let mut host = spawn_host(&fed, "127.0.0.1:0");
     assert_eq!(host.key.as_deref(), Some(host_key.as_str()));
     let keys: Vec<String> = (0..USERS).map(|u| fed.user_key(&user(u))).collect();
     took("start");
@@ -453,6 +497,81 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
         assert_eq!(count, expected, "{}'s groups' members", user(o));
     }
     took("policy");
+
+    // Under load: every owner sends to each of its groups, round after round, and the host
+    // is killed (-9) early in the first round and started again on its endpoint. Every
+    // acked message is back once, in its group, each group's log gap-free; each watch gets
+    // what was sent to the groups it still follows, each message once.
+    let addr = host.host_port().to_owned();
+    let before = last_seq(&fed, &host, 0, 20);
+    let (runs, restarted) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            sessions_with(&fed, &["--timeout", "1s"], |o| {
+                (0..LOAD_ROUNDS)
+                    .flat_map(|r| {
+                        (0..PER_USER).map(move |i| format!("send {0} load {r} to {0}", group(o, i)))
+                    })
+                    .collect()
+            })
+        });
+        let sending = wait_for(WAIT, || last_seq(&fed, &host, 0, 20) > before);
+        assert!(sending, "no load message reached {}", group(0, 20));
+        host.kill9();
+        let killed = Instant::now();
+        let restarted = spawn_host(&fed, &addr);
+        eprintln!("host restarted in {} ms", killed.elapsed().as_millis());
+        (load.join().expect("the load's sessions"), restarted)
+    });
+    let host = restarted;
+    let mut acked: Vec<String> = Vec::new();
+    for (u, (out, err)) in runs.iter().enumerate() {
+        let ids: Vec<String> = json(out)
+            .iter()
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect();
+        eprintln!(
+            "{}: {} acked, {} refused or lost",
+            user(u),
+            ids.len(),
+            err.len()
+        );
+        assert_eq!(ids.len() + err.len(), LOAD_ROUNDS * PER_USER, "{err:#?}");
+        acked.extend(ids);
+    }
+    assert!(
+        acked.len() > USERS * PER_USER,
+        "too few sends acked: {}",
+        acked.len()
+    );
+    took("load across a kill -9");
+
+    let mut logged: HashMap<String, usize> = HashMap::new();
+    for o in 0..USERS {
+        let mut client = host_client(&fed, &host, o);
+        for i in 0..PER_USER {
+            let name = group(o, i);
+            let mut seqs = Vec::new();
+            client
+                .group(&GroupName::new(name.as_str()).expect("name"))
+                .for_each_page(HistoryQuery::AfterSeq(0), None, |page| {
+                    for m in &page.messages {
+                        seqs.push(m.seq);
+                        *logged.entry(m.id.to_string()).or_default() += 1;
+                        if let Some(text) = m.body.get().strip_prefix("\"load ") {
+                            assert!(text.ends_with(&format!(" to {name}\"")), "{name}: {text}");
+                        }
+                    }
+                    true
+                })
+                .unwrap_or_else(|e| panic!("{name}'s history after the restart: {e}"));
+            let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+            assert_eq!(seqs, expected, "{name}: a gap or a duplicate in the log");
+        }
+    }
+    for id in &acked {
+        assert_eq!(logged.get(id), Some(&1), "acked message {id} in the logs");
+    }
+    took("500 logs checked");
 
     drop(watches);
     eprintln!("total: {} s", start.elapsed().as_secs_f64());
