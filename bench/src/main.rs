@@ -104,6 +104,10 @@ struct Args {
     /// holding them. Runs the numbered workloads only when `--workload` names them.
     #[arg(long)]
     federation: bool,
+    /// The federation run's following users (each in 10 of 1,000 groups; with --quick, 5 of
+    /// 20) [default: 2000, 40 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    federation_users: Option<u64>,
     /// Internal: be the libzmq REP echo server of the transport floor.
     #[arg(long, hide = true)]
     serve_rep: bool,
@@ -333,11 +337,14 @@ fn main() -> anyhow::Result<()> {
         } else {
             federation::FedSizes::full()
         };
-        let follow = if args.quick {
+        let mut follow = if args.quick {
             federation::FollowSizes::quick()
         } else {
             federation::FollowSizes::full()
         };
+        if let Some(users) = args.federation_users {
+            follow.users = users;
+        }
         losses.push(federation(&mut bench, &sizes, &follow));
     }
 
@@ -1227,7 +1234,10 @@ fn federation(
         &'static str,
         fn(&federation::FollowRun) -> f64,
     );
-    let measures: [Measure; 8] = [
+    let measures: [Measure; 9] = [
+        ("feeds' start → all subscribed", "ms", |f| {
+            f.subscribe_time.as_secs_f64() * 1e3
+        }),
         ("send → each follower, p50", "µs", |f| f.latency.p50_us),
         (
             "send → each follower, p99 (target ≤ 50,000)",
