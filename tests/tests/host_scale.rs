@@ -546,6 +546,8 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
     took("load across a kill -9");
 
     let mut logged: HashMap<String, usize> = HashMap::new();
+    // Each load message logged: its id, and its group.
+    let mut load: HashMap<String, String> = HashMap::new();
     for o in 0..USERS {
         let mut client = host_client(&fed, &host, o);
         for i in 0..PER_USER {
@@ -559,6 +561,7 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
                         *logged.entry(m.id.to_string()).or_default() += 1;
                         if let Some(text) = m.body.get().strip_prefix("\"load ") {
                             assert!(text.ends_with(&format!(" to {name}\"")), "{name}: {text}");
+                            load.insert(m.id.to_string(), name.clone());
                         }
                     }
                     true
@@ -572,6 +575,45 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
         assert_eq!(logged.get(id), Some(&1), "acked message {id} in the logs");
     }
     took("500 logs checked");
+
+    // The watches, through the restart: each load message of a group its member still
+    // follows, once, under that group.
+    for (m, watch) in watches.iter_mut().enumerate() {
+        let o = (m + USERS - 1) % USERS;
+        let followed: Vec<String> = (0..PER_USER)
+            .filter(|&i| !kicked(i) && !banned(i))
+            .map(|i| group(o, i))
+            .collect();
+        let expected: BTreeMap<&String, &String> =
+            load.iter().filter(|(_, g)| followed.contains(g)).collect();
+        assert_eq!(expected.len(), LOAD_ROUNDS * followed.len(), "{}", user(m));
+        let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let all = watch.wait_lines(WAIT, |lines| {
+            seen.clear();
+            for v in json(lines) {
+                let (Some(id), Some(g)) = (v["id"].as_str(), v["group"].as_str()) else {
+                    continue;
+                };
+                if v["body"].as_str().is_some_and(|b| b.starts_with("load ")) {
+                    seen.entry(id.to_owned()).or_default().push(g.to_owned());
+                }
+            }
+            seen.len() >= expected.len()
+        });
+        assert!(
+            all,
+            "{}'s watch got {} of the {} load messages; stderr {:#?}",
+            user(m),
+            seen.len(),
+            expected.len(),
+            watch.errors
+        );
+        for (id, groups) in &seen {
+            let want = expected.get(id).map(|g| vec![(*g).clone()]);
+            assert_eq!(Some(groups), want.as_ref(), "{}'s watch: {id}", user(m));
+        }
+    }
+    took("5 watches through the restart");
 
     drop(watches);
     eprintln!("total: {} s", start.elapsed().as_secs_f64());
