@@ -284,3 +284,53 @@ fn a_group_exported_from_one_host_and_imported_into_another_is_served_there_alon
     // The old host serves beta alone now.
     assert!(a.log().contains("serving groups=1 "), "{}", a.log());
 }
+
+/// A node that died by `kill -9` left its last commits in its WAL: the import reads them
+/// too, so every message it acked is in the host.
+#[test]
+fn a_node_killed_with_sigkill_is_imported_with_every_message_it_acked() {
+    if skipped() {
+        return;
+    }
+    let fed = Federation::start("200ms");
+    let mut node = fed.node("crashed", "127.0.0.1:0", "old", &[]);
+    fed.join_when_listed("alice", "crashed");
+    let mut script = String::new();
+    for i in 1..=20 {
+        script.push_str(&format!("send crashed message-{i}\n"));
+    }
+    let sent = ok(fed.cli("alice", &[], &script));
+    assert_eq!(sent.stdout.matches("seq ").count(), 20, "{sent:?}");
+    node.kill9();
+
+    release(&fed, "crashed");
+    let host_dir = fed.node_data_dir("new");
+    let imported = run(
+        "group-node",
+        &[
+            "host",
+            "import",
+            "--data-dir",
+            &host_dir,
+            &fed.node_data_dir("old"),
+        ],
+        "",
+    );
+    assert_eq!(imported.code, Some(0), "{imported:?}");
+    assert!(imported.stdout.contains("21 entries"), "{imported:?}");
+    let host = fed.host("new", &[]);
+    assert!(
+        wait_for(WAIT, || listed_at(&fed, "crashed").as_deref()
+            == Some(&host.endpoint)),
+        "crashed is listed at {:?}",
+        listed_at(&fed, "crashed")
+    );
+    let log = log_of(&fed, "alice", "crashed");
+    let bodies: Vec<_> = log.iter().skip(1).map(|m| m["body"].clone()).collect();
+    let want: Vec<_> = (1..=20)
+        .map(|i| serde_json::Value::String(format!("message-{i}")))
+        .collect();
+    assert_eq!(bodies, want);
+    let seqs: Vec<_> = log.iter().map(|m| m["seq"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(seqs, (1..=21).collect::<Vec<u64>>(), "gap-free, from 1");
+}
