@@ -628,7 +628,7 @@ impl Node {
     /// Handles a batch in one transaction and commits it (to the WAL, not yet synced).
     /// Returns the replies to send once it is durable. A failed commit rolls the whole batch
     /// back and answers it as the module docs say.
-    fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
+    pub(super) fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
         let now = Timestamp::now();
         let instant = Instant::now();
         let mut appended = Appended::new();
