@@ -399,3 +399,61 @@ fn an_insecure_postgres_host_needs_a_host_id_and_makes_nothing_without_it() {
         host.log()
     );
 }
+
+/// A file uploaded to one group of a PostgreSQL host is in the host's schema, under that
+/// group: its standby (whose data directory has no copy) serves it after `kill -9`, and
+/// only in that group.
+#[test]
+fn a_file_uploaded_on_a_postgres_host_downloads_from_its_standby_in_its_group_only() {
+    use agora_proto::wire::{ErrorCode, Sha256Digest};
+    let fed = Federation::start("200ms");
+    let (_cluster, url) = fed.shared_store();
+    let mut active = spawn_host(&fed, "a", &url, &["--group", "alpha", "--group", "beta"])
+        .wait_listening(Duration::from_secs(30));
+    fed.share_node_keys("a", "b");
+    let standby = spawn_host(&fed, "b", &url, &[]);
+    assert!(
+        agora_tests::wait_for(Duration::from_secs(20), || standby
+            .log()
+            .contains("waiting for it")),
+        "{}",
+        standby.log()
+    );
+    let mut alice = client(&fed, &active, "alice", Duration::from_secs(15));
+    for n in ["alpha", "beta"] {
+        alice.group(&g(n)).join().expect("join");
+    }
+    // Two pieces in the database (1 MiB each, the last shorter).
+    let bytes: Vec<u8> = (0..(1 << 20) + 4321).map(|i| (i % 251) as u8).collect();
+    let digest = Sha256Digest::from_bytes(sha2::Sha256::digest(&bytes).into());
+    alice
+        .group(&g("alpha"))
+        .upload(digest, bytes.len() as u64)
+        .expect("upload");
+    for (i, piece) in bytes.chunks(1 << 20).enumerate() {
+        alice
+            .group(&g("alpha"))
+            .upload_chunk(digest, (i << 20) as u64, piece.to_vec())
+            .unwrap_or_else(|e| panic!("chunk {i}: {e}\n{}", active.log()));
+    }
+
+    active.kill9();
+    let standby = standby.wait_listening(Duration::from_secs(20));
+    let mut alice = client(&fed, &standby, "alice", Duration::from_secs(15));
+    let mut got = Vec::new();
+    while got.len() < bytes.len() {
+        let (_, piece) = alice
+            .group(&g("alpha"))
+            .download(digest, got.len() as u64, None)
+            .unwrap_or_else(|e| panic!("download from the standby: {e}\n{}", standby.log()));
+        assert!(!piece.is_empty(), "an empty range before the end");
+        got.extend(piece);
+    }
+    assert!(got == bytes, "the standby served other bytes");
+    match alice.group(&g("beta")).download(digest, 0, None) {
+        Err(agora_common::client::ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::NotFound, "{e:?}")
+        }
+        other => panic!("beta served alpha's file: {:?}", other.map(|(s, _)| s)),
+    }
+}

@@ -44,8 +44,10 @@
 //!
 //! # Shared blobs (`--store postgres://…`)
 //! With a PostgreSQL store, a complete blob lives in the group's schema too (tables
-//! `blob_chunks` and `blobs`, see [`crate::store::postgres`]), so that whichever node of the
-//! group is active serves it after a failover. Uploads in progress stay local files (a
+//! `blob_chunks` and `blobs`, see [`crate::store::postgres`]; on a group host, the host's
+//! schema, every row under the group's gid, over one connection for all its groups,
+//! [`PgBlobClient`]), so that whichever node of the group is active serves it after a
+//! failover. Uploads in progress stay local files (a
 //! failover loses an unfinished upload: the client's `upload` then answers `have` 0 at the
 //! new node, and it starts over). Sealing ([`seal`], on the sealing actor's own connection)
 //! copies the content into the database in pieces of [`PG_CHUNK_BYTES`], checking its
@@ -74,7 +76,7 @@ use agora_proto::wire::{GroupName, Sha256Digest};
 use postgres::Client;
 use sha2::{Digest, Sha256};
 
-use crate::store::StoreError;
+use crate::store::{PgSchema, StoreError};
 
 /// The piece of a blob one `blob_chunks` row holds in PostgreSQL, in bytes: 1 MiB, the
 /// protocol's largest download range ([`agora_proto::wire::MAX_CHUNK_BYTES`]), so that a
@@ -323,7 +325,8 @@ impl BlobLayout {
 /// the slot's uploader, [`Kept`]). A content complete already (another member's upload got
 /// there first) is kept as it is, and this upload's bytes are dropped. A mismatch discards
 /// the upload. With `pg` (a connection to the group's PostgreSQL store,
-/// [`PgBlobTarget::connect`]), the content is first copied into the database in one
+/// [`PgBlobTarget::connect`], and the group's gid there, [`PgBlobTarget::gid`]), the
+/// content is first copied into the database in one
 /// transaction, with its uploader, and committed, before the local file is named (see the
 /// module docs); a content the database already holds is not copied again. Blocking I/O of
 /// the whole content: the node runs it on an actor, never on its loop.
@@ -335,13 +338,13 @@ pub fn seal(
     layout: &BlobLayout,
     slot: &Slot,
     verified: bool,
-    pg: Option<&mut Client>,
+    pg: Option<(&mut Client, i32)>,
 ) -> Result<Kept, BlobError> {
     let digest = &slot.digest;
-    let Some(client) = pg else {
+    let Some((client, gid)) = pg else {
         return seal_local(layout, slot, verified, true);
     };
-    if let Some(size) = pg_size(client, digest)? {
+    if let Some(size) = pg_size(client, gid, digest)? {
         // Complete in the database already (an earlier upload, maybe at another node): only
         // the local copy is left to make, from the bytes just received.
         return match seal_local(layout, slot, verified, false) {
@@ -359,7 +362,14 @@ pub fn seal(
         _ => BlobError::Io(e),
     })?;
     let mut tx = client.transaction()?;
-    let copied = copy_into(&mut tx, &mut file, digest, !verified, Some(&slot.uploader))?;
+    let copied = copy_into(
+        &mut tx,
+        gid,
+        &mut file,
+        digest,
+        !verified,
+        Some(&slot.uploader),
+    )?;
     if let Some(actual) = copied.actual.filter(|actual| actual != digest) {
         drop(tx); // rolled back
         drop(file);
@@ -465,6 +475,7 @@ struct Copied {
 /// back on a mismatch). One piece in memory at a time.
 fn copy_into(
     tx: &mut postgres::Transaction<'_>,
+    gid: i32,
     file: &mut File,
     digest: &Sha256Digest,
     hash: bool,
@@ -472,7 +483,7 @@ fn copy_into(
 ) -> Result<Copied, BlobError> {
     let key = digest.as_bytes().as_slice();
     let insert = tx.prepare(
-        "INSERT INTO blob_chunks (digest, byte_offset, data) VALUES ($1, $2, $3)
+        "INSERT INTO blob_chunks (gid, digest, byte_offset, data) VALUES ($4, $1, $2, $3)
          ON CONFLICT DO NOTHING",
     )?;
     let mut hasher = hash.then(Sha256::new);
@@ -489,13 +500,14 @@ fn copy_into(
             h.update(bytes);
         }
         let offset = i64::try_from(at).map_err(|_| corrupt(digest, "past 2^63 bytes"))?;
-        tx.execute(&insert, &[&key, &offset, &bytes])?;
+        tx.execute(&insert, &[&key, &offset, &bytes, &gid])?;
         at += n as u64;
     }
     let size = i64::try_from(at).map_err(|_| corrupt(digest, "past 2^63 bytes"))?;
     tx.execute(
-        "INSERT INTO blobs (digest, size, uploader) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        &[&key, &size, &uploader],
+        "INSERT INTO blobs (gid, digest, size, uploader) VALUES ($4, $1, $2, $3)
+         ON CONFLICT DO NOTHING",
+        &[&key, &size, &uploader, &gid],
     )?;
     Ok(Copied {
         size: at,
@@ -525,10 +537,10 @@ fn corrupt(digest: &Sha256Digest, what: &str) -> BlobError {
 ///
 /// # Errors
 /// [`BlobError::Store`].
-fn pg_size(client: &mut Client, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
+fn pg_size(client: &mut Client, gid: i32, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
     let row = client.query_opt(
-        "SELECT size FROM blobs WHERE digest = $1",
-        &[&digest.as_bytes().as_slice()],
+        "SELECT size FROM blobs WHERE gid = $2 AND digest = $1",
+        &[&digest.as_bytes().as_slice(), &gid],
     )?;
     row.map(|r| u64::try_from(r.get::<_, i64>(0)).map_err(|_| corrupt(digest, "a negative size")))
         .transpose()
@@ -539,11 +551,11 @@ fn pg_size(client: &mut Client, digest: &Sha256Digest) -> Result<Option<u64>, Bl
 ///
 /// # Errors
 /// [`BlobError::Store`].
-fn pg_charged(client: &mut Client, uploader: &str) -> Result<u64, BlobError> {
+fn pg_charged(client: &mut Client, gid: i32, uploader: &str) -> Result<u64, BlobError> {
     let total: i64 = client
         .query_one(
-            "SELECT COALESCE(SUM(size), 0)::BIGINT FROM blobs WHERE uploader = $1",
-            &[&uploader],
+            "SELECT COALESCE(SUM(size), 0)::BIGINT FROM blobs WHERE gid = $2 AND uploader = $1",
+            &[&uploader, &gid],
         )?
         .get(0);
     Ok(u64::try_from(total).unwrap_or(0))
@@ -558,11 +570,12 @@ fn pg_charged(client: &mut Client, uploader: &str) -> Result<u64, BlobError> {
 /// cover the range: a corrupt store).
 fn pg_read(
     client: &mut Client,
+    gid: i32,
     digest: &Sha256Digest,
     offset: u64,
     max: usize,
 ) -> Result<(u64, Vec<u8>), BlobError> {
-    let size = pg_size(client, digest)?.ok_or(BlobError::NotFound(*digest))?;
+    let size = pg_size(client, gid, digest)?.ok_or(BlobError::NotFound(*digest))?;
     if offset > size {
         return Err(BlobError::Range { offset, size });
     }
@@ -581,9 +594,15 @@ fn pg_read(
                           FOR (LEAST($3 - byte_offset, length(data)::bigint)
                                - GREATEST($2 - byte_offset, 0))::int)
          FROM blob_chunks
-         WHERE digest = $1 AND byte_offset >= $4 AND byte_offset < $3
+         WHERE gid = $5 AND digest = $1 AND byte_offset >= $4 AND byte_offset < $3
          ORDER BY byte_offset",
-        &[&digest.as_bytes().as_slice(), &offset_i, &end_i, &first_i],
+        &[
+            &digest.as_bytes().as_slice(),
+            &offset_i,
+            &end_i,
+            &first_i,
+            &gid,
+        ],
     )?;
     let want = usize::try_from(end - offset).map_err(|_| corrupt(digest, "range"))?;
     let mut bytes = Vec::with_capacity(want);
@@ -606,6 +625,7 @@ fn pg_read(
 /// [`StoreError::Fenced`], [`StoreError::Postgres`], as [`BlobError::Store`].
 fn pg_delete(
     client: &mut Client,
+    gid: i32,
     digest: &Sha256Digest,
     epoch: Option<i64>,
 ) -> Result<bool, BlobError> {
@@ -620,8 +640,14 @@ fn pg_delete(
             return Err(StoreError::Fenced { held, current }.into());
         }
     }
-    let found = tx.execute("DELETE FROM blobs WHERE digest = $1", &[&key])? == 1;
-    tx.execute("DELETE FROM blob_chunks WHERE digest = $1", &[&key])?;
+    let found = tx.execute(
+        "DELETE FROM blobs WHERE gid = $2 AND digest = $1",
+        &[&key, &gid],
+    )? == 1;
+    tx.execute(
+        "DELETE FROM blob_chunks WHERE gid = $2 AND digest = $1",
+        &[&key, &gid],
+    )?;
     tx.commit()?;
     Ok(found)
 }
@@ -629,12 +655,17 @@ fn pg_delete(
 /// The blobs in the database sealed at least `min_age` ago that no message of the log
 /// carries: one query (the `messages_attachment` index), however many blobs are kept, so
 /// that a sweep costs the loop no query per blob.
-fn pg_unreferenced(client: &mut Client, min_age: Duration) -> Result<Vec<Sha256Digest>, BlobError> {
+fn pg_unreferenced(
+    client: &mut Client,
+    gid: i32,
+    min_age: Duration,
+) -> Result<Vec<Sha256Digest>, BlobError> {
     let rows = client.query(
         "SELECT b.digest FROM blobs b
-         WHERE b.sealed_at <= now() - make_interval(secs => $1)
-           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.attachment_sha256 = b.digest)",
-        &[&min_age.as_secs_f64()],
+         WHERE b.gid = $2 AND b.sealed_at <= now() - make_interval(secs => $1)
+           AND NOT EXISTS (SELECT 1 FROM messages m
+                           WHERE m.gid = b.gid AND m.attachment_sha256 = b.digest)",
+        &[&min_age.as_secs_f64(), &gid],
     )?;
     Ok(rows
         .iter()
@@ -653,9 +684,10 @@ fn pg_unreferenced(client: &mut Client, min_age: Duration) -> Result<Vec<Sha256D
 pub fn backfill(
     layout: &BlobLayout,
     client: &mut Client,
+    gid: i32,
     digest: &Sha256Digest,
 ) -> Result<bool, BlobError> {
-    if pg_size(client, digest)?.is_some() {
+    if pg_size(client, gid, digest)?.is_some() {
         return Ok(false);
     }
     let mut file = match File::open(layout.blob_path(digest)) {
@@ -666,7 +698,7 @@ pub fn backfill(
     // Charged to whom the local files say (nobody, for a blob sealed before they did).
     let uploader = fs::read_to_string(layout.uploader_path(digest)).ok();
     let mut tx = client.transaction()?;
-    let copied = copy_into(&mut tx, &mut file, digest, true, uploader.as_deref())?;
+    let copied = copy_into(&mut tx, gid, &mut file, digest, true, uploader.as_deref())?;
     if let Some(actual) = copied.actual.filter(|actual| actual != digest) {
         tracing::warn!(%digest, %actual, "a local blob does not match its name; not copied");
         return Ok(false);
@@ -691,12 +723,14 @@ pub fn local_blobs(layout: &BlobLayout) -> Result<Vec<Sha256Digest>, BlobError> 
     Ok(out)
 }
 
-/// Where a group's blobs live in PostgreSQL: its database, its schema, and the fencing epoch
-/// of the lease the node serves under. Cheap to clone, for the sealing actor's connection.
+/// Where a group's blobs live in PostgreSQL: its database, its schema (the group's, or its
+/// host's), its gid there, and the fencing epoch of the lease the node serves under. Cheap
+/// to clone, for the sealing actor's connection.
 #[derive(Clone)]
 pub struct PgBlobTarget {
     target: crate::store::postgres::PgTarget,
-    group: GroupName,
+    schema: PgSchema,
+    gid: i32,
     epoch: Option<i64>,
 }
 
@@ -704,7 +738,8 @@ impl std::fmt::Debug for PgBlobTarget {
     // The URL may carry a password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgBlobTarget")
-            .field("group", &self.group)
+            .field("schema", &self.schema)
+            .field("gid", &self.gid)
             .field("epoch", &self.epoch)
             .finish_non_exhaustive()
     }
@@ -720,12 +755,42 @@ impl PgBlobTarget {
     ) -> Self {
         PgBlobTarget {
             target: target.clone(),
-            group: group.clone(),
+            schema: PgSchema::Group(group.clone()),
+            gid: 1,
             epoch,
         }
     }
 
-    /// A connection to the group's schema (which [`crate::store::PgStore::open`] made),
+    /// The blobs of the group `gid` of the group host whose schema is `schema` (a
+    /// [`PgSchema::Host`]); deletions are fenced by `epoch` as [`PgBlobTarget::new`]'s.
+    pub fn in_host(
+        target: &crate::store::postgres::PgTarget,
+        schema: PgSchema,
+        gid: crate::store::GroupId,
+        epoch: Option<i64>,
+    ) -> Self {
+        PgBlobTarget {
+            target: target.clone(),
+            schema,
+            gid: i32::try_from(gid.0).unwrap_or(i32::MAX),
+            epoch,
+        }
+    }
+
+    /// The same database and schema, for the group `gid` of the host.
+    pub fn for_group(&self, gid: crate::store::GroupId) -> Self {
+        PgBlobTarget {
+            gid: i32::try_from(gid.0).unwrap_or(i32::MAX),
+            ..self.clone()
+        }
+    }
+
+    /// The group's gid in the schema's blob tables (1 for a node of one).
+    pub fn gid(&self) -> i32 {
+        self.gid
+    }
+
+    /// A connection to the group's schema (which the store made at open),
     /// committing at least with `synchronous_commit` `on`, as the store does: an upload is
     /// acked only once its blob is durable. `role` names it in `pg_stat_activity`.
     ///
@@ -733,8 +798,7 @@ impl PgBlobTarget {
     /// [`StoreError::Postgres`].
     pub fn connect(&self, role: &str) -> Result<Client, StoreError> {
         let mut client = crate::store::postgres::connect(&self.target, role)?;
-        let schema = crate::store::postgres::schema_name(&self.group);
-        client.batch_execute(&format!("SET search_path TO {schema}"))?;
+        client.batch_execute(&format!("SET search_path TO {}", self.schema.name()))?;
         let level: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
         if level == "off" || level == "local" {
             client.batch_execute("SET synchronous_commit = on")?;
@@ -769,10 +833,22 @@ impl PgBlobTarget {
 }
 
 /// The loop's connection to the shared blobs: made at open, made again on the next use after
-/// it broke.
+/// it broke. One for all the groups of a host ([`Blobs::with_postgres_on`]).
 struct Shared {
     target: PgBlobTarget,
-    client: RefCell<Option<Client>>,
+    client: PgBlobClient,
+}
+
+/// A connection to a PostgreSQL store's blobs that several groups' [`Blobs`] share (a
+/// group host's: one connection, not one per group); made when first needed, and again
+/// after it broke.
+#[derive(Clone, Default)]
+pub struct PgBlobClient(std::sync::Arc<std::sync::Mutex<Option<Client>>>);
+
+impl std::fmt::Debug for PgBlobClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBlobClient").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -787,7 +863,12 @@ impl Shared {
     /// Runs `f` on the connection, connecting first if there is none; a connection that `f`
     /// left closed is dropped.
     fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, BlobError>) -> Result<T, BlobError> {
-        self.target.with(&mut self.client.borrow_mut(), "blobs", f)
+        let mut client = self
+            .client
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.target.with(&mut client, "blobs", f)
     }
 }
 
@@ -960,9 +1041,17 @@ impl Blobs {
         let client = target.connect("blobs")?;
         self.shared = Some(Shared {
             target,
-            client: RefCell::new(Some(client)),
+            client: PgBlobClient(std::sync::Arc::new(std::sync::Mutex::new(Some(client)))),
         });
         Ok(self)
+    }
+
+    /// Keeps complete blobs in PostgreSQL too, at `target` (a group of a host,
+    /// [`PgBlobTarget::in_host`]), over `client`, which the host's other groups share; no
+    /// connection is made now.
+    pub fn with_postgres_on(mut self, target: PgBlobTarget, client: PgBlobClient) -> Blobs {
+        self.shared = Some(Shared { target, client });
+        self
     }
 
     /// The PostgreSQL store complete blobs are kept in, if any: the sealing actor connects
@@ -1014,7 +1103,8 @@ impl Blobs {
     pub fn seal_here(&self, slot: &Slot, verified: bool) -> Result<Progress, BlobError> {
         let layout = self.layout();
         let result = match &self.shared {
-            Some(shared) => shared.with(|client| seal(&layout, slot, verified, Some(client))),
+            Some(shared) => shared
+                .with(|client| seal(&layout, slot, verified, Some((client, shared.target.gid)))),
             None => seal(&layout, slot, verified, None),
         };
         self.sealed(slot, result.as_ref().ok().copied());
@@ -1043,7 +1133,7 @@ impl Blobs {
 
     fn shared_size(&self, digest: &Sha256Digest) -> Result<Option<u64>, BlobError> {
         match &self.shared {
-            Some(shared) => shared.with(|client| pg_size(client, digest)),
+            Some(shared) => shared.with(|client| pg_size(client, shared.target.gid, digest)),
             None => Ok(None),
         }
     }
@@ -1125,7 +1215,7 @@ impl Blobs {
     /// [`BlobError::Io`] listing the store; [`BlobError::Store`].
     pub fn charged(&self, uploader: &str) -> Result<u64, BlobError> {
         if let Some(shared) = &self.shared {
-            return shared.with(|client| pg_charged(client, uploader));
+            return shared.with(|client| pg_charged(client, shared.target.gid, uploader));
         }
         let mut charges = self.charges.borrow_mut();
         let charges = match charges.as_mut() {
@@ -1435,7 +1525,8 @@ impl Blobs {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return match &self.shared {
-                    Some(shared) => shared.with(|client| pg_read(client, digest, offset, max)),
+                    Some(shared) => shared
+                        .with(|client| pg_read(client, shared.target.gid, digest, offset, max)),
                     None => Err(BlobError::NotFound(*digest)),
                 };
             }
@@ -1470,8 +1561,9 @@ impl Blobs {
         if let Some(shared) = &self.shared {
             shared.with(|client| {
                 // `keep` still has the last word on each candidate.
-                for digest in pg_unreferenced(client, min_age)? {
-                    if !keep(&digest) && pg_delete(client, &digest, shared.target.epoch)? {
+                let gid = shared.target.gid;
+                for digest in pg_unreferenced(client, gid, min_age)? {
+                    if !keep(&digest) && pg_delete(client, gid, &digest, shared.target.epoch)? {
                         removed.insert(digest);
                     }
                 }
@@ -2084,7 +2176,7 @@ mod tests {
         let slot = Slot::new(digest, "k");
         let kept = target
             .with(&mut sealer, "seal", |c| {
-                seal(&a.layout(), &slot, verified, Some(c))
+                seal(&a.layout(), &slot, verified, Some((c, target.gid())))
             })
             .expect("seal");
         a.sealed(&slot, Some(kept));
@@ -2223,7 +2315,9 @@ mod tests {
         let mut slot = None;
         let layout = old.layout();
         let copy = |slot: &mut Option<Client>| {
-            target.with(slot, "seal", |c| backfill(&layout, c, &digest))
+            target.with(slot, "seal", |c| {
+                backfill(&layout, c, target.gid(), &digest)
+            })
         };
         assert_eq!(local_blobs(&layout).expect("list"), vec![digest]);
         assert!(copy(&mut slot).expect("copied"));

@@ -372,15 +372,10 @@ pub struct Node {
     registrar: Option<crate::registrar::Registrar>,
     /// Groups created in the batch being served: forgotten again if it rolls back.
     created: Vec<usize>,
-    /// The `create`s of the batch being served that wait for the registry (their groups
-    /// pending): handed to the registrar once the batch is durable.
-    creating: Vec<create::Creating>,
-    /// The `create`s whose names the registrar is registering, oldest first.
-    create_waiters: Vec<create::CreateWaiter>,
-    /// Groups deleted in the batch being served: served again if it rolls back.
-    deleted: Vec<usize>,
     /// The lease this node serves under, when the store is shared ([`lease`]).
     lease: Option<lease::Lease>,
+    /// A PostgreSQL group host's one connection for every group's blobs.
+    blob_client: blobs::PgBlobClient,
     /// A commit was fenced: another node holds the lease.
     deposed: bool,
     /// The sealing actor (started by `run`), and the envelopes of the last chunks whose
@@ -416,8 +411,28 @@ fn group_subscribers(config: &Config) -> Subscribers {
     .with_push_budget(config.push_budget_bytes, config.push_budget_total_bytes)
 }
 
+/// Where a group host's blobs live in PostgreSQL (its schema, fenced by its lease), for the
+/// group `gid` 0 ([`blobs::PgBlobTarget::for_group`] names one); `None` without a
+/// PostgreSQL store or on a node of one.
+fn host_blob_target(
+    config: &Config,
+    db: &HostDb,
+    lease: Option<&lease::Lease>,
+) -> Option<blobs::PgBlobTarget> {
+    match (config.host, &config.store, db.pg_schema()) {
+        (true, Some(target), Some(schema)) => Some(blobs::PgBlobTarget::in_host(
+            target,
+            schema.clone(),
+            GroupId(0),
+            lease.map(lease::Lease::epoch),
+        )),
+        _ => None,
+    }
+}
+
 /// Opens the attachments' blob tree under `dir` (`dir/blobs`) with the node's limits, kept
-/// in PostgreSQL too with a PostgreSQL store, and counts the charges of what it keeps.
+/// in PostgreSQL too with a PostgreSQL store (a group of a host: at `host`'s target, over
+/// the host's one blob connection), and counts the charges of what it keeps.
 ///
 /// # Errors
 /// [`NodeError::DataDir`], [`NodeError::Store`].
@@ -425,6 +440,7 @@ fn open_blobs(
     config: &Config,
     dir: &std::path::Path,
     lease: Option<&lease::Lease>,
+    host: Option<(blobs::PgBlobTarget, blobs::PgBlobClient)>,
 ) -> Result<blobs::Blobs, NodeError> {
     let io = |e: blobs::BlobError| NodeError::DataDir {
         path: dir.join("blobs"),
@@ -438,8 +454,12 @@ fn open_blobs(
             max_uploads: config.max_uploads_per_member,
         });
     // With a PostgreSQL store, complete blobs live there too: any node of the group
-    // serves them after a failover (`blobs`, "Shared blobs"). Not yet on a group host:
-    // the blob tables' statements name no group, so its blobs stay files.
+    // serves them after a failover (`blobs`, "Shared blobs").
+    if let Some((target, client)) = host {
+        let blobs = blobs.with_postgres_on(target, client);
+        blobs.count_kept().map_err(io)?;
+        return Ok(blobs);
+    }
     let blobs = match config.store.as_ref().filter(|_| !config.host) {
         Some(target) => blobs
             .with_postgres(blobs::PgBlobTarget::new(
@@ -609,14 +629,6 @@ impl Node {
         let host_key = keys.as_ref().map(|k| k.public);
         let mut groups = GroupTable::new();
         if config.host {
-            // Groups a crash left pending were never acked: nothing of them stays.
-            let removed = db.remove_pending_groups()?;
-            if removed > 0 {
-                tracing::info!(
-                    removed,
-                    "removed groups left pending (created, never acked)"
-                );
-            }
             // The operator's groups (`--group`), made live at once if new.
             // The host's count is read once, not once per new name.
             let mut held = if config.groups.is_empty() {
@@ -656,13 +668,12 @@ impl Node {
                     gid: row.gid,
                     owner: row.owner.and_then(|p| p.public_key()).or(host_key),
                     stopped: false,
-                    pending: false,
                     loaded: None,
                 });
             }
         } else {
             let mut log = db.load(GroupId::ONE)?;
-            let blobs = open_blobs(&config, &config.data_dir, lease.as_ref())?;
+            let blobs = open_blobs(&config, &config.data_dir, lease.as_ref(), None)?;
             let owner = host_key.map(|k| config.owner.unwrap_or(k));
             if config.private {
                 db.begin()?;
@@ -681,7 +692,6 @@ impl Node {
                 gid: GroupId::ONE,
                 owner,
                 stopped: false,
-                pending: false,
                 loaded: Some(Box::new(Loaded { group, log })),
             });
         }
@@ -697,10 +707,8 @@ impl Node {
             many,
             registrar: None,
             created: Vec::new(),
-            creating: Vec::new(),
-            create_waiters: Vec::new(),
-            deleted: Vec::new(),
             lease,
+            blob_client: blobs::PgBlobClient::default(),
             deposed: false,
             sealer: None,
             seal_waiters: std::collections::HashMap::new(),

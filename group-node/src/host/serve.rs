@@ -18,7 +18,6 @@ use agora_proto::wire::{
     WireError, MAX_RENEW_GROUPS,
 };
 
-use super::create::Creating;
 use super::groups::Loaded;
 use super::route::{route, route_name, Route, Serving};
 use super::{
@@ -142,8 +141,16 @@ impl Node {
                 None,
             ),
         };
-        self.sealer =
-            Some(durable::Sealer::start(&self.ctx, layout, pg).map_err(NodeError::Thread)?);
+        let sealer = match self.many {
+            false => durable::Sealer::start(&self.ctx, layout, pg),
+            // A group host's blobs in PostgreSQL: the host's schema, each job's gid.
+            true => durable::Sealer::start_host(
+                &self.ctx,
+                layout,
+                super::host_blob_target(&self.config, &self.db, self.lease.as_ref()),
+            ),
+        };
+        self.sealer = Some(sealer.map_err(NodeError::Thread)?);
         if self.many {
             tracing::info!(groups = self.groups.len(), endpoint = %self.endpoint, "group host serving");
         } else {
@@ -170,8 +177,6 @@ impl Node {
                 break;
             }
             let accepting = pipeline.waiting.len() < MAX_PIPELINE;
-            // A create waiting for the registry is looked at every 10 ms, not every 100.
-            let poll_ms = if self.creates_waiting() { 10 } else { poll_ms };
             let (requests, synced, sealed) = {
                 let sealer = self.sealer.as_ref().map(durable::Sealer::poll_item);
                 let mut items: Vec<zmq::PollItem<'_>> = [
@@ -211,21 +216,12 @@ impl Node {
                     let done = self.serve_batch(&mut batch);
                     members.store(self.member_count(0), Ordering::Relaxed);
                     if let Some(registrar) = &self.registrar {
-                        // A pending group is registered by its create ([`Node::settle_creates`]).
                         for &slot in done.appended.keys() {
-                            if self.groups.get(slot).pending {
-                                continue;
-                            }
                             let count = self.member_count(slot);
                             registrar.set(self.groups.get(slot).name.clone(), count);
                         }
                     }
                     self.queue(&mut pipeline, done, &syncer, checkpoints.as_ref())?;
-                }
-            }
-            if self.creates_waiting() {
-                if let Some(settled) = self.settle_creates(Instant::now()) {
-                    self.queue(&mut pipeline, settled, &syncer, checkpoints.as_ref())?;
                 }
             }
             if Instant::now() >= next_lease_sweep {
@@ -275,9 +271,6 @@ impl Node {
             }
         }
         self.refuse_arrivals(&mut batch)?;
-        for (envelope, reply) in self.refuse_creates() {
-            send_reply(&self.socket, envelope, reply)?;
-        }
         drop(checkpoints);
         if lost {
             return Err(NodeError::LeaseLost);
@@ -373,15 +366,6 @@ impl Node {
                 };
                 route_name(&entry.group, &serving)
             };
-            // A group stopped on this host answers as a stopping node, as in `dispatch`.
-            let routed = match routed {
-                Err(e)
-                    if e.code == ErrorCode::UnknownGroup && self.groups.stopped(&entry.group) =>
-                {
-                    Err(stopping())
-                }
-                routed => routed,
-            };
             let named = Some(entry.group.clone());
             let result = routed
                 .and_then(|name| {
@@ -436,19 +420,18 @@ impl Node {
                 tracing::error!(error = %e, "fdatasync of the WAL failed");
                 return Err(durable::SyncFailed.into());
             }
-            return self.send_out(done.replies, done.appended, done.creates);
+            return self.send_out(done.replies, done.appended);
         }
         if done.wrote {
             pipeline.requested += 1;
             syncer.request(pipeline.requested)?;
         } else if pipeline.waiting.is_empty() {
-            return self.send_out(done.replies, done.appended, done.creates);
+            return self.send_out(done.replies, done.appended);
         }
         pipeline.waiting.push_back(Waiting {
             batch: pipeline.requested,
             replies: done.replies,
             appended: done.appended,
-            creates: done.creates,
         });
         Ok(())
     }
@@ -465,23 +448,18 @@ impl Node {
     fn release(&mut self, pipeline: &mut Pipeline, upto: u64) -> Result<(), NodeError> {
         while pipeline.waiting.front().is_some_and(|w| w.batch <= upto) {
             if let Some(w) = pipeline.waiting.pop_front() {
-                self.send_out(w.replies, w.appended, w.creates)?;
+                self.send_out(w.replies, w.appended)?;
             }
         }
         Ok(())
     }
 
-    /// Sends a durable batch's replies, then pushes its entries to the subscribers, and has
-    /// the names of the groups it created pending registered.
+    /// Sends a durable batch's replies, then pushes its entries to the subscribers.
     fn send_out(
         &mut self,
         replies: Vec<(Frames, Frames)>,
         appended: Appended,
-        creates: Vec<Creating>,
     ) -> Result<(), NodeError> {
-        if !creates.is_empty() {
-            self.register_created(creates);
-        }
         for (envelope, reply) in replies {
             // An empty reply waits elsewhere (a last chunk waiting for its seal).
             if !reply.is_empty() {
@@ -536,11 +514,12 @@ impl Node {
             return (internal(), false);
         };
         let layout = self.many.then(|| loaded.group.blobs.layout());
+        let gid = self.many.then(|| self.groups.get(slot).gid);
         let tag = u32::try_from(slot).unwrap_or(u32::MAX);
         let sent = self
             .sealer
             .as_ref()
-            .map(|s| s.seal_in(tag, layout.as_ref(), &upload, verified));
+            .map(|s| s.seal_in(tag, layout.as_ref(), gid, &upload, verified));
         match sent {
             Some(Ok(())) => {
                 self.seal_waiters
@@ -579,9 +558,6 @@ impl Node {
             else {
                 continue;
             };
-            // The request named its group on a host: the error names it too.
-            let outcome =
-                outcome.map_err(|e| e.with_group(Some(self.groups.get(slot).name.clone())));
             let frames = loaded.group.seal_reply(&upload, outcome);
             for envelope in self
                 .seal_waiters
@@ -628,14 +604,12 @@ impl Node {
     /// Handles a batch in one transaction and commits it (to the WAL, not yet synced).
     /// Returns the replies to send once it is durable. A failed commit rolls the whole batch
     /// back and answers it as the module docs say.
-    pub(super) fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
+    fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
         let now = Timestamp::now();
         let instant = Instant::now();
         let mut appended = Appended::new();
         let mut touched = BTreeSet::new();
         self.created.clear();
-        self.creating.clear();
-        self.deleted.clear();
         let mut handled: Vec<Handled> = Vec::with_capacity(batch.len());
         let incoming: Vec<Incoming<NodeRequest>> = batch
             .drain(..)
@@ -728,7 +702,6 @@ impl Node {
                 wrote: false,
                 replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
                 appended: Appended::new(),
-                creates: Vec::new(),
             };
         }
         let committed = (|| {
@@ -750,13 +723,11 @@ impl Node {
                             slot, first_seq = first.seq, last_seq = last.seq, "committed");
                     }
                 }
-                self.finish_deletes();
                 Served {
                     // A batch that changed nothing needs no sync (`last_commit_wrote`).
                     wrote: self.db.last_commit_wrote() || !appended.is_empty(),
                     replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
                     appended,
-                    creates: std::mem::take(&mut self.creating),
                 }
             }
             Err(e @ StoreError::Fenced { .. }) => {
@@ -768,8 +739,6 @@ impl Node {
                 for slot in std::mem::take(&mut self.created) {
                     self.groups.forget(slot);
                 }
-                self.creating.clear();
-                self.undo_deletes();
                 Served {
                     wrote: false,
                     replies: handled
@@ -777,7 +746,6 @@ impl Node {
                         .map(|h| (h.envelope, reply_frames::<()>(Err(stopping()))))
                         .collect(),
                     appended: Appended::new(),
-                    creates: Vec::new(),
                 }
             }
             Err(e) => {
@@ -787,16 +755,13 @@ impl Node {
                 } else {
                     tracing::error!(error = %e, "commit failed; batch rolled back");
                 }
-                // Groups it created are not stored: forget them (a pending one was never
-                // registered). Groups it deleted are not archived: they are served again.
+                // Groups it created are not stored: forget them.
                 for slot in std::mem::take(&mut self.created) {
                     self.groups.forget(slot);
                     if let Some(registrar) = &self.registrar {
                         registrar.remove(self.groups.get(slot).name.clone());
                     }
                 }
-                self.creating.clear();
-                self.undo_deletes();
                 // The cached log states of the groups it touched are ahead: read them back.
                 let Node { db, groups, .. } = &mut *self;
                 for &slot in &touched {
@@ -817,7 +782,6 @@ impl Node {
                     wrote: false,
                     replies,
                     appended: Appended::new(),
-                    creates: Vec::new(),
                 }
             }
         }
@@ -912,7 +876,13 @@ impl Node {
                 path: dir.clone(),
                 source,
             })?;
-            let blobs = super::open_blobs(&self.config, &dir, self.lease.as_ref())?;
+            let blobs = super::open_blobs(
+                &self.config,
+                &dir,
+                self.lease.as_ref(),
+                super::host_blob_target(&self.config, &self.db, self.lease.as_ref())
+                    .map(|t| (t.for_group(hosted.gid), self.blob_client.clone())),
+            )?;
             let mut config = self.config.group_config();
             config.name = hosted.name.clone();
             let group = crate::group::Group::new(
@@ -978,7 +948,7 @@ impl Node {
                 // A group stopped on this host answers as a stopping node.
                 let stopped = self.many
                     && e.code == ErrorCode::UnknownGroup
-                    && named.as_ref().is_some_and(|g| self.groups.stopped(g));
+                    && named.as_ref().and_then(|g| self.groups.slot(g)).is_some();
                 let e = if stopped {
                     stopping().with_group(named)
                 } else {
@@ -993,14 +963,10 @@ impl Node {
                     }
                     NodeRequest::Stop(_) => reply::<call::Stop>(self.begin_stop(peer)),
                     NodeRequest::Renew(r) => reply::<call::Renew>(self.renew(r, &input)),
-                    NodeRequest::Create(r) if self.many => {
-                        match self.create(r, &input, appended, touched) {
-                            Ok(Some(made)) => reply::<call::Create>(Ok(made)),
-                            // Pending: the reply waits for the registry (`settle_creates`).
-                            Ok(None) => (Vec::new(), true),
-                            Err(e) => reply::<call::Create>(Err(e.with_group(named))),
-                        }
-                    }
+                    NodeRequest::Create(r) if self.many => reply::<call::Create>(
+                        self.create(r, &input, appended, touched)
+                            .map_err(|e| e.with_group(named)),
+                    ),
                     NodeRequest::Create(_) => reply::<call::Create>(Err(WireError::new(
                         ErrorCode::Forbidden,
                         "this node serves one group; groups are created on a group host \
@@ -1118,17 +1084,14 @@ struct Waiting {
     batch: u64,
     replies: Vec<(Frames, Frames)>,
     appended: Appended,
-    creates: Vec<Creating>,
 }
 
-/// A served batch: replies (envelope, reply frames), the entries to push, and the groups it
-/// created pending, to register once it is durable.
-pub(super) struct Served {
+/// A served batch: replies (envelope, reply frames) and the entries to push.
+struct Served {
     /// It committed a transaction that needs a sync.
-    pub(super) wrote: bool,
-    pub(super) replies: Vec<(Frames, Frames)>,
-    pub(super) appended: Appended,
-    pub(super) creates: Vec<Creating>,
+    wrote: bool,
+    replies: Vec<(Frames, Frames)>,
+    appended: Appended,
 }
 
 /// The entries a batch appended, by the slot of their group.
@@ -1202,7 +1165,7 @@ fn writes(request: &NodeRequest) -> bool {
 }
 
 /// The `shutting_down` error of a draining node.
-pub(super) fn stopping() -> WireError {
+fn stopping() -> WireError {
     WireError::new(
         ErrorCode::ShuttingDown,
         "this node is stopping; nothing was done: retry (a send with the same id) once it is back",

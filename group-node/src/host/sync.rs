@@ -209,8 +209,9 @@ fn checkpoint_loop(pipe: &Pipe, mut checkpointer: Checkpointer) {
 ///
 /// # Pipe messages
 /// Loop → sealer: `[tag (4 bytes), root, digest (32 bytes), verified (1 byte, 0 or 1),
-/// uploader]` (the upload's [`crate::blobs::Slot`], in the blob tree at `root`, or the
-/// sealer's own when empty; `tag` names the group on a host). Sealer → loop: `[tag, digest,
+/// uploader, gid (4 bytes, optional)]` (the upload's [`crate::blobs::Slot`], in the blob
+/// tree at `root`, or the sealer's own when empty; `tag` names the group on a host, `gid`
+/// its rows in a PostgreSQL host's blob tables). Sealer → loop: `[tag, digest,
 /// uploader, "ok", size (8 bytes, big-endian), new (1 byte, 0 or 1)]`, `[tag, digest,
 /// uploader, "mismatch", message]` or `[tag, digest, uploader, "error", message]`.
 #[derive(Debug)]
@@ -241,7 +242,24 @@ impl Sealer {
         pg: Option<crate::blobs::PgBlobTarget>,
     ) -> std::io::Result<Sealer> {
         let actor = Actor::start(ctx, "blob-seal", move |pipe| {
-            seal_loop(&pipe, &layout, pg.as_ref());
+            seal_loop(&pipe, &layout, pg.as_ref(), true);
+        })?;
+        Ok(Sealer { actor })
+    }
+
+    /// As [`Sealer::start`], for a group host: each job names its group's blob tree and,
+    /// with `pg` (the host's schema, [`crate::blobs::PgBlobTarget::in_host`]), its gid
+    /// ([`Sealer::seal_in`]); no local blobs are copied between jobs.
+    ///
+    /// # Errors
+    /// As [`Sealer::start`].
+    pub fn start_host(
+        ctx: &zmq::Context,
+        layout: crate::blobs::BlobLayout,
+        pg: Option<crate::blobs::PgBlobTarget>,
+    ) -> std::io::Result<Sealer> {
+        let actor = Actor::start(ctx, "blob-seal", move |pipe| {
+            seal_loop(&pipe, &layout, pg.as_ref(), false);
         })?;
         Ok(Sealer { actor })
     }
@@ -251,11 +269,12 @@ impl Sealer {
     /// # Errors
     /// libzmq's.
     pub fn seal(&self, slot: &crate::blobs::Slot, verified: bool) -> Result<(), zmq::Error> {
-        self.seal_in(0, None, slot, verified)
+        self.seal_in(0, None, None, slot, verified)
     }
 
     /// As [`Sealer::seal`], for the group `tag` of a host whose blob tree is `layout`
-    /// (`None`: the sealer's own); [`Sealer::recv`] returns the tag with the outcome.
+    /// (`None`: the sealer's own) and whose gid is `gid` (`None`: the sealer's target's);
+    /// [`Sealer::recv`] returns the tag with the outcome.
     ///
     /// # Errors
     /// libzmq's.
@@ -263,19 +282,26 @@ impl Sealer {
         &self,
         tag: u32,
         layout: Option<&crate::blobs::BlobLayout>,
+        gid: Option<crate::store::GroupId>,
         slot: &crate::blobs::Slot,
         verified: bool,
     ) -> Result<(), zmq::Error> {
         let root = layout
             .map(|l| l.root().as_os_str().as_encoded_bytes().to_vec())
             .unwrap_or_default();
-        self.actor.send(&[
-            &tag.to_be_bytes(),
+        let (tag, verified) = (tag.to_be_bytes(), [u8::from(verified)]);
+        let gid = gid.map(|g| g.0.to_be_bytes());
+        let mut frames: Vec<&[u8]> = vec![
+            &tag,
             &root,
             slot.digest.as_bytes(),
-            &[u8::from(verified)],
+            &verified,
             slot.uploader.as_bytes(),
-        ])
+        ];
+        if let Some(gid) = &gid {
+            frames.push(gid);
+        }
+        self.actor.send(&frames)
     }
 
     /// The pipe, to poll for [`Sealer::recv`] beside the ROUTER.
@@ -332,17 +358,18 @@ fn seal_loop(
     pipe: &Pipe,
     layout: &crate::blobs::BlobLayout,
     pg: Option<&crate::blobs::PgBlobTarget>,
+    backfill_local: bool,
 ) {
     let mut client: Option<postgres::Client> = None;
     // Local blobs to copy into the database if it lacks them, between jobs.
     let mut backfill: std::collections::VecDeque<agora_proto::wire::Sha256Digest> = match pg {
-        Some(_) => crate::blobs::local_blobs(layout)
+        Some(_) if backfill_local => crate::blobs::local_blobs(layout)
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot list the local blobs to copy into PostgreSQL");
                 Vec::new()
             })
             .into(),
-        None => std::collections::VecDeque::new(),
+        _ => std::collections::VecDeque::new(),
     };
     loop {
         let wake = if backfill.is_empty() {
@@ -355,7 +382,7 @@ fn seal_loop(
             Wake::Timeout => {
                 if let (Some(digest), Some(target)) = (backfill.pop_front(), pg) {
                     let copied = target.with(&mut client, "seal", |c| {
-                        crate::blobs::backfill(layout, c, &digest)
+                        crate::blobs::backfill(layout, c, target.gid(), &digest)
                     });
                     match copied {
                         Ok(true) => tracing::info!(%digest, "copied a local blob into PostgreSQL"),
@@ -398,10 +425,17 @@ fn seal_loop(
             crate::blobs::Slot::new(agora_proto::wire::Sha256Digest::from_bytes(bytes), uploader);
         let digest = slot.digest;
         let verified = verified.first() == Some(&1);
+        let gid = frames
+            .get(5)
+            .and_then(|g| <[u8; 4]>::try_from(g.as_slice()).ok())
+            .map(|g| i32::try_from(u32::from_be_bytes(g)).unwrap_or(i32::MAX));
         let sealed = match pg {
-            Some(target) => target.with(&mut client, "seal", |c| {
-                crate::blobs::seal(layout, &slot, verified, Some(c))
-            }),
+            Some(target) => {
+                let gid = gid.unwrap_or(target.gid());
+                target.with(&mut client, "seal", |c| {
+                    crate::blobs::seal(layout, &slot, verified, Some((c, gid)))
+                })
+            }
             None => crate::blobs::seal(layout, &slot, verified, None),
         };
         let head = [

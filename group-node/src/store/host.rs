@@ -329,6 +329,14 @@ impl HostDb {
         Ok(())
     }
 
+    /// The PostgreSQL schema the database is in, `None` for SQLite.
+    pub fn pg_schema(&self) -> Option<&super::PgSchema> {
+        match self {
+            HostDb::Sqlite(_) => None,
+            HostDb::Pg(h) => Some(h.schema()),
+        }
+    }
+
     /// The view of the group `state` belongs to, for this batch. Reads and writes go to that
     /// group's rows only.
     pub fn group<'a>(&'a mut self, state: &'a mut LogState) -> GroupDb<'a> {
