@@ -361,11 +361,15 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
     let files = fed.path("files");
     std::fs::create_dir_all(&files).expect("files dir");
     let sample: Vec<usize> = (0..PER_USER).collect();
-    let content = |name: &str| -> Vec<u8> { format!("{name}'s file\n").repeat(4000).into_bytes() };
+    // Small files, but every 50th one of two chunks (CHUNK_BYTES, 256 KiB).
+    let content = |i: usize, name: &str| -> Vec<u8> {
+        let lines = if i % 50 == 0 { 22_000 } else { 100 };
+        format!("{name}'s file\n").repeat(lines).into_bytes()
+    };
     for o in 0..USERS {
         for &i in &sample {
             let name = group(o, i);
-            std::fs::write(format!("{files}/{name}.txt"), content(&name)).expect("write file");
+            std::fs::write(format!("{files}/{name}.txt"), content(i, &name)).expect("write file");
         }
     }
     let runs = sessions(&fed, |o| {
@@ -393,7 +397,10 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
         for &i in &sample {
             let name = group(o, i);
             let got = std::fs::read(format!("{files}/{name}.got")).expect("downloaded");
-            assert!(got == content(&name), "{name}'s file came back different");
+            assert!(
+                got == content(i, &name),
+                "{name}'s file came back different"
+            );
         }
     }
     took("500 files up and down");
@@ -613,6 +620,14 @@ fn five_hundred_created_groups_each_send_read_push_store_files_and_keep_their_po
             assert_eq!(Some(groups), want.as_ref(), "{}'s watch: {id}", user(m));
         }
     }
+    let mut held = 0;
+    assert!(
+        wait_for(WAIT, || {
+            held = connections_to(&host.endpoint);
+            held == USERS
+        }),
+        "after the restart {USERS} watches hold {held} connections to the host"
+    );
     took("5 watches through the restart");
 
     drop(watches);
