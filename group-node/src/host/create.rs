@@ -435,3 +435,94 @@ fn name_taken(r: &CreateRequest) -> WireError {
         format!("a group named \"{}\" exists on this host", r.group),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use agora_common::keys::Keypair;
+    use agora_common::server::Received;
+    use agora_proto::wire::GroupName;
+
+    use crate::{Config, Node};
+
+    fn request(id: u8, peer: &Keypair, body: serde_json::Value) -> Received {
+        Received {
+            frames: vec![
+                vec![0, id],
+                Vec::new(),
+                agora_proto::wire::PROTOCOL.to_vec(),
+                body.to_string().into_bytes(),
+            ],
+            peer: Some(peer.public),
+        }
+    }
+
+    fn body(reply: &[Vec<u8>]) -> String {
+        String::from_utf8_lossy(reply.last().expect("a body")).into_owned()
+    }
+
+    /// A `delete` whose turn does not commit (a later write of that turn fails and SQLite
+    /// rolls the transaction back) leaves its group served, under its name, as before: the
+    /// delete is answered `internal` and nothing of it stays.
+    #[test]
+    fn a_delete_rolled_back_with_its_turn_leaves_the_group_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(
+            GroupName::new("host").expect("name"),
+            "tcp://127.0.0.1:0",
+            dir.path().to_owned(),
+        );
+        config.host = true;
+        config.insecure = true;
+        config.wal_prealloc_bytes = 0;
+        config.creators = crate::host::Creators::Any;
+        config.groups = vec![GroupName::new("other").expect("name")];
+        let ctx = zmq::Context::new();
+        let mut node = Node::bind(&ctx, config).expect("bind");
+        let alice = Keypair::generate().expect("keys");
+        let made = node.serve_batch(&mut vec![request(
+            1,
+            &alice,
+            serde_json::json!({"action": "create", "group": "mine", "user": "alice"}),
+        )]);
+        assert!(body(&made.replies[0].1).contains(r#""ok":true"#));
+
+        // Any message stored from now on rolls its whole transaction back.
+        let db = rusqlite::Connection::open(dir.path().join("host.sqlite3")).expect("open");
+        db.execute_batch(
+            "CREATE TRIGGER fault BEFORE INSERT ON messages
+             BEGIN SELECT RAISE(ROLLBACK, 'injected fault'); END;",
+        )
+        .expect("trigger");
+        let served = node.serve_batch(&mut vec![
+            request(
+                2,
+                &alice,
+                serde_json::json!({"action": "delete", "group": "mine", "user": "alice"}),
+            ),
+            request(
+                3,
+                &alice,
+                serde_json::json!({"action": "join", "group": "other", "user": "alice"}),
+            ),
+        ]);
+        let delete = body(&served.replies[0].1);
+        assert!(delete.contains(r#""error":"internal""#), "{delete}");
+        assert!(!served.wrote);
+
+        db.execute_batch("DROP TRIGGER fault").expect("drop");
+        let info = node.serve_batch(&mut vec![request(
+            4,
+            &alice,
+            serde_json::json!({"action": "info", "group": "mine", "user": "alice"}),
+        )]);
+        let info = body(&info.replies[0].1);
+        assert!(info.contains(r#""ok":true"#), "still served: {info}");
+        let again = node.serve_batch(&mut vec![request(
+            5,
+            &alice,
+            serde_json::json!({"action": "delete", "group": "mine", "user": "alice"}),
+        )]);
+        let again = body(&again.replies[0].1);
+        assert!(again.contains(r#""deleted":true"#), "{again}");
+    }
+}

@@ -372,6 +372,13 @@ pub struct Node {
     registrar: Option<crate::registrar::Registrar>,
     /// Groups created in the batch being served: forgotten again if it rolls back.
     created: Vec<usize>,
+    /// The `create`s of the batch being served that wait for the registry (their groups
+    /// pending): handed to the registrar once the batch is durable.
+    creating: Vec<create::Creating>,
+    /// The `create`s whose names the registrar is registering, oldest first.
+    create_waiters: Vec<create::CreateWaiter>,
+    /// Groups deleted in the batch being served: served again if it rolls back.
+    deleted: Vec<usize>,
     /// The lease this node serves under, when the store is shared ([`lease`]).
     lease: Option<lease::Lease>,
     /// A PostgreSQL group host's one connection for every group's blobs.
@@ -629,6 +636,14 @@ impl Node {
         let host_key = keys.as_ref().map(|k| k.public);
         let mut groups = GroupTable::new();
         if config.host {
+            // Groups a crash left pending were never acked: nothing of them stays.
+            let removed = db.remove_pending_groups()?;
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "removed groups left pending (created, never acked)"
+                );
+            }
             // The operator's groups (`--group`), made live at once if new.
             // The host's count is read once, not once per new name.
             let mut held = if config.groups.is_empty() {
@@ -668,6 +683,7 @@ impl Node {
                     gid: row.gid,
                     owner: row.owner.and_then(|p| p.public_key()).or(host_key),
                     stopped: false,
+                    pending: false,
                     loaded: None,
                 });
             }
@@ -692,6 +708,7 @@ impl Node {
                 gid: GroupId::ONE,
                 owner,
                 stopped: false,
+                pending: false,
                 loaded: Some(Box::new(Loaded { group, log })),
             });
         }
@@ -707,6 +724,9 @@ impl Node {
             many,
             registrar: None,
             created: Vec::new(),
+            creating: Vec::new(),
+            create_waiters: Vec::new(),
+            deleted: Vec::new(),
             lease,
             blob_client: blobs::PgBlobClient::default(),
             deposed: false,

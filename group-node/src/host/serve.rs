@@ -18,6 +18,7 @@ use agora_proto::wire::{
     WireError, MAX_RENEW_GROUPS,
 };
 
+use super::create::Creating;
 use super::groups::Loaded;
 use super::route::{route, route_name, Route, Serving};
 use super::{
@@ -177,6 +178,8 @@ impl Node {
                 break;
             }
             let accepting = pipeline.waiting.len() < MAX_PIPELINE;
+            // A create waiting for the registry is looked at every 10 ms, not every 100.
+            let poll_ms = if self.creates_waiting() { 10 } else { poll_ms };
             let (requests, synced, sealed) = {
                 let sealer = self.sealer.as_ref().map(durable::Sealer::poll_item);
                 let mut items: Vec<zmq::PollItem<'_>> = [
@@ -216,12 +219,21 @@ impl Node {
                     let done = self.serve_batch(&mut batch);
                     members.store(self.member_count(0), Ordering::Relaxed);
                     if let Some(registrar) = &self.registrar {
+                        // A pending group is registered by its create ([`Node::settle_creates`]).
                         for &slot in done.appended.keys() {
+                            if self.groups.get(slot).pending {
+                                continue;
+                            }
                             let count = self.member_count(slot);
                             registrar.set(self.groups.get(slot).name.clone(), count);
                         }
                     }
                     self.queue(&mut pipeline, done, &syncer, checkpoints.as_ref())?;
+                }
+            }
+            if self.creates_waiting() {
+                if let Some(settled) = self.settle_creates(Instant::now()) {
+                    self.queue(&mut pipeline, settled, &syncer, checkpoints.as_ref())?;
                 }
             }
             if Instant::now() >= next_lease_sweep {
@@ -271,6 +283,9 @@ impl Node {
             }
         }
         self.refuse_arrivals(&mut batch)?;
+        for (envelope, reply) in self.refuse_creates() {
+            send_reply(&self.socket, envelope, reply)?;
+        }
         drop(checkpoints);
         if lost {
             return Err(NodeError::LeaseLost);
@@ -366,6 +381,15 @@ impl Node {
                 };
                 route_name(&entry.group, &serving)
             };
+            // A group stopped on this host answers as a stopping node, as in `dispatch`.
+            let routed = match routed {
+                Err(e)
+                    if e.code == ErrorCode::UnknownGroup && self.groups.stopped(&entry.group) =>
+                {
+                    Err(stopping())
+                }
+                routed => routed,
+            };
             let named = Some(entry.group.clone());
             let result = routed
                 .and_then(|name| {
@@ -420,18 +444,19 @@ impl Node {
                 tracing::error!(error = %e, "fdatasync of the WAL failed");
                 return Err(durable::SyncFailed.into());
             }
-            return self.send_out(done.replies, done.appended);
+            return self.send_out(done.replies, done.appended, done.creates);
         }
         if done.wrote {
             pipeline.requested += 1;
             syncer.request(pipeline.requested)?;
         } else if pipeline.waiting.is_empty() {
-            return self.send_out(done.replies, done.appended);
+            return self.send_out(done.replies, done.appended, done.creates);
         }
         pipeline.waiting.push_back(Waiting {
             batch: pipeline.requested,
             replies: done.replies,
             appended: done.appended,
+            creates: done.creates,
         });
         Ok(())
     }
@@ -448,18 +473,23 @@ impl Node {
     fn release(&mut self, pipeline: &mut Pipeline, upto: u64) -> Result<(), NodeError> {
         while pipeline.waiting.front().is_some_and(|w| w.batch <= upto) {
             if let Some(w) = pipeline.waiting.pop_front() {
-                self.send_out(w.replies, w.appended)?;
+                self.send_out(w.replies, w.appended, w.creates)?;
             }
         }
         Ok(())
     }
 
-    /// Sends a durable batch's replies, then pushes its entries to the subscribers.
+    /// Sends a durable batch's replies, then pushes its entries to the subscribers, and has
+    /// the names of the groups it created pending registered.
     fn send_out(
         &mut self,
         replies: Vec<(Frames, Frames)>,
         appended: Appended,
+        creates: Vec<Creating>,
     ) -> Result<(), NodeError> {
+        if !creates.is_empty() {
+            self.register_created(creates);
+        }
         for (envelope, reply) in replies {
             // An empty reply waits elsewhere (a last chunk waiting for its seal).
             if !reply.is_empty() {
@@ -558,6 +588,9 @@ impl Node {
             else {
                 continue;
             };
+            // The request named its group on a host: the error names it too.
+            let outcome =
+                outcome.map_err(|e| e.with_group(Some(self.groups.get(slot).name.clone())));
             let frames = loaded.group.seal_reply(&upload, outcome);
             for envelope in self
                 .seal_waiters
@@ -604,12 +637,14 @@ impl Node {
     /// Handles a batch in one transaction and commits it (to the WAL, not yet synced).
     /// Returns the replies to send once it is durable. A failed commit rolls the whole batch
     /// back and answers it as the module docs say.
-    fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
+    pub(super) fn serve_batch(&mut self, batch: &mut Vec<Received>) -> Served {
         let now = Timestamp::now();
         let instant = Instant::now();
         let mut appended = Appended::new();
         let mut touched = BTreeSet::new();
         self.created.clear();
+        self.creating.clear();
+        self.deleted.clear();
         let mut handled: Vec<Handled> = Vec::with_capacity(batch.len());
         let incoming: Vec<Incoming<NodeRequest>> = batch
             .drain(..)
@@ -702,6 +737,7 @@ impl Node {
                 wrote: false,
                 replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
                 appended: Appended::new(),
+                creates: Vec::new(),
             };
         }
         let committed = (|| {
@@ -723,11 +759,13 @@ impl Node {
                             slot, first_seq = first.seq, last_seq = last.seq, "committed");
                     }
                 }
+                self.finish_deletes();
                 Served {
                     // A batch that changed nothing needs no sync (`last_commit_wrote`).
                     wrote: self.db.last_commit_wrote() || !appended.is_empty(),
                     replies: handled.into_iter().map(|h| (h.envelope, h.reply)).collect(),
                     appended,
+                    creates: std::mem::take(&mut self.creating),
                 }
             }
             Err(e @ StoreError::Fenced { .. }) => {
@@ -739,6 +777,8 @@ impl Node {
                 for slot in std::mem::take(&mut self.created) {
                     self.groups.forget(slot);
                 }
+                self.creating.clear();
+                self.undo_deletes();
                 Served {
                     wrote: false,
                     replies: handled
@@ -746,6 +786,7 @@ impl Node {
                         .map(|h| (h.envelope, reply_frames::<()>(Err(stopping()))))
                         .collect(),
                     appended: Appended::new(),
+                    creates: Vec::new(),
                 }
             }
             Err(e) => {
@@ -755,13 +796,16 @@ impl Node {
                 } else {
                     tracing::error!(error = %e, "commit failed; batch rolled back");
                 }
-                // Groups it created are not stored: forget them.
+                // Groups it created are not stored: forget them (a pending one was never
+                // registered). Groups it deleted are not archived: they are served again.
                 for slot in std::mem::take(&mut self.created) {
                     self.groups.forget(slot);
                     if let Some(registrar) = &self.registrar {
                         registrar.remove(self.groups.get(slot).name.clone());
                     }
                 }
+                self.creating.clear();
+                self.undo_deletes();
                 // The cached log states of the groups it touched are ahead: read them back.
                 let Node { db, groups, .. } = &mut *self;
                 for &slot in &touched {
@@ -782,6 +826,7 @@ impl Node {
                     wrote: false,
                     replies,
                     appended: Appended::new(),
+                    creates: Vec::new(),
                 }
             }
         }
@@ -948,7 +993,7 @@ impl Node {
                 // A group stopped on this host answers as a stopping node.
                 let stopped = self.many
                     && e.code == ErrorCode::UnknownGroup
-                    && named.as_ref().and_then(|g| self.groups.slot(g)).is_some();
+                    && named.as_ref().is_some_and(|g| self.groups.stopped(g));
                 let e = if stopped {
                     stopping().with_group(named)
                 } else {
@@ -963,10 +1008,14 @@ impl Node {
                     }
                     NodeRequest::Stop(_) => reply::<call::Stop>(self.begin_stop(peer)),
                     NodeRequest::Renew(r) => reply::<call::Renew>(self.renew(r, &input)),
-                    NodeRequest::Create(r) if self.many => reply::<call::Create>(
-                        self.create(r, &input, appended, touched)
-                            .map_err(|e| e.with_group(named)),
-                    ),
+                    NodeRequest::Create(r) if self.many => {
+                        match self.create(r, &input, appended, touched) {
+                            Ok(Some(made)) => reply::<call::Create>(Ok(made)),
+                            // Pending: the reply waits for the registry (`settle_creates`).
+                            Ok(None) => (Vec::new(), true),
+                            Err(e) => reply::<call::Create>(Err(e.with_group(named))),
+                        }
+                    }
                     NodeRequest::Create(_) => reply::<call::Create>(Err(WireError::new(
                         ErrorCode::Forbidden,
                         "this node serves one group; groups are created on a group host \
@@ -1084,14 +1133,17 @@ struct Waiting {
     batch: u64,
     replies: Vec<(Frames, Frames)>,
     appended: Appended,
+    creates: Vec<Creating>,
 }
 
-/// A served batch: replies (envelope, reply frames) and the entries to push.
-struct Served {
+/// A served batch: replies (envelope, reply frames), the entries to push, and the groups it
+/// created pending, to register once it is durable.
+pub(super) struct Served {
     /// It committed a transaction that needs a sync.
-    wrote: bool,
-    replies: Vec<(Frames, Frames)>,
-    appended: Appended,
+    pub(super) wrote: bool,
+    pub(super) replies: Vec<(Frames, Frames)>,
+    pub(super) appended: Appended,
+    pub(super) creates: Vec<Creating>,
 }
 
 /// The entries a batch appended, by the slot of their group.
@@ -1165,7 +1217,7 @@ fn writes(request: &NodeRequest) -> bool {
 }
 
 /// The `shutting_down` error of a draining node.
-fn stopping() -> WireError {
+pub(super) fn stopping() -> WireError {
     WireError::new(
         ErrorCode::ShuttingDown,
         "this node is stopping; nothing was done: retry (a send with the same id) once it is back",
