@@ -28,6 +28,9 @@
 //! counted (they are still queued in libzmq) until the connection acks them, subscribing
 //! again, or is found gone: while the total budget blocks pushes, each such connection is
 //! probed with an `unsubscribed` event at most once a second, and `EHOSTUNREACH` frees it.
+//! On a group host the total is the host's: every group's subscribers count their bytes in
+//! flight in one shared [`HostBudget`] ([`Subscribers::with_host_budget`]), so the host's
+//! push memory is bounded whatever its number of groups.
 //!
 //! # Fair slots
 //! A member holds at most `max_per_member` subscriptions. When the node holds its maximum,
@@ -38,6 +41,9 @@
 //! always subscribe. The evicted connection gets an `unsubscribed` event.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::{AddAssign, SubAssign};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::store::Principal;
@@ -225,6 +231,80 @@ pub struct PushStats {
     pub gone: u64,
 }
 
+/// The push budget of a whole group host: bytes pushed and not acked over every group's
+/// subscriptions, and their most (`--push-budget-total`). Shared by every group's
+/// [`Subscribers`]; the host's loop alone changes it.
+#[derive(Debug)]
+pub struct HostBudget {
+    in_flight: AtomicUsize,
+    total: usize,
+}
+
+impl HostBudget {
+    /// A budget of `total` bytes, none in flight.
+    pub fn new(total: usize) -> HostBudget {
+        HostBudget {
+            in_flight: AtomicUsize::new(0),
+            total,
+        }
+    }
+
+    /// Bytes in flight over every group.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes in flight over every group.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+/// Bytes in flight over one group's subscriptions, counted in its host's [`HostBudget`]
+/// too when it has one.
+#[derive(Debug, Default)]
+struct InFlight {
+    mine: usize,
+    host: Option<Arc<HostBudget>>,
+}
+
+impl InFlight {
+    /// Whether `n` more bytes would pass the total: the host's, or `own_total` without one.
+    fn would_pass(&self, n: usize, own_total: usize) -> bool {
+        match &self.host {
+            Some(host) => host.in_flight() + n > host.total,
+            None => self.mine + n > own_total,
+        }
+    }
+}
+
+impl AddAssign<usize> for InFlight {
+    fn add_assign(&mut self, n: usize) {
+        self.mine += n;
+        if let Some(host) = &self.host {
+            host.in_flight.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl SubAssign<usize> for InFlight {
+    fn sub_assign(&mut self, n: usize) {
+        // Never below zero: a group's count holds at least what it gave the host's.
+        let n = n.min(self.mine);
+        self.mine -= n;
+        if let Some(host) = &self.host {
+            host.in_flight.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mine = self.mine;
+        *self -= mine;
+    }
+}
+
 /// The node's subscribers, keyed by envelope, with their push budgets.
 #[derive(Debug)]
 pub struct Subscribers {
@@ -238,7 +318,7 @@ pub struct Subscribers {
     /// `unsubscribed` events to send at the next push round.
     notices: Vec<(Frames, EndCause)>,
     /// Bytes in flight over every subscription, live and draining.
-    in_flight: usize,
+    in_flight: InFlight,
     lease: Duration,
     max: usize,
     max_per_member: usize,
@@ -264,7 +344,7 @@ impl Subscribers {
             by_count: BTreeSet::new(),
             draining: HashMap::new(),
             notices: Vec::new(),
-            in_flight: 0,
+            in_flight: InFlight::default(),
             lease,
             max,
             max_per_member,
@@ -285,6 +365,17 @@ impl Subscribers {
         self
     }
 
+    /// Counts this group's bytes in flight in `host` too, and withholds pushes while the
+    /// host's total would pass its budget (instead of this group's own total). Set before
+    /// any push.
+    pub fn with_host_budget(mut self, host: Arc<HostBudget>) -> Subscribers {
+        self.in_flight = InFlight {
+            mine: 0,
+            host: Some(host),
+        };
+        self
+    }
+
     /// The lease length.
     pub fn lease(&self) -> Duration {
         self.lease
@@ -298,7 +389,7 @@ impl Subscribers {
     /// Bytes pushed and not acked, over every subscription (including ended ones whose
     /// connection may still hold them).
     pub fn in_flight_bytes(&self) -> usize {
-        self.in_flight
+        self.in_flight.mine
     }
 
     /// How many subscriptions there are.
@@ -591,7 +682,7 @@ impl Subscribers {
                     stats.withheld += 1;
                     continue;
                 }
-                if *in_flight + n > *total_budget {
+                if in_flight.would_pass(n, *total_budget) {
                     stats.withheld += 1;
                     total_full = true;
                     continue;
@@ -948,6 +1039,73 @@ mod tests {
                 Delivery::Sent
             }
         }
+    }
+
+    /// A group host's total push budget holds over all its groups: 20 groups, each with
+    /// room for 5 pushes of its own and 3 per subscription, share a host total of 10; a
+    /// round of pushes to every group sends 10 in all, the others are withheld; an ack in
+    /// one group frees room for the others; a group dropped gives its bytes back.
+    #[test]
+    fn pushes_across_many_groups_stop_at_the_host_total() {
+        let body = format!("\"{}\"", "z".repeat(1000));
+        let one = single_events(
+            "\"g00\"",
+            &[(1, serde_json::to_vec(&entry(1, &body)).expect("json"))],
+        )[0]
+        .1
+        .len();
+        let host = Arc::new(HostBudget::new(10 * one + 10));
+        let t0 = Instant::now();
+        let mut groups: Vec<(GroupName, Subscribers)> = (0..20)
+            .map(|i| {
+                let mut s = Subscribers::new(Duration::from_secs(5), 10, 10, 0)
+                    .with_push_budget(3 * one + 10, 5 * one + 10)
+                    .with_host_budget(Arc::clone(&host));
+                s.subscribe(&env(&[b'h', i]), &name("u"), t0)
+                    .expect("subscribe");
+                (GroupName::new(format!("g{i:02}")).expect("name"), s)
+            })
+            .collect();
+        let mut sink = VecSink::default();
+        let mut withheld = 0;
+        for (group, s) in &mut groups {
+            let stats = s
+                .push(&mut sink, group, &[entry(1, &body)], t0)
+                .expect("push");
+            withheld += stats.withheld;
+        }
+        assert_eq!(sink.sent.len(), 10, "the host's total, not 20 groups' own");
+        assert_eq!(withheld, 10);
+        assert_eq!(host.in_flight(), 10 * one);
+        let mine: usize = groups.iter().map(|(_, s)| s.in_flight_bytes()).sum();
+        assert_eq!(mine, host.in_flight(), "each group counts its share");
+
+        // The first group's subscriber acks: one more push fits, in another group.
+        let (first, rest) = groups.split_at_mut(1);
+        first[0]
+            .1
+            .subscribe_with(
+                &env(&[b'h', 0]),
+                &name("u"),
+                t0,
+                SubscribeOptions {
+                    acked_seq: Some(1),
+                    ..SubscribeOptions::default()
+                },
+            )
+            .expect("ack");
+        assert_eq!(host.in_flight(), 9 * one);
+        let (group, s) = &mut rest[15];
+        s.push(&mut sink, group, &[entry(2, &body)], t0)
+            .expect("push");
+        assert_eq!(sink.sent.len(), 11);
+        assert_eq!(host.in_flight(), 10 * one);
+
+        // A group dropped (its engine gone) gives its bytes back to the host.
+        let held = groups[1].1.in_flight_bytes();
+        assert!(held > 0);
+        groups.remove(1);
+        assert_eq!(host.in_flight(), 10 * one - held);
     }
 
     /// Pushes to connections that never read: the budgets hold, an ack frees its

@@ -6,10 +6,12 @@
 //! kept while the host lives.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use agora_common::keys::PublicKey;
 use agora_proto::wire::GroupName;
 
+use crate::group::subscribers::HostBudget;
 use crate::group::Group;
 use crate::store::{GroupId, LogState};
 
@@ -45,6 +47,8 @@ pub struct Hosted {
 pub struct GroupTable {
     by_name: HashMap<GroupName, usize>,
     slots: Vec<Hosted>,
+    /// The push budget every loaded group's subscribers share.
+    push_budget: Option<Arc<HostBudget>>,
 }
 
 impl GroupTable {
@@ -62,6 +66,15 @@ impl GroupTable {
         self.by_name.insert(hosted.name.clone(), slot);
         self.slots.push(hosted);
         slot
+    }
+
+    /// The push budget the host's groups share: made at the first call with `total` bytes
+    /// (`--push-budget-total`), the same budget after.
+    pub fn push_budget(&mut self, total: usize) -> Arc<HostBudget> {
+        Arc::clone(
+            self.push_budget
+                .get_or_insert_with(|| Arc::new(HostBudget::new(total))),
+        )
     }
 
     /// The slot of the group named `name`.

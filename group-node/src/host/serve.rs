@@ -906,10 +906,12 @@ impl Node {
     /// # Errors
     /// `internal` (logged) if its log state or blob tree cannot be read.
     pub(super) fn load(&mut self, slot: usize) -> Result<(), WireError> {
-        let hosted = self.groups.get(slot);
-        if hosted.loaded.is_some() {
+        if self.groups.get(slot).loaded.is_some() {
             return Ok(());
         }
+        // Every group of the host pushes within the host's one total budget.
+        let budget = self.groups.push_budget(self.config.push_budget_total_bytes);
+        let hosted = self.groups.get(slot);
         let dir = self
             .config
             .data_dir
@@ -932,7 +934,7 @@ impl Node {
             config.name = hosted.name.clone();
             let group = crate::group::Group::new(
                 config,
-                super::group_subscribers(&self.config),
+                super::group_subscribers(&self.config).with_host_budget(budget),
                 blobs,
                 hosted.owner,
             );
