@@ -8,7 +8,9 @@
 //!    `unknown_group`; its name is taken on the host) and its reply waits: a [`Creating`].
 //! 2. Once that turn is durable, the registrar registers the name ([`CreateWaiter`]); the
 //!    loop looks at its answer on every pass without waiting for it, so a slow or silent
-//!    registry holds up that `create` alone, never the host's other groups.
+//!    registry holds up that `create` alone, never the host's other groups. A request the
+//!    registrar gives up on (after one heartbeat interval) is sent again while the create's
+//!    [`REGISTER_WAIT`] lasts.
 //! 3. The registry took it: a later turn makes the group live, and its reply leaves after
 //!    that turn's sync. Refused, or no answer within [`REGISTER_WAIT`]: that turn archives
 //!    the pending group (its name is free again at once) and the reply is `name_taken` or
@@ -237,6 +239,20 @@ impl Node {
                             w.creating.reply.group, e.message
                         ),
                     ))
+                }
+                // The registrar gave up on one request (after one heartbeat interval): ask
+                // again while the create's own wait lasts.
+                Ok((_, Err(RegistrarError::Unreachable { .. })))
+                    if now < w.deadline && self.registrar.is_some() =>
+                {
+                    if let Some(registrar) = &self.registrar {
+                        let name = w.creating.reply.group.clone();
+                        waiting.push(CreateWaiter {
+                            answer: registrar.register_now(vec![HostedGroup { name, members: 1 }]),
+                            ..w
+                        });
+                    }
+                    continue;
                 }
                 Ok((_, Err(e))) => Err(unregistered(&e.to_string())),
                 Err(TryRecvError::Empty) if now < w.deadline => {
