@@ -54,14 +54,10 @@ mod host_cmd;
     name = "group-node",
     version,
     about,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    after_help = "Moving groups into or out of a stopped group host: \
+                  `group-node host import|export` (see `group-node host --help`)."
 )]
 struct Args {
-    /// Move groups into or out of a stopped group host (`group-node host import|export`).
-    /// A group named "host" is served with `group-node -- host ADDRESS`.
-    #[command(subcommand)]
-    command: Option<Command>,
     /// The group's name; may contain spaces ("Cool Group"). Not with --host.
     #[arg(required_unless_present = "host", conflicts_with = "host")]
     name: Option<GroupName>,
@@ -292,7 +288,14 @@ fn fail<T>(exit: Exit, error: anyhow::Error) -> Result<T, Failure> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `group-node host …` parses on its own; anything else is a node's command line.
+    let command = if is_host_command(&argv) {
+        let without_host = argv.iter().take(1).chain(argv.iter().skip(2));
+        Err(HostArgs::parse_from(without_host).command)
+    } else {
+        Ok(Args::parse_from(&argv))
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -301,7 +304,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match run(args) {
+    let result = match command {
+        Ok(args) => run(args),
+        Err(host) => host_cmd::run(host),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { exit, error }) => {
             eprintln!("group-node: {error:#}");
@@ -310,12 +317,32 @@ fn main() -> ExitCode {
     }
 }
 
-/// What `group-node` does instead of serving.
-#[derive(Debug, clap::Subcommand)]
-enum Command {
-    /// A group host's groups, with the host stopped.
+/// `group-node host import|export`: a command line of its own, parsed only when the first
+/// argument is `host` and the second one of its words ([`is_host_command`]), so that a
+/// node's arguments parse exactly as before (a group named `host` included).
+#[derive(Debug, Parser)]
+#[command(
+    name = "group-node host",
+    bin_name = "group-node host",
+    version,
+    about = "Move groups into or out of a group host's data directory, the host stopped: \
+             a group travels as a directory laid out as a node of one's (group.sqlite3, blobs/).",
+    long_about = None
+)]
+struct HostArgs {
     #[command(subcommand)]
-    Host(HostCommand),
+    command: HostCommand,
+}
+
+/// Whether `argv` is `group-node host import|export|help …` (or `host` alone, or its
+/// `--help`) rather than a node of a group named `host`.
+fn is_host_command(argv: &[std::ffi::OsString]) -> bool {
+    argv.get(1).is_some_and(|a| a == "host")
+        && argv.get(2).is_none_or(|a| {
+            ["import", "export", "help", "-h", "--help"]
+                .iter()
+                .any(|w| a == *w)
+        })
 }
 
 /// `group-node host import|export`: a group moves as a directory laid out as a node of
@@ -444,9 +471,6 @@ impl Args {
 }
 
 fn run(mut args: Args) -> Result<(), Failure> {
-    if let Some(Command::Host(command)) = args.command.take() {
-        return host_cmd::run(command);
-    }
     check_usage(&args).exit_with(Exit::Usage)?;
     let name = match args.name.take() {
         Some(name) => name,
@@ -833,5 +857,37 @@ mod tests {
     #[test]
     fn the_argument_definitions_are_consistent() {
         super::Args::command().debug_assert();
+        super::HostArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn host_is_a_command_only_before_its_words_and_a_group_named_host_is_served() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.into()).collect::<Vec<_>>();
+        assert!(super::is_host_command(&argv(&[
+            "group-node",
+            "host",
+            "import"
+        ])));
+        assert!(super::is_host_command(&argv(&[
+            "group-node",
+            "host",
+            "--help"
+        ])));
+        assert!(super::is_host_command(&argv(&["group-node", "host"])));
+        assert!(!super::is_host_command(&argv(&[
+            "group-node",
+            "host",
+            "127.0.0.1:5560"
+        ])));
+        assert!(!super::is_host_command(&argv(&[
+            "group-node",
+            "--host",
+            "127.0.0.1:0"
+        ])));
+        assert!(!super::is_host_command(&argv(&[
+            "group-node",
+            "news",
+            "import"
+        ])));
     }
 }
