@@ -55,7 +55,7 @@ fn a_bad_endpoint_is_a_usage_error_before_anything_is_created() {
         ),
         (
             vec!["127.0.0.1", "--no-registry"],
-            "<ADDRESS>",
+            "ADDRESS",
             "expected HOST:PORT",
         ),
         (
