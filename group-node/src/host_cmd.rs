@@ -229,7 +229,8 @@ fn export(name: &GroupName, host: &Path, to: &Path, archive: bool) -> Result<(),
             Exit::LocalIo,
             anyhow::anyhow!(
                 "--data-dir {}: no {HOST_DB} there; give the data directory of a group host \
-                 (group-node --host)",
+                 (group-node --host) that keeps its groups in SQLite (a host on PostgreSQL, \
+                 --store, cannot export yet)",
                 host.display()
             ),
         ));
