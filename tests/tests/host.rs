@@ -634,3 +634,50 @@ fn a_silent_registry_delays_a_create_not_the_other_groups() {
     assert_eq!(made.last_seq, 1);
     fed.join_when_listed("dave", "new1");
 }
+
+/// A host restarted with `--max-age` ages out a group nobody touches after the restart:
+/// every group is due for its age sweep at start, loaded or not (sweeps used to run over
+/// the groups loaded since the start only, so an idle group kept its old messages).
+#[test]
+fn a_restarted_host_ages_out_a_group_nobody_touches() {
+    let fed = Federation::start("200ms");
+    let host = fed.host("r", &["--group", "alpha", "--group", "idle"]);
+    let mut alice = host_client(&fed, &host, "alice");
+    alice.group(&g("idle")).join().expect("join");
+    for i in 0..3 {
+        alice
+            .group(&g("idle"))
+            .send(body(&format!("old {i}")))
+            .expect("send");
+    }
+    let sent = std::time::Instant::now();
+    drop(alice);
+    drop(host);
+    // The entries are older than --max-age 1s by the time the host is back.
+    while sent.elapsed() < std::time::Duration::from_millis(1500) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let host = fed.host("r", &["--max-age", "1s"]);
+    let log = fed.dir.path().join("host-r.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Nobody sends the host a request until its sweep deleted idle's four entries (its
+    // gid is 2).
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("retention") && l.contains("gid=2") && l.contains("deleted=4"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no age sweep of the idle group after the restart; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut alice = host_client(&fed, &host, "alice");
+    let page = alice
+        .group(&g("idle"))
+        .get_messages(HistoryQuery::AfterSeq(0), None)
+        .expect("history");
+    assert!(page.messages.is_empty(), "aged out: {page:?}");
+}

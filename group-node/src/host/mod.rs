@@ -61,6 +61,7 @@ mod data_dir;
 pub mod groups;
 pub mod route;
 mod serve;
+pub mod sweeps;
 pub mod sync;
 
 pub use data_dir::{
@@ -379,6 +380,10 @@ pub struct Node {
     create_waiters: Vec<create::CreateWaiter>,
     /// Groups deleted in the batch being served: served again if it rolls back.
     deleted: Vec<usize>,
+    /// When each group's age retention is due ([`sweeps`]).
+    age_due: sweeps::DueTimes,
+    /// When each group's attachments' TTL sweep is due ([`sweeps`]).
+    blob_due: sweeps::DueTimes,
     /// The lease this node serves under, when the store is shared ([`lease`]).
     lease: Option<lease::Lease>,
     /// A PostgreSQL group host's one connection for every group's blobs.
@@ -727,6 +732,8 @@ impl Node {
             creating: Vec::new(),
             create_waiters: Vec::new(),
             deleted: Vec::new(),
+            age_due: sweeps::DueTimes::new(),
+            blob_due: sweeps::DueTimes::new(),
             lease,
             blob_client: blobs::PgBlobClient::default(),
             deposed: false,

@@ -166,9 +166,7 @@ impl Node {
             wal_written: 0,
             waiting: VecDeque::new(),
         };
-        let mut next_age_sweep = Instant::now();
-        let blob_sweep = self.config.upload_ttl.min(Duration::from_secs(60));
-        let mut next_blob_sweep = Instant::now() + blob_sweep;
+        self.schedule_sweeps_at_start(Instant::now());
         let mut next_lease_sweep = Instant::now();
         let mut lost = false;
         while !shutdown.is_triggered() && !self.stopping {
@@ -218,6 +216,7 @@ impl Node {
                 if !batch.is_empty() {
                     let done = self.serve_batch(&mut batch);
                     members.store(self.member_count(0), Ordering::Relaxed);
+                    self.schedule_age_sweeps(done.appended.keys().copied(), Instant::now());
                     if let Some(registrar) = &self.registrar {
                         // A pending group is registered by its create ([`Node::settle_creates`]).
                         for &slot in done.appended.keys() {
@@ -249,21 +248,12 @@ impl Node {
                 self.update_gauges();
                 next_lease_sweep = Instant::now() + Duration::from_millis(500);
             }
-            if self.config.retention.max_age.is_some() && Instant::now() >= next_age_sweep {
-                if self.sweep_retention(Timestamp::now()) {
-                    pipeline.requested += 1;
-                    syncer.request(pipeline.requested)?;
-                }
-                next_age_sweep = Instant::now() + Duration::from_secs(1);
+            // Only the groups due: nothing per group while none is.
+            if self.sweep_ages(Instant::now(), Timestamp::now()) {
+                pipeline.requested += 1;
+                syncer.request(pipeline.requested)?;
             }
-            if Instant::now() >= next_blob_sweep {
-                let Node { db, groups, .. } = &mut self;
-                for (_, l) in groups.loaded_mut() {
-                    let view = db.group(&mut l.log);
-                    l.group.sweep_blobs(&view, SystemTime::now());
-                }
-                next_blob_sweep = Instant::now() + blob_sweep;
-            }
+            self.sweep_blobs_due(Instant::now(), SystemTime::now());
         }
         agora_common::metrics::set_draining();
         // Drain: every batch already committed gets its sync, then its replies and pushes;
@@ -603,37 +593,6 @@ impl Node {
         Ok(())
     }
 
-    /// Applies the age retention at `now` in a batch of its own; returns whether it
-    /// committed a deletion (which then needs a sync like any write).
-    fn sweep_retention(&mut self, now: Timestamp) -> bool {
-        let Node { db, groups, .. } = &mut *self;
-        let result = db.begin().and_then(|()| {
-            let mut n = 0;
-            for (_, l) in groups.loaded_mut() {
-                let mut view = db.group(&mut l.log);
-                n += l.group.retain_by_age(&mut view, now)?;
-            }
-            db.commit()?;
-            Ok(n)
-        });
-        if result.is_err() {
-            for (_, l) in groups.loaded_mut() {
-                let _ = db.reload(&mut l.log);
-            }
-        }
-        match result {
-            Ok(0) => false,
-            Ok(n) => {
-                tracing::debug!(deleted = n, "retention");
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "retention failed");
-                false
-            }
-        }
-    }
-
     /// Handles a batch in one transaction and commits it (to the WAL, not yet synced).
     /// Returns the replies to send once it is durable. A failed commit rolls the whole batch
     /// back and answers it as the module docs say.
@@ -943,6 +902,8 @@ impl Node {
         match made {
             Ok(loaded) => {
                 self.groups.get_mut(slot).loaded = Some(Box::new(loaded));
+                let interval = super::sweeps::blob_interval(&self.config);
+                self.blob_due.set_if_absent(slot, Instant::now() + interval);
                 Ok(())
             }
             Err(e) => {
