@@ -1234,6 +1234,14 @@ fn federation(
         &'static str,
         fn(&federation::FollowRun) -> f64,
     );
+    push(
+        format!("{label}: sends acked per second"),
+        "msgs/s",
+        Better::Higher,
+        fol.as_ref().map(|f| f.ack_per_s),
+        None,
+        Vec::new(),
+    );
     let measures: [Measure; 9] = [
         ("feeds' start → all subscribed", "ms", |f| {
             f.subscribe_time.as_secs_f64() * 1e3
@@ -1271,7 +1279,18 @@ fn federation(
             Vec::new(),
         );
     }
-    fol.map_or(0, |f| f.lost)
+    match fol {
+        Some(f) if f.acked < f.sent => {
+            b.failures.push(format!(
+                "followers: {} of {} sends acked (the host fell behind {} msg/s; deliveries \
+                 of unacked sends are not counted as lost)",
+                f.acked, f.sent, follow.rate
+            ));
+            0
+        }
+        Some(f) => f.lost,
+        None => 0,
+    }
 }
 
 /// A running `group-node` process (killed on drop).
