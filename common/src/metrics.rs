@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use agora_proto::wire::ErrorCode;
 use prometheus::{
-    register_histogram, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    Histogram, IntCounterVec, IntGauge, IntGaugeVec,
+    register_histogram, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 static DRAINING: AtomicBool = AtomicBool::new(false);
@@ -83,6 +83,36 @@ pub static PUSHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "Pushes to subscribers, by outcome: sent, dropped (full queue) or withheld (over budget); \
          subscribers backfill the last two from history.",
         &["outcome"]
+    )
+    .unwrap_or_else(|e| unreachable!("a fixed, valid metric: {e}"))
+});
+
+/// The groups of a group host (`group-node --host`), by state: `live` (served),
+/// `pending` (created, waiting for the registry), `stopped` (`stop {group}`) and
+/// `deleted` (archived since the host started); node only. Host-wide: a host carries no
+/// per-group series (its groups are unbounded); a node of one has `agora_log_last_seq`.
+pub static HOST_GROUPS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "agora_host_groups",
+        "Groups of this group host, by state: live, pending, stopped, deleted.",
+        &["state"]
+    )
+    .unwrap_or_else(|e| unreachable!("a fixed, valid metric: {e}"))
+});
+
+/// Groups of a group host whose engine and log state are in memory, node only.
+pub static HOST_GROUPS_LOADED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "agora_host_groups_loaded",
+        "Groups of this group host with their engine and log state in memory.",
+    )
+});
+
+/// Entries appended to the log, over every group of the node, node only.
+pub static LOG_ENTRIES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "agora_log_entries_total",
+        "Entries appended to the log, over every group of this node."
     )
     .unwrap_or_else(|e| unreachable!("a fixed, valid metric: {e}"))
 });

@@ -105,3 +105,55 @@ fn a_scrape_of_each_server_moves_with_traffic_and_both_say_they_serve() {
     );
     assert_eq!(sample(&reg, "agora_groups"), 1.0, "{reg}");
 }
+
+/// A group host's scrape is host-wide: its groups by state, entries appended over all of
+/// them, subscriptions and bytes; no per-group series (no `agora_log_last_seq`, which only
+/// a node of one has, and no `group` label).
+#[test]
+fn a_group_host_scrape_counts_its_groups_by_state_and_carries_no_group_series() {
+    let fed = Federation::start("200ms");
+    let host = fed.host(
+        "m",
+        &[
+            "--group",
+            "alpha",
+            "--group",
+            "beta",
+            "--group",
+            "gamma",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = host.metrics_addr();
+    let live = |text: &str| sample(text, r#"agora_host_groups{state="live"}"#);
+    assert!(
+        wait_for(Duration::from_secs(10), || live(&get(&addr, "/metrics").1)
+            == 3.0),
+        "{}",
+        get(&addr, "/metrics").1
+    );
+    let before = get(&addr, "/metrics").1;
+    assert_eq!(sample(&before, "agora_host_groups_loaded"), 0.0, "{before}");
+
+    for group in ["alpha", "beta"] {
+        fed.join_when_listed("alice", group);
+        ok(fed.cli("alice", &["send", group, "hello"], ""));
+    }
+    // Two joins and two messages, in two groups; the third group never loaded.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let text = get(&addr, "/metrics").1;
+            sample(&text, "agora_log_entries_total") - sample(&before, "agora_log_entries_total")
+                == 4.0
+                && sample(&text, "agora_host_groups_loaded") == 2.0
+        }),
+        "{}",
+        get(&addr, "/metrics").1
+    );
+    let after = get(&addr, "/metrics").1;
+    assert_eq!(live(&after), 3.0, "{after}");
+    assert!(!after.contains("agora_log_last_seq"), "{after}");
+    assert!(!after.contains("group=\""), "no per-group label: {after}");
+    assert!(sample(&after, "agora_log_bytes") > 0.0, "{after}");
+}

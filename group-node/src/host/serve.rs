@@ -285,11 +285,36 @@ impl Node {
         Ok(())
     }
 
-    /// The gauges a scrape reads: last seq, log bytes on disk, subscriptions.
+    /// The gauges a scrape reads: log bytes on disk and subscriptions over every group; the
+    /// last seq on a node of one; the groups by state on a group host (host-wide series
+    /// only: their number is bounded whatever the number of groups).
     fn update_gauges(&mut self) {
-        use agora_common::metrics::{LAST_SEQ, LOG_BYTES, SUBSCRIBERS};
+        use agora_common::metrics::{
+            HOST_GROUPS, HOST_GROUPS_LOADED, LAST_SEQ, LOG_BYTES, SUBSCRIBERS,
+        };
         if !self.many {
             LAST_SEQ.set(i64::try_from(self.last_seq(0)).unwrap_or(i64::MAX));
+        } else {
+            let (mut live, mut pending, mut stopped, mut deleted, mut loaded) = (0, 0, 0, 0, 0);
+            for (slot, h) in self.groups.iter() {
+                match (h.pending, h.stopped) {
+                    (true, _) => pending += 1,
+                    (false, false) => live += 1,
+                    // A deleted group's name left the table (another may hold it now).
+                    (false, true) if self.groups.slot(&h.name) == Some(slot) => stopped += 1,
+                    (false, true) => deleted += 1,
+                }
+                loaded += i64::from(h.loaded.is_some());
+            }
+            for (state, n) in [
+                ("live", live),
+                ("pending", pending),
+                ("stopped", stopped),
+                ("deleted", deleted),
+            ] {
+                HOST_GROUPS.with_label_values(&[state]).set(n);
+            }
+            HOST_GROUPS_LOADED.set(loaded);
         }
         let subscribers: usize = self
             .groups
@@ -711,6 +736,8 @@ impl Node {
         })();
         match committed {
             Ok(()) => {
+                let entries: usize = appended.values().map(Vec::len).sum();
+                agora_common::metrics::LOG_ENTRIES.inc_by(entries as u64);
                 for (slot, entries) in &appended {
                     if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
                         tracing::debug!(target: "agora::commit",
