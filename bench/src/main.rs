@@ -1161,6 +1161,14 @@ fn federation(
         vec![(OFF, off.map(|s| s.threads))],
     );
     push(
+        format!("fed. host threads with {n} groups"),
+        "threads",
+        Better::Lower,
+        host.map(|h| h.threads as f64),
+        None,
+        Vec::new(),
+    );
+    push(
         format!("fed. CPU of {n} idle groups, nobody connected"),
         "% of a core",
         Better::Lower,
