@@ -893,3 +893,64 @@ fn a_create_waits_its_two_seconds_for_a_registry_slower_than_one_heartbeat() {
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(run.stdout.contains("created Slow"), "{run:?}");
 }
+
+/// After a standby took its host's groups over, a user-cli process paid the first attempt's
+/// share of `--timeout` at the dead endpoint once per group of that host, not once: on
+/// `Timeout`, `App::relocated` (user-cli/src/app/mod.rs) asks the registry and re-points the
+/// one group that failed, and the next group saved at the same endpoint times out there
+/// again. Measured by the standby test above: 5 sends after the takeover took 8.5 s at the
+/// default 5 s timeout, 1.8 s at 1 s; an owner's 100 groups would take about 170 s. Here 20
+/// groups at `--timeout 2s`: 14.8 s today; the registry's answer for the first group
+/// could serve the others (or the dead endpoint be skipped for the session).
+#[test]
+#[ignore = "defect: each group of a moved host pays a timeout at the old endpoint \
+            (user-cli/src/app/mod.rs App::on_node / App::relocated)"]
+fn a_session_finds_a_moved_host_once_not_once_per_group() {
+    const GROUPS: usize = 20;
+    let (fed, host_key) = federation(&["a", "b"]);
+    let (_cluster, url) = fed.shared_store();
+    let mut active =
+        spawn(&fed, "a", "127.0.0.1:0", &["--store", &url]).wait_listening(START_TIMEOUT);
+    let standby = spawn(&fed, "b", "127.0.0.1:0", &["--store", &url]);
+    assert!(
+        wait_for(START_TIMEOUT, || standby.log().contains("waiting for it")),
+        "the second host did not become a standby: {}",
+        standby.log()
+    );
+    fed.user_key(&user(0));
+    let creates: Vec<String> = (0..GROUPS)
+        .map(|i| {
+            format!(
+                "create {} --host {} --host-key '{host_key}'",
+                group(0, i),
+                active.host_port()
+            )
+        })
+        .collect();
+    let (_, err) = session(&fed, 0, &[], &creates);
+    assert!(err.is_empty(), "{err:#?}");
+
+    active.kill9();
+    let standby = standby.wait_listening(START_TIMEOUT);
+    let mut client = host_client(&fed, &standby, 0);
+    let served = wait_for(WAIT, || {
+        (0..GROUPS).all(|i| {
+            let name = GroupName::new(group(0, i)).expect("name");
+            client.group(&name).info().is_ok()
+        })
+    });
+    assert!(served, "the standby did not serve them: {}", standby.log());
+
+    let sends: Vec<String> = (0..GROUPS)
+        .map(|i| format!("send {} moved", group(0, i)))
+        .collect();
+    let started = Instant::now();
+    let (_, err) = session(&fed, 0, &["--timeout", "2s"], &sends);
+    let took = started.elapsed();
+    assert!(err.is_empty(), "{err:#?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "{GROUPS} sends to the groups of a moved host took {} ms at --timeout 2s",
+        took.as_millis()
+    );
+}
