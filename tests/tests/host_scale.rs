@@ -11,12 +11,17 @@
 //! per command, and the five users' sessions run side by side. Each phase's time goes to
 //! stderr (`--nocapture`): about 25 s in all in a debug build on 2 cores, 500 files 8 s of
 //! it.
+//!
+//! Beside it: a standby host on PostgreSQL taking over 500 groups made the same way, with
+//! the watches following them (about 25 s); and two tests, ignored, of defects these found
+//! (a create failing after one `--heartbeat` of registry silence; a moved host costing a
+//! client one timeout per group).
 
 use std::collections::{BTreeMap, HashMap};
-
-use serde_json::value::RawValue;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
 
 use agora_common::client::{ClientOptions, HostClient};
 use agora_common::keys::Keypair;
