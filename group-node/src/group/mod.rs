@@ -388,7 +388,7 @@ impl Group {
         reply::<call::UploadChunk>(
             result
                 .map(|p| cmd::files::reply(slot.digest, p))
-                .map_err(cmd::files::blob_error),
+                .map_err(|e| cmd::files::blob_error(e).with_group(Some(self.config.name.clone()))),
         )
         .0
     }
