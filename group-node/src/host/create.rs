@@ -476,6 +476,52 @@ mod tests {
         String::from_utf8_lossy(reply.last().expect("a body")).into_owned()
     }
 
+    /// A group a crash left pending (stored, its name never registered, its create never
+    /// answered) is gone when the host starts again: not served, its name free for a create.
+    #[test]
+    fn a_group_left_pending_by_a_crash_is_removed_at_start() {
+        use crate::store::{GroupState, NewGroup};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(
+            GroupName::new("host").expect("name"),
+            "tcp://127.0.0.1:0",
+            dir.path().to_owned(),
+        );
+        config.host = true;
+        config.insecure = true;
+        config.wal_prealloc_bytes = 0;
+        config.creators = crate::host::Creators::Any;
+        let ctx = zmq::Context::new();
+        let name = GroupName::new("left").expect("name");
+        {
+            let mut node = Node::bind(&ctx, config.clone()).expect("bind");
+            node.db.begin().expect("begin");
+            node.db
+                .insert_group(NewGroup {
+                    name: &name,
+                    owner: None,
+                    created_by: None,
+                    mode: agora_proto::wire::GroupMode::Open,
+                    state: GroupState::Pending,
+                    at: agora_proto::time::Timestamp::now(),
+                })
+                .expect("insert");
+            node.db.commit().expect("commit");
+            node.db.flusher().sync().expect("sync");
+        }
+        let mut node = Node::bind(&ctx, config).expect("bind again");
+        assert_eq!(node.db.find_group(&name).expect("find"), None, "removed");
+        assert!(!node.groups.serves(&name));
+        let alice = Keypair::generate().expect("keys");
+        let made = node.serve_batch(&mut vec![request(
+            1,
+            &alice,
+            serde_json::json!({"action": "create", "group": "left", "user": "alice"}),
+        )]);
+        let made = body(&made.replies[0].1);
+        assert!(made.contains(r#""ok":true"#), "the name is free: {made}");
+    }
+
     /// A `delete` whose turn does not commit (a later write of that turn fails and SQLite
     /// rolls the transaction back) leaves its group served, under its name, as before: the
     /// delete is answered `internal` and nothing of it stays.
