@@ -10,6 +10,11 @@
 //! ([`Registrar::register_now`]).
 //!
 //! # Every heartbeat interval
+//! The interval is `--heartbeat`, or the registry's `heartbeat_ms` when its replies ask for
+//! a shorter one, and never more than half its `ttl_ms` ([`beat_interval`]), counted from
+//! the start of the last beat. A request waits for its reply as any client's does (5 s
+//! over 3 attempts, [`REQUEST_OPTIONS`]), whatever the interval: a registry busy for longer
+//! than one beat delays the next beat rather than failing the request.
 //! 1. Names added since the last beat, changed member counts, and names the registry
 //!    refused before go in `register_groups` requests of at most [`MAX_REGISTER_GROUPS`].
 //! 2. `heartbeat_host` with the count of names the registry accepted. A different `known`
@@ -18,8 +23,9 @@
 //!
 //! A registry older than §4.1.1 answers `unknown_action`: the registrar then registers
 //! each group with a plain `register` every interval (as a node of one does), after one
-//! WARN. At a stop ([`Registrar`] dropped) every registered name is unregistered; a registry
-//! that does not answer then costs one INFO line, and the entries expire after its TTL.
+//! WARN. At a stop ([`Registrar`] dropped) a request in flight finishes first (up to its
+//! 5 s), then every registered name is unregistered; a registry that does not answer then
+//! costs one INFO line, and the entries expire after its TTL.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -49,9 +55,28 @@ pub struct RegistrarConfig {
     pub curve: Option<ClientCurve>,
     /// The endpoint members reach the host at, as registered.
     pub endpoint: Endpoint,
-    /// How often to send `heartbeat_host` (`--heartbeat`, default 2 s); also each
-    /// request's timeout (at least 100 ms).
+    /// How often to send `heartbeat_host` (`--heartbeat`, default 2 s), unless the
+    /// registry asks for a shorter interval ([`beat_interval`]).
     pub heartbeat: Duration,
+}
+
+/// How long one request to the registry may take: the client's default timeout (5 s over
+/// 3 attempts, Lazy Pirate), whatever the heartbeat interval, so that a registry busy for
+/// longer than one beat still answers a `create`'s registration.
+pub const REQUEST_OPTIONS: ClientOptions = ClientOptions {
+    timeout: Duration::from_secs(5),
+    attempts: 3,
+};
+
+/// The shortest interval a registry's reply can make the registrar beat at (100 ms).
+const MIN_BEAT: Duration = Duration::from_millis(100);
+
+/// The interval to beat at: `own` (`--heartbeat`), or the registry's `heartbeat_ms` when
+/// shorter, and never more than half its `ttl_ms`, so that the host's entries do not
+/// expire between two beats; at least 100 ms unless `own` is shorter.
+pub fn beat_interval(own: Duration, heartbeat_ms: u64, ttl_ms: u64) -> Duration {
+    let asked = Duration::from_millis(heartbeat_ms.min(ttl_ms / 2)).max(MIN_BEAT);
+    own.min(asked)
 }
 
 /// Why a name given to [`Registrar::register_now`] is not registered.
@@ -62,7 +87,8 @@ pub enum RegistrarError {
     /// `invalid_field`).
     #[error("the registry refused it: {0}")]
     Refused(WireError),
-    /// The registry did not answer within the heartbeat interval, or the registrar stopped.
+    /// The registry did not answer within [`REQUEST_OPTIONS`]' timeout (5 s), or the
+    /// registrar stopped.
     #[error("the registry at {registry} did not answer: {error}")]
     Unreachable {
         /// The registry's endpoint (list).
@@ -125,8 +151,8 @@ impl Registrar {
     }
 
     /// Registers `groups` at once (a `create`: the name is registered before the reply
-    /// leaves); each name's result arrives on the receiver, within one heartbeat interval
-    /// plus the time of a request already in flight. A registered name is then kept live
+    /// leaves); each name's result arrives on the receiver, within a request's timeout
+    /// ([`REQUEST_OPTIONS`], 5 s) plus the time of a request already in flight. A registered name is then kept live
     /// as [`Registrar::set`] keeps it; a refused one is forgotten.
     pub fn register_now(&self, groups: Vec<HostedGroup>) -> Receiver<Registration> {
         let (tx, rx) = sync_channel(groups.len().max(1));
@@ -172,17 +198,17 @@ struct Worker {
     /// Whether the registry answered the last request (`None`: not asked yet), so that an
     /// outage is logged once.
     reachable: Option<bool>,
+    /// The interval beaten at: `--heartbeat`, or the registry's when its replies ask for a
+    /// shorter one ([`beat_interval`]).
+    interval: Duration,
 }
 
 impl Worker {
     fn new(ctx: &zmq::Context, config: RegistrarConfig, inbox: Arc<Mutex<Inbox>>) -> Worker {
-        let options = ClientOptions {
-            timeout: config.heartbeat.max(Duration::from_millis(100)),
-            attempts: 1,
-        };
         Worker {
             ctx: ctx.clone(),
-            client: client(ctx, &config.registry, config.curve.clone(), options),
+            client: client(ctx, &config.registry, config.curve.clone(), REQUEST_OPTIONS),
+            interval: config.heartbeat,
             public_key: config.curve.as_ref().map(|c| c.keypair.public),
             config,
             inbox,
@@ -196,26 +222,56 @@ impl Worker {
         }
     }
 
+    /// Follows the interval and TTL a registry's reply carries: a shorter interval than
+    /// ours applies from the next beat on (logged once per change).
+    fn heed(&mut self, heartbeat_ms: u64, ttl_ms: u64) {
+        let interval = beat_interval(self.config.heartbeat, heartbeat_ms, ttl_ms);
+        if interval != self.interval {
+            tracing::info!(registry = %self.config.registry,
+                heartbeat = %agora_common::human_duration(Duration::from_millis(heartbeat_ms)),
+                ttl = %agora_common::human_duration(Duration::from_millis(ttl_ms)),
+                every = %agora_common::human_duration(interval),
+                "heartbeat interval set by the registry's reply");
+            self.interval = interval;
+        }
+    }
+
+    /// Beats every [`Worker::interval`], counted from the start of the last beat (a slow
+    /// request does not push the next beat later), and serves the owner's wakes between.
     fn run(mut self, pipe: &Pipe) {
-        let mut next_beat = Instant::now() + self.config.heartbeat;
-        loop {
+        let mut last_beat = Instant::now();
+        let mut next_beat = last_beat + self.interval;
+        'serve: loop {
             match pipe.wait_until(next_beat) {
                 Wake::Term => break,
                 Wake::Command(_) => {
-                    // A burst of wakes is one turn.
-                    while let Wake::Command(_) = pipe.take() {}
+                    // A burst of wakes is one turn (a stop among them ends the loop after
+                    // it).
+                    let stop = loop {
+                        match pipe.take() {
+                            Wake::Command(_) => {}
+                            Wake::Timeout => break false,
+                            Wake::Term => break true,
+                        }
+                    };
                     if self.take_inbox() {
                         // New names go out soon, together: a host starting with 10,000
                         // groups sends ⌈10,000/128⌉ requests, not one per wake.
                         next_beat = next_beat.min(Instant::now() + GATHER);
                     }
+                    if stop {
+                        break 'serve;
+                    }
                 }
                 Wake::Timeout => {
+                    last_beat = Instant::now();
                     self.take_inbox();
                     self.beat();
-                    next_beat = Instant::now() + self.config.heartbeat;
+                    next_beat = last_beat + self.interval;
                 }
             }
+            // A reply may have asked for a shorter interval.
+            next_beat = next_beat.min(last_beat + self.interval);
         }
         self.take_inbox();
         self.unregister_all();
@@ -311,6 +367,7 @@ impl Worker {
             match self.client.register_groups(&request) {
                 Ok(reply) => {
                     self.answered();
+                    self.heed(reply.heartbeat_ms, reply.ttl_ms);
                     let mut refusals: HashMap<GroupName, WireError> = reply
                         .refused
                         .into_iter()
@@ -366,8 +423,9 @@ impl Worker {
             .client
             .register(name, &self.config.endpoint, members, self.public_key)
         {
-            Ok(_) => {
+            Ok(reply) => {
                 self.answered();
+                self.heed(reply.heartbeat_ms, reply.ttl_ms);
                 Ok(())
             }
             Err(ClientError::Server(e)) => {
@@ -411,10 +469,12 @@ impl Worker {
             {
                 Ok(reply) if reply.known == accepted => {
                     self.answered();
+                    self.heed(reply.heartbeat_ms, reply.ttl_ms);
                     return;
                 }
                 Ok(reply) => {
                     self.answered();
+                    self.heed(reply.heartbeat_ms, reply.ttl_ms);
                     tracing::info!(registry = %self.config.registry, known = reply.known,
                         groups = accepted, "the registry's count differs: registering every group again");
                 }
@@ -709,10 +769,10 @@ mod tests {
         );
         let took = restarted.elapsed();
         eprintln!("relisted {N} groups {took:?} after the registry restarted");
-        // One interval for the next beat, plus one request timeout when that beat went to
-        // the registry while it was down.
+        // One interval for the next beat, plus one attempt's share of a request's timeout
+        // (5 s / 3) when that beat went to the registry while it was down.
         assert!(
-            took < Duration::from_millis(2500),
+            took < Duration::from_millis(3000),
             "relisted after {took:?}"
         );
         drop(registrar);
@@ -935,6 +995,136 @@ mod tests {
         drop(registrar);
         stop.store(true, Ordering::Relaxed);
         fake.join().expect("fake registry");
+    }
+
+    /// Issue 24 (H3b): the registrar kept its own `--heartbeat` and ignored the
+    /// `heartbeat_ms`/`ttl_ms` of the registry's replies, so under a registry beating every
+    /// 500 ms (TTL 1.5 s) a host at 2 s let its groups expire between beats and registered
+    /// all of them again on every beat (`known` 0). Now it beats at the registry's interval,
+    /// and at half the TTL when the TTL is one interval (`--ttl-intervals 1`, TTL 1 s): the
+    /// groups stay listed through two of the host's own intervals, with no
+    /// `register_groups` after the first.
+    #[test]
+    fn groups_expired_between_beats_under_a_registry_asking_for_a_shorter_heartbeat() {
+        const GROUPS: usize = 200;
+        for (heartbeat, extra) in [("500ms", &[][..]), ("1s", &["--ttl-intervals", "1"][..])] {
+            let host = Keypair::generate().expect("keys");
+            let host_key = host.public.to_string();
+            let mut args = vec!["--metrics", "127.0.0.1:0", "--host-key", &host_key];
+            args.extend_from_slice(extra);
+            let fed = Federation::start_with(heartbeat, &args);
+            let metrics = fed.registry.metrics_addr();
+            let ctx = zmq::Context::new();
+            let registrar = registrar(&fed, &ctx, &host, Duration::from_secs(2));
+            for i in 0..GROUPS {
+                registrar.set(name(i), 1);
+            }
+            assert!(
+                wait_for(Duration::from_secs(10), || listed(&fed, &ctx) == GROUPS),
+                "registry --heartbeat {heartbeat} {extra:?}: {} of {GROUPS} listed",
+                listed(&fed, &ctx)
+            );
+            let batches = requests(&metrics, "register_groups");
+            let beats = requests(&metrics, "heartbeat_host");
+            let user = Keypair::generate().expect("keys");
+            let mut lister = client(
+                &ctx,
+                &fed.registry.endpoint,
+                Some(ClientCurve {
+                    keypair: user,
+                    server_key: fed.registry_key().parse().expect("registry key"),
+                }),
+                ClientOptions {
+                    timeout: Duration::from_secs(2),
+                    attempts: 1,
+                },
+            );
+            // Two of the host's own intervals: several of the registry's TTLs.
+            let window = Instant::now() + Duration::from_secs(4);
+            let mut lists = 0;
+            while Instant::now() < window {
+                // A list the registry is too busy to answer says nothing about the host.
+                if let Ok(groups) = lister.list() {
+                    assert_eq!(
+                        groups.len(),
+                        GROUPS,
+                        "registry --heartbeat {heartbeat} {extra:?}: groups expired between \
+                         the host's beats"
+                    );
+                    lists += 1;
+                }
+                // Sampling the directory, not waiting for a condition.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(lists >= 10, "only {lists} lists answered in 4 s");
+            assert_eq!(
+                requests(&metrics, "register_groups"),
+                batches,
+                "registry --heartbeat {heartbeat} {extra:?}: groups registered again"
+            );
+            let beaten = requests(&metrics, "heartbeat_host") - beats;
+            assert!(
+                beaten >= 6,
+                "registry --heartbeat {heartbeat} {extra:?}: {beaten} heartbeat_host in 4 s"
+            );
+            drop(registrar);
+        }
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`) to the process `pid`.
+    fn signal(pid: u32, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
+    /// A process stopped (SIGSTOP) until this is dropped (SIGCONT), a failed assertion
+    /// included.
+    struct Stopped(u32);
+
+    impl Stopped {
+        fn new(pid: u32) -> Stopped {
+            signal(pid, "-STOP");
+            Stopped(pid)
+        }
+    }
+
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            signal(self.0, "-CONT");
+        }
+    }
+
+    /// Issue 24 (H3b): each request's timeout was one `--heartbeat`, so a host beating
+    /// every 200 ms gave up on a `create`'s registration when the registry was busy for
+    /// 600 ms, well inside the create's 2 s. A request now waits as long as any client's
+    /// (5 s over 3 attempts): no answer while the registry is stopped, then `Ok`.
+    #[test]
+    fn a_registration_gave_up_after_one_heartbeat_on_a_busy_registry() {
+        let host = Keypair::generate().expect("keys");
+        let fed = federation("200ms", &host);
+        let ctx = zmq::Context::new();
+        let registrar = registrar(&fed, &ctx, &host, Duration::from_millis(200));
+        registrar.set(name(0), 1);
+        assert!(wait_for(Duration::from_secs(5), || listed(&fed, &ctx) == 1));
+        let busy = Stopped::new(fed.registry.pid());
+        let rx = registrar.register_now(vec![HostedGroup {
+            name: name(1),
+            members: 1,
+        }]);
+        // Busy for 600 ms: three of the host's heartbeats.
+        match rx.recv_timeout(Duration::from_millis(600)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            other => panic!("an answer while the registry was stopped: {other:?}"),
+        }
+        drop(busy);
+        let (got, result) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("an answer once the registry answers");
+        assert_eq!((got, result), (name(1), Ok(())));
+        assert!(wait_for(Duration::from_secs(5), || listed(&fed, &ctx) == 2));
     }
 
     /// `register_now` answers per name: a name another key owns is refused with its code.
