@@ -753,6 +753,20 @@ fn a_postgres_standby_takes_over_500_created_groups_and_the_watches_follow() {
         killed.elapsed().as_millis()
     );
     took("takeover");
+    // The registry lists all 500 at the standby (its registration may trail its serving).
+    let mut elsewhere = 0;
+    let moved = wait_for(WAIT, || {
+        let run = fed.cli(&user(0), &["--json", "groups"], "");
+        let listed: Vec<String> = run.stdout.lines().map(str::to_owned).collect();
+        let there = json(&listed)
+            .iter()
+            .filter(|g| g["endpoint"] == standby.endpoint)
+            .count();
+        elsewhere = (USERS * PER_USER).saturating_sub(there);
+        elsewhere == 0
+    });
+    assert!(moved, "{elsewhere} groups not listed at the standby");
+    took("registry lists the standby");
 
     // The owners: the groups' saved endpoint is gone, the registry names the standby's.
     // user-cli finds it for a sample of 5 groups each (each group of a moved host costs its
