@@ -13,9 +13,9 @@
 //! it.
 //!
 //! Beside it: a standby host on PostgreSQL taking over 500 groups made the same way, with
-//! the watches following them (about 25 s); and two tests, ignored, of defects these found
-//! (a create failing after one `--heartbeat` of registry silence; a moved host costing a
-//! client one timeout per group).
+//! the watches following them (about 25 s); and two tests of defects these found: a create
+//! failing after one `--heartbeat` of registry silence (fixed by 297e585), and, ignored, a
+//! moved host costing a client one timeout per group.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -39,10 +39,10 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Most lines in one session: a session runs under the harness's 30 s limit.
 const SESSION_LINES: usize = 50;
 
-/// The registry's heartbeat and the host's. The host's is also the timeout of its requests
-/// to the registry, a create's registration included: at the harness's 200 ms, a registry
-/// slowed by 500 creates on two busy cores made creates fail (`internal: the registry did
-/// not take the name`).
+/// The registry's heartbeat and the host's. Until 297e585 the host's was also the timeout
+/// of its requests to the registry, a create's registration included: at the harness's
+/// 200 ms, a registry slowed by 500 creates on two busy cores made creates fail
+/// (`internal: the registry did not take the name`; the last test but one).
 const HEARTBEAT: &str = "1s";
 
 /// Starts a group host (`--creators any`) at `addr` with `extra` flags (`--store URL`), its
