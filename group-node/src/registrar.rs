@@ -144,19 +144,36 @@ impl Registrar {
         self.change(name, Change::Set(members));
     }
 
-    /// Stops registering `name` and unregisters it (a deleted or stopped group). Cheap: no
-    /// I/O on the caller's thread.
+    /// Stops registering `name` and unregisters it (a deleted or stopped group, or a
+    /// `create` that gave up waiting). A [`Registrar::register_now`] of `name` the actor has
+    /// not taken yet is withdrawn: its receiver gets no result for it (disconnected once
+    /// nothing is left to answer). Cheap: no I/O on the caller's thread.
     pub fn remove(&self, name: GroupName) {
-        self.change(name, Change::Remove);
+        let mut inbox = self.lock();
+        for (groups, _) in &mut inbox.now {
+            groups.retain(|g| g.name != name);
+        }
+        inbox.now.retain(|(groups, _)| !groups.is_empty());
+        inbox.changes.insert(name, Change::Remove);
+        drop(inbox);
+        self.wake();
     }
 
     /// Registers `groups` at once (a `create`: the name is registered before the reply
     /// leaves); each name's result arrives on the receiver, within a request's timeout
-    /// ([`REQUEST_OPTIONS`], 5 s) plus the time of a request already in flight. A registered name is then kept live
-    /// as [`Registrar::set`] keeps it; a refused one is forgotten.
+    /// ([`REQUEST_OPTIONS`], 5 s) plus the time of a request already in flight. A
+    /// registered name is then kept live as [`Registrar::set`] keeps it; a refused one is
+    /// forgotten. It overrides a [`Registrar::remove`] of the same name not taken yet.
     pub fn register_now(&self, groups: Vec<HostedGroup>) -> Receiver<Registration> {
         let (tx, rx) = sync_channel(groups.len().max(1));
-        self.lock().now.push((groups, tx));
+        let mut inbox = self.lock();
+        for g in &groups {
+            if let Some(Change::Remove) = inbox.changes.get(&g.name) {
+                inbox.changes.remove(&g.name);
+            }
+        }
+        inbox.now.push((groups, tx));
+        drop(inbox);
         self.wake();
         rx
     }
@@ -1125,6 +1142,71 @@ mod tests {
             .expect("an answer once the registry answers");
         assert_eq!((got, result), (name(1), Ok(())));
         assert!(wait_for(Duration::from_secs(5), || listed(&fed, &ctx) == 2));
+    }
+
+    /// A `create` that gave up (its 2 s passed while the registrar waited on a busy
+    /// registry) removes its name; its `register_now`, still waiting behind that request,
+    /// was then applied after the removal and the registry kept listing a group the host
+    /// had archived. The removal withdraws it now: no result, and only the host's group
+    /// listed once the registry answers.
+    #[test]
+    fn a_name_removed_while_its_registration_waited_was_registered_after_all() {
+        let host = Keypair::generate().expect("keys");
+        let fed = federation("200ms", &host);
+        let ctx = zmq::Context::new();
+        let registrar = registrar(&fed, &ctx, &host, Duration::from_millis(200));
+        registrar.set(name(0), 1);
+        assert!(wait_for(Duration::from_secs(5), || listed(&fed, &ctx) == 1));
+        let busy = Stopped::new(fed.registry.pid());
+        // A registration the actor takes and waits on (the registry stopped); the next
+        // one and its removal both wait behind it.
+        let first = registrar.register_now(vec![HostedGroup {
+            name: name(2),
+            members: 1,
+        }]);
+        assert!(wait_for(Duration::from_secs(5), || registrar
+            .lock()
+            .now
+            .is_empty()));
+        let answer = registrar.register_now(vec![HostedGroup {
+            name: name(1),
+            members: 1,
+        }]);
+        registrar.remove(name(1));
+        drop(busy);
+        let (got, result) = first.recv_timeout(Duration::from_secs(5)).expect("first");
+        assert_eq!((got, result), (name(2), Ok(())));
+        match answer.recv_timeout(Duration::from_secs(5)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+            other => panic!("a withdrawn registration answered: {other:?}"),
+        }
+        let user = Keypair::generate().expect("keys");
+        let mut lister = client(
+            &ctx,
+            &fed.registry.endpoint,
+            Some(ClientCurve {
+                keypair: user,
+                server_key: fed.registry_key().parse().expect("registry key"),
+            }),
+            ClientOptions::default(),
+        );
+        let mut names = Vec::new();
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                names = lister
+                    .list()
+                    .map(|groups| groups.into_iter().map(|g| g.name).collect())
+                    .unwrap_or_default();
+                names.len() == 2
+            }),
+            "{names:?}"
+        );
+        names.sort();
+        assert_eq!(
+            names,
+            vec![name(0), name(2)],
+            "only the host's groups listed"
+        );
     }
 
     /// `register_now` answers per name: a name another key owns is refused with its code.
