@@ -681,3 +681,44 @@ fn a_restarted_host_ages_out_a_group_nobody_touches() {
         .expect("history");
     assert!(page.messages.is_empty(), "aged out: {page:?}");
 }
+
+/// After a restart the registry listed a host's groups with 0 members until each was used
+/// (the registrar read counts only from loaded groups). Now the counts the store gives at
+/// start are registered.
+#[test]
+fn a_restarted_host_registers_its_idle_groups_member_counts() {
+    let fed = Federation::start("200ms");
+    let host = fed.host("m", &["--group", "counted"]);
+    for user in ["alice", "bob"] {
+        host_client(&fed, &host, user)
+            .group(&g("counted"))
+            .join()
+            .expect("join");
+    }
+    drop(host);
+    // Restarted on another port: the entry shows the new endpoint once the new host
+    // registered it, and then its count.
+    let host = fed.host("m", &[]);
+    let ctx = zmq::Context::new();
+    let mut registry = agora_common::client::RegistryClient::new(
+        &ctx,
+        &fed.registry.endpoint,
+        ClientOptions::default(),
+    )
+    .with_curve(fed.curve("carol", &fed.registry));
+    let mut entry = None;
+    let listed = agora_tests::wait_for(std::time::Duration::from_secs(10), || {
+        entry = registry
+            .list()
+            .ok()
+            .and_then(|l| l.into_iter().find(|e| e.name == g("counted")));
+        entry
+            .as_ref()
+            .is_some_and(|e| e.endpoint.to_string() == host.endpoint && e.members == 2)
+    });
+    assert!(
+        listed,
+        "the registry should list counted at {} with 2 members: {entry:?}",
+        host.endpoint
+    );
+}

@@ -127,6 +127,7 @@ impl Node {
             stopped: false,
             pending,
             loaded: None,
+            members: 1,
         });
         self.created.push(slot);
         self.load(slot)?;

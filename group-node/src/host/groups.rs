@@ -40,6 +40,9 @@ pub struct Hosted {
     pub pending: bool,
     /// Its engine and log state, once a request named it.
     pub loaded: Option<Box<Loaded>>,
+    /// Its member count as the store gave it at start (or at create), for the registrar
+    /// while the group is not loaded; once loaded, its log state's count is the one used.
+    pub members: u64,
 }
 
 /// The host's groups, by name; slots are never reused while the host runs.
@@ -184,6 +187,7 @@ mod tests {
             stopped: false,
             pending: false,
             loaded: None,
+            members: 0,
         });
         assert_eq!(table.slot(&name), Some(slot));
         assert!(table.serves(&name));

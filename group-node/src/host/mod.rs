@@ -568,7 +568,9 @@ impl Node {
                     .max(agora_proto::wire::MAX_CHUNK_BYTES),
             ),
             hwm: config.sndhwm,
-            heartbeat: Some(Duration::from_secs(1)),
+            // 5 s (a dead peer dropped within 15 s): at 1 s, each idle follower cost a
+            // CURVE PING and PONG a second beside its renewals (PERFORMANCE.md, idle row).
+            heartbeat: Some(Duration::from_secs(5)),
             curve: keys.clone(),
         };
         let (socket, bound) =
@@ -690,6 +692,7 @@ impl Node {
                     stopped: false,
                     pending: false,
                     loaded: None,
+                    members: row.members,
                 });
             }
         } else {
@@ -714,6 +717,7 @@ impl Node {
                 owner,
                 stopped: false,
                 pending: false,
+                members: log.member_count(),
                 loaded: Some(Box::new(Loaded { group, log })),
             });
         }

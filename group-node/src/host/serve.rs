@@ -874,16 +874,17 @@ impl Node {
             .map_or(0, |l| l.log.last_seq())
     }
 
-    /// The member count of the group in `slot` (0 if it is not loaded).
+    /// The member count of the group in `slot`: its log state's once loaded, else what the
+    /// store said at start (0 for a slot past the table).
     fn member_count(&self, slot: usize) -> u64 {
         if slot >= self.groups.len() {
             return 0;
         }
-        self.groups
-            .get(slot)
+        let hosted = self.groups.get(slot);
+        hosted
             .loaded
             .as_deref()
-            .map_or(0, |l| l.log.member_count())
+            .map_or(hosted.members, |l| l.log.member_count())
     }
 
     /// Makes the engine and log state of the group in `slot` if this is its first request:

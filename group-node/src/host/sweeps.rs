@@ -240,7 +240,9 @@ impl Node {
                 .as_deref()
                 .is_some_and(|l| l.group.subscribers().is_empty());
             if self.many && !was_loaded && quiet && !sealing {
-                hosted.loaded = None;
+                if let Some(l) = hosted.loaded.take() {
+                    hosted.members = l.log.member_count();
+                }
             }
             if self.blob_tree(slot).is_dir() {
                 self.blob_due.set(slot, now + interval);
