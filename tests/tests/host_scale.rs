@@ -922,8 +922,6 @@ fn a_create_waits_its_two_seconds_for_a_registry_slower_than_one_heartbeat() {
 /// groups at `--timeout 2s`: 14.8 s today; the registry's answer for the first group
 /// could serve the others (or the dead endpoint be skipped for the session).
 #[test]
-#[ignore = "defect: each group of a moved host pays a timeout at the old endpoint \
-            (user-cli/src/app/mod.rs App::on_node / App::relocated)"]
 fn a_session_finds_a_moved_host_once_not_once_per_group() {
     const GROUPS: usize = 20;
     let (fed, host_key) = federation(&["a", "b"]);

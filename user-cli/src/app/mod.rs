@@ -32,7 +32,7 @@ use agora_common::client::{
 use agora_common::keys::{Keypair, PublicKey};
 use agora_common::live::Feed;
 use agora_proto::time::parse_since_local;
-use agora_proto::wire::{Endpoint, ErrorCode, GroupName, HistoryQuery, UserName};
+use agora_proto::wire::{Endpoint, ErrorCode, GroupEntry, GroupName, HistoryQuery, UserName};
 
 use crate::render::Format;
 use crate::state::StateFile;
@@ -463,36 +463,84 @@ impl App {
     }
 
     /// After `err` from the node at a saved endpoint of the group `target` names: when the
-    /// node did not answer, is stopping, or no longer serves the group, asks the registry where the group
-    /// is now; if somewhere else, saves that and returns true (the caller tries once more).
+    /// node did not answer, is stopping, or no longer serves the group, asks the registry where
+    /// the group is now; if somewhere else, saves that and returns true (the caller tries once
+    /// more).
+    ///
+    /// When the host itself is gone (it did not answer, or is stopping), so is every other
+    /// group saved at its endpoint: each is looked up too and the ones the registry places
+    /// elsewhere are moved now, so that the session waits at the dead endpoint once, not once
+    /// per group of that host (a standby took over all of them).
     fn relocated(&mut self, target: &str, err: &ClientError) -> bool {
-        let stale = match err {
+        let host_gone = match err {
             ClientError::Timeout { .. } => true,
             // A node that stops (drains, or lost its lease to a standby) says so.
-            ClientError::Server(w) => {
-                matches!(w.code, ErrorCode::UnknownGroup | ErrorCode::ShuttingDown)
-            }
+            ClientError::Server(w) => w.code == ErrorCode::ShuttingDown,
             _ => false,
         };
+        let stale =
+            host_gone || matches!(err, ClientError::Server(w) if w.code == ErrorCode::UnknownGroup);
         let Ok(Target::Name(name)) = Target::parse(target) else {
             return false;
         };
         let Some((old, _)) = stale.then(|| self.saved_location(&name)).flatten() else {
             return false;
         };
-        let entry = match self.registry.lookup(&name) {
-            Ok(entry) if entry.endpoint != old => entry,
-            _ => return false,
+        let moved = match self.registry.lookup(&name) {
+            Ok(entry) if entry.endpoint != old => {
+                self.move_group(&name, &old, &entry);
+                true
+            }
+            _ => false,
         };
+        let others = if host_gone {
+            self.move_others_from(&old, &name)
+        } else {
+            0
+        };
+        if moved || others > 0 {
+            self.save_state();
+            self.hosts.remove(old.as_str());
+        }
+        moved
+    }
+
+    /// Re-points the saved group `name` from `old` to the registry's `entry` (the state is
+    /// saved by the caller).
+    fn move_group(&mut self, name: &GroupName, old: &Endpoint, entry: &GroupEntry) {
         tracing::info!(group = %name, from = %old, to = %entry.endpoint,
             "the group moved; using the registry's endpoint");
         if let Some(g) = lock(&self.state).state.groups.get_mut(name.as_str()) {
             g.endpoint = entry.endpoint.to_string();
             g.public_key = entry.public_key;
         }
-        self.save_state();
-        self.hosts.remove(old.as_str());
-        true
+    }
+
+    /// The host at `old` is gone: looks up every group saved there but `except` and moves the
+    /// ones the registry places elsewhere; returns how many moved. A group the registry still
+    /// places at `old` (its new host has not registered it yet) stays, and is looked up again
+    /// when used. Stops at the first lookup the registry does not answer (each would wait out
+    /// `--timeout` again).
+    fn move_others_from(&mut self, old: &Endpoint, except: &GroupName) -> usize {
+        let names: Vec<GroupName> = lock(&self.state)
+            .state
+            .groups
+            .iter()
+            .filter(|(n, g)| g.endpoint == old.as_str() && n.as_str() != except.as_str())
+            .filter_map(|(n, _)| GroupName::new(n.clone()).ok())
+            .collect();
+        let mut moved = 0;
+        for name in names {
+            match self.registry.lookup(&name) {
+                Ok(entry) if entry.endpoint != *old => {
+                    self.move_group(&name, old, &entry);
+                    moved += 1;
+                }
+                Err(ClientError::Timeout { .. }) => break,
+                _ => {}
+            }
+        }
+        moved
     }
 
     /// Runs `op` against the node of `target` ([`App::resolve`]) and returns its result and
