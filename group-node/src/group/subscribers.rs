@@ -269,12 +269,15 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Whether `n` more bytes would pass the total: the host's, or `own_total` without one.
+    /// Whether `n` more bytes would pass a total: this group's `own_total`, or its host's
+    /// when it has one (both hold: one group's subscribers that never ack cannot fill the
+    /// host's total and starve the other groups).
     fn would_pass(&self, n: usize, own_total: usize) -> bool {
-        match &self.host {
-            Some(host) => host.in_flight() + n > host.total,
-            None => self.mine + n > own_total,
-        }
+        self.mine + n > own_total
+            || self
+                .host
+                .as_ref()
+                .is_some_and(|host| host.in_flight() + n > host.total)
     }
 }
 
@@ -366,8 +369,8 @@ impl Subscribers {
     }
 
     /// Counts this group's bytes in flight in `host` too, and withholds pushes while the
-    /// host's total would pass its budget (instead of this group's own total). Set before
-    /// any push.
+    /// host's total would pass its budget, as well as while this group's own total would
+    /// ([`Subscribers::with_push_budget`]). Set before any push.
     pub fn with_host_budget(mut self, host: Arc<HostBudget>) -> Subscribers {
         self.in_flight = InFlight {
             mine: 0,
@@ -1106,6 +1109,50 @@ mod tests {
         assert!(held > 0);
         groups.remove(1);
         assert_eq!(host.in_flight(), 10 * one - held);
+    }
+
+    /// One group's subscribers that never ack stop at that group's own total, not at the
+    /// host's: a group with room for 2 pushes of its own (5 subscribers, a host total of
+    /// 10) sends 2, and another group of the same host still gets its pushes (before, the
+    /// first group filled the host's total and the second got none).
+    #[test]
+    fn one_groups_unacked_pushes_starved_the_other_groups_of_the_host() {
+        let body = format!("\"{}\"", "z".repeat(1000));
+        let one = single_events(
+            "\"g00\"",
+            &[(1, serde_json::to_vec(&entry(1, &body)).expect("json"))],
+        )[0]
+        .1
+        .len();
+        let host = Arc::new(HostBudget::new(10 * one + 10));
+        let t0 = Instant::now();
+        let make = |tag: u8| {
+            let mut s = Subscribers::new(Duration::from_secs(5), 10, 10, 0)
+                .with_push_budget(3 * one + 10, 2 * one + 10)
+                .with_host_budget(Arc::clone(&host));
+            for i in 0..5u8 {
+                s.subscribe(&env(&[tag, i]), &name(&format!("u{i}")), t0)
+                    .expect("subscribe");
+            }
+            s
+        };
+        let (mut a, mut b) = (make(b'a'), make(b'b'));
+        let (ga, gb) = (
+            GroupName::new("g01").expect("name"),
+            GroupName::new("g02").expect("name"),
+        );
+        let mut sink = VecSink::default();
+        for seq in 1..=4 {
+            a.push(&mut sink, &ga, &[entry(seq, &body)], t0)
+                .expect("push");
+        }
+        assert_eq!(sink.sent.len(), 2, "group a stops at its own total");
+        assert_eq!(host.in_flight(), 2 * one);
+        let stats = b
+            .push(&mut sink, &gb, &[entry(1, &body)], t0)
+            .expect("push");
+        assert_eq!(stats.sent, 2, "group b still pushes");
+        assert_eq!(host.in_flight(), 4 * one);
     }
 
     /// Pushes to connections that never read: the budgets hold, an ack frees its
