@@ -155,7 +155,9 @@ fn sessions(
     fed: &Federation,
     lines: impl Fn(usize) -> Vec<String> + Sync,
 ) -> Vec<(Vec<String>, Vec<String>)> {
-    sessions_with(fed, &[], lines)
+    // A generous --timeout: these check what is stored, not how fast, and CI's two cores
+    // run this beside other tests (a create under load once took past the default 5 s).
+    sessions_with(fed, &["--timeout", "20s"], lines)
 }
 
 /// As [`sessions`], with global `args` for user-cli.
