@@ -339,7 +339,11 @@ impl Worker {
                     last_beat = Instant::now();
                     self.take_inbox(false);
                     self.beat();
-                    self.unregister_gone();
+                    // A beat the registry did not answer says the unregistering would
+                    // wait too; with no groups, the beat asked nothing and this probes.
+                    if self.groups.is_empty() || self.reachable != Some(false) {
+                        self.unregister_gone();
+                    }
                     next_beat = last_beat + self.interval;
                 }
             }
