@@ -173,6 +173,13 @@ impl Node {
         Ok(Some(made))
     }
 
+    /// Whether a `create` of the group in `slot` waits (for its turn's sync or for the
+    /// registry).
+    pub(super) fn create_waits(&self, slot: usize) -> bool {
+        self.creating.iter().any(|c| c.slot == slot)
+            || self.create_waiters.iter().any(|w| w.creating.slot == slot)
+    }
+
     /// Adds `envelope` to the waiting create of the pending group in `slot`; false if there
     /// is none here (its turn waits for its sync, or the group is not pending).
     fn wait_again(&mut self, slot: usize, envelope: &Frames) -> bool {

@@ -384,6 +384,12 @@ pub struct Node {
     age_due: sweeps::DueTimes,
     /// When each group's attachments' TTL sweep is due ([`sweeps`]).
     blob_due: sweeps::DueTimes,
+    /// When each loaded group of a group host is idle long enough to be let go: its last
+    /// request plus [`sweeps::LOADED_IDLE`] ([`sweeps`]).
+    idle_due: sweeps::DueTimes,
+    /// The most groups a group host keeps loaded while others are idle
+    /// ([`sweeps::MAX_LOADED_GROUPS`]).
+    max_loaded: usize,
     /// The lease this node serves under, when the store is shared ([`lease`]).
     lease: Option<lease::Lease>,
     /// A PostgreSQL group host's one connection for every group's blobs.
@@ -738,6 +744,8 @@ impl Node {
             deleted: Vec::new(),
             age_due: sweeps::DueTimes::new(),
             blob_due: sweeps::DueTimes::new(),
+            idle_due: sweeps::DueTimes::new(),
+            max_loaded: sweeps::MAX_LOADED_GROUPS,
             lease,
             blob_client: blobs::PgBlobClient::default(),
             deposed: false,

@@ -254,6 +254,7 @@ impl Node {
                 syncer.request(pipeline.requested)?;
             }
             self.sweep_blobs_due(Instant::now(), SystemTime::now());
+            self.let_go_idle(Instant::now());
         }
         agora_common::metrics::set_draining();
         // Drain: every batch already committed gets its sync, then its replies and pushes;
@@ -893,6 +894,11 @@ impl Node {
     /// # Errors
     /// `internal` (logged) if its log state or blob tree cannot be read.
     pub(super) fn load(&mut self, slot: usize) -> Result<(), WireError> {
+        if self.many {
+            // Its last use: a group idle for `LOADED_IDLE` is let go (`sweeps`).
+            self.idle_due
+                .set(slot, Instant::now() + super::sweeps::LOADED_IDLE);
+        }
         if self.groups.get(slot).loaded.is_some() {
             return Ok(());
         }

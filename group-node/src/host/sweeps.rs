@@ -81,6 +81,17 @@ impl DueTimes {
     }
 }
 
+/// How long a group host keeps a group loaded (its engine and log state) after its last
+/// request while it is idle: 60 s. Idle: no subscribers (live or draining), no seal or
+/// create waiting.
+pub const LOADED_IDLE: Duration = Duration::from_secs(60);
+
+/// The most groups a group host keeps loaded: 1,024. Past it the idle groups used least
+/// recently are let go at once, whatever their idle time (any request, even one refused
+/// later, loads its group: without a bound anyone could keep every group in memory). Busy
+/// groups stay loaded past it.
+pub const MAX_LOADED_GROUPS: usize = 1024;
+
 /// How often a group's attachments are swept: `min(--upload-ttl, 1 min)`.
 pub fn blob_interval(config: &Config) -> Duration {
     config.upload_ttl.min(Duration::from_secs(60))
@@ -224,7 +235,8 @@ impl Node {
                 continue;
             }
             let was_loaded = hosted.loaded.is_some();
-            if self.load(slot).is_err() {
+            // A loaded group's idle time is its requests', not its sweeps'.
+            if !was_loaded && self.load(slot).is_err() {
                 self.blob_due.set(slot, now + interval);
                 continue;
             }
@@ -249,12 +261,166 @@ impl Node {
             }
         }
     }
+
+    /// Lets go of a group host's loaded groups idle for [`LOADED_IDLE`], and, while more
+    /// than [`MAX_LOADED_GROUPS`] are loaded, of the idle ones used least recently (at
+    /// most [`MAX_SWEEPS_PER_PASS`] of each per pass). A group let go keeps its member
+    /// count for the registrar; its next request loads it again. A busy group (with
+    /// subscribers, a seal or a create waiting) is looked at again after [`LOADED_IDLE`].
+    pub(super) fn let_go_idle(&mut self, now: Instant) {
+        if !self.many || self.idle_due.is_empty() {
+            return;
+        }
+        let mut busy = Vec::new();
+        for slot in self.idle_due.take_due(now, MAX_SWEEPS_PER_PASS) {
+            if !self.let_go(slot) {
+                busy.push(slot);
+            }
+        }
+        // Every due time is at most `now + LOADED_IDLE`: the first are the least recent.
+        let over = self.idle_due.len().saturating_sub(self.max_loaded);
+        let (mut gone, mut looked) = (0, 0);
+        while gone < over && looked < MAX_SWEEPS_PER_PASS {
+            let Some(slot) = self.idle_due.take_due(now + LOADED_IDLE, 1).pop() else {
+                break;
+            };
+            looked += 1;
+            match self.let_go(slot) {
+                true => gone += 1,
+                false => busy.push(slot),
+            }
+        }
+        for slot in busy {
+            self.idle_due.set(slot, now + LOADED_IDLE);
+        }
+    }
+
+    /// Lets go of the group in `slot` (its engine and log state; its member count kept)
+    /// unless it is busy: true if it is not loaded now.
+    fn let_go(&mut self, slot: usize) -> bool {
+        if slot >= self.groups.len() || self.groups.get(slot).loaded.is_none() {
+            return true;
+        }
+        let sealing = self.seal_waiters.keys().any(|(s, _)| *s == slot);
+        let creating = self.groups.get(slot).pending || self.create_waits(slot);
+        let hosted = self.groups.get_mut(slot);
+        let quiet = hosted.loaded.as_deref().is_some_and(|l| {
+            let subs = l.group.subscribers();
+            subs.is_empty() && subs.in_flight_bytes() == 0 && !subs.has_notices()
+        });
+        if !quiet || sealing || creating {
+            return false;
+        }
+        if let Some(l) = hosted.loaded.take() {
+            hosted.members = l.log.member_count();
+        }
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Any request loads its group (an `info` from a stranger, before any membership
+    /// check), and loaded groups were let go only by a blob sweep that loaded them: anyone
+    /// could keep every group of a host in memory. Now past the cap (here 10) the idle
+    /// groups used least recently are let go at once, the rest after [`LOADED_IDLE`]; a
+    /// group with a subscriber stays; one let go answers again (loaded anew).
+    #[test]
+    fn any_request_kept_every_group_loaded() {
+        use agora_common::keys::Keypair;
+        use agora_common::server::Received;
+        use agora_proto::wire::GroupName;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(
+            GroupName::new("host").expect("name"),
+            "tcp://127.0.0.1:0",
+            dir.path().to_owned(),
+        );
+        config.host = true;
+        config.insecure = true;
+        config.wal_prealloc_bytes = 0;
+        config.groups = (0..30)
+            .map(|i| GroupName::new(format!("g{i:02}")).expect("name"))
+            .collect();
+        let ctx = zmq::Context::new();
+        let mut node = Node::bind(&ctx, config).expect("bind");
+        node.max_loaded = 10;
+        let alice = Keypair::generate().expect("keys");
+        let request = |id: u8, body: serde_json::Value| Received {
+            frames: vec![
+                vec![0, id],
+                Vec::new(),
+                agora_proto::wire::PROTOCOL.to_vec(),
+                body.to_string().into_bytes(),
+            ],
+            peer: Some(alice.public),
+        };
+        let loaded = |node: &Node| {
+            (0..node.groups.len())
+                .filter(|&s| node.groups.get(s).loaded.is_some())
+                .count()
+        };
+        let served = node.serve_batch(&mut vec![
+            request(
+                0,
+                serde_json::json!({"action": "join", "group": "g00", "user": "alice"}),
+            ),
+            request(
+                2,
+                serde_json::json!({"action": "join", "group": "g01", "user": "alice"}),
+            ),
+            request(
+                1,
+                serde_json::json!({"action": "subscribe", "group": "g00", "user": "alice"}),
+            ),
+        ]);
+        for (_, reply) in &served.replies {
+            let body = String::from_utf8_lossy(reply.last().expect("body")).into_owned();
+            assert!(body.contains(r#""ok":true"#), "{body}");
+        }
+        for i in 0..30u8 {
+            let group = format!("g{i:02}");
+            node.serve_batch(&mut vec![request(
+                i,
+                serde_json::json!({"action": "info", "group": group, "user": "mallory"}),
+            )]);
+        }
+        assert_eq!(loaded(&node), 30, "every request loaded its group");
+
+        let now = Instant::now();
+        node.let_go_idle(now);
+        assert_eq!(loaded(&node), 10, "down to the cap at once");
+        let g00 = node
+            .groups
+            .slot(&GroupName::new("g00").expect("name"))
+            .expect("g00");
+        assert!(
+            node.groups.get(g00).loaded.is_some(),
+            "g00 has a subscriber"
+        );
+        node.let_go_idle(now + LOADED_IDLE + Duration::from_secs(1));
+        assert_eq!(loaded(&node), 1, "only the busy group after the idle time");
+        let g01 = node
+            .groups
+            .slot(&GroupName::new("g01").expect("name"))
+            .expect("g01");
+        assert_eq!(node.groups.get(g01).members, 1, "its member count is kept");
+
+        let again = node.serve_batch(&mut vec![request(
+            99,
+            serde_json::json!({"action": "info", "group": "g29", "user": "alice"}),
+        )]);
+        let body = String::from_utf8_lossy(again.replies[0].1.last().expect("body")).into_owned();
+        assert!(
+            body.contains(r#""error""#) || body.contains(r#""ok""#),
+            "{body}"
+        );
+        assert_eq!(loaded(&node), 2, "loaded again by its next request");
+    }
 
     /// Due times come out in time order, at most `most` at once, each slot once; a slot set
     /// again moves; nothing comes out before it is due.
