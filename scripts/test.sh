@@ -3,7 +3,7 @@
 # tests start and every test, in one debug build), runs the whole workspace's tests, runs
 # the node's and the registry's process-level tests again with their stores in PostgreSQL
 # (the same test executables: nothing is compiled twice), then the benchmark's smoke run
-# (`agora-bench --quick --dm`, debug build: it checks counts and 0 loss against NATS and
+# (`agora-bench --quick --dm --federation`, debug build: it checks counts and 0 loss against NATS and
 # Redis, and that a retried broadcast stores nothing twice; never timings).
 # Usage: scripts/test.sh [cargo test args] [-- test filter and libtest args]
 # (the arguments after `--` also go to the PostgreSQL pass).
@@ -55,5 +55,5 @@ for entry in "${executables[@]}"; do
     (cd "$dir" && AGORA_TEST_STORE=postgres CARGO_MANIFEST_DIR="$dir" "$exe" ${libtest_args[@]+"${libtest_args[@]}"})
 done
 echo "test.sh: the PostgreSQL pass done at ${SECONDS}s"
-RUST_LOG=error target/debug/agora-bench --quick --dm
+RUST_LOG=error target/debug/agora-bench --quick --dm --federation
 echo "test.sh: all done in ${SECONDS}s"

@@ -689,6 +689,9 @@ pub struct FollowSizes {
     pub send_for: Duration,
     /// How long CPU is read with everyone following and nothing sent.
     pub idle: Duration,
+    /// Follow through one `common::live::Feed` per user (a thread and a context each)
+    /// instead of the load generator ([`crate::follow_load`]).
+    pub feeds: bool,
 }
 
 impl FollowSizes {
@@ -701,6 +704,7 @@ impl FollowSizes {
             rate: 1_000,
             send_for: Duration::from_secs(60),
             idle: Duration::from_secs(10),
+            feeds: false,
         }
     }
 
@@ -713,6 +717,7 @@ impl FollowSizes {
             rate: 100,
             send_for: Duration::from_secs(2),
             idle: Duration::from_secs(2),
+            feeds: false,
         }
     }
 
@@ -761,19 +766,7 @@ struct Deliveries {
     latencies: std::sync::Mutex<Vec<Duration>>,
 }
 
-/// A message body: `"SEQ MICROS"`, MICROS since `epoch` when it was sent.
-fn stamped(k: u64, epoch: Instant) -> Box<serde_json::value::RawValue> {
-    let text = format!("\"{k} {}\"", epoch.elapsed().as_micros());
-    serde_json::value::RawValue::from_string(text)
-        .unwrap_or_else(|_| unreachable!("digits are JSON"))
-}
-
-/// The send time a [`stamped`] body carries, as an offset from the epoch.
-fn stamp_of(body: &serde_json::value::RawValue) -> Option<Duration> {
-    let text: String = serde_json::from_str(body.get()).ok()?;
-    let micros = text.split_once(' ')?.1.parse().ok()?;
-    Some(Duration::from_micros(micros))
-}
+use crate::follow_load::{stamp_of, stamped};
 
 /// `users` users, each with its own CURVE key, each joined to and following
 /// [`FollowSizes::per_user`] of [`FollowSizes::groups`] groups of one host (registered
@@ -856,6 +849,30 @@ pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
         },
     )?;
 
+    if !s.feeds {
+        let names = (0..s.groups)
+            .map(group_name)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let users = users
+            .into_iter()
+            .enumerate()
+            .map(|(u, (name, keypair))| {
+                let groups = s.groups_of(u as u64).map(|g| names[g as usize].clone());
+                (name, keypair, groups.collect())
+            })
+            .collect();
+        let run = followers_load(
+            s,
+            users,
+            &endpoint,
+            key,
+            (&sender_name, &sender),
+            host_pid,
+            reg.pid(),
+        );
+        drop(host);
+        return run;
+    }
     let epoch = Instant::now();
     let shared = Arc::new(Deliveries::default());
     let contexts: Vec<zmq::Context> = (0..s.users.div_ceil(FEEDS_PER_CONTEXT))
@@ -875,7 +892,7 @@ pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
                         d.subscribed.fetch_add(1, Ordering::Relaxed);
                     }
                     FeedEvent::Entry { entry, .. } if entry.kind == EntryKind::Message => {
-                        if let Some(sent) = stamp_of(&entry.body) {
+                        if let Some((_, sent)) = stamp_of(&entry.body) {
                             let took = epoch.elapsed().saturating_sub(sent);
                             if let Ok(mut l) = d.latencies.lock() {
                                 l.push(took);
@@ -1013,6 +1030,124 @@ pub fn followers(s: &FollowSizes) -> anyhow::Result<FollowRun> {
         sent,
         acked,
         ack_per_s,
+        host_idle_pct,
+        registry_idle_pct,
+        host_busy_pct,
+        registry_busy_pct,
+    })
+}
+
+/// The followers and the sender through [`crate::follow_load`]: subscribed, CPU idle, then
+/// `rate` messages/s for `send_for`; deliveries of acked sends only are expected.
+fn followers_load(
+    s: &FollowSizes,
+    users: Vec<(UserName, Keypair, Vec<GroupName>)>,
+    endpoint: &str,
+    key: PublicKey,
+    (sender_name, sender): (&UserName, &Keypair),
+    host_pid: u32,
+    reg_pid: u32,
+) -> anyhow::Result<FollowRun> {
+    use crate::follow_load::{send, Followers};
+    use std::sync::atomic::Ordering;
+
+    let names = (0..s.groups)
+        .map(group_name)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut followers_of = vec![0u64; s.groups as usize];
+    for u in 0..s.users {
+        for g in s.groups_of(u) {
+            followers_of[g as usize] += 1;
+        }
+    }
+    let total = s.rate * s.send_for.as_secs().max(1);
+    let epoch = Instant::now();
+    let renew = agora_common::live::FeedOptions::default().renew;
+    let cpu = |pid: u32| cpu_time(pid);
+    let (hs, bs, opened) = (cpu(host_pid)?, cpu(std::process::id())?, Instant::now());
+    let followers = Followers::start(users, endpoint, key, renew, total, epoch)?;
+    let counts = std::sync::Arc::clone(&followers.counts);
+    let subscriptions = s.users * s.per_user;
+    while counts.subscribed.load(Ordering::Relaxed) < subscriptions {
+        if opened.elapsed() > Duration::from_secs(180) {
+            let secs = opened.elapsed().as_secs_f64();
+            let pct = |used: Duration| 100.0 * used.as_secs_f64() / secs;
+            bail!(
+                "{} of {subscriptions} subscriptions made within 3 minutes of the followers' \
+                 start (meanwhile the host used {:.0}% of a core, this process {:.0}%)",
+                counts.subscribed.load(Ordering::Relaxed),
+                pct(cpu(host_pid)?.saturating_sub(hs)),
+                pct(cpu(std::process::id())?.saturating_sub(bs)),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let subscribe_time = opened.elapsed();
+    let (h0, r0, t0) = (cpu(host_pid)?, cpu(reg_pid)?, Instant::now());
+    std::thread::sleep(s.idle);
+    let idle_secs = t0.elapsed().as_secs_f64();
+    let host_idle_pct = 100.0 * cpu(host_pid)?.saturating_sub(h0).as_secs_f64() / idle_secs;
+    let registry_idle_pct = 100.0 * cpu(reg_pid)?.saturating_sub(r0).as_secs_f64() / idle_secs;
+
+    let ctx = zmq::Context::new();
+    let (h1, r1, started) = (cpu(host_pid)?, cpu(reg_pid)?, Instant::now());
+    let sent = send(
+        &ctx,
+        endpoint,
+        key,
+        sender_name,
+        sender,
+        &names,
+        s.rate,
+        total,
+        Duration::from_secs(120),
+        epoch,
+    )?;
+    let busy_secs = started.elapsed().as_secs_f64();
+    let host_busy_pct = 100.0 * cpu(host_pid)?.saturating_sub(h1).as_secs_f64() / busy_secs;
+    let registry_busy_pct = 100.0 * cpu(reg_pid)?.saturating_sub(r1).as_secs_f64() / busy_secs;
+    let groups = s.groups as usize;
+    let acked_sends = || (0..sent.sent as usize).filter(|k| sent.acked[*k]);
+    let expected: u64 = acked_sends().map(|k| followers_of[k % groups]).sum();
+    let received = || -> u64 {
+        acked_sends()
+            .map(|k| u64::from(counts.delivered[k].load(Ordering::Relaxed)))
+            .sum()
+    };
+    // Deliveries still on their way: until all came, or none for 30 s.
+    let (mut last, mut progress) = (0, Instant::now());
+    loop {
+        let got = received();
+        if got >= expected || progress.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if got != last {
+            (last, progress) = (got, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let latencies = followers.finish()?;
+    let received = received();
+    let (gaps, refused, unsubscribed) = (
+        counts.gaps.load(Ordering::Relaxed),
+        counts.refused.load(Ordering::Relaxed),
+        counts.unsubscribed.load(Ordering::Relaxed),
+    );
+    if gaps + refused + unsubscribed > 0 {
+        eprintln!(
+            "agora-bench: followers: {gaps} seqs skipped, {refused} requests refused, \
+             {unsubscribed} subscriptions ended by the host"
+        );
+    }
+    let acked = acked_sends().count() as u64;
+    Ok(FollowRun {
+        latency: crate::workload::Latency::of(latencies),
+        lost: expected.saturating_sub(received),
+        expected,
+        subscribe_time,
+        sent: sent.sent,
+        acked,
+        ack_per_s: acked as f64 / sent.took.as_secs_f64().max(1e-3),
         host_idle_pct,
         registry_idle_pct,
         host_busy_pct,

@@ -37,6 +37,7 @@ mod dm;
 mod failover;
 mod federation;
 mod floor;
+mod follow_load;
 mod live;
 mod peers;
 mod pg;
@@ -108,6 +109,14 @@ struct Args {
     /// 20) [default: 2000, 40 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     federation_users: Option<u64>,
+    /// The federation run's followers through one `common::live::Feed` each (a thread and
+    /// a ZeroMQ context per user, user-cli's code) instead of the load generator (two
+    /// threads, one context, a DEALER per user doing what a feed does on the wire).
+    #[arg(long)]
+    federation_feeds: bool,
+    /// Of the federation run, measure only the followers (the other rows show `—`).
+    #[arg(long)]
+    federation_followers_only: bool,
     /// Internal: be the libzmq REP echo server of the transport floor.
     #[arg(long, hide = true)]
     serve_rep: bool,
@@ -345,7 +354,13 @@ fn main() -> anyhow::Result<()> {
         if let Some(users) = args.federation_users {
             follow.users = users;
         }
-        losses.push(federation(&mut bench, &sizes, &follow));
+        follow.feeds = args.federation_feeds;
+        losses.push(federation(
+            &mut bench,
+            &sizes,
+            &follow,
+            !args.federation_followers_only,
+        ));
     }
 
     println!("{}", heading(&args, &bench, &pinning));
@@ -1048,26 +1063,43 @@ fn web(b: &mut Bench, sessions: usize, interval: Duration) {
 /// The federation measures (`--federation`), once each: a group host with N groups beside
 /// JetStream with N streams and N single-group nodes (scaled from a few), and the registry
 /// with N groups; then users following groups of one host while messages are sent. Targets
-/// (issue 24) are in the rows' names. Returns the deliveries lost.
+/// (issue 24) are in the rows' names. Returns the deliveries lost. Without `all`, only the
+/// followers are measured.
 fn federation(
     b: &mut Bench,
     sizes: &federation::FedSizes,
     follow: &federation::FollowSizes,
+    all: bool,
 ) -> u64 {
     let saved = b.sizes.repeat;
     b.sizes.repeat = 1;
     let n = sizes.groups;
-    let host = b.runs("federation: group host", || federation::host(sizes));
-    let js = b.peer_runs("federation: JetStream streams", || {
-        federation::jetstream(sizes)
-    });
-    let off = b.runs("federation: single-group nodes, WAL prealloc off", || {
-        federation::single_nodes(sizes, false)
-    });
-    let on = b.runs("federation: single-group nodes, WAL prealloc on", || {
-        federation::single_nodes(sizes, true)
-    });
-    let reg = b.runs("federation: registry", || federation::registry(sizes));
+    let host = match all {
+        true => b.runs("federation: group host", || federation::host(sizes)),
+        false => Vec::new(),
+    };
+    let js = match all {
+        true => b.peer_runs("federation: JetStream streams", || {
+            federation::jetstream(sizes)
+        }),
+        false => Vec::new(),
+    };
+    let off = match all {
+        true => b.runs("federation: single-group nodes, WAL prealloc off", || {
+            federation::single_nodes(sizes, false)
+        }),
+        false => Vec::new(),
+    };
+    let on = match all {
+        true => b.runs("federation: single-group nodes, WAL prealloc on", || {
+            federation::single_nodes(sizes, true)
+        }),
+        false => Vec::new(),
+    };
+    let reg = match all {
+        true => b.runs("federation: registry", || federation::registry(sizes)),
+        false => Vec::new(),
+    };
     let fol = b.runs("federation: users following groups", || {
         federation::followers(follow)
     });
@@ -1230,8 +1262,13 @@ fn federation(
         Vec::new(),
     );
     let label = format!(
-        "fed. {} users (own CURVE keys) following {} of {} groups, {} msg/s for {} s",
+        "fed. {} users (own CURVE keys{}) following {} of {} groups, {} msg/s for {} s",
         follow.users,
+        if follow.feeds {
+            ", a live::Feed each"
+        } else {
+            ", load generator"
+        },
         follow.per_user,
         follow.groups,
         follow.rate,
