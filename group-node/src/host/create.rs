@@ -530,6 +530,65 @@ mod tests {
         assert!(made.contains(r#""ok":true"#), "the name is free: {made}");
     }
 
+    /// A group stopped on a host kept its subscriptions (and its registration): its
+    /// subscribers were never told and clients were sent back to it. Now a stop ends them,
+    /// as a delete does.
+    #[test]
+    fn a_stopped_group_kept_its_subscriptions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(
+            GroupName::new("host").expect("name"),
+            "tcp://127.0.0.1:0",
+            dir.path().to_owned(),
+        );
+        config.host = true;
+        config.wal_prealloc_bytes = 0;
+        config.groups = vec![GroupName::new("g").expect("name")];
+        let ctx = zmq::Context::new();
+        let mut node = Node::bind(&ctx, config).expect("bind");
+        let alice = Keypair::generate().expect("keys");
+        let served = node.serve_batch(&mut vec![
+            request(
+                1,
+                &alice,
+                serde_json::json!({"action": "join", "group": "g", "user": "alice"}),
+            ),
+            request(
+                2,
+                &alice,
+                serde_json::json!({"action": "subscribe", "group": "g", "user": "alice"}),
+            ),
+        ]);
+        for (_, reply) in &served.replies {
+            assert!(body(reply).contains(r#""ok":true"#), "{}", body(reply));
+        }
+        let slot = node
+            .groups
+            .slot(&GroupName::new("g").expect("name"))
+            .expect("slot");
+        let subscribed = |node: &Node| {
+            node.groups
+                .get(slot)
+                .loaded
+                .as_deref()
+                .is_some_and(|l| !l.group.subscribers().is_empty())
+        };
+        assert!(subscribed(&node));
+        let mut stop = request(
+            3,
+            &alice,
+            serde_json::json!({"action": "stop", "group": "g", "user": "host"}),
+        );
+        stop.peer = Some(node.public_key().expect("a host key"));
+        let stop = node.serve_batch(&mut vec![stop]);
+        assert!(
+            body(&stop.replies[0].1).contains(r#""stopping":true"#),
+            "{}",
+            body(&stop.replies[0].1)
+        );
+        assert!(!subscribed(&node), "its subscriptions ended");
+    }
+
     /// A `delete` whose turn does not commit (a later write of that turn fails and SQLite
     /// rolls the transaction back) leaves its group served, under its name, as before: the
     /// delete is answered `internal` and nothing of it stays.

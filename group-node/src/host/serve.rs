@@ -1082,7 +1082,8 @@ impl Node {
     }
 
     /// `stop {group}` on a group host: accepted from the group's owner or the host key; the
-    /// group then answers `shutting_down` until the host restarts.
+    /// group then answers `shutting_down` until the host restarts, its subscriptions end
+    /// (each gets `unsubscribed`) and the registry no longer lists it here.
     ///
     /// # Errors
     /// `forbidden` for any other key, and on an `--insecure` host.
@@ -1095,7 +1096,17 @@ impl Node {
             ));
         }
         tracing::info!(group = %hosted.name, "group stop requested");
-        self.groups.get_mut(slot).stopped = true;
+        let name = hosted.name.clone();
+        let hosted = self.groups.get_mut(slot);
+        hosted.stopped = true;
+        // As a delete: its subscribers are told at the next push round, and the registry
+        // stops sending clients here.
+        if let Some(l) = hosted.loaded.as_deref_mut() {
+            l.group.end_subscriptions();
+        }
+        if let Some(registrar) = &self.registrar {
+            registrar.remove(name);
+        }
         Ok(StopReply { stopping: true })
     }
 }
