@@ -130,6 +130,48 @@ impl Node {
             members: 1,
         });
         self.created.push(slot);
+        let made = self.start_created(slot, &r, peer, input, appended, touched);
+        if made.is_err() {
+            // Nothing of it stays: no slot, its row archived (else it stayed pending, or
+            // live with no member, and its name taken for good).
+            appended.remove(&slot);
+            self.groups.forget(slot);
+            self.idle_due.set(slot, Instant::now());
+            if let Err(e) = self
+                .db
+                .set_group_state(gid, GroupState::Archived, input.now)
+            {
+                tracing::error!(error = %e, group = %r.group, "cannot archive a failed create");
+            }
+        }
+        let made = made?;
+        if pending {
+            tracing::debug!(group = %made.group, %gid, by = %peer, "group pending");
+            self.creating.push(Creating {
+                slot,
+                envelopes: vec![input.envelope.clone()],
+                reply: made,
+            });
+            return Ok(None);
+        }
+        tracing::info!(group = %made.group, %gid, by = %peer, "group created");
+        Ok(Some(made))
+    }
+
+    /// Loads the group just stored in `slot` and has its creator join it (its mode set
+    /// first): its `create` reply.
+    ///
+    /// # Errors
+    /// `internal` if it cannot be loaded, its mode stored, or the join is refused.
+    fn start_created(
+        &mut self,
+        slot: usize,
+        r: &CreateRequest,
+        peer: PublicKey,
+        input: &Input<'_>,
+        appended: &mut Appended,
+        touched: &mut BTreeSet<usize>,
+    ) -> Result<CreateReply, WireError> {
         self.load(slot)?;
         touched.insert(slot);
         let Node { db, groups, .. } = &mut *self;
@@ -154,23 +196,12 @@ impl Node {
             Applied::Reply { ok: true, .. } => {}
             _ => return Err(super::serve::internal_error()),
         }
-        let made = CreateReply {
-            group: r.group,
+        Ok(CreateReply {
+            group: r.group.clone(),
             mode: r.mode,
             owner: peer,
             last_seq: l.log.last_seq(),
-        };
-        if pending {
-            tracing::debug!(group = %made.group, %gid, by = %peer, "group pending");
-            self.creating.push(Creating {
-                slot,
-                envelopes: vec![input.envelope.clone()],
-                reply: made,
-            });
-            return Ok(None);
-        }
-        tracing::info!(group = %made.group, %gid, by = %peer, "group created");
-        Ok(Some(made))
+        })
     }
 
     /// Whether a `create` of the group in `slot` waits (for its turn's sync or for the
@@ -407,6 +438,8 @@ impl Node {
             if let Some(registrar) = &self.registrar {
                 registrar.remove(self.groups.get(slot).name.clone());
             }
+            // Its engine is let go once its `unsubscribed` notices are sent (sweeps).
+            self.idle_due.set(slot, Instant::now());
         }
     }
 
@@ -587,6 +620,51 @@ mod tests {
             body(&stop.replies[0].1)
         );
         assert!(!subscribed(&node), "its subscriptions ended");
+    }
+
+    /// A `create` whose group could not be loaded (here its blob directory cannot be made)
+    /// answered `internal` but kept its row and slot: the name stayed taken (pending forever
+    /// with a registry). Now nothing of it stays: not served, and a retry creates it.
+    #[test]
+    fn a_create_that_failed_after_its_insert_kept_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(
+            GroupName::new("host").expect("name"),
+            "tcp://127.0.0.1:0",
+            dir.path().to_owned(),
+        );
+        config.host = true;
+        config.insecure = true;
+        config.wal_prealloc_bytes = 0;
+        config.creators = crate::host::Creators::Any;
+        let ctx = zmq::Context::new();
+        let mut node = Node::bind(&ctx, config).expect("bind");
+        let groups = dir.path().join("groups");
+        let _ = std::fs::remove_dir_all(&groups);
+        std::fs::write(&groups, b"not a directory").expect("write");
+        let alice = Keypair::generate().expect("keys");
+        let create = |id| {
+            request(
+                id,
+                &alice,
+                serde_json::json!({"action": "create", "group": "x", "user": "alice"}),
+            )
+        };
+        let failed = node.serve_batch(&mut vec![create(1)]);
+        let failed = body(&failed.replies[0].1);
+        assert!(failed.contains(r#""error":"internal""#), "{failed}");
+        let x = GroupName::new("x").expect("name");
+        assert!(!node.groups.serves(&x));
+        assert_eq!(node.groups.slot(&x), None, "its slot forgotten");
+
+        std::fs::remove_file(&groups).expect("remove");
+        let made = node.serve_batch(&mut vec![create(2)]);
+        let made = body(&made.replies[0].1);
+        assert!(
+            made.contains(r#""ok":true"#),
+            "the name is free again: {made}"
+        );
+        assert!(node.groups.serves(&x));
     }
 
     /// A `delete` whose turn does not commit (a later write of that turn fails and SQLite
