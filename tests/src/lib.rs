@@ -485,6 +485,12 @@ impl Federation {
         Federation::start_inner(heartbeat, extra, true)
     }
 
+    /// As [`Federation::start_with`], storing in SQLite whatever `AGORA_TEST_STORE` says (for
+    /// tests that time a client's batching against the registry, not its storage).
+    pub fn start_on_sqlite(heartbeat: &str, extra: &[&str]) -> Federation {
+        Federation::start_inner(heartbeat, extra, false)
+    }
+
     fn start_inner(heartbeat: &str, extra: &[&str], postgres: bool) -> Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("registry-data");

@@ -337,11 +337,11 @@ pub trait RegistryStore: Send {
     ) -> Refusable<(PublicKey, bool)>;
 
     /// [`RegistryStore::claim_group_up_to`] of each of `names` for one key (one
-    /// `register_groups`), each claim's result in order. SQLite makes them in one
-    /// transaction (one sync for all); the default makes them one by one.
+    /// `register_groups`), each claim's result in order. SQLite and PostgreSQL make them in
+    /// one transaction (one sync for all); the default makes them one by one.
     ///
     /// # Errors
-    /// The backend's error (SQLite: nothing of the batch is stored);
+    /// The backend's error (nothing of the batch is stored);
     /// [`StoreError::NoAccounts`] without owners.
     fn claim_groups_up_to(
         &mut self,

@@ -864,6 +864,89 @@ impl RegistryStore for PgStore {
         }
     }
 
+    /// One `register_groups`' claims in one transaction under the key's claim lock: one
+    /// commit for the batch, not one per name (a host of 128 names per request would
+    /// otherwise outlast its registrar's request timeout on a busy database). Each name
+    /// follows [`RegistryStore::claim_group_up_to`]'s rules, the key's count kept as the
+    /// batch binds.
+    fn claim_groups_up_to(
+        &mut self,
+        names: &[GroupName],
+        key: &PublicKey,
+        max: u64,
+        _now: Timestamp,
+    ) -> Result<Vec<super::Claim>, StoreError> {
+        let lapse = Self::ttl_secs(self.settings.name_lapse);
+        let touch = Self::ttl_secs(super::seen_interval(self.settings.name_lapse));
+        let key = key.to_string();
+        let mut tx = self.client()?.transaction()?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&CLAIM_LOCK, &key],
+        )?;
+        let mut owned: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM owners
+                 WHERE key = $1 AND COALESCE(seen_at, bound_at) > now() - $2 * interval '1 second'",
+                &[&key, &lapse],
+            )?
+            .try_get(0)?;
+        let mut claims = Vec::with_capacity(names.len());
+        for name in names {
+            let name = name.as_str();
+            // Held and not lapsed (by this key or another): as a single claim's heartbeat.
+            let held = tx.query_opt(
+                "WITH b AS (
+                     SELECT key, COALESCE(seen_at, bound_at) AS seen FROM owners WHERE name = $1),
+                 touched AS (
+                     UPDATE owners SET seen_at = now()
+                     WHERE name = $1 AND key = $2
+                         AND COALESCE(seen_at, bound_at) > now() - $3 * interval '1 second'
+                         AND COALESCE(seen_at, bound_at) <= now() - $4 * interval '1 second')
+                 SELECT key FROM b WHERE seen > now() - $3 * interval '1 second'",
+                &[&name, &key, &lapse, &touch],
+            )?;
+            if let Some(row) = held {
+                claims.push(Ok((parse_key(row.try_get(0)?)?, false)));
+                continue;
+            }
+            let within = to_u64(owned) < max;
+            let lapsed = tx.query_opt(
+                "DELETE FROM owners
+                 WHERE $3 AND name = $1
+                     AND COALESCE(seen_at, bound_at) <= now() - $2 * interval '1 second'
+                 RETURNING key",
+                &[&name, &lapse, &within],
+            )?;
+            if let Some(row) = lapsed {
+                let owner: String = row.try_get(0)?;
+                tracing::info!(group = %name, %owner, "group name lapsed: its group did not register within the lapse");
+            }
+            let bound = tx.query_opt(
+                "INSERT INTO owners (name, key, bound_at, seen_at)
+                 SELECT $1, $2, now(), now() WHERE $3
+                 ON CONFLICT (name) DO NOTHING RETURNING key",
+                &[&name, &key, &within],
+            )?;
+            if let Some(row) = bound {
+                owned += 1;
+                claims.push(Ok((parse_key(row.try_get(0)?)?, true)));
+                continue;
+            }
+            let row = tx.query_opt(
+                "SELECT key FROM owners
+                 WHERE name = $1 AND COALESCE(seen_at, bound_at) > now() - $2 * interval '1 second'",
+                &[&name, &lapse],
+            )?;
+            claims.push(match row {
+                Some(row) => Ok((parse_key(row.try_get(0)?)?, false)),
+                None => Err(super::too_many_names(max)),
+            });
+        }
+        tx.commit()?;
+        Ok(claims)
+    }
+
     fn group_owner(&mut self, name: &GroupName) -> Result<Option<PublicKey>, StoreError> {
         let row = self
             .client()?
