@@ -197,13 +197,21 @@ fn no_errors(phase: &str, runs: &[(Vec<String>, Vec<String>)]) {
 /// A federation whose registry takes the group host's key as `--host-key` (so the host may
 /// own more than the 100 names of another key), the host's key pair made first and copied
 /// into the data directory of each of `tags` (an active and its standby share it). Returns
-/// the federation and the host's public key.
-fn federation(tags: &[&str]) -> (Federation, String) {
+/// the federation and the host's public key. `sqlite`: the registry stores in SQLite
+/// whatever `AGORA_TEST_STORE` says (a debug registry on PostgreSQL binds about 50 new names
+/// a second, so 500 creates side by side outlast a create's 2 s wait for its name: that
+/// test is about the host, and the PostgreSQL registry is the standby test's).
+fn federation(tags: &[&str], sqlite: bool) -> (Federation, String) {
     let made = tempfile::tempdir().expect("tempdir");
     let (pair, _) =
         Keypair::load_or_generate(&made.path().join("node.key")).expect("the host's key pair");
     let host_key = pair.public.to_string();
-    let fed = Federation::start_with(HEARTBEAT, &["--host-key", &host_key]);
+    let extra = ["--host-key", host_key.as_str()];
+    let fed = if sqlite {
+        Federation::start_on_sqlite(HEARTBEAT, &extra)
+    } else {
+        Federation::start_with(HEARTBEAT, &extra)
+    };
     for tag in tags {
         let data = fed.node_data_dir(tag);
         std::fs::create_dir_all(&data).expect("the host's data directory");
@@ -312,7 +320,7 @@ fn five_hundred_created_groups_send_read_push_files_policy_and_survive_kill_9() 
         eprintln!("{what}: {} ms", phase.elapsed().as_millis());
         phase = Instant::now();
     };
-    let (fed, host_key) = federation(&["host"]);
+    let (fed, host_key) = federation(&["host"], true);
     let mut host = spawn_host(&fed, "127.0.0.1:0");
     assert_eq!(host.key.as_deref(), Some(host_key.as_str()));
     let keys: Vec<String> = (0..USERS).map(|u| fed.user_key(&user(u))).collect();
@@ -699,7 +707,7 @@ fn a_postgres_standby_takes_over_500_created_groups_and_the_watches_follow() {
         eprintln!("{what}: {} ms", phase.elapsed().as_millis());
         phase = Instant::now();
     };
-    let (fed, host_key) = federation(&["a", "b"]);
+    let (fed, host_key) = federation(&["a", "b"], false);
     let (_cluster, url) = fed.shared_store();
     let mut active =
         spawn(&fed, "a", "127.0.0.1:0", &["--store", &url]).wait_listening(START_TIMEOUT);
@@ -926,7 +934,7 @@ fn a_create_waits_its_two_seconds_for_a_registry_slower_than_one_heartbeat() {
 #[test]
 fn a_session_finds_a_moved_host_once_not_once_per_group() {
     const GROUPS: usize = 20;
-    let (fed, host_key) = federation(&["a", "b"]);
+    let (fed, host_key) = federation(&["a", "b"], false);
     let (_cluster, url) = fed.shared_store();
     let mut active =
         spawn(&fed, "a", "127.0.0.1:0", &["--store", &url]).wait_listening(START_TIMEOUT);
